@@ -1,0 +1,39 @@
+"""safepool: a resilient drop-in replacement for asyncpg's connection pool."""
+
+from __future__ import annotations
+
+from ._clock import Clock, ManualClock
+from ._histogram import Distribution
+from ._state import Backoff
+from .errors import (
+    LeaseExpiredError,
+    PoolClosedError,
+    PoolError,
+    PoolOverloadedError,
+    PoolTimeoutError,
+    ServerUnavailableError,
+)
+from .pool import Pool, PoolAcquireContext, create_pool
+from .proxy import PoolConnectionProxy
+from .stats import LeaseInfo, PoolStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backoff",
+    "Clock",
+    "Distribution",
+    "LeaseExpiredError",
+    "LeaseInfo",
+    "ManualClock",
+    "Pool",
+    "PoolAcquireContext",
+    "PoolClosedError",
+    "PoolConnectionProxy",
+    "PoolError",
+    "PoolOverloadedError",
+    "PoolStats",
+    "PoolTimeoutError",
+    "ServerUnavailableError",
+    "create_pool",
+]

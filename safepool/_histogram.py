@@ -1,0 +1,71 @@
+"""A fixed-bucket histogram: O(1) memory, O(log buckets) per record."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+# Upper bounds in seconds, roughly x2.5 apart, from 10 µs to 5 minutes:
+# fine enough for a p99 an operator can act on, few enough to export as a
+# Prometheus histogram without a cardinality cost.
+DEFAULT_BOUNDS: tuple[float, ...] = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Distribution:
+    """A snapshot of a histogram; quantiles are bucket upper bounds (an over-estimate)."""
+
+    count: int
+    sum: float
+    max: float
+    p50: float
+    p90: float
+    p99: float
+    bounds: tuple[float, ...]
+    bucket_counts: tuple[int, ...]  # one per bound, plus one for +Inf
+
+
+class Histogram:
+    __slots__ = ("_bounds", "_counts", "count", "sum", "max")
+
+    def __init__(self, bounds: tuple[float, ...] = DEFAULT_BOUNDS) -> None:
+        self._bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)
+        self.count = 0
+        self.sum = 0.0
+        self.max = 0.0
+
+    def record(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+        if value > self.max:
+            self.max = value
+
+    def quantile(self, q: float) -> float:
+        if self.count == 0:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for index, bucket in enumerate(self._counts):
+            seen += bucket
+            if seen >= rank:
+                # The +Inf bucket has no bound: the largest value seen is the best answer.
+                return min(self._bounds[index], self.max) if index < len(self._bounds) else self.max
+        return self.max
+
+    def snapshot(self) -> Distribution:
+        return Distribution(
+            count=self.count,
+            sum=self.sum,
+            max=self.max,
+            p50=self.quantile(0.5),
+            p90=self.quantile(0.9),
+            p99=self.quantile(0.99),
+            bounds=self._bounds,
+            bucket_counts=tuple(self._counts),
+        )

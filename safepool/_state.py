@@ -1,0 +1,678 @@
+"""The pool's bookkeeping as a plain state machine.
+
+Design note. Nothing here awaits, sleeps or touches the network. Every method
+takes ``now`` from the pool's injected clock, changes the books, and appends
+what the I/O layer must do to ``actions`` (open a connection, wake a waiter,
+close or take back a connection). Because the I/O layer cannot interleave
+inside a method, every race (a grant and a cancel, a release and an expiry)
+is one ordered sequence of calls that a unit test can replay without a loop
+or a database.
+
+Every server connection the pool owns is a :class:`Slot` in exactly one
+:class:`SlotState`; ``_TRANSITIONS`` lists the legal moves and ``_move`` is the
+only place a state changes. A slot counts towards ``size`` from the moment a
+connect is planned until its close has finished, so the server never sees more
+than ``max_size`` connections from one pool, even while some are being
+replaced.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import random
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._histogram import Histogram
+
+
+class SlotState(enum.Enum):
+    CONNECTING = "connecting"  # a connect is under way for this place
+    IDLE = "idle"  # connected, in the idle stack
+    RESERVED = "reserved"  # handed to a waiter whose task has not resumed yet
+    LEASED = "leased"  # held by application code through a proxy
+    RESETTING = "resetting"  # released or taken back; the reset is under way
+    CLOSING = "closing"  # the close is under way; still counts towards size
+    CLOSED = "closed"  # gone; no longer counted
+
+
+S = SlotState
+_TRANSITIONS: dict[SlotState, frozenset[SlotState]] = {
+    S.CONNECTING: frozenset({S.IDLE, S.RESERVED, S.CLOSING, S.CLOSED}),
+    S.IDLE: frozenset({S.LEASED, S.CLOSING}),
+    S.RESERVED: frozenset({S.LEASED, S.IDLE, S.RESERVED, S.CLOSING}),
+    S.LEASED: frozenset({S.RESETTING, S.IDLE, S.RESERVED, S.CLOSING}),
+    S.RESETTING: frozenset({S.IDLE, S.RESERVED, S.CLOSING}),
+    S.CLOSING: frozenset({S.CLOSED}),
+    S.CLOSED: frozenset(),
+}
+
+
+class InternalStateError(AssertionError):
+    """A transition the state table forbids: a bug in safepool, never the user's."""
+
+
+class ServerStatus(enum.Enum):
+    UP = "up"
+    BACKING_OFF = "backing_off"  # connects fail, but the pool still has connections
+    DOWN = "down"  # connects fail and the pool has no connection left
+
+
+class ReleaseOutcome(enum.Enum):
+    """What the I/O layer learned about a connection coming back."""
+
+    CLEAN = "clean"  # no statement ran: hand it on without a reset
+    NEEDS_RESET = "needs_reset"
+    DISCARD = "discard"  # broken, too old or too used: close it
+
+
+class Slot:
+    __slots__ = ("id", "state", "connection", "generation", "created_at", "idle_since", "lease")
+
+    def __init__(self, slot_id: int, generation: int, now: float) -> None:
+        self.id = slot_id
+        self.state = SlotState.CONNECTING
+        self.connection: Any = None
+        self.generation = generation
+        self.created_at = now
+        self.idle_since = now
+        self.lease: Lease | None = None
+
+    def __repr__(self) -> str:
+        return f"<Slot {self.id} {self.state.value}>"
+
+
+class Lease:
+    __slots__ = (
+        "id", "slot", "acquired_at", "deadline", "warn_at", "stack", "task_name",
+        "active", "expired", "warned", "io_mark", "__weakref__",
+    )
+
+    def __init__(self, lease_id: int, slot: Slot, now: float) -> None:
+        self.id = lease_id
+        self.slot = slot
+        self.acquired_at = now
+        self.deadline: float | None = None
+        self.warn_at: float | None = None
+        self.stack: tuple[tuple[str, int, str], ...] | None = None
+        self.task_name: str | None = None
+        self.active = True
+        self.expired = False
+        self.warned = False
+        self.io_mark = 0  # opaque to the core: the I/O layer's "no statement ran" marker
+
+    def age(self, now: float) -> float:
+        return now - self.acquired_at
+
+
+class WaiterState(enum.Enum):
+    WAITING = "waiting"
+    GRANTED = "granted"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class Waiter:
+    """One task waiting for a connection; ``future`` is opaque to the core."""
+
+    __slots__ = ("future", "enqueued_at", "deadline", "slot", "state")
+
+    def __init__(self, future: Any, now: float, deadline: float | None) -> None:
+        self.future = future
+        self.enqueued_at = now
+        self.deadline = deadline
+        self.slot: Slot | None = None
+        self.state = WaiterState.WAITING
+
+
+# Actions for the I/O layer, drained from PoolState.actions after each call.
+class Action(enum.Enum):
+    CONNECT = "connect"  # (slot): open a connection for this slot
+    CLOSE = "close"  # (slot): close its connection, then call closed(slot)
+    WAKE = "wake"  # (waiter): resolve its future; the slot is waiter.slot
+    TIMEOUT = "timeout"  # (waiter): fail it with a timeout
+    FAIL = "fail"  # (waiter, error): fail it with this error
+    TAKE_BACK = "take_back"  # (lease): the lease expired: cancel, reset, then reset_done
+    LEAK_SUSPECT = "leak_suspect"  # (lease): held longer than leak_warning_after
+
+
+class Overloaded(Exception):
+    """The wait queue is at max_waiters (the I/O layer raises the public error)."""
+
+
+class Unavailable(Exception):
+    """No connection and connects are backing off (carries the last connect error)."""
+
+    def __init__(self, last_error: BaseException | None, retry_in: float) -> None:
+        super().__init__(last_error)
+        self.last_error = last_error
+        self.retry_in = retry_in
+
+
+class Closed(Exception):
+    """The pool is closing or closed."""
+
+
+@dataclass
+class Counters:
+    acquired: int = 0
+    released: int = 0
+    acquire_timeouts: int = 0
+    overload_rejections: int = 0
+    unavailable_rejections: int = 0
+    leases_expired: int = 0
+    leaks_detected: int = 0
+    leak_warnings: int = 0
+    connections_opened: int = 0
+    connections_closed: int = 0
+    connect_errors: int = 0
+    resets: int = 0
+    resets_skipped: int = 0
+    resets_failed: int = 0
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter between failed connects."""
+
+    base: float = 0.1
+    cap: float = 10.0
+    rng: Callable[[], float] = field(default=random.random)
+
+    def delay(self, failures: int) -> float:
+        ceiling = min(self.cap, self.base * 2 ** min(failures - 1, 30))
+        # Half fixed, half random: spreads many app processes' retries apart
+        # while keeping a floor so a dead server is not hammered.
+        return ceiling * (0.5 + 0.5 * self.rng())
+
+
+_LEASE_DEADLINE, _LEASE_WARNING, _WAITER_DEADLINE = 0, 1, 2
+
+
+class PoolState:
+    """Slots, leases, waiters and counters of one pool. See the module note."""
+
+    def __init__(
+        self,
+        *,
+        max_size: int,
+        min_size: int = 0,
+        max_waiters: int | None = None,
+        max_connecting: int = 2,
+        max_inactive_lifetime: float = 0.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.max_size = max_size
+        self.min_size = min_size
+        self.max_waiters = max_waiters
+        self.max_connecting = max_connecting
+        self.max_inactive_lifetime = max_inactive_lifetime
+        self.backoff = backoff or Backoff()
+
+        self.actions: list[tuple[Any, ...]] = []
+        self.counters = Counters()
+        self.wait_times = Histogram()
+        self.lease_times = Histogram()
+
+        self.generation = 0
+        self.closing = False
+        self.floor_enabled = False  # min_size upkeep starts once the pool is initialised
+
+        self._slots: set[Slot] = set()
+        self._counts = dict.fromkeys(SlotState, 0)
+        self._idle: deque[Slot] = deque()  # right end = most recently used (LIFO)
+        self._leases: dict[int, Lease] = {}
+        self._waiters: deque[Waiter] = deque()  # may hold settled waiters: skipped lazily
+        self._waiting = 0  # live waiters only
+        self._timers: list[tuple[float, int, int, Any]] = []
+        self._stale_timers = 0
+        self._next_id = 0
+
+        self.connect_failures = 0
+        self.last_connect_error: BaseException | None = None
+        self.backoff_until = 0.0
+
+    # ----------------------------------------------------------------- sizes
+
+    @property
+    def size(self) -> int:
+        return len(self._slots)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def _live(self) -> int:
+        """Slots that will still exist once pending closes finish."""
+        return len(self._slots) - self._counts[S.CLOSING]
+
+    def count(self, state: SlotState) -> int:
+        return self._counts[state]
+
+    @property
+    def in_use(self) -> int:
+        return self._counts[S.LEASED] + self._counts[S.RESERVED]
+
+    def connected(self) -> int:
+        """Connections that exist on the server (asyncpg's get_size())."""
+        return self.size - self._counts[S.CONNECTING]
+
+    def server_status(self, now: float) -> ServerStatus:
+        if self.connect_failures == 0:
+            return ServerStatus.UP
+        if self.connected() == 0:
+            return ServerStatus.DOWN
+        return ServerStatus.BACKING_OFF
+
+    def leases(self) -> Iterator[Lease]:
+        return iter(list(self._leases.values()))
+
+    def slots(self) -> Iterator[Slot]:
+        return iter(list(self._slots))
+
+    # ------------------------------------------------------------ transitions
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _move(self, slot: Slot, new: SlotState) -> None:
+        old = slot.state
+        if new not in _TRANSITIONS[old]:
+            raise InternalStateError(f"illegal transition {old.value} -> {new.value} for {slot!r}")
+        counts = self._counts
+        counts[old] -= 1
+        counts[new] += 1
+        slot.state = new
+
+    # ----------------------------------------------------------------- acquire
+
+    def try_acquire(self, now: float) -> Lease | None:
+        """Lease an idle connection at once, or return None (then enqueue)."""
+        if self.closing:
+            raise Closed
+        # Never jump the queue: while anybody waits, newcomers wait too.
+        if self._waiting:
+            return None
+        idle = self._idle
+        while idle:
+            slot = idle.pop()
+            if slot.generation != self.generation:
+                self._start_close(slot)
+                continue
+            self._move(slot, S.LEASED)
+            self.wait_times.record(0.0)
+            return self._open_lease(slot, now)
+        return None
+
+    def enqueue(self, future: Any, now: float, timeout: float | None) -> Waiter:
+        """Queue a waiter behind the others (FIFO); raises if it must not wait."""
+        if self.closing:
+            raise Closed
+        if self.max_waiters is not None and self._waiting >= self.max_waiters:
+            self.counters.overload_rejections += 1
+            raise Overloaded
+        if self.connected() == 0 and self.connect_failures and now < self.backoff_until:
+            # Circuit open: nothing to hand out and no connect will be tried
+            # before backoff_until, so waiting could only end in a timeout.
+            if self._counts[S.CONNECTING] == 0:
+                self.counters.unavailable_rejections += 1
+                raise Unavailable(self.last_connect_error, self.backoff_until - now)
+        waiter = Waiter(future, now, None if timeout is None else now + timeout)
+        self._waiters.append(waiter)
+        self._waiting += 1
+        if waiter.deadline is not None:
+            self._push_timer(waiter.deadline, _WAITER_DEADLINE, waiter)
+        self._plan_connects(now)
+        return waiter
+
+    def claim(self, waiter: Waiter, now: float) -> Lease:
+        """The granted waiter's task resumed: its reserved slot becomes a lease."""
+        slot = waiter.slot
+        if waiter.state is not WaiterState.GRANTED or slot is None:
+            raise InternalStateError(f"claim of a waiter in state {waiter.state.value}")
+        self._move(slot, S.LEASED)
+        self.wait_times.record(now - waiter.enqueued_at)
+        return self._open_lease(slot, now)
+
+    def cancel_waiter(self, waiter: Waiter, now: float) -> None:
+        """The waiting task was cancelled (or gave up). Safe at any point."""
+        if waiter.state is WaiterState.WAITING:
+            waiter.state = WaiterState.CANCELLED
+            self._waiting -= 1
+            self._compact_waiters()
+        elif waiter.state is WaiterState.GRANTED and waiter.slot is not None:
+            # Granted but never claimed: pass the connection on untouched.
+            slot, waiter.slot = waiter.slot, None
+            waiter.state = WaiterState.CANCELLED
+            self._hand_on(slot, now)
+
+    def _open_lease(self, slot: Slot, now: float) -> Lease:
+        self._next_id += 1
+        lease = Lease(self._next_id, slot, now)
+        slot.lease = lease
+        self._leases[lease.id] = lease
+        self.counters.acquired += 1
+        return lease
+
+    def arm_lease(self, lease: Lease, lease_timeout: float | None, warn_after: float | None) -> None:
+        """Start the lease's deadline and leak-suspect clocks (both optional)."""
+        if lease_timeout is not None:
+            lease.deadline = lease.acquired_at + lease_timeout
+            self._push_timer(lease.deadline, _LEASE_DEADLINE, lease)
+        if warn_after is not None:
+            lease.warn_at = lease.acquired_at + warn_after
+            self._push_timer(lease.warn_at, _LEASE_WARNING, lease)
+
+    # ----------------------------------------------------------------- release
+
+    def release(self, lease: Lease, now: float, outcome: ReleaseOutcome) -> bool:
+        """End a lease. Returns True if the I/O layer must reset the connection
+        and then call :meth:`reset_done`; otherwise the slot was handed on or
+        scheduled for closing."""
+        if not lease.active:
+            raise InternalStateError(f"release of an ended lease {lease.id}")
+        slot = self._close_lease(lease, now)
+        self.counters.released += 1
+        if outcome is ReleaseOutcome.NEEDS_RESET:
+            self._move(slot, S.RESETTING)
+            return True
+        if outcome is ReleaseOutcome.CLEAN:
+            self.counters.resets_skipped += 1
+            self._hand_on(slot, now)
+        else:
+            self._start_close(slot)
+        return False
+
+    def reclaim(self, lease: Lease, now: float) -> bool:
+        """A proxy was garbage collected while leased. Returns True if the
+        connection must be reset (always, since nobody knows its state), False if
+        the lease had already ended."""
+        if not lease.active:
+            return False
+        self.counters.leaks_detected += 1
+        slot = self._close_lease(lease, now)
+        self._move(slot, S.RESETTING)
+        return True
+
+    def reset_done(self, slot: Slot, now: float, ok: bool) -> None:
+        if slot.state is not S.RESETTING:
+            raise InternalStateError(f"reset_done for {slot!r}")
+        if ok:
+            self.counters.resets += 1
+            self._hand_on(slot, now)
+        else:
+            self.counters.resets_failed += 1
+            self._start_close(slot)
+
+    def _close_lease(self, lease: Lease, now: float) -> Slot:
+        lease.active = False
+        slot = lease.slot
+        slot.lease = None
+        del self._leases[lease.id]
+        self.lease_times.record(now - lease.acquired_at)
+        if lease.deadline is not None and not lease.expired:
+            self._stale_timers += 1
+        if lease.warn_at is not None and not lease.warned:
+            self._stale_timers += 1
+        if self._stale_timers > 64 and self._stale_timers > len(self._timers) // 2:
+            self._compact_timers()
+        return slot
+
+    def _hand_on(self, slot: Slot, now: float) -> None:
+        """A usable connection is free: give it to the head waiter, or idle it.
+
+        Closes it instead when the pool shrank, closes, or the connection is
+        of an expired generation."""
+        if (
+            self.closing
+            or slot.generation != self.generation
+            or self._live() > self.max_size
+        ):
+            self._start_close(slot)
+            return
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if waiter.state is not WaiterState.WAITING:
+                continue
+            self._waiting -= 1
+            waiter.state = WaiterState.GRANTED
+            waiter.slot = slot
+            if waiter.deadline is not None:
+                self._stale_timers += 1
+            self._move(slot, S.RESERVED)
+            self.actions.append((Action.WAKE, waiter))
+            return
+        self._move(slot, S.IDLE)
+        slot.idle_since = now
+        self._idle.append(slot)
+
+    # ---------------------------------------------------------------- connects
+
+    def _plan_connects(self, now: float) -> None:
+        """Start connects for unmet demand, within max_size and max_connecting."""
+        if self.closing or now < self.backoff_until:
+            return
+        connecting = self._counts[S.CONNECTING]
+        # A resetting connection is one round trip from free: count it as
+        # supply, or every acquire right after a release would open a new one.
+        demand = self._waiting - connecting - self._counts[S.RESETTING]
+        if self.floor_enabled:
+            demand = max(demand, self.min_size - self._live())
+        room = min(self.max_size - self.size, self.max_connecting - connecting)
+        for _ in range(min(demand, room)):
+            slot = Slot(self._new_id(), self.generation, now)
+            self._slots.add(slot)
+            self._counts[S.CONNECTING] += 1
+            self.actions.append((Action.CONNECT, slot))
+
+    def add_connecting(self, now: float) -> Slot:
+        """Reserve a place for an explicit connect (pool start-up)."""
+        if self.size >= self.max_size:
+            raise InternalStateError("add_connecting beyond max_size")
+        slot = Slot(self._new_id(), self.generation, now)
+        self._slots.add(slot)
+        self._counts[S.CONNECTING] += 1
+        return slot
+
+    def connect_succeeded(self, slot: Slot, connection: Any, now: float) -> None:
+        if slot.state is not S.CONNECTING:
+            raise InternalStateError(f"connect_succeeded for {slot!r}")
+        slot.connection = connection
+        slot.created_at = now
+        self.counters.connections_opened += 1
+        self.connect_failures = 0
+        self.backoff_until = 0.0
+        self._hand_on(slot, now)
+        self._plan_connects(now)
+
+    def connect_failed(self, slot: Slot, now: float, error: BaseException) -> None:
+        if slot.state is not S.CONNECTING:
+            raise InternalStateError(f"connect_failed for {slot!r}")
+        self._move(slot, S.CLOSED)
+        self._slots.discard(slot)
+        self.counters.connect_errors += 1
+        self.connect_failures += 1
+        self.last_connect_error = error
+        self.backoff_until = now + self.backoff.delay(self.connect_failures)
+        if self.connected() == 0 and self._counts[S.CONNECTING] == 0:
+            # Nothing will come back to the waiters before the next attempt:
+            # fail them now rather than let them wait out their timeouts.
+            self._fail_waiters(error)
+
+    def connect_cancelled(self, slot: Slot) -> None:
+        """The connect was abandoned (pool terminated): not a server failure."""
+        if slot.state is S.CONNECTING:
+            self._move(slot, S.CLOSED)
+            self._slots.discard(slot)
+
+    def _fail_waiters(self, error: BaseException) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.state is WaiterState.WAITING:
+                waiter.state = WaiterState.FAILED
+                if waiter.deadline is not None:
+                    self._stale_timers += 1
+                self.actions.append((Action.FAIL, waiter, error))
+        self._waiting = 0
+
+    # ------------------------------------------------------------------ closes
+
+    def _start_close(self, slot: Slot) -> None:
+        if slot.state is S.IDLE:
+            self._idle.remove(slot)  # O(n) but rare: expiry, shrink, close
+        self._move(slot, S.CLOSING)
+        self.actions.append((Action.CLOSE, slot))
+
+    def discard(self, slot: Slot, now: float) -> None:
+        """Close a slot now (broken connection noticed, pool terminate)."""
+        if slot.state in (S.CLOSING, S.CLOSED, S.CONNECTING):
+            return
+        if slot.lease is not None:
+            self._close_lease(slot.lease, now)
+        self._start_close(slot)
+
+    def closed(self, slot: Slot, now: float) -> None:
+        """The connection of a CLOSING slot is gone: free its place."""
+        self._move(slot, S.CLOSED)
+        self._slots.discard(slot)
+        self.counters.connections_closed += 1
+        self._plan_connects(now)
+
+    def expire_connections(self) -> None:
+        """Connections opened before now are replaced instead of reused."""
+        self.generation += 1
+        for slot in list(self._idle):
+            self._start_close(slot)
+
+    def begin_close(self, error: BaseException) -> None:
+        """Refuse new acquires, fail waiters, close idle connections.
+        Leased ones close as they come back."""
+        self.closing = True
+        self._fail_waiters(error)
+        for slot in list(self._idle):
+            self._start_close(slot)
+
+    def resize(self, max_size: int, now: float) -> None:
+        self.max_size = max_size
+        if self.min_size > max_size:
+            self.min_size = max_size
+        # Shrink: idle ones go now (oldest first), leased ones as they return.
+        while self._live() > max_size and self._idle:
+            self._start_close(self._idle[0])
+        self._plan_connects(now)
+
+    # ------------------------------------------------------------------ timers
+
+    def _push_timer(self, when: float, kind: int, obj: Any) -> None:
+        self._next_id += 1
+        heapq.heappush(self._timers, (when, self._next_id, kind, obj))
+
+    def _timer_live(self, kind: int, obj: Any) -> bool:
+        if kind == _WAITER_DEADLINE:
+            return bool(obj.state is WaiterState.WAITING)
+        if kind == _LEASE_DEADLINE:
+            return bool(obj.active and not obj.expired)
+        return bool(obj.active and not obj.warned)
+
+    def _compact_timers(self) -> None:
+        self._timers = [t for t in self._timers if self._timer_live(t[2], t[3])]
+        heapq.heapify(self._timers)
+        self._stale_timers = 0
+
+    def _compact_waiters(self) -> None:
+        if len(self._waiters) > 64 and len(self._waiters) > 2 * self._waiting:
+            self._waiters = deque(w for w in self._waiters if w.state is WaiterState.WAITING)
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`advance` next has something to do (None: nothing pending)."""
+        timers = self._timers
+        while timers and not self._timer_live(timers[0][2], timers[0][3]):
+            heapq.heappop(timers)
+            self._stale_timers = max(0, self._stale_timers - 1)
+        candidates = []
+        if timers:
+            candidates.append(timers[0][0])
+        if self.max_inactive_lifetime and self._idle and self._live() > self.min_size:
+            candidates.append(self._idle[0].idle_since + self.max_inactive_lifetime)
+        if self.connect_failures and (self._waiting or (self.floor_enabled and self.size < self.min_size)):
+            candidates.append(self.backoff_until)
+        return min(candidates) if candidates else None
+
+    def advance(self, now: float) -> None:
+        """Fire everything due at ``now``: waiter timeouts, lease expiry and
+        leak-suspect warnings, idle-lifetime closes, connect retries."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, kind, obj = heapq.heappop(timers)
+            if not self._timer_live(kind, obj):
+                self._stale_timers = max(0, self._stale_timers - 1)
+                continue
+            if kind == _WAITER_DEADLINE:
+                obj.state = WaiterState.TIMED_OUT
+                self._waiting -= 1
+                self.counters.acquire_timeouts += 1
+                self.actions.append((Action.TIMEOUT, obj))
+            elif kind == _LEASE_WARNING:
+                obj.warned = True
+                self.counters.leak_warnings += 1
+                self.actions.append((Action.LEAK_SUSPECT, obj))
+            else:
+                self._expire_lease(obj, now)
+        self._compact_waiters()
+        if self.max_inactive_lifetime:
+            idle = self._idle
+            while idle and self._live() > self.min_size and now - idle[0].idle_since >= self.max_inactive_lifetime:
+                self._start_close(idle[0])
+        self._plan_connects(now)
+
+    def _expire_lease(self, lease: Lease, now: float) -> None:
+        lease.expired = True
+        self.counters.leases_expired += 1
+        if not lease.warned and lease.warn_at is not None:
+            self._stale_timers += 1
+        slot = self._close_lease(lease, now)
+        self._move(slot, S.RESETTING)
+        self.actions.append((Action.TAKE_BACK, lease))
+
+    # -------------------------------------------------------------- invariants
+
+    def check_invariants(self) -> None:
+        """Raise InternalStateError if the books do not add up."""
+
+        def fail(message: str) -> None:
+            raise InternalStateError(message)
+
+        live = [s for s in self._slots if s.state is not S.CLOSED]
+        if len(live) != len(self._slots):
+            fail("a closed slot is still counted")
+        for state in SlotState:
+            actual = sum(1 for s in self._slots if s.state is state)
+            if actual != self._counts[state] and state is not S.CLOSED:
+                fail(f"{state.value}: counted {self._counts[state]}, found {actual}")
+        if self.size > self.max_size and not any(
+            s.state in (S.LEASED, S.RESETTING, S.CLOSING, S.RESERVED) for s in self._slots
+        ):
+            fail(f"size {self.size} > max_size {self.max_size} with nothing to shrink")
+        if len(set(map(id, self._idle))) != len(self._idle):
+            fail("a slot is twice in the idle stack")
+        if any(s.state is not S.IDLE for s in self._idle) or len(self._idle) != self._counts[S.IDLE]:
+            fail("idle stack and idle count disagree")
+        if self._waiting != sum(1 for w in self._waiters if w.state is WaiterState.WAITING):
+            fail("live waiter count is off")
+        if self._waiting and self._idle and not self.closing:
+            fail("a connection is idle while tasks wait")
+        for lease in self._leases.values():
+            if not lease.active or lease.slot.lease is not lease or lease.slot.state is not S.LEASED:
+                fail(f"lease {lease.id} does not match its slot")
+        if len(self._leases) != self._counts[S.LEASED]:
+            fail("leases and leased slots disagree")

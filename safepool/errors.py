@@ -1,0 +1,58 @@
+"""safepool's exceptions.
+
+Each error also subclasses the exception asyncpg raises in the same situation,
+so ``except asyncpg.InterfaceError`` / ``except asyncio.TimeoutError`` clauses
+written for asyncpg's pool keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from asyncpg import exceptions as _pg
+
+__all__ = [
+    "LeaseExpiredError",
+    "PoolClosedError",
+    "PoolError",
+    "PoolOverloadedError",
+    "PoolTimeoutError",
+    "ServerUnavailableError",
+]
+
+
+class PoolError(Exception):
+    """Root of every error safepool raises itself."""
+
+
+class PoolClosedError(PoolError, _pg.InterfaceError):
+    """The pool is closing or closed (asyncpg raises InterfaceError here)."""
+
+
+class PoolTimeoutError(PoolError, asyncio.TimeoutError):
+    """No connection could be handed out before the acquire deadline.
+
+    The message says how busy the pool was and who held its connections.
+    """
+
+
+class PoolOverloadedError(PoolError):
+    """The wait queue is full: the acquire was refused at once.
+
+    A web application maps this to HTTP 503: waiting would only make the
+    queue longer while every connection is busy.
+    """
+
+
+class ServerUnavailableError(PoolError, ConnectionError):
+    """The pool has no connection and the server refuses new ones.
+
+    Raised at once (instead of waiting out the acquire timeout) while the
+    pool is backing off between connection attempts. ``__cause__`` is the
+    last connect error. Subclasses ``ConnectionError`` (an ``OSError``), as
+    asyncpg surfaces a refused connection.
+    """
+
+
+class LeaseExpiredError(PoolError, _pg.InterfaceError):
+    """The connection was taken back because its lease outlived ``lease_timeout``."""

@@ -1,0 +1,1131 @@
+"""The pool's I/O layer: carries out what the state core (``_state.py``) decides.
+
+The hot path (an idle connection, no waiters) is: read the clock, pop the idle
+stack, build a proxy. Release of a lease that ran no statement hands the
+connection on at once; otherwise the reset runs in a pool-owned task, so the
+caller neither waits for it nor can cancel it halfway (asyncpg pays a shield
+and a round trip in the caller's task). Timers for every deadline (acquire
+timeouts, lease expiry, leak-suspect warnings, idle lifetime, connect retries)
+share one clock callback armed at the earliest deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+from asyncpg import connection as _pg_connection
+from asyncpg import exceptions as _pg_exceptions
+from asyncpg import protocol as _pg_protocol
+
+from . import _stack
+from ._clock import Clock, LoopClock, Timer
+from ._state import (
+    Action,
+    Backoff,
+    Closed,
+    Lease,
+    Overloaded,
+    PoolState,
+    ReleaseOutcome,
+    SlotState,
+    Slot,
+    Unavailable,
+    Waiter,
+)
+from .errors import (
+    PoolClosedError,
+    PoolOverloadedError,
+    PoolTimeoutError,
+    ServerUnavailableError,
+)
+from .proxy import PoolConnectionProxy
+from .stats import LeaseInfo, PoolStats, build_stats
+
+logger = logging.getLogger("safepool")
+leak_logger = logging.getLogger("safepool.leaks")
+
+_DEFAULT = object()
+RESET_MODES = ("full", "rollback")
+# Bound on a background reset or take-back when no release timeout applies:
+# a reset that hangs longer than this is treated as a broken connection.
+_DEFAULT_RESET_TIMEOUT = 30.0
+
+
+class _Holder:
+    """What asyncpg's Connection expects of its pool holder: it calls
+    ``_release_on_close()`` when the connection dies, and reaches the pool
+    through ``proxy._holder._pool`` to drop statement and type caches."""
+
+    __slots__ = ("_pool", "_slot", "_con", "__weakref__")
+
+    def __init__(self, pool: Pool, slot: Slot, con: _pg_connection.Connection) -> None:
+        self._pool = pool
+        self._slot = slot
+        self._con: _pg_connection.Connection | None = con
+
+    def _release_on_close(self) -> None:
+        self._con = None
+        self._pool._connection_lost(self._slot)
+
+    def _abandoned(self, lease: Lease) -> None:
+        # Runs inside the garbage collector, possibly in the middle of the
+        # pool's own bookkeeping: only schedule, never touch state here.
+        pool = self._pool
+        try:
+            pool._loop.call_soon_threadsafe(pool._reclaim, lease)
+        except RuntimeError:
+            pass  # the loop is closed: the process is shutting down
+
+
+def _validate_timeout(name: str, value: Any, *, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
+    if value != value or value < 0:  # NaN or negative
+        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+    return float(value)
+
+
+class Pool:
+    """A connection pool with asyncpg's ``Pool`` API, plus lease timeouts,
+    leak detection, bounded waiting and statistics.
+
+    Create it with :func:`safepool.create_pool`.
+    """
+
+    def __init__(
+        self,
+        *connect_args: Any,
+        init_size: int | None = None,
+        min_size: int,
+        max_size: int,
+        max_queries: int,
+        max_inactive_connection_lifetime: float,
+        connect: Callable[..., Awaitable[_pg_connection.Connection]] | None = None,
+        setup: Callable[[PoolConnectionProxy], Awaitable[None]] | None = None,
+        init: Callable[[_pg_connection.Connection], Awaitable[None]] | None = None,
+        reset: Callable[[_pg_connection.Connection], Awaitable[None]] | None = None,
+        loop: asyncio.AbstractEventLoop | None,
+        connection_class: type[_pg_connection.Connection],
+        record_class: type[Any],
+        name: str | None = None,
+        lease_timeout: float | None = None,
+        leak_warning_after: float | None = None,
+        capture_stack: bool | None = None,
+        max_waiters: int | None | object = _DEFAULT,
+        acquire_timeout: float | None = None,
+        max_connecting: int = 2,
+        reset_mode: str = "full",
+        reset_timeout: float | None = None,
+        backoff: Backoff | None = None,
+        clock: Clock | None = None,
+        **connect_kwargs: Any,
+    ) -> None:
+        if len(connect_args) > 1:
+            warnings.warn(
+                "Passing multiple positional arguments to Pool is deprecated; use Pool(<dsn>, **kwargs)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        if loop is None:
+            loop = asyncio.get_event_loop()
+        self._loop = loop
+
+        # asyncpg's checks and messages, in asyncpg's order.
+        if max_size <= 0:
+            raise ValueError("max_size is expected to be greater than zero")
+        if min_size < 0:
+            raise ValueError("min_size is expected to be greater or equal to zero")
+        if min_size > max_size:
+            raise ValueError("min_size is greater than max_size")
+        if init_size is None:
+            init_size = min_size
+        if init_size < 0:
+            raise ValueError("init_size is expected to be greater or equal to zero")
+        if init_size > max_size:
+            raise ValueError("init_size is greater than max_size")
+        if init_size < min_size:
+            raise ValueError("init_size is smaller than min_size")
+        if max_queries <= 0:
+            raise ValueError("max_queries is expected to be greater than zero")
+        if max_inactive_connection_lifetime < 0:
+            raise ValueError("max_inactive_connection_lifetime is expected to be greater or equal to zero")
+        if not issubclass(connection_class, _pg_connection.Connection):
+            raise TypeError(
+                f"connection_class is expected to be a subclass of asyncpg.Connection, got {connection_class!r}"
+            )
+        if not issubclass(record_class, _pg_protocol.Record):
+            raise TypeError(f"record_class is expected to be a subclass of asyncpg.Record, got {record_class!r}")
+
+        # safepool's own options.
+        self._lease_timeout = _validate_timeout("lease_timeout", lease_timeout)
+        if self._lease_timeout == 0:
+            raise ValueError("lease_timeout must be > 0 seconds (None turns it off)")
+        self._leak_warning_after = _validate_timeout("leak_warning_after", leak_warning_after)
+        self._acquire_timeout = _validate_timeout("acquire_timeout", acquire_timeout)
+        self._reset_timeout = _validate_timeout("reset_timeout", reset_timeout)
+        if max_waiters is _DEFAULT:
+            max_waiters = max(64, 16 * max_size)
+        if max_waiters is not None and (
+            isinstance(max_waiters, bool) or not isinstance(max_waiters, int) or max_waiters < 0
+        ):
+            raise ValueError(f"max_waiters must be an int >= 0 or None, got {max_waiters!r}")
+        if isinstance(max_connecting, bool) or not isinstance(max_connecting, int) or max_connecting < 1:
+            raise ValueError(f"max_connecting must be an int >= 1, got {max_connecting!r}")
+        if reset_mode not in RESET_MODES:
+            raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
+        self._capture_stack = (
+            capture_stack if capture_stack is not None else self._leak_warning_after is not None
+        )
+
+        self._name = name or f"pool-{id(self):x}"
+        self._init_size = init_size
+        self._min_size = min_size
+        self._max_queries = max_queries
+        self._connection_class = connection_class
+        self._record_class = record_class
+        self._connect = connect if connect is not None else _pg_connection.connect
+        self._connect_args: Any = connect_args
+        self._connect_kwargs = connect_kwargs
+        self._setup = setup
+        self._init = init
+        self._reset = reset
+        self._reset_mode = reset_mode
+
+        self._state = PoolState(
+            max_size=max_size,
+            min_size=min_size,
+            max_waiters=max_waiters,  # type: ignore[arg-type]
+            max_connecting=max_connecting,
+            max_inactive_lifetime=max_inactive_connection_lifetime,
+            backoff=backoff,
+        )
+        self._clock: Clock = clock if clock is not None else LoopClock(loop)
+        self._now = self._clock.now
+        self._timer: Timer | None = None
+        self._timer_at: float | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._holders: dict[Slot, _Holder] = {}
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._drained = asyncio.Event()
+
+        self._initialized = False
+        self._initializing = False
+        self._closed = False
+        self._terminating = False
+
+    # ------------------------------------------------------------ start-up
+
+    async def _async__init__(self) -> Pool:
+        if self._initialized:
+            return self
+        if self._initializing:
+            raise _pg_exceptions.InterfaceError("pool is being initialized in another task")
+        if self._closed:
+            raise PoolClosedError("pool is closed")
+        self._initializing = True
+        try:
+            await self._initialize()
+            return self
+        except BaseException:
+            self._closed = True
+            self._terminate_all()
+            raise
+        finally:
+            self._initializing = False
+            self._initialized = True
+
+    async def _initialize(self) -> None:
+        state = self._state
+        if self._init_size:
+            # The first connection is awaited and its error raised, as with
+            # asyncpg: a wrong DSN or password must fail pool creation.
+            first = state.add_connecting(self._now())
+            await self._connect_slot(first, raise_errors=True)
+            others = [state.add_connecting(self._now()) for _ in range(self._init_size - 1)]
+            # The rest may fail without failing creation: the min_size upkeep
+            # retries them in the background with backoff.
+            await asyncio.gather(*(self._connect_slot(slot) for slot in others))
+        state.floor_enabled = True
+        state.advance(self._now())
+        self._drain()
+
+    # ------------------------------------------------------------- acquire
+
+    def acquire(
+        self, *, timeout: float | None = None, lease_timeout: float | None | object = _DEFAULT
+    ) -> PoolAcquireContext:
+        """Acquire a connection: ``async with pool.acquire() as con`` or
+        ``con = await pool.acquire()`` (then release it in ``finally``).
+
+        :param timeout: seconds to wait for a connection (default: the pool's
+            ``acquire_timeout``); raises :class:`~safepool.PoolTimeoutError`.
+        :param lease_timeout: override the pool's ``lease_timeout`` for this
+            lease (None: no limit).
+        """
+        return PoolAcquireContext(self, timeout, lease_timeout)
+
+    async def _acquire(self, timeout: float | None, lease_timeout: Any = _DEFAULT) -> PoolConnectionProxy:
+        if timeout is None:
+            timeout = self._acquire_timeout
+        elif timeout is not None:
+            timeout = _validate_timeout("timeout", timeout)
+        if lease_timeout is _DEFAULT:
+            lease_timeout = self._lease_timeout
+        elif lease_timeout is not None:
+            lease_timeout = _validate_timeout("lease_timeout", lease_timeout)
+        if self._state.closing:
+            raise PoolClosedError("pool is closing")
+        self._check_init()
+        state = self._state
+        now = self._now()
+        try:
+            lease = state.try_acquire(now)
+        except Closed:
+            raise PoolClosedError("pool is closing") from None
+        if state.actions:
+            self._drain()
+        if lease is None:
+            lease = await self._wait_for_connection(now, timeout)
+        slot = lease.slot
+        proxy = PoolConnectionProxy(self._holders[slot], slot.connection, lease)
+        if lease_timeout is not None or self._leak_warning_after is not None:
+            state.arm_lease(lease, lease_timeout, self._leak_warning_after)  # type: ignore[arg-type]
+            self._arm_timer()
+        if self._capture_stack:
+            lease.stack = _stack.capture()
+            task = asyncio.current_task()
+            lease.task_name = task.get_name() if task is not None else None
+        if self._setup is not None:
+            await self._run_setup(proxy, lease)
+        lease.io_mark = slot.connection._protocol.queries_count
+        return proxy
+
+    async def _wait_for_connection(self, now: float, timeout: float | None) -> Lease:
+        state = self._state
+        future = self._loop.create_future()
+        try:
+            waiter = state.enqueue(future, now, timeout)
+        except Overloaded:
+            raise PoolOverloadedError(self._busy_message("wait queue is full", now)) from None
+        except Unavailable as exc:
+            raise ServerUnavailableError(
+                f"pool {self._name!r} has no connection and the server refuses new ones "
+                f"(last error: {_describe_error(exc.last_error)}); next attempt in {exc.retry_in:.2f}s"
+            ) from exc.last_error
+        except Closed:
+            raise PoolClosedError("pool is closing") from None
+        self._drain()
+        if waiter.deadline is not None:
+            self._arm_timer()
+        try:
+            await future
+        except asyncio.CancelledError:
+            # Cancelled while waiting, or after the grant but before resuming:
+            # either way the core gets the connection back (anyio's pattern).
+            state.cancel_waiter(waiter, self._now())
+            self._drain()
+            raise
+        return state.claim(waiter, self._now())
+
+    async def _run_setup(self, proxy: PoolConnectionProxy, lease: Lease) -> None:
+        try:
+            await self._setup(proxy)  # type: ignore[misc]
+        except BaseException:
+            # The connection's state is unknown: close it, as asyncpg does.
+            con = proxy._detach()
+            if lease.active:
+                self._state.release(lease, self._now(), ReleaseOutcome.DISCARD)
+                self._drain()
+            if con is not None:
+                self._kill(lease.slot, con)
+            raise
+
+    # ------------------------------------------------------------- release
+
+    async def release(self, connection: Any, *, timeout: float | None = None) -> None:
+        """Release a connection back to the pool (a second release is a no-op).
+
+        The session reset runs in the pool's own task, after this returns."""
+        if not isinstance(connection, PoolConnectionProxy) or connection._holder._pool is not self:
+            raise _pg_exceptions.InterfaceError(
+                f"Pool.release() received invalid connection: {connection!r} is not a member of this pool"
+            )
+        con = connection._con
+        if con is None:
+            return
+        self._check_init()
+        connection._detach()
+        con._on_release()
+        lease = connection._lease
+        if con._protocol is not None and con._protocol._is_cancelling():
+            # A query was cancelled and the server has not confirmed yet:
+            # asyncpg makes release wait for that within its timeout, and so
+            # must we, or the next holder would inherit the cancellation.
+            await self._release_cancelling(lease, con, timeout)
+            return
+        self._end_lease(lease, con, timeout)
+
+    def _end_lease(self, lease: Lease, con: _pg_connection.Connection, timeout: float | None) -> None:
+        state = self._state
+        if not lease.active:
+            return  # taken back by the lease timeout while being released
+        slot = lease.slot
+        protocol = con._protocol
+        if con.is_closed() or protocol is None:
+            outcome = ReleaseOutcome.DISCARD
+        elif protocol.queries_count >= self._max_queries or slot.generation != state.generation:
+            outcome = ReleaseOutcome.DISCARD
+        elif protocol.queries_count == lease.io_mark and not protocol.is_in_transaction():
+            outcome = ReleaseOutcome.CLEAN
+            con._listeners.clear()  # what asyncpg's reset does locally
+            con._log_listeners.clear()
+        else:
+            outcome = ReleaseOutcome.NEEDS_RESET
+        if state.release(lease, self._now(), outcome):
+            self._spawn(self._reset_slot(slot, con, timeout, _warn_open_transaction(con)))
+        if state.actions:
+            self._drain()
+
+    async def _release_cancelling(self, lease: Lease, con: _pg_connection.Connection, timeout: float | None) -> None:
+        try:
+            await con._protocol._wait_for_cancellation(timeout)
+        except BaseException:
+            if lease.active:
+                self._state.release(lease, self._now(), ReleaseOutcome.DISCARD)
+                self._drain()
+            self._kill(lease.slot, con)
+            raise
+        self._end_lease(lease, con, timeout)
+
+    async def _reset_slot(
+        self, slot: Slot, con: _pg_connection.Connection, timeout: float | None, rollback: bool
+    ) -> None:
+        budget = timeout if timeout is not None else self._reset_timeout
+        if budget is None:
+            budget = con._config.command_timeout or _DEFAULT_RESET_TIMEOUT
+        ok = False
+        try:
+            async with asyncio.timeout(budget):
+                await self._reset_connection(con, rollback)
+            ok = not con.is_closed()
+        except Exception as exc:
+            logger.warning(
+                "pool %r: reset failed (%s); closing the connection", self._name, _describe_error(exc),
+                extra={"event": "reset_failed", "pool": self._name},
+            )
+        except asyncio.CancelledError:
+            if slot.state is SlotState.RESETTING:
+                self._state.reset_done(slot, self._now(), False)
+                self._kill(slot, con)
+                self._drain()
+            raise
+        if slot.state is not SlotState.RESETTING:
+            return  # the connection died while resetting; already handled
+        if not ok:
+            self._kill(slot, con)
+        self._state.reset_done(slot, self._now(), ok)
+        self._drain()
+
+    async def _reset_connection(self, con: _pg_connection.Connection, rollback: bool) -> None:
+        if con._protocol._is_cancelling():
+            await con._protocol._wait_for_cancellation()
+        if self._reset is not None:
+            await con._reset()
+            await self._reset(con)
+            return
+        if type(con).reset is not _pg_connection.Connection.reset:
+            await con.reset()  # a connection_class that customises reset()
+            return
+        if rollback or con.is_in_transaction():
+            await con.execute("ROLLBACK")
+        if self._reset_mode == "full":
+            query = con.get_reset_query()
+            if query:
+                await con.execute(query)
+
+    # ---------------------------------------------- leases: expiry and leaks
+
+    def _reclaim(self, lease: Lease) -> None:
+        """A proxy was garbage collected while still leased."""
+        state = self._state
+        slot = lease.slot
+        if not lease.active or self._closed:
+            return
+        held = self._now() - lease.acquired_at
+        if not state.reclaim(lease, self._now()):
+            return
+        con = slot.connection
+        report = (
+            f"pool {self._name!r}: a connection was garbage collected without being released "
+            f"(held {held:.3f}s); acquired at:\n{_stack.format_stack(lease.stack)}"
+        )
+        leak_logger.warning(report, extra=self._event_fields("leak", lease, held))
+        warnings.warn(report, ResourceWarning, stacklevel=1)
+        self._emit("leak", lease, held)
+        _detach_proxy(con)  # the proxy is gone; drop the dead weak reference
+        con._on_release()
+        self._spawn(self._reset_slot(slot, con, None, _warn_open_transaction(con, quiet=True)))
+        self._drain()
+
+    def _take_back(self, lease: Lease) -> None:
+        slot = lease.slot
+        con = slot.connection
+        held = self._now() - lease.acquired_at
+        limit = (lease.deadline or 0) - lease.acquired_at
+        reason = (
+            f"the lease expired: held {held:.3f}s, lease_timeout is {limit:.3f}s; "
+            "the connection was taken back by the pool"
+        )
+        _detach_proxy(con, reason)
+        con._on_release()  # invalidates cursors, statements and transactions made through the proxy
+        leak_logger.error(
+            "pool %r: lease expired after %.3fs (lease_timeout %.3fs); taking the connection back. "
+            "Acquired at:\n%s",
+            self._name, held, limit, _stack.format_stack(lease.stack),
+            extra=self._event_fields("lease_expired", lease, held),
+        )
+        self._emit("lease_expired", lease, held)
+        self._spawn(self._take_back_slot(slot, con))
+
+    async def _take_back_slot(self, slot: Slot, con: _pg_connection.Connection) -> None:
+        # The holder may be in the middle of a query. asyncpg exposes no
+        # "busy" flag, but refuses a second operation at once without sending
+        # anything: so try the reset, and if refused, cancel the running query
+        # on the server (asyncpg's cancel request) and retry until it is free.
+        budget = self._reset_timeout or _DEFAULT_RESET_TIMEOUT
+        ok = False
+        try:
+            async with asyncio.timeout(budget):
+                cancel_sent = False
+                while not con.is_closed():
+                    try:
+                        await self._reset_connection(con, con.is_in_transaction())
+                    except _pg_exceptions.InterfaceError as exc:
+                        if "another operation" not in str(exc):
+                            raise
+                    else:
+                        ok = not con.is_closed()
+                        break
+                    if not cancel_sent:
+                        cancel_sent = True
+                        await _cancel_running_query(con)
+                    await asyncio.sleep(0.005)  # the server's reply frees the protocol
+        except Exception as exc:
+            logger.warning(
+                "pool %r: could not take back an expired connection cleanly (%s); closing it",
+                self._name, _describe_error(exc), extra={"event": "reset_failed", "pool": self._name},
+            )
+        except asyncio.CancelledError:
+            if slot.state is SlotState.RESETTING:
+                self._kill(slot, con)
+                self._state.reset_done(slot, self._now(), False)
+                self._drain()
+            raise
+        if slot.state is not SlotState.RESETTING:
+            return
+        if not ok:
+            self._kill(slot, con)
+        self._state.reset_done(slot, self._now(), ok)
+        self._drain()
+
+    def _leak_suspect(self, lease: Lease) -> None:
+        held = self._now() - lease.acquired_at
+        leak_logger.warning(
+            "pool %r: connection held for %.3fs (leak_warning_after %.3fs), still not released; "
+            "task %s; acquired at:\n%s",
+            self._name, held, self._leak_warning_after or 0.0, lease.task_name or "?",
+            _stack.format_stack(lease.stack),
+            extra=self._event_fields("leak_suspect", lease, held),
+        )
+        self._emit("leak_suspect", lease, held)
+
+    # --------------------------------------------------- the action runner
+
+    def _drain(self) -> None:
+        """Carry out what the state core asked for."""
+        actions = self._state.actions
+        while actions:
+            batch = actions[:]
+            actions.clear()
+            for action in batch:
+                kind = action[0]
+                if kind is Action.WAKE:
+                    waiter: Waiter = action[1]
+                    if waiter.future.done():
+                        # Its task was cancelled while the grant was in flight.
+                        self._state.cancel_waiter(waiter, self._now())
+                    else:
+                        waiter.future.set_result(None)
+                elif kind is Action.CONNECT:
+                    self._spawn(self._connect_slot(action[1]))
+                elif kind is Action.CLOSE:
+                    self._close_slot(action[1])
+                elif kind is Action.TIMEOUT:
+                    waiter = action[1]
+                    if not waiter.future.done():
+                        waiter.future.set_exception(
+                            PoolTimeoutError(self._busy_message("timed out waiting for a connection",
+                                                                self._now(), waiter))
+                        )
+                elif kind is Action.FAIL:
+                    self._fail_waiter(action[1], action[2])
+                elif kind is Action.TAKE_BACK:
+                    self._take_back(action[1])
+                elif kind is Action.LEAK_SUSPECT:
+                    self._leak_suspect(action[1])
+        if self._state.size == 0:
+            self._drained.set()
+        self._arm_timer()
+
+    def _fail_waiter(self, waiter: Waiter, error: BaseException) -> None:
+        if waiter.future.done():
+            return
+        if isinstance(error, PoolClosedError):
+            exc: BaseException = PoolClosedError(str(error))
+        else:
+            exc = ServerUnavailableError(
+                f"pool {self._name!r}: could not connect to the server ({_describe_error(error)})"
+            )
+            exc.__cause__ = error
+        waiter.future.set_exception(exc)
+
+    def _arm_timer(self) -> None:
+        when = self._state.next_deadline()
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None:
+            self._timer = self._clock.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self._closed:
+            return
+        self._state.advance(self._now())
+        self._drain()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = self._loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------- connects and closes
+
+    async def _connect_slot(self, slot: Slot, *, raise_errors: bool = False) -> None:
+        state = self._state
+        try:
+            con = await self._get_new_connection()
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                state.connect_cancelled(slot)
+            elif slot.state is SlotState.CONNECTING:
+                state.connect_failed(slot, self._now(), exc)
+            if not isinstance(exc, asyncio.CancelledError):
+                self._emit_event("connect_failed", error=_describe_error(exc))
+                logger.warning(
+                    "pool %r: connect failed (%s); %d consecutive failures",
+                    self._name, _describe_error(exc), state.connect_failures,
+                    extra={"event": "connect_failed", "pool": self._name},
+                )
+            self._drain()
+            if raise_errors or isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        if slot.state is not SlotState.CONNECTING:  # terminated meanwhile
+            con.terminate()
+            return
+        holder = _Holder(self, slot, con)
+        self._holders[slot] = holder
+        con._pool_holder = _weakref(holder)
+        state.connect_succeeded(slot, con, self._now())
+        self._drain()
+
+    async def _get_new_connection(self) -> _pg_connection.Connection:
+        con = await self._connect(
+            *self._connect_args,
+            loop=self._loop,
+            connection_class=self._connection_class,
+            record_class=self._record_class,
+            **self._connect_kwargs,
+        )
+        if not isinstance(con, self._connection_class):
+            good = f"{self._connection_class.__module__}.{self._connection_class.__name__}"
+            bad_type = type(con)
+            bad = bad_type.__name__ if bad_type.__module__ == "builtins" else f"{bad_type.__module__}.{bad_type.__name__}"
+            raise _pg_exceptions.InterfaceError(
+                f"expected pool connect callback to return an instance of '{good}', got '{bad}'"
+            )
+        if self._init is not None:
+            try:
+                await self._init(con)
+            except BaseException:
+                await con.close()
+                raise
+        return con
+
+    def _close_slot(self, slot: Slot) -> None:
+        holder = self._holders.pop(slot, None)
+        con = slot.connection
+        if holder is not None:
+            holder._con = None  # our own close: no _release_on_close callback
+        if con is None or con.is_closed() or self._terminating:
+            if con is not None:
+                con.terminate()
+            self._state.closed(slot, self._now())
+            return
+        self._spawn(self._close_connection(slot, con))
+
+    async def _close_connection(self, slot: Slot, con: _pg_connection.Connection) -> None:
+        try:
+            await con.close(timeout=self._reset_timeout or _DEFAULT_RESET_TIMEOUT)
+        except BaseException:
+            con.terminate()
+        finally:
+            self._state.closed(slot, self._now())
+            self._drain()
+
+    def _kill(self, slot: Slot, con: _pg_connection.Connection) -> None:
+        """Terminate a connection the pool itself gave up on."""
+        holder = self._holders.get(slot)
+        if holder is not None:
+            holder._con = None
+        con.terminate()
+
+    def _connection_lost(self, slot: Slot) -> None:
+        """asyncpg noticed the connection died (server restart, terminate)."""
+        if slot.state in (SlotState.IDLE, SlotState.LEASED, SlotState.RESERVED):
+            if slot.connection is not None:
+                _detach_proxy(slot.connection)
+            self._state.discard(slot, self._now())
+            self._drain()
+
+    # ---------------------------------------------------------- shutdown
+
+    async def close(self) -> None:
+        """Wait for every connection to be released, then close them all.
+
+        Waiting tasks fail with :class:`~safepool.PoolClosedError`. On error or
+        cancellation the pool is terminated, as with asyncpg."""
+        if self._closed:
+            return
+        self._check_init()
+        warn_handle = self._loop.call_later(60, self._warn_on_long_close)
+        try:
+            self._state.begin_close(PoolClosedError("pool is closing"))
+            self._drain()
+            while self._state.size:
+                self._drained.clear()
+                self._drain()
+                if self._state.size:
+                    await self._drained.wait()
+        except BaseException:
+            self.terminate()
+            raise
+        finally:
+            warn_handle.cancel()
+            self._closed = True
+            self._cancel_timer()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _warn_on_long_close(self) -> None:
+        in_use = [lease for lease in self._state.leases()]
+        logger.warning(
+            "pool %r: close() is taking over 60 seconds: %d connection(s) not released. %s",
+            self._name, len(in_use), self._describe_oldest(self._now(), 3),
+        )
+
+    def terminate(self) -> None:
+        """Terminate all connections at once."""
+        if self._closed:
+            return
+        self._check_init()
+        self._closed = True
+        self._terminate_all()
+
+    def _terminate_all(self) -> None:
+        state = self._state
+        self._terminating = True
+        state.begin_close(PoolClosedError("pool is closed"))
+        now = self._now()
+        for slot in state.slots():
+            if slot.connection is not None:
+                _detach_proxy(slot.connection)
+            state.discard(slot, now)
+        for task in list(self._tasks):
+            task.cancel()  # connects record themselves as cancelled
+        self._drain()
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = None
+
+    async def expire_connections(self) -> None:
+        """Replace every open connection: idle ones now, leased ones on release."""
+        self._state.expire_connections()
+        self._drain()
+
+    def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
+        """Use these arguments for every new connection (existing ones stay
+        until they expire; see :meth:`expire_connections`)."""
+        self._connect_args = [dsn]
+        self._connect_kwargs = connect_kwargs
+
+    def resize(self, *, max_size: int, min_size: int | None = None) -> None:
+        """Change the pool's bounds at run time without dropping any lease.
+
+        Shrinking closes idle connections now and leased ones as they return."""
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
+            raise ValueError(f"max_size must be an int > 0, got {max_size!r}")
+        if min_size is not None:
+            if isinstance(min_size, bool) or not isinstance(min_size, int) or not 0 <= min_size <= max_size:
+                raise ValueError(f"min_size must be an int between 0 and max_size, got {min_size!r}")
+            self._state.min_size = min_size
+            self._min_size = min_size
+        self._state.resize(max_size, self._now())
+        self._min_size = self._state.min_size
+        self._drain()
+
+    # ----------------------------------------------------------- getters
+
+    def is_closing(self) -> bool:
+        return self._closed or self._state.closing
+
+    def get_size(self) -> int:
+        """Connections open on the server (being opened ones excluded)."""
+        return self._state.connected()
+
+    def get_init_size(self) -> int:
+        return self._init_size
+
+    def get_min_size(self) -> int:
+        return self._min_size
+
+    def get_max_size(self) -> int:
+        return self._state.max_size
+
+    def get_idle_size(self) -> int:
+        return self._state.idle
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def stats(self) -> PoolStats:
+        """An immutable snapshot of sizes, counters and distributions."""
+        return build_stats(self._name, self._state, self._now())
+
+    def leases(self) -> list[LeaseInfo]:
+        """The connections currently held by application code, oldest first."""
+        now = self._now()
+        infos = [
+            LeaseInfo(
+                id=lease.id,
+                age=now - lease.acquired_at,
+                deadline_in=None if lease.deadline is None else lease.deadline - now,
+                task_name=lease.task_name,
+                acquired_at=_stack.acquire_site(lease.stack) if lease.stack else None,
+                stack=_stack.format_stack(lease.stack) if lease.stack else None,
+            )
+            for lease in self._state.leases()
+        ]
+        infos.sort(key=lambda info: -info.age)
+        return infos
+
+    def add_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``callback(event)`` for every pool event (a dict with at least
+        ``event`` and ``pool``): connect_failed, lease_expired, leak,
+        leak_suspect. Exceptions in callbacks are logged and swallowed."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        self._listeners.remove(callback)
+
+    def __repr__(self) -> str:
+        state = self._state
+        status = "closed" if self._closed else "closing" if state.closing else "open"
+        return (
+            f"<safepool.Pool {self._name!r} {status} size={state.size}/{state.max_size} "
+            f"idle={state.idle} in_use={state.in_use} resetting={state.count(SlotState.RESETTING)} waiting={state.waiting}>"
+        )
+
+    # ------------------------------------------------------------ helpers
+
+    def _check_init(self) -> None:
+        if not self._initialized:
+            if self._initializing:
+                raise _pg_exceptions.InterfaceError(
+                    "pool is being initialized, but not yet ready: "
+                    "likely there is a race between creating a pool and using it"
+                )
+            raise _pg_exceptions.InterfaceError("pool is not initialized")
+        if self._closed:
+            raise PoolClosedError("pool is closed")
+
+    def _describe_oldest(self, now: float, limit: int) -> str:
+        leases = sorted(self._state.leases(), key=lambda lease: lease.acquired_at)[:limit]
+        if not leases:
+            return "no connection is leased"
+        parts = []
+        for lease in leases:
+            where = _stack.acquire_site(lease.stack) if lease.stack else "unknown site (capture_stack is off)"
+            task = f", task {lease.task_name}" if lease.task_name else ""
+            parts.append(f"{now - lease.acquired_at:.3f}s at {where}{task}")
+        return "oldest leases: " + "; ".join(parts)
+
+    def _busy_message(self, what: str, now: float, waiter: Waiter | None = None) -> str:
+        state = self._state
+        waited = f" after {now - waiter.enqueued_at:.3f}s" if waiter is not None else ""
+        return (
+            f"pool {self._name!r}: {what}{waited}: max_size={state.max_size}, in use={state.in_use}, "
+            f"idle={state.idle}, connecting={state.count(SlotState.CONNECTING)}, waiting={state.waiting}, "
+            f"max_waiters={state.max_waiters}; {self._describe_oldest(now, 3)}"
+        )
+
+    def _event_fields(self, event: str, lease: Lease, held: float) -> dict[str, Any]:
+        return {
+            "event": event,
+            "pool": self._name,
+            "lease_id": lease.id,
+            "held_seconds": held,
+            "acquired_at": _stack.acquire_site(lease.stack) if lease.stack else None,
+            "task_name": lease.task_name,
+        }
+
+    def _emit(self, event: str, lease: Lease, held: float) -> None:
+        if self._listeners:
+            self._emit_event(**self._event_fields(event, lease, held))
+
+    def _emit_event(self, event: str, **fields: Any) -> None:
+        if not self._listeners:
+            return
+        payload = {"event": event, "pool": self._name, **fields}
+        for callback in list(self._listeners):
+            try:
+                callback(payload)
+            except Exception:
+                logger.exception("pool %r: event listener failed", self._name)
+
+    def _drop_statement_cache(self) -> None:
+        for slot in self._state.slots():
+            if slot.connection is not None:
+                slot.connection._drop_local_statement_cache()
+
+    def _drop_type_cache(self) -> None:
+        for slot in self._state.slots():
+            if slot.connection is not None:
+                slot.connection._drop_local_type_cache()
+
+    # -------------------------------------------- asyncpg's query shortcuts
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        async with self.acquire() as con:
+            return await con.execute(query, *args, timeout=timeout)  # type: ignore[no-any-return]
+
+    async def executemany(self, command: str, args: Iterable[Any], *, timeout: float | None = None) -> None:
+        async with self.acquire() as con:
+            await con.executemany(command, args, timeout=timeout)
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None) -> list[Any]:
+        async with self.acquire() as con:
+            return await con.fetch(query, *args, timeout=timeout, record_class=record_class)  # type: ignore[no-any-return]
+
+    async def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
+        async with self.acquire() as con:
+            return await con.fetchval(query, *args, column=column, timeout=timeout)
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None) -> Any:
+        async with self.acquire() as con:
+            return await con.fetchrow(query, *args, timeout=timeout, record_class=record_class)
+
+    async def fetchmany(
+        self, query: str, args: Iterable[Any], *, timeout: float | None = None, record_class: Any = None
+    ) -> list[Any]:
+        async with self.acquire() as con:
+            return await con.fetchmany(query, args, timeout=timeout, record_class=record_class)  # type: ignore[no-any-return]
+
+    async def copy_from_table(self, table_name: str, **kwargs: Any) -> str:
+        async with self.acquire() as con:
+            return await con.copy_from_table(table_name, **kwargs)  # type: ignore[no-any-return]
+
+    async def copy_from_query(self, query: str, *args: Any, **kwargs: Any) -> str:
+        async with self.acquire() as con:
+            return await con.copy_from_query(query, *args, **kwargs)  # type: ignore[no-any-return]
+
+    async def copy_to_table(self, table_name: str, **kwargs: Any) -> str:
+        async with self.acquire() as con:
+            return await con.copy_to_table(table_name, **kwargs)  # type: ignore[no-any-return]
+
+    async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> str:
+        async with self.acquire() as con:
+            return await con.copy_records_to_table(table_name, **kwargs)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------ awaiting the pool
+
+    def __await__(self) -> Any:
+        return self._async__init__().__await__()
+
+    async def __aenter__(self) -> Pool:
+        await self._async__init__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class PoolAcquireContext:
+    """What ``pool.acquire()`` returns: awaitable, or an async context manager."""
+
+    __slots__ = ("pool", "timeout", "lease_timeout", "connection", "done")
+
+    def __init__(self, pool: Pool, timeout: float | None, lease_timeout: Any) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self.lease_timeout = lease_timeout
+        self.connection: PoolConnectionProxy | None = None
+        self.done = False
+
+    async def __aenter__(self) -> PoolConnectionProxy:
+        if self.connection is not None or self.done:
+            raise _pg_exceptions.InterfaceError("a connection is already acquired")
+        self.connection = await self.pool._acquire(self.timeout, self.lease_timeout)
+        return self.connection
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_val: BaseException | None = None,
+        exc_tb: TracebackType | None = None,
+    ) -> None:
+        self.done = True
+        con, self.connection = self.connection, None
+        await self.pool.release(con)
+
+    def __await__(self) -> Any:
+        self.done = True
+        return self.pool._acquire(self.timeout, self.lease_timeout).__await__()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _weakref(obj: Any) -> Any:
+    return weakref.ref(obj)
+
+
+def _detach_proxy(con: _pg_connection.Connection, expired_reason: str | None = None) -> None:
+    """Cut the proxy (if any) off its connection; the proxy may already be
+    garbage: ``con._proxy`` is a weak proxy."""
+    proxy = con._proxy
+    if proxy is None:
+        return
+    try:
+        if expired_reason is not None:
+            proxy._expire(expired_reason)
+        else:
+            proxy._detach()
+    except ReferenceError:
+        con._set_proxy(None)
+
+
+def _warn_open_transaction(con: _pg_connection.Connection, *, quiet: bool = False) -> bool:
+    """asyncpg's reset reports an unmanaged open transaction through the
+    loop's exception handler; do that now, in the releasing task, so the
+    report comes while the caller still sees it. Returns whether a ROLLBACK
+    is needed."""
+    protocol = con._protocol
+    if protocol is None:
+        return False
+    if protocol.is_in_transaction() or con._top_xact is not None:
+        if not quiet and (con._top_xact is None or not con._top_xact._managed):
+            con._loop.call_exception_handler({"message": f"Resetting connection with an active transaction {con!r}"})
+        con._top_xact = None
+        con._listeners.clear()
+        con._log_listeners.clear()
+        return True
+    con._listeners.clear()
+    con._log_listeners.clear()
+    return False
+
+
+async def _cancel_running_query(con: _pg_connection.Connection) -> None:
+    from asyncpg import connect_utils
+
+    await connect_utils._cancel(
+        loop=con._loop,
+        addr=con._addr,
+        params=con._params,
+        backend_pid=con._protocol.backend_pid,
+        backend_secret=con._protocol.backend_secret,
+    )
+
+
+def _describe_error(error: BaseException | None) -> str:
+    if error is None:
+        return "none"
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def create_pool(
+    dsn: str | None = None,
+    *,
+    init_size: int | None = None,
+    min_size: int = 10,
+    max_size: int = 10,
+    max_queries: int = 50000,
+    max_inactive_connection_lifetime: float = 300.0,
+    connect: Callable[..., Awaitable[_pg_connection.Connection]] | None = None,
+    setup: Callable[[PoolConnectionProxy], Awaitable[None]] | None = None,
+    init: Callable[[_pg_connection.Connection], Awaitable[None]] | None = None,
+    reset: Callable[[_pg_connection.Connection], Awaitable[None]] | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
+    connection_class: type[_pg_connection.Connection] = _pg_connection.Connection,
+    record_class: type[Any] = _pg_protocol.Record,
+    **kwargs: Any,
+) -> Pool:
+    """Create a pool: the same parameters, defaults and meaning as
+    :func:`asyncpg.create_pool`, plus safepool's options:
+
+    ``name``, ``lease_timeout``, ``leak_warning_after``, ``capture_stack``,
+    ``max_waiters``, ``acquire_timeout``, ``max_connecting``, ``reset_mode``
+    (``"full"`` or ``"rollback"``), ``reset_timeout``, ``backoff``, ``clock``.
+    Every other keyword goes to :func:`asyncpg.connect`.
+
+    Use as ``pool = await create_pool(...)`` or ``async with create_pool(...) as pool``.
+    """
+    return Pool(
+        dsn,
+        init_size=init_size,
+        min_size=min_size,
+        max_size=max_size,
+        max_queries=max_queries,
+        max_inactive_connection_lifetime=max_inactive_connection_lifetime,
+        connect=connect,
+        setup=setup,
+        init=init,
+        reset=reset,
+        loop=loop,
+        connection_class=connection_class,
+        record_class=record_class,
+        **kwargs,
+    )
+
+
+__all__ = ["Pool", "PoolAcquireContext", "create_pool", "asyncpg"]

@@ -1,0 +1,106 @@
+"""The connection handed to application code.
+
+Subclasses asyncpg's ``_ConnectionProxy`` (so ``isinstance(proxy,
+asyncpg.Connection)`` holds, as with asyncpg's pool) and forwards every public
+``Connection`` method to the leased connection. After release the proxy is
+detached and every call raises ``InterfaceError``; after a lease timeout it
+raises :class:`~safepool.LeaseExpiredError` instead.
+
+The connection refers back to its proxy only weakly, so a proxy the
+application loses is garbage collected and ``__del__`` reports it to the pool,
+which reclaims the connection.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from asyncpg import compat as _pg_compat
+from asyncpg import connection as _pg_connection
+from asyncpg import exceptions as _pg_exceptions
+
+from .errors import LeaseExpiredError
+
+if TYPE_CHECKING:
+    from ._state import Lease
+    from .pool import _Holder
+
+
+# inspect.markcoroutinefunction is 3.12+; asyncpg ships a shim for 3.11.
+_mark_coroutine = getattr(inspect, "markcoroutinefunction", None) or _pg_compat.markcoroutinefunction
+
+
+def _released_error(proxy: PoolConnectionProxy, method: str) -> Exception:
+    if proxy._expired is not None:
+        return LeaseExpiredError(f"cannot call Connection.{method}(): {proxy._expired}")
+    return _pg_exceptions.InterfaceError(
+        f"cannot call Connection.{method}(): connection has been released back to the pool"
+    )
+
+
+def _forward(name: str, is_coroutine: bool) -> Any:
+    def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
+        con = self._con
+        if con is None:
+            raise _released_error(self, name)
+        return getattr(con.__class__, name)(con, *args, **kwargs)
+
+    if is_coroutine:
+        _mark_coroutine(call)
+    return call
+
+
+class PoolConnectionProxy(_pg_connection._ConnectionProxy):  # type: ignore[misc]
+    __slots__ = ("_con", "_holder", "_lease", "_expired", "__weakref__")
+
+    def __init__(self, holder: _Holder, con: _pg_connection.Connection, lease: Lease) -> None:
+        self._con: _pg_connection.Connection | None = con
+        self._holder = holder
+        self._lease = lease
+        self._expired: str | None = None
+        # Weak, so that losing the proxy lets the GC find the leak.
+        con._set_proxy(weakref.proxy(self))
+
+    def __getattr__(self, attr: str) -> Any:
+        con = self._con
+        if con is None:
+            raise _released_error(self, attr)
+        return getattr(con, attr)
+
+    def _detach(self) -> _pg_connection.Connection | None:
+        con, self._con = self._con, None
+        if con is not None:
+            con._set_proxy(None)
+        return con
+
+    def _expire(self, reason: str) -> _pg_connection.Connection | None:
+        self._expired = reason
+        return self._detach()
+
+    def __del__(self) -> None:
+        if self._con is not None:
+            self._holder._abandoned(self._lease)
+
+    def __repr__(self) -> str:
+        if self._con is None:
+            state = "[expired]" if self._expired else "[released]"
+            return f"<{type(self).__name__} {state} {id(self):#x}>"
+        return f"<{type(self).__name__} {self._con!r} {id(self):#x}>"
+
+
+def _install_forwarders() -> None:
+    for name in dir(_pg_connection.Connection):
+        if name.startswith("_") or name in PoolConnectionProxy.__dict__:
+            continue
+        method = getattr(_pg_connection.Connection, name)
+        if not inspect.isfunction(method):
+            continue
+        wrapper = functools.update_wrapper(_forward(name, inspect.iscoroutinefunction(method)), method)
+        setattr(PoolConnectionProxy, name, wrapper)
+    PoolConnectionProxy.__doc__ = _pg_connection.Connection.__doc__
+
+
+_install_forwarders()

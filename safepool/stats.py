@@ -1,0 +1,96 @@
+"""Immutable snapshots of a pool's state for operators and exporters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._histogram import Distribution
+from ._state import PoolState, SlotState
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """One connection held by application code (see ``Pool.leases()``)."""
+
+    id: int
+    age: float  # seconds since acquire
+    deadline_in: float | None  # seconds until the lease timeout takes it back
+    task_name: str | None
+    acquired_at: str | None  # "file:line in function", when stacks are captured
+    stack: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A pool's state at one moment. Sizes are connections; times are seconds."""
+
+    name: str
+    # Sizes now.
+    size: int  # connections counted against max_size (opening and closing included)
+    idle: int
+    in_use: int  # leased, or handed to a waiter that has not resumed yet
+    connecting: int
+    resetting: int
+    closing: int
+    waiting: int  # tasks queued for a connection
+    max_size: int
+    min_size: int
+    max_waiters: int | None
+    # Counters since the pool started.
+    acquired: int
+    released: int
+    acquire_timeouts: int
+    overload_rejections: int
+    unavailable_rejections: int
+    leases_expired: int
+    leaks_detected: int  # proxies garbage collected while leased
+    leak_warnings: int
+    connections_opened: int
+    connections_closed: int
+    connect_errors: int
+    resets: int
+    resets_skipped: int  # leases that ran no statement: no reset needed
+    resets_failed: int
+    # Distributions.
+    acquire_wait: Distribution
+    lease_duration: Distribution
+    oldest_lease_age: float  # 0.0 when nothing is leased
+    server_status: str  # "up", "backing_off" or "down"
+    consecutive_connect_failures: int
+
+
+def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
+    c = state.counters
+    oldest = min((lease.acquired_at for lease in state.leases()), default=now)
+    return PoolStats(
+        name=name,
+        size=state.size,
+        idle=state.idle,
+        in_use=state.in_use,
+        connecting=state.count(SlotState.CONNECTING),
+        resetting=state.count(SlotState.RESETTING),
+        closing=state.count(SlotState.CLOSING),
+        waiting=state.waiting,
+        max_size=state.max_size,
+        min_size=state.min_size,
+        max_waiters=state.max_waiters,
+        acquired=c.acquired,
+        released=c.released,
+        acquire_timeouts=c.acquire_timeouts,
+        overload_rejections=c.overload_rejections,
+        unavailable_rejections=c.unavailable_rejections,
+        leases_expired=c.leases_expired,
+        leaks_detected=c.leaks_detected,
+        leak_warnings=c.leak_warnings,
+        connections_opened=c.connections_opened,
+        connections_closed=c.connections_closed,
+        connect_errors=c.connect_errors,
+        resets=c.resets,
+        resets_skipped=c.resets_skipped,
+        resets_failed=c.resets_failed,
+        acquire_wait=state.wait_times.snapshot(),
+        lease_duration=state.lease_times.snapshot(),
+        oldest_lease_age=now - oldest,
+        server_status=state.server_status(now).value,
+        consecutive_connect_failures=state.connect_failures,
+    )

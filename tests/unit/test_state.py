@@ -1,0 +1,431 @@
+"""The state core driven directly: no event loop, no database."""
+
+from __future__ import annotations
+
+import pytest
+
+from safepool._state import (
+    Action,
+    Backoff,
+    Closed,
+    InternalStateError,
+    Overloaded,
+    PoolState,
+    ReleaseOutcome,
+    SlotState,
+    Unavailable,
+    WaiterState,
+)
+
+CLEAN, RESET, DISCARD = ReleaseOutcome.CLEAN, ReleaseOutcome.NEEDS_RESET, ReleaseOutcome.DISCARD
+
+
+def no_jitter() -> Backoff:
+    return Backoff(base=1.0, cap=8.0, rng=lambda: 1.0)
+
+
+def make(max_size: int = 2, **kwargs: object) -> PoolState:
+    kwargs.setdefault("backoff", no_jitter())
+    return PoolState(max_size=max_size, **kwargs)  # type: ignore[arg-type]
+
+
+def take(state: PoolState, kind: Action) -> list[tuple[object, ...]]:
+    taken = [a for a in state.actions if a[0] is kind]
+    state.actions[:] = [a for a in state.actions if a[0] is not kind]
+    return taken
+
+
+def connect_all(state: PoolState, now: float = 0.0) -> None:
+    """Complete every planned connect, as the I/O layer would."""
+    while True:
+        planned = take(state, Action.CONNECT)
+        if not planned:
+            return
+        for _, slot in planned:
+            state.connect_succeeded(slot, object(), now)
+
+
+def fill(state: PoolState, n: int, now: float = 0.0) -> None:
+    for _ in range(n):
+        slot = state.add_connecting(now)
+        state.connect_succeeded(slot, object(), now)
+
+
+@pytest.fixture(autouse=True)
+def _invariants(request: pytest.FixtureRequest) -> object:
+    yield
+    for value in request.node.funcargs.values():
+        if isinstance(value, PoolState):
+            value.check_invariants()
+
+
+def test_idle_connection_is_leased_at_once() -> None:
+    state = make()
+    fill(state, 1)
+    lease = state.try_acquire(1.0)
+    assert lease is not None and lease.slot.state is SlotState.LEASED
+    assert state.in_use == 1 and state.idle == 0
+    state.check_invariants()
+    assert state.release(lease, 2.0, CLEAN) is False
+    assert state.idle == 1 and state.counters.resets_skipped == 1
+    assert state.lease_times.count == 1 and state.lease_times.sum == pytest.approx(1.0)
+    state.check_invariants()
+
+
+def test_lifo_reuse_of_the_most_recent_connection() -> None:
+    state = make()
+    fill(state, 2)
+    first = state.try_acquire(0)
+    second = state.try_acquire(0)
+    assert first and second
+    state.release(first, 1, CLEAN)
+    state.release(second, 2, CLEAN)
+    again = state.try_acquire(3)
+    assert again is not None and again.slot is second.slot
+
+
+def test_waiter_triggers_a_connect_and_gets_it() -> None:
+    state = make()
+    assert state.try_acquire(0) is None
+    waiter = state.enqueue("f", 0, None)
+    [(_, slot)] = take(state, Action.CONNECT)
+    assert state.size == 1 and state.connected() == 0
+    state.connect_succeeded(slot, "conn", 0.5)
+    assert take(state, Action.WAKE) == [(Action.WAKE, waiter)]
+    assert slot.state is SlotState.RESERVED
+    lease = state.claim(waiter, 0.6)
+    assert lease.slot is slot
+    assert state.wait_times.max == pytest.approx(0.6)
+    state.check_invariants()
+
+
+def test_waiters_are_served_fifo_and_newcomers_do_not_jump_the_queue() -> None:
+    state = make(max_size=1)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held is not None
+    waiters = [state.enqueue(i, i, None) for i in range(3)]
+    state.release(held, 5, CLEAN)
+    [(_, woken)] = take(state, Action.WAKE)
+    assert woken is waiters[0]
+    # The connection is reserved for waiter 0: a newcomer must queue.
+    assert state.try_acquire(5) is None
+    lease = state.claim(waiters[0], 5)
+    state.release(lease, 6, CLEAN)
+    assert take(state, Action.WAKE) == [(Action.WAKE, waiters[1])]
+
+
+def test_cancel_while_waiting_removes_the_waiter() -> None:
+    state = make(max_size=1)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    waiter = state.enqueue("f", 0, None)
+    state.cancel_waiter(waiter, 1)
+    assert state.waiting == 0 and waiter.state is WaiterState.CANCELLED
+    state.release(held, 2, CLEAN)
+    assert not take(state, Action.WAKE)
+    assert state.idle == 1
+
+
+def test_cancel_after_grant_passes_the_connection_on() -> None:
+    """The grant and the cancel race in one synchronous step (anyio's case)."""
+    state = make(max_size=1)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    first = state.enqueue("a", 0, None)
+    second = state.enqueue("b", 0, None)
+    state.release(held, 1, CLEAN)
+    take(state, Action.WAKE)
+    state.cancel_waiter(first, 1)  # granted, never claimed
+    assert take(state, Action.WAKE) == [(Action.WAKE, second)]
+    assert state.claim(second, 2).slot is held.slot
+    state.cancel_waiter(first, 3)  # a second cancel is harmless
+    state.check_invariants()
+
+
+def test_cancel_after_grant_with_nobody_waiting_idles_it() -> None:
+    state = make(max_size=1)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    waiter = state.enqueue("a", 0, None)
+    state.release(held, 1, CLEAN)
+    state.cancel_waiter(waiter, 1)
+    assert state.idle == 1 and state.in_use == 0
+
+
+def test_claim_of_a_cancelled_waiter_is_an_internal_error() -> None:
+    state = make(max_size=1)
+    waiter = state.enqueue("a", 0, None)
+    state.cancel_waiter(waiter, 0)
+    with pytest.raises(InternalStateError):
+        state.claim(waiter, 0)
+
+
+def test_overload_refuses_beyond_max_waiters() -> None:
+    state = make(max_size=1, max_waiters=2)
+    fill(state, 1)
+    assert state.try_acquire(0)
+    state.enqueue("a", 0, None)
+    state.enqueue("b", 0, None)
+    with pytest.raises(Overloaded):
+        state.enqueue("c", 0, None)
+    assert state.counters.overload_rejections == 1 and state.waiting == 2
+
+
+def test_acquire_timeout_fires_at_the_deadline() -> None:
+    state = make(max_size=1)
+    fill(state, 1)
+    assert state.try_acquire(0)
+    waiter = state.enqueue("a", 10.0, timeout=2.0)
+    assert state.next_deadline() == 12.0
+    state.advance(11.9)
+    assert not take(state, Action.TIMEOUT)
+    state.advance(12.0)
+    assert take(state, Action.TIMEOUT) == [(Action.TIMEOUT, waiter)]
+    assert state.waiting == 0 and state.counters.acquire_timeouts == 1
+
+
+def test_a_granted_waiter_does_not_time_out() -> None:
+    state = make(max_size=1)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    waiter = state.enqueue("a", 0, timeout=1.0)
+    state.release(held, 0.5, CLEAN)
+    state.advance(5.0)
+    assert not take(state, Action.TIMEOUT)
+    assert state.claim(waiter, 5.0)
+
+
+def test_release_with_reset_then_hand_off() -> None:
+    state = make(max_size=1)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    waiter = state.enqueue("a", 0, None)
+    assert state.release(held, 1, RESET) is True
+    assert held.slot.state is SlotState.RESETTING
+    assert not take(state, Action.WAKE)
+    # Resetting counts as supply: no extra connect for the waiter.
+    assert not take(state, Action.CONNECT)
+    state.reset_done(held.slot, 2, ok=True)
+    assert take(state, Action.WAKE) == [(Action.WAKE, waiter)]
+
+
+def test_failed_reset_closes_and_replaces_for_waiters() -> None:
+    state = make(max_size=1)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    state.enqueue("a", 0, None)
+    state.release(held, 1, RESET)
+    state.reset_done(held.slot, 2, ok=False)
+    [(_, closing)] = take(state, Action.CLOSE)
+    assert closing is held.slot and state.size == 1  # still counted while closing
+    assert not take(state, Action.CONNECT)  # never above max_size
+    state.closed(closing, 3)
+    assert len(take(state, Action.CONNECT)) == 1
+    assert state.counters.resets_failed == 1
+
+
+def test_discard_outcome_closes_the_connection() -> None:
+    state = make(max_size=1)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    state.release(held, 1, DISCARD)
+    assert take(state, Action.CLOSE)[0][1] is held.slot
+    assert held.slot.state is SlotState.CLOSING
+
+
+def test_lease_expiry_takes_the_connection_back() -> None:
+    state = make(max_size=1)
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease
+    state.arm_lease(lease, lease_timeout=5.0, warn_after=2.0)
+    waiter = state.enqueue("a", 1, None)
+    state.advance(2.0)
+    assert take(state, Action.LEAK_SUSPECT) == [(Action.LEAK_SUSPECT, lease)]
+    state.advance(4.99)
+    assert not take(state, Action.TAKE_BACK)
+    state.advance(5.0)
+    assert take(state, Action.TAKE_BACK) == [(Action.TAKE_BACK, lease)]
+    assert lease.expired and not lease.active and lease.slot.state is SlotState.RESETTING
+    state.reset_done(lease.slot, 5.1, ok=True)
+    assert take(state, Action.WAKE) == [(Action.WAKE, waiter)]
+    assert state.counters.leases_expired == 1 and state.counters.leak_warnings == 1
+
+
+def test_lease_released_before_deadline_never_fires() -> None:
+    state = make(max_size=1)
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease
+    state.arm_lease(lease, lease_timeout=5.0, warn_after=1.0)
+    state.release(lease, 0.5, CLEAN)
+    state.advance(100)
+    assert not state.actions
+    assert state.next_deadline() is None
+
+
+def test_timer_heap_does_not_grow_with_short_leases() -> None:
+    state = make(max_size=1)
+    fill(state, 1)
+    for i in range(10_000):
+        lease = state.try_acquire(i)
+        assert lease
+        state.arm_lease(lease, lease_timeout=1e6, warn_after=1e6)
+        state.release(lease, i, CLEAN)
+    assert len(state._timers) < 300
+
+
+def test_gc_reclaim_counts_a_leak_and_resets() -> None:
+    state = make(max_size=1)
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease
+    assert state.reclaim(lease, 3) is True
+    assert state.counters.leaks_detected == 1 and lease.slot.state is SlotState.RESETTING
+    assert state.reclaim(lease, 4) is False  # already ended: nothing to do
+
+
+def test_connect_failure_with_no_connection_fails_waiters_then_opens_circuit() -> None:
+    state = make(max_size=2)
+    waiter = state.enqueue("a", 0, None)
+    [(_, slot)] = take(state, Action.CONNECT)
+    error = ConnectionRefusedError("refused")
+    state.connect_failed(slot, 0, error)
+    assert take(state, Action.FAIL) == [(Action.FAIL, waiter, error)]
+    assert state.size == 0 and state.server_status(0).value == "down"
+    # Circuit open until the backoff passes: fail fast.
+    with pytest.raises(Unavailable) as info:
+        state.enqueue("b", 0.1, None)
+    assert info.value.last_error is error
+    # After the backoff, a new waiter probes with a connect.
+    state.enqueue("c", 1.0, None)
+    assert len(take(state, Action.CONNECT)) == 1
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    backoff = no_jitter()
+    assert [backoff.delay(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    jittered = Backoff(base=1.0, cap=8.0, rng=lambda: 0.0)
+    assert jittered.delay(3) == 2.0
+
+
+def test_connect_failure_keeps_waiters_while_connections_exist() -> None:
+    """A refused connect (e.g. too_many_connections) must not fail callers
+    while leased connections will come back."""
+    state = make(max_size=2)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    waiter = state.enqueue("a", 0, None)
+    [(_, slot)] = take(state, Action.CONNECT)
+    state.connect_failed(slot, 0, OSError("53300"))
+    assert not take(state, Action.FAIL)
+    assert state.server_status(0).value == "backing_off"
+    state.release(held, 1, CLEAN)
+    assert take(state, Action.WAKE) == [(Action.WAKE, waiter)]
+
+
+def test_connects_are_throttled_by_max_connecting() -> None:
+    state = make(max_size=10, max_connecting=2)
+    for i in range(6):
+        state.enqueue(i, 0, None)
+    assert len(take(state, Action.CONNECT)) == 2
+    assert state.size == 2
+
+
+def test_never_more_than_max_size_slots() -> None:
+    state = make(max_size=3, max_connecting=10)
+    for i in range(10):
+        state.enqueue(i, 0, None)
+    assert len(take(state, Action.CONNECT)) == 3
+    assert state.size == 3
+
+
+def test_min_size_floor_is_kept_once_enabled() -> None:
+    state = make(max_size=4, min_size=2)
+    state.advance(0)
+    assert not take(state, Action.CONNECT)
+    state.floor_enabled = True
+    state.advance(0)
+    assert len(take(state, Action.CONNECT)) == 2
+
+
+def test_idle_connections_above_min_size_close_after_lifetime() -> None:
+    state = make(max_size=3, min_size=1, max_inactive_lifetime=10.0)
+    fill(state, 3, now=0)
+    assert state.next_deadline() == 10.0
+    state.advance(10.0)
+    assert len(take(state, Action.CLOSE)) == 2
+    assert state.idle == 1
+
+
+def test_expire_connections_replaces_idle_now_and_leased_on_release() -> None:
+    state = make(max_size=2)
+    fill(state, 2)
+    lease = state.try_acquire(0)
+    assert lease
+    state.expire_connections()
+    assert len(take(state, Action.CLOSE)) == 1
+    state.release(lease, 1, CLEAN)
+    assert take(state, Action.CLOSE)[0][1] is lease.slot
+
+
+def test_close_fails_waiters_and_refuses_newcomers() -> None:
+    state = make(max_size=1)
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease
+    waiter = state.enqueue("a", 0, None)
+    marker = RuntimeError("closing")
+    state.begin_close(marker)
+    assert take(state, Action.FAIL) == [(Action.FAIL, waiter, marker)]
+    with pytest.raises(Closed):
+        state.try_acquire(1)
+    state.release(lease, 1, CLEAN)
+    [(_, slot)] = take(state, Action.CLOSE)
+    state.closed(slot, 2)
+    assert state.size == 0
+
+
+def test_resize_shrinks_idle_now_and_leased_later_without_dropping_leases() -> None:
+    state = make(max_size=4)
+    fill(state, 4)
+    leases = [state.try_acquire(0) for _ in range(3)]
+    state.resize(2, 1)
+    closes = take(state, Action.CLOSE)
+    assert len(closes) == 1  # the only idle one
+    assert state.size == 4 and state.in_use == 3  # no lease dropped
+    for lease in leases:
+        assert lease
+        state.release(lease, 2, CLEAN)
+    closes += take(state, Action.CLOSE)
+    assert len(closes) == 2
+    for _, slot in closes:
+        state.closed(slot, 3)
+    assert state.size == 2 and state.idle == 2
+
+
+def test_illegal_transition_is_refused() -> None:
+    state = make()
+    fill(state, 1)
+    [slot] = list(state.slots())
+    with pytest.raises(InternalStateError):
+        state.reset_done(slot, 0, ok=True)
+
+
+def test_release_of_an_ended_lease_is_an_internal_error() -> None:
+    state = make()
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease
+    state.release(lease, 1, CLEAN)
+    with pytest.raises(InternalStateError):
+        state.release(lease, 2, CLEAN)
