@@ -37,8 +37,15 @@ async def _selfcheck(dsn: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m safepool")
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("selfcheck", help="open a pool on an embedded PostgreSQL and run a query")
-    check.add_argument("--dsn", default=None, help="use this server instead of an embedded one")
+    selfcheck = commands.add_parser("selfcheck", help="open a pool on an embedded PostgreSQL and run a query")
+    selfcheck.add_argument("--dsn", default=None, help="use this server instead of an embedded one")
+    # Each further command lives in its own module, with its own argument parser.
+    commands.add_parser("replay", help="replay the connection-leak outage (asyncpg's pool vs safepool)", add_help=False)
+    commands.add_parser("check", help="scan code for acquired connections that are never released", add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("replay", "check"):
+        module = __import__(f"safepool.{argv[0]}", fromlist=["main"])
+        return int(module.main(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "selfcheck":
         return asyncio.run(_selfcheck(args.dsn))

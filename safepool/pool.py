@@ -848,6 +848,13 @@ class Pool:
         infos.sort(key=lambda info: -info.age)
         return infos
 
+    async def health(self, **options: Any) -> Any:
+        """Readiness check: ``ok`` / ``degraded`` / ``failing`` with reasons.
+        See :func:`safepool.health.check_health` for the options."""
+        from .health import check_health
+
+        return await check_health(self, **options)
+
     def add_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
         """Call ``callback(event)`` for every pool event (a dict with at least
         ``event`` and ``pool``): connect_failed, lease_expired, leak,
