@@ -272,6 +272,13 @@ class PoolState:
             return ServerStatus.DOWN
         return ServerStatus.BACKING_OFF
 
+    def oldest_waiter_age(self, now: float) -> float:
+        """How long the longest-waiting live task has waited (0.0 if none)."""
+        for waiter in self._waiters:
+            if waiter.state is WaiterState.WAITING:
+                return now - waiter.enqueued_at
+        return 0.0
+
     def leases(self) -> Iterator[Lease]:
         return iter(list(self._leases.values()))
 

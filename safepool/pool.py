@@ -52,6 +52,15 @@ logger = logging.getLogger("safepool")
 leak_logger = logging.getLogger("safepool.leaks")
 
 _DEFAULT = object()
+# Every open pool in the process, weakly: the pytest leak plugin and exporters
+# find pools here without the application registering them.
+_LIVE_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+def live_pools() -> list[Pool]:
+    """Pools created in this process that are not garbage yet."""
+    return list(_LIVE_POOLS)
+
 RESET_MODES = ("full", "rollback")
 # Bound on a background reset or take-back when no release timeout applies:
 # a reset that hangs longer than this is treated as a broken connection.
@@ -221,6 +230,7 @@ class Pool:
         self._initializing = False
         self._closed = False
         self._terminating = False
+        _LIVE_POOLS.add(self)
 
     # ------------------------------------------------------------ start-up
 
