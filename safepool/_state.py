@@ -202,14 +202,16 @@ class PoolState:
         max_size: int,
         min_size: int = 0,
         max_waiters: int | None = None,
-        max_connecting: int = 2,
+        max_connecting: int | None = None,
         max_inactive_lifetime: float = 0.0,
         backoff: Backoff | None = None,
+        breaker_threshold: int = 3,
     ) -> None:
         self.max_size = max_size
         self.min_size = min_size
         self.max_waiters = max_waiters
-        self.max_connecting = max_connecting
+        self.max_connecting = max_connecting  # None: up to max_size at once while connects succeed
+        self.breaker_threshold = breaker_threshold
         self.max_inactive_lifetime = max_inactive_lifetime
         self.backoff = backoff or Backoff()
 
@@ -327,7 +329,11 @@ class PoolState:
         if self.max_waiters is not None and self._waiting >= self.max_waiters:
             self.counters.overload_rejections += 1
             raise Overloaded
-        if self.connected() == 0 and self.connect_failures and now < self.backoff_until:
+        if (
+            self.connect_failures >= self.breaker_threshold
+            and self.connected() == 0
+            and now < self.backoff_until
+        ):
             # Circuit open: nothing to hand out and no connect will be tried
             # before backoff_until, so waiting could only end in a timeout.
             if self._counts[S.CONNECTING] == 0:
@@ -470,12 +476,18 @@ class PoolState:
         if self.closing or now < self.backoff_until:
             return
         connecting = self._counts[S.CONNECTING]
-        # A resetting connection is one round trip from free: count it as
-        # supply, or every acquire right after a release would open a new one.
-        demand = self._waiting - connecting - self._counts[S.RESETTING]
+        # Like asyncpg, open a connection per unserved waiter (up to max_size):
+        # resetting connections are not counted as supply, since asyncpg's
+        # release holds them for the reset too.
+        demand = self._waiting - connecting
         if self.floor_enabled:
             demand = max(demand, self.min_size - self._live())
-        room = min(self.max_size - self.size, self.max_connecting - connecting)
+        if self.connect_failures:
+            # Half-open: while connects fail, one probe at a time, no storm.
+            limit = 1
+        else:
+            limit = self.max_connecting if self.max_connecting is not None else self.max_size
+        room = min(self.max_size - self.size, limit - connecting)
         for _ in range(min(demand, room)):
             slot = Slot(self._new_id(), self.generation, now)
             self._slots.add(slot)

@@ -131,7 +131,7 @@ class Pool:
         capture_stack: bool | None = None,
         max_waiters: int | None | object = _DEFAULT,
         acquire_timeout: float | None = None,
-        max_connecting: int = 2,
+        max_connecting: int | None = None,
         reset_mode: str = "full",
         reset_timeout: float | None = None,
         backoff: Backoff | None = None,
@@ -182,13 +182,17 @@ class Pool:
         self._acquire_timeout = _validate_timeout("acquire_timeout", acquire_timeout)
         self._reset_timeout = _validate_timeout("reset_timeout", reset_timeout)
         if max_waiters is _DEFAULT:
-            max_waiters = max(64, 16 * max_size)
+            # Bounded, yet far above what asyncpg programs queue in practice
+            # (asyncpg's own tests run 200 tasks on 10 connections).
+            max_waiters = max(1000, 16 * max_size)
         if max_waiters is not None and (
             isinstance(max_waiters, bool) or not isinstance(max_waiters, int) or max_waiters < 0
         ):
             raise ValueError(f"max_waiters must be an int >= 0 or None, got {max_waiters!r}")
-        if isinstance(max_connecting, bool) or not isinstance(max_connecting, int) or max_connecting < 1:
-            raise ValueError(f"max_connecting must be an int >= 1, got {max_connecting!r}")
+        if max_connecting is not None and (
+            isinstance(max_connecting, bool) or not isinstance(max_connecting, int) or max_connecting < 1
+        ):
+            raise ValueError(f"max_connecting must be an int >= 1 or None, got {max_connecting!r}")
         if reset_mode not in RESET_MODES:
             raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
         self._capture_stack = (
@@ -208,6 +212,9 @@ class Pool:
         self._init = init
         self._reset = reset
         self._reset_mode = reset_mode
+        # A user reset hook, or a connection class with its own reset(), runs
+        # on every release as with asyncpg, statement or not.
+        self._always_reset = reset is not None or connection_class.reset is not _pg_connection.Connection.reset
 
         self._state = PoolState(
             max_size=max_size,
@@ -231,6 +238,7 @@ class Pool:
         self._closed = False
         self._terminating = False
         _LIVE_POOLS.add(self)
+        self._maintenance_task: asyncio.Task[Any] | None = None  # asyncpg's test base reads it
 
     # ------------------------------------------------------------ start-up
 
@@ -351,12 +359,13 @@ class Pool:
             await self._setup(proxy)  # type: ignore[misc]
         except BaseException:
             # The connection's state is unknown: close it, as asyncpg does.
-            con = proxy._detach()
+            # The proxy stays attached to the dead connection (asyncpg's
+            # behaviour: is_closed() answers True, queries fail).
             if lease.active:
+                con = lease.slot.connection
                 self._state.release(lease, self._now(), ReleaseOutcome.DISCARD)
-                self._drain()
-            if con is not None:
                 self._kill(lease.slot, con)
+                self._drain()
             raise
 
     # ------------------------------------------------------------- release
@@ -394,6 +403,8 @@ class Pool:
             outcome = ReleaseOutcome.DISCARD
         elif protocol.queries_count >= self._max_queries or slot.generation != state.generation:
             outcome = ReleaseOutcome.DISCARD
+        elif self._always_reset:
+            outcome = ReleaseOutcome.NEEDS_RESET
         elif protocol.queries_count == lease.io_mark and not protocol.is_in_transaction():
             outcome = ReleaseOutcome.CLEAN
             con._listeners.clear()  # what asyncpg's reset does locally
@@ -600,13 +611,10 @@ class Pool:
         if waiter.future.done():
             return
         if isinstance(error, PoolClosedError):
-            exc: BaseException = PoolClosedError(str(error))
-        else:
-            exc = ServerUnavailableError(
-                f"pool {self._name!r}: could not connect to the server ({_describe_error(error)})"
-            )
-            exc.__cause__ = error
-        waiter.future.set_exception(exc)
+            error = PoolClosedError(str(error))
+        # A connect error reaches the waiters as is, as asyncpg raises it from
+        # acquire(): `except asyncpg.InvalidPasswordError` keeps working.
+        waiter.future.set_exception(error)
 
     def _arm_timer(self) -> None:
         when = self._state.next_deadline()

@@ -294,19 +294,28 @@ def test_gc_reclaim_counts_a_leak_and_resets() -> None:
 
 
 def test_connect_failure_with_no_connection_fails_waiters_then_opens_circuit() -> None:
-    state = make(max_size=2)
+    state = make(max_size=2, breaker_threshold=2)
     waiter = state.enqueue("a", 0, None)
     [(_, slot)] = take(state, Action.CONNECT)
     error = ConnectionRefusedError("refused")
     state.connect_failed(slot, 0, error)
     assert take(state, Action.FAIL) == [(Action.FAIL, waiter, error)]
     assert state.size == 0 and state.server_status(0).value == "down"
-    # Circuit open until the backoff passes: fail fast.
+    # One failure is not an outage (asyncpg retries at the next acquire):
+    # the waiter queues and the retry comes after the backoff.
+    second = state.enqueue("b", 0.1, None)
+    assert not take(state, Action.CONNECT)
+    state.advance(1.0)
+    [(_, retry)] = take(state, Action.CONNECT)
+    state.connect_failed(retry, 1.0, error)
+    assert take(state, Action.FAIL) == [(Action.FAIL, second, error)]
+    # Two in a row: the circuit is open until the backoff passes; fail fast.
     with pytest.raises(Unavailable) as info:
-        state.enqueue("b", 0.1, None)
-    assert info.value.last_error is error
-    # After the backoff, a new waiter probes with a connect.
-    state.enqueue("c", 1.0, None)
+        state.enqueue("c", 1.1, None)
+    assert info.value.last_error is error and info.value.retry_in == pytest.approx(1.9)
+    # After the backoff, a new waiter probes with a single connect.
+    state.enqueue("d", 3.0, None)
+    state.enqueue("e", 3.0, None)
     assert len(take(state, Action.CONNECT)) == 1
 
 
@@ -331,6 +340,13 @@ def test_connect_failure_keeps_waiters_while_connections_exist() -> None:
     assert state.server_status(0).value == "backing_off"
     state.release(held, 1, CLEAN)
     assert take(state, Action.WAKE) == [(Action.WAKE, waiter)]
+
+
+def test_healthy_pool_opens_a_connection_per_waiter_up_to_max_size() -> None:
+    state = make(max_size=4)
+    for i in range(6):
+        state.enqueue(i, 0, None)
+    assert len(take(state, Action.CONNECT)) == 4
 
 
 def test_connects_are_throttled_by_max_connecting() -> None:
