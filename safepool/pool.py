@@ -300,7 +300,7 @@ class Pool:
             lease_timeout = self._lease_timeout
         elif lease_timeout is not None:
             lease_timeout = _validate_timeout("lease_timeout", lease_timeout)
-        if self._state.closing:
+        if self._state.closing and not self._closed:
             raise PoolClosedError("pool is closing")
         self._check_init()
         state = self._state
@@ -415,6 +415,8 @@ class Pool:
             self._spawn(self._reset_slot(slot, con, timeout, _warn_open_transaction(con)))
         if state.actions:
             self._drain()
+        elif self._timer is None and state.max_inactive_lifetime:
+            self._arm_timer()  # an idle connection now has a lifetime to watch
 
     async def _release_cancelling(self, lease: Lease, con: _pg_connection.Connection, timeout: float | None) -> None:
         try:

@@ -1,0 +1,375 @@
+"""The same program on asyncpg's pool and on safepool must behave the same.
+
+Every test is parametrized over both pools; assertions are written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+import safepool
+
+MakePool = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture(params=["asyncpg", "safepool"])
+def flavour(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest_asyncio.fixture
+async def make_pool(flavour: str, pg_dsn: str) -> AsyncIterator[MakePool]:
+    pools: list[Any] = []
+    factory = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
+
+    async def make(**kwargs: Any) -> Any:
+        kwargs.setdefault("min_size", 1)
+        kwargs.setdefault("max_size", 2)
+        pool = await factory(pg_dsn, **kwargs)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.terminate()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll a public observable (pool sizes): neither pool offers an event for them."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_acquire_release_and_proxy_type(make_pool: MakePool) -> None:
+    pool = await make_pool()
+    async with pool.acquire() as con:
+        assert isinstance(con, asyncpg.Connection)
+        assert await con.fetchval("SELECT 1") == 1
+        assert pool.get_idle_size() == 0
+    await wait_until(lambda: pool.get_idle_size() == 1)
+    con = await pool.acquire()
+    try:
+        assert await con.fetchval("SELECT 2") == 2
+    finally:
+        await pool.release(con)
+
+
+@pytest.mark.asyncio
+async def test_released_proxy_raises_interface_error(make_pool: MakePool) -> None:
+    pool = await make_pool()
+    async with pool.acquire() as con:
+        pass
+    with pytest.raises(asyncpg.InterfaceError, match=r"cannot call Connection\.fetchval\(\): connection has been released back to the pool"):
+        await con.fetchval("SELECT 1")
+    assert "released" in repr(con)
+
+
+@pytest.mark.asyncio
+async def test_double_release_is_a_silent_no_op(make_pool: MakePool) -> None:
+    pool = await make_pool()
+    con = await pool.acquire()
+    await pool.release(con)
+    await pool.release(con)
+    await wait_until(lambda: pool.get_idle_size() == 1)
+    assert pool.get_size() == 1
+
+
+@pytest.mark.asyncio
+async def test_release_of_a_foreign_connection_raises(make_pool: MakePool, pg_dsn: str) -> None:
+    pool = await make_pool()
+    other = await make_pool()
+    con = await other.acquire()
+    with pytest.raises(asyncpg.InterfaceError, match="is not a member of this pool"):
+        await pool.release(con)
+    await other.release(con)
+    raw = await asyncpg.connect(pg_dsn)
+    try:
+        with pytest.raises(asyncpg.InterfaceError, match="is not a member of this pool"):
+            await pool.release(raw)
+    finally:
+        await raw.close()
+
+
+@pytest.mark.asyncio
+async def test_pool_query_shortcuts(make_pool: MakePool) -> None:
+    pool = await make_pool()
+    assert await pool.fetchval("SELECT $1::int + 1", 41) == 42
+    row = await pool.fetchrow("SELECT 1 AS a, 'x' AS b")
+    assert (row["a"], row["b"]) == (1, "x")
+    assert [r[0] for r in await pool.fetch("SELECT generate_series(1, 3)")] == [1, 2, 3]
+    rows = await pool.fetchmany("SELECT $1::int * 2", [(1,), (2,)])
+    assert [r[0] for r in rows] == [2, 4]
+    table = f"parity_{id(pool)}"
+    await pool.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} (a int)")
+    # A temp table lives in one session: use one connection for the copy round trip.
+    async with pool.acquire() as con:
+        await con.execute(f"CREATE TEMP TABLE {table}_c (a int, b text)")
+        await con.executemany(f"INSERT INTO {table}_c VALUES ($1, $2)", [(1, "a"), (2, "b")])
+        await con.copy_records_to_table(f"{table}_c", records=[(3, "c")])
+        out = io.BytesIO()
+        await con.copy_from_table(f"{table}_c", output=out, format="csv")
+        assert sorted(out.getvalue().decode().splitlines()) == ["1,a", "2,b", "3,c"]
+        out = io.BytesIO()
+        await con.copy_from_query(f"SELECT a FROM {table}_c WHERE a > $1", 1, output=out, format="csv")
+        assert sorted(out.getvalue().decode().split()) == ["2", "3"]
+        await con.copy_to_table(f"{table}_c", source=io.BytesIO(b"4,d\n"), format="csv")
+        assert await con.fetchval(f"SELECT count(*) FROM {table}_c") == 4
+        await con.execute(f"DROP TABLE {table}_c")
+    assert await pool.execute("SELECT 1") == "SELECT 1"
+
+
+@pytest.mark.asyncio
+async def test_open_transaction_is_rolled_back_on_release(make_pool: MakePool, flavour: str) -> None:
+    pool = await make_pool(min_size=1, max_size=1)
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+    try:
+        async with pool.acquire() as con:
+            pid = con.get_server_pid()
+            await con.execute("BEGIN")
+            await con.execute("CREATE TEMP TABLE in_xact (a int)")
+        assert any("active transaction" in message for message in reported)
+        async with pool.acquire() as con:
+            assert con.get_server_pid() == pid
+            assert not con.is_in_transaction()
+            assert await con.fetchval("SELECT to_regclass('pg_temp.in_xact')") is None
+    finally:
+        loop.set_exception_handler(None)
+
+
+@pytest.mark.asyncio
+async def test_session_state_is_reset(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1)
+    async with pool.acquire() as con:
+        await con.execute("SET application_name = 'dirty'")
+        await con.execute("SELECT pg_advisory_lock(4242)")
+        await con.execute("LISTEN parity_channel")
+    async with pool.acquire() as con:
+        assert await con.fetchval("SHOW application_name") != "dirty"
+        assert await con.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()") == 0
+        assert await con.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+
+
+@pytest.mark.asyncio
+async def test_acquire_timeout_raises_asyncio_timeout(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1)
+    async with pool.acquire():
+        with pytest.raises(asyncio.TimeoutError):
+            await pool.acquire(timeout=0.05)
+    async with pool.acquire(timeout=1) as con:
+        assert await con.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["task.cancel", "wait_for", "asyncio.timeout"])
+async def test_cancelled_while_waiting_leaks_nothing(make_pool: MakePool, how: str) -> None:
+    pool = await make_pool(min_size=1, max_size=1)
+    holder = await pool.acquire()
+    if how == "task.cancel":
+        task = asyncio.ensure_future(pool.acquire())
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    elif how == "wait_for":
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(pool.acquire(), 0.02)
+    else:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.02):
+                await pool.acquire()
+    await pool.release(holder)
+    await wait_until(lambda: pool.get_idle_size() == 1)
+    async with pool.acquire(timeout=1) as con:
+        assert await con.fetchval("SELECT 1") == 1
+    assert pool.get_size() == 1
+
+
+class SlowResetConnection(asyncpg.Connection):  # type: ignore[misc]
+    async def reset(self, *, timeout: float | None = None) -> None:
+        await asyncio.sleep(0.1)
+        await super().reset(timeout=timeout)
+
+
+@pytest.mark.asyncio
+async def test_task_cancelled_in_release_returns_the_connection(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1, connection_class=SlowResetConnection)
+
+    async def worker() -> None:
+        async with pool.acquire() as con:
+            await con.execute("SELECT 1")
+
+    task = asyncio.ensure_future(worker())
+    await asyncio.sleep(0.05)  # inside the slow reset (asyncpg) or already back (safepool)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await wait_until(lambda: pool.get_idle_size() == 1)
+    async with pool.acquire(timeout=2) as con:
+        assert await con.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio
+async def test_query_cancelled_by_task_cancel_returns_the_connection(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1)
+
+    async def worker() -> None:
+        async with pool.acquire() as con:
+            await con.execute("SELECT pg_sleep(10)")
+
+    task = asyncio.ensure_future(worker())
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    async with pool.acquire(timeout=5) as con:
+        assert await con.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio
+async def test_expire_connections_replaces_them(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1)
+    async with pool.acquire() as con:
+        old_pid = con.get_server_pid()
+    await pool.expire_connections()
+    async with pool.acquire() as con:
+        assert con.get_server_pid() != old_pid
+
+
+@pytest.mark.asyncio
+async def test_max_queries_recycles_connections(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1, max_queries=1)
+    pids = set()
+    for _ in range(3):
+        async with pool.acquire() as con:
+            pids.add(con.get_server_pid())
+            await con.execute("SELECT 1")
+    assert len(pids) == 3
+
+
+@pytest.mark.asyncio
+@pytest.mark.realtime
+async def test_inactive_connections_above_min_size_are_closed(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=0, max_size=2, max_inactive_connection_lifetime=0.1)
+    assert pool.get_size() == 0
+    a, b = await pool.acquire(), await pool.acquire()
+    await pool.release(a)
+    await pool.release(b)
+    await wait_until(lambda: pool.get_size() == 0, timeout=5)
+
+
+@pytest.mark.asyncio
+async def test_min_size_floor_is_restored_after_a_lost_connection(make_pool: MakePool, pg_dsn: str) -> None:
+    pool = await make_pool(min_size=2, max_size=3)
+    async with pool.acquire() as con:
+        pid = con.get_server_pid()
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+    await asyncio.sleep(0.1)
+    await wait_until(lambda: pool.get_size() >= 2, timeout=10)
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio
+async def test_hooks_are_called_like_asyncpg(make_pool: MakePool) -> None:
+    calls: dict[str, int] = {"connect": 0, "init": 0, "setup": 0, "reset": 0}
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        calls["connect"] += 1
+        return await asyncpg.connect(*args, **kwargs)
+
+    async def init(con: Any) -> None:
+        calls["init"] += 1
+        await con.execute("SET search_path = public")
+
+    async def setup(con: Any) -> None:
+        calls["setup"] += 1
+
+    async def reset(con: Any) -> None:
+        calls["reset"] += 1
+
+    pool = await make_pool(min_size=1, max_size=1, connect=connect, init=init, setup=setup, reset=reset)
+    for _ in range(3):
+        async with pool.acquire():
+            pass
+    await wait_until(lambda: calls["reset"] == 3)
+    assert calls == {"connect": 1, "init": 1, "setup": 3, "reset": 3}
+
+
+@pytest.mark.asyncio
+async def test_close_waits_for_release_and_closed_pool_refuses(make_pool: MakePool) -> None:
+    pool = await make_pool()
+    con = await pool.acquire()
+    closing = asyncio.ensure_future(pool.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()
+    assert pool.is_closing()
+    await pool.release(con)
+    await asyncio.wait_for(closing, 5)
+    with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
+        await pool.acquire()
+    await pool.close()  # idempotent
+
+
+@pytest.mark.asyncio
+async def test_terminate_detaches_acquired_proxies(make_pool: MakePool) -> None:
+    pool = await make_pool()
+    con = await pool.acquire()
+    pool.terminate()
+    assert pool.is_closing()
+    with pytest.raises(asyncpg.InterfaceError):
+        await con.fetchval("SELECT 1")
+
+
+@pytest.mark.asyncio
+async def test_uninitialised_pool_refuses(flavour: str, pg_dsn: str) -> None:
+    factory = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
+    pool = factory(pg_dsn, min_size=0, max_size=1)
+    with pytest.raises(asyncpg.InterfaceError, match="pool is not initialized"):
+        await pool.acquire()
+    async with pool:
+        assert await pool.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"max_size": 0}, "max_size is expected to be greater than zero"),
+        ({"min_size": -1}, "min_size is expected to be greater or equal to zero"),
+        ({"min_size": 3, "max_size": 2}, "min_size is greater than max_size"),
+        ({"max_queries": 0}, "max_queries is expected to be greater than zero"),
+        ({"max_inactive_connection_lifetime": -1}, "max_inactive_connection_lifetime"),
+    ],
+)
+async def test_bad_arguments_raise_the_same_errors(flavour: str, pg_dsn: str, kwargs: dict[str, Any], error: str) -> None:
+    factory = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
+    with pytest.raises(ValueError, match=error):
+        factory(pg_dsn, **kwargs)
+
+
+@pytest.mark.asyncio
+async def test_wrong_password_fails_creation_with_asyncpg_error(flavour: str, pg_dsn: str) -> None:
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute("DO $$ BEGIN CREATE ROLE parity_pw LOGIN PASSWORD 'right'; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+        hba = await admin.fetch("SELECT type, auth_method FROM pg_hba_file_rules")
+    finally:
+        await admin.close()
+    if all(rule["auth_method"] == "trust" for rule in hba):
+        pytest.skip("the test server trusts every connection: passwords are not checked")
+    factory = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await factory(pg_dsn, user="parity_pw", password="wrong", min_size=1, max_size=1)
