@@ -491,13 +491,15 @@ class Pool:
             f"pool {self._name!r}: a connection was garbage collected without being released "
             f"(held {held:.3f}s); acquired at:\n{_stack.format_stack(lease.stack)}"
         )
-        leak_logger.warning(report, extra=self._event_fields("leak", lease, held))
-        warnings.warn(report, ResourceWarning, stacklevel=1)
-        self._emit("leak", lease, held)
         _detach_proxy(con)  # the proxy is gone; drop the dead weak reference
         con._on_release()
         self._spawn(self._reset_slot(slot, con, None, _warn_open_transaction(con, quiet=True)))
         self._drain()
+        # Report last: with warnings turned into errors the bookkeeping above
+        # must already be done.
+        leak_logger.warning(report, extra=self._event_fields("leak", lease, held))
+        self._emit("leak", lease, held)
+        warnings.warn(report, ResourceWarning, stacklevel=1)
 
     def _take_back(self, lease: Lease) -> None:
         slot = lease.slot

@@ -1,0 +1,323 @@
+"""Lease timeouts, leak-suspect warnings and reclamation of abandoned
+connections, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import warnings
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+import safepool
+from safepool import LeaseExpiredError, ManualClock
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture
+async def pools(pg_dsn: str, app_name: str) -> AsyncIterator[Callable[..., Any]]:
+    created: list[safepool.Pool] = []
+
+    async def make(**kwargs: Any) -> safepool.Pool:
+        kwargs.setdefault("min_size", 1)
+        kwargs.setdefault("max_size", 2)
+        kwargs.setdefault("server_settings", {"application_name": app_name})
+        pool = await safepool.create_pool(pg_dsn, **kwargs)
+        created.append(pool)
+        return pool
+
+    yield make
+    for pool in created:
+        pool._state.check_invariants()
+        pool.terminate()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def line_of(marker: str) -> int:
+    """The line number of this file that contains ``marker`` (a comment)."""
+    with open(__file__) as source:
+        for number, line in enumerate(source, 1):
+            if marker in line and "line_of(" not in line:
+                return number
+    raise AssertionError(marker)
+
+
+# ---------------------------------------------------------------- lease timeout
+
+
+async def test_expired_lease_is_taken_back_and_holder_gets_a_clear_error(pools: Any) -> None:
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, lease_timeout=30.0, clock=clock)
+    con = await pool.acquire()
+    await con.execute("SET application_name = 'dirty'")
+    waiter = asyncio.ensure_future(pool.acquire(timeout=None))
+    await until(lambda: pool.stats().waiting == 1)
+    clock.advance(29.9)
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    clock.advance(0.2)  # past the deadline: taken back, reset, handed to the waiter
+    second = await asyncio.wait_for(waiter, 5)
+    assert await second.fetchval("SHOW application_name") != "dirty"  # it was reset
+    with pytest.raises(LeaseExpiredError, match=r"held 30\.\d+s, lease_timeout is 30\.000s") as info:
+        await con.fetchval("SELECT 1")
+    assert isinstance(info.value, asyncpg.InterfaceError)
+    await pool.release(con)  # releasing an expired lease is a harmless no-op
+    await pool.release(second)
+    stats = pool.stats()
+    assert stats.leases_expired == 1 and stats.in_use == 0
+
+
+async def test_lease_released_in_time_is_untouched(pools: Any) -> None:
+    clock = ManualClock()
+    pool = await pools(lease_timeout=10.0, clock=clock)
+    async with pool.acquire() as con:
+        clock.advance(9.0)
+        assert await con.fetchval("SELECT 1") == 1
+    clock.advance(100.0)
+    await asyncio.sleep(0)
+    assert pool.stats().leases_expired == 0
+
+
+async def test_per_acquire_lease_timeout_overrides_the_pool_default(pools: Any) -> None:
+    clock = ManualClock()
+    pool = await pools(lease_timeout=100.0, clock=clock)
+    short = await pool.acquire(lease_timeout=1.0)
+    unlimited = await pool.acquire(lease_timeout=None)
+    clock.advance(1.5)
+    await until(lambda: pool.stats().leases_expired == 1)
+    with pytest.raises(LeaseExpiredError):
+        await short.fetchval("SELECT 1")
+    clock.advance(1000.0)
+    await asyncio.sleep(0)
+    assert await unlimited.fetchval("SELECT 2") == 2
+    await pool.release(unlimited)
+
+
+@pytest.mark.realtime
+async def test_long_query_past_the_deadline_is_cancelled_on_the_server(
+    pools: Any, pg_dsn: str, app_name: str
+) -> None:
+    pool = await pools(min_size=1, max_size=1, lease_timeout=0.3)
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(asyncpg.QueryCanceledError):
+        await con.execute("SELECT pg_sleep(30)")
+    assert asyncio.get_running_loop().time() - started < 5
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        running = await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%pg_sleep(30)%' AND state = 'active'",
+            pid,
+        )
+    finally:
+        await admin.close()
+    assert running == 0
+    with pytest.raises(LeaseExpiredError):
+        await con.fetchval("SELECT 1")
+    async with pool.acquire(timeout=5) as again:
+        assert again.get_server_pid() == pid  # cancelled, reset and reused, not closed
+        assert await again.fetchval("SELECT 1") == 1
+
+
+async def test_expired_lease_invalidates_transactions_and_statements(pools: Any) -> None:
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, lease_timeout=5.0, clock=clock)
+    con = await pool.acquire()
+    stmt = await con.prepare("SELECT 1")
+    tx = con.transaction()
+    await tx.start()
+    clock.advance(6.0)
+    await until(lambda: pool.stats().idle == 1)
+    with pytest.raises(asyncpg.InterfaceError):
+        await stmt.fetchval()
+    with pytest.raises(asyncpg.InterfaceError):
+        await tx.commit()
+    async with pool.acquire() as fresh:
+        assert not fresh.is_in_transaction()
+
+
+# ----------------------------------------------------------------- leak reports
+
+
+async def test_leak_suspect_warning_names_the_acquire_line(pools: Any, caplog: pytest.LogCaptureFixture) -> None:
+    clock = ManualClock()
+    pool = await pools(leak_warning_after=2.0, name="suspects", clock=clock)
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+    con = await pool.acquire()  # LEAK-SUSPECT-SITE
+    clock.advance(1.0)
+    assert not caplog.records
+    clock.advance(1.5)
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "leak_suspect"]
+    assert f"test_leases.py:{line_of('LEAK-SUSPECT-SITE')}" in record.acquired_at  # type: ignore[attr-defined]
+    assert "LEAK-SUSPECT-SITE" in record.getMessage()  # the source line is quoted
+    assert record.pool == "suspects"  # type: ignore[attr-defined]
+    [info] = pool.leases()
+    assert info.age == pytest.approx(2.5) and info.acquired_at and "test_leases.py" in info.acquired_at
+    await pool.release(con)
+    assert pool.stats().leak_warnings == 1
+
+
+async def test_gc_of_a_forgotten_proxy_reclaims_and_reports(pools: Any, caplog: pytest.LogCaptureFixture) -> None:
+    pool = await pools(min_size=1, max_size=1, capture_stack=True)
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+
+    async def handler_that_forgets() -> None:
+        con = await pool.acquire()  # FORGOTTEN-SITE
+        await con.execute("SET application_name = 'leaky'")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await handler_that_forgets()
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 1
+    assert any(issubclass(w.category, ResourceWarning) and "FORGOTTEN-SITE" in str(w.message) for w in caught)
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "leak"]
+    assert f"test_leases.py:{line_of('FORGOTTEN-SITE')}" in record.acquired_at  # type: ignore[attr-defined]
+    async with pool.acquire(timeout=2) as con:
+        assert await con.fetchval("SHOW application_name") != "leaky"
+
+
+async def test_exception_path_leak_is_reclaimed(pools: Any) -> None:
+    pool = await pools(min_size=1, max_size=1)
+
+    async def handler(fail: bool) -> int:
+        con = await pool.acquire()
+        if fail:
+            raise RuntimeError("early exit skips the release")  # the postmortem's bug
+        await pool.release(con)
+        return 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        with pytest.raises(RuntimeError):
+            await handler(fail=True)
+        gc.collect()  # the traceback held the frame; once dropped, the proxy goes
+        await until(lambda: pool.stats().idle == 1)
+    assert await handler(fail=False) == 1
+    assert pool.stats().leaks_detected == 1
+
+
+async def test_cancelled_task_holding_a_lease_without_context_manager(pools: Any) -> None:
+    pool = await pools(min_size=1, max_size=1)
+    acquired = asyncio.Event()
+
+    async def worker() -> None:
+        con = await pool.acquire()
+        acquired.set()
+        await asyncio.sleep(3600)
+        await pool.release(con)  # never reached
+
+    task = asyncio.ensure_future(worker())
+    await acquired.wait()
+    task.cancel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await asyncio.gather(task, return_exceptions=True)
+        del task
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 1
+
+
+async def test_cancelled_inside_async_with_releases_normally(pools: Any) -> None:
+    pool = await pools(min_size=1, max_size=1)
+    inside = asyncio.Event()
+
+    async def worker() -> None:
+        async with pool.acquire() as con:
+            await con.execute("SELECT 1")
+            inside.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.ensure_future(worker())
+    await inside.wait()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 0 and pool.stats().released == 1
+
+
+@pytest.mark.realtime
+async def test_outage_scenario_leaks_never_exhaust_the_server(
+    pools: Any, server_count: Any, app_name: str
+) -> None:
+    """The postmortem in miniature: a handler leaks on some requests; with a
+    lease timeout the pool keeps serving and never exceeds max_size."""
+    pool = await pools(min_size=0, max_size=3, lease_timeout=0.2, acquire_timeout=3.0)
+    leaked: list[Any] = []  # holds proxies so GC does not rescue them: only the timeout can
+    served = 0
+
+    async def request(i: int) -> None:
+        nonlocal served
+        con = await pool.acquire()
+        await con.fetchval("SELECT 1")
+        if i % 5 == 0:
+            leaked.append(con)
+            return
+        await pool.release(con)
+        served += 1
+
+    for batch in range(8):
+        await asyncio.gather(*(request(batch * 10 + i) for i in range(10)))
+        assert await server_count(app_name) <= 3
+    assert served == 64
+    assert pool.stats().leases_expired >= 1
+    await until(lambda: pool.stats().in_use == 0, timeout=5)
+
+
+# -------------------------------------------------------------------- leases()
+
+
+async def test_leases_lists_holders_without_secrets(pools: Any) -> None:
+    pool = await pools(capture_stack=True, lease_timeout=60.0)
+    con = await pool.acquire()
+    await con.fetchval("SELECT $1::text", "secret-parameter")
+    [info] = pool.leases()
+    assert info.deadline_in is not None and 59 < info.deadline_in <= 60
+    assert info.task_name
+    assert "secret-parameter" not in repr(info)
+    await pool.release(con)
+    assert pool.leases() == []
+
+
+# -------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"lease_timeout": -1}, ValueError),
+        ({"lease_timeout": 0}, ValueError),
+        ({"lease_timeout": float("nan")}, ValueError),
+        ({"lease_timeout": "5"}, TypeError),
+        ({"leak_warning_after": -0.5}, ValueError),
+        ({"acquire_timeout": -1}, ValueError),
+        ({"max_waiters": -1}, ValueError),
+        ({"max_connecting": 0}, ValueError),
+        ({"reset_mode": "nope"}, ValueError),
+    ],
+)
+async def test_bad_options_fail_at_creation(pg_dsn: str, kwargs: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error, match=next(iter(kwargs))):
+        safepool.create_pool(pg_dsn, **kwargs)
+
+
+async def test_bad_per_acquire_lease_timeout(pools: Any) -> None:
+    pool = await pools()
+    with pytest.raises(ValueError, match="lease_timeout"):
+        await pool.acquire(lease_timeout=-3)
+    assert pool.stats().in_use == 0
+    assert await pool.fetchval("SELECT 1") == 1
