@@ -184,10 +184,10 @@ class Backoff:
     rng: Callable[[], float] = field(default=random.random)
 
     def delay(self, failures: int) -> float:
-        ceiling = min(self.cap, self.base * 2 ** min(failures - 1, 30))
+        ceiling = min(self.cap, self.base * 2.0 ** min(failures - 1, 30))
         # Half fixed, half random: spreads many app processes' retries apart
         # while keeping a floor so a dead server is not hammered.
-        return ceiling * (0.5 + 0.5 * self.rng())
+        return float(ceiling * (0.5 + 0.5 * self.rng()))
 
 
 _LEASE_DEADLINE, _LEASE_WARNING, _WAITER_DEADLINE = 0, 1, 2

@@ -24,8 +24,10 @@ from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 from asyncpg import protocol as _pg_protocol
 
+from . import _internals as _pg
 from . import _stack
 from ._clock import Clock, LoopClock, Timer
+from ._internals import RawConnection
 from ._state import (
     Action,
     Backoff,
@@ -34,8 +36,8 @@ from ._state import (
     Overloaded,
     PoolState,
     ReleaseOutcome,
-    SlotState,
     Slot,
+    SlotState,
     Unavailable,
     Waiter,
 )
@@ -74,10 +76,10 @@ class _Holder:
 
     __slots__ = ("_pool", "_slot", "_con", "__weakref__")
 
-    def __init__(self, pool: Pool, slot: Slot, con: _pg_connection.Connection) -> None:
+    def __init__(self, pool: Pool, slot: Slot, con: RawConnection) -> None:
         self._pool = pool
         self._slot = slot
-        self._con: _pg_connection.Connection | None = con
+        self._con: RawConnection | None = con
 
     def _release_on_close(self) -> None:
         self._con = None
@@ -324,7 +326,7 @@ class Pool:
             lease.task_name = task.get_name() if task is not None else None
         if self._setup is not None:
             await self._run_setup(proxy, lease)
-        lease.io_mark = slot.connection._protocol.queries_count
+        lease.io_mark = _pg.queries_count(slot.connection)
         return proxy
 
     async def _wait_for_connection(self, now: float, timeout: float | None) -> Lease:
@@ -378,14 +380,14 @@ class Pool:
             raise _pg_exceptions.InterfaceError(
                 f"Pool.release() received invalid connection: {connection!r} is not a member of this pool"
             )
-        con = connection._con
+        con: RawConnection = connection._con
         if con is None:
             return
         self._check_init()
         connection._detach()
         con._on_release()
         lease = connection._lease
-        if con._protocol is not None and con._protocol._is_cancelling():
+        if _pg.is_cancelling(con):
             # A query was cancelled and the server has not confirmed yet:
             # asyncpg makes release wait for that within its timeout, and so
             # must we, or the next holder would inherit the cancellation.
@@ -393,34 +395,32 @@ class Pool:
             return
         self._end_lease(lease, con, timeout)
 
-    def _end_lease(self, lease: Lease, con: _pg_connection.Connection, timeout: float | None) -> None:
+    def _end_lease(self, lease: Lease, con: RawConnection, timeout: float | None) -> None:
         state = self._state
         if not lease.active:
             return  # taken back by the lease timeout while being released
         slot = lease.slot
-        protocol = con._protocol
-        if con.is_closed() or protocol is None:
+        if not _pg.is_usable(con):
             outcome = ReleaseOutcome.DISCARD
-        elif protocol.queries_count >= self._max_queries or slot.generation != state.generation:
+        elif _pg.queries_count(con) >= self._max_queries or slot.generation != state.generation:
             outcome = ReleaseOutcome.DISCARD
         elif self._always_reset:
             outcome = ReleaseOutcome.NEEDS_RESET
-        elif protocol.queries_count == lease.io_mark and not protocol.is_in_transaction():
+        elif _pg.queries_count(con) == lease.io_mark and not con.is_in_transaction():
             outcome = ReleaseOutcome.CLEAN
-            con._listeners.clear()  # what asyncpg's reset does locally
-            con._log_listeners.clear()
+            _pg.clear_listeners(con)
         else:
             outcome = ReleaseOutcome.NEEDS_RESET
         if state.release(lease, self._now(), outcome):
-            self._spawn(self._reset_slot(slot, con, timeout, _warn_open_transaction(con)))
+            self._spawn(self._reset_slot(slot, con, timeout, _pg.warn_open_transaction(con)))
         if state.actions:
             self._drain()
         elif self._timer is None and state.max_inactive_lifetime:
             self._arm_timer()  # an idle connection now has a lifetime to watch
 
-    async def _release_cancelling(self, lease: Lease, con: _pg_connection.Connection, timeout: float | None) -> None:
+    async def _release_cancelling(self, lease: Lease, con: RawConnection, timeout: float | None) -> None:
         try:
-            await con._protocol._wait_for_cancellation(timeout)
+            await _pg.wait_for_cancellation(con, timeout)
         except BaseException:
             if lease.active:
                 self._state.release(lease, self._now(), ReleaseOutcome.DISCARD)
@@ -430,11 +430,11 @@ class Pool:
         self._end_lease(lease, con, timeout)
 
     async def _reset_slot(
-        self, slot: Slot, con: _pg_connection.Connection, timeout: float | None, rollback: bool
+        self, slot: Slot, con: RawConnection, timeout: float | None, rollback: bool
     ) -> None:
         budget = timeout if timeout is not None else self._reset_timeout
         if budget is None:
-            budget = con._config.command_timeout or _DEFAULT_RESET_TIMEOUT
+            budget = _pg.command_timeout(con) or _DEFAULT_RESET_TIMEOUT
         ok = False
         try:
             async with asyncio.timeout(budget):
@@ -458,9 +458,9 @@ class Pool:
         self._state.reset_done(slot, self._now(), ok)
         self._drain()
 
-    async def _reset_connection(self, con: _pg_connection.Connection, rollback: bool) -> None:
-        if con._protocol._is_cancelling():
-            await con._protocol._wait_for_cancellation()
+    async def _reset_connection(self, con: RawConnection, rollback: bool) -> None:
+        if _pg.is_cancelling(con):
+            await _pg.wait_for_cancellation(con)
         if self._reset is not None:
             await con._reset()
             await self._reset(con)
@@ -491,9 +491,9 @@ class Pool:
             f"pool {self._name!r}: a connection was garbage collected without being released "
             f"(held {held:.3f}s); acquired at:\n{_stack.format_stack(lease.stack)}"
         )
-        _detach_proxy(con)  # the proxy is gone; drop the dead weak reference
+        _pg.detach_proxy(con)  # the proxy is gone; drop the dead weak reference
         con._on_release()
-        self._spawn(self._reset_slot(slot, con, None, _warn_open_transaction(con, quiet=True)))
+        self._spawn(self._reset_slot(slot, con, None, _pg.warn_open_transaction(con, quiet=True)))
         self._drain()
         # Report last: with warnings turned into errors the bookkeeping above
         # must already be done.
@@ -510,7 +510,7 @@ class Pool:
             f"the lease expired: held {held:.3f}s, lease_timeout is {limit:.3f}s; "
             "the connection was taken back by the pool"
         )
-        _detach_proxy(con, reason)
+        _pg.detach_proxy(con, reason)
         con._on_release()  # invalidates cursors, statements and transactions made through the proxy
         leak_logger.error(
             "pool %r: lease expired after %.3fs (lease_timeout %.3fs); taking the connection back. "
@@ -521,7 +521,7 @@ class Pool:
         self._emit("lease_expired", lease, held)
         self._spawn(self._take_back_slot(slot, con))
 
-    async def _take_back_slot(self, slot: Slot, con: _pg_connection.Connection) -> None:
+    async def _take_back_slot(self, slot: Slot, con: RawConnection) -> None:
         # The holder may be in the middle of a query. asyncpg exposes no
         # "busy" flag, but refuses a second operation at once without sending
         # anything: so try the reset, and if refused, cancel the running query
@@ -542,7 +542,7 @@ class Pool:
                         break
                     if not cancel_sent:
                         cancel_sent = True
-                        await _cancel_running_query(con)
+                        await _pg.cancel_running_query(con)
                     await asyncio.sleep(0.005)  # the server's reply frees the protocol
         except Exception as exc:
             logger.warning(
@@ -640,7 +640,7 @@ class Pool:
         self._drain()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = self._loop.create_task(coro)  # type: ignore[arg-type]
+        task: asyncio.Task[Any] = self._loop.create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -671,11 +671,11 @@ class Pool:
             return
         holder = _Holder(self, slot, con)
         self._holders[slot] = holder
-        con._pool_holder = _weakref(holder)
+        _pg.attach_holder(con, holder)
         state.connect_succeeded(slot, con, self._now())
         self._drain()
 
-    async def _get_new_connection(self) -> _pg_connection.Connection:
+    async def _get_new_connection(self) -> RawConnection:
         con = await self._connect(
             *self._connect_args,
             loop=self._loop,
@@ -710,7 +710,7 @@ class Pool:
             return
         self._spawn(self._close_connection(slot, con))
 
-    async def _close_connection(self, slot: Slot, con: _pg_connection.Connection) -> None:
+    async def _close_connection(self, slot: Slot, con: RawConnection) -> None:
         try:
             await con.close(timeout=self._reset_timeout or _DEFAULT_RESET_TIMEOUT)
         except BaseException:
@@ -719,7 +719,7 @@ class Pool:
             self._state.closed(slot, self._now())
             self._drain()
 
-    def _kill(self, slot: Slot, con: _pg_connection.Connection) -> None:
+    def _kill(self, slot: Slot, con: RawConnection) -> None:
         """Terminate a connection the pool itself gave up on."""
         holder = self._holders.get(slot)
         if holder is not None:
@@ -730,7 +730,7 @@ class Pool:
         """asyncpg noticed the connection died (server restart, terminate)."""
         if slot.state in (SlotState.IDLE, SlotState.LEASED, SlotState.RESERVED):
             if slot.connection is not None:
-                _detach_proxy(slot.connection)
+                _pg.detach_proxy(slot.connection)
             self._state.discard(slot, self._now())
             self._drain()
 
@@ -785,7 +785,7 @@ class Pool:
         now = self._now()
         for slot in state.slots():
             if slot.connection is not None:
-                _detach_proxy(slot.connection)
+                _pg.detach_proxy(slot.connection)
             state.discard(slot, now)
         for task in list(self._tasks):
             task.cancel()  # connects record themselves as cancelled
@@ -954,12 +954,12 @@ class Pool:
     def _drop_statement_cache(self) -> None:
         for slot in self._state.slots():
             if slot.connection is not None:
-                slot.connection._drop_local_statement_cache()
+                _pg.drop_statement_cache(slot.connection)
 
     def _drop_type_cache(self) -> None:
         for slot in self._state.slots():
             if slot.connection is not None:
-                slot.connection._drop_local_type_cache()
+                _pg.drop_type_cache(slot.connection)
 
     # -------------------------------------------- asyncpg's query shortcuts
 
@@ -1051,61 +1051,8 @@ class PoolAcquireContext:
         return self.pool._acquire(self.timeout, self.lease_timeout).__await__()
 
 
-# ------------------------------------------------------------------ helpers
-
-
-def _weakref(obj: Any) -> Any:
-    return weakref.ref(obj)
-
-
-def _detach_proxy(con: _pg_connection.Connection, expired_reason: str | None = None) -> None:
-    """Cut the proxy (if any) off its connection; the proxy may already be
-    garbage: ``con._proxy`` is a weak proxy."""
-    proxy = con._proxy
-    if proxy is None:
-        return
-    try:
-        if expired_reason is not None:
-            proxy._expire(expired_reason)
-        else:
-            proxy._detach()
-    except ReferenceError:
-        con._set_proxy(None)
-
-
-def _warn_open_transaction(con: _pg_connection.Connection, *, quiet: bool = False) -> bool:
-    """asyncpg's reset reports an unmanaged open transaction through the
-    loop's exception handler; do that now, in the releasing task, so the
-    report comes while the caller still sees it. Returns whether a ROLLBACK
-    is needed."""
-    protocol = con._protocol
-    if protocol is None:
-        return False
-    if protocol.is_in_transaction() or con._top_xact is not None:
-        if not quiet and (con._top_xact is None or not con._top_xact._managed):
-            con._loop.call_exception_handler({"message": f"Resetting connection with an active transaction {con!r}"})
-        con._top_xact = None
-        con._listeners.clear()
-        con._log_listeners.clear()
-        return True
-    con._listeners.clear()
-    con._log_listeners.clear()
-    return False
-
-
-async def _cancel_running_query(con: _pg_connection.Connection) -> None:
-    from asyncpg import connect_utils
-
-    await connect_utils._cancel(
-        loop=con._loop,
-        addr=con._addr,
-        params=con._params,
-        backend_pid=con._protocol.backend_pid,
-        backend_secret=con._protocol.backend_secret,
-    )
-
-
 def _describe_error(error: BaseException | None) -> str:
+    """Type and first line of an error: enough for an operator, never a DSN."""
     if error is None:
         return "none"
     text = str(error).splitlines()[0] if str(error) else ""

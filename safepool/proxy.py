@@ -22,6 +22,7 @@ from asyncpg import compat as _pg_compat
 from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 
+from ._internals import RawConnection
 from .errors import LeaseExpiredError
 
 if TYPE_CHECKING:
@@ -56,8 +57,8 @@ def _forward(name: str, is_coroutine: bool) -> Any:
 class PoolConnectionProxy(_pg_connection._ConnectionProxy):  # type: ignore[misc]
     __slots__ = ("_con", "_holder", "_lease", "_expired", "__weakref__")
 
-    def __init__(self, holder: _Holder, con: _pg_connection.Connection, lease: Lease) -> None:
-        self._con: _pg_connection.Connection | None = con
+    def __init__(self, holder: _Holder, con: RawConnection, lease: Lease) -> None:
+        self._con: RawConnection | None = con
         self._holder = holder
         self._lease = lease
         self._expired: str | None = None
@@ -70,13 +71,13 @@ class PoolConnectionProxy(_pg_connection._ConnectionProxy):  # type: ignore[misc
             raise _released_error(self, attr)
         return getattr(con, attr)
 
-    def _detach(self) -> _pg_connection.Connection | None:
+    def _detach(self) -> RawConnection | None:
         con, self._con = self._con, None
         if con is not None:
             con._set_proxy(None)
         return con
 
-    def _expire(self, reason: str) -> _pg_connection.Connection | None:
+    def _expire(self, reason: str) -> RawConnection | None:
         self._expired = reason
         return self._detach()
 

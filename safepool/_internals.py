@@ -1,0 +1,107 @@
+"""Every use of asyncpg's private members, in one place.
+
+safepool must reach into asyncpg's Connection the way asyncpg's own pool does
+(a back-reference to the pool holder, the proxy slot, the protocol's query
+counter and cancellation state). asyncpg-stubs do not declare those members,
+so connections are typed ``Any`` here; when asyncpg changes, this is the
+module to check (the compat suite in tests/compat runs asyncpg's own pool
+tests against safepool to catch it).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from asyncpg import connect_utils as _connect_utils
+
+RawConnection = Any  # an asyncpg.Connection, used through private members
+
+
+def attach_holder(con: RawConnection, holder: Any) -> None:
+    """asyncpg calls ``holder._release_on_close()`` when the connection dies."""
+    con._pool_holder = weakref.ref(holder)
+
+
+def forget_holder(con: RawConnection) -> None:
+    con._pool_holder = None
+
+
+def queries_count(con: RawConnection) -> int:
+    """Statements sent on this connection so far (asyncpg's protocol counter)."""
+    return int(con._protocol.queries_count)
+
+
+def is_cancelling(con: RawConnection) -> bool:
+    protocol = con._protocol
+    return protocol is not None and bool(protocol._is_cancelling())
+
+
+async def wait_for_cancellation(con: RawConnection, timeout: float | None = None) -> None:
+    await con._protocol._wait_for_cancellation(timeout)
+
+
+def is_usable(con: RawConnection) -> bool:
+    return con._protocol is not None and not con.is_closed()
+
+
+def command_timeout(con: RawConnection) -> float | None:
+    value = con._config.command_timeout
+    return None if value is None else float(value)
+
+
+def clear_listeners(con: RawConnection) -> None:
+    """What asyncpg's reset does locally, without a round trip."""
+    con._listeners.clear()
+    con._log_listeners.clear()
+
+
+def warn_open_transaction(con: RawConnection, *, quiet: bool = False) -> bool:
+    """asyncpg's reset reports an unmanaged open transaction through the
+    loop's exception handler; do that now, in the releasing task, so the
+    report comes while the caller still sees it. Returns whether a ROLLBACK
+    is needed."""
+    protocol = con._protocol
+    clear_listeners(con)
+    if protocol is None:
+        return False
+    if protocol.is_in_transaction() or con._top_xact is not None:
+        if not quiet and (con._top_xact is None or not con._top_xact._managed):
+            con._loop.call_exception_handler({"message": f"Resetting connection with an active transaction {con!r}"})
+        con._top_xact = None
+        return True
+    return False
+
+
+def detach_proxy(con: RawConnection, expired_reason: str | None = None) -> None:
+    """Cut the proxy (if any) off its connection; the proxy may already be
+    garbage: ``con._proxy`` is a weak proxy."""
+    proxy = con._proxy
+    if proxy is None:
+        return
+    try:
+        if expired_reason is not None:
+            proxy._expire(expired_reason)
+        else:
+            proxy._detach()
+    except ReferenceError:
+        con._set_proxy(None)
+
+
+async def cancel_running_query(con: RawConnection) -> None:
+    """Send the server a cancel request for this connection's running query."""
+    await _connect_utils._cancel(  # type: ignore[attr-defined]
+        loop=con._loop,
+        addr=con._addr,
+        params=con._params,
+        backend_pid=con._protocol.backend_pid,
+        backend_secret=con._protocol.backend_secret,
+    )
+
+
+def drop_statement_cache(con: RawConnection) -> None:
+    con._drop_local_statement_cache()
+
+
+def drop_type_cache(con: RawConnection) -> None:
+    con._drop_local_type_cache()
