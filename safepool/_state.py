@@ -157,6 +157,11 @@ class Closed(Exception):
     """The pool is closing or closed."""
 
 
+class SlotLost(Exception):
+    """claim(): the connection granted to the waiter was discarded before its
+    task resumed (connection lost, pool terminated); acquire again."""
+
+
 @dataclass
 class Counters:
     acquired: int = 0
@@ -219,6 +224,7 @@ class PoolState:
         self.counters = Counters()
         self.wait_times = Histogram()
         self.lease_times = Histogram()
+        self.connect_times = Histogram()  # successful connects only
 
         self.generation = 0
         self.closing = False
@@ -352,6 +358,12 @@ class PoolState:
         slot = waiter.slot
         if waiter.state is not WaiterState.GRANTED or slot is None:
             raise InternalStateError(f"claim of a waiter in state {waiter.state.value}")
+        if slot.state is not S.RESERVED:
+            # The connection died (discard) between the grant and the task
+            # resuming: the waiter holds nothing and must try again.
+            waiter.slot = None
+            waiter.state = WaiterState.FAILED
+            raise SlotLost
         self._move(slot, S.LEASED)
         self.wait_times.record(now - waiter.enqueued_at)
         return self._open_lease(slot, now)
@@ -366,7 +378,8 @@ class PoolState:
             # Granted but never claimed: pass the connection on untouched.
             slot, waiter.slot = waiter.slot, None
             waiter.state = WaiterState.CANCELLED
-            self._hand_on(slot, now)
+            if slot.state is S.RESERVED:  # else discarded meanwhile: nothing to pass on
+                self._hand_on(slot, now)
 
     def _open_lease(self, slot: Slot, now: float) -> Lease:
         self._next_id += 1
@@ -507,6 +520,7 @@ class PoolState:
         if slot.state is not S.CONNECTING:
             raise InternalStateError(f"connect_succeeded for {slot!r}")
         slot.connection = connection
+        self.connect_times.record(now - slot.created_at)  # created_at: when the connect was planned
         slot.created_at = now
         self.counters.connections_opened += 1
         self.connect_failures = 0
@@ -679,7 +693,7 @@ class PoolState:
             if actual != self._counts[state] and state is not S.CLOSED:
                 fail(f"{state.value}: counted {self._counts[state]}, found {actual}")
         if self.size > self.max_size and not any(
-            s.state in (S.LEASED, S.RESETTING, S.CLOSING, S.RESERVED) for s in self._slots
+            s.state in (S.CONNECTING, S.LEASED, S.RESETTING, S.CLOSING, S.RESERVED) for s in self._slots
         ):
             fail(f"size {self.size} > max_size {self.max_size} with nothing to shrink")
         if len(set(map(id, self._idle))) != len(self._idle):

@@ -54,6 +54,7 @@ class PoolStats:
     # Distributions.
     acquire_wait: Distribution
     lease_duration: Distribution
+    connect_time: Distribution  # successful connects, from planning to ready (init hook included)
     oldest_lease_age: float  # 0.0 when nothing is leased
     oldest_wait_age: float  # how long the head of the wait queue has waited; 0.0 if none
     server_status: str  # "up", "backing_off" or "down"
@@ -91,6 +92,7 @@ def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
         resets_failed=c.resets_failed,
         acquire_wait=state.wait_times.snapshot(),
         lease_duration=state.lease_times.snapshot(),
+        connect_time=state.connect_times.snapshot(),
         oldest_lease_age=now - oldest,
         oldest_wait_age=state.oldest_waiter_age(now),
         server_status=state.server_status(now).value,
