@@ -406,7 +406,11 @@ class Pool:
             outcome = ReleaseOutcome.DISCARD
         elif self._always_reset:
             outcome = ReleaseOutcome.NEEDS_RESET
-        elif _pg.queries_count(con) == lease.io_mark and not con.is_in_transaction():
+        elif not con.is_in_transaction() and (
+            _pg.queries_count(con) == lease.io_mark or self._reset_mode == "rollback"
+        ):
+            # Nothing to send: no statement ran, or (rollback mode) only an
+            # open transaction would need one.
             outcome = ReleaseOutcome.CLEAN
             _pg.clear_listeners(con)
         else:
