@@ -37,6 +37,7 @@ from ._state import (
     PoolState,
     ReleaseOutcome,
     Slot,
+    SlotLost,
     SlotState,
     Unavailable,
     Waiter,
@@ -313,8 +314,19 @@ class Pool:
             raise PoolClosedError("pool is closing") from None
         if state.actions:
             self._drain()
-        if lease is None:
-            lease = await self._wait_for_connection(now, timeout)
+        deadline = None if timeout is None else now + timeout
+        while lease is None:
+            lease = await self._wait_for_connection(now, None if deadline is None else max(0.0, deadline - now))
+            if lease is None:
+                # The granted connection died before this task resumed:
+                # queue again with what is left of the timeout.
+                now = self._now()
+                try:
+                    lease = state.try_acquire(now)
+                except Closed:
+                    raise PoolClosedError("pool is closing") from None
+                if state.actions:
+                    self._drain()
         slot = lease.slot
         proxy = PoolConnectionProxy(self._holders[slot], slot.connection, lease)
         if lease_timeout is not None or self._leak_warning_after is not None:
@@ -329,7 +341,7 @@ class Pool:
         lease.io_mark = _pg.queries_count(slot.connection)
         return proxy
 
-    async def _wait_for_connection(self, now: float, timeout: float | None) -> Lease:
+    async def _wait_for_connection(self, now: float, timeout: float | None) -> Lease | None:
         state = self._state
         future = self._loop.create_future()
         try:
@@ -354,7 +366,10 @@ class Pool:
             state.cancel_waiter(waiter, self._now())
             self._drain()
             raise
-        return state.claim(waiter, self._now())
+        try:
+            return state.claim(waiter, self._now())
+        except SlotLost:
+            return None
 
     async def _run_setup(self, proxy: PoolConnectionProxy, lease: Lease) -> None:
         try:

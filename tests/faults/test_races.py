@@ -1,0 +1,86 @@
+"""Races between a grant and the connection's death, replayed in one
+synchronous step on a real connection (STYLE rule 17)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+import safepool
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _wait_for(predicate: object, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.001)
+
+
+async def test_connection_lost_between_grant_and_resume(pg_dsn: str) -> None:
+    """The released connection is granted to the head waiter, then dies
+    before the waiter's task resumes (server restart, pg_terminate_backend):
+    the waiter must get another connection, not an internal error."""
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        held = await pool.acquire()
+        waiter = asyncio.create_task(pool.fetchval("SELECT 42"))
+        await _wait_for(lambda: pool.stats().waiting == 1)
+        raw = held._con
+        await pool.release(held)  # no statement ran: handed on synchronously
+        raw.terminate()  # ... and dies before the waiter resumes
+        assert await asyncio.wait_for(waiter, 10) == 42
+        await _wait_for(lambda: pool.stats().in_use == 0 and pool.stats().closing == 0)
+        pool._state.check_invariants()
+        assert pool.stats().size == 1
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+async def test_terminate_between_grant_and_resume(pg_dsn: str) -> None:
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
+    held = await pool.acquire()
+    waiter = asyncio.create_task(pool.fetchval("SELECT 1"))
+    await _wait_for(lambda: pool.stats().waiting == 1)
+    await pool.release(held)
+    pool.terminate()
+    with pytest.raises(safepool.PoolClosedError):
+        await asyncio.wait_for(waiter, 10)
+    pool._state.check_invariants()
+    assert pool._state.size == 0
+
+
+async def test_connection_lost_of_a_reserved_connection_with_cancel(pg_dsn: str) -> None:
+    """Grant, death and the waiter's cancellation all in one step."""
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        held = await pool.acquire()
+        waiter = asyncio.create_task(pool.fetchval("SELECT 1"))
+        await _wait_for(lambda: pool.stats().waiting == 1)
+        raw = held._con
+        await pool.release(held)
+        raw.terminate()
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await _wait_for(lambda: pool.stats().closing == 0)
+        pool._state.check_invariants()
+        assert await pool.fetchval("SELECT 7") == 7
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+async def test_lost_idle_connection_is_replaced(pg_dsn: str) -> None:
+    pool = await safepool.create_pool(pg_dsn, min_size=2, max_size=2)
+    try:
+        for slot in list(pool._state.slots()):
+            slot.connection.terminate()
+        assert await pool.fetchval("SELECT 5") == 5
+        pool._state.check_invariants()
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+_ = asyncpg

@@ -1,0 +1,490 @@
+"""Model-based test of the state core: hypothesis drives ``PoolState`` through
+every operation the I/O layer can perform, in any order, and checks the
+invariants plus model-level properties after every step.
+
+The machine plays both the application (acquire, claim, cancel, release, lose
+a proxy) and the I/O layer (complete or fail connects, resets and closes,
+notice a dead connection, fire timers). It keeps its own books of what it was
+told to do (the actions) and checks them against the core's.
+
+Properties checked after every step, besides ``check_invariants()``:
+
+* the pool never opens a slot beyond ``max_size`` (``size`` only grows while
+  ``size <= max_size``);
+* waiters are granted in enqueue order (FIFO) and at most once;
+* no slot is leased twice; every lease the application holds matches its slot;
+* every planned connect, close and reset is accounted for, exactly once;
+* a waiting task always has something that will wake it (a connect, a reset,
+  a lease, a close, or a timer), so nobody waits forever;
+* timers fire at or after their deadline, never before, and ``next_deadline``
+  never lies beyond a pending deadline.
+
+At the end of every example the machine settles the pool (releases all, lets
+every connect, reset and close finish) and checks it is quiescent.
+
+CI runs a derandomized, bounded number of examples; ``SAFEPOOL_LONG=1`` runs
+many more with a random seed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from safepool._state import (
+    Action,
+    Backoff,
+    Closed,
+    Lease,
+    Overloaded,
+    PoolState,
+    ReleaseOutcome,
+    Slot,
+    SlotLost,
+    SlotState,
+    Unavailable,
+    Waiter,
+    WaiterState,
+)
+
+LONG = bool(os.environ.get("SAFEPOOL_LONG"))
+S = SlotState
+
+times = st.sampled_from([0.0, 0.05, 0.3, 1.0, 2.5, 7.0])
+timeouts = st.one_of(st.none(), st.sampled_from([0.0, 0.5, 1.0, 4.0]))
+index = st.integers(min_value=0, max_value=1_000)
+
+
+class PoolMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.connecting: list[Slot] = []
+        self.closing: list[Slot] = []
+        self.resetting: list[Slot] = []
+        self.held: list[Lease] = []
+        self.armed: set[int] = set()
+        self.waiters: list[Waiter] = []  # enqueue order
+        self.woken: list[Waiter] = []  # granted, not yet claimed or cancelled
+        self.grants: Counter[int] = Counter()
+        self.claimed: set[int] = set()
+        self.startup_slots: set[int] = set()  # Pool._initialize's explicit connects: not throttled  # waiters whose task resumed and claimed (or failed to)
+        self.enqueue_order: dict[int, int] = {}
+        self.last_size = 0
+
+    # ------------------------------------------------------------ set-up
+
+    @initialize(
+        max_size=st.integers(1, 4),
+        min_size=st.integers(0, 4),
+        init_size=st.integers(0, 4),
+        max_waiters=st.one_of(st.none(), st.integers(0, 5)),
+        max_connecting=st.one_of(st.none(), st.integers(1, 3)),
+        lifetime=st.sampled_from([0.0, 2.0]),
+        breaker=st.integers(1, 3),
+        jitter=st.sampled_from([0.0, 0.5, 1.0]),
+    )
+    def setup(
+        self,
+        max_size: int,
+        min_size: int,
+        init_size: int,
+        max_waiters: int | None,
+        max_connecting: int | None,
+        lifetime: float,
+        breaker: int,
+        jitter: float,
+    ) -> None:
+        min_size = min(min_size, max_size)
+        self.state = PoolState(
+            max_size=max_size,
+            min_size=min_size,
+            max_waiters=max_waiters,
+            max_connecting=max_connecting,
+            max_inactive_lifetime=lifetime,
+            backoff=Backoff(base=0.5, cap=4.0, rng=lambda: jitter),
+            breaker_threshold=breaker,
+        )
+        # What Pool._initialize does: explicit connects, then the floor upkeep.
+        for _ in range(min(max(init_size, min_size), max_size)):
+            slot = self.state.add_connecting(self.now)
+            self.startup_slots.add(id(slot))
+            self.connecting.append(slot)
+        self.last_size = self.state.size
+        self._drain()
+
+    # --------------------------------------------------------- the books
+
+    def _drain(self) -> None:
+        """Take the core's actions, as Pool._drain would, and check each."""
+        state = self.state
+        actions, state.actions = state.actions, []
+        planned = False
+        for action in actions:
+            kind = action[0]
+            if kind is Action.CONNECT:
+                slot = action[1]
+                assert slot.state is S.CONNECTING
+                assert slot not in self.connecting
+                self.connecting.append(slot)
+                planned = True
+            elif kind is Action.CLOSE:
+                slot = action[1]
+                assert slot.state is S.CLOSING
+                assert slot not in self.closing, "closed twice"
+                self.closing.append(slot)
+            elif kind is Action.WAKE:
+                waiter = action[1]
+                assert waiter.state is WaiterState.GRANTED
+                assert waiter.slot is not None and waiter.slot.state is S.RESERVED
+                self.grants[id(waiter)] += 1
+                assert self.grants[id(waiter)] == 1, "a waiter was granted twice"
+                rank = self.enqueue_order[id(waiter)]
+                for earlier in self.waiters[:rank]:
+                    assert earlier.state is not WaiterState.WAITING, "FIFO violated: an earlier waiter still waits"
+                self.woken.append(waiter)
+            elif kind is Action.TIMEOUT:
+                waiter = action[1]
+                assert waiter.state is WaiterState.TIMED_OUT
+                assert waiter.deadline is not None and waiter.deadline <= self.now, "timed out early"
+            elif kind is Action.FAIL:
+                assert action[1].state is WaiterState.FAILED
+            elif kind is Action.TAKE_BACK:
+                lease = action[1]
+                assert lease.expired and not lease.active
+                assert lease.deadline is not None and lease.deadline <= self.now, "lease taken back early"
+                assert lease.slot.state is S.RESETTING
+                self.held.remove(lease)
+                self.resetting.append(lease.slot)
+            elif kind is Action.LEAK_SUSPECT:
+                lease = action[1]
+                assert lease.active and lease.warn_at is not None and lease.warn_at <= self.now
+            else:  # pragma: no cover
+                raise AssertionError(f"unknown action {action!r}")
+        if planned:
+            # Connects are throttled, and none is tried during a backoff.
+            assert self.now >= state.backoff_until or not state.connect_failures, "connect during backoff"
+            limit = 1 if state.connect_failures else state.max_connecting or state.max_size
+            started = [s for s in self.connecting if id(s) not in self.startup_slots]
+            assert len(started) <= limit, f"{len(started)} concurrent connects, limit {limit}"
+        size = state.size
+        if size > self.last_size:
+            assert size <= state.max_size, f"grew to {size} slots, max_size {state.max_size}"
+        self.last_size = size
+
+    @staticmethod
+    def _pick(items: list[Any], i: int) -> Any:
+        return items[i % len(items)]
+
+    # ------------------------------------------------- application side
+
+    @rule(timeout=timeouts)
+    def acquire(self, timeout: float | None) -> None:
+        state = self.state
+        usable_idle = any(
+            s.state is S.IDLE and s.generation == state.generation for s in state.slots()
+        )
+        nobody_waits = state.waiting == 0
+        try:
+            lease = state.try_acquire(self.now)
+        except Closed:
+            assert state.closing
+            return
+        if lease is not None:
+            assert lease.slot.state is S.LEASED
+            self.held.append(lease)
+            self._drain()
+            return
+        assert not (usable_idle and nobody_waits), "an idle connection was refused with nobody waiting"
+        waiting_before = state.waiting
+        try:
+            waiter = state.enqueue(object(), self.now, timeout)
+        except Overloaded:
+            assert state.max_waiters is not None and waiting_before >= state.max_waiters
+        except Unavailable:
+            assert state.connected() == 0 and state.connect_failures > 0
+        else:
+            self.enqueue_order[id(waiter)] = len(self.waiters)
+            self.waiters.append(waiter)
+        self._drain()
+
+    @precondition(lambda self: self.woken)
+    @rule(i=index)
+    def claim(self, i: int) -> None:
+        waiter = self._pick(self.woken, i)
+        self.woken.remove(waiter)
+        if waiter.state is not WaiterState.GRANTED:
+            return  # cancelled meanwhile: the I/O layer never claims it
+        self.claimed.add(id(waiter))
+        assert waiter.slot is not None
+        if waiter.slot.state is not S.RESERVED:
+            # Its connection was lost between the grant and the resume.
+            try:
+                self.state.claim(waiter, self.now)
+            except SlotLost:
+                assert waiter.slot is None
+            else:  # pragma: no cover
+                raise AssertionError("claim of a lost slot succeeded")
+        else:
+            lease = self.state.claim(waiter, self.now)
+            assert lease.slot.state is S.LEASED
+            self.held.append(lease)
+        self._drain()
+
+    @precondition(lambda self: any(id(w) not in self.claimed for w in self.waiters))
+    @rule(i=index)
+    def cancel(self, i: int) -> None:
+        """task.cancel() / asyncio.timeout at any moment before the task
+        resumes, granted or not (after the claim it holds a lease instead)."""
+        waiter = self._pick([w for w in self.waiters if id(w) not in self.claimed], i)
+        self.state.cancel_waiter(waiter, self.now)
+        if waiter in self.woken and waiter.state is not WaiterState.GRANTED:
+            self.woken.remove(waiter)
+        self._drain()
+
+    @precondition(lambda self: self.held)
+    @rule(i=index, outcome=st.sampled_from(list(ReleaseOutcome)))
+    def release(self, i: int, outcome: ReleaseOutcome) -> None:
+        lease = self._pick(self.held, i)
+        self.held.remove(lease)
+        if self.state.release(lease, self.now, outcome):
+            assert outcome is ReleaseOutcome.NEEDS_RESET
+            self.resetting.append(lease.slot)
+        self._drain()
+
+    @precondition(lambda self: self.held)
+    @rule(i=index)
+    def lose_proxy(self, i: int) -> None:
+        """The proxy was garbage collected while leased."""
+        lease = self._pick(self.held, i)
+        self.held.remove(lease)
+        assert self.state.reclaim(lease, self.now) is True
+        assert self.state.reclaim(lease, self.now) is False
+        self.resetting.append(lease.slot)
+        self._drain()
+
+    @precondition(lambda self: any(lease.id not in self.armed for lease in self.held))
+    @rule(i=index, lease_timeout=st.one_of(st.none(), st.sampled_from([0.1, 1.0, 3.0])),
+          warn_after=st.one_of(st.none(), st.sampled_from([0.5, 2.0])))
+    def arm_lease(self, i: int, lease_timeout: float | None, warn_after: float | None) -> None:
+        lease = self._pick([x for x in self.held if x.id not in self.armed], i)
+        self.armed.add(lease.id)
+        self.state.arm_lease(lease, lease_timeout, warn_after)
+        self._drain()
+
+    # ---------------------------------------------------------- I/O side
+
+    @precondition(lambda self: self.connecting)
+    @rule(i=index, ok=st.sampled_from([True, True, False]))
+    def finish_connect(self, i: int, ok: bool) -> None:
+        slot = self._pick(self.connecting, i)
+        self.connecting.remove(slot)
+        assert slot.state is S.CONNECTING
+        if ok:
+            self.state.connect_succeeded(slot, object(), self.now)
+        else:
+            self.state.connect_failed(slot, self.now, ConnectionRefusedError("refused"))
+        self._drain()
+
+    @precondition(lambda self: self.connecting and self.state.closing)
+    @rule(i=index)
+    def cancel_connect(self, i: int) -> None:
+        """Pool.terminate() cancels the connect tasks (only after begin_close)."""
+        slot = self._pick(self.connecting, i)
+        self.connecting.remove(slot)
+        self.state.connect_cancelled(slot)
+        self._drain()
+
+    @precondition(lambda self: self.resetting)
+    @rule(i=index, ok=st.booleans())
+    def finish_reset(self, i: int, ok: bool) -> None:
+        slot = self._pick(self.resetting, i)
+        self.resetting.remove(slot)
+        if slot.state is not S.RESETTING:
+            return  # discarded while resetting: Pool._reset_slot stops here too
+        self.state.reset_done(slot, self.now, ok)
+        self._drain()
+
+    @precondition(lambda self: self.closing)
+    @rule(i=index)
+    def finish_close(self, i: int) -> None:
+        slot = self._pick(self.closing, i)
+        self.closing.remove(slot)
+        self.state.closed(slot, self.now)
+        self._drain()
+
+    @precondition(lambda self: any(s.state in (S.IDLE, S.LEASED, S.RESERVED) for s in self.state.slots()))
+    @rule(i=index)
+    def connection_lost(self, i: int) -> None:
+        """asyncpg reported a dead connection (Pool._connection_lost)."""
+        slots = sorted(
+            (s for s in self.state.slots() if s.state in (S.IDLE, S.LEASED, S.RESERVED)), key=lambda s: s.id
+        )
+        slot = self._pick(slots, i)
+        lease = slot.lease
+        self.state.discard(slot, self.now)
+        if lease is not None:
+            # The holder's proxy is detached; its release is a no-op.
+            assert not lease.active
+            self.held.remove(lease)
+        self._drain()
+
+    @rule(dt=times)
+    def advance(self, dt: float) -> None:
+        self.now += dt
+        self.state.advance(self.now)
+        self._drain()
+
+    @rule()
+    def fire_next_deadline(self) -> None:
+        """Jump exactly to the next deadline, as the pool's timer does."""
+        when = self.state.next_deadline()
+        if when is not None and when > self.now:
+            self.now = when
+        self.state.advance(self.now)
+        self._drain()
+
+    @rule(max_size=st.integers(1, 5), min_size=st.one_of(st.none(), st.integers(0, 5)))
+    def resize(self, max_size: int, min_size: int | None) -> None:
+        if min_size is not None:
+            self.state.min_size = min(min_size, max_size)  # Pool.resize validates this
+        self.state.resize(max_size, self.now)
+        self.last_size = min(self.last_size, self.state.size)
+        self._drain()
+
+    @rule()
+    def expire_connections(self) -> None:
+        self.state.expire_connections()
+        self._drain()
+
+    @precondition(lambda self: not self.state.floor_enabled)
+    @rule()
+    def finish_init(self) -> None:
+        self.state.floor_enabled = True
+        self.state.advance(self.now)
+        self._drain()
+
+    @precondition(lambda self: not self.state.closing)
+    @rule()
+    def begin_close(self) -> None:
+        self.state.begin_close(RuntimeError("pool is closing"))
+        self._drain()
+
+    # -------------------------------------------------------- invariants
+
+    @invariant()
+    def books_balance(self) -> None:
+        state = self.state
+        state.check_invariants()
+        assert sum(state.count(s) for s in SlotState if s is not S.CLOSED) == state.size
+        # The machine's books agree with the core's.
+        assert all(s.state is S.CONNECTING for s in self.connecting)
+        assert len(self.connecting) == state.count(S.CONNECTING)
+        assert all(s.state is S.CLOSING for s in self.closing)
+        assert len(self.closing) == state.count(S.CLOSING)
+        live_resets = [s for s in self.resetting if s.state is S.RESETTING]
+        assert len(live_resets) == state.count(S.RESETTING)
+        assert len(set(map(id, live_resets))) == len(live_resets)
+        # No slot leased twice; every held lease matches its slot.
+        slots = [lease.slot for lease in self.held]
+        assert len(set(map(id, slots))) == len(slots), "a slot is leased twice"
+        for lease in self.held:
+            assert lease.active and lease.slot.lease is lease and lease.slot.state is S.LEASED
+        # Every reserved slot belongs to exactly one granted waiter.
+        granted = [w for w in self.waiters if w.state is WaiterState.GRANTED and id(w) not in self.claimed]
+        reserved = [w.slot for w in granted if w.slot is not None and w.slot.state is S.RESERVED]
+        assert len(set(map(id, reserved))) == len(reserved) == state.count(S.RESERVED)
+        assert state.in_use == len(self.held) + len(reserved)
+        assert state.waiting == sum(1 for w in self.waiters if w.state is WaiterState.WAITING)
+
+    @invariant()
+    def nobody_waits_forever(self) -> None:
+        state = self.state
+        if not state.waiting:
+            return
+        assert not state.closing, "waiters survived close"
+        busy = sum(state.count(s) for s in (S.CONNECTING, S.RESETTING, S.LEASED, S.RESERVED, S.CLOSING))
+        if busy == 0:
+            # Nothing will come back: only a connect retry can help, and a
+            # timer must be armed for it.
+            when = state.next_deadline()
+            assert when is not None, "waiters wait with nothing under way and no timer armed"
+
+    @invariant()
+    def next_deadline_is_not_late(self) -> None:
+        state = self.state
+        pending = [w.deadline for w in self.waiters if w.state is WaiterState.WAITING and w.deadline is not None]
+        pending += [lease.deadline for lease in self.held if lease.deadline is not None and not lease.expired]
+        pending += [lease.warn_at for lease in self.held if lease.warn_at is not None and not lease.warned]
+        if pending:
+            when = state.next_deadline()
+            assert when is not None and when <= min(pending)
+
+    # ------------------------------------------------------------ settle
+
+    def teardown(self) -> None:
+        if not hasattr(self, "state"):
+            return
+        state = self.state
+        for _ in range(200):
+            progressed = False
+            for waiter in list(self.woken):
+                self.woken.remove(waiter)
+                self.claimed.add(id(waiter))
+                if waiter.state is WaiterState.GRANTED:
+                    try:
+                        self.held.append(state.claim(waiter, self.now))
+                    except SlotLost:
+                        pass
+                progressed = True
+            for lease in list(self.held):
+                self.held.remove(lease)
+                if state.release(lease, self.now, ReleaseOutcome.CLEAN):
+                    self.resetting.append(lease.slot)
+                progressed = True
+            for slot in list(self.resetting):
+                self.resetting.remove(slot)
+                if slot.state is S.RESETTING:
+                    state.reset_done(slot, self.now, True)
+                progressed = True
+            for slot in list(self.connecting):
+                self.connecting.remove(slot)
+                state.connect_succeeded(slot, object(), self.now)
+                progressed = True
+            for slot in list(self.closing):
+                self.closing.remove(slot)
+                state.closed(slot, self.now)
+                progressed = True
+            self._drain()
+            if not progressed:
+                if state.waiting or state.next_deadline() is not None:
+                    self.now += 10.0  # let backoffs, timeouts and lifetimes pass
+                    state.advance(self.now)
+                    self._drain()
+                    continue
+                break
+        self.books_balance()
+        assert state.waiting == 0
+        assert state.in_use == 0
+        for busy in (S.CONNECTING, S.RESETTING, S.CLOSING, S.RESERVED, S.LEASED):
+            assert state.count(busy) == 0, f"{busy.value} left after settling"
+        assert state.idle == state.size <= state.max_size
+        if state.closing:
+            assert state.size == 0
+        elif state.floor_enabled:
+            assert state.size >= state.min_size
+
+
+PoolMachine.TestCase.settings = settings(
+    max_examples=2_000 if LONG else 600,
+    stateful_step_count=80 if LONG else 50,
+    derandomize=not LONG,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestPoolStateMachine = PoolMachine.TestCase
