@@ -30,6 +30,10 @@ from ._histogram import Histogram
 
 
 class SlotState(enum.Enum):
+    # Members are singletons: identity hashing is exact, and C-fast, where
+    # Enum's own __hash__ is Python code on the hot path (dict lookups in _move).
+    __hash__ = object.__hash__
+
     CONNECTING = "connecting"  # a connect is under way for this place
     IDLE = "idle"  # connected, in the idle stack
     RESERVED = "reserved"  # handed to a waiter whose task has not resumed yet
