@@ -1,0 +1,186 @@
+"""What every fault run checks: a sampler of the server's view, an error
+ledger that only admits typed errors, the loop's unhandled errors, and the
+pool's books once the run is over."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+import safepool
+
+LONG = bool(os.environ.get("SAFEPOOL_LONG"))
+
+
+def scale(short: float, long: float) -> float:
+    """A load parameter: the default (CI) value, or the long mode's."""
+    return long if LONG else short
+
+
+def classify(exc: BaseException) -> str | None:
+    """The kind of an error a caller may legitimately see during a fault,
+    or None if it must never reach application code."""
+    if isinstance(exc, safepool.PoolError):
+        return type(exc).__name__
+    if isinstance(exc, asyncpg.PostgresError):  # the server's own, with a SQLSTATE
+        return f"server:{exc.sqlstate}"
+    if isinstance(exc, asyncpg.ConnectionDoesNotExistError):
+        return "connection_lost"  # "connection was closed in the middle of operation"
+    if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
+        return "connection_closed"  # used a connection the server had just dropped
+    if isinstance(exc, OSError):  # refused, reset, connect timeout: surfaced as asyncpg does
+        return f"os:{type(exc).__name__}"
+    return None
+
+
+@dataclass
+class Ledger:
+    """Outcomes of a load loop: successes, typed errors by kind, and
+    anything untyped (which fails the test)."""
+
+    ok: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    unexpected: list[BaseException] = field(default_factory=list)
+
+    def record(self, exc: BaseException) -> None:
+        kind = classify(exc)
+        if kind is None:
+            self.unexpected.append(exc)
+        else:
+            self.errors[kind] += 1
+
+    @property
+    def total(self) -> int:
+        return self.ok + sum(self.errors.values()) + len(self.unexpected)
+
+    def check(self) -> None:
+        if self.unexpected:
+            first = self.unexpected[0]
+            raise AssertionError(
+                f"{len(self.unexpected)} untyped error(s) reached the caller, first: {first!r}"
+            ) from first
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{k}={v}" for k, v in self.errors.most_common())
+        return f"{self.total} operations: ok={self.ok} {kinds}".strip()
+
+
+class ServerSampler:
+    """Counts the pool's connections in pg_stat_activity (by
+    application_name) every ``interval`` seconds; reconnects through
+    restarts. ``max_seen`` is the largest count observed."""
+
+    def __init__(self, admin_dsn: str, app_name: str, interval: float = 0.02) -> None:
+        self.admin_dsn = admin_dsn
+        self.app_name = app_name
+        self.interval = interval
+        self.samples: list[int] = []
+        self._task: asyncio.Task[None] | None = None
+        self._con: asyncpg.Connection | None = None
+
+    @property
+    def max_seen(self) -> int:
+        return max(self.samples, default=0)
+
+    async def count(self) -> int:
+        if self._con is None or self._con.is_closed():
+            self._con = await asyncpg.connect(self.admin_dsn, timeout=2)
+        # Backends that are starting up or exiting are counted too: the
+        # server's own bound is what matters.
+        return int(
+            await self._con.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", self.app_name, timeout=2
+            )
+        )
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.samples.append(await self.count())
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                if self._con is not None:
+                    self._con.terminate()
+                    self._con = None
+            await asyncio.sleep(self.interval)
+
+    async def __aenter__(self) -> ServerSampler:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._con is not None:
+            self._con.terminate()
+            self._con = None
+
+
+@contextlib.contextmanager
+def loop_errors(allow: Callable[[dict[str, Any]], bool] = lambda ctx: False) -> Iterator[list[dict[str, Any]]]:
+    """Collect what reaches the loop's exception handler (errors of the
+    pool's own tasks, unretrieved task exceptions); the caller asserts it is
+    empty. ``allow`` filters expected reports."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+
+    def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if not allow(context):
+            seen.append(context)
+
+    loop.set_exception_handler(handler)
+    try:
+        yield seen
+    finally:
+        loop.set_exception_handler(previous)
+
+
+async def settle(pool: safepool.Pool, timeout: float = 10.0) -> None:
+    """Wait until the pool's background work (connects, resets, closes) is
+    done and nothing is leased."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = pool.stats()
+        if s.in_use == 0 and s.connecting == 0 and s.resetting == 0 and s.closing == 0 and s.waiting == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pool did not settle in {timeout}s: {pool!r}")
+        await asyncio.sleep(0.01)
+
+
+async def assert_books_balance(pool: safepool.Pool, sampler: ServerSampler, timeout: float = 10.0) -> None:
+    """After a run: nothing leased, idle + in_use == size, the core's
+    invariants hold, and the server sees exactly the pool's connections (none
+    leaked, none counted twice)."""
+    await settle(pool, timeout)
+    pool._state.check_invariants()
+    s = pool.stats()
+    assert s.in_use == 0, pool
+    assert s.idle + s.in_use == s.size, pool
+    assert s.size <= s.max_size, pool
+    deadline = time.monotonic() + timeout
+    while True:  # a backend takes a moment to leave pg_stat_activity
+        seen = await sampler.count()
+        if seen == pool.get_size():
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server sees {seen} connections, the pool has {pool.get_size()}: {pool!r}")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def closing(pool: safepool.Pool, timeout: float = 15.0) -> AsyncIterator[safepool.Pool]:
+    try:
+        yield pool
+    finally:
+        await asyncio.wait_for(pool.close(), timeout)

@@ -1,0 +1,138 @@
+"""A loopback TCP proxy that injects network faults between a pool and its
+server: added latency, a black hole (accepts, never answers), and resets.
+
+It runs on the test's event loop. Modes apply to every connection at once:
+
+* ``latency``: each chunk is held this long before it is forwarded, in both
+  directions (a round trip costs twice that);
+* ``blackhole``: new connections are accepted and never answered; the data
+  of existing ones is swallowed (their byte stream is then unusable, so
+  ``heal()`` resets them);
+* ``reset_all()``: abort every connection with a TCP RST now (mid-query if a
+  query is running).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+
+
+class _Pair:
+    def __init__(self, client: asyncio.StreamWriter) -> None:
+        self.client = client
+        self.upstream: asyncio.StreamWriter | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.tainted = False  # swallowed data while black-holed
+
+    def abort(self) -> None:
+        for writer in (self.client, self.upstream):
+            if writer is None:
+                continue
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    # Linger 0: close() sends RST instead of FIN.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        for task in self.tasks:
+            task.cancel()
+
+
+class FaultProxy:
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.latency = 0.0
+        self.blackhole = False
+        self.port = 0
+        self.accepted = 0
+        self._pairs: set[_Pair] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> FaultProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for pair in list(self._pairs):
+            pair.abort()
+        self._pairs.clear()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> FaultProxy:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connections(self) -> int:
+        return len(self._pairs)
+
+    def reset_all(self) -> int:
+        """Abort every open connection with an RST; returns how many."""
+        pairs = list(self._pairs)
+        for pair in pairs:
+            pair.abort()
+        self._pairs.clear()
+        return len(pairs)
+
+    def heal(self) -> None:
+        """End the black hole; connections whose data was swallowed are reset."""
+        self.blackhole = False
+        for pair in [p for p in self._pairs if p.tainted]:
+            pair.abort()
+            self._pairs.discard(pair)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        pair = _Pair(writer)
+        self._pairs.add(pair)
+        try:
+            if self.blackhole:
+                pair.tainted = True
+                while await reader.read(65536):
+                    pass  # swallow; never answer
+                return
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            pair.upstream = up_writer
+            pair.tasks = [
+                asyncio.current_task(),  # type: ignore[list-item]
+                asyncio.create_task(self._pump(up_reader, writer, pair)),
+            ]
+            await self._pump(reader, up_writer, pair)
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            if pair in self._pairs:
+                self._pairs.discard(pair)
+                for task in pair.tasks[1:]:
+                    task.cancel()
+                for w in (pair.client, pair.upstream):
+                    if w is not None:
+                        w.transport.abort()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: _Pair) -> None:
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                if self.latency:
+                    await asyncio.sleep(self.latency)
+                if self.blackhole:
+                    pair.tainted = True
+                    continue
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.close()

@@ -1,0 +1,339 @@
+"""Backpressure on a real PostgreSQL (issue 4): overload, a server out of
+connection slots, a failing server, recovery.
+
+The module runs its own small cluster (tests/faults/_pg.py) with a low
+``max_connections`` and a plain (non-superuser) role for the pools, so that
+another client can exhaust the server while the tests' observer keeps a
+reserved superuser slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+import safepool
+from tests.faults._harness import (
+    Ledger,
+    ServerSampler,
+    assert_books_balance,
+    closing,
+    loop_errors,
+    scale,
+    settle,
+)
+from tests.faults._pg import Cluster, free_port, start_cluster
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
+
+MAX_CONNECTIONS = 12  # 9 for the app role: 3 are reserved for superusers
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = start_cluster(max_connections=MAX_CONNECTIONS)
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+def _figures(**figures: Any) -> None:
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()})
+
+
+# ------------------------------------------------------------------ overload
+
+
+@pytest.mark.parametrize("max_waiters", [8, "default"])
+async def test_overload_10x_sheds_load_with_typed_errors(cluster: Cluster, app_name: str, max_waiters: Any) -> None:
+    """10x more tasks than connections for a fixed time: the wait queue stays
+    bounded, refusals are immediate and typed, the server never sees more
+    than max_size connections."""
+    max_size, tasks, duration = 4, 40, scale(3.0, 15.0)
+    kwargs: dict[str, Any] = {} if max_waiters == "default" else {"max_waiters": max_waiters}
+    pool = await safepool.create_pool(
+        cluster.dsn(), min_size=0, max_size=max_size, acquire_timeout=0.5,
+        server_settings={"application_name": app_name}, **kwargs,
+    )
+    bound = pool.stats().max_waiters
+    assert bound is not None  # finite by default
+    ledger = Ledger()
+    refusal_latency: list[float] = []
+    max_waiting = 0
+    deadline = time.monotonic() + duration
+
+    async def client() -> None:
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                async with pool.acquire() as con:
+                    await con.execute("SELECT pg_sleep(0.01)")
+                ledger.ok += 1
+            except safepool.PoolOverloadedError as exc:
+                refusal_latency.append(time.monotonic() - started)
+                ledger.record(exc)
+                await asyncio.sleep(0.005)  # what a 503 costs the client
+            except Exception as exc:
+                ledger.record(exc)
+
+    async with closing(pool), ServerSampler(cluster.admin_dsn, app_name) as sampler:
+        with loop_errors() as unhandled:
+            clients = [asyncio.create_task(client()) for _ in range(tasks)]
+            while not all(c.done() for c in clients):
+                max_waiting = max(max_waiting, pool.stats().waiting)
+                await asyncio.sleep(0.005)
+            await asyncio.gather(*clients)
+            await assert_books_balance(pool, sampler)
+        assert not unhandled, unhandled
+    ledger.check()
+    # Only the pool's own load-shedding errors: nothing from the server.
+    assert set(ledger.errors) <= {"PoolOverloadedError", "PoolTimeoutError"}, ledger.summary()
+    assert max_waiting <= bound
+    assert sampler.max_seen <= max_size, sampler.samples
+    if refusal_latency:
+        assert max(refusal_latency) < 0.05, "PoolOverloadedError must be raised at once"
+    errors = sum(ledger.errors.values())
+    _figures(
+        max_waiters=bound, ok=ledger.ok, overloaded=ledger.errors["PoolOverloadedError"],
+        timeouts=ledger.errors["PoolTimeoutError"], error_rate=errors / ledger.total,
+        throughput_per_s=ledger.ok / duration, max_waiting=max_waiting, max_server_connections=sampler.max_seen,
+        p99_refusal_ms=1000 * sorted(refusal_latency)[int(0.99 * (len(refusal_latency) - 1))] if refusal_latency else 0,
+    )
+    if max_waiters == 8:
+        assert ledger.errors["PoolOverloadedError"] > 0  # the bound was actually reached
+    assert ledger.ok > 0
+
+
+# ------------------------------------------------ server out of connections
+
+
+async def _hog(cluster: Cluster) -> list[asyncpg.Connection]:
+    """Another client takes every connection slot left to ordinary roles."""
+    hogs: list[asyncpg.Connection] = []
+    while True:
+        try:
+            hogs.append(await asyncpg.connect(cluster.dsn(), server_settings={"application_name": "hog"}))
+        except asyncpg.TooManyConnectionsError:
+            return hogs
+        assert len(hogs) < MAX_CONNECTIONS
+
+
+async def test_server_out_of_connections_degrades_then_recovers(cluster: Cluster, app_name: str) -> None:
+    """max_connections is exhausted by another client: the pool keeps serving
+    with the connections it has, callers never see 53300 while it has any,
+    and it grows back once the server has room."""
+    max_size = 6
+    pool = await safepool.create_pool(
+        cluster.dsn(), min_size=2, max_size=max_size, acquire_timeout=2.0,
+        server_settings={"application_name": app_name},
+    )
+    hogs = await _hog(cluster)
+    ledger = Ledger()
+    statuses: set[str] = set()
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        while not stop.is_set():
+            try:
+                async with pool.acquire() as con:
+                    await con.execute("SELECT pg_sleep(0.01)")
+                ledger.ok += 1
+            except Exception as exc:
+                ledger.record(exc)
+                await asyncio.sleep(0.01)
+
+    try:
+        async with closing(pool), ServerSampler(cluster.admin_dsn, app_name) as sampler:
+            with loop_errors() as unhandled:
+                clients = [asyncio.create_task(client()) for _ in range(12)]
+                degraded_until = time.monotonic() + scale(2.0, 8.0)
+                while time.monotonic() < degraded_until:
+                    statuses.add(pool.stats().server_status)
+                    assert pool.get_size() == 2  # no room on the server
+                    await asyncio.sleep(0.01)
+                served_while_full = ledger.ok
+                for con in hogs:
+                    await con.close()
+                hogs = []
+                freed_at = time.monotonic()
+                async with asyncio.timeout(10):
+                    while pool.get_size() < max_size:
+                        await asyncio.sleep(0.01)
+                regrown = time.monotonic() - freed_at
+                stop.set()
+                await asyncio.gather(*clients)
+                await assert_books_balance(pool, sampler)
+            assert not unhandled, unhandled
+    finally:
+        for con in hogs:
+            await con.close()
+    ledger.check()
+    assert "backing_off" in statuses
+    assert served_while_full > 0
+    # The refusal never reached a caller: the pool had connections throughout.
+    assert not any(kind.startswith("server:") for kind in ledger.errors), ledger.summary()
+    assert sampler.max_seen <= max_size
+    _figures(served_while_full=served_while_full, regrown_to_max_s=regrown, ledger=ledger.summary(),
+             connect_errors=pool.stats().connect_errors)
+    assert regrown < 5.0
+
+
+async def test_empty_pool_on_a_full_server_fails_fast_and_recovers(cluster: Cluster, app_name: str) -> None:
+    """With no connection at all, callers get the server's refusal, then
+    ServerUnavailableError at once while the pool backs off; the pool does not
+    crash and serves as soon as the server has room."""
+    pool = await safepool.create_pool(
+        cluster.dsn(), min_size=0, max_size=4, acquire_timeout=2.0,
+        server_settings={"application_name": app_name},
+    )
+    hogs = await _hog(cluster)
+    ledger = Ledger()
+    try:
+        async with closing(pool), ServerSampler(cluster.admin_dsn, app_name) as sampler:
+            with loop_errors() as unhandled:
+                for _ in range(50):
+                    started = time.monotonic()
+                    try:
+                        await pool.fetchval("SELECT 1")
+                        ledger.ok += 1
+                    except Exception as exc:
+                        ledger.record(exc)
+                        assert time.monotonic() - started < 1.0  # refused quickly, not after the timeout
+                    await asyncio.sleep(0.02)
+                assert ledger.ok == 0
+                assert ledger.errors["server:53300"] >= 1
+                assert ledger.errors["ServerUnavailableError"] >= 1
+                assert pool.stats().server_status == "down"
+                for con in hogs:
+                    await con.close()
+                hogs = []
+                freed_at = time.monotonic()
+                async with asyncio.timeout(10):
+                    while True:
+                        try:
+                            assert await pool.fetchval("SELECT 1") == 1
+                            break
+                        except (safepool.ServerUnavailableError, asyncpg.TooManyConnectionsError):
+                            await asyncio.sleep(0.02)
+                recovered = time.monotonic() - freed_at
+                await assert_books_balance(pool, sampler)
+            assert not unhandled, unhandled
+    finally:
+        for con in hogs:
+            await con.close()
+    ledger.check()
+    _figures(ledger=ledger.summary(), recovered_s=recovered)
+    assert recovered < 5.0
+
+
+# ------------------------------------------------- connect rate when failing
+
+
+def _max_attempts(backoff: safepool.Backoff, seconds: float, burst: int) -> int:
+    """The most connects a pool may try in ``seconds`` of failures: the first
+    burst (up to max_size at once before anything has failed), then one
+    probe per backoff delay, each at least half its ceiling."""
+    elapsed, attempts, failures = 0.0, burst, burst
+    while True:
+        elapsed += 0.5 * min(backoff.cap, backoff.base * 2 ** (failures - 1))
+        if elapsed > seconds:
+            return attempts
+        attempts += 1
+        failures += 1
+
+
+async def test_connect_rate_under_a_failing_server(app_name: str) -> None:
+    """A server that accepts TCP and drops every connection at once: many
+    impatient callers must not turn into a connect storm."""
+    attempts: list[float] = []
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        attempts.append(time.monotonic())
+        writer.transport.abort()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    max_size, duration = 10, scale(3.0, 10.0)
+    pool = await safepool.create_pool(
+        f"postgresql://app@127.0.0.1:{port}/postgres", min_size=0, max_size=max_size, acquire_timeout=0.2,
+    )
+    ledger = Ledger()
+    deadline = time.monotonic() + duration
+
+    async def client() -> None:
+        while time.monotonic() < deadline:
+            try:
+                await pool.fetchval("SELECT 1")
+                ledger.ok += 1
+            except Exception as exc:
+                ledger.record(exc)
+            await asyncio.sleep(0.005)
+
+    try:
+        with loop_errors() as unhandled:
+            started = time.monotonic()
+            await asyncio.gather(*(client() for _ in range(20)))
+            elapsed = time.monotonic() - started
+        assert not unhandled, unhandled
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+        server.close()
+        await server.wait_closed()
+    ledger.check()
+    assert ledger.ok == 0
+    bound = _max_attempts(safepool.Backoff(), elapsed, max_size)
+    _figures(connect_attempts=len(attempts), bound=bound, seconds=elapsed, acquires=ledger.total,
+             attempts_per_s=len(attempts) / elapsed, ledger=ledger.summary())
+    assert len(attempts) <= bound, f"{len(attempts)} connects in {elapsed:.1f}s (bound {bound})"
+    # Without backoff, 20 callers retrying every 5 ms would have tried thousands.
+    assert ledger.total > 10 * len(attempts)
+
+
+async def test_recovery_after_a_long_outage_is_bounded(pg_dsn: str, app_name: str) -> None:
+    """After minutes of failures the backoff sits at its cap; the server comes
+    back just after a failed probe. The next probe (and so recovery) must come
+    within 5 s. Driven by a manual clock: no real waiting."""
+    clock = safepool.ManualClock()
+    settings = {"application_name": app_name}
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2, clock=clock, server_settings=settings)
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    try:
+        pool.set_connect_args(dead, server_settings=settings)
+        await pool.expire_connections()
+
+        async def probes_done() -> None:
+            async with asyncio.timeout(10):
+                while pool.stats().connecting or pool.stats().closing:
+                    await asyncio.sleep(0.001)
+
+        await probes_done()
+        outage_start = clock.now()
+        while clock.now() - outage_start < 300:  # five minutes of outage
+            when = pool._state.next_deadline()
+            assert when is not None, "the pool stopped retrying"
+            clock.advance(max(0.0, when - clock.now()))
+            await probes_done()
+        failures = pool.stats().connect_errors
+        assert failures >= 5 and pool.get_size() == 0
+        pool.set_connect_args(pg_dsn, server_settings=settings)  # the server is back
+        back_at = clock.now()
+        when = pool._state.next_deadline()
+        assert when is not None
+        clock.advance(max(0.0, when - clock.now()))
+        await probes_done()
+        assert pool.get_size() == 1
+        recovery = clock.now() - back_at
+        _figures(failures=failures, recovery_after_long_outage_s=recovery)
+        assert recovery < 5.0, f"next probe {recovery:.1f}s after the server came back"
+        await settle(pool)
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+
