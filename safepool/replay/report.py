@@ -79,6 +79,7 @@ class Summary:
     leak_events: dict[str, int]
     leak_sites: dict[str, int]  # acquired_at -> events
     leak_report: str | None
+    log_records: int  # warnings and errors logged during the run (safepool.leaks included)
     timeline: list[Second] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -166,6 +167,7 @@ def summarize(run: PoolRun, config: ReplayConfig) -> Summary:
         leak_events=dict(events),
         leak_sites=dict(sites),
         leak_report=run.leak_report,
+        log_records=run.log_records,
         timeline=seconds,
     )
 
