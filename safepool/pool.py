@@ -232,6 +232,7 @@ class Pool:
         self._timer: Timer | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._connect_tasks: set[asyncio.Task[Any]] = set()
         self._holders: dict[Slot, _Holder] = {}
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._drained = asyncio.Event()
@@ -610,7 +611,9 @@ class Pool:
                     else:
                         waiter.future.set_result(None)
                 elif kind is Action.CONNECT:
-                    self._spawn(self._connect_slot(action[1]))
+                    task = self._spawn(self._connect_slot(action[1]))
+                    self._connect_tasks.add(task)
+                    task.add_done_callback(self._connect_tasks.discard)
                 elif kind is Action.CLOSE:
                     self._close_slot(action[1])
                 elif kind is Action.TIMEOUT:
@@ -658,10 +661,11 @@ class Pool:
         self._state.advance(self._now())
         self._drain()
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = self._loop.create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # ------------------------------------------------- connects and closes
 
@@ -766,6 +770,11 @@ class Pool:
         warn_handle = self._loop.call_later(60, self._warn_on_long_close)
         try:
             self._state.begin_close(PoolClosedError("pool is closing"))
+            # Connects under way are not needed any more, and one that never
+            # answers (a black-holed server) would hold close() up to
+            # asyncpg's connect timeout.
+            for task in list(self._connect_tasks):
+                task.cancel()
             self._drain()
             while self._state.size:
                 self._drained.clear()

@@ -30,10 +30,15 @@ def classify(exc: BaseException) -> str | None:
     or None if it must never reach application code."""
     if isinstance(exc, safepool.PoolError):
         return type(exc).__name__
-    if isinstance(exc, asyncpg.PostgresError):  # the server's own, with a SQLSTATE
-        return f"server:{exc.sqlstate}"
     if isinstance(exc, asyncpg.ConnectionDoesNotExistError):
         return "connection_lost"  # "connection was closed in the middle of operation"
+    if isinstance(exc, asyncpg.PostgresError):  # the server's own, with a SQLSTATE
+        return f"server:{exc.sqlstate}"
+    if isinstance(exc, asyncpg.InternalClientError) and "another operation (2) is in progress" in str(exc):
+        # asyncpg itself (no pool involved: see docs/reliability.md): the
+        # server's FATAL for a terminated idle connection was read, the EOF
+        # behind it not yet, and the protocol refuses the next query.
+        return "asyncpg:unsolicited_fatal"
     if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
         return "connection_closed"  # used a connection the server had just dropped
     if isinstance(exc, OSError):  # refused, reset, connect timeout: surfaced as asyncpg does
@@ -85,21 +90,23 @@ class ServerSampler:
         self.samples: list[int] = []
         self._task: asyncio.Task[None] | None = None
         self._con: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()  # count() is also called from the test while sampling
 
     @property
     def max_seen(self) -> int:
         return max(self.samples, default=0)
 
     async def count(self) -> int:
-        if self._con is None or self._con.is_closed():
-            self._con = await asyncpg.connect(self.admin_dsn, timeout=2)
-        # Backends that are starting up or exiting are counted too: the
-        # server's own bound is what matters.
-        return int(
-            await self._con.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", self.app_name, timeout=2
+        async with self._lock:
+            if self._con is None or self._con.is_closed():
+                self._con = await asyncpg.connect(self.admin_dsn, timeout=2)
+            # Backends that are starting up or exiting are counted too: the
+            # server's own bound is what matters.
+            return int(
+                await self._con.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", self.app_name, timeout=2
+                )
             )
-        )
 
     async def _run(self) -> None:
         while True:

@@ -1,0 +1,203 @@
+"""Network faults through a loopback TCP proxy: latency, a black hole,
+resets mid-query. Deadlines must hold: nothing hangs past its timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+
+import safepool
+
+from ._harness import Ledger, ServerSampler, assert_books_balance, classify, closing, loop_errors, scale, settle
+from ._pg import Cluster
+from ._proxy import FaultProxy
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
+
+SLACK = 0.25  # scheduling slack on a loaded 2-core machine
+
+
+async def test_latency_acquire_timeouts_fire_on_time(running: Cluster, app_name: str, report: Any) -> None:
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=2, max_size=2, acquire_timeout=0.3,
+            server_settings={"application_name": app_name},
+        )
+        proxy.latency = 0.05  # each round trip now costs >= 100 ms
+        ledger = Ledger()
+        late: list[float] = []
+        waits: list[float] = []
+        deadline = time.monotonic() + scale(3.0, 10.0)
+
+        async def client() -> None:
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                try:
+                    async with pool.acquire() as con:
+                        waits.append(time.monotonic() - started)
+                        await con.fetchval("SELECT 1")
+                    ledger.ok += 1
+                except safepool.PoolTimeoutError as exc:
+                    waited = time.monotonic() - started
+                    if waited > 0.3 + SLACK:
+                        late.append(waited)
+                    ledger.record(exc)
+                except Exception as exc:
+                    ledger.record(exc)
+
+        async with closing(pool), ServerSampler(running.admin_dsn, app_name) as sampler:
+            with loop_errors() as unhandled:
+                await asyncio.gather(*(client() for _ in range(8)))
+                proxy.latency = 0.0
+                await assert_books_balance(pool, sampler)
+            assert not unhandled, unhandled
+    ledger.check()
+    report(ledger=ledger.summary(), max_wait_s=round(max(waits), 3), late=late)
+    assert not late, f"acquire timeouts fired late: {late}"
+    assert max(waits) < 0.3 + SLACK
+    assert ledger.errors["PoolTimeoutError"] > 0 and ledger.ok > 0
+    assert set(ledger.errors) == {"PoolTimeoutError"}, ledger.summary()
+    assert sampler.max_seen <= 2
+
+
+async def test_lease_timeout_takes_back_a_slow_query_under_latency(running: Cluster, app_name: str) -> None:
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=1, max_size=1, lease_timeout=0.3,
+            server_settings={"application_name": app_name},
+        )
+        proxy.latency = 0.02
+        async with closing(pool):
+            with loop_errors() as unhandled:
+                started = time.monotonic()
+                async with pool.acquire() as con:
+                    with pytest.raises((asyncpg.QueryCanceledError, safepool.LeaseExpiredError)):
+                        await con.fetchval("SELECT pg_sleep(5)")
+                held = time.monotonic() - started
+                assert held < 0.3 + 1.0, f"the holder was stuck {held:.2f}s"
+                # The connection was cancelled, reset and handed on, not lost.
+                assert await pool.fetchval("SELECT 2") == 2
+                await settle(pool)
+                assert pool.stats().leases_expired == 1 and pool.get_size() == 1
+            assert not unhandled, unhandled
+            pool._state.check_invariants()
+
+
+async def test_black_hole_connect_times_out_and_close_does_not_hang(running: Cluster, app_name: str) -> None:
+    """The server's address accepts TCP and never answers: an acquire on an
+    empty pool fails at its timeout, and closing the pool does not wait for
+    the hanging connects (asyncpg's connect timeout is 60 s)."""
+    async with FaultProxy(running.port) as proxy:
+        proxy.blackhole = True
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=0, max_size=2,
+            server_settings={"application_name": app_name},
+        )
+        with loop_errors() as unhandled:
+            started = time.monotonic()
+            with pytest.raises(safepool.PoolTimeoutError):
+                await pool.acquire(timeout=0.5)
+            assert time.monotonic() - started < 0.5 + SLACK
+            assert pool.stats().connecting >= 1 and proxy.accepted >= 1
+            started = time.monotonic()
+            await asyncio.wait_for(pool.close(), 30)
+            closed_in = time.monotonic() - started
+        assert not unhandled, unhandled
+        assert closed_in < 2.0, f"close() waited {closed_in:.1f}s for connects that never answer"
+        assert pool._state.size == 0
+
+
+async def test_black_hole_mid_query_lease_timeout_bounds_the_holder(running: Cluster, app_name: str) -> None:
+    """The network goes silent during a query: the lease timeout takes the
+    connection back, the cancel request cannot get through either, and the
+    reset deadline closes it: the holder is released within lease_timeout +
+    reset_timeout. Once the network heals the pool serves again."""
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=2, max_size=2, lease_timeout=0.5, reset_timeout=0.5,
+            acquire_timeout=0.5, timeout=2.0,  # connect timeout, passed to asyncpg.connect
+            server_settings={"application_name": app_name},
+        )
+        async with closing(pool), ServerSampler(running.admin_dsn, app_name) as sampler:
+            with loop_errors() as unhandled:
+                holder_errors: list[BaseException] = []
+
+                async def holder() -> float:
+                    started = time.monotonic()
+                    try:
+                        async with pool.acquire() as con:
+                            await con.fetchval("SELECT pg_sleep(0.2)")
+                    except Exception as exc:
+                        holder_errors.append(exc)
+                    return time.monotonic() - started
+
+                task = asyncio.create_task(holder())
+                await asyncio.sleep(0.05)
+                proxy.blackhole = True
+                held = await asyncio.wait_for(task, 10)
+                assert held < 0.5 + 0.5 + 2 * SLACK, f"holder stuck {held:.2f}s"
+                assert holder_errors and all(classify(e) for e in holder_errors), holder_errors
+                # While the network is silent, acquires end at their deadline.
+                started = time.monotonic()
+                try:
+                    async with pool.acquire() as con:
+                        await con.fetchval("SELECT 1")
+                except Exception as exc:
+                    assert classify(exc), exc
+                assert time.monotonic() - started < 0.5 + 0.5 + 2 * SLACK
+                proxy.heal()
+                recovered_at = time.monotonic() + 10
+                while True:
+                    try:
+                        assert await pool.fetchval("SELECT 3") == 3
+                        break
+                    except Exception as exc:
+                        assert classify(exc), exc
+                        assert time.monotonic() < recovered_at, "no recovery after the network healed"
+                        await asyncio.sleep(0.05)
+                await assert_books_balance(pool, sampler)
+            assert not unhandled, unhandled
+
+
+async def test_resets_mid_query_under_load(running: Cluster, app_name: str, report: Any) -> None:
+    rng = random.Random(3)
+    max_size = 4
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=2, max_size=max_size, acquire_timeout=2.0,
+            server_settings={"application_name": app_name},
+        )
+        ledger = Ledger()
+        resets = 0
+        deadline = time.monotonic() + scale(3.0, 15.0)
+
+        async def client() -> None:
+            while time.monotonic() < deadline:
+                try:
+                    async with pool.acquire() as con:
+                        await con.fetchval("SELECT pg_sleep(0.01)")
+                    ledger.ok += 1
+                except Exception as exc:
+                    ledger.record(exc)
+                    await asyncio.sleep(0.01)
+
+        async with closing(pool), ServerSampler(running.admin_dsn, app_name) as sampler:
+            with loop_errors() as unhandled:
+                tasks = [asyncio.create_task(client()) for _ in range(12)]
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(rng.uniform(0.1, 0.3))
+                    resets += proxy.reset_all()
+                await asyncio.wait_for(asyncio.gather(*tasks), 10)
+                await assert_books_balance(pool, sampler)
+                assert await pool.fetchval("SELECT 1") == 1
+            assert not unhandled, unhandled
+    ledger.check()
+    report(connections_reset=resets, ledger=ledger.summary(), max_server_connections=sampler.max_seen)
+    assert resets >= 10
+    assert sampler.max_seen <= max_size, sampler.samples
+    assert ledger.ok > 0
