@@ -246,20 +246,19 @@ def _run(config: ReplayConfig, args: argparse.Namespace) -> int:
             runs, max_connections = asyncio.run(_replay(config, dsn, progress))
     summaries = [report.summarize(run, config) for run in runs]
     wall = time.monotonic() - started
+    if args.json:
+        sys.stdout.write(json.dumps(report.as_json(summaries, config, max_connections, wall), indent=2) + "\n")
+    else:
+        report.print_report(out, summaries, config, max_connections)
+        out.print(f"wall time {wall:.1f} s")
     if args.plot is not None:
         from .plot import write_plot
 
         try:
             write_plot(args.plot, summaries, config, max_connections)
         except (OSError, ValueError) as exc:
-            raise ReplayError(f"could not write the plot to {str(args.plot)!r} ({exc})") from exc
-    if args.json:
-        sys.stdout.write(json.dumps(report.as_json(summaries, config, max_connections, wall), indent=2) + "\n")
-    else:
-        report.print_report(out, summaries, config, max_connections)
-        out.print(f"wall time {wall:.1f} s" + (f"; figure written to {args.plot}" if args.plot else ""))
-    if args.json and args.plot:
-        err.print(f"figure written to {args.plot}")
+            raise ReplayError(f"could not write the figure to {str(args.plot)!r} ({exc})") from exc
+        (err if args.json else out).print(f"figure written to {args.plot}")
     return 0
 
 

@@ -56,7 +56,7 @@ class PoolRun:
     log_records: int = 0  # warnings and errors logged during the run
 
 
-MIN_SIZE = 2
+MIN_SIZE = 2  # both pools' min_size: leaked connections then show as new server connections
 
 Tick = Callable[[str, Sample, list[RequestRecord]], None]
 
@@ -79,7 +79,7 @@ def load_service() -> types.ModuleType:
         filename = "safepool/replay/app.py"
         # So that leak reports can quote the source line (mtime None: never stale).
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        module = types.ModuleType("safepool.replay.app", (__doc__ or "").strip())
+        module = types.ModuleType("safepool.replay.app")
         module.__file__ = str(path)
         exec(compile(source, filename, "exec"), module.__dict__)
         _SERVICE = module
@@ -241,6 +241,8 @@ async def run_pool(
                     finally:
                         sampler.cancel()
                         await asyncio.wait([sampler])
+                    if not sampler.cancelled() and (error := sampler.exception()) is not None:
+                        raise ReplayError(f"the sampler failed ({describe_error(error)})") from error
             run.leaked = metrics.leaked
         finally:
             await close_pool(pool)
