@@ -1,0 +1,136 @@
+"""A cancellation storm: thousands of tasks cancelled at random points of
+acquire, use and release, by every way cancellation arrives on asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+import safepool
+
+from ._harness import ServerSampler, assert_books_balance, classify, closing, loop_errors, scale
+from ._pg import Cluster
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
+
+MAX_SIZE = 4
+MODES = ("task.cancel", "asyncio.timeout", "wait_for", "none")
+
+
+def _expected_report(context: dict[str, Any]) -> bool:
+    message = str(context.get("message", ""))
+    # asyncpg's (and safepool's) report of a lease released inside BEGIN.
+    if message.startswith("Resetting connection with an active transaction"):
+        return True
+    # asyncpg itself, no pool needed (see docs/reliability.md): a connection
+    # terminated while asyncpg's own cancel request for it is negotiating
+    # SSL leaves that request's future unretrieved.
+    exc = context.get("exception")
+    return message == "Future exception was never retrieved" and str(exc) == "unexpected connection_lost() call"
+
+
+async def test_cancellation_storm(running: Cluster, app_name: str, report: Any) -> None:
+    rng = random.Random(17)
+    total = int(scale(5000, 40000))
+    pool = await safepool.create_pool(
+        running.dsn(), min_size=2, max_size=MAX_SIZE, max_waiters=None,
+        server_settings={"application_name": app_name},
+    )
+    outcomes: Counter[str] = Counter()
+    untyped: list[BaseException] = []
+    busy_handed_out: list[str] = []
+
+    async def work(r: random.Random) -> None:
+        async with pool.acquire() as con:
+            if con.is_in_transaction():
+                busy_handed_out.append("in transaction")
+            kind = r.random()
+            if kind < 0.4:
+                await con.fetchval("SELECT pg_sleep($1)", r.uniform(0, 0.004))
+            elif kind < 0.7:
+                async with con.transaction():
+                    await con.execute("SELECT pg_sleep($1)", r.uniform(0, 0.002))
+                    await asyncio.sleep(r.uniform(0, 0.002))
+                    await con.execute("SELECT 1")
+            elif kind < 0.85:
+                await con.execute("BEGIN")  # left open on purpose: the reset must end it
+                await con.execute("SELECT 1")
+            else:
+                await asyncio.sleep(r.uniform(0, 0.003))  # holds it, runs nothing
+
+    async def one(seed: int) -> None:
+        r = random.Random(seed)
+        mode = r.choice(MODES)
+        # Short limits land in use and release, long ones in the wait queue.
+        limit = r.uniform(0, 0.003) if r.random() < 0.5 else r.uniform(0, 0.03)
+        try:
+            if mode == "asyncio.timeout":
+                async with asyncio.timeout(limit):
+                    await work(r)
+            elif mode == "wait_for":
+                await asyncio.wait_for(work(r), limit)
+            else:
+                await work(r)
+            outcomes["ok"] += 1
+        except asyncio.CancelledError:
+            outcomes["cancelled"] += 1
+            raise
+        except TimeoutError as exc:
+            if isinstance(exc, safepool.PoolError):
+                outcomes[type(exc).__name__] += 1
+            else:
+                outcomes["timed_out"] += 1  # the test's own asyncio.timeout / wait_for
+        except Exception as exc:
+            kind = classify(exc)
+            if kind is None or kind.startswith(("connection", "os:", "asyncpg:")):
+                # Nothing kills connections here: a connection error means the
+                # pool handed out one in a bad state.
+                untyped.append(exc)
+            else:
+                outcomes[kind] += 1
+
+    started = time.monotonic()
+    async with closing(pool), ServerSampler(running.admin_dsn, app_name) as sampler:
+        with loop_errors(allow=_expected_report) as unhandled:
+            first = 0
+            while first < total:
+                # Waves of a few tasks (cancelled mostly while using or
+                # releasing) to many (mostly while waiting).
+                wave = rng.choice((MAX_SIZE, 10 * MAX_SIZE, 300))
+                tasks = [asyncio.create_task(one(seed)) for seed in range(first, min(first + wave, total))]
+                first += wave
+                # task.cancel() at a random moment for about a third of them.
+                for task in tasks:
+                    if rng.random() < 0.33:
+                        delay = rng.uniform(0, 0.003) if rng.random() < 0.5 else rng.uniform(0, 0.03)
+                        asyncio.get_running_loop().call_later(delay, task.cancel)
+                async with asyncio.timeout(30):
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            elapsed = time.monotonic() - started
+            await assert_books_balance(pool, sampler)
+            # Every connection left is clean and usable at once.
+            cons = [await pool.acquire() for _ in range(pool.get_size())]
+            try:
+                for con in cons:
+                    assert not con.is_in_transaction()
+                    assert await con.fetchval("SELECT 1", timeout=2) == 1
+            finally:
+                for con in cons:
+                    await pool.release(con)
+            await assert_books_balance(pool, sampler)
+        assert not unhandled, unhandled
+    stats = pool.stats()
+    report(total=total, seconds=round(elapsed, 2), outcomes=dict(outcomes), max_server_connections=sampler.max_seen,
+           leaks_detected=stats.leaks_detected, resets=stats.resets, resets_failed=stats.resets_failed,
+           connections_opened=stats.connections_opened)
+    assert not untyped, untyped[:5]
+    assert not busy_handed_out
+    assert sum(outcomes.values()) == total
+    assert outcomes["ok"] > total // 10 and outcomes["cancelled"] > total // 10 and outcomes["timed_out"] > total // 10
+    assert stats.leaks_detected == 0
+    assert sampler.max_seen <= MAX_SIZE, sampler.samples
