@@ -13,17 +13,23 @@ import sys
 
 Frame = tuple[str, int, str]
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# The pool's own modules (not its subpackages: safepool/replay holds a demo
+# application whose frames are exactly what a report must name).
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _ASYNCIO_DIR = os.path.dirname(os.path.abspath(sys.modules["asyncio"].__file__ or "")) + os.sep
 
 
+def _is_internal(filename: str) -> bool:
+    return os.path.dirname(filename) == _PACKAGE_DIR or filename.startswith(_ASYNCIO_DIR)
+
+
 def capture(limit: int = 8) -> tuple[Frame, ...]:
-    """The caller's stack, innermost first, without safepool's or asyncio's frames."""
+    """The caller's stack, innermost first, without the pool's or asyncio's frames."""
     frames: list[Frame] = []
     frame = sys._getframe(1)
     while frame is not None and len(frames) < limit:
         filename = frame.f_code.co_filename
-        if not filename.startswith(_PACKAGE_DIR) and not filename.startswith(_ASYNCIO_DIR):
+        if not _is_internal(filename):
             frames.append((filename, frame.f_lineno, frame.f_code.co_name))
         frame = frame.f_back  # type: ignore[assignment]
     return tuple(frames)
