@@ -1,0 +1,349 @@
+"""safepool through a real PgBouncer in transaction mode.
+
+Each test starts its own pgbouncer process on a free loopback port, in front
+of the session's test server. Skipped, with the reason, when the pgbouncer
+binary is absent (``apt-get install pgbouncer``; .ci/run installs it).
+
+Findings, written up in docs/pgbouncer.md:
+
+* ``statement_cache_size=0`` is required (asyncpg's named prepared
+  statements do not survive transaction pooling on PgBouncer < 1.21);
+* ``reset_mode="rollback"`` is the right reset: an open transaction must be
+  rolled back on the same client connection (it pins a server connection
+  until it ends), while the session reset of ``"full"`` runs as a separate
+  transaction on whichever server connection PgBouncer picks, so it costs a
+  round trip per lease and resets nothing useful;
+* many pools (app processes) share one server budget: PgBouncer queues their
+  transactions, the server never sees more than ``default_pool_size``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+import safepool
+from tests.faults._harness import Ledger, loop_errors
+from tests.faults._pg import free_port
+
+pytestmark = [
+    pytest.mark.asyncio,
+    pytest.mark.skipif(
+        shutil.which("pgbouncer") is None,
+        reason="pgbouncer is not installed (apt-get install pgbouncer; .ci/run installs it)",
+    ),
+]
+
+SERVER_ROLE = "bouncer_server"  # the role PgBouncer logs in with: counts its server connections
+
+
+class Bouncer:
+    def __init__(self, upstream: dict[str, Any], root: Path, **settings: Any) -> None:
+        self.port = free_port()
+        self.root = root
+        self.user = upstream["user"]
+        server = f"host={upstream['host']} port={upstream['port']} dbname={upstream['database']}"
+        server += f" user={upstream['server_user']}"
+        if upstream.get("password"):
+            server += f" password={upstream['password']}"
+        options = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": self.port,
+            "unix_socket_dir": "",
+            "auth_type": "trust",
+            "auth_file": str(root / "users.txt"),
+            "pool_mode": "transaction",
+            "default_pool_size": 4,
+            "max_client_conn": 100,
+            "query_wait_timeout": 10,
+            "logfile": str(root / "pgbouncer.log"),
+            "pidfile": "",
+            "ignore_startup_parameters": "extra_float_digits",
+            **settings,
+        }
+        lines = ["[databases]", f"{upstream['database']} = {server}", "", "[pgbouncer]"]
+        lines += [f"{key} = {value}" for key, value in options.items()]
+        (root / "pgbouncer.ini").write_text("\n".join(lines) + "\n")
+        (root / "users.txt").write_text(f'"{self.user}" ""\n')
+        self.database = upstream["database"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        run_as = None
+        if os.geteuid() == 0:  # pgbouncer refuses to run as root
+            run_as = "embedded_postgres" if _user_exists("embedded_postgres") else "nobody"
+            for path in self.root.iterdir():
+                shutil.chown(path, run_as)
+            shutil.chown(self.root, run_as)
+        self.proc = subprocess.Popen(
+            ["pgbouncer", str(self.root / "pgbouncer.ini")],
+            user=run_as, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log = (self.root / "pgbouncer.log").read_text() if (self.root / "pgbouncer.log").exists() else ""
+                    raise RuntimeError(f"pgbouncer did not start: {log[-2000:]}") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def dsn(self) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{self.database}"
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest_asyncio.fixture
+async def upstream(pg_dsn: str) -> AsyncIterator[dict[str, Any]]:
+    """Where PgBouncer connects: the test server, as a dedicated role when
+    it can be created (to count PgBouncer's server connections)."""
+    con = await asyncpg.connect(pg_dsn)
+    try:
+        addr, params = con._addr, con._params
+        if isinstance(addr, str):  # a Unix socket: .../.s.PGSQL.<port>
+            host, port = os.path.dirname(addr), int(addr.rsplit(".", 1)[1])
+        else:
+            host, port = addr
+        server_user = params.user
+        try:
+            exists = await con.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", SERVER_ROLE)
+            if not exists:
+                await con.execute(f"CREATE ROLE {SERVER_ROLE} LOGIN SUPERUSER")
+            server_user = SERVER_ROLE
+        except asyncpg.InsufficientPrivilegeError:
+            pass
+        yield {
+            "host": host, "port": port, "database": params.database, "user": params.user,
+            "password": params.password, "server_user": server_user,
+        }
+    finally:
+        await con.close()
+
+
+@pytest.fixture
+def start_bouncer(upstream: dict[str, Any]) -> Iterator[Callable[..., Bouncer]]:
+    bouncers: list[Bouncer] = []
+    roots: list[str] = []
+
+    def start(**settings: Any) -> Bouncer:
+        root = tempfile.mkdtemp(prefix="safepool-pgbouncer-")
+        os.chmod(root, 0o755)
+        roots.append(root)
+        bouncer = Bouncer(upstream, Path(root), **settings)
+        bouncer.start()
+        bouncers.append(bouncer)
+        return bouncer
+
+    yield start
+    for bouncer in bouncers:
+        bouncer.stop()
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest_asyncio.fixture
+async def server_connections(pg_dsn: str, upstream: dict[str, Any]) -> AsyncIterator[Callable[[], Any]]:
+    """``await server_connections()``: PgBouncer's connections to the server."""
+    if upstream["server_user"] != SERVER_ROLE:
+        pytest.skip(f"cannot create role {SERVER_ROLE} on the test server to count PgBouncer's connections")
+    admin = await asyncpg.connect(pg_dsn)
+
+    async def count() -> int:
+        return int(await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", SERVER_ROLE))
+
+    try:
+        yield count
+    finally:
+        await admin.close()
+
+
+# ----------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("reset_mode", ["rollback", "full"])
+async def test_pool_works_through_pgbouncer_transaction_mode(
+    start_bouncer: Callable[..., Bouncer], reset_mode: str
+) -> None:
+    bouncer = start_bouncer(default_pool_size=3)
+    pool = await safepool.create_pool(
+        bouncer.dsn(), min_size=2, max_size=8, statement_cache_size=0, reset_mode=reset_mode,
+    )
+    ledger = Ledger()
+
+    async def client(i: int) -> None:
+        for j in range(15):
+            try:
+                async with pool.acquire() as con:
+                    assert await con.fetchval("SELECT $1::int * 2", i * 100 + j) == 2 * (i * 100 + j)
+                    async with con.transaction():
+                        rows = await con.fetch("SELECT g FROM generate_series(1, $1::int) g", j + 1)
+                        assert [r["g"] for r in rows] == list(range(1, j + 2))
+                    await con.executemany("SELECT $1::text", [(str(k),) for k in range(3)])
+                ledger.ok += 1
+            except Exception as exc:
+                ledger.record(exc)
+
+    try:
+        with loop_errors() as unhandled:
+            async with asyncio.timeout(60):
+                await asyncio.gather(*(client(i) for i in range(24)))
+        assert not unhandled, unhandled
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    ledger.check()
+    assert ledger.ok == 24 * 15, ledger.summary()
+    stats = pool.stats()
+    print({"reset_mode": reset_mode, "resets": stats.resets, "resets_skipped": stats.resets_skipped,
+           "acquired": stats.acquired})
+    if reset_mode == "rollback":
+        assert stats.resets == 0  # no open transaction was left: nothing to send
+    else:
+        assert stats.resets > 0  # a round trip per lease, on whatever server connection
+
+
+async def test_rollback_mode_ends_open_transactions_so_pgbouncer_unpins(
+    start_bouncer: Callable[..., Bouncer],
+) -> None:
+    """A lease released inside BEGIN pins a PgBouncer server connection until
+    the transaction ends. With two server connections and four pool
+    connections, twenty such leases would wedge everything unless the pool
+    rolls back on the same client connection."""
+    bouncer = start_bouncer(default_pool_size=2, query_wait_timeout=5)
+    pool = await safepool.create_pool(
+        bouncer.dsn(), min_size=4, max_size=4, statement_cache_size=0, reset_mode="rollback",
+    )
+    try:
+        with loop_errors(allow=lambda ctx: "active transaction" in str(ctx.get("message"))) as unhandled:
+            async with asyncio.timeout(20):
+                await pool.execute("CREATE TABLE IF NOT EXISTS sp_bouncer_t (x int)")
+                await pool.execute("TRUNCATE sp_bouncer_t")
+                for _ in range(20):
+                    async with pool.acquire() as con:
+                        await con.execute("BEGIN")
+                        await con.execute("INSERT INTO sp_bouncer_t VALUES (1)")
+                        # released without COMMIT
+                assert await pool.fetchval("SELECT count(*) FROM sp_bouncer_t") == 0
+                await pool.execute("DROP TABLE sp_bouncer_t")
+        assert not unhandled, unhandled
+        assert pool.stats().resets == 20
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+async def test_many_pools_share_one_server_budget(
+    start_bouncer: Callable[..., Bouncer], server_connections: Callable[[], Any]
+) -> None:
+    """Three pools (three app processes) of max_size 5 each behind one
+    PgBouncer with default_pool_size 4: the server never sees more than 4
+    connections, and every transaction completes (PgBouncer queues them)."""
+    bouncer = start_bouncer(default_pool_size=4, max_client_conn=20)
+    pools = [
+        await safepool.create_pool(
+            bouncer.dsn(), min_size=1, max_size=5, statement_cache_size=0, reset_mode="rollback",
+        )
+        for _ in range(3)
+    ]
+    samples: list[int] = []
+    ledger = Ledger()
+    stop = asyncio.Event()
+
+    async def sample() -> None:
+        while not stop.is_set():
+            samples.append(await server_connections())
+            await asyncio.sleep(0.02)
+
+    async def client(pool: safepool.Pool) -> None:
+        for _ in range(20):
+            try:
+                async with pool.acquire() as con, con.transaction():
+                    await con.execute("SELECT pg_sleep(0.005)")
+                ledger.ok += 1
+            except Exception as exc:
+                ledger.record(exc)
+
+    try:
+        sampler = asyncio.create_task(sample())
+        async with asyncio.timeout(60):
+            await asyncio.gather(*(client(pools[i % 3]) for i in range(30)))
+        stop.set()
+        await sampler
+    finally:
+        for pool in pools:
+            await asyncio.wait_for(pool.close(), 10)
+    ledger.check()
+    assert ledger.ok == 600, ledger.summary()
+    assert samples and max(samples) <= 4, samples
+    print({"client_connections": sum(p.stats().max_size for p in pools), "max_server_connections": max(samples)})
+
+
+async def test_pgbouncer_client_limit_degrades_the_pools_without_failing_callers(
+    start_bouncer: Callable[..., Bouncer],
+) -> None:
+    """max_size x processes above PgBouncer's max_client_conn: the pools that
+    cannot grow keep serving with the connections they have."""
+    bouncer = start_bouncer(default_pool_size=4, max_client_conn=6)
+    pools = [
+        await safepool.create_pool(
+            bouncer.dsn(), min_size=1, max_size=5, statement_cache_size=0, reset_mode="rollback",
+            acquire_timeout=10,
+        )
+        for _ in range(3)
+    ]
+    ledger = Ledger()
+
+    async def client(pool: safepool.Pool) -> None:
+        for _ in range(20):
+            try:
+                async with pool.acquire() as con:
+                    await con.execute("SELECT pg_sleep(0.005)")
+                ledger.ok += 1
+            except Exception as exc:
+                ledger.record(exc)
+
+    try:
+        with loop_errors() as unhandled:
+            async with asyncio.timeout(60):
+                await asyncio.gather(*(client(pools[i % 3]) for i in range(30)))
+        assert not unhandled, unhandled
+        sizes = [p.get_size() for p in pools]
+        connect_errors = sum(p.stats().connect_errors for p in pools)
+    finally:
+        for pool in pools:
+            await asyncio.wait_for(pool.close(), 10)
+    ledger.check()
+    print({"sizes": sizes, "connect_errors": connect_errors, "ledger": ledger.summary()})
+    assert sum(sizes) <= 6
+    assert connect_errors > 0
+    assert ledger.ok == 600, ledger.summary()
