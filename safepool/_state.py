@@ -338,7 +338,11 @@ class PoolState:
         """Queue a waiter behind the others (FIFO); raises if it must not wait."""
         if self.closing:
             raise Closed
-        if self.max_waiters is not None and self._waiting >= self.max_waiters:
+        # max_waiters bounds the tasks queued behind busy connections: those a
+        # connect under way, or one the pool may still open, will serve, are
+        # not an overload (else max_waiters=0 could never open a connection).
+        room = max(0, self.max_size - self._live()) + self._counts[S.CONNECTING]
+        if self.max_waiters is not None and self._waiting >= self.max_waiters + room:
             self.counters.overload_rejections += 1
             raise Overloaded
         if (

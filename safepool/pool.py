@@ -151,6 +151,19 @@ class Pool:
             loop = asyncio.get_event_loop()
         self._loop = loop
 
+        # Types first: asyncpg compares without checking, so a wrong type
+        # would fail with "'<=' not supported ..." or at first use.
+        for size_name, size in (("max_size", max_size), ("min_size", min_size), ("init_size", init_size)):
+            if not isinstance(size, int) and not (size is None and size_name == "init_size"):
+                raise TypeError(f"{size_name} must be an int, got {size!r}")
+        for number_name, number in (
+            ("max_queries", max_queries),
+            ("max_inactive_connection_lifetime", max_inactive_connection_lifetime),
+        ):
+            if not isinstance(number, (int, float)):
+                raise TypeError(f"{number_name} must be a number, got {number!r}")
+            if number != number:
+                raise ValueError(f"{number_name} must not be NaN")
         # asyncpg's checks and messages, in asyncpg's order.
         if max_size <= 0:
             raise ValueError("max_size is expected to be greater than zero")
@@ -304,6 +317,8 @@ class Pool:
             lease_timeout = self._lease_timeout
         elif lease_timeout is not None:
             lease_timeout = _validate_timeout("lease_timeout", lease_timeout)
+            if lease_timeout == 0:
+                raise ValueError("lease_timeout must be > 0 seconds (None turns it off)")
         if self._state.closing and not self._closed:
             raise PoolClosedError("pool is closing")
         self._check_init()

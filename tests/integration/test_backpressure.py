@@ -94,7 +94,9 @@ async def test_overload_10x_sheds_load_with_typed_errors(cluster: Cluster, app_n
     ledger.check()
     # Only the pool's own load-shedding errors: nothing from the server.
     assert set(ledger.errors) <= {"PoolOverloadedError", "PoolTimeoutError"}, ledger.summary()
-    assert max_waiting <= bound
+    # Queued behind busy connections: at most max_waiters; tasks waiting for
+    # a connection being opened (up to max_size) come on top.
+    assert max_waiting <= bound + max_size
     assert sampler.max_seen <= max_size, sampler.samples
     if refusal_latency:
         assert max(refusal_latency) < 0.05, "PoolOverloadedError must be raised at once"
@@ -108,6 +110,41 @@ async def test_overload_10x_sheds_load_with_typed_errors(cluster: Cluster, app_n
     if max_waiters == 8:
         assert ledger.errors["PoolOverloadedError"] > 0  # the bound was actually reached
     assert ledger.ok > 0
+
+
+async def test_max_waiters_bounds_the_queue_not_the_growth(cluster: Cluster, app_name: str) -> None:
+    """max_waiters counts tasks queued behind busy connections. An empty
+    pool with room to grow must open connections for a burst, even with
+    max_waiters=0 (which used to refuse every acquire of an empty pool)."""
+    pool = await safepool.create_pool(
+        cluster.dsn(), min_size=0, max_size=4, max_waiters=0, server_settings={"application_name": app_name},
+    )
+    release = asyncio.Event()
+    held = 0
+
+    async def holder() -> None:
+        nonlocal held
+        async with pool.acquire() as con:
+            await con.execute("SELECT 1")
+            held += 1
+            await release.wait()
+
+    async with closing(pool):
+        tasks = [asyncio.create_task(holder()) for _ in range(4)]
+        async with asyncio.timeout(10):
+            while held < 4:
+                await asyncio.sleep(0.005)
+                for task in tasks:
+                    if task.done():
+                        task.result()  # surface a refusal at once
+        # Now every connection is busy: the next one would queue, so it is refused.
+        with pytest.raises(safepool.PoolOverloadedError):
+            await pool.acquire()
+        release.set()
+        await asyncio.gather(*tasks)
+        await settle(pool)
+        pool._state.check_invariants()
+        assert pool.get_size() == 4
 
 
 # ------------------------------------------------ server out of connections

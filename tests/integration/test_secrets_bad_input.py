@@ -1,0 +1,209 @@
+"""Bad input to the public API, fuzzed with hypothesis: every bad value
+raises a clear ValueError or TypeError (naming the parameter), at once, and
+leaves the pool usable; every acceptable value gives a working pool.
+
+One event loop and one real server serve all examples (asyncio.Runner), so
+the fuzz stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import safepool
+
+LONG = bool(os.environ.get("SAFEPOOL_LONG"))
+FUZZ = settings(
+    max_examples=600 if LONG else 120,
+    derandomize=not LONG,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 4),
+    st.integers(min_value=2**63, max_value=2**64),
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.sampled_from([0.5, 1.0, 2.0, -0.0, float("nan"), float("inf"), -1.5]),
+    st.text(max_size=3),
+    st.sampled_from(["1", "2.5", b"3", [1], (2,), {}, object()]),
+)
+
+COUNTS = ("min_size", "max_size", "max_queries", "max_waiters", "max_connecting")
+DURATIONS = (
+    "lease_timeout", "acquire_timeout", "leak_warning_after", "reset_timeout", "max_inactive_connection_lifetime",
+)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def verdict(name: str, value: Any, base: dict[str, Any]) -> str:
+    """"ok": must work; "bad": must raise ValueError/TypeError naming it;
+    "either": a borderline value (a bool or an integral float where an int
+    is meant, infinity for a duration) may go either way, but if accepted
+    the pool must work."""
+    if name == "reset_mode":
+        return "ok" if value in ("full", "rollback") else "bad"
+    if name in COUNTS:
+        if value is None:
+            return "ok" if name in ("max_waiters", "max_connecting") else "bad"
+        if isinstance(value, bool) or (isinstance(value, float) and value.is_integer()):
+            return "either"
+        if name == "max_queries" and isinstance(value, float) and value > 0:
+            return "either"  # asyncpg only compares it: 0.5 means "after every query", inf "never"
+        if not _is_int(value):
+            return "bad"
+        low = {"min_size": 0, "max_size": 1, "max_queries": 1, "max_waiters": 0, "max_connecting": 1}[name]
+        if value < low:
+            return "bad"
+        if name == "min_size" and value > base["max_size"]:
+            return "bad"
+        if name == "max_size" and value < base["min_size"]:
+            return "bad"
+        if name in ("min_size", "max_size") and value > 64:
+            return "either"  # valid, but would open that many connections
+        return "ok"
+    if name in DURATIONS:
+        if value is None:
+            return "bad" if name == "max_inactive_connection_lifetime" else "ok"
+        if isinstance(value, bool):
+            return "either"
+        if not _is_number(value) or math.isnan(value) or value < 0:
+            return "bad"
+        if math.isinf(value):
+            return "either"
+        if name == "lease_timeout" and value == 0:
+            return "bad"  # documented: None turns it off
+        return "ok"
+    raise AssertionError(name)
+
+
+def _names_it(exc: BaseException, name: str) -> bool:
+    text = str(exc)
+    return name in text or (name == "min_size" and "max_size" in text) or (name == "max_size" and "min_size" in text)
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[asyncio.Runner]:
+    with asyncio.Runner() as r:
+        yield r
+
+
+async def _works(pool: safepool.Pool) -> None:
+    async with asyncio.timeout(10):
+        async with pool.acquire(timeout=5) as con:
+            assert await con.fetchval("SELECT 1") == 1
+    pool._state.check_invariants()
+
+
+@FUZZ
+@given(name=st.sampled_from(COUNTS + DURATIONS + ("reset_mode",)), value=junk, min_size=st.integers(0, 2))
+def test_create_pool_rejects_bad_values_clearly(
+    runner: asyncio.Runner, pg_dsn: str, name: str, value: Any, min_size: int
+) -> None:
+    base: dict[str, Any] = {"min_size": min_size, "max_size": 3}
+    expected = verdict(name, value, base)
+    kwargs = {**base, name: value}
+
+    async def attempt() -> None:
+        try:
+            pool = await safepool.create_pool(pg_dsn, **kwargs)
+        except (ValueError, TypeError) as exc:
+            assert expected != "ok", f"{name}={value!r} was refused: {exc!r}"
+            assert _names_it(exc, name), f"unclear error for {name}={value!r}: {exc!r}"
+            return
+        try:
+            assert expected != "bad", f"{name}={value!r} was accepted"
+            await _works(pool)
+        finally:
+            await asyncio.wait_for(pool.close(), 10)
+
+    runner.run(attempt())
+
+
+@pytest.fixture(scope="module")
+def shared_pool(runner: asyncio.Runner, pg_dsn: str) -> Iterator[safepool.Pool]:
+    async def make() -> safepool.Pool:
+        return await safepool.create_pool(pg_dsn, min_size=1, max_size=3)
+
+    pool = runner.run(make())
+    yield pool
+    runner.run(asyncio.wait_for(pool.close(), 10))
+
+
+@FUZZ
+@given(timeout=junk, lease_timeout=st.one_of(st.just("unset"), junk))
+def test_acquire_rejects_bad_timeouts_and_the_pool_stays_usable(
+    runner: asyncio.Runner, shared_pool: safepool.Pool, timeout: Any, lease_timeout: Any
+) -> None:
+    kwargs: dict[str, Any] = {"timeout": timeout}
+    verdicts = {"timeout": verdict("acquire_timeout", timeout, {})}
+    if lease_timeout != "unset":
+        kwargs["lease_timeout"] = lease_timeout
+        verdicts["lease_timeout"] = verdict("lease_timeout", lease_timeout, {})
+    if verdicts.get("lease_timeout") == "ok" and lease_timeout is not None and lease_timeout < 0.5:
+        verdicts["lease_timeout"] = "either"  # expires while the test uses it
+
+    async def attempt() -> None:
+        try:
+            async with asyncio.timeout(10):
+                async with shared_pool.acquire(**kwargs) as con:
+                    await con.fetchval("SELECT 1")
+        except (ValueError, TypeError) as exc:
+            bad = [n for n, v in verdicts.items() if v != "ok"]
+            assert bad, f"{kwargs} was refused: {exc!r}"
+            assert any(n in str(exc) for n in bad), f"unclear error for {kwargs}: {exc!r}"
+        except safepool.LeaseExpiredError:
+            assert verdicts.get("lease_timeout") == "either"
+        else:
+            assert "bad" not in verdicts.values(), f"{kwargs} was accepted"
+        await _works(shared_pool)
+        assert shared_pool.stats().in_use == 0
+
+    runner.run(attempt())
+
+
+@FUZZ
+@given(max_size=junk, min_size=st.one_of(st.just("unset"), junk))
+def test_resize_rejects_bad_sizes_and_changes_nothing(
+    runner: asyncio.Runner, shared_pool: safepool.Pool, max_size: Any, min_size: Any
+) -> None:
+    before = (shared_pool.get_max_size(), shared_pool.get_min_size())
+    kwargs: dict[str, Any] = {"max_size": max_size}
+    if min_size != "unset":
+        kwargs["min_size"] = min_size
+
+    ok_max = _is_int(max_size) and 1 <= max_size <= 64
+    ok_min = min_size == "unset" or min_size is None or (_is_int(min_size) and ok_max and 0 <= min_size <= max_size)
+    borderline = isinstance(max_size, bool) or isinstance(min_size, bool) or (_is_int(max_size) and max_size > 64)
+
+    async def attempt() -> None:
+        try:
+            shared_pool.resize(**kwargs)
+        except (ValueError, TypeError) as exc:
+            assert borderline or not (ok_max and ok_min), f"{kwargs} was refused: {exc!r}"
+            assert "max_size" in str(exc) or "min_size" in str(exc), f"unclear error: {exc!r}"
+            assert (shared_pool.get_max_size(), shared_pool.get_min_size()) == before, "a refused resize changed the pool"
+        else:
+            assert borderline or (ok_max and ok_min), f"{kwargs} was accepted"
+        await _works(shared_pool)
+        shared_pool.resize(max_size=before[0], min_size=before[1])
+        await _works(shared_pool)
+
+    runner.run(attempt())
