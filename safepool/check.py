@@ -1,0 +1,520 @@
+"""``python -m safepool check PATH...``: find acquired connections that some
+path through the code never gives back.
+
+An AST scan, one function at a time. For each ``pool.acquire()`` it asks:
+is the result used with ``async with``, or, when awaited into a variable, is
+that variable released in a ``finally:`` block that starts right after the
+acquire? Anything else is reported with the file, the line and a fix.
+
+What it cannot know (see docs/testing.md, "Limits of the static check"):
+which objects are pools (it goes by name: a receiver whose last name ends in
+``pool``/``pools``, a name bound from ``create_pool(...)``, a parameter
+annotated ``...Pool``; ``--pool-names`` changes the pattern), and where a
+connection goes once it leaves the function (returned, stored on an object,
+appended to a list): those are not followed and not reported.
+
+Codes:
+
+- SP001: released on some paths only (not in ``finally``, not ``async with``);
+- SP002: never released in the function that acquired it;
+- SP003: ``await pool.acquire()`` whose result is thrown away;
+- SP004: ``pool.acquire()`` neither awaited nor used with ``async with``.
+
+A line ending in ``# safepool: ignore`` is not reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import fnmatch
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+__all__ = ["Finding", "check_source", "main"]
+
+DEFAULT_POOL_NAMES = r"(?i)pools?$"
+IGNORE_COMMENT = re.compile(r"#\s*safepool:\s*ignore\b")
+SKIP_DIRS = {"__pycache__", "node_modules", "site-packages", "venv", ".venv", "build", "dist"}
+
+_Scope = ast.Module | ast.FunctionDef | ast.AsyncFunctionDef
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+_RELEASE_METHODS = {"release", "close", "terminate"}
+_CLEANUP_REGISTRATIONS = {"push_async_callback", "callback", "push", "push_async_exit"}
+_ESCAPE_METHODS = {"append", "add", "put", "put_nowait", "extend", "insert", "appendleft", "setdefault"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: str
+    line: int
+    col: int
+    code: str
+    message: str
+    hint: str
+
+    def to_text(self) -> str:
+        return f"{self.path}:{self.line}:{self.col}: {self.code} {self.message}\n    fix: {self.hint}"
+
+
+def _hint(receiver: str, var: str | None, code: str = "") -> str:
+    name = "con" if var is None or code == "SP004" else var
+    if code == "SP004":
+        return f"`{name} = await {receiver}.acquire()` (then release it in `finally:`), or `async with {receiver}.acquire() as {name}:`"
+    return (
+        f"use `async with {receiver}.acquire() as {name}:`, or release it in a `finally:` block "
+        f"right after the acquire (`try: ... finally: await {receiver}.release({name})`)"
+    )
+
+
+def _last_name(node: ast.expr) -> str | None:
+    """`self.app.pool` -> "pool"; `pools[key]` -> "pools"; `get_pool()` -> "get_pool"."""
+    while True:
+        if isinstance(node, ast.Name):
+            return node.id
+        if isinstance(node, ast.Attribute):
+            return node.attr
+        if isinstance(node, ast.Subscript):
+            node = node.value
+        elif isinstance(node, ast.Call):
+            node = node.func
+        elif isinstance(node, ast.Await):
+            node = node.value
+        else:
+            return None
+
+
+class _Module:
+    """One parsed file: parent links and the names that hold pools."""
+
+    def __init__(self, tree: ast.Module, source: str, pool_names: re.Pattern[str]) -> None:
+        self.tree = tree
+        self.lines = source.splitlines()
+        self.parents: dict[ast.AST, ast.AST] = {}
+        for parent in ast.walk(tree):
+            for child in ast.iter_child_nodes(parent):
+                self.parents[child] = parent
+        self.pool_pattern = pool_names
+        self.known_pools: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                if _last_name(node.value) == "create_pool" and isinstance(node.value, (ast.Call, ast.Await)):
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    self.known_pools.update(n for n in map(_last_name, targets) if n)
+            elif isinstance(node, (ast.With, ast.AsyncWith)):
+                for item in node.items:
+                    if item.optional_vars is not None and _last_name(item.context_expr) == "create_pool":
+                        name = _last_name(item.optional_vars)
+                        if name:
+                            self.known_pools.add(name)
+            elif isinstance(node, ast.arg) and node.annotation is not None:
+                if re.search(r"Pool\b", ast.unparse(node.annotation)):
+                    self.known_pools.add(node.arg)
+
+    def is_pool(self, receiver: ast.expr) -> bool:
+        name = _last_name(receiver)
+        return name is not None and (name in self.known_pools or bool(self.pool_pattern.search(name)))
+
+    def ignored(self, *lines: int) -> bool:
+        return any(0 < n <= len(self.lines) and IGNORE_COMMENT.search(self.lines[n - 1]) for n in lines)
+
+    def scope_of(self, node: ast.AST) -> ast.AST:
+        parent = self.parents.get(node)
+        while parent is not None and not isinstance(parent, (*_SCOPES, ast.Module)):
+            parent = self.parents.get(parent)
+        return parent if parent is not None else self.tree
+
+    def statement_of(self, node: ast.AST) -> ast.stmt:
+        while not isinstance(node, ast.stmt):
+            node = self.parents[node]
+        return node
+
+
+def _walk_scope(node: ast.AST) -> Iterator[ast.AST]:
+    """Every node under ``node`` without entering nested functions or classes."""
+    stack = list(ast.iter_child_nodes(node))
+    while stack:
+        child = stack.pop()
+        yield child
+        if not isinstance(child, _SCOPES):
+            stack.extend(ast.iter_child_nodes(child))
+
+
+def _is_name(node: ast.AST | None, var: str) -> bool:
+    return isinstance(node, ast.Name) and node.id == var
+
+
+def _releases(node: ast.AST, var: str) -> bool:
+    """Is ``node`` a call that gives ``var`` back (or registers that)?"""
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+        return False
+    method = node.func.attr
+    if method == "release" and (
+        (node.args and _is_name(node.args[0], var)) or any(_is_name(k.value, var) for k in node.keywords)
+    ):
+        return True
+    if method in ("close", "terminate") and _is_name(node.func.value, var):
+        return True
+    if method in _CLEANUP_REGISTRATIONS:
+        # stack.push_async_callback(pool.release, con) / stack.push_async_callback(con.close)
+        return any(
+            _is_name(arg, var)
+            or (isinstance(arg, ast.Attribute) and arg.attr in _RELEASE_METHODS and _is_name(arg.value, var))
+            for arg in node.args
+        )
+    return False
+
+
+def _escapes(node: ast.AST, var: str) -> bool:
+    """Does the connection leave the function here (ownership moves elsewhere)?"""
+    if isinstance(node, ast.Return) and node.value is not None:
+        value = node.value
+        items = value.elts if isinstance(value, (ast.Tuple, ast.List)) else [value]
+        return any(_is_name(item, var) for item in items)
+    if isinstance(node, (ast.Assign, ast.AnnAssign)) and _is_name(node.value, var):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return any(isinstance(t, (ast.Attribute, ast.Subscript)) for t in targets)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _ESCAPE_METHODS:
+        return any(_is_name(arg, var) for arg in node.args)
+    if isinstance(node, ast.Dict):
+        return any(_is_name(value, var) for value in node.values)
+    return False
+
+
+def _decorator_kind(scope: ast.AST) -> str:
+    if not isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return ""
+    for decorator in scope.decorator_list:
+        text = ast.unparse(decorator)
+        if "fixture" in text:
+            return "fixture"
+        if "contextmanager" in text:
+            return "contextmanager"
+    return ""
+
+
+def _block_of(module: _Module, stmt: ast.stmt) -> tuple[list[ast.stmt], int] | None:
+    """The statement list holding ``stmt`` and its index there."""
+    parent = module.parents.get(stmt)
+    if parent is None:
+        return None
+    for field in ("body", "orelse", "finalbody", "handlers"):
+        block = getattr(parent, field, None)
+        if isinstance(block, list) and any(s is stmt for s in block):
+            return block, next(i for i, s in enumerate(block) if s is stmt)
+    if isinstance(parent, ast.match_case) and any(s is stmt for s in parent.body):
+        return parent.body, next(i for i, s in enumerate(parent.body) if s is stmt)
+    return None
+
+
+def _may_leave(stmt: ast.stmt) -> ast.AST | None:
+    """A node in ``stmt`` that can suspend, raise or leave (await, return, raise, yield)."""
+    for node in [stmt, *_walk_scope(stmt)]:
+        if isinstance(node, (ast.Await, ast.Return, ast.Raise, ast.Yield, ast.YieldFrom, ast.Break, ast.Continue)):
+            return node
+        if isinstance(node, (ast.AsyncWith, ast.AsyncFor)):
+            return node
+    return None
+
+
+class _Checker:
+    def __init__(self, module: _Module, path: str) -> None:
+        self.module = module
+        self.path = path
+        self.findings: list[Finding] = []
+
+    def run(self) -> list[Finding]:
+        for node in ast.walk(self.module.tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "acquire"
+                and self.module.is_pool(node.func.value)
+            ):
+                self.check_acquire(node)
+        self.findings.sort(key=lambda f: (f.line, f.col))
+        return self.findings
+
+    def report(self, node: ast.AST, stmt: ast.stmt, code: str, message: str, receiver: str, var: str | None) -> None:
+        line = getattr(node, "lineno", 1)
+        if self.module.ignored(line, stmt.lineno, getattr(stmt, "end_lineno", None) or line):
+            return
+        self.findings.append(Finding(self.path, line, getattr(node, "col_offset", 0) + 1, code, message, _hint(receiver, var, code)))
+
+    def check_acquire(self, call: ast.Call) -> None:
+        module = self.module
+        assert isinstance(call.func, ast.Attribute)
+        receiver = ast.unparse(call.func.value)
+        parent = module.parents.get(call)
+        # async with pool.acquire() [as con]:
+        if isinstance(parent, ast.withitem):
+            return
+        # stack.enter_async_context(pool.acquire())
+        if isinstance(parent, ast.Call) and _last_name(parent.func) == "enter_async_context":
+            return
+        top: ast.AST = call
+        awaited = False
+        if isinstance(parent, ast.Await):
+            top, awaited = parent, True
+        elif isinstance(parent, ast.Call) and isinstance(module.parents.get(parent), ast.Await):
+            # asyncio.wait_for(pool.acquire(), 5), asyncio.shield(...)
+            top, awaited = module.parents[parent], True
+        holder = module.parents.get(top)
+        stmt = module.statement_of(call)
+        var: str | None = None
+        if isinstance(holder, ast.NamedExpr) and isinstance(holder.target, ast.Name):
+            var = holder.target.id
+        elif isinstance(holder, ast.Assign) and holder.value is top:
+            if len(holder.targets) == 1 and isinstance(holder.targets[0], ast.Name):
+                var = holder.targets[0].id
+            else:
+                return  # stored on an object, unpacked, ...: not followed
+        elif isinstance(holder, ast.AnnAssign) and holder.value is top:
+            if isinstance(holder.target, ast.Name):
+                var = holder.target.id
+            else:
+                return
+        elif isinstance(holder, ast.Expr):
+            if awaited:
+                self.report(call, stmt, "SP003",
+                            f"the connection from `await {receiver}.acquire()` is thrown away: it can never be released",
+                            receiver, None)
+            else:
+                self.report(call, stmt, "SP004",
+                            f"`{receiver}.acquire()` is neither awaited nor used with `async with`: "
+                            "no connection is acquired (a missing `await` or `async with`?)", receiver, None)
+            return
+        else:
+            return  # returned, yielded, passed on: ownership leaves this function
+        scope = module.scope_of(call)
+        if not awaited:
+            self.check_context_variable(call, stmt, scope, receiver, var)
+            return
+        self.check_connection_variable(call, stmt, scope, receiver, var)
+
+    def check_context_variable(self, call: ast.Call, stmt: ast.stmt, scope: ast.AST, receiver: str, var: str) -> None:
+        """``ctx = pool.acquire()``: fine if ``async with ctx`` follows."""
+        for node in _walk_scope(scope):
+            if isinstance(node, ast.withitem) and _is_name(node.context_expr, var):
+                return
+            if _escapes(node, var):
+                return
+            if isinstance(node, ast.Await) and _is_name(node.value, var):
+                return  # `con = await ctx`: too indirect to follow
+        self.report(call, stmt, "SP004",
+                    f"`{var} = {receiver}.acquire()` is neither awaited nor used with `async with {var}`",
+                    receiver, var)
+
+    def check_connection_variable(
+        self, call: ast.Call, stmt: ast.stmt, scope: ast.AST, receiver: str, var: str
+    ) -> None:
+        releases: list[ast.Call] = []
+        for node in _walk_scope(scope):
+            if _escapes(node, var):
+                return
+            if isinstance(node, ast.Call) and _releases(node, var):
+                releases.append(node)
+        if not releases:
+            self.report(call, stmt, "SP002",
+                        f"connection `{var}` acquired here is never released in `{_scope_name(scope)}`",
+                        receiver, var)
+            return
+        if any(self.safe_release(release, stmt, scope) for release in releases):
+            return
+        gap = self.gap_before_finally(releases, stmt)
+        if gap is not None:
+            self.report(call, stmt, "SP001",
+                        f"connection `{var}` is released in a `finally:` block, but line {gap} between the acquire "
+                        "and that `try:` can fail or leave first", receiver, var)
+            return
+        exit_line = self.unreleased_exit(stmt, scope, var)
+        kind = _decorator_kind(scope)
+        if exit_line is not None:
+            what, line = exit_line
+            reason = f"the {what} at line {line} leaves without releasing it"
+        elif kind == "contextmanager" or _is_generator(scope):
+            reason = "an exception thrown in at the `yield` skips the release"
+        else:
+            first = min(r.lineno for r in releases)
+            reason = f"an exception or a cancellation between line {call.lineno} and line {first} skips the release"
+        self.report(call, stmt, "SP001",
+                    f"connection `{var}` acquired here is not released on every path: {reason}", receiver, var)
+
+    def safe_release(self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST) -> bool:
+        module = self.module
+        # Registered with an exit stack: released however the block ends.
+        if isinstance(release.func, ast.Attribute) and release.func.attr in _CLEANUP_REGISTRATIONS:
+            return True
+        # A pytest fixture's teardown runs even when the test failed.
+        if _decorator_kind(scope) == "fixture" and release.lineno > acquire_stmt.lineno:
+            if any(isinstance(n, (ast.Yield, ast.YieldFrom)) and n.lineno < release.lineno for n in _walk_scope(scope)):
+                return True
+        node: ast.AST = release
+        while node is not scope:
+            parent = module.parents[node]
+            if isinstance(parent, (ast.Try, ast.TryStar)) and any(node is s for s in parent.finalbody):
+                if _contains(parent.body, acquire_stmt) or self.try_follows(acquire_stmt, parent) == "next":
+                    return True
+            node = parent
+        return False
+
+    def try_follows(self, acquire_stmt: ast.stmt, try_stmt: ast.stmt) -> str | None:
+        """"next" if ``try_stmt`` comes right after the acquire in the same
+        block (nothing in between can fail or leave), the line of the first
+        statement in between that can, or None if unrelated."""
+        place = _block_of(self.module, acquire_stmt)
+        if place is None:
+            return None
+        block, index = place
+        for stmt in block[index + 1:]:
+            if stmt is try_stmt:
+                return "next"
+            if _may_leave(stmt) is not None:
+                return str(stmt.lineno)
+        return None
+
+    def gap_before_finally(self, releases: list[ast.Call], acquire_stmt: ast.stmt) -> int | None:
+        for release in releases:
+            node: ast.AST = release
+            while node in self.module.parents:
+                parent = self.module.parents[node]
+                if isinstance(parent, (ast.Try, ast.TryStar)) and any(node is s for s in parent.finalbody):
+                    follows = self.try_follows(acquire_stmt, parent)
+                    if follows is not None and follows != "next":
+                        return int(follows)
+                node = parent
+        return None
+
+    def unreleased_exit(self, acquire_stmt: ast.stmt, scope: ast.AST, var: str) -> tuple[str, int] | None:
+        """The first ``return``/``raise`` after the acquire with no release of
+        ``var`` before it on its way up to the acquire's block."""
+        module = self.module
+        place = _block_of(module, acquire_stmt)
+        if place is None:
+            return None
+        home, index = place
+        exits = sorted(
+            (n for n in _walk_scope(scope) if isinstance(n, (ast.Return, ast.Raise)) and n.lineno > acquire_stmt.lineno),
+            key=lambda n: n.lineno,
+        )
+        for exit_node in exits:
+            node: ast.AST = exit_node
+            covered = False
+            reached_home = False
+            while node is not scope and not covered:
+                assert isinstance(node, ast.stmt) or node in module.parents
+                if isinstance(node, ast.stmt):
+                    found = _block_of(module, node)
+                    if found is not None:
+                        block, at = found
+                        start = index + 1 if block is home else 0
+                        if block is home and at <= index:
+                            break
+                        covered = any(
+                            any(isinstance(n, ast.Call) and _releases(n, var) for n in [s, *_walk_scope(s)])
+                            for s in block[start:at]
+                        )
+                        if block is home:
+                            reached_home = True
+                            break
+                node = module.parents[node]
+            if reached_home and not covered:
+                return ("return" if isinstance(exit_node, ast.Return) else "raise"), exit_node.lineno
+        return None
+
+
+def _contains(block: list[ast.stmt], target: ast.stmt) -> bool:
+    return any(node is target for stmt in block for node in [stmt, *ast.walk(stmt)])
+
+
+def _is_generator(scope: ast.AST) -> bool:
+    return any(isinstance(n, (ast.Yield, ast.YieldFrom)) for n in _walk_scope(scope))
+
+
+def _scope_name(scope: ast.AST) -> str:
+    return getattr(scope, "name", "<module>")
+
+
+def check_source(source: str, path: str = "<string>", *, pool_names: str = DEFAULT_POOL_NAMES) -> list[Finding]:
+    """Findings for one file's source (raises SyntaxError if it does not parse)."""
+    tree = ast.parse(source, filename=path)
+    return _Checker(_Module(tree, source, re.compile(pool_names)), path).run()
+
+
+def _python_files(paths: Sequence[str], excludes: Sequence[str]) -> Iterator[str]:
+    def excluded(path: str) -> bool:
+        return any(fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(os.path.basename(path), pattern)
+                   for pattern in excludes)
+
+    for root in paths:
+        if os.path.isfile(root):
+            if not excluded(root):
+                yield root
+            continue
+        for directory, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(
+                d for d in dirnames
+                if not d.startswith(".") and d not in SKIP_DIRS and not excluded(os.path.join(directory, d))
+            )
+            for filename in sorted(filenames):
+                path = os.path.join(directory, filename)
+                if filename.endswith(".py") and not excluded(path):
+                    yield path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m safepool check",
+        description="Find pool.acquire() results that are not released on every path. "
+        "Exit status: 0 nothing found, 1 findings, 2 a file could not be read or parsed.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="files or directories (searched for *.py)")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument(
+        "--pool-names", default=DEFAULT_POOL_NAMES, metavar="REGEX",
+        help="a receiver whose last name matches this is a pool (default: %(default)s)",
+    )
+    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching paths")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        re.compile(args.pool_names)
+    except re.error as exc:
+        parser.error(f"--pool-names: {exc}")
+
+    findings: list[Finding] = []
+    errors: list[dict[str, str]] = []
+    scanned = 0
+    for path in _python_files(args.paths, args.exclude):
+        scanned += 1
+        try:
+            with open(path, encoding="utf-8") as file:
+                source = file.read()
+            findings.extend(check_source(source, path, pool_names=args.pool_names))
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as exc:
+            errors.append({"path": path, "error": f"{type(exc).__name__}: {exc}"})
+    errors.extend({"path": root, "error": "no such file or directory"} for root in args.paths if not os.path.exists(root))
+
+    if args.format == "json":
+        print(json.dumps({
+            "files_scanned": scanned,
+            "findings": [asdict(f) for f in findings],
+            "errors": errors,
+        }, indent=2))
+    else:
+        for finding in findings:
+            print(finding.to_text())
+        for error in errors:
+            print(f"{error['path']}: error: {error['error']}", file=sys.stderr)
+        files = len({f.path for f in findings})
+        if findings:
+            print(f"safepool check: {len(findings)} problem{'s' if len(findings) != 1 else ''} in {files} "
+                  f"file{'s' if files != 1 else ''} ({scanned} scanned)")
+        else:
+            print(f"safepool check: no problems ({scanned} file{'s' if scanned != 1 else ''} scanned)")
+    if findings:
+        return 1
+    return 2 if errors else 0

@@ -1,0 +1,113 @@
+"""Correct code: `python -m safepool check` must report nothing here."""
+
+import contextlib
+
+import pytest_asyncio
+
+
+async def with_context_manager(pool):
+    async with pool.acquire() as con:
+        return await con.fetchval("SELECT 1")
+
+
+async def with_context_manager_and_timeout(pool):
+    async with pool.acquire(timeout=2) as con, con.transaction():
+        await con.execute("SELECT 1")
+
+
+async def release_in_finally(pool):
+    con = await pool.acquire()
+    try:
+        return await con.fetchval("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def acquire_inside_try(pool):
+    con = None
+    try:
+        con = await pool.acquire()
+        await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+async def exit_stack(pool):
+    async with contextlib.AsyncExitStack() as stack:
+        con = await stack.enter_async_context(pool.acquire())
+        await con.execute("SELECT 1")
+
+
+async def exit_stack_callback(pool):
+    async with contextlib.AsyncExitStack() as stack:
+        con = await pool.acquire()
+        stack.push_async_callback(pool.release, con)
+        await con.execute("SELECT 1")
+
+
+async def context_variable(pool):
+    ctx = pool.acquire(timeout=5)
+    async with ctx as con:
+        await con.execute("SELECT 1")
+
+
+def connection(pool):
+    # A wrapper: the caller uses it with `async with`.
+    return pool.acquire()
+
+
+async def hand_over(pool):
+    # Ownership moves to the caller.
+    con = await pool.acquire()
+    await con.execute("SET search_path = app")
+    return con
+
+
+class Session:
+    def __init__(self, pool):
+        self.pool = pool
+        self.con = None
+
+    async def open(self):
+        # Stored on the object; released by close(). Not followed.
+        self.con = await self.pool.acquire()
+
+    async def close(self):
+        await self.pool.release(self.con)
+
+
+@pytest_asyncio.fixture
+async def con(pool):
+    # pytest resumes a fixture after the test even when the test failed.
+    con = await pool.acquire()
+    yield con
+    await pool.release(con)
+
+
+async def close_instead_of_release(pool):
+    con = await pool.acquire()
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await con.close()
+
+
+async def locks_are_not_pools(lock, pool_lock):
+    await lock.acquire()
+    await pool_lock.acquire()
+    lock.release()
+    pool_lock.release()
+
+
+async def suppressed(pool):
+    con = await pool.acquire()  # safepool: ignore (released by the request middleware)
+    return con.fetchval("SELECT 1")
+
+
+async def release_by_keyword(pool):
+    con = await pool.acquire()
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(connection=con)

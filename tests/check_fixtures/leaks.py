@@ -1,0 +1,97 @@
+"""Code that leaks connections: every line marked `expect: SPnnn` must be reported
+by `python -m safepool check`, with that code, and nothing else in this file."""
+
+import asyncio
+import contextlib
+
+
+async def customer_orders(pool, customer_id):
+    # The incident's handler: the early return skips the release.
+    con = await pool.acquire()  # expect: SP001 return
+    customer = await con.fetchrow("SELECT * FROM customers WHERE id = $1", customer_id)
+    if customer["archived"]:
+        return {"customer": customer_id, "orders": []}
+    orders = await con.fetch("SELECT * FROM orders WHERE customer = $1", customer_id)
+    await pool.release(con)
+    return {"customer": customer_id, "orders": orders}
+
+
+async def raises_before_release(pool, value):
+    con = await pool.acquire()  # expect: SP001 raise
+    if value < 0:
+        raise ValueError(value)
+    await con.execute("SELECT $1", value)
+    await pool.release(con)
+
+
+async def exception_skips_release(pool):
+    con = await pool.acquire()  # expect: SP001 exception
+    await con.execute("UPDATE counters SET n = n + 1")
+    await pool.release(con)
+
+
+async def never_released(self_pool, app):
+    con = await app.db_pool.acquire()  # expect: SP002
+    return await con.fetchval("SELECT 1")
+
+
+async def thrown_away(pool):
+    await pool.acquire()  # expect: SP003
+
+
+async def not_awaited(pool):
+    pool.acquire()  # expect: SP004
+
+
+async def context_never_entered(pool):
+    ctx = pool.acquire()  # expect: SP004
+    return ctx.timeout
+
+
+async def gap_before_try(pool):
+    con = await pool.acquire()  # expect: SP001 line
+    await con.execute("SET search_path = app")
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def wait_for_without_release(pool):
+    con = await asyncio.wait_for(pool.acquire(), timeout=5)  # expect: SP002
+    await con.execute("SELECT 1")
+
+
+async def walrus(pool):
+    if (con := await pool.acquire()) is not None:  # expect: SP001
+        await con.execute("SELECT 1")
+        await pool.release(con)
+
+
+@contextlib.asynccontextmanager
+async def connection(pool):
+    con = await pool.acquire()  # expect: SP001 yield
+    yield con
+    await pool.release(con)
+
+
+class Repository:
+    def __init__(self, pool):
+        self._pool = pool
+
+    async def count(self):
+        con = await self._pool.acquire()  # expect: SP001
+        n = await con.fetchval("SELECT count(*) FROM items")
+        await self._pool.release(con)
+        return n
+
+
+async def created_here(dsn, create_pool):
+    db = await create_pool(dsn)
+    con = await db.acquire()  # expect: SP002
+    await con.execute("SELECT 1")
+
+
+async def annotated(database: "asyncpg.Pool"):  # noqa: F821
+    con = await database.acquire()  # expect: SP002
+    await con.execute("SELECT 1")

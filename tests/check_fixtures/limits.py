@@ -1,0 +1,50 @@
+"""The static check's known limits, pinned by tests: `expect:` marks what it
+reports (including false positives), `missed:` what it cannot see."""
+
+import contextlib
+
+
+async def released_in_except_and_after(pool):
+    # Correct, but the release is not in a `finally:`: reported (false positive).
+    con = await pool.acquire()  # expect: SP001
+    try:
+        await con.execute("SELECT 1")
+    except BaseException:
+        await pool.release(con)
+        raise
+    await pool.release(con)
+
+
+async def helper_releases(pool, release_later):
+    # Released by another function: reported (false positive).
+    con = await pool.acquire()  # expect: SP002
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await release_later(pool, con)
+
+
+async def not_named_like_a_pool(db):
+    # The receiver's name does not look like a pool: not reported.
+    con = await db.acquire()  # missed: no pool-like name
+    await con.execute("SELECT 1")
+
+
+def returns_a_connection_to_a_caller_that_leaks(pool):
+    # Returned connections are not followed into the caller.
+    return pool.acquire()
+
+
+async def caller(pool):
+    con = await returns_a_connection_to_a_caller_that_leaks(pool)  # missed: not followed
+    await con.execute("SELECT 1")
+
+
+async def stored_on_an_object(pool, session):
+    session.con = await pool.acquire()  # missed: stored on an object
+
+
+async def exit_stack_closed_early(pool):
+    stack = contextlib.AsyncExitStack()
+    con = await stack.enter_async_context(pool.acquire())  # missed: the stack is never closed
+    await con.execute("SELECT 1")

@@ -1,0 +1,239 @@
+"""The leak guards of ``safepool.testing``: the pytest plugin run on sample
+user suites with pytester (each way of leaking, pytest-asyncio and anyio,
+the ini option, strict mode), and ``assert_no_leaks`` on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import re
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+import safepool
+from safepool.pool import Pool, live_pools
+from safepool.testing import LeakError, assert_no_leaks
+
+pytest_plugins = ["pytester"]
+
+SAMPLES = Path(__file__).resolve().parents[1] / "plugin" / "samples"
+INI = """
+[pytest]
+asyncio_mode = strict
+asyncio_default_fixture_loop_scope = function
+{extra}
+filterwarnings =
+    error
+"""
+
+
+def line_of(sample: str, marker: str) -> int:
+    """The line of a sample file that carries ``marker`` (a comment)."""
+    for number, line in enumerate((SAMPLES / sample).read_text().splitlines(), 1):
+        if marker in line:
+            return number
+    raise AssertionError(marker)
+
+
+def this_line(marker: str) -> int:
+    for number, line in enumerate(Path(__file__).read_text().splitlines(), 1):
+        if marker in line and "this_line(" not in line:
+            return number
+    raise AssertionError(marker)
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """A pytester directory whose tests reach the test database."""
+    monkeypatch.setenv("SAFEPOOL_PLUGIN_DSN", pg_dsn)
+    return pytester
+
+
+def add_sample(pytester: pytest.Pytester, sample: str, name: str, ini_extra: str = "") -> None:
+    pytester.makefile(".py", **{name: (SAMPLES / sample).read_text()})
+    pytester.makeini(INI.format(extra=ini_extra))
+
+
+def assert_patches_removed() -> None:
+    """After a session with the plugin on, nothing of it is left on the pool."""
+    assert Pool.__dict__["__init__"].__module__ == "safepool.pool"
+    assert not hasattr(Pool.__dict__["__init__"], "__wrapped__")
+    assert not hasattr(Pool.__dict__["_busy_message"], "__wrapped__")
+    for pool in live_pools():
+        assert not any(hasattr(callback, "func") for callback in pool._listeners)
+
+
+def test_each_way_of_leaking_fails_with_the_acquire_line(suite: pytest.Pytester) -> None:
+    add_sample(suite, "leaky_asyncio.py", "test_leaky")
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=4, passed=5, errors=1)
+    ways = {
+        "test_no_release": ("LEAK-NO-RELEASE", "handler_without_release"),
+        "test_exception_path": ("LEAK-EXCEPTION", "handler_with_early_exit"),
+        "test_forgotten_proxy": ("LEAK-FORGOTTEN", "forget"),
+        "test_cancelled_task": ("LEAK-CANCELLED", "worker"),
+    }
+    for test, (marker, function) in ways.items():
+        result.stdout.fnmatch_lines([
+            f"*_ {test} _*",
+            "safepool: 1 connection leaked",
+            "[[]1] pool 'pool-*', lease *",
+            "  acquired at:",
+            f'*File "*test_leaky.py", line {line_of("leaky_asyncio.py", marker)}, in {function}',
+            f"*# {marker}",
+            "Fix: acquire with `async with pool.acquire() as con:`*",
+        ])
+    result.stdout.fnmatch_lines([
+        "*ERROR at teardown of test_fixture_leaks*",
+        "*acquired by fixture 'held_connection', whose teardown did not release it",
+        "  acquired at:",
+        f'*File "*test_leaky.py", line {line_of("leaky_asyncio.py", "LEAK-FIXTURE")}, in held_connection',
+    ])
+    failed = {match[1] for line in result.outlines if (match := re.match(r"(?:FAILED|ERROR) test_leaky.py::(\w+)", line))}
+    assert failed == {*ways, "test_fixture_leaks"}
+    assert "Exception in callback" not in result.stdout.str()  # the pool's ResourceWarning is silenced
+    assert_patches_removed()
+
+
+def test_off_by_default(suite: pytest.Pytester) -> None:
+    add_sample(suite, "leaky_asyncio.py", "test_leaky")
+    # Left out: without the plugin, the leaked fixture connection makes its
+    # pool's close() wait (the sample's 10 s guard would fail it).
+    result = suite.runpytest("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning", "-k", "not fixture_leaks")
+    result.assert_outcomes(passed=8, deselected=1)
+    assert "safepool:" not in result.stdout.str()
+    assert_patches_removed()
+
+
+def test_ini_option_in_a_fresh_process(suite: pytest.Pytester) -> None:
+    add_sample(suite, "leaky_asyncio.py", "test_leaky", "safepool_leaks = true")
+    result = suite.runpytest_subprocess("-p", "no:cacheprovider", "-k", "no_release or clean_finally")
+    result.assert_outcomes(failed=1, passed=1, deselected=7)
+    result.stdout.fnmatch_lines([
+        "safepool: leak check on",
+        "*",
+        f'*File "*test_leaky.py", line {line_of("leaky_asyncio.py", "LEAK-NO-RELEASE")}, in handler_without_release',
+    ])
+
+
+def test_anyio_plugin(suite: pytest.Pytester) -> None:
+    add_sample(suite, "leaky_anyio.py", "test_leaky_anyio")
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines([
+        "*_ test_leaks _*",
+        "safepool: 1 connection leaked",
+        f'*File "*test_leaky_anyio.py", line {line_of("leaky_anyio.py", "LEAK-ANYIO")}, in test_leaks',
+    ])
+    assert_patches_removed()
+
+
+def test_strict_mode_fails_timeouts_caused_by_idle_leases(suite: pytest.Pytester) -> None:
+    add_sample(suite, "strict_timeouts.py", "test_strict_timeouts")
+    relaxed = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    relaxed.assert_outcomes(passed=2)
+    strict = suite.runpytest("--safepool-strict", "-p", "no:cacheprovider")
+    strict.assert_outcomes(failed=1, passed=1)
+    strict.stdout.fnmatch_lines([
+        "*_ test_holder_idles_while_another_task_times_out _*",
+        "safepool: 1 acquire timeout caused by idle leases",
+        "*timed out waiting for a connection after 0.1*s: max_size=1*; 1 of 1 leased connection(s) ran no statement:",
+        "*lease *, held *s by task *, not in the database: waiting at "
+        f"*test_strict_timeouts.py:{line_of('strict_timeouts.py', 'IDLE-HOLDER')} in slow_handler; acquired at:",
+        f'*File "*test_strict_timeouts.py", line {line_of("strict_timeouts.py", "STRICT-ACQUIRE")}, in slow_handler',
+        "Fix: hold a connection only while you use it*",
+    ])
+    assert_patches_removed()
+
+
+def test_fixture_opt_in_without_the_option(suite: pytest.Pytester) -> None:
+    add_sample(suite, "fixture_opt_in.py", "test_fixture_opt_in")
+    result = suite.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, passed=2)
+    result.stdout.fnmatch_lines([
+        "*_ test_guarded _*",
+        f'*File "*test_fixture_opt_in.py", line {line_of("fixture_opt_in.py", "LEAK-GUARDED")}, in test_guarded',
+    ])
+    assert_patches_removed()
+
+
+# ---------------------------------------------------------- assert_no_leaks
+
+
+@pytest_asyncio.fixture
+async def pool(pg_dsn: str) -> AsyncIterator[Pool]:
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2)
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+
+
+@pytest.mark.asyncio
+async def test_assert_no_leaks_passes_clean_code(pool: Pool) -> None:
+    async with assert_no_leaks(pool):
+        async with pool.acquire() as con:
+            await con.fetchval("SELECT 1")
+    with assert_no_leaks():
+        await pool.fetchval("SELECT 1")
+    assert pool.stats().in_use == 0
+    assert_patches_removed()
+
+
+@pytest.mark.asyncio
+async def test_assert_no_leaks_names_the_line_and_releases(pool: Pool) -> None:
+    kept: list[Any] = []
+    with pytest.raises(LeakError) as caught:
+        async with assert_no_leaks(pool):
+            kept.append(await pool.acquire())  # GUARD-SITE
+    text = str(caught.value)
+    assert "safepool: 1 connection leaked" in text
+    assert f'test_testing_plugin.py", line {this_line("GUARD-SITE")}, in test_assert_no_leaks_names' in text
+    assert pool.stats().in_use == 0  # released after the report
+    with pytest.raises(asyncpg.InterfaceError):
+        await kept[0].fetchval("SELECT 1")
+
+
+@pytest.mark.asyncio
+async def test_assert_no_leaks_reports_garbage_collected_proxies(pool: Pool) -> None:
+    async def forget() -> None:
+        con = await pool.acquire()  # GC-SITE
+        await con.execute("SELECT 1")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        with pytest.raises(LeakError, match="garbage collected without being released") as caught:
+            async with assert_no_leaks(pool):
+                await forget()
+                gc.collect()
+    assert f"line {this_line('GC-SITE')}, in forget" in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_assert_no_leaks_adds_its_report_to_an_exception(pool: Pool) -> None:
+    kept: list[Any] = []
+    with pytest.raises(RuntimeError) as caught:
+        with assert_no_leaks(pool):
+            kept.append(await pool.acquire())
+            raise RuntimeError("the handler failed")
+    assert any("safepool: 1 connection leaked" in note for note in getattr(caught.value, "__notes__", []))
+    await asyncio.sleep(0)
+    assert pool.stats().in_use == 0
+
+
+@pytest.mark.asyncio
+async def test_leases_held_before_the_guard_are_not_its_business(pool: Pool) -> None:
+    con = await pool.acquire()
+    try:
+        with assert_no_leaks(pool) as guard:
+            await pool.fetchval("SELECT 1")
+            assert guard.leaks() == []
+    finally:
+        await pool.release(con)
+    assert_patches_removed()

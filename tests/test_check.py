@@ -1,0 +1,128 @@
+"""``python -m safepool check``: the AST scan on fixture files with known true
+positives, true negatives and documented limits, and its command line."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from safepool.check import check_source, main
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "check_fixtures"
+
+
+def expected(path: Path) -> dict[int, tuple[str, str]]:
+    """{line: (code, word)} from `# expect: SP001 word` comments."""
+    marks = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        match = re.search(r"# expect: (SP\d{3})(?: (\w+))?", line)
+        if match:
+            marks[number] = (match[1], match[2] or "")
+    return marks
+
+
+@pytest.mark.parametrize("name", ["leaks.py", "clean.py", "limits.py"])
+def test_fixture_files_report_exactly_what_is_marked(name: str) -> None:
+    path = FIXTURES / name
+    findings = check_source(path.read_text(), str(path))
+    marks = expected(path)
+    assert {f.line: f.code for f in findings} == {line: code for line, (code, _) in marks.items()}
+    for finding in findings:
+        word = marks[finding.line][1]
+        if word in ("return", "raise", "yield"):
+            assert word in finding.message, finding
+        elif word == "exception":
+            assert "exception or a cancellation" in finding.message
+        elif word == "line":
+            assert f"line {finding.line + 1} between the acquire" in finding.message
+        assert finding.hint
+
+
+def test_missed_cases_are_really_missed() -> None:
+    """limits.py's `missed:` lines stay unreported: the docs say so."""
+    path = FIXTURES / "limits.py"
+    missed = [n for n, line in enumerate(path.read_text().splitlines(), 1) if "# missed:" in line]
+    assert len(missed) == 4
+    assert not {f.line for f in check_source(path.read_text())} & set(missed)
+
+
+def test_the_incident_handler_is_named_with_its_early_return() -> None:
+    source = '''
+async def customer_orders(request):
+    con = await pool.acquire()
+    customer = await con.fetchrow(CUSTOMER_SQL, request.customer_id)
+    if customer["archived"]:
+        metrics.leaked += 1
+        return JSONResponse({"archived": True})
+    orders = await con.fetch(ORDERS_SQL, request.customer_id)
+    await pool.release(con)
+    return JSONResponse({"orders": orders})
+'''
+    [finding] = check_source(source, "app.py")
+    assert (finding.line, finding.code) == (3, "SP001")
+    assert "the return at line 7 leaves without releasing it" in finding.message
+    assert "async with pool.acquire() as con:" in finding.hint
+
+
+def test_release_in_a_branch_before_the_return_covers_it() -> None:
+    source = '''
+async def handler(pool, flag):
+    con = await pool.acquire()
+    if flag:
+        await pool.release(con)
+        return None
+    await pool.release(con)
+'''
+    [finding] = check_source(source)
+    assert "exception or a cancellation" in finding.message  # no return is blamed
+
+
+def test_pool_names_option() -> None:
+    source = "async def f(db):\n    con = await db.acquire()\n    await con.execute('SELECT 1')\n"
+    assert check_source(source) == []
+    assert [f.code for f in check_source(source, pool_names=r"^db$")] == ["SP002"]
+
+
+def test_cli_exit_codes_and_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(FIXTURES / "clean.py")]) == 0
+    assert "safepool check: no problems (1 file scanned)" in capsys.readouterr().out
+    assert main([str(FIXTURES)]) == 1
+    out = capsys.readouterr().out
+    assert f"{FIXTURES / 'leaks.py'}:10:17: SP001 connection `con` acquired here" in out
+    assert "    fix: use `async with pool.acquire() as con:`" in out
+    assert re.search(r"safepool check: \d+ problems in 2 files \(3 scanned\)", out)
+    assert main([str(FIXTURES), "--exclude", "leaks.py", "--exclude", "limits.py"]) == 0
+    capsys.readouterr()
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(:\n")
+    assert main([str(broken)]) == 2
+    assert "SyntaxError" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--format", "json", str(FIXTURES / "leaks.py")]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["files_scanned"] == 1 and report["errors"] == []
+    first = report["findings"][0]
+    assert set(first) == {"path", "line", "col", "code", "message", "hint"}
+    assert (first["line"], first["code"]) == (10, "SP001")
+    assert main(["--format", "json", str(FIXTURES / "clean.py")]) == 0
+    assert json.loads(capsys.readouterr().out)["findings"] == []
+
+
+def test_python_dash_m_entry_point_finds_the_replay_leak() -> None:
+    """The replay's service leaks on purpose (the incident): the check names it."""
+    run = subprocess.run(
+        [sys.executable, "-m", "safepool", "check", "safepool/replay/app.py", "--format", "json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 1, run.stderr
+    [finding] = json.loads(run.stdout)["findings"]
+    assert finding["code"] == "SP001" and "return at line" in finding["message"]
