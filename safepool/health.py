@@ -1,0 +1,202 @@
+"""Readiness checks: ``await pool.health()`` says ok, degraded or failing, and why.
+
+``failing`` means the pool cannot serve queries now (closed, the server is
+down, or the probe query failed or hung once it had a connection): a
+readiness endpoint answers 503 so the load balancer stops sending traffic.
+``degraded`` means it serves, but an operator should look (saturated, leak
+suspects, connect errors, the probe got no connection in time): keep the
+instance in rotation, since taking busy instances out only moves their load
+to the others. docs/metrics.md lists every reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from ._histogram import Distribution
+from .errors import PoolClosedError, PoolOverloadedError
+from .stats import PoolStats
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+__all__ = ["HealthReason", "HealthReport", "check_health"]
+
+OK, DEGRADED, FAILING = "ok", "degraded", "failing"
+_RANK = {OK: 0, DEGRADED: 1, FAILING: 2}
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReason:
+    """One finding: ``code`` is stable (alert on it), ``message`` is for people."""
+
+    code: str  # closed, server_down, server_backing_off, connect_errors, saturated,
+    # leak_suspects, probe_no_connection, probe_timeout, probe_failed
+    status: str  # what this finding alone makes the pool: "degraded" or "failing"
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    """The outcome of :func:`check_health`."""
+
+    status: str  # "ok", "degraded" or "failing": the worst of the reasons
+    reasons: tuple[HealthReason, ...]
+    stats: PoolStats  # taken after the probe
+    probe_latency: float | None  # seconds for the probe query, acquire included; None if skipped or failed
+
+    @property
+    def ready(self) -> bool:
+        """What a readiness endpoint answers: True unless failing."""
+        return self.status != FAILING
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: status, reasons, probe latency and the stats (each
+        distribution as count, sum, p50, p90, p99 and max)."""
+        stats: dict[str, Any] = {}
+        for field in fields(self.stats):
+            value = getattr(self.stats, field.name)
+            if isinstance(value, Distribution):
+                value = {key: getattr(value, key) for key in ("count", "sum", "p50", "p90", "p99", "max")}
+            stats[field.name] = value
+        return {
+            "status": self.status,
+            "pool": self.stats.name,
+            "reasons": [{"code": r.code, "status": r.status, "message": r.message} for r in self.reasons],
+            "probe_latency": self.probe_latency,
+            "stats": stats,
+        }
+
+
+# Per pool, (time, connect_errors) at each check within the window: the
+# connect error rate is the counter's growth since the oldest of them.
+_history: weakref.WeakKeyDictionary[Pool, deque[tuple[float, int]]] = weakref.WeakKeyDictionary()
+
+
+async def check_health(
+    pool: Pool,
+    *,
+    probe: bool = True,
+    probe_timeout: float = 1.0,
+    probe_query: str = "SELECT 1",
+    saturated_after: float = 5.0,
+    leak_suspect_after: float | None = None,
+    connect_error_window: float = 60.0,
+) -> HealthReport:
+    """Check ``pool`` and say whether it can serve.
+
+    :param probe: run ``probe_query`` through the pool (acquire included).
+    :param probe_timeout: seconds for the whole probe, acquire and query.
+    :param saturated_after: degraded when a task has waited this long for a connection.
+    :param leak_suspect_after: degraded when a lease is held this long
+        (default: the pool's ``leak_warning_after``; None there too: no check).
+    :param connect_error_window: degraded when connects failed within this
+        many seconds (measured between successive checks of the same pool;
+        a pool's first check only sees the current run of failures).
+    """
+    reasons: list[HealthReason] = []
+    latency: float | None = None
+    if pool.is_closing():
+        reasons.append(HealthReason("closed", FAILING, f"pool {pool.name!r} is closed or closing"))
+    elif probe:
+        latency = await _probe(pool, probe_timeout, probe_query, reasons)
+
+    stats = pool.stats()
+    now = pool._now()
+    if stats.server_status == "down":
+        reasons.append(HealthReason(
+            "server_down", FAILING,
+            f"no connection to the server: {stats.consecutive_connect_failures} consecutive connect failures",
+        ))
+    elif stats.server_status == "backing_off":
+        reasons.append(HealthReason(
+            "server_backing_off", DEGRADED,
+            f"connects are failing ({stats.consecutive_connect_failures} in a row); "
+            f"{stats.size - stats.connecting} connections still open",
+        ))
+    recent_errors, span = _recent_connect_errors(pool, stats, now, connect_error_window)
+    if recent_errors:
+        over = f"in the last {span:.0f}s" if span is not None else "in a row (first check of this pool)"
+        reasons.append(HealthReason(
+            "connect_errors", DEGRADED,
+            f"{recent_errors} connect errors {over}; {stats.connect_errors} since the pool started",
+        ))
+    if stats.waiting and stats.oldest_wait_age > saturated_after:
+        reasons.append(HealthReason(
+            "saturated", DEGRADED,
+            f"{stats.waiting} tasks waiting for a connection, the first for {stats.oldest_wait_age:.1f}s; "
+            f"{stats.in_use} of max_size {stats.max_size} in use",
+        ))
+    threshold = leak_suspect_after if leak_suspect_after is not None else pool._leak_warning_after
+    if threshold is not None and stats.in_use and stats.oldest_lease_age >= threshold:
+        suspects = [lease for lease in pool.leases() if lease.age >= threshold]
+        if suspects:
+            oldest = suspects[0]
+            where = oldest.acquired_at or "an unknown site (capture_stack is off)"
+            task = f", task {oldest.task_name}" if oldest.task_name else ""
+            reasons.append(HealthReason(
+                "leak_suspects", DEGRADED,
+                f"{len(suspects)} leases held longer than {threshold:g}s; "
+                f"oldest {oldest.age:.1f}s, acquired at {where}{task}",
+            ))
+
+    status = max((r.status for r in reasons), key=_RANK.__getitem__, default=OK)
+    return HealthReport(status=status, reasons=tuple(reasons), stats=stats, probe_latency=latency)
+
+
+async def _probe(pool: Pool, timeout: float, query: str, reasons: list[HealthReason]) -> float | None:
+    started = time.perf_counter()
+    acquired = False
+    try:
+        async with asyncio.timeout(timeout):
+            async with pool.acquire(timeout=timeout) as con:
+                acquired = True
+                await con.fetchval(query)
+    except TimeoutError:  # PoolTimeoutError included
+        if acquired:
+            reasons.append(HealthReason(
+                "probe_timeout", FAILING, f"the probe query did not answer within {timeout:g}s",
+            ))
+        else:
+            reasons.append(HealthReason(
+                "probe_no_connection", DEGRADED, f"the probe got no connection within {timeout:g}s",
+            ))
+        return None
+    except PoolOverloadedError:
+        reasons.append(HealthReason(
+            "probe_no_connection", DEGRADED, "the probe got no connection: the wait queue is full",
+        ))
+        return None
+    except PoolClosedError:
+        reasons.append(HealthReason("closed", FAILING, f"pool {pool.name!r} is closed or closing"))
+        return None
+    except Exception as exc:
+        # Type and first line only: never a DSN, a password or query parameters.
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        reasons.append(HealthReason(
+            "probe_failed", FAILING, f"the probe failed: {type(exc).__name__}" + (f": {text}" if text else ""),
+        ))
+        return None
+    return time.perf_counter() - started
+
+
+def _recent_connect_errors(pool: Pool, stats: PoolStats, now: float, window: float) -> tuple[int, float | None]:
+    """(connect errors, over how many seconds); None seconds: no usable
+    earlier check, so only the current run of failures is known."""
+    samples = _history.get(pool)
+    if samples is None:
+        samples = _history[pool] = deque(maxlen=256)
+    # The baseline is the newest sample at or before the window's start (or
+    # the oldest one, when every check so far is more recent than that).
+    while len(samples) > 1 and samples[1][0] <= now - window:
+        samples.popleft()
+    baseline = samples[0] if samples and now - samples[0][0] <= 2 * window else None
+    samples.append((now, stats.connect_errors))
+    if baseline is None:
+        return stats.consecutive_connect_failures, None
+    return stats.connect_errors - baseline[1], now - baseline[0]

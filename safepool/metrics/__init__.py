@@ -1,0 +1,130 @@
+"""Exporters for safepool's statistics: Prometheus (:mod:`safepool.metrics.prometheus`)
+and OpenTelemetry (:mod:`safepool.metrics.otel`).
+
+Both read :meth:`safepool.Pool.stats` when the metrics are collected, so a pool
+pays nothing between scrapes. This module holds what they share: the set of
+pools an exporter reports on, and a snapshot that is safe to take from the
+exporter's own thread (prometheus_client's HTTP server and OpenTelemetry's
+periodic reader both collect off the event loop's thread).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from ..stats import PoolStats
+
+if TYPE_CHECKING:
+    from ..pool import Pool
+
+__all__ = ["PoolSet", "leak_suspects", "snapshot"]
+
+
+class PoolSet:
+    """The pools an exporter reports on, each under a unique name.
+
+    Registered pools are held weakly: a pool that is garbage collected drops
+    out. With ``live=True`` every pool of the process that is still open is
+    reported too (see :func:`safepool.pool.live_pools`), so an application
+    does not have to register each one. Closed pools are never reported.
+    """
+
+    def __init__(self, pools: Iterable[Pool] = (), *, live: bool = False) -> None:
+        self.live = live
+        self._named: dict[str, weakref.ref[Pool]] = {}
+        for pool in pools:
+            self.add(pool)
+
+    def add(self, pool: Pool, name: str | None = None) -> str:
+        """Report on ``pool`` under ``name`` (default: ``pool.name``).
+
+        A name may be reused once its pool is closed or gone (an application
+        that re-creates its pool); otherwise a duplicate raises ValueError,
+        since two time series with the same labels would be rejected by
+        Prometheus and merged by OpenTelemetry."""
+        name = pool.name if name is None else name
+        if not name:
+            raise ValueError("a pool's metrics name must not be empty")
+        taken = self._named.get(name)
+        current = taken() if taken is not None else None
+        if current is not None and current is not pool and not _closed(current):
+            raise ValueError(f"another open pool is already reported as {name!r}")
+        self._named[name] = weakref.ref(pool)
+        return name
+
+    def get(self, name: str) -> Pool | None:
+        """The pool registered under ``name`` (None if unknown or gone)."""
+        ref = self._named.get(name)
+        return ref() if ref is not None else None
+
+    def remove(self, pool_or_name: Pool | str) -> None:
+        """Stop reporting on a pool (given by name or object); unknown ones are ignored."""
+        if isinstance(pool_or_name, str):
+            self._named.pop(pool_or_name, None)
+            return
+        for name, ref in list(self._named.items()):
+            if ref() is pool_or_name:
+                del self._named[name]
+
+    def items(self) -> list[tuple[str, Pool]]:
+        """(name, pool) for every open pool to report, names unique."""
+        result: list[tuple[str, Pool]] = []
+        seen: set[int] = set()
+        for name, ref in list(self._named.items()):
+            pool = ref()
+            if pool is None:
+                self._named.pop(name, None)
+                continue
+            seen.add(id(pool))
+            if not _closed(pool):
+                result.append((name, pool))
+        if self.live:
+            from ..pool import live_pools
+
+            names = {name for name, _ in result} | set(self._named)
+            for pool in sorted(live_pools(), key=lambda p: p.name):
+                if id(pool) in seen or _closed(pool):
+                    continue
+                name = pool.name
+                if name in names:
+                    # Two open pools share a name: keep both series apart.
+                    name = f"{name}@{id(pool):x}"
+                names.add(name)
+                result.append((name, pool))
+        return result
+
+
+def _closed(pool: Pool) -> bool:
+    return pool._closed
+
+
+def snapshot(pool: Pool) -> PoolStats:
+    """``pool.stats()``, safe to call from another thread than the pool's loop.
+
+    stats() reads plain Python containers; when the loop thread changes one
+    while another thread iterates it, CPython raises RuntimeError ("deque
+    mutated during iteration"). The read takes microseconds, so a retry
+    almost always lands between two changes."""
+    for _ in range(9):
+        try:
+            return pool.stats()
+        except RuntimeError:
+            continue
+    return pool.stats()
+
+
+def leak_suspects(pool: Pool) -> int | None:
+    """Leases held longer than the pool's ``leak_warning_after`` now
+    (None when that option is off). O(leases), no stack formatting."""
+    threshold = pool._leak_warning_after
+    if threshold is None:
+        return None
+    now = pool._now()
+    for _ in range(9):
+        try:
+            return sum(1 for lease in pool._state.leases() if now - lease.acquired_at >= threshold)
+        except RuntimeError:  # the lease table changed under a reader on another thread
+            continue
+    return 0

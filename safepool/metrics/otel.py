@@ -1,0 +1,349 @@
+"""OpenTelemetry metrics for safepool pools, on ``opentelemetry-api`` only.
+
+    from safepool.metrics.otel import instrument
+
+    instrument(pool)                    # the global MeterProvider, or meter_provider=...
+
+Follows the semantic conventions for database client connection pools
+(``db.client.connection.*``, attribute ``db.client.connection.pool.name``),
+plus ``safepool.*`` instruments for what the conventions do not cover.
+
+Design note. Gauges and counters are observable instruments whose callbacks
+read :meth:`safepool.Pool.stats` when the reader collects: no cost between
+collections. Histograms cannot work that way: the API has no asynchronous
+histogram, and a histogram point (buckets, sum, min, max) can only be built
+from recorded values; exporting p50/p99 as gauges instead would be wrong as
+soon as anything aggregates them (a mean of percentiles is not a percentile).
+So ``wait_time``, ``use_time`` and ``create_time`` are synchronous histograms
+fed with every value the pool records in its own distributions: the pool's
+histograms are wrapped by a tee that passes each value on. That costs one
+``Histogram.record`` per acquire and per release while instrumented (see
+docs/metrics.md for the measured figure), and nothing otherwise. The bucket
+boundaries advised to the SDK are the pool's own, so OpenTelemetry and
+Prometheus report the same buckets. Needs the ``safepool[otel]`` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+
+from .. import __version__
+from .._histogram import DEFAULT_BOUNDS, Distribution, Histogram
+from ..stats import PoolStats
+from . import PoolSet, leak_suspects, snapshot
+
+if TYPE_CHECKING:
+    from ..pool import Pool
+
+__all__ = ["PoolInstruments", "instrument"]
+
+logger = logging.getLogger("safepool")
+
+POOL_NAME = "db.client.connection.pool.name"
+STATE = "db.client.connection.state"
+SAFEPOOL_STATE = "safepool.connection.state"
+
+# (PoolStats counter, instrument name, unit, description): every counter of PoolStats.
+COUNTERS: tuple[tuple[str, str, str, str], ...] = (
+    ("acquired", "safepool.acquired", "{acquire}", "Connections handed to application code."),
+    ("released", "safepool.released", "{release}", "Leases ended by release."),
+    ("acquire_timeouts", "safepool.acquire_timeouts", "{timeout}", "Acquires that gave up waiting."),
+    ("overload_rejections", "safepool.overload_rejections", "{acquire}",
+     "Acquires refused at once because the wait queue was full."),
+    ("unavailable_rejections", "safepool.unavailable_rejections", "{acquire}",
+     "Acquires refused at once while the server was unreachable."),
+    ("leases_expired", "safepool.leases_expired", "{lease}", "Leases taken back after outliving lease_timeout."),
+    ("leaks_detected", "safepool.leaks_detected", "{lease}", "Leased connections garbage collected unreleased."),
+    ("leak_warnings", "safepool.leak_warnings", "{lease}", "Leases still held after leak_warning_after."),
+    ("connections_opened", "safepool.connections_opened", "{connection}", "Server connections opened."),
+    ("connections_closed", "safepool.connections_closed", "{connection}", "Server connections closed."),
+    ("connect_errors", "safepool.connect_errors", "{error}", "Failed connection attempts."),
+    ("resets", "safepool.resets", "{reset}", "Session resets that succeeded."),
+    ("resets_skipped", "safepool.resets_skipped", "{reset}", "Releases that needed no reset."),
+    ("resets_failed", "safepool.resets_failed", "{reset}", "Session resets that failed."),
+)
+
+# (pool histogram attribute on PoolState, instrument name, description)
+HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
+    ("wait_times", "db.client.connection.wait_time", "The time it took to obtain an open connection from the pool."),
+    ("lease_times", "db.client.connection.use_time",
+     "The time between borrowing a connection and returning it to the pool."),
+    ("connect_times", "db.client.connection.create_time", "The time it took to create a new connection."),
+)
+
+
+class _Tee(Histogram):
+    """Stands in for one of a pool's histograms: records into it, then hands
+    the value to each sink. Swapping it in (and out) is one attribute store,
+    so no value is lost whichever thread does it."""
+
+    __slots__ = ("inner", "sinks", "_complained")
+
+    def __init__(self, inner: Histogram) -> None:  # no super().__init__: the inner one keeps the data
+        self.inner = inner
+        self.sinks: list[Callable[[float], None]] = []
+        self._complained = False
+
+    def record(self, value: float) -> None:
+        self.inner.record(value)
+        for sink in self.sinks:
+            # Runs inside the pool's state transitions: it must never raise.
+            try:
+                sink(value)
+            except Exception:
+                if not self._complained:
+                    self._complained = True
+                    logger.warning("safepool: an OpenTelemetry histogram failed to record", exc_info=True)
+
+    def quantile(self, q: float) -> float:
+        return self.inner.quantile(q)
+
+    def snapshot(self) -> Distribution:
+        return self.inner.snapshot()
+
+    # The base class's slots stay empty here; read the inner histogram's.
+    @property
+    def count(self) -> int:  # type: ignore[override]
+        return self.inner.count
+
+    @property
+    def sum(self) -> float:  # type: ignore[override]
+        return self.inner.sum
+
+    @property
+    def max(self) -> float:  # type: ignore[override]
+        return self.inner.max
+
+
+def _on_pool_loop(pool: Pool, action: Callable[[], None]) -> None:
+    """Run ``action`` on the pool's event loop thread (now, if this is it)."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    loop = pool._loop
+    if running is loop or loop.is_closed() or not loop.is_running():
+        action()
+    else:
+        loop.call_soon_threadsafe(action)
+
+
+class PoolInstruments:
+    """The OpenTelemetry instruments for a set of pools (one per meter).
+
+    :param pools: pools to report, each under its ``name``.
+    :param live: also report every other open pool of the process (their
+        histograms start recording when a collection first sees them).
+    :param meter_provider: default: the global one.
+    :param record_times: feed the wait/use/create time histograms (the only
+        instruments with a per-operation cost).
+    """
+
+    def __init__(
+        self,
+        pools: Iterable[Pool] = (),
+        *,
+        live: bool = False,
+        meter_provider: MeterProvider | None = None,
+        record_times: bool = True,
+    ) -> None:
+        self.pools = PoolSet(live=live)
+        self._record_times = record_times
+        self._closed = False
+        # Held weakly: instrumenting a pool must not keep it alive.
+        self._sinks: weakref.WeakKeyDictionary[Pool, list[tuple[_Tee, Callable[[float], None]]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
+        meter = provider.get_meter("safepool", __version__)
+        self._create_instruments(meter)
+        for pool in pools:
+            self.add(pool)
+
+    # ------------------------------------------------------------ pools
+
+    def add(self, pool: Pool, name: str | None = None) -> str:
+        """Report ``pool`` under ``name`` (default ``pool.name``); returns the name."""
+        name = self.pools.add(pool, name)
+        self._attach(pool, name)
+        return name
+
+    def remove(self, pool_or_name: Pool | str) -> None:
+        """Stop reporting a pool and unhook its histograms."""
+        pool = self.pools.get(pool_or_name) if isinstance(pool_or_name, str) else pool_or_name
+        self.pools.remove(pool_or_name)
+        if pool is not None:
+            self._detach(pool)
+
+    def close(self) -> None:
+        """Unhook every pool. The observable instruments stay registered with
+        the meter (the API cannot remove them) but report nothing more."""
+        self._closed = True
+        for pool in list(self._sinks.keys()):
+            self._detach(pool)
+        self.pools = PoolSet()
+
+    def _items(self) -> list[tuple[str, Pool]]:
+        if self._closed:
+            return []
+        items = self.pools.items()
+        if self._record_times:
+            for name, pool in items:
+                if pool not in self._sinks:
+                    self._attach(pool, name)  # a live pool seen for the first time
+        return items
+
+    def _attach(self, pool: Pool, name: str) -> None:
+        if not self._record_times or pool in self._sinks:
+            return
+        attributes = {POOL_NAME: name}
+        hooks: list[tuple[_Tee, Callable[[float], None]]] = []
+        self._sinks[pool] = hooks
+
+        def install() -> None:
+            state = pool._state
+            for field, instrument in zip((h[0] for h in HISTOGRAMS), self._histograms, strict=True):
+                current: Histogram = getattr(state, field)
+                tee = current if isinstance(current, _Tee) else _Tee(current)
+
+                def sink(value: float, instrument: metrics.Histogram = instrument) -> None:
+                    instrument.record(value, attributes)
+
+                tee.sinks.append(sink)
+                hooks.append((tee, sink))
+                setattr(state, field, tee)
+
+        _on_pool_loop(pool, install)
+
+    def _detach(self, pool: Pool) -> None:
+        hooks = self._sinks.pop(pool, None)
+        if hooks is None:
+            return
+
+        def uninstall() -> None:
+            state = pool._state
+            for (field, _, _), (tee, sink) in zip(HISTOGRAMS, hooks, strict=False):
+                if sink in tee.sinks:
+                    tee.sinks.remove(sink)
+                if not tee.sinks and getattr(state, field) is tee:
+                    setattr(state, field, tee.inner)
+
+        _on_pool_loop(pool, uninstall)
+
+    # ------------------------------------------------------- instruments
+
+    def _create_instruments(self, meter: Meter) -> None:
+        conn = "{connection}"
+        meter.create_observable_up_down_counter(
+            "db.client.connection.count", [self._observe_count], conn,
+            "The number of connections that are currently in state described by the state attribute.",
+        )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.idle.max", [self._per_pool(lambda s: s.max_size)], conn,
+            "The maximum number of idle open connections allowed.",
+        )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.idle.min", [self._per_pool(lambda s: s.min_size)], conn,
+            "The minimum number of idle open connections allowed.",
+        )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.max", [self._per_pool(lambda s: s.max_size)], conn,
+            "The maximum number of open connections allowed.",
+        )
+        meter.create_observable_up_down_counter(
+            "db.client.connection.pending_requests", [self._per_pool(lambda s: s.waiting)], "{request}",
+            "The number of current pending requests for an open connection.",
+        )
+        meter.create_observable_counter(
+            "db.client.connection.timeouts", [self._per_pool(lambda s: s.acquire_timeouts)], "{timeout}",
+            "The number of connection timeouts that have occurred trying to obtain a connection from the pool.",
+        )
+        self._histograms = [
+            meter.create_histogram(
+                name, "s", description, explicit_bucket_boundaries_advisory=DEFAULT_BOUNDS
+            )
+            for _, name, description in HISTOGRAMS
+        ]
+        # safepool's own, beyond the conventions.
+        meter.create_observable_up_down_counter(
+            "safepool.connection.count", [self._observe_states], conn,
+            "Connections counted against max_size, by safepool's state "
+            "(idle, in_use, connecting, resetting, closing).",
+        )
+        for field, name, unit, description in COUNTERS:
+            meter.create_observable_counter(
+                name, [self._per_pool(_field(field))], unit, description
+            )
+        meter.create_observable_gauge(
+            "safepool.lease.oldest_age", [self._per_pool(lambda s: s.oldest_lease_age)], "s",
+            "Age of the oldest lease held now (0 when none).",
+        )
+        meter.create_observable_gauge(
+            "safepool.wait.oldest_age", [self._per_pool(lambda s: s.oldest_wait_age)], "s",
+            "How long the first task in the wait queue has waited (0 when none).",
+        )
+        meter.create_observable_up_down_counter(
+            "safepool.leak_suspects", [self._observe_leak_suspects], "{lease}",
+            "Leases held longer than leak_warning_after now (absent when that option is off).",
+        )
+        meter.create_observable_gauge(
+            "safepool.server.up", [self._per_pool(lambda s: 1 if s.server_status == "up" else 0)], "1",
+            "1 while connects succeed, 0 while they fail (backing off or down).",
+        )
+
+    def _per_pool(self, value: Callable[[PoolStats], float]) -> Callable[[CallbackOptions], Iterator[Observation]]:
+        def callback(options: CallbackOptions) -> Iterator[Observation]:
+            for name, pool in self._items():
+                yield Observation(value(snapshot(pool)), {POOL_NAME: name})
+
+        return callback
+
+    def _observe_count(self, options: CallbackOptions) -> Iterator[Observation]:
+        # The conventions know two states. "used" is every open connection
+        # that cannot be handed out now: leased, granted to a waiter, or
+        # being reset. Connections still opening or already closing are in
+        # neither (safepool.connection.count has them).
+        for name, pool in self._items():
+            s = snapshot(pool)
+            yield Observation(s.idle, {POOL_NAME: name, STATE: "idle"})
+            yield Observation(s.in_use + s.resetting, {POOL_NAME: name, STATE: "used"})
+
+    def _observe_states(self, options: CallbackOptions) -> Iterator[Observation]:
+        for name, pool in self._items():
+            s = snapshot(pool)
+            for state, value in (("idle", s.idle), ("in_use", s.in_use), ("connecting", s.connecting),
+                                 ("resetting", s.resetting), ("closing", s.closing)):
+                yield Observation(value, {POOL_NAME: name, SAFEPOOL_STATE: state})
+
+    def _observe_leak_suspects(self, options: CallbackOptions) -> Iterator[Observation]:
+        for name, pool in self._items():
+            count = leak_suspects(pool)
+            if count is not None:
+                yield Observation(count, {POOL_NAME: name})
+
+
+def _field(name: str) -> Callable[[PoolStats], float]:
+    def value(stats: PoolStats) -> float:
+        value: float = getattr(stats, name)  # an int counter
+        return value
+
+    return value
+
+
+def instrument(
+    *pools: Pool, live: bool = False, meter_provider: MeterProvider | None = None, record_times: bool = True
+) -> PoolInstruments:
+    """Create the instruments on ``meter_provider`` (default: the global one)
+    and report ``pools`` (and every open pool with ``live=True``).
+
+    Call it once per meter provider and add later pools with
+    :meth:`PoolInstruments.add`: a second call would create the same
+    instruments again."""
+    return PoolInstruments(pools, live=live, meter_provider=meter_provider, record_times=record_times)

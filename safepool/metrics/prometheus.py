@@ -1,0 +1,190 @@
+"""Prometheus exporter: a ``prometheus_client`` custom collector.
+
+    from prometheus_client import REGISTRY
+    from safepool.metrics.prometheus import PoolCollector
+
+    REGISTRY.register(PoolCollector([pool]))        # or PoolCollector(live=True)
+
+Every metric carries a ``pool`` label (the pool's name). Values are read from
+:meth:`safepool.Pool.stats` at scrape time; histograms are the pool's own
+fixed-bucket distributions, exported bucket for bucket. See docs/metrics.md.
+Needs the ``safepool[prometheus]`` extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import REGISTRY, CollectorRegistry
+from prometheus_client.utils import floatToGoString as _untyped_float_to_go
+
+from .._histogram import Distribution
+from ..stats import PoolStats
+from . import PoolSet, leak_suspects, snapshot
+
+if TYPE_CHECKING:
+    from ..pool import Pool
+
+__all__ = ["PoolCollector", "register"]
+
+# How prometheus_client renders "le" for its own histograms ("0.005", "1.0").
+_le: Callable[[float], str] = _untyped_float_to_go
+_Row = tuple[str, PoolStats, int | None]  # name, snapshot, leak suspects
+
+# (PoolStats field, metric name without "_total", help). Every counter of PoolStats.
+COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("acquired", "acquired", "Connections handed to application code."),
+    ("released", "released", "Leases ended by release (expired and garbage-collected leases excluded)."),
+    ("acquire_timeouts", "acquire_timeouts", "Acquires that gave up waiting (PoolTimeoutError)."),
+    ("overload_rejections", "overload_rejections", "Acquires refused at once because the wait queue was full."),
+    ("unavailable_rejections", "unavailable_rejections",
+     "Acquires refused at once because the server was unreachable and connects were backing off."),
+    ("leases_expired", "leases_expired", "Leases taken back after outliving lease_timeout."),
+    ("leaks_detected", "leaks_detected", "Leased connections whose proxy was garbage collected unreleased."),
+    ("leak_warnings", "leak_warnings", "Leases that were still held after leak_warning_after (warnings logged)."),
+    ("connections_opened", "connections_opened", "Server connections opened."),
+    ("connections_closed", "connections_closed", "Server connections closed."),
+    ("connect_errors", "connect_errors", "Failed connection attempts."),
+    ("resets", "resets", "Session resets that succeeded on release."),
+    ("resets_skipped", "resets_skipped", "Releases that needed no reset (the lease ran no statement)."),
+    ("resets_failed", "resets_failed", "Session resets that failed (the connection was closed)."),
+)
+
+CONNECTION_STATES = ("idle", "in_use", "connecting", "resetting", "closing")
+SERVER_STATUSES = ("up", "backing_off", "down")
+# (PoolStats field, metric name without "_seconds", help).
+HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
+    ("acquire_wait", "safepool_acquire_wait", "Time from acquire() to getting a connection (0 when one was idle)."),
+    ("lease_duration", "safepool_lease_duration", "Time from acquire to release, expiry or reclaim of a lease."),
+    ("connect_time", "safepool_connect_duration", "Time to open a server connection (successful connects)."),
+)
+
+
+class PoolCollector:
+    """Collects every registered pool's statistics at scrape time.
+
+    :param pools: pools to report, each under its ``name`` (add more with
+        :meth:`add`, under another name if you like).
+    :param live: also report every other open pool of the process.
+    """
+
+    def __init__(self, pools: Iterable[Pool] = (), *, live: bool = False) -> None:
+        self.pools = PoolSet(pools, live=live)
+
+    def add(self, pool: Pool, name: str | None = None) -> str:
+        """Report ``pool`` under ``name`` (default ``pool.name``); returns the name."""
+        return self.pools.add(pool, name)
+
+    def remove(self, pool_or_name: Pool | str) -> None:
+        self.pools.remove(pool_or_name)
+
+    def describe(self) -> list[Metric]:
+        # The registry checks names for duplicates with this; without it,
+        # register() would call collect().
+        return list(self._families([]))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.pools.items())
+
+    def _families(self, pools: list[tuple[str, Pool]]) -> Iterator[Metric]:
+        stats: list[_Row] = [(name, snapshot(pool), leak_suspects(pool)) for name, pool in pools]
+
+        connections = GaugeMetricFamily(
+            "safepool_connections",
+            "Connections counted against max_size, by state (in_use: leased or handed to a waiter).",
+            labels=["pool", "state"],
+        )
+        for name, s, _ in stats:
+            for state, value in zip(CONNECTION_STATES, (s.idle, s.in_use, s.connecting, s.resetting, s.closing),
+                                    strict=True):
+                connections.add_metric([name, state], value)
+        yield connections
+
+        yield _gauge("safepool_waiting", "Tasks waiting for a connection.", stats, lambda s: s.waiting)
+        yield _gauge("safepool_max_size", "The pool's max_size.", stats, lambda s: s.max_size)
+        yield _gauge("safepool_min_size", "The pool's min_size.", stats, lambda s: s.min_size)
+        max_waiters = GaugeMetricFamily(
+            "safepool_max_waiters", "The pool's max_waiters (absent when unbounded).", labels=["pool"]
+        )
+        for name, s, _ in stats:
+            if s.max_waiters is not None:
+                max_waiters.add_metric([name], s.max_waiters)
+        yield max_waiters
+
+        for field, metric, help_text in HISTOGRAMS:
+            family = HistogramMetricFamily(metric, help_text, labels=["pool"], unit="seconds")
+            for name, s, _ in stats:
+                distribution: Distribution = getattr(s, field)
+                family.add_metric([name], _buckets(distribution), distribution.sum)
+            yield family
+
+        for field, metric, help_text in COUNTERS:
+            counter = CounterMetricFamily(f"safepool_{metric}", help_text, labels=["pool"])
+            for name, s, _ in stats:
+                counter.add_metric([name], getattr(s, field))
+            yield counter
+
+        yield _gauge(
+            "safepool_oldest_lease_age_seconds", "Age of the oldest lease held now (0 when none).",
+            stats, lambda s: s.oldest_lease_age,
+        )
+        yield _gauge(
+            "safepool_oldest_wait_age_seconds", "How long the first task in the wait queue has waited (0 when none).",
+            stats, lambda s: s.oldest_wait_age,
+        )
+        suspects = GaugeMetricFamily(
+            "safepool_leak_suspects",
+            "Leases held longer than leak_warning_after now (absent when leak_warning_after is off).",
+            labels=["pool"],
+        )
+        for name, _, count in stats:
+            if count is not None:
+                suspects.add_metric([name], count)
+        yield suspects
+
+        yield _gauge(
+            "safepool_server_up", "1 while connects succeed, 0 while they fail (backing off or down).",
+            stats, lambda s: 1 if s.server_status == "up" else 0,
+        )
+        status = GaugeMetricFamily(
+            "safepool_server_status", "1 for the pool's current view of the server, 0 for the others.",
+            labels=["pool", "status"],
+        )
+        for name, s, _ in stats:
+            for server_status in SERVER_STATUSES:
+                status.add_metric([name, server_status], 1 if s.server_status == server_status else 0)
+        yield status
+        yield _gauge(
+            "safepool_consecutive_connect_failures", "Connect attempts that failed since the last success.",
+            stats, lambda s: s.consecutive_connect_failures,
+        )
+
+
+def _gauge(name: str, help_text: str, stats: list[_Row], value: Callable[[PoolStats], float]) -> Metric:
+    family = GaugeMetricFamily(name, help_text, labels=["pool"])
+    for pool_name, s, _ in stats:
+        family.add_metric([pool_name], value(s))
+    return family
+
+
+def _buckets(distribution: Distribution) -> list[tuple[str, float]]:
+    """Cumulative (le, count) pairs; the pool's bucket i holds values <= bounds[i]."""
+    buckets: list[tuple[str, float]] = []
+    total = 0
+    for bound, count in zip(distribution.bounds, distribution.bucket_counts, strict=False):
+        total += count
+        buckets.append((_le(bound), total))
+    buckets.append(("+Inf", total + distribution.bucket_counts[-1]))
+    return buckets
+
+
+def register(
+    *pools: Pool, live: bool = False, registry: CollectorRegistry | None = None
+) -> PoolCollector:
+    """Register a :class:`PoolCollector` for ``pools`` (and every open pool
+    with ``live=True``) on ``registry`` (default: prometheus_client's global one)."""
+    collector = PoolCollector(pools, live=live)
+    (REGISTRY if registry is None else registry).register(collector)
+    return collector

@@ -1,0 +1,225 @@
+"""``pool.health()`` on a real PostgreSQL: each reason, the probe, and the
+Starlette readiness endpoint documented in docs/metrics.md."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+import safepool
+from safepool import ManualClock
+from safepool.health import HealthReport, check_health
+
+pytestmark = pytest.mark.asyncio
+DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+
+
+@pytest_asyncio.fixture
+async def pools(pg_dsn: str, app_name: str) -> AsyncIterator[Callable[..., Any]]:
+    created: list[safepool.Pool] = []
+
+    async def make(**kwargs: Any) -> safepool.Pool:
+        kwargs.setdefault("min_size", 1)
+        kwargs.setdefault("max_size", 2)
+        kwargs.setdefault("server_settings", {"application_name": app_name})
+        pool = await safepool.create_pool(pg_dsn, **kwargs)
+        created.append(pool)
+        return pool
+
+    yield make
+    for pool in created:
+        pool._state.check_invariants()
+        pool.terminate()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def codes(report: HealthReport) -> set[str]:
+    return {reason.code for reason in report.reasons}
+
+
+class FlakyConnect:
+    """asyncpg.connect, or a refused connection while ``down`` is set."""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.down:
+            raise ConnectionRefusedError("connection refused (test)")
+        return await asyncpg.connect(*args, **kwargs)
+
+
+async def test_healthy_pool_is_ok_with_a_probe_latency(pools: Any) -> None:
+    pool = await pools(name="fine")
+    report = await pool.health()
+    assert isinstance(report, HealthReport)
+    assert report.status == "ok" and report.ready and report.reasons == ()
+    assert report.probe_latency is not None and 0 < report.probe_latency < 1.0
+    assert report.stats.name == "fine" and report.stats.acquired == 1  # the probe's own lease
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["status"] == "ok" and data["pool"] == "fine"
+    assert data["stats"]["acquire_wait"]["count"] == 1 and "bucket_counts" not in data["stats"]["acquire_wait"]
+    skipped = await pool.health(probe=False)
+    assert skipped.status == "ok" and skipped.probe_latency is None
+
+
+async def test_saturated_pool_is_degraded_not_failing(pools: Any) -> None:
+    clock = ManualClock()
+    pool = await pools(name="full", min_size=1, max_size=1, clock=clock)
+    held = await pool.acquire()
+    waiter = asyncio.ensure_future(pool.acquire(timeout=None))
+    await until(lambda: pool.stats().waiting == 1)
+    clock.advance(4.0)
+    assert (await pool.health(probe=False, saturated_after=5.0)).status == "ok"
+    clock.advance(2.0)
+    report = await pool.health(probe_timeout=0.1, saturated_after=5.0)
+    # The probe queued behind the waiter and got nothing within its timeout.
+    assert codes(report) == {"saturated", "probe_no_connection"}
+    assert report.status == "degraded" and report.ready
+    saturated = next(r for r in report.reasons if r.code == "saturated")
+    assert "1 tasks waiting" in saturated.message and "first for 6.0s" in saturated.message
+    await pool.release(held)
+    await pool.release(await waiter)
+    assert (await pool.health()).status == "ok"
+
+
+async def test_leak_suspects_name_the_acquire_site(pools: Any) -> None:
+    clock = ManualClock()
+    pool = await pools(name="leaky", clock=clock, leak_warning_after=30.0)
+    held = await pool.acquire()  # leak-site marker
+    clock.advance(31.0)
+    report = await pool.health()
+    assert report.status == "degraded" and codes(report) == {"leak_suspects"}
+    message = report.reasons[0].message
+    assert "1 leases held longer than 30s" in message
+    assert re.search(r"test_health\.py:\d+ in test_leak_suspects_name_the_acquire_site", message)
+    # An explicit threshold overrides the pool's; a lease younger than it is fine.
+    assert (await pool.health(leak_suspect_after=60.0)).status == "ok"
+    await pool.release(held)
+    assert (await pool.health()).status == "ok"
+
+
+async def test_no_leak_check_without_a_threshold(pools: Any) -> None:
+    clock = ManualClock()
+    pool = await pools(clock=clock)
+    held = await pool.acquire()
+    clock.advance(3600)
+    assert (await pool.health(probe=False)).status == "ok"
+    assert codes(await pool.health(probe=False, leak_suspect_after=60)) == {"leak_suspects"}
+    await pool.release(held)
+
+
+async def test_server_down_is_failing(pools: Any) -> None:
+    connect = FlakyConnect()
+    connect.down = True
+    pool = await pools(name="down", min_size=0, connect=connect)
+    report = await pool.health(probe_timeout=2.0)
+    assert report.status == "failing" and not report.ready
+    assert {"server_down", "probe_failed", "connect_errors"} <= codes(report)
+    probe = next(r for r in report.reasons if r.code == "probe_failed")
+    assert "ConnectionRefusedError" in probe.message
+    errors = next(r for r in report.reasons if r.code == "connect_errors")
+    assert "first check of this pool" in errors.message
+
+    connect.down = False
+    await until(lambda: pool.stats().server_status == "up" or pool.stats().consecutive_connect_failures > 0)
+    async with asyncio.timeout(10):
+        while (report := await pool.health(probe_timeout=2.0)).status == "failing":
+            await asyncio.sleep(0.05)  # the backoff delays the next attempt
+    assert "server_down" not in codes(report)
+
+
+async def test_backing_off_and_recent_connect_errors_are_degraded(pools: Any) -> None:
+    clock = ManualClock()
+    connect = FlakyConnect()
+    pool = await pools(name="flaky", min_size=1, max_size=2, connect=connect, clock=clock)
+    assert (await pool.health()).status == "ok"  # also the baseline for the error window
+    connect.down = True
+    held = await pool.acquire()
+    # A second connection is refused; the waiter keeps waiting, since the
+    # pool still has a connection that will come back.
+    waiter = asyncio.ensure_future(pool.acquire(timeout=None))
+    await until(lambda: pool.stats().connect_errors == 1)
+    await pool.release(held)
+    await pool.release(await waiter)
+    report = await pool.health()
+    assert report.stats.server_status == "backing_off"
+    assert codes(report) == {"server_backing_off", "connect_errors"}
+    assert report.status == "degraded"  # the pool still serves from its open connection
+    assert report.probe_latency is not None
+
+    connect.down = False
+    clock.advance(30.0)  # past the backoff: the next connect succeeds
+    second = await pool.acquire()
+    third = await pool.acquire()
+    await pool.release(second)
+    await pool.release(third)
+    report = await pool.health()
+    assert report.stats.server_status == "up"
+    assert codes(report) == {"connect_errors"}  # still within the 60 s window
+    errors = report.reasons[0].message
+    assert errors.startswith("1 connect errors in the last 30s")
+    clock.advance(61.0)
+    assert (await pool.health()).status == "ok"
+
+
+@pytest.mark.realtime
+async def test_probe_query_timeout_is_failing_and_leaves_the_pool_whole(pools: Any) -> None:
+    pool = await pools(name="slow", min_size=1, max_size=1)
+    report = await pool.health(probe_query="SELECT pg_sleep(10)", probe_timeout=0.2)
+    assert report.status == "failing" and codes(report) == {"probe_timeout"}
+    # The query was cancelled on the server and the connection came back.
+    await until(lambda: pool.stats().idle == 1)
+    assert await pool.fetchval("SELECT 1") == 1
+    assert (await pool.health()).status == "ok"
+
+
+async def test_closed_pool_is_failing(pools: Any) -> None:
+    pool = await pools(name="gone", min_size=0)
+    await pool.close()
+    report = await check_health(pool)
+    assert report.status == "failing" and codes(report) == {"closed"}
+
+
+async def test_probe_error_is_failing(pools: Any) -> None:
+    pool = await pools(name="bad-probe")
+    report = await pool.health(probe_query="SELECT * FROM no_such_table_here")
+    assert report.status == "failing" and codes(report) == {"probe_failed"}
+    assert "UndefinedTableError" in report.reasons[0].message
+
+
+async def test_readiness_endpoint_from_the_docs(pg_dsn: str) -> None:
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("starlette")
+    text = DOC.read_text()
+    match = re.search(r"<!-- readiness-example -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "docs/metrics.md lost its readiness example"
+    source = match.group(1)
+    assert 'DSN = "' in source
+    namespace: dict[str, Any] = {}
+    exec(compile(re.sub(r'DSN = ".*"', f"DSN = {pg_dsn!r}", source), str(DOC), "exec"), namespace)
+    app = namespace["app"]
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/ready")
+            assert response.status_code == 200
+            assert response.json()["status"] == "ok"
+            pool = app.state.pool
+            await pool.close()
+            response = await client.get("/ready")
+            assert response.status_code == 503
+            assert response.json()["reasons"][0]["code"] == "closed"

@@ -1,0 +1,190 @@
+"""OpenTelemetry instruments, read with the SDK's InMemoryMetricReader while a
+real pool on PostgreSQL works."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+import safepool
+from safepool import ManualClock
+from safepool._histogram import DEFAULT_BOUNDS
+from safepool.metrics.otel import COUNTERS, _Tee, instrument
+
+pytestmark = pytest.mark.asyncio
+POOL = "db.client.connection.pool.name"
+
+
+@pytest_asyncio.fixture
+async def pools(pg_dsn: str, app_name: str) -> AsyncIterator[Callable[..., Any]]:
+    created: list[safepool.Pool] = []
+
+    async def make(**kwargs: Any) -> safepool.Pool:
+        kwargs.setdefault("min_size", 1)
+        kwargs.setdefault("max_size", 2)
+        kwargs.setdefault("server_settings", {"application_name": app_name})
+        pool = await safepool.create_pool(pg_dsn, **kwargs)
+        created.append(pool)
+        return pool
+
+    yield make
+    for pool in created:
+        pool._state.check_invariants()
+        pool.terminate()
+
+
+@pytest.fixture
+def reader() -> Iterator[tuple[InMemoryMetricReader, MeterProvider]]:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    yield reader, provider
+    provider.shutdown()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
+    """Instrument name -> its data points, from one collection."""
+    result: dict[str, list[Any]] = {}
+    data = reader.get_metrics_data()
+    assert data is not None
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            assert scope.scope.name == "safepool"
+            for metric in scope.metrics:
+                result[metric.name] = list(metric.data.data_points)
+    return result
+
+
+def point(found: dict[str, list[Any]], name: str, **attributes: str) -> Any:
+    matches = [p for p in found[name] if dict(p.attributes) == attributes]
+    assert len(matches) == 1, (name, attributes, found.get(name))
+    return matches[0]
+
+
+async def test_semantic_convention_instruments_on_a_busy_pool(pools: Any, reader: Any) -> None:
+    memory, provider = reader
+    clock = ManualClock()
+    pool = await pools(name="orders", min_size=1, max_size=2, clock=clock)
+    instrument(pool, meter_provider=provider)
+
+    first = await pool.acquire()
+    second = await pool.acquire()  # opens a second connection: create_time
+    waiter = asyncio.ensure_future(pool.acquire(timeout=None))
+    await until(lambda: pool.stats().waiting == 1)
+    clock.advance(3.0)
+
+    found = points(memory)
+    assert point(found, "db.client.connection.count", **{POOL: "orders", "db.client.connection.state": "idle"}).value == 0
+    assert point(found, "db.client.connection.count", **{POOL: "orders", "db.client.connection.state": "used"}).value == 2
+    assert point(found, "db.client.connection.pending_requests", **{POOL: "orders"}).value == 1
+    assert point(found, "db.client.connection.max", **{POOL: "orders"}).value == 2
+    assert point(found, "db.client.connection.idle.max", **{POOL: "orders"}).value == 2
+    assert point(found, "db.client.connection.idle.min", **{POOL: "orders"}).value == 1
+    assert point(found, "db.client.connection.timeouts", **{POOL: "orders"}).value == 0
+    assert point(found, "safepool.lease.oldest_age", **{POOL: "orders"}).value == pytest.approx(3.0)
+    assert point(found, "safepool.wait.oldest_age", **{POOL: "orders"}).value == pytest.approx(3.0)
+    assert point(found, "safepool.server.up", **{POOL: "orders"}).value == 1
+    states = {dict(p.attributes)["safepool.connection.state"]: p.value for p in found["safepool.connection.count"]}
+    assert states == {"idle": 0, "in_use": 2, "connecting": 0, "resetting": 0, "closing": 0}
+    for field, name, _, _ in COUNTERS:
+        assert point(found, name, **{POOL: "orders"}).value == getattr(pool.stats(), field)
+    create = point(found, "db.client.connection.create_time", **{POOL: "orders"})
+    assert create.count == 1  # the connection opened after instrumenting
+    assert list(create.explicit_bounds) == list(DEFAULT_BOUNDS)  # the pool's buckets, advised to the SDK
+
+    await pool.release(first)
+    third = await asyncio.wait_for(waiter, 5)
+    clock.advance(1.0)
+    await pool.release(second)
+    await pool.release(third)
+
+    found = points(memory)
+    wait = point(found, "db.client.connection.wait_time", **{POOL: "orders"})
+    assert wait.count == 3 and wait.sum == pytest.approx(3.0) and wait.max == pytest.approx(3.0)
+    use = point(found, "db.client.connection.use_time", **{POOL: "orders"})
+    assert use.count == 3
+    assert use.sum == pytest.approx(pool.stats().lease_duration.sum)  # the same values as the pool's own
+    assert pool.stats().acquire_wait.count == 3  # the tee still feeds the pool's histogram
+
+
+async def test_timeouts_counter(pools: Any, reader: Any) -> None:
+    memory, provider = reader
+    pool = await pools(name="busy", min_size=1, max_size=1)
+    instrument(pool, meter_provider=provider)
+    async with pool.acquire():
+        with pytest.raises(safepool.PoolTimeoutError):
+            await pool.acquire(timeout=0.01)
+    assert point(points(memory), "db.client.connection.timeouts", **{POOL: "busy"}).value == 1
+
+
+async def test_remove_restores_the_pool_histograms(pools: Any, reader: Any) -> None:
+    memory, provider = reader
+    pool = await pools(name="hooked", min_size=1)
+    instruments = instrument(pool, meter_provider=provider)
+    assert isinstance(pool._state.wait_times, _Tee)
+    await pool.fetchval("SELECT 1")
+    instruments.remove("hooked")
+    assert not isinstance(pool._state.wait_times, _Tee)
+    assert not isinstance(pool._state.lease_times, _Tee)
+    await pool.fetchval("SELECT 1")
+    assert pool.stats().acquire_wait.count == 2  # nothing lost across the swaps
+    found = points(memory)
+    assert not any(dict(p.attributes).get(POOL) == "hooked" for p in found.get("db.client.connection.count", []))
+
+    # Two meter providers on one pool: one tee, two sinks.
+    other_reader = InMemoryMetricReader()
+    other = MeterProvider(metric_readers=[other_reader])
+    try:
+        first = instrument(pool, meter_provider=provider)
+        second = instrument(pool, meter_provider=other)
+        await pool.fetchval("SELECT 1")
+        assert len(pool._state.wait_times.sinks) == 2  # type: ignore[attr-defined]
+        second.close()
+        assert isinstance(pool._state.wait_times, _Tee)
+        first.close()
+        assert not isinstance(pool._state.wait_times, _Tee)
+        assert point(points(other_reader), "db.client.connection.wait_time", **{POOL: "hooked"}).count == 1
+    finally:
+        other.shutdown()
+
+
+async def test_live_pools_are_hooked_from_the_reader_thread(pools: Any, reader: Any) -> None:
+    memory, provider = reader
+    instrument(live=True, meter_provider=provider)
+    pool = await pools(name="late", min_size=1)
+    # The SDK's periodic reader collects in its own thread: the first
+    # collection that sees the pool hooks its histograms through the loop.
+    await asyncio.to_thread(memory.get_metrics_data)
+    await until(lambda: isinstance(pool._state.lease_times, _Tee))
+    for _ in range(3):
+        await pool.fetchval("SELECT 1")
+    found = await asyncio.to_thread(points, memory)
+    assert point(found, "db.client.connection.use_time", **{POOL: "late"}).count == 3
+    assert point(found, "safepool.acquired", **{POOL: "late"}).value == 3
+
+
+async def test_a_failing_sink_never_breaks_the_pool(pools: Any, reader: Any, caplog: Any) -> None:
+    _, provider = reader
+    pool = await pools(name="sink", min_size=1)
+    instrument(pool, meter_provider=provider)
+
+    def broken(value: float) -> None:
+        raise RuntimeError("exporter bug")
+
+    pool._state.wait_times.sinks.append(broken)  # type: ignore[attr-defined]
+    for _ in range(3):
+        assert await pool.fetchval("SELECT 1") == 1
+    assert pool.stats().acquire_wait.count == 3
+    complaints = [r for r in caplog.records if "OpenTelemetry histogram failed" in r.getMessage()]
+    assert len(complaints) == 1  # logged once, not per acquire

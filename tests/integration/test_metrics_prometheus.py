@@ -1,0 +1,199 @@
+"""The Prometheus collector, scraped through a real prometheus_client registry
+(text exposition) while a real pool on PostgreSQL is busy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import DuplicateTimeseries
+
+import safepool
+from safepool import ManualClock
+from safepool.metrics.prometheus import COUNTERS, PoolCollector, register
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture
+async def pools(pg_dsn: str, app_name: str) -> AsyncIterator[Callable[..., Any]]:
+    created: list[safepool.Pool] = []
+
+    async def make(**kwargs: Any) -> safepool.Pool:
+        kwargs.setdefault("min_size", 1)
+        kwargs.setdefault("max_size", 2)
+        kwargs.setdefault("server_settings", {"application_name": app_name})
+        pool = await safepool.create_pool(pg_dsn, **kwargs)
+        created.append(pool)
+        return pool
+
+    yield make
+    for pool in created:
+        pool._state.check_invariants()
+        pool.terminate()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def scrape(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the text exposition, keyed by (sample name, labels)."""
+    text = generate_latest(registry).decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+async def test_busy_pool_scraped_through_a_real_registry(pools: Any) -> None:
+    clock = ManualClock()
+    pool = await pools(name="orders", min_size=1, max_size=2, clock=clock, leak_warning_after=60.0)
+    registry = CollectorRegistry()
+    register(pool, registry=registry)
+
+    first = await pool.acquire()
+    second = await pool.acquire()
+    await first.execute("SELECT 1")
+    waiter = asyncio.ensure_future(pool.acquire(timeout=None))
+    await until(lambda: pool.stats().waiting == 1)
+    clock.advance(2.5)
+
+    samples = scrape(registry)
+    assert value(samples, "safepool_connections", pool="orders", state="in_use") == 2
+    assert value(samples, "safepool_connections", pool="orders", state="idle") == 0
+    for state in ("connecting", "resetting", "closing"):
+        assert value(samples, "safepool_connections", pool="orders", state=state) == 0
+    assert value(samples, "safepool_waiting", pool="orders") == 1
+    assert value(samples, "safepool_max_size", pool="orders") == 2
+    assert value(samples, "safepool_min_size", pool="orders") == 1
+    assert value(samples, "safepool_oldest_lease_age_seconds", pool="orders") == pytest.approx(2.5)
+    assert value(samples, "safepool_oldest_wait_age_seconds", pool="orders") == pytest.approx(2.5)
+    assert value(samples, "safepool_acquired_total", pool="orders") == 2
+    assert value(samples, "safepool_connections_opened_total", pool="orders") == 2
+    assert value(samples, "safepool_leak_suspects", pool="orders") == 0
+    assert value(samples, "safepool_server_up", pool="orders") == 1
+    assert value(samples, "safepool_server_status", pool="orders", status="up") == 1
+    assert value(samples, "safepool_server_status", pool="orders", status="down") == 0
+    # Every counter of PoolStats is exported as a *_total counter.
+    for field, name, _ in COUNTERS:
+        assert value(samples, f"safepool_{name}_total", pool="orders") == getattr(pool.stats(), field)
+
+    await pool.release(first)  # ran a statement: reset, then handed to the waiter
+    third = await asyncio.wait_for(waiter, 5)
+    clock.advance(0.5)
+    await pool.release(second)
+    await pool.release(third)
+    await until(lambda: pool.stats().idle == 2)
+
+    samples = scrape(registry)
+    stats = pool.stats()
+    assert value(samples, "safepool_lease_duration_seconds_count", pool="orders") == 3
+    assert value(samples, "safepool_lease_duration_seconds_sum", pool="orders") == pytest.approx(
+        stats.lease_duration.sum
+    )
+    # The waiter waited 2.5 s on the manual clock: it is in the le=2.5 bucket, not below.
+    assert value(samples, "safepool_acquire_wait_seconds_bucket", pool="orders", le="1.0") == 2
+    assert value(samples, "safepool_acquire_wait_seconds_bucket", pool="orders", le="2.5") == 3
+    assert value(samples, "safepool_acquire_wait_seconds_count", pool="orders") == 3
+    assert value(samples, "safepool_released_total", pool="orders") == 3
+    assert value(samples, "safepool_resets_total", pool="orders") == 1
+    assert value(samples, "safepool_connect_duration_seconds_count", pool="orders") == 2
+    assert value(samples, "safepool_connections", pool="orders", state="idle") == 2
+
+
+async def test_histogram_buckets_are_cumulative_and_match_the_distribution(pools: Any) -> None:
+    pool = await pools(name="hist")
+    registry = CollectorRegistry()
+    register(pool, registry=registry)
+    for _ in range(20):
+        async with pool.acquire() as con:
+            await con.execute("SELECT 1")
+    samples = scrape(registry)
+    distribution = pool.stats().lease_duration
+    buckets = {
+        float(dict(labels)["le"]): count
+        for (name, labels), count in samples.items()
+        if name == "safepool_lease_duration_seconds_bucket" and ("pool", "hist") in labels
+    }
+    assert sorted(buckets) == [*distribution.bounds, float("inf")]
+    running = 0
+    for bound, count in zip(distribution.bounds, distribution.bucket_counts, strict=False):
+        running += count
+        assert buckets[bound] == running
+    assert value(samples, "safepool_lease_duration_seconds_bucket", pool="hist", le="+Inf") == 20
+    assert value(samples, "safepool_lease_duration_seconds_count", pool="hist") == 20
+
+
+async def test_server_down_is_visible(pools: Any, pg_dsn: str) -> None:
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionRefusedError("connection refused (test)")
+
+    pool = await pools(name="down", min_size=0, connect=refuse)
+    registry = CollectorRegistry()
+    register(pool, registry=registry)
+    with pytest.raises(ConnectionRefusedError):
+        await pool.acquire(timeout=2)
+    samples = scrape(registry)
+    assert value(samples, "safepool_server_up", pool="down") == 0
+    assert value(samples, "safepool_server_status", pool="down", status="down") == 1
+    assert value(samples, "safepool_connect_errors_total", pool="down") >= 1
+    assert value(samples, "safepool_consecutive_connect_failures", pool="down") >= 1
+
+
+async def test_live_mode_reports_every_open_pool_and_drops_closed_ones(pools: Any) -> None:
+    await pools(name="live-a")
+    unnamed = await pools(min_size=0)
+    registry = CollectorRegistry()
+    collector = PoolCollector(live=True)
+    registry.register(collector)
+    names = {name for name, _ in collector.pools.items()}
+    assert {"live-a", unnamed.name} <= names
+    samples = scrape(registry)
+    assert value(samples, "safepool_max_size", pool=unnamed.name) == 2
+    assert ("safepool_leak_suspects", frozenset({("pool", "live-a")})) not in samples  # option off
+
+    await unnamed.close()
+    samples = scrape(registry)
+    assert ("safepool_max_size", frozenset({("pool", unnamed.name)})) not in samples
+    assert value(samples, "safepool_max_size", pool="live-a") == 2
+
+
+async def test_names_are_unique(pools: Any) -> None:
+    first = await pools(name="dup", min_size=0)
+    second = await pools(name="dup", min_size=0)
+    collector = PoolCollector([first])
+    with pytest.raises(ValueError, match="already reported as 'dup'"):
+        collector.add(second)
+    assert collector.add(second, "dup-2") == "dup-2"
+    # Live mode keeps two open pools with the same name apart.
+    live = PoolCollector(live=True)
+    dups = [name for name, pool in live.pools.items() if pool in (first, second)]
+    assert len(dups) == 2 and len(set(dups)) == 2
+    # A closed pool's name can be taken over (an application re-creating its pool).
+    await first.close()
+    replacement = await pools(name="dup", min_size=0)
+    collector.add(replacement)
+    assert collector.pools.get("dup") is replacement
+
+
+async def test_describe_lets_the_registry_catch_duplicates_without_collecting(pools: Any) -> None:
+    pool = await pools(name="describe", min_size=0)
+    registry = CollectorRegistry()
+    register(pool, registry=registry)
+    with pytest.raises(DuplicateTimeseries):
+        register(pool, registry=registry)
+    described = {metric.name for metric in PoolCollector().describe()}
+    assert {"safepool_connections", "safepool_acquire_wait_seconds", "safepool_acquired"} <= described

@@ -1,0 +1,186 @@
+"""Exporters and health bookkeeping driven from the state core: no event
+loop, no database. A stand-in pool serves ``stats()`` from a PoolState."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, cast
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from safepool import health
+from safepool._histogram import DEFAULT_BOUNDS, Histogram
+from safepool._state import Backoff, PoolState, ReleaseOutcome
+from safepool.metrics import PoolSet, leak_suspects, snapshot
+from safepool.metrics.otel import _Tee
+from safepool.metrics.prometheus import _buckets, register
+from safepool.stats import PoolStats, build_stats
+
+
+class StubPool:
+    """What the exporters read of a Pool, backed by the pure state core."""
+
+    def __init__(self, name: str, state: PoolState, leak_warning_after: float | None = None) -> None:
+        self.name = name
+        self._state = state
+        self._closed = False
+        self._leak_warning_after = leak_warning_after
+        self.now = 100.0
+
+    def _now(self) -> float:
+        return self.now
+
+    def stats(self) -> PoolStats:
+        return build_stats(self.name, self._state, self.now)
+
+
+def busy_state() -> PoolState:
+    state = PoolState(max_size=3, min_size=1, backoff=Backoff(rng=lambda: 1.0))
+    for _ in range(2):
+        slot = state.add_connecting(90.0)
+        state.connect_succeeded(slot, object(), 90.5)
+    state.try_acquire(95.0)
+    lease = state.try_acquire(99.0)
+    assert lease is not None
+    state.release(lease, 99.75, ReleaseOutcome.CLEAN)
+    state.actions.clear()
+    return state
+
+
+def scrape(*pools: StubPool) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    registry = CollectorRegistry()
+    register(*cast(Any, pools), registry=registry)
+    text = generate_latest(registry).decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_buckets_are_cumulative_with_inf_last() -> None:
+    histogram = Histogram()
+    for value in (0.0, 0.001, 0.001, 0.3, 400.0):
+        histogram.record(value)
+    buckets = _buckets(histogram.snapshot())
+    assert len(buckets) == len(DEFAULT_BOUNDS) + 1
+    assert buckets[0] == ("1e-05", 1)
+    assert dict(buckets)["0.001"] == 3  # le: a value equal to the bound is in its bucket
+    assert dict(buckets)["0.5"] == 4
+    assert dict(buckets)["300.0"] == 4 and buckets[-1] == ("+Inf", 5)
+    assert [count for _, count in buckets] == sorted(count for _, count in buckets)
+
+
+def test_exposition_from_the_state_core() -> None:
+    pool = StubPool("core", busy_state(), leak_warning_after=3.0)
+    samples = scrape(pool)
+    label = frozenset({("pool", "core")})
+    assert samples[("safepool_connections", label | {("state", "in_use")})] == 1
+    assert samples[("safepool_connections", label | {("state", "idle")})] == 1
+    assert samples[("safepool_acquired_total", label)] == 2
+    assert samples[("safepool_released_total", label)] == 1
+    assert samples[("safepool_resets_skipped_total", label)] == 1
+    assert samples[("safepool_oldest_lease_age_seconds", label)] == 5.0
+    assert samples[("safepool_leak_suspects", label)] == 1  # held 5 s > 3 s
+    assert samples[("safepool_lease_duration_seconds_sum", label)] == 0.75
+    assert samples[("safepool_connect_duration_seconds_count", label)] == 2
+    assert samples[("safepool_connect_duration_seconds_sum", label)] == 1.0  # 0.5 s each
+    assert ("safepool_max_waiters", label) not in samples  # unbounded
+
+
+def test_server_status_gauges_follow_connect_failures() -> None:
+    state = PoolState(max_size=2, backoff=Backoff(rng=lambda: 1.0))
+    pool = StubPool("flaky", state)
+    slot = state.add_connecting(0.0)
+    state.connect_failed(slot, 1.0, ConnectionRefusedError("refused"))
+    label = frozenset({("pool", "flaky")})
+    samples = scrape(pool)
+    assert samples[("safepool_server_up", label)] == 0
+    assert samples[("safepool_server_status", label | {("status", "down")})] == 1
+    assert samples[("safepool_server_status", label | {("status", "up")})] == 0
+    assert samples[("safepool_connect_errors_total", label)] == 1
+    assert samples[("safepool_consecutive_connect_failures", label)] == 1
+
+
+def test_pool_set_names_and_weak_references() -> None:
+    a = StubPool("a", busy_state())
+    b = StubPool("b", busy_state())
+    pools = PoolSet(cast(Any, [a, b]))
+    assert [name for name, _ in pools.items()] == ["a", "b"]
+    with pytest.raises(ValueError, match="already reported"):
+        pools.add(cast(Any, StubPool("a", busy_state())))
+    a._closed = True
+    assert [name for name, _ in pools.items()] == ["b"]  # closed pools are not reported
+    replacement = StubPool("a", busy_state())
+    pools.add(cast(Any, replacement))  # a closed pool's name is free again
+    assert pools.get("a") is replacement
+    del b
+    assert [name for name, _ in pools.items()] == ["a"]  # gone with the pool
+    with pytest.raises(ValueError, match="empty"):
+        pools.add(cast(Any, replacement), "")
+    pools.remove("a")
+    assert pools.items() == []
+
+
+def test_leak_suspects_needs_the_option() -> None:
+    state = busy_state()
+    assert leak_suspects(cast(Any, StubPool("x", state))) is None
+    assert leak_suspects(cast(Any, StubPool("x", state, leak_warning_after=5.0))) == 1  # exactly 5 s: counted
+    assert leak_suspects(cast(Any, StubPool("x", state, leak_warning_after=5.5))) == 0
+
+
+def test_snapshot_retries_a_read_torn_by_another_thread() -> None:
+    pool = StubPool("torn", busy_state())
+    calls = 0
+    real = pool.stats
+
+    def flaky() -> PoolStats:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise RuntimeError("deque mutated during iteration")
+        return real()
+
+    pool.stats = flaky  # type: ignore[method-assign]
+    assert snapshot(cast(Any, pool)).name == "torn" and calls == 3
+
+
+def test_tee_records_into_the_pool_histogram_and_each_sink() -> None:
+    inner = Histogram()
+    inner.record(0.5)
+    tee = _Tee(inner)
+    seen: list[float] = []
+    tee.sinks.append(seen.append)
+    tee.sinks.append(lambda value: 1 / 0)  # a broken sink is logged once, never raised
+    tee.record(0.25)
+    tee.record(2.0)
+    assert seen == [0.25, 2.0]
+    assert (tee.count, tee.sum, tee.max) == (3, 2.75, 2.0)
+    assert tee.snapshot() == inner.snapshot() and tee.quantile(0.5) == inner.quantile(0.5)
+
+
+def test_connect_error_window_uses_checks_as_samples() -> None:
+    state = PoolState(max_size=2, backoff=Backoff(rng=lambda: 1.0))
+    pool = cast(Any, StubPool("window", state))
+
+    def fail(now: float) -> None:
+        slot = state.add_connecting(now)
+        state.connect_failed(slot, now, OSError("refused"))
+        state.actions.clear()
+
+    def check(now: float) -> tuple[int, float | None]:
+        return health._recent_connect_errors(pool, build_stats("window", state, now), now, 60.0)
+
+    fail(0.0)
+    assert check(1.0) == (1, None)  # first check: only the current run is known
+    assert check(10.0) == (0, 9.0)
+    fail(20.0)
+    slot = state.add_connecting(21.0)
+    state.connect_succeeded(slot, object(), 21.0)  # the run ends; the errors stay counted
+    assert check(30.0) == (1, 29.0)
+    assert check(80.0) == (1, 70.0)  # baseline: the newest check at or before 20.0 (10.0)
+    assert check(100.0) == (0, 70.0)  # baseline moved to 30.0
+    assert isinstance(health._history[pool], deque)
+    assert check(500.0) == (0, None)  # the last check is too old to measure a rate from
