@@ -1,0 +1,111 @@
+"""The code shown in docs/getting-started.md, docs/best-practices.md and
+docs/runbook.md (included from docs/examples/) runs, on a real PostgreSQL,
+and leaks nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import pytest_asyncio
+
+import safepool
+from safepool.testing import assert_no_leaks
+
+pytestmark = pytest.mark.asyncio
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"docs_examples_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bp = load("best_practices")
+HOLDER_LINE = next(n for n, text in enumerate(Path(__file__).read_text().splitlines(), 1) if text.endswith("# HOLDER"))
+
+
+@pytest_asyncio.fixture
+async def pool(pg_dsn: str) -> AsyncIterator[safepool.Pool]:
+    async with safepool.create_pool(pg_dsn, min_size=1, max_size=3, capture_stack=True) as pool:
+        await pool.execute(bp.SCHEMA)
+        await pool.execute("TRUNCATE sp_docs_accounts")
+        await pool.execute("INSERT INTO sp_docs_accounts VALUES (1, 100), (2, 0)")
+        with assert_no_leaks(pool):
+            yield pool
+
+
+async def test_quickstart(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with assert_no_leaks():
+        assert await load("quickstart").main(pg_dsn) == 45
+    assert "2 connections handed out" in capsys.readouterr().out
+
+
+async def test_async_with_and_finally(pool: safepool.Pool) -> None:
+    assert await bp.account_balance(pool, 1) == 100
+    assert await bp.account_balance_without_async_with(pool, 1) == 100
+    assert await bp.account_balance(pool, 99) is None
+
+
+async def test_transaction_commits_or_rolls_back(pool: safepool.Pool) -> None:
+    await bp.transfer(pool, 1, 2, 30)
+    with pytest.raises(bp.InsufficientFunds):
+        await bp.transfer(pool, 2, 1, 1000)
+    assert [await bp.account_balance(pool, i) for i in (1, 2)] == [70, 30]
+    assert pool.stats().in_use == 0
+
+
+async def test_long_work_holds_no_connection_while_waiting(pool: safepool.Pool) -> None:
+    seen: list[int] = []
+
+    async def post(summary: dict[str, int]) -> None:
+        seen.append(pool.stats().in_use)
+
+    assert await bp.publish_balances(pool, post) == {"accounts": 2, "total": 100}
+    assert seen == [0]
+    written: list[tuple[int, int]] = []
+
+    async def write(account: int, balance: int) -> None:
+        written.append((account, balance))
+
+    assert await bp.export_accounts(pool, write) == 2
+    assert written == [(1, 100), (2, 0)]
+
+
+async def test_listen_on_a_dedicated_connection(pool: safepool.Pool, pg_dsn: str) -> None:
+    async with bp.Notifications(pg_dsn, "sp_docs_channel") as notifications:
+        await bp.notify(pool, "sp_docs_channel", "account 1 changed")
+        assert await asyncio.wait_for(notifications.received.get(), 5) == "account 1 changed"
+    assert pool.stats().in_use == 0
+
+
+async def test_pgbouncer_settings_work_on_a_plain_server_too(pg_dsn: str) -> None:
+    async with bp.create_pool_behind_pgbouncer(pg_dsn) as pool:
+        assert await pool.fetchval("SELECT $1::int + 1", 1) == 2
+        assert pool.stats().resets == 0  # rollback mode: nothing to reset
+
+
+async def test_errors_map_to_http_statuses(pg_dsn: str, pool: safepool.Pool) -> None:
+    assert await bp.handle_balance_request(pool, 1) == (200, {"account": 1, "balance": 100})
+    assert (await bp.handle_balance_request(pool, 99))[0] == 404
+    async with safepool.create_pool(pg_dsn, min_size=1, max_size=1, max_waiters=0) as tiny:
+        async with tiny.acquire():
+            status, body = await bp.handle_balance_request(tiny, 1)
+    assert status == 503 and "retry" in body["error"]
+
+
+async def test_leases_endpoint_names_the_holder(pool: safepool.Pool) -> None:
+    async with pool.acquire():  # HOLDER
+        [lease] = bp.describe_leases(pool)
+    assert lease["acquired_at"].endswith(f"test_docs_examples.py:{HOLDER_LINE} in test_leases_endpoint_names_the_holder")
+    assert lease["task"] and lease["held_seconds"] >= 0 and lease["expires_in"] is None
+    assert bp.describe_leases(pool) == []
