@@ -42,9 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     # Each further command lives in its own module, with its own argument parser.
     commands.add_parser("replay", help="replay the connection-leak outage (asyncpg's pool vs safepool)", add_help=False)
     commands.add_parser("check", help="scan code for acquired connections that are never released", add_help=False)
+    commands.add_parser("top", help="watch a server's connections by application and state", add_help=False)
+    commands.add_parser("watch", help="the same as top", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("replay", "check"):
-        module = __import__(f"safepool.{argv[0]}", fromlist=["main"])
+    if argv and argv[0] in ("replay", "check", "top", "watch"):
+        module_name = "top" if argv[0] == "watch" else argv[0]
+        module = __import__(f"safepool.{module_name}", fromlist=["main"])
         return int(module.main(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "selfcheck":
