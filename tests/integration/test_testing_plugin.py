@@ -18,7 +18,7 @@ import pytest_asyncio
 
 import safepool
 from safepool.pool import Pool, live_pools
-from safepool.testing import LeakError, assert_no_leaks
+from safepool.testing import LeakError, _Tracker, assert_no_leaks
 
 pytest_plugins = ["pytester"]
 
@@ -66,7 +66,8 @@ def assert_patches_removed() -> None:
     assert not hasattr(Pool.__dict__["__init__"], "__wrapped__")
     assert not hasattr(Pool.__dict__["_busy_message"], "__wrapped__")
     for pool in live_pools():
-        assert not any(hasattr(callback, "func") for callback in pool._listeners)
+        for callback in pool._listeners:
+            assert getattr(getattr(callback, "func", None), "__func__", None) is not _Tracker._on_event
 
 
 def test_each_way_of_leaking_fails_with_the_acquire_line(suite: pytest.Pytester) -> None:
