@@ -58,14 +58,35 @@ class Histogram:
                 return min(self._bounds[index], self.max) if index < len(self._bounds) else self.max
         return self.max
 
+    def _quantiles(self, qs: tuple[float, ...]) -> list[float]:
+        """Several quantiles (ascending) in one pass over the buckets."""
+        answers: list[float] = []
+        if self.count == 0:
+            return [0.0] * len(qs)
+        bounds, last = self._bounds, len(self._bounds)
+        seen = 0
+        pending = iter(qs)
+        rank = next(pending) * self.count
+        for index, bucket in enumerate(self._counts):
+            seen += bucket
+            while seen >= rank:
+                answers.append(min(bounds[index], self.max) if index < last else self.max)
+                try:
+                    rank = next(pending) * self.count
+                except StopIteration:
+                    return answers
+        answers.extend([self.max] * (len(qs) - len(answers)))
+        return answers
+
     def snapshot(self) -> Distribution:
+        p50, p90, p99 = self._quantiles((0.5, 0.9, 0.99))
         return Distribution(
             count=self.count,
             sum=self.sum,
             max=self.max,
-            p50=self.quantile(0.5),
-            p90=self.quantile(0.9),
-            p99=self.quantile(0.99),
+            p50=p50,
+            p90=p90,
+            p99=p99,
             bounds=self._bounds,
             bucket_counts=tuple(self._counts),
         )

@@ -275,6 +275,10 @@ class PoolState:
     def in_use(self) -> int:
         return self._counts[S.LEASED] + self._counts[S.RESERVED]
 
+    def _serving(self) -> int:
+        """Connections that can still be handed out (not being opened or closed)."""
+        return len(self._slots) - self._counts[S.CONNECTING] - self._counts[S.CLOSING]
+
     def connected(self) -> int:
         """Connections that exist on the server (asyncpg's get_size())."""
         return self.size - self._counts[S.CONNECTING]
@@ -282,7 +286,7 @@ class PoolState:
     def server_status(self, now: float) -> ServerStatus:
         if self.connect_failures == 0:
             return ServerStatus.UP
-        if self.connected() == 0:
+        if self._serving() == 0:
             return ServerStatus.DOWN
         return ServerStatus.BACKING_OFF
 
@@ -347,7 +351,7 @@ class PoolState:
             raise Overloaded
         if (
             self.connect_failures >= self.breaker_threshold
-            and self.connected() == 0
+            and self._serving() == 0
             and now < self.backoff_until
         ):
             # Circuit open: nothing to hand out and no connect will be tried
@@ -547,7 +551,8 @@ class PoolState:
         self.connect_failures += 1
         self.last_connect_error = error
         self.backoff_until = now + self.backoff.delay(self.connect_failures)
-        if self.connected() == 0 and self._counts[S.CONNECTING] == 0:
+        # A closing connection will not come back: it does not count.
+        if self._serving() == 0 and self._counts[S.CONNECTING] == 0:
             # Nothing will come back to the waiters before the next attempt:
             # fail them now rather than let them wait out their timeouts.
             self._fail_waiters(error)

@@ -17,7 +17,7 @@ import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from asyncpg import connection as _pg_connection
@@ -50,6 +50,9 @@ from .errors import (
 )
 from .proxy import PoolConnectionProxy
 from .stats import LeaseInfo, PoolStats, build_stats
+
+if TYPE_CHECKING:
+    from .health import HealthReport
 
 logger = logging.getLogger("safepool")
 leak_logger = logging.getLogger("safepool.leaks")
@@ -254,6 +257,7 @@ class Pool:
         self._initializing = False
         self._closed = False
         self._terminating = False
+        self._server_status = "up"
         _LIVE_POOLS.add(self)
         self._maintenance_task: asyncio.Task[Any] | None = None  # asyncpg's test base reads it
 
@@ -686,23 +690,24 @@ class Pool:
 
     async def _connect_slot(self, slot: Slot, *, raise_errors: bool = False) -> None:
         state = self._state
+        failure: BaseException | None = None
         try:
             con = await self._get_new_connection()
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                state.connect_cancelled(slot)
-            elif slot.state is SlotState.CONNECTING:
-                state.connect_failed(slot, self._now(), exc)
-            if not isinstance(exc, asyncio.CancelledError):
-                self._emit_event("connect_failed", error=_describe_error(exc))
-                logger.warning(
-                    "pool %r: connect failed (%s); %d consecutive failures",
-                    self._name, _describe_error(exc), state.connect_failures,
-                    extra={"event": "connect_failed", "pool": self._name},
-                )
+        except asyncio.CancelledError:
+            state.connect_cancelled(slot)
             self._drain()
-            if raise_errors or isinstance(exc, asyncio.CancelledError):
-                raise
+            raise
+        except BaseException as exc:
+            failure = exc
+        if failure is not None:
+            if slot.state is SlotState.CONNECTING:
+                state.connect_failed(slot, self._now(), failure)
+            # Reported outside the except block: a failing listener's
+            # traceback must not carry the connect error's full text.
+            self._report_connect_failure(failure)
+            self._drain()
+            if raise_errors:
+                raise failure
             return
         if slot.state is not SlotState.CONNECTING:  # terminated meanwhile
             con.terminate()
@@ -711,7 +716,31 @@ class Pool:
         self._holders[slot] = holder
         _pg.attach_holder(con, holder)
         state.connect_succeeded(slot, con, self._now())
+        self._note_server_status()
         self._drain()
+
+    def _report_connect_failure(self, error: BaseException) -> None:
+        described = _describe_error(error)
+        logger.warning(
+            "pool %r: connect failed (%s); %d consecutive failures",
+            self._name, described, self._state.connect_failures,
+            extra={"event": "connect_failed", "pool": self._name, "error": described},
+        )
+        self._emit_event("connect_failed", error=described, consecutive_failures=self._state.connect_failures)
+        self._note_server_status()
+
+    def _note_server_status(self) -> None:
+        """Log and emit the breaker's transitions: up, backing_off, down."""
+        status = self._state.server_status(self._now()).value
+        previous, self._server_status = self._server_status, status
+        if status == previous:
+            return
+        level = logging.INFO if status == "up" else logging.WARNING
+        logger.log(
+            level, "pool %r: server status %s -> %s", self._name, previous, status,
+            extra={"event": "server_status", "pool": self._name, "from": previous, "to": status},
+        )
+        self._emit_event("server_status", **{"from": previous, "to": status})
 
     async def _get_new_connection(self) -> RawConnection:
         con = await self._connect(
@@ -913,7 +942,7 @@ class Pool:
         infos.sort(key=lambda info: -info.age)
         return infos
 
-    async def health(self, **options: Any) -> Any:
+    async def health(self, **options: Any) -> HealthReport:
         """Readiness check: ``ok`` / ``degraded`` / ``failing`` with reasons.
         See :func:`safepool.health.check_health` for the options."""
         from .health import check_health

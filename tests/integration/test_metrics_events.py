@@ -128,8 +128,13 @@ async def test_listeners_get_every_event_with_its_fields(pg_dsn: str, app_name: 
         await until(lambda: bool(events))
         await pool.release(first)
         await pool.release(await waiter)
-        assert events == [{"event": "connect_failed", "pool": "events",
-                           "error": "ConnectionRefusedError: connection refused (test)"}]
+        # The refusal, then the breaker's transition: the pool still has a
+        # connection, so it is backing off, not down.
+        assert events == [
+            {"event": "connect_failed", "pool": "events",
+             "error": "ConnectionRefusedError: connection refused (test)", "consecutive_failures": 1},
+            {"event": "server_status", "pool": "events", "from": "up", "to": "backing_off"},
+        ]
     finally:
         pool.terminate()
 
@@ -279,3 +284,34 @@ async def _timeout(pool: safepool.Pool, clock: ManualClock) -> None:
     await until(lambda: pool.stats().waiting >= 1)
     clock.advance(1.5)
     await attempt
+
+
+async def test_breaker_transitions_are_logged_and_emitted(pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """down when the last connection is gone and connects fail; up again after a success."""
+    refuse = False
+
+    async def connect(*args: object, **kwargs: object) -> object:
+        if refuse:
+            raise ConnectionRefusedError("refused (test)")
+        return await asyncpg.connect(*args, **kwargs)
+
+    caplog.set_level(logging.INFO, logger="safepool")
+    events: list[dict[str, object]] = []
+    clock = ManualClock()
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, connect=connect, clock=clock,
+                                      name="breaker", backoff=safepool.Backoff(base=1.0, cap=1.0, rng=lambda: 1.0))
+    pool.add_listener(events.append)
+    try:
+        refuse = True
+        with pytest.raises(ConnectionRefusedError):
+            await pool.acquire()
+        refuse = False
+        clock.advance(1.0)  # past the backoff
+        async with pool.acquire(timeout=5) as con:
+            assert await con.fetchval("SELECT 1") == 1
+        transitions = [(e["from"], e["to"]) for e in events if e["event"] == "server_status"]
+        assert transitions == [("up", "down"), ("down", "up")]
+        logged = [(r.levelno, getattr(r, "to", None)) for r in caplog.records if getattr(r, "event", None) == "server_status"]
+        assert logged == [(logging.WARNING, "down"), (logging.INFO, "up")]
+    finally:
+        pool.terminate()

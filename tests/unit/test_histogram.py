@@ -1,0 +1,44 @@
+"""The fixed-bucket histogram behind wait and lease time distributions."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from safepool._histogram import Histogram
+
+
+def test_empty_histogram_reports_zeros() -> None:
+    snap = Histogram().snapshot()
+    assert (snap.count, snap.sum, snap.max, snap.p50, snap.p99) == (0, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_quantiles_are_bucket_upper_bounds_capped_by_max() -> None:
+    hist = Histogram(bounds=(0.001, 0.01, 0.1, 1.0))
+    for _ in range(90):
+        hist.record(0.0005)
+    for _ in range(9):
+        hist.record(0.05)
+    hist.record(3.0)
+    snap = hist.snapshot()
+    assert snap.p50 == 0.001 and snap.p90 == 0.001 and snap.p99 == 0.1
+    assert snap.max == 3.0 and snap.bucket_counts == (90, 0, 9, 0, 1)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1000, allow_nan=False), min_size=1, max_size=200))
+def test_one_pass_quantiles_match_the_per_quantile_answer(values: list[float]) -> None:
+    hist = Histogram()
+    for value in values:
+        hist.record(value)
+    snap = hist.snapshot()
+    assert (snap.p50, snap.p90, snap.p99) == (hist.quantile(0.5), hist.quantile(0.9), hist.quantile(0.99))
+    assert snap.p50 <= snap.p90 <= snap.p99 <= snap.max
+
+
+def test_memory_is_fixed() -> None:
+    hist = Histogram()
+    for _ in range(100_000):
+        hist.record(random.random())
+    assert len(hist.snapshot().bucket_counts) == len(hist.snapshot().bounds) + 1
