@@ -1,0 +1,467 @@
+"""``python -m safepool top [DSN]``: options, the connection, the refresh loop,
+and what the operator sees when something goes wrong.
+
+Exit codes: 0 when done (``--once``, ``--count``, ``--json``); 2 for a bad
+option, DSN or an unusable server, as one line on stderr without a traceback
+and without the password; 130 on Ctrl-C.
+
+Once the first snapshot is on screen, a failed refresh (the server restarts,
+the network drops) does not end the live view: the last snapshot stays, with
+the error above the table, and the next refresh reconnects. That is when the
+view is needed most. ``--json`` fails fast instead: scripts want the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import io
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import unquote, unquote_plus
+
+import asyncpg
+
+from .render import render_plain, render_rich
+from .snapshot import Snapshot, Thresholds, fetch
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+PROG = "python -m safepool top"
+APPLICATION_NAME = "safepool top"
+_CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Exit(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+class _Failure(Exception):
+    """A message for the operator, already free of secrets."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without the usage dump and the SystemExit: one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise _Exit(status)
+
+
+def _number(low: float, high: float, *, integer: bool = False, low_open: bool = False) -> Callable[[str], float]:
+    kind = "an integer" if integer else "a number of seconds" if high == float("inf") else "a number"
+    bound = f"> {low:g}" if low_open else f">= {low:g}"
+    if high != float("inf"):
+        bound += f" and <= {high:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if value != value or value < low or (low_open and value == low) or value > high:
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description=(
+            "A server's client connections grouped by application_name and state, from pg_stat_activity: "
+            "counts, how long the oldest has been in its state, transaction and query ages, lock waits, "
+            "and the total against max_connections. Alias: python -m safepool watch."
+        ),
+        epilog=(
+            "Query text is never shown unless --show-queries is given. Prefer PGPASSWORD or ~/.pgpass "
+            "to a password in the DSN (other users can read command lines). A role with pg_read_all_stats "
+            "(or pg_monitor) sees every session; others see their own role's sessions in full."
+        ),
+    )
+    parser.add_argument(
+        "dsn",
+        nargs="?",
+        default=None,
+        metavar="DSN",
+        help="postgresql://user@host:port/database; without it, the PG* environment variables",
+    )
+    parser.add_argument(
+        "-n",
+        "--interval",
+        type=_number(0, float("inf"), low_open=True),
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between refreshes (default 2)",
+    )
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    runs.add_argument(
+        "--count", type=_number(1, float("inf"), integer=True), default=None, metavar="N", help="stop after N refreshes"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per snapshot, one per line (a single snapshot unless --count)",
+    )
+    parser.add_argument("--plain", action="store_true", help="plain text without colours (the default without rich)")
+    parser.add_argument(
+        "--show-queries",
+        action="store_true",
+        help="show the query of each group's oldest session, truncated (may contain secrets)",
+    )
+    parser.add_argument(
+        "--query-width",
+        type=_number(10, 10_000, integer=True),
+        default=80,
+        metavar="CHARS",
+        help="truncate queries to this many characters (default 80)",
+    )
+    parser.add_argument(
+        "--idle-in-transaction-warn",
+        type=_number(0, float("inf")),
+        default=60.0,
+        metavar="SECONDS",
+        help="flag groups idle in transaction for at least this long: the signature of a leak (default 60)",
+    )
+    parser.add_argument(
+        "--usage-warn",
+        type=_number(0, 100, low_open=True),
+        default=80.0,
+        metavar="PERCENT",
+        help="warn when connections reach this share of the slots open to ordinary roles (default 80)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_number(0, float("inf"), low_open=True),
+        default=5.0,
+        metavar="SECONDS",
+        help="to connect, and for each refresh's queries (default 5)",
+    )
+    return parser
+
+
+# --- secrets ---------------------------------------------------------------
+
+_URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
+_PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s]+")
+
+
+def _split(dsn: str) -> tuple[str, str, str] | None:
+    """``(userinfo, host[:port], rest)`` of a URI DSN, parsed loosely."""
+    _, sep, rest = dsn.partition("://")
+    if not sep:
+        return None
+    end = re.search(r"[/?#]", rest)
+    authority = rest[: end.start()] if end else rest
+    if "@" in authority or "@" not in rest:
+        userinfo, _, hostport = authority.rpartition("@")
+        return userinfo, hostport, rest[len(authority) :]
+    # A password holding "/", "?" or "#": the authority ends after the last "@".
+    userinfo, _, after = rest.rpartition("@")
+    end = re.search(r"[/?#]", after)
+    return (userinfo, after[: end.start()], after[end.start() :]) if end else (userinfo, after, "")
+
+
+def _passwords(dsn: str) -> set[str]:
+    """Every string that may be the DSN's password, raw and decoded. Parsing
+    is deliberately loose: over-redacting an error message costs nothing."""
+    candidates = [match.group(0)[len("password=") :] for match in _PASSWORD_PARAM.finditer(dsn)]
+    parts = _split(dsn)
+    if parts is not None:
+        rest = dsn.partition("://")[2]
+        first_userinfo = rest.partition("@")[0] if "@" in rest else ""
+        candidates += [userinfo.partition(":")[2] for userinfo in (parts[0], first_userinfo) if ":" in userinfo]
+    return {form for c in candidates if c for form in (c, unquote(c), unquote_plus(c)) if form}
+
+
+def redact(text: str, dsn: str | None) -> str:
+    """``text`` without the DSN's password, nor any password-looking URI part."""
+    if dsn:
+        for secret in sorted(_passwords(dsn), key=len, reverse=True):
+            text = text.replace(secret, "***")
+    text = _URI_PASSWORD.sub(r"\1***@", text)
+    return _PASSWORD_PARAM.sub(r"\1***", text)
+
+
+def describe_target(dsn: str | None) -> str:
+    """``user@host:port/database`` from the DSN, without the password."""
+    if not dsn:
+        return "the server (PG* environment variables)"
+    parts = _split(dsn)
+    if parts is None:
+        return "the server"
+    userinfo, hostport, tail = parts
+    path, _, query = tail.partition("?")
+    database = unquote(path.partition("#")[0].lstrip("/"))
+    if not hostport:
+        hosts = [value for key, _, value in (item.partition("=") for item in query.split("&")) if key == "host"]
+        hostport = unquote(hosts[0]) if hosts else "localhost"
+    user = unquote(userinfo.partition(":")[0])
+    if hostport.startswith("/"):  # a Unix socket directory
+        target = (f"{user}@" if user else "") + (database or "default database") + f" on socket {hostport}"
+    else:
+        target = (f"{user}@" if user else "") + hostport + (f"/{database}" if database else "")
+    return redact(target, dsn)
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _scrub_quoted(detail: str, dsn: str | None) -> str:
+    """asyncpg's DSN errors quote pieces of the DSN, and a misparsed DSN can
+    put a piece of the password in them ("bad query field: 't@pw@host'").
+    A quoted piece of the DSN that is not in the DSN without its password goes."""
+    parts = _split(dsn) if dsn else None
+    if dsn is None or parts is None:
+        return detail
+    userinfo, hostport, tail = parts
+    without_password = dsn.partition("://")[0] + "://" + userinfo.partition(":")[0] + "@" + hostport
+    without_password += _PASSWORD_PARAM.sub("", tail)
+
+    def scrub(match: re.Match[str]) -> str:
+        piece = match.group(0)[1:-1]
+        if piece and piece in dsn and piece not in without_password:
+            return match.group(0)[0] + "***" + match.group(0)[-1]
+        return match.group(0)
+
+    return _QUOTED.sub(scrub, detail)
+
+
+def describe_error(exc: BaseException, dsn: str | None, timeout: float) -> str:
+    """One line for the operator: what failed, where, and a hint when one helps."""
+    target = describe_target(dsn)
+    lines = str(exc).strip().splitlines()
+    detail = _scrub_quoted(lines[0], dsn) if lines else type(exc).__name__
+    if isinstance(exc, asyncpg.TooManyConnectionsError):
+        message = (
+            f"{target} refuses new connections: {detail} (a superuser can still connect through the reserved slots)"
+        )
+    elif isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidPasswordError):
+        message = f"authentication failed for {target}: {detail}"
+    elif isinstance(exc, asyncpg.PostgresError):
+        message = f"{target}: {detail}"
+    elif isinstance(exc, asyncpg.ClientConfigurationError | ValueError):
+        message = detail if detail.startswith("invalid DSN") else f"invalid DSN: {detail}"
+    elif isinstance(exc, TimeoutError):
+        message = f"{target} did not answer within {timeout:g}s"
+    elif isinstance(exc, OSError):
+        message = f"cannot connect to {target}: {detail}"
+    elif isinstance(exc, asyncpg.InterfaceError):
+        message = f"connection to {target} failed: {detail}"
+    else:
+        message = f"{target}: {type(exc).__name__}: {detail}"
+    return redact(message, dsn)
+
+
+# --- the connection --------------------------------------------------------
+
+
+class _Source:
+    """One connection, opened on demand and dropped after a failed refresh,
+    so the next refresh starts from a clean connection."""
+
+    def __init__(self, args: argparse.Namespace, thresholds: Thresholds) -> None:
+        self._args = args
+        self._thresholds = thresholds
+        self._con: asyncpg.Connection[Any] | None = None
+
+    async def snapshot(self) -> Snapshot:
+        args = self._args
+        try:
+            if self._con is None or self._con.is_closed():
+                self._con = await asyncpg.connect(
+                    args.dsn,
+                    timeout=args.timeout,
+                    command_timeout=args.timeout,
+                    server_settings={"application_name": APPLICATION_NAME},
+                )
+            return await fetch(
+                self._con, self._thresholds, show_queries=args.show_queries, query_width=args.query_width
+            )
+        except Exception as exc:
+            self._drop()
+            raise _Failure(describe_error(exc, args.dsn, args.timeout)) from None
+
+    def _drop(self) -> None:
+        if self._con is not None:
+            self._con.terminate()
+            self._con = None
+
+    async def close(self) -> None:
+        con, self._con = self._con, None
+        if con is None or con.is_closed():
+            return
+        try:
+            await con.close(timeout=min(self._args.timeout, 2.0))
+        except Exception:  # a connection the server already dropped: nothing to tell the operator
+            con.terminate()
+        except BaseException:
+            con.terminate()
+            raise
+
+
+# --- the loop --------------------------------------------------------------
+
+
+async def _every(interval: float, count: int | None, step: Callable[[int], Awaitable[None]]) -> None:
+    """Run ``step(i)`` ``count`` times (forever if None), ``interval`` apart, without drift."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    done = 0
+    while True:
+        await step(done)
+        done += 1
+        if count is not None and done >= count:
+            return
+        delay = start + done * interval - loop.time()
+        if delay < 0:  # a slow refresh: start the schedule again from now
+            start, delay = loop.time() - done * interval, 0.0
+        await asyncio.sleep(delay)
+
+
+def _rich_console() -> Console | None:
+    if importlib.util.find_spec("rich") is None:
+        return None
+    from rich.console import Console
+
+    return Console()
+
+
+async def _run(args: argparse.Namespace) -> int:
+    thresholds = Thresholds(idle_in_transaction=args.idle_in_transaction_warn, usage_warning=args.usage_warn / 100)
+    count: int | None = 1 if args.once or (args.json and args.count is None) else args.count
+    source = _Source(args, thresholds)
+    try:
+        if args.json:
+            await _every(args.interval, count, lambda _: _print_json(source))
+            return 0
+        interval = None if count == 1 else args.interval
+        console = None if args.plain else _rich_console()
+        if console is None:
+            await _plain_view(source, interval, count)
+        elif console.is_terminal and count != 1:
+            await _live_view(source, console, args.interval, count)
+        else:
+            await _stream_view(source, console, interval, count)
+        return 0
+    finally:
+        await source.close()
+
+
+async def _print_json(source: _Source) -> None:
+    snapshot = await source.snapshot()
+    sys.stdout.write(json.dumps(snapshot.to_dict()) + "\n")
+    sys.stdout.flush()
+
+
+def _refresh_failed(failure: _Failure) -> str:
+    return f"refresh failed at {datetime.now():%H:%M:%S}: {failure}; retrying"
+
+
+async def _next(source: _Source, last: Snapshot | None) -> tuple[Snapshot, str | None]:
+    """The next snapshot, or the last one and the error: only the first refresh must succeed."""
+    try:
+        return await source.snapshot(), None
+    except _Failure as failure:
+        if last is None:
+            raise
+        return last, _refresh_failed(failure)
+
+
+async def _plain_view(source: _Source, interval: float | None, count: int | None) -> None:
+    clear = interval is not None and sys.stdout.isatty()
+    last: Snapshot | None = None
+
+    async def step(index: int) -> None:
+        nonlocal last
+        last, error = await _next(source, last)
+        text = render_plain(last, interval)
+        if error is not None:
+            text = f"! {error}\n" + text
+        if clear:
+            text = _CLEAR_SCREEN + text
+        elif index:
+            text = "\n" + text
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    await _every(interval or 0.0, count, step)
+
+
+async def _stream_view(source: _Source, console: Console, interval: float | None, count: int | None) -> None:
+    last: Snapshot | None = None
+
+    async def step(index: int) -> None:
+        nonlocal last
+        last, error = await _next(source, last)
+        if index:
+            console.print()
+        console.print(render_rich(last, interval, error))
+
+    await _every(interval or 0.0, count, step)
+
+
+async def _live_view(source: _Source, console: Console, interval: float, count: int | None) -> None:
+    from rich.live import Live
+
+    last, _ = await _next(source, None)
+    with Live(render_rich(last, interval), console=console, auto_refresh=False) as live:
+
+        async def step(index: int) -> None:
+            nonlocal last
+            error = None
+            if index:  # the first snapshot is already on screen
+                last, error = await _next(source, last)
+            live.update(render_rich(last, interval, error), refresh=True)
+
+        await _every(interval, count, step)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``python -m safepool top`` and ``watch``; returns the exit code."""
+    raw_dsn = next((arg for arg in argv if "://" in arg), None)
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as error:
+        sys.stderr.write(redact(f"{PROG}: error: {error}", raw_dsn) + "\n")
+        return 2
+    except _Exit as done:
+        return done.code
+    try:
+        return asyncio.run(_run(args))
+    except _Failure as failure:
+        sys.stderr.write(f"{PROG}: {failure}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, or the interpreter's final flush reports the broken pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass

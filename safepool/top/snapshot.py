@@ -1,0 +1,381 @@
+"""What ``top`` shows: pg_stat_activity read in one query, reduced to one row
+per (application_name, state), with the server's connection limits.
+
+``aggregate()`` is a pure function of the session rows, so the grouping and
+the alarms are testable without a server. Ages are computed by the server
+(``now() - state_change``): a client with a wrong clock cannot distort them.
+
+Query text is selected only when asked for (``--show-queries``): it can carry
+literals, parameters and secrets.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+
+Level = Literal["ok", "warning", "critical"]
+AlertLevel = Literal["note", "warning", "critical"]
+
+IDLE_IN_TRANSACTION = ("idle in transaction", "idle in transaction (aborted)")
+# Display order within an application: work first, then what holds a
+# transaction open, then the harmless idle ones.
+_STATE_ORDER = {
+    "active": 0,
+    "idle in transaction": 1,
+    "idle in transaction (aborted)": 2,
+    "fastpath function call": 3,
+    "disabled": 4,
+    "idle": 5,
+}
+
+# Client backends only: autovacuum, WAL writers and other background processes
+# have their own slots and do not count against max_connections. A session of
+# another role shows backend_type NULL to a role without pg_read_all_stats;
+# `datid IS NOT NULL` keeps those (client backends always have a database)
+# and drops most background processes.
+_ACTIVITY_SQL = """
+SELECT coalesce(application_name, '') AS application_name,
+       state,
+       coalesce(wait_event_type = 'Lock', false) AS waiting_on_lock,
+       extract(epoch FROM now() - state_change)::float8 AS state_age,
+       extract(epoch FROM now() - xact_start)::float8 AS transaction_age,
+       CASE WHEN state = 'active' THEN extract(epoch FROM now() - query_start)::float8 END AS query_age,
+       {query_column} AS query
+FROM pg_stat_activity
+WHERE backend_type = 'client backend' OR (backend_type IS NULL AND datid IS NOT NULL)
+"""
+_QUERY_COLUMN = "CASE WHEN state IS NOT NULL THEN left(query, {limit}) END"
+
+_SERVER_SQL = """
+SELECT now() AS taken_at,
+       current_setting('server_version') AS version,
+       current_user AS user_name,
+       current_database() AS database,
+       host(inet_server_addr()) AS host,
+       inet_server_port() AS port,
+       current_setting('max_connections')::int AS max_connections,
+       current_setting('superuser_reserved_connections')::int AS superuser_reserved,
+       coalesce(current_setting('reserved_connections', true), '0')::int AS reserved
+"""
+
+
+@dataclass(frozen=True)
+class Session:
+    """One client backend as pg_stat_activity shows it; ages in seconds."""
+
+    application_name: str
+    state: str | None  # None: another role's session, hidden without pg_read_all_stats
+    waiting_on_lock: bool = False
+    state_age: float | None = None
+    transaction_age: float | None = None
+    query_age: float | None = None  # active sessions only
+    query: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version: str
+    user: str
+    database: str
+    address: str
+    max_connections: int
+    superuser_reserved_connections: int
+    reserved_connections: int = 0  # PostgreSQL 16+: slots for pg_use_reserved_connections
+
+    @property
+    def limits(self) -> str:
+        text = f"max_connections {self.max_connections}, {self.superuser_reserved_connections} reserved for superusers"
+        if self.reserved_connections:
+            text += f", {self.reserved_connections} for pg_use_reserved_connections"
+        return text
+
+    @property
+    def available(self) -> int:
+        """Connections open to roles that have no reserved slots."""
+        return max(self.max_connections - self.superuser_reserved_connections - self.reserved_connections, 0)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    idle_in_transaction: float = 60.0  # seconds idle inside a transaction before a group is flagged
+    usage_warning: float = 0.8  # fraction of ServerInfo.available
+
+
+@dataclass(frozen=True)
+class Group:
+    application_name: str
+    state: str | None  # None: hidden sessions
+    count: int
+    waiting_on_lock: int
+    oldest_state_age: float | None
+    oldest_transaction_age: float | None
+    longest_query: float | None
+    query: str | None  # the oldest session's, only with --show-queries
+    alert: bool  # idle in transaction for longer than the threshold
+
+
+@dataclass(frozen=True)
+class Alert:
+    level: AlertLevel
+    message: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken_at: datetime
+    server: ServerInfo
+    thresholds: Thresholds
+    total: int  # client backends, hidden ones included
+    hidden: int
+    waiting_on_lock: int
+    by_state: tuple[tuple[str, int], ...]
+    groups: tuple[Group, ...]
+    level: Level
+    alerts: tuple[Alert, ...]
+
+    @property
+    def usage(self) -> float:
+        """total / available (1.0 and more: ordinary roles are refused)."""
+        return _usage(self.total, self.server.available)
+
+    @property
+    def usage_level(self) -> Level:
+        return _usage_level(self.total, self.server.available, self.thresholds)
+
+    def to_dict(self) -> dict[str, Any]:
+        server = self.server
+        return {
+            "taken_at": self.taken_at.isoformat(),
+            "server": {
+                "version": server.version,
+                "user": server.user,
+                "database": server.database,
+                "address": server.address,
+                "max_connections": server.max_connections,
+                "superuser_reserved_connections": server.superuser_reserved_connections,
+                "reserved_connections": server.reserved_connections,
+                "available": server.available,
+            },
+            "total": self.total,
+            "usage": round(self.usage, 4),
+            "hidden": self.hidden,
+            "waiting_on_lock": self.waiting_on_lock,
+            "by_state": dict(self.by_state),
+            "level": self.level,
+            "thresholds": {
+                "idle_in_transaction_seconds": self.thresholds.idle_in_transaction,
+                "usage_warning": self.thresholds.usage_warning,
+            },
+            "alerts": [{"level": alert.level, "message": alert.message} for alert in self.alerts],
+            "groups": [_group_dict(group) for group in self.groups],
+        }
+
+
+def _group_dict(group: Group) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "application_name": group.application_name,
+        "state": group.state,
+        "count": group.count,
+        "waiting_on_lock": group.waiting_on_lock,
+        "oldest_state_age_seconds": _rounded(group.oldest_state_age),
+        "oldest_transaction_age_seconds": _rounded(group.oldest_transaction_age),
+        "longest_query_seconds": _rounded(group.longest_query),
+        "alert": group.alert,
+    }
+    if group.query is not None:
+        data["query"] = group.query
+    return data
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def format_age(seconds: float | None) -> str:
+    """``0.4s``, ``12s``, ``3m12s``, ``2h05m``, ``3d04h``; ``-`` for none."""
+    if seconds is None:
+        return "-"
+    seconds = max(seconds, 0.0)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _usage(total: int, available: int) -> float:
+    return total / available if available else 1.0
+
+
+def _usage_level(total: int, available: int, thresholds: Thresholds) -> Level:
+    if total >= available:
+        return "critical"
+    if _usage(total, available) >= thresholds.usage_warning:
+        return "warning"
+    return "ok"
+
+
+def _max(values: Iterable[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return max(present) if present else None
+
+
+def _one_line(query: str | None, width: int) -> str | None:
+    if query is None:
+        return None
+    text = " ".join(query.split())
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def aggregate(
+    sessions: Iterable[Session],
+    server: ServerInfo,
+    taken_at: datetime,
+    thresholds: Thresholds | None = None,
+    query_width: int = 80,
+) -> Snapshot:
+    thresholds = thresholds or Thresholds()
+    buckets: dict[tuple[str, str | None], list[Session]] = {}
+    for session in sessions:
+        buckets.setdefault((session.application_name, session.state), []).append(session)
+
+    groups: list[Group] = []
+    for (application_name, state), members in buckets.items():
+        oldest = max(members, key=lambda s: -1.0 if s.state_age is None else s.state_age)
+        oldest_state_age = _max(s.state_age for s in members)
+        leak_suspect = (
+            state in IDLE_IN_TRANSACTION
+            and oldest_state_age is not None
+            and oldest_state_age >= thresholds.idle_in_transaction
+        )
+        groups.append(
+            Group(
+                application_name=application_name,
+                state=state,
+                count=len(members),
+                waiting_on_lock=sum(s.waiting_on_lock for s in members),
+                oldest_state_age=oldest_state_age,
+                oldest_transaction_age=_max(s.transaction_age for s in members),
+                longest_query=_max(s.query_age for s in members),
+                query=_one_line(oldest.query, query_width),
+                alert=leak_suspect,
+            )
+        )
+
+    per_application = Counter[str]()
+    for group in groups:
+        per_application[group.application_name] += group.count
+    # The biggest consumer first: during a leak, the culprit tops the list.
+    groups.sort(
+        key=lambda g: (
+            -per_application[g.application_name],
+            g.application_name,
+            _STATE_ORDER.get(g.state or "", len(_STATE_ORDER)),
+            g.state or "",
+        )
+    )
+
+    visible = Counter[str]()
+    for group in groups:
+        if group.state is not None:
+            visible[group.state] += group.count
+    hidden = sum(g.count for g in groups if g.state is None)
+    total = sum(g.count for g in groups)
+    by_state = tuple(sorted(visible.items(), key=lambda item: (_STATE_ORDER.get(item[0], len(_STATE_ORDER)), item[0])))
+
+    alerts: list[Alert] = []
+    available = server.available
+    level = _usage_level(total, available, thresholds)
+    if level == "critical":
+        alerts.append(
+            Alert(
+                "critical",
+                f"{total} connections, {available} open to ordinary roles ({server.limits}): new connections are refused",
+            )
+        )
+    elif level == "warning":
+        alerts.append(
+            Alert("warning", f"{total} of {available} connections in use ({total / available:.0%}; {server.limits})")
+        )
+    for group in groups:
+        if group.alert:
+            if level == "ok":
+                level = "warning"
+            alerts.append(
+                Alert(
+                    "warning",
+                    f"{group.application_name or '(no application_name)'}: {group.count} {group.state}, "
+                    f"the oldest for {format_age(group.oldest_state_age)} (over {format_age(thresholds.idle_in_transaction)}): "
+                    "a leaked connection or a forgotten transaction?",
+                )
+            )
+    if hidden:
+        alerts.append(
+            Alert(
+                "note",
+                f"{hidden} session(s) of other roles hide their state: connect as a role with pg_read_all_stats "
+                "(or pg_monitor) to see them",
+            )
+        )
+
+    return Snapshot(
+        taken_at=taken_at,
+        server=server,
+        thresholds=thresholds,
+        total=total,
+        hidden=hidden,
+        waiting_on_lock=sum(g.waiting_on_lock for g in groups),
+        by_state=by_state,
+        groups=tuple(groups),
+        level=level,
+        alerts=tuple(alerts),
+    )
+
+
+async def fetch(
+    con: asyncpg.Connection[Any],
+    thresholds: Thresholds | None = None,
+    *,
+    show_queries: bool = False,
+    query_width: int = 80,
+) -> Snapshot:
+    """Two round trips: the server's settings, then its client backends."""
+    info = await con.fetchrow(_SERVER_SQL)
+    assert info is not None
+    # query_width is an int from argparse; it is formatted, never user text.
+    query_column = _QUERY_COLUMN.format(limit=int(query_width) * 4) if show_queries else "NULL::text"
+    rows = await con.fetch(_ACTIVITY_SQL.format(query_column=query_column))
+    host, port = info["host"], info["port"]
+    server = ServerInfo(
+        version=info["version"],
+        user=info["user_name"],
+        database=info["database"],
+        address=f"{host}:{port}" if host is not None else "local socket",
+        max_connections=info["max_connections"],
+        superuser_reserved_connections=info["superuser_reserved"],
+        reserved_connections=info["reserved"],
+    )
+    sessions = [
+        Session(
+            application_name=row["application_name"],
+            state=row["state"],
+            waiting_on_lock=row["waiting_on_lock"],
+            state_age=row["state_age"],
+            transaction_age=row["transaction_age"],
+            query_age=row["query_age"],
+            query=row["query"],
+        )
+        for row in rows
+    ]
+    return aggregate(sessions, server, info["taken_at"], thresholds, query_width)
