@@ -1,0 +1,1 @@
+"""safepool's benchmark suite: ratios against asyncpg's pool, measured in one run."""

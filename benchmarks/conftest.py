@@ -1,0 +1,190 @@
+"""Benchmark fixtures, the quick/full switch, and the ratio table's output.
+
+Quick mode (the default) is the CI guard: it runs inside the normal
+``pytest`` run in about a minute. Full mode (``--safepool-bench-full`` or
+``SAFEPOOL_BENCH=full``) measures longer, turns pytest-benchmark on, and
+writes ``benchmarks/results/latest.json`` (pytest-benchmark's JSON, not
+committed), ``benchmarks/results/latest.md`` and the table in
+``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.conftest import pg_dsn, pg_server  # noqa: F401  (the same server fixtures as the tests)
+
+from ._harness import FULL, QUICK, Mode, Row, machine_info, render_markdown, render_text, with_retry
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+PERFORMANCE_DOC = ROOT / "docs" / "performance.md"
+FULL_COMMAND = "python -m pytest benchmarks --safepool-bench-full"
+QUICK_COMMAND = "python -m pytest benchmarks"
+BEGIN_MARK = "<!-- benchmark results: begin (written by the full mode; do not edit by hand) -->"
+END_MARK = "<!-- benchmark results: end -->"
+
+
+@dataclass
+class Report:
+    mode: Mode
+    rows: list[Row] = field(default_factory=list)
+    machine: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+
+_REPORT = pytest.StashKey[Report]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--safepool-bench-full",
+        action="store_true",
+        default=False,
+        help="safepool benchmarks: long measurement; write benchmarks/results/ and docs/performance.md",
+    )
+
+
+def _mode(config: pytest.Config) -> Mode:
+    if config.getoption("--safepool-bench-full", default=False) or os.environ.get("SAFEPOOL_BENCH") == "full":
+        return FULL
+    return QUICK
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    mode = _mode(config)
+    config.stash[_REPORT] = Report(mode)
+    if mode is FULL:
+        # pytest-benchmark reads these in its own (trylast) pytest_configure.
+        config.option.benchmark_enable = True
+        if getattr(config.option, "benchmark_json", None) is None:
+            RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            config.option.benchmark_json = RESULTS_DIR / "latest.json"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.stash[_REPORT].mode is FULL:
+        for item in items:
+            if item.path.is_relative_to(Path(__file__).parent):
+                item.add_marker(pytest.mark.timeout(1800))
+
+
+@dataclass
+class Bench:
+    """What a ratio benchmark needs: the loop, the server, the mode, and the
+    table its rows go to."""
+
+    loop: asyncio.AbstractEventLoop
+    dsn: str
+    mode: Mode
+    report: Report
+
+    def check(self, measure: Callable[[], list[Row]]) -> None:
+        """Measure (retrying once in quick mode if a guard fails), record the
+        rows for the table, and fail if any ratio is past its guard."""
+        rows = with_retry(self.mode, measure)
+        self.report.rows.extend(rows)
+        failed = [row for row in rows if row.failed]
+        assert not failed, "benchmark ratios past their guard:\n" + "\n".join(
+            f"  {row.bench}: {row.metric} = {row.value:.3f} > guard {row.guard} ({row.detail}; attempts {row.attempts})"
+            for row in failed
+        )
+
+
+@pytest.fixture(scope="session")
+def bench_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    # A plain loop, not pytest-asyncio's: pytest-benchmark times sync calls,
+    # so every batch is loop.run_until_complete(...).
+    loop = asyncio.new_event_loop()
+    try:
+        yield loop
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+@pytest.fixture(scope="session")
+def bench_mode(pytestconfig: pytest.Config) -> Mode:
+    return pytestconfig.stash[_REPORT].mode
+
+
+@pytest.fixture(scope="session")
+def bench(pytestconfig: pytest.Config, bench_loop: asyncio.AbstractEventLoop, pg_dsn: str) -> Bench:  # noqa: F811
+    report = pytestconfig.stash[_REPORT]
+
+    async def server_version() -> str:
+        con = await asyncpg.connect(pg_dsn)
+        try:
+            return str(await con.fetchval("SHOW server_version"))
+        finally:
+            await con.close()
+
+    if not report.machine:
+        report.machine = machine_info(bench_loop.run_until_complete(server_version()))
+    return Bench(bench_loop, pg_dsn, report.mode, report)
+
+
+# ------------------------------------------------------------------ output
+
+
+def _results_markdown(report: Report) -> str:
+    machine = "\n".join(f"| {key} | {value} |" for key, value in report.machine.items())
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(report.started))
+    return (
+        f"Measured {when}, {report.mode.name} mode, with `{FULL_COMMAND}`.\n\n"
+        f"| machine | |\n|---|---|\n{machine}\n\n"
+        f"{render_markdown(report.rows)}\n"
+        "Lower is better in every row. Guard: the target + 25%, or *(standing)*: the worst value seen "
+        "on the development machine + 25% (no target, or the target is out of reach there). "
+        "Absolute numbers are medians over rounds; see docs/performance.md.\n"
+    )
+
+
+def _write_results(report: Report) -> list[Path]:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    latest = RESULTS_DIR / "latest.md"
+    body = _results_markdown(report)
+    latest.write_text("# Latest full benchmark run\n\n" + body)
+    written = [latest]
+    if PERFORMANCE_DOC.exists():
+        text = PERFORMANCE_DOC.read_text()
+        start, end = text.find(BEGIN_MARK), text.find(END_MARK)
+        if 0 <= start < end:
+            PERFORMANCE_DOC.write_text(text[: start + len(BEGIN_MARK)] + "\n" + body + text[end:])
+            written.append(PERFORMANCE_DOC)
+    return written
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    report = config.stash.get(_REPORT, None)
+    if report is None or not report.rows:
+        return
+    terminalreporter.write_sep("=", f"safepool benchmark ratios ({report.mode.name} mode)")
+    terminalreporter.write_line(" | ".join(f"{key}: {value}" for key, value in report.machine.items()))
+    for line in render_text(report.rows).splitlines():
+        terminalreporter.write_line(line)
+    complete = len({row.bench.split()[0] for row in report.rows}) == 7
+    if report.mode is FULL and complete:
+        for path in _write_results(report):
+            terminalreporter.write_line(f"wrote {path.relative_to(ROOT)}")
+    elif report.mode is FULL:
+        terminalreporter.write_line("not all seven benchmarks ran: results files left unchanged")
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_json: dict[str, Any]) -> None:
+    report = config.stash.get(_REPORT, None)
+    if report is not None:
+        output_json["safepool_ratios"] = [
+            {k: getattr(row, k) for k in ("bench", "metric", "value", "target", "guard", "detail", "unit", "attempts")}
+            for row in report.rows
+        ]
+        output_json["safepool_machine"] = report.machine
