@@ -101,7 +101,7 @@ class Measurement:
 def paired_ratio(a: Measurement, b: Measurement, *, cpu: bool = False) -> float:
     """Median over rounds of a's time over b's time in the same round
     (wall time, or with ``cpu`` this process's CPU time: the client's own
-    work, which neither the server's work nor other processes' load affect)."""
+    work, without the server's and without time spent waiting for it)."""
     xs, ys = (a.cpu_per_op, b.cpu_per_op) if cpu else (a.per_op, b.per_op)
     return statistics.median(x / y for x, y in zip(xs, ys, strict=True))
 
@@ -156,6 +156,8 @@ def measure_interleaved(
         for contender in contenders:
             if sizes is not None and contender.name in sizes:
                 n = sizes[contender.name]
+                if not contender.per_round:
+                    _probe(loop, contender, min(n, 100))  # warm-up (calibration warms the others)
             else:
                 assert batch_seconds is not None, f"no batch size for {contender.name}"
                 n = _calibrate(loop, contender, batch_seconds)

@@ -73,6 +73,13 @@ def test_2_query_lease(bench: Bench) -> None:
                 detail),
             Row("2 query lease", "safepool reset_mode=rollback / raw connection", paired_ratio(rb, raw), 1.10,
                 standing(1.4), detail, standing=True),
+            # The client's own CPU per lease, whatever the server and the other
+            # processes do: what the pool adds over the floor on the client.
+            Row("2 query lease", "client CPU time: safepool / raw connection", paired_ratio(sp, raw, cpu=True), None,
+                None, f"safepool {us(sp.cpu_median)}, rollback {us(rb.cpu_median)}, raw {us(raw.cpu_median)}, "
+                f"asyncpg {us(ap.cpu_median)} of this process's CPU per lease"),
+            Row("2 query lease", "client CPU time: safepool reset_mode=rollback / raw connection",
+                paired_ratio(rb, raw, cpu=True), None, None),
         ]
 
     bench.check(measure)
