@@ -71,6 +71,8 @@ RESET_MODES = ("full", "rollback")
 # Bound on a background reset or take-back when no release timeout applies:
 # a reset that hangs longer than this is treated as a broken connection.
 _DEFAULT_RESET_TIMEOUT = 30.0
+# How long close() lets connects under way finish before cancelling them.
+_CONNECT_GRACE_ON_CLOSE = 0.5
 
 
 class _Holder:
@@ -814,9 +816,13 @@ class Pool:
         warn_handle = self._loop.call_later(60, self._warn_on_long_close)
         try:
             self._state.begin_close(PoolClosedError("pool is closing"))
-            # Connects under way are not needed any more, and one that never
-            # answers (a black-holed server) would hold close() up to
-            # asyncpg's connect timeout.
+            self._drain()
+            # Connects under way get a short grace to finish (with asyncpg
+            # they belong to acquires, so they complete and run init=); one
+            # that never answers (a black-holed server) must not hold close()
+            # up to asyncpg's connect timeout.
+            if self._connect_tasks:
+                await asyncio.wait(list(self._connect_tasks), timeout=_CONNECT_GRACE_ON_CLOSE)
             for task in list(self._connect_tasks):
                 task.cancel()
             self._drain()
