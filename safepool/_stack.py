@@ -19,8 +19,15 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _ASYNCIO_DIR = os.path.dirname(os.path.abspath(sys.modules["asyncio"].__file__ or "")) + os.sep
 
 
+_internal_by_file: dict[str, bool] = {}  # one entry per source file: bounded
+
+
 def _is_internal(filename: str) -> bool:
-    return os.path.dirname(filename) == _PACKAGE_DIR or filename.startswith(_ASYNCIO_DIR)
+    known = _internal_by_file.get(filename)
+    if known is None:
+        known = os.path.dirname(filename) == _PACKAGE_DIR or filename.startswith(_ASYNCIO_DIR)
+        _internal_by_file[filename] = known
+    return known
 
 
 def capture(limit: int = 8) -> tuple[Frame, ...]:

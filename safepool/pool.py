@@ -456,8 +456,8 @@ class Pool:
             self._spawn(self._reset_slot(slot, con, timeout, _pg.warn_open_transaction(con)))
         if state.actions:
             self._drain()
-        elif self._timer is None and state.max_inactive_lifetime:
-            self._arm_timer()  # an idle connection now has a lifetime to watch
+        elif self._timer is None and state.max_inactive_lifetime and state.size > state.min_size:
+            self._arm_timer()  # an idle connection above min_size now has a lifetime to watch
 
     async def _release_cancelling(self, lease: Lease, con: RawConnection, timeout: float | None) -> None:
         try:
@@ -666,6 +666,10 @@ class Pool:
     def _arm_timer(self) -> None:
         when = self._state.next_deadline()
         if when == self._timer_at:
+            return
+        if when is not None and self._timer_at is not None and self._timer_at <= when:
+            # The armed callback comes first and re-arms for what is then
+            # due: no need to replace a loop timer on every acquire.
             return
         if self._timer is not None:
             self._timer.cancel()
