@@ -98,21 +98,34 @@ class ServerSampler:
 
     async def count(self) -> int:
         async with self._lock:
-            if self._con is None or self._con.is_closed():
-                self._con = await asyncpg.connect(self.admin_dsn, timeout=2)
-            # Backends that are starting up or exiting are counted too: the
-            # server's own bound is what matters.
-            return int(
-                await self._con.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", self.app_name, timeout=2
-                )
-            )
+            for attempt in range(3):
+                try:
+                    if self._con is None or self._con.is_closed():
+                        self._con = await asyncpg.connect(self.admin_dsn, timeout=2)
+                    # Backends that are starting up or exiting are counted
+                    # too: the server's own bound is what matters.
+                    return int(
+                        await self._con.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                            self.app_name,
+                            timeout=2,
+                        )
+                    )
+                except Exception:
+                    # The observer's own connection died in a restart: reconnect.
+                    if self._con is not None:
+                        self._con.terminate()
+                        self._con = None
+                    if attempt == 2:
+                        raise
+                    await asyncio.sleep(0.05)
+            raise AssertionError("unreachable")
 
     async def _run(self) -> None:
         while True:
             try:
                 self.samples.append(await self.count())
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except Exception:  # an observer: any failure (restart, FATAL read early) means reconnect
                 if self._con is not None:
                     self._con.terminate()
                     self._con = None
@@ -123,13 +136,15 @@ class ServerSampler:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._con is not None:
-            self._con.terminate()
-            self._con = None
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        finally:
+            if self._con is not None:
+                self._con.terminate()
+                self._con = None
 
 
 @contextlib.contextmanager
