@@ -6,44 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
-import safepool
 from safepool import ManualClock
 from safepool.health import HealthReport, check_health
+from tests._util import until
 
 pytestmark = pytest.mark.asyncio
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
-
-
-@pytest_asyncio.fixture
-async def pools(pg_dsn: str, app_name: str) -> AsyncIterator[Callable[..., Any]]:
-    created: list[safepool.Pool] = []
-
-    async def make(**kwargs: Any) -> safepool.Pool:
-        kwargs.setdefault("min_size", 1)
-        kwargs.setdefault("max_size", 2)
-        kwargs.setdefault("server_settings", {"application_name": app_name})
-        pool = await safepool.create_pool(pg_dsn, **kwargs)
-        created.append(pool)
-        return pool
-
-    yield make
-    for pool in created:
-        pool._state.check_invariants()
-        pool.terminate()
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def codes(report: HealthReport) -> set[str]:

@@ -4,11 +4,10 @@ real pool on PostgreSQL works."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -16,27 +15,10 @@ import safepool
 from safepool import ManualClock
 from safepool._histogram import DEFAULT_BOUNDS
 from safepool.metrics.otel import COUNTERS, _Tee, instrument
+from tests._util import until
 
 pytestmark = pytest.mark.asyncio
 POOL = "db.client.connection.pool.name"
-
-
-@pytest_asyncio.fixture
-async def pools(pg_dsn: str, app_name: str) -> AsyncIterator[Callable[..., Any]]:
-    created: list[safepool.Pool] = []
-
-    async def make(**kwargs: Any) -> safepool.Pool:
-        kwargs.setdefault("min_size", 1)
-        kwargs.setdefault("max_size", 2)
-        kwargs.setdefault("server_settings", {"application_name": app_name})
-        pool = await safepool.create_pool(pg_dsn, **kwargs)
-        created.append(pool)
-        return pool
-
-    yield make
-    for pool in created:
-        pool._state.check_invariants()
-        pool.terminate()
 
 
 @pytest.fixture
@@ -45,12 +27,6 @@ def reader() -> Iterator[tuple[InMemoryMetricReader, MeterProvider]]:
     provider = MeterProvider(metric_readers=[reader])
     yield reader, provider
     provider.shutdown()
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:

@@ -4,44 +4,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import DuplicateTimeseries
 
-import safepool
 from safepool import ManualClock
 from safepool.metrics.prometheus import COUNTERS, PoolCollector, register
+from tests._util import until
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest_asyncio.fixture
-async def pools(pg_dsn: str, app_name: str) -> AsyncIterator[Callable[..., Any]]:
-    created: list[safepool.Pool] = []
-
-    async def make(**kwargs: Any) -> safepool.Pool:
-        kwargs.setdefault("min_size", 1)
-        kwargs.setdefault("max_size", 2)
-        kwargs.setdefault("server_settings", {"application_name": app_name})
-        pool = await safepool.create_pool(pg_dsn, **kwargs)
-        created.append(pool)
-        return pool
-
-    yield make
-    for pool in created:
-        pool._state.check_invariants()
-        pool.terminate()
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def scrape(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
