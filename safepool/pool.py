@@ -317,7 +317,7 @@ class Pool:
     async def _acquire(self, timeout: float | None, lease_timeout: Any = _DEFAULT) -> PoolConnectionProxy:
         if timeout is None:
             timeout = self._acquire_timeout
-        elif timeout is not None:
+        else:
             timeout = _validate_timeout("timeout", timeout)
         if lease_timeout is _DEFAULT:
             lease_timeout = self._lease_timeout
@@ -330,25 +330,22 @@ class Pool:
         self._check_init()
         state = self._state
         now = self._now()
-        try:
-            lease = state.try_acquire(now)
-        except Closed:
-            raise PoolClosedError("pool is closing") from None
-        if state.actions:
-            self._drain()
         deadline = None if timeout is None else now + timeout
-        while lease is None:
+        while True:
+            try:
+                lease = state.try_acquire(now)
+            except Closed:
+                raise PoolClosedError("pool is closing") from None
+            if state.actions:
+                self._drain()
+            if lease is not None:
+                break
             lease = await self._wait_for_connection(now, None if deadline is None else max(0.0, deadline - now))
-            if lease is None:
-                # The granted connection died before this task resumed:
-                # queue again with what is left of the timeout.
-                now = self._now()
-                try:
-                    lease = state.try_acquire(now)
-                except Closed:
-                    raise PoolClosedError("pool is closing") from None
-                if state.actions:
-                    self._drain()
+            if lease is not None:
+                break
+            # The granted connection died before this task resumed: try
+            # again with what is left of the timeout.
+            now = self._now()
         slot = lease.slot
         proxy = PoolConnectionProxy(self._holders[slot], slot.connection, lease)
         if lease_timeout is not None or self._leak_warning_after is not None:
@@ -377,9 +374,7 @@ class Pool:
             ) from exc.last_error
         except Closed:
             raise PoolClosedError("pool is closing") from None
-        self._drain()
-        if waiter.deadline is not None:
-            self._arm_timer()
+        self._drain()  # also arms the timer for the waiter's deadline
         try:
             await future
         except asyncio.CancelledError:
@@ -437,15 +432,15 @@ class Pool:
         if not lease.active:
             return  # taken back by the lease timeout while being released
         slot = lease.slot
-        if not _pg.is_usable(con):
+        usable = _pg.is_usable(con)
+        queries = _pg.queries_count(con) if usable else 0
+        if not usable:
             outcome = ReleaseOutcome.DISCARD
-        elif _pg.queries_count(con) >= self._max_queries or slot.generation != state.generation:
+        elif queries >= self._max_queries or slot.generation != state.generation:
             outcome = ReleaseOutcome.DISCARD
         elif self._always_reset:
             outcome = ReleaseOutcome.NEEDS_RESET
-        elif not con.is_in_transaction() and (
-            _pg.queries_count(con) == lease.io_mark or self._reset_mode == "rollback"
-        ):
+        elif not con.is_in_transaction() and (queries == lease.io_mark or self._reset_mode == "rollback"):
             # Nothing to send: no statement ran, or (rollback mode) only an
             # open transaction would need one.
             outcome = ReleaseOutcome.CLEAN

@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from .config import POOL_LABELS, POOLS, ReplayConfig, ReplayError
 
@@ -28,29 +28,12 @@ if TYPE_CHECKING:
     from .load import RequestRecord
     from .runner import PoolRun, Sample
 
+from .._cli import Exit as _Exit
+from .._cli import Parser as _Parser
+from .._cli import UsageError as _UsageError
+
 PROG = "python -m safepool replay"
 PLOT_FORMATS = (".png", ".svg", ".pdf")
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Exit(Exception):
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, minus the usage dump and the SystemExit: one line, exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        if message:
-            sys.stderr.write(message)
-        raise _Exit(status)
 
 
 def _number(low: float, high: float, *, integer: bool = False, low_open: bool = False) -> Callable[[str], float]:

@@ -23,7 +23,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, unquote_plus
 
 import asyncpg
@@ -34,34 +34,17 @@ from .snapshot import Snapshot, Thresholds, fetch
 if TYPE_CHECKING:
     from rich.console import Console
 
+from .._cli import Exit as _Exit
+from .._cli import Parser as _Parser
+from .._cli import UsageError as _UsageError
+
 PROG = "python -m safepool top"
 APPLICATION_NAME = "safepool top"
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Exit(Exception):
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-
 class _Failure(Exception):
     """A message for the operator, already free of secrets."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse without the usage dump and the SystemExit: one line, exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        if message:
-            sys.stderr.write(message)
-        raise _Exit(status)
 
 
 def _number(low: float, high: float, *, integer: bool = False, low_open: bool = False) -> Callable[[str], float]:
