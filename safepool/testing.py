@@ -13,8 +13,10 @@ unless asked:
 - ``with assert_no_leaks(pool):`` (or ``async with``) guards a block.
 
 What counts as a leak: a lease acquired while the guard was active that is
-still open when the guarded code ends, or whose proxy was garbage collected
-unreleased (the pool reclaims it and emits a ``leak`` event). Leases that
+still open when the guarded code ends, whose proxy was garbage collected
+unreleased (the pool reclaims it and emits a ``leak`` event), or that the pool
+ended itself (``terminate()``, or a ``close()`` cancelled or timed out, which
+terminates) without the code releasing it, before or after. Leases that
 were already open when the guard started belong to someone else (a session
 fixture's connection) and are ignored.
 
@@ -49,6 +51,8 @@ from typing import Any
 import pytest
 
 from .pool import Pool, live_pools
+from .proxy import PoolConnectionProxy
+from .stats import LeaseInfo
 
 __all__ = [
     "Leak",
@@ -77,8 +81,10 @@ class Leak:
 
     ``kind`` is ``"open"`` (acquired and still held), ``"collected"`` (the
     proxy was garbage collected unreleased; the pool reclaimed the
-    connection) or ``"idle_timeout"`` (strict mode: an acquire timed out while
-    connections were leased and not used).
+    connection), ``"ended"`` (the pool was terminated, or its ``close()``
+    cancelled, while the lease was open, and the code never released it) or
+    ``"idle_timeout"`` (strict mode: an acquire timed out while connections
+    were leased and not used).
     """
 
     kind: str
@@ -103,6 +109,11 @@ class Leak:
             head = (
                 f"pool {self.pool!r}, lease {self.lease_id}: garbage collected without being released "
                 f"(held {self.held:.3f}s{task}; the pool reclaimed the connection)"
+            )
+        elif self.kind == "ended":
+            head = (
+                f"pool {self.pool!r}, lease {self.lease_id}: never released; the pool ended it "
+                f"(terminate(), or a close() cancelled or timed out) after {self.held:.3f}s{task}"
             )
         else:
             return f"pool {self.pool!r}: {self.detail}"
@@ -143,6 +154,11 @@ def _force_capture(pool: Pool, on: bool | None) -> bool:
 
 def _pool_loop(pool: Pool) -> asyncio.AbstractEventLoop:
     return pool._loop
+
+
+def _lease_id_of(connection: Any) -> int | None:
+    """The lease id of a proxy handed to ``release()`` (None if not one)."""
+    return connection._lease.id if isinstance(connection, PoolConnectionProxy) else None
 
 
 def _proxy_of(pool: Pool, lease_id: int) -> Any:
@@ -272,6 +288,17 @@ def _holder_activity(task_name: str | None, loop: asyncio.AbstractEventLoop) -> 
 
 
 @dataclass
+class _Ended:
+    """A lease open when its pool was terminated."""
+
+    seq: int
+    pool_id: int
+    pool_name: str
+    info: LeaseInfo
+    released: bool = False  # by the code, after the terminate
+
+
+@dataclass
 class _Watch:
     capture_before: bool
     listener: Callable[[dict[str, Any]], None]
@@ -306,12 +333,16 @@ class _Tracker:
         self._watched: weakref.WeakKeyDictionary[Pool, _Watch] = weakref.WeakKeyDictionary()
         self._original_init: Any = None
         self._original_busy: Any = None
+        self._original_end: list[tuple[str, Any, Any]] = []
         self._handler: _LeakLogHandler | None = None
         self._seq = 0
         # (seq, pool, kind, payload): "leak" events and strict-mode timeouts.
         self.records: list[tuple[int, weakref.ref[Pool], str, dict[str, Any]]] = []
         self._stacks: dict[tuple[str, Any], str | None] = {}
         self._guards: list[LeakGuard] = []
+        # Leases the pool ended (terminate) that the code has not released
+        # yet, by (id(pool), lease id): a release() after the end clears one.
+        self._ended: dict[tuple[int, int], _Ended] = {}
 
     @property
     def seq(self) -> int:
@@ -352,6 +383,7 @@ class _Tracker:
 
         self._original_init = (original, __init__)
         setattr(Pool, "__init__", __init__)  # noqa: B010 - mypy refuses assigning to a method
+        self._install_end_watch()
         self._handler = _LeakLogHandler(self)
         logging.getLogger("safepool.leaks").addHandler(self._handler)
 
@@ -361,6 +393,10 @@ class _Tracker:
             if Pool.__dict__.get("__init__") is wrapper:
                 setattr(Pool, "__init__", original)  # noqa: B010
             self._original_init = None
+        for name, original, wrapper in self._original_end:
+            if Pool.__dict__.get(name) is wrapper:
+                setattr(Pool, name, original)
+        self._original_end.clear()
         if self._handler is not None:
             logging.getLogger("safepool.leaks").removeHandler(self._handler)
             self._handler = None
@@ -373,6 +409,38 @@ class _Tracker:
         self._watched.clear()
         self.records.clear()
         self._stacks.clear()
+        self._ended.clear()
+
+    def _install_end_watch(self) -> None:
+        # terminate() ends every open lease without a word: the pool emits no
+        # event, and the leases vanish from leases(). So the leases open at
+        # that moment are noted just before it runs (close() calls it when
+        # cancelled or failing, `async with pool` through close()). A lease
+        # the code releases afterwards (an `async with` unwinding from the
+        # failed query) was not leaked: release() is watched for those. Both
+        # are public methods; a pool-side "lease_ended" event would replace
+        # this.
+        tracker = self
+        terminate = Pool.__dict__["terminate"]
+        release = Pool.__dict__["release"]
+
+        @functools.wraps(terminate)
+        def terminate_wrapper(pool: Pool) -> None:
+            try:
+                tracker.note_terminate(pool)
+            except Exception:  # a test helper must never break the pool
+                logging.getLogger("safepool").debug("leak guard: terminate inspection failed", exc_info=True)
+            terminate(pool)
+
+        @functools.wraps(release)
+        async def release_wrapper(pool: Pool, connection: Any, *args: Any, **kwargs: Any) -> None:
+            if tracker._ended:
+                tracker.note_release(pool, connection)
+            await release(pool, connection, *args, **kwargs)
+
+        for name, original, wrapper in (("terminate", terminate, terminate_wrapper), ("release", release, release_wrapper)):
+            self._original_end.append((name, original, wrapper))
+            setattr(Pool, name, wrapper)
 
     def _install_strict(self) -> None:
         # The pool builds its PoolTimeoutError message at the moment an acquire
@@ -441,6 +509,27 @@ class _Tracker:
             holders.append((info, state, doing))
         self._record(weakref.ref(pool), "timeout", {"message": message, "holders": holders})
 
+    def note_terminate(self, pool: Pool) -> None:
+        infos = pool.leases()
+        if not infos:
+            return
+        with self._lock:
+            if not self._guards:
+                return
+            self._seq += 1
+            ended = [_Ended(self._seq, id(pool), pool.name, info) for info in infos]
+            for entry in ended:
+                self._ended[(entry.pool_id, entry.info.id)] = entry
+            for guard in self._guards:
+                guard.note_ended(pool, ended)
+
+    def note_release(self, pool: Pool, connection: Any) -> None:
+        lease_id = _lease_id_of(connection)
+        with self._lock:
+            entry = self._ended.pop((id(pool), lease_id), None) if lease_id is not None else None
+            if entry is not None:
+                entry.released = True
+
     def add_guard(self, guard: LeakGuard) -> None:
         with self._lock:
             self._guards.append(guard)
@@ -451,6 +540,7 @@ class _Tracker:
                 self._guards.remove(guard)
             oldest = min((g.seq0 for g in self._guards), default=self._seq)
             self.records = [record for record in self.records if record[0] > oldest]
+            self._ended = {key: entry for key, entry in self._ended.items() if entry.seq > oldest}
 
 
 _tracker = _Tracker()
@@ -478,6 +568,9 @@ class LeakGuard:
         # close the pool and would wait for them forever).
         self._by_fixture: dict[str, list[tuple[weakref.ref[Pool], int]]] = {}
         self._pending: list[Leak] = []
+        # Leases its pool ended while this guard ran, that were not held when
+        # it started: (lease, held when the test function started).
+        self._ended: list[tuple[_Ended, bool]] = []
 
     # lifecycle ---------------------------------------------------------------
 
@@ -553,6 +646,14 @@ class LeakGuard:
             release_leaked(leaks)
             self._pending.extend(leaks)
 
+    def note_ended(self, pool: Pool, ended: list[_Ended]) -> None:
+        """The pool is being terminated with these leases open (the tracker
+        calls this, before they vanish from ``pool.leases()``)."""
+        if not self._started or (self._only is not None and pool not in self._only):
+            return
+        before, marked = self._baseline.get(pool, set()), self._mark.get(pool, set())
+        self._ended.extend((entry, entry.info.id in marked) for entry in ended if entry.info.id not in before)
+
     # findings ----------------------------------------------------------------
 
     def leaks(self, *, since_mark: bool = False) -> list[Leak]:
@@ -576,6 +677,18 @@ class LeakGuard:
                     holder=doing, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
                     pool_ref=weakref.ref(pool),
                 ))
+        for entry, held_at_mark in self._ended:
+            if entry.released or (since_mark and (entry.seq <= self._mark_seq or held_at_mark)):
+                continue
+            key = (entry.pool_id, entry.info.id, "open")
+            if key in self._reported:
+                continue
+            self._reported.add(key)
+            info = entry.info
+            found.append(Leak(
+                kind="ended", pool=entry.pool_name, lease_id=info.id, held=info.age, task_name=info.task_name,
+                holder=None, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
+            ))
         for seq, pool_ref, kind, payload in list(_tracker.records):
             source = pool_ref()
             if seq <= seq0 or source is None or (self._only is not None and source not in self._only):

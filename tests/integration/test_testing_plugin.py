@@ -71,6 +71,8 @@ def assert_patches_removed() -> None:
     assert Pool.__dict__["__init__"].__module__ == "safepool.pool"
     assert not hasattr(Pool.__dict__["__init__"], "__wrapped__")
     assert not hasattr(Pool.__dict__["_busy_message"], "__wrapped__")
+    assert not hasattr(Pool.__dict__["terminate"], "__wrapped__")
+    assert not hasattr(Pool.__dict__["release"], "__wrapped__")
     for pool in live_pools():
         for callback in pool._listeners:
             assert getattr(getattr(callback, "func", None), "__func__", None) is not _Tracker._on_event
@@ -170,6 +172,32 @@ def test_fixture_opt_in_without_the_option(suite: pytest.Pytester) -> None:
     assert_patches_removed()
 
 
+def test_leases_ended_by_the_pool_fail_with_the_acquire_line(suite: pytest.Pytester) -> None:
+    """terminate(), or a close() cut short (which terminates), ends a lease the
+    code never released: still a leak."""
+    add_sample(suite, "ended_by_pool.py", "test_ended")
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=3, passed=3)
+    ways = {
+        "test_terminate_after_unreleased_acquire": "ENDED-TERMINATE",
+        "test_close_timing_out": "ENDED-CLOSE-TIMEOUT",
+        "test_async_with_pool_exits_by_terminate": "ENDED-ASYNC-WITH",
+    }
+    for test, marker in ways.items():
+        result.stdout.fnmatch_lines([
+            f"*_ {test} _*",
+            "safepool: 1 connection leaked",
+            "[[]1] pool 'pool-*', lease *: never released; the pool ended it *",
+            "  acquired at:",
+            f'*File "*test_ended.py", line {line_of("ended_by_pool.py", marker)}, in {test}',
+            f"*# {marker}",
+            "Fix: acquire with `async with pool.acquire() as con:`*",
+        ])
+    failed = {match[1] for line in result.outlines if (match := re.match(r"FAILED test_ended.py::(\w+)", line))}
+    assert failed == set(ways)
+    assert_patches_removed()
+
+
 # ---------------------------------------------------------- assert_no_leaks
 
 
@@ -244,3 +272,26 @@ async def test_leases_held_before_the_guard_are_not_its_business(pool: Pool) -> 
     finally:
         await pool.release(con)
     assert_patches_removed()
+
+
+@pytest.mark.asyncio
+async def test_assert_no_leaks_reports_a_lease_ended_by_terminate(pool: Pool) -> None:
+    with pytest.raises(LeakError) as caught:
+        async with assert_no_leaks(pool):
+            con = await pool.acquire()  # TERMINATE-SITE
+            await con.fetchval("SELECT 1")
+            pool.terminate()
+    text = str(caught.value)
+    assert "never released; the pool ended it" in text
+    assert f"line {this_line('TERMINATE-SITE')}, in test_assert_no_leaks_reports_a_lease_ended" in text
+    assert_patches_removed()
+
+
+@pytest.mark.asyncio
+async def test_a_lease_held_before_the_guard_and_ended_inside_it_is_not_its_business(pool: Pool) -> None:
+    con = await pool.acquire()
+    with assert_no_leaks(pool) as guard:
+        pool.terminate()
+        assert guard.leaks() == []
+    with pytest.raises(asyncpg.InterfaceError):
+        await con.fetchval("SELECT 1")
