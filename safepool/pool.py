@@ -27,6 +27,9 @@ from asyncpg import protocol as _pg_protocol
 from . import _internals as _pg
 from . import _stack
 from ._clock import Clock, LoopClock, Timer
+from ._compat import HolderCompat, HolderView, QueueView  # asyncpg's private pool attributes
+from ._compat import holders as _compat_holders
+from ._compat import queue as _compat_queue
 from ._internals import RawConnection
 from ._state import (
     Action,
@@ -75,7 +78,7 @@ _DEFAULT_RESET_TIMEOUT = 30.0
 _CONNECT_GRACE_ON_CLOSE = 0.5
 
 
-class _Holder:
+class _Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., read-only
     """What asyncpg's Connection expects of its pool holder: it calls
     ``_release_on_close()`` when the connection dies, and reaches the pool
     through ``proxy._holder._pool`` to drop statement and type caches."""
@@ -251,7 +254,7 @@ class Pool:
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connect_tasks: set[asyncio.Task[Any]] = set()
-        self._holders: dict[Slot, _Holder] = {}
+        self._slot_holders: dict[Slot, _Holder] = {}
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._drained = asyncio.Event()
 
@@ -347,7 +350,7 @@ class Pool:
             # again with what is left of the timeout.
             now = self._now()
         slot = lease.slot
-        proxy = PoolConnectionProxy(self._holders[slot], slot.connection, lease)
+        proxy = PoolConnectionProxy(self._slot_holders[slot], slot.connection, lease)
         if lease_timeout is not None or self._leak_warning_after is not None:
             state.arm_lease(lease, lease_timeout, self._leak_warning_after)  # type: ignore[arg-type]
             self._arm_timer()
@@ -714,7 +717,7 @@ class Pool:
             con.terminate()
             return
         holder = _Holder(self, slot, con)
-        self._holders[slot] = holder
+        self._slot_holders[slot] = holder
         _pg.attach_holder(con, holder)
         state.connect_succeeded(slot, con, self._now())
         self._note_server_status()
@@ -767,7 +770,7 @@ class Pool:
         return con
 
     def _close_slot(self, slot: Slot) -> None:
-        holder = self._holders.pop(slot, None)
+        holder = self._slot_holders.pop(slot, None)
         con = slot.connection
         if holder is not None:
             holder._con = None  # our own close: no _release_on_close callback
@@ -789,7 +792,7 @@ class Pool:
 
     def _kill(self, slot: Slot, con: RawConnection) -> None:
         """Terminate a connection the pool itself gave up on."""
-        holder = self._holders.get(slot)
+        holder = self._slot_holders.get(slot)
         if holder is not None:
             holder._con = None
         con.terminate()
@@ -902,6 +905,16 @@ class Pool:
         self._drain()
 
     # ----------------------------------------------------------- getters
+
+    # asyncpg's private pool._holders / pool._queue, read-only: kept for
+    # compatibility, not API (see _compat.py).
+    @property
+    def _holders(self) -> tuple[HolderView, ...]:
+        return _compat_holders(self)
+
+    @property
+    def _queue(self) -> QueueView:
+        return _compat_queue(self)
 
     def is_closing(self) -> bool:
         return self._closed or self._state.closing

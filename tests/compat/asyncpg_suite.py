@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import unittest
+from typing import Any
 
 
 def patch_asyncpg() -> None:
@@ -69,6 +70,13 @@ def main(argv: list[str]) -> int:
         def addError(self, test: unittest.TestCase, err: object) -> None:  # noqa: N802
             super().addError(test, err)  # type: ignore[arg-type]
             outcome[test.id()] = "error"
+
+        def addSubTest(  # noqa: N802
+            self, test: unittest.TestCase, subtest: unittest.TestCase, err: Any
+        ) -> None:
+            super().addSubTest(test, subtest, err)
+            if err is not None:  # a failed subtest fails its test (no addSuccess follows)
+                outcome[test.id()] = "failed" if issubclass(err[0], test.failureException) else "error"
 
         def addSkip(self, test: unittest.TestCase, reason: str) -> None:  # noqa: N802
             super().addSkip(test, reason)

@@ -3,15 +3,17 @@
 Downloads the source distribution of the installed asyncpg (it holds
 tests/test_pool.py; the wheel ships only asyncpg._testbase), swaps the pool
 class (see asyncpg_suite.py) and runs it against the test server. Every test
-that uses only public API must pass; the ones that reach into asyncpg's pool
-internals are listed below, and each is checked to really do so.
+must pass, unmodified, including those that read asyncpg's private pool
+structures (``pool._holders``, ``holder._in_use``, ``pool._queue``, ...):
+safepool answers those through a read-only view (safepool/_compat.py). The
+only tests not run are the ones asyncpg itself skips against a server it does
+not manage.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tarfile
@@ -24,37 +26,29 @@ import pytest
 
 HERE = Path(__file__).parent
 
-# Tests that read asyncpg's private pool structures (pool._holders,
-# pool._queue, holder._in_use, holder._inactive_callback): they cannot pass
-# against any other pool implementation. Their scenarios that matter (a task
-# cancelled in acquire or release returns the connection; min_size floor
-# restored after losses; idle lifetime) are covered with public API in
-# test_parity.py.
-PRIVATE_API_TESTS = {
-    "test_pool_04",
-    "test_pool_expire_connections",
-    "test_pool_floor_reconnect_honors_expired_generation",
-    "test_pool_gc_does_not_restore_min_size",
-    "test_pool_handles_query_cancel_in_release",
-    "test_pool_handles_task_cancel_in_acquire_with_timeout",
-    "test_pool_handles_task_cancel_in_release",
-    "test_pool_max_inactive_time_01",
-    "test_pool_max_inactive_time_02",
-    "test_pool_max_inactive_time_03",
-    "test_pool_min_size_backs_off_on_target_attribute_mismatch",
-    "test_pool_min_size_keeps_connections_alive",
-    "test_pool_min_size_reconnect_after_expiry",
-    "test_pool_min_size_restored_after_idle_connection_loss",
-    "test_pool_min_size_restored_after_multiple_losses",
-    "test_pool_min_size_retries_closed_connection",
-    "test_pool_min_size_retries_failed_reconnect",
-    "test_pool_min_size_reuses_retained_connections",
-    "test_pool_min_size_zero_allows_full_expiry",
-    "test_pool_release_after_protocol_abort",
-    "test_pool_shutdown_cancels_floor_reconnect",
-    "test_pool_shutdown_cleans_idle_connections",
+# asyncpg skips these when PGHOST names a server it does not manage (always
+# here): they start, stop and reconfigure their own clusters.
+ASYNCPG_SKIPS = {
+    "test_pool_auth",
+    "test_full_reconnect_on_node_change_role",
+    "test_standby_pool_01",
+    "test_standby_cursors",
 }
-_PRIVATE_MARKERS = re.compile(r"\._holders|\._queue|\._in_use|\._inactive_callback")
+# asyncpg 0.32.0's tests/test_pool.py: 66 tests, 4 of them in ASYNCPG_SKIPS.
+ASYNCPG_TESTS = 66
+# Tests that fail because the pool behaves differently (not because of private
+# attributes: those are answered). Each must still fail, so that the entry is
+# removed once the pool changes.
+POOL_BEHAVIOUR_DIFFERENCES = {
+    "test_pool_min_size_retries_failed_reconnect":
+        "asyncpg logs each failed floor reconnect on the 'asyncpg.pool' logger; safepool on 'safepool'",
+    "test_pool_min_size_retries_closed_connection":
+        "a connection that init= closed is kept (counted by get_size(), handed out closed); asyncpg raises "
+        "ConnectionDoesNotExistError and retries; and the log is on 'safepool', not 'asyncpg.pool'",
+    "test_pool_min_size_backs_off_on_target_attribute_mismatch":
+        "asyncpg retries the floor from a _maintenance_task with asyncio.sleep(1, 2, 4 ... 60); safepool "
+        "retries from its timer with Backoff (0.1 s doubling, capped at 2 s, jittered) and has no such task",
+}
 
 
 def _asyncpg_tests_dir() -> Path:
@@ -96,12 +90,6 @@ def _libpq_env(dsn: str) -> dict[str, str]:
 @pytest.mark.realtime
 def test_asyncpg_pool_suite_passes_on_safepool(pg_dsn: str, tmp_path: Path) -> None:
     tests_dir = _asyncpg_tests_dir()
-    source = (tests_dir / "test_pool.py").read_text()
-    for name in PRIVATE_API_TESTS:
-        body = re.search(rf"def {name}\(.*?(?=\n    (?:async )?def |\nclass |\Z)", source, re.S)
-        assert body is not None, f"{name} is no longer in asyncpg's suite: update PRIVATE_API_TESTS"
-        assert _PRIVATE_MARKERS.search(body.group(0)), f"{name} uses only public API: it must pass"
-
     results = tmp_path / "results.json"
     env = {**os.environ, **_libpq_env(pg_dsn), "PYTHONWARNINGS": "ignore"}
     run = subprocess.run(
@@ -110,13 +98,16 @@ def test_asyncpg_pool_suite_passes_on_safepool(pg_dsn: str, tmp_path: Path) -> N
     )
     outcome: dict[str, str] = json.loads(results.read_text())
     by_name = {test_id.rsplit(".", 1)[-1]: status for test_id, status in outcome.items()}
-    failed_public = sorted(
-        name for name, status in by_name.items()
-        if status not in ("passed", "skipped") and name not in PRIVATE_API_TESTS
-    )
+    failed = sorted(name for name, status in by_name.items() if status not in ("passed", "skipped"))
+    skipped = sorted(name for name, status in by_name.items() if status == "skipped")
     passed = sum(1 for status in by_name.values() if status == "passed")
     print(f"\nasyncpg {asyncpg.__version__} test_pool.py on safepool: {passed} passed, "
-          f"{len(PRIVATE_API_TESTS)} use private internals, "
-          f"{sum(1 for s in by_name.values() if s == 'skipped')} skipped by asyncpg")
-    assert not failed_public, f"public-API tests failed: {failed_public}\n{run.stderr[-4000:]}"
-    assert passed >= 39
+          f"{len(failed)} failed ({len(POOL_BEHAVIOUR_DIFFERENCES)} known pool differences), "
+          f"{len(skipped)} skipped by asyncpg")
+    unexpected = sorted(set(failed) - set(POOL_BEHAVIOUR_DIFFERENCES))
+    assert not unexpected, f"asyncpg tests failed on safepool: {unexpected}\n{run.stderr[-4000:]}"
+    fixed = sorted(set(POOL_BEHAVIOUR_DIFFERENCES) - set(failed))
+    assert not fixed, f"these pass now: remove them from POOL_BEHAVIOUR_DIFFERENCES: {fixed}"
+    assert set(skipped) <= ASYNCPG_SKIPS, f"skipped, but not by asyncpg's own rule: {set(skipped) - ASYNCPG_SKIPS}"
+    assert len(by_name) == ASYNCPG_TESTS, f"{len(by_name)} of asyncpg's {ASYNCPG_TESTS} tests reported"
+    assert passed == ASYNCPG_TESTS - len(ASYNCPG_SKIPS) - len(POOL_BEHAVIOUR_DIFFERENCES)
