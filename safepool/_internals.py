@@ -10,6 +10,7 @@ tests against safepool to catch it).
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
@@ -43,6 +44,24 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
 
 def is_usable(con: RawConnection) -> bool:
     return con._protocol is not None and not con.is_closed()
+
+
+def has_callbacks(con: RawConnection) -> bool:
+    """Callbacks the application registered on the connection: asyncpg keeps
+    calling them for as long as the connection is leased."""
+    return bool(
+        con._listeners or con._log_listeners or con._termination_listeners or con._query_loggers
+    )
+
+
+def reference_count(con: RawConnection) -> int:
+    """CPython's reference count of the connection, as seen by this call.
+
+    The pool compares it with the count it took when the connection was
+    idle: anything above means something outside the pool (a running query's
+    coroutine, a transaction, cursor or prepared statement object, a
+    callback's closure) still refers to the connection."""
+    return sys.getrefcount(con) - 1  # minus this function's own argument
 
 
 def command_timeout(con: RawConnection) -> float | None:

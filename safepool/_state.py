@@ -92,7 +92,7 @@ class Slot:
 class Lease:
     __slots__ = (
         "id", "slot", "acquired_at", "deadline", "warn_at", "stack", "task_name",
-        "active", "expired", "warned", "io_mark", "__weakref__",
+        "active", "expired", "warned", "__weakref__",
     )
 
     def __init__(self, lease_id: int, slot: Slot, now: float) -> None:
@@ -106,7 +106,6 @@ class Lease:
         self.active = True
         self.expired = False
         self.warned = False
-        self.io_mark = 0  # opaque to the core: the I/O layer's "no statement ran" marker
 
     def age(self, now: float) -> float:
         return now - self.acquired_at
@@ -186,16 +185,25 @@ class Counters:
 
 @dataclass
 class Backoff:
-    """Exponential backoff with jitter between failed connects."""
+    """Exponential backoff with jitter between failed connects.
+
+    A refused connect (nothing listens, the server is starting or shutting
+    down, it is out of slots) costs the server next to nothing and ends at
+    once, so it is retried within ``refused_cap`` seconds: the pool serves
+    again about as soon as the server accepts, as asyncpg's pool (which
+    connects on every acquire) does. Any other failure (a timeout, a black
+    hole, a wrong password) backs off up to ``cap`` seconds.
+    """
 
     base: float = 0.1
     # The cap bounds recovery: once the server accepts again, the next probe
     # comes within cap seconds (issue 4 asks for < 5 s after any outage).
     cap: float = 2.0
+    refused_cap: float = 0.05
     rng: Callable[[], float] = field(default=random.random)
 
-    def delay(self, failures: int) -> float:
-        ceiling = min(self.cap, self.base * 2.0 ** min(failures - 1, 30))
+    def delay(self, failures: int, refused: bool = False) -> float:
+        ceiling = min(self.refused_cap if refused else self.cap, self.base * 2.0 ** min(failures - 1, 30))
         # Half fixed, half random: spreads many app processes' retries apart
         # while keeping a floor so a dead server is not hammered.
         return float(ceiling * (0.5 + 0.5 * self.rng()))
@@ -216,12 +224,14 @@ class PoolState:
         max_connecting: int | None = None,
         max_inactive_lifetime: float = 0.0,
         backoff: Backoff | None = None,
-        breaker_threshold: int = 3,
+        breaker_threshold: int | None = None,
     ) -> None:
         self.max_size = max_size
         self.min_size = min_size
         self.max_waiters = max_waiters
         self.max_connecting = max_connecting  # None: up to max_size at once while connects succeed
+        # None: never fail an acquire early (asyncpg's behaviour: every waiter
+        # waits for the next connect attempt and gets its outcome).
         self.breaker_threshold = breaker_threshold
         self.max_inactive_lifetime = max_inactive_lifetime
         self.backoff = backoff or Backoff()
@@ -350,7 +360,8 @@ class PoolState:
             self.counters.overload_rejections += 1
             raise Overloaded
         if (
-            self.connect_failures >= self.breaker_threshold
+            self.breaker_threshold is not None
+            and self.connect_failures >= self.breaker_threshold
             and self._serving() == 0
             and now < self.backoff_until
         ):
@@ -542,7 +553,7 @@ class PoolState:
         self._hand_on(slot, now)
         self._plan_connects(now)
 
-    def connect_failed(self, slot: Slot, now: float, error: BaseException) -> None:
+    def connect_failed(self, slot: Slot, now: float, error: BaseException, refused: bool = False) -> None:
         if slot.state is not S.CONNECTING:
             raise InternalStateError(f"connect_failed for {slot!r}")
         self._move(slot, S.CLOSED)
@@ -550,7 +561,7 @@ class PoolState:
         self.counters.connect_errors += 1
         self.connect_failures += 1
         self.last_connect_error = error
-        self.backoff_until = now + self.backoff.delay(self.connect_failures)
+        self.backoff_until = now + self.backoff.delay(self.connect_failures, refused)
         # A closing connection will not come back: it does not count.
         if self._serving() == 0 and self._counts[S.CONNECTING] == 0:
             # Nothing will come back to the waiters before the next attempt:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("safepool")
 leak_logger = logging.getLogger("safepool.leaks")
+_asyncpg_logger = logging.getLogger("asyncpg.pool")
 
 _DEFAULT = object()
 # Every open pool in the process, weakly: the pytest leak plugin and exporters
@@ -74,6 +76,16 @@ RESET_MODES = ("full", "rollback")
 # Bound on a background reset or take-back when no release timeout applies:
 # a reset that hangs longer than this is treated as a broken connection.
 _DEFAULT_RESET_TIMEOUT = 30.0
+# fail_fast=True: consecutive failed connects, with no connection left, after
+# which acquires fail at once with ServerUnavailableError.
+_BREAKER_THRESHOLD = 3
+# A garbage-collected proxy whose connection is still in use is checked again
+# after these delays (seconds, doubling), until it is provably abandoned.
+_ORPHAN_RECHECK_FIRST = 0.05
+_ORPHAN_RECHECK_CAP = 2.0
+# Bound on the cancel request sent for the backend of a connection lost
+# while leased (without reset_timeout).
+_LOST_BACKEND_CANCEL_TIMEOUT = 2.0
 # How long close() lets connects under way finish before cancelling them.
 _CONNECT_GRACE_ON_CLOSE = 0.5
 
@@ -83,12 +95,30 @@ class _Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., re
     ``_release_on_close()`` when the connection dies, and reaches the pool
     through ``proxy._holder._pool`` to drop statement and type caches."""
 
-    __slots__ = ("_pool", "_slot", "_con", "__weakref__")
+    __slots__ = ("_pool", "_slot", "_con", "clean_mark", "base_refs", "release_timeout", "orphan_checks",
+                 "orphan_reported", "unresponsive", "lost_while_leased",
+                 "__weakref__")
 
-    def __init__(self, pool: Pool, slot: Slot, con: RawConnection) -> None:
+    def __init__(self, pool: Pool, slot: Slot, con: RawConnection, clean_mark: int) -> None:
         self._pool = pool
         self._slot = slot
         self._con: RawConnection | None = con
+        # asyncpg's statement counter when the session was last known to be
+        # as the pool leaves it (opened, before init=; or just reset). A
+        # release that finds the counter moved must reset; -1: always reset.
+        self.clean_mark = clean_mark
+        # The connection's reference count while only the pool holds it.
+        self.base_refs = 0
+        # release(timeout=None) defaults to the acquire's timeout (asyncpg).
+        self.release_timeout: float | None = None
+        # How often a garbage-collected proxy's connection was found still in
+        # use (0: not orphaned).
+        self.orphan_checks = 0
+        self.orphan_reported = False
+        # A reset or take-back timed out: no graceful close, abort it.
+        self.unresponsive = False
+        # The socket died under a lease: its backend may still run a query.
+        self.lost_while_leased = False
 
     def _release_on_close(self) -> None:
         self._con = None
@@ -143,6 +173,7 @@ class Pool:
         max_waiters: int | None | object = _DEFAULT,
         acquire_timeout: float | None = None,
         max_connecting: int | None = None,
+        fail_fast: bool = False,
         reset_mode: str = "full",
         reset_timeout: float | None = None,
         backoff: Backoff | None = None,
@@ -206,9 +237,10 @@ class Pool:
         self._acquire_timeout = _validate_timeout("acquire_timeout", acquire_timeout)
         self._reset_timeout = _validate_timeout("reset_timeout", reset_timeout)
         if max_waiters is _DEFAULT:
-            # Bounded, yet far above what asyncpg programs queue in practice
-            # (asyncpg's own tests run 200 tasks on 10 connections).
-            max_waiters = max(1000, 16 * max_size)
+            # Unbounded, as asyncpg: a bound can fail a call that works on
+            # asyncpg's pool (1,500 gathered queries on 10 connections), so it
+            # is opt-in (docs/backpressure.md recommends one for services).
+            max_waiters = None
         if max_waiters is not None and (
             isinstance(max_waiters, bool) or not isinstance(max_waiters, int) or max_waiters < 0
         ):
@@ -217,6 +249,8 @@ class Pool:
             isinstance(max_connecting, bool) or not isinstance(max_connecting, int) or max_connecting < 1
         ):
             raise ValueError(f"max_connecting must be an int >= 1 or None, got {max_connecting!r}")
+        if not isinstance(fail_fast, bool):
+            raise TypeError(f"fail_fast must be True or False, got {fail_fast!r}")
         if reset_mode not in RESET_MODES:
             raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
         self._capture_stack = (
@@ -247,6 +281,7 @@ class Pool:
             max_connecting=max_connecting,
             max_inactive_lifetime=max_inactive_connection_lifetime,
             backoff=backoff,
+            breaker_threshold=_BREAKER_THRESHOLD if fail_fast else None,
         )
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
@@ -255,6 +290,8 @@ class Pool:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connect_tasks: set[asyncio.Task[Any]] = set()
         self._slot_holders: dict[Slot, _Holder] = {}
+        # Releases and failed setups that wait for their connection's close.
+        self._closes_done: dict[Slot, asyncio.Future[None]] = {}
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._drained = asyncio.Event()
 
@@ -350,7 +387,12 @@ class Pool:
             # again with what is left of the timeout.
             now = self._now()
         slot = lease.slot
-        proxy = PoolConnectionProxy(self._slot_holders[slot], slot.connection, lease)
+        holder = self._slot_holders[slot]
+        holder.release_timeout = timeout
+        if holder.orphan_checks:
+            holder.orphan_checks = 0
+            holder.orphan_reported = False
+        proxy = PoolConnectionProxy(holder, slot.connection, lease)
         if lease_timeout is not None or self._leak_warning_after is not None:
             state.arm_lease(lease, lease_timeout, self._leak_warning_after)  # type: ignore[arg-type]
             self._arm_timer()
@@ -359,8 +401,9 @@ class Pool:
             task = asyncio.current_task()
             lease.task_name = task.get_name() if task is not None else None
         if self._setup is not None:
+            # Its statements are the lease's: a SET it runs is reset on
+            # release like any other (the clean mark is per connection).
             await self._run_setup(proxy, lease)
-        lease.io_mark = _pg.queries_count(slot.connection)
         return proxy
 
     async def _wait_for_connection(self, now: float, timeout: float | None) -> Lease | None:
@@ -395,22 +438,41 @@ class Pool:
         try:
             await self._setup(proxy)  # type: ignore[misc]
         except BaseException:
-            # The connection's state is unknown: close it, as asyncpg does.
-            # The proxy stays attached to the dead connection (asyncpg's
-            # behaviour: is_closed() answers True, queries fail).
+            # The connection's state is unknown: close it, as asyncpg does,
+            # and wait for the close (asyncpg awaits it too), so the proxy
+            # answers is_closed() with True. The close runs in a pool task: a
+            # second cancel cannot cut it short, and the slot counts until
+            # the backend is gone (a cancelled setup query is waited for).
             if lease.active:
-                con = lease.slot.connection
+                slot = lease.slot
+                done = self._loop.create_future()
+                self._closes_done[slot] = done
                 self._state.release(lease, self._now(), ReleaseOutcome.DISCARD)
-                self._kill(lease.slot, con)
                 self._drain()
+                await asyncio.wait([done])
             raise
 
     # ------------------------------------------------------------- release
 
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:
-        """Release a connection back to the pool (a second release is a no-op).
+        """Release a connection back to the pool, with asyncpg's semantics.
 
-        The session reset runs in the pool's own task, after this returns."""
+        Returns once the connection is back: an open transaction rolled back
+        and the session reset (asyncpg's reset query: advisory locks, cursors,
+        LISTENs, settings), so no other session sees anything of this lease
+        any more. A lease that ran no statement (``setup=``/``init=``
+        included) is handed on with no round trip. The reset runs in a pool
+        task that the caller's cancellation cannot interrupt (asyncpg shields
+        it); a cancelled caller gets ``CancelledError`` while the pool
+        finishes the reset, or closes the connection once any cancelled query
+        has stopped on the server. A second release is a no-op.
+
+        :param timeout: seconds for the reset (default: the ``timeout`` of the
+            ``acquire()`` that produced the connection, as in asyncpg 0.32).
+        :raises asyncpg.InterfaceError: ``connection`` is not one of this pool's.
+        :raises Exception: the reset's own error (e.g. ``asyncio.TimeoutError``),
+            after the connection was given up, as asyncpg raises it.
+        """
         if not isinstance(connection, PoolConnectionProxy) or connection._holder._pool is not self:
             raise _pg_exceptions.InterfaceError(
                 f"Pool.release() received invalid connection: {connection!r} is not a member of this pool"
@@ -421,111 +483,158 @@ class Pool:
         self._check_init()
         connection._detach()
         con._on_release()
-        lease = connection._lease
-        if _pg.is_cancelling(con):
-            # A query was cancelled and the server has not confirmed yet:
-            # asyncpg makes release wait for that within its timeout, and so
-            # must we, or the next holder would inherit the cancellation.
-            await self._release_cancelling(lease, con, timeout)
-            return
-        self._end_lease(lease, con, timeout)
+        if timeout is None:
+            timeout = connection._holder.release_timeout
+        done = self._end_lease(connection._lease, con, timeout)
+        if done is not None:
+            # A plain future resolved by the pool's task: cancelling this
+            # await cancels only the future, never the reset behind it.
+            await done
 
-    def _end_lease(self, lease: Lease, con: RawConnection, timeout: float | None) -> None:
+    def _end_lease(self, lease: Lease, con: RawConnection, timeout: float | None) -> asyncio.Future[None] | None:
+        """End a lease; returns a future that the reset or close resolves, or
+        None when the connection was handed on (or dropped) at once."""
         state = self._state
         if not lease.active:
-            return  # taken back by the lease timeout while being released
+            return None  # taken back by the lease timeout while being released
         slot = lease.slot
+        holder = self._slot_holders[slot]
         usable = _pg.is_usable(con)
-        queries = _pg.queries_count(con) if usable else 0
+        cancelling = usable and _pg.is_cancelling(con)
         if not usable:
             outcome = ReleaseOutcome.DISCARD
-        elif queries >= self._max_queries or slot.generation != state.generation:
+        elif _pg.queries_count(con) >= self._max_queries or slot.generation != state.generation:
             outcome = ReleaseOutcome.DISCARD
-        elif self._always_reset:
+        elif self._always_reset or cancelling or con.is_in_transaction():
             outcome = ReleaseOutcome.NEEDS_RESET
-        elif not con.is_in_transaction() and (queries == lease.io_mark or self._reset_mode == "rollback"):
-            # Nothing to send: no statement ran, or (rollback mode) only an
-            # open transaction would need one.
+        elif self._reset_mode == "rollback" or _pg.queries_count(con) == holder.clean_mark:
+            # Nothing to send: no statement ran since the session was last
+            # clean (setup= and init= statements count), or (rollback mode)
+            # only an open transaction would need one.
             outcome = ReleaseOutcome.CLEAN
             _pg.clear_listeners(con)
         else:
             outcome = ReleaseOutcome.NEEDS_RESET
-        if state.release(lease, self._now(), outcome):
-            self._spawn(self._reset_slot(slot, con, timeout, _pg.warn_open_transaction(con)))
+        done: asyncio.Future[None] | None = None
+        if outcome is ReleaseOutcome.NEEDS_RESET:
+            # asyncpg reports an unmanaged open transaction from release(),
+            # through the loop's exception handler: do it here, in the
+            # releasing task.
+            rollback = _pg.warn_open_transaction(con)
+            done = self._loop.create_future()
+            state.release(lease, self._now(), outcome)
+            self._spawn(self._reset_slot(slot, con, timeout, rollback, done))
+        else:
+            if outcome is ReleaseOutcome.DISCARD and usable:
+                # max_queries or an expired generation: asyncpg closes the
+                # connection gracefully before release() returns.
+                done = self._loop.create_future()
+                self._closes_done[slot] = done
+            state.release(lease, self._now(), outcome)
         if state.actions:
             self._drain()
         elif self._timer is None and state.max_inactive_lifetime and state.size > state.min_size:
             self._arm_timer()  # an idle connection above min_size now has a lifetime to watch
-
-    async def _release_cancelling(self, lease: Lease, con: RawConnection, timeout: float | None) -> None:
-        try:
-            await _pg.wait_for_cancellation(con, timeout)
-        except BaseException:
-            if lease.active:
-                self._state.release(lease, self._now(), ReleaseOutcome.DISCARD)
-                self._drain()
-            self._kill(lease.slot, con)
-            raise
-        self._end_lease(lease, con, timeout)
+        return done
 
     async def _reset_slot(
-        self, slot: Slot, con: RawConnection, timeout: float | None, rollback: bool
+        self,
+        slot: Slot,
+        con: RawConnection,
+        timeout: float | None,
+        rollback: bool,
+        done: asyncio.Future[None] | None = None,
     ) -> None:
+        """Reset a RESETTING slot's connection, then hand it on or close it.
+
+        Resolves ``done`` (the releasing caller's future) with None, or with
+        the reset's error once the connection was given up."""
+        # The caller's budget (release(timeout=), else the acquire's), or the
+        # pool's reset_timeout; with neither, asyncpg's limits apply: its
+        # background cancel gives up by closing the connection (then release
+        # returns quietly), statements are bounded by command_timeout (else
+        # by a 30 s safety bound: a silent network must not hold a slot forever).
         budget = timeout if timeout is not None else self._reset_timeout
-        if budget is None:
-            budget = _pg.command_timeout(con) or _DEFAULT_RESET_TIMEOUT
-        ok = False
+        statement_limit = None
+        if budget is None and _pg.command_timeout(con) is None:
+            statement_limit = _DEFAULT_RESET_TIMEOUT
+        error: Exception | None = None
         try:
             async with asyncio.timeout(budget):
-                await self._reset_connection(con, rollback)
-            ok = not con.is_closed()
+                await self._reset_connection(con, rollback, statement_limit)
         except Exception as exc:
-            logger.warning(
-                "pool %r: reset failed (%s); closing the connection", self._name, _describe_error(exc),
-                extra={"event": "reset_failed", "pool": self._name},
-            )
+            error = exc
         except asyncio.CancelledError:
-            if slot.state is SlotState.RESETTING:
-                self._state.reset_done(slot, self._now(), False)
-                self._kill(slot, con)
-                self._drain()
+            # Only terminate() cancels the pool's tasks: it has discarded the slot.
+            _settle(done, None)
             raise
         if slot.state is not SlotState.RESETTING:
-            return  # the connection died while resetting; already handled
-        if not ok:
-            self._kill(slot, con)
+            _settle(done, None)  # the pool was terminated meanwhile
+            return
+        ok = error is None and not con.is_closed()
+        holder = self._slot_holders[slot]
+        if ok:
+            holder.clean_mark = _pg.queries_count(con)
+        elif error is not None:
+            holder.unresponsive = isinstance(error, TimeoutError)
+            logger.warning(
+                "pool %r: reset failed (%s); closing the connection", self._name, _describe_error(error),
+                extra={"event": "reset_failed", "pool": self._name},
+            )
+        # On failure the core closes the slot; the close waits for a
+        # cancelled reset query to stop on the server before the slot stops
+        # counting towards max_size.
         self._state.reset_done(slot, self._now(), ok)
         self._drain()
+        _settle(done, error)
 
-    async def _reset_connection(self, con: RawConnection, rollback: bool) -> None:
+    async def _reset_connection(self, con: RawConnection, rollback: bool, limit: float | None = None) -> None:
+        """One round trip: ROLLBACK (if a transaction is open) and asyncpg's
+        reset query in one simple-query message. ``limit`` bounds the
+        statements, not the wait for a cancelled query."""
         if _pg.is_cancelling(con):
+            # A cancelled query has not answered yet (asyncpg makes release
+            # wait for it too, or the next holder inherits the cancellation).
             await _pg.wait_for_cancellation(con)
-        if self._reset is not None:
-            await con._reset()
-            await self._reset(con)
+        if con.is_closed():
+            return  # asyncpg's background cancel gave up and closed it
+        async with asyncio.timeout(limit):
+            await self._send_reset(con, rollback or con.is_in_transaction())
+
+    async def _send_reset(self, con: RawConnection, rollback: bool) -> None:
+        if self._reset is not None or type(con).reset is not _pg_connection.Connection.reset:
+            # A user reset= hook, or a connection_class with its own reset():
+            # asyncpg rolls back first, then calls it.
+            if rollback:
+                await con.execute("ROLLBACK")
+            if self._reset is not None:
+                await self._reset(con)
+            else:
+                await con.reset()
             return
-        if type(con).reset is not _pg_connection.Connection.reset:
-            await con.reset()  # a connection_class that customises reset()
-            return
-        if rollback or con.is_in_transaction():
-            await con.execute("ROLLBACK")
-        if self._reset_mode == "full":
-            query = con.get_reset_query()
-            if query:
-                await con.execute(query)
+        query = con.get_reset_query() if self._reset_mode == "full" else ""
+        if rollback:
+            query = f"ROLLBACK;\n{query}" if query else "ROLLBACK"
+        if query:
+            await con.execute(query)
 
     # ---------------------------------------------- leases: expiry and leaks
 
     def _reclaim(self, lease: Lease) -> None:
-        """A proxy was garbage collected while still leased."""
+        """A proxy was garbage collected while still leased (or a re-check
+        of one whose connection was still in use)."""
         state = self._state
         slot = lease.slot
         if not lease.active or self._closed:
             return
+        holder = self._slot_holders[slot]
+        if self._still_in_use(holder, slot):
+            self._defer_reclaim(lease, holder, slot.connection)
+            return
+        con = slot.connection
         held = self._now() - lease.acquired_at
         if not state.reclaim(lease, self._now()):
             return
-        con = slot.connection
         report = (
             f"pool {self._name!r}: a connection was garbage collected without being released "
             f"(held {held:.3f}s); acquired at:\n{_stack.format_stack(lease.stack)}"
@@ -539,6 +648,40 @@ class Pool:
         leak_logger.warning(report, extra=self._event_fields("leak", lease, held))
         self._emit("leak", lease, held)
         warnings.warn(report, ResourceWarning, stacklevel=1)
+
+    def _still_in_use(self, holder: _Holder, slot: Slot) -> bool:
+        """Whether a connection whose proxy is gone may still be in use: only
+        a provably abandoned one is reclaimed (never one with an operation in
+        flight, callbacks registered, or any object outside the pool still
+        referring to it: a running query's coroutine, a transaction, cursor
+        or prepared statement, a callback's closure)."""
+        if _pg.has_callbacks(slot.connection) or _pg.is_cancelling(slot.connection):
+            return True
+        # Measured as base_refs was: no local reference to the connection.
+        return _pg.reference_count(slot.connection) > holder.base_refs
+
+    def _defer_reclaim(self, lease: Lease, holder: _Holder, con: RawConnection) -> None:
+        if holder.orphan_checks == 0:
+            # Listener callbacks get the connection itself from now on, not
+            # the dead proxy.
+            _pg.detach_proxy(con)
+        # A query still running when its proxy went (`await (await
+        # pool.acquire()).fetch(...)`) ends soon and is reclaimed quietly as a
+        # leak; callbacks, or use that goes on, are worth a report now.
+        if not holder.orphan_reported and (_pg.has_callbacks(con) or holder.orphan_checks >= 3):
+            holder.orphan_reported = True
+            held = self._now() - lease.acquired_at
+            leak_logger.warning(
+                "pool %r: a connection's proxy was garbage collected without being released, but the "
+                "connection is still in use (callbacks registered, or an operation or object still "
+                "refers to it); it stays leased until that ends. Acquired at:\n%s",
+                self._name, _stack.format_stack(lease.stack),
+                extra=self._event_fields("leak_suspect", lease, held),
+            )
+            self._emit("leak_suspect", lease, held)
+        holder.orphan_checks += 1
+        delay = min(_ORPHAN_RECHECK_CAP, _ORPHAN_RECHECK_FIRST * 2 ** min(holder.orphan_checks - 1, 16))
+        self._clock.call_at(self._now() + delay, lambda: self._reclaim(lease))
 
     def _take_back(self, lease: Lease) -> None:
         slot = lease.slot
@@ -584,20 +727,19 @@ class Pool:
                         await _pg.cancel_running_query(con)
                     await asyncio.sleep(0.005)  # the server's reply frees the protocol
         except Exception as exc:
+            self._slot_holders[slot].unresponsive = isinstance(exc, TimeoutError)
             logger.warning(
                 "pool %r: could not take back an expired connection cleanly (%s); closing it",
                 self._name, _describe_error(exc), extra={"event": "reset_failed", "pool": self._name},
             )
         except asyncio.CancelledError:
-            if slot.state is SlotState.RESETTING:
-                self._kill(slot, con)
-                self._state.reset_done(slot, self._now(), False)
-                self._drain()
-            raise
+            raise  # only terminate() cancels the pool's tasks: it has discarded the slot
         if slot.state is not SlotState.RESETTING:
             return
-        if not ok:
-            self._kill(slot, con)
+        if ok:
+            self._slot_holders[slot].clean_mark = _pg.queries_count(con)
+        # On failure the core closes the slot; the close waits for the
+        # cancelled query to stop before the slot stops counting.
         self._state.reset_done(slot, self._now(), ok)
         self._drain()
 
@@ -705,7 +847,7 @@ class Pool:
             failure = exc
         if failure is not None:
             if slot.state is SlotState.CONNECTING:
-                state.connect_failed(slot, self._now(), failure)
+                state.connect_failed(slot, self._now(), failure, _is_refusal(failure))
             # Reported outside the except block: a failing listener's
             # traceback must not carry the connect error's full text.
             self._report_connect_failure(failure)
@@ -716,10 +858,14 @@ class Pool:
         if slot.state is not SlotState.CONNECTING:  # terminated meanwhile
             con.terminate()
             return
-        holder = _Holder(self, slot, con)
+        # Mark 0: statements of init= (and of a connect= callback) make the
+        # first lease's release reset, as asyncpg resets after every lease.
+        holder = _Holder(self, slot, con, clean_mark=0)
         self._slot_holders[slot] = holder
         _pg.attach_holder(con, holder)
         state.connect_succeeded(slot, con, self._now())
+        del con  # measured below with no reference but the pool's own
+        holder.base_refs = _pg.reference_count(slot.connection)
         self._note_server_status()
         self._drain()
 
@@ -730,6 +876,10 @@ class Pool:
             self._name, described, self._state.connect_failures,
             extra={"event": "connect_failed", "pool": self._name, "error": described},
         )
+        if not self._state.waiting and not self._state.closing:
+            # Nobody waits: the min_size upkeep's connect. asyncpg logs these
+            # on its own logger, and monitoring of asyncpg programs reads it.
+            _asyncpg_logger.warning("Failed to restore the pool connection floor; retrying (%s)", described)
         self._emit_event("connect_failed", error=described, consecutive_failures=self._state.connect_failures)
         self._note_server_status()
 
@@ -767,6 +917,9 @@ class Pool:
             except BaseException:
                 await con.close()
                 raise
+            if con.is_closed():
+                # asyncpg 0.32's error, so the floor upkeep retries it.
+                raise _pg_exceptions.ConnectionDoesNotExistError("connection was closed during pool initialization")
         return con
 
     def _close_slot(self, slot: Slot) -> None:
@@ -774,31 +927,57 @@ class Pool:
         con = slot.connection
         if holder is not None:
             holder._con = None  # our own close: no _release_on_close callback
-        if con is None or con.is_closed() or self._terminating:
+        if holder is not None and holder.lost_while_leased and con is not None and not self._terminating:
+            self._spawn(self._confirm_backend_gone(slot, con))
+            return
+        unresponsive = holder is not None and holder.unresponsive
+        if con is None or self._terminating or unresponsive or (con.is_closed() and not _pg.is_cancelling(con)):
             if con is not None:
                 con.terminate()
             self._state.closed(slot, self._now())
+            _settle(self._closes_done.pop(slot, None), None)
             return
         self._spawn(self._close_connection(slot, con))
 
     async def _close_connection(self, slot: Slot, con: RawConnection) -> None:
+        """Close gracefully; the slot counts towards max_size until the
+        backend is gone: a cancelled query is first waited for (the server
+        confirms it), else a graceful close could not run and an abort would
+        leave the backend running the query beside its replacement."""
+        budget = self._reset_timeout or _DEFAULT_RESET_TIMEOUT
         try:
-            await con.close(timeout=self._reset_timeout or _DEFAULT_RESET_TIMEOUT)
-        except BaseException:
+            if _pg.is_cancelling(con):
+                await _pg.wait_for_cancellation(con, budget)
+            await con.close(timeout=budget)
+        except Exception:
             con.terminate()
+        except asyncio.CancelledError:
+            con.terminate()  # terminate() of the pool; the books are settled below
+            raise
         finally:
             self._state.closed(slot, self._now())
+            _settle(self._closes_done.pop(slot, None), None)
             self._drain()
 
-    def _kill(self, slot: Slot, con: RawConnection) -> None:
-        """Terminate a connection the pool itself gave up on."""
-        holder = self._slot_holders.get(slot)
-        if holder is not None:
-            holder._con = None
-        con.terminate()
+    async def _confirm_backend_gone(self, slot: Slot, con: RawConnection) -> None:
+        """A leased connection's socket died (network reset): its backend may
+        still be running the lease's query, and would run beside a
+        replacement. Cancel it (the server acknowledges a cancel request by
+        closing that connection) before the slot stops counting."""
+        try:
+            async with asyncio.timeout(self._reset_timeout or _LOST_BACKEND_CANCEL_TIMEOUT):
+                await _pg.cancel_running_query(con)
+        except Exception:
+            pass  # the server is unreachable: nothing more to do for that backend
+        finally:
+            self._state.closed(slot, self._now())
+            _settle(self._closes_done.pop(slot, None), None)
+            self._drain()
 
     def _connection_lost(self, slot: Slot) -> None:
         """asyncpg noticed the connection died (server restart, terminate)."""
+        if slot.state is SlotState.LEASED:
+            self._slot_holders[slot].lost_while_leased = True
         if slot.state in (SlotState.IDLE, SlotState.LEASED, SlotState.RESERVED):
             if slot.connection is not None:
                 _pg.detach_proxy(slot.connection)
@@ -1039,7 +1218,9 @@ class Pool:
             try:
                 callback(payload)
             except Exception:
-                logger.exception("pool %r: event listener failed", self._name)
+                # Formatted now: a record holding the traceback would keep the
+                # callers' frames, and the connections they refer to, alive.
+                logger.error("pool %r: event listener failed\n%s", self._name, traceback.format_exc().rstrip())
 
     def _drop_statement_cache(self) -> None:
         for slot in self._state.slots():
@@ -1139,6 +1320,25 @@ class PoolAcquireContext:
     def __await__(self) -> Any:
         self.done = True
         return self.pool._acquire(self.timeout, self.lease_timeout).__await__()
+
+
+def _settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:
+    """Resolve a caller's future unless its task gave up on it (cancelled)."""
+    if future is None or future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _is_refusal(error: BaseException) -> bool:
+    """A connect the server refused at once (nothing listening, starting up or
+    shutting down, out of connection slots): cheap to retry soon. Timeouts and
+    everything else back off longer."""
+    if isinstance(error, (ConnectionRefusedError, FileNotFoundError)):
+        return True
+    return isinstance(error, (_pg_exceptions.CannotConnectNowError, _pg_exceptions.TooManyConnectionsError))
 
 
 def _describe_error(error: BaseException | None) -> str:

@@ -40,11 +40,6 @@ ASYNCPG_TESTS = 66
 # attributes: those are answered). Each must still fail, so that the entry is
 # removed once the pool changes.
 POOL_BEHAVIOUR_DIFFERENCES = {
-    "test_pool_min_size_retries_failed_reconnect":
-        "asyncpg logs each failed floor reconnect on the 'asyncpg.pool' logger; safepool on 'safepool'",
-    "test_pool_min_size_retries_closed_connection":
-        "a connection that init= closed is kept (counted by get_size(), handed out closed); asyncpg raises "
-        "ConnectionDoesNotExistError and retries; and the log is on 'safepool', not 'asyncpg.pool'",
     "test_pool_min_size_backs_off_on_target_attribute_mismatch":
         "asyncpg retries the floor from a _maintenance_task with asyncio.sleep(1, 2, 4 ... 60); safepool "
         "retries from its timer with Backoff (0.1 s doubling, capped at 2 s, jittered) and has no such task",

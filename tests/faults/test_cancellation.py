@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import asyncpg
 import pytest
 
 import safepool
@@ -134,3 +135,98 @@ async def test_cancellation_storm(running: Cluster, app_name: str, report: Any) 
     assert outcomes["ok"] > total // 10 and outcomes["cancelled"] > total // 10 and outcomes["timed_out"] > total // 10
     assert stats.leaks_detected == 0
     assert sampler.max_seen <= MAX_SIZE, sampler.samples
+
+
+STORM_MODES = ("double cancel", "anyio.CancelScope", "anyio.move_on_after")
+
+
+async def test_double_cancel_and_cancel_scope_storm(running: Cluster, app_name: str, report: Any) -> None:
+    """Queries cancelled mid-flight, then cancelled again while the release
+    waits for the server (a second task.cancel() on the next loop iteration,
+    or anyio's cancel scopes, which cancel again at every await). Sampled
+    every 20 ms, the server never sees more than max_size backends of the
+    pool, and once every task and every reset is done no query of the pool
+    is still running."""
+    import anyio
+
+    rng = random.Random(23)
+    waves = int(scale(12, 60))
+    pool = await safepool.create_pool(
+        running.dsn(), min_size=1, max_size=MAX_SIZE, server_settings={"application_name": app_name},
+    )
+    outcomes: Counter[str] = Counter()
+    untyped: list[BaseException] = []
+    left_running: list[int] = []
+
+    async def work(r: random.Random) -> None:
+        async with pool.acquire() as con:
+            if r.random() < 0.5:
+                await con.execute("SELECT pg_sleep($1)", r.uniform(0.02, 0.3))
+            else:
+                async with con.transaction():
+                    await con.execute("SELECT pg_advisory_xact_lock(1), pg_sleep($1)", r.uniform(0.01, 0.1))
+
+    async def one(seed: int) -> None:
+        r = random.Random(seed)
+        mode = r.choice(STORM_MODES)
+        delay = r.uniform(0.005, 0.15)
+        try:
+            if mode == "double cancel":
+                task = asyncio.current_task()
+                assert task is not None
+                loop = asyncio.get_running_loop()
+                loop.call_later(delay, lambda: (task.cancel(), loop.call_soon(task.cancel)))
+                try:
+                    await work(r)
+                except asyncio.CancelledError:
+                    outcomes["cancelled twice"] += 1
+                    return
+            elif mode == "anyio.CancelScope":
+                with anyio.CancelScope() as scope:
+                    asyncio.get_running_loop().call_later(delay, scope.cancel)
+                    await work(r)
+                if scope.cancelled_caught:
+                    outcomes["scope cancelled"] += 1
+                    return
+            else:
+                with anyio.move_on_after(delay) as scope:
+                    await work(r)
+                if scope.cancelled_caught:
+                    outcomes["moved on"] += 1
+                    return
+            outcomes["ok"] += 1
+        except Exception as exc:
+            kind = classify(exc)
+            if kind is None or kind.startswith(("connection", "os:", "asyncpg:")):
+                untyped.append(exc)
+            else:
+                outcomes[kind] += 1
+
+    async with closing(pool), ServerSampler(running.admin_dsn, app_name, interval=0.02) as sampler:
+        with loop_errors(allow=_expected_report) as unhandled:
+            admin = await asyncpg.connect(running.admin_dsn)
+            try:
+                for wave in range(waves):
+                    tasks = [asyncio.create_task(one(wave * 100 + i)) for i in range(rng.choice((1, MAX_SIZE, 12)))]
+                    async with asyncio.timeout(30):
+                        await asyncio.gather(*tasks)
+                    # The pool's own work (resets after cancelled releases) ends too.
+                    async with asyncio.timeout(10):
+                        while (stats := pool.stats()).resetting or stats.closing or stats.in_use:
+                            await asyncio.sleep(0.005)
+                    active = await admin.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state = 'active'",
+                        app_name,
+                    )
+                    if active:
+                        left_running.append(int(active))
+            finally:
+                await admin.close()
+            await assert_books_balance(pool, sampler)
+        assert not unhandled, unhandled
+    report(waves=waves, outcomes=dict(outcomes), max_server_connections=sampler.max_seen,
+           samples=len(sampler.samples), resets_failed=pool.stats().resets_failed)
+    assert not untyped, untyped[:5]
+    assert not left_running, left_running
+    assert sampler.max_seen <= MAX_SIZE, sampler.samples
+    assert outcomes["ok"] and sum(v for k, v in outcomes.items() if k != "ok") > waves

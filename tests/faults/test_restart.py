@@ -84,3 +84,86 @@ async def test_restart_under_load(running: Cluster, app_name: str, mode: str, re
     assert recovery < 5.0, f"recovered {recovery:.2f}s after the server accepted again"
     assert sampler.max_seen <= MAX_SIZE, sampler.samples
     assert len(sampler.samples) > 20
+
+
+async def test_recovery_is_as_fast_as_asyncpgs(running: Cluster, app_name: str, report: Any) -> None:
+    """Both pools under the same light load through one restart: safepool
+    (default settings) serves again within 100 ms of the server accepting
+    connections, as asyncpg's pool does, raises no error of its own
+    (ServerUnavailableError is opt-in), and its connect attempts while the
+    server is down stay a trickle (one refused probe at a time)."""
+    import asyncpg
+
+    names = {"asyncpg": f"{app_name}-a", "safepool": f"{app_name}-s"}
+    pools: dict[str, Any] = {
+        "asyncpg": await asyncpg.create_pool(
+            running.dsn(), min_size=2, max_size=MAX_SIZE, server_settings={"application_name": names["asyncpg"]}
+        ),
+        "safepool": await safepool.create_pool(
+            running.dsn(), min_size=2, max_size=MAX_SIZE, server_settings={"application_name": names["safepool"]}
+        ),
+    }
+    ledgers = {kind: Ledger() for kind in pools}
+    successes: dict[str, list[float]] = {kind: [] for kind in pools}
+    stop = asyncio.Event()
+
+    async def load(kind: str) -> None:
+        pool = pools[kind]
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(2.0):
+                    async with pool.acquire() as con:
+                        await con.fetchval("SELECT 1")
+                ledgers[kind].ok += 1
+                successes[kind].append(time.monotonic())
+            except Exception as exc:
+                ledgers[kind].record(exc)
+            await asyncio.sleep(0.005)
+
+    async def first_accepted_connect() -> float:
+        # Probes with fresh connections: the moment the server accepts.
+        while True:
+            try:
+                con = await asyncpg.connect(running.admin_dsn, timeout=1.0)
+            except (TimeoutError, OSError, asyncpg.PostgresError):
+                await asyncio.sleep(0.002)
+                continue
+            accepted = time.monotonic()
+            await con.close()
+            return accepted
+
+    try:
+        with loop_errors() as unhandled:
+            workers = [asyncio.create_task(load(kind)) for kind in pools for _ in range(3)]
+            await asyncio.sleep(0.5)
+            assert all(ledger.ok for ledger in ledgers.values())
+            await asyncio.to_thread(running.stop, "fast")
+            errors_before = pools["safepool"].stats().connect_errors
+            down_at = time.monotonic()
+            await asyncio.sleep(scale(2.0, 5.0))
+            starting = asyncio.create_task(asyncio.to_thread(running.start))
+            accepting_at = await first_accepted_connect()
+            connects_while_down = pools["safepool"].stats().connect_errors - errors_before
+            downtime = accepting_at - down_at
+            async with asyncio.timeout(10):
+                while not all(s and s[-1] >= accepting_at for s in successes.values()):
+                    await asyncio.sleep(0.005)
+            await starting
+            stop.set()
+            await asyncio.gather(*workers)
+        assert not unhandled, unhandled
+    finally:
+        stop.set()
+        for pool in pools.values():
+            pool.terminate()
+    recovery = {kind: min(t for t in s if t >= accepting_at) - accepting_at for kind, s in successes.items()}
+    report(
+        downtime_s=round(downtime, 2),
+        recovery_ms={kind: round(1000 * r, 1) for kind, r in recovery.items()},
+        safepool_connect_attempts_while_down=connects_while_down,
+        ledgers={kind: ledger.summary() for kind, ledger in ledgers.items()},
+    )
+    assert recovery["safepool"] < 0.1, recovery
+    assert "ServerUnavailableError" not in ledgers["safepool"].errors, ledgers["safepool"].summary()
+    # At most one probe per 25 ms (refused_cap / 2), plus the first burst.
+    assert connects_while_down <= downtime / 0.025 + MAX_SIZE, connects_while_down

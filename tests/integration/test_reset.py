@@ -40,14 +40,24 @@ async def test_lease_without_statements_skips_the_reset(make: Any) -> None:
     assert pool.get_idle_size() == 1  # handed back synchronously, no reset task
 
 
-async def test_lease_with_a_statement_is_reset_in_the_background(make: Any) -> None:
+async def test_lease_with_a_statement_is_reset_before_release_returns(make: Any) -> None:
     pool = await make()
     async with pool.acquire() as con:
         await con.execute("SET statement_timeout = 1234")
-    # release() returned before the reset: the connection is resetting, not idle yet.
-    assert pool.stats().resetting == 1
+    # As with asyncpg: release() returned after the reset, the connection is idle.
+    stats = pool.stats()
+    assert (stats.resetting, stats.idle, stats.resets) == (0, 1, 1)
     async with pool.acquire() as con:
         assert await con.fetchval("SHOW statement_timeout") == "0"
+
+
+async def test_setup_statements_count_as_the_leases(make: Any) -> None:
+    async def setup(con: Any) -> None:
+        await con.execute("SET search_path TO tenant_a")
+
+    pool = await make(setup=setup)
+    async with pool.acquire():
+        pass  # no statement of its own; setup's SET must still be reset
     assert pool.stats().resets == 1
 
 
@@ -83,10 +93,13 @@ async def test_failed_reset_replaces_the_connection(make: Any) -> None:
         raise RuntimeError("reset hook failed")
 
     pool = await make(reset=broken_reset)
-    async with pool.acquire() as con:
-        first = con.get_server_pid()
-    async with pool.acquire(timeout=5) as con:
-        assert con.get_server_pid() != first
+    # asyncpg raises the reset's error from release(), after closing the connection.
+    with pytest.raises(RuntimeError, match="reset hook failed"):
+        async with pool.acquire() as con:
+            first = con.get_server_pid()
+    with pytest.raises(RuntimeError, match="reset hook failed"):
+        async with pool.acquire(timeout=5) as con:
+            assert con.get_server_pid() != first
     assert pool.stats().resets_failed >= 1
 
 
