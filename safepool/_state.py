@@ -518,7 +518,9 @@ class PoolState:
         # resetting connections are not counted as supply, since asyncpg's
         # release holds them for the reset too.
         demand = self._waiting - connecting
-        if self.floor_enabled:
+        if self.floor_enabled and not self.connect_failures:
+            # Once connects fail, the floor alone (nobody waiting) is restored
+            # by plan_floor_connect() on asyncpg's slower schedule.
             demand = max(demand, self.min_size - self._live())
         if self.connect_failures:
             # Half-open: while connects fail, one probe at a time, no storm.
@@ -531,6 +533,18 @@ class PoolState:
             self._slots.add(slot)
             self._counts[S.CONNECTING] += 1
             self.actions.append((Action.CONNECT, slot))
+
+    def floor_deficit(self) -> bool:
+        """Whether the pool is below min_size (once the floor is enabled)."""
+        return self.floor_enabled and not self.closing and self._live() < self.min_size
+
+    def plan_floor_connect(self, now: float) -> Slot | None:
+        """One connect towards min_size, for the I/O layer's floor upkeep
+        after failures (asyncpg 0.32 retries the floor after 1, 2, 4 ... 60 s).
+        None when the floor is met, or a connect is already under way."""
+        if not self.floor_deficit() or self._counts[S.CONNECTING] or self.size >= self.max_size:
+            return None
+        return self.add_connecting(now)
 
     def add_connecting(self, now: float) -> Slot:
         """Reserve a place for an explicit connect (pool start-up)."""
@@ -663,7 +677,7 @@ class PoolState:
             candidates.append(timers[0][0])
         if self.max_inactive_lifetime and self._idle and self._live() > self.min_size:
             candidates.append(self._idle[0].idle_since + self.max_inactive_lifetime)
-        if self.connect_failures and (self._waiting or (self.floor_enabled and self.size < self.min_size)):
+        if self.connect_failures and self._waiting:
             candidates.append(self.backoff_until)
         return min(candidates) if candidates else None
 

@@ -86,6 +86,9 @@ _ORPHAN_RECHECK_CAP = 2.0
 # Bound on the cancel request sent for the backend of a connection lost
 # while leased (without reset_timeout).
 _LOST_BACKEND_CANCEL_TIMEOUT = 2.0
+# The floor upkeep's retry delays after failed connects (asyncpg 0.32's).
+_FLOOR_RETRY_FIRST = 1.0
+_FLOOR_RETRY_CAP = 60.0
 # How long close() lets connects under way finish before cancelling them.
 _CONNECT_GRACE_ON_CLOSE = 0.5
 
@@ -301,7 +304,9 @@ class Pool:
         self._terminating = False
         self._server_status = "up"
         _LIVE_POOLS.add(self)
-        self._maintenance_task: asyncio.Task[Any] | None = None  # asyncpg's test base reads it
+        # Restores min_size after failed connects, on asyncpg's schedule and
+        # under asyncpg's name (its tests and monitoring read it).
+        self._maintenance_task: asyncio.Task[Any] | None = None
 
     # ------------------------------------------------------------ start-up
 
@@ -852,6 +857,10 @@ class Pool:
             # traceback must not carry the connect error's full text.
             self._report_connect_failure(failure)
             self._drain()
+            if state.floor_deficit() and self._initialized and (
+                self._maintenance_task is None or self._maintenance_task.done()
+            ):
+                self._maintenance_task = self._spawn(self._restore_floor())
             if raise_errors:
                 raise failure
             return
@@ -868,6 +877,28 @@ class Pool:
         holder.base_refs = _pg.reference_count(slot.connection)
         self._note_server_status()
         self._drain()
+
+    async def _restore_floor(self) -> None:
+        """min_size upkeep once connects fail and nobody waits: one connect
+        after 1, 2, 4 ... 60 s (asyncpg 0.32's floor retry schedule), until the
+        floor is met. Waiting tasks do not depend on it: their connects are
+        paced by the core's backoff (a refused one is retried within 50 ms)."""
+        state = self._state
+        delay = _FLOOR_RETRY_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            if self._closed or state.closing or not state.floor_deficit():
+                return
+            slot = state.plan_floor_connect(self._now())
+            if slot is None:
+                continue  # a connect is under way: look again later
+            await self._connect_slot(slot)
+            if slot.state is SlotState.CONNECTING or slot.state is SlotState.CLOSED:
+                delay = min(delay * 2, _FLOOR_RETRY_CAP)
+            else:
+                delay = _FLOOR_RETRY_FIRST
+            if not state.floor_deficit():
+                return
 
     def _report_connect_failure(self, error: BaseException) -> None:
         described = _describe_error(error)
@@ -997,6 +1028,8 @@ class Pool:
         warn_handle = self._loop.call_later(60, self._warn_on_long_close)
         try:
             self._state.begin_close(PoolClosedError("pool is closing"))
+            if self._maintenance_task is not None:
+                self._maintenance_task.cancel()  # nothing to keep a floor for
             self._drain()
             # Connects under way get a short grace to finish (with asyncpg
             # they belong to acquires, so they complete and run init=); one

@@ -40,9 +40,6 @@ ASYNCPG_TESTS = 66
 # attributes: those are answered). Each must still fail, so that the entry is
 # removed once the pool changes.
 POOL_BEHAVIOUR_DIFFERENCES = {
-    "test_pool_min_size_backs_off_on_target_attribute_mismatch":
-        "asyncpg retries the floor from a _maintenance_task with asyncio.sleep(1, 2, 4 ... 60); safepool "
-        "retries from its timer with Backoff (0.1 s doubling, capped at 2 s, jittered) and has no such task",
 }
 
 

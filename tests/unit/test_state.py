@@ -326,6 +326,49 @@ def test_backoff_doubles_up_to_the_cap() -> None:
     assert jittered.delay(3) == 2.0
 
 
+def test_refused_connects_retry_within_the_refused_cap() -> None:
+    backoff = Backoff(base=0.1, cap=2.0, refused_cap=0.05, rng=lambda: 1.0)
+    assert all(backoff.delay(n, refused=True) == 0.05 for n in range(1, 200))
+    assert backoff.delay(100) == 2.0  # timeouts and the rest back off to the cap
+
+
+def test_a_waiter_after_a_long_outage_is_probed_within_the_cap() -> None:
+    state = make(max_size=2, backoff=Backoff(base=0.1, cap=2.0, rng=lambda: 1.0))
+    now = 0.0
+    for _ in range(200):  # minutes of failed connects, each with a task waiting
+        state.enqueue(object(), now, None)
+        now = max(now, state.backoff_until)
+        state.advance(now)
+        [(_, slot)] = take(state, Action.CONNECT)
+        state.connect_failed(slot, now, TimeoutError())
+        take(state, Action.FAIL)
+    # The server is back just after the last failure: a new waiter's probe
+    # comes within the cap, not after an ever longer backoff.
+    state.enqueue(object(), now, None)
+    when = state.next_deadline()
+    assert when is not None and when - now <= 2.0
+    state.advance(when)
+    [(_, probe)] = take(state, Action.CONNECT)
+    state.connect_succeeded(probe, object(), when)
+    assert take(state, Action.WAKE)
+
+
+def test_floor_alone_is_restored_on_the_upkeep_schedule_after_failures() -> None:
+    state = make(max_size=3, min_size=1)
+    state.floor_enabled = True
+    state.advance(0)
+    [(_, slot)] = take(state, Action.CONNECT)
+    state.connect_failed(slot, 0, ConnectionRefusedError())
+    # Nobody waits: no timer-driven retry; the pool's upkeep task asks.
+    assert state.next_deadline() is None and state.floor_deficit()
+    state.advance(100)
+    assert not take(state, Action.CONNECT)
+    retry = state.plan_floor_connect(100)
+    assert retry is not None and state.plan_floor_connect(100) is None  # one at a time
+    state.connect_succeeded(retry, object(), 100)
+    assert not state.floor_deficit() and state.plan_floor_connect(101) is None
+
+
 def test_connect_failure_keeps_waiters_while_connections_exist() -> None:
     """A refused connect (e.g. too_many_connections) must not fail callers
     while leased connections will come back."""

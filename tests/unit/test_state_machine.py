@@ -467,6 +467,9 @@ class PoolMachine(RuleBasedStateMachine):
                 state.closed(slot, self.now)
                 progressed = True
             self._drain()
+            if not progressed and state.connect_failures and (slot := state.plan_floor_connect(self.now)):
+                self.connecting.append(slot)  # what Pool's floor upkeep task does
+                continue
             if not progressed:
                 if state.waiting or state.next_deadline() is not None:
                     self.now += 10.0  # let backoffs, timeouts and lifetimes pass
