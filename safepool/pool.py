@@ -505,12 +505,11 @@ class Pool:
         slot = lease.slot
         holder = self._slot_holders[slot]
         usable = _pg.is_usable(con)
-        cancelling = usable and _pg.is_cancelling(con)
         if not usable:
             outcome = ReleaseOutcome.DISCARD
         elif _pg.queries_count(con) >= self._max_queries or slot.generation != state.generation:
             outcome = ReleaseOutcome.DISCARD
-        elif self._always_reset or cancelling or con.is_in_transaction():
+        elif self._always_reset or _pg.is_cancelling(con) or con.is_in_transaction():
             outcome = ReleaseOutcome.NEEDS_RESET
         elif self._reset_mode == "rollback" or _pg.queries_count(con) == holder.clean_mark:
             # Nothing to send: no statement ran since the session was last
@@ -573,25 +572,33 @@ class Pool:
             # Only terminate() cancels the pool's tasks: it has discarded the slot.
             _settle(done, None)
             raise
-        if slot.state is not SlotState.RESETTING:
-            _settle(done, None)  # the pool was terminated meanwhile
-            return
-        ok = error is None and not con.is_closed()
-        holder = self._slot_holders[slot]
-        if ok:
-            holder.clean_mark = _pg.queries_count(con)
-        elif error is not None:
-            holder.unresponsive = isinstance(error, TimeoutError)
+        if error is not None and slot.state is SlotState.RESETTING:
             logger.warning(
                 "pool %r: reset failed (%s); closing the connection", self._name, _describe_error(error),
                 extra={"event": "reset_failed", "pool": self._name},
             )
+        if self._reset_finished(slot, con, error):
+            _settle(done, error)
+        else:
+            _settle(done, None)  # the pool was terminated meanwhile
+
+    def _reset_finished(self, slot: Slot, con: RawConnection, error: Exception | None) -> bool:
+        """Hand a reset (or taken back) connection on, or close it; False if
+        the pool was terminated meanwhile (nothing left to do)."""
+        if slot.state is not SlotState.RESETTING:
+            return False
+        ok = error is None and not con.is_closed()
+        holder = self._slot_holders[slot]
+        if ok:
+            holder.clean_mark = _pg.queries_count(con)
+        else:
+            holder.unresponsive = isinstance(error, TimeoutError)
         # On failure the core closes the slot; the close waits for a
-        # cancelled reset query to stop on the server before the slot stops
+        # cancelled query to stop on the server before the slot stops
         # counting towards max_size.
         self._state.reset_done(slot, self._now(), ok)
         self._drain()
-        _settle(done, error)
+        return True
 
     async def _reset_connection(self, con: RawConnection, rollback: bool, limit: float | None = None) -> None:
         """One round trip: ROLLBACK (if a transaction is open) and asyncpg's
@@ -714,7 +721,7 @@ class Pool:
         # anything: so try the reset, and if refused, cancel the running query
         # on the server (asyncpg's cancel request) and retry until it is free.
         budget = self._reset_timeout or _DEFAULT_RESET_TIMEOUT
-        ok = False
+        error: Exception | None = None
         try:
             async with asyncio.timeout(budget):
                 cancel_sent = False
@@ -725,28 +732,19 @@ class Pool:
                         if "another operation" not in str(exc):
                             raise
                     else:
-                        ok = not con.is_closed()
                         break
                     if not cancel_sent:
                         cancel_sent = True
                         await _pg.cancel_running_query(con)
                     await asyncio.sleep(0.005)  # the server's reply frees the protocol
         except Exception as exc:
-            self._slot_holders[slot].unresponsive = isinstance(exc, TimeoutError)
+            error = exc
             logger.warning(
                 "pool %r: could not take back an expired connection cleanly (%s); closing it",
                 self._name, _describe_error(exc), extra={"event": "reset_failed", "pool": self._name},
             )
-        except asyncio.CancelledError:
-            raise  # only terminate() cancels the pool's tasks: it has discarded the slot
-        if slot.state is not SlotState.RESETTING:
-            return
-        if ok:
-            self._slot_holders[slot].clean_mark = _pg.queries_count(con)
-        # On failure the core closes the slot; the close waits for the
-        # cancelled query to stop before the slot stops counting.
-        self._state.reset_done(slot, self._now(), ok)
-        self._drain()
+        # A cancel here comes only from terminate(), which discarded the slot.
+        self._reset_finished(slot, con, error)
 
     def _leak_suspect(self, lease: Lease) -> None:
         held = self._now() - lease.acquired_at
@@ -893,7 +891,7 @@ class Pool:
             if slot is None:
                 continue  # a connect is under way: look again later
             await self._connect_slot(slot)
-            if slot.state is SlotState.CONNECTING or slot.state is SlotState.CLOSED:
+            if slot.state is SlotState.CLOSED:  # the connect failed
                 delay = min(delay * 2, _FLOOR_RETRY_CAP)
             else:
                 delay = _FLOOR_RETRY_FIRST
@@ -958,52 +956,51 @@ class Pool:
         con = slot.connection
         if holder is not None:
             holder._con = None  # our own close: no _release_on_close callback
-        if holder is not None and holder.lost_while_leased and con is not None and not self._terminating:
-            self._spawn(self._confirm_backend_gone(slot, con))
-            return
+        lost = holder is not None and holder.lost_while_leased
         unresponsive = holder is not None and holder.unresponsive
-        if con is None or self._terminating or unresponsive or (con.is_closed() and not _pg.is_cancelling(con)):
+        if (
+            con is None
+            or self._terminating
+            or unresponsive
+            or (con.is_closed() and not lost and not _pg.is_cancelling(con))
+        ):
             if con is not None:
                 con.terminate()
-            self._state.closed(slot, self._now())
-            _settle(self._closes_done.pop(slot, None), None)
+            self._slot_closed(slot)
             return
-        self._spawn(self._close_connection(slot, con))
+        self._spawn(self._close_connection(slot, con, lost))
 
-    async def _close_connection(self, slot: Slot, con: RawConnection) -> None:
-        """Close gracefully; the slot counts towards max_size until the
-        backend is gone: a cancelled query is first waited for (the server
-        confirms it), else a graceful close could not run and an abort would
-        leave the backend running the query beside its replacement."""
-        budget = self._reset_timeout or _DEFAULT_RESET_TIMEOUT
+    async def _close_connection(self, slot: Slot, con: RawConnection, lost: bool) -> None:
+        """Close; the slot counts towards max_size until the backend is gone.
+
+        A cancelled query is first waited for (the server confirms it), else
+        a graceful close could not run and an abort would leave the backend
+        running the query beside its replacement. A connection whose socket
+        died under a lease (``lost``: a network reset) may still have its
+        backend running the lease's query: cancel it (the server acknowledges
+        a cancel request by closing that connection)."""
         try:
-            if _pg.is_cancelling(con):
-                await _pg.wait_for_cancellation(con, budget)
-            await con.close(timeout=budget)
+            if lost:
+                async with asyncio.timeout(self._reset_timeout or _LOST_BACKEND_CANCEL_TIMEOUT):
+                    await _pg.cancel_running_query(con)
+            else:
+                budget = self._reset_timeout or _DEFAULT_RESET_TIMEOUT
+                if _pg.is_cancelling(con):
+                    await _pg.wait_for_cancellation(con, budget)
+                await con.close(timeout=budget)
         except Exception:
-            con.terminate()
+            con.terminate()  # lost: the server is unreachable; nothing more to do for that backend
         except asyncio.CancelledError:
             con.terminate()  # terminate() of the pool; the books are settled below
             raise
         finally:
-            self._state.closed(slot, self._now())
-            _settle(self._closes_done.pop(slot, None), None)
+            self._slot_closed(slot)
             self._drain()
 
-    async def _confirm_backend_gone(self, slot: Slot, con: RawConnection) -> None:
-        """A leased connection's socket died (network reset): its backend may
-        still be running the lease's query, and would run beside a
-        replacement. Cancel it (the server acknowledges a cancel request by
-        closing that connection) before the slot stops counting."""
-        try:
-            async with asyncio.timeout(self._reset_timeout or _LOST_BACKEND_CANCEL_TIMEOUT):
-                await _pg.cancel_running_query(con)
-        except Exception:
-            pass  # the server is unreachable: nothing more to do for that backend
-        finally:
-            self._state.closed(slot, self._now())
-            _settle(self._closes_done.pop(slot, None), None)
-            self._drain()
+    def _slot_closed(self, slot: Slot) -> None:
+        """The slot's backend is gone: free its place, wake whoever waits for it."""
+        self._state.closed(slot, self._now())
+        _settle(self._closes_done.pop(slot, None), None)
 
     def _connection_lost(self, slot: Slot) -> None:
         """asyncpg noticed the connection died (server restart, terminate)."""

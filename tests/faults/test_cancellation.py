@@ -35,6 +35,16 @@ def _expected_report(context: dict[str, Any]) -> bool:
     return message == "Future exception was never retrieved" and str(exc) == "unexpected connection_lost() call"
 
 
+def _tally(exc: Exception, outcomes: Counter[str], untyped: list[BaseException]) -> None:
+    kind = classify(exc)
+    if kind is None or kind.startswith(("connection", "os:", "asyncpg:")):
+        # Nothing kills connections here: a connection error means the pool
+        # handed out one in a bad state.
+        untyped.append(exc)
+    else:
+        outcomes[kind] += 1
+
+
 async def test_cancellation_storm(running: Cluster, app_name: str, report: Any) -> None:
     rng = random.Random(17)
     total = int(scale(5000, 40000))
@@ -87,13 +97,7 @@ async def test_cancellation_storm(running: Cluster, app_name: str, report: Any) 
             else:
                 outcomes["timed_out"] += 1  # the test's own asyncio.timeout / wait_for
         except Exception as exc:
-            kind = classify(exc)
-            if kind is None or kind.startswith(("connection", "os:", "asyncpg:")):
-                # Nothing kills connections here: a connection error means the
-                # pool handed out one in a bad state.
-                untyped.append(exc)
-            else:
-                outcomes[kind] += 1
+            _tally(exc, outcomes, untyped)
 
     started = time.monotonic()
     async with closing(pool), ServerSampler(running.admin_dsn, app_name) as sampler:
@@ -196,11 +200,7 @@ async def test_double_cancel_and_cancel_scope_storm(running: Cluster, app_name: 
                     return
             outcomes["ok"] += 1
         except Exception as exc:
-            kind = classify(exc)
-            if kind is None or kind.startswith(("connection", "os:", "asyncpg:")):
-                untyped.append(exc)
-            else:
-                outcomes[kind] += 1
+            _tally(exc, outcomes, untyped)
 
     async with closing(pool), ServerSampler(running.admin_dsn, app_name, interval=0.02) as sampler:
         with loop_errors(allow=_expected_report) as unhandled:
