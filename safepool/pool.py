@@ -484,6 +484,10 @@ class Pool:
             )
         con: RawConnection = connection._con
         if con is None:
+            # Released twice, or the pool ended the lease (terminate, lease
+            # timeout) first: a no-op, as asyncpg's, that the leak guards note.
+            if self._listeners:
+                self._emit_event("late_release", lease_id=connection._lease.id)
             return
         self._check_init()
         connection._detach()
@@ -1072,6 +1076,15 @@ class Pool:
         self._terminating = True
         state.begin_close(PoolClosedError("pool is closed"))
         now = self._now()
+        if self._listeners:
+            # Leases the code never released, ended here: the leak guards
+            # report them (they vanish from leases() below).
+            for lease in state.leases():
+                self._emit_event(
+                    **self._event_fields("lease_ended", lease, now - lease.acquired_at),
+                    reason="terminate",
+                    stack=_stack.format_stack(lease.stack) if lease.stack else None,
+                )
         for slot in state.slots():
             if slot.connection is not None:
                 _pg.detach_proxy(slot.connection)
@@ -1178,8 +1191,9 @@ class Pool:
 
     def add_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
         """Call ``callback(event)`` for every pool event (a dict with at least
-        ``event`` and ``pool``): connect_failed, lease_expired, leak,
-        leak_suspect. Exceptions in callbacks are logged and swallowed."""
+        ``event`` and ``pool``): connect_failed, server_status, lease_expired,
+        leak, leak_suspect, lease_ended, late_release (docs/metrics.md lists
+        their fields). Exceptions in callbacks are logged and swallowed."""
         self._listeners.append(callback)
 
     def remove_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:

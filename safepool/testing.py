@@ -51,7 +51,6 @@ from typing import Any
 import pytest
 
 from .pool import Pool, live_pools
-from .proxy import PoolConnectionProxy
 from .stats import LeaseInfo
 
 __all__ = [
@@ -154,11 +153,6 @@ def _force_capture(pool: Pool, on: bool | None) -> bool:
 
 def _pool_loop(pool: Pool) -> asyncio.AbstractEventLoop:
     return pool._loop
-
-
-def _lease_id_of(connection: Any) -> int | None:
-    """The lease id of a proxy handed to ``release()`` (None if not one)."""
-    return connection._lease.id if isinstance(connection, PoolConnectionProxy) else None
 
 
 def _proxy_of(pool: Pool, lease_id: int) -> Any:
@@ -333,7 +327,6 @@ class _Tracker:
         self._watched: weakref.WeakKeyDictionary[Pool, _Watch] = weakref.WeakKeyDictionary()
         self._original_init: Any = None
         self._original_busy: Any = None
-        self._original_end: list[tuple[str, Any, Any]] = []
         self._handler: _LeakLogHandler | None = None
         self._seq = 0
         # (seq, pool, kind, payload): "leak" events and strict-mode timeouts.
@@ -383,7 +376,6 @@ class _Tracker:
 
         self._original_init = (original, __init__)
         setattr(Pool, "__init__", __init__)  # noqa: B010 - mypy refuses assigning to a method
-        self._install_end_watch()
         self._handler = _LeakLogHandler(self)
         logging.getLogger("safepool.leaks").addHandler(self._handler)
 
@@ -393,10 +385,6 @@ class _Tracker:
             if Pool.__dict__.get("__init__") is wrapper:
                 setattr(Pool, "__init__", original)  # noqa: B010
             self._original_init = None
-        for name, original, wrapper in self._original_end:
-            if Pool.__dict__.get(name) is wrapper:
-                setattr(Pool, name, original)
-        self._original_end.clear()
         if self._handler is not None:
             logging.getLogger("safepool.leaks").removeHandler(self._handler)
             self._handler = None
@@ -410,37 +398,6 @@ class _Tracker:
         self.records.clear()
         self._stacks.clear()
         self._ended.clear()
-
-    def _install_end_watch(self) -> None:
-        # terminate() ends every open lease without a word: the pool emits no
-        # event, and the leases vanish from leases(). So the leases open at
-        # that moment are noted just before it runs (close() calls it when
-        # cancelled or failing, `async with pool` through close()). A lease
-        # the code releases afterwards (an `async with` unwinding from the
-        # failed query) was not leaked: release() is watched for those. Both
-        # are public methods; a pool-side "lease_ended" event would replace
-        # this.
-        tracker = self
-        terminate = Pool.__dict__["terminate"]
-        release = Pool.__dict__["release"]
-
-        @functools.wraps(terminate)
-        def terminate_wrapper(pool: Pool) -> None:
-            try:
-                tracker.note_terminate(pool)
-            except Exception:  # a test helper must never break the pool
-                logging.getLogger("safepool").debug("leak guard: terminate inspection failed", exc_info=True)
-            terminate(pool)
-
-        @functools.wraps(release)
-        async def release_wrapper(pool: Pool, connection: Any, *args: Any, **kwargs: Any) -> None:
-            if tracker._ended:
-                tracker.note_release(pool, connection)
-            await release(pool, connection, *args, **kwargs)
-
-        for name, original, wrapper in (("terminate", terminate, terminate_wrapper), ("release", release, release_wrapper)):
-            self._original_end.append((name, original, wrapper))
-            setattr(Pool, name, wrapper)
 
     def _install_strict(self) -> None:
         # The pool builds its PoolTimeoutError message at the moment an acquire
@@ -483,8 +440,15 @@ class _Tracker:
             pool.add_listener(listener)
 
     def _on_event(self, pool_ref: weakref.ref[Pool], event: dict[str, Any]) -> None:
-        if event.get("event") == "leak":
+        kind = event.get("event")
+        if kind == "leak":
             self._record(pool_ref, "leak", dict(event))
+        elif kind == "lease_ended":
+            pool = pool_ref()
+            if pool is not None:
+                self.note_ended(pool, event)
+        elif kind == "late_release":
+            self.note_late_release(pool_ref, event["lease_id"])
 
     def _record(self, pool_ref: weakref.ref[Pool], kind: str, payload: dict[str, Any]) -> None:
         with self._lock:
@@ -509,24 +473,29 @@ class _Tracker:
             holders.append((info, state, doing))
         self._record(weakref.ref(pool), "timeout", {"message": message, "holders": holders})
 
-    def note_terminate(self, pool: Pool) -> None:
-        infos = pool.leases()
-        if not infos:
-            return
+    def note_ended(self, pool: Pool, event: dict[str, Any]) -> None:
+        """The pool's ``lease_ended`` event: terminate() ended a lease the
+        code had not released (close() terminates when cancelled or failing)."""
+        info = LeaseInfo(
+            id=event["lease_id"], age=event["held_seconds"], deadline_in=None, task_name=event["task_name"],
+            acquired_at=event["acquired_at"], stack=event["stack"],
+        )
         with self._lock:
             if not self._guards:
                 return
             self._seq += 1
-            ended = [_Ended(self._seq, id(pool), pool.name, info) for info in infos]
-            for entry in ended:
-                self._ended[(entry.pool_id, entry.info.id)] = entry
+            entry = _Ended(self._seq, id(pool), pool.name, info)
+            self._ended[(entry.pool_id, info.id)] = entry
             for guard in self._guards:
-                guard.note_ended(pool, ended)
+                guard.note_ended(pool, [entry])
 
-    def note_release(self, pool: Pool, connection: Any) -> None:
-        lease_id = _lease_id_of(connection)
+    def note_late_release(self, pool_ref: weakref.ref[Pool], lease_id: int) -> None:
+        """The pool's ``late_release`` event: the code released a lease after
+        the pool had ended it (an ``async with`` unwinding from the failed
+        query): not a leak."""
+        pool = pool_ref()
         with self._lock:
-            entry = self._ended.pop((id(pool), lease_id), None) if lease_id is not None else None
+            entry = self._ended.pop((id(pool), lease_id), None) if pool is not None else None
             if entry is not None:
                 entry.released = True
 

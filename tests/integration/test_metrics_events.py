@@ -319,3 +319,21 @@ async def test_breaker_transitions_are_logged_and_emitted(pg_dsn: str, caplog: p
         assert logged == [(logging.WARNING, "down"), (logging.INFO, "up")]
     finally:
         pool.terminate()
+
+
+async def test_terminate_reports_unreleased_leases_and_late_releases(pg_dsn: str) -> None:
+    pool = await safepool.create_pool(pg_dsn, name="ending", min_size=1, max_size=2, capture_stack=True)
+    events: list[dict[str, Any]] = []
+    pool.add_listener(events.append)
+    kept = await pool.acquire()  # never released before the terminate
+    returned = await pool.acquire()
+    await pool.release(returned)
+    pool.terminate()
+    [ended] = [e for e in events if e["event"] == "lease_ended"]
+    assert ended["lease_id"] == kept._lease.id and ended["reason"] == "terminate"
+    assert ended["pool"] == "ending" and ended["held_seconds"] >= 0
+    assert "test_metrics_events.py" in ended["acquired_at"] and "kept = await pool.acquire()" in ended["stack"]
+    await pool.release(kept)  # a no-op, as in asyncpg; the guards learn of it
+    await pool.release(returned)  # released twice: a no-op too
+    late = [e["lease_id"] for e in events if e["event"] == "late_release"]
+    assert late == [kept._lease.id, returned._lease.id]
