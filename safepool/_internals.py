@@ -92,6 +92,13 @@ def warn_open_transaction(con: RawConnection, *, quiet: bool = False) -> bool:
     return False
 
 
+async def base_reset(con: RawConnection) -> None:
+    """asyncpg's ``Connection._reset()``: what its pool runs before a
+    ``reset=`` hook (report and roll back an open transaction, drop
+    listeners)."""
+    await con._reset()
+
+
 def detach_proxy(con: RawConnection, expired_reason: str | None = None) -> None:
     """Cut the proxy (if any) off its connection; the proxy may already be
     garbage: ``con._proxy`` is a weak proxy."""

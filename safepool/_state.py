@@ -225,6 +225,7 @@ class PoolState:
         max_inactive_lifetime: float = 0.0,
         backoff: Backoff | None = None,
         breaker_threshold: int | None = None,
+        wait_on_connect_error: bool = False,
     ) -> None:
         self.max_size = max_size
         self.min_size = min_size
@@ -233,6 +234,10 @@ class PoolState:
         # None: never fail an acquire early (asyncpg's behaviour: every waiter
         # waits for the next connect attempt and gets its outcome).
         self.breaker_threshold = breaker_threshold
+        # False (asyncpg): a failed connect fails the task it was opened for,
+        # even while other connections are leased. True: that task waits for
+        # a released connection instead (a full server is not an error).
+        self.wait_on_connect_error = wait_on_connect_error
         self.max_inactive_lifetime = max_inactive_lifetime
         self.backoff = backoff or Backoff()
 
@@ -581,6 +586,8 @@ class PoolState:
             # Nothing will come back to the waiters before the next attempt:
             # fail them now rather than let them wait out their timeouts.
             self._fail_waiters(error)
+        elif not self.wait_on_connect_error:
+            self._fail_newest_waiter(error)
 
     def connect_cancelled(self, slot: Slot) -> None:
         """The connect was abandoned (pool terminated): not a server failure."""
@@ -588,14 +595,27 @@ class PoolState:
             self._move(slot, S.CLOSED)
             self._slots.discard(slot)
 
+    def _fail_newest_waiter(self, error: BaseException) -> None:
+        """Fail the task whose arrival the failed connect was for: the newest
+        waiting one (those before it are first in line for released
+        connections)."""
+        for waiter in reversed(self._waiters):
+            if waiter.state is WaiterState.WAITING:
+                self._settle_failed(waiter, error)
+                self._waiting -= 1
+                return
+
+    def _settle_failed(self, waiter: Waiter, error: BaseException) -> None:
+        waiter.state = WaiterState.FAILED
+        if waiter.deadline is not None:
+            self._stale_timers += 1
+        self.actions.append((Action.FAIL, waiter, error))
+
     def _fail_waiters(self, error: BaseException) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if waiter.state is WaiterState.WAITING:
-                waiter.state = WaiterState.FAILED
-                if waiter.deadline is not None:
-                    self._stale_timers += 1
-                self.actions.append((Action.FAIL, waiter, error))
+                self._settle_failed(waiter, error)
         self._waiting = 0
 
     # ------------------------------------------------------------------ closes

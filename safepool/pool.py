@@ -177,6 +177,7 @@ class Pool:
         acquire_timeout: float | None = None,
         max_connecting: int | None = None,
         fail_fast: bool = False,
+        wait_on_connect_error: bool = False,
         reset_mode: str = "full",
         reset_timeout: float | None = None,
         backoff: Backoff | None = None,
@@ -252,8 +253,9 @@ class Pool:
             isinstance(max_connecting, bool) or not isinstance(max_connecting, int) or max_connecting < 1
         ):
             raise ValueError(f"max_connecting must be an int >= 1 or None, got {max_connecting!r}")
-        if not isinstance(fail_fast, bool):
-            raise TypeError(f"fail_fast must be True or False, got {fail_fast!r}")
+        for flag_name, flag in (("fail_fast", fail_fast), ("wait_on_connect_error", wait_on_connect_error)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{flag_name} must be True or False, got {flag!r}")
         if reset_mode not in RESET_MODES:
             raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
         self._capture_stack = (
@@ -273,9 +275,14 @@ class Pool:
         self._init = init
         self._reset = reset
         self._reset_mode = reset_mode
-        # A user reset hook, or a connection class with its own reset(), runs
-        # on every release as with asyncpg, statement or not.
-        self._always_reset = reset is not None or connection_class.reset is not _pg_connection.Connection.reset
+        # A user reset= hook, or a connection class with its own reset(), is
+        # called as asyncpg calls it (asyncpg's own rollback first, in the
+        # hook's case); it and an overridden get_reset_query() run on every
+        # release as with asyncpg, statement or not.
+        self._custom_reset = reset is not None or connection_class.reset is not _pg_connection.Connection.reset
+        self._always_reset = (
+            self._custom_reset or connection_class.get_reset_query is not _pg_connection.Connection.get_reset_query
+        )
 
         self._state = PoolState(
             max_size=max_size,
@@ -285,6 +292,7 @@ class Pool:
             max_inactive_lifetime=max_inactive_connection_lifetime,
             backoff=backoff,
             breaker_threshold=_BREAKER_THRESHOLD if fail_fast else None,
+            wait_on_connect_error=wait_on_connect_error,
         )
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
@@ -528,7 +536,8 @@ class Pool:
             # asyncpg reports an unmanaged open transaction from release(),
             # through the loop's exception handler: do it here, in the
             # releasing task.
-            rollback = _pg.warn_open_transaction(con)
+            # (A custom reset reports it itself, as asyncpg's.)
+            rollback = False if self._custom_reset else _pg.warn_open_transaction(con)
             done = self._loop.create_future()
             state.release(lease, self._now(), outcome)
             self._spawn(self._reset_slot(slot, con, timeout, rollback, done))
@@ -569,7 +578,7 @@ class Pool:
         error: Exception | None = None
         try:
             async with asyncio.timeout(budget):
-                await self._reset_connection(con, rollback, statement_limit)
+                await self._reset_connection(con, rollback, statement_limit, budget)
         except Exception as exc:
             error = exc
         except asyncio.CancelledError:
@@ -604,7 +613,9 @@ class Pool:
         self._drain()
         return True
 
-    async def _reset_connection(self, con: RawConnection, rollback: bool, limit: float | None = None) -> None:
+    async def _reset_connection(
+        self, con: RawConnection, rollback: bool, limit: float | None = None, budget: float | None = None
+    ) -> None:
         """One round trip: ROLLBACK (if a transaction is open) and asyncpg's
         reset query in one simple-query message. ``limit`` bounds the
         statements, not the wait for a cancelled query."""
@@ -615,19 +626,23 @@ class Pool:
         if con.is_closed():
             return  # asyncpg's background cancel gave up and closed it
         async with asyncio.timeout(limit):
-            await self._send_reset(con, rollback or con.is_in_transaction())
+            await self._send_reset(con, rollback, budget)
 
-    async def _send_reset(self, con: RawConnection, rollback: bool) -> None:
-        if self._reset is not None or type(con).reset is not _pg_connection.Connection.reset:
-            # A user reset= hook, or a connection_class with its own reset():
-            # asyncpg rolls back first, then calls it.
+    async def _send_reset(self, con: RawConnection, rollback: bool, budget: float | None) -> None:
+        """``rollback``: an open transaction already reported (quietly, for a
+        reclaimed or taken-back lease) that must end first."""
+        if self._custom_reset:
             if rollback:
                 await con.execute("ROLLBACK")
             if self._reset is not None:
+                # asyncpg 0.32: Connection._reset() (report and roll back an
+                # open transaction, drop listeners), then the hook.
+                await _pg.base_reset(con)
                 await self._reset(con)
             else:
-                await con.reset()
+                await con.reset(timeout=budget)  # sees the lease's state, as with asyncpg
             return
+        rollback = rollback or con.is_in_transaction()
         query = con.get_reset_query() if self._reset_mode == "full" else ""
         if rollback:
             query = f"ROLLBACK;\n{query}" if query else "ROLLBACK"
@@ -1414,7 +1429,8 @@ def create_pool(
     :func:`asyncpg.create_pool`, plus safepool's options:
 
     ``name``, ``lease_timeout``, ``leak_warning_after``, ``capture_stack``,
-    ``max_waiters``, ``acquire_timeout``, ``max_connecting``, ``reset_mode``
+    ``max_waiters``, ``acquire_timeout``, ``max_connecting``, ``fail_fast``,
+    ``wait_on_connect_error``, ``reset_mode``
     (``"full"`` or ``"rollback"``), ``reset_timeout``, ``backoff``, ``clock``.
     Every other keyword goes to :func:`asyncpg.connect`.
 

@@ -49,6 +49,18 @@ def _forward(name: str, is_coroutine: bool) -> Any:
             raise _released_error(self, name)
         return getattr(con.__class__, name)(con, *args, **kwargs)
 
+    def copy_call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
+        con = self._con
+        if con is None:
+            raise _released_error(self, name)
+        # asyncpg's statement counter skips COPY, yet a COPY's query can
+        # change the session (a lock, set_config, a trigger): always reset.
+        self._holder.clean_mark = -1
+        return getattr(con.__class__, name)(con, *args, **kwargs)
+
+    if name.startswith("copy_"):
+        call = copy_call
+
     if is_coroutine:
         _mark_coroutine(call)
     return call

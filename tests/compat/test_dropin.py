@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import io
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -428,3 +429,86 @@ async def test_four_sequential_tasks_use_at_most_four_connections(
 
     await asyncio.gather(*(task() for _ in range(4)))
     assert await server_count(app_name) <= 4
+
+
+# ------------------------------------- 9. what asyncpg's statement counter does not see
+
+
+@pytest.mark.parametrize("how", ["copy_from_query", "copy_records_to_table"])
+async def test_copy_that_changes_the_session_is_reset(
+    how: str, table: Any, make_pool: MakePool, admin: asyncpg.Connection, uniq: str
+) -> None:
+    """asyncpg's protocol does not count COPY as a statement, yet a COPY's
+    query (or a trigger it fires) can take a session lock or change a setting."""
+    key = int(uniq[:8], 16)
+    pool = await make_pool(min_size=1, max_size=1)
+    if how == "copy_from_query":
+        await pool.copy_from_query(
+            f"SELECT pg_advisory_lock({key}), set_config('search_path', 'dropin_evil', false)", output=io.BytesIO()
+        )
+    else:
+        t = await table("(a int)")
+        function = f"dropin_lock_{uniq}"
+        await admin.execute(
+            f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN PERFORM pg_advisory_lock({key}); RETURN NEW; END $$; "
+            f"CREATE TRIGGER {function} BEFORE INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {function}()"
+        )
+        try:
+            await pool.copy_records_to_table(t, records=[(1,)])
+        finally:
+            await admin.execute(f"DROP TRIGGER {function} ON {t}; DROP FUNCTION {function}()")
+    # Right after the lease, another session can take the lock.
+    assert await admin.fetchval("SELECT pg_try_advisory_lock($1)", key) is True
+    await admin.execute("SELECT pg_advisory_unlock($1)", key)
+    async with pool.acquire() as con:
+        assert await con.fetchval("SHOW search_path") == DEFAULT_SEARCH_PATH
+
+
+async def test_connection_class_reset_sees_the_lease_state(make_pool: MakePool, loop_reports: list[str]) -> None:
+    seen: list[tuple[bool, float | None]] = []
+
+    class Recording(asyncpg.Connection):  # type: ignore[misc]
+        async def reset(self, *, timeout: float | None = None) -> None:
+            seen.append((self.is_in_transaction(), timeout))
+            await super().reset(timeout=timeout)
+
+    pool = await make_pool(min_size=1, max_size=1, connection_class=Recording)
+    async with pool.acquire(timeout=5) as con:
+        await con.execute("BEGIN")
+    assert seen == [(True, 5)]
+    assert [m for m in loop_reports if m.startswith("Resetting connection with an active transaction")]
+    async with pool.acquire() as con:
+        assert not con.is_in_transaction()
+
+
+async def test_overridden_reset_query_runs_after_every_lease(make_pool: MakePool) -> None:
+    class Marking(asyncpg.Connection):  # type: ignore[misc]
+        def get_reset_query(self) -> str:
+            return "SET application_name = 'dropin_was_reset'"
+
+    pool = await make_pool(min_size=1, max_size=1, connection_class=Marking)
+    async with pool.acquire():
+        pass  # no statement: asyncpg resets all the same
+    async with pool.acquire() as con:
+        assert await con.fetchval("SHOW application_name") == "dropin_was_reset"
+
+
+async def test_refused_connect_raises_while_another_connection_is_leased(
+    make_pool: MakePool, admin: asyncpg.Connection, uniq: str
+) -> None:
+    """A task holding one connection asks for a second on a server (here a
+    role) with no room: asyncpg's acquire raises the server's error, it does
+    not wait for the task's own connection."""
+    role = f"dropin_{uniq}"
+    await admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")
+    try:
+        pool = await make_pool(min_size=1, max_size=2, user=role)
+        held = await pool.acquire()
+        with pytest.raises(asyncpg.TooManyConnectionsError):
+            async with asyncio.timeout(5):
+                await pool.acquire()
+        await pool.release(held)
+        pool.terminate()
+    finally:
+        await admin.execute(f"DROP ROLE {role}")

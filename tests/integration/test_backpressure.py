@@ -161,12 +161,12 @@ async def _hog(cluster: Cluster) -> list[asyncpg.Connection]:
 
 
 async def test_server_out_of_connections_degrades_then_recovers(cluster: Cluster, app_name: str) -> None:
-    """max_connections is exhausted by another client: the pool keeps serving
-    with the connections it has, callers never see 53300 while it has any,
-    and it grows back once the server has room."""
+    """wait_on_connect_error=True: max_connections is exhausted by another
+    client: the pool keeps serving with the connections it has, callers never
+    see 53300 while it has any, and it grows back once the server has room."""
     max_size = 6
     pool = await safepool.create_pool(
-        cluster.dsn(), min_size=2, max_size=max_size, acquire_timeout=2.0,
+        cluster.dsn(), min_size=2, max_size=max_size, acquire_timeout=2.0, wait_on_connect_error=True,
         server_settings={"application_name": app_name},
     )
     hogs = await _hog(cluster)

@@ -119,12 +119,13 @@ async def test_server_down_is_failing(pools: Any) -> None:
 async def test_backing_off_and_recent_connect_errors_are_degraded(pools: Any) -> None:
     clock = ManualClock()
     connect = FlakyConnect()
-    pool = await pools(name="flaky", min_size=1, max_size=2, connect=connect, clock=clock)
+    pool = await pools(name="flaky", min_size=1, max_size=2, connect=connect, clock=clock, wait_on_connect_error=True)
     assert (await pool.health()).status == "ok"  # also the baseline for the error window
     connect.down = True
     held = await pool.acquire()
-    # A second connection is refused; the waiter keeps waiting, since the
-    # pool still has a connection that will come back.
+    # A second connection is refused; the waiter keeps waiting
+    # (wait_on_connect_error), since the pool still has a connection that
+    # will come back.
     waiter = asyncio.ensure_future(pool.acquire(timeout=None))
     await until(lambda: pool.stats().connect_errors == 1)
     await pool.release(held)

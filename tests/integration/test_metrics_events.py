@@ -105,7 +105,7 @@ async def test_listeners_get_every_event_with_its_fields(pg_dsn: str, app_name: 
     events: list[dict[str, Any]] = []
     pool = await safepool.create_pool(
         pg_dsn, name="events", min_size=1, max_size=2, clock=clock, lease_timeout=30.0, leak_warning_after=10.0,
-        connect=connect, server_settings={"application_name": app_name},
+        connect=connect, server_settings={"application_name": app_name}, wait_on_connect_error=True,
     )
     try:
         pool.add_listener(events.append)
@@ -124,7 +124,8 @@ async def test_listeners_get_every_event_with_its_fields(pg_dsn: str, app_name: 
         events.clear()
         refuse = True
         first = await pool.acquire()
-        waiter = asyncio.ensure_future(pool.acquire(timeout=None))  # needs a second connection: refused
+        # Needs a second connection: refused; it waits (wait_on_connect_error).
+        waiter = asyncio.ensure_future(pool.acquire(timeout=None))
         await until(lambda: bool(events))
         await pool.release(first)
         await pool.release(await waiter)

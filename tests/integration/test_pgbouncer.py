@@ -311,13 +311,14 @@ async def test_many_pools_share_one_server_budget(
 async def test_pgbouncer_client_limit_degrades_the_pools_without_failing_callers(
     start_bouncer: Callable[..., Bouncer],
 ) -> None:
-    """max_size x processes above PgBouncer's max_client_conn: the pools that
-    cannot grow keep serving with the connections they have."""
+    """max_size x processes above PgBouncer's max_client_conn: with
+    wait_on_connect_error=True the pools that cannot grow keep serving with
+    the connections they have."""
     bouncer = start_bouncer(default_pool_size=4, max_client_conn=6)
     pools = [
         await safepool.create_pool(
             bouncer.dsn(), min_size=1, max_size=5, statement_cache_size=0, reset_mode="rollback",
-            acquire_timeout=10,
+            acquire_timeout=10, wait_on_connect_error=True,
         )
         for _ in range(3)
     ]

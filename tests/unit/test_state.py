@@ -369,10 +369,30 @@ def test_floor_alone_is_restored_on_the_upkeep_schedule_after_failures() -> None
     assert not state.floor_deficit() and state.plan_floor_connect(101) is None
 
 
-def test_connect_failure_keeps_waiters_while_connections_exist() -> None:
-    """A refused connect (e.g. too_many_connections) must not fail callers
-    while leased connections will come back."""
+def test_connect_failure_fails_the_task_it_was_for_even_with_connections_leased() -> None:
+    """As asyncpg's acquire raises its own connect's error (a task holding
+    one connection and asking for a second on a full server must not wait
+    for itself forever)."""
     state = make(max_size=2)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    first = state.enqueue("a", 0, None)
+    [(_, slot)] = take(state, Action.CONNECT)
+    newest = state.enqueue("b", 0, None)  # no second connect: max_size
+    error = OSError("53300")
+    state.connect_failed(slot, 0, error)
+    assert take(state, Action.FAIL) == [(Action.FAIL, newest, error)]
+    assert state.waiting == 1 and state.server_status(0).value == "backing_off"
+    state.release(held, 1, CLEAN)
+    assert take(state, Action.WAKE) == [(Action.WAKE, first)]
+    state.check_invariants()
+
+
+def test_wait_on_connect_error_keeps_waiters_while_connections_exist() -> None:
+    """Opt-in: a refused connect (e.g. too_many_connections) does not fail
+    callers while leased connections will come back."""
+    state = make(max_size=2, wait_on_connect_error=True)
     fill(state, 1)
     held = state.try_acquire(0)
     assert held
