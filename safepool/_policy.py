@@ -225,8 +225,8 @@ class WaitPolicy:
                         f"ahead, the pool hands on {1.0 / gap if gap else math.inf:.0f} connections/s "
                         f"(adaptive queue, deadline-aware admission)"
                     )
-        if book is None:
-            book = self._book(key)
+        # Looked up again: shedding above may have dropped an emptied book.
+        book = self._book(key)
         self._seq += 1
         waiter.seq = self._seq
         book.queue.append(waiter)

@@ -763,15 +763,16 @@ class PoolState:
                 self._stale_timers = max(0, self._stale_timers - 1)
                 continue
             if kind == _WAITER_DEADLINE:
-                if self._policy is not None:
-                    self._policy.remove(obj, now)
                 self._waiting -= 1
                 if obj.shed:  # the adaptive queue's target delay, not the caller's timeout
                     obj.state = WaiterState.FAILED
                     self.counters.shed += 1
+                    self._policy.remove(obj, now)  # type: ignore[union-attr]
                     self.actions.append((Action.SHED, obj, self._policy.shed_reason(obj, now)))  # type: ignore[union-attr]
                     continue
                 obj.state = WaiterState.TIMED_OUT
+                if self._policy is not None:
+                    self._policy.remove(obj, now)
                 self.counters.acquire_timeouts += 1
                 self.actions.append((Action.TIMEOUT, obj))
             elif kind == _LEASE_WARNING:
