@@ -170,6 +170,47 @@ async def test_site_share_is_validated(pools: Callable[..., Awaitable[safepool.P
         await pools(queue_policy="adaptive", queue_target=0.2, queue_interval=0.1)
 
 
+async def test_per_site_metrics_have_bounded_cardinality(pools: Callable[..., Awaitable[safepool.Pool]]) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from prometheus_client import CollectorRegistry
+
+    from safepool.metrics.otel import instrument
+    from safepool.metrics.prometheus import register
+    from tests.integration.test_metrics_prometheus import scrape, value
+
+    pool = await pools(name="sites", min_size=0, max_size=14, max_site_share=0.1)
+    registry = CollectorRegistry()
+    register(pool, registry=registry)
+    reader = InMemoryMetricReader()
+    instrument(pool, meter_provider=MeterProvider(metric_readers=[reader]))
+    held = [await pool.acquire(site=f"route-{i:02d}") for i in range(12)]
+    held.append(await pool.acquire(site="route-00"))  # the busiest site
+    stats = pool.stats()
+    assert stats.site_cap == 2
+    assert [row.site for row in stats.sites][:2] == ["route-00", "route-01"]
+    assert len(stats.sites) == 11 and stats.sites[-1].site == "other" and stats.sites[-1].in_use == 2
+
+    samples = scrape(registry)
+    assert value(samples, "safepool_site_connections", pool="sites", site="route-00") == 2
+    assert value(samples, "safepool_site_connections", pool="sites", site="other") == 2
+    assert value(samples, "safepool_site_cap", pool="sites") == 2
+    labels = {dict(k[1]).get("site") for k in samples if k[0] == "safepool_site_connections"}
+    assert len(labels) == 11
+
+    data = reader.get_metrics_data()
+    found = {
+        (m.name, dp.attributes.get("safepool.site")): dp.value
+        for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+        for dp in m.data.data_points if m.name.startswith("safepool.site.")
+    }
+    assert found[("safepool.site.connection.count", "route-00")] == 2
+    assert found[("safepool.site.pending_requests", "other")] == 0
+    assert len([k for k in found if k[0] == "safepool.site.connection.count"]) == 11
+    for con in held:
+        await pool.release(con)
+
+
 # ------------------------------------------------------------ adaptive queue
 
 
@@ -210,8 +251,7 @@ async def _surge(pool: Any, rate: float, seconds: float, timeout: float) -> dict
     spawned = 0
     while (now := loop.time()) < begin + seconds:
         due = int((now - begin) * rate)
-        for _ in range(due - spawned):
-            tasks.append(asyncio.create_task(request()))
+        tasks.extend(asyncio.create_task(request()) for _ in range(due - spawned))
         spawned = due
         await asyncio.sleep(0.002)
     await asyncio.gather(*tasks)
