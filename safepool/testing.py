@@ -43,6 +43,7 @@ import sys
 import threading
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
@@ -96,6 +97,7 @@ class Leak:
     stack: str | None  # the acquire stack, outermost first, test-runner frames removed
     detail: str = ""
     pool_ref: weakref.ref[Pool] | None = field(default=None, repr=False, compare=False)
+    site: str | None = None  # the acquire site (max_site_share, acquire(site=), safepool.site)
 
     def describe(self) -> str:
         task = f" by task {self.task_name}" if self.task_name else ""
@@ -117,6 +119,8 @@ class Leak:
         else:
             return f"pool {self.pool!r}: {self.detail}"
         where = self.stack or (f"  {self.acquired_at}\n" if self.acquired_at else "  (acquire stack not captured)\n")
+        if self.site is not None:
+            head += f"\n  acquire site: {self.site}"
         return f"{head}\n  acquired at:\n{_indent(where, '  ')}"
 
 
@@ -130,6 +134,9 @@ def format_report(leaks: list[Leak]) -> str:
     if timeouts:
         parts.append(f"{timeouts} acquire timeout{'s' if timeouts != 1 else ''} caused by idle leases")
     lines = [f"safepool: {' and '.join(parts)}", ""]
+    by_site = Counter(leak.site for leak in leaks if leak.site is not None and leak.kind != "idle_timeout")
+    if by_site:
+        lines[1:1] = ["by acquire site: " + ", ".join(f"{site} ({n})" for site, n in by_site.most_common())]
     for number, leak in enumerate(leaks, 1):
         lines.extend((f"[{number}] {leak.describe().rstrip()}", ""))
     lines.append(FIX_HINT if held else STRICT_HINT)
@@ -478,7 +485,7 @@ class _Tracker:
         code had not released (close() terminates when cancelled or failing)."""
         info = LeaseInfo(
             id=event["lease_id"], age=event["held_seconds"], deadline_in=None, task_name=event["task_name"],
-            acquired_at=event["acquired_at"], stack=event["stack"],
+            acquired_at=event["acquired_at"], stack=event["stack"], site=event.get("site"),
         )
         with self._lock:
             if not self._guards:
@@ -609,7 +616,7 @@ class LeakGuard:
                         kind="open", pool=pool.name, lease_id=lease_id, held=info.age, task_name=info.task_name,
                         holder=None, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
                         detail=f"acquired by fixture {name!r}, whose teardown did not release it",
-                        pool_ref=pool_ref,
+                        pool_ref=pool_ref, site=info.site,
                     ))
         if leaks:
             release_leaked(leaks)
@@ -644,7 +651,7 @@ class LeakGuard:
                 found.append(Leak(
                     kind="open", pool=pool.name, lease_id=info.id, held=info.age, task_name=info.task_name,
                     holder=doing, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
-                    pool_ref=weakref.ref(pool),
+                    pool_ref=weakref.ref(pool), site=info.site,
                 ))
         for entry, held_at_mark in self._ended:
             if entry.released or (since_mark and (entry.seq <= self._mark_seq or held_at_mark)):
@@ -656,7 +663,7 @@ class LeakGuard:
             info = entry.info
             found.append(Leak(
                 kind="ended", pool=entry.pool_name, lease_id=info.id, held=info.age, task_name=info.task_name,
-                holder=None, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
+                holder=None, acquired_at=info.acquired_at, stack=_trim_stack(info.stack), site=info.site,
             ))
         for seq, pool_ref, kind, payload in list(_tracker.records):
             source = pool_ref()
@@ -672,7 +679,7 @@ class LeakGuard:
                     kind="collected", pool=source.name, lease_id=lease_id,
                     held=float(payload.get("held_seconds") or 0.0), task_name=payload.get("task_name"),
                     holder=None, acquired_at=payload.get("acquired_at"),
-                    stack=_trim_stack(_tracker.stack_for(source.name, lease_id)),
+                    stack=_trim_stack(_tracker.stack_for(source.name, lease_id)), site=payload.get("site"),
                 ))
             elif kind == "timeout" and self.strict:
                 leak = self._timeout_leak(source, seq, payload)

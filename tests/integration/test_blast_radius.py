@@ -158,6 +158,21 @@ async def test_site_names_from_argument_context_and_caller(pools: Callable[..., 
         await pool.release(con)
 
 
+async def test_leak_report_names_and_groups_the_sites(pools: Callable[..., Awaitable[safepool.Pool]]) -> None:
+    from safepool.testing import LeakError, assert_no_leaks
+
+    pool = await pools(min_size=0, max_size=4, max_site_share=0.5)
+    held: list[Any] = []
+    with pytest.raises(LeakError) as caught:
+        async with assert_no_leaks(pool):
+            await leaky_handler(pool, held, 2, 0.05)
+            held.append(await pool.acquire(site="reports"))
+    text = str(caught.value)
+    assert f"by acquire site: {__name__}.leaky_handler (2), reports (1)" in text
+    assert "acquire site: reports" in text
+    assert pool.stats().in_use == 0  # the guard released them
+
+
 async def test_site_share_is_validated(pools: Callable[..., Awaitable[safepool.Pool]]) -> None:
     for bad in (0, 1.5, -0.1):
         with pytest.raises(ValueError, match="max_site_share must be > 0 and <= 1"):
