@@ -428,7 +428,7 @@ class PoolState:
             waiter.slot = None
             waiter.state = WaiterState.FAILED
             if self._policy is not None:
-                self._policy_released(waiter.site, now)
+                self._policy_released(waiter.site, now, plan=True)
             raise SlotLost
         self._move(slot, S.LEASED)
         self.wait_times.record(now - waiter.enqueued_at)
@@ -449,7 +449,7 @@ class PoolState:
             slot, waiter.slot = waiter.slot, None
             waiter.state = WaiterState.CANCELLED
             if self._policy is not None:
-                self._policy_released(waiter.site, now)
+                self._policy_released(waiter.site, now, plan=True)
             if slot.state is S.RESERVED:  # else discarded meanwhile: nothing to pass on
                 self._hand_on(slot, now)
 
@@ -887,10 +887,14 @@ class PoolState:
         self._move(slot, S.RESERVED)
         self.actions.append((Action.WAKE, waiter))
 
-    def _policy_released(self, site: str | None, now: float) -> None:
+    def _policy_released(self, site: str | None, now: float, plan: bool = False) -> None:
+        """``plan``: no slot comes back with this (a grant whose connection
+        was lost): the site's waiters may need a new connection."""
         assert self._policy is not None
         if self._policy.released(site, now):
             self._serve_idle(now)
+            if plan:
+                self._plan_connects(now)
 
     def _serve_idle(self, now: float) -> None:
         """A site's waiters left its cap while connections sat idle (they

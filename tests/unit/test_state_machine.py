@@ -482,7 +482,9 @@ class PoolMachine(RuleBasedStateMachine):
             return
         assert not state.closing, "waiters survived close"
         busy = sum(state.count(s) for s in (S.CONNECTING, S.RESETTING, S.LEASED, S.RESERVED, S.CLOSING))
-        if busy == 0:
+        if busy == 0 and not any(w.state is WaiterState.GRANTED for w in self.woken):
+            # (A granted waiter whose connection was lost is still to resume:
+            # its claim fails, frees its site's place and plans a connect.)
             # Nothing will come back: only a connect retry can help, and a
             # timer must be armed for it.
             when = state.next_deadline()
@@ -520,6 +522,7 @@ class PoolMachine(RuleBasedStateMachine):
         state = self.state
         for _ in range(200):
             progressed = False
+            # One operation at a time, each drained (and checked) before the next.
             for waiter in list(self.woken):
                 self.woken.remove(waiter)
                 self.claimed.add(id(waiter))
@@ -530,24 +533,29 @@ class PoolMachine(RuleBasedStateMachine):
                         self.held.append(lease)
                     except SlotLost:
                         pass
+                self._drain()
                 progressed = True
             for lease in list(self.held):
                 self.held.remove(lease)
                 if state.release(lease, self.now, ReleaseOutcome.CLEAN):
                     self.resetting.append(lease.slot)
+                self._drain()
                 progressed = True
             for slot in list(self.resetting):
                 self.resetting.remove(slot)
                 if slot.state is S.RESETTING:
                     state.reset_done(slot, self.now, True)
+                self._drain()
                 progressed = True
             for slot in list(self.connecting):
                 self.connecting.remove(slot)
                 state.connect_succeeded(slot, object(), self.now)
+                self._drain()
                 progressed = True
             for slot in list(self.closing):
                 self.closing.remove(slot)
                 state.closed(slot, self.now)
+                self._drain()
                 progressed = True
             self._drain()
             if not progressed and state.connect_failures and (slot := state.plan_floor_connect(self.now)):
