@@ -67,12 +67,13 @@ class AdaptiveQueue:
 
     def drain_gap(self, now: float) -> float | None:
         """Seconds per connection handed on, or None while unknown. Nothing
-        handed on for longer than the average counts as that slow."""
+        handed on (while tasks wait) for over three average gaps counts as
+        that slow: the connections are held by something that does not end."""
         if self.samples < _MIN_RATE_SAMPLES:
             return None
-        if self.last_hand_on is None:
-            return self.gap
-        return max(self.gap, now - self.last_hand_on)
+        if self.last_hand_on is not None and now - self.last_hand_on > 3 * self.gap:
+            return now - self.last_hand_on
+        return self.gap
 
 
 class SiteBook:

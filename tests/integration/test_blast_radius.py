@@ -251,6 +251,7 @@ async def _surge(pool: Any, rate: float, seconds: float, timeout: float) -> dict
     loop = asyncio.get_running_loop()
     waits: list[float] = []
     failures: list[float] = []
+    messages: dict[str, str] = {}
     tasks: list[asyncio.Task[None]] = []
 
     async def request() -> None:
@@ -259,8 +260,10 @@ async def _surge(pool: Any, rate: float, seconds: float, timeout: float) -> dict
             async with pool.acquire(timeout=timeout) as con:
                 waits.append(loop.time() - start)
                 await con.execute("SELECT pg_sleep(0.01)")
-        except ACQUIRE_FAILURES:
+        except ACQUIRE_FAILURES as exc:
             failures.append(loop.time() - start)
+            messages.setdefault(type(exc).__name__ + (" (refused at once)" if "at once" in str(exc) else ""),
+                                str(exc))
 
     begin = loop.time()
     spawned = 0
@@ -283,6 +286,7 @@ async def _surge(pool: Any, rate: float, seconds: float, timeout: float) -> dict
         "wait_p99": waits[int(0.99 * (len(waits) - 1))] if waits else 0.0,
         "refused": len(failures),
         "fail_p50": statistics.median(failures) if failures else 0.0,
+        "messages": messages,
     }
 
 
@@ -313,5 +317,10 @@ async def test_adaptive_queue_keeps_goodput_under_a_5x_surge(
     assert figures["wait_p99"] <= 0.1
     assert figures["fail_p50"] <= 0.05
     assert figures["served"] + figures["refused"] == figures["arrivals"]
+    # The errors say why.
+    shed = figures["messages"]["PoolOverloadedError"]
+    assert "shed by the adaptive queue" in shed and "queue_target=0.01s" in shed
+    refused = figures["messages"].get("PoolOverloadedError (refused at once)")
+    assert refused is None or "ahead, the pool hands on" in refused
     # asyncpg's pool on the same load serves as many, each after ~0.5 s.
     assert theirs["wait_p50"] > 0.3
