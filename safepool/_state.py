@@ -348,9 +348,19 @@ class PoolState:
             if slot.generation != self.generation:
                 self._start_close(slot)
                 continue
-            self._move(slot, S.LEASED)
-            self.wait_times.record(0.0)
-            return self._open_lease(slot, now)
+            # The hot path: _move(IDLE -> LEASED) and _open_lease, inlined
+            # (a legal move by the table; check_invariants() re-checks counts).
+            counts = self._counts
+            counts[S.IDLE] -= 1
+            counts[S.LEASED] += 1
+            slot.state = S.LEASED
+            self.wait_times.record_zero()
+            self._next_id += 1
+            lease = Lease(self._next_id, slot, now)
+            slot.lease = lease
+            self._leases[lease.id] = lease
+            self.counters.acquired += 1
+            return lease
         return None
 
     def enqueue(self, future: Any, now: float, timeout: float | None) -> Waiter:
@@ -443,7 +453,18 @@ class PoolState:
             return True
         if outcome is ReleaseOutcome.CLEAN:
             self.counters.resets_skipped += 1
-            self._hand_on(slot, now)
+            if not self._waiters and slot.generation == self.generation and not self.closing and (
+                len(self._slots) - self._counts[S.CLOSING] <= self.max_size
+            ):
+                # The hot path of _hand_on (nobody waits: idle it), inlined.
+                counts = self._counts
+                counts[S.LEASED] -= 1
+                counts[S.IDLE] += 1
+                slot.state = S.IDLE
+                slot.idle_since = now
+                self._idle.append(slot)
+            else:
+                self._hand_on(slot, now)
         else:
             self._start_close(slot)
         return False
@@ -475,12 +496,13 @@ class PoolState:
         slot.lease = None
         del self._leases[lease.id]
         self.lease_times.record(now - lease.acquired_at)
-        if lease.deadline is not None and not lease.expired:
-            self._stale_timers += 1
-        if lease.warn_at is not None and not lease.warned:
-            self._stale_timers += 1
-        if self._stale_timers > 64 and self._stale_timers > len(self._timers) // 2:
-            self._compact_timers()
+        if lease.deadline is not None or lease.warn_at is not None:
+            if lease.deadline is not None and not lease.expired:
+                self._stale_timers += 1
+            if lease.warn_at is not None and not lease.warned:
+                self._stale_timers += 1
+            if self._stale_timers > 64 and self._stale_timers > len(self._timers) // 2:
+                self._compact_timers()
         return slot
 
     def _hand_on(self, slot: Slot, now: float) -> None:

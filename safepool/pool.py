@@ -16,7 +16,7 @@ import logging
 import traceback
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from ._clock import Clock, LoopClock, Timer
 from ._compat import HolderCompat, HolderView, QueueView  # asyncpg's private pool attributes
 from ._compat import holders as _compat_holders
 from ._compat import queue as _compat_queue
+from ._detach import detached
 from ._internals import RawConnection
 from ._state import (
     Action,
@@ -367,7 +368,9 @@ class Pool:
         """
         return PoolAcquireContext(self, timeout, lease_timeout)
 
-    async def _acquire(self, timeout: float | None, lease_timeout: Any = _DEFAULT) -> PoolConnectionProxy:
+    async def _acquire(
+        self, timeout: float | None, lease_timeout: Any = _DEFAULT, context: PoolAcquireContext | None = None
+    ) -> PoolConnectionProxy:
         if timeout is None:
             timeout = self._acquire_timeout
         else:
@@ -417,6 +420,8 @@ class Pool:
             # Its statements are the lease's: a SET it runs is reset on
             # release like any other (the clean mark is per connection).
             await self._run_setup(proxy, lease)
+        if context is not None:
+            context.connection = proxy
         return proxy
 
     async def _wait_for_connection(self, now: float, timeout: float | None) -> Lease | None:
@@ -499,31 +504,37 @@ class Pool:
             return
         self._check_init()
         connection._detach()
-        con._on_release()
+        _pg.on_release(con)
         if timeout is None:
             timeout = connection._holder.release_timeout
         done = self._end_lease(connection._lease, con, timeout)
         if done is not None:
-            # A plain future resolved by the pool's task: cancelling this
-            # await cancels only the future, never the reset behind it.
-            await done
+            # A plain future resolved by the pool's task, or the reset driven
+            # in this task until it is cancelled (then a pool task finishes
+            # it): either way cancelling this await never cuts the reset short.
+            error = await done
+            if error is not None:
+                raise error
 
-    def _end_lease(self, lease: Lease, con: RawConnection, timeout: float | None) -> asyncio.Future[None] | None:
-        """End a lease; returns a future that the reset or close resolves, or
-        None when the connection was handed on (or dropped) at once."""
+    def _end_lease(
+        self, lease: Lease, con: RawConnection, timeout: float | None
+    ) -> asyncio.Future[None] | Awaitable[Exception | None] | None:
+        """End a lease; returns what the releasing caller awaits: the reset
+        (driven in the caller's task, see ``_detach``) or a future that the
+        pool's reset or close resolves; None when the connection was handed
+        on (or dropped) at once."""
         state = self._state
         if not lease.active:
             return None  # taken back by the lease timeout while being released
         slot = lease.slot
         holder = self._slot_holders[slot]
-        usable = _pg.is_usable(con)
-        if not usable:
+        check = _pg.release_check(con, holder.clean_mark, self._max_queries)
+        usable = check != _pg.UNUSABLE
+        if check <= _pg.USED_UP or slot.generation != state.generation:
             outcome = ReleaseOutcome.DISCARD
-        elif _pg.queries_count(con) >= self._max_queries or slot.generation != state.generation:
-            outcome = ReleaseOutcome.DISCARD
-        elif self._always_reset or _pg.is_cancelling(con) or con.is_in_transaction():
+        elif check == _pg.MUST_RESET or self._always_reset:
             outcome = ReleaseOutcome.NEEDS_RESET
-        elif self._reset_mode == "rollback" or _pg.queries_count(con) == holder.clean_mark:
+        elif check == _pg.CLEAN or self._reset_mode == "rollback":
             # Nothing to send: no statement ran since the session was last
             # clean (setup= and init= statements count), or (rollback mode)
             # only an open transaction would need one.
@@ -537,10 +548,23 @@ class Pool:
             # through the loop's exception handler: do it here, in the
             # releasing task.
             # (A custom reset reports it itself, as asyncpg's.)
-            rollback = False if self._custom_reset else _pg.warn_open_transaction(con)
-            done = self._loop.create_future()
-            state.release(lease, self._now(), outcome)
-            self._spawn(self._reset_slot(slot, con, timeout, rollback, done))
+            if self._custom_reset:
+                done = self._loop.create_future()
+                state.release(lease, self._now(), outcome)
+                self._spawn(self._reset_slot(slot, con, timeout, False, done))
+            elif _pg.is_cancelling(con):
+                rollback = _pg.warn_open_transaction(con)
+                done = self._loop.create_future()
+                state.release(lease, self._now(), outcome)
+                self._spawn(self._reset_slot(slot, con, timeout, rollback, done))
+            else:
+                # The common case: one statement, bounded by asyncpg's own
+                # timeout, driven in the caller's task (no task, no hop).
+                rollback = _pg.warn_open_transaction(con)
+                state.release(lease, self._now(), outcome)
+                if state.actions:
+                    self._drain()
+                return detached(self._reset_inline(slot, con, timeout, rollback), self._spawn)
         else:
             if outcome is ReleaseOutcome.DISCARD and usable:
                 # max_queries or an expired generation: asyncpg closes the
@@ -595,6 +619,29 @@ class Pool:
         else:
             _settle(done, None)  # the pool was terminated meanwhile
 
+    async def _reset_inline(
+        self, slot: Slot, con: RawConnection, timeout: float | None, rollback: bool
+    ) -> Exception | None:
+        """The default reset of a released connection (no custom reset, no
+        cancelled query in flight), run by ``detached``: no ``asyncio.timeout``
+        here (it would cancel the caller), asyncpg's ``timeout=`` instead.
+        Returns the reset's error for the caller to raise, once the
+        connection was given up (None if it was handed on)."""
+        budget = timeout if timeout is not None else self._reset_timeout
+        if budget is None and _pg.command_timeout(con) is None:
+            budget = _DEFAULT_RESET_TIMEOUT
+        error: Exception | None = None
+        try:
+            await self._send_reset(con, rollback, budget, limit=budget)
+        except Exception as exc:
+            error = exc
+        if error is not None and slot.state is SlotState.RESETTING:
+            logger.warning(
+                "pool %r: reset failed (%s); closing the connection", self._name, _describe_error(error),
+                extra={"event": "reset_failed", "pool": self._name},
+            )
+        return error if self._reset_finished(slot, con, error) else None
+
     def _reset_finished(self, slot: Slot, con: RawConnection, error: Exception | None) -> bool:
         """Hand a reset (or taken back) connection on, or close it; False if
         the pool was terminated meanwhile (nothing left to do)."""
@@ -628,9 +675,12 @@ class Pool:
         async with asyncio.timeout(limit):
             await self._send_reset(con, rollback, budget)
 
-    async def _send_reset(self, con: RawConnection, rollback: bool, budget: float | None) -> None:
+    async def _send_reset(
+        self, con: RawConnection, rollback: bool, budget: float | None, limit: float | None = None
+    ) -> None:
         """``rollback``: an open transaction already reported (quietly, for a
-        reclaimed or taken-back lease) that must end first."""
+        reclaimed or taken-back lease) that must end first. ``limit``:
+        asyncpg's own timeout for the default reset's statement."""
         if self._custom_reset:
             if rollback:
                 await con.execute("ROLLBACK")
@@ -647,7 +697,7 @@ class Pool:
         if rollback:
             query = f"ROLLBACK;\n{query}" if query else "ROLLBACK"
         if query:
-            await con.execute(query)
+            await con.execute(query, timeout=limit)
 
     # ---------------------------------------------- leases: expiry and leaks
 
@@ -1360,21 +1410,22 @@ class PoolAcquireContext:
         self.connection: PoolConnectionProxy | None = None
         self.done = False
 
-    async def __aenter__(self) -> PoolConnectionProxy:
+    # Plain methods returning the pool's coroutine: one coroutine frame per
+    # acquire and per release instead of two (the hot path).
+    def __aenter__(self) -> Coroutine[Any, Any, PoolConnectionProxy]:
         if self.connection is not None or self.done:
             raise _pg_exceptions.InterfaceError("a connection is already acquired")
-        self.connection = await self.pool._acquire(self.timeout, self.lease_timeout)
-        return self.connection
+        return self.pool._acquire(self.timeout, self.lease_timeout, self)
 
-    async def __aexit__(
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None = None,
         exc_val: BaseException | None = None,
         exc_tb: TracebackType | None = None,
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
         self.done = True
         con, self.connection = self.connection, None
-        await self.pool.release(con)
+        return self.pool.release(con)
 
     def __await__(self) -> Any:
         self.done = True
