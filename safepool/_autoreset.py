@@ -199,7 +199,7 @@ _NEUTRAL_NODES: Final = frozenset(
     CoalesceExpr MinMaxExpr RowExpr A_ArrayExpr A_Indirection A_Indices SQLValueFunction GroupingFunc
     GroupingSet WindowDef SortBy RangeVar RangeSubselect RangeFunction RangeTableSample JoinExpr Alias
     WithClause CommonTableExpr CTESearchClause CTECycleClause LockingClause OnConflictClause InferClause
-    IndexElem MultiAssignRef SetToDefault CurrentOfExpr DefElem List XmlExpr XmlSerialize
+    IndexElem MultiAssignRef SetToDefault CurrentOfExpr DefElem List XmlExpr XmlSerialize ColumnDef
     JsonObjectConstructor JsonArrayConstructor JsonArrayQueryConstructor JsonValueExpr JsonOutput
     JsonReturning JsonFormat JsonKeyValue JsonIsPredicate JsonObjectAgg JsonArrayAgg JsonAggConstructor
     JsonFuncExpr JsonParseExpr JsonScalarExpr JsonSerializeExpr JsonArgument JsonBehavior
