@@ -169,6 +169,7 @@ _NEUTRAL_FUNCTIONS: Final = frozenset(
     to_tsvector to_tsquery plainto_tsquery phraseto_tsquery websearch_to_tsquery ts_rank ts_rank_cd
     ts_headline setweight
     num_nulls num_nonnulls pg_input_is_valid
+    similar_to_escape like_escape pg_collation_for is_normalized system_user
     """.split()
 )
 
@@ -202,7 +203,8 @@ _NEUTRAL_NODES: Final = frozenset(
     IndexElem MultiAssignRef SetToDefault CurrentOfExpr DefElem List XmlExpr XmlSerialize ColumnDef
     JsonObjectConstructor JsonArrayConstructor JsonArrayQueryConstructor JsonValueExpr JsonOutput
     JsonReturning JsonFormat JsonKeyValue JsonIsPredicate JsonObjectAgg JsonArrayAgg JsonAggConstructor
-    JsonFuncExpr JsonParseExpr JsonScalarExpr JsonSerializeExpr JsonArgument JsonBehavior
+    JsonFuncExpr JsonTable JsonTableColumn JsonTablePathSpec JsonParseExpr JsonScalarExpr JsonSerializeExpr
+    JsonArgument JsonBehavior MergeSupportFunc
     """.split()
 )
 

@@ -152,6 +152,9 @@ NEUTRAL_EXPRESSIONS = [
     "'abc' ~ '^a'",
     "3 = ANY(ARRAY[1, 2, 3])",
     "set_config('ar.local', 'x', true)",
+    "'abc' SIMILAR TO 'a%'",
+    "JSON_VALUE('{\"a\": 1}'::jsonb, '$.a')",
+    "'{}' IS JSON",
     "pg_notify('ar_channel', 'x') IS NULL",
     "nextval('ar_s') > 0",
 ]

@@ -89,6 +89,10 @@ NEUTRAL = [
     "SELECT 1; SELECT 2; UPDATE t SET a = 1",
     "SELECT 'SET work_mem = 1; LISTEN x' AS not_a_statement",
     "SELECT 1 /* ; SET work_mem = 1 */",
+    "SELECT 'a' SIMILAR TO 'a%', 'a' LIKE 'a' ESCAPE '#', COLLATION FOR ('a'), 'a' IS NORMALIZED, system_user",
+    "SELECT * FROM JSON_TABLE('[1]'::jsonb, '$[*]' COLUMNS (a int PATH '$', NESTED PATH '$' COLUMNS (b int PATH '$')))",
+    "SELECT JSON_VALUE('{}'::jsonb, '$.a'), JSON_OBJECT('a': 1), JSON_ARRAYAGG(1), '{}' IS JSON",
+    "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE RETURNING merge_action()",
 ]
 
 RESET = [
