@@ -25,8 +25,8 @@ from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 from asyncpg import protocol as _pg_protocol
 
+from . import _autoreset, _stack
 from . import _internals as _pg
-from . import _stack
 from ._clock import Clock, LoopClock, Timer
 from ._compat import HolderCompat, HolderView, QueueView  # asyncpg's private pool attributes
 from ._compat import holders as _compat_holders
@@ -73,7 +73,7 @@ def live_pools() -> list[Pool]:
     """Pools created in this process that are not garbage yet."""
     return list(_LIVE_POOLS)
 
-RESET_MODES = ("full", "rollback")
+RESET_MODES = ("full", "rollback", "auto")
 # Bound on a background reset or take-back when no release timeout applies:
 # a reset that hangs longer than this is treated as a broken connection.
 _DEFAULT_RESET_TIMEOUT = 30.0
@@ -276,6 +276,10 @@ class Pool:
         self._init = init
         self._reset = reset
         self._reset_mode = reset_mode
+        self._proxy_class: type[PoolConnectionProxy] = PoolConnectionProxy
+        if reset_mode == "auto":
+            _autoreset.require_parser()  # a missing extra fails here, not at the first release
+            self._proxy_class = _autoreset.AutoResetProxy
         # A user reset= hook, or a connection class with its own reset(), is
         # called as asyncpg calls it (asyncpg's own rollback first, in the
         # hook's case); it and an overridden get_reset_query() run on every
@@ -408,7 +412,7 @@ class Pool:
         if holder.orphan_checks:
             holder.orphan_checks = 0
             holder.orphan_reported = False
-        proxy = PoolConnectionProxy(holder, slot.connection, lease)
+        proxy = self._proxy_class(holder, slot.connection, lease)
         if lease_timeout is not None or self._leak_warning_after is not None:
             state.arm_lease(lease, lease_timeout, self._leak_warning_after)  # type: ignore[arg-type]
             self._arm_timer()
@@ -534,7 +538,9 @@ class Pool:
             outcome = ReleaseOutcome.DISCARD
         elif check == _pg.MUST_RESET or self._always_reset:
             outcome = ReleaseOutcome.NEEDS_RESET
-        elif check == _pg.CLEAN or self._reset_mode == "rollback":
+        elif check == _pg.CLEAN or self._reset_mode == "rollback" or (
+            self._reset_mode == "auto" and holder.clean_mark != -1
+        ):
             # Nothing to send: no statement ran since the session was last
             # clean (setup= and init= statements count), or (rollback mode)
             # only an open transaction would need one.
@@ -632,7 +638,10 @@ class Pool:
             budget = _DEFAULT_RESET_TIMEOUT
         error: Exception | None = None
         try:
-            await self._send_reset(con, rollback, budget, limit=budget)
+            full = self._reset_mode == "full" or (
+                self._reset_mode == "auto" and self._slot_holders[slot].clean_mark == -1
+            )
+            await self._send_reset(con, rollback, budget, limit=budget, full=full)
         except Exception as exc:
             error = exc
         if error is not None and slot.state is SlotState.RESETTING:
@@ -676,11 +685,16 @@ class Pool:
             await self._send_reset(con, rollback, budget)
 
     async def _send_reset(
-        self, con: RawConnection, rollback: bool, budget: float | None, limit: float | None = None
+        self, con: RawConnection, rollback: bool, budget: float | None, limit: float | None = None,
+        full: bool | None = None,
     ) -> None:
         """``rollback``: an open transaction already reported (quietly, for a
         reclaimed or taken-back lease) that must end first. ``limit``:
-        asyncpg's own timeout for the default reset's statement."""
+        asyncpg's own timeout for the default reset's statement. ``full``:
+        send the reset query (default: unless reset_mode="rollback"; a lease
+        taken back or reclaimed in "auto" mode always gets it)."""
+        if full is None:
+            full = self._reset_mode != "rollback"
         if self._custom_reset:
             if rollback:
                 await con.execute("ROLLBACK")
@@ -693,7 +707,7 @@ class Pool:
                 await con.reset(timeout=budget)  # sees the lease's state, as with asyncpg
             return
         rollback = rollback or con.is_in_transaction()
-        query = con.get_reset_query() if self._reset_mode == "full" else ""
+        query = con.get_reset_query() if full else ""
         if rollback:
             query = f"ROLLBACK;\n{query}" if query else "ROLLBACK"
         if query:
@@ -936,7 +950,9 @@ class Pool:
             return
         # Mark 0: statements of init= (and of a connect= callback) make the
         # first lease's release reset, as asyncpg resets after every lease.
-        holder = _Holder(self, slot, con, clean_mark=0)
+        # reset_mode="auto" cannot see them (they run on the raw connection):
+        # -1, always reset after the first lease.
+        holder = _Holder(self, slot, con, clean_mark=-1 if self._reset_mode == "auto" else 0)
         self._slot_holders[slot] = holder
         _pg.attach_holder(con, holder)
         state.connect_succeeded(slot, con, self._now())
