@@ -11,7 +11,7 @@ pool's, which finishes it; the caller gets ``CancelledError`` at once, as
 with ``asyncio.shield``.
 
 The caller's task sees a stand-in for each future the coroutine awaits
-(:class:`_Step`): asyncio's ``Task`` accepts any object with
+(the driver itself): asyncio's ``Task`` accepts any object with
 ``_asyncio_future_blocking``, ``get_loop()``, ``add_done_callback()``,
 ``cancel()`` and ``result()`` (the protocol ``Task.__step`` checks, in both
 the C and the Python implementation, 3.11-3.13; uvloop uses asyncio's Task).
@@ -35,24 +35,36 @@ T = TypeVar("T")
 Spawn = Callable[[Coroutine[Any, Any, Any]], object]
 
 
-class _Step:
-    """What the caller's task waits on while the driven coroutine waits on ``fut``."""
+class _Driver(Generic[T]):
+    """The awaitable :func:`detached` returns (awaited once). While the
+    driven coroutine waits on a future, the caller's task waits on this
+    object, which stands in for that future (one object for the whole
+    reset: the hot path allocates nothing per step)."""
 
-    __slots__ = ("_fut", "_driver", "_asyncio_future_blocking", "_wakeup", "_context", "_cancelled", "_message")
+    __slots__ = ("_coro", "_spawn", "_fut", "_asyncio_future_blocking", "_wakeup", "_context", "_cancelled",
+                 "_message")
 
-    def __init__(self, fut: asyncio.Future[Any], driver: _Driver[Any]) -> None:
-        self._fut = fut
-        self._driver = driver
-        self._asyncio_future_blocking = True
+    def __init__(self, coro: Coroutine[Any, Any, T], spawn: Spawn) -> None:
+        self._coro = coro
+        self._spawn = spawn
+        self._fut: asyncio.Future[Any] | None = None
+        # None until the first step: asyncio.isfuture() (ensure_future,
+        # wait_for, gather) must see an awaitable to wrap in a task, not a
+        # future. The Task sets it False after each step, as for a future.
+        self._asyncio_future_blocking: bool | None = None
         self._wakeup: Callable[[Any], object] | None = None
         self._context: Context | None = None
-        self._cancelled = False
+        self._cancelled = False  # the caller was cancelled: the coroutine is the pool's now
         self._message: Any = None
 
+    # -- the future protocol asyncio's Task uses on what a coroutine yields
+
     def get_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._fut is not None
         return self._fut.get_loop()
 
     def add_done_callback(self, fn: Callable[[Any], object], *, context: Context | None = None) -> None:
+        assert self._fut is not None
         self._wakeup = fn
         self._context = context
         self._fut.add_done_callback(self._on_done)
@@ -63,9 +75,9 @@ class _Step:
             return 1
         return 0
 
-    def _on_done(self, _fut: asyncio.Future[Any]) -> None:
+    def _on_done(self, fut: asyncio.Future[Any]) -> None:
         wakeup = self._wakeup
-        if self._cancelled or wakeup is None:
+        if self._cancelled or wakeup is None or fut is not self._fut:
             return
         if self._context is None:
             wakeup(self)
@@ -73,7 +85,7 @@ class _Step:
             self._context.run(wakeup, self)
 
     def done(self) -> bool:
-        return self._cancelled or self._fut.done()
+        return self._cancelled or (self._fut is not None and self._fut.done())
 
     def cancelled(self) -> bool:
         return self._cancelled
@@ -89,36 +101,25 @@ class _Step:
         """The caller's task is being cancelled: hand the coroutine to the
         pool and wake the caller with ``CancelledError`` (True, as a future
         that was cancelled)."""
-        if self._cancelled:
+        if self._cancelled or self._fut is None:
             return False
-        self._cancelled = True
         self._message = msg
-        self._driver.hand_over(self._fut)
+        self.hand_over(self._fut)
         wakeup = self._wakeup
         if wakeup is not None:
             self._fut.get_loop().call_soon(wakeup, self, context=self._context)
         return True
 
-
-class _Driver(Generic[T]):
-    """The awaitable :func:`detached` returns (one await only)."""
-
-    __slots__ = ("_coro", "_spawn", "_handed")
-
-    def __init__(self, coro: Coroutine[Any, Any, T], spawn: Spawn) -> None:
-        self._coro = coro
-        self._spawn = spawn
-        self._handed = False
+    # -- driving
 
     def hand_over(self, fut: asyncio.Future[Any] | None) -> None:
         """Let a pool task finish the coroutine from where it waits on ``fut``."""
-        if not self._handed:
-            self._handed = True
+        if not self._cancelled:
+            self._cancelled = True
             self._spawn(_finish(self._coro, fut))
 
     def __await__(self) -> Generator[Any, None, T]:
-        coro = self._coro
-        send = coro.send
+        send = self._coro.send
         while True:
             try:
                 fut = send(None)
@@ -132,11 +133,13 @@ class _Driver(Generic[T]):
                     raise
                 continue
             fut._asyncio_future_blocking = False
+            self._fut = fut
+            self._asyncio_future_blocking = True
             try:
-                yield _Step(fut, self)
+                yield self
             except BaseException:
-                # CancelledError after _Step.cancel() handed the coroutine
-                # over; anything else (GeneratorExit) hands it over now.
+                # CancelledError after cancel() handed the coroutine over;
+                # anything else (GeneratorExit) hands it over now.
                 self.hand_over(fut)
                 raise
 

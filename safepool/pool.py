@@ -100,7 +100,7 @@ class _Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., re
     through ``proxy._holder._pool`` to drop statement and type caches."""
 
     __slots__ = ("_pool", "_slot", "_con", "clean_mark", "base_refs", "release_timeout", "orphan_checks",
-                 "orphan_reported", "unresponsive", "lost_while_leased",
+                 "orphan_reported", "unresponsive", "lost_while_leased", "reset_since",
                  "__weakref__")
 
     def __init__(self, pool: Pool, slot: Slot, con: RawConnection, clean_mark: int) -> None:
@@ -123,6 +123,8 @@ class _Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., re
         self.unresponsive = False
         # The socket died under a lease: its backend may still run a query.
         self.lost_while_leased = False
+        # When a release's unbounded reset started (the reset watchdog's clock).
+        self.reset_since: float | None = None
 
     def _release_on_close(self) -> None:
         self._con = None
@@ -302,6 +304,7 @@ class Pool:
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
         self._timer: Timer | None = None
+        self._reset_watchdog: Timer | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connect_tasks: set[asyncio.Task[Any]] = set()
@@ -578,11 +581,18 @@ class Pool:
                 done = self._loop.create_future()
                 self._closes_done[slot] = done
             state.release(lease, self._now(), outcome)
+        self._after_hand_on()
+        return done
+
+    def _after_hand_on(self) -> None:
+        """After a connection was handed on (or idled, or closed): carry out
+        the core's actions; with none, only arm the idle-lifetime timer if
+        it now has something to watch (the hot path skips _drain)."""
+        state = self._state
         if state.actions:
             self._drain()
         elif self._timer is None and state.max_inactive_lifetime and state.size > state.min_size:
             self._arm_timer()  # an idle connection above min_size now has a lifetime to watch
-        return done
 
     async def _reset_slot(
         self,
@@ -634,22 +644,56 @@ class Pool:
         Returns the reset's error for the caller to raise, once the
         connection was given up (None if it was handed on)."""
         budget = timeout if timeout is not None else self._reset_timeout
+        holder = self._slot_holders[slot]
         if budget is None and _pg.command_timeout(con) is None:
-            budget = _DEFAULT_RESET_TIMEOUT
+            # No limit asked for: asyncpg would wait forever. A watchdog (one
+            # pool timer, not one per statement: asyncpg's timeout= costs a
+            # loop timer and a callback per call) aborts a reset still
+            # running after _DEFAULT_RESET_TIMEOUT, so a silent network
+            # cannot hold a slot forever.
+            holder.reset_since = self._now()
+            self._watch_resets()
         error: Exception | None = None
         try:
-            full = self._reset_mode == "full" or (
-                self._reset_mode == "auto" and self._slot_holders[slot].clean_mark == -1
-            )
+            full = self._reset_mode == "full" or (self._reset_mode == "auto" and holder.clean_mark == -1)
             await self._send_reset(con, rollback, budget, limit=budget, full=full)
         except Exception as exc:
             error = exc
+        holder.reset_since = None
         if error is not None and slot.state is SlotState.RESETTING:
             logger.warning(
                 "pool %r: reset failed (%s); closing the connection", self._name, _describe_error(error),
                 extra={"event": "reset_failed", "pool": self._name},
             )
         return error if self._reset_finished(slot, con, error) else None
+
+    def _watch_resets(self) -> None:
+        if self._reset_watchdog is None and not self._closed:
+            self._reset_watchdog = self._clock.call_at(self._now() + _DEFAULT_RESET_TIMEOUT, self._check_resets)
+
+    def _check_resets(self) -> None:
+        """The reset watchdog: abort releases' resets that have run for
+        _DEFAULT_RESET_TIMEOUT seconds (the releasing caller then gets the
+        connection's error, and the slot closes); re-arm while any run."""
+        self._reset_watchdog = None
+        now = self._now()
+        pending = False
+        for slot, holder in list(self._slot_holders.items()):
+            started = holder.reset_since
+            if started is None:
+                continue
+            if now - started >= _DEFAULT_RESET_TIMEOUT:
+                holder.reset_since = None
+                holder.unresponsive = True
+                logger.warning(
+                    "pool %r: a reset got no answer for %.0fs; aborting the connection",
+                    self._name, now - started, extra={"event": "reset_failed", "pool": self._name},
+                )
+                slot.connection.terminate()
+            else:
+                pending = True
+        if pending:
+            self._watch_resets()
 
     def _reset_finished(self, slot: Slot, con: RawConnection, error: Exception | None) -> bool:
         """Hand a reset (or taken back) connection on, or close it; False if
@@ -666,7 +710,7 @@ class Pool:
         # cancelled query to stop on the server before the slot stops
         # counting towards max_size.
         self._state.reset_done(slot, self._now(), ok)
-        self._drain()
+        self._after_hand_on()
         return True
 
     async def _reset_connection(
@@ -1180,6 +1224,9 @@ class Pool:
             self._timer.cancel()
             self._timer = None
             self._timer_at = None
+        if self._reset_watchdog is not None:
+            self._reset_watchdog.cancel()
+            self._reset_watchdog = None
 
     async def expire_connections(self) -> None:
         """Replace every open connection: idle ones now, leased ones on release."""
