@@ -538,8 +538,8 @@ class PoolState:
 
     def _plan_connects(self, now: float) -> None:
         """Start connects for unmet demand, within max_size and max_connecting."""
-        if self.closing or now < self.backoff_until:
-            return
+        if len(self._slots) >= self.max_size or self.closing or now < self.backoff_until:
+            return  # (the first test: the contended hot path, a full pool)
         connecting = self._counts[S.CONNECTING]
         # Like asyncpg, open a connection per unserved waiter (up to max_size):
         # resetting connections are not counted as supply, since asyncpg's

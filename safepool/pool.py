@@ -418,7 +418,10 @@ class Pool:
         proxy = self._proxy_class(holder, slot.connection, lease)
         if lease_timeout is not None or self._leak_warning_after is not None:
             state.arm_lease(lease, lease_timeout, self._leak_warning_after)  # type: ignore[arg-type]
-            self._arm_timer()
+            due = lease.deadline if lease.warn_at is None else (
+                lease.warn_at if lease.deadline is None else min(lease.deadline, lease.warn_at))
+            if self._timer_at is None or (due is not None and due < self._timer_at):
+                self._arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
         if self._capture_stack:
             lease.stack = _stack.capture()
             task = asyncio.current_task()
