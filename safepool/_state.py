@@ -485,7 +485,18 @@ class PoolState:
             raise InternalStateError(f"reset_done for {slot!r}")
         if ok:
             self.counters.resets += 1
-            self._hand_on(slot, now)
+            if not self._waiters and slot.generation == self.generation and not self.closing and (
+                len(self._slots) - self._counts[S.CLOSING] <= self.max_size
+            ):
+                # The hot path of _hand_on (nobody waits: idle it), inlined.
+                counts = self._counts
+                counts[S.RESETTING] -= 1
+                counts[S.IDLE] += 1
+                slot.state = S.IDLE
+                slot.idle_since = now
+                self._idle.append(slot)
+            else:
+                self._hand_on(slot, now)
         else:
             self.counters.resets_failed += 1
             self._start_close(slot)

@@ -31,7 +31,7 @@ from ._clock import Clock, LoopClock, Timer
 from ._compat import HolderCompat, HolderView, QueueView  # asyncpg's private pool attributes
 from ._compat import holders as _compat_holders
 from ._compat import queue as _compat_queue
-from ._detach import detached
+from ._detach import _Driver
 from ._internals import RawConnection
 from ._state import (
     Action,
@@ -570,13 +570,18 @@ class Pool:
                 state.release(lease, self._now(), outcome)
                 self._spawn(self._reset_slot(slot, con, timeout, rollback, done))
             else:
-                # The common case: one statement, bounded by asyncpg's own
-                # timeout, driven in the caller's task (no task, no hop).
-                rollback = _pg.warn_open_transaction(con)
-                state.release(lease, self._now(), outcome)
+                # The common case: one statement, driven in the caller's
+                # task (no task, no loop hop; see _detach).
+                if check == _pg.MUST_RESET:
+                    rollback = _pg.warn_open_transaction(con)
+                else:
+                    rollback = False
+                    _pg.clear_listeners(con)
+                now = self._now()
+                state.release(lease, now, outcome)
                 if state.actions:
                     self._drain()
-                return detached(self._reset_inline(slot, con, timeout, rollback), self._spawn)
+                return _Driver(self._reset_inline(slot, holder, con, timeout, rollback, now), self._spawn)
         else:
             if outcome is ReleaseOutcome.DISCARD and usable:
                 # max_queries or an expired generation: asyncpg closes the
@@ -639,27 +644,35 @@ class Pool:
             _settle(done, None)  # the pool was terminated meanwhile
 
     async def _reset_inline(
-        self, slot: Slot, con: RawConnection, timeout: float | None, rollback: bool
+        self, slot: Slot, holder: _Holder, con: RawConnection, timeout: float | None, rollback: bool, now: float
     ) -> Exception | None:
         """The default reset of a released connection (no custom reset, no
         cancelled query in flight), run by ``detached``: no ``asyncio.timeout``
         here (it would cancel the caller), asyncpg's ``timeout=`` instead.
-        Returns the reset's error for the caller to raise, once the
+        ROLLBACK (if a transaction is open) and the reset query go in one
+        message. Returns the reset's error for the caller to raise, once the
         connection was given up (None if it was handed on)."""
         budget = timeout if timeout is not None else self._reset_timeout
-        holder = self._slot_holders[slot]
         if budget is None and _pg.command_timeout(con) is None:
             # No limit asked for: asyncpg would wait forever. A watchdog (one
             # pool timer, not one per statement: asyncpg's timeout= costs a
             # loop timer and a callback per call) aborts a reset still
             # running after _DEFAULT_RESET_TIMEOUT, so a silent network
             # cannot hold a slot forever.
-            holder.reset_since = self._now()
-            self._watch_resets()
+            holder.reset_since = now
+            if self._reset_watchdog is None:
+                self._watch_resets()
+        mode = self._reset_mode
+        if mode == "full" or (mode == "auto" and holder.clean_mark == -1):
+            query = con.get_reset_query()
+            if rollback:
+                query = f"ROLLBACK;\n{query}"
+        else:
+            query = "ROLLBACK" if rollback else ""
         error: Exception | None = None
         try:
-            full = self._reset_mode == "full" or (self._reset_mode == "auto" and holder.clean_mark == -1)
-            await self._send_reset(con, rollback, budget, limit=budget, full=full)
+            if query:
+                await con.execute(query, timeout=budget)
         except Exception as exc:
             error = exc
         holder.reset_since = None
