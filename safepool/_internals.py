@@ -46,6 +46,38 @@ def is_usable(con: RawConnection) -> bool:
     return con._protocol is not None and not con.is_closed()
 
 
+# What a released connection needs (release_check's answers).
+UNUSABLE = 0  # closed, or its protocol is gone: discard
+USED_UP = 1  # reached max_queries: discard
+MUST_RESET = 2  # a transaction is open or a cancelled query has not answered
+DIRTY = 3  # statements ran since the clean mark
+CLEAN = 4  # no statement since the clean mark
+
+
+def release_check(con: RawConnection, clean_mark: int, max_queries: int) -> int:
+    """One look at the protocol for everything release decides on (the hot
+    path: one call instead of five)."""
+    protocol = con._protocol
+    if protocol is None or con.is_closed():
+        return UNUSABLE
+    queries = protocol.queries_count
+    if queries >= max_queries:
+        return USED_UP
+    if protocol._is_cancelling() or protocol.is_in_transaction() or con._top_xact is not None:
+        return MUST_RESET
+    return CLEAN if queries == clean_mark else DIRTY
+
+
+def on_release(con: RawConnection) -> None:
+    """asyncpg's ``Connection._on_release()``: invalidate the lease's prepared
+    statements and cursors (a counter they check), and warn of listeners left
+    registered. Without listeners, only the counter (the hot path)."""
+    if con._listeners or con._log_listeners:
+        con._on_release()
+    else:
+        con._pool_release_ctr += 1
+
+
 def has_callbacks(con: RawConnection) -> bool:
     """Callbacks the application registered on the connection: asyncpg keeps
     calling them for as long as the connection is leased."""
@@ -71,8 +103,9 @@ def command_timeout(con: RawConnection) -> float | None:
 
 def clear_listeners(con: RawConnection) -> None:
     """What asyncpg's reset does locally, without a round trip."""
-    con._listeners.clear()
-    con._log_listeners.clear()
+    if con._listeners or con._log_listeners:
+        con._listeners.clear()
+        con._log_listeners.clear()
 
 
 def warn_open_transaction(con: RawConnection, *, quiet: bool = False) -> bool:

@@ -380,9 +380,19 @@ class PoolState:
             if slot.generation != self.generation:
                 self._start_close(slot)
                 continue
-            self._move(slot, S.LEASED)
-            self.wait_times.record(0.0)
-            return self._open_lease(slot, now)
+            # The hot path: _move(IDLE -> LEASED) and _open_lease, inlined
+            # (a legal move by the table; check_invariants() re-checks counts).
+            counts = self._counts
+            counts[S.IDLE] -= 1
+            counts[S.LEASED] += 1
+            slot.state = S.LEASED
+            self.wait_times.record_zero()
+            self._next_id += 1
+            lease = Lease(self._next_id, slot, now)
+            slot.lease = lease
+            self._leases[lease.id] = lease
+            self.counters.acquired += 1
+            return lease
         return None
 
     def enqueue(self, future: Any, now: float, timeout: float | None, site: str | None = None) -> Waiter:
@@ -485,7 +495,18 @@ class PoolState:
             return True
         if outcome is ReleaseOutcome.CLEAN:
             self.counters.resets_skipped += 1
-            self._hand_on(slot, now)
+            if not self._waiters and slot.generation == self.generation and not self.closing and (
+                len(self._slots) - self._counts[S.CLOSING] <= self.max_size
+            ):
+                # The hot path of _hand_on (nobody waits: idle it), inlined.
+                counts = self._counts
+                counts[S.LEASED] -= 1
+                counts[S.IDLE] += 1
+                slot.state = S.IDLE
+                slot.idle_since = now
+                self._idle.append(slot)
+            else:
+                self._hand_on(slot, now)
         else:
             self._start_close(slot)
         return False
@@ -506,7 +527,18 @@ class PoolState:
             raise InternalStateError(f"reset_done for {slot!r}")
         if ok:
             self.counters.resets += 1
-            self._hand_on(slot, now)
+            if not self._waiters and slot.generation == self.generation and not self.closing and (
+                len(self._slots) - self._counts[S.CLOSING] <= self.max_size
+            ):
+                # The hot path of _hand_on (nobody waits: idle it), inlined.
+                counts = self._counts
+                counts[S.RESETTING] -= 1
+                counts[S.IDLE] += 1
+                slot.state = S.IDLE
+                slot.idle_since = now
+                self._idle.append(slot)
+            else:
+                self._hand_on(slot, now)
         else:
             self.counters.resets_failed += 1
             self._start_close(slot)
@@ -519,12 +551,13 @@ class PoolState:
         self.lease_times.record(now - lease.acquired_at)
         if self._policy is not None:
             self._policy_released(lease.site, now)
-        if lease.deadline is not None and not lease.expired:
-            self._stale_timers += 1
-        if lease.warn_at is not None and not lease.warned:
-            self._stale_timers += 1
-        if self._stale_timers > 64 and self._stale_timers > len(self._timers) // 2:
-            self._compact_timers()
+        if lease.deadline is not None or lease.warn_at is not None:
+            if lease.deadline is not None and not lease.expired:
+                self._stale_timers += 1
+            if lease.warn_at is not None and not lease.warned:
+                self._stale_timers += 1
+            if self._stale_timers > 64 and self._stale_timers > len(self._timers) // 2:
+                self._compact_timers()
         return slot
 
     def _hand_on(self, slot: Slot, now: float) -> None:
@@ -563,8 +596,8 @@ class PoolState:
 
     def _plan_connects(self, now: float) -> None:
         """Start connects for unmet demand, within max_size and max_connecting."""
-        if self.closing or now < self.backoff_until:
-            return
+        if len(self._slots) >= self.max_size or self.closing or now < self.backoff_until:
+            return  # (the first test: the contended hot path, a full pool)
         connecting = self._counts[S.CONNECTING]
         # Like asyncpg, open a connection per unserved waiter (up to max_size):
         # resetting connections are not counted as supply, since asyncpg's

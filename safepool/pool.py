@@ -16,7 +16,7 @@ import logging
 import traceback
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +25,13 @@ from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 from asyncpg import protocol as _pg_protocol
 
+from . import _autoreset, _sites, _stack
 from . import _internals as _pg
-from . import _sites, _stack
 from ._clock import Clock, LoopClock, Timer
 from ._compat import HolderCompat, HolderView, QueueView  # asyncpg's private pool attributes
 from ._compat import holders as _compat_holders
 from ._compat import queue as _compat_queue
+from ._detach import _Driver
 from ._internals import RawConnection
 from ._policy import AdaptiveQueue
 from ._state import (
@@ -74,7 +75,7 @@ def live_pools() -> list[Pool]:
     """Pools created in this process that are not garbage yet."""
     return list(_LIVE_POOLS)
 
-RESET_MODES = ("full", "rollback")
+RESET_MODES = ("full", "rollback", "auto")
 # Bound on a background reset or take-back when no release timeout applies:
 # a reset that hangs longer than this is treated as a broken connection.
 _DEFAULT_RESET_TIMEOUT = 30.0
@@ -106,7 +107,7 @@ class _Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., re
     through ``proxy._holder._pool`` to drop statement and type caches."""
 
     __slots__ = ("_pool", "_slot", "_con", "clean_mark", "base_refs", "release_timeout", "orphan_checks",
-                 "orphan_reported", "unresponsive", "lost_while_leased",
+                 "orphan_reported", "unresponsive", "lost_while_leased", "reset_since",
                  "__weakref__")
 
     def __init__(self, pool: Pool, slot: Slot, con: RawConnection, clean_mark: int) -> None:
@@ -129,6 +130,8 @@ class _Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., re
         self.unresponsive = False
         # The socket died under a lease: its backend may still run a query.
         self.lost_while_leased = False
+        # When a release's unbounded reset started (the reset watchdog's clock).
+        self.reset_since: float | None = None
 
     def _release_on_close(self) -> None:
         self._con = None
@@ -289,6 +292,10 @@ class Pool:
         self._init = init
         self._reset = reset
         self._reset_mode = reset_mode
+        self._proxy_class: type[PoolConnectionProxy] = PoolConnectionProxy
+        if reset_mode == "auto":
+            _autoreset.require_parser()  # a missing extra fails here, not at the first release
+            self._proxy_class = _autoreset.AutoResetProxy
         # A user reset= hook, or a connection class with its own reset(), is
         # called as asyncpg calls it (asyncpg's own rollback first, in the
         # hook's case); it and an overridden get_reset_query() run on every
@@ -313,6 +320,7 @@ class Pool:
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
         self._timer: Timer | None = None
+        self._reset_watchdog: Timer | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connect_tasks: set[asyncio.Task[Any]] = set()
@@ -393,7 +401,11 @@ class Pool:
         return PoolAcquireContext(self, timeout, lease_timeout, site)
 
     async def _acquire(
-        self, timeout: float | None, lease_timeout: Any = _DEFAULT, site: str | None = None
+        self,
+        timeout: float | None,
+        lease_timeout: Any = _DEFAULT,
+        context: PoolAcquireContext | None = None,
+        site: str | None = None,
     ) -> PoolConnectionProxy:
         if timeout is None:
             timeout = self._acquire_timeout
@@ -438,10 +450,13 @@ class Pool:
         if holder.orphan_checks:
             holder.orphan_checks = 0
             holder.orphan_reported = False
-        proxy = PoolConnectionProxy(holder, slot.connection, lease)
+        proxy = self._proxy_class(holder, slot.connection, lease)
         if lease_timeout is not None or self._leak_warning_after is not None:
             state.arm_lease(lease, lease_timeout, self._leak_warning_after)  # type: ignore[arg-type]
-            self._arm_timer()
+            due = lease.deadline if lease.warn_at is None else (
+                lease.warn_at if lease.deadline is None else min(lease.deadline, lease.warn_at))
+            if self._timer_at is None or (due is not None and due < self._timer_at):
+                self._arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
         if self._capture_stack:
             lease.stack = _stack.capture()
             task = asyncio.current_task()
@@ -450,6 +465,8 @@ class Pool:
             # Its statements are the lease's: a SET it runs is reset on
             # release like any other (the clean mark is per connection).
             await self._run_setup(proxy, lease)
+        if context is not None:
+            context.connection = proxy
         return proxy
 
     async def _wait_for_connection(self, now: float, timeout: float | None, site: str | None = None) -> Lease | None:
@@ -534,31 +551,39 @@ class Pool:
             return
         self._check_init()
         connection._detach()
-        con._on_release()
+        _pg.on_release(con)
         if timeout is None:
             timeout = connection._holder.release_timeout
         done = self._end_lease(connection._lease, con, timeout)
         if done is not None:
-            # A plain future resolved by the pool's task: cancelling this
-            # await cancels only the future, never the reset behind it.
-            await done
+            # A plain future resolved by the pool's task, or the reset driven
+            # in this task until it is cancelled (then a pool task finishes
+            # it): either way cancelling this await never cuts the reset short.
+            error = await done
+            if error is not None:
+                raise error
 
-    def _end_lease(self, lease: Lease, con: RawConnection, timeout: float | None) -> asyncio.Future[None] | None:
-        """End a lease; returns a future that the reset or close resolves, or
-        None when the connection was handed on (or dropped) at once."""
+    def _end_lease(
+        self, lease: Lease, con: RawConnection, timeout: float | None
+    ) -> asyncio.Future[None] | Awaitable[Exception | None] | None:
+        """End a lease; returns what the releasing caller awaits: the reset
+        (driven in the caller's task, see ``_detach``) or a future that the
+        pool's reset or close resolves; None when the connection was handed
+        on (or dropped) at once."""
         state = self._state
         if not lease.active:
             return None  # taken back by the lease timeout while being released
         slot = lease.slot
         holder = self._slot_holders[slot]
-        usable = _pg.is_usable(con)
-        if not usable:
+        check = _pg.release_check(con, holder.clean_mark, self._max_queries)
+        usable = check != _pg.UNUSABLE
+        if check <= _pg.USED_UP or slot.generation != state.generation:
             outcome = ReleaseOutcome.DISCARD
-        elif _pg.queries_count(con) >= self._max_queries or slot.generation != state.generation:
-            outcome = ReleaseOutcome.DISCARD
-        elif self._always_reset or _pg.is_cancelling(con) or con.is_in_transaction():
+        elif check == _pg.MUST_RESET or self._always_reset:
             outcome = ReleaseOutcome.NEEDS_RESET
-        elif self._reset_mode == "rollback" or _pg.queries_count(con) == holder.clean_mark:
+        elif check == _pg.CLEAN or self._reset_mode == "rollback" or (
+            self._reset_mode == "auto" and holder.clean_mark != -1
+        ):
             # Nothing to send: no statement ran since the session was last
             # clean (setup= and init= statements count), or (rollback mode)
             # only an open transaction would need one.
@@ -572,10 +597,28 @@ class Pool:
             # through the loop's exception handler: do it here, in the
             # releasing task.
             # (A custom reset reports it itself, as asyncpg's.)
-            rollback = False if self._custom_reset else _pg.warn_open_transaction(con)
-            done = self._loop.create_future()
-            state.release(lease, self._now(), outcome)
-            self._spawn(self._reset_slot(slot, con, timeout, rollback, done))
+            if self._custom_reset:
+                done = self._loop.create_future()
+                state.release(lease, self._now(), outcome)
+                self._spawn(self._reset_slot(slot, con, timeout, False, done))
+            elif _pg.is_cancelling(con):
+                rollback = _pg.warn_open_transaction(con)
+                done = self._loop.create_future()
+                state.release(lease, self._now(), outcome)
+                self._spawn(self._reset_slot(slot, con, timeout, rollback, done))
+            else:
+                # The common case: one statement, driven in the caller's
+                # task (no task, no loop hop; see _detach).
+                if check == _pg.MUST_RESET:
+                    rollback = _pg.warn_open_transaction(con)
+                else:
+                    rollback = False
+                    _pg.clear_listeners(con)
+                now = self._now()
+                state.release(lease, now, outcome)
+                if state.actions:
+                    self._drain()
+                return _Driver(self._reset_inline(slot, holder, con, timeout, rollback, now), self._spawn)
         else:
             if outcome is ReleaseOutcome.DISCARD and usable:
                 # max_queries or an expired generation: asyncpg closes the
@@ -583,11 +626,18 @@ class Pool:
                 done = self._loop.create_future()
                 self._closes_done[slot] = done
             state.release(lease, self._now(), outcome)
+        self._after_hand_on()
+        return done
+
+    def _after_hand_on(self) -> None:
+        """After a connection was handed on (or idled, or closed): carry out
+        the core's actions; with none, only arm the idle-lifetime timer if
+        it now has something to watch (the hot path skips _drain)."""
+        state = self._state
         if state.actions:
             self._drain()
         elif self._timer is None and state.max_inactive_lifetime and state.size > state.min_size:
             self._arm_timer()  # an idle connection above min_size now has a lifetime to watch
-        return done
 
     async def _reset_slot(
         self,
@@ -630,6 +680,74 @@ class Pool:
         else:
             _settle(done, None)  # the pool was terminated meanwhile
 
+    async def _reset_inline(
+        self, slot: Slot, holder: _Holder, con: RawConnection, timeout: float | None, rollback: bool, now: float
+    ) -> Exception | None:
+        """The default reset of a released connection (no custom reset, no
+        cancelled query in flight), run by ``detached``: no ``asyncio.timeout``
+        here (it would cancel the caller), asyncpg's ``timeout=`` instead.
+        ROLLBACK (if a transaction is open) and the reset query go in one
+        message. Returns the reset's error for the caller to raise, once the
+        connection was given up (None if it was handed on)."""
+        budget = timeout if timeout is not None else self._reset_timeout
+        if budget is None and _pg.command_timeout(con) is None:
+            # No limit asked for: asyncpg would wait forever. A watchdog (one
+            # pool timer, not one per statement: asyncpg's timeout= costs a
+            # loop timer and a callback per call) aborts a reset still
+            # running after _DEFAULT_RESET_TIMEOUT, so a silent network
+            # cannot hold a slot forever.
+            holder.reset_since = now
+            if self._reset_watchdog is None:
+                self._watch_resets()
+        mode = self._reset_mode
+        if mode == "full" or (mode == "auto" and holder.clean_mark == -1):
+            query = con.get_reset_query()
+            if rollback:
+                query = f"ROLLBACK;\n{query}"
+        else:
+            query = "ROLLBACK" if rollback else ""
+        error: Exception | None = None
+        try:
+            if query:
+                await con.execute(query, timeout=budget)
+        except Exception as exc:
+            error = exc
+        holder.reset_since = None
+        if error is not None and slot.state is SlotState.RESETTING:
+            logger.warning(
+                "pool %r: reset failed (%s); closing the connection", self._name, _describe_error(error),
+                extra={"event": "reset_failed", "pool": self._name},
+            )
+        return error if self._reset_finished(slot, con, error) else None
+
+    def _watch_resets(self) -> None:
+        if self._reset_watchdog is None and not self._closed:
+            self._reset_watchdog = self._clock.call_at(self._now() + _DEFAULT_RESET_TIMEOUT, self._check_resets)
+
+    def _check_resets(self) -> None:
+        """The reset watchdog: abort releases' resets that have run for
+        _DEFAULT_RESET_TIMEOUT seconds (the releasing caller then gets the
+        connection's error, and the slot closes); re-arm while any run."""
+        self._reset_watchdog = None
+        now = self._now()
+        pending = False
+        for slot, holder in list(self._slot_holders.items()):
+            started = holder.reset_since
+            if started is None:
+                continue
+            if now - started >= _DEFAULT_RESET_TIMEOUT:
+                holder.reset_since = None
+                holder.unresponsive = True
+                logger.warning(
+                    "pool %r: a reset got no answer for %.0fs; aborting the connection",
+                    self._name, now - started, extra={"event": "reset_failed", "pool": self._name},
+                )
+                slot.connection.terminate()
+            else:
+                pending = True
+        if pending:
+            self._watch_resets()
+
     def _reset_finished(self, slot: Slot, con: RawConnection, error: Exception | None) -> bool:
         """Hand a reset (or taken back) connection on, or close it; False if
         the pool was terminated meanwhile (nothing left to do)."""
@@ -645,7 +763,7 @@ class Pool:
         # cancelled query to stop on the server before the slot stops
         # counting towards max_size.
         self._state.reset_done(slot, self._now(), ok)
-        self._drain()
+        self._after_hand_on()
         return True
 
     async def _reset_connection(
@@ -663,9 +781,17 @@ class Pool:
         async with asyncio.timeout(limit):
             await self._send_reset(con, rollback, budget)
 
-    async def _send_reset(self, con: RawConnection, rollback: bool, budget: float | None) -> None:
+    async def _send_reset(
+        self, con: RawConnection, rollback: bool, budget: float | None, limit: float | None = None,
+        full: bool | None = None,
+    ) -> None:
         """``rollback``: an open transaction already reported (quietly, for a
-        reclaimed or taken-back lease) that must end first."""
+        reclaimed or taken-back lease) that must end first. ``limit``:
+        asyncpg's own timeout for the default reset's statement. ``full``:
+        send the reset query (default: unless reset_mode="rollback"; a lease
+        taken back or reclaimed in "auto" mode always gets it)."""
+        if full is None:
+            full = self._reset_mode != "rollback"
         if self._custom_reset:
             if rollback:
                 await con.execute("ROLLBACK")
@@ -678,11 +804,11 @@ class Pool:
                 await con.reset(timeout=budget)  # sees the lease's state, as with asyncpg
             return
         rollback = rollback or con.is_in_transaction()
-        query = con.get_reset_query() if self._reset_mode == "full" else ""
+        query = con.get_reset_query() if full else ""
         if rollback:
             query = f"ROLLBACK;\n{query}" if query else "ROLLBACK"
         if query:
-            await con.execute(query)
+            await con.execute(query, timeout=limit)
 
     # ---------------------------------------------- leases: expiry and leaks
 
@@ -925,7 +1051,9 @@ class Pool:
             return
         # Mark 0: statements of init= (and of a connect= callback) make the
         # first lease's release reset, as asyncpg resets after every lease.
-        holder = _Holder(self, slot, con, clean_mark=0)
+        # reset_mode="auto" cannot see them (they run on the raw connection):
+        # -1, always reset after the first lease.
+        holder = _Holder(self, slot, con, clean_mark=-1 if self._reset_mode == "auto" else 0)
         self._slot_holders[slot] = holder
         _pg.attach_holder(con, holder)
         state.connect_succeeded(slot, con, self._now())
@@ -1153,6 +1281,9 @@ class Pool:
             self._timer.cancel()
             self._timer = None
             self._timer_at = None
+        if self._reset_watchdog is not None:
+            self._reset_watchdog.cancel()
+            self._reset_watchdog = None
 
     async def expire_connections(self) -> None:
         """Replace every open connection: idle ones now, leased ones on release."""
@@ -1417,25 +1548,26 @@ class PoolAcquireContext:
         self.connection: PoolConnectionProxy | None = None
         self.done = False
 
-    async def __aenter__(self) -> PoolConnectionProxy:
+    # Plain methods returning the pool's coroutine: one coroutine frame per
+    # acquire and per release instead of two (the hot path).
+    def __aenter__(self) -> Coroutine[Any, Any, PoolConnectionProxy]:
         if self.connection is not None or self.done:
             raise _pg_exceptions.InterfaceError("a connection is already acquired")
-        self.connection = await self.pool._acquire(self.timeout, self.lease_timeout, self.site)
-        return self.connection
+        return self.pool._acquire(self.timeout, self.lease_timeout, self, self.site)
 
-    async def __aexit__(
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None = None,
         exc_val: BaseException | None = None,
         exc_tb: TracebackType | None = None,
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
         self.done = True
         con, self.connection = self.connection, None
-        await self.pool.release(con)
+        return self.pool.release(con)
 
     def __await__(self) -> Any:
         self.done = True
-        return self.pool._acquire(self.timeout, self.lease_timeout, self.site).__await__()
+        return self.pool._acquire(self.timeout, self.lease_timeout, None, self.site).__await__()
 
 
 def _settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:

@@ -106,6 +106,9 @@ class _Tee(Histogram):
                     self._complained = True
                     logger.warning("safepool: an OpenTelemetry histogram failed to record", exc_info=True)
 
+    def record_zero(self) -> None:
+        self.record(0.0)
+
     def quantile(self, q: float) -> float:
         return self.inner.quantile(q)
 
