@@ -26,16 +26,18 @@ from asyncpg import exceptions as _pg_exceptions
 from asyncpg import protocol as _pg_protocol
 
 from . import _internals as _pg
-from . import _stack
+from . import _sites, _stack
 from ._clock import Clock, LoopClock, Timer
 from ._compat import HolderCompat, HolderView, QueueView  # asyncpg's private pool attributes
 from ._compat import holders as _compat_holders
 from ._compat import queue as _compat_queue
 from ._internals import RawConnection
+from ._policy import AdaptiveQueue
 from ._state import (
     Action,
     Backoff,
     Closed,
+    Inadmissible,
     Lease,
     Overloaded,
     PoolState,
@@ -91,6 +93,11 @@ _FLOOR_RETRY_FIRST = 1.0
 _FLOOR_RETRY_CAP = 60.0
 # How long close() lets connects under way finish before cancelling them.
 _CONNECT_GRACE_ON_CLOSE = 0.5
+QUEUE_POLICIES = ("fifo", "adaptive")
+# queue_policy="adaptive": CoDel's delay target and interval (seconds); see
+# docs/backpressure.md for the measurements behind them.
+DEFAULT_QUEUE_TARGET = 0.01
+DEFAULT_QUEUE_INTERVAL = 0.1
 
 
 class _Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., read-only
@@ -182,6 +189,10 @@ class Pool:
         reset_timeout: float | None = None,
         backoff: Backoff | None = None,
         clock: Clock | None = None,
+        max_site_share: float | None = None,
+        queue_policy: str = "fifo",
+        queue_target: float = DEFAULT_QUEUE_TARGET,
+        queue_interval: float = DEFAULT_QUEUE_INTERVAL,
         **connect_kwargs: Any,
     ) -> None:
         if len(connect_args) > 1:
@@ -258,6 +269,9 @@ class Pool:
                 raise TypeError(f"{flag_name} must be True or False, got {flag!r}")
         if reset_mode not in RESET_MODES:
             raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
+        adaptive = _adaptive_queue(queue_policy, queue_target, queue_interval)
+        _validate_site_share(max_site_share)
+        self._site_caps = max_site_share is not None
         self._capture_stack = (
             capture_stack if capture_stack is not None else self._leak_warning_after is not None
         )
@@ -293,6 +307,8 @@ class Pool:
             backoff=backoff,
             breaker_threshold=_BREAKER_THRESHOLD if fail_fast else None,
             wait_on_connect_error=wait_on_connect_error,
+            max_site_share=max_site_share,
+            adaptive=adaptive,
         )
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
@@ -355,7 +371,11 @@ class Pool:
     # ------------------------------------------------------------- acquire
 
     def acquire(
-        self, *, timeout: float | None = None, lease_timeout: float | None | object = _DEFAULT
+        self,
+        *,
+        timeout: float | None = None,
+        lease_timeout: float | None | object = _DEFAULT,
+        site: str | None = None,
     ) -> PoolAcquireContext:
         """Acquire a connection: ``async with pool.acquire() as con`` or
         ``con = await pool.acquire()`` (then release it in ``finally``).
@@ -364,10 +384,17 @@ class Pool:
             ``acquire_timeout``); raises :class:`~safepool.PoolTimeoutError`.
         :param lease_timeout: override the pool's ``lease_timeout`` for this
             lease (None: no limit).
+        :param site: the acquire site this lease counts against under
+            ``max_site_share`` (default: the name set by :class:`safepool.site`,
+            else the calling function); shown in ``leases()`` and leak reports.
+        :raises safepool.PoolOverloadedError: refused at once (``max_waiters``,
+            the site's share of it, or the adaptive queue).
         """
-        return PoolAcquireContext(self, timeout, lease_timeout)
+        return PoolAcquireContext(self, timeout, lease_timeout, site)
 
-    async def _acquire(self, timeout: float | None, lease_timeout: Any = _DEFAULT) -> PoolConnectionProxy:
+    async def _acquire(
+        self, timeout: float | None, lease_timeout: Any = _DEFAULT, site: str | None = None
+    ) -> PoolConnectionProxy:
         if timeout is None:
             timeout = self._acquire_timeout
         else:
@@ -381,24 +408,30 @@ class Pool:
         if self._state.closing and not self._closed:
             raise PoolClosedError("pool is closing")
         self._check_init()
+        if self._site_caps and site is None:
+            site = _sites.current_site() or _sites.caller_site(2)
         state = self._state
         now = self._now()
         deadline = None if timeout is None else now + timeout
         while True:
             try:
-                lease = state.try_acquire(now)
+                lease = state.try_acquire(now, site)
             except Closed:
                 raise PoolClosedError("pool is closing") from None
             if state.actions:
                 self._drain()
             if lease is not None:
                 break
-            lease = await self._wait_for_connection(now, None if deadline is None else max(0.0, deadline - now))
+            lease = await self._wait_for_connection(
+                now, None if deadline is None else max(0.0, deadline - now), site
+            )
             if lease is not None:
                 break
             # The granted connection died before this task resumed: try
             # again with what is left of the timeout.
             now = self._now()
+        if site is not None:
+            lease.site = site
         slot = lease.slot
         holder = self._slot_holders[slot]
         holder.release_timeout = timeout
@@ -419,13 +452,14 @@ class Pool:
             await self._run_setup(proxy, lease)
         return proxy
 
-    async def _wait_for_connection(self, now: float, timeout: float | None) -> Lease | None:
+    async def _wait_for_connection(self, now: float, timeout: float | None, site: str | None = None) -> Lease | None:
         state = self._state
         future = self._loop.create_future()
         try:
-            waiter = state.enqueue(future, now, timeout)
-        except Overloaded:
-            raise PoolOverloadedError(self._busy_message("wait queue is full", now)) from None
+            waiter = state.enqueue(future, now, timeout, site)
+        except Overloaded as exc:
+            why = "refused at once: " + str(exc) if isinstance(exc, Inadmissible) else str(exc) or "wait queue is full"
+            raise PoolOverloadedError(self._busy_message(why, now)) from None
         except Unavailable as exc:
             raise ServerUnavailableError(
                 f"pool {self._name!r} has no connection and the server refuses new ones "
@@ -812,6 +846,12 @@ class Pool:
                     self._take_back(action[1])
                 elif kind is Action.LEAK_SUSPECT:
                     self._leak_suspect(action[1])
+                elif kind is Action.SHED:
+                    waiter = action[1]
+                    if not waiter.future.done():
+                        waiter.future.set_exception(
+                            PoolOverloadedError(self._busy_message(action[2], self._now()))
+                        )
         if self._state.size == 0:
             self._drained.set()
         self._arm_timer()
@@ -1191,6 +1231,7 @@ class Pool:
                 task_name=lease.task_name,
                 acquired_at=_stack.acquire_site(lease.stack) if lease.stack else None,
                 stack=_stack.format_stack(lease.stack) if lease.stack else None,
+                site=lease.site,
             )
             for lease in self._state.leases()
         ]
@@ -1242,6 +1283,8 @@ class Pool:
         parts = []
         for lease in leases:
             where = _stack.acquire_site(lease.stack) if lease.stack else "unknown site (capture_stack is off)"
+            if lease.site is not None:
+                where = f"{where} (site {lease.site!r})"
             task = f", task {lease.task_name}" if lease.task_name else ""
             parts.append(f"{now - lease.acquired_at:.3f}s at {where}{task}")
         return "oldest leases: " + "; ".join(parts)
@@ -1249,10 +1292,14 @@ class Pool:
     def _busy_message(self, what: str, now: float, waiter: Waiter | None = None) -> str:
         state = self._state
         waited = f" after {now - waiter.enqueued_at:.3f}s" if waiter is not None else ""
+        sites = ""
+        if self._site_caps:
+            usage = ", ".join(f"{name}: {held} in use, {waiting} waiting" for name, held, waiting in state.site_usage(3))
+            sites = f", site cap={state.site_cap} ({usage})"
         return (
             f"pool {self._name!r}: {what}{waited}: max_size={state.max_size}, in use={state.in_use}, "
             f"idle={state.idle}, connecting={state.count(SlotState.CONNECTING)}, waiting={state.waiting}, "
-            f"max_waiters={state.max_waiters}; {self._describe_oldest(now, 3)}"
+            f"max_waiters={state.max_waiters}{sites}; {self._describe_oldest(now, 3)}"
         )
 
     def _event_fields(self, event: str, lease: Lease, held: float) -> dict[str, Any]:
@@ -1263,6 +1310,7 @@ class Pool:
             "held_seconds": held,
             "acquired_at": _stack.acquire_site(lease.stack) if lease.stack else None,
             "task_name": lease.task_name,
+            "site": lease.site,
         }
 
     def _emit(self, event: str, lease: Lease, held: float) -> None:
@@ -1351,19 +1399,20 @@ class Pool:
 class PoolAcquireContext:
     """What ``pool.acquire()`` returns: awaitable, or an async context manager."""
 
-    __slots__ = ("pool", "timeout", "lease_timeout", "connection", "done")
+    __slots__ = ("pool", "timeout", "lease_timeout", "site", "connection", "done")
 
-    def __init__(self, pool: Pool, timeout: float | None, lease_timeout: Any) -> None:
+    def __init__(self, pool: Pool, timeout: float | None, lease_timeout: Any, site: str | None = None) -> None:
         self.pool = pool
         self.timeout = timeout
         self.lease_timeout = lease_timeout
+        self.site = site
         self.connection: PoolConnectionProxy | None = None
         self.done = False
 
     async def __aenter__(self) -> PoolConnectionProxy:
         if self.connection is not None or self.done:
             raise _pg_exceptions.InterfaceError("a connection is already acquired")
-        self.connection = await self.pool._acquire(self.timeout, self.lease_timeout)
+        self.connection = await self.pool._acquire(self.timeout, self.lease_timeout, self.site)
         return self.connection
 
     async def __aexit__(
@@ -1378,7 +1427,7 @@ class PoolAcquireContext:
 
     def __await__(self) -> Any:
         self.done = True
-        return self.pool._acquire(self.timeout, self.lease_timeout).__await__()
+        return self.pool._acquire(self.timeout, self.lease_timeout, self.site).__await__()
 
 
 def _settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:
@@ -1389,6 +1438,33 @@ def _settle(future: asyncio.Future[None] | None, error: BaseException | None) ->
         future.set_result(None)
     else:
         future.set_exception(error)
+
+
+def _validate_site_share(share: Any) -> None:
+    if share is None:
+        return
+    if isinstance(share, bool) or not isinstance(share, (int, float)):
+        raise TypeError(f"max_site_share must be a number or None, got {type(share).__name__}")
+    if not 0 < share <= 1:
+        raise ValueError(
+            f"max_site_share must be > 0 and <= 1 (the fraction of max_size one acquire site may hold), "
+            f"got {share!r}"
+        )
+
+
+def _adaptive_queue(policy: Any, target: Any, interval: Any) -> AdaptiveQueue | None:
+    if policy not in QUEUE_POLICIES:
+        raise ValueError(f"queue_policy must be one of {QUEUE_POLICIES}, got {policy!r}")
+    target = _validate_timeout("queue_target", target, allow_none=False)
+    interval = _validate_timeout("queue_interval", interval, allow_none=False)
+    if not target or not interval:
+        raise ValueError("queue_target and queue_interval must be > 0 seconds")
+    if target >= interval:  # type: ignore[operator]
+        raise ValueError(
+            f"queue_target ({target}s) must be shorter than queue_interval ({interval}s): "
+            "the queue counts as standing only after a whole interval"
+        )
+    return AdaptiveQueue(target, interval) if policy == "adaptive" else None  # type: ignore[arg-type]
 
 
 def _is_refusal(error: BaseException) -> bool:
@@ -1431,7 +1507,11 @@ def create_pool(
     ``name``, ``lease_timeout``, ``leak_warning_after``, ``capture_stack``,
     ``max_waiters``, ``acquire_timeout``, ``max_connecting``, ``fail_fast``,
     ``wait_on_connect_error``, ``reset_mode``
-    (``"full"`` or ``"rollback"``), ``reset_timeout``, ``backoff``, ``clock``.
+    (``"full"`` or ``"rollback"``), ``reset_timeout``, ``backoff``, ``clock``,
+    ``max_site_share`` (0 < share <= 1: one acquire site holds at most
+    ``ceil(share * max_size)`` connections), ``queue_policy`` (``"fifo"`` or
+    ``"adaptive"``), ``queue_target`` and ``queue_interval`` (seconds, the
+    adaptive queue's CoDel parameters). See docs/backpressure.md.
     Every other keyword goes to :func:`asyncpg.connect`.
 
     Use as ``pool = await create_pool(...)`` or ``async with create_pool(...) as pool``.
