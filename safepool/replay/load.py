@@ -64,7 +64,7 @@ def schedule(config: ReplayConfig) -> list[Request]:
       archived customer (the leaking branch);
     - stuck: a share ``leak_probability`` are payments, all the time; from
       ``leak_start`` on the provider hangs and those are the faulty line;
-    - surge: every request is a report; the rate is ``surge_factor`` times the
+    - surge: every request is a report (three reporting routes, at random); the rate is ``surge_factor`` times the
       pool's capacity from ``leak_start`` for ``surge_duration``;
     - restart: the regular mix.
     """
@@ -78,7 +78,8 @@ def schedule(config: ReplayConfig) -> list[Request]:
         elif config.scenario == "stuck" and rng.random() < config.leak_probability:
             request = Request(t, "POST", f"/payments/{rng.randrange(1, 50_000)}", after)
         elif config.scenario == "surge":
-            request = Request(t, "GET", f"/reports/{rng.randrange(1, 50_000)}", False)
+            kind = rng.choice(("sales", "stock", "users"))
+            request = Request(t, "GET", f"/reports/{kind}/{rng.randrange(1, 50_000)}", False)
         else:
             request = Request(t, "GET", _regular_path(rng), False)
         requests.append(request)
