@@ -140,15 +140,71 @@ class Waiter:
 
 
 # Actions for the I/O layer, drained from PoolState.actions after each call.
-class Action(enum.Enum):
-    CONNECT = "connect"  # (slot): open a connection for this slot
-    CLOSE = "close"  # (slot): close its connection, then call closed(slot)
-    WAKE = "wake"  # (waiter): resolve its future; the slot is waiter.slot
-    TIMEOUT = "timeout"  # (waiter): fail it with a timeout
-    FAIL = "fail"  # (waiter, error): fail it with this error
-    TAKE_BACK = "take_back"  # (lease): the lease expired: cancel, reset, then reset_done
-    LEAK_SUSPECT = "leak_suspect"  # (lease): held longer than leak_warning_after
-    SHED = "shed"  # (waiter, reason): the adaptive queue gave up on it: fail it as overloaded
+# ----------------------------------------------------------------- actions
+# What the core asks the I/O layer to do: one type per kind, dispatched by the
+# runner with ``match`` and ``assert_never`` (a new kind that the runner does
+# not handle is a type error, not a silent no-op).
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """Open a connection for ``slot``; report connect_succeeded / connect_failed."""
+
+    slot: Slot
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close ``slot``'s connection, then report closed(slot)."""
+
+    slot: Slot
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Resolve the waiter's future: ``waiter.slot`` is reserved for it."""
+
+    waiter: Waiter
+
+
+@dataclass(frozen=True, slots=True)
+class TimeOut:
+    """Fail the waiter with a timeout (its deadline passed)."""
+
+    waiter: Waiter
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Fail the waiter with ``error`` (a connect error, the pool closing)."""
+
+    waiter: Waiter
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class TakeBack:
+    """The lease expired: cancel its query, reset, then report reset_done."""
+
+    lease: Lease
+
+
+@dataclass(frozen=True, slots=True)
+class LeakSuspect:
+    """The lease is held longer than leak_warning_after: report it."""
+
+    lease: Lease
+
+
+@dataclass(frozen=True, slots=True)
+class Shed:
+    """The adaptive queue gave up on the waiter: fail it as overloaded, saying why."""
+
+    waiter: Waiter
+    reason: str
+
+
+Action = Connect | Close | Wake | TimeOut | Fail | TakeBack | LeakSuspect | Shed
 
 
 class Overloaded(Exception):
@@ -261,7 +317,7 @@ class PoolState:
         self.max_inactive_lifetime = max_inactive_lifetime
         self.backoff = backoff or Backoff()
 
-        self.actions: list[tuple[Any, ...]] = []
+        self.actions: list[Action] = []
         self.counters = Counters()
         self.wait_times = Histogram()
         self.lease_times = Histogram()
@@ -586,7 +642,7 @@ class PoolState:
             if waiter.deadline is not None:
                 self._stale_timers += 1
             self._move(slot, S.RESERVED)
-            self.actions.append((Action.WAKE, waiter))
+            self.actions.append(Wake(waiter))
             return
         self._move(slot, S.IDLE)
         slot.idle_since = now
@@ -618,7 +674,7 @@ class PoolState:
             slot = Slot(self._new_id(), self.generation, now)
             self._slots.add(slot)
             self._counts[S.CONNECTING] += 1
-            self.actions.append((Action.CONNECT, slot))
+            self.actions.append(Connect(slot))
 
     def floor_deficit(self) -> bool:
         """Whether the pool is below min_size (once the floor is enabled)."""
@@ -692,7 +748,7 @@ class PoolState:
             self._policy.remove(waiter)
         if waiter.deadline is not None:
             self._stale_timers += 1
-        self.actions.append((Action.FAIL, waiter, error))
+        self.actions.append(Fail(waiter, error))
 
     def _fail_waiters(self, error: BaseException) -> None:
         while self._waiters:
@@ -707,7 +763,7 @@ class PoolState:
         if slot.state is S.IDLE:
             self._idle.remove(slot)  # O(n) but rare: expiry, shrink, close
         self._move(slot, S.CLOSING)
-        self.actions.append((Action.CLOSE, slot))
+        self.actions.append(Close(slot))
 
     def discard(self, slot: Slot, now: float) -> None:
         """Close a slot now (broken connection noticed, pool terminate)."""
@@ -801,17 +857,17 @@ class PoolState:
                     obj.state = WaiterState.FAILED
                     self.counters.shed += 1
                     self._policy.remove(obj, now)  # type: ignore[union-attr]
-                    self.actions.append((Action.SHED, obj, self._policy.shed_reason(obj, now)))  # type: ignore[union-attr]
+                    self.actions.append(Shed(obj, self._policy.shed_reason(obj, now)))  # type: ignore[union-attr]
                     continue
                 obj.state = WaiterState.TIMED_OUT
                 if self._policy is not None:
                     self._policy.remove(obj, now)
                 self.counters.acquire_timeouts += 1
-                self.actions.append((Action.TIMEOUT, obj))
+                self.actions.append(TimeOut(obj))
             elif kind == _LEASE_WARNING:
                 obj.warned = True
                 self.counters.leak_warnings += 1
-                self.actions.append((Action.LEAK_SUSPECT, obj))
+                self.actions.append(LeakSuspect(obj))
             else:
                 self._expire_lease(obj, now)
         self._compact_waiters()
@@ -828,7 +884,7 @@ class PoolState:
             self._stale_timers += 1
         slot = self._close_lease(lease, now)
         self._move(slot, S.RESETTING)
-        self.actions.append((Action.TAKE_BACK, lease))
+        self.actions.append(TakeBack(lease))
 
     # -------------------------------------------------------------- invariants
 
@@ -918,7 +974,7 @@ class PoolState:
         if waiter.deadline is not None:
             self._stale_timers += 1
         self._move(slot, S.RESERVED)
-        self.actions.append((Action.WAKE, waiter))
+        self.actions.append(Wake(waiter))
 
     def _policy_released(self, site: str | None, now: float, plan: bool = False) -> None:
         """``plan``: no slot comes back with this (a grant whose connection
@@ -953,7 +1009,7 @@ class PoolState:
         if waiter.deadline is not None:
             self._stale_timers += 1
         self.counters.shed += 1
-        self.actions.append((Action.SHED, waiter, reason))
+        self.actions.append(Shed(waiter, reason))
 
     def site_usage(self, top: int = 10) -> list[tuple[str, int, int]]:
         """(site, in use, waiting) of the ``top`` busiest sites plus "other";

@@ -18,7 +18,7 @@ import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 
 import asyncpg
 from asyncpg import connection as _pg_connection
@@ -35,19 +35,26 @@ from ._detach import _Driver
 from ._internals import RawConnection
 from ._policy import AdaptiveQueue
 from ._state import (
-    Action,
     Backoff,
+    Close,
     Closed,
+    Connect,
+    Fail,
     Inadmissible,
+    LeakSuspect,
     Lease,
     Overloaded,
     PoolState,
     ReleaseOutcome,
+    Shed,
     Slot,
     SlotLost,
     SlotState,
+    TakeBack,
+    TimeOut,
     Unavailable,
     Waiter,
+    Wake,
 )
 from .errors import (
     PoolClosedError,
@@ -946,37 +953,36 @@ class Pool:
             batch = actions[:]
             actions.clear()
             for action in batch:
-                kind = action[0]
-                if kind is Action.WAKE:
-                    waiter: Waiter = action[1]
-                    if waiter.future.done():
-                        # Its task was cancelled while the grant was in flight.
-                        self._state.cancel_waiter(waiter, self._now())
-                    else:
-                        waiter.future.set_result(None)
-                elif kind is Action.CONNECT:
-                    task = self._spawn(self._connect_slot(action[1]))
-                    self._connect_tasks.add(task)
-                    task.add_done_callback(self._connect_tasks.discard)
-                elif kind is Action.CLOSE:
-                    self._close_slot(action[1])
-                elif kind is Action.TIMEOUT:
-                    waiter = action[1]
-                    if not waiter.future.done():
-                        waiter.future.set_exception(
-                            PoolTimeoutError(self._busy_message("timed out waiting for a connection",
-                                                                self._now(), waiter))
-                        )
-                elif kind is Action.FAIL:
-                    self._fail_waiter(action[1], action[2])
-                elif kind is Action.TAKE_BACK:
-                    self._take_back(action[1])
-                elif kind is Action.LEAK_SUSPECT:
-                    self._leak_suspect(action[1])
-                elif kind is Action.SHED:
-                    waiter = action[1]
-                    if not waiter.future.done():
-                        waiter.future.set_exception(PoolOverloadedError(self._shed_message(action[2])))
+                match action:
+                    case Wake(waiter):
+                        if waiter.future.done():
+                            # Its task was cancelled while the grant was in flight.
+                            self._state.cancel_waiter(waiter, self._now())
+                        else:
+                            waiter.future.set_result(None)
+                    case Connect(slot):
+                        task = self._spawn(self._connect_slot(slot))
+                        self._connect_tasks.add(task)
+                        task.add_done_callback(self._connect_tasks.discard)
+                    case Close(slot):
+                        self._close_slot(slot)
+                    case TimeOut(waiter):
+                        if not waiter.future.done():
+                            waiter.future.set_exception(
+                                PoolTimeoutError(self._busy_message("timed out waiting for a connection",
+                                                                    self._now(), waiter))
+                            )
+                    case Fail(waiter, error):
+                        self._fail_waiter(waiter, error)
+                    case TakeBack(lease):
+                        self._take_back(lease)
+                    case LeakSuspect(lease):
+                        self._leak_suspect(lease)
+                    case Shed(waiter, reason):
+                        if not waiter.future.done():
+                            waiter.future.set_exception(PoolOverloadedError(self._shed_message(reason)))
+                    case _:
+                        assert_never(action)
         if self._state.size == 0:
             self._drained.set()
         self._arm_timer()

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Any
+from typing import Any, assert_never
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -44,19 +44,26 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from safepool._policy import AdaptiveQueue
 from safepool._state import (
-    Action,
     Backoff,
+    Close,
     Closed,
+    Connect,
+    Fail,
+    LeakSuspect,
     Lease,
     Overloaded,
     PoolState,
     ReleaseOutcome,
+    Shed,
     Slot,
     SlotLost,
     SlotState,
+    TakeBack,
+    TimeOut,
     Unavailable,
     Waiter,
     WaiterState,
+    Wake,
 )
 
 LONG = bool(os.environ.get("SAFEPOOL_LONG"))
@@ -143,53 +150,46 @@ class PoolMachine(RuleBasedStateMachine):
         actions, state.actions = state.actions, []
         planned = False
         for action in actions:
-            kind = action[0]
-            if kind is Action.CONNECT:
-                slot = action[1]
-                assert slot.state is S.CONNECTING
-                assert slot not in self.connecting
-                self.connecting.append(slot)
-                planned = True
-            elif kind is Action.CLOSE:
-                slot = action[1]
-                assert slot.state is S.CLOSING
-                assert slot not in self.closing, "closed twice"
-                self.closing.append(slot)
-            elif kind is Action.WAKE:
-                waiter = action[1]
-                assert waiter.state is WaiterState.GRANTED
-                assert waiter.slot is not None and waiter.slot.state is S.RESERVED
-                self.grants[id(waiter)] += 1
-                assert self.grants[id(waiter)] == 1, "a waiter was granted twice"
-                self._check_order(waiter)
-                self.woken.append(waiter)
-            elif kind is Action.TIMEOUT:
-                waiter = action[1]
-                assert waiter.state is WaiterState.TIMED_OUT
-                assert waiter.deadline is not None and waiter.deadline <= self.now, "timed out early"
-            elif kind is Action.FAIL:
-                assert action[1].state is WaiterState.FAILED
-            elif kind is Action.SHED:
-                waiter = action[1]
-                assert self.adaptive is not None, "shed without the adaptive queue"
-                assert waiter.state is WaiterState.FAILED
-                assert waiter.deadline is not None, "a waiter without a timeout was shed"
-                assert self.now - waiter.enqueued_at >= self.adaptive[0] - 1e-9, "shed before the target"
-            elif kind is Action.TAKE_BACK:
-                lease = action[1]
-                assert lease.expired and not lease.active
-                assert lease.deadline is not None and lease.deadline <= self.now, "lease taken back early"
-                assert lease.slot.state is S.RESETTING
-                self.held.remove(lease)
-                self.resetting.append(lease.slot)
-            elif kind is Action.LEAK_SUSPECT:
-                lease = action[1]
-                # It may have expired later in the same advance (its warning
-                # came first, and is still reported).
-                assert lease.active or lease.expired
-                assert lease.warn_at is not None and lease.warn_at <= self.now
-            else:  # pragma: no cover
-                raise AssertionError(f"unknown action {action!r}")
+            match action:
+                case Connect(slot):
+                    assert slot.state is S.CONNECTING
+                    assert slot not in self.connecting
+                    self.connecting.append(slot)
+                    planned = True
+                case Close(slot):
+                    assert slot.state is S.CLOSING
+                    assert slot not in self.closing, "closed twice"
+                    self.closing.append(slot)
+                case Wake(waiter):
+                    assert waiter.state is WaiterState.GRANTED
+                    assert waiter.slot is not None and waiter.slot.state is S.RESERVED
+                    self.grants[id(waiter)] += 1
+                    assert self.grants[id(waiter)] == 1, "a waiter was granted twice"
+                    self._check_order(waiter)
+                    self.woken.append(waiter)
+                case TimeOut(waiter):
+                    assert waiter.state is WaiterState.TIMED_OUT
+                    assert waiter.deadline is not None and waiter.deadline <= self.now, "timed out early"
+                case Fail(waiter, _):
+                    assert waiter.state is WaiterState.FAILED
+                case Shed(waiter, _):
+                    assert self.adaptive is not None, "shed without the adaptive queue"
+                    assert waiter.state is WaiterState.FAILED
+                    assert waiter.deadline is not None, "a waiter without a timeout was shed"
+                    assert self.now - waiter.enqueued_at >= self.adaptive[0] - 1e-9, "shed before the target"
+                case TakeBack(lease):
+                    assert lease.expired and not lease.active
+                    assert lease.deadline is not None and lease.deadline <= self.now, "lease taken back early"
+                    assert lease.slot.state is S.RESETTING
+                    self.held.remove(lease)
+                    self.resetting.append(lease.slot)
+                case LeakSuspect(lease):
+                    # It may have expired later in the same advance (its warning
+                    # came first, and is still reported).
+                    assert lease.active or lease.expired
+                    assert lease.warn_at is not None and lease.warn_at <= self.now
+                case _:  # pragma: no cover
+                    assert_never(action)
         if planned:
             # Connects are throttled, and none is tried during a backoff.
             assert self.now >= state.backoff_until or not state.connect_failures, "connect during backoff"
