@@ -27,8 +27,8 @@ from asyncpg import exceptions as _pg_exceptions
 from asyncpg import protocol as _pg_protocol
 
 from . import _autoreset, _stack
-from . import events as _events
 from . import _internals as _pg
+from . import events as _events
 from ._clock import Clock, LoopClock, Timer
 from ._compat import HolderCompat, HolderView, QueueView  # asyncpg's private pool attributes
 from ._compat import holders as _compat_holders
@@ -99,7 +99,7 @@ def on_pool_created(callback: Callable[[Pool], None]) -> Callable[[], None]:
 
 
 def _pool_created(pool: Pool) -> None:
-    for callback in list(_CREATED_HOOKS):
+    for callback in _CREATED_HOOKS.copy():  # a callback may remove itself
         try:
             callback(pool)
         except Exception:
