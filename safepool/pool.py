@@ -1361,10 +1361,13 @@ class Pool:
         """An immutable snapshot of sizes, counters and distributions."""
         return build_stats(self._name, self._state, self._now())
 
-    def leases(self) -> list[LeaseInfo]:
-        """The connections currently held by application code, oldest first."""
+    def leases(self, *, stacks: bool = True) -> list[LeaseInfo]:
+        """The connections currently held by application code, oldest first.
+
+        :param stacks: format each lease's acquire stack (``LeaseInfo.stack``;
+            False leaves it None and costs no source-line lookups)."""
         now = self._now()
-        infos = [self._lease_info(lease, now) for lease in self._state.leases()]
+        infos = [self._lease_info(lease, now, stacks) for lease in self._state.leases()]
         infos.sort(key=lambda info: -info.age)
         return infos
 
@@ -1495,14 +1498,14 @@ class Pool:
         finally:
             self._delivering = False
 
-    def _lease_info(self, lease: Lease, now: float) -> LeaseInfo:
+    def _lease_info(self, lease: Lease, now: float, stacks: bool = True) -> LeaseInfo:
         return LeaseInfo(
             id=lease.id,
             age=now - lease.acquired_at,
             deadline_in=None if lease.deadline is None else lease.deadline - now,
             task_name=lease.task_name,
             acquired_at=_stack.acquire_site(lease.stack) if lease.stack else None,
-            stack=_stack.format_stack(lease.stack) if lease.stack else None,
+            stack=_stack.format_stack(lease.stack) if lease.stack and stacks else None,
             task_ref=lease.task_ref,
         )
 

@@ -94,6 +94,7 @@ class PoolStats:
     oldest_wait_age: float  # how long the head of the wait queue has waited; 0.0 if none
     server_status: str  # "up", "backing_off" or "down"
     consecutive_connect_failures: int
+    taken_at: float = 0.0  # the pool clock's time of this snapshot (seconds; for rates between snapshots)
 
 
 def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
@@ -132,4 +133,5 @@ def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
         oldest_wait_age=state.oldest_waiter_age(now),
         server_status=state.server_status(now).value,
         consecutive_connect_failures=state.connect_failures,
+        taken_at=now,
     )
