@@ -350,7 +350,7 @@ class Pool:
         self._state = PoolState(
             max_size=max_size,
             min_size=min_size,
-            max_waiters=max_waiters,  # type: ignore[arg-type]
+            max_waiters=max_waiters,
             max_connecting=max_connecting,
             max_inactive_lifetime=max_inactive_connection_lifetime,
             backoff=backoff,
@@ -479,7 +479,7 @@ class Pool:
             holder.orphan_reported = False
         proxy = self._proxy_class(holder, slot.connection, lease)
         if lease_timeout is not None or self._leak_warning_after is not None:
-            state.arm_lease(lease, lease_timeout, self._leak_warning_after)  # type: ignore[arg-type]
+            state.arm_lease(lease, lease_timeout, self._leak_warning_after)
             due = lease.deadline if lease.warn_at is None else (
                 lease.warn_at if lease.deadline is None else min(lease.deadline, lease.warn_at))
             if self._timer_at is None or (due is not None and due < self._timer_at):
