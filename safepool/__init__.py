@@ -15,7 +15,7 @@ from .errors import (
 )
 from .pool import Pool, PoolAcquireContext, create_pool
 from .proxy import PoolConnectionProxy
-from .stats import LeaseInfo, PoolStats
+from .stats import LeaseInfo, PoolOptions, PoolStats
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "PoolAcquireContext",
     "PoolClosedError",
     "PoolConnectionProxy",
+    "PoolOptions",
     "PoolError",
     "PoolOverloadedError",
     "PoolStats",
