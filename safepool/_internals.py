@@ -63,7 +63,7 @@ def release_check(con: RawConnection, clean_mark: int, max_queries: int) -> int:
     queries = protocol.queries_count
     if queries >= max_queries:
         return USED_UP
-    if protocol._is_cancelling() or protocol.is_in_transaction():
+    if protocol._is_cancelling() or protocol.is_in_transaction() or con._top_xact is not None:
         return MUST_RESET
     return CLEAN if queries == clean_mark else DIRTY
 

@@ -89,7 +89,7 @@ class LeaseEvent(PoolEvent):
     def to_dict(self) -> dict[str, Any] | None:
         lease = self.lease
         return {"event": self.kind, "pool": self.pool, "lease_id": lease.id, "held_seconds": lease.age,
-                "acquired_at": lease.acquired_at, "task_name": lease.task_name}
+                "acquired_at": lease.acquired_at, "task_name": lease.task_name, "site": lease.site}
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,20 +26,22 @@ from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 from asyncpg import protocol as _pg_protocol
 
-from . import _autoreset, _stack
+from . import _autoreset, _sites, _stack
 from . import _internals as _pg
 from . import events as _events
 from ._clock import Clock, LoopClock, Timer
 from ._compat import HolderCompat, HolderView, QueueView  # asyncpg's private pool attributes
 from ._compat import holders as _compat_holders
 from ._compat import queue as _compat_queue
-from ._detach import detached
+from ._detach import _Driver
 from ._histogram import Histogram, TeeHistogram
 from ._internals import RawConnection
+from ._policy import AdaptiveQueue
 from ._state import (
     Action,
     Backoff,
     Closed,
+    Inadmissible,
     Lease,
     Overloaded,
     PoolState,
@@ -148,6 +150,11 @@ _FLOOR_RETRY_FIRST = 1.0
 _FLOOR_RETRY_CAP = 60.0
 # How long close() lets connects under way finish before cancelling them.
 _CONNECT_GRACE_ON_CLOSE = 0.5
+QUEUE_POLICIES = ("fifo", "adaptive")
+# queue_policy="adaptive": CoDel's delay target and interval (seconds); see
+# docs/backpressure.md for the measurements behind them.
+DEFAULT_QUEUE_TARGET = 0.01
+DEFAULT_QUEUE_INTERVAL = 0.1
 
 
 class _Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., read-only
@@ -241,6 +248,10 @@ class Pool:
         reset_timeout: float | None = None,
         backoff: Backoff | None = None,
         clock: Clock | None = None,
+        max_site_share: float | None = None,
+        queue_policy: str = "fifo",
+        queue_target: float = DEFAULT_QUEUE_TARGET,
+        queue_interval: float = DEFAULT_QUEUE_INTERVAL,
         **connect_kwargs: Any,
     ) -> None:
         if len(connect_args) > 1:
@@ -317,6 +328,9 @@ class Pool:
                 raise TypeError(f"{flag_name} must be True or False, got {flag!r}")
         if reset_mode not in RESET_MODES:
             raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
+        adaptive = _adaptive_queue(queue_policy, queue_target, queue_interval)
+        _validate_site_share(max_site_share)
+        self._site_caps = max_site_share is not None
         self._capture_stack = (
             capture_stack if capture_stack is not None else self._leak_warning_after is not None
         )
@@ -356,6 +370,8 @@ class Pool:
             backoff=backoff,
             breaker_threshold=_BREAKER_THRESHOLD if fail_fast else None,
             wait_on_connect_error=wait_on_connect_error,
+            max_site_share=max_site_share,
+            adaptive=adaptive,
         )
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
@@ -425,7 +441,11 @@ class Pool:
     # ------------------------------------------------------------- acquire
 
     def acquire(
-        self, *, timeout: float | None = None, lease_timeout: float | None | object = _DEFAULT
+        self,
+        *,
+        timeout: float | None = None,
+        lease_timeout: float | None | object = _DEFAULT,
+        site: str | None = None,
     ) -> PoolAcquireContext:
         """Acquire a connection: ``async with pool.acquire() as con`` or
         ``con = await pool.acquire()`` (then release it in ``finally``).
@@ -434,11 +454,20 @@ class Pool:
             ``acquire_timeout``); raises :class:`~safepool.PoolTimeoutError`.
         :param lease_timeout: override the pool's ``lease_timeout`` for this
             lease (None: no limit).
+        :param site: the acquire site this lease counts against under
+            ``max_site_share`` (default: the name set by :class:`safepool.site`,
+            else the calling function); shown in ``leases()`` and leak reports.
+        :raises safepool.PoolOverloadedError: refused at once (``max_waiters``,
+            the site's share of it, or the adaptive queue).
         """
-        return PoolAcquireContext(self, timeout, lease_timeout)
+        return PoolAcquireContext(self, timeout, lease_timeout, site)
 
     async def _acquire(
-        self, timeout: float | None, lease_timeout: Any = _DEFAULT, context: PoolAcquireContext | None = None
+        self,
+        timeout: float | None,
+        lease_timeout: Any = _DEFAULT,
+        context: PoolAcquireContext | None = None,
+        site: str | None = None,
     ) -> PoolConnectionProxy:
         if timeout is None:
             timeout = self._acquire_timeout
@@ -453,24 +482,30 @@ class Pool:
         if self._state.closing and not self._closed:
             raise PoolClosedError("pool is closing")
         self._check_init()
+        if self._site_caps and site is None:
+            site = _sites.current_site() or _sites.caller_site(2)
         state = self._state
         now = self._now()
         deadline = None if timeout is None else now + timeout
         while True:
             try:
-                lease = state.try_acquire(now)
+                lease = state.try_acquire(now, site)
             except Closed:
                 raise PoolClosedError("pool is closing") from None
             if state.actions:
                 self._drain()
             if lease is not None:
                 break
-            lease = await self._wait_for_connection(now, None if deadline is None else max(0.0, deadline - now))
+            lease = await self._wait_for_connection(
+                now, None if deadline is None else max(0.0, deadline - now), site
+            )
             if lease is not None:
                 break
             # The granted connection died before this task resumed: try
             # again with what is left of the timeout.
             now = self._now()
+        if site is not None:
+            lease.site = site
         slot = lease.slot
         holder = self._slot_holders[slot]
         holder.release_timeout = timeout
@@ -498,13 +533,15 @@ class Pool:
             context.connection = proxy
         return proxy
 
-    async def _wait_for_connection(self, now: float, timeout: float | None) -> Lease | None:
+    async def _wait_for_connection(self, now: float, timeout: float | None, site: str | None = None) -> Lease | None:
         state = self._state
         future = self._loop.create_future()
         try:
-            waiter = state.enqueue(future, now, timeout)
-        except Overloaded:
-            raise PoolOverloadedError(self._busy_message("wait queue is full", now)) from None
+            waiter = state.enqueue(future, now, timeout, site)
+        except Overloaded as exc:
+            if isinstance(exc, Inadmissible):
+                raise PoolOverloadedError(self._shed_message("refused at once: " + str(exc))) from None
+            raise PoolOverloadedError(self._busy_message(str(exc) or "wait queue is full", now)) from None
         except Unavailable as exc:
             raise ServerUnavailableError(
                 f"pool {self._name!r} has no connection and the server refuses new ones "
@@ -635,13 +672,18 @@ class Pool:
                 state.release(lease, self._now(), outcome)
                 self._spawn(self._reset_slot(slot, con, timeout, rollback, done))
             else:
-                # The common case: one statement, bounded by asyncpg's own
-                # timeout, driven in the caller's task (no task, no hop).
-                rollback = _pg.warn_open_transaction(con)
-                state.release(lease, self._now(), outcome)
+                # The common case: one statement, driven in the caller's
+                # task (no task, no loop hop; see _detach).
+                if check == _pg.MUST_RESET:
+                    rollback = _pg.warn_open_transaction(con)
+                else:
+                    rollback = False
+                    _pg.clear_listeners(con)
+                now = self._now()
+                state.release(lease, now, outcome)
                 if state.actions:
                     self._drain()
-                return detached(self._reset_inline(slot, con, timeout, rollback), self._spawn)
+                return _Driver(self._reset_inline(slot, holder, con, timeout, rollback, now), self._spawn)
         else:
             if outcome is ReleaseOutcome.DISCARD and usable:
                 # max_queries or an expired generation: asyncpg closes the
@@ -704,27 +746,35 @@ class Pool:
             _settle(done, None)  # the pool was terminated meanwhile
 
     async def _reset_inline(
-        self, slot: Slot, con: RawConnection, timeout: float | None, rollback: bool
+        self, slot: Slot, holder: _Holder, con: RawConnection, timeout: float | None, rollback: bool, now: float
     ) -> Exception | None:
         """The default reset of a released connection (no custom reset, no
         cancelled query in flight), run by ``detached``: no ``asyncio.timeout``
         here (it would cancel the caller), asyncpg's ``timeout=`` instead.
-        Returns the reset's error for the caller to raise, once the
+        ROLLBACK (if a transaction is open) and the reset query go in one
+        message. Returns the reset's error for the caller to raise, once the
         connection was given up (None if it was handed on)."""
         budget = timeout if timeout is not None else self._reset_timeout
-        holder = self._slot_holders[slot]
         if budget is None and _pg.command_timeout(con) is None:
             # No limit asked for: asyncpg would wait forever. A watchdog (one
             # pool timer, not one per statement: asyncpg's timeout= costs a
             # loop timer and a callback per call) aborts a reset still
             # running after _DEFAULT_RESET_TIMEOUT, so a silent network
             # cannot hold a slot forever.
-            holder.reset_since = self._now()
-            self._watch_resets()
+            holder.reset_since = now
+            if self._reset_watchdog is None:
+                self._watch_resets()
+        mode = self._reset_mode
+        if mode == "full" or (mode == "auto" and holder.clean_mark == -1):
+            query = con.get_reset_query()
+            if rollback:
+                query = f"ROLLBACK;\n{query}"
+        else:
+            query = "ROLLBACK" if rollback else ""
         error: Exception | None = None
         try:
-            full = self._reset_mode == "full" or (self._reset_mode == "auto" and holder.clean_mark == -1)
-            await self._send_reset(con, rollback, budget, limit=budget, full=full)
+            if query:
+                await con.execute(query, timeout=budget)
         except Exception as exc:
             error = exc
         holder.reset_since = None
@@ -990,6 +1040,10 @@ class Pool:
                     self._take_back(action[1])
                 elif kind is Action.LEAK_SUSPECT:
                     self._leak_suspect(action[1])
+                elif kind is Action.SHED:
+                    waiter = action[1]
+                    if not waiter.future.done():
+                        waiter.future.set_exception(PoolOverloadedError(self._shed_message(action[2])))
         if self._state.size == 0:
             self._drained.set()
         self._arm_timer()
@@ -1426,6 +1480,8 @@ class Pool:
         parts = []
         for lease in leases:
             where = _stack.acquire_site(lease.stack) if lease.stack else "unknown site (capture_stack is off)"
+            if lease.site is not None:
+                where = f"{where} (site {lease.site!r})"
             task = f", task {lease.task_name}" if lease.task_name else ""
             parts.append(f"{now - lease.acquired_at:.3f}s at {where}{task}")
         return "oldest leases: " + "; ".join(parts)
@@ -1440,10 +1496,23 @@ class Pool:
                 tuple(sorted((self._lease_info(lease, now) for lease in state.leases()), key=lambda i: -i.age)),
             ))
         waited = f" after {now - waiter.enqueued_at:.3f}s" if waiter is not None else ""
+        sites = ""
+        if self._site_caps:
+            usage = ", ".join(f"{name}: {held} in use, {waiting} waiting" for name, held, waiting in state.site_usage(3))
+            sites = f", site cap={state.site_cap} ({usage})"
         return (
             f"pool {self._name!r}: {what}{waited}: max_size={state.max_size}, in use={state.in_use}, "
             f"idle={state.idle}, connecting={state.count(SlotState.CONNECTING)}, waiting={state.waiting}, "
-            f"max_waiters={state.max_waiters}; {self._describe_oldest(now, 3)}"
+            f"max_waiters={state.max_waiters}{sites}; {self._describe_oldest(now, 3)}"
+        )
+
+    def _shed_message(self, why: str) -> str:
+        # Cheaper than _busy_message (no lease listing): under a surge the
+        # adaptive queue sheds thousands of waiters a second.
+        state = self._state
+        return (
+            f"pool {self._name!r}: {why}: max_size={state.max_size}, in use={state.in_use}, "
+            f"waiting={state.waiting}"
         )
 
     def _event_fields(self, event: str, lease: Lease, held: float) -> dict[str, Any]:
@@ -1454,6 +1523,7 @@ class Pool:
             "held_seconds": held,
             "acquired_at": _stack.acquire_site(lease.stack) if lease.stack else None,
             "task_name": lease.task_name,
+            "site": lease.site,
         }
 
     def _emit(self, event: str, lease: Lease, held: float, **extra: Any) -> None:
@@ -1506,6 +1576,7 @@ class Pool:
             task_name=lease.task_name,
             acquired_at=_stack.acquire_site(lease.stack) if lease.stack else None,
             stack=_stack.format_stack(lease.stack) if lease.stack and stacks else None,
+            site=lease.site,
             task_ref=lease.task_ref,
         )
 
@@ -1766,12 +1837,13 @@ class Pool:
 class PoolAcquireContext:
     """What ``pool.acquire()`` returns: awaitable, or an async context manager."""
 
-    __slots__ = ("pool", "timeout", "lease_timeout", "connection", "done")
+    __slots__ = ("pool", "timeout", "lease_timeout", "site", "connection", "done")
 
-    def __init__(self, pool: Pool, timeout: float | None, lease_timeout: Any) -> None:
+    def __init__(self, pool: Pool, timeout: float | None, lease_timeout: Any, site: str | None = None) -> None:
         self.pool = pool
         self.timeout = timeout
         self.lease_timeout = lease_timeout
+        self.site = site
         self.connection: PoolConnectionProxy | None = None
         self.done = False
 
@@ -1780,7 +1852,7 @@ class PoolAcquireContext:
     def __aenter__(self) -> Coroutine[Any, Any, PoolConnectionProxy]:
         if self.connection is not None or self.done:
             raise _pg_exceptions.InterfaceError("a connection is already acquired")
-        return self.pool._acquire(self.timeout, self.lease_timeout, self)
+        return self.pool._acquire(self.timeout, self.lease_timeout, self, self.site)
 
     def __aexit__(
         self,
@@ -1794,7 +1866,7 @@ class PoolAcquireContext:
 
     def __await__(self) -> Any:
         self.done = True
-        return self.pool._acquire(self.timeout, self.lease_timeout).__await__()
+        return self.pool._acquire(self.timeout, self.lease_timeout, None, self.site).__await__()
 
 
 def _settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:
@@ -1805,6 +1877,33 @@ def _settle(future: asyncio.Future[None] | None, error: BaseException | None) ->
         future.set_result(None)
     else:
         future.set_exception(error)
+
+
+def _validate_site_share(share: Any) -> None:
+    if share is None:
+        return
+    if isinstance(share, bool) or not isinstance(share, (int, float)):
+        raise TypeError(f"max_site_share must be a number or None, got {type(share).__name__}")
+    if not 0 < share <= 1:
+        raise ValueError(
+            f"max_site_share must be > 0 and <= 1 (the fraction of max_size one acquire site may hold), "
+            f"got {share!r}"
+        )
+
+
+def _adaptive_queue(policy: Any, target: Any, interval: Any) -> AdaptiveQueue | None:
+    if policy not in QUEUE_POLICIES:
+        raise ValueError(f"queue_policy must be one of {QUEUE_POLICIES}, got {policy!r}")
+    target = _validate_timeout("queue_target", target, allow_none=False)
+    interval = _validate_timeout("queue_interval", interval, allow_none=False)
+    if not target or not interval:
+        raise ValueError("queue_target and queue_interval must be > 0 seconds")
+    if target >= interval:
+        raise ValueError(
+            f"queue_target ({target}s) must be shorter than queue_interval ({interval}s): "
+            "the queue counts as standing only after a whole interval"
+        )
+    return AdaptiveQueue(target, interval) if policy == "adaptive" else None
 
 
 def _is_refusal(error: BaseException) -> bool:
@@ -1847,7 +1946,11 @@ def create_pool(
     ``name``, ``lease_timeout``, ``leak_warning_after``, ``capture_stack``,
     ``max_waiters``, ``acquire_timeout``, ``max_connecting``, ``fail_fast``,
     ``wait_on_connect_error``, ``reset_mode``
-    (``"full"`` or ``"rollback"``), ``reset_timeout``, ``backoff``, ``clock``.
+    (``"full"`` or ``"rollback"``), ``reset_timeout``, ``backoff``, ``clock``,
+    ``max_site_share`` (0 < share <= 1: one acquire site holds at most
+    ``ceil(share * max_size)`` connections), ``queue_policy`` (``"fifo"`` or
+    ``"adaptive"``), ``queue_target`` and ``queue_interval`` (seconds, the
+    adaptive queue's CoDel parameters). See docs/backpressure.md.
     Every other keyword goes to :func:`asyncpg.connect`.
 
     Use as ``pool = await create_pool(...)`` or ``async with create_pool(...) as pool``.

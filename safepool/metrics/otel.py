@@ -46,6 +46,7 @@ __all__ = ["PoolInstruments", "instrument"]
 POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
 SAFEPOOL_STATE = "safepool.connection.state"
+SITE = "safepool.site"
 
 # (PoolStats counter, instrument name, unit, description): every counter of PoolStats.
 COUNTERS: tuple[tuple[str, str, str, str], ...] = (
@@ -65,6 +66,9 @@ COUNTERS: tuple[tuple[str, str, str, str], ...] = (
     ("resets", "safepool.resets", "{reset}", "Session resets that succeeded."),
     ("resets_skipped", "safepool.resets_skipped", "{reset}", "Releases that needed no reset."),
     ("resets_failed", "safepool.resets_failed", "{reset}", "Session resets that failed."),
+    ("shed", "safepool.shed", "{acquire}", "Acquires the adaptive queue failed after queue_target."),
+    ("admission_rejections", "safepool.admission_rejections", "{acquire}",
+     "Acquires refused at once: not servable within their timeout at the measured drain rate."),
 )
 
 # (the pool's timing sink kind, instrument name, description)
@@ -225,6 +229,14 @@ class PoolInstruments:
             meter.create_observable_counter(
                 name, [self._per_pool(_field(field))], unit, description
             )
+        meter.create_observable_up_down_counter(
+            "safepool.site.connection.count", [self._observe_sites(in_use=True)], conn,
+            "Connections held by an acquire site (max_site_share); the 10 busiest sites plus 'other'.",
+        )
+        meter.create_observable_up_down_counter(
+            "safepool.site.pending_requests", [self._observe_sites(in_use=False)], "{request}",
+            "Tasks of an acquire site waiting for a connection; the 10 busiest sites plus 'other'.",
+        )
         meter.create_observable_gauge(
             "safepool.lease.oldest_age", [self._per_pool(lambda s: s.oldest_lease_age)], "s",
             "Age of the oldest lease held now (0 when none).",
@@ -265,6 +277,14 @@ class PoolInstruments:
             for state, value in (("idle", s.idle), ("in_use", s.in_use), ("connecting", s.connecting),
                                  ("resetting", s.resetting), ("closing", s.closing)):
                 yield Observation(value, {POOL_NAME: name, SAFEPOOL_STATE: state})
+
+    def _observe_sites(self, *, in_use: bool) -> Callable[[CallbackOptions], Iterator[Observation]]:
+        def callback(options: CallbackOptions) -> Iterator[Observation]:
+            for name, pool in self._items():
+                for row in self._read(pool)[0].sites:
+                    yield Observation(row.in_use if in_use else row.waiting, {POOL_NAME: name, SITE: row.site})
+
+        return callback
 
     def _observe_leak_suspects(self, options: CallbackOptions) -> Iterator[Observation]:
         for name, pool in self._items():

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import weakref
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -72,6 +73,7 @@ class Leak:
     stack: str | None  # the acquire stack, outermost first, test-runner frames removed
     detail: str = ""
     pool_ref: weakref.ref[Pool] | None = field(default=None, repr=False, compare=False)
+    site: str | None = None  # the acquire site (max_site_share, acquire(site=), safepool.site)
 
     def describe(self) -> str:
         task = f" by task {self.task_name}" if self.task_name else ""
@@ -93,6 +95,8 @@ class Leak:
         else:
             return f"pool {self.pool!r}: {self.detail}"
         where = self.stack or (f"  {self.acquired_at}\n" if self.acquired_at else "  (acquire stack not captured)\n")
+        if self.site is not None:
+            head += f"\n  acquire site: {self.site}"
         return f"{head}\n  acquired at:\n{_indent(where, '  ')}"
 
 
@@ -106,6 +110,9 @@ def format_report(leaks: list[Leak]) -> str:
     if timeouts:
         parts.append(f"{timeouts} acquire timeout{'s' if timeouts != 1 else ''} caused by idle leases")
     lines = [f"safepool: {' and '.join(parts)}", ""]
+    by_site = Counter(leak.site for leak in leaks if leak.site is not None and leak.kind != "idle_timeout")
+    if by_site:
+        lines[1:1] = ["by acquire site: " + ", ".join(f"{site} ({n})" for site, n in by_site.most_common())]
     for number, leak in enumerate(leaks, 1):
         lines.extend((f"[{number}] {leak.describe().rstrip()}", ""))
     lines.append(FIX_HINT if held else STRICT_HINT)
@@ -241,7 +248,7 @@ class LeakGuard:
                     kind="open", pool=pool.name, lease_id=lease_id, held=info.age, task_name=info.task_name,
                     holder=None, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
                     detail=f"acquired by fixture {name!r}, whose teardown did not release it",
-                    pool_ref=pool_ref,
+                    pool_ref=pool_ref, site=info.site,
                 )
                 for info in pool.leases()
                 if info.id == lease_id and self._first_time(pool, lease_id, "open")
@@ -278,7 +285,7 @@ class LeakGuard:
                 found.append(Leak(
                     kind="open", pool=pool.name, lease_id=info.id, held=info.age, task_name=info.task_name,
                     holder=doing, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
-                    pool_ref=weakref.ref(pool),
+                    pool_ref=weakref.ref(pool), site=info.site,
                 ))
         for entry, held_at_mark in self._ended:
             if entry.released or (since_mark and (entry.seq <= self._mark_seq or held_at_mark)):
@@ -290,7 +297,7 @@ class LeakGuard:
             info = entry.info
             found.append(Leak(
                 kind="ended", pool=entry.pool_name, lease_id=info.id, held=info.age, task_name=info.task_name,
-                holder=None, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
+                holder=None, acquired_at=info.acquired_at, stack=_trim_stack(info.stack), site=info.site,
             ))
         for seq, pool_ref, payload in list(_tracker.records):
             source = pool_ref()
@@ -305,7 +312,7 @@ class LeakGuard:
                 found.append(Leak(
                     kind="collected", pool=source.name, lease_id=lease.id, held=lease.age,
                     task_name=lease.task_name, holder=None, acquired_at=lease.acquired_at,
-                    stack=_trim_stack(lease.stack),
+                    stack=_trim_stack(lease.stack), site=lease.site,
                 ))
             elif self.strict:
                 leak = self._timeout_leak(source, seq, payload)

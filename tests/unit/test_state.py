@@ -508,3 +508,147 @@ def test_release_of_an_ended_lease_is_an_internal_error() -> None:
     state.release(lease, 1, CLEAN)
     with pytest.raises(InternalStateError):
         state.release(lease, 2, CLEAN)
+
+
+# ------------------------------------------------- site caps (bulkheads)
+
+
+def sited(max_size: int = 4, share: float = 0.5, **kwargs: object) -> PoolState:
+    return make(max_size, max_site_share=share, **kwargs)
+
+
+def test_site_cap_holds_a_site_and_serves_others_ahead_of_it() -> None:
+    state = sited()
+    fill(state, 4)
+    a1, a2 = state.try_acquire(0, "a"), state.try_acquire(0, "a")
+    assert a1 and a2 and state.site_cap == 2
+    # "a" is at its cap: it waits although two connections are idle.
+    assert state.try_acquire(0, "a") is None
+    blocked = state.enqueue(object(), 0, None, "a")
+    assert state.idle == 2 and state.waiting == 1
+    # Another site is not held up by it: it takes an idle connection at once.
+    b1 = state.try_acquire(1, "b")
+    assert b1 is not None
+    b2 = state.try_acquire(1, "b")
+    assert b2 is not None and state.try_acquire(1, "b") is None
+    later = state.enqueue(object(), 2, None, "b")
+    # A "b" release goes to the later "b" waiter: "a" is still at its cap.
+    state.release(b1, 3, CLEAN)
+    assert later.state is WaiterState.GRANTED and blocked.state is WaiterState.WAITING
+    # An "a" release makes its waiter eligible: it gets that connection.
+    state.release(a1, 4, CLEAN)
+    assert blocked.state is WaiterState.GRANTED
+    assert [row[:2] for row in state.site_usage()] == [("a", 2), ("b", 2)]
+    state.check_invariants()
+
+
+def test_a_site_leaving_its_cap_gets_an_idle_connection_at_once() -> None:
+    state = sited()
+    fill(state, 4)
+    a1, a2 = state.try_acquire(0, "a"), state.try_acquire(0, "a")
+    assert a1 and a2
+    waiter = state.enqueue(object(), 0, None, "a")
+    # The lease ends with a reset: the slot is busy, but idle ones exist.
+    assert state.release(a1, 1, RESET) is True
+    assert waiter.state is WaiterState.GRANTED and take(state, Action.WAKE)
+    state.check_invariants()
+
+
+def test_site_share_rounds_up_and_follows_resize() -> None:
+    state = sited(max_size=10, share=0.3)
+    assert state.site_cap == 3
+    state.resize(4, 0)
+    assert state.site_cap == 2
+    assert sited(max_size=3, share=0.1).site_cap == 1
+
+
+def test_a_capped_site_takes_at_most_its_share_of_max_waiters() -> None:
+    state = sited(max_size=2, share=0.5, max_waiters=4)
+    fill(state, 2)
+    assert state.try_acquire(0, "a") is not None
+    state.enqueue(object(), 0, None, "a")
+    state.enqueue(object(), 0, None, "a")
+    with pytest.raises(Overloaded, match="share"):
+        state.enqueue(object(), 0, None, "a")
+    state.enqueue(object(), 0, None, "b")  # the other site still has room
+    assert state.counters.overload_rejections == 1
+
+
+# ------------------------------------------------------ adaptive queue
+
+
+def adaptive(max_size: int = 1, target: float = 0.01, interval: float = 0.1, **kwargs: object) -> PoolState:
+    from safepool._policy import AdaptiveQueue
+
+    return make(max_size, adaptive=AdaptiveQueue(target, interval), **kwargs)
+
+
+def test_adaptive_queue_is_fifo_until_the_queue_stands() -> None:
+    state = adaptive()
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease is not None
+    first = state.enqueue(object(), 0.0, 1.0)
+    second = state.enqueue(object(), 0.05, 1.0)
+    assert first.deadline == 1.0  # not standing yet: the caller's timeout
+    state.release(lease, 0.06, CLEAN)
+    assert first.state is WaiterState.GRANTED and second.state is WaiterState.WAITING
+
+
+def test_standing_queue_sheds_old_waiters_serves_newest_and_shortens_timeouts() -> None:
+    state = adaptive()
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease is not None
+    old = state.enqueue(object(), 0.0, 1.0)
+    untimed = state.enqueue(object(), 0.01, None)
+    # 0.15 s later the queue has not been empty for a whole interval.
+    newcomer = state.enqueue(object(), 0.15, 1.0)
+    assert newcomer.shed and newcomer.deadline == pytest.approx(0.16)
+    assert old.state is WaiterState.FAILED  # shed: it waited longer than the target
+    shed = take(state, Action.SHED)
+    assert [a[1] for a in shed] == [old] and "queue_target=0.01" in str(shed[0][2])
+    # The untimed waiter waited a whole interval: it is served before the newcomer.
+    state.release(lease, 0.155, CLEAN)
+    assert untimed.state is WaiterState.GRANTED
+    lease = state.claim(untimed, 0.155)
+    newest = state.enqueue(object(), 0.156, 1.0)
+    state.release(lease, 0.157, CLEAN)
+    # LIFO: the newest waiter first.
+    assert newest.state is WaiterState.GRANTED and newcomer.state is WaiterState.WAITING
+    # The newcomer gets the target delay, not its timeout, and fails as shed.
+    state.advance(0.16)
+    assert newcomer.state is WaiterState.FAILED and state.counters.shed == 2
+    assert take(state, Action.SHED)[0][1] is newcomer
+
+
+def test_untimed_waiters_are_never_shed() -> None:
+    state = adaptive()
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease is not None
+    state.enqueue(object(), 0.0, 1.0)
+    untimed = state.enqueue(object(), 0.2, None)
+    assert untimed.deadline is None and not untimed.shed
+    state.advance(5.0)
+    assert untimed.state is WaiterState.WAITING
+
+
+def test_deadline_aware_admission_refuses_what_the_drain_rate_cannot_serve() -> None:
+    state = adaptive(max_size=1, interval=10.0, target=1.0)
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease is not None
+    now = 0.0
+    # Ten hand-ons 0.1 s apart while tasks wait: 10 connections/s.
+    waiters = [state.enqueue(object(), now, None) for _ in range(12)]
+    for waiter in waiters[:10]:
+        now += 0.1
+        state.release(lease, now, CLEAN)
+        assert waiter.state is WaiterState.GRANTED
+        lease = state.claim(waiter, now)
+    # Two wait; a third would be served in ~0.3 s: a 0.2 s timeout is refused at once.
+    with pytest.raises(Overloaded, match=r"2 task\(s\) ahead.*10 connections/s"):
+        state.enqueue(object(), now, 0.2)
+    assert state.counters.admission_rejections == 1
+    state.enqueue(object(), now, 0.5)  # 0.3 s fits in 0.5 s
