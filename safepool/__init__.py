@@ -16,7 +16,7 @@ from .errors import (
 )
 from .pool import Pool, PoolAcquireContext, create_pool
 from .proxy import PoolConnectionProxy
-from .stats import LeaseInfo, PoolStats, SiteStats
+from .stats import LeaseInfo, PoolOptions, PoolStats, SiteStats
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "PoolAcquireContext",
     "PoolClosedError",
     "PoolConnectionProxy",
+    "PoolOptions",
     "PoolError",
     "PoolOverloadedError",
     "PoolStats",

@@ -147,6 +147,19 @@ def detach_proxy(con: RawConnection, expired_reason: str | None = None) -> None:
         con._set_proxy(None)
 
 
+def live_proxy(con: RawConnection) -> Any | None:
+    """The proxy a connection is leased through, or None (none, or already
+    garbage: ``con._proxy`` is a weak proxy)."""
+    proxy = con._proxy
+    if proxy is None:
+        return None
+    try:
+        proxy._con  # noqa: B018 - a dead weak proxy raises ReferenceError
+    except ReferenceError:
+        return None
+    return proxy
+
+
 async def cancel_running_query(con: RawConnection) -> None:
     """Send the server a cancel request for this connection's running query."""
     await _connect_utils._cancel(  # type: ignore[attr-defined]

@@ -94,7 +94,7 @@ class Slot:
 
 class Lease:
     __slots__ = (
-        "id", "slot", "acquired_at", "deadline", "warn_at", "stack", "task_name",
+        "id", "slot", "acquired_at", "deadline", "warn_at", "stack", "task_name", "task_ref",
         "active", "expired", "warned", "site", "__weakref__",
     )
 
@@ -106,6 +106,7 @@ class Lease:
         self.warn_at: float | None = None
         self.stack: tuple[tuple[str, int, str], ...] | None = None
         self.task_name: str | None = None
+        self.task_ref: Any = None  # weakref.ref to the acquiring task (with stack capture)
         self.active = True
         self.expired = False
         self.warned = False

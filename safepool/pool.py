@@ -12,26 +12,29 @@ share one clock callback armed at the earliest deadline.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import traceback
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import TYPE_CHECKING, Any, TypeVar, assert_never
 
-import asyncpg
 from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 from asyncpg import protocol as _pg_protocol
 
 from . import _autoreset, _sites, _stack
 from . import _internals as _pg
+from . import events as _events
 from ._clock import Clock, LoopClock, Timer
 from ._compat import HolderCompat, HolderView, QueueView  # asyncpg's private pool attributes
 from ._compat import holders as _compat_holders
 from ._compat import queue as _compat_queue
 from ._detach import _Driver
+from ._histogram import Histogram, TeeHistogram
 from ._internals import RawConnection
 from ._policy import AdaptiveQueue
 from ._state import (
@@ -63,7 +66,7 @@ from .errors import (
     ServerUnavailableError,
 )
 from .proxy import PoolConnectionProxy
-from .stats import LeaseInfo, PoolStats, build_stats
+from .stats import LeaseInfo, PoolOptions, PoolStats, build_stats
 
 if TYPE_CHECKING:
     from .health import HealthReport
@@ -78,9 +81,62 @@ _DEFAULT = object()
 _LIVE_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
+_CREATED_HOOKS: list[Callable[[Pool], None]] = []
+_T = TypeVar("_T")
+
+
 def live_pools() -> list[Pool]:
     """Pools created in this process that are not garbage yet."""
     return list(_LIVE_POOLS)
+
+
+def on_pool_created(callback: Callable[[Pool], None]) -> Callable[[], None]:
+    """Call ``callback(pool)`` for every pool created from now on, at the end
+    of its constructor (before it connects), in the creating thread. For
+    extensions that watch every pool (the pytest leak guard, exporters with
+    ``live=True``) without the application registering each one. An exception
+    in the callback is logged and swallowed.
+
+    Returns a function that removes the callback (idempotent)."""
+    _CREATED_HOOKS.append(callback)
+
+    def remove() -> None:
+        if callback in _CREATED_HOOKS:
+            _CREATED_HOOKS.remove(callback)
+
+    return remove
+
+
+def _pool_created(pool: Pool) -> None:
+    for callback in _CREATED_HOOKS.copy():  # a callback may remove itself
+        try:
+            callback(pool)
+        except Exception:
+            logger.error("pool %r: pool-created hook failed\n%s", pool.name, traceback.format_exc().rstrip())
+
+
+class _DictListener:
+    """A ``Pool.add_listener`` callback, fed the dict form of typed events."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        self.callback = callback
+
+    def __call__(self, event: _events.PoolEvent) -> None:
+        payload = event.to_dict()
+        if payload is not None:
+            self.callback(payload)
+
+
+_LEASE_EVENTS: dict[str, type[_events.LeaseEvent]] = {
+    cls.kind: cls
+    for cls in (_events.LeakSuspected, _events.LeaseExpired, _events.Leaked, _events.LeaseEnded)
+}
+_POOL_EVENTS: dict[str, Callable[..., _events.PoolEvent]] = {
+    cls.kind: cls for cls in (_events.ConnectFailed, _events.ServerStatusChanged, _events.LateRelease)
+}
+_TIMINGS = {"wait": "wait_times", "lease": "lease_times", "connect": "connect_times"}
 
 RESET_MODES = ("full", "rollback", "auto")
 # Bound on a background reset or take-back when no release timeout applies:
@@ -315,7 +371,7 @@ class Pool:
         self._state = PoolState(
             max_size=max_size,
             min_size=min_size,
-            max_waiters=max_waiters,  # type: ignore[arg-type]
+            max_waiters=max_waiters,
             max_connecting=max_connecting,
             max_inactive_lifetime=max_inactive_connection_lifetime,
             backoff=backoff,
@@ -334,7 +390,11 @@ class Pool:
         self._slot_holders: dict[Slot, _Holder] = {}
         # Releases and failed setups that wait for their connection's close.
         self._closes_done: dict[Slot, asyncio.Future[None]] = {}
-        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Typed event callbacks (dict listeners are wrapped): events queue in
+        # _pending_events and are delivered once the books are settled.
+        self._listeners: list[Callable[[_events.PoolEvent], None]] = []
+        self._pending_events: deque[_events.PoolEvent] = deque()
+        self._delivering = False
         self._drained = asyncio.Event()
 
         self._initialized = False
@@ -346,6 +406,8 @@ class Pool:
         # Restores min_size after failed connects, on asyncpg's schedule and
         # under asyncpg's name (its tests and monitoring read it).
         self._maintenance_task: asyncio.Task[Any] | None = None
+        if _CREATED_HOOKS:
+            _pool_created(self)
 
     # ------------------------------------------------------------ start-up
 
@@ -459,7 +521,7 @@ class Pool:
             holder.orphan_reported = False
         proxy = self._proxy_class(holder, slot.connection, lease)
         if lease_timeout is not None or self._leak_warning_after is not None:
-            state.arm_lease(lease, lease_timeout, self._leak_warning_after)  # type: ignore[arg-type]
+            state.arm_lease(lease, lease_timeout, self._leak_warning_after)
             due = lease.deadline if lease.warn_at is None else (
                 lease.warn_at if lease.deadline is None else min(lease.deadline, lease.warn_at))
             if self._timer_at is None or (due is not None and due < self._timer_at):
@@ -467,7 +529,9 @@ class Pool:
         if self._capture_stack:
             lease.stack = _stack.capture()
             task = asyncio.current_task()
-            lease.task_name = task.get_name() if task is not None else None
+            if task is not None:
+                lease.task_name = task.get_name()
+                lease.task_ref = weakref.ref(task)
         if self._setup is not None:
             # Its statements are the lease's: a SET it runs is reset on
             # release like any other (the clean mark is per connection).
@@ -555,6 +619,7 @@ class Pool:
             # timeout) first: a no-op, as asyncpg's, that the leak guards note.
             if self._listeners:
                 self._emit_event("late_release", lease_id=connection._lease.id)
+                self._deliver_events()
             return
         self._check_init()
         connection._detach()
@@ -846,6 +911,7 @@ class Pool:
         # must already be done.
         leak_logger.warning(report, extra=self._event_fields("leak", lease, held))
         self._emit("leak", lease, held)
+        self._deliver_events()
         warnings.warn(report, ResourceWarning, stacklevel=1)
 
     def _still_in_use(self, holder: _Holder, slot: Slot) -> bool:
@@ -877,7 +943,8 @@ class Pool:
                 self._name, _stack.format_stack(lease.stack),
                 extra=self._event_fields("leak_suspect", lease, held),
             )
-            self._emit("leak_suspect", lease, held)
+            self._emit("leak_suspect", lease, held, collected=True)
+            self._deliver_events()
         holder.orphan_checks += 1
         delay = min(_ORPHAN_RECHECK_CAP, _ORPHAN_RECHECK_FIRST * 2 ** min(holder.orphan_checks - 1, 16))
         self._clock.call_at(self._now() + delay, lambda: self._reclaim(lease))
@@ -899,7 +966,7 @@ class Pool:
             self._name, held, limit, _stack.format_stack(lease.stack),
             extra=self._event_fields("lease_expired", lease, held),
         )
-        self._emit("lease_expired", lease, held)
+        self._emit("lease_expired", lease, held, lease_timeout=limit)
         self._spawn(self._take_back_slot(slot, con))
 
     async def _take_back_slot(self, slot: Slot, con: RawConnection) -> None:
@@ -986,6 +1053,8 @@ class Pool:
         if self._state.size == 0:
             self._drained.set()
         self._arm_timer()
+        if self._pending_events:
+            self._deliver_events()
 
     def _fail_waiter(self, waiter: Waiter, error: BaseException) -> None:
         if waiter.future.done():
@@ -1268,11 +1337,7 @@ class Pool:
             # Leases the code never released, ended here: the leak guards
             # report them (they vanish from leases() below).
             for lease in state.leases():
-                self._emit_event(
-                    **self._event_fields("lease_ended", lease, now - lease.acquired_at),
-                    reason="terminate",
-                    stack=_stack.format_stack(lease.stack) if lease.stack else None,
-                )
+                self._emit("lease_ended", lease, now - lease.acquired_at, reason="terminate")
         for slot in state.slots():
             if slot.connection is not None:
                 _pg.detach_proxy(slot.connection)
@@ -1356,21 +1421,13 @@ class Pool:
         """An immutable snapshot of sizes, counters and distributions."""
         return build_stats(self._name, self._state, self._now())
 
-    def leases(self) -> list[LeaseInfo]:
-        """The connections currently held by application code, oldest first."""
+    def leases(self, *, stacks: bool = True) -> list[LeaseInfo]:
+        """The connections currently held by application code, oldest first.
+
+        :param stacks: format each lease's acquire stack (``LeaseInfo.stack``;
+            False leaves it None and costs no source-line lookups)."""
         now = self._now()
-        infos = [
-            LeaseInfo(
-                id=lease.id,
-                age=now - lease.acquired_at,
-                deadline_in=None if lease.deadline is None else lease.deadline - now,
-                task_name=lease.task_name,
-                acquired_at=_stack.acquire_site(lease.stack) if lease.stack else None,
-                stack=_stack.format_stack(lease.stack) if lease.stack else None,
-                site=lease.site,
-            )
-            for lease in self._state.leases()
-        ]
+        infos = [self._lease_info(lease, now, stacks) for lease in self._state.leases()]
         infos.sort(key=lambda info: -info.age)
         return infos
 
@@ -1385,11 +1442,21 @@ class Pool:
         """Call ``callback(event)`` for every pool event (a dict with at least
         ``event`` and ``pool``): connect_failed, server_status, lease_expired,
         leak, leak_suspect, lease_ended, late_release (docs/metrics.md lists
-        their fields). Exceptions in callbacks are logged and swallowed."""
-        self._listeners.append(callback)
+        their fields). Exceptions in callbacks are logged and swallowed.
+
+        The dict form of :meth:`add_event_listener`'s typed events, kept for
+        compatibility (kinds added later are not sent here)."""
+        self._listeners.append(_DictListener(callback))
 
     def remove_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
-        self._listeners.remove(callback)
+        """Remove a callback added with :meth:`add_listener`.
+
+        :raises ValueError: it was not added."""
+        for listener in self._listeners:
+            if isinstance(listener, _DictListener) and listener.callback == callback:
+                self._listeners.remove(listener)
+                return
+        raise ValueError(f"{callback!r} is not a listener of this pool")
 
     def __repr__(self) -> str:
         state = self._state
@@ -1427,6 +1494,13 @@ class Pool:
 
     def _busy_message(self, what: str, now: float, waiter: Waiter | None = None) -> str:
         state = self._state
+        if waiter is not None and self._listeners:
+            # An acquire timed out (the only caller with a waiter): who holds what, now.
+            self._pending_events.append(_events.AcquireTimedOut(
+                self._name, now - waiter.enqueued_at, state.max_size, state.in_use, state.idle,
+                state.count(SlotState.CONNECTING), state.waiting, state.max_waiters,
+                tuple(sorted((self._lease_info(lease, now) for lease in state.leases()), key=lambda i: -i.age)),
+            ))
         waited = f" after {now - waiter.enqueued_at:.3f}s" if waiter is not None else ""
         sites = ""
         if self._site_caps:
@@ -1458,21 +1532,59 @@ class Pool:
             "site": lease.site,
         }
 
-    def _emit(self, event: str, lease: Lease, held: float) -> None:
+    def _emit(self, event: str, lease: Lease, held: float, **extra: Any) -> None:
+        """Queue a lease event (delivered by _deliver_events, after the books settle)."""
         if self._listeners:
-            self._emit_event(**self._event_fields(event, lease, held))
+            info = self._lease_info(lease, lease.acquired_at + held)
+            self._pending_events.append(_LEASE_EVENTS[event](self._name, info, **extra))
 
     def _emit_event(self, event: str, **fields: Any) -> None:
+        """Queue a pool event (delivered by _deliver_events, after the books settle)."""
         if not self._listeners:
             return
-        payload = {"event": event, "pool": self._name, **fields}
-        for callback in list(self._listeners):
+        if event == "server_status":
+            fields = {"previous": fields["from"], "status": fields["to"]}
+        self._pending_events.append(_POOL_EVENTS[event](self._name, **fields))
+        if len(self._pending_events) == 1:
+            # Every emitter is followed by a _drain() or _deliver_events();
+            # this is the safety net should one not be.
             try:
-                callback(payload)
-            except Exception:
-                # Formatted now: a record holding the traceback would keep the
-                # callers' frames, and the connections they refer to, alive.
-                logger.error("pool %r: event listener failed\n%s", self._name, traceback.format_exc().rstrip())
+                self._loop.call_soon(self._deliver_events)
+            except RuntimeError:
+                pass  # the loop is closed
+
+    def _deliver_events(self) -> None:
+        """Hand queued events to the listeners, in order. Never runs inside
+        the action loop; a listener that calls into the pool (even one that
+        emits more events) sees settled books, and its events follow."""
+        if self._delivering:
+            return
+        self._delivering = True
+        pending = self._pending_events
+        try:
+            while pending:
+                event = pending.popleft()
+                for callback in list(self._listeners):
+                    try:
+                        callback(event)
+                    except Exception:
+                        # Formatted now: a record holding the traceback would keep the
+                        # callers' frames, and the connections they refer to, alive.
+                        logger.error("pool %r: event listener failed\n%s", self._name, traceback.format_exc().rstrip())
+        finally:
+            self._delivering = False
+
+    def _lease_info(self, lease: Lease, now: float, stacks: bool = True) -> LeaseInfo:
+        return LeaseInfo(
+            id=lease.id,
+            age=now - lease.acquired_at,
+            deadline_in=None if lease.deadline is None else lease.deadline - now,
+            task_name=lease.task_name,
+            acquired_at=_stack.acquire_site(lease.stack) if lease.stack else None,
+            stack=_stack.format_stack(lease.stack) if lease.stack and stacks else None,
+            site=lease.site,
+            task_ref=lease.task_ref,
+        )
 
     def _drop_statement_cache(self) -> None:
         for slot in self._state.slots():
@@ -1540,6 +1652,193 @@ class Pool:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    # ------------------------------------------- the observation surface
+    # What extensions (the pytest leak guard, the exporters, health) use;
+    # docs/api.md, "Observing a pool".
+
+    def add_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
+        """Call ``callback(event)`` with every :class:`~safepool.events.PoolEvent`.
+
+        Delivered on the pool's event loop thread once the pool's books are
+        settled (never from inside its bookkeeping), in the order they
+        happened. An exception in a callback is logged (``event listener
+        failed``) and the other callbacks still run. With no listener the
+        pool builds no event at all."""
+        self._listeners.append(callback)
+
+    def remove_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
+        """Remove a callback added with :meth:`add_event_listener`.
+
+        :raises ValueError: it was not added."""
+        self._listeners.remove(callback)
+
+    @property
+    def capture_stack(self) -> bool:
+        """Whether each acquire records its call stack and its task (for leak
+        reports, :meth:`leases` and lease events). Settable at any time; it
+        applies to later acquires. Costs a few microseconds per acquire."""
+        return bool(self._capture_stack)
+
+    @capture_stack.setter
+    def capture_stack(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"capture_stack must be True or False, got {on!r}")
+        self._capture_stack = on
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` finished or :meth:`terminate` was called
+        (:meth:`is_closing` is also true while closing)."""
+        return self._closed
+
+    @property
+    def options(self) -> PoolOptions:
+        """The pool's settings, with the current sizes; never the DSN, a
+        password or other connection arguments."""
+        state = self._state
+        return PoolOptions(
+            name=self._name,
+            min_size=self._min_size,
+            max_size=state.max_size,
+            init_size=self._init_size,
+            max_queries=self._max_queries,
+            max_inactive_connection_lifetime=state.max_inactive_lifetime,
+            lease_timeout=self._lease_timeout,
+            leak_warning_after=self._leak_warning_after,
+            acquire_timeout=self._acquire_timeout,
+            max_waiters=state.max_waiters,
+            max_connecting=state.max_connecting,
+            fail_fast=state.breaker_threshold is not None,
+            wait_on_connect_error=state.wait_on_connect_error,
+            reset_mode=self._reset_mode,
+            reset_timeout=self._reset_timeout,
+        )
+
+    async def release_lease(self, lease_id: int) -> bool:
+        """Release a lease by its id (:attr:`LeaseInfo.id <safepool.LeaseInfo.id>`),
+        through :meth:`release`: for tools that clean up after leaked
+        connections (the pytest leak guard). Its proxy stops working, as
+        after any release.
+
+        Returns False, doing nothing, when no open lease has that id, or its
+        proxy was already garbage collected (the pool reclaims that one
+        itself). Raises what :meth:`release` raises."""
+        for lease in self._state.leases():
+            if lease.id == lease_id and lease.active and lease.slot.connection is not None:
+                proxy = _pg.live_proxy(lease.slot.connection)
+                if proxy is None:
+                    return False
+                await self.release(proxy)
+                return True
+        return False
+
+    def add_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:
+        """Call ``callback(seconds)`` with every duration the pool records:
+        ``kind`` ``"wait"`` (acquire wait, 0.0 when a connection was idle),
+        ``"lease"`` (acquire to release, expiry or reclaim) or ``"connect"``
+        (successful connects). For exporters that need each value (an
+        OpenTelemetry histogram); the pool's own distributions in
+        :meth:`stats` are fed as before.
+
+        The callback runs synchronously inside the pool's bookkeeping, on its
+        loop thread: it must be quick and must not call into the pool. An
+        exception in it is logged once per pool and kind, and swallowed. May
+        be called from any thread (the sink is installed on the loop; values
+        recorded before that are not seen). With no sink the pool pays
+        nothing.
+
+        :raises ValueError: unknown ``kind``."""
+        field = _TIMINGS.get(kind)
+        if field is None:
+            raise ValueError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}")
+
+        def install() -> None:
+            current: Histogram = getattr(self._state, field)
+            if not isinstance(current, TeeHistogram):
+                current = TeeHistogram(current, f"pool {self._name!r}: a {kind} timing sink")
+                setattr(self._state, field, current)
+            current.sinks.append(callback)
+
+        self._on_loop(install)
+
+    def remove_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:
+        """Remove a sink added with :meth:`add_timing_sink` (unknown ones are
+        ignored); the last one removed restores the plain histogram. May be
+        called from any thread.
+
+        :raises ValueError: unknown ``kind``."""
+        field = _TIMINGS.get(kind)
+        if field is None:
+            raise ValueError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}")
+
+        def uninstall() -> None:
+            current: Histogram = getattr(self._state, field)
+            if isinstance(current, TeeHistogram):
+                if callback in current.sinks:
+                    current.sinks.remove(callback)
+                if not current.sinks:
+                    setattr(self._state, field, current.inner)
+
+        self._on_loop(uninstall)
+
+    def stats_threadsafe(self, timeout: float | None = 5.0) -> PoolStats:
+        """:meth:`stats`, from any thread: taken on the pool's event loop.
+
+        :meth:`stats` itself must be called on the loop's thread (it reads
+        structures the loop changes). From another thread, while the loop
+        runs, this schedules it there and waits up to ``timeout`` seconds
+        (None: no limit); on the loop's thread, or while the loop is not
+        running, it calls :meth:`stats` directly.
+
+        :raises TimeoutError: the loop did not run it in time (it is blocked)."""
+        return self.call_threadsafe(self.stats, timeout)
+
+    def call_threadsafe(self, function: Callable[[], _T], timeout: float | None = 5.0) -> _T:
+        """Run ``function()`` on the pool's event loop and return its result,
+        from any thread (see :meth:`stats_threadsafe`): for exporters that
+        read several things in one consistent moment.
+
+        :raises TimeoutError: the loop did not run it within ``timeout`` seconds.
+        :raises Exception: what ``function`` raised."""
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop or not loop.is_running() or loop.is_closed():
+            return function()
+        result: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not result.set_running_or_notify_cancel():
+                return
+            try:
+                result.set_result(function())
+            except BaseException as exc:
+                result.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        try:
+            return result.result(timeout)
+        except concurrent.futures.TimeoutError:
+            result.cancel()
+            raise TimeoutError(
+                f"pool {self._name!r}: its event loop did not answer within {timeout}s"
+            ) from None
+
+    def _on_loop(self, action: Callable[[], None]) -> None:
+        """Run ``action`` on the pool's loop thread: now if this is it (or the
+        loop is not running), else soon."""
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop or loop.is_closed() or not loop.is_running():
+            action()
+        else:
+            loop.call_soon_threadsafe(action)
+
 
 class PoolAcquireContext:
     """What ``pool.acquire()`` returns: awaitable, or an async context manager."""
@@ -1605,12 +1904,12 @@ def _adaptive_queue(policy: Any, target: Any, interval: Any) -> AdaptiveQueue | 
     interval = _validate_timeout("queue_interval", interval, allow_none=False)
     if not target or not interval:
         raise ValueError("queue_target and queue_interval must be > 0 seconds")
-    if target >= interval:  # type: ignore[operator]
+    if target >= interval:
         raise ValueError(
             f"queue_target ({target}s) must be shorter than queue_interval ({interval}s): "
             "the queue counts as standing only after a whole interval"
         )
-    return AdaptiveQueue(target, interval) if policy == "adaptive" else None  # type: ignore[arg-type]
+    return AdaptiveQueue(target, interval) if policy == "adaptive" else None
 
 
 def _is_refusal(error: BaseException) -> bool:
@@ -1680,4 +1979,4 @@ def create_pool(
     )
 
 
-__all__ = ["Pool", "PoolAcquireContext", "create_pool", "asyncpg"]
+__all__ = ["Pool", "PoolAcquireContext", "create_pool", "live_pools", "on_pool_created"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from ._histogram import Distribution
 from ._state import PoolState, SlotState
@@ -17,8 +20,40 @@ class LeaseInfo:
     deadline_in: float | None  # seconds until the lease timeout takes it back
     task_name: str | None
     acquired_at: str | None  # "file:line in function", when stacks are captured
-    stack: str | None
+    stack: str | None  # the full acquire stack, outermost first, when stacks are captured
     site: str | None = None  # the acquire site (with max_site_share, or acquire(site=))
+    # The task that acquired, held weakly (when stacks are captured).
+    task_ref: weakref.ref[asyncio.Task[Any]] | None = None
+
+    @property
+    def task(self) -> asyncio.Task[Any] | None:
+        """The task that acquired the connection, while it exists (None when
+        stacks were not captured, or the task is gone)."""
+        return self.task_ref() if self.task_ref is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolOptions:
+    """A pool's settings (``Pool.options``): what ``create_pool`` was given,
+    after defaults, with the current sizes (``resize()`` changes them).
+    Never holds the DSN, a password or other connection arguments. Times are
+    seconds; None means "no limit" (or "off")."""
+
+    name: str
+    min_size: int
+    max_size: int
+    init_size: int
+    max_queries: int
+    max_inactive_connection_lifetime: float
+    lease_timeout: float | None
+    leak_warning_after: float | None
+    acquire_timeout: float | None
+    max_waiters: int | None
+    max_connecting: int | None
+    fail_fast: bool
+    wait_on_connect_error: bool
+    reset_mode: str
+    reset_timeout: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +110,8 @@ class PoolStats:
     site_cap: int | None = None  # connections one site may hold (None: max_site_share off)
     sites: tuple[SiteStats, ...] = ()  # the busiest SITES_REPORTED sites, then "other"
 
+    taken_at: float = 0.0  # the pool clock's time of this snapshot (seconds; for rates between snapshots)
+
 
 SITES_REPORTED = 10  # bounded label cardinality for exporters
 
@@ -119,4 +156,5 @@ def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
         admission_rejections=c.admission_rejections,
         site_cap=state.site_cap,
         sites=tuple(SiteStats(*row) for row in state.site_usage(SITES_REPORTED)),
+        taken_at=now,
     )

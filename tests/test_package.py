@@ -160,7 +160,7 @@ def test_wheel_installs_into_a_fresh_venv_and_serves(dist: Path, pg_dsn: str, tm
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], timeout=300)
     python = venv / "bin" / "python"
-    # asyncpg and anyio come from the package index, as for a user.
+    # asyncpg comes from the package index, as for a user.
     _run([str(python), "-m", "pip", "install", "-q", str(wheel)], timeout=600)
     (tmp_path / "smoke.py").write_text(SMOKE)
     # cwd is outside the checkout and PYTHONPATH is cleared, so only the installed wheel can be imported.

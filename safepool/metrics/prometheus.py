@@ -22,7 +22,7 @@ from prometheus_client.utils import floatToGoString as _untyped_float_to_go
 
 from .._histogram import Distribution
 from ..stats import PoolStats
-from . import PoolSet, leak_suspects, snapshot
+from . import PoolSet, read
 
 if TYPE_CHECKING:
     from ..pool import Pool
@@ -92,7 +92,7 @@ class PoolCollector:
         return self._families(self.pools.items())
 
     def _families(self, pools: list[tuple[str, Pool]]) -> Iterator[Metric]:
-        stats: list[_Row] = [(name, snapshot(pool), leak_suspects(pool)) for name, pool in pools]
+        stats: list[_Row] = [(name, *read(pool)) for name, pool in pools]
 
         connections = GaugeMetricFamily(
             "safepool_connections",

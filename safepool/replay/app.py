@@ -11,8 +11,6 @@ Error mapping, as in the incident: a request that misses its deadline, or
 fails with any other error (a broken connection), is an HTTP 500; safepool's
 refusals (wait queue full, acquire timeout, server down) are HTTP 503, which
 tells a load balancer to retry elsewhere.
-
-Load this module with ``runner.load_service()``, not a plain import: see there.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ verdict lines per scenario, JSON."""
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -187,7 +188,7 @@ def summarize(run: PoolRun, config: ReplayConfig) -> Summary:
     tail = [r for r in records if r.sent >= config.duration - TAIL]
     events = Counter(str(event["event"]) for event in run.events if event["event"] in LEAK_EVENTS)
     sites = Counter(
-        str(event.get("acquired_at"))
+        _relative_site(str(event.get("acquired_at")))
         for event in run.events
         if event["event"] in ("leak", "lease_expired", "leak_suspect")
     )
@@ -223,6 +224,15 @@ def summarize(run: PoolRun, config: ReplayConfig) -> Summary:
         log_records=run.log_records,
         timeline=seconds,
     )
+
+
+# The checkout (or site-packages) that holds safepool/: sites under it are
+# shown relative to it ("safepool/replay/app.py:53 in customer_orders").
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
+
+
+def _relative_site(site: str) -> str:
+    return site[len(_ROOT):] if site.startswith(_ROOT) else site
 
 
 def _share(part: int, whole: int) -> float:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import linecache
 import logging
 import types
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -61,30 +59,13 @@ class PoolRun:
 
 Tick = Callable[[str, Sample, list[RequestRecord]], None]
 
-_SERVICE: types.ModuleType | None = None
-
-
 def load_service() -> types.ModuleType:
-    """Load app.py so that its frames count as application code in leak reports.
+    """The demo service (``app.py``), imported as usual: safepool's
+    acquire-site capture skips the pool's own modules (``safepool/*.py``) but
+    not its subpackages, so leak reports name the service's lines."""
+    from . import app
 
-    safepool's acquire-site capture skips every frame whose file lies under
-    the ``safepool/`` directory. That is meant for the pool's own modules, but
-    it also hides this demo service (``safepool/replay/app.py``), and the leak
-    report would name a Starlette frame instead of the leaking line. Compiled
-    under its package-relative name, the service's frames are kept.
-    """
-    global _SERVICE
-    if _SERVICE is None:
-        path = Path(__file__).with_name("app.py")
-        source = path.read_text(encoding="utf-8")
-        filename = "safepool/replay/app.py"
-        # So that leak reports can quote the source line (mtime None: never stale).
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        module = types.ModuleType("safepool.replay.app")
-        module.__file__ = str(path)
-        exec(compile(source, filename, "exec"), module.__dict__)
-        _SERVICE = module
-    return _SERVICE
+    return app
 
 
 async def open_pool(pool: str, dsn: str, config: ReplayConfig) -> Any:
