@@ -46,12 +46,9 @@ def is_usable(con: RawConnection) -> bool:
     return con._protocol is not None and not con.is_closed()
 
 
-# What a released connection needs (release_check's answers).
-UNUSABLE = 0  # closed, or its protocol is gone: discard
-USED_UP = 1  # reached max_queries: discard
-MUST_RESET = 2  # a transaction is open or a cancelled query has not answered
-DIRTY = 3  # statements ran since the clean mark
-CLEAN = 4  # no statement since the clean mark
+# What a released connection needs: safepool._state.Observed, as plain ints
+# here (the adapter does not import the core).
+UNUSABLE, USED_UP, MUST_RESET, DIRTY, CLEAN = 0, 1, 2, 3, 4
 
 
 def release_check(con: RawConnection, clean_mark: int, max_queries: int) -> int:

@@ -69,11 +69,26 @@ class ServerStatus(enum.Enum):
 
 
 class ReleaseOutcome(enum.Enum):
-    """What the I/O layer learned about a connection coming back."""
+    """What becomes of a connection coming back (decided by
+    :meth:`PoolState.release_outcome`)."""
 
     CLEAN = "clean"  # no statement ran: hand it on without a reset
     NEEDS_RESET = "needs_reset"
     DISCARD = "discard"  # broken, too old or too used: close it
+
+
+class Observed(enum.IntEnum):
+    """What the I/O layer saw of a released connection, in one look at its
+    protocol (the facts :meth:`PoolState.release_outcome` decides on)."""
+
+    UNUSABLE = 0  # closed, or its protocol is gone
+    USED_UP = 1  # reached max_queries
+    MUST_RESET = 2  # a transaction is open, or a cancelled query has not answered
+    DIRTY = 3  # statements ran since the session was last known clean
+    CLEAN = 4  # no statement since then
+
+
+RESET_MODES = ("full", "rollback", "auto")
 
 
 class Slot:
@@ -303,7 +318,18 @@ class PoolState:
         wait_on_connect_error: bool = False,
         max_site_share: float | None = None,
         adaptive: AdaptiveQueue | None = None,
+        reset_mode: str = "full",
+        always_reset: bool = False,
     ) -> None:
+        if reset_mode not in RESET_MODES:
+            raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
+        # Release policy: "full" resets after every lease that ran a statement
+        # (asyncpg); "rollback" only ends an open transaction; "auto" resets
+        # fully only a lease its proxy marked. always_reset: a reset= hook or
+        # a connection class's own reset()/get_reset_query() runs after every
+        # lease, as asyncpg runs it.
+        self.reset_mode = reset_mode
+        self.always_reset = always_reset
         self.max_size = max_size
         self.min_size = min_size
         self.max_waiters = max_waiters
@@ -538,6 +564,27 @@ class PoolState:
             self._push_timer(lease.warn_at, _LEASE_WARNING, lease)
 
     # ----------------------------------------------------------------- release
+
+    def release_outcome(self, lease: Lease, observed: int, marked: bool) -> ReleaseOutcome:
+        """The release policy: what becomes of ``lease``'s connection, from
+        what the I/O layer observed and whether the lease marked itself
+        (``reset_mode="auto"``: its SQL may have changed the session).
+        ``observed`` is an :class:`Observed` value (a plain int from the
+        adapter's hot path compares the same)."""
+        if observed <= Observed.USED_UP or lease.slot.generation != self.generation:
+            return ReleaseOutcome.DISCARD
+        if observed == Observed.MUST_RESET or self.always_reset:
+            return ReleaseOutcome.NEEDS_RESET
+        mode = self.reset_mode
+        if observed == Observed.CLEAN or mode == "rollback" or (mode == "auto" and not marked):
+            return ReleaseOutcome.CLEAN
+        return ReleaseOutcome.NEEDS_RESET
+
+    def full_reset(self, marked: bool) -> bool:
+        """Whether a reset sends asyncpg's reset query (else only the
+        ROLLBACK of an open transaction)."""
+        mode = self.reset_mode
+        return mode == "full" or (mode == "auto" and marked)
 
     def release(self, lease: Lease, now: float, outcome: ReleaseOutcome) -> bool:
         """End a lease. Returns True if the I/O layer must reset the connection

@@ -38,6 +38,7 @@ from ._histogram import Histogram, TeeHistogram
 from ._internals import RawConnection
 from ._policy import AdaptiveQueue
 from ._state import (
+    RESET_MODES,
     Backoff,
     Close,
     Closed,
@@ -138,7 +139,6 @@ _POOL_EVENTS: dict[str, Callable[..., _events.PoolEvent]] = {
 }
 _TIMINGS = {"wait": "wait_times", "lease": "lease_times", "connect": "connect_times"}
 
-RESET_MODES = ("full", "rollback", "auto")
 # Bound on a background reset or take-back when no release timeout applies:
 # a reset that hangs longer than this is treated as a broken connection.
 _DEFAULT_RESET_TIMEOUT = 30.0
@@ -379,6 +379,8 @@ class Pool:
             wait_on_connect_error=wait_on_connect_error,
             max_site_share=max_site_share,
             adaptive=adaptive,
+            reset_mode=reset_mode,
+            always_reset=self._always_reset,
         )
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
@@ -649,20 +651,9 @@ class Pool:
         holder = self._slot_holders[slot]
         check = _pg.release_check(con, holder.clean_mark, self._max_queries)
         usable = check != _pg.UNUSABLE
-        if check <= _pg.USED_UP or slot.generation != state.generation:
-            outcome = ReleaseOutcome.DISCARD
-        elif check == _pg.MUST_RESET or self._always_reset:
-            outcome = ReleaseOutcome.NEEDS_RESET
-        elif check == _pg.CLEAN or self._reset_mode == "rollback" or (
-            self._reset_mode == "auto" and holder.clean_mark != -1
-        ):
-            # Nothing to send: no statement ran since the session was last
-            # clean (setup= and init= statements count), or (rollback mode)
-            # only an open transaction would need one.
-            outcome = ReleaseOutcome.CLEAN
+        outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
+        if outcome is ReleaseOutcome.CLEAN:
             _pg.clear_listeners(con)
-        else:
-            outcome = ReleaseOutcome.NEEDS_RESET
         done: asyncio.Future[None] | None = None
         if outcome is ReleaseOutcome.NEEDS_RESET:
             # asyncpg reports an unmanaged open transaction from release(),
@@ -771,8 +762,7 @@ class Pool:
             holder.reset_since = now
             if self._reset_watchdog is None:
                 self._watch_resets()
-        mode = self._reset_mode
-        if mode == "full" or (mode == "auto" and holder.clean_mark == -1):
+        if self._state.full_reset(holder.clean_mark == -1):
             query = con.get_reset_query()
             if rollback:
                 query = f"ROLLBACK;\n{query}"

@@ -15,6 +15,7 @@ from safepool._state import (
     Fail,
     InternalStateError,
     LeakSuspect,
+    Observed,
     Overloaded,
     PoolState,
     ReleaseOutcome,
@@ -668,3 +669,52 @@ def test_deadline_aware_admission_refuses_what_the_drain_rate_cannot_serve() -> 
         state.enqueue(object(), now, 0.2)
     assert state.counters.admission_rejections == 1
     state.enqueue(object(), now, 0.5)  # 0.3 s fits in 0.5 s
+
+
+@pytest.mark.parametrize(
+    ("mode", "observed", "marked", "expected"),
+    [
+        # full (asyncpg's policy): reset after any statement; nothing to do after none
+        ("full", Observed.CLEAN, False, CLEAN),
+        ("full", Observed.DIRTY, False, RESET),
+        ("full", Observed.MUST_RESET, False, RESET),
+        ("full", Observed.USED_UP, False, DISCARD),
+        ("full", Observed.UNUSABLE, False, DISCARD),
+        # rollback: only an open transaction (or a cancelled query) is worth a round trip
+        ("rollback", Observed.DIRTY, False, CLEAN),
+        ("rollback", Observed.MUST_RESET, False, RESET),
+        # auto: a dirty lease resets only when its proxy marked it
+        ("auto", Observed.DIRTY, False, CLEAN),
+        ("auto", Observed.DIRTY, True, RESET),
+        ("auto", Observed.MUST_RESET, False, RESET),
+        ("auto", Observed.CLEAN, True, CLEAN),
+    ],
+)
+def test_release_policy(mode: str, observed: Observed, marked: bool, expected: ReleaseOutcome) -> None:
+    state = make(reset_mode=mode)
+    fill(state, 1)
+    lease = state.try_acquire(0.0)
+    assert lease is not None
+    assert state.release_outcome(lease, observed, marked) is expected
+    # and the reset's content follows the same policy
+    assert state.full_reset(marked) is (mode == "full" or (mode == "auto" and marked))
+    state.release(lease, 0.0, expected)
+    connect_all(state)
+
+
+def test_release_policy_resets_for_hooks_and_discards_an_expired_generation() -> None:
+    state = make(always_reset=True)
+    fill(state, 1)
+    lease = state.try_acquire(0.0)
+    assert lease is not None
+    # a reset= hook or a connection class's reset() runs after every lease, as in asyncpg
+    assert state.release_outcome(lease, Observed.CLEAN, False) is RESET
+    assert state.release_outcome(lease, Observed.DIRTY, False) is RESET
+    state.expire_connections()
+    assert state.release_outcome(lease, Observed.CLEAN, False) is DISCARD
+    state.release(lease, 0.0, DISCARD)
+
+
+def test_an_unknown_reset_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="reset_mode"):
+        make(reset_mode="sometimes")
