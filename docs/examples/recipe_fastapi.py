@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import safepool
 
@@ -29,6 +31,12 @@ import safepool
 #   fail_fast=True              server down: ServerUnavailableError at once -> 503
 #   wait_on_connect_error=True  server full (53300): wait for a released connection instead of
 #                               raising (so a request must never hold two connections at once)
+#   max_site_share=0.5          bulkheads: one route holds at most 10 of the 20 connections; a leaking
+#                               or stuck route waits at its cap (-> 503) while the other routes are served
+#                               (each request's acquire site is named after its route: SitePerRoute)
+#   queue_policy="adaptive"     overload: while a queue stands, a request waits 10 ms for a connection, not
+#                               its whole 5 s (PoolOverloadedError -> 503), and one the pool cannot serve
+#                               within 5 s at its current rate is refused at once (-> 503)
 POOL_OPTIONS: dict[str, Any] = dict(
     min_size=5,
     max_size=20,
@@ -38,9 +46,30 @@ POOL_OPTIONS: dict[str, Any] = dict(
     leak_warning_after=10,
     fail_fast=True,
     wait_on_connect_error=True,
+    max_site_share=0.5,
+    queue_policy="adaptive",
 )
 # "Not now" errors: answer 503 quickly and let the client or load balancer retry.
 BUSY = (safepool.PoolOverloadedError, safepool.PoolTimeoutError, safepool.ServerUnavailableError)
+
+
+class SitePerRoute:
+    """ASGI middleware: every acquire a request makes (its dependency's, a
+    ``pool.fetchval()``, the tasks it starts) counts against its route's
+    bulkhead, ``safepool.site("GET /numbers/{count}")``. Without it, all
+    routes would acquire from one site, the ``connection`` function below."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for route in scope["app"].routes:
+                if route.matches(scope)[0] is Match.FULL:
+                    with safepool.site(f"{scope['method']} {route.path}"):
+                        await self.app(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)  # no route: no site named
 
 
 async def connection(request: Request) -> AsyncIterator[safepool.PoolConnectionProxy]:
@@ -65,6 +94,7 @@ def create_app(dsn: str, **overrides: Any) -> FastAPI:
             yield
 
     app = FastAPI(lifespan=lifespan)
+    app.add_middleware(SitePerRoute)
 
     async def busy(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": "database busy, retry later"}, status_code=503, headers={"Retry-After": "1"})

@@ -2,7 +2,8 @@
 real PostgreSQL: each app opens its pool at startup and closes it at
 shutdown, serves through a per-request connection, answers 503 when the pool
 is busy, returns the connection when the handler fails, and reports
-readiness from ``pool.health()``; each uses the configuration docs/migration.md
+readiness from ``pool.health()``, and counts each request against its
+route's bulkhead (``safepool.site``); each uses the configuration docs/migration.md
 recommends.
 
 FastAPI and Litestar run in-process through httpx's ASGI transport (their
@@ -178,3 +179,47 @@ async def test_readiness_fails_once_the_pool_is_closed(framework: str, pg_dsn: s
         answer = await app.get("/ready")
         assert answer.status == 503
         assert answer.body["status"] == "failing" and answer.body["reasons"][0]["code"] == "closed"
+
+
+@pytest.mark.parametrize("framework", RECIPES)
+async def test_a_request_acquires_at_its_routes_site(framework: str, pg_dsn: str) -> None:
+    # The pool's setup hook runs in the acquiring request, on its fresh
+    # lease: it records what pool.leases() and stats().sites say while the
+    # request holds its connection.
+    pools: list[safepool.Pool] = []
+    seen: list[tuple[list[str | None], list[tuple[str, int, int]]]] = []
+
+    async def record(con: Any) -> None:
+        pool = pools[0]
+        sites = [(row.site, row.in_use, row.waiting) for row in pool.stats().sites]
+        seen.append(([lease.site for lease in pool.leases()], sites))
+
+    routes = {"/numbers/3": "GET /numbers/{count}"}
+    if framework == "fastapi":
+        routes["/total"] = "GET /total"  # a pool shortcut, without the dependency
+    async with running(framework, pg_dsn, min_size=1, max_size=4, setup=record) as app:
+        pools.append(app.pool)
+        assert app.pool.stats().site_cap == 2  # ceil(0.5 * 4)
+        for path, site in routes.items():
+            seen.clear()
+            assert (await app.get(path)).status == 200
+            assert seen == [([site], [(site, 1, 0)])], path
+        assert app.pool.stats().sites == ()  # a site without leases or waiters is dropped
+
+
+@pytest.mark.parametrize("framework", RECIPES)
+async def test_a_route_at_its_cap_waits_while_the_others_are_served(framework: str, pg_dsn: str) -> None:
+    # max_site_share=0.5 of two open connections: one per route.
+    async with running(framework, pg_dsn, min_size=2, max_size=2, acquire_timeout=0.3) as app:
+        async with app.pool.acquire(site="GET /numbers/{count}"):  # as a stuck request of that route would
+            # Its route is at its cap: the request waits beside the idle
+            # connection until its acquire timeout, then gets 503.
+            answer = await app.get("/numbers/3")
+            assert answer.status == 503 and answer.body == {"error": "database busy, retry later"}
+            stats = app.pool.stats()
+            assert (stats.acquire_timeouts, stats.in_use, stats.idle) == (1, 1, 1)
+            if framework == "fastapi":
+                assert (await app.get("/total")).body == {"total": 55}  # another route takes the idle one
+        async with app.pool.acquire(site="GET /elsewhere"):  # another site holding the same share
+            assert (await app.get("/numbers/3")).status == 200
+        assert app.pool.stats().acquire_timeouts == 1
