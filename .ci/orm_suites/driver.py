@@ -4,10 +4,11 @@ Usage (from .ci/orm, which prepares the venvs and sdists):
 
     python .ci/orm_suites/driver.py --work DIR [--suite tortoise|databases ...]
 
-For each suite, against one embedded PostgreSQL started here (TCP on
+For each suite, against embedded PostgreSQL servers started here (TCP on
 127.0.0.1 with ``log_connections=on``), the suite runs twice with the same
-arguments: once on asyncpg's pool, once with ``asyncpg.create_pool``
-redirected to safepool (safepool_redirect.py). Printed per run: test
+arguments: on asyncpg's pool, and with ``asyncpg.create_pool`` redirected to
+safepool (safepool_redirect.py); both runs at once, each against a server of
+its own, or one after the other on one server with ``--sequential``. Printed per run: test
 outcomes, server connections opened (``connection authorized`` lines of the
 server log written during the run), pools created, safepool's events and the
 warnings both pools logged.
@@ -47,6 +48,7 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,25 +201,29 @@ def prepare_source(suite: Suite, work: Path, into: Path) -> Path:
     return root
 
 
-def run_suite(suite: Suite, pool: str, source: Path, work: Path, server: Server, timeout: float) -> Run:
-    python = work / "venvs" / suite.name / "bin" / "python"
-    report_path = work / f"{suite.name}-{pool}.json"
-    report_path.unlink(missing_ok=True)
-    # safepool from this checkout, but not the checkout's root: its tests/
-    # package would shadow the suites' own tests/ (a namespace package in
-    # databases' sdist).
+def link_safepool(work: Path) -> None:
+    """``work/path/safepool``: this checkout's package, for the suites' PYTHONPATH.
+
+    Not the checkout's root: its tests/ package would shadow the suites' own
+    tests/ (a namespace package in databases' sdist)."""
     path_dir = work / "path"
     path_dir.mkdir(exist_ok=True)
     link = path_dir / "safepool"
     if not link.is_symlink() or link.resolve() != (REPO / "safepool").resolve():
         link.unlink(missing_ok=True)
         link.symlink_to(REPO / "safepool", target_is_directory=True)
+
+
+def run_suite(suite: Suite, pool: str, source: Path, work: Path, server: Server, timeout: float) -> Run:
+    python = work / "venvs" / suite.name / "bin" / "python"
+    report_path = work / f"{suite.name}-{pool}.json"
+    report_path.unlink(missing_ok=True)
     env = {
         **os.environ,
         **suite.env,
         "ORM_SUITE_POOL": pool,
         "ORM_SUITE_REPORT": str(report_path),
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(path_dir)]),
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(work / "path")]),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     for variable in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "SAFEPOOL_TEST_DSN"):
@@ -260,7 +266,7 @@ def compare(suite: Suite, base: Run, safe: Run) -> list[str]:
         print(f"  {run.pool} connections by database: {dict(sorted(run.by_database.items()))}")
 
     for name in OUTCOMES:
-        a, b = set(base.report["outcomes"][name]), set(safe.report["outcomes"][name])
+        a, b = (_test_ids(run, name) for run in (base, safe))
         if a != b:
             problems.append(
                 f"{suite.name}: {name} differs: {len(a)} on asyncpg, {len(b)} on safepool; "
@@ -319,6 +325,11 @@ def compare(suite: Suite, base: Run, safe: Run) -> list[str]:
     return problems
 
 
+def _test_ids(run: Run, outcome: str) -> set[str]:
+    """Test ids of one outcome, without the server's port (databases' ids hold its URL)."""
+    return {re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", test) for test in run.report["outcomes"][outcome]}
+
+
 def _loop_errors(run: Run) -> Counter[str]:
     return Counter(
         re.sub(r" <[^>]*>| at 0x[0-9a-f]+", "", record["message"])
@@ -332,25 +343,44 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--work", type=Path, required=True, help="folder with sdists/ and venvs/ (from .ci/orm)")
     parser.add_argument("--suite", action="append", choices=["tortoise", "databases"], help="default: both")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per suite run (default 300)")
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="run the two pools one after the other on one server (default: at once, a server each)",
+    )
     options = parser.parse_args(argv)
     options.work = options.work.resolve()
     sys.stdout.reconfigure(line_buffering=True)  # CI reads a pipe: progress as it happens
     wanted = options.suite or ["tortoise", "databases"]
 
+    link_safepool(options.work)
     started = time.monotonic()
-    server = Server()
-    print(f"orm: PostgreSQL on {server.host}:{server.port} ready in {time.monotonic() - started:.0f} s")
+    # The suites wait on the server most of the time, so the two runs share
+    # the two cores well: at once, each against a server of its own (the
+    # connection counts stay separate), a suite takes about the time of one run.
+    servers = [Server()] if options.sequential else [Server(), Server()]
+    for server in servers:
+        print(f"orm: PostgreSQL on {server.host}:{server.port}")
+    print(f"orm: ready in {time.monotonic() - started:.0f} s")
+    base_server, safe_server = servers[0], servers[-1]
     problems: list[str] = []
     try:
         for name in wanted:
-            suite = suites(server.host, server.port)[name]
             with tempfile.TemporaryDirectory(prefix=f"safepool-orm-{name}-") as tmp:
-                source = prepare_source(suite, options.work, Path(tmp))
-                base = run_suite(suite, "asyncpg", source, options.work, server, options.timeout)
-                safe = run_suite(suite, "safepool", source, options.work, server, options.timeout)
+                runs = []
+                for pool, server in (("asyncpg", base_server), ("safepool", safe_server)):
+                    suite = suites(server.host, server.port)[name]
+                    source = prepare_source(suite, options.work, Path(tmp) / pool)
+                    runs.append((suite, pool, source, options.work, server, options.timeout))
+                if options.sequential:
+                    base, safe = (run_suite(*run) for run in runs)
+                else:
+                    with ThreadPoolExecutor(2) as executor:
+                        base, safe = executor.map(lambda run: run_suite(*run), runs)
             problems += compare(suite, base, safe)
     finally:
-        server.close()
+        for server in servers:
+            server.close()
     print(f"\norm: total {time.monotonic() - started:.0f} s")
     for problem in problems:
         print(f"orm: FAIL {problem}")
