@@ -26,8 +26,8 @@ from ._internals import RawConnection
 from .errors import LeaseExpiredError
 
 if TYPE_CHECKING:
+    from ._runner import Holder as _Holder
     from ._state import Lease
-    from .pool import _Holder
 
 
 # inspect.markcoroutinefunction is 3.12+; asyncpg ships a shim for 3.11.
