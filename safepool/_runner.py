@@ -528,9 +528,11 @@ class Runner:
             self.name, described, self.state.connect_failures,
             extra={"event": "connect_failed", "pool": self.name, "error": described},
         )
-        if not self.state.waiting and not self.state.closing:
-            # Nobody waits: the min_size upkeep's connect. asyncpg logs these
-            # on its own logger, and monitoring of asyncpg programs reads it.
+        if self.state.floor_enabled and not self.state.waiting and not self.state.closing:
+            # Nobody waits, and create_pool() has returned: the min_size
+            # upkeep's connect (create_pool's own failures raise, unlogged, as
+            # in asyncpg). asyncpg logs these on its own logger, and
+            # monitoring of asyncpg programs reads it.
             _asyncpg_logger.warning("Failed to restore the pool connection floor; retrying (%s)", described)
         self.reporter.emit_event("connect_failed", error=described, consecutive_failures=self.state.connect_failures)
         self.note_server_status()

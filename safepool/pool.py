@@ -657,6 +657,11 @@ class Pool:
         return _compat_holders(self)
 
     @property
+    def _maintenance_task(self) -> asyncio.Task[Any] | None:
+        # asyncpg's floor-upkeep task (asyncpg's test base awaits it on teardown).
+        return self._runner.maintenance_task
+
+    @property
     def _queue(self) -> QueueView:
         return _compat_queue(self)
 
