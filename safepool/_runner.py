@@ -32,6 +32,7 @@ from ._state import (
     Fail,
     LeakSuspect,
     Lease,
+    Phase,
     PoolState,
     Shed,
     Slot,
@@ -56,10 +57,13 @@ _FLOOR_RETRY_CAP = 60.0
 
 
 class Face(Protocol):
-    """What the runner reads of the pool it runs for (the asyncpg face)."""
+    """What the runner needs of the pool it runs for (the asyncpg face):
+    asyncpg's connection reaches it through ``holder._pool`` to drop caches."""
 
-    _closed: bool
-    _initialized: bool
+    def _drop_statement_cache(self) -> None: ...
+
+    def _drop_type_cache(self) -> None: ...
+
 
 
 class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., read-only
@@ -251,7 +255,7 @@ class Runner:
     def on_timer(self) -> None:
         self.timer = None
         self.timer_at = None
-        if self.face._closed:
+        if self.state.phase is Phase.CLOSED:
             return
         self.state.advance(self.now())
         self.drain()
@@ -266,7 +270,7 @@ class Runner:
             self.reset_watchdog = None
 
     def watch_resets(self) -> None:
-        if self.reset_watchdog is None and not self.face._closed:
+        if self.reset_watchdog is None and self.state.phase is not Phase.CLOSED:
             self.reset_watchdog = self.clock.call_at(self.now() + DEFAULT_RESET_TIMEOUT, self.check_resets)
 
     def check_resets(self) -> None:
@@ -352,7 +356,7 @@ class Runner:
         """A proxy was garbage collected while still leased (or a re-check
         of one whose connection was still in use)."""
         slot = lease.slot
-        if not lease.active or self.face._closed:
+        if not lease.active or self.state.phase is Phase.CLOSED:
             return
         holder = self.slot_holders[slot]
         if self.still_in_use(holder, slot):
@@ -476,7 +480,7 @@ class Runner:
             # traceback must not carry the connect error's full text.
             self.report_connect_failure(failure)
             self.drain()
-            if state.floor_deficit() and self.face._initialized and (
+            if state.floor_deficit() and self.state.started and (
                 self.maintenance_task is None or self.maintenance_task.done()
             ):
                 self.maintenance_task = self.spawn(self.restore_floor())
@@ -508,7 +512,7 @@ class Runner:
         delay = _FLOOR_RETRY_FIRST
         while True:
             await asyncio.sleep(delay)
-            if self.face._closed or state.closing or not state.floor_deficit():
+            if self.state.phase is Phase.CLOSED or state.closing or not state.floor_deficit():
                 return
             slot = state.plan_floor_connect(self.now())
             if slot is None:

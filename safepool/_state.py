@@ -91,6 +91,25 @@ class Observed(enum.IntEnum):
 RESET_MODES = ("full", "rollback", "auto")
 
 
+class Phase(enum.Enum):
+    """The pool's lifecycle: one value, not a flag per question."""
+
+    NEW = "new"  # created; `await pool` (or create_pool) not run yet
+    STARTING = "starting"  # the first connections are being opened
+    OPEN = "open"
+    CLOSING = "closing"  # close() under way: acquires refused, leases close as they come back
+    CLOSED = "closed"  # closed, terminated, or failed to start
+
+
+_PHASES: dict[Phase, frozenset[Phase]] = {
+    Phase.NEW: frozenset({Phase.STARTING, Phase.CLOSING, Phase.CLOSED}),
+    Phase.STARTING: frozenset({Phase.OPEN, Phase.CLOSING, Phase.CLOSED}),
+    Phase.OPEN: frozenset({Phase.CLOSING, Phase.CLOSED}),
+    Phase.CLOSING: frozenset({Phase.CLOSING, Phase.CLOSED}),
+    Phase.CLOSED: frozenset(),
+}
+
+
 class Slot:
     __slots__ = ("id", "state", "connection", "generation", "created_at", "idle_since", "lease")
 
@@ -351,6 +370,9 @@ class PoolState:
         self.connect_times = Histogram()  # successful connects only
 
         self.generation = 0
+        self.phase = Phase.NEW
+        # phase is CLOSING or CLOSED: derived by set_phase (a plain attribute
+        # for the hot path's checks), never written elsewhere.
         self.closing = False
         self.floor_enabled = False  # min_size upkeep starts once the pool is initialised
 
@@ -834,10 +856,23 @@ class PoolState:
         for slot in list(self._idle):
             self._start_close(slot)
 
+    def set_phase(self, phase: Phase) -> None:
+        """Move the pool's lifecycle on (the table ``_PHASES`` lists the legal moves)."""
+        if phase not in _PHASES[self.phase]:
+            raise InternalStateError(f"illegal phase change {self.phase.value} -> {phase.value}")
+        self.phase = phase
+        self.closing = phase is Phase.CLOSING or phase is Phase.CLOSED
+
+    @property
+    def started(self) -> bool:
+        """asyncpg's "initialized": past start-up, successfully or not."""
+        return self.phase is not Phase.NEW and self.phase is not Phase.STARTING
+
     def begin_close(self, error: BaseException) -> None:
         """Refuse new acquires, fail waiters, close idle connections.
         Leased ones close as they come back."""
-        self.closing = True
+        if self.phase is not Phase.CLOSED:
+            self.set_phase(Phase.CLOSING)
         self._fail_waiters(error)
         for slot in list(self._idle):
             self._start_close(slot)

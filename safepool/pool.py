@@ -57,6 +57,7 @@ from ._state import (
     Inadmissible,
     Lease,
     Overloaded,
+    Phase,
     PoolState,
     ReleaseOutcome,
     SlotLost,
@@ -244,9 +245,6 @@ class Pool:
         )
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
-        self._initialized = False
-        self._initializing = False
-        self._closed = False
         self._reporter = reporter = Reporter(self._name, self._state, loop, self._site_caps)
         # The same list as the reporter's: release() checks it on the hot path.
         self._listeners = reporter.listeners
@@ -267,23 +265,20 @@ class Pool:
     # ------------------------------------------------------------ start-up
 
     async def _async__init__(self) -> Pool:
-        if self._initialized:
+        state = self._state
+        if state.started:
             return self
-        if self._initializing:
+        if state.phase is Phase.STARTING:
             raise _pg_exceptions.InterfaceError("pool is being initialized in another task")
-        if self._closed:
-            raise PoolClosedError("pool is closed")
-        self._initializing = True
+        state.set_phase(Phase.STARTING)
         try:
             await self._initialize()
-            return self
         except BaseException:
-            self._closed = True
             self._runner.terminate_all()
+            state.set_phase(Phase.CLOSED)
             raise
-        finally:
-            self._initializing = False
-            self._initialized = True
+        state.set_phase(Phase.OPEN)
+        return self
 
     async def _initialize(self) -> None:
         state = self._state
@@ -342,9 +337,10 @@ class Pool:
             lease_timeout = validate_timeout("lease_timeout", lease_timeout)
             if lease_timeout == 0:
                 raise ValueError("lease_timeout must be > 0 seconds (None turns it off)")
-        if self._state.closing and not self._closed:
-            raise PoolClosedError("pool is closing")
-        self._check_init()
+        if self._state.phase is not Phase.OPEN:
+            if self._state.phase is Phase.CLOSING:
+                raise PoolClosedError("pool is closing")
+            self._check_init()
         if self._site_caps and site is None:
             site = _sites.current_site() or _sites.caller_site(2)
         state = self._state
@@ -603,7 +599,8 @@ class Pool:
             raise
         finally:
             warn_handle.cancel()
-            self._closed = True
+            if self._state.phase is not Phase.CLOSED:
+                self._state.set_phase(Phase.CLOSED)
             runner.cancel_timers()
         if runner.tasks:
             await asyncio.gather(*list(runner.tasks), return_exceptions=True)
@@ -619,8 +616,8 @@ class Pool:
         if self._closed:
             return
         self._check_init()
-        self._closed = True
         self._runner.terminate_all()
+        self._state.set_phase(Phase.CLOSED)
 
     async def expire_connections(self) -> None:
         """Replace every open connection: idle ones now, leased ones on release."""
@@ -740,15 +737,30 @@ class Pool:
     # ------------------------------------------------------------ helpers
 
     def _check_init(self) -> None:
-        if not self._initialized:
-            if self._initializing:
-                raise _pg_exceptions.InterfaceError(
-                    "pool is being initialized, but not yet ready: "
-                    "likely there is a race between creating a pool and using it"
-                )
+        phase = self._state.phase
+        if phase is Phase.OPEN or phase is Phase.CLOSING:
+            return
+        if phase is Phase.STARTING:
+            raise _pg_exceptions.InterfaceError(
+                "pool is being initialized, but not yet ready: "
+                "likely there is a race between creating a pool and using it"
+            )
+        if phase is Phase.NEW:
             raise _pg_exceptions.InterfaceError("pool is not initialized")
-        if self._closed:
-            raise PoolClosedError("pool is closed")
+        raise PoolClosedError("pool is closed")
+
+    # asyncpg's lifecycle flags, read-only views of the one phase.
+    @property
+    def _initialized(self) -> bool:
+        return self._state.started
+
+    @property
+    def _initializing(self) -> bool:
+        return self._state.phase is Phase.STARTING
+
+    @property
+    def _closed(self) -> bool:
+        return self._state.phase is Phase.CLOSED
 
     def _drop_statement_cache(self) -> None:
         for slot in self._state.slots():

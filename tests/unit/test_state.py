@@ -17,6 +17,7 @@ from safepool._state import (
     LeakSuspect,
     Observed,
     Overloaded,
+    Phase,
     PoolState,
     ReleaseOutcome,
     Shed,
@@ -718,3 +719,22 @@ def test_release_policy_resets_for_hooks_and_discards_an_expired_generation() ->
 def test_an_unknown_reset_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="reset_mode"):
         make(reset_mode="sometimes")
+
+
+def test_the_lifecycle_is_one_phase_with_legal_moves_only() -> None:
+    state = make()
+    assert state.phase is Phase.NEW and not state.started and not state.closing
+    state.set_phase(Phase.STARTING)
+    assert not state.started
+    state.set_phase(Phase.OPEN)
+    assert state.started and not state.closing
+    with pytest.raises(InternalStateError, match="open -> starting"):
+        state.set_phase(Phase.STARTING)
+    state.begin_close(RuntimeError("closing"))
+    assert state.phase is Phase.CLOSING and state.closing
+    state.set_phase(Phase.CLOSED)
+    assert state.closing and state.started
+    with pytest.raises(InternalStateError):
+        state.set_phase(Phase.OPEN)
+    state.begin_close(RuntimeError("again"))  # terminate() after close(): a no-op move
+    assert state.phase is Phase.CLOSED
