@@ -45,6 +45,8 @@ PYTHONS = ("3.11", "3.12", "3.13")
 ASYNCPG = ("0.29.0", "0.30.0", "0.31.0", "0.32.0")
 CELL_SUITES = ("tests/unit", "tests/compat", "tests/faults")
 UVLOOP_SUITES = ("tests/compat", "tests/integration", "tests/faults")
+# Pairs that asyncpg itself does not support: shown, not run.
+UNSUPPORTED = {("3.13", "0.29.0"): "asyncpg 0.29 has no Python 3.13 build (wheels up to 3.12, Cython 0.29)"}
 CELL_TIMEOUT = 900  # s; a cell takes 1-2 minutes
 LAYOUT = "1"  # bump to rebuild every cached venv
 
@@ -69,7 +71,7 @@ class Cell:
     failed: int = 0
     skipped: int = 0
     seconds: float = 0.0
-    status: str = "pending"  # pending, ok, failed, error
+    status: str = "pending"  # pending, ok, failed, error, n/a
     note: str = ""
     log: Path = field(default_factory=Path)
 
@@ -79,6 +81,8 @@ class Cell:
         return f"py{self.python}-asyncpg{self.asyncpg}{loop}"
 
     def text(self) -> str:
+        if self.status == "n/a":
+            return "n/a"
         if self.status == "error":
             return f"ERROR ({self.note})"
         mark = "" if self.status == "ok" else "FAIL "
@@ -243,6 +247,9 @@ def main() -> int:
     started = time.monotonic()
 
     cells = [Cell(p, v) for p in pythons for v in versions]
+    for cell in cells:
+        if (cell.python, cell.asyncpg) in UNSUPPORTED:
+            cell.status, cell.note = "n/a", UNSUPPORTED[(cell.python, cell.asyncpg)]
     if uvloop:
         cells.append(Cell(pythons[-1], versions[-1], suites=UVLOOP_SUITES, loop="uvloop"))
 
@@ -255,6 +262,8 @@ def main() -> int:
             say(str(error))
             return
         for cell in mine:
+            if cell.status == "n/a":
+                continue
             try:
                 overlay = ensure_asyncpg(venv, cell.asyncpg)
             except RuntimeError as error:
@@ -278,9 +287,9 @@ def main() -> int:
         print(f"* {', '.join(UVLOOP_SUITES)} on uvloop. {jobs} cell(s) at once, {total:.0f} s in all.")
     print(table(cells, pythons, versions))
     for cell in cells:
-        if cell.status == "error":
-            print(f"{cell.name}: {cell.note}")
-    bad = [c.name for c in cells if c.status != "ok"]
+        if cell.status in ("error", "n/a"):
+            print(f"{cell.name}: {cell.status}: {cell.note}")
+    bad = [c.name for c in cells if c.status not in ("ok", "n/a")]
     passed = sum(c.passed for c in cells)
     failed = sum(c.failed for c in cells) + sum(1 for c in cells if c.status == "error")
     skipped = sum(c.skipped for c in cells)
