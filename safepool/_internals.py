@@ -107,7 +107,13 @@ def queries_count(con: RawConnection) -> int:
 
 def is_cancelling(con: RawConnection) -> bool:
     protocol = con._protocol
-    return protocol is not None and bool(protocol._is_cancelling())
+    if protocol is None:
+        return False
+    if not HAS_POOL_HOLDER and con.is_closed():
+        # asyncpg 0.32 completes the cancellation futures when the socket
+        # closes; before, they stay pending with nothing left to answer them.
+        return False
+    return bool(protocol._is_cancelling())
 
 
 async def wait_for_cancellation(con: RawConnection, timeout: float | None = None) -> None:
@@ -123,7 +129,7 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
     if HAS_POOL_HOLDER:  # 0.32+: the timeout is asyncpg's
         await protocol._wait_for_cancellation(timeout)
         return
-    if not protocol._is_cancelling():
+    if not is_cancelling(con):
         return
     try:
         async with asyncio.timeout(timeout):
