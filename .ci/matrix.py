@@ -287,31 +287,30 @@ def main() -> int:
     if uvloop:
         cells.append(Cell(pythons[-1], versions[-1], suites=UVLOOP_SUITES, loop="uvloop"))
 
-    def prepare_and_run(python: str, mine: list[Cell]) -> None:
-        try:
-            venv = ensure_venv(python)
-        except RuntimeError as error:
-            for cell in mine:
-                cell.status, cell.note = "error", str(error)
-            say(str(error))
-            return
-        for cell in mine:
-            if cell.status == "n/a":
-                continue
-            try:
-                overlay = ensure_asyncpg(venv, cell.asyncpg)
-            except RuntimeError as error:
-                cell.status, cell.note = "error", str(error)
-                say(f"{cell.name}: {error}")
-                continue
-            run_cell(cell, venv, overlay)
+    overlay_locks = {(c.python, c.asyncpg): threading.Lock() for c in cells}
 
-    # One worker per Python (cells of one Python run in order, newest
-    # asyncpg first); SAFEPOOL_MATRIX_JOBS of them at once.
-    groups = {p: sorted((c for c in cells if c.python == p), key=lambda c: (c.loop != "asyncio", c.asyncpg),
-                        reverse=True) for p in pythons}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as executor:
-        for future in [executor.submit(prepare_and_run, p, groups[p]) for p in reversed(pythons)]:
+    def run(cell: Cell, venv_future: concurrent.futures.Future[Path]) -> None:
+        try:
+            venv = venv_future.result()
+            with overlay_locks[(cell.python, cell.asyncpg)]:  # the uvloop cell shares its pair's
+                overlay = ensure_asyncpg(venv, cell.asyncpg)
+        except RuntimeError as error:
+            cell.status, cell.note = "error", str(error)
+            say(f"{cell.name}: {error}")
+            return
+        run_cell(cell, venv, overlay)
+
+    # Venvs are built JOBS at a time, newest Python first; cells run JOBS at
+    # a time as their venv is ready: the uvloop cell (the longest) first,
+    # then newest Python and asyncpg first.
+    def rank(cell: Cell) -> tuple[bool, int, tuple[int, ...]]:
+        return cell.loop == "asyncio", -pythons.index(cell.python), tuple(-int(x) for x in cell.asyncpg.split("."))
+
+    order = sorted((c for c in cells if c.status != "n/a"), key=rank)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as builds, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as runs:
+        venvs = {p: builds.submit(ensure_venv, p) for p in reversed(pythons)}
+        for future in [runs.submit(run, cell, venvs[cell.python]) for cell in order]:
             future.result()
 
     total = time.monotonic() - started
