@@ -64,17 +64,25 @@ def _asyncpg_tests_dir() -> Path:
     if (tests_dir / "test_pool.py").exists():
         return tests_dir
     cache.mkdir(parents=True, exist_ok=True)
-    download = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-         f"asyncpg=={version}", "-d", str(cache)],
-        capture_output=True, text=True, timeout=300,
-    )
-    archive = cache / f"asyncpg-{version}.tar.gz"
-    if download.returncode != 0 or not archive.exists():
-        pytest.skip(f"cannot download asyncpg {version} sources: {download.stderr.strip()[-300:]}")
-    with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if "/tests/" in m.name]
-        tar.extractall(cache, members=members, filter="data")
+    # Downloaded and unpacked aside, then moved into place in one step: the
+    # version matrix may run two sessions of one asyncpg at once.
+    with tempfile.TemporaryDirectory(dir=cache, prefix="download-") as scratch:
+        download = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+             f"asyncpg=={version}", "-d", scratch],
+            capture_output=True, text=True, timeout=300,
+        )
+        archive = Path(scratch) / f"asyncpg-{version}.tar.gz"
+        if download.returncode != 0 or not archive.exists():
+            pytest.skip(f"cannot download asyncpg {version} sources: {download.stderr.strip()[-300:]}")
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if "/tests/" in m.name]
+            tar.extractall(scratch, members=members, filter="data")
+        try:
+            os.rename(Path(scratch) / f"asyncpg-{version}", cache / f"asyncpg-{version}")
+        except OSError:
+            if not (tests_dir / "test_pool.py").exists():  # not another session's copy
+                raise
     return tests_dir
 
 
