@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -213,7 +214,11 @@ def run_cell(cell: Cell, venv: Path, overlay: Path) -> None:
     xml.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": str(overlay)}
     env.pop("VIRTUAL_ENV", None)
-    pytest = [str(venv / "bin" / "python"), "-m", "pytest", "-q", f"--loop={cell.loop}", "-o", "junit_family=xunit2"]
+    # A short, private --basetemp: pytest's default (/tmp/pytest-of-USER/pytest-N/, N growing with every
+    # session on the machine) can push a test's embedded PostgreSQL socket path past the 107-byte limit.
+    basetemp = tempfile.mkdtemp(prefix="spm-")
+    pytest = [str(venv / "bin" / "python"), "-m", "pytest", "-q", f"--loop={cell.loop}", "-o", "junit_family=xunit2",
+              f"--basetemp={basetemp}"]
     cmd = [*pytest, *cell.suites, f"--junitxml={xml}"]
     say(f"{cell.name}: running {' '.join(cell.suites)} on {cell.loop}")
     started = time.monotonic()
@@ -236,6 +241,7 @@ def run_cell(cell: Cell, venv: Path, overlay: Path) -> None:
                 cell.failed = 0
                 rc = 0
             cell.seconds = time.monotonic() - started
+    shutil.rmtree(basetemp, ignore_errors=True)
     if rc == 0 and cell.passed > 0:
         cell.status = "ok"
     elif xml.exists() and (cell.failed or rc != 0):
