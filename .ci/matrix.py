@@ -180,6 +180,19 @@ def ensure_asyncpg(venv: Path, version: str) -> Path:
     return target
 
 
+def fetch_asyncpg_sources(versions: tuple[str, ...]) -> None:
+    """asyncpg's own tests for the compat suite, from each release's source
+    distribution, into its cache (tests/compat/asyncpg_suite.py), fetched
+    with this interpreter: pip builds an sdist's metadata on download, which
+    on a Python that asyncpg's pinned Cython has no wheel for means compiling
+    Cython in every cell."""
+    log = LOGS / "asyncpg-sources.log"
+    log.unlink(missing_ok=True)
+    cmd = [sys.executable, str(ROOT / "tests" / "compat" / "asyncpg_suite.py"), "--fetch", *versions]
+    if run_logged(cmd, log, timeout=900) != 0:
+        say(f"could not fetch every asyncpg source distribution (see {log.relative_to(ROOT)})")
+
+
 def junit_failures(path: Path) -> list[str]:
     """Node ids of the failed tests in a JUnit XML report."""
     failed = []
@@ -315,7 +328,9 @@ def main() -> int:
     order = sorted((c for c in cells if c.status != "n/a"), key=rank)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as builds, \
             concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as runs:
+        sources = builds.submit(fetch_asyncpg_sources, versions)
         venvs = {p: builds.submit(ensure_venv, p) for p in reversed(pythons)}
+        sources.result()
         for future in [runs.submit(run, cell, venvs[cell.python]) for cell in order]:
             future.result()
 

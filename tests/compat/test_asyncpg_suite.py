@@ -18,13 +18,13 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import asyncpg
 import pytest
+
+from tests.compat import asyncpg_suite
 
 HERE = Path(__file__).parent
 
@@ -58,32 +58,13 @@ POOL_BEHAVIOUR_DIFFERENCES: dict[str, dict[str, str]] = {
 
 
 def _asyncpg_tests_dir() -> Path:
-    cache = Path(os.environ.get("SAFEPOOL_COMPAT_CACHE", Path(tempfile.gettempdir()) / "safepool-compat"))
-    version = asyncpg.__version__
-    tests_dir = cache / f"asyncpg-{version}" / "tests"
-    if (tests_dir / "test_pool.py").exists():
-        return tests_dir
-    cache.mkdir(parents=True, exist_ok=True)
-    # Downloaded and unpacked aside, then moved into place in one step: the
-    # version matrix may run two sessions of one asyncpg at once.
-    with tempfile.TemporaryDirectory(dir=cache, prefix="download-") as scratch:
-        download = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             f"asyncpg=={version}", "-d", scratch],
-            capture_output=True, text=True, timeout=300,
-        )
-        archive = Path(scratch) / f"asyncpg-{version}.tar.gz"
-        if download.returncode != 0 or not archive.exists():
-            pytest.skip(f"cannot download asyncpg {version} sources: {download.stderr.strip()[-300:]}")
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if "/tests/" in m.name]
-            tar.extractall(scratch, members=members, filter="data")
-        try:
-            os.rename(Path(scratch) / f"asyncpg-{version}", cache / f"asyncpg-{version}")
-        except OSError:
-            if not (tests_dir / "test_pool.py").exists():  # not another session's copy
-                raise
-    return tests_dir
+    # The source distribution's metadata is built on download: with a Python
+    # that the pinned Cython has no wheel for, that compiles Cython (minutes);
+    # .ci/matrix.py fetches them beforehand with its own Python.
+    try:
+        return asyncpg_suite.fetch_tests(asyncpg.__version__)
+    except RuntimeError as error:
+        pytest.skip(f"cannot download asyncpg {asyncpg.__version__} sources: {error}")
 
 
 def _libpq_env(dsn: str) -> dict[str, str]:
