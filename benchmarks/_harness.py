@@ -47,7 +47,7 @@ FULL = Mode("full", batch_seconds=0.2, rounds=41, slow_rounds=15, contended_roun
             memory_leases=1_000_000, retry=False)
 
 # A guard is the target plus this much, for noise (see docs/performance.md).
-NOISE_MARGIN = 0.25
+NOISE_MARGIN = 0.20
 
 
 class Contender:
@@ -200,13 +200,11 @@ class Row:
     guard: float | None  # CI fails above this (None: not guarded)
     detail: str = ""  # the absolute numbers behind the ratio
     unit: str = "x"
-    standing: bool = False  # guard = where the ratio stands on the dev machine + margin, not target + margin
     attempts: list[float] = field(default_factory=list)
 
     @property
     def guard_text(self) -> str:
-        text = _fmt(self.guard, self.unit)
-        return text + " (standing)" if self.standing and self.guard is not None else text
+        return _fmt(self.guard, self.unit)
 
     @property
     def failed(self) -> bool:
@@ -224,14 +222,6 @@ class Row:
 def guard_for(target: float) -> float:
     """The guard of a row whose target is within reach: the target plus the margin."""
     return round(target * (1 + NOISE_MARGIN), 3)
-
-
-def standing(worst_seen: float) -> float:
-    """The guard of a row with no target, or a target out of reach here: the
-    worst value seen in quick runs on the 2-core development machine while
-    other test suites loaded it, plus the margin. It catches regressions,
-    not the gap to the goal."""
-    return round(worst_seen * (1 + NOISE_MARGIN), 2)
 
 
 def _fmt(value: float | None, unit: str) -> str:

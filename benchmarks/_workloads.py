@@ -168,11 +168,16 @@ class Lease(Contender):
 
 
 class RawConnection(Contender):
-    """The floor for a query lease: one asyncpg connection, no pool."""
+    """The floor for a query lease: one asyncpg connection, no pool.
 
-    def __init__(self, dsn: str) -> None:
-        self.name = "raw connection"
+    With ``reset``, each operation also sends asyncpg's reset query, as its
+    own statement: the physical floor of a lease with the full reset (two
+    round trips, nothing else)."""
+
+    def __init__(self, dsn: str, *, reset: bool = False) -> None:
+        self.name = "raw SELECT 1 + reset" if reset else "raw connection"
         self.dsn = dsn
+        self.reset = reset
         self.con: Any = None
 
     async def setup(self) -> None:
@@ -180,8 +185,14 @@ class RawConnection(Contender):
 
     async def run(self, n: int) -> None:
         con = self.con
-        for _ in range(n):
-            await con.fetchval("SELECT 1")
+        if self.reset:
+            query = con.get_reset_query()
+            for _ in range(n):
+                await con.fetchval("SELECT 1")
+                await con.execute(query)
+        else:
+            for _ in range(n):
+                await con.fetchval("SELECT 1")
 
     async def teardown(self) -> None:
         await self.con.close()

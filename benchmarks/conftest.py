@@ -23,15 +23,21 @@ import pytest
 
 from tests.conftest import pg_dsn, pg_server  # noqa: F401  (the same server fixtures as the tests)
 
-from ._harness import FULL, QUICK, Mode, Row, machine_info, render_markdown, render_text, with_retry
+from ._harness import FULL, NOISE_MARGIN, QUICK, Mode, Row, machine_info, render_markdown, render_text, with_retry
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 PERFORMANCE_DOC = ROOT / "docs" / "performance.md"
 FULL_COMMAND = "python -m pytest benchmarks --safepool-bench-full"
 QUICK_COMMAND = "python -m pytest benchmarks"
-BEGIN_MARK = "<!-- benchmark results: begin (written by the full mode; do not edit by hand) -->"
-END_MARK = "<!-- benchmark results: end -->"
+
+def begin_mark(loop: str) -> str:
+    return f"<!-- benchmark results ({loop}): begin (written by the full mode; do not edit by hand) -->"
+
+
+def end_mark(loop: str) -> str:
+    return f"<!-- benchmark results ({loop}): end -->"
+
 
 
 @dataclass
@@ -97,6 +103,15 @@ class Bench:
     mode: Mode
     report: Report
 
+    @property
+    def loop_name(self) -> str:
+        """``uvloop`` or ``asyncio``: the loop the ratios were measured on."""
+        return "uvloop" if type(self.loop).__module__.startswith("uvloop") else "asyncio"
+
+    @property
+    def uvloop(self) -> bool:
+        return self.loop_name == "uvloop"
+
     def check(self, measure: Callable[[], list[Row]]) -> None:
         """Measure (retrying once in quick mode if a guard fails), record the
         rows for the table, and fail if any ratio is past its guard."""
@@ -142,9 +157,11 @@ def bench(pytestconfig: pytest.Config, bench_loop: asyncio.AbstractEventLoop, pg
         finally:
             await con.close()
 
+    bench = Bench(bench_loop, pg_dsn, report.mode, report)
     if not report.machine:
         report.machine = machine_info(bench_loop.run_until_complete(server_version()))
-    return Bench(bench_loop, pg_dsn, report.mode, report)
+        report.machine["event loop"] = bench.loop_name
+    return bench
 
 
 # ------------------------------------------------------------------ output
@@ -157,23 +174,24 @@ def _results_markdown(report: Report) -> str:
         f"Measured {when}, {report.mode.name} mode, with `{FULL_COMMAND}`.\n\n"
         f"| machine | |\n|---|---|\n{machine}\n\n"
         f"{render_markdown(report.rows)}\n"
-        "Lower is better in every row. Guard: the target + 25%, or *(standing)*: the worst value seen "
-        "on the development machine + 25% (no target, or the target is out of reach there). "
-        "Absolute numbers are medians over rounds; see docs/performance.md.\n"
+        f"Lower is better in every row. Guard: the target + {NOISE_MARGIN:.0%} (rows without a target "
+        "are reported, not guarded). Absolute numbers are medians over rounds; see docs/performance.md.\n"
     )
 
 
 def _write_results(report: Report) -> list[Path]:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    latest = RESULTS_DIR / "latest.md"
+    loop = report.machine.get("event loop", "asyncio")
+    latest = RESULTS_DIR / f"latest-{loop}.md"
     body = _results_markdown(report)
-    latest.write_text("# Latest full benchmark run\n\n" + body)
+    latest.write_text(f"# Latest full benchmark run ({loop})\n\n" + body)
     written = [latest]
     if PERFORMANCE_DOC.exists():
         text = PERFORMANCE_DOC.read_text()
-        start, end = text.find(BEGIN_MARK), text.find(END_MARK)
+        begin, end_ = begin_mark(loop), end_mark(loop)
+        start, end = text.find(begin), text.find(end_)
         if 0 <= start < end:
-            PERFORMANCE_DOC.write_text(text[: start + len(BEGIN_MARK)] + "\n" + body + text[end:])
+            PERFORMANCE_DOC.write_text(text[: start + len(begin)] + "\n" + body + text[end:])
             written.append(PERFORMANCE_DOC)
     return written
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._clock import Clock, ManualClock
 from ._histogram import Distribution
+from ._sites import site
 from ._state import Backoff
 from .errors import (
     LeaseExpiredError,
@@ -15,7 +16,7 @@ from .errors import (
 )
 from .pool import Pool, PoolAcquireContext, create_pool
 from .proxy import PoolConnectionProxy
-from .stats import LeaseInfo, PoolStats
+from .stats import LeaseInfo, PoolOptions, PoolStats, SiteStats
 
 __version__ = "0.1.0"
 
@@ -30,10 +31,13 @@ __all__ = [
     "PoolAcquireContext",
     "PoolClosedError",
     "PoolConnectionProxy",
+    "PoolOptions",
     "PoolError",
     "PoolOverloadedError",
     "PoolStats",
     "PoolTimeoutError",
     "ServerUnavailableError",
+    "SiteStats",
     "create_pool",
+    "site",
 ]

@@ -35,7 +35,14 @@ async def _selfcheck(dsn: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m safepool")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="python -m safepool",
+        description="safepool: a resilient drop-in replacement for asyncpg's connection pool.",
+        epilog="Run 'python -m safepool COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"safepool {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     selfcheck = commands.add_parser("selfcheck", help="open a pool on an embedded PostgreSQL and run a query")
     selfcheck.add_argument("--dsn", default=None, help="use this server instead of an embedded one")

@@ -118,7 +118,7 @@ class _Positions:
 
     def state(self) -> PoolState | None:
         pool = self.pool()
-        return None if pool is None else pool._state  # type: ignore[no-any-return]
+        return None if pool is None else pool._state
 
     def now(self) -> float:
         pool = self.pool()

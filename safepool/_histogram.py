@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Upper bounds in seconds, roughly x2.5 apart, from 10 µs to 5 minutes:
@@ -45,6 +47,11 @@ class Histogram:
         self.sum += value
         if value > self.max:
             self.max = value
+
+    def record_zero(self) -> None:
+        """``record(0.0)``, without the search (an acquire that did not wait)."""
+        self._counts[0] += 1
+        self.count += 1
 
     def quantile(self, q: float) -> float:
         if self.count == 0:
@@ -90,3 +97,51 @@ class Histogram:
             bounds=self._bounds,
             bucket_counts=tuple(self._counts),
         )
+
+
+class TeeHistogram(Histogram):
+    """Stands in for one of a pool's histograms while timing sinks are
+    attached (``Pool.add_timing_sink``): records into the inner histogram,
+    then hands the value to each sink. Installed and removed by the pool on
+    its loop thread, so no value is lost across the swap."""
+
+    __slots__ = ("inner", "sinks", "_what", "_complained")
+
+    def __init__(self, inner: Histogram, what: str = "a timing sink") -> None:  # the inner one keeps the data
+        self.inner = inner
+        self.sinks: list[Callable[[float], None]] = []
+        self._what = what
+        self._complained = False
+
+    def record(self, value: float) -> None:
+        self.inner.record(value)
+        for sink in self.sinks:
+            # Runs inside the pool's state transitions: it must never raise.
+            try:
+                sink(value)
+            except Exception:
+                if not self._complained:
+                    self._complained = True
+                    logging.getLogger("safepool").warning("%s failed", self._what, exc_info=True)
+
+    def record_zero(self) -> None:
+        self.record(0.0)
+
+    def quantile(self, q: float) -> float:
+        return self.inner.quantile(q)
+
+    def snapshot(self) -> Distribution:
+        return self.inner.snapshot()
+
+    # The base class's slots stay empty here; read the inner histogram's.
+    @property
+    def count(self) -> int:  # type: ignore[override]
+        return self.inner.count
+
+    @property
+    def sum(self) -> float:  # type: ignore[override]
+        return self.inner.sum
+
+    @property
+    def max(self) -> float:  # type: ignore[override]
+        return self.inner.max

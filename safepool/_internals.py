@@ -175,6 +175,35 @@ def is_usable(con: RawConnection) -> bool:
     return con._protocol is not None and not con.is_closed()
 
 
+# What a released connection needs: safepool._state.Observed, as plain ints
+# here (the adapter does not import the core).
+UNUSABLE, USED_UP, MUST_RESET, DIRTY, CLEAN = 0, 1, 2, 3, 4
+
+
+def release_check(con: RawConnection, clean_mark: int, max_queries: int) -> int:
+    """One look at the protocol for everything release decides on (the hot
+    path: one call instead of five)."""
+    protocol = con._protocol
+    if protocol is None or con.is_closed():
+        return UNUSABLE
+    queries = protocol.queries_count
+    if queries >= max_queries:
+        return USED_UP
+    if protocol._is_cancelling() or protocol.is_in_transaction() or con._top_xact is not None:
+        return MUST_RESET
+    return CLEAN if queries == clean_mark else DIRTY
+
+
+def on_release(con: RawConnection) -> None:
+    """asyncpg's ``Connection._on_release()``: invalidate the lease's prepared
+    statements and cursors (a counter they check), and warn of listeners left
+    registered. Without listeners, only the counter (the hot path)."""
+    if con._listeners or con._log_listeners:
+        con._on_release()
+    else:
+        con._pool_release_ctr += 1
+
+
 def has_callbacks(con: RawConnection) -> bool:
     """Callbacks the application registered on the connection: asyncpg keeps
     calling them for as long as the connection is leased."""
@@ -201,8 +230,9 @@ def command_timeout(con: RawConnection) -> float | None:
 
 def clear_listeners(con: RawConnection) -> None:
     """What asyncpg's reset does locally, without a round trip."""
-    con._listeners.clear()
-    con._log_listeners.clear()
+    if con._listeners or con._log_listeners:
+        con._listeners.clear()
+        con._log_listeners.clear()
 
 
 def warn_open_transaction(con: RawConnection, *, quiet: bool = False) -> bool:
@@ -261,6 +291,19 @@ def detach_proxy(con: RawConnection, expired_reason: str | None = None) -> None:
             proxy._detach()
     except ReferenceError:
         con._set_proxy(None)
+
+
+def live_proxy(con: RawConnection) -> Any | None:
+    """The proxy a connection is leased through, or None (none, or already
+    garbage: ``con._proxy`` is a weak proxy)."""
+    proxy = con._proxy
+    if proxy is None:
+        return None
+    try:
+        proxy._con  # noqa: B018 - a dead weak proxy raises ReferenceError
+    except ReferenceError:
+        return None
+    return proxy
 
 
 async def cancel_running_query(con: RawConnection) -> None:

@@ -19,25 +19,44 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _ASYNCIO_DIR = os.path.dirname(os.path.abspath(sys.modules["asyncio"].__file__ or "")) + os.sep
 
 
-_internal_by_file: dict[str, bool] = {}  # one entry per source file: bounded
+_APP, _POOL, _ASYNCIO = 0, 1, 2
+_kind_by_file: dict[str, int] = {}  # one entry per source file: bounded
 
 
-def _is_internal(filename: str) -> bool:
-    known = _internal_by_file.get(filename)
-    if known is None:
-        known = os.path.dirname(filename) == _PACKAGE_DIR or filename.startswith(_ASYNCIO_DIR)
-        _internal_by_file[filename] = known
-    return known
+def _kind(filename: str) -> int:
+    kind = _kind_by_file.get(filename)
+    if kind is None:
+        if filename.startswith(_ASYNCIO_DIR):
+            kind = _ASYNCIO
+        elif os.path.dirname(filename) == _PACKAGE_DIR:
+            kind = _POOL
+        else:
+            kind = _APP
+        _kind_by_file[filename] = kind
+    return kind
 
 
 def capture(limit: int = 8) -> tuple[Frame, ...]:
-    """The caller's stack, innermost first, without the pool's or asyncio's frames."""
+    """The caller's stack, innermost first, without the pool's or asyncio's
+    frames. The walk stops at the event loop (the first asyncio frame past an
+    application frame): beyond it is whatever runs the loop, not the code
+    that acquired, and the walk then costs a few frames, not the whole stack."""
     frames: list[Frame] = []
+    append = frames.append
+    known = _kind_by_file
     frame = sys._getframe(1)
-    while frame is not None and len(frames) < limit:
-        filename = frame.f_code.co_filename
-        if not _is_internal(filename):
-            frames.append((filename, frame.f_lineno, frame.f_code.co_name))
+    while frame is not None:
+        code = frame.f_code
+        filename = code.co_filename
+        kind = known.get(filename)
+        if kind is None:
+            kind = _kind(filename)
+        if kind == _APP:
+            append((filename, frame.f_lineno, code.co_name))
+            if len(frames) == limit:
+                break
+        elif kind == _ASYNCIO and frames:
+            break
         frame = frame.f_back  # type: ignore[assignment]
     return tuple(frames)
 

@@ -24,9 +24,12 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._histogram import Histogram
+
+if TYPE_CHECKING:
+    from ._policy import AdaptiveQueue, WaitPolicy
 
 
 class SlotState(enum.Enum):
@@ -46,7 +49,7 @@ class SlotState(enum.Enum):
 S = SlotState
 _TRANSITIONS: dict[SlotState, frozenset[SlotState]] = {
     S.CONNECTING: frozenset({S.IDLE, S.RESERVED, S.CLOSING, S.CLOSED}),
-    S.IDLE: frozenset({S.LEASED, S.CLOSING}),
+    S.IDLE: frozenset({S.LEASED, S.RESERVED, S.CLOSING}),  # RESERVED: a site's waiters left its cap
     S.RESERVED: frozenset({S.LEASED, S.IDLE, S.RESERVED, S.CLOSING}),
     S.LEASED: frozenset({S.RESETTING, S.IDLE, S.RESERVED, S.CLOSING}),
     S.RESETTING: frozenset({S.IDLE, S.RESERVED, S.CLOSING}),
@@ -66,11 +69,26 @@ class ServerStatus(enum.Enum):
 
 
 class ReleaseOutcome(enum.Enum):
-    """What the I/O layer learned about a connection coming back."""
+    """What becomes of a connection coming back (decided by
+    :meth:`PoolState.release_outcome`)."""
 
     CLEAN = "clean"  # no statement ran: hand it on without a reset
     NEEDS_RESET = "needs_reset"
     DISCARD = "discard"  # broken, too old or too used: close it
+
+
+class Observed(enum.IntEnum):
+    """What the I/O layer saw of a released connection, in one look at its
+    protocol (the facts :meth:`PoolState.release_outcome` decides on)."""
+
+    UNUSABLE = 0  # closed, or its protocol is gone
+    USED_UP = 1  # reached max_queries
+    MUST_RESET = 2  # a transaction is open, or a cancelled query has not answered
+    DIRTY = 3  # statements ran since the session was last known clean
+    CLEAN = 4  # no statement since then
+
+
+RESET_MODES = ("full", "rollback", "auto")
 
 
 class Slot:
@@ -91,8 +109,8 @@ class Slot:
 
 class Lease:
     __slots__ = (
-        "id", "slot", "acquired_at", "deadline", "warn_at", "stack", "task_name",
-        "active", "expired", "warned", "__weakref__",
+        "id", "slot", "acquired_at", "deadline", "warn_at", "stack", "task_name", "task_ref",
+        "active", "expired", "warned", "site", "__weakref__",
     )
 
     def __init__(self, lease_id: int, slot: Slot, now: float) -> None:
@@ -103,9 +121,11 @@ class Lease:
         self.warn_at: float | None = None
         self.stack: tuple[tuple[str, int, str], ...] | None = None
         self.task_name: str | None = None
+        self.task_ref: Any = None  # weakref.ref to the acquiring task (with stack capture)
         self.active = True
         self.expired = False
         self.warned = False
+        self.site: str | None = None  # the acquire site (set with site caps, or acquire(site=))
 
     def age(self, now: float) -> float:
         return now - self.acquired_at
@@ -122,29 +142,97 @@ class WaiterState(enum.Enum):
 class Waiter:
     """One task waiting for a connection; ``future`` is opaque to the core."""
 
-    __slots__ = ("future", "enqueued_at", "deadline", "slot", "state")
+    __slots__ = ("future", "enqueued_at", "deadline", "slot", "state", "site", "seq", "shed")
 
-    def __init__(self, future: Any, now: float, deadline: float | None) -> None:
+    def __init__(self, future: Any, now: float, deadline: float | None, site: str | None = None) -> None:
         self.future = future
         self.enqueued_at = now
         self.deadline = deadline
         self.slot: Slot | None = None
         self.state = WaiterState.WAITING
+        self.site = site
+        self.seq = 0  # arrival order within the wait policy
+        self.shed = False  # deadline is the adaptive queue's target, not the caller's timeout
 
 
 # Actions for the I/O layer, drained from PoolState.actions after each call.
-class Action(enum.Enum):
-    CONNECT = "connect"  # (slot): open a connection for this slot
-    CLOSE = "close"  # (slot): close its connection, then call closed(slot)
-    WAKE = "wake"  # (waiter): resolve its future; the slot is waiter.slot
-    TIMEOUT = "timeout"  # (waiter): fail it with a timeout
-    FAIL = "fail"  # (waiter, error): fail it with this error
-    TAKE_BACK = "take_back"  # (lease): the lease expired: cancel, reset, then reset_done
-    LEAK_SUSPECT = "leak_suspect"  # (lease): held longer than leak_warning_after
+# ----------------------------------------------------------------- actions
+# What the core asks the I/O layer to do: one type per kind, dispatched by the
+# runner with ``match`` and ``assert_never`` (a new kind that the runner does
+# not handle is a type error, not a silent no-op).
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """Open a connection for ``slot``; report connect_succeeded / connect_failed."""
+
+    slot: Slot
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close ``slot``'s connection, then report closed(slot)."""
+
+    slot: Slot
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Resolve the waiter's future: ``waiter.slot`` is reserved for it."""
+
+    waiter: Waiter
+
+
+@dataclass(frozen=True, slots=True)
+class TimeOut:
+    """Fail the waiter with a timeout (its deadline passed)."""
+
+    waiter: Waiter
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Fail the waiter with ``error`` (a connect error, the pool closing)."""
+
+    waiter: Waiter
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class TakeBack:
+    """The lease expired: cancel its query, reset, then report reset_done."""
+
+    lease: Lease
+
+
+@dataclass(frozen=True, slots=True)
+class LeakSuspect:
+    """The lease is held longer than leak_warning_after: report it."""
+
+    lease: Lease
+
+
+@dataclass(frozen=True, slots=True)
+class Shed:
+    """The adaptive queue gave up on the waiter: fail it as overloaded, saying why."""
+
+    waiter: Waiter
+    reason: str
+
+
+Action = Connect | Close | Wake | TimeOut | Fail | TakeBack | LeakSuspect | Shed
 
 
 class Overloaded(Exception):
-    """The wait queue is at max_waiters (the I/O layer raises the public error)."""
+    """The wait queue is at max_waiters (the I/O layer raises the public error).
+
+    ``str()`` is the reason when a wait policy refused the task (a site's
+    share of max_waiters; see Inadmissible)."""
+
+
+class Inadmissible(Overloaded):
+    """Deadline-aware admission: the task cannot be served within its timeout
+    at the pool's measured drain rate."""
 
 
 class Unavailable(Exception):
@@ -181,6 +269,8 @@ class Counters:
     resets: int = 0
     resets_skipped: int = 0
     resets_failed: int = 0
+    shed: int = 0  # waiters the adaptive queue failed after its target delay
+    admission_rejections: int = 0  # refused at once: not servable within their timeout
 
 
 @dataclass
@@ -226,7 +316,20 @@ class PoolState:
         backoff: Backoff | None = None,
         breaker_threshold: int | None = None,
         wait_on_connect_error: bool = False,
+        max_site_share: float | None = None,
+        adaptive: AdaptiveQueue | None = None,
+        reset_mode: str = "full",
+        always_reset: bool = False,
     ) -> None:
+        if reset_mode not in RESET_MODES:
+            raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
+        # Release policy: "full" resets after every lease that ran a statement
+        # (asyncpg); "rollback" only ends an open transaction; "auto" resets
+        # fully only a lease its proxy marked. always_reset: a reset= hook or
+        # a connection class's own reset()/get_reset_query() runs after every
+        # lease, as asyncpg runs it.
+        self.reset_mode = reset_mode
+        self.always_reset = always_reset
         self.max_size = max_size
         self.min_size = min_size
         self.max_waiters = max_waiters
@@ -241,7 +344,7 @@ class PoolState:
         self.max_inactive_lifetime = max_inactive_lifetime
         self.backoff = backoff or Backoff()
 
-        self.actions: list[tuple[Any, ...]] = []
+        self.actions: list[Action] = []
         self.counters = Counters()
         self.wait_times = Histogram()
         self.lease_times = Histogram()
@@ -264,6 +367,16 @@ class PoolState:
         self.connect_failures = 0
         self.last_connect_error: BaseException | None = None
         self.backoff_until = 0.0
+
+        # Site caps and the adaptive queue (_policy.py): None when both are
+        # off, so the default paths pay one attribute check.
+        self._policy: WaitPolicy | None = None
+        if max_site_share is not None or adaptive is not None:
+            from ._policy import WaitPolicy
+
+            self._policy = WaitPolicy(
+                max_size=max_size, site_share=max_site_share, adaptive=adaptive, shed=self._shed
+            )
 
     # ----------------------------------------------------------------- sizes
 
@@ -335,10 +448,12 @@ class PoolState:
 
     # ----------------------------------------------------------------- acquire
 
-    def try_acquire(self, now: float) -> Lease | None:
+    def try_acquire(self, now: float, site: str | None = None) -> Lease | None:
         """Lease an idle connection at once, or return None (then enqueue)."""
         if self.closing:
             raise Closed
+        if self._policy is not None:
+            return self._policy_try_acquire(now, site)
         # Never jump the queue: while anybody waits, newcomers wait too.
         if self._waiting:
             return None
@@ -348,12 +463,22 @@ class PoolState:
             if slot.generation != self.generation:
                 self._start_close(slot)
                 continue
-            self._move(slot, S.LEASED)
-            self.wait_times.record(0.0)
-            return self._open_lease(slot, now)
+            # The hot path: _move(IDLE -> LEASED) and _open_lease, inlined
+            # (a legal move by the table; check_invariants() re-checks counts).
+            counts = self._counts
+            counts[S.IDLE] -= 1
+            counts[S.LEASED] += 1
+            slot.state = S.LEASED
+            self.wait_times.record_zero()
+            self._next_id += 1
+            lease = Lease(self._next_id, slot, now)
+            slot.lease = lease
+            self._leases[lease.id] = lease
+            self.counters.acquired += 1
+            return lease
         return None
 
-    def enqueue(self, future: Any, now: float, timeout: float | None) -> Waiter:
+    def enqueue(self, future: Any, now: float, timeout: float | None, site: str | None = None) -> Waiter:
         """Queue a waiter behind the others (FIFO); raises if it must not wait."""
         if self.closing:
             raise Closed
@@ -375,7 +500,9 @@ class PoolState:
             if self._counts[S.CONNECTING] == 0:
                 self.counters.unavailable_rejections += 1
                 raise Unavailable(self.last_connect_error, self.backoff_until - now)
-        waiter = Waiter(future, now, None if timeout is None else now + timeout)
+        waiter = Waiter(future, now, None if timeout is None else now + timeout, site)
+        if self._policy is not None:
+            self._policy_admit(waiter, now, timeout, room)
         self._waiters.append(waiter)
         self._waiting += 1
         if waiter.deadline is not None:
@@ -393,21 +520,29 @@ class PoolState:
             # resuming: the waiter holds nothing and must try again.
             waiter.slot = None
             waiter.state = WaiterState.FAILED
+            if self._policy is not None:
+                self._policy_released(waiter.site, now, plan=True)
             raise SlotLost
         self._move(slot, S.LEASED)
         self.wait_times.record(now - waiter.enqueued_at)
-        return self._open_lease(slot, now)
+        lease = self._open_lease(slot, now)
+        lease.site = waiter.site
+        return lease
 
     def cancel_waiter(self, waiter: Waiter, now: float) -> None:
         """The waiting task was cancelled (or gave up). Safe at any point."""
         if waiter.state is WaiterState.WAITING:
             waiter.state = WaiterState.CANCELLED
             self._waiting -= 1
+            if self._policy is not None:
+                self._policy.remove(waiter, now)
             self._compact_waiters()
         elif waiter.state is WaiterState.GRANTED and waiter.slot is not None:
             # Granted but never claimed: pass the connection on untouched.
             slot, waiter.slot = waiter.slot, None
             waiter.state = WaiterState.CANCELLED
+            if self._policy is not None:
+                self._policy_released(waiter.site, now, plan=True)
             if slot.state is S.RESERVED:  # else discarded meanwhile: nothing to pass on
                 self._hand_on(slot, now)
 
@@ -430,6 +565,27 @@ class PoolState:
 
     # ----------------------------------------------------------------- release
 
+    def release_outcome(self, lease: Lease, observed: int, marked: bool) -> ReleaseOutcome:
+        """The release policy: what becomes of ``lease``'s connection, from
+        what the I/O layer observed and whether the lease marked itself
+        (``reset_mode="auto"``: its SQL may have changed the session).
+        ``observed`` is an :class:`Observed` value (a plain int from the
+        adapter's hot path compares the same)."""
+        if observed <= Observed.USED_UP or lease.slot.generation != self.generation:
+            return ReleaseOutcome.DISCARD
+        if observed == Observed.MUST_RESET or self.always_reset:
+            return ReleaseOutcome.NEEDS_RESET
+        mode = self.reset_mode
+        if observed == Observed.CLEAN or mode == "rollback" or (mode == "auto" and not marked):
+            return ReleaseOutcome.CLEAN
+        return ReleaseOutcome.NEEDS_RESET
+
+    def full_reset(self, marked: bool) -> bool:
+        """Whether a reset sends asyncpg's reset query (else only the
+        ROLLBACK of an open transaction)."""
+        mode = self.reset_mode
+        return mode == "full" or (mode == "auto" and marked)
+
     def release(self, lease: Lease, now: float, outcome: ReleaseOutcome) -> bool:
         """End a lease. Returns True if the I/O layer must reset the connection
         and then call :meth:`reset_done`; otherwise the slot was handed on or
@@ -443,7 +599,18 @@ class PoolState:
             return True
         if outcome is ReleaseOutcome.CLEAN:
             self.counters.resets_skipped += 1
-            self._hand_on(slot, now)
+            if not self._waiters and slot.generation == self.generation and not self.closing and (
+                len(self._slots) - self._counts[S.CLOSING] <= self.max_size
+            ):
+                # The hot path of _hand_on (nobody waits: idle it), inlined.
+                counts = self._counts
+                counts[S.LEASED] -= 1
+                counts[S.IDLE] += 1
+                slot.state = S.IDLE
+                slot.idle_since = now
+                self._idle.append(slot)
+            else:
+                self._hand_on(slot, now)
         else:
             self._start_close(slot)
         return False
@@ -464,7 +631,18 @@ class PoolState:
             raise InternalStateError(f"reset_done for {slot!r}")
         if ok:
             self.counters.resets += 1
-            self._hand_on(slot, now)
+            if not self._waiters and slot.generation == self.generation and not self.closing and (
+                len(self._slots) - self._counts[S.CLOSING] <= self.max_size
+            ):
+                # The hot path of _hand_on (nobody waits: idle it), inlined.
+                counts = self._counts
+                counts[S.RESETTING] -= 1
+                counts[S.IDLE] += 1
+                slot.state = S.IDLE
+                slot.idle_since = now
+                self._idle.append(slot)
+            else:
+                self._hand_on(slot, now)
         else:
             self.counters.resets_failed += 1
             self._start_close(slot)
@@ -475,12 +653,15 @@ class PoolState:
         slot.lease = None
         del self._leases[lease.id]
         self.lease_times.record(now - lease.acquired_at)
-        if lease.deadline is not None and not lease.expired:
-            self._stale_timers += 1
-        if lease.warn_at is not None and not lease.warned:
-            self._stale_timers += 1
-        if self._stale_timers > 64 and self._stale_timers > len(self._timers) // 2:
-            self._compact_timers()
+        if self._policy is not None:
+            self._policy_released(lease.site, now)
+        if lease.deadline is not None or lease.warn_at is not None:
+            if lease.deadline is not None and not lease.expired:
+                self._stale_timers += 1
+            if lease.warn_at is not None and not lease.warned:
+                self._stale_timers += 1
+            if self._stale_timers > 64 and self._stale_timers > len(self._timers) // 2:
+                self._compact_timers()
         return slot
 
     def _hand_on(self, slot: Slot, now: float) -> None:
@@ -495,6 +676,9 @@ class PoolState:
         ):
             self._start_close(slot)
             return
+        if self._policy is not None:
+            self._policy_hand_on(slot, now)
+            return
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
@@ -506,7 +690,7 @@ class PoolState:
             if waiter.deadline is not None:
                 self._stale_timers += 1
             self._move(slot, S.RESERVED)
-            self.actions.append((Action.WAKE, waiter))
+            self.actions.append(Wake(waiter))
             return
         self._move(slot, S.IDLE)
         slot.idle_since = now
@@ -516,13 +700,14 @@ class PoolState:
 
     def _plan_connects(self, now: float) -> None:
         """Start connects for unmet demand, within max_size and max_connecting."""
-        if self.closing or now < self.backoff_until:
-            return
+        if len(self._slots) >= self.max_size or self.closing or now < self.backoff_until:
+            return  # (the first test: the contended hot path, a full pool)
         connecting = self._counts[S.CONNECTING]
         # Like asyncpg, open a connection per unserved waiter (up to max_size):
         # resetting connections are not counted as supply, since asyncpg's
         # release holds them for the reset too.
-        demand = self._waiting - connecting
+        # (With site caps, only waiters whose site is under its cap.)
+        demand = (self._waiting if self._policy is None else self._policy.eligible) - connecting
         if self.floor_enabled and not self.connect_failures:
             # Once connects fail, the floor alone (nobody waiting) is restored
             # by plan_floor_connect() on asyncpg's slower schedule.
@@ -537,7 +722,7 @@ class PoolState:
             slot = Slot(self._new_id(), self.generation, now)
             self._slots.add(slot)
             self._counts[S.CONNECTING] += 1
-            self.actions.append((Action.CONNECT, slot))
+            self.actions.append(Connect(slot))
 
     def floor_deficit(self) -> bool:
         """Whether the pool is below min_size (once the floor is enabled)."""
@@ -607,9 +792,11 @@ class PoolState:
 
     def _settle_failed(self, waiter: Waiter, error: BaseException) -> None:
         waiter.state = WaiterState.FAILED
+        if self._policy is not None:
+            self._policy.remove(waiter)
         if waiter.deadline is not None:
             self._stale_timers += 1
-        self.actions.append((Action.FAIL, waiter, error))
+        self.actions.append(Fail(waiter, error))
 
     def _fail_waiters(self, error: BaseException) -> None:
         while self._waiters:
@@ -624,7 +811,7 @@ class PoolState:
         if slot.state is S.IDLE:
             self._idle.remove(slot)  # O(n) but rare: expiry, shrink, close
         self._move(slot, S.CLOSING)
-        self.actions.append((Action.CLOSE, slot))
+        self.actions.append(Close(slot))
 
     def discard(self, slot: Slot, now: float) -> None:
         """Close a slot now (broken connection noticed, pool terminate)."""
@@ -662,6 +849,8 @@ class PoolState:
         # Shrink: idle ones go now (oldest first), leased ones as they return.
         while self._live() > max_size and self._idle:
             self._start_close(self._idle[0])
+        if self._policy is not None and self._policy.set_max_size(max_size):
+            self._serve_idle(now)
         self._plan_connects(now)
 
     # ------------------------------------------------------------------ timers
@@ -711,14 +900,22 @@ class PoolState:
                 self._stale_timers = max(0, self._stale_timers - 1)
                 continue
             if kind == _WAITER_DEADLINE:
-                obj.state = WaiterState.TIMED_OUT
                 self._waiting -= 1
+                if obj.shed:  # the adaptive queue's target delay, not the caller's timeout
+                    obj.state = WaiterState.FAILED
+                    self.counters.shed += 1
+                    self._policy.remove(obj, now)  # type: ignore[union-attr]
+                    self.actions.append(Shed(obj, self._policy.shed_reason(obj, now)))  # type: ignore[union-attr]
+                    continue
+                obj.state = WaiterState.TIMED_OUT
+                if self._policy is not None:
+                    self._policy.remove(obj, now)
                 self.counters.acquire_timeouts += 1
-                self.actions.append((Action.TIMEOUT, obj))
+                self.actions.append(TimeOut(obj))
             elif kind == _LEASE_WARNING:
                 obj.warned = True
                 self.counters.leak_warnings += 1
-                self.actions.append((Action.LEAK_SUSPECT, obj))
+                self.actions.append(LeakSuspect(obj))
             else:
                 self._expire_lease(obj, now)
         self._compact_waiters()
@@ -735,7 +932,7 @@ class PoolState:
             self._stale_timers += 1
         slot = self._close_lease(lease, now)
         self._move(slot, S.RESETTING)
-        self.actions.append((Action.TAKE_BACK, lease))
+        self.actions.append(TakeBack(lease))
 
     # -------------------------------------------------------------- invariants
 
@@ -762,10 +959,111 @@ class PoolState:
             fail("idle stack and idle count disagree")
         if self._waiting != sum(1 for w in self._waiters if w.state is WaiterState.WAITING):
             fail("live waiter count is off")
-        if self._waiting and self._idle and not self.closing:
+        waiting = self._waiting if self._policy is None else self._policy.eligible
+        if waiting and self._idle and not self.closing:
             fail("a connection is idle while tasks wait")
+        if self._policy is not None:
+            for problem in self._policy.check(self._waiting):
+                fail(problem)
         for lease in self._leases.values():
             if not lease.active or lease.slot.lease is not lease or lease.slot.state is not S.LEASED:
                 fail(f"lease {lease.id} does not match its slot")
         if len(self._leases) != self._counts[S.LEASED]:
             fail("leases and leased slots disagree")
+
+    # ------------------------------------------ site caps, adaptive queue
+    # Consulted only when configured (self._policy is not None); the
+    # decisions themselves live in _policy.WaitPolicy.
+
+    def _policy_try_acquire(self, now: float, site: str | None) -> Lease | None:
+        policy = self._policy
+        assert policy is not None
+        if not policy.may_take_idle(site, now):
+            return None
+        idle = self._idle
+        while idle and idle[-1].generation != self.generation:
+            self._start_close(idle[-1])
+        if not idle:
+            return None
+        slot = idle.pop()
+        self._move(slot, S.LEASED)
+        self.wait_times.record(0.0)
+        lease = self._open_lease(slot, now)
+        lease.site = site
+        policy.leased(site, now)
+        return lease
+
+    def _policy_admit(self, waiter: Waiter, now: float, timeout: float | None, room: int) -> None:
+        assert self._policy is not None
+        try:
+            self._policy.admit(waiter, now, timeout, waiter.site, self.max_waiters, room)
+        except Inadmissible:
+            self.counters.admission_rejections += 1
+            raise
+        except Overloaded:
+            self.counters.overload_rejections += 1
+            raise
+
+    def _policy_hand_on(self, slot: Slot, now: float) -> None:
+        assert self._policy is not None
+        waiter = self._policy.pick(now)
+        if waiter is None:
+            self._move(slot, S.IDLE)
+            slot.idle_since = now
+            self._idle.append(slot)
+            return
+        self._grant(slot, waiter)
+        self._compact_waiters()
+
+    def _grant(self, slot: Slot, waiter: Waiter) -> None:
+        self._waiting -= 1
+        waiter.state = WaiterState.GRANTED
+        waiter.slot = slot
+        if waiter.deadline is not None:
+            self._stale_timers += 1
+        self._move(slot, S.RESERVED)
+        self.actions.append(Wake(waiter))
+
+    def _policy_released(self, site: str | None, now: float, plan: bool = False) -> None:
+        """``plan``: no slot comes back with this (a grant whose connection
+        was lost): the site's waiters may need a new connection."""
+        assert self._policy is not None
+        if self._policy.released(site, now):
+            self._serve_idle(now)
+            if plan:
+                self._plan_connects(now)
+
+    def _serve_idle(self, now: float) -> None:
+        """A site's waiters left its cap while connections sat idle (they
+        were idle because only capped sites waited): hand them on."""
+        policy = self._policy
+        assert policy is not None
+        idle = self._idle
+        while idle and policy.eligible and not self.closing:
+            slot = idle[-1]
+            if slot.generation != self.generation:
+                self._start_close(slot)
+                continue
+            waiter = policy.pick(now)
+            if waiter is None:
+                return
+            idle.pop()
+            self._grant(slot, waiter)
+
+    def _shed(self, waiter: Waiter, reason: str) -> None:
+        """The adaptive queue gave up on a waiter (its books already updated)."""
+        waiter.state = WaiterState.FAILED
+        self._waiting -= 1
+        if waiter.deadline is not None:
+            self._stale_timers += 1
+        self.counters.shed += 1
+        self.actions.append(Shed(waiter, reason))
+
+    def site_usage(self, top: int = 10) -> list[tuple[str, int, int]]:
+        """(site, in use, waiting) of the ``top`` busiest sites plus "other";
+        empty without site caps."""
+        return [] if self._policy is None else self._policy.usage(top)
+
+    @property
+    def site_cap(self) -> int | None:
+        return None if self._policy is None else self._policy.cap

@@ -107,7 +107,7 @@ async def check_health(
         latency = await _probe(pool, probe_timeout, probe_query, reasons)
 
     stats = pool.stats()
-    now = pool._now()
+    now = stats.taken_at
     if stats.server_status == "down":
         reasons.append(HealthReason(
             "server_down", FAILING,
@@ -132,7 +132,7 @@ async def check_health(
             f"{stats.waiting} tasks waiting for a connection, the first for {stats.oldest_wait_age:.1f}s; "
             f"{stats.in_use} of max_size {stats.max_size} in use",
         ))
-    threshold = leak_suspect_after if leak_suspect_after is not None else pool._leak_warning_after
+    threshold = leak_suspect_after if leak_suspect_after is not None else pool.options.leak_warning_after
     if threshold is not None and stats.in_use and stats.oldest_lease_age >= threshold:
         suspects = [lease for lease in pool.leases() if lease.age >= threshold]
         if suspects:

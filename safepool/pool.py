@@ -12,39 +12,53 @@ share one clock callback armed at the earliest deadline.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import traceback
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, assert_never
 
-import asyncpg
 from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 from asyncpg import protocol as _pg_protocol
 
+from . import _autoreset, _sites, _stack
 from . import _internals as _pg
-from . import _stack
+from . import events as _events
 from ._clock import Clock, LoopClock, Timer
 from ._compat import HolderCompat, HolderView, QueueView  # asyncpg's private pool attributes
 from ._compat import holders as _compat_holders
 from ._compat import queue as _compat_queue
+from ._detach import _Driver
+from ._histogram import Histogram, TeeHistogram
 from ._internals import RawConnection
+from ._policy import AdaptiveQueue
 from ._state import (
-    Action,
+    RESET_MODES,
     Backoff,
+    Close,
     Closed,
+    Connect,
+    Fail,
+    Inadmissible,
+    LeakSuspect,
     Lease,
     Overloaded,
     PoolState,
     ReleaseOutcome,
+    Shed,
     Slot,
     SlotLost,
     SlotState,
+    TakeBack,
+    TimeOut,
     Unavailable,
     Waiter,
+    Wake,
 )
 from .errors import (
     PoolClosedError,
@@ -53,7 +67,7 @@ from .errors import (
     ServerUnavailableError,
 )
 from .proxy import PoolConnectionProxy
-from .stats import LeaseInfo, PoolStats, build_stats
+from .stats import LeaseInfo, PoolOptions, PoolStats, build_stats
 
 if TYPE_CHECKING:
     from .health import HealthReport
@@ -68,11 +82,63 @@ _DEFAULT = object()
 _LIVE_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
+_CREATED_HOOKS: list[Callable[[Pool], None]] = []
+_T = TypeVar("_T")
+
+
 def live_pools() -> list[Pool]:
     """Pools created in this process that are not garbage yet."""
     return list(_LIVE_POOLS)
 
-RESET_MODES = ("full", "rollback")
+
+def on_pool_created(callback: Callable[[Pool], None]) -> Callable[[], None]:
+    """Call ``callback(pool)`` for every pool created from now on, at the end
+    of its constructor (before it connects), in the creating thread. For
+    extensions that watch every pool (the pytest leak guard, exporters with
+    ``live=True``) without the application registering each one. An exception
+    in the callback is logged and swallowed.
+
+    Returns a function that removes the callback (idempotent)."""
+    _CREATED_HOOKS.append(callback)
+
+    def remove() -> None:
+        if callback in _CREATED_HOOKS:
+            _CREATED_HOOKS.remove(callback)
+
+    return remove
+
+
+def _pool_created(pool: Pool) -> None:
+    for callback in _CREATED_HOOKS.copy():  # a callback may remove itself
+        try:
+            callback(pool)
+        except Exception:
+            logger.error("pool %r: pool-created hook failed\n%s", pool.name, traceback.format_exc().rstrip())
+
+
+class _DictListener:
+    """A ``Pool.add_listener`` callback, fed the dict form of typed events."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        self.callback = callback
+
+    def __call__(self, event: _events.PoolEvent) -> None:
+        payload = event.to_dict()
+        if payload is not None:
+            self.callback(payload)
+
+
+_LEASE_EVENTS: dict[str, type[_events.LeaseEvent]] = {
+    cls.kind: cls
+    for cls in (_events.LeakSuspected, _events.LeaseExpired, _events.Leaked, _events.LeaseEnded)
+}
+_POOL_EVENTS: dict[str, Callable[..., _events.PoolEvent]] = {
+    cls.kind: cls for cls in (_events.ConnectFailed, _events.ServerStatusChanged, _events.LateRelease)
+}
+_TIMINGS = {"wait": "wait_times", "lease": "lease_times", "connect": "connect_times"}
+
 # Bound on a background reset or take-back when no release timeout applies:
 # a reset that hangs longer than this is treated as a broken connection.
 _DEFAULT_RESET_TIMEOUT = 30.0
@@ -91,6 +157,11 @@ _FLOOR_RETRY_FIRST = 1.0
 _FLOOR_RETRY_CAP = 60.0
 # How long close() lets connects under way finish before cancelling them.
 _CONNECT_GRACE_ON_CLOSE = 0.5
+QUEUE_POLICIES = ("fifo", "adaptive")
+# queue_policy="adaptive": CoDel's delay target and interval (seconds); see
+# docs/backpressure.md for the measurements behind them.
+DEFAULT_QUEUE_TARGET = 0.01
+DEFAULT_QUEUE_INTERVAL = 0.1
 
 
 class _Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., read-only
@@ -99,7 +170,7 @@ class _Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., re
     through ``proxy._holder._pool`` to drop statement and type caches."""
 
     __slots__ = ("_pool", "_slot", "_con", "clean_mark", "base_refs", "release_timeout", "orphan_checks",
-                 "orphan_reported", "unresponsive", "lost_while_leased",
+                 "orphan_reported", "unresponsive", "lost_while_leased", "reset_since",
                  "__weakref__")
 
     def __init__(self, pool: Pool, slot: Slot, con: RawConnection, clean_mark: int) -> None:
@@ -122,6 +193,8 @@ class _Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., re
         self.unresponsive = False
         # The socket died under a lease: its backend may still run a query.
         self.lost_while_leased = False
+        # When a release's unbounded reset started (the reset watchdog's clock).
+        self.reset_since: float | None = None
 
     def _release_on_close(self) -> None:
         self._con = None
@@ -182,6 +255,10 @@ class Pool:
         reset_timeout: float | None = None,
         backoff: Backoff | None = None,
         clock: Clock | None = None,
+        max_site_share: float | None = None,
+        queue_policy: str = "fifo",
+        queue_target: float = DEFAULT_QUEUE_TARGET,
+        queue_interval: float = DEFAULT_QUEUE_INTERVAL,
         **connect_kwargs: Any,
     ) -> None:
         if len(connect_args) > 1:
@@ -258,6 +335,9 @@ class Pool:
                 raise TypeError(f"{flag_name} must be True or False, got {flag!r}")
         if reset_mode not in RESET_MODES:
             raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
+        adaptive = _adaptive_queue(queue_policy, queue_target, queue_interval)
+        _validate_site_share(max_site_share)
+        self._site_caps = max_site_share is not None
         self._capture_stack = (
             capture_stack if capture_stack is not None else self._leak_warning_after is not None
         )
@@ -275,6 +355,10 @@ class Pool:
         self._init = init
         self._reset = reset
         self._reset_mode = reset_mode
+        self._proxy_class: type[PoolConnectionProxy] = PoolConnectionProxy
+        if reset_mode == "auto":
+            _autoreset.require_parser()  # a missing extra fails here, not at the first release
+            self._proxy_class = _autoreset.AutoResetProxy
         # A user reset= hook, or a connection class with its own reset(), is
         # called as asyncpg calls it (asyncpg's own rollback first, in the
         # hook's case); it and an overridden get_reset_query() run on every
@@ -287,23 +371,32 @@ class Pool:
         self._state = PoolState(
             max_size=max_size,
             min_size=min_size,
-            max_waiters=max_waiters,  # type: ignore[arg-type]
+            max_waiters=max_waiters,
             max_connecting=max_connecting,
             max_inactive_lifetime=max_inactive_connection_lifetime,
             backoff=backoff,
             breaker_threshold=_BREAKER_THRESHOLD if fail_fast else None,
             wait_on_connect_error=wait_on_connect_error,
+            max_site_share=max_site_share,
+            adaptive=adaptive,
+            reset_mode=reset_mode,
+            always_reset=self._always_reset,
         )
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
         self._timer: Timer | None = None
+        self._reset_watchdog: Timer | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connect_tasks: set[asyncio.Task[Any]] = set()
         self._slot_holders: dict[Slot, _Holder] = {}
         # Releases and failed setups that wait for their connection's close.
         self._closes_done: dict[Slot, asyncio.Future[None]] = {}
-        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Typed event callbacks (dict listeners are wrapped): events queue in
+        # _pending_events and are delivered once the books are settled.
+        self._listeners: list[Callable[[_events.PoolEvent], None]] = []
+        self._pending_events: deque[_events.PoolEvent] = deque()
+        self._delivering = False
         self._drained = asyncio.Event()
 
         self._initialized = False
@@ -315,6 +408,8 @@ class Pool:
         # Restores min_size after failed connects, on asyncpg's schedule and
         # under asyncpg's name (its tests and monitoring read it).
         self._maintenance_task: asyncio.Task[Any] | None = None
+        if _CREATED_HOOKS:
+            _pool_created(self)
 
     # ------------------------------------------------------------ start-up
 
@@ -355,7 +450,11 @@ class Pool:
     # ------------------------------------------------------------- acquire
 
     def acquire(
-        self, *, timeout: float | None = None, lease_timeout: float | None | object = _DEFAULT
+        self,
+        *,
+        timeout: float | None = None,
+        lease_timeout: float | None | object = _DEFAULT,
+        site: str | None = None,
     ) -> PoolAcquireContext:
         """Acquire a connection: ``async with pool.acquire() as con`` or
         ``con = await pool.acquire()`` (then release it in ``finally``).
@@ -364,10 +463,21 @@ class Pool:
             ``acquire_timeout``); raises :class:`~safepool.PoolTimeoutError`.
         :param lease_timeout: override the pool's ``lease_timeout`` for this
             lease (None: no limit).
+        :param site: the acquire site this lease counts against under
+            ``max_site_share`` (default: the name set by :class:`safepool.site`,
+            else the calling function); shown in ``leases()`` and leak reports.
+        :raises safepool.PoolOverloadedError: refused at once (``max_waiters``,
+            the site's share of it, or the adaptive queue).
         """
-        return PoolAcquireContext(self, timeout, lease_timeout)
+        return PoolAcquireContext(self, timeout, lease_timeout, site)
 
-    async def _acquire(self, timeout: float | None, lease_timeout: Any = _DEFAULT) -> PoolConnectionProxy:
+    async def _acquire(
+        self,
+        timeout: float | None,
+        lease_timeout: Any = _DEFAULT,
+        context: PoolAcquireContext | None = None,
+        site: str | None = None,
+    ) -> PoolConnectionProxy:
         if timeout is None:
             timeout = self._acquire_timeout
         else:
@@ -381,51 +491,66 @@ class Pool:
         if self._state.closing and not self._closed:
             raise PoolClosedError("pool is closing")
         self._check_init()
+        if self._site_caps and site is None:
+            site = _sites.current_site() or _sites.caller_site(2)
         state = self._state
         now = self._now()
         deadline = None if timeout is None else now + timeout
         while True:
             try:
-                lease = state.try_acquire(now)
+                lease = state.try_acquire(now, site)
             except Closed:
                 raise PoolClosedError("pool is closing") from None
             if state.actions:
                 self._drain()
             if lease is not None:
                 break
-            lease = await self._wait_for_connection(now, None if deadline is None else max(0.0, deadline - now))
+            lease = await self._wait_for_connection(
+                now, None if deadline is None else max(0.0, deadline - now), site
+            )
             if lease is not None:
                 break
             # The granted connection died before this task resumed: try
             # again with what is left of the timeout.
             now = self._now()
+        if site is not None:
+            lease.site = site
         slot = lease.slot
         holder = self._slot_holders[slot]
         holder.release_timeout = timeout
         if holder.orphan_checks:
             holder.orphan_checks = 0
             holder.orphan_reported = False
-        proxy = PoolConnectionProxy(holder, slot.connection, lease)
+        proxy = self._proxy_class(holder, slot.connection, lease)
         if lease_timeout is not None or self._leak_warning_after is not None:
-            state.arm_lease(lease, lease_timeout, self._leak_warning_after)  # type: ignore[arg-type]
-            self._arm_timer()
+            state.arm_lease(lease, lease_timeout, self._leak_warning_after)
+            due = lease.deadline if lease.warn_at is None else (
+                lease.warn_at if lease.deadline is None else min(lease.deadline, lease.warn_at))
+            if self._timer_at is None or (due is not None and due < self._timer_at):
+                self._arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
         if self._capture_stack:
             lease.stack = _stack.capture()
             task = asyncio.current_task()
-            lease.task_name = task.get_name() if task is not None else None
+            if task is not None:
+                lease.task_name = task.get_name()
+                lease.task_ref = weakref.ref(task)
         if self._setup is not None:
             # Its statements are the lease's: a SET it runs is reset on
             # release like any other (the clean mark is per connection).
             await self._run_setup(proxy, lease)
+        if context is not None:
+            context.connection = proxy
         return proxy
 
-    async def _wait_for_connection(self, now: float, timeout: float | None) -> Lease | None:
+    async def _wait_for_connection(self, now: float, timeout: float | None, site: str | None = None) -> Lease | None:
         state = self._state
         future = self._loop.create_future()
         try:
-            waiter = state.enqueue(future, now, timeout)
-        except Overloaded:
-            raise PoolOverloadedError(self._busy_message("wait queue is full", now)) from None
+            waiter = state.enqueue(future, now, timeout, site)
+        except Overloaded as exc:
+            if isinstance(exc, Inadmissible):
+                raise PoolOverloadedError(self._shed_message("refused at once: " + str(exc))) from None
+            raise PoolOverloadedError(self._busy_message(str(exc) or "wait queue is full", now)) from None
         except Unavailable as exc:
             raise ServerUnavailableError(
                 f"pool {self._name!r} has no connection and the server refuses new ones "
@@ -496,51 +621,67 @@ class Pool:
             # timeout) first: a no-op, as asyncpg's, that the leak guards note.
             if self._listeners:
                 self._emit_event("late_release", lease_id=connection._lease.id)
+                self._deliver_events()
             return
         self._check_init()
         connection._detach()
-        con._on_release()
+        _pg.on_release(con)
         if timeout is None:
             timeout = connection._holder.release_timeout
         done = self._end_lease(connection._lease, con, timeout)
         if done is not None:
-            # A plain future resolved by the pool's task: cancelling this
-            # await cancels only the future, never the reset behind it.
-            await done
+            # A plain future resolved by the pool's task, or the reset driven
+            # in this task until it is cancelled (then a pool task finishes
+            # it): either way cancelling this await never cuts the reset short.
+            error = await done
+            if error is not None:
+                raise error
 
-    def _end_lease(self, lease: Lease, con: RawConnection, timeout: float | None) -> asyncio.Future[None] | None:
-        """End a lease; returns a future that the reset or close resolves, or
-        None when the connection was handed on (or dropped) at once."""
+    def _end_lease(
+        self, lease: Lease, con: RawConnection, timeout: float | None
+    ) -> asyncio.Future[None] | Awaitable[Exception | None] | None:
+        """End a lease; returns what the releasing caller awaits: the reset
+        (driven in the caller's task, see ``_detach``) or a future that the
+        pool's reset or close resolves; None when the connection was handed
+        on (or dropped) at once."""
         state = self._state
         if not lease.active:
             return None  # taken back by the lease timeout while being released
         slot = lease.slot
         holder = self._slot_holders[slot]
-        usable = _pg.is_usable(con)
-        if not usable:
-            outcome = ReleaseOutcome.DISCARD
-        elif _pg.queries_count(con) >= self._max_queries or slot.generation != state.generation:
-            outcome = ReleaseOutcome.DISCARD
-        elif self._always_reset or _pg.is_cancelling(con) or con.is_in_transaction():
-            outcome = ReleaseOutcome.NEEDS_RESET
-        elif self._reset_mode == "rollback" or _pg.queries_count(con) == holder.clean_mark:
-            # Nothing to send: no statement ran since the session was last
-            # clean (setup= and init= statements count), or (rollback mode)
-            # only an open transaction would need one.
-            outcome = ReleaseOutcome.CLEAN
+        check = _pg.release_check(con, holder.clean_mark, self._max_queries)
+        usable = check != _pg.UNUSABLE
+        outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
+        if outcome is ReleaseOutcome.CLEAN:
             _pg.clear_listeners(con)
-        else:
-            outcome = ReleaseOutcome.NEEDS_RESET
         done: asyncio.Future[None] | None = None
         if outcome is ReleaseOutcome.NEEDS_RESET:
             # asyncpg reports an unmanaged open transaction from release(),
             # through the loop's exception handler: do it here, in the
             # releasing task.
             # (A custom reset reports it itself, as asyncpg's.)
-            rollback = False if self._custom_reset else _pg.warn_open_transaction(con)
-            done = self._loop.create_future()
-            state.release(lease, self._now(), outcome)
-            self._spawn(self._reset_slot(slot, con, timeout, rollback, done))
+            if self._custom_reset:
+                done = self._loop.create_future()
+                state.release(lease, self._now(), outcome)
+                self._spawn(self._reset_slot(slot, con, timeout, False, done))
+            elif _pg.is_cancelling(con):
+                rollback = _pg.warn_open_transaction(con)
+                done = self._loop.create_future()
+                state.release(lease, self._now(), outcome)
+                self._spawn(self._reset_slot(slot, con, timeout, rollback, done))
+            else:
+                # The common case: one statement, driven in the caller's
+                # task (no task, no loop hop; see _detach).
+                if check == _pg.MUST_RESET:
+                    rollback = _pg.warn_open_transaction(con)
+                else:
+                    rollback = False
+                    _pg.clear_listeners(con)
+                now = self._now()
+                state.release(lease, now, outcome)
+                if state.actions:
+                    self._drain()
+                return _Driver(self._reset_inline(slot, holder, con, timeout, rollback, now), self._spawn)
         else:
             if outcome is ReleaseOutcome.DISCARD and usable:
                 # max_queries or an expired generation: asyncpg closes the
@@ -548,11 +689,18 @@ class Pool:
                 done = self._loop.create_future()
                 self._closes_done[slot] = done
             state.release(lease, self._now(), outcome)
+        self._after_hand_on()
+        return done
+
+    def _after_hand_on(self) -> None:
+        """After a connection was handed on (or idled, or closed): carry out
+        the core's actions; with none, only arm the idle-lifetime timer if
+        it now has something to watch (the hot path skips _drain)."""
+        state = self._state
         if state.actions:
             self._drain()
         elif self._timer is None and state.max_inactive_lifetime and state.size > state.min_size:
             self._arm_timer()  # an idle connection above min_size now has a lifetime to watch
-        return done
 
     async def _reset_slot(
         self,
@@ -595,6 +743,73 @@ class Pool:
         else:
             _settle(done, None)  # the pool was terminated meanwhile
 
+    async def _reset_inline(
+        self, slot: Slot, holder: _Holder, con: RawConnection, timeout: float | None, rollback: bool, now: float
+    ) -> Exception | None:
+        """The default reset of a released connection (no custom reset, no
+        cancelled query in flight), run by ``detached``: no ``asyncio.timeout``
+        here (it would cancel the caller), asyncpg's ``timeout=`` instead.
+        ROLLBACK (if a transaction is open) and the reset query go in one
+        message. Returns the reset's error for the caller to raise, once the
+        connection was given up (None if it was handed on)."""
+        budget = timeout if timeout is not None else self._reset_timeout
+        if budget is None and _pg.command_timeout(con) is None:
+            # No limit asked for: asyncpg would wait forever. A watchdog (one
+            # pool timer, not one per statement: asyncpg's timeout= costs a
+            # loop timer and a callback per call) aborts a reset still
+            # running after _DEFAULT_RESET_TIMEOUT, so a silent network
+            # cannot hold a slot forever.
+            holder.reset_since = now
+            if self._reset_watchdog is None:
+                self._watch_resets()
+        if self._state.full_reset(holder.clean_mark == -1):
+            query = con.get_reset_query()
+            if rollback:
+                query = f"ROLLBACK;\n{query}"
+        else:
+            query = "ROLLBACK" if rollback else ""
+        error: Exception | None = None
+        try:
+            if query:
+                await con.execute(query, timeout=budget)
+        except Exception as exc:
+            error = exc
+        holder.reset_since = None
+        if error is not None and slot.state is SlotState.RESETTING:
+            logger.warning(
+                "pool %r: reset failed (%s); closing the connection", self._name, _describe_error(error),
+                extra={"event": "reset_failed", "pool": self._name},
+            )
+        return error if self._reset_finished(slot, con, error) else None
+
+    def _watch_resets(self) -> None:
+        if self._reset_watchdog is None and not self._closed:
+            self._reset_watchdog = self._clock.call_at(self._now() + _DEFAULT_RESET_TIMEOUT, self._check_resets)
+
+    def _check_resets(self) -> None:
+        """The reset watchdog: abort releases' resets that have run for
+        _DEFAULT_RESET_TIMEOUT seconds (the releasing caller then gets the
+        connection's error, and the slot closes); re-arm while any run."""
+        self._reset_watchdog = None
+        now = self._now()
+        pending = False
+        for slot, holder in list(self._slot_holders.items()):
+            started = holder.reset_since
+            if started is None:
+                continue
+            if now - started >= _DEFAULT_RESET_TIMEOUT:
+                holder.reset_since = None
+                holder.unresponsive = True
+                logger.warning(
+                    "pool %r: a reset got no answer for %.0fs; aborting the connection",
+                    self._name, now - started, extra={"event": "reset_failed", "pool": self._name},
+                )
+                slot.connection.terminate()
+            else:
+                pending = True
+        if pending:
+            self._watch_resets()
+
     def _reset_finished(self, slot: Slot, con: RawConnection, error: Exception | None) -> bool:
         """Hand a reset (or taken back) connection on, or close it; False if
         the pool was terminated meanwhile (nothing left to do)."""
@@ -610,7 +825,7 @@ class Pool:
         # cancelled query to stop on the server before the slot stops
         # counting towards max_size.
         self._state.reset_done(slot, self._now(), ok)
-        self._drain()
+        self._after_hand_on()
         return True
 
     async def _reset_connection(
@@ -628,9 +843,17 @@ class Pool:
         async with asyncio.timeout(limit):
             await self._send_reset(con, rollback, budget)
 
-    async def _send_reset(self, con: RawConnection, rollback: bool, budget: float | None) -> None:
+    async def _send_reset(
+        self, con: RawConnection, rollback: bool, budget: float | None, limit: float | None = None,
+        full: bool | None = None,
+    ) -> None:
         """``rollback``: an open transaction already reported (quietly, for a
-        reclaimed or taken-back lease) that must end first."""
+        reclaimed or taken-back lease) that must end first. ``limit``:
+        asyncpg's own timeout for the default reset's statement. ``full``:
+        send the reset query (default: unless reset_mode="rollback"; a lease
+        taken back or reclaimed in "auto" mode always gets it)."""
+        if full is None:
+            full = self._reset_mode != "rollback"
         if self._custom_reset:
             if rollback:
                 await con.execute("ROLLBACK")
@@ -643,11 +866,11 @@ class Pool:
                 await con.reset(timeout=budget)  # sees the lease's state, as with asyncpg
             return
         rollback = rollback or con.is_in_transaction()
-        query = con.get_reset_query() if self._reset_mode == "full" else ""
+        query = con.get_reset_query() if full else ""
         if rollback:
             query = f"ROLLBACK;\n{query}" if query else "ROLLBACK"
         if query:
-            await con.execute(query)
+            await con.execute(query, timeout=limit)
 
     # ---------------------------------------------- leases: expiry and leaks
 
@@ -678,6 +901,7 @@ class Pool:
         # must already be done.
         leak_logger.warning(report, extra=self._event_fields("leak", lease, held))
         self._emit("leak", lease, held)
+        self._deliver_events()
         warnings.warn(report, ResourceWarning, stacklevel=1)
 
     def _still_in_use(self, holder: _Holder, slot: Slot) -> bool:
@@ -709,7 +933,8 @@ class Pool:
                 self._name, _stack.format_stack(lease.stack),
                 extra=self._event_fields("leak_suspect", lease, held),
             )
-            self._emit("leak_suspect", lease, held)
+            self._emit("leak_suspect", lease, held, collected=True)
+            self._deliver_events()
         holder.orphan_checks += 1
         delay = min(_ORPHAN_RECHECK_CAP, _ORPHAN_RECHECK_FIRST * 2 ** min(holder.orphan_checks - 1, 16))
         self._clock.call_at(self._now() + delay, lambda: self._reclaim(lease))
@@ -731,7 +956,7 @@ class Pool:
             self._name, held, limit, _stack.format_stack(lease.stack),
             extra=self._event_fields("lease_expired", lease, held),
         )
-        self._emit("lease_expired", lease, held)
+        self._emit("lease_expired", lease, held, lease_timeout=limit)
         self._spawn(self._take_back_slot(slot, con))
 
     async def _take_back_slot(self, slot: Slot, con: RawConnection) -> None:
@@ -785,36 +1010,41 @@ class Pool:
             batch = actions[:]
             actions.clear()
             for action in batch:
-                kind = action[0]
-                if kind is Action.WAKE:
-                    waiter: Waiter = action[1]
-                    if waiter.future.done():
-                        # Its task was cancelled while the grant was in flight.
-                        self._state.cancel_waiter(waiter, self._now())
-                    else:
-                        waiter.future.set_result(None)
-                elif kind is Action.CONNECT:
-                    task = self._spawn(self._connect_slot(action[1]))
-                    self._connect_tasks.add(task)
-                    task.add_done_callback(self._connect_tasks.discard)
-                elif kind is Action.CLOSE:
-                    self._close_slot(action[1])
-                elif kind is Action.TIMEOUT:
-                    waiter = action[1]
-                    if not waiter.future.done():
-                        waiter.future.set_exception(
-                            PoolTimeoutError(self._busy_message("timed out waiting for a connection",
-                                                                self._now(), waiter))
-                        )
-                elif kind is Action.FAIL:
-                    self._fail_waiter(action[1], action[2])
-                elif kind is Action.TAKE_BACK:
-                    self._take_back(action[1])
-                elif kind is Action.LEAK_SUSPECT:
-                    self._leak_suspect(action[1])
+                match action:
+                    case Wake(waiter):
+                        if waiter.future.done():
+                            # Its task was cancelled while the grant was in flight.
+                            self._state.cancel_waiter(waiter, self._now())
+                        else:
+                            waiter.future.set_result(None)
+                    case Connect(slot):
+                        task = self._spawn(self._connect_slot(slot))
+                        self._connect_tasks.add(task)
+                        task.add_done_callback(self._connect_tasks.discard)
+                    case Close(slot):
+                        self._close_slot(slot)
+                    case TimeOut(waiter):
+                        if not waiter.future.done():
+                            waiter.future.set_exception(
+                                PoolTimeoutError(self._busy_message("timed out waiting for a connection",
+                                                                    self._now(), waiter))
+                            )
+                    case Fail(waiter, error):
+                        self._fail_waiter(waiter, error)
+                    case TakeBack(lease):
+                        self._take_back(lease)
+                    case LeakSuspect(lease):
+                        self._leak_suspect(lease)
+                    case Shed(waiter, reason):
+                        if not waiter.future.done():
+                            waiter.future.set_exception(PoolOverloadedError(self._shed_message(reason)))
+                    case _:
+                        assert_never(action)
         if self._state.size == 0:
             self._drained.set()
         self._arm_timer()
+        if self._pending_events:
+            self._deliver_events()
 
     def _fail_waiter(self, waiter: Waiter, error: BaseException) -> None:
         if waiter.future.done():
@@ -886,7 +1116,9 @@ class Pool:
             return
         # Mark 0: statements of init= (and of a connect= callback) make the
         # first lease's release reset, as asyncpg resets after every lease.
-        holder = _Holder(self, slot, con, clean_mark=0)
+        # reset_mode="auto" cannot see them (they run on the raw connection):
+        # -1, always reset after the first lease.
+        holder = _Holder(self, slot, con, clean_mark=-1 if self._reset_mode == "auto" else 0)
         self._slot_holders[slot] = holder
         _pg.attach_holder(con, holder)
         state.connect_succeeded(slot, con, self._now())
@@ -1095,11 +1327,7 @@ class Pool:
             # Leases the code never released, ended here: the leak guards
             # report them (they vanish from leases() below).
             for lease in state.leases():
-                self._emit_event(
-                    **self._event_fields("lease_ended", lease, now - lease.acquired_at),
-                    reason="terminate",
-                    stack=_stack.format_stack(lease.stack) if lease.stack else None,
-                )
+                self._emit("lease_ended", lease, now - lease.acquired_at, reason="terminate")
         for slot in state.slots():
             if slot.connection is not None:
                 _pg.detach_proxy(slot.connection)
@@ -1114,6 +1342,9 @@ class Pool:
             self._timer.cancel()
             self._timer = None
             self._timer_at = None
+        if self._reset_watchdog is not None:
+            self._reset_watchdog.cancel()
+            self._reset_watchdog = None
 
     async def expire_connections(self) -> None:
         """Replace every open connection: idle ones now, leased ones on release."""
@@ -1180,20 +1411,13 @@ class Pool:
         """An immutable snapshot of sizes, counters and distributions."""
         return build_stats(self._name, self._state, self._now())
 
-    def leases(self) -> list[LeaseInfo]:
-        """The connections currently held by application code, oldest first."""
+    def leases(self, *, stacks: bool = True) -> list[LeaseInfo]:
+        """The connections currently held by application code, oldest first.
+
+        :param stacks: format each lease's acquire stack (``LeaseInfo.stack``;
+            False leaves it None and costs no source-line lookups)."""
         now = self._now()
-        infos = [
-            LeaseInfo(
-                id=lease.id,
-                age=now - lease.acquired_at,
-                deadline_in=None if lease.deadline is None else lease.deadline - now,
-                task_name=lease.task_name,
-                acquired_at=_stack.acquire_site(lease.stack) if lease.stack else None,
-                stack=_stack.format_stack(lease.stack) if lease.stack else None,
-            )
-            for lease in self._state.leases()
-        ]
+        infos = [self._lease_info(lease, now, stacks) for lease in self._state.leases()]
         infos.sort(key=lambda info: -info.age)
         return infos
 
@@ -1208,11 +1432,21 @@ class Pool:
         """Call ``callback(event)`` for every pool event (a dict with at least
         ``event`` and ``pool``): connect_failed, server_status, lease_expired,
         leak, leak_suspect, lease_ended, late_release (docs/metrics.md lists
-        their fields). Exceptions in callbacks are logged and swallowed."""
-        self._listeners.append(callback)
+        their fields). Exceptions in callbacks are logged and swallowed.
+
+        The dict form of :meth:`add_event_listener`'s typed events, kept for
+        compatibility (kinds added later are not sent here)."""
+        self._listeners.append(_DictListener(callback))
 
     def remove_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
-        self._listeners.remove(callback)
+        """Remove a callback added with :meth:`add_listener`.
+
+        :raises ValueError: it was not added."""
+        for listener in self._listeners:
+            if isinstance(listener, _DictListener) and listener.callback == callback:
+                self._listeners.remove(listener)
+                return
+        raise ValueError(f"{callback!r} is not a listener of this pool")
 
     def __repr__(self) -> str:
         state = self._state
@@ -1242,17 +1476,39 @@ class Pool:
         parts = []
         for lease in leases:
             where = _stack.acquire_site(lease.stack) if lease.stack else "unknown site (capture_stack is off)"
+            if lease.site is not None:
+                where = f"{where} (site {lease.site!r})"
             task = f", task {lease.task_name}" if lease.task_name else ""
             parts.append(f"{now - lease.acquired_at:.3f}s at {where}{task}")
         return "oldest leases: " + "; ".join(parts)
 
     def _busy_message(self, what: str, now: float, waiter: Waiter | None = None) -> str:
         state = self._state
+        if waiter is not None and self._listeners:
+            # An acquire timed out (the only caller with a waiter): who holds what, now.
+            self._pending_events.append(_events.AcquireTimedOut(
+                self._name, now - waiter.enqueued_at, state.max_size, state.in_use, state.idle,
+                state.count(SlotState.CONNECTING), state.waiting, state.max_waiters,
+                tuple(sorted((self._lease_info(lease, now) for lease in state.leases()), key=lambda i: -i.age)),
+            ))
         waited = f" after {now - waiter.enqueued_at:.3f}s" if waiter is not None else ""
+        sites = ""
+        if self._site_caps:
+            usage = ", ".join(f"{name}: {held} in use, {waiting} waiting" for name, held, waiting in state.site_usage(3))
+            sites = f", site cap={state.site_cap} ({usage})"
         return (
             f"pool {self._name!r}: {what}{waited}: max_size={state.max_size}, in use={state.in_use}, "
             f"idle={state.idle}, connecting={state.count(SlotState.CONNECTING)}, waiting={state.waiting}, "
-            f"max_waiters={state.max_waiters}; {self._describe_oldest(now, 3)}"
+            f"max_waiters={state.max_waiters}{sites}; {self._describe_oldest(now, 3)}"
+        )
+
+    def _shed_message(self, why: str) -> str:
+        # Cheaper than _busy_message (no lease listing): under a surge the
+        # adaptive queue sheds thousands of waiters a second.
+        state = self._state
+        return (
+            f"pool {self._name!r}: {why}: max_size={state.max_size}, in use={state.in_use}, "
+            f"waiting={state.waiting}"
         )
 
     def _event_fields(self, event: str, lease: Lease, held: float) -> dict[str, Any]:
@@ -1263,23 +1519,62 @@ class Pool:
             "held_seconds": held,
             "acquired_at": _stack.acquire_site(lease.stack) if lease.stack else None,
             "task_name": lease.task_name,
+            "site": lease.site,
         }
 
-    def _emit(self, event: str, lease: Lease, held: float) -> None:
+    def _emit(self, event: str, lease: Lease, held: float, **extra: Any) -> None:
+        """Queue a lease event (delivered by _deliver_events, after the books settle)."""
         if self._listeners:
-            self._emit_event(**self._event_fields(event, lease, held))
+            info = self._lease_info(lease, lease.acquired_at + held)
+            self._pending_events.append(_LEASE_EVENTS[event](self._name, info, **extra))
 
     def _emit_event(self, event: str, **fields: Any) -> None:
+        """Queue a pool event (delivered by _deliver_events, after the books settle)."""
         if not self._listeners:
             return
-        payload = {"event": event, "pool": self._name, **fields}
-        for callback in list(self._listeners):
+        if event == "server_status":
+            fields = {"previous": fields["from"], "status": fields["to"]}
+        self._pending_events.append(_POOL_EVENTS[event](self._name, **fields))
+        if len(self._pending_events) == 1:
+            # Every emitter is followed by a _drain() or _deliver_events();
+            # this is the safety net should one not be.
             try:
-                callback(payload)
-            except Exception:
-                # Formatted now: a record holding the traceback would keep the
-                # callers' frames, and the connections they refer to, alive.
-                logger.error("pool %r: event listener failed\n%s", self._name, traceback.format_exc().rstrip())
+                self._loop.call_soon(self._deliver_events)
+            except RuntimeError:
+                pass  # the loop is closed
+
+    def _deliver_events(self) -> None:
+        """Hand queued events to the listeners, in order. Never runs inside
+        the action loop; a listener that calls into the pool (even one that
+        emits more events) sees settled books, and its events follow."""
+        if self._delivering:
+            return
+        self._delivering = True
+        pending = self._pending_events
+        try:
+            while pending:
+                event = pending.popleft()
+                for callback in list(self._listeners):
+                    try:
+                        callback(event)
+                    except Exception:
+                        # Formatted now: a record holding the traceback would keep the
+                        # callers' frames, and the connections they refer to, alive.
+                        logger.error("pool %r: event listener failed\n%s", self._name, traceback.format_exc().rstrip())
+        finally:
+            self._delivering = False
+
+    def _lease_info(self, lease: Lease, now: float, stacks: bool = True) -> LeaseInfo:
+        return LeaseInfo(
+            id=lease.id,
+            age=now - lease.acquired_at,
+            deadline_in=None if lease.deadline is None else lease.deadline - now,
+            task_name=lease.task_name,
+            acquired_at=_stack.acquire_site(lease.stack) if lease.stack else None,
+            stack=_stack.format_stack(lease.stack) if lease.stack and stacks else None,
+            site=lease.site,
+            task_ref=lease.task_ref,
+        )
 
     def _drop_statement_cache(self) -> None:
         for slot in self._state.slots():
@@ -1347,38 +1642,227 @@ class Pool:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    # ------------------------------------------- the observation surface
+    # What extensions (the pytest leak guard, the exporters, health) use;
+    # docs/api.md, "Observing a pool".
+
+    def add_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
+        """Call ``callback(event)`` with every :class:`~safepool.events.PoolEvent`.
+
+        Delivered on the pool's event loop thread once the pool's books are
+        settled (never from inside its bookkeeping), in the order they
+        happened. An exception in a callback is logged (``event listener
+        failed``) and the other callbacks still run. With no listener the
+        pool builds no event at all."""
+        self._listeners.append(callback)
+
+    def remove_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
+        """Remove a callback added with :meth:`add_event_listener`.
+
+        :raises ValueError: it was not added."""
+        self._listeners.remove(callback)
+
+    @property
+    def capture_stack(self) -> bool:
+        """Whether each acquire records its call stack and its task (for leak
+        reports, :meth:`leases` and lease events). Settable at any time; it
+        applies to later acquires. Costs a few microseconds per acquire."""
+        return bool(self._capture_stack)
+
+    @capture_stack.setter
+    def capture_stack(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"capture_stack must be True or False, got {on!r}")
+        self._capture_stack = on
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` finished or :meth:`terminate` was called
+        (:meth:`is_closing` is also true while closing)."""
+        return self._closed
+
+    @property
+    def options(self) -> PoolOptions:
+        """The pool's settings, with the current sizes; never the DSN, a
+        password or other connection arguments."""
+        state = self._state
+        return PoolOptions(
+            name=self._name,
+            min_size=self._min_size,
+            max_size=state.max_size,
+            init_size=self._init_size,
+            max_queries=self._max_queries,
+            max_inactive_connection_lifetime=state.max_inactive_lifetime,
+            lease_timeout=self._lease_timeout,
+            leak_warning_after=self._leak_warning_after,
+            acquire_timeout=self._acquire_timeout,
+            max_waiters=state.max_waiters,
+            max_connecting=state.max_connecting,
+            fail_fast=state.breaker_threshold is not None,
+            wait_on_connect_error=state.wait_on_connect_error,
+            reset_mode=self._reset_mode,
+            reset_timeout=self._reset_timeout,
+        )
+
+    async def release_lease(self, lease_id: int) -> bool:
+        """Release a lease by its id (:attr:`LeaseInfo.id <safepool.LeaseInfo.id>`),
+        through :meth:`release`: for tools that clean up after leaked
+        connections (the pytest leak guard). Its proxy stops working, as
+        after any release.
+
+        Returns False, doing nothing, when no open lease has that id, or its
+        proxy was already garbage collected (the pool reclaims that one
+        itself). Raises what :meth:`release` raises."""
+        for lease in self._state.leases():
+            if lease.id == lease_id and lease.active and lease.slot.connection is not None:
+                proxy = _pg.live_proxy(lease.slot.connection)
+                if proxy is None:
+                    return False
+                await self.release(proxy)
+                return True
+        return False
+
+    def add_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:
+        """Call ``callback(seconds)`` with every duration the pool records:
+        ``kind`` ``"wait"`` (acquire wait, 0.0 when a connection was idle),
+        ``"lease"`` (acquire to release, expiry or reclaim) or ``"connect"``
+        (successful connects). For exporters that need each value (an
+        OpenTelemetry histogram); the pool's own distributions in
+        :meth:`stats` are fed as before.
+
+        The callback runs synchronously inside the pool's bookkeeping, on its
+        loop thread: it must be quick and must not call into the pool. An
+        exception in it is logged once per pool and kind, and swallowed. May
+        be called from any thread (the sink is installed on the loop; values
+        recorded before that are not seen). With no sink the pool pays
+        nothing.
+
+        :raises ValueError: unknown ``kind``."""
+        field = _TIMINGS.get(kind)
+        if field is None:
+            raise ValueError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}")
+
+        def install() -> None:
+            current: Histogram = getattr(self._state, field)
+            if not isinstance(current, TeeHistogram):
+                current = TeeHistogram(current, f"pool {self._name!r}: a {kind} timing sink")
+                setattr(self._state, field, current)
+            current.sinks.append(callback)
+
+        self._on_loop(install)
+
+    def remove_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:
+        """Remove a sink added with :meth:`add_timing_sink` (unknown ones are
+        ignored); the last one removed restores the plain histogram. May be
+        called from any thread.
+
+        :raises ValueError: unknown ``kind``."""
+        field = _TIMINGS.get(kind)
+        if field is None:
+            raise ValueError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}")
+
+        def uninstall() -> None:
+            current: Histogram = getattr(self._state, field)
+            if isinstance(current, TeeHistogram):
+                if callback in current.sinks:
+                    current.sinks.remove(callback)
+                if not current.sinks:
+                    setattr(self._state, field, current.inner)
+
+        self._on_loop(uninstall)
+
+    def stats_threadsafe(self, timeout: float | None = 5.0) -> PoolStats:
+        """:meth:`stats`, from any thread: taken on the pool's event loop.
+
+        :meth:`stats` itself must be called on the loop's thread (it reads
+        structures the loop changes). From another thread, while the loop
+        runs, this schedules it there and waits up to ``timeout`` seconds
+        (None: no limit); on the loop's thread, or while the loop is not
+        running, it calls :meth:`stats` directly.
+
+        :raises TimeoutError: the loop did not run it in time (it is blocked)."""
+        return self.call_threadsafe(self.stats, timeout)
+
+    def call_threadsafe(self, function: Callable[[], _T], timeout: float | None = 5.0) -> _T:
+        """Run ``function()`` on the pool's event loop and return its result,
+        from any thread (see :meth:`stats_threadsafe`): for exporters that
+        read several things in one consistent moment.
+
+        :raises TimeoutError: the loop did not run it within ``timeout`` seconds.
+        :raises Exception: what ``function`` raised."""
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop or not loop.is_running() or loop.is_closed():
+            return function()
+        result: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not result.set_running_or_notify_cancel():
+                return
+            try:
+                result.set_result(function())
+            except BaseException as exc:
+                result.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        try:
+            return result.result(timeout)
+        except concurrent.futures.TimeoutError:
+            result.cancel()
+            raise TimeoutError(
+                f"pool {self._name!r}: its event loop did not answer within {timeout}s"
+            ) from None
+
+    def _on_loop(self, action: Callable[[], None]) -> None:
+        """Run ``action`` on the pool's loop thread: now if this is it (or the
+        loop is not running), else soon."""
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop or loop.is_closed() or not loop.is_running():
+            action()
+        else:
+            loop.call_soon_threadsafe(action)
+
 
 class PoolAcquireContext:
     """What ``pool.acquire()`` returns: awaitable, or an async context manager."""
 
-    __slots__ = ("pool", "timeout", "lease_timeout", "connection", "done")
+    __slots__ = ("pool", "timeout", "lease_timeout", "site", "connection", "done")
 
-    def __init__(self, pool: Pool, timeout: float | None, lease_timeout: Any) -> None:
+    def __init__(self, pool: Pool, timeout: float | None, lease_timeout: Any, site: str | None = None) -> None:
         self.pool = pool
         self.timeout = timeout
         self.lease_timeout = lease_timeout
+        self.site = site
         self.connection: PoolConnectionProxy | None = None
         self.done = False
 
-    async def __aenter__(self) -> PoolConnectionProxy:
+    # Plain methods returning the pool's coroutine: one coroutine frame per
+    # acquire and per release instead of two (the hot path).
+    def __aenter__(self) -> Coroutine[Any, Any, PoolConnectionProxy]:
         if self.connection is not None or self.done:
             raise _pg_exceptions.InterfaceError("a connection is already acquired")
-        self.connection = await self.pool._acquire(self.timeout, self.lease_timeout)
-        return self.connection
+        return self.pool._acquire(self.timeout, self.lease_timeout, self, self.site)
 
-    async def __aexit__(
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None = None,
         exc_val: BaseException | None = None,
         exc_tb: TracebackType | None = None,
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
         self.done = True
         con, self.connection = self.connection, None
-        await self.pool.release(con)
+        return self.pool.release(con)
 
     def __await__(self) -> Any:
         self.done = True
-        return self.pool._acquire(self.timeout, self.lease_timeout).__await__()
+        return self.pool._acquire(self.timeout, self.lease_timeout, None, self.site).__await__()
 
 
 def _settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:
@@ -1389,6 +1873,33 @@ def _settle(future: asyncio.Future[None] | None, error: BaseException | None) ->
         future.set_result(None)
     else:
         future.set_exception(error)
+
+
+def _validate_site_share(share: Any) -> None:
+    if share is None:
+        return
+    if isinstance(share, bool) or not isinstance(share, (int, float)):
+        raise TypeError(f"max_site_share must be a number or None, got {type(share).__name__}")
+    if not 0 < share <= 1:
+        raise ValueError(
+            f"max_site_share must be > 0 and <= 1 (the fraction of max_size one acquire site may hold), "
+            f"got {share!r}"
+        )
+
+
+def _adaptive_queue(policy: Any, target: Any, interval: Any) -> AdaptiveQueue | None:
+    if policy not in QUEUE_POLICIES:
+        raise ValueError(f"queue_policy must be one of {QUEUE_POLICIES}, got {policy!r}")
+    target = _validate_timeout("queue_target", target, allow_none=False)
+    interval = _validate_timeout("queue_interval", interval, allow_none=False)
+    if not target or not interval:
+        raise ValueError("queue_target and queue_interval must be > 0 seconds")
+    if target >= interval:
+        raise ValueError(
+            f"queue_target ({target}s) must be shorter than queue_interval ({interval}s): "
+            "the queue counts as standing only after a whole interval"
+        )
+    return AdaptiveQueue(target, interval) if policy == "adaptive" else None
 
 
 def _is_refusal(error: BaseException) -> bool:
@@ -1431,7 +1942,11 @@ def create_pool(
     ``name``, ``lease_timeout``, ``leak_warning_after``, ``capture_stack``,
     ``max_waiters``, ``acquire_timeout``, ``max_connecting``, ``fail_fast``,
     ``wait_on_connect_error``, ``reset_mode``
-    (``"full"`` or ``"rollback"``), ``reset_timeout``, ``backoff``, ``clock``.
+    (``"full"`` or ``"rollback"``), ``reset_timeout``, ``backoff``, ``clock``,
+    ``max_site_share`` (0 < share <= 1: one acquire site holds at most
+    ``ceil(share * max_size)`` connections), ``queue_policy`` (``"fifo"`` or
+    ``"adaptive"``), ``queue_target`` and ``queue_interval`` (seconds, the
+    adaptive queue's CoDel parameters). See docs/backpressure.md.
     Every other keyword goes to :func:`asyncpg.connect`.
 
     Use as ``pool = await create_pool(...)`` or ``async with create_pool(...) as pool``.
@@ -1454,4 +1969,4 @@ def create_pool(
     )
 
 
-__all__ = ["Pool", "PoolAcquireContext", "create_pool", "asyncpg"]
+__all__ = ["Pool", "PoolAcquireContext", "create_pool", "live_pools", "on_pool_created"]

@@ -70,7 +70,7 @@ def _forward(name: str, is_coroutine: bool) -> Any:
     return call
 
 
-class PoolConnectionProxy(_pg_connection._ConnectionProxy):  # type: ignore[misc]
+class PoolConnectionProxy(_pg_connection._ConnectionProxy):
     __slots__ = ("_con", "_holder", "_lease", "_expired", "__weakref__")
 
     def __init__(self, holder: _Holder, con: RawConnection, lease: Lease) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from ._histogram import Distribution
 from ._state import PoolState, SlotState
@@ -17,7 +20,49 @@ class LeaseInfo:
     deadline_in: float | None  # seconds until the lease timeout takes it back
     task_name: str | None
     acquired_at: str | None  # "file:line in function", when stacks are captured
-    stack: str | None
+    stack: str | None  # the full acquire stack, outermost first, when stacks are captured
+    site: str | None = None  # the acquire site (with max_site_share, or acquire(site=))
+    # The task that acquired, held weakly (when stacks are captured).
+    task_ref: weakref.ref[asyncio.Task[Any]] | None = None
+
+    @property
+    def task(self) -> asyncio.Task[Any] | None:
+        """The task that acquired the connection, while it exists (None when
+        stacks were not captured, or the task is gone)."""
+        return self.task_ref() if self.task_ref is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolOptions:
+    """A pool's settings (``Pool.options``): what ``create_pool`` was given,
+    after defaults, with the current sizes (``resize()`` changes them).
+    Never holds the DSN, a password or other connection arguments. Times are
+    seconds; None means "no limit" (or "off")."""
+
+    name: str
+    min_size: int
+    max_size: int
+    init_size: int
+    max_queries: int
+    max_inactive_connection_lifetime: float
+    lease_timeout: float | None
+    leak_warning_after: float | None
+    acquire_timeout: float | None
+    max_waiters: int | None
+    max_connecting: int | None
+    fail_fast: bool
+    wait_on_connect_error: bool
+    reset_mode: str
+    reset_timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SiteStats:
+    """One acquire site's share of the pool (``PoolStats.sites``)."""
+
+    site: str  # acquire(site=), safepool.site(), or "module.function"; "other": the rest summed
+    in_use: int  # connections leased by the site, or handed to one of its waiters
+    waiting: int  # its tasks waiting for a connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +104,16 @@ class PoolStats:
     oldest_wait_age: float  # how long the head of the wait queue has waited; 0.0 if none
     server_status: str  # "up", "backing_off" or "down"
     consecutive_connect_failures: int
+    # Site caps and the adaptive queue (docs/backpressure.md).
+    shed: int = 0  # waiters the adaptive queue failed after queue_target
+    admission_rejections: int = 0  # refused at once: not servable within their timeout at the drain rate
+    site_cap: int | None = None  # connections one site may hold (None: max_site_share off)
+    sites: tuple[SiteStats, ...] = ()  # the busiest SITES_REPORTED sites, then "other"
+
+    taken_at: float = 0.0  # the pool clock's time of this snapshot (seconds; for rates between snapshots)
+
+
+SITES_REPORTED = 10  # bounded label cardinality for exporters
 
 
 def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
@@ -97,4 +152,9 @@ def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
         oldest_wait_age=state.oldest_waiter_age(now),
         server_status=state.server_status(now).value,
         consecutive_connect_failures=state.connect_failures,
+        shed=c.shed,
+        admission_rejections=c.admission_rejections,
+        site_cap=state.site_cap,
+        sites=tuple(SiteStats(*row) for row in state.site_usage(SITES_REPORTED)),
+        taken_at=now,
     )

@@ -3,9 +3,11 @@ and OpenTelemetry (:mod:`safepool.metrics.otel`).
 
 Both read :meth:`safepool.Pool.stats` when the metrics are collected, so a pool
 pays nothing between scrapes. This module holds what they share: the set of
-pools an exporter reports on, and a snapshot that is safe to take from the
-exporter's own thread (prometheus_client's HTTP server and OpenTelemetry's
-periodic reader both collect off the event loop's thread).
+pools an exporter reports on, and a snapshot taken on the pool's event loop
+(prometheus_client's HTTP server and OpenTelemetry's periodic reader both
+collect off the loop's thread; :meth:`safepool.Pool.call_threadsafe` runs the
+read on the loop and waits for it). Exporters use the pool's public surface
+only (docs/api.md, "Observing a pool").
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..stats import PoolStats
 if TYPE_CHECKING:
     from ..pool import Pool
 
-__all__ = ["PoolSet", "leak_suspects", "snapshot"]
+__all__ = ["PoolSet", "leak_suspects", "read", "snapshot"]
 
 
 class PoolSet:
@@ -97,34 +99,40 @@ class PoolSet:
 
 
 def _closed(pool: Pool) -> bool:
-    return pool._closed
+    return pool.closed
+
+
+# How long a collection waits for a pool's event loop to take the snapshot:
+# a loop blocked longer fails the collection (an alert in itself) rather
+# than reporting numbers read while the loop changes them.
+SNAPSHOT_TIMEOUT = 5.0
 
 
 def snapshot(pool: Pool) -> PoolStats:
-    """``pool.stats()``, safe to call from another thread than the pool's loop.
+    """``pool.stats()``, from any thread: taken on the pool's event loop.
 
-    stats() reads plain Python containers; when the loop thread changes one
-    while another thread iterates it, CPython raises RuntimeError ("deque
-    mutated during iteration"). The read takes microseconds, so a retry
-    almost always lands between two changes."""
-    for _ in range(9):
-        try:
-            return pool.stats()
-        except RuntimeError:
-            continue
-    return pool.stats()
+    :raises TimeoutError: the loop did not answer within ``SNAPSHOT_TIMEOUT`` seconds."""
+    return pool.stats_threadsafe(SNAPSHOT_TIMEOUT)
 
 
 def leak_suspects(pool: Pool) -> int | None:
-    """Leases held longer than the pool's ``leak_warning_after`` now
-    (None when that option is off). O(leases), no stack formatting."""
-    threshold = pool._leak_warning_after
+    """Leases held longer than the pool's ``leak_warning_after`` now (None
+    when that option is off), from any thread. O(leases), no stack formatting.
+
+    :raises TimeoutError: as :func:`snapshot`."""
+    return pool.call_threadsafe(lambda: _count_suspects(pool), SNAPSHOT_TIMEOUT)
+
+
+def read(pool: Pool) -> tuple[PoolStats, int | None]:
+    """:func:`snapshot` and :func:`leak_suspects` of one moment, in one trip
+    to the pool's loop.
+
+    :raises TimeoutError: as :func:`snapshot`."""
+    return pool.call_threadsafe(lambda: (pool.stats(), _count_suspects(pool)), SNAPSHOT_TIMEOUT)
+
+
+def _count_suspects(pool: Pool) -> int | None:
+    threshold = pool.options.leak_warning_after
     if threshold is None:
         return None
-    now = pool._now()
-    for _ in range(9):
-        try:
-            return sum(1 for lease in pool._state.leases() if now - lease.acquired_at >= threshold)
-        except RuntimeError:  # the lease table changed under a reader on another thread
-            continue
-    return 0
+    return sum(1 for info in pool.leases(stacks=False) if info.age >= threshold)

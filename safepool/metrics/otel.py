@@ -15,8 +15,8 @@ histogram, and a histogram point (buckets, sum, min, max) can only be built
 from recorded values; exporting p50/p99 as gauges instead would be wrong as
 soon as anything aggregates them (a mean of percentiles is not a percentile).
 So ``wait_time``, ``use_time`` and ``create_time`` are synchronous histograms
-fed with every value the pool records in its own distributions: the pool's
-histograms are wrapped by a tee that passes each value on. That costs one
+fed with every value the pool records in its own distributions, through the
+pool's public timing sinks (:meth:`safepool.Pool.add_timing_sink`). That costs one
 ``Histogram.record`` per acquire and per release while instrumented (see
 docs/metrics.md for the measured figure), and nothing otherwise. The bucket
 boundaries advised to the SDK are the pool's own, so OpenTelemetry and
@@ -25,8 +25,7 @@ Prometheus report the same buckets. Needs the ``safepool[otel]`` extra.
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -35,20 +34,19 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
 
 from .. import __version__
-from .._histogram import DEFAULT_BOUNDS, Distribution, Histogram
+from .._histogram import DEFAULT_BOUNDS
 from ..stats import PoolStats
-from . import PoolSet, leak_suspects, snapshot
+from . import PoolSet, read
 
 if TYPE_CHECKING:
     from ..pool import Pool
 
 __all__ = ["PoolInstruments", "instrument"]
 
-logger = logging.getLogger("safepool")
-
 POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
 SAFEPOOL_STATE = "safepool.connection.state"
+SITE = "safepool.site"
 
 # (PoolStats counter, instrument name, unit, description): every counter of PoolStats.
 COUNTERS: tuple[tuple[str, str, str, str], ...] = (
@@ -68,71 +66,22 @@ COUNTERS: tuple[tuple[str, str, str, str], ...] = (
     ("resets", "safepool.resets", "{reset}", "Session resets that succeeded."),
     ("resets_skipped", "safepool.resets_skipped", "{reset}", "Releases that needed no reset."),
     ("resets_failed", "safepool.resets_failed", "{reset}", "Session resets that failed."),
+    ("shed", "safepool.shed", "{acquire}", "Acquires the adaptive queue failed after queue_target."),
+    ("admission_rejections", "safepool.admission_rejections", "{acquire}",
+     "Acquires refused at once: not servable within their timeout at the measured drain rate."),
 )
 
-# (pool histogram attribute on PoolState, instrument name, description)
+# (the pool's timing sink kind, instrument name, description)
 HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
-    ("wait_times", "db.client.connection.wait_time", "The time it took to obtain an open connection from the pool."),
-    ("lease_times", "db.client.connection.use_time",
+    ("wait", "db.client.connection.wait_time", "The time it took to obtain an open connection from the pool."),
+    ("lease", "db.client.connection.use_time",
      "The time between borrowing a connection and returning it to the pool."),
-    ("connect_times", "db.client.connection.create_time", "The time it took to create a new connection."),
+    ("connect", "db.client.connection.create_time", "The time it took to create a new connection."),
 )
-
-
-class _Tee(Histogram):
-    """Stands in for one of a pool's histograms: records into it, then hands
-    the value to each sink. Swapping it in (and out) is one attribute store,
-    so no value is lost whichever thread does it."""
-
-    __slots__ = ("inner", "sinks", "_complained")
-
-    def __init__(self, inner: Histogram) -> None:  # no super().__init__: the inner one keeps the data
-        self.inner = inner
-        self.sinks: list[Callable[[float], None]] = []
-        self._complained = False
-
-    def record(self, value: float) -> None:
-        self.inner.record(value)
-        for sink in self.sinks:
-            # Runs inside the pool's state transitions: it must never raise.
-            try:
-                sink(value)
-            except Exception:
-                if not self._complained:
-                    self._complained = True
-                    logger.warning("safepool: an OpenTelemetry histogram failed to record", exc_info=True)
-
-    def quantile(self, q: float) -> float:
-        return self.inner.quantile(q)
-
-    def snapshot(self) -> Distribution:
-        return self.inner.snapshot()
-
-    # The base class's slots stay empty here; read the inner histogram's.
-    @property
-    def count(self) -> int:  # type: ignore[override]
-        return self.inner.count
-
-    @property
-    def sum(self) -> float:  # type: ignore[override]
-        return self.inner.sum
-
-    @property
-    def max(self) -> float:  # type: ignore[override]
-        return self.inner.max
-
-
-def _on_pool_loop(pool: Pool, action: Callable[[], None]) -> None:
-    """Run ``action`` on the pool's event loop thread (now, if this is it)."""
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    loop = pool._loop
-    if running is loop or loop.is_closed() or not loop.is_running():
-        action()
-    else:
-        loop.call_soon_threadsafe(action)
+# The callbacks of one collection read each pool once: the first callback
+# the SDK runs (the first instrument created) takes a fresh snapshot, the
+# others reuse it if it is younger than this (seconds).
+_SNAPSHOT_REUSE = 1.0
 
 
 class PoolInstruments:
@@ -158,7 +107,10 @@ class PoolInstruments:
         self._record_times = record_times
         self._closed = False
         # Held weakly: instrumenting a pool must not keep it alive.
-        self._sinks: weakref.WeakKeyDictionary[Pool, list[tuple[_Tee, Callable[[float], None]]]] = (
+        self._sinks: weakref.WeakKeyDictionary[Pool, list[tuple[str, Callable[[float], None]]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._recent: weakref.WeakKeyDictionary[Pool, tuple[float, PoolStats, int | None]] = (
             weakref.WeakKeyDictionary()
         )
         provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
@@ -204,38 +156,34 @@ class PoolInstruments:
         if not self._record_times or pool in self._sinks:
             return
         attributes = {POOL_NAME: name}
-        hooks: list[tuple[_Tee, Callable[[float], None]]] = []
+        hooks: list[tuple[str, Callable[[float], None]]] = []
         self._sinks[pool] = hooks
+        for kind, instrument in zip((h[0] for h in HISTOGRAMS), self._histograms, strict=True):
 
-        def install() -> None:
-            state = pool._state
-            for field, instrument in zip((h[0] for h in HISTOGRAMS), self._histograms, strict=True):
-                current: Histogram = getattr(state, field)
-                tee = current if isinstance(current, _Tee) else _Tee(current)
+            def sink(value: float, instrument: metrics.Histogram = instrument) -> None:
+                instrument.record(value, attributes)
 
-                def sink(value: float, instrument: metrics.Histogram = instrument) -> None:
-                    instrument.record(value, attributes)
-
-                tee.sinks.append(sink)
-                hooks.append((tee, sink))
-                setattr(state, field, tee)
-
-        _on_pool_loop(pool, install)
+            hooks.append((kind, sink))
+            pool.add_timing_sink(kind, sink)
 
     def _detach(self, pool: Pool) -> None:
         hooks = self._sinks.pop(pool, None)
+        self._recent.pop(pool, None)
         if hooks is None:
             return
+        for kind, sink in hooks:
+            pool.remove_timing_sink(kind, sink)
 
-        def uninstall() -> None:
-            state = pool._state
-            for (field, _, _), (tee, sink) in zip(HISTOGRAMS, hooks, strict=False):
-                if sink in tee.sinks:
-                    tee.sinks.remove(sink)
-                if not tee.sinks and getattr(state, field) is tee:
-                    setattr(state, field, tee.inner)
-
-        _on_pool_loop(pool, uninstall)
+    def _read(self, pool: Pool, fresh: bool = False) -> tuple[PoolStats, int | None]:
+        """The pool's stats and leak suspects, taken on its loop once per
+        collection (the instruments' callbacks run one after the other)."""
+        now = time.monotonic()
+        recent = self._recent.get(pool)
+        if not fresh and recent is not None and now - recent[0] < _SNAPSHOT_REUSE:
+            return recent[1], recent[2]
+        stats, suspects = read(pool)
+        self._recent[pool] = (now, stats, suspects)
+        return stats, suspects
 
     # ------------------------------------------------------- instruments
 
@@ -281,6 +229,14 @@ class PoolInstruments:
             meter.create_observable_counter(
                 name, [self._per_pool(_field(field))], unit, description
             )
+        meter.create_observable_up_down_counter(
+            "safepool.site.connection.count", [self._observe_sites(in_use=True)], conn,
+            "Connections held by an acquire site (max_site_share); the 10 busiest sites plus 'other'.",
+        )
+        meter.create_observable_up_down_counter(
+            "safepool.site.pending_requests", [self._observe_sites(in_use=False)], "{request}",
+            "Tasks of an acquire site waiting for a connection; the 10 busiest sites plus 'other'.",
+        )
         meter.create_observable_gauge(
             "safepool.lease.oldest_age", [self._per_pool(lambda s: s.oldest_lease_age)], "s",
             "Age of the oldest lease held now (0 when none).",
@@ -301,7 +257,7 @@ class PoolInstruments:
     def _per_pool(self, value: Callable[[PoolStats], float]) -> Callable[[CallbackOptions], Iterator[Observation]]:
         def callback(options: CallbackOptions) -> Iterator[Observation]:
             for name, pool in self._items():
-                yield Observation(value(snapshot(pool)), {POOL_NAME: name})
+                yield Observation(value(self._read(pool)[0]), {POOL_NAME: name})
 
         return callback
 
@@ -311,20 +267,28 @@ class PoolInstruments:
         # being reset. Connections still opening or already closing are in
         # neither (safepool.connection.count has them).
         for name, pool in self._items():
-            s = snapshot(pool)
+            s = self._read(pool, fresh=True)[0]  # the first instrument: a new collection
             yield Observation(s.idle, {POOL_NAME: name, STATE: "idle"})
             yield Observation(s.in_use + s.resetting, {POOL_NAME: name, STATE: "used"})
 
     def _observe_states(self, options: CallbackOptions) -> Iterator[Observation]:
         for name, pool in self._items():
-            s = snapshot(pool)
+            s = self._read(pool)[0]
             for state, value in (("idle", s.idle), ("in_use", s.in_use), ("connecting", s.connecting),
                                  ("resetting", s.resetting), ("closing", s.closing)):
                 yield Observation(value, {POOL_NAME: name, SAFEPOOL_STATE: state})
 
+    def _observe_sites(self, *, in_use: bool) -> Callable[[CallbackOptions], Iterator[Observation]]:
+        def callback(options: CallbackOptions) -> Iterator[Observation]:
+            for name, pool in self._items():
+                for row in self._read(pool)[0].sites:
+                    yield Observation(row.in_use if in_use else row.waiting, {POOL_NAME: name, SITE: row.site})
+
+        return callback
+
     def _observe_leak_suspects(self, options: CallbackOptions) -> Iterator[Observation]:
         for name, pool in self._items():
-            count = leak_suspects(pool)
+            count = self._read(pool)[1]
             if count is not None:
                 yield Observation(count, {POOL_NAME: name})
 

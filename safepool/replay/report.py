@@ -1,9 +1,11 @@
 """Turns the runs' raw records into the numbers the replay reports: a
-per-second timeline, a summary per pool, the side-by-side table, JSON."""
+per-second timeline, a summary per pool, the side-by-side table and the
+verdict lines per scenario, JSON."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -11,11 +13,23 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .config import POOL_LABELS, ReplayConfig
+from .config import POOL_LABELS, SCENARIO_TITLES, ReplayConfig, describe_options
 from .load import TRANSPORT_ERROR, RequestRecord
 from .runner import PoolRun
 
 HEALTHY = 0.99  # a second counts as healthy when at least 99% of its answers succeeded
+LEAK_EVENTS = ("leak", "lease_expired", "leak_suspect")
+LEAK_EVENT_NAMES = {
+    "leak": "reclaimed when garbage collected (leak)",
+    "lease_expired": "taken back after lease_timeout (lease_expired)",
+    "leak_suspect": "warned about (leak_suspect: held past leak_warning_after)",
+}
+TAIL = 4.0  # "the end of the load": its last seconds
+
+# The targets safepool is held to (issue 15), per scenario.
+TARGET_SUCCESS = 0.99  # leak, stuck: success of non-leaking requests
+TARGET_GOODPUT = 0.90  # surge: goodput during the surge, as a share of the pool's capacity
+TARGET_SERVING_AGAIN = 1.0  # restart: seconds from the server accepting connections to a served request
 
 
 def error_kind(status: int) -> str:
@@ -60,19 +74,26 @@ class Second:
 
 @dataclass(slots=True)
 class Summary:
+    scenario: str
     pool: str
     label: str
+    options: str  # the pool's configuration, as printed
     requests: int
-    leaking_requests: int
+    leaking_requests: int  # on the faulty line (leak, stuck)
     success: float  # share of all requests answered 2xx
-    success_non_leaking: float  # the same, leaving out requests that hit the buggy branch
-    success_last_10s: float | None  # the share in the last 10 seconds of the load
+    success_non_leaking: float  # the same, leaving out requests on the faulty line
+    success_tail: float | None  # the share in the last TAIL seconds of the load
     errors: dict[str, int]  # "500", "503", "other", "transport"
-    p50_ms: float | None
+    p50_ms: float | None  # latency of non-leaking requests, answered or failed
     p99_ms: float | None
-    first_failure_s: float | None  # after the leak started; None: no failure
-    recovery_s: float | None  # from the first failure to the last unhealthy second's end; None: n/a
+    failure_p50_ms: float | None  # median time to failure of the failed requests
+    goodput_rps: float  # 2xx answers per second received during the fault window (client deadline met)
+    goodput_share: float | None  # surge: goodput_rps / the pool's capacity
+    first_failure_s: float | None  # after the fault started; None: no failure
+    recovery_s: float | None  # see recovery(); None: n/a or never
     recovered: bool
+    serving_again_s: float | None  # restart: from the server accepting connections to the first 2xx answer
+    marks: dict[str, float]  # fault, stopped, accepting (seconds since the run started)
     peak_server_connections: int | None
     leaked: int  # connections the service left unreleased
     leaks_detected: int  # safepool: leak + lease_expired events
@@ -120,47 +141,80 @@ def timeline(run: PoolRun) -> list[Second]:
     return seconds
 
 
+def fault_window(config: ReplayConfig) -> tuple[float, float]:
+    """The answers a scenario's goodput counts, by the time they came back."""
+    if config.scenario == "surge":
+        return config.leak_start, config.surge_end
+    if config.scenario == "restart":
+        return 0.0, config.duration
+    return config.leak_start, config.duration
+
+
+def recovery(seconds: list[Second], first_failure: float | None, since: float) -> tuple[float | None, bool]:
+    """(seconds to recovery, recovered): from ``since`` (or the first failure,
+    if later) to the end of the last second whose success rate was under 99%;
+    not recovered when that second is one of the last two with answers."""
+    if first_failure is None:
+        return None, True
+    since = max(since, first_failure)
+    unhealthy = [s.t for s in seconds if s.requests and (s.success or 0.0) < HEALTHY and s.t + 1 > since]
+    last_second = max((s.t for s in seconds if s.requests), default=0)
+    last_bad = max(unhealthy, default=None)
+    if last_bad is None:
+        return 0.0, True  # isolated failures: no second fell below the bar
+    if last_bad >= last_second - 1:
+        return None, False  # still failing when the load stopped
+    return max(0.0, last_bad + 1 - since), True
+
+
 def summarize(run: PoolRun, config: ReplayConfig) -> Summary:
     records = run.records
     seconds = timeline(run)
     non_leaking = [r for r in records if not r.leaking]
     failures = sorted(r.done for r in records if not r.ok)
-    first_failure = failures[0] if failures else None
-    unhealthy = [s.t for s in seconds if s.requests and (s.success or 0.0) < HEALTHY]
-    recovered = True
-    recovery: float | None = None
-    if first_failure is not None:
-        last_bad = max(unhealthy, default=None)
-        last_second = max((s.t for s in seconds if s.requests), default=0)
-        if last_bad is not None and last_bad >= last_second - 1:
-            recovered = False  # still failing when the load stopped
-        elif last_bad is not None:
-            recovery = max(0.0, last_bad + 1 - first_failure)
-        else:
-            recovery = 0.0  # isolated failures: no second fell below the bar
-    tail = [r for r in records if r.sent >= config.duration - 10]
-    events = Counter(str(event["event"]) for event in run.events)
+    fault = run.marks.get("fault", config.leak_start)
+    later = [t for t in failures if t >= fault]
+    first_failure = later[0] if later else None
+    since = {"surge": config.surge_end, "restart": run.marks.get("accepting", fault)}.get(config.scenario, fault)
+    recovery_s, recovered = recovery(seconds, first_failure, since)
+    serving_again: float | None = None
+    if "accepting" in run.marks:
+        accepted = run.marks["accepting"]
+        served = [r.done for r in records if r.ok and r.done >= accepted]
+        serving_again = min(served) - accepted if served else None
+    low, high = fault_window(config)
+    window = [r for r in records if low <= r.done < high]
+    goodput = sum(r.ok for r in window) / (high - low) if high > low else 0.0
+    tail = [r for r in records if r.sent >= config.duration - TAIL]
+    events = Counter(str(event["event"]) for event in run.events if event["event"] in LEAK_EVENTS)
     sites = Counter(
-        str(event.get("acquired_at"))
+        _relative_site(str(event.get("acquired_at")))
         for event in run.events
         if event["event"] in ("leak", "lease_expired", "leak_suspect")
     )
     connections = [s.server_connections for s in run.samples if s.server_connections is not None]
-    latencies = [r.latency * 1000 for r in records]
+    latencies = [r.latency * 1000 for r in non_leaking]
     return Summary(
+        scenario=config.scenario,
         pool=run.pool,
         label=POOL_LABELS[run.pool],
+        options=describe_options(run.pool, config),
         requests=len(records),
         leaking_requests=len(records) - len(non_leaking),
         success=_share(sum(r.ok for r in records), len(records)),
         success_non_leaking=_share(sum(r.ok for r in non_leaking), len(non_leaking)),
-        success_last_10s=_share(sum(r.ok for r in tail), len(tail)) if tail else None,
+        success_tail=_share(sum(r.ok for r in tail), len(tail)) if tail else None,
         errors=dict(Counter(error_kind(r.status) for r in records if not r.ok)),
         p50_ms=percentile(latencies, 50),
         p99_ms=percentile(latencies, 99),
-        first_failure_s=None if first_failure is None else first_failure - config.leak_start,
-        recovery_s=recovery,
+        failure_p50_ms=percentile([r.latency * 1000 for r in records if not r.ok], 50),
+        goodput_rps=goodput,
+        goodput_share=goodput / config.capacity if config.scenario == "surge" else None,
+        first_failure_s=None if first_failure is None else first_failure - fault,
+        recovery_s=recovery_s,
         recovered=recovered,
+        serving_again_s=serving_again,
+        marks=dict(run.marks),
         peak_server_connections=max(connections, default=None),
         leaked=run.leaked,
         leaks_detected=events["leak"] + events["lease_expired"],
@@ -170,6 +224,15 @@ def summarize(run: PoolRun, config: ReplayConfig) -> Summary:
         log_records=run.log_records,
         timeline=seconds,
     )
+
+
+# The checkout (or site-packages) that holds safepool/: sites under it are
+# shown relative to it ("safepool/replay/app.py:53 in customer_orders").
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
+
+
+def _relative_site(site: str) -> str:
+    return site[len(_ROOT):] if site.startswith(_ROOT) else site
 
 
 def _share(part: int, whole: int) -> float:
@@ -192,7 +255,7 @@ def _ms(value: float | None) -> str:
 def _errors(summary: Summary) -> str:
     if not summary.errors:
         return "none"
-    names = {"500": "HTTP 500", "503": "HTTP 503", "other": "other HTTP", "transport": "no answer"}
+    names = {"500": "HTTP 500", "503": "HTTP 503", "other": "other HTTP", "transport": "no answer in time"}
     return ", ".join(f"{count} {names[kind]}" for kind, count in sorted(summary.errors.items()))
 
 
@@ -210,11 +273,17 @@ def _recovery(summary: Summary) -> str:
     return f"{summary.recovery_s:.1f} s"
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
 def _leaks(summary: Summary) -> str:
     if summary.pool == "asyncpg":
         return "none (asyncpg's pool has no leak detection)"
-    kinds = ", ".join(f"{count} {name}" for name, count in sorted(summary.leak_events.items()))
-    return f"{summary.leaks_detected} ({kinds})" if kinds else "0"
+    kinds = ", ".join(
+        f"{summary.leak_events[name]} {LEAK_EVENT_NAMES[name]}" for name in LEAK_EVENTS if name in summary.leak_events
+    )
+    return f"{summary.leaks_detected}: {kinds}" if kinds else "0"
 
 
 def _site(summary: Summary) -> str:
@@ -223,68 +292,156 @@ def _site(summary: Summary) -> str:
     return "\n".join(site for site, _ in Counter(summary.leak_sites).most_common(2))
 
 
+def _goodput(summary: Summary) -> str:
+    text = f"{summary.goodput_rps:.1f} req/s"
+    if summary.goodput_share is not None:
+        text += f" ({_pct(summary.goodput_share)} of capacity)"
+    return text
+
+
+FAULTY_LINE = {"leak": "leaking branch", "stuck": "stuck payments"}
+
+
+def _rows(config: ReplayConfig, max_connections: int) -> list[tuple[str, Any]]:
+    scenario = config.scenario
+    rows: list[tuple[str, Any]] = [("configuration", lambda s: s.options)]
+    if scenario in FAULTY_LINE:
+        rows.append((f"requests ({FAULTY_LINE[scenario]})", lambda s: f"{s.requests} ({s.leaking_requests})"))
+    else:
+        rows.append(("requests", lambda s: str(s.requests)))
+    rows += [
+        ("success, all requests", lambda s: _pct(s.success)),
+        ("success, non-leaking requests", lambda s: _pct(s.success_non_leaking)),
+        (f"success, last {TAIL:g} s of load", lambda s: _pct(s.success_tail)),
+        ("errors", _errors),
+        ("p50 / p99 latency (non-leaking)", lambda s: f"{_ms(s.p50_ms)} / {_ms(s.p99_ms)}"),
+        ("median time to failure", lambda s: _ms(s.failure_p50_ms)),
+    ]
+    if scenario == "surge":
+        rows.append(("goodput during the surge", _goodput))
+    elif scenario == "restart":
+        rows.append(("goodput", _goodput))
+    else:
+        rows.append(("goodput after the fault started", _goodput))
+    rows.append(("first failure after the fault started", _first_failure))
+    if scenario == "restart":
+        rows.append(
+            (
+                "server down / accepting again at",
+                lambda s: (
+                    f"t={s.marks.get('stopped', float('nan')):.1f} s / t={s.marks.get('accepting', float('nan')):.1f} s"
+                ),
+            )
+        )
+        rows.append(("serving again after it accepted", lambda s: _seconds(s.serving_again_s)))
+        rows.append(("back to >= 99% success after it accepted", _recovery))
+    elif scenario == "surge":
+        rows.append(("back to >= 99% success after the surge", _recovery))
+    else:
+        rows.append(("time to recovery", _recovery))
+    rows.append((f"peak server connections (max {max_connections})", lambda s: str(s.peak_server_connections or "-")))
+    if scenario in FAULTY_LINE:
+        held = "leaked" if scenario == "leak" else "held by stuck tasks"
+        rows += [
+            (f"connections {held}", lambda s: str(s.leaked)),
+            ("leaks detected by the pool", _leaks),
+            ("leak source (acquired at)", _site),
+        ]
+    return rows
+
+
+def title(config: ReplayConfig) -> str:
+    head = f"{config.scenario}: {SCENARIO_TITLES[config.scenario]}"
+    if config.scenario == "leak":
+        detail = (
+            f"{config.duration:g} s per pool at {config.rate:g} req/s, {100 * config.leak_probability:g}% of "
+            f"requests leak from t={config.leak_start:g} s"
+        )
+    elif config.scenario == "stuck":
+        detail = (
+            f"{config.duration:g} s per pool at {config.rate:g} req/s, {100 * config.leak_probability:g}% are "
+            f"payments; the provider hangs from t={config.leak_start:g} s"
+        )
+    elif config.scenario == "surge":
+        detail = (
+            f"{config.duration:g} s per pool; capacity {config.capacity:g} req/s ({config.pool_size} connections x "
+            f"{1000 * config.query_time:g} ms); {config.rate:g} req/s, then {config.surge_factor * config.capacity:g} "
+            f"req/s from t={config.leak_start:g} s for {config.surge_duration:g} s; client deadline "
+            f"{config.client_timeout:g} s"
+        )
+    else:
+        detail = (
+            f"{config.duration:g} s per pool at {config.rate:g} req/s; the server stops at t={config.leak_start:g} s "
+            f"and starts again {config.downtime:g} s later"
+        )
+    return f"{head}\n{detail}; pool size {config.pool_size}, service deadline {config.request_timeout:g} s"
+
+
 def build_table(summaries: list[Summary], config: ReplayConfig, max_connections: int) -> Table:
-    table = Table(
-        title=(
-            f"Connection-leak replay: {config.duration:g} s per pool at {config.rate:g} req/s, "
-            f"{100 * config.leak_probability:g}% of requests leak from t={config.leak_start:g} s, "
-            f"pool size {config.pool_size}"
-        ),
-        title_justify="left",
-    )
+    table = Table(title=title(config), title_justify="left")
     table.add_column("", no_wrap=True)
     for summary in summaries:
         table.add_column(summary.label, overflow="fold", min_width=24)
-    rows: list[tuple[str, Any]] = [
-        ("requests (leaking branch)", lambda s: f"{s.requests} ({s.leaking_requests})"),
-        ("success, all requests", lambda s: _pct(s.success)),
-        ("success, non-leaking requests", lambda s: _pct(s.success_non_leaking)),
-        ("success, last 10 s of load", lambda s: _pct(s.success_last_10s)),
-        ("errors", _errors),
-        ("p50 / p99 latency", lambda s: f"{_ms(s.p50_ms)} / {_ms(s.p99_ms)}"),
-        ("first failure after the leak started", _first_failure),
-        ("time to recovery", _recovery),
-        (f"peak server connections (max {max_connections})", lambda s: str(s.peak_server_connections or "-")),
-        ("connections leaked by the service", lambda s: str(s.leaked)),
-        ("leaks detected by the pool", _leaks),
-        ("leak source (acquired at)", _site),
-    ]
-    for name, render in rows:
+    for name, render in _rows(config, max_connections):
         table.add_row(name, *(render(summary) for summary in summaries))
     return table
 
 
-def verdicts(summaries: list[Summary]) -> list[str]:
-    """One sentence per pool, from the measured numbers."""
+def target(summary: Summary, config: ReplayConfig) -> tuple[str, bool]:
+    """The scenario's target (issue 15), and whether this run met it."""
+    if config.scenario in ("leak", "stuck"):
+        return f">= {_pct(TARGET_SUCCESS)} success of non-leaking requests", (
+            summary.success_non_leaking >= TARGET_SUCCESS
+        )
+    if config.scenario == "surge":
+        return f"goodput >= {_pct(TARGET_GOODPUT)} of capacity", (summary.goodput_share or 0.0) >= TARGET_GOODPUT
+    return f"serving again within {TARGET_SERVING_AGAIN:g} s of the server accepting connections", (
+        summary.serving_again_s is not None and summary.serving_again_s <= TARGET_SERVING_AGAIN
+    )
+
+
+def verdicts(summaries: list[Summary], config: ReplayConfig) -> list[str]:
+    """One sentence per pool, from the measured numbers: success of
+    non-leaking requests, goodput, p99, time to recovery, the leaking line."""
     lines = []
     for s in summaries:
+        parts = [
+            f"{_pct(s.success_non_leaking)} of non-leaking requests succeeded",
+            f"goodput {_goodput(s)}",
+            f"p99 {_ms(s.p99_ms)}",
+        ]
+        if config.scenario == "restart":
+            if s.serving_again_s is None:
+                parts.append("never served again after the server came back")
+            else:
+                parts.append(f"serving again {s.serving_again_s:.2f} s after the server accepted connections")
         if s.first_failure_s is None:
-            outcome = "served every request"
+            parts.append("no failure")
+        elif not s.recovered:
+            parts.append("never recovered")
         else:
-            outcome = (
-                f"first failure {s.first_failure_s:+.1f} s after the leak started, "
-                f"{_pct(s.success_last_10s)} success in the last 10 s"
-                + ("; never recovered" if not s.recovered else f"; recovered in {s.recovery_s:.1f} s")
-            )
-        if s.leaks_detected:
-            named = f"; named the leak: {_site(s).splitlines()[0]}"
-        elif s.leaked:
-            named = "; the leak went unnoticed"
-        else:
-            named = ""
-        lines.append(
-            f"{s.label}: {s.leaked} connections leaked, {_pct(s.success_non_leaking)} of non-leaking "
-            f"requests succeeded; {outcome}{named}."
-        )
+            parts.append(f"recovered in {s.recovery_s:.1f} s")
+        if config.scenario in FAULTY_LINE:
+            if s.leaks_detected:
+                parts.append(
+                    f"named the {'leak' if config.scenario == 'leak' else 'stuck lease'}: {_site(s).splitlines()[0]}"
+                )
+            elif s.leaked:
+                parts.append(f"{s.leaked} connections {'leaked' if config.scenario == 'leak' else 'stuck'}, unnoticed")
+        line = f"{config.scenario} / {s.label}: " + "; ".join(parts)
+        if s.pool == "safepool":
+            name, met = target(s, config)
+            line += f". Target ({name}): {'met' if met else 'MISSED'}"
+        lines.append(line + ".")
     return lines
 
 
 def print_report(console: Console, summaries: list[Summary], config: ReplayConfig, max_connections: int) -> None:
     console.print(build_table(summaries, config, max_connections))
-    for line in verdicts(summaries):
+    for line in verdicts(summaries, config):
         console.print(line, highlight=False, markup=False)
     reports = [s.leak_report for s in summaries if s.leak_report]
-    if reports:
+    if reports and config.scenario in FAULTY_LINE:
         console.print("\nsafepool's first leak report (logger safepool.leaks), innermost frames:", markup=False)
         console.print(trim_report(reports[0]), highlight=False, markup=False, soft_wrap=True)
 
@@ -299,11 +456,17 @@ def trim_report(text: str, frames: int = 2) -> str:
     return "\n".join([lines[0], "  ...", *lines[starts[-frames] :]])
 
 
-def as_json(summaries: list[Summary], config: ReplayConfig, max_connections: int, wall_s: float) -> dict[str, Any]:
+def scenario_json(summaries: list[Summary], config: ReplayConfig, max_connections: int) -> dict[str, Any]:
+    safepool_run = next((s for s in summaries if s.pool == "safepool"), None)
+    target_json = None
+    if safepool_run is not None:
+        name, met = target(safepool_run, config)
+        target_json = {"target": name, "met": met}
     return {
+        "title": title(config),
         "config": config.as_dict(),
         "max_connections": max_connections,
-        "wall_seconds": round(wall_s, 1),
         "pools": {s.pool: s.as_dict() for s in summaries},
-        "verdicts": verdicts(summaries),
+        "verdicts": verdicts(summaries, config),
+        "safepool_target": target_json,
     }

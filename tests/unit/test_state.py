@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from safepool._state import (
     Action,
     Backoff,
+    Close,
     Closed,
+    Connect,
+    Fail,
     InternalStateError,
+    LeakSuspect,
+    Observed,
     Overloaded,
     PoolState,
     ReleaseOutcome,
+    Shed,
     SlotState,
+    TakeBack,
+    TimeOut,
     Unavailable,
     WaiterState,
+    Wake,
 )
 
 CLEAN, RESET, DISCARD = ReleaseOutcome.CLEAN, ReleaseOutcome.NEEDS_RESET, ReleaseOutcome.DISCARD
@@ -29,19 +40,25 @@ def make(max_size: int = 2, **kwargs: object) -> PoolState:
     return PoolState(max_size=max_size, **kwargs)  # type: ignore[arg-type]
 
 
-def take(state: PoolState, kind: Action) -> list[tuple[object, ...]]:
-    taken = [a for a in state.actions if a[0] is kind]
-    state.actions[:] = [a for a in state.actions if a[0] is not kind]
+def take(state: PoolState, kind: type[Action]) -> list[Any]:
+    """The core's actions of one kind (removed from its list), oldest first."""
+    taken = [a for a in state.actions if isinstance(a, kind)]
+    state.actions[:] = [a for a in state.actions if not isinstance(a, kind)]
     return taken
+
+
+def fields(actions: list[Any]) -> list[Any]:
+    """Each action's subject (its first field: the slot, waiter or lease)."""
+    return [getattr(a, a.__match_args__[0]) for a in actions]
 
 
 def connect_all(state: PoolState, now: float = 0.0) -> None:
     """Complete every planned connect, as the I/O layer would."""
     while True:
-        planned = take(state, Action.CONNECT)
+        planned = take(state, Connect)
         if not planned:
             return
-        for _, slot in planned:
+        for slot in fields(planned):
             state.connect_succeeded(slot, object(), now)
 
 
@@ -88,10 +105,10 @@ def test_waiter_triggers_a_connect_and_gets_it() -> None:
     state = make()
     assert state.try_acquire(0) is None
     waiter = state.enqueue("f", 0, None)
-    [(_, slot)] = take(state, Action.CONNECT)
+    [slot] = fields(take(state, Connect))
     assert state.size == 1 and state.connected() == 0
     state.connect_succeeded(slot, "conn", 0.5)
-    assert take(state, Action.WAKE) == [(Action.WAKE, waiter)]
+    assert take(state, Wake) == [Wake(waiter)]
     assert slot.state is SlotState.RESERVED
     lease = state.claim(waiter, 0.6)
     assert lease.slot is slot
@@ -106,13 +123,13 @@ def test_waiters_are_served_fifo_and_newcomers_do_not_jump_the_queue() -> None:
     assert held is not None
     waiters = [state.enqueue(i, i, None) for i in range(3)]
     state.release(held, 5, CLEAN)
-    [(_, woken)] = take(state, Action.WAKE)
+    [woken] = fields(take(state, Wake))
     assert woken is waiters[0]
     # The connection is reserved for waiter 0: a newcomer must queue.
     assert state.try_acquire(5) is None
     lease = state.claim(waiters[0], 5)
     state.release(lease, 6, CLEAN)
-    assert take(state, Action.WAKE) == [(Action.WAKE, waiters[1])]
+    assert take(state, Wake) == [Wake(waiters[1])]
 
 
 def test_cancel_while_waiting_removes_the_waiter() -> None:
@@ -124,7 +141,7 @@ def test_cancel_while_waiting_removes_the_waiter() -> None:
     state.cancel_waiter(waiter, 1)
     assert state.waiting == 0 and waiter.state is WaiterState.CANCELLED
     state.release(held, 2, CLEAN)
-    assert not take(state, Action.WAKE)
+    assert not take(state, Wake)
     assert state.idle == 1
 
 
@@ -137,9 +154,9 @@ def test_cancel_after_grant_passes_the_connection_on() -> None:
     first = state.enqueue("a", 0, None)
     second = state.enqueue("b", 0, None)
     state.release(held, 1, CLEAN)
-    take(state, Action.WAKE)
+    take(state, Wake)
     state.cancel_waiter(first, 1)  # granted, never claimed
-    assert take(state, Action.WAKE) == [(Action.WAKE, second)]
+    assert take(state, Wake) == [Wake(second)]
     assert state.claim(second, 2).slot is held.slot
     state.cancel_waiter(first, 3)  # a second cancel is harmless
     state.check_invariants()
@@ -182,9 +199,9 @@ def test_acquire_timeout_fires_at_the_deadline() -> None:
     waiter = state.enqueue("a", 10.0, timeout=2.0)
     assert state.next_deadline() == 12.0
     state.advance(11.9)
-    assert not take(state, Action.TIMEOUT)
+    assert not take(state, TimeOut)
     state.advance(12.0)
-    assert take(state, Action.TIMEOUT) == [(Action.TIMEOUT, waiter)]
+    assert take(state, TimeOut) == [TimeOut(waiter)]
     assert state.waiting == 0 and state.counters.acquire_timeouts == 1
 
 
@@ -196,7 +213,7 @@ def test_a_granted_waiter_does_not_time_out() -> None:
     waiter = state.enqueue("a", 0, timeout=1.0)
     state.release(held, 0.5, CLEAN)
     state.advance(5.0)
-    assert not take(state, Action.TIMEOUT)
+    assert not take(state, TimeOut)
     assert state.claim(waiter, 5.0)
 
 
@@ -208,11 +225,11 @@ def test_release_with_reset_then_hand_off() -> None:
     waiter = state.enqueue("a", 0, None)
     assert state.release(held, 1, RESET) is True
     assert held.slot.state is SlotState.RESETTING
-    assert not take(state, Action.WAKE)
+    assert not take(state, Wake)
     # Resetting counts as supply: no extra connect for the waiter.
-    assert not take(state, Action.CONNECT)
+    assert not take(state, Connect)
     state.reset_done(held.slot, 2, ok=True)
-    assert take(state, Action.WAKE) == [(Action.WAKE, waiter)]
+    assert take(state, Wake) == [Wake(waiter)]
 
 
 def test_failed_reset_closes_and_replaces_for_waiters() -> None:
@@ -223,11 +240,11 @@ def test_failed_reset_closes_and_replaces_for_waiters() -> None:
     state.enqueue("a", 0, None)
     state.release(held, 1, RESET)
     state.reset_done(held.slot, 2, ok=False)
-    [(_, closing)] = take(state, Action.CLOSE)
+    [closing] = fields(take(state, Close))
     assert closing is held.slot and state.size == 1  # still counted while closing
-    assert not take(state, Action.CONNECT)  # never above max_size
+    assert not take(state, Connect)  # never above max_size
     state.closed(closing, 3)
-    assert len(take(state, Action.CONNECT)) == 1
+    assert len(take(state, Connect)) == 1
     assert state.counters.resets_failed == 1
 
 
@@ -237,7 +254,7 @@ def test_discard_outcome_closes_the_connection() -> None:
     held = state.try_acquire(0)
     assert held
     state.release(held, 1, DISCARD)
-    assert take(state, Action.CLOSE)[0][1] is held.slot
+    assert fields(take(state, Close))[0] is held.slot
     assert held.slot.state is SlotState.CLOSING
 
 
@@ -249,14 +266,14 @@ def test_lease_expiry_takes_the_connection_back() -> None:
     state.arm_lease(lease, lease_timeout=5.0, warn_after=2.0)
     waiter = state.enqueue("a", 1, None)
     state.advance(2.0)
-    assert take(state, Action.LEAK_SUSPECT) == [(Action.LEAK_SUSPECT, lease)]
+    assert take(state, LeakSuspect) == [LeakSuspect(lease)]
     state.advance(4.99)
-    assert not take(state, Action.TAKE_BACK)
+    assert not take(state, TakeBack)
     state.advance(5.0)
-    assert take(state, Action.TAKE_BACK) == [(Action.TAKE_BACK, lease)]
+    assert take(state, TakeBack) == [TakeBack(lease)]
     assert lease.expired and not lease.active and lease.slot.state is SlotState.RESETTING
     state.reset_done(lease.slot, 5.1, ok=True)
-    assert take(state, Action.WAKE) == [(Action.WAKE, waiter)]
+    assert take(state, Wake) == [Wake(waiter)]
     assert state.counters.leases_expired == 1 and state.counters.leak_warnings == 1
 
 
@@ -296,19 +313,19 @@ def test_gc_reclaim_counts_a_leak_and_resets() -> None:
 def test_connect_failure_with_no_connection_fails_waiters_then_opens_circuit() -> None:
     state = make(max_size=2, breaker_threshold=2)
     waiter = state.enqueue("a", 0, None)
-    [(_, slot)] = take(state, Action.CONNECT)
+    [slot] = fields(take(state, Connect))
     error = ConnectionRefusedError("refused")
     state.connect_failed(slot, 0, error)
-    assert take(state, Action.FAIL) == [(Action.FAIL, waiter, error)]
+    assert take(state, Fail) == [Fail(waiter, error)]
     assert state.size == 0 and state.server_status(0).value == "down"
     # One failure is not an outage (asyncpg retries at the next acquire):
     # the waiter queues and the retry comes after the backoff.
     second = state.enqueue("b", 0.1, None)
-    assert not take(state, Action.CONNECT)
+    assert not take(state, Connect)
     state.advance(1.0)
-    [(_, retry)] = take(state, Action.CONNECT)
+    [retry] = fields(take(state, Connect))
     state.connect_failed(retry, 1.0, error)
-    assert take(state, Action.FAIL) == [(Action.FAIL, second, error)]
+    assert take(state, Fail) == [Fail(second, error)]
     # Two in a row: the circuit is open until the backoff passes; fail fast.
     with pytest.raises(Unavailable) as info:
         state.enqueue("c", 1.1, None)
@@ -316,7 +333,7 @@ def test_connect_failure_with_no_connection_fails_waiters_then_opens_circuit() -
     # After the backoff, a new waiter probes with a single connect.
     state.enqueue("d", 3.0, None)
     state.enqueue("e", 3.0, None)
-    assert len(take(state, Action.CONNECT)) == 1
+    assert len(take(state, Connect)) == 1
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:
@@ -339,30 +356,30 @@ def test_a_waiter_after_a_long_outage_is_probed_within_the_cap() -> None:
         state.enqueue(object(), now, None)
         now = max(now, state.backoff_until)
         state.advance(now)
-        [(_, slot)] = take(state, Action.CONNECT)
+        [slot] = fields(take(state, Connect))
         state.connect_failed(slot, now, TimeoutError())
-        take(state, Action.FAIL)
+        take(state, Fail)
     # The server is back just after the last failure: a new waiter's probe
     # comes within the cap, not after an ever longer backoff.
     state.enqueue(object(), now, None)
     when = state.next_deadline()
     assert when is not None and when - now <= 2.0
     state.advance(when)
-    [(_, probe)] = take(state, Action.CONNECT)
+    [probe] = fields(take(state, Connect))
     state.connect_succeeded(probe, object(), when)
-    assert take(state, Action.WAKE)
+    assert take(state, Wake)
 
 
 def test_floor_alone_is_restored_on_the_upkeep_schedule_after_failures() -> None:
     state = make(max_size=3, min_size=1)
     state.floor_enabled = True
     state.advance(0)
-    [(_, slot)] = take(state, Action.CONNECT)
+    [slot] = fields(take(state, Connect))
     state.connect_failed(slot, 0, ConnectionRefusedError())
     # Nobody waits: no timer-driven retry; the pool's upkeep task asks.
     assert state.next_deadline() is None and state.floor_deficit()
     state.advance(100)
-    assert not take(state, Action.CONNECT)
+    assert not take(state, Connect)
     retry = state.plan_floor_connect(100)
     assert retry is not None and state.plan_floor_connect(100) is None  # one at a time
     state.connect_succeeded(retry, object(), 100)
@@ -378,14 +395,14 @@ def test_connect_failure_fails_the_task_it_was_for_even_with_connections_leased(
     held = state.try_acquire(0)
     assert held
     first = state.enqueue("a", 0, None)
-    [(_, slot)] = take(state, Action.CONNECT)
+    [slot] = fields(take(state, Connect))
     newest = state.enqueue("b", 0, None)  # no second connect: max_size
     error = OSError("53300")
     state.connect_failed(slot, 0, error)
-    assert take(state, Action.FAIL) == [(Action.FAIL, newest, error)]
+    assert take(state, Fail) == [Fail(newest, error)]
     assert state.waiting == 1 and state.server_status(0).value == "backing_off"
     state.release(held, 1, CLEAN)
-    assert take(state, Action.WAKE) == [(Action.WAKE, first)]
+    assert take(state, Wake) == [Wake(first)]
     state.check_invariants()
 
 
@@ -397,26 +414,26 @@ def test_wait_on_connect_error_keeps_waiters_while_connections_exist() -> None:
     held = state.try_acquire(0)
     assert held
     waiter = state.enqueue("a", 0, None)
-    [(_, slot)] = take(state, Action.CONNECT)
+    [slot] = fields(take(state, Connect))
     state.connect_failed(slot, 0, OSError("53300"))
-    assert not take(state, Action.FAIL)
+    assert not take(state, Fail)
     assert state.server_status(0).value == "backing_off"
     state.release(held, 1, CLEAN)
-    assert take(state, Action.WAKE) == [(Action.WAKE, waiter)]
+    assert take(state, Wake) == [Wake(waiter)]
 
 
 def test_healthy_pool_opens_a_connection_per_waiter_up_to_max_size() -> None:
     state = make(max_size=4)
     for i in range(6):
         state.enqueue(i, 0, None)
-    assert len(take(state, Action.CONNECT)) == 4
+    assert len(take(state, Connect)) == 4
 
 
 def test_connects_are_throttled_by_max_connecting() -> None:
     state = make(max_size=10, max_connecting=2)
     for i in range(6):
         state.enqueue(i, 0, None)
-    assert len(take(state, Action.CONNECT)) == 2
+    assert len(take(state, Connect)) == 2
     assert state.size == 2
 
 
@@ -424,17 +441,17 @@ def test_never_more_than_max_size_slots() -> None:
     state = make(max_size=3, max_connecting=10)
     for i in range(10):
         state.enqueue(i, 0, None)
-    assert len(take(state, Action.CONNECT)) == 3
+    assert len(take(state, Connect)) == 3
     assert state.size == 3
 
 
 def test_min_size_floor_is_kept_once_enabled() -> None:
     state = make(max_size=4, min_size=2)
     state.advance(0)
-    assert not take(state, Action.CONNECT)
+    assert not take(state, Connect)
     state.floor_enabled = True
     state.advance(0)
-    assert len(take(state, Action.CONNECT)) == 2
+    assert len(take(state, Connect)) == 2
 
 
 def test_idle_connections_above_min_size_close_after_lifetime() -> None:
@@ -442,7 +459,7 @@ def test_idle_connections_above_min_size_close_after_lifetime() -> None:
     fill(state, 3, now=0)
     assert state.next_deadline() == 10.0
     state.advance(10.0)
-    assert len(take(state, Action.CLOSE)) == 2
+    assert len(take(state, Close)) == 2
     assert state.idle == 1
 
 
@@ -452,9 +469,9 @@ def test_expire_connections_replaces_idle_now_and_leased_on_release() -> None:
     lease = state.try_acquire(0)
     assert lease
     state.expire_connections()
-    assert len(take(state, Action.CLOSE)) == 1
+    assert len(take(state, Close)) == 1
     state.release(lease, 1, CLEAN)
-    assert take(state, Action.CLOSE)[0][1] is lease.slot
+    assert fields(take(state, Close))[0] is lease.slot
 
 
 def test_close_fails_waiters_and_refuses_newcomers() -> None:
@@ -465,11 +482,11 @@ def test_close_fails_waiters_and_refuses_newcomers() -> None:
     waiter = state.enqueue("a", 0, None)
     marker = RuntimeError("closing")
     state.begin_close(marker)
-    assert take(state, Action.FAIL) == [(Action.FAIL, waiter, marker)]
+    assert take(state, Fail) == [Fail(waiter, marker)]
     with pytest.raises(Closed):
         state.try_acquire(1)
     state.release(lease, 1, CLEAN)
-    [(_, slot)] = take(state, Action.CLOSE)
+    [slot] = fields(take(state, Close))
     state.closed(slot, 2)
     assert state.size == 0
 
@@ -479,15 +496,15 @@ def test_resize_shrinks_idle_now_and_leased_later_without_dropping_leases() -> N
     fill(state, 4)
     leases = [state.try_acquire(0) for _ in range(3)]
     state.resize(2, 1)
-    closes = take(state, Action.CLOSE)
+    closes = take(state, Close)
     assert len(closes) == 1  # the only idle one
     assert state.size == 4 and state.in_use == 3  # no lease dropped
     for lease in leases:
         assert lease
         state.release(lease, 2, CLEAN)
-    closes += take(state, Action.CLOSE)
+    closes += take(state, Close)
     assert len(closes) == 2
-    for _, slot in closes:
+    for slot in fields(closes):
         state.closed(slot, 3)
     assert state.size == 2 and state.idle == 2
 
@@ -508,3 +525,196 @@ def test_release_of_an_ended_lease_is_an_internal_error() -> None:
     state.release(lease, 1, CLEAN)
     with pytest.raises(InternalStateError):
         state.release(lease, 2, CLEAN)
+
+
+# ------------------------------------------------- site caps (bulkheads)
+
+
+def sited(max_size: int = 4, share: float = 0.5, **kwargs: object) -> PoolState:
+    return make(max_size, max_site_share=share, **kwargs)
+
+
+def test_site_cap_holds_a_site_and_serves_others_ahead_of_it() -> None:
+    state = sited()
+    fill(state, 4)
+    a1, a2 = state.try_acquire(0, "a"), state.try_acquire(0, "a")
+    assert a1 and a2 and state.site_cap == 2
+    # "a" is at its cap: it waits although two connections are idle.
+    assert state.try_acquire(0, "a") is None
+    blocked = state.enqueue(object(), 0, None, "a")
+    assert state.idle == 2 and state.waiting == 1
+    # Another site is not held up by it: it takes an idle connection at once.
+    b1 = state.try_acquire(1, "b")
+    assert b1 is not None
+    b2 = state.try_acquire(1, "b")
+    assert b2 is not None and state.try_acquire(1, "b") is None
+    later = state.enqueue(object(), 2, None, "b")
+    # A "b" release goes to the later "b" waiter: "a" is still at its cap.
+    state.release(b1, 3, CLEAN)
+    assert later.state is WaiterState.GRANTED and blocked.state is WaiterState.WAITING
+    # An "a" release makes its waiter eligible: it gets that connection.
+    state.release(a1, 4, CLEAN)
+    assert blocked.state is WaiterState.GRANTED
+    assert [row[:2] for row in state.site_usage()] == [("a", 2), ("b", 2)]
+    state.check_invariants()
+
+
+def test_a_site_leaving_its_cap_gets_an_idle_connection_at_once() -> None:
+    state = sited()
+    fill(state, 4)
+    a1, a2 = state.try_acquire(0, "a"), state.try_acquire(0, "a")
+    assert a1 and a2
+    waiter = state.enqueue(object(), 0, None, "a")
+    # The lease ends with a reset: the slot is busy, but idle ones exist.
+    assert state.release(a1, 1, RESET) is True
+    assert waiter.state is WaiterState.GRANTED and take(state, Wake)
+    state.check_invariants()
+
+
+def test_site_share_rounds_up_and_follows_resize() -> None:
+    state = sited(max_size=10, share=0.3)
+    assert state.site_cap == 3
+    state.resize(4, 0)
+    assert state.site_cap == 2
+    assert sited(max_size=3, share=0.1).site_cap == 1
+
+
+def test_a_capped_site_takes_at_most_its_share_of_max_waiters() -> None:
+    state = sited(max_size=2, share=0.5, max_waiters=4)
+    fill(state, 2)
+    assert state.try_acquire(0, "a") is not None
+    state.enqueue(object(), 0, None, "a")
+    state.enqueue(object(), 0, None, "a")
+    with pytest.raises(Overloaded, match="share"):
+        state.enqueue(object(), 0, None, "a")
+    state.enqueue(object(), 0, None, "b")  # the other site still has room
+    assert state.counters.overload_rejections == 1
+
+
+# ------------------------------------------------------ adaptive queue
+
+
+def adaptive(max_size: int = 1, target: float = 0.01, interval: float = 0.1, **kwargs: object) -> PoolState:
+    from safepool._policy import AdaptiveQueue
+
+    return make(max_size, adaptive=AdaptiveQueue(target, interval), **kwargs)
+
+
+def test_adaptive_queue_is_fifo_until_the_queue_stands() -> None:
+    state = adaptive()
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease is not None
+    first = state.enqueue(object(), 0.0, 1.0)
+    second = state.enqueue(object(), 0.05, 1.0)
+    assert first.deadline == 1.0  # not standing yet: the caller's timeout
+    state.release(lease, 0.06, CLEAN)
+    assert first.state is WaiterState.GRANTED and second.state is WaiterState.WAITING
+
+
+def test_standing_queue_sheds_old_waiters_serves_newest_and_shortens_timeouts() -> None:
+    state = adaptive()
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease is not None
+    old = state.enqueue(object(), 0.0, 1.0)
+    untimed = state.enqueue(object(), 0.01, None)
+    # 0.15 s later the queue has not been empty for a whole interval.
+    newcomer = state.enqueue(object(), 0.15, 1.0)
+    assert newcomer.shed and newcomer.deadline == pytest.approx(0.16)
+    assert old.state is WaiterState.FAILED  # shed: it waited longer than the target
+    shed = take(state, Shed)
+    assert [a.waiter for a in shed] == [old] and "queue_target=0.01" in shed[0].reason
+    # The untimed waiter waited a whole interval: it is served before the newcomer.
+    state.release(lease, 0.155, CLEAN)
+    assert untimed.state is WaiterState.GRANTED
+    lease = state.claim(untimed, 0.155)
+    newest = state.enqueue(object(), 0.156, 1.0)
+    state.release(lease, 0.157, CLEAN)
+    # LIFO: the newest waiter first.
+    assert newest.state is WaiterState.GRANTED and newcomer.state is WaiterState.WAITING
+    # The newcomer gets the target delay, not its timeout, and fails as shed.
+    state.advance(0.16)
+    assert newcomer.state is WaiterState.FAILED and state.counters.shed == 2
+    assert fields(take(state, Shed))[0] is newcomer
+
+
+def test_untimed_waiters_are_never_shed() -> None:
+    state = adaptive()
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease is not None
+    state.enqueue(object(), 0.0, 1.0)
+    untimed = state.enqueue(object(), 0.2, None)
+    assert untimed.deadline is None and not untimed.shed
+    state.advance(5.0)
+    assert untimed.state is WaiterState.WAITING
+
+
+def test_deadline_aware_admission_refuses_what_the_drain_rate_cannot_serve() -> None:
+    state = adaptive(max_size=1, interval=10.0, target=1.0)
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease is not None
+    now = 0.0
+    # Ten hand-ons 0.1 s apart while tasks wait: 10 connections/s.
+    waiters = [state.enqueue(object(), now, None) for _ in range(12)]
+    for waiter in waiters[:10]:
+        now += 0.1
+        state.release(lease, now, CLEAN)
+        assert waiter.state is WaiterState.GRANTED
+        lease = state.claim(waiter, now)
+    # Two wait; a third would be served in ~0.3 s: a 0.2 s timeout is refused at once.
+    with pytest.raises(Overloaded, match=r"2 task\(s\) ahead.*10 connections/s"):
+        state.enqueue(object(), now, 0.2)
+    assert state.counters.admission_rejections == 1
+    state.enqueue(object(), now, 0.5)  # 0.3 s fits in 0.5 s
+
+
+@pytest.mark.parametrize(
+    ("mode", "observed", "marked", "expected"),
+    [
+        # full (asyncpg's policy): reset after any statement; nothing to do after none
+        ("full", Observed.CLEAN, False, CLEAN),
+        ("full", Observed.DIRTY, False, RESET),
+        ("full", Observed.MUST_RESET, False, RESET),
+        ("full", Observed.USED_UP, False, DISCARD),
+        ("full", Observed.UNUSABLE, False, DISCARD),
+        # rollback: only an open transaction (or a cancelled query) is worth a round trip
+        ("rollback", Observed.DIRTY, False, CLEAN),
+        ("rollback", Observed.MUST_RESET, False, RESET),
+        # auto: a dirty lease resets only when its proxy marked it
+        ("auto", Observed.DIRTY, False, CLEAN),
+        ("auto", Observed.DIRTY, True, RESET),
+        ("auto", Observed.MUST_RESET, False, RESET),
+        ("auto", Observed.CLEAN, True, CLEAN),
+    ],
+)
+def test_release_policy(mode: str, observed: Observed, marked: bool, expected: ReleaseOutcome) -> None:
+    state = make(reset_mode=mode)
+    fill(state, 1)
+    lease = state.try_acquire(0.0)
+    assert lease is not None
+    assert state.release_outcome(lease, observed, marked) is expected
+    # and the reset's content follows the same policy
+    assert state.full_reset(marked) is (mode == "full" or (mode == "auto" and marked))
+    state.release(lease, 0.0, expected)
+    connect_all(state)
+
+
+def test_release_policy_resets_for_hooks_and_discards_an_expired_generation() -> None:
+    state = make(always_reset=True)
+    fill(state, 1)
+    lease = state.try_acquire(0.0)
+    assert lease is not None
+    # a reset= hook or a connection class's reset() runs after every lease, as in asyncpg
+    assert state.release_outcome(lease, Observed.CLEAN, False) is RESET
+    assert state.release_outcome(lease, Observed.DIRTY, False) is RESET
+    state.expire_connections()
+    assert state.release_outcome(lease, Observed.CLEAN, False) is DISCARD
+    state.release(lease, 0.0, DISCARD)
+
+
+def test_an_unknown_reset_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="reset_mode"):
+        make(reset_mode="sometimes")

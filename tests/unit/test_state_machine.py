@@ -11,7 +11,13 @@ Properties checked after every step, besides ``check_invariants()``:
 
 * the pool never opens a slot beyond ``max_size`` (``size`` only grows while
   ``size <= max_size``);
-* waiters are granted in enqueue order (FIFO) and at most once;
+* waiters are granted at most once, in enqueue order (FIFO); with site caps,
+  in enqueue order among the sites under their cap (a waiter whose site is
+  under its cap is never passed over); with the adaptive queue, nobody older
+  than the granted waiter is left waiting once it has waited a whole interval
+  (so every waiter without a timeout is served eventually), and only waiters
+  with a timeout are shed;
+* a site never holds more than its cap (``ceil(share * max_size)``);
 * no slot is leased twice; every lease the application holds matches its slot;
 * every planned connect, close and reset is accounted for, exactly once;
 * a waiting task always has something that will wake it (a connect, a reset,
@@ -30,26 +36,34 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Any
+from typing import Any, assert_never
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from safepool._policy import AdaptiveQueue
 from safepool._state import (
-    Action,
     Backoff,
+    Close,
     Closed,
+    Connect,
+    Fail,
+    LeakSuspect,
     Lease,
     Overloaded,
     PoolState,
     ReleaseOutcome,
+    Shed,
     Slot,
     SlotLost,
     SlotState,
+    TakeBack,
+    TimeOut,
     Unavailable,
     Waiter,
     WaiterState,
+    Wake,
 )
 
 LONG = bool(os.environ.get("SAFEPOOL_LONG"))
@@ -58,6 +72,7 @@ S = SlotState
 times = st.sampled_from([0.0, 0.05, 0.3, 1.0, 2.5, 7.0])
 timeouts = st.one_of(st.none(), st.sampled_from([0.0, 0.5, 1.0, 4.0]))
 index = st.integers(min_value=0, max_value=1_000)
+sites = st.sampled_from(["a", "b", "c"])
 
 
 class PoolMachine(RuleBasedStateMachine):
@@ -76,6 +91,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.startup_slots: set[int] = set()  # Pool._initialize's explicit connects: not throttled  # waiters whose task resumed and claimed (or failed to)
         self.enqueue_order: dict[int, int] = {}
         self.last_size = 0
+        self.sites: dict[int, str] = {}  # waiter or lease id -> site
 
     # ------------------------------------------------------------ set-up
 
@@ -88,6 +104,8 @@ class PoolMachine(RuleBasedStateMachine):
         lifetime=st.sampled_from([0.0, 2.0]),
         breaker=st.integers(1, 3),
         jitter=st.sampled_from([0.0, 0.5, 1.0]),
+        share=st.sampled_from([None, None, 0.25, 0.5, 1.0]),
+        adaptive=st.sampled_from([None, None, (0.05, 0.3)]),
     )
     def setup(
         self,
@@ -99,8 +117,12 @@ class PoolMachine(RuleBasedStateMachine):
         lifetime: float,
         breaker: int,
         jitter: float,
+        share: float | None,
+        adaptive: tuple[float, float] | None,
     ) -> None:
         min_size = min(min_size, max_size)
+        self.share = share
+        self.adaptive = adaptive
         self.state = PoolState(
             max_size=max_size,
             min_size=min_size,
@@ -109,6 +131,8 @@ class PoolMachine(RuleBasedStateMachine):
             max_inactive_lifetime=lifetime,
             backoff=Backoff(base=0.5, cap=4.0, rng=lambda: jitter),
             breaker_threshold=breaker,
+            max_site_share=share,
+            adaptive=None if adaptive is None else AdaptiveQueue(*adaptive),
         )
         # What Pool._initialize does: explicit connects, then the floor upkeep.
         for _ in range(min(max(init_size, min_size), max_size)):
@@ -126,49 +150,46 @@ class PoolMachine(RuleBasedStateMachine):
         actions, state.actions = state.actions, []
         planned = False
         for action in actions:
-            kind = action[0]
-            if kind is Action.CONNECT:
-                slot = action[1]
-                assert slot.state is S.CONNECTING
-                assert slot not in self.connecting
-                self.connecting.append(slot)
-                planned = True
-            elif kind is Action.CLOSE:
-                slot = action[1]
-                assert slot.state is S.CLOSING
-                assert slot not in self.closing, "closed twice"
-                self.closing.append(slot)
-            elif kind is Action.WAKE:
-                waiter = action[1]
-                assert waiter.state is WaiterState.GRANTED
-                assert waiter.slot is not None and waiter.slot.state is S.RESERVED
-                self.grants[id(waiter)] += 1
-                assert self.grants[id(waiter)] == 1, "a waiter was granted twice"
-                rank = self.enqueue_order[id(waiter)]
-                for earlier in self.waiters[:rank]:
-                    assert earlier.state is not WaiterState.WAITING, "FIFO violated: an earlier waiter still waits"
-                self.woken.append(waiter)
-            elif kind is Action.TIMEOUT:
-                waiter = action[1]
-                assert waiter.state is WaiterState.TIMED_OUT
-                assert waiter.deadline is not None and waiter.deadline <= self.now, "timed out early"
-            elif kind is Action.FAIL:
-                assert action[1].state is WaiterState.FAILED
-            elif kind is Action.TAKE_BACK:
-                lease = action[1]
-                assert lease.expired and not lease.active
-                assert lease.deadline is not None and lease.deadline <= self.now, "lease taken back early"
-                assert lease.slot.state is S.RESETTING
-                self.held.remove(lease)
-                self.resetting.append(lease.slot)
-            elif kind is Action.LEAK_SUSPECT:
-                lease = action[1]
-                # It may have expired later in the same advance (its warning
-                # came first, and is still reported).
-                assert lease.active or lease.expired
-                assert lease.warn_at is not None and lease.warn_at <= self.now
-            else:  # pragma: no cover
-                raise AssertionError(f"unknown action {action!r}")
+            match action:
+                case Connect(slot):
+                    assert slot.state is S.CONNECTING
+                    assert slot not in self.connecting
+                    self.connecting.append(slot)
+                    planned = True
+                case Close(slot):
+                    assert slot.state is S.CLOSING
+                    assert slot not in self.closing, "closed twice"
+                    self.closing.append(slot)
+                case Wake(waiter):
+                    assert waiter.state is WaiterState.GRANTED
+                    assert waiter.slot is not None and waiter.slot.state is S.RESERVED
+                    self.grants[id(waiter)] += 1
+                    assert self.grants[id(waiter)] == 1, "a waiter was granted twice"
+                    self._check_order(waiter)
+                    self.woken.append(waiter)
+                case TimeOut(waiter):
+                    assert waiter.state is WaiterState.TIMED_OUT
+                    assert waiter.deadline is not None and waiter.deadline <= self.now, "timed out early"
+                case Fail(waiter, _):
+                    assert waiter.state is WaiterState.FAILED
+                case Shed(waiter, _):
+                    assert self.adaptive is not None, "shed without the adaptive queue"
+                    assert waiter.state is WaiterState.FAILED
+                    assert waiter.deadline is not None, "a waiter without a timeout was shed"
+                    assert self.now - waiter.enqueued_at >= self.adaptive[0] - 1e-9, "shed before the target"
+                case TakeBack(lease):
+                    assert lease.expired and not lease.active
+                    assert lease.deadline is not None and lease.deadline <= self.now, "lease taken back early"
+                    assert lease.slot.state is S.RESETTING
+                    self.held.remove(lease)
+                    self.resetting.append(lease.slot)
+                case LeakSuspect(lease):
+                    # It may have expired later in the same advance (its warning
+                    # came first, and is still reported).
+                    assert lease.active or lease.expired
+                    assert lease.warn_at is not None and lease.warn_at <= self.now
+                case _:  # pragma: no cover
+                    assert_never(action)
         if planned:
             # Connects are throttled, and none is tried during a backoff.
             assert self.now >= state.backoff_until or not state.connect_failures, "connect during backoff"
@@ -180,41 +201,86 @@ class PoolMachine(RuleBasedStateMachine):
             assert size <= state.max_size, f"grew to {size} slots, max_size {state.max_size}"
         self.last_size = size
 
+    def _in_use(self, site: str) -> int:
+        """Connections the site holds: leases, and grants not yet claimed."""
+        held = sum(1 for lease in self.held if self.sites.get(id(lease)) == site)
+        granted = sum(
+            1 for w in self.waiters
+            if w.state is WaiterState.GRANTED and id(w) not in self.claimed and w.slot is not None
+            and self.sites.get(id(w)) == site
+        )
+        return held + granted
+
+    def _under_cap(self, site: str) -> bool:
+        cap = self.state.site_cap
+        return cap is None or self._in_use(site) < cap
+
+    def _check_order(self, waiter: Waiter) -> None:
+        """Checked after the call that granted ``waiter``: grants only add to
+        a site's count within one call, so a site under its cap now was under
+        it at the grant too."""
+        state = self.state
+        site = self.sites[id(waiter)]
+        if state.site_cap is not None:
+            assert self._in_use(site) <= state.site_cap, f"site {site} over its cap {state.site_cap}"
+        rank = self.enqueue_order[id(waiter)]
+        earlier = [w for w in self.waiters[:rank] if w.state is WaiterState.WAITING]
+        if self.share is not None:
+            # Only waiters of sites at their cap may be passed over.
+            earlier = [w for w in earlier if self._under_cap(self.sites[id(w)])]
+        if self.adaptive is None:
+            assert not earlier, "FIFO violated: an earlier waiter under its site's cap still waits"
+        else:
+            interval = self.adaptive[1]
+            for w in earlier:
+                assert self.now - w.enqueued_at <= interval + 1e-9, "an old waiter was passed over"
+
     @staticmethod
     def _pick(items: list[Any], i: int) -> Any:
         return items[i % len(items)]
 
     # ------------------------------------------------- application side
 
-    @rule(timeout=timeouts)
-    def acquire(self, timeout: float | None) -> None:
+    @rule(timeout=timeouts, site=sites)
+    def acquire(self, timeout: float | None, site: str) -> None:
         state = self.state
         usable_idle = any(
             s.state is S.IDLE and s.generation == state.generation for s in state.slots()
         )
-        nobody_waits = state.waiting == 0
+        nobody_waits = not any(
+            w.state is WaiterState.WAITING and self._under_cap(self.sites[id(w)]) for w in self.waiters
+        )
+        under_cap = self._under_cap(site)
         try:
-            lease = state.try_acquire(self.now)
+            lease = state.try_acquire(self.now, site)
         except Closed:
             assert state.closing
             return
         if lease is not None:
             assert lease.slot.state is S.LEASED
+            assert under_cap, "a site at its cap leased an idle connection"
+            self.sites[id(lease)] = site
             self.held.append(lease)
             self._drain()
             return
-        assert not (usable_idle and nobody_waits), "an idle connection was refused with nobody waiting"
+        assert not (usable_idle and nobody_waits and under_cap), "an idle connection was refused with nobody waiting"
         waiting_before = state.waiting
         room = max(0, state.max_size - state.size + state.count(S.CLOSING)) + state.count(S.CONNECTING)
         try:
-            waiter = state.enqueue(object(), self.now, timeout)
-        except Overloaded:
-            # Refused only when it would queue behind busy connections.
-            assert state.max_waiters is not None and waiting_before >= state.max_waiters + room
+            waiter = state.enqueue(object(), self.now, timeout, site)
+        except Overloaded as exc:
+            if str(exc).startswith("cannot be served"):
+                assert self.adaptive is not None and timeout is not None
+            elif str(exc).startswith("site"):
+                assert self.share is not None and state.max_waiters is not None
+            else:
+                # Refused only when it would queue behind busy connections.
+                assert state.max_waiters is not None and waiting_before >= state.max_waiters + room
         except Unavailable:
             serving = state.size - state.count(S.CONNECTING) - state.count(S.CLOSING)
             assert serving == 0 and state.connect_failures > 0
         else:
+            self.sites[id(waiter)] = site
             self.enqueue_order[id(waiter)] = len(self.waiters)
             self.waiters.append(waiter)
         self._drain()
@@ -239,6 +305,7 @@ class PoolMachine(RuleBasedStateMachine):
         else:
             lease = self.state.claim(waiter, self.now)
             assert lease.slot.state is S.LEASED
+            self.sites[id(lease)] = self.sites[id(waiter)]
             self.held.append(lease)
         self._drain()
 
@@ -415,7 +482,9 @@ class PoolMachine(RuleBasedStateMachine):
             return
         assert not state.closing, "waiters survived close"
         busy = sum(state.count(s) for s in (S.CONNECTING, S.RESETTING, S.LEASED, S.RESERVED, S.CLOSING))
-        if busy == 0:
+        if busy == 0 and not any(w.state is WaiterState.GRANTED for w in self.woken):
+            # (A granted waiter whose connection was lost is still to resume:
+            # its claim fails, frees its site's place and plans a connect.)
             # Nothing will come back: only a connect retry can help, and a
             # timer must be armed for it.
             when = state.next_deadline()
@@ -431,6 +500,20 @@ class PoolMachine(RuleBasedStateMachine):
             when = state.next_deadline()
             assert when is not None and when <= min(pending)
 
+    @invariant()
+    def sites_within_their_caps(self) -> None:
+        state = self.state
+        if state.site_cap is None:
+            assert state.site_usage() == []
+            return
+        usage = {name: (held, waiting) for name, held, waiting in state.site_usage()}
+        for site in ("a", "b", "c"):
+            held, waiting = usage.get(site, (0, 0))
+            assert held == self._in_use(site), f"site {site}: core counts {held} in use"
+            assert waiting == sum(
+                1 for w in self.waiters if w.state is WaiterState.WAITING and self.sites[id(w)] == site
+            )
+
     # ------------------------------------------------------------ settle
 
     def teardown(self) -> None:
@@ -439,32 +522,40 @@ class PoolMachine(RuleBasedStateMachine):
         state = self.state
         for _ in range(200):
             progressed = False
+            # One operation at a time, each drained (and checked) before the next.
             for waiter in list(self.woken):
                 self.woken.remove(waiter)
                 self.claimed.add(id(waiter))
                 if waiter.state is WaiterState.GRANTED:
                     try:
-                        self.held.append(state.claim(waiter, self.now))
+                        lease = state.claim(waiter, self.now)
+                        self.sites[id(lease)] = self.sites[id(waiter)]
+                        self.held.append(lease)
                     except SlotLost:
                         pass
+                self._drain()
                 progressed = True
             for lease in list(self.held):
                 self.held.remove(lease)
                 if state.release(lease, self.now, ReleaseOutcome.CLEAN):
                     self.resetting.append(lease.slot)
+                self._drain()
                 progressed = True
             for slot in list(self.resetting):
                 self.resetting.remove(slot)
                 if slot.state is S.RESETTING:
                     state.reset_done(slot, self.now, True)
+                self._drain()
                 progressed = True
             for slot in list(self.connecting):
                 self.connecting.remove(slot)
                 state.connect_succeeded(slot, object(), self.now)
+                self._drain()
                 progressed = True
             for slot in list(self.closing):
                 self.closing.remove(slot)
                 state.closed(slot, self.now)
+                self._drain()
                 progressed = True
             self._drain()
             if not progressed and state.connect_failures and (slot := state.plan_floor_connect(self.now)):

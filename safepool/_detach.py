@@ -1,0 +1,190 @@
+"""Run a pool-owned coroutine in the awaiting task until that task is cancelled.
+
+asyncpg's ``release()`` shields its reset (``asyncio.shield``): the reset runs
+in a task of its own, so cancelling the caller cannot interrupt a statement
+half-way. That costs a task and two extra loop iterations per release.
+:func:`detached` gives the same guarantee without them: the caller's task
+drives the coroutine itself (no task, no extra wake-up), and only if the
+caller is cancelled (``task.cancel()``, ``asyncio.timeout``, ``wait_for``,
+an anyio cancel scope) does the coroutine move, mid-await, to a task of the
+pool's, which finishes it; the caller gets ``CancelledError`` at once, as
+with ``asyncio.shield``.
+
+The caller's task sees a stand-in for each future the coroutine awaits
+(the driver itself): asyncio's ``Task`` accepts any object with
+``_asyncio_future_blocking``, ``get_loop()``, ``add_done_callback()``,
+``cancel()`` and ``result()`` (the protocol ``Task.__step`` checks, in both
+the C and the Python implementation, 3.11-3.13; uvloop uses asyncio's Task).
+Cancelling the stand-in hands the coroutine over and never cancels the real
+future, which belongs to the coroutine (asyncpg's protocol waiter).
+
+Rule for the coroutines run this way: no ``asyncio.timeout()``/``wait_for``
+inside (they would cancel the *caller's* task, found by ``current_task()``);
+bound statements with asyncpg's own ``timeout=`` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Generator
+from contextvars import Context
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+Spawn = Callable[[Coroutine[Any, Any, Any]], object]
+
+
+class _Driver(Generic[T]):
+    """The awaitable :func:`detached` returns (awaited once). While the
+    driven coroutine waits on a future, the caller's task waits on this
+    object, which stands in for that future (one object for the whole
+    reset: the hot path allocates nothing per step)."""
+
+    __slots__ = ("_coro", "_spawn", "_fut", "_asyncio_future_blocking", "_wakeup", "_context", "_cancelled",
+                 "_message")
+
+    def __init__(self, coro: Coroutine[Any, Any, T], spawn: Spawn) -> None:
+        self._coro = coro
+        self._spawn = spawn
+        self._fut: asyncio.Future[Any] | None = None
+        # None until the first step: asyncio.isfuture() (ensure_future,
+        # wait_for, gather) must see an awaitable to wrap in a task, not a
+        # future. The Task sets it False after each step, as for a future.
+        self._asyncio_future_blocking: bool | None = None
+        self._wakeup: Callable[[Any], object] | None = None
+        self._context: Context | None = None
+        self._cancelled = False  # the caller was cancelled: the coroutine is the pool's now
+        self._message: Any = None
+
+    # -- the future protocol asyncio's Task uses on what a coroutine yields
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._fut is not None
+        return self._fut.get_loop()
+
+    def add_done_callback(self, fn: Callable[[Any], object], *, context: Context | None = None) -> None:
+        assert self._fut is not None
+        self._wakeup = fn
+        self._context = context
+        self._fut.add_done_callback(self._on_done)
+
+    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+        if self._wakeup is fn:
+            self._wakeup = None
+            return 1
+        return 0
+
+    def _on_done(self, fut: asyncio.Future[Any]) -> None:
+        wakeup = self._wakeup
+        if self._cancelled or wakeup is None or fut is not self._fut:
+            return
+        if self._context is None:
+            wakeup(self)
+        else:
+            self._context.run(wakeup, self)
+
+    def done(self) -> bool:
+        return self._cancelled or (self._fut is not None and self._fut.done())
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def result(self) -> None:
+        if self._cancelled:
+            # With the canceller's message, as a cancelled future raises it:
+            # anyio's cancel scopes recognise their own cancellations by it.
+            raise asyncio.CancelledError() if self._message is None else asyncio.CancelledError(self._message)
+        return None
+
+    def cancel(self, msg: Any = None) -> bool:
+        """The caller's task is being cancelled: hand the coroutine to the
+        pool and wake the caller with ``CancelledError`` (True, as a future
+        that was cancelled)."""
+        if self._cancelled or self._fut is None:
+            return False
+        self._message = msg
+        self.hand_over(self._fut)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._fut.get_loop().call_soon(wakeup, self, context=self._context)
+        return True
+
+    # -- driving
+
+    def hand_over(self, fut: asyncio.Future[Any] | None) -> None:
+        """Let a pool task finish the coroutine from where it waits on ``fut``."""
+        if not self._cancelled:
+            self._cancelled = True
+            self._spawn(_finish(self._coro, fut))
+
+    def __await__(self) -> Generator[Any, None, T]:
+        send = self._coro.send
+        while True:
+            try:
+                fut = send(None)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            if fut is None:  # a bare yield (asyncio.sleep(0))
+                try:
+                    yield None
+                except BaseException:
+                    self.hand_over(None)
+                    raise
+                continue
+            fut._asyncio_future_blocking = False
+            self._fut = fut
+            self._asyncio_future_blocking = True
+            try:
+                yield self
+            except BaseException:
+                # CancelledError after cancel() handed the coroutine over;
+                # anything else (GeneratorExit) hands it over now.
+                self.hand_over(fut)
+                raise
+
+
+def detached(coro: Coroutine[Any, Any, T], spawn: Spawn) -> _Driver[T]:
+    """Await ``coro`` in the current task; if the task is cancelled, ``coro``
+    moves to ``spawn(...)`` (a pool task) and finishes there, and the caller
+    gets ``CancelledError`` at once (``asyncio.shield``'s contract, without
+    its task). The pool task's result is dropped: return errors, do not raise."""
+    return _Driver(coro, spawn)
+
+
+async def _finish(coro: Coroutine[Any, Any, Any], fut: asyncio.Future[Any] | None) -> Any:
+    return await _Resume(coro, fut)
+
+
+class _Resume:
+    """``await``s the rest of a started coroutine that waits on ``fut``
+    (``yield from`` by hand): the pool task now waits on ``fut`` as the
+    coroutine's own task would have, so cancelling the pool task
+    (``terminate()``) reaches the coroutine as usual."""
+
+    __slots__ = ("_coro", "_fut")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], fut: asyncio.Future[Any] | None) -> None:
+        self._coro = coro
+        self._fut = fut
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        coro = self._coro
+        error: BaseException | None = None
+        step: Any = self._fut
+        if step is not None and not step.done():
+            step._asyncio_future_blocking = True
+            try:
+                yield step
+            except BaseException as exc:
+                error = exc
+        while True:
+            try:
+                step = coro.send(None) if error is None else coro.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            error = None
+            try:
+                yield step
+            except BaseException as exc:
+                error = exc

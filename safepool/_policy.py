@@ -1,0 +1,365 @@
+"""Opt-in wait-queue policies of the state core: bulkheads per acquire site
+(``max_site_share``) and the adaptive queue (``queue_policy="adaptive"``).
+
+Design note. This is part of the state core (see ``_state.py``): nothing here
+awaits, sleeps or touches the network, and time comes in as ``now``.
+``PoolState`` consults a :class:`WaitPolicy` only when one of the two features
+is configured, so the default path stays one attribute check.
+
+Waiters are kept per site (one book, keyed ``None``, without site caps), each
+book a deque in arrival order whose settled entries are skipped lazily. A
+book is *eligible* while its site holds fewer connections than the cap;
+``eligible`` counts the waiting tasks of eligible books, which is what the
+core treats as "somebody waits" (a capped site's waiters never hold up the
+others, and an idle connection may sit next to them).
+
+The adaptive queue is CoDel as Facebook applied it to server queues
+(Nichols & Jacobson, "Controlling Queue Delay", ACM Queue 2012; Maurer,
+"Fail at Scale", ACM Queue 2015): while the queue has not been empty for
+``interval`` seconds it is *standing*; a waiter then gets ``target`` seconds
+instead of its own timeout, waiters that already waited longer than
+``target`` are shed, and the newest waiter is served first (adaptive LIFO:
+the oldest ones are the likeliest to have given up). Waiters without a
+timeout are never shed, and the oldest waiter is served first once it has
+waited ``interval``, so every waiter without a timeout is served eventually.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+
+# _state imports this module only when a policy is configured, after it has
+# loaded: no import cycle.
+from ._state import Inadmissible, Overloaded, Waiter, WaiterState
+
+_WAITING = WaiterState.WAITING
+
+# Below this many measured hand-ons the drain rate is unknown: admit.
+_MIN_RATE_SAMPLES = 8
+_EWMA_WEIGHT = 0.1  # weight of the newest gap between hand-ons under backlog
+
+
+class AdaptiveQueue:
+    """CoDel parameters, and what the queue measured: when it was last empty
+    and how fast it drains (seconds between connections handed to waiters)."""
+
+    __slots__ = ("target", "interval", "last_empty", "gap", "samples", "last_hand_on")
+
+    def __init__(self, target: float, interval: float) -> None:
+        self.target = target
+        self.interval = interval
+        self.last_empty = -math.inf
+        self.gap = 0.0  # EWMA of the seconds between hand-ons while tasks wait
+        self.samples = 0
+        self.last_hand_on: float | None = None  # None: the last hand-on found nobody waiting
+
+    def standing(self, now: float) -> bool:
+        return now - self.last_empty > self.interval
+
+    def note_hand_on(self, now: float, backlog: bool) -> None:
+        if backlog and self.last_hand_on is not None:
+            gap = now - self.last_hand_on
+            self.gap = gap if self.samples == 0 else self.gap + _EWMA_WEIGHT * (gap - self.gap)
+            self.samples += 1
+        self.last_hand_on = now if backlog else None
+
+    def drain_gap(self, now: float) -> float | None:
+        """Seconds per connection handed on, or None while unknown. Nothing
+        handed on (while tasks wait) for over three average gaps counts as
+        that slow: the connections are held by something that does not end."""
+        if self.samples < _MIN_RATE_SAMPLES:
+            return None
+        if self.last_hand_on is not None and now - self.last_hand_on > 3 * self.gap:
+            return now - self.last_hand_on
+        return self.gap
+
+
+class SiteBook:
+    """One acquire site's connections in use and waiting tasks."""
+
+    __slots__ = ("name", "held", "waiting", "queue")
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self.held = 0  # leased or reserved for one of its waiters
+        self.waiting = 0  # live waiters in ``queue``
+        self.queue: deque[Waiter] = deque()
+
+
+def site_cap(share: float, max_size: int) -> int:
+    """``ceil(share * max_size)``, at least 1 (float error ignored: 0.3 * 10 is 3)."""
+    return max(1, math.ceil(share * max_size - 1e-9))
+
+
+class WaitPolicy:
+    """Waiter order and admission when site caps or the adaptive queue are on.
+
+    ``shed`` is the core's callback that fails a waiter the adaptive queue
+    gives up on (it updates the waiter, the counters and the actions)."""
+
+    def __init__(
+        self,
+        *,
+        max_size: int,
+        site_share: float | None,
+        adaptive: AdaptiveQueue | None,
+        shed: Callable[[Waiter, str], None],
+    ) -> None:
+        self.site_share = site_share
+        self.cap: int | None = None if site_share is None else site_cap(site_share, max_size)
+        self.adaptive = adaptive
+        self.books: dict[str | None, SiteBook] = {}
+        self.eligible = 0  # waiting tasks of sites under their cap
+        self._shed = shed
+        self._seq = 0
+
+    # ------------------------------------------------------------ books
+
+    def key(self, site: str | None) -> str | None:
+        return site if self.cap is not None else None
+
+    def _book(self, key: str | None) -> SiteBook:
+        book = self.books.get(key)
+        if book is None:
+            book = self.books[key] = SiteBook(key)
+        return book
+
+    def _forget(self, book: SiteBook) -> None:
+        if book.held == 0 and book.waiting == 0:
+            del self.books[book.name]
+
+    def under_cap(self, book: SiteBook) -> bool:
+        return self.cap is None or book.held < self.cap
+
+    def _note_empty(self, now: float | None) -> None:
+        if self.eligible == 0 and now is not None and self.adaptive is not None:
+            self.adaptive.last_empty = now
+
+    def _change_held(self, book: SiteBook, delta: int, now: float | None) -> bool:
+        """Returns True if the site's waiters just became eligible."""
+        before = self.under_cap(book)
+        book.held += delta
+        after = self.under_cap(book)
+        if before != after:
+            self.eligible += book.waiting if after else -book.waiting
+            self._note_empty(now)
+        return after and not before and book.waiting > 0
+
+    def set_max_size(self, max_size: int) -> bool:
+        """Recompute the cap; True if some site's waiters became eligible."""
+        if self.site_share is None:
+            return False
+        before = self.eligible
+        self.cap = site_cap(self.site_share, max_size)
+        self.eligible = sum(b.waiting for b in self.books.values() if self.under_cap(b))
+        return self.eligible > before
+
+    # ---------------------------------------------------------- acquire
+
+    def may_take_idle(self, site: str | None, now: float) -> bool:
+        """A task may lease an idle connection at once: its site is under
+        the cap and no eligible task waits (never jump the queue)."""
+        if self.eligible:
+            return False
+        if self.adaptive is not None:
+            self.adaptive.last_empty = now
+        if self.cap is None:
+            return True
+        book = self.books.get(site)
+        return book is None or book.held < self.cap
+
+    def leased(self, site: str | None, now: float) -> None:
+        """An idle connection was leased at once (after may_take_idle)."""
+        self._change_held(self._book(self.key(site)), 1, now)
+
+    def released(self, site: str | None, now: float | None) -> bool:
+        """A lease or grant of ``site`` ended. True if its waiters just became
+        eligible (the core then hands them idle connections)."""
+        book = self.books[self.key(site)]
+        woke = self._change_held(book, -1, now)
+        self._forget(book)
+        return woke
+
+    def admit(
+        self,
+        waiter: Waiter,
+        now: float,
+        timeout: float | None,
+        site: str | None,
+        max_waiters: int | None,
+        room: int,
+    ) -> None:
+        """Queue a waiter, or raise :class:`Overloaded` saying why. May
+        shorten its deadline to the adaptive queue's target (``waiter.shed``)."""
+        key = self.key(site)
+        book = self.books.get(key)
+        eligible = book is None or self.under_cap(book)
+        if self.cap is not None and max_waiters is not None and book is not None:
+            # The bulkhead covers the queue too: one site may take at most
+            # its share of max_waiters, so it cannot lock the others out.
+            limit = site_cap(self.site_share or 1.0, max_waiters) if max_waiters else 0
+            if book.waiting >= limit + room:
+                raise Overloaded(
+                    f"site {key!r} already has {book.waiting} waiting task(s), its share "
+                    f"({self.site_share}) of max_waiters={max_waiters}"
+                )
+        aq = self.adaptive
+        if aq is not None:
+            if self.eligible == 0:
+                aq.last_empty = now
+            elif aq.standing(now):
+                self._shed_stale(now)
+            if aq.standing(now):
+                # Without a timeout the caller asked to wait as long as it
+                # takes: it is never shed.
+                if timeout is not None and timeout > aq.target:
+                    waiter.deadline = now + aq.target
+                    waiter.shed = True
+            elif timeout is not None and eligible:
+                gap = aq.drain_gap(now)
+                # In FIFO order every eligible waiter is ahead of this one.
+                if gap is not None and (self.eligible + 1) * gap > timeout:
+                    raise Inadmissible(
+                        f"cannot be served within its timeout ({timeout:.3f}s): {self.eligible} task(s) "
+                        f"ahead, the pool hands on {1.0 / gap if gap else math.inf:.0f} connections/s "
+                        f"(adaptive queue, deadline-aware admission)"
+                    )
+        # Looked up again: shedding above may have dropped an emptied book.
+        book = self._book(key)
+        self._seq += 1
+        waiter.seq = self._seq
+        book.queue.append(waiter)
+        book.waiting += 1
+        if eligible:
+            self.eligible += 1
+
+    def remove(self, waiter: Waiter, now: float | None = None) -> None:
+        """A waiting task left the queue (timed out, cancelled, failed)."""
+        book = self.books[self.key(waiter.site)]
+        self._drop(book, waiter, now)
+        queue = book.queue
+        if len(queue) > 32 and len(queue) > 2 * book.waiting:
+            book.queue = deque(w for w in queue if w.state is _WAITING)
+        self._forget(book)
+
+    def _drop(self, book: SiteBook, waiter: Waiter, now: float | None) -> None:
+        book.waiting -= 1
+        if self.under_cap(book):
+            self.eligible -= 1
+            self._note_empty(now)
+
+    # ------------------------------------------------------------ serve
+
+    def pick(self, now: float) -> Waiter | None:
+        """The waiter to hand a free connection to (removed from the queue,
+        its site charged), or None if no eligible task waits."""
+        aq = self.adaptive
+        if aq is not None:
+            aq.note_hand_on(now, self.eligible > 0)
+        if self.eligible == 0:
+            return None
+        newest = False
+        if aq is not None and aq.standing(now):
+            self._shed_stale(now)
+            if self.eligible == 0:
+                return None
+            oldest = self._end(False)
+            # LIFO while the queue stands, except for a waiter (without a
+            # timeout: the others were shed) that waited a whole interval.
+            newest = now - oldest.enqueued_at <= aq.interval
+        waiter = self._end(newest)
+        book = self.books[self.key(waiter.site)]
+        if newest:
+            book.queue.pop()
+        else:
+            book.queue.popleft()
+        self._drop(book, waiter, now)
+        self._change_held(book, 1, now)
+        return waiter
+
+    def _end(self, newest: bool) -> Waiter:
+        """The oldest (or newest) waiting task of the eligible sites."""
+        best: Waiter | None = None
+        for book in self.books.values():
+            if not book.waiting or not self.under_cap(book):
+                continue
+            queue = book.queue
+            if newest:
+                while queue[-1].state is not _WAITING:
+                    queue.pop()
+                candidate = queue[-1]
+                if best is None or candidate.seq > best.seq:
+                    best = candidate
+            else:
+                while queue[0].state is not _WAITING:
+                    queue.popleft()
+                candidate = queue[0]
+                if best is None or candidate.seq < best.seq:
+                    best = candidate
+        if best is None:  # pragma: no cover - eligible > 0 guarantees one
+            raise AssertionError("eligible count is off")
+        return best
+
+    def _shed_stale(self, now: float) -> None:
+        """Standing queue: fail the waiters (with a timeout) at the head of
+        each eligible site that waited longer than the target."""
+        aq = self.adaptive
+        assert aq is not None
+        for book in list(self.books.values()):
+            if not self.under_cap(book):
+                continue
+            queue = book.queue
+            while queue:
+                head = queue[0]
+                if head.state is not _WAITING:
+                    queue.popleft()
+                    continue
+                if head.deadline is None or now - head.enqueued_at <= aq.target:
+                    break
+                queue.popleft()
+                self._drop(book, head, now)
+                self._shed(head, self.shed_reason(head, now))
+            self._forget(book)
+
+    def shed_reason(self, waiter: Waiter, now: float) -> str:
+        aq = self.adaptive
+        assert aq is not None
+        return (
+            f"shed by the adaptive queue after {now - waiter.enqueued_at:.3f}s: the wait queue has not been "
+            f"empty for {now - aq.last_empty:.3f}s (queue_interval={aq.interval}s), so waiters get "
+            f"queue_target={aq.target}s instead of their timeout"
+        )
+
+    # ------------------------------------------------------------ stats
+
+    def usage(self, top: int) -> list[tuple[str, int, int]]:
+        """(site, in use, waiting) of the ``top`` busiest sites, busiest
+        first, then ``("other", ...)`` summing the rest (bounded cardinality
+        for exporters). Empty without site caps."""
+        if self.cap is None:
+            return []
+        rows = sorted(
+            ((str(b.name), b.held, b.waiting) for b in self.books.values()),
+            key=lambda row: (-(row[1] + row[2]), row[0]),
+        )
+        if len(rows) <= top:
+            return rows
+        rest = rows[top:]
+        return rows[:top] + [("other", sum(r[1] for r in rest), sum(r[2] for r in rest))]
+
+    def check(self, waiting: int) -> list[str]:
+        """Inconsistencies in the books (for PoolState.check_invariants)."""
+        problems = []
+        if sum(b.waiting for b in self.books.values()) != waiting:
+            problems.append("site books disagree with the waiting count")
+        for book in self.books.values():
+            live = sum(1 for w in book.queue if w.state is _WAITING)
+            if live != book.waiting:
+                problems.append(f"site {book.name!r}: {book.waiting} counted waiting, {live} queued")
+            if book.held < 0:
+                problems.append(f"site {book.name!r}: negative in-use count")
+        if self.eligible != sum(b.waiting for b in self.books.values() if self.under_cap(b)):
+            problems.append("eligible waiter count is off")
+        return problems

@@ -1,0 +1,113 @@
+"""Acquire sites for bulkheads (``max_site_share``): who is acquiring.
+
+A site is, in order: ``acquire(site="name")``; the name set by
+:class:`site` for the current context (a context variable, so an ASGI
+middleware can set it per route and every task it starts inherits it); else
+the application function that called ``acquire()``, as ``module.qualname``,
+found by walking frames (no stack is formatted) past safepool's, asyncpg's,
+asyncio's and contextlib's own. Computed only when site caps are on.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from types import CodeType, TracebackType
+from typing import Any, TypeVar
+
+__all__ = ["site", "current_site", "caller_site"]
+
+_current: ContextVar[str | None] = ContextVar("safepool_site", default=None)
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Per code object: its site name, or "" for library frames to walk past.
+# Bounded by the code objects that ever called acquire().
+_site_of_code: dict[CodeType, str] = {}
+_LIBRARIES = ("asyncpg", "asyncio", "contextlib", "functools")
+
+
+def _is_library(module: str) -> bool:
+    top, _, rest = module.partition(".")
+    if top == "safepool":
+        # safepool's own modules; its subpackages (the replay demo) are applications.
+        return "." not in rest
+    return top in _LIBRARIES
+
+
+def caller_site(depth: int = 1) -> str:
+    """``module.qualname`` of the innermost application frame above the caller."""
+    frame = sys._getframe(depth)
+    while frame is not None:
+        code = frame.f_code
+        name = _site_of_code.get(code)
+        if name is None:
+            module = str(frame.f_globals.get("__name__", "?"))
+            name = "" if _is_library(module) else f"{module}.{code.co_qualname}"
+            _site_of_code[code] = name
+        if name:
+            return name
+        frame = frame.f_back  # type: ignore[assignment]
+    return "unknown"
+
+
+def current_site() -> str | None:
+    """The name set by an enclosing :class:`site`, or None."""
+    return _current.get()
+
+
+class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"):`
+    """Name the acquire site of every ``acquire()`` in this context (and the
+    tasks it starts), for ``max_site_share`` and per-site statistics.
+
+    ``with safepool.site("GET /orders"): ...``, or as a decorator of a sync or
+    async function. An explicit ``acquire(site=...)`` wins over it.
+
+    :raises TypeError: ``name`` is not a non-empty string.
+    """
+
+    __slots__ = ("name", "_tokens")
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a site name must be a non-empty string, got {name!r}")
+        self.name = name
+        self._tokens: list[Token[str | None]] = []
+
+    def __enter__(self) -> site:
+        self._tokens.append(_current.set(self.name))
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        _current.reset(self._tokens.pop())
+
+    def __call__(self, func: F) -> F:
+        name = self.name
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                token = _current.set(name)
+                try:
+                    return await func(*args, **kwargs)
+                finally:
+                    _current.reset(token)
+
+            return run_async  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            token = _current.set(name)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                _current.reset(token)
+
+        return run  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"safepool.site({self.name!r})"

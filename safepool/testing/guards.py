@@ -1,0 +1,442 @@
+"""Leak guards: ``assert_no_leaks`` and :class:`LeakGuard` (no pytest import).
+
+What counts as a leak: a lease acquired while the guard was active that is
+still open when the guarded code ends, whose proxy was garbage collected
+unreleased (the pool reclaims it and emits a ``Leaked`` event), or that the
+pool ended itself (``terminate()``, or a ``close()`` cancelled or timed out,
+which terminates) without the code releasing it, before or after. Leases that
+were already open when the guard started belong to someone else (a session
+fixture's connection) and are ignored.
+
+While a guard is active every pool captures acquire stacks, so a report names
+the line that acquired each leaked connection. Everything here uses the
+pool's public observation surface (docs/api.md, "Observing a pool").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import weakref
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from ..events import Leaked
+from ..pool import Pool, live_pools
+from .tracker import TimedOut, _Ended, _module_dir, _tracker, holder_activity
+
+__all__ = [
+    "Leak",
+    "LeakError",
+    "LeakGuard",
+    "assert_no_leaks",
+]
+
+FIX_HINT = (
+    "Fix: acquire with `async with pool.acquire() as con:` so every path (return, exception, "
+    "cancellation) releases the connection, or release it in a `finally:` block."
+)
+STRICT_HINT = (
+    "Fix: hold a connection only while you use it: do slow non-database work (HTTP calls, sleeps, "
+    "waiting on other tasks) before acquiring or after releasing."
+)
+
+
+class LeakError(AssertionError):
+    """Connections were leaked inside a guarded test or block."""
+
+
+@dataclass(frozen=True)
+class Leak:
+    """One problem a guard found.
+
+    ``kind`` is ``"open"`` (acquired and still held), ``"collected"`` (the
+    proxy was garbage collected unreleased; the pool reclaimed the
+    connection), ``"ended"`` (the pool was terminated, or its ``close()``
+    cancelled, while the lease was open, and the code never released it) or
+    ``"idle_timeout"`` (strict mode: an acquire timed out while connections
+    were leased and not used).
+    """
+
+    kind: str
+    pool: str
+    lease_id: int | None
+    held: float
+    task_name: str | None
+    holder: str | None  # what the holding task was doing, when known
+    acquired_at: str | None  # "file:line in function"
+    stack: str | None  # the acquire stack, outermost first, test-runner frames removed
+    detail: str = ""
+    pool_ref: weakref.ref[Pool] | None = field(default=None, repr=False, compare=False)
+    site: str | None = None  # the acquire site (max_site_share, acquire(site=), safepool.site)
+
+    def describe(self) -> str:
+        task = f" by task {self.task_name}" if self.task_name else ""
+        if self.kind == "open":
+            state = f" ({self.holder})" if self.holder else ""
+            head = f"pool {self.pool!r}, lease {self.lease_id}: still held after {self.held:.3f}s{task}{state}"
+            if self.detail:
+                head += f"; {self.detail}"
+        elif self.kind == "collected":
+            head = (
+                f"pool {self.pool!r}, lease {self.lease_id}: garbage collected without being released "
+                f"(held {self.held:.3f}s{task}; the pool reclaimed the connection)"
+            )
+        elif self.kind == "ended":
+            head = (
+                f"pool {self.pool!r}, lease {self.lease_id}: never released; the pool ended it "
+                f"(terminate(), or a close() cancelled or timed out) after {self.held:.3f}s{task}"
+            )
+        else:
+            return f"pool {self.pool!r}: {self.detail}"
+        where = self.stack or (f"  {self.acquired_at}\n" if self.acquired_at else "  (acquire stack not captured)\n")
+        if self.site is not None:
+            head += f"\n  acquire site: {self.site}"
+        return f"{head}\n  acquired at:\n{_indent(where, '  ')}"
+
+
+def format_report(leaks: list[Leak]) -> str:
+    """The text of a leak failure: each leak with its acquire stack, then the fix."""
+    held = sum(1 for leak in leaks if leak.kind != "idle_timeout")
+    timeouts = len(leaks) - held
+    parts = []
+    if held:
+        parts.append(f"{held} connection{'s' if held != 1 else ''} leaked")
+    if timeouts:
+        parts.append(f"{timeouts} acquire timeout{'s' if timeouts != 1 else ''} caused by idle leases")
+    lines = [f"safepool: {' and '.join(parts)}", ""]
+    by_site = Counter(leak.site for leak in leaks if leak.site is not None and leak.kind != "idle_timeout")
+    if by_site:
+        lines[1:1] = ["by acquire site: " + ", ".join(f"{site} ({n})" for site, n in by_site.most_common())]
+    for number, leak in enumerate(leaks, 1):
+        lines.extend((f"[{number}] {leak.describe().rstrip()}", ""))
+    lines.append(FIX_HINT if held else STRICT_HINT)
+    if held and timeouts:
+        lines.append(STRICT_HINT)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------- stack handling
+
+_FRAME_RE = re.compile(r'^  File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>.*)$')
+_RUNNER_MODULES = ("_pytest", "pytest", "pluggy", "pytest_asyncio", "anyio", "asyncio", "pytest_timeout")
+
+
+def _runner_prefixes() -> tuple[str, ...]:
+    return tuple(p for p in (_module_dir(name) for name in _RUNNER_MODULES) if p)
+
+
+def _trim_stack(text: str | None) -> str | None:
+    """Drop the frames of the test runner (pytest, pluggy, asyncio, anyio) from
+    a stack formatted by safepool: what is left is the user's code."""
+    if not text:
+        return None
+    prefixes = _runner_prefixes()
+    kept: list[str] = []
+    skipping = False
+    for line in text.splitlines():
+        match = _FRAME_RE.match(line)
+        if match:
+            skipping = os.path.abspath(match["file"]).startswith(prefixes)
+            if not skipping:
+                kept.append(line)
+        elif line.startswith("    ") and not skipping and kept:
+            kept.append(line)
+    if not kept:
+        return text if text.endswith("\n") else text + "\n"
+    return "\n".join(kept) + "\n"
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "".join(prefix + line + "\n" for line in text.splitlines())
+
+
+# --------------------------------------------------------------- the guard
+
+
+class LeakGuard:
+    """Watches pools for leases that are not released between :meth:`start`
+    and :meth:`stop`. Made by :func:`assert_no_leaks` and the
+    ``safepool_leak_check`` fixture."""
+
+    def __init__(self, pools: Iterable[Pool] | None = None, *, strict: bool = False) -> None:
+        self._only: weakref.WeakSet[Pool] | None = weakref.WeakSet(pools) if pools is not None else None
+        self.strict = strict
+        self.seq0 = 0
+        self._mark_seq = 0
+        self._started = False
+        self._baseline: weakref.WeakKeyDictionary[Pool, set[int]] = weakref.WeakKeyDictionary()
+        self._mark: weakref.WeakKeyDictionary[Pool, set[int]] = weakref.WeakKeyDictionary()
+        self._reported: set[tuple[int, int | None, str]] = set()
+        # Leases acquired by each function-scoped fixture's setup, checked when
+        # that fixture is torn down (before the next one's teardown, which may
+        # close the pool and would wait for them forever).
+        self._by_fixture: dict[str, list[tuple[weakref.ref[Pool], int]]] = {}
+        self._pending: list[Leak] = []
+        # Leases its pool ended while this guard ran, that were not held when
+        # it started: (lease, held when the test function started).
+        self._ended: list[tuple[_Ended, bool]] = []
+
+    # lifecycle ---------------------------------------------------------------
+
+    def start(self) -> LeakGuard:
+        if self._started:
+            raise RuntimeError("this leak guard is already started")
+        _tracker.acquire(strict=self.strict)
+        self._started = True
+        self.seq0 = _tracker.seq
+        self._baseline = self._snapshot()
+        self._mark_seq = self.seq0
+        self._mark = self._baseline
+        _tracker.add_guard(self)
+        return self
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        _tracker.remove_guard(self)
+        _tracker.release(strict=self.strict)
+
+    def mark(self) -> None:
+        """Check only what is acquired from now on in :meth:`leaks` with
+        ``since_mark=True`` (the plugin marks the start of the test function)."""
+        self._mark_seq = _tracker.seq
+        self._mark = self._snapshot()
+
+    def _pools(self) -> list[Pool]:
+        pools = live_pools()
+        if self._only is not None:
+            pools = [pool for pool in pools if pool in self._only]
+        return pools
+
+    def _snapshot(self) -> weakref.WeakKeyDictionary[Pool, set[int]]:
+        snapshot: weakref.WeakKeyDictionary[Pool, set[int]] = weakref.WeakKeyDictionary()
+        for pool in self._pools():
+            snapshot[pool] = {info.id for info in pool.leases()}
+        return snapshot
+
+    def fixture_setup(self, name: str) -> Callable[[], None]:
+        """Call before a fixture's setup; call what it returns after it."""
+        before = self._snapshot()
+
+        def done() -> None:
+            acquired = [
+                (weakref.ref(pool), lease_id)
+                for pool, ids in self._snapshot().items()
+                for lease_id in ids - before.get(pool, set())
+            ]
+            if acquired:
+                self._by_fixture.setdefault(name, []).extend(acquired)
+
+        return done
+
+    def fixture_finished(self, name: str) -> None:
+        """A fixture was torn down: what its setup acquired must be released."""
+        leaks: list[Leak] = []
+        for pool_ref, lease_id in self._by_fixture.pop(name, []):
+            pool = pool_ref()
+            if pool is None:
+                continue
+            leaks.extend(
+                Leak(
+                    kind="open", pool=pool.name, lease_id=lease_id, held=info.age, task_name=info.task_name,
+                    holder=None, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
+                    detail=f"acquired by fixture {name!r}, whose teardown did not release it",
+                    pool_ref=pool_ref, site=info.site,
+                )
+                for info in pool.leases()
+                if info.id == lease_id and self._first_time(pool, lease_id, "open")
+            )
+        if leaks:
+            release_leaked(leaks)
+            self._pending.extend(leaks)
+
+    def note_ended(self, pool: Pool, ended: list[_Ended]) -> None:
+        """The pool is being terminated with these leases open (the tracker
+        calls this, before they vanish from ``pool.leases()``)."""
+        if not self._started or (self._only is not None and pool not in self._only):
+            return
+        before, marked = self._baseline.get(pool, set()), self._mark.get(pool, set())
+        self._ended.extend((entry, entry.info.id in marked) for entry in ended if entry.info.id not in before)
+
+    # findings ----------------------------------------------------------------
+
+    def leaks(self, *, since_mark: bool = False) -> list[Leak]:
+        """What leaked since :meth:`start` (or :meth:`mark`) and was not reported
+        yet by this guard. Reports nothing twice."""
+        baseline = self._mark if since_mark else self._baseline
+        seq0 = self._mark_seq if since_mark else self.seq0
+        found: list[Leak] = []
+        if not since_mark:
+            found.extend(self._pending)
+            self._pending.clear()
+        for pool in self._pools():
+            before = baseline.get(pool, set())
+            for info in pool.leases():
+                if info.id in before or not self._first_time(pool, info.id, "open"):
+                    continue
+                _state, doing = holder_activity(info)
+                found.append(Leak(
+                    kind="open", pool=pool.name, lease_id=info.id, held=info.age, task_name=info.task_name,
+                    holder=doing, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
+                    pool_ref=weakref.ref(pool), site=info.site,
+                ))
+        for entry, held_at_mark in self._ended:
+            if entry.released or (since_mark and (entry.seq <= self._mark_seq or held_at_mark)):
+                continue
+            key = (entry.pool_id, entry.info.id, "open")
+            if key in self._reported:
+                continue
+            self._reported.add(key)
+            info = entry.info
+            found.append(Leak(
+                kind="ended", pool=entry.pool_name, lease_id=info.id, held=info.age, task_name=info.task_name,
+                holder=None, acquired_at=info.acquired_at, stack=_trim_stack(info.stack), site=info.site,
+            ))
+        for seq, pool_ref, payload in list(_tracker.records):
+            source = pool_ref()
+            if seq <= seq0 or source is None or (self._only is not None and source not in self._only):
+                continue
+            if isinstance(payload, Leaked):
+                lease = payload.lease
+                if lease.id in baseline.get(source, set()):
+                    continue
+                if (id(source), lease.id, "open") in self._reported or not self._first_time(source, lease.id, "gc"):
+                    continue
+                found.append(Leak(
+                    kind="collected", pool=source.name, lease_id=lease.id, held=lease.age,
+                    task_name=lease.task_name, holder=None, acquired_at=lease.acquired_at,
+                    stack=_trim_stack(lease.stack), site=lease.site,
+                ))
+            elif self.strict:
+                leak = self._timeout_leak(source, seq, payload)
+                if leak is not None:
+                    found.append(leak)
+        return found
+
+    def _first_time(self, pool: Pool, lease_id: int | None, what: str) -> bool:
+        key = (id(pool), lease_id, what)
+        if key in self._reported:
+            return False
+        self._reported.add(key)
+        return True
+
+    def _timeout_leak(self, pool: Pool, seq: int, payload: TimedOut) -> Leak | None:
+        holders = payload.holders
+        idle = [(info, doing) for info, state, doing in holders if state in ("idle", "ended")]
+        if not idle or not self._first_time(pool, -seq, "timeout"):
+            return None
+        event = payload.event
+        message = (
+            f"timed out waiting for a connection after {event.waited:.3f}s: max_size={event.max_size}, "
+            f"in use={event.in_use}, idle={event.idle}, connecting={event.connecting}, "
+            f"waiting={event.waiting}, max_waiters={event.max_waiters}"
+        )
+        lines = [f"{message}; {len(idle)} of {len(holders)} leased connection(s) ran no statement:"]
+        for info, doing in idle:
+            task = f" by task {info.task_name}" if info.task_name else ""
+            lines.append(f"  lease {info.id}, held {info.age:.3f}s{task}, {doing}; acquired at:")
+            lines.append(_indent(_trim_stack(info.stack) or "  (acquire stack not captured)\n", "  ").rstrip("\n"))
+        return Leak(
+            kind="idle_timeout", pool=pool.name, lease_id=None, held=0.0, task_name=None, holder=None,
+            acquired_at=None, stack=None, detail="\n".join(lines),
+        )
+
+    def check(self, *, since_mark: bool = False) -> None:
+        """Raise :class:`LeakError` now if anything leaked (and release the
+        leaked connections)."""
+        leaks = self.leaks(since_mark=since_mark)
+        if leaks:
+            release_leaked(leaks)
+            raise LeakError(format_report(leaks))
+
+    # context manager -----------------------------------------------------------
+
+    def __enter__(self) -> LeakGuard:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            leaks = self.leaks()
+            if leaks:
+                release_leaked(leaks)
+                report = format_report(leaks)
+                if exc is None:
+                    raise LeakError(report)
+                exc.add_note(report)
+        finally:
+            self.stop()
+
+    async def __aenter__(self) -> LeakGuard:
+        return self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # A proxy dropped inside the block is reclaimed in a loop callback:
+        # let it run, so the report says "garbage collected" when it was.
+        try:
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        finally:
+            self.__exit__(exc_type, exc, tb)
+
+
+def assert_no_leaks(pool: Pool | Iterable[Pool] | None = None, *, strict: bool = False) -> LeakGuard:
+    """A context manager (``with`` or ``async with``) that raises
+    :class:`LeakError` if code inside it leaks a connection of ``pool`` (a pool,
+    several, or ``None`` for every pool of the process, including pools
+    created inside the block).
+
+    ```python
+    async with assert_no_leaks(pool):
+        await handler(pool)
+    ```
+
+    Stack capture is on for the guarded pools while the block runs, so the
+    error names the line of each leaked ``acquire()``. Leaked connections are
+    released after the report. With ``strict=True`` an acquire timeout while
+    connections were leased but not running a statement fails it too.
+    """
+    if pool is None:
+        return LeakGuard(strict=strict)
+    if isinstance(pool, Pool):
+        return LeakGuard([pool], strict=strict)
+    return LeakGuard(pool, strict=strict)
+
+
+def release_leaked(leaks: Iterable[Leak]) -> None:
+    """Release the connections of open leaks, so the test's own teardown (a
+    pool fixture's ``close()``) does not wait for them forever. Best effort: a
+    lease whose proxy is already garbage is reclaimed by the pool itself."""
+    for leak in leaks:
+        if leak.kind != "open" or leak.lease_id is None or leak.pool_ref is None:
+            continue
+        pool = leak.pool_ref()
+        if pool is None or pool.closed:
+            continue
+        try:
+            # The pool's own release path; on a closed event loop it fails
+            # (logged below): that pool is beyond use anyway.
+            _run_to_first_wait(pool.release_lease(leak.lease_id))
+        except Exception:
+            logging.getLogger("safepool").debug("leak guard: could not release lease %s", leak.lease_id, exc_info=True)
+
+
+def _run_to_first_wait(coro: Coroutine[Any, Any, Any]) -> None:
+    """Run a coroutine that normally finishes without waiting (a release),
+    outside of any running loop. If it wants to wait (a query cancellation in
+    flight), give up: closing it makes the pool discard that connection."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()

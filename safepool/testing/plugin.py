@@ -1,0 +1,173 @@
+"""The pytest hooks of the leak guards (the ``pytest11`` entry point is
+``safepool.testing``, which re-exports these).
+
+- ``pytest --safepool-leaks`` (or ``safepool_leaks = true`` in the ini file)
+  fails every test that leaks a safepool connection;
+- ``pytest --safepool-strict`` (or ``safepool_strict = true``) also fails a
+  test whose pool timed out an acquire while connections were leased by tasks
+  that were not running a statement;
+- the ``safepool_leak_check`` fixture guards one test; the
+  ``safepool_allow_leaks`` marker exempts one test from the global check.
+
+How the test phases are used: a lease taken in the test function itself is
+checked when the test function returns; one taken by a function-scoped
+fixture, when the fixtures have been torn down. Leaked leases are released
+after the report, so that a pool fixture's ``close()`` does not wait forever
+for them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from .guards import LeakGuard, format_report, release_leaked
+from .tracker import _tracker
+
+__all__ = [
+    "pytest_addoption",
+    "pytest_configure",
+    "pytest_fixture_post_finalizer",
+    "pytest_fixture_setup",
+    "pytest_report_header",
+    "pytest_runtest_call",
+    "pytest_unconfigure",
+    "safepool_leak_check",
+]
+
+_SETTINGS = pytest.StashKey["_Settings"]()
+_GUARD = pytest.StashKey[LeakGuard]()
+_RECLAIM_WARNING = r"pool .*: a connection was garbage collected without being released"
+
+
+@dataclass(frozen=True)
+class _Settings:
+    leaks: bool
+    strict: bool
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("safepool", "safepool connection leak checks")
+    group.addoption(
+        "--safepool-leaks",
+        action="store_true",
+        default=None,
+        help="fail every test that ends with a safepool connection it acquired still not released "
+        "(or garbage collected unreleased), showing where it was acquired",
+    )
+    group.addoption(
+        "--safepool-strict",
+        action="store_true",
+        default=None,
+        help="like --safepool-leaks, and also fail a test in which an acquire timed out while connections "
+        "were leased by tasks not running a statement",
+    )
+    parser.addini("safepool_leaks", type="bool", default=False, help="same as --safepool-leaks")
+    parser.addini("safepool_strict", type="bool", default=False, help="same as --safepool-strict")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "safepool_allow_leaks: exempt this test from the --safepool-leaks check (it leaks on purpose)"
+    )
+    strict = bool(config.getoption("--safepool-strict") or config.getini("safepool_strict"))
+    leaks = strict or bool(config.getoption("--safepool-leaks") or config.getini("safepool_leaks"))
+    settings = _Settings(leaks=leaks, strict=strict)
+    config.stash[_SETTINGS] = settings
+    if settings.leaks:
+        # Watch pools from the start of the session: pools made by session
+        # fixtures capture acquire stacks too.
+        _tracker.acquire(strict=settings.strict)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    settings = config.stash.get(_SETTINGS, None)
+    if settings is not None and settings.leaks:
+        _tracker.release(strict=settings.strict)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    settings = config.stash.get(_SETTINGS, None)
+    if settings is None or not settings.leaks:
+        return None
+    return f"safepool: leak check on{' (strict)' if settings.strict else ''}"
+
+
+@pytest.fixture
+def safepool_leak_check(request: pytest.FixtureRequest) -> Iterator[LeakGuard]:
+    """Fail this test if it leaks a safepool connection (what ``--safepool-leaks``
+    does for every test). Request it before the fixtures it should cover:
+    connections held by fixtures set up earlier are not its business.
+
+    Yields the :class:`LeakGuard`; ``guard.check()`` checks mid-test."""
+    settings = request.config.stash.get(_SETTINGS, _Settings(False, False))
+    # The guard reports a reclaimed connection as a failure with its stack:
+    # the pool's ResourceWarning would only repeat it (or, under
+    # `filterwarnings = error`, be logged as an error in a loop callback).
+    # pytest restores the warning filters after each test.
+    warnings.filterwarnings("ignore", message=_RECLAIM_WARNING, category=ResourceWarning)
+    guard = LeakGuard(strict=settings.strict).start()
+    request.node.stash[_GUARD] = guard
+    try:
+        yield guard
+        leaks = guard.leaks()
+    finally:
+        del request.node.stash[_GUARD]
+        guard.stop()
+    if leaks:
+        release_leaked(leaks)
+        pytest.fail(format_report(leaks), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _safepool_leak_autocheck(request: pytest.FixtureRequest) -> None:
+    settings = request.config.stash.get(_SETTINGS, None)
+    if settings is None or not settings.leaks or request.node.get_closest_marker("safepool_allow_leaks"):
+        return
+    request.getfixturevalue("safepool_leak_check")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Iterator[Any]:
+    guard = request.node.stash.get(_GUARD, None) if fixturedef.scope == "function" else None
+    if guard is None or fixturedef.argname == "safepool_leak_check":
+        return (yield)
+    done = guard.fixture_setup(fixturedef.argname)
+    try:
+        return (yield)
+    finally:
+        done()
+
+
+def pytest_fixture_post_finalizer(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> None:
+    guard = request.node.stash.get(_GUARD, None) if fixturedef.scope == "function" else None
+    if guard is not None:
+        guard.fixture_finished(fixturedef.argname)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    guard = item.stash.get(_GUARD, None)
+    if guard is None:
+        return (yield)
+    # The test function must release what it acquires itself: check when it
+    # returns, before the fixtures' teardown (a pool fixture's close() would
+    # otherwise wait forever for the leaked connections).
+    guard.mark()
+    try:
+        result = yield
+    except BaseException:
+        leaks = guard.leaks(since_mark=True)
+        if leaks:
+            release_leaked(leaks)
+            item.add_report_section("call", "safepool leaks", format_report(leaks))
+        raise
+    leaks = guard.leaks(since_mark=True)
+    if leaks:
+        release_leaked(leaks)
+        pytest.fail(format_report(leaks), pytrace=False)
+    return result

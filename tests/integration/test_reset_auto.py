@@ -1,0 +1,149 @@
+"""reset_mode="auto" on a real server: a lease whose SQL could not change the
+session is handed on with no reset round trip (ROLLBACK only when a
+transaction is open); anything else gets asyncpg's full reset, so the next
+lease sees what it would see on asyncpg's pool. The classifier itself is
+tested in tests/unit/test_autoreset.py and, statement by statement against
+session fingerprints, in test_autoreset_differential.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+import safepool
+
+pytestmark = pytest.mark.asyncio
+
+pytest.importorskip("pglast")
+
+
+@pytest_asyncio.fixture
+async def make(pg_dsn: str) -> AsyncIterator[Callable[..., Any]]:
+    pools: list[safepool.Pool] = []
+
+    async def factory(**kwargs: Any) -> safepool.Pool:
+        pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, reset_mode="auto", **kwargs)
+        pools.append(pool)
+        # The first lease of a connection always resets (init= and connect
+        # statements are invisible to the classifier): spend it.
+        async with pool.acquire():
+            pass
+        return pool
+
+    yield factory
+    for pool in pools:
+        pool._state.check_invariants()
+        await asyncio.wait_for(pool.close(), 10)
+
+
+async def test_reads_and_writes_skip_the_reset(make: Any) -> None:
+    pool = await make()
+    before = pool.stats()
+    for _ in range(5):
+        async with pool.acquire() as con:
+            assert await con.fetchval("SELECT count(*) FROM generate_series(1, $1::int)", 3) == 3
+    after = pool.stats()
+    assert after.resets - before.resets == 0
+    assert after.resets_skipped - before.resets_skipped == 5
+
+
+@pytest.mark.parametrize(
+    ("statement", "probe", "clean"),
+    [
+        ("SET application_name = 'auto-leak'", "SELECT current_setting('application_name')", ""),
+        ("SELECT set_config('application_name', 'auto-leak', false)", "SELECT current_setting('application_name')", ""),
+        ("SELECT pg_advisory_lock(4242)",
+         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()", 0),
+        ("LISTEN auto_channel", "SELECT count(*) FROM pg_listening_channels()", 0),
+        ("PREPARE auto_stmt AS SELECT 1", "SELECT count(*) FROM pg_prepared_statements WHERE from_sql", None),
+    ],
+)
+async def test_session_changes_are_reset(make: Any, statement: str, probe: str, clean: Any) -> None:
+    pool = await make()
+    async with pool.acquire() as con:
+        expected = await con.fetchval(probe) if clean is None else clean
+        await con.execute(statement)
+    async with pool.acquire() as con:
+        # PREPARE is not undone by asyncpg's reset query either (it has no
+        # DEALLOCATE ALL): auto mode resets exactly as "full" does.
+        got = await con.fetchval(probe)
+    if clean is None:
+        assert got == expected + 1
+    else:
+        assert got == clean, statement
+
+
+async def test_an_open_transaction_gets_a_rollback_only(make: Any) -> None:
+    pool = await make()
+    async with pool.acquire() as con:
+        await con.execute("SET application_name = 'kept'")  # a session change: full reset
+    before = pool.stats()
+    async with pool.acquire() as con:
+        tx = con.transaction()
+        await tx.start()
+        await con.fetchval("SELECT 1")
+        # released with the transaction open: asyncpg warns and rolls back
+    async with pool.acquire() as con:
+        assert not con.is_in_transaction()
+    after = pool.stats()
+    assert after.resets - before.resets == 1  # the ROLLBACK
+
+
+async def test_methods_that_change_the_session_mark_the_lease(make: Any) -> None:
+    pool = await make()
+    with pytest.warns(asyncpg.InterfaceWarning, match="active notification listener"):  # asyncpg's own warning
+        async with pool.acquire() as con:
+            await con.add_listener("auto_cb", lambda *a: None)  # LISTEN runs inside asyncpg, past the proxy
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+
+
+async def test_setup_statements_are_the_leases(make: Any) -> None:
+    async def setup(con: Any) -> None:
+        await con.execute("SET application_name = 'from-setup'")
+
+    pool = await make(setup=setup)
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT current_setting('application_name')") == "from-setup"
+    async with pool.acquire() as con:
+        # setup ran again on this lease; the reset ran in between
+        assert await con.fetchval("SELECT current_setting('application_name')") == "from-setup"
+    assert pool.stats().resets >= 2
+
+
+async def test_init_statements_are_reset_after_the_first_lease(pg_dsn: str) -> None:
+    async def init(con: Any) -> None:
+        await con.execute("SET application_name = 'from-init'")
+
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, reset_mode="auto", init=init)
+    try:
+        async with pool.acquire() as con:
+            assert await con.fetchval("SELECT current_setting('application_name')") == "from-init"
+        async with pool.acquire() as con:
+            # as on asyncpg's pool: its reset after every lease undoes init='s SET
+            assert await con.fetchval("SELECT current_setting('application_name')") == ""
+    finally:
+        await pool.close()
+
+
+async def test_a_taken_back_lease_gets_the_full_reset(make: Any) -> None:
+    clock = safepool.ManualClock()
+    pool = await make(lease_timeout=5.0, clock=clock)
+    con = await pool.acquire()
+    await con.fetchval("SELECT 1")  # neutral so far
+    await con._con.execute("SET application_name = 'behind-the-proxy'")  # type: ignore[union-attr]
+    clock.advance(5.0)  # the lease expires; the take-back cannot trust the marks: full reset
+    async with pool.acquire(timeout=10) as fresh:
+        assert await fresh.fetchval("SELECT current_setting('application_name')") == ""
+    assert pool.stats().leases_expired == 1
+    await pool.release(con)
+
+
+async def test_an_unknown_mode_is_a_clear_error(pg_dsn: str) -> None:
+    with pytest.raises(ValueError, match="reset_mode"):
+        await safepool.create_pool(pg_dsn, min_size=0, max_size=1, reset_mode="sometimes")

@@ -1,0 +1,220 @@
+"""The pool's public observation surface (docs/api.md, "Observing a pool"):
+typed events delivered after the books settle, the dict-listener shim,
+capture_stack, options, closed, release_lease, timing sinks, LeaseInfo's
+task reference, on_pool_created and the thread-safe snapshot. On a real
+PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from typing import Any
+
+import asyncpg
+import pytest
+
+import safepool
+from safepool import ManualClock, events
+from safepool.pool import on_pool_created
+from safepool.stats import PoolOptions
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_typed_events_carry_the_lease_and_match_the_dict_shim(pools: Any) -> None:
+    clock = ManualClock()
+    pool = await pools(name="typed", clock=clock, lease_timeout=30.0, leak_warning_after=10.0)
+    typed: list[events.PoolEvent] = []
+    dicts: list[dict[str, Any]] = []
+    pool.add_event_listener(typed.append)
+    pool.add_listener(dicts.append)
+    con = await pool.acquire()  # ACQUIRE-LINE
+    clock.advance(11.0)
+    clock.advance(20.0)
+    suspect, expired = typed
+    assert isinstance(suspect, events.LeakSuspected) and not suspect.collected
+    assert isinstance(expired, events.LeaseExpired) and expired.lease_timeout == pytest.approx(30.0)
+    assert suspect.pool == "typed" and suspect.lease.id == expired.lease.id == con._lease.id
+    assert suspect.held_seconds == pytest.approx(10.0) and expired.lease.age == pytest.approx(30.0)
+    assert "con = await pool.acquire()  # ACQUIRE-LINE" in (expired.lease.stack or "")  # the full stack
+    assert expired.lease.task is asyncio.current_task()
+    assert dicts == [suspect.to_dict(), expired.to_dict()]
+    assert set(dicts[0]) == {"event", "pool", "lease_id", "held_seconds", "acquired_at", "task_name", "site"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        suspect.pool = "other"  # type: ignore[misc]
+    await until_idle(pool)
+
+
+async def until_idle(pool: safepool.Pool) -> None:
+    async with asyncio.timeout(5):
+        while pool.stats().idle != pool.get_size():
+            await asyncio.sleep(0.005)
+
+
+async def test_events_are_delivered_after_the_books_settle(pools: Any) -> None:
+    """A listener may call into the pool: terminate() from inside a
+    LeaseExpired callback finds consistent books (the take-back done, no
+    action loop under way), and events it causes follow in order."""
+    clock = ManualClock()
+    pool = await pools(name="settled", clock=clock, lease_timeout=1.0, capture_stack=True)
+    seen: list[tuple[str, int, int]] = []
+
+    def listener(event: events.PoolEvent) -> None:
+        stats = pool.stats()
+        seen.append((event.kind, stats.leases_expired, stats.in_use))
+        if isinstance(event, events.LeaseExpired):
+            pool._state.check_invariants()
+            pool.terminate()
+
+    pool.add_event_listener(listener)
+    kept = await pool.acquire()  # expires, then stays leased: ended by the terminate
+    await pool.acquire()
+    clock.advance(2.0)
+    assert seen[0] == ("lease_expired", 2, 0)  # both taken back before any callback ran
+    assert [kind for kind, _, _ in seen] == ["lease_expired", "lease_expired"]
+    assert pool.closed and pool.is_closing()
+    await pool.release(kept)  # late: a no-op, reported
+    assert seen[-1][0] == "late_release"
+
+
+async def test_dict_listeners_do_not_get_new_kinds_and_can_be_removed(pools: Any) -> None:
+    pool = await pools(name="shim", min_size=1, max_size=1, capture_stack=True)
+    dicts: list[dict[str, Any]] = []
+    typed: list[events.PoolEvent] = []
+    pool.add_listener(dicts.append)
+    pool.add_event_listener(typed.append)
+    holder_ready = asyncio.Event()
+    done = asyncio.Event()
+
+    async def holder() -> None:
+        async with pool.acquire():
+            holder_ready.set()
+            await done.wait()
+
+    task = asyncio.create_task(holder(), name="the-holder")
+    await holder_ready.wait()
+    with pytest.raises(safepool.PoolTimeoutError):
+        await pool.acquire(timeout=0.01)
+    [timed_out] = typed
+    assert isinstance(timed_out, events.AcquireTimedOut) and timed_out.to_dict() is None
+    assert (timed_out.max_size, timed_out.in_use, timed_out.idle, timed_out.waiting) == (1, 1, 0, 0)
+    assert timed_out.waited >= 0.01
+    [held] = timed_out.leases
+    assert held.task is task and held.task_name == "the-holder"
+    assert dicts == []  # not a kind dict listeners ever had
+    done.set()
+    await task
+    pool.remove_listener(dicts.append)
+    pool.remove_event_listener(typed.append)
+    with pytest.raises(ValueError):
+        pool.remove_listener(dicts.append)
+    with pytest.raises(ValueError):
+        pool.remove_event_listener(typed.append)
+
+
+async def test_capture_stack_options_and_closed(pools: Any, pg_dsn: str) -> None:
+    pool = await pools(name="opts", min_size=1, max_size=3, lease_timeout=5.0, max_waiters=7, fail_fast=True)
+    assert pool.capture_stack is False
+    async with pool.acquire():
+        [info] = pool.leases()
+        assert info.stack is None and info.task_ref is None and info.task is None
+    pool.capture_stack = True
+    async with pool.acquire():
+        [info] = pool.leases()
+        assert "test_surface.py" in (info.acquired_at or "") and info.task is asyncio.current_task()
+        [bare] = pool.leases(stacks=False)
+        assert bare.stack is None and bare.acquired_at == info.acquired_at
+    with pytest.raises(TypeError):
+        pool.capture_stack = 1
+    options = pool.options
+    assert isinstance(options, PoolOptions)
+    assert (options.name, options.min_size, options.max_size, options.lease_timeout) == ("opts", 1, 3, 5.0)
+    assert (options.max_waiters, options.fail_fast, options.reset_mode, options.acquire_timeout) == (7, True, "full", None)
+    pool.resize(max_size=4)
+    assert pool.options.max_size == 4
+    assert "postgres" not in repr(options).lower() and "password" not in repr(options)
+    assert not pool.closed
+    await pool.close()
+    assert pool.closed
+
+
+async def test_release_lease_goes_through_release(pools: Any) -> None:
+    pool = await pools(name="leaked", min_size=1, max_size=1)
+    leaked = await pool.acquire()
+    await leaked.execute("SET work_mem = '1MB'")  # dirty: the release resets it
+    [info] = pool.leases()
+    assert await pool.release_lease(info.id) is True
+    assert pool.leases() == [] and pool.stats().released == 1 and pool.stats().resets == 1
+    with pytest.raises(asyncpg.InterfaceError):
+        await leaked.fetchval("SELECT 1")  # released: the proxy no longer works
+    assert await pool.release_lease(info.id) is False  # nothing open under that id
+    async with pool.acquire() as con:
+        assert await con.fetchval("SHOW work_mem") != "1MB"
+
+
+async def test_timing_sinks(pools: Any) -> None:
+    clock = ManualClock()
+    pool = await pools(name="timed", min_size=1, max_size=1, clock=clock)
+    seen: dict[str, list[float]] = {"wait": [], "lease": [], "connect": []}
+    for kind, values in seen.items():
+        pool.add_timing_sink(kind, values.append)
+    con = await pool.acquire()
+    waiter = asyncio.ensure_future(pool.acquire())
+    async with asyncio.timeout(5):
+        while pool.stats().waiting != 1:
+            await asyncio.sleep(0.005)
+    clock.advance(2.0)
+    await pool.release(con)
+    await pool.release(await waiter)
+    assert seen["wait"] == [0.0, 2.0] and seen["lease"] == [2.0, 0.0]
+    assert pool.stats().acquire_wait.count == 2  # the pool's own histogram is still fed
+    for kind, values in seen.items():
+        pool.remove_timing_sink(kind, values.append)
+    await pool.fetchval("SELECT 1")
+    assert len(seen["wait"]) == 2 and pool.stats().acquire_wait.count == 3
+    with pytest.raises(ValueError, match="kind must be one of"):
+        pool.add_timing_sink("query", print)
+    # From another thread: installed on the pool's loop.
+    await asyncio.to_thread(pool.add_timing_sink, "wait", seen["wait"].append)
+    await asyncio.sleep(0)
+    await pool.fetchval("SELECT 1")
+    assert seen["wait"][-1] == 0.0 and len(seen["wait"]) == 3
+
+
+async def test_stats_threadsafe_runs_on_the_loop(pools: Any) -> None:
+    pool = await pools(name="threads")
+    loop_thread = threading.get_ident()
+    assert pool.stats_threadsafe().name == "threads"  # on the loop: a direct call
+    ran_on = await asyncio.to_thread(pool.call_threadsafe, threading.get_ident)
+    assert ran_on == loop_thread
+    stats = await asyncio.to_thread(pool.stats_threadsafe)
+    assert stats.name == "threads" and stats.idle == 1
+
+    # The loop is blocked (it joins the thread): the snapshot times out.
+    outcome: list[BaseException | None] = []
+
+    def blocked() -> None:
+        try:
+            pool.stats_threadsafe(timeout=0.05)
+            outcome.append(None)
+        except TimeoutError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=blocked)
+    thread.start()
+    thread.join()  # blocks the loop on purpose
+    assert isinstance(outcome[0], TimeoutError) and "'threads'" in str(outcome[0])
+
+
+async def test_on_pool_created(pools: Any) -> None:
+    created: list[safepool.Pool] = []
+    remove = on_pool_created(created.append)
+    try:
+        pool = await pools(name="hooked")
+    finally:
+        remove()
+    remove()  # idempotent
+    assert created == [pool]
+    await pools(name="after")
+    assert created == [pool]

@@ -1,0 +1,224 @@
+"""The reset driver: a coroutine runs in the awaiting task until that task is
+cancelled, then finishes in a pool task; the caller gets CancelledError at
+once, whichever way the cancel arrives. No database: the coroutine waits on
+plain futures the test resolves."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import anyio
+import pytest
+
+from safepool._detach import detached
+
+pytestmark = pytest.mark.asyncio
+
+
+class Spawner:
+    """The pool's side: collects the tasks that finish handed-over coroutines."""
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    def __call__(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.append(task)
+        return task
+
+
+async def two_steps(first: asyncio.Future[int], second: asyncio.Future[int], log: list[str]) -> int:
+    log.append("start")
+    a = await first
+    log.append("after first")
+    b = await second
+    log.append("done")
+    return a + b
+
+
+async def test_runs_in_the_callers_task_without_a_new_task() -> None:
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    first, second = loop.create_future(), loop.create_future()
+    log: list[str] = []
+    seen_tasks: set[asyncio.Task[Any] | None] = set()
+
+    async def probe() -> int:
+        seen_tasks.add(asyncio.current_task())
+        return await two_steps(first, second, log)
+
+    async def run() -> int:
+        return await detached(probe(), spawn)
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0)
+    first.set_result(1)
+    await asyncio.sleep(0)
+    second.set_result(2)
+    assert await task == 3
+    assert seen_tasks == {task}
+    assert spawn.tasks == []
+
+
+async def _await(make: Any, spawn: Spawner) -> Any:
+    return await detached(make(), spawn)
+
+
+@pytest.mark.parametrize(
+    "how", ["cancel once", "cancel twice", "asyncio.timeout", "wait_for", "anyio scope", "anyio move_on_after"]
+)
+async def test_a_cancelled_caller_returns_at_once_and_the_pool_finishes(how: str) -> None:
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    first, second = loop.create_future(), loop.create_future()
+    log: list[str] = []
+    outcome: list[str] = []
+
+    async def caller() -> None:
+        if how in ("cancel once", "cancel twice"):
+            try:
+                await detached(two_steps(first, second, log), spawn)
+            except asyncio.CancelledError:
+                outcome.append("cancelled")
+                raise
+        elif how == "asyncio.timeout":
+            try:
+                async with asyncio.timeout(0.01):
+                    await detached(two_steps(first, second, log), spawn)
+            except TimeoutError:
+                outcome.append("timed out")
+        elif how == "wait_for":
+            try:
+                await asyncio.wait_for(detached(two_steps(first, second, log), spawn), 0.01)
+            except TimeoutError:
+                outcome.append("timed out")
+        elif how == "anyio scope":
+            with anyio.CancelScope() as scope:
+                loop.call_soon(scope.cancel)
+                await detached(two_steps(first, second, log), spawn)
+            assert scope.cancelled_caught
+            outcome.append("scope cancelled")
+        else:
+            with anyio.move_on_after(0.01) as scope:
+                await detached(two_steps(first, second, log), spawn)
+            assert scope.cancelled_caught
+            outcome.append("moved on")
+
+    task = asyncio.create_task(caller())
+    for _ in range(3):  # wait_for runs the awaitable in a task of its own: one more turn
+        await asyncio.sleep(0)
+    assert log == ["start"]  # (the timeouts are 10 ms away: the futures never resolve before)
+    if how.startswith("cancel"):
+        task.cancel()
+        if how == "cancel twice":
+            await asyncio.sleep(0)
+            task.cancel()
+    if how.startswith("cancel"):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        await task
+    # The caller is done while the coroutine still waits on its first future...
+    assert outcome and not first.done() and not first.cancelled()
+    assert len(spawn.tasks) == 1
+    # ...which the pool task then finishes, with the real results.
+    first.set_result(1)
+    second.set_result(2)
+    assert await spawn.tasks[0] == 3
+    assert log == ["start", "after first", "done"]
+
+
+async def test_the_cancel_message_reaches_the_caller() -> None:
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    fut: asyncio.Future[int] = loop.create_future()
+
+    async def wait() -> int:
+        return await fut
+
+    task = asyncio.create_task(_await(wait, spawn))
+    await asyncio.sleep(0)
+    task.cancel("by the test")
+    with pytest.raises(asyncio.CancelledError, match="by the test"):
+        await task
+    fut.set_result(5)
+    assert await spawn.tasks[0] == 5
+
+
+async def test_a_cancel_at_a_bare_yield_hands_over_too() -> None:
+    spawn = Spawner()
+    log: list[str] = []
+
+    async def yields() -> str:
+        await asyncio.sleep(0)
+        log.append("resumed")
+        return "finished"
+
+    task = asyncio.create_task(_await(yields, spawn))
+    await asyncio.sleep(0)  # the task is now parked at the bare yield
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await spawn.tasks[0] == "finished"
+    assert log == ["resumed"]
+
+
+async def test_cancelling_the_pool_task_reaches_the_coroutine() -> None:
+    """terminate() cancels the pool's tasks: the handed-over coroutine then
+    gets CancelledError where it waits, as in a task of its own."""
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    fut: asyncio.Future[int] = loop.create_future()
+    seen: list[str] = []
+
+    async def wait() -> int:
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    task = asyncio.create_task(_await(wait, spawn))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    spawn.tasks[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await spawn.tasks[0]
+    assert seen == ["cancelled"]
+    assert fut.cancelled()
+
+
+async def test_errors_of_the_coroutine_reach_the_caller() -> None:
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    fut: asyncio.Future[int] = loop.create_future()
+
+    async def fails() -> int:
+        await fut
+        raise ValueError("boom")
+
+    task = asyncio.create_task(_await(fails, spawn))
+    await asyncio.sleep(0)
+    fut.set_result(1)
+    with pytest.raises(ValueError, match="boom"):
+        await task
+    assert spawn.tasks == []
+
+
+async def test_a_cancel_after_the_future_resolved_but_before_the_wakeup() -> None:
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    first, second = loop.create_future(), loop.create_future()
+    log: list[str] = []
+    task = asyncio.create_task(_await(lambda: two_steps(first, second, log), spawn))
+    await asyncio.sleep(0)
+    first.set_result(1)  # the wake-up is scheduled, not run
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    second.set_result(2)
+    assert await spawn.tasks[0] == 3
+    assert log == ["start", "after first", "done"]
