@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -260,8 +262,19 @@ def _replay_servers(under: Path) -> list[psutil.Process]:
     ]
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path: under pytest's tmp_path
+    (/tmp/pytest-of-USER/pytest-N/<test name>/, N past 100 on a machine that
+    ran many sessions) the embedded server's unix socket path passes its
+    107-byte limit and the server cannot start."""
+    with tempfile.TemporaryDirectory(prefix="sp-") as path:
+        yield Path(path)
+
+
 @pytest.mark.realtime
-def test_ctrl_c_stops_everything_and_removes_the_embedded_server(tmp_path: Path) -> None:
+def test_ctrl_c_stops_everything_and_removes_the_embedded_server(short_tmp: Path) -> None:
+    tmp_path = short_tmp
     env = dict(os.environ, TMPDIR=str(tmp_path))
     process = subprocess.Popen(
         [sys.executable, "-m", "safepool", "replay", "--duration", "30"],
