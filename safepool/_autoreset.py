@@ -34,8 +34,8 @@ from .proxy import PoolConnectionProxy, _mark_coroutine, _released_error
 
 if TYPE_CHECKING:
     from ._internals import RawConnection
+    from ._runner import Holder as _Holder
     from ._state import Lease
-    from .pool import _Holder
 
 __all__ = ["CACHE_SIZE", "MAX_CACHED_LENGTH", "AutoResetProxy", "require_parser", "reset_reason"]
 

@@ -35,12 +35,78 @@ import sys
 import types
 import weakref
 from collections.abc import Generator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from asyncpg import connect_utils as _connect_utils
 from asyncpg import connection as _pg_connection
+from asyncpg import exceptions as _pg_exceptions
 
-RawConnection = Any  # an asyncpg.Connection, used through private members
+
+class ServerProtocol(Protocol):
+    """The part of asyncpg's protocol object that the helpers below read."""
+
+    queries_count: int
+    backend_pid: int
+    backend_secret: int
+
+    def is_in_transaction(self) -> bool: ...
+    def _is_cancelling(self) -> bool: ...
+    async def _wait_for_cancellation(self, timeout: float | None) -> None: ...
+
+
+@runtime_checkable
+class ServerConnection(Protocol):
+    """What the pool, its runner and its workers use of a server connection:
+    asyncpg's public methods, plus the private members the helpers of this
+    module read (declared here so that a fake, in tests/io, can stand in for
+    an ``asyncpg.Connection`` without a server). Everything outside this
+    module calls only the public part directly."""
+
+    # asyncpg's public API
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str: ...
+    async def close(self, *, timeout: float | None = None) -> None: ...
+    async def reset(self, *, timeout: float | None = None) -> None: ...
+    def terminate(self) -> None: ...
+    def is_closed(self) -> bool: ...
+    def is_in_transaction(self) -> bool: ...
+    def get_reset_query(self) -> str: ...
+
+    # what the helpers below read or call (asyncpg's private members)
+    _protocol: ServerProtocol | None
+    _top_xact: Any
+    _listeners: Any
+    _log_listeners: Any
+    _termination_listeners: Any
+    _query_loggers: Any
+    _pool_release_ctr: int
+    _proxy: Any
+    _pool_holder: Any
+    _config: Any
+    _loop: asyncio.AbstractEventLoop
+
+    def _on_release(self, stacklevel: int = 1) -> None: ...
+    def _set_proxy(self, proxy: Any) -> None: ...
+    async def _reset(self) -> None: ...
+
+
+# Typed Any at the call sites: asyncpg-stubs do not declare the private
+# members, and a Connection subclass must pass as one.
+RawConnection = Any
+
+
+def is_refusal(error: BaseException) -> bool:
+    """A connect the server refused at once (nothing listening, starting up or
+    shutting down, out of connection slots): cheap to retry soon. Timeouts and
+    everything else back off longer."""
+    if isinstance(error, (ConnectionRefusedError, FileNotFoundError)):
+        return True
+    return isinstance(error, (_pg_exceptions.CannotConnectNowError, _pg_exceptions.TooManyConnectionsError))
+
+
+def is_busy(error: BaseException) -> bool:
+    """asyncpg refused a second operation on a connection still running one
+    (nothing was sent)."""
+    return isinstance(error, _pg_exceptions.InterfaceError) and "another operation" in str(error)
 
 # asyncpg 0.32+: Connection has the _pool_holder slot.
 HAS_POOL_HOLDER = "_pool_holder" in _pg_connection.Connection.__slots__

@@ -25,8 +25,8 @@ from ._internals import RawConnection
 from .errors import LeaseExpiredError
 
 if TYPE_CHECKING:
+    from ._runner import Holder as _Holder
     from ._state import Lease
-    from .pool import _Holder
 
 
 def _no_mark(function: Any) -> Any:

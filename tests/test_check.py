@@ -118,11 +118,13 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_python_dash_m_entry_point_finds_the_replay_leak() -> None:
-    """The replay's service leaks on purpose (the incident): the check names it."""
+    """The replay's service leaks on purpose (the incident) and hands a
+    connection to a background task (the stuck scenario): the check names both."""
     run = subprocess.run(
         [sys.executable, "-m", "safepool", "check", "safepool/replay/app.py", "--format", "json"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert run.returncode == 1, run.stderr
-    [finding] = json.loads(run.stdout)["findings"]
-    assert finding["code"] == "SP001" and "return at line" in finding["message"]
+    leak, stuck = json.loads(run.stdout)["findings"]
+    assert leak["code"] == "SP001" and "return at line" in leak["message"]
+    assert stuck["code"] == "SP001" and "an exception or a cancellation" in stuck["message"]

@@ -47,14 +47,6 @@ async def test_sequential_transactions_use_one_connection(
 async def test_failed_creation_logs_no_upkeep_retry(
     flavour: str, make_pool: MakePool, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
 ) -> None:
-    if flavour == "safepool":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="safepool/pool.py _report_connect_failure logs asyncpg's floor-upkeep warning for the "
-                "create's first connect too; its condition needs `self._state.floor_enabled`",
-            )
-        )
     caplog.set_level(logging.WARNING, logger="asyncpg.pool")
     with pytest.raises(asyncpg.InvalidCatalogNameError):
         await make_pool(database="safepool_no_such_database")

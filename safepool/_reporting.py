@@ -1,0 +1,183 @@
+"""What the pool tells people: log lines, error messages and typed events.
+
+One :class:`Reporter` per pool. Events queue here and are handed to the
+listeners by :meth:`Reporter.deliver`, which the runner calls once the books
+are settled (never from inside its action loop). Nothing here changes the
+core's state: it only reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from . import _stack
+from . import events as _events
+from ._state import Lease, PoolState, SlotState, Waiter
+from .stats import LeaseInfo
+
+logger = logging.getLogger("safepool")
+leak_logger = logging.getLogger("safepool.leaks")
+
+_LEASE_EVENTS: dict[str, type[_events.LeaseEvent]] = {
+    cls.kind: cls
+    for cls in (_events.LeakSuspected, _events.LeaseExpired, _events.Leaked, _events.LeaseEnded)
+}
+_POOL_EVENTS: dict[str, Callable[..., _events.PoolEvent]] = {
+    cls.kind: cls for cls in (_events.ConnectFailed, _events.ServerStatusChanged, _events.LateRelease)
+}
+
+
+class DictListener:
+    """A ``Pool.add_listener`` callback, fed the dict form of typed events."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        self.callback = callback
+
+    def __call__(self, event: _events.PoolEvent) -> None:
+        payload = event.to_dict()
+        if payload is not None:
+            self.callback(payload)
+
+
+def describe_error(error: BaseException | None) -> str:
+    """Type and first line of an error: enough for an operator, never a DSN."""
+    if error is None:
+        return "none"
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class Reporter:
+    """A pool's messages and event queue; reads the core, never writes it."""
+
+    __slots__ = ("name", "state", "loop", "listeners", "pending", "delivering", "site_caps")
+
+    def __init__(self, name: str, state: PoolState, loop: asyncio.AbstractEventLoop, site_caps: bool) -> None:
+        self.name = name
+        self.state = state
+        self.loop = loop
+        self.site_caps = site_caps
+        # Typed event callbacks (dict listeners are wrapped): events queue in
+        # ``pending`` and are delivered once the books are settled.
+        self.listeners: list[Callable[[_events.PoolEvent], None]] = []
+        self.pending: deque[_events.PoolEvent] = deque()
+        self.delivering = False
+
+    # ----------------------------------------------------------- messages
+
+    def describe_oldest(self, now: float, limit: int) -> str:
+        leases = sorted(self.state.leases(), key=lambda lease: lease.acquired_at)[:limit]
+        if not leases:
+            return "no connection is leased"
+        parts = []
+        for lease in leases:
+            where = _stack.acquire_site(lease.stack) if lease.stack else "unknown site (capture_stack is off)"
+            if lease.site is not None:
+                where = f"{where} (site {lease.site!r})"
+            task = f", task {lease.task_name}" if lease.task_name else ""
+            parts.append(f"{now - lease.acquired_at:.3f}s at {where}{task}")
+        return "oldest leases: " + "; ".join(parts)
+
+    def busy_message(self, what: str, now: float, waiter: Waiter | None = None) -> str:
+        state = self.state
+        if waiter is not None and self.listeners:
+            # An acquire timed out (the only caller with a waiter): who holds what, now.
+            self.pending.append(_events.AcquireTimedOut(
+                self.name, now - waiter.enqueued_at, state.max_size, state.in_use, state.idle,
+                state.count(SlotState.CONNECTING), state.waiting, state.max_waiters,
+                tuple(sorted((self.lease_info(lease, now) for lease in state.leases()), key=lambda i: -i.age)),
+            ))
+        waited = f" after {now - waiter.enqueued_at:.3f}s" if waiter is not None else ""
+        sites = ""
+        if self.site_caps:
+            usage = ", ".join(f"{name}: {held} in use, {waiting} waiting" for name, held, waiting in state.site_usage(3))
+            sites = f", site cap={state.site_cap} ({usage})"
+        return (
+            f"pool {self.name!r}: {what}{waited}: max_size={state.max_size}, in use={state.in_use}, "
+            f"idle={state.idle}, connecting={state.count(SlotState.CONNECTING)}, waiting={state.waiting}, "
+            f"max_waiters={state.max_waiters}{sites}; {self.describe_oldest(now, 3)}"
+        )
+
+    def shed_message(self, why: str) -> str:
+        # Cheaper than busy_message (no lease listing): under a surge the
+        # adaptive queue sheds thousands of waiters a second.
+        state = self.state
+        return (
+            f"pool {self.name!r}: {why}: max_size={state.max_size}, in use={state.in_use}, "
+            f"waiting={state.waiting}"
+        )
+
+    def event_fields(self, event: str, lease: Lease, held: float) -> dict[str, Any]:
+        """The ``extra=`` of a lease's log record."""
+        return {
+            "event": event,
+            "pool": self.name,
+            "lease_id": lease.id,
+            "held_seconds": held,
+            "acquired_at": _stack.acquire_site(lease.stack) if lease.stack else None,
+            "task_name": lease.task_name,
+            "site": lease.site,
+        }
+
+    def lease_info(self, lease: Lease, now: float, stacks: bool = True) -> LeaseInfo:
+        return LeaseInfo(
+            id=lease.id,
+            age=now - lease.acquired_at,
+            deadline_in=None if lease.deadline is None else lease.deadline - now,
+            task_name=lease.task_name,
+            acquired_at=_stack.acquire_site(lease.stack) if lease.stack else None,
+            stack=_stack.format_stack(lease.stack) if lease.stack and stacks else None,
+            site=lease.site,
+            task_ref=lease.task_ref,
+        )
+
+    # ------------------------------------------------------------- events
+
+    def emit(self, event: str, lease: Lease, held: float, **extra: Any) -> None:
+        """Queue a lease event (delivered by :meth:`deliver`, after the books settle)."""
+        if self.listeners:
+            info = self.lease_info(lease, lease.acquired_at + held)
+            self.pending.append(_LEASE_EVENTS[event](self.name, info, **extra))
+
+    def emit_event(self, event: str, **fields: Any) -> None:
+        """Queue a pool event (delivered by :meth:`deliver`, after the books settle)."""
+        if not self.listeners:
+            return
+        if event == "server_status":
+            fields = {"previous": fields["from"], "status": fields["to"]}
+        self.pending.append(_POOL_EVENTS[event](self.name, **fields))
+        if len(self.pending) == 1:
+            # Every emitter is followed by a drain or a deliver(); this is
+            # the safety net should one not be.
+            try:
+                self.loop.call_soon(self.deliver)
+            except RuntimeError:
+                pass  # the loop is closed
+
+    def deliver(self) -> None:
+        """Hand queued events to the listeners, in order. Never runs inside
+        the action loop; a listener that calls into the pool (even one that
+        emits more events) sees settled books, and its events follow."""
+        if self.delivering:
+            return
+        self.delivering = True
+        pending = self.pending
+        try:
+            while pending:
+                event = pending.popleft()
+                for callback in list(self.listeners):
+                    try:
+                        callback(event)
+                    except Exception:
+                        # Formatted now: a record holding the traceback would keep the
+                        # callers' frames, and the connections they refer to, alive.
+                        logger.error("pool %r: event listener failed\n%s", self.name, traceback.format_exc().rstrip())
+        finally:
+            self.delivering = False

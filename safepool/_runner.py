@@ -1,0 +1,616 @@
+"""The pool's runner: carries out what the state core asks for.
+
+:class:`Runner` drains the core's typed actions (``match`` + ``assert_never``),
+owns every pool task (connects, resets, take-backs, closes, the min_size
+upkeep) and the loop timers (the core's earliest deadline, the reset
+watchdog), turns the workers' outcomes (``_workers.py``) into the core's facts
+and delivers events once the books are settled.
+
+Cancellation rule: a pool-owned coroutine settles the books, then re-raises
+``CancelledError`` (only ``terminate()`` cancels pool tasks); only
+``Exception`` is a connect or reset outcome; cleanup on a cancel path is
+synchronous (``terminate()``, never an awaited ``close()``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, assert_never
+
+from . import _internals as _pg
+from . import _stack, _workers
+from ._clock import Clock, Timer
+from ._compat import HolderCompat  # asyncpg's holder._in_use & co., read-only
+from ._internals import RawConnection
+from ._reporting import Reporter, describe_error, leak_logger, logger
+from ._state import (
+    Close,
+    Connect,
+    Fail,
+    LeakSuspect,
+    Lease,
+    PoolState,
+    Shed,
+    Slot,
+    SlotState,
+    TakeBack,
+    TimeOut,
+    Waiter,
+    Wake,
+)
+from ._workers import DEFAULT_RESET_TIMEOUT, ResetHooks
+from .errors import PoolClosedError, PoolOverloadedError, PoolTimeoutError
+
+_asyncpg_logger = logging.getLogger("asyncpg.pool")
+
+# A garbage-collected proxy whose connection is still in use is checked again
+# after these delays (seconds, doubling), until it is provably abandoned.
+_ORPHAN_RECHECK_FIRST = 0.05
+_ORPHAN_RECHECK_CAP = 2.0
+# The floor upkeep's retry delays after failed connects (asyncpg 0.32's).
+_FLOOR_RETRY_FIRST = 1.0
+_FLOOR_RETRY_CAP = 60.0
+
+
+class Face(Protocol):
+    """What the runner reads of the pool it runs for (the asyncpg face)."""
+
+    _closed: bool
+    _initialized: bool
+
+
+class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., read-only
+    """What asyncpg's Connection expects of its pool holder: it calls
+    ``_release_on_close()`` when the connection dies, and reaches the pool
+    through ``proxy._holder._pool`` to drop statement and type caches."""
+
+    __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "release_timeout",
+                 "orphan_checks", "orphan_reported", "unresponsive", "lost_while_leased", "reset_since",
+                 "__weakref__")
+
+    def __init__(self, pool: Any, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
+        self._pool = pool
+        self._runner = runner
+        self._slot = slot
+        self._con: RawConnection | None = con
+        # asyncpg's statement counter when the session was last known to be
+        # as the pool leaves it (opened, before init=; or just reset). A
+        # release that finds the counter moved must reset; -1: always reset.
+        self.clean_mark = clean_mark
+        # The connection's reference count while only the pool holds it.
+        self.base_refs = 0
+        # release(timeout=None) defaults to the acquire's timeout (asyncpg).
+        self.release_timeout: float | None = None
+        # How often a garbage-collected proxy's connection was found still in
+        # use (0: not orphaned).
+        self.orphan_checks = 0
+        self.orphan_reported = False
+        # A reset or take-back timed out: no graceful close, abort it.
+        self.unresponsive = False
+        # The socket died under a lease: its backend may still run a query.
+        self.lost_while_leased = False
+        # When a release's unbounded reset started (the reset watchdog's clock).
+        self.reset_since: float | None = None
+
+    def _release_on_close(self) -> None:
+        self._con = None
+        self._runner.connection_lost(self._slot)
+
+    def _abandoned(self, lease: Lease) -> None:
+        # Runs inside the garbage collector, possibly in the middle of the
+        # pool's own bookkeeping: only schedule, never touch state here.
+        runner = self._runner
+        try:
+            runner.loop.call_soon_threadsafe(runner.reclaim, lease)
+        except RuntimeError:
+            pass  # the loop is closed: the process is shutting down
+
+
+def settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:
+    """Resolve a caller's future unless its task gave up on it (cancelled)."""
+    if future is None or future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+class Runner:
+    """Drains the core's actions, owns the pool's tasks and timers."""
+
+    def __init__(
+        self,
+        face: Face,
+        state: PoolState,
+        clock: Clock,
+        loop: asyncio.AbstractEventLoop,
+        reporter: Reporter,
+        open_connection: Callable[[], Awaitable[RawConnection]],
+        hooks: ResetHooks,
+        *,
+        reset_timeout: float | None,
+        auto_reset: bool,
+        leak_warning_after: float | None,
+    ) -> None:
+        self.face = face
+        self.state = state
+        self.clock = clock
+        self.now = clock.now
+        self.loop = loop
+        self.reporter = reporter
+        self.name = reporter.name
+        self.open_connection = open_connection
+        self.hooks = hooks
+        self.reset_timeout = reset_timeout
+        self.auto_reset = auto_reset
+        self.leak_warning_after = leak_warning_after
+        self.timer: Timer | None = None
+        self.timer_at: float | None = None
+        self.reset_watchdog: Timer | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.connect_tasks: set[asyncio.Task[Any]] = set()
+        self.slot_holders: dict[Slot, Holder] = {}
+        # Releases and failed setups that wait for their connection's close.
+        self.closes_done: dict[Slot, asyncio.Future[None]] = {}
+        self.drained = asyncio.Event()
+        self.terminating = False
+        self.server_status = "up"
+        # Restores min_size after failed connects, on asyncpg's schedule.
+        self.maintenance_task: asyncio.Task[Any] | None = None
+
+    # --------------------------------------------------------- the actions
+
+    def drain(self) -> None:
+        """Carry out what the state core asked for, then deliver events."""
+        state = self.state
+        actions = state.actions
+        while actions:
+            batch = actions[:]
+            actions.clear()
+            for action in batch:
+                match action:
+                    case Wake(waiter):
+                        if waiter.future.done():
+                            # Its task was cancelled while the grant was in flight.
+                            state.cancel_waiter(waiter, self.now())
+                        else:
+                            waiter.future.set_result(None)
+                    case Connect(slot):
+                        task = self.spawn(self.connect_slot(slot))
+                        self.connect_tasks.add(task)
+                        task.add_done_callback(self.connect_tasks.discard)
+                    case Close(slot):
+                        self.close_slot(slot)
+                    case TimeOut(waiter):
+                        if not waiter.future.done():
+                            waiter.future.set_exception(PoolTimeoutError(self.reporter.busy_message(
+                                "timed out waiting for a connection", self.now(), waiter)))
+                    case Fail(waiter, error):
+                        self.fail_waiter(waiter, error)
+                    case TakeBack(lease):
+                        self.take_back(lease)
+                    case LeakSuspect(lease):
+                        self.leak_suspect(lease)
+                    case Shed(waiter, reason):
+                        if not waiter.future.done():
+                            waiter.future.set_exception(PoolOverloadedError(self.reporter.shed_message(reason)))
+                    case _:
+                        assert_never(action)
+        if state.size == 0:
+            self.drained.set()
+        self.arm_timer()
+        if self.reporter.pending:
+            self.reporter.deliver()
+
+    def fail_waiter(self, waiter: Waiter, error: BaseException) -> None:
+        if waiter.future.done():
+            return
+        if isinstance(error, PoolClosedError):
+            error = PoolClosedError(str(error))
+        # A connect error reaches the waiters as is, as asyncpg raises it from
+        # acquire(): `except asyncpg.InvalidPasswordError` keeps working.
+        waiter.future.set_exception(error)
+
+    def after_hand_on(self) -> None:
+        """After a connection was handed on (or idled, or closed): carry out
+        the core's actions; with none, only arm the idle-lifetime timer if
+        it now has something to watch (the hot path skips drain)."""
+        state = self.state
+        if state.actions:
+            self.drain()
+        elif self.timer is None and state.max_inactive_lifetime and state.size > state.min_size:
+            self.arm_timer()  # an idle connection above min_size now has a lifetime to watch
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = self.loop.create_task(coro)  # type: ignore[arg-type]
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # ------------------------------------------------------------- timers
+
+    def arm_timer(self) -> None:
+        when = self.state.next_deadline()
+        if when == self.timer_at:
+            return
+        if when is not None and self.timer_at is not None and self.timer_at <= when:
+            # The armed callback comes first and re-arms for what is then
+            # due: no need to replace a loop timer on every acquire.
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.timer_at = when
+        if when is not None:
+            self.timer = self.clock.call_at(when, self.on_timer)
+
+    def on_timer(self) -> None:
+        self.timer = None
+        self.timer_at = None
+        if self.face._closed:
+            return
+        self.state.advance(self.now())
+        self.drain()
+
+    def cancel_timers(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.timer_at = None
+        if self.reset_watchdog is not None:
+            self.reset_watchdog.cancel()
+            self.reset_watchdog = None
+
+    def watch_resets(self) -> None:
+        if self.reset_watchdog is None and not self.face._closed:
+            self.reset_watchdog = self.clock.call_at(self.now() + DEFAULT_RESET_TIMEOUT, self.check_resets)
+
+    def check_resets(self) -> None:
+        """The reset watchdog: abort releases' resets that have run for
+        DEFAULT_RESET_TIMEOUT seconds (the releasing caller then gets the
+        connection's error, and the slot closes); re-arm while any run."""
+        self.reset_watchdog = None
+        now = self.now()
+        pending = False
+        for slot, holder in list(self.slot_holders.items()):
+            started = holder.reset_since
+            if started is None:
+                continue
+            if now - started >= DEFAULT_RESET_TIMEOUT:
+                holder.reset_since = None
+                holder.unresponsive = True
+                logger.warning(
+                    "pool %r: a reset got no answer for %.0fs; aborting the connection",
+                    self.name, now - started, extra={"event": "reset_failed", "pool": self.name},
+                )
+                slot.connection.terminate()
+            else:
+                pending = True
+        if pending:
+            self.watch_resets()
+
+    # -------------------------------------------------------------- resets
+
+    async def reset_slot(
+        self, holder: Holder, con: RawConnection, timeout: float | None, rollback: bool,
+        done: asyncio.Future[None] | None = None,
+    ) -> None:
+        """Reset a RESETTING slot's connection in a pool task, then hand it on
+        or close it. Resolves ``done`` (the releasing caller's future) with
+        None, or with the reset's error once the connection was given up."""
+        # The caller's budget (release(timeout=), else the acquire's), or the
+        # pool's reset_timeout; with neither, asyncpg's limits apply: its
+        # background cancel gives up by closing the connection (then release
+        # returns quietly), statements are bounded by command_timeout (else
+        # by a 30 s safety bound: a silent network must not hold a slot forever).
+        budget = timeout if timeout is not None else self.reset_timeout
+        statement_limit = None
+        if budget is None and _pg.command_timeout(con) is None:
+            statement_limit = DEFAULT_RESET_TIMEOUT
+        try:
+            error = await _workers.reset(con, rollback, self.hooks, budget, statement_limit)
+        except BaseException:
+            # Only terminate() cancels the pool's tasks: it has discarded the slot.
+            settle(done, None)
+            raise
+        settle(done, self.reset_done(holder, con, error))
+
+    def reset_done(
+        self, holder: Holder, con: RawConnection, error: Exception | None, log: bool = True
+    ) -> Exception | None:
+        """A reset (or take-back) ended: hand the connection on, or close it.
+        Returns the error for the releasing caller to raise once the
+        connection was given up; None if handed on, or if the pool was
+        terminated meanwhile (nothing left to do)."""
+        holder.reset_since = None
+        slot = holder._slot
+        if slot.state is not SlotState.RESETTING:
+            return None
+        if error is None and not con.is_closed():
+            holder.clean_mark = _pg.queries_count(con)
+            self.state.reset_done(slot, self.now(), True)
+        else:
+            if error is not None and log:
+                logger.warning(
+                    "pool %r: reset failed (%s); closing the connection", self.name, describe_error(error),
+                    extra={"event": "reset_failed", "pool": self.name},
+                )
+            holder.unresponsive = isinstance(error, TimeoutError)
+            # The core closes the slot; the close waits for a cancelled query
+            # to stop on the server before the slot stops counting.
+            self.state.reset_done(slot, self.now(), False)
+        self.after_hand_on()
+        return error
+
+    # ----------------------------------------------- leases: expiry and leaks
+
+    def reclaim(self, lease: Lease) -> None:
+        """A proxy was garbage collected while still leased (or a re-check
+        of one whose connection was still in use)."""
+        slot = lease.slot
+        if not lease.active or self.face._closed:
+            return
+        holder = self.slot_holders[slot]
+        if self.still_in_use(holder, slot):
+            self.defer_reclaim(lease, holder, slot.connection)
+            return
+        con = slot.connection
+        held = self.now() - lease.acquired_at
+        if not self.state.reclaim(lease, self.now()):
+            return
+        report = (
+            f"pool {self.name!r}: a connection was garbage collected without being released "
+            f"(held {held:.3f}s); acquired at:\n{_stack.format_stack(lease.stack)}"
+        )
+        _pg.detach_proxy(con)  # the proxy is gone; drop the dead weak reference
+        con._on_release()
+        self.spawn(self.reset_slot(holder, con, None, _pg.warn_open_transaction(con, quiet=True)))
+        self.drain()
+        # Report last: with warnings turned into errors the bookkeeping above
+        # must already be done.
+        leak_logger.warning(report, extra=self.reporter.event_fields("leak", lease, held))
+        self.reporter.emit("leak", lease, held)
+        self.reporter.deliver()
+        warnings.warn(report, ResourceWarning, stacklevel=1)
+
+    def still_in_use(self, holder: Holder, slot: Slot) -> bool:
+        """Whether a connection whose proxy is gone may still be in use: only
+        a provably abandoned one is reclaimed (never one with an operation in
+        flight, callbacks registered, or any object outside the pool still
+        referring to it: a running query's coroutine, a transaction, cursor
+        or prepared statement, a callback's closure)."""
+        if _pg.has_callbacks(slot.connection) or _pg.is_cancelling(slot.connection):
+            return True
+        # Measured as base_refs was: no local reference to the connection.
+        return _pg.reference_count(slot.connection) > holder.base_refs
+
+    def defer_reclaim(self, lease: Lease, holder: Holder, con: RawConnection) -> None:
+        if holder.orphan_checks == 0:
+            # Listener callbacks get the connection itself from now on, not
+            # the dead proxy.
+            _pg.detach_proxy(con)
+        # A query still running when its proxy went (`await (await
+        # pool.acquire()).fetch(...)`) ends soon and is reclaimed quietly as a
+        # leak; callbacks, or use that goes on, are worth a report now.
+        if not holder.orphan_reported and (_pg.has_callbacks(con) or holder.orphan_checks >= 3):
+            holder.orphan_reported = True
+            held = self.now() - lease.acquired_at
+            leak_logger.warning(
+                "pool %r: a connection's proxy was garbage collected without being released, but the "
+                "connection is still in use (callbacks registered, or an operation or object still "
+                "refers to it); it stays leased until that ends. Acquired at:\n%s",
+                self.name, _stack.format_stack(lease.stack),
+                extra=self.reporter.event_fields("leak_suspect", lease, held),
+            )
+            self.reporter.emit("leak_suspect", lease, held, collected=True)
+            self.reporter.deliver()
+        holder.orphan_checks += 1
+        delay = min(_ORPHAN_RECHECK_CAP, _ORPHAN_RECHECK_FIRST * 2 ** min(holder.orphan_checks - 1, 16))
+        self.clock.call_at(self.now() + delay, lambda: self.reclaim(lease))
+
+    def take_back(self, lease: Lease) -> None:
+        slot = lease.slot
+        con = slot.connection
+        held = self.now() - lease.acquired_at
+        limit = (lease.deadline or 0) - lease.acquired_at
+        reason = (
+            f"the lease expired: held {held:.3f}s, lease_timeout is {limit:.3f}s; "
+            "the connection was taken back by the pool"
+        )
+        _pg.detach_proxy(con, reason)
+        con._on_release()  # invalidates cursors, statements and transactions made through the proxy
+        leak_logger.error(
+            "pool %r: lease expired after %.3fs (lease_timeout %.3fs); taking the connection back. "
+            "Acquired at:\n%s",
+            self.name, held, limit, _stack.format_stack(lease.stack),
+            extra=self.reporter.event_fields("lease_expired", lease, held),
+        )
+        self.reporter.emit("lease_expired", lease, held, lease_timeout=limit)
+        self.spawn(self.take_back_slot(self.slot_holders[slot], con))
+
+    async def take_back_slot(self, holder: Holder, con: RawConnection) -> None:
+        error = await _workers.take_back(con, self.hooks, self.reset_timeout or DEFAULT_RESET_TIMEOUT)
+        if error is not None:
+            logger.warning(
+                "pool %r: could not take back an expired connection cleanly (%s); closing it",
+                self.name, describe_error(error), extra={"event": "reset_failed", "pool": self.name},
+            )
+        # A cancel comes only from terminate(), which discarded the slot.
+        self.reset_done(holder, con, error, log=False)
+
+    def leak_suspect(self, lease: Lease) -> None:
+        held = self.now() - lease.acquired_at
+        leak_logger.warning(
+            "pool %r: connection held for %.3fs (leak_warning_after %.3fs), still not released; "
+            "task %s; acquired at:\n%s",
+            self.name, held, self.leak_warning_after or 0.0, lease.task_name or "?",
+            _stack.format_stack(lease.stack),
+            extra=self.reporter.event_fields("leak_suspect", lease, held),
+        )
+        self.reporter.emit("leak_suspect", lease, held)
+
+    # ------------------------------------------------- connects and closes
+
+    async def connect_slot(self, slot: Slot, *, raise_errors: bool = False) -> None:
+        state = self.state
+        try:
+            con = await self.open_connection()
+        except Exception as exc:
+            failure: Exception | None = exc
+        except BaseException:
+            # Cancelled (terminate(), close()), or KeyboardInterrupt: not a
+            # connect outcome; settle the books and let it through.
+            state.connect_cancelled(slot)
+            self.drain()
+            raise
+        else:
+            failure = None
+        if failure is not None:
+            if slot.state is SlotState.CONNECTING:
+                state.connect_failed(slot, self.now(), failure, _pg.is_refusal(failure))
+            # Reported outside the except block: a failing listener's
+            # traceback must not carry the connect error's full text.
+            self.report_connect_failure(failure)
+            self.drain()
+            if state.floor_deficit() and self.face._initialized and (
+                self.maintenance_task is None or self.maintenance_task.done()
+            ):
+                self.maintenance_task = self.spawn(self.restore_floor())
+            if raise_errors:
+                raise failure
+            return
+        if slot.state is not SlotState.CONNECTING:  # terminated meanwhile
+            con.terminate()
+            return
+        # Mark 0: statements of init= (and of a connect= callback) make the
+        # first lease's release reset, as asyncpg resets after every lease.
+        # reset_mode="auto" cannot see them (they run on the raw connection):
+        # -1, always reset after the first lease.
+        holder = Holder(self.face, self, slot, con, clean_mark=-1 if self.auto_reset else 0)
+        self.slot_holders[slot] = holder
+        _pg.attach_holder(con, holder)
+        state.connect_succeeded(slot, con, self.now())
+        del con  # measured below with no reference but the pool's own
+        holder.base_refs = _pg.reference_count(slot.connection)
+        self.note_server_status()
+        self.drain()
+
+    async def restore_floor(self) -> None:
+        """min_size upkeep once connects fail and nobody waits: one connect
+        after 1, 2, 4 ... 60 s (asyncpg 0.32's floor retry schedule), until the
+        floor is met. Waiting tasks do not depend on it: their connects are
+        paced by the core's backoff (a refused one is retried within 50 ms)."""
+        state = self.state
+        delay = _FLOOR_RETRY_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            if self.face._closed or state.closing or not state.floor_deficit():
+                return
+            slot = state.plan_floor_connect(self.now())
+            if slot is None:
+                continue  # a connect is under way: look again later
+            await self.connect_slot(slot)
+            if slot.state is SlotState.CLOSED:  # the connect failed
+                delay = min(delay * 2, _FLOOR_RETRY_CAP)
+            else:
+                delay = _FLOOR_RETRY_FIRST
+            if not state.floor_deficit():
+                return
+
+    def report_connect_failure(self, error: BaseException) -> None:
+        described = describe_error(error)
+        logger.warning(
+            "pool %r: connect failed (%s); %d consecutive failures",
+            self.name, described, self.state.connect_failures,
+            extra={"event": "connect_failed", "pool": self.name, "error": described},
+        )
+        if self.state.floor_enabled and not self.state.waiting and not self.state.closing:
+            # Nobody waits, and create_pool() has returned: the min_size
+            # upkeep's connect (create_pool's own failures raise, unlogged, as
+            # in asyncpg). asyncpg logs these on its own logger, and
+            # monitoring of asyncpg programs reads it.
+            _asyncpg_logger.warning("Failed to restore the pool connection floor; retrying (%s)", described)
+        self.reporter.emit_event("connect_failed", error=described, consecutive_failures=self.state.connect_failures)
+        self.note_server_status()
+
+    def note_server_status(self) -> None:
+        """Log and emit the breaker's transitions: up, backing_off, down."""
+        status = self.state.server_status(self.now()).value
+        previous, self.server_status = self.server_status, status
+        if status == previous:
+            return
+        level = logging.INFO if status == "up" else logging.WARNING
+        logger.log(
+            level, "pool %r: server status %s -> %s", self.name, previous, status,
+            extra={"event": "server_status", "pool": self.name, "from": previous, "to": status},
+        )
+        self.reporter.emit_event("server_status", **{"from": previous, "to": status})
+
+    def close_slot(self, slot: Slot) -> None:
+        holder = self.slot_holders.pop(slot, None)
+        con = slot.connection
+        if holder is not None:
+            holder._con = None  # our own close: no _release_on_close callback
+        lost = holder is not None and holder.lost_while_leased
+        unresponsive = holder is not None and holder.unresponsive
+        if (
+            con is None
+            or self.terminating
+            or unresponsive
+            or (con.is_closed() and not lost and not _pg.is_cancelling(con))
+        ):
+            if con is not None:
+                con.terminate()
+            self.slot_closed(slot)
+            return
+        self.spawn(self.close_connection(slot, con, lost))
+
+    async def close_connection(self, slot: Slot, con: RawConnection, lost: bool) -> None:
+        """Close; the slot counts towards max_size until the backend is gone."""
+        try:
+            await _workers.close(con, lost, self.reset_timeout)
+        finally:
+            self.slot_closed(slot)
+            self.drain()
+
+    def slot_closed(self, slot: Slot) -> None:
+        """The slot's backend is gone: free its place, wake whoever waits for it."""
+        self.state.closed(slot, self.now())
+        settle(self.closes_done.pop(slot, None), None)
+
+    def connection_lost(self, slot: Slot) -> None:
+        """asyncpg noticed the connection died (server restart, terminate)."""
+        if slot.state is SlotState.LEASED:
+            self.slot_holders[slot].lost_while_leased = True
+        if slot.state in (SlotState.IDLE, SlotState.LEASED, SlotState.RESERVED):
+            if slot.connection is not None:
+                _pg.detach_proxy(slot.connection)
+            self.state.discard(slot, self.now())
+            self.drain()
+
+    # ----------------------------------------------------------- shutdown
+
+    def terminate_all(self) -> None:
+        """Discard every slot (connections terminated, not closed) and cancel
+        every pool task; settles the books synchronously."""
+        state = self.state
+        self.terminating = True
+        state.begin_close(PoolClosedError("pool is closed"))
+        now = self.now()
+        if self.reporter.listeners:
+            # Leases the code never released, ended here: the leak guards
+            # report them (they vanish from leases() below).
+            for lease in state.leases():
+                self.reporter.emit("lease_ended", lease, now - lease.acquired_at, reason="terminate")
+        for slot in state.slots():
+            if slot.connection is not None:
+                _pg.detach_proxy(slot.connection)
+            state.discard(slot, now)
+        for task in list(self.tasks):
+            task.cancel()  # connects record themselves as cancelled
+        self.drain()
+        self.cancel_timers()

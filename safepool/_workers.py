@@ -1,0 +1,207 @@
+"""The pool's connection work: connect, reset, take back, close.
+
+Coroutines that do one piece of I/O on a :class:`~safepool._internals.ServerConnection`
+and return its outcome (an ``Exception``, or None for success). They know
+nothing of the state core: the runner (``_runner.py``) turns outcomes into the
+core's facts. Cancellation: ``CancelledError`` always propagates (after a
+synchronous ``terminate()`` where a connection would be left half-used); only
+``Exception`` is an outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from asyncpg import exceptions as _pg_exceptions
+
+from . import _internals as _pg
+from ._internals import RawConnection
+
+_T = TypeVar("_T")
+
+# Bound on a background reset or take-back when no release timeout applies:
+# a reset that hangs longer than this is treated as a broken connection.
+DEFAULT_RESET_TIMEOUT = 30.0
+# Bound on the cancel request sent for the backend of a connection lost
+# while leased (without reset_timeout).
+LOST_BACKEND_CANCEL_TIMEOUT = 2.0
+
+
+class ResetHooks:
+    """How the pool resets a session: ``custom`` (a ``reset=`` hook, or a
+    connection class with its own ``reset()``), the hook itself, and whether
+    the reset query is sent by default (not with ``reset_mode="rollback"``)."""
+
+    __slots__ = ("custom", "hook", "full")
+
+    def __init__(self, custom: bool, hook: Callable[[Any], Awaitable[None]] | None, full: bool) -> None:
+        self.custom = custom
+        self.hook = hook
+        self.full = full
+
+
+async def connect(
+    open_connection: Callable[..., Awaitable[Any]],
+    args: Any,
+    kwargs: dict[str, Any],
+    *,
+    loop: asyncio.AbstractEventLoop,
+    connection_class: type[Any],
+    record_class: type[Any],
+    init: Callable[[Any], Awaitable[None]] | None,
+) -> RawConnection:
+    """Open a connection and run ``init=`` on it; raises what the connect or
+    ``init`` raised (a connection ``init`` failed on is closed first; on
+    cancellation it is terminated)."""
+    con = await open_connection(
+        *args, loop=loop, connection_class=connection_class, record_class=record_class, **kwargs
+    )
+    if not isinstance(con, connection_class):
+        good = f"{connection_class.__module__}.{connection_class.__name__}"
+        bad_type = type(con)
+        bad = bad_type.__name__ if bad_type.__module__ == "builtins" else f"{bad_type.__module__}.{bad_type.__name__}"
+        raise _pg_exceptions.InterfaceError(
+            f"expected pool connect callback to return an instance of '{good}', got '{bad}'"
+        )
+    if init is not None:
+        try:
+            await init(con)
+        except Exception:
+            try:
+                await con.close()
+            except Exception:
+                con.terminate()
+            raise
+        except BaseException:
+            con.terminate()  # a cancel path: no awaited close (a second cancel would leak the backend)
+            raise
+        if con.is_closed():
+            # asyncpg 0.32's error, so the floor upkeep retries it.
+            raise _pg_exceptions.ConnectionDoesNotExistError("connection was closed during pool initialization")
+    return con
+
+
+async def reset(
+    con: RawConnection, rollback: bool, hooks: ResetHooks, budget: float | None, statement_limit: float | None
+) -> Exception | None:
+    """Reset a released connection in a pool task, within ``budget`` seconds
+    (None: no limit; ``statement_limit`` then bounds the statements)."""
+    try:
+        async with asyncio.timeout(budget):
+            await _reset_connection(con, rollback, hooks, statement_limit, budget)
+    except Exception as exc:
+        return exc
+    return None
+
+
+async def reset_inline(
+    con: RawConnection,
+    query: str,
+    budget: float | None,
+    token: _T,
+    finish: Callable[[_T, RawConnection, Exception | None], Exception | None],
+) -> Exception | None:
+    """The default reset of a released connection, driven in the releasing
+    caller's task by ``_detach`` (so no ``asyncio.timeout`` here: it would
+    cancel the caller; asyncpg's ``timeout=`` instead). Sends ``query`` (the
+    ROLLBACK and the reset query in one message) and returns
+    ``finish(token, con, error)``: the caller's error to raise, or None."""
+    error: Exception | None = None
+    try:
+        if query:
+            await con.execute(query, timeout=budget)
+    except Exception as exc:
+        error = exc
+    return finish(token, con, error)
+
+
+async def take_back(con: RawConnection, hooks: ResetHooks, budget: float) -> Exception | None:
+    """Reset a connection whose lease expired, within ``budget`` seconds.
+
+    The holder may be in the middle of a query. asyncpg exposes no "busy"
+    flag, but refuses a second operation at once without sending anything:
+    so try the reset, and if refused, cancel the running query on the server
+    (asyncpg's cancel request) and retry until it is free."""
+    try:
+        async with asyncio.timeout(budget):
+            cancel_sent = False
+            while not con.is_closed():
+                try:
+                    await _reset_connection(con, con.is_in_transaction(), hooks)
+                except Exception as exc:
+                    if not _pg.is_busy(exc):
+                        raise
+                else:
+                    break
+                if not cancel_sent:
+                    cancel_sent = True
+                    await _pg.cancel_running_query(con)
+                await asyncio.sleep(0.005)  # the server's reply frees the protocol
+    except Exception as exc:
+        return exc
+    return None
+
+
+async def close(con: RawConnection, lost: bool, budget: float | None) -> None:
+    """Close gracefully; on any failure, or cancellation, terminate.
+
+    A cancelled query is first waited for (the server confirms it), else a
+    graceful close could not run and an abort would leave the backend
+    running the query beside its replacement. A connection whose socket died
+    under a lease (``lost``: a network reset) may still have its backend
+    running the lease's query: cancel it (the server acknowledges a cancel
+    request by closing that connection)."""
+    try:
+        if lost:
+            async with asyncio.timeout(budget or LOST_BACKEND_CANCEL_TIMEOUT):
+                await _pg.cancel_running_query(con)
+        else:
+            budget = budget or DEFAULT_RESET_TIMEOUT
+            if _pg.is_cancelling(con):
+                await _pg.wait_for_cancellation(con, budget)
+            await con.close(timeout=budget)
+    except Exception:
+        con.terminate()  # lost: the server is unreachable; nothing more to do for that backend
+    except BaseException:
+        con.terminate()
+        raise
+
+
+async def _reset_connection(
+    con: RawConnection, rollback: bool, hooks: ResetHooks, limit: float | None = None, budget: float | None = None
+) -> None:
+    """One round trip: ROLLBACK (if a transaction is open) and asyncpg's
+    reset query in one simple-query message. ``limit`` bounds the
+    statements, not the wait for a cancelled query."""
+    if _pg.is_cancelling(con):
+        # A cancelled query has not answered yet (asyncpg makes release
+        # wait for it too, or the next holder inherits the cancellation).
+        await _pg.wait_for_cancellation(con)
+    if con.is_closed():
+        return  # asyncpg's background cancel gave up and closed it
+    async with asyncio.timeout(limit):
+        await _send_reset(con, rollback, hooks, budget)
+
+
+async def _send_reset(con: RawConnection, rollback: bool, hooks: ResetHooks, budget: float | None) -> None:
+    """``rollback``: an open transaction already reported (quietly, for a
+    reclaimed or taken-back lease) that must end first."""
+    if hooks.custom:
+        if rollback:
+            await con.execute("ROLLBACK")
+        if hooks.hook is not None:
+            # asyncpg 0.32: Connection._reset() (report and roll back an
+            # open transaction, drop listeners), then the hook.
+            await _pg.base_reset(con)
+            await hooks.hook(con)
+        else:
+            await con.reset(timeout=budget)  # sees the lease's state, as with asyncpg
+        return
+    rollback = rollback or con.is_in_transaction()
+    query = con.get_reset_query() if hooks.full else ""
+    if rollback:
+        query = f"ROLLBACK;\n{query}" if query else "ROLLBACK"
+    if query:
+        await con.execute(query)

@@ -1,0 +1,321 @@
+"""Pool + runner + workers on a fake ServerConnection and the manual clock,
+no database: cancellation at each await of acquire, release, reset, connect
+and close; take-back after a lease timeout; setup failure; double cancel.
+After each, the books must balance (``check_invariants``, sizes, no slot
+lost or counted twice)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+import safepool
+from safepool import ManualClock
+
+from .fake import FakeConnection, FakeServer
+
+pytestmark = pytest.mark.asyncio
+
+
+async def spin(times: int = 10) -> None:
+    """Let every ready callback run (the pool's tasks, the drivers)."""
+    for _ in range(times):
+        await asyncio.sleep(0)
+
+
+class Rig:
+    def __init__(self, server: FakeServer, clock: ManualClock, pool: safepool.Pool) -> None:
+        self.server = server
+        self.clock = clock
+        self.pool = pool
+
+    def books(self, *, size: int | None = None, idle: int | None = None, in_use: int = 0) -> None:
+        """The core's invariants, and what the fake server says is open."""
+        state = self.pool._state
+        state.check_invariants()
+        assert state.in_use == in_use
+        if size is not None:
+            assert state.size == size
+            assert len(self.server.open()) == state.connected()
+        if idle is not None:
+            assert state.idle == idle
+
+    async def lease(self, **kwargs: Any) -> Any:
+        """An acquired connection (its connect completed if one was needed)."""
+        task = asyncio.ensure_future(self.pool.acquire(**kwargs))
+        await spin()
+        while self.server.connects:
+            self.server.finish_connect()
+            await spin()
+        return await task
+
+
+async def make_rig(**options: Any) -> Rig:
+    server = FakeServer()
+    clock = ManualClock()
+    options.setdefault("min_size", 0)
+    options.setdefault("max_size", 2)
+    pool = await safepool.create_pool(
+        connect=server.connect, connection_class=FakeConnection, clock=clock, **options
+    )
+    return Rig(server, clock, pool)
+
+
+@pytest_asyncio.fixture
+async def rig() -> AsyncIterator[Rig]:
+    made = await make_rig()
+    yield made
+    made.pool.terminate()
+    await spin()
+    made.pool._state.check_invariants()
+    assert not made.server.open()
+
+
+async def test_lease_round_trip_runs_the_reset(rig: Rig) -> None:
+    con = await rig.lease()
+    rig.books(size=1, in_use=1)
+    query = asyncio.ensure_future(con.execute("SELECT 1"))
+    await spin()
+    rig.server.finish_statement()
+    await query
+    release = asyncio.ensure_future(rig.pool.release(con))
+    await spin()
+    assert rig.server.finish_statement() == "RESET ALL"
+    await release
+    rig.books(size=1, idle=1)
+
+
+async def test_cancel_acquire_while_connecting(rig: Rig) -> None:
+    task = asyncio.ensure_future(rig.pool.acquire())
+    await spin()
+    assert rig.server.connects
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    rig.server.finish_connect()  # the connect goes on for the pool
+    await spin()
+    rig.books(size=1, idle=1)
+
+
+async def test_cancel_acquire_waiting_for_a_connection() -> None:
+    rig = await make_rig(max_size=1)
+    held = await rig.lease()
+    waiter = asyncio.ensure_future(rig.pool.acquire())
+    await spin()
+    assert rig.pool._state.waiting == 1
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    rig.books(size=1, in_use=1)
+    assert rig.pool._state.waiting == 0
+    await rig.pool.release(held)  # no statement ran: handed on at once
+    rig.books(size=1, idle=1)
+    rig.pool.terminate()
+
+
+async def test_cancel_after_grant_before_resume() -> None:
+    """The waiter is granted a connection, then cancelled before its task
+    resumes: the connection goes back, nothing is counted twice."""
+    rig = await make_rig(max_size=1)
+    held = await rig.lease()
+    waiter = asyncio.ensure_future(rig.pool.acquire())
+    await spin()
+    await rig.pool.release(held)  # grants it to the waiter (a Wake)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await spin()
+    rig.books(size=1, idle=1)
+    rig.pool.terminate()
+
+
+@pytest.mark.parametrize("cancels", [1, 2])
+async def test_cancel_release_during_inline_reset(rig: Rig, cancels: int) -> None:
+    con = await rig.lease()
+    query = asyncio.ensure_future(con.execute("SELECT 1"))
+    await spin()
+    rig.server.finish_statement()
+    await query
+    release = asyncio.ensure_future(rig.pool.release(con))
+    await spin()
+    assert rig.server.statements  # the reset is in flight, driven by the releasing task
+    for _ in range(cancels):
+        release.cancel()
+        await spin(1)
+    with pytest.raises(asyncio.CancelledError):
+        await release
+    rig.books(size=1, idle=0)  # still resetting: not handed on, not lost
+    assert rig.pool._state.count(safepool.pool.SlotState.RESETTING) == 1
+    assert rig.server.finish_statement() == "RESET ALL"  # a pool task finishes it
+    await spin()
+    rig.books(size=1, idle=1)
+    assert not rig.server.terminated
+
+
+async def test_failed_reset_closes_and_raises(rig: Rig) -> None:
+    con = await rig.lease()
+    query = asyncio.ensure_future(con.execute("SELECT 1"))
+    await spin()
+    rig.server.finish_statement()
+    await query
+    release = asyncio.ensure_future(rig.pool.release(con))
+    await spin()
+    rig.server.finish_statement(OSError("reset broke"))
+    with pytest.raises(OSError, match="reset broke"):
+        await release
+    await spin()
+    rig.books(size=0)
+
+
+async def test_custom_reset_in_a_pool_task_cancelled_caller() -> None:
+    calls: list[str] = []
+
+    async def reset(con: Any) -> None:
+        calls.append("reset")
+        await con.execute("CUSTOM RESET")
+
+    rig = await make_rig(reset=reset)
+    con = await rig.lease()
+    release = asyncio.ensure_future(rig.pool.release(con))
+    await spin()
+    release.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await release
+    statements = [rig.server.finish_statement() for _ in range(len(rig.server.statements))]
+    await spin()
+    while rig.server.statements:  # asyncpg's own _reset() before the hook may send more
+        statements.append(rig.server.finish_statement())
+        await spin()
+    assert "CUSTOM RESET" in statements
+    rig.books(size=1, idle=1)
+    rig.pool.terminate()
+
+
+async def test_take_back_after_lease_timeout(rig: Rig) -> None:
+    con = await rig.lease(lease_timeout=5)
+    rig.clock.advance(6)
+    await spin()
+    assert rig.server.finish_statement() == "RESET ALL"  # the take-back's reset
+    await spin()
+    rig.books(size=1, idle=1)
+    with pytest.raises(safepool.LeaseExpiredError):
+        await con.execute("SELECT 1")
+    await rig.pool.release(con)  # a no-op after the take-back
+    rig.books(size=1, idle=1)
+
+
+async def test_lease_timeout_none_means_no_limit() -> None:
+    rig = await make_rig(lease_timeout=5)
+    con = await rig.lease(lease_timeout=None)
+    rig.clock.advance(60)
+    await spin()
+    rig.books(size=1, in_use=1)
+    await rig.pool.release(con)
+    rig.pool.terminate()
+
+
+async def test_acquire_timeout_default_and_none() -> None:
+    rig = await make_rig(max_size=1, acquire_timeout=2)
+    held = await rig.lease()
+    default = asyncio.ensure_future(rig.pool.acquire())  # the pool's acquire_timeout
+    unlimited = asyncio.ensure_future(rig.pool.acquire(timeout=None))  # no limit
+    await spin()
+    rig.clock.advance(3)
+    await spin()
+    with pytest.raises(safepool.PoolTimeoutError):
+        await default
+    assert not unlimited.done()
+    await rig.pool.release(held)
+    con = await unlimited
+    await rig.pool.release(con)
+    rig.books(size=1, idle=1)
+    rig.pool.terminate()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("setup failed"), asyncio.CancelledError()])
+async def test_setup_failure_closes_the_connection(error: BaseException) -> None:
+    async def setup(con: Any) -> None:
+        raise error
+
+    rig = await make_rig(setup=setup)
+    task = asyncio.ensure_future(rig.pool.acquire())
+    await spin()
+    rig.server.finish_connect()
+    with pytest.raises(type(error)):
+        await task
+    await spin()
+    rig.books(size=0)
+    assert rig.server.closed or rig.server.terminated
+    rig.pool.terminate()
+
+
+async def test_connect_failure_reaches_the_waiter(rig: Rig) -> None:
+    task = asyncio.ensure_future(rig.pool.acquire())
+    await spin()
+    rig.server.finish_connect(ConnectionRefusedError("refused"))
+    with pytest.raises(ConnectionRefusedError):
+        await task
+    await spin()
+    rig.books(size=0)
+
+
+async def test_terminate_while_connecting(rig: Rig) -> None:
+    task = asyncio.ensure_future(rig.pool.acquire())
+    await spin()
+    rig.pool.terminate()
+    with pytest.raises(safepool.PoolClosedError):
+        await task
+    await spin()
+    rig.pool._state.check_invariants()
+    assert rig.pool._state.size == 0
+
+
+@pytest.mark.parametrize("cancels", [1, 2])
+async def test_cancel_close_terminates(cancels: int) -> None:
+    """close() waits for a lease; cancelled (once or twice), the pool is
+    terminated: every connection terminated, nothing left counted."""
+    rig = await make_rig()
+    con = await rig.lease()
+    closing = asyncio.ensure_future(rig.pool.close())
+    await spin()
+    for _ in range(cancels):
+        closing.cancel()
+        await spin(1)
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await spin()
+    rig.pool._state.check_invariants()
+    assert rig.pool._state.size == 0
+    assert not rig.server.open()
+    assert rig.server.terminated and not rig.server.closed  # terminated, not an awaited close
+    del con
+
+
+async def test_close_releases_and_closes_gracefully() -> None:
+    rig = await make_rig()
+    con = await rig.lease()
+    closing = asyncio.ensure_future(rig.pool.close())
+    await spin()
+    assert not closing.done()
+    await rig.pool.release(con)
+    await closing
+    rig.pool._state.check_invariants()
+    assert rig.pool._state.size == 0
+    assert rig.server.closed and not rig.server.terminated
+
+
+async def test_max_queries_closes_on_release() -> None:
+    rig = await make_rig(max_queries=1)
+    con = await rig.lease()
+    query = asyncio.ensure_future(con.execute("SELECT 1"))
+    await spin()
+    rig.server.finish_statement()
+    await query
+    await rig.pool.release(con)
+    rig.books(size=0)
+    assert rig.server.closed
+    rig.pool.terminate()
