@@ -3,7 +3,7 @@
 
 Usage: python3 .ci/matrix.py        (from .ci/run, after the README test command)
 
-Each cell runs the unit, compat and fault suites (``CELL_SUITES``) on asyncio
+Each cell runs the unit, io, compat and fault suites (``CELL_SUITES``) on asyncio
 with one Python and one pinned asyncpg; one more cell runs the compat,
 integration and fault suites on uvloop with the newest pair. At the end it
 prints the table (rows Python, columns asyncpg; cells passed/failed/skipped
@@ -44,7 +44,7 @@ from pathlib import Path
 
 PYTHONS = ("3.11", "3.12", "3.13")
 ASYNCPG = ("0.29.0", "0.30.0", "0.31.0", "0.32.0")
-CELL_SUITES = ("tests/unit", "tests/compat", "tests/faults")
+CELL_SUITES = ("tests/unit", "tests/io", "tests/compat", "tests/faults")
 UVLOOP_SUITES = ("tests/compat", "tests/integration", "tests/faults")
 # Pairs that asyncpg itself does not support: shown, not run.
 UNSUPPORTED = {("3.13", "0.29.0"): "asyncpg 0.29 has no Python 3.13 build (wheels up to 3.12, Cython 0.29)"}
