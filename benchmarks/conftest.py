@@ -58,6 +58,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="safepool benchmarks: long measurement; write benchmarks/results/ and docs/performance.md",
     )
+    try:
+        parser.addoption(
+            "--loop",
+            choices=("asyncio", "uvloop"),
+            default="asyncio",
+            help="event loop for the asyncio tests: asyncio's default loop (default) or uvloop",
+        )
+    except ValueError:
+        pass  # tests/conftest.py added it: a run of both directories
 
 
 def _mode(config: pytest.Config) -> Mode:
@@ -116,10 +125,15 @@ class Bench:
 
 
 @pytest.fixture(scope="session")
-def bench_loop() -> Iterator[asyncio.AbstractEventLoop]:
+def bench_loop(pytestconfig: pytest.Config) -> Iterator[asyncio.AbstractEventLoop]:
     # A plain loop, not pytest-asyncio's: pytest-benchmark times sync calls,
-    # so every batch is loop.run_until_complete(...).
-    loop = asyncio.new_event_loop()
+    # so every batch is loop.run_until_complete(...). --loop uvloop: uvloop's.
+    if pytestconfig.getoption("--loop") == "uvloop":
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
     try:
         yield loop
     finally:

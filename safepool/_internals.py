@@ -5,17 +5,40 @@ safepool must reach into asyncpg's Connection the way asyncpg's own pool does
 counter and cancellation state). asyncpg-stubs do not declare those members,
 so connections are typed ``Any`` here; when asyncpg changes, this is the
 module to check (the compat suite in tests/compat runs asyncpg's own pool
-tests against safepool to catch it).
+tests against safepool to catch it, and .ci/matrix.py runs it on every
+supported asyncpg).
+
+What differs between the supported asyncpg versions (0.29 to 0.32), and how
+each function below bridges it:
+
+- 0.32 tells a pool holder that its connection died through
+  ``con._pool_holder`` (a weak reference), idle or leased. 0.29-0.31 have no
+  such slot: they call ``con._proxy._holder._release_on_close()``, which
+  covers leased connections only; for idle ones a termination listener of
+  ours does it (see ``attach_holder``).
+- ``protocol._wait_for_cancellation(timeout)``: the timeout is 0.32's; before,
+  the wait is bounded here, with 0.32's outcome (the connection is
+  terminated, ``TimeoutError`` raised).
+- ``Connection._reset()`` and the public ``get_reset_query()`` are 0.30's;
+  0.29 has ``_get_reset_query()`` and does both in ``reset()``.
+- 0.31's ``connect()`` returns while a task of its own still refers to the
+  new connection (``connect_settled``).
+- Before 0.32 a query's cancellation futures stay pending once the socket
+  closed, and a task cancelled while awaiting them cancels them
+  (``is_cancelling``, ``wait_for_cancellation``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import types
 import weakref
+from collections.abc import Generator
 from typing import Any, Protocol, runtime_checkable
 
 from asyncpg import connect_utils as _connect_utils
+from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 
 
@@ -85,14 +108,69 @@ def is_busy(error: BaseException) -> bool:
     (nothing was sent)."""
     return isinstance(error, _pg_exceptions.InterfaceError) and "another operation" in str(error)
 
+# asyncpg 0.32+: Connection has the _pool_holder slot.
+HAS_POOL_HOLDER = "_pool_holder" in _pg_connection.Connection.__slots__
+# asyncpg 0.30+: Connection.get_reset_query() and Connection._reset().
+HAS_PUBLIC_RESET_QUERY = hasattr(_pg_connection.Connection, "get_reset_query")
+
+# asyncpg < 0.32: the termination listener that stands in for _pool_holder,
+# per connection (so that forget_holder can remove it and has_callbacks can
+# tell it from the application's).
+_CLOSE_LISTENERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+async def _done() -> None:
+    pass
+
 
 def attach_holder(con: RawConnection, holder: Any) -> None:
     """asyncpg calls ``holder._release_on_close()`` when the connection dies."""
-    con._pool_holder = weakref.ref(holder)
+    if HAS_POOL_HOLDER:
+        con._pool_holder = weakref.ref(holder)
+        return
+    # asyncpg < 0.32 tells only a leased connection's holder, through the
+    # proxy (and raises ReferenceError from close() if that proxy is garbage
+    # not yet reclaimed). A termination listener covers the rest. asyncpg
+    # runs plain listeners one loop iteration later (call_soon), but calls
+    # an async one's function at once to make its task: so this one is
+    # "async", does its work in that call and returns a finished coroutine,
+    # and the holder hears of the loss at the same point as with 0.32.
+    forget_holder(con)
+    holder_ref = weakref.ref(holder)
+    con_ref = weakref.ref(con)
+
+    def on_close(_: Any) -> Any:
+        found, dead = holder_ref(), con_ref()
+        if dead is not None:
+            # asyncpg is iterating this set of listeners: the pool's reaction
+            # (forget_holder, or a terminate() whose own cleanup clears the
+            # listeners) must not change it under that loop. A fresh set
+            # takes those changes; the loop still calls the others.
+            _CLOSE_LISTENERS.pop(dead, None)
+            dead._termination_listeners = set()
+        if found is not None and dead is not None and found._con is dead:
+            proxy = dead._proxy
+            if proxy is not None:
+                try:
+                    proxy._holder  # noqa: B018  (alive: asyncpg tells the holder itself, right after)
+                    return _done()
+                except ReferenceError:
+                    dead._set_proxy(None)
+            found._release_on_close()
+        return _done()
+
+    listener = _pg_connection._Callback(on_close, True)  # type: ignore[attr-defined]
+    _CLOSE_LISTENERS[con] = listener
+    con._termination_listeners.add(listener)
 
 
 def forget_holder(con: RawConnection) -> None:
-    con._pool_holder = None
+    if HAS_POOL_HOLDER:
+        con._pool_holder = None
+        return
+    listener = _CLOSE_LISTENERS.pop(con, None)
+    if listener is not None:
+        con._termination_listeners.discard(listener)
 
 
 def queries_count(con: RawConnection) -> int:
@@ -100,13 +178,63 @@ def queries_count(con: RawConnection) -> int:
     return int(con._protocol.queries_count)
 
 
+@types.coroutine
+def _next_iteration() -> Generator[None, None, None]:
+    yield  # what asyncio.sleep(0) does (without the name tests patch)
+
+
+async def connect_settled() -> None:
+    """Let asyncpg's ``connect()`` finish with a new connection before the
+    pool counts references to it: 0.31 leaves a task referring to it (it
+    closes the other hosts' candidates) until the next loop iteration.
+    A no-op on asyncpg 0.32, which has no such task."""
+    if not HAS_POOL_HOLDER:
+        await _next_iteration()
+
+
 def is_cancelling(con: RawConnection) -> bool:
     protocol = con._protocol
-    return protocol is not None and bool(protocol._is_cancelling())
+    if protocol is None:
+        return False
+    if not HAS_POOL_HOLDER and con.is_closed():
+        # asyncpg 0.32 completes the cancellation futures when the socket
+        # closes; before, they stay pending with nothing left to answer them.
+        return False
+    return bool(protocol._is_cancelling())
 
 
 async def wait_for_cancellation(con: RawConnection, timeout: float | None = None) -> None:
-    await con._protocol._wait_for_cancellation(timeout)
+    """Wait until the server answered a cancelled query.
+
+    :param timeout: seconds, or None to wait as long as it takes.
+    :raises TimeoutError: not answered in time; the connection is then
+        terminated (a new query could not use it), as asyncpg 0.32 does.
+        With asyncpg < 0.32 the connection may also come back terminated
+        (see below).
+    """
+    protocol = con._protocol
+    if HAS_POOL_HOLDER:  # 0.32+: the timeout is asyncpg's
+        await protocol._wait_for_cancellation(timeout)
+        return
+    if not is_cancelling(con):
+        return
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(protocol._wait_for_cancellation())
+    except TimeoutError:
+        con.terminate()
+        raise
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # this task was cancelled
+        # asyncpg < 0.32 has every query await its cancellation futures
+        # unshielded: a task cancelled there (a transaction's ROLLBACK on
+        # the way out of a double cancel) cancelled them. They never resolve
+        # now and every later query on the connection would raise
+        # CancelledError: give the connection up, as asyncpg does when its
+        # own background cancel gives up (the caller sees it closed).
+        con.terminate()
 
 
 def is_usable(con: RawConnection) -> bool:
@@ -145,9 +273,10 @@ def on_release(con: RawConnection) -> None:
 def has_callbacks(con: RawConnection) -> bool:
     """Callbacks the application registered on the connection: asyncpg keeps
     calling them for as long as the connection is leased."""
-    return bool(
-        con._listeners or con._log_listeners or con._termination_listeners or con._query_loggers
-    )
+    termination = con._termination_listeners
+    if termination and not HAS_POOL_HOLDER:
+        termination = termination - {_CLOSE_LISTENERS.get(con)}
+    return bool(con._listeners or con._log_listeners or termination or con._query_loggers)
 
 
 def reference_count(con: RawConnection) -> int:
@@ -193,7 +322,26 @@ async def base_reset(con: RawConnection) -> None:
     """asyncpg's ``Connection._reset()``: what its pool runs before a
     ``reset=`` hook (report and roll back an open transaction, drop
     listeners)."""
-    await con._reset()
+    if HAS_PUBLIC_RESET_QUERY:
+        await con._reset()
+        return
+    # asyncpg 0.29: the first half of its Connection.reset(), as 0.30 split it.
+    con._check_open()
+    if warn_open_transaction(con):
+        await con.execute("ROLLBACK")
+
+
+def reset_query(con: RawConnection) -> str:
+    """``con.get_reset_query()`` (asyncpg 0.30+; 0.29: ``_get_reset_query()``)."""
+    if HAS_PUBLIC_RESET_QUERY:
+        return str(con.get_reset_query())
+    return str(con._get_reset_query())
+
+
+def overrides_reset_query(connection_class: type) -> bool:
+    """Whether a ``connection_class`` overrides asyncpg's reset query."""
+    name = "get_reset_query" if HAS_PUBLIC_RESET_QUERY else "_get_reset_query"
+    return getattr(connection_class, name) is not getattr(_pg_connection.Connection, name)
 
 
 def detach_proxy(con: RawConnection, expired_reason: str | None = None) -> None:

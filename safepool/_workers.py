@@ -58,6 +58,11 @@ async def connect(
     con = await open_connection(
         *args, loop=loop, connection_class=connection_class, record_class=record_class, **kwargs
     )
+    try:
+        await _pg.connect_settled()  # asyncpg 0.31: before the pool counts references to it
+    except BaseException:
+        con.terminate()
+        raise
     if not isinstance(con, connection_class):
         good = f"{connection_class.__module__}.{connection_class.__name__}"
         bad_type = type(con)
@@ -200,7 +205,7 @@ async def _send_reset(con: RawConnection, rollback: bool, hooks: ResetHooks, bud
             await con.reset(timeout=budget)  # sees the lease's state, as with asyncpg
         return
     rollback = rollback or con.is_in_transaction()
-    query = con.get_reset_query() if hooks.full else ""
+    query = _pg.reset_query(con) if hooks.full else ""
     if rollback:
         query = f"ROLLBACK;\n{query}" if query else "ROLLBACK"
     if query:

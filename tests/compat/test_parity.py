@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 
 import safepool
+from tests._util import skip_before_asyncpg
 
 MakePool = Callable[..., Awaitable[Any]]
 
@@ -101,6 +102,7 @@ async def test_release_of_a_foreign_connection_raises(make_pool: MakePool, pg_ds
 
 @pytest.mark.asyncio
 async def test_pool_query_shortcuts(make_pool: MakePool) -> None:
+    skip_before_asyncpg((0, 30), "Connection.fetchmany() and Pool.fetchmany()")
     pool = await make_pool()
     assert await pool.fetchval("SELECT $1::int + 1", 41) == 42
     row = await pool.fetchrow("SELECT 1 AS a, 'x' AS b")
@@ -267,7 +269,11 @@ async def test_inactive_connections_above_min_size_are_closed(make_pool: MakePoo
 
 
 @pytest.mark.asyncio
-async def test_min_size_floor_is_restored_after_a_lost_connection(make_pool: MakePool, pg_dsn: str) -> None:
+async def test_min_size_floor_is_restored_after_a_lost_connection(
+    make_pool: MakePool, pg_dsn: str, flavour: str
+) -> None:
+    if flavour == "asyncpg":
+        skip_before_asyncpg((0, 32), "asyncpg's pool restores min_size after a lost connection")
     pool = await make_pool(min_size=2, max_size=3)
     async with pool.acquire() as con:
         pid = con.get_server_pid()
@@ -283,7 +289,9 @@ async def test_min_size_floor_is_restored_after_a_lost_connection(make_pool: Mak
 
 
 @pytest.mark.asyncio
-async def test_hooks_are_called_like_asyncpg(make_pool: MakePool) -> None:
+async def test_hooks_are_called_like_asyncpg(make_pool: MakePool, flavour: str) -> None:
+    if flavour == "asyncpg":
+        skip_before_asyncpg((0, 30), "create_pool(connect=)")
     calls: dict[str, int] = {"connect": 0, "init": 0, "setup": 0, "reset": 0}
 
     async def connect(*args: Any, **kwargs: Any) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 import safepool
+from tests._util import asyncpg_version
 
 from ._harness import Ledger, ServerSampler, assert_books_balance, closing, loop_errors, scale
 from ._pg import Cluster
@@ -163,7 +164,11 @@ async def test_recovery_is_as_fast_as_asyncpgs(running: Cluster, app_name: str, 
         safepool_connect_attempts_while_down=connects_while_down,
         ledgers={kind: ledger.summary() for kind, ledger in ledgers.items()},
     )
-    assert recovery["safepool"] < 0.1, recovery
+    # asyncpg before 0.32 takes longer itself to connect again (its own pool
+    # measured 20-190 ms on a loaded 2-core machine, 0.32 1-40 ms): there the
+    # bound is asyncpg's own recovery plus the same 100 ms.
+    bound = 0.1 if asyncpg_version() >= (0, 32) else 0.1 + recovery["asyncpg"]
+    assert recovery["safepool"] < bound, recovery
     assert "ServerUnavailableError" not in ledgers["safepool"].errors, ledgers["safepool"].summary()
     # At most one probe per 25 ms (refused_cap / 2), plus the first burst.
     assert connects_while_down <= downtime / 0.025 + MAX_SIZE, connects_while_down

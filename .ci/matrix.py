@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""The version matrix: safepool's suites on every supported Python x asyncpg.
+
+Usage: python3 .ci/matrix.py        (from .ci/run, after the README test command)
+
+Each cell runs the unit, io, compat and fault suites (``CELL_SUITES``) on asyncio
+with one Python and one pinned asyncpg; one more cell runs the compat,
+integration and fault suites on uvloop with the newest pair. At the end it
+prints the table (rows Python, columns asyncpg; cells passed/failed/skipped
+and wall time) and exits non-zero if any cell failed.
+
+Environments live in .ci/.venvs/ (git-ignored) and are reused while nothing
+they were built from changed:
+
+- ``py3.X/``: one venv per Python with ``pip install -e '.[test]'``; rebuilt
+  when pyproject.toml, the interpreter or this script's ``LAYOUT`` changes
+  (a hash of them sits in ``py3.X/.matrix-stamp``).
+- ``py3.X/asyncpg-V/``: the pinned asyncpg alone (``pip install --no-deps
+  --target``), put first on PYTHONPATH for that cell, so the cells of one
+  Python share the venv and differ only in asyncpg.
+
+Knobs (environment): SAFEPOOL_MATRIX_JOBS (cells at once, default 2: see
+docs/compatibility.md for the measurement), SAFEPOOL_MATRIX_PYTHONS and
+SAFEPOOL_MATRIX_ASYNCPG (comma-separated subsets, e.g. "3.13" / "0.29.0"),
+SAFEPOOL_MATRIX_UVLOOP=0 (skip the uvloop cell).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PYTHONS = ("3.11", "3.12", "3.13")
+ASYNCPG = ("0.29.0", "0.30.0", "0.31.0", "0.32.0")
+CELL_SUITES = ("tests/unit", "tests/io", "tests/compat", "tests/faults")
+UVLOOP_SUITES = ("tests/compat", "tests/integration", "tests/faults")
+# Pairs that asyncpg itself does not support: shown, not run.
+UNSUPPORTED = {("3.13", "0.29.0"): "asyncpg 0.29 has no Python 3.13 build (wheels up to 3.12, Cython 0.29)"}
+CELL_TIMEOUT = 900
+MAX_RERUNS = 3  # a cell with more failures than this is not run again  # s; a cell takes 1-2 minutes
+LAYOUT = "1"  # bump to rebuild every cached venv
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".ci" / ".venvs"
+LOGS = CACHE / "logs"
+_print_lock = threading.Lock()
+
+
+def say(message: str) -> None:
+    with _print_lock:
+        print(f"matrix: {message}", flush=True)
+
+
+@dataclass
+class Cell:
+    python: str
+    asyncpg: str
+    suites: tuple[str, ...] = CELL_SUITES
+    loop: str = "asyncio"
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    status: str = "pending"  # pending, ok, failed, error, n/a
+    note: str = ""
+    log: Path = field(default_factory=Path)
+    flaky: list[str] = field(default_factory=list)  # failed, then passed when run again
+
+    @property
+    def name(self) -> str:
+        loop = "" if self.loop == "asyncio" else f"-{self.loop}"
+        return f"py{self.python}-asyncpg{self.asyncpg}{loop}"
+
+    def text(self) -> str:
+        if self.status == "n/a":
+            return "n/a"
+        if self.status == "error":
+            return f"ERROR ({self.note})"
+        mark = "" if self.status == "ok" else "FAIL "
+        rerun = f" ({len(self.flaky)} rerun)" if self.flaky else ""
+        return f"{mark}{self.passed}/{self.failed}/{self.skipped} {self.seconds:.0f}s{rerun}"
+
+
+def find_python(version: str) -> str | None:
+    """The interpreter for ``version`` (e.g. "3.12"): pyenv's versions first,
+    then ``python3.12`` on PATH; None when there is none that runs."""
+    roots = [os.environ.get("PYENV_ROOT", ""), str(Path.home() / ".pyenv")]
+    candidates = []
+    for root in filter(None, roots):
+        found = sorted(glob.glob(f"{root}/versions/{version}.*/bin/python{version}"), reverse=True)
+        candidates += [c for c in found if Path(c).parent.parent.name.replace(".", "").isdigit()]
+    on_path = shutil.which(f"python{version}")
+    if on_path:
+        candidates.append(on_path)
+    for candidate in candidates:
+        check = subprocess.run(
+            [candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True, text=True,
+        )
+        if check.returncode == 0 and check.stdout.strip() == version:
+            return candidate
+    return None
+
+
+def run_logged(cmd: list[str], log: Path, *, env: dict[str, str] | None = None, timeout: float) -> int:
+    """Run ``cmd`` with its output appended to ``log``; kill its process group on timeout."""
+    with open(log, "a") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            out.write(f"\nmatrix: killed after {timeout:.0f} s\n")
+            return -9
+
+
+def stamp_of(python: str) -> str:
+    version = subprocess.run([python, "-c", "import sys; print(sys.version)"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256()
+    for part in (LAYOUT, version, str(ROOT), (ROOT / "pyproject.toml").read_text()):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def ensure_venv(version: str) -> Path:
+    """The cached venv for ``version`` with safepool[test], built if stale."""
+    python = find_python(version)
+    if python is None:
+        raise RuntimeError(f"no Python {version} found (pyenv versions or python{version} on PATH)")
+    venv = CACHE / f"py{version}"
+    stamp_file = venv / ".matrix-stamp"
+    stamp = stamp_of(python)
+    if stamp_file.exists() and stamp_file.read_text() == stamp and (venv / "bin" / "python").exists():
+        return venv
+    say(f"building {venv.relative_to(ROOT)} (Python {version})")
+    shutil.rmtree(venv, ignore_errors=True)
+    log = LOGS / f"venv-py{version}.log"
+    log.unlink(missing_ok=True)
+    started = time.monotonic()
+    if run_logged([python, "-m", "venv", str(venv)], log, timeout=300) != 0 or run_logged(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-e", ".[test]"], log, timeout=1200
+    ) != 0:
+        raise RuntimeError(f"installing safepool[test] on Python {version} failed; see {log}")
+    stamp_file.write_text(stamp)
+    say(f"built {venv.relative_to(ROOT)} in {time.monotonic() - started:.0f} s")
+    return venv
+
+
+def ensure_asyncpg(venv: Path, version: str) -> Path:
+    """A directory holding asyncpg ``version`` alone, for PYTHONPATH."""
+    target = venv / f"asyncpg-{version}"
+    done = target / ".matrix-complete"
+    if done.exists():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    log = LOGS / f"{venv.name}-asyncpg{version}-install.log"
+    log.unlink(missing_ok=True)
+    cmd = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--only-binary", "asyncpg",
+           "--target", str(target), f"asyncpg=={version}"]
+    if run_logged(cmd, log, timeout=600) != 0:
+        shutil.rmtree(target, ignore_errors=True)
+        raise RuntimeError(f"no installable asyncpg {version} for {venv.name} (see {log.relative_to(ROOT)})")
+    done.write_text(version)
+    return target
+
+
+def fetch_asyncpg_sources(versions: tuple[str, ...]) -> None:
+    """asyncpg's own tests for the compat suite, from each release's source
+    distribution, into its cache (tests/compat/asyncpg_suite.py), fetched
+    with this interpreter: pip builds an sdist's metadata on download, which
+    on a Python that asyncpg's pinned Cython has no wheel for means compiling
+    Cython in every cell."""
+    log = LOGS / "asyncpg-sources.log"
+    log.unlink(missing_ok=True)
+    cmd = [sys.executable, str(ROOT / "tests" / "compat" / "asyncpg_suite.py"), "--fetch", *versions]
+    if run_logged(cmd, log, timeout=900) != 0:
+        say(f"could not fetch every asyncpg source distribution (see {log.relative_to(ROOT)})")
+
+
+def junit_failures(path: Path) -> list[str]:
+    """Node ids of the failed tests in a JUnit XML report."""
+    failed = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        if case.find("failure") is None and case.find("error") is None:
+            continue
+        parts = (case.get("classname") or "").split(".")
+        for cut in range(len(parts), 0, -1):  # the module is the longest prefix that is a file
+            if (ROOT / Path(*parts[:cut])).with_suffix(".py").is_file():
+                failed.append("::".join(["/".join(parts[:cut]) + ".py", *parts[cut:], case.get("name", "")]))
+                break
+        else:
+            return []  # not mapped back to a node id: no rerun
+    return failed
+
+
+def junit_counts(path: Path) -> tuple[int, int, int]:
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    tests = failed = skipped = 0
+    for suite in suites:
+        tests += int(suite.get("tests", 0))
+        failed += int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+        skipped += int(suite.get("skipped", 0))
+    return tests - failed - skipped, failed, skipped
+
+
+def run_cell(cell: Cell, venv: Path, overlay: Path) -> None:
+    cell.log = LOGS / f"{cell.name}.log"
+    cell.log.unlink(missing_ok=True)
+    xml = LOGS / f"{cell.name}.xml"
+    xml.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(overlay)}
+    env.pop("VIRTUAL_ENV", None)
+    # A short, private --basetemp: pytest's default (/tmp/pytest-of-USER/pytest-N/, N growing with every
+    # session on the machine) can push a test's embedded PostgreSQL socket path past the 107-byte limit.
+    basetemp = tempfile.mkdtemp(prefix="spm-")
+    pytest = [str(venv / "bin" / "python"), "-m", "pytest", "-q", f"--loop={cell.loop}", "-o", "junit_family=xunit2",
+              f"--basetemp={basetemp}"]
+    cmd = [*pytest, *cell.suites, f"--junitxml={xml}"]
+    say(f"{cell.name}: running {' '.join(cell.suites)} on {cell.loop}")
+    started = time.monotonic()
+    rc = run_logged(cmd, cell.log, env=env, timeout=CELL_TIMEOUT)
+    cell.seconds = time.monotonic() - started
+    if xml.exists():
+        cell.passed, cell.failed, cell.skipped = junit_counts(xml)
+        failed = junit_failures(xml) if rc == 1 else []
+        if failed and len(failed) <= MAX_RERUNS:
+            # Timing-sensitive tests on a shared machine: run the failed ones
+            # once more; the table says how many passed only then.
+            rerun_xml = LOGS / f"{cell.name}-rerun.xml"
+            rerun_xml.unlink(missing_ok=True)
+            say(f"{cell.name}: {len(failed)} failed, running them again: {' '.join(failed)}")
+            rerun = [*pytest, *failed, f"--junitxml={rerun_xml}"]
+            rerun_rc = run_logged(rerun, cell.log, env=env, timeout=CELL_TIMEOUT)
+            if rerun_rc == 0:
+                cell.flaky = failed
+                cell.passed += len(failed)
+                cell.failed = 0
+                rc = 0
+            cell.seconds = time.monotonic() - started
+    shutil.rmtree(basetemp, ignore_errors=True)
+    if rc == 0 and cell.passed > 0:
+        cell.status = "ok"
+    elif xml.exists() and (cell.failed or rc != 0):
+        cell.status = "failed"
+        cell.failed = max(cell.failed, 1)
+    else:
+        cell.status, cell.note = "error", f"pytest exit {rc}"
+    say(f"{cell.name}: {cell.status}, {cell.passed} passed, {cell.failed} failed, {cell.skipped} skipped "
+        f"in {cell.seconds:.0f} s")
+    if cell.status != "ok":
+        tail = cell.log.read_text(errors="replace").splitlines()[-40:]
+        with _print_lock:
+            print(f"---- {cell.log.relative_to(ROOT)} (last 40 lines)", *tail, "----", sep="\n", flush=True)
+
+
+def selected(env_name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = os.environ.get(env_name, "").strip()
+    return tuple(v.strip() for v in raw.split(",") if v.strip()) if raw else default
+
+
+def table(cells: list[Cell], pythons: tuple[str, ...], versions: tuple[str, ...]) -> str:
+    by_key = {(c.python, c.asyncpg, c.loop): c for c in cells}
+    header = ["Python \\ asyncpg", *versions]
+    rows = [header]
+    rows += [[python, *(by_key[(python, v, "asyncio")].text() for v in versions)] for python in pythons]
+    for cell in cells:
+        if cell.loop != "asyncio":
+            row = [f"{cell.python} {cell.loop}*"] + ["" for _ in versions]
+            row[1 + versions.index(cell.asyncpg)] = cell.text()
+            rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(r[i].ljust(widths[i]) for i in range(len(header))) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    pythons = selected("SAFEPOOL_MATRIX_PYTHONS", PYTHONS)
+    versions = selected("SAFEPOOL_MATRIX_ASYNCPG", ASYNCPG)
+    jobs = max(1, int(os.environ.get("SAFEPOOL_MATRIX_JOBS", "2")))
+    uvloop = os.environ.get("SAFEPOOL_MATRIX_UVLOOP", "1") != "0"
+    LOGS.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    cells = [Cell(p, v) for p in pythons for v in versions]
+    for cell in cells:
+        if (cell.python, cell.asyncpg) in UNSUPPORTED:
+            cell.status, cell.note = "n/a", UNSUPPORTED[(cell.python, cell.asyncpg)]
+    if uvloop:
+        cells.append(Cell(pythons[-1], versions[-1], suites=UVLOOP_SUITES, loop="uvloop"))
+
+    overlay_locks = {(c.python, c.asyncpg): threading.Lock() for c in cells}
+
+    def run(cell: Cell, venv_future: concurrent.futures.Future[Path]) -> None:
+        try:
+            venv = venv_future.result()
+            with overlay_locks[(cell.python, cell.asyncpg)]:  # the uvloop cell shares its pair's
+                overlay = ensure_asyncpg(venv, cell.asyncpg)
+        except RuntimeError as error:
+            cell.status, cell.note = "error", str(error)
+            say(f"{cell.name}: {error}")
+            return
+        run_cell(cell, venv, overlay)
+
+    # Venvs are built JOBS at a time, newest Python first; cells run JOBS at
+    # a time as their venv is ready: the uvloop cell (the longest) first,
+    # then newest Python and asyncpg first.
+    def rank(cell: Cell) -> tuple[bool, int, tuple[int, ...]]:
+        return cell.loop == "asyncio", -pythons.index(cell.python), tuple(-int(x) for x in cell.asyncpg.split("."))
+
+    order = sorted((c for c in cells if c.status != "n/a"), key=rank)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as builds, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as runs:
+        sources = builds.submit(fetch_asyncpg_sources, versions)
+        venvs = {p: builds.submit(ensure_venv, p) for p in reversed(pythons)}
+        sources.result()
+        for future in [runs.submit(run, cell, venvs[cell.python]) for cell in order]:
+            future.result()
+
+    total = time.monotonic() - started
+    print()
+    print(f"Version matrix: {', '.join(CELL_SUITES)} on asyncio per cell (passed/failed/skipped, wall time);")
+    if uvloop:
+        print(f"* {', '.join(UVLOOP_SUITES)} on uvloop. {jobs} cell(s) at once, {total:.0f} s in all.")
+    print(table(cells, pythons, versions))
+    for cell in cells:
+        if cell.status in ("error", "n/a"):
+            print(f"{cell.name}: {cell.status}: {cell.note}")
+        for test in cell.flaky:
+            print(f"{cell.name}: failed, then passed when run again: {test}")
+    bad = [c.name for c in cells if c.status not in ("ok", "n/a")]
+    passed = sum(c.passed for c in cells)
+    failed = sum(c.failed for c in cells) + sum(1 for c in cells if c.status == "error")
+    skipped = sum(c.skipped for c in cells)
+    if bad:
+        print(f"matrix: cells not passing: {', '.join(bad)} (logs in {LOGS.relative_to(ROOT)}/)")
+    print(f"matrix: {passed} passed, {failed} failed, {skipped} skipped")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
