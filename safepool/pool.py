@@ -225,9 +225,7 @@ class Pool:
         # hook's case); it and an overridden get_reset_query() run on every
         # release as with asyncpg, statement or not.
         self._custom_reset = reset is not None or connection_class.reset is not _pg_connection.Connection.reset
-        self._always_reset = (
-            self._custom_reset or connection_class.get_reset_query is not _pg_connection.Connection.get_reset_query
-        )
+        self._always_reset = self._custom_reset or _pg.overrides_reset_query(connection_class)
 
         self._state = PoolState(
             max_size=max_size,
@@ -540,7 +538,7 @@ class Pool:
                     if runner.reset_watchdog is None:
                         runner.watch_resets()
                 if state.full_reset(holder.clean_mark == -1):
-                    query = con.get_reset_query()
+                    query = _pg.reset_query(con)
                     if rollback:
                         query = f"ROLLBACK;\n{query}"
                 else:
