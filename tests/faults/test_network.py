@@ -194,7 +194,14 @@ async def test_resets_mid_query_under_load(running: Cluster, app_name: str, repo
                     resets += proxy.reset_all()
                 await asyncio.wait_for(asyncio.gather(*tasks), 10)
                 await assert_books_balance(pool, sampler)
-                assert await pool.fetchval("SELECT 1") == 1
+                # The last reset_all() may have killed an idle connection whose
+                # socket event the loop has not processed yet: its next
+                # statement fails (so it would on asyncpg's pool) and the pool
+                # replaces it. The one after must succeed.
+                try:
+                    assert await pool.fetchval("SELECT 1") == 1
+                except asyncpg.PostgresConnectionError:
+                    assert await pool.fetchval("SELECT 1") == 1
             assert not unhandled, unhandled
     ledger.check()
     report(connections_reset=resets, ledger=ledger.summary(), max_server_connections=sampler.max_seen)
