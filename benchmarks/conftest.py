@@ -4,7 +4,7 @@ Quick mode (the default) is the CI guard: it runs inside the normal
 ``pytest`` run in about a minute. Full mode (``--safepool-bench-full`` or
 ``SAFEPOOL_BENCH=full``) measures longer, turns pytest-benchmark on, and
 writes ``benchmarks/results/latest.json`` (pytest-benchmark's JSON, not
-committed), ``benchmarks/results/latest.md`` and the table in
+committed), ``benchmarks/results/latest-<loop>.md`` and the table in
 ``docs/performance.md``.
 """
 
