@@ -19,7 +19,7 @@ they were built from changed:
   --target``), put first on PYTHONPATH for that cell, so the cells of one
   Python share the venv and differ only in asyncpg.
 
-Knobs (environment): SAFEPOOL_MATRIX_JOBS (cells at once, default 2: see
+Knobs (environment): SAFEPOOL_MATRIX_JOBS (cells at once, default 3: see
 docs/compatibility.md for the measurement), SAFEPOOL_MATRIX_PYTHONS and
 SAFEPOOL_MATRIX_ASYNCPG (comma-separated subsets, e.g. "3.13" / "0.29.0"),
 SAFEPOOL_MATRIX_UVLOOP=0 (skip the uvloop cell).
@@ -299,7 +299,7 @@ def table(cells: list[Cell], pythons: tuple[str, ...], versions: tuple[str, ...]
 def main() -> int:
     pythons = selected("SAFEPOOL_MATRIX_PYTHONS", PYTHONS)
     versions = selected("SAFEPOOL_MATRIX_ASYNCPG", ASYNCPG)
-    jobs = max(1, int(os.environ.get("SAFEPOOL_MATRIX_JOBS", "2")))
+    jobs = max(1, int(os.environ.get("SAFEPOOL_MATRIX_JOBS", "3")))
     uvloop = os.environ.get("SAFEPOOL_MATRIX_UVLOOP", "1") != "0"
     LOGS.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
