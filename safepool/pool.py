@@ -537,12 +537,7 @@ class Pool:
                     holder.reset_since = now
                     if runner.reset_watchdog is None:
                         runner.watch_resets()
-                if state.full_reset(holder.clean_mark == -1):
-                    query = _pg.reset_query(con)
-                    if rollback:
-                        query = f"ROLLBACK;\n{query}"
-                else:
-                    query = "ROLLBACK" if rollback else ""
+                query = _workers.reset_message(con, state.full_reset(holder.clean_mark == -1), rollback)
                 return _Driver(_workers.reset_inline(con, query, budget, holder, runner.reset_done), self._spawn)
         else:
             if outcome is ReleaseOutcome.DISCARD and usable:
