@@ -237,10 +237,6 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
         con.terminate()
 
 
-def is_usable(con: RawConnection) -> bool:
-    return con._protocol is not None and not con.is_closed()
-
-
 # What a released connection needs: safepool._state.Observed, as plain ints
 # here (the adapter does not import the core).
 UNUSABLE, USED_UP, MUST_RESET, DIRTY, CLEAN = 0, 1, 2, 3, 4
