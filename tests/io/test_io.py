@@ -14,55 +14,11 @@ import pytest
 import pytest_asyncio
 
 import safepool
-from safepool import ManualClock
 
-from .fake import FakeConnection, FakeServer
+from .fake import FakeServer
+from .rig import Rig, make_rig, spin
 
 pytestmark = pytest.mark.asyncio
-
-
-async def spin(times: int = 10) -> None:
-    """Let every ready callback run (the pool's tasks, the drivers)."""
-    for _ in range(times):
-        await asyncio.sleep(0)
-
-
-class Rig:
-    def __init__(self, server: FakeServer, clock: ManualClock, pool: safepool.Pool) -> None:
-        self.server = server
-        self.clock = clock
-        self.pool = pool
-
-    def books(self, *, size: int | None = None, idle: int | None = None, in_use: int = 0) -> None:
-        """The core's invariants, and what the fake server says is open."""
-        state = self.pool._state
-        state.check_invariants()
-        assert state.in_use == in_use
-        if size is not None:
-            assert state.size == size
-            assert len(self.server.open()) == state.connected()
-        if idle is not None:
-            assert state.idle == idle
-
-    async def lease(self, **kwargs: Any) -> Any:
-        """An acquired connection (its connect completed if one was needed)."""
-        task = asyncio.ensure_future(self.pool.acquire(**kwargs))
-        await spin()
-        while self.server.connects:
-            self.server.finish_connect()
-            await spin()
-        return await task
-
-
-async def make_rig(**options: Any) -> Rig:
-    server = FakeServer()
-    clock = ManualClock()
-    options.setdefault("min_size", 0)
-    options.setdefault("max_size", 2)
-    pool = await safepool.create_pool(
-        connect=server.connect, connection_class=FakeConnection, clock=clock, **options
-    )
-    return Rig(server, clock, pool)
 
 
 @pytest_asyncio.fixture
@@ -319,3 +275,63 @@ async def test_max_queries_closes_on_release() -> None:
     rig.books(size=0)
     assert rig.server.closed
     rig.pool.terminate()
+
+
+# terminate() cancels every pool task (_runner.py, Runner.terminate_all); a
+# task cancelled before its first step never runs its coroutine, so the
+# cleanup each one keeps in try/except/finally (close_connection's
+# slot_closed, reset_slot's settle of the releasing caller's future,
+# connect_slot's connect_cancelled) never runs, and discard() skips CLOSING
+# and CONNECTING slots. Found by tests/io/test_sweep.py
+# (close_with_leases-cancel-7); here without any cancellation: terminate()
+# in the same loop iteration as the action that spawned the task.
+TERMINATE_BEFORE_TASKS_START = (
+    "safepool bug: terminate() cancels pool tasks before they start; their cleanup never runs"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=TERMINATE_BEFORE_TASKS_START)
+async def test_terminate_right_after_expire_closes_every_connection() -> None:
+    server = FakeServer(suspending=True)
+    rig = await make_rig(server, min_size=2, max_size=2)
+    await rig.pool.expire_connections()  # both idle connections: a close task each
+    rig.pool.terminate()  # before those tasks ran
+    await spin()
+    try:
+        assert not server.open(), "connections left open on the server"
+        assert rig.pool._state.size == 0, [slot.state.value for slot in rig.pool._state.slots()]
+    finally:
+        for con in server.open():
+            con.terminate()
+
+
+@pytest.mark.xfail(strict=True, reason=TERMINATE_BEFORE_TASKS_START)
+async def test_terminate_before_a_custom_reset_runs_lets_release_return() -> None:
+    server = FakeServer(suspending=True)
+
+    async def reset(con: Any) -> None:
+        await con.execute("CUSTOM RESET")
+
+    rig = await make_rig(server, min_size=1, max_size=1, reset=reset)
+    con = await rig.pool.acquire()
+    release = asyncio.ensure_future(rig.pool.release(con))
+    await asyncio.sleep(0)  # release() spawned the reset task and waits for it
+    rig.pool.terminate()  # before the reset task ran
+    await spin()
+    try:
+        assert release.done(), "release() waits for ever for a reset that will never run"
+    finally:
+        release.cancel()
+
+
+@pytest.mark.xfail(strict=True, reason=TERMINATE_BEFORE_TASKS_START)
+async def test_terminate_before_a_connect_runs_frees_the_slot() -> None:
+    server = FakeServer(suspending=True)
+    rig = await make_rig(server, min_size=0, max_size=1)
+    acquire = asyncio.ensure_future(rig.pool.acquire())
+    await asyncio.sleep(0)  # acquire() queued a connect task
+    rig.pool.terminate()  # before the connect task ran
+    with pytest.raises(safepool.PoolClosedError):
+        await acquire
+    await spin()
+    assert rig.pool._state.size == 0, [slot.state.value for slot in rig.pool._state.slots()]
