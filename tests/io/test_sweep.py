@@ -7,11 +7,13 @@ acknowledgement) and every await of the scenario's own task (``acquire``
 waiting for a connection, ``release`` waiting for a reset or close,
 ``close()`` waiting for leases) is a suspension point, counted in order: N of
 them while the scenario's task runs. Then for every k < N the scenario runs
-again and its task is cancelled exactly at point k, in each of four ways:
+again and its task is cancelled exactly at point k, in each of five ways:
 
 - ``cancel``: ``task.cancel()`` once;
 - ``cancel2``: ``task.cancel()``, and again at the task's next suspension
   (while it handles the first: a ``finally``, ``async with``'s exit);
+- ``late``: ``task.cancel()`` two loop iterations after point k (the
+  operation awaited there has answered; the task has not resumed yet);
 - ``timeout``: the scenario runs under ``asyncio.timeout()``, whose
   deadline is moved to the past at point k (it cancels on the next loop
   iteration and raises ``TimeoutError``);
@@ -51,7 +53,7 @@ from .rig import Rig, make_rig
 
 pytestmark = pytest.mark.asyncio
 
-MODES = ("cancel", "cancel2", "timeout", "anyio")
+MODES = ("cancel", "cancel2", "late", "timeout", "anyio")
 # Loop iterations a settled case may take (the fake answers in one each).
 SETTLE_LIMIT = 500
 # asyncpg's report of a transaction left open at release (the rollback
@@ -90,6 +92,7 @@ class Sweep:
         self.target_yields = 0
         self.counted_ahead = False
         self.recancel_at: int | None = None
+        self.late_delivered = False  # "late": the task was still running when cancelled
 
     def live(self) -> bool:
         return self.target is not None and not self.target.done()
@@ -139,6 +142,9 @@ class Sweep:
             # Again at the task's next suspension: when the first cancel
             # lands on the one it is about to make (ahead), the one after.
             self.recancel_at = self.target_yields + (2 if ahead else 1)
+        elif self.mode == "late":
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self.cancel_late)
         elif self.mode == "timeout":
             assert self.timeout is not None
             self.timeout.reschedule(asyncio.get_running_loop().time() - 1)
@@ -147,6 +153,10 @@ class Sweep:
             self.scope.cancel()
         else:
             raise AssertionError(f"unknown mode {self.mode!r}")
+
+    def cancel_late(self) -> None:
+        assert self.target is not None
+        self.late_delivered = self.target.cancel()
 
 
 class _Counted:
@@ -335,6 +345,7 @@ class Outcome:
     cancelled: bool  # the task ended cancelled
     scope_caught: bool  # the anyio scope absorbed the cancellation
     fired: bool
+    late_delivered: bool
 
 
 def _settled(rig: Rig) -> bool:
@@ -386,7 +397,7 @@ async def run_case(scenario: Scenario, mode: str | None, at: int | None) -> Outc
                 break
             await asyncio.sleep(0)
         assert task.done(), f"the scenario did not end: {_describe(rig)}; points: {sweep.points}"
-        outcome = Outcome(sweep.points, None, task.cancelled(), False, sweep.fired)
+        outcome = Outcome(sweep.points, None, task.cancelled(), False, sweep.fired, sweep.late_delivered)
         if not task.cancelled():
             outcome.error = task.exception()
             if outcome.error is None:
@@ -464,6 +475,8 @@ _TERMINATE_BEFORE_CLOSE_TASKS_START = (
 KNOWN_BUGS = {
     "close_with_leases-cancel-7": _TERMINATE_BEFORE_CLOSE_TASKS_START,
     "close_with_leases-cancel2-7": _TERMINATE_BEFORE_CLOSE_TASKS_START,
+    "close_with_leases-late-5": _TERMINATE_BEFORE_CLOSE_TASKS_START,
+    "close_with_leases-late-6": _TERMINATE_BEFORE_CLOSE_TASKS_START,
     "close_with_leases-anyio-5": _TERMINATE_BEFORE_CLOSE_TASKS_START,
 }
 
@@ -503,6 +516,14 @@ async def test_cancel_at_every_point(scenario: Scenario, mode: str, k: int) -> N
         # The cancellation reaches the caller: never swallowed, never turned
         # into another error.
         assert outcome.cancelled, f"ended with {error!r}, not CancelledError; {where}"
+    elif mode == "late":
+        # Cancelled two loop iterations after point k (the awaited operation
+        # has answered, the task may not have resumed yet): if the task was
+        # still running, the cancellation reaches the caller.
+        if outcome.late_delivered:
+            assert outcome.cancelled, f"ended with {error!r}, not CancelledError; {where}"
+        else:
+            assert error is None and not outcome.cancelled, f"ended with {error!r}; {where}"
     elif mode == "timeout":
         # The deadline passes one iteration after point k: the scenario may
         # have finished meanwhile (its last point), else TimeoutError.
