@@ -507,10 +507,12 @@ class PoolState:
         # max_waiters bounds the tasks queued behind busy connections: those a
         # connect under way, or one the pool may still open, will serve, are
         # not an overload (else max_waiters=0 could never open a connection).
-        room = max(0, self.max_size - self._live()) + self._counts[S.CONNECTING]
-        if self.max_waiters is not None and self._waiting >= self.max_waiters + room:
-            self.counters.overload_rejections += 1
-            raise Overloaded
+        room = 0
+        if self.max_waiters is not None or self._policy is not None:
+            room = max(0, self.max_size - self._live()) + self._counts[S.CONNECTING]
+            if self.max_waiters is not None and self._waiting >= self.max_waiters + room:
+                self.counters.overload_rejections += 1
+                raise Overloaded
         if (
             self.breaker_threshold is not None
             and self.connect_failures >= self.breaker_threshold
@@ -529,7 +531,8 @@ class PoolState:
         self._waiting += 1
         if waiter.deadline is not None:
             self._push_timer(waiter.deadline, _WAITER_DEADLINE, waiter)
-        self._plan_connects(now)
+        if len(self._slots) < self.max_size:  # (else _plan_connects has nothing to do: the contended hot path)
+            self._plan_connects(now)
         return waiter
 
     def claim(self, waiter: Waiter, now: float) -> Lease:
@@ -694,7 +697,7 @@ class PoolState:
         if (
             self.closing
             or slot.generation != self.generation
-            or self._live() > self.max_size
+            or len(self._slots) - self._counts[S.CLOSING] > self.max_size  # _live(), inlined (hot path)
         ):
             self._start_close(slot)
             return

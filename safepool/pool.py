@@ -407,7 +407,8 @@ class Pool:
             ) from exc.last_error
         except Closed:
             raise PoolClosedError("pool is closing") from None
-        self._drain()  # also arms the timer for the waiter's deadline
+        if state.actions or waiter.deadline is not None or self._reporter.pending:
+            self._drain()  # also arms the timer for the waiter's deadline
         try:
             await future
         except asyncio.CancelledError:
@@ -472,9 +473,10 @@ class Pool:
                 self._reporter.emit_event("late_release", lease_id=connection._lease.id)
                 self._reporter.deliver()
             return
-        self._check_init()
+        phase = self._state.phase
+        if phase is not Phase.OPEN and phase is not Phase.CLOSING:
+            self._check_init()
         connection._detach()
-        _pg.on_release(con)
         if timeout is None:
             timeout = connection._holder.release_timeout
         done = self._end_lease(connection._lease, con, timeout)
@@ -496,7 +498,9 @@ class Pool:
         runner and the workers carry it out."""
         state = self._state
         if not lease.active:
-            return None  # taken back by the lease timeout while being released
+            # Taken back by the lease timeout while being released (the
+            # take-back ran asyncpg's _on_release already).
+            return None
         slot = lease.slot
         holder = self._slot_holders[slot]
         check = _pg.release_check(con, holder.clean_mark, self._max_queries)
