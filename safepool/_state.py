@@ -924,7 +924,9 @@ class PoolState:
             candidates.append(timers[0][0])
         if self.max_inactive_lifetime and self._idle and self._live() > self.min_size:
             candidates.append(self._idle[0].idle_since + self.max_inactive_lifetime)
-        if self.connect_failures and self._waiting:
+        if self.connect_failures and self._waiting and not self._counts[S.CONNECTING]:
+            # (While a probe connects, its outcome re-plans: a timer at a
+            # backoff_until already past would fire again and again.)
             candidates.append(self.backoff_until)
         return min(candidates) if candidates else None
 

@@ -407,8 +407,10 @@ class Pool:
             ) from exc.last_error
         except Closed:
             raise PoolClosedError("pool is closing") from None
-        if state.actions or waiter.deadline is not None or self._reporter.pending:
-            self._drain()  # also arms the timer for the waiter's deadline
+        if state.actions or waiter.deadline is not None or state.connect_failures or self._reporter.pending:
+            # Also arms the timer: for the waiter's deadline, or for the next
+            # connect attempt after a failure (none other depends on a waiter).
+            self._drain()
         try:
             await future
         except asyncio.CancelledError:

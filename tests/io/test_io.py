@@ -219,6 +219,29 @@ async def test_connect_failure_reaches_the_waiter(rig: Rig) -> None:
     rig.books(size=0)
 
 
+async def test_a_waiter_after_a_connect_failure_gets_the_next_attempt(rig: Rig) -> None:
+    """After a failed connect, the next acquire waits out the backoff: the
+    pool's timer must be armed for the retry, or the waiter waits forever
+    (asyncpg's test_pool_exception_in_setup_and_init hung so once)."""
+    first = asyncio.ensure_future(rig.pool.acquire())
+    await spin()
+    rig.server.finish_connect(ConnectionRefusedError("refused"))
+    with pytest.raises(ConnectionRefusedError):
+        await first
+    second = asyncio.ensure_future(rig.pool.acquire())
+    await spin()
+    assert not rig.server.connects, "retried before the backoff ended"
+    rig.clock.advance(60.0)
+    await spin()
+    assert len(rig.server.connects) == 1
+    rig.server.finish_connect()
+    await spin()
+    con = await second
+    rig.books(size=1, in_use=1)
+    await rig.pool.release(con)
+    rig.books(size=1, idle=1)
+
+
 async def test_terminate_while_connecting(rig: Rig) -> None:
     task = asyncio.ensure_future(rig.pool.acquire())
     await spin()
