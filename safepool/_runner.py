@@ -158,8 +158,10 @@ class Runner:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.connect_tasks: set[asyncio.Task[Any]] = set()
         self.slot_holders: dict[Slot, Holder] = {}
-        # Releases and failed setups that wait for their connection's close.
+        # Releases and failed setups that wait for their connection's close,
+        # and releases that wait for a reset in a pool task.
         self.closes_done: dict[Slot, asyncio.Future[None]] = {}
+        self.resets_done: dict[Slot, asyncio.Future[None]] = {}
         self.drained = asyncio.Event()
         self.terminating = False
         self.server_status = "up"
@@ -305,7 +307,8 @@ class Runner:
     ) -> None:
         """Reset a RESETTING slot's connection in a pool task, then hand it on
         or close it. Resolves ``done`` (the releasing caller's future) with
-        None, or with the reset's error once the connection was given up."""
+        None, or with the reset's error once the connection was given up
+        (``done`` is in ``resets_done`` from the spawn on, for terminate())."""
         # The caller's budget (release(timeout=), else the acquire's), or the
         # pool's reset_timeout; with neither, asyncpg's limits apply: its
         # background cancel gives up by closing the connection (then release
@@ -319,8 +322,10 @@ class Runner:
             error = await _workers.reset(con, rollback, self.hooks, budget, statement_limit)
         except BaseException:
             # Only terminate() cancels the pool's tasks: it has discarded the slot.
+            self.resets_done.pop(holder._slot, None)
             settle(done, None)
             raise
+        self.resets_done.pop(holder._slot, None)
         settle(done, self.reset_done(holder, con, error))
 
     def reset_done(
@@ -582,7 +587,10 @@ class Runner:
             self.drain()
 
     def slot_closed(self, slot: Slot) -> None:
-        """The slot's backend is gone: free its place, wake whoever waits for it."""
+        """The slot's backend is gone: free its place, wake whoever waits for
+        it. Idempotent (terminate() may have closed it first)."""
+        if slot.state is SlotState.CLOSED:
+            return
         self.state.closed(slot, self.now())
         settle(self.closes_done.pop(slot, None), None)
 
@@ -610,11 +618,25 @@ class Runner:
             # report them (they vanish from leases() below).
             for lease in state.leases():
                 self.reporter.emit("lease_ended", lease, now - lease.acquired_at, reason="terminate")
+        for task in list(self.tasks):
+            # A task cancelled before its first step never runs its cleanup:
+            # what the tasks would settle is settled below, synchronously,
+            # and their handlers find it done if they do run.
+            task.cancel()
         for slot in state.slots():
             if slot.connection is not None:
                 _pg.detach_proxy(slot.connection)
-            state.discard(slot, now)
-        for task in list(self.tasks):
-            task.cancel()  # connects record themselves as cancelled
+            if slot.state is SlotState.CONNECTING:
+                state.connect_cancelled(slot)  # (a connect that still completes terminates its connection)
+            elif slot.state is SlotState.CLOSING:
+                # Its close task was cancelled: abort the connection instead.
+                if slot.connection is not None:
+                    slot.connection.terminate()
+                self.slot_closed(slot)
+            else:
+                state.discard(slot, now)
+        for done in self.resets_done.values():
+            settle(done, None)  # releases waiting for a pool task's reset return
+        self.resets_done.clear()
         self.drain()
         self.cancel_timers()

@@ -518,7 +518,7 @@ class Pool:
             # releasing task. (A custom reset reports it itself, as asyncpg's.)
             if self._custom_reset or _pg.is_cancelling(con):
                 rollback = False if self._custom_reset else _pg.warn_open_transaction(con)
-                done = self._loop.create_future()
+                done = runner.resets_done[slot] = self._loop.create_future()
                 state.release(lease, self._now(), outcome)
                 self._spawn(runner.reset_slot(holder, con, timeout, rollback, done))
             else:

@@ -300,20 +300,13 @@ async def test_max_queries_closes_on_release() -> None:
     rig.pool.terminate()
 
 
-# terminate() cancels every pool task (_runner.py, Runner.terminate_all); a
-# task cancelled before its first step never runs its coroutine, so the
-# cleanup each one keeps in try/except/finally (close_connection's
-# slot_closed, reset_slot's settle of the releasing caller's future,
-# connect_slot's connect_cancelled) never runs, and discard() skips CLOSING
-# and CONNECTING slots. Found by tests/io/test_sweep.py
-# (close_with_leases-cancel-7); here without any cancellation: terminate()
-# in the same loop iteration as the action that spawned the task.
-TERMINATE_BEFORE_TASKS_START = (
-    "safepool bug: terminate() cancels pool tasks before they start; their cleanup never runs"
-)
+# terminate() in the same loop iteration as the action that spawned a pool
+# task: a task cancelled before its first step never runs its cleanup
+# (close_connection's slot_closed, reset_slot's settle of the releasing
+# caller's future, connect_slot's connect_cancelled), so terminate_all
+# settles those itself. Found by tests/io/test_sweep.py (close_with_leases-cancel-7).
 
 
-@pytest.mark.xfail(strict=True, reason=TERMINATE_BEFORE_TASKS_START)
 async def test_terminate_right_after_expire_closes_every_connection() -> None:
     server = FakeServer(suspending=True)
     rig = await make_rig(server, min_size=2, max_size=2)
@@ -328,7 +321,6 @@ async def test_terminate_right_after_expire_closes_every_connection() -> None:
             con.terminate()
 
 
-@pytest.mark.xfail(strict=True, reason=TERMINATE_BEFORE_TASKS_START)
 async def test_terminate_before_a_custom_reset_runs_lets_release_return() -> None:
     server = FakeServer(suspending=True)
 
@@ -347,7 +339,6 @@ async def test_terminate_before_a_custom_reset_runs_lets_release_return() -> Non
         release.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason=TERMINATE_BEFORE_TASKS_START)
 async def test_terminate_before_a_connect_runs_frees_the_slot() -> None:
     server = FakeServer(suspending=True)
     rig = await make_rig(server, min_size=0, max_size=1)

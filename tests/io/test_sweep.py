@@ -459,26 +459,9 @@ def _count(scenario: Scenario) -> list[str]:
         loop.close()
 
 
-# Known bugs in safepool (strict: a fix turns these into failures to remove).
-# close() cancelled while it waits for the leases, just after the last one
-# came back: that release's close tasks are spawned but have not run when
-# close()'s cancel path calls terminate(), which cancels them; a task
-# cancelled before its first step never runs its coroutine, so
-# close_connection's `finally: slot_closed()` never runs. The slots stay
-# CLOSING for ever and their connections stay open on the server
-# (_runner.py: terminate_all cancels, _state.discard skips CLOSING slots).
-# test_io.py's test_terminate_right_after_expire_* shows it without a cancel.
-_TERMINATE_BEFORE_CLOSE_TASKS_START = (
-    "safepool bug: terminate() cancels pool tasks that have not started (their cleanup never runs): "
-    "CLOSING slots and their connections leak"
-)
-KNOWN_BUGS = {
-    "close_with_leases-cancel-7": _TERMINATE_BEFORE_CLOSE_TASKS_START,
-    "close_with_leases-cancel2-7": _TERMINATE_BEFORE_CLOSE_TASKS_START,
-    "close_with_leases-late-5": _TERMINATE_BEFORE_CLOSE_TASKS_START,
-    "close_with_leases-late-6": _TERMINATE_BEFORE_CLOSE_TASKS_START,
-    "close_with_leases-anyio-5": _TERMINATE_BEFORE_CLOSE_TASKS_START,
-}
+# Case ids of known bugs, xfail(strict=True) with the reason (none open:
+# terminate() before the close tasks started was one, fixed in terminate_all).
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def _case(scenario: Scenario, mode: str, k: int) -> Any:
