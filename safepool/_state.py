@@ -58,6 +58,35 @@ _TRANSITIONS: dict[SlotState, frozenset[SlotState]] = {
 }
 
 
+class LeaseState(enum.Enum):
+    """Where a lease is in its life; a lease never returns from an end state.
+
+    HELD and SUSPECT are the lease's open states (application code holds the
+    connection); the other four say how it ended."""
+
+    __hash__ = object.__hash__  # (as SlotState: C-fast lookups in _LEASE_MOVES)
+
+    HELD = "held"  # the application holds the connection through a proxy
+    SUSPECT = "suspect"  # still held, past leak_warning_after: reported as a leak suspect
+    RELEASED = "released"  # release() (or a failed setup) ended it
+    EXPIRED = "expired"  # the lease timeout ended it: the pool took the connection back
+    RECLAIMED = "reclaimed"  # its proxy was garbage collected while held: a leak
+    DISCARDED = "discarded"  # the connection died, or the pool was terminated
+
+
+L = LeaseState
+OPEN_LEASE = frozenset({L.HELD, L.SUSPECT})
+_ENDS = frozenset({L.RELEASED, L.EXPIRED, L.RECLAIMED, L.DISCARDED})
+_LEASE_MOVES: dict[LeaseState, frozenset[LeaseState]] = {
+    L.HELD: _ENDS | {L.SUSPECT},
+    L.SUSPECT: _ENDS,
+    L.RELEASED: frozenset(),
+    L.EXPIRED: frozenset(),
+    L.RECLAIMED: frozenset(),
+    L.DISCARDED: frozenset(),
+}
+
+
 class InternalStateError(AssertionError):
     """A transition the state table forbids: a bug in safepool, never the user's."""
 
@@ -129,7 +158,7 @@ class Slot:
 class Lease:
     __slots__ = (
         "id", "slot", "acquired_at", "deadline", "warn_at", "stack", "task_name", "task_ref",
-        "active", "expired", "warned", "site", "__weakref__",
+        "state", "site", "__weakref__",
     )
 
     def __init__(self, lease_id: int, slot: Slot, now: float) -> None:
@@ -141,13 +170,25 @@ class Lease:
         self.stack: tuple[tuple[str, int, str], ...] | None = None
         self.task_name: str | None = None
         self.task_ref: Any = None  # weakref.ref to the acquiring task (with stack capture)
-        self.active = True
-        self.expired = False
-        self.warned = False
+        self.state = LeaseState.HELD  # moved only by PoolState, by the table _LEASE_MOVES
         self.site: str | None = None  # the acquire site (set with site caps, or acquire(site=))
 
     def age(self, now: float) -> float:
         return now - self.acquired_at
+
+    @property
+    def active(self) -> bool:
+        """Still held (HELD or SUSPECT)."""
+        return self.state in OPEN_LEASE
+
+    @property
+    def expired(self) -> bool:
+        return self.state is LeaseState.EXPIRED
+
+    @property
+    def warned(self) -> bool:
+        """Reported as a leak suspect, and still held."""
+        return self.state is LeaseState.SUSPECT
 
 
 class WaiterState(enum.Enum):
@@ -615,9 +656,7 @@ class PoolState:
         """End a lease. Returns True if the I/O layer must reset the connection
         and then call :meth:`reset_done`; otherwise the slot was handed on or
         scheduled for closing."""
-        if not lease.active:
-            raise InternalStateError(f"release of an ended lease {lease.id}")
-        slot = self._close_lease(lease, now)
+        slot = self._close_lease(lease, now, L.RELEASED)
         self.counters.released += 1
         if outcome is ReleaseOutcome.NEEDS_RESET:
             self._move(slot, S.RESETTING)
@@ -644,10 +683,10 @@ class PoolState:
         """A proxy was garbage collected while leased. Returns True if the
         connection must be reset (always, since nobody knows its state), False if
         the lease had already ended."""
-        if not lease.active:
+        if lease.state not in OPEN_LEASE:
             return False
         self.counters.leaks_detected += 1
-        slot = self._close_lease(lease, now)
+        slot = self._close_lease(lease, now, L.RECLAIMED)
         self._move(slot, S.RESETTING)
         return True
 
@@ -672,8 +711,20 @@ class PoolState:
             self.counters.resets_failed += 1
             self._start_close(slot)
 
-    def _close_lease(self, lease: Lease, now: float) -> Slot:
-        lease.active = False
+    def _move_lease(self, lease: Lease, new: LeaseState) -> LeaseState:
+        """Move a lease on by the table ``_LEASE_MOVES``; returns its old state."""
+        old = lease.state
+        if new not in _LEASE_MOVES[old]:
+            raise InternalStateError(f"illegal lease transition {old.value} -> {new.value} for lease {lease.id}")
+        lease.state = new
+        return old
+
+    def _close_lease(self, lease: Lease, now: float, end: LeaseState) -> Slot:
+        """End an open lease (``end``: how) and free its slot for the caller's next move."""
+        old = lease.state  # _move_lease, inlined (the hot path)
+        if end not in _LEASE_MOVES[old]:
+            raise InternalStateError(f"illegal lease transition {old.value} -> {end.value} for lease {lease.id}")
+        lease.state = end
         slot = lease.slot
         slot.lease = None
         del self._leases[lease.id]
@@ -681,9 +732,11 @@ class PoolState:
         if self._policy is not None:
             self._policy_released(lease.site, now)
         if lease.deadline is not None or lease.warn_at is not None:
-            if lease.deadline is not None and not lease.expired:
+            # Its timers still in the heap are stale now: the deadline unless
+            # it fired (the lease expired), the warning unless it fired (SUSPECT).
+            if lease.deadline is not None and end is not L.EXPIRED:
                 self._stale_timers += 1
-            if lease.warn_at is not None and not lease.warned:
+            if lease.warn_at is not None and old is L.HELD:
                 self._stale_timers += 1
             if self._stale_timers > 64 and self._stale_timers > len(self._timers) // 2:
                 self._compact_timers()
@@ -843,7 +896,7 @@ class PoolState:
         if slot.state in (S.CLOSING, S.CLOSED, S.CONNECTING):
             return
         if slot.lease is not None:
-            self._close_lease(slot.lease, now)
+            self._close_lease(slot.lease, now, L.DISCARDED)
         self._start_close(slot)
 
     def closed(self, slot: Slot, now: float) -> None:
@@ -901,8 +954,8 @@ class PoolState:
         if kind == _WAITER_DEADLINE:
             return bool(obj.state is WaiterState.WAITING)
         if kind == _LEASE_DEADLINE:
-            return bool(obj.active and not obj.expired)
-        return bool(obj.active and not obj.warned)
+            return obj.state in OPEN_LEASE
+        return obj.state is L.HELD
 
     def _compact_timers(self) -> None:
         self._timers = [t for t in self._timers if self._timer_live(t[2], t[3])]
@@ -953,7 +1006,7 @@ class PoolState:
                 self.counters.acquire_timeouts += 1
                 self.actions.append(TimeOut(obj))
             elif kind == _LEASE_WARNING:
-                obj.warned = True
+                self._move_lease(obj, L.SUSPECT)
                 self.counters.leak_warnings += 1
                 self.actions.append(LeakSuspect(obj))
             else:
@@ -966,11 +1019,8 @@ class PoolState:
         self._plan_connects(now)
 
     def _expire_lease(self, lease: Lease, now: float) -> None:
-        lease.expired = True
         self.counters.leases_expired += 1
-        if not lease.warned and lease.warn_at is not None:
-            self._stale_timers += 1
-        slot = self._close_lease(lease, now)
+        slot = self._close_lease(lease, now, L.EXPIRED)
         self._move(slot, S.RESETTING)
         self.actions.append(TakeBack(lease))
 
@@ -1006,7 +1056,7 @@ class PoolState:
             for problem in self._policy.check(self._waiting):
                 fail(problem)
         for lease in self._leases.values():
-            if not lease.active or lease.slot.lease is not lease or lease.slot.state is not S.LEASED:
+            if lease.state not in OPEN_LEASE or lease.slot.lease is not lease or lease.slot.state is not S.LEASED:
                 fail(f"lease {lease.id} does not match its slot")
         if len(self._leases) != self._counts[S.LEASED]:
             fail("leases and leased slots disagree")

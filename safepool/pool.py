@@ -51,6 +51,7 @@ from ._options import (
 from ._reporting import DictListener, Reporter, describe_error
 from ._runner import Runner
 from ._state import (
+    OPEN_LEASE,
     RESET_MODES,
     Backoff,
     Closed,
@@ -499,7 +500,7 @@ class Pool:
         on (or dropped) at once. The core decides (``release_outcome``); the
         runner and the workers carry it out."""
         state = self._state
-        if not lease.active:
+        if lease.state not in OPEN_LEASE:
             # Taken back by the lease timeout while being released (the
             # take-back ran asyncpg's _on_release already).
             return None

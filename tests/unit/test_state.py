@@ -15,6 +15,7 @@ from safepool._state import (
     Fail,
     InternalStateError,
     LeakSuspect,
+    LeaseState,
     Observed,
     Overloaded,
     Phase,
@@ -526,6 +527,73 @@ def test_release_of_an_ended_lease_is_an_internal_error() -> None:
     state.release(lease, 1, CLEAN)
     with pytest.raises(InternalStateError):
         state.release(lease, 2, CLEAN)
+
+
+# ------------------------------------------------------- lease states
+
+L = LeaseState
+
+
+def _lease_ended(how: LeaseState, warned_first: bool) -> tuple[PoolState, Any]:
+    """A lease of a fresh pool, ended ``how`` (after its leak warning fired,
+    with ``warned_first``), as the I/O layer would end it."""
+    state = make()
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease and lease.state is L.HELD and lease.active
+    state.arm_lease(lease, 5.0, 1.0)
+    if warned_first:
+        state.advance(1.0)
+        assert take(state, LeakSuspect) == [LeakSuspect(lease)]
+        assert lease.state is L.SUSPECT and lease.active and lease.warned
+    if how is L.RELEASED:
+        state.release(lease, 2.0, CLEAN)
+    elif how is L.EXPIRED:
+        state.advance(5.0)  # (its warning at 1.0 fires first, if it has not)
+        assert take(state, TakeBack) == [TakeBack(lease)]
+        take(state, LeakSuspect)
+        state.reset_done(lease.slot, 5.0, ok=True)
+    elif how is L.RECLAIMED:
+        assert state.reclaim(lease, 2.0)
+        state.reset_done(lease.slot, 2.0, ok=True)
+    else:
+        slot = lease.slot
+        state.discard(slot, 2.0)
+        take(state, Close)
+        state.closed(slot, 2.0)
+    return state, lease
+
+
+@pytest.mark.parametrize("warned_first", [False, True], ids=["held", "suspect"])
+@pytest.mark.parametrize("how", [L.RELEASED, L.EXPIRED, L.RECLAIMED, L.DISCARDED], ids=lambda s: s.value)
+def test_a_lease_ends_in_the_state_that_names_how(how: LeaseState, warned_first: bool) -> None:
+    state, lease = _lease_ended(how, warned_first)
+    assert lease.state is how
+    assert not lease.active and not lease.warned
+    assert lease.expired is (how is L.EXPIRED)
+    assert lease.id not in {open_lease.id for open_lease in state.leases()}
+
+
+@pytest.mark.parametrize("how", [L.RELEASED, L.EXPIRED, L.RECLAIMED, L.DISCARDED], ids=lambda s: s.value)
+def test_an_ended_lease_never_moves_again(how: LeaseState) -> None:
+    """Every end state is final: a second release, a reclaim, or a timer of
+    the ended lease is refused or ignored, never applied."""
+    state, lease = _lease_ended(how, warned_first=False)
+    with pytest.raises(InternalStateError, match=f"illegal lease transition {how.value} -> released"):
+        state.release(lease, 9.0, CLEAN)
+    assert state.reclaim(lease, 9.0) is False
+    state.advance(100.0)  # its deadline and warning are stale now
+    assert not take(state, TakeBack) and not take(state, LeakSuspect)
+    assert lease.state is how
+
+
+def test_stale_lease_timers_are_counted_once() -> None:
+    """A lease that expired after its warning leaves no timer behind; the
+    stale-timer count (which drives heap compaction) must not go up for it
+    (it was counted twice before the lease states)."""
+    state, lease = _lease_ended(L.EXPIRED, warned_first=True)
+    assert state.next_deadline() is None
+    assert state._stale_timers == 0
 
 
 # ------------------------------------------------- site caps (bulkheads)

@@ -51,6 +51,7 @@ from safepool._state import (
     Fail,
     LeakSuspect,
     Lease,
+    LeaseState,
     Overloaded,
     PoolState,
     ReleaseOutcome,
@@ -178,7 +179,7 @@ class PoolMachine(RuleBasedStateMachine):
                     assert waiter.deadline is not None, "a waiter without a timeout was shed"
                     assert self.now - waiter.enqueued_at >= self.adaptive[0] - 1e-9, "shed before the target"
                 case TakeBack(lease):
-                    assert lease.expired and not lease.active
+                    assert lease.state is LeaseState.EXPIRED and lease.expired and not lease.active
                     assert lease.deadline is not None and lease.deadline <= self.now, "lease taken back early"
                     assert lease.slot.state is S.RESETTING
                     self.held.remove(lease)
@@ -325,7 +326,9 @@ class PoolMachine(RuleBasedStateMachine):
     def release(self, i: int, outcome: ReleaseOutcome) -> None:
         lease = self._pick(self.held, i)
         self.held.remove(lease)
-        if self.state.release(lease, self.now, outcome):
+        needs_reset = self.state.release(lease, self.now, outcome)
+        assert lease.state is LeaseState.RELEASED
+        if needs_reset:
             assert outcome is ReleaseOutcome.NEEDS_RESET
             self.resetting.append(lease.slot)
         self._drain()
@@ -338,6 +341,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.held.remove(lease)
         assert self.state.reclaim(lease, self.now) is True
         assert self.state.reclaim(lease, self.now) is False
+        assert lease.state is LeaseState.RECLAIMED
         self.resetting.append(lease.slot)
         self._drain()
 
@@ -403,7 +407,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.state.discard(slot, self.now)
         if lease is not None:
             # The holder's proxy is detached; its release is a no-op.
-            assert not lease.active
+            assert lease.state is LeaseState.DISCARDED and not lease.active
             self.held.remove(lease)
         self._drain()
 
@@ -467,6 +471,7 @@ class PoolMachine(RuleBasedStateMachine):
         slots = [lease.slot for lease in self.held]
         assert len(set(map(id, slots))) == len(slots), "a slot is leased twice"
         for lease in self.held:
+            assert lease.state in (LeaseState.HELD, LeaseState.SUSPECT), lease.state
             assert lease.active and lease.slot.lease is lease and lease.slot.state is S.LEASED
         # Every reserved slot belongs to exactly one granted waiter.
         granted = [w for w in self.waiters if w.state is WaiterState.GRANTED and id(w) not in self.claimed]
