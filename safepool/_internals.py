@@ -34,7 +34,7 @@ import asyncio
 import sys
 import types
 import weakref
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Protocol, runtime_checkable
 
 from asyncpg import connect_utils as _connect_utils
@@ -324,11 +324,12 @@ async def base_reset(con: RawConnection) -> None:
         await con.execute("ROLLBACK")
 
 
-def reset_query(con: RawConnection) -> str:
-    """``con.get_reset_query()`` (asyncpg 0.30+; 0.29: ``_get_reset_query()``)."""
-    if HAS_PUBLIC_RESET_QUERY:
-        return str(con.get_reset_query())
-    return str(con._get_reset_query())
+def reset_query_getter(con: RawConnection) -> Callable[[], str]:
+    """The bound method that gives ``con``'s reset query, called on every
+    reset (a connection class may override it), kept per connection by the
+    pool so a release pays one call."""
+    getter: Callable[[], str] = con.get_reset_query if HAS_PUBLIC_RESET_QUERY else con._get_reset_query
+    return getter
 
 
 def overrides_reset_query(connection_class: type) -> bool:

@@ -73,7 +73,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
 
     __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "release_timeout",
                  "orphan_checks", "orphan_reported", "unresponsive", "lost_while_leased", "reset_since",
-                 "__weakref__")
+                 "command_timeout", "reset_query", "__weakref__")
 
     def __init__(self, pool: Any, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
         self._pool = pool
@@ -98,6 +98,9 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         self.lost_while_leased = False
         # When a release's unbounded reset started (the reset watchdog's clock).
         self.reset_since: float | None = None
+        # Fixed for the connection's life: read once here, not per release.
+        self.command_timeout = _pg.command_timeout(con)
+        self.reset_query = _pg.reset_query_getter(con)
 
     def _release_on_close(self) -> None:
         self._con = None

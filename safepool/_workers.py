@@ -204,16 +204,16 @@ async def _send_reset(con: RawConnection, rollback: bool, hooks: ResetHooks, bud
         else:
             await con.reset(timeout=budget)  # sees the lease's state, as with asyncpg
         return
-    query = reset_message(con, hooks.full, rollback or con.is_in_transaction())
+    query = reset_message(_pg.reset_query_getter(con), hooks.full, rollback or con.is_in_transaction())
     if query:
         await con.execute(query)
 
 
-def reset_message(con: RawConnection, full: bool, rollback: bool) -> str:
+def reset_message(reset_query: Callable[[], str], full: bool, rollback: bool) -> str:
     """The one simple-query message of a default reset: ROLLBACK (if a
     transaction is open) and, when ``full``, asyncpg's reset query; "" when
     there is nothing to send."""
-    query = _pg.reset_query(con) if full else ""
+    query = reset_query() if full else ""
     if rollback:
         return f"ROLLBACK;\n{query}" if query else "ROLLBACK"
     return query

@@ -517,7 +517,8 @@ class Pool:
             # asyncpg reports an unmanaged open transaction from release(),
             # through the loop's exception handler: do it here, in the
             # releasing task. (A custom reset reports it itself, as asyncpg's.)
-            if self._custom_reset or _pg.is_cancelling(con):
+            # (release_check saw a cancelled query as MUST_RESET.)
+            if self._custom_reset or (check == _pg.MUST_RESET and _pg.is_cancelling(con)):
                 rollback = False if self._custom_reset else _pg.warn_open_transaction(con)
                 done = runner.resets_done[slot] = self._loop.create_future()
                 state.release(lease, self._now(), outcome)
@@ -536,7 +537,7 @@ class Pool:
                 if state.actions:
                     self._drain()
                 budget = timeout if timeout is not None else self._reset_timeout
-                if budget is None and _pg.command_timeout(con) is None:
+                if budget is None and holder.command_timeout is None:
                     # No limit asked for: asyncpg would wait forever. The
                     # runner's watchdog (one pool timer, not one per
                     # statement) aborts a reset still running after
@@ -544,7 +545,7 @@ class Pool:
                     holder.reset_since = now
                     if runner.reset_watchdog is None:
                         runner.watch_resets()
-                query = _workers.reset_message(con, state.full_reset(holder.clean_mark == -1), rollback)
+                query = _workers.reset_message(holder.reset_query, state.full_reset(holder.clean_mark == -1), rollback)
                 return _Driver(_workers.reset_inline(con, query, budget, holder, runner.reset_done), self._spawn)
         else:
             if outcome is ReleaseOutcome.DISCARD and usable:
