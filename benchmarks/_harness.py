@@ -39,12 +39,13 @@ class Mode:
     handoffs: int  # scaling and floor benchmarks: empty leases or hand-offs per round
     memory_leases: int
     retry: bool  # re-measure once before failing a guard
+    calibrate: bool  # also measure the lean pool (issue 14's calibration rows; reported only)
 
 
 QUICK = Mode("quick", batch_seconds=0.02, rounds=21, slow_rounds=5, contended_rounds=7, leases_per_task=10, handoffs=10_000,
-             memory_leases=50_000, retry=True)
+             memory_leases=50_000, retry=True, calibrate=False)
 FULL = Mode("full", batch_seconds=0.2, rounds=41, slow_rounds=15, contended_rounds=21, leases_per_task=50, handoffs=50_000,
-            memory_leases=1_000_000, retry=False)
+            memory_leases=1_000_000, retry=False, calibrate=True)
 
 # A guard is the target plus this much, for noise (see docs/performance.md).
 NOISE_MARGIN = 0.20

@@ -112,6 +112,73 @@ def minimal_pool(size: int = MAX_SIZE) -> PoolFactory:
     return make
 
 
+class LeanPool:
+    """The calibration of issue 14: the leanest pool with asyncpg's release
+    semantics, on real connections. A LIFO stack of idle connections, a FIFO
+    of waiters' futures, and a release that awaits ROLLBACK (if a transaction
+    is open) plus asyncpg's reset query before the connection goes back.
+    Nothing else: no timeouts, no cancellation safety, no leak detection, no
+    statistics. What safepool costs above it is the price of those."""
+
+    RESET = "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;"
+
+    def __init__(self, connections: list[asyncpg.Connection]) -> None:
+        self._connections = connections
+        self._idle = list(connections)
+        self._waiters: deque[asyncio.Future[asyncpg.Connection]] = deque()
+
+    def acquire(self) -> _LeanLease:
+        return _LeanLease(self)
+
+    async def _get(self) -> asyncpg.Connection:
+        if self._idle and not self._waiters:
+            return self._idle.pop()
+        future: asyncio.Future[asyncpg.Connection] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        return await future
+
+    async def _put(self, con: asyncpg.Connection) -> None:
+        if con.is_in_transaction():
+            await con.execute("ROLLBACK")
+        await con.execute(self.RESET)
+        waiters = self._waiters
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(con)
+                return
+        self._idle.append(con)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(con.close() for con in self._connections))
+
+
+class _LeanLease:
+    __slots__ = ("_pool", "_con")
+
+    def __init__(self, pool: LeanPool) -> None:
+        self._pool = pool
+        self._con: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        self._con = await self._pool._get()
+        return self._con
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        con, self._con = self._con, None
+        assert con is not None
+        await self._pool._put(con)
+
+
+def lean_pool(dsn: str, size: int = MAX_SIZE) -> PoolFactory:
+    async def make() -> Any:
+        return LeanPool([await asyncpg.connect(dsn) for _ in range(size)])
+
+    return make
+
+
 async def until(predicate: Callable[[], bool]) -> None:
     """Give the loop turns until ``predicate()`` holds: for pool state that
     has no event to wait on (the tests' rule: synchronise on state, never on

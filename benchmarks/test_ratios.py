@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 
-from ._harness import Row, guard_for, measure_interleaved, paired_ratio, short_of, us
+from ._harness import Measurement, Row, guard_for, measure_interleaved, paired_ratio, short_of, us
 from ._workloads import (
     SAFETY_ON,
     STATS_EVERY,
@@ -29,6 +29,7 @@ from ._workloads import (
     StatsCalls,
     Waiters,
     asyncpg_pool,
+    lean_pool,
     memory_profile,
     minimal_pool,
     safepool_pool,
@@ -65,8 +66,10 @@ def test_2_query_lease(bench: Bench) -> None:
             RawConnection(bench.dsn),
             RawConnection(bench.dsn, reset=True),
         ]
+        if bench.mode.calibrate:
+            contenders.append(Lease("lean", lean_pool(bench.dsn), query=True))
         m = measure_interleaved(bench.loop, contenders, rounds=bench.mode.rounds, batch_seconds=bench.mode.batch_seconds)
-        ap, sp, rb, auto, raw, floor = (m[c.name] for c in contenders)
+        ap, sp, rb, auto, raw, floor = (m[c.name] for c in contenders[:6])
         detail = (f"asyncpg {us(ap.median)}, safepool {us(sp.median)}, floor (raw SELECT 1 + raw reset) "
                   f"{us(floor.median)}, auto {us(auto.median)}, rollback {us(rb.median)}, raw SELECT 1 {us(raw.median)}")
         floor_target = 1.20 if bench.uvloop else 1.05
@@ -86,9 +89,25 @@ def test_2_query_lease(bench: Bench) -> None:
                 f"raw SELECT 1 {us(raw.cpu_median)}, asyncpg {us(ap.cpu_median)} of this process's CPU per lease"),
             Row("2 query lease", "client CPU time: safepool reset_mode=auto / raw connection",
                 paired_ratio(auto, raw, cpu=True), None, None),
+            *calibration(m, "2 query lease", ap, sp),
         ]
 
     bench.check(measure)
+
+
+def calibration(m: dict[str, Measurement], bench_name: str, ap: Measurement, sp: Measurement) -> list[Row]:
+    """The issue's calibration, where measured (full mode): the leanest pool
+    with asyncpg's release semantics (``LeanPool``) against asyncpg's pool,
+    and safepool against it (what timeouts, cancellation safety, leak
+    detection and statistics cost). Reported, never guarded."""
+    if "lean" not in m:
+        return []
+    lean = m["lean"]
+    detail = f"lean {us(lean.median)}, client CPU {us(lean.cpu_median)}; safepool CPU {us(sp.cpu_median)}"
+    return [
+        Row(bench_name, "calibration: lean pool (same semantics) / asyncpg", paired_ratio(lean, ap), None, None, detail),
+        Row(bench_name, "calibration: safepool / lean pool", paired_ratio(sp, lean), None, None),
+    ]
 
 
 def test_3_contended(bench: Bench) -> None:
@@ -98,10 +117,12 @@ def test_3_contended(bench: Bench) -> None:
             Contended("safepool", safepool_pool(bench.dsn)),
             Contended("safepool auto", safepool_pool(bench.dsn, reset_mode="auto")),
         ]
+        if bench.mode.calibrate:
+            contenders.append(Contended("lean", lean_pool(bench.dsn)))
         # Fixed batches, so every task has a few leases to wait for per round.
         m = measure_interleaved(bench.loop, contenders, rounds=bench.mode.contended_rounds,
                                 sizes={c.name: c.tasks * bench.mode.leases_per_task for c in contenders})
-        ap, sp, auto = (m[c.name] for c in contenders)
+        ap, sp, auto = (m[c.name] for c in contenders[:3])
         waits = {c.name: wait_summary(c) for c in contenders}
 
         def p99_ratio(a: str, b: str) -> float:
@@ -124,6 +145,7 @@ def test_3_contended(bench: Bench) -> None:
                 describe("safepool auto")),
             Row("3 contended", "FIFO: safepool / asyncpg, max acquire wait", waits["safepool"]["max"] / waits["asyncpg"]["max"],
                 None, None, "per-task spread = slowest task's mean wait / fastest task's"),
+            *calibration(m, "3 contended", ap, sp),
         ]
 
     bench.check(measure)
