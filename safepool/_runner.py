@@ -209,7 +209,7 @@ class Runner:
                             waiter.future.set_exception(PoolOverloadedError(self.reporter.shed_message(reason)))
                     case _:
                         assert_never(action)
-        if state.size == 0:
+        if state.closing and state.size == 0:  # (closing first: a plain attribute, the hot path)
             self.drained.set()
         self.arm_timer()
         if self.reporter.pending:
