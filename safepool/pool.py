@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import traceback
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -29,7 +28,7 @@ from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 from asyncpg import protocol as _pg_protocol
 
-from . import _autoreset, _sites, _stack, _workers
+from . import _autoreset, _registry, _sites, _stack, _workers
 from . import _internals as _pg
 from . import events as _events
 from ._clock import Clock, LoopClock
@@ -48,6 +47,7 @@ from ._options import (
     validate_site_share,
     validate_timeout,
 )
+from ._registry import live_pools, on_pool_created
 from ._reporting import DictListener, Reporter, describe_error
 from ._runner import Runner
 from ._state import (
@@ -78,44 +78,7 @@ logger = logging.getLogger("safepool")
 # acquire()'s timeout and lease_timeout default: "the pool's setting" (None
 # means "no limit", as asyncpg's acquire(timeout=None)).
 _DEFAULT: Any = object()
-# Every open pool in the process, weakly: the pytest leak plugin and exporters
-# find pools here without the application registering them.
-_LIVE_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
-
-
-_CREATED_HOOKS: list[Callable[[Pool], None]] = []
 _T = TypeVar("_T")
-
-
-def live_pools() -> list[Pool]:
-    """Pools created in this process that are not garbage yet."""
-    return list(_LIVE_POOLS)
-
-
-def on_pool_created(callback: Callable[[Pool], None]) -> Callable[[], None]:
-    """Call ``callback(pool)`` for every pool created from now on, at the end
-    of its constructor (before it connects), in the creating thread. For
-    extensions that watch every pool (the pytest leak guard, exporters with
-    ``live=True``) without the application registering each one. An exception
-    in the callback is logged and swallowed.
-
-    Returns a function that removes the callback (idempotent)."""
-    _CREATED_HOOKS.append(callback)
-
-    def remove() -> None:
-        if callback in _CREATED_HOOKS:
-            _CREATED_HOOKS.remove(callback)
-
-    return remove
-
-
-def _pool_created(pool: Pool) -> None:
-    for callback in _CREATED_HOOKS.copy():  # a callback may remove itself
-        try:
-            callback(pool)
-        except Exception:
-            logger.error("pool %r: pool-created hook failed\n%s", pool.name, traceback.format_exc().rstrip())
-
 
 _TIMINGS = {"wait": "wait_times", "lease": "lease_times", "connect": "connect_times"}
 # fail_fast=True: consecutive failed connects, with no connection left, after
@@ -257,9 +220,7 @@ class Pool:
         self._slot_holders = runner.slot_holders
         self._drain = runner.drain
         self._spawn = runner.spawn
-        _LIVE_POOLS.add(self)
-        if _CREATED_HOOKS:
-            _pool_created(self)
+        _registry.register(self)
 
     # ------------------------------------------------------------ start-up
 
