@@ -4,7 +4,9 @@
 owns every pool task (connects, resets, take-backs, closes, the min_size
 upkeep) and the loop timers (the core's earliest deadline, the reset
 watchdog), turns the workers' outcomes (``_workers.py``) into the core's facts
-and delivers events once the books are settled.
+and delivers events once the books are settled. Leases the application let
+go of (garbage collected, expired, suspected leaks) go to its
+:class:`~safepool._reclaim.Reclaimer` (``_reclaim.py``).
 
 Cancellation rule: a pool-owned coroutine settles the books, then re-raises
 ``CancelledError`` (only ``terminate()`` cancels pool tasks); only
@@ -16,16 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, assert_never
 
 from . import _internals as _pg
-from . import _stack, _workers
+from . import _workers
 from ._clock import Clock, Timer
 from ._compat import HolderCompat  # asyncpg's holder._in_use & co., read-only
 from ._internals import RawConnection
-from ._reporting import Reporter, describe_error, leak_logger, logger
+from ._reclaim import Reclaimer
+from ._reporting import Reporter, describe_error, logger
 from ._state import (
     Close,
     Connect,
@@ -47,10 +49,6 @@ from .errors import PoolClosedError, PoolOverloadedError, PoolTimeoutError
 
 _asyncpg_logger = logging.getLogger("asyncpg.pool")
 
-# A garbage-collected proxy whose connection is still in use is checked again
-# after these delays (seconds, doubling), until it is provably abandoned.
-_ORPHAN_RECHECK_FIRST = 0.05
-_ORPHAN_RECHECK_CAP = 2.0
 # The floor upkeep's retry delays after failed connects (asyncpg 0.32's).
 _FLOOR_RETRY_FIRST = 1.0
 _FLOOR_RETRY_CAP = 60.0
@@ -111,7 +109,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # pool's own bookkeeping: only schedule, never touch state here.
         runner = self._runner
         try:
-            runner.loop.call_soon_threadsafe(runner.reclaim, lease)
+            runner.loop.call_soon_threadsafe(runner.reclaimer.reclaim, lease)
         except RuntimeError:
             pass  # the loop is closed: the process is shutting down
 
@@ -154,7 +152,6 @@ class Runner:
         self.hooks = hooks
         self.reset_timeout = reset_timeout
         self.auto_reset = auto_reset
-        self.leak_warning_after = leak_warning_after
         self.timer: Timer | None = None
         self.timer_at: float | None = None
         self.reset_watchdog: Timer | None = None
@@ -170,6 +167,10 @@ class Runner:
         self.server_status = "up"
         # Restores min_size after failed connects, on asyncpg's schedule.
         self.maintenance_task: asyncio.Task[Any] | None = None
+        # Leases the application let go of (garbage, expired, suspect).
+        self.reclaimer = Reclaimer(
+            self, state, clock, reporter, hooks, reset_timeout=reset_timeout, leak_warning_after=leak_warning_after,
+        )
 
     # --------------------------------------------------------- the actions
 
@@ -201,9 +202,9 @@ class Runner:
                     case Fail(waiter, error):
                         self.fail_waiter(waiter, error)
                     case TakeBack(lease):
-                        self.take_back(lease)
+                        self.reclaimer.take_back(lease)
                     case LeakSuspect(lease):
-                        self.leak_suspect(lease)
+                        self.reclaimer.leak_suspect(lease)
                     case Shed(waiter, reason):
                         if not waiter.future.done():
                             waiter.future.set_exception(PoolOverloadedError(self.reporter.shed_message(reason)))
@@ -357,113 +358,6 @@ class Runner:
             self.state.reset_done(slot, self.now(), False)
         self.after_hand_on()
         return error
-
-    # ----------------------------------------------- leases: expiry and leaks
-
-    def reclaim(self, lease: Lease) -> None:
-        """A proxy was garbage collected while still leased (or a re-check
-        of one whose connection was still in use)."""
-        slot = lease.slot
-        if not lease.active or self.state.phase is Phase.CLOSED:
-            return
-        holder = self.slot_holders[slot]
-        if self.still_in_use(holder, slot):
-            self.defer_reclaim(lease, holder, slot.connection)
-            return
-        con = slot.connection
-        held = self.now() - lease.acquired_at
-        if not self.state.reclaim(lease, self.now()):
-            return
-        report = (
-            f"pool {self.name!r}: a connection was garbage collected without being released "
-            f"(held {held:.3f}s); acquired at:\n{_stack.format_stack(lease.stack)}"
-        )
-        _pg.detach_proxy(con)  # the proxy is gone; drop the dead weak reference
-        con._on_release()
-        self.spawn(self.reset_slot(holder, con, None, _pg.warn_open_transaction(con, quiet=True)))
-        self.drain()
-        # Report last: with warnings turned into errors the bookkeeping above
-        # must already be done.
-        leak_logger.warning(report, extra=self.reporter.event_fields("leak", lease, held))
-        self.reporter.emit("leak", lease, held)
-        self.reporter.deliver()
-        warnings.warn(report, ResourceWarning, stacklevel=1)
-
-    def still_in_use(self, holder: Holder, slot: Slot) -> bool:
-        """Whether a connection whose proxy is gone may still be in use: only
-        a provably abandoned one is reclaimed (never one with an operation in
-        flight, callbacks registered, or any object outside the pool still
-        referring to it: a running query's coroutine, a transaction, cursor
-        or prepared statement, a callback's closure)."""
-        if _pg.has_callbacks(slot.connection) or _pg.is_cancelling(slot.connection):
-            return True
-        # Measured as base_refs was: no local reference to the connection.
-        return _pg.reference_count(slot.connection) > holder.base_refs
-
-    def defer_reclaim(self, lease: Lease, holder: Holder, con: RawConnection) -> None:
-        if holder.orphan_checks == 0:
-            # Listener callbacks get the connection itself from now on, not
-            # the dead proxy.
-            _pg.detach_proxy(con)
-        # A query still running when its proxy went (`await (await
-        # pool.acquire()).fetch(...)`) ends soon and is reclaimed quietly as a
-        # leak; callbacks, or use that goes on, are worth a report now.
-        if not holder.orphan_reported and (_pg.has_callbacks(con) or holder.orphan_checks >= 3):
-            holder.orphan_reported = True
-            held = self.now() - lease.acquired_at
-            leak_logger.warning(
-                "pool %r: a connection's proxy was garbage collected without being released, but the "
-                "connection is still in use (callbacks registered, or an operation or object still "
-                "refers to it); it stays leased until that ends. Acquired at:\n%s",
-                self.name, _stack.format_stack(lease.stack),
-                extra=self.reporter.event_fields("leak_suspect", lease, held),
-            )
-            self.reporter.emit("leak_suspect", lease, held, collected=True)
-            self.reporter.deliver()
-        holder.orphan_checks += 1
-        delay = min(_ORPHAN_RECHECK_CAP, _ORPHAN_RECHECK_FIRST * 2 ** min(holder.orphan_checks - 1, 16))
-        self.clock.call_at(self.now() + delay, lambda: self.reclaim(lease))
-
-    def take_back(self, lease: Lease) -> None:
-        slot = lease.slot
-        con = slot.connection
-        held = self.now() - lease.acquired_at
-        limit = (lease.deadline or 0) - lease.acquired_at
-        reason = (
-            f"the lease expired: held {held:.3f}s, lease_timeout is {limit:.3f}s; "
-            "the connection was taken back by the pool"
-        )
-        _pg.detach_proxy(con, reason)
-        con._on_release()  # invalidates cursors, statements and transactions made through the proxy
-        leak_logger.error(
-            "pool %r: lease expired after %.3fs (lease_timeout %.3fs); taking the connection back. "
-            "Acquired at:\n%s",
-            self.name, held, limit, _stack.format_stack(lease.stack),
-            extra=self.reporter.event_fields("lease_expired", lease, held),
-        )
-        self.reporter.emit("lease_expired", lease, held, lease_timeout=limit)
-        self.spawn(self.take_back_slot(self.slot_holders[slot], con))
-
-    async def take_back_slot(self, holder: Holder, con: RawConnection) -> None:
-        error = await _workers.take_back(con, self.hooks, self.reset_timeout or DEFAULT_RESET_TIMEOUT)
-        if error is not None:
-            logger.warning(
-                "pool %r: could not take back an expired connection cleanly (%s); closing it",
-                self.name, describe_error(error), extra={"event": "reset_failed", "pool": self.name},
-            )
-        # A cancel comes only from terminate(), which discarded the slot.
-        self.reset_done(holder, con, error, log=False)
-
-    def leak_suspect(self, lease: Lease) -> None:
-        held = self.now() - lease.acquired_at
-        leak_logger.warning(
-            "pool %r: connection held for %.3fs (leak_warning_after %.3fs), still not released; "
-            "task %s; acquired at:\n%s",
-            self.name, held, self.leak_warning_after or 0.0, lease.task_name or "?",
-            _stack.format_stack(lease.stack),
-            extra=self.reporter.event_fields("leak_suspect", lease, held),
-        )
-        self.reporter.emit("leak_suspect", lease, held)
 
     # ------------------------------------------------- connects and closes
 
