@@ -17,7 +17,6 @@ synchronous (``terminate()``, never an awaited ``close()``).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, assert_never
 
@@ -46,8 +45,6 @@ from ._state import (
 )
 from ._workers import DEFAULT_RESET_TIMEOUT, ResetHooks
 from .errors import PoolClosedError, PoolOverloadedError, PoolTimeoutError
-
-_asyncpg_logger = logging.getLogger("asyncpg.pool")
 
 # The floor upkeep's retry delays after failed connects (asyncpg 0.32's).
 _FLOOR_RETRY_FIRST = 1.0
@@ -164,7 +161,6 @@ class Runner:
         self.resets_done: dict[Slot, asyncio.Future[None]] = {}
         self.drained = asyncio.Event()
         self.terminating = False
-        self.server_status = "up"
         # Restores min_size after failed connects, on asyncpg's schedule.
         self.maintenance_task: asyncio.Task[Any] | None = None
         # Leases the application let go of (garbage, expired, suspect).
@@ -380,7 +376,7 @@ class Runner:
                 state.connect_failed(slot, self.now(), failure, _pg.is_refusal(failure))
             # Reported outside the except block: a failing listener's
             # traceback must not carry the connect error's full text.
-            self.report_connect_failure(failure)
+            self.reporter.connect_failed(failure, self.now())
             self.drain()
             if state.floor_deficit() and self.state.started and (
                 self.maintenance_task is None or self.maintenance_task.done()
@@ -402,7 +398,7 @@ class Runner:
         state.connect_succeeded(slot, con, self.now())
         del con  # measured below with no reference but the pool's own
         holder.base_refs = _pg.reference_count(slot.connection)
-        self.note_server_status()
+        self.reporter.note_server_status(self.now())
         self.drain()
 
     async def restore_floor(self) -> None:
@@ -426,35 +422,6 @@ class Runner:
                 delay = _FLOOR_RETRY_FIRST
             if not state.floor_deficit():
                 return
-
-    def report_connect_failure(self, error: BaseException) -> None:
-        described = describe_error(error)
-        logger.warning(
-            "pool %r: connect failed (%s); %d consecutive failures",
-            self.name, described, self.state.connect_failures,
-            extra={"event": "connect_failed", "pool": self.name, "error": described},
-        )
-        if self.state.floor_enabled and not self.state.waiting and not self.state.closing:
-            # Nobody waits, and create_pool() has returned: the min_size
-            # upkeep's connect (create_pool's own failures raise, unlogged, as
-            # in asyncpg). asyncpg logs these on its own logger, and
-            # monitoring of asyncpg programs reads it.
-            _asyncpg_logger.warning("Failed to restore the pool connection floor; retrying (%s)", described)
-        self.reporter.emit_event("connect_failed", error=described, consecutive_failures=self.state.connect_failures)
-        self.note_server_status()
-
-    def note_server_status(self) -> None:
-        """Log and emit the breaker's transitions: up, backing_off, down."""
-        status = self.state.server_status(self.now()).value
-        previous, self.server_status = self.server_status, status
-        if status == previous:
-            return
-        level = logging.INFO if status == "up" else logging.WARNING
-        logger.log(
-            level, "pool %r: server status %s -> %s", self.name, previous, status,
-            extra={"event": "server_status", "pool": self.name, "from": previous, "to": status},
-        )
-        self.reporter.emit_event("server_status", **{"from": previous, "to": status})
 
     def close_slot(self, slot: Slot) -> None:
         holder = self.slot_holders.pop(slot, None)
