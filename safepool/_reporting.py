@@ -108,6 +108,13 @@ class Reporter:
             f"max_waiters={state.max_waiters}{sites}; {self.describe_oldest(now, 3)}"
         )
 
+    def warn_slow_close(self, now: float) -> None:
+        """close() has waited a minute: say for which leases."""
+        logger.warning(
+            "pool %r: close() is taking over 60 seconds: %d connection(s) not released. %s",
+            self.name, len(list(self.state.leases())), self.describe_oldest(now, 3),
+        )
+
     def shed_message(self, why: str) -> str:
         # Cheaper than busy_message (no lease listing): under a surge the
         # adaptive queue sheds thousands of waiters a second.

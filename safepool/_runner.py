@@ -46,6 +46,10 @@ from ._state import (
 from ._workers import DEFAULT_RESET_TIMEOUT, ResetHooks
 from .errors import PoolClosedError, PoolOverloadedError, PoolTimeoutError
 
+# How long close() lets connects under way finish before cancelling them.
+_CONNECT_GRACE_ON_CLOSE = 0.5
+# close() logs the leases it still waits for after this many seconds.
+_SLOW_CLOSE = 60
 # The floor upkeep's retry delays after failed connects (asyncpg 0.32's).
 _FLOOR_RETRY_FIRST = 1.0
 _FLOOR_RETRY_CAP = 60.0
@@ -469,6 +473,48 @@ class Runner:
             self.drain()
 
     # ----------------------------------------------------------- shutdown
+
+    async def close_all(self) -> None:
+        """Close gracefully (``Pool.close()``): fail the waiters, stop the
+        floor upkeep, give connects under way a short grace, then wait until
+        every lease is released and every connection closed. On error or
+        cancellation the caller terminates; either way it calls
+        :meth:`finish_close`."""
+        state = self.state
+        warn_handle = self.loop.call_later(_SLOW_CLOSE, lambda: self.reporter.warn_slow_close(self.now()))
+        try:
+            state.begin_close(PoolClosedError("pool is closing"))
+            if self.maintenance_task is not None:
+                self.maintenance_task.cancel()  # nothing to keep a floor for
+            self.drain()
+            # Connects under way get a short grace to finish (with asyncpg
+            # they belong to acquires, so they complete and run init=); one
+            # that never answers (a black-holed server) must not hold close()
+            # up to asyncpg's connect timeout.
+            if self.connect_tasks:
+                await asyncio.wait(list(self.connect_tasks), timeout=_CONNECT_GRACE_ON_CLOSE)
+            for task in list(self.connect_tasks):
+                task.cancel()
+            self.drain()
+            while state.size:
+                self.drained.clear()
+                self.drain()
+                if state.size:
+                    await self.drained.wait()
+        finally:
+            warn_handle.cancel()
+
+    def finish_close(self) -> None:
+        """A close ended (done, failed or terminated): the pool is closed and
+        no timer stays armed."""
+        if self.state.phase is not Phase.CLOSED:
+            self.state.set_phase(Phase.CLOSED)
+        self.cancel_timers()
+
+    async def join(self) -> None:
+        """Wait for the pool tasks still running (after a close)."""
+        if self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
 
     def terminate_all(self) -> None:
         """Discard every slot (connections terminated, not closed) and cancel

@@ -84,8 +84,6 @@ _TIMINGS = {"wait": "wait_times", "lease": "lease_times", "connect": "connect_ti
 # fail_fast=True: consecutive failed connects, with no connection left, after
 # which acquires fail at once with ServerUnavailableError.
 _BREAKER_THRESHOLD = 3
-# How long close() lets connects under way finish before cancelling them.
-_CONNECT_GRACE_ON_CLOSE = 0.5
 
 
 class Pool:
@@ -535,43 +533,14 @@ class Pool:
         if self._closed:
             return
         self._check_init()
-        runner = self._runner
-        warn_handle = self._loop.call_later(60, self._warn_on_long_close)
         try:
-            self._state.begin_close(PoolClosedError("pool is closing"))
-            if runner.maintenance_task is not None:
-                runner.maintenance_task.cancel()  # nothing to keep a floor for
-            self._drain()
-            # Connects under way get a short grace to finish (with asyncpg
-            # they belong to acquires, so they complete and run init=); one
-            # that never answers (a black-holed server) must not hold close()
-            # up to asyncpg's connect timeout.
-            if runner.connect_tasks:
-                await asyncio.wait(list(runner.connect_tasks), timeout=_CONNECT_GRACE_ON_CLOSE)
-            for task in list(runner.connect_tasks):
-                task.cancel()
-            self._drain()
-            while self._state.size:
-                runner.drained.clear()
-                self._drain()
-                if self._state.size:
-                    await runner.drained.wait()
+            await self._runner.close_all()
         except BaseException:
             self.terminate()
             raise
         finally:
-            warn_handle.cancel()
-            if self._state.phase is not Phase.CLOSED:
-                self._state.set_phase(Phase.CLOSED)
-            runner.cancel_timers()
-        if runner.tasks:
-            await asyncio.gather(*list(runner.tasks), return_exceptions=True)
-
-    def _warn_on_long_close(self) -> None:
-        logger.warning(
-            "pool %r: close() is taking over 60 seconds: %d connection(s) not released. %s",
-            self._name, len(list(self._state.leases())), self._reporter.describe_oldest(self._now(), 3),
-        )
+            self._runner.finish_close()
+        await self._runner.join()
 
     def terminate(self) -> None:
         """Terminate all connections at once."""
