@@ -13,18 +13,16 @@ from __future__ import annotations
 import asyncio
 import warnings
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from . import _internals as _pg
 from . import _stack, _workers
 from ._clock import Clock
+from ._holder import Holder
 from ._internals import RawConnection
 from ._reporting import Reporter, describe_error, leak_logger, logger
 from ._state import Lease, Phase, PoolState, Slot
 from ._workers import DEFAULT_RESET_TIMEOUT, ResetHooks
-
-if TYPE_CHECKING:
-    from ._runner import Holder
 
 # A garbage-collected proxy whose connection is still in use is checked again
 # after these delays (seconds, doubling), until it is provably abandoned.
