@@ -38,13 +38,12 @@ from ._compat import queue as _compat_queue
 from ._detach import _Driver
 from ._histogram import Histogram, TeeHistogram
 from ._internals import RawConnection
+from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
 from ._options import (
     DEFAULT_QUEUE_INTERVAL,
     DEFAULT_QUEUE_TARGET,
-    adaptive_queue,
-    check_options,
-    check_sizes,
-    validate_site_share,
+    check_resize,
+    configure,
     validate_timeout,
 )
 from ._registry import live_pools, on_pool_created
@@ -52,14 +51,12 @@ from ._reporting import DictListener, Reporter, describe_error
 from ._runner import Runner
 from ._state import (
     OPEN_LEASE,
-    RESET_MODES,
     Backoff,
     Closed,
     Inadmissible,
     Lease,
     Overloaded,
     Phase,
-    PoolState,
     ReleaseOutcome,
     SlotLost,
     SlotState,
@@ -75,15 +72,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("safepool")
 
-# acquire()'s timeout and lease_timeout default: "the pool's setting" (None
-# means "no limit", as asyncpg's acquire(timeout=None)).
-_DEFAULT: Any = object()
 _T = TypeVar("_T")
 
 _TIMINGS = {"wait": "wait_times", "lease": "lease_times", "connect": "connect_times"}
-# fail_fast=True: consecutive failed connects, with no connection left, after
-# which acquires fail at once with ServerUnavailableError.
-_BREAKER_THRESHOLD = 3
 
 
 class Pool:
@@ -137,82 +128,51 @@ class Pool:
             loop = asyncio.get_event_loop()
         self._loop = loop
 
-        init_size = check_sizes(min_size, max_size, init_size, max_queries, max_inactive_connection_lifetime)
-        if not issubclass(connection_class, _pg_connection.Connection):
-            raise TypeError(
-                f"connection_class is expected to be a subclass of asyncpg.Connection, got {connection_class!r}"
-            )
-        if not issubclass(record_class, _pg_protocol.Record):
-            raise TypeError(f"record_class is expected to be a subclass of asyncpg.Record, got {record_class!r}")
-
-        # safepool's own options.
-        self._lease_timeout = validate_timeout("lease_timeout", lease_timeout)
-        if self._lease_timeout == 0:
-            raise ValueError("lease_timeout must be > 0 seconds (None turns it off)")
-        self._leak_warning_after = validate_timeout("leak_warning_after", leak_warning_after)
-        self._acquire_timeout = validate_timeout("acquire_timeout", acquire_timeout)
-        self._reset_timeout = validate_timeout("reset_timeout", reset_timeout)
-        if max_waiters is _DEFAULT:
-            # Unbounded, as asyncpg: a bound can fail a call that works on
-            # asyncpg's pool (1,500 gathered queries on 10 connections), so it
-            # is opt-in (docs/backpressure.md recommends one for services).
-            max_waiters = None
-        waiters_bound = check_options(max_waiters, max_connecting, fail_fast, wait_on_connect_error, reset_mode, RESET_MODES)
-        adaptive = adaptive_queue(queue_policy, queue_target, queue_interval)
-        validate_site_share(max_site_share)
-        self._site_caps = max_site_share is not None
-        self._capture_stack = (
-            capture_stack if capture_stack is not None else self._leak_warning_after is not None
+        self._config = config = configure(
+            name or f"pool-{id(self):x}", min_size=min_size, max_size=max_size, init_size=init_size,
+            max_queries=max_queries, max_inactive_connection_lifetime=max_inactive_connection_lifetime,
+            connection_class=connection_class, record_class=record_class, reset=reset,
+            lease_timeout=lease_timeout, leak_warning_after=leak_warning_after, capture_stack=capture_stack,
+            max_waiters=max_waiters, acquire_timeout=acquire_timeout, max_connecting=max_connecting,
+            fail_fast=fail_fast, wait_on_connect_error=wait_on_connect_error, reset_mode=reset_mode,
+            reset_timeout=reset_timeout, backoff=backoff, max_site_share=max_site_share,
+            queue_policy=queue_policy, queue_target=queue_target, queue_interval=queue_interval,
         )
-
-        self._name = name or f"pool-{id(self):x}"
-        self._init_size = init_size
-        self._min_size = min_size
-        self._max_queries = max_queries
-        self._connection_class = connection_class
-        self._record_class = record_class
-        self._connect = connect if connect is not None else _pg_connection.connect
-        self._connect_args: Any = connect_args
-        self._connect_kwargs = connect_kwargs
-        self._setup = setup
-        self._init = init
-        self._reset = reset
-        self._reset_mode = reset_mode
         self._proxy_class: type[PoolConnectionProxy] = PoolConnectionProxy
         if reset_mode == "auto":
             _autoreset.require_parser()  # a missing extra fails here, not at the first release
             self._proxy_class = _autoreset.AutoResetProxy
-        # A user reset= hook, or a connection class with its own reset(), is
-        # called as asyncpg calls it (asyncpg's own rollback first, in the
-        # hook's case); it and an overridden get_reset_query() run on every
-        # release as with asyncpg, statement or not.
-        self._custom_reset = reset is not None or connection_class.reset is not _pg_connection.Connection.reset
-        self._always_reset = self._custom_reset or _pg.overrides_reset_query(connection_class)
+        # The settings the hot path reads, as the face's own attributes (no
+        # attribute chain per lease).
+        self._name = config.name
+        self._lease_timeout = config.lease_timeout
+        self._leak_warning_after = config.leak_warning_after
+        self._acquire_timeout = config.acquire_timeout
+        self._reset_timeout = config.reset_timeout
+        self._max_queries = config.max_queries
+        self._custom_reset = config.custom_reset
+        self._site_caps = config.site_caps
+        self._capture_stack = config.capture_stack
+        self._setup = setup
+        # What a new connection is opened with (asyncpg's attribute names).
+        self._connect = connect if connect is not None else _pg_connection.connect
+        self._connect_args: Any = connect_args
+        self._connect_kwargs = connect_kwargs
+        self._connection_class = connection_class
+        self._record_class = record_class
+        self._init = init
 
-        self._state = PoolState(
-            max_size=max_size,
-            min_size=min_size,
-            max_waiters=waiters_bound,
-            max_connecting=max_connecting,
-            max_inactive_lifetime=max_inactive_connection_lifetime,
-            backoff=backoff,
-            breaker_threshold=_BREAKER_THRESHOLD if fail_fast else None,
-            wait_on_connect_error=wait_on_connect_error,
-            max_site_share=max_site_share,
-            adaptive=adaptive,
-            reset_mode=reset_mode,
-            always_reset=self._always_reset,
-        )
+        self._state = config.new_state()
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
         self._reporter = reporter = Reporter(self._name, self._state, loop, self._site_caps)
         # The same list as the reporter's: release() checks it on the hot path.
         self._listeners = reporter.listeners
-        hooks = ResetHooks(self._custom_reset, reset, reset_mode != "rollback")
+        hooks = ResetHooks(config.custom_reset, reset, reset_mode != "rollback")
         self._runner = runner = Runner(
             self, self._state, self._clock, loop, reporter, self._get_new_connection, hooks,
-            reset_timeout=self._reset_timeout, auto_reset=reset_mode == "auto",
-            leak_warning_after=self._leak_warning_after,
+            reset_timeout=config.reset_timeout, auto_reset=reset_mode == "auto",
+            leak_warning_after=config.leak_warning_after,
         )
         # The runner's, bound here for the hot path (no attribute chain per lease).
         self._slot_holders = runner.slot_holders
@@ -240,12 +200,13 @@ class Pool:
 
     async def _initialize(self) -> None:
         state = self._state
-        if self._init_size:
+        init_size = self._config.init_size
+        if init_size:
             # The first connection is awaited and its error raised, as with
             # asyncpg: a wrong DSN or password must fail pool creation.
             first = state.add_connecting(self._now())
             await self._runner.connect_slot(first, raise_errors=True)
-            others = [state.add_connecting(self._now()) for _ in range(self._init_size - 1)]
+            others = [state.add_connecting(self._now()) for _ in range(init_size - 1)]
             # The rest may fail without failing creation: the min_size upkeep
             # retries them in the background with backoff.
             await asyncio.gather(*(self._runner.connect_slot(slot) for slot in others))
@@ -564,16 +525,14 @@ class Pool:
     def resize(self, *, max_size: int, min_size: int | None = None) -> None:
         """Change the pool's bounds at run time without dropping any lease.
 
-        Shrinking closes idle connections now and leased ones as they return."""
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
-            raise ValueError(f"max_size must be an int > 0, got {max_size!r}")
+        Shrinking closes idle connections now and leased ones as they return.
+
+        :raises ValueError: ``max_size`` is not an int > 0, or ``min_size``
+            not an int between 0 and ``max_size``."""
+        check_resize(max_size, min_size)
         if min_size is not None:
-            if isinstance(min_size, bool) or not isinstance(min_size, int) or not 0 <= min_size <= max_size:
-                raise ValueError(f"min_size must be an int between 0 and max_size, got {min_size!r}")
             self._state.min_size = min_size
-            self._min_size = min_size
         self._state.resize(max_size, self._now())
-        self._min_size = self._state.min_size
         self._drain()
 
     # ----------------------------------------------------------- getters
@@ -601,10 +560,10 @@ class Pool:
         return self._state.connected()
 
     def get_init_size(self) -> int:
-        return self._init_size
+        return self._config.init_size
 
     def get_min_size(self) -> int:
-        return self._min_size
+        return self._state.min_size
 
     def get_max_size(self) -> int:
         return self._state.max_size
@@ -805,9 +764,9 @@ class Pool:
         state = self._state
         return PoolOptions(
             name=self._name,
-            min_size=self._min_size,
+            min_size=state.min_size,
             max_size=state.max_size,
-            init_size=self._init_size,
+            init_size=self._config.init_size,
             max_queries=self._max_queries,
             max_inactive_connection_lifetime=state.max_inactive_lifetime,
             lease_timeout=self._lease_timeout,
@@ -817,7 +776,7 @@ class Pool:
             max_connecting=state.max_connecting,
             fail_fast=state.breaker_threshold is not None,
             wait_on_connect_error=state.wait_on_connect_error,
-            reset_mode=self._reset_mode,
+            reset_mode=self._config.reset_mode,
             reset_timeout=self._reset_timeout,
         )
 
