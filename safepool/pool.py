@@ -16,7 +16,6 @@ the releasing task (``_detach``), a custom one runs in a pool task.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import warnings
 import weakref
@@ -36,7 +35,6 @@ from ._compat import HolderView, QueueView  # asyncpg's private pool attributes
 from ._compat import holders as _compat_holders
 from ._compat import queue as _compat_queue
 from ._detach import _Driver
-from ._histogram import Histogram, TeeHistogram
 from ._internals import RawConnection
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
 from ._options import (
@@ -47,7 +45,7 @@ from ._options import (
     validate_timeout,
 )
 from ._registry import live_pools, on_pool_created
-from ._reporting import DictListener, Reporter, describe_error
+from ._reporting import Reporter, describe_error
 from ._runner import Runner
 from ._state import (
     OPEN_LEASE,
@@ -62,10 +60,11 @@ from ._state import (
     SlotState,
     Unavailable,
 )
+from ._surface import Observation
 from ._workers import ResetHooks
 from .errors import PoolClosedError, PoolOverloadedError, ServerUnavailableError
 from .proxy import PoolConnectionProxy
-from .stats import LeaseInfo, PoolOptions, PoolStats, build_stats
+from .stats import LeaseInfo, PoolOptions, PoolStats
 
 if TYPE_CHECKING:
     from .health import HealthReport
@@ -74,7 +73,6 @@ logger = logging.getLogger("safepool")
 
 _T = TypeVar("_T")
 
-_TIMINGS = {"wait": "wait_times", "lease": "lease_times", "connect": "connect_times"}
 
 
 class Pool:
@@ -169,6 +167,7 @@ class Pool:
         # The same list as the reporter's: release() checks it on the hot path.
         self._listeners = reporter.listeners
         hooks = ResetHooks(config.custom_reset, reset, reset_mode != "rollback")
+        self._observation = Observation(config, self._state, reporter, loop, self._now, self.release)
         self._runner = runner = Runner(
             self, self._state, self._clock, loop, reporter, self._get_new_connection, hooks,
             reset_timeout=config.reset_timeout, auto_reset=reset_mode == "auto",
@@ -577,17 +576,14 @@ class Pool:
 
     def stats(self) -> PoolStats:
         """An immutable snapshot of sizes, counters and distributions."""
-        return build_stats(self._name, self._state, self._now())
+        return self._observation.stats()
 
     def leases(self, *, stacks: bool = True) -> list[LeaseInfo]:
         """The connections currently held by application code, oldest first.
 
         :param stacks: format each lease's acquire stack (``LeaseInfo.stack``;
             False leaves it None and costs no source-line lookups)."""
-        now = self._now()
-        infos = [self._reporter.lease_info(lease, now, stacks) for lease in self._state.leases()]
-        infos.sort(key=lambda info: -info.age)
-        return infos
+        return self._observation.leases(stacks)
 
     async def health(self, **options: Any) -> HealthReport:
         """Readiness check: ``ok`` / ``degraded`` / ``failing`` with reasons.
@@ -604,17 +600,13 @@ class Pool:
 
         The dict form of :meth:`add_event_listener`'s typed events, kept for
         compatibility (kinds added later are not sent here)."""
-        self._listeners.append(DictListener(callback))
+        self._observation.add_listener(callback)
 
     def remove_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
         """Remove a callback added with :meth:`add_listener`.
 
         :raises ValueError: it was not added."""
-        for listener in self._listeners:
-            if isinstance(listener, DictListener) and listener.callback == callback:
-                self._listeners.remove(listener)
-                return
-        raise ValueError(f"{callback!r} is not a listener of this pool")
+        self._observation.remove_listener(callback)
 
     def __repr__(self) -> str:
         state = self._state
@@ -730,13 +722,13 @@ class Pool:
         happened. An exception in a callback is logged (``event listener
         failed``) and the other callbacks still run. With no listener the
         pool builds no event at all."""
-        self._listeners.append(callback)
+        self._observation.add_event_listener(callback)
 
     def remove_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
         """Remove a callback added with :meth:`add_event_listener`.
 
         :raises ValueError: it was not added."""
-        self._listeners.remove(callback)
+        self._observation.remove_event_listener(callback)
 
     @property
     def capture_stack(self) -> bool:
@@ -761,24 +753,7 @@ class Pool:
     def options(self) -> PoolOptions:
         """The pool's settings, with the current sizes; never the DSN, a
         password or other connection arguments."""
-        state = self._state
-        return PoolOptions(
-            name=self._name,
-            min_size=state.min_size,
-            max_size=state.max_size,
-            init_size=self._config.init_size,
-            max_queries=self._max_queries,
-            max_inactive_connection_lifetime=state.max_inactive_lifetime,
-            lease_timeout=self._lease_timeout,
-            leak_warning_after=self._leak_warning_after,
-            acquire_timeout=self._acquire_timeout,
-            max_waiters=state.max_waiters,
-            max_connecting=state.max_connecting,
-            fail_fast=state.breaker_threshold is not None,
-            wait_on_connect_error=state.wait_on_connect_error,
-            reset_mode=self._config.reset_mode,
-            reset_timeout=self._reset_timeout,
-        )
+        return self._observation.options()
 
     async def release_lease(self, lease_id: int) -> bool:
         """Release a lease by its id (:attr:`LeaseInfo.id <safepool.LeaseInfo.id>`),
@@ -789,14 +764,7 @@ class Pool:
         Returns False, doing nothing, when no open lease has that id, or its
         proxy was already garbage collected (the pool reclaims that one
         itself). Raises what :meth:`release` raises."""
-        for lease in self._state.leases():
-            if lease.id == lease_id and lease.active and lease.slot.connection is not None:
-                proxy = _pg.live_proxy(lease.slot.connection)
-                if proxy is None:
-                    return False
-                await self.release(proxy)
-                return True
-        return False
+        return await self._observation.release_lease(lease_id)
 
     def add_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:
         """Call ``callback(seconds)`` with every duration the pool records:
@@ -814,18 +782,7 @@ class Pool:
         nothing.
 
         :raises ValueError: unknown ``kind``."""
-        field = _TIMINGS.get(kind)
-        if field is None:
-            raise ValueError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}")
-
-        def install() -> None:
-            current: Histogram = getattr(self._state, field)
-            if not isinstance(current, TeeHistogram):
-                current = TeeHistogram(current, f"pool {self._name!r}: a {kind} timing sink")
-                setattr(self._state, field, current)
-            current.sinks.append(callback)
-
-        self._on_loop(install)
+        self._observation.add_timing_sink(kind, callback)
 
     def remove_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:
         """Remove a sink added with :meth:`add_timing_sink` (unknown ones are
@@ -833,19 +790,7 @@ class Pool:
         called from any thread.
 
         :raises ValueError: unknown ``kind``."""
-        field = _TIMINGS.get(kind)
-        if field is None:
-            raise ValueError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}")
-
-        def uninstall() -> None:
-            current: Histogram = getattr(self._state, field)
-            if isinstance(current, TeeHistogram):
-                if callback in current.sinks:
-                    current.sinks.remove(callback)
-                if not current.sinks:
-                    setattr(self._state, field, current.inner)
-
-        self._on_loop(uninstall)
+        self._observation.remove_timing_sink(kind, callback)
 
     def stats_threadsafe(self, timeout: float | None = 5.0) -> PoolStats:
         """:meth:`stats`, from any thread: taken on the pool's event loop.
@@ -857,7 +802,7 @@ class Pool:
         running, it calls :meth:`stats` directly.
 
         :raises TimeoutError: the loop did not run it in time (it is blocked)."""
-        return self.call_threadsafe(self.stats, timeout)
+        return self._observation.call_threadsafe(self.stats, timeout)
 
     def call_threadsafe(self, function: Callable[[], _T], timeout: float | None = 5.0) -> _T:
         """Run ``function()`` on the pool's event loop and return its result,
@@ -866,44 +811,7 @@ class Pool:
 
         :raises TimeoutError: the loop did not run it within ``timeout`` seconds.
         :raises Exception: what ``function`` raised."""
-        loop = self._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop or not loop.is_running() or loop.is_closed():
-            return function()
-        result: concurrent.futures.Future[_T] = concurrent.futures.Future()
-
-        def run() -> None:
-            if not result.set_running_or_notify_cancel():
-                return
-            try:
-                result.set_result(function())
-            except BaseException as exc:
-                result.set_exception(exc)
-
-        loop.call_soon_threadsafe(run)
-        try:
-            return result.result(timeout)
-        except concurrent.futures.TimeoutError:
-            result.cancel()
-            raise TimeoutError(
-                f"pool {self._name!r}: its event loop did not answer within {timeout}s"
-            ) from None
-
-    def _on_loop(self, action: Callable[[], None]) -> None:
-        """Run ``action`` on the pool's loop thread: now if this is it (or the
-        loop is not running), else soon."""
-        loop = self._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop or loop.is_closed() or not loop.is_running():
-            action()
-        else:
-            loop.call_soon_threadsafe(action)
+        return self._observation.call_threadsafe(function, timeout)
 
 
 class PoolAcquireContext:
