@@ -309,6 +309,23 @@ class Runner:
 
     # ------------------------------------------------- connects and closes
 
+    async def open(self, init_size: int) -> None:
+        """Start-up (``Pool``'s ``_async__init__``): open ``init_size``
+        connections, then start the min_size upkeep and the timers."""
+        state = self.state
+        if init_size:
+            # The first connection is awaited and its error raised, as with
+            # asyncpg: a wrong DSN or password must fail pool creation.
+            first = state.add_connecting(self.now())
+            await self.connect_slot(first, raise_errors=True)
+            others = [state.add_connecting(self.now()) for _ in range(init_size - 1)]
+            # The rest may fail without failing creation: the min_size upkeep
+            # retries them in the background with backoff.
+            await asyncio.gather(*(self.connect_slot(slot) for slot in others))
+        state.floor_enabled = True
+        state.advance(self.now())
+        self.drain()
+
     async def connect_slot(self, slot: Slot, *, raise_errors: bool = False) -> None:
         state = self.state
         try:

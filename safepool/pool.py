@@ -189,29 +189,13 @@ class Pool:
             raise _pg_exceptions.InterfaceError("pool is being initialized in another task")
         state.set_phase(Phase.STARTING)
         try:
-            await self._initialize()
+            await self._runner.open(self._config.init_size)
         except BaseException:
             self._runner.terminate_all()
             state.set_phase(Phase.CLOSED)
             raise
         state.set_phase(Phase.OPEN)
         return self
-
-    async def _initialize(self) -> None:
-        state = self._state
-        init_size = self._config.init_size
-        if init_size:
-            # The first connection is awaited and its error raised, as with
-            # asyncpg: a wrong DSN or password must fail pool creation.
-            first = state.add_connecting(self._now())
-            await self._runner.connect_slot(first, raise_errors=True)
-            others = [state.add_connecting(self._now()) for _ in range(init_size - 1)]
-            # The rest may fail without failing creation: the min_size upkeep
-            # retries them in the background with backoff.
-            await asyncio.gather(*(self._runner.connect_slot(slot) for slot in others))
-        state.floor_enabled = True
-        state.advance(self._now())
-        self._drain()
 
     # ------------------------------------------------------------- acquire
 
