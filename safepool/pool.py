@@ -1,11 +1,14 @@
 """The asyncpg-compatible face of the pool: ``Pool``, ``PoolAcquireContext``
 and ``create_pool``.
 
-The face checks arguments, runs the hot path and answers questions; the
-state core (``_state.py``) decides, the runner (``_runner.py``) carries the
-core's actions out and owns the pool's tasks and timers, the workers
-(``_workers.py``) do the I/O on connections, and ``_internals.py`` is the one
-adapter over asyncpg's private members (docs/design.md, "Layout").
+The face runs the hot path and asyncpg's API, and hands the rest to objects
+with one job each: argument checks and settings (``_options.py``), the
+observation surface (``_surface.py``), the registry of live pools
+(``_registry.py``). The state core (``_state.py``) decides, the runner
+(``_runner.py``) carries the core's actions out and owns the pool's tasks and
+timers, the workers (``_workers.py``) do the I/O on connections, and
+``_internals.py`` is the one adapter over asyncpg's private members
+(docs/design.md).
 
 The hot path (an idle connection, no waiters) is: read the clock, pop the idle
 stack, build a proxy. Release of a lease that ran no statement hands the
@@ -72,7 +75,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("safepool")
 
 _T = TypeVar("_T")
-
 
 
 class Pool:
