@@ -9,7 +9,7 @@ connection (its clean mark, orphan checks, reset watchdog start).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 from . import _internals as _pg
 from ._compat import HolderCompat
@@ -18,6 +18,15 @@ from ._state import Lease, Slot
 
 if TYPE_CHECKING:
     from ._runner import Runner
+
+
+class Face(Protocol):
+    """What a holder's pool (the asyncpg face) offers: asyncpg's connection
+    reaches it through ``holder._pool`` to drop caches."""
+
+    def _drop_statement_cache(self) -> None: ...
+
+    def _drop_type_cache(self) -> None: ...
 
 
 class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., read-only
@@ -29,7 +38,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
                  "orphan_checks", "orphan_reported", "unresponsive", "lost_while_leased", "reset_since",
                  "command_timeout", "reset_query", "__weakref__")
 
-    def __init__(self, pool: Any, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
+    def __init__(self, pool: Face, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
         self._pool = pool
         self._runner = runner
         self._slot = slot

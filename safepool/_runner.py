@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, assert_never
+from typing import Any, assert_never
 
 from . import _internals as _pg
 from . import _workers
 from ._clock import Clock, Timer
-from ._holder import Holder
+from ._holder import Face, Holder
 from ._internals import RawConnection
 from ._reclaim import Reclaimer
 from ._reporting import Reporter, describe_error, logger
@@ -52,15 +52,6 @@ _SLOW_CLOSE = 60
 # The floor upkeep's retry delays after failed connects (asyncpg 0.32's).
 _FLOOR_RETRY_FIRST = 1.0
 _FLOOR_RETRY_CAP = 60.0
-
-
-class Face(Protocol):
-    """What the runner needs of the pool it runs for (the asyncpg face):
-    asyncpg's connection reaches it through ``holder._pool`` to drop caches."""
-
-    def _drop_statement_cache(self) -> None: ...
-
-    def _drop_type_cache(self) -> None: ...
 
 
 def settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:
