@@ -33,8 +33,8 @@ from asyncpg import connection as _pg_connection
 from .proxy import PoolConnectionProxy, _mark_coroutine, _released_error
 
 if TYPE_CHECKING:
+    from ._holder import Holder as _Holder
     from ._internals import RawConnection
-    from ._runner import Holder as _Holder
     from ._state import Lease
 
 __all__ = ["CACHE_SIZE", "MAX_CACHED_LENGTH", "AutoResetProxy", "require_parser", "reset_reason"]

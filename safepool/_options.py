@@ -1,16 +1,31 @@
-"""Argument checks of the pool's own options (asyncpg's are in the face)."""
+"""The pool's arguments: asyncpg's checks (with asyncpg's messages), the
+pool's own options, and :class:`PoolConfig`, the checked settings that
+``Pool.__init__`` (:func:`configure`) builds its parts from.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from asyncpg import connection as _pg_connection
+from asyncpg import protocol as _pg_protocol
+
+from . import _internals as _pg
 from ._policy import AdaptiveQueue
+from ._state import RESET_MODES, Backoff, PoolState
 
 QUEUE_POLICIES = ("fifo", "adaptive")
 # queue_policy="adaptive": CoDel's delay target and interval (seconds); see
 # docs/backpressure.md for the measurements behind them.
 DEFAULT_QUEUE_TARGET = 0.01
 DEFAULT_QUEUE_INTERVAL = 0.1
+# fail_fast=True: consecutive failed connects, with no connection left, after
+# which acquires fail at once with ServerUnavailableError.
+BREAKER_THRESHOLD = 3
+# An argument left out (max_waiters; acquire()'s timeout and lease_timeout):
+# "the pool's setting".
+DEFAULT: Any = object()
 
 
 def validate_timeout(name: str, value: Any, *, allow_none: bool = True) -> float | None:
@@ -107,3 +122,145 @@ def check_options(
     if reset_mode not in reset_modes:
         raise ValueError(f"reset_mode must be one of {reset_modes}, got {reset_mode!r}")
     return max_waiters
+
+
+def check_resize(max_size: Any, min_size: Any) -> None:
+    """``Pool.resize()``'s arguments."""
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
+        raise ValueError(f"max_size must be an int > 0, got {max_size!r}")
+    if min_size is not None and (
+        isinstance(min_size, bool) or not isinstance(min_size, int) or not 0 <= min_size <= max_size
+    ):
+        raise ValueError(f"min_size must be an int between 0 and max_size, got {min_size!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """A pool's settings, checked. The sizes here are the initial ones
+    (``resize()`` changes the core's)."""
+
+    name: str
+    init_size: int
+    min_size: int
+    max_size: int
+    max_queries: int
+    max_inactive_lifetime: float
+    lease_timeout: float | None
+    leak_warning_after: float | None
+    acquire_timeout: float | None
+    reset_timeout: float | None
+    capture_stack: bool
+    max_waiters: int | None
+    max_connecting: int | None
+    fail_fast: bool
+    wait_on_connect_error: bool
+    reset_mode: str
+    backoff: Backoff | None
+    max_site_share: float | None
+    adaptive: AdaptiveQueue | None
+    # A user reset= hook, or a connection class with its own reset(), is
+    # called as asyncpg calls it (asyncpg's own rollback first, in the
+    # hook's case); it and an overridden get_reset_query() run on every
+    # release as with asyncpg, statement or not.
+    custom_reset: bool
+    always_reset: bool
+
+    @property
+    def site_caps(self) -> bool:
+        return self.max_site_share is not None
+
+    def new_state(self) -> PoolState:
+        """The state core these settings describe."""
+        return PoolState(
+            max_size=self.max_size,
+            min_size=self.min_size,
+            max_waiters=self.max_waiters,
+            max_connecting=self.max_connecting,
+            max_inactive_lifetime=self.max_inactive_lifetime,
+            backoff=self.backoff,
+            breaker_threshold=BREAKER_THRESHOLD if self.fail_fast else None,
+            wait_on_connect_error=self.wait_on_connect_error,
+            max_site_share=self.max_site_share,
+            adaptive=self.adaptive,
+            reset_mode=self.reset_mode,
+            always_reset=self.always_reset,
+        )
+
+
+def configure(
+    name: str,
+    *,
+    min_size: Any,
+    max_size: Any,
+    init_size: Any,
+    max_queries: Any,
+    max_inactive_connection_lifetime: Any,
+    connection_class: Any,
+    record_class: Any,
+    reset: Any,
+    lease_timeout: Any,
+    leak_warning_after: Any,
+    capture_stack: Any,
+    max_waiters: Any,
+    acquire_timeout: Any,
+    max_connecting: Any,
+    fail_fast: Any,
+    wait_on_connect_error: Any,
+    reset_mode: Any,
+    reset_timeout: Any,
+    backoff: Any,
+    max_site_share: Any,
+    queue_policy: Any,
+    queue_target: Any,
+    queue_interval: Any,
+) -> PoolConfig:
+    """Check ``Pool``'s arguments (asyncpg's first, in asyncpg's order, with
+    its messages) and return the settings.
+
+    :raises TypeError: an argument of the wrong type.
+    :raises ValueError: an argument out of range."""
+    init_size = check_sizes(min_size, max_size, init_size, max_queries, max_inactive_connection_lifetime)
+    if not issubclass(connection_class, _pg_connection.Connection):
+        raise TypeError(
+            f"connection_class is expected to be a subclass of asyncpg.Connection, got {connection_class!r}"
+        )
+    if not issubclass(record_class, _pg_protocol.Record):
+        raise TypeError(f"record_class is expected to be a subclass of asyncpg.Record, got {record_class!r}")
+    lease_timeout = validate_timeout("lease_timeout", lease_timeout)
+    if lease_timeout == 0:
+        raise ValueError("lease_timeout must be > 0 seconds (None turns it off)")
+    leak_warning_after = validate_timeout("leak_warning_after", leak_warning_after)
+    acquire_timeout = validate_timeout("acquire_timeout", acquire_timeout)
+    reset_timeout = validate_timeout("reset_timeout", reset_timeout)
+    if max_waiters is DEFAULT:
+        # Unbounded, as asyncpg: a bound can fail a call that works on
+        # asyncpg's pool (1,500 gathered queries on 10 connections), so it
+        # is opt-in (docs/backpressure.md recommends one for services).
+        max_waiters = None
+    max_waiters = check_options(max_waiters, max_connecting, fail_fast, wait_on_connect_error, reset_mode, RESET_MODES)
+    adaptive = adaptive_queue(queue_policy, queue_target, queue_interval)
+    validate_site_share(max_site_share)
+    custom_reset = reset is not None or connection_class.reset is not _pg_connection.Connection.reset
+    return PoolConfig(
+        name=name,
+        init_size=init_size,
+        min_size=min_size,
+        max_size=max_size,
+        max_queries=max_queries,
+        max_inactive_lifetime=max_inactive_connection_lifetime,
+        lease_timeout=lease_timeout,
+        leak_warning_after=leak_warning_after,
+        acquire_timeout=acquire_timeout,
+        reset_timeout=reset_timeout,
+        capture_stack=capture_stack if capture_stack is not None else leak_warning_after is not None,
+        max_waiters=max_waiters,
+        max_connecting=max_connecting,
+        fail_fast=fail_fast,
+        wait_on_connect_error=wait_on_connect_error,
+        reset_mode=reset_mode,
+        backoff=backoff,
+        max_site_share=max_site_share,
+        adaptive=adaptive,
+        custom_reset=custom_reset,
+        always_reset=custom_reset or _pg.overrides_reset_query(connection_class),
+    )

@@ -22,6 +22,7 @@ from .stats import LeaseInfo
 
 logger = logging.getLogger("safepool")
 leak_logger = logging.getLogger("safepool.leaks")
+_asyncpg_logger = logging.getLogger("asyncpg.pool")
 
 _LEASE_EVENTS: dict[str, type[_events.LeaseEvent]] = {
     cls.kind: cls
@@ -57,7 +58,7 @@ def describe_error(error: BaseException | None) -> str:
 class Reporter:
     """A pool's messages and event queue; reads the core, never writes it."""
 
-    __slots__ = ("name", "state", "loop", "listeners", "pending", "delivering", "site_caps")
+    __slots__ = ("name", "state", "loop", "listeners", "pending", "delivering", "site_caps", "server_status")
 
     def __init__(self, name: str, state: PoolState, loop: asyncio.AbstractEventLoop, site_caps: bool) -> None:
         self.name = name
@@ -69,6 +70,8 @@ class Reporter:
         self.listeners: list[Callable[[_events.PoolEvent], None]] = []
         self.pending: deque[_events.PoolEvent] = deque()
         self.delivering = False
+        # The server status last reported (the core's breaker view).
+        self.server_status = "up"
 
     # ----------------------------------------------------------- messages
 
@@ -105,6 +108,13 @@ class Reporter:
             f"max_waiters={state.max_waiters}{sites}; {self.describe_oldest(now, 3)}"
         )
 
+    def warn_slow_close(self, now: float) -> None:
+        """close() has waited a minute: say for which leases."""
+        logger.warning(
+            "pool %r: close() is taking over 60 seconds: %d connection(s) not released. %s",
+            self.name, len(list(self.state.leases())), self.describe_oldest(now, 3),
+        )
+
     def shed_message(self, why: str) -> str:
         # Cheaper than busy_message (no lease listing): under a surge the
         # adaptive queue sheds thousands of waiters a second.
@@ -139,6 +149,37 @@ class Reporter:
         )
 
     # ------------------------------------------------------------- events
+
+    def connect_failed(self, error: BaseException, now: float) -> None:
+        """Log and emit a failed connect (and any server status change)."""
+        described = describe_error(error)
+        logger.warning(
+            "pool %r: connect failed (%s); %d consecutive failures",
+            self.name, described, self.state.connect_failures,
+            extra={"event": "connect_failed", "pool": self.name, "error": described},
+        )
+        if self.state.floor_enabled and not self.state.waiting and not self.state.closing:
+            # Nobody waits, and create_pool() has returned: the min_size
+            # upkeep's connect (create_pool's own failures raise, unlogged, as
+            # in asyncpg). asyncpg logs these on its own logger, and
+            # monitoring of asyncpg programs reads it.
+            _asyncpg_logger.warning("Failed to restore the pool connection floor; retrying (%s)", described)
+        self.emit_event("connect_failed", error=described, consecutive_failures=self.state.connect_failures)
+        self.note_server_status(now)
+
+    def note_server_status(self, now: float) -> None:
+        """Log and emit the breaker's transitions: up, backing_off, down."""
+        status = self.state.server_status(now).value
+        previous, self.server_status = self.server_status, status
+        if status == previous:
+            return
+        level = logging.INFO if status == "up" else logging.WARNING
+        logger.log(
+            level, "pool %r: server status %s -> %s", self.name, previous, status,
+            extra={"event": "server_status", "pool": self.name, "from": previous, "to": status},
+        )
+        self.emit_event("server_status", **{"from": previous, "to": status})
+
 
     def emit(self, event: str, lease: Lease, held: float, **extra: Any) -> None:
         """Queue a lease event (delivered by :meth:`deliver`, after the books settle)."""

@@ -4,7 +4,9 @@
 owns every pool task (connects, resets, take-backs, closes, the min_size
 upkeep) and the loop timers (the core's earliest deadline, the reset
 watchdog), turns the workers' outcomes (``_workers.py``) into the core's facts
-and delivers events once the books are settled.
+and delivers events once the books are settled. Leases the application let
+go of (garbage collected, expired, suspected leaks) go to its
+:class:`~safepool._reclaim.Reclaimer` (``_reclaim.py``).
 
 Cancellation rule: a pool-owned coroutine settles the books, then re-raises
 ``CancelledError`` (only ``terminate()`` cancels pool tasks); only
@@ -15,23 +17,21 @@ synchronous (``terminate()``, never an awaited ``close()``).
 from __future__ import annotations
 
 import asyncio
-import logging
-import warnings
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, assert_never
+from typing import Any, assert_never
 
 from . import _internals as _pg
-from . import _stack, _workers
+from . import _workers
 from ._clock import Clock, Timer
-from ._compat import HolderCompat  # asyncpg's holder._in_use & co., read-only
+from ._holder import Face, Holder
 from ._internals import RawConnection
-from ._reporting import Reporter, describe_error, leak_logger, logger
+from ._reclaim import Reclaimer
+from ._reporting import Reporter, describe_error, logger
 from ._state import (
     Close,
     Connect,
     Fail,
     LeakSuspect,
-    Lease,
     Phase,
     PoolState,
     Shed,
@@ -45,75 +45,13 @@ from ._state import (
 from ._workers import DEFAULT_RESET_TIMEOUT, ResetHooks
 from .errors import PoolClosedError, PoolOverloadedError, PoolTimeoutError
 
-_asyncpg_logger = logging.getLogger("asyncpg.pool")
-
-# A garbage-collected proxy whose connection is still in use is checked again
-# after these delays (seconds, doubling), until it is provably abandoned.
-_ORPHAN_RECHECK_FIRST = 0.05
-_ORPHAN_RECHECK_CAP = 2.0
+# How long close() lets connects under way finish before cancelling them.
+_CONNECT_GRACE_ON_CLOSE = 0.5
+# close() logs the leases it still waits for after this many seconds.
+_SLOW_CLOSE = 60
 # The floor upkeep's retry delays after failed connects (asyncpg 0.32's).
 _FLOOR_RETRY_FIRST = 1.0
 _FLOOR_RETRY_CAP = 60.0
-
-
-class Face(Protocol):
-    """What the runner needs of the pool it runs for (the asyncpg face):
-    asyncpg's connection reaches it through ``holder._pool`` to drop caches."""
-
-    def _drop_statement_cache(self) -> None: ...
-
-    def _drop_type_cache(self) -> None: ...
-
-
-
-class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., read-only
-    """What asyncpg's Connection expects of its pool holder: it calls
-    ``_release_on_close()`` when the connection dies, and reaches the pool
-    through ``proxy._holder._pool`` to drop statement and type caches."""
-
-    __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "release_timeout",
-                 "orphan_checks", "orphan_reported", "unresponsive", "lost_while_leased", "reset_since",
-                 "command_timeout", "reset_query", "__weakref__")
-
-    def __init__(self, pool: Any, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
-        self._pool = pool
-        self._runner = runner
-        self._slot = slot
-        self._con: RawConnection | None = con
-        # asyncpg's statement counter when the session was last known to be
-        # as the pool leaves it (opened, before init=; or just reset). A
-        # release that finds the counter moved must reset; -1: always reset.
-        self.clean_mark = clean_mark
-        # The connection's reference count while only the pool holds it.
-        self.base_refs = 0
-        # release(timeout=None) defaults to the acquire's timeout (asyncpg).
-        self.release_timeout: float | None = None
-        # How often a garbage-collected proxy's connection was found still in
-        # use (0: not orphaned).
-        self.orphan_checks = 0
-        self.orphan_reported = False
-        # A reset or take-back timed out: no graceful close, abort it.
-        self.unresponsive = False
-        # The socket died under a lease: its backend may still run a query.
-        self.lost_while_leased = False
-        # When a release's unbounded reset started (the reset watchdog's clock).
-        self.reset_since: float | None = None
-        # Fixed for the connection's life: read once here, not per release.
-        self.command_timeout = _pg.command_timeout(con)
-        self.reset_query = _pg.reset_query_getter(con)
-
-    def _release_on_close(self) -> None:
-        self._con = None
-        self._runner.connection_lost(self._slot)
-
-    def _abandoned(self, lease: Lease) -> None:
-        # Runs inside the garbage collector, possibly in the middle of the
-        # pool's own bookkeeping: only schedule, never touch state here.
-        runner = self._runner
-        try:
-            runner.loop.call_soon_threadsafe(runner.reclaim, lease)
-        except RuntimeError:
-            pass  # the loop is closed: the process is shutting down
 
 
 def settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:
@@ -154,7 +92,6 @@ class Runner:
         self.hooks = hooks
         self.reset_timeout = reset_timeout
         self.auto_reset = auto_reset
-        self.leak_warning_after = leak_warning_after
         self.timer: Timer | None = None
         self.timer_at: float | None = None
         self.reset_watchdog: Timer | None = None
@@ -167,9 +104,12 @@ class Runner:
         self.resets_done: dict[Slot, asyncio.Future[None]] = {}
         self.drained = asyncio.Event()
         self.terminating = False
-        self.server_status = "up"
         # Restores min_size after failed connects, on asyncpg's schedule.
         self.maintenance_task: asyncio.Task[Any] | None = None
+        # Leases the application let go of (garbage, expired, suspect).
+        self.reclaimer = Reclaimer(
+            self, state, clock, reporter, hooks, reset_timeout=reset_timeout, leak_warning_after=leak_warning_after,
+        )
 
     # --------------------------------------------------------- the actions
 
@@ -201,9 +141,9 @@ class Runner:
                     case Fail(waiter, error):
                         self.fail_waiter(waiter, error)
                     case TakeBack(lease):
-                        self.take_back(lease)
+                        self.reclaimer.take_back(lease)
                     case LeakSuspect(lease):
-                        self.leak_suspect(lease)
+                        self.reclaimer.leak_suspect(lease)
                     case Shed(waiter, reason):
                         if not waiter.future.done():
                             waiter.future.set_exception(PoolOverloadedError(self.reporter.shed_message(reason)))
@@ -358,114 +298,24 @@ class Runner:
         self.after_hand_on()
         return error
 
-    # ----------------------------------------------- leases: expiry and leaks
-
-    def reclaim(self, lease: Lease) -> None:
-        """A proxy was garbage collected while still leased (or a re-check
-        of one whose connection was still in use)."""
-        slot = lease.slot
-        if not lease.active or self.state.phase is Phase.CLOSED:
-            return
-        holder = self.slot_holders[slot]
-        if self.still_in_use(holder, slot):
-            self.defer_reclaim(lease, holder, slot.connection)
-            return
-        con = slot.connection
-        held = self.now() - lease.acquired_at
-        if not self.state.reclaim(lease, self.now()):
-            return
-        report = (
-            f"pool {self.name!r}: a connection was garbage collected without being released "
-            f"(held {held:.3f}s); acquired at:\n{_stack.format_stack(lease.stack)}"
-        )
-        _pg.detach_proxy(con)  # the proxy is gone; drop the dead weak reference
-        con._on_release()
-        self.spawn(self.reset_slot(holder, con, None, _pg.warn_open_transaction(con, quiet=True)))
-        self.drain()
-        # Report last: with warnings turned into errors the bookkeeping above
-        # must already be done.
-        leak_logger.warning(report, extra=self.reporter.event_fields("leak", lease, held))
-        self.reporter.emit("leak", lease, held)
-        self.reporter.deliver()
-        warnings.warn(report, ResourceWarning, stacklevel=1)
-
-    def still_in_use(self, holder: Holder, slot: Slot) -> bool:
-        """Whether a connection whose proxy is gone may still be in use: only
-        a provably abandoned one is reclaimed (never one with an operation in
-        flight, callbacks registered, or any object outside the pool still
-        referring to it: a running query's coroutine, a transaction, cursor
-        or prepared statement, a callback's closure)."""
-        if _pg.has_callbacks(slot.connection) or _pg.is_cancelling(slot.connection):
-            return True
-        # Measured as base_refs was: no local reference to the connection.
-        return _pg.reference_count(slot.connection) > holder.base_refs
-
-    def defer_reclaim(self, lease: Lease, holder: Holder, con: RawConnection) -> None:
-        if holder.orphan_checks == 0:
-            # Listener callbacks get the connection itself from now on, not
-            # the dead proxy.
-            _pg.detach_proxy(con)
-        # A query still running when its proxy went (`await (await
-        # pool.acquire()).fetch(...)`) ends soon and is reclaimed quietly as a
-        # leak; callbacks, or use that goes on, are worth a report now.
-        if not holder.orphan_reported and (_pg.has_callbacks(con) or holder.orphan_checks >= 3):
-            holder.orphan_reported = True
-            held = self.now() - lease.acquired_at
-            leak_logger.warning(
-                "pool %r: a connection's proxy was garbage collected without being released, but the "
-                "connection is still in use (callbacks registered, or an operation or object still "
-                "refers to it); it stays leased until that ends. Acquired at:\n%s",
-                self.name, _stack.format_stack(lease.stack),
-                extra=self.reporter.event_fields("leak_suspect", lease, held),
-            )
-            self.reporter.emit("leak_suspect", lease, held, collected=True)
-            self.reporter.deliver()
-        holder.orphan_checks += 1
-        delay = min(_ORPHAN_RECHECK_CAP, _ORPHAN_RECHECK_FIRST * 2 ** min(holder.orphan_checks - 1, 16))
-        self.clock.call_at(self.now() + delay, lambda: self.reclaim(lease))
-
-    def take_back(self, lease: Lease) -> None:
-        slot = lease.slot
-        con = slot.connection
-        held = self.now() - lease.acquired_at
-        limit = (lease.deadline or 0) - lease.acquired_at
-        reason = (
-            f"the lease expired: held {held:.3f}s, lease_timeout is {limit:.3f}s; "
-            "the connection was taken back by the pool"
-        )
-        _pg.detach_proxy(con, reason)
-        con._on_release()  # invalidates cursors, statements and transactions made through the proxy
-        leak_logger.error(
-            "pool %r: lease expired after %.3fs (lease_timeout %.3fs); taking the connection back. "
-            "Acquired at:\n%s",
-            self.name, held, limit, _stack.format_stack(lease.stack),
-            extra=self.reporter.event_fields("lease_expired", lease, held),
-        )
-        self.reporter.emit("lease_expired", lease, held, lease_timeout=limit)
-        self.spawn(self.take_back_slot(self.slot_holders[slot], con))
-
-    async def take_back_slot(self, holder: Holder, con: RawConnection) -> None:
-        error = await _workers.take_back(con, self.hooks, self.reset_timeout or DEFAULT_RESET_TIMEOUT)
-        if error is not None:
-            logger.warning(
-                "pool %r: could not take back an expired connection cleanly (%s); closing it",
-                self.name, describe_error(error), extra={"event": "reset_failed", "pool": self.name},
-            )
-        # A cancel comes only from terminate(), which discarded the slot.
-        self.reset_done(holder, con, error, log=False)
-
-    def leak_suspect(self, lease: Lease) -> None:
-        held = self.now() - lease.acquired_at
-        leak_logger.warning(
-            "pool %r: connection held for %.3fs (leak_warning_after %.3fs), still not released; "
-            "task %s; acquired at:\n%s",
-            self.name, held, self.leak_warning_after or 0.0, lease.task_name or "?",
-            _stack.format_stack(lease.stack),
-            extra=self.reporter.event_fields("leak_suspect", lease, held),
-        )
-        self.reporter.emit("leak_suspect", lease, held)
-
     # ------------------------------------------------- connects and closes
+
+    async def open(self, init_size: int) -> None:
+        """Start-up (``Pool``'s ``_async__init__``): open ``init_size``
+        connections, then start the min_size upkeep and the timers."""
+        state = self.state
+        if init_size:
+            # The first connection is awaited and its error raised, as with
+            # asyncpg: a wrong DSN or password must fail pool creation.
+            first = state.add_connecting(self.now())
+            await self.connect_slot(first, raise_errors=True)
+            others = [state.add_connecting(self.now()) for _ in range(init_size - 1)]
+            # The rest may fail without failing creation: the min_size upkeep
+            # retries them in the background with backoff.
+            await asyncio.gather(*(self.connect_slot(slot) for slot in others))
+        state.floor_enabled = True
+        state.advance(self.now())
+        self.drain()
 
     async def connect_slot(self, slot: Slot, *, raise_errors: bool = False) -> None:
         state = self.state
@@ -486,7 +336,7 @@ class Runner:
                 state.connect_failed(slot, self.now(), failure, _pg.is_refusal(failure))
             # Reported outside the except block: a failing listener's
             # traceback must not carry the connect error's full text.
-            self.report_connect_failure(failure)
+            self.reporter.connect_failed(failure, self.now())
             self.drain()
             if state.floor_deficit() and self.state.started and (
                 self.maintenance_task is None or self.maintenance_task.done()
@@ -508,7 +358,7 @@ class Runner:
         state.connect_succeeded(slot, con, self.now())
         del con  # measured below with no reference but the pool's own
         holder.base_refs = _pg.reference_count(slot.connection)
-        self.note_server_status()
+        self.reporter.note_server_status(self.now())
         self.drain()
 
     async def restore_floor(self) -> None:
@@ -532,35 +382,6 @@ class Runner:
                 delay = _FLOOR_RETRY_FIRST
             if not state.floor_deficit():
                 return
-
-    def report_connect_failure(self, error: BaseException) -> None:
-        described = describe_error(error)
-        logger.warning(
-            "pool %r: connect failed (%s); %d consecutive failures",
-            self.name, described, self.state.connect_failures,
-            extra={"event": "connect_failed", "pool": self.name, "error": described},
-        )
-        if self.state.floor_enabled and not self.state.waiting and not self.state.closing:
-            # Nobody waits, and create_pool() has returned: the min_size
-            # upkeep's connect (create_pool's own failures raise, unlogged, as
-            # in asyncpg). asyncpg logs these on its own logger, and
-            # monitoring of asyncpg programs reads it.
-            _asyncpg_logger.warning("Failed to restore the pool connection floor; retrying (%s)", described)
-        self.reporter.emit_event("connect_failed", error=described, consecutive_failures=self.state.connect_failures)
-        self.note_server_status()
-
-    def note_server_status(self) -> None:
-        """Log and emit the breaker's transitions: up, backing_off, down."""
-        status = self.state.server_status(self.now()).value
-        previous, self.server_status = self.server_status, status
-        if status == previous:
-            return
-        level = logging.INFO if status == "up" else logging.WARNING
-        logger.log(
-            level, "pool %r: server status %s -> %s", self.name, previous, status,
-            extra={"event": "server_status", "pool": self.name, "from": previous, "to": status},
-        )
-        self.reporter.emit_event("server_status", **{"from": previous, "to": status})
 
     def close_slot(self, slot: Slot) -> None:
         holder = self.slot_holders.pop(slot, None)
@@ -608,6 +429,48 @@ class Runner:
             self.drain()
 
     # ----------------------------------------------------------- shutdown
+
+    async def close_all(self) -> None:
+        """Close gracefully (``Pool.close()``): fail the waiters, stop the
+        floor upkeep, give connects under way a short grace, then wait until
+        every lease is released and every connection closed. On error or
+        cancellation the caller terminates; either way it calls
+        :meth:`finish_close`."""
+        state = self.state
+        warn_handle = self.loop.call_later(_SLOW_CLOSE, lambda: self.reporter.warn_slow_close(self.now()))
+        try:
+            state.begin_close(PoolClosedError("pool is closing"))
+            if self.maintenance_task is not None:
+                self.maintenance_task.cancel()  # nothing to keep a floor for
+            self.drain()
+            # Connects under way get a short grace to finish (with asyncpg
+            # they belong to acquires, so they complete and run init=); one
+            # that never answers (a black-holed server) must not hold close()
+            # up to asyncpg's connect timeout.
+            if self.connect_tasks:
+                await asyncio.wait(list(self.connect_tasks), timeout=_CONNECT_GRACE_ON_CLOSE)
+            for task in list(self.connect_tasks):
+                task.cancel()
+            self.drain()
+            while state.size:
+                self.drained.clear()
+                self.drain()
+                if state.size:
+                    await self.drained.wait()
+        finally:
+            warn_handle.cancel()
+
+    def finish_close(self) -> None:
+        """A close ended (done, failed or terminated): the pool is closed and
+        no timer stays armed."""
+        if self.state.phase is not Phase.CLOSED:
+            self.state.set_phase(Phase.CLOSED)
+        self.cancel_timers()
+
+    async def join(self) -> None:
+        """Wait for the pool tasks still running (after a close)."""
+        if self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
 
     def terminate_all(self) -> None:
         """Discard every slot (connections terminated, not closed) and cancel

@@ -1,11 +1,14 @@
 """The asyncpg-compatible face of the pool: ``Pool``, ``PoolAcquireContext``
 and ``create_pool``.
 
-The face checks arguments, runs the hot path and answers questions; the
-state core (``_state.py``) decides, the runner (``_runner.py``) carries the
-core's actions out and owns the pool's tasks and timers, the workers
-(``_workers.py``) do the I/O on connections, and ``_internals.py`` is the one
-adapter over asyncpg's private members (docs/design.md, "Layout").
+The face runs the hot path and asyncpg's API, and hands the rest to objects
+with one job each: argument checks and settings (``_options.py``), the
+observation surface (``_surface.py``), the registry of live pools
+(``_registry.py``). The state core (``_state.py``) decides, the runner
+(``_runner.py``) carries the core's actions out and owns the pool's tasks and
+timers, the workers (``_workers.py``) do the I/O on connections, and
+``_internals.py`` is the one adapter over asyncpg's private members
+(docs/design.md).
 
 The hot path (an idle connection, no waiters) is: read the clock, pop the idle
 stack, build a proxy. Release of a lease that ran no statement hands the
@@ -16,9 +19,7 @@ the releasing task (``_detach``), a custom one runs in a pool task.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import traceback
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -29,7 +30,7 @@ from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 from asyncpg import protocol as _pg_protocol
 
-from . import _autoreset, _sites, _stack, _workers
+from . import _autoreset, _registry, _sites, _stack, _workers
 from . import _internals as _pg
 from . import events as _events
 from ._clock import Clock, LoopClock
@@ -37,92 +38,43 @@ from ._compat import HolderView, QueueView  # asyncpg's private pool attributes
 from ._compat import holders as _compat_holders
 from ._compat import queue as _compat_queue
 from ._detach import _Driver
-from ._histogram import Histogram, TeeHistogram
 from ._internals import RawConnection
+from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
 from ._options import (
     DEFAULT_QUEUE_INTERVAL,
     DEFAULT_QUEUE_TARGET,
-    adaptive_queue,
-    check_options,
-    check_sizes,
-    validate_site_share,
+    check_resize,
+    configure,
     validate_timeout,
 )
-from ._reporting import DictListener, Reporter, describe_error
+from ._registry import live_pools, on_pool_created
+from ._reporting import Reporter, describe_error
 from ._runner import Runner
 from ._state import (
     OPEN_LEASE,
-    RESET_MODES,
     Backoff,
     Closed,
     Inadmissible,
     Lease,
     Overloaded,
     Phase,
-    PoolState,
     ReleaseOutcome,
     SlotLost,
     SlotState,
     Unavailable,
 )
+from ._surface import Observation
 from ._workers import ResetHooks
 from .errors import PoolClosedError, PoolOverloadedError, ServerUnavailableError
 from .proxy import PoolConnectionProxy
-from .stats import LeaseInfo, PoolOptions, PoolStats, build_stats
+from .stats import LeaseInfo, PoolOptions, PoolStats
 
 if TYPE_CHECKING:
     from .health import HealthReport
 
 logger = logging.getLogger("safepool")
 
-# acquire()'s timeout and lease_timeout default: "the pool's setting" (None
-# means "no limit", as asyncpg's acquire(timeout=None)).
-_DEFAULT: Any = object()
-# Every open pool in the process, weakly: the pytest leak plugin and exporters
-# find pools here without the application registering them.
-_LIVE_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
-
-
-_CREATED_HOOKS: list[Callable[[Pool], None]] = []
 _T = TypeVar("_T")
-
-
-def live_pools() -> list[Pool]:
-    """Pools created in this process that are not garbage yet."""
-    return list(_LIVE_POOLS)
-
-
-def on_pool_created(callback: Callable[[Pool], None]) -> Callable[[], None]:
-    """Call ``callback(pool)`` for every pool created from now on, at the end
-    of its constructor (before it connects), in the creating thread. For
-    extensions that watch every pool (the pytest leak guard, exporters with
-    ``live=True``) without the application registering each one. An exception
-    in the callback is logged and swallowed.
-
-    Returns a function that removes the callback (idempotent)."""
-    _CREATED_HOOKS.append(callback)
-
-    def remove() -> None:
-        if callback in _CREATED_HOOKS:
-            _CREATED_HOOKS.remove(callback)
-
-    return remove
-
-
-def _pool_created(pool: Pool) -> None:
-    for callback in _CREATED_HOOKS.copy():  # a callback may remove itself
-        try:
-            callback(pool)
-        except Exception:
-            logger.error("pool %r: pool-created hook failed\n%s", pool.name, traceback.format_exc().rstrip())
-
-
-_TIMINGS = {"wait": "wait_times", "lease": "lease_times", "connect": "connect_times"}
-# fail_fast=True: consecutive failed connects, with no connection left, after
-# which acquires fail at once with ServerUnavailableError.
-_BREAKER_THRESHOLD = 3
-# How long close() lets connects under way finish before cancelling them.
-_CONNECT_GRACE_ON_CLOSE = 0.5
 
 
 class Pool:
@@ -176,90 +128,58 @@ class Pool:
             loop = asyncio.get_event_loop()
         self._loop = loop
 
-        init_size = check_sizes(min_size, max_size, init_size, max_queries, max_inactive_connection_lifetime)
-        if not issubclass(connection_class, _pg_connection.Connection):
-            raise TypeError(
-                f"connection_class is expected to be a subclass of asyncpg.Connection, got {connection_class!r}"
-            )
-        if not issubclass(record_class, _pg_protocol.Record):
-            raise TypeError(f"record_class is expected to be a subclass of asyncpg.Record, got {record_class!r}")
-
-        # safepool's own options.
-        self._lease_timeout = validate_timeout("lease_timeout", lease_timeout)
-        if self._lease_timeout == 0:
-            raise ValueError("lease_timeout must be > 0 seconds (None turns it off)")
-        self._leak_warning_after = validate_timeout("leak_warning_after", leak_warning_after)
-        self._acquire_timeout = validate_timeout("acquire_timeout", acquire_timeout)
-        self._reset_timeout = validate_timeout("reset_timeout", reset_timeout)
-        if max_waiters is _DEFAULT:
-            # Unbounded, as asyncpg: a bound can fail a call that works on
-            # asyncpg's pool (1,500 gathered queries on 10 connections), so it
-            # is opt-in (docs/backpressure.md recommends one for services).
-            max_waiters = None
-        waiters_bound = check_options(max_waiters, max_connecting, fail_fast, wait_on_connect_error, reset_mode, RESET_MODES)
-        adaptive = adaptive_queue(queue_policy, queue_target, queue_interval)
-        validate_site_share(max_site_share)
-        self._site_caps = max_site_share is not None
-        self._capture_stack = (
-            capture_stack if capture_stack is not None else self._leak_warning_after is not None
+        self._config = config = configure(
+            name or f"pool-{id(self):x}", min_size=min_size, max_size=max_size, init_size=init_size,
+            max_queries=max_queries, max_inactive_connection_lifetime=max_inactive_connection_lifetime,
+            connection_class=connection_class, record_class=record_class, reset=reset,
+            lease_timeout=lease_timeout, leak_warning_after=leak_warning_after, capture_stack=capture_stack,
+            max_waiters=max_waiters, acquire_timeout=acquire_timeout, max_connecting=max_connecting,
+            fail_fast=fail_fast, wait_on_connect_error=wait_on_connect_error, reset_mode=reset_mode,
+            reset_timeout=reset_timeout, backoff=backoff, max_site_share=max_site_share,
+            queue_policy=queue_policy, queue_target=queue_target, queue_interval=queue_interval,
         )
-
-        self._name = name or f"pool-{id(self):x}"
-        self._init_size = init_size
-        self._min_size = min_size
-        self._max_queries = max_queries
-        self._connection_class = connection_class
-        self._record_class = record_class
-        self._connect = connect if connect is not None else _pg_connection.connect
-        self._connect_args: Any = connect_args
-        self._connect_kwargs = connect_kwargs
-        self._setup = setup
-        self._init = init
-        self._reset = reset
-        self._reset_mode = reset_mode
         self._proxy_class: type[PoolConnectionProxy] = PoolConnectionProxy
         if reset_mode == "auto":
             _autoreset.require_parser()  # a missing extra fails here, not at the first release
             self._proxy_class = _autoreset.AutoResetProxy
-        # A user reset= hook, or a connection class with its own reset(), is
-        # called as asyncpg calls it (asyncpg's own rollback first, in the
-        # hook's case); it and an overridden get_reset_query() run on every
-        # release as with asyncpg, statement or not.
-        self._custom_reset = reset is not None or connection_class.reset is not _pg_connection.Connection.reset
-        self._always_reset = self._custom_reset or _pg.overrides_reset_query(connection_class)
+        # The settings the hot path reads, as the face's own attributes (no
+        # attribute chain per lease).
+        self._name = config.name
+        self._lease_timeout = config.lease_timeout
+        self._leak_warning_after = config.leak_warning_after
+        self._acquire_timeout = config.acquire_timeout
+        self._reset_timeout = config.reset_timeout
+        self._max_queries = config.max_queries
+        self._custom_reset = config.custom_reset
+        self._site_caps = config.site_caps
+        self._capture_stack = config.capture_stack
+        self._setup = setup
+        # What a new connection is opened with (asyncpg's attribute names).
+        self._connect = connect if connect is not None else _pg_connection.connect
+        self._connect_args: Any = connect_args
+        self._connect_kwargs = connect_kwargs
+        self._connection_class = connection_class
+        self._record_class = record_class
+        self._init = init
 
-        self._state = PoolState(
-            max_size=max_size,
-            min_size=min_size,
-            max_waiters=waiters_bound,
-            max_connecting=max_connecting,
-            max_inactive_lifetime=max_inactive_connection_lifetime,
-            backoff=backoff,
-            breaker_threshold=_BREAKER_THRESHOLD if fail_fast else None,
-            wait_on_connect_error=wait_on_connect_error,
-            max_site_share=max_site_share,
-            adaptive=adaptive,
-            reset_mode=reset_mode,
-            always_reset=self._always_reset,
-        )
+        self._state = config.new_state()
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
         self._reporter = reporter = Reporter(self._name, self._state, loop, self._site_caps)
         # The same list as the reporter's: release() checks it on the hot path.
         self._listeners = reporter.listeners
-        hooks = ResetHooks(self._custom_reset, reset, reset_mode != "rollback")
+        hooks = ResetHooks(config.custom_reset, reset, reset_mode != "rollback")
+        self._observation = Observation(config, self._state, reporter, loop, self._now, self.release)
         self._runner = runner = Runner(
             self, self._state, self._clock, loop, reporter, self._get_new_connection, hooks,
-            reset_timeout=self._reset_timeout, auto_reset=reset_mode == "auto",
-            leak_warning_after=self._leak_warning_after,
+            reset_timeout=config.reset_timeout, auto_reset=reset_mode == "auto",
+            leak_warning_after=config.leak_warning_after,
         )
         # The runner's, bound here for the hot path (no attribute chain per lease).
         self._slot_holders = runner.slot_holders
         self._drain = runner.drain
         self._spawn = runner.spawn
-        _LIVE_POOLS.add(self)
-        if _CREATED_HOOKS:
-            _pool_created(self)
+        _registry.register(self)
 
     # ------------------------------------------------------------ start-up
 
@@ -271,28 +191,13 @@ class Pool:
             raise _pg_exceptions.InterfaceError("pool is being initialized in another task")
         state.set_phase(Phase.STARTING)
         try:
-            await self._initialize()
+            await self._runner.open(self._config.init_size)
         except BaseException:
             self._runner.terminate_all()
             state.set_phase(Phase.CLOSED)
             raise
         state.set_phase(Phase.OPEN)
         return self
-
-    async def _initialize(self) -> None:
-        state = self._state
-        if self._init_size:
-            # The first connection is awaited and its error raised, as with
-            # asyncpg: a wrong DSN or password must fail pool creation.
-            first = state.add_connecting(self._now())
-            await self._runner.connect_slot(first, raise_errors=True)
-            others = [state.add_connecting(self._now()) for _ in range(self._init_size - 1)]
-            # The rest may fail without failing creation: the min_size upkeep
-            # retries them in the background with backoff.
-            await asyncio.gather(*(self._runner.connect_slot(slot) for slot in others))
-        state.floor_enabled = True
-        state.advance(self._now())
-        self._drain()
 
     # ------------------------------------------------------------- acquire
 
@@ -574,43 +479,14 @@ class Pool:
         if self._closed:
             return
         self._check_init()
-        runner = self._runner
-        warn_handle = self._loop.call_later(60, self._warn_on_long_close)
         try:
-            self._state.begin_close(PoolClosedError("pool is closing"))
-            if runner.maintenance_task is not None:
-                runner.maintenance_task.cancel()  # nothing to keep a floor for
-            self._drain()
-            # Connects under way get a short grace to finish (with asyncpg
-            # they belong to acquires, so they complete and run init=); one
-            # that never answers (a black-holed server) must not hold close()
-            # up to asyncpg's connect timeout.
-            if runner.connect_tasks:
-                await asyncio.wait(list(runner.connect_tasks), timeout=_CONNECT_GRACE_ON_CLOSE)
-            for task in list(runner.connect_tasks):
-                task.cancel()
-            self._drain()
-            while self._state.size:
-                runner.drained.clear()
-                self._drain()
-                if self._state.size:
-                    await runner.drained.wait()
+            await self._runner.close_all()
         except BaseException:
             self.terminate()
             raise
         finally:
-            warn_handle.cancel()
-            if self._state.phase is not Phase.CLOSED:
-                self._state.set_phase(Phase.CLOSED)
-            runner.cancel_timers()
-        if runner.tasks:
-            await asyncio.gather(*list(runner.tasks), return_exceptions=True)
-
-    def _warn_on_long_close(self) -> None:
-        logger.warning(
-            "pool %r: close() is taking over 60 seconds: %d connection(s) not released. %s",
-            self._name, len(list(self._state.leases())), self._reporter.describe_oldest(self._now(), 3),
-        )
+            self._runner.finish_close()
+        await self._runner.join()
 
     def terminate(self) -> None:
         """Terminate all connections at once."""
@@ -634,16 +510,14 @@ class Pool:
     def resize(self, *, max_size: int, min_size: int | None = None) -> None:
         """Change the pool's bounds at run time without dropping any lease.
 
-        Shrinking closes idle connections now and leased ones as they return."""
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
-            raise ValueError(f"max_size must be an int > 0, got {max_size!r}")
+        Shrinking closes idle connections now and leased ones as they return.
+
+        :raises ValueError: ``max_size`` is not an int > 0, or ``min_size``
+            not an int between 0 and ``max_size``."""
+        check_resize(max_size, min_size)
         if min_size is not None:
-            if isinstance(min_size, bool) or not isinstance(min_size, int) or not 0 <= min_size <= max_size:
-                raise ValueError(f"min_size must be an int between 0 and max_size, got {min_size!r}")
             self._state.min_size = min_size
-            self._min_size = min_size
         self._state.resize(max_size, self._now())
-        self._min_size = self._state.min_size
         self._drain()
 
     # ----------------------------------------------------------- getters
@@ -671,10 +545,10 @@ class Pool:
         return self._state.connected()
 
     def get_init_size(self) -> int:
-        return self._init_size
+        return self._config.init_size
 
     def get_min_size(self) -> int:
-        return self._min_size
+        return self._state.min_size
 
     def get_max_size(self) -> int:
         return self._state.max_size
@@ -688,17 +562,14 @@ class Pool:
 
     def stats(self) -> PoolStats:
         """An immutable snapshot of sizes, counters and distributions."""
-        return build_stats(self._name, self._state, self._now())
+        return self._observation.stats()
 
     def leases(self, *, stacks: bool = True) -> list[LeaseInfo]:
         """The connections currently held by application code, oldest first.
 
         :param stacks: format each lease's acquire stack (``LeaseInfo.stack``;
             False leaves it None and costs no source-line lookups)."""
-        now = self._now()
-        infos = [self._reporter.lease_info(lease, now, stacks) for lease in self._state.leases()]
-        infos.sort(key=lambda info: -info.age)
-        return infos
+        return self._observation.leases(stacks)
 
     async def health(self, **options: Any) -> HealthReport:
         """Readiness check: ``ok`` / ``degraded`` / ``failing`` with reasons.
@@ -715,17 +586,13 @@ class Pool:
 
         The dict form of :meth:`add_event_listener`'s typed events, kept for
         compatibility (kinds added later are not sent here)."""
-        self._listeners.append(DictListener(callback))
+        self._observation.add_listener(callback)
 
     def remove_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
         """Remove a callback added with :meth:`add_listener`.
 
         :raises ValueError: it was not added."""
-        for listener in self._listeners:
-            if isinstance(listener, DictListener) and listener.callback == callback:
-                self._listeners.remove(listener)
-                return
-        raise ValueError(f"{callback!r} is not a listener of this pool")
+        self._observation.remove_listener(callback)
 
     def __repr__(self) -> str:
         state = self._state
@@ -841,13 +708,13 @@ class Pool:
         happened. An exception in a callback is logged (``event listener
         failed``) and the other callbacks still run. With no listener the
         pool builds no event at all."""
-        self._listeners.append(callback)
+        self._observation.add_event_listener(callback)
 
     def remove_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
         """Remove a callback added with :meth:`add_event_listener`.
 
         :raises ValueError: it was not added."""
-        self._listeners.remove(callback)
+        self._observation.remove_event_listener(callback)
 
     @property
     def capture_stack(self) -> bool:
@@ -872,24 +739,7 @@ class Pool:
     def options(self) -> PoolOptions:
         """The pool's settings, with the current sizes; never the DSN, a
         password or other connection arguments."""
-        state = self._state
-        return PoolOptions(
-            name=self._name,
-            min_size=self._min_size,
-            max_size=state.max_size,
-            init_size=self._init_size,
-            max_queries=self._max_queries,
-            max_inactive_connection_lifetime=state.max_inactive_lifetime,
-            lease_timeout=self._lease_timeout,
-            leak_warning_after=self._leak_warning_after,
-            acquire_timeout=self._acquire_timeout,
-            max_waiters=state.max_waiters,
-            max_connecting=state.max_connecting,
-            fail_fast=state.breaker_threshold is not None,
-            wait_on_connect_error=state.wait_on_connect_error,
-            reset_mode=self._reset_mode,
-            reset_timeout=self._reset_timeout,
-        )
+        return self._observation.options()
 
     async def release_lease(self, lease_id: int) -> bool:
         """Release a lease by its id (:attr:`LeaseInfo.id <safepool.LeaseInfo.id>`),
@@ -900,14 +750,7 @@ class Pool:
         Returns False, doing nothing, when no open lease has that id, or its
         proxy was already garbage collected (the pool reclaims that one
         itself). Raises what :meth:`release` raises."""
-        for lease in self._state.leases():
-            if lease.id == lease_id and lease.active and lease.slot.connection is not None:
-                proxy = _pg.live_proxy(lease.slot.connection)
-                if proxy is None:
-                    return False
-                await self.release(proxy)
-                return True
-        return False
+        return await self._observation.release_lease(lease_id)
 
     def add_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:
         """Call ``callback(seconds)`` with every duration the pool records:
@@ -925,18 +768,7 @@ class Pool:
         nothing.
 
         :raises ValueError: unknown ``kind``."""
-        field = _TIMINGS.get(kind)
-        if field is None:
-            raise ValueError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}")
-
-        def install() -> None:
-            current: Histogram = getattr(self._state, field)
-            if not isinstance(current, TeeHistogram):
-                current = TeeHistogram(current, f"pool {self._name!r}: a {kind} timing sink")
-                setattr(self._state, field, current)
-            current.sinks.append(callback)
-
-        self._on_loop(install)
+        self._observation.add_timing_sink(kind, callback)
 
     def remove_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:
         """Remove a sink added with :meth:`add_timing_sink` (unknown ones are
@@ -944,19 +776,7 @@ class Pool:
         called from any thread.
 
         :raises ValueError: unknown ``kind``."""
-        field = _TIMINGS.get(kind)
-        if field is None:
-            raise ValueError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}")
-
-        def uninstall() -> None:
-            current: Histogram = getattr(self._state, field)
-            if isinstance(current, TeeHistogram):
-                if callback in current.sinks:
-                    current.sinks.remove(callback)
-                if not current.sinks:
-                    setattr(self._state, field, current.inner)
-
-        self._on_loop(uninstall)
+        self._observation.remove_timing_sink(kind, callback)
 
     def stats_threadsafe(self, timeout: float | None = 5.0) -> PoolStats:
         """:meth:`stats`, from any thread: taken on the pool's event loop.
@@ -968,7 +788,7 @@ class Pool:
         running, it calls :meth:`stats` directly.
 
         :raises TimeoutError: the loop did not run it in time (it is blocked)."""
-        return self.call_threadsafe(self.stats, timeout)
+        return self._observation.call_threadsafe(self.stats, timeout)
 
     def call_threadsafe(self, function: Callable[[], _T], timeout: float | None = 5.0) -> _T:
         """Run ``function()`` on the pool's event loop and return its result,
@@ -977,44 +797,7 @@ class Pool:
 
         :raises TimeoutError: the loop did not run it within ``timeout`` seconds.
         :raises Exception: what ``function`` raised."""
-        loop = self._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop or not loop.is_running() or loop.is_closed():
-            return function()
-        result: concurrent.futures.Future[_T] = concurrent.futures.Future()
-
-        def run() -> None:
-            if not result.set_running_or_notify_cancel():
-                return
-            try:
-                result.set_result(function())
-            except BaseException as exc:
-                result.set_exception(exc)
-
-        loop.call_soon_threadsafe(run)
-        try:
-            return result.result(timeout)
-        except concurrent.futures.TimeoutError:
-            result.cancel()
-            raise TimeoutError(
-                f"pool {self._name!r}: its event loop did not answer within {timeout}s"
-            ) from None
-
-    def _on_loop(self, action: Callable[[], None]) -> None:
-        """Run ``action`` on the pool's loop thread: now if this is it (or the
-        loop is not running), else soon."""
-        loop = self._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop or loop.is_closed() or not loop.is_running():
-            action()
-        else:
-            loop.call_soon_threadsafe(action)
+        return self._observation.call_threadsafe(function, timeout)
 
 
 class PoolAcquireContext:

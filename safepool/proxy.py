@@ -25,7 +25,7 @@ from ._internals import RawConnection
 from .errors import LeaseExpiredError
 
 if TYPE_CHECKING:
-    from ._runner import Holder as _Holder
+    from ._holder import Holder as _Holder
     from ._state import Lease
 
 

@@ -21,8 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "safepool"
 EXTENSIONS = ("testing", "metrics", "health.py", "top")
 # Modules an extension must not import: the state core, the asyncpg adapter
-# and asyncpg-compat shims, the pool's own helpers.
-FORBIDDEN_MODULES = {"_state", "_internals", "_compat", "_detach", "_autoreset", "_stack"}
+# and asyncpg-compat shims, the runner and the pool's own helpers (the
+# public names of _registry are safepool.pool's).
+FORBIDDEN_MODULES = {
+    "_state", "_internals", "_compat", "_detach", "_autoreset", "_stack", "_runner", "_reclaim", "_holder",
+    "_surface", "_registry", "_options", "_workers", "_reporting",
+}
 # (path relative to safepool/, source of the flagged expression): why it is fine.
 ALLOWED: dict[tuple[str, str], str] = {}
 

@@ -16,8 +16,13 @@ EXTENSIONS = ("safepool.testing", "safepool.metrics", "safepool.health", "safepo
 # The layers of the pool itself (docs/design.md, "Layout"): none may import an extension.
 POOL_MODULES = (
     "safepool.pool", "safepool._runner", "safepool._workers", "safepool._internals", "safepool._state",
-    "safepool._reporting", "safepool._options", "safepool._detach", "safepool.proxy",
+    "safepool._reporting", "safepool._options", "safepool._detach", "safepool.proxy", "safepool._registry",
+    "safepool._surface", "safepool._reclaim", "safepool._holder",
 )
+# The face's helpers (issue 13): each does one job for the face or the runner
+# and imports neither (they reach them through a narrow interface passed in).
+FACE_HELPERS = ("safepool._registry", "safepool._surface", "safepool._options")
+RUNNER_HELPERS = ("safepool._reclaim", "safepool._holder")
 
 
 def module_name(path: Path) -> str:
@@ -107,6 +112,17 @@ def test_the_pool_never_imports_an_extension() -> None:
 
 def test_workers_know_nothing_of_the_core() -> None:
     assert "safepool._state" not in graph()["safepool._workers"]
+
+
+def test_helpers_do_not_import_what_uses_them() -> None:
+    edges = graph()
+    for name in (*FACE_HELPERS, *RUNNER_HELPERS):
+        upward = edges[name] & {"safepool.pool", "safepool._runner"}
+        assert not upward, f"{name} imports {sorted(upward)}"
+    for name in FACE_HELPERS:
+        assert name in edges["safepool.pool"], f"the face does not use {name}"
+    for name in RUNNER_HELPERS:
+        assert name in edges["safepool._runner"], f"the runner does not use {name}"
 
 
 def test_the_graph_sees_the_layers() -> None:

@@ -89,7 +89,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.woken: list[Waiter] = []  # granted, not yet claimed or cancelled
         self.grants: Counter[int] = Counter()
         self.claimed: set[int] = set()
-        self.startup_slots: set[int] = set()  # Pool._initialize's explicit connects: not throttled  # waiters whose task resumed and claimed (or failed to)
+        self.startup_slots: set[int] = set()  # Runner.open's explicit connects: not throttled  # waiters whose task resumed and claimed (or failed to)
         self.enqueue_order: dict[int, int] = {}
         self.last_size = 0
         self.sites: dict[int, str] = {}  # waiter or lease id -> site
@@ -135,7 +135,7 @@ class PoolMachine(RuleBasedStateMachine):
             max_site_share=share,
             adaptive=None if adaptive is None else AdaptiveQueue(*adaptive),
         )
-        # What Pool._initialize does: explicit connects, then the floor upkeep.
+        # What Runner.open does (pool start-up): explicit connects, then the floor upkeep.
         for _ in range(min(max(init_size, min_size), max_size)):
             slot = self.state.add_connecting(self.now)
             self.startup_slots.add(id(slot))

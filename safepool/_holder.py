@@ -1,0 +1,79 @@
+"""The pool's record of one open connection: what asyncpg sees as its holder.
+
+One :class:`Holder` per connected slot, made by the runner when a connect
+succeeds. asyncpg's ``Connection`` talks to it (``_release_on_close()``, and
+``proxy._holder._pool`` to drop caches); the face, the runner and the
+reclaimer keep here what the state core does not need to know about a
+connection (its clean mark, orphan checks, reset watchdog start).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from . import _internals as _pg
+from ._compat import HolderCompat
+from ._internals import RawConnection
+from ._state import Lease, Slot
+
+if TYPE_CHECKING:
+    from ._runner import Runner
+
+
+class Face(Protocol):
+    """What a holder's pool (the asyncpg face) offers: asyncpg's connection
+    reaches it through ``holder._pool`` to drop caches."""
+
+    def _drop_statement_cache(self) -> None: ...
+
+    def _drop_type_cache(self) -> None: ...
+
+
+class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., read-only
+    """What asyncpg's Connection expects of its pool holder: it calls
+    ``_release_on_close()`` when the connection dies, and reaches the pool
+    through ``proxy._holder._pool`` to drop statement and type caches."""
+
+    __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "release_timeout",
+                 "orphan_checks", "orphan_reported", "unresponsive", "lost_while_leased", "reset_since",
+                 "command_timeout", "reset_query", "__weakref__")
+
+    def __init__(self, pool: Face, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
+        self._pool = pool
+        self._runner = runner
+        self._slot = slot
+        self._con: RawConnection | None = con
+        # asyncpg's statement counter when the session was last known to be
+        # as the pool leaves it (opened, before init=; or just reset). A
+        # release that finds the counter moved must reset; -1: always reset.
+        self.clean_mark = clean_mark
+        # The connection's reference count while only the pool holds it.
+        self.base_refs = 0
+        # release(timeout=None) defaults to the acquire's timeout (asyncpg).
+        self.release_timeout: float | None = None
+        # How often a garbage-collected proxy's connection was found still in
+        # use (0: not orphaned).
+        self.orphan_checks = 0
+        self.orphan_reported = False
+        # A reset or take-back timed out: no graceful close, abort it.
+        self.unresponsive = False
+        # The socket died under a lease: its backend may still run a query.
+        self.lost_while_leased = False
+        # When a release's unbounded reset started (the reset watchdog's clock).
+        self.reset_since: float | None = None
+        # Fixed for the connection's life: read once here, not per release.
+        self.command_timeout = _pg.command_timeout(con)
+        self.reset_query = _pg.reset_query_getter(con)
+
+    def _release_on_close(self) -> None:
+        self._con = None
+        self._runner.connection_lost(self._slot)
+
+    def _abandoned(self, lease: Lease) -> None:
+        # Runs inside the garbage collector, possibly in the middle of the
+        # pool's own bookkeeping: only schedule, never touch state here.
+        runner = self._runner
+        try:
+            runner.loop.call_soon_threadsafe(runner.reclaimer.reclaim, lease)
+        except RuntimeError:
+            pass  # the loop is closed: the process is shutting down

@@ -1,0 +1,184 @@
+"""Leases the application let go of: reclaimed, taken back, or suspected.
+
+:class:`Reclaimer` carries out what happens to a lease the application did
+not end itself: a proxy garbage collected while leased (reclaimed once its
+connection is provably abandoned), a lease past ``lease_timeout`` (taken
+back) and one past ``leak_warning_after`` (reported). The runner owns one and
+dispatches the core's ``TakeBack`` and ``LeakSuspect`` actions to it; the
+reset that follows a reclaim or take-back is the runner's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+from . import _internals as _pg
+from . import _stack, _workers
+from ._clock import Clock
+from ._holder import Holder
+from ._internals import RawConnection
+from ._reporting import Reporter, describe_error, leak_logger, logger
+from ._state import Lease, Phase, PoolState, Slot
+from ._workers import DEFAULT_RESET_TIMEOUT, ResetHooks
+
+# A garbage-collected proxy whose connection is still in use is checked again
+# after these delays (seconds, doubling), until it is provably abandoned.
+_ORPHAN_RECHECK_FIRST = 0.05
+_ORPHAN_RECHECK_CAP = 2.0
+
+
+class Resets(Protocol):
+    """What the reclaimer needs of the runner: the holders, its pool tasks,
+    its drain, and its reset of a connection and the end of one."""
+
+    slot_holders: dict[Slot, Holder]
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[Any]: ...
+
+    def drain(self) -> None: ...
+
+    def reset_slot(
+        self, holder: Holder, con: RawConnection, timeout: float | None, rollback: bool,
+    ) -> Coroutine[Any, Any, None]: ...
+
+    def reset_done(
+        self, holder: Holder, con: RawConnection, error: Exception | None, log: bool = True
+    ) -> Exception | None: ...
+
+
+class Reclaimer:
+    """Reclaims abandoned leases, takes back expired ones, reports suspects."""
+
+    def __init__(
+        self,
+        runner: Resets,
+        state: PoolState,
+        clock: Clock,
+        reporter: Reporter,
+        hooks: ResetHooks,
+        *,
+        reset_timeout: float | None,
+        leak_warning_after: float | None,
+    ) -> None:
+        self.runner = runner
+        self.state = state
+        self.clock = clock
+        self.now = clock.now
+        self.reporter = reporter
+        self.name = reporter.name
+        self.hooks = hooks
+        self.reset_timeout = reset_timeout
+        self.leak_warning_after = leak_warning_after
+
+    def reclaim(self, lease: Lease) -> None:
+        """A proxy was garbage collected while still leased (or a re-check
+        of one whose connection was still in use)."""
+        slot = lease.slot
+        if not lease.active or self.state.phase is Phase.CLOSED:
+            return
+        holder = self.runner.slot_holders[slot]
+        if self.still_in_use(holder, slot):
+            self.defer_reclaim(lease, holder, slot.connection)
+            return
+        con = slot.connection
+        held = self.now() - lease.acquired_at
+        if not self.state.reclaim(lease, self.now()):
+            return
+        report = (
+            f"pool {self.name!r}: a connection was garbage collected without being released "
+            f"(held {held:.3f}s); acquired at:\n{_stack.format_stack(lease.stack)}"
+        )
+        _pg.detach_proxy(con)  # the proxy is gone; drop the dead weak reference
+        con._on_release()
+        self.runner.spawn(self.runner.reset_slot(holder, con, None, _pg.warn_open_transaction(con, quiet=True)))
+        self.runner.drain()
+        # Report last: with warnings turned into errors the bookkeeping above
+        # must already be done.
+        leak_logger.warning(report, extra=self.reporter.event_fields("leak", lease, held))
+        self.reporter.emit("leak", lease, held)
+        self.reporter.deliver()
+        warnings.warn(report, ResourceWarning, stacklevel=1)
+
+    def still_in_use(self, holder: Holder, slot: Slot) -> bool:
+        """Whether a connection whose proxy is gone may still be in use: only
+        a provably abandoned one is reclaimed (never one with an operation in
+        flight, callbacks registered, or any object outside the pool still
+        referring to it: a running query's coroutine, a transaction, cursor
+        or prepared statement, a callback's closure)."""
+        if _pg.has_callbacks(slot.connection) or _pg.is_cancelling(slot.connection):
+            return True
+        # Measured as base_refs was: no local reference to the connection.
+        return _pg.reference_count(slot.connection) > holder.base_refs
+
+    def defer_reclaim(self, lease: Lease, holder: Holder, con: RawConnection) -> None:
+        """Check an orphaned connection still in use again later, reporting
+        it once it looks like more than a query finishing."""
+        if holder.orphan_checks == 0:
+            # Listener callbacks get the connection itself from now on, not
+            # the dead proxy.
+            _pg.detach_proxy(con)
+        # A query still running when its proxy went (`await (await
+        # pool.acquire()).fetch(...)`) ends soon and is reclaimed quietly as a
+        # leak; callbacks, or use that goes on, are worth a report now.
+        if not holder.orphan_reported and (_pg.has_callbacks(con) or holder.orphan_checks >= 3):
+            holder.orphan_reported = True
+            held = self.now() - lease.acquired_at
+            leak_logger.warning(
+                "pool %r: a connection's proxy was garbage collected without being released, but the "
+                "connection is still in use (callbacks registered, or an operation or object still "
+                "refers to it); it stays leased until that ends. Acquired at:\n%s",
+                self.name, _stack.format_stack(lease.stack),
+                extra=self.reporter.event_fields("leak_suspect", lease, held),
+            )
+            self.reporter.emit("leak_suspect", lease, held, collected=True)
+            self.reporter.deliver()
+        holder.orphan_checks += 1
+        delay = min(_ORPHAN_RECHECK_CAP, _ORPHAN_RECHECK_FIRST * 2 ** min(holder.orphan_checks - 1, 16))
+        self.clock.call_at(self.now() + delay, lambda: self.reclaim(lease))
+
+    def take_back(self, lease: Lease) -> None:
+        """The lease ran past its lease_timeout: detach its proxy, report it,
+        and reset the connection in a pool task (``TakeBack``)."""
+        slot = lease.slot
+        con = slot.connection
+        held = self.now() - lease.acquired_at
+        limit = (lease.deadline or 0) - lease.acquired_at
+        reason = (
+            f"the lease expired: held {held:.3f}s, lease_timeout is {limit:.3f}s; "
+            "the connection was taken back by the pool"
+        )
+        _pg.detach_proxy(con, reason)
+        con._on_release()  # invalidates cursors, statements and transactions made through the proxy
+        leak_logger.error(
+            "pool %r: lease expired after %.3fs (lease_timeout %.3fs); taking the connection back. "
+            "Acquired at:\n%s",
+            self.name, held, limit, _stack.format_stack(lease.stack),
+            extra=self.reporter.event_fields("lease_expired", lease, held),
+        )
+        self.reporter.emit("lease_expired", lease, held, lease_timeout=limit)
+        self.runner.spawn(self.take_back_slot(self.runner.slot_holders[slot], con))
+
+    async def take_back_slot(self, holder: Holder, con: RawConnection) -> None:
+        error = await _workers.take_back(con, self.hooks, self.reset_timeout or DEFAULT_RESET_TIMEOUT)
+        if error is not None:
+            logger.warning(
+                "pool %r: could not take back an expired connection cleanly (%s); closing it",
+                self.name, describe_error(error), extra={"event": "reset_failed", "pool": self.name},
+            )
+        # A cancel comes only from terminate(), which discarded the slot.
+        self.runner.reset_done(holder, con, error, log=False)
+
+    def leak_suspect(self, lease: Lease) -> None:
+        """The lease ran past leak_warning_after: report it (``LeakSuspect``)."""
+        held = self.now() - lease.acquired_at
+        leak_logger.warning(
+            "pool %r: connection held for %.3fs (leak_warning_after %.3fs), still not released; "
+            "task %s; acquired at:\n%s",
+            self.name, held, self.leak_warning_after or 0.0, lease.task_name or "?",
+            _stack.format_stack(lease.stack),
+            extra=self.reporter.event_fields("leak_suspect", lease, held),
+        )
+        self.reporter.emit("leak_suspect", lease, held)

@@ -1,0 +1,55 @@
+"""Every open pool in the process, and the hooks told of each new one.
+
+Extensions (the pytest leak guard, exporters with ``live=True``) find pools
+here without the application registering them. ``safepool.pool`` re-exports
+:func:`live_pools` and :func:`on_pool_created`, their public home.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+logger = logging.getLogger("safepool")
+
+# Weakly: a pool that is garbage is not listed.
+_LIVE_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
+_CREATED_HOOKS: list[Callable[[Pool], None]] = []
+
+
+def live_pools() -> list[Pool]:
+    """Pools created in this process that are not garbage yet."""
+    return list(_LIVE_POOLS)
+
+
+def on_pool_created(callback: Callable[[Pool], None]) -> Callable[[], None]:
+    """Call ``callback(pool)`` for every pool created from now on, at the end
+    of its constructor (before it connects), in the creating thread. For
+    extensions that watch every pool (the pytest leak guard, exporters with
+    ``live=True``) without the application registering each one. An exception
+    in the callback is logged and swallowed.
+
+    Returns a function that removes the callback (idempotent)."""
+    _CREATED_HOOKS.append(callback)
+
+    def remove() -> None:
+        if callback in _CREATED_HOOKS:
+            _CREATED_HOOKS.remove(callback)
+
+    return remove
+
+
+def register(pool: Pool) -> None:
+    """A pool was constructed: list it, and call the created hooks."""
+    _LIVE_POOLS.add(pool)
+    for callback in _CREATED_HOOKS.copy():  # a callback may remove itself
+        try:
+            callback(pool)
+        except Exception:
+            logger.error("pool %r: pool-created hook failed\n%s", pool.name, traceback.format_exc().rstrip())
