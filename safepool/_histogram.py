@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from bisect import bisect_left
 from collections.abc import Callable
@@ -101,28 +102,46 @@ class Histogram:
 
 class TeeHistogram(Histogram):
     """Stands in for one of a pool's histograms while timing sinks are
-    attached (``Pool.add_timing_sink``): records into the inner histogram,
-    then hands the value to each sink. Installed and removed by the pool on
-    its loop thread, so no value is lost across the swap."""
+    attached (``Pool.add_timing_sink``): records into the inner histogram and
+    queues the value; the sinks get the queued values in a loop callback of
+    their own, after the books have settled (never inside the pool's state
+    transitions: a sink may call into the pool). Installed and removed by the
+    pool on its loop thread, so no value is lost across the swap."""
 
-    __slots__ = ("inner", "sinks", "_what", "_complained")
+    __slots__ = ("inner", "sinks", "_what", "_complained", "_loop", "_queued")
 
-    def __init__(self, inner: Histogram, what: str = "a timing sink") -> None:  # the inner one keeps the data
+    def __init__(
+        self, inner: Histogram, loop: asyncio.AbstractEventLoop, what: str = "a timing sink"
+    ) -> None:  # the inner one keeps the data
         self.inner = inner
         self.sinks: list[Callable[[float], None]] = []
         self._what = what
         self._complained = False
+        self._loop = loop
+        self._queued: list[float] = []
 
     def record(self, value: float) -> None:
         self.inner.record(value)
-        for sink in self.sinks:
-            # Runs inside the pool's state transitions: it must never raise.
+        queued = self._queued
+        queued.append(value)
+        if len(queued) == 1:  # one callback per loop iteration, whatever the number of values
             try:
-                sink(value)
-            except Exception:
-                if not self._complained:
-                    self._complained = True
-                    logging.getLogger("safepool").warning("%s failed", self._what, exc_info=True)
+                self._loop.call_soon(self.flush)
+            except RuntimeError:
+                queued.clear()  # the loop is closed: nobody is left to export to
+
+    def flush(self) -> None:
+        """Hand the queued values to every sink, in order. A sink's exception
+        is logged once (per pool and kind) and swallowed."""
+        values, self._queued = self._queued, []
+        for sink in list(self.sinks):
+            for value in values:
+                try:
+                    sink(value)
+                except Exception:
+                    if not self._complained:
+                        self._complained = True
+                        logging.getLogger("safepool").warning("%s failed", self._what, exc_info=True)
 
     def record_zero(self) -> None:
         self.record(0.0)

@@ -760,9 +760,11 @@ class Pool:
         OpenTelemetry histogram); the pool's own distributions in
         :meth:`stats` are fed as before.
 
-        The callback runs synchronously inside the pool's bookkeeping, on its
-        loop thread: it must be quick and must not call into the pool. An
-        exception in it is logged once per pool and kind, and swallowed. May
+        The callback runs on the pool's loop thread, in a loop callback after
+        the pool's books have settled (values recorded in one loop iteration
+        are handed over together, in order), so it may call into the pool; it
+        should be quick. An exception in it is logged once per pool and kind,
+        and swallowed. May
         be called from any thread (the sink is installed on the loop; values
         recorded before that are not seen). With no sink the pool pays
         nothing.

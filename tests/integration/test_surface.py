@@ -167,11 +167,13 @@ async def test_timing_sinks(pools: Any) -> None:
     clock.advance(2.0)
     await pool.release(con)
     await pool.release(await waiter)
+    await asyncio.sleep(0)  # sinks run in a loop callback of their own
     assert seen["wait"] == [0.0, 2.0] and seen["lease"] == [2.0, 0.0]
     assert pool.stats().acquire_wait.count == 2  # the pool's own histogram is still fed
     for kind, values in seen.items():
         pool.remove_timing_sink(kind, values.append)
     await pool.fetchval("SELECT 1")
+    await asyncio.sleep(0)
     assert len(seen["wait"]) == 2 and pool.stats().acquire_wait.count == 3
     with pytest.raises(ValueError, match="kind must be one of"):
         pool.add_timing_sink("query", print)
@@ -179,7 +181,25 @@ async def test_timing_sinks(pools: Any) -> None:
     await asyncio.to_thread(pool.add_timing_sink, "wait", seen["wait"].append)
     await asyncio.sleep(0)
     await pool.fetchval("SELECT 1")
+    await asyncio.sleep(0)
     assert seen["wait"][-1] == 0.0 and len(seen["wait"]) == 3
+
+
+async def test_a_timing_sink_sees_settled_books_and_may_call_the_pool(pools: Any) -> None:
+    """A sink runs after the books settle: the lease it times has ended in
+    stats() and leases(), and it may call into the pool."""
+    pool = await pools(name="sink-calls", min_size=1, max_size=1)
+    seen: list[tuple[float, int, int]] = []
+
+    def sink(seconds: float) -> None:
+        stats = pool.stats()
+        seen.append((seconds, stats.in_use, len(pool.leases())))
+
+    pool.add_timing_sink("lease", sink)
+    async with pool.acquire() as con:
+        await con.fetchval("SELECT 1")
+    await asyncio.sleep(0)
+    assert len(seen) == 1 and seen[0][0] > 0 and seen[0][1:] == (0, 0)
 
 
 async def test_stats_threadsafe_runs_on_the_loop(pools: Any) -> None:

@@ -3,6 +3,7 @@ loop, no database. A stand-in pool serves ``stats()`` from a PoolState."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -158,17 +159,27 @@ def test_exporters_read_through_the_pools_loop() -> None:
     assert len(pool.hops) == 2
 
 
-def test_tee_records_into_the_pool_histogram_and_each_sink() -> None:
-    inner = Histogram()
-    inner.record(0.5)
-    tee = TeeHistogram(inner)
-    seen: list[float] = []
-    tee.sinks.append(seen.append)
-    tee.sinks.append(lambda value: 1 / 0)  # a broken sink is logged once, never raised
-    tee.record(0.25)
-    tee.record(2.0)
-    assert seen == [0.25, 2.0]
-    assert (tee.count, tee.sum, tee.max) == (3, 2.75, 2.0)
+def test_tee_records_into_the_pool_histogram_and_each_sink_after() -> None:
+    """The pool's histogram at once; the sinks in one loop callback after the
+    recording code has finished (the books settled), in order."""
+    loop = asyncio.new_event_loop()
+    try:
+        inner = Histogram()
+        inner.record(0.5)
+        tee = TeeHistogram(inner, loop)
+        seen: list[float] = []
+        tee.sinks.append(seen.append)
+        tee.sinks.append(lambda value: 1 / 0)  # a broken sink is logged once, never raised
+        tee.record(0.25)
+        tee.record(2.0)
+        assert seen == [] and (tee.count, tee.sum, tee.max) == (3, 2.75, 2.0)
+        assert len(loop._ready) == 1  # type: ignore[attr-defined]  # one callback for both values
+        loop.run_until_complete(asyncio.sleep(0))
+        assert seen == [0.25, 2.0]
+    finally:
+        loop.close()
+    tee.record(1.0)  # the loop is closed: dropped, never raised
+    assert seen == [0.25, 2.0] and tee.count == 4
     assert tee.snapshot() == inner.snapshot() and tee.quantile(0.5) == inner.quantile(0.5)
 
 
