@@ -600,6 +600,8 @@ class PoolState:
         if waiter.state is WaiterState.WAITING:
             waiter.state = WaiterState.CANCELLED
             self._waiting -= 1
+            if waiter.deadline is not None:
+                self._timer_dropped()
             if self._policy is not None:
                 self._policy.remove(waiter, now)
             self._compact_waiters()
@@ -735,11 +737,9 @@ class PoolState:
             # Its timers still in the heap are stale now: the deadline unless
             # it fired (the lease expired), the warning unless it fired (SUSPECT).
             if lease.deadline is not None and end is not L.EXPIRED:
-                self._stale_timers += 1
+                self._timer_dropped()
             if lease.warn_at is not None and old is L.HELD:
-                self._stale_timers += 1
-            if self._stale_timers > 64 and self._stale_timers > len(self._timers) // 2:
-                self._compact_timers()
+                self._timer_dropped()
         return slot
 
     def _hand_on(self, slot: Slot, now: float) -> None:
@@ -766,7 +766,7 @@ class PoolState:
             waiter.state = WaiterState.GRANTED
             waiter.slot = slot
             if waiter.deadline is not None:
-                self._stale_timers += 1
+                self._timer_dropped()
             self._move(slot, S.RESERVED)
             self.actions.append(Wake(waiter))
             return
@@ -873,7 +873,7 @@ class PoolState:
         if self._policy is not None:
             self._policy.remove(waiter)
         if waiter.deadline is not None:
-            self._stale_timers += 1
+            self._timer_dropped()
         self.actions.append(Fail(waiter, error))
 
     def _fail_waiters(self, error: BaseException) -> None:
@@ -957,8 +957,17 @@ class PoolState:
             return obj.state in OPEN_LEASE
         return obj.state is L.HELD
 
+    def _timer_dropped(self) -> None:
+        """An entry of the timer heap stopped being live (its waiter left the
+        queue, its lease ended): the one place that counts stale entries.
+        They are popped lazily, or compacted away once they are most of the heap."""
+        self._stale_timers += 1
+        if self._stale_timers > 64 and self._stale_timers > len(self._timers) // 2:
+            self._compact_timers()
+
     def _compact_timers(self) -> None:
-        self._timers = [t for t in self._timers if self._timer_live(t[2], t[3])]
+        # In place: advance() and next_deadline() hold the list while popping.
+        self._timers[:] = [t for t in self._timers if self._timer_live(t[2], t[3])]
         heapq.heapify(self._timers)
         self._stale_timers = 0
 
@@ -971,7 +980,7 @@ class PoolState:
         timers = self._timers
         while timers and not self._timer_live(timers[0][2], timers[0][3]):
             heapq.heappop(timers)
-            self._stale_timers = max(0, self._stale_timers - 1)
+            self._stale_timers -= 1
         candidates = []
         if timers:
             candidates.append(timers[0][0])
@@ -990,7 +999,7 @@ class PoolState:
         while timers and timers[0][0] <= now:
             _, _, kind, obj = heapq.heappop(timers)
             if not self._timer_live(kind, obj):
-                self._stale_timers = max(0, self._stale_timers - 1)
+                self._stale_timers -= 1
                 continue
             if kind == _WAITER_DEADLINE:
                 self._waiting -= 1
@@ -1060,6 +1069,9 @@ class PoolState:
                 fail(f"lease {lease.id} does not match its slot")
         if len(self._leases) != self._counts[S.LEASED]:
             fail("leases and leased slots disagree")
+        dead = sum(1 for _, _, kind, obj in self._timers if not self._timer_live(kind, obj))
+        if dead != self._stale_timers:
+            fail(f"timer heap: {dead} stale entries, counted {self._stale_timers}")
 
     # ------------------------------------------ site caps, adaptive queue
     # Consulted only when configured (self._policy is not None); the
@@ -1110,7 +1122,7 @@ class PoolState:
         waiter.state = WaiterState.GRANTED
         waiter.slot = slot
         if waiter.deadline is not None:
-            self._stale_timers += 1
+            self._timer_dropped()
         self._move(slot, S.RESERVED)
         self.actions.append(Wake(waiter))
 
@@ -1145,7 +1157,7 @@ class PoolState:
         waiter.state = WaiterState.FAILED
         self._waiting -= 1
         if waiter.deadline is not None:
-            self._stale_timers += 1
+            self._timer_dropped()
         self.counters.shed += 1
         self.actions.append(Shed(waiter, reason))
 

@@ -596,6 +596,29 @@ def test_stale_lease_timers_are_counted_once() -> None:
     assert state._stale_timers == 0
 
 
+def test_timer_heap_counts_stale_entries_exactly_through_a_compaction() -> None:
+    """Leases that expire in one advance() drop their warning timers: past 64
+    stale entries the heap is compacted in the middle of advance(), which
+    keeps popping the same list. check_invariants() compares the stale count
+    with the heap's dead entries (and runs after this test too)."""
+    state = make(max_size=100)
+    fill(state, 100)
+    leases = [state.try_acquire(0.0) for _ in range(100)]
+    for lease in leases:
+        assert lease
+        state.arm_lease(lease, 1.0, 5.0)
+    # A waiter with a deadline that is cancelled: its entry goes stale too.
+    waiter = state.enqueue(object(), 0.0, 10.0)
+    state.cancel_waiter(waiter, 0.0)
+    state.check_invariants()
+    state.advance(1.0)
+    assert len(take(state, TakeBack)) == 100
+    state.check_invariants()
+    assert state._stale_timers < 65  # compacted on the way
+    assert state.next_deadline() is None  # nothing live is left
+    state.check_invariants()
+
+
 # ------------------------------------------------- site caps (bulkheads)
 
 
