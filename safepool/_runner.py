@@ -36,7 +36,6 @@ from ._state import (
     PoolState,
     Shed,
     Slot,
-    SlotState,
     TakeBack,
     TimeOut,
     Waiter,
@@ -279,22 +278,22 @@ class Runner:
         connection was given up; None if handed on, or if the pool was
         terminated meanwhile (nothing left to do)."""
         holder.reset_since = None
-        slot = holder._slot
-        if slot.state is not SlotState.RESETTING:
-            return None
-        if error is None and not con.is_closed():
+        ok = error is None and not con.is_closed()
+        if not self.state.reset_done(holder._slot, self.now(), ok):
+            return None  # the pool was terminated meanwhile
+        if ok:
+            # (Before any task can take it: the hand-on's Wake runs in drain.)
             holder.clean_mark = _pg.queries_count(con)
-            self.state.reset_done(slot, self.now(), True)
         else:
             if error is not None and log:
                 logger.warning(
                     "pool %r: reset failed (%s); closing the connection", self.name, describe_error(error),
                     extra={"event": "reset_failed", "pool": self.name},
                 )
+            # The core closes the slot (the Close runs in drain); the close
+            # waits for a cancelled query to stop on the server before the
+            # slot stops counting.
             holder.unresponsive = isinstance(error, TimeoutError)
-            # The core closes the slot; the close waits for a cancelled query
-            # to stop on the server before the slot stops counting.
-            self.state.reset_done(slot, self.now(), False)
         self.after_hand_on()
         return error
 
@@ -317,7 +316,8 @@ class Runner:
         state.advance(self.now())
         self.drain()
 
-    async def connect_slot(self, slot: Slot, *, raise_errors: bool = False) -> None:
+    async def connect_slot(self, slot: Slot, *, raise_errors: bool = False) -> bool:
+        """Open the slot's connection; returns whether it is now in the pool."""
         state = self.state
         try:
             con = await self.open_connection()
@@ -332,8 +332,7 @@ class Runner:
         else:
             failure = None
         if failure is not None:
-            if slot.state is SlotState.CONNECTING:
-                state.connect_failed(slot, self.now(), failure, _pg.is_refusal(failure))
+            state.connect_failed(slot, self.now(), failure, _pg.is_refusal(failure))
             # Reported outside the except block: a failing listener's
             # traceback must not carry the connect error's full text.
             self.reporter.connect_failed(failure, self.now())
@@ -344,10 +343,11 @@ class Runner:
                 self.maintenance_task = self.spawn(self.restore_floor())
             if raise_errors:
                 raise failure
-            return
-        if slot.state is not SlotState.CONNECTING:  # terminated meanwhile
-            con.terminate()
-            return
+            return False
+        if not state.connect_succeeded(slot, con, self.now()):
+            con.terminate()  # abandoned meanwhile (terminated)
+            return False
+        # (Before any task can take it: the hand-on's Wake runs in drain.)
         # Mark 0: statements of init= (and of a connect= callback) make the
         # first lease's release reset, as asyncpg resets after every lease.
         # reset_mode="auto" cannot see them (they run on the raw connection):
@@ -355,11 +355,11 @@ class Runner:
         holder = Holder(self.face, self, slot, con, clean_mark=-1 if self.auto_reset else 0)
         self.slot_holders[slot] = holder
         _pg.attach_holder(con, holder)
-        state.connect_succeeded(slot, con, self.now())
         del con  # measured below with no reference but the pool's own
         holder.base_refs = _pg.reference_count(slot.connection)
         self.reporter.note_server_status(self.now())
         self.drain()
+        return True
 
     async def restore_floor(self) -> None:
         """min_size upkeep once connects fail and nobody waits: one connect
@@ -375,8 +375,7 @@ class Runner:
             slot = state.plan_floor_connect(self.now())
             if slot is None:
                 continue  # a connect is under way: look again later
-            await self.connect_slot(slot)
-            if slot.state is SlotState.CLOSED:  # the connect failed
+            if not await self.connect_slot(slot):  # failed
                 delay = min(delay * 2, _FLOOR_RETRY_CAP)
             else:
                 delay = _FLOOR_RETRY_FIRST
@@ -413,20 +412,20 @@ class Runner:
     def slot_closed(self, slot: Slot) -> None:
         """The slot's backend is gone: free its place, wake whoever waits for
         it. Idempotent (terminate() may have closed it first)."""
-        if slot.state is SlotState.CLOSED:
-            return
-        self.state.closed(slot, self.now())
-        settle(self.closes_done.pop(slot, None), None)
+        if self.state.closed(slot, self.now()):
+            settle(self.closes_done.pop(slot, None), None)
 
     def connection_lost(self, slot: Slot) -> None:
         """asyncpg noticed the connection died (server restart, terminate)."""
-        if slot.state is SlotState.LEASED:
+        con = slot.connection
+        was_leased = self.state.connection_lost(slot, self.now())
+        if was_leased is None:
+            return  # the task that owns the slot's outcome sees the error
+        if was_leased:
             self.slot_holders[slot].lost_while_leased = True
-        if slot.state in (SlotState.IDLE, SlotState.LEASED, SlotState.RESERVED):
-            if slot.connection is not None:
-                _pg.detach_proxy(slot.connection)
-            self.state.discard(slot, self.now())
-            self.drain()
+        if con is not None:
+            _pg.detach_proxy(con)
+        self.drain()  # (the Close: after lost_while_leased is known)
 
     # ----------------------------------------------------------- shutdown
 
@@ -492,15 +491,13 @@ class Runner:
         for slot in state.slots():
             if slot.connection is not None:
                 _pg.detach_proxy(slot.connection)
-            if slot.state is SlotState.CONNECTING:
-                state.connect_cancelled(slot)  # (a connect that still completes terminates its connection)
-            elif slot.state is SlotState.CLOSING:
-                # Its close task was cancelled: abort the connection instead.
-                if slot.connection is not None:
-                    slot.connection.terminate()
-                self.slot_closed(slot)
-            else:
-                state.discard(slot, now)
+        for slot in state.terminate(now):
+            # Already closing: its close task was cancelled, abort the
+            # connection instead. (A connect that still completes finds its
+            # slot abandoned and aborts its connection.)
+            if slot.connection is not None:
+                slot.connection.terminate()
+            self.slot_closed(slot)
         for done in self.resets_done.values():
             settle(done, None)  # releases waiting for a pool task's reset return
         self.resets_done.clear()

@@ -87,6 +87,9 @@ _LEASE_MOVES: dict[LeaseState, frozenset[LeaseState]] = {
 }
 
 
+_LOSABLE = frozenset({S.IDLE, S.LEASED, S.RESERVED})
+
+
 class InternalStateError(AssertionError):
     """A transition the state table forbids: a bug in safepool, never the user's."""
 
@@ -692,8 +695,12 @@ class PoolState:
         self._move(slot, S.RESETTING)
         return True
 
-    def reset_done(self, slot: Slot, now: float, ok: bool) -> None:
+    def reset_done(self, slot: Slot, now: float, ok: bool) -> bool:
+        """A reset (or take-back) ended, ``ok`` or not. Returns False when the
+        slot was given up meanwhile (the pool was terminated): nothing to do."""
         if slot.state is not S.RESETTING:
+            if slot.state is S.CLOSED or slot.state is S.CLOSING:
+                return False
             raise InternalStateError(f"reset_done for {slot!r}")
         if ok:
             self.counters.resets += 1
@@ -712,6 +719,7 @@ class PoolState:
         else:
             self.counters.resets_failed += 1
             self._start_close(slot)
+        return True
 
     def _move_lease(self, lease: Lease, new: LeaseState) -> LeaseState:
         """Move a lease on by the table ``_LEASE_MOVES``; returns its old state."""
@@ -823,8 +831,12 @@ class PoolState:
         self._counts[S.CONNECTING] += 1
         return slot
 
-    def connect_succeeded(self, slot: Slot, connection: Any, now: float) -> None:
+    def connect_succeeded(self, slot: Slot, connection: Any, now: float) -> bool:
+        """The connect finished. Returns False when it was abandoned meanwhile
+        (the pool terminated): the I/O layer then aborts the connection."""
         if slot.state is not S.CONNECTING:
+            if slot.state is S.CLOSED:
+                return False
             raise InternalStateError(f"connect_succeeded for {slot!r}")
         slot.connection = connection
         self.connect_times.record(now - slot.created_at)  # created_at: when the connect was planned
@@ -834,9 +846,13 @@ class PoolState:
         self.backoff_until = 0.0
         self._hand_on(slot, now)
         self._plan_connects(now)
+        return True
 
     def connect_failed(self, slot: Slot, now: float, error: BaseException, refused: bool = False) -> None:
+        """The connect failed (a no-op if it was abandoned meanwhile)."""
         if slot.state is not S.CONNECTING:
+            if slot.state is S.CLOSED:
+                return
             raise InternalStateError(f"connect_failed for {slot!r}")
         self._move(slot, S.CLOSED)
         self._slots.discard(slot)
@@ -899,12 +915,43 @@ class PoolState:
             self._close_lease(slot.lease, now, L.DISCARDED)
         self._start_close(slot)
 
-    def closed(self, slot: Slot, now: float) -> None:
-        """The connection of a CLOSING slot is gone: free its place."""
+    def closed(self, slot: Slot, now: float) -> bool:
+        """The connection of a CLOSING slot is gone: free its place. Returns
+        False if it was freed already (terminate() aborted it first)."""
+        if slot.state is S.CLOSED:
+            return False
         self._move(slot, S.CLOSED)
         self._slots.discard(slot)
         self.counters.connections_closed += 1
         self._plan_connects(now)
+        return True
+
+    def connection_lost(self, slot: Slot, now: float) -> bool | None:
+        """The I/O layer saw the slot's connection die. An idle, reserved or
+        leased slot is discarded (returns whether it was leased: its backend
+        may still run the lease's query); None when a task already owns the
+        slot's outcome (a connect, reset or close under way), or it is gone."""
+        if slot.state not in _LOSABLE:
+            return None
+        was_leased = slot.state is S.LEASED
+        self.discard(slot, now)
+        return was_leased
+
+    def terminate(self, now: float) -> list[Slot]:
+        """Give up every slot at once (``Pool.terminate()``; the phase is
+        already CLOSING). Connects under way are abandoned, open slots are
+        discarded (their Close actions follow), and the slots already closing
+        are returned: their close tasks are cancelled, so the I/O layer aborts
+        those connections and reports :meth:`closed` itself."""
+        closing = []
+        for slot in list(self._slots):
+            if slot.state is S.CONNECTING:
+                self.connect_cancelled(slot)
+            elif slot.state is S.CLOSING:
+                closing.append(slot)
+            else:
+                self.discard(slot, now)
+        return closing
 
     def expire_connections(self) -> None:
         """Connections opened before now are replaced instead of reused."""
