@@ -209,8 +209,8 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
     :param timeout: seconds, or None to wait as long as it takes.
     :raises TimeoutError: not answered in time; the connection is then
         terminated (a new query could not use it), as asyncpg 0.32 does.
-        With asyncpg < 0.32 the connection may also come back terminated
-        (see below).
+        With asyncpg < 0.32 the connection may also come back closed, once
+        the server is done with the query (see below).
     """
     protocol = con._protocol
     if HAS_POOL_HOLDER:  # 0.32+: the timeout is asyncpg's
@@ -220,20 +220,50 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
         return
     try:
         async with asyncio.timeout(timeout):
-            await asyncio.shield(protocol._wait_for_cancellation())
+            try:
+                await asyncio.shield(protocol._wait_for_cancellation())
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # this task was cancelled
+                # asyncpg < 0.32 has every query await its cancellation
+                # futures unshielded: a task cancelled there (a transaction's
+                # ROLLBACK on the way out of a double cancel) cancelled them.
+                # They never resolve now and every later query on the
+                # connection would raise CancelledError: give the connection
+                # up, as asyncpg does when its own background cancel gives up
+                # (the caller sees it closed). But not by an abort: its
+                # backend may still run the query (a cancel request that came
+                # before the query started is ignored) and would run on
+                # beside the slot's replacement.
+                await _end_session(con)
     except TimeoutError:
         con.terminate()
         raise
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is None or task.cancelling():
-            raise  # this task was cancelled
-        # asyncpg < 0.32 has every query await its cancellation futures
-        # unshielded: a task cancelled there (a transaction's ROLLBACK on
-        # the way out of a double cancel) cancelled them. They never resolve
-        # now and every later query on the connection would raise
-        # CancelledError: give the connection up, as asyncpg does when its
-        # own background cancel gives up (the caller sees it closed).
+
+
+# The protocol's Terminate message.
+_TERMINATE = b"X\x00\x00\x00\x04"
+
+
+async def _end_session(con: RawConnection) -> None:
+    """Close a connection asyncpg can no longer use once its backend is done:
+    send Terminate (the server reads it after whatever query runs) and wait
+    until the server closed the socket. Aborts the connection on the way out
+    (at once if cancelled)."""
+    closed: asyncio.Future[None] = con._loop.create_future()
+
+    def on_close(_: Any) -> None:
+        if not closed.done():
+            closed.set_result(None)
+
+    con.add_termination_listener(on_close)
+    try:
+        if not con.is_closed():
+            con._transport.write(_TERMINATE)
+            await closed
+    finally:
+        con.remove_termination_listener(on_close)
         con.terminate()
 
 
