@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,42 +29,32 @@ from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 from asyncpg import protocol as _pg_protocol
 
-from . import _autoreset, _registry, _sites, _stack, _workers
+from . import _autoreset, _registry, _workers
 from . import _internals as _pg
 from . import events as _events
 from ._clock import Clock, LoopClock
 from ._compat import HolderView, QueueView  # asyncpg's private pool attributes
 from ._compat import holders as _compat_holders
 from ._compat import queue as _compat_queue
-from ._detach import _Driver
 from ._internals import RawConnection
+from ._leasing import Leaser
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
 from ._options import (
     DEFAULT_QUEUE_INTERVAL,
     DEFAULT_QUEUE_TARGET,
     check_resize,
     configure,
-    validate_timeout,
 )
 from ._registry import live_pools, on_pool_created
-from ._reporting import Reporter, describe_error
+from ._reporting import Reporter
 from ._runner import Runner
 from ._state import (
-    OPEN_LEASE,
     Backoff,
-    Closed,
-    Inadmissible,
-    Lease,
-    Overloaded,
     Phase,
-    ReleaseOutcome,
-    SlotLost,
     SlotState,
-    Unavailable,
 )
 from ._surface import Observation
 from ._workers import ResetHooks
-from .errors import PoolClosedError, PoolOverloadedError, ServerUnavailableError
 from .proxy import PoolConnectionProxy
 from .stats import LeaseInfo, PoolOptions, PoolStats
 
@@ -142,18 +131,7 @@ class Pool:
         if reset_mode == "auto":
             _autoreset.require_parser()  # a missing extra fails here, not at the first release
             self._proxy_class = _autoreset.AutoResetProxy
-        # The settings the hot path reads, as the face's own attributes (no
-        # attribute chain per lease).
         self._name = config.name
-        self._lease_timeout = config.lease_timeout
-        self._leak_warning_after = config.leak_warning_after
-        self._acquire_timeout = config.acquire_timeout
-        self._reset_timeout = config.reset_timeout
-        self._max_queries = config.max_queries
-        self._custom_reset = config.custom_reset
-        self._site_caps = config.site_caps
-        self._capture_stack = config.capture_stack
-        self._setup = setup
         # What a new connection is opened with (asyncpg's attribute names).
         self._connect = connect if connect is not None else _pg_connection.connect
         self._connect_args: Any = connect_args
@@ -165,9 +143,7 @@ class Pool:
         self._state = config.new_state()
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
-        self._reporter = reporter = Reporter(self._name, self._state, loop, self._site_caps)
-        # The same list as the reporter's: release() checks it on the hot path.
-        self._listeners = reporter.listeners
+        self._reporter = reporter = Reporter(self._name, self._state, loop, config.site_caps)
         hooks = ResetHooks(config.custom_reset, reset, reset_mode != "rollback")
         self._observation = Observation(config, self._state, reporter, loop, self._now, self.release)
         self._runner = runner = Runner(
@@ -175,10 +151,11 @@ class Pool:
             reset_timeout=config.reset_timeout, auto_reset=reset_mode == "auto",
             leak_warning_after=config.leak_warning_after,
         )
-        # The runner's, bound here for the hot path (no attribute chain per lease).
-        self._slot_holders = runner.slot_holders
         self._drain = runner.drain
-        self._spawn = runner.spawn
+        # The hot path: acquire and release (PoolAcquireContext calls it directly).
+        self._leaser = Leaser(
+            self, config, self._state, runner, self._clock, loop, reporter, self._proxy_class, setup
+        )
         _registry.register(self)
 
     # ------------------------------------------------------------ start-up
@@ -224,130 +201,6 @@ class Pool:
         """
         return PoolAcquireContext(self, timeout, lease_timeout, site)
 
-    async def _acquire(
-        self,
-        timeout: Any = _DEFAULT,
-        lease_timeout: Any = _DEFAULT,
-        context: PoolAcquireContext | None = None,
-        site: str | None = None,
-    ) -> PoolConnectionProxy:
-        if timeout is _DEFAULT:
-            timeout = self._acquire_timeout
-        elif timeout is not None:
-            timeout = validate_timeout("timeout", timeout)
-        if lease_timeout is _DEFAULT:
-            lease_timeout = self._lease_timeout
-        elif lease_timeout is not None:
-            lease_timeout = validate_timeout("lease_timeout", lease_timeout)
-            if lease_timeout == 0:
-                raise ValueError("lease_timeout must be > 0 seconds (None turns it off)")
-        if self._state.phase is not Phase.OPEN:
-            if self._state.phase is Phase.CLOSING:
-                raise PoolClosedError("pool is closing")
-            self._check_init()
-        if self._site_caps and site is None:
-            site = _sites.current_site() or _sites.caller_site(2)
-        state = self._state
-        now = self._now()
-        deadline = None if timeout is None else now + timeout
-        while True:
-            try:
-                lease = state.try_acquire(now, site)
-            except Closed:
-                raise PoolClosedError("pool is closing") from None
-            if state.actions:
-                self._drain()
-            if lease is not None:
-                break
-            lease = await self._wait_for_connection(
-                now, None if deadline is None else max(0.0, deadline - now), site
-            )
-            if lease is not None:
-                break
-            # The granted connection died before this task resumed: try
-            # again with what is left of the timeout.
-            now = self._now()
-        if site is not None:
-            lease.site = site
-        slot = lease.slot
-        holder = self._slot_holders[slot]
-        holder.release_timeout = timeout
-        if holder.orphan_checks:
-            holder.orphan_checks = 0
-            holder.orphan_reported = False
-        proxy = self._proxy_class(holder, slot.connection, lease)
-        if lease_timeout is not None or self._leak_warning_after is not None:
-            state.arm_lease(lease, lease_timeout, self._leak_warning_after)
-            due = lease.deadline if lease.warn_at is None else (
-                lease.warn_at if lease.deadline is None else min(lease.deadline, lease.warn_at))
-            timer_at = self._runner.timer_at
-            if timer_at is None or (due is not None and due < timer_at):
-                self._runner.arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
-        if self._capture_stack:
-            lease.stack = _stack.capture()
-            task = asyncio.current_task()
-            if task is not None:
-                lease.task_name = task.get_name()
-                lease.task_ref = weakref.ref(task)
-        if self._setup is not None:
-            # Its statements are the lease's: a SET it runs is reset on
-            # release like any other (the clean mark is per connection).
-            await self._run_setup(proxy, lease)
-        if context is not None:
-            context.connection = proxy
-        return proxy
-
-    async def _wait_for_connection(self, now: float, timeout: float | None, site: str | None = None) -> Lease | None:
-        state = self._state
-        future = self._loop.create_future()
-        try:
-            waiter = state.enqueue(future, now, timeout, site)
-        except Overloaded as exc:
-            if isinstance(exc, Inadmissible):
-                raise PoolOverloadedError(self._reporter.shed_message("refused at once: " + str(exc))) from None
-            raise PoolOverloadedError(self._reporter.busy_message(str(exc) or "wait queue is full", now)) from None
-        except Unavailable as exc:
-            raise ServerUnavailableError(
-                f"pool {self._name!r} has no connection and the server refuses new ones "
-                f"(last error: {describe_error(exc.last_error)}); next attempt in {exc.retry_in:.2f}s"
-            ) from exc.last_error
-        except Closed:
-            raise PoolClosedError("pool is closing") from None
-        if state.actions or waiter.deadline is not None or state.connect_failures or self._reporter.pending:
-            # Also arms the timer: for the waiter's deadline, or for the next
-            # connect attempt after a failure (none other depends on a waiter).
-            self._drain()
-        try:
-            await future
-        except asyncio.CancelledError:
-            # Cancelled while waiting, or after the grant but before resuming:
-            # either way the core gets the connection back (anyio's pattern).
-            state.cancel_waiter(waiter, self._now())
-            self._drain()
-            raise
-        try:
-            return state.claim(waiter, self._now())
-        except SlotLost:
-            return None
-
-    async def _run_setup(self, proxy: PoolConnectionProxy, lease: Lease) -> None:
-        try:
-            await self._setup(proxy)  # type: ignore[misc]
-        except BaseException:
-            # The connection's state is unknown: close it, as asyncpg does,
-            # and wait for the close (asyncpg awaits it too), so the proxy
-            # answers is_closed() with True. The close runs in a pool task: a
-            # second cancel cannot cut it short, and the slot counts until
-            # the backend is gone (a cancelled setup query is waited for).
-            if lease.active:
-                slot = lease.slot
-                done = self._loop.create_future()
-                self._runner.closes_done[slot] = done
-                self._state.release(lease, self._now(), ReleaseOutcome.DISCARD)
-                self._drain()
-                await asyncio.wait([done])
-            raise
-
     # ------------------------------------------------------------- release
 
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:
@@ -369,98 +222,7 @@ class Pool:
         :raises Exception: the reset's own error (e.g. ``asyncio.TimeoutError``),
             after the connection was given up, as asyncpg raises it.
         """
-        if not isinstance(connection, PoolConnectionProxy) or connection._holder._pool is not self:
-            raise _pg_exceptions.InterfaceError(
-                f"Pool.release() received invalid connection: {connection!r} is not a member of this pool"
-            )
-        con: RawConnection = connection._con
-        if con is None:
-            # Released twice, or the pool ended the lease (terminate, lease
-            # timeout) first: a no-op, as asyncpg's, that the leak guards note.
-            if self._listeners:
-                self._reporter.emit_event("late_release", lease_id=connection._lease.id)
-                self._reporter.deliver()
-            return
-        phase = self._state.phase
-        if phase is not Phase.OPEN and phase is not Phase.CLOSING:
-            self._check_init()
-        connection._detach()
-        if timeout is None:
-            timeout = connection._holder.release_timeout
-        done = self._end_lease(connection._lease, con, timeout)
-        if done is not None:
-            # A plain future resolved by the pool's task, or the reset driven
-            # in this task until it is cancelled (then a pool task finishes
-            # it): either way cancelling this await never cuts the reset short.
-            error = await done
-            if error is not None:
-                raise error
-
-    def _end_lease(
-        self, lease: Lease, con: RawConnection, timeout: float | None
-    ) -> asyncio.Future[None] | Awaitable[Exception | None] | None:
-        """End a lease; returns what the releasing caller awaits: the reset
-        (driven in the caller's task, see ``_detach``) or a future that the
-        pool's reset or close resolves; None when the connection was handed
-        on (or dropped) at once. The core decides (``release_outcome``); the
-        runner and the workers carry it out."""
-        state = self._state
-        if lease.state not in OPEN_LEASE:
-            # Taken back by the lease timeout while being released (the
-            # take-back ran asyncpg's _on_release already).
-            return None
-        slot = lease.slot
-        holder = self._slot_holders[slot]
-        check = _pg.release_check(con, holder.clean_mark, self._max_queries)
-        usable = check != _pg.UNUSABLE
-        outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
-        if outcome is ReleaseOutcome.CLEAN:
-            _pg.clear_listeners(con)
-        done: asyncio.Future[None] | None = None
-        runner = self._runner
-        if outcome is ReleaseOutcome.NEEDS_RESET:
-            # asyncpg reports an unmanaged open transaction from release(),
-            # through the loop's exception handler: do it here, in the
-            # releasing task. (A custom reset reports it itself, as asyncpg's.)
-            # (release_check saw a cancelled query as MUST_RESET.)
-            if self._custom_reset or (check == _pg.MUST_RESET and _pg.is_cancelling(con)):
-                rollback = False if self._custom_reset else _pg.warn_open_transaction(con)
-                done = runner.resets_done[slot] = self._loop.create_future()
-                state.release(lease, self._now(), outcome)
-                self._spawn(runner.reset_slot(holder, con, timeout, rollback, done))
-            else:
-                # The common case: one statement, ROLLBACK (if a transaction
-                # is open) and the reset query in one message, driven in the
-                # caller's task (no task, no loop hop; see _detach).
-                if check == _pg.MUST_RESET:
-                    rollback = _pg.warn_open_transaction(con)
-                else:
-                    rollback = False
-                    _pg.clear_listeners(con)
-                now = self._now()
-                state.release(lease, now, outcome)
-                if state.actions:
-                    self._drain()
-                budget = timeout if timeout is not None else self._reset_timeout
-                if budget is None and holder.command_timeout is None:
-                    # No limit asked for: asyncpg would wait forever. The
-                    # runner's watchdog (one pool timer, not one per
-                    # statement) aborts a reset still running after
-                    # DEFAULT_RESET_TIMEOUT: a silent network cannot hold a slot.
-                    holder.reset_since = now
-                    if runner.reset_watchdog is None:
-                        runner.watch_resets()
-                query = _workers.reset_message(holder.reset_query, state.full_reset(holder.clean_mark == -1), rollback)
-                return _Driver(_workers.reset_inline(con, query, budget, holder, runner.reset_done), self._spawn)
-        else:
-            if outcome is ReleaseOutcome.DISCARD and usable:
-                # max_queries or an expired generation: asyncpg closes the
-                # connection gracefully before release() returns.
-                done = self._loop.create_future()
-                runner.closes_done[slot] = done
-            state.release(lease, self._now(), outcome)
-        runner.after_hand_on()
-        return done
+        await self._leaser.release(connection, timeout)
 
     async def _get_new_connection(self) -> RawConnection:
         """A new connection with the current connect arguments, ``init=`` run."""
@@ -605,17 +367,7 @@ class Pool:
     # ------------------------------------------------------------ helpers
 
     def _check_init(self) -> None:
-        phase = self._state.phase
-        if phase is Phase.OPEN or phase is Phase.CLOSING:
-            return
-        if phase is Phase.STARTING:
-            raise _pg_exceptions.InterfaceError(
-                "pool is being initialized, but not yet ready: "
-                "likely there is a race between creating a pool and using it"
-            )
-        if phase is Phase.NEW:
-            raise _pg_exceptions.InterfaceError("pool is not initialized")
-        raise PoolClosedError("pool is closed")
+        self._leaser.check_init()
 
     # asyncpg's lifecycle flags, read-only views of the one phase.
     @property
@@ -721,13 +473,13 @@ class Pool:
         """Whether each acquire records its call stack and its task (for leak
         reports, :meth:`leases` and lease events). Settable at any time; it
         applies to later acquires. Costs a few microseconds per acquire."""
-        return bool(self._capture_stack)
+        return bool(self._leaser.capture_stack)
 
     @capture_stack.setter
     def capture_stack(self, on: bool) -> None:
         if not isinstance(on, bool):
             raise TypeError(f"capture_stack must be True or False, got {on!r}")
-        self._capture_stack = on
+        self._leaser.capture_stack = on
 
     @property
     def closed(self) -> bool:
@@ -815,12 +567,12 @@ class PoolAcquireContext:
         self.connection: PoolConnectionProxy | None = None
         self.done = False
 
-    # Plain methods returning the pool's coroutine: one coroutine frame per
+    # Plain methods returning the leaser's coroutine: one coroutine frame per
     # acquire and per release instead of two (the hot path).
     def __aenter__(self) -> Coroutine[Any, Any, PoolConnectionProxy]:
         if self.connection is not None or self.done:
             raise _pg_exceptions.InterfaceError("a connection is already acquired")
-        return self.pool._acquire(self.timeout, self.lease_timeout, self, self.site)
+        return self.pool._leaser.acquire(self.timeout, self.lease_timeout, self, self.site)
 
     def __aexit__(
         self,
@@ -830,11 +582,11 @@ class PoolAcquireContext:
     ) -> Coroutine[Any, Any, None]:
         self.done = True
         con, self.connection = self.connection, None
-        return self.pool.release(con)
+        return self.pool._leaser.release(con)
 
     def __await__(self) -> Any:
         self.done = True
-        return self.pool._acquire(self.timeout, self.lease_timeout, None, self.site).__await__()
+        return self.pool._leaser.acquire(self.timeout, self.lease_timeout, None, self.site).__await__()
 
 
 def create_pool(

@@ -25,7 +25,7 @@ EXTENSIONS = ("testing", "metrics", "health.py", "top")
 # public names of _registry are safepool.pool's).
 FORBIDDEN_MODULES = {
     "_state", "_internals", "_compat", "_detach", "_autoreset", "_stack", "_runner", "_reclaim", "_holder",
-    "_surface", "_registry", "_options", "_workers", "_reporting",
+    "_surface", "_registry", "_options", "_workers", "_reporting", "_leasing",
 }
 # (path relative to safepool/, source of the flagged expression): why it is fine.
 ALLOWED: dict[tuple[str, str], str] = {}

@@ -17,11 +17,11 @@ EXTENSIONS = ("safepool.testing", "safepool.metrics", "safepool.health", "safepo
 POOL_MODULES = (
     "safepool.pool", "safepool._runner", "safepool._workers", "safepool._internals", "safepool._state",
     "safepool._reporting", "safepool._options", "safepool._detach", "safepool.proxy", "safepool._registry",
-    "safepool._surface", "safepool._reclaim", "safepool._holder",
+    "safepool._surface", "safepool._reclaim", "safepool._holder", "safepool._leasing",
 )
 # The face's helpers (issue 13): each does one job for the face or the runner
 # and imports neither (they reach them through a narrow interface passed in).
-FACE_HELPERS = ("safepool._registry", "safepool._surface", "safepool._options")
+FACE_HELPERS = ("safepool._registry", "safepool._surface", "safepool._options", "safepool._leasing")
 RUNNER_HELPERS = ("safepool._reclaim", "safepool._holder")
 
 

@@ -1,0 +1,349 @@
+"""The lease hot path: acquire and release, for the asyncpg face.
+
+:class:`Leaser` runs what ``Pool.acquire()`` and ``Pool.release()`` do on
+every lease: it asks the state core (``_state.py``) for a connection or a
+place in the wait queue, builds the proxy, arms the lease's timers, runs
+``setup=``; on release it detaches the proxy, asks the core for the release
+outcome and carries it out with the runner (a reset driven in the releasing
+task, see ``_detach``, or a pool task's reset or close).
+
+The face makes one per pool and hands it the core, the runner, the reporter,
+the clock and the checked settings; ``PoolAcquireContext`` calls
+:meth:`Leaser.acquire` and :meth:`Leaser.release` directly, so moving the hot
+path here costs a lease no Python call (docs/design.md, "The hot path").
+The only setting that changes at run time, ``capture_stack``, lives here
+alone (``Pool.capture_stack`` reads and writes it); sizes and generations
+are the core's, connect arguments the face's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from asyncpg import exceptions as _pg_exceptions
+
+from . import _internals as _pg
+from . import _sites, _stack, _workers
+from ._clock import Clock
+from ._detach import _Driver
+from ._holder import Face
+from ._internals import RawConnection
+from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
+from ._options import PoolConfig, validate_timeout
+from ._reporting import Reporter, describe_error
+from ._state import (
+    OPEN_LEASE,
+    Closed,
+    Inadmissible,
+    Lease,
+    Overloaded,
+    Phase,
+    PoolState,
+    ReleaseOutcome,
+    SlotLost,
+    Unavailable,
+)
+from .errors import PoolClosedError, PoolOverloadedError, ServerUnavailableError
+from .proxy import PoolConnectionProxy
+
+if TYPE_CHECKING:
+    from ._runner import Runner
+
+
+class Receiver(Protocol):
+    """Where ``async with pool.acquire()`` keeps its connection (the face's
+    ``PoolAcquireContext``), set once the lease is handed over."""
+
+    connection: PoolConnectionProxy | None
+
+
+class Leaser:
+    """One pool's acquire and release (the face's ``PoolAcquireContext`` and
+    ``Pool.release`` call it)."""
+
+    __slots__ = (
+        "face", "state", "runner", "loop", "now", "reporter", "listeners", "name", "slot_holders", "drain",
+        "spawn", "lease_timeout", "leak_warning_after", "acquire_timeout", "reset_timeout", "max_queries",
+        "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class",
+    )
+
+    def __init__(
+        self,
+        face: Face,
+        config: PoolConfig,
+        state: PoolState,
+        runner: Runner,
+        clock: Clock,
+        loop: asyncio.AbstractEventLoop,
+        reporter: Reporter,
+        proxy_class: type[PoolConnectionProxy],
+        setup: Callable[[PoolConnectionProxy], Awaitable[None]] | None,
+    ) -> None:
+        # The pool a proxy's holder must name for release() to accept it.
+        self.face = face
+        self.state = state
+        self.runner = runner
+        self.loop = loop
+        self.now = clock.now
+        self.reporter = reporter
+        # The same list as the reporter's: release() checks it on the hot path.
+        self.listeners = reporter.listeners
+        self.name = config.name
+        # The runner's, bound here for the hot path (no attribute chain per lease).
+        self.slot_holders = runner.slot_holders
+        self.drain = runner.drain
+        self.spawn = runner.spawn
+        # The checked settings the hot path reads, fixed for the pool's life,
+        # as attributes of their own (no attribute chain per lease).
+        self.lease_timeout = config.lease_timeout
+        self.leak_warning_after = config.leak_warning_after
+        self.acquire_timeout = config.acquire_timeout
+        self.reset_timeout = config.reset_timeout
+        self.max_queries = config.max_queries
+        self.custom_reset = config.custom_reset
+        self.site_caps = config.site_caps
+        # Settable at any time through Pool.capture_stack: kept here only.
+        self.capture_stack = config.capture_stack
+        self.setup = setup
+        self.proxy_class = proxy_class
+
+    # ------------------------------------------------------------- acquire
+
+    async def acquire(
+        self,
+        timeout: Any = _DEFAULT,
+        lease_timeout: Any = _DEFAULT,
+        context: Receiver | None = None,
+        site: str | None = None,
+    ) -> PoolConnectionProxy:
+        if timeout is _DEFAULT:
+            timeout = self.acquire_timeout
+        elif timeout is not None:
+            timeout = validate_timeout("timeout", timeout)
+        if lease_timeout is _DEFAULT:
+            lease_timeout = self.lease_timeout
+        elif lease_timeout is not None:
+            lease_timeout = validate_timeout("lease_timeout", lease_timeout)
+            if lease_timeout == 0:
+                raise ValueError("lease_timeout must be > 0 seconds (None turns it off)")
+        if self.state.phase is not Phase.OPEN:
+            if self.state.phase is Phase.CLOSING:
+                raise PoolClosedError("pool is closing")
+            self.check_init()
+        if self.site_caps and site is None:
+            site = _sites.current_site() or _sites.caller_site(2)
+        state = self.state
+        now = self.now()
+        deadline = None if timeout is None else now + timeout
+        while True:
+            try:
+                lease = state.try_acquire(now, site)
+            except Closed:
+                raise PoolClosedError("pool is closing") from None
+            if state.actions:
+                self.drain()
+            if lease is not None:
+                break
+            lease = await self.wait_for_connection(
+                now, None if deadline is None else max(0.0, deadline - now), site
+            )
+            if lease is not None:
+                break
+            # The granted connection died before this task resumed: try
+            # again with what is left of the timeout.
+            now = self.now()
+        if site is not None:
+            lease.site = site
+        slot = lease.slot
+        holder = self.slot_holders[slot]
+        holder.release_timeout = timeout
+        if holder.orphan_checks:
+            holder.orphan_checks = 0
+            holder.orphan_reported = False
+        proxy = self.proxy_class(holder, slot.connection, lease)
+        if lease_timeout is not None or self.leak_warning_after is not None:
+            state.arm_lease(lease, lease_timeout, self.leak_warning_after)
+            due = lease.deadline if lease.warn_at is None else (
+                lease.warn_at if lease.deadline is None else min(lease.deadline, lease.warn_at))
+            timer_at = self.runner.timer_at
+            if timer_at is None or (due is not None and due < timer_at):
+                self.runner.arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
+        if self.capture_stack:
+            lease.stack = _stack.capture()
+            task = asyncio.current_task()
+            if task is not None:
+                lease.task_name = task.get_name()
+                lease.task_ref = weakref.ref(task)
+        if self.setup is not None:
+            # Its statements are the lease's: a SET it runs is reset on
+            # release like any other (the clean mark is per connection).
+            await self.run_setup(proxy, lease)
+        if context is not None:
+            context.connection = proxy
+        return proxy
+
+    async def wait_for_connection(self, now: float, timeout: float | None, site: str | None = None) -> Lease | None:
+        state = self.state
+        future = self.loop.create_future()
+        try:
+            waiter = state.enqueue(future, now, timeout, site)
+        except Overloaded as exc:
+            if isinstance(exc, Inadmissible):
+                raise PoolOverloadedError(self.reporter.shed_message("refused at once: " + str(exc))) from None
+            raise PoolOverloadedError(self.reporter.busy_message(str(exc) or "wait queue is full", now)) from None
+        except Unavailable as exc:
+            raise ServerUnavailableError(
+                f"pool {self.name!r} has no connection and the server refuses new ones "
+                f"(last error: {describe_error(exc.last_error)}); next attempt in {exc.retry_in:.2f}s"
+            ) from exc.last_error
+        except Closed:
+            raise PoolClosedError("pool is closing") from None
+        if state.actions or waiter.deadline is not None or state.connect_failures or self.reporter.pending:
+            # Also arms the timer: for the waiter's deadline, or for the next
+            # connect attempt after a failure (none other depends on a waiter).
+            self.drain()
+        try:
+            await future
+        except asyncio.CancelledError:
+            # Cancelled while waiting, or after the grant but before resuming:
+            # either way the core gets the connection back (anyio's pattern).
+            state.cancel_waiter(waiter, self.now())
+            self.drain()
+            raise
+        try:
+            return state.claim(waiter, self.now())
+        except SlotLost:
+            return None
+
+    async def run_setup(self, proxy: PoolConnectionProxy, lease: Lease) -> None:
+        try:
+            await self.setup(proxy)  # type: ignore[misc]
+        except BaseException:
+            # The connection's state is unknown: close it, as asyncpg does,
+            # and wait for the close (asyncpg awaits it too), so the proxy
+            # answers is_closed() with True. The close runs in a pool task: a
+            # second cancel cannot cut it short, and the slot counts until
+            # the backend is gone (a cancelled setup query is waited for).
+            if lease.active:
+                slot = lease.slot
+                done = self.loop.create_future()
+                self.runner.closes_done[slot] = done
+                self.state.release(lease, self.now(), ReleaseOutcome.DISCARD)
+                self.drain()
+                await asyncio.wait([done])
+            raise
+
+    # ------------------------------------------------------------- release
+
+    async def release(self, connection: Any, timeout: float | None = None) -> None:
+        """``Pool.release()`` (its docstring says what it does)."""
+        if not isinstance(connection, PoolConnectionProxy) or connection._holder._pool is not self.face:
+            raise _pg_exceptions.InterfaceError(
+                f"Pool.release() received invalid connection: {connection!r} is not a member of this pool"
+            )
+        con: RawConnection = connection._con
+        if con is None:
+            # Released twice, or the pool ended the lease (terminate, lease
+            # timeout) first: a no-op, as asyncpg's, that the leak guards note.
+            if self.listeners:
+                self.reporter.emit_event("late_release", lease_id=connection._lease.id)
+                self.reporter.deliver()
+            return
+        phase = self.state.phase
+        if phase is not Phase.OPEN and phase is not Phase.CLOSING:
+            self.check_init()
+        connection._detach()
+        if timeout is None:
+            timeout = connection._holder.release_timeout
+        done = self.end_lease(connection._lease, con, timeout)
+        if done is not None:
+            # A plain future resolved by the pool's task, or the reset driven
+            # in this task until it is cancelled (then a pool task finishes
+            # it): either way cancelling this await never cuts the reset short.
+            error = await done
+            if error is not None:
+                raise error
+
+    def end_lease(
+        self, lease: Lease, con: RawConnection, timeout: float | None
+    ) -> asyncio.Future[None] | Awaitable[Exception | None] | None:
+        """End a lease; returns what the releasing caller awaits: the reset
+        (driven in the caller's task, see ``_detach``) or a future that the
+        pool's reset or close resolves; None when the connection was handed
+        on (or dropped) at once. The core decides (``release_outcome``); the
+        runner and the workers carry it out."""
+        state = self.state
+        if lease.state not in OPEN_LEASE:
+            # Taken back by the lease timeout while being released (the
+            # take-back ran asyncpg's _on_release already).
+            return None
+        slot = lease.slot
+        holder = self.slot_holders[slot]
+        check = _pg.release_check(con, holder.clean_mark, self.max_queries)
+        usable = check != _pg.UNUSABLE
+        outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
+        if outcome is ReleaseOutcome.CLEAN:
+            _pg.clear_listeners(con)
+        done: asyncio.Future[None] | None = None
+        runner = self.runner
+        if outcome is ReleaseOutcome.NEEDS_RESET:
+            # asyncpg reports an unmanaged open transaction from release(),
+            # through the loop's exception handler: do it here, in the
+            # releasing task. (A custom reset reports it itself, as asyncpg's.)
+            # (release_check saw a cancelled query as MUST_RESET.)
+            if self.custom_reset or (check == _pg.MUST_RESET and _pg.is_cancelling(con)):
+                rollback = False if self.custom_reset else _pg.warn_open_transaction(con)
+                done = runner.resets_done[slot] = self.loop.create_future()
+                state.release(lease, self.now(), outcome)
+                self.spawn(runner.reset_slot(holder, con, timeout, rollback, done))
+            else:
+                # The common case: one statement, ROLLBACK (if a transaction
+                # is open) and the reset query in one message, driven in the
+                # caller's task (no task, no loop hop; see _detach).
+                if check == _pg.MUST_RESET:
+                    rollback = _pg.warn_open_transaction(con)
+                else:
+                    rollback = False
+                    _pg.clear_listeners(con)
+                now = self.now()
+                state.release(lease, now, outcome)
+                if state.actions:
+                    self.drain()
+                budget = timeout if timeout is not None else self.reset_timeout
+                if budget is None and holder.command_timeout is None:
+                    # No limit asked for: asyncpg would wait forever. The
+                    # runner's watchdog (one pool timer, not one per
+                    # statement) aborts a reset still running after
+                    # DEFAULT_RESET_TIMEOUT: a silent network cannot hold a slot.
+                    holder.reset_since = now
+                    if runner.reset_watchdog is None:
+                        runner.watch_resets()
+                query = _workers.reset_message(holder.reset_query, state.full_reset(holder.clean_mark == -1), rollback)
+                return _Driver(_workers.reset_inline(con, query, budget, holder, runner.reset_done), self.spawn)
+        else:
+            if outcome is ReleaseOutcome.DISCARD and usable:
+                # max_queries or an expired generation: asyncpg closes the
+                # connection gracefully before release() returns.
+                done = self.loop.create_future()
+                runner.closes_done[slot] = done
+            state.release(lease, self.now(), outcome)
+        runner.after_hand_on()
+        return done
+
+    # ------------------------------------------------------------ phases
+
+    def check_init(self) -> None:
+        phase = self.state.phase
+        if phase is Phase.OPEN or phase is Phase.CLOSING:
+            return
+        if phase is Phase.STARTING:
+            raise _pg_exceptions.InterfaceError(
+                "pool is being initialized, but not yet ready: "
+                "likely there is a race between creating a pool and using it"
+            )
+        if phase is Phase.NEW:
+            raise _pg_exceptions.InterfaceError("pool is not initialized")
+        raise PoolClosedError("pool is closed")
