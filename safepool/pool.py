@@ -1,10 +1,11 @@
 """The asyncpg-compatible face of the pool: ``Pool``, ``PoolAcquireContext``
 and ``create_pool``.
 
-The face runs the hot path and asyncpg's API, and hands the rest to objects
-with one job each: argument checks and settings (``_options.py``), the
-observation surface (``_surface.py``), the registry of live pools
-(``_registry.py``). The state core (``_state.py``) decides, the runner
+The face is asyncpg's API, and hands the rest to objects with one job each:
+the lease hot path, acquire and release (``_leasing.py``, which
+``PoolAcquireContext`` calls directly), argument checks and settings
+(``_options.py``), the observation surface (``_surface.py``), the registry of
+live pools (``_registry.py``). The state core (``_state.py``) decides, the runner
 (``_runner.py``) carries the core's actions out and owns the pool's tasks and
 timers, the workers (``_workers.py``) do the I/O on connections, and
 ``_internals.py`` is the one adapter over asyncpg's private members
@@ -127,10 +128,10 @@ class Pool:
             reset_timeout=reset_timeout, backoff=backoff, max_site_share=max_site_share,
             queue_policy=queue_policy, queue_target=queue_target, queue_interval=queue_interval,
         )
-        self._proxy_class: type[PoolConnectionProxy] = PoolConnectionProxy
+        proxy_class: type[PoolConnectionProxy] = PoolConnectionProxy
         if reset_mode == "auto":
             _autoreset.require_parser()  # a missing extra fails here, not at the first release
-            self._proxy_class = _autoreset.AutoResetProxy
+            proxy_class = _autoreset.AutoResetProxy
         self._name = config.name
         # What a new connection is opened with (asyncpg's attribute names).
         self._connect = connect if connect is not None else _pg_connection.connect
@@ -152,10 +153,9 @@ class Pool:
             leak_warning_after=config.leak_warning_after,
         )
         self._drain = runner.drain
-        # The hot path: acquire and release (PoolAcquireContext calls it directly).
-        self._leaser = Leaser(
-            self, config, self._state, runner, self._clock, loop, reporter, self._proxy_class, setup
-        )
+        # The hot path, acquire and release: PoolAcquireContext calls it
+        # directly (no call through the face per lease).
+        self._leaser = Leaser(self, config, self._state, runner, self._clock, loop, reporter, proxy_class, setup)
         _registry.register(self)
 
     # ------------------------------------------------------------ start-up
