@@ -74,7 +74,7 @@ def assert_patches_removed() -> None:
     assert not hasattr(Pool.__dict__["terminate"], "__wrapped__")
     assert not hasattr(Pool.__dict__["release"], "__wrapped__")
     for pool in live_pools():
-        for callback in pool._listeners:
+        for callback in pool._reporter.listeners:
             assert getattr(getattr(callback, "func", None), "__func__", None) is not _Tracker._on_event
 
 
