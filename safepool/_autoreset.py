@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from asyncpg import connection as _pg_connection
 
-from .proxy import PoolConnectionProxy, _mark_coroutine, _released_error
+from .proxy import PoolConnectionProxy, _mark_coroutine, _released_error, watch
 
 if TYPE_CHECKING:
     from ._holder import Holder as _Holder
@@ -430,7 +430,13 @@ class AutoResetProxy(PoolConnectionProxy):
             holder.clean_mark = -1
 
 
-def _sql_forwarder(name: str, argname: str) -> Any:
+def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
+    # prepare() leaves the backend in the implicit transaction its Parse
+    # opened (no Sync), with the parse-time locks: whatever its SQL, a round
+    # trip must end it. A statement that raised may have stopped there too
+    # (proxy.watch).
+    always = name == "prepare"
+
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._con
         if con is None:
@@ -440,9 +446,10 @@ def _sql_forwarder(name: str, argname: str) -> Any:
             reason = _cache_get(sql, _MISS)
         except TypeError:
             reason = "not a string"
-        if reason is not None and (reason is not _MISS or _classify_and_remember(sql) is not None):
+        if always or (reason is not None and (reason is not _MISS or _classify_and_remember(sql) is not None)):
             self._holder.clean_mark = -1
-        return getattr(con.__class__, name)(con, *args, **kwargs)
+        operation = getattr(con.__class__, name)(con, *args, **kwargs)
+        return watch(self._holder, operation) if is_coroutine else operation
 
     return call
 
@@ -501,7 +508,7 @@ def _install_forwarders() -> None:
             continue
         policy = method_policy(name)
         if policy == "sql":
-            call = _sql_forwarder(name, SQL_METHODS[name])
+            call = _sql_forwarder(name, SQL_METHODS[name], inspect.iscoroutinefunction(method))
         elif policy == "copy":
             call = _copy_forwarder(name)
         elif policy == "neutral":

@@ -321,7 +321,8 @@ class Leaser:
                     holder.reset_since = now
                     if runner.reset_watchdog is None:
                         runner.watch_resets()
-                query = _workers.reset_message(holder.reset_query, state.full_reset(holder.clean_mark == -1), rollback)
+                full, rollback = state.reset_plan(holder.clean_mark == -1, rollback)
+                query = _workers.reset_message(holder.reset_query, full, rollback)
                 return _Driver(_workers.reset_inline(con, query, budget, holder, runner.reset_done), self.spawn)
         else:
             if outcome is ReleaseOutcome.DISCARD and usable:

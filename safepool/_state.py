@@ -647,15 +647,21 @@ class PoolState:
         if observed == Observed.MUST_RESET or self.always_reset:
             return ReleaseOutcome.NEEDS_RESET
         mode = self.reset_mode
-        if observed == Observed.CLEAN or mode == "rollback" or (mode == "auto" and not marked):
+        if observed == Observed.CLEAN or (mode != "full" and not marked):
             return ReleaseOutcome.CLEAN
+        # (A marked lease in rollback mode: a statement of it raised, or it
+        # prepared one, and may have left the backend in the implicit
+        # transaction of a Parse: its ROLLBACK ends it.)
         return ReleaseOutcome.NEEDS_RESET
 
-    def full_reset(self, marked: bool) -> bool:
-        """Whether a reset sends asyncpg's reset query (else only the
-        ROLLBACK of an open transaction)."""
+    def reset_plan(self, marked: bool, in_transaction: bool) -> tuple[bool, bool]:
+        """What a reset sends: ``(full, rollback)``, asyncpg's reset query
+        and/or a ROLLBACK. The ROLLBACK ends an open transaction, and in
+        rollback mode also a marked lease's possible implicit transaction
+        (a Parse that no Sync followed: see ``proxy.watch``)."""
         mode = self.reset_mode
-        return mode == "full" or (mode == "auto" and marked)
+        full = mode == "full" or (mode == "auto" and marked)
+        return full, in_transaction or (marked and not full)
 
     def release(self, lease: Lease, now: float, outcome: ReleaseOutcome) -> bool:
         """End a lease. Returns True if the I/O layer must reset the connection

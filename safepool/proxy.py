@@ -46,11 +46,44 @@ def _released_error(proxy: PoolConnectionProxy, method: str) -> Exception:
     )
 
 
+async def watch(holder: _Holder, operation: Any) -> Any:
+    """Await a Connection coroutine; if it raises (an error, a timeout, a
+    cancel), mark the lease for a reset round trip (``clean_mark = -1``).
+
+    asyncpg sends Parse/Describe/Flush to prepare a statement, then Bind/
+    Execute/Sync, and counts the statement (``queries_count``, which release
+    reads) only once the second part is sent. An error in between (an
+    argument that fails to encode, a cancel after the prepare answered)
+    leaves the backend inside the implicit transaction the Parse opened,
+    holding the parse-time locks, with the counter unmoved. asyncpg's pool
+    ends it with its reset query; so does safepool's release, marked here."""
+    try:
+        return await operation
+    except BaseException:
+        holder.clean_mark = -1
+        raise
+
+
 def _forward(name: str, is_coroutine: bool) -> Any:
     def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._con
         if con is None:
             raise _released_error(self, name)
+        return getattr(con.__class__, name)(con, *args, **kwargs)
+
+    def coroutine_call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
+        con = self._con
+        if con is None:
+            raise _released_error(self, name)
+        return watch(self._holder, getattr(con.__class__, name)(con, *args, **kwargs))
+
+    def prepare_call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
+        con = self._con
+        if con is None:
+            raise _released_error(self, name)
+        # Parse/Describe/Flush with no Sync: the backend stays in an implicit
+        # transaction, holding the parse-time locks, until the next statement.
+        self._holder.clean_mark = -1
         return getattr(con.__class__, name)(con, *args, **kwargs)
 
     def copy_call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
@@ -64,6 +97,10 @@ def _forward(name: str, is_coroutine: bool) -> Any:
 
     if name.startswith("copy_"):
         call = copy_call
+    elif name == "prepare":
+        call = prepare_call
+    elif is_coroutine:
+        call = coroutine_call
 
     if is_coroutine:
         _mark_coroutine(call)

@@ -319,36 +319,3 @@ async def test_connection_given_up_after_a_double_cancel_keeps_its_slot_while_th
                 assert await con.fetchval("SELECT 1") == 1
         finally:
             await admin.close()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a lease whose last message was a Parse (con.prepare(), or a cancel right after an internal "
-    "prepare answered) is released with no round trip: queries_count did not move. Its backend stays "
-    "'active' in the implicit transaction the Parse opened, holding the parse-time locks; asyncpg's "
-    "pool ends it with the reset query",
-)
-async def test_release_after_prepare_leaves_no_open_transaction(running: Cluster, app_name: str) -> None:
-    admin = await asyncpg.connect(running.admin_dsn)
-    pool = await safepool.create_pool(
-        running.dsn(), min_size=1, max_size=1, server_settings={"application_name": app_name},
-    )
-    try:
-        async with closing(pool):
-            await admin.execute(
-                "DROP TABLE IF EXISTS prepared_only; CREATE TABLE prepared_only (a int);"
-                " GRANT ALL ON prepared_only TO PUBLIC"
-            )
-            async with pool.acquire() as con:
-                await con.prepare("SELECT a FROM prepared_only")
-            # As after asyncpg's pool: the session is idle, no lock is held.
-            state = await admin.fetchval(
-                "SELECT state FROM pg_stat_activity WHERE application_name = $1", app_name
-            )
-            locks = await admin.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE relation = 'prepared_only'::regclass"
-            )
-            assert (state, locks) == ("idle", 0)
-    finally:
-        await admin.execute("DROP TABLE IF EXISTS prepared_only")
-        await admin.close()

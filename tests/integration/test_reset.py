@@ -112,3 +112,72 @@ async def test_listeners_are_dropped_even_without_a_reset(make: Any) -> None:
             await pool.release(con)
     async with pool.acquire() as con:
         assert await con.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+
+
+# ------------------------------------ a Parse that no Sync followed
+#
+# asyncpg prepares a statement with Parse/Describe/Flush and counts it (the
+# counter release reads) only when Bind/Execute/Sync follow. Whatever stops
+# it in between leaves the backend 'active' in the implicit transaction the
+# Parse opened, holding the parse-time locks (DDL on the table blocks). A
+# release must end that before it returns, as asyncpg's reset query does.
+
+
+async def _prepare_only(con: Any) -> None:
+    await con.prepare("SELECT a FROM parse_only WHERE a = $1")
+
+
+async def _bad_argument(con: Any) -> None:
+    await con.fetch("SELECT a FROM parse_only WHERE a = $1", "not an int")  # fails to encode: DataError
+
+
+async def _bad_argument_caught(con: Any) -> None:
+    with pytest.raises(asyncpg.DataError):
+        await _bad_argument(con)
+
+
+async def _unencodable_object(con: Any) -> None:
+    """An argument no codec takes, on a statement the connection has not
+    prepared yet (so its Parse is sent first), caught inside the block."""
+    with pytest.raises(asyncpg.DataError):
+        await con.fetchval("SELECT a FROM parse_only WHERE a = $1::int", object())
+
+
+PARSE_ONLY = {
+    "prepare": _prepare_only,
+    "bad argument, raised out of the block": _bad_argument,
+    "bad argument, caught in the block": _bad_argument_caught,
+    "unencodable object": _unencodable_object,
+}
+
+
+@pytest.mark.parametrize("mode", ["full", "rollback", "auto"])
+@pytest.mark.parametrize("case", list(PARSE_ONLY))
+async def test_a_parse_left_without_sync_is_ended_by_release(
+    make: Any, pg_dsn: str, case: str, mode: str
+) -> None:
+    if mode == "auto":
+        pytest.importorskip("pglast")
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute("CREATE TABLE IF NOT EXISTS parse_only (a int)")
+        pool = await make(reset_mode=mode, statement_cache_size=0 if "caught" in case else 100)
+        async with pool.acquire() as con:
+            pid = con.get_server_pid()
+        try:
+            async with pool.acquire() as con:
+                await PARSE_ONLY[case](con)
+        except asyncpg.DataError:
+            assert case == "bad argument, raised out of the block"
+        # When release() has returned: the session is idle, no lock is held.
+        state = await admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", pid)
+        locks = await admin.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE pid = $1 AND relation = 'parse_only'::regclass", pid
+        )
+        assert (state, locks) == ("idle", 0)
+        async with asyncio.timeout(5):  # DDL is not blocked
+            await admin.execute("ALTER TABLE parse_only ADD COLUMN IF NOT EXISTS b int")
+        async with pool.acquire() as con:  # and the connection serves the next lease
+            assert await con.fetchval("SELECT count(*) FROM parse_only") == 0
+    finally:
+        await admin.close()

@@ -345,6 +345,14 @@ class FakeHolder:
         raise AssertionError("proxy abandoned")
 
 
+def _sent(result: Any) -> Any:
+    """A forwarded coroutine method comes back wrapped (proxy.watch): the
+    fake connection has recorded the call; close the wrapper unawaited."""
+    if inspect.iscoroutine(result):
+        result.close()
+    return result
+
+
 def _proxy(standard_strings: str = "on") -> tuple[AutoResetProxy, FakeConnection, FakeHolder]:
     con, holder = FakeConnection(standard_strings), FakeHolder()
     return AutoResetProxy(holder, con, object()), con, holder  # type: ignore[arg-type]
@@ -352,10 +360,10 @@ def _proxy(standard_strings: str = "on") -> tuple[AutoResetProxy, FakeConnection
 
 def test_neutral_sql_leaves_the_mark_and_is_forwarded() -> None:
     proxy, con, holder = _proxy()
-    proxy.fetchval("SELECT 1")
-    proxy.execute("UPDATE t SET a = $1", 1, timeout=2)
-    proxy.executemany(command="INSERT INTO t VALUES ($1)", args=[(1,)])
-    proxy.fetch(query="SELECT now()")
+    _sent(proxy.fetchval("SELECT 1"))
+    _sent(proxy.execute("UPDATE t SET a = $1", 1, timeout=2))
+    _sent(proxy.executemany(command="INSERT INTO t VALUES ($1)", args=[(1,)]))
+    _sent(proxy.fetch(query="SELECT now()"))
     proxy.transaction(isolation="serializable")
     proxy.copy_from_table("t", output=b"")
     proxy.copy_to_table("t", source=b"", where="a > 1")
@@ -404,7 +412,7 @@ def test_state_changing_calls_mark_the_lease(method: str, args: tuple[Any, ...],
     if not hasattr(asyncpg.Connection, method):
         pytest.skip(f"asyncpg {asyncpg.__version__} has no Connection.{method}()")
     proxy, con, holder = _proxy()
-    getattr(proxy, method)(*args, **kwargs)
+    _sent(getattr(proxy, method)(*args, **kwargs))
     assert holder.clean_mark == -1
     assert con.calls == [(method, args, kwargs)]
     proxy._detach()

@@ -775,6 +775,8 @@ def test_deadline_aware_admission_refuses_what_the_drain_rate_cannot_serve() -> 
         # rollback: only an open transaction (or a cancelled query) is worth a round trip
         ("rollback", Observed.DIRTY, False, CLEAN),
         ("rollback", Observed.MUST_RESET, False, RESET),
+        # ... or a marked lease (a statement raised, or prepare(): a Parse may wait for its Sync)
+        ("rollback", Observed.DIRTY, True, RESET),
         # auto: a dirty lease resets only when its proxy marked it
         ("auto", Observed.DIRTY, False, CLEAN),
         ("auto", Observed.DIRTY, True, RESET),
@@ -789,7 +791,9 @@ def test_release_policy(mode: str, observed: Observed, marked: bool, expected: R
     assert lease is not None
     assert state.release_outcome(lease, observed, marked) is expected
     # and the reset's content follows the same policy
-    assert state.full_reset(marked) is (mode == "full" or (mode == "auto" and marked))
+    full = mode == "full" or (mode == "auto" and marked)
+    assert state.reset_plan(marked, False) == (full, marked and not full)
+    assert state.reset_plan(marked, True) == (full, True)
     state.release(lease, 0.0, expected)
     connect_all(state)
 
