@@ -750,10 +750,9 @@ class PoolState:
         if lease.deadline is not None or lease.warn_at is not None:
             # Its timers still in the heap are stale now: the deadline unless
             # it fired (the lease expired), the warning unless it fired (SUSPECT).
-            if lease.deadline is not None and end is not L.EXPIRED:
-                self._timer_dropped()
-            if lease.warn_at is not None and old is L.HELD:
-                self._timer_dropped()
+            self._timer_dropped(
+                (lease.deadline is not None and end is not L.EXPIRED) + (lease.warn_at is not None and old is L.HELD)
+            )
         return slot
 
     def _hand_on(self, slot: Slot, now: float) -> None:
@@ -1010,13 +1009,21 @@ class PoolState:
             return obj.state in OPEN_LEASE
         return obj.state is L.HELD
 
-    def _timer_dropped(self) -> None:
-        """An entry of the timer heap stopped being live (its waiter left the
-        queue, its lease ended): the one place that counts stale entries.
-        They are popped lazily, or compacted away once they are most of the heap."""
-        self._stale_timers += 1
-        if self._stale_timers > 64 and self._stale_timers > len(self._timers) // 2:
-            self._compact_timers()
+    def _timer_dropped(self, entries: int = 1) -> None:
+        """``entries`` of the timer heap stopped being live (a waiter left the
+        queue, a lease ended): the one place that counts stale entries. Past
+        a few, the stale ones at the head are popped (leases mostly end in
+        the order their timers were armed, so that is usually all of them:
+        an ended lease, its captured stack included, is not kept alive for
+        long); the heap is compacted once stale entries are most of it."""
+        self._stale_timers += entries
+        if self._stale_timers > 8:
+            timers = self._timers
+            while timers and not self._timer_live(timers[0][2], timers[0][3]):
+                heapq.heappop(timers)
+                self._stale_timers -= 1
+            if self._stale_timers > 64 and self._stale_timers > len(timers) // 2:
+                self._compact_timers()
 
     def _compact_timers(self) -> None:
         # In place: advance() and next_deadline() hold the list while popping.
