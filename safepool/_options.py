@@ -28,11 +28,17 @@ BREAKER_THRESHOLD = 3
 DEFAULT: Any = object()
 
 
-def validate_timeout(name: str, value: Any, *, allow_none: bool = True) -> float | None:
+def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive: bool = False) -> float | None:
+    """A duration in seconds (None: no limit, where ``allow_none``).
+
+    :raises TypeError: not a number (bool included).
+    :raises ValueError: NaN, negative, or 0 where ``positive``."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
+    if positive and not value > 0:  # (NaN too)
+        raise ValueError(f"{name} must be > 0 seconds (None turns it off), got {value!r}")
     if value != value or value < 0:  # NaN or negative
         raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
     return float(value)
@@ -126,11 +132,14 @@ def check_options(
 
 def check_resize(max_size: Any, min_size: Any) -> None:
     """``Pool.resize()``'s arguments."""
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
+    # TypeError for a wrong type, ValueError for a wrong value, as create_pool().
+    if isinstance(max_size, bool) or not isinstance(max_size, int):
+        raise TypeError(f"max_size must be an int, got {type(max_size).__name__}")
+    if max_size <= 0:
         raise ValueError(f"max_size must be an int > 0, got {max_size!r}")
-    if min_size is not None and (
-        isinstance(min_size, bool) or not isinstance(min_size, int) or not 0 <= min_size <= max_size
-    ):
+    if min_size is not None and (isinstance(min_size, bool) or not isinstance(min_size, int)):
+        raise TypeError(f"min_size must be an int, got {type(min_size).__name__}")
+    if min_size is not None and not 0 <= min_size <= max_size:
         raise ValueError(f"min_size must be an int between 0 and max_size, got {min_size!r}")
 
 
@@ -226,9 +235,7 @@ def configure(
         )
     if not issubclass(record_class, _pg_protocol.Record):
         raise TypeError(f"record_class is expected to be a subclass of asyncpg.Record, got {record_class!r}")
-    lease_timeout = validate_timeout("lease_timeout", lease_timeout)
-    if lease_timeout == 0:
-        raise ValueError("lease_timeout must be > 0 seconds (None turns it off)")
+    lease_timeout = validate_timeout("lease_timeout", lease_timeout, positive=True)
     leak_warning_after = validate_timeout("leak_warning_after", leak_warning_after)
     acquire_timeout = validate_timeout("acquire_timeout", acquire_timeout)
     reset_timeout = validate_timeout("reset_timeout", reset_timeout)

@@ -115,6 +115,8 @@ class Observation:
 
     def add_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:
         field = self._timing_field(kind)
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         state = self.state
 
         def install() -> None:

@@ -22,7 +22,11 @@ __all__ = [
 
 
 class PoolError(Exception):
-    """Root of every error safepool raises itself."""
+    """Root of every error safepool adds to asyncpg's pool. Where asyncpg's
+    pool raises an error of its own, safepool raises the same one, as asyncpg
+    does: ``asyncpg.InterfaceError`` for a connection released twice over or
+    used after release, or released to a pool it does not belong to; a
+    bad argument is a ``TypeError`` or ``ValueError``."""
 
 
 class PoolClosedError(PoolError, _pg.InterfaceError):

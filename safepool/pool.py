@@ -198,7 +198,11 @@ class Pool:
             else the calling function); shown in ``leases()`` and leak reports.
         :raises safepool.PoolOverloadedError: refused at once (``max_waiters``,
             the site's share of it, or the adaptive queue).
+        :raises TypeError: ``site`` is not a str (or a timeout not a number,
+            when awaited).
         """
+        if site is not None and type(site) is not str:
+            raise TypeError(f"site must be a str or None, got {type(site).__name__}")
         return PoolAcquireContext(self, timeout, lease_timeout, site)
 
     # ------------------------------------------------------------- release
@@ -521,7 +525,8 @@ class Pool:
         recorded before that are not seen). With no sink the pool pays
         nothing.
 
-        :raises ValueError: unknown ``kind``."""
+        :raises ValueError: unknown ``kind``.
+        :raises TypeError: ``callback`` is not callable."""
         self._observation.add_timing_sink(kind, callback)
 
     def remove_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:

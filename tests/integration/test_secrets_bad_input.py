@@ -214,3 +214,41 @@ def test_resize_rejects_bad_sizes_and_changes_nothing(
         await _works(shared_pool)
 
     runner.run(attempt())
+
+
+@pytest.mark.asyncio
+async def test_bad_arguments_found_by_a_new_user(pg_dsn: str) -> None:
+    """Each gets a clear, typed error naming the argument, at the call."""
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=2)
+    try:
+        for value in (-1, 0, float("nan")):
+            with pytest.raises(ValueError, match=r"lease_timeout must be > 0 seconds \(None turns it off\)"):
+                await pool.acquire(lease_timeout=value)
+        with pytest.raises(TypeError, match="max_size must be an int, got str"):
+            pool.resize(max_size="3")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="min_size must be an int, got float"):
+            pool.resize(max_size=3, min_size=1.5)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="max_size must be an int > 0"):
+            pool.resize(max_size=0)
+        with pytest.raises(TypeError, match="callback must be callable, got int"):
+            pool.add_timing_sink("lease", 42)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="site must be a str or None, got int"):
+            pool.acquire(site=5)  # type: ignore[arg-type]
+        assert pool.stats().in_use == 0 and pool.get_max_size() == 2  # nothing changed
+    finally:
+        await pool.close()
+    with pytest.raises(ValueError, match=r"lease_timeout must be > 0 seconds \(None turns it off\), got -1"):
+        await safepool.create_pool(pg_dsn, lease_timeout=-1)
+
+
+def test_selfcheck_reports_an_unreachable_server_in_one_line() -> None:
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "safepool", "selfcheck", "--dsn", "postgresql://alice:s3cret@127.0.0.1:1/postgres"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr and "s3cret" not in run.stderr + run.stdout
+    assert run.stderr.splitlines()[-1].startswith("selfcheck: cannot connect to alice@127.0.0.1:1/postgres")
