@@ -153,8 +153,6 @@ class Leaser:
             # The granted connection died before this task resumed: try
             # again with what is left of the timeout.
             now = self.now()
-        if site is not None:
-            lease.site = site
         slot = lease.slot
         holder = self.slot_holders[slot]
         holder.release_timeout = timeout
@@ -170,11 +168,11 @@ class Leaser:
             if timer_at is None or (due is not None and due < timer_at):
                 self.runner.arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
         if self.capture_stack:
-            lease.stack = _stack.capture()
             task = asyncio.current_task()
-            if task is not None:
-                lease.task_name = task.get_name()
-                lease.task_ref = weakref.ref(task)
+            state.note_caller(
+                lease, _stack.capture(), None if task is None else task.get_name(),
+                None if task is None else weakref.ref(task),
+            )
         if self.setup is not None:
             # Its statements are the lease's: a SET it runs is reset on
             # release like any other (the clean mark is per connection).

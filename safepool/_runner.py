@@ -312,7 +312,7 @@ class Runner:
             # The rest may fail without failing creation: the min_size upkeep
             # retries them in the background with backoff.
             await asyncio.gather(*(self.connect_slot(slot) for slot in others))
-        state.floor_enabled = True
+        state.start_floor()
         state.advance(self.now())
         self.drain()
 

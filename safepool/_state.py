@@ -529,7 +529,8 @@ class PoolState:
             if slot.generation != self.generation:
                 self._start_close(slot)
                 continue
-            # The hot path: _move(IDLE -> LEASED) and _open_lease, inlined
+            # The hot path: _move(IDLE -> LEASED) and _open_lease (and the
+            # acquire site, when the caller named one), inlined
             # (a legal move by the table; check_invariants() re-checks counts).
             counts = self._counts
             counts[S.IDLE] -= 1
@@ -538,6 +539,7 @@ class PoolState:
             self.wait_times.record_zero()
             self._next_id += 1
             lease = Lease(self._next_id, slot, now)
+            lease.site = site
             slot.lease = lease
             self._leases[lease.id] = lease
             self.counters.acquired += 1
@@ -624,6 +626,19 @@ class PoolState:
         self._leases[lease.id] = lease
         self.counters.acquired += 1
         return lease
+
+    def note_caller(
+        self, lease: Lease, stack: tuple[tuple[str, int, str], ...], task_name: str | None, task_ref: Any
+    ) -> None:
+        """Who took the lease (with stack capture on): its acquire stack, and
+        the acquiring task's name and a weak reference to it."""
+        lease.stack = stack
+        lease.task_name = task_name
+        lease.task_ref = task_ref
+
+    def start_floor(self) -> None:
+        """Start-up is over: from now on the pool keeps min_size connections."""
+        self.floor_enabled = True
 
     def arm_lease(self, lease: Lease, lease_timeout: float | None, warn_after: float | None) -> None:
         """Start the lease's deadline and leak-suspect clocks (both optional)."""
@@ -985,8 +1000,11 @@ class PoolState:
         for slot in list(self._idle):
             self._start_close(slot)
 
-    def resize(self, max_size: int, now: float) -> None:
+    def resize(self, max_size: int, now: float, min_size: int | None = None) -> None:
+        """New sizes (``Pool.resize()``; checked by the caller)."""
         self.max_size = max_size
+        if min_size is not None:
+            self.min_size = min_size
         if self.min_size > max_size:
             self.min_size = max_size
         # Shrink: idle ones go now (oldest first), leased ones as they return.

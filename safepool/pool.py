@@ -281,9 +281,7 @@ class Pool:
         :raises ValueError: ``max_size`` is not an int > 0, or ``min_size``
             not an int between 0 and ``max_size``."""
         check_resize(max_size, min_size)
-        if min_size is not None:
-            self._state.min_size = min_size
-        self._state.resize(max_size, self._now())
+        self._state.resize(max_size, self._now(), min_size)
         self._drain()
 
     # ----------------------------------------------------------- getters
