@@ -264,10 +264,10 @@ class Runner:
             error = await _workers.reset(con, rollback, self.hooks, budget, statement_limit)
         except BaseException:
             # Only terminate() cancels the pool's tasks: it has discarded the slot.
-            self.resets_done.pop(holder._slot, None)
             settle(done, None)
             raise
-        self.resets_done.pop(holder._slot, None)
+        finally:
+            self.resets_done.pop(holder._slot, None)
         settle(done, self.reset_done(holder, con, error))
 
     def reset_done(

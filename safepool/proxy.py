@@ -77,28 +77,20 @@ def _forward(name: str, is_coroutine: bool) -> Any:
             raise _released_error(self, name)
         return watch(self._holder, getattr(con.__class__, name)(con, *args, **kwargs))
 
-    def prepare_call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
+    def marking_call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._con
         if con is None:
             raise _released_error(self, name)
-        # Parse/Describe/Flush with no Sync: the backend stays in an implicit
-        # transaction, holding the parse-time locks, until the next statement.
+        # What asyncpg's statement counter does not count, yet leaves the
+        # session to reset: a COPY's query can change it (a lock,
+        # set_config, a trigger); prepare() sends Parse/Describe/Flush with
+        # no Sync, so the backend stays in an implicit transaction, holding
+        # the parse-time locks, until the next statement.
         self._holder.clean_mark = -1
         return getattr(con.__class__, name)(con, *args, **kwargs)
 
-    def copy_call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
-        con = self._con
-        if con is None:
-            raise _released_error(self, name)
-        # asyncpg's statement counter skips COPY, yet a COPY's query can
-        # change the session (a lock, set_config, a trigger): always reset.
-        self._holder.clean_mark = -1
-        return getattr(con.__class__, name)(con, *args, **kwargs)
-
-    if name.startswith("copy_"):
-        call = copy_call
-    elif name == "prepare":
-        call = prepare_call
+    if name.startswith("copy_") or name == "prepare":
+        call = marking_call
     elif is_coroutine:
         call = coroutine_call
 
