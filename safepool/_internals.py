@@ -31,6 +31,7 @@ each function below bridges it:
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import sys
 import types
 import weakref
@@ -176,6 +177,35 @@ def forget_holder(con: RawConnection) -> None:
 def queries_count(con: RawConnection) -> int:
     """Statements sent on this connection so far (asyncpg's protocol counter)."""
     return int(con._protocol.queries_count)
+
+
+# The most a pool connection's transport reads per recv(), in bytes.
+# asyncio's selector transport asks for 256 KiB (``max_size``, CPython
+# 3.11-3.13) and shrinks the bytes object to what arrived. glibc's malloc
+# serves 256 KiB with mmap until something frees a larger mmapped block (its
+# threshold starts at 128 KiB and only then rises), so in such a process every
+# read costs mmap + a page fault + mremap + munmap: measured here (2 cores,
+# CPython 3.11, glibc's default threshold), a contended lease took 121 us
+# with 256 KiB reads and 88 us with 64 KiB ones; with the threshold raised
+# both take the same. 64 KiB always comes from the heap; a 50,000-row fetch
+# is no slower (docs/performance.md, "Reads").
+READ_SIZE = 64 * 1024
+
+
+def tune_reads(con: RawConnection) -> None:
+    """Make ``con`` read at most :data:`READ_SIZE` bytes per recv(): only on
+    asyncio's plain socket transport feeding a non-buffered protocol
+    (asyncpg's), and never more than it reads already. TLS (asyncio's SSL
+    protocol reads into a buffer of its own) and uvloop (libuv reuses one
+    buffer per loop) are left alone. Nothing observable changes: the bytes
+    arrive in more, smaller reads when a result is larger than 64 KiB."""
+    transport = con._transport
+    if (
+        type(transport) is asyncio.selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
+        and not isinstance(con._protocol, asyncio.BufferedProtocol)
+        and transport.max_size > READ_SIZE
+    ):
+        transport.max_size = READ_SIZE
 
 
 @types.coroutine

@@ -70,6 +70,7 @@ async def connect(
         raise _pg_exceptions.InterfaceError(
             f"expected pool connect callback to return an instance of '{good}', got '{bad}'"
         )
+    _pg.tune_reads(con)
     if init is not None:
         try:
             await init(con)
