@@ -67,7 +67,9 @@ class _Driver(Generic[T]):
         assert self._fut is not None
         self._wakeup = fn
         self._context = context
-        self._fut.add_done_callback(self._on_done)
+        # In the task's context (as the Task registers its wake-up on a
+        # future): _on_done then wakes the task without a second Context.run.
+        self._fut.add_done_callback(self._on_done, context=context)
 
     def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
         if self._wakeup is fn:
@@ -79,10 +81,7 @@ class _Driver(Generic[T]):
         wakeup = self._wakeup
         if self._cancelled or wakeup is None or fut is not self._fut:
             return
-        if self._context is None:
-            wakeup(self)
-        else:
-            self._context.run(wakeup, self)
+        wakeup(self)  # (already in the task's context: see add_done_callback)
 
     def done(self) -> bool:
         return self._cancelled or (self._fut is not None and self._fut.done())

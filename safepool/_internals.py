@@ -199,7 +199,7 @@ def tune_reads(con: RawConnection) -> None:
     protocol reads into a buffer of its own) and uvloop (libuv reuses one
     buffer per loop) are left alone. Nothing observable changes: the bytes
     arrive in more, smaller reads when a result is larger than 64 KiB."""
-    transport = con._transport
+    transport: Any = getattr(con, "_transport", None)  # (the I/O layer's fake connection has none)
     if (
         type(transport) is asyncio.selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
         and not isinstance(con._protocol, asyncio.BufferedProtocol)

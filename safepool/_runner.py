@@ -168,7 +168,21 @@ class Runner:
         the core's actions; with none, only arm the idle-lifetime timer if
         it now has something to watch (the hot path skips drain)."""
         state = self.state
-        if state.actions:
+        actions = state.actions
+        if actions:
+            action = actions[0]
+            if type(action) is Wake and len(actions) == 1 and not self.reporter.pending:
+                # The contended hot path: the connection went to the head
+                # waiter, and that is all. drain() without its dispatch and
+                # timer check (a grant adds no deadline: the waiter's own
+                # timer entry just went stale).
+                actions.clear()
+                waiter = action.waiter
+                if not waiter.future.done():
+                    waiter.future.set_result(None)
+                    return
+                # Its task was cancelled while the grant was in flight.
+                state.cancel_waiter(waiter, self.now())
             self.drain()
         elif self.timer is None and state.max_inactive_lifetime and state.size > state.min_size:
             self.arm_timer()  # an idle connection above min_size now has a lifetime to watch

@@ -594,10 +594,19 @@ class PoolState:
             if self._policy is not None:
                 self._policy_released(waiter.site, now, plan=True)
             raise SlotLost
-        self._move(slot, S.LEASED)
+        # The contended hot path: _move(RESERVED -> LEASED) and _open_lease,
+        # inlined as in try_acquire (check_invariants() re-checks the counts).
+        counts = self._counts
+        counts[S.RESERVED] -= 1
+        counts[S.LEASED] += 1
+        slot.state = S.LEASED
         self.wait_times.record(now - waiter.enqueued_at)
-        lease = self._open_lease(slot, now)
+        self._next_id += 1
+        lease = Lease(self._next_id, slot, now)
         lease.site = waiter.site
+        slot.lease = lease
+        self._leases[lease.id] = lease
+        self.counters.acquired += 1
         return lease
 
     def cancel_waiter(self, waiter: Waiter, now: float) -> None:
@@ -685,7 +694,11 @@ class PoolState:
         slot = self._close_lease(lease, now, L.RELEASED)
         self.counters.released += 1
         if outcome is ReleaseOutcome.NEEDS_RESET:
-            self._move(slot, S.RESETTING)
+            # _move(LEASED -> RESETTING), inlined: every dirty release.
+            counts = self._counts
+            counts[S.LEASED] -= 1
+            counts[S.RESETTING] += 1
+            slot.state = S.RESETTING
             return True
         if outcome is ReleaseOutcome.CLEAN:
             self.counters.resets_skipped += 1
@@ -795,7 +808,14 @@ class PoolState:
             waiter.slot = slot
             if waiter.deadline is not None:
                 self._timer_dropped()
-            self._move(slot, S.RESERVED)
+            # _move(slot, S.RESERVED), inlined (the contended hot path).
+            old = slot.state
+            if S.RESERVED not in _TRANSITIONS[old]:
+                raise InternalStateError(f"illegal transition {old.value} -> reserved for {slot!r}")
+            counts = self._counts
+            counts[old] -= 1
+            counts[S.RESERVED] += 1
+            slot.state = S.RESERVED
             self.actions.append(Wake(waiter))
             return
         self._move(slot, S.IDLE)
