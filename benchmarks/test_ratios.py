@@ -15,7 +15,11 @@ so.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 
 from ._harness import Measurement, Row, guard_for, measure_interleaved, paired_ratio, short_of, us
 from ._workloads import (
@@ -35,7 +39,7 @@ from ._workloads import (
     safepool_pool,
     wait_summary,
 )
-from .conftest import Bench
+from .conftest import ROOT, Bench
 
 
 def test_1_empty_lease(bench: Bench) -> None:
@@ -146,9 +150,31 @@ def test_3_contended(bench: Bench) -> None:
             Row("3 contended", "FIFO: safepool / asyncpg, max acquire wait", waits["safepool"]["max"] / waits["asyncpg"]["max"],
                 None, None, "per-task spread = slowest task's mean wait / fastest task's"),
             *calibration(m, "3 contended", ap, sp),
+            *mmap_reads(bench),
         ]
 
     bench.check(measure)
+
+
+def mmap_reads(bench: Bench) -> list[Row]:
+    """Benchmark 3 again in a process whose malloc serves asyncio's 256 KiB
+    reads with mmap (``benchmarks/reads.py``): safepool against asyncpg's
+    pool there, and what its 64 KiB reads save. Full mode on asyncio only
+    (uvloop reads into libuv's buffer); reported, never guarded."""
+    if not bench.mode.calibrate or bench.uvloop:
+        return []
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.reads", bench.dsn], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}, timeout=600, check=True,
+    )
+    r = json.loads(done.stdout)
+    return [
+        Row("3 contended", "glibc serving 256 KiB reads with mmap: safepool / asyncpg, time per lease",
+            r["safepool_vs_asyncpg"], None, None,
+            f"safepool {us(r['safepool'])}, asyncpg {us(r['asyncpg'])} per lease (benchmarks/reads.py)"),
+        Row("3 contended", "glibc serving 256 KiB reads with mmap: safepool with asyncio's 256 KiB reads / 64 KiB",
+            r["reads_256k_vs_64k"], None, None, f"256 KiB reads {us(r['safepool_256k'])} per lease"),
+    ]
 
 
 def test_4_scaling(bench: Bench) -> None:
