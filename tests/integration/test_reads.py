@@ -5,6 +5,7 @@ return large results whole. On a real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio.selector_events
+import io
 from typing import Any
 
 import asyncpg
@@ -50,3 +51,22 @@ async def test_a_transport_that_already_reads_less_is_left_alone(pools: Any) -> 
         assert await con.fetchval("SELECT 1") == 1
     if type(transport) is asyncio.selector_events._SelectorSocketTransport:
         assert transport.max_size == 4096
+
+
+async def test_copy_out_and_in_of_megabytes_through_64_kib_reads(pools: Any) -> None:
+    """COPY streams its data through the same reads: 4 MB out to a buffer and
+    back into a table arrive whole (row count and total length)."""
+    pool = await pools(min_size=1, max_size=1)
+    async with pool.acquire() as con:
+        await con.execute("CREATE TEMP TABLE copied (g int, pad text)")
+        out = io.BytesIO()
+        await con.copy_from_query(
+            "SELECT g, repeat('y', 400) FROM generate_series(1, 10000) g", output=out, format="csv"
+        )
+        size = len(out.getvalue())
+        assert size > 4_000_000
+        out.seek(0)
+        await con.copy_to_table("copied", source=out, format="csv")
+        count, total = await con.fetchrow("SELECT count(*), sum(length(pad)) FROM copied")
+        await con.execute("DROP TABLE copied")
+    assert (count, total) == (10_000, 4_000_000)
