@@ -594,12 +594,7 @@ class PoolState:
             if self._policy is not None:
                 self._policy_released(waiter.site, now, plan=True)
             raise SlotLost
-        # The contended hot path: _move(RESERVED -> LEASED), inlined (a legal
-        # move by the table; check_invariants() re-checks the counts).
-        counts = self._counts
-        counts[S.RESERVED] -= 1
-        counts[S.LEASED] += 1
-        slot.state = S.LEASED
+        self._move(slot, S.LEASED)
         self.wait_times.record(now - waiter.enqueued_at)
         lease = self._open_lease(slot, now)
         lease.site = waiter.site
@@ -690,11 +685,7 @@ class PoolState:
         slot = self._close_lease(lease, now, L.RELEASED)
         self.counters.released += 1
         if outcome is ReleaseOutcome.NEEDS_RESET:
-            # _move(LEASED -> RESETTING), inlined: every dirty release.
-            counts = self._counts
-            counts[S.LEASED] -= 1
-            counts[S.RESETTING] += 1
-            slot.state = S.RESETTING
+            self._move(slot, S.RESETTING)
             return True
         if outcome is ReleaseOutcome.CLEAN:
             self.counters.resets_skipped += 1
@@ -804,14 +795,7 @@ class PoolState:
             waiter.slot = slot
             if waiter.deadline is not None:
                 self._timer_dropped()
-            # _move(slot, S.RESERVED), inlined (the contended hot path).
-            old = slot.state
-            if S.RESERVED not in _TRANSITIONS[old]:
-                raise InternalStateError(f"illegal transition {old.value} -> reserved for {slot!r}")
-            counts = self._counts
-            counts[old] -= 1
-            counts[S.RESERVED] += 1
-            slot.state = S.RESERVED
+            self._move(slot, S.RESERVED)
             self.actions.append(Wake(waiter))
             return
         self._move(slot, S.IDLE)
