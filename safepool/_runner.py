@@ -122,11 +122,7 @@ class Runner:
             for action in batch:
                 match action:
                     case Wake(waiter):
-                        if waiter.future.done():
-                            # Its task was cancelled while the grant was in flight.
-                            state.cancel_waiter(waiter, self.now())
-                        else:
-                            waiter.future.set_result(None)
+                        self.grant(waiter)
                     case Connect(slot):
                         task = self.spawn(self.connect_slot(slot))
                         self.connect_tasks.add(task)
@@ -154,6 +150,16 @@ class Runner:
         if self.reporter.pending:
             self.reporter.deliver()
 
+    def grant(self, waiter: Waiter) -> bool:
+        """Wake a waiter the core granted a connection (a ``Wake``). False
+        when its task was cancelled while the grant was in flight: the core
+        then passes the connection on, which may ask for more actions."""
+        if waiter.future.done():
+            self.state.cancel_waiter(waiter, self.now())
+            return False
+        waiter.future.set_result(None)
+        return True
+
     def fail_waiter(self, waiter: Waiter, error: BaseException) -> None:
         if waiter.future.done():
             return
@@ -177,12 +183,8 @@ class Runner:
                 # timer check (a grant adds no deadline: the waiter's own
                 # timer entry just went stale).
                 actions.clear()
-                waiter = action.waiter
-                if not waiter.future.done():
-                    waiter.future.set_result(None)
+                if self.grant(action.waiter):
                     return
-                # Its task was cancelled while the grant was in flight.
-                state.cancel_waiter(waiter, self.now())
             self.drain()
         elif self.timer is None and state.max_inactive_lifetime and state.size > state.min_size:
             self.arm_timer()  # an idle connection above min_size now has a lifetime to watch
