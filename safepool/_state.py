@@ -1036,12 +1036,16 @@ class PoolState:
         long); the heap is compacted once stale entries are most of it."""
         self._stale_timers += entries
         if self._stale_timers > 8:
-            timers = self._timers
-            while timers and not self._timer_live(timers[0][2], timers[0][3]):
-                heapq.heappop(timers)
-                self._stale_timers -= 1
-            if self._stale_timers > 64 and self._stale_timers > len(timers) // 2:
+            self._pop_stale_head()
+            if self._stale_timers > 64 and self._stale_timers > len(self._timers) // 2:
                 self._compact_timers()
+
+    def _pop_stale_head(self) -> None:
+        """Pop the stale entries at the head of the timer heap."""
+        timers = self._timers
+        while timers and not self._timer_live(timers[0][2], timers[0][3]):
+            heapq.heappop(timers)
+            self._stale_timers -= 1
 
     def _compact_timers(self) -> None:
         # In place: advance() and next_deadline() hold the list while popping.
@@ -1055,10 +1059,8 @@ class PoolState:
 
     def next_deadline(self) -> float | None:
         """When :meth:`advance` next has something to do (None: nothing pending)."""
+        self._pop_stale_head()
         timers = self._timers
-        while timers and not self._timer_live(timers[0][2], timers[0][3]):
-            heapq.heappop(timers)
-            self._stale_timers -= 1
         candidates = []
         if timers:
             candidates.append(timers[0][0])
