@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import time
 import timeit
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 
-from ._workloads import LeanPool
+from ._harness import Contender, measure_interleaved
+from ._workloads import LeanPool, Lease, PoolFactory, lean_pool
 
 
 class _Counter:
@@ -59,30 +59,30 @@ class _BusyLeanPool(LeanPool):
         await super()._put(con)
 
 
-async def _cpu_per_lease(pool: LeanPool, n: int) -> float:
-    start = time.process_time()
-    for _ in range(n):
-        async with pool.acquire() as con:
-            await con.fetchval("SELECT 1")
-    return (time.process_time() - start) / n
+def _busy_lean_pool(dsn: str, work: Callable[[], None]) -> PoolFactory:
+    async def make() -> Any:
+        return _BusyLeanPool([await asyncpg.connect(dsn)], work)
+
+    return make
 
 
-async def measure(dsn: str, calls: int, rounds: int = 11, leases: int = 2000) -> tuple[float, float]:
-    """(tight-loop seconds, added client CPU seconds per query lease) for ``calls`` calls."""
+def measure(dsn: str, calls: int, rounds: int = 41) -> tuple[float, float]:
+    """(tight-loop seconds, added client CPU seconds per query lease) for
+    ``calls`` calls, the leases measured interleaved as in the ratio
+    benchmarks (``_harness.measure_interleaved``)."""
     work = distinct_calls(calls)
     tight = min(timeit.repeat(work, number=20_000, repeat=5)) / 20_000
-    lean = LeanPool([await asyncpg.connect(dsn)])
-    busy = _BusyLeanPool([await asyncpg.connect(dsn)], work)
+    contenders: list[Contender] = [
+        Lease("lean", lean_pool(dsn, size=1), query=True),
+        Lease("busy", _busy_lean_pool(dsn, work), query=True),
+    ]
+    loop = asyncio.new_event_loop()
     try:
-        added = []
-        for round_no in range(rounds):
-            pair = (lean, busy) if round_no % 2 else (busy, lean)
-            cpu = {id(pool): await _cpu_per_lease(pool, leases) for pool in pair}
-            added.append(cpu[id(busy)] - cpu[id(lean)])
+        m = measure_interleaved(loop, contenders, rounds=rounds, batch_seconds=0.2)
     finally:
-        await lean.close()
-        await busy.close()
-    return tight, statistics.median(added)
+        loop.close()
+    added = statistics.median(b - a for a, b in zip(m["lean"].cpu_per_op, m["busy"].cpu_per_op, strict=True))
+    return tight, added
 
 
 def main() -> None:
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, nargs="+", default=[60, 120], help="extra calls per release")
     args = parser.parse_args()
     for calls in args.calls:
-        tight, added = asyncio.run(measure(args.dsn, calls))
+        tight, added = measure(args.dsn, calls)
         print(f"{calls} calls: {tight * 1e6:.1f} µs in a tight loop, {added * 1e6:.1f} µs added per query lease "
               f"({added / tight:.1f}x)")
 
