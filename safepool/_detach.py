@@ -16,7 +16,11 @@ The caller's task sees a stand-in for each future the coroutine awaits
 ``cancel()`` and ``result()`` (the protocol ``Task.__step`` checks, in both
 the C and the Python implementation, 3.11-3.13; uvloop uses asyncio's Task).
 Cancelling the stand-in hands the coroutine over and never cancels the real
-future, which belongs to the coroutine (asyncpg's protocol waiter).
+future, which belongs to the coroutine (asyncpg's protocol waiter). The
+task's wake-up itself is registered on the real future, as without the
+stand-in: the future wakes the task with its result or error (the Task's
+wake-up reads ``future.result()`` and throws an error in), and the driver
+passes an error on into the coroutine, whose ``await`` raises it.
 
 Rule for the coroutines run this way: no ``asyncio.timeout()``/``wait_for``
 inside (they would cancel the *caller's* task, found by ``current_task()``);
@@ -39,14 +43,25 @@ class _Driver(Generic[T]):
     """The awaitable :func:`detached` returns (awaited once). While the
     driven coroutine waits on a future, the caller's task waits on this
     object, which stands in for that future (one object for the whole
-    reset: the hot path allocates nothing per step)."""
+    reset: the hot path allocates nothing per step).
 
-    __slots__ = ("_coro", "_spawn", "_fut", "_asyncio_future_blocking", "_wakeup", "_context", "_cancelled",
-                 "_message")
+    The task's wake-up is registered on the real future itself (no callback
+    of the driver's in between): the future wakes the task as it would
+    without the driver, with the future's result or error, which the driver
+    passes on to the coroutine. A cancel takes the wake-up off the future
+    again (or, if the future is already done and the wake-up scheduled, lets
+    that wake-up deliver the ``CancelledError``)."""
 
-    def __init__(self, coro: Coroutine[Any, Any, T], spawn: Spawn) -> None:
+    __slots__ = ("_coro", "_spawn", "_then", "_then_args", "_fut", "_asyncio_future_blocking", "_wakeup",
+                 "_context", "_cancelled", "_message")
+
+    def __init__(
+        self, coro: Coroutine[Any, Any, Any], spawn: Spawn, then: Callable[..., T] | None, then_args: tuple[Any, ...]
+    ) -> None:
         self._coro = coro
         self._spawn = spawn
+        self._then = then
+        self._then_args = then_args
         self._fut: asyncio.Future[Any] | None = None
         # None until the first step: asyncio.isfuture() (ensure_future,
         # wait_for, gather) must see an awaitable to wrap in a task, not a
@@ -67,21 +82,13 @@ class _Driver(Generic[T]):
         assert self._fut is not None
         self._wakeup = fn
         self._context = context
-        # In the task's context (as the Task registers its wake-up on a
-        # future): _on_done then wakes the task without a second Context.run.
-        self._fut.add_done_callback(self._on_done, context=context)
+        self._fut.add_done_callback(fn, context=context)
 
     def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
-        if self._wakeup is fn:
+        if self._wakeup is fn and self._fut is not None:
             self._wakeup = None
-            return 1
+            return self._fut.remove_done_callback(fn)
         return 0
-
-    def _on_done(self, fut: asyncio.Future[Any]) -> None:
-        wakeup = self._wakeup
-        if self._cancelled or wakeup is None or fut is not self._fut:
-            return
-        wakeup(self)  # (already in the task's context: see add_done_callback)
 
     def done(self) -> bool:
         return self._cancelled or (self._fut is not None and self._fut.done())
@@ -91,39 +98,57 @@ class _Driver(Generic[T]):
 
     def result(self) -> None:
         if self._cancelled:
-            # With the canceller's message, as a cancelled future raises it:
-            # anyio's cancel scopes recognise their own cancellations by it.
-            raise asyncio.CancelledError() if self._message is None else asyncio.CancelledError(self._message)
+            raise self._cancel_error()
         return None
+
+    def _cancel_error(self) -> asyncio.CancelledError:
+        # With the canceller's message, as a cancelled future raises it:
+        # anyio's cancel scopes recognise their own cancellations by it.
+        return asyncio.CancelledError() if self._message is None else asyncio.CancelledError(self._message)
 
     def cancel(self, msg: Any = None) -> bool:
         """The caller's task is being cancelled: hand the coroutine to the
         pool and wake the caller with ``CancelledError`` (True, as a future
         that was cancelled)."""
-        if self._cancelled or self._fut is None:
+        fut = self._fut
+        if self._cancelled or fut is None:
             return False
         self._message = msg
-        self.hand_over(self._fut)
         wakeup = self._wakeup
-        if wakeup is not None:
-            self._fut.get_loop().call_soon(wakeup, self, context=self._context)
+        self.hand_over(fut)
+        if wakeup is not None and not fut.done():
+            # (If the future is done, it has scheduled the task's wake-up,
+            # which finds the driver cancelled and raises: see __await__.)
+            fut.get_loop().call_soon(wakeup, self, context=self._context)
         return True
 
     # -- driving
 
     def hand_over(self, fut: asyncio.Future[Any] | None) -> None:
-        """Let a pool task finish the coroutine from where it waits on ``fut``."""
+        """Let a pool task finish the coroutine from where it waits on
+        ``fut``, and take the caller's wake-up off ``fut``."""
         if not self._cancelled:
             self._cancelled = True
-            self._spawn(_finish(self._coro, fut))
+            wakeup = self._wakeup
+            if wakeup is not None and fut is not None and not fut.done():
+                fut.remove_done_callback(wakeup)
+            self._spawn(_finish(self._coro, fut, self._then, self._then_args))
 
     def __await__(self) -> Generator[Any, None, T]:
-        send = self._coro.send
+        coro = self._coro
+        error: BaseException | None = None
         while True:
             try:
-                fut = send(None)
+                fut = coro.send(None) if error is None else coro.throw(error)
             except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+                then = self._then
+                return stop.value if then is None else then(*self._then_args, None)
+            except Exception as exc:
+                then = self._then
+                if then is None:
+                    raise
+                return then(*self._then_args, exc)
+            error = None
             if fut is None:  # a bare yield (asyncio.sleep(0))
                 try:
                     yield None
@@ -136,23 +161,49 @@ class _Driver(Generic[T]):
             self._asyncio_future_blocking = True
             try:
                 yield self
-            except BaseException:
+            except BaseException as exc:
+                if not self._cancelled and fut.done() and not isinstance(exc, GeneratorExit):
+                    error = exc  # the future's error: the coroutine's own, as its await raises it
+                    continue
                 # CancelledError after cancel() handed the coroutine over;
                 # anything else (GeneratorExit) hands it over now.
+                cancelled = self._cancelled
                 self.hand_over(fut)
+                if cancelled and not isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                    # The future's error, by a wake-up scheduled before the
+                    # cancel: the error is the pool task's now, the cancel the caller's.
+                    raise self._cancel_error() from None
                 raise
+            if self._cancelled:
+                raise self._cancel_error()  # a wake-up the future scheduled before the cancel
 
 
-def detached(coro: Coroutine[Any, Any, T], spawn: Spawn) -> _Driver[T]:
+def detached(
+    coro: Coroutine[Any, Any, Any], spawn: Spawn, then: Callable[..., T] | None = None, *then_args: Any
+) -> _Driver[T]:
     """Await ``coro`` in the current task; if the task is cancelled, ``coro``
     moves to ``spawn(...)`` (a pool task) and finishes there, and the caller
     gets ``CancelledError`` at once (``asyncio.shield``'s contract, without
-    its task). The pool task's result is dropped: return errors, do not raise."""
-    return _Driver(coro, spawn)
+    its task). The pool task's result is dropped: return errors, do not raise.
+
+    With ``then``, the await returns ``then(*then_args, error)`` once
+    ``coro`` ends, ``error`` being the ``Exception`` it raised or None (its
+    value is dropped); in the pool task too, after a hand-over. (One
+    coroutine frame less than a wrapper coroutine that catches the error.)"""
+    return _Driver(coro, spawn, then, then_args)
 
 
-async def _finish(coro: Coroutine[Any, Any, Any], fut: asyncio.Future[Any] | None) -> Any:
-    return await _Resume(coro, fut)
+async def _finish(
+    coro: Coroutine[Any, Any, Any], fut: asyncio.Future[Any] | None, then: Callable[..., Any] | None,
+    then_args: tuple[Any, ...],
+) -> Any:
+    if then is None:
+        return await _Resume(coro, fut)
+    try:
+        await _Resume(coro, fut)
+    except Exception as exc:
+        return then(*then_args, exc)
+    return then(*then_args, None)
 
 
 class _Resume:

@@ -319,7 +319,13 @@ class Leaser:
                         runner.watch_resets()
                 full, rollback = state.reset_plan(holder.clean_mark == -1, rollback)
                 query = _workers.reset_message(holder.reset_query, full, rollback)
-                return _Driver(_workers.reset_inline(con, query, budget, holder, runner.reset_done), self.spawn)
+                if query:
+                    # The statement, then Runner.reset_done with its error
+                    # (the driver calls it: no wrapper coroutine's frame).
+                    return _Driver(con.execute(query, timeout=budget), self.spawn, runner.reset_done, (holder, con))
+                nothing_sent: asyncio.Future[Exception | None] = self.loop.create_future()
+                nothing_sent.set_result(runner.reset_done(holder, con, None))
+                return nothing_sent
         else:
             if outcome is ReleaseOutcome.DISCARD and usable:
                 # max_queries or an expired generation: asyncpg closes the

@@ -102,27 +102,6 @@ async def reset(
     return None
 
 
-async def reset_inline(
-    con: RawConnection,
-    query: str,
-    budget: float | None,
-    token: _T,
-    finish: Callable[[_T, RawConnection, Exception | None], Exception | None],
-) -> Exception | None:
-    """The default reset of a released connection, driven in the releasing
-    caller's task by ``_detach`` (so no ``asyncio.timeout`` here: it would
-    cancel the caller; asyncpg's ``timeout=`` instead). Sends ``query`` (the
-    ROLLBACK and the reset query in one message) and returns
-    ``finish(token, con, error)``: the caller's error to raise, or None."""
-    error: Exception | None = None
-    try:
-        if query:
-            await con.execute(query, timeout=budget)
-    except Exception as exc:
-        error = exc
-    return finish(token, con, error)
-
-
 async def take_back(con: RawConnection, hooks: ResetHooks, budget: float) -> Exception | None:
     """Reset a connection whose lease expired, within ``budget`` seconds.
 

@@ -222,3 +222,129 @@ async def test_a_cancel_after_the_future_resolved_but_before_the_wakeup() -> Non
     second.set_result(2)
     assert await spawn.tasks[0] == 3
     assert log == ["start", "after first", "done"]
+
+
+async def test_the_awaited_futures_error_reaches_the_coroutine_which_may_handle_it() -> None:
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    first, second = loop.create_future(), loop.create_future()
+
+    async def handles() -> str:
+        try:
+            await first
+        except ValueError as exc:
+            return f"handled {exc}, then {await second}"
+        return "not reached"
+
+    task = asyncio.create_task(_await(handles, spawn))
+    await asyncio.sleep(0)
+    first.set_exception(ValueError("boom"))
+    await asyncio.sleep(0)
+    second.set_result(2)
+    assert await task == "handled boom, then 2"
+    assert spawn.tasks == []
+
+
+@pytest.mark.parametrize("ends", ["returns", "raises"])
+async def test_then_gets_the_coroutines_error_and_gives_the_result(ends: str) -> None:
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    fut: asyncio.Future[int] = loop.create_future()
+
+    async def work() -> int:
+        value = await fut
+        if ends == "raises":
+            raise ValueError("boom")
+        return value
+
+    def then(token: str, error: Exception | None) -> str:
+        return f"{token}: {error!r}"
+
+    async def run() -> str:
+        return await detached(work(), spawn, then, "reset")
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0)
+    fut.set_result(1)
+    assert await task == ("reset: None" if ends == "returns" else "reset: ValueError('boom')")
+
+
+@pytest.mark.parametrize("resolved", ["with a result", "with an error"])
+async def test_a_cancel_after_the_future_resolved_hands_then_to_the_pool(resolved: str) -> None:
+    """The future scheduled the caller's wake-up before the cancel: the
+    caller gets CancelledError, the pool task runs the rest and ``then``."""
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    fut: asyncio.Future[int] = loop.create_future()
+    ends: list[Exception | None] = []
+
+    async def work() -> int:
+        return await fut
+
+    async def run() -> None:
+        await detached(work(), spawn, ends.append)
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0)
+    if resolved == "with a result":
+        fut.set_result(1)
+    else:
+        fut.set_exception(ValueError("boom"))
+    task.cancel("by the test")
+    with pytest.raises(asyncio.CancelledError, match="by the test"):
+        await task
+    await spawn.tasks[0]
+    assert len(ends) == 1
+    assert ends[0] is None if resolved == "with a result" else isinstance(ends[0], ValueError)
+
+
+async def test_after_a_cancel_the_future_never_wakes_the_caller_again() -> None:
+    """The caller's wake-up is on the real future: a cancel takes it off, so
+    the future resolving later (in the pool task) cannot step the caller,
+    which by then waits on something else."""
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    fut: asyncio.Future[int] = loop.create_future()
+    other: asyncio.Future[str] = loop.create_future()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+
+    async def caller() -> str:
+        try:
+            await detached(_wait(fut), spawn)
+        except asyncio.CancelledError:
+            return await other  # (swallows the cancel, then waits on another future)
+        return "not reached"
+
+    task = asyncio.create_task(caller())
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.sleep(0)
+    fut.set_result(1)
+    assert await spawn.tasks[0] == 1
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not task.done()  # still waiting on `other`: not woken by `fut`
+    other.set_result("woken by its own future")
+    assert await task == "woken by its own future"
+    assert errors == []
+
+
+async def test_a_closed_caller_hands_over_and_leaves_no_wake_up_on_the_future() -> None:
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    fut: asyncio.Future[int] = loop.create_future()
+    driver = detached(_wait(fut), spawn)
+    steps = driver.__await__()
+    assert next(steps) is driver  # waits on fut, through the driver
+    woken: list[object] = []
+    driver.add_done_callback(woken.append)  # (as the caller's task registers its wake-up)
+    steps.close()  # GeneratorExit: as when the caller's coroutine is closed
+    fut.set_result(5)
+    assert await spawn.tasks[0] == 5
+    await asyncio.sleep(0)
+    assert woken == []
+
+
+async def _wait(fut: asyncio.Future[int]) -> int:
+    return await fut
