@@ -56,7 +56,7 @@ from ._state import (
 )
 from ._surface import Observation
 from ._workers import ResetHooks
-from .proxy import PoolConnectionProxy
+from .proxy import PoolConnectionProxy, WatchingProxy
 from .stats import LeaseInfo, PoolOptions, PoolStats
 
 if TYPE_CHECKING:
@@ -129,7 +129,9 @@ class Pool:
             queue_policy=queue_policy, queue_target=queue_target, queue_interval=queue_interval,
         )
         proxy_class: type[PoolConnectionProxy] = PoolConnectionProxy
-        if reset_mode == "auto":
+        if reset_mode == "rollback":
+            proxy_class = WatchingProxy
+        elif reset_mode == "auto":
             _autoreset.require_parser()  # a missing extra fails here, not at the first release
             proxy_class = _autoreset.AutoResetProxy
         self._name = config.name

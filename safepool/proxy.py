@@ -64,14 +64,14 @@ async def watch(holder: _Holder, operation: Any) -> Any:
         raise
 
 
-def _forward(name: str, is_coroutine: bool) -> Any:
+def _forward(name: str, is_coroutine: bool, *, watch_errors: bool) -> Any:
     def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._con
         if con is None:
             raise _released_error(self, name)
         return getattr(con.__class__, name)(con, *args, **kwargs)
 
-    def coroutine_call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
+    def watched_call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._con
         if con is None:
             raise _released_error(self, name)
@@ -81,18 +81,25 @@ def _forward(name: str, is_coroutine: bool) -> Any:
         con = self._con
         if con is None:
             raise _released_error(self, name)
+        self._holder.clean_mark = -1
+        return getattr(con.__class__, name)(con, *args, **kwargs)
+
+    if name.startswith("copy_") or name == "prepare":
         # What asyncpg's statement counter does not count, yet leaves the
         # session to reset: a COPY's query can change it (a lock,
         # set_config, a trigger); prepare() sends Parse/Describe/Flush with
         # no Sync, so the backend stays in an implicit transaction, holding
         # the parse-time locks, until the next statement.
-        self._holder.clean_mark = -1
-        return getattr(con.__class__, name)(con, *args, **kwargs)
-
-    if name.startswith("copy_") or name == "prepare":
         call = marking_call
     elif is_coroutine:
-        call = coroutine_call
+        # Full mode resets every lease that ran a statement: marking the
+        # lease at the call covers a statement that raised before asyncpg
+        # counted it (see watch) without a coroutine frame per statement.
+        # (A coroutine method that sends nothing, reload_schema_state(), now
+        # costs its lease a reset, as every lease costs on asyncpg's pool.)
+        # Rollback mode must not reset a lease whose statements succeeded:
+        # it watches for the error instead.
+        call = watched_call if watch_errors else marking_call
 
     if is_coroutine:
         _mark_coroutine(call)
@@ -137,15 +144,29 @@ class PoolConnectionProxy(_pg_connection._ConnectionProxy):
         return f"<{type(self).__name__} {self._con!r} {id(self):#x}>"
 
 
+class WatchingProxy(PoolConnectionProxy):
+    """The proxy of ``reset_mode="rollback"``: marks its lease for a
+    round trip (the ``ROLLBACK``) only when a statement raises or the lease
+    prepares or copies (see :func:`watch`), not at every statement as the
+    base proxy of the full mode does."""
+
+    __slots__ = ()
+
+
 def _install_forwarders() -> None:
+    own = set(PoolConnectionProxy.__dict__)
     for name in dir(_pg_connection.Connection):
-        if name.startswith("_") or name in PoolConnectionProxy.__dict__:
+        if name.startswith("_") or name in own:
             continue
         method = getattr(_pg_connection.Connection, name)
         if not inspect.isfunction(method):
             continue
-        wrapper = functools.update_wrapper(_forward(name, inspect.iscoroutinefunction(method)), method)
-        setattr(PoolConnectionProxy, name, wrapper)
+        is_coroutine = inspect.iscoroutinefunction(method)
+        setattr(PoolConnectionProxy, name,
+                functools.update_wrapper(_forward(name, is_coroutine, watch_errors=False), method))
+        if is_coroutine:
+            setattr(WatchingProxy, name,
+                    functools.update_wrapper(_forward(name, is_coroutine, watch_errors=True), method))
     PoolConnectionProxy.__doc__ = _pg_connection.Connection.__doc__
 
 

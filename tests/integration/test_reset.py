@@ -51,6 +51,20 @@ async def test_lease_with_a_statement_is_reset_before_release_returns(make: Any)
         assert await con.fetchval("SHOW statement_timeout") == "0"
 
 
+async def test_full_mode_forwards_asyncpgs_own_coroutine_and_marks_the_lease(make: Any) -> None:
+    """No wrapper coroutine per statement in the default mode: the proxy
+    marks the lease for the reset when the call is made (so a statement that
+    raises before asyncpg counts it is reset too: see the Parse tests)."""
+    pool = await make()
+    async with pool.acquire() as con:
+        assert con._holder.clean_mark != -1
+        statement = con.fetchval("SELECT 1")
+        assert statement.cr_code is asyncpg.Connection.fetchval.__code__
+        assert con._holder.clean_mark == -1
+        assert await statement == 1
+    assert pool.stats().resets == 1
+
+
 async def test_setup_statements_count_as_the_leases(make: Any) -> None:
     async def setup(con: Any) -> None:
         await con.execute("SET search_path TO tenant_a")
