@@ -39,10 +39,10 @@ from ._state import (
     Closed,
     Inadmissible,
     Lease,
+    Outcome,
     Overloaded,
-    Phase,
+    Phases,
     PoolState,
-    ReleaseOutcome,
     SlotLost,
     Unavailable,
 )
@@ -127,8 +127,8 @@ class Leaser:
             lease_timeout = self.lease_timeout
         elif lease_timeout is not None:
             lease_timeout = validate_timeout("lease_timeout", lease_timeout, positive=True)
-        if self.state.phase is not Phase.OPEN:
-            if self.state.phase is Phase.CLOSING:
+        if self.state.phase is not Phases.OPEN:
+            if self.state.phase is Phases.CLOSING:
                 raise PoolClosedError("pool is closing")
             self.check_init()
         if self.site_caps and site is None:
@@ -227,7 +227,7 @@ class Leaser:
                 slot = lease.slot
                 done = self.loop.create_future()
                 self.runner.closes_done[slot] = done
-                self.state.release(lease, self.now(), ReleaseOutcome.DISCARD)
+                self.state.release(lease, self.now(), Outcome.DISCARD)
                 self.drain()
                 await asyncio.wait([done])
             raise
@@ -249,7 +249,7 @@ class Leaser:
                 self.reporter.deliver()
             return
         phase = self.state.phase
-        if phase is not Phase.OPEN and phase is not Phase.CLOSING:
+        if phase is not Phases.OPEN and phase is not Phases.CLOSING:
             self.check_init()
         connection._detach()
         if timeout is None:
@@ -281,11 +281,11 @@ class Leaser:
         check = _pg.release_check(con, holder.clean_mark, self.max_queries)
         usable = check != _pg.UNUSABLE
         outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
-        if outcome is ReleaseOutcome.CLEAN:
+        if outcome is Outcome.CLEAN:
             _pg.clear_listeners(con)
         done: asyncio.Future[None] | None = None
         runner = self.runner
-        if outcome is ReleaseOutcome.NEEDS_RESET:
+        if outcome is Outcome.NEEDS_RESET:
             # asyncpg reports an unmanaged open transaction from release(),
             # through the loop's exception handler: do it here, in the
             # releasing task. (A custom reset reports it itself, as asyncpg's.)
@@ -327,7 +327,7 @@ class Leaser:
                 nothing_sent.set_result(runner.reset_done(holder, con, None))
                 return nothing_sent
         else:
-            if outcome is ReleaseOutcome.DISCARD and usable:
+            if outcome is Outcome.DISCARD and usable:
                 # max_queries or an expired generation: asyncpg closes the
                 # connection gracefully before release() returns.
                 done = self.loop.create_future()
@@ -340,13 +340,13 @@ class Leaser:
 
     def check_init(self) -> None:
         phase = self.state.phase
-        if phase is Phase.OPEN or phase is Phase.CLOSING:
+        if phase is Phases.OPEN or phase is Phases.CLOSING:
             return
-        if phase is Phase.STARTING:
+        if phase is Phases.STARTING:
             raise _pg_exceptions.InterfaceError(
                 "pool is being initialized, but not yet ready: "
                 "likely there is a race between creating a pool and using it"
             )
-        if phase is Phase.NEW:
+        if phase is Phases.NEW:
             raise _pg_exceptions.InterfaceError("pool is not initialized")
         raise PoolClosedError("pool is closed")

@@ -850,3 +850,20 @@ def test_the_lifecycle_is_one_phase_with_legal_moves_only() -> None:
         state.set_phase(Phase.OPEN)
     state.begin_close(RuntimeError("again"))  # terminate() after close(): a no-op move
     assert state.phase is Phase.CLOSED
+
+
+def test_fast_members_reads_the_same_members_without_the_enum_class() -> None:
+    """The hot path's member reads (S.IDLE, Outcome.CLEAN...) give the enum's
+    own members; on 3.11 through a plain class (no EnumType.__getattr__ hook)."""
+    import enum
+    import sys
+
+    from safepool import _state
+
+    pairs = [
+        (_state.S, _state.SlotState), (_state.L, _state.LeaseState), (_state.W, _state.WaiterState),
+        (_state.Outcome, _state.ReleaseOutcome), (_state.Seen, _state.Observed), (_state.Phases, _state.Phase),
+    ]
+    for fast, cls in pairs:
+        assert all(getattr(fast, name) is member for name, member in cls.__members__.items())
+        assert isinstance(fast, enum.EnumType) is (sys.version_info >= (3, 12))
