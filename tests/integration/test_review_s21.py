@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import pathlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -27,6 +28,20 @@ LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 def _run(loop: str, main: Callable[[], Awaitable[None]]) -> None:
     with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
         runner.run(asyncio.wait_for(main(), 60))  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def _pool_and_admin(pg_dsn: str, **options: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """A one-connection pool and a separate admin session; on the way out,
+    the pool's books are checked and both are closed."""
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, **options)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        yield pool, admin
+    finally:
+        await admin.close()
+        pool._state.check_invariants()
+        await pool.close()
 
 
 async def _dirty(con: Any, key: int) -> None:
@@ -74,10 +89,8 @@ def test_cancelled_release_at_each_step_returns_the_connection_clean(pg_dsn: str
     the reset finishes in a pool task, the connection comes back clean."""
 
     async def main() -> None:
-        pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
-        admin = await asyncpg.connect(pg_dsn)
         outcomes: set[str] = set()
-        try:
+        async with _pool_and_admin(pg_dsn) as (pool, admin):
             for steps in range(1, 12):  # (0: cancelled before release() starts: never released, as on asyncpg)
                 key = 7100 + 2 * steps
                 con = await pool.acquire()
@@ -130,10 +143,6 @@ def test_cancelled_release_at_each_step_returns_the_connection_clean(pg_dsn: str
                 await _assert_clean(pool, admin, key)
             if style != "wait_for":  # (time-based: the reset may beat every timeout)
                 assert "cancelled" in outcomes, outcomes
-        finally:
-            await admin.close()
-            pool._state.check_invariants()
-            await pool.close()
 
     _run(loop, main)
 
@@ -148,14 +157,10 @@ def test_cancel_between_the_waiter_resolving_and_the_task_waking(pg_dsn: str, lo
     the reset; the connection comes back usable and clean."""
 
     async def main() -> None:
-        pool = await safepool.create_pool(
-            pg_dsn,
-            min_size=1,
-            max_size=1,
-            **({"reset_mode": "full"} if result == "result" else {}),
-        )
-        admin = await asyncpg.connect(pg_dsn)
-        try:
+        async with _pool_and_admin(pg_dsn, **({"reset_mode": "full"} if result == "result" else {})) as (
+            pool,
+            admin,
+        ):
             con = await pool.acquire()
             key = 7300
             await _dirty(con, key)
@@ -194,10 +199,6 @@ def test_cancel_between_the_waiter_resolving_and_the_task_waking(pg_dsn: str, lo
                 await release
             assert seen == [True]
             await _assert_clean(pool, admin, key)
-        finally:
-            await admin.close()
-            pool._state.check_invariants()
-            await pool.close()
 
     _run(loop, main)
 
@@ -217,11 +218,9 @@ def test_failed_statements_leave_nothing_visible_after_release_returns(
     the next lease works, as on asyncpg's pool."""
 
     async def main() -> None:
-        pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, reset_mode=mode)
-        admin = await asyncpg.connect(pg_dsn)
         table = "review_s21_t"
-        await admin.execute(f"CREATE TABLE IF NOT EXISTS {table} (a int)")
-        try:
+        async with _pool_and_admin(pg_dsn, reset_mode=mode) as (pool, admin):
+            await admin.execute(f"CREATE TABLE IF NOT EXISTS {table} (a int)")
             con = await pool.acquire()
             pid = con.get_server_pid()
             with pytest.raises((asyncpg.PostgresError, asyncpg.DataError, TypeError, ValueError)):
@@ -251,10 +250,6 @@ def test_failed_statements_leave_nothing_visible_after_release_returns(
             await admin.execute(f"ALTER TABLE {table} DROP COLUMN IF EXISTS b")
             async with pool.acquire() as again:
                 assert await again.fetchval("SELECT 1") == 1
-            pool._state.check_invariants()
-        finally:
-            await admin.close()
-            await pool.close()
 
     _run(loop, main)
 
