@@ -225,6 +225,17 @@ def guard_for(target: float) -> float:
     return round(target * (1 + NOISE_MARGIN), 3)
 
 
+def guard_at(target: float, stands_at: float) -> float:
+    """The guard of a row with a target, given where quick runs on this loop
+    put it (``stands_at``, a ratio): ``guard_for(target)`` when that meets the
+    target, else ``short_of(target, stands_at)``. A met row then fails once it
+    is 20% past its target; a missed row fails on a regression of 25% from
+    where it stands, as long as the run measures it less than 4% under
+    ``stands_at`` (1.20 / 1.25 = 0.96), which is why ``stands_at`` is the median of
+    recent quick runs, not their worst."""
+    return guard_for(target) if stands_at <= target else short_of(target, stands_at)
+
+
 def short_of(target: float, stands_at: float) -> float:
     """The guard of a row whose target this 2-core machine does not reach
     (docs/performance.md gives the arithmetic per row): where the ratio

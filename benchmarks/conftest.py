@@ -112,6 +112,12 @@ class Bench:
     def uvloop(self) -> bool:
         return self.loop_name == "uvloop"
 
+    def stands(self, asyncio: float, uvloop: float) -> float:
+        """Where a row stands in quick runs on this machine, on this run's
+        loop (the median of the last quick runs, recorded by hand in
+        test_ratios.py): the base of a missed row's guard."""
+        return uvloop if self.uvloop else asyncio
+
     def check(self, measure: Callable[[], list[Row]]) -> None:
         """Measure (retrying once in quick mode if a guard fails), record the
         rows for the table, and fail if any ratio is past its guard."""

@@ -7,10 +7,11 @@ is guarded at the target plus the noise margin (``guard_for``): a row at its
 target fails on a regression of more than the margin. A row whose target this
 2-core machine does not reach keeps its target (and shows *missed*) and is
 guarded where it stands plus the margin (``short_of``; docs/performance.md
-gives each one's arithmetic). Rows without a target are reported, never
-guarded. ``--loop uvloop`` measures on uvloop; the one
-target that differs by loop (a query lease against its physical floor) says
-so.
+gives each one's arithmetic). Where a row stands is recorded per loop
+(``bench.stands(asyncio, uvloop)``: the median of recent quick runs here) and
+``guard_at`` picks the rule. Rows without a target are reported, never
+guarded. ``--loop uvloop`` measures on uvloop; the one target that differs by
+loop (a query lease against its physical floor) says so.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import statistics
 import subprocess
 import sys
 
-from ._harness import Measurement, Row, guard_for, measure_interleaved, paired_ratio, short_of, us
+from ._harness import Measurement, Row, guard_at, guard_for, measure_interleaved, paired_ratio, us
 from ._workloads import (
     SAFETY_ON,
     STATS_EVERY,
@@ -52,7 +53,7 @@ def test_1_empty_lease(bench: Bench) -> None:
         return [
             Row(
                 "1 empty lease", "safepool / asyncpg, time per `async with acquire(): pass`",
-                paired_ratio(m["safepool"], m["asyncpg"]), 0.03, short_of(0.03, 0.065),
+                paired_ratio(m["safepool"], m["asyncpg"]), 0.03, guard_at(0.03, bench.stands(0.029, 0.034)),
                 f"safepool {us(m['safepool'].median)}, asyncpg {us(m['asyncpg'].median)}",
             )
         ]
@@ -79,12 +80,11 @@ def test_2_query_lease(bench: Bench) -> None:
         floor_target = 1.20 if bench.uvloop else 1.05
         return [
             Row("2 query lease", "safepool / asyncpg, acquire + SELECT 1 + release (full reset)", paired_ratio(sp, ap),
-                0.85, short_of(0.85, 0.96), detail),
+                0.85, guard_at(0.85, bench.stands(0.92, 0.95)), detail),
             Row("2 query lease", f"safepool / its floor: raw SELECT 1 + raw reset query ({bench.loop_name})",
-                paired_ratio(sp, floor), floor_target, short_of(floor_target, 1.32) if not bench.uvloop
-                else guard_for(floor_target)),
+                paired_ratio(sp, floor), floor_target, guard_at(floor_target, bench.stands(1.09, 1.16))),
             Row("2 query lease", "safepool reset_mode=auto / raw connection (SELECT 1)", paired_ratio(auto, raw), 1.15,
-                short_of(1.15, 1.40)),
+                guard_at(1.15, bench.stands(1.19, 1.21))),
             Row("2 query lease", "safepool reset_mode=rollback / asyncpg", paired_ratio(rb, ap), None, None),
             # The client's own CPU per lease, whatever the server and the other
             # processes do: what the pool adds over the floor on the client.
@@ -141,11 +141,11 @@ def test_3_contended(bench: Bench) -> None:
         tasks = f"{contenders[0].tasks} tasks, max_size=10: "
         return [
             Row("3 contended", "safepool / asyncpg, time per lease (full reset)", paired_ratio(sp, ap), 0.75,
-                short_of(0.75, 1.08), tasks + describe("safepool") + "; " + describe("asyncpg")),
+                guard_at(0.75, bench.stands(0.87, 0.91)), tasks + describe("safepool") + "; " + describe("asyncpg")),
             Row("3 contended", "safepool / asyncpg, p99 acquire wait", p99_ratio("safepool", "asyncpg"), 0.2,
-                short_of(0.2, 0.41)),
+                guard_at(0.2, bench.stands(0.17, 0.19))),
             Row("3 contended", f"safepool reset_mode=auto / asyncpg, time per lease ({bench.loop_name})",
-                paired_ratio(auto, ap), 0.5, short_of(0.5, 0.67),
+                paired_ratio(auto, ap), 0.5, guard_at(0.5, bench.stands(0.53, 0.55)),
                 describe("safepool auto")),
             Row("3 contended", "FIFO: safepool / asyncpg, max acquire wait", waits["safepool"]["max"] / waits["asyncpg"]["max"],
                 None, None, "per-task spread = slowest task's mean wait / fastest task's"),
@@ -230,7 +230,7 @@ def test_5_safety_on_vs_off(bench: Bench) -> None:
         stats_cost = m["safepool stats()"]
         return [
             Row("5 safety on/off", "on / off, query lease (benchmark 2)", paired_ratio(m["on query"], m["off query"]),
-                1.05, guard_for(1.05), f"on {us(m['on query'].median)}, off {us(m['off query'].median)}"),
+                1.05, guard_at(1.05, bench.stands(1.01, 1.05)), f"on {us(m['on query'].median)}, off {us(m['off query'].median)}"),
             Row("5 safety on/off", "on / off, contended (benchmark 3)", paired_ratio(mc["on"], mc["off"]), None,
                 None, f"on {us(mc['on'].median)}, off {us(mc['off'].median)} per lease"),
             Row("5 safety on/off", "on / off, empty lease (no database: bookkeeping only)",
