@@ -46,7 +46,7 @@ import safepool
 from ._workloads import CONTENDED_TASKS, LeanPool
 
 SAMPLES_PER_SECOND = 1000
-POOLS = ("safepool", "lean pool", "asyncpg")
+POOLS = ("safepool", "lean pool", "asyncpg")  # and "safepool auto" (reset_mode="auto"), on request
 # One bucket per source of a sample; a Python function's bucket is its file's.
 _FILE_BUCKETS = (
     ("/safepool/", "safepool"),
@@ -67,6 +67,8 @@ _FRAME = re.compile(r"^\s+[0-9a-f]+\s+(.*?)(?:\+0x[0-9a-f]+)?\s+\((.*)\)$")
 async def _make_pool(kind: str, dsn: str) -> Any:
     if kind == "safepool":
         return await safepool.create_pool(dsn, min_size=10, max_size=10)
+    if kind == "safepool auto":
+        return await safepool.create_pool(dsn, min_size=10, max_size=10, reset_mode="auto")
     if kind == "asyncpg":
         return await asyncpg.create_pool(dsn, min_size=10, max_size=10)
     return LeanPool([await asyncpg.connect(dsn) for _ in range(10)])
@@ -197,9 +199,9 @@ def render(results: dict[str, dict[str, Any]], top: int) -> str:
     lines += [row(bucket, (f"{results[n]['buckets'][bucket]:.1f}" for n in names)) for bucket in order]
     lines.append(row("**sum**", (f"**{sum(results[n]['buckets'].values()):.1f}**" for n in names)))
     lines.append(row("wall time per lease (µs, under perf)", (f"{results[n]['wall_per_lease']:.1f}" for n in names)))
-    if "safepool" in results and top:
-        own = [(us, f) for (b, f), us in results["safepool"]["functions"].items() if b == "safepool"]
-        lines += ["", f"safepool's own functions, top {top} (µs of CPU per lease):", ""]
+    for name in (n for n in names if n.startswith("safepool") and top):
+        own = [(us, f) for (b, f), us in results[name]["functions"].items() if b == "safepool"]
+        lines += ["", f"{name}'s own functions, top {top} (µs of CPU per lease):", ""]
         lines += [f"    {us:5.2f}  {function}" for us, function in sorted(own, reverse=True)[:top]]
     return "\n".join(lines)
 
