@@ -52,6 +52,19 @@ async def test_reads_and_writes_skip_the_reset(make: Any) -> None:
     assert after.resets_skipped - before.resets_skipped == 5
 
 
+async def test_a_session_reading_strings_the_old_way_is_always_reset(make: Any) -> None:
+    # With standard_conforming_strings off, a backslash in a string literal
+    # escapes the quote: the parser (which reads them as "on") could take a
+    # statement for a string. Every lease of such a session gets the reset.
+    pool = await make(server_settings={"standard_conforming_strings": "off"})
+    before = pool.stats()
+    for _ in range(3):
+        async with pool.acquire() as con:
+            assert await con.fetchval("SELECT 1") == 1
+    after = pool.stats()
+    assert (after.resets - before.resets, after.resets_skipped - before.resets_skipped) == (3, 0)
+
+
 @pytest.mark.parametrize(
     ("statement", "probe", "clean"),
     [

@@ -304,6 +304,14 @@ def test_coroutine_marking_as_the_base_proxy() -> None:
         assert inspect.iscoroutinefunction(ours) == inspect.iscoroutinefunction(base), name
 
 
+@pytest.fixture(autouse=True)
+def _fake_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The proxy reads a parameter through asyncpg's ConnectionSettings'
+    # own __getattr__, which takes only that class; _Settings stands in for
+    # it here (the real one: tests/integration/test_reset_auto.py).
+    monkeypatch.setattr(_autoreset, "_read_setting", getattr)
+
+
 class _Settings:
     def __init__(self, standard_strings: str) -> None:
         self.standard_conforming_strings = standard_strings
