@@ -43,10 +43,12 @@ import asyncpg
 
 import safepool
 
-from ._workloads import CONTENDED_TASKS, LeanPool
+from ._workloads import CONTENDED_TASKS, SAFETY_ON, LeanPool
 
 SAMPLES_PER_SECOND = 1000
-POOLS = ("safepool", "lean pool", "asyncpg")  # and "safepool auto" (reset_mode="auto"), on request
+# On request also "safepool auto" (reset_mode="auto") and "safepool safety"
+# (benchmark 5's lease timeout, leak warning and stack capture).
+POOLS = ("safepool", "lean pool", "asyncpg")
 # One bucket per source of a sample; a Python function's bucket is its file's.
 _FILE_BUCKETS = (
     ("/safepool/", "safepool"),
@@ -69,6 +71,8 @@ async def _make_pool(kind: str, dsn: str) -> Any:
         return await safepool.create_pool(dsn, min_size=10, max_size=10)
     if kind == "safepool auto":
         return await safepool.create_pool(dsn, min_size=10, max_size=10, reset_mode="auto")
+    if kind == "safepool safety":
+        return await safepool.create_pool(dsn, min_size=10, max_size=10, **SAFETY_ON)
     if kind == "asyncpg":
         return await asyncpg.create_pool(dsn, min_size=10, max_size=10)
     return LeanPool([await asyncpg.connect(dsn) for _ in range(10)])
