@@ -82,9 +82,9 @@ def test_2_query_lease(bench: Bench) -> None:
             Row("2 query lease", "safepool / asyncpg, acquire + SELECT 1 + release (full reset)", paired_ratio(sp, ap),
                 0.85, guard_at(0.85, bench.stands(0.92, 0.95)), detail),
             Row("2 query lease", f"safepool / its floor: raw SELECT 1 + raw reset query ({bench.loop_name})",
-                paired_ratio(sp, floor), floor_target, guard_at(floor_target, bench.stands(1.09, 1.16))),
+                paired_ratio(sp, floor), floor_target, guard_at(floor_target, bench.stands(1.10, 1.14))),
             Row("2 query lease", "safepool reset_mode=auto / raw connection (SELECT 1)", paired_ratio(auto, raw), 1.15,
-                guard_at(1.15, bench.stands(1.19, 1.21))),
+                guard_at(1.15, bench.stands(1.15, 1.16))),
             Row("2 query lease", "safepool reset_mode=rollback / asyncpg", paired_ratio(rb, ap), None, None),
             # The client's own CPU per lease, whatever the server and the other
             # processes do: what the pool adds over the floor on the client.
@@ -141,11 +141,11 @@ def test_3_contended(bench: Bench) -> None:
         tasks = f"{contenders[0].tasks} tasks, max_size=10: "
         return [
             Row("3 contended", "safepool / asyncpg, time per lease (full reset)", paired_ratio(sp, ap), 0.75,
-                guard_at(0.75, bench.stands(0.87, 0.91)), tasks + describe("safepool") + "; " + describe("asyncpg")),
+                guard_at(0.75, bench.stands(0.88, 0.90)), tasks + describe("safepool") + "; " + describe("asyncpg")),
             Row("3 contended", "safepool / asyncpg, p99 acquire wait", p99_ratio("safepool", "asyncpg"), 0.2,
                 guard_at(0.2, bench.stands(0.17, 0.19))),
             Row("3 contended", f"safepool reset_mode=auto / asyncpg, time per lease ({bench.loop_name})",
-                paired_ratio(auto, ap), 0.5, guard_at(0.5, bench.stands(0.53, 0.55)),
+                paired_ratio(auto, ap), 0.5, guard_at(0.5, bench.stands(0.51, 0.51)),
                 describe("safepool auto")),
             Row("3 contended", "FIFO: safepool / asyncpg, max acquire wait", waits["safepool"]["max"] / waits["asyncpg"]["max"],
                 None, None, "per-task spread = slowest task's mean wait / fastest task's"),
@@ -230,7 +230,7 @@ def test_5_safety_on_vs_off(bench: Bench) -> None:
         stats_cost = m["safepool stats()"]
         return [
             Row("5 safety on/off", "on / off, query lease (benchmark 2)", paired_ratio(m["on query"], m["off query"]),
-                1.05, guard_at(1.05, bench.stands(1.01, 1.05)), f"on {us(m['on query'].median)}, off {us(m['off query'].median)}"),
+                1.05, guard_at(1.05, bench.stands(1.02, 1.08)), f"on {us(m['on query'].median)}, off {us(m['off query'].median)}"),
             Row("5 safety on/off", "on / off, contended (benchmark 3)", paired_ratio(mc["on"], mc["off"]), None,
                 None, f"on {us(mc['on'].median)}, off {us(mc['off'].median)} per lease"),
             Row("5 safety on/off", "on / off, empty lease (no database: bookkeeping only)",
