@@ -1,0 +1,44 @@
+"""A pytest plugin that makes safepool slower on purpose, to check that the
+benchmark guards catch a regression (docs/performance.md, "Do the guards
+catch a regression?"). Never loaded unless asked for:
+
+    SAFEPOOL_SLOWDOWN_US=30 python -m pytest benchmarks -p benchmarks.slowdown -k test_3
+
+``SAFEPOOL_SLOWDOWN_US``: microseconds of busy CPU added to every release
+(``Leaser.end_lease``), or, with ``SAFEPOOL_SLOWDOWN_AT=capture``, to every
+acquire-stack capture (what benchmark 5's safety-on pool alone pays).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from safepool import _leasing, _stack
+
+SECONDS = float(os.environ.get("SAFEPOOL_SLOWDOWN_US", "0")) * 1e-6
+AT = os.environ.get("SAFEPOOL_SLOWDOWN_AT", "release")
+
+
+def _spin() -> None:
+    end = time.perf_counter() + SECONDS
+    while time.perf_counter() < end:
+        pass
+
+
+def _slowed(function: Any) -> Any:
+    def slowed(*args: Any) -> Any:
+        _spin()
+        return function(*args)
+
+    return slowed
+
+
+if SECONDS:
+    if AT == "release":
+        _leasing.Leaser.end_lease = _slowed(_leasing.Leaser.end_lease)  # type: ignore[method-assign]
+    elif AT == "capture":
+        _stack.capture = _slowed(_stack.capture)
+    else:
+        raise ValueError(f"SAFEPOOL_SLOWDOWN_AT must be 'release' or 'capture', not {AT!r}")
