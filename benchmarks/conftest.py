@@ -180,9 +180,9 @@ def _results_markdown(report: Report) -> str:
         f"Measured {when}, {report.mode.name} mode, with `{FULL_COMMAND}`.\n\n"
         f"| machine | |\n|---|---|\n{machine}\n\n"
         f"{render_markdown(report.rows)}\n"
-        f"Lower is better in every row. Guard: the target + {NOISE_MARGIN:.0%} for a row that meets it in "
-        f"quick runs on this loop, else where the row stands there + {NOISE_MARGIN:.0%} (rows without a "
-        "target are reported, not guarded). Absolute numbers are medians over rounds; see docs/performance.md.\n"
+        f"Lower is better in every row. Guard: where the row stands in quick runs on this loop + "
+        f"{NOISE_MARGIN:.0%}, met or missed (scaling and memory: the target + {NOISE_MARGIN:.0%}, or the "
+        "target; rows without a target are reported, not guarded). Absolute numbers are medians over rounds; see docs/performance.md.\n"
     )
 
 

@@ -2,15 +2,15 @@
 
 Each test measures its contenders interleaved (see ``_harness.py``), adds its
 rows to the table printed at the end of the run, and fails if a ratio is past
-its guard. Every row with a target (issue 14's, on correct release semantics)
-is guarded at the target plus the noise margin (``guard_for``): a row at its
-target fails on a regression of more than the margin. A row whose target this
-2-core machine does not reach keeps its target (and shows *missed*) and is
-guarded where it stands plus the margin (``short_of``; docs/performance.md
-gives each one's arithmetic). Where a row stands is recorded per loop
-(``bench.stands(asyncio, uvloop)``: the median of recent quick runs here) and
-``guard_at`` picks the rule. Rows without a target are reported, never
-guarded. ``--loop uvloop`` measures on uvloop; the one target that differs by
+its guard. Every row with an issue-14 target (on correct release semantics)
+is guarded where it stands in quick runs on that loop plus the noise margin
+(``guard_at``), met or missed, so a regression of 25% from there fails; where
+a row stands is recorded per loop (``bench.stands(asyncio, uvloop)``: the
+median of recent quick runs here). A row whose target this 2-core machine
+does not reach keeps its target and shows *missed* (docs/performance.md
+gives each one's arithmetic). Issue 6's rows (scaling, memory) are guarded
+at the target plus the margin (``guard_for``) or at the target itself.
+Rows without a target are reported, never guarded. ``--loop uvloop`` measures on uvloop; the one target that differs by
 loop (a query lease against its physical floor) says so.
 """
 
@@ -143,7 +143,7 @@ def test_3_contended(bench: Bench) -> None:
             Row("3 contended", "safepool / asyncpg, time per lease (full reset)", paired_ratio(sp, ap), 0.75,
                 guard_at(0.75, bench.stands(0.88, 0.90)), tasks + describe("safepool") + "; " + describe("asyncpg")),
             Row("3 contended", "safepool / asyncpg, p99 acquire wait", p99_ratio("safepool", "asyncpg"), 0.2,
-                guard_at(0.2, bench.stands(0.17, 0.19))),
+                guard_at(0.2, bench.stands(0.18, 0.19))),
             Row("3 contended", f"safepool reset_mode=auto / asyncpg, time per lease ({bench.loop_name})",
                 paired_ratio(auto, ap), 0.5, guard_at(0.5, bench.stands(0.51, 0.51)),
                 describe("safepool auto")),
