@@ -435,7 +435,14 @@ class AutoResetProxy(PoolConnectionProxy):
         # The parser reads strings as standard_conforming_strings=on does;
         # a session where it is off (a server, database or role setting)
         # could hide a statement inside what the parser takes for a string.
-        if _read_setting(con.get_settings(), "standard_conforming_strings") != "on":
+        # A server that never reported it (PostgreSQL and PgBouncer do) is
+        # treated as off: this runs after the lease was granted, and an
+        # error here would lose the lease.
+        try:
+            standard_strings = _read_setting(con.get_settings(), "standard_conforming_strings")
+        except AttributeError:
+            standard_strings = None
+        if standard_strings != "on":
             holder.clean_mark = -1
 
 

@@ -432,6 +432,17 @@ def test_a_session_without_standard_strings_always_resets() -> None:
     proxy._detach()
 
 
+def test_a_server_that_never_reported_standard_strings_gets_the_reset() -> None:
+    # No ParameterStatus for it: asyncpg's settings raise AttributeError. The
+    # proxy is built after the lease was granted, so it must not raise (the
+    # lease would be lost); it counts the setting as off.
+    con, holder = FakeConnection(), FakeHolder()
+    del con._settings.standard_conforming_strings
+    proxy = AutoResetProxy(holder, con, object())  # type: ignore[arg-type]
+    assert holder.clean_mark == -1
+    proxy._detach()
+
+
 def test_released_and_expired_errors_as_the_base_proxy() -> None:
     proxy, con, holder = _proxy()
     proxy._detach()
