@@ -6,7 +6,8 @@ catch a regression?"). Never loaded unless asked for:
 
 ``SAFEPOOL_SLOWDOWN_US``: microseconds of busy CPU added to every release
 (``Leaser.end_lease``), or, with ``SAFEPOOL_SLOWDOWN_AT=capture``, to every
-acquire-stack capture (what benchmark 5's safety-on pool alone pays).
+acquire-stack capture (what benchmark 5's safety-on pool alone pays). The
+wrapper and the clock reads add about 0.5 µs more per call.
 """
 
 from __future__ import annotations
@@ -28,17 +29,17 @@ def _spin() -> None:
 
 
 def _slowed(function: Any) -> Any:
-    def slowed(*args: Any) -> Any:
+    def slowed(*args: Any, **kwargs: Any) -> Any:
         _spin()
-        return function(*args)
+        return function(*args, **kwargs)
 
     return slowed
 
 
+if AT not in ("release", "capture"):
+    raise ValueError(f"SAFEPOOL_SLOWDOWN_AT must be 'release' or 'capture', not {AT!r}")
 if SECONDS:
     if AT == "release":
         _leasing.Leaser.end_lease = _slowed(_leasing.Leaser.end_lease)  # type: ignore[method-assign]
-    elif AT == "capture":
-        _stack.capture = _slowed(_stack.capture)
     else:
-        raise ValueError(f"SAFEPOOL_SLOWDOWN_AT must be 'release' or 'capture', not {AT!r}")
+        _stack.capture = _slowed(_stack.capture)
