@@ -115,7 +115,8 @@ class Bench:
     def stands(self, asyncio: float, uvloop: float) -> float:
         """Where a row stands in quick runs on this machine, on this run's
         loop (the median of the last quick runs, recorded by hand in
-        test_ratios.py): the base of a missed row's guard."""
+        test_ratios.py): the base of the guard of every row with an
+        issue-14 target (``guard_at``)."""
         return uvloop if self.uvloop else asyncio
 
     def check(self, measure: Callable[[], list[Row]]) -> None:
