@@ -323,9 +323,10 @@ class Leaser:
                     # The statement, then Runner.reset_done with its error
                     # (the driver calls it: no wrapper coroutine's frame).
                     return _Driver(con.execute(query, timeout=budget), self.spawn, runner.reset_done, (holder, con))
-                nothing_sent: asyncio.Future[Exception | None] = self.loop.create_future()
-                nothing_sent.set_result(runner.reset_done(holder, con, None))
-                return nothing_sent
+                # Nothing to send: the reset is done (reset_done hands the
+                # connection on; with no error it returns no error to raise).
+                runner.reset_done(holder, con, None)
+                return None
         else:
             if outcome is Outcome.DISCARD and usable:
                 # max_queries or an expired generation: asyncpg closes the

@@ -195,3 +195,26 @@ async def test_a_parse_left_without_sync_is_ended_by_release(
             assert await con.fetchval("SELECT count(*) FROM parse_only") == 0
     finally:
         await admin.close()
+
+
+class _NoResetQuery(asyncpg.Connection):  # type: ignore[misc]
+    """A connection class whose reset query is empty (as asyncpg builds for a
+    server with none of the capabilities it resets)."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+    def _get_reset_query(self) -> str:  # asyncpg < 0.30
+        return ""
+
+
+async def test_an_empty_reset_query_sends_nothing_and_hands_the_connection_on(make: Any) -> None:
+    # asyncpg's Connection.reset() executes the reset query only if it is not
+    # empty: the session keeps its settings, and the release still completes.
+    pool = await make(connection_class=_NoResetQuery)
+    async with pool.acquire() as con:
+        await con.execute("SET application_name = 'kept'")
+    async with pool.acquire(timeout=5) as con:
+        assert await con.fetchval("SELECT current_setting('application_name')") == "kept"
+    stats = pool.stats()
+    assert (stats.resets, stats.idle) == (2, 1)
