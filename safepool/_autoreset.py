@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 from asyncpg import connection as _pg_connection
 from asyncpg.protocol import protocol as _pg_protocol
 
-from .proxy import PoolConnectionProxy, _mark_coroutine, _released_error, watch
+from .proxy import PoolConnectionProxy, _mark_coroutine, _released_error, marking_forwarder, plain_forwarder, watch
 
 if TYPE_CHECKING:
     from ._holder import Holder as _Holder
@@ -494,27 +494,6 @@ def _copy_forwarder(name: str) -> Any:
     return call
 
 
-def _neutral_forwarder(name: str) -> Any:
-    def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
-        con = self._con
-        if con is None:
-            raise _released_error(self, name)
-        return getattr(con.__class__, name)(con, *args, **kwargs)
-
-    return call
-
-
-def _marking_forwarder(name: str) -> Any:
-    def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
-        con = self._con
-        if con is None:
-            raise _released_error(self, name)
-        self._holder.clean_mark = -1
-        return getattr(con.__class__, name)(con, *args, **kwargs)
-
-    return call
-
-
 def _install_forwarders() -> None:
     for name in dir(_pg_connection.Connection):
         if name.startswith("_") or name in AutoResetProxy.__dict__:
@@ -528,9 +507,9 @@ def _install_forwarders() -> None:
         elif policy == "copy":
             call = _copy_forwarder(name)
         elif policy == "neutral":
-            call = _neutral_forwarder(name)
+            call = plain_forwarder(name)
         else:
-            call = _marking_forwarder(name)
+            call = marking_forwarder(name)
         if inspect.iscoroutinefunction(method):
             _mark_coroutine(call)
         setattr(AutoResetProxy, name, functools.update_wrapper(call, method))

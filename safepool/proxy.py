@@ -64,33 +64,51 @@ async def watch(holder: _Holder, operation: Any) -> Any:
         raise
 
 
-def _forward(name: str, is_coroutine: bool, *, watch_errors: bool) -> Any:
+def plain_forwarder(name: str) -> Any:
+    """``Connection.<name>`` of the leased connection (the proxy's method);
+    ``InterfaceError`` (or ``LeaseExpiredError``) once released."""
+
     def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._con
         if con is None:
             raise _released_error(self, name)
         return getattr(con.__class__, name)(con, *args, **kwargs)
 
-    def watched_call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
-        con = self._con
-        if con is None:
-            raise _released_error(self, name)
-        return watch(self._holder, getattr(con.__class__, name)(con, *args, **kwargs))
+    return call
 
-    def marking_call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
+
+def marking_forwarder(name: str) -> Any:
+    """As :func:`plain_forwarder`, and marks the lease for the reset round
+    trip (``clean_mark = -1``) before the call."""
+
+    def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._con
         if con is None:
             raise _released_error(self, name)
         self._holder.clean_mark = -1
         return getattr(con.__class__, name)(con, *args, **kwargs)
 
+    return call
+
+
+def _watched_forwarder(name: str) -> Any:
+    def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
+        con = self._con
+        if con is None:
+            raise _released_error(self, name)
+        return watch(self._holder, getattr(con.__class__, name)(con, *args, **kwargs))
+
+    return call
+
+
+def _forward(name: str, is_coroutine: bool, *, watch_errors: bool) -> Any:
     if name.startswith("copy_") or name == "prepare":
         # What asyncpg's statement counter does not count, yet leaves the
         # session to reset: a COPY's query can change it (a lock,
         # set_config, a trigger); prepare() sends Parse/Describe/Flush with
         # no Sync, so the backend stays in an implicit transaction, holding
         # the parse-time locks, until the next statement.
-        call = marking_call
+        call = marking_forwarder(name)
     elif is_coroutine:
         # Full mode resets every lease that ran a statement: marking the
         # lease at the call covers a statement that raised before asyncpg
@@ -99,7 +117,9 @@ def _forward(name: str, is_coroutine: bool, *, watch_errors: bool) -> Any:
         # costs its lease a reset, as every lease costs on asyncpg's pool.)
         # Rollback mode must not reset a lease whose statements succeeded:
         # it watches for the error instead.
-        call = watched_call if watch_errors else marking_call
+        call = _watched_forwarder(name) if watch_errors else marking_forwarder(name)
+    else:
+        call = plain_forwarder(name)
 
     if is_coroutine:
         _mark_coroutine(call)
