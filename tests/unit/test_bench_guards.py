@@ -25,12 +25,17 @@ def test_a_missed_row_fails_on_a_25_percent_regression_from_where_it_stands(targ
     assert guard < stands_at * 0.97 * 1.25  # still caught when measured 3% under where it stands
 
 
+def _row_calls(tree: ast.AST | None = None) -> list[ast.Call]:
+    """Every ``Row(...)`` call in test_ratios.py (or in ``tree``, parsed from it)."""
+    tree = ast.parse(RATIOS.read_text()) if tree is None else tree
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Row"]
+
+
 def test_every_targeted_row_takes_its_guard_from_guard_at_or_guard_for() -> None:
     # No hand-written "standing" number far above the target: each Row(...)
     # with a target passes guard_at(target, bench.stands(asyncio, uvloop)),
     # guard_for(target), or (memory) the target itself.
-    rows = [node for node in ast.walk(ast.parse(RATIOS.read_text()))
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Row"]
+    rows = _row_calls()
     assert len(rows) >= 10
     for row in rows:
         target, guard = row.args[3], row.args[4]
@@ -66,9 +71,7 @@ def _targeted_rows(loop: str) -> list[tuple[str, float, float, float]]:
             if isinstance(value, ast.Constant):
                 names[node.targets[0].id] = value.value
     found = []
-    for row in ast.walk(tree):
-        if not (isinstance(row, ast.Call) and getattr(row.func, "id", None) == "Row"):
-            continue
+    for row in _row_calls(tree):
         guard = row.args[4]
         if not (isinstance(guard, ast.Call) and getattr(guard.func, "id", None) == "guard_at"):
             continue
@@ -101,9 +104,7 @@ def test_every_targeted_row_fails_on_a_25_percent_regression_from_where_it_stand
 def test_only_issue_6_rows_take_a_guard_without_a_standing() -> None:
     # guard_for(target) ignores where the row stands: a row that meets its
     # target by far would pass a 25% regression. Only issue 6's rows may.
-    rows = [node for node in ast.walk(ast.parse(RATIOS.read_text()))
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Row"]
-    for row in rows:
+    for row in _row_calls():
         target, guard = row.args[3], row.args[4]
         if isinstance(target, ast.Constant) and target.value is None:
             continue
