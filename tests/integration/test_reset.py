@@ -218,3 +218,48 @@ async def test_an_empty_reset_query_sends_nothing_and_hands_the_connection_on(ma
         assert await con.fetchval("SELECT current_setting('application_name')") == "kept"
     stats = pool.stats()
     assert (stats.resets, stats.idle) == (2, 1)
+
+
+class _DiscardTempAndRole(asyncpg.Connection):  # type: ignore[misc]
+    """docs/reset-modes.md's recipe: asyncpg's reset query plus DISCARD TEMP and RESET ROLE."""
+
+    def get_reset_query(self) -> str:
+        return super().get_reset_query() + "\nDISCARD TEMP; RESET ROLE;"
+
+    def _get_reset_query(self) -> str:  # asyncpg < 0.30
+        return super()._get_reset_query() + "\nDISCARD TEMP; RESET ROLE;"
+
+
+async def test_temp_tables_and_set_role_outlive_the_reset_as_on_asyncpg_and_the_recipe_ends_them(
+    pg_dsn: str,
+) -> None:
+    # asyncpg's reset query does not undo a temporary table or SET ROLE;
+    # neither does safepool's full reset (docs/reset-modes.md), and the
+    # documented connection_class recipe undoes both.
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute("DROP ROLE IF EXISTS reset_probe_role; CREATE ROLE reset_probe_role")
+    seen = {}
+    try:
+        for name, create, cls in [
+            ("asyncpg", asyncpg.create_pool, asyncpg.Connection),
+            ("safepool", safepool.create_pool, asyncpg.Connection),
+            ("safepool recipe", safepool.create_pool, _DiscardTempAndRole),
+        ]:
+            pool = await create(pg_dsn, min_size=1, max_size=1, connection_class=cls)
+            try:
+                async with pool.acquire() as con:
+                    await con.execute("CREATE TEMP TABLE reset_probe(a int); SET ROLE reset_probe_role")
+                async with pool.acquire() as con:
+                    seen[name] = (
+                        await con.fetchval(
+                            "SELECT count(*) FROM pg_class WHERE relname = 'reset_probe'"
+                            " AND relnamespace = pg_my_temp_schema()"
+                        ),
+                        await con.fetchval("SELECT current_user = 'reset_probe_role'"),
+                    )
+            finally:
+                await pool.close()
+    finally:
+        await admin.execute("DROP ROLE reset_probe_role")
+        await admin.close()
+    assert seen == {"asyncpg": (1, True), "safepool": (1, True), "safepool recipe": (0, False)}
