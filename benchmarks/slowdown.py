@@ -18,7 +18,12 @@ from typing import Any
 
 from safepool import _leasing, _stack
 
-SECONDS = float(os.environ.get("SAFEPOOL_SLOWDOWN_US", "0")) * 1e-6
+try:
+    SECONDS = float(os.environ.get("SAFEPOOL_SLOWDOWN_US", "0")) * 1e-6
+except ValueError:
+    raise ValueError(
+        f"SAFEPOOL_SLOWDOWN_US must be a number of microseconds, not {os.environ['SAFEPOOL_SLOWDOWN_US']!r}"
+    ) from None
 AT = os.environ.get("SAFEPOOL_SLOWDOWN_AT", "release")
 
 
