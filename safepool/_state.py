@@ -166,7 +166,7 @@ _PHASES: dict[Phase, frozenset[Phase]] = {
 
 
 class Slot:
-    __slots__ = ("id", "state", "connection", "generation", "created_at", "idle_since", "lease")
+    __slots__ = ("id", "state", "connection", "generation", "created_at", "idle_since", "lease", "owner")
 
     def __init__(self, slot_id: int, generation: int, now: float) -> None:
         self.id = slot_id
@@ -176,6 +176,7 @@ class Slot:
         self.created_at = now
         self.idle_since = now
         self.lease: Lease | None = None
+        self.owner: Waiter | None = None  # while CONNECTING: the waiting task it is opened for
 
     def __repr__(self) -> str:
         return f"<Slot {self.id} {self.state.value}>"
@@ -231,7 +232,7 @@ W = fast_members(WaiterState)
 class Waiter:
     """One task waiting for a connection; ``future`` is opaque to the core."""
 
-    __slots__ = ("future", "enqueued_at", "deadline", "slot", "state", "site", "seq", "shed")
+    __slots__ = ("future", "enqueued_at", "deadline", "slot", "state", "site", "seq", "shed", "connect")
 
     def __init__(self, future: Any, now: float, deadline: float | None, site: str | None = None) -> None:
         self.future = future
@@ -242,6 +243,7 @@ class Waiter:
         self.site = site
         self.seq = 0  # arrival order within the wait policy
         self.shed = False  # deadline is the adaptive queue's target, not the caller's timeout
+        self.connect: Slot | None = None  # while WAITING: the connect opened for it (its slot)
 
 
 # Actions for the I/O layer, drained from PoolState.actions after each call.
@@ -391,6 +393,10 @@ class Backoff:
 _LEASE_DEADLINE, _LEASE_WARNING, _WAITER_DEADLINE = 0, 1, 2
 
 
+def _slot_id(slot: Slot) -> int:
+    return slot.id
+
+
 class PoolState:
     """Slots, leases, waiters and counters of one pool. See the module note."""
 
@@ -452,6 +458,11 @@ class PoolState:
         self._leases: dict[int, Lease] = {}
         self._waiters: deque[Waiter] = deque()  # may hold settled waiters: skipped lazily
         self._waiting = 0  # live waiters only
+        # Live waiters with a connect of their own (Waiter.connect): as in
+        # asyncpg, the task a connect is opened for waits for that connect
+        # and released connections serve the others (see _bind). Without
+        # site caps and the adaptive queue only; they keep one FIFO order.
+        self._bound = 0
         self._timers: list[tuple[float, int, int, Any]] = []
         self._stale_timers = 0
         self._next_id = 0
@@ -546,8 +557,9 @@ class PoolState:
             raise Closed
         if self._policy is not None:
             return self._policy_try_acquire(now, site)
-        # Never jump the queue: while anybody waits, newcomers wait too.
-        if self._waiting:
+        # Never jump the queue: while anybody waits, newcomers wait too
+        # (but for tasks waiting on connects of their own, as in asyncpg).
+        if self._waiting and self._waiting > self._bound:
             return None
         idle = self._idle
         while idle:
@@ -603,7 +615,9 @@ class PoolState:
         self._waiting += 1
         if waiter.deadline is not None:
             self._push_timer(waiter.deadline, _WAITER_DEADLINE, waiter)
-        if len(self._slots) < self.max_size:  # (else _plan_connects has nothing to do: the contended hot path)
+        # (With a full pool and no connect under way, _plan_connects has
+        # nothing to do: the contended hot path.)
+        if len(self._slots) < self.max_size or self._counts[S.CONNECTING] > self._bound:
             self._plan_connects(now)
         return waiter
 
@@ -635,6 +649,9 @@ class PoolState:
                 self._timer_dropped()
             if self._policy is not None:
                 self._policy.remove(waiter, now)
+            if waiter.connect is not None:
+                self._unbind(waiter)
+                self._adopt()
             self._compact_waiters()
         elif waiter.state is W.GRANTED and waiter.slot is not None:
             # Granted but never claimed: pass the connection on untouched.
@@ -811,6 +828,9 @@ class PoolState:
         if self._policy is not None:
             self._policy_hand_on(slot, now)
             return
+        if self._bound:
+            self._hand_on_skipping_bound(slot, now)
+            return
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
@@ -828,10 +848,86 @@ class PoolState:
         slot.idle_since = now
         self._idle.append(slot)
 
+    def _hand_on_skipping_bound(self, slot: Slot, now: float) -> None:
+        """:meth:`_hand_on`'s last step while some waiters wait for connects
+        of their own: the head waiter without one gets the connection (the
+        bound ones keep their places in the queue), or it goes idle."""
+        if not self._grant_head_unbound(slot):
+            self._move(slot, S.IDLE)
+            slot.idle_since = now
+            self._idle.append(slot)
+
+    def _grant_head_unbound(self, slot: Slot) -> bool:
+        waiters = self._waiters
+        for index, waiter in enumerate(waiters):
+            if waiter.state is W.WAITING and waiter.connect is None:
+                del waiters[index]
+                self._grant(slot, waiter)
+                return True
+        return False
+
     # ---------------------------------------------------------------- connects
 
+    def _bind(self, waiter: Waiter, slot: Slot) -> None:
+        """``slot``'s connect is for ``waiter``: it gets that connection and
+        no released one (asyncpg 0.29-0.32: an acquire that finds no
+        connection takes an unconnected holder and connects it itself).
+        Once a burst of acquires has returned, the connections opened for
+        it are therefore open, as on asyncpg's pool."""
+        waiter.connect = slot
+        slot.owner = waiter
+        self._bound += 1
+
+    def _unbind(self, waiter: Waiter) -> Slot:
+        """``waiter`` stops waiting for its connect (granted it, gave up, or
+        the connect ended); the slot is left without an owner."""
+        slot = waiter.connect
+        assert slot is not None
+        waiter.connect = None
+        slot.owner = None
+        self._bound -= 1
+        return slot
+
+    def _serve_unbound(self, now: float) -> None:
+        """A task stopped waiting for its own connect but waits on: an idle
+        connection (kept idle while only bound tasks waited) serves it, or a
+        connect under way for nobody becomes its own."""
+        idle = self._idle
+        while idle and self._waiting > self._bound and not self.closing:
+            slot = idle[-1]
+            if slot.generation != self.generation:
+                self._start_close(slot)
+                continue
+            idle.pop()
+            self._grant_head_unbound(slot)
+        self._adopt()
+
+    def _newest_unbound(self) -> Waiter | None:
+        for waiter in reversed(self._waiters):
+            if waiter.state is W.WAITING and waiter.connect is None:
+                return waiter
+        return None
+
+    def _adopt(self) -> None:
+        """Give connects under way that nobody waits for (opened for min_size,
+        or for a task that gave up) to the newest waiters without one."""
+        if self._policy is not None:
+            return
+        spare = self._counts[S.CONNECTING] - self._bound
+        if spare <= 0 or self._waiting <= self._bound:
+            return
+        for slot in sorted((s for s in self._slots if s.state is S.CONNECTING and s.owner is None), key=_slot_id):
+            waiter = self._newest_unbound()
+            if waiter is None:
+                return
+            self._bind(waiter, slot)
+
     def _plan_connects(self, now: float) -> None:
-        """Start connects for unmet demand, within max_size and max_connecting."""
+        """Start connects for unmet demand, within max_size and max_connecting:
+        each for the newest waiter without one (asyncpg's acquire opens its
+        own), or for min_size."""
+        if self._counts[S.CONNECTING] > self._bound:
+            self._adopt()
         if len(self._slots) >= self.max_size or self.closing or now < self.backoff_until:
             return  # (the first test: the contended hot path, a full pool)
         connecting = self._counts[S.CONNECTING]
@@ -854,6 +950,10 @@ class PoolState:
             slot = Slot(self._new_id(), self.generation, now)
             self._slots.add(slot)
             self._counts[S.CONNECTING] += 1
+            if self._policy is None and self._waiting > self._bound:
+                waiter = self._newest_unbound()
+                if waiter is not None:
+                    self._bind(waiter, slot)
             self.actions.append(Connect(slot))
 
     def floor_deficit(self) -> bool:
@@ -890,7 +990,17 @@ class PoolState:
         self.counters.connections_opened += 1
         self.connect_failures = 0
         self.backoff_until = 0.0
-        self._hand_on(slot, now)
+        owner = slot.owner
+        if owner is None:
+            self._hand_on(slot, now)
+        else:
+            self._unbind(owner)
+            if self.closing or slot.generation != self.generation or self._live() > self.max_size:
+                self._hand_on(slot, now)  # (it closes the connection; the owner waits on)
+                self._serve_unbound(now)
+            else:
+                self._grant(slot, owner)  # (the owner stays in the queue, settled: skipped lazily)
+                self._compact_waiters()
         self._plan_connects(now)
         return True
 
@@ -900,6 +1010,9 @@ class PoolState:
             if slot.state is S.CLOSED:
                 return
             raise InternalStateError(f"connect_failed for {slot!r}")
+        owner = slot.owner
+        if owner is not None:
+            self._unbind(owner)
         self._move(slot, S.CLOSED)
         self._slots.discard(slot)
         self.counters.connect_errors += 1
@@ -912,26 +1025,38 @@ class PoolState:
             # fail them now rather than let them wait out their timeouts.
             self._fail_waiters(error)
         elif not self.wait_on_connect_error:
-            self._fail_newest_waiter(error)
+            if owner is not None:
+                self._settle_failed(owner, error)
+                self._waiting -= 1
+                self._adopt()
+            else:
+                self._fail_newest_waiter(error)
+        elif owner is not None:
+            self._serve_unbound(now)  # the owner waits on, for any connection
 
     def connect_cancelled(self, slot: Slot) -> None:
         """The connect was abandoned (pool terminated): not a server failure."""
         if slot.state is S.CONNECTING:
+            if slot.owner is not None:
+                self._unbind(slot.owner)
             self._move(slot, S.CLOSED)
             self._slots.discard(slot)
 
     def _fail_newest_waiter(self, error: BaseException) -> None:
-        """Fail the task whose arrival the failed connect was for: the newest
-        waiting one (those before it are first in line for released
-        connections)."""
+        """Fail the task whose arrival the failed connect was for: without an
+        owner (site caps, the adaptive queue), the newest waiting one (those
+        before it are first in line for released connections); never a task
+        waiting on a connect of its own."""
         for waiter in reversed(self._waiters):
-            if waiter.state is W.WAITING:
+            if waiter.state is W.WAITING and waiter.connect is None:
                 self._settle_failed(waiter, error)
                 self._waiting -= 1
                 return
 
     def _settle_failed(self, waiter: Waiter, error: BaseException) -> None:
         waiter.state = W.FAILED
+        if waiter.connect is not None:
+            self._unbind(waiter)
         if self._policy is not None:
             self._policy.remove(waiter)
         if waiter.deadline is not None:
@@ -1118,6 +1243,8 @@ class PoolState:
                 obj.state = W.TIMED_OUT
                 if self._policy is not None:
                     self._policy.remove(obj, now)
+                if obj.connect is not None:
+                    self._unbind(obj)  # (its connect is adopted by _plan_connects below)
                 self.counters.acquire_timeouts += 1
                 self.actions.append(TimeOut(obj))
             elif kind == _LEASE_WARNING:
@@ -1164,7 +1291,14 @@ class PoolState:
             fail("idle stack and idle count disagree")
         if self._waiting != sum(1 for w in self._waiters if w.state is W.WAITING):
             fail("live waiter count is off")
-        waiting = self._waiting if self._policy is None else self._policy.eligible
+        bound = [w for w in self._waiters if w.state is W.WAITING and w.connect is not None]
+        if len(bound) != self._bound or any(w.connect.owner is not w or w.connect.state is not S.CONNECTING for w in bound):  # type: ignore[union-attr]
+            fail("tasks waiting on their own connects are miscounted")
+        if any(s.owner is not None and s.owner.connect is not s for s in self._slots):
+            fail("a connect names an owner that does not wait for it")
+        if self._policy is None and self._waiting > self._bound and self._counts[S.CONNECTING] > self._bound:
+            fail("a connect nobody waits for while a task waits without one")
+        waiting = (self._waiting - self._bound) if self._policy is None else self._policy.eligible
         if waiting and self._idle and not self.closing:
             fail("a connection is idle while tasks wait")
         if self._policy is not None:

@@ -396,16 +396,132 @@ def test_connect_failure_fails_the_task_it_was_for_even_with_connections_leased(
     fill(state, 1)
     held = state.try_acquire(0)
     assert held
-    first = state.enqueue("a", 0, None)
+    first = state.enqueue("a", 0, None)  # its arrival opens the connect: the connect is its own
     [slot] = fields(take(state, Connect))
-    newest = state.enqueue("b", 0, None)  # no second connect: max_size
+    second = state.enqueue("b", 0, None)  # no second connect: max_size; it waits for a release
     error = OSError("53300")
     state.connect_failed(slot, 0, error)
-    assert take(state, Fail) == [Fail(newest, error)]
+    assert take(state, Fail) == [Fail(first, error)]
     assert state.waiting == 1 and state.server_status(0).value == "backing_off"
     state.release(held, 1, CLEAN)
-    assert take(state, Wake) == [Wake(first)]
+    assert take(state, Wake) == [Wake(second)]
     state.check_invariants()
+
+
+# A connect opened for a task is that task's (asyncpg: an acquire that finds
+# no connection connects an unconnected holder itself); released connections
+# serve the head waiter without a connect of its own.
+
+
+def test_a_connect_goes_to_the_task_it_was_opened_for_even_after_a_release() -> None:
+    state = make(max_size=2)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    first = state.enqueue("a", 0, None)
+    [slot] = fields(take(state, Connect))
+    second = state.enqueue("b", 0, None)  # max_size: no connect of its own
+    state.release(held, 1, CLEAN)
+    assert take(state, Wake) == [Wake(second)]  # not the older first: it waits for its connect
+    state.connect_succeeded(slot, object(), 2)
+    assert take(state, Wake) == [Wake(first)] and first.slot is slot
+
+
+def test_a_release_with_only_connecting_tasks_waiting_goes_idle_and_a_newcomer_takes_it() -> None:
+    state = make(max_size=2)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    waiter = state.enqueue("a", 0, None)
+    [slot] = fields(take(state, Connect))
+    state.release(held, 1, CLEAN)
+    assert not take(state, Wake) and state.idle == 1 and state.waiting == 1
+    newcomer = state.try_acquire(1)  # as asyncpg's queue hands a connected holder to a new acquire
+    assert newcomer is not None and newcomer.slot is held.slot
+    state.connect_succeeded(slot, object(), 2)
+    assert take(state, Wake) == [Wake(waiter)]
+
+
+@pytest.mark.parametrize("leave", ["cancel", "timeout"])
+def test_a_connect_whose_task_gives_up_goes_to_the_newest_task_without_one(leave: str) -> None:
+    state = make(max_size=2)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    owner = state.enqueue("a", 0, None if leave == "cancel" else 1.0)  # its arrival opens the connect
+    later = state.enqueue("b", 0, None)  # max_size: no connect of its own
+    [slot] = fields(take(state, Connect))
+    assert owner.connect is slot and later.connect is None
+    if leave == "cancel":
+        state.cancel_waiter(owner, 0.5)
+    else:
+        state.advance(1.0)
+        assert take(state, TimeOut) == [TimeOut(owner)]
+    assert later.connect is slot and not take(state, Connect)  # adopted, no second connect
+    state.release(held, 1.5, CLEAN)
+    assert not take(state, Wake) and state.idle == 1
+    state.connect_succeeded(slot, object(), 2)
+    assert take(state, Wake) == [Wake(later)]
+
+
+def test_a_connect_opened_for_min_size_is_adopted_by_a_task_arriving_at_a_full_pool() -> None:
+    state = make(max_size=2, min_size=2)
+    fill(state, 1)
+    state.floor_enabled = True
+    held = state.try_acquire(0)
+    assert held
+    state.advance(0)
+    [floor] = fields(take(state, Connect))
+    assert floor.owner is None
+    waiter = state.enqueue("a", 0, None)  # the pool is full (one leased, one connecting)
+    assert waiter.connect is floor and not take(state, Connect)
+    state.release(held, 1, CLEAN)
+    assert not take(state, Wake)  # its connect, not the release, serves it
+    state.connect_succeeded(floor, object(), 2)
+    assert take(state, Wake) == [Wake(waiter)]
+
+
+def test_a_failed_connect_fails_its_own_task_and_leaves_the_others_waiting() -> None:
+    state = make(max_size=3)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    first = state.enqueue("a", 0, None)
+    second = state.enqueue("b", 0, None)
+    first_connect, second_connect = fields(take(state, Connect))
+    assert (first.connect, second.connect) == (first_connect, second_connect)
+    error = OSError("refused")
+    state.connect_failed(first_connect, 0, error)
+    assert take(state, Fail) == [Fail(first, error)] and second.connect is second_connect
+
+
+def test_with_wait_on_connect_error_the_task_of_a_failed_connect_takes_an_idle_connection() -> None:
+    state = make(max_size=2, wait_on_connect_error=True)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    waiter = state.enqueue("a", 0, None)
+    [slot] = fields(take(state, Connect))
+    state.release(held, 1, CLEAN)  # idle: the only waiter waits for its connect
+    assert state.idle == 1 and not take(state, Wake)
+    state.connect_failed(slot, 2, OSError("53300"))
+    assert not take(state, Fail) and take(state, Wake) == [Wake(waiter)] and waiter.slot is held.slot
+
+
+def test_a_connect_of_an_expired_generation_closes_and_its_task_waits_on() -> None:
+    state = make(max_size=2)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    waiter = state.enqueue("a", 0, None)
+    [slot] = fields(take(state, Connect))
+    state.expire_connections()
+    state.connect_succeeded(slot, object(), 1)
+    assert fields(take(state, Close)) == [slot] and waiter.state is WaiterState.WAITING
+    assert waiter.connect is None
+    state.closed(slot, 2)
+    [replacement] = fields(take(state, Connect))
+    assert waiter.connect is replacement
 
 
 def test_wait_on_connect_error_keeps_waiters_while_connections_exist() -> None:

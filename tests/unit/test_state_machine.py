@@ -93,6 +93,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.enqueue_order: dict[int, int] = {}
         self.last_size = 0
         self.sites: dict[int, str] = {}  # waiter or lease id -> site
+        self.connect_owner: Waiter | None = None  # the task a finishing connect was opened for
 
     # ------------------------------------------------------------ set-up
 
@@ -224,8 +225,11 @@ class PoolMachine(RuleBasedStateMachine):
         site = self.sites[id(waiter)]
         if state.site_cap is not None:
             assert self._in_use(site) <= state.site_cap, f"site {site} over its cap {state.site_cap}"
+        if waiter is self.connect_owner:
+            return  # granted the connect opened for it (asyncpg's order: its own connect)
         rank = self.enqueue_order[id(waiter)]
-        earlier = [w for w in self.waiters[:rank] if w.state is WaiterState.WAITING]
+        # Released connections go to the head waiter without a connect of its own.
+        earlier = [w for w in self.waiters[:rank] if w.state is WaiterState.WAITING and w.connect is None]
         if self.share is not None:
             # Only waiters of sites at their cap may be passed over.
             earlier = [w for w in earlier if self._under_cap(self.sites[id(w)])]
@@ -362,11 +366,21 @@ class PoolMachine(RuleBasedStateMachine):
         slot = self._pick(self.connecting, i)
         self.connecting.remove(slot)
         assert slot.state is S.CONNECTING
+        owner = slot.owner
+        assert owner is None or (owner.state is WaiterState.WAITING and owner.connect is slot)
+        self.connect_owner = owner
         if ok:
             self.state.connect_succeeded(slot, object(), self.now)
+            if owner is not None and owner.state is not WaiterState.GRANTED:
+                assert slot.state is S.CLOSING, "a connect went past the task it was opened for"
+            elif owner is not None:
+                assert owner.slot is slot, "a connect went past the task it was opened for"
         else:
             self.state.connect_failed(slot, self.now, ConnectionRefusedError("refused"))
-        self._drain()
+        try:
+            self._drain()
+        finally:
+            self.connect_owner = None
 
     @precondition(lambda self: self.connecting and self.state.closing)
     @rule(i=index)
@@ -554,8 +568,10 @@ class PoolMachine(RuleBasedStateMachine):
                 progressed = True
             for slot in list(self.connecting):
                 self.connecting.remove(slot)
+                self.connect_owner = slot.owner
                 state.connect_succeeded(slot, object(), self.now)
                 self._drain()
+                self.connect_owner = None
                 progressed = True
             for slot in list(self.closing):
                 self.closing.remove(slot)
