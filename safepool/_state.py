@@ -966,7 +966,11 @@ class PoolState:
         None when the floor is met, or a connect is already under way."""
         if not self.floor_deficit() or self._counts[S.CONNECTING] or self.size >= self.max_size:
             return None
-        return self.add_connecting(now)
+        slot = self.add_connecting(now)
+        # A task that arrived during the backoff has no connect of its own:
+        # this one becomes its (as any connect nobody waits for).
+        self._adopt()
+        return slot
 
     def add_connecting(self, now: float) -> Slot:
         """Reserve a place for an explicit connect (pool start-up)."""

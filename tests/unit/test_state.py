@@ -524,6 +524,31 @@ def test_a_connect_of_an_expired_generation_closes_and_its_task_waits_on() -> No
     assert waiter.connect is replacement
 
 
+def test_a_floor_upkeep_connect_is_adopted_by_a_task_waiting_in_a_backoff() -> None:
+    """Pool's floor upkeep (plan_floor_connect, after a failed connect) runs
+    whoever waits: a task that arrived during the backoff, with no connect
+    of its own, takes the upkeep's connect as its own."""
+    state = make(max_size=2, min_size=2)
+    fill(state, 2)
+    state.floor_enabled = True
+    held = state.try_acquire(0)
+    lost = state.try_acquire(0)
+    assert held and lost
+    state.discard(lost.slot, 0)
+    state.closed(fields(take(state, Close))[0], 0)
+    [floor] = fields(take(state, Connect))
+    state.connect_failed(floor, 0, OSError("timeout"))  # a backoff of 1 s; held keeps serving
+    waiter = state.enqueue("a", 0.1, None)  # in the backoff: no connect planned for it
+    assert not take(state, Connect) and waiter.connect is None
+    upkeep = state.plan_floor_connect(0.5)
+    assert upkeep is not None and waiter.connect is upkeep
+    state.check_invariants()
+    state.release(held, 0.6, CLEAN)  # it waits for its connect (as asyncpg's acquire would)
+    assert not take(state, Wake) and state.idle == 1
+    state.connect_succeeded(upkeep, object(), 0.7)
+    assert take(state, Wake) == [Wake(waiter)] and waiter.slot is upkeep
+
+
 def test_wait_on_connect_error_keeps_waiters_while_connections_exist() -> None:
     """Opt-in: a refused connect (e.g. too_many_connections) does not fail
     callers while leased connections will come back."""

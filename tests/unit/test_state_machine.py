@@ -108,6 +108,7 @@ class PoolMachine(RuleBasedStateMachine):
         jitter=st.sampled_from([0.0, 0.5, 1.0]),
         share=st.sampled_from([None, None, 0.25, 0.5, 1.0]),
         adaptive=st.sampled_from([None, None, (0.05, 0.3)]),
+        wait_on_error=st.booleans(),
     )
     def setup(
         self,
@@ -121,6 +122,7 @@ class PoolMachine(RuleBasedStateMachine):
         jitter: float,
         share: float | None,
         adaptive: tuple[float, float] | None,
+        wait_on_error: bool,
     ) -> None:
         min_size = min(min_size, max_size)
         self.share = share
@@ -133,6 +135,7 @@ class PoolMachine(RuleBasedStateMachine):
             max_inactive_lifetime=lifetime,
             backoff=Backoff(base=0.5, cap=4.0, rng=lambda: jitter),
             breaker_threshold=breaker,
+            wait_on_connect_error=wait_on_error,
             max_site_share=share,
             adaptive=None if adaptive is None else AdaptiveQueue(*adaptive),
         )
@@ -451,6 +454,17 @@ class PoolMachine(RuleBasedStateMachine):
     @rule()
     def expire_connections(self) -> None:
         self.state.expire_connections()
+        self._drain()
+
+    @precondition(lambda self: self.state.connect_failures and self.state.floor_deficit())
+    @rule()
+    def floor_upkeep(self) -> None:
+        """Pool's floor upkeep task after a failed connect (restore_floor):
+        one connect towards min_size, whoever waits meanwhile."""
+        slot = self.state.plan_floor_connect(self.now)
+        if slot is not None:
+            self.startup_slots.add(id(slot))  # (an explicit connect, as at start-up: not throttled)
+            self.connecting.append(slot)
         self._drain()
 
     @precondition(lambda self: not self.state.floor_enabled)
