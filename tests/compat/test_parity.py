@@ -418,3 +418,55 @@ async def test_a_burst_that_opened_connections_ends_with_them_open(make_pool: Ma
 
     assert await asyncio.gather(*(lease() for _ in range(10))) == [42] * 10
     assert pool.get_size() == 5
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["cancel", "cancel_twice", "asyncio_timeout", "acquire_timeout"])
+async def test_an_acquire_that_gives_up_on_its_connect(make_pool: MakePool, flavour: str, how: str) -> None:
+    """The acquire waits for a connect of its own (init= held at a gate) and
+    gives up. Both pools stay within max_size and serve the next acquire at
+    once from a released connection. The difference docs/migration.md
+    names: asyncpg's acquire connects in the caller's task and aborts the
+    connect; safepool's connect runs in a pool task and its connection
+    idles (get_size() counts it)."""
+    gate = asyncio.Event()
+    gate.set()
+    entered = 0
+
+    async def init(con: asyncpg.Connection) -> None:
+        nonlocal entered
+        entered += 1
+        await gate.wait()
+
+    pool = await make_pool(min_size=1, max_size=2, init=init)
+    held = await pool.acquire()
+    gate.clear()
+    before = entered
+    if how == "acquire_timeout":
+        with pytest.raises(asyncio.TimeoutError):
+            await pool.acquire(timeout=0.1)
+    elif how == "asyncio_timeout":
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await pool.acquire()
+    else:
+        task = asyncio.ensure_future(pool.acquire())
+        await wait_until(lambda: entered > before)
+        task.cancel()
+        if how == "cancel_twice":
+            await asyncio.sleep(0)
+            task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert entered == before + 1
+    await pool.release(held)
+    async with pool.acquire(timeout=1) as con:  # the released connection, while the connect hangs
+        assert await con.fetchval("SELECT 1") == 1
+    gate.set()
+    expected = 1 if flavour == "asyncpg" else 2
+    await wait_until(lambda: pool.get_size() == expected and pool.get_idle_size() == expected)
+    async with pool.acquire(timeout=1) as con:
+        assert await con.fetchval("SELECT 1") == 1
+    assert pool.get_size() == expected
+    if flavour == "safepool":
+        pool._state.check_invariants()
