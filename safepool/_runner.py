@@ -353,10 +353,7 @@ class Runner:
             # traceback must not carry the connect error's full text.
             self.reporter.connect_failed(failure, self.now())
             self.drain()
-            if state.floor_deficit() and self.state.started and (
-                self.maintenance_task is None or self.maintenance_task.done()
-            ):
-                self.maintenance_task = self.spawn(self.restore_floor())
+            self.keep_floor()
             if raise_errors:
                 raise failure
             return False
@@ -376,6 +373,21 @@ class Runner:
         self.reporter.note_server_status(self.now())
         self.drain()
         return True
+
+    def keep_floor(self) -> None:
+        """Start the min_size upkeep (:meth:`restore_floor`) if the pool is
+        below min_size while connects fail: the core then plans no connect
+        for the floor alone (only for waiting tasks, on its backoff). Called
+        after start-up, a failed connect, a close and a resize: each can
+        leave the pool below the floor in a backoff."""
+        state = self.state
+        if (
+            state.connect_failures
+            and state.started
+            and state.floor_deficit()
+            and (self.maintenance_task is None or self.maintenance_task.done())
+        ):
+            self.maintenance_task = self.spawn(self.restore_floor())
 
     async def restore_floor(self) -> None:
         """min_size upkeep once connects fail and nobody waits: one connect
@@ -430,6 +442,7 @@ class Runner:
         it. Idempotent (terminate() may have closed it first)."""
         if self.state.closed(slot, self.now()):
             settle(self.closes_done.pop(slot, None), None)
+            self.keep_floor()
 
     def connection_lost(self, slot: Slot) -> None:
         """asyncpg noticed the connection died (server restart, terminate)."""

@@ -176,6 +176,7 @@ class Pool:
             state.set_phase(Phase.CLOSED)
             raise
         state.set_phase(Phase.OPEN)
+        self._runner.keep_floor()  # (a start-up connect after the first may have failed)
         return self
 
     # ------------------------------------------------------------- acquire
@@ -285,6 +286,7 @@ class Pool:
         check_resize(max_size, min_size)
         self._state.resize(max_size, self._now(), min_size)
         self._drain()
+        self._runner.keep_floor()
 
     # ----------------------------------------------------------- getters
 

@@ -1,0 +1,84 @@
+"""min_size is restored in the background whatever left the pool below it,
+also while connects fail (the core then opens no connect for the floor
+alone, and the runner's upkeep, Runner.keep_floor, must be started)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import asyncpg
+import pytest
+
+import safepool
+import safepool._runner
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(autouse=True)
+def _quick_upkeep(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The upkeep's first retry comes after 1 s (asyncpg 0.32's schedule).
+    monkeypatch.setattr(safepool._runner, "_FLOOR_RETRY_FIRST", 0.01)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll a public observable (get_size()): the pool offers no event for it."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+class RefuseSome:
+    """An ``init=`` that fails the connects chosen by ``refuse``."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.refuse: Callable[[int], bool] = lambda call: False
+
+    async def __call__(self, con: asyncpg.Connection) -> None:
+        self.calls += 1
+        if self.refuse(self.calls):
+            raise OSError("connect refused by the test's init")
+
+
+async def test_a_failed_start_up_connect_is_retried_to_min_size(pg_dsn: str, app_name: str) -> None:
+    init = RefuseSome()
+    init.refuse = lambda call: call == 2  # the first (creation fails on it) succeeds
+    async with safepool.create_pool(
+        pg_dsn, min_size=2, max_size=3, init=init, server_settings={"application_name": app_name}
+    ) as pool:
+        await until(lambda: pool.get_size() == 2)
+        assert init.calls == 3 and pool.stats().waiting == 0
+
+
+async def test_a_connection_lost_during_a_backoff_is_replaced_to_min_size(pg_dsn: str, app_name: str) -> None:
+    """A connect above min_size fails (connects now back off), then a floor
+    connection is lost: nobody waits, so only the upkeep brings it back."""
+    init = RefuseSome()
+    async with safepool.create_pool(
+        pg_dsn, min_size=1, max_size=2, init=init, server_settings={"application_name": app_name}
+    ) as pool:
+        held = await pool.acquire()
+        init.refuse = lambda call: True
+        with pytest.raises(OSError, match="refused by the test's init"):
+            await pool.acquire(timeout=5)  # its own connect's error, as on asyncpg's pool
+        assert pool.stats().server_status != "up"
+        init.refuse = lambda call: False
+        held._con.terminate()  # the floor connection dies while leased
+        await pool.release(held)  # (the dead connection's slot closes after it returns)
+        await until(lambda: pool.get_idle_size() == 1)  # a new connection, nobody having asked
+        assert pool.get_size() == 1 and pool.stats().connections_opened == 2
+
+
+async def test_raising_min_size_during_a_backoff_is_met(pg_dsn: str, app_name: str) -> None:
+    init = RefuseSome()
+    async with safepool.create_pool(
+        pg_dsn, min_size=0, max_size=3, init=init, server_settings={"application_name": app_name}
+    ) as pool:
+        init.refuse = lambda call: True
+        with pytest.raises(OSError, match="refused by the test's init"):
+            await pool.acquire(timeout=5)
+        init.refuse = lambda call: False
+        pool.resize(max_size=3, min_size=2)
+        await until(lambda: pool.get_size() == 2)
