@@ -337,13 +337,17 @@ def _rows(config: ReplayConfig, max_connections: int) -> list[tuple[str, Any]]:
         rows.append(("back to >= 99% success after it accepted", _recovery))
     elif scenario == "surge":
         rows.append(("back to >= 99% success after the surge", _recovery))
+    elif scenario == "stuck":
+        # Every second's success counts all requests, the stuck payments too
+        # (they keep failing while the fault lasts, on either pool).
+        rows.append(("time to recovery (stuck payments included)", _recovery))
     else:
         rows.append(("time to recovery", _recovery))
     rows.append((f"peak server connections (max {max_connections})", lambda s: str(s.peak_server_connections or "-")))
     if scenario in FAULTY_LINE:
-        held = "leaked" if scenario == "leak" else "held by stuck tasks"
+        held = "leaked" if scenario == "leak" else "taken by stuck tasks"
         rows += [
-            (f"connections {held}", lambda s: str(s.leaked)),
+            (f"connections {held} (over the run)", lambda s: str(s.leaked)),
             ("leaks detected by the pool", _leaks),
             ("leak source (acquired at)", _site),
         ]
@@ -418,7 +422,7 @@ def verdicts(summaries: list[Summary], config: ReplayConfig) -> list[str]:
         if s.first_failure_s is None:
             parts.append("no failure")
         elif not s.recovered:
-            parts.append("never recovered")
+            parts.append("never recovered" if config.scenario != "stuck" else "never recovered (stuck payments included)")
         else:
             parts.append(f"recovered in {s.recovery_s:.1f} s")
         if config.scenario in FAULTY_LINE:
