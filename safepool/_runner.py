@@ -342,7 +342,7 @@ class Runner:
         except BaseException:
             # Cancelled (terminate(), close()), or KeyboardInterrupt: not a
             # connect outcome; settle the books and let it through.
-            state.connect_cancelled(slot)
+            state.connect_cancelled(slot, self.now())
             self.drain()
             raise
         else:

@@ -1038,13 +1038,19 @@ class PoolState:
         elif owner is not None:
             self._serve_unbound(now)  # the owner waits on, for any connection
 
-    def connect_cancelled(self, slot: Slot) -> None:
-        """The connect was abandoned (pool terminated): not a server failure."""
+    def connect_cancelled(self, slot: Slot, now: float | None = None) -> None:
+        """The connect was abandoned (pool terminated, or a KeyboardInterrupt
+        in it): not a server failure. Outside a close, its task waits on:
+        an idle connection or a new connect serves it (``now`` given)."""
         if slot.state is S.CONNECTING:
-            if slot.owner is not None:
-                self._unbind(slot.owner)
+            owner = slot.owner
+            if owner is not None:
+                self._unbind(owner)
             self._move(slot, S.CLOSED)
             self._slots.discard(slot)
+            if owner is not None and now is not None and not self.closing:
+                self._serve_unbound(now)
+                self._plan_connects(now)
 
     def _fail_newest_waiter(self, error: BaseException) -> None:
         """Fail the task whose arrival the failed connect was for: without an

@@ -1008,3 +1008,18 @@ def test_fast_members_reads_the_same_members_without_the_enum_class() -> None:
     for fast, cls in pairs:
         assert all(getattr(fast, name) is member for name, member in cls.__members__.items())
         assert isinstance(fast, enum.EnumType) is (sys.version_info >= (3, 12))
+
+
+def test_a_connect_abandoned_outside_a_close_leaves_its_task_served() -> None:
+    """A KeyboardInterrupt in a connect (the only abandon outside close() and
+    terminate()): its task waits on, and an idle connection serves it."""
+    state = make(max_size=2)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    waiter = state.enqueue("a", 0, None)
+    [slot] = fields(take(state, Connect))
+    state.release(held, 1, CLEAN)  # idle: the only waiter waits for its own connect
+    assert state.idle == 1 and waiter.connect is slot
+    state.connect_cancelled(slot, 2)
+    assert take(state, Wake) == [Wake(waiter)] and waiter.slot is held.slot
