@@ -145,11 +145,40 @@ class Leaser:
                 self.drain()
             if lease is not None:
                 break
-            lease = await self.wait_for_connection(
-                now, None if deadline is None else max(0.0, deadline - now), site
-            )
-            if lease is not None:
+            # Wait in the queue (inlined: no coroutine frame of its own on
+            # the contended hot path).
+            future = self.loop.create_future()
+            try:
+                waiter = state.enqueue(future, now, None if deadline is None else max(0.0, deadline - now), site)
+            except Overloaded as exc:
+                if isinstance(exc, Inadmissible):
+                    raise PoolOverloadedError(self.reporter.shed_message("refused at once: " + str(exc))) from None
+                raise PoolOverloadedError(
+                    self.reporter.busy_message(str(exc) or "wait queue is full", now)) from None
+            except Unavailable as exc:
+                raise ServerUnavailableError(
+                    f"pool {self.name!r} has no connection and the server refuses new ones "
+                    f"(last error: {describe_error(exc.last_error)}); next attempt in {exc.retry_in:.2f}s"
+                ) from exc.last_error
+            except Closed:
+                raise PoolClosedError("pool is closing") from None
+            if state.actions or waiter.deadline is not None or state.connect_failures or self.reporter.pending:
+                # Also arms the timer: for the waiter's deadline, or for the next
+                # connect attempt after a failure (none other depends on a waiter).
+                self.drain()
+            try:
+                await future
+            except asyncio.CancelledError:
+                # Cancelled while waiting, or after the grant but before resuming:
+                # either way the core gets the connection back (anyio's pattern).
+                state.cancel_waiter(waiter, self.now())
+                self.drain()
+                raise
+            try:
+                lease = state.claim(waiter, self.now())
                 break
+            except SlotLost:
+                pass
             # The granted connection died before this task resumed: try
             # again with what is left of the timeout.
             now = self.now()
@@ -180,39 +209,6 @@ class Leaser:
         if context is not None:
             context.connection = proxy
         return proxy
-
-    async def wait_for_connection(self, now: float, timeout: float | None, site: str | None = None) -> Lease | None:
-        state = self.state
-        future = self.loop.create_future()
-        try:
-            waiter = state.enqueue(future, now, timeout, site)
-        except Overloaded as exc:
-            if isinstance(exc, Inadmissible):
-                raise PoolOverloadedError(self.reporter.shed_message("refused at once: " + str(exc))) from None
-            raise PoolOverloadedError(self.reporter.busy_message(str(exc) or "wait queue is full", now)) from None
-        except Unavailable as exc:
-            raise ServerUnavailableError(
-                f"pool {self.name!r} has no connection and the server refuses new ones "
-                f"(last error: {describe_error(exc.last_error)}); next attempt in {exc.retry_in:.2f}s"
-            ) from exc.last_error
-        except Closed:
-            raise PoolClosedError("pool is closing") from None
-        if state.actions or waiter.deadline is not None or state.connect_failures or self.reporter.pending:
-            # Also arms the timer: for the waiter's deadline, or for the next
-            # connect attempt after a failure (none other depends on a waiter).
-            self.drain()
-        try:
-            await future
-        except asyncio.CancelledError:
-            # Cancelled while waiting, or after the grant but before resuming:
-            # either way the core gets the connection back (anyio's pattern).
-            state.cancel_waiter(waiter, self.now())
-            self.drain()
-            raise
-        try:
-            return state.claim(waiter, self.now())
-        except SlotLost:
-            return None
 
     async def run_setup(self, proxy: PoolConnectionProxy, lease: Lease) -> None:
         try:

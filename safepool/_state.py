@@ -634,10 +634,19 @@ class PoolState:
             if self._policy is not None:
                 self._policy_released(waiter.site, now, plan=True)
             raise SlotLost
-        self._move(slot, S.LEASED)
+        # The contended hot path: _move(RESERVED -> LEASED) and _open_lease,
+        # inlined (a legal move by the table, checked just above).
+        counts = self._counts
+        counts[S.RESERVED] -= 1
+        counts[S.LEASED] += 1
+        slot.state = S.LEASED
         self.wait_times.record(now - waiter.enqueued_at)
-        lease = self._open_lease(slot, now)
+        self._next_id += 1
+        lease = Lease(self._next_id, slot, now)
         lease.site = waiter.site
+        slot.lease = lease
+        self._leases[lease.id] = lease
+        self.counters.acquired += 1
         return lease
 
     def cancel_waiter(self, waiter: Waiter, now: float) -> None:
@@ -841,7 +850,15 @@ class PoolState:
             waiter.slot = slot
             if waiter.deadline is not None:
                 self._timer_dropped()
-            self._move(slot, S.RESERVED)
+            # _move(slot, S.RESERVED), inlined (the contended hot path): every
+            # state a usable connection can be in may move to RESERVED.
+            old = slot.state
+            if old is S.CLOSING or old is S.CLOSED:
+                raise InternalStateError(f"illegal transition {old.value} -> reserved for {slot!r}")
+            counts = self._counts
+            counts[old] -= 1
+            counts[S.RESERVED] += 1
+            slot.state = S.RESERVED
             self.actions.append(Wake(waiter))
             return
         self._move(slot, S.IDLE)

@@ -126,7 +126,7 @@ class IOLayer:
         self.closing: list[Slot] = []
         self.resetting: list[Slot] = []
         self.held: list[Lease] = []
-        self.waiters: list[Waiter] = []  # tasks in wait_for_connection (not yet resumed)
+        self.waiters: list[Waiter] = []  # tasks waiting in Leaser.acquire (not yet resumed)
         self.woken: list[Waiter] = []  # granted, their task not resumed yet
         self.upkeep_running = False  # Runner.restore_floor
         self.upkeep_slot: Slot | None = None  # the connect it awaits
@@ -267,7 +267,7 @@ class Walk:
         self.note(f"waits (timeout {timeout}, site {site}, own connect {_slot_name(waiter.connect)})")
 
     def claim(self) -> None:
-        """A woken task resumes (wait_for_connection's claim)."""
+        """A woken task resumes (Leaser.acquire's claim)."""
         io = self.io
         if not io.woken:
             return
