@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -27,3 +29,24 @@ def skip_before_asyncpg(version: tuple[int, int], what: str) -> None:
 
     if asyncpg_version() < version:
         pytest.skip(f"asyncpg {'.'.join(map(str, version))}+: {what}")
+
+
+@contextlib.asynccontextmanager
+async def pool_and_admin(pg_dsn: str, **options: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """A pool (one connection unless ``options`` say otherwise) and a separate
+    admin session; on the way out, however the test ends, the pool's books
+    are checked and both are closed."""
+    import asyncpg
+
+    import safepool
+
+    options.setdefault("min_size", 1)
+    options.setdefault("max_size", 1)
+    pool = await safepool.create_pool(pg_dsn, **options)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        yield pool, admin
+    finally:
+        await admin.close()
+        pool._state.check_invariants()
+        await asyncio.wait_for(pool.close(), 10)

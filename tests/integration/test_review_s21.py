@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import contextlib
 import pathlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -21,6 +20,7 @@ import uvloop
 
 import safepool
 from safepool import _state
+from tests._util import pool_and_admin
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
@@ -29,19 +29,6 @@ def _run(loop: str, main: Callable[[], Awaitable[None]]) -> None:
     with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
         runner.run(asyncio.wait_for(main(), 60))  # type: ignore[arg-type]
 
-
-@contextlib.asynccontextmanager
-async def _pool_and_admin(pg_dsn: str, **options: Any) -> AsyncIterator[tuple[Any, Any]]:
-    """A one-connection pool and a separate admin session; on the way out,
-    the pool's books are checked and both are closed."""
-    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, **options)
-    admin = await asyncpg.connect(pg_dsn)
-    try:
-        yield pool, admin
-    finally:
-        await admin.close()
-        pool._state.check_invariants()
-        await pool.close()
 
 
 async def _dirty(con: Any, key: int) -> None:
@@ -90,7 +77,7 @@ def test_cancelled_release_at_each_step_returns_the_connection_clean(pg_dsn: str
 
     async def main() -> None:
         outcomes: set[str] = set()
-        async with _pool_and_admin(pg_dsn) as (pool, admin):
+        async with pool_and_admin(pg_dsn) as (pool, admin):
             for steps in range(1, 12):  # (0: cancelled before release() starts: never released, as on asyncpg)
                 key = 7100 + 2 * steps
                 con = await pool.acquire()
@@ -157,7 +144,7 @@ def test_cancel_between_the_waiter_resolving_and_the_task_waking(pg_dsn: str, lo
     the reset; the connection comes back usable and clean."""
 
     async def main() -> None:
-        async with _pool_and_admin(pg_dsn, **({"reset_mode": "full"} if result == "result" else {})) as (
+        async with pool_and_admin(pg_dsn, **({"reset_mode": "full"} if result == "result" else {})) as (
             pool,
             admin,
         ):
@@ -219,7 +206,7 @@ def test_failed_statements_leave_nothing_visible_after_release_returns(
 
     async def main() -> None:
         table = "review_s21_t"
-        async with _pool_and_admin(pg_dsn, reset_mode=mode) as (pool, admin):
+        async with pool_and_admin(pg_dsn, reset_mode=mode) as (pool, admin):
             await admin.execute(f"CREATE TABLE IF NOT EXISTS {table} (a int)")
             con = await pool.acquire()
             pid = con.get_server_pid()

@@ -18,7 +18,7 @@ import gc
 import inspect
 import re
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -32,7 +32,7 @@ from safepool import ManualClock
 from safepool._autoreset import AutoResetProxy
 from safepool._state import Waiter, WaiterState
 from safepool.proxy import PoolConnectionProxy
-from tests._util import until
+from tests._util import pool_and_admin, until
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 STYLES = ["cancel_once", "cancel_twice", "timeout", "wait_for", "anyio_scope"]
@@ -43,20 +43,10 @@ def _run(loop: str, main: Callable[[], Awaitable[None]]) -> None:
         runner.run(asyncio.wait_for(main(), 30))  # type: ignore[arg-type]
 
 
-@contextlib.asynccontextmanager
-async def _pool_and_admin(pg_dsn: str, app_name: str, **options: Any) -> AsyncIterator[tuple[Any, Any]]:
-    """A pool (one connection unless told) and an admin session; on the way
-    out the pool's books are checked and both are closed."""
-    options.setdefault("min_size", 1)
-    options.setdefault("max_size", 1)
-    pool = await safepool.create_pool(pg_dsn, server_settings={"application_name": app_name}, **options)
-    admin = await asyncpg.connect(pg_dsn)
-    try:
-        yield pool, admin
-    finally:
-        await admin.close()
-        pool._state.check_invariants()
-        await asyncio.wait_for(pool.close(), 10)
+def _pool_and_admin(pg_dsn: str, app_name: str, **options: Any) -> Any:
+    """tests/_util.py's pool_and_admin, the pool's sessions named ``app_name``
+    (so pg_stat_activity counts this test's backends only)."""
+    return pool_and_admin(pg_dsn, server_settings={"application_name": app_name}, **options)
 
 
 async def _backends(admin: Any, app_name: str) -> int:
