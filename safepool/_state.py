@@ -850,11 +850,11 @@ class PoolState:
             waiter.slot = slot
             if waiter.deadline is not None:
                 self._timer_dropped()
-            # _move(slot, S.RESERVED), inlined (the contended hot path): every
-            # state a usable connection can be in may move to RESERVED.
+            # _move(slot, S.RESERVED), inlined (the contended hot path), its
+            # check by the same table.
             old = slot.state
-            if old is S.CLOSING or old is S.CLOSED:
-                raise InternalStateError(f"illegal transition {old.value} -> reserved for {slot!r}")
+            if S.RESERVED not in _TRANSITIONS[old]:
+                raise InternalStateError(f"illegal transition {old.value} -> {S.RESERVED.value} for {slot!r}")
             counts = self._counts
             counts[old] -= 1
             counts[S.RESERVED] += 1
