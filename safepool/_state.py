@@ -634,19 +634,15 @@ class PoolState:
             if self._policy is not None:
                 self._policy_released(waiter.site, now, plan=True)
             raise SlotLost
-        # The contended hot path: _move(RESERVED -> LEASED) and _open_lease,
-        # inlined (a legal move by the table, checked just above).
+        # The contended hot path: _move(RESERVED -> LEASED), inlined (a legal
+        # move by the table, checked just above).
         counts = self._counts
         counts[S.RESERVED] -= 1
         counts[S.LEASED] += 1
         slot.state = S.LEASED
         self.wait_times.record(now - waiter.enqueued_at)
-        self._next_id += 1
-        lease = Lease(self._next_id, slot, now)
+        lease = self._open_lease(slot, now)
         lease.site = waiter.site
-        slot.lease = lease
-        self._leases[lease.id] = lease
-        self.counters.acquired += 1
         return lease
 
     def cancel_waiter(self, waiter: Waiter, now: float) -> None:
