@@ -106,6 +106,8 @@ class HoldingProxy(FaultProxy):
         try:
             while True:
                 data = await reader.read(65536)
+                if self.latency:
+                    await asyncio.sleep(self.latency)
                 if to_client:
                     pending.append(data)
                     if not data:
@@ -176,12 +178,12 @@ class Env:
         """pg_terminate_backend, returning once the backend has exited."""
         assert await self.admin.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
 
-    async def settled(self, pool: Any, size: int = 1) -> tuple[int, int, int]:
+    async def settled(self, pool: Any, size: int = 1, timeout: float = 5.0) -> tuple[int, int, int]:
         """Once the pool is back to ``size`` idle connections: (size, idle,
         backends on the server)."""
         with contextlib.suppress(TimeoutError):
-            await until(lambda: pool.get_size() == size and pool.get_idle_size() == size, timeout=5)
-        deadline = time.monotonic() + 5
+            await until(lambda: pool.get_size() == size and pool.get_idle_size() == size, timeout=timeout)
+        deadline = time.monotonic() + timeout
         while (seen := await self.backends()) != pool.get_size() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)  # an exiting backend leaves pg_stat_activity a moment later
         return pool.get_size(), pool.get_idle_size(), seen
@@ -205,7 +207,7 @@ async def env(flavour: str, running: Cluster) -> AsyncIterator[Env]:
             pool.terminate()
         if e.proxy is not None:
             await e.proxy.close()
-        await admin.close()
+        await e.admin.close()
 
 
 async def next_lease(pool: Any, *settings: str) -> dict[str, Any]:
@@ -293,6 +295,34 @@ async def test_backend_killed_during_the_lease(env: Env, when: str, request: pyt
         assert right_after == (0, 0), "get_size() still counts the dead connection after release() returned"
 
 
+OVER_CONNECT = (
+    "an acquire right after the release of a connection whose query met its killed backend: asyncpg's pool "
+    "connects a second holder beside its min_size reconnect, ending with 2 connections (2 backends); "
+    "safepool serves the acquire from its reconnect and keeps 1"
+)
+
+
+async def test_acquire_right_after_releasing_a_lost_connection(env: Env, request: pytest.FixtureRequest) -> None:
+    """The holder learns of the kill from its query, releases, and the next
+    acquire comes at once (while the min_size reconnect is under way)."""
+    if env.flavour == "safepool":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=OVER_CONNECT))
+    pool = await env.pool(via_proxy=True)
+    assert env.proxy is not None
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    await con.execute("SELECT 1")
+    env.proxy.hold()
+    await env.kill(pid)
+    await env.proxy.wait_server_gone()
+    assert (await outcome(lambda: con.fetchval("SELECT 1")))[0] == "raise"
+    await pool.release(con)
+    async with asyncio.timeout(5):
+        seen = await next_lease(pool)
+    assert seen["select"] == 1 and seen["pid"] != pid
+    assert await env.settled(pool, size=2, timeout=1.0) == (2, 2, 2)
+
+
 KILL_IN_RELEASE_EXPECTED = {
     # The release's reset meets the FATAL: asyncpg's holder terminates the
     # connection and re-raises the reset's error.
@@ -315,7 +345,8 @@ async def test_backend_killed_before_release_reset_meets_it(env: Env) -> None:
         release = await outcome(lambda: pool.release(con))
     assert {"release": release} == KILL_IN_RELEASE_EXPECTED
     assert await outcome(lambda: con.fetchval("SELECT 1")) == (
-        "raise", f"InterfaceError: cannot call Connection.fetchval(): {RELEASED}"
+        "raise",
+        f"InterfaceError: cannot call Connection.fetchval(): {RELEASED}",
     )
     assert await env.settled(pool) == (1, 1, 1)
     assert (await next_lease(pool))["pid"] != pid
@@ -422,9 +453,7 @@ IDLE_XACT_EXPECTED: dict[str, dict[str, Any]] = {
 
 @pytest.mark.parametrize("how", ["SET", "server_settings"])
 @pytest.mark.parametrize("read", list(IDLE_XACT_EXPECTED))
-async def test_idle_in_transaction_timeout_between_last_statement_and_release(
-    env: Env, how: str, read: str
-) -> None:
+async def test_idle_in_transaction_timeout_between_last_statement_and_release(env: Env, how: str, read: str) -> None:
     settings = {"idle_in_transaction_session_timeout": "100"} if how == "server_settings" else {}
     pool = await env.pool(via_proxy=True, server_settings=settings)
     assert env.proxy is not None
@@ -443,3 +472,178 @@ async def test_idle_in_transaction_timeout_between_last_statement_and_release(
     assert got == IDLE_XACT_EXPECTED[read], env.reports
     assert await env.settled(pool) == (1, 1, 1)
     assert (await next_lease(pool))["pid"] != pid
+
+
+# ------------------------------------------- 3. failed transactions released
+
+IN_FAILED = (
+    "InFailedSQLTransactionError: current transaction is aborted, commands ignored until end of transaction block"
+)
+FAILED_XACT_EXPECTED: dict[str, dict[str, Any]] = {
+    # The error is swallowed inside the block: its COMMIT meets the failed
+    # transaction, which the server ends with a ROLLBACK (no error).
+    "managed-swallowed": {"block": ("ok", None), "release": ("ok", None), "reports": 0},
+    # Transaction.start() by hand, never finished: not managed, so reported.
+    "started-by-hand": {"block": ("ok", None), "release": ("ok", None), "reports": 1},
+    "BEGIN-no-ROLLBACK": {"block": ("ok", None), "release": ("ok", None), "reports": 1},
+    # release() inside the block: the reset rolls back without a report (the
+    # transaction is managed), and the block's exit then raises: its
+    # connection was released.
+    "released-inside-block": {
+        "block": (
+            "raise",
+            "InterfaceError: cannot call Transaction.__aexit__(): the underlying connection has been released"
+            " back to the pool",
+        ),
+        "release": ("ok", None),
+        "reports": 0,
+    },
+}
+
+
+@pytest.mark.parametrize("how", list(FAILED_XACT_EXPECTED))
+async def test_failed_transaction_released(env: Env, how: str) -> None:
+    pool = await env.pool(max_size=1)
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    await con.execute("SET work_mem = '8MB'")  # a session setting, outside the transaction
+    release: Any = None
+
+    async def swallow() -> None:
+        with contextlib.suppress(asyncpg.DivisionByZeroError):
+            await con.execute("SELECT 1/0")
+        assert await outcome(lambda: con.fetchval("SELECT 1")) == ("raise", IN_FAILED)
+
+    async def block() -> None:
+        nonlocal release
+        if how == "managed-swallowed":
+            async with con.transaction():
+                await swallow()
+        elif how == "started-by-hand":
+            await con.transaction().start()
+            await swallow()
+        elif how == "BEGIN-no-ROLLBACK":
+            await con.execute("BEGIN; SET work_mem = '16MB'")
+            await swallow()
+        else:
+            async with con.transaction():
+                await swallow()
+                release = await outcome(lambda: pool.release(con))
+
+    ended = await outcome(block)
+    if release is None:
+        release = await outcome(lambda: pool.release(con))
+    got = {"block": ended, "release": release, "reports": env.active_xact_reports()}
+    assert got == FAILED_XACT_EXPECTED[how], env.reports
+    seen = await next_lease(pool, "work_mem")
+    assert (seen["pid"], seen["in_xact"], seen["work_mem"]) == (pid, False, "4MB")
+    assert await env.settled(pool) == (1, 1, 1)
+
+
+# -------------------------------------------- 4. a reset slower than release(timeout=)
+
+
+class SlowResetConnection(asyncpg.Connection):
+    """The reset query starts with 0.3 s of server time."""
+
+    def get_reset_query(self) -> str:
+        return "SELECT pg_sleep(0.3); " + super().get_reset_query()
+
+
+async def _slow_reset_hook(con: Any) -> None:
+    await con.execute("SELECT pg_sleep(0.3)")
+
+
+SLOW_RESETS: dict[str, dict[str, Any]] = {
+    "connection_class": {"connection_class": SlowResetConnection},
+    "reset_hook": {"reset": _slow_reset_hook},
+    "latency": {"via_proxy": True},
+}
+
+
+@pytest.mark.realtime
+@pytest.mark.parametrize(
+    ("slow", "timeout_from"),
+    [
+        ("connection_class", "release"),
+        ("connection_class", "acquire"),
+        ("reset_hook", "release"),
+        ("latency", "release"),
+    ],
+)
+async def test_release_timeout_shorter_than_the_reset(env: Env, slow: str, timeout_from: str) -> None:
+    """release(timeout=0.05), or acquire(timeout=0.15) and a plain release()
+    (asyncpg: the acquire's timeout): the reset takes longer (0.3 s of
+    server time, or 0.4 s of round trip). Both raise TimeoutError and give
+    the connection up; the pool is back to min_size after."""
+    pool = await env.pool(max_size=1, **SLOW_RESETS[slow])
+    if slow == "latency":
+        assert env.proxy is not None
+    con = await pool.acquire(timeout=0.15 if timeout_from == "acquire" else None)
+    pid = con.get_server_pid()
+    await con.execute("SELECT pg_advisory_lock(99)")
+    if slow == "latency":
+        env.proxy.latency = 0.2  # type: ignore[union-attr]  # a round trip: 0.4 s
+    started = time.monotonic()
+    release = await outcome(lambda: pool.release(con, timeout=0.05) if timeout_from == "release" else pool.release(con))
+    took = time.monotonic() - started
+    if slow == "latency":
+        env.proxy.latency = 0.0  # type: ignore[union-attr]
+    assert release == ("raise", "TimeoutError: ")
+    assert took < (0.2 if timeout_from == "release" else 0.28), took
+    assert await outcome(lambda: con.fetchval("SELECT 1")) == (
+        "raise",
+        f"InterfaceError: cannot call Connection.fetchval(): {RELEASED}",
+    )
+    # Given up, not reused: the advisory lock went with its backend.
+    assert await env.settled(pool) == (1, 1, 1)
+    assert await env.admin.fetchval("SELECT pg_try_advisory_lock(99)")
+    await env.admin.execute("SELECT pg_advisory_unlock_all()")
+    assert (await next_lease(pool))["pid"] != pid
+    assert env.reports == []
+
+
+# ------------------------------------------------ 5. the server restarts
+
+
+RESTART_EXPECTED: dict[str, Any] = {
+    # The client read the shutdown FATAL while the server was down.
+    "read": {
+        "query": ("raise", f"InterfaceError: cannot call Connection.fetchval(): {RELEASED}"),
+        "release": ("ok", None),
+    },
+    # The FATAL waited in the proxy: the first query after the restart gets it.
+    "unread": {
+        "query": ("raise", f"ConnectionDoesNotExistError: {LOST}: {ADMIN_SHUTDOWN}"),
+        "release": ("ok", None),
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.realtime
+@pytest.mark.parametrize("read", list(RESTART_EXPECTED))
+async def test_server_restarts_while_leased(env: Env, read: str) -> None:
+    pool = await env.pool(via_proxy=read == "unread")
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    assert await con.fetchval("SELECT 1") == 1
+    if env.proxy is not None:
+        env.proxy.hold()
+    await asyncio.to_thread(env.cluster.stop, "fast")
+    await asyncio.to_thread(env.cluster.start)
+    if env.proxy is not None:
+        await env.proxy.wait_server_gone()
+    else:
+        await until(lambda: noticed(con))
+    env.admin.terminate()  # its backend went with the restart
+    env.admin = await asyncpg.connect(env.cluster.admin_dsn)
+    query = await outcome(lambda: con.fetchval("SELECT 1"))
+    release = await outcome(lambda: pool.release(con))
+    assert {"query": query, "release": release} == RESTART_EXPECTED[read]
+    # Settled first: an acquire during the min_size reconnect is
+    # test_acquire_right_after_releasing_a_lost_connection's.
+    assert await env.settled(pool) == (1, 1, 1)
+    seen = await next_lease(pool)
+    assert (seen["select"], seen["in_xact"]) == (1, False) and seen["pid"] != pid
+    assert env.reports == []
