@@ -647,3 +647,22 @@ async def test_server_restarts_while_leased(env: Env, read: str) -> None:
     seen = await next_lease(pool)
     assert (seen["select"], seen["in_xact"]) == (1, False) and seen["pid"] != pid
     assert env.reports == []
+
+
+@pytest.mark.parametrize("in_xact", [False, True])
+async def test_statement_timeout_fires_in_the_release_reset(env: Env, in_xact: bool) -> None:
+    """The lease's own statement_timeout (10 ms) cancels the release's slow
+    reset query (0.3 s): release() raises the server's error and the
+    connection is given up."""
+    pool = await env.pool(max_size=1, connection_class=SlowResetConnection)
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    await con.execute("SET statement_timeout = 10")
+    if in_xact:  # (in one message with the SET, the ROLLBACK would undo the SET too)
+        await con.execute("BEGIN")
+    release = await outcome(lambda: pool.release(con))
+    assert release == ("raise", CANCELED)
+    assert env.active_xact_reports() == int(in_xact), env.reports
+    assert await env.settled(pool) == (1, 1, 1)
+    seen = await next_lease(pool, "statement_timeout")
+    assert (seen["statement_timeout"], seen["in_xact"]) == ("0", False) and seen["pid"] != pid
