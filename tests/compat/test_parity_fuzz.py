@@ -1,0 +1,488 @@
+"""Random programs, run once on asyncpg's pool and once on safepool: the
+traces must be the same (the differential form of tests/compat/test_parity.py).
+
+A program is a seeded sequence of steps on a two-connection pool: acquire
+and release (twice, with a timeout, ``async with`` whose body may raise),
+statements from a vocabulary that changes session and server state
+(settings, transactions by SQL and by ``Connection.transaction()``,
+savepoints, advisory and row locks, LISTEN, cursors, errors), prepared
+statements, COPY, ``executemany``, listeners left registered, a statement
+cancelled by its caller, ``reset()`` and ``close()`` on a leased
+connection, the pool's query shortcuts, ``expire_connections()``, and calls
+on proxies, cursors, prepared statements and transactions after their lease
+ended. Each step is recorded as what application code can observe: the
+value returned, the exception's class and message, the warnings raised, the
+loop's exception handler calls, the pool's sizes. After each release an
+admin session records what the other sessions see (advisory locks and open
+transactions of the pool's connections not leased, whether the row locks
+are free); after most acquires the lease records its own session (settings,
+LISTEN channels, cursors, advisory locks, transaction status).
+
+The vocabulary leaves out what asyncpg's reset leaves in the session on
+both pools (temporary tables, SET ROLE, SQL-level PREPARE: see
+docs/reset-modes.md); with it, which backend a lease gets would decide the
+outcome. Both pools hand out the most recently released connection first
+(asyncpg's LIFO queue, safepool's idle stack), yet the traces do not depend
+on it. Known, documented differences are normalised away, each where it is
+applied: safepool's errors are subclasses of asyncpg's with messages of
+their own (the acquire timeout), and the sizes differ by design after
+``expire_connections()`` or a leased connection's ``close()``.
+
+``SAFEPOOL_LONG=1`` runs 600 programs instead of 40. A failing seed prints
+both traces from the first difference, with the program."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import pytest
+
+import safepool
+
+LONG = bool(os.environ.get("SAFEPOOL_LONG"))
+SEEDS = range(600 if LONG else 40)
+STEPS = 60
+HANDLES = 2  # the pools' max_size: a third acquire waits
+# Per process: matrix cells sharing a server (SAFEPOOL_TEST_DSN) do not meet.
+TABLE = f"parity_fuzz_{os.getpid()}"
+SEQUENCE = f"{TABLE}_ids"
+
+# Statements that may change the session, the transaction or server state.
+# (name, SQL): the name is what the trace shows. None may wait for another
+# lease (row locks are taken NOWAIT, inserts take fresh keys): a program is
+# one task, so a wait would last until the step's timeout, and how a
+# timed-out statement races the other lease's release is up to the server.
+STATEMENTS: list[tuple[str, str]] = [
+    ("select", "SELECT 1"),
+    ("select_args", "SELECT 2 + 2"),
+    ("set_search_path", "SET search_path = pg_catalog, public"),
+    ("set_timeout", "SET statement_timeout = '7s'"),
+    ("set_local", "SET LOCAL work_mem = '3MB'"),
+    ("set_config_session", "SELECT set_config('application_name', 'parity-fuzz-x', false)"),
+    ("set_config_local", "SELECT set_config('work_mem', '5MB', true)"),
+    ("begin", "BEGIN"),
+    ("begin_serializable", "BEGIN ISOLATION LEVEL SERIALIZABLE"),
+    ("commit", "COMMIT"),
+    ("rollback", "ROLLBACK"),
+    ("savepoint", "SAVEPOINT fuzz_sp"),
+    ("rollback_to", "ROLLBACK TO SAVEPOINT fuzz_sp"),
+    ("advisory_try", "SELECT pg_try_advisory_lock(4242)"),
+    ("advisory_try_other", "SELECT pg_try_advisory_lock(4243)"),
+    ("advisory_unlock", "SELECT pg_advisory_unlock(4242)"),
+    ("advisory_xact", "SELECT pg_try_advisory_xact_lock(4244)"),
+    ("advisory_shared", "SELECT pg_try_advisory_lock_shared(4245)"),
+    ("listen", "LISTEN parity_fuzz"),
+    ("notify", "NOTIFY parity_fuzz, 'x'"),
+    ("unlisten", "UNLISTEN parity_fuzz"),
+    ("declare_hold", "DECLARE fuzz_hold CURSOR WITH HOLD FOR SELECT generate_series(1, 3)"),
+    ("declare", "DECLARE fuzz_cur CURSOR FOR SELECT generate_series(1, 3)"),
+    ("fetch_cursor", "FETCH 1 FROM fuzz_hold"),
+    ("close_cursor", "CLOSE fuzz_hold"),
+    ("row_lock", f"SELECT id FROM {TABLE} WHERE id = 1 FOR UPDATE NOWAIT"),
+    ("row_lock_2", f"SELECT id FROM {TABLE} WHERE id = 2 FOR UPDATE NOWAIT"),
+    ("update", f"UPDATE {TABLE} SET v = v + 1 WHERE id = (SELECT id FROM {TABLE} WHERE id = 3 FOR UPDATE NOWAIT)"),
+    ("insert", f"INSERT INTO {TABLE} (id, v) VALUES (nextval('{SEQUENCE}'), 0)"),
+    ("division_by_zero", "SELECT 1 / 0"),
+    ("syntax_error", "SELEC 1"),
+    ("unknown_table", "SELECT * FROM parity_fuzz_missing"),
+    ("two_statements", "SELECT 1; SET search_path = public"),
+    ("show", "SHOW search_path"),
+]
+
+UPDATE_ROW_4 = f"UPDATE {TABLE} SET v = v + $1 WHERE id = (SELECT id FROM {TABLE} WHERE id = 4 FOR UPDATE NOWAIT)"
+
+# What the lease itself sees of its session.
+SESSION_PROBE = """
+SELECT current_setting('search_path'), current_setting('statement_timeout'),
+       current_setting('work_mem'), current_setting('application_name'),
+       (SELECT count(*) FROM pg_listening_channels()),
+       (SELECT count(*) FROM pg_cursors),
+       (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()),
+       now() = statement_timestamp()
+"""
+
+
+@dataclass
+class Run:
+    """One program's run on one pool: the handles it holds and the trace."""
+
+    pool: Any
+    admin: asyncpg.Connection
+    trace: list[tuple[Any, ...]] = field(default_factory=list)
+    held: list[Any] = field(default_factory=lambda: [None] * HANDLES)
+    released: list[Any] = field(default_factory=list)
+    transactions: list[Any] = field(default_factory=list)
+    cursors: list[Any] = field(default_factory=list)
+    statements: list[Any] = field(default_factory=list)
+    pids: set[int] = field(default_factory=set)
+    handler_calls: list[str] = field(default_factory=list)
+    sizes_differ: str = ""  # why the sizes are no longer compared
+    next_id: int = 1000  # keys for COPY
+
+
+def describe(exc: BaseException) -> tuple[str, str]:
+    """What a program sees of an error: its class and message, the address
+    in a repr taken out. safepool's own errors are shown as the asyncpg or
+    builtin class they subclass, without their message (documented: the
+    same class as asyncpg's, a message of safepool's; docs/api.md)."""
+    if isinstance(exc, safepool.PoolError):
+        for cls in type(exc).__mro__:
+            if not cls.__module__.startswith("safepool"):
+                return cls.__name__, "(safepool's message)"
+    if isinstance(exc, TimeoutError):
+        # asyncpg's acquire timeout: a bare asyncio.TimeoutError.
+        return "TimeoutError", "(safepool's message)"
+    return type(exc).__name__, scrub(str(exc))
+
+
+def scrub(text: str) -> str:
+    text = re.sub(r"0x[0-9a-f]+", "0x?", text)
+    text = re.sub(r"__asyncpg_([a-z]+)_[0-9a-f]+__", r"__asyncpg_\1_?__", text)  # asyncpg's counters
+    return re.sub(r"<[A-Za-z_.]*(Connection|Proxy)[^>]*>", "<connection>", text)
+
+
+def value(result: Any) -> Any:
+    if isinstance(result, list):
+        return [value(item) for item in result]
+    if isinstance(result, asyncpg.Record):
+        return tuple(result.values())
+    return result
+
+
+# Step kinds on a held connection and their weights (acquire and release
+# are chosen first, see make_program).
+ON_HELD: list[tuple[str, int]] = [
+    ("sql", 40),
+    ("transaction", 6),
+    ("cursor", 4),
+    ("prepare", 4),
+    ("stale", 4),
+    ("state", 3),
+    ("shortcut", 3),
+    ("scoped", 3),
+    ("copy", 2),
+    ("executemany", 2),
+    ("expire", 2),
+    ("acquire_timeout", 2),
+    ("listener", 2),
+    ("log_listener", 1),
+    ("cancel", 1),
+    ("reset", 1),
+    ("close", 1),
+]
+
+
+def make_program(seed: int) -> list[tuple[Any, ...]]:
+    """The steps, from ``seed``: each a tuple (kind, arguments...). Which
+    handles are held is tracked so that a third acquire is rare and bounded
+    by a timeout, and the steps that take a connection of their own (the
+    pool's shortcuts, ``async with``) run only with one free."""
+    rng = random.Random(seed)
+    held = [False] * HANDLES
+    steps: list[tuple[Any, ...]] = []
+    kinds = [name for name, _ in ON_HELD]
+    weights = [weight for _, weight in ON_HELD]
+    while len(steps) < STEPS:
+        free = [i for i in range(HANDLES) if not held[i]]
+        taken = [i for i in range(HANDLES) if held[i]]
+        roll = rng.random()
+        if not taken or (free and roll < 0.18):
+            slot = rng.choice(free)
+            steps.append(("acquire", slot, rng.random() < 0.75))
+            held[slot] = True
+            continue
+        if roll < 0.30:
+            slot = rng.choice(taken)
+            steps.append(("release", slot, rng.choice(["plain", "plain", "twice", "timeout"])))
+            held[slot] = False
+            continue
+        kind = rng.choices(kinds, weights)[0]
+        slot = rng.choice(taken)
+        if kind in ("shortcut", "scoped") and not free:
+            continue
+        if kind == "acquire_timeout" and free:
+            continue
+        if kind == "sql":
+            steps.append(("sql", slot, rng.choice(STATEMENTS)[0], rng.choice(["execute", "fetch"])))
+        elif kind == "transaction":
+            steps.append(("transaction", slot, rng.choice(["start", "start", "commit", "rollback"])))
+        elif kind == "stale":
+            steps.append(("stale", rng.choice(["proxy", "cursor", "statement", "transaction"])))
+        elif kind == "shortcut":
+            steps.append(("shortcut", rng.choice(["fetchval", "execute", "fetch", "executemany"])))
+        elif kind == "scoped":
+            steps.append(("scoped", rng.choice(STATEMENTS)[0], rng.random() < 0.3))
+        elif kind in ("expire", "acquire_timeout"):
+            steps.append((kind,))
+        else:
+            steps.append((kind, slot))
+    steps.extend(("release", slot, "plain") for slot in range(HANDLES) if held[slot])
+    return steps
+
+
+async def run_program(run: Run, program: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    loop = asyncio.get_running_loop()
+    previous_handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: run.handler_calls.append(scrub(str(context.get("message")))))
+    try:
+        for index, step in enumerate(program):
+            await record(run, index, step)
+    finally:
+        loop.set_exception_handler(previous_handler)
+    run.trace.append(("table", [tuple(r) for r in await run.admin.fetch(f"SELECT id, v FROM {TABLE} ORDER BY id")]))
+    return run.trace
+
+
+async def record(run: Run, index: int, step: tuple[Any, ...]) -> None:
+    run.handler_calls.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            async with asyncio.timeout(10):
+                outcome: Any = ("ok", value(await perform(run, step)))
+        except Exception as exc:
+            outcome = ("error", *describe(exc))
+    run.trace.append(
+        (
+            index,
+            step,
+            outcome,
+            sorted(f"{w.category.__name__}: {scrub(str(w.message))}" for w in caught),
+            sorted(run.handler_calls),
+            sizes(run),
+        )
+    )
+    if step[0] in ("release", "shortcut", "scoped", "expire"):
+        run.trace.append((index, "seen by others", await others_see(run)))
+
+
+def sizes(run: Run) -> tuple[Any, ...]:
+    """``get_size()`` and ``get_idle_size()``, until the program first calls
+    ``expire_connections()`` or closes a leased connection: from then on
+    they differ by design (docs/migration.md, "Also different": safepool
+    closes expired idle connections at once and reopens ``min_size`` in the
+    background, where asyncpg's pool replaces each at its next acquire; it
+    counts a closed leased connection until the server confirms its backend
+    is gone)."""
+    if run.sizes_differ:
+        return ("size", f"not compared after {run.sizes_differ}")
+    return ("size", run.pool.get_size(), run.pool.get_idle_size())
+
+
+async def perform(run: Run, step: tuple[Any, ...]) -> Any:
+    kind = step[0]
+    pool = run.pool
+    if kind == "acquire":
+        _, slot, probe = step
+        con = await pool.acquire()
+        run.held[slot] = con
+        run.pids.add(con.get_server_pid())
+        return await con.fetchrow(SESSION_PROBE) if probe else "leased"
+    if kind == "acquire_timeout":
+        con = await pool.acquire(timeout=0.02)
+        await pool.release(con)
+        return "leased"
+    if kind == "release":
+        _, slot, how = step
+        con, run.held[slot] = run.held[slot], None
+        run.released.append(con)
+        if how == "timeout":
+            return await pool.release(con, timeout=5)
+        await pool.release(con)
+        if how == "twice":
+            return await pool.release(con)
+        return None
+    if kind == "sql":
+        _, slot, name, method = step
+        sql = dict(STATEMENTS)[name]
+        con = run.held[slot]
+        if method == "fetch" and ";" not in sql:
+            return await con.fetch(sql)
+        return await con.execute(sql)
+    if kind == "transaction":
+        _, slot, action = step
+        con = run.held[slot]
+        if action == "start":
+            transaction = con.transaction()
+            run.transactions.append(transaction)
+            await transaction.start()
+            return con.is_in_transaction()
+        if not run.transactions:
+            return "no transaction"
+        transaction = run.transactions.pop()
+        await (transaction.commit() if action == "commit" else transaction.rollback())
+        return con.is_in_transaction()
+    if kind == "cursor":
+        con = run.held[step[1]]
+        cursor = await con.cursor("SELECT generate_series(1, 5)")
+        run.cursors.append(cursor)
+        return await cursor.fetch(2)
+    if kind == "prepare":
+        con = run.held[step[1]]
+        statement = await con.prepare("SELECT $1::int * 3")
+        run.statements.append(statement)
+        return await statement.fetchval(7)
+    if kind == "stale":
+        what = step[1]
+        if what == "proxy":
+            return await run.released[-1].fetchval("SELECT 1") if run.released else "none"
+        if what == "cursor":
+            return await run.cursors[-1].fetch(1) if run.cursors else "none"
+        if what == "statement":
+            return await run.statements[-1].fetchval(1) if run.statements else "none"
+        if not run.transactions:
+            return "none"
+        await run.transactions[-1].rollback()
+        return "rolled back"
+    if kind == "state":
+        con = run.held[step[1]]
+        return (con.is_in_transaction(), con.is_closed())
+    if kind == "shortcut":
+        method = step[1]
+        if method == "fetchval":
+            return await pool.fetchval("SELECT 40 + 2")
+        if method == "execute":
+            return await pool.execute(UPDATE_ROW_4, 100)
+        if method == "executemany":
+            return await pool.executemany(UPDATE_ROW_4, [(10,), (20,)])
+        return await pool.fetch("SELECT generate_series(1, 2)")
+    if kind == "expire":
+        run.sizes_differ = "expire_connections()"
+        return await pool.expire_connections()
+    if kind == "scoped":
+        _, name, fail = step
+        async with pool.acquire() as con:
+            result = await con.execute(dict(STATEMENTS)[name])
+            if fail:
+                raise LookupError("the body of async with raised")
+            return result
+    if kind == "copy":
+        con = run.held[step[1]]
+        run.next_id += 1
+        return await con.copy_records_to_table(TABLE, records=[(run.next_id, 7)])
+    if kind == "executemany":
+        con = run.held[step[1]]
+        return await con.executemany(UPDATE_ROW_4, [(1,), (2,)])
+    if kind == "listener":
+        con = run.held[step[1]]
+        await con.add_listener("parity_fuzz", _ignore)
+        return "added"
+    if kind == "log_listener":
+        con = run.held[step[1]]
+        con.add_log_listener(_ignore)
+        return "added"
+    if kind == "cancel":
+        # A statement cut short by the caller: asyncpg cancels it on the
+        # server, and the release waits for the cancellation.
+        con = run.held[step[1]]
+        return await asyncio.wait_for(con.fetchval("SELECT pg_sleep(5)"), 0.02)
+    if kind == "reset":
+        return await run.held[step[1]].reset()
+    if kind == "close":
+        run.sizes_differ = "a leased connection's close()"
+        return await run.held[step[1]].close()
+    raise AssertionError(f"unknown step {step!r}")
+
+
+def _ignore(*_args: Any) -> None:
+    return None
+
+
+async def others_see(run: Run) -> tuple[Any, ...]:
+    """What a session outside the pool sees: the advisory locks and open
+    transactions of the pool's backends that are not leased (a leased one
+    is the program's, and a statement it cancelled ends on the server in
+    its own time), and whether the rows a lease may lock are free (row
+    locks of leased connections included: they are taken NOWAIT, at once)."""
+    held = set()
+    for con in run.held:
+        if con is not None:
+            with contextlib.suppress(asyncpg.InterfaceError):  # closed by the program
+                held.add(con.get_server_pid())
+    pids = sorted(run.pids - held)
+    locks = await run.admin.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = ANY($1::int[])", pids
+    )
+    in_transaction = await run.admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[]) AND state LIKE 'idle in transaction%'",
+        pids,
+    )
+    free = []
+    async with run.admin.transaction():
+        for row in (1, 2, 3):
+            try:
+                async with run.admin.transaction():  # a savepoint: a refused lock ends only it
+                    await run.admin.fetchval(f"SELECT id FROM {TABLE} WHERE id = $1 FOR UPDATE NOWAIT", row)
+                free.append(True)
+            except asyncpg.LockNotAvailableError:
+                free.append(False)
+    return ("advisory locks", locks, "in transaction", in_transaction, "rows free", tuple(free))
+
+
+async def trace_on(factory: Callable[..., Any], dsn: str, program: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute(
+            f"CREATE TABLE {TABLE} (id int PRIMARY KEY, v int NOT NULL);"
+            f"INSERT INTO {TABLE} VALUES (1, 0), (2, 0), (3, 0), (4, 0);"
+            f"CREATE SEQUENCE {SEQUENCE} START 100"
+        )
+        pool = await factory(dsn, min_size=1, max_size=HANDLES)
+        try:
+            run = Run(pool, admin)
+            trace = await run_program(run, program)
+            await asyncio.wait_for(pool.close(), 10)
+            trace.append(("closed", pool.get_size()))
+            return trace
+        finally:
+            pool.terminate()
+    finally:
+        await admin.execute(f"DROP TABLE IF EXISTS {TABLE}; DROP SEQUENCE IF EXISTS {SEQUENCE}")
+        await admin.close()
+
+
+def first_difference(a: list[Any], b: list[Any]) -> int | None:
+    for index, (left, right) in enumerate(zip(a, b, strict=False)):
+        if left != right:
+            return index
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_random_program_same_on_both_pools(pg_dsn: str, seed: int) -> None:
+    program = make_program(seed)
+    expected = await trace_on(asyncpg.create_pool, pg_dsn, program)
+    actual = await trace_on(safepool.create_pool, pg_dsn, program)
+    at = first_difference(expected, actual)
+    if at is not None:
+        lines = [f"seed {seed}: traces differ at entry {at}", "program:"]
+        lines += [f"  {i:3d} {step}" for i, step in enumerate(program)]
+        lines.append("asyncpg's pool:")
+        lines += [f"  {entry}" for entry in expected[max(0, at - 3) : at + 3]]
+        lines.append("safepool:")
+        lines += [f"  {entry}" for entry in actual[max(0, at - 3) : at + 3]]
+        pytest.fail("\n".join(lines))
+
+
+def test_programs_cover_the_vocabulary() -> None:
+    """The seeds in CI reach every statement and every step kind (a program
+    generator that stopped producing some would pass while testing less)."""
+    kinds: set[str] = set()
+    statements: set[str] = set()
+    for seed in SEEDS:
+        for step in make_program(seed):
+            kinds.add(step[0])
+            if step[0] == "sql":
+                statements.add(step[2])
+    assert statements == {name for name, _ in STATEMENTS}
+    assert kinds == {"acquire", "release"} | {name for name, _ in ON_HELD}
