@@ -50,6 +50,24 @@ import safepool
 
 LONG = bool(os.environ.get("SAFEPOOL_LONG"))
 SEEDS = range(600 if LONG else 40)
+# safepool's options that must change nothing a program sees: the default
+# pool, reset_mode="auto" (it skips resets only where the session provably
+# did not change), and the observing and opt-in protections set far above
+# anything a program here reaches. The last two run on every other seed.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "auto": {"reset_mode": "auto"},
+    "protections": {
+        "lease_timeout": 60,
+        "leak_warning_after": 60,
+        "capture_stack": True,
+        "max_waiters": 100,
+        "acquire_timeout": 60,
+        "fail_fast": True,
+        "wait_on_connect_error": True,
+    },
+}
+CASES = [(name, seed) for name in OPTIONS for seed in SEEDS if name == "default" or seed % 2 == 0]
 STEPS = 60
 HANDLES = 2  # the pools' max_size: a third acquire waits
 # Per process: matrix cells sharing a server (SAFEPOOL_TEST_DSN) do not meet.
@@ -428,7 +446,9 @@ async def others_see(run: Run) -> tuple[Any, ...]:
     return ("advisory locks", locks, "in transaction", in_transaction, "rows free", tuple(free))
 
 
-async def trace_on(factory: Callable[..., Any], dsn: str, program: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+async def trace_on(
+    factory: Callable[..., Any], dsn: str, program: list[tuple[Any, ...]], **options: Any
+) -> list[tuple[Any, ...]]:
     admin = await asyncpg.connect(dsn)
     try:
         await admin.execute(
@@ -436,7 +456,7 @@ async def trace_on(factory: Callable[..., Any], dsn: str, program: list[tuple[An
             f"INSERT INTO {TABLE} VALUES (1, 0), (2, 0), (3, 0), (4, 0);"
             f"CREATE SEQUENCE {SEQUENCE} START 100"
         )
-        pool = await factory(dsn, min_size=1, max_size=HANDLES)
+        pool = await factory(dsn, min_size=1, max_size=HANDLES, **options)
         try:
             run = Run(pool, admin)
             trace = await run_program(run, program)
@@ -458,18 +478,18 @@ def first_difference(a: list[Any], b: list[Any]) -> int | None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("seed", SEEDS)
-async def test_random_program_same_on_both_pools(pg_dsn: str, seed: int) -> None:
+@pytest.mark.parametrize(("options", "seed"), CASES)
+async def test_random_program_same_on_both_pools(pg_dsn: str, options: str, seed: int) -> None:
     program = make_program(seed)
     expected = await trace_on(asyncpg.create_pool, pg_dsn, program)
-    actual = await trace_on(safepool.create_pool, pg_dsn, program)
+    actual = await trace_on(safepool.create_pool, pg_dsn, program, **OPTIONS[options])
     at = first_difference(expected, actual)
     if at is not None:
-        lines = [f"seed {seed}: traces differ at entry {at}", "program:"]
+        lines = [f"seed {seed}, safepool options {OPTIONS[options]}: traces differ at entry {at}", "program:"]
         lines += [f"  {i:3d} {step}" for i, step in enumerate(program)]
         lines.append("asyncpg's pool:")
         lines += [f"  {entry}" for entry in expected[max(0, at - 3) : at + 3]]
-        lines.append("safepool:")
+        lines.append(f"safepool ({options}):")
         lines += [f"  {entry}" for entry in actual[max(0, at - 3) : at + 3]]
         pytest.fail("\n".join(lines))
 
