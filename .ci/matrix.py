@@ -243,8 +243,11 @@ def run_cell(cell: Cell, venv: Path, overlay: Path) -> None:
     xml.unlink(missing_ok=True)
     # The hypothesis model of the core (pure Python, the same on every
     # asyncpg) runs its full 600 examples in the README's test command; a
-    # cell runs 100, to keep .ci/run under 15 minutes.
-    env = {**os.environ, "PYTHONPATH": str(overlay), "SAFEPOOL_MODEL_EXAMPLES": "100"}
+    # cell runs 100, to keep .ci/run under 15 minutes; so too the random
+    # programs of the differential parity test (40 there, 10 here).
+    env = {
+        **os.environ, "PYTHONPATH": str(overlay), "SAFEPOOL_MODEL_EXAMPLES": "100", "SAFEPOOL_PARITY_PROGRAMS": "10",
+    }
     env.pop("VIRTUAL_ENV", None)
     # A short, private --basetemp: pytest's default (/tmp/pytest-of-USER/pytest-N/, N growing with every
     # session on the machine) can push a test's embedded PostgreSQL socket path past the 107-byte limit.
