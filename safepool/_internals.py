@@ -413,6 +413,35 @@ def detach_proxy(con: RawConnection, expired_reason: str | None = None) -> None:
         con._set_proxy(None)
 
 
+def _unwrap(con: RawConnection) -> Any:
+    """``Connection._unwrap()``, what asyncpg passes to listener, log
+    listener and termination listener callbacks: the proxy the connection
+    is leased through, else the connection (asyncpg 0.29-0.32). safepool's
+    connection refers to its proxy weakly (so a lost proxy is garbage
+    collected and found); asyncpg's own method would hand callbacks that
+    weak proxy, which is not the object the program holds (``is``,
+    ``hash()``, dict keys and ``isinstance`` fail on it). This resolves it
+    to the proxy itself (the connection once the proxy is garbage), and
+    leaves every other connection (asyncpg's own pool's, plain ones) to
+    asyncpg's method."""
+    proxy = con._proxy
+    if isinstance(proxy, weakref.ProxyTypes):
+        try:
+            return proxy._referent()
+        except ReferenceError:
+            return con
+    return _asyncpg_unwrap(con)
+
+
+# Installed on asyncpg's Connection class (every connection_class inherits
+# it): the only way to reach the callbacks' argument, which asyncpg takes
+# from this private method. It changes nothing for a connection whose
+# _proxy is not a weak proxy, that is, for every connection not leased from
+# a safepool pool.
+_asyncpg_unwrap = _pg_connection.Connection._unwrap  # type: ignore[attr-defined]
+_pg_connection.Connection._unwrap = _unwrap  # type: ignore[attr-defined]
+
+
 def live_proxy(con: RawConnection) -> Any | None:
     """The proxy a connection is leased through, or None (none, or already
     garbage: ``con._proxy`` is a weak proxy)."""

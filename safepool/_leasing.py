@@ -32,7 +32,7 @@ from ._detach import _Driver
 from ._holder import Face
 from ._internals import RawConnection
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
-from ._options import PoolConfig, validate_timeout
+from ._options import PoolConfig, release_timeout, validate_timeout
 from ._reporting import Reporter, describe_error
 from ._state import (
     OPEN_LEASE,
@@ -247,9 +247,11 @@ class Leaser:
         phase = self.state.phase
         if phase is not Phases.OPEN and phase is not Phases.CLOSING:
             self.check_init()
-        connection._detach()
         if timeout is None:
             timeout = connection._holder.release_timeout
+        elif type(timeout) is not float:
+            timeout = release_timeout(timeout)  # before the detach: a TypeError leaves the lease as it was
+        connection._detach()
         done = self.end_lease(connection._lease, con, timeout)
         if done is not None:
             # A plain future resolved by the pool's task, or the reset driven

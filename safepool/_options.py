@@ -44,6 +44,18 @@ def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive
     return float(value)
 
 
+def release_timeout(value: Any) -> float:
+    """``release(timeout=)`` other than None: seconds, as asyncpg 0.32's
+    release takes them (its reset runs under ``asyncio.timeout``), so 0,
+    negative and NaN leave no time for a reset (``TimeoutError`` from it).
+
+    :raises TypeError: not a number (bool included: asyncpg would take
+        True as 1 second, as acquire(timeout=True) is refused here too)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, got {type(value).__name__}")
+    return float(value)
+
+
 def validate_site_share(share: Any) -> None:
     if share is None:
         return

@@ -163,7 +163,13 @@ async def _reset_connection(
     if _pg.is_cancelling(con):
         # A cancelled query has not answered yet (asyncpg makes release
         # wait for it too, or the next holder inherits the cancellation).
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         await _pg.wait_for_cancellation(con)
+        if budget is not None:
+            # What is left goes to an overridden reset(), as asyncpg 0.32's
+            # holder passes it.
+            budget -= loop.time() - started
     if con.is_closed():
         return  # asyncpg's background cancel gave up and closed it
     async with asyncio.timeout(limit):

@@ -143,6 +143,12 @@ class PoolConnectionProxy(_pg_connection._ConnectionProxy):
             raise _released_error(self, attr)
         return getattr(con, attr)
 
+    def _referent(self) -> PoolConnectionProxy:
+        """This proxy itself, called through the connection's weak proxy
+        (``_internals._unwrap``: asyncpg's callbacks get the proxy, as with
+        asyncpg's pool)."""
+        return self
+
     def _detach(self) -> RawConnection | None:
         con, self._con = self._con, None
         if con is not None:
