@@ -470,3 +470,80 @@ async def test_an_acquire_that_gives_up_on_its_connect(make_pool: MakePool, flav
     assert pool.get_size() == expected
     if flavour == "safepool":
         pool._state.check_invariants()
+
+
+@pytest.mark.asyncio
+async def test_callbacks_receive_the_leased_proxy(make_pool: MakePool) -> None:
+    """Listener, log listener and termination listener callbacks of a leased
+    connection get the proxy the program holds (asyncpg's
+    ``Connection._unwrap()``): the same object, an ``asyncpg.Connection``,
+    hashable (a callback may key a dict by it)."""
+    pool = await make_pool()
+    con = await pool.acquire()
+    received: dict[str, Any] = {}
+    notified = asyncio.Event()
+
+    def on_notify(connection: Any, pid: int, channel: str, payload: str) -> None:
+        received["listener"] = connection
+        notified.set()
+
+    await con.add_listener("parity_callback", on_notify)
+    con.add_log_listener(lambda connection, message: received.setdefault("log", connection))
+    con.add_termination_listener(lambda connection: received.setdefault("termination", connection))
+    await con.execute("NOTIFY parity_callback")
+    await con.execute("DO $$BEGIN RAISE NOTICE 'parity'; END$$")
+    await asyncio.wait_for(notified.wait(), 5)
+    await con.close()
+    await wait_until(lambda: len(received) == 3)
+    await pool.release(con)
+    for name, connection in received.items():
+        assert connection is con, name
+        assert isinstance(connection, asyncpg.Connection), name
+        assert {connection: name}[con] == name
+
+
+class BudgetRecordingConnection(asyncpg.Connection):
+    budgets: list[float | None] = []
+
+    async def reset(self, *, timeout: float | None = None) -> None:
+        self.budgets.append(timeout)
+        await super().reset(timeout=timeout)
+
+
+@pytest.mark.asyncio
+async def test_overridden_reset_gets_the_budget_left(make_pool: MakePool) -> None:
+    """A connection class overriding ``reset()``: after the release waited
+    for a query its caller cancelled, asyncpg passes what is left of the
+    release's timeout (``_wait_for_cancellation`` returns the rest)."""
+    BudgetRecordingConnection.budgets = []
+    pool = await make_pool(connection_class=BudgetRecordingConnection)
+    con = await pool.acquire()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(con.fetchval("SELECT pg_sleep(5)"), 0.05)
+    await pool.release(con, timeout=5)
+    [budget] = BudgetRecordingConnection.budgets
+    assert budget is not None and budget < 5
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("timeout", [True, "1"])
+async def test_release_timeout_that_is_not_a_number(make_pool: MakePool, flavour: str, timeout: Any) -> None:
+    """asyncpg takes release(timeout=True) as 1 second and raises TypeError
+    from its reset for a string, giving the connection up; safepool raises
+    TypeError naming the argument before releasing anything (documented in
+    docs/migration.md, "release(timeout=) edge values")."""
+    pool = await make_pool()
+    con = await pool.acquire()
+    await con.execute("SELECT 1")
+    if flavour == "asyncpg":
+        if timeout is True:
+            assert await pool.release(con, timeout=timeout) is None
+        else:
+            with pytest.raises(TypeError):
+                await pool.release(con, timeout=timeout)
+        return
+    with pytest.raises(TypeError, match="timeout must be a number of seconds or None"):
+        await pool.release(con, timeout=timeout)
+    assert await con.fetchval("SELECT 2") == 2  # the lease is as it was
+    await pool.release(con)
+    assert (pool.get_size(), pool.get_idle_size()) == (1, 1)
