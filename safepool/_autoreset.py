@@ -458,7 +458,9 @@ def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
     # opened (no Sync), with the parse-time locks: whatever its SQL, a round
     # trip must end it. A statement that raised may have stopped there too
     # (proxy.watch).
-    always = name == "prepare"
+    # cursor() likewise: refused outside a transaction, it leaves the Parse's
+    # implicit transaction open with asyncpg's counter unmoved.
+    always = name in ("prepare", "cursor")
 
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._con

@@ -102,12 +102,14 @@ def _watched_forwarder(name: str) -> Any:
 
 
 def _forward(name: str, is_coroutine: bool, *, watch_errors: bool) -> Any:
-    if name.startswith("copy_") or name == "prepare":
+    if name.startswith("copy_") or name in ("prepare", "cursor"):
         # What asyncpg's statement counter does not count, yet leaves the
         # session to reset: a COPY's query can change it (a lock,
         # set_config, a trigger); prepare() sends Parse/Describe/Flush with
         # no Sync, so the backend stays in an implicit transaction, holding
-        # the parse-time locks, until the next statement.
+        # the parse-time locks, until the next statement. cursor() too: a
+        # cursor refused outside a transaction leaves the backend in the
+        # implicit transaction of its Parse, with the counter unmoved.
         call = marking_forwarder(name)
     elif is_coroutine:
         # Full mode resets every lease that ran a statement: marking the

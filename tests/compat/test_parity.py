@@ -547,3 +547,22 @@ async def test_release_timeout_that_is_not_a_number(make_pool: MakePool, flavour
     assert await con.fetchval("SELECT 2") == 2  # the lease is as it was
     await pool.release(con)
     assert (pool.get_size(), pool.get_idle_size()) == (1, 1)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", [{}, {"reset_mode": "auto"}], ids=["default", "auto"])
+async def test_a_failed_cursor_outside_a_transaction_leaves_nothing_to_the_next_lease(
+    make_pool: MakePool, flavour: str, mode: dict[str, str]
+) -> None:
+    """A cursor refused outside a transaction leaves the backend in the
+    implicit transaction of its Parse; asyncpg's reset ends it, so the next
+    lease can begin a serializable transaction (found by the parity fuzzer)."""
+    if mode and flavour == "asyncpg":
+        pytest.skip("reset_mode is safepool's")
+    pool = await make_pool(max_size=1, **mode)
+    async with pool.acquire() as con:
+        with pytest.raises(asyncpg.NoActiveSQLTransactionError):
+            await con.cursor("SELECT generate_series(1, 5)")
+    async with pool.acquire() as con:
+        assert await con.execute("BEGIN ISOLATION LEVEL SERIALIZABLE") == "BEGIN"
+        await con.execute("ROLLBACK")
