@@ -536,6 +536,7 @@ async def test_release_timeout_that_is_not_a_number(make_pool: MakePool, flavour
     con = await pool.acquire()
     await con.execute("SELECT 1")
     if flavour == "asyncpg":
+        skip_before_asyncpg((0, 30), "asyncpg's release(timeout=) as asserted here (0.29 differs)")
         if timeout is True:
             assert await pool.release(con, timeout=timeout) is None
         else:
