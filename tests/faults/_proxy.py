@@ -119,20 +119,26 @@ class FaultProxy:
                         w.transport.abort()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: _Pair) -> None:
+        """Relay one direction until either side goes; then close ``writer``."""
         try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                if self.latency:
-                    await asyncio.sleep(self.latency)
-                if self.blackhole:
-                    pair.tainted = True
-                    continue
-                writer.write(data)
-                await writer.drain()
+            await self._relay(reader, writer, pair)
         except (OSError, asyncio.CancelledError):
             pass
         finally:
             with contextlib.suppress(OSError, RuntimeError):
                 writer.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: _Pair) -> None:
+        """Copy ``reader`` to ``writer`` up to the EOF, with the latency and
+        black hole the test asked for (subclasses change what is copied when)."""
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            if self.latency:
+                await asyncio.sleep(self.latency)
+            if self.blackhole:
+                pair.tainted = True
+                continue
+            writer.write(data)
+            await writer.drain()

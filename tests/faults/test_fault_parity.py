@@ -100,41 +100,35 @@ class HoldingProxy(FaultProxy):
     def hold(self) -> None:
         self.flowing.clear()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: _Pair) -> None:
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: _Pair) -> None:
         to_client = writer is pair.client
         pending: list[bytes] = []
-        try:
-            while True:
-                data = await reader.read(65536)
-                if self.latency:
-                    await asyncio.sleep(self.latency)
-                if to_client:
-                    pending.append(data)
-                    if not data:
-                        self.gone.add(pair)
-                        self.server_gone.set()
-                    elif not self.flowing.is_set():
-                        continue  # keep reading (up to the EOF) while held
-                    await self.flowing.wait()
-                elif pair in self.gone:
-                    self.flowing.set()
-                    if data:
-                        continue
-                else:
-                    pending.append(data)
-                chunks, pending = pending, []
-                for chunk in chunks:
-                    if not chunk:
-                        return
-                    writer.write(chunk)
+        while True:
+            data = await reader.read(65536)
+            if self.latency:
+                await asyncio.sleep(self.latency)
+            if to_client:
+                pending.append(data)
                 if not data:
+                    self.gone.add(pair)
+                    self.server_gone.set()
+                elif not self.flowing.is_set():
+                    continue  # keep reading (up to the EOF) while held
+                await self.flowing.wait()
+            elif pair in self.gone:
+                self.flowing.set()
+                if data:
+                    continue
+            else:
+                pending.append(data)
+            chunks, pending = pending, []
+            for chunk in chunks:
+                if not chunk:
                     return
-                await writer.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            with contextlib.suppress(OSError, RuntimeError):
-                writer.close()
+                writer.write(chunk)
+            if not data:
+                return
+            await writer.drain()
 
     async def wait_server_gone(self) -> None:
         async with asyncio.timeout(5):
