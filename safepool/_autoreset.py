@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING, Any, Final
 from asyncpg import connection as _pg_connection
 from asyncpg.protocol import protocol as _pg_protocol
 
-from .proxy import PoolConnectionProxy, _mark_coroutine, _released_error, marking_forwarder, plain_forwarder, watch
+from .proxy import (
+    PARSE_WITHOUT_SYNC,
+    PoolConnectionProxy,
+    _mark_coroutine,
+    _released_error,
+    marking_forwarder,
+    plain_forwarder,
+    watch,
+)
 
 if TYPE_CHECKING:
     from ._holder import Holder as _Holder
@@ -454,13 +462,11 @@ class AutoResetProxy(PoolConnectionProxy):
 
 
 def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
-    # prepare() leaves the backend in the implicit transaction its Parse
-    # opened (no Sync), with the parse-time locks: whatever its SQL, a round
-    # trip must end it. A statement that raised may have stopped there too
-    # (proxy.watch).
-    # cursor() likewise: refused outside a transaction, it leaves the Parse's
-    # implicit transaction open with asyncpg's counter unmoved.
-    always = name in ("prepare", "cursor")
+    # prepare() and cursor() may leave the backend in the implicit
+    # transaction of their Parse (proxy.PARSE_WITHOUT_SYNC): whatever the
+    # SQL, a round trip must end it. A statement that raised may have
+    # stopped there too (proxy.watch).
+    always = name in PARSE_WITHOUT_SYNC
 
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._con

@@ -35,8 +35,7 @@ def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive
     :raises ValueError: NaN, negative, or 0 where ``positive``."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
+    _check_seconds_type(name, value)
     if positive and not value > 0:  # (NaN too)
         raise ValueError(f"{name} must be > 0 seconds (None turns it off), got {value!r}")
     if value != value or value < 0:  # NaN or negative
@@ -51,9 +50,14 @@ def release_timeout(value: Any) -> float:
 
     :raises TypeError: not a number (bool included: asyncpg would take
         True as 1 second, as acquire(timeout=True) is refused here too)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, got {type(value).__name__}")
+    _check_seconds_type("timeout", value)
     return float(value)
+
+
+def _check_seconds_type(name: str, value: Any) -> None:
+    """What every duration argument must be: an int or a float, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
 
 
 def validate_site_share(share: Any) -> None:

@@ -101,15 +101,19 @@ def _watched_forwarder(name: str) -> Any:
     return call
 
 
+# Methods that may leave the backend inside the implicit transaction of a
+# Parse that no Sync followed, holding the parse-time locks, with asyncpg's
+# statement counter unmoved: prepare() sends Parse/Describe/Flush, and a
+# cursor() refused outside a transaction stops there too. Every reset mode
+# must end that transaction with a round trip, whatever the SQL.
+PARSE_WITHOUT_SYNC = frozenset({"prepare", "cursor"})
+
+
 def _forward(name: str, is_coroutine: bool, *, watch_errors: bool) -> Any:
-    if name.startswith("copy_") or name in ("prepare", "cursor"):
+    if name.startswith("copy_") or name in PARSE_WITHOUT_SYNC:
         # What asyncpg's statement counter does not count, yet leaves the
         # session to reset: a COPY's query can change it (a lock,
-        # set_config, a trigger); prepare() sends Parse/Describe/Flush with
-        # no Sync, so the backend stays in an implicit transaction, holding
-        # the parse-time locks, until the next statement. cursor() too: a
-        # cursor refused outside a transaction leaves the backend in the
-        # implicit transaction of its Parse, with the counter unmoved.
+        # set_config, a trigger), and see PARSE_WITHOUT_SYNC.
         call = marking_forwarder(name)
     elif is_coroutine:
         # Full mode resets every lease that ran a statement: marking the
