@@ -365,7 +365,7 @@ class _Checker:
     def try_follows(self, acquire_stmt: ast.stmt, try_stmt: ast.stmt) -> str | None:
         """"next" if ``try_stmt`` comes right after the acquire in the same
         block (nothing in between can fail or leave), the line of the first
-        statement in between that can, or None if unrelated."""
+        await, return, raise... in between, or None if unrelated."""
         place = _block_of(self.module, acquire_stmt)
         if place is None:
             return None
@@ -373,8 +373,10 @@ class _Checker:
         for stmt in block[index + 1:]:
             if stmt is try_stmt:
                 return "next"
-            if _may_leave(stmt) is not None:
-                return str(stmt.lineno)
+            leaver = _may_leave(stmt)
+            if leaver is not None:
+                # The await, return or raise itself (an `if` may hold it lines below).
+                return str(getattr(leaver, "lineno", stmt.lineno))
         return None
 
     def gap_before_finally(self, releases: list[ast.Call], acquire_stmt: ast.stmt) -> int | None:
@@ -511,10 +513,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{error['path']}: error: {error['error']}", file=sys.stderr)
         files = len({f.path for f in findings})
         if findings:
-            print(f"safepool check: {len(findings)} problem{'s' if len(findings) != 1 else ''} in {files} "
-                  f"file{'s' if files != 1 else ''} ({scanned} scanned)")
+            summary = (f"{len(findings)} problem{'s' if len(findings) != 1 else ''} in {files} "
+                       f"file{'s' if files != 1 else ''} ({scanned} scanned)")
         else:
-            print(f"safepool check: no problems ({scanned} file{'s' if scanned != 1 else ''} scanned)")
+            summary = f"no problems ({scanned} file{'s' if scanned != 1 else ''} scanned)"
+        if errors:
+            # Exit status 2 (or 1): "no problems" alone would contradict it.
+            summary += f"; {len(errors)} path{'s' if len(errors) != 1 else ''} not checked (errors above)"
+        print(f"safepool check: {summary}")
     if findings:
         return 1
     return 2 if errors else 0

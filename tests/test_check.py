@@ -21,7 +21,7 @@ def expected(path: Path) -> dict[int, tuple[str, str]]:
     """{line: (code, word)} from `# expect: SP001 word` comments."""
     marks = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
-        match = re.search(r"# expect: (SP\d{3})(?: (\w+))?", line)
+        match = re.search(r"# expect: (SP\d{3})(?: ([\w+]+))?", line)
         if match:
             marks[number] = (match[1], match[2] or "")
     return marks
@@ -39,8 +39,9 @@ def test_fixture_files_report_exactly_what_is_marked(name: str) -> None:
             assert word in finding.message, finding
         elif word == "exception":
             assert "exception or a cancellation" in finding.message
-        elif word == "line":
-            assert f"line {finding.line + 1} between the acquire" in finding.message
+        elif word.startswith("line"):  # "line": the next line; "line+2": two lines down (the return in an if)
+            offset = int(word.partition("+")[2] or 1)
+            assert f"line {finding.line + offset} between the acquire" in finding.message
         assert finding.hint
 
 
@@ -102,8 +103,14 @@ def test_cli_exit_codes_and_text(tmp_path: Path, capsys: pytest.CaptureFixture[s
     broken = tmp_path / "broken.py"
     broken.write_text("def f(:\n")
     assert main([str(broken)]) == 2
-    assert "SyntaxError" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "SyntaxError" in captured.err
+    # The summary must not read as a clean pass when the exit status is 2.
+    assert captured.out.strip() == "safepool check: no problems (1 file scanned); 1 path not checked (errors above)"
     assert main([str(tmp_path / "missing")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"{tmp_path / 'missing'}: error: no such file or directory"
+    assert captured.out.strip() == "safepool check: no problems (0 files scanned); 1 path not checked (errors above)"
 
 
 def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:

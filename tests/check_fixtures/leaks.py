@@ -57,6 +57,16 @@ async def gap_before_try(pool):
         await pool.release(con)
 
 
+async def return_in_a_branch_before_try(pool, flag):
+    con = await pool.acquire()  # expect: SP001 line+2
+    if flag:
+        return None
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
 async def wait_for_without_release(pool):
     con = await asyncio.wait_for(pool.acquire(), timeout=5)  # expect: SP002
     await con.execute("SELECT 1")
