@@ -72,8 +72,9 @@ class Observation:
 
     # ---------------------------------------------------------- snapshots
 
-    def options(self) -> PoolOptions:
+    def options(self, capture_stack: bool) -> PoolOptions:
         config, state = self.config, self.state
+        adaptive = config.adaptive
         return PoolOptions(
             name=self.name,
             min_size=state.min_size,
@@ -90,6 +91,11 @@ class Observation:
             wait_on_connect_error=state.wait_on_connect_error,
             reset_mode=config.reset_mode,
             reset_timeout=config.reset_timeout,
+            capture_stack=capture_stack,
+            max_site_share=config.max_site_share,
+            queue_policy="fifo" if adaptive is None else "adaptive",
+            queue_target=None if adaptive is None else adaptive.target,
+            queue_interval=None if adaptive is None else adaptive.interval,
         )
 
     def stats(self) -> PoolStats:

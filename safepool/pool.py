@@ -497,7 +497,7 @@ class Pool:
     def options(self) -> PoolOptions:
         """The pool's settings, with the current sizes; never the DSN, a
         password or other connection arguments."""
-        return self._observation.options()
+        return self._observation.options(self.capture_stack)
 
     async def release_lease(self, lease_id: int) -> bool:
         """Release a lease by its id (:attr:`LeaseInfo.id <safepool.LeaseInfo.id>`),

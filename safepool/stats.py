@@ -35,9 +35,11 @@ class LeaseInfo:
 @dataclass(frozen=True, slots=True)
 class PoolOptions:
     """A pool's settings (``Pool.options``): what ``create_pool`` was given,
-    after defaults, with the current sizes (``resize()`` changes them).
-    Never holds the DSN, a password or other connection arguments. Times are
-    seconds; None means "no limit" (or "off")."""
+    after defaults, with the current sizes (``resize()`` changes them) and
+    the current ``capture_stack`` (``Pool.capture_stack`` changes it). All
+    of safepool's settings but ``backoff`` and ``clock`` (objects); never
+    the DSN, a password or other connection arguments. Times are seconds;
+    None means "no limit" (or "off")."""
 
     name: str
     min_size: int
@@ -54,6 +56,11 @@ class PoolOptions:
     wait_on_connect_error: bool
     reset_mode: str
     reset_timeout: float | None
+    capture_stack: bool
+    max_site_share: float | None  # None: no cap per acquire site
+    queue_policy: str  # "fifo" or "adaptive"
+    queue_target: float | None  # CoDel's target delay; None with queue_policy="fifo" (unused)
+    queue_interval: float | None  # CoDel's interval; None with queue_policy="fifo"
 
 
 @dataclass(frozen=True, slots=True)

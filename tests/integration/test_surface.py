@@ -134,6 +134,8 @@ async def test_capture_stack_options_and_closed(pools: Any, pg_dsn: str) -> None
     pool.resize(max_size=4)
     assert pool.options.max_size == 4
     assert "postgres" not in repr(options).lower() and "password" not in repr(options)
+    assert (options.capture_stack, options.max_site_share, options.queue_policy, options.queue_target) == (
+        True, None, "fifo", None)  # capture_stack as set above, not as created
     assert not pool.closed
     await pool.close()
     assert pool.closed
@@ -238,3 +240,27 @@ async def test_on_pool_created(pools: Any) -> None:
     assert created == [pool]
     await pools(name="after")
     assert created == [pool]
+
+
+async def test_options_name_every_setting_but_objects_and_connection_arguments() -> None:
+    # A new user found max_site_share, the queue policy and capture_stack
+    # missing from pool.options. Every keyword of Pool's is a field, but for
+    # connection arguments, hooks and classes (objects, and maybe secrets).
+    import dataclasses
+    import inspect
+
+    keywords = set(inspect.signature(safepool.Pool.__init__).parameters) - {"self", "loop"}
+    objects = {"backoff", "clock", "connect", "connect_args", "connect_kwargs", "connection_class", "init",
+               "record_class", "reset", "setup"}
+    assert keywords - objects == {f.name for f in dataclasses.fields(PoolOptions)}
+
+
+async def test_options_of_an_adaptive_site_capped_pool(pg_dsn: str) -> None:
+    async with safepool.create_pool(
+        pg_dsn, min_size=0, max_size=2, max_site_share=0.5, queue_policy="adaptive",
+        queue_target=0.01, queue_interval=0.2, leak_warning_after=30,
+    ) as pool:
+        options = pool.options
+        assert (options.max_site_share, options.queue_policy, options.queue_target, options.queue_interval) == (
+            0.5, "adaptive", 0.01, 0.2)
+        assert options.capture_stack is True  # on by default with leak_warning_after
