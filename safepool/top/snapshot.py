@@ -50,6 +50,15 @@ SELECT coalesce(application_name, '') AS application_name,
 FROM pg_stat_activity
 WHERE backend_type = 'client backend' OR (backend_type IS NULL AND datid IS NOT NULL)
 """
+
+
+def _age(seconds: float | None) -> float | None:
+    """An age from the activity query, never below zero: now() is the
+    snapshot transaction's start, and its own session changed state a moment
+    later (a few ms below zero otherwise). None stays None."""
+    return None if seconds is None else max(0.0, seconds)
+
+
 _QUERY_COLUMN = "CASE WHEN state IS NOT NULL THEN left(query, {limit}) END"
 
 _SERVER_SQL = """
@@ -371,9 +380,9 @@ async def fetch(
             application_name=row["application_name"],
             state=row["state"],
             waiting_on_lock=row["waiting_on_lock"],
-            state_age=row["state_age"],
-            transaction_age=row["transaction_age"],
-            query_age=row["query_age"],
+            state_age=_age(row["state_age"]),
+            transaction_age=_age(row["transaction_age"]),
+            query_age=_age(row["query_age"]),
             query=row["query"],
         )
         for row in rows
