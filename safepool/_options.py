@@ -130,20 +130,21 @@ def check_options(
     reset_modes: tuple[str, ...],
 ) -> int | None:
     """safepool's own options; returns ``max_waiters`` (checked)."""
-    if max_waiters is not None and (
-        isinstance(max_waiters, bool) or not isinstance(max_waiters, int) or max_waiters < 0
-    ):
-        raise ValueError(f"max_waiters must be an int >= 0 or None, got {max_waiters!r}")
-    if max_connecting is not None and (
-        isinstance(max_connecting, bool) or not isinstance(max_connecting, int) or max_connecting < 1
-    ):
-        raise ValueError(f"max_connecting must be an int >= 1 or None, got {max_connecting!r}")
+    # TypeError for a wrong type, ValueError for a wrong value (as the sizes).
+    for bound_name, bound, least in (("max_waiters", max_waiters, 0), ("max_connecting", max_connecting, 1)):
+        if bound is None:
+            continue
+        if isinstance(bound, bool) or not isinstance(bound, int):
+            raise TypeError(f"{bound_name} must be an int >= {least} or None, got {bound!r}")
+        if bound < least:
+            raise ValueError(f"{bound_name} must be an int >= {least} or None, got {bound!r}")
     for flag_name, flag in (("fail_fast", fail_fast), ("wait_on_connect_error", wait_on_connect_error)):
         if not isinstance(flag, bool):
             raise TypeError(f"{flag_name} must be True or False, got {flag!r}")
     if reset_mode not in reset_modes:
         raise ValueError(f"reset_mode must be one of {reset_modes}, got {reset_mode!r}")
-    return max_waiters
+    checked: int | None = max_waiters
+    return checked
 
 
 def check_resize(max_size: Any, min_size: Any) -> None:

@@ -124,7 +124,7 @@ async def check_health(
         over = f"in the last {span:.0f}s" if span is not None else "in a row (first check of this pool)"
         reasons.append(HealthReason(
             "connect_errors", DEGRADED,
-            f"{recent_errors} connect errors {over}; {stats.connect_errors} since the pool started",
+            f"{recent_errors} connect error{'s' if recent_errors != 1 else ''} {over}; {stats.connect_errors} since the pool started",
         ))
     if stats.waiting and stats.oldest_wait_age > saturated_after:
         reasons.append(HealthReason(

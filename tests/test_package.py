@@ -170,3 +170,15 @@ def test_wheel_installs_into_a_fresh_venv_and_serves(dist: Path, pg_dsn: str, tm
     assert run.stdout.startswith(f"smoke ok {version} {venv}"), run.stdout
     run = _run([str(python), "-m", "safepool", "--version"], cwd=tmp_path, env=env, timeout=60)
     assert run.stdout.strip() == f"safepool {version}"
+
+
+@pytest.mark.parametrize(
+    "module, package, extra",
+    [("safepool.metrics.prometheus", "prometheus_client", "prometheus"), ("safepool.metrics.otel", "opentelemetry", "otel")],
+)
+def test_an_exporter_without_its_extra_says_what_to_install(module: str, package: str, extra: str) -> None:
+    hide = f"import sys; sys.modules[{package!r}] = None; import {module}"
+    run = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("ModuleNotFoundError: ") and f"pip install 'safepool[{extra}]'" in last

@@ -30,8 +30,13 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+try:
+    from opentelemetry import metrics
+    from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+except ModuleNotFoundError as _missing:  # pragma: no cover - tested in a subprocess
+    raise ModuleNotFoundError(
+        "safepool.metrics.otel needs the OpenTelemetry API: pip install 'safepool[otel]'", name=_missing.name
+    ) from _missing
 
 from .. import __version__
 from .._histogram import DEFAULT_BOUNDS

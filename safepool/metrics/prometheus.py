@@ -16,9 +16,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import REGISTRY, CollectorRegistry
-from prometheus_client.utils import floatToGoString as _untyped_float_to_go
+try:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+    from prometheus_client.registry import REGISTRY, CollectorRegistry
+    from prometheus_client.utils import floatToGoString as _untyped_float_to_go
+except ModuleNotFoundError as _missing:  # pragma: no cover - tested in a subprocess
+    raise ModuleNotFoundError(
+        "safepool.metrics.prometheus needs prometheus_client: pip install 'safepool[prometheus]'",
+        name=_missing.name,
+    ) from _missing
 
 from .._histogram import Distribution
 from ..stats import PoolStats

@@ -146,7 +146,7 @@ async def test_backing_off_and_recent_connect_errors_are_degraded(pools: Any) ->
     assert report.stats.server_status == "up"
     assert codes(report) == {"connect_errors"}  # still within the 60 s window
     errors = report.reasons[0].message
-    assert errors.startswith("1 connect errors in the last 30s")
+    assert errors.startswith("1 connect error in the last 30s")
     clock.advance(61.0)
     assert (await pool.health()).status == "ok"
 

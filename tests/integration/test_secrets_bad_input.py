@@ -293,3 +293,24 @@ async def test_a_failed_create_pool_raises_and_logs_nothing_above_debug(
     assert [r.getMessage() for r in caplog.records if r.levelno > 10] == []
     debug = [r.getMessage() for r in caplog.records if r.name == "safepool"]
     assert any("connect failed" in m for m in debug) and all("s3cret" not in m for m in debug)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"max_waiters": "10"}, TypeError, "max_waiters must be an int >= 0 or None, got '10'"),
+        ({"max_waiters": 1.5}, TypeError, "max_waiters must be an int >= 0 or None, got 1.5"),
+        ({"max_waiters": True}, TypeError, "max_waiters must be an int >= 0 or None, got True"),
+        ({"max_waiters": -1}, ValueError, "max_waiters must be an int >= 0 or None, got -1"),
+        ({"max_connecting": "2"}, TypeError, "max_connecting must be an int >= 1 or None, got '2'"),
+        ({"max_connecting": 0}, ValueError, "max_connecting must be an int >= 1 or None, got 0"),
+    ],
+)
+async def test_bounds_wrong_type_is_a_type_error_wrong_value_a_value_error(
+    pg_dsn: str, kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    # As for the sizes and durations (a new user found ValueError for '10').
+    with pytest.raises(error) as caught:
+        await safepool.create_pool(pg_dsn, **kwargs)
+    assert type(caught.value) is error and str(caught.value) == message
