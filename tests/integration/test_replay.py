@@ -189,6 +189,39 @@ def test_a_run_still_failing_at_the_end_has_not_recovered() -> None:
     assert summary.success_tail == pytest.approx(0.0)  # the last 4 s
 
 
+
+@pytest.mark.parametrize(
+    "scenario, counted",
+    [("leak", "non-leaking requests"), ("stuck", "requests other than payments"), ("surge", "requests"),
+     ("restart", "requests")],
+)
+def test_the_tables_and_verdicts_name_the_requests_each_scenario_counts(scenario: str, counted: str) -> None:
+    # A new user read "non-leaking requests" in the surge and restart tables
+    # (nothing leaks there) and, for stuck, "never recovered" next to
+    # "Target ... met" in one sentence.
+    from safepool.replay.report import _rows, verdicts
+
+    config = ReplayConfig(scenario=scenario, duration=10, leak_start=2)
+    run = PoolRun("safepool")
+    for second in range(10):
+        for i in range(10):
+            faulty = scenario in ("leak", "stuck") and i == 0
+            status = 500 if faulty and second >= 3 else 200  # only the faulty line fails, to the end
+            run.records.append(RequestRecord(second + i / 10, second + i / 10 + 0.01, status, faulty))
+    summary = summarize(run, config)
+    names = [name for name, _ in _rows(config, 100)]
+    assert sum(name.startswith("success, ") and "last" not in name for name in names) == (
+        2 if scenario in ("leak", "stuck") else 1)
+    assert not any("non-leaking" in name for name in names) or scenario == "leak"
+    [verdict] = verdicts([summary], config)
+    assert f"100.0% of {counted} succeeded" in verdict
+    if scenario in ("leak", "stuck"):
+        assert f"Target (>= 99.0% success of {counted}): met" in verdict
+    if scenario == "stuck":
+        assert "never recovered" not in verdict
+        assert "all requests never back to 99% success (the payments fail while the provider hangs)" in verdict
+
+
 # ------------------------------------------------------------- bad input
 
 
