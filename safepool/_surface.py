@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -103,7 +104,13 @@ class Observation:
 
     def leases(self, stacks: bool) -> list[LeaseInfo]:
         now = self.now()
-        infos = [self.reporter.lease_info(lease, now, stacks) for lease in self.state.leases()]
+        infos = []
+        for lease in self.state.leases():
+            info = self.reporter.lease_info(lease, now, stacks)
+            connection = lease.slot.connection
+            if lease.active and connection is not None and _pg.live_proxy(connection) is None:
+                info = dataclasses.replace(info, collected=True)  # its reclaim is queued on the loop
+            infos.append(info)
         infos.sort(key=lambda info: -info.age)
         return infos
 

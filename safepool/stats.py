@@ -24,6 +24,10 @@ class LeaseInfo:
     site: str | None = None  # the acquire site (with max_site_share, or acquire(site=))
     # The task that acquired, held weakly (when stacks are captured).
     task_ref: weakref.ref[asyncio.Task[Any]] | None = None
+    # Its proxy was garbage collected unreleased (a leak): the pool takes the
+    # connection back in a loop callback, so ``Pool.leases()`` may still list
+    # it until the loop runs once more (``Pool.leases()`` sets it; events' False).
+    collected: bool = False
 
     @property
     def task(self) -> asyncio.Task[Any] | None:

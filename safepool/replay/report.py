@@ -359,7 +359,7 @@ def _rows(config: ReplayConfig, max_connections: int) -> list[tuple[str, Any]]:
         held = "leaked" if scenario == "leak" else "taken by stuck tasks"
         rows += [
             (f"connections {held} over the run (taken back ones count again)", lambda s: str(s.leaked)),
-            ("leases flagged by the pool (a lease may be warned about, then taken back)", _leaks),
+            ("connections taken back by the pool (then each kind, warnings too)", _leaks),
             ("leak source (acquired at)", _site),
         ]
     return rows

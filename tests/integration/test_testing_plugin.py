@@ -251,6 +251,34 @@ async def test_assert_no_leaks_reports_garbage_collected_proxies(pool: Pool) -> 
 
 
 @pytest.mark.asyncio
+async def test_a_check_right_after_a_collected_leak_says_garbage_collected(pool: Pool) -> None:
+    # A new user's sequence: the leaking handler, then check() with no await
+    # in between. The proxy is already garbage; the pool's reclaim is queued
+    # on the loop. The report said "still held ... (running)".
+    async def forget() -> None:
+        con = await pool.acquire()  # CHECK-GC-SITE
+        await con.execute("SELECT 1")
+
+    guard = assert_no_leaks(pool).start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            await forget()
+            [info] = pool.leases()
+            assert info.collected
+            with pytest.raises(LeakError) as caught:
+                guard.check()
+        text = str(caught.value)
+        assert "garbage collected without being released" in text and "still held" not in text
+        assert f"line {this_line('CHECK-GC-SITE')}, in forget" in text
+        await asyncio.sleep(0)
+        assert pool.leases() == [] and pool.stats().in_use == 0  # reclaimed by the pool
+        assert guard.leaks() == []  # and not reported a second time by the reclaim's record
+    finally:
+        guard.stop()
+
+
+@pytest.mark.asyncio
 async def test_assert_no_leaks_adds_its_report_to_an_exception(pool: Pool) -> None:
     kept: list[Any] = []
     with pytest.raises(RuntimeError) as caught:
