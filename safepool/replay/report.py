@@ -286,6 +286,15 @@ def _leaks(summary: Summary) -> str:
     return f"{summary.leaks_detected}: {kinds}" if kinds else "0"
 
 
+def _held(summary: Summary) -> str:
+    """Connections leaked (or stuck) over the run, and how many came back:
+    asyncpg's count stops at the pool size (nothing is left to take), while
+    safepool's goes on, as each connection it takes back can be taken again."""
+    if summary.pool == "asyncpg":
+        return f"{summary.leaked}, none given back"
+    return f"{summary.leaked}, {summary.leaks_detected} taken back"
+
+
 def _site(summary: Summary) -> str:
     if not summary.leak_sites:
         return "-"
@@ -354,12 +363,10 @@ def _rows(config: ReplayConfig, max_connections: int) -> list[tuple[str, Any]]:
         rows.append(("time to recovery", _recovery))
     rows.append((f"peak server connections (max {max_connections})", lambda s: str(s.peak_server_connections or "-")))
     if scenario in FAULTY_LINE:
-        # asyncpg's count stops at the pool size (nothing left to take);
-        # safepool's goes on, as each connection taken back can be taken again.
         held = "leaked" if scenario == "leak" else "taken by stuck tasks"
         rows += [
-            (f"connections {held} over the run (taken back ones count again)", lambda s: str(s.leaked)),
-            ("connections taken back by the pool (then each kind, warnings too)", _leaks),
+            (f"connections {held} (over the run)", _held),
+            ("caught by the pool", _leaks),
             ("leak source (acquired at)", _site),
         ]
     return rows
