@@ -567,3 +567,28 @@ async def test_a_failed_cursor_outside_a_transaction_leaves_nothing_to_the_next_
     async with pool.acquire() as con:
         assert await con.execute("BEGIN ISOLATION LEVEL SERIALIZABLE") == "BEGIN"
         await con.execute("ROLLBACK")
+
+
+@pytest.mark.asyncio
+async def test_open_transaction_report_comes_after_queued_query_log_callbacks(make_pool: MakePool) -> None:
+    """asyncpg's pool reports an unmanaged open transaction from the first
+    step of its shielded release task, so the query loggers' records of the
+    lease's statements (queued with ``call_soon``) come first; the report
+    still comes before ``release()`` returns (found by the parity fuzzer)."""
+    pool = await make_pool(min_size=1, max_size=1)
+    events: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: events.append(str(context["message"]).split(" <")[0]))
+    try:
+        con = await pool.acquire()
+        con.add_query_logger(lambda record: events.append(f"logged {record.query}"))
+        await con.execute("BEGIN")
+        await con.execute("SELECT 1")
+        await pool.release(con)
+    finally:
+        loop.set_exception_handler(None)
+    assert events[:3] == [
+        "logged BEGIN",
+        "logged SELECT 1",
+        "Resetting connection with an active transaction",
+    ]
