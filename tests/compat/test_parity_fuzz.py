@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import re
@@ -116,7 +117,86 @@ STATEMENTS: list[tuple[str, str]] = [
     ("unknown_table", "SELECT * FROM parity_fuzz_missing"),
     ("two_statements", "SELECT 1; SET search_path = public"),
     ("show", "SHOW search_path"),
+    ("notice", "DO $$BEGIN RAISE NOTICE 'parity fuzz notice'; END$$"),
+    ("json", "SELECT '{\"a\": [1, 2]}'::json"),
 ]
+
+# Pool configurations, drawn per seed (the same on both pools): what a
+# program's hooks and connect arguments are. Each entry is (option, the
+# choices it may take, how often it is set at all).
+CONFIG_CHOICES: list[tuple[str, list[str], float]] = [
+    # init=: once per new connection. "set" is visible to the first lease of
+    # a connection only (the reset's RESET ALL ends it); "codec" survives
+    # resets (a client-side json decoder: the "json" statement shows it).
+    ("init", ["codec", "set", "codec_and_set"], 0.4),
+    # setup=: on every acquire, as the lease's first statement; "set" changes
+    # the session (reset on release like any SET), "fails" raises on every
+    # fourth call (the connection is closed and the acquire raises).
+    ("setup", ["select", "set", "fails"], 0.4),
+    # connection_class= whose reset() calls asyncpg's, then counts the call
+    # and sets DateStyle: the next lease of that connection sees it.
+    ("connection_class", ["reset_override"], 0.3),
+    ("max_queries", ["3", "4", "5"], 0.3),  # connections replaced on release
+    ("statement_cache_size", ["0"], 0.3),  # every statement unnamed
+]
+
+
+def make_config(seed: int) -> dict[str, str]:
+    rng = random.Random(f"config {seed}")
+    config: dict[str, str] = {}
+    for option, choices, chance in CONFIG_CHOICES:
+        if rng.random() < chance:
+            config[option] = rng.choice(choices)
+    return config
+
+
+class ObservedResetConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection class overriding ``reset()`` (the pool calls it on every
+    release): asyncpg's reset, then something each later lease observes."""
+
+    resets: list[int] = []  # one entry per call; emptied before each run
+
+    async def reset(self, *, timeout: float | None = None) -> None:
+        await super().reset(timeout=timeout)
+        self.resets.append(1)
+        await self.execute("SET DateStyle = 'ISO, DMY'")
+
+
+def pool_options(config: dict[str, str], run_state: dict[str, int]) -> dict[str, Any]:
+    """``create_pool`` keywords for ``config``. ``run_state`` counts setup
+    calls per run (the failing setup's schedule is the same on both pools)."""
+    options: dict[str, Any] = {}
+    init = config.get("init")
+    if init is not None:
+
+        async def init_hook(con: asyncpg.Connection) -> None:
+            if "codec" in init:
+                await con.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+            if "set" in init:
+                await con.execute("SET lock_timeout = '4s'")
+
+        options["init"] = init_hook
+    setup = config.get("setup")
+    if setup is not None:
+
+        async def setup_hook(con: Any) -> None:
+            run_state["setup_calls"] += 1
+            if setup == "set":
+                await con.execute("SET extra_float_digits = 2")
+            else:
+                await con.execute("SELECT 1")
+            if setup == "fails" and run_state["setup_calls"] % 4 == 0:
+                raise LookupError("setup failed")
+
+        options["setup"] = setup_hook
+    if "connection_class" in config:
+        options["connection_class"] = ObservedResetConnection
+    if "max_queries" in config:
+        options["max_queries"] = int(config["max_queries"])
+    if "statement_cache_size" in config:
+        options["statement_cache_size"] = int(config["statement_cache_size"])
+    return options
+
 
 UPDATE_ROW_4 = f"UPDATE {TABLE} SET v = v + $1 WHERE id = (SELECT id FROM {TABLE} WHERE id = 4 FOR UPDATE NOWAIT)"
 
@@ -127,7 +207,8 @@ SELECT current_setting('search_path'), current_setting('statement_timeout'),
        (SELECT count(*) FROM pg_listening_channels()),
        (SELECT count(*) FROM pg_cursors),
        (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()),
-       now() = statement_timestamp()
+       now() = statement_timestamp(),
+       current_setting('lock_timeout'), current_setting('extra_float_digits'), current_setting('DateStyle')
 """
 
 
@@ -145,7 +226,9 @@ class Run:
     statements: list[Any] = field(default_factory=list)
     pids: set[int] = field(default_factory=set)
     handler_calls: list[str] = field(default_factory=list)
+    callbacks: list[str] = field(default_factory=list)  # log and termination listeners' calls
     sizes_differ: str = ""  # why the sizes are no longer compared
+    count_resets: bool = False  # connection_class=ObservedResetConnection
     next_id: int = 1000  # keys for COPY
 
 
@@ -198,7 +281,20 @@ ON_HELD: list[tuple[str, int]] = [
     ("cancel", 1),
     ("reset", 1),
     ("close", 1),
+    ("args", 3),
+    ("nested", 2),
+    ("executemany_fail", 1),
+    ("prepare_after_failed", 1),
+    ("termination_listener", 1),
+    ("codec", 1),
 ]
+# The step kinds that act on a held connection (its slot is step[1]).
+HELD_KINDS = {
+    "sql", "transaction", "cursor", "prepare", "state", "copy", "executemany", "listener", "log_listener",
+    "cancel", "reset", "close", "args", "nested", "executemany_fail", "prepare_after_failed",
+    "termination_listener", "codec",
+}
+ISOLATIONS = ["serializable", "repeatable_read", "read_committed", "read_only"]
 
 
 def make_program(seed: int) -> list[tuple[Any, ...]]:
@@ -234,7 +330,15 @@ def make_program(seed: int) -> list[tuple[Any, ...]]:
         if kind == "sql":
             steps.append(("sql", slot, rng.choice(STATEMENTS)[0], rng.choice(["execute", "fetch"])))
         elif kind == "transaction":
-            steps.append(("transaction", slot, rng.choice(["start", "start", "commit", "rollback"])))
+            action = rng.choice(["start", "start", "isolation", "commit", "rollback"])
+            if action == "isolation":
+                steps.append(("transaction", slot, "start", rng.choice(ISOLATIONS)))
+            else:
+                steps.append(("transaction", slot, action))
+        elif kind == "args":
+            steps.append(("args", slot, rng.choice(["fetchrow", "fetchval"])))
+        elif kind == "prepare":
+            steps.append(("prepare", slot, rng.choice(["fetchval", "fetch"])))
         elif kind == "stale":
             steps.append(("stale", rng.choice(["proxy", "cursor", "statement", "transaction"])))
         elif kind == "shortcut":
@@ -264,6 +368,7 @@ async def run_program(run: Run, program: list[tuple[Any, ...]]) -> list[tuple[An
 
 async def record(run: Run, index: int, step: tuple[Any, ...]) -> None:
     run.handler_calls.clear()
+    run.callbacks.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -271,6 +376,10 @@ async def record(run: Run, index: int, step: tuple[Any, ...]) -> None:
                 outcome: Any = ("ok", value(await perform(run, step)))
         except Exception as exc:
             outcome = ("error", *describe(exc))
+        # Callbacks the step queued run before they are recorded: asyncpg
+        # calls listeners with call_soon, and which step a callback lands in
+        # must not depend on whether the step's last await took a loop hop.
+        await asyncio.sleep(0)
     run.trace.append(
         (
             index,
@@ -278,7 +387,9 @@ async def record(run: Run, index: int, step: tuple[Any, ...]) -> None:
             outcome,
             sorted(f"{w.category.__name__}: {scrub(str(w.message))}" for w in caught),
             sorted(run.handler_calls),
+            list(run.callbacks),
             sizes(run),
+            *([("resets", len(ObservedResetConnection.resets))] if run.count_resets else []),
         )
     )
     if step[0] in ("release", "shortcut", "scoped", "expire"):
@@ -314,6 +425,8 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
     if kind == "release":
         _, slot, how = step
         con, run.held[slot] = run.held[slot], None
+        if con is None:
+            return "not held"  # its acquire raised (a failing setup=)
         run.released.append(con)
         if how == "timeout":
             return await pool.release(con, timeout=5)
@@ -328,11 +441,17 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
         if method == "fetch" and ";" not in sql:
             return await con.fetch(sql)
         return await con.execute(sql)
+    if kind in HELD_KINDS and run.held[step[1]] is None:
+        return "not held"  # its acquire raised (a failing setup=)
     if kind == "transaction":
-        _, slot, action = step
+        slot, action = step[1], step[2]
         con = run.held[slot]
         if action == "start":
-            transaction = con.transaction()
+            isolation = step[3] if len(step) > 3 else None
+            if isolation == "read_only":
+                transaction = con.transaction(readonly=True)
+            else:
+                transaction = con.transaction(isolation=isolation)
             run.transactions.append(transaction)
             await transaction.start()
             return con.is_in_transaction()
@@ -350,7 +469,49 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
         con = run.held[step[1]]
         statement = await con.prepare("SELECT $1::int * 3")
         run.statements.append(statement)
-        return await statement.fetchval(7)
+        return await (statement.fetchval(7) if step[2] == "fetchval" else statement.fetch(7))
+    if kind == "args":
+        con = run.held[step[1]]
+        if step[2] == "fetchrow":
+            return await con.fetchrow("SELECT $1::int + 1, $2::text, $3::json", 41, "x", '{"b": 1}')
+        return await con.fetchval("SELECT $1::int * $2::int", 6, 7)
+    if kind == "nested":
+        # A transaction() inside another is a savepoint: the inner block's
+        # error rolls back to it, the outer block commits.
+        con = run.held[step[1]]
+        async with con.transaction():
+            await con.execute(UPDATE_ROW_4, 1)
+            with contextlib.suppress(LookupError):
+                async with con.transaction():
+                    await con.execute(UPDATE_ROW_4, 1000)
+                    raise LookupError("the inner block raised")
+            return await con.fetchval(f"SELECT v FROM {TABLE} WHERE id = 4")
+    if kind == "executemany_fail":
+        # The second row's key exists: the batch fails half-way (and,
+        # asyncpg's executemany being atomic, inserts nothing).
+        con = run.held[step[1]]
+        run.next_id += 1
+        return await con.executemany(f"INSERT INTO {TABLE} (id, v) VALUES ($1, 0)", [(run.next_id,), (1,)])
+    if kind == "prepare_after_failed":
+        con = run.held[step[1]]
+        with contextlib.suppress(asyncpg.DivisionByZeroError):
+            async with con.transaction():
+                await con.execute("SELECT 1 / 0")
+        statement = await con.prepare("SELECT generate_series(1, $1::int)")
+        return await statement.fetch(2)
+    if kind == "codec":
+        # A codec set and dropped within the lease: it must not outlive it
+        # (which backend a later lease gets would then matter).
+        con = run.held[step[1]]
+        await con.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        try:
+            return await con.fetchval("""SELECT '{"c": 3}'::jsonb""")
+        finally:
+            await con.reset_type_codec("jsonb", schema="pg_catalog")
+    if kind == "termination_listener":
+        con = run.held[step[1]]
+        con.add_termination_listener(lambda _con: run.callbacks.append("terminated"))
+        return "added"
     if kind == "stale":
         what = step[1]
         if what == "proxy":
@@ -398,7 +559,7 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
         return "added"
     if kind == "log_listener":
         con = run.held[step[1]]
-        con.add_log_listener(_ignore)
+        con.add_log_listener(lambda _con, message: run.callbacks.append(f"log: {message.message}"))
         return "added"
     if kind == "cancel":
         # A statement cut short by the caller: asyncpg cancels it on the
@@ -449,7 +610,7 @@ async def others_see(run: Run) -> tuple[Any, ...]:
 
 
 async def trace_on(
-    factory: Callable[..., Any], dsn: str, program: list[tuple[Any, ...]], **options: Any
+    factory: Callable[..., Any], dsn: str, program: list[tuple[Any, ...]], config: dict[str, str], **options: Any
 ) -> list[tuple[Any, ...]]:
     admin = await asyncpg.connect(dsn)
     try:
@@ -458,12 +619,23 @@ async def trace_on(
             f"INSERT INTO {TABLE} VALUES (1, 0), (2, 0), (3, 0), (4, 0);"
             f"CREATE SEQUENCE {SEQUENCE} START 100"
         )
+        ObservedResetConnection.resets = []
+        options.update(pool_options(config, {"setup_calls": 0}))
         pool = await factory(dsn, min_size=1, max_size=HANDLES, **options)
         try:
-            run = Run(pool, admin)
+            run = Run(pool, admin, count_resets="connection_class" in config)
+            if "max_queries" in config:
+                # Both pools close a connection that reached max_queries on
+                # release, at different releases (asyncpg's reset statements
+                # count, safepool's skipped resets do not), and restore
+                # min_size in the background; an acquire meanwhile is served
+                # by that connect on safepool and opens one more on asyncpg's
+                # pool (docs/migration.md, "Also different").
+                run.sizes_differ = "max_queries= (connections replaced)"
             trace = await run_program(run, program)
+            run.callbacks.clear()
             await asyncio.wait_for(pool.close(), 10)
-            trace.append(("closed", pool.get_size()))
+            trace.append(("closed", pool.get_size(), list(run.callbacks)))
             return trace
         finally:
             pool.terminate()
@@ -483,11 +655,16 @@ def first_difference(a: list[Any], b: list[Any]) -> int | None:
 @pytest.mark.parametrize(("options", "seed"), CASES)
 async def test_random_program_same_on_both_pools(pg_dsn: str, options: str, seed: int) -> None:
     program = make_program(seed)
-    expected = await trace_on(asyncpg.create_pool, pg_dsn, program)
-    actual = await trace_on(safepool.create_pool, pg_dsn, program, **OPTIONS[options])
+    config = make_config(seed)
+    expected = await trace_on(asyncpg.create_pool, pg_dsn, program, config)
+    actual = await trace_on(safepool.create_pool, pg_dsn, program, config, **OPTIONS[options])
     at = first_difference(expected, actual)
     if at is not None:
-        lines = [f"seed {seed}, safepool options {OPTIONS[options]}: traces differ at entry {at}", "program:"]
+        lines = [
+            f"seed {seed}, pool configuration {config}, safepool options {OPTIONS[options]}: "
+            f"traces differ at entry {at}",
+            "program:",
+        ]
         lines += [f"  {i:3d} {step}" for i, step in enumerate(program)]
         lines.append("asyncpg's pool:")
         lines += [f"  {entry}" for entry in expected[max(0, at - 3) : at + 3]]
