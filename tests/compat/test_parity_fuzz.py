@@ -4,15 +4,22 @@ traces must be the same (the differential form of tests/compat/test_parity.py).
 A program is a seeded sequence of steps on a two-connection pool: acquire
 and release (twice, with a timeout, ``async with`` whose body may raise),
 statements from a vocabulary that changes session and server state
-(settings, transactions by SQL and by ``Connection.transaction()``,
-savepoints, advisory and row locks, LISTEN, cursors, errors), prepared
-statements, COPY, ``executemany``, listeners left registered, a statement
+(settings, transactions by SQL and by ``Connection.transaction()`` with an
+isolation level or read-only, nested ones as savepoints, advisory and row
+locks, LISTEN, cursors, notices, errors), queries with arguments, prepared
+statements (also after a failed transaction), COPY, ``executemany`` (also
+failing half-way), listeners, log listeners and termination listeners left
+registered, a type codec set and reset within a lease, a statement
 cancelled by its caller, ``reset()`` and ``close()`` on a leased
 connection, the pool's query shortcuts, ``expire_connections()``, and calls
 on proxies, cursors, prepared statements and transactions after their lease
-ended. Each step is recorded as what application code can observe: the
-value returned, the exception's class and message, the warnings raised, the
-loop's exception handler calls, the pool's sizes. After each release an
+ended. The pool's configuration is drawn from the seed too (the same on
+both pools): ``init=`` (a type codec, a SET), ``setup=`` (a query, a SET,
+one that fails now and then), a ``connection_class`` overriding
+``reset()``, a small ``max_queries``, ``statement_cache_size=0``. Each step
+is recorded as what application code can observe: the value returned, the
+exception's class and message, the warnings raised, the loop's exception
+handler calls, the listeners' calls, the pool's sizes. After each release an
 admin session records what the other sessions see (advisory locks and open
 transactions of the pool's connections not leased, whether the row locks
 are free); after most acquires the lease records its own session (settings,
@@ -25,8 +32,10 @@ outcome. Both pools hand out the most recently released connection first
 (asyncpg's LIFO queue, safepool's idle stack), yet the traces do not depend
 on it. Known, documented differences are normalised away, each where it is
 applied: safepool's errors are subclasses of asyncpg's with messages of
-their own (the acquire timeout), and the sizes differ by design after
-``expire_connections()`` or a leased connection's ``close()``.
+their own (the acquire timeout), and which connections the pools hold
+differs by design after ``expire_connections()``, a leased connection's
+``close()``, a failing ``setup=`` and under ``max_queries=`` (see
+``diverge()``).
 
 ``SAFEPOOL_LONG=1`` runs 600 programs instead of 40. A failing seed prints
 both traces from the first difference, with the program."""
@@ -162,9 +171,9 @@ class ObservedResetConnection(asyncpg.Connection):  # type: ignore[misc]
         await self.execute("SET DateStyle = 'ISO, DMY'")
 
 
-def pool_options(config: dict[str, str], run_state: dict[str, int]) -> dict[str, Any]:
-    """``create_pool`` keywords for ``config``. ``run_state`` counts setup
-    calls per run (the failing setup's schedule is the same on both pools)."""
+def pool_options(config: dict[str, str], run: Run) -> dict[str, Any]:
+    """``create_pool`` keywords for ``config``, with hooks for ``run`` (the
+    failing setup's schedule, by its calls, is the same on both pools)."""
     options: dict[str, Any] = {}
     init = config.get("init")
     if init is not None:
@@ -180,12 +189,15 @@ def pool_options(config: dict[str, str], run_state: dict[str, int]) -> dict[str,
     if setup is not None:
 
         async def setup_hook(con: Any) -> None:
-            run_state["setup_calls"] += 1
+            run.setup_calls += 1
             if setup == "set":
                 await con.execute("SET extra_float_digits = 2")
             else:
                 await con.execute("SELECT 1")
-            if setup == "fails" and run_state["setup_calls"] % 4 == 0:
+            if setup == "fails" and run.setup_calls % 4 == 0:
+                # The step's own sizes are still compared: both pools wait
+                # for the close before the acquire raises.
+                run.setup_failed = True
                 raise LookupError("setup failed")
 
         options["setup"] = setup_hook
@@ -227,9 +239,30 @@ class Run:
     pids: set[int] = field(default_factory=set)
     handler_calls: list[str] = field(default_factory=list)
     callbacks: list[str] = field(default_factory=list)  # log and termination listeners' calls
-    sizes_differ: str = ""  # why the sizes are no longer compared
+    terminations: int = 0  # termination listener calls, counted once the pools diverged
+    diverged: str = ""  # why the pools' connections may differ from here on (see diverge())
     count_resets: bool = False  # connection_class=ObservedResetConnection
+    setup_calls: int = 0
+    setup_failed: bool = False
     next_id: int = 1000  # keys for COPY
+
+
+def diverge(run: Run, reason: str) -> None:
+    """From here on the two pools may hold different connections, by design
+    (docs/migration.md, "Also different"): after ``expire_connections()``
+    safepool closes expired idle connections at once and reopens
+    ``min_size`` in the background, where asyncpg's pool replaces each at
+    its next acquire; after a connection closed under a lease (``close()``,
+    a failing ``setup=``, ``max_queries=``) both restore ``min_size`` in the
+    background, and an acquire meanwhile is served by that connect on
+    safepool where asyncpg's pool opens one more; safepool counts a closed
+    leased connection until the server confirms its backend is gone. So
+    what depends on which connections exist is no longer compared: the
+    sizes, when idle connections' termination listeners fire (counted, the
+    count compared at the end), and whether a lease's connection is new
+    (what ``init=`` and the overridden ``reset()`` leave in the session)."""
+    if not run.diverged:
+        run.diverged = reason
 
 
 def describe(exc: BaseException) -> tuple[str, str]:
@@ -368,7 +401,6 @@ async def run_program(run: Run, program: list[tuple[Any, ...]]) -> list[tuple[An
 
 async def record(run: Run, index: int, step: tuple[Any, ...]) -> None:
     run.handler_calls.clear()
-    run.callbacks.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -387,25 +419,31 @@ async def record(run: Run, index: int, step: tuple[Any, ...]) -> None:
             outcome,
             sorted(f"{w.category.__name__}: {scrub(str(w.message))}" for w in caught),
             sorted(run.handler_calls),
-            list(run.callbacks),
+            callbacks(run),
             sizes(run),
             *([("resets", len(ObservedResetConnection.resets))] if run.count_resets else []),
         )
     )
+    if run.setup_failed:
+        diverge(run, "a failing setup=")
     if step[0] in ("release", "shortcut", "scoped", "expire"):
         run.trace.append((index, "seen by others", await others_see(run)))
 
 
+def callbacks(run: Run) -> list[str]:
+    """The listener calls since the last step's (see ``diverge()``)."""
+    calls, run.callbacks = run.callbacks, []
+    if not run.diverged:
+        return calls
+    run.terminations += calls.count("terminated")
+    return [call for call in calls if call != "terminated"]
+
+
 def sizes(run: Run) -> tuple[Any, ...]:
-    """``get_size()`` and ``get_idle_size()``, until the program first calls
-    ``expire_connections()`` or closes a leased connection: from then on
-    they differ by design (docs/migration.md, "Also different": safepool
-    closes expired idle connections at once and reopens ``min_size`` in the
-    background, where asyncpg's pool replaces each at its next acquire; it
-    counts a closed leased connection until the server confirms its backend
-    is gone)."""
-    if run.sizes_differ:
-        return ("size", f"not compared after {run.sizes_differ}")
+    """``get_size()`` and ``get_idle_size()``, until the pools diverge (see
+    ``diverge()``)."""
+    if run.diverged:
+        return ("size", f"not compared after {run.diverged}")
     return ("size", run.pool.get_size(), run.pool.get_idle_size())
 
 
@@ -417,7 +455,14 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
         con = await pool.acquire()
         run.held[slot] = con
         run.pids.add(con.get_server_pid())
-        return await con.fetchrow(SESSION_PROBE) if probe else "leased"
+        if not probe:
+            return "leased"
+        seen = tuple(await con.fetchrow(SESSION_PROBE))
+        if run.diverged:
+            # What init= and the overridden reset() leave is seen by a new
+            # connection's first lease only, or by a reused one's (see diverge()).
+            seen = (*seen[:8], "(masked)", seen[9], "(masked)")
+        return seen
     if kind == "acquire_timeout":
         con = await pool.acquire(timeout=0.02)
         await pool.release(con)
@@ -537,7 +582,7 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
             return await pool.executemany(UPDATE_ROW_4, [(10,), (20,)])
         return await pool.fetch("SELECT generate_series(1, 2)")
     if kind == "expire":
-        run.sizes_differ = "expire_connections()"
+        diverge(run, "expire_connections()")
         return await pool.expire_connections()
     if kind == "scoped":
         _, name, fail = step
@@ -569,7 +614,7 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
     if kind == "reset":
         return await run.held[step[1]].reset()
     if kind == "close":
-        run.sizes_differ = "a leased connection's close()"
+        diverge(run, "a leased connection's close()")
         return await run.held[step[1]].close()
     raise AssertionError(f"unknown step {step!r}")
 
@@ -620,22 +665,21 @@ async def trace_on(
             f"CREATE SEQUENCE {SEQUENCE} START 100"
         )
         ObservedResetConnection.resets = []
-        options.update(pool_options(config, {"setup_calls": 0}))
-        pool = await factory(dsn, min_size=1, max_size=HANDLES, **options)
+        run = Run(None, admin, count_resets="connection_class" in config and "max_queries" not in config)
+        options.update(pool_options(config, run))
+        pool = run.pool = await factory(dsn, min_size=1, max_size=HANDLES, **options)
         try:
-            run = Run(pool, admin, count_resets="connection_class" in config)
             if "max_queries" in config:
                 # Both pools close a connection that reached max_queries on
-                # release, at different releases (asyncpg's reset statements
-                # count, safepool's skipped resets do not), and restore
-                # min_size in the background; an acquire meanwhile is served
-                # by that connect on safepool and opens one more on asyncpg's
-                # pool (docs/migration.md, "Also different").
-                run.sizes_differ = "max_queries= (connections replaced)"
+                # release, but at different releases (asyncpg's reset
+                # statements count, safepool's skipped resets do not), so the
+                # pools diverge from the start, and the resets counted differ
+                # (none when a connection is closed instead).
+                diverge(run, "max_queries=")
             trace = await run_program(run, program)
-            run.callbacks.clear()
             await asyncio.wait_for(pool.close(), 10)
-            trace.append(("closed", pool.get_size(), list(run.callbacks)))
+            await asyncio.sleep(0)  # (the listeners' call_soon)
+            trace.append(("closed", pool.get_size(), callbacks(run), "terminations counted", run.terminations))
             return trace
         finally:
             pool.terminate()
@@ -685,3 +729,12 @@ def test_programs_cover_the_vocabulary() -> None:
                 statements.add(step[2])
     assert statements == {name for name, _ in STATEMENTS}
     assert kinds == {"acquire", "release"} | {name for name, _ in ON_HELD}
+
+
+def test_configurations_cover_every_choice() -> None:
+    """The suite's 40 seeds draw every pool configuration choice, with
+    every option also left out, and some seeds set none."""
+    configs = [make_config(seed) for seed in range(40)]
+    for option, choices, _ in CONFIG_CHOICES:
+        assert {config.get(option) for config in configs} == {None, *choices}, option
+    assert {} in configs
