@@ -641,3 +641,24 @@ async def test_sizes_after_a_connection_closed_by_setup_or_max_queries(
         stats = pool.stats()
         assert (stats.connecting, stats.closing) == (0, 0)  # nothing under way: it stays at one
         pool._state.check_invariants()
+
+
+@pytest.mark.asyncio
+async def test_query_log_records_of_the_release(make_pool: MakePool, flavour: str) -> None:
+    """A query logger left registered at release: asyncpg's release takes a
+    loop pass (its shielded task), so the reset statement's record is
+    delivered before ``release()`` returns; safepool's takes none of its own,
+    so that record comes on the next pass (docs/migration.md, "A query
+    logger left registered at release")."""
+    pool = await make_pool(min_size=1, max_size=1)
+    events: list[str] = []
+    async with pool.acquire() as con:
+        con.add_query_logger(lambda record: events.append("reset" if "RESET ALL" in record.query else record.query))
+        await con.execute("SELECT 1")
+    events.append("released")
+    await asyncio.sleep(0)
+    events.append("one loop pass")
+    if flavour == "asyncpg":
+        assert events == ["SELECT 1", "reset", "released", "one loop pass"]
+    else:
+        assert events == ["SELECT 1", "released", "reset", "one loop pass"]

@@ -320,6 +320,7 @@ ON_HELD: list[tuple[str, int]] = [
     ("prepare_after_failed", 1),
     ("termination_listener", 1),
     ("codec", 1),
+    ("logged", 1),
 ]
 # The step kinds that act on a held connection (its slot is step[1]).
 HELD_KINDS = {
@@ -356,7 +357,7 @@ def make_program(seed: int) -> list[tuple[Any, ...]]:
             continue
         kind = rng.choices(kinds, weights)[0]
         slot = rng.choice(taken)
-        if kind in ("shortcut", "scoped") and not free:
+        if kind in ("shortcut", "scoped", "logged") and not free:
             continue
         if kind == "acquire_timeout" and free:
             continue
@@ -378,6 +379,8 @@ def make_program(seed: int) -> list[tuple[Any, ...]]:
             steps.append(("shortcut", rng.choice(["fetchval", "execute", "fetch", "executemany"])))
         elif kind == "scoped":
             steps.append(("scoped", rng.choice(STATEMENTS)[0], rng.random() < 0.3))
+        elif kind == "logged":
+            steps.append(("logged", rng.random() < 0.5))
         elif kind in ("expire", "acquire_timeout"):
             steps.append((kind,))
         else:
@@ -426,7 +429,7 @@ async def record(run: Run, index: int, step: tuple[Any, ...]) -> None:
     )
     if run.setup_failed:
         diverge(run, "a failing setup=")
-    if step[0] in ("release", "shortcut", "scoped", "expire"):
+    if step[0] in ("release", "shortcut", "scoped", "expire", "logged"):
         run.trace.append((index, "seen by others", await others_see(run)))
 
 
@@ -553,6 +556,8 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
             return await con.fetchval("""SELECT '{"c": 3}'::jsonb""")
         finally:
             await con.reset_type_codec("jsonb", schema="pg_catalog")
+    if kind == "logged":
+        return await logged_lease(run, step[1])
     if kind == "termination_listener":
         con = run.held[step[1]]
         con.add_termination_listener(lambda _con: run.callbacks.append("terminated"))
@@ -617,6 +622,47 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
         diverge(run, "a leased connection's close()")
         return await run.held[step[1]].close()
     raise AssertionError(f"unknown step {step!r}")
+
+
+async def logged_lease(run: Run, open_transaction: bool) -> list[str]:
+    """``async with pool.acquire()`` with a query logger, maybe leaving a
+    transaction open: the order in which the program's statements are
+    logged and the open transaction is reported (asyncpg's pool reports it
+    from its release task, after the queued log records). The logger stays
+    on the connection (a reset does not remove it) but records nothing
+    after this step; the reset's own statements are not recorded (safepool
+    sends them as one: docs/migration.md)."""
+    events: list[str] = []
+    active = True
+
+    def log(record: Any) -> None:
+        if active and record.query in ("BEGIN", "SELECT 1"):
+            events.append(f"logged {record.query}")
+
+    loop = asyncio.get_running_loop()
+    handler = loop.get_exception_handler()
+
+    def report(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        events.append("reported")
+        if handler is not None:
+            handler(loop, context)
+
+    loop.set_exception_handler(report)
+    try:
+        async with run.pool.acquire() as con:
+            con.add_query_logger(log)
+            if open_transaction:
+                await con.execute("BEGIN")
+            await con.execute("SELECT 1")
+        # safepool's release takes no loop pass of its own: where it sent no
+        # reset (reset_mode="auto"), the last record is still queued when it
+        # returns; asyncpg's release always takes one (docs/migration.md,
+        # "A query logger left registered at release").
+        await asyncio.sleep(0)
+    finally:
+        active = False
+        loop.set_exception_handler(handler)
+    return events
 
 
 def _ignore(*_args: Any) -> None:
