@@ -137,16 +137,16 @@ CONFIG_CHOICES: list[tuple[str, list[str], float]] = [
     # init=: once per new connection. "set" is visible to the first lease of
     # a connection only (the reset's RESET ALL ends it); "codec" survives
     # resets (a client-side json decoder: the "json" statement shows it).
-    ("init", ["codec", "set", "codec_and_set"], 0.4),
+    ("init", ["codec", "set", "codec_and_set"], 0.3),
     # setup=: on every acquire, as the lease's first statement; "set" changes
     # the session (reset on release like any SET), "fails" raises on every
     # fourth call (the connection is closed and the acquire raises).
-    ("setup", ["select", "set", "fails"], 0.4),
+    ("setup", ["select", "set", "fails"], 0.35),
     # connection_class= whose reset() calls asyncpg's, then counts the call
     # and sets DateStyle: the next lease of that connection sees it.
-    ("connection_class", ["reset_override"], 0.3),
-    ("max_queries", ["3", "4", "5"], 0.3),  # connections replaced on release
-    ("statement_cache_size", ["0"], 0.3),  # every statement unnamed
+    ("connection_class", ["reset_override"], 0.15),
+    ("max_queries", ["3", "4", "5"], 0.15),  # connections replaced on release
+    ("statement_cache_size", ["0"], 0.25),  # every statement unnamed
 ]
 
 
