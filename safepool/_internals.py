@@ -354,18 +354,27 @@ def clear_listeners(con: RawConnection) -> None:
         con._log_listeners.clear()
 
 
-def warn_open_transaction(con: RawConnection, *, quiet: bool = False) -> bool:
+def warn_open_transaction(con: RawConnection, *, quiet: bool = False, deferred: bool = False) -> bool:
     """asyncpg's reset reports an unmanaged open transaction through the
-    loop's exception handler; do that now, in the releasing task, so the
-    report comes while the caller still sees it. Returns whether a ROLLBACK
-    is needed."""
+    loop's exception handler. Returns whether a ROLLBACK is needed.
+
+    ``deferred``: the caller is the releasing task, where asyncpg's pool
+    reports from the first step of its shielded release task, after the
+    callbacks already queued (a query logger's record of the lease's last
+    statement). ``call_soon`` keeps that order without the hop: the report
+    still comes before release() returns (the ROLLBACK's round trip follows)."""
     protocol = con._protocol
     clear_listeners(con)
     if protocol is None:
         return False
     if protocol.is_in_transaction() or con._top_xact is not None:
         if not quiet and (con._top_xact is None or not con._top_xact._managed):
-            con._loop.call_exception_handler({"message": f"Resetting connection with an active transaction {con!r}"})
+            context = {"message": f"Resetting connection with an active transaction {con!r}"}
+            loop = con._loop
+            if deferred:
+                loop.call_soon(loop.call_exception_handler, context)
+            else:
+                loop.call_exception_handler(context)
         con._top_xact = None
         return True
     return False

@@ -285,11 +285,13 @@ class Leaser:
         runner = self.runner
         if outcome is Outcome.NEEDS_RESET:
             # asyncpg reports an unmanaged open transaction from release(),
-            # through the loop's exception handler: do it here, in the
-            # releasing task. (A custom reset reports it itself, as asyncpg's.)
+            # through the loop's exception handler: scheduled here, from the
+            # releasing task, to come where asyncpg's shielded task reports it
+            # (after callbacks already queued). (A custom reset reports it
+            # itself, in a pool task, as asyncpg's.)
             # (release_check saw a cancelled query as MUST_RESET.)
             if self.custom_reset or (check == _pg.MUST_RESET and _pg.is_cancelling(con)):
-                rollback = False if self.custom_reset else _pg.warn_open_transaction(con)
+                rollback = False if self.custom_reset else _pg.warn_open_transaction(con, deferred=True)
                 done = runner.resets_done[slot] = self.loop.create_future()
                 state.release(lease, self.now(), outcome)
                 self.spawn(runner.reset_slot(holder, con, timeout, rollback, done))
@@ -298,7 +300,7 @@ class Leaser:
                 # is open) and the reset query in one message, driven in the
                 # caller's task (no task, no loop hop; see _detach).
                 if check == _pg.MUST_RESET:
-                    rollback = _pg.warn_open_transaction(con)
+                    rollback = _pg.warn_open_transaction(con, deferred=True)
                 else:
                     rollback = False
                     _pg.clear_listeners(con)
