@@ -251,15 +251,29 @@ class Leaser:
             timeout = connection._holder.release_timeout
         elif type(timeout) is not float:
             timeout = release_timeout(timeout)  # before the detach: a TypeError leaves the lease as it was
+        # A query logger's records come by call_soon; asyncpg's release takes
+        # a loop pass (its shielded task), so they have been delivered when it
+        # returns. safepool's takes none of its own: with a logger left on
+        # the connection, take that one pass too (no cost without one).
+        logged = bool(con._query_loggers)  # (a close clears the set)
         connection._detach()
         done = self.end_lease(connection._lease, con, timeout)
         if done is not None:
             # A plain future resolved by the pool's task, or the reset driven
             # in this task until it is cancelled (then a pool task finishes
             # it): either way cancelling this await never cuts the reset short.
-            error = await done
+            try:
+                error = await done
+            except Exception:
+                if logged:
+                    await asyncio.sleep(0)
+                raise
+            if logged:
+                await asyncio.sleep(0)
             if error is not None:
                 raise error
+        elif logged:
+            await asyncio.sleep(0)
 
     def end_lease(
         self, lease: Lease, con: RawConnection, timeout: float | None

@@ -660,11 +660,8 @@ async def logged_lease(run: Run, open_transaction: bool) -> list[str]:
             if open_transaction:
                 await con.execute("BEGIN")
             await con.execute("SELECT 1")
-        # safepool's release takes no loop pass of its own: where it sent no
-        # reset (reset_mode="auto"), the last record is still queued when it
-        # returns; asyncpg's release always takes one (docs/migration.md,
-        # "A query logger left registered at release").
-        await asyncio.sleep(0)
+        # Compared as the release leaves them: its records delivered on
+        # both pools (safepool's release takes a loop pass for a logger).
     finally:
         active = False
         loop.set_exception_handler(handler)
