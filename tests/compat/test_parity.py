@@ -677,3 +677,20 @@ async def test_query_log_records_of_a_lease_are_delivered_when_release_returns(
                 await pool.release(con, timeout=0)
     events.append("released")
     assert events == ["SELECT 1", "reset", "released"]  # (failing: delivered before release() raised)
+
+
+@pytest.mark.asyncio
+async def test_a_release_with_no_round_trip_does_not_suspend(make_pool: MakePool, flavour: str) -> None:
+    """asyncpg's release always suspends (its shielded task), so a task
+    started before it has run when it returns; safepool's release of a lease
+    that needs no reset returns without suspending (docs/migration.md,
+    "Release: the same state, fewer round trips"). Pinned per pool."""
+    pool = await make_pool(min_size=1, max_size=1)
+    ran: list[str] = []
+    con = await pool.acquire()
+    other = asyncio.get_running_loop().create_task(asyncio.sleep(0, result=None))
+    other.add_done_callback(lambda _task: ran.append("other task"))
+    await pool.release(con)
+    assert ran == (["other task"] if flavour == "asyncpg" else [])
+    await other
+    assert ran == ["other task"]
