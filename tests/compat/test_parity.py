@@ -385,7 +385,9 @@ async def test_wrong_password_fails_creation_with_asyncpg_error(flavour: str, pg
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("lost", [0, 3])
-async def test_a_burst_that_opened_connections_ends_with_them_open(make_pool: MakePool, lost: int) -> None:
+async def test_a_burst_that_opened_connections_ends_with_them_open(
+    make_pool: MakePool, flavour: str, lost: int
+) -> None:
     """asyncpg's acquire that finds no connection opens one and waits for it
     (the connect is its own, not the next free connection's), so once a
     burst of acquires has returned, the connections opened for it are open,
@@ -417,6 +419,11 @@ async def test_a_burst_that_opened_connections_ends_with_them_open(make_pool: Ma
             return int(await con.fetchval("SELECT 42"))
 
     assert await asyncio.gather(*(lease() for _ in range(10))) == [42] * 10
+    if flavour == "asyncpg" and lost:
+        # asyncpg's min_size restore (0.32) connects in a task of its own:
+        # under load (CI, once) it still held a holder, connecting, when the
+        # burst returned (size 4). The reference reaches 5 once it is done.
+        await wait_until(lambda: pool.get_size() == 5)
     assert pool.get_size() == 5
 
 
