@@ -48,6 +48,14 @@ ASYNCPG = ("0.29.0", "0.30.0", "0.31.0", "0.32.0")
 # internals matter most); the whole fault suite runs in the README run
 # (newest pair) and in the uvloop cell. Keeps .ci/run under 15 minutes.
 CELL_SUITES = ("tests/unit", "tests/io", "tests/compat", "tests/faults/test_cancellation.py")
+# The io sweep (every suspension point, cancelled five ways) is a cell's
+# longest suite: 25-55 s on the 2-core CI machine. In the full matrix it runs
+# on a diagonal, one Python per older asyncpg, so every asyncpg and every
+# Python meets it; the newest asyncpg gets it from the README run (the whole
+# suite) and the uvloop cell. The other cells leave it out, which keeps
+# .ci/run under 15 minutes (docs/compatibility.md).
+SWEEP = "tests/io/test_sweep.py"
+SWEEP_PAIRS = {("3.11", "0.29.0"), ("3.12", "0.30.0"), ("3.13", "0.31.0")}
 # On uvloop, what depends on the loop: cancellation (every await point, and
 # the storms on a real server), the reset driver and lease timers, and the
 # compat suite. The server-side fault suites (restart, network faults) and
@@ -352,6 +360,10 @@ def main() -> int:
         elif (cell.python, cell.asyncpg) == readme_pair and os.environ.get("SAFEPOOL_MATRIX_README_RAN") == "1":
             # .ci/run's README command ran the whole suite on this pair already.
             cell.status = "readme"
+    if pythons == PYTHONS and versions == ASYNCPG:  # a subset run keeps the sweep in every cell
+        for cell in cells:
+            if (cell.python, cell.asyncpg) not in SWEEP_PAIRS:
+                cell.suites = (*CELL_SUITES, f"--ignore={SWEEP}")
     if uvloop:
         cells.append(Cell(pythons[-1], versions[-1], suites=UVLOOP_SUITES, loop="uvloop"))
 
@@ -386,6 +398,9 @@ def main() -> int:
     total = time.monotonic() - started
     print()
     print(f"Version matrix: {', '.join(CELL_SUITES)} on asyncio per cell (passed/failed/skipped, wall time);")
+    if any(f"--ignore={SWEEP}" in cell.suites for cell in cells):
+        pairs = ", ".join(f"{p}/{v}" for p, v in sorted(SWEEP_PAIRS))
+        print(f"* {SWEEP} only in {pairs}, the README run and the uvloop cell.")
     if uvloop:
         print(f"* {', '.join(UVLOOP_SUITES)} on uvloop. {jobs} cell(s) at once, {total:.0f} s in all.")
     print(table(cells, pythons, versions))
