@@ -258,22 +258,19 @@ class Leaser:
         logged = bool(con._query_loggers)  # (a close clears the set)
         connection._detach()
         done = self.end_lease(connection._lease, con, timeout)
+        error: Exception | None = None
         if done is not None:
             # A plain future resolved by the pool's task, or the reset driven
             # in this task until it is cancelled (then a pool task finishes
             # it): either way cancelling this await never cuts the reset short.
             try:
                 error = await done
-            except Exception:
-                if logged:
-                    await asyncio.sleep(0)
-                raise
-            if logged:
-                await asyncio.sleep(0)
-            if error is not None:
-                raise error
-        elif logged:
+            except Exception as exc:  # (a cancellation passes: no loop pass then)
+                error = exc
+        if logged:
             await asyncio.sleep(0)
+        if error is not None:
+            raise error
 
     def end_lease(
         self, lease: Lease, con: RawConnection, timeout: float | None

@@ -6,7 +6,7 @@ pool's own options, and :class:`PoolConfig`, the checked settings that
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from asyncpg import connection as _pg_connection
 from asyncpg import protocol as _pg_protocol
@@ -143,8 +143,7 @@ def check_options(
             raise TypeError(f"{flag_name} must be True or False, got {flag!r}")
     if reset_mode not in reset_modes:
         raise ValueError(f"reset_mode must be one of {reset_modes}, got {reset_mode!r}")
-    checked: int | None = max_waiters
-    return checked
+    return cast("int | None", max_waiters)  # (checked above)
 
 
 def check_resize(max_size: Any, min_size: Any) -> None:
