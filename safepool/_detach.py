@@ -52,16 +52,20 @@ class _Driver(Generic[T]):
     again (or, if the future is already done and the wake-up scheduled, lets
     that wake-up deliver the ``CancelledError``)."""
 
-    __slots__ = ("_coro", "_spawn", "_then", "_then_args", "_fut", "_asyncio_future_blocking", "_wakeup",
-                 "_context", "_cancelled", "_message")
+    __slots__ = ("_coro", "_spawn", "_then", "_then_args", "_raises", "_fut", "_asyncio_future_blocking",
+                 "_wakeup", "_context", "_cancelled", "_message")
 
     def __init__(
-        self, coro: Coroutine[Any, Any, Any], spawn: Spawn, then: Callable[..., T] | None, then_args: tuple[Any, ...]
+        self, coro: Coroutine[Any, Any, Any], spawn: Spawn, then: Callable[..., T] | None, then_args: tuple[Any, ...],
+        raises: bool = False,
     ) -> None:
         self._coro = coro
         self._spawn = spawn
         self._then = then
         self._then_args = then_args
+        # The caller's await raises what ``then`` returns, if not None (the
+        # pool task's run drops it, as ever): a release's reset error.
+        self._raises = raises
         self._fut: asyncio.Future[Any] | None = None
         # None until the first step: asyncio.isfuture() (ensure_future,
         # wait_for, gather) must see an awaitable to wrap in a task, not a
@@ -142,12 +146,16 @@ class _Driver(Generic[T]):
                 fut = coro.send(None) if error is None else coro.throw(error)
             except StopIteration as stop:
                 then = self._then
-                return stop.value if then is None else then(*self._then_args, None)
+                if then is None:
+                    return stop.value  # type: ignore[no-any-return]
+                result = then(*self._then_args, None)
+                break
             except Exception as exc:
                 then = self._then
                 if then is None:
                     raise
-                return then(*self._then_args, exc)
+                result = then(*self._then_args, exc)
+                break
             error = None
             if fut is None:  # a bare yield (asyncio.sleep(0))
                 try:
@@ -176,6 +184,9 @@ class _Driver(Generic[T]):
                 raise
             if self._cancelled:
                 raise self._cancel_error()  # a wake-up the future scheduled before the cancel
+        if self._raises and result is not None:
+            raise result  # type: ignore[misc]  # (outside the except block: the error's context stays its own)
+        return result
 
 
 def detached(

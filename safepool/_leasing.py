@@ -67,7 +67,7 @@ class Leaser:
     __slots__ = (
         "face", "state", "runner", "loop", "now", "reporter", "listeners", "name", "slot_holders", "drain",
         "spawn", "lease_timeout", "leak_warning_after", "acquire_timeout", "reset_timeout", "max_queries",
-        "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class",
+        "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "released",
     )
 
     def __init__(
@@ -109,6 +109,10 @@ class Leaser:
         self.capture_stack = config.capture_stack
         self.setup = setup
         self.proxy_class = proxy_class
+        # What release() returns when there is nothing to wait for: awaiting
+        # a resolved future returns at once, with no frame and no loop pass.
+        self.released: asyncio.Future[None] = loop.create_future()
+        self.released.set_result(None)
 
     # ------------------------------------------------------------- acquire
 
@@ -230,8 +234,13 @@ class Leaser:
 
     # ------------------------------------------------------------- release
 
-    async def release(self, connection: Any, timeout: float | None = None) -> None:
-        """``Pool.release()`` (its docstring says what it does)."""
+    def release(self, connection: Any, timeout: float | None = None) -> Awaitable[None]:
+        """``Pool.release()`` (its docstring says what it does): ends the lease
+        now and returns what the caller awaits until the release is done. Not
+        a coroutine: ``PoolAcquireContext.__aexit__`` returns its awaitable
+        itself (the reset's driver, which raises the reset's error; a
+        resolved future when there is nothing to wait for), so a release
+        costs no coroutine frame of its own (docs/design.md, "The hot path")."""
         if not isinstance(connection, PoolConnectionProxy) or connection._holder._pool is not self.face:
             raise _pg_exceptions.InterfaceError(
                 f"Pool.release() received invalid connection: {connection!r} is not a member of this pool"
@@ -243,7 +252,7 @@ class Leaser:
             if self.listeners:
                 self.reporter.emit_event("late_release", lease_id=connection._lease.id)
                 self.reporter.deliver()
-            return
+            return self.released
         phase = self.state.phase
         if phase is not Phases.OPEN and phase is not Phases.CLOSING:
             self.check_init()
@@ -258,11 +267,18 @@ class Leaser:
         logged = bool(con._query_loggers)  # (a close clears the set)
         connection._detach()
         done = self.end_lease(connection._lease, con, timeout)
+        if logged or (done is not None and type(done) is not _Driver):
+            return self.finish_release(done, logged)
+        # The reset driven in this task until it is cancelled (then a pool
+        # task finishes it): cancelling the await never cuts the reset short.
+        return self.released if done is None else done  # type: ignore[return-value]  # (it raises the error)
+
+    async def finish_release(self, done: Awaitable[Any] | None, logged: bool) -> None:
+        """A release's wait off the hot path: for a plain future that the
+        pool's task resolves (with the error to raise, or None), and with a
+        query logger's loop pass at the end."""
         error: Exception | None = None
         if done is not None:
-            # A plain future resolved by the pool's task, or the reset driven
-            # in this task until it is cancelled (then a pool task finishes
-            # it): either way cancelling this await never cuts the reset short.
             try:
                 error = await done
             except Exception as exc:  # (a cancellation passes: no loop pass then)
@@ -274,7 +290,7 @@ class Leaser:
 
     def end_lease(
         self, lease: Lease, con: RawConnection, timeout: float | None
-    ) -> asyncio.Future[None] | Awaitable[Exception | None] | None:
+    ) -> asyncio.Future[None] | _Driver[Exception | None] | None:
         """End a lease; returns what the releasing caller awaits: the reset
         (driven in the caller's task, see ``_detach``) or a future that the
         pool's reset or close resolves; None when the connection was handed
@@ -333,7 +349,9 @@ class Leaser:
                 if query:
                     # The statement, then Runner.reset_done with its error
                     # (the driver calls it: no wrapper coroutine's frame).
-                    return _Driver(con.execute(query, timeout=budget), self.spawn, runner.reset_done, (holder, con))
+                    return _Driver(
+                        con.execute(query, timeout=budget), self.spawn, runner.reset_done, (holder, con), True
+                    )
                 # Nothing to send: the reset is done (reset_done hands the
                 # connection on; with no error it returns no error to raise).
                 runner.reset_done(holder, con, None)

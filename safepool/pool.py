@@ -574,8 +574,9 @@ class PoolAcquireContext:
         self.connection: PoolConnectionProxy | None = None
         self.done = False
 
-    # Plain methods returning the leaser's coroutine: one coroutine frame per
-    # acquire and per release instead of two (the hot path).
+    # Plain methods returning the leaser's coroutine (acquire) or awaitable
+    # (release: the reset's driver itself): no coroutine frame of the face's
+    # per acquire or release (the hot path).
     def __aenter__(self) -> Coroutine[Any, Any, PoolConnectionProxy]:
         if self.connection is not None or self.done:
             raise _pg_exceptions.InterfaceError("a connection is already acquired")
@@ -586,7 +587,7 @@ class PoolAcquireContext:
         exc_type: type[BaseException] | None = None,
         exc_val: BaseException | None = None,
         exc_tb: TracebackType | None = None,
-    ) -> Coroutine[Any, Any, None]:
+    ) -> Awaitable[None]:
         self.done = True
         con, self.connection = self.connection, None
         return self.pool._leaser.release(con)
