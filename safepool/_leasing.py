@@ -265,7 +265,9 @@ class Leaser:
         # returns. safepool's takes none of its own: with a logger left on
         # the connection, take that one pass too (no cost without one).
         logged = bool(con._query_loggers)  # (a close clears the set)
-        connection._detach()
+        # connection._detach(), inlined (the hot path): later calls raise.
+        connection._con = None
+        con._proxy = None
         done = self.end_lease(connection._lease, con, timeout)
         if logged or (done is not None and type(done) is not _Driver):
             return self.finish_release(done, logged)
@@ -306,7 +308,7 @@ class Leaser:
         check = _pg.release_check(con, holder.clean_mark, self.max_queries)
         usable = check != _pg.UNUSABLE
         outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
-        if outcome is Outcome.CLEAN:
+        if outcome is Outcome.CLEAN and (con._listeners or con._log_listeners):
             _pg.clear_listeners(con)
         done: asyncio.Future[None] | None = None
         runner = self.runner
@@ -330,7 +332,8 @@ class Leaser:
                     rollback = _pg.warn_open_transaction(con, deferred=True)
                 else:
                     rollback = False
-                    _pg.clear_listeners(con)
+                    if con._listeners or con._log_listeners:
+                        _pg.clear_listeners(con)
                 now = self.now()
                 state.release(lease, now, outcome)
                 if state.actions:

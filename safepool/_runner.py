@@ -183,8 +183,12 @@ class Runner:
                 # timer check (a grant adds no deadline: the waiter's own
                 # timer entry just went stale).
                 actions.clear()
-                if self.grant(action.waiter):
+                waiter = action.waiter
+                future = waiter.future
+                if not future.done():  # grant(), inlined
+                    future.set_result(None)
                     return
+                state.cancel_waiter(waiter, self.now())  # (cancelled while the grant was in flight)
             self.drain()
         elif self.timer is None and state.max_inactive_lifetime and state.size > state.min_size:
             self.arm_timer()  # an idle connection above min_size now has a lifetime to watch
@@ -299,7 +303,7 @@ class Runner:
             return None  # the pool was terminated meanwhile
         if ok:
             # (Before any task can take it: the hand-on's Wake runs in drain.)
-            holder.clean_mark = _pg.queries_count(con)
+            holder.clean_mark = con._protocol.queries_count  # (_pg.queries_count, inlined: the hot path)
         else:
             if error is not None and log:
                 logger.warning(

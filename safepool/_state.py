@@ -641,8 +641,13 @@ class PoolState:
         counts[S.LEASED] += 1
         slot.state = S.LEASED
         self.wait_times.record(now - waiter.enqueued_at)
-        lease = self._open_lease(slot, now)
+        # _open_lease, inlined (the contended hot path).
+        self._next_id += 1
+        lease = Lease(self._next_id, slot, now)
         lease.site = waiter.site
+        slot.lease = lease
+        self._leases[lease.id] = lease
+        self.counters.acquired += 1
         return lease
 
     def cancel_waiter(self, waiter: Waiter, now: float) -> None:
@@ -733,7 +738,15 @@ class PoolState:
         slot = self._close_lease(lease, now, L.RELEASED)
         self.counters.released += 1
         if outcome is Outcome.NEEDS_RESET:
-            self._move(slot, S.RESETTING)
+            # _move(slot, S.RESETTING), inlined (the query lease's hot path),
+            # its check by the same table.
+            old = slot.state
+            if S.RESETTING not in _TRANSITIONS[old]:
+                raise InternalStateError(f"illegal transition {old.value} -> {S.RESETTING.value} for {slot!r}")
+            counts = self._counts
+            counts[old] -= 1
+            counts[S.RESETTING] += 1
+            slot.state = S.RESETTING
             return True
         if outcome is Outcome.CLEAN:
             self.counters.resets_skipped += 1

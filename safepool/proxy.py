@@ -140,8 +140,9 @@ class PoolConnectionProxy(_pg_connection._ConnectionProxy):
         self._holder = holder
         self._lease = lease
         self._expired: str | None = None
-        # Weak, so that losing the proxy lets the GC find the leak.
-        con._set_proxy(weakref.proxy(self))
+        # Weak, so that losing the proxy lets the GC find the leak. (asyncpg's
+        # _set_proxy, inlined: a lease's proxy is its connection's only one.)
+        con._proxy = weakref.proxy(self)
 
     def __getattr__(self, attr: str) -> Any:
         con = self._con
