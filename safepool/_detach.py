@@ -12,7 +12,9 @@ with ``asyncio.shield``.
 
 The caller's task sees a stand-in for each future the coroutine awaits
 (the driver itself): asyncio's ``Task`` accepts any object with
-``_asyncio_future_blocking``, ``get_loop()``, ``add_done_callback()``,
+``_asyncio_future_blocking``, ``get_loop()`` (or, without it, a ``_loop``
+attribute: ``asyncio.futures._get_loop``, which the driver uses, so the
+Task's loop check costs no Python call), ``add_done_callback()``,
 ``cancel()`` and ``result()`` (the protocol ``Task.__step`` checks, in both
 the C and the Python implementation, 3.11-3.13; uvloop uses asyncio's Task).
 Cancelling the stand-in hands the coroutine over and never cancels the real
@@ -52,7 +54,7 @@ class _Driver(Generic[T]):
     again (or, if the future is already done and the wake-up scheduled, lets
     that wake-up deliver the ``CancelledError``)."""
 
-    __slots__ = ("_coro", "_spawn", "_then", "_then_args", "_raises", "_fut", "_asyncio_future_blocking",
+    __slots__ = ("_coro", "_spawn", "_then", "_then_args", "_raises", "_fut", "_loop", "_asyncio_future_blocking",
                  "_wakeup", "_context", "_cancelled", "_message")
 
     def __init__(
@@ -67,6 +69,9 @@ class _Driver(Generic[T]):
         # pool task's run drops it, as ever): a release's reset error.
         self._raises = raises
         self._fut: asyncio.Future[Any] | None = None
+        # The awaited future's loop, read by the Task where a future offers
+        # get_loop() (asyncio.futures._get_loop's fallback: no Python call).
+        self._loop: asyncio.AbstractEventLoop | None = None
         # None until the first step: asyncio.isfuture() (ensure_future,
         # wait_for, gather) must see an awaitable to wrap in a task, not a
         # future. The Task sets it False after each step, as for a future.
@@ -77,10 +82,6 @@ class _Driver(Generic[T]):
         self._message: Any = None
 
     # -- the future protocol asyncio's Task uses on what a coroutine yields
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        assert self._fut is not None
-        return self._fut.get_loop()
 
     def add_done_callback(self, fn: Callable[[Any], object], *, context: Context | None = None) -> None:
         assert self._fut is not None
@@ -166,6 +167,7 @@ class _Driver(Generic[T]):
                 continue
             fut._asyncio_future_blocking = False
             self._fut = fut
+            self._loop = fut.get_loop()
             self._asyncio_future_blocking = True
             try:
                 yield self

@@ -36,7 +36,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
 
     __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "release_timeout",
                  "orphan_checks", "orphan_reported", "unresponsive", "lost_while_leased", "reset_since",
-                 "command_timeout", "reset_query", "__weakref__")
+                 "command_timeout", "reset_query", "reset_text", "__weakref__")
 
     def __init__(self, pool: Face, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
         self._pool = pool
@@ -64,6 +64,10 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # Fixed for the connection's life: read once here, not per release.
         self.command_timeout = _pg.command_timeout(con)
         self.reset_query = _pg.reset_query_getter(con)
+        # asyncpg's own reset query is fixed by the server's capabilities,
+        # known once connected: read once here (None when the connection
+        # class overrides the getter, which then runs on every reset).
+        self.reset_text: str | None = None if _pg.overrides_reset_query(type(con)) else self.reset_query()
 
     def _release_on_close(self) -> None:
         self._con = None
