@@ -202,6 +202,7 @@ class Row:
     detail: str = ""  # the absolute numbers behind the ratio
     unit: str = "x"
     attempts: list[float] = field(default_factory=list)
+    standing: str | None = None  # the key its guard's standing has in standings.json
 
     @property
     def guard_text(self) -> str:

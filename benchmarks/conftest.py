@@ -11,10 +11,12 @@ committed), ``benchmarks/results/latest-<loop>.md`` and the table in
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,11 @@ import pytest
 
 from tests.conftest import pg_dsn, pg_server  # noqa: F401  (the same server fixtures as the tests)
 
-from ._harness import FULL, NOISE_MARGIN, QUICK, Mode, Row, machine_info, render_markdown, render_text, with_retry
+from . import standings
+from ._harness import (
+    FULL, NOISE_MARGIN, QUICK, Mode, Row, guard_at, machine_info, render_markdown, render_text, with_retry,
+)
+from .standings import Standings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -112,18 +118,29 @@ class Bench:
     def uvloop(self) -> bool:
         return self.loop_name == "uvloop"
 
-    def stands(self, asyncio: float, uvloop: float) -> float:
-        """Where a row stands in quick runs on this machine, on this run's
-        loop (the median of the last quick runs, recorded by hand in
-        test_ratios.py): the base of the guard of every row with an
-        issue-14 target (``guard_at``)."""
-        return uvloop if self.uvloop else asyncio
+    @cached_property
+    def standings(self) -> Standings:
+        """Where the guarded rows stand in quick runs on this machine's CPU
+        and this run's loop (``benchmarks/standings.json``)."""
+        return standings.for_machine(standings.cpu_model(), self.loop_name)
+
+    def target(self, target: float, standing: str) -> dict[str, Any]:
+        """A row's ``target``, ``guard`` and ``standing`` keywords, for a row
+        with an issue-14 target: guarded where the row keyed ``standing``
+        stands on this machine and loop plus the margin (``guard_at``)."""
+        return {"target": target, "guard": guard_at(target, self.standings[standing]), "standing": standing}
 
     def check(self, measure: Callable[[], list[Row]]) -> None:
         """Measure (retrying once in quick mode if a guard fails), record the
         rows for the table, and fail if any ratio is past its guard."""
         rows = with_retry(self.mode, measure)
         self.report.rows.extend(rows)
+        record = os.environ.get(standings.ROWS_ENV)
+        if record:  # python -m benchmarks.standings: the rows it takes medians of
+            with open(record, "a") as out:
+                for row in rows:
+                    if row.standing is not None:
+                        out.write(json.dumps({"standing": row.standing, "first": row.attempts[0]}) + "\n")
         failed = [row for row in rows if row.failed]
         assert not failed, "benchmark ratios past their guard:\n" + "\n".join(
             f"  {row.bench}: {row.metric} = {row.value:.3f} > guard {row.guard} ({row.detail}; attempts {row.attempts})"
@@ -168,6 +185,7 @@ def bench(pytestconfig: pytest.Config, bench_loop: asyncio.AbstractEventLoop, pg
     if not report.machine:
         report.machine = machine_info(bench_loop.run_until_complete(server_version()))
         report.machine["event loop"] = bench.loop_name
+        report.machine["guards"] = bench.standings.note
     return bench
 
 

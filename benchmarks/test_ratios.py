@@ -3,15 +3,17 @@
 Each test measures its contenders interleaved (see ``_harness.py``), adds its
 rows to the table printed at the end of the run, and fails if a ratio is past
 its guard. Every row with an issue-14 target (on correct release semantics)
-is guarded where it stands in quick runs on that loop plus the noise margin
-(``guard_at``), met or missed, so a regression of 25% from there fails; where
-a row stands is recorded per loop (``bench.stands(asyncio, uvloop)``: the
-median of recent quick runs here). A row whose target this 2-core machine
-does not reach keeps its target and shows *missed* (docs/performance.md
-gives each one's arithmetic). Issue 6's rows (scaling, memory) are guarded
-at the target plus the margin (``guard_for``) or at the target itself.
-Rows without a target are reported, never guarded. ``--loop uvloop`` measures on uvloop; the one target that differs by
-loop (a query lease against its physical floor) says so.
+is guarded where it stands in quick runs on this machine and loop plus the
+noise margin (``bench.target(target, key)``, ``guard_at``), met or missed, so
+a regression of 25% from there fails; where a row stands is recorded per CPU
+model and loop in ``standings.json`` (the median of quick runs, recorded by
+``python -m benchmarks.standings --write``). A row whose target this 2-core
+machine does not reach keeps its target and shows *missed*
+(docs/performance.md gives each one's arithmetic). Issue 6's rows (scaling,
+memory) are guarded at the target plus the margin (``guard_for``) or at the
+target itself. Rows without a target are reported, never guarded.
+``--loop uvloop`` measures on uvloop; the one target that differs by loop (a
+query lease against its physical floor) says so.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import statistics
 import subprocess
 import sys
 
-from ._harness import Measurement, Row, guard_at, guard_for, measure_interleaved, paired_ratio, us
+from ._harness import Measurement, Row, guard_for, measure_interleaved, paired_ratio, us
 from ._workloads import (
     SAFETY_ON,
     STATS_EVERY,
@@ -53,8 +55,8 @@ def test_1_empty_lease(bench: Bench) -> None:
         return [
             Row(
                 "1 empty lease", "safepool / asyncpg, time per `async with acquire(): pass`",
-                paired_ratio(m["safepool"], m["asyncpg"]), 0.03, guard_at(0.03, bench.stands(0.029, 0.034)),
-                f"safepool {us(m['safepool'].median)}, asyncpg {us(m['asyncpg'].median)}",
+                paired_ratio(m["safepool"], m["asyncpg"]), **bench.target(0.03, "empty"),
+                detail=f"safepool {us(m['safepool'].median)}, asyncpg {us(m['asyncpg'].median)}",
             )
         ]
 
@@ -80,11 +82,11 @@ def test_2_query_lease(bench: Bench) -> None:
         floor_target = 1.20 if bench.uvloop else 1.05
         return [
             Row("2 query lease", "safepool / asyncpg, acquire + SELECT 1 + release (full reset)", paired_ratio(sp, ap),
-                0.85, guard_at(0.85, bench.stands(0.92, 0.95)), detail),
+                **bench.target(0.85, "query"), detail=detail),
             Row("2 query lease", f"safepool / its floor: raw SELECT 1 + raw reset query ({bench.loop_name})",
-                paired_ratio(sp, floor), floor_target, guard_at(floor_target, bench.stands(1.10, 1.14))),
-            Row("2 query lease", "safepool reset_mode=auto / raw connection (SELECT 1)", paired_ratio(auto, raw), 1.15,
-                guard_at(1.15, bench.stands(1.15, 1.16))),
+                paired_ratio(sp, floor), **bench.target(floor_target, "floor")),
+            Row("2 query lease", "safepool reset_mode=auto / raw connection (SELECT 1)", paired_ratio(auto, raw),
+                **bench.target(1.15, "auto_raw")),
             Row("2 query lease", "safepool reset_mode=rollback / asyncpg", paired_ratio(rb, ap), None, None),
             # The client's own CPU per lease, whatever the server and the other
             # processes do: what the pool adds over the floor on the client.
@@ -140,13 +142,13 @@ def test_3_contended(bench: Bench) -> None:
 
         tasks = f"{contenders[0].tasks} tasks, max_size=10: "
         return [
-            Row("3 contended", "safepool / asyncpg, time per lease (full reset)", paired_ratio(sp, ap), 0.75,
-                guard_at(0.75, bench.stands(0.88, 0.90)), tasks + describe("safepool") + "; " + describe("asyncpg")),
-            Row("3 contended", "safepool / asyncpg, p99 acquire wait", p99_ratio("safepool", "asyncpg"), 0.2,
-                guard_at(0.2, bench.stands(0.18, 0.19))),
+            Row("3 contended", "safepool / asyncpg, time per lease (full reset)", paired_ratio(sp, ap),
+                **bench.target(0.75, "contended"), detail=tasks + describe("safepool") + "; " + describe("asyncpg")),
+            Row("3 contended", "safepool / asyncpg, p99 acquire wait", p99_ratio("safepool", "asyncpg"),
+                **bench.target(0.2, "p99")),
             Row("3 contended", f"safepool reset_mode=auto / asyncpg, time per lease ({bench.loop_name})",
-                paired_ratio(auto, ap), 0.5, guard_at(0.5, bench.stands(0.51, 0.51)),
-                describe("safepool auto")),
+                paired_ratio(auto, ap), **bench.target(0.5, "auto_contended"),
+                detail=describe("safepool auto")),
             Row("3 contended", "FIFO: safepool / asyncpg, max acquire wait", waits["safepool"]["max"] / waits["asyncpg"]["max"],
                 None, None, "per-task spread = slowest task's mean wait / fastest task's"),
             *calibration(m, "3 contended", ap, sp),
@@ -230,7 +232,7 @@ def test_5_safety_on_vs_off(bench: Bench) -> None:
         stats_cost = m["safepool stats()"]
         return [
             Row("5 safety on/off", "on / off, query lease (benchmark 2)", paired_ratio(m["on query"], m["off query"]),
-                1.05, guard_at(1.05, bench.stands(1.02, 1.08)), f"on {us(m['on query'].median)}, off {us(m['off query'].median)}"),
+                **bench.target(1.05, "safety"), detail=f"on {us(m['on query'].median)}, off {us(m['off query'].median)}"),
             Row("5 safety on/off", "on / off, contended (benchmark 3)", paired_ratio(mc["on"], mc["off"]), None,
                 None, f"on {us(mc['on'].median)}, off {us(mc['off'].median)} per lease"),
             Row("5 safety on/off", "on / off, empty lease (no database: bookkeeping only)",
