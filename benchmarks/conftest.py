@@ -27,7 +27,16 @@ from tests.conftest import pg_dsn, pg_server  # noqa: F401  (the same server fix
 
 from . import standings
 from ._harness import (
-    FULL, NOISE_MARGIN, QUICK, Mode, Row, guard_at, machine_info, render_markdown, render_text, with_retry,
+    FULL,
+    NOISE_MARGIN,
+    QUICK,
+    Mode,
+    Row,
+    guard_at,
+    machine_info,
+    render_markdown,
+    render_text,
+    with_retry,
 )
 from .standings import Standings
 
