@@ -217,9 +217,10 @@ class Pool:
         and the session reset (asyncpg's reset query: advisory locks, cursors,
         LISTENs, settings), so no other session sees anything of this lease
         any more. A lease that ran no statement (``setup=``/``init=``
-        included) is handed on with no round trip. The reset runs in a pool
-        task that the caller's cancellation cannot interrupt (asyncpg shields
-        it); a cancelled caller gets ``CancelledError`` while the pool
+        included) is handed on with no round trip. The reset runs in the
+        releasing task until that task is cancelled, and a pool task then
+        finishes it: the caller's cancellation cannot interrupt it (asyncpg
+        shields it); a cancelled caller gets ``CancelledError`` while the pool
         finishes the reset, or closes the connection once any cancelled query
         has stopped on the server. A second release is a no-op.
 
