@@ -381,10 +381,13 @@ def main() -> int:
         run_cell(cell, venv, overlay)
 
     # Venvs are built JOBS at a time, newest Python first; cells run JOBS at
-    # a time as their venv is ready: the uvloop cell (the longest) first,
-    # then newest Python and asyncpg first.
-    def rank(cell: Cell) -> tuple[bool, int, tuple[int, ...]]:
-        return cell.loop == "asyncio", -pythons.index(cell.python), tuple(-int(x) for x in cell.asyncpg.split("."))
+    # a time as their venv is ready, longest first so that short cells fill
+    # the tail (the uvloop cell, then the cells with the sweep, then the
+    # rest), newest Python and asyncpg first within each.
+    def rank(cell: Cell) -> tuple[bool, bool, int, tuple[int, ...]]:
+        swept = f"--ignore={SWEEP}" not in cell.suites
+        return (cell.loop == "asyncio", not swept, -pythons.index(cell.python),
+                tuple(-int(x) for x in cell.asyncpg.split(".")))
 
     order = sorted((c for c in cells if c.status not in ("n/a", "readme")), key=rank)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as builds, \
