@@ -7,6 +7,8 @@ Each compares with asyncpg's pool where asyncpg defines the behaviour."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -19,11 +21,29 @@ pytestmark = pytest.mark.asyncio
 ADVISORY = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """asyncpg's (and safepool's) report of a release inside BEGIN goes to
+    the loop's exception handler: expected here, anything else is not."""
+    loop = asyncio.get_running_loop()
+    unexpected: list[dict[str, Any]] = []
+
+    def handler(_: Any, context: dict[str, Any]) -> None:
+        if not str(context.get("message", "")).startswith("Resetting connection with an active transaction"):
+            unexpected.append(context)
+
+    loop.set_exception_handler(handler)
+    try:
+        yield
+    finally:
+        loop.set_exception_handler(None)
+    assert unexpected == []
+
+
 async def _make(kind: str, dsn: str, app_name: str, **kwargs: Any) -> Any:
     module: Any = asyncpg if kind == "asyncpg" else safepool
-    return await module.create_pool(
-        dsn, min_size=1, max_size=1, server_settings={"application_name": app_name}, **kwargs
-    )
+    kwargs.setdefault("max_size", 1)
+    return await module.create_pool(dsn, min_size=1, server_settings={"application_name": app_name}, **kwargs)
 
 
 async def _schedule(how: str, aw: Any) -> None:
@@ -103,4 +123,78 @@ async def test_release_awaited_twice(pg_dsn: str, app_name: str, kind: str) -> N
     finally:
         if kind == "safepool":
             pool._state.check_invariants()
+        pool.terminate()
+
+
+async def _storm(task: asyncio.Task[Any], after: int, mode: str) -> None:
+    """Let ``task`` run ``after`` loop steps, then cancel it: once, twice in
+    one step, or again at every step until it ends (anyio's re-delivery)."""
+    for _ in range(after):
+        await asyncio.sleep(0)
+    task.cancel()
+    if mode == "twice":
+        task.cancel()
+    while mode == "every_step" and not task.done():
+        await asyncio.sleep(0)
+        task.cancel()
+
+
+async def _release_and_look(pool: Any, admin: Any, body_done: asyncio.Event, seen: list[int]) -> None:
+    async with pool.acquire() as con:
+        pid = con.get_server_pid()
+        await con.execute("BEGIN; SELECT pg_advisory_lock(1); SET work_mem = '9MB'; LISTEN chan")
+        body_done.set()
+    # Returned: the reset is done, as another session sees it.
+    seen.append(await admin.fetchval(ADVISORY + " AND pid = $1", pid))
+
+
+@pytest.mark.parametrize("kind", ["asyncpg", "safepool"])
+@pytest.mark.parametrize("mode", ["once", "twice", "every_step"])
+async def test_release_cancelled_at_each_step(pg_dsn: str, app_name: str, kind: str, mode: str) -> None:
+    """``async with`` exits with a transaction, an advisory lock, a LISTEN and
+    a setting left, and its task is cancelled at each loop step of the
+    release in turn. A release that returned leaves nothing another session
+    can see; a cancelled one raises only CancelledError; afterwards both
+    connections are back, reset, and the server sees at most max_size."""
+    pool = await _make(kind, pg_dsn, app_name, max_size=2)
+    admin = await asyncpg.connect(pg_dsn)
+    outcomes: set[str] = set()
+    try:
+        # Cancel one step later each round, until a release gets through
+        # before the cancel: every step of the release was cut once.
+        for after in range(500):
+            if "returned" in outcomes:
+                break
+            body_done = asyncio.Event()
+            seen: list[int] = []
+            with _quiet():
+                task = asyncio.create_task(_release_and_look(pool, admin, body_done, seen))
+                await body_done.wait()
+                await _storm(task, after, mode)
+                try:
+                    await task
+                    outcomes.add("returned")
+                    assert seen == [0]
+                except asyncio.CancelledError:
+                    outcomes.add("cancelled")
+            async with asyncio.timeout(5):
+                a = await pool.acquire()
+                b = await pool.acquire()
+                for c in (a, b):
+                    row = await c.fetchrow(
+                        "SELECT current_setting('work_mem') AS wm, pg_current_xact_id_if_assigned() AS x,"
+                        " (SELECT count(*) FROM pg_listening_channels()) AS listens")
+                    assert dict(row) == {"wm": "4MB", "x": None, "listens": 0}
+                assert await admin.fetchval(ADVISORY) == 0
+                await pool.release(a)
+                await pool.release(b)
+            backends = await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app_name)
+            assert backends <= 2
+            assert (pool.get_size(), pool.get_idle_size()) == (2, 2)
+            if kind == "safepool":
+                pool._state.check_invariants()
+        assert outcomes == {"cancelled", "returned"}
+    finally:
+        await admin.close()
         pool.terminate()
