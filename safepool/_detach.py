@@ -55,7 +55,7 @@ class _Driver(Generic[T]):
     that wake-up deliver the ``CancelledError``)."""
 
     __slots__ = ("_coro", "_spawn", "_then", "_then_args", "_raises", "_fut", "_loop", "_asyncio_future_blocking",
-                 "_wakeup", "_context", "_cancelled", "_message")
+                 "_wakeup", "_context", "_cancelled", "_message", "_awaited", "_gen")
 
     def __init__(
         self, coro: Coroutine[Any, Any, Any], spawn: Spawn, then: Callable[..., T] | None, then_args: tuple[Any, ...],
@@ -80,6 +80,10 @@ class _Driver(Generic[T]):
         self._context: Context | None = None
         self._cancelled = False  # the caller was cancelled: the coroutine is the pool's now
         self._message: Any = None
+        # Awaited (or run as a coroutine) once: a second await raises, as a
+        # coroutine's does (it must not report the reset's end twice).
+        self._awaited = False
+        self._gen: Generator[Any, None, T] | None = None  # the coroutine protocol's (send/throw/close)
 
     # -- the future protocol asyncio's Task uses on what a coroutine yields
 
@@ -127,6 +131,37 @@ class _Driver(Generic[T]):
             fut.get_loop().call_soon(wakeup, self, context=self._context)
         return True
 
+    # -- the coroutine protocol (collections.abc.Coroutine), off the hot path:
+    # asyncpg's __aexit__ and release() are coroutines, so programs hand them
+    # to asyncio.create_task(), run_coroutine_threadsafe() or anyio's
+    # start_soon(), which accept only a coroutine (``await`` uses __await__).
+
+    def send(self, value: Any) -> Any:
+        gen = self._gen
+        if gen is None:
+            gen = self._gen = self.__await__()
+        return gen.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        gen = self._gen
+        if gen is None:
+            # Thrown into before its first step (a task cancelled before it
+            # ran): a coroutine would run nothing, but the lease has ended,
+            # so the reset is the pool's now.
+            self.close()
+            if val is None:
+                raise typ
+            raise val
+        return gen.throw(typ, val, tb) if tb is not None or val is not None else gen.throw(typ)
+
+    def close(self) -> None:
+        gen = self._gen
+        if gen is not None:
+            gen.close()
+        elif not self._awaited:
+            self._awaited = True
+            self.hand_over(None)
+
     # -- driving
 
     def hand_over(self, fut: asyncio.Future[Any] | None) -> None:
@@ -140,6 +175,9 @@ class _Driver(Generic[T]):
             self._spawn(_finish(self._coro, fut, self._then, self._then_args))
 
     def __await__(self) -> Generator[Any, None, T]:
+        if self._awaited:
+            raise RuntimeError("cannot reuse already awaited coroutine")
+        self._awaited = True
         coro = self._coro
         error: BaseException | None = None
         while True:
@@ -251,3 +289,23 @@ class _Resume:
                 yield step
             except BaseException as exc:
                 error = exc
+
+
+class Resolved(asyncio.Future):  # type: ignore[type-arg]
+    """A future resolved with None that is also a coroutine (send/throw/close,
+    :class:`_Driver`'s reason): what a release returns when there is nothing
+    left to wait for. ``await`` takes the future's own (C) path: no Python
+    call; ``asyncio.create_task()`` runs it as a coroutine that returns at once."""
+
+    def __init__(self, *, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self.set_result(None)
+
+    def send(self, value: Any) -> Any:
+        raise StopIteration(None)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        raise typ if val is None else val
+
+    def close(self) -> None:
+        pass

@@ -28,7 +28,7 @@ from asyncpg import exceptions as _pg_exceptions
 from . import _internals as _pg
 from . import _sites, _stack, _workers
 from ._clock import Clock
-from ._detach import _Driver
+from ._detach import Resolved, _Driver
 from ._holder import Face
 from ._internals import RawConnection
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
@@ -111,8 +111,8 @@ class Leaser:
         self.proxy_class = proxy_class
         # What release() returns when there is nothing to wait for: awaiting
         # a resolved future returns at once, with no frame and no loop pass.
-        self.released: asyncio.Future[None] = loop.create_future()
-        self.released.set_result(None)
+        # (A coroutine too, as asyncpg's release: create_task() accepts it.)
+        self.released: asyncio.Future[None] = Resolved(loop=loop)
 
     # ------------------------------------------------------------- acquire
 
