@@ -32,6 +32,7 @@ bound statements with asyncpg's own ``timeout=`` instead.
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import Callable, Coroutine, Generator
 from contextvars import Context
 from typing import Any, Generic, TypeVar
@@ -161,6 +162,22 @@ class _Driver(Generic[T]):
         elif not self._awaited:
             self._awaited = True
             self.hand_over(None)
+
+    def __del__(self) -> None:
+        if not self._awaited:
+            # Dropped unawaited (a forgotten ``await`` of ``__aexit__``): the
+            # lease has ended, so the pool runs the statement (a reset never
+            # started must not strand its slot), and says so, as Python does
+            # for a coroutine never awaited. (One call per driver: the price
+            # of never losing a connection to a missing await.)
+            self._awaited = True
+            try:
+                self.hand_over(None)
+            finally:
+                warnings.warn(
+                    "a pool connection's release was never awaited: the pool ran its reset itself",
+                    RuntimeWarning, stacklevel=1,
+                )
 
     # -- driving
 
