@@ -56,7 +56,7 @@ def test_every_targeted_row_takes_its_guard_from_its_standing_or_guard_for() -> 
         if isinstance(target, ast.Constant) and target.value is None:
             continue
         if isinstance(guard, ast.Call):
-            assert guard.func.id == "guard_for", ast.unparse(row)
+            assert ast.unparse(guard.func) == "guard_for", ast.unparse(row)
             assert ast.unparse(guard.args[0]) == ast.unparse(target), ast.unparse(row)
         else:
             assert ast.unparse(guard) == ast.unparse(target), ast.unparse(row)
@@ -89,6 +89,7 @@ def _targeted_rows(loop: str) -> list[tuple[str, float, str]]:
         target_node, key_node = call.args
         target = target_node.value if isinstance(target_node, ast.Constant) else names[ast.unparse(target_node)]
         assert isinstance(target, float) and isinstance(key_node, ast.Constant), ast.unparse(row)
+        assert isinstance(key_node.value, str), ast.unparse(row)
         label = f"{ast.unparse(row.args[0])} {ast.unparse(row.args[1])[:60]} ({loop})"
         found.append((label, target, key_node.value))
     return found
@@ -145,3 +146,21 @@ def test_only_issue_6_rows_take_a_guard_without_a_standing() -> None:
         target = row.args[3]
         if not (isinstance(target, ast.Constant) and target.value is None):
             assert ast.literal_eval(row.args[0]) in _ISSUE_6, ast.unparse(row)
+
+
+def test_recording_refuses_what_it_could_not_write_before_running_anything(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A new CPU needs both loops' standings (every guarded row on both);
+    # --runs 0 measures nothing. Both are refused before any benchmark runs.
+    def no_benchmarks(*args: object) -> None:
+        raise AssertionError("a benchmark ran")
+
+    monkeypatch.setattr(standings, "record", no_benchmarks)
+    monkeypatch.setattr(standings, "cpu_model", lambda: "a CPU with no standings")
+    with pytest.raises(SystemExit):
+        standings.main(["--loop", "asyncio", "--write"])
+    assert "has no standings yet: record both loops" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        standings.main(["--runs", "0"])
+    assert "--runs must be at least 1" in capsys.readouterr().err
