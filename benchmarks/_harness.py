@@ -23,7 +23,8 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from .standings import cpu_model
 
 
 @dataclass(frozen=True)
@@ -299,14 +300,7 @@ def us(seconds: float) -> str:
 def machine_info(server_version: str) -> dict[str, str]:
     import asyncpg
 
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:

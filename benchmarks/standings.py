@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -42,14 +43,16 @@ ROWS_ENV = "SAFEPOOL_BENCH_ROWS"  # conftest.py appends each row's value to this
 
 
 def cpu_model() -> str:
-    """This machine's CPU model, as /proc/cpuinfo names it ("?" elsewhere)."""
+    """This machine's CPU model, as /proc/cpuinfo names it (elsewhere
+    ``platform.processor()``, or "?"): the key of its standings, and the
+    ``cpu`` of the table's machine line."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "?"
+    return platform.processor() or "?"
 
 
 @dataclass(frozen=True)

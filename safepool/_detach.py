@@ -170,9 +170,8 @@ class _Driver(Generic[T]):
             # started must not strand its slot), and says so, as Python does
             # for a coroutine never awaited. (One call per driver: the price
             # of never losing a connection to a missing await.)
-            self._awaited = True
             try:
-                self.hand_over(None)
+                self.close()  # (unstarted: hands the statement over)
             finally:
                 warnings.warn(
                     "a pool connection's release was never awaited: the pool ran its reset itself",
