@@ -2,11 +2,14 @@
 
     python -m benchmarks.standings [--runs 5] [--loop asyncio|uvloop|both] [--write]
 
+(Needs the test extra, ``pip install -e '.[test]'``: it runs pytest, and
+uvloop for ``--loop uvloop``.)
+
 Every row with an issue-14 target is guarded where it stands plus the noise
 margin (``guard_at`` in ``_harness.py``), so that a 25% regression fails CI.
 Where a row stands depends on the machine: the same code put the contended
-row at 0.88x asyncpg on one 2-core Intel Xeon and at 0.75x on one 2-core AMD
-EPYC, so one machine's standings would leave the other's guards too loose (or
+row at 0.88x asyncpg on one 2-core Intel Xeon and at 0.81-0.85x on one
+2-core AMD EPYC (medians of quick runs), so one machine's standings would leave the other's guards too loose (or
 too tight). ``standings.json`` keeps them per CPU model (the ``model name``
 of ``/proc/cpuinfo``, as the table's machine line shows it) and loop: the
 median of that many quick runs.
@@ -117,7 +120,10 @@ def record(runs: int, loops: list[str]) -> dict[str, dict[str, list[float]]]:
                 rows_file = Path(tmp) / f"{loop}-{run}.jsonl"
                 _run_once(loop, rows_file)
                 if not rows_file.exists():
-                    raise SystemExit(f"run {run + 1} on {loop} wrote no rows: run it by hand to see why")
+                    raise SystemExit(
+                        f"run {run + 1} on {loop} wrote no rows (needs pip install -e '.[test]'): run "
+                        f"python -m pytest benchmarks/test_ratios.py --loop {loop} by hand to see why"
+                    )
                 for line in rows_file.read_text().splitlines():
                     row = json.loads(line)
                     values[loop].setdefault(row["standing"], []).append(row["first"])
@@ -129,7 +135,7 @@ def record(runs: int, loops: list[str]) -> dict[str, dict[str, list[float]]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.standings", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="quick runs per loop (default 5)")
-    parser.add_argument("--loop", choices=(*LOOPS, "both"), default="both")
+    parser.add_argument("--loop", choices=(*LOOPS, "both"), default="both", help="the loop(s) to record (default both)")
     parser.add_argument("--write", action="store_true", help="store the medians for this CPU in standings.json")
     args = parser.parse_args(argv)
     if args.runs < 1:
