@@ -55,6 +55,7 @@ CELL_SUITES = ("tests/unit", "tests/io", "tests/compat", "tests/faults/test_canc
 # suite) and the uvloop cell. The other cells leave it out, which keeps
 # .ci/run under 15 minutes (docs/compatibility.md).
 SWEEP = "tests/io/test_sweep.py"
+UNIT = "tests/unit"
 SWEEP_PAIRS = {("3.11", "0.29.0"), ("3.12", "0.30.0"), ("3.13", "0.31.0")}
 # On uvloop, what depends on the loop: cancellation (every await point, and
 # the storms on a real server), the reset driver and lease timers, and the
@@ -363,7 +364,9 @@ def main() -> int:
     if pythons == PYTHONS and versions == ASYNCPG:  # a subset run keeps the sweep in every cell
         for cell in cells:
             if (cell.python, cell.asyncpg) not in SWEEP_PAIRS:
-                cell.suites = (*CELL_SUITES, f"--ignore={SWEEP}")
+                # The diagonal also runs the unit suite for every Python and
+                # every asyncpg: the other cells leave it out with the sweep.
+                cell.suites = (*(s for s in CELL_SUITES if s != UNIT), f"--ignore={SWEEP}")
     if uvloop:
         cells.append(Cell(pythons[-1], versions[-1], suites=UVLOOP_SUITES, loop="uvloop"))
 
@@ -403,7 +406,8 @@ def main() -> int:
     print(f"Version matrix: {', '.join(CELL_SUITES)} on asyncio per cell (passed/failed/skipped, wall time);")
     if any(f"--ignore={SWEEP}" in cell.suites for cell in cells):
         pairs = ", ".join(f"{p}/{v}" for p, v in sorted(SWEEP_PAIRS))
-        print(f"* {SWEEP} only in {pairs}, the README run and the uvloop cell.")
+        print(f"* {SWEEP} only in {pairs}, the README run and the uvloop cell; {UNIT} only in {pairs} "
+              "and the README run.")
     if uvloop:
         print(f"* {', '.join(UVLOOP_SUITES)} on uvloop. {jobs} cell(s) at once, {total:.0f} s in all.")
     print(table(cells, pythons, versions))
