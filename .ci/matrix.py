@@ -3,9 +3,11 @@
 
 Usage: python3 .ci/matrix.py        (from .ci/run, after the README test command)
 
-Each cell runs the unit, io, compat and fault suites (``CELL_SUITES``) on asyncio
-with one Python and one pinned asyncpg; one more cell runs the compat,
-integration and fault suites on uvloop with the newest pair. At the end it
+Each cell runs safepool's suites on asyncio with one Python and one pinned
+asyncpg: the unit, io, compat and fault-storm suites (``CELL_SUITES``) on a
+diagonal that meets every Python and every asyncpg, the compat suite alone
+elsewhere; one more cell runs the compat, integration and fault suites on
+uvloop with the newest pair. At the end it
 prints the table (rows Python, columns asyncpg; cells passed/failed/skipped
 and wall time) and exits non-zero if any cell failed.
 
@@ -49,14 +51,15 @@ ASYNCPG = ("0.29.0", "0.30.0", "0.31.0", "0.32.0")
 # (newest pair) and in the uvloop cell. Keeps .ci/run under 15 minutes.
 CELL_SUITES = ("tests/unit", "tests/io", "tests/compat", "tests/faults/test_cancellation.py")
 # The io sweep (every suspension point, cancelled five ways) is a cell's
-# longest suite: 25-55 s on the 2-core CI machine. In the full matrix it runs
-# on a diagonal, one Python per older asyncpg, so every asyncpg and every
-# Python meets it; the newest asyncpg gets it from the README run (the whole
-# suite) and the uvloop cell. The other cells leave it out, which keeps
-# .ci/run under 15 minutes (docs/compatibility.md).
-SWEEP = "tests/io/test_sweep.py"
-UNIT = "tests/unit"
-SWEEP_PAIRS = {("3.11", "0.29.0"), ("3.12", "0.30.0"), ("3.13", "0.31.0")}
+# longest suite: 25-55 s on the 2-core CI machine. In the full matrix the
+# whole CELL_SUITES run on a diagonal, one Python per older asyncpg, so every
+# asyncpg and every Python meets each suite; the newest asyncpg gets them
+# from the README run (the whole suite) and the uvloop cell. The other cells
+# run the compat suite alone (OFF_DIAGONAL_SUITES: asyncpg's own pool tests,
+# the drop-in and parity suites), which keeps .ci/run under 15 minutes
+# (docs/compatibility.md).
+DIAGONAL = {("3.11", "0.29.0"), ("3.12", "0.30.0"), ("3.13", "0.31.0")}
+OFF_DIAGONAL_SUITES = ("tests/compat",)
 # On uvloop, what depends on the loop: cancellation (every await point, and
 # the storms on a real server), the reset driver and lease timers, and the
 # compat suite. The server-side fault suites (restart, network faults) and
@@ -361,12 +364,10 @@ def main() -> int:
         elif (cell.python, cell.asyncpg) == readme_pair and os.environ.get("SAFEPOOL_MATRIX_README_RAN") == "1":
             # .ci/run's README command ran the whole suite on this pair already.
             cell.status = "readme"
-    if pythons == PYTHONS and versions == ASYNCPG:  # a subset run keeps the sweep in every cell
+    if pythons == PYTHONS and versions == ASYNCPG:  # a subset run keeps every suite in every cell
         for cell in cells:
-            if (cell.python, cell.asyncpg) not in SWEEP_PAIRS:
-                # The diagonal also runs the unit suite for every Python and
-                # every asyncpg: the other cells leave it out with the sweep.
-                cell.suites = (*(s for s in CELL_SUITES if s != UNIT), f"--ignore={SWEEP}")
+            if (cell.python, cell.asyncpg) not in DIAGONAL:
+                cell.suites = OFF_DIAGONAL_SUITES
     if uvloop:
         cells.append(Cell(pythons[-1], versions[-1], suites=UVLOOP_SUITES, loop="uvloop"))
 
@@ -388,7 +389,7 @@ def main() -> int:
     # the tail (the uvloop cell, then the cells with the sweep, then the
     # rest), newest Python and asyncpg first within each.
     def rank(cell: Cell) -> tuple[bool, bool, int, tuple[int, ...]]:
-        swept = f"--ignore={SWEEP}" not in cell.suites
+        swept = cell.suites != OFF_DIAGONAL_SUITES
         return (cell.loop == "asyncio", not swept, -pythons.index(cell.python),
                 tuple(-int(x) for x in cell.asyncpg.split(".")))
 
@@ -404,10 +405,10 @@ def main() -> int:
     total = time.monotonic() - started
     print()
     print(f"Version matrix: {', '.join(CELL_SUITES)} on asyncio per cell (passed/failed/skipped, wall time);")
-    if any(f"--ignore={SWEEP}" in cell.suites for cell in cells):
-        pairs = ", ".join(f"{p}/{v}" for p, v in sorted(SWEEP_PAIRS))
-        print(f"* {SWEEP} only in {pairs}, the README run and the uvloop cell; {UNIT} only in {pairs} "
-              "and the README run.")
+    if any(cell.suites == OFF_DIAGONAL_SUITES for cell in cells):
+        pairs = ", ".join(f"{p}/{v}" for p, v in sorted(DIAGONAL))
+        print(f"* all of them only in {pairs} and the README run; the other cells run "
+              f"{', '.join(OFF_DIAGONAL_SUITES)} alone.")
     if uvloop:
         print(f"* {', '.join(UVLOOP_SUITES)} on uvloop. {jobs} cell(s) at once, {total:.0f} s in all.")
     print(table(cells, pythons, versions))

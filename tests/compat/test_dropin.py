@@ -368,7 +368,7 @@ async def test_cancelled_query_leaves_no_extra_backend(
 
     start = loop.time()
     samples: list[tuple[float, list[asyncpg.Record]]] = []
-    while loop.time() - start < 1.0:
+    while loop.time() - start < 0.6:  # a replacement backend would show within ms; the cancel, too
         samples.append((loop.time() - start, await _sleeping(admin, app_name)))
         await asyncio.sleep(0.02)
     await asyncio.wait({task}, timeout=1)
@@ -376,8 +376,8 @@ async def test_cancelled_query_leaves_no_extra_backend(
     await asyncio.gather(task, return_exceptions=True)
     most = max(len(rows) for _, rows in samples)
     assert most <= 1, f"{most} backends at once for the pool's application_name"
-    still = [r["pid"] for t, rows in samples if t >= 0.5 for r in rows if r["state"] == "active" and "pg_sleep" in r["query"]]
-    assert not still, f"pg_sleep still running 0.5 s after the cancellation (backends {sorted(set(still))})"
+    still = [r["pid"] for t, rows in samples if t >= 0.4 for r in rows if r["state"] == "active" and "pg_sleep" in r["query"]]
+    assert not still, f"pg_sleep still running 0.4 s after the cancellation (backends {sorted(set(still))})"
     async with asyncio.timeout(2):
         assert await pool.fetchval("SELECT 1") == 1
 
