@@ -218,8 +218,40 @@ def test_the_tables_and_verdicts_name_the_requests_each_scenario_counts(scenario
     if scenario in ("leak", "stuck"):
         assert f"Target (>= 99.0% success of {counted}): met" in verdict
     if scenario == "stuck":
-        assert "never recovered" not in verdict
-        assert "all requests never back to 99% success (the payments fail while the provider hangs)" in verdict
+        # Recovery counts the requests the target counts: the payments fail
+        # while the provider hangs, on either pool.
+        assert "never" not in verdict
+        assert "no failure of requests other than payments" in verdict
+        assert dict((name, render(summary)) for name, render in _rows(config, 100))[
+            "time to recovery (requests other than payments)"] == "n/a (no failure)"
+
+
+def test_stuck_recovery_is_measured_on_the_requests_other_than_payments() -> None:
+    # The other requests fail from t=3 s to t=5 s (the pool is starved until
+    # lease_timeout takes the stuck connections back); the payments fail to
+    # the end. The old table said "never (still failing at the end)" beside
+    # "Target met", and "15, 10 taken back" without saying where the other
+    # five were.
+    from safepool.replay.report import _rows, verdicts
+
+    config = ReplayConfig(scenario="stuck", duration=10, leak_start=2)
+    run = PoolRun("safepool")
+    run.leaked = 15
+    run.events = [{"event": "lease_expired", "acquired_at": "app.py:1"}] * 10
+    for second in range(10):
+        for i in range(10):
+            payment = i == 0
+            failing = second >= 3 and (payment or second < 5)
+            run.records.append(RequestRecord(second + i / 10, second + i / 10 + 0.01, 500 if failing else 200, payment))
+    summary = summarize(run, config)
+    # From the first failure of a request other than a payment (t=3.11 s).
+    assert summary.recovered and summary.recovery_s == pytest.approx(5 - 3.11)
+    rows = dict((name, render(summary)) for name, render in _rows(config, 100))
+    assert rows["time to recovery (requests other than payments)"] == "1.9 s"
+    assert rows["connections taken by stuck tasks (over the run)"] == (
+        "15, 10 taken back, 5 still held when the load stopped")
+    [verdict] = verdicts([summary], config)
+    assert "recovered in 1.9 s" in verdict
 
 
 # ------------------------------------------------------------- bad input
