@@ -70,6 +70,9 @@ def build_app(pool: Any, *, request_timeout: float, query_time: float = 0.25) ->
 
     async def payment_provider(payment_id: int) -> str:
         if metrics.provider_hangs:
+            # Counted here, where the connection gets stuck: a confirmation
+            # started just before the fault but first run after it hangs too.
+            metrics.stuck += 1
             await never.wait()  # the upstream hangs, and the call has no timeout
         await asyncio.sleep(0.005)
         return "confirmed"
@@ -112,8 +115,6 @@ def build_app(pool: Any, *, request_timeout: float, query_time: float = 0.25) ->
             raise
         # Answer now, confirm in the background; the task holds the connection
         # until the provider answers (the service keeps the task referenced).
-        if metrics.provider_hangs:
-            metrics.stuck += 1
         task = asyncio.get_running_loop().create_task(confirm_payment(con, payment_id))
         metrics.background.add(task)
         task.add_done_callback(metrics.background.discard)

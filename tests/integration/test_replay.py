@@ -254,6 +254,36 @@ def test_stuck_recovery_is_measured_on_the_requests_other_than_payments() -> Non
     assert "recovered in 1.9 s" in verdict
 
 
+@pytest.mark.asyncio
+async def test_a_confirmation_first_run_after_the_fault_counts_as_stuck(pg_dsn: str) -> None:
+    # The payment is answered before the provider hangs, but its confirmation
+    # task first runs after: it hangs too, holding the connection. Counted in
+    # the handler it was missed, and safepool's table read "15, 16 taken back".
+    import asyncio
+
+    from starlette.requests import Request
+
+    import safepool
+    from safepool.replay import app as service
+
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2)
+    asgi, metrics = service.build_app(pool, request_timeout=2)
+    try:
+        [route] = [r for r in asgi.app.routes if r.path.startswith("/payments/")]
+        request = Request({"type": "http", "method": "POST", "path_params": {"payment_id": 1}, "headers": []})
+        response = await route.endpoint(request)  # no await in between: the task has not run yet
+        assert response.status_code == 202
+        metrics.provider_hangs = True
+        [task] = metrics.background
+        await asyncio.sleep(0)  # one step of the task: it reaches the hung provider
+        assert not task.done()
+        assert metrics.stuck == 1
+        assert pool.get_size() - pool.get_idle_size() == 1  # the connection is held
+    finally:
+        await metrics.shutdown()  # cancels the hung confirmation, which releases
+        await pool.close()
+
+
 # ------------------------------------------------------------- bad input
 
 
