@@ -46,8 +46,9 @@ from pathlib import Path
 
 PYTHONS = ("3.11", "3.12", "3.13")
 ASYNCPG = ("0.29.0", "0.30.0", "0.31.0", "0.32.0")
-# The fault-storm suite per cell (cancellation storms: where asyncpg's
-# internals matter most); the whole fault suite runs in the README run
+# The fault-storm suite (cancellation storms: where asyncpg's internals
+# matter most) with the unit, io and compat suites on the diagonal (below);
+# the whole fault suite runs in the README run
 # (newest pair) and in the uvloop cell. Keeps .ci/run under 15 minutes.
 CELL_SUITES = ("tests/unit", "tests/io", "tests/compat", "tests/faults/test_cancellation.py")
 # The io sweep (every suspension point, cancelled five ways) is a cell's
@@ -358,15 +359,20 @@ def main() -> int:
 
     cells = [Cell(p, v) for p in pythons for v in versions]
     readme_pair = (f"{sys.version_info.major}.{sys.version_info.minor}", versions[-1])
+    readme_ran = os.environ.get("SAFEPOOL_MATRIX_README_RAN") == "1"
     for cell in cells:
         if (cell.python, cell.asyncpg) in UNSUPPORTED:
             cell.status, cell.note = "n/a", UNSUPPORTED[(cell.python, cell.asyncpg)]
-        elif (cell.python, cell.asyncpg) == readme_pair and os.environ.get("SAFEPOOL_MATRIX_README_RAN") == "1":
+        elif (cell.python, cell.asyncpg) == readme_pair and readme_ran:
             # .ci/run's README command ran the whole suite on this pair already.
-            cell.status = "readme"
+            cell.status, cell.note = "readme", "the README command ran the whole suite on this pair"
+    # The newest asyncpg meets every suite in the README command's run; a
+    # matrix run without it (python3 .ci/matrix.py alone) runs them on that
+    # pair itself.
+    full = DIAGONAL if readme_ran or readme_pair[0] not in pythons else DIAGONAL | {readme_pair}
     if pythons == PYTHONS and versions == ASYNCPG:  # a subset run keeps every suite in every cell
         for cell in cells:
-            if (cell.python, cell.asyncpg) not in DIAGONAL:
+            if (cell.python, cell.asyncpg) not in full:
                 cell.suites = OFF_DIAGONAL_SUITES
     if uvloop:
         cells.append(Cell(pythons[-1], versions[-1], suites=UVLOOP_SUITES, loop="uvloop"))
@@ -406,8 +412,8 @@ def main() -> int:
     print()
     print(f"Version matrix: {', '.join(CELL_SUITES)} on asyncio per cell (passed/failed/skipped, wall time);")
     if any(cell.suites == OFF_DIAGONAL_SUITES for cell in cells):
-        pairs = ", ".join(f"{p}/{v}" for p, v in sorted(DIAGONAL))
-        print(f"* all of them only in {pairs} and the README run; the other cells run "
+        pairs = ", ".join(f"{p}/{v}" for p, v in sorted(full))
+        print(f"* all of them only in {pairs}{' and the README run' if readme_ran else ''}; the other cells run "
               f"{', '.join(OFF_DIAGONAL_SUITES)} alone.")
     if uvloop:
         print(f"* {', '.join(UVLOOP_SUITES)} on uvloop. {jobs} cell(s) at once, {total:.0f} s in all.")
