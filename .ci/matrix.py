@@ -6,8 +6,9 @@ Usage: python3 .ci/matrix.py        (from .ci/run, after the README test command
 Each cell runs safepool's suites on asyncio with one Python and one pinned
 asyncpg: the unit, io, compat and fault-storm suites (``CELL_SUITES``) on a
 diagonal that meets every Python and every asyncpg, the compat suite alone
-elsewhere; one more cell runs the compat, integration and fault suites on
-uvloop with the newest pair. At the end it
+elsewhere; one more cell runs on uvloop, with the newest pair, what
+depends on the loop (``UVLOOP_SUITES``: the io and compat suites, the
+cancellation storms, the reset and lease suites). At the end it
 prints the table (rows Python, columns asyncpg; cells passed/failed/skipped
 and wall time) and exits non-zero if any cell failed.
 

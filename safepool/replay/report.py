@@ -342,8 +342,11 @@ def _rows(config: ReplayConfig, max_connections: int) -> list[tuple[str, Any]]:
     if scenario in HEALTHY_LINE:
         rows.append((f"success, {HEALTHY_LINE[scenario]}", lambda s: _pct(s.success_non_leaking)))
     latency = "p50 / p99 latency" + (f" ({HEALTHY_LINE[scenario]})" if scenario in HEALTHY_LINE else "")
+    # The stuck payments fail for as long as the fault lasts, on either pool:
+    # rows over every request say so (recovery and the target leave them out).
+    payments = " (payments included)" if scenario == "stuck" else ""
     rows += [
-        (f"success, last {TAIL:g} s of load", lambda s: _pct(s.success_tail)),
+        (f"success, last {TAIL:g} s of load{payments}", lambda s: _pct(s.success_tail)),
         ("errors", _errors),
         (latency, lambda s: f"{_ms(s.p50_ms)} / {_ms(s.p99_ms)}"),
         ("median time to failure", lambda s: _ms(s.failure_p50_ms)),
@@ -354,7 +357,7 @@ def _rows(config: ReplayConfig, max_connections: int) -> list[tuple[str, Any]]:
         rows.append(("goodput", _goodput))
     else:
         rows.append(("goodput after the fault started", _goodput))
-    rows.append(("first failure after the fault started", _first_failure))
+    rows.append((f"first failure after the fault started{payments}", _first_failure))
     if scenario == "restart":
         rows.append(
             (

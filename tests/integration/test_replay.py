@@ -248,6 +248,9 @@ def test_stuck_recovery_is_measured_on_the_requests_other_than_payments() -> Non
     assert summary.recovered and summary.recovery_s == pytest.approx(5 - 3.11)
     rows = dict((name, render(summary)) for name, render in _rows(config, 100))
     assert rows["time to recovery (requests other than payments)"] == "1.9 s"
+    # The rows over every request say that they count the payments.
+    assert rows["first failure after the fault started (payments included)"] == "+1.0 s"
+    assert rows["success, last 4 s of load (payments included)"] == "90.0%"
     assert rows["connections taken by stuck tasks (over the run)"] == (
         "15, 10 taken back, 5 still held when the load stopped")
     [verdict] = verdicts([summary], config)
