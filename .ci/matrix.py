@@ -359,8 +359,14 @@ def main() -> int:
     started = time.monotonic()
 
     cells = [Cell(p, v) for p in pythons for v in versions]
-    readme_pair = (f"{sys.version_info.major}.{sys.version_info.minor}", versions[-1])
-    readme_ran = os.environ.get("SAFEPOOL_MATRIX_README_RAN") == "1"
+    # .ci/run passes the pair its README command ran on ("3.11/0.32.0"), read
+    # from the project's venv rather than assumed: pyproject.toml bounds
+    # asyncpg from below only, so a newer release there must not stand in
+    # for the newest pinned one's cell.
+    ran = os.environ.get("SAFEPOOL_MATRIX_README_RAN", "")
+    ran_pair = tuple(ran.split("/", 1))
+    readme_ran = any((c.python, c.asyncpg) == ran_pair for c in cells)
+    readme_pair = ran_pair if readme_ran else (f"{sys.version_info.major}.{sys.version_info.minor}", versions[-1])
     for cell in cells:
         if (cell.python, cell.asyncpg) in UNSUPPORTED:
             cell.status, cell.note = "n/a", UNSUPPORTED[(cell.python, cell.asyncpg)]
