@@ -258,9 +258,14 @@ def run_cell(cell: Cell, venv: Path, overlay: Path) -> None:
     # The hypothesis model of the core (pure Python, the same on every
     # asyncpg) runs its full 600 examples in the README's test command; a
     # cell runs 100, to keep .ci/run under 15 minutes; so too the random
-    # programs of the differential parity test (40 there, 10 here).
+    # programs of the differential parity test (40 there, 5 here: each
+    # cell its own seeds, past the README command's, so the matrix adds
+    # programs instead of repeating them).
+    place = PYTHONS.index(cell.python) * len(ASYNCPG) + ASYNCPG.index(cell.asyncpg)
+    place += (cell.loop != "asyncio") * len(PYTHONS) * len(ASYNCPG)
     env = {
-        **os.environ, "PYTHONPATH": str(overlay), "SAFEPOOL_MODEL_EXAMPLES": "100", "SAFEPOOL_PARITY_PROGRAMS": "10",
+        **os.environ, "PYTHONPATH": str(overlay), "SAFEPOOL_MODEL_EXAMPLES": "100", "SAFEPOOL_PARITY_PROGRAMS": "5",
+        "SAFEPOOL_PARITY_FIRST": str(40 + 5 * place),
     }
     env.pop("VIRTUAL_ENV", None)
     # A short, private --basetemp: pytest's default (/tmp/pytest-of-USER/pytest-N/, N growing with every
