@@ -476,7 +476,14 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
             seen = (*seen[:8], "(masked)", seen[9], "(masked)")
         return seen
     if kind == "acquire_timeout":
-        con = await pool.acquire(timeout=0.02)
+        # The generator emits it with both handles taken: the pool is full,
+        # and both pools time out at once. But a handle whose acquire raised
+        # (a failing setup=) holds nothing: the pool then has room, and the
+        # acquire may have to open a connection, which on a loaded machine
+        # takes longer than 20 ms (a cell of the matrix saw asyncpg's leased,
+        # safepool's timed out): give that connect time, so the outcome does
+        # not depend on the machine's speed.
+        con = await pool.acquire(timeout=10.0 if None in run.held else 0.02)
         await pool.release(con)
         return "leased"
     if kind == "release":
