@@ -411,11 +411,10 @@ def main() -> int:
 
     # Venvs are built JOBS at a time, newest Python first; cells run JOBS at
     # a time as their venv is ready, longest first so that short cells fill
-    # the tail (the uvloop cell, then the cells with the sweep, then the
+    # the tail (the uvloop cell, then the cells with every suite, then the
     # rest), newest Python and asyncpg first within each.
     def rank(cell: Cell) -> tuple[bool, bool, int, tuple[int, ...]]:
-        swept = cell.suites != OFF_DIAGONAL_SUITES
-        return (cell.loop == "asyncio", not swept, -pythons.index(cell.python),
+        return (cell.loop == "asyncio", cell.suites == OFF_DIAGONAL_SUITES, -pythons.index(cell.python),
                 tuple(-int(x) for x in cell.asyncpg.split(".")))
 
     order = sorted((c for c in cells if c.status not in ("n/a", "readme")), key=rank)

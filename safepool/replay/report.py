@@ -168,22 +168,22 @@ def recovery(seconds: list[Second], first_failure: float | None, since: float) -
     return max(0.0, last_bad + 1 - since), True
 
 
+def _first_failure_at(records: list[RequestRecord], since: float) -> float | None:
+    """When the first of ``records`` that failed at or after ``since`` ended."""
+    return min((r.done for r in records if not r.ok and r.done >= since), default=None)
+
+
 def summarize(run: PoolRun, config: ReplayConfig) -> Summary:
     records = run.records
     seconds = timeline(run)
     non_leaking = [r for r in records if not r.leaking]
-    failures = sorted(r.done for r in records if not r.ok)
     fault = run.marks.get("fault", config.leak_start)
-    later = [t for t in failures if t >= fault]
-    first_failure = later[0] if later else None
+    first_failure = _first_failure_at(records, fault)
     since = {"surge": config.surge_end, "restart": run.marks.get("accepting", fault)}.get(config.scenario, fault)
     if config.scenario == "stuck":
         # The payments fail for as long as the provider hangs, on either pool:
         # recovery is measured on the other requests, the target's subject.
-        healthy_failures = sorted(r.done for r in non_leaking if not r.ok and r.done >= fault)
-        recovery_s, recovered = recovery(
-            timeline(run, non_leaking), healthy_failures[0] if healthy_failures else None, since
-        )
+        recovery_s, recovered = recovery(timeline(run, non_leaking), _first_failure_at(non_leaking, fault), since)
     else:
         recovery_s, recovered = recovery(seconds, first_failure, since)
     serving_again: float | None = None

@@ -483,7 +483,7 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
         # takes longer than 20 ms (a cell of the matrix saw asyncpg's leased,
         # safepool's timed out): give that connect time, so the outcome does
         # not depend on the machine's speed.
-        con = await pool.acquire(timeout=10.0 if None in run.held else 0.02)
+        con = await pool.acquire(timeout=10.0 if any(con is None for con in run.held) else 0.02)
         await pool.release(con)
         return "leased"
     if kind == "release":
