@@ -131,6 +131,24 @@ def test_ini_option_in_a_fresh_process(suite: pytest.Pytester) -> None:
     ])
 
 
+def test_under_pytest_xdist_each_worker_fails_its_leaking_tests(suite: pytest.Pytester) -> None:
+    """Users' suites often run on pytest-xdist workers (safepool's own does):
+    the check runs in each worker, and the controller prints the acquire line."""
+    add_sample(suite, "leaky_asyncio.py", "test_leaky", "safepool_leaks = true")
+    result = suite.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=4, passed=5, errors=1)
+    result.stdout.fnmatch_lines(["*2 workers*"])
+    for marker, function in (
+        ("LEAK-NO-RELEASE", "handler_without_release"),
+        ("LEAK-EXCEPTION", "handler_with_early_exit"),
+        ("LEAK-FORGOTTEN", "forget"),
+        ("LEAK-CANCELLED", "worker"),
+    ):
+        result.stdout.fnmatch_lines(
+            [f'*File "*test_leaky.py", line {line_of("leaky_asyncio.py", marker)}, in {function}']
+        )
+
+
 def test_anyio_plugin(suite: pytest.Pytester) -> None:
     add_sample(suite, "leaky_anyio.py", "test_leaky_anyio")
     result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
