@@ -270,7 +270,15 @@ def render_markdown(rows: Iterable[Row]) -> str:
 
 def render_text(rows: list[Row]) -> str:
     """The table for the terminal: fixed-width columns, no markdown."""
-    header = ("benchmark", "ratio (lower is better)", "measured", "target", "guard", "status", "absolute")
+    header = (
+        "benchmark",
+        "ratio (lower is better)",
+        "measured",
+        "target",
+        "guard",
+        "status",
+        "absolute (each side's median; a ratio is the median of per-round ratios)",
+    )
     body = [
         (
             row.bench,

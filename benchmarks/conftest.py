@@ -101,7 +101,18 @@ def pytest_configure(config: pytest.Config) -> None:
             config.option.benchmark_json = RESULTS_DIR / "latest.json"
 
 
+ON_A_WORKER = (
+    "the benchmarks time the pools on a machine no test is loading, and a pytest-xdist worker shares it "
+    f"with the others: run `{QUICK_COMMAND}` on its own, without -n (the README's test command does)"
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: `pytest -n auto` with benchmarks in testpaths
+        for item in items:
+            if item.path.is_relative_to(Path(__file__).parent):
+                item.add_marker(pytest.mark.skip(reason=ON_A_WORKER))
+        return
     if config.stash[_REPORT].mode is FULL:
         for item in items:
             if item.path.is_relative_to(Path(__file__).parent):

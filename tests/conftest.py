@@ -52,26 +52,45 @@ class _UvloopPolicy:
         return uvloop.EventLoopPolicy()  # type: ignore[no-any-return]
 
 
+SHARED_SERVER = "tests create roles by fixed names and count backends by role"
+
+
 @pytest.hookimpl(optionalhook=True)
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """``-n auto`` (the README's test command): two pytest-xdist workers,
     each with an embedded server of its own (the suite waits on servers and
     timers most of the time: 196 s on two workers, about 430 s on one, on the
-    2-core CI machine); one on a 1-core machine, and one when
-    SAFEPOOL_TEST_DSN names a server the workers would share (tests create
-    roles by fixed names and count backends by role)."""
+    2-core CI machine); one when the process may use one core only, and one
+    when SAFEPOOL_TEST_DSN names a server the workers would share. None
+    (xdist's own count) when PYTEST_XDIST_AUTO_NUM_WORKERS says how many."""
     if os.environ.get("SAFEPOOL_TEST_DSN"):
         return 1
-    return min(2, os.cpu_count() or 1)
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(2, cores)
+
+
+def _workers(config: pytest.Config) -> int:
+    """How many pytest-xdist workers this run starts: ``-n``'s number, or
+    the sum of the ``--tx`` specs (``2*popen`` is two); 0 without xdist."""
+    workers = getattr(config.option, "numprocesses", None)
+    if isinstance(workers, int) and workers:
+        return workers
+    total = 0
+    for spec in getattr(config.option, "tx", None) or []:
+        count, star, _ = str(spec).partition("*")
+        total += int(count) if star and count.isdigit() else 1
+    return total
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    workers = getattr(config.option, "numprocesses", None)
-    if os.environ.get("SAFEPOOL_TEST_DSN") and isinstance(workers, int) and workers > 1:
+    asking_for_help = config.option.help or getattr(config.option, "showfixtures", False)
+    workers = _workers(config)
+    if os.environ.get("SAFEPOOL_TEST_DSN") and workers > 1 and not asking_for_help:
         raise pytest.UsageError(
             f"SAFEPOOL_TEST_DSN names one server, which {workers} pytest-xdist workers would share "
-            "(tests create roles by fixed names and count backends by role): "
-            "run with -n auto (one worker then) or without -n"
+            f"({SHARED_SERVER}): run with -n auto (one worker then) or without -n"
         )
     if config.getoption("--loop", default="asyncio") != "uvloop":
         return

@@ -18,10 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_auto_is_two_workers_with_embedded_servers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SAFEPOOL_TEST_DSN", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert pytest_xdist_auto_num_workers(None) == 2  # type: ignore[arg-type]
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    # A process limited to one core (taskset, a container's CPU set) gets one
+    # worker, however many cores the machine has.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert pytest_xdist_auto_num_workers(None) == 1  # type: ignore[arg-type]
+
+
+def test_auto_leaves_an_explicit_count_to_xdist(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SAFEPOOL_TEST_DSN", raising=False)
+    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")
+    assert pytest_xdist_auto_num_workers(None) is None  # type: ignore[arg-type]
 
 
 def test_auto_is_one_worker_on_a_shared_server(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,12 +40,40 @@ def test_auto_is_one_worker_on_a_shared_server(monkeypatch: pytest.MonkeyPatch) 
     assert pytest_xdist_auto_num_workers(None) == 1  # type: ignore[arg-type]
 
 
-def test_many_workers_on_a_shared_server_is_a_usage_error() -> None:
-    env = {**os.environ, "SAFEPOOL_TEST_DSN": "postgresql://postgres:hunter2@db.invalid/postgres"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-n", "2", "--collect-only", "-q", "tests/test_workers.py"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+def run_pytest(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("workers", "args"),
+    [
+        (2, ["-n", "2"]),
+        (3, ["--numprocesses=3"]),
+        (2, ["--tx", "2*popen", "--dist", "load"]),
+        (2, ["--tx", "popen", "--tx", "popen"]),
+    ],
+)
+def test_many_workers_on_a_shared_server_is_a_usage_error(workers: int, args: list[str]) -> None:
+    dsn = "postgresql://postgres:hunter2@db.invalid/postgres"
+    result = run_pytest(*args, "--collect-only", "-q", "tests/test_workers.py", env={"SAFEPOOL_TEST_DSN": dsn})
     assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
-    assert "SAFEPOOL_TEST_DSN names one server, which 2 pytest-xdist workers would share" in result.stderr
+    assert f"SAFEPOOL_TEST_DSN names one server, which {workers} pytest-xdist workers would share" in result.stderr
     assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_help_is_not_a_usage_error_on_a_shared_server() -> None:
+    result = run_pytest("-n", "2", "--help", env={"SAFEPOOL_TEST_DSN": "postgresql://postgres@db.invalid/postgres"})
+    assert result.returncode == 0, result.stderr
+    assert "--loop" in result.stdout
+
+
+def test_benchmarks_on_xdist_workers_skip_and_say_how_to_run_them() -> None:
+    """`pytest -n auto` alone collects the benchmarks too (testpaths): on a
+    worker they would time the pools beside the other worker's tests."""
+    result = run_pytest("-n", "2", "-rs", "benchmarks/test_ratios.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " passed" not in result.stdout and " failed" not in result.stdout
+    assert "run `python -m pytest benchmarks` on its own, without -n" in result.stdout
