@@ -226,7 +226,7 @@ def summarize(run: PoolRun, config: ReplayConfig) -> Summary:
         marks=dict(run.marks),
         peak_server_connections=max(connections, default=None),
         leaked=run.leaked,
-        leaks_detected=events["leak"] + events["lease_expired"],
+        leaks_detected=run.leaks_taken_back(),
         leak_events=dict(events),
         leak_sites=dict(sites),
         leak_report=run.leak_report,

@@ -56,6 +56,11 @@ class PoolRun:
     # "accepting" (it accepts connections again: a probe connected).
     marks: dict[str, float] = field(default_factory=dict)
 
+    def leaks_taken_back(self) -> int:
+        """Leases safepool took back so far: a connection collected unreleased
+        (``leak``) or a lease past its ``lease_timeout`` (``lease_expired``)."""
+        return sum(1 for event in self.events if event["event"] in ("leak", "lease_expired"))
+
 
 Tick = Callable[[str, Sample, list[RequestRecord]], None]
 
@@ -165,7 +170,7 @@ def collecting_logs(run: PoolRun) -> Iterator[None]:
 
 
 def _sample(pool: Any, run: PoolRun, metrics: ServiceMetrics, t: float, server_connections: int | None) -> Sample:
-    leaks = sum(1 for event in run.events if event["event"] in ("leak", "lease_expired"))
+    leaks = run.leaks_taken_back()
     if isinstance(pool, safepool.Pool):
         stats = pool.stats()
         return Sample(t, stats.size, stats.in_use, stats.waiting, server_connections, metrics.in_flight, leaks)

