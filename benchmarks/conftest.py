@@ -108,15 +108,15 @@ ON_A_WORKER = (
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    benchmarks = [item for item in items if item.path.is_relative_to(Path(__file__).parent)]
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: `pytest -n auto` with benchmarks in testpaths
-        for item in items:
-            if item.path.is_relative_to(Path(__file__).parent):
-                item.add_marker(pytest.mark.skip(reason=ON_A_WORKER))
+        mark = pytest.mark.skip(reason=ON_A_WORKER)
+    elif config.stash[_REPORT].mode is FULL:
+        mark = pytest.mark.timeout(1800)
+    else:
         return
-    if config.stash[_REPORT].mode is FULL:
-        for item in items:
-            if item.path.is_relative_to(Path(__file__).parent):
-                item.add_marker(pytest.mark.timeout(1800))
+    for item in benchmarks:
+        item.add_marker(mark)
 
 
 @dataclass

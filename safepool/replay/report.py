@@ -199,7 +199,7 @@ def summarize(run: PoolRun, config: ReplayConfig) -> Summary:
     sites = Counter(
         _relative_site(str(event.get("acquired_at")))
         for event in run.events
-        if event["event"] in ("leak", "lease_expired", "leak_suspect")
+        if event["event"] in LEAK_EVENTS
     )
     connections = [s.server_connections for s in run.samples if s.server_connections is not None]
     latencies = [r.latency * 1000 for r in non_leaking]

@@ -235,7 +235,7 @@ class Run:
     admin: asyncpg.Connection
     trace: list[tuple[Any, ...]] = field(default_factory=list)
     held: list[Any] = field(default_factory=lambda: [None] * HANDLES)
-    closed: set[int] = field(default_factory=set)  # held slots whose connection the program closed
+    closed: set[int] = field(default_factory=set)  # held slots whose connection the program closed, until released
     released: list[Any] = field(default_factory=list)
     transactions: list[Any] = field(default_factory=list)
     cursors: list[Any] = field(default_factory=list)
@@ -467,7 +467,6 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
         _, slot, probe = step
         con = await pool.acquire()
         run.held[slot] = con
-        run.closed.discard(slot)
         run.pids.add(con.get_server_pid())
         if not probe:
             return "leased"

@@ -11,13 +11,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 import pytest
+from rich.console import Console
 
 from safepool.replay import main
+from safepool.replay.cli import _Progress
 from safepool.replay.config import ReplayConfig
 from safepool.replay.load import RequestRecord
 from safepool.replay.report import summarize
@@ -401,12 +404,6 @@ def test_ctrl_c_stops_everything_and_removes_the_embedded_server() -> None:
 def test_the_done_line_says_how_many_safepool_took_back(scenario: str) -> None:
     """"601 ok, 47 connections leaked" alone read as a failure beside the
     table's "47, 47 taken back" (a new user's trial, 2026-12-01)."""
-    from io import StringIO
-
-    from rich.console import Console
-
-    from safepool.replay.cli import _Progress
-
     out = StringIO()
     progress = _Progress(Console(file=out, width=200), ReplayConfig(scenario=scenario, duration=10, leak_start=2))
     events = [{"event": "leak"}, {"event": "lease_expired"}, {"event": "leak_suspect"}, {"event": "connect_failed"}]
