@@ -46,6 +46,8 @@ from ._workloads import (
 )
 from .conftest import ROOT, Bench
 
+pytestmark = pytest.mark.solo  # the README command's second run: on a machine no test is loading
+
 
 def test_1_empty_lease(bench: Bench) -> None:
     def measure() -> list[Row]:

@@ -84,6 +84,18 @@ def _workers(config: pytest.Config) -> int:
     return total
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a pytest-xdist worker, tests marked ``solo`` (they measure against
+    what the machine can do) skip: the README command's second run,
+    ``pytest -m solo tests benchmarks``, runs them with no other test beside."""
+    if not hasattr(config, "workerinput"):
+        return
+    skip = pytest.mark.skip(reason="a solo test (it measures against the machine): `python -m pytest -m solo tests` runs it")
+    for item in items:
+        if item.get_closest_marker("solo"):
+            item.add_marker(skip)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     asking_for_help = config.option.help or getattr(config.option, "showfixtures", False)
     workers = _workers(config)

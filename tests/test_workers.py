@@ -77,3 +77,15 @@ def test_benchmarks_on_xdist_workers_skip_and_say_how_to_run_them() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" not in result.stdout and " failed" not in result.stdout
     assert "run `python -m pytest benchmarks` on its own, without -n" in result.stdout
+
+
+def test_solo_tests_skip_on_xdist_workers_and_run_in_the_solo_run() -> None:
+    """A test marked solo measures against the machine: beside another
+    worker's tests the adaptive queue's goodput fell to 0.81-0.88 of the
+    capacity it measured (ci-60)."""
+    select = ["tests/integration/test_blast_radius.py", "-k", "adaptive_queue_keeps"]
+    on_workers = run_pytest("-n", "2", "-rs", *select)
+    assert on_workers.returncode == 0, on_workers.stdout + on_workers.stderr
+    assert "1 skipped" in on_workers.stdout and "a solo test" in on_workers.stdout
+    solo = run_pytest("-m", "solo", "--co", "-q", *select)
+    assert "1/" in solo.stdout and "tests collected" in solo.stdout, solo.stdout
