@@ -29,6 +29,8 @@ from ._workloads import (
 )
 from .conftest import Bench
 
+pytestmark = pytest.mark.solo  # the README command's second run (-m solo) selects only marked tests
+
 Factory = Callable[[str], Contender]
 UNBOUNDED = {"max_waiters": None}
 

@@ -89,3 +89,10 @@ def test_solo_tests_skip_on_xdist_workers_and_run_in_the_solo_run() -> None:
     assert "1 skipped" in on_workers.stdout and "a solo test" in on_workers.stdout
     solo = run_pytest("-m", "solo", "--co", "-q", *select)
     assert "1/" in solo.stdout and "tests collected" in solo.stdout, solo.stdout
+
+
+def test_every_benchmark_runs_in_the_solo_run() -> None:
+    """The README command's second run selects ``-m solo``: a benchmark
+    without the mark would run in neither of its two runs."""
+    result = run_pytest("-m", "not solo", "--co", "-q", "benchmarks")
+    assert result.returncode == pytest.ExitCode.NO_TESTS_COLLECTED, result.stdout + result.stderr
