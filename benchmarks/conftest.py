@@ -125,7 +125,7 @@ class Bench:
     table its rows go to."""
 
     loop: asyncio.AbstractEventLoop
-    dsn: str
+    dsn: str = field(repr=False)  # a failing benchmark's traceback shows the Bench: never a password
     mode: Mode
     report: Report
 
