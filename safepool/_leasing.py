@@ -194,9 +194,7 @@ class Leaser:
             holder.orphan_reported = False
         proxy = self.proxy_class(holder, slot.connection, lease)
         if lease_timeout is not None or self.leak_warning_after is not None:
-            state.arm_lease(lease, lease_timeout, self.leak_warning_after)
-            due = lease.deadline if lease.warn_at is None else (
-                lease.warn_at if lease.deadline is None else min(lease.deadline, lease.warn_at))
+            due = state.arm_lease(lease, lease_timeout, self.leak_warning_after)
             timer_at = self.runner.timer_at
             if timer_at is None or (due is not None and due < timer_at):
                 self.runner.arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)

@@ -31,6 +31,7 @@ from ._histogram import Histogram
 
 if TYPE_CHECKING:
     from ._policy import AdaptiveQueue, WaitPolicy
+    from ._stack import Captured
 
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -194,7 +195,7 @@ class Lease:
         self.acquired_at = now
         self.deadline: float | None = None
         self.warn_at: float | None = None
-        self.stack: tuple[tuple[str, int, str], ...] | None = None
+        self.stack: Captured | None = None  # _stack.capture(): resolved when reported
         self.task_name: str | None = None
         self.task_ref: Any = None  # weakref.ref to the acquiring task (with stack capture)
         self.state = L.HELD  # moved only by PoolState, by the table _LEASE_MOVES
@@ -465,6 +466,15 @@ class PoolState:
         self._bound = 0
         self._timers: list[tuple[float, int, int, Any]] = []
         self._stale_timers = 0
+        # Lease timers armed in the order they fall due, the common case (one
+        # lease_timeout and one leak_warning_after for every lease): a queue
+        # each, by lease id in arming order, instead of the heap. Arming is
+        # one dict store, a release one pop, and no entry goes stale. A timer
+        # that would fall due before the queue's last goes to the heap.
+        self._deadlines: dict[int, tuple[float, Lease]] = {}
+        self._deadlines_last = 0.0  # the latest deadline ever queued
+        self._warnings: dict[int, tuple[float, Lease]] = {}
+        self._warnings_last = 0.0
         self._next_id = 0
 
         self.connect_failures = 0
@@ -681,7 +691,7 @@ class PoolState:
         return lease
 
     def note_caller(
-        self, lease: Lease, stack: tuple[tuple[str, int, str], ...], task_name: str | None, task_ref: Any
+        self, lease: Lease, stack: Captured, task_name: str | None, task_ref: Any
     ) -> None:
         """Who took the lease (with stack capture on): its acquire stack, and
         the acquiring task's name and a weak reference to it."""
@@ -693,14 +703,29 @@ class PoolState:
         """Start-up is over: from now on the pool keeps min_size connections."""
         self.floor_enabled = True
 
-    def arm_lease(self, lease: Lease, lease_timeout: float | None, warn_after: float | None) -> None:
-        """Start the lease's deadline and leak-suspect clocks (both optional)."""
+    def arm_lease(self, lease: Lease, lease_timeout: float | None, warn_after: float | None) -> float | None:
+        """Start the lease's deadline and leak-suspect clocks (both optional,
+        seconds from its acquire). Returns when the first of them falls due
+        (None if neither is set), for the I/O layer's timer."""
+        due = None
         if lease_timeout is not None:
-            lease.deadline = lease.acquired_at + lease_timeout
-            self._push_timer(lease.deadline, _LEASE_DEADLINE, lease)
+            deadline = lease.deadline = lease.acquired_at + lease_timeout
+            if deadline >= self._deadlines_last or not self._deadlines:
+                self._deadlines_last = deadline
+                self._deadlines[lease.id] = (deadline, lease)
+            else:
+                self._push_timer(deadline, _LEASE_DEADLINE, lease)
+            due = deadline
         if warn_after is not None:
-            lease.warn_at = lease.acquired_at + warn_after
-            self._push_timer(lease.warn_at, _LEASE_WARNING, lease)
+            warn_at = lease.warn_at = lease.acquired_at + warn_after
+            if warn_at >= self._warnings_last or not self._warnings:
+                self._warnings_last = warn_at
+                self._warnings[lease.id] = (warn_at, lease)
+            else:
+                self._push_timer(warn_at, _LEASE_WARNING, lease)
+            if due is None or warn_at < due:
+                due = warn_at
+        return due
 
     # ----------------------------------------------------------------- release
 
@@ -824,11 +849,16 @@ class PoolState:
         if self._policy is not None:
             self._policy_released(lease.site, now)
         if lease.deadline is not None or lease.warn_at is not None:
-            # Its timers still in the heap are stale now: the deadline unless
-            # it fired (the lease expired), the warning unless it fired (SUSPECT).
-            self._timer_dropped(
-                (lease.deadline is not None and end is not L.EXPIRED) + (lease.warn_at is not None and old is L.HELD)
-            )
+            # Its timers still pending: the deadline unless it fired (the
+            # lease expired), the warning unless it fired (SUSPECT). Out of
+            # their queue, or stale in the heap.
+            stale = 0
+            if lease.deadline is not None and end is not L.EXPIRED and self._deadlines.pop(lease.id, None) is None:
+                stale = 1
+            if lease.warn_at is not None and old is L.HELD and self._warnings.pop(lease.id, None) is None:
+                stale += 1
+            if stale:
+                self._timer_dropped(stale)
         return slot
 
     def _hand_on(self, slot: Slot, now: float) -> None:
@@ -1251,6 +1281,10 @@ class PoolState:
         candidates = []
         if timers:
             candidates.append(timers[0][0])
+        if self._deadlines:
+            candidates.append(next(iter(self._deadlines.values()))[0])
+        if self._warnings:
+            candidates.append(next(iter(self._warnings.values()))[0])
         if self.max_inactive_lifetime and self._idle and self._live() > self.min_size:
             candidates.append(self._idle[0].idle_since + self.max_inactive_lifetime)
         if self.connect_failures and self._waiting and not self._counts[S.CONNECTING]:
@@ -1262,12 +1296,10 @@ class PoolState:
     def advance(self, now: float) -> None:
         """Fire everything due at ``now``: waiter timeouts, lease expiry and
         leak-suspect warnings, idle-lifetime closes, connect retries."""
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, _, kind, obj = heapq.heappop(timers)
-            if not self._timer_live(kind, obj):
-                self._stale_timers -= 1
-                continue
+        while True:
+            kind, obj = self._pop_due(now)
+            if obj is None:
+                break
             if kind == _WAITER_DEADLINE:
                 self._waiting -= 1
                 if obj.shed:  # the adaptive queue's target delay, not the caller's timeout
@@ -1295,6 +1327,34 @@ class PoolState:
             while idle and self._live() > self.min_size and now - idle[0].idle_since >= self.max_inactive_lifetime:
                 self._start_close(idle[0])
         self._plan_connects(now)
+
+    def _pop_due(self, now: float) -> tuple[int, Any]:
+        """The live timer that falls due first, if by ``now``, taken off its
+        heap or queue: ``(kind, waiter or lease)``; ``(0, None)`` if none.
+        At the same time a lease's deadline comes before its warning (as
+        pushed to the heap) and the heap before the warnings' queue."""
+        self._pop_stale_head()
+        timers = self._timers
+        deadlines, warnings = self._deadlines, self._warnings
+        due: Any = None
+        kind = 0
+        when = now
+        if deadlines:
+            at, lease = next(iter(deadlines.values()))
+            if at <= when:
+                due, kind, when = lease, _LEASE_DEADLINE, at
+        if timers and timers[0][0] <= when and (due is None or timers[0][0] < when):
+            due, kind, when = timers, timers[0][2], timers[0][0]
+        if warnings:
+            at, lease = next(iter(warnings.values()))
+            if at <= when and (due is None or at < when):
+                due, kind = lease, _LEASE_WARNING
+        if due is None:
+            return 0, None
+        if due is timers:
+            return kind, heapq.heappop(timers)[3]
+        del (deadlines if kind == _LEASE_DEADLINE else warnings)[due.id]
+        return kind, due
 
     def _expire_lease(self, lease: Lease, now: float) -> None:
         self.counters.leases_expired += 1
@@ -1348,6 +1408,14 @@ class PoolState:
         dead = sum(1 for _, _, kind, obj in self._timers if not self._timer_live(kind, obj))
         if dead != self._stale_timers:
             fail(f"timer heap: {dead} stale entries, counted {self._stale_timers}")
+        for name, queue, pending in (("deadline", self._deadlines, OPEN_LEASE), ("warning", self._warnings, {L.HELD})):
+            times = [at for at, _ in queue.values()]
+            if times != sorted(times) or any(
+                lease.state not in pending or self._leases.get(i) is not lease
+                or at != (lease.deadline if queue is self._deadlines else lease.warn_at)
+                for i, (at, lease) in queue.items()
+            ):
+                fail(f"the lease {name} queue holds an ended lease, a wrong time, or is out of order")
 
     # ------------------------------------------ site caps, adaptive queue
     # Consulted only when configured (self._policy is not None); the

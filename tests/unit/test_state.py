@@ -300,6 +300,48 @@ def test_timer_heap_does_not_grow_with_short_leases() -> None:
         state.arm_lease(lease, lease_timeout=1e6, warn_after=1e6)
         state.release(lease, i, CLEAN)
     assert len(state._timers) < 300
+    assert not state._deadlines and not state._warnings  # released: out of the lease queues
+
+
+def test_lease_timers_armed_out_of_order_fire_in_time_order() -> None:
+    """Lease timers armed in the order they fall due (one lease_timeout for
+    all) wait in a queue each; one armed earlier than the queue's last (a
+    shorter lease_timeout= of its own) goes to the heap. Whichever holds
+    them, advance() fires them in time order, a lease's deadline before its
+    own warning at the same time, and a waiter's deadline among them."""
+    state = make(max_size=6)
+    fill(state, 5)
+    leases = [state.try_acquire(0.0) for _ in range(5)]
+    timeouts = [5.0, 1.0, 6.0, 3.0, 2.0]  # 1.0, 3.0 and 2.0 go to the heap
+    warnings = [4.0, 4.0, 4.0, 4.0, 2.0]  # the last at 2.0 with its own deadline
+    for lease, timeout, warn in zip(leases, timeouts, warnings, strict=True):
+        assert lease
+        assert state.arm_lease(lease, timeout, warn) == min(timeout, warn)
+    assert len(state._deadlines) == 2 and len(state._timers) == 4
+    state.enqueue(object(), 0.0, 2.5)  # a waiter with a 2.5 s deadline (the pool has a slot to open)
+    take(state, Connect)
+    fired: list[tuple[float, str, Any]] = []
+    for now in (0.5, 1.0, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0):
+        state.advance(now)
+        for action in list(state.actions):
+            if isinstance(action, (TakeBack, LeakSuspect, TimeOut)):
+                subject = fields([action])[0]
+                fired.append((now, type(action).__name__, getattr(subject, "id", "waiter")))
+        state.actions.clear()
+        state.check_invariants()
+    ids = [lease.id for lease in leases if lease]
+    assert fired == [
+        (1.0, "TakeBack", ids[1]),
+        (2.0, "TakeBack", ids[4]),  # its deadline, and so no warning for it
+        (2.5, "TimeOut", "waiter"),
+        (3.0, "TakeBack", ids[3]),
+        (4.0, "LeakSuspect", ids[0]),
+        (4.0, "LeakSuspect", ids[2]),
+        (5.0, "TakeBack", ids[0]),
+        (6.0, "TakeBack", ids[2]),
+    ]
+    assert state.next_deadline() is None
+    assert not state._deadlines and not state._warnings and state._stale_timers == 0
 
 
 def test_gc_reclaim_counts_a_leak_and_resets() -> None:
