@@ -103,7 +103,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 ON_A_WORKER = (
     "the benchmarks time the pools on a machine no test is loading, and a pytest-xdist worker shares it "
-    f"with the others: run `{QUICK_COMMAND}` on its own, without -n (the README's test command does)"
+    f"with the others: run `{QUICK_COMMAND}` on its own, without -n (the README's test command runs them "
+    "in its second run, `python -m pytest -m solo tests benchmarks`)"
 )
 
 

@@ -21,6 +21,8 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from safepool.top.cli import redact
+
 LOOPS = ("asyncio", "uvloop")
 
 
@@ -90,7 +92,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ``pytest -m solo tests benchmarks``, runs them with no other test beside."""
     if not hasattr(config, "workerinput"):
         return
-    skip = pytest.mark.skip(reason="a solo test (it measures against the machine): `python -m pytest -m solo tests` runs it")
+    skip = pytest.mark.skip(
+        reason="a solo test (it measures against the machine): it runs without -n, "
+        "as in the README command's second run, `python -m pytest -m solo tests benchmarks`"
+    )
     for item in items:
         if item.get_closest_marker("solo"):
             item.add_marker(skip)
@@ -134,12 +139,23 @@ def pg_server() -> Iterator[Any]:
             server.cleanup()
 
 
+class Dsn(str):
+    """The test server's DSN; its repr has no password. pytest prints a
+    failing test's arguments (``pg_dsn = '...'``), and SAFEPOOL_TEST_DSN may
+    carry a real one."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(redact(str(self), str(self)))
+
+
 @pytest.fixture(scope="session")
 def pg_dsn(pg_server: Any) -> str:
     dsn = os.environ.get("SAFEPOOL_TEST_DSN")
     if dsn:
-        return dsn
-    return str(pg_server.get_uri())
+        return Dsn(dsn)
+    return Dsn(pg_server.get_uri())
 
 
 @pytest.fixture

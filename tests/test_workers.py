@@ -96,3 +96,17 @@ def test_every_benchmark_runs_in_the_solo_run() -> None:
     without the mark would run in neither of its two runs."""
     result = run_pytest("-m", "not solo", "--co", "-q", "benchmarks")
     assert result.returncode == pytest.ExitCode.NO_TESTS_COLLECTED, result.stdout + result.stderr
+
+
+def test_a_failing_test_does_not_print_the_servers_password() -> None:
+    """pytest prints a failing test's arguments (``pg_dsn = '...'``): the
+    DSN fixture's repr leaves SAFEPOOL_TEST_DSN's password out. (A server
+    that refuses connections: the test fails at once.)"""
+    dsn = "postgresql://postgres:hunter2@127.0.0.1:1/postgres"
+    done = run_pytest(
+        "tests/integration/test_docs_examples.py::test_pgbouncer_settings_work_on_a_plain_server_too",
+        env={"SAFEPOOL_TEST_DSN": dsn},
+    )
+    assert done.returncode == 1, done.stdout[-2000:]
+    assert "pg_dsn = 'postgresql://postgres:***@127.0.0.1:1/postgres'" in done.stdout, done.stdout[-2000:]
+    assert "hunter2" not in done.stdout + done.stderr
