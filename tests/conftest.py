@@ -75,10 +75,12 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
 
 def _workers(config: pytest.Config) -> int:
     """How many pytest-xdist workers this run starts: ``-n``'s number, or
-    the sum of the ``--tx`` specs (``2*popen`` is two); 0 without xdist."""
+    the sum of the ``--tx`` specs (``2*popen`` is two); 0 without xdist.
+    ``--maxprocesses`` caps ``-n`` (as xdist does), not ``--tx``."""
     workers = getattr(config.option, "numprocesses", None)
     if isinstance(workers, int) and workers:
-        return workers
+        cap = getattr(config.option, "maxprocesses", None)
+        return min(workers, cap) if cap else workers
     total = 0
     for spec in getattr(config.option, "tx", None) or []:
         count, star, _ = str(spec).partition("*")

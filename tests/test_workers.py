@@ -52,6 +52,7 @@ def run_pytest(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     [
         (2, ["-n", "2"]),
         (3, ["--numprocesses=3"]),
+        (2, ["-n", "3", "--maxprocesses=2"]),
         (2, ["--tx", "2*popen", "--dist", "load"]),
         (2, ["--tx", "popen", "--tx", "popen"]),
     ],
@@ -62,6 +63,14 @@ def test_many_workers_on_a_shared_server_is_a_usage_error(workers: int, args: li
     assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
     assert f"SAFEPOOL_TEST_DSN names one server, which {workers} pytest-xdist workers would share" in result.stderr
     assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_one_worker_by_maxprocesses_is_no_usage_error_on_a_shared_server() -> None:
+    """``-n 3 --maxprocesses 1`` starts one worker (xdist caps -n by it)."""
+    dsn = "postgresql://postgres:hunter2@db.invalid/postgres"
+    result = run_pytest("-n", "3", "--maxprocesses=1", "--collect-only", "-q", "tests/test_workers.py",
+                        env={"SAFEPOOL_TEST_DSN": dsn})  # fmt: skip
+    assert result.returncode == pytest.ExitCode.OK, result.stdout + result.stderr
 
 
 def test_help_is_not_a_usage_error_on_a_shared_server() -> None:
