@@ -394,6 +394,29 @@ class Backoff:
 _LEASE_DEADLINE, _LEASE_WARNING, _WAITER_DEADLINE = 0, 1, 2
 
 
+class _DueQueue:
+    """Lease timers of one kind armed in the order they fall due, the common
+    case (one ``lease_timeout`` or ``leak_warning_after`` for every lease):
+    ``entries`` maps a lease id to ``(when, lease)`` in arming order, so its
+    first entry falls due first. Arming is one store and ending a lease one
+    pop, where the heap pushes, and then pops a stale entry."""
+
+    __slots__ = ("entries", "last")
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[float, Lease]] = {}
+        self.last = 0.0  # when the last timer queued falls due
+
+    def add(self, when: float, lease: Lease) -> bool:
+        """Queue the timer; False if it falls due before the last one queued
+        (it goes to the heap then)."""
+        if when < self.last and self.entries:
+            return False
+        self.last = when
+        self.entries[lease.id] = (when, lease)
+        return True
+
+
 def _slot_id(slot: Slot) -> int:
     return slot.id
 
@@ -466,15 +489,10 @@ class PoolState:
         self._bound = 0
         self._timers: list[tuple[float, int, int, Any]] = []
         self._stale_timers = 0
-        # Lease timers armed in the order they fall due, the common case (one
-        # lease_timeout and one leak_warning_after for every lease): a queue
-        # each, by lease id in arming order, instead of the heap. Arming is
-        # one dict store, a release one pop, and no entry goes stale. A timer
-        # that would fall due before the queue's last goes to the heap.
-        self._deadlines: dict[int, tuple[float, Lease]] = {}
-        self._deadlines_last = 0.0  # the latest deadline ever queued
-        self._warnings: dict[int, tuple[float, Lease]] = {}
-        self._warnings_last = 0.0
+        # Lease timers armed in the order they fall due: a queue each, not
+        # the heap (_DueQueue).
+        self._deadlines = _DueQueue()
+        self._warnings = _DueQueue()
         self._next_id = 0
 
         self.connect_failures = 0
@@ -709,19 +727,12 @@ class PoolState:
         (None if neither is set), for the I/O layer's timer."""
         due = None
         if lease_timeout is not None:
-            deadline = lease.deadline = lease.acquired_at + lease_timeout
-            if deadline >= self._deadlines_last or not self._deadlines:
-                self._deadlines_last = deadline
-                self._deadlines[lease.id] = (deadline, lease)
-            else:
-                self._push_timer(deadline, _LEASE_DEADLINE, lease)
-            due = deadline
+            due = lease.deadline = lease.acquired_at + lease_timeout
+            if not self._deadlines.add(due, lease):
+                self._push_timer(due, _LEASE_DEADLINE, lease)
         if warn_after is not None:
             warn_at = lease.warn_at = lease.acquired_at + warn_after
-            if warn_at >= self._warnings_last or not self._warnings:
-                self._warnings_last = warn_at
-                self._warnings[lease.id] = (warn_at, lease)
-            else:
+            if not self._warnings.add(warn_at, lease):
                 self._push_timer(warn_at, _LEASE_WARNING, lease)
             if due is None or warn_at < due:
                 due = warn_at
@@ -853,9 +864,9 @@ class PoolState:
             # lease expired), the warning unless it fired (SUSPECT). Out of
             # their queue, or stale in the heap.
             stale = 0
-            if lease.deadline is not None and end is not L.EXPIRED and self._deadlines.pop(lease.id, None) is None:
+            if lease.deadline is not None and end is not L.EXPIRED and self._deadlines.entries.pop(lease.id, None) is None:
                 stale = 1
-            if lease.warn_at is not None and old is L.HELD and self._warnings.pop(lease.id, None) is None:
+            if lease.warn_at is not None and old is L.HELD and self._warnings.entries.pop(lease.id, None) is None:
                 stale += 1
             if stale:
                 self._timer_dropped(stale)
@@ -1281,10 +1292,8 @@ class PoolState:
         candidates = []
         if timers:
             candidates.append(timers[0][0])
-        if self._deadlines:
-            candidates.append(next(iter(self._deadlines.values()))[0])
-        if self._warnings:
-            candidates.append(next(iter(self._warnings.values()))[0])
+        candidates.extend(next(iter(queue.values()))[0] for queue in (self._deadlines.entries, self._warnings.entries)
+                          if queue)  # fmt: skip
         if self.max_inactive_lifetime and self._idle and self._live() > self.min_size:
             candidates.append(self._idle[0].idle_since + self.max_inactive_lifetime)
         if self.connect_failures and self._waiting and not self._counts[S.CONNECTING]:
@@ -1335,7 +1344,7 @@ class PoolState:
         pushed to the heap) and the heap before the warnings' queue."""
         self._pop_stale_head()
         timers = self._timers
-        deadlines, warnings = self._deadlines, self._warnings
+        deadlines, warnings = self._deadlines.entries, self._warnings.entries
         due: Any = None
         kind = 0
         when = now
@@ -1408,11 +1417,13 @@ class PoolState:
         dead = sum(1 for _, _, kind, obj in self._timers if not self._timer_live(kind, obj))
         if dead != self._stale_timers:
             fail(f"timer heap: {dead} stale entries, counted {self._stale_timers}")
-        for name, queue, pending in (("deadline", self._deadlines, OPEN_LEASE), ("warning", self._warnings, {L.HELD})):
+        for name, queue, pending in (
+            ("deadline", self._deadlines.entries, OPEN_LEASE), ("warning", self._warnings.entries, {L.HELD}),
+        ):
             times = [at for at, _ in queue.values()]
             if times != sorted(times) or any(
                 lease.state not in pending or self._leases.get(i) is not lease
-                or at != (lease.deadline if queue is self._deadlines else lease.warn_at)
+                or at != (lease.deadline if name == "deadline" else lease.warn_at)
                 for i, (at, lease) in queue.items()
             ):
                 fail(f"the lease {name} queue holds an ended lease, a wrong time, or is out of order")

@@ -300,7 +300,7 @@ def test_timer_heap_does_not_grow_with_short_leases() -> None:
         state.arm_lease(lease, lease_timeout=1e6, warn_after=1e6)
         state.release(lease, i, CLEAN)
     assert len(state._timers) < 300
-    assert not state._deadlines and not state._warnings  # released: out of the lease queues
+    assert not state._deadlines.entries and not state._warnings.entries  # released: out of the lease queues
 
 
 def test_lease_timers_armed_out_of_order_fire_in_time_order() -> None:
@@ -317,7 +317,7 @@ def test_lease_timers_armed_out_of_order_fire_in_time_order() -> None:
     for lease, timeout, warn in zip(leases, timeouts, warnings, strict=True):
         assert lease
         assert state.arm_lease(lease, timeout, warn) == min(timeout, warn)
-    assert len(state._deadlines) == 2 and len(state._timers) == 4
+    assert len(state._deadlines.entries) == 2 and len(state._timers) == 4
     state.enqueue(object(), 0.0, 2.5)  # a waiter with a 2.5 s deadline (the pool has a slot to open)
     take(state, Connect)
     fired: list[tuple[float, str, Any]] = []
@@ -341,7 +341,7 @@ def test_lease_timers_armed_out_of_order_fire_in_time_order() -> None:
         (6.0, "TakeBack", ids[2]),
     ]
     assert state.next_deadline() is None
-    assert not state._deadlines and not state._warnings and state._stale_timers == 0
+    assert not state._deadlines.entries and not state._warnings.entries and state._stale_timers == 0
 
 
 def test_gc_reclaim_counts_a_leak_and_resets() -> None:
