@@ -69,8 +69,10 @@ def capture(limit: int = 8) -> Captured:
 
 def _line(code: CodeType, offset: int) -> int:
     """The line of the instruction at ``offset`` (bytes), as the frame's
-    ``f_lineno`` read then (``PyCode_Addr2Line``: the code's first line
-    for an offset that has none)."""
+    ``f_lineno`` read then. Where that is None (an instruction without a
+    line, which no call or await has in code CPython compiles) or the frame
+    had not started (offset -1), the code's first line: a report names a
+    line, and linecache gets a number."""
     if offset >= 0:
         for start, end, line in code.co_lines():
             if start <= offset < end:

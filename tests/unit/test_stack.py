@@ -85,3 +85,29 @@ def test_resolved_lines_are_the_frames_lines_at_capture() -> None:
     assert len(seen) == 6
     for frames, lines in zip(seen, expected, strict=True):
         assert lines and [line for _, line, _ in frames] == lines
+
+
+def test_an_instruction_without_a_line_resolves_to_the_codes_first_line() -> None:
+    """f_lineno is None there; a report names the def line instead and
+    formats without error."""
+    import sys
+
+    captured: list[_stack.Captured] = []
+    lineno: list[int | None] = []
+
+    def target() -> None:
+        lineno.append(sys._getframe().f_lineno)
+        captured.append(_stack.capture())
+
+    code = target.__code__
+    units = len(code.co_code) // 2
+    table = bytearray()
+    while units > 0:  # location entries of kind 15: no line, up to 8 code units each
+        table.append(0x80 | (15 << 3) | (min(units, 8) - 1))
+        units -= 8
+    target.__code__ = code.replace(co_linetable=bytes(table))
+    target()
+    assert lineno == [None]
+    filename, line, name = _stack.resolve(captured[0])[0]
+    assert (filename, line, name) == (__file__, code.co_firstlineno, "target")
+    assert f"line {code.co_firstlineno}, in target" in _stack.format_stack(captured[0])

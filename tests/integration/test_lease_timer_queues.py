@@ -1,0 +1,126 @@
+"""Lease timers in their queues and the heap, through the public API on a
+real PostgreSQL: pool-level and per-acquire lease_timeout mixed, leak
+warnings, late releases, expire_connections() and terminate()."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from safepool import ManualClock
+from safepool.events import LeakSuspected, LeaseEnded, LeaseExpired
+
+pytestmark = pytest.mark.asyncio
+
+
+def line_of(marker: str) -> int:
+    with open(__file__) as source:
+        for number, line in enumerate(source, 1):
+            if marker in line and "line_of(" not in line:
+                return number
+    raise AssertionError(marker)
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def sites_at(pool: Any, lease_id: int) -> str | None:
+    site: str | None = next(info.acquired_at for info in pool.leases(stacks=False) if info.id == lease_id)
+    return site
+
+
+async def test_mixed_lease_timeouts_fire_once_each_in_time_order(pools: Any) -> None:
+    clock = ManualClock()
+    pool = await pools(min_size=4, max_size=4, lease_timeout=10.0, leak_warning_after=5.0, clock=clock)
+    seen: list[tuple[float, str, int]] = []
+    sites: dict[int, str] = {}
+
+    def listen(event: Any) -> None:
+        if isinstance(event, (LeakSuspected, LeaseExpired, LeaseEnded)):
+            seen.append((clock.now() - 1000.0, event.kind, event.lease.id))
+            sites[event.lease.id] = str(event.lease.acquired_at)
+
+    pool.add_event_listener(listen)
+    a = await pool.acquire()  # site-a
+    b = await pool.acquire(
+        lease_timeout=30.0,
+    )  # site-b
+    c = await pool.acquire(lease_timeout=2.0)  # site-c
+    d = await pool.acquire(lease_timeout=None)  # site-d
+    ids = dict(zip("abcd", (info.id for info in pool.leases()), strict=True))  # oldest first
+    assert [info.acquired_at for info in pool.leases(stacks=False)] == [sites_at(pool, i) for i in ids.values()]
+    for _ in range(40):
+        clock.advance(1.0)
+        await settle()
+        pool._state.check_invariants()
+    assert seen == [
+        (2.0, "lease_expired", ids["c"]),
+        (5.0, "leak_suspect", ids["a"]),
+        (5.0, "leak_suspect", ids["b"]),
+        (5.0, "leak_suspect", ids["d"]),
+        (10.0, "lease_expired", ids["a"]),
+        (30.0, "lease_expired", ids["b"]),
+    ]
+    here = __file__
+    assert sites[ids["a"]] == f"{here}:{line_of('# site-a')} in test_mixed_lease_timeouts_fire_once_each_in_time_order"
+    assert sites[ids["b"]].startswith(f"{here}:{line_of('# site-b') - 2} in ")  # the line of the call
+    assert sites[ids["c"]].startswith(f"{here}:{line_of('# site-c')} in ")
+    for con in (a, b, c, d):  # expired ones: late releases, harmless
+        await pool.release(con)
+    await settle()
+    stats = pool.stats()
+    assert stats.leases_expired == 3 and stats.in_use == 0 and stats.leak_warnings == 3
+    pool._state.check_invariants()
+    assert pool._state.next_deadline() is None
+
+
+async def test_deadline_passing_during_release_does_not_fire(pools: Any) -> None:
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, lease_timeout=3.0, leak_warning_after=1.0, clock=clock)
+    expired: list[Any] = []
+    pool.add_event_listener(lambda e: expired.append(e) if isinstance(e, LeaseExpired) else None)
+    con = await pool.acquire()
+    await con.execute("SET application_name = 'dirty'")  # its release resets
+    releasing = asyncio.ensure_future(pool.release(con))
+    await asyncio.sleep(0)
+    clock.advance(10.0)
+    await asyncio.wait_for(releasing, 5)
+    await settle()
+    assert not expired and pool.stats().leases_expired == 0
+    pool._state.check_invariants()
+    async with pool.acquire() as again:
+        assert await again.fetchval("SELECT 1") == 1
+        clock.advance(0.5)
+    clock.advance(10.0)
+    await settle()
+    assert not expired
+    pool._state.check_invariants()
+
+
+async def test_expire_connections_then_lease_expiry_and_terminate(pools: Any) -> None:
+    clock = ManualClock()
+    pool = await pools(min_size=2, max_size=3, lease_timeout=5.0, leak_warning_after=2.0, clock=clock)
+    a = await pool.acquire()
+    clock.advance(1.0)
+    b = await pool.acquire(lease_timeout=2.0)  # due before a's deadline: the heap
+    await pool.expire_connections()
+    clock.advance(2.5)
+    await settle()
+    pool._state.check_invariants()
+    assert pool.stats().leases_expired == 1  # b at 3.0
+    c = await pool.acquire()  # due at 8.5
+    clock.advance(3.0)  # a expires at 5.0
+    await settle()
+    assert pool.stats().leases_expired == 2
+    pool._state.check_invariants()
+    for con in (a, b):
+        await pool.release(con)
+    pool.terminate()
+    clock.advance(100.0)
+    await settle()
+    assert pool.stats().leases_expired == 2
+    await pool.release(c)
