@@ -399,7 +399,10 @@ class _DueQueue:
     case (one ``lease_timeout`` or ``leak_warning_after`` for every lease):
     ``entries`` maps a lease id to ``(when, lease)`` in arming order, so its
     first entry falls due first. Arming is one store and ending a lease one
-    pop, where the heap pushes, and then pops a stale entry."""
+    pop, where the heap pushes, and then pops a stale entry. While a timer
+    due later than the others is queued (a longer ``lease_timeout=`` of one
+    acquire), those armed after it and due before it go to the heap, as
+    every timer did before, until the queue empties."""
 
     __slots__ = ("entries", "last")
 
