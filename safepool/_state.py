@@ -419,6 +419,10 @@ class _DueQueue:
         self.entries[lease.id] = (when, lease)
         return True
 
+    def head(self) -> tuple[float, Lease] | None:
+        """The timer that falls due first, ``(when, lease)``; None if none."""
+        return next(iter(self.entries.values()), None)
+
 
 def _slot_id(slot: Slot) -> int:
     return slot.id
@@ -1295,8 +1299,10 @@ class PoolState:
         candidates = []
         if timers:
             candidates.append(timers[0][0])
-        candidates.extend(next(iter(queue.values()))[0] for queue in (self._deadlines.entries, self._warnings.entries)
-                          if queue)  # fmt: skip
+        for queue in (self._deadlines, self._warnings):
+            head = queue.head()
+            if head is not None:
+                candidates.append(head[0])
         if self.max_inactive_lifetime and self._idle and self._live() > self.min_size:
             candidates.append(self._idle[0].idle_since + self.max_inactive_lifetime)
         if self.connect_failures and self._waiting and not self._counts[S.CONNECTING]:
@@ -1347,25 +1353,23 @@ class PoolState:
         pushed to the heap) and the heap before the warnings' queue."""
         self._pop_stale_head()
         timers = self._timers
-        deadlines, warnings = self._deadlines.entries, self._warnings.entries
         due: Any = None
         kind = 0
         when = now
-        if deadlines:
-            at, lease = next(iter(deadlines.values()))
-            if at <= when:
-                due, kind, when = lease, _LEASE_DEADLINE, at
+        head = self._deadlines.head()
+        if head is not None and head[0] <= when:
+            when, due = head
+            kind = _LEASE_DEADLINE
         if timers and timers[0][0] <= when and (due is None or timers[0][0] < when):
             due, kind, when = timers, timers[0][2], timers[0][0]
-        if warnings:
-            at, lease = next(iter(warnings.values()))
-            if at <= when and (due is None or at < when):
-                due, kind = lease, _LEASE_WARNING
+        head = self._warnings.head()
+        if head is not None and head[0] <= when and (due is None or head[0] < when):
+            due, kind = head[1], _LEASE_WARNING
         if due is None:
             return 0, None
         if due is timers:
             return kind, heapq.heappop(timers)[3]
-        del (deadlines if kind == _LEASE_DEADLINE else warnings)[due.id]
+        del (self._deadlines if kind == _LEASE_DEADLINE else self._warnings).entries[due.id]
         return kind, due
 
     def _expire_lease(self, lease: Lease, now: float) -> None:
