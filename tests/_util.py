@@ -15,6 +15,16 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
             await asyncio.sleep(0.005)
 
 
+def line_of(path: str, marker: str) -> int:
+    """The number of the line of ``path`` that holds ``marker`` (a comment
+    beside an acquire), not counting the line that asks for it."""
+    with open(path) as source:
+        for number, line in enumerate(source, 1):
+            if marker in line and "line_of(" not in line:
+                return number
+    raise AssertionError(marker)
+
+
 def asyncpg_version() -> tuple[int, int]:
     """The installed asyncpg's (major, minor): the version matrix runs 0.29 to 0.32."""
     import asyncpg

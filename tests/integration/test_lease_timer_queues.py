@@ -11,16 +11,10 @@ import pytest
 
 from safepool import ManualClock
 from safepool.events import LeakSuspected, LeaseEnded, LeaseExpired
+from tests._util import line_of
 
 pytestmark = pytest.mark.asyncio
 
-
-def line_of(marker: str) -> int:
-    with open(__file__) as source:
-        for number, line in enumerate(source, 1):
-            if marker in line and "line_of(" not in line:
-                return number
-    raise AssertionError(marker)
 
 
 async def settle() -> None:
@@ -66,9 +60,9 @@ async def test_mixed_lease_timeouts_fire_once_each_in_time_order(pools: Any) -> 
         (30.0, "lease_expired", ids["b"]),
     ]
     here = __file__
-    assert sites[ids["a"]] == f"{here}:{line_of('# site-a')} in test_mixed_lease_timeouts_fire_once_each_in_time_order"
-    assert sites[ids["b"]].startswith(f"{here}:{line_of('# site-b') - 2} in ")  # the line of the call
-    assert sites[ids["c"]].startswith(f"{here}:{line_of('# site-c')} in ")
+    assert sites[ids["a"]] == f"{here}:{line_of(__file__, '# site-a')} in test_mixed_lease_timeouts_fire_once_each_in_time_order"
+    assert sites[ids["b"]].startswith(f"{here}:{line_of(__file__, '# site-b') - 2} in ")  # the line of the call
+    assert sites[ids["c"]].startswith(f"{here}:{line_of(__file__, '# site-c')} in ")
     for con in (a, b, c, d):  # expired ones: late releases, harmless
         await pool.release(con)
     await settle()

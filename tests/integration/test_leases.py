@@ -14,18 +14,10 @@ import pytest
 
 import safepool
 from safepool import LeaseExpiredError, ManualClock
-from tests._util import until
+from tests._util import line_of, until
 
 pytestmark = pytest.mark.asyncio
 
-
-def line_of(marker: str) -> int:
-    """The line number of this file that contains ``marker`` (a comment)."""
-    with open(__file__) as source:
-        for number, line in enumerate(source, 1):
-            if marker in line and "line_of(" not in line:
-                return number
-    raise AssertionError(marker)
 
 
 # ---------------------------------------------------------------- lease timeout
@@ -135,7 +127,7 @@ async def test_leak_suspect_warning_names_the_acquire_line(pools: Any, caplog: p
     assert not caplog.records
     clock.advance(1.5)
     [record] = [r for r in caplog.records if getattr(r, "event", None) == "leak_suspect"]
-    assert f"test_leases.py:{line_of('LEAK-SUSPECT-SITE')}" in record.acquired_at  # type: ignore[attr-defined]
+    assert f"test_leases.py:{line_of(__file__, 'LEAK-SUSPECT-SITE')}" in record.acquired_at  # type: ignore[attr-defined]
     assert "LEAK-SUSPECT-SITE" in record.getMessage()  # the source line is quoted
     assert record.pool == "suspects"  # type: ignore[attr-defined]
     [info] = pool.leases()
@@ -160,7 +152,7 @@ async def test_gc_of_a_forgotten_proxy_reclaims_and_reports(pools: Any, caplog: 
     assert pool.stats().leaks_detected == 1
     assert any(issubclass(w.category, ResourceWarning) and "FORGOTTEN-SITE" in str(w.message) for w in caught)
     [record] = [r for r in caplog.records if getattr(r, "event", None) == "leak"]
-    assert f"test_leases.py:{line_of('FORGOTTEN-SITE')}" in record.acquired_at  # type: ignore[attr-defined]
+    assert f"test_leases.py:{line_of(__file__, 'FORGOTTEN-SITE')}" in record.acquired_at  # type: ignore[attr-defined]
     async with pool.acquire(timeout=2) as con:
         assert await con.fetchval("SHOW application_name") != "leaky"
 
