@@ -11,15 +11,17 @@ import pytest
 
 from safepool import ManualClock
 from safepool.events import LeakSuspected, LeaseEnded, LeaseExpired
-from tests._util import line_of
+from tests._util import line_of, until
 
 pytestmark = pytest.mark.asyncio
 
 
-
-async def settle() -> None:
-    for _ in range(20):
-        await asyncio.sleep(0)
+async def settled(pool: Any) -> None:
+    """Until no take-back or reset is under way. A ManualClock fires the
+    pool's timers inside ``advance()``, and the events they emit are
+    delivered there too; what runs on in the pool's tasks is a take-back's
+    cancel and reset."""
+    await until(lambda: pool.stats().resetting == 0)
 
 
 def sites_at(pool: Any, lease_id: int) -> str | None:
@@ -47,11 +49,7 @@ async def test_mixed_lease_timeouts_fire_once_each_in_time_order(pools: Any) -> 
     d = await pool.acquire(lease_timeout=None)  # site-d
     ids = dict(zip("abcd", (info.id for info in pool.leases()), strict=True))  # oldest first
     assert [info.acquired_at for info in pool.leases(stacks=False)] == [sites_at(pool, i) for i in ids.values()]
-    for _ in range(40):
-        clock.advance(1.0)
-        await settle()
-        pool._state.check_invariants()
-    assert seen == [
+    expected = [
         (2.0, "lease_expired", ids["c"]),
         (5.0, "leak_suspect", ids["a"]),
         (5.0, "leak_suspect", ids["b"]),
@@ -59,13 +57,23 @@ async def test_mixed_lease_timeouts_fire_once_each_in_time_order(pools: Any) -> 
         (10.0, "lease_expired", ids["a"]),
         (30.0, "lease_expired", ids["b"]),
     ]
+    for second in range(1, 41):
+        clock.advance(1.0)
+        # Each second's timers fire inside advance(): no event may come late.
+        assert seen == [event for event in expected if event[0] <= second]
+        await settled(pool)
+        pool._state.check_invariants()
+    assert seen == expected
     here = __file__
-    assert sites[ids["a"]] == f"{here}:{line_of(__file__, '# site-a')} in test_mixed_lease_timeouts_fire_once_each_in_time_order"
+    assert (
+        sites[ids["a"]]
+        == f"{here}:{line_of(__file__, '# site-a')} in test_mixed_lease_timeouts_fire_once_each_in_time_order"
+    )
     assert sites[ids["b"]].startswith(f"{here}:{line_of(__file__, '# site-b') - 2} in ")  # the line of the call
     assert sites[ids["c"]].startswith(f"{here}:{line_of(__file__, '# site-c')} in ")
     for con in (a, b, c, d):  # expired ones: late releases, harmless
         await pool.release(con)
-    await settle()
+    await settled(pool)
     stats = pool.stats()
     assert stats.leases_expired == 3 and stats.in_use == 0 and stats.leak_warnings == 3
     pool._state.check_invariants()
@@ -83,15 +91,14 @@ async def test_deadline_passing_during_release_does_not_fire(pools: Any) -> None
     await asyncio.sleep(0)
     clock.advance(10.0)
     await asyncio.wait_for(releasing, 5)
-    await settle()
+    assert pool.stats().idle == 1  # the reset is done: release() waited for it
     assert not expired and pool.stats().leases_expired == 0
     pool._state.check_invariants()
     async with pool.acquire() as again:
         assert await again.fetchval("SELECT 1") == 1
         clock.advance(0.5)
-    clock.advance(10.0)
-    await settle()
-    assert not expired
+    clock.advance(10.0)  # would fire inside advance(), had the release left a timer
+    assert not expired and pool.stats().idle == 1
     pool._state.check_invariants()
 
 
@@ -103,18 +110,17 @@ async def test_expire_connections_then_lease_expiry_and_terminate(pools: Any) ->
     b = await pool.acquire(lease_timeout=2.0)  # due before a's deadline: the heap
     await pool.expire_connections()
     clock.advance(2.5)
-    await settle()
+    assert pool.stats().leases_expired == 1  # b at 3.0, inside advance()
+    await settled(pool)
     pool._state.check_invariants()
-    assert pool.stats().leases_expired == 1  # b at 3.0
     c = await pool.acquire()  # due at 8.5
     clock.advance(3.0)  # a expires at 5.0
-    await settle()
     assert pool.stats().leases_expired == 2
+    await settled(pool)
     pool._state.check_invariants()
     for con in (a, b):
         await pool.release(con)
     pool.terminate()
     clock.advance(100.0)
-    await settle()
     assert pool.stats().leases_expired == 2
     await pool.release(c)
