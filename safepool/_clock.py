@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -33,9 +34,30 @@ class LoopClock:
         # which their call_at() uses.
         time_method = getattr(type(loop), "time", None)
         self.now = time.monotonic if time_method is asyncio.BaseEventLoop.time else loop.time
+        # uvloop keeps time in whole milliseconds and rounds a call_at()
+        # delay to the nearest one: a deadline in the first half of a
+        # millisecond (or a float hair past one) fired before it was due, and
+        # the pool re-armed it, up to a hundred times in a busy loop, until
+        # the clock ticked. Its timers are armed for the first millisecond at
+        # which the deadline is due. (A subclass of uvloop.Loop is uvloop.)
+        self._milliseconds = any(cls.__module__.partition(".")[0] == "uvloop" for cls in type(loop).__mro__)
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        if self._milliseconds and math.isfinite(when):
+            when = _due_millisecond(when)
         return self._loop.call_at(when, callback)
+
+
+def _due_millisecond(when: float) -> float:
+    """The first time a millisecond clock reads (``n / 1000``) that is not
+    before ``when``. ``when * 1000`` may round across a whole number, either
+    way: checked against the division the clock itself does."""
+    tick = math.ceil(when * 1000)
+    if tick / 1000 < when:
+        tick += 1
+    elif (tick - 1) / 1000 >= when:
+        tick -= 1
+    return tick / 1000
 
 
 class _ManualTimer:
