@@ -416,3 +416,56 @@ def test_the_done_line_says_how_many_safepool_took_back(scenario: str) -> None:
         f"{scenario}: asyncpg.create_pool: done: 1 requests, 1 ok, 3 connections {noun}",
         f"{scenario}: safepool.create_pool: done: 1 requests, 1 ok, 3 connections {noun}, 2 taken back",
     ]
+
+
+def _pg_ctl_restarts(pgdata: Path) -> list[psutil.Process]:
+    return [
+        process
+        for process in psutil.process_iter(["name", "cmdline"])
+        if process.info["name"] == "pg_ctl"
+        and str(pgdata) in " ".join(cmdline := process.info["cmdline"] or [])
+        and "restart" in cmdline
+    ]
+
+
+@pytest.mark.realtime
+@pytest.mark.parametrize("cancels", [1, 2])
+def test_ctrl_c_while_the_server_starts_again_cancels_the_fault_quietly(cancels: int) -> None:
+    """Ctrl-C reaches the whole process group: the replay's task is cancelled
+    and the pg_ctl bringing the server back dies of the same SIGINT. The fault
+    task used to end with "could not start the server again" instead of
+    cancelled, and, cancelled again while it waited for pg_ctl, left pg_ctl's
+    error unretrieved: tracebacks after "interrupted" (a new user's trial,
+    2026-12-02)."""
+    import asyncio
+    import gc
+
+    from safepool.replay.app import ServiceMetrics
+    from safepool.replay.runner import _inject_fault
+    from safepool.replay.server import Database, embedded_server
+
+    async def interrupt_the_restart(db: Database) -> list[dict[str, Any]]:
+        unretrieved: list[dict[str, Any]] = []
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+        config = ReplayConfig(scenario="restart", duration=10, leak_start=0, downtime=0.1)
+        fault = loop.create_task(_inject_fault(config, db, ServiceMetrics(), PoolRun("safepool"), loop.time()))
+        deadline = loop.time() + 30
+        while not (pg_ctls := _pg_ctl_restarts(db.server.pgdata)):
+            assert not fault.done() and loop.time() < deadline, "pg_ctl restart never ran"
+            await asyncio.sleep(0.005)
+        for _ in range(cancels):  # a second one lands while the fault waits for pg_ctl
+            fault.cancel()
+            await asyncio.sleep(0)
+        for process in pg_ctls:
+            process.send_signal(signal.SIGINT)
+        await asyncio.wait([fault], timeout=30)
+        assert fault.cancelled(), fault
+        assert not _pg_ctl_restarts(db.server.pgdata)  # waited for, not left behind
+        del fault
+        gc.collect()
+        await asyncio.sleep(0)
+        return unretrieved
+
+    with embedded_server(30) as db:
+        assert asyncio.run(interrupt_the_restart(db)) == []
