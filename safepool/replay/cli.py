@@ -43,7 +43,9 @@ PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 def _number(low: float, high: float, *, integer: bool = False, low_open: bool = False) -> Callable[[str], float]:
     kind = "an integer" if integer else "a number"
-    bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    # An integer's bounds in full: "{:g}" turns 2**32 into 4.29497e+09.
+    low_text, high_text = (f"{int(low)}", f"{int(high)}") if integer else (f"{low:g}", f"{high:g}")
+    bounds = f"{'(' if low_open else '['}{low_text}, {high_text}]"
 
     def parse(text: str) -> float:
         try:

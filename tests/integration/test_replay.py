@@ -324,6 +324,14 @@ def test_bad_arguments_give_one_line_and_exit_2(args: list[str], capsys: pytest.
     assert err.startswith(PROG_ERROR) and err.count("\n") == 1, err
 
 
+def test_an_integer_option_states_its_bounds_in_full(capsys: pytest.CaptureFixture[str]) -> None:
+    # "{:g}" printed --seed's bounds as [0, 4.29497e+09] (a new user's trial, 2026-12-02).
+    assert main(["--seed", "abc"]) == 2
+    assert capsys.readouterr().err == PROG_ERROR + "argument --seed: expected an integer in [0, 4294967296], got 'abc'\n"
+    assert main(["--pool-size", "0"]) == 2
+    assert capsys.readouterr().err == PROG_ERROR + "argument --pool-size: expected an integer in [1, 50], got '0'\n"
+
+
 @pytest.mark.parametrize(
     "dsn",
     [
