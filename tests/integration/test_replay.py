@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -477,3 +478,11 @@ def test_ctrl_c_while_the_server_starts_again_cancels_the_fault_quietly(cancels:
 
     with embedded_server(30) as db:
         assert asyncio.run(interrupt_the_restart(db)) == []
+
+
+def test_the_documented_run_names_the_acquire_lines_app_py_has_now() -> None:
+    # docs/replay.md named app.py:89 after the leaking acquire had moved to line 92.
+    text = (Path(__file__).parents[2] / "docs" / "replay.md").read_text()
+    assert f"safepool/replay/app.py:{leaking_line()} in customer_orders" in text
+    assert f"safepool/replay/app.py:{source_line('# the stuck acquire')} in" in text
+    assert set(re.findall(r'app\.py(?::|", line )(\d+)', text)) == {str(leaking_line()), str(source_line("# the stuck acquire"))}
