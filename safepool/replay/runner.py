@@ -223,14 +223,31 @@ async def _inject_fault(
             starting = loop.create_task(asyncio.to_thread(db.start))
             await _accepting(db.dsn)
             run.marks["accepting"] = loop.time() - start
-        finally:
-            # Also when cancelled (Ctrl-C, a run too short): leave the server
-            # running, and no pg_ctl behind.
-            if starting is None:
-                starting = loop.create_task(asyncio.to_thread(db.start))
+        except BaseException:
+            # Cancelled (Ctrl-C, a run too short) or failed: still leave the
+            # server running and no pg_ctl behind, but the first exception is
+            # the one that propagates. Ctrl-C also kills pg_ctl (the same
+            # process group): its error is not the replay's.
+            await _started(starting or loop.create_task(asyncio.to_thread(db.start)))
+            raise
+        if (error := await _started(starting)) is not None:
+            raise ReplayError(f"could not start the server again ({describe_error(error)})") from error
+
+
+async def _started(starting: asyncio.Task[None]) -> BaseException | None:
+    """Wait for ``db.start`` to end, even through cancellation (pg_ctl runs in
+    a thread, which cannot be interrupted); its error, always retrieved.
+    A cancellation that came meanwhile is raised once it has ended."""
+    cancelled = False
+    while not starting.done():
+        try:
             await asyncio.wait([starting])
-            if not starting.cancelled() and (error := starting.exception()) is not None:
-                raise ReplayError(f"could not start the server again ({describe_error(error)})") from error
+        except asyncio.CancelledError:
+            cancelled = True
+    error = None if starting.cancelled() else starting.exception()
+    if cancelled:
+        raise asyncio.CancelledError
+    return error
 
 
 async def run_pool(

