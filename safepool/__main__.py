@@ -39,7 +39,10 @@ def _selfcheck(dsn: str | None) -> int:
                 if isinstance(exc, subprocess.CalledProcessError) and exc.returncode < 0:
                     raise KeyboardInterrupt from None  # initdb or pg_ctl got the same Ctrl-C
                 text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                print(f"selfcheck: could not start the embedded PostgreSQL ({type(exc).__name__}: {text})", file=sys.stderr)
+                print(
+                    f"selfcheck: could not start the embedded PostgreSQL ({type(exc).__name__}: {text})",
+                    file=sys.stderr,
+                )
                 return 2
             dsn = server.get_uri()
         return asyncio.run(_query(dsn))
@@ -95,7 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"safepool {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    selfcheck = commands.add_parser("selfcheck", help="open a pool on an embedded PostgreSQL and run a query")
+    selfcheck = commands.add_parser(
+        "selfcheck",
+        help="open a pool on an embedded PostgreSQL and run a query",
+        description=(
+            "Open a safepool pool on a throwaway embedded PostgreSQL (or the server --dsn names), "
+            "run a query, print the result, the pool and its statistics, and remove the server. "
+            "Exit code 0 when the query returned what it should (1 when not), 2 when the server could not be "
+            "started or reached, 130 when interrupted."
+        ),
+    )
     selfcheck.add_argument("--dsn", default=None, help="use this server instead of an embedded one")
     # Each further command lives in its own module, with its own argument parser.
     commands.add_parser("replay", help="replay the connection-leak outage (asyncpg's pool vs safepool)", add_help=False)
@@ -106,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("replay", "check", "top", "watch"):
         module_name = "top" if argv[0] == "watch" else argv[0]
         module = __import__(f"safepool.{module_name}", fromlist=["main"])
+        if argv[0] == "watch":  # top under its alias's name, in usage and errors
+            return int(module.main(argv[1:], prog="python -m safepool watch"))
         return int(module.main(argv[1:]))
     args = parser.parse_args(argv)
     if args.command == "selfcheck":

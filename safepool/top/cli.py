@@ -39,6 +39,7 @@ from .._cli import Parser as _Parser
 from .._cli import UsageError as _UsageError
 
 PROG = "python -m safepool top"
+MIN_INTERVAL, MAX_INTERVAL = 0.01, 86_400.0  # seconds between refreshes
 APPLICATION_NAME = "safepool top"
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
@@ -65,9 +66,9 @@ def _number(low: float, high: float, *, integer: bool = False, low_open: bool = 
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = _Parser(
-        prog=PROG,
+        prog=prog,
         description=(
             "A server's client connections grouped by application_name and state, from pg_stat_activity: "
             "counts, how long the oldest has been in its state, transaction and query ages, lock waits, "
@@ -89,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-n",
         "--interval",
-        type=_number(0, float("inf"), low_open=True),
+        # Bounded: a near-zero interval queries the server in a tight loop,
+        # and an infinite one never refreshes (a day is the longest).
+        type=_number(MIN_INTERVAL, MAX_INTERVAL),
         default=2.0,
         metavar="SECONDS",
-        help="seconds between refreshes (default 2)",
+        help=f"seconds between refreshes, {MIN_INTERVAL:g} to {MAX_INTERVAL:g} (default 2)",
     )
     runs = parser.add_mutually_exclusive_group()
     runs.add_argument("--once", action="store_true", help="print one snapshot and exit")
@@ -418,20 +421,21 @@ async def _live_view(source: _Source, console: Console, interval: float, count: 
         await _every(interval, count, step)
 
 
-def main(argv: list[str]) -> int:
-    """Entry point of ``python -m safepool top`` and ``watch``; returns the exit code."""
+def main(argv: list[str], prog: str = PROG) -> int:
+    """Entry point of ``python -m safepool top`` and ``watch`` (``prog``: the
+    command's name in usage and errors); returns the exit code."""
     raw_dsn = next((arg for arg in argv if "://" in arg), None)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(prog).parse_args(argv)
     except _UsageError as error:
-        sys.stderr.write(redact(f"{PROG}: error: {error}", raw_dsn) + "\n")
+        sys.stderr.write(redact(f"{prog}: error: {error}", raw_dsn) + "\n")
         return 2
     except _Exit as done:
         return done.code
     try:
         return asyncio.run(_run(args))
     except _Failure as failure:
-        sys.stderr.write(f"{PROG}: {failure}\n")
+        sys.stderr.write(f"{prog}: {failure}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("\n")

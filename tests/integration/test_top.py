@@ -313,6 +313,9 @@ def test_missing_database(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> No
     [
         ["--interval", "0", "x"],
         ["--interval", "nan", "x"],
+        ["--interval", "inf", "x"],  # would never refresh
+        ["--interval", "1e-9", "x"],  # would query the server in a tight loop
+        ["--interval", "86401", "x"],
         ["--count", "0", "x"],
         ["--once", "--count", "2", "x"],
         ["--usage-warn", "150", "x"],
@@ -325,6 +328,21 @@ def test_missing_database(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> No
 def test_bad_options(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     err = assert_one_line_error(*run(capsys, *argv), "secretpw")
     assert "error: " in err
+
+
+@pytest.mark.parametrize("interval", ["0.01", "86400"])
+def test_interval_bounds_are_accepted(interval: str) -> None:
+    assert cli.build_parser().parse_args(["--interval", interval]).interval == float(interval)
+
+
+def test_watch_is_named_watch_in_its_usage_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    from safepool.__main__ import main as safepool_main
+
+    assert safepool_main(["watch", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m safepool watch ")
+    assert safepool_main(["watch", "--interval", "0", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m safepool watch: error: argument -n/--interval: must be >= 0.01 and <= 86400")
 
 
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
