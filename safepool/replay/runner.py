@@ -215,9 +215,12 @@ async def _inject_fault(
     if config.scenario == "stuck":
         metrics.provider_hangs = True
     elif config.scenario == "restart":
+        stopping: asyncio.Task[None] | None = None
         starting: asyncio.Task[None] | None = None
         try:
-            await asyncio.to_thread(db.stop, "fast")
+            stopping = loop.create_task(asyncio.to_thread(db.stop, "fast"))
+            await asyncio.wait([stopping])  # (a cancel here leaves the task to end with its thread)
+            stopping.result()
             run.marks["stopped"] = loop.time() - start
             await asyncio.sleep(config.downtime)
             starting = loop.create_task(asyncio.to_thread(db.start))
@@ -227,24 +230,30 @@ async def _inject_fault(
             # Cancelled (Ctrl-C, a run too short) or failed: still leave the
             # server running and no pg_ctl behind, but the first exception is
             # the one that propagates. Ctrl-C also kills pg_ctl (the same
-            # process group): its error is not the replay's.
-            await _started(starting or loop.create_task(asyncio.to_thread(db.start)))
+            # process group): its error is not the replay's. A stop under way
+            # (pg_ctl in a thread: cancelling the await does not stop it) ends
+            # first, or the start would run beside it.
+            try:
+                if stopping is not None:
+                    await _ended(stopping)
+            finally:
+                await _ended(starting or loop.create_task(asyncio.to_thread(db.start)))
             raise
-        if (error := await _started(starting)) is not None:
+        if (error := await _ended(starting)) is not None:
             raise ReplayError(f"could not start the server again ({describe_error(error)})") from error
 
 
-async def _started(starting: asyncio.Task[None]) -> BaseException | None:
-    """Wait for ``db.start`` to end, even through cancellation (pg_ctl runs in
-    a thread, which cannot be interrupted); its error, always retrieved.
-    A cancellation that came meanwhile is raised once it has ended."""
+async def _ended(task: asyncio.Task[None]) -> BaseException | None:
+    """Wait for ``db.start`` or ``db.stop`` to end, even through cancellation
+    (pg_ctl runs in a thread, which cannot be interrupted); its error, always
+    retrieved. A cancellation that came meanwhile is raised once it has ended."""
     cancelled = False
-    while not starting.done():
+    while not task.done():
         try:
-            await asyncio.wait([starting])
+            await asyncio.wait([task])
         except asyncio.CancelledError:
             cancelled = True
-    error = None if starting.cancelled() else starting.exception()
+    error = None if task.cancelled() else task.exception()
     if cancelled:
         raise asyncio.CancelledError
     return error

@@ -504,3 +504,48 @@ def test_the_documented_run_names_the_acquire_lines_app_py_has_now() -> None:
     assert f"safepool/replay/app.py:{leaking_line()} in customer_orders" in text
     assert f"safepool/replay/app.py:{source_line('# the stuck acquire')} in" in text
     assert set(re.findall(r'app\.py(?::|", line )(\d+)', text)) == {str(leaking_line()), str(source_line("# the stuck acquire"))}
+
+
+def test_a_fault_cancelled_while_the_server_stops_starts_it_only_once_stopped() -> None:
+    """The restart fault's stop runs pg_ctl in a thread, which a cancel does
+    not stop: the fault cancelled then (Ctrl-C, a run too short) started the
+    server again beside the stop still under way (a new user's trial,
+    2026-12-02). A stand-in for the server records the order."""
+    import asyncio
+    import threading
+
+    from safepool.replay.app import ServiceMetrics
+    from safepool.replay.runner import _inject_fault
+
+    class Server:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+            self.stopping = threading.Event()
+            self.may_stop = threading.Event()
+            self.starting = threading.Event()
+
+        def stop(self, mode: str) -> None:
+            self.calls.append(f"stop {mode}")
+            self.stopping.set()
+            self.may_stop.wait(30)
+            self.calls.append("stopped")
+
+        def start(self) -> None:
+            self.calls.append("start")
+            self.starting.set()
+
+    async def cancel_during_the_stop(server: Server) -> None:
+        loop = asyncio.get_running_loop()
+        config = ReplayConfig(scenario="restart", duration=10, leak_start=0, downtime=0.1)
+        fault = loop.create_task(_inject_fault(config, server, ServiceMetrics(), PoolRun("safepool"), loop.time()))  # type: ignore[arg-type]
+        assert await asyncio.to_thread(server.stopping.wait, 30)
+        fault.cancel()
+        # Were the start to run beside the stop, it would within this bound.
+        assert not await asyncio.to_thread(server.starting.wait, 0.3)
+        server.may_stop.set()
+        await asyncio.wait([fault], timeout=30)
+        assert fault.cancelled()
+
+    server = Server()
+    asyncio.run(cancel_during_the_stop(server))
+    assert server.calls == ["stop fast", "stopped", "start"]
