@@ -342,6 +342,20 @@ def reference_count(con: RawConnection) -> int:
     return sys.getrefcount(con) - 1  # minus this function's own argument
 
 
+def own_references(con: RawConnection) -> int:
+    """References to the connection from objects only the connection keeps
+    alive: a transaction started with ``start()`` and then dropped (asyncpg
+    keeps it as ``_top_xact``, and it refers back to the connection). Once
+    the proxy is gone nothing can commit it, so it does not make the
+    connection in use."""
+    xact = con._top_xact
+    if xact is None or xact._connection is not con:
+        return 0
+    del xact
+    # 2: the connection's attribute and this call's argument.
+    return 1 if sys.getrefcount(con._top_xact) == 2 else 0
+
+
 def command_timeout(con: RawConnection) -> float | None:
     value = con._config.command_timeout
     return None if value is None else float(value)

@@ -111,7 +111,9 @@ class Reclaimer:
         if _pg.has_callbacks(slot.connection) or _pg.is_cancelling(slot.connection):
             return True
         # Measured as base_refs was: no local reference to the connection.
-        return _pg.reference_count(slot.connection) > holder.base_refs
+        # A transaction only the connection still refers to is abandoned
+        # with it (a cycle that would keep the connection leased forever).
+        return _pg.reference_count(slot.connection) - _pg.own_references(slot.connection) > holder.base_refs
 
     def defer_reclaim(self, lease: Lease, holder: Holder, con: RawConnection) -> None:
         """Check an orphaned connection still in use again later, reporting

@@ -177,6 +177,39 @@ async def test_exception_path_leak_is_reclaimed(pools: Any) -> None:
     assert pool.stats().leaks_detected == 1
 
 
+async def test_dropped_proxy_with_an_abandoned_transaction_is_reclaimed_and_rolled_back(
+    pools: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # asyncpg keeps a started transaction as the connection's _top_xact, and
+    # the transaction refers back to the connection: that cycle alone kept the
+    # connection leased forever, so the pytest leak guard could not release it
+    # and a pool fixture's close() hung.
+    pool = await pools(min_size=1, max_size=1)
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+
+    async def handler_that_forgets() -> Any:
+        con = await pool.acquire()
+        transaction = con.transaction()
+        await transaction.start()  # never committed nor rolled back
+        await con.execute("SET LOCAL application_name = 'in-transaction'")
+        return transaction
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        kept = await handler_that_forgets()
+        gc.collect()
+        # While the application still holds the transaction, the connection is in use.
+        await until(lambda: any(getattr(r, "event", None) == "leak_suspect" for r in caplog.records))
+        assert pool.stats().in_use == 1
+        del kept
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 1
+    async with pool.acquire(timeout=2) as con:
+        assert not con.is_in_transaction()
+        assert await con.fetchval("SHOW application_name") != "in-transaction"
+
+
 async def test_cancelled_task_holding_a_lease_without_context_manager(pools: Any) -> None:
     pool = await pools(min_size=1, max_size=1)
     acquired = asyncio.Event()
