@@ -359,6 +359,10 @@ class _Checker:
             if isinstance(parent, (ast.Try, ast.TryStar)) and any(node is s for s in parent.finalbody):
                 if _contains(parent.body, acquire_stmt) or self.try_follows(acquire_stmt, parent) == "next":
                     return True
+                # `if (con := await pool.acquire()) is not None:` with the
+                # `try:` first in its body (a connection is never falsy).
+                if isinstance(acquire_stmt, (ast.If, ast.While)) and acquire_stmt.body[0] is parent:
+                    return True
             node = parent
         return False
 

@@ -111,3 +111,12 @@ async def release_by_keyword(pool):
         await con.execute("SELECT 1")
     finally:
         await pool.release(connection=con)
+
+
+async def walrus_then_try_finally(pool):
+    # The `try:` first in the body of the `if` that acquires: nothing between.
+    if (con := await pool.acquire()) is not None:
+        try:
+            return await con.fetchval("SELECT 1")
+        finally:
+            await pool.release(con)

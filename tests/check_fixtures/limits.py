@@ -1,6 +1,7 @@
 """The static check's known limits, pinned by tests: `expect:` marks what it
 reports (including false positives), `missed:` what it cannot see."""
 
+import asyncio
 import contextlib
 
 
@@ -47,4 +48,17 @@ async def stored_on_an_object(pool, session):
 async def exit_stack_closed_early(pool):
     stack = contextlib.AsyncExitStack()
     con = await stack.enter_async_context(pool.acquire())  # missed: the stack is never closed
+    await con.execute("SELECT 1")
+
+
+async def unpacked_with_another_value(pool):
+    # An acquire unpacked with other values is not followed.
+    con, n = await pool.acquire(), 1  # missed: unpacked
+    await con.execute("SELECT $1", n)
+
+
+async def acquired_in_a_task(pool):
+    # An acquire run as a task awaited later: the task is not followed.
+    task = asyncio.create_task(pool.acquire())  # missed: run as a task
+    con = await task
     await con.execute("SELECT 1")
