@@ -73,14 +73,15 @@ class Reclaimer:
         self.reset_timeout = reset_timeout
         self.leak_warning_after = leak_warning_after
 
-    def reclaim(self, lease: Lease) -> None:
+    def reclaim(self, lease: Lease, *, asked: bool = False) -> None:
         """A proxy was garbage collected while still leased (or a re-check
-        of one whose connection was still in use)."""
+        of one whose connection was still in use; ``asked``: by
+        :meth:`release_orphan`, which checked it)."""
         slot = lease.slot
         if not lease.active or self.state.phase is Phase.CLOSED:
             return
         holder = self.runner.slot_holders[slot]
-        if self.still_in_use(holder, slot):
+        if not asked and self.still_in_use(holder, slot):
             self.defer_reclaim(lease, holder, slot.connection)
             return
         con = slot.connection
@@ -102,6 +103,40 @@ class Reclaimer:
         self.reporter.deliver()
         warnings.warn(report, ResourceWarning, stacklevel=1)
 
+    def release_orphan(self, lease_id: int) -> bool:
+        """``Pool.release_lease()`` for a lease whose proxy was garbage
+        collected and whose connection the pool keeps leased because
+        callbacks are still registered: asked to, it drops the listeners, as
+        a release does, and reclaims the connection now. Returns whether it
+        did; False for any other lease (an operation or object still using
+        the connection keeps it, as ever)."""
+        for lease in self.state.leases():
+            if lease.id != lease_id:
+                continue
+            slot = lease.slot  # (no local for the connection: it would count as a reference)
+            if (
+                not lease.active or slot.connection is None or _pg.live_proxy(slot.connection) is not None
+                or self.state.phase is Phase.CLOSED
+            ):
+                return False
+            holder = self.runner.slot_holders[slot]
+            if _pg.is_cancelling(slot.connection) or self.referred_to(holder, slot):
+                return False
+            # What release() drops; termination listeners and query loggers stay, as there.
+            _pg.clear_listeners(slot.connection)
+            self.reclaim(lease, asked=True)
+            return not lease.active
+        return False
+
+    def referred_to(self, holder: Holder, slot: Slot) -> bool:
+        """Whether an object outside the pool (a running query's coroutine, a
+        transaction, cursor or prepared statement, a callback's closure)
+        still refers to the slot's connection. Measured as ``base_refs`` was
+        (the caller holds no local reference). A transaction only the
+        connection still refers to is abandoned with it (a cycle that would
+        keep the connection leased forever)."""
+        return _pg.reference_count(slot.connection) - _pg.own_references(slot.connection) > holder.base_refs
+
     def still_in_use(self, holder: Holder, slot: Slot) -> bool:
         """Whether a connection whose proxy is gone may still be in use: only
         a provably abandoned one is reclaimed (never one with an operation in
@@ -110,10 +145,7 @@ class Reclaimer:
         or prepared statement, a callback's closure)."""
         if _pg.has_callbacks(slot.connection) or _pg.is_cancelling(slot.connection):
             return True
-        # Measured as base_refs was: no local reference to the connection.
-        # A transaction only the connection still refers to is abandoned
-        # with it (a cycle that would keep the connection leased forever).
-        return _pg.reference_count(slot.connection) - _pg.own_references(slot.connection) > holder.base_refs
+        return self.referred_to(holder, slot)
 
     def defer_reclaim(self, lease: Lease, holder: Holder, con: RawConnection) -> None:
         """Check an orphaned connection still in use again later, reporting

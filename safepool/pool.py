@@ -506,9 +506,17 @@ class Pool:
         connections (the pytest leak guard). Its proxy stops working, as
         after any release.
 
+        A lease whose proxy was already garbage collected is the pool's to
+        reclaim, which it does once nothing uses the connection. Callbacks
+        registered on it (``add_listener()`` and the like) keep it leased
+        until then; asked here, the pool drops the listeners, as a release
+        does, and reclaims it now.
+
         Returns False, doing nothing, when no open lease has that id, or its
-        proxy was already garbage collected (the pool reclaims that one
-        itself). Raises what :meth:`release` raises."""
+        proxy was garbage collected and an operation or object still uses
+        the connection. Raises what :meth:`release` raises."""
+        if self._runner.reclaimer.release_orphan(lease_id):
+            return True
         return await self._observation.release_lease(lease_id)
 
     def add_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:

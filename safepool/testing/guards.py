@@ -56,8 +56,8 @@ class Leak:
     """One problem a guard found.
 
     ``kind`` is ``"open"`` (acquired and still held), ``"collected"`` (the
-    proxy was garbage collected unreleased; the pool reclaimed the
-    connection), ``"ended"`` (the pool was terminated, or its ``close()``
+    proxy was garbage collected unreleased; the pool takes the connection
+    back, once nothing uses it), ``"ended"`` (the pool was terminated, or its ``close()``
     cancelled, while the lease was open, and the code never released it) or
     ``"idle_timeout"`` (strict mode: an acquire timed out while connections
     were leased and not used).
@@ -85,7 +85,7 @@ class Leak:
         elif self.kind == "collected":
             head = (
                 f"pool {self.pool!r}, lease {self.lease_id}: garbage collected without being released "
-                f"(held {self.held:.3f}s{task}; the pool reclaimed the connection)"
+                f"(held {self.held:.3f}s{task}; the pool takes the connection back)"
             )
         elif self.kind == "ended":
             head = (
@@ -289,7 +289,7 @@ class LeakGuard:
                     found.append(Leak(
                         kind="collected", pool=pool.name, lease_id=info.id, held=info.age,
                         task_name=info.task_name, holder=None, acquired_at=info.acquired_at,
-                        stack=_trim_stack(info.stack), site=info.site,
+                        stack=_trim_stack(info.stack), site=info.site, pool_ref=weakref.ref(pool),
                     ))
                     continue
                 _state, doing = holder_activity(info)
@@ -323,7 +323,7 @@ class LeakGuard:
                 found.append(Leak(
                     kind="collected", pool=source.name, lease_id=lease.id, held=lease.age,
                     task_name=lease.task_name, holder=None, acquired_at=lease.acquired_at,
-                    stack=_trim_stack(lease.stack), site=lease.site,
+                    stack=_trim_stack(lease.stack), site=lease.site, pool_ref=weakref.ref(source),
                 ))
             elif self.strict:
                 leak = self._timeout_leak(source, seq, payload)
@@ -426,10 +426,11 @@ def assert_no_leaks(pool: Pool | Iterable[Pool] | None = None, *, strict: bool =
 
 def release_leaked(leaks: Iterable[Leak]) -> None:
     """Release the connections of open leaks, so the test's own teardown (a
-    pool fixture's ``close()``) does not wait for them forever. Best effort: a
-    lease whose proxy is already garbage is reclaimed by the pool itself."""
+    pool fixture's ``close()``) does not wait for them forever. A lease whose
+    proxy is already garbage is reclaimed by the pool itself, but one with
+    callbacks still registered only when asked (``Pool.release_lease``)."""
     for leak in leaks:
-        if leak.kind != "open" or leak.lease_id is None or leak.pool_ref is None:
+        if leak.kind not in ("open", "collected") or leak.lease_id is None or leak.pool_ref is None:
             continue
         pool = leak.pool_ref()
         if pool is None or pool.closed:

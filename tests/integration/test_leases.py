@@ -210,6 +210,41 @@ async def test_dropped_proxy_with_an_abandoned_transaction_is_reclaimed_and_roll
         assert await con.fetchval("SHOW application_name") != "in-transaction"
 
 
+async def test_dropped_proxy_with_a_listener_is_reclaimed_when_release_lease_asks(
+    pools: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A listener keeps a dropped proxy's connection leased (the callback may
+    # still run); the pytest leak guard could not release it, and a pool
+    # fixture's close() hung. Asked by release_lease(), the pool drops the
+    # listeners, as a release does, and takes the connection back.
+    pool = await pools(min_size=1, max_size=1)
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+    heard: list[str] = []
+
+    async def handler_that_forgets() -> int:
+        con = await pool.acquire()
+        await con.add_listener("orders", lambda *args: heard.append(args[-1]))
+        (lease,) = pool.leases()
+        return int(lease.id)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        lease_id = await handler_that_forgets()
+        gc.collect()
+        await until(lambda: any(getattr(r, "event", None) == "leak_suspect" for r in caplog.records))
+        assert pool.stats().in_use == 1 and [info.collected for info in pool.leases()] == [True]
+        assert await pool.release_lease(lease_id) is True
+        await until(lambda: pool.stats().idle == 1)
+    assert await pool.release_lease(lease_id) is False  # ended: nothing to do
+    assert pool.stats().leaks_detected == 1
+    async with pool.acquire(timeout=2) as con:
+        assert await con.fetch("SELECT pg_listening_channels()") == []
+        await con.execute("NOTIFY orders, 'after'")
+        assert await con.fetchval("SELECT 1") == 1  # a round trip: a notification would have come by now
+    assert heard == []
+    await asyncio.wait_for(pool.close(), 10)
+
+
 async def test_cancelled_task_holding_a_lease_without_context_manager(pools: Any) -> None:
     pool = await pools(min_size=1, max_size=1)
     acquired = asyncio.Event()

@@ -19,6 +19,7 @@ import pytest_asyncio
 import safepool
 from safepool.pool import Pool, live_pools
 from safepool.testing import LeakError, _Tracker, _tracker, assert_no_leaks
+from tests._util import until
 
 pytest_plugins = ["pytester"]
 # These tests leak on purpose, in nested sessions and guarded blocks: a run of
@@ -266,6 +267,26 @@ async def test_assert_no_leaks_reports_garbage_collected_proxies(pool: Pool) -> 
                 await forget()
                 gc.collect()
     assert f"line {this_line('GC-SITE')}, in forget" in str(caught.value)
+
+
+@pytest.mark.asyncio
+async def test_a_collected_leak_with_a_listener_is_released_after_the_report(pool: Pool) -> None:
+    # The pool keeps a dropped proxy's connection leased while a listener is
+    # registered: the guard's report said "reclaimed" and a fixture's close()
+    # then waited forever (a new user's trial, 2026-12-02).
+    async def forget() -> None:
+        con = await pool.acquire()  # LISTENER-SITE
+        await con.add_listener("orders", lambda *args: None)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        with pytest.raises(LeakError, match="garbage collected without being released") as caught:
+            async with assert_no_leaks(pool):
+                await forget()
+                gc.collect()
+    assert f"line {this_line('LISTENER-SITE')}, in forget" in str(caught.value)
+    await until(lambda: pool.stats().in_use == 0 and pool.stats().resetting == 0)
+    await asyncio.wait_for(pool.close(), 10)
 
 
 @pytest.mark.asyncio
