@@ -38,11 +38,11 @@ def _selfcheck(dsn: str | None) -> int:
             except Exception as exc:  # initdb or the server failed: one line, no traceback
                 if isinstance(exc, subprocess.CalledProcessError) and exc.returncode < 0:
                     raise KeyboardInterrupt from None  # initdb or pg_ctl got the same Ctrl-C
-                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 from ._cli import server_start_hint
+                from ._reporting import describe_error
 
                 print(
-                    f"selfcheck: could not start the embedded PostgreSQL ({type(exc).__name__}: {text}){server_start_hint(exc)}",
+                    f"selfcheck: could not start the embedded PostgreSQL ({describe_error(exc)}){server_start_hint(exc)}",
                     file=sys.stderr,
                 )
                 return 2
