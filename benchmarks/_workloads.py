@@ -7,18 +7,22 @@ Every contender opens its own pool in ``setup`` and closes it in
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
+import inspect
 import statistics
 import time
 import tracemalloc
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any
 
 import asyncpg
+from asyncpg.connection import _ConnectionProxy
 
 import safepool
+from safepool._detach import _Driver
 
 from ._harness import Contender
 
@@ -175,6 +179,151 @@ class _LeanLease:
 def lean_pool(dsn: str, size: int = MAX_SIZE) -> PoolFactory:
     async def make() -> Any:
         return LeanPool([await asyncpg.connect(dsn) for _ in range(size)])
+
+    return make
+
+
+class DropInMinimumPool:
+    """The calibration's second step: :class:`LeanPool` plus what makes a
+    pool a drop-in for asyncpg's, which asyncpg's own pool also pays for.
+    The application gets a proxy (:class:`_DropInProxy`) whose Connection
+    methods raise ``InterfaceError`` once the lease has ended, not the
+    connection itself; and the release's reset (``ROLLBACK`` if a
+    transaction is open, then asyncpg's reset query, in one message) cannot
+    be cut short by cancelling the releasing task: safepool's ``_Driver``
+    runs it in that task and hands it to a pool task on a cancel, which
+    finishes it and only then passes the connection on. A waiter cancelled
+    after its grant passes the connection on too.
+
+    Still nothing else: no timeouts, statistics or leak detection; no
+    listener checks, no link from the connection back to its proxy (asyncpg's
+    ``_set_proxy``), and a connection whose reset fails is terminated and not
+    replaced. safepool above it is the price of its own features; it above
+    the lean pool, the price of being a drop-in."""
+
+    RESET = LeanPool.RESET
+
+    def __init__(self, connections: list[asyncpg.Connection]) -> None:
+        self._connections = connections
+        self._idle = list(connections)
+        self._waiters: deque[asyncio.Future[asyncpg.Connection]] = deque()
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[Any]] = set()  # resets handed over by a cancel, till they end
+
+    def acquire(self) -> _DropInLease:
+        return _DropInLease(self)
+
+    async def _get(self) -> asyncpg.Connection:
+        if self._idle and not self._waiters:
+            return self._idle.pop()
+        future: asyncio.Future[asyncpg.Connection] = self._loop.create_future()
+        self._waiters.append(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._back(future.result(), None)  # granted, then cancelled: pass it on
+            raise
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _back(self, con: asyncpg.Connection, error: Exception | None) -> Exception | None:
+        """The reset's end (the driver's ``then``, in the releasing task or,
+        after a cancel, in the pool's): hand the connection to the oldest
+        waiter, or keep it idle; returns the reset's error for the releasing
+        caller to raise."""
+        if error is not None:
+            con.terminate()
+            return error
+        waiters = self._waiters
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(con)
+                return None
+        self._idle.append(con)
+        return None
+
+    async def close(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks)
+        await asyncio.gather(*(con.close() for con in self._connections))
+
+
+class _DropInProxy(_ConnectionProxy):
+    """What a :class:`DropInMinimumPool` lease hands out. Each public
+    Connection method is a forwarding function of this class's (installed
+    below, as asyncpg's pool proxy has them), so a call costs one Python
+    frame and no ``__getattr__``; after the release they raise."""
+
+    __slots__ = ("_con",)
+
+    def __init__(self, con: asyncpg.Connection) -> None:
+        self._con: asyncpg.Connection | None = con
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes that are not forwarded methods (rare: private ones).
+        con = self._con
+        if con is None:
+            raise _released(name)
+        return getattr(con, name)
+
+
+def _released(name: str) -> asyncpg.InterfaceError:
+    return asyncpg.InterfaceError(f"cannot call Connection.{name}(): the connection has been released to the pool")
+
+
+def _forwarder(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(self: _DropInProxy, *args: Any, **kwargs: Any) -> Any:
+        con = self._con
+        if con is None:
+            raise _released(name)
+        return method(con, *args, **kwargs)
+
+    return functools.update_wrapper(forward, method)
+
+
+def _install_forwarders() -> None:
+    for name, method in inspect.getmembers(asyncpg.Connection, inspect.isfunction):
+        if not name.startswith("_"):
+            setattr(_DropInProxy, name, _forwarder(name, method))
+
+
+_install_forwarders()
+
+
+class _DropInLease:
+    __slots__ = ("_pool", "_proxy")
+
+    def __init__(self, pool: DropInMinimumPool) -> None:
+        self._pool = pool
+        self._proxy: _DropInProxy | None = None
+
+    async def __aenter__(self) -> _DropInProxy:
+        self._proxy = _DropInProxy(await self._pool._get())
+        return self._proxy
+
+    def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> _Driver[Exception | None]:
+        proxy, self._proxy = self._proxy, None
+        assert proxy is not None
+        con, proxy._con = proxy._con, None  # detach: the application's proxy raises from here on
+        assert con is not None
+        pool = self._pool
+        query = ("ROLLBACK; " + pool.RESET) if con.is_in_transaction() else pool.RESET
+        # The reset in this task; on a cancel, in a pool task that finishes
+        # it. Either way pool._back hands the connection on once it ends.
+        return _Driver(con.execute(query), pool._spawn, pool._back, (con,), True)
+
+
+def dropin_minimum_pool(dsn: str, size: int = MAX_SIZE) -> PoolFactory:
+    async def make() -> Any:
+        return DropInMinimumPool([await asyncpg.connect(dsn) for _ in range(size)])
 
     return make
 

@@ -15,7 +15,9 @@ Each workload takes about 25 s under Valgrind.
 
 Workloads: ``floor`` (a raw connection: ``SELECT 1``, then asyncpg's reset
 query), ``raw`` (a raw ``SELECT 1``), ``lean`` (the calibration's lean pool,
-``_workloads.LeanPool``), ``asyncpg`` (its pool), and safepool's ``query``
+``_workloads.LeanPool``), ``dropin`` (the lean pool plus asyncpg's proxy and
+a reset a cancel cannot cut short, ``_workloads.DropInMinimumPool``),
+``asyncpg`` (its pool), and safepool's ``query``
 (benchmark 2), ``safety`` (benchmark 5's lease timeout, leak warning and stack
 capture), ``auto`` (``reset_mode="auto"``), ``empty`` (no statement) and
 ``contended`` (benchmark 3: 100 tasks on 10 connections).
@@ -37,9 +39,9 @@ import asyncpg
 
 import safepool
 
-from ._workloads import CONTENDED_TASKS, MAX_SIZE, SAFETY_ON, lean_pool
+from ._workloads import CONTENDED_TASKS, MAX_SIZE, SAFETY_ON, dropin_minimum_pool, lean_pool
 
-WORKLOADS = ("floor", "raw", "lean", "asyncpg", "query", "safety", "auto", "empty", "contended")
+WORKLOADS = ("floor", "raw", "lean", "dropin", "asyncpg", "query", "safety", "auto", "empty", "contended")
 WARM_UP = 200
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
@@ -72,6 +74,8 @@ async def _run(dsn: str, workload: str, leases: int) -> None:
     else:
         if workload == "lean":
             pool = await lean_pool(dsn, 1)()
+        elif workload == "dropin":
+            pool = await dropin_minimum_pool(dsn, 1)()
         elif workload == "asyncpg":
             pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
         else:
@@ -127,7 +131,9 @@ def main() -> None:
         counts[workload] = per_lease(args.dsn, workload, args.leases)
         print(f"{workload:10s} {counts[workload]:>10,.0f} instructions per lease", flush=True)
     for name, over, under in (
-        ("query / floor", "query", "floor"), ("query / lean", "query", "lean"), ("query / asyncpg", "query", "asyncpg"),
+        ("query / floor", "query", "floor"), ("query / lean", "query", "lean"), ("query / dropin", "query", "dropin"),
+        ("dropin / floor", "dropin", "floor"), ("dropin / lean", "dropin", "lean"),
+        ("query / asyncpg", "query", "asyncpg"),
         ("safety / query", "safety", "query"), ("auto / raw", "auto", "raw"),
     ):  # fmt: skip
         if over in counts and under in counts:

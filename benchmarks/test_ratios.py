@@ -38,6 +38,7 @@ from ._workloads import (
     StatsCalls,
     Waiters,
     asyncpg_pool,
+    dropin_minimum_pool,
     lean_pool,
     memory_profile,
     minimal_pool,
@@ -79,6 +80,7 @@ def test_2_query_lease(bench: Bench) -> None:
         ]
         if bench.mode.calibrate:
             contenders.append(Lease("lean", lean_pool(bench.dsn), query=True))
+            contenders.append(Lease("dropin", dropin_minimum_pool(bench.dsn), query=True))
         m = measure_interleaved(bench.loop, contenders, rounds=bench.mode.rounds, batch_seconds=bench.mode.batch_seconds)
         ap, sp, rb, auto, raw, floor = (m[c.name] for c in contenders[:6])
         detail = (f"asyncpg {us(ap.median)}, safepool {us(sp.median)}, floor (raw SELECT 1 + raw reset) "
@@ -99,25 +101,39 @@ def test_2_query_lease(bench: Bench) -> None:
                 f"raw SELECT 1 {us(raw.cpu_median)}, asyncpg {us(ap.cpu_median)} of this process's CPU per lease"),
             Row("2 query lease", "client CPU time: safepool reset_mode=auto / raw connection",
                 paired_ratio(auto, raw, cpu=True), None, None),
-            *calibration(m, "2 query lease", ap, sp),
+            *calibration(m, "2 query lease", ap, sp, floor),
         ]
 
     bench.check(measure)
 
 
-def calibration(m: dict[str, Measurement], bench_name: str, ap: Measurement, sp: Measurement) -> list[Row]:
+def calibration(
+    m: dict[str, Measurement], bench_name: str, ap: Measurement, sp: Measurement, floor: Measurement | None = None
+) -> list[Row]:
     """The issue's calibration, where measured (full mode): the leanest pool
     with asyncpg's release semantics (``LeanPool``) against asyncpg's pool,
     and safepool against it (what timeouts, cancellation safety, leak
-    detection and statistics cost). Reported, never guarded."""
+    detection and statistics cost); then the drop-in minimum
+    (``DropInMinimumPool``: the lean pool plus a proxy that detaches on
+    release and a reset a cancel cannot cut short, as asyncpg's pool has)
+    against asyncpg's pool and, for the query lease, against the ``floor``,
+    and safepool against it (what safepool's own features cost). Reported,
+    never guarded."""
     if "lean" not in m:
         return []
-    lean = m["lean"]
+    lean, dropin = m["lean"], m["dropin"]
     detail = f"lean {us(lean.median)}, client CPU {us(lean.cpu_median)}; safepool CPU {us(sp.cpu_median)}"
-    return [
+    rows = [
         Row(bench_name, "calibration: lean pool (same semantics) / asyncpg", paired_ratio(lean, ap), None, None, detail),
         Row(bench_name, "calibration: safepool / lean pool", paired_ratio(sp, lean), None, None),
+        Row(bench_name, "calibration: drop-in minimum (lean + proxy + cancel-safe reset) / asyncpg",
+            paired_ratio(dropin, ap), None, None, f"drop-in minimum {us(dropin.median)}, client CPU {us(dropin.cpu_median)}"),
     ]
+    if floor is not None:
+        rows.append(Row(bench_name, "calibration: drop-in minimum / its floor (raw SELECT 1 + raw reset query)",
+                        paired_ratio(dropin, floor), None, None))
+    rows.append(Row(bench_name, "calibration: safepool / drop-in minimum", paired_ratio(sp, dropin), None, None))
+    return rows
 
 
 def test_3_contended(bench: Bench) -> None:
@@ -129,6 +145,7 @@ def test_3_contended(bench: Bench) -> None:
         ]
         if bench.mode.calibrate:
             contenders.append(Contended("lean", lean_pool(bench.dsn)))
+            contenders.append(Contended("dropin", dropin_minimum_pool(bench.dsn)))
         # Fixed batches, so every task has a few leases to wait for per round.
         m = measure_interleaved(bench.loop, contenders, rounds=bench.mode.contended_rounds,
                                 sizes={c.name: c.tasks * bench.mode.leases_per_task for c in contenders})
