@@ -33,65 +33,111 @@ class Distribution:
 
 
 class Histogram:
-    __slots__ = ("_bounds", "_counts", "count", "sum", "max")
+    """Counts per bucket, with the count, sum and max of the values.
+
+    :meth:`record` files a value at once. The pool's hot path files lazily
+    instead, with no Python call per value: it bumps ``zeros`` (a value of
+    0.0, an acquire that did not wait) or appends to ``pending`` and calls
+    :meth:`fold` once ``pending`` holds ``FOLD_AT`` values; every read folds
+    first, so readers see every value filed either way."""
+
+    __slots__ = ("_bounds", "_counts", "_count", "_sum", "_max", "zeros", "pending")
+
+    # Values held back at most (bounded memory: 256 floats).
+    FOLD_AT = 256
 
     def __init__(self, bounds: tuple[float, ...] = DEFAULT_BOUNDS) -> None:
         self._bounds = bounds
         self._counts = [0] * (len(bounds) + 1)
-        self.count = 0
-        self.sum = 0.0
-        self.max = 0.0
+        self._count = 0
+        self._sum = 0.0
+        self._max = 0.0
+        self.zeros = 0
+        self.pending: list[float] = []
 
     def record(self, value: float) -> None:
         self._counts[bisect_left(self._bounds, value)] += 1
-        self.count += 1
-        self.sum += value
-        if value > self.max:
-            self.max = value
+        self._count += 1
+        self._sum += value
+        if value > self._max:
+            self._max = value
 
     def record_zero(self) -> None:
         """``record(0.0)``, without the search (an acquire that did not wait)."""
         self._counts[0] += 1
-        self.count += 1
+        self._count += 1
+
+    def fold(self) -> None:
+        """File the values the hot path held back (``zeros``, ``pending``)."""
+        if self.zeros:
+            self._counts[0] += self.zeros
+            self._count += self.zeros
+            self.zeros = 0
+        pending = self.pending
+        if pending:
+            counts, bounds = self._counts, self._bounds
+            for value in pending:
+                counts[bisect_left(bounds, value)] += 1
+            self._count += len(pending)
+            self._sum += sum(pending)
+            self._max = max(self._max, max(pending))
+            pending.clear()
+
+    @property
+    def count(self) -> int:
+        self.fold()
+        return self._count
+
+    @property
+    def sum(self) -> float:
+        self.fold()
+        return self._sum
+
+    @property
+    def max(self) -> float:
+        self.fold()
+        return self._max
 
     def quantile(self, q: float) -> float:
-        if self.count == 0:
+        self.fold()
+        if self._count == 0:
             return 0.0
-        rank = q * self.count
+        rank = q * self._count
         seen = 0
         for index, bucket in enumerate(self._counts):
             seen += bucket
             if seen >= rank:
                 # The +Inf bucket has no bound: the largest value seen is the best answer.
-                return min(self._bounds[index], self.max) if index < len(self._bounds) else self.max
-        return self.max
+                return min(self._bounds[index], self._max) if index < len(self._bounds) else self._max
+        return self._max
 
     def _quantiles(self, qs: tuple[float, ...]) -> list[float]:
         """Several quantiles (ascending) in one pass over the buckets."""
         answers: list[float] = []
-        if self.count == 0:
+        if self._count == 0:
             return [0.0] * len(qs)
         bounds, last = self._bounds, len(self._bounds)
         seen = 0
         pending = iter(qs)
-        rank = next(pending) * self.count
+        rank = next(pending) * self._count
         for index, bucket in enumerate(self._counts):
             seen += bucket
             while seen >= rank:
-                answers.append(min(bounds[index], self.max) if index < last else self.max)
+                answers.append(min(bounds[index], self._max) if index < last else self._max)
                 try:
-                    rank = next(pending) * self.count
+                    rank = next(pending) * self._count
                 except StopIteration:
                     return answers
-        answers.extend([self.max] * (len(qs) - len(answers)))
+        answers.extend([self._max] * (len(qs) - len(answers)))
         return answers
 
     def snapshot(self) -> Distribution:
+        self.fold()
         p50, p90, p99 = self._quantiles((0.5, 0.9, 0.99))
         return Distribution(
-            count=self.count,
-            sum=self.sum,
-            max=self.max,
+            count=self._count,
+            sum=self._sum,
+            max=self._max,
             p50=p50,
             p90=p90,
             p99=p99,
@@ -119,6 +165,8 @@ class TeeHistogram(Histogram):
         self._complained = False
         self._loop = loop
         self._queued: list[float] = []
+        # What the hot path appends to: each value recorded (and queued) at once.
+        self.pending = _Recording(self)
 
     def record(self, value: float) -> None:
         self.inner.record(value)
@@ -152,15 +200,43 @@ class TeeHistogram(Histogram):
     def snapshot(self) -> Distribution:
         return self.inner.snapshot()
 
-    # The base class's slots stay empty here; read the inner histogram's.
+    def fold(self) -> None:
+        self.inner.fold()
+
+    # The hot path's ``zeros += 1``: each one recorded (and queued) at once.
     @property
-    def count(self) -> int:  # type: ignore[override]
+    def zeros(self) -> int:
+        return 0
+
+    @zeros.setter
+    def zeros(self, value: int) -> None:
+        for _ in range(value):
+            self.record(0.0)
+
+    # The base class's slots stay empty here; read the inner histogram's
+    # (which files what it held back first).
+    @property
+    def count(self) -> int:
         return self.inner.count
 
     @property
-    def sum(self) -> float:  # type: ignore[override]
+    def sum(self) -> float:
         return self.inner.sum
 
     @property
-    def max(self) -> float:  # type: ignore[override]
+    def max(self) -> float:
         return self.inner.max
+
+
+class _Recording(list):  # type: ignore[type-arg]
+    """A :class:`TeeHistogram`'s ``pending``: appending records the value
+    (into the inner histogram and the sinks' queue), so it stays empty."""
+
+    __slots__ = ("_tee",)
+
+    def __init__(self, tee: TeeHistogram) -> None:
+        super().__init__()
+        self._tee = tee
+
+    def append(self, value: float) -> None:
+        self._tee.record(value)

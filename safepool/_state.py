@@ -609,7 +609,7 @@ class PoolState:
             counts[S.IDLE] -= 1
             counts[S.LEASED] += 1
             slot.state = S.LEASED
-            self.wait_times.record_zero()
+            self.wait_times.zeros += 1  # record(0.0), filed when read (see Histogram)
             self._next_id += 1
             lease = Lease(self._next_id, slot, now)
             lease.site = site
@@ -863,7 +863,11 @@ class PoolState:
         slot = lease.slot
         slot.lease = None
         del self._leases[lease.id]
-        self.lease_times.record(now - lease.acquired_at)
+        # lease_times.record(...), filed when read or FOLD_AT values on (see Histogram)
+        times = self.lease_times.pending
+        times.append(now - lease.acquired_at)
+        if len(times) >= Histogram.FOLD_AT:
+            self.lease_times.fold()
         if self._policy is not None:
             self._policy_released(lease.site, now)
         if lease.deadline is not None or lease.warn_at is not None:

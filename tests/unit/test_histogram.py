@@ -42,3 +42,18 @@ def test_memory_is_fixed() -> None:
     for _ in range(100_000):
         hist.record(random.random())
     assert len(hist.snapshot().bucket_counts) == len(hist.snapshot().bounds) + 1
+
+
+def test_values_the_hot_path_holds_back_are_read_like_recorded_ones() -> None:
+    """``zeros`` and ``pending`` (the pool's hot path, no call per value) give
+    every reader what record() would have given."""
+    lazy, eager = Histogram(), Histogram()
+    for value in (0.0, 0.0, 0.003, 0.2, 7.0):
+        eager.record(value)
+    lazy.zeros += 2
+    lazy.pending.extend([0.003, 0.2, 7.0])
+    assert (lazy.count, lazy.sum, lazy.max) == (eager.count, eager.sum, eager.max) == (5, 7.203, 7.0)
+    assert lazy.snapshot() == eager.snapshot() and lazy.quantile(0.5) == eager.quantile(0.5)
+    assert lazy.zeros == 0 and lazy.pending == []  # filed by the first read
+    lazy.pending.append(0.5)
+    assert lazy.snapshot().count == 6 and lazy.quantile(1.0) == 7.0

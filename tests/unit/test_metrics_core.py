@@ -183,6 +183,27 @@ def test_tee_records_into_the_pool_histogram_and_each_sink_after() -> None:
     assert tee.snapshot() == inner.snapshot() and tee.quantile(0.5) == inner.quantile(0.5)
 
 
+def test_tee_takes_the_hot_paths_held_back_values_at_once() -> None:
+    """The pool's hot path bumps ``zeros`` and appends to ``pending``: with a
+    tee installed, each value reaches the inner histogram and the sinks'
+    queue at once, and nothing is left held back in the tee."""
+    loop = asyncio.new_event_loop()
+    try:
+        inner = Histogram()
+        inner.pending.append(0.75)  # held back before the tee came: still counted
+        tee = TeeHistogram(inner, loop)
+        seen: list[float] = []
+        tee.sinks.append(seen.append)
+        tee.zeros += 1
+        tee.pending.append(0.5)
+        assert tee.pending == [] and tee.zeros == 0
+        assert (tee.count, tee.sum, tee.max) == (3, 1.25, 0.75)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert seen == [0.0, 0.5]
+    finally:
+        loop.close()
+
+
 def test_connect_error_window_uses_checks_as_samples() -> None:
     state = PoolState(max_size=2, backoff=Backoff(rng=lambda: 1.0))
     pool = cast(Any, StubPool("window", state))

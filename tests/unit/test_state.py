@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from safepool._histogram import Histogram
 from safepool._state import (
     Action,
     Backoff,
@@ -76,6 +77,22 @@ def _invariants(request: pytest.FixtureRequest) -> object:
     for value in request.node.funcargs.values():
         if isinstance(value, PoolState):
             value.check_invariants()
+
+
+def test_lease_times_held_back_stay_bounded_and_all_count() -> None:
+    """The release path appends each lease time to ``lease_times.pending``
+    and files them every Histogram.FOLD_AT values: memory stays bounded
+    whatever the number of leases, and every lease is counted."""
+    state = make()
+    fill(state, 1)
+    leases = 3 * Histogram.FOLD_AT + 5
+    for i in range(leases):
+        lease = state.try_acquire(float(i))
+        assert lease is not None
+        state.release(lease, i + 0.5, CLEAN)
+        assert len(state.lease_times.pending) < Histogram.FOLD_AT
+    assert state.lease_times.count == leases and state.lease_times.max == 0.5
+    assert state.wait_times.count == leases and state.wait_times.snapshot().bucket_counts[0] == leases
 
 
 def test_idle_connection_is_leased_at_once() -> None:
