@@ -303,7 +303,7 @@ class Leaser:
             return None
         slot = lease.slot
         holder = self.slot_holders[slot]
-        check = _pg.release_check(con, holder.clean_mark, self.max_queries)
+        check = _pg.release_check(con, holder.clean_mark, self.max_queries, holder.own_is_closed)
         usable = check != _pg.UNUSABLE
         outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
         if outcome is Outcome.CLEAN and (con._listeners or con._log_listeners):

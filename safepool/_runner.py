@@ -298,7 +298,10 @@ class Runner:
         connection was given up; None if handed on, or if the pool was
         terminated meanwhile (nothing left to do)."""
         holder.reset_since = None
-        ok = error is None and not con.is_closed()
+        # (con.is_closed(), inlined where asyncpg's: the hot path)
+        ok = error is None and not (
+            con.is_closed() if holder.own_is_closed else con._aborted or not con._protocol.is_connected()
+        )
         if not self.state.reset_done(holder._slot, self.now(), ok):
             return None  # the pool was terminated meanwhile
         if ok:

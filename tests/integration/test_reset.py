@@ -263,3 +263,34 @@ async def test_temp_tables_and_set_role_outlive_the_reset_as_on_asyncpg_and_the_
         await admin.execute("DROP ROLE reset_probe_role")
         await admin.close()
     assert seen == {"asyncpg": (1, True), "safepool": (1, True), "safepool recipe": (0, False)}
+
+
+class _ClosedAfterUse(asyncpg.Connection):  # type: ignore[misc]
+    """A connection class with an is_closed() of its own: it calls the
+    connection closed once the application says so (a health flag)."""
+
+    retired = False
+
+    def is_closed(self) -> bool:
+        return type(self).retired or super().is_closed()
+
+
+async def test_a_connection_class_is_closed_is_asked_on_release_as_asyncpg_asks_it(pg_dsn: str) -> None:
+    # The hot path reads asyncpg's is_closed() inline (two fields) but must
+    # call an override, as asyncpg's release does: a connection the class
+    # calls closed is given up and replaced, on both pools.
+    seen = {}
+    for name, create in [("asyncpg", asyncpg.create_pool), ("safepool", safepool.create_pool)]:
+        _ClosedAfterUse.retired = False
+        pool = await create(pg_dsn, min_size=1, max_size=1, connection_class=_ClosedAfterUse)
+        try:
+            async with pool.acquire() as con:
+                first = await con.fetchval("SELECT pg_backend_pid()")
+                _ClosedAfterUse.retired = True
+            _ClosedAfterUse.retired = False
+            async with pool.acquire(timeout=5) as con:
+                seen[name] = await con.fetchval("SELECT pg_backend_pid()") != first
+        finally:
+            _ClosedAfterUse.retired = False
+            await pool.close()
+    assert seen == {"asyncpg": True, "safepool": True}
