@@ -36,7 +36,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
 
     __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "release_timeout",
                  "orphan_checks", "orphan_reported", "unresponsive", "lost_while_leased", "reset_since",
-                 "command_timeout", "reset_query", "reset_text", "own_is_closed", "__weakref__")
+                 "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "__weakref__")
 
     def __init__(self, pool: Face, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
         self._pool = pool
@@ -68,8 +68,10 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # known once connected: read once here (None when the connection
         # class overrides the getter, which then runs on every reset).
         self.reset_text: str | None = None if _pg.overrides_reset_query(type(con)) else self.reset_query()
-        # False: asyncpg's is_closed(), which the hot path reads inline.
-        self.own_is_closed = _pg.overrides_is_closed(type(con))
+        # False: asyncpg's is_closed() and execute(), whose work the hot path
+        # does inline (see _pg.overrides).
+        self.own_is_closed = _pg.overrides(type(con), "is_closed")
+        self.own_execute = _pg.overrides(type(con), "execute")
 
     def _release_on_close(self) -> None:
         self._con = None

@@ -51,6 +51,8 @@ class ServerProtocol(Protocol):
     backend_secret: int
 
     def is_in_transaction(self) -> bool: ...
+    def is_connected(self) -> bool: ...
+    async def query(self, query: str, timeout: float | None) -> str: ...
     def _is_cancelling(self) -> bool: ...
     async def _wait_for_cancellation(self, timeout: float | None) -> None: ...
 
@@ -308,7 +310,7 @@ def release_check(con: RawConnection, clean_mark: int, max_queries: int, own_is_
     listeners left registered; without listeners only the counter), then one
     look at the protocol for everything release decides on (the hot path:
     one call instead of six). With ``own_is_closed`` False (see
-    :func:`overrides_is_closed`), asyncpg's ``is_closed()`` is read inline."""
+    :func:`overrides`), asyncpg's ``is_closed()`` is read inline."""
     if con._listeners or con._log_listeners:
         con._on_release()
     else:
@@ -416,12 +418,13 @@ def reset_query_getter(con: RawConnection) -> Callable[[], str]:
     return getter
 
 
-def overrides_is_closed(connection_class: type) -> bool:
-    """Whether a ``connection_class`` has an ``is_closed()`` of its own.
-    When it does not, the hot path reads what asyncpg's reads (``_aborted``
-    and the protocol's ``is_connected()``, the same in asyncpg 0.29-0.32)
-    without the call."""
-    return getattr(connection_class, "is_closed", None) is not _pg_connection.Connection.is_closed
+def overrides(connection_class: type, name: str) -> bool:
+    """Whether a ``connection_class`` has a method ``name`` of its own. When
+    it does not, the hot path does what asyncpg's does without the call:
+    ``is_closed()`` reads ``_aborted`` and the protocol's ``is_connected()``;
+    ``execute(query)`` with no arguments and no query logger awaits
+    ``_protocol.query(query, timeout)`` (asyncpg 0.29-0.32 alike)."""
+    return getattr(connection_class, name, None) is not getattr(_pg_connection.Connection, name)
 
 
 def overrides_reset_query(connection_class: type) -> bool:

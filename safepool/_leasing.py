@@ -353,9 +353,15 @@ class Leaser:
                 if query:
                     # The statement, then Runner.reset_done with its error
                     # (the driver calls it: no wrapper coroutine's frame).
-                    return _Driver(
-                        con.execute(query, timeout=budget), self.spawn, runner.reset_done, (holder, con), True
-                    )
+                    # asyncpg's execute(query) with no arguments awaits its
+                    # protocol's query() (after a closed check release_check
+                    # made, and with a query logger, which it would tell):
+                    # without its coroutine frame where it is asyncpg's.
+                    if holder.own_execute or con._query_loggers:
+                        statement = con.execute(query, timeout=budget)
+                    else:
+                        statement = con._protocol.query(query, budget)
+                    return _Driver(statement, self.spawn, runner.reset_done, (holder, con), True)
                 # Nothing to send: the reset is done (reset_done hands the
                 # connection on; with no error it returns no error to raise).
                 runner.reset_done(holder, con, None)

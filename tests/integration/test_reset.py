@@ -294,3 +294,30 @@ async def test_a_connection_class_is_closed_is_asked_on_release_as_asyncpg_asks_
             _ClosedAfterUse.retired = False
             await pool.close()
     assert seen == {"asyncpg": True, "safepool": True}
+
+
+class _RecordingExecute(asyncpg.Connection):  # type: ignore[misc]
+    """A connection class with an execute() of its own (a tracing wrapper)."""
+
+    seen: list[str] = []
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        type(self).seen.append(query)
+        return await super().execute(query, *args, timeout=timeout)
+
+
+async def test_a_connection_class_execute_gets_the_reset_query_as_on_asyncpg(pg_dsn: str) -> None:
+    # The hot path sends the reset through asyncpg's protocol, without
+    # Connection.execute's frame, only where execute() is asyncpg's own:
+    # asyncpg's reset calls self.execute(), and so must safepool's.
+    seen = {}
+    for name, create in [("asyncpg", asyncpg.create_pool), ("safepool", safepool.create_pool)]:
+        _RecordingExecute.seen = []
+        pool = await create(pg_dsn, min_size=1, max_size=1, connection_class=_RecordingExecute)
+        try:
+            async with pool.acquire() as con:
+                await con.fetchval("SELECT 1")
+            seen[name] = [query for query in _RecordingExecute.seen if "RESET ALL" in query]
+        finally:
+            await pool.close()
+    assert seen["safepool"] == seen["asyncpg"] and len(seen["asyncpg"]) == 1
