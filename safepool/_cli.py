@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 
@@ -29,6 +30,26 @@ class Parser(argparse.ArgumentParser):
         if message:
             sys.stderr.write(message)
         raise Exit(status)
+
+
+def number(
+    low: float, high: float, *, integer: bool, low_open: bool, unparsable: str, out_of_range: str
+) -> Callable[[str], float]:
+    """An argparse ``type=``: an int (``integer``) or a float from ``low`` to
+    ``high``, above ``low`` if ``low_open``. NaN is never in range; infinity is
+    only where ``high`` is. Each tool words its own errors: ``unparsable`` and
+    ``out_of_range`` are followed by ", got 'TEXT'"."""
+
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{unparsable}, got {text!r}") from None
+        if value != value or value < low or value > high or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"{out_of_range}, got {text!r}")
+        return value
+
+    return parse
 
 
 def server_start_hint(exc: BaseException) -> str:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import math
 import signal
 import sys
 import time
@@ -38,6 +37,7 @@ if TYPE_CHECKING:
 from .._cli import Exit as _Exit
 from .._cli import Parser as _Parser
 from .._cli import UsageError as _UsageError
+from .._cli import number as _cli_number
 
 PROG = "python -m safepool replay"
 PLOT_FORMATS = (".png", ".svg", ".pdf")
@@ -47,18 +47,8 @@ def _number(low: float, high: float, *, integer: bool = False, low_open: bool = 
     kind = "an integer" if integer else "a number"
     # An integer's bounds in full: "{:g}" turns 2**32 into 4.29497e+09.
     low_text, high_text = (f"{int(low)}", f"{int(high)}") if integer else (f"{low:g}", f"{high:g}")
-    bounds = f"{'(' if low_open else '['}{low_text}, {high_text}]"
-
-    def parse(text: str) -> float:
-        try:
-            value = int(text) if integer else float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind} in {bounds}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-            raise argparse.ArgumentTypeError(f"expected {kind} in {bounds}, got {text!r}")
-        return value
-
-    return parse
+    expected = f"expected {kind} in {'(' if low_open else '['}{low_text}, {high_text}]"
+    return _cli_number(low, high, integer=integer, low_open=low_open, unparsable=expected, out_of_range=expected)
 
 
 def _plot_path(text: str) -> Path:

@@ -19,9 +19,10 @@ import uvicorn
 
 import safepool
 
+from .._reporting import describe_error
 from .config import ReplayConfig, ReplayError, app_name, pool_options
 from .load import RequestRecord, run_load
-from .server import Database, Monitor, describe_error
+from .server import Database, Monitor
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp

