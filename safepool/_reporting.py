@@ -48,10 +48,11 @@ class DictListener:
 
 
 def describe_error(error: BaseException | None) -> str:
-    """Type and first line of an error: enough for an operator, never a DSN."""
+    """Type and first non-blank line of an error (stripped): enough for an
+    operator, never a DSN."""
     if error is None:
         return "none"
-    text = str(error).splitlines()[0] if str(error) else ""
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
