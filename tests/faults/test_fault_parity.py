@@ -100,6 +100,10 @@ class HoldingProxy(FaultProxy):
     def hold(self) -> None:
         self.flowing.clear()
 
+    def flow(self) -> None:
+        """Lift the hold: what was held reaches the client in one burst."""
+        self.flowing.set()
+
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: _Pair) -> None:
         to_client = writer is pair.client
         pending: list[bytes] = []
@@ -258,8 +262,13 @@ async def test_backend_killed_during_the_lease(env: Env, when: str) -> None:
     query = None
     if when == "mid-query":
         running = asyncio.ensure_future(con.fetchval("SELECT pg_sleep(30)"))
+        # Inside pg_sleep, not just "active": the backend is active from the
+        # Parse of asyncpg's prepare (Parse, Describe, Flush) and stays so
+        # while it waits for the Bind. A kill there can reach the client
+        # between the prepare's answer and the Bind (a loaded machine):
+        # both pools then raise InternalClientError, another scenario.
         async with asyncio.timeout(5):
-            while await env.admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", pid) != "active":
+            while await env.admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
                 await asyncio.sleep(0.005)
         await env.kill(pid)
         query = await outcome(lambda: running)
@@ -285,6 +294,44 @@ async def test_backend_killed_during_the_lease(env: Env, when: str) -> None:
         # Deterministic only here: the replacement's connect goes through the
         # proxy and cannot finish within release()'s loop iteration.
         assert right_after == SIZE_AFTER_LOST[env.flavour]
+
+
+# Killed between asyncpg's prepare and its Bind: an uncached statement is
+# prepared first (Parse, Describe, Flush) and the backend, still "active",
+# waits for the Bind. The prepare's answer and the FATAL reach the client in
+# one read (held by the proxy here; a loaded machine can do the same), so the
+# query fails on the protocol's state before the client has read the EOF, and
+# release() finds the connection closed but not yet reported lost.
+KILL_BEFORE_BIND_EXPECTED = {
+    "query": ("raise", "InternalClientError: cannot switch to state 12; another operation (2) is in progress"),
+    "release": ("ok", None),
+}
+
+
+async def test_backend_killed_between_prepare_and_bind(env: Env) -> None:
+    pool = await env.pool(via_proxy=True)
+    assert env.proxy is not None
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    assert await con.fetchval("SELECT 1") == 1
+    env.proxy.hold()
+    running = asyncio.ensure_future(con.fetchval("SELECT pg_sleep(30)"))
+    async with asyncio.timeout(5):
+        while (
+            await env.admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1 AND state = 'active'", pid)
+            != "ClientRead"
+        ):
+            await asyncio.sleep(0.005)
+    await env.kill(pid)
+    await env.proxy.wait_server_gone()
+    env.proxy.flow()
+    query = await outcome(lambda: running)
+    release = await outcome(lambda: pool.release(con))
+    assert {"query": query, "release": release} == KILL_BEFORE_BIND_EXPECTED
+    assert await env.settled(pool) == (1, 1, 1)
+    after = await next_lease(pool)
+    assert after["select"] == 1 and after["pid"] != pid and not after["in_xact"]
+    assert env.reports == []
 
 
 # An acquire right after the release of a connection whose query met its
