@@ -330,7 +330,9 @@ class Pool:
         return self._name
 
     def stats(self) -> PoolStats:
-        """An immutable snapshot of sizes, counters and distributions."""
+        """An immutable snapshot of sizes, counters and distributions. On
+        the pool's event loop, as every method; from another thread,
+        :meth:`stats_threadsafe`."""
         return self._observation.stats()
 
     def leases(self, *, stacks: bool = True) -> list[LeaseInfo]:
