@@ -446,7 +446,7 @@ class AutoResetProxy(PoolConnectionProxy):
         self._holder = holder
         self._lease = lease
         self._expired = None
-        con._proxy = weakref.proxy(self)
+        con._proxy = weakref.proxy(self, holder.proxy_collected)
         # The parser reads strings as standard_conforming_strings=on does;
         # a session where it is off (a server, database or role setting)
         # could hide a statement inside what the parser takes for a string.

@@ -9,7 +9,7 @@ connection (its clean mark, orphan checks, reset watchdog start).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _internals as _pg
 from ._compat import HolderCompat
@@ -36,7 +36,8 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
 
     __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "release_timeout",
                  "orphan_checks", "orphan_reported", "unresponsive", "lost_while_leased", "reset_since",
-                 "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "__weakref__")
+                 "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "proxy_collected",
+                 "__weakref__")
 
     def __init__(self, pool: Face, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
         self._pool = pool
@@ -72,10 +73,23 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # does inline (see _pg.overrides).
         self.own_is_closed = _pg.overrides(type(con), "is_closed")
         self.own_execute = _pg.overrides(type(con), "execute")
+        # The callback of each proxy's weak reference (bound once, not per lease).
+        self.proxy_collected = self._proxy_collected
 
     def _release_on_close(self) -> None:
         self._con = None
         self._runner.connection_lost(self._slot)
+
+    def _proxy_collected(self, ref: Any) -> None:
+        """A proxy of this connection was garbage collected. Still its
+        connection's proxy (``con._proxy``, the weak reference): it was
+        never released, and the lease it held is abandoned. A release or a
+        detach drops the weak reference first, so a released proxy's death
+        calls nothing (no finalizer per lease)."""
+        slot = self._slot
+        con = slot.connection
+        if con is not None and con._proxy is ref and slot.lease is not None:
+            self._abandoned(slot.lease)
 
     def _abandoned(self, lease: Lease) -> None:
         # Runs inside the garbage collector, possibly in the middle of the

@@ -7,8 +7,8 @@ detached and every call raises ``InterfaceError``; after a lease timeout it
 raises :class:`~safepool.LeaseExpiredError` instead.
 
 The connection refers back to its proxy only weakly, so a proxy the
-application loses is garbage collected and ``__del__`` reports it to the pool,
-which reclaims the connection.
+application loses is garbage collected and the weak reference's callback
+reports it to the pool, which reclaims the connection.
 """
 
 from __future__ import annotations
@@ -140,9 +140,10 @@ class PoolConnectionProxy(_pg_connection._ConnectionProxy):
         self._holder = holder
         self._lease = lease
         self._expired: str | None = None
-        # Weak, so that losing the proxy lets the GC find the leak. (asyncpg's
+        # Weak, so that losing the proxy lets the GC find the leak: the weak
+        # reference's callback reports it (Holder._proxy_collected). (asyncpg's
         # _set_proxy, inlined: a lease's proxy is its connection's only one.)
-        con._proxy = weakref.proxy(self)
+        con._proxy = weakref.proxy(self, holder.proxy_collected)
 
     def __getattr__(self, attr: str) -> Any:
         con = self._con
@@ -165,10 +166,6 @@ class PoolConnectionProxy(_pg_connection._ConnectionProxy):
     def _expire(self, reason: str) -> RawConnection | None:
         self._expired = reason
         return self._detach()
-
-    def __del__(self) -> None:
-        if self._con is not None:
-            self._holder._abandoned(self._lease)
 
     def __repr__(self) -> str:
         if self._con is None:

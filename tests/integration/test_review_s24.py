@@ -474,7 +474,7 @@ def test_auto_reset_proxy_sets_every_field_the_base_proxy_sets() -> None:
     base = _self_assignments(PoolConnectionProxy.__init__)
     auto = _self_assignments(AutoResetProxy.__init__)
     assert base == auto == ["_con", "_expired", "_holder", "_lease"]
-    line = "con._proxy = weakref.proxy(self)"  # (asyncpg's _set_proxy, inlined in both)
+    line = "con._proxy = weakref.proxy(self, holder.proxy_collected)"  # (asyncpg's _set_proxy, inlined in both)
     assert line in inspect.getsource(PoolConnectionProxy.__init__)
     assert line in inspect.getsource(AutoResetProxy.__init__)
     assert AutoResetProxy.__slots__ == ()
