@@ -357,10 +357,19 @@ class Leaser:
                     # protocol's query() (after a closed check release_check
                     # made, and with a query logger, which it would tell):
                     # without its coroutine frame where it is asyncpg's.
-                    if holder.own_execute or con._query_loggers:
-                        statement = con.execute(query, timeout=budget)
-                    else:
-                        statement = con._protocol.query(query, budget)
+                    try:
+                        if holder.own_execute or con._query_loggers:
+                            statement = con.execute(query, timeout=budget)
+                        else:
+                            statement = con._protocol.query(query, budget)
+                    except Exception as error:
+                        # An execute() of the class's own that refuses the
+                        # call (asyncpg 0.30+ calls execute(query) without
+                        # timeout=): a failed reset, the connection given up
+                        # now, not a slot left resetting until the watchdog.
+                        failed = self.loop.create_future()
+                        failed.set_result(runner.reset_done(holder, con, error))
+                        return failed
                     return _Driver(statement, self.spawn, runner.reset_done, (holder, con), True)
                 # Nothing to send: the reset is done (reset_done hands the
                 # connection on; with no error it returns no error to raise).

@@ -321,3 +321,27 @@ async def test_a_connection_class_execute_gets_the_reset_query_as_on_asyncpg(pg_
         finally:
             await pool.close()
     assert seen["safepool"] == seen["asyncpg"] and len(seen["asyncpg"]) == 1
+
+
+class _ExecuteWithoutTimeout(asyncpg.Connection):  # type: ignore[misc]
+    """An execute() of the class's own with no ``timeout`` keyword: asyncpg
+    0.30+ calls ``self.execute(reset_query)`` (its timeout around the call)."""
+
+    async def execute(self, query: str, *args: Any) -> str:
+        return await super().execute(query, *args)
+
+
+async def test_a_class_execute_that_refuses_the_reset_call_gives_the_connection_up_at_once(make: Any) -> None:
+    # safepool calls execute(query, timeout=...): a class whose execute()
+    # takes no timeout raises TypeError at the call. The reset failed: the
+    # release raises it and the connection is replaced at once, where it used
+    # to stay resetting until the 30 s watchdog (and close() hung meanwhile).
+    pool = await make(connection_class=_ExecuteWithoutTimeout)
+    con = await pool.acquire()
+    first = await con.fetchval("SELECT pg_backend_pid()")
+    with pytest.raises(TypeError, match="timeout"):
+        await pool.release(con)
+    stats = pool.stats()
+    assert stats.resets_failed == 1 and stats.resetting == 0
+    async with pool.acquire(timeout=5) as con:  # (no statement: no reset)
+        assert con.get_server_pid() != first
