@@ -115,6 +115,11 @@ def is_busy(error: BaseException) -> bool:
 HAS_POOL_HOLDER = "_pool_holder" in _pg_connection.Connection.__slots__
 # asyncpg 0.30+: Connection.get_reset_query() and Connection._reset().
 HAS_PUBLIC_RESET_QUERY = hasattr(_pg_connection.Connection, "get_reset_query")
+# asyncpg 0.30 (the release that made get_reset_query public) runs its
+# reset's execute(reset_query) inside an outer timeout of the release's
+# budget, so command_timeout bounds the statement as well: the first limit
+# to come ends it. 0.29 passed the budget to execute() in its place.
+RESET_UNDER_BUDGET = HAS_PUBLIC_RESET_QUERY
 
 # asyncpg < 0.32: the termination listener that stands in for _pool_holder,
 # per connection (so that forget_holder can remove it and has_callbacks can

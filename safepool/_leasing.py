@@ -317,7 +317,10 @@ class Leaser:
             # (after callbacks already queued). (A custom reset reports it
             # itself, in a pool task, as asyncpg's.)
             # (release_check saw a cancelled query as MUST_RESET.)
-            if self.custom_reset or (check == _pg.MUST_RESET and _pg.is_cancelling(con)):
+            # A connection class with an execute() of its own gets the reset
+            # as asyncpg 0.30+ sends it: execute(query), with no timeout=,
+            # under the release's budget (a pool task's asyncio.timeout).
+            if self.custom_reset or holder.own_execute or (check == _pg.MUST_RESET and _pg.is_cancelling(con)):
                 rollback = False if self.custom_reset else _pg.warn_open_transaction(con, deferred=True)
                 done = runner.resets_done[slot] = self.loop.create_future()
                 state.release(lease, self.now(), outcome)
@@ -357,19 +360,15 @@ class Leaser:
                     # protocol's query() (after a closed check release_check
                     # made, and with a query logger, which it would tell):
                     # without its coroutine frame where it is asyncpg's.
-                    try:
-                        if holder.own_execute or con._query_loggers:
-                            statement = con.execute(query, timeout=budget)
-                        else:
-                            statement = con._protocol.query(query, budget)
-                    except Exception as error:
-                        # An execute() of the class's own that refuses the
-                        # call (asyncpg 0.30+ calls execute(query) without
-                        # timeout=): a failed reset, the connection given up
-                        # now, not a slot left resetting until the watchdog.
-                        failed = self.loop.create_future()
-                        failed.set_result(runner.reset_done(holder, con, error))
-                        return failed
+                    limit = budget
+                    if budget is not None and _pg.RESET_UNDER_BUDGET:
+                        command_timeout = holder.command_timeout
+                        if command_timeout is not None and command_timeout < budget:
+                            limit = command_timeout  # (asyncpg 0.30+: both limits hold)
+                    if con._query_loggers:
+                        statement = con.execute(query, timeout=limit)
+                    else:
+                        statement = con._protocol.query(query, limit)
                     return _Driver(statement, self.spawn, runner.reset_done, (holder, con), True)
                 # Nothing to send: the reset is done (reset_done hands the
                 # connection on; with no error it returns no error to raise).

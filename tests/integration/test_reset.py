@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 
 import safepool
+from safepool import _internals as _pg
 
 pytestmark = pytest.mark.asyncio
 
@@ -331,17 +332,62 @@ class _ExecuteWithoutTimeout(asyncpg.Connection):  # type: ignore[misc]
         return await super().execute(query, *args)
 
 
-async def test_a_class_execute_that_refuses_the_reset_call_gives_the_connection_up_at_once(make: Any) -> None:
-    # safepool calls execute(query, timeout=...): a class whose execute()
-    # takes no timeout raises TypeError at the call. The reset failed: the
-    # release raises it and the connection is replaced at once, where it used
-    # to stay resetting until the 30 s watchdog (and close() hung meanwhile).
-    pool = await make(connection_class=_ExecuteWithoutTimeout)
-    con = await pool.acquire()
-    first = await con.fetchval("SELECT pg_backend_pid()")
-    with pytest.raises(TypeError, match="timeout"):
-        await pool.release(con)
-    stats = pool.stats()
-    assert stats.resets_failed == 1 and stats.resetting == 0
-    async with pool.acquire(timeout=5) as con:  # (no statement: no reset)
-        assert con.get_server_pid() != first
+@pytest.mark.skipif(not _pg.RESET_UNDER_BUDGET, reason="asyncpg 0.29 passes timeout= to execute()")
+@pytest.mark.parametrize("acquire_timeout", [None, 5.0], ids=["no-budget", "budget"])
+async def test_a_class_execute_without_timeout_gets_the_reset_as_on_asyncpg(pg_dsn: str, acquire_timeout: Any) -> None:
+    # asyncpg 0.30+ resets with self.execute(reset_query), its budget (the
+    # release's timeout, by default the acquire's) around the call: a class
+    # whose execute() takes no timeout works on both pools, with a budget or
+    # without, and the connection stays (safepool resets such a class in a
+    # pool task: the driver could only pass timeout=). It used to raise
+    # TypeError after the lease had ended, and the slot stayed resetting
+    # until the 30 s watchdog.
+    seen = {}
+    for name, create in [("asyncpg", asyncpg.create_pool), ("safepool", safepool.create_pool)]:
+        pool = await create(pg_dsn, min_size=1, max_size=1, connection_class=_ExecuteWithoutTimeout)
+        try:
+            async with pool.acquire(timeout=acquire_timeout) as con:
+                await con.execute("SET application_name = 'dirty'")
+                first = con.get_server_pid()
+            async with pool.acquire(timeout=5) as con:
+                seen[name] = (con.get_server_pid() == first, await con.fetchval("SHOW application_name"))
+        finally:
+            await pool.close()
+    assert seen["safepool"] == seen["asyncpg"] and seen["asyncpg"][0] and seen["asyncpg"][1] != "dirty"
+
+
+class _SlowReset(asyncpg.Connection):  # type: ignore[misc]
+    """A reset that takes half a second (the documented connection_class recipe's shape)."""
+
+    def get_reset_query(self) -> str:
+        return super().get_reset_query() + "\nSELECT pg_sleep(0.5);"
+
+    def _get_reset_query(self) -> str:  # asyncpg < 0.30
+        return super()._get_reset_query() + "\nSELECT pg_sleep(0.5);"
+
+
+@pytest.mark.realtime
+@pytest.mark.skipif(not _pg.RESET_UNDER_BUDGET, reason="asyncpg 0.29 passes the budget to execute() in its place")
+async def test_command_timeout_bounds_the_reset_under_a_longer_release_budget_as_on_asyncpg(pg_dsn: str) -> None:
+    # asyncpg 0.30+: the release's budget (2 s here) is an outer timeout
+    # and the reset's execute() keeps command_timeout (0.1 s): the first to
+    # come ends it. Both pools raise TimeoutError and replace the connection.
+    seen = {}
+    for name, create in [("asyncpg", asyncpg.create_pool), ("safepool", safepool.create_pool)]:
+        pool = await create(pg_dsn, min_size=1, max_size=1, command_timeout=0.1, connection_class=_SlowReset)
+        try:
+            con = await pool.acquire()
+            first = await con.fetchval("SELECT pg_backend_pid()")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            try:
+                await pool.release(con, timeout=2)
+                outcome = "ok"
+            except Exception as exc:
+                outcome = type(exc).__name__
+            took = loop.time() - started
+            con = await pool.acquire(timeout=5)  # (kept: every reset here times out)
+            seen[name] = (outcome, took < 1.0, con.get_server_pid() != first)
+        finally:
+            pool.terminate()
+    assert seen["safepool"] == seen["asyncpg"] == ("TimeoutError", True, True)
