@@ -64,11 +64,6 @@ class Histogram:
         if value > self._max:
             self._max = value
 
-    def record_zero(self) -> None:
-        """``record(0.0)``, without the search (an acquire that did not wait)."""
-        self._counts[0] += 1
-        self._count += 1
-
     def fold(self) -> None:
         """File the values the hot path held back (``zeros``, ``pending``)."""
         if self.zeros:
@@ -193,9 +188,6 @@ class TeeHistogram(Histogram):
                     if not self._complained:
                         self._complained = True
                         logging.getLogger("safepool").warning("%s failed", self._what, exc_info=True)
-
-    def record_zero(self) -> None:
-        self.record(0.0)
 
     def quantile(self, q: float) -> float:
         return self.inner.quantile(q)

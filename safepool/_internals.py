@@ -434,8 +434,7 @@ def overrides(connection_class: type, name: str) -> bool:
 
 def overrides_reset_query(connection_class: type) -> bool:
     """Whether a ``connection_class`` overrides asyncpg's reset query."""
-    name = "get_reset_query" if HAS_PUBLIC_RESET_QUERY else "_get_reset_query"
-    return getattr(connection_class, name) is not getattr(_pg_connection.Connection, name)
+    return overrides(connection_class, "get_reset_query" if HAS_PUBLIC_RESET_QUERY else "_get_reset_query")
 
 
 def detach_proxy(con: RawConnection, expired_reason: str | None = None) -> None:
