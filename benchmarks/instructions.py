@@ -20,7 +20,9 @@ a reset a cancel cannot cut short, ``_workloads.DropInMinimumPool``),
 ``asyncpg`` (its pool), and safepool's ``query``
 (benchmark 2), ``safety`` (benchmark 5's lease timeout, leak warning and stack
 capture), ``auto`` (``reset_mode="auto"``), ``empty`` (no statement) and
-``contended`` (benchmark 3: 100 tasks on 10 connections).
+``contended`` (benchmark 3: 100 tasks on 10 connections), with
+``contended-dropin`` and ``contended-asyncpg`` the same on the drop-in
+minimum and on asyncpg's pool.
 """
 
 from __future__ import annotations
@@ -41,15 +43,22 @@ import safepool
 
 from ._workloads import CONTENDED_TASKS, MAX_SIZE, SAFETY_ON, dropin_minimum_pool, lean_pool
 
-WORKLOADS = ("floor", "raw", "lean", "dropin", "asyncpg", "query", "safety", "auto", "empty", "contended")
+WORKLOADS = ("floor", "raw", "lean", "dropin", "asyncpg", "query", "safety", "auto", "empty", "contended",
+             "contended-dropin", "contended-asyncpg")
 WARM_UP = 200
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
 async def _run(dsn: str, workload: str, leases: int) -> None:
     """The child's side: ``leases`` leases of ``workload`` after the warm-up."""
-    if workload == "contended":
-        pool: Any = await safepool.create_pool(dsn, min_size=MAX_SIZE, max_size=MAX_SIZE)
+    if workload.startswith("contended"):
+        pool: Any
+        if workload == "contended-dropin":
+            pool = await dropin_minimum_pool(dsn, MAX_SIZE)()
+        elif workload == "contended-asyncpg":
+            pool = await asyncpg.create_pool(dsn, min_size=MAX_SIZE, max_size=MAX_SIZE)
+        else:
+            pool = await safepool.create_pool(dsn, min_size=MAX_SIZE, max_size=MAX_SIZE)
 
         async def task(n: int) -> None:
             for _ in range(n):
