@@ -450,11 +450,19 @@ async def test_an_acquire_that_gives_up_on_its_connect(make_pool: MakePool, flav
     gate.clear()
     before = entered
     if how == "acquire_timeout":
+        # (Real time: asyncpg connects inside its acquire's timeout, so a
+        # budget shorter than a connect under load ran out before init was
+        # entered. Half a second is far above a connect here.)
         with pytest.raises(asyncio.TimeoutError):
-            await pool.acquire(timeout=0.1)
+            await pool.acquire(timeout=0.5)
     elif how == "asyncio_timeout":
+        # The timeout expires once init is entered (an event, not a budget
+        # that a slow connect could use up first: asyncpg's connect runs in
+        # the acquiring task).
         with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.1):
+            async with asyncio.timeout(None) as scope:
+                expire = asyncio.ensure_future(wait_until(lambda: entered > before))
+                expire.add_done_callback(lambda _: scope.reschedule(asyncio.get_running_loop().time()))
                 await pool.acquire()
     else:
         task = asyncio.ensure_future(pool.acquire())
