@@ -95,6 +95,29 @@ def test_lease_times_held_back_stay_bounded_and_all_count() -> None:
     assert state.wait_times.count == leases and state.wait_times.snapshot().bucket_counts[0] == leases
 
 
+def test_wait_times_held_back_stay_bounded_and_all_count() -> None:
+    """A waiter's claim appends its wait to ``wait_times.pending`` (filed
+    every Histogram.FOLD_AT values, or when read): every wait counts, with
+    its value, and memory stays bounded."""
+    state = make(max_size=1)
+    fill(state, 1)
+    held = state.try_acquire(0.0)
+    assert held is not None
+    waits = 3 * Histogram.FOLD_AT + 5
+    for i in range(waits):
+        now = float(i)
+        waiter = state.enqueue(f"future {i}", now, None)
+        state.release(held, now + 0.25, CLEAN)
+        assert take(state, Wake) == [Wake(waiter)]
+        held = state.claim(waiter, now + 0.25)
+        assert len(state.wait_times.pending) < Histogram.FOLD_AT
+    state.release(held, waits + 1.0, CLEAN)
+    wait = state.wait_times.snapshot()
+    assert wait.count == waits + 1  # (the first acquire did not wait)
+    assert wait.sum == pytest.approx(0.25 * waits) and wait.max == 0.25
+    assert wait.bucket_counts[0] == 1 and sum(wait.bucket_counts) == waits + 1
+
+
 def test_idle_connection_is_leased_at_once() -> None:
     state = make()
     fill(state, 1)
