@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import operator
 import random
 import sys
 import types
@@ -58,6 +59,8 @@ def fast_members(cls: type[_E]) -> type[_E]:
     vars(members).update(cls.__members__)
     return cast("type[_E]", members)
 
+
+_lease_id = operator.attrgetter("id")
 
 # Histogram.FOLD_AT as a module global for the hot path (see fast_members).
 _FOLD_AT = Histogram.FOLD_AT
@@ -498,7 +501,6 @@ class PoolState:
         self._slots: set[Slot] = set()
         self._counts = dict.fromkeys(SlotState, 0)
         self._idle: deque[Slot] = deque()  # right end = most recently used (LIFO)
-        self._leases: dict[int, Lease] = {}
         self._waiters: deque[Waiter] = deque()  # may hold settled waiters: skipped lazily
         self._waiting = 0  # live waiters only
         # Live waiters with a connect of their own (Waiter.connect): as in
@@ -576,7 +578,10 @@ class PoolState:
         return 0.0
 
     def leases(self) -> Iterator[Lease]:
-        return iter(list(self._leases.values()))
+        """The open leases, in the order they were taken (by id). Each is its
+        slot's ``lease`` (no table of its own: a lease costs the hot path no
+        dict insert and delete)."""
+        return iter(sorted((slot.lease for slot in self._slots if slot.lease is not None), key=_lease_id))
 
     def slots(self) -> Iterator[Slot]:
         return iter(list(self._slots))
@@ -626,7 +631,6 @@ class PoolState:
             lease = Lease(self._next_id, slot, now)
             lease.site = site
             slot.lease = lease
-            self._leases[lease.id] = lease
             self.counters.acquired += 1
             return lease
         return None
@@ -697,7 +701,6 @@ class PoolState:
         lease = Lease(self._next_id, slot, now)
         lease.site = waiter.site
         slot.lease = lease
-        self._leases[lease.id] = lease
         self.counters.acquired += 1
         return lease
 
@@ -727,7 +730,6 @@ class PoolState:
         self._next_id += 1
         lease = Lease(self._next_id, slot, now)
         slot.lease = lease
-        self._leases[lease.id] = lease
         self.counters.acquired += 1
         return lease
 
@@ -878,7 +880,6 @@ class PoolState:
         lease.state = end
         slot = lease.slot
         slot.lease = None
-        del self._leases[lease.id]
         # lease_times.record(...), filed when read or FOLD_AT values on (see Histogram)
         times = self.lease_times.pending
         times.append(now - lease.acquired_at)
@@ -1436,10 +1437,11 @@ class PoolState:
         if self._policy is not None:
             for problem in self._policy.check(self._waiting):
                 fail(problem)
-        for lease in self._leases.values():
+        leases = [slot.lease for slot in self._slots if slot.lease is not None]
+        for lease in leases:
             if lease.state not in OPEN_LEASE or lease.slot.lease is not lease or lease.slot.state is not S.LEASED:
                 fail(f"lease {lease.id} does not match its slot")
-        if len(self._leases) != self._counts[S.LEASED]:
+        if len(leases) != self._counts[S.LEASED]:
             fail("leases and leased slots disagree")
         dead = sum(1 for _, _, kind, obj in self._timers if not self._timer_live(kind, obj))
         if dead != self._stale_timers:
@@ -1449,7 +1451,7 @@ class PoolState:
         ):
             times = [at for at, _ in queue.values()]
             if times != sorted(times) or any(
-                lease.state not in pending or self._leases.get(i) is not lease
+                lease.state not in pending or lease.id != i or lease.slot.lease is not lease
                 or at != (lease.deadline if name == "deadline" else lease.warn_at)
                 for i, (at, lease) in queue.items()
             ):
