@@ -29,7 +29,7 @@ from . import _internals as _pg
 from . import _sites, _stack, _workers
 from ._clock import Clock
 from ._detach import Resolved, _Driver
-from ._holder import Face
+from ._holder import Face, Holder
 from ._internals import RawConnection
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
 from ._options import PoolConfig, release_timeout, validate_timeout
@@ -239,7 +239,7 @@ class Leaser:
         itself (the reset's driver, which raises the reset's error; a
         resolved future when there is nothing to wait for), so a release
         costs no coroutine frame of its own (docs/design.md, "The hot path")."""
-        if not isinstance(connection, PoolConnectionProxy) or connection._holder._pool is not self.face:
+        if not isinstance(connection, PoolConnectionProxy) or (holder := connection._holder)._pool is not self.face:
             raise _pg_exceptions.InterfaceError(
                 f"Pool.release() received invalid connection: {connection!r} is not a member of this pool"
             )
@@ -255,7 +255,7 @@ class Leaser:
         if phase is not Phases.OPEN and phase is not Phases.CLOSING:
             self.check_init()
         if timeout is None:
-            timeout = connection._holder.release_timeout
+            timeout = holder.release_timeout
         elif type(timeout) is not float:
             timeout = release_timeout(timeout)  # before the detach: a TypeError leaves the lease as it was
         # A query logger's records come by call_soon; asyncpg's release takes
@@ -266,7 +266,7 @@ class Leaser:
         # connection._detach(), inlined (the hot path): later calls raise.
         connection._con = None
         con._proxy = None
-        done = self.end_lease(connection._lease, con, timeout)
+        done = self.end_lease(connection._lease, con, timeout, holder)
         if logged or (done is not None and type(done) is not _Driver):
             return self.finish_release(done, logged)
         # The reset driven in this task until it is cancelled (then a pool
@@ -289,7 +289,7 @@ class Leaser:
             raise error
 
     def end_lease(
-        self, lease: Lease, con: RawConnection, timeout: float | None
+        self, lease: Lease, con: RawConnection, timeout: float | None, holder: Holder
     ) -> asyncio.Future[None] | _Driver[Exception | None] | None:
         """End a lease; returns what the releasing caller awaits: the reset
         (driven in the caller's task, see ``_detach``) or a future that the
@@ -301,8 +301,7 @@ class Leaser:
             # Taken back by the lease timeout while being released (the
             # take-back ran asyncpg's _on_release already).
             return None
-        slot = lease.slot
-        holder = self.slot_holders[slot]
+        slot = lease.slot  # (holder: the proxy's, its slot's: no lookup in slot_holders)
         check = _pg.release_check(con, holder.clean_mark, self.max_queries, holder.own_is_closed)
         usable = check != _pg.UNUSABLE
         outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
