@@ -446,6 +446,18 @@ def _slot_id(slot: Slot) -> int:
 class PoolState:
     """Slots, leases, waiters and counters of one pool. See the module note."""
 
+    # Slots, not a __dict__: CPython 3.11 keeps at most 30 attributes in an
+    # instance's inline values; past that the instance gets a dict of its
+    # own, and then no method call on it is specialized (a dict lookup and
+    # a type lookup per call, every state.release(...) of the hot path).
+    __slots__ = (
+        "_bound", "_counts", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_timers", "_timers",
+        "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_until",
+        "breaker_threshold", "closing", "connect_failures", "connect_times", "counters", "floor_enabled",
+        "generation", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime", "max_size",
+        "max_waiters", "min_size", "phase", "reset_mode", "wait_on_connect_error", "wait_times",
+    )
+
     def __init__(
         self,
         *,

@@ -64,14 +64,15 @@ async def test_a_waiter_cancelled_in_the_step_of_its_grant_passes_the_connection
     else:
         # The reset's end (in the releasing task, or a pool task) grants b:
         # cancel b just before, in the same step.
-        reset_done = state.reset_done
+        # (On the class: PoolState has slots, no instance attribute to patch.)
+        reset_done = type(state).reset_done
 
-        def cancel_b_then_reset_done(*args: Any) -> Any:
+        def cancel_b_then_reset_done(self: Any, *args: Any) -> Any:
             monkeypatch.undo()  # once: c's release resets too
-            assert b.cancel()
-            return reset_done(*args)
+            assert self is state and b.cancel()
+            return reset_done(self, *args)
 
-        monkeypatch.setattr(state, "reset_done", cancel_b_then_reset_done)
+        monkeypatch.setattr(type(state), "reset_done", cancel_b_then_reset_done)
     await pool.release(con)
     with pytest.raises(asyncio.CancelledError):
         await b

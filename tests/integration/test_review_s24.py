@@ -557,7 +557,9 @@ def test_auto_reset_proxy(pg_dsn: str, app_name: str, loop: str, strings: str, q
 
 
 @pytest.mark.parametrize("loop", list(LOOPS))
-def test_cancellation_storm_keeps_the_books(pg_dsn: str, app_name: str, loop: str) -> None:
+def test_cancellation_storm_keeps_the_books(
+    pg_dsn: str, app_name: str, loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Seeded: 40 tasks on a pool of 3, each cancelled (once, twice, by
     asyncio.timeout, wait_for, an anyio scope) after a random number of loop
     steps, while holders release at random steps: after every step the
@@ -571,13 +573,16 @@ def test_cancellation_storm_keeps_the_books(pg_dsn: str, app_name: str, loop: st
         async with _pool_and_admin(pg_dsn, app_name, min_size=3, max_size=3) as (pool, admin):
             done = 0
             cancelled_in: list[str] = []  # the waiter's state when its task was cancelled
-            cancel_waiter = pool._state.cancel_waiter
+            state = pool._state
+            cancel_waiter = type(state).cancel_waiter
 
-            def spy(waiter: Waiter, now: float) -> None:
-                cancelled_in.append(waiter.state.value)
-                cancel_waiter(waiter, now)
+            def spy(self: Any, waiter: Waiter, now: float) -> None:
+                if self is state:
+                    cancelled_in.append(waiter.state.value)
+                cancel_waiter(self, waiter, now)
 
-            pool._state.cancel_waiter = spy
+            # (On the class: PoolState has slots, no instance attribute to patch.)
+            monkeypatch.setattr(type(state), "cancel_waiter", spy)
 
             async def client(style: str, hold: int) -> None:
                 nonlocal done
