@@ -13,7 +13,9 @@ Two parts:
   forwarding; every other method is either on an explicit allowlist of
   methods that cannot change the server session, or marks the lease for a
   full reset (``holder.clean_mark = -1``). A method that a future asyncpg adds
-  marks by default.
+  marks by default, and so does any other attribute (a private one, or a
+  connection_class's helper), and every lease of a connection whose class
+  overrides asyncpg's methods.
 
 What the classifier cannot see (triggers, rules, views, column defaults, row
 security policies, domain checks and casts that call user functions, user
@@ -48,7 +50,14 @@ if TYPE_CHECKING:
     from ._internals import RawConnection
     from ._state import Lease
 
-__all__ = ["CACHE_SIZE", "MAX_CACHED_LENGTH", "AutoResetProxy", "require_parser", "reset_reason"]
+__all__ = [
+    "CACHE_SIZE",
+    "MAX_CACHED_LENGTH",
+    "AutoResetProxy",
+    "overrides_connection_methods",
+    "require_parser",
+    "reset_reason",
+]
 
 #: Statement texts remembered by the classifier (oldest forgotten first).
 CACHE_SIZE: Final = 4096
@@ -65,6 +74,7 @@ _INSTALL_HINT = "reset_mode='auto' needs the pglast package: pip install 'safepo
 # it (~400 ns against ~120 ns, asyncpg 0.29-0.32). Plain getattr if a later
 # asyncpg drops the method.
 _read_setting: Any = getattr(getattr(_pg_protocol, "ConnectionSettings", None), "__getattr__", getattr)
+_Connection: Final = _pg_connection.Connection
 
 _MISS: Final[Any] = object()
 _cache: dict[Any, str | None] = {}
@@ -506,6 +516,38 @@ class AutoResetProxy(PoolConnectionProxy):
             standard_strings = None
         if standard_strings != "on":
             holder.clean_mark = -1
+        cls = type(con)
+        if cls is not _Connection and overrides_connection_methods(cls):
+            holder.clean_mark = -1
+
+    def __getattr__(self, attr: str) -> Any:
+        # Not a Connection method the proxy forwards: a private attribute of
+        # asyncpg's, or what a connection_class adds (a helper method that
+        # runs SQL on the connection, which the classifier never sees).
+        con = self._con
+        if con is None:
+            raise _released_error(self, attr)
+        self._holder.clean_mark = -1
+        return getattr(con, attr)
+
+
+@functools.cache
+def overrides_connection_methods(cls: type) -> bool:
+    """Whether ``cls``, a subclass of asyncpg's Connection, defines one of
+    asyncpg's Connection methods (public or private; not ``__init__``) in
+    place of asyncpg's. The proxy calls the connection's own methods, and
+    asyncpg's public ones call its private ones: what an overridden one
+    sends is unknown, so every lease of such a connection is marked (the
+    full reset after a lease that ran a statement, as in "full" mode).
+    False for anything else (the test suite's stand-in connections: a pool's
+    connections are asyncpg Connections, checked when connected)."""
+    if not issubclass(cls, _Connection):
+        return False
+    return any(
+        getattr(cls, name, None) is not method
+        for name, method in vars(_Connection).items()
+        if inspect.isfunction(method) and not name.startswith("__")
+    )
 
 
 def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:

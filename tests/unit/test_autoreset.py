@@ -459,6 +459,46 @@ def test_state_changing_calls_mark_the_lease(method: str, args: tuple[Any, ...],
     proxy._detach()
 
 
+def test_other_attributes_mark_the_lease() -> None:
+    # What the proxy does not forward as a Connection method: a private
+    # attribute, or a connection_class's helper that runs SQL unseen.
+    proxy, con, holder = _proxy()
+    con.set_tenant = lambda tenant: ("set_tenant", tenant)  # type: ignore[attr-defined]
+    assert proxy.set_tenant(5) == ("set_tenant", 5)
+    assert holder.clean_mark == -1
+    proxy._detach()
+    with pytest.raises(pg_exceptions.InterfaceError):
+        proxy.set_tenant  # noqa: B018
+
+
+class _Helpers(asyncpg.Connection):  # type: ignore[misc]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+
+    async def set_tenant(self, tenant: int) -> None:
+        await self.execute("SELECT set_config('app.tenant', $1, false)", str(tenant))
+
+
+class _OwnFetch(_Helpers):
+    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        return await super().fetch(query, *args, **kwargs)
+
+
+class _OwnPrivate(asyncpg.Connection):  # type: ignore[misc]
+    async def _execute(self, *args: Any, **kwargs: Any) -> Any:
+        return await super()._execute(*args, **kwargs)
+
+
+def test_a_connection_class_overriding_asyncpg_methods_is_never_trusted() -> None:
+    # The proxy forwards to the connection's own methods (and asyncpg's call
+    # its private ones): an override may send anything.
+    assert not _autoreset.overrides_connection_methods(asyncpg.Connection)
+    assert not _autoreset.overrides_connection_methods(_Helpers)  # new methods: marked when used
+    assert _autoreset.overrides_connection_methods(_OwnFetch)
+    assert _autoreset.overrides_connection_methods(_OwnPrivate)
+    assert not _autoreset.overrides_connection_methods(FakeConnection)
+
+
 def test_a_session_without_standard_strings_always_resets() -> None:
     proxy, _, holder = _proxy(standard_strings="off")
     assert holder.clean_mark == -1
