@@ -13,9 +13,9 @@ Two parts:
   forwarding; every other method is either on an explicit allowlist of
   methods that cannot change the server session, or marks the lease for a
   full reset (``holder.clean_mark = -1``). A method that a future asyncpg adds
-  marks by default, and so does any other attribute (a private one, or a
-  connection_class's helper), and every lease of a connection whose class
-  overrides asyncpg's methods.
+  marks by default, and so does any other attribute (the base proxy's
+  ``__getattr__``: a private one, or a connection_class's helper), and every
+  lease of a connection whose class overrides asyncpg's methods.
 
 What the classifier cannot see (triggers, rules, views, column defaults, row
 security policies, domain checks and casts that call user functions, user
@@ -520,18 +520,7 @@ class AutoResetProxy(PoolConnectionProxy):
         if cls is not _Connection and overrides_connection_methods(cls):
             holder.clean_mark = -1
 
-    def __getattr__(self, attr: str) -> Any:
-        # Not a Connection method the proxy forwards: a private attribute of
-        # asyncpg's, or what a connection_class adds (a helper method that
-        # runs SQL on the connection, which the classifier never sees).
-        con = self._con
-        if con is None:
-            raise _released_error(self, attr)
-        self._holder.clean_mark = -1
-        return getattr(con, attr)
 
-
-@functools.cache
 def overrides_connection_methods(cls: type) -> bool:
     """Whether ``cls``, a subclass of asyncpg's Connection, defines one of
     asyncpg's Connection methods (public or private; not ``__init__``) in
@@ -540,14 +529,19 @@ def overrides_connection_methods(cls: type) -> bool:
     sends is unknown, so every lease of such a connection is marked (the
     full reset after a lease that ran a statement, as in "full" mode).
     False for anything else (the test suite's stand-in connections: a pool's
-    connections are asyncpg Connections, checked when connected)."""
-    if not issubclass(cls, _Connection):
-        return False
-    return any(
-        getattr(cls, name, None) is not method
-        for name, method in vars(_Connection).items()
-        if inspect.isfunction(method) and not name.startswith("__")
-    )
+    connections are asyncpg Connections, checked when connected). Cached
+    per class."""
+    verdict = _class_verdicts.get(cls)
+    if verdict is None:
+        verdict = _class_verdicts[cls] = issubclass(cls, _Connection) and any(
+            getattr(cls, name, None) is not method
+            for name, method in vars(_Connection).items()
+            if inspect.isfunction(method) and not name.startswith("__")
+        )
+    return verdict
+
+
+_class_verdicts: dict[type, bool] = {}
 
 
 def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
