@@ -13,11 +13,14 @@ Two parts:
   forwarding; every other method is either on an explicit allowlist of
   methods that cannot change the server session, or marks the lease for a
   full reset (``holder.clean_mark = -1``). A method that a future asyncpg adds
-  marks by default.
+  marks by default, and so does any other attribute (the base proxy's
+  ``__getattr__``: a private one, or a connection_class's helper), and every
+  lease of a connection whose class overrides asyncpg's methods.
 
 What the classifier cannot see (triggers, rules, views, column defaults, row
 security policies, domain checks and casts that call user functions, user
-overloads of built-in names) is listed in docs/reset-modes.md.
+functions called in attribute notation, user overloads of built-in names) is
+listed in docs/reset-modes.md.
 """
 
 from __future__ import annotations
@@ -47,7 +50,14 @@ if TYPE_CHECKING:
     from ._internals import RawConnection
     from ._state import Lease
 
-__all__ = ["CACHE_SIZE", "MAX_CACHED_LENGTH", "AutoResetProxy", "require_parser", "reset_reason"]
+__all__ = [
+    "CACHE_SIZE",
+    "MAX_CACHED_LENGTH",
+    "AutoResetProxy",
+    "overrides_connection_methods",
+    "require_parser",
+    "reset_reason",
+]
 
 #: Statement texts remembered by the classifier (oldest forgotten first).
 CACHE_SIZE: Final = 4096
@@ -64,6 +74,7 @@ _INSTALL_HINT = "reset_mode='auto' needs the pglast package: pip install 'safepo
 # it (~400 ns against ~120 ns, asyncpg 0.29-0.32). Plain getattr if a later
 # asyncpg drops the method.
 _read_setting: Any = getattr(getattr(_pg_protocol, "ConnectionSettings", None), "__getattr__", getattr)
+_Connection: Final = _pg_connection.Connection
 
 _MISS: Final[Any] = object()
 _cache: dict[Any, str | None] = {}
@@ -191,6 +202,23 @@ _NEUTRAL_FUNCTIONS: Final = frozenset(
     """.split()
 )
 
+# Attribute notation calls a function without a FuncCall node: PostgreSQL
+# reads `(42).pg_advisory_lock` as pg_advisory_lock(42), and `t.f` (no
+# column f) as f(t). So a field name (the last of a qualified column
+# reference, or a `(expr).name` selection) that may name a volatile built-in
+# callable with one argument needs a reset. On PostgreSQL 18 every such
+# function off the allowlist starts with one of these prefixes or is named
+# below (a server test checks the catalog); the prefixes also cover later
+# pg_* and lo_* functions, and dblink's. A user function called this way
+# reads as a column: docs/reset-modes.md lists it with the blind spots.
+_FIELD_CALL_PREFIXES: Final = ("pg_", "lo_", "binary_upgrade_", "dblink")
+_FIELD_CALL_NAMES: Final = frozenset(
+    """
+    amvalidate array_shuffle brin_summarize_new_values gin_clean_pending_list plpgsql_validator setseed
+    ts_stat txid_status
+    """.split()
+)
+
 # Settings whose transaction-local change would make the classifier misread
 # later statements of the same transaction (how strings and names are read).
 _UNSAFE_LOCAL_SETTINGS: Final = frozenset({"search_path", "standard_conforming_strings", "client_encoding"})
@@ -254,8 +282,6 @@ def _node(wrapped: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def _statement_reason(wrapped: dict[str, Any]) -> str | None:
     kind, body = _node(wrapped)
     if kind in _DML:
-        if body.get("intoClause") is not None:
-            return "SELECT INTO creates a table"
         return _walk(body)
     if kind == "TransactionStmt":
         if body.get("kind") in _SESSION_TRANSACTION_KINDS:
@@ -318,10 +344,41 @@ def _walk(node: Any) -> str | None:
                     method = _names(value.get("method", ()))
                     if method not in (["bernoulli"], ["system"], ["pg_catalog", "bernoulli"], ["pg_catalog", "system"]):
                         return f"TABLESAMPLE method {'.'.join(method)}"
-                elif key == "SelectStmt" and value.get("intoClause") is not None:
+                elif key == "ColumnRef":
+                    fields = value.get("fields", ())
+                    if len(fields) > 1:
+                        reason = _field_reason(fields[-1])
+                        if reason is not None:
+                            return reason
+                elif key == "A_Indirection":
+                    for item in value.get("indirection", ()):
+                        reason = _field_reason(item)
+                        if reason is not None:
+                            return reason
+            elif key == "intoClause":
+                # Also on the leftmost SELECT of a UNION/INTERSECT/EXCEPT
+                # (larg, a SelectStmt without its node name), where the
+                # server takes it for the whole statement's INTO.
+                if value is not None:
                     return "SELECT INTO creates a table"
+            elif key == "relation":
+                # The target of INSERT/UPDATE/DELETE/MERGE/COPY (a FROM
+                # item is a named RangeVar node). pg_settings has a rule:
+                # UPDATE pg_settings SET setting = ... runs
+                # set_config(name, setting, false).
+                if isinstance(value, dict) and value.get("relname") == "pg_settings":
+                    return "UPDATE pg_settings runs set_config(..., false) (a rule)"
             if isinstance(value, (dict, list)):
                 stack.append(value)
+    return None
+
+
+def _field_reason(item: Any) -> str | None:
+    name = item.get("String", {}).get("sval") if isinstance(item, dict) else None
+    if name is None or name in _NEUTRAL_FUNCTIONS:
+        return None
+    if name.startswith(_FIELD_CALL_PREFIXES) or name in _FIELD_CALL_NAMES:
+        return f"field .{name} may call {name}() (attribute notation)"
     return None
 
 
@@ -387,16 +444,16 @@ SQL_METHODS: Final = {
     "cursor": "query",
 }
 # COPY methods: asyncpg builds the statement; the user's SQL is a query or a
-# WHERE expression, classified inside the COPY statement asyncpg would send.
-COPY_METHODS: Final = frozenset({"copy_from_query", "copy_to_table", "copy_records_to_table"})
+# WHERE expression, classified inside the COPY statement asyncpg would send,
+# and the options must not change how that statement reads (see
+# _copy_options_reason). copy_from_table has no SQL of its own, only options.
+COPY_METHODS: Final = frozenset({"copy_from_query", "copy_to_table", "copy_records_to_table", "copy_from_table"})
 # Methods that cannot change the server session. transaction() sends only
-# BEGIN [ISOLATION LEVEL ...] / COMMIT / ROLLBACK / SAVEPOINT; copy_from_table
-# sends COPY <quoted table> (<quoted columns>) TO STDOUT; the listener and
-# logger methods are client-side (add_listener is not: it sends LISTEN).
+# BEGIN [ISOLATION LEVEL ...] / COMMIT / ROLLBACK / SAVEPOINT; the listener
+# and logger methods are client-side (add_listener is not: it sends LISTEN).
 NEUTRAL_METHODS: Final = frozenset(
     {
         "transaction",
-        "copy_from_table",
         "is_closed",
         "is_in_transaction",
         "get_server_pid",
@@ -459,6 +516,32 @@ class AutoResetProxy(PoolConnectionProxy):
             standard_strings = None
         if standard_strings != "on":
             holder.clean_mark = -1
+        cls = type(con)
+        if cls is not _Connection and overrides_connection_methods(cls):
+            holder.clean_mark = -1
+
+
+def overrides_connection_methods(cls: type) -> bool:
+    """Whether ``cls``, a subclass of asyncpg's Connection, defines one of
+    asyncpg's Connection methods (public or private; not ``__init__``) in
+    place of asyncpg's. The proxy calls the connection's own methods, and
+    asyncpg's public ones call its private ones: what an overridden one
+    sends is unknown, so every lease of such a connection is marked (the
+    full reset after a lease that ran a statement, as in "full" mode).
+    False for anything else (the test suite's stand-in connections: a pool's
+    connections are asyncpg Connections, checked when connected). Cached
+    per class."""
+    verdict = _class_verdicts.get(cls)
+    if verdict is None:
+        verdict = _class_verdicts[cls] = issubclass(cls, _Connection) and any(
+            getattr(cls, name, None) is not method
+            for name, method in vars(_Connection).items()
+            if inspect.isfunction(method) and not name.startswith("__")
+        )
+    return verdict
+
+
+_class_verdicts: dict[type, bool] = {}
 
 
 def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
@@ -492,8 +575,38 @@ def _copy_statement(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         return f"COPY ({query}) TO STDOUT"
     where = kwargs.get("where")
     if not where:
-        return None  # COPY <quoted table> FROM STDIN
+        return None  # COPY <quoted table> FROM STDIN / TO STDOUT
     return f"COPY _ FROM STDIN WHERE {where}"
+
+
+# COPY options asyncpg pastes into the statement as str(value), unquoted
+# (booleans expected, or HEADER MATCH); the others it quotes.
+_RAW_COPY_OPTIONS: Final = ("oids", "freeze", "header")
+_QUOTED_COPY_OPTIONS: Final = ("format", "delimiter", "null", "quote", "escape", "force_quote", "encoding")
+
+
+def _copy_options_reason(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """Why asyncpg's COPY statement may not be the one classified."""
+    if name == "copy_from_query" and len(args) > 1:
+        # asyncpg inlines the arguments (utils._mogrify): it replaces every
+        # $n of the text, inside string literals and comments too, with a
+        # quoted literal, so the server runs a text that was not classified.
+        # (Those two extra round trips dwarf the reset's.)
+        return "copy_from_query() with arguments (asyncpg inlines them into the text)"
+    for option in _RAW_COPY_OPTIONS:
+        value = kwargs.get(option)
+        if value is not None and not (isinstance(value, (bool, int, str)) and str(value).isalnum()):
+            return f"COPY option {option}={value!r} is pasted into the statement unquoted"
+    if name == "copy_from_query":
+        # The options follow the query: after a query whose last line is a
+        # -- comment, a line break inside a quoted option value ends that
+        # comment, and the rest of the value is read as SQL.
+        for option in _QUOTED_COPY_OPTIONS:
+            value = kwargs.get(option)
+            items = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else ()
+            if any(isinstance(item, str) and ("\n" in item or "\r" in item) for item in items):
+                return f"COPY option {option} holds a line break"
+    return None
 
 
 def _copy_forwarder(name: str) -> Any:
@@ -502,7 +615,9 @@ def _copy_forwarder(name: str) -> Any:
         if con is None:
             raise _released_error(self, name)
         statement = _copy_statement(name, args, kwargs)
-        if statement is not None and reset_reason(statement) is not None:
+        if (statement is not None and reset_reason(statement) is not None) or _copy_options_reason(
+            name, args, kwargs
+        ) is not None:
             self._holder.clean_mark = -1
         return getattr(con.__class__, name)(con, *args, **kwargs)
 

@@ -801,7 +801,9 @@ class PoolState:
         rollback mode also a marked lease's possible implicit transaction
         (a Parse that no Sync followed: see ``proxy.watch``)."""
         mode = self.reset_mode
-        full = mode == "full" or (mode == "auto" and marked)
+        # always_reset in auto mode: a connection class's own reset query
+        # runs after every lease, as in full mode (auto never skips it).
+        full = mode == "full" or (mode == "auto" and (marked or self.always_reset))
         return full, in_transaction or (marked and not full)
 
     def release(self, lease: Lease, now: float, outcome: ReleaseOutcome) -> bool:

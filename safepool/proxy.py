@@ -146,9 +146,15 @@ class PoolConnectionProxy(_pg_connection._ConnectionProxy):
         con._proxy = weakref.proxy(self, holder.proxy_collected)
 
     def __getattr__(self, attr: str) -> Any:
+        # Not a Connection method the proxy forwards: a private attribute of
+        # asyncpg's, or what a connection_class adds. A helper method runs
+        # its SQL on the connection itself, unseen: it may have changed the
+        # session (auto mode), or stopped after a Parse (prepare(): see
+        # PARSE_WITHOUT_SYNC), which asyncpg's counter does not count. Mark.
         con = self._con
         if con is None:
             raise _released_error(self, attr)
+        self._holder.clean_mark = -1
         return getattr(con, attr)
 
     def _referent(self) -> PoolConnectionProxy:

@@ -82,6 +82,7 @@ class Case:
     # "either": the classifier may mark it or not (if not, it must not change the session)
     method: str = "execute"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    args: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -209,6 +210,10 @@ NEUTRAL_STATEMENTS = [
     "SELECT 'SET work_mem = ''64kB''; LISTEN x' AS text_not_statements",
     "SELECT 1 /* ; SET work_mem = '64kB' */",
     "SELECT nextval('ar_s'), currval('ar_s'), lastval()",
+    "SELECT name, setting FROM pg_settings WHERE name = 'work_mem'",
+    "UPDATE ar_t SET a = a FROM pg_catalog.pg_settings AS s WHERE s.name = ar_t.b",
+    "SELECT ar_t.a, (ar_t).b, (ar_t.*).id, (ROW(1, 2)).f1 FROM ar_t",
+    "SELECT 1 AS a UNION SELECT 2 INTERSECT SELECT 2",
 ]
 SETTINGS = [
     ("work_mem", "'1234kB'"),
@@ -262,6 +267,18 @@ CHANGING_STATEMENTS = [
     "SELECT id FROM ar_t WHERE ar_set() IS NULL",
     "DO $$ BEGIN PERFORM set_config('ar.do', '1', false); END $$",
     "CALL ar_proc()",
+    # pg_settings has a rule: an UPDATE of it runs set_config(..., false).
+    "UPDATE pg_settings SET setting = '1235kB' WHERE name = 'work_mem'",
+    "BEGIN; UPDATE pg_catalog.pg_settings SET setting = 'Asia/Tokyo' WHERE name = 'TimeZone'; COMMIT",
+    "EXPLAIN (ANALYZE) UPDATE pg_settings AS s SET setting = 'ar_v' WHERE s.name = 'application_name'",
+    # Attribute notation: (x).f is f(x), with no function call in the text.
+    "SELECT (112::bigint).pg_advisory_lock",
+    "SELECT (x).pg_try_advisory_lock FROM (VALUES (113::bigint)) AS v(x)",
+    "SELECT ('SELECT to_tsvector(''a'') FROM (SELECT pg_advisory_lock(114)) AS x').ts_stat",
+    # INTO on the leftmost SELECT of a set operation: the server takes it
+    # for the whole statement.
+    "SELECT 1 AS a INTO TEMP ar_tmp5 UNION SELECT 2",
+    "EXPLAIN ANALYZE (SELECT 1 AS a INTO TEMP ar_tmp6) INTERSECT SELECT 1 EXCEPT SELECT 2",
 ]
 # Marked by the classifier; the session may or may not end up changed.
 EITHER_STATEMENTS = [
@@ -323,6 +340,39 @@ def corpus(role: str) -> list[Case]:
         ),
         Case("ar_empty", "neutral", "copy_to_table", {"source": io.BytesIO(b"5\n")}),
         Case("ar_t", "neutral", "copy_from_table", {"output": io.BytesIO()}),
+        Case("ar_t", "neutral", "copy_from_table", {"output": io.BytesIO(), "format": "csv", "header": True}),
+        Case(
+            "SELECT * FROM ar_t", "neutral", "copy_from_query", {"output": io.BytesIO(), "format": "csv", "null": "-"}
+        ),
+        # asyncpg inlines copy_from_query()'s arguments by replacing every $n
+        # of the text, in string literals too: the server runs another text.
+        Case(
+            "SELECT $1::text AS v, '$1' AS w",
+            "changes",
+            "copy_from_query",
+            {"output": io.BytesIO()},
+            (", pg_advisory_lock(115) AS z, ",),
+        ),
+        # HEADER is pasted in unquoted; after a query ending in a -- comment
+        # a line break in a quoted option ends the comment.
+        Case(
+            "ar_t",
+            "changes",
+            "copy_from_table",
+            {"output": io.BytesIO(), "format": "csv", "header": "true); SELECT pg_advisory_lock(116); --"},
+        ),
+        Case(
+            "ar_empty",
+            "changes",
+            "copy_to_table",
+            {"source": io.BytesIO(b""), "format": "csv", "header": "true); SELECT pg_advisory_lock(117); --"},
+        ),
+        Case(
+            "SELECT 1) TO STDOUT --",
+            "changes",
+            "copy_from_query",
+            {"output": io.BytesIO(), "format": "csv", "null": "x\n; SELECT pg_advisory_lock(118); --"},
+        ),
     ]
     return cases
 
@@ -356,6 +406,8 @@ async def env(pg_dsn: str) -> AsyncIterator[Env]:
             CREATE PROCEDURE ar_proc() LANGUAGE plpgsql
                 AS $$ BEGIN PERFORM set_config('ar.by_procedure', 'yes', false); END $$;
             CREATE VIEW ar_v AS SELECT ar_set() AS v;
+            CREATE FUNCTION ar_attr(ar_t) RETURNS text LANGUAGE sql
+                AS $$ SELECT set_config('ar.by_function', 'attribute', false) $$;
             CREATE TABLE ar_trig (a int);
             CREATE FUNCTION ar_trig_f() RETURNS trigger LANGUAGE plpgsql
                 AS $$ BEGIN PERFORM pg_advisory_lock(4711); RETURN NEW; END $$;
@@ -393,7 +445,7 @@ async def _run(con: asyncpg.Connection, case: Case) -> Outcome:
         if case.method in ("copy_records_to_table", "copy_to_table", "copy_from_table"):
             await getattr(proxy, case.method)(case.sql, **case.kwargs)
         elif case.method == "copy_from_query":
-            await proxy.copy_from_query(case.sql, **case.kwargs)
+            await proxy.copy_from_query(case.sql, *case.args, **case.kwargs)
         else:
             await getattr(proxy, case.method)(case.sql)
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -452,8 +504,9 @@ async def test_no_unmarked_statement_changes_the_session(env: Env) -> None:
 
 async def test_blind_spots_are_real(env: Env) -> None:
     """What docs/reset-modes.md says the classifier cannot see: a view whose
-    definition calls a session-changing function, and a trigger. Both are
-    neutral to the classifier and both change the session."""
+    definition calls a session-changing function, a trigger, and a user
+    function called in attribute notation (ar_t.ar_attr is ar_attr(ar_t)).
+    All are neutral to the classifier and all change the session."""
     con = await _connect(env)
     try:
         view = await _run(con, Case("SELECT * FROM ar_v", "either", "fetch"))
@@ -464,6 +517,12 @@ async def test_blind_spots_are_real(env: Env) -> None:
     try:
         trigger = await _run(con, Case("INSERT INTO ar_trig VALUES (1)", "either"))
         assert not trigger.marked and trigger.changed == ["advisory_locks"]
+    finally:
+        await con.close()
+    con = await _connect(env)
+    try:
+        attribute = await _run(con, Case("SELECT ar_t.ar_attr FROM ar_t", "either", "fetch"))
+        assert not attribute.marked and attribute.changed == ["custom_settings"]
     finally:
         await con.close()
 
@@ -479,6 +538,20 @@ async def test_allowlists_name_built_ins(env: Env) -> None:
             sorted(_autoreset._NEUTRAL_FUNCTIONS),
         )
         assert {r[0] for r in functions} == set(_autoreset._NEUTRAL_FUNCTIONS)
+        # Attribute notation calls a one-argument function with no call in
+        # the text: every volatile one off the allowlist must be caught.
+        volatile = await con.fetch(
+            "SELECT DISTINCT proname FROM pg_proc WHERE pronamespace = 'pg_catalog'::regnamespace "
+            "AND provolatile = 'v' AND prokind = 'f' AND pronargs >= 1 AND pronargs - pronargdefaults <= 1 "
+            "AND proargtypes[0] <> 'internal'::regtype"
+        )
+        uncaught = [
+            r[0]
+            for r in volatile
+            if r[0] not in _autoreset._NEUTRAL_FUNCTIONS
+            and _autoreset._field_reason({"String": {"sval": r[0]}}) is None
+        ]
+        assert not uncaught
         operators = await con.fetch(
             "SELECT DISTINCT oprname FROM pg_operator WHERE oprnamespace = 'pg_catalog'::regnamespace"
         )

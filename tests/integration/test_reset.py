@@ -158,8 +158,21 @@ async def _unencodable_object(con: Any) -> None:
         await con.fetchval("SELECT a FROM parse_only WHERE a = $1::int", object())
 
 
+class _PreparingConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection_class with a helper of its own: its prepare() runs on the
+    connection itself, past the proxy's prepare()."""
+
+    async def warm_up(self) -> None:
+        await self.prepare("SELECT a FROM parse_only WHERE a = $1")
+
+
+async def _class_helper_prepares(con: Any) -> None:
+    await con.warm_up()
+
+
 PARSE_ONLY = {
     "prepare": _prepare_only,
+    "connection_class helper prepares": _class_helper_prepares,
     "bad argument, raised out of the block": _bad_argument,
     "bad argument, caught in the block": _bad_argument_caught,
     "unencodable object": _unencodable_object,
@@ -176,7 +189,8 @@ async def test_a_parse_left_without_sync_is_ended_by_release(
     admin = await asyncpg.connect(pg_dsn)
     try:
         await admin.execute("CREATE TABLE IF NOT EXISTS parse_only (a int)")
-        pool = await make(reset_mode=mode, statement_cache_size=0 if "caught" in case else 100)
+        extra = {"connection_class": _PreparingConnection} if "helper" in case else {}
+        pool = await make(reset_mode=mode, statement_cache_size=0 if "caught" in case else 100, **extra)
         async with pool.acquire() as con:
             pid = con.get_server_pid()
         try:

@@ -157,6 +157,68 @@ async def test_a_taken_back_lease_gets_the_full_reset(make: Any) -> None:
     await pool.release(con)
 
 
+class _CountingReset(asyncpg.Connection):  # type: ignore[misc]
+    """A reset query of its own: asyncpg's, then a sequence bump."""
+
+    sequence = "reset_auto_count"
+
+    def get_reset_query(self) -> str:
+        return super().get_reset_query() + f"\nSELECT nextval('{self.sequence}');"
+
+    def _get_reset_query(self) -> str:  # asyncpg < 0.30
+        return super()._get_reset_query() + f"\nSELECT nextval('{self.sequence}');"
+
+
+async def test_a_connection_class_reset_query_runs_after_every_lease(pg_dsn: str) -> None:
+    # docs/reset-modes.md: auto mode never skips your own reset code.
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute(f"DROP SEQUENCE IF EXISTS {_CountingReset.sequence}; CREATE SEQUENCE {_CountingReset.sequence}")
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, reset_mode="auto", connection_class=_CountingReset
+    )
+    try:
+        async with pool.acquire() as con:
+            await con.fetchval("SELECT 1")
+        before = await admin.fetchval(f"SELECT last_value FROM {_CountingReset.sequence}")
+        for _ in range(3):
+            async with pool.acquire() as con:
+                await con.fetchval("SELECT 1")
+        assert await admin.fetchval(f"SELECT last_value FROM {_CountingReset.sequence}") == before + 3
+    finally:
+        await pool.close()
+        await admin.execute(f"DROP SEQUENCE {_CountingReset.sequence}")
+        await admin.close()
+
+
+class _TenantConnection(asyncpg.Connection):  # type: ignore[misc]
+    async def set_tenant(self, tenant: str) -> None:
+        # Runs on the connection itself: the proxy's classifier never sees it.
+        await self.execute("SELECT set_config('application_name', $1, false)", tenant)
+
+
+class _SettingFetch(asyncpg.Connection):  # type: ignore[misc]
+    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        await self.execute("SET application_name = 'from-fetch'")
+        return await super().fetch(query, *args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("connection_class", "lease"),
+    [
+        (_TenantConnection, lambda con: con.set_tenant("tenant-42")),
+        (_SettingFetch, lambda con: con.fetch("SELECT 1")),
+    ],
+)
+async def test_a_connection_class_that_sends_sql_of_its_own_gets_the_reset(
+    make: Any, connection_class: type, lease: Any
+) -> None:
+    pool = await make(connection_class=connection_class)
+    async with pool.acquire() as con:
+        await lease(con)
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT current_setting('application_name')") == ""
+
+
 async def test_an_unknown_mode_is_a_clear_error(pg_dsn: str) -> None:
     with pytest.raises(ValueError, match="reset_mode"):
         await safepool.create_pool(pg_dsn, min_size=0, max_size=1, reset_mode="sometimes")

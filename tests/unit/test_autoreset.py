@@ -94,6 +94,10 @@ NEUTRAL = [
     "SELECT * FROM JSON_TABLE('[1]'::jsonb, '$[*]' COLUMNS (a int PATH '$', NESTED PATH '$' COLUMNS (b int PATH '$')))",
     "SELECT JSON_VALUE('{}'::jsonb, '$.a'), JSON_OBJECT('a': 1), JSON_ARRAYAGG(1), '{}' IS JSON",
     "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE RETURNING merge_action()",
+    "SELECT name, setting FROM pg_settings WHERE name = $1",
+    "UPDATE t SET b = s.setting FROM pg_catalog.pg_settings AS s WHERE s.name = t.b",
+    "SELECT t.a, (t).b, (t.c).d, (t.*).e, t.now, (x).nextval, (ARRAY[t.a])[1] FROM t",
+    "SELECT 1 UNION SELECT 2 INTERSECT SELECT 3 EXCEPT SELECT 4",
 ]
 
 RESET = [
@@ -142,6 +146,25 @@ RESET = [
     ("SELECT (SELECT pg_advisory_lock(1))", "pg_advisory_lock()"),
     ("SELECT 1 INTO TEMP x", "SELECT INTO"),
     ("SELECT 1 INTO x", "SELECT INTO"),
+    # INTO on the leftmost SELECT of a set operation is the statement's.
+    ("SELECT 1 INTO TEMP x UNION SELECT 2", "SELECT INTO"),
+    ("(SELECT 1 INTO TEMP x) UNION ALL SELECT 2 INTERSECT SELECT 3", "SELECT INTO"),
+    ("EXPLAIN ANALYZE SELECT 1 INTO TEMP x EXCEPT SELECT 2", "SELECT INTO"),
+    # pg_settings' rule runs set_config(name, setting, false).
+    ("UPDATE pg_settings SET setting = '1MB' WHERE name = 'work_mem'", "pg_settings"),
+    ("UPDATE ONLY pg_catalog.pg_settings AS s SET setting = '1MB'", "pg_settings"),
+    ("WITH u AS (UPDATE pg_settings SET setting = '1MB' WHERE name = 'work_mem' RETURNING 1) SELECT 1", "pg_settings"),
+    ("EXPLAIN ANALYZE UPDATE pg_settings SET setting = '1MB' WHERE name = 'work_mem'", "pg_settings"),
+    # Attribute notation: (x).f is f(x), t.f is f(t), with no call node.
+    ("SELECT (42).pg_advisory_lock", "attribute notation"),
+    ("SELECT t.pg_try_advisory_lock FROM t", "attribute notation"),
+    ("SELECT (t.a).pg_advisory_lock_shared FROM t", "attribute notation"),
+    ("SELECT (ARRAY[42])[1].pg_advisory_unlock", "attribute notation"),
+    ("SELECT (0.5).setseed", "attribute notation"),
+    ("SELECT ('SELECT v FROM t').ts_stat", "attribute notation"),
+    ("SELECT (1).lo_unlink", "attribute notation"),
+    ("SELECT ('conn').dblink_connect", "attribute notation"),
+    ("UPDATE t SET a = 1 WHERE (t.id).pg_try_advisory_lock", "attribute notation"),
     ("LISTEN c", "ListenStmt"),
     ("UNLISTEN *", "UnlistenStmt"),
     ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", "DeclareCursorStmt"),
@@ -376,7 +399,7 @@ def test_neutral_sql_leaves_the_mark_and_is_forwarded() -> None:
     proxy.transaction(isolation="serializable")
     proxy.copy_from_table("t", output=b"")
     proxy.copy_to_table("t", source=b"", where="a > 1")
-    proxy.copy_from_query("SELECT lower(b) FROM t WHERE a = $1", 1, output=b"")
+    proxy.copy_from_query("SELECT lower(b) FROM t WHERE a = 1", output=b"", format="csv", null="-", header=True)
     assert holder.clean_mark == 7
     assert [c[0] for c in con.calls] == [
         "fetchval",
@@ -410,6 +433,15 @@ def test_neutral_sql_leaves_the_mark_and_is_forwarded() -> None:
         ("copy_from_query", ("SELECT 1) TO STDOUT; SET work_mem = 1; COPY (SELECT 1",), {"output": b""}),
         ("copy_to_table", ("t",), {"source": b"", "where": "myfunc(a)"}),
         ("copy_records_to_table", ("t",), {"records": [], "where": "true; SET work_mem = 1"}),
+        # asyncpg inlines the arguments, replacing $n in string literals too.
+        ("copy_from_query", ("SELECT $1::text, '$1'", "x"), {"output": b""}),
+        # HEADER (and OIDS, FREEZE) go into the statement unquoted.
+        ("copy_from_table", ("t",), {"output": b"", "header": "true); SET work_mem = 1; --"}),
+        ("copy_to_table", ("t",), {"source": b"", "freeze": "true) WHERE myfunc(a) --"}),
+        # After a query ending in a -- comment, a line break in a quoted
+        # option value ends that comment.
+        ("copy_from_query", ("SELECT 1) TO STDOUT --",), {"output": b"", "null": "x\n; SET work_mem = 1; --"}),
+        ("copy_from_query", ("SELECT 1",), {"output": b"", "force_quote": ["a", "b\rc"]}),
         ("add_listener", ("c", print), {}),
         ("remove_listener", ("c", print), {}),
         ("reset", (), {}),
@@ -425,6 +457,46 @@ def test_state_changing_calls_mark_the_lease(method: str, args: tuple[Any, ...],
     assert holder.clean_mark == -1
     assert con.calls == [(method, args, kwargs)]
     proxy._detach()
+
+
+def test_other_attributes_mark_the_lease() -> None:
+    # What the proxy does not forward as a Connection method: a private
+    # attribute, or a connection_class's helper that runs SQL unseen.
+    proxy, con, holder = _proxy()
+    con.set_tenant = lambda tenant: ("set_tenant", tenant)  # type: ignore[attr-defined]
+    assert proxy.set_tenant(5) == ("set_tenant", 5)
+    assert holder.clean_mark == -1
+    proxy._detach()
+    with pytest.raises(pg_exceptions.InterfaceError):
+        proxy.set_tenant  # noqa: B018
+
+
+class _Helpers(asyncpg.Connection):  # type: ignore[misc]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+
+    async def set_tenant(self, tenant: int) -> None:
+        await self.execute("SELECT set_config('app.tenant', $1, false)", str(tenant))
+
+
+class _OwnFetch(_Helpers):
+    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        return await super().fetch(query, *args, **kwargs)
+
+
+class _OwnPrivate(asyncpg.Connection):  # type: ignore[misc]
+    async def _execute(self, *args: Any, **kwargs: Any) -> Any:
+        return await super()._execute(*args, **kwargs)
+
+
+def test_a_connection_class_overriding_asyncpg_methods_is_never_trusted() -> None:
+    # The proxy forwards to the connection's own methods (and asyncpg's call
+    # its private ones): an override may send anything.
+    assert not _autoreset.overrides_connection_methods(asyncpg.Connection)
+    assert not _autoreset.overrides_connection_methods(_Helpers)  # new methods: marked when used
+    assert _autoreset.overrides_connection_methods(_OwnFetch)
+    assert _autoreset.overrides_connection_methods(_OwnPrivate)
+    assert not _autoreset.overrides_connection_methods(FakeConnection)
 
 
 def test_a_session_without_standard_strings_always_resets() -> None:

@@ -1051,6 +1051,16 @@ def test_release_policy_resets_for_hooks_and_discards_an_expired_generation() ->
     state.release(lease, 0.0, DISCARD)
 
 
+def test_auto_mode_sends_a_connection_class_reset_query_after_every_lease() -> None:
+    # docs/reset-modes.md: auto mode never skips your own reset code. A class
+    # overriding get_reset_query() (always_reset) gets its query sent after
+    # an unmarked lease too, as in full mode; a ROLLBACK only when needed.
+    state = make(reset_mode="auto", always_reset=True)
+    assert state.reset_plan(False, False) == (True, False)
+    assert state.reset_plan(False, True) == (True, True)
+    assert state.reset_plan(True, False) == (True, False)
+
+
 def test_an_unknown_reset_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="reset_mode"):
         make(reset_mode="sometimes")
