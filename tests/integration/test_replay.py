@@ -432,7 +432,8 @@ def test_the_done_line_says_how_many_safepool_took_back(scenario: str) -> None:
     """"601 ok, 47 connections leaked" alone read as a failure beside the
     table's "47, 47 taken back" (a new user's trial, 2026-12-01)."""
     out = StringIO()
-    progress = _Progress(Console(file=out, width=200), ReplayConfig(scenario=scenario, duration=10, leak_start=2))
+    # width 80: what rich gives stderr when it is a file or a pipe; the line must not wrap there.
+    progress = _Progress(Console(file=out, width=80), ReplayConfig(scenario=scenario, duration=10, leak_start=2))
     events = [{"event": "leak"}, {"event": "lease_expired"}, {"event": "leak_suspect"}, {"event": "connect_failed"}]
     for pool in ("asyncpg", "safepool"):
         run = PoolRun(pool, leaked=3, events=events if pool == "safepool" else [])
