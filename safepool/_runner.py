@@ -355,10 +355,13 @@ class Runner:
         else:
             failure = None
         if failure is not None:
+            # Read before connect_failed fails the waiters: a connect that
+            # tasks waited for is theirs, not the min_size upkeep's.
+            waited = state.waiting > 0
             state.connect_failed(slot, self.now(), failure, _pg.is_refusal(failure))
             # Reported outside the except block: a failing listener's
             # traceback must not carry the connect error's full text.
-            self.reporter.connect_failed(failure, self.now(), raised=raise_errors)
+            self.reporter.connect_failed(failure, self.now(), raised=raise_errors, waited=waited)
             self.drain()
             self.keep_floor()
             if raise_errors:

@@ -631,7 +631,7 @@ def create_pool(
     ``name``, ``lease_timeout``, ``leak_warning_after``, ``capture_stack``,
     ``max_waiters``, ``acquire_timeout``, ``max_connecting``, ``fail_fast``,
     ``wait_on_connect_error``, ``reset_mode``
-    (``"full"`` or ``"rollback"``), ``reset_timeout``, ``backoff``, ``clock``,
+    (``"full"``, ``"rollback"`` or ``"auto"``), ``reset_timeout``, ``backoff``, ``clock``,
     ``max_site_share`` (0 < share <= 1: one acquire site holds at most
     ``ceil(share * max_size)`` connections), ``queue_policy`` (``"fifo"`` or
     ``"adaptive"``), ``queue_target`` and ``queue_interval`` (seconds, the

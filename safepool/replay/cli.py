@@ -449,6 +449,10 @@ class _Progress:
             if run.pool == "safepool":  # the table's "N taken back", so that the line does not read as a failure
                 line += f", {run.leaks_taken_back()} taken back"
         if self.bars is None:
-            self.console.print(f"{self.config.scenario}: {POOL_LABELS[run.pool]}: done: {line}", markup=False)
+            # soft_wrap: stderr to a file or pipe is 80 columns wide, and a
+            # wrapped line broke mid-sentence ("leaked, " / "47 taken back").
+            self.console.print(
+                f"{self.config.scenario}: {POOL_LABELS[run.pool]}: done: {line}", markup=False, soft_wrap=True
+            )
         else:
             self.bars.update(self.tasks[run.pool], completed=self.config.duration, status=f"done: {line}")

@@ -261,11 +261,13 @@ def _ms(value: float | None) -> str:
     return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
 
 
+_ERROR_NAMES = {"500": "HTTP 500", "503": "HTTP 503", "other": "other HTTP", "transport": "no answer in time"}
+
+
 def _errors(summary: Summary) -> str:
     if not summary.errors:
         return "none"
-    names = {"500": "HTTP 500", "503": "HTTP 503", "other": "other HTTP", "transport": "no answer in time"}
-    return ", ".join(f"{count} {names[kind]}" for kind, count in sorted(summary.errors.items()))
+    return ", ".join(f"{count} {_ERROR_NAMES[kind]}" for kind, count in sorted(summary.errors.items()))
 
 
 def _first_failure(summary: Summary) -> str:
@@ -474,8 +476,28 @@ def verdicts(summaries: list[Summary], config: ReplayConfig) -> list[str]:
     return lines
 
 
+def error_legend(summaries: list[Summary], config: ReplayConfig) -> str | None:
+    """What each error kind in the table's "errors" row means, for those that
+    occur: a reader who has not seen the service cannot tell a 500 from a 503."""
+    meaning = {
+        "500": f"the service failed the request (its {config.request_timeout:g} s deadline passed, or a query "
+        "or connect raised)",
+        "503": "safepool gave no connection (wait queue full, acquire_timeout passed or server down) and the "
+        "service said so at once",
+        "transport": f"the client gave up after its {config.client_timeout:g} s deadline",
+        "other": "another HTTP status",
+    }
+    kinds = sorted({kind for s in summaries for kind in s.errors})
+    if not kinds:
+        return None
+    return "errors: " + "; ".join(f"{_ERROR_NAMES[kind]}: {meaning[kind]}" for kind in kinds) + "."
+
+
 def print_report(console: Console, summaries: list[Summary], config: ReplayConfig, max_connections: int) -> None:
     console.print(build_table(summaries, config, max_connections))
+    legend = error_legend(summaries, config)
+    if legend is not None:
+        console.print(legend, highlight=False, markup=False)
     for line in verdicts(summaries, config):
         console.print(line, highlight=False, markup=False)
     reports = [s.leak_report for s in summaries if s.leak_report]

@@ -23,8 +23,8 @@ from rich.console import Console
 from safepool.replay import main
 from safepool.replay.cli import _Progress
 from safepool.replay.config import ReplayConfig
-from safepool.replay.load import RequestRecord
-from safepool.replay.report import summarize
+from safepool.replay.load import TRANSPORT_ERROR, RequestRecord
+from safepool.replay.report import error_legend, print_report, summarize
 from safepool.replay.runner import PoolRun
 
 PROG_ERROR = "python -m safepool replay: error: "
@@ -432,7 +432,8 @@ def test_the_done_line_says_how_many_safepool_took_back(scenario: str) -> None:
     """"601 ok, 47 connections leaked" alone read as a failure beside the
     table's "47, 47 taken back" (a new user's trial, 2026-12-01)."""
     out = StringIO()
-    progress = _Progress(Console(file=out, width=200), ReplayConfig(scenario=scenario, duration=10, leak_start=2))
+    # width 80: what rich gives stderr when it is a file or a pipe; the line must not wrap there.
+    progress = _Progress(Console(file=out, width=80), ReplayConfig(scenario=scenario, duration=10, leak_start=2))
     events = [{"event": "leak"}, {"event": "lease_expired"}, {"event": "leak_suspect"}, {"event": "connect_failed"}]
     for pool in ("asyncpg", "safepool"):
         run = PoolRun(pool, leaked=3, events=events if pool == "safepool" else [])
@@ -443,6 +444,29 @@ def test_the_done_line_says_how_many_safepool_took_back(scenario: str) -> None:
         f"{scenario}: asyncpg.create_pool: done: 1 requests, 1 ok, 3 connections {noun}",
         f"{scenario}: safepool.create_pool: done: 1 requests, 1 ok, 3 connections {noun}, 2 taken back",
     ]
+
+
+def test_the_report_says_what_each_error_kind_means() -> None:
+    """"335 HTTP 500" beside "9 HTTP 503" told a reader who had not seen the
+    service nothing about either (a new user's trial, 2026-12-02): a legend
+    line under the table names the kinds that occur, and only those."""
+    config = ReplayConfig(scenario="surge", duration=10, leak_start=3, client_deadline=1.0)
+    runs = {pool: PoolRun(pool, leaked=0, events=[]) for pool in ("asyncpg", "safepool")}
+    runs["asyncpg"].records += [
+        RequestRecord(sent=0.0, done=0.01, status=200, leaking=False),
+        RequestRecord(sent=0.0, done=1.0, status=TRANSPORT_ERROR, leaking=False),
+    ]
+    runs["safepool"].records.append(RequestRecord(sent=0.0, done=0.01, status=503, leaking=False))
+    summaries = [summarize(run, config) for run in runs.values()]
+    out = StringIO()
+    print_report(Console(file=out, width=300), summaries, config, 30)
+    legend = [line for line in out.getvalue().splitlines() if line.startswith("errors: ")]
+    assert legend == [
+        "errors: HTTP 503: safepool gave no connection (wait queue full, acquire_timeout passed or server down) "
+        "and the service said so at once; no answer in time: the client gave up after its 1 s deadline."
+    ]
+    clean = [summarize(PoolRun("safepool", leaked=0, events=[]), config)]
+    assert error_legend(clean, config) is None
 
 
 def _pg_ctl_restarts(pgdata: Path) -> list[psutil.Process]:
