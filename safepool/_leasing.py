@@ -33,7 +33,7 @@ from ._holder import Face, Holder
 from ._internals import RawConnection
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
 from ._options import PoolConfig, release_timeout, validate_timeout
-from ._reporting import Reporter, describe_error
+from ._reporting import Reporter
 from ._state import (
     OPEN_LEASE,
     Closed,
@@ -46,7 +46,7 @@ from ._state import (
     SlotLost,
     Unavailable,
 )
-from .errors import PoolClosedError, PoolOverloadedError, ServerUnavailableError
+from .errors import PoolClosedError, PoolOverloadedError
 from .proxy import PoolConnectionProxy
 
 if TYPE_CHECKING:
@@ -160,10 +160,7 @@ class Leaser:
                 raise PoolOverloadedError(
                     self.reporter.busy_message(str(exc) or "wait queue is full", now)) from None
             except Unavailable as exc:
-                raise ServerUnavailableError(
-                    f"pool {self.name!r} has no connection and the server refuses new ones "
-                    f"(last error: {describe_error(exc.last_error)}); next attempt in {exc.retry_in:.2f}s"
-                ) from exc.last_error
+                raise self.reporter.unavailable_error(exc.last_error, now) from exc.last_error
             except Closed:
                 raise PoolClosedError("pool is closing") from None
             if state.actions or waiter.deadline is not None or state.connect_failures or self.reporter.pending:

@@ -18,6 +18,7 @@ from typing import Any
 from . import _stack
 from . import events as _events
 from ._state import Lease, PoolState, SlotState, Waiter
+from .errors import ServerUnavailableError
 from .stats import LeaseInfo
 
 logger = logging.getLogger("safepool")
@@ -124,6 +125,18 @@ class Reporter:
             f"pool {self.name!r}: {why}: max_size={state.max_size}, in use={state.in_use}, "
             f"waiting={state.waiting}"
         )
+
+    def unavailable_error(self, last_error: BaseException | None, now: float) -> ServerUnavailableError:
+        """The ``fail_fast`` refusal (circuit open), its ``__cause__`` the
+        last connect error: for an acquire arriving in the backoff, and for
+        the waiters of a probe connect that failed."""
+        retry_in = max(0.0, self.state.backoff_until - now)
+        error = ServerUnavailableError(
+            f"pool {self.name!r} has no connection and the server refuses new ones "
+            f"(last error: {describe_error(last_error)}); next attempt in {retry_in:.2f}s"
+        )
+        error.__cause__ = last_error
+        return error
 
     def event_fields(self, event: str, lease: Lease, held: float) -> dict[str, Any]:
         """The ``extra=`` of a lease's log record."""

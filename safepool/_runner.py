@@ -133,7 +133,11 @@ class Runner:
                         if not waiter.future.done():
                             waiter.future.set_exception(PoolTimeoutError(self.reporter.busy_message(
                                 "timed out waiting for a connection", self.now(), waiter)))
-                    case Fail(waiter, error):
+                    case Fail(waiter, error, breaker_open):
+                        if breaker_open:
+                            # fail_fast: the probe's waiters get what an
+                            # acquire arriving in the backoff gets.
+                            error = self.reporter.unavailable_error(error, self.now())
                         self.fail_waiter(waiter, error)
                     case TakeBack(lease):
                         self.reclaimer.take_back(lease)

@@ -299,10 +299,14 @@ class TimeOut:
 
 @dataclass(frozen=True, slots=True)
 class Fail:
-    """Fail the waiter with ``error`` (a connect error, the pool closing)."""
+    """Fail the waiter with ``error`` (a connect error, the pool closing).
+    ``breaker_open``: a connect failed with no connection left and the
+    circuit breaker's threshold reached (``fail_fast``): the waiter gets
+    ``ServerUnavailableError``, as an acquire arriving in the backoff does."""
 
     waiter: Waiter
     error: BaseException
+    breaker_open: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1136,7 +1140,8 @@ class PoolState:
         if self._serving() == 0 and self._counts[S.CONNECTING] == 0:
             # Nothing will come back to the waiters before the next attempt:
             # fail them now rather than let them wait out their timeouts.
-            self._fail_waiters(error)
+            self._fail_waiters(error, self.breaker_threshold is not None and (
+                self.connect_failures >= self.breaker_threshold))
         elif not self.wait_on_connect_error:
             if owner is not None:
                 self._settle_failed(owner, error)
@@ -1172,7 +1177,7 @@ class PoolState:
                 self._waiting -= 1
                 return
 
-    def _settle_failed(self, waiter: Waiter, error: BaseException) -> None:
+    def _settle_failed(self, waiter: Waiter, error: BaseException, breaker_open: bool = False) -> None:
         waiter.state = W.FAILED
         if waiter.connect is not None:
             self._unbind(waiter)
@@ -1180,13 +1185,15 @@ class PoolState:
             self._policy.remove(waiter)
         if waiter.deadline is not None:
             self._timer_dropped()
-        self.actions.append(Fail(waiter, error))
+        if breaker_open:
+            self.counters.unavailable_rejections += 1
+        self.actions.append(Fail(waiter, error, breaker_open))
 
-    def _fail_waiters(self, error: BaseException) -> None:
+    def _fail_waiters(self, error: BaseException, breaker_open: bool = False) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if waiter.state is W.WAITING:
-                self._settle_failed(waiter, error)
+                self._settle_failed(waiter, error, breaker_open)
         self._waiting = 0
 
     # ------------------------------------------------------------------ closes

@@ -61,7 +61,7 @@ COUNTERS: tuple[tuple[str, str, str, str], ...] = (
     ("overload_rejections", "safepool.overload_rejections", "{acquire}",
      "Acquires refused at once because the wait queue was full."),
     ("unavailable_rejections", "safepool.unavailable_rejections", "{acquire}",
-     "Acquires refused at once while the server was unreachable."),
+     "Acquires refused with ServerUnavailableError (fail_fast) while the server was unreachable."),
     ("leases_expired", "safepool.leases_expired", "{lease}", "Leases taken back after outliving lease_timeout."),
     ("leaks_detected", "safepool.leaks_detected", "{lease}", "Leased connections garbage collected unreleased."),
     ("leak_warnings", "safepool.leak_warnings", "{lease}", "Leases still held after leak_warning_after."),

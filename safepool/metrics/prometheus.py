@@ -46,7 +46,7 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("acquire_timeouts", "acquire_timeouts", "Acquires that gave up waiting (PoolTimeoutError)."),
     ("overload_rejections", "overload_rejections", "Acquires refused at once because the wait queue was full."),
     ("unavailable_rejections", "unavailable_rejections",
-     "Acquires refused at once because the server was unreachable and connects were backing off."),
+     "Acquires refused with ServerUnavailableError (fail_fast): the server unreachable, the circuit open."),
     ("leases_expired", "leases_expired", "Leases taken back after outliving lease_timeout."),
     ("leaks_detected", "leaks_detected", "Leased connections whose proxy was garbage collected unreleased."),
     ("leak_warnings", "leak_warnings", "Leases that were still held after leak_warning_after (warnings logged)."),

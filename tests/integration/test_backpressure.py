@@ -222,8 +222,10 @@ async def test_server_out_of_connections_degrades_then_recovers(cluster: Cluster
 
 async def test_empty_pool_on_a_full_server_fails_fast_and_recovers(cluster: Cluster, app_name: str) -> None:
     """fail_fast=True: with no connection at all, callers get the server's
-    refusal, then ServerUnavailableError at once while the pool backs off; the
-    pool does not crash and serves as soon as the server has room."""
+    refusal, then, from the failure that opens the circuit on, only
+    ServerUnavailableError (its __cause__ the refusal): at once while the
+    pool backs off, and after the probe that a caller waited for failed;
+    the pool does not crash and serves as soon as the server has room."""
     pool = await safepool.create_pool(
         cluster.dsn(), min_size=0, max_size=4, acquire_timeout=2.0, fail_fast=True,
         server_settings={"application_name": app_name},
@@ -233,6 +235,7 @@ async def test_empty_pool_on_a_full_server_fails_fast_and_recovers(cluster: Clus
     try:
         async with closing(pool), ServerSampler(cluster.admin_dsn, app_name) as sampler:
             with loop_errors() as unhandled:
+                kinds: list[str] = []
                 for _ in range(50):
                     started = time.monotonic()
                     try:
@@ -240,11 +243,19 @@ async def test_empty_pool_on_a_full_server_fails_fast_and_recovers(cluster: Clus
                         ledger.ok += 1
                     except Exception as exc:
                         ledger.record(exc)
+                        kinds.append(type(exc).__name__)
+                        if isinstance(exc, safepool.ServerUnavailableError):
+                            assert isinstance(exc.__cause__, asyncpg.TooManyConnectionsError), repr(exc.__cause__)
                         assert time.monotonic() - started < 1.0  # refused quickly, not after the timeout
                     await asyncio.sleep(0.02)
                 assert ledger.ok == 0
                 assert ledger.errors["server:53300"] >= 1
-                assert ledger.errors["ServerUnavailableError"] >= 1
+                # The refusals before the circuit opened (3 failures in a
+                # row), then only ServerUnavailableError: a caller whose
+                # acquire waited for a probe gets what the others get.
+                opened = kinds.index("ServerUnavailableError")
+                assert 1 <= opened <= 3 and set(kinds[:opened]) == {"TooManyConnectionsError"}, kinds
+                assert set(kinds[opened:]) == {"ServerUnavailableError"}, kinds
                 assert pool.stats().server_status == "down"
                 for con in hogs:
                     await con.close()

@@ -337,7 +337,15 @@ def test_breaker_refusal_from_the_queue_path(pg_dsn: str, app_name: str, loop: s
                     seen.append(exc)
                 if isinstance(seen[-1], safepool.ServerUnavailableError):
                     break
-            refused = seen[-1]
+            # The failure that opened the circuit failed its waiter with
+            # ServerUnavailableError already (the two before: the error itself).
+            assert [type(e) for e in seen] == [ConnectionRefusedError] * 2 + [safepool.ServerUnavailableError]
+            assert type(seen[-1].__cause__) is ConnectionRefusedError
+            # The circuit is open (the clock stands still): the next acquire
+            # is refused by the queue at once.
+            with pytest.raises(safepool.ServerUnavailableError) as info:
+                await _acquire(pool, timeout=30)
+            refused = info.value
             assert type(refused) is safepool.ServerUnavailableError
             assert isinstance(refused, ConnectionError)
             assert type(refused.__cause__) is ConnectionRefusedError
@@ -348,7 +356,7 @@ def test_breaker_refusal_from_the_queue_path(pg_dsn: str, app_name: str, loop: s
                 str(refused),
             ), str(refused)
             assert "s24 review" in str(refused)
-            assert pool.stats().unavailable_rejections >= 1
+            assert pool.stats().unavailable_rejections == 2  # the opening failure's waiter, the queue's refusal
             stats = pool.stats()
             assert (stats.size, stats.in_use, stats.waiting) == (0, 0, 0)
             connect.down = False

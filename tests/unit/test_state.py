@@ -409,15 +409,28 @@ def test_connect_failure_with_no_connection_fails_waiters_then_opens_circuit() -
     state.advance(1.0)
     [retry] = fields(take(state, Connect))
     state.connect_failed(retry, 1.0, error)
-    assert take(state, Fail) == [Fail(second, error)]
-    # Two in a row: the circuit is open until the backoff passes; fail fast.
+    # Two in a row: the circuit opens with this failure; its waiter fails
+    # as the ones after it will (ServerUnavailableError, by the runner).
+    assert take(state, Fail) == [Fail(second, error, breaker_open=True)]
+    # The circuit is open until the backoff passes; fail fast.
     with pytest.raises(Unavailable) as info:
         state.enqueue("c", 1.1, None)
     assert info.value.last_error is error and info.value.retry_in == pytest.approx(1.9)
-    # After the backoff, a new waiter probes with a single connect.
-    state.enqueue("d", 3.0, None)
-    state.enqueue("e", 3.0, None)
-    assert len(take(state, Connect)) == 1
+    # After the backoff, a new waiter probes with a single connect; the
+    # waiters of a failed probe fail as the circuit's refusals do.
+    d = state.enqueue("d", 3.0, None)
+    e = state.enqueue("e", 3.0, None)
+    [probe] = fields(take(state, Connect))
+    state.connect_failed(probe, 3.0, error)
+    assert take(state, Fail) == [Fail(d, error, breaker_open=True), Fail(e, error, breaker_open=True)]
+    assert state.counters.unavailable_rejections == 4  # second, c, d, e
+    # A probe that connects closes the circuit: the next failure's waiter
+    # gets the error itself again (one failure is not an outage).
+    state.advance(100.0)
+    f = state.enqueue("f", 100.0, None)
+    [probe] = fields(take(state, Connect))
+    state.connect_succeeded(probe, "conn", 100.0)
+    assert take(state, Wake) == [Wake(f)]
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:
