@@ -805,9 +805,10 @@ class PoolState:
         rollback mode also a marked lease's possible implicit transaction
         (a Parse that no Sync followed: see ``proxy.watch``)."""
         mode = self.reset_mode
-        # always_reset in auto mode: a connection class's own reset query
-        # runs after every lease, as in full mode (auto never skips it).
-        full = mode == "full" or (mode == "auto" and (marked or self.always_reset))
+        # always_reset: a connection class's own reset query runs after
+        # every lease in every mode, as asyncpg's pool runs it (no mode
+        # skips your own reset code).
+        full = mode == "full" or self.always_reset or (mode == "auto" and marked)
         return full, in_transaction or (marked and not full)
 
     def release(self, lease: Lease, now: float, outcome: ReleaseOutcome) -> bool:

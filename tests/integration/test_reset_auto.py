@@ -169,12 +169,14 @@ class _CountingReset(asyncpg.Connection):  # type: ignore[misc]
         return super()._get_reset_query() + f"\nSELECT nextval('{self.sequence}');"
 
 
-async def test_a_connection_class_reset_query_runs_after_every_lease(pg_dsn: str) -> None:
-    # docs/reset-modes.md: auto mode never skips your own reset code.
+@pytest.mark.parametrize("mode", ["auto", "rollback"])
+async def test_a_connection_class_reset_query_runs_after_every_lease(pg_dsn: str, mode: str) -> None:
+    # docs/reset-modes.md: no mode skips your own reset code (asyncpg's pool
+    # runs it after every lease).
     admin = await asyncpg.connect(pg_dsn)
     await admin.execute(f"DROP SEQUENCE IF EXISTS {_CountingReset.sequence}; CREATE SEQUENCE {_CountingReset.sequence}")
     pool = await safepool.create_pool(
-        pg_dsn, min_size=1, max_size=1, reset_mode="auto", connection_class=_CountingReset
+        pg_dsn, min_size=1, max_size=1, reset_mode=mode, connection_class=_CountingReset
     )
     try:
         async with pool.acquire() as con:
