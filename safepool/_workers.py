@@ -114,7 +114,13 @@ async def take_back(con: RawConnection, hooks: ResetHooks, budget: float) -> Exc
             cancel_sent = False
             while not con.is_closed():
                 try:
-                    await _reset_connection(con, con.is_in_transaction(), hooks)
+                    # Something is always sent, even where a release would
+                    # send nothing (rollback mode, no transaction open): the
+                    # refusal is the only sign of a query still running, which
+                    # must be cancelled before the connection is handed on.
+                    # (ROLLBACK also ends a Parse's implicit transaction, as
+                    # for a marked lease; outside one it is a server warning.)
+                    await _reset_connection(con, con.is_in_transaction() or not hooks.full, hooks)
                 except Exception as exc:
                     if not _pg.is_busy(exc):
                         raise

@@ -83,4 +83,40 @@ async def test_lost_idle_connection_is_replaced(pg_dsn: str) -> None:
         await asyncio.wait_for(pool.close(), 10)
 
 
+@pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
+async def test_lease_taken_back_mid_query_is_not_handed_on_busy(pg_dsn: str, app_name: str, reset_mode: str) -> None:
+    """A lease past its lease_timeout while its query runs, outside a
+    transaction: the take-back cancels the query before the connection goes
+    to the next lease. In rollback mode the take-back had nothing to send
+    (no transaction open), so it never saw the query: the next lease got
+    "another operation is in progress" and the expired holder's query ran
+    on in the next lease's session (found by a combined-fault stress run)."""
+    clock = safepool.ManualClock()
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, clock=clock,
+        server_settings={"application_name": app_name},
+    )
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        con = await pool.acquire(lease_timeout=10)
+        holder = asyncio.create_task(con.fetchval("SELECT pg_sleep(5)"))
+        async with asyncio.timeout(5):  # the query runs on the server
+            while not await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+                " AND state = 'active' AND query LIKE 'SELECT pg_sleep%'", app_name,
+            ):
+                await asyncio.sleep(0.005)
+        clock.advance(11)  # the lease expires: the pool takes the connection back
+        async with asyncio.timeout(5):
+            async with pool.acquire() as next_lease:
+                assert await next_lease.fetchval("SELECT 1") == 1
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await asyncio.wait_for(holder, 5)
+        assert pool.stats().leases_expired == 1
+        pool._state.check_invariants()
+    finally:
+        await admin.close()
+        await asyncio.wait_for(pool.close(), 10)
+
+
 _ = asyncpg
