@@ -186,6 +186,13 @@ class Reclaimer:
         )
         _pg.detach_proxy(con, reason)
         con._on_release()  # invalidates cursors, statements and transactions made through the proxy
+        # What a release drops, as asyncpg's reset does: the holder's
+        # listeners, and its transaction object (asyncpg's _top_xact; its
+        # __aexit__ can no longer clear it), else the next lease's
+        # transaction() would be taken for a nested one (a SAVEPOINT outside
+        # any transaction). Whether a ROLLBACK is needed, the take-back asks
+        # the protocol itself.
+        _pg.warn_open_transaction(con, quiet=True)
         leak_logger.error(
             "pool %r: lease expired after %.3fs (lease_timeout %.3fs); taking the connection back. "
             "Acquired at:\n%s",

@@ -119,4 +119,39 @@ async def test_lease_taken_back_mid_query_is_not_handed_on_busy(pg_dsn: str, app
         await asyncio.wait_for(pool.close(), 10)
 
 
+@pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
+async def test_lease_taken_back_inside_a_transaction_block(pg_dsn: str, reset_mode: str) -> None:
+    """A lease past its lease_timeout inside ``async with con.transaction()``:
+    its transaction object (asyncpg's ``_top_xact``) goes with the lease, as
+    a release's reset drops it. It stayed on the connection (the holder's
+    ``__aexit__`` is refused once the proxy is detached), so the next lease's
+    ``transaction()`` was taken for a nested one and sent a SAVEPOINT outside
+    any transaction (found by a combined-fault stress run)."""
+    clock = safepool.ManualClock()
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, clock=clock)
+    try:
+        con = await pool.acquire(lease_timeout=10)
+        inside, leave = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with con.transaction():
+                await con.execute("SELECT 1")
+                inside.set()
+                await leave.wait()
+
+        task = asyncio.create_task(holder())
+        await inside.wait()
+        clock.advance(11)  # the lease expires: the pool takes the connection back
+        async with pool.acquire(timeout=5) as next_lease:
+            assert not next_lease.is_in_transaction()
+            async with next_lease.transaction():
+                assert await next_lease.fetchval("SELECT 1") == 1
+        leave.set()
+        with pytest.raises(asyncpg.InterfaceError):
+            await asyncio.wait_for(task, 5)
+        pool._state.check_invariants()
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
 _ = asyncpg
