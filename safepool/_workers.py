@@ -114,13 +114,17 @@ async def take_back(con: RawConnection, hooks: ResetHooks, budget: float) -> Exc
             cancel_sent = False
             while not con.is_closed():
                 try:
-                    # Something is always sent, even where a release would
-                    # send nothing (rollback mode, no transaction open): the
-                    # refusal is the only sign of a query still running, which
-                    # must be cancelled before the connection is handed on.
-                    # (ROLLBACK also ends a Parse's implicit transaction, as
-                    # for a marked lease; outside one it is a server warning.)
-                    await _reset_connection(con, con.is_in_transaction() or not hooks.full, hooks)
+                    # Something must be sent, even where a release would send
+                    # nothing (rollback mode outside a transaction, a reset=
+                    # hook or reset() that sends nothing): the refusal is the
+                    # only sign of a query still running, which must be
+                    # cancelled before the connection is handed on. There a
+                    # ROLLBACK goes first (it also ends a Parse's implicit
+                    # transaction, as for a marked lease; outside any
+                    # transaction it is a server warning). The default full
+                    # reset always sends its query.
+                    rollback = con.is_in_transaction() or hooks.custom or not hooks.full
+                    await _reset_connection(con, rollback, hooks)
                 except Exception as exc:
                     if not _pg.is_busy(exc):
                         raise

@@ -4,6 +4,7 @@ synchronous step on a real connection (STYLE rule 17)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 import pytest
@@ -83,18 +84,23 @@ async def test_lost_idle_connection_is_replaced(pg_dsn: str) -> None:
         await asyncio.wait_for(pool.close(), 10)
 
 
-@pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
+async def _no_reset(con: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto", "reset= hook"])
 async def test_lease_taken_back_mid_query_is_not_handed_on_busy(pg_dsn: str, app_name: str, reset_mode: str) -> None:
     """A lease past its lease_timeout while its query runs, outside a
     transaction: the take-back cancels the query before the connection goes
-    to the next lease. In rollback mode the take-back had nothing to send
-    (no transaction open), so it never saw the query: the next lease got
-    "another operation is in progress" and the expired holder's query ran
-    on in the next lease's session (found by a combined-fault stress run)."""
+    to the next lease. In rollback mode (or with a reset= hook that sends
+    nothing) the take-back had nothing to send, so it never saw the query:
+    the next lease got "another operation is in progress" and the expired
+    holder's query ran on in the next lease's session (found by a
+    combined-fault stress run)."""
     clock = safepool.ManualClock()
+    options: dict[str, Any] = {"reset": _no_reset} if reset_mode == "reset= hook" else {"reset_mode": reset_mode}
     pool = await safepool.create_pool(
-        pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, clock=clock,
-        server_settings={"application_name": app_name},
+        pg_dsn, min_size=1, max_size=1, clock=clock, server_settings={"application_name": app_name}, **options,
     )
     admin = await asyncpg.connect(pg_dsn)
     try:
