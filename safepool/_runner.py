@@ -320,7 +320,12 @@ class Runner:
             # The core closes the slot (the Close runs in drain); the close
             # waits for a cancelled query to stop on the server before the
             # slot stops counting.
-            holder.unresponsive = isinstance(error, TimeoutError)
+            # A timeout while a cancelled query has not answered yet is the
+            # release's budget running out, not a dead server: aborting now
+            # would also drop asyncpg's cancel request still under way, and
+            # the backend would run the query to its end beside the slot's
+            # replacement. The close waits for the answer instead.
+            holder.unresponsive = isinstance(error, TimeoutError) and not _pg.is_cancelling(con)
         self.after_hand_on()
         return error
 

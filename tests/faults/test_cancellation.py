@@ -319,3 +319,59 @@ async def test_connection_given_up_after_a_double_cancel_keeps_its_slot_while_th
                 assert await con.fetchval("SELECT 1") == 1
         finally:
             await admin.close()
+
+
+async def test_release_budget_spent_on_a_cancelled_query_keeps_the_slot_until_the_server_answers(
+    running: Cluster, app_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease's query is cancelled and released at once with a short
+    budget, while asyncpg's cancel request is still on its way (held back
+    here at a gate). The release raises TimeoutError, as with asyncpg. The
+    pool aborted the connection at once, which also dropped that cancel
+    request: the backend ran the query to its end beside the slot's
+    replacement (2 backends for max_size=1, as on asyncpg's pool). The slot
+    now counts until the server has answered the cancel (found by the
+    helper-47 combined-fault stress run, where cancel requests are slow
+    under load)."""
+    from asyncpg import connect_utils
+
+    gate = asyncio.Event()
+    send_cancel = connect_utils._cancel
+
+    async def cancel_when_let_through(**kwargs: Any) -> None:
+        await gate.wait()
+        await send_cancel(**kwargs)
+
+    pool = await safepool.create_pool(
+        running.dsn(), min_size=0, max_size=1, server_settings={"application_name": app_name},
+    )
+    admin = await asyncpg.connect(running.admin_dsn)
+    count_sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+    try:
+        con = await pool.acquire()
+        query = asyncio.create_task(con.execute("SELECT pg_sleep(5)"))
+        async with asyncio.timeout(5):
+            while not await admin.fetchval(count_sql + " AND state = 'active' AND query LIKE 'SELECT pg_sleep%'", app_name):
+                await asyncio.sleep(0.005)
+        monkeypatch.setattr(connect_utils, "_cancel", cancel_when_let_through)
+        query.cancel()
+        async with asyncio.timeout(5):  # asyncpg has asked for the cancel (held at the gate)
+            while not con._con._protocol._is_cancelling():
+                await asyncio.sleep(0)
+        with pytest.raises(TimeoutError):
+            await pool.release(con, timeout=0.01)
+        next_lease = asyncio.create_task(pool.fetchval("SELECT 1"))
+        seen = []
+        for _ in range(10):
+            seen.append(await admin.fetchval(count_sql, app_name))
+            await asyncio.sleep(0.01)
+        assert not next_lease.done()  # the slot still counts: the backend runs the query
+        gate.set()
+        assert await asyncio.wait_for(next_lease, 10) == 1
+        seen.append(await admin.fetchval(count_sql, app_name))
+        assert max(seen) <= 1, seen
+        with pytest.raises(asyncio.CancelledError):
+            await query
+    finally:
+        await admin.close()
+        await asyncio.wait_for(pool.close(), 10)
