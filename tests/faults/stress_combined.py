@@ -1,0 +1,637 @@
+"""Combined-fault stress of safepool on a real server (a manual tool, not a
+test: pytest does not collect it).
+
+    python tests/faults/stress_combined.py --dsn postgresql://... --seed 1 --ops 3000 [--loop uvloop]
+
+One seeded run mixes, on a pool with max_size 2-4 and random options
+(reset_mode full/rollback/auto, max_queries, max_inactive_connection_lifetime,
+lease_timeout, setup=/init= hooks that fail, sleep or SET), worker tasks
+doing acquire/release, ``async with pool.acquire()``, release from another
+task or under asyncio.shield, pool.fetchval/execute shortcuts, transactions
+committed, rolled back or left open, SET and advisory locks; every operation
+may be cancelled (task.cancel() once or twice, asyncio.timeout, wait_for,
+anyio move_on_after / fail_after / a cancelled CancelScope), release(timeout=)
+and acquire(timeout=, lease_timeout=) are short at random; a chaos task runs
+pg_terminate_backend on the pool's backends and expire_connections(); the
+run ends with close() after the work, or close() / terminate() mid-flight.
+
+Checked: the server's backend count (application_name) <= max_size, sampled
+continuously; stats() sums and check_invariants() at every loop iteration; no
+operation runs past $ST47_HANG seconds (30); no backend is left after the
+close; no write reported committed is absent; no lease sees a previous
+lease's transaction, SET or advisory lock (full and auto modes); only typed
+errors reach the caller. Prints one JSON line; exit status 1 when anything was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+import traceback
+from collections import Counter
+from typing import Any
+
+import anyio
+import asyncpg
+
+import safepool
+
+HANG = float(os.environ.get("ST47_HANG", "30"))  # an operation still running after this long is a hang
+
+
+class HookError(Exception):
+    pass
+
+
+def classify(exc: BaseException) -> str | None:
+    if isinstance(exc, HookError):
+        return "hook"
+    if isinstance(exc, safepool.PoolError):
+        return type(exc).__name__
+    if isinstance(exc, asyncpg.ConnectionDoesNotExistError):
+        return "connection_lost"
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"server:{exc.sqlstate}"
+    if isinstance(exc, asyncpg.InternalClientError) and "another operation (2) is in progress" in str(exc):
+        return "asyncpg:unsolicited_fatal"
+    if isinstance(exc, asyncpg.InterfaceError):
+        msg = str(exc)
+        if "connection is closed" in msg:
+            return "connection_closed"
+        if "released back to the pool" in msg:
+            return "released_proxy_used"
+        if "another operation is in progress" in msg:
+            return "iface:another_operation"
+        return "iface:" + msg[:60]
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, OSError):
+        return f"os:{type(exc).__name__}"
+    return None
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    app = f"st47_{args.seed}_{args.loop}_{os.getpid()}_{random.SystemRandom().randrange(10**9)}"
+    max_size = rng.choice([2, 3, 4])
+    cfg: dict[str, Any] = dict(
+        max_size=max_size,
+        min_size=rng.randint(0, max_size),
+        reset_mode=rng.choice(["full", "rollback", "auto"]),
+        max_queries=rng.choice([50000, rng.randint(3, 30)]),
+        max_inactive_connection_lifetime=rng.choice([300.0, 0.0, round(rng.uniform(0.02, 0.3), 3)]),
+        lease_timeout=rng.choice([None, None, round(rng.uniform(0.05, 0.5), 3)]),
+    )
+    use_setup = rng.random() < 0.5
+    use_init = rng.random() < 0.5
+    cfg["setup"] = use_setup
+    cfg["init"] = use_init
+    hook_rng = random.Random(args.seed * 7 + 1)
+
+    async def setup(con: Any) -> None:
+        x = hook_rng.random()
+        if x < 0.05:
+            raise HookError("setup failed")
+        if x < 0.15:
+            await asyncio.sleep(hook_rng.uniform(0, 0.005))
+        elif x < 0.3:
+            await con.execute("SELECT 1")
+        elif x < 0.35:
+            await con.execute("SELECT pg_sleep(0.01)")
+            await con.execute("SET stress.setup = 'x'")
+
+    async def init(con: Any) -> None:
+        x = hook_rng.random()
+        if x < 0.03:
+            raise HookError("init failed")
+        if x < 0.2:
+            await asyncio.sleep(hook_rng.uniform(0, 0.005))
+        await con.execute("SELECT 1")
+
+    admin = await asyncpg.connect(args.dsn)
+    sampler_con = await asyncpg.connect(args.dsn)
+    await admin.execute("CREATE TABLE IF NOT EXISTS stress47_w (tag text PRIMARY KEY)")
+
+    pool_kwargs = {k: v for k, v in cfg.items() if k not in ("setup", "init")}
+    pool = await safepool.create_pool(
+        args.dsn, server_settings={"application_name": app},
+        setup=setup if use_setup else None, init=init if use_init else None, **pool_kwargs,
+    )
+    findings: list[str] = []
+    freed: dict[Any, tuple[float, str, str]] = {}
+    import weakref
+    pid_of: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+    def note_pids() -> None:
+        for slot in pool._state.slots():
+            c = slot.connection
+            if c is not None and c not in pid_of and c._protocol is not None:
+                pid_of[c] = c._protocol.backend_pid
+    orig_slot_closed = pool._runner.slot_closed
+
+    def traced_slot_closed(slot: Any) -> None:
+        con = slot.connection
+        pid = pid_of.get(con) if con is not None else None
+        freed[pid] = (time.monotonic(), f"closed={None if con is None else con.is_closed()}",
+                      " <- ".join(f"{f.name}:{f.lineno}" for f in traceback.extract_stack(limit=9)[:-1]))
+        orig_slot_closed(slot)
+
+    pool._runner.slot_closed = traced_slot_closed
+    orig_close_slot = pool._runner.close_slot
+    close_info: dict[Any, str] = {}
+
+    def traced_close_slot(slot: Any) -> None:
+        h = pool._runner.slot_holders.get(slot)
+        con = slot.connection
+        if con is not None:
+            close_info[pid_of.get(con)] = (
+                f"unresponsive={h is not None and h.unresponsive} lost={h is not None and h.lost_while_leased} "
+                f"is_closed={con.is_closed()} cancelling={con._protocol is not None and con._protocol._is_cancelling()} "
+                f"aborted={con._aborted} terminating={pool._runner.terminating}")
+        orig_close_slot(slot)
+
+    pool._runner.close_slot = traced_close_slot
+    outcomes: Counter[str] = Counter()
+    cancel_kinds: Counter[str] = Counter()
+    chaos: Counter[str] = Counter()
+    writes: dict[str, str] = {}  # tag -> ok / committed_then_error:<kind> / failed / ambiguous
+    max_server = 0
+    server_samples = 0
+    stats_samples = 0
+    running: dict[int, tuple[float, str, asyncio.Task[Any]]] = {}
+    loop_errs: list[dict[str, Any]] = []
+    stop_sampling = False
+
+    def on_loop_error(_loop: Any, ctx: dict[str, Any]) -> None:
+        msg = str(ctx.get("message", ""))
+        if msg.startswith("Resetting connection with an active transaction"):
+            return
+        exc = ctx.get("exception")
+        if msg == "Future exception was never retrieved" and str(exc) == "unexpected connection_lost() call":
+            return
+        loop_errs.append(ctx)
+
+    asyncio.get_running_loop().set_exception_handler(on_loop_error)
+
+    def check_stats(where: str) -> None:
+        nonlocal stats_samples
+        stats_samples += 1
+        s = pool.stats()
+        parts = (s.idle, s.in_use, s.connecting, s.resetting, s.closing)
+        if any(p < 0 for p in parts) or s.size < 0 or s.waiting < 0:
+            findings.append(f"{where}: negative count {s}")
+        if sum(parts) != s.size:
+            findings.append(f"{where}: idle+in_use+connecting+resetting+closing={sum(parts)} != size={s.size}")
+        if s.size > s.max_size:
+            findings.append(f"{where}: size {s.size} > max_size {s.max_size}")
+        try:
+            pool._state.check_invariants()
+        except AssertionError as exc:
+            findings.append(f"{where}: invariants: {exc}")
+
+    ticks = 0
+
+    def ticker() -> None:
+        nonlocal ticks
+        if stop_ticker:
+            return
+        ticks += 1
+        check_stats("tick")
+        note_pids()
+        asyncio.get_running_loop().call_soon(ticker)
+
+    stop_ticker = False
+
+    async def sampler() -> None:
+        nonlocal max_server, server_samples
+        while not stop_sampling:
+            check_stats("sample")
+            try:
+                pids = await sampler_con.fetchval(
+                    "SELECT array_agg(pid) FROM pg_stat_activity WHERE application_name = $1", app) or []
+                n = len(pids)
+            except Exception as exc:
+                findings.append(f"sampler failed: {exc!r}")
+                return
+            server_samples += 1
+            max_server = max(max_server, n)
+            if n > max_size:
+                snap = {pid_of.get(s.connection) if s.connection is not None else None: s.state.value
+                        for s in pool._state.slots()}
+                now_ = time.monotonic()
+                extra = {p: (round(now_ - freed[p][0], 4), close_info.get(p), freed[p][2]) if p in freed else "never freed"
+                         for p in pids if p not in snap}
+                findings.append(f"EXTRA backends {extra}")
+                rows = await sampler_con.fetch(
+                    "SELECT pid, state, left(query, 60) AS q, now() - state_change AS since, wait_event"
+                    " FROM pg_stat_activity WHERE application_name = $1", app)
+                findings.append(f"server shows {n} backends > max_size {max_size} (pool {pool!r}) slots {snap} "
+                                f"rows {[tuple(r) for r in rows]}")
+            await asyncio.sleep(0.005)
+
+    leak_modes_full = cfg["reset_mode"] in ("full", "auto")
+
+    async def check_fresh(con: Any, lease_tag: str) -> None:
+        if con.is_in_transaction():
+            findings.append(f"{lease_tag}: lease handed out in a transaction (client view)")
+        try:
+            # Simple protocol: fails outside a transaction block, as it must.
+            await con.execute("SAVEPOINT stress_probe")
+        except asyncpg.NoActiveSQLTransactionError:
+            pass
+        except asyncpg.InFailedSQLTransactionError:
+            findings.append(f"{lease_tag}: lease sees a failed transaction left by a previous lease")
+        else:
+            findings.append(f"{lease_tag}: lease sees a transaction left open by a previous lease")
+        row = await con.fetchrow(
+            "SELECT current_setting('stress.tag', true) AS tag,"
+            " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()) AS adv,"
+            " current_setting('statement_timeout') AS st")
+        if leak_modes_full:
+            if row["tag"] not in (None, ""):
+                findings.append(f"{lease_tag}: lease sees SET stress.tag={row['tag']!r} of a previous lease")
+            if row["adv"]:
+                findings.append(f"{lease_tag}: lease holds {row['adv']} advisory lock(s) of a previous lease")
+            if row["st"] != "0":
+                findings.append(f"{lease_tag}: statement_timeout={row['st']} left by a previous lease")
+
+    async def lease_work(con: Any, r: random.Random, opid: int, state: dict[str, Any]) -> None:
+        if r.random() < 0.5:
+            await check_fresh(con, f"op {opid}")
+        for _ in range(r.randint(1, 3)):
+            k = r.random()
+            if k < 0.15:
+                await con.fetchval("SELECT 1")
+            elif k < 0.27:
+                await con.execute("SELECT pg_sleep($1)", r.uniform(0, 0.02))
+            elif k < 0.37:
+                await con.execute(f"SET stress.tag = 'L{opid}'")
+                if r.random() < 0.3:
+                    await con.execute("SET statement_timeout = '7s'")
+            elif k < 0.45:
+                await con.fetchval("SELECT pg_try_advisory_lock($1)", r.randint(1, 3))
+            elif k < 0.53:
+                await con.execute("BEGIN")
+                await con.execute("SELECT 1")
+                return  # left open
+            elif k < 0.68:
+                tag = f"{app}-{opid}-{len(state['tags'])}"
+                state["tags"].append(tag)
+                writes[tag] = "pending"
+                async with con.transaction():
+                    await con.execute("INSERT INTO stress47_w VALUES ($1)", tag)
+                    if r.random() < 0.3:
+                        await con.execute("SELECT pg_sleep($1)", r.uniform(0, 0.01))
+                writes[tag] = "committed"
+            elif k < 0.78:
+                await asyncio.sleep(r.uniform(0, 0.01))
+            elif k < 0.86:
+                async with con.transaction():
+                    await con.execute("SELECT pg_sleep($1)", r.uniform(0, 0.01))
+            elif k < 0.89:
+                await con.fetchval("SELECT 1/0")
+            elif k < 0.92:
+                if r.random() < 0.5:
+                    await asyncio.sleep(r.uniform(0, 0.3))  # past a short lease_timeout
+                else:
+                    await con.execute("SELECT pg_sleep($1)", r.uniform(0, 0.3))
+            else:
+                await con.execute("SELECT pg_advisory_xact_lock($1)", r.randint(10, 12))
+
+    async def op(opid: int, r: random.Random, kind: str, state: dict[str, Any]) -> None:
+        acq_timeout = r.choice([None, None, r.uniform(0.001, 0.05)])
+        if kind == "explicit":
+            if r.random() < 0.2:
+                state["lt"] = r.uniform(0.01, 0.2)
+                con = await pool.acquire(lease_timeout=state["lt"])
+            else:
+                con = await (pool.acquire() if acq_timeout is None else pool.acquire(timeout=acq_timeout))
+            try:
+                await lease_work(con, r, opid, state)
+                state["stage"] = "release"
+            finally:
+                rt = r.choice([None, None, r.uniform(0.001, 0.05)])
+                if rt is None:
+                    await pool.release(con)
+                else:
+                    await pool.release(con, timeout=rt)
+        elif kind == "other_release":
+            con = await (pool.acquire() if acq_timeout is None else pool.acquire(timeout=acq_timeout))
+            try:
+                await lease_work(con, r, opid, state)
+                state["stage"] = "release"
+            finally:
+                form = r.choice(("task", "shield", "task_cancelled"))
+                # (asyncio.wait: a cancel of this task must not cancel the
+                # release task before its first step; a release coroutine
+                # that never starts never releases, with asyncpg's pool too.)
+                if form == "task":
+                    rt = asyncio.create_task(pool.release(con))
+                    rt.add_done_callback(lambda f: f.cancelled() or f.exception())
+                    await asyncio.wait({rt})
+                    rt.result()
+                elif form == "shield":
+                    inner = asyncio.ensure_future(pool.release(con))
+                    inner.add_done_callback(lambda f: f.cancelled() or f.exception())
+                    await asyncio.shield(inner)
+                else:
+                    rt = asyncio.create_task(pool.release(con))
+                    rt.add_done_callback(lambda f: f.cancelled() or f.exception())
+                    # (Not before its first step: a coroutine cancelled before it
+                    # starts never releases, with asyncpg's pool too.)
+                    asyncio.get_running_loop().call_soon(rt.cancel)
+                    await asyncio.wait({rt})
+                    if not rt.cancelled():
+                        rt.result()
+        elif kind == "ctx":
+            ctx = pool.acquire() if acq_timeout is None else pool.acquire(timeout=acq_timeout)
+            async with ctx as con:
+                await lease_work(con, r, opid, state)
+                state["stage"] = "release"
+        elif kind == "shortcut":
+            if r.random() < 0.6:
+                v = await pool.fetchval("SELECT $1::int", opid)
+                if v != opid:
+                    findings.append(f"op {opid}: fetchval returned {v}")
+            else:
+                tag = f"{app}-{opid}-s"
+                writes[tag] = "pending"
+                state["tags"].append(tag)
+                await pool.execute("INSERT INTO stress47_w VALUES ($1)", tag)
+                writes[tag] = "committed"
+        else:
+            raise AssertionError(kind)
+
+    CANCELS = ("none", "none", "cancel", "cancel2", "cancel2_same", "timeout", "wait_for",
+               "anyio_move_on", "anyio_fail_after", "anyio_scope_cancel")
+
+    async def one(opid: int) -> None:
+        r = random.Random(args.seed * 1_000_003 + opid)
+        kind = r.choice(("explicit", "ctx", "ctx", "shortcut") if args.no_other else ("explicit", "ctx", "ctx", "shortcut", "other_release"))
+        how = r.choice(CANCELS)
+        d = r.choice((r.uniform(0, 0.002), r.uniform(0, 0.02), r.uniform(0, 0.1)))
+        cancel_kinds[how] += 1
+        state: dict[str, Any] = {"tags": [], "stage": "work"}
+        loop = asyncio.get_running_loop()
+
+        async def body() -> None:
+            if how == "timeout":
+                async with asyncio.timeout(d):
+                    await op(opid, r, kind, state)
+            elif how == "wait_for":
+                await asyncio.wait_for(op(opid, r, kind, state), d)
+            elif how == "anyio_move_on":
+                with anyio.move_on_after(d):
+                    await op(opid, r, kind, state)
+            elif how == "anyio_fail_after":
+                with anyio.fail_after(d):
+                    await op(opid, r, kind, state)
+            elif how == "anyio_scope_cancel":
+                with anyio.CancelScope() as scope:
+                    loop.call_later(d, scope.cancel)
+                    await op(opid, r, kind, state)
+            else:
+                await op(opid, r, kind, state)
+
+        t = asyncio.create_task(body(), name=f"op{opid}:{kind}:{how}")
+        if how == "cancel":
+            loop.call_later(d, t.cancel)
+        elif how == "cancel2":
+            loop.call_later(d, lambda: (t.cancel(), loop.call_soon(t.cancel)))
+        elif how == "cancel2_same":
+            loop.call_later(d, lambda: (t.cancel(), t.cancel()))
+        running[opid] = (time.monotonic(), t.get_name(), t)
+        done, _ = await asyncio.wait({t}, timeout=HANG)
+        running.pop(opid, None)
+        if not done:
+            stack = "".join(traceback.format_list(traceback.extract_stack(t.get_stack(limit=30)[-1]))) if t.get_stack() else ""
+            findings.append(f"HANG: {t.get_name()} still running after {HANG}s; pool {pool!r}; stack:\n{stack}")
+            return
+        def settle_writes(how_ended: str) -> None:
+            for tag in state["tags"]:
+                if writes[tag] == "committed":
+                    if how_ended != "ok":
+                        writes[tag] = f"committed_then_{how_ended}:{state['stage']}"
+                else:  # the commit's answer never came: no claim either way
+                    writes[tag] = f"ambiguous:{how_ended}"
+
+        if t.cancelled():
+            outcomes["cancelled"] += 1
+            settle_writes("cancelled")
+            return
+        exc = t.exception()
+        if exc is None:
+            outcomes["ok"] += 1
+            settle_writes("ok")
+            return
+        kindname = classify(exc)
+        if kindname in ("iface:another_operation", "server:25P01"):
+            findings.append(f"another operation in {t.get_name()} lt={state.get('lt')}: {''.join(traceback.format_exception(exc))[-2500:]}")
+        if kindname is None:
+            findings.append(f"untyped error in {t.get_name()}: {''.join(traceback.format_exception(exc))[-1500:]}")
+            kindname = "UNTYPED:" + type(exc).__name__
+        outcomes[kindname] += 1
+        settle_writes("error-" + kindname)
+
+    next_op = 0
+    total = args.ops
+
+    async def worker() -> None:
+        nonlocal next_op
+        if args.only:
+            for opid in map(int, args.only.split(",")):
+                await one(opid)
+            next_op = total
+            return
+        while next_op < total:
+            opid = next_op
+            next_op += 1
+            await one(opid)
+
+    async def chaos_task() -> None:
+        crng = random.Random(args.seed * 31 + 7)
+        while not stop_sampling:
+            await asyncio.sleep(crng.uniform(0.005, 0.06))
+            x = crng.random()
+            if args.chaos == "none":
+                x = 1.0
+            elif args.chaos == "expire" and x < 0.6:
+                x = 1.0
+            elif args.chaos == "terminate" and 0.6 <= x < 0.72:
+                x = 1.0
+            try:
+                if x < 0.45:
+                    rows = await admin.fetch(
+                        "SELECT pid, state FROM pg_stat_activity WHERE application_name = $1", app)
+                    if rows:
+                        v = crng.choice(rows)
+                        if await admin.fetchval("SELECT pg_terminate_backend($1)", v["pid"]):
+                            chaos[f"terminate:{v['state']}"] += 1
+                elif x < 0.6:
+                    # by the pool's own view: the backend pid of a random slot
+                    slots = [s for s in pool._state.slots() if s.connection is not None]
+                    if slots:
+                        s = crng.choice(slots)
+                        pid = pid_of.get(s.connection)
+                        if pid is None:
+                            continue
+                        if await admin.fetchval("SELECT pg_terminate_backend($1)", pid):
+                            chaos[f"terminate_slot:{s.state.value}"] += 1
+                elif x < 0.72:
+                    await pool.expire_connections()
+                    chaos["expire"] += 1
+                else:
+                    chaos["nothing"] += 1
+            except Exception as exc:
+                if pool._state.closing:
+                    return
+                findings.append(f"chaos failed: {exc!r}")
+
+    def dump_pool() -> str:
+        """The pool's slots, open leases (and who still refers to a lease's
+        proxy) and tasks: for a hang report."""
+        import gc
+
+        def referrers(obj: Any) -> str:
+            return ", ".join(
+                f"{type(r).__name__}:{getattr(r, 'f_code', None) and r.f_code.co_name}:{getattr(r, 'f_lineno', '')}"
+                for r in gc.get_referrers(obj))
+
+        out = [repr(pool), f"phase={pool._state.phase} size={pool._state.size}"]
+        out += [f"slot {slot!r} con_closed={None if slot.connection is None else slot.connection.is_closed()}"
+                for slot in pool._state.slots()]
+        out += [f"lease {lease.id} state={lease.state} slot={lease.slot!r} age={pool._now() - lease.acquired_at:.2f}"
+                for lease in pool._state.leases()]
+        out += [f"  proxy {ref!r:.80} referrers: {referrers(ref)}"
+                for lease in pool._state.leases() for ref in gc.get_referrers(lease)
+                if type(ref).__name__.endswith("Proxy")]
+        out += [f"task {t.get_name()} {t.get_coro()!r} done={t.done()}: "
+                + " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in t.get_stack(limit=20))
+                for t in list(pool._runner.tasks)]
+        return "\n".join(out)
+
+    workers_n = rng.choice([max_size, 2 * max_size, 4 * max_size])
+    if args.workers:
+        workers_n = args.workers
+    end_mode = rng.choice(["close_after", "close_mid", "terminate_mid"]) if args.end is None else args.end
+    cfg["workers"] = workers_n
+    cfg["end"] = end_mode
+    samp = asyncio.create_task(sampler())
+    asyncio.get_running_loop().call_soon(ticker)
+    ch = asyncio.create_task(chaos_task())
+    workers = [asyncio.create_task(worker()) for _ in range(workers_n)]
+    started = time.monotonic()
+    if end_mode == "close_after":
+        await asyncio.gather(*workers)
+        stop_sampling = True
+        await ch
+        check_stats("before close")
+        ct = asyncio.create_task(pool.close())
+        done, _ = await asyncio.wait({ct}, timeout=HANG)
+        if not done:
+            findings.append(f"HANG: pool.close() after the run; {dump_pool()}")
+            ct.cancel()
+            await asyncio.wait({ct})
+    else:
+        while next_op < total * 0.8:  # noqa: ASYNC110 (a counter the workers move, polled)
+            await asyncio.sleep(0.01)
+        stop_sampling = True
+        await ch
+        try:
+            if end_mode == "close_mid":
+                ct = asyncio.create_task(pool.close())
+                done, _ = await asyncio.wait({ct}, timeout=HANG)
+                if not done:
+                    findings.append(f"HANG: pool.close() mid-flight; running: {[v[1] for v in running.values()]}; "
+                                    f"{dump_pool()}")
+                    ct.cancel()
+                    await asyncio.wait({ct})
+                else:
+                    ct.result()
+            else:
+                pool.terminate()
+        except Exception as exc:
+            findings.append(f"{end_mode} raised {exc!r}")
+        try:
+            async with asyncio.timeout(HANG + 5):
+                await asyncio.gather(*workers)
+        except TimeoutError:
+            findings.append(f"HANG: workers after {end_mode}: {[v[1] for v in running.values()]}")
+    elapsed = time.monotonic() - started
+    await samp
+    stop_ticker = True
+    check_stats("after close")
+    s = pool.stats()
+    if s.size != 0:
+        findings.append(f"after close: size {s.size} ({pool!r})")
+    # No backend of the pool remains on the server (a terminated one takes a moment to leave).
+    left = -1
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app)
+        if left == 0:
+            break
+        await asyncio.sleep(0.05)
+    if left:
+        rows = await admin.fetch("SELECT pid, state, query FROM pg_stat_activity WHERE application_name = $1", app)
+        findings.append(f"after {end_mode}: {left} backends of the pool remain 5s later: {[dict(r) for r in rows]}")
+    # Writes.
+    present = {r["tag"] for r in await admin.fetch("SELECT tag FROM stress47_w WHERE tag LIKE $1", app + "-%")}
+    wsum: Counter[str] = Counter()
+    for tag, status in writes.items():
+        there = tag in present
+        wsum[f"{status.split(':')[0]}:{'present' if there else 'absent'}"] += 1
+        if status == "committed" and not there:
+            findings.append(f"write {tag} reported committed but absent")
+        if status.startswith("committed_then_error"):
+            wsum["detail:" + status] += 1
+            if status.endswith(":release") and not any(k in status for k in (
+                    "connection_lost", "connection_closed", "unsolicited_fatal", "server:57P01", "os:", "-timeout:")):
+                findings.append(f"write {tag} committed, then the release raised: {status}")
+    await admin.execute("DELETE FROM stress47_w WHERE tag LIKE $1", app + "-%")
+    await admin.close()
+    await sampler_con.close()
+    for ctx in loop_errs:
+        fut = ctx.get("future")
+        where = ""
+        if fut is not None:
+            where = f" in {fut!r:.300}"
+        findings.append(f"loop error: {ctx.get('message')} {ctx.get('exception')!r}{where}")
+    st = pool.stats()
+    return dict(
+        seed=args.seed, loop=args.loop, ops=total, seconds=round(elapsed, 2), cfg=cfg, outcomes=dict(outcomes),
+        cancels=dict(cancel_kinds), chaos=dict(chaos), writes=dict(wsum), max_server=max_server,
+        server_samples=server_samples, stats_samples=stats_samples, ticks=ticks,
+        counters=dict(acquired=st.acquired, released=st.released, expired=st.leases_expired,
+                      opened=st.connections_opened, closed=st.connections_closed, resets=st.resets,
+                      resets_failed=st.resets_failed, connect_errors=st.connect_errors, leaks=st.leaks_detected),
+        findings=findings[:30], n_findings=len(findings),
+    )
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--ops", type=int, default=3000)
+    p.add_argument("--loop", default="asyncio")
+    p.add_argument("--end", default=None)
+    p.add_argument("--no-other", action="store_true")
+    p.add_argument("--chaos", default="all")
+    p.add_argument("--only", default="")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--dsn", default=os.environ.get("SAFEPOOL_TEST_DSN"), required="SAFEPOOL_TEST_DSN" not in os.environ)
+    a = p.parse_args()
+    if a.loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            result = runner.run(main(a))
+    else:
+        result = asyncio.run(main(a))
+    print(json.dumps(result, default=str))
+    sys.exit(1 if result["n_findings"] else 0)
