@@ -35,7 +35,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
     through ``proxy._holder._pool`` to drop statement and type caches."""
 
     __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "release_timeout",
-                 "orphan_checks", "orphan_reported", "unresponsive", "lost_while_leased", "reset_since",
+                 "orphan_checks", "orphan_reported", "unresponsive", "close_budget", "lost_while_leased", "reset_since",
                  "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "proxy_collected",
                  "__weakref__")
 
@@ -58,6 +58,9 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         self.orphan_reported = False
         # A reset or take-back timed out: no graceful close, abort it.
         self.unresponsive = False
+        # Bound on the close's wait for a cancelled query's answer (None:
+        # the pool's reset timeout): see _workers.CANCEL_ANSWER_GRACE.
+        self.close_budget: float | None = None
         # The socket died under a lease: its backend may still run a query.
         self.lost_while_leased = False
         # When a release's unbounded reset started (the reset watchdog's clock).

@@ -324,8 +324,13 @@ class Runner:
             # release's budget running out, not a dead server: aborting now
             # would also drop asyncpg's cancel request still under way, and
             # the backend would run the query to its end beside the slot's
-            # replacement. The close waits for the answer instead.
-            holder.unresponsive = isinstance(error, TimeoutError) and not _pg.is_cancelling(con)
+            # replacement. The close waits for the answer instead, for
+            # CANCEL_ANSWER_GRACE at most (then it aborts, as asyncpg does
+            # at once: a replacement within asyncpg's recovery time).
+            cancelling = _pg.is_cancelling(con)
+            holder.unresponsive = isinstance(error, TimeoutError) and not cancelling
+            if cancelling and isinstance(error, TimeoutError):
+                holder.close_budget = _workers.CANCEL_ANSWER_GRACE
         self.after_hand_on()
         return error
 
@@ -446,12 +451,14 @@ class Runner:
                 con.terminate()
             self.slot_closed(slot)
             return
-        self.spawn(self.close_connection(slot, con, lost))
+        budget = holder.close_budget if holder is not None and holder.close_budget is not None else self.reset_timeout
+        self.spawn(self.close_connection(slot, con, lost, budget))
 
-    async def close_connection(self, slot: Slot, con: RawConnection, lost: bool) -> None:
-        """Close; the slot counts towards max_size until the backend is gone."""
+    async def close_connection(self, slot: Slot, con: RawConnection, lost: bool, budget: float | None) -> None:
+        """Close; the slot counts towards max_size until the backend is gone
+        (``budget``: seconds for the close, None for the default)."""
         try:
-            await _workers.close(con, lost, self.reset_timeout)
+            await _workers.close(con, lost, budget)
         finally:
             self.slot_closed(slot)
             self.drain()

@@ -27,6 +27,15 @@ DEFAULT_RESET_TIMEOUT = 30.0
 # Bound on the cancel request sent for the backend of a connection lost
 # while leased (without reset_timeout).
 LOST_BACKEND_CANCEL_TIMEOUT = 2.0
+# How long the close of a connection whose release ran out of budget while
+# its cancelled query had not answered waits for that answer before it
+# aborts: a cancel request slow under load arrives (helper-47's stress saw
+# 28-44 ms; the slot counts meanwhile, so the backend never runs beside its
+# replacement), and one that never does (a cut network) does not hold the
+# slot longer than asyncpg's recovery allows (asyncpg 0.32's own
+# test_pool_release_timeout_during_cancellation wants a replacement within
+# 1 s of the release's TimeoutError; asyncpg aborts at once).
+CANCEL_ANSWER_GRACE = 0.5
 
 
 class ResetHooks:
