@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from tests._util import skip_before_asyncpg
 from tests.compat import test_parity as parity
 
 MakePool = parity.MakePool
@@ -54,7 +55,7 @@ async def test_failed_creation_logs_no_upkeep_retry(
 
 
 async def test_failed_acquire_connect_logs_no_upkeep_retry(
-    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+    flavour: str, make_pool: MakePool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An acquire's own connect that fails raises to the acquire on both pools;
     asyncpg logs nothing for it. safepool logged asyncpg's min_size upkeep
@@ -62,6 +63,8 @@ async def test_failed_acquire_connect_logs_no_upkeep_retry(
     "nobody waits"): during an outage with traffic, one such line per probe,
     about 20 a second, against asyncpg's 1, 2, 4 ... s schedule (a new user's
     trial, 2026-12-02)."""
+    if flavour == "asyncpg":
+        skip_before_asyncpg((0, 30), "create_pool(connect=)")
     connects = 0
 
     async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
