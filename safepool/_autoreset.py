@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 from asyncpg import connection as _pg_connection
 from asyncpg.protocol import protocol as _pg_protocol
 
+from . import _internals as _pg
 from .proxy import (
     PARSE_WITHOUT_SYNC,
     PoolConnectionProxy,
@@ -534,7 +535,7 @@ def overrides_connection_methods(cls: type) -> bool:
     verdict = _class_verdicts.get(cls)
     if verdict is None:
         verdict = _class_verdicts[cls] = issubclass(cls, _Connection) and any(
-            getattr(cls, name, None) is not method
+            _pg.overrides(cls, name)
             for name, method in vars(_Connection).items()
             if inspect.isfunction(method) and not name.startswith("__")
         )

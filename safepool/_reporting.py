@@ -164,13 +164,14 @@ class Reporter:
 
     # ------------------------------------------------------------- events
 
-    def connect_failed(self, error: BaseException, now: float, raised: bool = False, waited: bool = False) -> None:
+    def connect_failed(self, error: BaseException, now: float, *, raised: bool, waited: bool) -> None:
         """Log and emit a failed connect (and any server status change).
         ``raised``: the error is raised to the caller (create_pool's first
         connect), who has it; logged at DEBUG then, as asyncpg logs nothing
         (a service retrying create_pool at start-up gets no stderr lines).
         ``waited``: tasks were waiting when it failed (they get the error, as
-        from asyncpg's acquire): not the min_size upkeep's connect."""
+        from asyncpg's acquire): not the min_size upkeep's connect (nobody
+        can start waiting while it fails, so none wait afterwards either)."""
         described = describe_error(error)
         logger.log(
             logging.DEBUG if raised else logging.WARNING,
@@ -178,7 +179,7 @@ class Reporter:
             self.name, described, self.state.connect_failures,
             extra={"event": "connect_failed", "pool": self.name, "error": described},
         )
-        if self.state.floor_enabled and not waited and not self.state.waiting and not self.state.closing:
+        if self.state.floor_enabled and not waited and not self.state.closing:
             # Nobody waits, and create_pool() has returned: the min_size
             # upkeep's connect (create_pool's own failures raise, unlogged, as
             # in asyncpg). asyncpg logs these on its own logger, and

@@ -327,9 +327,10 @@ class Runner:
             # replacement. The close waits for the answer instead, for
             # CANCEL_ANSWER_GRACE at most (then it aborts, as asyncpg does
             # at once: a replacement within asyncpg's recovery time).
-            cancelling = _pg.is_cancelling(con)
-            holder.unresponsive = isinstance(error, TimeoutError) and not cancelling
-            if cancelling and isinstance(error, TimeoutError):
+            timed_out = isinstance(error, TimeoutError)
+            cancelling = timed_out and _pg.is_cancelling(con)
+            holder.unresponsive = timed_out and not cancelling
+            if cancelling:
                 holder.close_budget = _workers.CANCEL_ANSWER_GRACE
         self.after_hand_on()
         return error

@@ -65,6 +65,7 @@ _lease_id = operator.attrgetter("id")
 # Histogram.FOLD_AT as a module global for the hot path (see fast_members).
 _FOLD_AT = Histogram.FOLD_AT
 
+
 class SlotState(enum.Enum):
     # Members are singletons: identity hashing is exact, and C-fast, where
     # Enum's own __hash__ is Python code on the hot path (dict lookups in _move).
@@ -1459,7 +1460,7 @@ class PoolState:
         if self._policy is not None:
             for problem in self._policy.check(self._waiting):
                 fail(problem)
-        leases = [slot.lease for slot in self._slots if slot.lease is not None]
+        leases = list(self.leases())
         for lease in leases:
             if lease.state not in OPEN_LEASE or lease.slot.lease is not lease or lease.slot.state is not S.LEASED:
                 fail(f"lease {lease.id} does not match its slot")

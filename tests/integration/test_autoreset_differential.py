@@ -507,24 +507,17 @@ async def test_blind_spots_are_real(env: Env) -> None:
     definition calls a session-changing function, a trigger, and a user
     function called in attribute notation (ar_t.ar_attr is ar_attr(ar_t)).
     All are neutral to the classifier and all change the session."""
-    con = await _connect(env)
-    try:
-        view = await _run(con, Case("SELECT * FROM ar_v", "either", "fetch"))
-        assert not view.marked and view.changed == ["custom_settings"]
-    finally:
-        await con.close()
-    con = await _connect(env)
-    try:
-        trigger = await _run(con, Case("INSERT INTO ar_trig VALUES (1)", "either"))
-        assert not trigger.marked and trigger.changed == ["advisory_locks"]
-    finally:
-        await con.close()
-    con = await _connect(env)
-    try:
-        attribute = await _run(con, Case("SELECT ar_t.ar_attr FROM ar_t", "either", "fetch"))
-        assert not attribute.marked and attribute.changed == ["custom_settings"]
-    finally:
-        await con.close()
+    for case, changed in (
+        (Case("SELECT * FROM ar_v", "either", "fetch"), ["custom_settings"]),
+        (Case("INSERT INTO ar_trig VALUES (1)", "either"), ["advisory_locks"]),
+        (Case("SELECT ar_t.ar_attr FROM ar_t", "either", "fetch"), ["custom_settings"]),
+    ):
+        con = await _connect(env)
+        try:
+            outcome = await _run(con, case)
+            assert not outcome.marked and outcome.changed == changed, case.sql
+        finally:
+            await con.close()
 
 
 async def test_allowlists_name_built_ins(env: Env) -> None:
