@@ -344,11 +344,12 @@ class Leaser:
                     holder.reset_since = now
                     if runner.reset_watchdog is None:
                         runner.watch_resets()
-                full, rollback = state.reset_plan(holder.clean_mark == -1, rollback)
                 query = holder.reset_text
-                if query is None or not full or rollback:
+                if query is None or rollback or state.reset_mode != "full":
+                    full, rollback = state.reset_plan(holder.clean_mark == -1, rollback)
                     query = _workers.reset_message(holder.reset_query, full, rollback)
-                # (else asyncpg's reset query alone: the common case, without a call)
+                # (else asyncpg's reset query alone: the common case, without a
+                # call; reset_plan's answer in full mode with no transaction open)
                 if query:
                     # The statement, then Runner.reset_done with its error
                     # (the driver calls it: no wrapper coroutine's frame).
