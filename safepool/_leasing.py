@@ -122,6 +122,7 @@ class Leaser:
         lease_timeout: Any = _DEFAULT,
         context: Receiver | None = None,
         site: str | None = None,
+        stack: _stack.Captured | None = None,
     ) -> PoolConnectionProxy:
         if timeout is _DEFAULT:
             timeout = self.acquire_timeout
@@ -198,7 +199,7 @@ class Leaser:
         if self.capture_stack:
             task = asyncio.current_task()
             state.note_caller(
-                lease, _stack.capture(), None if task is None else task.get_name(),
+                lease, stack or _stack.capture(), None if task is None else task.get_name(),
                 None if task is None else weakref.ref(task),
             )
         if self.setup is not None:

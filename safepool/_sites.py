@@ -18,6 +18,8 @@ from contextvars import ContextVar, Token
 from types import CodeType, TracebackType
 from typing import Any, TypeVar
 
+from ._stack import RESUMED
+
 __all__ = ["site", "current_site", "caller_site"]
 
 _current: ContextVar[str | None] = ContextVar("safepool_site", default=None)
@@ -38,7 +40,10 @@ def _is_library(module: str) -> bool:
 
 
 def caller_site(depth: int = 1) -> str:
-    """``module.qualname`` of the innermost application frame above the caller."""
+    """``module.qualname`` of the innermost application frame above the
+    caller, within the running task: a task whose own coroutine is a
+    library's (``asyncio.gather(pool.fetchval(...))``) is named by that
+    coroutine, not by the code that runs the event loop."""
     frame = sys._getframe(depth)
     while frame is not None:
         code = frame.f_code
@@ -49,7 +54,10 @@ def caller_site(depth: int = 1) -> str:
             _site_of_code[code] = name
         if name:
             return name
-        frame = frame.f_back  # type: ignore[assignment]
+        back = frame.f_back
+        if back is not None and code.co_flags & RESUMED and not back.f_code.co_flags & RESUMED:
+            return f"{frame.f_globals.get('__name__', '?')}.{code.co_qualname}"  # the top of the task
+        frame = back  # type: ignore[assignment]
     return "unknown"
 
 

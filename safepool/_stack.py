@@ -11,6 +11,7 @@ instructions per frame in a long function, measured with callgrind).
 
 from __future__ import annotations
 
+import inspect
 import linecache
 import os
 import sys
@@ -26,6 +27,10 @@ _ASYNCIO_DIR = os.path.dirname(os.path.abspath(sys.modules["asyncio"].__file__ o
 
 
 _APP, _POOL, _ASYNCIO = 0, 1, 2
+# Code that a task resumes (coroutines, asyncio's generator-based ones, async
+# generators): the frame of one whose caller is none of these is the top of
+# the running task, and its caller is whatever runs the event loop.
+RESUMED = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
 _kind_by_file: dict[str, int] = {}  # one entry per source file: bounded
 
 
@@ -45,9 +50,15 @@ def _kind(filename: str) -> int:
 def capture(limit: int = 8) -> Captured:
     """The caller's stack, innermost first, without the pool's or asyncio's
     frames, as :func:`resolve` reads it. The walk stops at the event loop
-    (the first asyncio frame past an application frame): beyond it is
-    whatever runs the loop, not the code that acquired, and the walk then
-    costs a few frames, not the whole stack."""
+    (the first asyncio frame past an application frame, or the top of the
+    running task): beyond it is whatever runs the loop, not the code that
+    acquired, and the walk then costs a few frames, not the whole stack.
+
+    A task whose own coroutine is the pool's (``asyncio.gather(pool.fetchval(...))``,
+    or ``asyncio.create_task(pool.fetchval(...))``) has no application frame
+    below its top: its top frame is kept instead, so the report names the
+    pool method that acquired (with the task's name) rather than the code
+    that runs the event loop."""
     frames: list[tuple[CodeType, int]] = []
     known = _kind_by_file
     frame = sys._getframe(1)
@@ -63,7 +74,12 @@ def capture(limit: int = 8) -> Captured:
                 break
         elif kind == _ASYNCIO and frames:
             break
-        frame = frame.f_back  # type: ignore[assignment]
+        back = frame.f_back
+        if back is not None and code.co_flags & RESUMED and not back.f_code.co_flags & RESUMED:
+            if not frames:
+                frames.append((code, frame.f_lasti))
+            break
+        frame = back  # type: ignore[assignment]
     return tuple(frames)
 
 

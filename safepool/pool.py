@@ -30,7 +30,7 @@ from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 from asyncpg import protocol as _pg_protocol
 
-from . import _autoreset, _registry, _workers
+from . import _autoreset, _registry, _sites, _stack, _workers
 from . import _internals as _pg
 from . import events as _events
 from ._clock import Clock, LoopClock
@@ -206,7 +206,16 @@ class Pool:
         """
         if site is not None and type(site) is not str:
             raise TypeError(f"site must be a str or None, got {type(site).__name__}")
-        return PoolAcquireContext(self, timeout, lease_timeout, site)
+        # The caller is on the stack now; when the context is awaited it may
+        # not be: asyncio.gather(), create_task() and (before Python 3.12)
+        # wait_for() run the acquire as a task of its own, whose stack is
+        # the event loop's.
+        leaser = self._leaser
+        if site is None and leaser.site_caps:
+            site = _sites.current_site() or _sites.caller_site(2)
+        return PoolAcquireContext(
+            self, timeout, lease_timeout, site, _stack.capture() if leaser.capture_stack else None
+        )
 
     # ------------------------------------------------------------- release
 
@@ -575,13 +584,17 @@ class Pool:
 class PoolAcquireContext:
     """What ``pool.acquire()`` returns: awaitable, or an async context manager."""
 
-    __slots__ = ("pool", "timeout", "lease_timeout", "site", "connection", "done")
+    __slots__ = ("pool", "timeout", "lease_timeout", "site", "stack", "connection", "done")
 
-    def __init__(self, pool: Pool, timeout: float | None, lease_timeout: Any, site: str | None = None) -> None:
+    def __init__(
+        self, pool: Pool, timeout: float | None, lease_timeout: Any, site: str | None = None,
+        stack: _stack.Captured | None = None,
+    ) -> None:
         self.pool = pool
         self.timeout = timeout
         self.lease_timeout = lease_timeout
         self.site = site
+        self.stack = stack  # the caller of pool.acquire() (capture_stack), else None
         self.connection: PoolConnectionProxy | None = None
         self.done = False
 
@@ -591,7 +604,7 @@ class PoolAcquireContext:
     def __aenter__(self) -> Coroutine[Any, Any, PoolConnectionProxy]:
         if self.connection is not None or self.done:
             raise _pg_exceptions.InterfaceError("a connection is already acquired")
-        return self.pool._leaser.acquire(self.timeout, self.lease_timeout, self, self.site)
+        return self.pool._leaser.acquire(self.timeout, self.lease_timeout, self, self.site, self.stack)
 
     def __aexit__(
         self,
@@ -605,7 +618,7 @@ class PoolAcquireContext:
 
     def __await__(self) -> Any:
         self.done = True
-        return self.pool._leaser.acquire(self.timeout, self.lease_timeout, None, self.site).__await__()
+        return self.pool._leaser.acquire(self.timeout, self.lease_timeout, None, self.site, self.stack).__await__()
 
 
 def create_pool(

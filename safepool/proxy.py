@@ -1,7 +1,8 @@
 """The connection handed to application code.
 
-Subclasses asyncpg's ``_ConnectionProxy`` (so ``isinstance(proxy,
-asyncpg.Connection)`` holds, as with asyncpg's pool) and forwards every public
+Subclasses asyncpg's ``PoolConnectionProxy`` (so ``isinstance(proxy,
+asyncpg.Connection)`` and ``isinstance(proxy, asyncpg.pool.PoolConnectionProxy)``
+hold, as with asyncpg's pool) and forwards every public
 ``Connection`` method to the leased connection. After release the proxy is
 detached and every call raises ``InterfaceError``; after a lease timeout it
 raises :class:`~safepool.LeaseExpiredError` instead.
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
+from asyncpg import pool as _pg_pool
 
 from ._internals import RawConnection
 from .errors import LeaseExpiredError
@@ -132,7 +134,22 @@ def _forward(name: str, is_coroutine: bool, *, watch_errors: bool) -> Any:
     return call
 
 
-class PoolConnectionProxy(_pg_connection._ConnectionProxy):
+if TYPE_CHECKING:
+    _ProxyBase = _pg_connection._ConnectionProxy
+else:
+    # asyncpg's own proxy class, so that isinstance(con,
+    # asyncpg.pool.PoolConnectionProxy) holds as on asyncpg's pool (code
+    # branches on it: "release it if pooled, else close it"). It adds its
+    # slots _con and _holder and methods this class replaces: every public
+    # Connection method (_install_forwarders), __getattr__, _detach and
+    # __repr__. (The type checker sees the previous base: the stubs'
+    # attribute types of asyncpg's proxy would hide this class's own.)
+    _ProxyBase = _pg_pool.PoolConnectionProxy
+
+
+class PoolConnectionProxy(_ProxyBase):
+    # (_con and _holder shadow the base's slots of the same names: two unused
+    # pointers per proxy, where the checker needs them declared here.)
     __slots__ = ("_con", "_holder", "_lease", "_expired", "__weakref__")
 
     def __init__(self, holder: _Holder, con: RawConnection, lease: Lease) -> None:

@@ -97,6 +97,25 @@ async def lease(pool: Any, how: str, body: Callable[[Any], Awaitable[None]]) -> 
 # ------------------------------------------------- 1. session state ends with the lease
 
 
+async def test_a_leased_connection_is_a_pool_connection_proxy(make_pool: MakePool) -> None:
+    """Code branches on asyncpg's proxy class, e.g. "release it if it came from
+    a pool, else close it" (seen in public code): on safepool's pool it must
+    release, not close the pool's connection (each request would then open a
+    new backend)."""
+    pool = await make_pool(min_size=1, max_size=1)
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    assert isinstance(con, asyncpg.pool.PoolConnectionProxy)
+    assert isinstance(con, asyncpg.Connection)
+    if isinstance(con, asyncpg.pool.PoolConnectionProxy):
+        await pool.release(con)
+    else:
+        await con.close()
+    async with pool.acquire() as again:
+        assert again.get_server_pid() == pid
+        assert isinstance(again, asyncpg.pool.PoolConnectionProxy)
+
+
 async def test_row_lock_is_gone_right_after_the_block(
     table: Any, make_pool: MakePool, loop_reports: list[str]
 ) -> None:

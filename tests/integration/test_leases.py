@@ -157,6 +157,39 @@ async def test_gc_of_a_forgotten_proxy_reclaims_and_reports(pools: Any, caplog: 
         assert await con.fetchval("SHOW application_name") != "leaky"
 
 
+@pytest.mark.parametrize("runner", ["wait_for", "gather", "create_task"])
+async def test_acquire_run_as_a_task_of_its_own_names_its_caller(pools: Any, runner: str) -> None:
+    """asyncio.gather(), create_task() and (before Python 3.12) wait_for()
+    run the acquire as a task of its own, whose stack below the acquire is
+    the event loop's: the acquire site is the caller of pool.acquire(), for
+    leases(), leak reports and bulkhead sites alike, not whatever runs the loop."""
+    pool = await pools(min_size=1, max_size=2, capture_stack=True, max_site_share=1)
+
+    async def orders() -> Any:
+        if runner == "wait_for":
+            return await asyncio.wait_for(pool.acquire(), 5)  # TASK-RUN-SITE-wait_for
+        if runner == "gather":
+            [con] = await asyncio.gather(pool.acquire())  # TASK-RUN-SITE-gather
+            return con
+        return await asyncio.ensure_future(pool.acquire())  # TASK-RUN-SITE-create_task
+
+    con = await orders()
+    [info] = pool.leases()
+    assert info.acquired_at is not None
+    assert info.acquired_at.endswith(f"test_leases.py:{line_of(__file__, f'TASK-RUN-SITE-{runner}')} in orders"), info.acquired_at
+    assert info.site is not None and info.site.endswith(".orders"), info.site
+    await pool.release(con)
+
+    # A pool method run as a task's own coroutine: its caller is on no stack,
+    # so the method is named, not the code that runs the loop.
+    query = asyncio.ensure_future(pool.fetchval("SELECT pg_sleep(0.2)"))
+    await until(lambda: pool.stats().in_use == 1)
+    [info] = pool.leases()
+    assert info.acquired_at is not None and info.acquired_at.endswith("in fetchval"), info.acquired_at
+    assert info.site == "safepool.pool.Pool.fetchval"
+    await query
+
+
 async def test_exception_path_leak_is_reclaimed(pools: Any) -> None:
     pool = await pools(min_size=1, max_size=1)
 
