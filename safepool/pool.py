@@ -286,13 +286,19 @@ class Pool:
         self._connect_args = [dsn]
         self._connect_kwargs = connect_kwargs
 
-    def resize(self, *, max_size: int, min_size: int | None = None) -> None:
+    def resize(self, *, max_size: int | None = None, min_size: int | None = None) -> None:
         """Change the pool's bounds at run time without dropping any lease.
+        Either bound left out keeps its current value (``resize(min_size=5)``
+        raises the floor alone); a ``max_size`` below the current
+        ``min_size`` lowers the floor with it.
 
         Shrinking closes idle connections now and leased ones as they return.
 
-        :raises ValueError: ``max_size`` is not an int > 0, or ``min_size``
-            not an int between 0 and ``max_size``."""
+        :raises TypeError: a bound is not an int.
+        :raises ValueError: ``max_size`` is not > 0, or ``min_size`` not
+            between 0 and the (new or current) ``max_size``."""
+        if max_size is None:
+            max_size = self._state.max_size
         check_resize(max_size, min_size)
         self._state.resize(max_size, self._now(), min_size)
         self._drain()

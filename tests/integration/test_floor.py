@@ -80,5 +80,6 @@ async def test_raising_min_size_during_a_backoff_is_met(pg_dsn: str, app_name: s
         with pytest.raises(OSError, match="refused by the test's init"):
             await pool.acquire(timeout=5)
         init.refuse = lambda call: False
-        pool.resize(max_size=3, min_size=2)
+        pool.resize(min_size=2)  # max_size left as it is (3)
+        assert (pool.get_min_size(), pool.get_max_size()) == (2, 3)
         await until(lambda: pool.get_size() == 2)

@@ -196,8 +196,10 @@ def test_resize_rejects_bad_sizes_and_changes_nothing(
     if min_size != "unset":
         kwargs["min_size"] = min_size
 
-    ok_max = _is_int(max_size) and 1 <= max_size <= 64
-    ok_min = min_size == "unset" or min_size is None or (_is_int(min_size) and ok_max and 0 <= min_size <= max_size)
+    # max_size=None keeps the current one (resize(min_size=5) alone).
+    ok_max = max_size is None or (_is_int(max_size) and 1 <= max_size <= 64)
+    effective_max = before[0] if max_size is None else max_size
+    ok_min = min_size == "unset" or min_size is None or (_is_int(min_size) and ok_max and 0 <= min_size <= effective_max)
     borderline = isinstance(max_size, bool) or isinstance(min_size, bool) or (_is_int(max_size) and max_size > 64)
 
     async def attempt() -> None:
@@ -230,6 +232,8 @@ async def test_bad_arguments_found_by_a_new_user(pg_dsn: str) -> None:
             pool.resize(max_size=3, min_size=1.5)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="max_size must be an int > 0"):
             pool.resize(max_size=0)
+        with pytest.raises(ValueError, match="min_size must be an int between 0 and max_size, got 3"):
+            pool.resize(min_size=3)  # above the current max_size=2
         with pytest.raises(TypeError, match="callback must be callable, got int"):
             pool.add_timing_sink("lease", 42)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="site must be a str or None, got int"):
