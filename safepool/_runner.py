@@ -124,6 +124,14 @@ class Runner:
                     case Wake(waiter):
                         self.grant(waiter)
                     case Connect(slot):
+                        if self.cancelled_from_outside():
+                            # The loop is shutting down (asyncio.run() cancels
+                            # every task left, then stops): a task spawned now
+                            # would never run ("Task was destroyed but it is
+                            # pending!"). The connect is dropped; the next pool
+                            # event plans one again if the loop lives on.
+                            state.connect_cancelled(slot)
+                            continue
                         task = self.spawn(self.connect_slot(slot))
                         self.connect_tasks.add(task)
                         task.add_done_callback(self.connect_tasks.discard)
@@ -153,6 +161,14 @@ class Runner:
         self.arm_timer()
         if self.reporter.pending:
             self.reporter.deliver()
+
+    def cancelled_from_outside(self) -> bool:
+        """The running task is one of the pool's, cancelled by something other
+        than the pool (only terminate() cancels them, and it sets
+        ``terminating``): asyncio.run()'s shutdown, or a program cancelling
+        every task at exit."""
+        task = asyncio.current_task()
+        return task is not None and task in self.tasks and bool(task.cancelling()) and not self.terminating
 
     def grant(self, waiter: Waiter) -> bool:
         """Wake a waiter the core granted a connection (a ``Wake``). False
@@ -446,6 +462,7 @@ class Runner:
             con is None
             or self.terminating
             or unresponsive
+            or self.cancelled_from_outside()  # (a close task now would never run: abort)
             or (con.is_closed() and not lost and not _pg.is_cancelling(con))
         ):
             if con is not None:
