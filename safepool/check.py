@@ -134,6 +134,22 @@ class _Module:
         return node
 
 
+def _gathered_name(call: ast.Call, parent: ast.AST | None, assign: ast.Assign) -> str | None:
+    """The name ``call`` lands in when it is one of ``asyncio.gather()``'s
+    arguments and the gathered results are unpacked into names, position by
+    position (``a, b = await asyncio.gather(pool.acquire(), pool.acquire())``);
+    None for any other shape (starred arguments or targets, a length mismatch)."""
+    if not (isinstance(parent, ast.Call) and _last_name(parent.func) == "gather" and call in parent.args):
+        return None
+    if len(assign.targets) != 1 or not isinstance(assign.targets[0], (ast.Tuple, ast.List)):
+        return None
+    names = assign.targets[0].elts
+    if len(names) != len(parent.args) or any(isinstance(arg, ast.Starred) for arg in parent.args):
+        return None
+    target = names[parent.args.index(call)]
+    return target.id if isinstance(target, ast.Name) else None
+
+
 def _walk_scope(node: ast.AST) -> Iterator[ast.AST]:
     """Every node under ``node`` without entering nested functions or classes."""
     stack = list(ast.iter_child_nodes(node))
@@ -271,6 +287,8 @@ class _Checker:
         elif isinstance(holder, ast.Assign) and holder.value is top:
             if len(holder.targets) == 1 and isinstance(holder.targets[0], ast.Name):
                 var = holder.targets[0].id
+            elif (unpacked := _gathered_name(call, parent, holder)) is not None:
+                var = unpacked  # a, b = await asyncio.gather(pool.acquire(), pool.acquire())
             else:
                 return  # stored on an object, unpacked, ...: not followed
         elif isinstance(holder, ast.AnnAssign) and holder.value is top:

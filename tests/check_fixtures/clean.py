@@ -1,5 +1,6 @@
 """Correct code: `python -m safepool check` must report nothing here."""
 
+import asyncio
 import contextlib
 
 import pytest_asyncio
@@ -120,3 +121,12 @@ async def walrus_then_try_finally(pool):
             return await con.fetchval("SELECT 1")
         finally:
             await pool.release(con)
+
+
+async def gathered_both_released(pool):
+    first, second = await asyncio.gather(pool.acquire(), pool.acquire())
+    try:
+        return await first.fetchval("SELECT 1") + await second.fetchval("SELECT 2")
+    finally:
+        await pool.release(first)
+        await pool.release(second)

@@ -105,3 +105,12 @@ async def created_here(dsn, create_pool):
 async def annotated(database: "asyncpg.Pool"):  # noqa: F821
     con = await database.acquire()  # expect: SP002
     await con.execute("SELECT 1")
+
+
+async def gathered_one_released(pool):
+    # Two connections at once, unpacked: the second is never released.
+    first, second = await asyncio.gather(pool.acquire(), pool.acquire())  # expect: SP002
+    try:
+        return await first.fetchval("SELECT 1") + await second.fetchval("SELECT 2")
+    finally:
+        await pool.release(first)
