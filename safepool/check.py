@@ -150,6 +150,15 @@ def _gathered_name(call: ast.Call, parent: ast.AST | None, assign: ast.Assign) -
     return target.id if isinstance(target, ast.Name) else None
 
 
+def _calls_method(scope: ast.AST, var: str, method: str) -> bool:
+    """Whether ``var.method(...)`` is called anywhere in ``scope``."""
+    return any(
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == method
+        and _is_name(node.func.value, var)
+        for node in _walk_scope(scope)
+    )
+
+
 def _walk_scope(node: ast.AST) -> Iterator[ast.AST]:
     """Every node under ``node`` without entering nested functions or classes."""
     stack = list(ast.iter_child_nodes(node))
@@ -323,6 +332,14 @@ class _Checker:
                 return
             if isinstance(node, ast.Await) and _is_name(node.value, var):
                 return  # `con = await ctx`: too indirect to follow
+        if _calls_method(scope, var, "__aenter__"):
+            # Entered by hand: released only by its own __aexit__ (its paths
+            # are not followed, as for `con = await ctx`).
+            if not _calls_method(scope, var, "__aexit__"):
+                self.report(call, stmt, "SP002",
+                            f"`{var}.__aenter__()` acquires a connection that no `{var}.__aexit__()` in this "
+                            "function releases", receiver, None)
+            return
         self.report(call, stmt, "SP004",
                     f"`{var} = {receiver}.acquire()` is neither awaited nor used with `async with {var}`",
                     receiver, var)

@@ -130,3 +130,12 @@ async def gathered_both_released(pool):
     finally:
         await pool.release(first)
         await pool.release(second)
+
+
+async def entered_and_exited_by_hand(pool):
+    ctx = pool.acquire()
+    con = await ctx.__aenter__()
+    try:
+        return await con.fetchval("SELECT 1")
+    finally:
+        await ctx.__aexit__(None, None, None)

@@ -114,3 +114,10 @@ async def gathered_one_released(pool):
         return await first.fetchval("SELECT 1") + await second.fetchval("SELECT 2")
     finally:
         await pool.release(first)
+
+
+async def entered_by_hand(pool):
+    # The context's __aenter__ acquires; nothing calls its __aexit__.
+    ctx = pool.acquire()  # expect: SP002
+    con = await ctx.__aenter__()
+    return await con.fetchval("SELECT 1")
