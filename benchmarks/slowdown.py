@@ -5,7 +5,7 @@ catch a regression?"). Never loaded unless asked for:
     SAFEPOOL_SLOWDOWN_US=30 python -m pytest benchmarks -p benchmarks.slowdown -k test_3
 
 ``SAFEPOOL_SLOWDOWN_US``: microseconds of busy CPU added to every release
-(``Leaser.end_lease``), or, with ``SAFEPOOL_SLOWDOWN_AT=capture``, to every
+(``Leaser.release``), or, with ``SAFEPOOL_SLOWDOWN_AT=capture``, to every
 acquire-stack capture (what benchmark 5's safety-on pool alone pays). The
 wrapper and the clock reads add about 0.5 µs more per call.
 """
@@ -45,6 +45,6 @@ if AT not in ("release", "capture"):
     raise ValueError(f"SAFEPOOL_SLOWDOWN_AT must be 'release' or 'capture', not {AT!r}")
 if SECONDS:
     if AT == "release":
-        _leasing.Leaser.end_lease = _slowed(_leasing.Leaser.end_lease)  # type: ignore[method-assign]
+        _leasing.Leaser.release = _slowed(_leasing.Leaser.release)  # type: ignore[method-assign]
     else:
         _stack.capture = _slowed(_stack.capture)

@@ -29,7 +29,7 @@ from . import _internals as _pg
 from . import _sites, _stack, _workers
 from ._clock import Clock
 from ._detach import Resolved, _Driver
-from ._holder import Face, Holder
+from ._holder import Face
 from ._internals import RawConnection
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
 from ._options import PoolConfig, release_timeout, validate_timeout
@@ -236,7 +236,14 @@ class Leaser:
         a coroutine: ``PoolAcquireContext.__aexit__`` returns its awaitable
         itself (the reset's driver, which raises the reset's error; a
         resolved future when there is nothing to wait for), so a release
-        costs no coroutine frame of its own (docs/design.md, "The hot path")."""
+        costs no coroutine frame of its own (docs/design.md, "The hot path").
+
+        The core decides what becomes of the connection (``release_outcome``);
+        the runner and the workers carry it out: a reset driven in the
+        caller's task (see ``_detach``), a pool task's reset or close (a
+        future it resolves), or nothing to wait for (handed on, or dropped,
+        at once). One function with the detach, not two: a call less per
+        lease."""
         if not isinstance(connection, PoolConnectionProxy) or (holder := connection._holder)._pool is not self.face:
             raise _pg_exceptions.InterfaceError(
                 f"Pool.release() received invalid connection: {connection!r} is not a member of this pool"
@@ -249,7 +256,8 @@ class Leaser:
                 self.reporter.emit_event("late_release", lease_id=connection._lease.id)
                 self.reporter.deliver()
             return self.released
-        phase = self.state.phase
+        state = self.state
+        phase = state.phase
         if phase is not Phases.OPEN and phase is not Phases.CLOSING:
             self.check_init()
         if timeout is None:
@@ -264,41 +272,11 @@ class Leaser:
         # connection._detach(), inlined (the hot path): later calls raise.
         connection._con = None
         con._proxy = None
-        done = self.end_lease(connection._lease, con, timeout, holder)
-        if logged or (done is not None and type(done) is not _Driver):
-            return self.finish_release(done, logged)
-        # The reset driven in this task until it is cancelled (then a pool
-        # task finishes it): cancelling the await never cuts the reset short.
-        return self.released if done is None else done  # type: ignore[return-value]  # (it raises the error)
-
-    async def finish_release(self, done: Awaitable[Any] | None, logged: bool) -> None:
-        """A release's wait off the hot path: for a plain future that the
-        pool's task resolves (with the error to raise, or None), and with a
-        query logger's loop pass at the end."""
-        error: Exception | None = None
-        if done is not None:
-            try:
-                error = await done
-            except Exception as exc:  # (a cancellation passes: no loop pass then)
-                error = exc
-        if logged:
-            await asyncio.sleep(0)
-        if error is not None:
-            raise error
-
-    def end_lease(
-        self, lease: Lease, con: RawConnection, timeout: float | None, holder: Holder
-    ) -> asyncio.Future[None] | _Driver[Exception | None] | None:
-        """End a lease; returns what the releasing caller awaits: the reset
-        (driven in the caller's task, see ``_detach``) or a future that the
-        pool's reset or close resolves; None when the connection was handed
-        on (or dropped) at once. The core decides (``release_outcome``); the
-        runner and the workers carry it out."""
-        state = self.state
+        lease = connection._lease
         if lease.state not in OPEN_LEASE:
             # Taken back by the lease timeout while being released (the
             # take-back ran asyncpg's _on_release already).
-            return None
+            return self.finish_release(None, True) if logged else self.released
         slot = lease.slot  # (holder: the proxy's, its slot's: no lookup in slot_holders)
         check = _pg.release_check(con, holder.clean_mark, self.max_queries, holder.own_is_closed)
         usable = check != _pg.UNUSABLE
@@ -367,11 +345,15 @@ class Leaser:
                         statement = con.execute(query, timeout=limit)
                     else:
                         statement = con._protocol.query(query, limit)
-                    return _Driver(statement, self.spawn, runner.reset_done, (holder, con), True)
+                    # The reset driven in this task until it is cancelled (then a
+                    # pool task finishes it): cancelling the await never cuts the
+                    # reset short. The driver raises the reset's error.
+                    driver = _Driver(statement, self.spawn, runner.reset_done, (holder, con), True)
+                    return self.finish_release(driver, True) if logged else driver  # type: ignore[return-value]
                 # Nothing to send: the reset is done (reset_done hands the
                 # connection on; with no error it returns no error to raise).
                 runner.reset_done(holder, con, None)
-                return None
+                return self.finish_release(None, True) if logged else self.released
         else:
             if outcome is Outcome.DISCARD and usable:
                 # max_queries or an expired generation: asyncpg closes the
@@ -380,7 +362,22 @@ class Leaser:
                 runner.closes_done[slot] = done
             state.release(lease, self.now(), outcome)
         runner.after_hand_on()
-        return done
+        return self.finish_release(done, logged) if logged or done is not None else self.released
+
+    async def finish_release(self, done: Awaitable[Any] | None, logged: bool) -> None:
+        """A release's wait off the hot path: for a plain future that the
+        pool's task resolves (with the error to raise, or None), and with a
+        query logger's loop pass at the end."""
+        error: Exception | None = None
+        if done is not None:
+            try:
+                error = await done
+            except Exception as exc:  # (a cancellation passes: no loop pass then)
+                error = exc
+        if logged:
+            await asyncio.sleep(0)
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------ phases
 

@@ -460,7 +460,7 @@ class PoolState:
     # own, and then no method call on it is specialized (a dict lookup and
     # a type lookup per call, every state.release(...) of the hot path).
     __slots__ = (
-        "_bound", "_counts", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_timers", "_timers",
+        "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_until",
         "breaker_threshold", "closing", "connect_failures", "connect_times", "counters", "floor_enabled",
         "generation", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime", "max_size",
@@ -520,7 +520,12 @@ class PoolState:
         self.floor_enabled = False  # min_size upkeep starts once the pool is initialised
 
         self._slots: set[Slot] = set()
-        self._counts = dict.fromkeys(SlotState, 0)
+        # Slots CONNECTING and CLOSING, counted as they move (_move): the
+        # hot path reads these two. The other states' counts are read only
+        # by stats(), repr and messages, so count() finds them when asked
+        # (IDLE: the idle stack's length) and no transition pays for them.
+        self._connecting_count = 0
+        self._closing_count = 0
         self._idle: deque[Slot] = deque()  # right end = most recently used (LIFO)
         self._waiters: deque[Waiter] = deque()  # may hold settled waiters: skipped lazily
         self._waiting = 0  # live waiters only
@@ -567,22 +572,33 @@ class PoolState:
 
     def _live(self) -> int:
         """Slots that will still exist once pending closes finish."""
-        return len(self._slots) - self._counts[S.CLOSING]
+        return len(self._slots) - self._closing_count
 
     def count(self, state: SlotState) -> int:
-        return self._counts[state]
+        """Slots in ``state`` now (CLOSED: none, a closed slot is gone).
+        LEASED, RESERVED and RESETTING are counted by one pass over the
+        slots (at most max_size of them; see ``__init__``)."""
+        if state is S.CONNECTING:
+            return self._connecting_count
+        if state is S.CLOSING:
+            return self._closing_count
+        if state is S.IDLE:
+            return len(self._idle)
+        return len([slot for slot in self._slots if slot.state is state])
 
     @property
     def in_use(self) -> int:
-        return self._counts[S.LEASED] + self._counts[S.RESERVED]
+        """Slots LEASED or RESERVED (one pass over the slots, as count())."""
+        leased, reserved = S.LEASED, S.RESERVED
+        return len([slot for slot in self._slots if slot.state is leased or slot.state is reserved])
 
     def _serving(self) -> int:
         """Connections that can still be handed out (not being opened or closed)."""
-        return len(self._slots) - self._counts[S.CONNECTING] - self._counts[S.CLOSING]
+        return len(self._slots) - self._connecting_count - self._closing_count
 
     def connected(self) -> int:
         """Connections that exist on the server (asyncpg's get_size())."""
-        return self.size - self._counts[S.CONNECTING]
+        return self.size - self._connecting_count
 
     def server_status(self, now: float) -> ServerStatus:
         if self.connect_failures == 0:
@@ -617,9 +633,12 @@ class PoolState:
         old = slot.state
         if new not in _TRANSITIONS[old]:
             raise InternalStateError(f"illegal transition {old.value} -> {new.value} for {slot!r}")
-        counts = self._counts
-        counts[old] -= 1
-        counts[new] += 1
+        if old is S.CONNECTING:
+            self._connecting_count -= 1
+        elif old is S.CLOSING:
+            self._closing_count -= 1
+        if new is S.CLOSING:
+            self._closing_count += 1
         slot.state = new
 
     # ----------------------------------------------------------------- acquire
@@ -642,10 +661,7 @@ class PoolState:
                 continue
             # The hot path: _move(IDLE -> LEASED) and _open_lease (and the
             # acquire site, when the caller named one), inlined
-            # (a legal move by the table; check_invariants() re-checks counts).
-            counts = self._counts
-            counts[S.IDLE] -= 1
-            counts[S.LEASED] += 1
+            # (a legal move by the table, and neither state is counted).
             slot.state = S.LEASED
             self.wait_times.zeros += 1  # record(0.0), filed when read (see Histogram)
             self._next_id += 1
@@ -665,7 +681,7 @@ class PoolState:
         # not an overload (else max_waiters=0 could never open a connection).
         room = 0
         if self.max_waiters is not None or self._policy is not None:
-            room = max(0, self.max_size - self._live()) + self._counts[S.CONNECTING]
+            room = max(0, self.max_size - self._live()) + self._connecting_count
             if self.max_waiters is not None and self._waiting >= self.max_waiters + room:
                 self.counters.overload_rejections += 1
                 raise Overloaded
@@ -677,7 +693,7 @@ class PoolState:
         ):
             # Circuit open: nothing to hand out and no connect will be tried
             # before backoff_until, so waiting could only end in a timeout.
-            if self._counts[S.CONNECTING] == 0:
+            if self._connecting_count == 0:
                 self.counters.unavailable_rejections += 1
                 raise Unavailable(self.last_connect_error, self.backoff_until - now)
         waiter = Waiter(future, now, None if timeout is None else now + timeout, site)
@@ -689,7 +705,7 @@ class PoolState:
             self._push_timer(waiter.deadline, _WAITER_DEADLINE, waiter)
         # (With a full pool and no connect under way, _plan_connects has
         # nothing to do: the contended hot path.)
-        if len(self._slots) < self.max_size or self._counts[S.CONNECTING] > self._bound:
+        if len(self._slots) < self.max_size or self._connecting_count > self._bound:
             self._plan_connects(now)
         return waiter
 
@@ -707,10 +723,7 @@ class PoolState:
                 self._policy_released(waiter.site, now, plan=True)
             raise SlotLost
         # The contended hot path: _move(RESERVED -> LEASED), inlined (a legal
-        # move by the table, checked just above).
-        counts = self._counts
-        counts[S.RESERVED] -= 1
-        counts[S.LEASED] += 1
+        # move by the table, checked just above; neither state is counted).
         slot.state = S.LEASED
         # wait_times.record(...), filed when read or FOLD_AT values on (see Histogram)
         waits = self.wait_times.pending
@@ -823,25 +836,18 @@ class PoolState:
         slot = self._close_lease(lease, now, L.RELEASED)
         self.counters.released += 1
         if outcome is Outcome.NEEDS_RESET:
-            # _move(slot, S.RESETTING), inlined (the query lease's hot path),
-            # its check by the same table.
-            old = slot.state
-            if S.RESETTING not in _TRANSITIONS[old]:
-                raise InternalStateError(f"illegal transition {old.value} -> {S.RESETTING.value} for {slot!r}")
-            counts = self._counts
-            counts[old] -= 1
-            counts[S.RESETTING] += 1
+            # _move(slot, S.RESETTING), inlined (the query lease's hot path):
+            # from LEASED, an open lease's slot (check_invariants checks
+            # it), the one state the table lets move to RESETTING; neither
+            # state is counted.
             slot.state = S.RESETTING
             return True
         if outcome is Outcome.CLEAN:
             self.counters.resets_skipped += 1
             if not self._waiters and slot.generation == self.generation and not self.closing and (
-                len(self._slots) - self._counts[S.CLOSING] <= self.max_size
+                len(self._slots) - self._closing_count <= self.max_size
             ):
                 # The hot path of _hand_on (nobody waits: idle it), inlined.
-                counts = self._counts
-                counts[S.LEASED] -= 1
-                counts[S.IDLE] += 1
                 slot.state = S.IDLE
                 slot.idle_since = now
                 self._idle.append(slot)
@@ -872,12 +878,9 @@ class PoolState:
         if ok:
             self.counters.resets += 1
             if not self._waiters and slot.generation == self.generation and not self.closing and (
-                len(self._slots) - self._counts[S.CLOSING] <= self.max_size
+                len(self._slots) - self._closing_count <= self.max_size
             ):
                 # The hot path of _hand_on (nobody waits: idle it), inlined.
-                counts = self._counts
-                counts[S.RESETTING] -= 1
-                counts[S.IDLE] += 1
                 slot.state = S.IDLE
                 slot.idle_since = now
                 self._idle.append(slot)
@@ -932,7 +935,7 @@ class PoolState:
         if (
             self.closing
             or slot.generation != self.generation
-            or len(self._slots) - self._counts[S.CLOSING] > self.max_size  # _live(), inlined (hot path)
+            or len(self._slots) - self._closing_count > self.max_size  # _live(), inlined (hot path)
         ):
             self._start_close(slot)
             return
@@ -952,14 +955,12 @@ class PoolState:
             waiter.slot = slot
             if waiter.deadline is not None:
                 self._timer_dropped()
-            # _move(slot, S.RESERVED), inlined (the contended hot path), its
-            # check by the same table.
-            old = slot.state
-            if S.RESERVED not in _TRANSITIONS[old]:
-                raise InternalStateError(f"illegal transition {old.value} -> {S.RESERVED.value} for {slot!r}")
-            counts = self._counts
-            counts[old] -= 1
-            counts[S.RESERVED] += 1
+            # _move(slot, S.RESERVED), inlined (the contended hot path), with
+            # no look-up in the table: every caller checked the slot's state
+            # (CONNECTING, RESERVED, RESETTING, or LEASED: an open lease's),
+            # and each may move to RESERVED.
+            if slot.state is S.CONNECTING:  # (connect_succeeded; the others are not counted)
+                self._connecting_count -= 1
             slot.state = S.RESERVED
             self.actions.append(Wake(waiter))
             return
@@ -1032,7 +1033,7 @@ class PoolState:
         or for a task that gave up) to the newest waiters without one."""
         if self._policy is not None:
             return
-        spare = self._counts[S.CONNECTING] - self._bound
+        spare = self._connecting_count - self._bound
         if spare <= 0 or self._waiting <= self._bound:
             return
         for slot in sorted((s for s in self._slots if s.state is S.CONNECTING and s.owner is None), key=_slot_id):
@@ -1045,11 +1046,11 @@ class PoolState:
         """Start connects for unmet demand, within max_size and max_connecting:
         each for the newest waiter without one (asyncpg's acquire opens its
         own), or for min_size."""
-        if self._counts[S.CONNECTING] > self._bound:
+        if self._connecting_count > self._bound:
             self._adopt()
         if len(self._slots) >= self.max_size or self.closing or now < self.backoff_until:
             return  # (the first test: the contended hot path, a full pool)
-        connecting = self._counts[S.CONNECTING]
+        connecting = self._connecting_count
         # Like asyncpg, open a connection per unserved waiter (up to max_size):
         # resetting connections are not counted as supply, since asyncpg's
         # release holds them for the reset too.
@@ -1068,7 +1069,7 @@ class PoolState:
         for _ in range(min(demand, room)):
             slot = Slot(self._new_id(), self.generation, now)
             self._slots.add(slot)
-            self._counts[S.CONNECTING] += 1
+            self._connecting_count += 1
             if self._policy is None and self._waiting > self._bound:
                 waiter = self._newest_unbound()
                 if waiter is not None:
@@ -1083,7 +1084,7 @@ class PoolState:
         """One connect towards min_size, for the I/O layer's floor upkeep
         after failures (asyncpg 0.32 retries the floor after 1, 2, 4 ... 60 s).
         None when the floor is met, or a connect is already under way."""
-        if not self.floor_deficit() or self._counts[S.CONNECTING] or self.size >= self.max_size:
+        if not self.floor_deficit() or self._connecting_count or self.size >= self.max_size:
             return None
         slot = self.add_connecting(now)
         # A task that arrived during the backoff has no connect of its own:
@@ -1097,7 +1098,7 @@ class PoolState:
             raise InternalStateError("add_connecting beyond max_size")
         slot = Slot(self._new_id(), self.generation, now)
         self._slots.add(slot)
-        self._counts[S.CONNECTING] += 1
+        self._connecting_count += 1
         return slot
 
     def connect_succeeded(self, slot: Slot, connection: Any, now: float) -> bool:
@@ -1143,7 +1144,7 @@ class PoolState:
         self.last_connect_error = error
         self.backoff_until = now + self.backoff.delay(self.connect_failures, refused)
         # A closing connection will not come back: it does not count.
-        if self._serving() == 0 and self._counts[S.CONNECTING] == 0:
+        if self._serving() == 0 and self._connecting_count == 0:
             # Nothing will come back to the waiters before the next attempt:
             # fail them now rather than let them wait out their timeouts.
             self._fail_waiters(error, self.breaker_threshold is not None and (
@@ -1353,7 +1354,7 @@ class PoolState:
                 candidates.append(head[0])
         if self.max_inactive_lifetime and self._idle and self._live() > self.min_size:
             candidates.append(self._idle[0].idle_since + self.max_inactive_lifetime)
-        if self.connect_failures and self._waiting and not self._counts[S.CONNECTING]:
+        if self.connect_failures and self._waiting and not self._connecting_count:
             # (While a probe connects, its outcome re-plans: a timer at a
             # backoff_until already past would fire again and again.)
             candidates.append(self.backoff_until)
@@ -1434,21 +1435,22 @@ class PoolState:
         def fail(message: str) -> None:
             raise InternalStateError(message)
 
-        live = [s for s in self._slots if s.state is not S.CLOSED]
-        if len(live) != len(self._slots):
+        found = dict.fromkeys(SlotState, 0)
+        for slot in self._slots:
+            found[slot.state] += 1
+        if found[S.CLOSED]:
             fail("a closed slot is still counted")
-        for state in SlotState:
-            actual = sum(1 for s in self._slots if s.state is state)
-            if actual != self._counts[state] and state is not S.CLOSED:
-                fail(f"{state.value}: counted {self._counts[state]}, found {actual}")
+        for state, counted in ((S.CONNECTING, self._connecting_count), (S.CLOSING, self._closing_count)):
+            if found[state] != counted:
+                fail(f"{state.value}: counted {counted}, found {found[state]}")
         if self.size > self.max_size and not any(
             s.state in (S.CONNECTING, S.LEASED, S.RESETTING, S.CLOSING, S.RESERVED) for s in self._slots
         ):
             fail(f"size {self.size} > max_size {self.max_size} with nothing to shrink")
         if len(set(map(id, self._idle))) != len(self._idle):
             fail("a slot is twice in the idle stack")
-        if any(s.state is not S.IDLE for s in self._idle) or len(self._idle) != self._counts[S.IDLE]:
-            fail("idle stack and idle count disagree")
+        if any(s.state is not S.IDLE or s not in self._slots for s in self._idle) or len(self._idle) != found[S.IDLE]:
+            fail("idle stack and idle slots disagree")
         if self._waiting != sum(1 for w in self._waiters if w.state is W.WAITING):
             fail("live waiter count is off")
         bound = [w for w in self._waiters if w.state is W.WAITING and w.connect is not None]
@@ -1456,7 +1458,7 @@ class PoolState:
             fail("tasks waiting on their own connects are miscounted")
         if any(s.owner is not None and s.owner.connect is not s for s in self._slots):
             fail("a connect names an owner that does not wait for it")
-        if self._policy is None and self._waiting > self._bound and self._counts[S.CONNECTING] > self._bound:
+        if self._policy is None and self._waiting > self._bound and self._connecting_count > self._bound:
             fail("a connect nobody waits for while a task waits without one")
         waiting = (self._waiting - self._bound) if self._policy is None else self._policy.eligible
         if waiting and self._idle and not self.closing:
@@ -1468,7 +1470,7 @@ class PoolState:
         for lease in leases:
             if lease.state not in OPEN_LEASE or lease.slot.lease is not lease or lease.slot.state is not S.LEASED:
                 fail(f"lease {lease.id} does not match its slot")
-        if len(leases) != self._counts[S.LEASED]:
+        if len(leases) != found[S.LEASED]:
             fail("leases and leased slots disagree")
         dead = sum(1 for _, _, kind, obj in self._timers if not self._timer_live(kind, obj))
         if dead != self._stale_timers:
