@@ -305,6 +305,47 @@ def us(seconds: float) -> str:
 # --------------------------------------------------------------- the machine
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from ``/proc/stat``; None elsewhere."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_for_quiet(
+    max_wait: float = 60.0,
+    busy_cores: float = 0.3,
+    sample: float = 1.0,
+    ticks: Callable[[], tuple[int, int] | None] = cpu_ticks,
+    sleep: Callable[[float], None] = time.sleep,
+    cores: int | None = None,
+) -> tuple[float | None, float]:
+    """Wait until the machine is quiet before timing: until the other
+    processes use under ``busy_cores`` CPUs (this one idles meanwhile)
+    over a ``sample``-second window, for at most ``max_wait`` seconds.
+    Returns (the cores busy in the last window, or None without
+    ``/proc/stat``; seconds waited). On 2 cores a background job (CI's pip
+    builds, a test run finishing) skews the ratios against a raw connection
+    most: it leaves the client and its server backend one core to share,
+    which makes the round trip cheaper and the pool's Python no cheaper."""
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    waited = 0.0
+    while True:
+        before = ticks()
+        sleep(sample)
+        after = ticks()
+        if before is None or after is None or after[1] <= before[1]:
+            return None, waited + sample
+        busy = (after[0] - before[0]) / (after[1] - before[1]) * cores
+        waited += sample
+        if busy < busy_cores or waited >= max_wait:
+            return round(busy, 2), waited
+
+
 def machine_info(server_version: str) -> dict[str, str]:
     import asyncpg
 

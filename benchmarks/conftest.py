@@ -34,6 +34,7 @@ from ._harness import (
     Row,
     guard_at,
     machine_info,
+    wait_for_quiet,
     render_markdown,
     render_text,
     with_retry,
@@ -143,7 +144,13 @@ class Bench:
     def standings(self) -> Standings:
         """Where the guarded rows stand in quick runs on this machine's CPU
         and this run's loop (``benchmarks/standings.json``)."""
-        return standings.for_machine(standings.cpu_model(), self.loop_name)
+        return standings.for_machine(standings.cpu_model(), self.loop_name, probe_us=self.probe_us)
+
+    @cached_property
+    def probe_us(self) -> float:
+        """This host's ``standings.interpreter_probe()``, µs, measured once
+        per session before the first benchmark (it picks the standings)."""
+        return standings.interpreter_probe()
 
     def target(self, target: float, standing: str) -> dict[str, Any]:
         """A row's ``target``, ``guard`` and ``standing`` keywords, for a row
@@ -204,9 +211,18 @@ def bench(pytestconfig: pytest.Config, bench_loop: asyncio.AbstractEventLoop, pg
 
     bench = Bench(bench_loop, pg_dsn, report.mode, report)
     if not report.machine:
-        report.machine = machine_info(bench_loop.run_until_complete(server_version()))
+        version = bench_loop.run_until_complete(server_version())
+        busy, waited = wait_for_quiet(max_wait=120.0)
+        report.machine = machine_info(version)
+        report.machine["other processes at start"] = (
+            "?" if busy is None else f"{busy} CPUs busy after waiting {waited:.0f} s (at most 120) for under 0.3")
         report.machine["event loop"] = bench.loop_name
+        report.machine["interpreter probe"] = f"sum(range(1000)) {bench.probe_us} µs"
         report.machine["guards"] = bench.standings.note
+        record = os.environ.get(standings.ROWS_ENV)
+        if record:  # python -m benchmarks.standings keeps each run's probe with its rows
+            with open(record, "a") as out:
+                out.write(json.dumps({"probe_us": bench.probe_us}) + "\n")
     return bench
 
 

@@ -14,6 +14,24 @@ too tight). ``standings.json`` keeps them per CPU model (the ``model name``
 of ``/proc/cpuinfo``, as the table's machine line shows it) and loop: the
 median of that many quick runs.
 
+The CPU model does not say how fast a host runs Python. On 2026-12-02 the
+same 2-core AMD EPYC model ran the interpreter 2.5 times slower in the
+afternoon than in the morning (``interpreter_probe()``: 19-24 µs against
+about 9), while the kernel and the server slowed far less; every ratio of
+safepool against a raw connection rose with it (safepool reset_mode=auto
+against a raw ``SELECT 1``: 1.11-1.21x on the usual host, 1.32-1.72x on the
+slow one, for 1.42x the instructions), and CI failed on a guard set from
+the usual host. So an entry may also record the probe its runs measured
+(``probe_us``) and the CPU it belongs to (``cpu``, when its key is a label
+of its own such as "AMD EPYC, slow host"): a run takes, among its CPU's
+entries, the one recorded on the slowest host it is at least
+``PROBE_MATCH`` of (an entry without a probe was recorded on the usual
+host and counts as the fastest), and each row takes the loosest standing
+of the entries it is that slow for: a slow host's quick runs spread wider
+(the empty lease at 0.017-0.037x asyncpg's time in four runs), so its own
+median may not tighten a guard below the usual host's. The usual host's
+guards are untouched.
+
 On a CPU with no standings, every row takes the loosest standing of the
 known machines (the run says so in the table's header): CI stays green on
 new hardware, and its guards are as loose as the loosest machine's until
@@ -35,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import timeit
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +77,22 @@ def cpu_model() -> str:
     return platform.processor() or "?"
 
 
+# A run takes a slow host's entry when its probe is at least this share of
+# the probe that entry was recorded with (a host 25% faster than the slow
+# one still counts as slow; the usual host's probe is half of it or less).
+PROBE_MATCH = 0.8
+
+
+def interpreter_probe() -> float:
+    """How fast this host runs the Python interpreter's own loop: the best
+    of 5 timings of ``sum(range(1000))`` in microseconds, as ``python -m
+    timeit "sum(range(1000))"`` prints it (about 9 µs on the usual 2-core
+    AMD EPYC host with CPython 3.11, 19-24 µs on the slow one). Takes about
+    0.2 s."""
+    timer = timeit.Timer("sum(range(1000))")
+    return round(min(timer.repeat(repeat=5, number=2000)) / 2000 * 1e6, 2)
+
+
 @dataclass(frozen=True)
 class Standings:
     """The standings one run's guards are set from: ``rows`` maps a row's key
@@ -67,6 +102,7 @@ class Standings:
 
     rows: dict[str, float]
     machine: str | None
+    probe_us: float | None = None  # the probe the entry was recorded with, if it recorded one
 
     def __getitem__(self, key: str) -> float:
         return self.rows[key]
@@ -75,24 +111,44 @@ class Standings:
     def note(self) -> str:
         """One line for the table's header: whose standings the guards use."""
         if self.machine is not None:
-            return f"this machine's standings ({self.machine})"
+            recorded = f", recorded at a probe of {self.probe_us} µs" if self.probe_us is not None else ""
+            return f"this machine's standings ({self.machine}{recorded})"
         return ("the loosest known machine's standings: none recorded for this CPU "
                 "(python -m benchmarks.standings --write records them)")
 
 
 def load(path: Path = FILE) -> dict[str, dict[str, dict[str, float]]]:
-    """``{cpu model: {loop: {row key: ratio}}}`` from ``standings.json``."""
+    """``{entry: {loop: {row key: ratio}}}`` from ``standings.json`` (an
+    entry is a CPU model, or a label of a host of one: ``entries()``)."""
     machines = json.loads(path.read_text())["machines"]
-    return {cpu: {loop: dict(entry[loop]) for loop in LOOPS} for cpu, entry in machines.items()}
+    return {label: {loop: dict(entry[loop]) for loop in LOOPS} for label, entry in machines.items()}
 
 
-def for_machine(cpu: str, loop: str, path: Path = FILE) -> Standings:
-    """The standings for ``cpu`` on ``loop`` ("asyncio" or "uvloop"); for an
-    unknown CPU, each row's loosest (highest) standing over the known ones.
-    Raises ``KeyError`` for an unknown loop."""
+def entries(path: Path = FILE) -> dict[str, tuple[str, float | None]]:
+    """``{entry: (cpu model, probe in µs or None)}`` from ``standings.json``."""
+    machines = json.loads(path.read_text())["machines"]
+    return {label: (entry.get("cpu", label), entry.get("probe_us")) for label, entry in machines.items()}
+
+
+def for_machine(cpu: str, loop: str, path: Path = FILE, probe_us: float | None = None) -> Standings:
+    """The standings for ``cpu`` on ``loop`` ("asyncio" or "uvloop") on a
+    host whose ``interpreter_probe()`` measured ``probe_us`` (None: the
+    usual host): among the CPU's entries, the one with the highest recorded
+    probe that ``probe_us`` is at least ``PROBE_MATCH`` of, an entry without
+    a probe counting as 0 (the usual host). For an unknown CPU, each row's
+    loosest (highest) standing over the known entries. Raises ``KeyError``
+    for an unknown loop."""
     machines = load(path)
-    if cpu in machines:
-        return Standings(machines[cpu][loop], cpu)
+    mine = [(probe or 0.0, label, probe) for label, (model, probe) in entries(path).items() if model == cpu]
+    if mine:
+        fits = [entry for entry in mine if entry[0] == 0.0 or (probe_us is not None and probe_us >= PROBE_MATCH * entry[0])]
+        fits = fits or [min(mine)]
+        _, label, probe = max(fits)
+        # A slow host's quick runs spread wider (its speed varies within a
+        # run): each row takes the looser of its standings on the entries
+        # this host is as slow as, never a tighter guard than the usual host's.
+        rows = {key: max(machines[entry][loop][key] for _, entry, _ in fits) for key in machines[label][loop]}
+        return Standings(rows, label, probe)
     keys = {key for entry in machines.values() for key in entry[loop]}
     return Standings({key: max(entry[loop][key] for entry in machines.values() if key in entry[loop])
                       for key in keys}, None)
@@ -109,11 +165,13 @@ def _run_once(loop: str, rows_file: Path) -> None:
     subprocess.run(command, cwd=FILE.parent.parent, env=env, check=False, stdout=subprocess.DEVNULL)
 
 
-def record(runs: int, loops: list[str]) -> dict[str, dict[str, list[float]]]:
+def record(runs: int, loops: list[str]) -> tuple[dict[str, dict[str, list[float]]], list[float]]:
     """Run the quick benchmarks ``runs`` times per loop, alternating the loops;
     returns ``{loop: {row key: [ratio per run]}}`` (a row's first attempt:
-    a retry's better value would bias the median down)."""
+    a retry's better value would bias the median down) and the
+    ``interpreter_probe()`` each run measured, in µs."""
     values: dict[str, dict[str, list[float]]] = {loop: {} for loop in loops}
+    probes: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(runs):
             for loop in loops:
@@ -126,10 +184,13 @@ def record(runs: int, loops: list[str]) -> dict[str, dict[str, list[float]]]:
                     )
                 for line in rows_file.read_text().splitlines():
                     row = json.loads(line)
-                    values[loop].setdefault(row["standing"], []).append(row["first"])
-                print(f"run {run + 1}/{runs} on {loop}: "
+                    if "probe_us" in row:
+                        probes.append(row["probe_us"])
+                    else:
+                        values[loop].setdefault(row["standing"], []).append(row["first"])
+                print(f"run {run + 1}/{runs} on {loop} (probe {probes[-1] if probes else '?'} µs): "
                       + ", ".join(f"{key} {v[-1]:.3f}" for key, v in sorted(values[loop].items())), flush=True)
-    return values
+    return values, probes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,14 +198,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5, help="quick runs per loop (default 5)")
     parser.add_argument("--loop", choices=(*LOOPS, "both"), default="both", help="the loop(s) to record (default both)")
     parser.add_argument("--write", action="store_true", help="store the medians for this CPU in standings.json")
+    parser.add_argument("--label", help="with --write: store them under this label (a slow host of this CPU, say), "
+                        "with the CPU model and the runs' median probe; default: the CPU model's own entry")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     loops = list(LOOPS) if args.loop == "both" else [args.loop]
     cpu = cpu_model()
-    if args.write and cpu not in load() and len(loops) < len(LOOPS):
-        parser.error(f"{cpu} has no standings yet: record both loops (--loop both) to write them")
-    values = record(args.runs, loops)
+    label = args.label or cpu
+    if args.write and label not in load() and len(loops) < len(LOOPS):
+        parser.error(f"{label} has no standings yet: record both loops (--loop both) to write them")
+    values, probes = record(args.runs, loops)
+    probe = round(statistics.median(probes), 2) if probes else None
+    print(f"{cpu}: interpreter probe {probe} µs (median of {len(probes)} runs: {probes})")
     medians = {loop: {key: round(statistics.median(v), 3) for key, v in sorted(values[loop].items())}
                for loop in loops}
     for loop in loops:
@@ -154,12 +220,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {key:<16} {median:.3f}  ({spread})")
     if args.write:
         data = json.loads(FILE.read_text())
-        entry = data["machines"].setdefault(cpu, {})
+        entry = data["machines"].setdefault(label, {})
+        if label != cpu:
+            entry["cpu"] = cpu
+        if args.label and probe is not None:  # the CPU's own entry stands for its usual host (module docstring)
+            entry["probe_us"] = probe
         for loop in loops:
             entry[loop] = medians[loop]
             entry.setdefault("runs", {})[loop] = args.runs
         FILE.write_text(json.dumps(data, indent=2) + "\n")
-        print(f"wrote {FILE.name} for {cpu}")
+        print(f"wrote {FILE.name} for {label}")
 
 
 if __name__ == "__main__":

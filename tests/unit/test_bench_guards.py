@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import ast
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from benchmarks import standings
-from benchmarks._harness import guard_at, guard_for
+from benchmarks._harness import guard_at, guard_for, wait_for_quiet
 
 RATIOS = Path(__file__).parents[2] / "benchmarks" / "test_ratios.py"
 
@@ -137,6 +138,40 @@ def test_an_unknown_cpu_takes_each_rows_loosest_known_standing(tmp_path: Path) -
     assert "none recorded for this CPU" in unknown.note
 
 
+def test_a_slow_host_of_a_known_cpu_takes_the_entry_recorded_at_its_speed(tmp_path: Path) -> None:
+    # The CPU model does not say how fast the host runs Python: an entry
+    # recorded on a slow host of the model (its probe, µs) is taken by runs
+    # whose probe is at least PROBE_MATCH of it, and only by them.
+    path = tmp_path / "standings.json"
+    path.write_text(json.dumps({"machines": {
+        "EPYC": {"asyncio": {"auto_raw": 1.19, "empty": 0.029}, "uvloop": {"auto_raw": 1.23, "empty": 0.033}},
+        "EPYC, slow host": {"cpu": "EPYC", "probe_us": 20.0,
+                            "asyncio": {"auto_raw": 1.40, "empty": 0.022},
+                            "uvloop": {"auto_raw": 1.45, "empty": 0.030}},
+        "Xeon": {"asyncio": {"auto_raw": 1.15, "empty": 0.03}, "uvloop": {"auto_raw": 1.16, "empty": 0.03}},
+    }}))
+    usual = standings.for_machine("EPYC", "asyncio", path, probe_us=9.0)
+    assert usual.rows == {"auto_raw": 1.19, "empty": 0.029} and usual.machine == "EPYC" and usual.probe_us is None
+    assert standings.for_machine("EPYC", "asyncio", path, probe_us=15.9).machine == "EPYC"  # under 0.8 x 20
+    assert standings.for_machine("EPYC", "asyncio", path).machine == "EPYC"  # no probe: the usual host
+    for probe in (16.0, 20.0, 35.0):
+        slow = standings.for_machine("EPYC", "uvloop", path, probe_us=probe)
+        # Each row the looser of the two: the slow host's auto_raw, the usual host's empty.
+        assert slow.rows == {"auto_raw": 1.45, "empty": 0.033} and slow.machine == "EPYC, slow host", probe
+        assert "recorded at a probe of 20.0 µs" in slow.note
+    # Another CPU's entries are never taken, whatever the probe.
+    assert standings.for_machine("Xeon", "asyncio", path, probe_us=30.0).rows == {"auto_raw": 1.15, "empty": 0.03}
+    # An unknown CPU still takes the loosest standing over every entry.
+    assert standings.for_machine("new", "asyncio", path, probe_us=9.0).rows == {"auto_raw": 1.40, "empty": 0.03}
+
+
+def test_the_interpreter_probe_times_the_interpreters_own_loop() -> None:
+    # Microseconds for sum(range(1000)): a thousand iterations of the
+    # interpreter's loop take between 0.5 µs (no machine this century runs
+    # it faster) and 1 ms (a machine that slow cannot run the benchmarks).
+    assert 0.5 < standings.interpreter_probe() < 1000
+
+
 def test_only_issue_6_rows_take_a_guard_without_a_standing() -> None:
     # guard_for(target) ignores where the row stands: a row that meets its
     # target by far would pass a 25% regression. Only issue 6's rows may.
@@ -164,3 +199,31 @@ def test_recording_refuses_what_it_could_not_write_before_running_anything(
     with pytest.raises(SystemExit):
         standings.main(["--runs", "0"])
     assert "--runs must be at least 1" in capsys.readouterr().err
+
+
+def _ticks(windows: list[tuple[int, int]]) -> Callable[[], tuple[int, int]]:
+    """A /proc/stat reader whose successive (busy, total) deltas are ``windows``."""
+    readings = [(0, 0)]
+    for busy, total in windows:
+        last = readings[-1]
+        readings += [(last[0] + busy, last[1] + total)] * 2  # the window's end is the next one's start
+    values = iter(readings)
+    return lambda: next(values)
+
+
+def test_the_benchmarks_wait_until_other_processes_leave_the_cpus_idle() -> None:
+    slept: list[float] = []
+    # Two cores: 1.5 busy, then 0.8, then 0.2 (under 0.3): three windows.
+    busy, waited = wait_for_quiet(ticks=_ticks([(150, 200), (80, 200), (20, 200)]), sleep=slept.append, cores=2)
+    assert (busy, waited, slept) == (0.2, 3.0, [1.0, 1.0, 1.0])
+
+
+def test_the_wait_for_a_quiet_machine_gives_up_after_max_wait() -> None:
+    slept: list[float] = []
+    busy, waited = wait_for_quiet(max_wait=3.0, ticks=_ticks([(200, 200)] * 10), sleep=slept.append, cores=2)
+    assert (busy, waited, len(slept)) == (2.0, 3.0, 3)
+
+
+def test_without_proc_stat_the_benchmarks_do_not_wait() -> None:
+    slept: list[float] = []
+    assert wait_for_quiet(ticks=lambda: None, sleep=slept.append, cores=2) == (None, 1.0)
