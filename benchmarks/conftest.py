@@ -34,9 +34,9 @@ from ._harness import (
     Row,
     guard_at,
     machine_info,
-    wait_for_quiet,
     render_markdown,
     render_text,
+    wait_for_quiet,
     with_retry,
 )
 from .standings import Standings
