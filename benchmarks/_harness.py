@@ -306,14 +306,20 @@ def us(seconds: float) -> str:
 
 
 def cpu_ticks() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs from ``/proc/stat``; None elsewhere."""
+    """(busy, total) jiffies of all CPUs from ``/proc/stat``'s first line;
+    None elsewhere. Busy: user, nice, system, irq and softirq; total adds
+    idle, iowait and steal (time the hypervisor gave elsewhere: not this
+    machine's processes, and no wait here would end it). Guest time is
+    already in user's (proc(5))."""
     try:
         with open("/proc/stat") as stat:
-            fields = [int(x) for x in stat.readline().split()[1:]]
+            fields = [int(x) for x in stat.readline().split()[1:9]]
     except (OSError, ValueError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+    fields += [0] * (8 - len(fields))
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal
 
 
 def wait_for_quiet(
@@ -332,7 +338,7 @@ def wait_for_quiet(
     builds, a test run finishing) skews the ratios against a raw connection
     most: it leaves the client and its server backend one core to share,
     which makes the round trip cheaper and the pool's Python no cheaper."""
-    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cores = cores or os.cpu_count() or 1  # (all of them: /proc/stat's first line counts every CPU)
     waited = 0.0
     while True:
         before = ticks()

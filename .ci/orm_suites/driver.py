@@ -32,7 +32,10 @@ Exit status 1 when, for any suite:
 With ``--deadline`` (seconds since the epoch: .ci/run's time budget), a
 suite that would start with less than ``MIN_SUITE_SECONDS`` left is not
 started, and one still running at the deadline is stopped; either is
-reported as cut by the budget and does not fail the run. databases' suite
+reported as cut by the budget and does not fail the run, unless asyncpg's
+run of the suite finished and safepool's had run more than twice as long
+plus a minute when stopped (``stalled``: a pool that stops handing out
+connections runs every test into its timeout), which fails it. databases' suite
 runs first: it takes a minute, Tortoise's several beside the matrix.
 
 Warnings of the ``safepool`` and ``asyncpg.pool`` loggers are printed for
@@ -84,7 +87,12 @@ MIN_SUITE_SECONDS = 60.0
 
 
 class BudgetCut(Exception):
-    """A suite's run was stopped at the CI deadline (``--deadline``)."""
+    """A suite's run was stopped at the CI deadline (``--deadline``) after
+    ``seconds``."""
+
+    def __init__(self, message: str, seconds: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
 
 
 @dataclass
@@ -269,8 +277,9 @@ def run_suite(
             exit_code = completed.returncode
         except subprocess.TimeoutExpired:
             if time.time() >= deadline:
-                raise BudgetCut(f"{suite.name} on {pool} stopped at the CI deadline after "
-                                f"{time.monotonic() - started:.0f} s") from None
+                seconds = time.monotonic() - started
+                raise BudgetCut(f"{suite.name} on {pool} stopped at the CI deadline after {seconds:.0f} s",
+                                seconds) from None
             exit_code = -1
     seconds = time.monotonic() - started
     time.sleep(0.2)  # the server writes the last lines of the log asynchronously
@@ -357,6 +366,20 @@ def compare(suite: Suite, base: Run, safe: Run) -> list[str]:
     return problems
 
 
+def stalled(results: list[Run | BudgetCut]) -> str | None:
+    """With the two runs at once, asyncpg's finished and safepool's cut by
+    the deadline after more than twice asyncpg's time plus a minute: a
+    stall (a pool that no longer hands out connections runs into every
+    test's timeout), not a slow day. Its message, else None (a cut)."""
+    if len(results) != 2 or not isinstance(results[0], Run) or not isinstance(results[1], BudgetCut):
+        return None
+    base, stopped = results
+    if stopped.seconds <= 2 * base.seconds + 60:
+        return None
+    return (f"the safepool run was still going at the CI deadline after {stopped.seconds:.0f} s; "
+            f"asyncpg's run of the same suite took {base.seconds:.0f} s")
+
+
 def _test_ids(run: Run, outcome: str) -> set[str]:
     """Test ids of one outcome, without the server's port (databases' ids hold its URL)."""
     return {re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", test) for test in run.report["outcomes"][outcome]}
@@ -412,16 +435,30 @@ def main(argv: list[str]) -> int:
                     suite = suites(server.host, server.port)[name]
                     source = prepare_source(suite, options.work, Path(tmp) / pool)
                     runs.append((suite, pool, source, options.work, server, options.timeout, options.deadline))
-                try:
-                    if options.sequential:
-                        base, safe = (run_suite(*run) for run in runs)
-                    else:
-                        with ThreadPoolExecutor(2) as executor:
-                            base, safe = executor.map(lambda run: run_suite(*run), runs)
-                except BudgetCut as stopped:
-                    cut.append(str(stopped))
-                    continue
-            problems += compare(suite, base, safe)
+                results: list[Run | BudgetCut] = []
+                if options.sequential:
+                    for run in runs:
+                        try:
+                            results.append(run_suite(*run))
+                        except BudgetCut as stopped:
+                            results.append(stopped)
+                            break
+                else:
+                    with ThreadPoolExecutor(2) as executor:
+                        futures = [executor.submit(run_suite, *run) for run in runs]
+                    for future in futures:
+                        error = future.exception()
+                        results.append(error if isinstance(error, BudgetCut) else future.result())
+            stopped = [result for result in results if isinstance(result, BudgetCut)]
+            if not stopped:
+                base, safe = results
+                problems += compare(suite, base, safe)
+                continue
+            slow = stalled(results)
+            if slow:
+                problems.append(slow)
+            else:
+                cut.extend(str(result) for result in stopped)
     finally:
         for server in servers:
             server.close()
@@ -430,7 +467,9 @@ def main(argv: list[str]) -> int:
         print(f"orm: cut by the CI time budget (--deadline): {reason}")
     for problem in problems:
         print(f"orm: FAIL {problem}")
-    if not problems and cut:
+    if not problems and cut and len(cut) == len(wanted):
+        print("orm: WARNING: the CI time budget cut every suite: none was compared")
+    elif not problems and cut:
         print("orm: the suites that ran give the same outcomes and connection counts on both pools")
     elif not problems:
         print("orm: both ORM suites give the same outcomes and connection counts on asyncpg's pool and safepool's")

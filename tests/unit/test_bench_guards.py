@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import standings
-from benchmarks._harness import guard_at, guard_for, wait_for_quiet
+from benchmarks._harness import cpu_ticks, guard_at, guard_for, wait_for_quiet
 
 RATIOS = Path(__file__).parents[2] / "benchmarks" / "test_ratios.py"
 
@@ -152,17 +152,30 @@ def test_a_slow_host_of_a_known_cpu_takes_the_entry_recorded_at_its_speed(tmp_pa
     }}))
     usual = standings.for_machine("EPYC", "asyncio", path, probe_us=9.0)
     assert usual.rows == {"auto_raw": 1.19, "empty": 0.029} and usual.machine == "EPYC" and usual.probe_us is None
-    assert standings.for_machine("EPYC", "asyncio", path, probe_us=15.9).machine == "EPYC"  # under 0.8 x 20
+    assert standings.for_machine("EPYC", "asyncio", path, probe_us=11.9).machine == "EPYC"  # under 0.6 x 20
     assert standings.for_machine("EPYC", "asyncio", path).machine == "EPYC"  # no probe: the usual host
-    for probe in (16.0, 20.0, 35.0):
+    for probe in (12.0, 20.0, 35.0):
         slow = standings.for_machine("EPYC", "uvloop", path, probe_us=probe)
         # Each row the looser of the two: the slow host's auto_raw, the usual host's empty.
         assert slow.rows == {"auto_raw": 1.45, "empty": 0.033} and slow.machine == "EPYC, slow host", probe
-        assert "recorded at a probe of 20.0 µs" in slow.note
+        assert "recorded at a probe of 20.0 µs" in slow.note and "the loosest of EPYC and EPYC, slow host" in slow.note
     # Another CPU's entries are never taken, whatever the probe.
     assert standings.for_machine("Xeon", "asyncio", path, probe_us=30.0).rows == {"auto_raw": 1.15, "empty": 0.03}
-    # An unknown CPU still takes the loosest standing over every entry.
-    assert standings.for_machine("new", "asyncio", path, probe_us=9.0).rows == {"auto_raw": 1.40, "empty": 0.03}
+    # An unknown CPU takes the loosest standing over the usual entries: a
+    # slow host's is no guess at new hardware.
+    assert standings.for_machine("new", "asyncio", path, probe_us=30.0).rows == {"auto_raw": 1.19, "empty": 0.03}
+
+
+def test_entries_with_different_rows_give_each_row_its_loosest_standing(tmp_path: Path) -> None:
+    # A row added to the benchmarks and recorded on one entry only must not
+    # break every benchmark of a host that takes two entries (KeyError).
+    path = tmp_path / "standings.json"
+    path.write_text(json.dumps({"machines": {
+        "EPYC": {"asyncio": {"query": 0.88}, "uvloop": {"query": 0.93}},
+        "EPYC, slow host": {"cpu": "EPYC", "probe_us": 20.0,
+                            "asyncio": {"query": 0.82, "new_row": 1.3}, "uvloop": {"query": 0.84}},
+    }}))
+    assert standings.for_machine("EPYC", "asyncio", path, probe_us=25.0).rows == {"query": 0.88, "new_row": 1.3}
 
 
 def test_the_interpreter_probe_times_the_interpreters_own_loop() -> None:
@@ -209,6 +222,15 @@ def _ticks(windows: list[tuple[int, int]]) -> Callable[[], tuple[int, int]]:
         readings += [(last[0] + busy, last[1] + total)] * 2  # the window's end is the next one's start
     values = iter(readings)
     return lambda: next(values)
+
+
+def test_cpu_ticks_count_steal_as_elapsed_and_not_as_busy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # proc(5): cpu user nice system idle iowait irq softirq steal guest guest_nice
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 10 20 500 30 1 2 300 50 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(stat if path == "/proc/stat" else path, *a, **k))
+    assert cpu_ticks() == (133, 963)
 
 
 def test_the_benchmarks_wait_until_other_processes_leave_the_cpus_idle() -> None:
