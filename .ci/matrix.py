@@ -25,10 +25,10 @@ they were built from changed:
 A time budget: .ci/run sets SAFEPOOL_CI_DEADLINE (seconds since the epoch)
 so that it stays under 15 minutes on a slow host. A cell that would start
 with less left than it takes (``Cell.min_seconds``) is not started, so a
-short budget goes to the short cells, and one still
-running at it is interrupted (SIGINT: pytest writes the report of the tests
-that ran); a failure among those fails the cell, else the cell is reported
-as cut by the budget (the table says "budget"; it does not fail the run). A
+short budget goes to the short cells. A cell still running at the deadline
+is interrupted (SIGINT: pytest writes the report of the tests that ran); a
+failure among those fails the cell, else the cell is reported as cut by the
+budget (the table says "budget"; it does not fail the run). A
 failed test is not run again with under ``RERUN_MIN_SECONDS`` left: its
 failure stands. Cells start in the order of their worth (``rank``), so a
 slow day cuts the off-diagonal cells first. If the budget cut every cell,
@@ -361,9 +361,7 @@ def run_cell(cell: Cell, venv: Path, overlay: Path) -> None:
             cell.note = f"stopped at the CI deadline after {cell.seconds:.0f} s, {cell.passed} passed until then"
         say(f"{cell.name}: {cell.note}")
         if cell.status == "failed":
-            tail = cell.log.read_text(errors="replace").splitlines()[-40:]
-            with _print_lock:
-                print(f"---- {cell.log.relative_to(ROOT)} (last 40 lines)", *tail, "----", sep="\n", flush=True)
+            show_log_tail(cell)
         return
     if xml.exists():
         cell.passed, cell.failed, cell.skipped = junit_counts(xml)
@@ -396,9 +394,14 @@ def run_cell(cell: Cell, venv: Path, overlay: Path) -> None:
     say(f"{cell.name}: {cell.status}, {cell.passed} passed, {cell.failed} failed, {cell.skipped} skipped "
         f"in {cell.seconds:.0f} s")
     if cell.status != "ok":
-        tail = cell.log.read_text(errors="replace").splitlines()[-40:]
-        with _print_lock:
-            print(f"---- {cell.log.relative_to(ROOT)} (last 40 lines)", *tail, "----", sep="\n", flush=True)
+        show_log_tail(cell)
+
+
+def show_log_tail(cell: Cell) -> None:
+    """Print the last 40 lines of a cell's log (a cell that did not pass)."""
+    tail = cell.log.read_text(errors="replace").splitlines()[-40:]
+    with _print_lock:
+        print(f"---- {cell.log.relative_to(ROOT)} (last 40 lines)", *tail, "----", sep="\n", flush=True)
 
 
 def selected(env_name: str, default: tuple[str, ...]) -> tuple[str, ...]:

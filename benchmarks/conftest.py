@@ -163,12 +163,9 @@ class Bench:
         rows for the table, and fail if any ratio is past its guard."""
         rows = with_retry(self.mode, measure)
         self.report.rows.extend(rows)
-        record = os.environ.get(standings.ROWS_ENV)
-        if record:  # python -m benchmarks.standings: the rows it takes medians of
-            with open(record, "a") as out:
-                for row in rows:
-                    if row.standing is not None:
-                        out.write(json.dumps({"standing": row.standing, "first": row.attempts[0]}) + "\n")
+        # python -m benchmarks.standings: the rows it takes medians of
+        _record_for_standings(*({"standing": row.standing, "first": row.attempts[0]}
+                                for row in rows if row.standing is not None))
         failed = [row for row in rows if row.failed]
         assert not failed, "benchmark ratios past their guard:\n" + "\n".join(
             f"  {row.bench}: {row.metric} = {row.value:.3f} > guard {row.guard} ({row.detail}; attempts {row.attempts})"
@@ -219,11 +216,17 @@ def bench(pytestconfig: pytest.Config, bench_loop: asyncio.AbstractEventLoop, pg
         report.machine["event loop"] = bench.loop_name
         report.machine["interpreter probe"] = f"sum(range(1000)) {bench.probe_us} µs"
         report.machine["guards"] = bench.standings.note
-        record = os.environ.get(standings.ROWS_ENV)
-        if record:  # python -m benchmarks.standings keeps each run's probe with its rows
-            with open(record, "a") as out:
-                out.write(json.dumps({"probe_us": bench.probe_us}) + "\n")
+        _record_for_standings({"probe_us": bench.probe_us})  # each run's probe, with its rows
     return bench
+
+
+def _record_for_standings(*lines: dict[str, Any]) -> None:
+    """Append ``lines`` as JSON lines to the file ``python -m
+    benchmarks.standings`` named in ``standings.ROWS_ENV``; nothing without it."""
+    record = os.environ.get(standings.ROWS_ENV)
+    if record:
+        with open(record, "a") as out:
+            out.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 # ------------------------------------------------------------------ output

@@ -33,8 +33,8 @@ median may not tighten a guard below the usual host's. The usual host's
 guards are untouched.
 
 On a CPU with no standings, every row takes the loosest standing of the
-known machines' usual entries (those without a probe: a slow host's entry
-is no guess at new hardware) (the run says so in the table's header): CI stays green on
+known machines' usual entries (a slow host's entry is no guess at new
+hardware), and the run says so in the table's header: CI stays green on
 new hardware, and its guards are as loose as the loosest machine's until
 this command has recorded the new one.
 
@@ -141,11 +141,13 @@ def for_machine(cpu: str, loop: str, path: Path = FILE, probe_us: float | None =
     host whose ``interpreter_probe()`` measured ``probe_us`` (None: the
     usual host): among the CPU's entries, the one with the highest recorded
     probe that ``probe_us`` is at least ``PROBE_MATCH`` of, an entry without
-    a probe counting as 0 (the usual host). For an unknown CPU, each row's
-    loosest (highest) standing over the known entries. Raises ``KeyError``
-    for an unknown loop."""
+    a probe counting as 0 (the usual host); each row takes the loosest
+    standing of every entry that ``probe_us`` qualifies for. For an unknown
+    CPU, each row's loosest (highest) standing over the usual entries (those
+    without a probe). Raises ``KeyError`` for an unknown loop."""
     machines = load(path)
-    mine = [(probe or 0.0, label, probe) for label, (model, probe) in entries(path).items() if model == cpu]
+    known = entries(path)
+    mine = [(probe or 0.0, label, probe) for label, (model, probe) in known.items() if model == cpu]
     if mine:
         fits = [entry for entry in mine if entry[0] == 0.0 or (probe_us is not None and probe_us >= PROBE_MATCH * entry[0])]
         fits = fits or [min(mine)]
@@ -155,7 +157,7 @@ def for_machine(cpu: str, loop: str, path: Path = FILE, probe_us: float | None =
         # this host is as slow as, never a tighter guard than the usual host's.
         return Standings(_loosest([machines[entry][loop] for _, entry, _ in fits]), label, probe,
                          [entry for _, entry, _ in sorted(fits)])
-    usual = [machines[label][loop] for label, (_, probe) in entries(path).items() if probe is None]
+    usual = [machines[label][loop] for label, (_, probe) in known.items() if probe is None]
     return Standings(_loosest(usual), None)
 
 
