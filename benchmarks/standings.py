@@ -85,14 +85,18 @@ def cpu_model() -> str:
 PROBE_MATCH = 0.6
 
 
-def interpreter_probe() -> float:
-    """How fast this host runs the Python interpreter's own loop: the best
-    of 5 timings of ``sum(range(1000))`` in microseconds, as ``python -m
-    timeit "sum(range(1000))"`` prints it (about 9 µs on the usual 2-core
-    AMD EPYC host with CPython 3.11, 19-29 µs on the slow one). Takes about
-    0.2 s."""
+def interpreter_probe(readings: int = 5) -> float:
+    """How fast this host runs the Python interpreter's own loop: the
+    median of ``readings`` readings, each the best of 5 timings of
+    ``sum(range(1000))`` in microseconds as ``python -m timeit
+    "sum(range(1000))"`` prints it (about 9 µs on the usual 2-core AMD EPYC
+    host with CPython 3.11, 19-29 µs on the slow one). One reading read
+    16.39 µs where six more, seconds later, read 19.5-27.7: the median
+    keeps one reading from picking the guards. Takes about 0.5 s on the
+    slow host."""
     timer = timeit.Timer("sum(range(1000))")
-    return round(min(timer.repeat(repeat=5, number=2000)) / 2000 * 1e6, 2)
+    values = [min(timer.repeat(repeat=5, number=1000)) / 1000 * 1e6 for _ in range(readings)]
+    return round(statistics.median(values), 2)
 
 
 @dataclass(frozen=True)
