@@ -229,6 +229,19 @@ async def connect_settled() -> None:
         await _next_iteration()
 
 
+def in_call(con: RawConnection) -> bool:
+    """A fetch-family call (``fetch``, ``fetchval``, ``fetchrow``, ``execute``
+    with arguments, ``executemany``) is under way on the connection.
+
+    Such a call takes several protocol steps (prepare, then bind and
+    execute), and between two of them the protocol is idle: a statement sent
+    then would refuse the call's next step, or let it run in the next
+    lease's session. asyncpg (0.29-0.32) holds ``_stmt_exclusive_section``
+    for the whole call."""
+    section = getattr(con, "_stmt_exclusive_section", None)
+    return bool(section is not None and section._acquired)
+
+
 def is_cancelling(con: RawConnection) -> bool:
     protocol = con._protocol
     if protocol is None:

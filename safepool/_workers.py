@@ -36,6 +36,10 @@ LOST_BACKEND_CANCEL_TIMEOUT = 2.0
 # test_pool_release_timeout_during_cancellation wants a replacement within
 # 1 s of the release's TimeoutError; asyncpg aborts at once).
 CANCEL_ANSWER_GRACE = 0.5
+# How often a take-back repeats its cancel request while the expired
+# holder's call goes on: a request that reached the backend between two of
+# the call's steps was dropped (PostgreSQL ignores a cancel while idle).
+TAKE_BACK_CANCEL_INTERVAL = 0.1
 
 
 class ResetHooks:
@@ -114,33 +118,41 @@ async def reset(
 async def take_back(con: RawConnection, hooks: ResetHooks, budget: float) -> Exception | None:
     """Reset a connection whose lease expired, within ``budget`` seconds.
 
-    The holder may be in the middle of a query. asyncpg exposes no "busy"
-    flag, but refuses a second operation at once without sending anything:
-    so try the reset, and if refused, cancel the running query on the server
-    (asyncpg's cancel request) and retry until it is free."""
+    The holder may be in the middle of a call. asyncpg exposes no "busy"
+    flag for a query on the wire, but refuses a second operation at once
+    without sending anything: so try the reset, and if refused, cancel the
+    running query on the server (asyncpg's cancel request) and retry until
+    it is free. Between the steps of a fetch-family call (prepare, then bind
+    and execute) the protocol is idle although the call goes on
+    (:func:`_internals.in_call`): nothing is sent then, and the cancel is
+    repeated for the step that follows (a cancel that reached an idle
+    backend was dropped by the server)."""
+    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(budget):
-            cancel_sent = False
+            cancelled_at: float | None = None
             while not con.is_closed():
-                try:
-                    # Something must be sent, even where a release would send
-                    # nothing (rollback mode outside a transaction, a reset=
-                    # hook or reset() that sends nothing): the refusal is the
-                    # only sign of a query still running, which must be
-                    # cancelled before the connection is handed on. There a
-                    # ROLLBACK goes first (it also ends a Parse's implicit
-                    # transaction, as for a marked lease; outside any
-                    # transaction it is a server warning). The default full
-                    # reset always sends its query.
-                    rollback = con.is_in_transaction() or hooks.custom or not hooks.full
-                    await _reset_connection(con, rollback, hooks)
-                except Exception as exc:
-                    if not _pg.is_busy(exc):
-                        raise
-                else:
-                    break
-                if not cancel_sent:
-                    cancel_sent = True
+                if not _pg.in_call(con):
+                    try:
+                        # Something must be sent, even where a release would
+                        # send nothing (rollback mode outside a transaction,
+                        # a reset= hook or reset() that sends nothing): the
+                        # refusal is the only sign of a query still running,
+                        # which must be cancelled before the connection is
+                        # handed on. There a ROLLBACK goes first (it also
+                        # ends a Parse's implicit transaction, as for a
+                        # marked lease; outside any transaction it is a
+                        # server warning). The default full reset always
+                        # sends its query.
+                        rollback = con.is_in_transaction() or hooks.custom or not hooks.full
+                        await _reset_connection(con, rollback, hooks)
+                    except Exception as exc:
+                        if not _pg.is_busy(exc):
+                            raise
+                    else:
+                        break
+                if cancelled_at is None or loop.time() - cancelled_at >= TAKE_BACK_CANCEL_INTERVAL:
+                    cancelled_at = loop.time()
                     await _pg.cancel_running_query(con)
                 await asyncio.sleep(0.005)  # the server's reply frees the protocol
     except Exception as exc:

@@ -125,6 +125,75 @@ async def test_lease_taken_back_mid_query_is_not_handed_on_busy(pg_dsn: str, app
         await asyncio.wait_for(pool.close(), 10)
 
 
+class _PausedAfterPrepare(asyncpg.Connection):  # type: ignore[misc]
+    """Holds a fetch-family call between its prepare and its bind (the
+    protocol idle, the call under way) until the test lets it go on."""
+
+    paused: asyncio.Event | None = None
+    go_on: asyncio.Event | None = None
+
+    async def _get_statement(self, *args: Any, **kwargs: Any) -> Any:
+        statement = await super()._get_statement(*args, **kwargs)
+        if self.paused is not None and self.go_on is not None:
+            self.paused.set()
+            await self.go_on.wait()
+        return statement
+
+
+_CALLS = {
+    "fetchval": lambda con: con.fetchval("SELECT pg_sleep(5)"),
+    "execute with arguments": lambda con: con.execute("SELECT pg_sleep($1)", 5),
+    "executemany": lambda con: con.executemany("SELECT pg_sleep($1)", [(5,), (5,)]),
+}
+
+
+@pytest.mark.parametrize("call", list(_CALLS))
+@pytest.mark.parametrize("reset_mode", ["full", "rollback"])
+async def test_lease_taken_back_between_the_steps_of_a_call(pg_dsn: str, reset_mode: str, call: str) -> None:
+    """The lease expires while its call sits between the call's prepare and
+    its bind: the protocol is idle, but the call goes on. The take-back must
+    not hand the connection on until the call ended: it sent its reset in
+    the gap and handed the connection on, so the holder's next step was
+    refused ("another operation is in progress", CI run of 2026-12-02) or
+    would run in the next lease's session."""
+    clock = safepool.ManualClock()
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, clock=clock, reset_mode=reset_mode, connection_class=_PausedAfterPrepare,
+    )
+    try:
+        con = await pool.acquire(lease_timeout=10)
+        raw = con._con
+        raw.paused, raw.go_on = asyncio.Event(), asyncio.Event()
+        holder = asyncio.create_task(_CALLS[call](con))
+        await asyncio.wait_for(raw.paused.wait(), 5)
+        clock.advance(11)  # the lease expires while the call is between its steps
+
+        handed_on = asyncio.Event()
+        holder_done_at_hand_on: list[bool] = []
+
+        async def next_lease() -> int:
+            async with pool.acquire() as lease:
+                holder_done_at_hand_on.append(holder.done())
+                handed_on.set()
+                raw.paused = raw.go_on = None
+                return int(await lease.fetchval("SELECT 1"))
+
+        follower = asyncio.create_task(next_lease())
+        # Nothing can announce that a hand-on did not happen: give the
+        # take-back time for several resets (one takes ~1 ms here).
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(handed_on.wait(), 0.3)
+        raw.go_on.set()  # the call's next step: the take-back cancels it
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await asyncio.wait_for(holder, 5)
+        assert await asyncio.wait_for(follower, 5) == 1
+        assert holder_done_at_hand_on == [True]
+        assert pool.stats().leases_expired == 1
+        pool._state.check_invariants()
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
 @pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
 async def test_lease_taken_back_inside_a_transaction_block(pg_dsn: str, reset_mode: str) -> None:
     """A lease past its lease_timeout inside ``async with con.transaction()``:
