@@ -218,7 +218,9 @@ class Row:
         if self.failed:
             return "FAIL"
         if self.target is None:
-            return "reported"
+            # (A row with no target of its own may guard one that has:
+            # row 1's guard, where the row stands plus the margin.)
+            return "reported" if self.guard is None else "within guard"
         return "met" if self.value <= self.target else "missed"
 
 

@@ -158,6 +158,12 @@ class Bench:
         stands on this machine and loop plus the margin (``guard_at``)."""
         return {"target": target, "guard": guard_at(target, self.standings[standing]), "standing": standing}
 
+    def standing_guard(self, standing: str) -> dict[str, Any]:
+        """A row's ``target``, ``guard`` and ``standing`` keywords, for a row
+        with no target of its own that guards a targeted row whose ratio
+        moves with the host (row 1): guarded where it stands plus the margin."""
+        return {"target": None, "guard": round(self.standings[standing] * (1 + NOISE_MARGIN), 3), "standing": standing}
+
     def check(self, measure: Callable[[], list[Row]]) -> None:
         """Measure (retrying once in quick mode if a guard fails), record the
         rows for the table, and fail if any ratio is past its guard."""

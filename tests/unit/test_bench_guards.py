@@ -34,13 +34,24 @@ def _row_calls(tree: ast.AST | None = None) -> list[ast.Call]:
     return [node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Row"]
 
 
-def _target_call(row: ast.Call) -> ast.Call | None:
-    """The ``bench.target(target, key)`` a row unpacks (``**bench.target(...)``), if any."""
+def _target_call(row: ast.Call, method: str = "bench.target") -> ast.Call | None:
+    """The ``bench.target(target, key)`` a row unpacks (``**bench.target(...)``),
+    or the ``method`` given (``bench.standing_guard``), if any."""
     for keyword in row.keywords:
         value = keyword.value
-        if keyword.arg is None and isinstance(value, ast.Call) and ast.unparse(value.func) == "bench.target":
+        if keyword.arg is None and isinstance(value, ast.Call) and ast.unparse(value.func) == method:
             return value
     return None
+
+
+def _guarded_by_the_next_row(row: ast.Call, rows: list[ast.Call]) -> bool:
+    """A row with a target and no guard (``None``) whose next row in the file
+    unpacks ``bench.standing_guard(key)``: row 1, whose ratio against asyncpg
+    moves with the host, guarded by the empty lease against the minimal pool."""
+    if len(row.args) < 5 or not (isinstance(row.args[4], ast.Constant) and row.args[4].value is None):
+        return False
+    after = [other for other in rows if other.lineno > row.lineno]
+    return bool(after) and _target_call(min(after, key=lambda r: r.lineno), "bench.standing_guard") is not None
 
 
 def test_every_targeted_row_takes_its_guard_from_its_standing_or_guard_for() -> None:
@@ -51,7 +62,9 @@ def test_every_targeted_row_takes_its_guard_from_its_standing_or_guard_for() -> 
     rows = _row_calls()
     assert len(rows) >= 10
     for row in rows:
-        if _target_call(row) is not None:
+        if _target_call(row) is not None or _target_call(row, "bench.standing_guard") is not None:
+            continue
+        if _guarded_by_the_next_row(row, rows):
             continue
         target, guard = row.args[3], row.args[4]
         if isinstance(target, ast.Constant) and target.value is None:
@@ -86,6 +99,13 @@ def _targeted_rows(loop: str) -> list[tuple[str, float, str]]:
     for row in _row_calls(tree):
         call = _target_call(row)
         if call is None:
+            companion = _target_call(row, "bench.standing_guard")
+            if companion is not None:
+                # No target of its own: it guards the row before it (checked
+                # by test_every_targeted_row_takes_its_guard_...).
+                assert isinstance(companion.args[0], ast.Constant), ast.unparse(row)
+                label = f"{ast.unparse(row.args[0])} {ast.unparse(row.args[1])[:60]} ({loop})"
+                found.append((label, 0.0, companion.args[0].value))
             continue
         target_node, key_node = call.args
         target = target_node.value if isinstance(target_node, ast.Constant) else names[ast.unparse(target_node)]
@@ -188,12 +208,27 @@ def test_the_interpreter_probe_times_the_interpreters_own_loop() -> None:
 def test_only_issue_6_rows_take_a_guard_without_a_standing() -> None:
     # guard_for(target) ignores where the row stands: a row that meets its
     # target by far would pass a 25% regression. Only issue 6's rows may.
-    for row in _row_calls():
-        if _target_call(row) is not None:
+    rows = _row_calls()
+    for row in rows:
+        if _target_call(row) is not None or _guarded_by_the_next_row(row, rows):
             continue
+        if _target_call(row, "bench.standing_guard") is not None:
+            continue  # no target: guarded where it stands
         target = row.args[3]
         if not (isinstance(target, ast.Constant) and target.value is None):
             assert ast.literal_eval(row.args[0]) in _ISSUE_6, ast.unparse(row)
+
+
+def test_the_empty_lease_is_guarded_against_the_minimal_pool() -> None:
+    # Row 1's ratio against asyncpg moves with the host's Python speed, not
+    # only with the code (0.022-0.070x for one tree on one CPU model): its
+    # guard is the next row, Python against Python in the same run.
+    rows = sorted(_row_calls(), key=lambda r: r.lineno)
+    empty = [row for row in rows if isinstance(row.args[0], ast.Constant) and row.args[0].value == "1 empty lease"]
+    assert len(empty) == 2
+    assert ast.literal_eval(empty[0].args[3]) == 0.03 and _guarded_by_the_next_row(empty[0], rows)
+    guard = _target_call(empty[1], "bench.standing_guard")
+    assert guard is not None and ast.literal_eval(guard.args[0]) == "empty_minimal"
 
 
 def test_recording_refuses_what_it_could_not_write_before_running_anything(
