@@ -115,9 +115,15 @@ async def run_load(
     start: float,
     records: list[RequestRecord],
     on_sent: Callable[[int], None] | None = None,
+    until: Callable[[], float] | None = None,
 ) -> None:
     """Send the scheduled requests on time, then wait (bounded) for the
-    stragglers. Appends to ``records`` as answers come in."""
+    stragglers. Appends to ``records`` as answers come in.
+
+    ``until``: seconds since ``start`` that the load must reach, read again
+    before each request past the schedule: the load goes on with the regular
+    mix at the last rate until then (the restart scenario's server may take
+    longer to come back than ``duration`` allowed for)."""
     loop = asyncio.get_running_loop()
     in_flight: set[asyncio.Task[None]] = set()
 
@@ -140,6 +146,17 @@ async def run_load(
             task.add_done_callback(in_flight.discard)
             if on_sent is not None:
                 on_sent(i + 1)
+        if until is not None:
+            rng = random.Random(config.seed + 1)
+            t = config.duration
+            while t < until():
+                delay = start + t - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = loop.create_task(send(Request(t, "GET", _regular_path(rng), False)))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                t += 1.0 / config.rate_at(t)
         if in_flight:
             await asyncio.wait(set(in_flight), timeout=client_timeout(config) + 1.0)
     finally:

@@ -366,6 +366,7 @@ def _rows(config: ReplayConfig, max_connections: int) -> list[tuple[str, Any]]:
                 "server down / accepting again at",
                 lambda s: (
                     f"t={s.marks.get('stopped', float('nan')):.1f} s / t={s.marks.get('accepting', float('nan')):.1f} s"
+                    + (f" (load ran on to t={s.marks['load_extended']:.1f} s)" if "load_extended" in s.marks else "")
                 ),
             )
         )

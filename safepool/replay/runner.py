@@ -244,6 +244,33 @@ async def _inject_fault(
             raise ReplayError(f"could not start the server again ({describe_error(error)})") from error
 
 
+# How long the restart scenario's load may run past --duration waiting for
+# the server to accept connections again (a loaded machine's pg_ctl).
+RESTART_GRACE = 60.0
+# What the restart scenario observes once the server accepts again, at
+# least (the CLI asks --duration to leave as much).
+AFTER_RESTART = 2.0
+
+
+def _restart_observed(config: ReplayConfig, run: PoolRun, fault: asyncio.Task[None]) -> Callable[[], float]:
+    """The restart scenario's ``until`` for ``run_load``: the load runs on
+    until ``AFTER_RESTART`` seconds after the server accepts connections
+    again (marked ``load_extended`` when that is past ``--duration``), up
+    to ``RESTART_GRACE`` seconds past it while the server is not back; a
+    fault that ended otherwise (failed) extends nothing."""
+
+    def until() -> float:
+        accepting = run.marks.get("accepting")
+        if accepting is not None:
+            end = accepting + AFTER_RESTART
+            if end > config.duration:
+                run.marks["load_extended"] = end
+            return end
+        return 0.0 if fault.done() else config.duration + RESTART_GRACE
+
+    return until
+
+
 async def _ended(task: asyncio.Task[None]) -> BaseException | None:
     """Wait for ``db.start`` or ``db.stop`` to end, even through cancellation
     (pg_ctl runs in a thread, which cannot be interrupted); its error, always
@@ -283,8 +310,9 @@ async def run_pool(
                         loop.create_task(_sample_every_second(pool, run, metrics, monitor, start, tick)),
                         loop.create_task(_inject_fault(config, db, metrics, run, start)),
                     ]
+                    until = _restart_observed(config, run, helpers[1]) if config.scenario == "restart" else None
                     try:
-                        await run_load(address, config, start, run.records)
+                        await run_load(address, config, start, run.records, until=until)
                     finally:
                         sampler, fault = helpers
                         sampler.cancel()

@@ -144,7 +144,10 @@ class Monitor:
                 return int(
                     await self.con.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name)
                 )
-        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
+            # InternalClientError: the restart's FATAL read, its EOF not yet
+            # ("cannot switch to state N; another operation (2) is in
+            # progress", docs/reliability.md).
             if self.con is not None and not self.con.is_closed():
                 self.con.terminate()
             self.con = None
