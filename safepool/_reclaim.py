@@ -203,7 +203,9 @@ class Reclaimer:
         self.runner.spawn(self.take_back_slot(self.runner.slot_holders[slot], con))
 
     async def take_back_slot(self, holder: Holder, con: RawConnection) -> None:
-        error = await _workers.take_back(con, self.hooks, self.reset_timeout or DEFAULT_RESET_TIMEOUT)
+        error = await _workers.take_back(
+            con, self.hooks, self.reset_timeout or DEFAULT_RESET_TIMEOUT, lambda: holder.copies > 0
+        )
         if error is not None:
             logger.warning(
                 "pool %r: could not take back an expired connection cleanly (%s); closing it",
