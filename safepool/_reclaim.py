@@ -185,7 +185,10 @@ class Reclaimer:
             "the connection was taken back by the pool"
         )
         _pg.detach_proxy(con, reason)
-        con._on_release()  # invalidates cursors, statements and transactions made through the proxy
+        # Invalidates cursors, statements and transactions made through the
+        # proxy (asyncpg's _on_release; its warning of listeners left comes
+        # a loop pass later, not from this timer: see invalidate_taken_back).
+        _pg.invalidate_taken_back(con)
         # What a release drops, as asyncpg's reset does: the holder's
         # listeners, and its transaction object (asyncpg's _top_xact; its
         # __aexit__ can no longer clear it), else the next lease's

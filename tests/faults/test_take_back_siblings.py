@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import tempfile
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -441,4 +442,34 @@ async def test_query_that_swallows_every_cancel(pg_dsn: str, app_name: str) -> N
                 await asyncio.wait_for(holder, 10)
             pool._state.check_invariants()
     finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+async def test_lease_taken_back_with_a_listener_left_when_warnings_are_errors(pg_dsn: str) -> None:
+    """The holder left a listener on its connection when its lease expired.
+    asyncpg warns of it (InterfaceWarning, as a release does); with warnings
+    turned into errors (pytest's filterwarnings = error) the warning was
+    raised from the pool's timer, in the middle of the take-back: the
+    take-back never started, the slot stayed out of the pool for good and
+    the next acquire waited forever. The warning still comes, a loop pass
+    later, and the take-back goes on."""
+    clock = safepool.ManualClock()
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, clock=clock)
+    loop = asyncio.get_running_loop()
+    reported: list[BaseException | None] = []
+    previous_handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context.get("exception")))
+    try:
+        con = await pool.acquire(lease_timeout=10)
+        await con.add_listener("take_back_left", lambda *args: None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            clock.advance(11)  # the lease expires with the listener left
+            async with pool.acquire(timeout=5) as next_lease:
+                await _assert_clean(next_lease)
+        assert any(isinstance(exc, asyncpg.InterfaceWarning) and "listener" in str(exc) for exc in reported)
+        assert pool.stats().leases_expired == 1
+        pool._state.check_invariants()
+    finally:
+        loop.set_exception_handler(previous_handler)
         await asyncio.wait_for(pool.close(), 10)
