@@ -37,7 +37,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
     __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "release_timeout",
                  "orphan_checks", "orphan_reported", "unresponsive", "close_budget", "lost_while_leased", "reset_since",
                  "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "proxy_collected",
-                 "__weakref__")
+                 "copies", "__weakref__")
 
     def __init__(self, pool: Face, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
         self._pool = pool
@@ -76,6 +76,9 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # does inline (see _pg.overrides).
         self.own_is_closed = _pg.overrides(type(con), "is_closed")
         self.own_execute = _pg.overrides(type(con), "execute")
+        # COPY calls of the lease under way (proxy._copying): a take-back
+        # waits for them as for asyncpg's statement section.
+        self.copies = 0
         # The callback of each proxy's weak reference (bound once, not per lease).
         self.proxy_collected = self._proxy_collected
 

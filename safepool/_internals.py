@@ -88,6 +88,7 @@ class ServerConnection(Protocol):
     _loop: asyncio.AbstractEventLoop
 
     def _on_release(self, stacklevel: int = 1) -> None: ...
+    def _check_listeners(self, listeners: Any, listener_type: str) -> None: ...
     def _set_proxy(self, proxy: Any) -> None: ...
     async def _reset(self) -> None: ...
 
@@ -387,6 +388,26 @@ def clear_listeners(con: RawConnection) -> None:
     if con._listeners or con._log_listeners:
         con._listeners.clear()
         con._log_listeners.clear()
+
+
+def invalidate_taken_back(con: RawConnection) -> None:
+    """asyncpg's ``Connection._on_release()`` for a lease the pool ends from
+    its own timer (a take-back): the lease's cursors, prepared statements and
+    transactions are invalidated now (the counter they check), and the
+    warning of listeners left registered comes a loop pass later. With
+    warnings turned into errors (pytest's ``filterwarnings = error``), raised
+    in the timer it stopped the pool's work midway: the take-back never
+    started and its slot stayed out of the pool for good."""
+    con._pool_release_ctr += 1
+    notification = [cb for callbacks in con._listeners.values() for cb in callbacks]
+    log = list(con._log_listeners)
+    if notification or log:
+
+        def warn() -> None:
+            con._check_listeners(notification, "notification")
+            con._check_listeners(log, "log")
+
+        con._loop.call_soon(warn)
 
 
 def warn_open_transaction(con: RawConnection, *, quiet: bool = False, deferred: bool = False) -> bool:

@@ -185,7 +185,10 @@ class Reclaimer:
             "the connection was taken back by the pool"
         )
         _pg.detach_proxy(con, reason)
-        con._on_release()  # invalidates cursors, statements and transactions made through the proxy
+        # Invalidates cursors, statements and transactions made through the
+        # proxy (asyncpg's _on_release; its warning of listeners left comes
+        # a loop pass later, not from this timer: see invalidate_taken_back).
+        _pg.invalidate_taken_back(con)
         # What a release drops, as asyncpg's reset does: the holder's
         # listeners, and its transaction object (asyncpg's _top_xact; its
         # __aexit__ can no longer clear it), else the next lease's
@@ -203,7 +206,9 @@ class Reclaimer:
         self.runner.spawn(self.take_back_slot(self.runner.slot_holders[slot], con))
 
     async def take_back_slot(self, holder: Holder, con: RawConnection) -> None:
-        error = await _workers.take_back(con, self.hooks, self.reset_timeout or DEFAULT_RESET_TIMEOUT)
+        error = await _workers.take_back(
+            con, self.hooks, self.reset_timeout or DEFAULT_RESET_TIMEOUT, lambda: holder.copies > 0
+        )
         if error is not None:
             logger.warning(
                 "pool %r: could not take back an expired connection cleanly (%s); closing it",

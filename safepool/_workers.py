@@ -115,7 +115,9 @@ async def reset(
     return None
 
 
-async def take_back(con: RawConnection, hooks: ResetHooks, budget: float) -> Exception | None:
+async def take_back(
+    con: RawConnection, hooks: ResetHooks, budget: float, copying: Callable[[], bool] = lambda: False
+) -> Exception | None:
     """Reset a connection whose lease expired, within ``budget`` seconds.
 
     The holder may be in the middle of a call. asyncpg exposes no "busy"
@@ -126,13 +128,15 @@ async def take_back(con: RawConnection, hooks: ResetHooks, budget: float) -> Exc
     and execute) the protocol is idle although the call goes on
     (:func:`_internals.in_call`): nothing is sent then, and the cancel is
     repeated for the step that follows (a cancel that reached an idle
-    backend was dropped by the server)."""
+    backend was dropped by the server). ``copying``: whether a COPY method
+    of the lease is under way, which may wait before its first message
+    (a file opening) as a fetch-family call waits between its steps."""
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(budget):
             cancelled_at: float | None = None
             while not con.is_closed():
-                if not _pg.in_call(con):
+                if not (_pg.in_call(con) or copying()):
                     try:
                         # Something must be sent, even where a release would
                         # send nothing (rollback mode outside a transaction,
@@ -145,6 +149,11 @@ async def take_back(con: RawConnection, hooks: ResetHooks, budget: float) -> Exc
                         # server warning). The default full reset always
                         # sends its query.
                         rollback = con.is_in_transaction() or hooks.custom or not hooks.full
+                        # The take-back dropped the listeners when the lease
+                        # expired, but a call it waited for may have added
+                        # one since (add_listener records its callback after
+                        # its LISTEN answered): it goes with the lease too.
+                        _pg.clear_listeners(con)
                         await _reset_connection(con, rollback, hooks)
                     except Exception as exc:
                         if not _pg.is_busy(exc):

@@ -93,6 +93,39 @@ def marking_forwarder(name: str) -> Any:
     return call
 
 
+async def _copying(holder: _Holder, operation: Any) -> Any:
+    """Await a COPY method's coroutine, counted on the holder
+    (``Holder.copies``) for a take-back to wait for. Before the COPY's
+    first message such a call may wait on something else, the protocol idle
+    and no statement section held (``_internals.in_call``): ``source=`` or
+    ``output=`` a path opens its file in an executor thread (a FIFO, until
+    its other end opens). A reset sent then went first, and the COPY ran in
+    the next lease's session. And once the server ended a cancelled COPY
+    (the protocol idle again), asyncpg reads an asynchronous source on to
+    its end: an error or timeout there cancels whatever the connection runs
+    by then."""
+    holder.copies += 1
+    try:
+        return await operation
+    finally:
+        holder.copies -= 1
+
+
+def copy_forwarder(name: str) -> Any:
+    """As :func:`marking_forwarder`, and counts the call while it goes on
+    (see :func:`_copying`)."""
+
+    def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
+        con = self._con
+        if con is None:
+            raise _released_error(self, name)
+        holder = self._holder
+        holder.clean_mark = -1
+        return _copying(holder, getattr(con.__class__, name)(con, *args, **kwargs))
+
+    return call
+
+
 def _watched_forwarder(name: str) -> Any:
     def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._con
@@ -116,7 +149,7 @@ def _forward(name: str, is_coroutine: bool, *, watch_errors: bool) -> Any:
         # What asyncpg's statement counter does not count, yet leaves the
         # session to reset: a COPY's query can change it (a lock,
         # set_config, a trigger), and see PARSE_WITHOUT_SYNC.
-        call = marking_forwarder(name)
+        call = copy_forwarder(name) if name.startswith("copy_") else marking_forwarder(name)
     elif is_coroutine:
         # Full mode resets every lease that ran a statement: marking the
         # lease at the call covers a statement that raised before asyncpg
