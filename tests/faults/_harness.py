@@ -206,3 +206,20 @@ async def closing(pool: safepool.Pool, timeout: float = 15.0) -> AsyncIterator[s
         yield pool
     finally:
         await asyncio.wait_for(pool.close(), timeout)
+
+
+class PausedAfterPrepare(asyncpg.Connection):
+    """A connection class that holds a fetch-family call between its prepare
+    and its bind (the protocol idle, the call under way: asyncpg's statement
+    section held) once the test sets ``paused`` and ``go_on``: ``paused`` is
+    set there, and the call goes on when ``go_on`` is."""
+
+    paused: asyncio.Event | None = None
+    go_on: asyncio.Event | None = None
+
+    async def _get_statement(self, *args: Any, **kwargs: Any) -> Any:
+        statement = await super()._get_statement(*args, **kwargs)  # type: ignore[misc]
+        if self.paused is not None and self.go_on is not None:
+            self.paused.set()
+            await self.go_on.wait()
+        return statement

@@ -11,6 +11,8 @@ import pytest
 
 import safepool
 
+from ._harness import PausedAfterPrepare
+
 pytestmark = pytest.mark.asyncio
 
 
@@ -125,21 +127,6 @@ async def test_lease_taken_back_mid_query_is_not_handed_on_busy(pg_dsn: str, app
         await asyncio.wait_for(pool.close(), 10)
 
 
-class _PausedAfterPrepare(asyncpg.Connection):  # type: ignore[misc]
-    """Holds a fetch-family call between its prepare and its bind (the
-    protocol idle, the call under way) until the test lets it go on."""
-
-    paused: asyncio.Event | None = None
-    go_on: asyncio.Event | None = None
-
-    async def _get_statement(self, *args: Any, **kwargs: Any) -> Any:
-        statement = await super()._get_statement(*args, **kwargs)
-        if self.paused is not None and self.go_on is not None:
-            self.paused.set()
-            await self.go_on.wait()
-        return statement
-
-
 _CALLS = {
     "fetchval": lambda con: con.fetchval("SELECT pg_sleep(5)"),
     "execute with arguments": lambda con: con.execute("SELECT pg_sleep($1)", 5),
@@ -158,7 +145,7 @@ async def test_lease_taken_back_between_the_steps_of_a_call(pg_dsn: str, reset_m
     would run in the next lease's session."""
     clock = safepool.ManualClock()
     pool = await safepool.create_pool(
-        pg_dsn, min_size=1, max_size=1, clock=clock, reset_mode=reset_mode, connection_class=_PausedAfterPrepare,
+        pg_dsn, min_size=1, max_size=1, clock=clock, reset_mode=reset_mode, connection_class=PausedAfterPrepare,
     )
     try:
         con = await pool.acquire(lease_timeout=10)

@@ -24,6 +24,8 @@ import pytest_asyncio
 
 import safepool
 
+from ._harness import PausedAfterPrepare
+
 pytestmark = pytest.mark.asyncio
 
 _HOLDER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -215,21 +217,6 @@ async def test_lease_taken_back_between_cursor_batches(pg_dsn: str, app_name: st
         await asyncio.wait_for(pool.close(), 10)
 
 
-class _PausedAfterPrepare(asyncpg.Connection):  # type: ignore[misc]
-    """Holds a fetch-family call between its prepare and its bind until the
-    test lets it go on (as in test_races)."""
-
-    paused: asyncio.Event | None = None
-    go_on: asyncio.Event | None = None
-
-    async def _get_statement(self, *args: Any, **kwargs: Any) -> Any:
-        statement = await super()._get_statement(*args, **kwargs)
-        if self.paused is not None and self.go_on is not None:
-            self.paused.set()
-            await self.go_on.wait()
-        return statement
-
-
 @pytest.mark.parametrize("reset_mode", ["full", "rollback"])
 async def test_listener_added_by_a_call_the_take_back_waited_for_goes_with_the_lease(
     pg_dsn: str, app_name: str, reset_mode: str
@@ -244,7 +231,7 @@ async def test_listener_added_by_a_call_the_take_back_waited_for_goes_with_the_l
     clock = safepool.ManualClock()
     pool = await safepool.create_pool(
         pg_dsn, min_size=1, max_size=1, clock=clock, reset_mode=reset_mode,
-        connection_class=_PausedAfterPrepare, server_settings={"application_name": app_name},
+        connection_class=PausedAfterPrepare, server_settings={"application_name": app_name},
     )
     try:
         async with _backend_sampler(pg_dsn, app_name, 1) as admin:
@@ -295,7 +282,7 @@ async def test_pool_ended_while_a_take_back_waits_for_the_call(pg_dsn: str, app_
     at reset_timeout) or its close() is cancelled."""
     clock = safepool.ManualClock()
     pool = await safepool.create_pool(
-        pg_dsn, min_size=1, max_size=1, clock=clock, connection_class=_PausedAfterPrepare, reset_timeout=1.0,
+        pg_dsn, min_size=1, max_size=1, clock=clock, connection_class=PausedAfterPrepare, reset_timeout=1.0,
         server_settings={"application_name": app_name},
     )
     async with contextlib.AsyncExitStack() as stack:
