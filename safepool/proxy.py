@@ -115,13 +115,10 @@ def copy_forwarder(name: str) -> Any:
     """As :func:`marking_forwarder`, and counts the call while it goes on
     (see :func:`_copying`)."""
 
+    marked = marking_forwarder(name)
+
     def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
-        con = self._con
-        if con is None:
-            raise _released_error(self, name)
-        holder = self._holder
-        holder.clean_mark = -1
-        return _copying(holder, getattr(con.__class__, name)(con, *args, **kwargs))
+        return _copying(self._holder, marked(self, *args, **kwargs))
 
     return call
 

@@ -136,26 +136,24 @@ async def run_load(
             status = TRANSPORT_ERROR
         records.append(RequestRecord(sent, loop.time() - start, status, request.leaking))
 
+    async def send_on_time(request: Request) -> None:
+        delay = start + request.due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = loop.create_task(send(request))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+
     try:
         for i, request in enumerate(schedule(config)):
-            delay = start + request.due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            task = loop.create_task(send(request))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
+            await send_on_time(request)
             if on_sent is not None:
                 on_sent(i + 1)
         if until is not None:
             rng = random.Random(config.seed + 1)
             t = config.duration
             while t < until():
-                delay = start + t - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = loop.create_task(send(Request(t, "GET", _regular_path(rng), False)))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
+                await send_on_time(Request(t, "GET", _regular_path(rng), False))
                 t += 1.0 / config.rate_at(t)
         if in_flight:
             await asyncio.wait(set(in_flight), timeout=client_timeout(config) + 1.0)
