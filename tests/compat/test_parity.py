@@ -403,6 +403,18 @@ async def test_a_cancel_during_setup_under_an_acquire_timeout_stays_a_cancel(mak
 
 
 @pytest.mark.asyncio
+async def test_private_sizes_monitoring_code_reads(make_pool: MakePool) -> None:
+    """``pool._minsize`` / ``pool._maxsize`` (with ``_queue.qsize()``) are
+    what health endpoints and hasql's asyncpg driver read of asyncpg's pool."""
+    pool = await make_pool(min_size=1, max_size=3)
+    assert (pool._minsize, pool._maxsize) == (1, 3)
+    assert pool._queue.qsize() == 3
+    async with pool.acquire():
+        assert pool._queue.qsize() == 2
+        assert pool._maxsize - pool._queue.qsize() == 1
+
+
+@pytest.mark.asyncio
 async def test_close_waits_for_release_and_closed_pool_refuses(make_pool: MakePool) -> None:
     pool = await make_pool()
     con = await pool.acquire()
