@@ -430,6 +430,30 @@ async def test_close_waits_for_release_and_closed_pool_refuses(make_pool: MakePo
 
 
 @pytest.mark.asyncio
+async def test_a_task_waiting_when_close_starts_gets_no_usable_connection(make_pool: MakePool, flavour: str) -> None:
+    """Both pools fail such a waiter with ``InterfaceError``, but at
+    different calls (docs/migration.md): asyncpg's hands it the released
+    connection, which its close() then closes under it (the waiter's first
+    call raises); safepool's fails the acquire itself when close() starts."""
+    pool = await make_pool(min_size=1, max_size=1)
+    con = await pool.acquire()
+    waiter = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(0.05)
+    closing = asyncio.ensure_future(pool.close())
+    await asyncio.sleep(0.05)
+    assert waiter.done() is (flavour == "safepool")
+    await pool.release(con)
+    await asyncio.wait_for(closing, 5)
+    if flavour == "safepool":
+        with pytest.raises(safepool.PoolClosedError, match="pool is closing"):
+            await waiter
+    else:
+        got = await waiter
+        with pytest.raises(asyncpg.InterfaceError):
+            await got.fetchval("SELECT 1")
+
+
+@pytest.mark.asyncio
 async def test_terminate_detaches_acquired_proxies(make_pool: MakePool) -> None:
     pool = await make_pool()
     con = await pool.acquire()
