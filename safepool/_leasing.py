@@ -46,7 +46,7 @@ from ._state import (
     SlotLost,
     Unavailable,
 )
-from .errors import PoolClosedError, PoolOverloadedError
+from .errors import PoolClosedError, PoolOverloadedError, PoolTimeoutError
 from .proxy import PoolConnectionProxy
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class Leaser:
     __slots__ = (
         "face", "state", "runner", "loop", "now", "reporter", "listeners", "name", "slot_holders", "drain",
         "spawn", "lease_timeout", "leak_warning_after", "acquire_timeout", "reset_timeout", "max_queries",
-        "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "released",
+        "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "released", "call_at",
     )
 
     def __init__(
@@ -88,6 +88,7 @@ class Leaser:
         self.runner = runner
         self.loop = loop
         self.now = clock.now
+        self.call_at = clock.call_at
         self.reporter = reporter
         # The same list as the reporter's: release() checks it on the hot path.
         self.listeners = reporter.listeners
@@ -205,10 +206,56 @@ class Leaser:
         if self.setup is not None:
             # Its statements are the lease's: a SET it runs is reset on
             # release like any other (the clean mark is per connection).
-            await self.run_setup(proxy, lease)
+            if deadline is None:
+                await self.run_setup(proxy, lease)
+            else:
+                await self.run_setup_until(proxy, lease, deadline, timeout)
         if context is not None:
             context.connection = proxy
         return proxy
+
+    async def run_setup_until(self, proxy: PoolConnectionProxy, lease: Lease, deadline: float, timeout: float) -> None:
+        """``setup=`` under what is left of the acquire's ``timeout``: asyncpg's
+        ``acquire(timeout=)`` wraps the hook in its ``wait_for()`` too, so a
+        hook still running at the deadline is cancelled, the connection
+        closed (as after any failed ``setup=``) and the caller gets
+        ``PoolTimeoutError`` (an ``asyncio.TimeoutError``). A cancellation
+        from outside stays a ``CancelledError``.
+
+        :raises safepool.PoolTimeoutError: the deadline (pool clock seconds)
+            passed before the hook returned.
+        :raises BaseException: the hook's own error, as :meth:`run_setup`."""
+        task = asyncio.current_task()
+        assert task is not None  # (acquire runs in a task)
+        fired = False
+
+        def expire() -> None:
+            nonlocal fired
+            fired = True
+            task.cancel()
+
+        # The pool's clock, as the wait's deadline (a manual clock in tests).
+        timer = self.call_at(deadline, expire)
+        try:
+            await self.run_setup(proxy, lease)
+        except asyncio.CancelledError:
+            # Ours only if no other cancel is pending (asyncio.timeout's rule).
+            if fired and task.uncancel() == 0:
+                self.state.setup_timed_out()
+                raise PoolTimeoutError(
+                    f"pool {self.name!r}: timed out in the setup= hook: the acquire's timeout "
+                    f"({timeout:g}s) ran out before it returned; its connection was closed"
+                ) from None
+            raise
+        except BaseException:
+            if fired:
+                task.uncancel()  # (the hook turned the cancel into an error of its own)
+            raise
+        else:
+            if fired:
+                task.uncancel()  # (the hook swallowed the cancel: its lease stands)
+        finally:
+            timer.cancel()
 
     async def run_setup(self, proxy: PoolConnectionProxy, lease: Lease) -> None:
         try:

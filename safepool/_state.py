@@ -738,6 +738,11 @@ class PoolState:
         self.counters.acquired += 1
         return lease
 
+    def setup_timed_out(self) -> None:
+        """An acquire's ``timeout`` ran out while its ``setup=`` hook ran (the
+        caller gets ``PoolTimeoutError``, as one that ran out waiting)."""
+        self.counters.acquire_timeouts += 1
+
     def cancel_waiter(self, waiter: Waiter, now: float) -> None:
         """The waiting task was cancelled (or gave up). Safe at any point."""
         if waiter.state is W.WAITING:

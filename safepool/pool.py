@@ -321,6 +321,16 @@ class Pool:
     def _queue(self) -> QueueView:
         return _compat_queue(self)
 
+    # asyncpg's private size bounds, read by monitoring code and libraries
+    # (hasql's asyncpg driver reports them): the current ones, read-only.
+    @property
+    def _minsize(self) -> int:
+        return self._state.min_size
+
+    @property
+    def _maxsize(self) -> int:
+        return self._state.max_size
+
     def is_closing(self) -> bool:
         return self._closed or self._state.closing
 

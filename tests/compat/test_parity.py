@@ -352,6 +352,69 @@ async def test_hooks_are_called_like_asyncpg(make_pool: MakePool, flavour: str) 
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("hook", ["sleep", "query"])
+async def test_acquire_timeout_bounds_the_setup_hook(make_pool: MakePool, flavour: str, hook: str) -> None:
+    """asyncpg's ``acquire(timeout=)`` runs ``setup=`` inside its
+    ``wait_for()``: a hook still running at the deadline is cancelled, its
+    connection closed, and the acquire raises ``asyncio.TimeoutError``; the
+    next acquire gets a working connection."""
+    slow = [True]
+
+    async def setup(con: Any) -> None:
+        if slow[0]:
+            slow[0] = False
+            if hook == "sleep":
+                await asyncio.sleep(30)
+            else:
+                await con.execute("SELECT pg_sleep(30)")
+
+    pool = await make_pool(min_size=1, max_size=1, setup=setup)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(asyncio.TimeoutError):
+        await pool.acquire(timeout=0.2)
+    assert loop.time() - started < 5
+    if flavour == "safepool":
+        assert pool.stats().acquire_timeouts == 1
+    async with pool.acquire(timeout=5) as con:
+        assert await con.fetchval("SELECT 1") == 1
+    assert pool.get_size() == 1
+
+
+@pytest.mark.asyncio
+async def test_a_cancel_during_setup_under_an_acquire_timeout_stays_a_cancel(make_pool: MakePool) -> None:
+    started = asyncio.Event()
+    slow = [True]
+
+    async def setup(con: Any) -> None:
+        if slow[0]:
+            slow[0] = False
+            started.set()
+            await asyncio.sleep(30)
+
+    pool = await make_pool(min_size=1, max_size=1, setup=setup)
+    task = asyncio.ensure_future(pool.acquire(timeout=10))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with pool.acquire(timeout=5) as con:
+        assert await con.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio
+async def test_private_sizes_monitoring_code_reads(make_pool: MakePool) -> None:
+    """``pool._minsize`` / ``pool._maxsize`` (with ``_queue.qsize()``) are
+    what health endpoints and hasql's asyncpg driver read of asyncpg's pool."""
+    pool = await make_pool(min_size=1, max_size=3)
+    assert (pool._minsize, pool._maxsize) == (1, 3)
+    assert pool._queue.qsize() == 3
+    async with pool.acquire():
+        assert pool._queue.qsize() == 2
+        assert pool._maxsize - pool._queue.qsize() == 1
+
+
+@pytest.mark.asyncio
 async def test_close_waits_for_release_and_closed_pool_refuses(make_pool: MakePool) -> None:
     pool = await make_pool()
     con = await pool.acquire()
@@ -364,6 +427,30 @@ async def test_close_waits_for_release_and_closed_pool_refuses(make_pool: MakePo
     with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
         await pool.acquire()
     await pool.close()  # idempotent
+
+
+@pytest.mark.asyncio
+async def test_a_task_waiting_when_close_starts_gets_no_usable_connection(make_pool: MakePool, flavour: str) -> None:
+    """Both pools fail such a waiter with ``InterfaceError``, but at
+    different calls (docs/migration.md): asyncpg's hands it the released
+    connection, which its close() then closes under it (the waiter's first
+    call raises); safepool's fails the acquire itself when close() starts."""
+    pool = await make_pool(min_size=1, max_size=1)
+    con = await pool.acquire()
+    waiter = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(0.05)
+    closing = asyncio.ensure_future(pool.close())
+    await asyncio.sleep(0.05)
+    assert waiter.done() is (flavour == "safepool")
+    await pool.release(con)
+    await asyncio.wait_for(closing, 5)
+    if flavour == "safepool":
+        with pytest.raises(safepool.PoolClosedError, match="pool is closing"):
+            await waiter
+    else:
+        got = await waiter
+        with pytest.raises(asyncpg.InterfaceError):
+            await got.fetchval("SELECT 1")
 
 
 @pytest.mark.asyncio
