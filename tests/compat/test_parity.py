@@ -352,6 +352,7 @@ async def test_hooks_are_called_like_asyncpg(make_pool: MakePool, flavour: str) 
 
 
 @pytest.mark.asyncio
+@pytest.mark.realtime
 @pytest.mark.parametrize("hook", ["sleep", "query"])
 async def test_acquire_timeout_bounds_the_setup_hook(make_pool: MakePool, flavour: str, hook: str) -> None:
     """asyncpg's ``acquire(timeout=)`` runs ``setup=`` inside its
@@ -403,6 +404,48 @@ async def test_a_cancel_during_setup_under_an_acquire_timeout_stays_a_cancel(mak
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("waited", [0.0, 3.0])
+async def test_the_setup_hook_gets_what_the_wait_left_of_the_timeout(pg_dsn: str, waited: float) -> None:
+    """The same on the pool's clock, without real time: an acquire with
+    ``timeout=5`` that waited ``waited`` seconds for its connection gives
+    the hook the rest, and times out at 5 s from its start, not before."""
+    clock = safepool.ManualClock()
+    hook_started = asyncio.Event()
+    hung = [False]
+
+    async def setup(con: Any) -> None:
+        if hung[0]:
+            hung[0] = False
+            hook_started.set()
+            await asyncio.Event().wait()
+
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, setup=setup, clock=clock)
+    try:
+        holder = await pool.acquire()  # (the hook hangs on the next lease only)
+        hung[0] = True
+        acquiring = asyncio.ensure_future(pool.acquire(timeout=5))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        clock.advance(waited)
+        await pool.release(holder)
+        await asyncio.wait_for(hook_started.wait(), 5)
+        clock.advance(4.9 - waited)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not acquiring.done()
+        clock.advance(0.2)
+        with pytest.raises(safepool.PoolTimeoutError, match=r"setup= hook.*\(5s\)") as info:
+            await asyncio.wait_for(acquiring, 5)
+        assert isinstance(info.value, asyncio.TimeoutError)
+        assert pool.stats().acquire_timeouts == 1
+        async with pool.acquire(timeout=5) as con:
+            assert await con.fetchval("SELECT 1") == 1
+        assert pool.get_size() == 1
+    finally:
+        pool.terminate()
+
+
+@pytest.mark.asyncio
 async def test_private_sizes_monitoring_code_reads(make_pool: MakePool) -> None:
     """``pool._minsize`` / ``pool._maxsize`` (with ``_queue.qsize()``) are
     what health endpoints and hasql's asyncpg driver read of asyncpg's pool."""
@@ -438,9 +481,11 @@ async def test_a_task_waiting_when_close_starts_gets_no_usable_connection(make_p
     pool = await make_pool(min_size=1, max_size=1)
     con = await pool.acquire()
     waiter = asyncio.ensure_future(pool.acquire())
-    await asyncio.sleep(0.05)
+    for _ in range(5):  # loop passes: the waiter queues in its first step
+        await asyncio.sleep(0)
     closing = asyncio.ensure_future(pool.close())
-    await asyncio.sleep(0.05)
+    for _ in range(5):  # and close() starts in its first
+        await asyncio.sleep(0)
     assert waiter.done() is (flavour == "safepool")
     await pool.release(con)
     await asyncio.wait_for(closing, 5)
