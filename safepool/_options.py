@@ -251,6 +251,9 @@ def configure(
         )
     if not issubclass(record_class, _pg_protocol.Record):
         raise TypeError(f"record_class is expected to be a subclass of asyncpg.Record, got {record_class!r}")
+    # The setter of Pool.capture_stack already refused what create_pool() took.
+    if capture_stack is not None and not isinstance(capture_stack, bool):
+        raise TypeError(f"capture_stack must be True, False or None, got {capture_stack!r}")
     lease_timeout = validate_timeout("lease_timeout", lease_timeout, positive=True)
     leak_warning_after = validate_timeout("leak_warning_after", leak_warning_after)
     acquire_timeout = validate_timeout("acquire_timeout", acquire_timeout)

@@ -128,6 +128,11 @@ class Pool:
             reset_timeout=reset_timeout, backoff=backoff, max_site_share=max_site_share,
             queue_policy=queue_policy, queue_target=queue_target, queue_interval=queue_interval,
         )
+        if name is not None and not isinstance(name, str):
+            # Checked after asyncpg's own arguments, as safepool's other options.
+            # An int name was taken and broke every Prometheus scrape of its
+            # collector later (label values must be str).
+            raise TypeError(f"name must be a str or None, got {type(name).__name__}")
         proxy_class: type[PoolConnectionProxy] = PoolConnectionProxy
         if reset_mode == "rollback":
             proxy_class = WatchingProxy

@@ -386,6 +386,9 @@ async def test_a_failed_create_pool_raises_and_logs_nothing_above_debug(
         ({"max_waiters": -1}, ValueError, "max_waiters must be an int >= 0 or None, got -1"),
         ({"max_connecting": "2"}, TypeError, "max_connecting must be an int >= 1 or None, got '2'"),
         ({"max_connecting": 0}, ValueError, "max_connecting must be an int >= 1 or None, got 0"),
+        # Accepted before, and then broke every Prometheus scrape (an int label value).
+        ({"name": 123}, TypeError, "name must be a str or None, got int"),
+        ({"capture_stack": "yes"}, TypeError, "capture_stack must be True, False or None, got 'yes'"),
     ],
 )
 async def test_bounds_wrong_type_is_a_type_error_wrong_value_a_value_error(

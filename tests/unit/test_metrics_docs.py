@@ -1,0 +1,37 @@
+"""docs/metrics.md against the Prometheus exporter: every exported counter is
+in the metric table, and the documented failure alert counts every way an
+acquire fails for lack of a connection.
+
+A new user found safepool_shed_total and safepool_admission_rejections_total
+exported but undocumented, and the SafepoolAcquireFailures alert reading 0
+while the adaptive queue (the recommended configuration) failed 196 of 200
+acquires with PoolOverloadedError.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from safepool.metrics.prometheus import COUNTERS
+
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+
+# Counters of acquires that failed without a connection (PoolTimeoutError,
+# PoolOverloadedError); ServerUnavailableError has SafepoolServerDown.
+ACQUIRE_FAILURES = ("acquire_timeouts", "overload_rejections", "shed", "admission_rejections")
+
+
+def test_every_exported_counter_is_in_the_metric_table() -> None:
+    table = {m.group(1) for m in re.finditer(r"^\| `(safepool_\w+?)(?:\{\w+\})?` \|", DOC, re.MULTILINE)}
+    missing = [f"safepool_{name}_total" for _, name, _ in COUNTERS if f"safepool_{name}_total" not in table]
+    assert missing == []
+
+
+def test_the_acquire_failure_alert_counts_every_failed_acquire() -> None:
+    alert = re.search(r"- alert: SafepoolAcquireFailures\n\s+expr: (.*?)\n\s+# ", DOC, re.DOTALL)
+    assert alert, "docs/metrics.md lost the SafepoolAcquireFailures alert"
+    fields = {field for field, _, _ in COUNTERS}
+    for name in ACQUIRE_FAILURES:
+        assert name in fields
+        assert f"rate(safepool_{name}_total[5m])" in alert.group(1), name
