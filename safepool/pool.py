@@ -56,7 +56,7 @@ from ._state import (
 )
 from ._surface import Observation
 from ._workers import ResetHooks
-from .proxy import PoolConnectionProxy, WatchingProxy
+from .proxy import PoolConnectionProxy, WatchingProxy, _mark_coroutine
 from .stats import LeaseInfo, PoolOptions, PoolStats
 
 if TYPE_CHECKING:
@@ -640,6 +640,11 @@ class PoolAcquireContext:
     def __await__(self) -> Any:
         self.done = True
         return self.pool._leaser.acquire(self.timeout, self.lease_timeout, None, self.site, self.stack).__await__()
+
+    # What inspect.iscoroutinefunction() answers for asyncpg's (async def)
+    # methods, on Python 3.12+ (inspect.markcoroutinefunction; 3.11 has none).
+    _mark_coroutine(__aenter__)
+    _mark_coroutine(__aexit__)
 
 
 def create_pool(

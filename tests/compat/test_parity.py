@@ -6,6 +6,7 @@ Every test is parametrized over both pools; assertions are written once.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import subprocess
 import sys
@@ -443,6 +444,20 @@ async def test_the_setup_hook_gets_what_the_wait_left_of_the_timeout(pg_dsn: str
         assert pool.get_size() == 1
     finally:
         pool.terminate()
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="inspect.markcoroutinefunction is Python 3.12+")
+async def test_the_acquire_context_methods_look_like_coroutine_functions(make_pool: MakePool) -> None:
+    """Introspection of ``async with``'s methods (a framework that wraps
+    them) answers as on asyncpg's pool, where they are ``async def``."""
+
+    pool = await make_pool(min_size=1, max_size=1)
+    ctx = pool.acquire()
+    assert inspect.iscoroutinefunction(ctx.__aenter__)
+    assert inspect.iscoroutinefunction(ctx.__aexit__)
+    async with ctx as con:
+        assert await con.fetchval("SELECT 1") == 1
 
 
 @pytest.mark.asyncio
