@@ -206,11 +206,13 @@ class Pool:
             else the calling function); shown in ``leases()`` and leak reports.
         :raises safepool.PoolOverloadedError: refused at once (``max_waiters``,
             the site's share of it, or the adaptive queue).
-        :raises TypeError: ``site`` is not a str (or a timeout not a number,
-            when awaited).
+        :raises TypeError: ``site`` is not a non-empty str (or a timeout not
+            a number, when awaited).
         """
-        if site is not None and type(site) is not str:
-            raise TypeError(f"site must be a str or None, got {type(site).__name__}")
+        if site is not None and (type(site) is not str or not site):
+            # (As safepool.site(""): an empty name would label a bulkhead and
+            # leak reports with nothing.)
+            raise TypeError(f"site must be a non-empty str or None, got {site!r}")
         # The caller is on the stack now; when the context is awaited it may
         # not be: asyncio.gather(), create_task() and (before Python 3.12)
         # wait_for() run the acquire as a task of its own, whose stack is
