@@ -7,6 +7,7 @@ from ._histogram import Distribution
 from ._sites import site
 from ._state import Backoff
 from .errors import (
+    EventLoopMismatchError,
     LeaseExpiredError,
     PoolClosedError,
     PoolError,
@@ -24,6 +25,7 @@ __all__ = [
     "Backoff",
     "Clock",
     "Distribution",
+    "EventLoopMismatchError",
     "LeaseExpiredError",
     "LeaseInfo",
     "ManualClock",

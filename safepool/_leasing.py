@@ -46,11 +46,14 @@ from ._state import (
     SlotLost,
     Unavailable,
 )
-from .errors import PoolClosedError, PoolOverloadedError, PoolTimeoutError
+from .errors import EventLoopMismatchError, PoolClosedError, PoolOverloadedError, PoolTimeoutError
 from .proxy import PoolConnectionProxy
 
 if TYPE_CHECKING:
     from ._runner import Runner
+
+# (A module global: one load and a C call per acquire.)
+_running_loop = asyncio.get_running_loop
 
 
 class Receiver(Protocol):
@@ -137,6 +140,11 @@ class Leaser:
             if self.state.phase is Phases.CLOSING:
                 raise PoolClosedError("pool is closing")
             self.check_init()
+        if _running_loop() is not self.loop:
+            raise EventLoopMismatchError(
+                f"pool {self.name!r} was created on another event loop than the one running this acquire: "
+                "a pool works only on its own loop (in tests, a pool fixture must not outlive the tests' loop)"
+            )
         if self.site_caps and site is None:
             site = _sites.current_site() or _sites.caller_site(2)
         state = self.state

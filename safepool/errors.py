@@ -12,6 +12,7 @@ import asyncio
 from asyncpg import exceptions as _pg
 
 __all__ = [
+    "EventLoopMismatchError",
     "LeaseExpiredError",
     "PoolClosedError",
     "PoolError",
@@ -60,3 +61,13 @@ class ServerUnavailableError(PoolError, ConnectionError):
 
 class LeaseExpiredError(PoolError, _pg.InterfaceError):
     """The connection was taken back because its lease outlived ``lease_timeout``."""
+
+
+class EventLoopMismatchError(PoolError, _pg.InterfaceError):
+    """``acquire()`` (or a pool shortcut such as ``pool.fetchval()``) ran on an
+    event loop other than the pool's: a pool, like each asyncpg connection,
+    works only on the loop it was created on. The common cause is a test
+    suite whose pool fixture outlives the tests' event loop. asyncpg's pool
+    raises ``InterfaceError("cannot perform operation: another operation is
+    in progress")`` or ``RuntimeError("Event loop is closed")`` there, or
+    hangs, depending on the loops' states (asyncpg 0.32)."""

@@ -400,3 +400,35 @@ async def test_bounds_wrong_type_is_a_type_error_wrong_value_a_value_error(
     with pytest.raises(error) as caught:
         await safepool.create_pool(pg_dsn, **kwargs)
     assert type(caught.value) is error and str(caught.value) == message
+
+
+def test_a_pool_used_on_another_event_loop_says_so(pg_dsn: str) -> None:
+    """The usual cause is a pool fixture that outlives the tests' loop.
+    asyncpg's pool raises InterfaceError ("another operation is in
+    progress") or RuntimeError ("Event loop is closed") there, by the loops'
+    states; safepool names the cause, in an InterfaceError subclass, and
+    the pool stays whole on its own loop."""
+    import asyncpg
+
+    home, other = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        async def make() -> Any:  # (created in a coroutine: it takes the running loop, as asyncpg's)
+            return await safepool.create_pool(pg_dsn, min_size=1, max_size=1, name="home")
+
+        pool = home.run_until_complete(make())
+
+        async def lease() -> Any:
+            async with pool.acquire() as con:
+                return await con.fetchval("SELECT 1")
+
+        for use in (lease, lambda: pool.fetchval("SELECT 1"), lambda: pool.acquire(timeout=5)):
+            with pytest.raises(safepool.EventLoopMismatchError, match="pool 'home' was created on another event loop"
+                               ) as info:
+                other.run_until_complete(use())
+            assert isinstance(info.value, asyncpg.InterfaceError)
+        assert pool.stats().in_use == 0 and pool.stats().waiting == 0
+        assert home.run_until_complete(lease()) == 1
+        home.run_until_complete(pool.close())
+    finally:
+        other.close()
+        home.close()
