@@ -198,3 +198,56 @@ async def test_readiness_endpoint_from_the_docs(pg_dsn: str) -> None:
             response = await client.get("/ready")
             assert response.status_code == 503
             assert response.json()["reasons"][0]["code"] == "closed"
+
+
+BAD_OPTIONS = [
+    # A wrong option is the caller's mistake, raised at the call: before,
+    # each of these read as an outage (failing, probe_failed; 0 also closed
+    # a connection per call) or was silently accepted.
+    ({"probe_timeout": -1}, ValueError, r"probe_timeout must be > 0 seconds, got -1"),
+    ({"probe_timeout": 0}, ValueError, r"probe_timeout must be > 0 seconds, got 0"),
+    ({"probe_timeout": float("nan")}, ValueError, r"probe_timeout must be > 0 seconds, got nan"),
+    ({"probe_timeout": "1"}, TypeError, r"probe_timeout must be a number of seconds, got str"),
+    ({"probe_timeout": None}, TypeError, r"probe_timeout must be a number of seconds, got NoneType"),
+    ({"probe_timeout": True}, TypeError, r"probe_timeout must be a number of seconds, got bool"),
+    ({"saturated_after": -1}, ValueError, r"saturated_after must be >= 0 seconds, got -1"),
+    ({"saturated_after": float("nan")}, ValueError, r"saturated_after must be >= 0 seconds, got nan"),
+    ({"saturated_after": "5"}, TypeError, r"saturated_after must be a number of seconds, got str"),
+    ({"leak_suspect_after": -5}, ValueError, r"leak_suspect_after must be >= 0 seconds, got -5"),
+    ({"leak_suspect_after": "30"}, TypeError, r"leak_suspect_after must be a number of seconds or None, got str"),
+    ({"connect_error_window": "x"}, TypeError, r"connect_error_window must be a number of seconds, got str"),
+    ({"connect_error_window": 0}, ValueError, r"connect_error_window must be > 0 seconds, got 0"),
+    ({"connect_error_window": -60}, ValueError, r"connect_error_window must be > 0 seconds, got -60"),
+    ({"probe": "yes"}, TypeError, r"probe must be True or False, got 'yes'"),
+    ({"probe": 1}, TypeError, r"probe must be True or False, got 1"),
+    ({"probe_query": b"SELECT 1"}, TypeError, r"probe_query must be a str, got bytes"),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "message"), BAD_OPTIONS, ids=[repr(o) for o, _, _ in BAD_OPTIONS])
+async def test_bad_options_raise_at_the_call_not_as_an_outage(
+    pools: Any, caplog: pytest.LogCaptureFixture, options: dict[str, Any], error: type[Exception], message: str,
+) -> None:
+    pool = await pools(name="options", min_size=1, max_size=1)
+    with pytest.raises(error, match=f"^{message}$"):
+        await pool.health(**options)
+    with pytest.raises(error, match=f"^{message}$"):
+        await check_health(pool, **options)
+    # Nothing ran: no probe lease, no connection closed, nothing logged.
+    stats = pool.stats()
+    assert stats.acquired == 0 and stats.connections_closed == 0 and stats.idle == 1
+    assert not [r for r in caplog.records if r.name.startswith("safepool")]
+
+
+@pytest.mark.parametrize("options", [
+    {"probe_timeout": 0.5}, {"probe_timeout": 2}, {"probe_timeout": float("inf")},
+    {"saturated_after": 0}, {"saturated_after": 0.25},
+    {"leak_suspect_after": 0}, {"leak_suspect_after": None}, {"leak_suspect_after": 30},
+    {"connect_error_window": 1}, {"connect_error_window": 0.5},
+    {"probe": False}, {"probe_query": "SELECT 2"},
+], ids=repr)
+async def test_valid_options_still_work(pools: Any, options: dict[str, Any]) -> None:
+    pool = await pools(name="options-ok", min_size=1, max_size=1)
+    report = await pool.health(**options)
+    assert report.status == "ok" and report.reasons == ()
+    assert (report.probe_latency is None) == (options.get("probe") is False)
