@@ -36,7 +36,7 @@ _RANK = {OK: 0, DEGRADED: 1, FAILING: 2}
 class HealthReason:
     """One finding: ``code`` is stable (alert on it), ``message`` is for people."""
 
-    code: str  # closed, server_down, server_backing_off, connect_errors, saturated,
+    code: str  # closed, server_down, server_backing_off, init_failed, connect_errors, saturated,
     # leak_suspects, probe_no_connection, probe_timeout, probe_failed
     status: str  # what this finding alone makes the pool: "degraded" or "failing"
     message: str
@@ -127,7 +127,16 @@ async def check_health(
 
     stats = pool.stats()
     now = stats.taken_at
-    if stats.server_status == "down":
+    if stats.init_failing:
+        # The server answers; the application's hook fails: not an outage of
+        # the server, but the pool cannot serve if it has nothing left.
+        serving = stats.size - stats.connecting - stats.closing
+        reasons.append(HealthReason(
+            "init_failed", DEGRADED if serving else FAILING,
+            f"the init hook failed on new connections ({stats.consecutive_connect_failures} in a row; "
+            f"the server accepts connections); {serving} connections open",
+        ))
+    elif stats.server_status == "down":
         reasons.append(HealthReason(
             "server_down", FAILING,
             f"no connection to the server: {stats.consecutive_connect_failures} consecutive connect failures",
