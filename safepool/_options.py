@@ -35,9 +35,10 @@ def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive
     :raises ValueError: NaN, negative, or 0 where ``positive``."""
     if value is None and allow_none:
         return None
-    _check_seconds_type(name, value)
+    _check_seconds_type(name, value, allow_none)
     if positive and not value > 0:  # (NaN too)
-        raise ValueError(f"{name} must be > 0 seconds (None turns it off), got {value!r}")
+        off = " (None turns it off)" if allow_none else ""
+        raise ValueError(f"{name} must be > 0 seconds{off}, got {value!r}")
     if value != value or value < 0:  # NaN or negative
         raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
     return float(value)
@@ -54,10 +55,11 @@ def release_timeout(value: Any) -> float:
     return float(value)
 
 
-def _check_seconds_type(name: str, value: Any) -> None:
+def _check_seconds_type(name: str, value: Any, allow_none: bool = True) -> None:
     """What every duration argument must be: an int or a float, not a bool."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
+        none = " or None" if allow_none else ""
+        raise TypeError(f"{name} must be a number of seconds{none}, got {type(value).__name__}")
 
 
 def validate_site_share(share: Any) -> None:

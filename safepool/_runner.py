@@ -373,6 +373,8 @@ class Runner:
     async def connect_slot(self, slot: Slot, *, raise_errors: bool = False) -> bool:
         """Open the slot's connection; returns whether it is now in the pool."""
         state = self.state
+        attempt = _workers.ConnectAttempt()
+        token = _workers.CONNECT_ATTEMPT.set(attempt)
         try:
             con = await self.open_connection()
         except Exception as exc:
@@ -385,11 +387,13 @@ class Runner:
             raise
         else:
             failure = None
+        finally:
+            _workers.CONNECT_ATTEMPT.reset(token)
         if failure is not None:
             # Read before connect_failed fails the waiters: a connect that
             # tasks waited for is theirs, not the min_size upkeep's.
             waited = state.waiting > 0
-            state.connect_failed(slot, self.now(), failure, _pg.is_refusal(failure))
+            state.connect_failed(slot, self.now(), failure, _pg.is_refusal(failure), attempt.init_failed)
             # Reported outside the except block: a failing listener's
             # traceback must not carry the connect error's full text.
             self.reporter.connect_failed(failure, self.now(), raised=raise_errors, waited=waited)

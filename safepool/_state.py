@@ -462,8 +462,8 @@ class PoolState:
     __slots__ = (
         "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_until",
-        "breaker_threshold", "closing", "connect_failures", "connect_times", "counters", "floor_enabled",
-        "generation", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime", "max_size",
+        "breaker_threshold", "closing", "connect_failures", "server_failures", "connect_times", "counters", "floor_enabled",
+        "generation", "init_failing", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime", "max_size",
         "max_waiters", "min_size", "phase", "reset_mode", "wait_on_connect_error", "wait_times",
     )
 
@@ -543,6 +543,10 @@ class PoolState:
         self._next_id = 0
 
         self.connect_failures = 0
+        # Of those, the run that never reached the server (the breaker's
+        # count), and whether the last one reached it and failed in init=.
+        self.server_failures = 0
+        self.init_failing = False
         self.last_connect_error: BaseException | None = None
         self.backoff_until = 0.0
 
@@ -601,7 +605,8 @@ class PoolState:
         return self.size - self._connecting_count
 
     def server_status(self, now: float) -> ServerStatus:
-        if self.connect_failures == 0:
+        # A connect that failed in init= reached the server: it is up.
+        if self.connect_failures == 0 or self.init_failing:
             return ServerStatus.UP
         if self._serving() == 0:
             return ServerStatus.DOWN
@@ -687,7 +692,7 @@ class PoolState:
                 raise Overloaded
         if (
             self.breaker_threshold is not None
-            and self.connect_failures >= self.breaker_threshold
+            and self.server_failures >= self.breaker_threshold
             and self._serving() == 0
             and now < self.backoff_until
         ):
@@ -1118,6 +1123,8 @@ class PoolState:
         slot.created_at = now
         self.counters.connections_opened += 1
         self.connect_failures = 0
+        self.server_failures = 0
+        self.init_failing = False
         self.backoff_until = 0.0
         owner = slot.owner
         if owner is None:
@@ -1133,8 +1140,14 @@ class PoolState:
         self._plan_connects(now)
         return True
 
-    def connect_failed(self, slot: Slot, now: float, error: BaseException, refused: bool = False) -> None:
-        """The connect failed (a no-op if it was abandoned meanwhile)."""
+    def connect_failed(
+        self, slot: Slot, now: float, error: BaseException, refused: bool = False, in_init: bool = False
+    ) -> None:
+        """The connect failed (a no-op if it was abandoned meanwhile).
+        ``in_init``: the connection was open and the ``init=`` hook raised.
+        It backs off as any failure (each attempt costs the server a login),
+        but does not count toward the breaker: the server answered, and the
+        hook's error, not ServerUnavailableError, is what acquires get."""
         if slot.state is not S.CONNECTING:
             if slot.state is S.CLOSED:
                 return
@@ -1146,6 +1159,8 @@ class PoolState:
         self._slots.discard(slot)
         self.counters.connect_errors += 1
         self.connect_failures += 1
+        self.server_failures = 0 if in_init else self.server_failures + 1
+        self.init_failing = in_init
         self.last_connect_error = error
         self.backoff_until = now + self.backoff.delay(self.connect_failures, refused)
         # A closing connection will not come back: it does not count.
@@ -1153,7 +1168,7 @@ class PoolState:
             # Nothing will come back to the waiters before the next attempt:
             # fail them now rather than let them wait out their timeouts.
             self._fail_waiters(error, self.breaker_threshold is not None and (
-                self.connect_failures >= self.breaker_threshold))
+                self.server_failures >= self.breaker_threshold))
         elif not self.wait_on_connect_error:
             if owner is not None:
                 self._settle_failed(owner, error)

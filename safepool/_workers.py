@@ -11,6 +11,7 @@ synchronous ``terminate()`` where a connection would be left half-used); only
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -55,6 +56,26 @@ class ResetHooks:
         self.full = full
 
 
+class ConnectAttempt:
+    """What :func:`connect` tells the pool beside its error: whether the
+    connection was open when ``init=`` raised (the hook failed, not the
+    server). Passed through :data:`CONNECT_ATTEMPT`, so the error raised is
+    the hook's own, as from asyncpg, and ``_get_new_connection`` keeps
+    asyncpg's signature."""
+
+    __slots__ = ("init_failed",)
+
+    def __init__(self) -> None:
+        self.init_failed = False
+
+
+# Set by the runner around its connect (a task-local context, so concurrent
+# connects in other tasks do not see each other's).
+CONNECT_ATTEMPT: contextvars.ContextVar[ConnectAttempt | None] = contextvars.ContextVar(
+    "safepool_connect_attempt", default=None
+)
+
+
 async def connect(
     open_connection: Callable[..., Awaitable[Any]],
     args: Any,
@@ -88,6 +109,11 @@ async def connect(
         try:
             await init(con)
         except Exception:
+            attempt = CONNECT_ATTEMPT.get()
+            if attempt is not None:
+                # Still open: the hook itself raised (a lost connection is
+                # the server's failure, as any connect's).
+                attempt.init_failed = not con.is_closed()
             try:
                 await con.close()
             except Exception:

@@ -16,9 +16,10 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._histogram import Distribution
+from ._options import validate_timeout
 from .errors import PoolClosedError, PoolOverloadedError
 from .stats import PoolStats
 
@@ -35,7 +36,7 @@ _RANK = {OK: 0, DEGRADED: 1, FAILING: 2}
 class HealthReason:
     """One finding: ``code`` is stable (alert on it), ``message`` is for people."""
 
-    code: str  # closed, server_down, server_backing_off, connect_errors, saturated,
+    code: str  # closed, server_down, server_backing_off, init_failed, connect_errors, saturated,
     # leak_suspects, probe_no_connection, probe_timeout, probe_failed
     status: str  # what this finding alone makes the pool: "degraded" or "failing"
     message: str
@@ -98,7 +99,25 @@ async def check_health(
     :param connect_error_window: degraded when connects failed within this
         many seconds (measured between successive checks of the same pool;
         a pool's first check only sees the current run of failures).
+    :raises TypeError: an option of the wrong type (a duration that is not
+        an int or a float, ``probe`` not a bool, ``probe_query`` not a str).
+    :raises ValueError: a duration out of range: NaN or negative;
+        ``probe_timeout`` and ``connect_error_window`` must be > 0.
     """
+    # Checked at the call, as create_pool()'s options: a wrong option must
+    # not read as an outage (a probe_timeout of -1 failed every probe, one
+    # of 0 also closed a connection per check).
+    if not isinstance(probe, bool):
+        raise TypeError(f"probe must be True or False, got {probe!r}")
+    # (With allow_none=False, validate_timeout returns a float.)
+    probe_timeout = cast(float, validate_timeout("probe_timeout", probe_timeout, allow_none=False, positive=True))
+    if not isinstance(probe_query, str):
+        raise TypeError(f"probe_query must be a str, got {type(probe_query).__name__}")
+    saturated_after = cast(float, validate_timeout("saturated_after", saturated_after, allow_none=False))
+    leak_suspect_after = validate_timeout("leak_suspect_after", leak_suspect_after)
+    connect_error_window = cast(float, validate_timeout(
+        "connect_error_window", connect_error_window, allow_none=False, positive=True,
+    ))
     reasons: list[HealthReason] = []
     latency: float | None = None
     if pool.is_closing():
@@ -108,7 +127,16 @@ async def check_health(
 
     stats = pool.stats()
     now = stats.taken_at
-    if stats.server_status == "down":
+    if stats.init_failing:
+        # The server answers; the application's hook fails: not an outage of
+        # the server, but the pool cannot serve if it has nothing left.
+        serving = stats.size - stats.connecting - stats.closing
+        reasons.append(HealthReason(
+            "init_failed", DEGRADED if serving else FAILING,
+            f"the init hook failed on new connections ({stats.consecutive_connect_failures} in a row; "
+            f"the server accepts connections); {serving} connections open",
+        ))
+    elif stats.server_status == "down":
         reasons.append(HealthReason(
             "server_down", FAILING,
             f"no connection to the server: {stats.consecutive_connect_failures} consecutive connect failures",

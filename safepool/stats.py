@@ -120,6 +120,9 @@ class PoolStats:
     admission_rejections: int = 0  # refused at once: not servable within their timeout at the drain rate
     site_cap: int | None = None  # connections one site may hold (None: max_site_share off)
     sites: tuple[SiteStats, ...] = ()  # the busiest SITES_REPORTED sites, then "other"
+    # The last connect reached the server and the init= hook raised (until a
+    # connect succeeds): an application error; server_status stays "up".
+    init_failing: bool = False
 
     taken_at: float = 0.0  # the pool clock's time of this snapshot (seconds; for rates between snapshots)
 
@@ -167,5 +170,6 @@ def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
         admission_rejections=c.admission_rejections,
         site_cap=state.site_cap,
         sites=tuple(SiteStats(*row) for row in state.site_usage(SITES_REPORTED)),
+        init_failing=state.init_failing,
         taken_at=now,
     )

@@ -52,7 +52,11 @@ class PoolSet:
         taken = self._named.get(name)
         current = taken() if taken is not None else None
         if current is not None and current is not pool and not _closed(current):
-            raise ValueError(f"another open pool is already reported as {name!r}")
+            raise ValueError(
+                f"cannot report pool {name!r}: another open pool is already reported as {name!r} "
+                "(give the pools distinct names with create_pool(name=...), or report this one "
+                "under another name with add(pool, name))"
+            )
         self._named[name] = weakref.ref(pool)
         return name
 

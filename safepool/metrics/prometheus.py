@@ -13,6 +13,7 @@ Needs the ``safepool[prometheus]`` extra.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -215,8 +216,46 @@ def _buckets(distribution: Distribution) -> list[tuple[str, float]]:
 def register(
     *pools: Pool, live: bool = False, registry: CollectorRegistry | None = None
 ) -> PoolCollector:
-    """Register a :class:`PoolCollector` for ``pools`` (and every open pool
-    with ``live=True``) on ``registry`` (default: prometheus_client's global one)."""
-    collector = PoolCollector(pools, live=live)
-    (REGISTRY if registry is None else registry).register(collector)
+    """Report ``pools`` (and every open pool with ``live=True``) on
+    ``registry`` (default: prometheus_client's global one), and return the
+    registry's :class:`PoolCollector`.
+
+    One collector per registry: the first call registers it, later calls
+    add their pools to it (``live=True`` turns live mode on), so
+    ``register(orders)`` then ``register(reports)`` report both. A collector
+    registered directly (``registry.register(PoolCollector(...))``) is used
+    the same way. A pool already reported stays as it is: registering it
+    again is a no-op.
+
+    :raises ValueError: another open pool is already reported under the
+        pool's name (the message names it; give the pools distinct names,
+        or add one with ``collector.add(pool, "other-name")``)."""
+    target = REGISTRY if registry is None else registry
+    collector = _collector_of(target)
+    if collector is None:
+        collector = PoolCollector(pools, live=live)  # (a name clash raises before registering)
+        target.register(collector)
+        _made[target] = collector
+        return collector
+    for pool in pools:
+        collector.add(pool)
+    if live:
+        collector.pools.live = True
     return collector
+
+
+# The collectors register() made, per registry: used when a registry does
+# not list its collectors (see _collector_of).
+_made: weakref.WeakKeyDictionary[CollectorRegistry, PoolCollector] = weakref.WeakKeyDictionary()
+
+
+def _collector_of(registry: CollectorRegistry) -> PoolCollector | None:
+    """The PoolCollector registered on ``registry`` now, if any (there is at
+    most one: a second one's names would collide)."""
+    # prometheus_client has no public list of a registry's collectors; its
+    # _collector_to_names (0.20 to 0.26 at least) is that list, and also
+    # shows a collector that was unregistered since, or registered directly.
+    collectors = getattr(registry, "_collector_to_names", None)
+    if isinstance(collectors, dict):
+        return next((c for c in list(collectors) if isinstance(c, PoolCollector)), None)
+    return _made.get(registry)

@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+import safepool
 from safepool import ManualClock
 from safepool.health import HealthReport, check_health
 from tests._util import until
@@ -198,3 +199,136 @@ async def test_readiness_endpoint_from_the_docs(pg_dsn: str) -> None:
             response = await client.get("/ready")
             assert response.status_code == 503
             assert response.json()["reasons"][0]["code"] == "closed"
+
+
+BAD_OPTIONS = [
+    # A wrong option is the caller's mistake, raised at the call: before,
+    # each of these read as an outage (failing, probe_failed; 0 also closed
+    # a connection per call) or was silently accepted.
+    ({"probe_timeout": -1}, ValueError, r"probe_timeout must be > 0 seconds, got -1"),
+    ({"probe_timeout": 0}, ValueError, r"probe_timeout must be > 0 seconds, got 0"),
+    ({"probe_timeout": float("nan")}, ValueError, r"probe_timeout must be > 0 seconds, got nan"),
+    ({"probe_timeout": "1"}, TypeError, r"probe_timeout must be a number of seconds, got str"),
+    ({"probe_timeout": None}, TypeError, r"probe_timeout must be a number of seconds, got NoneType"),
+    ({"probe_timeout": True}, TypeError, r"probe_timeout must be a number of seconds, got bool"),
+    ({"saturated_after": -1}, ValueError, r"saturated_after must be >= 0 seconds, got -1"),
+    ({"saturated_after": float("nan")}, ValueError, r"saturated_after must be >= 0 seconds, got nan"),
+    ({"saturated_after": "5"}, TypeError, r"saturated_after must be a number of seconds, got str"),
+    ({"leak_suspect_after": -5}, ValueError, r"leak_suspect_after must be >= 0 seconds, got -5"),
+    ({"leak_suspect_after": "30"}, TypeError, r"leak_suspect_after must be a number of seconds or None, got str"),
+    ({"connect_error_window": "x"}, TypeError, r"connect_error_window must be a number of seconds, got str"),
+    ({"connect_error_window": 0}, ValueError, r"connect_error_window must be > 0 seconds, got 0"),
+    ({"connect_error_window": -60}, ValueError, r"connect_error_window must be > 0 seconds, got -60"),
+    ({"probe": "yes"}, TypeError, r"probe must be True or False, got 'yes'"),
+    ({"probe": 1}, TypeError, r"probe must be True or False, got 1"),
+    ({"probe_query": b"SELECT 1"}, TypeError, r"probe_query must be a str, got bytes"),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "message"), BAD_OPTIONS, ids=[repr(o) for o, _, _ in BAD_OPTIONS])
+async def test_bad_options_raise_at_the_call_not_as_an_outage(
+    pools: Any, caplog: pytest.LogCaptureFixture, options: dict[str, Any], error: type[Exception], message: str,
+) -> None:
+    pool = await pools(name="options", min_size=1, max_size=1)
+    with pytest.raises(error, match=f"^{message}$"):
+        await pool.health(**options)
+    with pytest.raises(error, match=f"^{message}$"):
+        await check_health(pool, **options)
+    # Nothing ran: no probe lease, no connection closed, nothing logged.
+    stats = pool.stats()
+    assert stats.acquired == 0 and stats.connections_closed == 0 and stats.idle == 1
+    assert not [r for r in caplog.records if r.name.startswith("safepool")]
+
+
+@pytest.mark.parametrize("options", [
+    {"probe_timeout": 0.5}, {"probe_timeout": 2}, {"probe_timeout": float("inf")},
+    {"saturated_after": 0}, {"saturated_after": 0.25},
+    {"leak_suspect_after": 0}, {"leak_suspect_after": None}, {"leak_suspect_after": 30},
+    {"connect_error_window": 1}, {"connect_error_window": 0.5},
+    {"probe": False}, {"probe_query": "SELECT 2"},
+], ids=repr)
+async def test_valid_options_still_work(pools: Any, options: dict[str, Any]) -> None:
+    pool = await pools(name="options-ok", min_size=1, max_size=1)
+    report = await pool.health(**options)
+    assert report.status == "ok" and report.reasons == ()
+    assert (report.probe_latency is None) == (options.get("probe") is False)
+
+
+class BrokenInit:
+    """An init= hook with an application bug while ``broken`` is set."""
+
+    def __init__(self) -> None:
+        self.broken = True
+
+    async def __call__(self, con: Any) -> None:
+        await con.execute("SELECT 1")  # the connection works
+        if self.broken:
+            raise ValueError("bug in init hook")
+
+
+@pytest.mark.parametrize("fail_fast", [False, True])
+async def test_init_hook_failure_is_not_reported_as_the_server_down(
+    pools: Any, caplog: pytest.LogCaptureFixture, fail_fast: bool,
+) -> None:
+    init = BrokenInit()
+    with pytest.raises(ValueError, match="bug in init hook"):
+        await pools(name="init-bug", min_size=1, init=init, fail_fast=fail_fast)  # as asyncpg's create_pool
+    pool = await pools(name="init-bug", min_size=0, init=init, fail_fast=fail_fast)
+    caplog.set_level("INFO", logger="safepool")
+    for _ in range(4):
+        # The hook's own error, as from asyncpg's acquire: with fail_fast too
+        # (before: ServerUnavailableError "the server refuses new ones" from
+        # the third on).
+        with pytest.raises(ValueError, match="bug in init hook"):
+            await pool.acquire(timeout=10)
+    stats = pool.stats()
+    assert stats.server_status == "up" and stats.init_failing
+    assert stats.consecutive_connect_failures == 4 and stats.unavailable_rejections == 0
+    messages = [r.getMessage() for r in caplog.records if r.name == "safepool"]
+    assert "pool 'init-bug': the init hook failed on a new connection (ValueError: bug in init hook), " \
+        "which was closed; 4 consecutive failures" in messages
+    assert not [m for m in messages if "server status" in m or "connect failed" in m]
+    report = await pool.health(probe=False)
+    assert report.status == "failing" and "server_down" not in codes(report)
+    reason = next(r for r in report.reasons if r.code == "init_failed")
+    assert reason.status == "failing" and "the init hook failed on new connections (4 in a row" in reason.message
+
+    init.broken = False
+    async with pool.acquire(timeout=10) as con:
+        assert await con.fetchval("SELECT 1") == 1
+    stats = pool.stats()
+    assert stats.server_status == "up" and not stats.init_failing and stats.consecutive_connect_failures == 0
+    assert "init_failed" not in codes(await pool.health(probe=False))
+
+
+async def test_init_failures_do_not_count_toward_the_breaker_refusals_do(pools: Any) -> None:
+    connect = FlakyConnect()
+    init = BrokenInit()
+    pool = await pools(name="init-breaker", min_size=0, init=init, connect=connect, fail_fast=True)
+    for _ in range(3):
+        with pytest.raises(ValueError, match="bug in init hook"):
+            await pool.acquire(timeout=10)
+    # The server goes away: the breaker counts from here (it opens on the
+    # third refusal), not from the init failures before (before: the first
+    # refusal made 4 failures and opened it).
+    connect.down = True
+    for _ in range(2):
+        with pytest.raises(ConnectionRefusedError):
+            await pool.acquire(timeout=10)
+    assert pool.stats().server_status == "down" and not pool.stats().init_failing
+    with pytest.raises(safepool.ServerUnavailableError, match=r"the server refuses new ones \(last error: "
+                                                               r"ConnectionRefusedError"):
+        await pool.acquire(timeout=10)
+    assert "server_down" in codes(await pool.health(probe=False))
+
+
+async def test_a_connection_lost_during_init_is_a_server_failure(pools: Any) -> None:
+    async def lost(con: Any) -> None:
+        con.terminate()
+        raise ConnectionResetError("connection lost (test)")
+
+    pool = await pools(name="init-lost", min_size=0, init=lost)
+    with pytest.raises(ConnectionResetError):
+        await pool.acquire(timeout=10)
+    stats = pool.stats()
+    assert stats.server_status == "down" and not stats.init_failing

@@ -167,7 +167,95 @@ async def test_describe_lets_the_registry_catch_duplicates_without_collecting(po
     pool = await pools(name="describe", min_size=0)
     registry = CollectorRegistry()
     register(pool, registry=registry)
+    # A second collector of safepool's names is refused by the registry,
+    # from describe() alone.
     with pytest.raises(DuplicateTimeseries):
-        register(pool, registry=registry)
+        registry.register(PoolCollector())
     described = {metric.name for metric in PoolCollector().describe()}
     assert {"safepool_connections", "safepool_acquire_wait_seconds", "safepool_acquired"} <= described
+
+
+async def test_register_once_per_pool_reports_every_pool(pools: Any) -> None:
+    # The documented call, once per pool: before, the second register()
+    # raised DuplicateTimeseries (a 4 KB message naming no pool).
+    orders = await pools(name="orders", min_size=1, max_size=2)
+    reports = await pools(name="reports", min_size=0, max_size=3)
+    registry = CollectorRegistry()
+    collector = register(orders, registry=registry)
+    assert register(reports, registry=registry) is collector
+    async with orders.acquire() as con:
+        await con.execute("SELECT 1")
+        samples = scrape(registry)
+    assert value(samples, "safepool_max_size", pool="orders") == 2
+    assert value(samples, "safepool_max_size", pool="reports") == 3
+    assert value(samples, "safepool_connections", pool="orders", state="in_use") == 1
+    assert value(samples, "safepool_acquired_total", pool="reports") == 0
+    # One series per pool and metric: exactly two pools on each.
+    assert {dict(labels)["pool"] for name, labels in samples if name == "safepool_waiting"} == {"orders", "reports"}
+
+
+async def test_register_the_same_pool_twice_is_a_no_op(pools: Any) -> None:
+    pool = await pools(name="twice", min_size=1)
+    registry = CollectorRegistry()
+    collector = register(pool, registry=registry)
+    assert register(pool, registry=registry) is collector
+    assert register(pool, pool, registry=registry) is collector
+    assert collector.pools.items() == [("twice", pool)]
+    text = generate_latest(registry).decode()
+    assert text.count('safepool_max_size{pool="twice"}') == 1
+
+
+async def test_register_a_second_open_pool_of_the_same_name_names_it(pools: Any) -> None:
+    first = await pools(name="same", min_size=0)
+    second = await pools(name="same", min_size=0)
+    registry = CollectorRegistry()
+    collector = register(first, registry=registry)
+    with pytest.raises(ValueError, match=r"^cannot report pool 'same': another open pool is already reported as "
+                                         r"'same' \(give the pools distinct names"):
+        register(second, registry=registry)
+    # The registry still scrapes, with the first pool; the second can be
+    # reported under another name.
+    assert value(scrape(registry), "safepool_max_size", pool="same") == 2
+    collector.add(second, "same-2")
+    assert value(scrape(registry), "safepool_max_size", pool="same-2") == 2
+    # A closed pool's name is free again (an application re-creating its pool).
+    await first.close()
+    replacement = await pools(name="same", min_size=0, max_size=4)
+    register(replacement, registry=registry)
+    assert value(scrape(registry), "safepool_max_size", pool="same") == 4
+
+
+async def test_register_joins_a_collector_registered_directly_and_live_mode(pools: Any) -> None:
+    direct = await pools(name="direct", min_size=0)
+    joined = await pools(name="joined", min_size=0)
+    other = await pools(name="other-live", min_size=0)
+    registry = CollectorRegistry()
+    collector = PoolCollector([direct])
+    registry.register(collector)
+    assert register(joined, registry=registry) is collector
+    samples = scrape(registry)
+    assert {"direct", "joined"} <= {dict(labels)["pool"] for name, labels in samples if name == "safepool_waiting"}
+    assert ("safepool_waiting", frozenset({("pool", "other-live")})) not in samples
+    assert register(live=True, registry=registry) is collector
+    assert value(scrape(registry), "safepool_waiting", pool=other.name) == 0
+    # Unregistered: the next register() makes and registers a new collector.
+    registry.unregister(collector)
+    fresh = register(joined, registry=registry)
+    assert fresh is not collector
+    assert {dict(labels)["pool"] for name, labels in scrape(registry) if name == "safepool_waiting"} == {"joined"}
+
+
+async def test_register_on_a_registry_that_does_not_list_its_collectors() -> None:
+    # prometheus_client's collector list is private: without it, register()
+    # finds the collector it made itself.
+    class Registry:
+        def __init__(self) -> None:
+            self.registered: list[Any] = []
+
+        def register(self, collector: Any) -> None:
+            self.registered.append(collector)
+
+    registry = Registry()
+    first = register(registry=registry)  # type: ignore[arg-type]
+    assert register(live=True, registry=registry) is first  # type: ignore[arg-type]
+    assert registry.registered == [first] and first.pools.live
