@@ -446,6 +446,8 @@ class _Progress:
         line = f"{len(run.records)} requests, {ok} ok"
         if self.config.scenario in ("leak", "stuck"):
             line += f", {run.leaked} connections {'leaked' if self.config.scenario == 'leak' else 'stuck'}"
+            if run.pool == "asyncpg" and run.leaked >= self.config.pool_size:
+                line += " (the whole pool)"  # why asyncpg's count stops there
             if run.pool == "safepool":  # the table's "N taken back", so that the line does not read as a failure
                 line += f", {run.leaks_taken_back()} taken back"
         if self.bars is None:

@@ -297,17 +297,28 @@ def _leaks(summary: Summary) -> str:
     return f"{summary.leaks_detected}: {kinds}" if kinds else "0"
 
 
-def _held(summary: Summary) -> str:
+def _whole_pool(summary: Summary, config: ReplayConfig) -> bool:
+    """Whether asyncpg's pool lost every connection: its count stops there
+    only because no later request got a connection to leak."""
+    return summary.pool == "asyncpg" and summary.leaked >= config.pool_size
+
+
+def _held(summary: Summary, config: ReplayConfig) -> str:
     """Connections leaked (or stuck) over the run, and how many came back:
     asyncpg's count stops at the pool size (nothing is left to take), while
     safepool's goes on, as each connection it takes back can be taken again."""
     if summary.pool == "asyncpg":
+        if _whole_pool(summary, config):
+            # A new user read "10" beside safepool's "47" as asyncpg leaking less.
+            return f"{summary.leaked} = the whole pool, none given back: every later request failed"
         return f"{summary.leaked}, none given back"
     # The rest were taken less than lease_timeout (stuck) or a collection
     # (leak) before the load stopped: the pool had no reason to act yet.
     held = summary.leaked - summary.leaks_detected
     still = f", {held} still held when the load stopped" if held > 0 else ""
-    return f"{summary.leaked}, {summary.leaks_detected} taken back{still}"
+    each = "leaking request" if summary.scenario == "leak" else "stuck payment"
+    every = f" (every {each})" if summary.leaked == summary.leaking_requests else ""
+    return f"{summary.leaked}{every}, {summary.leaks_detected} taken back{still}"
 
 
 def _site(summary: Summary) -> str:
@@ -340,7 +351,9 @@ def _rows(config: ReplayConfig, max_connections: int) -> list[tuple[str, Any]]:
         rows.append((f"requests ({FAULTY_LINE[scenario]})", lambda s: f"{s.requests} ({s.leaking_requests})"))
     else:
         rows.append(("requests", lambda s: str(s.requests)))
-    rows.append(("success, all requests", lambda s: _pct(s.success)))
+    # The surge asks more than the pool can serve: low success on both sides.
+    over = f" (surge: {config.surge_factor:g}x capacity)" if scenario == "surge" else ""
+    rows.append((f"success, all requests{over}", lambda s: _pct(s.success)))
     if scenario in HEALTHY_LINE:
         rows.append((f"success, {HEALTHY_LINE[scenario]}", lambda s: _pct(s.success_non_leaking)))
     latency = "p50 / p99 latency" + (f" ({HEALTHY_LINE[scenario]})" if scenario in HEALTHY_LINE else "")
@@ -380,11 +393,12 @@ def _rows(config: ReplayConfig, max_connections: int) -> list[tuple[str, Any]]:
         rows.append(("time to recovery (requests other than payments)", _recovery))
     else:
         rows.append(("time to recovery", _recovery))
-    rows.append((f"peak server connections (max {max_connections})", lambda s: str(s.peak_server_connections or "-")))
+    peak = f"peak server connections (max_connections={max_connections})"  # the server's limit
+    rows.append((peak, lambda s: str(s.peak_server_connections or "-")))
     if scenario in FAULTY_LINE:
         held = "leaked" if scenario == "leak" else "taken by stuck tasks"
         rows += [
-            (f"connections {held} (over the run)", _held),
+            (f"connections {held} (over the run)", lambda s: _held(s, config)),
             ("caught by the pool", _leaks),
             ("leak source (acquired at)", _site),
         ]
@@ -446,8 +460,9 @@ def verdicts(summaries: list[Summary], config: ReplayConfig) -> list[str]:
     non-leaking requests, goodput, p99, time to recovery, the leaking line."""
     lines = []
     for s in summaries:
+        over = f" (the surge sent {config.surge_factor:g}x capacity)" if config.scenario == "surge" else ""
         parts = [
-            f"{_pct(s.success_non_leaking)} of {_subject(config.scenario)} succeeded",
+            f"{_pct(s.success_non_leaking)} of {_subject(config.scenario)} succeeded{over}",
             f"goodput {_goodput(s)}",
             f"p99 {_ms(s.p99_ms)}",
         ]
@@ -468,7 +483,10 @@ def verdicts(summaries: list[Summary], config: ReplayConfig) -> list[str]:
                     f"named the {'leak' if config.scenario == 'leak' else 'stuck lease'}: {_site(s).splitlines()[0]}"
                 )
             elif s.leaked:
-                parts.append(f"{s.leaked} connections {'leaked' if config.scenario == 'leak' else 'stuck'}, unnoticed")
+                whole = " (the whole pool)" if _whole_pool(s, config) else ""
+                parts.append(
+                    f"{s.leaked} connections {'leaked' if config.scenario == 'leak' else 'stuck'}{whole}, unnoticed"
+                )
         line = f"{config.scenario} / {s.label}: " + "; ".join(parts)
         if s.pool == "safepool":
             name, met = target(s, config)
@@ -494,8 +512,28 @@ def error_legend(summaries: list[Summary], config: ReplayConfig) -> str | None:
     return "errors: " + "; ".join(f"{_ERROR_NAMES[kind]}: {meaning[kind]}" for kind in kinds) + "."
 
 
+def notes(config: ReplayConfig) -> list[str]:
+    """What the table cannot say for itself, in a line: why success is low
+    on both sides of the surge, and what the restart scenario is for (a new
+    user's trial, 2026-12-03, read both as safepool failing)."""
+    if config.scenario == "surge":
+        return [
+            f"note: the surge asks {config.surge_factor:g}x what the pool can serve, so on any pool at most about "
+            f"{100 / config.surge_factor:.0f}% of its requests can succeed: compare goodput, not success."
+        ]
+    if config.scenario == "restart":
+        return [
+            "note: no gain is expected here: both pools reconnect once the server is back. safepool's target is to "
+            "be as quick (its circuit breaker, fail_fast, must not delay that); what it changes is the answer while "
+            "the server is down: 503 (unavailable, retry later), not 500."
+        ]
+    return []
+
+
 def print_report(console: Console, summaries: list[Summary], config: ReplayConfig, max_connections: int) -> None:
     console.print(build_table(summaries, config, max_connections))
+    for line in notes(config):
+        console.print(line, highlight=False, markup=False)
     legend = error_legend(summaries, config)
     if legend is not None:
         console.print(legend, highlight=False, markup=False)
@@ -528,6 +566,7 @@ def scenario_json(summaries: list[Summary], config: ReplayConfig, max_connection
         "config": config.as_dict(),
         "max_connections": max_connections,
         "pools": {s.pool: s.as_dict() for s in summaries},
+        "notes": notes(config),
         "verdicts": verdicts(summaries, config),
         "safepool_target": target_json,
     }

