@@ -518,8 +518,9 @@ def notes(config: ReplayConfig) -> list[str]:
     user's trial, 2026-12-03, read both as safepool failing)."""
     if config.scenario == "surge":
         return [
-            f"note: the surge asks {config.surge_factor:g}x what the pool can serve, so on any pool at most about "
-            f"{100 / config.surge_factor:.0f}% of its requests can succeed: compare goodput, not success."
+            f"note: during the surge the load is {config.surge_factor:g}x what the pool can serve, so on any pool "
+            f"at most about {100 / config.surge_factor:.0f}% of the surge's requests can succeed (the row also counts "
+            "the requests before and after it): compare goodput, not success."
         ]
     if config.scenario == "restart":
         return [

@@ -509,8 +509,9 @@ def test_the_report_explains_what_a_newcomer_misread(scenario: str) -> None:
     if scenario == "surge":
         assert "success, all requests (surge: 5x capacity)" in names
         assert printed == [
-            "note: the surge asks 5x what the pool can serve, so on any pool at most about 20% of its requests "
-            "can succeed: compare goodput, not success."
+            "note: during the surge the load is 5x what the pool can serve, so on any pool at most about 20% of "
+            "the surge's requests can succeed (the row also counts the requests before and after it): compare "
+            "goodput, not success."
         ]
         assert all("of requests succeeded (the surge sent 5x capacity);" in v for v in verdicts(summaries, config))
     elif scenario == "restart":
