@@ -169,7 +169,7 @@ async def check_health(
             task = f", task {oldest.task_name}" if oldest.task_name else ""
             reasons.append(HealthReason(
                 "leak_suspects", DEGRADED,
-                f"{len(suspects)} leases held longer than {threshold:g}s; "
+                f"{len(suspects)} {'lease' if len(suspects) == 1 else 'leases'} held longer than {threshold:g}s; "
                 f"oldest {oldest.age:.1f}s, acquired at {where}{task}",
             ))
 

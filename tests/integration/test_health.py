@@ -79,7 +79,7 @@ async def test_leak_suspects_name_the_acquire_site(pools: Any) -> None:
     report = await pool.health()
     assert report.status == "degraded" and codes(report) == {"leak_suspects"}
     message = report.reasons[0].message
-    assert "1 leases held longer than 30s" in message
+    assert "1 lease held longer than 30s" in message
     assert re.search(r"test_health\.py:\d+ in test_leak_suspects_name_the_acquire_site", message)
     # An explicit threshold overrides the pool's; a lease younger than it is fine.
     assert (await pool.health(leak_suspect_after=60.0)).status == "ok"
