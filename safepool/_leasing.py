@@ -29,10 +29,11 @@ from . import _internals as _pg
 from . import _sites, _stack, _workers
 from ._clock import Clock
 from ._detach import Resolved, _Driver
+from ._durations import release_timeout, validate_timeout
 from ._holder import Face
 from ._internals import RawConnection
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
-from ._options import PoolConfig, release_timeout, validate_timeout
+from ._options import PoolConfig
 from ._reporting import Reporter
 from ._state import (
     OPEN_LEASE,

@@ -12,6 +12,7 @@ from asyncpg import connection as _pg_connection
 from asyncpg import protocol as _pg_protocol
 
 from . import _internals as _pg
+from ._durations import validate_timeout
 from ._policy import AdaptiveQueue
 from ._state import RESET_MODES, Backoff, PoolState
 
@@ -26,40 +27,6 @@ BREAKER_THRESHOLD = 3
 # An argument left out (max_waiters; acquire()'s timeout and lease_timeout):
 # "the pool's setting".
 DEFAULT: Any = object()
-
-
-def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive: bool = False) -> float | None:
-    """A duration in seconds (None: no limit, where ``allow_none``).
-
-    :raises TypeError: not a number (bool included).
-    :raises ValueError: NaN, negative, or 0 where ``positive``."""
-    if value is None and allow_none:
-        return None
-    _check_seconds_type(name, value, allow_none)
-    if positive and not value > 0:  # (NaN too)
-        off = " (None turns it off)" if allow_none else ""
-        raise ValueError(f"{name} must be > 0 seconds{off}, got {value!r}")
-    if value != value or value < 0:  # NaN or negative
-        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
-    return float(value)
-
-
-def release_timeout(value: Any) -> float:
-    """``release(timeout=)`` other than None: seconds, as asyncpg 0.32's
-    release takes them (its reset runs under ``asyncio.timeout``), so 0,
-    negative and NaN leave no time for a reset (``TimeoutError`` from it).
-
-    :raises TypeError: not a number (bool included: asyncpg would take
-        True as 1 second, as acquire(timeout=True) is refused here too)."""
-    _check_seconds_type("timeout", value)
-    return float(value)
-
-
-def _check_seconds_type(name: str, value: Any, allow_none: bool = True) -> None:
-    """What every duration argument must be: an int or a float, not a bool."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        none = " or None" if allow_none else ""
-        raise TypeError(f"{name} must be a number of seconds{none}, got {type(value).__name__}")
 
 
 def validate_site_share(share: Any) -> None:

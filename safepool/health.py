@@ -18,8 +18,8 @@ from collections import deque
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, cast
 
+from ._durations import validate_timeout
 from ._histogram import Distribution
-from ._options import validate_timeout
 from .errors import PoolClosedError, PoolOverloadedError
 from .stats import PoolStats
 

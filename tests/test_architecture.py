@@ -28,7 +28,12 @@ FORBIDDEN_MODULES = {
     "_surface", "_registry", "_options", "_workers", "_reporting", "_leasing",
 }
 # (path relative to safepool/, source of the flagged expression): why it is fine.
-ALLOWED: dict[tuple[str, str], str] = {}
+ALLOWED: dict[tuple[str, str], str] = {
+    ("metrics/prometheus.py", "getattr(..., '_collector_to_names')"): (
+        "prometheus_client's registry, not safepool's: read only, to find a PoolCollector already registered "
+        "(it has no public list of collectors); register() falls back to the collectors it made"
+    ),
+}
 
 
 def extension_files() -> list[Path]:
@@ -62,7 +67,9 @@ def violations(source: str, relpath: str) -> list[str]:
                 private = name.value.startswith("_") and not _is_dunder(name.value)
                 # Writing an attribute by name is patching; reading one by name, a private read.
                 if node.func.id in ("setattr", "delattr") or (node.func.id in ("getattr", "hasattr") and private):
-                    found.append(f"{where}: {node.func.id}(..., {name.value!r})")
+                    text = f"{node.func.id}(..., {name.value!r})"
+                    if (relpath, text) not in ALLOWED:
+                        found.append(f"{where}: {text}")
         elif isinstance(node, ast.ImportFrom) and node.module is not None:
             parts = node.module.split(".")
             if (node.level or parts[0] == "safepool") and FORBIDDEN_MODULES & set(parts):

@@ -63,7 +63,10 @@ async def test_a_connection_lost_during_a_backoff_is_replaced_to_min_size(pg_dsn
         init.refuse = lambda call: True
         with pytest.raises(OSError, match="refused by the test's init"):
             await pool.acquire(timeout=5)  # its own connect's error, as on asyncpg's pool
-        assert pool.stats().server_status != "up"
+        # Connects back off now (an init= failure is the hook's, not the
+        # server's: server_status stays "up", stats().init_failing says so).
+        stats = pool.stats()
+        assert stats.consecutive_connect_failures == 1 and stats.init_failing
         init.refuse = lambda call: False
         held._con.terminate()  # the floor connection dies while leased
         await pool.release(held)  # (the dead connection's slot closes after it returns)

@@ -1,0 +1,42 @@
+"""Duration arguments in seconds, checked as create_pool() checks its
+own: a leaf module (no pool state), so that the extensions (health) check
+their options the same way without importing the pool's internals
+(tests/test_architecture.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive: bool = False) -> float | None:
+    """A duration in seconds (None: no limit, where ``allow_none``).
+
+    :raises TypeError: not a number (bool included).
+    :raises ValueError: NaN, negative, or 0 where ``positive``."""
+    if value is None and allow_none:
+        return None
+    _check_seconds_type(name, value, allow_none)
+    if positive and not value > 0:  # (NaN too)
+        off = " (None turns it off)" if allow_none else ""
+        raise ValueError(f"{name} must be > 0 seconds{off}, got {value!r}")
+    if value != value or value < 0:  # NaN or negative
+        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+    return float(value)
+
+
+def release_timeout(value: Any) -> float:
+    """``release(timeout=)`` other than None: seconds, as asyncpg 0.32's
+    release takes them (its reset runs under ``asyncio.timeout``), so 0,
+    negative and NaN leave no time for a reset (``TimeoutError`` from it).
+
+    :raises TypeError: not a number (bool included: asyncpg would take
+        True as 1 second, as acquire(timeout=True) is refused here too)."""
+    _check_seconds_type("timeout", value)
+    return float(value)
+
+
+def _check_seconds_type(name: str, value: Any, allow_none: bool = True) -> None:
+    """What every duration argument must be: an int or a float, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        none = " or None" if allow_none else ""
+        raise TypeError(f"{name} must be a number of seconds{none}, got {type(value).__name__}")
