@@ -680,3 +680,31 @@ async def memory_profile(pool: Any, leases: int, *, sample: int = 200) -> dict[s
     finally:
         tracemalloc.stop()
     return {"growth": float(after - before), "leases": float(leases), "peak_per_lease": statistics.median(peaks)}
+
+
+def serial_leases(pool: Any, query: bool) -> Callable[[int], Coroutine[Any, Any, None]]:
+    """``run(n)``: n leases one after another, each ``SELECT 1`` if ``query``
+    (else empty), for the counting tools (``benchmarks.calls``,
+    ``benchmarks.bytecodes``)."""
+
+    async def run(n: int) -> None:
+        for _ in range(n):
+            async with pool.acquire() as con:
+                if query:
+                    await con.fetchval("SELECT 1")
+
+    return run
+
+
+def contended_leases(pool: Any) -> Callable[[int], Coroutine[Any, Any, None]]:
+    """``run(n)``: n leases by CONTENDED_TASKS tasks at once, each ``SELECT 1``."""
+
+    async def run(n: int) -> None:
+        async def worker() -> None:
+            for _ in range(n // CONTENDED_TASKS):
+                async with pool.acquire() as con:
+                    await con.fetchval("SELECT 1")
+
+        await asyncio.gather(*(worker() for _ in range(CONTENDED_TASKS)))
+
+    return run

@@ -46,7 +46,7 @@ import asyncpg
 
 import safepool
 
-from ._workloads import CONTENDED_TASKS, MAX_SIZE, SAFETY_ON
+from ._workloads import MAX_SIZE, SAFETY_ON, contended_leases, serial_leases
 
 LEASES = 400  # per workload; the contended one runs CONTENDED_TASKS tasks of LEASES // CONTENDED_TASKS
 WARM_UP = 50
@@ -83,35 +83,13 @@ class _Counter:
         return self._on_event
 
 
-def _serial(pool: Any, query: bool) -> Callable[[int], Coroutine[Any, Any, None]]:
-    async def run(n: int) -> None:
-        for _ in range(n):
-            async with pool.acquire() as con:
-                if query:
-                    await con.fetchval("SELECT 1")
-
-    return run
-
-
-def _contended(pool: Any) -> Callable[[int], Coroutine[Any, Any, None]]:
-    async def run(n: int) -> None:
-        async def worker() -> None:
-            for _ in range(n // CONTENDED_TASKS):
-                async with pool.acquire() as con:
-                    await con.fetchval("SELECT 1")
-
-        await asyncio.gather(*(worker() for _ in range(CONTENDED_TASKS)))
-
-    return run
-
-
 async def _open(dsn: str, workload: str) -> tuple[Any, Callable[[int], Coroutine[Any, Any, None]]]:
     if workload == "contended":
         pool = await safepool.create_pool(dsn, min_size=MAX_SIZE, max_size=MAX_SIZE)
-        return pool, _contended(pool)
+        return pool, contended_leases(pool)
     options = {"auto": {"reset_mode": "auto"}, "safety": SAFETY_ON}.get(workload, {})
     pool = await safepool.create_pool(dsn, min_size=1, max_size=1, **options)
-    return pool, _serial(pool, query=workload != "empty")
+    return pool, serial_leases(pool, query=workload != "empty")
 
 
 async def count(dsn: str, workload: str, leases: int = LEASES) -> float:

@@ -16,11 +16,10 @@ import asyncio
 import cProfile
 import pstats
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import safepool
 
-from ._workloads import lean_pool
+from ._workloads import contended_leases, lean_pool, serial_leases
 
 LEASES = 2000
 
@@ -34,28 +33,6 @@ async def _count(run: Callable[[int], Awaitable[None]]) -> float:
     return pstats.Stats(profile).total_calls / LEASES  # type: ignore[attr-defined,no-any-return]
 
 
-def _serial(pool: Any, query: bool) -> Callable[[int], Awaitable[None]]:
-    async def run(n: int) -> None:
-        for _ in range(n):
-            async with pool.acquire() as con:
-                if query:
-                    await con.fetchval("SELECT 1")
-
-    return run
-
-
-def _contended(pool: Any) -> Callable[[int], Awaitable[None]]:
-    async def run(n: int) -> None:
-        async def worker() -> None:
-            for _ in range(n // 100):
-                async with pool.acquire() as con:
-                    await con.fetchval("SELECT 1")
-
-        await asyncio.gather(*(worker() for _ in range(100)))
-
-    return run
-
-
 async def main(dsn: str) -> None:
     pools = {
         "safepool": await safepool.create_pool(dsn, min_size=10, max_size=10),
@@ -63,9 +40,9 @@ async def main(dsn: str) -> None:
     }
     print(f"{'pool':10s} {'empty':>7s} {'query':>7s} {'contended':>10s}  (Python calls per lease)")
     for name, pool in pools.items():
-        empty = await _count(_serial(pool, query=False))
-        query = await _count(_serial(pool, query=True))
-        contended = await _count(_contended(pool))
+        empty = await _count(serial_leases(pool, query=False))
+        query = await _count(serial_leases(pool, query=True))
+        contended = await _count(contended_leases(pool))
         print(f"{name:10s} {empty:7.1f} {query:7.1f} {contended:10.1f}")
         await pool.close()
 
