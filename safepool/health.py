@@ -79,6 +79,10 @@ class HealthReport:
 _history: weakref.WeakKeyDictionary[Pool, deque[tuple[float, int]]] = weakref.WeakKeyDictionary()
 
 
+PROBE_SITE = "safepool.health"
+"""The acquire site of the health probe's lease (``leases()``, per-site stats)."""
+
+
 async def check_health(
     pool: Pool,
     *,
@@ -91,7 +95,9 @@ async def check_health(
 ) -> HealthReport:
     """Check ``pool`` and say whether it can serve.
 
-    :param probe: run ``probe_query`` through the pool (acquire included).
+    :param probe: run ``probe_query`` through the pool (acquire included),
+        on a lease of its own acquire site (``PROBE_SITE``): a bulkhead
+        (``max_site_share``) never counts it against the caller's site.
     :param probe_timeout: seconds for the whole probe, acquire and query.
     :param saturated_after: degraded when a task has waited this long for a connection.
     :param leak_suspect_after: degraded when a lease is held this long
@@ -182,7 +188,10 @@ async def _probe(pool: Pool, timeout: float, query: str, reasons: list[HealthRea
     acquired = False
     try:
         async with asyncio.timeout(timeout):
-            async with pool.acquire(timeout=timeout) as con:
+            # Its own acquire site: under max_site_share the probe must not
+            # count against (or be refused by) the bulkhead of the caller
+            # (a readiness endpoint's handler, or a safepool.site around it).
+            async with pool.acquire(timeout=timeout, site=PROBE_SITE) as con:
                 acquired = True
                 await con.fetchval(query)
     except TimeoutError:  # PoolTimeoutError included

@@ -14,7 +14,7 @@ import pytest
 
 import safepool
 from safepool import ManualClock
-from safepool.health import HealthReport, check_health
+from safepool.health import PROBE_SITE, HealthReport, check_health
 from tests._util import until
 
 pytestmark = pytest.mark.asyncio
@@ -161,6 +161,23 @@ async def test_probe_query_timeout_is_failing_and_leaves_the_pool_whole(pools: A
     await until(lambda: pool.stats().idle == 1)
     assert await pool.fetchval("SELECT 1") == 1
     assert (await pool.health()).status == "ok"
+
+
+async def test_the_probe_is_not_counted_against_the_callers_bulkhead(pools: Any) -> None:
+    # max_size=2 at max_site_share=0.5: a site holds one connection. The
+    # readiness handler's site holds its one; the probe has a site of its
+    # own, so it gets the idle connection instead of queueing behind the
+    # caller's cap (it read "probe_no_connection" here: a false degraded).
+    pool = await pools(name="bulkhead", min_size=2, max_size=2, max_site_share=0.5)
+    with safepool.site("readiness"):
+        held = await pool.acquire()
+        try:
+            report = await pool.health(probe_timeout=0.5)
+        finally:
+            await pool.release(held)
+    assert report.status == "ok" and report.reasons == ()
+    assert report.probe_latency is not None
+    assert PROBE_SITE == "safepool.health"
 
 
 async def test_closed_pool_is_failing(pools: Any) -> None:
