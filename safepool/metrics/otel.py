@@ -258,6 +258,10 @@ class PoolInstruments:
             "safepool.server.up", [self._per_pool(lambda s: 1 if s.server_status == "up" else 0)], "1",
             "1 while connects succeed, 0 while they fail (backing off or down).",
         )
+        meter.create_observable_gauge(
+            "safepool.init.failing", [self._per_pool(lambda s: 1 if s.init_failing else 0)], "1",
+            "1 while new connections fail in the init= hook with the server up (an application error), else 0.",
+        )
 
     def _per_pool(self, value: Callable[[PoolStats], float]) -> Callable[[CallbackOptions], Iterator[Observation]]:
         def callback(options: CallbackOptions) -> Iterator[Observation]:

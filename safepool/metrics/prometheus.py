@@ -193,6 +193,11 @@ class PoolCollector:
             "safepool_consecutive_connect_failures", "Connect attempts that failed since the last success.",
             stats, lambda s: s.consecutive_connect_failures,
         )
+        yield _gauge(
+            "safepool_init_failing",
+            "1 while new connections fail in the init= hook with the server up (an application error), else 0.",
+            stats, lambda s: 1 if s.init_failing else 0,
+        )
 
 
 def _gauge(name: str, help_text: str, stats: list[_Row], value: Callable[[PoolStats], float]) -> Metric:

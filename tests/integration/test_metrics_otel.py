@@ -72,6 +72,7 @@ async def test_semantic_convention_instruments_on_a_busy_pool(pools: Any, reader
     assert point(found, "safepool.lease.oldest_age", **{POOL: "orders"}).value == pytest.approx(3.0)
     assert point(found, "safepool.wait.oldest_age", **{POOL: "orders"}).value == pytest.approx(3.0)
     assert point(found, "safepool.server.up", **{POOL: "orders"}).value == 1
+    assert point(found, "safepool.init.failing", **{POOL: "orders"}).value == 0
     states = {dict(p.attributes)["safepool.connection.state"]: p.value for p in found["safepool.connection.count"]}
     assert states == {"idle": 0, "in_use": 2, "connecting": 0, "resetting": 0, "closing": 0}
     for field, name, _, _ in COUNTERS:
@@ -94,6 +95,27 @@ async def test_semantic_convention_instruments_on_a_busy_pool(pools: Any, reader
     assert use.count == 3
     assert use.sum == pytest.approx(pool.stats().lease_duration.sum)  # the same values as the pool's own
     assert pool.stats().acquire_wait.count == 3  # the tee still feeds the pool's histogram
+
+
+async def test_a_failing_init_hook_is_visible_with_the_server_up(pools: Any, reader: Any) -> None:
+    memory, provider = reader
+    broken = True
+
+    async def init(con: Any) -> None:
+        if broken:
+            raise ValueError("bug in init hook (test)")
+
+    pool = await pools(name="init-bug", min_size=0, init=init)
+    instrument(pool, meter_provider=provider)
+    with pytest.raises(ValueError, match="bug in init hook"):
+        await pool.acquire(timeout=10)
+    found = points(memory)
+    assert point(found, "safepool.init.failing", **{POOL: "init-bug"}).value == 1
+    assert point(found, "safepool.server.up", **{POOL: "init-bug"}).value == 1
+    broken = False
+    async with pool.acquire(timeout=10):
+        pass
+    assert point(points(memory), "safepool.init.failing", **{POOL: "init-bug"}).value == 0
 
 
 async def test_timeouts_counter(pools: Any, reader: Any) -> None:

@@ -127,6 +127,32 @@ async def test_server_down_is_visible(pools: Any, pg_dsn: str) -> None:
     assert value(samples, "safepool_consecutive_connect_failures", pool="down") >= 1
 
 
+async def test_a_failing_init_hook_is_visible_with_the_server_up(pools: Any) -> None:
+    # The server accepts connections; the application's init= hook raises:
+    # safepool_server_up stays 1 (no outage of the server), so the failure
+    # needs a gauge of its own for an alert (docs/metrics.md).
+    broken = True
+
+    async def init(con: Any) -> None:
+        if broken:
+            raise ValueError("bug in init hook (test)")
+
+    pool = await pools(name="init-bug", min_size=0, init=init)
+    registry = CollectorRegistry()
+    register(pool, registry=registry)
+    assert value(scrape(registry), "safepool_init_failing", pool="init-bug") == 0
+    with pytest.raises(ValueError, match="bug in init hook"):
+        await pool.acquire(timeout=10)
+    samples = scrape(registry)
+    assert value(samples, "safepool_init_failing", pool="init-bug") == 1
+    assert value(samples, "safepool_server_up", pool="init-bug") == 1
+    assert value(samples, "safepool_consecutive_connect_failures", pool="init-bug") == 1
+    broken = False
+    async with pool.acquire(timeout=10):
+        pass
+    assert value(scrape(registry), "safepool_init_failing", pool="init-bug") == 0
+
+
 async def test_live_mode_reports_every_open_pool_and_drops_closed_ones(pools: Any) -> None:
     await pools(name="live-a")
     unnamed = await pools(min_size=0)
