@@ -5,9 +5,13 @@ their options the same way without importing the pool's internals
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 
+@overload
+def validate_timeout(name: str, value: Any, *, allow_none: Literal[False], positive: bool = False) -> float: ...
+@overload
+def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive: bool = False) -> float | None: ...
 def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive: bool = False) -> float | None:
     """A duration in seconds (None: no limit, where ``allow_none``).
 

@@ -462,9 +462,9 @@ class PoolState:
     __slots__ = (
         "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_until",
-        "breaker_threshold", "closing", "connect_failures", "server_failures", "connect_times", "counters", "floor_enabled",
+        "breaker_threshold", "closing", "connect_failures", "connect_times", "counters", "floor_enabled",
         "generation", "init_failing", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime", "max_size",
-        "max_waiters", "min_size", "phase", "reset_mode", "wait_on_connect_error", "wait_times",
+        "max_waiters", "min_size", "phase", "reset_mode", "server_failures", "wait_on_connect_error", "wait_times",
     )
 
     def __init__(

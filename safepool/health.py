@@ -16,7 +16,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from ._durations import validate_timeout
 from ._histogram import Distribution
@@ -115,15 +115,14 @@ async def check_health(
     # of 0 also closed a connection per check).
     if not isinstance(probe, bool):
         raise TypeError(f"probe must be True or False, got {probe!r}")
-    # (With allow_none=False, validate_timeout returns a float.)
-    probe_timeout = cast(float, validate_timeout("probe_timeout", probe_timeout, allow_none=False, positive=True))
+    probe_timeout = validate_timeout("probe_timeout", probe_timeout, allow_none=False, positive=True)
     if not isinstance(probe_query, str):
         raise TypeError(f"probe_query must be a str, got {type(probe_query).__name__}")
-    saturated_after = cast(float, validate_timeout("saturated_after", saturated_after, allow_none=False))
+    saturated_after = validate_timeout("saturated_after", saturated_after, allow_none=False)
     leak_suspect_after = validate_timeout("leak_suspect_after", leak_suspect_after)
-    connect_error_window = cast(float, validate_timeout(
+    connect_error_window = validate_timeout(
         "connect_error_window", connect_error_window, allow_none=False, positive=True,
-    ))
+    )
     reasons: list[HealthReason] = []
     latency: float | None = None
     if pool.is_closing():
