@@ -350,8 +350,12 @@ class Leaser:
             # (release_check saw a cancelled query as MUST_RESET.)
             # A connection class with an execute() of its own gets the reset
             # as asyncpg 0.30+ sends it: execute(query), with no timeout=,
-            # under the release's budget (a pool task's asyncio.timeout).
-            if self.custom_reset or holder.own_execute or (check == _pg.MUST_RESET and _pg.is_cancelling(con)):
+            # under the release's budget (a pool task's asyncio.timeout). So
+            # does one with a query logger (asyncpg 0.30+): the logger's record
+            # of the reset is then asyncpg's (timeout None; a budget that runs
+            # out is a CancelledError there, the TimeoutError the caller's).
+            if (self.custom_reset or holder.own_execute or (logged and _pg.RESET_UNDER_BUDGET)
+                    or (check == _pg.MUST_RESET and _pg.is_cancelling(con))):
                 rollback = False if self.custom_reset else _pg.warn_open_transaction(con, deferred=True)
                 done = runner.resets_done[slot] = self.loop.create_future()
                 state.release(lease, self.now(), outcome)

@@ -877,6 +877,37 @@ async def test_query_log_records_of_a_lease_are_delivered_when_release_returns(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("timeout", [0, 1e-06, 5.0])
+async def test_a_query_loggers_record_of_the_reset_is_asyncpgs(
+    make_pool: MakePool, flavour: str, timeout: float
+) -> None:
+    """asyncpg 0.30+ runs the reset's ``execute(reset_query)`` under an
+    ``asyncio.timeout`` of the release's budget: a query logger's record of
+    it has ``timeout=None`` and, when the budget runs out, a
+    ``CancelledError`` (the caller gets the ``TimeoutError``). safepool
+    passed the budget to the statement instead: its record said
+    ``timeout=5.0`` and ``TimeoutError``, and a budget of a microsecond
+    could succeed. (From an audit of the reset path's observable effects.)"""
+    skip_before_asyncpg((0, 30), "the reset under the release's budget (0.29 passes it to execute())")
+    pool = await make_pool(min_size=1, max_size=1)
+    records: list[tuple[str, float | None, str]] = []
+    con = await pool.acquire()
+    con.add_query_logger(
+        lambda record: records.append((record.query.split(";")[0], record.timeout, type(record.exception).__name__))
+    )
+    await con.execute("SELECT 1")
+    if timeout >= 1.0:
+        await pool.release(con, timeout=timeout)
+        reset_error = "NoneType"
+    else:
+        with pytest.raises(asyncio.TimeoutError):
+            await pool.release(con, timeout=timeout)
+        reset_error = "CancelledError"
+    assert records == [("SELECT 1", None, "NoneType"), ("SELECT pg_advisory_unlock_all()", None, reset_error)]
+    assert await pool.fetchval("SELECT 2") == 2  # (a failed reset closed the connection; the pool opens another)
+
+
+@pytest.mark.asyncio
 async def test_a_release_with_no_round_trip_does_not_suspend(make_pool: MakePool, flavour: str) -> None:
     """asyncpg's release always suspends (its shielded task), so a task
     started before it has run when it returns; safepool's release of a lease
