@@ -36,8 +36,24 @@ class PoolSet:
     def __init__(self, pools: Iterable[Pool] = (), *, live: bool = False) -> None:
         self.live = live
         self._named: dict[str, weakref.ref[Pool]] = {}
-        for pool in pools:
-            self.add(pool)
+        self.add_all(pools)
+
+    def add_all(self, pools: Iterable[Pool]) -> None:
+        """Report on each of ``pools`` under its name, or on none of them:
+        they are added to a copy of the set, kept only if every name fits
+        (against the pools reported and each other), so a clash leaves the
+        set as it was.
+
+        :raises ValueError: as :meth:`add`, for the first pool that clashes."""
+        pools = list(pools)
+        named = self._named
+        self._named = dict(named)  # (a trial run on a copy)
+        try:
+            for pool in pools:
+                self.add(pool)
+        except ValueError:
+            self._named = named
+            raise
 
     def add(self, pool: Pool, name: str | None = None) -> str:
         """Report on ``pool`` under ``name`` (default: ``pool.name``).

@@ -234,7 +234,8 @@ def register(
 
     :raises ValueError: another open pool is already reported under the
         pool's name (the message names it; give the pools distinct names,
-        or add one with ``collector.add(pool, "other-name")``)."""
+        or add one with ``collector.add(pool, "other-name")``); then none
+        of ``pools`` is added."""
     target = REGISTRY if registry is None else registry
     collector = _collector_of(target)
     if collector is None:
@@ -242,8 +243,7 @@ def register(
         target.register(collector)
         _made[target] = collector
         return collector
-    for pool in pools:
-        collector.add(pool)
+    collector.pools.add_all(pools)  # (all or none: a name clash adds no pool)
     if live:
         collector.pools.live = True
     return collector

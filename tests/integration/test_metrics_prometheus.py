@@ -251,6 +251,27 @@ async def test_register_a_second_open_pool_of_the_same_name_names_it(pools: Any)
     assert value(scrape(registry), "safepool_max_size", pool="same") == 4
 
 
+async def test_register_of_several_pools_adds_all_or_none(pools: Any) -> None:
+    # register(a, b) where b's name is taken: it raised after adding a, so a
+    # retry with b renamed... found a already there, and a caller that
+    # treats the error as "nothing registered" reported a anyway.
+    first = await pools(name="taken", min_size=0)
+    fresh = await pools(name="fresh", min_size=0)
+    clash = await pools(name="taken", min_size=0)
+    registry = CollectorRegistry()
+    collector = register(first, registry=registry)
+    with pytest.raises(ValueError, match="already reported as 'taken'"):
+        register(fresh, clash, registry=registry)
+    assert collector.pools.items() == [("taken", first)]
+    # Two of the given pools clashing with each other: none added either.
+    other = CollectorRegistry()
+    with pytest.raises(ValueError, match="already reported as 'taken'"):
+        register(fresh, first, clash, registry=other)
+    assert "safepool_max_size" not in generate_latest(other).decode()
+    register(fresh, registry=registry)
+    assert [name for name, _ in collector.pools.items()] == ["taken", "fresh"]
+
+
 async def test_register_joins_a_collector_registered_directly_and_live_mode(pools: Any) -> None:
     direct = await pools(name="direct", min_size=0)
     joined = await pools(name="joined", min_size=0)
