@@ -470,6 +470,9 @@ POINTS: dict[str, Point] = {
     "init_lock": Point(options=_init_options(True), body=_connect_body, fresh_connect=True, server_lock=True),
     "setup_event": Point(options=_setup_options(False), body=_connect_body),
     "setup_lock": Point(options=_setup_options(True), body=_connect_body, server_lock=True),
+    # (with an acquire timeout the hook runs under the pool's timer: run_setup_until)
+    "setup_lock_acquire_timeout": Point(options=lambda run: {**_setup_options(True)(run), "acquire_timeout": 3600},
+                                        body=_connect_body, server_lock=True),
     "query_event": Point(options=lambda run: {}, body=_query_body(False)),
     "query_lock": Point(options=lambda run: {}, body=_query_body(True), server_lock=True),
     "reset_hook_event": Point(options=_reset_options(False), body=_reset_body),
