@@ -16,7 +16,8 @@ reset query behind a lock, driven in the releasing task, or the wait for
 a cancelled query that traps its cancel); ``close()`` waiting for a lease,
 or for a connect under way; a lease whose connection
 ``expire_connections()`` expired; ``create_pool()`` opening min_size.
-Lease bodies run as ``async with`` and as acquire/``finally: release``.
+Lease bodies run as ``async with`` and, with ``SAFEPOOL_LONG=1``, as
+acquire/``finally: release`` too.
 
 Each point blocks on an Event (client side) or on an advisory lock the
 test's admin session holds (server side) and is unblocked by the test.
@@ -49,7 +50,7 @@ import pytest
 
 import safepool
 
-from ._harness import loop_errors
+from ._harness import LONG, loop_errors
 
 pytestmark = pytest.mark.asyncio
 
@@ -616,7 +617,9 @@ _STYLES = {
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("point", list(POINTS))
 async def test_cancel_matrix(pg_dsn: str, app_name: str, point: str, form: str, order: str) -> None:
-    styles = ["async_with", "try_finally"] if point in _STYLES else ["async_with"]
+    # acquire/finally release as well under SAFEPOOL_LONG (it doubles the
+    # points' time; the lease's release path is the same as async with's).
+    styles = ["async_with", "try_finally"] if LONG and point in _STYLES else ["async_with"]
     seen: set[str] = set()
     for style in styles:
         seen.update(o.split(":")[0] for o in await run_cell(pg_dsn, app_name + style[0], point, form, order, style))
