@@ -45,8 +45,8 @@ class Resets(Protocol):
     ) -> Coroutine[Any, Any, None]: ...
 
     def reset_done(
-        self, holder: Holder, con: RawConnection, error: Exception | None, log: bool = True
-    ) -> Exception | None: ...
+        self, holder: Holder, con: RawConnection, error: BaseException | None, log: bool = True
+    ) -> BaseException | None: ...
 
 
 class Reclaimer:

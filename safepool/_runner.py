@@ -311,8 +311,8 @@ class Runner:
         settle(done, self.reset_done(holder, con, error))
 
     def reset_done(
-        self, holder: Holder, con: RawConnection, error: Exception | None, log: bool = True
-    ) -> Exception | None:
+        self, holder: Holder, con: RawConnection, error: BaseException | None, log: bool = True
+    ) -> BaseException | None:
         """A reset (or take-back) ended: hand the connection on, or close it.
         Returns the error for the releasing caller to raise once the
         connection was given up; None if handed on, or if the pool was
@@ -378,13 +378,15 @@ class Runner:
         try:
             con = await self.open_connection()
         except Exception as exc:
-            failure: Exception | None = exc
-        except BaseException:
-            # Cancelled (terminate(), close()), or KeyboardInterrupt: not a
-            # connect outcome; settle the books and let it through.
-            state.connect_cancelled(slot, self.now())
-            self.drain()
-            raise
+            failure: BaseException | None = exc
+        except BaseException as exc:
+            if not _workers.raised_not_cancelled(exc):
+                # Cancelled (terminate(), close()), or KeyboardInterrupt: not a
+                # connect outcome; settle the books and let it through.
+                state.connect_cancelled(slot, self.now())
+                self.drain()
+                raise
+            failure = exc
         else:
             failure = None
         finally:

@@ -120,7 +120,13 @@ async def connect(
                 con.terminate()
             raise
         except BaseException:
-            con.terminate()  # a cancel path: no awaited close (a second cancel would leak the backend)
+            # A cancel path, or the hook raised a BaseException (the runner
+            # tells which): no awaited close (a second cancel would leak the
+            # backend).
+            attempt = CONNECT_ATTEMPT.get()
+            if attempt is not None:
+                attempt.init_failed = not con.is_closed()
+            con.terminate()
             raise
         if con.is_closed():
             # asyncpg 0.32's error, so the floor upkeep retries it.
@@ -128,15 +134,39 @@ async def connect(
     return con
 
 
+def raised_not_cancelled(error: BaseException) -> bool:
+    """Whether a ``BaseException`` out of a pool task's connect or reset is
+    that work's outcome, not the task being stopped: a hook (``init=``,
+    ``reset=``, a connection class's ``reset()``) raised it, a
+    ``CancelledError`` of its own or a ``BaseException`` subclass, while
+    nothing cancelled the task. asyncpg's pool raises such an error to the
+    caller (``acquire()``, ``create_pool()``, ``release()``) as any hook
+    error, and gives the connection up. Taken for a cancellation, a failed
+    connect left its waiting task waiting while the pool reconnected in a
+    loop (a server login each time), and a failed reset left its slot
+    resetting for ever (``close()`` never returned). KeyboardInterrupt and
+    SystemExit always pass."""
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        return False
+    task = asyncio.current_task()
+    return task is not None and not task.cancelling()
+
+
 async def reset(
     con: RawConnection, rollback: bool, hooks: ResetHooks, budget: float | None, statement_limit: float | None
-) -> Exception | None:
+) -> BaseException | None:
     """Reset a released connection in a pool task, within ``budget`` seconds
-    (None: no limit; ``statement_limit`` then bounds the statements)."""
+    (None: no limit; ``statement_limit`` then bounds the statements).
+    Returns the reset's error (a hook's ``BaseException`` too, see
+    :func:`raised_not_cancelled`); raises when the task is cancelled."""
     try:
         async with asyncio.timeout(budget):
             await _reset_connection(con, rollback, hooks, statement_limit, budget)
     except Exception as exc:
+        return exc
+    except BaseException as exc:
+        if not raised_not_cancelled(exc):
+            raise
         return exc
     return None
 

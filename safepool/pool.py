@@ -461,21 +461,57 @@ class Pool:
         async with self.acquire() as con:
             return await con.fetchmany(query, args, timeout=timeout, record_class=record_class)  # type: ignore[no-any-return]
 
-    async def copy_from_table(self, table_name: str, **kwargs: Any) -> str:
+    # The COPY shortcuts take asyncpg's keyword-only parameters (the same in
+    # 0.29-0.32), not **kwargs: a call asyncpg's signature refuses (a missing
+    # output=, a misspelt keyword) raises its TypeError at the call, before
+    # an acquire that could wait on a busy pool.
+    async def copy_from_table(
+        self, table_name: str, *, output: Any, columns: Any = None, schema_name: str | None = None,
+        timeout: float | None = None, format: str | None = None, oids: Any = None, delimiter: str | None = None,
+        null: str | None = None, header: bool | None = None, quote: str | None = None, escape: str | None = None,
+        force_quote: Any = None, encoding: str | None = None,
+    ) -> str:
         async with self.acquire() as con:
-            return await con.copy_from_table(table_name, **kwargs)  # type: ignore[no-any-return]
+            return await con.copy_from_table(  # type: ignore[no-any-return]
+                table_name, output=output, columns=columns, schema_name=schema_name, timeout=timeout,
+                format=format, oids=oids, delimiter=delimiter, null=null, header=header, quote=quote,
+                escape=escape, force_quote=force_quote, encoding=encoding,
+            )
 
-    async def copy_from_query(self, query: str, *args: Any, **kwargs: Any) -> str:
+    async def copy_from_query(
+        self, query: str, *args: Any, output: Any, timeout: float | None = None, format: str | None = None,
+        oids: Any = None, delimiter: str | None = None, null: str | None = None, header: bool | None = None,
+        quote: str | None = None, escape: str | None = None, force_quote: Any = None, encoding: str | None = None,
+    ) -> str:
         async with self.acquire() as con:
-            return await con.copy_from_query(query, *args, **kwargs)  # type: ignore[no-any-return]
+            return await con.copy_from_query(  # type: ignore[no-any-return]
+                query, *args, output=output, timeout=timeout, format=format, oids=oids, delimiter=delimiter,
+                null=null, header=header, quote=quote, escape=escape, force_quote=force_quote, encoding=encoding,
+            )
 
-    async def copy_to_table(self, table_name: str, **kwargs: Any) -> str:
+    async def copy_to_table(
+        self, table_name: str, *, source: Any, columns: Any = None, schema_name: str | None = None,
+        timeout: float | None = None, format: str | None = None, oids: Any = None, freeze: bool | None = None,
+        delimiter: str | None = None, null: str | None = None, header: bool | None = None, quote: str | None = None,
+        escape: str | None = None, force_quote: Any = None, force_not_null: Any = None, force_null: Any = None,
+        encoding: str | None = None, where: str | None = None,
+    ) -> str:
         async with self.acquire() as con:
-            return await con.copy_to_table(table_name, **kwargs)  # type: ignore[no-any-return]
+            return await con.copy_to_table(  # type: ignore[no-any-return]
+                table_name, source=source, columns=columns, schema_name=schema_name, timeout=timeout,
+                format=format, oids=oids, freeze=freeze, delimiter=delimiter, null=null, header=header,
+                quote=quote, escape=escape, force_quote=force_quote, force_not_null=force_not_null,
+                force_null=force_null, encoding=encoding, where=where,
+            )
 
-    async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> str:
+    async def copy_records_to_table(
+        self, table_name: str, *, records: Any, columns: Any = None, schema_name: str | None = None,
+        timeout: float | None = None, where: str | None = None,
+    ) -> str:
         async with self.acquire() as con:
-            return await con.copy_records_to_table(table_name, **kwargs)  # type: ignore[no-any-return]
+            return await con.copy_records_to_table(  # type: ignore[no-any-return]
+                table_name, records=records, columns=columns, schema_name=schema_name, timeout=timeout, where=where,
+            )
 
     # ------------------------------------------------------ awaiting the pool
 

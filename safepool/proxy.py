@@ -48,6 +48,25 @@ def _released_error(proxy: PoolConnectionProxy, method: str) -> Exception:
     )
 
 
+class _ReleasedAttributeError(_pg_exceptions.InterfaceError, AttributeError):
+    """An attribute read on a released proxy: asyncpg's proxy reads it from
+    its detached ``_con``, None, and raises ``AttributeError``, so
+    ``hasattr(con, name)`` and ``getattr(con, name, default)`` answer
+    instead of raising. Also an ``InterfaceError``, with its message."""
+
+
+class _ExpiredAttributeError(LeaseExpiredError, AttributeError):
+    """As :class:`_ReleasedAttributeError`, after a lease timeout."""
+
+
+def _released_attribute_error(proxy: PoolConnectionProxy, attr: str) -> Exception:
+    """What the fallback ``__getattr__`` of a released proxy raises (see
+    :class:`_ReleasedAttributeError`)."""
+    error = _released_error(proxy, attr)
+    kind = _ExpiredAttributeError if isinstance(error, LeaseExpiredError) else _ReleasedAttributeError
+    return kind(str(error))
+
+
 async def watch(holder: _Holder, operation: Any) -> Any:
     """Await a Connection coroutine; if it raises (an error, a timeout, a
     cancel), mark the lease for a reset round trip (``clean_mark = -1``).
@@ -200,7 +219,7 @@ class PoolConnectionProxy(_ProxyBase):
         # PARSE_WITHOUT_SYNC), which asyncpg's counter does not count. Mark.
         con = self._con
         if con is None:
-            raise _released_error(self, attr)
+            raise _released_attribute_error(self, attr)
         self._holder.clean_mark = -1
         return getattr(con, attr)
 

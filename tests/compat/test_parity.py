@@ -922,3 +922,124 @@ async def test_a_release_with_no_round_trip_does_not_suspend(make_pool: MakePool
     assert ran == (["other task"] if flavour == "asyncpg" else [])
     await other
     assert ran == ["other task"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda pool: pool.copy_to_table("t"),
+        lambda pool: pool.copy_to_table("t", source=io.BytesIO(), sorce=None),
+        lambda pool: pool.copy_from_table("t"),
+        lambda pool: pool.copy_from_query("SELECT 1", outptu=io.BytesIO()),
+        lambda pool: pool.copy_records_to_table("t", records=[], column=["a"]),
+    ],
+    ids=["missing-source", "unknown-keyword", "missing-output", "query-unknown-keyword", "records-unknown-keyword"],
+)
+async def test_copy_shortcuts_refuse_bad_arguments_at_the_call(make_pool: MakePool, call: Any) -> None:
+    """asyncpg's ``Pool.copy_*`` spell out their keyword-only parameters: a
+    call its signature refuses raises ``TypeError`` at once, before any
+    acquire, so a busy pool does not make the program bug wait (or time out)."""
+    pool = await make_pool(min_size=1, max_size=1)
+    held = await pool.acquire()
+    try:
+        with pytest.raises(TypeError, match=r"^Pool\.copy_"):
+            call(pool)
+    finally:
+        await pool.release(held)
+
+
+@pytest.mark.asyncio
+async def test_a_released_proxy_answers_hasattr_and_getattr_defaults(make_pool: MakePool) -> None:
+    """asyncpg's released proxy reads other attributes from its detached
+    connection (None): ``AttributeError``, so ``hasattr()`` answers False
+    and ``getattr(con, name, default)`` gives the default, where an
+    ``InterfaceError`` alone would escape both."""
+    pool = await make_pool()
+    con = await pool.acquire()
+    assert hasattr(con, "_protocol")
+    await pool.release(con)
+    assert not hasattr(con, "_protocol")
+    assert getattr(con, "no_such_attribute", "default") == "default"
+    with pytest.raises(AttributeError):
+        con._protocol  # noqa: B018
+    with pytest.raises(asyncpg.InterfaceError, match="released back to the pool"):
+        con.get_server_pid()  # a method: the proxy's own error, on both
+
+
+class HookError(BaseException):
+    """Neither an Exception nor a cancellation (a program's own BaseException subclass)."""
+
+
+HOOK_ERRORS = [asyncio.CancelledError, HookError]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("error", HOOK_ERRORS, ids=["CancelledError", "BaseException"])
+async def test_an_init_hook_raising_a_base_exception_fails_the_acquire(
+    make_pool: MakePool, flavour: str, error: type[BaseException]
+) -> None:
+    """An ``init=`` hook that raises a ``CancelledError`` of its own (its
+    task was not cancelled) or another ``BaseException``: asyncpg's acquire
+    raises it. safepool took it for its connect task's cancellation: the
+    acquire waited on, without a timeout for ever, while the pool connected
+    again and again (each attempt a server login)."""
+    if flavour == "asyncpg" and error is HookError:
+        pytest.skip("asyncpg's pool leaks the connection on a BaseException out of init= (ResourceWarning)")
+    calls = 0
+
+    async def init(con: Any) -> None:
+        nonlocal calls
+        calls += 1
+        raise error()
+
+    pool = await make_pool(min_size=0, max_size=1, init=init)
+    with pytest.raises(error):
+        await asyncio.wait_for(pool.acquire(), 5)
+    await asyncio.sleep(0.2)  # a connect loop would run on meanwhile
+    assert calls == 1
+    assert (pool.get_size(), pool.get_idle_size()) == (0, 0)
+
+
+class CancelledResetConnection(asyncpg.Connection):
+    fail_with: type[BaseException] | None = None
+
+    async def reset(self, *, timeout: float | None = None) -> None:
+        error, CancelledResetConnection.fail_with = CancelledResetConnection.fail_with, None
+        if error is not None:
+            raise error()
+        await super().reset(timeout=timeout)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("error", HOOK_ERRORS, ids=["CancelledError", "BaseException"])
+@pytest.mark.parametrize("how", ["reset-hook", "connection-class"])
+async def test_a_reset_raising_a_base_exception_gives_the_connection_up(
+    make_pool: MakePool, flavour: str, error: type[BaseException], how: str
+) -> None:
+    """A ``reset=`` hook, or a connection class's ``reset()``, that raises a
+    ``CancelledError`` of its own: asyncpg's release raises it and
+    terminates the connection; the pool goes on. safepool's reset task took
+    it for its own cancellation: release() returned, the connection stayed
+    resetting for ever, the next acquire waited and close() never returned.
+    (With another ``BaseException`` asyncpg's pool loses the connection's
+    holder: safepool gives the connection up as for the CancelledError.)"""
+    if flavour == "asyncpg" and error is HookError:
+        pytest.skip("asyncpg's pool loses the holder on a BaseException out of its reset: nothing to compare")
+    failing: list[type[BaseException]] = [error]
+
+    async def reset_hook(con: Any) -> None:
+        if failing:
+            raise failing.pop()()
+
+    if how == "reset-hook":
+        pool = await make_pool(min_size=1, max_size=1, reset=reset_hook)
+    else:
+        CancelledResetConnection.fail_with = error
+        pool = await make_pool(min_size=1, max_size=1, connection_class=CancelledResetConnection)
+    con = await pool.acquire()
+    await con.execute("SELECT 1")
+    with pytest.raises(error):
+        await asyncio.wait_for(pool.release(con), 5)
+    assert await asyncio.wait_for(pool.fetchval("SELECT 2"), 5) == 2
+    await asyncio.wait_for(pool.close(), 5)
