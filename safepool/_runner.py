@@ -471,7 +471,10 @@ class Runner:
             or self.cancelled_from_outside()  # (a close task now would never run: abort)
             or (con.is_closed() and not lost and not _pg.is_cancelling(con))
         ):
-            if con is not None:
+            if con is not None and not (self.terminating and con.is_closed()):
+                # (terminate_all() may have aborted it already: a
+                # connection class's terminate() runs once, as on asyncpg's
+                # pool.terminate())
                 con.terminate()
             self.slot_closed(slot)
             return

@@ -907,6 +907,30 @@ async def test_a_query_loggers_record_of_the_reset_is_asyncpgs(
     assert await pool.fetchval("SELECT 2") == 2  # (a failed reset closed the connection; the pool opens another)
 
 
+class _CountingTerminate(asyncpg.Connection):  # type: ignore[misc]
+    terminated: list[int] = []
+
+    def terminate(self) -> None:
+        _CountingTerminate.terminated.append(id(self))
+        super().terminate()
+
+
+@pytest.mark.asyncio
+async def test_terminate_calls_each_connections_terminate_once(make_pool: MakePool, flavour: str) -> None:
+    """``pool.terminate()`` with idle and leased connections: a connection
+    class's ``terminate()`` runs once per connection, as on asyncpg's pool
+    (safepool's idle connections were aborted by terminate() and again by
+    the close it had queued: found by the helper-58 parity hunt)."""
+    _CountingTerminate.terminated = []
+    pool = await make_pool(min_size=3, max_size=3, connection_class=_CountingTerminate)
+    held = await pool.acquire()
+    pool.terminate()
+    await asyncio.sleep(0)
+    assert len(_CountingTerminate.terminated) == 3
+    assert len(set(_CountingTerminate.terminated)) == 3
+    del held
+
+
 @pytest.mark.asyncio
 async def test_a_release_with_no_round_trip_does_not_suspend(make_pool: MakePool, flavour: str) -> None:
     """asyncpg's release always suspends (its shielded task), so a task
