@@ -169,5 +169,12 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     leaks = guard.leaks(since_mark=True)
     if leaks:
         release_leaked(leaks)
-        pytest.fail(format_report(leaks), pytrace=False)
+        report = format_report(leaks)
+        if getattr(item, "_excinfo", None):
+            # A unittest TestCase that failed: pytest's unittest support
+            # records the failure (here: a tearDown whose close() timed out
+            # on the leaked connection) and reports it in place of the
+            # exception raised below, so the leak report goes in a section.
+            item.add_report_section("call", "safepool leaks", report)
+        pytest.fail(report, pytrace=False)
     return result

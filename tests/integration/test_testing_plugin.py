@@ -350,3 +350,27 @@ async def test_a_lease_held_before_the_guard_and_ended_inside_it_is_not_its_busi
         assert guard.leaks() == []
     with pytest.raises(asyncpg.InterfaceError):
         await con.fetchval("SELECT 1")
+
+
+def test_unittest_cases_that_fail_and_leak_keep_the_leak_report(suite: pytest.Pytester) -> None:
+    """unittest.IsolatedAsyncioTestCase: the check runs after asyncTearDown,
+    and pytest reports a failed TestCase's own error in place of the
+    plugin's; the leak report must still be there, with the acquire line."""
+    add_sample(suite, "leaky_unittest.py", "test_unit")
+    result = suite.runpytest(
+        "--safepool-leaks", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestUnraisableExceptionWarning",
+    )
+    result.assert_outcomes(failed=2, passed=1)
+    for test, marker, error in (
+        ("OrdersTest.test_leak_then_teardown_closes_the_pool", "LEAK-UNITTEST-TEARDOWN", "TimeoutError"),
+        ("FailingTest.test_fails_and_leaks", "LEAK-UNITTEST-FAILS", "AssertionError: 1 != 2"),
+    ):
+        result.stdout.fnmatch_lines([
+            f"*_ {test} _*",
+            f"*{error}*",
+            "*- Captured safepool leaks call -*",
+            "safepool: 1 connection leaked",
+            "[[]1] pool 'pool-*', lease *",
+            "  acquired at:",
+            f'*File "*test_unit.py", line {line_of("leaky_unittest.py", marker)}, in test_*',
+        ])
