@@ -374,3 +374,19 @@ def test_unittest_cases_that_fail_and_leak_keep_the_leak_report(suite: pytest.Py
             "  acquired at:",
             f'*File "*test_unit.py", line {line_of("leaky_unittest.py", marker)}, in test_*',
         ])
+
+
+def test_strict_mode_names_a_lease_held_since_before_the_test(suite: pytest.Pytester) -> None:
+    """A session fixture's idle connection starves the pool as a handler's
+    would: strict mode reports the timeout, and says the lease is older than
+    the test (the plain leak check ignores it)."""
+    add_sample(suite, "strict_session_fixture.py", "test_session_holder")
+    suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+    strict = suite.runpytest("--safepool-strict", "-p", "no:cacheprovider")
+    strict.assert_outcomes(failed=1)
+    strict.stdout.fnmatch_lines([
+        "safepool: 1 acquire timeout caused by idle leases",
+        "*lease *, held *s by task *, since before this test started, *; acquired at:",
+        f'*File "*test_session_holder.py", line {line_of("strict_session_fixture.py", "SESSION-HOLDER")}, '
+        "in reference_data",
+    ])
