@@ -32,6 +32,7 @@ import json
 import os
 import re
 import sys
+import tokenize
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
@@ -72,13 +73,16 @@ def _hint(receiver: str, var: str | None, code: str = "") -> str:
 
 
 def _last_name(node: ast.expr) -> str | None:
-    """`self.app.pool` -> "pool"; `pools[key]` -> "pools"; `get_pool()` -> "get_pool"."""
+    """`self.app.pool` -> "pool"; `pools[key]` -> "pools"; `app["pool"]` -> "pool"
+    (aiohttp's application state); `get_pool()` -> "get_pool"."""
     while True:
         if isinstance(node, ast.Name):
             return node.id
         if isinstance(node, ast.Attribute):
             return node.attr
         if isinstance(node, ast.Subscript):
+            if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+                return node.slice.value
             node = node.value
         elif isinstance(node, ast.Call):
             node = node.func
@@ -114,6 +118,21 @@ class _Module:
             elif isinstance(node, ast.arg) and node.annotation is not None:
                 if re.search(r"Pool\b", ast.unparse(node.annotation)):
                     self.known_pools.add(node.arg)
+        # Aliases: `db = app.state.pool`, `self._db = pool`, `db =
+        # request.app["pool"]` (and aliases of those), anywhere in the file,
+        # by last name as for create_pool.
+        aliases = [
+            (target, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Assign) and len(node.targets) == 1
+            and isinstance(node.targets[0], (ast.Name, ast.Attribute))
+            and isinstance(node.value, (ast.Name, ast.Attribute, ast.Subscript))
+            and (target := _last_name(node.targets[0])) is not None
+        ]
+        while True:
+            found = {name for name, value in aliases if name not in self.known_pools and self.is_pool(value)}
+            if not found:
+                break
+            self.known_pools |= found
 
     def is_pool(self, receiver: ast.expr) -> bool:
         name = _last_name(receiver)
@@ -194,13 +213,30 @@ def _releases(node: ast.AST, var: str) -> bool:
     return False
 
 
+def _holds(value: ast.AST | None, var: str) -> bool:
+    """Does ``value`` keep ``var`` itself: the name, or an element of a tuple,
+    list, set or dict, or an argument of a call that is not awaited (an object
+    built around it: ``Session(con)``)? ``await helper(con)`` does not."""
+    if value is None:
+        return False
+    if _is_name(value, var):
+        return True
+    if isinstance(value, (ast.Tuple, ast.List, ast.Set)):
+        return any(_holds(item, var) for item in value.elts)
+    if isinstance(value, ast.Dict):
+        return any(_holds(item, var) for item in value.values)
+    if isinstance(value, ast.Starred):
+        return _holds(value.value, var)
+    if isinstance(value, ast.Call):
+        return any(_holds(arg, var) for arg in value.args) or any(_holds(k.value, var) for k in value.keywords)
+    return False
+
+
 def _escapes(node: ast.AST, var: str) -> bool:
     """Does the connection leave the function here (ownership moves elsewhere)?"""
-    if isinstance(node, ast.Return) and node.value is not None:
-        value = node.value
-        items = value.elts if isinstance(value, (ast.Tuple, ast.List)) else [value]
-        return any(_is_name(item, var) for item in items)
-    if isinstance(node, (ast.Assign, ast.AnnAssign)) and _is_name(node.value, var):
+    if isinstance(node, ast.Return):
+        return _holds(node.value, var)
+    if isinstance(node, (ast.Assign, ast.AnnAssign)) and _holds(node.value, var):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
         return any(isinstance(t, (ast.Attribute, ast.Subscript)) for t in targets)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _ESCAPE_METHODS:
@@ -233,6 +269,31 @@ def _block_of(module: _Module, stmt: ast.stmt) -> tuple[list[ast.stmt], int] | N
             return block, next(i for i, s in enumerate(block) if s is stmt)
     if isinstance(parent, ast.match_case) and any(s is stmt for s in parent.body):
         return parent.body, next(i for i, s in enumerate(parent.body) if s is stmt)
+    return None
+
+
+def _contains_release(block: list[ast.stmt], var: str) -> bool:
+    return any(isinstance(n, ast.Call) and _releases(n, var) for stmt in block for n in [stmt, *_walk_scope(stmt)])
+
+
+def _leaves_holding(stmt: ast.stmt, var: str) -> ast.AST | None:
+    """Like :func:`_may_leave`, but a branch of an ``if`` that releases ``var``
+    first may leave after that (``if job.skipped: await pool.release(con);
+    continue`` before the ``try:``)."""
+    if not isinstance(stmt, ast.If):
+        return _may_leave(stmt)
+    for node in ast.walk(stmt.test):
+        if isinstance(node, (ast.Await, ast.Yield, ast.YieldFrom)):
+            return node
+    for branch in (stmt.body, stmt.orelse):
+        for inner in branch:
+            if isinstance(inner, ast.Expr) and any(
+                isinstance(n, ast.Call) and _releases(n, var) for n in ast.walk(inner.value)
+            ):
+                break  # released: whatever follows in this branch is fine
+            leaver = _leaves_holding(inner, var)
+            if leaver is not None:
+                return leaver
     return None
 
 
@@ -283,7 +344,15 @@ class _Checker:
             return
         top: ast.AST = call
         awaited = False
-        if isinstance(parent, ast.Await):
+        if (
+            isinstance(parent, ast.Attribute) and parent.attr == "__aenter__"
+            and isinstance(entered := module.parents.get(parent), ast.Call) and entered.func is parent
+            and isinstance(module.parents.get(entered), ast.Await)
+        ):
+            # `await pool.acquire().__aenter__()`: the context is thrown away,
+            # so only a release of the connection gives it back.
+            top, awaited, parent = module.parents[entered], True, entered
+        elif isinstance(parent, ast.Await):
             top, awaited = parent, True
         elif isinstance(parent, ast.Call) and isinstance(module.parents.get(parent), ast.Await):
             # asyncio.wait_for(pool.acquire(), 5), asyncio.shield(...)
@@ -358,9 +427,16 @@ class _Checker:
                         f"connection `{var}` acquired here is never released in `{_scope_name(scope)}`",
                         receiver, var)
             return
-        if any(self.safe_release(release, stmt, scope) for release in releases):
+        conditions: list[ast.If] = []
+        if any(self.safe_release(release, stmt, scope, var, conditions) for release in releases):
             return
-        gap = self.gap_before_finally(releases, stmt)
+        if conditions:
+            test = conditions[0]
+            self.report(call, stmt, "SP001",
+                        f"connection `{var}` is released in a `finally:` block only when `{ast.unparse(test.test)}` "
+                        f"(line {test.lineno}); on the other path it is never released", receiver, var)
+            return
+        gap = self.gap_before_finally(releases, stmt, var)
         if gap is not None:
             self.report(call, stmt, "SP001",
                         f"connection `{var}` is released in a `finally:` block, but line {gap} between the acquire "
@@ -370,7 +446,10 @@ class _Checker:
         kind = _decorator_kind(scope)
         if exit_line is not None:
             what, line = exit_line
-            reason = f"the {what} at line {line} leaves without releasing it"
+            if what in ("continue", "break"):
+                reason = f"the `{what}` at line {line} skips the release"
+            else:
+                reason = f"the {what} at line {line} leaves without releasing it"
         elif kind == "contextmanager" or _is_generator(scope):
             reason = "an exception thrown in at the `yield` skips the release"
         else:
@@ -379,7 +458,12 @@ class _Checker:
         self.report(call, stmt, "SP001",
                     f"connection `{var}` acquired here is not released on every path: {reason}", receiver, var)
 
-    def safe_release(self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST) -> bool:
+    def safe_release(
+        self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST, var: str, conditions: list[ast.If]
+    ) -> bool:
+        """Whether ``release`` gives ``var`` back on every path. A release in
+        the right ``finally:`` that runs only under an ``if`` unrelated to the
+        connection is not: that ``if`` is added to ``conditions``."""
         module = self.module
         # Registered with an exit stack: released however the block ends.
         if isinstance(release.func, ast.Attribute) and release.func.attr in _CLEANUP_REGISTRATIONS:
@@ -389,22 +473,34 @@ class _Checker:
             if any(isinstance(n, (ast.Yield, ast.YieldFrom)) and n.lineno < release.lineno for n in _walk_scope(scope)):
                 return True
         node: ast.AST = release
+        condition: ast.If | None = None  # the innermost `if` so far that does not test the connection
         while node is not scope:
             parent = module.parents[node]
             if isinstance(parent, (ast.Try, ast.TryStar)) and any(node is s for s in parent.finalbody):
-                if _contains(parent.body, acquire_stmt) or self.try_follows(acquire_stmt, parent) == "next":
-                    return True
-                # `if (con := await pool.acquire()) is not None:` with the
-                # `try:` first in its body (a connection is never falsy).
-                if isinstance(acquire_stmt, (ast.If, ast.While)) and acquire_stmt.body[0] is parent:
-                    return True
+                if (
+                    _contains(parent.body, acquire_stmt) or self.try_follows(acquire_stmt, parent, var) == "next"
+                    # `if (con := await pool.acquire()) is not None:` with the
+                    # `try:` first in its body (a connection is never falsy).
+                    or (isinstance(acquire_stmt, (ast.If, ast.While)) and acquire_stmt.body[0] is parent)
+                ):
+                    if condition is None:
+                        return True
+                    conditions.append(condition)
+                    return False
+            elif isinstance(parent, ast.If) and node is not parent.test and condition is None:
+                # `if con is not None:` (acquired inside the try) is fine, and
+                # so is an `if` whose other branch releases too; `if ok:` is not.
+                other = parent.orelse if any(node is s for s in parent.body) else parent.body
+                tests_connection = any(_is_name(n, var) for n in ast.walk(parent.test))
+                if not tests_connection and not _contains_release(other, var):
+                    condition = parent
             node = parent
         return False
 
-    def try_follows(self, acquire_stmt: ast.stmt, try_stmt: ast.stmt) -> str | None:
+    def try_follows(self, acquire_stmt: ast.stmt, try_stmt: ast.stmt, var: str) -> str | None:
         """"next" if ``try_stmt`` comes right after the acquire in the same
-        block (nothing in between can fail or leave), the line of the first
-        await, return, raise... in between, or None if unrelated."""
+        block (nothing in between can fail or leave holding ``var``), the line
+        of the first await, return, raise... in between, or None if unrelated."""
         place = _block_of(self.module, acquire_stmt)
         if place is None:
             return None
@@ -412,19 +508,19 @@ class _Checker:
         for stmt in block[index + 1:]:
             if stmt is try_stmt:
                 return "next"
-            leaver = _may_leave(stmt)
+            leaver = _leaves_holding(stmt, var)
             if leaver is not None:
                 # The await, return or raise itself (an `if` may hold it lines below).
                 return str(getattr(leaver, "lineno", stmt.lineno))
         return None
 
-    def gap_before_finally(self, releases: list[ast.Call], acquire_stmt: ast.stmt) -> int | None:
+    def gap_before_finally(self, releases: list[ast.Call], acquire_stmt: ast.stmt, var: str) -> int | None:
         for release in releases:
             node: ast.AST = release
             while node in self.module.parents:
                 parent = self.module.parents[node]
                 if isinstance(parent, (ast.Try, ast.TryStar)) and any(node is s for s in parent.finalbody):
-                    follows = self.try_follows(acquire_stmt, parent)
+                    follows = self.try_follows(acquire_stmt, parent, var)
                     if follows is not None and follows != "next":
                         return int(follows)
                 node = parent
@@ -432,14 +528,21 @@ class _Checker:
 
     def unreleased_exit(self, acquire_stmt: ast.stmt, scope: ast.AST, var: str) -> tuple[str, int] | None:
         """The first ``return``/``raise`` after the acquire with no release of
-        ``var`` before it on its way up to the acquire's block."""
+        ``var`` before it on its way up to the acquire's block, or the first
+        such ``continue``/``break`` of a loop the acquire is in."""
         module = self.module
         place = _block_of(module, acquire_stmt)
         if place is None:
             return None
         home, index = place
         exits = sorted(
-            (n for n in _walk_scope(scope) if isinstance(n, (ast.Return, ast.Raise)) and n.lineno > acquire_stmt.lineno),
+            (
+                n for n in _walk_scope(scope)
+                if isinstance(n, ast.stmt) and n.lineno > acquire_stmt.lineno and (
+                    isinstance(n, (ast.Return, ast.Raise))
+                    or (isinstance(n, (ast.Continue, ast.Break)) and self.leaves_loop_of(n, acquire_stmt, scope))
+                )
+            ),
             key=lambda n: n.lineno,
         )
         for exit_node in exits:
@@ -464,8 +567,18 @@ class _Checker:
                             break
                 node = module.parents[node]
             if reached_home and not covered:
-                return ("return" if isinstance(exit_node, ast.Return) else "raise"), exit_node.lineno
+                return type(exit_node).__name__.lower(), exit_node.lineno
         return None
+
+    def leaves_loop_of(self, jump: ast.Continue | ast.Break, acquire_stmt: ast.stmt, scope: ast.AST) -> bool:
+        """Whether ``jump`` belongs to a loop that holds the acquire (it ends
+        the acquire's iteration), not to a loop nested after it."""
+        node: ast.AST = jump
+        while node is not scope and node in self.module.parents:
+            node = self.module.parents[node]
+            if isinstance(node, (ast.For, ast.AsyncFor, ast.While)):
+                return _contains(node.body, acquire_stmt)
+        return False
 
 
 def _contains(block: list[ast.stmt], target: ast.stmt) -> bool:
@@ -532,11 +645,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in _python_files(args.paths, args.exclude):
         scanned += 1
         try:
-            with open(path, encoding="utf-8") as file:
+            # As Python reads source: a `# -*- coding: ... -*-` line or a
+            # UTF-8 byte order mark decides the encoding (PEP 263).
+            with tokenize.open(path) as file:
                 source = file.read()
             findings.extend(check_source(source, path, pool_names=args.pool_names))
-        except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as exc:
+        except SyntaxError as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            if type(exc) is SyntaxError:
+                # Parsed with this interpreter's grammar: newer syntax (PEP
+                # 695's `type X = ...` on 3.11) is an error here, not in the code.
+                message += (f" (parsed as Python {sys.version_info.major}.{sys.version_info.minor}: "
+                            "run the check with the Python version the code is written for)")
+            errors.append({"path": path, "error": message})
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
             errors.append({"path": path, "error": f"{type(exc).__name__}: {exc}"})
+        except RecursionError:
+            # Deeply nested expressions (generated code) exhaust the parser's
+            # stack: that file is not checked; the others still are.
+            errors.append({"path": path, "error": "RecursionError: too deeply nested to parse"})
     errors.extend({"path": root, "error": "no such file or directory"} for root in args.paths if not os.path.exists(root))
 
     if args.format == "json":

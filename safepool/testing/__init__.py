@@ -38,6 +38,7 @@ else:
         pytest_fixture_setup,
         pytest_report_header,
         pytest_runtest_call,
+        pytest_runtest_makereport,
         pytest_unconfigure,
         safepool_leak_check,
     )

@@ -350,9 +350,13 @@ class LeakGuard:
             f"waiting={event.waiting}, max_waiters={event.max_waiters}"
         )
         lines = [f"{message}; {len(idle)} of {len(holders)} leased connection(s) ran no statement:"]
+        before = self._baseline.get(pool, set())
         for info, doing in idle:
             task = f" by task {info.task_name}" if info.task_name else ""
-            lines.append(f"  lease {info.id}, held {info.age:.3f}s{task}, {doing}; acquired at:")
+            # A fixture set up before the guard (a session fixture's
+            # connection) starves the pool just the same: say whose it is.
+            since = ", since before this test started" if info.id in before else ""
+            lines.append(f"  lease {info.id}, held {info.age:.3f}s{task}{since}, {doing}; acquired at:")
             lines.append(_indent(_trim_stack(info.stack) or "  (acquire stack not captured)\n", "  ").rstrip("\n"))
         return Leak(
             kind="idle_timeout", pool=pool.name, lease_id=None, held=0.0, task_name=None, holder=None,

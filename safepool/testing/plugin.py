@@ -19,7 +19,7 @@ for them.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +35,14 @@ __all__ = [
     "pytest_fixture_setup",
     "pytest_report_header",
     "pytest_runtest_call",
+    "pytest_runtest_makereport",
     "pytest_unconfigure",
     "safepool_leak_check",
 ]
 
 _SETTINGS = pytest.StashKey["_Settings"]()
 _GUARD = pytest.StashKey[LeakGuard]()
+_REPORT = pytest.StashKey[str]()  # the leak failure of the test function, for pytest_runtest_makereport
 _RECLAIM_WARNING = r"pool .*: a connection was garbage collected without being released"
 
 
@@ -169,5 +171,23 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     leaks = guard.leaks(since_mark=True)
     if leaks:
         release_leaked(leaks)
-        pytest.fail(format_report(leaks), pytrace=False)
+        report = format_report(leaks)
+        item.stash[_REPORT] = report
+        pytest.fail(report, pytrace=False)
     return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report: pytest.TestReport = yield
+    leaks = item.stash.get(_REPORT, None) if call.when == "call" else None
+    if leaks is not None:
+        del item.stash[_REPORT]
+        # A unittest TestCase that failed on its own (an assertion, a tearDown
+        # whose close() timed out on the leaked connection) is reported with
+        # its own error in place of the leak failure: keep the leak report.
+        if leaks not in str(report.longrepr):
+            report.sections.append(("Captured safepool leaks call", leaks))
+    return report

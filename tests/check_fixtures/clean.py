@@ -139,3 +139,77 @@ async def entered_and_exited_by_hand(pool):
         return await con.fetchval("SELECT 1")
     finally:
         await ctx.__aexit__(None, None, None)
+
+
+async def continue_inside_async_with(pool, jobs):
+    for job in jobs:
+        async with pool.acquire() as con:
+            if job.skipped:
+                continue
+            await con.execute("SELECT $1", job.id)
+
+
+async def continue_inside_try_finally(pool, jobs):
+    for job in jobs:
+        con = await pool.acquire()
+        try:
+            if job.skipped:
+                continue
+            await con.execute("SELECT $1", job.id)
+        finally:
+            await pool.release(con)
+
+
+async def released_before_continue(pool, jobs):
+    for job in jobs:
+        con = await pool.acquire()
+        if job.skipped:
+            await pool.release(con)
+            continue
+        try:
+            await con.execute("SELECT $1", job.id)
+        finally:
+            await pool.release(con)
+
+
+async def release_in_finally_under_a_condition_on_the_connection(pool):
+    con = None
+    try:
+        con = await pool.acquire()
+        await con.execute("SELECT 1")
+    finally:
+        if con is not None and not con.is_closed():
+            await pool.release(con)
+
+
+async def release_in_finally_on_both_branches(pool, fast):
+    con = await pool.acquire()
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        if fast:
+            await pool.release(con, timeout=1)
+        else:
+            await pool.release(con)
+
+
+class UnitOfWork:
+    def __init__(self, con):
+        self.con = con
+
+
+async def returned_wrapped_in_an_object(pool):
+    # Ownership leaves with the object: not followed (docs: limits).
+    con = await pool.acquire()
+    return UnitOfWork(con)
+
+
+async def stored_in_a_tuple_in_a_cache(pool, cache):
+    con = await pool.acquire()
+    cache["primary"] = (con, pool)
+
+
+async def aliased_pool_with_async_with(app):
+    database = app.state.pool
+    async with database.acquire() as con:
+        await con.execute("SELECT 1")

@@ -121,3 +121,60 @@ async def entered_by_hand(pool):
     ctx = pool.acquire()  # expect: SP002
     con = await ctx.__aenter__()
     return await con.fetchval("SELECT 1")
+
+
+async def continue_skips_release(pool, jobs):
+    for job in jobs:
+        con = await pool.acquire()  # expect: SP001 continue
+        if job.skipped:
+            continue
+        await con.execute("SELECT $1", job.id)
+        await pool.release(con)
+
+
+async def break_skips_release(pool, queue):
+    while True:
+        con = await pool.acquire()  # expect: SP001 break
+        if queue.empty():
+            break
+        await con.execute("SELECT $1", queue.get_nowait())
+        await pool.release(con)
+
+
+async def loop_after_the_acquire_is_not_blamed(pool, rows):
+    con = await pool.acquire()  # expect: SP001 exception
+    for row in rows:
+        if row is None:
+            continue  # this loop's own `continue` stays inside the function body
+        await con.execute("SELECT $1", row)
+    await pool.release(con)
+
+
+async def entered_by_hand_inline(pool):
+    # The context object is thrown away: only a release of `con` gives it back.
+    con = await pool.acquire().__aenter__()  # expect: SP002
+    await con.execute("SELECT 1")
+
+
+async def entered_by_hand_and_thrown_away(pool):
+    await pool.acquire().__aenter__()  # expect: SP003
+
+
+async def aliased_pool(app):
+    store = app.state.pool
+    con = await store.acquire()  # expect: SP002
+    await con.execute("SELECT 1")
+
+
+async def aiohttp_app_key(request):
+    con = await request.app["pool"].acquire()  # expect: SP002
+    return await con.fetchval("SELECT 1")
+
+
+async def release_in_finally_under_an_unrelated_condition(pool, ok):
+    con = await pool.acquire()  # expect: SP001 when
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        if ok:
+            await pool.release(con)

@@ -62,3 +62,15 @@ async def acquired_in_a_task(pool):
     task = asyncio.create_task(pool.acquire())  # missed: run as a task
     con = await task
     await con.execute("SELECT 1")
+
+
+async def acquired_in_a_comprehension(pool):
+    # Acquires in a comprehension land in a container: not followed.
+    cons = [await pool.acquire() for _ in range(3)]  # missed: in a comprehension
+    await cons[0].execute("SELECT 1")
+
+
+async def conditional_receiver(pool_a, replica, primary):
+    # `(a if x else b).acquire()`: the receiver has no name to judge.
+    con = await (replica if primary is None else primary).acquire()  # missed: conditional receiver
+    await con.execute("SELECT 1")

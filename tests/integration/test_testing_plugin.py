@@ -350,3 +350,43 @@ async def test_a_lease_held_before_the_guard_and_ended_inside_it_is_not_its_busi
         assert guard.leaks() == []
     with pytest.raises(asyncpg.InterfaceError):
         await con.fetchval("SELECT 1")
+
+
+def test_unittest_cases_that_fail_and_leak_keep_the_leak_report(suite: pytest.Pytester) -> None:
+    """unittest.IsolatedAsyncioTestCase: the check runs after asyncTearDown,
+    and pytest reports a failed TestCase's own error in place of the
+    plugin's; the leak report must still be there, with the acquire line."""
+    add_sample(suite, "leaky_unittest.py", "test_unit")
+    result = suite.runpytest(
+        "--safepool-leaks", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestUnraisableExceptionWarning",
+    )
+    result.assert_outcomes(failed=2, passed=1)
+    for test, marker, error in (
+        ("OrdersTest.test_leak_then_teardown_closes_the_pool", "LEAK-UNITTEST-TEARDOWN", "TimeoutError"),
+        ("FailingTest.test_fails_and_leaks", "LEAK-UNITTEST-FAILS", "AssertionError: 1 != 2"),
+    ):
+        result.stdout.fnmatch_lines([
+            f"*_ {test} _*",
+            f"*{error}*",
+            "*- Captured safepool leaks call -*",
+            "safepool: 1 connection leaked",
+            "[[]1] pool 'pool-*', lease *",
+            "  acquired at:",
+            f'*File "*test_unit.py", line {line_of("leaky_unittest.py", marker)}, in test_*',
+        ])
+
+
+def test_strict_mode_names_a_lease_held_since_before_the_test(suite: pytest.Pytester) -> None:
+    """A session fixture's idle connection starves the pool as a handler's
+    would: strict mode reports the timeout, and says the lease is older than
+    the test (the plain leak check ignores it)."""
+    add_sample(suite, "strict_session_fixture.py", "test_session_holder")
+    suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+    strict = suite.runpytest("--safepool-strict", "-p", "no:cacheprovider")
+    strict.assert_outcomes(failed=1)
+    strict.stdout.fnmatch_lines([
+        "safepool: 1 acquire timeout caused by idle leases",
+        "*lease *, held *s by task *, since before this test started, *; acquired at:",
+        f'*File "*test_session_holder.py", line {line_of("strict_session_fixture.py", "SESSION-HOLDER")}, '
+        "in reference_data",
+    ])
