@@ -345,13 +345,36 @@ def release_check(con: RawConnection, clean_mark: int, max_queries: int, own_is_
     return CLEAN if queries == clean_mark else DIRTY
 
 
-def has_callbacks(con: RawConnection) -> bool:
+# What a connection had registered when it joined the pool: its termination
+# listeners and its query loggers (see callback_baseline), or None for none.
+Baseline = tuple[frozenset[Any], frozenset[Any]] | None
+
+
+def callback_baseline(con: RawConnection) -> Baseline:
+    """The termination listeners and query loggers a connection carries when
+    it joins the pool: registered by ``init=``, a ``connect=`` callback or a
+    ``connection_class``, for the connection's whole life (asyncpg's release
+    keeps both kinds). They tell nothing of a lease, and :func:`has_callbacks`
+    leaves them out; None when there are none (the common case)."""
+    termination, loggers = con._termination_listeners, con._query_loggers
+    if not termination and not loggers:
+        return None
+    return frozenset(termination), frozenset(loggers)
+
+
+def has_callbacks(con: RawConnection, baseline: Baseline = None) -> bool:
     """Callbacks the application registered on the connection: asyncpg keeps
-    calling them for as long as the connection is leased."""
+    calling them for as long as the connection is leased. Those of the
+    connection's ``baseline`` (:func:`callback_baseline`) do not count:
+    with them every lost proxy of the connection would count as in use."""
     termination = con._termination_listeners
     if termination and not HAS_POOL_HOLDER:
         termination = termination - {_CLOSE_LISTENERS.get(con)}
-    return bool(con._listeners or con._log_listeners or termination or con._query_loggers)
+    loggers = con._query_loggers
+    if baseline is not None:
+        termination = termination - baseline[0]
+        loggers = loggers - baseline[1]
+    return bool(con._listeners or con._log_listeners or termination or loggers)
 
 
 def reference_count(con: RawConnection) -> int:

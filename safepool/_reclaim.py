@@ -143,7 +143,7 @@ class Reclaimer:
         flight, callbacks registered, or any object outside the pool still
         referring to it: a running query's coroutine, a transaction, cursor
         or prepared statement, a callback's closure)."""
-        if _pg.has_callbacks(slot.connection) or _pg.is_cancelling(slot.connection):
+        if _pg.has_callbacks(slot.connection, holder.base_callbacks) or _pg.is_cancelling(slot.connection):
             return True
         return self.referred_to(holder, slot)
 
@@ -157,7 +157,7 @@ class Reclaimer:
         # A query still running when its proxy went (`await (await
         # pool.acquire()).fetch(...)`) ends soon and is reclaimed quietly as a
         # leak; callbacks, or use that goes on, are worth a report now.
-        if not holder.orphan_reported and (_pg.has_callbacks(con) or holder.orphan_checks >= 3):
+        if not holder.orphan_reported and (_pg.has_callbacks(con, holder.base_callbacks) or holder.orphan_checks >= 3):
             holder.orphan_reported = True
             held = self.now() - lease.acquired_at
             leak_logger.warning(

@@ -309,6 +309,62 @@ async def test_dropped_proxy_with_a_listener_is_reclaimed_when_release_lease_ask
     await asyncio.wait_for(pool.close(), 10)
 
 
+def _on_termination(con: Any) -> None:
+    pass
+
+
+def _log_query(record: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize("kind", ["termination listener", "query logger"])
+async def test_callbacks_from_init_do_not_keep_lost_proxies_from_being_reclaimed(
+    pools: Any, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    # A termination listener or query logger registered by init= belongs to
+    # the connection for its whole life (asyncpg's release keeps both). It
+    # counted as the lease's callbacks: no lost proxy of that connection was
+    # ever reclaimed, and leaked leases exhausted the pool (the outage again).
+    # Only a callback the lease itself registered keeps its connection.
+    def register(con: Any, callback: Any = None) -> None:
+        if kind == "termination listener":
+            con.add_termination_listener(callback or _on_termination)
+        else:
+            con.add_query_logger(callback or _log_query)
+
+    async def init(con: Any) -> None:
+        register(con)
+
+    pool = await pools(min_size=1, max_size=1, init=init)
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+
+    async def handler_that_forgets(own_callback: bool) -> None:
+        con = await pool.acquire(timeout=2)
+        await con.execute("SET application_name = 'leaky'")
+        if own_callback:
+            register(con, lambda *args: None)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        for leaked in (1, 2):
+            await handler_that_forgets(own_callback=False)
+            gc.collect()
+            await until(lambda: pool.stats().idle == 1)
+            assert pool.stats().leaks_detected == leaked
+        assert not [r for r in caplog.records if getattr(r, "event", None) == "leak_suspect"]
+        async with pool.acquire(timeout=2) as con:
+            assert await con.fetchval("SHOW application_name") != "leaky"
+
+        await handler_that_forgets(own_callback=True)  # the lease's own callback: still in use
+        gc.collect()
+        await until(lambda: any(getattr(r, "event", None) == "leak_suspect" for r in caplog.records))
+        [lease] = pool.leases()
+        assert pool.stats().in_use == 1 and lease.collected
+        assert await pool.release_lease(lease.id) is True
+        await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 3
+
+
 async def test_cancelled_task_holding_a_lease_without_context_manager(pools: Any) -> None:
     pool = await pools(min_size=1, max_size=1)
     acquired = asyncio.Event()
