@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.selector_events
+import gc
 import sys
 import types
 import weakref
@@ -40,6 +41,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from asyncpg import connect_utils as _connect_utils
 from asyncpg import connection as _pg_connection
+from asyncpg import connresource as _pg_connresource
 from asyncpg import exceptions as _pg_exceptions
 
 
@@ -399,6 +401,35 @@ def own_references(con: RawConnection) -> int:
     del xact
     # 2: the connection's attribute and this call's argument.
     return 1 if sys.getrefcount(con._top_xact) == 2 else 0
+
+
+def stale_references(con: RawConnection) -> int:
+    """References to the connection from objects that can never use it
+    again: frames that finished running, kept by a traceback (an exception
+    of an earlier lease, kept in a list, a ``last_error`` attribute, an error
+    reporter's queue, holds asyncpg's frames, whose ``self`` is the
+    connection), and asyncpg's prepared statements, cursors and transactions
+    of an earlier lease (invalidated: their release counter is behind the
+    connection's).
+
+    A frame object refers to its locals only once it owns them, when its
+    code has returned or raised (a suspended coroutine's locals are its
+    coroutine's, a running frame's its thread's): any frame found here has
+    finished. The count is exact (``gc.get_referents`` per referrer); a
+    reference through anything else (a dict, a cell) is not counted.
+
+    Costs a pass over every object the garbage collector tracks
+    (``gc.get_referrers``): for the reclaimer's checks of a lost proxy's
+    connection, never for a lease."""
+    release_ctr = con._pool_release_ctr
+    stale = 0
+    for referrer in gc.get_referrers(con):
+        if isinstance(referrer, types.FrameType) or (
+            isinstance(referrer, _pg_connresource.ConnectionResource)
+            and referrer._con_release_ctr != release_ctr  # type: ignore[attr-defined]  # (a slot the stubs omit)
+        ):
+            stale += sum(1 for referent in gc.get_referents(referrer) if referent is con)
+    return stale
 
 
 def command_timeout(con: RawConnection) -> float | None:

@@ -135,7 +135,17 @@ class Reclaimer:
         (the caller holds no local reference). A transaction only the
         connection still refers to is abandoned with it (a cycle that would
         keep the connection leased forever)."""
-        return _pg.reference_count(slot.connection) - _pg.own_references(slot.connection) > holder.base_refs
+        if _pg.reference_count(slot.connection) - _pg.own_references(slot.connection) <= holder.base_refs:
+            return False
+        if _pg.in_call(slot.connection):
+            return True  # a query under way: in use, and no need to look at every object
+        # What refers to it may be an earlier lease's leftovers (a kept
+        # exception's frames, an old prepared statement): they would keep
+        # every later lost proxy's connection leased. The slow count.
+        return (
+            _pg.reference_count(slot.connection) - _pg.own_references(slot.connection)
+            - _pg.stale_references(slot.connection) > holder.base_refs
+        )
 
     def still_in_use(self, holder: Holder, slot: Slot) -> bool:
         """Whether a connection whose proxy is gone may still be in use: only

@@ -365,6 +365,60 @@ async def test_callbacks_from_init_do_not_keep_lost_proxies_from_being_reclaimed
     assert pool.stats().leaks_detected == 3
 
 
+@pytest.mark.parametrize("leftover", ["exception", "statement", "transaction"])
+async def test_an_earlier_leases_leftovers_do_not_keep_lost_proxies_from_being_reclaimed(
+    pools: Any, caplog: pytest.LogCaptureFixture, leftover: str
+) -> None:
+    # A lost proxy's connection is in use while anything outside the pool
+    # refers to it. An exception of an earlier lease, kept (an error list, a
+    # last_error attribute, an error reporter's queue), refers to it through
+    # asyncpg's finished frames; an earlier lease's prepared statement or
+    # transaction object through its _connection. None can use it again, yet
+    # each kept every later lost proxy's connection leased.
+    pool = await pools(min_size=1, max_size=1)
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+    kept: list[Any] = []
+    async with pool.acquire() as con:
+        if leftover == "exception":
+            with pytest.raises(asyncpg.DivisionByZeroError) as info:
+                await con.execute("SELECT 1/0")
+            kept.append(info.value)
+        elif leftover == "statement":
+            kept.append(await con.prepare("SELECT 1"))
+        else:
+            transaction = con.transaction()
+            async with transaction:
+                kept.append(transaction)
+    del con
+
+    async def handler_that_forgets(query: bool) -> Any:
+        con = await pool.acquire(timeout=2)
+        await con.execute("SET application_name = 'leaky'")
+        return con.fetchval("SELECT 41 + 1") if query else None  # a query not started yet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await handler_that_forgets(query=False)
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+        assert pool.stats().leaks_detected == 1
+        assert not [r for r in caplog.records if getattr(r, "event", None) == "leak_suspect"]
+
+        # Still refused for what can use the connection: a query's coroutine.
+        pending = await handler_that_forgets(query=True)
+        gc.collect()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert pool.stats().in_use == 1 and [info.collected for info in pool.leases()] == [True]
+        assert await pending == 42
+        del pending
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 2 and len(kept) == 1
+    async with pool.acquire(timeout=2) as con:
+        assert await con.fetchval("SHOW application_name") != "leaky"
+
+
 async def test_cancelled_task_holding_a_lease_without_context_manager(pools: Any) -> None:
     pool = await pools(min_size=1, max_size=1)
     acquired = asyncio.Event()
