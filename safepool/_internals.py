@@ -347,21 +347,28 @@ def release_check(con: RawConnection, clean_mark: int, max_queries: int, own_is_
     return CLEAN if queries == clean_mark else DIRTY
 
 
-# What a connection had registered when it joined the pool: its termination
-# listeners and its query loggers (see callback_baseline), or None for none.
-Baseline = tuple[frozenset[Any], frozenset[Any]] | None
+# What a connection had registered when it joined the pool (see
+# callback_baseline), or None for nothing.
+Baseline = tuple[frozenset[Any], frozenset[Any], tuple[Any, ...]] | None
 
 
 def callback_baseline(con: RawConnection) -> Baseline:
-    """The termination listeners and query loggers a connection carries when
-    it joins the pool: registered by ``init=``, a ``connect=`` callback or a
-    ``connection_class``, for the connection's whole life (asyncpg's release
-    keeps both kinds). They tell nothing of a lease, and :func:`has_callbacks`
-    leaves them out; None when there are none (the common case)."""
+    """The callbacks a connection carries when it joins the pool: registered
+    by ``init=``, a ``connect=`` callback or a ``connection_class``. Its
+    termination listeners and query loggers are the connection's for its
+    whole life (asyncpg's release keeps both kinds): they tell nothing of a
+    lease, and :func:`has_callbacks` leaves them out. Its notification and
+    log listeners (the first release drops them) are kept here too, only so
+    that they stay alive: one that refers to the connection (a closure) is
+    counted in ``Holder.base_refs``, and once gone would leave every later
+    count one short, a query's reference unseen. None when there are none
+    (the common case)."""
     termination, loggers = con._termination_listeners, con._query_loggers
-    if not termination and not loggers:
+    listeners, log_listeners = con._listeners, con._log_listeners
+    if not termination and not loggers and not listeners and not log_listeners:
         return None
-    return frozenset(termination), frozenset(loggers)
+    kept = (*(cb for callbacks in listeners.values() for cb in callbacks), *log_listeners)
+    return frozenset(termination), frozenset(loggers), kept
 
 
 def has_callbacks(con: RawConnection, baseline: Baseline = None) -> bool:

@@ -419,6 +419,40 @@ async def test_an_earlier_leases_leftovers_do_not_keep_lost_proxies_from_being_r
         assert await con.fetchval("SHOW application_name") != "leaky"
 
 
+async def test_a_listener_closure_from_init_dropped_at_release_leaves_no_query_unseen(pools: Any) -> None:
+    # The pool counts a connection's references once, when it joins; a lost
+    # proxy's connection with more is in use. An init= hook's log listener
+    # that closes over the connection was in that count, and the first
+    # release drops it (asyncpg's reset, with its warning): from then on every
+    # count was one short, and a lost proxy whose query had not started yet
+    # (its coroutine the one reference) was reclaimed under it.
+    async def init(con: Any) -> None:
+        con.add_log_listener(lambda _, message: print(con, message))
+
+    pool = await pools(min_size=1, max_size=1, init=init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # asyncpg: "released to the pool but has 1 active log listener"
+        async with pool.acquire() as con:
+            pass
+
+    async def handler_that_forgets() -> Any:
+        con = await pool.acquire(timeout=2)
+        return con.fetchval("SELECT 41 + 1")  # a query not started yet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        pending = await handler_that_forgets()
+        gc.collect()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert pool.stats().in_use == 1 and pool.stats().leaks_detected == 0
+        assert await pending == 42
+        del pending
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 1
+
+
 async def test_cancelled_task_holding_a_lease_without_context_manager(pools: Any) -> None:
     pool = await pools(min_size=1, max_size=1)
     acquired = asyncio.Event()
