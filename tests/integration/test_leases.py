@@ -432,7 +432,7 @@ async def test_a_listener_closure_from_init_dropped_at_release_leaves_no_query_u
     pool = await pools(min_size=1, max_size=1, init=init)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # asyncpg: "released to the pool but has 1 active log listener"
-        async with pool.acquire() as con:
+        async with pool.acquire():
             pass
 
     async def handler_that_forgets() -> Any:
