@@ -30,6 +30,15 @@ _ORPHAN_RECHECK_FIRST = 0.05
 _ORPHAN_RECHECK_CAP = 2.0
 
 
+def _holder_of(lease: Lease) -> str:
+    """``task T, site 'S'`` of a report (what is known: the task with stack
+    capture, the site with site caps or ``acquire(site=)``), or ``task ?``."""
+    parts = [f"task {lease.task_name or '?'}"]
+    if lease.site is not None:
+        parts.append(f"site {lease.site!r}")
+    return ", ".join(parts)
+
+
 class Resets(Protocol):
     """What the reclaimer needs of the runner: the holders, its pool tasks,
     its drain, and its reset of a connection and the end of one."""
@@ -90,7 +99,7 @@ class Reclaimer:
             return
         report = (
             f"pool {self.name!r}: a connection was garbage collected without being released "
-            f"(held {held:.3f}s); acquired at:\n{_stack.format_stack(lease.stack)}"
+            f"(held {held:.3f}s); {_holder_of(lease)}; acquired at:\n{_stack.format_stack(lease.stack)}"
         )
         _pg.detach_proxy(con)  # the proxy is gone; drop the dead weak reference
         con._on_release()
@@ -173,8 +182,8 @@ class Reclaimer:
             leak_logger.warning(
                 "pool %r: a connection's proxy was garbage collected without being released, but the "
                 "connection is still in use (callbacks registered, or an operation or object still "
-                "refers to it); it stays leased until that ends. Acquired at:\n%s",
-                self.name, _stack.format_stack(lease.stack),
+                "refers to it); it stays leased until that ends; %s; acquired at:\n%s",
+                self.name, _holder_of(lease), _stack.format_stack(lease.stack),
                 extra=self.reporter.event_fields("leak_suspect", lease, held),
             )
             self.reporter.emit("leak_suspect", lease, held, collected=True)
@@ -207,9 +216,9 @@ class Reclaimer:
         # the protocol itself.
         _pg.warn_open_transaction(con, quiet=True)
         leak_logger.error(
-            "pool %r: lease expired after %.3fs (lease_timeout %.3fs); taking the connection back. "
+            "pool %r: lease expired after %.3fs (lease_timeout %.3fs); %s; taking the connection back. "
             "Acquired at:\n%s",
-            self.name, held, limit, _stack.format_stack(lease.stack),
+            self.name, held, limit, _holder_of(lease), _stack.format_stack(lease.stack),
             extra=self.reporter.event_fields("lease_expired", lease, held),
         )
         self.reporter.emit("lease_expired", lease, held, lease_timeout=limit)
@@ -232,8 +241,8 @@ class Reclaimer:
         held = self.now() - lease.acquired_at
         leak_logger.warning(
             "pool %r: connection held for %.3fs (leak_warning_after %.3fs), still not released; "
-            "task %s; acquired at:\n%s",
-            self.name, held, self.leak_warning_after or 0.0, lease.task_name or "?",
+            "%s; acquired at:\n%s",
+            self.name, held, self.leak_warning_after or 0.0, _holder_of(lease),
             _stack.format_stack(lease.stack),
             extra=self.reporter.event_fields("leak_suspect", lease, held),
         )

@@ -521,6 +521,37 @@ async def test_outage_scenario_leaks_never_exhaust_the_server(
     await until(lambda: pool.stats().in_use == 0, timeout=5)
 
 
+async def test_every_lease_report_names_the_task_and_the_site(pools: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # The leak-suspect report named the task; the lease-timeout and garbage-
+    # collection reports named neither task nor site, in their message (an
+    # operator reading plain logs had the acquire line only).
+    clock = ManualClock()
+    pool = await pools(min_size=0, max_size=2, leak_warning_after=5.0, lease_timeout=30.0, clock=clock)
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+
+    async def loses() -> None:
+        await pool.acquire(site="GET /lost")
+
+    async def keeps() -> Any:
+        return await pool.acquire(site="GET /kept")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await asyncio.create_task(loses(), name="request-1")
+        gc.collect()
+        await until(lambda: pool.stats().leaks_detected == 1)
+    kept = await asyncio.create_task(keeps(), name="request-2")
+    clock.advance(5.0)
+    await until(lambda: pool.stats().leak_warnings == 1)
+    clock.advance(25.0)
+    await until(lambda: pool.stats().leases_expired == 1)
+    messages = {getattr(r, "event", None): r.getMessage() for r in caplog.records}
+    assert "; task request-1, site 'GET /lost'; acquired at:" in messages["leak"]
+    assert "; task request-2, site 'GET /kept'; acquired at:" in messages["leak_suspect"]
+    assert "; task request-2, site 'GET /kept'; taking the connection back" in messages["lease_expired"]
+    await pool.release(kept)
+
+
 # -------------------------------------------------------------------- leases()
 
 
