@@ -34,7 +34,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
     ``_release_on_close()`` when the connection dies, and reaches the pool
     through ``proxy._holder._pool`` to drop statement and type caches."""
 
-    __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "release_timeout",
+    __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "base_callbacks", "release_timeout",
                  "orphan_checks", "orphan_reported", "unresponsive", "close_budget", "lost_while_leased", "reset_since",
                  "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "proxy_collected",
                  "copies", "__weakref__")
@@ -50,6 +50,9 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         self.clean_mark = clean_mark
         # The connection's reference count while only the pool holds it.
         self.base_refs = 0
+        # Its termination listeners and query loggers then (_pg.callback_baseline):
+        # not a lease's, they never make a lost proxy's connection in use.
+        self.base_callbacks: _pg.Baseline = None
         # release(timeout=None) defaults to the acquire's timeout (asyncpg).
         self.release_timeout: float | None = None
         # How often a garbage-collected proxy's connection was found still in

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.selector_events
+import gc
 import sys
 import types
 import weakref
@@ -40,6 +41,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from asyncpg import connect_utils as _connect_utils
 from asyncpg import connection as _pg_connection
+from asyncpg import connresource as _pg_connresource
 from asyncpg import exceptions as _pg_exceptions
 
 
@@ -345,13 +347,43 @@ def release_check(con: RawConnection, clean_mark: int, max_queries: int, own_is_
     return CLEAN if queries == clean_mark else DIRTY
 
 
-def has_callbacks(con: RawConnection) -> bool:
+# What a connection had registered when it joined the pool (see
+# callback_baseline), or None for nothing.
+Baseline = tuple[frozenset[Any], frozenset[Any], tuple[Any, ...]] | None
+
+
+def callback_baseline(con: RawConnection) -> Baseline:
+    """The callbacks a connection carries when it joins the pool: registered
+    by ``init=``, a ``connect=`` callback or a ``connection_class``. Its
+    termination listeners and query loggers are the connection's for its
+    whole life (asyncpg's release keeps both kinds): they tell nothing of a
+    lease, and :func:`has_callbacks` leaves them out. Its notification and
+    log listeners (the first release drops them) are kept here too, only so
+    that they stay alive: one that refers to the connection (a closure) is
+    counted in ``Holder.base_refs``, and once gone would leave every later
+    count one short, a query's reference unseen. None when there are none
+    (the common case)."""
+    termination, loggers = con._termination_listeners, con._query_loggers
+    listeners, log_listeners = con._listeners, con._log_listeners
+    if not termination and not loggers and not listeners and not log_listeners:
+        return None
+    kept = (*(cb for callbacks in listeners.values() for cb in callbacks), *log_listeners)
+    return frozenset(termination), frozenset(loggers), kept
+
+
+def has_callbacks(con: RawConnection, baseline: Baseline = None) -> bool:
     """Callbacks the application registered on the connection: asyncpg keeps
-    calling them for as long as the connection is leased."""
+    calling them for as long as the connection is leased. Those of the
+    connection's ``baseline`` (:func:`callback_baseline`) do not count:
+    with them every lost proxy of the connection would count as in use."""
     termination = con._termination_listeners
     if termination and not HAS_POOL_HOLDER:
         termination = termination - {_CLOSE_LISTENERS.get(con)}
-    return bool(con._listeners or con._log_listeners or termination or con._query_loggers)
+    loggers = con._query_loggers
+    if baseline is not None:
+        termination = termination - baseline[0]
+        loggers = loggers - baseline[1]
+    return bool(con._listeners or con._log_listeners or termination or loggers)
 
 
 def reference_count(con: RawConnection) -> int:
@@ -376,6 +408,35 @@ def own_references(con: RawConnection) -> int:
     del xact
     # 2: the connection's attribute and this call's argument.
     return 1 if sys.getrefcount(con._top_xact) == 2 else 0
+
+
+def stale_references(con: RawConnection) -> int:
+    """References to the connection from objects that can never use it
+    again: frames that finished running, kept by a traceback (an exception
+    of an earlier lease, kept in a list, a ``last_error`` attribute, an error
+    reporter's queue, holds asyncpg's frames, whose ``self`` is the
+    connection), and asyncpg's prepared statements, cursors and transactions
+    of an earlier lease (invalidated: their release counter is behind the
+    connection's).
+
+    A frame object refers to its locals only once it owns them, when its
+    code has returned or raised (a suspended coroutine's locals are its
+    coroutine's, a running frame's its thread's): any frame found here has
+    finished. The count is exact (``gc.get_referents`` per referrer); a
+    reference through anything else (a dict, a cell) is not counted.
+
+    Costs a pass over every object the garbage collector tracks
+    (``gc.get_referrers``): for the reclaimer's checks of a lost proxy's
+    connection, never for a lease."""
+    release_ctr = con._pool_release_ctr
+    stale = 0
+    for referrer in gc.get_referrers(con):
+        if isinstance(referrer, types.FrameType) or (
+            isinstance(referrer, _pg_connresource.ConnectionResource)
+            and referrer._con_release_ctr != release_ctr  # type: ignore[attr-defined]  # (a slot the stubs omit)
+        ):
+            stale += sum(1 for referent in gc.get_referents(referrer) if referent is con)
+    return stale
 
 
 def command_timeout(con: RawConnection) -> float | None:

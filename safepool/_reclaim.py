@@ -30,6 +30,15 @@ _ORPHAN_RECHECK_FIRST = 0.05
 _ORPHAN_RECHECK_CAP = 2.0
 
 
+def _holder_of(lease: Lease) -> str:
+    """``task T, site 'S'`` of a report (what is known: the task with stack
+    capture, the site with site caps or ``acquire(site=)``), or ``task ?``."""
+    parts = [f"task {lease.task_name or '?'}"]
+    if lease.site is not None:
+        parts.append(f"site {lease.site!r}")
+    return ", ".join(parts)
+
+
 class Resets(Protocol):
     """What the reclaimer needs of the runner: the holders, its pool tasks,
     its drain, and its reset of a connection and the end of one."""
@@ -90,7 +99,7 @@ class Reclaimer:
             return
         report = (
             f"pool {self.name!r}: a connection was garbage collected without being released "
-            f"(held {held:.3f}s); acquired at:\n{_stack.format_stack(lease.stack)}"
+            f"(held {held:.3f}s); {_holder_of(lease)}; acquired at:\n{_stack.format_stack(lease.stack)}"
         )
         _pg.detach_proxy(con)  # the proxy is gone; drop the dead weak reference
         con._on_release()
@@ -135,7 +144,17 @@ class Reclaimer:
         (the caller holds no local reference). A transaction only the
         connection still refers to is abandoned with it (a cycle that would
         keep the connection leased forever)."""
-        return _pg.reference_count(slot.connection) - _pg.own_references(slot.connection) > holder.base_refs
+        if _pg.reference_count(slot.connection) - _pg.own_references(slot.connection) <= holder.base_refs:
+            return False
+        if _pg.in_call(slot.connection):
+            return True  # a query under way: in use, and no need to look at every object
+        # What refers to it may be an earlier lease's leftovers (a kept
+        # exception's frames, an old prepared statement): they would keep
+        # every later lost proxy's connection leased. The slow count.
+        return (
+            _pg.reference_count(slot.connection) - _pg.own_references(slot.connection)
+            - _pg.stale_references(slot.connection) > holder.base_refs
+        )
 
     def still_in_use(self, holder: Holder, slot: Slot) -> bool:
         """Whether a connection whose proxy is gone may still be in use: only
@@ -143,7 +162,7 @@ class Reclaimer:
         flight, callbacks registered, or any object outside the pool still
         referring to it: a running query's coroutine, a transaction, cursor
         or prepared statement, a callback's closure)."""
-        if _pg.has_callbacks(slot.connection) or _pg.is_cancelling(slot.connection):
+        if _pg.has_callbacks(slot.connection, holder.base_callbacks) or _pg.is_cancelling(slot.connection):
             return True
         return self.referred_to(holder, slot)
 
@@ -157,14 +176,14 @@ class Reclaimer:
         # A query still running when its proxy went (`await (await
         # pool.acquire()).fetch(...)`) ends soon and is reclaimed quietly as a
         # leak; callbacks, or use that goes on, are worth a report now.
-        if not holder.orphan_reported and (_pg.has_callbacks(con) or holder.orphan_checks >= 3):
+        if not holder.orphan_reported and (_pg.has_callbacks(con, holder.base_callbacks) or holder.orphan_checks >= 3):
             holder.orphan_reported = True
             held = self.now() - lease.acquired_at
             leak_logger.warning(
                 "pool %r: a connection's proxy was garbage collected without being released, but the "
                 "connection is still in use (callbacks registered, or an operation or object still "
-                "refers to it); it stays leased until that ends. Acquired at:\n%s",
-                self.name, _stack.format_stack(lease.stack),
+                "refers to it); it stays leased until that ends; %s; acquired at:\n%s",
+                self.name, _holder_of(lease), _stack.format_stack(lease.stack),
                 extra=self.reporter.event_fields("leak_suspect", lease, held),
             )
             self.reporter.emit("leak_suspect", lease, held, collected=True)
@@ -197,9 +216,9 @@ class Reclaimer:
         # the protocol itself.
         _pg.warn_open_transaction(con, quiet=True)
         leak_logger.error(
-            "pool %r: lease expired after %.3fs (lease_timeout %.3fs); taking the connection back. "
+            "pool %r: lease expired after %.3fs (lease_timeout %.3fs); %s; taking the connection back. "
             "Acquired at:\n%s",
-            self.name, held, limit, _stack.format_stack(lease.stack),
+            self.name, held, limit, _holder_of(lease), _stack.format_stack(lease.stack),
             extra=self.reporter.event_fields("lease_expired", lease, held),
         )
         self.reporter.emit("lease_expired", lease, held, lease_timeout=limit)
@@ -222,8 +241,8 @@ class Reclaimer:
         held = self.now() - lease.acquired_at
         leak_logger.warning(
             "pool %r: connection held for %.3fs (leak_warning_after %.3fs), still not released; "
-            "task %s; acquired at:\n%s",
-            self.name, held, self.leak_warning_after or 0.0, lease.task_name or "?",
+            "%s; acquired at:\n%s",
+            self.name, held, self.leak_warning_after or 0.0, _holder_of(lease),
             _stack.format_stack(lease.stack),
             extra=self.reporter.event_fields("leak_suspect", lease, held),
         )

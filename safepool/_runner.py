@@ -416,6 +416,7 @@ class Runner:
         self.slot_holders[slot] = holder
         _pg.attach_holder(con, holder)
         del con  # measured below with no reference but the pool's own
+        holder.base_callbacks = _pg.callback_baseline(slot.connection)
         holder.base_refs = _pg.reference_count(slot.connection)
         self.reporter.note_server_status(self.now())
         self.drain()

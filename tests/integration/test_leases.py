@@ -309,6 +309,150 @@ async def test_dropped_proxy_with_a_listener_is_reclaimed_when_release_lease_ask
     await asyncio.wait_for(pool.close(), 10)
 
 
+def _on_termination(con: Any) -> None:
+    pass
+
+
+def _log_query(record: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize("kind", ["termination listener", "query logger"])
+async def test_callbacks_from_init_do_not_keep_lost_proxies_from_being_reclaimed(
+    pools: Any, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    # A termination listener or query logger registered by init= belongs to
+    # the connection for its whole life (asyncpg's release keeps both). It
+    # counted as the lease's callbacks: no lost proxy of that connection was
+    # ever reclaimed, and leaked leases exhausted the pool (the outage again).
+    # Only a callback the lease itself registered keeps its connection.
+    def register(con: Any, callback: Any = None) -> None:
+        if kind == "termination listener":
+            con.add_termination_listener(callback or _on_termination)
+        else:
+            con.add_query_logger(callback or _log_query)
+
+    async def init(con: Any) -> None:
+        register(con)
+
+    pool = await pools(min_size=1, max_size=1, init=init)
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+
+    async def handler_that_forgets(own_callback: bool) -> None:
+        con = await pool.acquire(timeout=2)
+        await con.execute("SET application_name = 'leaky'")
+        if own_callback:
+            register(con, lambda *args: None)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        for leaked in (1, 2):
+            await handler_that_forgets(own_callback=False)
+            gc.collect()
+            await until(lambda: pool.stats().idle == 1)
+            assert pool.stats().leaks_detected == leaked
+        assert not [r for r in caplog.records if getattr(r, "event", None) == "leak_suspect"]
+        async with pool.acquire(timeout=2) as con:
+            assert await con.fetchval("SHOW application_name") != "leaky"
+
+        await handler_that_forgets(own_callback=True)  # the lease's own callback: still in use
+        gc.collect()
+        await until(lambda: any(getattr(r, "event", None) == "leak_suspect" for r in caplog.records))
+        [lease] = pool.leases()
+        assert pool.stats().in_use == 1 and lease.collected
+        assert await pool.release_lease(lease.id) is True
+        await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 3
+
+
+@pytest.mark.parametrize("leftover", ["exception", "statement", "transaction"])
+async def test_an_earlier_leases_leftovers_do_not_keep_lost_proxies_from_being_reclaimed(
+    pools: Any, caplog: pytest.LogCaptureFixture, leftover: str
+) -> None:
+    # A lost proxy's connection is in use while anything outside the pool
+    # refers to it. An exception of an earlier lease, kept (an error list, a
+    # last_error attribute, an error reporter's queue), refers to it through
+    # asyncpg's finished frames; an earlier lease's prepared statement or
+    # transaction object through its _connection. None can use it again, yet
+    # each kept every later lost proxy's connection leased.
+    pool = await pools(min_size=1, max_size=1)
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+    kept: list[Any] = []
+    async with pool.acquire() as con:
+        if leftover == "exception":
+            with pytest.raises(asyncpg.DivisionByZeroError) as info:
+                await con.execute("SELECT 1/0")
+            kept.append(info.value)
+        elif leftover == "statement":
+            kept.append(await con.prepare("SELECT 1"))
+        else:
+            transaction = con.transaction()
+            async with transaction:
+                kept.append(transaction)
+    del con
+
+    async def handler_that_forgets(query: bool) -> Any:
+        con = await pool.acquire(timeout=2)
+        await con.execute("SET application_name = 'leaky'")
+        return con.fetchval("SELECT 41 + 1") if query else None  # a query not started yet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await handler_that_forgets(query=False)
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+        assert pool.stats().leaks_detected == 1
+        assert not [r for r in caplog.records if getattr(r, "event", None) == "leak_suspect"]
+
+        # Still refused for what can use the connection: a query's coroutine.
+        pending = await handler_that_forgets(query=True)
+        gc.collect()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert pool.stats().in_use == 1 and [info.collected for info in pool.leases()] == [True]
+        assert await pending == 42
+        del pending
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 2 and len(kept) == 1
+    async with pool.acquire(timeout=2) as con:
+        assert await con.fetchval("SHOW application_name") != "leaky"
+
+
+async def test_a_listener_closure_from_init_dropped_at_release_leaves_no_query_unseen(pools: Any) -> None:
+    # The pool counts a connection's references once, when it joins; a lost
+    # proxy's connection with more is in use. An init= hook's log listener
+    # that closes over the connection was in that count, and the first
+    # release drops it (asyncpg's reset, with its warning): from then on every
+    # count was one short, and a lost proxy whose query had not started yet
+    # (its coroutine the one reference) was reclaimed under it.
+    async def init(con: Any) -> None:
+        con.add_log_listener(lambda _, message: print(con, message))
+
+    pool = await pools(min_size=1, max_size=1, init=init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # asyncpg: "released to the pool but has 1 active log listener"
+        async with pool.acquire():
+            pass
+
+    async def handler_that_forgets() -> Any:
+        con = await pool.acquire(timeout=2)
+        return con.fetchval("SELECT 41 + 1")  # a query not started yet
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        pending = await handler_that_forgets()
+        gc.collect()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert pool.stats().in_use == 1 and pool.stats().leaks_detected == 0
+        assert await pending == 42
+        del pending
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 1
+
+
 async def test_cancelled_task_holding_a_lease_without_context_manager(pools: Any) -> None:
     pool = await pools(min_size=1, max_size=1)
     acquired = asyncio.Event()
@@ -375,6 +519,37 @@ async def test_outage_scenario_leaks_never_exhaust_the_server(
     assert served == 64
     assert pool.stats().leases_expired >= 1
     await until(lambda: pool.stats().in_use == 0, timeout=5)
+
+
+async def test_every_lease_report_names_the_task_and_the_site(pools: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # The leak-suspect report named the task; the lease-timeout and garbage-
+    # collection reports named neither task nor site, in their message (an
+    # operator reading plain logs had the acquire line only).
+    clock = ManualClock()
+    pool = await pools(min_size=0, max_size=2, leak_warning_after=5.0, lease_timeout=30.0, clock=clock)
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+
+    async def loses() -> None:
+        await pool.acquire(site="GET /lost")
+
+    async def keeps() -> Any:
+        return await pool.acquire(site="GET /kept")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await asyncio.create_task(loses(), name="request-1")
+        gc.collect()
+        await until(lambda: pool.stats().leaks_detected == 1)
+    kept = await asyncio.create_task(keeps(), name="request-2")
+    clock.advance(5.0)
+    await until(lambda: pool.stats().leak_warnings == 1)
+    clock.advance(25.0)
+    await until(lambda: pool.stats().leases_expired == 1)
+    messages = {getattr(r, "event", None): r.getMessage() for r in caplog.records}
+    assert "; task request-1, site 'GET /lost'; acquired at:" in messages["leak"]
+    assert "; task request-2, site 'GET /kept'; acquired at:" in messages["leak_suspect"]
+    assert "; task request-2, site 'GET /kept'; taking the connection back" in messages["lease_expired"]
+    await pool.release(kept)
 
 
 # -------------------------------------------------------------------- leases()
