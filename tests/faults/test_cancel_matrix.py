@@ -403,7 +403,11 @@ async def _trapped_reached(pool: safepool.Pool, run: Run, admin: asyncpg.Connect
     async with asyncio.timeout(10):
         while not await admin.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
-            " AND state = 'active' AND query LIKE 'DO %'", app,
+            # Inside pg_sleep, so inside the block that traps the cancel: a
+            # cancel that came as the statement started (state 'active',
+            # not yet in the block) failed it untrapped, and nothing ever
+            # waited for the lock (CI, once under load).
+            " AND state = 'active' AND query LIKE 'DO %' AND wait_event = 'PgSleep'", app,
         ):
             await asyncio.sleep(0.001)
     run.extra["query_running"].set()
