@@ -558,10 +558,7 @@ class _Checker:
                         start = index + 1 if block is home else 0
                         if block is home and at <= index:
                             break
-                        covered = any(
-                            any(isinstance(n, ast.Call) and _releases(n, var) for n in [s, *_walk_scope(s)])
-                            for s in block[start:at]
-                        )
+                        covered = _contains_release(block[start:at], var)
                         if block is home:
                             reached_home = True
                             break
