@@ -307,28 +307,28 @@ async def _connect_body(pool: safepool.Pool, run: Run, style: str) -> Any:
     return await _lease(pool, run, style, _dirty)
 
 
+def _hook_options(hook: str, statement: str) -> Callable[[bool], Callable[[Run], dict[str, Any]]]:
+    """The pool options of a point blocked in the ``hook`` (``init`` or
+    ``setup``), which runs ``statement`` first, then waits for the gate or
+    the server lock."""
+
+    def for_gate(server: bool) -> Callable[[Run], dict[str, Any]]:
+        def options(run_box: Run) -> dict[str, Any]:
+            async def blocked_hook(con: Any) -> None:
+                await con.execute(statement)
+                await _gate_or_lock(con, run_box.extra["current"], server)
+
+            return {hook: blocked_hook}
+
+        return options
+
+    return for_gate
+
+
 # -- init: the init= hook runs in the connect the acquire waits for
-def _init_options(server: bool) -> Callable[[Run], dict[str, Any]]:
-    def options(run_box: Run) -> dict[str, Any]:
-        async def init(con: Any) -> None:
-            await con.execute("SELECT 1")
-            await _gate_or_lock(con, run_box.extra["current"], server)
-
-        return {"init": init}
-
-    return options
-
-
+_init_options = _hook_options("init", "SELECT 1")
 # -- setup: the setup= hook runs in the acquiring task
-def _setup_options(server: bool) -> Callable[[Run], dict[str, Any]]:
-    def options(run_box: Run) -> dict[str, Any]:
-        async def setup(con: Any) -> None:
-            await con.execute("SET work_mem = '7MB'")
-            await _gate_or_lock(con, run_box.extra["current"], server)
-
-        return {"setup": setup}
-
-    return options
+_setup_options = _hook_options("setup", "SET work_mem = '7MB'")
 
 
 # -- query: a query inside the lease
