@@ -18,9 +18,15 @@ class Timer(Protocol):
 class Clock(Protocol):
     """What the pool needs of time: read it, and be called back at a moment."""
 
-    def now(self) -> float: ...
+    def now(self) -> float:
+        """The current time in seconds, monotonic (any origin: only
+        differences and comparisons with :meth:`call_at`'s ``when`` count)."""
 
-    def call_at(self, when: float, callback: Callable[[], None]) -> Timer: ...
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        """Call ``callback()`` once :meth:`now` reads ``when`` (seconds, on
+        this clock) or later, unless the returned timer's ``cancel()`` is
+        called first. Callbacks due together run in the order they were
+        scheduled."""
 
 
 class LoopClock:
@@ -80,14 +86,25 @@ class ManualClock:
         self._seq = itertools.count()
 
     def now(self) -> float:
+        """The clock's time in seconds: ``start``, plus every ``advance()``."""
         return self._now
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        """Schedule ``callback()`` for when :meth:`advance` reaches ``when``
+        (seconds); a ``when`` already past runs at the next ``advance()``, even
+        ``advance(0)``. Returns a timer whose ``cancel()`` drops it."""
         timer = _ManualTimer()
         heapq.heappush(self._due, (when, next(self._seq), timer, callback))
         return timer
 
     def advance(self, seconds: float) -> None:
+        """Move the clock ``seconds`` forward, running each callback due by
+        then, in due order (ties in scheduling order), with :meth:`now`
+        reading each callback's ``when`` (the current time, for one already
+        past) while it runs; a callback may
+        schedule more, which run too if due. Synchronous: a callback that
+        wakes a task (a future's result) takes effect when the test next
+        yields to the loop (``await asyncio.sleep(0)``)."""
         target = self._now + seconds
         while self._due and self._due[0][0] <= target:
             when, _, timer, callback = heapq.heappop(self._due)

@@ -409,6 +409,11 @@ class Backoff:
     rng: Callable[[], float] = field(default=random.random)
 
     def delay(self, failures: int, refused: bool = False) -> float:
+        """Seconds to wait before the next connect, after ``failures``
+        (>= 1) failed ones in a row: ``base * 2 ** (failures - 1)``, capped at
+        ``cap`` (``refused_cap`` when ``refused``), of which half is fixed
+        and half drawn from ``rng`` ("equal jitter": M. Brooker, "Exponential
+        Backoff And Jitter", AWS Architecture Blog, 2015)."""
         ceiling = min(self.refused_cap if refused else self.cap, self.base * 2.0 ** min(failures - 1, 30))
         # Half fixed, half random: spreads many app processes' retries apart
         # while keeping a floor so a dead server is not hammered.

@@ -59,6 +59,9 @@ class Finding:
     hint: str
 
     def to_text(self) -> str:
+        """The finding as the text format prints it: ``path:line:col: CODE
+        message`` (line and column 1-based, as compilers print them), then
+        an indented ``fix:`` line."""
         return f"{self.path}:{self.line}:{self.col}: {self.code} {self.message}\n    fix: {self.hint}"
 
 
@@ -618,6 +621,9 @@ def _python_files(paths: Sequence[str], excludes: Sequence[str]) -> Iterator[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m safepool check PATH...``: print the findings of every
+    file (``--format text`` or ``json``) and return the exit status: 0
+    nothing found, 1 findings, 2 a file could not be read or parsed."""
     parser = argparse.ArgumentParser(
         prog="python -m safepool check",
         description="Find pool.acquire() results that are not released on every path. "

@@ -84,6 +84,8 @@ class LeaseEvent(PoolEvent):
 
     @property
     def held_seconds(self) -> float:
+        """Seconds the lease had been held when the event was made
+        (``lease.age``)."""
         return self.lease.age
 
     def to_dict(self) -> dict[str, Any] | None:

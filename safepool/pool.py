@@ -339,6 +339,8 @@ class Pool:
         return self._state.max_size
 
     def is_closing(self) -> bool:
+        """True once :meth:`close` or :meth:`terminate` has begun (and after),
+        as asyncpg's ``Pool.is_closing()`` (0.29-0.32)."""
         return self._closed or self._state.closing
 
     def get_size(self) -> int:
@@ -346,19 +348,30 @@ class Pool:
         return self._state.connected()
 
     def get_init_size(self) -> int:
+        """How many connections the pool opens at start-up: ``init_size``, or
+        ``min_size`` without it, as asyncpg's ``Pool.get_init_size()``
+        (0.32; safepool takes ``init_size=`` on every asyncpg version)."""
         return self._config.init_size
 
     def get_min_size(self) -> int:
+        """The pool's current ``min_size``: connections it keeps open (idle ones
+        included), as asyncpg's ``Pool.get_min_size()``."""
         return self._state.min_size
 
     def get_max_size(self) -> int:
+        """The pool's current ``max_size``: the most connections (server
+        backends) it ever holds at once, as asyncpg's ``Pool.get_max_size()``."""
         return self._state.max_size
 
     def get_idle_size(self) -> int:
+        """Open connections not leased, reset and ready to hand out, as
+        asyncpg's ``Pool.get_idle_size()``."""
         return self._state.idle
 
     @property
     def name(self) -> str:
+        """The pool's name: ``create_pool(name=...)``, or ``"pool-<id>"``. Logs,
+        leak reports, metric labels and errors name the pool by it."""
         return self._name
 
     def stats(self) -> PoolStats:
@@ -436,28 +449,102 @@ class Pool:
     # -------------------------------------------- asyncpg's query shortcuts
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        """Run ``query`` (one or more statements; with ``args``, one statement with
+        those parameters), on a connection leased for this call and released before it
+        returns, as asyncpg's ``Pool.execute()`` (0.29-0.32): its status tag (``"INSERT 0 1"``).
+
+        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
+        acquire waits with the pool's ``acquire_timeout``: none by default).
+
+        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
+        :raises safepool.PoolClosedError: the pool is closing or closed.
+        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
+            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
+        :raises asyncpg.PostgresError: the server's error for the statement.
+        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
         async with self.acquire() as con:
             return await con.execute(query, *args, timeout=timeout)  # type: ignore[no-any-return]
 
     async def executemany(self, command: str, args: Iterable[Any], *, timeout: float | None = None) -> None:
+        """Run ``command`` once per tuple of ``args``, on a connection leased for this call and released before it
+        returns, as asyncpg's ``Pool.executemany()`` (0.29-0.32): None.
+
+        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
+        acquire waits with the pool's ``acquire_timeout``: none by default).
+
+        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
+        :raises safepool.PoolClosedError: the pool is closing or closed.
+        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
+            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
+        :raises asyncpg.PostgresError: the server's error for the statement.
+        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
         async with self.acquire() as con:
             await con.executemany(command, args, timeout=timeout)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None) -> list[Any]:
+        """Run ``query`` with ``args``, on a connection leased for this call and released before it returns, as asyncpg's
+        ``Pool.fetch()`` (0.29-0.32): its rows, a list of records (``record_class``).
+
+        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
+        acquire waits with the pool's ``acquire_timeout``: none by default).
+
+        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
+        :raises safepool.PoolClosedError: the pool is closing or closed.
+        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
+            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
+        :raises asyncpg.PostgresError: the server's error for the statement.
+        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
         async with self.acquire() as con:
             return await con.fetch(query, *args, timeout=timeout, record_class=record_class)  # type: ignore[no-any-return]
 
     async def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
+        """Run ``query`` with ``args``, on a connection leased for this call and released before it returns, as asyncpg's
+        ``Pool.fetchval()`` (0.29-0.32): the value in ``column`` (an index or a name) of its first row, or
+        None without rows.
+
+        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
+        acquire waits with the pool's ``acquire_timeout``: none by default).
+
+        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
+        :raises safepool.PoolClosedError: the pool is closing or closed.
+        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
+            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
+        :raises asyncpg.PostgresError: the server's error for the statement.
+        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
         async with self.acquire() as con:
             return await con.fetchval(query, *args, column=column, timeout=timeout)
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None) -> Any:
+        """Run ``query`` with ``args``, on a connection leased for this call and released before it returns, as asyncpg's
+        ``Pool.fetchrow()`` (0.29-0.32): its first row (a record), or None.
+
+        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
+        acquire waits with the pool's ``acquire_timeout``: none by default).
+
+        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
+        :raises safepool.PoolClosedError: the pool is closing or closed.
+        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
+            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
+        :raises asyncpg.PostgresError: the server's error for the statement.
+        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
         async with self.acquire() as con:
             return await con.fetchrow(query, *args, timeout=timeout, record_class=record_class)
 
     async def fetchmany(
         self, query: str, args: Iterable[Any], *, timeout: float | None = None, record_class: Any = None
     ) -> list[Any]:
+        """Run ``query`` once per tuple of ``args``, on a connection leased for this call and released before it returns,
+        as asyncpg's ``Pool.fetchmany()`` (0.29-0.32): the rows of every run, a list of records.
+
+        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
+        acquire waits with the pool's ``acquire_timeout``: none by default).
+
+        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
+        :raises safepool.PoolClosedError: the pool is closing or closed.
+        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
+            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
+        :raises asyncpg.PostgresError: the server's error for the statement.
+        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
         async with self.acquire() as con:
             return await con.fetchmany(query, args, timeout=timeout, record_class=record_class)  # type: ignore[no-any-return]
 
@@ -471,6 +558,19 @@ class Pool:
         null: str | None = None, header: bool | None = None, quote: str | None = None, escape: str | None = None,
         force_quote: Any = None, encoding: str | None = None,
     ) -> str:
+        """Copy a table (or its ``columns``) to ``output`` (a path, a file-like
+        object or an async callable taking bytes) with COPY ... TO STDOUT, on a connection leased for this call and released before it
+        returns, as asyncpg's ``Pool.copy_from_table()`` (0.29-0.32): the COPY status tag (``"COPY 10"``).
+
+        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
+        acquire waits with the pool's ``acquire_timeout``: none by default).
+
+        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
+        :raises safepool.PoolClosedError: the pool is closing or closed.
+        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
+            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
+        :raises asyncpg.PostgresError: the server's error for the statement.
+        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
         async with self.acquire() as con:
             return await con.copy_from_table(  # type: ignore[no-any-return]
                 table_name, output=output, columns=columns, schema_name=schema_name, timeout=timeout,
@@ -483,6 +583,19 @@ class Pool:
         oids: Any = None, delimiter: str | None = None, null: str | None = None, header: bool | None = None,
         quote: str | None = None, escape: str | None = None, force_quote: Any = None, encoding: str | None = None,
     ) -> str:
+        """Copy the rows of ``query`` (with ``args``) to ``output`` with COPY (query)
+        TO STDOUT, on a connection leased for this call and released before it
+        returns, as asyncpg's ``Pool.copy_from_query()`` (0.29-0.32): the COPY status tag.
+
+        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
+        acquire waits with the pool's ``acquire_timeout``: none by default).
+
+        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
+        :raises safepool.PoolClosedError: the pool is closing or closed.
+        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
+            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
+        :raises asyncpg.PostgresError: the server's error for the statement.
+        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
         async with self.acquire() as con:
             return await con.copy_from_query(  # type: ignore[no-any-return]
                 query, *args, output=output, timeout=timeout, format=format, oids=oids, delimiter=delimiter,
@@ -496,6 +609,19 @@ class Pool:
         escape: str | None = None, force_quote: Any = None, force_not_null: Any = None, force_null: Any = None,
         encoding: str | None = None, where: str | None = None,
     ) -> str:
+        """Copy ``source`` (a path, a file-like object or an async iterable of bytes) into a table with COPY ... FROM
+        STDIN, on a connection leased for this call and released before it returns, as asyncpg's
+        ``Pool.copy_to_table()`` (0.29-0.32): the COPY status tag.
+
+        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
+        acquire waits with the pool's ``acquire_timeout``: none by default).
+
+        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
+        :raises safepool.PoolClosedError: the pool is closing or closed.
+        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
+            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
+        :raises asyncpg.PostgresError: the server's error for the statement.
+        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
         async with self.acquire() as con:
             return await con.copy_to_table(  # type: ignore[no-any-return]
                 table_name, source=source, columns=columns, schema_name=schema_name, timeout=timeout,
@@ -508,6 +634,19 @@ class Pool:
         self, table_name: str, *, records: Any, columns: Any = None, schema_name: str | None = None,
         timeout: float | None = None, where: str | None = None,
     ) -> str:
+        """Copy ``records`` (an iterable, or async iterable, of tuples) into a table in binary COPY format, on a
+        connection leased for this call and released before it returns, as asyncpg's
+        ``Pool.copy_records_to_table()`` (0.29-0.32): the COPY status tag.
+
+        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
+        acquire waits with the pool's ``acquire_timeout``: none by default).
+
+        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
+        :raises safepool.PoolClosedError: the pool is closing or closed.
+        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
+            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
+        :raises asyncpg.PostgresError: the server's error for the statement.
+        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
         async with self.acquire() as con:
             return await con.copy_records_to_table(  # type: ignore[no-any-return]
                 table_name, records=records, columns=columns, schema_name=schema_name, timeout=timeout, where=where,
@@ -631,9 +770,8 @@ class Pool:
         return self._observation.call_threadsafe(self.stats, timeout)
 
     def call_threadsafe(self, function: Callable[[], _T], timeout: float | None = 5.0) -> _T:
-        """Run ``function()`` on the pool's event loop and return its result,
-        from any thread (see :meth:`stats_threadsafe`): for exporters that
-        read several things in one consistent moment.
+        """Run ``function()`` on the pool's event loop and return its result, from any thread (see
+        :meth:`stats_threadsafe`): for exporters that read several things in one consistent moment.
 
         :raises TimeoutError: the loop did not run it within ``timeout`` seconds.
         :raises Exception: what ``function`` raised."""

@@ -131,6 +131,8 @@ SITES_REPORTED = 10  # bounded label cardinality for exporters
 
 
 def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
+    """The :class:`PoolStats` snapshot of ``state`` at ``now`` (seconds, the
+    pool clock's), for the pool named ``name``: what ``Pool.stats()`` returns."""
     c = state.counters
     oldest = min((lease.acquired_at for lease in state.leases()), default=now)
     return PoolStats(

@@ -88,14 +88,21 @@ class PoolCollector:
         return self.pools.add(pool, name)
 
     def remove(self, pool_or_name: Pool | str) -> None:
+        """Stop exporting a pool (given by name or object); an unknown one is
+        ignored. Its series are gone from the next scrape."""
         self.pools.remove(pool_or_name)
 
     def describe(self) -> list[Metric]:
+        """The metric families, with no samples (prometheus_client's
+        collector protocol: the registry checks names for clashes with it)."""
         # The registry checks names for duplicates with this; without it,
         # register() would call collect().
         return list(self._families([]))
 
     def collect(self) -> Iterator[Metric]:
+        """One scrape: every metric family, with a sample per pool (label
+        ``pool``) read from its :meth:`safepool.Pool.stats` now
+        (prometheus_client's collector protocol)."""
         return self._families(self.pools.items())
 
     def _families(self, pools: list[tuple[str, Pool]]) -> Iterator[Metric]:

@@ -76,6 +76,10 @@ class Leak:
     site: str | None = None  # the acquire site (max_site_share, acquire(site=), safepool.site)
 
     def describe(self) -> str:
+        """The leak report, as the plugin prints it: a line naming the pool,
+        the lease and how it leaked (held time in seconds, the task), the
+        acquire site when one was named, then the acquire stack (its line
+        alone when the stack was not captured)."""
         task = f" by task {self.task_name}" if self.task_name else ""
         if self.kind == "open":
             state = f" ({self.holder})" if self.holder else ""
@@ -185,6 +189,10 @@ class LeakGuard:
     # lifecycle ---------------------------------------------------------------
 
     def start(self) -> LeakGuard:
+        """Start watching (returns the guard): leases acquired from now on
+        and not released by :meth:`leaks` are leaks.
+
+        :raises RuntimeError: the guard is already started."""
         if self._started:
             raise RuntimeError("this leak guard is already started")
         _tracker.acquire(strict=self.strict)
@@ -197,6 +205,7 @@ class LeakGuard:
         return self
 
     def stop(self) -> None:
+        """Stop watching (a stopped guard's :meth:`stop` does nothing)."""
         if not self._started:
             return
         self._started = False
