@@ -647,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scanned = 0
     for path in _python_files(args.paths, args.exclude):
         scanned += 1
+        source: str | None = None
         try:
             # As Python reads source: a `# -*- coding: ... -*-` line or a
             # UTF-8 byte order mark decides the encoding (PEP 263).
@@ -655,9 +656,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             findings.extend(check_source(source, path, pool_names=args.pool_names))
         except SyntaxError as exc:
             message = f"{type(exc).__name__}: {exc}"
-            if type(exc) is SyntaxError:
+            if type(exc) is SyntaxError and source is not None:
                 # Parsed with this interpreter's grammar: newer syntax (PEP
-                # 695's `type X = ...` on 3.11) is an error here, not in the code.
+                # 695's `type X = ...` on 3.11) is an error here, not in the
+                # code. (An undecodable file fails before parsing: no hint.)
                 message += (f" (parsed as Python {sys.version_info.major}.{sys.version_info.minor}: "
                             "run the check with the Python version the code is written for)")
             errors.append({"path": path, "error": message})

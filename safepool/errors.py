@@ -64,10 +64,11 @@ class LeaseExpiredError(PoolError, _pg.InterfaceError):
 
 
 class EventLoopMismatchError(PoolError, _pg.InterfaceError):
-    """``acquire()`` (or a pool shortcut such as ``pool.fetchval()``) ran on an
-    event loop other than the pool's: a pool, like each asyncpg connection,
-    works only on the loop it was created on. The common cause is a test
-    suite whose pool fixture outlives the tests' event loop. asyncpg's pool
-    raises ``InterfaceError("cannot perform operation: another operation is
-    in progress")`` or ``RuntimeError("Event loop is closed")`` there, or
-    hangs, depending on the loops' states (asyncpg 0.32)."""
+    """``acquire()`` (or a pool shortcut such as ``pool.fetchval()``, or
+    ``close()``) ran on an event loop other than the pool's: a pool, like
+    each asyncpg connection, works only on the loop it was created on. The
+    common cause is a test suite whose pool fixture outlives the tests'
+    event loop. asyncpg's pool raises ``InterfaceError("cannot perform
+    operation: another operation is in progress")`` or
+    ``RuntimeError("Event loop is closed")`` there, or hangs, depending on
+    the loops' states (asyncpg 0.32)."""

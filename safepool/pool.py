@@ -56,6 +56,7 @@ from ._state import (
 )
 from ._surface import Observation
 from ._workers import ResetHooks
+from .errors import EventLoopMismatchError
 from .proxy import PoolConnectionProxy, WatchingProxy, _mark_coroutine
 from .stats import LeaseInfo, PoolOptions, PoolStats
 
@@ -261,10 +262,21 @@ class Pool:
         """Wait for every connection to be released, then close them all.
 
         Waiting tasks fail with :class:`~safepool.PoolClosedError`. On error or
-        cancellation the pool is terminated, as with asyncpg."""
+        cancellation the pool is terminated, as with asyncpg.
+
+        :raises safepool.EventLoopMismatchError: called on another event loop
+            than the pool's; the pool is left as it was (asyncpg's pool raises
+            ``RuntimeError`` there)."""
         if self._closed:
             return
         self._check_init()
+        if asyncio.get_running_loop() is not self._loop:
+            # The pool's tasks and connections belong to its loop: waiting for
+            # them from this one never ends (asyncpg's raises at once).
+            raise EventLoopMismatchError(
+                f"pool {self._name!r} was created on another event loop than the one running this close(): "
+                "a pool works only on its own loop; close it there"
+            )
         try:
             await self._runner.close_all()
         except BaseException:

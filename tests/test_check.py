@@ -113,6 +113,20 @@ def test_cli_exit_codes_and_text(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert captured.out.strip() == "safepool check: no problems (0 files scanned); 1 path not checked (errors above)"
 
 
+def test_cli_an_undecodable_file_gets_no_python_version_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # tokenize.open() refuses it before any parsing (a SyntaxError too): the
+    # grammar of the Python running the check has nothing to do with it.
+    undecodable = tmp_path / "latin1.py"
+    undecodable.write_bytes(b"\xff\xfe x = 1\n")
+    assert main([str(undecodable)]) == 2
+    err = capsys.readouterr().err
+    assert "encoding declaration" in err and "parsed as Python" not in err
+    newer = tmp_path / "newer.py"
+    newer.write_text("def f(:\n")
+    assert main([str(newer)]) == 2
+    assert "parsed as Python" in capsys.readouterr().err
+
+
 def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--format", "json", str(FIXTURES / "leaks.py")]) == 1
     report = json.loads(capsys.readouterr().out)

@@ -59,7 +59,7 @@ async def unpacked_with_another_value(pool):
 
 async def acquired_in_a_task(pool):
     # An acquire run as a task awaited later: the task is not followed.
-    task = asyncio.create_task(pool.acquire())  # missed: run as a task
+    task = asyncio.ensure_future(pool.acquire())  # missed: run as a task
     con = await task
     await con.execute("SELECT 1")
 

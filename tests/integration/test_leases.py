@@ -157,9 +157,9 @@ async def test_gc_of_a_forgotten_proxy_reclaims_and_reports(pools: Any, caplog: 
         assert await con.fetchval("SHOW application_name") != "leaky"
 
 
-@pytest.mark.parametrize("runner", ["wait_for", "gather", "create_task"])
+@pytest.mark.parametrize("runner", ["wait_for", "gather", "ensure_future"])
 async def test_acquire_run_as_a_task_of_its_own_names_its_caller(pools: Any, runner: str) -> None:
-    """asyncio.gather(), create_task() and (before Python 3.12) wait_for()
+    """asyncio.gather(), ensure_future() and (before Python 3.12) wait_for()
     run the acquire as a task of its own, whose stack below the acquire is
     the event loop's: the acquire site is the caller of pool.acquire(), for
     leases(), leak reports and bulkhead sites alike, not whatever runs the loop."""
@@ -171,7 +171,7 @@ async def test_acquire_run_as_a_task_of_its_own_names_its_caller(pools: Any, run
         if runner == "gather":
             [con] = await asyncio.gather(pool.acquire())  # TASK-RUN-SITE-gather
             return con
-        return await asyncio.ensure_future(pool.acquire())  # TASK-RUN-SITE-create_task
+        return await asyncio.ensure_future(pool.acquire())  # TASK-RUN-SITE-ensure_future
 
     con = await orders()
     [info] = pool.leases()

@@ -407,7 +407,8 @@ def test_a_pool_used_on_another_event_loop_says_so(pg_dsn: str) -> None:
     asyncpg's pool raises InterfaceError ("another operation is in
     progress") or RuntimeError ("Event loop is closed") there, by the loops'
     states; safepool names the cause, in an InterfaceError subclass, and
-    the pool stays whole on its own loop."""
+    the pool stays whole on its own loop. So does close() there, which
+    asyncpg's pool fails with RuntimeError and safepool's waited on for ever."""
     import asyncpg
 
     home, other = asyncio.new_event_loop(), asyncio.new_event_loop()
@@ -426,6 +427,11 @@ def test_a_pool_used_on_another_event_loop_says_so(pg_dsn: str) -> None:
                                ) as info:
                 other.run_until_complete(use())
             assert isinstance(info.value, asyncpg.InterfaceError)
+        # close() too: it waited for ever for the home loop's tasks (asyncpg's
+        # pool raises RuntimeError at once). Bounded so that a regression fails.
+        with pytest.raises(safepool.EventLoopMismatchError, match="pool 'home' was created on another event loop"):
+            other.run_until_complete(asyncio.wait_for(pool.close(), 5))
+        assert not pool.is_closing()
         assert pool.stats().in_use == 0 and pool.stats().waiting == 0
         assert home.run_until_complete(lease()) == 1
         home.run_until_complete(pool.close())
