@@ -63,7 +63,7 @@ class LeaseExpiredError(PoolError, _pg.InterfaceError):
     """The connection was taken back because its lease outlived ``lease_timeout``."""
 
 
-class EventLoopMismatchError(PoolError, _pg.InterfaceError):
+class EventLoopMismatchError(PoolError, _pg.InterfaceError, RuntimeError):
     """``acquire()`` (or a pool shortcut such as ``pool.fetchval()``, or
     ``close()``) ran on an event loop other than the pool's: a pool, like
     each asyncpg connection, works only on the loop it was created on. The
@@ -71,4 +71,6 @@ class EventLoopMismatchError(PoolError, _pg.InterfaceError):
     event loop. asyncpg's pool raises ``InterfaceError("cannot perform
     operation: another operation is in progress")`` or
     ``RuntimeError("Event loop is closed")`` there, or hangs, depending on
-    the loops' states (asyncpg 0.32)."""
+    the loops' states, and its ``close()`` raises ``RuntimeError`` ("Task
+    ... attached to a different loop", asyncpg 0.32): this error is both,
+    so an ``except`` written for asyncpg's catches it."""
