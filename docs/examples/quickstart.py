@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+# --8<-- [start:quickstart]
+import asyncio
+import sys
+
 import safepool
 
 
-# --8<-- [start:quickstart]
 async def main(dsn: str) -> int:
     async with safepool.create_pool(
         dsn,
@@ -25,4 +28,8 @@ async def main(dsn: str) -> int:
 
         print(pool.stats().acquired, "connections handed out")
         return int(answer) + len(rows)
+
+
+if __name__ == "__main__":  # python quickstart.py postgresql://user:password@host/db
+    print(asyncio.run(main(sys.argv[1])))
 # --8<-- [end:quickstart]
