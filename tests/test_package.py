@@ -160,11 +160,12 @@ def test_wheel_installs_into_a_fresh_venv_and_serves(dist: Path, pg_dsn: str, tm
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], timeout=300)
     python = venv / "bin" / "python"
-    # asyncpg comes from the package index, as for a user.
-    _run([str(python), "-m", "pip", "install", "-q", str(wheel)], timeout=600)
-    (tmp_path / "smoke.py").write_text(SMOKE)
-    # cwd is outside the checkout and PYTHONPATH is cleared, so only the installed wheel can be imported.
+    # cwd is outside the checkout and PYTHONPATH is cleared, so only the installed wheel can be imported
+    # (and pip, with the checkout on PYTHONPATH, would find its egg-info and skip the wheel as installed).
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # asyncpg comes from the package index, as for a user.
+    _run([str(python), "-m", "pip", "install", "-q", str(wheel)], cwd=tmp_path, env=env, timeout=600)
+    (tmp_path / "smoke.py").write_text(SMOKE)
     env["SAFEPOOL_SMOKE_DSN"] = pg_dsn
     run = _run([str(python), "smoke.py"], cwd=tmp_path, env=env, timeout=120)
     assert run.stdout.startswith(f"smoke ok {version} {venv}"), run.stdout
