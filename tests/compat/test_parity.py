@@ -53,6 +53,14 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
             await asyncio.sleep(0.01)
 
 
+def queued(pool: Any, flavour: str) -> int:
+    """Tasks waiting for a connection: safepool's stats(); asyncpg's pool
+    has no public count, its waiters are its holder queue's getters."""
+    if flavour == "safepool":
+        return int(pool.stats().waiting)
+    return sum(not getter.done() for getter in pool._queue._getters)
+
+
 @pytest.mark.asyncio
 async def test_acquire_release_and_proxy_type(make_pool: MakePool) -> None:
     pool = await make_pool()
@@ -178,12 +186,12 @@ async def test_acquire_timeout_raises_asyncio_timeout(make_pool: MakePool) -> No
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("how", ["task.cancel", "wait_for", "asyncio.timeout"])
-async def test_cancelled_while_waiting_leaks_nothing(make_pool: MakePool, how: str) -> None:
+async def test_cancelled_while_waiting_leaks_nothing(make_pool: MakePool, flavour: str, how: str) -> None:
     pool = await make_pool(min_size=1, max_size=1)
     holder = await pool.acquire()
     if how == "task.cancel":
         task = asyncio.ensure_future(pool.acquire())
-        await asyncio.sleep(0.02)
+        await wait_until(lambda: queued(pool, flavour) == 1)  # cancelled while it waits, not before it asks
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -194,6 +202,7 @@ async def test_cancelled_while_waiting_leaks_nothing(make_pool: MakePool, how: s
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.02):
                 await pool.acquire()
+    assert queued(pool, flavour) == 0  # the cancelled acquire left the queue
     await pool.release(holder)
     await wait_until(lambda: pool.get_idle_size() == 1)
     async with pool.acquire(timeout=1) as con:
@@ -202,21 +211,32 @@ async def test_cancelled_while_waiting_leaks_nothing(make_pool: MakePool, how: s
 
 
 class SlowResetConnection(asyncpg.Connection):  # type: ignore[misc]
+    resetting: asyncio.Event | None = None  # set when a reset starts
+
     async def reset(self, *, timeout: float | None = None) -> None:
-        await asyncio.sleep(0.1)
+        if SlowResetConnection.resetting is not None:
+            SlowResetConnection.resetting.set()
+        await asyncio.sleep(0.1)  # the slow reset (the workload)
         await super().reset(timeout=timeout)
 
 
 @pytest.mark.asyncio
 async def test_task_cancelled_in_release_returns_the_connection(make_pool: MakePool) -> None:
     pool = await make_pool(min_size=1, max_size=1, connection_class=SlowResetConnection)
+    SlowResetConnection.resetting = resetting = asyncio.Event()
 
     async def worker() -> None:
         async with pool.acquire() as con:
             await con.execute("SELECT 1")
 
     task = asyncio.ensure_future(worker())
-    await asyncio.sleep(0.05)  # inside the slow reset (asyncpg) or already back (safepool)
+    try:
+        # The worker's release awaits the slow reset (asyncpg's in the
+        # task, shielded; safepool's in a pool task): cancelled there.
+        await asyncio.wait_for(resetting.wait(), 5)
+    finally:
+        SlowResetConnection.resetting = None
+    assert not task.done()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await wait_until(lambda: pool.get_idle_size() == 1)
@@ -225,15 +245,18 @@ async def test_task_cancelled_in_release_returns_the_connection(make_pool: MakeP
 
 
 @pytest.mark.asyncio
-async def test_query_cancelled_by_task_cancel_returns_the_connection(make_pool: MakePool) -> None:
+async def test_query_cancelled_by_task_cancel_returns_the_connection(make_pool: MakePool, pg_dsn: str) -> None:
     pool = await make_pool(min_size=1, max_size=1)
+    pids: list[int] = []
 
     async def worker() -> None:
         async with pool.acquire() as con:
+            pids.append(con.get_server_pid())
             await con.execute("SELECT pg_sleep(10)")
 
     task = asyncio.ensure_future(worker())
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: bool(pids))
+    await wait_in_pg_sleep(pg_dsn, pids[0])
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     async with pool.acquire(timeout=5) as con:
@@ -274,22 +297,43 @@ async def test_inactive_connections_above_min_size_are_closed(make_pool: MakePoo
 
 @pytest.mark.asyncio
 async def test_min_size_floor_is_restored_after_a_lost_connection(
-    make_pool: MakePool, pg_dsn: str, flavour: str
+    make_pool: MakePool, pg_dsn: str, flavour: str, app_name: str
 ) -> None:
     if flavour == "asyncpg":
         skip_before_asyncpg((0, 32), "asyncpg's pool restores min_size after a lost connection")
-    pool = await make_pool(min_size=2, max_size=3)
+    pool = await make_pool(min_size=2, max_size=3, server_settings={"application_name": app_name})
     async with pool.acquire() as con:
         pid = con.get_server_pid()
     admin = await asyncpg.connect(pg_dsn)
     try:
-        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)  # returns once it has exited
+        # Restored on both sides: until the pool has noticed the loss and
+        # connected again, the server sees one backend of the pool (while
+        # get_size() may still count the lost one).
+        async with asyncio.timeout(10):
+            while not (await _backends(admin, app_name) == 2 and pool.get_size() == 2):
+                await asyncio.sleep(0.01)
     finally:
         await admin.close()
-    await asyncio.sleep(0.1)
-    await wait_until(lambda: pool.get_size() >= 2, timeout=10)
     async with pool.acquire() as con:
+        assert con.get_server_pid() != pid
         assert await con.fetchval("SELECT 1") == 1
+
+
+async def _backends(admin: asyncpg.Connection, app_name: str) -> int:
+    return int(await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app_name))
+
+
+async def wait_in_pg_sleep(pg_dsn: str, pid: int) -> None:
+    """Until backend ``pid`` is inside pg_sleep (not merely 'active': that
+    starts at the Parse of asyncpg's prepare)."""
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        async with asyncio.timeout(5):
+            while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
+                await asyncio.sleep(0.005)
+    finally:
+        await admin.close()
 
 
 _LEFT_OPEN = textwrap.dedent("""
@@ -473,13 +517,14 @@ async def test_private_sizes_monitoring_code_reads(make_pool: MakePool) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.realtime  # a 50 ms window in which close() must not end
 async def test_close_waits_for_release_and_closed_pool_refuses(make_pool: MakePool) -> None:
     pool = await make_pool()
     con = await pool.acquire()
     closing = asyncio.ensure_future(pool.close())
-    await asyncio.sleep(0.05)
+    await wait_until(pool.is_closing)
+    await asyncio.sleep(0.05)  # (no event for "did not end": a close() that closed the lease would end here)
     assert not closing.done()
-    assert pool.is_closing()
     await pool.release(con)
     await asyncio.wait_for(closing, 5)
     with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
@@ -999,6 +1044,7 @@ HOOK_ERRORS = [asyncio.CancelledError, HookError]
 
 
 @pytest.mark.asyncio
+@pytest.mark.realtime  # a 0.2 s window in which no connect may follow
 @pytest.mark.parametrize("error", HOOK_ERRORS, ids=["CancelledError", "BaseException"])
 async def test_an_init_hook_raising_a_base_exception_fails_the_acquire(
     make_pool: MakePool, flavour: str, error: type[BaseException]

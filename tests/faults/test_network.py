@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import until
 
 from ._harness import Ledger, ServerSampler, assert_books_balance, classify, closing, loop_errors, scale, settle
 from ._pg import Cluster
@@ -126,18 +127,22 @@ async def test_black_hole_mid_query_lease_timeout_bounds_the_holder(running: Clu
         async with closing(pool), ServerSampler(running.admin_dsn, app_name) as sampler:
             with loop_errors() as unhandled:
                 holder_errors: list[BaseException] = []
+                querying = asyncio.Event()
 
                 async def holder() -> float:
                     started = time.monotonic()
                     try:
                         async with pool.acquire() as con:
+                            querying.set()
                             await con.fetchval("SELECT pg_sleep(0.2)")
                     except Exception as exc:
                         holder_errors.append(exc)
                     return time.monotonic() - started
 
                 task = asyncio.create_task(holder())
-                await asyncio.sleep(0.05)
+                await asyncio.wait_for(querying.wait(), 5)
+                # The holder's query is sent in the step that follows: the
+                # network goes silent under it (the query or its answer lost).
                 proxy.blackhole = True
                 held = await asyncio.wait_for(task, 10)
                 assert held < 0.5 + 0.5 + 2 * SLACK, f"holder stuck {held:.2f}s"
@@ -226,9 +231,10 @@ async def test_black_hole_during_the_reset_is_aborted_by_the_watchdog(running: C
             await con.fetchval("SELECT 1")  # dirty: the release must reset
             proxy.blackhole = True
             release = asyncio.create_task(pool.release(con))
-            await asyncio.sleep(0.05)  # the reset is sent, and swallowed
+            # The reset starts (the watchdog armed on the injected clock) and
+            # is sent, and swallowed.
+            await until(lambda: pool.stats().resetting == 1)
             assert not release.done()
-            assert pool.stats().resetting == 1
             clock.advance(29.0)
             await asyncio.sleep(0.01)
             assert not release.done()

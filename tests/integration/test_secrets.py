@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import until
 from tests.faults._pg import APP_PASSWORD, APP_USER, Cluster, free_port, start_cluster
 
 WRONG_PASSWORD = "Wr0ng-hunter2-7xq!"
@@ -109,7 +110,7 @@ async def _exercise(pool: safepool.Pool, t: Transcript, cluster: Cluster) -> Non
 
     # A lease timeout: the holder's next call fails with LeaseExpiredError.
     async with pool.acquire(lease_timeout=0.05) as con:
-        await asyncio.sleep(0.2)
+        await until(lambda: pool.stats().leases_expired == 1)
         try:
             await con.fetchval("SELECT 1")
         except safepool.LeaseExpiredError as exc:
@@ -148,6 +149,7 @@ async def _exercise(pool: safepool.Pool, t: Transcript, cluster: Cluster) -> Non
 
 @pytest.mark.parametrize("how", ["dsn", "keyword"])
 @pytest.mark.asyncio
+@pytest.mark.realtime  # an acquire timeout and a lease timeout of 50 ms, on the loop's clock
 async def test_password_never_appears_in_pool_output(
     cluster: Cluster, transcript: Transcript, how: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -160,8 +162,7 @@ async def test_password_never_appears_in_pool_output(
         # Overload: one task waits already (max_waiters=1), the next is refused.
         async with pool.acquire():
             waiter = asyncio.create_task(pool.fetchval("SELECT 1"))
-            while pool.stats().waiting != 1:
-                await asyncio.sleep(0.001)
+            await until(lambda: pool.stats().waiting == 1)
             try:
                 await pool.acquire()
             except safepool.PoolOverloadedError as exc:

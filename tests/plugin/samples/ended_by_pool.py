@@ -63,16 +63,19 @@ async def test_clean_terminate_during_a_query():
     # The holder's `async with` releases the connection after terminate() ended
     # its lease (the query fails): the code was right.
     pool = await safepool.create_pool(DSN, min_size=1, max_size=2)
-    inside = asyncio.Event()
+    pids = []
 
     async def worker():
         async with pool.acquire() as con:
-            inside.set()
+            pids.append(con.get_server_pid())
             await con.execute("SELECT pg_sleep(10)")
 
     task = asyncio.create_task(worker())
-    await inside.wait()
-    await asyncio.sleep(0.05)
+    async with asyncio.timeout(5):  # until the server runs the query
+        while not pids or await pool.fetchval(
+            "SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pids[0]
+        ) != "PgSleep":
+            await asyncio.sleep(0.005)
     pool.terminate()
     with pytest.raises((asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)):
         await task

@@ -21,14 +21,16 @@ async def pool():
 
 async def test_holder_idles_while_another_task_times_out(pool):
     release = asyncio.Event()
+    holding = asyncio.Event()
 
     async def slow_handler():
         async with pool.acquire() as con:  # STRICT-ACQUIRE
             await con.fetchval("SELECT 1")
+            holding.set()
             await release.wait()  # IDLE-HOLDER: e.g. an HTTP call made while holding the connection
 
     task = asyncio.create_task(slow_handler())
-    await asyncio.sleep(0.05)
+    await holding.wait()
     with pytest.raises(safepool.PoolTimeoutError):
         await pool.acquire(timeout=0.1)
     release.set()
@@ -36,12 +38,15 @@ async def test_holder_idles_while_another_task_times_out(pool):
 
 
 async def test_timeout_behind_a_running_query(pool):
+    holding = asyncio.Event()
+
     async def slow_query():
         async with pool.acquire() as con:
+            holding.set()  # (the query is sent in the step that follows)
             await con.fetchval("SELECT pg_sleep(0.4)")
 
     task = asyncio.create_task(slow_query())
-    await asyncio.sleep(0.05)
+    await holding.wait()
     with pytest.raises(safepool.PoolTimeoutError):
         await pool.acquire(timeout=0.1)
     await task
