@@ -34,7 +34,8 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
     ``_release_on_close()`` when the connection dies, and reaches the pool
     through ``proxy._holder._pool`` to drop statement and type caches."""
 
-    __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "base_callbacks", "release_timeout",
+    __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "base_callbacks", "lease_callbacks",
+                 "release_timeout",
                  "orphan_checks", "orphan_reported", "unresponsive", "close_budget", "lost_while_leased", "reset_since",
                  "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "proxy_collected",
                  "copies", "__weakref__")
@@ -53,6 +54,11 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # Its termination listeners and query loggers then (_pg.callback_baseline):
         # not a lease's, they never make a lost proxy's connection in use.
         self.base_callbacks: _pg.Baseline = None
+        # The lease id that registered each termination listener and query
+        # logger of a lease ((kind, asyncpg's entry): _pg._note_callback),
+        # None until one does. asyncpg's release keeps both kinds: once
+        # their lease ended they are the connection's, as the baseline's.
+        self.lease_callbacks: dict[Any, int] | None = None
         # release(timeout=None) defaults to the acquire's timeout (asyncpg).
         self.release_timeout: float | None = None
         # How often a garbage-collected proxy's connection was found still in

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.selector_events
+import functools
 import gc
 import sys
 import types
@@ -371,11 +372,16 @@ def callback_baseline(con: RawConnection) -> Baseline:
     return frozenset(termination), frozenset(loggers), kept
 
 
-def has_callbacks(con: RawConnection, baseline: Baseline = None) -> bool:
+def has_callbacks(con: RawConnection, baseline: Baseline = None, registered: dict[Any, int] | None = None,
+                  lease_id: int = -1) -> bool:
     """Callbacks the application registered on the connection: asyncpg keeps
     calling them for as long as the connection is leased. Those of the
     connection's ``baseline`` (:func:`callback_baseline`) do not count:
-    with them every lost proxy of the connection would count as in use."""
+    with them every lost proxy of the connection would count as in use.
+    Nor do the termination listeners and query loggers an earlier lease
+    left (asyncpg's release keeps both): ``registered`` (the holder's
+    ``lease_callbacks``) says which lease registered each; one it does not
+    know counts as the lease ``lease_id``'s."""
     termination = con._termination_listeners
     if termination and not HAS_POOL_HOLDER:
         termination = termination - {_CLOSE_LISTENERS.get(con)}
@@ -383,7 +389,60 @@ def has_callbacks(con: RawConnection, baseline: Baseline = None) -> bool:
     if baseline is not None:
         termination = termination - baseline[0]
         loggers = loggers - baseline[1]
-    return bool(con._listeners or con._log_listeners or termination or loggers)
+    if con._listeners or con._log_listeners:
+        return True
+    if registered:
+        return any(registered.get((TERMINATION, entry), lease_id) == lease_id for entry in termination) or any(
+            registered.get((LOGGER, entry), lease_id) == lease_id for entry in loggers
+        )
+    return bool(termination or loggers)
+
+
+def leftover_callbacks(con: RawConnection, baseline: Baseline, registered: dict[Any, int], lease_id: int) -> list[Any]:
+    """The termination listeners and query loggers on ``con`` that a lease
+    other than ``lease_id`` registered (an earlier one: it ended) and that
+    are not of the ``baseline``."""
+    left: list[Any] = []
+    for kind, entries, base in (
+        (TERMINATION, con._termination_listeners, baseline[0] if baseline is not None else ()),
+        (LOGGER, con._query_loggers, baseline[1] if baseline is not None else ()),
+    ):
+        left.extend(
+            entry for entry in entries if entry not in base and registered.get((kind, entry), lease_id) != lease_id
+        )
+    return left
+
+
+# What callback_references follows from a callback: closures (a function's
+# cells, defaults), bound methods, functools.partial, tuples (asyncpg's
+# _Callback entry, a closure's or defaults' tuple). Not dicts: a function's
+# globals would reach the whole program.
+_CALLBACK_PARTS = (types.FunctionType, types.MethodType, types.CellType, functools.partial, tuple)
+
+
+def callback_references(con: RawConnection, callbacks: list[Any]) -> int:
+    """References to ``con`` held by ``callbacks`` (asyncpg's entries):
+    through a closure's cell or default argument, a bound method's ``self``
+    (a ``connection_class`` method registered as a callback), a
+    ``functools.partial``'s arguments, and those of nested closures. Each
+    object counts once, however many callbacks share it (two closures of one
+    scope share its cells). A reference through anything else (an object's
+    attribute, a dict) is not counted: the connection then looks referred to
+    (in use), never the other way round."""
+    seen: set[int] = set()
+    found = 0
+    todo = list(callbacks)
+    while todo:
+        part = todo.pop()
+        if id(part) in seen:
+            continue
+        seen.add(id(part))
+        for referent in gc.get_referents(part):
+            if referent is con:
+                found += 1
+            elif isinstance(referent, _CALLBACK_PARTS):
+                todo.append(referent)
+    return found
 
 
 def reference_count(con: RawConnection) -> int:
@@ -574,6 +633,76 @@ def _unwrap(con: RawConnection) -> Any:
 # a safepool pool.
 _asyncpg_unwrap = _pg_connection.Connection._unwrap  # type: ignore[attr-defined]
 _pg_connection.Connection._unwrap = _unwrap  # type: ignore[attr-defined]
+
+
+# Which lease registered each termination listener and query logger (see
+# has_callbacks): a key of Holder.lease_callbacks.
+TERMINATION, LOGGER = "termination", "logger"
+
+
+def _note_callback(con: RawConnection, kind: str, callback: Any, added: bool) -> None:
+    """Record (``added``) or forget which lease of its pool registered a
+    termination listener or query logger on ``con``: the lease whose proxy
+    is alive. Nothing for a connection not leased from a safepool pool, nor
+    for one whose proxy is gone (a callback registered then is not told
+    apart from the lease's own: it keeps a lost proxy's connection)."""
+    proxy = con._proxy
+    if not isinstance(proxy, weakref.ProxyTypes):
+        return  # idle, or not a safepool pool's connection
+    try:
+        holder, lease = proxy._holder, proxy._lease
+    except ReferenceError:
+        return
+    key = (kind, _pg_connection._Callback.from_callable(callback))  # type: ignore[attr-defined]
+    if added:
+        if holder.lease_callbacks is None:
+            holder.lease_callbacks = {}
+        holder.lease_callbacks[key] = lease.id
+    elif holder.lease_callbacks is not None:
+        holder.lease_callbacks.pop(key, None)
+
+
+_asyncpg_add_termination_listener = _pg_connection.Connection.add_termination_listener
+_asyncpg_remove_termination_listener = _pg_connection.Connection.remove_termination_listener
+_asyncpg_add_query_logger = _pg_connection.Connection.add_query_logger
+_asyncpg_remove_query_logger = _pg_connection.Connection.remove_query_logger
+
+
+@functools.wraps(_asyncpg_add_termination_listener)
+def _add_termination_listener(self: RawConnection, callback: Any) -> None:
+    _asyncpg_add_termination_listener(self, callback)
+    _note_callback(self, TERMINATION, callback, True)
+
+
+@functools.wraps(_asyncpg_remove_termination_listener)
+def _remove_termination_listener(self: RawConnection, callback: Any) -> None:
+    _asyncpg_remove_termination_listener(self, callback)
+    _note_callback(self, TERMINATION, callback, False)
+
+
+@functools.wraps(_asyncpg_add_query_logger)
+def _add_query_logger(self: RawConnection, callback: Any) -> None:
+    _asyncpg_add_query_logger(self, callback)
+    _note_callback(self, LOGGER, callback, True)
+
+
+@functools.wraps(_asyncpg_remove_query_logger)
+def _remove_query_logger(self: RawConnection, callback: Any) -> None:
+    _asyncpg_remove_query_logger(self, callback)
+    _note_callback(self, LOGGER, callback, False)
+
+
+# Installed on asyncpg's Connection class, as _unwrap: the two kinds of
+# callback asyncpg's release keeps. Telling a lease's own from those an
+# earlier lease left (has_callbacks) otherwise costs every release a look
+# at both sets, on the hot path; registering is rare. Each calls asyncpg's
+# method first, and records only for a safepool lease's connection (whose
+# _proxy is a weak proxy), from a proxy's call or the connection's own (a
+# connection_class method, the query_logger() context manager).
+_pg_connection.Connection.add_termination_listener = _add_termination_listener  # type: ignore[method-assign]
+_pg_connection.Connection.remove_termination_listener = _remove_termination_listener  # type: ignore[method-assign]
+_pg_connection.Connection.add_query_logger = _add_query_logger  # type: ignore[method-assign]
+_pg_connection.Connection.remove_query_logger = _remove_query_logger  # type: ignore[method-assign]
 
 
 def live_proxy(con: RawConnection) -> Any | None:

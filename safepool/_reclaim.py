@@ -144,7 +144,15 @@ class Reclaimer:
         (the caller holds no local reference). A transaction only the
         connection still refers to is abandoned with it (a cycle that would
         keep the connection leased forever)."""
-        if _pg.reference_count(slot.connection) - _pg.own_references(slot.connection) <= holder.base_refs:
+        base = holder.base_refs
+        if holder.lease_callbacks and slot.lease is not None:
+            # An earlier lease's termination listeners and query loggers stay
+            # on the connection (asyncpg's release keeps them): what they
+            # refer to (a closure over the connection, a connection_class's
+            # bound method) is the connection's, not this lease's.
+            base += _pg.callback_references(slot.connection, _pg.leftover_callbacks(
+                slot.connection, holder.base_callbacks, holder.lease_callbacks, slot.lease.id))
+        if _pg.reference_count(slot.connection) - _pg.own_references(slot.connection) <= base:
             return False
         if _pg.in_call(slot.connection):
             return True  # a query under way: in use, and no need to look at every object
@@ -153,7 +161,7 @@ class Reclaimer:
         # every later lost proxy's connection leased. The slow count.
         return (
             _pg.reference_count(slot.connection) - _pg.own_references(slot.connection)
-            - _pg.stale_references(slot.connection) > holder.base_refs
+            - _pg.stale_references(slot.connection) > base
         )
 
     def still_in_use(self, holder: Holder, slot: Slot) -> bool:
@@ -162,7 +170,8 @@ class Reclaimer:
         flight, callbacks registered, or any object outside the pool still
         referring to it: a running query's coroutine, a transaction, cursor
         or prepared statement, a callback's closure)."""
-        if _pg.has_callbacks(slot.connection, holder.base_callbacks) or _pg.is_cancelling(slot.connection):
+        if _pg.has_callbacks(slot.connection, holder.base_callbacks, holder.lease_callbacks,
+                             slot.lease.id if slot.lease is not None else -1) or _pg.is_cancelling(slot.connection):
             return True
         return self.referred_to(holder, slot)
 
@@ -176,7 +185,9 @@ class Reclaimer:
         # A query still running when its proxy went (`await (await
         # pool.acquire()).fetch(...)`) ends soon and is reclaimed quietly as a
         # leak; callbacks, or use that goes on, are worth a report now.
-        if not holder.orphan_reported and (_pg.has_callbacks(con, holder.base_callbacks) or holder.orphan_checks >= 3):
+        if not holder.orphan_reported and (
+            _pg.has_callbacks(con, holder.base_callbacks, holder.lease_callbacks, lease.id) or holder.orphan_checks >= 3
+        ):
             holder.orphan_reported = True
             held = self.now() - lease.acquired_at
             leak_logger.warning(

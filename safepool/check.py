@@ -46,6 +46,8 @@ _Scope = ast.Module | ast.FunctionDef | ast.AsyncFunctionDef
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _RELEASE_METHODS = {"release", "close", "terminate"}
 _CLEANUP_REGISTRATIONS = {"push_async_callback", "callback", "push", "push_async_exit"}
+# Calls that pass an acquire's awaitable through to what awaits them.
+_WRAPPERS = {"wait_for", "shield"}
 _ESCAPE_METHODS = {"append", "add", "put", "put_nowait", "extend", "insert", "appendleft", "setdefault"}
 
 
@@ -156,7 +158,7 @@ class _Module:
         return node
 
 
-def _gathered_name(call: ast.Call, parent: ast.AST | None, assign: ast.Assign) -> str | None:
+def _gathered_name(call: ast.AST, parent: ast.AST | None, assign: ast.Assign) -> str | None:
     """The name ``call`` lands in when it is one of ``asyncio.gather()``'s
     arguments and the gathered results are unpacked into names, position by
     position (``a, b = await asyncio.gather(pool.acquire(), pool.acquire())``);
@@ -189,6 +191,16 @@ def _walk_scope(node: ast.AST) -> Iterator[ast.AST]:
         yield child
         if not isinstance(child, _SCOPES):
             stack.extend(ast.iter_child_nodes(child))
+
+
+def _own_nodes(node: ast.AST) -> list[ast.AST]:
+    """``node`` and every node under it that runs in its scope: a nested
+    function or class statement (or lambda) is itself, without its body,
+    which runs elsewhere, or never (its release gives nothing back here, its
+    await does not suspend here)."""
+    if isinstance(node, _SCOPES):
+        return [node]
+    return [node, *_walk_scope(node)]
 
 
 def _is_name(node: ast.AST | None, var: str) -> bool:
@@ -276,7 +288,7 @@ def _block_of(module: _Module, stmt: ast.stmt) -> tuple[list[ast.stmt], int] | N
 
 
 def _contains_release(block: list[ast.stmt], var: str) -> bool:
-    return any(isinstance(n, ast.Call) and _releases(n, var) for stmt in block for n in [stmt, *_walk_scope(stmt)])
+    return any(isinstance(n, ast.Call) and _releases(n, var) for stmt in block for n in _own_nodes(stmt))
 
 
 def _leaves_holding(stmt: ast.stmt, var: str) -> ast.AST | None:
@@ -285,13 +297,13 @@ def _leaves_holding(stmt: ast.stmt, var: str) -> ast.AST | None:
     continue`` before the ``try:``)."""
     if not isinstance(stmt, ast.If):
         return _may_leave(stmt)
-    for node in ast.walk(stmt.test):
+    for node in _own_nodes(stmt.test):
         if isinstance(node, (ast.Await, ast.Yield, ast.YieldFrom)):
             return node
     for branch in (stmt.body, stmt.orelse):
         for inner in branch:
             if isinstance(inner, ast.Expr) and any(
-                isinstance(n, ast.Call) and _releases(n, var) for n in ast.walk(inner.value)
+                isinstance(n, ast.Call) and _releases(n, var) for n in _own_nodes(inner.value)
             ):
                 break  # released: whatever follows in this branch is fine
             leaver = _leaves_holding(inner, var)
@@ -302,7 +314,7 @@ def _leaves_holding(stmt: ast.stmt, var: str) -> ast.AST | None:
 
 def _may_leave(stmt: ast.stmt) -> ast.AST | None:
     """A node in ``stmt`` that can suspend, raise or leave (await, return, raise, yield)."""
-    for node in [stmt, *_walk_scope(stmt)]:
+    for node in _own_nodes(stmt):
         if isinstance(node, (ast.Await, ast.Return, ast.Raise, ast.Yield, ast.YieldFrom, ast.Break, ast.Continue)):
             return node
         if isinstance(node, (ast.AsyncWith, ast.AsyncFor)):
@@ -347,19 +359,35 @@ class _Checker:
             return
         top: ast.AST = call
         awaited = False
-        if (
-            isinstance(parent, ast.Attribute) and parent.attr == "__aenter__"
-            and isinstance(entered := module.parents.get(parent), ast.Call) and entered.func is parent
-            and isinstance(module.parents.get(entered), ast.Await)
-        ):
-            # `await pool.acquire().__aenter__()`: the context is thrown away,
-            # so only a release of the connection gives it back.
-            top, awaited, parent = module.parents[entered], True, entered
-        elif isinstance(parent, ast.Await):
+        # What is awaited may wrap the acquire: `pool.acquire().__aenter__()`
+        # (the context is thrown away, so only a release of the connection
+        # gives it back), asyncio.wait_for(..., 5), asyncio.shield(...), in
+        # any nesting; any other call only when it is awaited itself
+        # (`await helper(pool.acquire())`, asyncio.gather's arguments).
+        arg: ast.AST = call  # the node whose parent is `parent`
+        while True:
+            if (
+                isinstance(parent, ast.Attribute) and parent.attr == "__aenter__"
+                and isinstance(entered := module.parents.get(parent), ast.Call) and entered.func is parent
+            ):
+                arg, parent = entered, module.parents.get(entered)
+            elif (
+                isinstance(parent, ast.Call) and arg in parent.args and _last_name(parent.func) in _WRAPPERS
+                and not isinstance(module.parents.get(parent), ast.Await)
+            ):
+                arg, parent = parent, module.parents.get(parent)
+            else:
+                break
+        if isinstance(parent, ast.Await):
             top, awaited = parent, True
-        elif isinstance(parent, ast.Call) and isinstance(module.parents.get(parent), ast.Await):
-            # asyncio.wait_for(pool.acquire(), 5), asyncio.shield(...)
+        elif (
+            isinstance(parent, ast.Call) and arg in parent.args and isinstance(module.parents.get(parent), ast.Await)
+        ):
             top, awaited = module.parents[parent], True
+        elif arg is not call:
+            # Entered or wrapped, and not awaited: nothing this scan follows
+            # (a task, a coroutine passed on), as for a bare acquire passed on.
+            return
         holder = module.parents.get(top)
         stmt = module.statement_of(call)
         var: str | None = None
@@ -368,7 +396,7 @@ class _Checker:
         elif isinstance(holder, ast.Assign) and holder.value is top:
             if len(holder.targets) == 1 and isinstance(holder.targets[0], ast.Name):
                 var = holder.targets[0].id
-            elif (unpacked := _gathered_name(call, parent, holder)) is not None:
+            elif (unpacked := _gathered_name(arg, parent, holder)) is not None:
                 var = unpacked  # a, b = await asyncio.gather(pool.acquire(), pool.acquire())
             else:
                 return  # stored on an object, unpacked, ...: not followed
@@ -380,7 +408,7 @@ class _Checker:
         elif isinstance(holder, ast.Expr):
             if awaited:
                 self.report(call, stmt, "SP003",
-                            f"the connection from `await {receiver}.acquire()` is thrown away: it can never be released",
+                            f"the connection from `{ast.unparse(top)}` is thrown away: it can never be released",
                             receiver, None)
             else:
                 self.report(call, stmt, "SP004",

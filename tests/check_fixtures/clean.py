@@ -213,3 +213,51 @@ async def aliased_pool_with_async_with(app):
     database = app.state.pool
     async with database.acquire() as con:
         await con.execute("SELECT 1")
+
+
+async def entered_inside_wait_for_released_in_a_loop(pool, jobs):
+    for job in jobs:
+        con = await asyncio.wait_for(pool.acquire().__aenter__(), 1)
+        try:
+            await con.execute("SELECT $1", job.id)
+        finally:
+            await pool.release(con)
+
+
+async def shielded_inside_wait_for_released_in_a_loop(pool, jobs):
+    async for job in jobs:
+        con = await asyncio.wait_for(asyncio.shield(pool.acquire()), 1)
+        try:
+            if job.skipped:
+                continue
+            await con.execute("SELECT $1", job.id)
+        except LookupError:
+            break
+        finally:
+            await pool.release(con)
+
+
+async def released_in_a_loop_then_returns(pool, jobs):
+    for job in jobs:
+        con = await pool.acquire()
+        try:
+            await con.execute("SELECT $1", job.id)
+        finally:
+            await pool.release(con)
+        if job.last:
+            return job
+    raise LookupError("no last job")
+
+
+async def nested_function_between_the_acquire_and_the_try(pool):
+    # The nested function's await runs when it is called, inside the `try:`.
+    con = await pool.acquire()
+
+    async def pause():
+        await asyncio.sleep(0)
+
+    try:
+        await pause()
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)

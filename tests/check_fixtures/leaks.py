@@ -178,3 +178,63 @@ async def release_in_finally_under_an_unrelated_condition(pool, ok):
     finally:
         if ok:
             await pool.release(con)
+
+
+async def entered_inside_wait_for(pool):
+    # A timeout around the context entered by hand: the context is thrown
+    # away, only a release of `con` gives the connection back.
+    con = await asyncio.wait_for(pool.acquire().__aenter__(), 1)  # expect: SP002
+    await con.execute("SELECT 1")
+
+
+async def entered_inside_wait_for_and_thrown_away(pool):
+    await asyncio.wait_for(pool.acquire().__aenter__(), timeout=1)  # expect: SP003
+
+
+async def shielded_inside_wait_for(pool):
+    con = await asyncio.wait_for(asyncio.shield(pool.acquire()), 1)  # expect: SP002
+    await con.execute("SELECT 1")
+
+
+async def entered_inside_wait_for_in_a_loop(pool, jobs):
+    for job in jobs:
+        con = await asyncio.wait_for(pool.acquire().__aenter__(), 1)  # expect: SP001 continue
+        if job.skipped:
+            continue
+        await con.execute("SELECT $1", job.id)
+        await pool.release(con)
+
+
+async def finally_after_a_statement_in_a_loop(pool, jobs):
+    # The loop body's `try:` starts one statement late.
+    for job in jobs:
+        con = await pool.acquire()  # expect: SP001 line
+        await con.execute("SELECT $1", job.schema)
+        try:
+            await con.execute("SELECT $1", job.id)
+        finally:
+            await pool.release(con)
+
+
+async def release_in_a_lambda_before_continue(pool, jobs, later):
+    # The lambda releases later, if ever: the `continue` leaves holding it.
+    for job in jobs:
+        con = await pool.acquire()  # expect: SP001 line+3
+        if job.skipped:
+            later.append(lambda con=con: pool.release(con))
+            continue
+        try:
+            await con.execute("SELECT $1", job.id)
+        finally:
+            await pool.release(con)
+
+
+async def release_in_a_nested_function_before_return(pool, early):
+    # give_back() is never called: the return leaves holding the connection.
+    con = await pool.acquire()  # expect: SP001 return
+    if early:
+        async def give_back():
+            await pool.release(con)
+        return None
+    await con.execute("SELECT 1")
+    await pool.release(con)

@@ -453,6 +453,103 @@ async def test_a_listener_closure_from_init_dropped_at_release_leaves_no_query_u
     assert pool.stats().leaks_detected == 1
 
 
+class _Registering(asyncpg.Connection):
+    """A connection_class whose methods register callbacks on the connection
+    itself (through the proxy's attribute fallback: on the raw connection),
+    closing over it: the references a lease's own leftovers hold."""
+
+    def register_closure(self, kind: str) -> None:
+        _register(self, kind, lambda *args: self.get_server_pid())  # refers to the connection
+
+    def register_method(self, kind: str) -> None:
+        _register(self, kind, self.on_event)  # a bound method: refers to the connection
+
+    def on_event(self, *args: Any) -> None:
+        pass
+
+
+def _register(con: Any, kind: str, callback: Any = None) -> None:
+    if kind == "termination listener":
+        con.add_termination_listener(callback or _on_termination)
+    else:
+        con.add_query_logger(callback or _log_query)
+
+
+@pytest.mark.parametrize("how", ["function", "closure over the connection", "connection's method"])
+@pytest.mark.parametrize("kind", ["termination listener", "query logger"])
+async def test_callbacks_an_earlier_lease_left_do_not_keep_lost_proxies_from_being_reclaimed(
+    pools: Any, caplog: pytest.LogCaptureFixture, kind: str, how: str
+) -> None:
+    # asyncpg's release keeps termination listeners and query loggers: one a
+    # lease registered and left counted as the callbacks of every later lease
+    # of that connection, and no lost proxy of it was reclaimed any more (a
+    # leak_suspect report, then nothing until lease_timeout). Once their
+    # lease ended they are the connection's, as init='s are; what they refer
+    # to (the connection, for a closure or a connection_class method) too.
+    pool = await pools(min_size=1, max_size=1, connection_class=_Registering)
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+    async with pool.acquire(timeout=2) as con:
+        if how == "function":
+            _register(con, kind)
+        elif how == "closure over the connection":
+            con.register_closure(kind)
+        else:
+            con.register_method(kind)
+
+    async def handler_that_forgets(own_callback: bool = False) -> None:
+        con = await pool.acquire(timeout=2)
+        await con.execute("SET application_name = 'leaky'")
+        if own_callback:
+            _register(con, kind, lambda *args: None)
+
+    def suspects() -> int:
+        return sum(getattr(r, "event", None) == "leak_suspect" for r in caplog.records)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        for leaked in (1, 2):
+            await handler_that_forgets()
+            gc.collect()
+            await until(lambda: pool.stats().idle == 1)
+            assert pool.stats().leaks_detected == leaked
+        assert suspects() == 0
+        async with pool.acquire(timeout=2) as con:
+            assert await con.fetchval("SHOW application_name") != "leaky"
+
+        # The leftovers' references to the connection are not taken for a
+        # query's: a lost proxy whose query has not started is still in use.
+        async def handler_with_a_pending_query() -> Any:
+            con = await pool.acquire(timeout=2)
+            return con.fetchval("SELECT 41 + 1")
+
+        pending = await handler_with_a_pending_query()
+        gc.collect()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert pool.stats().in_use == 1 and pool.stats().leaks_detected == 2
+        assert await pending == 42
+        del pending
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+        assert pool.stats().leaks_detected == 3
+
+        # A callback the lost lease registered itself still keeps it.
+        await handler_that_forgets(own_callback=True)
+        gc.collect()
+        await until(lambda: suspects() == 1)
+        [lease] = pool.leases()
+        assert pool.stats().in_use == 1 and lease.collected
+        assert await pool.release_lease(lease.id) is True
+        await until(lambda: pool.stats().idle == 1)
+        assert pool.stats().leaks_detected == 4
+
+        # That lease ended too (reclaimed): its callback is a leftover now.
+        await handler_that_forgets()
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+        assert pool.stats().leaks_detected == 5 and suspects() == 1
+
+
 async def test_cancelled_task_holding_a_lease_without_context_manager(pools: Any) -> None:
     pool = await pools(min_size=1, max_size=1)
     acquired = asyncio.Event()

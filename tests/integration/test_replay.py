@@ -607,6 +607,59 @@ def test_the_documented_run_names_the_acquire_lines_app_py_has_now() -> None:
     assert set(re.findall(r'app\.py(?::|", line )(\d+)', text)) == {str(leaking_line()), str(source_line("# the stuck acquire"))}
 
 
+def _report_shape(line: str) -> str:
+    """A lease report's first line with its run's values left out: pool
+    name, held time and limit, task and site."""
+    line = re.sub(r"^pool '[^']*'", "pool P", line)
+    line = re.sub(r"\d+\.\d+s", "Ns", line)
+    line = re.sub(r"task [^,;]+", "task T", line)
+    return re.sub(r"site '[^']*'", "site S", line)
+
+
+@pytest.mark.asyncio
+async def test_the_documented_leak_reports_are_worded_as_the_pool_words_them(pg_dsn: str) -> None:
+    # docs/replay.md kept the garbage-collection and leak-suspect reports'
+    # wording from before they named the task and site.
+    import gc
+    import logging
+    import warnings
+
+    import safepool
+    from safepool import ManualClock
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    leaks = logging.getLogger("safepool.leaks")
+    leaks.addHandler(handler)
+    clock = ManualClock()
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=2, leak_warning_after=1.0, clock=clock)
+    try:
+        async def loses() -> None:
+            await pool.acquire(site="GET /orders/{customer_id:int}")
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            await asyncio.create_task(loses())
+            gc.collect()
+            async with asyncio.timeout(5):
+                while pool.stats().leaks_detected < 1:
+                    await asyncio.sleep(0.005)
+        kept = await pool.acquire(site="POST /payments/{payment_id:int}")
+        clock.advance(1.0)
+        async with asyncio.timeout(5):
+            while pool.stats().leak_warnings < 1:
+                await asyncio.sleep(0.005)
+        await pool.release(kept)
+    finally:
+        leaks.removeHandler(handler)
+        await pool.close()
+    printed = {getattr(r, "event", None): _report_shape(r.getMessage().splitlines()[0]) for r in records}
+    text = (Path(__file__).parents[2] / "docs" / "replay.md").read_text()
+    documented = {_report_shape(line) for line in text.splitlines() if line.startswith("pool 'replay': ")}
+    assert documented == {printed["leak"], printed["leak_suspect"]}
+
+
 def test_a_fault_cancelled_while_the_server_stops_starts_it_only_once_stopped() -> None:
     """The restart fault's stop runs pg_ctl in a thread, which a cancel does
     not stop: the fault cancelled then (Ctrl-C, a run too short) started the
