@@ -3,6 +3,7 @@ no host's speed moves (docs/performance.md, "The hot path's bytecode budget").
 
     python -m benchmarks.bytecodes DSN            # print the counts and the budget
     python -m benchmarks.bytecodes DSN --write    # record them as the budget
+    python -m benchmarks.bytecodes DSN --census contended   # every frame's, by group and function
 
 The time guards of ``benchmarks/test_ratios.py`` stand where the row stands
 on the machine plus 20%, and a host that runs Python slower moves every
@@ -37,6 +38,7 @@ import asyncio
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import FrameType
@@ -81,6 +83,86 @@ class _Counter:
         if event == "opcode":
             self.instructions += 1
         return self._on_event
+
+
+class _Census(_Counter):
+    """Counts the opcode events of every frame, the pool's or not (asyncio's
+    event loop, asyncpg's Python, the workload's own loop), per function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_function: Counter[tuple[str, str]] = Counter()  # (source file, qualified name)
+
+    def on_call(self, frame: FrameType, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        return self._on_event
+
+    def _on_event(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            self.instructions += 1
+            code = frame.f_code
+            self.by_function[(code.co_filename, code.co_qualname)] += 1
+        return self._on_event
+
+
+# Where a source file's instructions are filed in a census, by path.
+CENSUS_GROUPS = ("safepool", "asyncio", "selectors", "asyncpg", "workload", "other")
+
+
+def census_group(filename: str) -> str:
+    """One of ``CENSUS_GROUPS`` for a code object's ``co_filename``."""
+    if filename.startswith(_PACKAGE):
+        return "safepool"
+    if f"{os.sep}asyncio{os.sep}" in filename:
+        return "asyncio"
+    if filename.endswith(f"{os.sep}selectors.py"):
+        return "selectors"
+    if f"{os.sep}asyncpg{os.sep}" in filename:
+        return "asyncpg"
+    if filename.startswith(os.path.dirname(os.path.abspath(__file__)) + os.sep):
+        return "workload"
+    return "other"
+
+
+async def census(dsn: str, workload: str, leases: int = LEASES) -> tuple[float, dict[tuple[str, str], float]]:
+    """Every bytecode instruction the process executes per lease of
+    ``workload``, not only safepool's: ``(total, {(file, function): per
+    lease})``. What the pool's share of the client's Python is, beside the
+    event loop's and asyncpg's (docs/performance.md, "What limits each
+    benchmark"); C code (asyncpg's protocol, the kernel) is not seen."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, not {workload!r}")
+    pool, run = await _open(dsn, workload)
+    previous = sys.gettrace()
+    try:
+        sys.settrace(_Census().on_call)  # (the warm-up: see count)
+        try:
+            await asyncio.create_task(run(WARM_UP))
+        finally:
+            sys.settrace(previous)
+        counter = _Census()
+        sys.settrace(counter.on_call)
+        try:
+            await asyncio.create_task(run(leases))
+        finally:
+            sys.settrace(previous)
+        return counter.instructions / leases, {key: n / leases for key, n in counter.by_function.items()}
+    finally:
+        await pool.close()
+
+
+def _print_census(workload: str, total: float, functions: dict[tuple[str, str], float], top: int = 25) -> None:
+    groups = dict.fromkeys(CENSUS_GROUPS, 0.0)
+    for (filename, _), n in functions.items():
+        groups[census_group(filename)] += n
+    print(f"every bytecode instruction per {workload} lease: {total:,.1f}")
+    for group in CENSUS_GROUPS:
+        if groups[group]:
+            print(f"  {group:10s} {groups[group]:9,.1f}  {groups[group] / total:6.1%}")
+    print(f"the {top} functions that execute the most:")
+    for (filename, name), n in sorted(functions.items(), key=lambda item: -item[1])[:top]:
+        print(f"  {n:9,.1f}  {census_group(filename):10s} {name} ({os.path.basename(filename)})")
 
 
 async def _open(dsn: str, workload: str) -> tuple[Any, Callable[[int], Coroutine[Any, Any, None]]]:
@@ -161,7 +243,13 @@ def main() -> None:
     parser.add_argument("dsn", help="a PostgreSQL DSN (a workload opens up to 10 connections)")
     parser.add_argument("--write", action="store_true",
                         help=f"record the counts as this Python's and asyncpg's budget in {BUDGETS.name}")
+    parser.add_argument("--census", choices=WORKLOADS, metavar="WORKLOAD",
+                        help="count every frame's instructions in one workload (asyncio's and asyncpg's "
+                             "too), by group and function, and print them (no budget check)")
     args = parser.parse_args()
+    if args.census:
+        _print_census(args.census, *asyncio.run(census(args.dsn, args.census)))
+        return
     counts = asyncio.run(count_all(args.dsn))
     key = version_key()
     budgets = load_budgets()

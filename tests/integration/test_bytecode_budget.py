@@ -90,3 +90,19 @@ async def test_an_unknown_workload_is_refused(pg_dsn: str) -> None:
 def test_every_recorded_budget_names_every_workload() -> None:
     for key, budget in bytecodes.load_budgets().items():
         assert set(budget) == set(bytecodes.WORKLOADS), key
+
+
+@pytest.mark.asyncio
+async def test_the_census_files_every_instruction_and_finds_the_pools_own(pg_dsn: str) -> None:
+    """``--census``: the groups add up to the total, safepool's group is what
+    the budget counts, and a query lease shows the event loop and asyncpg
+    too (a census that saw only safepool's frames would read them as 0)."""
+    total, functions = await bytecodes.census(pg_dsn, "query")
+    groups = {group: 0.0 for group in bytecodes.CENSUS_GROUPS}
+    for (filename, _), n in functions.items():
+        groups[bytecodes.census_group(filename)] += n
+    assert sum(groups.values()) == pytest.approx(total)
+    own = await bytecodes.count(pg_dsn, "query")
+    assert groups["safepool"] == pytest.approx(own, rel=0.01)
+    assert groups["asyncio"] > 100 and groups["asyncpg"] > 50
+    assert groups["safepool"] < total
