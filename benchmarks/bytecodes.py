@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -72,12 +72,15 @@ class _Counter:
         filename = frame.f_code.co_filename
         mine = self._mine.get(filename)
         if mine is None:
-            mine = self._mine[filename] = filename.startswith(_PACKAGE)
+            mine = self._mine[filename] = self._counts(filename)
         if not mine:
             return None
         frame.f_trace_opcodes = True
         frame.f_trace_lines = False
         return self._on_event
+
+    def _counts(self, filename: str) -> bool:
+        return filename.startswith(_PACKAGE)
 
     def _on_event(self, frame: FrameType, event: str, arg: Any) -> Any:
         if event == "opcode":
@@ -93,10 +96,8 @@ class _Census(_Counter):
         super().__init__()
         self.by_function: Counter[tuple[str, str]] = Counter()  # (source file, qualified name)
 
-    def on_call(self, frame: FrameType, event: str, arg: Any) -> Any:
-        frame.f_trace_opcodes = True
-        frame.f_trace_lines = False
-        return self._on_event
+    def _counts(self, filename: str) -> bool:
+        return True
 
     def _on_event(self, frame: FrameType, event: str, arg: Any) -> Any:
         if event == "opcode":
@@ -131,25 +132,8 @@ async def census(dsn: str, workload: str, leases: int = LEASES) -> tuple[float, 
     lease})``. What the pool's share of the client's Python is, beside the
     event loop's and asyncpg's (docs/performance.md, "What limits each
     benchmark"); C code (asyncpg's protocol, the kernel) is not seen."""
-    if workload not in WORKLOADS:
-        raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, not {workload!r}")
-    pool, run = await _open(dsn, workload)
-    previous = sys.gettrace()
-    try:
-        sys.settrace(_Census().on_call)  # (the warm-up: see count)
-        try:
-            await asyncio.create_task(run(WARM_UP))
-        finally:
-            sys.settrace(previous)
-        counter = _Census()
-        sys.settrace(counter.on_call)
-        try:
-            await asyncio.create_task(run(leases))
-        finally:
-            sys.settrace(previous)
-        return counter.instructions / leases, {key: n / leases for key, n in counter.by_function.items()}
-    finally:
-        await pool.close()
+    counter = await _traced(dsn, workload, leases, _Census)
+    return counter.instructions / leases, {key: n / leases for key, n in counter.by_function.items()}
 
 
 def _print_census(workload: str, total: float, functions: dict[tuple[str, str], float], top: int = 25) -> None:
@@ -180,6 +164,16 @@ async def count(dsn: str, workload: str, leases: int = LEASES) -> float:
     is a task of its own, so the acquire stack that ``safety`` captures is
     the same wherever this is called from. Replaces any tracer for the
     run and restores it after."""
+    return (await _traced(dsn, workload, leases, _Counter)).instructions / leases
+
+
+_C = TypeVar("_C", bound=_Counter)
+
+
+async def _traced(dsn: str, workload: str, leases: int, counter_class: type[_C]) -> _C:
+    """Run ``leases`` leases of ``workload`` on a pool of its own (closed
+    after), under a fresh ``counter_class`` tracer, after a warm-up; the
+    tracer set before is restored."""
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, not {workload!r}")
     pool, run = await _open(dsn, workload)
@@ -189,18 +183,18 @@ async def count(dsn: str, workload: str, leases: int = LEASES) -> float:
         # f_trace_opcodes asks for opcode events, which come only once a
         # tracer is set after that (the first count of a process read 0.0
         # per lease on 3.12). The warm-up runs under a counter of its own.
-        sys.settrace(_Counter().on_call)
+        sys.settrace(counter_class().on_call)
         try:
             await asyncio.create_task(run(WARM_UP))
         finally:
             sys.settrace(previous)
-        counter = _Counter()
+        counter = counter_class()
         sys.settrace(counter.on_call)
         try:
             await asyncio.create_task(run(leases))
         finally:
             sys.settrace(previous)
-        return counter.instructions / leases
+        return counter
     finally:
         await pool.close()
 

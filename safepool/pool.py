@@ -207,6 +207,9 @@ class Pool:
             else the calling function); shown in ``leases()`` and leak reports.
         :raises safepool.PoolOverloadedError: refused at once (``max_waiters``,
             the site's share of it, or the adaptive queue).
+        :raises safepool.ServerUnavailableError: ``fail_fast=True``, no
+            connection left and connects failing (the breaker is open).
+        :raises safepool.PoolClosedError: the pool is closing or closed.
         :raises TypeError: ``site`` is not a non-empty str (or a timeout not
             a number, when awaited).
         """
@@ -461,102 +464,60 @@ class Pool:
     # -------------------------------------------- asyncpg's query shortcuts
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
-        """Run ``query`` (one or more statements; with ``args``, one statement with
-        those parameters), on a connection leased for this call and released before it
-        returns, as asyncpg's ``Pool.execute()`` (0.29-0.32): its status tag (``"INSERT 0 1"``).
+        """Run ``query`` (one or more statements; with ``args``, one statement with those parameters) and
+        return its status tag (``"INSERT 0 1"``).
 
-        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
-        acquire waits with the pool's ``acquire_timeout``: none by default).
-
-        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
-        :raises safepool.PoolClosedError: the pool is closing or closed.
-        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
-            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
-        :raises asyncpg.PostgresError: the server's error for the statement.
-        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
+        A connection is leased for the call and released before it returns, as by asyncpg's ``Pool.execute()``
+        (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire. Raises what :meth:`acquire`
+        and ``Connection.execute()`` raise."""
         async with self.acquire() as con:
             return await con.execute(query, *args, timeout=timeout)  # type: ignore[no-any-return]
 
     async def executemany(self, command: str, args: Iterable[Any], *, timeout: float | None = None) -> None:
-        """Run ``command`` once per tuple of ``args``, on a connection leased for this call and released before it
-        returns, as asyncpg's ``Pool.executemany()`` (0.29-0.32): None.
+        """Run ``command`` once per tuple of ``args`` (returns None).
 
-        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
-        acquire waits with the pool's ``acquire_timeout``: none by default).
-
-        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
-        :raises safepool.PoolClosedError: the pool is closing or closed.
-        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
-            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
-        :raises asyncpg.PostgresError: the server's error for the statement.
-        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
+        A connection is leased for the call and released before it returns, as by asyncpg's
+        ``Pool.executemany()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire.
+        Raises what :meth:`acquire` and ``Connection.executemany()`` raise."""
         async with self.acquire() as con:
             await con.executemany(command, args, timeout=timeout)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None) -> list[Any]:
-        """Run ``query`` with ``args``, on a connection leased for this call and released before it returns, as asyncpg's
-        ``Pool.fetch()`` (0.29-0.32): its rows, a list of records (``record_class``).
+        """Run ``query`` with ``args`` and return its rows, a list of records (``record_class``).
 
-        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
-        acquire waits with the pool's ``acquire_timeout``: none by default).
-
-        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
-        :raises safepool.PoolClosedError: the pool is closing or closed.
-        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
-            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
-        :raises asyncpg.PostgresError: the server's error for the statement.
-        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
+        A connection is leased for the call and released before it returns, as by asyncpg's ``Pool.fetch()``
+        (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire. Raises what :meth:`acquire`
+        and ``Connection.fetch()`` raise."""
         async with self.acquire() as con:
             return await con.fetch(query, *args, timeout=timeout, record_class=record_class)  # type: ignore[no-any-return]
 
     async def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
-        """Run ``query`` with ``args``, on a connection leased for this call and released before it returns, as asyncpg's
-        ``Pool.fetchval()`` (0.29-0.32): the value in ``column`` (an index or a name) of its first row, or
-        None without rows.
+        """Run ``query`` with ``args`` and return the value in ``column`` (a zero-based index) of its first
+        row, or None without rows.
 
-        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
-        acquire waits with the pool's ``acquire_timeout``: none by default).
-
-        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
-        :raises safepool.PoolClosedError: the pool is closing or closed.
-        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
-            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
-        :raises asyncpg.PostgresError: the server's error for the statement.
-        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
+        A connection is leased for the call and released before it returns, as by asyncpg's
+        ``Pool.fetchval()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire. Raises
+        what :meth:`acquire` and ``Connection.fetchval()`` raise."""
         async with self.acquire() as con:
             return await con.fetchval(query, *args, column=column, timeout=timeout)
 
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None) -> Any:
-        """Run ``query`` with ``args``, on a connection leased for this call and released before it returns, as asyncpg's
-        ``Pool.fetchrow()`` (0.29-0.32): its first row (a record), or None.
+        """Run ``query`` with ``args`` and return its first row (a record), or None.
 
-        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
-        acquire waits with the pool's ``acquire_timeout``: none by default).
-
-        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
-        :raises safepool.PoolClosedError: the pool is closing or closed.
-        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
-            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
-        :raises asyncpg.PostgresError: the server's error for the statement.
-        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
+        A connection is leased for the call and released before it returns, as by asyncpg's
+        ``Pool.fetchrow()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire. Raises
+        what :meth:`acquire` and ``Connection.fetchrow()`` raise."""
         async with self.acquire() as con:
             return await con.fetchrow(query, *args, timeout=timeout, record_class=record_class)
 
     async def fetchmany(
         self, query: str, args: Iterable[Any], *, timeout: float | None = None, record_class: Any = None
     ) -> list[Any]:
-        """Run ``query`` once per tuple of ``args``, on a connection leased for this call and released before it returns,
-        as asyncpg's ``Pool.fetchmany()`` (0.29-0.32): the rows of every run, a list of records.
+        """Run ``query`` once per tuple of ``args`` and return the rows of every run, a list of records.
 
-        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
-        acquire waits with the pool's ``acquire_timeout``: none by default).
-
-        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
-        :raises safepool.PoolClosedError: the pool is closing or closed.
-        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
-            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
-        :raises asyncpg.PostgresError: the server's error for the statement.
-        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
+        A connection is leased for the call and released before it returns, as by asyncpg's
+        ``Pool.fetchmany()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire. Raises
+        what :meth:`acquire` and ``Connection.fetchmany()`` raise."""
         async with self.acquire() as con:
             return await con.fetchmany(query, args, timeout=timeout, record_class=record_class)  # type: ignore[no-any-return]
 
@@ -570,19 +531,12 @@ class Pool:
         null: str | None = None, header: bool | None = None, quote: str | None = None, escape: str | None = None,
         force_quote: Any = None, encoding: str | None = None,
     ) -> str:
-        """Copy a table (or its ``columns``) to ``output`` (a path, a file-like
-        object or an async callable taking bytes) with COPY ... TO STDOUT, on a connection leased for this call and released before it
-        returns, as asyncpg's ``Pool.copy_from_table()`` (0.29-0.32): the COPY status tag (``"COPY 10"``).
+        """Copy a table (or its ``columns``) to ``output`` (a path, a file-like object or an async callable
+        taking bytes) with ``COPY ... TO STDOUT``, and return the COPY status tag (``"COPY 10"``).
 
-        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
-        acquire waits with the pool's ``acquire_timeout``: none by default).
-
-        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
-        :raises safepool.PoolClosedError: the pool is closing or closed.
-        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
-            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
-        :raises asyncpg.PostgresError: the server's error for the statement.
-        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
+        A connection is leased for the call and released before it returns, as by asyncpg's
+        ``Pool.copy_from_table()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire.
+        Raises what :meth:`acquire` and ``Connection.copy_from_table()`` raise."""
         async with self.acquire() as con:
             return await con.copy_from_table(  # type: ignore[no-any-return]
                 table_name, output=output, columns=columns, schema_name=schema_name, timeout=timeout,
@@ -595,19 +549,12 @@ class Pool:
         oids: Any = None, delimiter: str | None = None, null: str | None = None, header: bool | None = None,
         quote: str | None = None, escape: str | None = None, force_quote: Any = None, encoding: str | None = None,
     ) -> str:
-        """Copy the rows of ``query`` (with ``args``) to ``output`` with COPY (query)
-        TO STDOUT, on a connection leased for this call and released before it
-        returns, as asyncpg's ``Pool.copy_from_query()`` (0.29-0.32): the COPY status tag.
+        """Copy the rows of ``query`` (with ``args``) to ``output`` with ``COPY (query) TO STDOUT``, and
+        return the COPY status tag.
 
-        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
-        acquire waits with the pool's ``acquire_timeout``: none by default).
-
-        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
-        :raises safepool.PoolClosedError: the pool is closing or closed.
-        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
-            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
-        :raises asyncpg.PostgresError: the server's error for the statement.
-        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
+        A connection is leased for the call and released before it returns, as by asyncpg's
+        ``Pool.copy_from_query()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire.
+        Raises what :meth:`acquire` and ``Connection.copy_from_query()`` raise."""
         async with self.acquire() as con:
             return await con.copy_from_query(  # type: ignore[no-any-return]
                 query, *args, output=output, timeout=timeout, format=format, oids=oids, delimiter=delimiter,
@@ -621,19 +568,12 @@ class Pool:
         escape: str | None = None, force_quote: Any = None, force_not_null: Any = None, force_null: Any = None,
         encoding: str | None = None, where: str | None = None,
     ) -> str:
-        """Copy ``source`` (a path, a file-like object or an async iterable of bytes) into a table with COPY ... FROM
-        STDIN, on a connection leased for this call and released before it returns, as asyncpg's
-        ``Pool.copy_to_table()`` (0.29-0.32): the COPY status tag.
+        """Copy ``source`` (a path, a file-like object or an async iterable of bytes) into a table with ``COPY
+        ... FROM STDIN``, and return the COPY status tag.
 
-        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
-        acquire waits with the pool's ``acquire_timeout``: none by default).
-
-        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
-        :raises safepool.PoolClosedError: the pool is closing or closed.
-        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
-            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
-        :raises asyncpg.PostgresError: the server's error for the statement.
-        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
+        A connection is leased for the call and released before it returns, as by asyncpg's
+        ``Pool.copy_to_table()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire.
+        Raises what :meth:`acquire` and ``Connection.copy_to_table()`` raise."""
         async with self.acquire() as con:
             return await con.copy_to_table(  # type: ignore[no-any-return]
                 table_name, source=source, columns=columns, schema_name=schema_name, timeout=timeout,
@@ -646,19 +586,12 @@ class Pool:
         self, table_name: str, *, records: Any, columns: Any = None, schema_name: str | None = None,
         timeout: float | None = None, where: str | None = None,
     ) -> str:
-        """Copy ``records`` (an iterable, or async iterable, of tuples) into a table in binary COPY format, on a
-        connection leased for this call and released before it returns, as asyncpg's
-        ``Pool.copy_records_to_table()`` (0.29-0.32): the COPY status tag.
+        """Copy ``records`` (an iterable, or async iterable, of tuples) into a table in binary COPY format,
+        and return the COPY status tag.
 
-        ``timeout`` (seconds) bounds the statement only, as asyncpg's (the
-        acquire waits with the pool's ``acquire_timeout``: none by default).
-
-        :raises safepool.PoolTimeoutError: no connection within ``acquire_timeout``.
-        :raises safepool.PoolClosedError: the pool is closing or closed.
-        :raises safepool.PoolOverloadedError: opt-in backpressure (``max_waiters``, a bulkhead, an
-            adaptive queue) refused the acquire; ``ServerUnavailableError``: fail-fast, the server is down.
-        :raises asyncpg.PostgresError: the server's error for the statement.
-        :raises asyncio.TimeoutError: the statement ran past ``timeout``."""
+        A connection is leased for the call and released before it returns, as by asyncpg's
+        ``Pool.copy_records_to_table()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the
+        acquire. Raises what :meth:`acquire` and ``Connection.copy_records_to_table()`` raise."""
         async with self.acquire() as con:
             return await con.copy_records_to_table(  # type: ignore[no-any-return]
                 table_name, records=records, columns=columns, schema_name=schema_name, timeout=timeout, where=where,

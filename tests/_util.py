@@ -15,6 +15,21 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
             await asyncio.sleep(0.005)
 
 
+async def until_in_pg_sleep(pg_dsn: str, pid: int, timeout: float = 5.0) -> None:
+    """Until backend ``pid`` runs its ``pg_sleep`` (a server-side state:
+    polled on a connection of its own). Not merely 'active': that starts at
+    the Parse of asyncpg's prepare, before the statement runs."""
+    import asyncpg
+
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        async with asyncio.timeout(timeout):
+            while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
+                await asyncio.sleep(0.005)
+    finally:
+        await admin.close()
+
+
 def line_of(path: str, marker: str) -> int:
     """The number of the line of ``path`` that holds ``marker`` (a comment
     beside an acquire), not counting the line that asks for it."""

@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 import safepool
-from tests._util import skip_before_asyncpg
+from tests._util import skip_before_asyncpg, until_in_pg_sleep
 
 MakePool = Callable[..., Awaitable[Any]]
 
@@ -256,7 +256,7 @@ async def test_query_cancelled_by_task_cancel_returns_the_connection(make_pool: 
 
     task = asyncio.ensure_future(worker())
     await wait_until(lambda: bool(pids))
-    await wait_in_pg_sleep(pg_dsn, pids[0])
+    await until_in_pg_sleep(pg_dsn, pids[0])
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     async with pool.acquire(timeout=5) as con:
@@ -322,18 +322,6 @@ async def test_min_size_floor_is_restored_after_a_lost_connection(
 
 async def _backends(admin: asyncpg.Connection, app_name: str) -> int:
     return int(await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app_name))
-
-
-async def wait_in_pg_sleep(pg_dsn: str, pid: int) -> None:
-    """Until backend ``pid`` is inside pg_sleep (not merely 'active': that
-    starts at the Parse of asyncpg's prepare)."""
-    admin = await asyncpg.connect(pg_dsn)
-    try:
-        async with asyncio.timeout(5):
-            while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
-                await asyncio.sleep(0.005)
-    finally:
-        await admin.close()
 
 
 _LEFT_OPEN = textwrap.dedent("""

@@ -24,6 +24,7 @@ import safepool
 from safepool import LeaseExpiredError, ManualClock
 from safepool.metrics.otel import instrument
 from safepool.metrics.prometheus import register
+from tests._util import until_in_pg_sleep
 
 pytestmark = pytest.mark.asyncio
 
@@ -91,17 +92,6 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.005)
-
-
-async def in_pg_sleep(pg_dsn: str, pid: int) -> None:
-    """Until backend ``pid`` runs its pg_sleep (a server-side state: polled)."""
-    admin = await asyncpg.connect(pg_dsn)
-    try:
-        async with asyncio.timeout(5):
-            while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
-                await asyncio.sleep(0.005)
-    finally:
-        await admin.close()
 
 
 async def test_listeners_get_every_event_with_its_fields(pg_dsn: str, app_name: str) -> None:
@@ -208,7 +198,7 @@ async def test_no_password_or_query_parameter_anywhere(
         # Leak suspect, then lease expiry while a query with a parameter runs.
         con = await pool.acquire()
         running = asyncio.ensure_future(con.fetchval("SELECT pg_sleep(30)::text || $1::text", PARAMETER))
-        await in_pg_sleep(pg_dsn, con.get_server_pid())
+        await until_in_pg_sleep(pg_dsn, con.get_server_pid())
         clock.advance(11.0)
         clock.advance(20.0)
         with pytest.raises((LeaseExpiredError, asyncpg.QueryCanceledError)) as expired:
