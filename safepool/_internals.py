@@ -401,7 +401,8 @@ def has_callbacks(con: RawConnection, baseline: Baseline = None, registered: dic
 def leftover_callbacks(con: RawConnection, baseline: Baseline, registered: dict[Any, int], lease_id: int) -> list[Any]:
     """The termination listeners and query loggers on ``con`` that a lease
     other than ``lease_id`` registered (an earlier one: it ended) and that
-    are not of the ``baseline``."""
+    are not of the ``baseline``: asyncpg's entries, and the keys of
+    ``registered`` that name them (each holds the callback too)."""
     left: list[Any] = []
     for kind, entries, base in (
         (TERMINATION, con._termination_listeners, baseline[0] if baseline is not None else ()),
@@ -410,6 +411,11 @@ def leftover_callbacks(con: RawConnection, baseline: Baseline, registered: dict[
         left.extend(
             entry for entry in entries if entry not in base and registered.get((kind, entry), lease_id) != lease_id
         )
+    left.extend(
+        key for key, lease in registered.items()
+        if lease != lease_id and key[1] in (con._termination_listeners if key[0] == TERMINATION else con._query_loggers)
+        and key[1] not in ((baseline[0] if key[0] == TERMINATION else baseline[1]) if baseline is not None else ())
+    )
     return left
 
 
@@ -421,28 +427,62 @@ _CALLBACK_PARTS = (types.FunctionType, types.MethodType, types.CellType, functoo
 
 
 def callback_references(con: RawConnection, callbacks: list[Any]) -> int:
-    """References to ``con`` held by ``callbacks`` (asyncpg's entries):
-    through a closure's cell or default argument, a bound method's ``self``
-    (a ``connection_class`` method registered as a callback), a
-    ``functools.partial``'s arguments, and those of nested closures. Each
-    object counts once, however many callbacks share it (two closures of one
-    scope share its cells). A reference through anything else (an object's
-    attribute, a dict) is not counted: the connection then looks referred to
-    (in use), never the other way round."""
-    seen: set[int] = set()
-    found = 0
-    todo = list(callbacks)
+    """References to ``con`` held by ``callbacks`` (asyncpg's entries, and
+    the pool's own keys naming them) and by nothing else: through a
+    closure's cell or default argument, a bound method's ``self`` (a
+    ``connection_class`` method registered as a callback), a
+    ``functools.partial``'s arguments (keywords too), and those of nested
+    closures.
+
+    Only an object the callbacks alone hold counts (its reference count is
+    the number of references to it from the callbacks' parts): a cell that
+    a closure the program kept shares (a coroutine of it, not started yet,
+    uses the connection through that cell), a bound method or closure that
+    the connection's ``__dict__`` keeps (counted in ``Holder.base_refs``
+    already, when the connection joined the pool), or a function the
+    program holds, would hide a reference that is in use. Each object
+    counts once. A reference through anything else (an object's attribute,
+    a dict) is not counted: the connection then looks referred to (in use),
+    never the other way round."""
+    objects: dict[int, Any] = {}  # every part reached, by id (one reference each)
+    edges: dict[int, list[int]] = {}  # part -> the parts it refers to (one entry a reference)
+    found: dict[int, int] = {}  # part -> its references to con
+    todo = [id(callback) for callback in callbacks]
+    for callback in callbacks:
+        objects[id(callback)] = callback
     while todo:
-        part = todo.pop()
-        if id(part) in seen:
+        key = todo.pop()
+        if key in edges:
             continue
-        seen.add(id(part))
-        for referent in gc.get_referents(part):
+        children = edges[key] = []
+        for referent in gc.get_referents(objects[key]):
             if referent is con:
-                found += 1
-            elif isinstance(referent, _CALLBACK_PARTS):
-                todo.append(referent)
-    return found
+                found[key] = found.get(key, 0) + 1
+            elif isinstance(referent, _CALLBACK_PARTS) or (
+                type(referent) is dict and isinstance(objects[key], functools.partial)  # its keyword arguments
+            ):
+                children.append(id(referent))
+                if id(referent) not in objects:
+                    objects[id(referent)] = referent
+                    todo.append(id(referent))
+        referent = None  # (not counted below as one more reference)
+    # Owned: the callbacks (asyncpg's set and the pool's dict hold them), and
+    # any part whose every reference comes from owned parts. Grows to a fixed
+    # point (a cell two leftover closures share is owned once both are).
+    owned = {id(callback) for callback in callbacks}
+    grown = True
+    while grown:
+        grown = False
+        inbound: dict[int, int] = {}
+        for key in owned:
+            for child in edges[key]:
+                inbound[child] = inbound.get(child, 0) + 1
+        for key, count in inbound.items():
+            # minus 2: `objects`' reference and getrefcount's argument
+            if key not in owned and count == sys.getrefcount(objects[key]) - 2:
+                owned.add(key)
+                grown = True
+    return sum(found.get(key, 0) for key in owned)
 
 
 def reference_count(con: RawConnection) -> int:
@@ -654,12 +694,29 @@ def _note_callback(con: RawConnection, kind: str, callback: Any, added: bool) ->
     except ReferenceError:
         return
     key = (kind, _pg_connection._Callback.from_callable(callback))  # type: ignore[attr-defined]
+    registered = holder.lease_callbacks
     if added:
-        if holder.lease_callbacks is None:
-            holder.lease_callbacks = {}
-        holder.lease_callbacks[key] = lease.id
-    elif holder.lease_callbacks is not None:
-        holder.lease_callbacks.pop(key, None)
+        if registered is None:
+            registered = holder.lease_callbacks = {}
+        elif len(registered) >= len(con._termination_listeners) + len(con._query_loggers):
+            # Never more notes than asyncpg's entries: see forget_removed_callbacks.
+            forget_removed_callbacks(con, registered)
+        registered[key] = lease.id
+    elif registered is not None:
+        registered.pop(key, None)
+
+
+def forget_removed_callbacks(con: RawConnection, registered: dict[Any, int]) -> None:
+    """Drop the notes (``Holder.lease_callbacks``) of callbacks no longer on
+    ``con``: removed where no lease could be told (a ``reset=`` hook or a
+    ``connection_class``'s ``reset()``, on the connection itself). Kept,
+    the notes would grow with every lease, and each would keep its callback
+    alive, with what it refers to: a closure over the connection made every
+    later lost proxy of it look referred to (in use)."""
+    for stale in [note for note in registered if note[1] not in (
+        con._termination_listeners if note[0] == TERMINATION else con._query_loggers
+    )]:
+        del registered[stale]
 
 
 _asyncpg_add_termination_listener = _pg_connection.Connection.add_termination_listener

@@ -145,6 +145,8 @@ class Reclaimer:
         connection still refers to is abandoned with it (a cycle that would
         keep the connection leased forever)."""
         base = holder.base_refs
+        if holder.lease_callbacks:
+            _pg.forget_removed_callbacks(slot.connection, holder.lease_callbacks)
         if holder.lease_callbacks and slot.lease is not None:
             # An earlier lease's termination listeners and query loggers stay
             # on the connection (asyncpg's release keeps them): what they

@@ -1,0 +1,205 @@
+"""Termination listeners and query loggers an earlier lease left on its
+connection (asyncpg's release keeps both kinds): what they refer to is the
+connection's, but only what nothing else holds. A reference the program can
+still reach some other way keeps a lost proxy's connection leased. On a real
+PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests._util import until
+
+pytestmark = pytest.mark.asyncio
+
+
+def _register(con: Any, kind: str, callback: Any) -> None:
+    if kind == "termination listener":
+        con.add_termination_listener(callback)
+    else:
+        con.add_query_logger(callback)
+
+
+class _KeepsItsCallbacks(asyncpg.Connection):
+    """A connection_class that makes its callbacks when the connection
+    opens, before the pool counts the references to it, and keeps them (the
+    connection's __dict__): a bound method and a closure over itself."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_event = self._on_event
+        self.closure = lambda *args: self.is_closed()
+
+    def _on_event(self, *args: Any) -> None:
+        pass
+
+
+# Closures of one scope with the leftover (they share its cell for the
+# connection), kept by the program past the lease that made them.
+_HELPERS: dict[str, Callable[[], Any]] = {}
+
+
+class _SharesACell(asyncpg.Connection):
+    def install(self, kind: str) -> None:
+        def on_event(*args: Any) -> None:
+            self.is_closed()
+
+        async def server_pid() -> int:
+            return int(await self.fetchval("SELECT pg_backend_pid()"))
+
+        _register(self, kind, on_event)
+        _HELPERS["server_pid"] = server_pid
+
+
+async def _still_leased(pool: Any, pending: Any, forget: Callable[[], None] = lambda: None) -> None:
+    """The lost proxy's connection stays leased while ``pending`` (a query's
+    coroutine, not started) waits; once it ran (and the program let go of
+    what else refers to the connection: ``forget``), it is reclaimed."""
+    gc.collect()
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+    leased = pool.stats().in_use == 1 and pool.stats().leaks_detected == 0
+    await pending  # (whatever happened: a coroutine never awaited would warn)
+    del pending
+    forget()
+    assert leased
+    gc.collect()
+    await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 1
+
+
+@pytest.mark.parametrize("how", ["bound method", "closure"])
+@pytest.mark.parametrize("kind", ["termination listener", "query logger"])
+async def test_a_leftover_the_connection_itself_keeps_does_not_hide_a_pending_query(
+    pools: Any, kind: str, how: str
+) -> None:
+    # The leftover's reference to the connection was already counted when
+    # the connection joined the pool (the callback existed then): counted
+    # again as the leftover's, it hid the one reference of a query not yet
+    # started, and its connection was reclaimed, reset and leased again
+    # under it (the query then ran in the next lease's transaction).
+    pool = await pools(min_size=1, max_size=1, connection_class=_KeepsItsCallbacks)
+    async with pool.acquire(timeout=2) as con:
+        _register(con, kind, con.on_event if how == "bound method" else con.closure)
+
+    async def handler_with_a_pending_query() -> Any:
+        con = await pool.acquire(timeout=2)
+        return con.fetchval("SELECT 41 + 1")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await _still_leased(pool, await handler_with_a_pending_query())
+
+
+@pytest.mark.parametrize("kind", ["termination listener", "query logger"])
+async def test_a_leftover_sharing_its_reference_with_live_code_does_not_hide_it(pools: Any, kind: str) -> None:
+    # The leftover's cell for the connection is also the cell of a closure
+    # the program kept: a coroutine of that closure, not started yet, refers
+    # to the connection through it only. The cell is not the leftover's
+    # alone: the lost proxy's connection stays leased until it ran (and
+    # while the program keeps that closure, which can use it any time).
+    pool = await pools(min_size=1, max_size=1, connection_class=_SharesACell)
+    async with pool.acquire(timeout=2) as con:
+        con.install(kind)
+
+    async def handler_with_a_pending_query() -> Any:
+        con = await pool.acquire(timeout=2)
+        await con.execute("SELECT 1")
+        return _HELPERS["server_pid"]()
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            await _still_leased(pool, await handler_with_a_pending_query(), _HELPERS.clear)
+    finally:
+        _HELPERS.clear()
+
+
+async def test_callbacks_a_reset_hook_removed_are_not_remembered(pools: Any) -> None:
+    # A reset= hook (or a connection_class's reset()) that removes what the
+    # lease registered runs on the connection itself, after the lease ended:
+    # no lease to tell. The pool's note of who registered each callback
+    # (holder.lease_callbacks) grew by every callback of every lease, and
+    # kept each alive, with what it refers to, for the connection's life.
+    async def remove_callbacks(con: Any) -> None:
+        for entry in list(con._query_loggers):
+            con.remove_query_logger(entry.cb)
+        for entry in list(con._termination_listeners):
+            con.remove_termination_listener(entry.cb)
+
+    pool = await pools(min_size=1, max_size=1, reset=remove_callbacks)
+    for _ in range(200):
+        async with pool.acquire(timeout=2) as con:
+            con.add_query_logger(lambda record: None)
+            con.add_termination_listener(lambda con: None)
+    [holder] = pool._runner.slot_holders.values()
+    assert len(holder.lease_callbacks or ()) <= 2
+
+
+class _Registering(asyncpg.Connection):
+    def register_closure(self) -> None:
+        self.add_query_logger(lambda record: self.is_closed())  # refers to the connection
+
+
+async def test_a_closure_a_reset_hook_removed_does_not_keep_lost_proxies_leased(pools: Any) -> None:
+    # Its note outlived it (removed on the idle connection: no lease to
+    # tell), and with the note the closure and its reference to the
+    # connection: every later lost proxy of the connection looked referred
+    # to, and stayed leased (a leak_suspect report, then nothing).
+    async def remove_callbacks(con: Any) -> None:
+        for entry in list(con._query_loggers):
+            con.remove_query_logger(entry.cb)
+
+    pool = await pools(min_size=1, max_size=1, connection_class=_Registering, reset=remove_callbacks)
+    async with pool.acquire(timeout=2) as con:
+        con.register_closure()
+
+    async def handler_that_forgets() -> None:
+        con = await pool.acquire(timeout=2)
+        await con.execute("SELECT 1")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await handler_that_forgets()
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 1
+
+
+class _RegistersAPartial(asyncpg.Connection):
+    def register_partial(self) -> None:
+        self.add_termination_listener(functools.partial(_on_termination, connection=self))
+
+
+def _on_termination(con: Any, connection: Any = None) -> None:
+    pass
+
+
+async def test_a_partial_over_the_connection_by_keyword_left_by_an_earlier_lease_is_the_connections(
+    pools: Any,
+) -> None:
+    # A functools.partial's keyword arguments (a dict) were not followed:
+    # its reference to the connection made every later lost proxy of it
+    # look referred to, and stay leased.
+    pool = await pools(min_size=1, max_size=1, connection_class=_RegistersAPartial)
+    async with pool.acquire(timeout=2) as con:
+        con.register_partial()
+
+    async def handler_that_forgets() -> None:
+        con = await pool.acquire(timeout=2)
+        await con.execute("SELECT 1")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await handler_that_forgets()
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 1
