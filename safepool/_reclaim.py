@@ -146,14 +146,16 @@ class Reclaimer:
         keep the connection leased forever)."""
         base = holder.base_refs
         if holder.lease_callbacks:
+            # (Notes of callbacks a reset= hook removed: they would keep them,
+            # and what they refer to, alive.)
             _pg.forget_removed_callbacks(slot.connection, holder.lease_callbacks)
-        if holder.lease_callbacks and slot.lease is not None:
-            # An earlier lease's termination listeners and query loggers stay
-            # on the connection (asyncpg's release keeps them): what they
-            # refer to (a closure over the connection, a connection_class's
-            # bound method) is the connection's, not this lease's.
-            base += _pg.callback_references(slot.connection, _pg.leftover_callbacks(
-                slot.connection, holder.base_callbacks, holder.lease_callbacks, slot.lease.id))
+        # An earlier lease's termination listeners and query loggers stay on
+        # the connection (asyncpg's release keeps them) and do not count as
+        # this lease's callbacks (has_callbacks); a reference one of them
+        # holds to the connection (a closure over it, its bound method) does
+        # count: telling it from one the program still uses would need the
+        # reference counts of everything between them. The connection then
+        # stays leased until lease_timeout, the safe side.
         if _pg.reference_count(slot.connection) - _pg.own_references(slot.connection) <= base:
             return False
         if _pg.in_call(slot.connection):

@@ -1,8 +1,9 @@
 """Termination listeners and query loggers an earlier lease left on its
-connection (asyncpg's release keeps both kinds): what they refer to is the
-connection's, but only what nothing else holds. A reference the program can
-still reach some other way keeps a lost proxy's connection leased. On a real
-PostgreSQL."""
+connection (asyncpg's release keeps both kinds) are not a later lease's
+callbacks, but a reference to the connection that one of them holds (a
+closure over it, its bound method, a partial) still counts: a lost proxy's
+connection then stays leased (the safe side) until the lease timeout, or
+``release_lease()``, takes it back. On a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from safepool import ManualClock
 from tests._util import until
 
 pytestmark = pytest.mark.asyncio
@@ -44,7 +46,7 @@ class _KeepsItsCallbacks(asyncpg.Connection):
 
 # Closures of one scope with the leftover (they share its cell for the
 # connection), kept by the program past the lease that made them.
-_HELPERS: dict[str, Callable[[], Any]] = {}
+_HELPERS: dict[str, Any] = {}
 
 
 class _SharesACell(asyncpg.Connection):
@@ -74,6 +76,22 @@ async def _still_leased(pool: Any, pending: Any, forget: Callable[[], None] = la
     gc.collect()
     await until(lambda: pool.stats().idle == 1)
     assert pool.stats().leaks_detected == 1
+
+
+async def _kept_until_the_lease_timeout(pool: Any, clock: ManualClock) -> None:
+    """The lost proxy's connection stays leased (a leftover refers to the
+    connection; not even ``release_lease()`` takes it), until its
+    ``lease_timeout`` (30 s on ``clock``) takes it back."""
+    gc.collect()
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+    assert pool.stats().in_use == 1 and pool.stats().leaks_detected == 0
+    [lease] = pool.leases()
+    assert lease.collected
+    assert await pool.release_lease(lease.id) is False
+    clock.advance(30.1)
+    await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leases_expired == 1
 
 
 @pytest.mark.parametrize("how", ["bound method", "closure"])
@@ -106,19 +124,30 @@ async def test_a_leftover_sharing_its_reference_with_live_code_does_not_hide_it(
     # to the connection through it only. The cell is not the leftover's
     # alone: the lost proxy's connection stays leased until it ran (and
     # while the program keeps that closure, which can use it any time).
-    pool = await pools(min_size=1, max_size=1, connection_class=_SharesACell)
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, connection_class=_SharesACell, lease_timeout=30.0, clock=clock)
     async with pool.acquire(timeout=2) as con:
         con.install(kind)
 
     async def handler_with_a_pending_query() -> Any:
         con = await pool.acquire(timeout=2)
         await con.execute("SELECT 1")
+        _HELPERS["pid"] = con.get_server_pid()
         return _HELPERS["server_pid"]()
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
-            await _still_leased(pool, await handler_with_a_pending_query(), _HELPERS.clear)
+            pending = await handler_with_a_pending_query()
+            gc.collect()
+            for _ in range(5):
+                await asyncio.sleep(0.01)
+            assert pool.stats().in_use == 1 and pool.stats().leaks_detected == 0
+            assert await pending == _HELPERS["pid"]
+            del pending
+            _HELPERS.clear()
+            # The leftover closure still refers to the connection: kept.
+            await _kept_until_the_lease_timeout(pool, clock)
     finally:
         _HELPERS.clear()
 
@@ -183,13 +212,13 @@ def _on_termination(con: Any, connection: Any = None) -> None:
     pass
 
 
-async def test_a_partial_over_the_connection_by_keyword_left_by_an_earlier_lease_is_the_connections(
+async def test_a_partial_over_the_connection_left_by_an_earlier_lease_keeps_lost_proxies_leased(
     pools: Any,
 ) -> None:
-    # A functools.partial's keyword arguments (a dict) were not followed:
-    # its reference to the connection made every later lost proxy of it
-    # look referred to, and stay leased.
-    pool = await pools(min_size=1, max_size=1, connection_class=_RegistersAPartial)
+    # Its reference to the connection (a keyword argument) is one the pool
+    # cannot tell from a reference in use: the safe side.
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, connection_class=_RegistersAPartial, lease_timeout=30.0, clock=clock)
     async with pool.acquire(timeout=2) as con:
         con.register_partial()
 
@@ -200,6 +229,4 @@ async def test_a_partial_over_the_connection_by_keyword_left_by_an_earlier_lease
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         await handler_that_forgets()
-        gc.collect()
-        await until(lambda: pool.stats().idle == 1)
-    assert pool.stats().leaks_detected == 1
+        await _kept_until_the_lease_timeout(pool, clock)
