@@ -53,6 +53,10 @@ _ESCAPE_METHODS = {"append", "add", "put", "put_nowait", "extend", "insert", "ap
 
 @dataclass(frozen=True)
 class Finding:
+    """One problem found: where (``path``; ``line`` and ``col`` 1-based, the
+    acquire's position), its ``code`` (SP001-SP004, docs/testing.md), the
+    ``message`` and the ``hint`` (the fix), as ``--format json`` prints it."""
+
     path: str
     line: int
     col: int

@@ -6,6 +6,7 @@ by pytest, and are left out."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Iterator
@@ -47,7 +48,8 @@ def _undocumented(module_name: str) -> Iterator[str]:
             continue
         if name.startswith("pytest_"):
             continue
-        if not inspect.getdoc(obj):
+        doc = _own_class_doc(obj) if inspect.isclass(obj) else inspect.getdoc(obj)
+        if not doc:
             yield f"{module_name}.{name}"
             continue
         if not inspect.isclass(obj):
@@ -60,6 +62,15 @@ def _undocumented(module_name: str) -> Iterator[str]:
             # (An override with none keeps its base method's: getdoc finds it.)
             if (inspect.isfunction(value) or isinstance(value, property)) and not inspect.getdoc(value):
                 yield f"{module_name}.{name}.{member}"
+
+
+def _own_class_doc(cls: type) -> str | None:
+    """The class's own docstring: not a base class's (which inspect.getdoc
+    returns), nor the signature @dataclass writes in place of a missing one."""
+    doc = vars(cls).get("__doc__")
+    if doc and dataclasses.is_dataclass(cls) and doc.startswith(f"{cls.__name__}("):
+        return None
+    return doc
 
 
 @pytest.mark.parametrize("module_name", PUBLIC_MODULES)
@@ -80,10 +91,22 @@ def test_the_check_sees_a_missing_docstring() -> None:
         def method(self) -> None:
             pass
 
-    Documented.__module__ = module.__name__
-    module.Documented = Documented  # type: ignore[attr-defined]
+    @dataclasses.dataclass
+    class Record:  # @dataclass gives it a __doc__: its signature
+        value: int
+
+    class Subclass(Documented):  # inspect.getdoc gives it its base's
+        pass
+
+    for cls in (Documented, Record, Subclass):
+        cls.__module__ = module.__name__
+        setattr(module, cls.__name__, cls)
     sys.modules[module.__name__] = module
     try:
-        assert list(_undocumented(module.__name__)) == ["safepool_docstring_probe.Documented.method"]
+        assert list(_undocumented(module.__name__)) == [
+            "safepool_docstring_probe.Documented.method",
+            "safepool_docstring_probe.Record",
+            "safepool_docstring_probe.Subclass",
+        ]
     finally:
         del sys.modules[module.__name__]
