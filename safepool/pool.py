@@ -210,6 +210,10 @@ class Pool:
         :raises safepool.ServerUnavailableError: ``fail_fast=True``, no
             connection left and connects failing (the breaker is open).
         :raises safepool.PoolClosedError: the pool is closing or closed.
+        :raises safepool.EventLoopMismatchError: awaited on another event loop
+            than the pool's (an ``asyncpg.InterfaceError`` and a ``RuntimeError``).
+        :raises asyncpg.InterfaceError: the pool is not initialized yet (not
+            awaited, or still starting), as asyncpg's.
         :raises TypeError: ``site`` is not a non-empty str (or a timeout not
             a number, when awaited).
         """
