@@ -230,3 +230,67 @@ async def test_a_partial_over_the_connection_left_by_an_earlier_lease_keeps_lost
         warnings.simplefilter("ignore", ResourceWarning)
         await handler_that_forgets()
         await _kept_until_the_lease_timeout(pool, clock)
+
+
+class _Unhashable:
+    __hash__ = None  # type: ignore[assignment]
+
+    def __call__(self, *args: Any) -> None:
+        pass
+
+
+def _plain(*args: Any) -> None:
+    pass
+
+
+async def test_registering_where_no_lease_can_be_told_raises_nothing_new(pools: Any, pg_dsn: str) -> None:
+    # safepool's add_/remove_ methods on asyncpg's Connection note only a
+    # safepool lease's registrations: elsewhere they are asyncpg's own, and
+    # asyncpg's errors come out unchanged, with nothing noted.
+    plain: Any = await asyncpg.connect(pg_dsn)
+    try:
+        plain.add_termination_listener(_plain)
+        plain.add_query_logger(_plain)
+        plain.remove_query_logger(_plain)
+        assert plain._proxy is None and len(plain._termination_listeners) == 1
+    finally:
+        await plain.close()
+    theirs = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        async with theirs.acquire() as con:
+            con.add_termination_listener(_plain)
+            con.remove_termination_listener(_plain)
+    finally:
+        await theirs.close()
+
+    pool = await pools(min_size=1, max_size=1)
+    async with pool.acquire(timeout=2) as con:
+        with pytest.raises(TypeError, match="unhashable"):
+            con.add_termination_listener(_Unhashable())
+        with pytest.raises(asyncpg.InterfaceError, match="expected a callable"):
+            con.add_query_logger(42)
+    [holder] = pool._runner.slot_holders.values()
+    assert not holder.lease_callbacks
+
+    # The proxy is garbage, not yet reclaimed (that runs one loop pass
+    # later): the weak proxy raises ReferenceError. A callback registered
+    # then is not told from the lost lease's own: it keeps the connection
+    # leased until release_lease() (or lease_timeout) takes it.
+    async def loses() -> Any:
+        con = await pool.acquire(timeout=2)
+        return con._con
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        raw = await loses()
+        gc.collect()
+        assert raw._proxy is not None  # the dead weak proxy, still in place
+        raw.add_termination_listener(_plain)
+        del raw
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        [lease] = pool.leases()
+        assert lease.collected and pool.stats().in_use == 1
+        assert await pool.release_lease(lease.id) is True
+        await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == 1
