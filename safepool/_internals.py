@@ -619,6 +619,21 @@ def _note_callback(con: RawConnection, kind: str, callback: Any, added: bool) ->
         registered.pop(key, None)
 
 
+# The lease id noted for a callback a setup= hook registered: the
+# connection's, not a lease's (lease ids start at 1).
+SETUP_LEASE = 0
+
+
+def disown_callbacks(registered: dict[Any, int], lease_id: int) -> None:
+    """Note the termination listeners and query loggers lease ``lease_id``
+    has registered so far (its ``setup=`` hook's) as the connection's
+    (``SETUP_LEASE``): :func:`has_callbacks` then leaves them out for every
+    lease, as it leaves out ``init=``'s."""
+    for key, owner in registered.items():
+        if owner == lease_id:
+            registered[key] = SETUP_LEASE
+
+
 def forget_removed_callbacks(con: RawConnection, registered: dict[Any, int]) -> None:
     """Drop the notes (``Holder.lease_callbacks``) of callbacks no longer on
     ``con``: removed where no lease could be told (a ``reset=`` hook or a

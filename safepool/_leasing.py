@@ -219,6 +219,11 @@ class Leaser:
                 await self.run_setup(proxy, lease)
             else:
                 await self.run_setup_until(proxy, lease, deadline, timeout)
+            if holder.lease_callbacks:
+                # The termination listeners and query loggers it registered
+                # are the pool's setup, not the lease's code: as init='s, they
+                # do not keep a lost proxy's connection from being reclaimed.
+                _pg.disown_callbacks(holder.lease_callbacks, lease.id)
         if context is not None:
             context.connection = proxy
         return proxy

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -294,3 +295,55 @@ async def test_registering_where_no_lease_can_be_told_raises_nothing_new(pools: 
         assert await pool.release_lease(lease.id) is True
         await until(lambda: pool.stats().idle == 1)
     assert pool.stats().leaks_detected == 1
+
+
+def _log_record(record: Any) -> None:
+    pass
+
+
+def _on_close(con: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize("kind", ["termination listener", "query logger"])
+async def test_callbacks_a_setup_hook_registers_do_not_keep_lost_proxies_leased(
+    pools: Any, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    # setup= runs on every acquire, through the lease's proxy: what it
+    # registered counted as the lease's own callbacks, so every lost proxy
+    # of such a pool stayed leased (a leak_suspect report, then nothing until
+    # lease_timeout). It is the pool's setup, as init= is: the connection's.
+    async def setup(con: Any) -> None:
+        _register(con, kind, _on_close if kind == "termination listener" else _log_record)
+
+    pool = await pools(min_size=1, max_size=1, setup=setup)
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+
+    async def handler_that_forgets() -> None:
+        con = await pool.acquire(timeout=2)
+        await con.execute("SELECT 1")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        for leaked in (1, 2):
+            await handler_that_forgets()
+            gc.collect()
+            await until(lambda: pool.stats().idle == 1)
+            assert pool.stats().leaks_detected == leaked
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "leak_suspect"]
+
+    # A callback the lease's own code registers after setup= still keeps it.
+    async def handler_that_registers_and_forgets() -> None:
+        con = await pool.acquire(timeout=2)
+        _register(con, kind, lambda *args: None)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await handler_that_registers_and_forgets()
+        gc.collect()
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        [lease] = pool.leases()
+        assert lease.collected and pool.stats().leaks_detected == 2
+        assert await pool.release_lease(lease.id) is True
+        await until(lambda: pool.stats().idle == 1)
