@@ -1,9 +1,11 @@
-"""Termination listeners and query loggers an earlier lease left on its
-connection (asyncpg's release keeps both kinds) are not a later lease's
-callbacks, but a reference to the connection that one of them holds (a
-closure over it, its bound method, a partial) still counts: a lost proxy's
-connection then stays leased (the safe side) until the lease timeout, or
-``release_lease()``, takes it back. On a real PostgreSQL."""
+"""Termination listeners and query loggers that init=, setup= or an earlier
+lease left on a connection (asyncpg's release keeps both kinds) are the
+connection's, not a later lease's callbacks: they do not keep a lost proxy's
+connection leased. Only a callback the lost lease registered itself does, and
+a reference to the connection that a leftover holds (a closure over it, its
+bound method, a partial) still counts: that connection then stays leased (the
+safe side) until the lease timeout, or ``release_lease()``, takes it back. On
+a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -24,11 +26,25 @@ from tests._util import until
 pytestmark = pytest.mark.asyncio
 
 
-def _register(con: Any, kind: str, callback: Any) -> None:
+def _on_close(con: Any) -> None:
+    pass
+
+
+def _log_record(record: Any) -> None:
+    pass
+
+
+def _register(con: Any, kind: str, callback: Any = None) -> None:
+    """Registers ``callback`` (a plain function by default) as a
+    termination listener or a query logger, as ``kind`` names."""
     if kind == "termination listener":
-        con.add_termination_listener(callback)
+        con.add_termination_listener(callback or _on_close)
     else:
-        con.add_query_logger(callback)
+        con.add_query_logger(callback or _log_record)
+
+
+def _suspects(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(getattr(r, "event", None) == "leak_suspect" for r in caplog.records)
 
 
 class _KeepsItsCallbacks(asyncpg.Connection):
@@ -175,8 +191,24 @@ async def test_callbacks_a_reset_hook_removed_are_not_remembered(pools: Any) -> 
 
 
 class _Registering(asyncpg.Connection):
-    def register_closure(self) -> None:
-        self.add_query_logger(lambda record: self.is_closed())  # refers to the connection
+    """A connection_class whose methods register callbacks on the connection
+    itself (through the proxy's attribute fallback: on the raw connection)
+    that refer to it: the references a lease's own leftovers hold."""
+
+    def register(self, kind: str, how: str = "closure") -> None:
+        if how == "closure":
+            _register(self, kind, lambda *args: self.is_closed())
+        elif how == "bound method":
+            _register(self, kind, self.on_event)
+        else:  # a partial, the connection one of its keyword arguments
+            _register(self, kind, functools.partial(_on_event, connection=self))
+
+    def on_event(self, *args: Any) -> None:
+        pass
+
+
+def _on_event(con_or_record: Any, connection: Any = None) -> None:
+    pass
 
 
 async def test_a_closure_a_reset_hook_removed_does_not_keep_lost_proxies_leased(pools: Any) -> None:
@@ -190,7 +222,7 @@ async def test_a_closure_a_reset_hook_removed_does_not_keep_lost_proxies_leased(
 
     pool = await pools(min_size=1, max_size=1, connection_class=_Registering, reset=remove_callbacks)
     async with pool.acquire(timeout=2) as con:
-        con.register_closure()
+        con.register("query logger")
 
     async def handler_that_forgets() -> None:
         con = await pool.acquire(timeout=2)
@@ -202,35 +234,6 @@ async def test_a_closure_a_reset_hook_removed_does_not_keep_lost_proxies_leased(
         gc.collect()
         await until(lambda: pool.stats().idle == 1)
     assert pool.stats().leaks_detected == 1
-
-
-class _RegistersAPartial(asyncpg.Connection):
-    def register_partial(self) -> None:
-        self.add_termination_listener(functools.partial(_on_termination, connection=self))
-
-
-def _on_termination(con: Any, connection: Any = None) -> None:
-    pass
-
-
-async def test_a_partial_over_the_connection_left_by_an_earlier_lease_keeps_lost_proxies_leased(
-    pools: Any,
-) -> None:
-    # Its reference to the connection (a keyword argument) is one the pool
-    # cannot tell from a reference in use: the safe side.
-    clock = ManualClock()
-    pool = await pools(min_size=1, max_size=1, connection_class=_RegistersAPartial, lease_timeout=30.0, clock=clock)
-    async with pool.acquire(timeout=2) as con:
-        con.register_partial()
-
-    async def handler_that_forgets() -> None:
-        con = await pool.acquire(timeout=2)
-        await con.execute("SELECT 1")
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        await handler_that_forgets()
-        await _kept_until_the_lease_timeout(pool, clock)
 
 
 class _Unhashable:
@@ -297,53 +300,125 @@ async def test_registering_where_no_lease_can_be_told_raises_nothing_new(pools: 
     assert pool.stats().leaks_detected == 1
 
 
-def _log_record(record: Any) -> None:
-    pass
+async def _handler_that_forgets(pool: Any, kind: str | None = None) -> None:
+    """Acquires, changes the session (application_name 'leaky') and, with a
+    ``kind``, registers a callback of its own; then loses the proxy."""
+    con = await pool.acquire(timeout=2)
+    await con.execute("SET application_name = 'leaky'")
+    if kind is not None:
+        _register(con, kind, lambda *args: None)
 
 
-def _on_close(con: Any) -> None:
-    pass
+async def _each_lost_proxy_is_reclaimed(pool: Any, kind: str, caplog: pytest.LogCaptureFixture, leaked: int) -> None:
+    """Two lost proxies of ``pool`` (max_size=1) are reclaimed (and their
+    session reset) without a leak_suspect report; a third, whose lease
+    registered a ``kind`` callback of its own, stays leased until
+    ``release_lease()``. ``leaked``: the leaks detected before."""
+    for n in (1, 2):
+        await _handler_that_forgets(pool)
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+        assert pool.stats().leaks_detected == leaked + n
+    assert _suspects(caplog) == 0
+    async with pool.acquire(timeout=2) as con:
+        assert await con.fetchval("SHOW application_name") != "leaky"
+
+    await _handler_that_forgets(pool, kind)  # the lease's own callback: maybe still in use
+    gc.collect()
+    await until(lambda: _suspects(caplog) == 1)
+    [lease] = pool.leases()
+    assert pool.stats().in_use == 1 and lease.collected
+    assert await pool.release_lease(lease.id) is True
+    await until(lambda: pool.stats().idle == 1)
+    assert pool.stats().leaks_detected == leaked + 3
+
+
+@pytest.mark.parametrize("hook", ["init", "setup"])
+@pytest.mark.parametrize("kind", ["termination listener", "query logger"])
+async def test_callbacks_the_pools_hooks_register_do_not_keep_lost_proxies_leased(
+    pools: Any, caplog: pytest.LogCaptureFixture, kind: str, hook: str
+) -> None:
+    # A termination listener or query logger registered by init= belongs to
+    # the connection for its whole life (asyncpg's release keeps both); one
+    # setup= registers (on every acquire, through the lease's proxy) is the
+    # pool's setup, as init='s. Both counted as the lease's callbacks: no
+    # lost proxy of that connection was reclaimed (a leak_suspect report,
+    # then nothing until lease_timeout), and leaked leases exhausted the pool
+    # (the outage again). A callback the lease's own code registers (after
+    # setup=) still keeps its connection.
+    async def register(con: Any) -> None:
+        _register(con, kind)
+
+    pool = await pools(min_size=1, max_size=1, **{hook: register})
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await _each_lost_proxy_is_reclaimed(pool, kind, caplog, leaked=0)
 
 
 @pytest.mark.parametrize("kind", ["termination listener", "query logger"])
-async def test_callbacks_a_setup_hook_registers_do_not_keep_lost_proxies_leased(
+async def test_callbacks_an_earlier_lease_left_do_not_keep_lost_proxies_leased(
     pools: Any, caplog: pytest.LogCaptureFixture, kind: str
 ) -> None:
-    # setup= runs on every acquire, through the lease's proxy: what it
-    # registered counted as the lease's own callbacks, so every lost proxy
-    # of such a pool stayed leased (a leak_suspect report, then nothing until
-    # lease_timeout). It is the pool's setup, as init= is: the connection's.
-    async def setup(con: Any) -> None:
-        _register(con, kind, _on_close if kind == "termination listener" else _log_record)
-
-    pool = await pools(min_size=1, max_size=1, setup=setup)
+    # asyncpg's release keeps termination listeners and query loggers: one a
+    # lease registered and left counted as the callbacks of every later lease
+    # of that connection, and no lost proxy of it was reclaimed any more (a
+    # leak_suspect report, then nothing until lease_timeout). Once their
+    # lease ended they are the connection's, as init='s are.
+    pool = await pools(min_size=1, max_size=1)
     caplog.set_level(logging.WARNING, logger="safepool.leaks")
-
-    async def handler_that_forgets() -> None:
-        con = await pool.acquire(timeout=2)
-        await con.execute("SELECT 1")
+    async with pool.acquire(timeout=2) as con:
+        _register(con, kind)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
-        for leaked in (1, 2):
-            await handler_that_forgets()
-            gc.collect()
-            await until(lambda: pool.stats().idle == 1)
-            assert pool.stats().leaks_detected == leaked
-    assert not [r for r in caplog.records if getattr(r, "event", None) == "leak_suspect"]
+        await _each_lost_proxy_is_reclaimed(pool, kind, caplog, leaked=0)
 
-    # A callback the lease's own code registers after setup= still keeps it.
-    async def handler_that_registers_and_forgets() -> None:
-        con = await pool.acquire(timeout=2)
-        _register(con, kind, lambda *args: None)
+        # The leftovers' references to the connection are not taken for a
+        # query's: a lost proxy whose query has not started is still in use.
+        async def handler_with_a_pending_query() -> Any:
+            con = await pool.acquire(timeout=2)
+            return con.fetchval("SELECT 41 + 1")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        await handler_that_registers_and_forgets()
+        pending = await handler_with_a_pending_query()
         gc.collect()
-        for _ in range(5):
-            await asyncio.sleep(0.01)
-        [lease] = pool.leases()
-        assert lease.collected and pool.stats().leaks_detected == 2
-        assert await pool.release_lease(lease.id) is True
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert pool.stats().in_use == 1 and pool.stats().leaks_detected == 3
+        assert await pending == 42
+        del pending
+        gc.collect()
         await until(lambda: pool.stats().idle == 1)
+        assert pool.stats().leaks_detected == 4
+
+        # The lease that registered its own callback ended too (reclaimed by
+        # release_lease()): its callback is a leftover now.
+        await _handler_that_forgets(pool)
+        gc.collect()
+        await until(lambda: pool.stats().idle == 1)
+        assert pool.stats().leaks_detected == 5 and _suspects(caplog) == 1
+
+
+@pytest.mark.parametrize("how", ["closure", "bound method", "partial"])
+@pytest.mark.parametrize("kind", ["termination listener", "query logger"])
+async def test_a_leftover_callback_that_refers_to_the_connection_keeps_lost_proxies_until_the_lease_timeout(
+    pools: Any, kind: str, how: str
+) -> None:
+    # Its reference to the connection (the closure's cell, the method's
+    # self, the partial's keyword argument) cannot be told from one in use (a
+    # closure the program also keeps, a query not started yet) without the
+    # reference counts of all that lies between: the pool keeps the lost
+    # proxy's connection leased, the safe side, and the lease timeout takes
+    # it back (release_lease() refuses, as for any connection referred to).
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, connection_class=_Registering, lease_timeout=30.0, clock=clock)
+    async with pool.acquire(timeout=2) as con:
+        con.register(kind, how)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await _handler_that_forgets(pool)
+        await _kept_until_the_lease_timeout(pool, clock)
+    async with pool.acquire(timeout=2) as con:
+        assert await con.fetchval("SHOW application_name") != "leaky"
