@@ -375,6 +375,21 @@ def _replay_servers(under: Path) -> list[psutil.Process]:
     ]
 
 
+def _client_backends(under: Path) -> list[psutil.Process]:
+    """The embedded server's backends serving a client (their title names
+    the client's address: ``[local]`` on its Unix socket)."""
+    backends = []
+    for server in _replay_servers(under):
+        for child in server.children():
+            try:
+                title = " ".join(child.cmdline())
+            except psutil.Error:  # gone meanwhile
+                continue
+            if "[local]" in title or "127.0.0.1" in title:
+                backends.append(child)
+    return backends
+
+
 @pytest.mark.realtime
 @pytest.mark.parametrize(
     ("signals", "code", "message"),
@@ -413,7 +428,10 @@ def test_ctrl_c_stops_everything_and_removes_the_embedded_server(
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "the embedded server did not start"
             time.sleep(0.1)
-        time.sleep(3)  # into the first pool's run
+        while len(_client_backends(tmp_path)) < 3:  # into the first pool's run: the monitor and its connections
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the first pool's run did not start"
+            time.sleep(0.1)
         for signum in signals:
             process.send_signal(signum)
             time.sleep(0.2)
