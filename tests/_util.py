@@ -15,6 +15,18 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
             await asyncio.sleep(0.005)
 
 
+async def looked_at(pool: Any) -> None:
+    """Until ``pool`` (max_size=1) has looked at its lost proxy's connection
+    (garbage collected here) and either kept it leased (a re-check
+    scheduled) or taken it back: an event, where a window of sleeps would
+    end on a slow host before the pool looked."""
+    import gc
+
+    [holder] = pool._runner.slot_holders.values()
+    gc.collect()
+    await until(lambda: holder.orphan_checks >= 1 or pool.stats().in_use == 0)
+
+
 async def until_in_pg_sleep(pg_dsn: str, pid: int, timeout: float = 5.0) -> None:
     """Until backend ``pid`` runs its ``pg_sleep`` (a server-side state:
     polled on a connection of its own). Not merely 'active': that starts at

@@ -14,7 +14,7 @@ import pytest
 
 import safepool
 from safepool import LeaseExpiredError, ManualClock
-from tests._util import line_of, until
+from tests._util import line_of, looked_at, until
 
 pytestmark = pytest.mark.asyncio
 
@@ -350,9 +350,7 @@ async def test_an_earlier_leases_leftovers_do_not_keep_lost_proxies_from_being_r
 
         # Still refused for what can use the connection: a query's coroutine.
         pending = await handler_that_forgets(query=True)
-        gc.collect()
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await looked_at(pool)
         assert pool.stats().in_use == 1 and [info.collected for info in pool.leases()] == [True]
         assert await pending == 42
         del pending
@@ -386,9 +384,7 @@ async def test_a_listener_closure_from_init_dropped_at_release_leaves_no_query_u
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         pending = await handler_that_forgets()
-        gc.collect()
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await looked_at(pool)
         assert pool.stats().in_use == 1 and pool.stats().leaks_detected == 0
         assert await pending == 42
         del pending

@@ -9,7 +9,6 @@ a real PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import gc
 import logging
@@ -21,7 +20,7 @@ import asyncpg
 import pytest
 
 from safepool import ManualClock
-from tests._util import until
+from tests._util import looked_at, until
 
 pytestmark = pytest.mark.asyncio
 
@@ -82,9 +81,7 @@ async def _still_leased(pool: Any, pending: Any, forget: Callable[[], None] = la
     """The lost proxy's connection stays leased while ``pending`` (a query's
     coroutine, not started) waits; once it ran (and the program let go of
     what else refers to the connection: ``forget``), it is reclaimed."""
-    gc.collect()
-    for _ in range(5):
-        await asyncio.sleep(0.01)
+    await looked_at(pool)
     leased = pool.stats().in_use == 1 and pool.stats().leaks_detected == 0
     await pending  # (whatever happened: a coroutine never awaited would warn)
     del pending
@@ -99,9 +96,7 @@ async def _kept_until_the_lease_timeout(pool: Any, clock: ManualClock) -> None:
     """The lost proxy's connection stays leased (a leftover refers to the
     connection; not even ``release_lease()`` takes it), until its
     ``lease_timeout`` (30 s on ``clock``) takes it back."""
-    gc.collect()
-    for _ in range(5):
-        await asyncio.sleep(0.01)
+    await looked_at(pool)
     assert pool.stats().in_use == 1 and pool.stats().leaks_detected == 0
     [lease] = pool.leases()
     assert lease.collected
@@ -156,9 +151,7 @@ async def test_a_leftover_sharing_its_reference_with_live_code_does_not_hide_it(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
             pending = await handler_with_a_pending_query()
-            gc.collect()
-            for _ in range(5):
-                await asyncio.sleep(0.01)
+            await looked_at(pool)
             assert pool.stats().in_use == 1 and pool.stats().leaks_detected == 0
             assert await pending == _HELPERS["pid"]
             del pending
@@ -291,8 +284,7 @@ async def test_registering_where_no_lease_can_be_told_raises_nothing_new(pools: 
         assert raw._proxy is not None  # the dead weak proxy, still in place
         raw.add_termination_listener(_plain)
         del raw
-        for _ in range(5):
-            await asyncio.sleep(0.01)
+        await looked_at(pool)
         [lease] = pool.leases()
         assert lease.collected and pool.stats().in_use == 1
         assert await pool.release_lease(lease.id) is True
@@ -382,9 +374,7 @@ async def test_callbacks_an_earlier_lease_left_do_not_keep_lost_proxies_leased(
             return con.fetchval("SELECT 41 + 1")
 
         pending = await handler_with_a_pending_query()
-        gc.collect()
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await looked_at(pool)
         assert pool.stats().in_use == 1 and pool.stats().leaks_detected == 3
         assert await pending == 42
         del pending
