@@ -571,9 +571,11 @@ class Runner:
             # what the tasks would settle is settled below, synchronously,
             # and their handlers find it done if they do run.
             task.cancel()
-        for slot in state.slots():
-            if slot.connection is not None:
-                _pg.detach_proxy(slot.connection)
+        # Proxies are cut off after their connections are terminated, as
+        # asyncpg's terminate() does: a termination listener gets the proxy
+        # the program holds (Connection._unwrap() at the terminate), not the
+        # connection.
+        connections = [slot.connection for slot in state.slots() if slot.connection is not None]
         for slot in state.terminate(now):
             # Already closing: its close task was cancelled, abort the
             # connection instead. (A connect that still completes finds its
@@ -585,4 +587,6 @@ class Runner:
             settle(done, None)  # releases waiting for a pool task's reset return
         self.resets_done.clear()
         self.drain()
+        for con in connections:
+            _pg.detach_proxy(con)
         self.cancel_timers()

@@ -732,6 +732,28 @@ async def test_callbacks_receive_the_leased_proxy(make_pool: MakePool) -> None:
         assert {connection: name}[con] == name
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["plain", "async"])
+async def test_a_termination_listener_gets_the_leased_proxy_at_terminate(make_pool: MakePool, kind: str) -> None:
+    """``pool.terminate()`` with a connection leased: its termination
+    listener gets the proxy the program holds, as asyncpg's terminate()
+    aborts the connection (``_unwrap()``) before it detaches the proxy."""
+    pool = await make_pool()
+    con = await pool.acquire()
+    received: list[Any] = []
+    if kind == "plain":
+        con.add_termination_listener(received.append)
+    else:
+
+        async def on_termination(connection: Any) -> None:
+            received.append(connection)
+
+        con.add_termination_listener(on_termination)
+    pool.terminate()
+    await wait_until(lambda: len(received) == 1)
+    assert received[0] is con
+
+
 class BudgetRecordingConnection(asyncpg.Connection):
     budgets: list[float | None] = []
 
