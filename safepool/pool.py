@@ -730,19 +730,30 @@ class Pool:
 class PoolAcquireContext:
     """What ``pool.acquire()`` returns: awaitable, or an async context manager."""
 
-    __slots__ = ("pool", "timeout", "lease_timeout", "site", "stack", "connection", "done")
+    __slots__ = ("pool", "_timeout", "lease_timeout", "site", "stack", "connection", "done")
 
     def __init__(
         self, pool: Pool, timeout: float | None, lease_timeout: Any, site: str | None = None,
         stack: _stack.Captured | None = None,
     ) -> None:
         self.pool = pool
-        self.timeout = timeout
+        self._timeout = timeout
         self.lease_timeout = lease_timeout
         self.site = site
         self.stack = stack  # the caller of pool.acquire() (capture_stack), else None
         self.connection: PoolConnectionProxy | None = None
         self.done = False
+
+    @property
+    def timeout(self) -> float | None:
+        """The ``timeout`` given to ``acquire()``, in seconds; None when it
+        was left out (the pool's ``acquire_timeout`` then applies), as the
+        attribute of asyncpg's ``PoolAcquireContext`` reads (asyncpg 0.32)."""
+        return None if self._timeout is _DEFAULT else self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._timeout = value
 
     # Plain methods returning the leaser's coroutine (acquire) or awaitable
     # (release: the reset's driver itself): no coroutine frame of the face's
@@ -750,7 +761,7 @@ class PoolAcquireContext:
     def __aenter__(self) -> Coroutine[Any, Any, PoolConnectionProxy]:
         if self.connection is not None or self.done:
             raise _pg_exceptions.InterfaceError("a connection is already acquired")
-        return self.pool._leaser.acquire(self.timeout, self.lease_timeout, self, self.site, self.stack)
+        return self.pool._leaser.acquire(self._timeout, self.lease_timeout, self, self.site, self.stack)
 
     def __aexit__(
         self,
@@ -764,7 +775,7 @@ class PoolAcquireContext:
 
     def __await__(self) -> Any:
         self.done = True
-        return self.pool._leaser.acquire(self.timeout, self.lease_timeout, None, self.site, self.stack).__await__()
+        return self.pool._leaser.acquire(self._timeout, self.lease_timeout, None, self.site, self.stack).__await__()
 
     # What inspect.iscoroutinefunction() answers for asyncpg's (async def)
     # methods, on Python 3.12+ (inspect.markcoroutinefunction; 3.11 has none).

@@ -493,6 +493,24 @@ async def test_the_acquire_context_methods_look_like_coroutine_functions(make_po
 
 
 @pytest.mark.asyncio
+@pytest.mark.realtime  # (a 50 ms acquire timeout: parity, no clock to inject into asyncpg)
+async def test_the_acquire_contexts_timeout_reads_as_given(make_pool: MakePool) -> None:
+    """``pool.acquire(...).timeout`` is the timeout given, None when left
+    out (it read as safepool's internal "left out" marker, an ``object()``),
+    and writable before the acquire, as asyncpg's attribute."""
+    pool = await make_pool(min_size=1, max_size=1)
+    assert pool.acquire().timeout is None
+    assert pool.acquire(timeout=None).timeout is None
+    assert pool.acquire(timeout=2.5).timeout == 2.5
+    async with pool.acquire() as held:
+        ctx = pool.acquire()
+        ctx.timeout = 0.05
+        with pytest.raises(asyncio.TimeoutError):
+            await ctx
+        assert await held.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio
 async def test_private_sizes_monitoring_code_reads(make_pool: MakePool) -> None:
     """``pool._minsize`` / ``pool._maxsize`` (with ``_queue.qsize()``) are
     what health endpoints and hasql's asyncpg driver read of asyncpg's pool."""
