@@ -339,7 +339,17 @@ class Leaser:
             # take-back ran asyncpg's _on_release already).
             return self.finish_release(None, True) if logged else self.released
         slot = lease.slot  # (holder: the proxy's, its slot's: no lookup in slot_holders)
-        check = _pg.release_check(con, holder.clean_mark, self.max_queries, holder.own_is_closed)
+        try:
+            check = _pg.release_check(con, holder.clean_mark, self.max_queries, holder.own_is_closed)
+        except Warning as warning:
+            # asyncpg's warning of listeners left registered, turned into an
+            # error (filterwarnings = error): raised after the detach, it left
+            # the lease open for good (asyncpg's pool loses the connection
+            # too). Release as usual without the listeners, then raise it.
+            _pg.clear_listeners(con)
+            connection._con = con
+            con._proxy = connection
+            return self.raise_after(self.release(connection, timeout), warning)
         usable = check != _pg.UNUSABLE
         outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
         if outcome is Outcome.CLEAN and (con._listeners or con._log_listeners):
@@ -428,6 +438,10 @@ class Leaser:
             state.release(lease, self.now(), outcome)
         runner.after_hand_on()
         return self.finish_release(done, logged) if logged or done is not None else self.released
+
+    async def raise_after(self, release: Awaitable[None], error: Exception) -> None:
+        await release
+        raise error
 
     async def finish_release(self, done: Awaitable[Any] | None, logged: bool) -> None:
         """A release's wait off the hot path: for a plain future that the

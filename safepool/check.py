@@ -49,6 +49,10 @@ _CLEANUP_REGISTRATIONS = {"push_async_callback", "callback", "push", "push_async
 # Calls that pass an acquire's awaitable through to what awaits them.
 _WRAPPERS = {"wait_for", "shield"}
 _ESCAPE_METHODS = {"append", "add", "put", "put_nowait", "extend", "insert", "appendleft", "setdefault"}
+# `with pytest.raises(PoolTimeoutError):` (or unittest's assertRaises): the
+# block's last statement is expected to raise, so an acquire there gets no
+# connection; if it does, the test fails anyway.
+_EXPECTS_RAISE = {"raises", "assertRaises", "assertRaisesRegex"}
 
 
 @dataclass(frozen=True)
@@ -394,6 +398,8 @@ class _Checker:
             return
         holder = module.parents.get(top)
         stmt = module.statement_of(call)
+        if awaited and _expected_to_raise(module, stmt):
+            return
         var: str | None = None
         if isinstance(holder, ast.NamedExpr) and isinstance(holder.target, ast.Name):
             var = holder.target.id
@@ -611,6 +617,19 @@ class _Checker:
             if isinstance(node, (ast.For, ast.AsyncFor, ast.While)):
                 return _contains(node.body, acquire_stmt)
         return False
+
+
+def _expected_to_raise(module: _Module, stmt: ast.stmt) -> bool:
+    """Is ``stmt`` the last statement of a ``with pytest.raises(...):`` (or
+    ``self.assertRaises(...)``) block?"""
+    block = module.parents.get(stmt)
+    return (
+        isinstance(block, ast.With) and block.body[-1] is stmt
+        and any(
+            isinstance(item.context_expr, ast.Call) and _last_name(item.context_expr.func) in _EXPECTS_RAISE
+            for item in block.items
+        )
+    )
 
 
 def _contains(block: list[ast.stmt], target: ast.stmt) -> bool:

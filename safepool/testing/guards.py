@@ -358,7 +358,7 @@ class LeakGuard:
             f"in use={event.in_use}, idle={event.idle}, connecting={event.connecting}, "
             f"waiting={event.waiting}, max_waiters={event.max_waiters}"
         )
-        lines = [f"{message}; {len(idle)} of {len(holders)} leased connection(s) ran no statement:"]
+        lines = [f"{message}; {len(idle)} of {len(holders)} leased connection(s) were not running a statement:"]
         before = self._baseline.get(pool, set())
         for info, doing in idle:
             task = f" by task {info.task_name}" if info.task_name else ""

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 
+import pytest
 import pytest_asyncio
 
 
@@ -261,3 +262,17 @@ async def nested_function_between_the_acquire_and_the_try(pool):
         await con.execute("SELECT 1")
     finally:
         await pool.release(con)
+
+
+async def test_acquire_times_out(pool):
+    # The block's last statement is expected to raise: no connection to release.
+    with pytest.raises(TimeoutError):
+        await pool.acquire(timeout=0.1)
+    with pytest.raises(TimeoutError, match="timed out"):
+        con = await pool.acquire(timeout=0.1)  # noqa: F841
+
+
+class AcquireTimesOut:
+    async def test_it(self):
+        with self.assertRaises(TimeoutError):
+            await self.pool.acquire(timeout=0.1)

@@ -238,3 +238,10 @@ async def release_in_a_nested_function_before_return(pool, early):
         return None
     await con.execute("SELECT 1")
     await pool.release(con)
+
+
+async def test_acquire_then_something_raises(self, pool):
+    # Not the statement expected to raise: the acquire got a connection.
+    with self.assertRaises(ValueError):
+        await pool.acquire()  # expect: SP003
+        int("x")

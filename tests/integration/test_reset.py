@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -127,6 +128,30 @@ async def test_listeners_are_dropped_even_without_a_reset(make: Any) -> None:
             await pool.release(con)
     async with pool.acquire() as con:
         assert await con.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+
+
+@pytest.mark.parametrize("listen", ["notification", "log"])
+async def test_listener_warning_raised_as_an_error_still_releases(make: Any, listen: str) -> None:
+    # With warnings turned into errors (pytest's filterwarnings = error),
+    # asyncpg's warning of listeners left registered raises from release():
+    # asyncpg's pool then never gets the connection back, and safepool's kept
+    # the lease open for good (the proxy detached, its listeners keeping it
+    # from being reclaimed). The error is still raised, after the release.
+    pool = await make()
+    async with pool.acquire() as con:
+        if listen == "notification":
+            await con.add_listener("chan", lambda *args: None)
+            await con.execute("SELECT 1")
+        else:
+            con.add_log_listener(lambda *args: None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(asyncpg.InterfaceWarning, match=f"active {listen} listener"):
+                await pool.release(con)
+    assert pool.stats().in_use == 0 and pool.leases() == []
+    async with pool.acquire(timeout=5) as con:
+        assert await con.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+        assert not con._con._listeners and not con._con._log_listeners
 
 
 # ------------------------------------ a Parse that no Sync followed

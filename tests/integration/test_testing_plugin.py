@@ -171,7 +171,7 @@ def test_strict_mode_fails_timeouts_caused_by_idle_leases(suite: pytest.Pytester
     strict.stdout.fnmatch_lines([
         "*_ test_holder_idles_while_another_task_times_out _*",
         "safepool: 1 acquire timeout caused by idle leases",
-        "*timed out waiting for a connection after 0.1*s: max_size=1*; 1 of 1 leased connection(s) ran no statement:",
+        "*timed out waiting for a connection after 0.1*s: max_size=1*; 1 of 1 leased connection(s) were not running a statement:",
         "*lease *, held *s by task *, not in the database: waiting at "
         f"*test_strict_timeouts.py:{line_of('strict_timeouts.py', 'IDLE-HOLDER')} in slow_handler; acquired at:",
         f'*File "*test_strict_timeouts.py", line {line_of("strict_timeouts.py", "STRICT-ACQUIRE")}, in slow_handler',
