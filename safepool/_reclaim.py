@@ -32,8 +32,9 @@ _ORPHAN_RECHECK_CAP = 2.0
 
 def _holder_of(lease: Lease) -> str:
     """``task T, site 'S'`` of a report (what is known: the task with stack
-    capture, the site with site caps or ``acquire(site=)``), or ``task ?``."""
-    parts = [f"task {lease.task_name or '?'}"]
+    capture, the site with site caps or ``acquire(site=)``), or ``task unknown``
+    (the report's stack then says how to capture it)."""
+    parts = [f"task {lease.task_name or 'unknown'}"]
     if lease.site is not None:
         parts.append(f"site {lease.site!r}")
     return ", ".join(parts)

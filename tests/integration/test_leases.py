@@ -23,9 +23,12 @@ pytestmark = pytest.mark.asyncio
 # ---------------------------------------------------------------- lease timeout
 
 
-async def test_expired_lease_is_taken_back_and_holder_gets_a_clear_error(pools: Any) -> None:
+async def test_expired_lease_is_taken_back_and_holder_gets_a_clear_error(
+    pools: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     clock = ManualClock()
     pool = await pools(min_size=1, max_size=1, lease_timeout=30.0, clock=clock)
+    caplog.set_level(logging.ERROR, logger="safepool.leaks")
     con = await pool.acquire()
     await con.execute("SET application_name = 'dirty'")
     waiter = asyncio.ensure_future(pool.acquire(timeout=None))
@@ -43,6 +46,11 @@ async def test_expired_lease_is_taken_back_and_holder_gets_a_clear_error(pools: 
     await pool.release(second)
     stats = pool.stats()
     assert stats.leases_expired == 1 and stats.in_use == 0
+    # Without stack capture (the default here) the report says what it
+    # does not know and how to learn it ("task ?" before: a new user's trial).
+    [report] = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "lease_expired"]
+    assert "; task unknown; taking the connection back" in report, report
+    assert "(acquire stack not captured: set leak_warning_after or capture_stack=True)" in report, report
 
 
 async def test_lease_released_in_time_is_untouched(pools: Any) -> None:
