@@ -88,7 +88,8 @@ async def connect(
 ) -> RawConnection:
     """Open a connection and run ``init=`` on it; raises what the connect or
     ``init`` raised (a connection ``init`` failed on is closed first; on
-    cancellation it is terminated)."""
+    cancellation it is terminated), or asyncpg's
+    ``ConnectionDoesNotExistError`` when the connection came back closed."""
     con = await open_connection(
         *args, loop=loop, connection_class=connection_class, record_class=record_class, **kwargs
     )
@@ -128,9 +129,12 @@ async def connect(
                 attempt.init_failed = not con.is_closed()
             con.terminate()
             raise
-        if con.is_closed():
-            # asyncpg 0.32's error, so the floor upkeep retries it.
-            raise _pg_exceptions.ConnectionDoesNotExistError("connection was closed during pool initialization")
+    if con.is_closed():
+        # Lost in init=, or before (a connect= callback's await after the
+        # login): asyncpg tells the pool of a loss only once it is attached,
+        # so it would sit idle, counted, with no backend. asyncpg 0.32's
+        # error, so the floor upkeep retries it.
+        raise _pg_exceptions.ConnectionDoesNotExistError("connection was closed during pool initialization")
     return con
 
 

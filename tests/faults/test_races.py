@@ -217,3 +217,43 @@ async def test_lease_taken_back_inside_a_transaction_block(pg_dsn: str, reset_mo
 
 
 _ = asyncpg
+
+
+async def test_connection_lost_before_the_pool_watches_it_is_not_kept_idle(pg_dsn: str, app_name: str) -> None:
+    """A connect= callback returns a connection the server has already
+    terminated (pg_terminate_backend after the login, before the pool could
+    watch the connection: asyncpg tells the pool of a loss only from then
+    on). The floor connect must not count it idle: it fails as a connect
+    (as asyncpg 0.32's "closed during pool initialization"), and the books
+    keep matching the server."""
+    admin = await asyncpg.connect(pg_dsn)
+    kill = False
+    returned = asyncio.Event()
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        con = await asyncpg.connect(*args, **kwargs)
+        if kill:
+            gone = asyncio.Event()
+            con.add_termination_listener(lambda _: gone.set())
+            await admin.fetchval("SELECT pg_terminate_backend($1)", con.get_server_pid())
+            await asyncio.wait_for(gone.wait(), 10)
+            returned.set()
+        return con
+
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=0, max_size=1, connect=connect, server_settings={"application_name": app_name})
+    try:
+        kill = True
+        pool.resize(min_size=1)  # a connect for the floor, nobody waiting
+        await asyncio.wait_for(returned.wait(), 10)
+        kill = False
+        await _wait_for(lambda: pool.stats().connecting == 0)
+        pool._state.check_invariants()
+        dead = [slot for slot in pool._state.slots() if slot.connection is not None and slot.connection.is_closed()]
+        assert not dead, pool
+        assert pool.get_idle_size() == pool.get_size() == int(await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app_name)), pool
+        assert await asyncio.wait_for(pool.fetchval("SELECT 1"), 10) == 1
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+        await admin.close()
