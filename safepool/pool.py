@@ -302,7 +302,11 @@ class Pool:
         self._state.set_phase(Phase.CLOSED)
 
     async def expire_connections(self) -> None:
-        """Replace every open connection: idle ones now, leased ones on release."""
+        """Replace every open connection: idle ones now, leased ones on
+        release, and connects under way when they finish (they may have used
+        the old :meth:`set_connect_args`; asyncpg 0.32 keeps those). Call it
+        once per change of settings: called more often than a connect takes,
+        no new connection survives. See docs/migration.md."""
         self._state.expire_connections()
         self._drain()
 

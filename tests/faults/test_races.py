@@ -257,3 +257,32 @@ async def test_connection_lost_before_the_pool_watches_it_is_not_kept_idle(pg_ds
     finally:
         await asyncio.wait_for(pool.close(), 10)
         await admin.close()
+
+
+async def test_a_connect_under_way_at_expire_connections_is_replaced(pg_dsn: str, app_name: str) -> None:
+    """set_connect_args() then expire_connections() while a connect with the
+    old arguments is under way (a credential rotation while an acquire
+    connects): that connection is closed when it arrives, and the acquire is
+    served by one made with the new arguments (asyncpg 0.32 keeps the old
+    one: it stamps the generation when the connect finishes)."""
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        con = await asyncpg.connect(*args, **kwargs)
+        if not entered.is_set():
+            entered.set()
+            await gate.wait()
+        return con
+
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=0, max_size=1, connect=connect, server_settings={"application_name": f"{app_name}-old"})
+    try:
+        acquiring = asyncio.ensure_future(pool.fetchval("SHOW application_name"))
+        await asyncio.wait_for(entered.wait(), 10)
+        pool.set_connect_args(pg_dsn, server_settings={"application_name": f"{app_name}-new"})
+        await pool.expire_connections()
+        gate.set()
+        assert await asyncio.wait_for(acquiring, 10) == f"{app_name}-new"
+        assert pool.stats().connections_closed == 1 and pool.get_size() == 1
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
