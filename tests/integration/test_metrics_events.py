@@ -383,3 +383,33 @@ async def test_terminate_reports_unreleased_leases_and_late_releases(pg_dsn: str
     await pool.release(returned)  # released twice: a no-op too
     late = [e["lease_id"] for e in events if e["event"] == "late_release"]
     assert late == [kept._lease.id, returned._lease.id]
+
+
+async def test_closing_a_pool_while_backing_off_reports_no_server_status(pg_dsn: str, app_name: str) -> None:
+    """close() of a pool whose connects fail closes its last connections: not
+    a change in the server's state, so no server_status event or record."""
+    refuse = False
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        if refuse:
+            raise ConnectionRefusedError("connection refused (test)")
+        return await asyncpg.connect(*args, **kwargs)
+
+    events: list[dict[str, Any]] = []
+    pool = await safepool.create_pool(
+        pg_dsn, name="closing", min_size=1, max_size=2, connect=connect, wait_on_connect_error=True,
+        server_settings={"application_name": app_name},
+    )
+    try:
+        pool.add_listener(events.append)
+        first = await pool.acquire()
+        refuse = True
+        with pytest.raises(safepool.PoolTimeoutError):
+            await pool.acquire(timeout=0.2)
+        await pool.release(first)
+        assert pool.stats().server_status == "backing_off"
+        events.clear()
+        await asyncio.wait_for(pool.close(), 10)
+        assert [e for e in events if e["event"] == "server_status"] == []
+    finally:
+        pool.terminate()
