@@ -137,6 +137,11 @@ class Runner:
                         task.add_done_callback(self.connect_tasks.discard)
                     case Close(slot):
                         self.close_slot(slot)
+                        if state.connect_failures and not state.closing:
+                            # Backing off with no connection left is down:
+                            # report it now, not at the next failed connect
+                            # (a pool closing is not news about the server).
+                            self.reporter.note_server_status(self.now())
                     case TimeOut(waiter):
                         if not waiter.future.done():
                             waiter.future.set_exception(PoolTimeoutError(self.reporter.busy_message(

@@ -8,6 +8,9 @@ It runs on the test's event loop. Modes apply to every connection at once:
 * ``blackhole``: new connections are accepted and never answered; the data
   of existing ones is swallowed (their byte stream is then unusable, so
   ``heal()`` resets them);
+* ``partition``: a black hole the server never learns about, as in a network
+  cut: no FIN or RST reaches it when the client gives a connection up, so
+  its backend lives on (until ``close()``);
 * ``reset_all()``: abort every connection with a TCP RST now (mid-query if a
   query is running).
 """
@@ -26,6 +29,7 @@ class _Pair:
         self.upstream: asyncio.StreamWriter | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.tainted = False  # swallowed data while black-holed
+        self.cut = False  # tainted during a partition: the server side stays open
 
     def abort(self) -> None:
         for writer in (self.client, self.upstream):
@@ -46,9 +50,11 @@ class FaultProxy:
         self.upstream = (upstream_host, upstream_port)
         self.latency = 0.0
         self.blackhole = False
+        self.partition = False
         self.port = 0
         self.accepted = 0
         self._pairs: set[_Pair] = set()
+        self._orphans: list[_Pair] = []  # cut pairs whose client went: their server side stays
         self._server: asyncio.Server | None = None
 
     async def start(self) -> FaultProxy:
@@ -59,9 +65,10 @@ class FaultProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for pair in list(self._pairs):
+        for pair in [*self._pairs, *self._orphans]:
             pair.abort()
         self._pairs.clear()
+        self._orphans.clear()
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -84,18 +91,23 @@ class FaultProxy:
         return len(pairs)
 
     def heal(self) -> None:
-        """End the black hole; connections whose data was swallowed are reset."""
-        self.blackhole = False
+        """End the black hole (or partition); connections whose data was
+        swallowed are reset (only on the client's side after a partition)."""
+        self.blackhole = self.partition = False
         for pair in [p for p in self._pairs if p.tainted]:
-            pair.abort()
             self._pairs.discard(pair)
+            if pair.cut:
+                pair.client.transport.abort()
+                self._orphans.append(pair)
+            else:
+                pair.abort()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         pair = _Pair(writer)
         self._pairs.add(pair)
         try:
-            if self.blackhole:
+            if self.blackhole or self.partition:
                 pair.tainted = True
                 while await reader.read(65536):
                     pass  # swallow; never answer
@@ -110,7 +122,13 @@ class FaultProxy:
         except (OSError, asyncio.CancelledError):
             pass
         finally:
-            if pair in self._pairs:
+            if pair.cut or self.partition:
+                # A partition: the server's side of the connection stays.
+                pair.cut = True
+                self._pairs.discard(pair)
+                pair.client.transport.abort()
+                self._orphans.append(pair)
+            elif pair in self._pairs:
                 self._pairs.discard(pair)
                 for task in pair.tasks[1:]:
                     task.cancel()
@@ -125,8 +143,9 @@ class FaultProxy:
         except (OSError, asyncio.CancelledError):
             pass
         finally:
-            with contextlib.suppress(OSError, RuntimeError):
-                writer.close()
+            if not ((pair.cut or self.partition) and writer is pair.upstream):
+                with contextlib.suppress(OSError, RuntimeError):
+                    writer.close()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: _Pair) -> None:
         """Copy ``reader`` to ``writer`` up to the EOF, with the latency and
@@ -137,8 +156,9 @@ class FaultProxy:
                 break
             if self.latency:
                 await asyncio.sleep(self.latency)
-            if self.blackhole:
+            if self.blackhole or self.partition:
                 pair.tainted = True
+                pair.cut = pair.cut or self.partition
                 continue
             writer.write(data)
             await writer.drain()

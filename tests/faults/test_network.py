@@ -4,6 +4,7 @@ resets mid-query. Deadlines must hold: nothing hangs past its timeout."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from typing import Any
@@ -244,3 +245,39 @@ async def test_black_hole_during_the_reset_is_aborted_by_the_watchdog(running: C
             assert pool.get_size() == 0 or pool.stats().resetting == 0
             proxy.heal()
             assert await asyncio.wait_for(pool.fetchval("SELECT 5"), 10) == 5
+
+
+async def test_network_cut_leaves_backends_only_the_server_can_end(running: Cluster, app_name: str) -> None:
+    """A network cut the server does not see (no FIN or RST reaches it): the
+    pool gives up its connections at their deadlines and, once the network
+    heals, opens new ones; the abandoned backends live on, idle, until the
+    server notices (tcp_user_timeout, keepalives: docs/reliability.md), so
+    the server counts more than max_size for the pool's application_name.
+    The pool's own books stay within max_size; asyncpg's pool does the same."""
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=2, max_size=2, command_timeout=0.5, reset_timeout=0.5,
+            server_settings={"application_name": app_name},
+        )
+        async with closing(pool), ServerSampler(running.admin_dsn, app_name) as sampler:
+            with loop_errors() as unhandled:
+                leased = [await pool.acquire(), await pool.acquire()]
+                proxy.partition = True
+                for con in leased:
+                    with pytest.raises(TimeoutError):
+                        await con.fetchval("SELECT 1")
+                    with pytest.raises(TimeoutError):
+                        await pool.release(con)  # its reset times out: given up
+                proxy.heal()  # (a connect under way in the cut is reset: its waiter gets that error)
+                with contextlib.suppress(ConnectionResetError):
+                    await pool.fetchval("SELECT 1")
+                assert await pool.fetchval("SELECT 1") == 1
+                await until(lambda: pool.stats().idle == 2, timeout=10)
+                seen = await sampler.count()
+                assert pool.get_size() == 2 and seen == 4, (seen, pool)
+                pool._state.check_invariants()
+                proxy.reset_all()
+                for orphan in proxy._orphans:
+                    orphan.abort()  # what the server's TCP timeout would do
+                await until(lambda: pool.stats().idle == 0, timeout=10)
+            assert not unhandled, unhandled

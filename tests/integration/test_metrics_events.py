@@ -141,6 +141,50 @@ async def test_listeners_get_every_event_with_its_fields(pg_dsn: str, app_name: 
         pool.terminate()
 
 
+async def test_server_status_event_when_the_last_connection_goes_while_backing_off(
+    pg_dsn: str, app_name: str
+) -> None:
+    """Backing off (connects refused, one connection left), then that
+    connection closes: stats() and health() say ``down`` at once, and so must
+    the ``server_status`` event and log record, not only whenever the next
+    connect fails (never, with nobody waiting and no min_size to restore)."""
+    refuse = False
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        if refuse:
+            raise ConnectionRefusedError("connection refused (test)")
+        return await asyncpg.connect(*args, **kwargs)
+
+    events: list[dict[str, Any]] = []
+    pool = await safepool.create_pool(
+        pg_dsn, name="status", min_size=0, max_size=2, connect=connect, wait_on_connect_error=True,
+        server_settings={"application_name": app_name},
+    )
+    try:
+        pool.add_listener(events.append)
+        first = await pool.acquire()
+        refuse = True
+        with pytest.raises(safepool.PoolTimeoutError):
+            await pool.acquire(timeout=0.2)  # its connect is refused: backing off
+        assert pool.stats().server_status == "backing_off"
+        assert {"event": "server_status", "pool": "status", "from": "up", "to": "backing_off"} in events
+        events.clear()
+        first.terminate()  # the last connection goes (as a server would drop it)
+        await pool.release(first)
+        await until(lambda: pool.get_size() == 0)
+        assert pool.stats().server_status == "down"
+        assert [e for e in events if e["event"] == "server_status"] == [
+            {"event": "server_status", "pool": "status", "from": "backing_off", "to": "down"}
+        ]
+        refuse = False
+        assert await pool.fetchval("SELECT 1") == 1
+        assert [e for e in events if e["event"] == "server_status"][-1] == {
+            "event": "server_status", "pool": "status", "from": "down", "to": "up"
+        }
+    finally:
+        pool.terminate()
+
+
 async def test_a_failing_listener_is_logged_and_the_others_still_run(
     pg_dsn: str, capture: Capture
 ) -> None:
@@ -339,3 +383,33 @@ async def test_terminate_reports_unreleased_leases_and_late_releases(pg_dsn: str
     await pool.release(returned)  # released twice: a no-op too
     late = [e["lease_id"] for e in events if e["event"] == "late_release"]
     assert late == [kept._lease.id, returned._lease.id]
+
+
+async def test_closing_a_pool_while_backing_off_reports_no_server_status(pg_dsn: str, app_name: str) -> None:
+    """close() of a pool whose connects fail closes its last connections: not
+    a change in the server's state, so no server_status event or record."""
+    refuse = False
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        if refuse:
+            raise ConnectionRefusedError("connection refused (test)")
+        return await asyncpg.connect(*args, **kwargs)
+
+    events: list[dict[str, Any]] = []
+    pool = await safepool.create_pool(
+        pg_dsn, name="closing", min_size=1, max_size=2, connect=connect, wait_on_connect_error=True,
+        server_settings={"application_name": app_name},
+    )
+    try:
+        pool.add_listener(events.append)
+        first = await pool.acquire()
+        refuse = True
+        with pytest.raises(safepool.PoolTimeoutError):
+            await pool.acquire(timeout=0.2)
+        await pool.release(first)
+        assert pool.stats().server_status == "backing_off"
+        events.clear()
+        await asyncio.wait_for(pool.close(), 10)
+        assert [e for e in events if e["event"] == "server_status"] == []
+    finally:
+        pool.terminate()
