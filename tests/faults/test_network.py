@@ -266,8 +266,13 @@ async def test_network_cut_leaves_backends_only_the_server_can_end(running: Clus
                 for con in leased:
                     with pytest.raises(TimeoutError):
                         await con.fetchval("SELECT 1")
-                    with pytest.raises(TimeoutError):
-                        await pool.release(con)  # its reset times out: given up
+                    # Given up: its reset times out (TimeoutError), or asyncpg
+                    # aborted it already when the cancel request could not
+                    # get through (released without an error, as on
+                    # asyncpg's pool): which comes first is timing.
+                    with contextlib.suppress(TimeoutError):
+                        await pool.release(con)
+                assert pool.stats().in_use == 0 and pool.stats().idle == 0, pool
                 proxy.heal()  # (a connect under way in the cut is reset: its waiter gets that error)
                 with contextlib.suppress(ConnectionResetError):
                     await pool.fetchval("SELECT 1")
