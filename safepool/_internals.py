@@ -45,6 +45,8 @@ from asyncpg import connection as _pg_connection
 from asyncpg import connresource as _pg_connresource
 from asyncpg import exceptions as _pg_exceptions
 
+from ._state import NOT_REFUSED, REFUSED, UNREACHABLE
+
 
 class ServerProtocol(Protocol):
     """The part of asyncpg's protocol object that the helpers below read."""
@@ -101,13 +103,17 @@ class ServerConnection(Protocol):
 RawConnection = Any
 
 
-def is_refusal(error: BaseException) -> bool:
-    """A connect the server refused at once (nothing listening, starting up or
-    shutting down, out of connection slots): cheap to retry soon. Timeouts and
-    everything else back off longer."""
+def refusal(error: BaseException) -> int:
+    """How a connect failed, for its backoff (``_state.Backoff``):
+    ``UNREACHABLE``, nothing listening (the kernel refused: free to retry
+    soon); ``REFUSED``, the server refused at once (starting up or shutting
+    down, out of connection slots: cheap, but a backend process each);
+    else ``NOT_REFUSED`` (timeouts and everything else back off longer)."""
     if isinstance(error, (ConnectionRefusedError, FileNotFoundError)):
-        return True
-    return isinstance(error, (_pg_exceptions.CannotConnectNowError, _pg_exceptions.TooManyConnectionsError))
+        return UNREACHABLE
+    if isinstance(error, (_pg_exceptions.CannotConnectNowError, _pg_exceptions.TooManyConnectionsError)):
+        return REFUSED
+    return NOT_REFUSED
 
 
 def is_busy(error: BaseException) -> bool:

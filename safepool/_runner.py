@@ -400,7 +400,7 @@ class Runner:
             # Read before connect_failed fails the waiters: a connect that
             # tasks waited for is theirs, not the min_size upkeep's.
             waited = state.waiting > 0
-            state.connect_failed(slot, self.now(), failure, _pg.is_refusal(failure), attempt.init_failed)
+            state.connect_failed(slot, self.now(), failure, _pg.refusal(failure), attempt.init_failed)
             # Reported outside the except block: a failing listener's
             # traceback must not carry the connect error's full text.
             self.reporter.connect_failed(failure, self.now(), raised=raise_errors, waited=waited)
@@ -446,7 +446,7 @@ class Runner:
         """min_size upkeep once connects fail and nobody waits: one connect
         after 1, 2, 4 ... 60 s (asyncpg 0.32's floor retry schedule), until the
         floor is met. Waiting tasks do not depend on it: their connects are
-        paced by the core's backoff (a refused one is retried within 50 ms)."""
+        paced by the core's backoff (a refused one is retried within 10-50 ms)."""
         state = self.state
         delay = _FLOOR_RETRY_FIRST
         while True:

@@ -389,16 +389,24 @@ class Counters:
     admission_rejections: int = 0  # refused at once: not servable within their timeout
 
 
+# How a connect failed, for its backoff (_internals.refusal tells).
+NOT_REFUSED, REFUSED, UNREACHABLE = 0, 1, 2
+
+
 @dataclass
 class Backoff:
     """Exponential backoff with jitter between failed connects.
 
-    A refused connect (nothing listens, the server is starting or shutting
-    down, it is out of slots) costs the server next to nothing and ends at
-    once, so it is retried within ``refused_cap`` seconds: the pool serves
+    A refused connect ends at once, so it is retried soon: the pool serves
     again about as soon as the server accepts, as asyncpg's pool (which
-    connects on every acquire) does. Any other failure (a timeout, a black
-    hole, a wrong password) backs off up to ``cap`` seconds.
+    connects on every acquire) does. Nothing listening (the server is down
+    or restarting: the kernel refuses, the server pays nothing) is retried
+    within ``unreachable_cap`` seconds. A refusal the server sends (starting
+    up or shutting down, 57P03; out of connection slots, 53300) costs it a
+    backend process each: retried within ``unreachable_cap`` at first, then
+    doubling up to ``refused_cap`` while they go on (a restart's start-up
+    lasts milliseconds, a crash recovery minutes). Any other failure (a
+    timeout, a black hole, a wrong password) backs off up to ``cap`` seconds.
     """
 
     base: float = 0.1
@@ -406,15 +414,25 @@ class Backoff:
     # comes within cap seconds (issue 4 asks for < 5 s after any outage).
     cap: float = 2.0
     refused_cap: float = 0.05
+    unreachable_cap: float = 0.01
     rng: Callable[[], float] = field(default=random.random)
 
-    def delay(self, failures: int, refused: bool = False) -> float:
+    def delay(self, failures: int, refused: int = NOT_REFUSED) -> float:
         """Seconds to wait before the next connect, after ``failures``
-        (>= 1) failed ones in a row: ``base * 2 ** (failures - 1)``, capped at
-        ``cap`` (``refused_cap`` when ``refused``), of which half is fixed
-        and half drawn from ``rng`` ("equal jitter": M. Brooker, "Exponential
-        Backoff And Jitter", AWS Architecture Blog, 2015)."""
-        ceiling = min(self.refused_cap if refused else self.cap, self.base * 2.0 ** min(failures - 1, 30))
+        (>= 1) failed ones in a row (for ``REFUSED``, the server's refusals
+        in a row), of which half is fixed and half drawn from ``rng``
+        ("equal jitter": M. Brooker, "Exponential Backoff And Jitter", AWS
+        Architecture Blog, 2015). Its ceiling: ``base * 2 ** (failures - 1)``
+        capped at ``cap``; ``unreachable_cap`` for ``UNREACHABLE``;
+        ``unreachable_cap * 2 ** (failures - 1)`` capped at ``refused_cap``
+        for ``REFUSED`` (or True)."""
+        exponent = min(failures - 1, 30)
+        if not refused:
+            ceiling = min(self.cap, self.base * 2.0**exponent)
+        elif refused == UNREACHABLE:
+            ceiling = self.unreachable_cap
+        else:
+            ceiling = min(self.refused_cap, self.unreachable_cap * 2.0**exponent)
         # Half fixed, half random: spreads many app processes' retries apart
         # while keeping a floor so a dead server is not hammered.
         return float(ceiling * (0.5 + 0.5 * self.rng()))
@@ -467,7 +485,7 @@ class PoolState:
     __slots__ = (
         "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_until",
-        "breaker_threshold", "closing", "connect_failures", "connect_times", "counters", "floor_enabled",
+        "breaker_threshold", "closing", "connect_failures", "connect_refusals", "connect_times", "counters", "floor_enabled",
         "generation", "init_failing", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime", "max_size",
         "max_waiters", "min_size", "phase", "reset_mode", "server_failures", "wait_on_connect_error", "wait_times",
     )
@@ -548,6 +566,7 @@ class PoolState:
         self._next_id = 0
 
         self.connect_failures = 0
+        self.connect_refusals = 0  # server refusals (57P03, 53300) in a row: their backoff grows
         # Of those, the run that never reached the server (the breaker's
         # count), and whether the last one reached it and failed in init=.
         self.server_failures = 0
@@ -1128,6 +1147,7 @@ class PoolState:
         slot.created_at = now
         self.counters.connections_opened += 1
         self.connect_failures = 0
+        self.connect_refusals = 0
         self.server_failures = 0
         self.init_failing = False
         self.backoff_until = 0.0
@@ -1146,9 +1166,10 @@ class PoolState:
         return True
 
     def connect_failed(
-        self, slot: Slot, now: float, error: BaseException, refused: bool = False, in_init: bool = False
+        self, slot: Slot, now: float, error: BaseException, refused: int = NOT_REFUSED, in_init: bool = False
     ) -> None:
         """The connect failed (a no-op if it was abandoned meanwhile).
+        ``refused``: ``REFUSED``, ``UNREACHABLE`` (see :class:`Backoff`).
         ``in_init``: the connection was open and the ``init=`` hook raised.
         It backs off as any failure (each attempt costs the server a login),
         but does not count toward the breaker: the server answered, and the
@@ -1167,7 +1188,10 @@ class PoolState:
         self.server_failures = 0 if in_init else self.server_failures + 1
         self.init_failing = in_init
         self.last_connect_error = error
-        self.backoff_until = now + self.backoff.delay(self.connect_failures, refused)
+        self.connect_refusals = self.connect_refusals + 1 if refused == REFUSED else 0
+        self.backoff_until = now + self.backoff.delay(
+            self.connect_refusals if refused == REFUSED else self.connect_failures, refused
+        )
         # A closing connection will not come back: it does not count.
         if self._serving() == 0 and self._connecting_count == 0:
             # Nothing will come back to the waiters before the next attempt:

@@ -170,5 +170,6 @@ async def test_recovery_is_as_fast_as_asyncpgs(running: Cluster, app_name: str, 
     bound = 0.1 if asyncpg_version() >= (0, 32) else 0.1 + recovery["asyncpg"]
     assert recovery["safepool"] < bound, recovery
     assert "ServerUnavailableError" not in ledgers["safepool"].errors, ledgers["safepool"].summary()
-    # At most one probe per 25 ms (refused_cap / 2), plus the first burst.
-    assert connects_while_down <= downtime / 0.025 + MAX_SIZE, connects_while_down
+    # At most one probe per 5 ms (unreachable_cap / 2: nothing listens while
+    # the server is down), plus the first burst.
+    assert connects_while_down <= downtime / 0.005 + MAX_SIZE, connects_while_down

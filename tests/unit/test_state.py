@@ -8,6 +8,8 @@ import pytest
 
 from safepool._histogram import Histogram
 from safepool._state import (
+    REFUSED,
+    UNREACHABLE,
     Action,
     Backoff,
     Close,
@@ -441,9 +443,44 @@ def test_backoff_doubles_up_to_the_cap() -> None:
 
 
 def test_refused_connects_retry_within_the_refused_cap() -> None:
-    backoff = Backoff(base=0.1, cap=2.0, refused_cap=0.05, rng=lambda: 1.0)
-    assert all(backoff.delay(n, refused=True) == 0.05 for n in range(1, 200))
+    backoff = Backoff(base=0.1, cap=2.0, refused_cap=0.05, unreachable_cap=0.01, rng=lambda: 1.0)
+    # A refusal the server sends (57P03 starting up, 53300 out of slots)
+    # costs it a backend each: soon at first, doubling to the refused_cap.
+    assert [backoff.delay(n, refused=REFUSED) for n in range(1, 6)] == [0.01, 0.02, 0.04, 0.05, 0.05]
+    assert all(backoff.delay(n, refused=True) == 0.05 for n in range(4, 200))
+    # Nothing listening (a restart): the kernel refuses, the server pays
+    # nothing; retried sooner, so the pool serves as soon as it listens.
+    assert all(backoff.delay(n, refused=UNREACHABLE) == 0.01 for n in range(1, 200))
     assert backoff.delay(100) == 2.0  # timeouts and the rest back off to the cap
+    assert Backoff(rng=lambda: 0.0).delay(1, refused=UNREACHABLE) == 0.005  # half of it fixed
+
+
+def test_the_server_refusals_backoff_grows_while_they_go_on_and_restarts_after() -> None:
+    """A restart: nothing listens (retried every 10 ms), then the server
+    refuses while it starts up (57P03: 10, 20, 40, 50, 50 ms: each costs it a
+    backend process), then accepts. The refusals' count starts over after
+    any other outcome."""
+    backoff = Backoff(base=0.1, cap=2.0, refused_cap=0.05, unreachable_cap=0.01, rng=lambda: 1.0)
+    state = make(max_size=1, backoff=backoff)
+    state.enqueue("w", 0.0, None)
+    now = 0.0
+
+    def fail(error: BaseException, kind: int) -> float:
+        nonlocal now
+        [slot] = fields(take(state, Connect))
+        state.connect_failed(slot, now, error, kind)
+        take(state, Fail)
+        state.enqueue("w", now, None)  # (a waiter again: the next probe is due at backoff_until)
+        delay = state.backoff_until - now
+        now = state.backoff_until
+        state.advance(now)
+        return round(delay, 6)
+
+    down, starting = ConnectionRefusedError(111, "refused"), OSError("57P03")
+    assert [fail(down, UNREACHABLE) for _ in range(3)] == [0.01, 0.01, 0.01]
+    assert [fail(starting, REFUSED) for _ in range(5)] == [0.01, 0.02, 0.04, 0.05, 0.05]
+    assert fail(down, UNREACHABLE) == 0.01
+    assert fail(starting, REFUSED) == 0.01  # (started over)
 
 
 def test_a_waiter_after_a_long_outage_is_probed_within_the_cap() -> None:

@@ -1,0 +1,27 @@
+"""How a failed connect is classified for its backoff (safepool._internals.refusal):
+nothing listening, a refusal the server sends, or anything else."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from safepool._internals import refusal
+from safepool._state import NOT_REFUSED, REFUSED, UNREACHABLE
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (ConnectionRefusedError(111, "refused"), UNREACHABLE),  # TCP: nothing listens on the port
+        (FileNotFoundError(2, "no socket"), UNREACHABLE),  # Unix socket: the server removed it
+        (asyncpg.CannotConnectNowError("the database system is starting up"), REFUSED),
+        (asyncpg.TooManyConnectionsError("sorry, too many clients already"), REFUSED),
+        (TimeoutError(), NOT_REFUSED),
+        (ConnectionResetError(104, "reset"), NOT_REFUSED),
+        (asyncpg.InvalidPasswordError("password authentication failed"), NOT_REFUSED),
+    ],
+    ids=repr,
+)
+def test_connect_failures_are_told_apart_for_their_backoff(error: BaseException, kind: int) -> None:
+    assert refusal(error) == kind
