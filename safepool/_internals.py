@@ -550,11 +550,82 @@ def overrides_reset_query(connection_class: type) -> bool:
     return overrides(connection_class, "get_reset_query" if HAS_PUBLIC_RESET_QUERY else "_get_reset_query")
 
 
+class ReleasedProxy:
+    """What ``con._proxy`` is while the pool closes or aborts the connection
+    of a lease that just ended: a release that discards it (max_queries, an
+    expired generation) or whose reset failed. asyncpg's pool keeps the
+    proxy attached through such a close (``PoolConnectionHolder.release``
+    detaches it last, in ``_release()``), so the termination listeners, and
+    a notification or log message that comes meanwhile, get the proxy the
+    program held (:func:`_unwrap`), not the connection.
+
+    Both references are weak: a released proxy stays collectable (the
+    callbacks then get the connection, as for any garbage proxy), and
+    nothing of the lease outlives the close.
+
+    asyncpg < 0.32 also calls ``con._proxy._holder._release_on_close()``
+    in every close (``Connection._cleanup``), and ``_pool`` through it to
+    drop caches: this object answers as that holder. It tells the real
+    holder only while the connection is still its own (the pool's own close
+    let go of it first: ``Runner.close_slot``), the check 0.32 makes on
+    ``_pool_holder``; so :func:`attach_holder`'s listener, which leaves the
+    telling to asyncpg when ``_proxy`` is set, stays right."""
+
+    __slots__ = ("_proxy_ref", "_holder_ref")
+
+    def __init__(self, proxy: Any, holder: Any) -> None:
+        self._proxy_ref = weakref.ref(proxy)
+        self._holder_ref = weakref.ref(holder)
+
+    def referent(self, con: RawConnection) -> Any:
+        """The proxy, or ``con`` once the proxy is garbage."""
+        proxy = self._proxy_ref()
+        return con if proxy is None else proxy
+
+    @property
+    def _holder(self) -> ReleasedProxy:
+        return self
+
+    @property
+    def _pool(self) -> Any:
+        holder = self._holder_ref()
+        return self if holder is None else holder._pool
+
+    def _release_on_close(self) -> None:
+        holder = self._holder_ref()
+        if holder is not None and holder._con is not None:
+            holder._release_on_close()
+
+    def _drop_statement_cache(self) -> None:
+        pass  # (the pool is gone: nothing shares the connection's cache)
+
+    def _drop_type_cache(self) -> None:
+        pass
+
+
+def attach_released(con: RawConnection, proxy: Any, holder: Any) -> None:
+    """Keep ``proxy``, just released, as the one ``con``'s callbacks get
+    while the pool closes ``con`` (see :class:`ReleasedProxy`); until
+    :func:`drop_released` or :func:`detach_proxy`."""
+    con._proxy = ReleasedProxy(proxy, holder)
+
+
+def drop_released(con: RawConnection) -> None:
+    """The pool's close of ``con`` is over: let go of the released proxy
+    (:func:`attach_released`), if it is there."""
+    if type(con._proxy) is ReleasedProxy:
+        con._proxy = None
+
+
 def detach_proxy(con: RawConnection, expired_reason: str | None = None) -> None:
     """Cut the proxy (if any) off its connection; the proxy may already be
-    garbage: ``con._proxy`` is a weak proxy."""
+    garbage: ``con._proxy`` is a weak proxy (or a :class:`ReleasedProxy`,
+    whose lease has ended already)."""
     proxy = con._proxy
     if proxy is None:
+        return
+    if type(proxy) is ReleasedProxy:
+        con._proxy = None
         return
     try:
         if expired_reason is not None:
@@ -573,8 +644,9 @@ def _unwrap(con: RawConnection) -> Any:
     collected and found); asyncpg's own method would hand callbacks that
     weak proxy, which is not the object the program holds (``is``,
     ``hash()``, dict keys and ``isinstance`` fail on it). This resolves it
-    to the proxy itself (the connection once the proxy is garbage), and
-    leaves every other connection (asyncpg's own pool's, plain ones) to
+    to the proxy itself (the connection once the proxy is garbage), as it
+    does a :class:`ReleasedProxy` while the pool closes a released lease's
+    connection, and leaves every other connection (asyncpg's own pool's, plain ones) to
     asyncpg's method."""
     proxy = con._proxy
     if isinstance(proxy, weakref.ProxyTypes):
@@ -582,6 +654,8 @@ def _unwrap(con: RawConnection) -> Any:
             return proxy._referent()
         except ReferenceError:
             return con
+    if type(proxy) is ReleasedProxy:
+        return proxy.referent(con)
     return _asyncpg_unwrap(con)
 
 
@@ -700,7 +774,7 @@ def live_proxy(con: RawConnection) -> Any | None:
     """The proxy a connection is leased through, or None (none, or already
     garbage: ``con._proxy`` is a weak proxy)."""
     proxy = con._proxy
-    if proxy is None:
+    if proxy is None or type(proxy) is ReleasedProxy:
         return None
     try:
         proxy._con  # noqa: B018 - a dead weak proxy raises ReferenceError

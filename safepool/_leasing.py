@@ -374,7 +374,7 @@ class Leaser:
                 rollback = False if self.custom_reset else _pg.warn_open_transaction(con, deferred=True)
                 done = runner.resets_done[slot] = self.loop.create_future()
                 state.release(lease, self.now(), outcome)
-                self.spawn(runner.reset_slot(holder, con, timeout, rollback, done))
+                self.spawn(runner.reset_slot(holder, con, timeout, rollback, done, connection))
             else:
                 # The common case: one statement, ROLLBACK (if a transaction
                 # is open) and the reset query in one message, driven in the
@@ -423,18 +423,23 @@ class Leaser:
                     # The reset driven in this task until it is cancelled (then a
                     # pool task finishes it): cancelling the await never cuts the
                     # reset short. The driver raises the reset's error.
-                    driver = _Driver(statement, self.spawn, runner.reset_done, (holder, con), True)
+                    # (The proxy too: a failed reset closes the connection
+                    # with it attached, as asyncpg's release terminates it.)
+                    driver = _Driver(statement, self.spawn, runner.reset_done, (holder, con, connection), True)
                     return self.finish_release(driver, True) if logged else driver  # type: ignore[return-value]
                 # Nothing to send: the reset is done (reset_done hands the
                 # connection on; with no error it returns no error to raise).
-                runner.reset_done(holder, con, None)
+                runner.reset_done(holder, con, None, None)
                 return self.finish_release(None, True) if logged else self.released
         else:
             if outcome is Outcome.DISCARD and usable:
                 # max_queries or an expired generation: asyncpg closes the
-                # connection gracefully before release() returns.
+                # connection gracefully before release() returns, with the
+                # proxy still attached: its termination listeners get the
+                # proxy (Runner.close_slot lets go of it after the close).
                 done = self.loop.create_future()
                 runner.closes_done[slot] = done
+                _pg.attach_released(con, connection, holder)
             state.release(lease, self.now(), outcome)
         runner.after_hand_on()
         return self.finish_release(done, logged) if logged or done is not None else self.released

@@ -55,7 +55,7 @@ class Resets(Protocol):
     ) -> Coroutine[Any, Any, None]: ...
 
     def reset_done(
-        self, holder: Holder, con: RawConnection, error: BaseException | None, log: bool = True
+        self, holder: Holder, con: RawConnection, proxy: Any, error: BaseException | None, log: bool = True
     ) -> BaseException | None: ...
 
 
@@ -250,7 +250,7 @@ class Reclaimer:
                 self.name, describe_error(error), extra={"event": "reset_failed", "pool": self.name},
             )
         # A cancel comes only from terminate(), which discarded the slot.
-        self.runner.reset_done(holder, con, error, log=False)
+        self.runner.reset_done(holder, con, None, error, log=False)
 
     def leak_suspect(self, lease: Lease) -> None:
         """The lease ran past leak_warning_after: report it (``LeakSuspect``)."""

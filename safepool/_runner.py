@@ -290,12 +290,13 @@ class Runner:
 
     async def reset_slot(
         self, holder: Holder, con: RawConnection, timeout: float | None, rollback: bool,
-        done: asyncio.Future[None] | None = None,
+        done: asyncio.Future[None] | None = None, proxy: Any = None,
     ) -> None:
         """Reset a RESETTING slot's connection in a pool task, then hand it on
         or close it. Resolves ``done`` (the releasing caller's future) with
         None, or with the reset's error once the connection was given up
-        (``done`` is in ``resets_done`` from the spawn on, for terminate())."""
+        (``done`` is in ``resets_done`` from the spawn on, for terminate()).
+        ``proxy``: the released lease's, for :meth:`reset_done`."""
         # The caller's budget (release(timeout=), else the acquire's), or the
         # pool's reset_timeout; with neither, asyncpg's limits apply: its
         # background cancel gives up by closing the connection (then release
@@ -313,15 +314,18 @@ class Runner:
             raise
         finally:
             self.resets_done.pop(holder._slot, None)
-        settle(done, self.reset_done(holder, con, error))
+        settle(done, self.reset_done(holder, con, proxy, error))
 
     def reset_done(
-        self, holder: Holder, con: RawConnection, error: BaseException | None, log: bool = True
+        self, holder: Holder, con: RawConnection, proxy: Any, error: BaseException | None, log: bool = True
     ) -> BaseException | None:
         """A reset (or take-back) ended: hand the connection on, or close it.
         Returns the error for the releasing caller to raise once the
         connection was given up; None if handed on, or if the pool was
-        terminated meanwhile (nothing left to do)."""
+        terminated meanwhile (nothing left to do). ``proxy``: the released
+        lease's (None for a take-back), attached while the connection is
+        closed (``_pg.attach_released``), as asyncpg's release terminates a
+        connection whose reset failed before it detaches the proxy."""
         holder.reset_since = None
         # (con.is_closed(), inlined where asyncpg's: the hot path)
         ok = error is None and not (
@@ -353,6 +357,8 @@ class Runner:
             holder.unresponsive = timed_out and not cancelling
             if cancelling:
                 holder.close_budget = _workers.CANCEL_ANSWER_GRACE
+            if proxy is not None:
+                _pg.attach_released(con, proxy, holder)
         self.after_hand_on()
         return error
 
@@ -477,11 +483,13 @@ class Runner:
             or self.cancelled_from_outside()  # (a close task now would never run: abort)
             or (con.is_closed() and not lost and not _pg.is_cancelling(con))
         ):
-            if con is not None and not (self.terminating and con.is_closed()):
-                # (terminate_all() may have aborted it already: a
-                # connection class's terminate() runs once, as on asyncpg's
-                # pool.terminate())
-                con.terminate()
+            if con is not None:
+                if not (self.terminating and con.is_closed()):
+                    # (terminate_all() may have aborted it already: a
+                    # connection class's terminate() runs once, as on asyncpg's
+                    # pool.terminate())
+                    con.terminate()
+                _pg.drop_released(con)
             self.slot_closed(slot)
             return
         budget = holder.close_budget if holder is not None and holder.close_budget is not None else self.reset_timeout
@@ -493,6 +501,7 @@ class Runner:
         try:
             await _workers.close(con, lost, budget)
         finally:
+            _pg.drop_released(con)
             self.slot_closed(slot)
             self.drain()
 

@@ -772,6 +772,72 @@ async def test_a_termination_listener_gets_the_leased_proxy_at_terminate(make_po
     assert received[0] is con
 
 
+class FailingResetQueryConnection(asyncpg.Connection):
+    """A reset query that fails: every release's reset raises, the pool
+    gives the connection up (safepool drives that reset in the releasing
+    task, asyncpg in its shielded one)."""
+
+    def get_reset_query(self) -> str:
+        return "SELECT 1/0"
+
+    _get_reset_query = get_reset_query  # (asyncpg 0.29's name)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["plain", "async"])
+@pytest.mark.parametrize("path", ["expired", "max_queries", "failed_reset", "failed_reset_hook"])
+async def test_a_termination_listener_gets_the_released_proxy_when_release_closes(
+    make_pool: MakePool, flavour: str, kind: str, path: str
+) -> None:
+    """A release that closes the connection (after ``expire_connections()``,
+    or ``max_queries`` reached) or aborts it (its reset failed: the reset
+    query, driven in the releasing task, or a ``reset=`` hook, in a pool
+    task): the termination listener gets the proxy the program holds, as
+    asyncpg's release closes the connection before it detaches the proxy
+    (``_release()`` comes last). safepool detached first, and the listener
+    got the connection."""
+    options: dict[str, Any] = {}
+    if path == "max_queries":
+        options["max_queries"] = 1
+    elif path == "failed_reset":
+        options["connection_class"] = FailingResetQueryConnection
+    elif path == "failed_reset_hook":
+        if flavour == "asyncpg":
+            skip_before_asyncpg((0, 30), "create_pool(reset=)")
+
+        async def reset_hook(connection: Any) -> None:
+            raise ValueError("the reset hook fails")
+
+        options["reset"] = reset_hook
+    pool = await make_pool(**options)
+    con = await pool.acquire()
+    received: list[Any] = []
+    if kind == "plain":
+        con.add_termination_listener(received.append)
+    else:
+
+        async def on_termination(connection: Any) -> None:
+            received.append(connection)
+
+        con.add_termination_listener(on_termination)
+    if path == "expired":
+        await pool.expire_connections()
+    else:
+        await con.execute("SELECT 1")
+    if path == "failed_reset":
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await pool.release(con)
+    elif path == "failed_reset_hook":
+        with pytest.raises(ValueError, match="the reset hook fails"):
+            await pool.release(con)
+    else:
+        await pool.release(con)
+    await wait_until(lambda: len(received) == 1)
+    assert received[0] is con
+    if flavour == "safepool":
+        pool._state.check_invariants()
+
+
 class BudgetRecordingConnection(asyncpg.Connection):
     budgets: list[float | None] = []
 
