@@ -105,11 +105,13 @@ RawConnection = Any
 
 def refusal(error: BaseException) -> int:
     """How a connect failed, for its backoff (``_state.Backoff``):
-    ``UNREACHABLE``, nothing listening (the kernel refused: free to retry
-    soon); ``REFUSED``, the server refused at once (starting up or shutting
-    down, out of connection slots: cheap, but a backend process each);
-    else ``NOT_REFUSED`` (timeouts and everything else back off longer)."""
-    if isinstance(error, (ConnectionRefusedError, FileNotFoundError)):
+    ``UNREACHABLE``, nothing answered: nothing listening (the kernel
+    refused: free to retry soon), or no answer within the connect timeout
+    (a black hole: the attempt's own wait spaced it from the next);
+    ``REFUSED``, the server refused at once (starting up or shutting down,
+    out of connection slots: cheap, but a backend process each); else
+    ``NOT_REFUSED`` (a wrong password and everything else back off longer)."""
+    if isinstance(error, (ConnectionRefusedError, FileNotFoundError, TimeoutError)):
         return UNREACHABLE
     if isinstance(error, (_pg_exceptions.CannotConnectNowError, _pg_exceptions.TooManyConnectionsError)):
         return REFUSED

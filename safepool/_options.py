@@ -233,6 +233,8 @@ def configure(
         # is opt-in (docs/backpressure.md recommends one for services).
         max_waiters = None
     max_waiters = check_options(max_waiters, max_connecting, fail_fast, wait_on_connect_error, reset_mode, RESET_MODES)
+    if backoff is not None and not isinstance(backoff, Backoff):
+        raise TypeError(f"backoff must be a safepool.Backoff or None, got {type(backoff).__name__}")
     adaptive = adaptive_queue(queue_policy, queue_target, queue_interval)
     validate_site_share(max_site_share)
     custom_reset = reset is not None or connection_class.reset is not _pg_connection.Connection.reset

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import math
 import operator
 import random
 import sys
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from ._durations import validate_timeout
 from ._histogram import Histogram
 
 if TYPE_CHECKING:
@@ -397,16 +399,28 @@ NOT_REFUSED, REFUSED, UNREACHABLE = 0, 1, 2
 class Backoff:
     """Exponential backoff with jitter between failed connects.
 
+    Each delay runs from the start of the attempt that failed, not its end
+    (gRPC's connection backoff protocol, doc/connection-backoff.md, backs
+    off "the start time of connection attempts"), and connects that were
+    under way together count as one failure. While connects fail the pool
+    makes one attempt at a time, and starts another beside it once the
+    newest has gone unanswered for ``hedge_after`` seconds (a "hedged
+    request": J. Dean and L. A. Barroso, "The Tail at Scale", CACM 2013), up
+    to ``max_size`` (and ``max_connecting``) under way; ``None``: never.
+
     A refused connect ends at once, so it is retried soon: the pool serves
     again about as soon as the server accepts, as asyncpg's pool (which
-    connects on every acquire) does. Nothing listening (the server is down
-    or restarting: the kernel refuses, the server pays nothing) is retried
-    within ``unreachable_cap`` seconds. A refusal the server sends (starting
-    up or shutting down, 57P03; out of connection slots, 53300) costs it a
-    backend process each: retried within ``unreachable_cap`` at first, then
-    doubling up to ``refused_cap`` while they go on (a restart's start-up
-    lasts milliseconds, a crash recovery minutes). Any other failure (a
-    timeout, a black hole, a wrong password) backs off up to ``cap`` seconds.
+    connects on every acquire) does. Nothing answering (nothing listening:
+    the server is down or restarting, the kernel refuses, the server pays
+    nothing; or no answer within the connect timeout ``timeout=``: a black
+    hole, whose attempt waited out the timeout already) is retried within
+    ``unreachable_cap`` seconds of the attempt's start. A refusal the
+    server sends (starting up or shutting down, 57P03; out of connection
+    slots, 53300) costs it a backend process each: retried within
+    ``unreachable_cap`` at first, then doubling up to ``refused_cap`` while
+    they go on (a restart's start-up lasts milliseconds, a crash recovery
+    minutes). Any other failure (a wrong password, a reset connection, an
+    ``init=`` hook's error) backs off up to ``cap`` seconds.
     """
 
     base: float = 0.1
@@ -416,6 +430,22 @@ class Backoff:
     refused_cap: float = 0.05
     unreachable_cap: float = 0.01
     rng: Callable[[], float] = field(default=random.random)
+    # (After rng, which came before it.) While connects fail, a connect unanswered this long (seconds; at
+    # least twice the slowest connect that succeeded) is presumed lost and
+    # another starts beside it, up to max_size under way: a black hole that
+    # heals is served within about this long, where waiting for the lost
+    # connect's timeout= would take up to that timeout. None: never.
+    hedge_after: float | None = 0.1
+
+    def __post_init__(self) -> None:
+        """:raises TypeError: a field not a number of seconds (``rng`` not
+        callable).
+        :raises ValueError: a negative or NaN one; ``hedge_after`` not > 0."""
+        for name in ("base", "cap", "refused_cap", "unreachable_cap"):
+            validate_timeout(f"Backoff.{name}", getattr(self, name), allow_none=False)
+        validate_timeout("Backoff.hedge_after", self.hedge_after, positive=True)
+        if not callable(self.rng):
+            raise TypeError(f"Backoff.rng must be a callable returning a float in [0, 1), got {self.rng!r}")
 
     def delay(self, failures: int, refused: int = NOT_REFUSED) -> float:
         """Seconds to wait before the next connect, after ``failures``
@@ -484,8 +514,9 @@ class PoolState:
     # a type lookup per call, every state.release(...) of the hot path).
     __slots__ = (
         "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_timers", "_timers",
-        "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_until",
-        "breaker_threshold", "closing", "connect_failures", "connect_refusals", "connect_times", "counters", "floor_enabled",
+        "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_level", "backoff_until",
+        "breaker_threshold", "closing", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
+        "floor_enabled",
         "generation", "init_failing", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime", "max_size",
         "max_waiters", "min_size", "phase", "reset_mode", "server_failures", "wait_on_connect_error", "wait_times",
     )
@@ -566,7 +597,13 @@ class PoolState:
         self._next_id = 0
 
         self.connect_failures = 0
-        self.connect_refusals = 0  # server refusals (57P03, 53300) in a row: their backoff grows
+        # The backoff's exponent: failures in a row, counting once those of
+        # connects that were under way together (a round: they started
+        # before the last failure, so it is the same news), and the server's
+        # refusals (57P03, 53300) in a row, counted the same way.
+        self.backoff_level = 0
+        self.connect_refusals = 0
+        self.connect_failed_at = -math.inf  # when the last connect failed
         # Of those, the run that never reached the server (the breaker's
         # count), and whether the last one reached it and failed in init=.
         self.server_failures = 0
@@ -1089,15 +1126,23 @@ class PoolState:
         # resetting connections are not counted as supply, since asyncpg's
         # release holds them for the reset too.
         # (With site caps, only waiters whose site is under its cap.)
-        demand = (self._waiting if self._policy is None else self._policy.eligible) - connecting
-        if self.floor_enabled and not self.connect_failures:
-            # Once connects fail, the floor alone (nobody waiting) is restored
-            # by plan_floor_connect() on asyncpg's slower schedule.
-            demand = max(demand, self.min_size - self._live())
+        waiting = self._waiting if self._policy is None else self._policy.eligible
         if self.connect_failures:
-            # Half-open: while connects fail, one probe at a time, no storm.
-            limit = 1
+            # Half-open: while connects fail, one probe at a time, no storm;
+            # once the newest has gone unanswered for the hedge delay, it is
+            # presumed lost (a black hole) and another starts beside it.
+            if connecting and now < self._hedge_at():
+                return
+            demand = min(waiting, 1)
+            limit = connecting + 1
+            if self.max_connecting is not None:
+                limit = min(limit, self.max_connecting)
         else:
+            demand = waiting - connecting
+            if self.floor_enabled:
+                # Once connects fail, the floor alone (nobody waiting) is
+                # restored by plan_floor_connect() on asyncpg's slower schedule.
+                demand = max(demand, self.min_size - self._live())
             limit = self.max_connecting if self.max_connecting is not None else self.max_size
         room = min(self.max_size - self.size, limit - connecting)
         for _ in range(min(demand, room)):
@@ -1109,6 +1154,17 @@ class PoolState:
                 if waiter is not None:
                     self._bind(waiter, slot)
             self.actions.append(Connect(slot))
+
+    def _hedge_at(self) -> float:
+        """While connects fail, when another connect may start beside those
+        under way: the hedge delay (``Backoff.hedge_after``, at least twice
+        the slowest connect that succeeded) after the newest one started,
+        and not before ``backoff_until``; infinity if hedging is off."""
+        hedge_after = self.backoff.hedge_after
+        if hedge_after is None:
+            return math.inf
+        newest = max(s.created_at for s in self._slots if s.state is S.CONNECTING)
+        return max(self.backoff_until, newest + max(hedge_after, 2 * self.connect_times.max))
 
     def floor_deficit(self) -> bool:
         """Whether the pool is below min_size (once the floor is enabled)."""
@@ -1147,7 +1203,9 @@ class PoolState:
         slot.created_at = now
         self.counters.connections_opened += 1
         self.connect_failures = 0
+        self.backoff_level = 0
         self.connect_refusals = 0
+        self.connect_failed_at = -math.inf
         self.server_failures = 0
         self.init_failing = False
         self.backoff_until = 0.0
@@ -1188,10 +1246,26 @@ class PoolState:
         self.server_failures = 0 if in_init else self.server_failures + 1
         self.init_failing = in_init
         self.last_connect_error = error
-        self.connect_refusals = self.connect_refusals + 1 if refused == REFUSED else 0
-        self.backoff_until = now + self.backoff.delay(
-            self.connect_refusals if refused == REFUSED else self.connect_failures, refused
-        )
+        # A connect that started before the last failure was under way with
+        # it: its failure is the same news and does not raise the backoff
+        # (ten connects refused by one restart wait as one did). The delay
+        # runs from the attempt's start, not its end ("back off the start
+        # time of connection attempts": gRPC's connection backoff protocol,
+        # doc/connection-backoff.md): a connect that hung until its timeout
+        # has waited out its delay already, so the next one starts at once,
+        # at most one per timeout (one probe at a time while connects fail).
+        if in_init:
+            refused = NOT_REFUSED  # (the server answered: a timeout in init= is the hook's)
+        news = slot.created_at >= self.connect_failed_at
+        self.connect_failed_at = now
+        if refused == REFUSED:
+            self.connect_refusals += news or not self.connect_refusals
+        else:
+            self.connect_refusals = 0
+        self.backoff_level += news or not self.backoff_level
+        self.backoff_until = max(self.backoff_until, slot.created_at + self.backoff.delay(
+            self.connect_refusals if refused == REFUSED else self.backoff_level, refused
+        ))
         # A closing connection will not come back: it does not count.
         if self._serving() == 0 and self._connecting_count == 0:
             # Nothing will come back to the waiters before the next attempt:
@@ -1207,6 +1281,8 @@ class PoolState:
                 self._fail_newest_waiter(error)
         elif owner is not None:
             self._serve_unbound(now)  # the owner waits on, for any connection
+        if now >= self.backoff_until:
+            self._plan_connects(now)  # (the attempt outlasted its delay: the next starts now)
 
     def connect_cancelled(self, slot: Slot, now: float | None = None) -> None:
         """The connect was abandoned (pool terminated, or a KeyboardInterrupt
@@ -1403,10 +1479,21 @@ class PoolState:
                 candidates.append(head[0])
         if self.max_inactive_lifetime and self._idle and self._live() > self.min_size:
             candidates.append(self._idle[0].idle_since + self.max_inactive_lifetime)
-        if self.connect_failures and self._waiting and not self._connecting_count:
-            # (While a probe connects, its outcome re-plans: a timer at a
-            # backoff_until already past would fire again and again.)
-            candidates.append(self.backoff_until)
+        if (
+            self.connect_failures
+            and (self._waiting if self._policy is None else self._policy.eligible)
+            and len(self._slots) < self.max_size
+        ):
+            # The next probe: after the backoff, or a hedge beside those
+            # under way. (While the pool is full a slot's close re-plans, and
+            # at max_connecting a connect's outcome does: a timer at a time
+            # already past would fire again and again.)
+            if not self._connecting_count:
+                candidates.append(self.backoff_until)
+            elif self.backoff.hedge_after is not None and (
+                self.max_connecting is None or self._connecting_count < self.max_connecting
+            ):
+                candidates.append(self._hedge_at())
         return min(candidates) if candidates else None
 
     def advance(self, now: float) -> None:

@@ -391,6 +391,8 @@ async def test_a_failed_create_pool_raises_and_logs_nothing_above_debug(
         # Accepted before, and then broke every Prometheus scrape (an int label value).
         ({"name": 123}, TypeError, "name must be a str or None, got int"),
         ({"capture_stack": "yes"}, TypeError, "capture_stack must be True, False or None, got 'yes'"),
+        # Accepted before: a wrong backoff failed at the first failed connect.
+        ({"backoff": {"cap": 1.0}}, TypeError, "backoff must be a safepool.Backoff or None, got dict"),
     ],
 )
 async def test_bounds_wrong_type_is_a_type_error_wrong_value_a_value_error(
@@ -400,6 +402,26 @@ async def test_bounds_wrong_type_is_a_type_error_wrong_value_a_value_error(
     with pytest.raises(error) as caught:
         await safepool.create_pool(pg_dsn, **kwargs)
     assert type(caught.value) is error and str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"cap": -1}, ValueError, "Backoff.cap must be >= 0 seconds, got -1"),
+        ({"base": float("nan")}, ValueError, "Backoff.base must be >= 0 seconds, got nan"),
+        ({"unreachable_cap": "0.01"}, TypeError, "Backoff.unreachable_cap must be a number of seconds, got str"),
+        ({"refused_cap": True}, TypeError, "Backoff.refused_cap must be a number of seconds, got bool"),
+        ({"hedge_after": 0}, ValueError, "Backoff.hedge_after must be > 0 seconds (None turns it off), got 0"),
+        ({"rng": 0.5}, TypeError, "Backoff.rng must be a callable returning a float in [0, 1), got 0.5"),
+    ],
+)
+def test_a_bad_backoff_field_is_refused_where_it_is_written(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as caught:
+        safepool.Backoff(**kwargs)
+    assert type(caught.value) is error and str(caught.value) == message
+    assert safepool.Backoff(hedge_after=None).hedge_after is None  # (hedging off)
 
 
 def test_a_pool_used_on_another_event_loop_says_so(pg_dsn: str) -> None:

@@ -1,5 +1,6 @@
 """How a failed connect is classified for its backoff (safepool._internals.refusal):
-nothing listening, a refusal the server sends, or anything else."""
+nothing answering (nothing listening, or no answer within the connect
+timeout), a refusal the server sends, or anything else."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from safepool._state import NOT_REFUSED, REFUSED, UNREACHABLE
         (FileNotFoundError(2, "no socket"), UNREACHABLE),  # Unix socket: the server removed it
         (asyncpg.CannotConnectNowError("the database system is starting up"), REFUSED),
         (asyncpg.TooManyConnectionsError("sorry, too many clients already"), REFUSED),
-        (TimeoutError(), NOT_REFUSED),
+        (TimeoutError(), UNREACHABLE),  # no answer within timeout=: a black hole
+        (OSError(110, "Connection timed out"), UNREACHABLE),  # the kernel's TCP connect timeout (a TimeoutError)
         (ConnectionResetError(104, "reset"), NOT_REFUSED),
         (asyncpg.InvalidPasswordError("password authentication failed"), NOT_REFUSED),
     ],

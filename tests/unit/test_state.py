@@ -504,6 +504,112 @@ def test_a_waiter_after_a_long_outage_is_probed_within_the_cap() -> None:
     assert take(state, Wake)
 
 
+def test_connects_under_way_together_fail_as_one_round_of_the_backoff() -> None:
+    """Four connects a restart breaks at once are one piece of news: the
+    backoff's exponent counts them once (the first delay, not the fourth),
+    while the stats still count four failures in a row."""
+    state = make(max_size=4)
+    for name in "abcd":
+        state.enqueue(name, 0.0, None)
+    slots = fields(take(state, Connect))
+    assert len(slots) == 4
+    for slot in slots:
+        state.connect_failed(slot, 0.5, ConnectionResetError(104, "reset"))
+    assert state.connect_failures == 4 and state.backoff_level == 1
+    assert state.backoff_until == 1.0  # delay(1) = 1.0 from the attempts' start; delay(4) would be 8.0
+    # The next probe started after the last failure: its failure is news.
+    state.enqueue("e", 1.0, None)
+    state.advance(1.0)
+    [probe] = fields(take(state, Connect))
+    state.connect_failed(probe, 1.1, ConnectionResetError(104, "reset"))
+    assert state.backoff_level == 2 and state.backoff_until == 1.0 + 2.0
+
+
+def test_the_backoff_runs_from_the_attempts_start() -> None:
+    """gRPC's connection backoff: the delay spaces the attempts' starts. A
+    connect that hung past its delay is followed at once; one that failed
+    quickly waits out the rest of it."""
+    state = make(max_size=1)
+    state.enqueue("a", 0.0, None)
+    [slot] = fields(take(state, Connect))
+    state.connect_failed(slot, 5.0, ConnectionResetError(104, "reset"))  # delay(1) = 1.0, from 0.0
+    assert take(state, Fail)
+    state.enqueue("b", 5.0, None)
+    [slot] = fields(take(state, Connect))  # at once
+    assert slot.created_at == 5.0
+    state.connect_failed(slot, 5.1, ConnectionResetError(104, "reset"))  # delay(2) = 2.0, from 5.0
+    take(state, Fail)
+    state.enqueue("c", 5.1, None)
+    assert not take(state, Connect) and state.next_deadline() == 7.0
+
+
+def test_a_timed_out_connect_is_followed_at_once_one_at_a_time() -> None:
+    """No answer within timeout= (a black hole): the attempt's own wait
+    spaced it from the next, which starts at once, not after a backoff
+    grown to the cap (issue 14 note: 1-1.6 s after a black hole healed,
+    where asyncpg's pool, which connects on every acquire, took 40 ms)."""
+    backoff = Backoff(base=0.1, cap=2.0, refused_cap=0.05, unreachable_cap=0.01, rng=lambda: 1.0, hedge_after=None)
+    state = make(max_size=2, backoff=backoff)
+    now = 0.0
+    for _ in range(50):
+        state.enqueue(object(), now, None)
+        [slot] = fields(take(state, Connect))
+        assert slot.created_at == now
+        now += 0.5  # the connect timeout
+        state.connect_failed(slot, now, TimeoutError(), UNREACHABLE)
+        take(state, Fail)
+        assert state.backoff_until <= now
+
+
+def test_a_probe_unanswered_for_the_hedge_delay_gets_another_beside_it() -> None:
+    """While connects fail, one probe at a time; once the newest has gone
+    unanswered for hedge_after (at least twice the slowest connect that
+    succeeded) another starts beside it, up to max_size under way: a healed
+    black hole is served within about hedge_after, not the lost connect's
+    timeout. Nothing is planned while the pool is full (no timer spins)."""
+    backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0, hedge_after=0.1)
+    state = make(max_size=3, backoff=backoff)
+    state.connect_times.record(0.2)  # a connect that succeeded earlier took 0.2 s: hedge after 0.4 s
+    state.enqueue("a", 0.0, None)
+    [first] = fields(take(state, Connect))
+    state.connect_failed(first, 0.01, ConnectionRefusedError(111, "refused"), UNREACHABLE)
+    take(state, Fail)
+    for name in "bcd":
+        state.enqueue(name, 1.0, None)
+    state.advance(1.0)
+    [probe] = fields(take(state, Connect))  # one, for three waiters
+    assert state.next_deadline() == pytest.approx(1.4)
+    state.advance(1.39)
+    assert not take(state, Connect)
+    state.advance(1.4)
+    [hedge] = fields(take(state, Connect))
+    assert state.next_deadline() == pytest.approx(1.8)
+    state.advance(1.8)
+    [last] = fields(take(state, Connect))
+    assert state.size == 3 and state.next_deadline() is None  # full: nothing to plan
+    # The network heals: the newest answers, the lost ones stay until their timeout.
+    state.connect_succeeded(last, object(), 1.85)
+    assert len(take(state, Wake)) == 1
+    for slot in (probe, hedge):
+        state.connect_failed(slot, 2.0, TimeoutError(), UNREACHABLE)
+    state.check_invariants()
+
+
+def test_without_hedging_one_probe_at_a_time() -> None:
+    state = make(max_size=3, backoff=Backoff(rng=lambda: 1.0, hedge_after=None))
+    state.enqueue("a", 0.0, None)
+    [first] = fields(take(state, Connect))
+    state.connect_failed(first, 0.01, ConnectionRefusedError(111, "refused"), UNREACHABLE)
+    take(state, Fail)
+    state.enqueue("b", 1.0, None)
+    state.enqueue("c", 1.0, None)
+    state.advance(1.0)
+    assert len(take(state, Connect)) == 1
+    assert state.next_deadline() is None
+    state.advance(100.0)
+    assert not take(state, Connect)
+
+
 def test_floor_alone_is_restored_on_the_upkeep_schedule_after_failures() -> None:
     state = make(max_size=3, min_size=1)
     state.floor_enabled = True

@@ -154,11 +154,17 @@ class PoolMachine(RuleBasedStateMachine):
         state = self.state
         actions, state.actions = state.actions, []
         planned = False
+        # While connects fail, one probe at a time, and a hedge beside
+        # those under way only once the newest went unanswered long enough.
+        newest = max((s.created_at for s in self.connecting if s.state is S.CONNECTING), default=None)
+        hedge = state.backoff.hedge_after
         for action in actions:
             match action:
                 case Connect(slot):
                     assert slot.state is S.CONNECTING
                     assert slot not in self.connecting
+                    if state.connect_failures and newest is not None:
+                        assert hedge is not None and self.now >= newest + hedge, "hedged too early"
                     self.connecting.append(slot)
                     planned = True
                 case Close(slot):
@@ -198,9 +204,13 @@ class PoolMachine(RuleBasedStateMachine):
         if planned:
             # Connects are throttled, and none is tried during a backoff.
             assert self.now >= state.backoff_until or not state.connect_failures, "connect during backoff"
-            limit = 1 if state.connect_failures else state.max_connecting or state.max_size
-            started = [s for s in self.connecting if id(s) not in self.startup_slots]
-            assert len(started) <= limit, f"{len(started)} concurrent connects, limit {limit}"
+            if state.connect_failures:
+                fresh = [s for s in self.connecting if s.state is S.CONNECTING and self.now < s.created_at + (hedge or 0)]
+                assert len(fresh) <= 1, f"{len(fresh)} probes started within the hedge delay"
+            else:
+                limit = state.max_connecting or state.max_size
+                started = [s for s in self.connecting if id(s) not in self.startup_slots]
+                assert len(started) <= limit, f"{len(started)} concurrent connects, limit {limit}"
         size = state.size
         if size > self.last_size:
             assert size <= state.max_size, f"grew to {size} slots, max_size {state.max_size}"
