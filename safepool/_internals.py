@@ -254,6 +254,18 @@ def in_call(con: RawConnection) -> bool:
     return bool(section is not None and section._acquired)
 
 
+def terminate(con: RawConnection) -> None:
+    """``con.terminate()`` (the connection class's own, as asyncpg's pool
+    calls it), then, on asyncpg < 0.32, the abort 0.32's ``terminate()``
+    makes: before 0.32 it aborted only if ``is_closed()`` said open, so a
+    class whose ``is_closed()`` calls an open connection closed (a health
+    flag) left its socket open (a ResourceWarning, and a backend until the
+    garbage collector closed it)."""
+    con.terminate()
+    if not HAS_POOL_HOLDER and not con._aborted and con._protocol is not None:
+        con._abort()
+
+
 def is_cancelling(con: RawConnection) -> bool:
     protocol = con._protocol
     if protocol is None:
@@ -300,7 +312,7 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
                 # beside the slot's replacement.
                 await _end_session(con)
     except TimeoutError:
-        con.terminate()
+        terminate(con)
         raise
 
 
@@ -326,7 +338,7 @@ async def _end_session(con: RawConnection) -> None:
             await closed
     finally:
         con.remove_termination_listener(on_close)
-        con.terminate()
+        terminate(con)
 
 
 # What a released connection needs: safepool._state.Observed, as plain ints

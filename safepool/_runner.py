@@ -280,7 +280,7 @@ class Runner:
                     "pool %r: a reset got no answer for %.0fs; aborting the connection",
                     self.name, now - started, extra={"event": "reset_failed", "pool": self.name},
                 )
-                slot.connection.terminate()
+                _pg.terminate(slot.connection)
             else:
                 pending = True
         if pending:
@@ -416,7 +416,7 @@ class Runner:
                 raise failure
             return False
         if not state.connect_succeeded(slot, con, self.now()):
-            con.terminate()  # abandoned meanwhile (terminated)
+            _pg.terminate(con)  # abandoned meanwhile (terminated)
             return False
         # (Before any task can take it: the hand-on's Wake runs in drain.)
         # Mark 0: statements of init= (and of a connect= callback) make the
@@ -488,7 +488,7 @@ class Runner:
                     # (terminate_all() may have aborted it already: a
                     # connection class's terminate() runs once, as on asyncpg's
                     # pool.terminate())
-                    con.terminate()
+                    _pg.terminate(con)
                 _pg.drop_released(con)
             self.slot_closed(slot)
             return
@@ -595,7 +595,7 @@ class Runner:
             # connection instead. (A connect that still completes finds its
             # slot abandoned and aborts its connection.)
             if slot.connection is not None:
-                slot.connection.terminate()
+                _pg.terminate(slot.connection)
             self.slot_closed(slot)
         for done in self.resets_done.values():
             settle(done, None)  # releases waiting for a pool task's reset return

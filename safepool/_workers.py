@@ -96,7 +96,7 @@ async def connect(
     try:
         await _pg.connect_settled()  # asyncpg 0.31: before the pool counts references to it
     except BaseException:
-        con.terminate()
+        _pg.terminate(con)
         raise
     if not isinstance(con, connection_class):
         good = f"{connection_class.__module__}.{connection_class.__name__}"
@@ -118,7 +118,7 @@ async def connect(
             try:
                 await con.close()
             except Exception:
-                con.terminate()
+                _pg.terminate(con)
             raise
         except BaseException:
             # A cancel path, or the hook raised a BaseException (the runner
@@ -127,7 +127,7 @@ async def connect(
             attempt = CONNECT_ATTEMPT.get()
             if attempt is not None:
                 attempt.init_failed = not con.is_closed()
-            con.terminate()
+            _pg.terminate(con)
             raise
     if con.is_closed():
         # Lost in init=, or before (a connect= callback's await after the
@@ -248,9 +248,9 @@ async def close(con: RawConnection, lost: bool, budget: float | None) -> None:
                 await _pg.wait_for_cancellation(con, budget)
             await con.close(timeout=budget)
     except Exception:
-        con.terminate()  # lost: the server is unreachable; nothing more to do for that backend
+        _pg.terminate(con)  # lost: the server is unreachable; nothing more to do for that backend
     except BaseException:
-        con.terminate()
+        _pg.terminate(con)
         raise
 
 

@@ -31,7 +31,7 @@ import pytest
 import pytest_asyncio
 
 import safepool
-from tests._util import until
+from tests._util import asyncpg_version, until
 
 from ._pg import Cluster
 from ._proxy import FaultProxy, _Pair
@@ -45,8 +45,20 @@ ADMIN_SHUTDOWN = "terminating connection due to administrator command"
 LOST = "connection was closed in the middle of operation"
 
 
+def lost(reason: str) -> str:
+    """asyncpg's message for a connection the server ended: 0.32 appends
+    the server's reason (its FATAL message); earlier releases do not."""
+    return f"{LOST}: {reason}" if asyncpg_version() >= (0, 32) else LOST
+
+
 @pytest.fixture(params=["asyncpg", "safepool"])
 def flavour(request: pytest.FixtureRequest) -> str:
+    if request.param == "asyncpg" and asyncpg_version() < (0, 32):
+        # The expected outcomes are asyncpg 0.32's pool's, which safepool
+        # keeps whatever asyncpg is installed (docs/compatibility.md); an
+        # older asyncpg's own pool differs (a lost connection replaced at
+        # the next acquire, not in the background, among others).
+        pytest.skip("the reference is asyncpg 0.32's pool")
     return str(request.param)
 
 
@@ -239,11 +251,11 @@ KILL_EXPECTED: dict[str, dict[str, Any]] = {
     # Killed while idle, but the client sends its next query before reading
     # the FATAL: that query gets it.
     "idle-unread": {
-        "query": ("raise", f"ConnectionDoesNotExistError: {LOST}: {ADMIN_SHUTDOWN}"),
+        "query": ("raise", f"ConnectionDoesNotExistError: {lost(ADMIN_SHUTDOWN)}"),
         "release": ("ok", None),
     },
     "mid-query": {
-        "query": ("raise", f"ConnectionDoesNotExistError: {LOST}: {ADMIN_SHUTDOWN}"),
+        "query": ("raise", f"ConnectionDoesNotExistError: {lost(ADMIN_SHUTDOWN)}"),
         "release": ("ok", None),
     },
     # Killed after the last query; the client has read the FATAL before
@@ -366,7 +378,7 @@ async def test_acquire_right_after_releasing_a_lost_connection(env: Env) -> None
 KILL_IN_RELEASE_EXPECTED = {
     # The release's reset meets the FATAL: asyncpg's holder terminates the
     # connection and re-raises the reset's error.
-    "release": ("raise", f"ConnectionDoesNotExistError: {LOST}: {ADMIN_SHUTDOWN}"),
+    "release": ("raise", f"ConnectionDoesNotExistError: {lost(ADMIN_SHUTDOWN)}"),
 }
 
 
@@ -485,7 +497,7 @@ IDLE_XACT_EXPECTED: dict[str, dict[str, Any]] = {
     # release() sends its ROLLBACK before reading the FATAL: it raises the
     # FATAL as the connection's loss.
     "unread": {
-        "release": ("raise", f"ConnectionDoesNotExistError: {LOST}: {IDLE_XACT}"),
+        "release": ("raise", f"ConnectionDoesNotExistError: {lost(IDLE_XACT)}"),
         "reports": 1,
     },
 }
@@ -589,6 +601,12 @@ class SlowResetConnection(asyncpg.Connection):
     def get_reset_query(self) -> str:
         return "SELECT pg_sleep(0.3); " + super().get_reset_query()
 
+    if asyncpg_version() < (0, 30):
+        # asyncpg 0.29 has no public get_reset_query(): both pools ask the
+        # private one (docs/compatibility.md).
+        def _get_reset_query(self) -> str:
+            return "SELECT pg_sleep(0.3); " + super()._get_reset_query()  # type: ignore[misc]
+
 
 async def _slow_reset_hook(con: Any) -> None:
     await con.execute("SELECT pg_sleep(0.3)")
@@ -654,7 +672,7 @@ RESTART_EXPECTED: dict[str, Any] = {
     },
     # The FATAL waited in the proxy: the first query after the restart gets it.
     "unread": {
-        "query": ("raise", f"ConnectionDoesNotExistError: {LOST}: {ADMIN_SHUTDOWN}"),
+        "query": ("raise", f"ConnectionDoesNotExistError: {lost(ADMIN_SHUTDOWN)}"),
         "release": ("ok", None),
     },
 }
