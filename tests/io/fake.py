@@ -256,6 +256,7 @@ class FakeConnection(_pg_connection.Connection):
         return bool(self._protocol.in_transaction)
 
     def terminate(self) -> None:
+        self._aborted = True  # (as asyncpg's _abort(): safepool's terminate() reads it on asyncpg < 0.32)
         if not self._closed:
             self._closed = True
             self._server.terminated.append(self)
