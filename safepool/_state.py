@@ -431,7 +431,7 @@ class Backoff:
     unreachable_cap: float = 0.01
     rng: Callable[[], float] = field(default=random.random)
     # (After rng, which came before it.) While connects fail, a connect unanswered this long (seconds; at
-    # least twice the slowest connect that succeeded) is presumed lost and
+    # least twice the slowest connect that succeeded, or failed with an answer) is presumed lost and
     # another starts beside it, up to max_size under way: a black hole that
     # heals is served within about this long, where waiting for the lost
     # connect's timeout= would take up to that timeout. None: never.
@@ -516,7 +516,7 @@ class PoolState:
         "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_level", "backoff_until",
         "breaker_threshold", "closing", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
-        "floor_enabled",
+        "failed_answer_max", "floor_enabled",
         "generation", "init_failing", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime", "max_size",
         "max_waiters", "min_size", "phase", "reset_mode", "server_failures", "wait_on_connect_error", "wait_times",
     )
@@ -604,6 +604,10 @@ class PoolState:
         self.backoff_level = 0
         self.connect_refusals = 0
         self.connect_failed_at = -math.inf  # when the last connect failed
+        # The slowest connect that failed with an answer (the server's error,
+        # an init= hook's) since the last success: a connect under way that
+        # long is not lost, so no hedge beside it before twice that.
+        self.failed_answer_max = 0.0
         # Of those, the run that never reached the server (the breaker's
         # count), and whether the last one reached it and failed in init=.
         self.server_failures = 0
@@ -1158,13 +1162,15 @@ class PoolState:
     def _hedge_at(self) -> float:
         """While connects fail, when another connect may start beside those
         under way: the hedge delay (``Backoff.hedge_after``, at least twice
-        the slowest connect that succeeded) after the newest one started,
+        the slowest connect that succeeded, or failed with the server's or
+        the init= hook's answer since the last success) after the newest one started,
         and not before ``backoff_until``; infinity if hedging is off."""
         hedge_after = self.backoff.hedge_after
         if hedge_after is None:
             return math.inf
         newest = max(s.created_at for s in self._slots if s.state is S.CONNECTING)
-        return max(self.backoff_until, newest + max(hedge_after, 2 * self.connect_times.max))
+        slowest = max(self.connect_times.max, self.failed_answer_max)
+        return max(self.backoff_until, newest + max(hedge_after, 2 * slowest))
 
     def floor_deficit(self) -> bool:
         """Whether the pool is below min_size (once the floor is enabled)."""
@@ -1206,6 +1212,7 @@ class PoolState:
         self.backoff_level = 0
         self.connect_refusals = 0
         self.connect_failed_at = -math.inf
+        self.failed_answer_max = 0.0
         self.server_failures = 0
         self.init_failing = False
         self.backoff_until = 0.0
@@ -1256,6 +1263,9 @@ class PoolState:
         # at most one per timeout (one probe at a time while connects fail).
         if in_init:
             refused = NOT_REFUSED  # (the server answered: a timeout in init= is the hook's)
+        if refused != UNREACHABLE:
+            # The server answered (slowly, perhaps): not a black hole.
+            self.failed_answer_max = max(self.failed_answer_max, now - slot.created_at)
         news = slot.created_at >= self.connect_failed_at
         self.connect_failed_at = now
         if refused == REFUSED:

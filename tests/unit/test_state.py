@@ -610,6 +610,35 @@ def test_without_hedging_one_probe_at_a_time() -> None:
     assert not take(state, Connect)
 
 
+def test_a_server_that_answers_slowly_with_an_error_is_not_hedged() -> None:
+    """Hedging is for connects that go unanswered (a black hole). A server
+    that answers every connect with an error after 0.3 s (a slow login
+    refused, an init= hook that fails after a query) is not losing them:
+    one probe at a time, and the backoff grows to its cap. (With hedges
+    every 0.1 s beside probes that fail 0.3 s later, no failure was ever
+    news: backoff_level stayed 1 and the pool made 10 logins a second
+    forever, where it made one per backoff before.)"""
+    backoff = Backoff(base=0.1, cap=2.0, rng=lambda: 1.0, hedge_after=0.1)
+    state = make(max_size=4, backoff=backoff)
+    now = 0.0
+    under_way: list[Any] = []
+    while now < 20.0:
+        while state.waiting < 3:
+            state.enqueue(object(), now, None)
+        under_way += fields(take(state, Connect))
+        assert len([s for s in under_way if s.state is SlotState.CONNECTING]) <= 1 or not state.connect_failures
+        take(state, Fail)
+        due = [s.created_at + 0.3 for s in under_way if s.state is SlotState.CONNECTING]
+        deadline = state.next_deadline()
+        now = min(due + ([deadline] if deadline is not None else []))
+        answered = [s for s in under_way if s.state is SlotState.CONNECTING and s.created_at + 0.3 <= now]
+        for slot in answered:
+            state.connect_failed(slot, now, RuntimeError("init failed"), in_init=True)
+        state.advance(now)
+    assert state.backoff_level >= 4
+    assert len(under_way) <= 20, f"{len(under_way)} connects in 20 s"
+
+
 def test_floor_alone_is_restored_on_the_upkeep_schedule_after_failures() -> None:
     state = make(max_size=3, min_size=1)
     state.floor_enabled = True
