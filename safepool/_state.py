@@ -1537,7 +1537,7 @@ class PoolState:
         self._compact_waiters()
         if self.max_inactive_lifetime:
             idle = self._idle
-            while idle and self._live() > self.min_size and now - idle[0].idle_since >= self.max_inactive_lifetime:
+            while idle and self._live() > self.min_size and idle[0].idle_since + self.max_inactive_lifetime <= now:
                 self._start_close(idle[0])
         self._plan_connects(now)
 

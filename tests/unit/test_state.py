@@ -873,6 +873,19 @@ def test_idle_connections_above_min_size_close_after_lifetime() -> None:
     assert state.idle == 1
 
 
+def test_an_idle_lifetime_falls_due_at_the_time_next_deadline_names() -> None:
+    """The timer's time (idle_since + lifetime) and advance()'s test must
+    agree in floating point: 0.3 + 2.0 == 2.3, but 2.3 - 0.3 < 2.0, so the
+    timer fired at 2.3 closed nothing and was armed at 2.3 again (a spin
+    until the clock moved on; the random walk's seed 198 with a spin check)."""
+    state = make(max_size=2, min_size=0, max_inactive_lifetime=2.0)
+    fill(state, 1, now=0.3)
+    assert state.next_deadline() == 2.3
+    state.advance(2.3)
+    assert len(take(state, Close)) == 1
+    assert state.next_deadline() is None
+
+
 def test_expire_connections_replaces_idle_now_and_leased_on_release() -> None:
     state = make(max_size=2)
     fill(state, 2)
