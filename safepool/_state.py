@@ -1277,11 +1277,15 @@ class PoolState:
             self.connect_refusals if refused == REFUSED else self.backoff_level, refused
         ))
         # A closing connection will not come back: it does not count.
-        if self._serving() == 0 and self._connecting_count == 0:
+        breaker_open = self.breaker_threshold is not None and self.server_failures >= self.breaker_threshold
+        if self._serving() == 0 and (self._connecting_count == 0 or breaker_open):
             # Nothing will come back to the waiters before the next attempt:
             # fail them now rather than let them wait out their timeouts.
-            self._fail_waiters(error, self.breaker_threshold is not None and (
-                self.server_failures >= self.breaker_threshold))
+            # (With the circuit open, connects under way do not hold them
+            # either: hedges beside a lost probe, one starting every
+            # hedge_after, would otherwise keep fail_fast's waiters waiting
+            # to their timeouts through a black hole.)
+            self._fail_waiters(error, breaker_open)
         elif not self.wait_on_connect_error:
             if owner is not None:
                 self._settle_failed(owner, error)

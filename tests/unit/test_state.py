@@ -435,6 +435,28 @@ def test_connect_failure_with_no_connection_fails_waiters_then_opens_circuit() -
     assert take(state, Wake) == [Wake(f)]
 
 
+def test_with_the_circuit_open_hedges_do_not_keep_waiters_from_its_error() -> None:
+    """fail_fast in a black hole: the probes time out, hedges beside them are
+    always under way, so no failure found "no connect under way" and the
+    waiters never got ServerUnavailableError: each waited out its own
+    timeout (a hedge's owner got the raw TimeoutError). With the circuit
+    open, a failure fails the waiters, as the single probe's did."""
+    backoff = Backoff(base=0.1, cap=2.0, rng=lambda: 1.0, hedge_after=0.1)
+    state = make(max_size=4, breaker_threshold=3, backoff=backoff)
+    now, under_way, failed = 0.0, [], []
+    while now < 5.0:
+        state.enqueue(object(), now, 3.0)
+        under_way += fields(take(state, Connect))
+        failed += take(state, Fail)
+        assert not take(state, TimeOut), f"a waiter waited out its timeout at t={now:g}"
+        now = round(now + 0.05, 6)
+        for slot in [s for s in under_way if s.created_at + 1.0 <= now]:  # connect timeout=1
+            under_way.remove(slot)
+            state.connect_failed(slot, now, TimeoutError(), UNREACHABLE)
+        state.advance(now)
+    assert len([f for f in failed if f.breaker_open]) > 50
+
+
 def test_backoff_doubles_up_to_the_cap() -> None:
     backoff = no_jitter()
     assert [backoff.delay(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 8.0, 8.0]
