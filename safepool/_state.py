@@ -1205,7 +1205,9 @@ class PoolState:
                 return False
             raise InternalStateError(f"connect_succeeded for {slot!r}")
         slot.connection = connection
-        self.connect_times.record(now - slot.created_at)  # created_at: when the connect was planned
+        started = slot.created_at  # when the connect was planned
+        failing = self.connect_failures
+        self.connect_times.record(now - started)
         slot.created_at = now
         self.counters.connections_opened += 1
         self.connect_failures = 0
@@ -1218,6 +1220,15 @@ class PoolState:
         self.backoff_until = 0.0
         owner = slot.owner
         if owner is None:
+            if failing and self._bound and self._waiting == self._bound and self._policy is None:
+                # A hedge answered for nobody while every task waits on a
+                # connect of its own: those started before it are presumed
+                # lost (a black hole), so the task waiting longest on one
+                # takes this connection rather than wait out its timeout.
+                for waiter in self._waiters:
+                    if waiter.state is W.WAITING and waiter.connect is not None and waiter.connect.created_at < started:
+                        self._unbind(waiter)
+                        break
             self._hand_on(slot, now)
         else:
             self._unbind(owner)

@@ -617,6 +617,29 @@ def test_a_probe_unanswered_for_the_hedge_delay_gets_another_beside_it() -> None
     state.check_invariants()
 
 
+def test_a_hedge_that_answers_serves_the_task_waiting_on_the_lost_probe() -> None:
+    """One task waits; the probe for it is lost in a black hole and the
+    hedge beside it answers: the hedge's connection serves that task at
+    once. (It went idle: the task waited for its own connect, the lost
+    probe, to its timeout, 60 s by default, and the hedge served nobody.)"""
+    backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0, hedge_after=0.1)
+    state = make(max_size=3, backoff=backoff)
+    state.enqueue("a", 0.0, None)
+    [first] = fields(take(state, Connect))
+    state.connect_failed(first, 0.01, TimeoutError(), UNREACHABLE)
+    take(state, Fail)
+    waiter = state.enqueue("b", 1.0, None)
+    [probe] = fields(take(state, Connect))
+    assert probe.owner is waiter
+    state.advance(1.1)
+    [hedge] = fields(take(state, Connect))
+    state.connect_succeeded(hedge, object(), 1.12)
+    assert take(state, Wake) == [Wake(waiter)]
+    assert probe.owner is None  # the lost probe, when it answers, goes idle or to the next task
+    state.connect_failed(probe, 61.0, TimeoutError(), UNREACHABLE)
+    state.check_invariants()
+
+
 def test_without_hedging_one_probe_at_a_time() -> None:
     state = make(max_size=3, backoff=Backoff(rng=lambda: 1.0, hedge_after=None))
     state.enqueue("a", 0.0, None)
