@@ -516,7 +516,7 @@ class PoolState:
         "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_level", "backoff_until",
         "breaker_threshold", "closing", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
-        "failed_answer_max", "floor_enabled",
+        "failed_answer_max", "floor_enabled", "lost_before",
         "generation", "init_failing", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime", "max_size",
         "max_waiters", "min_size", "phase", "reset_mode", "server_failures", "wait_on_connect_error", "wait_times",
     )
@@ -608,6 +608,9 @@ class PoolState:
         # an init= hook's) since the last success: a connect under way that
         # long is not lost, so no hedge beside it before twice that.
         self.failed_answer_max = 0.0
+        # Connects started before this time are presumed lost: one started
+        # later ended a run of failures before them (a healed black hole).
+        self.lost_before = -math.inf
         # Of those, the run that never reached the server (the breaker's
         # count), and whether the last one reached it and failed in init=.
         self.server_failures = 0
@@ -1047,10 +1050,25 @@ class PoolState:
         """:meth:`_hand_on`'s last step while some waiters wait for connects
         of their own: the head waiter without one gets the connection (the
         bound ones keep their places in the queue), or it goes idle."""
-        if not self._grant_head_unbound(slot):
+        if not self._grant_head_unbound(slot) and not self._grant_head_on_lost_connect(slot):
             self._move(slot, S.IDLE)
             slot.idle_since = now
             self._idle.append(slot)
+
+    def _grant_head_on_lost_connect(self, slot: Slot) -> bool:
+        """Every waiting task waits on a connect of its own: the one waiting
+        longest on a connect presumed lost (started before the connect that
+        ended a run of failures: a probe a black hole swallowed, adopted
+        after the pool recovered) takes the connection rather than wait out
+        that connect's timeout=."""
+        lost_before = self.lost_before
+        for index, waiter in enumerate(self._waiters):
+            if waiter.state is W.WAITING and waiter.connect is not None and waiter.connect.created_at < lost_before:
+                self._unbind(waiter)
+                del self._waiters[index]
+                self._grant(slot, waiter)
+                return True
+        return False
 
     def _grant_head_unbound(self, slot: Slot) -> bool:
         waiters = self._waiters
@@ -1215,20 +1233,16 @@ class PoolState:
         self.connect_refusals = 0
         self.connect_failed_at = -math.inf
         self.failed_answer_max = 0.0
+        if failing:
+            self.lost_before = started
         self.server_failures = 0
         self.init_failing = False
         self.backoff_until = 0.0
         owner = slot.owner
         if owner is None:
-            if failing and self._bound and self._waiting == self._bound and self._policy is None:
-                # A hedge answered for nobody while every task waits on a
-                # connect of its own: those started before it are presumed
-                # lost (a black hole), so the task waiting longest on one
-                # takes this connection rather than wait out its timeout.
-                for waiter in self._waiters:
-                    if waiter.state is W.WAITING and waiter.connect is not None and waiter.connect.created_at < started:
-                        self._unbind(waiter)
-                        break
+            # (A hedge that answered for nobody: with every task waiting on
+            # a connect of its own, one waiting on a connect started before
+            # it, presumed lost, takes it: _grant_head_on_lost_connect.)
             self._hand_on(slot, now)
         else:
             self._unbind(owner)

@@ -640,6 +640,31 @@ def test_a_hedge_that_answers_serves_the_task_waiting_on_the_lost_probe() -> Non
     state.check_invariants()
 
 
+def test_a_task_that_adopted_a_lost_probe_takes_a_released_connection() -> None:
+    """After the black hole heals, the probes it swallowed are still under
+    way (until their timeout=, 60 s by default). A task that arrives then
+    adopts one (a connect nobody waits for); when a connection is released
+    it takes it, instead of leaving it idle and waiting on the lost probe."""
+    backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0, hedge_after=0.1)
+    state = make(max_size=4, backoff=backoff)
+    state.enqueue("a", 0.0, None)
+    [first] = fields(take(state, Connect))
+    state.connect_failed(first, 0.01, TimeoutError(), UNREACHABLE)
+    take(state, Fail)
+    b = state.enqueue("b", 1.0, None)
+    state.advance(1.15)
+    probe, hedge = fields(take(state, Connect))
+    state.connect_succeeded(hedge, object(), 1.2)  # the heal: the hedge answers, the probe is lost
+    assert take(state, Wake) == [Wake(b)]
+    c = state.enqueue("c", 1.3, None)
+    assert c.connect is probe and not take(state, Connect)
+    lease = state.claim(b, 1.3)
+    state.release(lease, 1.4, CLEAN)
+    assert take(state, Wake) == [Wake(c)], "the released connection went idle beside a task waiting"
+    assert probe.owner is None
+    state.connect_failed(probe, 61.0, TimeoutError(), UNREACHABLE)
+
+
 def test_without_hedging_one_probe_at_a_time() -> None:
     state = make(max_size=3, backoff=Backoff(rng=lambda: 1.0, hedge_after=None))
     state.enqueue("a", 0.0, None)
