@@ -431,7 +431,7 @@ class Backoff:
     unreachable_cap: float = 0.01
     rng: Callable[[], float] = field(default=random.random)
     # (After rng, which came before it.) While connects fail, a connect unanswered this long (seconds; at
-    # least twice the slowest connect that succeeded) is presumed lost and
+    # least twice the slowest connect that succeeded, or failed with an answer) is presumed lost and
     # another starts beside it, up to max_size under way: a black hole that
     # heals is served within about this long, where waiting for the lost
     # connect's timeout= would take up to that timeout. None: never.
@@ -516,7 +516,7 @@ class PoolState:
         "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_level", "backoff_until",
         "breaker_threshold", "closing", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
-        "floor_enabled",
+        "failed_answer_max", "floor_enabled", "lost_before",
         "generation", "init_failing", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime", "max_size",
         "max_waiters", "min_size", "phase", "reset_mode", "server_failures", "wait_on_connect_error", "wait_times",
     )
@@ -604,6 +604,13 @@ class PoolState:
         self.backoff_level = 0
         self.connect_refusals = 0
         self.connect_failed_at = -math.inf  # when the last connect failed
+        # The slowest connect that failed with an answer (the server's error,
+        # an init= hook's) since the last success: a connect under way that
+        # long is not lost, so no hedge beside it before twice that.
+        self.failed_answer_max = 0.0
+        # Connects started before this time are presumed lost: one started
+        # later ended a run of failures before them (a healed black hole).
+        self.lost_before = -math.inf
         # Of those, the run that never reached the server (the breaker's
         # count), and whether the last one reached it and failed in init=.
         self.server_failures = 0
@@ -1043,10 +1050,25 @@ class PoolState:
         """:meth:`_hand_on`'s last step while some waiters wait for connects
         of their own: the head waiter without one gets the connection (the
         bound ones keep their places in the queue), or it goes idle."""
-        if not self._grant_head_unbound(slot):
+        if not self._grant_head_unbound(slot) and not self._grant_head_on_lost_connect(slot):
             self._move(slot, S.IDLE)
             slot.idle_since = now
             self._idle.append(slot)
+
+    def _grant_head_on_lost_connect(self, slot: Slot) -> bool:
+        """Every waiting task waits on a connect of its own: the one waiting
+        longest on a connect presumed lost (started before the connect that
+        ended a run of failures: a probe a black hole swallowed, adopted
+        after the pool recovered) takes the connection rather than wait out
+        that connect's timeout=."""
+        lost_before = self.lost_before
+        for index, waiter in enumerate(self._waiters):
+            if waiter.state is W.WAITING and waiter.connect is not None and waiter.connect.created_at < lost_before:
+                self._unbind(waiter)
+                del self._waiters[index]
+                self._grant(slot, waiter)
+                return True
+        return False
 
     def _grant_head_unbound(self, slot: Slot) -> bool:
         waiters = self._waiters
@@ -1158,13 +1180,15 @@ class PoolState:
     def _hedge_at(self) -> float:
         """While connects fail, when another connect may start beside those
         under way: the hedge delay (``Backoff.hedge_after``, at least twice
-        the slowest connect that succeeded) after the newest one started,
+        the slowest connect that succeeded, or failed with the server's or
+        the init= hook's answer since the last success) after the newest one started,
         and not before ``backoff_until``; infinity if hedging is off."""
         hedge_after = self.backoff.hedge_after
         if hedge_after is None:
             return math.inf
         newest = max(s.created_at for s in self._slots if s.state is S.CONNECTING)
-        return max(self.backoff_until, newest + max(hedge_after, 2 * self.connect_times.max))
+        slowest = max(self.connect_times.max, self.failed_answer_max)
+        return max(self.backoff_until, newest + max(hedge_after, 2 * slowest))
 
     def floor_deficit(self) -> bool:
         """Whether the pool is below min_size (once the floor is enabled)."""
@@ -1199,18 +1223,26 @@ class PoolState:
                 return False
             raise InternalStateError(f"connect_succeeded for {slot!r}")
         slot.connection = connection
-        self.connect_times.record(now - slot.created_at)  # created_at: when the connect was planned
+        started = slot.created_at  # when the connect was planned
+        failing = self.connect_failures
+        self.connect_times.record(now - started)
         slot.created_at = now
         self.counters.connections_opened += 1
         self.connect_failures = 0
         self.backoff_level = 0
         self.connect_refusals = 0
         self.connect_failed_at = -math.inf
+        self.failed_answer_max = 0.0
+        if failing:
+            self.lost_before = started
         self.server_failures = 0
         self.init_failing = False
         self.backoff_until = 0.0
         owner = slot.owner
         if owner is None:
+            # (A hedge that answered for nobody: with every task waiting on
+            # a connect of its own, one waiting on a connect started before
+            # it, presumed lost, takes it: _grant_head_on_lost_connect.)
             self._hand_on(slot, now)
         else:
             self._unbind(owner)
@@ -1256,6 +1288,9 @@ class PoolState:
         # at most one per timeout (one probe at a time while connects fail).
         if in_init:
             refused = NOT_REFUSED  # (the server answered: a timeout in init= is the hook's)
+        if refused != UNREACHABLE:
+            # The server answered (slowly, perhaps): not a black hole.
+            self.failed_answer_max = max(self.failed_answer_max, now - slot.created_at)
         news = slot.created_at >= self.connect_failed_at
         self.connect_failed_at = now
         if refused == REFUSED:
@@ -1267,11 +1302,15 @@ class PoolState:
             self.connect_refusals if refused == REFUSED else self.backoff_level, refused
         ))
         # A closing connection will not come back: it does not count.
-        if self._serving() == 0 and self._connecting_count == 0:
+        breaker_open = self.breaker_threshold is not None and self.server_failures >= self.breaker_threshold
+        if self._serving() == 0 and (self._connecting_count == 0 or breaker_open):
             # Nothing will come back to the waiters before the next attempt:
             # fail them now rather than let them wait out their timeouts.
-            self._fail_waiters(error, self.breaker_threshold is not None and (
-                self.server_failures >= self.breaker_threshold))
+            # (With the circuit open, connects under way do not hold them
+            # either: hedges beside a lost probe, one starting every
+            # hedge_after, would otherwise keep fail_fast's waiters waiting
+            # to their timeouts through a black hole.)
+            self._fail_waiters(error, breaker_open)
         elif not self.wait_on_connect_error:
             if owner is not None:
                 self._settle_failed(owner, error)
@@ -1527,7 +1566,7 @@ class PoolState:
         self._compact_waiters()
         if self.max_inactive_lifetime:
             idle = self._idle
-            while idle and self._live() > self.min_size and now - idle[0].idle_since >= self.max_inactive_lifetime:
+            while idle and self._live() > self.min_size and idle[0].idle_since + self.max_inactive_lifetime <= now:
                 self._start_close(idle[0])
         self._plan_connects(now)
 

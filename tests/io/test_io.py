@@ -251,6 +251,35 @@ async def test_a_probe_unanswered_for_the_hedge_delay_gets_another_beside_it(rig
     rig.pool.terminate()
 
 
+async def test_a_hedge_that_answers_first_serves_the_waiting_task(rig: Rig) -> None:
+    """The probe is lost (a black hole), the hedge beside it answers: the
+    one waiting task gets the hedge's connection at once, not after the
+    lost probe's timeout (it went idle, and the task waited on)."""
+    first = asyncio.ensure_future(rig.pool.acquire())
+    await spin()
+    rig.server.finish_connect(ConnectionRefusedError("refused"))
+    with pytest.raises(ConnectionRefusedError):
+        await first
+    second = asyncio.ensure_future(rig.pool.acquire())
+    rig.clock.advance(0.05)
+    await spin()
+    assert len(rig.server.connects) == 1
+    rig.clock.advance(0.12)
+    await spin()
+    assert len(rig.server.connects) == 2
+    lost, hedge = rig.server.connects
+    rig.server.connects.remove(hedge)
+    hedge.set_result(None)
+    await spin()
+    assert second.done(), "the task waits on the lost probe"
+    con = second.result()
+    rig.server.finish_connect()  # (the lost probe answers late: it goes idle)
+    await spin()
+    rig.books(size=2, in_use=1)
+    await rig.pool.release(con)
+    rig.pool.terminate()
+
+
 async def test_a_waiter_after_a_connect_failure_gets_the_next_attempt(rig: Rig) -> None:
     """After a failed connect, the next acquire waits out the backoff: the
     pool's timer must be armed for the retry, or the waiter waits forever

@@ -435,6 +435,28 @@ def test_connect_failure_with_no_connection_fails_waiters_then_opens_circuit() -
     assert take(state, Wake) == [Wake(f)]
 
 
+def test_with_the_circuit_open_hedges_do_not_keep_waiters_from_its_error() -> None:
+    """fail_fast in a black hole: the probes time out, hedges beside them are
+    always under way, so no failure found "no connect under way" and the
+    waiters never got ServerUnavailableError: each waited out its own
+    timeout (a hedge's owner got the raw TimeoutError). With the circuit
+    open, a failure fails the waiters, as the single probe's did."""
+    backoff = Backoff(base=0.1, cap=2.0, rng=lambda: 1.0, hedge_after=0.1)
+    state = make(max_size=4, breaker_threshold=3, backoff=backoff)
+    now, under_way, failed = 0.0, [], []
+    while now < 5.0:
+        state.enqueue(object(), now, 3.0)
+        under_way += fields(take(state, Connect))
+        failed += take(state, Fail)
+        assert not take(state, TimeOut), f"a waiter waited out its timeout at t={now:g}"
+        now = round(now + 0.05, 6)
+        for slot in [s for s in under_way if s.created_at + 1.0 <= now]:  # connect timeout=1
+            under_way.remove(slot)
+            state.connect_failed(slot, now, TimeoutError(), UNREACHABLE)
+        state.advance(now)
+    assert len([f for f in failed if f.breaker_open]) > 50
+
+
 def test_backoff_doubles_up_to_the_cap() -> None:
     backoff = no_jitter()
     assert [backoff.delay(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 8.0, 8.0]
@@ -595,6 +617,54 @@ def test_a_probe_unanswered_for_the_hedge_delay_gets_another_beside_it() -> None
     state.check_invariants()
 
 
+def test_a_hedge_that_answers_serves_the_task_waiting_on_the_lost_probe() -> None:
+    """One task waits; the probe for it is lost in a black hole and the
+    hedge beside it answers: the hedge's connection serves that task at
+    once. (It went idle: the task waited for its own connect, the lost
+    probe, to its timeout, 60 s by default, and the hedge served nobody.)"""
+    backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0, hedge_after=0.1)
+    state = make(max_size=3, backoff=backoff)
+    state.enqueue("a", 0.0, None)
+    [first] = fields(take(state, Connect))
+    state.connect_failed(first, 0.01, TimeoutError(), UNREACHABLE)
+    take(state, Fail)
+    waiter = state.enqueue("b", 1.0, None)
+    [probe] = fields(take(state, Connect))
+    assert probe.owner is waiter
+    state.advance(1.1)
+    [hedge] = fields(take(state, Connect))
+    state.connect_succeeded(hedge, object(), 1.12)
+    assert take(state, Wake) == [Wake(waiter)]
+    assert probe.owner is None  # the lost probe, when it answers, goes idle or to the next task
+    state.connect_failed(probe, 61.0, TimeoutError(), UNREACHABLE)
+    state.check_invariants()
+
+
+def test_a_task_that_adopted_a_lost_probe_takes_a_released_connection() -> None:
+    """After the black hole heals, the probes it swallowed are still under
+    way (until their timeout=, 60 s by default). A task that arrives then
+    adopts one (a connect nobody waits for); when a connection is released
+    it takes it, instead of leaving it idle and waiting on the lost probe."""
+    backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0, hedge_after=0.1)
+    state = make(max_size=4, backoff=backoff)
+    state.enqueue("a", 0.0, None)
+    [first] = fields(take(state, Connect))
+    state.connect_failed(first, 0.01, TimeoutError(), UNREACHABLE)
+    take(state, Fail)
+    b = state.enqueue("b", 1.0, None)
+    state.advance(1.15)
+    probe, hedge = fields(take(state, Connect))
+    state.connect_succeeded(hedge, object(), 1.2)  # the heal: the hedge answers, the probe is lost
+    assert take(state, Wake) == [Wake(b)]
+    c = state.enqueue("c", 1.3, None)
+    assert c.connect is probe and not take(state, Connect)
+    lease = state.claim(b, 1.3)
+    state.release(lease, 1.4, CLEAN)
+    assert take(state, Wake) == [Wake(c)], "the released connection went idle beside a task waiting"
+    assert probe.owner is None
+    state.connect_failed(probe, 61.0, TimeoutError(), UNREACHABLE)
+
+
 def test_without_hedging_one_probe_at_a_time() -> None:
     state = make(max_size=3, backoff=Backoff(rng=lambda: 1.0, hedge_after=None))
     state.enqueue("a", 0.0, None)
@@ -608,6 +678,35 @@ def test_without_hedging_one_probe_at_a_time() -> None:
     assert state.next_deadline() is None
     state.advance(100.0)
     assert not take(state, Connect)
+
+
+def test_a_server_that_answers_slowly_with_an_error_is_not_hedged() -> None:
+    """Hedging is for connects that go unanswered (a black hole). A server
+    that answers every connect with an error after 0.3 s (a slow login
+    refused, an init= hook that fails after a query) is not losing them:
+    one probe at a time, and the backoff grows to its cap. (With hedges
+    every 0.1 s beside probes that fail 0.3 s later, no failure was ever
+    news: backoff_level stayed 1 and the pool made 10 logins a second
+    forever, where it made one per backoff before.)"""
+    backoff = Backoff(base=0.1, cap=2.0, rng=lambda: 1.0, hedge_after=0.1)
+    state = make(max_size=4, backoff=backoff)
+    now = 0.0
+    under_way: list[Any] = []
+    while now < 20.0:
+        while state.waiting < 3:
+            state.enqueue(object(), now, None)
+        under_way += fields(take(state, Connect))
+        assert len([s for s in under_way if s.state is SlotState.CONNECTING]) <= 1 or not state.connect_failures
+        take(state, Fail)
+        due = [s.created_at + 0.3 for s in under_way if s.state is SlotState.CONNECTING]
+        deadline = state.next_deadline()
+        now = min(due + ([deadline] if deadline is not None else []))
+        answered = [s for s in under_way if s.state is SlotState.CONNECTING and s.created_at + 0.3 <= now]
+        for slot in answered:
+            state.connect_failed(slot, now, RuntimeError("init failed"), in_init=True)
+        state.advance(now)
+    assert state.backoff_level >= 4
+    assert len(under_way) <= 20, f"{len(under_way)} connects in 20 s"
 
 
 def test_floor_alone_is_restored_on_the_upkeep_schedule_after_failures() -> None:
@@ -842,6 +941,19 @@ def test_idle_connections_above_min_size_close_after_lifetime() -> None:
     state.advance(10.0)
     assert len(take(state, Close)) == 2
     assert state.idle == 1
+
+
+def test_an_idle_lifetime_falls_due_at_the_time_next_deadline_names() -> None:
+    """The timer's time (idle_since + lifetime) and advance()'s test must
+    agree in floating point: 0.3 + 2.0 == 2.3, but 2.3 - 0.3 < 2.0, so the
+    timer fired at 2.3 closed nothing and was armed at 2.3 again (a spin
+    until the clock moved on; the random walk's seed 198 with a spin check)."""
+    state = make(max_size=2, min_size=0, max_inactive_lifetime=2.0)
+    fill(state, 1, now=0.3)
+    assert state.next_deadline() == 2.3
+    state.advance(2.3)
+    assert len(take(state, Close)) == 1
+    assert state.next_deadline() is None
 
 
 def test_expire_connections_replaces_idle_now_and_leased_on_release() -> None:
