@@ -1062,12 +1062,16 @@ class PoolState:
         after the pool recovered) takes the connection rather than wait out
         that connect's timeout=."""
         lost_before = self.lost_before
+        if lost_before == -math.inf:
+            return False  # (no recovery yet: nothing to scan)
         for index, waiter in enumerate(self._waiters):
             if waiter.state is W.WAITING and waiter.connect is not None and waiter.connect.created_at < lost_before:
                 self._unbind(waiter)
                 del self._waiters[index]
                 self._grant(slot, waiter)
                 return True
+        if not any(s.state is S.CONNECTING and s.created_at < lost_before for s in self._slots):
+            self.lost_before = -math.inf  # the lost connects have all ended: stop scanning
         return False
 
     def _grant_head_unbound(self, slot: Slot) -> bool:
