@@ -219,11 +219,9 @@ async def test_connect_failure_reaches_the_waiter(rig: Rig) -> None:
     rig.books(size=0)
 
 
-async def test_a_probe_unanswered_for_the_hedge_delay_gets_another_beside_it(rig: Rig) -> None:
-    """While connects fail, a probe that goes unanswered for
-    Backoff.hedge_after (0.1 s) is presumed lost (a black hole): the pool's
-    timer starts another beside it, up to max_size (2) under way, and the
-    first to answer serves the waiter; the other joins the idle stack."""
+async def waiting_after_a_refused_connect(rig: Rig) -> asyncio.Future[Any]:
+    """A first acquire's connect refused, then a second acquire, whose probe
+    (the pool's retry, 10 ms later) is under way: the second's future."""
     first = asyncio.ensure_future(rig.pool.acquire())
     await spin()
     rig.server.finish_connect(ConnectionRefusedError("refused"))
@@ -233,6 +231,15 @@ async def test_a_probe_unanswered_for_the_hedge_delay_gets_another_beside_it(rig
     rig.clock.advance(0.05)
     await spin()
     assert len(rig.server.connects) == 1
+    return second
+
+
+async def test_a_probe_unanswered_for_the_hedge_delay_gets_another_beside_it(rig: Rig) -> None:
+    """While connects fail, a probe that goes unanswered for
+    Backoff.hedge_after (0.1 s) is presumed lost (a black hole): the pool's
+    timer starts another beside it, up to max_size (2) under way, and the
+    first to answer serves the waiter; the other joins the idle stack."""
+    second = await waiting_after_a_refused_connect(rig)
     rig.clock.advance(0.09)
     await spin()
     assert len(rig.server.connects) == 1, "hedged before hedge_after"
@@ -255,15 +262,7 @@ async def test_a_hedge_that_answers_first_serves_the_waiting_task(rig: Rig) -> N
     """The probe is lost (a black hole), the hedge beside it answers: the
     one waiting task gets the hedge's connection at once, not after the
     lost probe's timeout (it went idle, and the task waited on)."""
-    first = asyncio.ensure_future(rig.pool.acquire())
-    await spin()
-    rig.server.finish_connect(ConnectionRefusedError("refused"))
-    with pytest.raises(ConnectionRefusedError):
-        await first
-    second = asyncio.ensure_future(rig.pool.acquire())
-    rig.clock.advance(0.05)
-    await spin()
-    assert len(rig.server.connects) == 1
+    second = await waiting_after_a_refused_connect(rig)
     rig.clock.advance(0.12)
     await spin()
     assert len(rig.server.connects) == 2

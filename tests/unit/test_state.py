@@ -617,17 +617,24 @@ def test_a_probe_unanswered_for_the_hedge_delay_gets_another_beside_it() -> None
     state.check_invariants()
 
 
+def after_a_lost_connect(max_size: int) -> PoolState:
+    """A pool (hedge_after 0.1 s, no jitter) whose first connect, for task
+    "a" at 0.0, timed out at 0.01: connects now fail."""
+    backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0, hedge_after=0.1)
+    state = make(max_size=max_size, backoff=backoff)
+    state.enqueue("a", 0.0, None)
+    [first] = fields(take(state, Connect))
+    state.connect_failed(first, 0.01, TimeoutError(), UNREACHABLE)
+    take(state, Fail)
+    return state
+
+
 def test_a_hedge_that_answers_serves_the_task_waiting_on_the_lost_probe() -> None:
     """One task waits; the probe for it is lost in a black hole and the
     hedge beside it answers: the hedge's connection serves that task at
     once. (It went idle: the task waited for its own connect, the lost
     probe, to its timeout, 60 s by default, and the hedge served nobody.)"""
-    backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0, hedge_after=0.1)
-    state = make(max_size=3, backoff=backoff)
-    state.enqueue("a", 0.0, None)
-    [first] = fields(take(state, Connect))
-    state.connect_failed(first, 0.01, TimeoutError(), UNREACHABLE)
-    take(state, Fail)
+    state = after_a_lost_connect(max_size=3)
     waiter = state.enqueue("b", 1.0, None)
     [probe] = fields(take(state, Connect))
     assert probe.owner is waiter
@@ -645,12 +652,7 @@ def test_a_task_that_adopted_a_lost_probe_takes_a_released_connection() -> None:
     way (until their timeout=, 60 s by default). A task that arrives then
     adopts one (a connect nobody waits for); when a connection is released
     it takes it, instead of leaving it idle and waiting on the lost probe."""
-    backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0, hedge_after=0.1)
-    state = make(max_size=4, backoff=backoff)
-    state.enqueue("a", 0.0, None)
-    [first] = fields(take(state, Connect))
-    state.connect_failed(first, 0.01, TimeoutError(), UNREACHABLE)
-    take(state, Fail)
+    state = after_a_lost_connect(max_size=4)
     b = state.enqueue("b", 1.0, None)
     state.advance(1.15)
     probe, hedge = fields(take(state, Connect))
