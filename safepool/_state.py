@@ -430,11 +430,12 @@ class Backoff:
     refused_cap: float = 0.05
     unreachable_cap: float = 0.01
     rng: Callable[[], float] = field(default=random.random)
-    # (After rng, which came before it.) While connects fail, a connect unanswered this long (seconds; at
-    # least twice the slowest connect that succeeded, or failed with an answer) is presumed lost and
-    # another starts beside it, up to max_size under way: a black hole that
-    # heals is served within about this long, where waiting for the lost
-    # connect's timeout= would take up to that timeout. None: never.
+    # (After rng, which came before it.) While connects fail, a connect
+    # unanswered this long (seconds; at least twice the slowest connect that
+    # succeeded, or failed with an answer) is presumed lost and another
+    # starts beside it, up to max_size under way: a black hole that heals is
+    # served within about this long, where waiting for the lost connect's
+    # timeout= would take up to that timeout. None: never.
     hedge_after: float | None = 0.1
 
     def __post_init__(self) -> None:

@@ -750,14 +750,9 @@ async def test_callbacks_receive_the_leased_proxy(make_pool: MakePool) -> None:
         assert {connection: name}[con] == name
 
 
-@pytest.mark.asyncio
-@pytest.mark.parametrize("kind", ["plain", "async"])
-async def test_a_termination_listener_gets_the_leased_proxy_at_terminate(make_pool: MakePool, kind: str) -> None:
-    """``pool.terminate()`` with a connection leased: its termination
-    listener gets the proxy the program holds, as asyncpg's terminate()
-    aborts the connection (``_unwrap()``) before it detaches the proxy."""
-    pool = await make_pool()
-    con = await pool.acquire()
+def _listen_for_termination(con: Any, kind: str) -> list[Any]:
+    """Add a termination listener to ``con``, a plain function or a
+    coroutine function (``kind``); returns the list it appends its argument to."""
     received: list[Any] = []
     if kind == "plain":
         con.add_termination_listener(received.append)
@@ -767,6 +762,18 @@ async def test_a_termination_listener_gets_the_leased_proxy_at_terminate(make_po
             received.append(connection)
 
         con.add_termination_listener(on_termination)
+    return received
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["plain", "async"])
+async def test_a_termination_listener_gets_the_leased_proxy_at_terminate(make_pool: MakePool, kind: str) -> None:
+    """``pool.terminate()`` with a connection leased: its termination
+    listener gets the proxy the program holds, as asyncpg's terminate()
+    aborts the connection (``_unwrap()``) before it detaches the proxy."""
+    pool = await make_pool()
+    con = await pool.acquire()
+    received = _listen_for_termination(con, kind)
     pool.terminate()
     await wait_until(lambda: len(received) == 1)
     assert received[0] is con
@@ -811,15 +818,7 @@ async def test_a_termination_listener_gets_the_released_proxy_when_release_close
         options["reset"] = reset_hook
     pool = await make_pool(**options)
     con = await pool.acquire()
-    received: list[Any] = []
-    if kind == "plain":
-        con.add_termination_listener(received.append)
-    else:
-
-        async def on_termination(connection: Any) -> None:
-            received.append(connection)
-
-        con.add_termination_listener(on_termination)
+    received = _listen_for_termination(con, kind)
     if path == "expired":
         await pool.expire_connections()
     else:

@@ -141,6 +141,41 @@ async def test_listeners_get_every_event_with_its_fields(pg_dsn: str, app_name: 
         pool.terminate()
 
 
+class Refusing:
+    """A ``connect=`` that opens asyncpg connections until ``on`` is set,
+    then raises ConnectionRefusedError (nothing listening)."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.on:
+            raise ConnectionRefusedError("connection refused (test)")
+        return await asyncpg.connect(*args, **kwargs)
+
+
+async def _backing_off(
+    pg_dsn: str, app_name: str, name: str, min_size: int, refusing: Refusing, events: list[dict[str, Any]]
+) -> tuple[Any, Any]:
+    """A pool (max_size 2, wait_on_connect_error) with one connection leased,
+    then backing off: the next acquire's connect was refused and it timed
+    out. Returns the pool and the leased connection; events go to ``events``."""
+    pool = await safepool.create_pool(
+        pg_dsn, name=name, min_size=min_size, max_size=2, connect=refusing, wait_on_connect_error=True,
+        server_settings={"application_name": app_name},
+    )
+    try:
+        pool.add_listener(events.append)
+        first = await pool.acquire()
+        refusing.on = True
+        with pytest.raises(safepool.PoolTimeoutError):
+            await pool.acquire(timeout=0.2)  # its connect is refused: backing off
+    except BaseException:
+        pool.terminate()
+        raise
+    return pool, first
+
+
 async def test_server_status_event_when_the_last_connection_goes_while_backing_off(
     pg_dsn: str, app_name: str
 ) -> None:
@@ -148,24 +183,10 @@ async def test_server_status_event_when_the_last_connection_goes_while_backing_o
     connection closes: stats() and health() say ``down`` at once, and so must
     the ``server_status`` event and log record, not only whenever the next
     connect fails (never, with nobody waiting and no min_size to restore)."""
-    refuse = False
-
-    async def connect(*args: Any, **kwargs: Any) -> Any:
-        if refuse:
-            raise ConnectionRefusedError("connection refused (test)")
-        return await asyncpg.connect(*args, **kwargs)
-
+    refusing = Refusing()
     events: list[dict[str, Any]] = []
-    pool = await safepool.create_pool(
-        pg_dsn, name="status", min_size=0, max_size=2, connect=connect, wait_on_connect_error=True,
-        server_settings={"application_name": app_name},
-    )
+    pool, first = await _backing_off(pg_dsn, app_name, "status", 0, refusing, events)
     try:
-        pool.add_listener(events.append)
-        first = await pool.acquire()
-        refuse = True
-        with pytest.raises(safepool.PoolTimeoutError):
-            await pool.acquire(timeout=0.2)  # its connect is refused: backing off
         assert pool.stats().server_status == "backing_off"
         assert {"event": "server_status", "pool": "status", "from": "up", "to": "backing_off"} in events
         events.clear()
@@ -176,7 +197,7 @@ async def test_server_status_event_when_the_last_connection_goes_while_backing_o
         assert [e for e in events if e["event"] == "server_status"] == [
             {"event": "server_status", "pool": "status", "from": "backing_off", "to": "down"}
         ]
-        refuse = False
+        refusing.on = False
         assert await pool.fetchval("SELECT 1") == 1
         assert [e for e in events if e["event"] == "server_status"][-1] == {
             "event": "server_status", "pool": "status", "from": "down", "to": "up"
@@ -388,24 +409,9 @@ async def test_terminate_reports_unreleased_leases_and_late_releases(pg_dsn: str
 async def test_closing_a_pool_while_backing_off_reports_no_server_status(pg_dsn: str, app_name: str) -> None:
     """close() of a pool whose connects fail closes its last connections: not
     a change in the server's state, so no server_status event or record."""
-    refuse = False
-
-    async def connect(*args: Any, **kwargs: Any) -> Any:
-        if refuse:
-            raise ConnectionRefusedError("connection refused (test)")
-        return await asyncpg.connect(*args, **kwargs)
-
     events: list[dict[str, Any]] = []
-    pool = await safepool.create_pool(
-        pg_dsn, name="closing", min_size=1, max_size=2, connect=connect, wait_on_connect_error=True,
-        server_settings={"application_name": app_name},
-    )
+    pool, first = await _backing_off(pg_dsn, app_name, "closing", 1, Refusing(), events)
     try:
-        pool.add_listener(events.append)
-        first = await pool.acquire()
-        refuse = True
-        with pytest.raises(safepool.PoolTimeoutError):
-            await pool.acquire(timeout=0.2)
         await pool.release(first)
         assert pool.stats().server_status == "backing_off"
         events.clear()

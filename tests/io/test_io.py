@@ -228,7 +228,9 @@ async def waiting_after_a_refused_connect(rig: Rig) -> asyncio.Future[Any]:
     with pytest.raises(ConnectionRefusedError):
         await first
     second = asyncio.ensure_future(rig.pool.acquire())
-    rig.clock.advance(0.05)
+    await spin()
+    assert not rig.server.connects, "retried before the backoff ended"
+    rig.clock.advance(0.05)  # (nothing listening: retried within 10 ms)
     await spin()
     assert len(rig.server.connects) == 1
     return second
@@ -240,10 +242,11 @@ async def test_a_probe_unanswered_for_the_hedge_delay_gets_another_beside_it(rig
     timer starts another beside it, up to max_size (2) under way, and the
     first to answer serves the waiter; the other joins the idle stack."""
     second = await waiting_after_a_refused_connect(rig)
-    rig.clock.advance(0.09)
+    # (The probe started at 0.005-0.01 s: the hedge is due 0.1 s after it.)
+    rig.clock.advance(0.04)
     await spin()
     assert len(rig.server.connects) == 1, "hedged before hedge_after"
-    rig.clock.advance(0.02)
+    rig.clock.advance(0.03)
     await spin()
     assert len(rig.server.connects) == 2
     rig.clock.advance(10.0)
@@ -283,17 +286,7 @@ async def test_a_waiter_after_a_connect_failure_gets_the_next_attempt(rig: Rig) 
     """After a failed connect, the next acquire waits out the backoff: the
     pool's timer must be armed for the retry, or the waiter waits forever
     (asyncpg's test_pool_exception_in_setup_and_init hung so once)."""
-    first = asyncio.ensure_future(rig.pool.acquire())
-    await spin()
-    rig.server.finish_connect(ConnectionRefusedError("refused"))
-    with pytest.raises(ConnectionRefusedError):
-        await first
-    second = asyncio.ensure_future(rig.pool.acquire())
-    await spin()
-    assert not rig.server.connects, "retried before the backoff ended"
-    rig.clock.advance(0.05)  # (nothing listening: retried within 10 ms)
-    await spin()
-    assert len(rig.server.connects) == 1
+    second = await waiting_after_a_refused_connect(rig)
     rig.server.finish_connect()
     await spin()
     con = await second
