@@ -341,6 +341,17 @@ def _walk(node: Any) -> str | None:
                     reason = _operator_reason(value)
                     if reason is not None:
                         return reason
+                elif key == "SubLink" or key == "SortBy":
+                    # The operator of `x op ANY/ALL (SELECT ...)` and `x IN
+                    # (SELECT ...)` (operName), and of ORDER BY x USING op
+                    # (useOp; also in an aggregate's or a window's ORDER BY,
+                    # where the sort calls the comparison function of op's
+                    # btree operator family): operators too, not A_Expr.
+                    op = value.get("operName" if key == "SubLink" else "useOp")
+                    if op:
+                        reason = _operator_name_reason(_names(op))
+                        if reason is not None:
+                            return reason
                 elif key == "RangeTableSample":
                     method = _names(value.get("method", ()))
                     if method not in (["bernoulli"], ["system"], ["pg_catalog", "bernoulli"], ["pg_catalog", "system"]):
@@ -423,7 +434,10 @@ def _set_config_reason(args: list[Any]) -> str | None:
 def _operator_reason(expr: dict[str, Any]) -> str | None:
     if expr.get("kind") in _KEYWORD_OPERATOR_KINDS:
         return None
-    names = _names(expr.get("name", ()))
+    return _operator_name_reason(_names(expr.get("name", ())))
+
+
+def _operator_name_reason(names: list[str]) -> str | None:
     name = _builtin_name(names)
     if name is None or name not in _BUILTIN_OPERATORS:
         return f"operator {'.'.join(names)} is not built in"
