@@ -625,18 +625,36 @@ def _copy_options_reason(name: str, args: tuple[Any, ...], kwargs: dict[str, Any
 
 
 def _copy_forwarder(name: str) -> Any:
+    # As the base proxy's copy_forwarder, the call is counted on the holder
+    # while it goes on (proxy._copying: a take-back waits for it, else a COPY
+    # still opening its file ran in the next lease's session), and, as the
+    # SQL methods', watched (proxy.watch): one that raised is marked
+    # (copy_records_to_table prepares its introspection query before the COPY).
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._con
         if con is None:
             raise _released_error(self, name)
+        holder = self._holder
         statement = _copy_statement(name, args, kwargs)
         if (statement is not None and reset_reason(statement) is not None) or _copy_options_reason(
             name, args, kwargs
         ) is not None:
-            self._holder.clean_mark = -1
-        return getattr(con.__class__, name)(con, *args, **kwargs)
+            holder.clean_mark = -1
+        return _copying_watched(holder, getattr(con.__class__, name)(con, *args, **kwargs))
 
     return call
+
+
+async def _copying_watched(holder: _Holder, operation: Any) -> Any:
+    """proxy._copying and proxy.watch in one coroutine."""
+    holder.copies += 1
+    try:
+        return await operation
+    except BaseException:
+        holder.clean_mark = -1
+        raise
+    finally:
+        holder.copies -= 1
 
 
 def _install_forwarders() -> None:

@@ -407,9 +407,9 @@ def test_neutral_sql_leaves_the_mark_and_is_forwarded() -> None:
     _sent(proxy.executemany(command="INSERT INTO t VALUES ($1)", args=[(1,)]))
     _sent(proxy.fetch(query="SELECT now()"))
     proxy.transaction(isolation="serializable")
-    proxy.copy_from_table("t", output=b"")
-    proxy.copy_to_table("t", source=b"", where="a > 1")
-    proxy.copy_from_query("SELECT lower(b) FROM t WHERE a = 1", output=b"", format="csv", null="-", header=True)
+    _sent(proxy.copy_from_table("t", output=b""))
+    _sent(proxy.copy_to_table("t", source=b"", where="a > 1"))
+    _sent(proxy.copy_from_query("SELECT lower(b) FROM t WHERE a = 1", output=b"", format="csv", null="-", header=True))
     assert holder.clean_mark == 7
     assert [c[0] for c in con.calls] == [
         "fetchval",
