@@ -577,10 +577,24 @@ def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
             reason = "not a string"
         if always or (reason is not None and (reason is not _MISS or _classify_and_remember(sql) is not None)):
             self._holder.clean_mark = -1
+            operation = getattr(con.__class__, name)(con, *args, **kwargs)
+            return _marking(self._holder, operation) if is_coroutine else operation
         operation = getattr(con.__class__, name)(con, *args, **kwargs)
         return watch(self._holder, operation) if is_coroutine else operation
 
     return call
+
+
+async def _marking(holder: _Holder, operation: Any) -> Any:
+    """Await a statement that may change the session, marking the lease
+    again as it starts. The call marked the lease it was made in; a
+    coroutine first awaited after that lease's release (a missing await)
+    runs on the connection in a later lease, or between leases, unseen by
+    that lease's proxy: full mode's statement counter sees it there, auto
+    mode only through this mark (the holder is the connection's, across
+    leases)."""
+    holder.clean_mark = -1
+    return await operation
 
 
 def _copy_statement(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -636,17 +650,21 @@ def _copy_forwarder(name: str) -> Any:
             raise _released_error(self, name)
         holder = self._holder
         statement = _copy_statement(name, args, kwargs)
-        if (statement is not None and reset_reason(statement) is not None) or _copy_options_reason(
+        marked = (statement is not None and reset_reason(statement) is not None) or _copy_options_reason(
             name, args, kwargs
-        ) is not None:
+        ) is not None
+        if marked:
             holder.clean_mark = -1
-        return _copying_watched(holder, getattr(con.__class__, name)(con, *args, **kwargs))
+        return _copying_watched(holder, getattr(con.__class__, name)(con, *args, **kwargs), marked)
 
     return call
 
 
-async def _copying_watched(holder: _Holder, operation: Any) -> Any:
-    """proxy._copying and proxy.watch in one coroutine."""
+async def _copying_watched(holder: _Holder, operation: Any, marked: bool) -> Any:
+    """proxy._copying and proxy.watch in one coroutine; a marked call marks
+    again as it starts (see _marking)."""
+    if marked:
+        holder.clean_mark = -1
     holder.copies += 1
     try:
         return await operation
