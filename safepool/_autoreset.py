@@ -341,6 +341,17 @@ def _walk(node: Any) -> str | None:
                     reason = _operator_reason(value)
                     if reason is not None:
                         return reason
+                elif key == "SubLink" or key == "SortBy":
+                    # The operator of `x op ANY/ALL (SELECT ...)` and `x IN
+                    # (SELECT ...)` (operName), and of ORDER BY x USING op
+                    # (useOp; also in an aggregate's or a window's ORDER BY,
+                    # where the sort calls the comparison function of op's
+                    # btree operator family): operators too, not A_Expr.
+                    op = value.get("operName" if key == "SubLink" else "useOp")
+                    if op:
+                        reason = _operator_name_reason(_names(op))
+                        if reason is not None:
+                            return reason
                 elif key == "RangeTableSample":
                     method = _names(value.get("method", ()))
                     if method not in (["bernoulli"], ["system"], ["pg_catalog", "bernoulli"], ["pg_catalog", "system"]):
@@ -423,7 +434,10 @@ def _set_config_reason(args: list[Any]) -> str | None:
 def _operator_reason(expr: dict[str, Any]) -> str | None:
     if expr.get("kind") in _KEYWORD_OPERATOR_KINDS:
         return None
-    names = _names(expr.get("name", ()))
+    return _operator_name_reason(_names(expr.get("name", ())))
+
+
+def _operator_name_reason(names: list[str]) -> str | None:
     name = _builtin_name(names)
     if name is None or name not in _BUILTIN_OPERATORS:
         return f"operator {'.'.join(names)} is not built in"
@@ -563,10 +577,24 @@ def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
             reason = "not a string"
         if always or (reason is not None and (reason is not _MISS or _classify_and_remember(sql) is not None)):
             self._holder.clean_mark = -1
+            operation = getattr(con.__class__, name)(con, *args, **kwargs)
+            return _marking(self._holder, operation) if is_coroutine else operation
         operation = getattr(con.__class__, name)(con, *args, **kwargs)
         return watch(self._holder, operation) if is_coroutine else operation
 
     return call
+
+
+async def _marking(holder: _Holder, operation: Any) -> Any:
+    """Await a statement that may change the session, marking the lease
+    again as it starts. The call marked the lease it was made in; a
+    coroutine first awaited after that lease's release (a missing await)
+    runs on the connection in a later lease, or between leases, unseen by
+    that lease's proxy: full mode's statement counter sees it there, auto
+    mode only through this mark (the holder is the connection's, across
+    leases)."""
+    holder.clean_mark = -1
+    return await operation
 
 
 def _copy_statement(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -611,18 +639,40 @@ def _copy_options_reason(name: str, args: tuple[Any, ...], kwargs: dict[str, Any
 
 
 def _copy_forwarder(name: str) -> Any:
+    # As the base proxy's copy_forwarder, the call is counted on the holder
+    # while it goes on (proxy._copying: a take-back waits for it, else a COPY
+    # still opening its file ran in the next lease's session), and, as the
+    # SQL methods', watched (proxy.watch): one that raised is marked
+    # (copy_records_to_table prepares its introspection query before the COPY).
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._con
         if con is None:
             raise _released_error(self, name)
+        holder = self._holder
         statement = _copy_statement(name, args, kwargs)
-        if (statement is not None and reset_reason(statement) is not None) or _copy_options_reason(
+        marked = (statement is not None and reset_reason(statement) is not None) or _copy_options_reason(
             name, args, kwargs
-        ) is not None:
-            self._holder.clean_mark = -1
-        return getattr(con.__class__, name)(con, *args, **kwargs)
+        ) is not None
+        if marked:
+            holder.clean_mark = -1
+        return _copying_watched(holder, getattr(con.__class__, name)(con, *args, **kwargs), marked)
 
     return call
+
+
+async def _copying_watched(holder: _Holder, operation: Any, marked: bool) -> Any:
+    """proxy._copying and proxy.watch in one coroutine; a marked call marks
+    again as it starts (see _marking)."""
+    if marked:
+        holder.clean_mark = -1
+    holder.copies += 1
+    try:
+        return await operation
+    except BaseException:
+        holder.clean_mark = -1
+        raise
+    finally:
+        holder.copies -= 1
 
 
 def _install_forwarders() -> None:

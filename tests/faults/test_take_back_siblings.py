@@ -150,7 +150,7 @@ async def copy_table(pg_dsn: str) -> AsyncIterator[str]:
 
 
 @pytest.mark.parametrize("call", list(_CALLS))
-@pytest.mark.parametrize("reset_mode", ["full", "rollback"])
+@pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
 async def test_lease_taken_back_mid_call(
     pg_dsn: str, app_name: str, copy_table: str, reset_mode: str, call: str
 ) -> None:
@@ -322,7 +322,10 @@ async def test_pool_ended_while_a_take_back_waits_for_the_call(pg_dsn: str, app_
 
 
 @pytest.mark.parametrize("method", ["copy_to_table", "copy_from_table"])
-async def test_lease_taken_back_while_a_copy_opens_its_file(pg_dsn: str, app_name: str, method: str) -> None:
+@pytest.mark.parametrize("reset_mode", ["full", "auto"])
+async def test_lease_taken_back_while_a_copy_opens_its_file(
+    pg_dsn: str, app_name: str, method: str, reset_mode: str
+) -> None:
     """copy_to_table(source=path) and copy_from_table(output=path) open the
     file in an executor thread before the COPY's first message: the call is
     under way, the protocol idle, no statement section held. A take-back then
@@ -331,7 +334,8 @@ async def test_lease_taken_back_while_a_copy_opens_its_file(pg_dsn: str, app_nam
     holds the open until the test lets it go."""
     clock = safepool.ManualClock()
     pool = await safepool.create_pool(
-        pg_dsn, min_size=1, max_size=1, clock=clock, server_settings={"application_name": app_name},
+        pg_dsn, min_size=1, max_size=1, clock=clock, reset_mode=reset_mode,
+        server_settings={"application_name": app_name},
     )
     admin = await asyncpg.connect(pg_dsn)
     await admin.execute("DROP TABLE IF EXISTS take_back_fifo; CREATE TABLE take_back_fifo (n int)")

@@ -65,10 +65,12 @@ SELECT
 
 
 class StubHolder:
-    """What the proxy touches of the pool's holder: the clean mark."""
+    """What the proxy touches of the pool's holder: the clean mark, and the
+    count of COPY calls under way."""
 
     def __init__(self) -> None:
         self.clean_mark = 0
+        self.copies = 0
 
     # The proxy's weak-reference callback (a leak report): none here, where
     # proxies are dropped unreleased at the end of each check.
@@ -214,6 +216,8 @@ NEUTRAL_STATEMENTS = [
     "UPDATE ar_t SET a = a FROM pg_catalog.pg_settings AS s WHERE s.name = ar_t.b",
     "SELECT ar_t.a, (ar_t).b, (ar_t.*).id, (ROW(1, 2)).f1 FROM ar_t",
     "SELECT 1 AS a UNION SELECT 2 INTERSECT SELECT 2",
+    "SELECT 1 IN (SELECT id FROM ar_t), 2 = ANY (SELECT id FROM ar_t), 3 < ALL (SELECT id FROM ar_t)",
+    "SELECT id FROM ar_t ORDER BY id USING >, a USING OPERATOR(pg_catalog.<)",
 ]
 SETTINGS = [
     ("work_mem", "'1234kB'"),
@@ -279,6 +283,13 @@ CHANGING_STATEMENTS = [
     # for the whole statement.
     "SELECT 1 AS a INTO TEMP ar_tmp5 UNION SELECT 2",
     "EXPLAIN ANALYZE (SELECT 1 AS a INTO TEMP ar_tmp6) INTERSECT SELECT 1 EXCEPT SELECT 2",
+    # A user operator outside an A_Expr: of a subquery comparison (its
+    # function), or of ORDER BY USING (its btree family's comparison function).
+    "SELECT 1 === ANY (SELECT id FROM ar_t)",
+    "SELECT ROW(1) OPERATOR({schema}.===) ALL (SELECT id FROM ar_t)",
+    "SELECT id FROM ar_t ORDER BY id USING <<<",
+    "SELECT array_agg(id ORDER BY id USING OPERATOR({schema}.>>>)) FROM ar_t",
+    "SELECT row_number() OVER (ORDER BY id USING <<<) FROM ar_t",
 ]
 # Marked by the classifier; the session may or may not end up changed.
 EITHER_STATEMENTS = [
@@ -309,7 +320,7 @@ EITHER_STATEMENTS = [
 ]
 
 
-def corpus(role: str) -> list[Case]:
+def corpus(role: str, schema: str) -> list[Case]:
     cases: list[Case] = []
     methods = itertools.cycle(["execute", "fetch", "fetchval", "fetchrow"])
     for template, expression in itertools.product(NEUTRAL_TEMPLATES, NEUTRAL_EXPRESSIONS):
@@ -325,7 +336,7 @@ def corpus(role: str) -> list[Case]:
         cases.append(Case(f"SET {name} = {value}", "changes"))
         cases.append(Case(f"BEGIN; SET {name} = {value}; COMMIT", "changes"))
         cases.append(Case(f"SELECT set_config('{name}', {value}::text, false)", "changes", "fetchval"))
-    cases += [Case(sql.format(role=role), "changes") for sql in CHANGING_STATEMENTS]
+    cases += [Case(sql.format(role=role, schema=schema), "changes") for sql in CHANGING_STATEMENTS]
     cases += [Case(sql.format(role=role, n=uuid.uuid4().hex[:8]), "either") for sql in EITHER_STATEMENTS]
     # The COPY methods: the SQL the proxy sees is asyncpg's COPY statement.
     cases += [
@@ -408,6 +419,18 @@ async def env(pg_dsn: str) -> AsyncIterator[Env]:
             CREATE VIEW ar_v AS SELECT ar_set() AS v;
             CREATE FUNCTION ar_attr(ar_t) RETURNS text LANGUAGE sql
                 AS $$ SELECT set_config('ar.by_function', 'attribute', false) $$;
+            CREATE FUNCTION ar_op(int, int) RETURNS bool LANGUAGE sql
+                AS $$ SELECT set_config('ar.by_function', 'operator', false) IS NOT NULL $$;
+            CREATE OPERATOR === (LEFTARG = int, RIGHTARG = int, FUNCTION = ar_op);
+            CREATE FUNCTION ar_cmp(int, int) RETURNS int LANGUAGE sql
+                AS $$ SELECT btint4cmp($1, $2) + length(set_config('ar.by_function', 'compare', false)) * 0 $$;
+            CREATE OPERATOR <<< (LEFTARG = int, RIGHTARG = int, FUNCTION = int4lt);
+            CREATE OPERATOR <<<= (LEFTARG = int, RIGHTARG = int, FUNCTION = int4le);
+            CREATE OPERATOR ==== (LEFTARG = int, RIGHTARG = int, FUNCTION = int4eq);
+            CREATE OPERATOR >>>= (LEFTARG = int, RIGHTARG = int, FUNCTION = int4ge);
+            CREATE OPERATOR >>> (LEFTARG = int, RIGHTARG = int, FUNCTION = int4gt);
+            CREATE OPERATOR CLASS ar_ops FOR TYPE int USING btree AS OPERATOR 1 <<<, OPERATOR 2 <<<=,
+                OPERATOR 3 ====, OPERATOR 4 >>>=, OPERATOR 5 >>>, FUNCTION 1 ar_cmp(int, int);
             CREATE TABLE ar_trig (a int);
             CREATE FUNCTION ar_trig_f() RETURNS trigger LANGUAGE plpgsql
                 AS $$ BEGIN PERFORM pg_advisory_lock(4711); RETURN NEW; END $$;
@@ -463,7 +486,7 @@ async def _run(con: asyncpg.Connection, case: Case) -> Outcome:
 
 
 async def test_no_unmarked_statement_changes_the_session(env: Env) -> None:
-    cases = corpus(env.role)
+    cases = corpus(env.role, env.schema)
     outcomes: list[Outcome] = []
     con = await _connect(env)
     try:

@@ -8,6 +8,7 @@ session fingerprints, in test_autoreset_differential.py."""
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -89,6 +90,26 @@ async def test_session_changes_are_reset(make: Any, statement: str, probe: str, 
         assert got == expected + 1
     else:
         assert got == clean, statement
+
+
+async def test_a_statement_first_awaited_after_its_lease_marks_the_lease_it_ran_in(make: Any) -> None:
+    # A missing await: the coroutine of a session-changing statement made in
+    # one lease runs on the connection after that lease's release (and its
+    # reset). Full mode's statement counter sees the statement there; auto
+    # mode marked only the lease that made the call.
+    pool = await make()
+    async with pool.acquire() as con:
+        late = con.execute("SET application_name = 'auto-late'")
+        copy_late = con.copy_from_query("SELECT pg_advisory_lock(4343)", output=io.BytesIO())
+    await late  # runs between leases
+    await copy_late
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT 1") == 1
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT current_setting('application_name')") == ""
+        assert await con.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+        ) == 0
 
 
 async def test_an_open_transaction_gets_a_rollback_only(make: Any) -> None:

@@ -98,6 +98,8 @@ NEUTRAL = [
     "UPDATE t SET b = s.setting FROM pg_catalog.pg_settings AS s WHERE s.name = t.b",
     "SELECT t.a, (t).b, (t.c).d, (t.*).e, t.now, (x).nextval, (ARRAY[t.a])[1] FROM t",
     "SELECT 1 UNION SELECT 2 INTERSECT SELECT 3 EXCEPT SELECT 4",
+    "SELECT 1 IN (SELECT a FROM t), 2 = ANY (SELECT a FROM t), 3 < ALL (SELECT a FROM t)",
+    "SELECT a FROM t ORDER BY a USING >, b USING OPERATOR(pg_catalog.<)",
 ]
 
 RESET = [
@@ -139,6 +141,14 @@ RESET = [
     ("SELECT db.pg_catalog.now()", "db.pg_catalog.now()"),
     ("SELECT count(*) FROM t WHERE a OPERATOR(myschema.===) 1", "operator myschema.==="),
     ("SELECT a <=> b FROM t", "operator <=>"),
+    # Operators outside an A_Expr: of a subquery comparison, of ORDER BY USING
+    # (the sort calls the comparison function of the operator's family).
+    ("SELECT 1 === ANY (SELECT a FROM t)", "operator ==="),
+    ("SELECT ROW(1, 2) OPERATOR(myschema.=) ALL (SELECT a, b FROM t)", "operator myschema.="),
+    ("SELECT a FROM t ORDER BY a USING <<<", "operator <<<"),
+    ("SELECT a FROM t ORDER BY a USING OPERATOR(myschema.<)", "operator myschema.<"),
+    ("SELECT array_agg(a ORDER BY a USING <<<) FROM t", "operator <<<"),
+    ("SELECT row_number() OVER (ORDER BY a USING <<<) FROM t", "operator <<<"),
     ("SELECT * FROM t TABLESAMPLE my_method (10)", "TABLESAMPLE method"),
     ("UPDATE t SET a = myfunc(a)", "myfunc()"),
     ("INSERT INTO t VALUES (myfunc())", "myfunc()"),
@@ -397,9 +407,9 @@ def test_neutral_sql_leaves_the_mark_and_is_forwarded() -> None:
     _sent(proxy.executemany(command="INSERT INTO t VALUES ($1)", args=[(1,)]))
     _sent(proxy.fetch(query="SELECT now()"))
     proxy.transaction(isolation="serializable")
-    proxy.copy_from_table("t", output=b"")
-    proxy.copy_to_table("t", source=b"", where="a > 1")
-    proxy.copy_from_query("SELECT lower(b) FROM t WHERE a = 1", output=b"", format="csv", null="-", header=True)
+    _sent(proxy.copy_from_table("t", output=b""))
+    _sent(proxy.copy_to_table("t", source=b"", where="a > 1"))
+    _sent(proxy.copy_from_query("SELECT lower(b) FROM t WHERE a = 1", output=b"", format="csv", null="-", header=True))
     assert holder.clean_mark == 7
     assert [c[0] for c in con.calls] == [
         "fetchval",
