@@ -174,6 +174,15 @@ class Pool:
             return self
         if state.phase is Phase.STARTING:
             raise _pg_exceptions.InterfaceError("pool is being initialized in another task")
+        if self._config.init_size and asyncio.get_running_loop() is not self._loop:
+            # Created with no loop running (at import time): it took the
+            # thread's default loop. asyncpg's first connect fails with
+            # "got Future attached to a different loop", its socket left open.
+            raise EventLoopMismatchError(
+                f"pool {self._name!r} was created on another event loop than the one running this await "
+                "(create_pool() called before the loop started, e.g. at import time): "
+                "create the pool in the loop that uses it (an app's lifespan or startup hook)"
+            )
         state.set_phase(Phase.STARTING)
         try:
             await self._runner.open(self._config.init_size)
