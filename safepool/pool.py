@@ -433,7 +433,9 @@ class Pool:
         their fields). Exceptions in callbacks are logged and swallowed.
 
         The dict form of :meth:`add_event_listener`'s typed events, kept for
-        compatibility (kinds added later are not sent here)."""
+        compatibility (kinds added later are not sent here).
+
+        :raises TypeError: ``callback`` is not callable."""
         self._observation.add_listener(callback)
 
     def remove_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
@@ -637,7 +639,9 @@ class Pool:
         settled (never from inside its bookkeeping), in the order they
         happened. An exception in a callback is logged (``event listener
         failed``) and the other callbacks still run. With no listener the
-        pool builds no event at all."""
+        pool builds no event at all.
+
+        :raises TypeError: ``callback`` is not callable."""
         self._observation.add_event_listener(callback)
 
     def remove_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
