@@ -180,7 +180,7 @@ class Pool:
             # "got Future attached to a different loop", its socket left open.
             raise EventLoopMismatchError(
                 f"pool {self._name!r} was created on another event loop than the one running this await "
-                "(create_pool() called before the loop started, e.g. at import time): "
+                "(usually create_pool() called before the loop started, e.g. at import time): "
                 "create the pool in the loop that uses it (an app's lifespan or startup hook)"
             )
         state.set_phase(Phase.STARTING)
