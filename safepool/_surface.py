@@ -29,6 +29,12 @@ _T = TypeVar("_T")
 _TIMINGS = {"wait": "wait_times", "lease": "lease_times", "connect": "connect_times"}
 
 
+def _check_callable(callback: object) -> None:
+    # Taken unchecked, a bad callback failed (logged) at every later event.
+    if not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+
+
 class Observation:
     """One pool's observation surface (``Pool`` delegates to it)."""
 
@@ -55,12 +61,17 @@ class Observation:
     # ---------------------------------------------------------- listeners
 
     def add_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
+        _check_callable(callback)
         self.reporter.listeners.append(callback)
 
     def remove_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
-        self.reporter.listeners.remove(callback)
+        try:
+            self.reporter.listeners.remove(callback)
+        except ValueError:
+            raise ValueError(f"{callback!r} is not a listener of this pool") from None
 
     def add_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        _check_callable(callback)
         self.reporter.listeners.append(DictListener(callback))
 
     def remove_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from asyncpg import exceptions as _pg_exceptions
 
 from . import _internals as _pg
+from . import _secrets
 from ._internals import RawConnection
 
 _T = TypeVar("_T")
@@ -90,9 +91,15 @@ async def connect(
     ``init`` raised (a connection ``init`` failed on is closed first; on
     cancellation it is terminated), or asyncpg's
     ``ConnectionDoesNotExistError`` when the connection came back closed."""
-    con = await open_connection(
-        *args, loop=loop, connection_class=connection_class, record_class=record_class, **kwargs
-    )
+    try:
+        con = await open_connection(
+            *args, loop=loop, connection_class=connection_class, record_class=record_class, **kwargs
+        )
+    except ValueError as exc:
+        # asyncpg's DSN errors may quote a piece of the password; the pool
+        # raises, logs, emits and reports them (health).
+        _secrets.scrub_connect_error(exc, args[0] if args else None)
+        raise
     try:
         await _pg.connect_settled()  # asyncpg 0.31: before the pool counts references to it
     except BaseException:

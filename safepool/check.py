@@ -746,3 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if findings:
         return 1
     return 2 if errors else 0
+
+
+if __name__ == "__main__":  # python -m safepool.check, as python -m safepool check
+    sys.exit(main())

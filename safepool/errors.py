@@ -64,8 +64,9 @@ class LeaseExpiredError(PoolError, _pg.InterfaceError):
 
 
 class EventLoopMismatchError(PoolError, _pg.InterfaceError, RuntimeError):
-    """``acquire()`` (or a pool shortcut such as ``pool.fetchval()``, or
-    ``close()``) ran on an event loop other than the pool's: a pool, like
+    """``acquire()`` (or a pool shortcut such as ``pool.fetchval()``,
+    ``close()``, or ``await pool`` of a pool created before its loop ran)
+    ran on an event loop other than the pool's: a pool, like
     each asyncpg connection, works only on the loop it was created on. The
     common cause is a test suite whose pool fixture outlives the tests'
     event loop. asyncpg's pool raises ``InterfaceError("cannot perform

@@ -174,6 +174,15 @@ class Pool:
             return self
         if state.phase is Phase.STARTING:
             raise _pg_exceptions.InterfaceError("pool is being initialized in another task")
+        if self._config.init_size and asyncio.get_running_loop() is not self._loop:
+            # Created with no loop running (at import time): it took the
+            # thread's default loop. asyncpg's first connect fails with
+            # "got Future attached to a different loop", its socket left open.
+            raise EventLoopMismatchError(
+                f"pool {self._name!r} was created on another event loop than the one running this await "
+                "(usually create_pool() called before the loop started, e.g. at import time): "
+                "create the pool in the loop that uses it (an app's lifespan or startup hook)"
+            )
         state.set_phase(Phase.STARTING)
         try:
             await self._runner.open(self._config.init_size)
@@ -424,7 +433,9 @@ class Pool:
         their fields). Exceptions in callbacks are logged and swallowed.
 
         The dict form of :meth:`add_event_listener`'s typed events, kept for
-        compatibility (kinds added later are not sent here)."""
+        compatibility (kinds added later are not sent here).
+
+        :raises TypeError: ``callback`` is not callable."""
         self._observation.add_listener(callback)
 
     def remove_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
@@ -628,7 +639,9 @@ class Pool:
         settled (never from inside its bookkeeping), in the order they
         happened. An exception in a callback is logged (``event listener
         failed``) and the other callbacks still run. With no listener the
-        pool builds no event at all."""
+        pool builds no event at all.
+
+        :raises TypeError: ``callback`` is not callable."""
         self._observation.add_event_listener(callback)
 
     def remove_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:

@@ -204,3 +204,15 @@ async def handler(request):
     await con.execute("SELECT 1")
 '''
     assert [(f.line, f.code) for f in check_source(source)] == [(7, "SP002"), (14, "SP002")]
+
+
+def test_python_dash_m_safepool_dot_check_runs_the_check_too() -> None:
+    """`python -m safepool.check src/` (the module's own name) ran nothing and
+    exited 0: a CI step written that way passed whatever the code."""
+    run = subprocess.run(
+        [sys.executable, "-m", "safepool.check", str(FIXTURES / "leaks.py")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 1, run.stderr
+    assert "SP001 connection `con` acquired here" in run.stdout
+    assert "safepool check: " in run.stdout.splitlines()[-1]

@@ -21,6 +21,7 @@ import asyncpg
 
 from .._cli import server_start_hint
 from .._reporting import describe_error
+from .._secrets import redact, scrub_quoted
 from .config import MONITOR_APP_NAME, ReplayError
 
 
@@ -108,7 +109,9 @@ async def connect_monitor(dsn: str, *, pool_size: int, from_option: bool) -> tup
     try:
         con = await asyncpg.connect(dsn, timeout=5, server_settings={"application_name": MONITOR_APP_NAME})
     except Exception as exc:  # any failure here is "the server is not usable"
-        raise ReplayError(f"cannot connect to {where} ({describe_error(exc)})", exit_code=2) from None
+        # asyncpg's DSN errors may quote a piece of the password.
+        detail = redact(scrub_quoted(describe_error(exc), dsn), dsn)
+        raise ReplayError(f"cannot connect to {where} ({detail})", exit_code=2) from None
     try:
         max_connections = int(await con.fetchval("SHOW max_connections"))
         in_use = int(await con.fetchval("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"))

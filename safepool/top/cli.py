@@ -19,12 +19,11 @@ import importlib.util
 import io
 import json
 import os
-import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import unquote
 
 import asyncpg
 
@@ -38,6 +37,9 @@ from .._cli import Exit as _Exit
 from .._cli import Parser as _Parser
 from .._cli import UsageError as _UsageError
 from .._cli import number as _cli_number
+from .._secrets import redact
+from .._secrets import scrub_quoted as _scrub_quoted
+from .._secrets import split as _split
 
 PROG = "python -m safepool top"
 MIN_INTERVAL, MAX_INTERVAL = 0.01, 86_400.0  # seconds between refreshes
@@ -139,46 +141,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 # --- secrets ---------------------------------------------------------------
 
-_URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
-_PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s]+")
-
-
-def _split(dsn: str) -> tuple[str, str, str] | None:
-    """``(userinfo, host[:port], rest)`` of a URI DSN, parsed loosely."""
-    _, sep, rest = dsn.partition("://")
-    if not sep:
-        return None
-    end = re.search(r"[/?#]", rest)
-    authority = rest[: end.start()] if end else rest
-    if "@" in authority or "@" not in rest:
-        userinfo, _, hostport = authority.rpartition("@")
-        return userinfo, hostport, rest[len(authority) :]
-    # A password holding "/", "?" or "#": the authority ends after the last "@".
-    userinfo, _, after = rest.rpartition("@")
-    end = re.search(r"[/?#]", after)
-    return (userinfo, after[: end.start()], after[end.start() :]) if end else (userinfo, after, "")
-
-
-def _passwords(dsn: str) -> set[str]:
-    """Every string that may be the DSN's password, raw and decoded. Parsing
-    is deliberately loose: over-redacting an error message costs nothing."""
-    candidates = [match.group(0)[len("password=") :] for match in _PASSWORD_PARAM.finditer(dsn)]
-    parts = _split(dsn)
-    if parts is not None:
-        rest = dsn.partition("://")[2]
-        first_userinfo = rest.partition("@")[0] if "@" in rest else ""
-        candidates += [userinfo.partition(":")[2] for userinfo in (parts[0], first_userinfo) if ":" in userinfo]
-    return {form for c in candidates if c for form in (c, unquote(c), unquote_plus(c)) if form}
-
-
-def redact(text: str, dsn: str | None) -> str:
-    """``text`` without the DSN's password, nor any password-looking URI part."""
-    if dsn:
-        for secret in sorted(_passwords(dsn), key=len, reverse=True):
-            text = text.replace(secret, "***")
-    text = _URI_PASSWORD.sub(r"\1***@", text)
-    return _PASSWORD_PARAM.sub(r"\1***", text)
-
 
 def describe_target(dsn: str | None) -> str:
     """``user@host:port/database`` from the DSN, without the password."""
@@ -199,29 +161,6 @@ def describe_target(dsn: str | None) -> str:
     else:
         target = (f"{user}@" if user else "") + hostport + (f"/{database}" if database else "")
     return redact(target, dsn)
-
-
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-
-
-def _scrub_quoted(detail: str, dsn: str | None) -> str:
-    """asyncpg's DSN errors quote pieces of the DSN, and a misparsed DSN can
-    put a piece of the password in them ("bad query field: 't@pw@host'").
-    A quoted piece of the DSN that is not in the DSN without its password goes."""
-    parts = _split(dsn) if dsn else None
-    if dsn is None or parts is None:
-        return detail
-    userinfo, hostport, tail = parts
-    without_password = dsn.partition("://")[0] + "://" + userinfo.partition(":")[0] + "@" + hostport
-    without_password += _PASSWORD_PARAM.sub("", tail)
-
-    def scrub(match: re.Match[str]) -> str:
-        piece = match.group(0)[1:-1]
-        if piece and piece in dsn and piece not in without_password:
-            return match.group(0)[0] + "***" + match.group(0)[-1]
-        return match.group(0)
-
-    return _QUOTED.sub(scrub, detail)
 
 
 def describe_error(exc: BaseException, dsn: str | None, timeout: float) -> str:

@@ -5,6 +5,7 @@ and leaks nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import sys
 from collections.abc import AsyncIterator
@@ -109,3 +110,75 @@ async def test_leases_endpoint_names_the_holder(pool: safepool.Pool) -> None:
     assert lease["acquired_at"].endswith(f"test_docs_examples.py:{HOLDER_LINE} in test_leases_endpoint_names_the_holder")
     assert lease["task"] and lease["held_seconds"] >= 0 and lease["expires_in"] is None
     assert bp.describe_leases(pool) == []
+
+
+async def test_the_site_middleware_of_backpressure_md_names_the_route_and_passes_lifespan(pg_dsn: str) -> None:
+    """docs/backpressure.md's ASGI middleware, as printed, around a Starlette
+    app whose lifespan opens the pool. It read scope["method"] of every scope,
+    so the lifespan scope raised KeyError (uvicorn then runs the app without
+    its lifespan: no pool), and it named the site after the raw path (a site
+    per URL caps nothing)."""
+    import re
+    import textwrap
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    text = (EXAMPLES.parent / "backpressure.md").read_text()
+    block = re.search(r"```python\n((?:(?!```).)*?async def site_middleware.*?)```", text, re.S)
+    assert block is not None
+    seen: list[str | None] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with safepool.create_pool(pg_dsn, min_size=1, max_size=2, max_site_share=0.5) as pool:
+            app.state.pool = pool
+            yield
+
+    async def order(request: Request) -> JSONResponse:
+        pool = request.app.state.pool
+        async with pool.acquire():
+            seen.extend(lease.site for lease in pool.leases())
+        return JSONResponse({"id": request.path_params["id"]})
+
+    app = Starlette(routes=[Route("/orders/{id}", order)], lifespan=lifespan)
+    namespace: dict[str, object] = {"safepool": safepool, "app": app}
+    exec(textwrap.dedent(block[1]), namespace)
+    middleware = namespace["site_middleware"]
+
+    received: list[dict[str, str]] = []
+    lifespan_done = asyncio.Event()
+
+    async def receive() -> dict[str, str]:
+        if not received:
+            received.append({"type": "lifespan.startup"})
+            return received[-1]
+        await lifespan_done.wait()
+        return {"type": "lifespan.shutdown"}
+
+    sent: list[dict[str, object]] = []
+    started = asyncio.Event()
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
+
+    running = asyncio.create_task(middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+    waiter = asyncio.ensure_future(started.wait())
+    await asyncio.wait({running, waiter}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if running.done():
+        running.result()  # the middleware's own error
+    assert started.is_set()
+    transport = httpx.ASGITransport(app=middleware)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/orders/7")).json() == {"id": "7"}
+        assert (await client.get("/orders/8")).json() == {"id": "8"}
+    lifespan_done.set()
+    await asyncio.wait_for(running, 10)
+    assert seen == ["GET /orders/{id}", "GET /orders/{id}"]
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]

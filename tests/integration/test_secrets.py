@@ -224,3 +224,41 @@ async def test_wrong_password_error_does_not_echo_it(cluster: Cluster, transcrip
     finally:
         await asyncio.wait_for(pool.close(), 10)
     transcript.assert_clean(WRONG_PASSWORD, APP_PASSWORD)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("separator", ["/", "#", "?"])
+async def test_a_malformed_dsn_error_does_not_echo_the_password(
+    pg_dsn: str, transcript: Transcript, separator: str
+) -> None:
+    # A password holding an unescaped "/", "#" or "?" makes asyncpg's DSN
+    # parser quote a piece of it: "invalid literal for int() with base 10:
+    # 'hunter2'", "bad query field: 'Zq9x@host/db'".
+    bad = f"postgresql://{APP_USER}:hunter2{separator}Zq9x@127.0.0.1:5432/postgres"
+    with pytest.raises(ValueError) as info:
+        await asyncpg.connect(bad)
+    assert "hunter2" in str(info.value) or "Zq9x" in str(info.value)  # asyncpg's own error echoes it
+    with pytest.raises(type(info.value)) as raised:
+        await safepool.create_pool(bad, min_size=1, max_size=2)
+    transcript.add("create_pool", raised.value)
+    assert "***" in str(raised.value)
+
+    # The same DSN given to a running pool: its connects fail in the
+    # background (logged, emitted, in health) and at acquire.
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2)
+    events: list[dict[str, Any]] = []
+    pool.add_listener(events.append)
+    try:
+        pool.set_connect_args(dsn=bad)
+        await pool.expire_connections()
+        with pytest.raises(ValueError) as acquired:
+            await pool.fetchval("SELECT 1", timeout=5)
+        transcript.add("acquire", acquired.value)
+        await until(lambda: pool.stats().connect_errors >= 2)
+        transcript.add("health", await pool.health(probe_timeout=1))
+        transcript.add("events", events)
+        transcript.add("stats", pool.stats())
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    transcript.expect("create_pool", "acquire", "health", "events")
+    transcript.assert_clean("hunter2", "Zq9x")

@@ -462,3 +462,35 @@ def test_a_pool_used_on_another_event_loop_says_so(pg_dsn: str) -> None:
     finally:
         other.close()
         home.close()
+
+
+def test_a_pool_created_outside_its_event_loop_says_so_when_awaited(pg_dsn: str) -> None:
+    """``pool = safepool.create_pool(dsn)`` at import time (no loop runs: it
+    takes the thread's default loop, as asyncpg's does), awaited in
+    ``asyncio.run()``: asyncpg's pool raises RuntimeError("Task ... got Future
+    ... attached to a different loop") from its first connect and leaves that
+    connection's socket open. safepool names the cause before connecting."""
+    import asyncpg
+
+    home = asyncio.new_event_loop()
+    asyncio.set_event_loop(home)
+    try:
+        pool = safepool.create_pool(pg_dsn, min_size=1, max_size=1, name="early")
+
+        async def start() -> Any:
+            return await pool
+
+        with asyncio.Runner() as runner:
+            with pytest.raises(safepool.EventLoopMismatchError, match="pool 'early' was created on another event loop"
+                               ) as info:
+                runner.run(asyncio.wait_for(start(), 5))
+            assert isinstance(info.value, RuntimeError) and isinstance(info.value, asyncpg.InterfaceError)
+            assert "create the pool in the loop" in str(info.value)
+        assert pool.get_size() == 0  # no connection was opened on the wrong loop
+        # On its own loop the pool starts and works.
+        home.run_until_complete(start())
+        assert home.run_until_complete(pool.fetchval("SELECT 1")) == 1
+        home.run_until_complete(pool.close())
+    finally:
+        asyncio.set_event_loop(None)
+        home.close()

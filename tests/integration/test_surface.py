@@ -113,6 +113,22 @@ async def test_dict_listeners_do_not_get_new_kinds_and_can_be_removed(pools: Any
         pool.remove_event_listener(typed.append)
 
 
+async def test_a_listener_that_is_not_callable_is_refused_when_added(pools: Any) -> None:
+    """It was taken, and every later event logged "event listener failed"
+    (TypeError: 'NoneType' object is not callable), far from the mistake."""
+    pool = await pools(name="listeners", min_size=0, max_size=1)
+    for add in (pool.add_listener, pool.add_event_listener):
+        for bad in (None, "print", 5):
+            with pytest.raises(TypeError, match=f"callback must be callable, got {type(bad).__name__}"):
+                add(bad)  # type: ignore[arg-type]
+    # Removing one never added says so, in both forms (the typed form said
+    # "list.remove(x): x not in list").
+    for remove in (pool.remove_listener, pool.remove_event_listener):
+        with pytest.raises(ValueError, match="is not a listener of this pool"):
+            remove(print)
+    assert pool._reporter.listeners == []
+
+
 async def test_capture_stack_options_and_closed(pools: Any, pg_dsn: str) -> None:
     pool = await pools(name="opts", min_size=1, max_size=3, lease_timeout=5.0, max_waiters=7, fail_fast=True)
     assert pool.capture_stack is False
