@@ -44,10 +44,8 @@ def validate_site_share(share: Any) -> None:
 def adaptive_queue(policy: Any, target: Any, interval: Any) -> AdaptiveQueue | None:
     if policy not in QUEUE_POLICIES:
         raise ValueError(f"queue_policy must be one of {QUEUE_POLICIES}, got {policy!r}")
-    target = validate_timeout("queue_target", target, allow_none=False)
-    interval = validate_timeout("queue_interval", interval, allow_none=False)
-    if not target or not interval:
-        raise ValueError("queue_target and queue_interval must be > 0 seconds")
+    target = validate_timeout("queue_target", target, allow_none=False, positive=True)
+    interval = validate_timeout("queue_interval", interval, allow_none=False, positive=True)
     if target >= interval:
         raise ValueError(
             f"queue_target ({target}s) must be shorter than queue_interval ({interval}s): "

@@ -393,6 +393,11 @@ async def test_a_failed_create_pool_raises_and_logs_nothing_above_debug(
         ({"capture_stack": "yes"}, TypeError, "capture_stack must be True, False or None, got 'yes'"),
         # Accepted before: a wrong backoff failed at the first failed connect.
         ({"backoff": {"cap": 1.0}}, TypeError, "backoff must be a safepool.Backoff or None, got dict"),
+        # One wording for 0 and for a negative value (-1 said ">= 0", 0 said "> 0").
+        ({"queue_target": -1}, ValueError, "queue_target must be > 0 seconds, got -1"),
+        ({"queue_target": 0}, ValueError, "queue_target must be > 0 seconds, got 0"),
+        ({"queue_interval": 0.0}, ValueError, "queue_interval must be > 0 seconds, got 0.0"),
+        ({"queue_interval": "1"}, TypeError, "queue_interval must be a number of seconds, got str"),
     ],
 )
 async def test_bounds_wrong_type_is_a_type_error_wrong_value_a_value_error(
