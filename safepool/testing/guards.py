@@ -41,6 +41,11 @@ FIX_HINT = (
     "Fix: acquire with `async with pool.acquire() as con:` so every path (return, exception, "
     "cancellation) releases the connection, or release it in a `finally:` block."
 )
+LIVE_HINT = (
+    "Fix: the task holding it is still running (a background task, or one the code did not await): "
+    "end it before the check (await it, or cancel it and await it), and have it release on every path "
+    "(`async with pool.acquire() as con:`)."
+)
 STRICT_HINT = (
     "Fix: hold a connection only while you use it: do slow non-database work (HTTP calls, sleeps, "
     "waiting on other tasks) before acquiring or after releasing."
@@ -74,6 +79,9 @@ class Leak:
     detail: str = ""
     pool_ref: weakref.ref[Pool] | None = field(default=None, repr=False, compare=False)
     site: str | None = None  # the acquire site (max_site_share, acquire(site=), safepool.site)
+    # An open lease's holding task, as safepool.testing.tracker.holder_activity
+    # says: "query", "running", "idle", "ended" or "unknown"; None otherwise.
+    holder_state: str | None = None
 
     def describe(self) -> str:
         """The leak report, as the plugin prints it: a line naming the pool,
@@ -119,8 +127,15 @@ def format_report(leaks: list[Leak]) -> str:
         lines[1:1] = ["by acquire site: " + ", ".join(f"{site} ({n})" for site, n in by_site.most_common())]
     for number, leak in enumerate(leaks, 1):
         lines.extend((f"[{number}] {leak.describe().rstrip()}", ""))
-    lines.append(FIX_HINT if held else STRICT_HINT)
-    if held and timeouts:
+    # A holder still alive elsewhere (running a statement, or suspended in
+    # another task) may well be inside its `async with`: the fix is to end
+    # that task, not the acquire's form.
+    live = sum(1 for leak in leaks if leak.kind == "open" and leak.holder_state in ("idle", "query"))
+    if held > live:
+        lines.append(FIX_HINT)
+    if live:
+        lines.append(LIVE_HINT)
+    if timeouts:
         lines.append(STRICT_HINT)
     return "\n".join(lines)
 
@@ -301,11 +316,11 @@ class LeakGuard:
                         stack=_trim_stack(info.stack), site=info.site, pool_ref=weakref.ref(pool),
                     ))
                     continue
-                _state, doing = holder_activity(info)
+                state, doing = holder_activity(info)
                 found.append(Leak(
                     kind="open", pool=pool.name, lease_id=info.id, held=info.age, task_name=info.task_name,
                     holder=doing, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
-                    pool_ref=weakref.ref(pool), site=info.site,
+                    pool_ref=weakref.ref(pool), site=info.site, holder_state=state,
                 ))
         for entry, held_at_mark in self._ended:
             if entry.released or (since_mark and (entry.seq <= self._mark_seq or held_at_mark)):

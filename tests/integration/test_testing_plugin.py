@@ -255,6 +255,30 @@ async def test_assert_no_leaks_names_the_line_and_releases(pool: Pool) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_leak_held_by_a_running_task_says_to_end_the_task(pool: Pool) -> None:
+    # The holder is inside its `async with` (a background task still
+    # running): "use async with" would be no fix, ending the task is.
+    inside, go = asyncio.Event(), asyncio.Event()
+
+    async def background() -> None:
+        async with pool.acquire():
+            inside.set()
+            await go.wait()
+
+    with pytest.raises(LeakError) as caught:
+        async with assert_no_leaks(pool):
+            task = asyncio.create_task(background())
+            await inside.wait()
+    text = str(caught.value)
+    assert "still held after" in text and "(not in the database: waiting at" in text
+    assert "Fix: the task holding it is still running" in text
+    assert "Fix: acquire with `async with" not in text
+    go.set()
+    await task
+    assert pool.stats().in_use == 0
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("listens", [False, True])
 async def test_assert_no_leaks_reports_garbage_collected_proxies(pool: Pool, listens: bool) -> None:
     # With a listener, the pool keeps a dropped proxy's connection leased: the
