@@ -860,6 +860,37 @@ async def test_overridden_reset_gets_the_budget_left(make_pool: MakePool) -> Non
     assert budget is not None and budget < 5
 
 
+class OverrunningResetConnection(asyncpg.Connection):  # type: ignore[misc]
+    """Resets as asyncpg does within the budget it gets, then does more of
+    its own (a slow network's round trips): longer than the budget."""
+
+    async def reset(self, *, timeout: float | None = None) -> None:
+        await super().reset(timeout=timeout)
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.asyncio
+@pytest.mark.realtime  # a 50 ms budget that the reset outlives
+@pytest.mark.parametrize("budget_from", ["release", "acquire"])
+async def test_overridden_reset_is_given_the_budget_not_bounded_by_it(make_pool: MakePool, budget_from: str) -> None:
+    """asyncpg's release passes an overridden ``reset()`` its timeout
+    (``release(timeout=)``, else the acquire's) and bounds nothing else: a
+    reset that takes longer than that, or ignores it, still returns the
+    connection. (A ``reset=`` hook is bounded by it: asyncpg runs the hook
+    under ``asyncio.timeout``.)"""
+    pool = await make_pool(min_size=1, max_size=1, connection_class=OverrunningResetConnection)
+    con = await pool.acquire(timeout=0.05 if budget_from == "acquire" else None)
+    pid = con.get_server_pid()
+    await con.execute("SELECT pg_advisory_lock(4243)")
+    if budget_from == "acquire":
+        await pool.release(con)
+    else:
+        await pool.release(con, timeout=0.05)
+    async with pool.acquire() as con:
+        assert con.get_server_pid() == pid
+        assert await con.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()") == 0
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("timeout", [True, "1"])
 async def test_release_timeout_that_is_not_a_number(make_pool: MakePool, flavour: str, timeout: Any) -> None:
