@@ -892,6 +892,28 @@ async def test_overridden_reset_is_given_the_budget_not_bounded_by_it(make_pool:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["Fraction", "numpy.int64", "numpy.float32"])
+async def test_timeouts_of_other_real_number_types(make_pool: MakePool, kind: str) -> None:
+    """asyncpg's pool takes any real number its arithmetic with the loop's
+    clock accepts as ``acquire(timeout=)`` and ``release(timeout=)``: a
+    Fraction, numpy's scalars (a setting read with numpy or pandas)."""
+    if kind == "Fraction":
+        from fractions import Fraction
+
+        timeout: Any = Fraction(5, 2)
+    else:
+        numpy = pytest.importorskip("numpy")
+        timeout = getattr(numpy, kind.split(".")[1])(2.5 if kind.endswith("float32") else 2)
+    pool = await make_pool(min_size=1, max_size=1)
+    con = await pool.acquire(timeout=timeout)
+    await con.execute("BEGIN")
+    await pool.release(con, timeout=timeout)
+    async with pool.acquire(timeout=timeout) as con:
+        assert not con.is_in_transaction()
+    assert pool.get_size() == 1
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("timeout", [True, "1"])
 async def test_release_timeout_that_is_not_a_number(make_pool: MakePool, flavour: str, timeout: Any) -> None:
     """asyncpg takes release(timeout=True) as 1 second and raises TypeError
