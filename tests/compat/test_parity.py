@@ -914,6 +914,20 @@ async def test_timeouts_of_other_real_number_types(make_pool: MakePool, kind: st
 
 
 @pytest.mark.asyncio
+async def test_sizes_and_limits_of_numpy_number_types(make_pool: MakePool) -> None:
+    """asyncpg's pool takes numpy's integers for its sizes and
+    ``max_queries``, and a numpy float for
+    ``max_inactive_connection_lifetime`` (settings read with numpy or pandas)."""
+    numpy = pytest.importorskip("numpy")
+    pool = await make_pool(
+        min_size=numpy.int64(1), max_size=numpy.int32(2), init_size=numpy.int64(2),
+        max_queries=numpy.int64(1000), max_inactive_connection_lifetime=numpy.float32(300),
+    )
+    assert (pool.get_min_size(), pool.get_max_size(), pool.get_init_size(), pool.get_size()) == (1, 2, 2, 2)
+    assert await pool.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("timeout", [True, "1"])
 async def test_release_timeout_that_is_not_a_number(make_pool: MakePool, flavour: str, timeout: Any) -> None:
     """asyncpg takes release(timeout=True) as 1 second and raises TypeError
