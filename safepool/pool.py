@@ -459,6 +459,12 @@ class Pool:
     def _closed(self) -> bool:
         return self._state.phase is Phase.CLOSED
 
+    @property
+    def _closing(self) -> bool:
+        # True while close() runs (not after it, nor for terminate()), as
+        # asyncpg's flag: health checks read `pool._closed or pool._closing`.
+        return self._state.phase is Phase.CLOSING
+
     def _drop_statement_cache(self) -> None:
         for slot in self._state.slots():
             if slot.connection is not None:

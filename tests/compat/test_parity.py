@@ -523,6 +523,25 @@ async def test_private_sizes_monitoring_code_reads(make_pool: MakePool) -> None:
 
 
 @pytest.mark.asyncio
+async def test_private_lifecycle_flags_health_checks_read(make_pool: MakePool) -> None:
+    """``pool._closed or pool._closing``: how health checks and singletons
+    ("reuse the pool unless it is closing") ask asyncpg's pool if it is
+    still usable. ``_closing`` is True only while ``close()`` runs."""
+    pool = await make_pool(min_size=1, max_size=1)
+    assert (pool._closed, pool._closing) == (False, False)
+    con = await pool.acquire()
+    closing = asyncio.ensure_future(pool.close())
+    await wait_until(pool.is_closing)
+    assert (pool._closed, pool._closing) == (False, True)
+    await pool.release(con)
+    await asyncio.wait_for(closing, 5)
+    assert (pool._closed, pool._closing) == (True, False)
+    other = await make_pool(min_size=1, max_size=1)
+    other.terminate()
+    assert (other._closed, other._closing) == (True, False)
+
+
+@pytest.mark.asyncio
 @pytest.mark.realtime  # a 50 ms window in which close() must not end
 async def test_close_waits_for_release_and_closed_pool_refuses(make_pool: MakePool) -> None:
     pool = await make_pool()
