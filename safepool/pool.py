@@ -361,6 +361,33 @@ class Pool:
     def _maxsize(self) -> int:
         return self._state.max_size
 
+    # asyncpg's private settings, read-only: code that clones a pool's
+    # configuration reads them (pool._max_queries, pool._setup, ...).
+    @property
+    def _initsize(self) -> int:
+        return self._config.init_size
+
+    @property
+    def _max_queries(self) -> int:
+        return self._config.max_queries
+
+    @property
+    def _max_inactive_connection_lifetime(self) -> float:
+        return self._config.max_inactive_lifetime
+
+    @property
+    def _setup(self) -> Callable[[PoolConnectionProxy], Awaitable[None]] | None:
+        return self._leaser.setup
+
+    @property
+    def _reset(self) -> Callable[[_pg_connection.Connection], Awaitable[None]] | None:
+        return self._runner.hooks.hook
+
+    @property
+    def _generation(self) -> int:
+        # (asyncpg's counter of expire_connections() calls)
+        return self._state.generation
+
     def is_closing(self) -> bool:
         """True once :meth:`close` or :meth:`terminate` has begun (and after),
         as asyncpg's ``Pool.is_closing()`` (0.29-0.32)."""

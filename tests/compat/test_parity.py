@@ -523,6 +523,32 @@ async def test_private_sizes_monitoring_code_reads(make_pool: MakePool) -> None:
 
 
 @pytest.mark.asyncio
+async def test_private_settings_code_that_clones_a_pool_reads(make_pool: MakePool, pg_dsn: str) -> None:
+    """``pool._max_queries``, ``pool._setup`` and the like: what code that
+    builds a second pool like an existing one reads of asyncpg's."""
+
+    async def setup(con: Any) -> None:
+        pass
+
+    async def init(con: Any) -> None:
+        pass
+
+    async def reset(con: Any) -> None:
+        pass
+
+    pool = await make_pool(
+        min_size=1, max_size=2, init_size=2, max_queries=100, max_inactive_connection_lifetime=30,
+        setup=setup, init=init, reset=reset, statement_cache_size=5,
+    )
+    assert (pool._initsize, pool._max_queries, pool._max_inactive_connection_lifetime) == (2, 100, 30)
+    assert (pool._setup, pool._init, pool._reset) == (setup, init, reset)
+    assert (pool._connect_args, pool._connect_kwargs) == ((pg_dsn,), {"statement_cache_size": 5})
+    assert pool._generation == 0
+    await pool.expire_connections()
+    assert pool._generation == 1
+
+
+@pytest.mark.asyncio
 async def test_private_lifecycle_flags_health_checks_read(make_pool: MakePool) -> None:
     """``pool._closed or pool._closing``: how health checks and singletons
     ("reuse the pool unless it is closing") ask asyncpg's pool if it is
