@@ -523,6 +523,24 @@ async def test_private_sizes_monitoring_code_reads(make_pool: MakePool) -> None:
 
 
 @pytest.mark.asyncio
+async def test_waiters_health_checks_count(make_pool: MakePool) -> None:
+    """``len(pool._queue._getters)``: the tasks waiting in ``acquire()``, as
+    health checks (a bot's "Total Pool.acquire waiters") read asyncpg's."""
+    pool = await make_pool(min_size=1, max_size=1)
+    assert len(pool._queue._getters) == 0
+    held = await pool.acquire()
+    first = asyncio.ensure_future(pool.acquire())
+    second = asyncio.ensure_future(pool.acquire())
+    await wait_until(lambda: len(pool._queue._getters) == 2)
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
+    assert len(pool._queue._getters) == 1
+    await pool.release(held)
+    await pool.release(await asyncio.wait_for(first, 5))
+    assert len(pool._queue._getters) == 0
+
+
+@pytest.mark.asyncio
 async def test_private_settings_code_that_clones_a_pool_reads(make_pool: MakePool, pg_dsn: str) -> None:
     """``pool._max_queries``, ``pool._setup`` and the like: what code that
     builds a second pool like an existing one reads of asyncpg's."""
