@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
+from asyncpg import pool as _pg_pool
 from asyncpg import protocol as _pg_protocol
 
 from . import _autoreset, _registry, _sites, _stack, _workers
@@ -68,7 +69,19 @@ logger = logging.getLogger("safepool")
 _T = TypeVar("_T")
 
 
-class Pool:
+if TYPE_CHECKING:
+    _PoolBase = object
+else:
+    # asyncpg's own pool class, so that isinstance(pool, asyncpg.Pool) holds
+    # as for asyncpg's pool (code branches on it: "a pool: acquire; else a
+    # connection: use it"). Its __init__ never runs: every method and every
+    # attribute asyncpg's pool sets is this class's own (its private ones
+    # are read-only views, see _compat.py). (The type checker sees object:
+    # the stubs' attribute types of asyncpg's pool would hide this class's.)
+    _PoolBase = _pg_pool.Pool
+
+
+class Pool(_PoolBase):
     """A connection pool with asyncpg's ``Pool`` API, plus lease timeouts,
     leak detection, bounded waiting and statistics.
 

@@ -64,6 +64,9 @@ def queued(pool: Any, flavour: str) -> int:
 @pytest.mark.asyncio
 async def test_acquire_release_and_proxy_type(make_pool: MakePool) -> None:
     pool = await make_pool()
+    # "A pool: acquire from it; else a connection: use it" (code that takes either).
+    assert isinstance(pool, asyncpg.Pool)
+    assert not isinstance(pool, asyncpg.Connection)
     async with pool.acquire() as con:
         assert isinstance(con, asyncpg.Connection)
         assert await con.fetchval("SELECT 1") == 1
