@@ -640,6 +640,29 @@ async def test_terminate_detaches_acquired_proxies(make_pool: MakePool) -> None:
         await con.fetchval("SELECT 1")
 
 
+class SleepingResetQueryConnection(asyncpg.Connection):  # type: ignore[misc]
+    def get_reset_query(self) -> str:
+        return "SELECT pg_sleep(5)"
+
+
+@pytest.mark.asyncio
+async def test_terminate_during_a_release_fails_the_release(make_pool: MakePool, pg_dsn: str) -> None:
+    """``terminate()`` while a release's reset runs on the server: the
+    release raises the statement's ``ConnectionDoesNotExistError``, as
+    asyncpg's reset task, cut off, raises it."""
+    skip_before_asyncpg((0, 30), "Connection.get_reset_query()")
+    pool = await make_pool(min_size=1, max_size=1, connection_class=SleepingResetQueryConnection)
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    await con.execute("SELECT 1")
+    releasing = asyncio.ensure_future(pool.release(con))
+    await until_in_pg_sleep(pg_dsn, pid)
+    pool.terminate()
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await asyncio.wait_for(releasing, 5)
+    await pool.release(con)  # (released: a no-op)
+
+
 @pytest.mark.asyncio
 async def test_uninitialised_pool_refuses(flavour: str, pg_dsn: str) -> None:
     factory = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
