@@ -25,7 +25,8 @@ module answers those reads from the state core, with asyncpg's meaning:
   timer fired for a connection kept for ``min_size``.
 - ``holder.is_connected()`` / ``holder.is_idle()``: as in asyncpg.
 - ``pool._queue``: ``qsize()`` is the number of holders neither in use nor
-  connecting (``max_size`` minus those); ``maxsize``, ``empty()``, ``full()``.
+  connecting (``max_size`` minus those); ``maxsize``, ``empty()``, ``full()``;
+  ``_getters``, the futures of the tasks waiting for a connection.
 
 Everything is read-only and computed at the time of each read; nothing here
 changes the pool. The supported way to watch a pool is ``pool.stats()`` and
@@ -208,6 +209,13 @@ class QueueView:
         slots = self._positions.refresh()
         busy = sum(1 for slot in slots.values() if slot.state is not S.IDLE)
         return max(0, len(self._positions.holders) - busy)
+
+    @property
+    def _getters(self) -> tuple[Any, ...]:
+        # The futures of the tasks waiting for a connection: health checks
+        # count them, len(pool._queue._getters), as asyncpg's queue's getters.
+        state = self._positions.state()
+        return () if state is None else tuple(state.waiting_futures())
 
     def empty(self) -> bool:
         return self.qsize() == 0

@@ -5,6 +5,7 @@ their options the same way without importing the pool's internals
 
 from __future__ import annotations
 
+from numbers import Real
 from typing import Any, Literal, overload
 
 
@@ -40,7 +41,9 @@ def release_timeout(value: Any) -> float:
 
 
 def _check_seconds_type(name: str, value: Any, allow_none: bool = True) -> None:
-    """What every duration argument must be: an int or a float, not a bool."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """What every duration argument must be: a real number (an int or a
+    float; numpy's scalars and a Fraction too, which asyncpg's pool takes as
+    its timeouts), not a bool."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or isinstance(value, Real)):
         none = " or None" if allow_none else ""
         raise TypeError(f"{name} must be a number of seconds{none}, got {type(value).__name__}")

@@ -5,7 +5,9 @@ pool's own options, and :class:`PoolConfig`, the checked settings that
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any, cast
 
 from asyncpg import connection as _pg_connection
@@ -52,6 +54,16 @@ def adaptive_queue(policy: Any, target: Any, interval: Any) -> AdaptiveQueue | N
             "the queue counts as standing only after a whole interval"
         )
     return AdaptiveQueue(target, interval) if policy == "adaptive" else None
+
+
+def _plain_number(value: Any) -> Any:
+    """An int for an integral number of another type (numpy's integers), a
+    float for another real one (numpy's floats, a Fraction), as asyncpg's
+    pool takes them for its sizes and limits; anything else as it is, for
+    :func:`check_sizes` to refuse."""
+    if isinstance(value, (int, float)) or not isinstance(value, Real):
+        return value
+    return operator.index(value) if isinstance(value, Integral) else float(value)
 
 
 def check_sizes(
@@ -211,6 +223,10 @@ def configure(
 
     :raises TypeError: an argument of the wrong type.
     :raises ValueError: an argument out of range."""
+    min_size, max_size, init_size, max_queries = (
+        _plain_number(min_size), _plain_number(max_size), _plain_number(init_size), _plain_number(max_queries)
+    )
+    max_inactive_connection_lifetime = _plain_number(max_inactive_connection_lifetime)
     init_size = check_sizes(min_size, max_size, init_size, max_queries, max_inactive_connection_lifetime)
     if not issubclass(connection_class, _pg_connection.Connection):
         raise TypeError(

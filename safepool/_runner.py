@@ -321,8 +321,10 @@ class Runner:
     ) -> BaseException | None:
         """A reset (or take-back) ended: hand the connection on, or close it.
         Returns the error for the releasing caller to raise once the
-        connection was given up; None if handed on, or if the pool was
-        terminated meanwhile (nothing left to do). ``proxy``: the released
+        connection was given up (also when the pool was terminated
+        meanwhile: a statement cut off by terminate() raises asyncpg's
+        ``ConnectionDoesNotExistError`` from release(), as on asyncpg's pool;
+        nothing left to do then); None if handed on. ``proxy``: the released
         lease's (None for a take-back), attached while the connection is
         closed (``_pg.attach_released``), as asyncpg's release terminates a
         connection whose reset failed before it detaches the proxy."""
@@ -332,7 +334,7 @@ class Runner:
             con.is_closed() if holder.own_is_closed else con._aborted or not con._protocol.is_connected()
         )
         if not self.state.reset_done(holder._slot, self.now(), ok):
-            return None  # the pool was terminated meanwhile
+            return error  # the pool was terminated meanwhile
         if ok:
             # (Before any task can take it: the hand-on's Wake runs in drain.)
             holder.clean_mark = con._protocol.queries_count  # (_pg.queries_count, inlined: the hot path)

@@ -688,6 +688,10 @@ class PoolState:
                 return now - waiter.enqueued_at
         return 0.0
 
+    def waiting_futures(self) -> list[Any]:
+        """The futures of the tasks waiting for a connection, oldest first."""
+        return [waiter.future for waiter in self._waiters if waiter.state is W.WAITING]
+
     def leases(self) -> Iterator[Lease]:
         """The open leases, in the order they were taken (by id). Each is its
         slot's ``lease`` (no table of its own: a lease costs the hot path no

@@ -171,8 +171,18 @@ async def reset(
     Returns the reset's error (a hook's ``BaseException`` too, see
     :func:`raised_not_cancelled`); raises when the task is cancelled."""
     try:
-        async with asyncio.timeout(budget):
+        if hooks.custom and hooks.hook is None:
+            # A connection class's own reset(): asyncpg 0.32's release bounds
+            # only the wait for a cancelled query by the budget, and passes
+            # reset() what is left (Connection.reset() bounds itself by it): a
+            # reset() that takes longer, or ignores the timeout, is not cut short.
+            if _pg.is_cancelling(con):
+                async with asyncio.timeout(budget):
+                    budget = await _cancel_answered(con, budget)
             await _reset_connection(con, rollback, hooks, statement_limit, budget)
+        else:
+            async with asyncio.timeout(budget):
+                await _reset_connection(con, rollback, hooks, statement_limit, budget)
     except Exception as exc:
         return exc
     except BaseException as exc:
@@ -268,19 +278,26 @@ async def _reset_connection(
     reset query in one simple-query message. ``limit`` bounds the
     statements, not the wait for a cancelled query."""
     if _pg.is_cancelling(con):
-        # A cancelled query has not answered yet (asyncpg makes release
-        # wait for it too, or the next holder inherits the cancellation).
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await _pg.wait_for_cancellation(con)
-        if budget is not None:
-            # What is left goes to an overridden reset(), as asyncpg 0.32's
-            # holder passes it.
-            budget -= loop.time() - started
+        budget = await _cancel_answered(con, budget)
     if con.is_closed():
         return  # asyncpg's background cancel gave up and closed it
     async with asyncio.timeout(limit):
         await _send_reset(con, rollback, hooks, budget)
+
+
+async def _cancel_answered(con: RawConnection, budget: float | None) -> float | None:
+    """Wait until a cancelled query has answered (asyncpg makes release wait
+    for it too, or the next holder inherits the cancellation); returns what
+    is left of ``budget``, which goes to an overridden reset(), as asyncpg
+    0.32's holder passes it. The caller bounds the wait."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await _pg.wait_for_cancellation(con)
+    if budget is not None:
+        budget -= loop.time() - started
+        if budget <= 0:
+            raise TimeoutError  # (asyncpg 0.32: nothing left for the reset)
+    return budget
 
 
 async def _send_reset(con: RawConnection, rollback: bool, hooks: ResetHooks, budget: float | None) -> None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
+from asyncpg import pool as _pg_pool
 from asyncpg import protocol as _pg_protocol
 
 from . import _autoreset, _registry, _sites, _stack, _workers
@@ -68,7 +69,19 @@ logger = logging.getLogger("safepool")
 _T = TypeVar("_T")
 
 
-class Pool:
+if TYPE_CHECKING:
+    _PoolBase = object
+else:
+    # asyncpg's own pool class, so that isinstance(pool, asyncpg.Pool) holds
+    # as for asyncpg's pool (code branches on it: "a pool: acquire; else a
+    # connection: use it"). Its __init__ never runs: every method and every
+    # attribute asyncpg's pool sets is this class's own (its private ones
+    # are read-only views, see _compat.py). (The type checker sees object:
+    # the stubs' attribute types of asyncpg's pool would hide this class's.)
+    _PoolBase = _pg_pool.Pool
+
+
+class Pool(_PoolBase):
     """A connection pool with asyncpg's ``Pool`` API, plus lease timeouts,
     leak detection, bounded waiting and statistics.
 
@@ -370,6 +383,33 @@ class Pool:
     def _maxsize(self) -> int:
         return self._state.max_size
 
+    # asyncpg's private settings, read-only: code that clones a pool's
+    # configuration reads them (pool._max_queries, pool._setup, ...).
+    @property
+    def _initsize(self) -> int:
+        return self._config.init_size
+
+    @property
+    def _max_queries(self) -> int:
+        return self._config.max_queries
+
+    @property
+    def _max_inactive_connection_lifetime(self) -> float:
+        return self._config.max_inactive_lifetime
+
+    @property
+    def _setup(self) -> Callable[[PoolConnectionProxy], Awaitable[None]] | None:
+        return self._leaser.setup
+
+    @property
+    def _reset(self) -> Callable[[_pg_connection.Connection], Awaitable[None]] | None:
+        return self._runner.hooks.hook
+
+    @property
+    def _generation(self) -> int:
+        # (asyncpg's counter of expire_connections() calls)
+        return self._state.generation
+
     def is_closing(self) -> bool:
         """True once :meth:`close` or :meth:`terminate` has begun (and after),
         as asyncpg's ``Pool.is_closing()`` (0.29-0.32)."""
@@ -469,6 +509,12 @@ class Pool:
     @property
     def _closed(self) -> bool:
         return self._state.phase is Phase.CLOSED
+
+    @property
+    def _closing(self) -> bool:
+        # True while close() runs (not after it, nor for terminate()), as
+        # asyncpg's flag: health checks read `pool._closed or pool._closing`.
+        return self._state.phase is Phase.CLOSING
 
     def _drop_statement_cache(self) -> None:
         for slot in self._state.slots():

@@ -64,6 +64,9 @@ def queued(pool: Any, flavour: str) -> int:
 @pytest.mark.asyncio
 async def test_acquire_release_and_proxy_type(make_pool: MakePool) -> None:
     pool = await make_pool()
+    # "A pool: acquire from it; else a connection: use it" (code that takes either).
+    assert isinstance(pool, asyncpg.Pool)
+    assert not isinstance(pool, asyncpg.Connection)
     async with pool.acquire() as con:
         assert isinstance(con, asyncpg.Connection)
         assert await con.fetchval("SELECT 1") == 1
@@ -523,6 +526,69 @@ async def test_private_sizes_monitoring_code_reads(make_pool: MakePool) -> None:
 
 
 @pytest.mark.asyncio
+async def test_waiters_health_checks_count(make_pool: MakePool) -> None:
+    """``len(pool._queue._getters)``: the tasks waiting in ``acquire()``, as
+    health checks (a bot's "Total Pool.acquire waiters") read asyncpg's."""
+    pool = await make_pool(min_size=1, max_size=1)
+    assert len(pool._queue._getters) == 0
+    held = await pool.acquire()
+    first = asyncio.ensure_future(pool.acquire())
+    second = asyncio.ensure_future(pool.acquire())
+    await wait_until(lambda: len(pool._queue._getters) == 2)
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
+    assert len(pool._queue._getters) == 1
+    await pool.release(held)
+    await pool.release(await asyncio.wait_for(first, 5))
+    assert len(pool._queue._getters) == 0
+
+
+@pytest.mark.asyncio
+async def test_private_settings_code_that_clones_a_pool_reads(make_pool: MakePool, pg_dsn: str) -> None:
+    """``pool._max_queries``, ``pool._setup`` and the like: what code that
+    builds a second pool like an existing one reads of asyncpg's."""
+
+    async def setup(con: Any) -> None:
+        pass
+
+    async def init(con: Any) -> None:
+        pass
+
+    async def reset(con: Any) -> None:
+        pass
+
+    pool = await make_pool(
+        min_size=1, max_size=2, init_size=2, max_queries=100, max_inactive_connection_lifetime=30,
+        setup=setup, init=init, reset=reset, statement_cache_size=5,
+    )
+    assert (pool._initsize, pool._max_queries, pool._max_inactive_connection_lifetime) == (2, 100, 30)
+    assert (pool._setup, pool._init, pool._reset) == (setup, init, reset)
+    assert (pool._connect_args, pool._connect_kwargs) == ((pg_dsn,), {"statement_cache_size": 5})
+    assert pool._generation == 0
+    await pool.expire_connections()
+    assert pool._generation == 1
+
+
+@pytest.mark.asyncio
+async def test_private_lifecycle_flags_health_checks_read(make_pool: MakePool) -> None:
+    """``pool._closed or pool._closing``: how health checks and singletons
+    ("reuse the pool unless it is closing") ask asyncpg's pool if it is
+    still usable. ``_closing`` is True only while ``close()`` runs."""
+    pool = await make_pool(min_size=1, max_size=1)
+    assert (pool._closed, pool._closing) == (False, False)
+    con = await pool.acquire()
+    closing = asyncio.ensure_future(pool.close())
+    await wait_until(pool.is_closing)
+    assert (pool._closed, pool._closing) == (False, True)
+    await pool.release(con)
+    await asyncio.wait_for(closing, 5)
+    assert (pool._closed, pool._closing) == (True, False)
+    other = await make_pool(min_size=1, max_size=1)
+    other.terminate()
+    assert (other._closed, other._closing) == (True, False)
+
+
+@pytest.mark.asyncio
 @pytest.mark.realtime  # a 50 ms window in which close() must not end
 async def test_close_waits_for_release_and_closed_pool_refuses(make_pool: MakePool) -> None:
     pool = await make_pool()
@@ -572,6 +638,29 @@ async def test_terminate_detaches_acquired_proxies(make_pool: MakePool) -> None:
     assert pool.is_closing()
     with pytest.raises(asyncpg.InterfaceError):
         await con.fetchval("SELECT 1")
+
+
+class SleepingResetQueryConnection(asyncpg.Connection):  # type: ignore[misc]
+    def get_reset_query(self) -> str:
+        return "SELECT pg_sleep(5)"
+
+
+@pytest.mark.asyncio
+async def test_terminate_during_a_release_fails_the_release(make_pool: MakePool, pg_dsn: str) -> None:
+    """``terminate()`` while a release's reset runs on the server: the
+    release raises the statement's ``ConnectionDoesNotExistError``, as
+    asyncpg's reset task, cut off, raises it."""
+    skip_before_asyncpg((0, 30), "Connection.get_reset_query()")
+    pool = await make_pool(min_size=1, max_size=1, connection_class=SleepingResetQueryConnection)
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    await con.execute("SELECT 1")
+    releasing = asyncio.ensure_future(pool.release(con))
+    await until_in_pg_sleep(pg_dsn, pid)
+    pool.terminate()
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await asyncio.wait_for(releasing, 5)
+    await pool.release(con)  # (released: a no-op)
 
 
 @pytest.mark.asyncio
@@ -858,6 +947,73 @@ async def test_overridden_reset_gets_the_budget_left(make_pool: MakePool) -> Non
     await pool.release(con, timeout=5)
     [budget] = BudgetRecordingConnection.budgets
     assert budget is not None and budget < 5
+
+
+class OverrunningResetConnection(asyncpg.Connection):  # type: ignore[misc]
+    """Resets as asyncpg does within the budget it gets, then does more of
+    its own (a slow network's round trips): longer than the budget."""
+
+    async def reset(self, *, timeout: float | None = None) -> None:
+        await super().reset(timeout=timeout)
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.asyncio
+@pytest.mark.realtime  # a 50 ms budget that the reset outlives
+@pytest.mark.parametrize("budget_from", ["release", "acquire"])
+async def test_overridden_reset_is_given_the_budget_not_bounded_by_it(make_pool: MakePool, budget_from: str) -> None:
+    """asyncpg's release passes an overridden ``reset()`` its timeout
+    (``release(timeout=)``, else the acquire's) and bounds nothing else: a
+    reset that takes longer than that, or ignores it, still returns the
+    connection. (A ``reset=`` hook is bounded by it: asyncpg runs the hook
+    under ``asyncio.timeout``.)"""
+    pool = await make_pool(min_size=1, max_size=1, connection_class=OverrunningResetConnection)
+    con = await pool.acquire(timeout=0.05 if budget_from == "acquire" else None)
+    pid = con.get_server_pid()
+    await con.execute("SELECT pg_advisory_lock(4243)")
+    if budget_from == "acquire":
+        await pool.release(con)
+    else:
+        await pool.release(con, timeout=0.05)
+    async with pool.acquire() as con:
+        assert con.get_server_pid() == pid
+        assert await con.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()") == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["Fraction", "numpy.int64", "numpy.float32"])
+async def test_timeouts_of_other_real_number_types(make_pool: MakePool, kind: str) -> None:
+    """asyncpg's pool takes any real number its arithmetic with the loop's
+    clock accepts as ``acquire(timeout=)`` and ``release(timeout=)``: a
+    Fraction, numpy's scalars (a setting read with numpy or pandas)."""
+    if kind == "Fraction":
+        from fractions import Fraction
+
+        timeout: Any = Fraction(5, 2)
+    else:
+        numpy = pytest.importorskip("numpy")
+        timeout = getattr(numpy, kind.split(".")[1])(2.5 if kind.endswith("float32") else 2)
+    pool = await make_pool(min_size=1, max_size=1)
+    con = await pool.acquire(timeout=timeout)
+    await con.execute("BEGIN")
+    await pool.release(con, timeout=timeout)
+    async with pool.acquire(timeout=timeout) as con:
+        assert not con.is_in_transaction()
+    assert pool.get_size() == 1
+
+
+@pytest.mark.asyncio
+async def test_sizes_and_limits_of_numpy_number_types(make_pool: MakePool) -> None:
+    """asyncpg's pool takes numpy's integers for its sizes and
+    ``max_queries``, and a numpy float for
+    ``max_inactive_connection_lifetime`` (settings read with numpy or pandas)."""
+    numpy = pytest.importorskip("numpy")
+    pool = await make_pool(
+        min_size=numpy.int64(1), max_size=numpy.int32(2), init_size=numpy.int64(2),
+        max_queries=numpy.int64(1000), max_inactive_connection_lifetime=numpy.float32(300),
+    )
+    assert (pool.get_min_size(), pool.get_max_size(), pool.get_init_size(), pool.get_size()) == (1, 2, 2, 2)
+    assert await pool.fetchval("SELECT 1") == 1
 
 
 @pytest.mark.asyncio
