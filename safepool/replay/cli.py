@@ -330,7 +330,12 @@ def _run(configs: list[ReplayConfig], args: argparse.Namespace, stop: _Stop) -> 
     with warnings.catch_warnings():
         # safepool reports a garbage-collected leaked connection as a
         # ResourceWarning too; the replay counts those through its events.
-        warnings.filterwarnings("ignore", category=ResourceWarning, module=r"safepool\.pool")
+        # By its message, as the pytest plugin does: the module that warns
+        # (safepool._reclaim since 2026-11-30) is the pool's business.
+        warnings.filterwarnings(
+            "ignore", message=r"pool .*: a connection was garbage collected without being released",
+            category=ResourceWarning,
+        )
         size = max(c.pool_size for c in configs)
         if configs[0].dsn is None:
             server: contextlib.AbstractContextManager[Database] = embedded_server(max(30, size + 10))

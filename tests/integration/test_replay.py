@@ -116,6 +116,23 @@ def test_shortened_replay_asyncpg_saturates_safepool_serves_and_names_the_leak(p
     assert data["safepool_target"]["met"] is True
 
 
+def test_the_replay_silences_the_pools_leak_warning_under_w_error(pg_dsn: str) -> None:
+    """docs/replay.md: the replay suppresses the ResourceWarning of each
+    garbage-collected leak (it counts them through events); under ``-W
+    error`` it would otherwise be raised in the reclaimer's loop callback and
+    logged as an asyncio error beside each leak report. Its filter named the
+    module that warned, safepool.pool, which the reclaimer had left."""
+    result = subprocess.run(
+        [sys.executable, "-W", "error::ResourceWarning", "-m", "safepool", "replay",
+         "--scenario", "leak", "--dsn", pg_dsn, "--duration", "5", "--leak-start", "1", "--json"],
+        capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    safepool_run = scenario_result(result, "leak")["pools"]["safepool"]
+    assert safepool_run["leaks_detected"] > 0
+    # One record per leak (safepool.leaks), no "Exception in callback" beside it.
+    assert safepool_run["log_records"] == safepool_run["leaks_detected"], safepool_run["log_records"]
+
+
 @pytest.mark.realtime
 def test_short_stuck_replay_asyncpg_starves_safepool_takes_the_connections_back(pg_dsn: str, tmp_path: Path) -> None:
     figure = tmp_path / "stuck.svg"
