@@ -434,7 +434,10 @@ async def _close_reached(pool: safepool.Pool, run: Run, admin: asyncpg.Connectio
 
 async def _close_unblock(pool: safepool.Pool, run: Run, admin: asyncpg.Connection) -> None:
     holder = run.extra.pop("holder")
-    with contextlib.suppress(asyncpg.InterfaceError):  # (terminated by a cancelled close first)
+    # Terminated by the cancelled close() first (InterfaceError), or while
+    # this release's reset ran (its statement's error, as asyncpg's release
+    # raises it: unblocked before the close task saw its cancel).
+    with contextlib.suppress(asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError):
         await pool.release(holder)
 
 
