@@ -493,9 +493,12 @@ class _Checker:
                 reason = f"the {what} at line {line} leaves without releasing it"
         elif kind == "contextmanager" or _is_generator(scope):
             reason = "an exception thrown in at the `yield` skips the release"
+        elif later := [r.lineno for r in releases if r.lineno > call.lineno]:
+            reason = (f"an exception or a cancellation between line {call.lineno} and line {min(later)} "
+                      "skips the release")
         else:
-            first = min(r.lineno for r in releases)
-            reason = f"an exception or a cancellation between line {call.lineno} and line {first} skips the release"
+            # The releases come before it (a connection acquired again after one was released).
+            reason = "no release of it comes after the acquire"
         self.report(call, stmt, "SP001",
                     f"connection `{var}` acquired here is not released on every path: {reason}", receiver, var)
 
@@ -541,19 +544,29 @@ class _Checker:
     def try_follows(self, acquire_stmt: ast.stmt, try_stmt: ast.stmt, var: str) -> str | None:
         """"next" if ``try_stmt`` comes right after the acquire in the same
         block (nothing in between can fail or leave holding ``var``), the line
-        of the first await, return, raise... in between, or None if unrelated."""
-        place = _block_of(self.module, acquire_stmt)
-        if place is None:
-            return None
-        block, index = place
-        for stmt in block[index + 1:]:
-            if stmt is try_stmt:
-                return "next"
-            leaver = _leaves_holding(stmt, var)
-            if leaver is not None:
-                # The await, return or raise itself (an `if` may hold it lines below).
-                return str(getattr(leaver, "lineno", stmt.lineno))
-        return None
+        of the first await, return, raise... in between, or None if unrelated
+        (the ``try:`` does not come after the acquire). An acquire in a branch
+        of an ``if`` (``con = None; if need: con = await pool.acquire()``) is
+        followed out of it: the rest of that branch, then what follows the
+        ``if``."""
+        first_leaver: str | None = None
+        stmt = acquire_stmt
+        while True:
+            place = _block_of(self.module, stmt)
+            if place is None:
+                return None
+            block, index = place
+            for later in block[index + 1:]:
+                if later is try_stmt:
+                    return first_leaver or "next"
+                leaver = _leaves_holding(later, var)
+                if leaver is not None and first_leaver is None:
+                    # The await, return or raise itself (an `if` may hold it lines below).
+                    first_leaver = str(getattr(leaver, "lineno", later.lineno))
+            parent = self.module.parents.get(stmt)
+            if not isinstance(parent, ast.If):
+                return None
+            stmt = parent
 
     def gap_before_finally(self, releases: list[ast.Call], acquire_stmt: ast.stmt, var: str) -> int | None:
         for release in releases:

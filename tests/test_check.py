@@ -216,3 +216,22 @@ def test_python_dash_m_safepool_dot_check_runs_the_check_too() -> None:
     assert run.returncode == 1, run.stderr
     assert "SP001 connection `con` acquired here" in run.stdout
     assert "safepool check: " in run.stdout.splitlines()[-1]
+
+
+def test_an_acquire_after_the_release_is_not_blamed_on_a_gap_before_it() -> None:
+    """The `try:` whose `finally:` releases comes before the second acquire:
+    the message named a 'line between the acquire and that `try:`' that was
+    after both."""
+    source = '''
+async def twice(pool):
+    con = await pool.acquire()
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+    con = await pool.acquire()
+    await con.execute("SELECT 2")
+'''
+    [finding] = check_source(source)
+    assert (finding.line, finding.code) == (8, "SP001")
+    assert "no release of it comes after the acquire" in finding.message

@@ -276,3 +276,30 @@ class AcquireTimesOut:
     async def test_it(self):
         with self.assertRaises(TimeoutError):
             await self.pool.acquire(timeout=0.1)
+
+
+async def acquired_only_when_needed(pool, need):
+    # The acquire is the last statement of an `if`; the `try:` follows the `if`.
+    con = None
+    if need:
+        con = await pool.acquire()
+    try:
+        if con is not None:
+            await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+async def acquired_in_an_elif_branch(pool, cached, replica):
+    if cached is not None:
+        con = None
+    elif replica:
+        con = await pool.acquire(timeout=1)
+    else:
+        con = await pool.acquire()
+    try:
+        return cached or await con.fetchval("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)

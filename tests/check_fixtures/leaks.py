@@ -245,3 +245,25 @@ async def test_acquire_then_something_raises(self, pool):
     with self.assertRaises(ValueError):
         await pool.acquire()  # expect: SP003
         int("x")
+
+
+async def acquired_in_an_if_then_awaited_before_the_try(pool, need):
+    con = None
+    if need:
+        con = await pool.acquire()  # expect: SP001 line
+        await con.execute("SET search_path = app")
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+async def acquired_again_after_the_release(pool):
+    con = await pool.acquire()
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+    con = await pool.acquire()  # expect: SP001
+    await con.execute("SELECT 2")
