@@ -228,9 +228,11 @@ def _releases(node: ast.AST, var: str) -> bool:
         return True
     if method in _CLEANUP_REGISTRATIONS:
         # stack.push_async_callback(pool.release, con) / stack.push_async_callback(con.close)
+        # / stack.push_async_callback(lambda: pool.release(con)) (the stack calls it)
         return any(
             _is_name(arg, var)
             or (isinstance(arg, ast.Attribute) and arg.attr in _RELEASE_METHODS and _is_name(arg.value, var))
+            or (isinstance(arg, ast.Lambda) and _releases(arg.body, var))
             for arg in node.args
         )
     return False

@@ -303,3 +303,11 @@ async def acquired_in_an_elif_branch(pool, cached, replica):
     finally:
         if con is not None:
             await pool.release(con)
+
+
+async def exit_stack_callback_lambda(pool):
+    # The stack calls the lambda and awaits the release it returns.
+    async with contextlib.AsyncExitStack() as stack:
+        con = await pool.acquire()
+        stack.push_async_callback(lambda: pool.release(con, timeout=5))
+        await con.execute("SELECT 1")
