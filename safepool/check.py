@@ -406,12 +406,15 @@ class _Checker:
         if isinstance(holder, ast.NamedExpr) and isinstance(holder.target, ast.Name):
             var = holder.target.id
         elif isinstance(holder, ast.Assign) and holder.value is top:
-            if len(holder.targets) == 1 and isinstance(holder.targets[0], ast.Name):
+            gathered = isinstance(parent, ast.Call) and _last_name(parent.func) == "gather"
+            if len(holder.targets) == 1 and isinstance(holder.targets[0], ast.Name) and not gathered:
                 var = holder.targets[0].id
             elif (unpacked := _gathered_name(arg, parent, holder)) is not None:
                 var = unpacked  # a, b = await asyncio.gather(pool.acquire(), pool.acquire())
             else:
-                return  # stored on an object, unpacked, ...: not followed
+                # Stored on an object, unpacked, gathered into a list (`cons
+                # = await asyncio.gather(...)`, released item by item): not followed.
+                return
         elif isinstance(holder, ast.AnnAssign) and holder.value is top:
             if isinstance(holder.target, ast.Name):
                 var = holder.target.id

@@ -311,3 +311,12 @@ async def exit_stack_callback_lambda(pool):
         con = await pool.acquire()
         stack.push_async_callback(lambda: pool.release(con, timeout=5))
         await con.execute("SELECT 1")
+
+
+async def gathered_into_a_list_released_item_by_item(pool):
+    cons = await asyncio.gather(pool.acquire(), pool.acquire())
+    try:
+        return [await con.fetchval("SELECT 1") for con in cons]
+    finally:
+        for con in cons:
+            await pool.release(con)
