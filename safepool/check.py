@@ -17,7 +17,7 @@ Codes:
 
 - SP001: released on some paths only (not in ``finally``, not ``async with``);
 - SP002: never released in the function that acquired it;
-- SP003: ``await pool.acquire()`` whose result is thrown away;
+- SP003: ``await pool.acquire()`` whose result is thrown away (or used once and dropped);
 - SP004: ``pool.acquire()`` neither awaited nor used with ``async with``.
 
 A line ending in ``# safepool: ignore`` is not reported.
@@ -420,6 +420,15 @@ class _Checker:
                 var = holder.target.id
             else:
                 return
+        elif (
+            awaited and isinstance(holder, ast.Attribute) and holder.value is top
+            and holder.attr not in _RELEASE_METHODS
+        ):
+            # `await (await pool.acquire()).fetchval(...)`: used once, kept nowhere.
+            self.report(call, stmt, "SP003",
+                        f"the connection from `{ast.unparse(top)}` is used once (`.{holder.attr}`) and thrown "
+                        "away: it can never be released", receiver, None)
+            return
         elif isinstance(holder, ast.Expr):
             if awaited:
                 self.report(call, stmt, "SP003",

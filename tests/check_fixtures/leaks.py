@@ -267,3 +267,7 @@ async def acquired_again_after_the_release(pool):
         await pool.release(con)
     con = await pool.acquire()  # expect: SP001
     await con.execute("SELECT 2")
+
+
+async def used_once_and_thrown_away(pool):
+    return await (await pool.acquire()).fetchval("SELECT 1")  # expect: SP003
