@@ -483,7 +483,14 @@ class _Checker:
                         receiver, var)
             return
         conditions: list[ast.If] = []
-        if any(self.safe_release(release, stmt, scope, var, conditions) for release in releases):
+        loops: list[ast.stmt] = []
+        if any(self.safe_release(release, stmt, scope, var, conditions, loops) for release in releases):
+            return
+        if loops:
+            self.report(call, stmt, "SP001",
+                        f"connection `{var}` is acquired on each turn of the loop at line {loops[0].lineno}, but "
+                        "released only in the `finally:` after that loop: each turn's connection but the last "
+                        "is never released", receiver, var)
             return
         if conditions:
             test = conditions[0]
@@ -517,11 +524,14 @@ class _Checker:
                     f"connection `{var}` acquired here is not released on every path: {reason}", receiver, var)
 
     def safe_release(
-        self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST, var: str, conditions: list[ast.If]
+        self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST, var: str, conditions: list[ast.If],
+        loops: list[ast.stmt],
     ) -> bool:
         """Whether ``release`` gives ``var`` back on every path. A release in
         the right ``finally:`` that runs only under an ``if`` unrelated to the
-        connection is not: that ``if`` is added to ``conditions``."""
+        connection is not: that ``if`` is added to ``conditions``. Neither
+        is a ``finally:`` after a loop that acquires on each turn: that loop
+        is added to ``loops``."""
         module = self.module
         # Registered with an exit stack: released however the block ends.
         if isinstance(release.func, ast.Attribute) and release.func.attr in _CLEANUP_REGISTRATIONS:
@@ -541,6 +551,10 @@ class _Checker:
                     # `try:` first in its body (a connection is never falsy).
                     or (isinstance(acquire_stmt, (ast.If, ast.While)) and acquire_stmt.body[0] is parent)
                 ):
+                    loop = _turning_loop(parent.body, acquire_stmt, var)
+                    if loop is not None:
+                        loops.append(loop)
+                        return False
                     if condition is None:
                         return True
                     conditions.append(condition)
@@ -657,6 +671,27 @@ def _expected_to_raise(module: _Module, stmt: ast.stmt) -> bool:
             for item in block.items
         )
     )
+
+
+def _turning_loop(block: list[ast.stmt], acquire_stmt: ast.stmt, var: str) -> ast.stmt | None:
+    """A loop in ``block`` (a ``try:`` body) whose body holds the acquire and
+    turns again with the connection still held: one that neither releases
+    ``var`` in its body, nor has a ``break`` or ``return`` after the acquire
+    (a retry loop: ``for _ in range(3): try: con = await pool.acquire() ...
+    break``), nor is a ``while`` that tests ``var`` (``while con is None:``)."""
+    for stmt in block:
+        for loop in [stmt, *_walk_scope(stmt)]:
+            if not isinstance(loop, (ast.For, ast.AsyncFor, ast.While)) or not _contains(loop.body, acquire_stmt):
+                continue
+            if isinstance(loop, ast.While) and any(_is_name(n, var) for n in ast.walk(loop.test)):
+                continue
+            body = [n for s in loop.body for n in _own_nodes(s)]
+            if any(isinstance(n, ast.Call) and _releases(n, var) for n in body):
+                continue
+            if any(isinstance(n, (ast.Break, ast.Return)) and n.lineno >= acquire_stmt.lineno for n in body):
+                continue
+            return loop
+    return None
 
 
 def _contains(block: list[ast.stmt], target: ast.stmt) -> bool:

@@ -320,3 +320,34 @@ async def gathered_into_a_list_released_item_by_item(pool):
     finally:
         for con in cons:
             await pool.release(con)
+
+
+async def retry_loop_inside_try(pool):
+    # The loop ends once an acquire succeeds: one connection, released in `finally:`.
+    con = None
+    try:
+        for _ in range(3):
+            try:
+                con = await pool.acquire(timeout=1)
+            except TimeoutError:
+                continue
+            break
+        if con is not None:
+            await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+async def retry_while_no_connection(pool):
+    con = None
+    try:
+        while con is None:
+            try:
+                con = await pool.acquire(timeout=1)
+            except TimeoutError:
+                await asyncio.sleep(1)
+        await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)

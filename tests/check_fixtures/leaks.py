@@ -271,3 +271,14 @@ async def acquired_again_after_the_release(pool):
 
 async def used_once_and_thrown_away(pool):
     return await (await pool.acquire()).fetchval("SELECT 1")  # expect: SP003
+
+
+async def acquired_on_each_turn_released_after_the_loop(pool, jobs):
+    con = None
+    try:
+        for job in jobs:
+            con = await pool.acquire()  # expect: SP001
+            await con.execute("SELECT $1", job)
+    finally:
+        if con is not None:
+            await pool.release(con)
