@@ -182,6 +182,18 @@ def _gathered_name(call: ast.AST, parent: ast.AST | None, assign: ast.Assign) ->
     return target.id if isinstance(target, ast.Name) else None
 
 
+def _gather_drops_results(gather: ast.Call) -> bool:
+    """Whether ``asyncio.gather(...)`` drops the other results when one of
+    its awaitables raises: more than one awaitable, and no
+    ``return_exceptions`` other than a literal False."""
+    if len(gather.args) < 2 and not any(isinstance(arg, ast.Starred) for arg in gather.args):
+        return False
+    return not any(
+        k.arg == "return_exceptions" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+        for k in gather.keywords
+    )
+
+
 def _calls_method(scope: ast.AST, var: str, method: str) -> bool:
     """Whether ``var.method(...)`` is called anywhere in ``scope``."""
     return any(
@@ -445,7 +457,8 @@ class _Checker:
         if not awaited:
             self.check_context_variable(call, stmt, scope, receiver, var)
             return
-        self.check_connection_variable(call, stmt, scope, receiver, var)
+        gather = parent if isinstance(parent, ast.Call) and _last_name(parent.func) == "gather" else None
+        self.check_connection_variable(call, stmt, scope, receiver, var, gather)
 
     def check_context_variable(self, call: ast.Call, stmt: ast.stmt, scope: ast.AST, receiver: str, var: str) -> None:
         """``ctx = pool.acquire()``: fine if ``async with ctx`` follows."""
@@ -469,7 +482,7 @@ class _Checker:
                     receiver, var)
 
     def check_connection_variable(
-        self, call: ast.Call, stmt: ast.stmt, scope: ast.AST, receiver: str, var: str
+        self, call: ast.Call, stmt: ast.stmt, scope: ast.AST, receiver: str, var: str, gather: ast.Call | None = None
     ) -> None:
         releases: list[ast.Call] = []
         for node in _walk_scope(scope):
@@ -485,6 +498,12 @@ class _Checker:
         conditions: list[ast.If] = []
         loops: list[ast.stmt] = []
         if any(self.safe_release(release, stmt, scope, var, conditions, loops) for release in releases):
+            if gather is not None and _gather_drops_results(gather):
+                self.report(call, stmt, "SP001",
+                            f"connection `{var}` is gathered with other awaitables: if one of them fails (or the "
+                            "gather is cancelled), `gather()` raises before the `try:` and this connection is never "
+                            "released (acquire one at a time, or pass `return_exceptions=True` and release each "
+                            "connection it returns)", receiver, var)
             return
         if loops:
             self.report(call, stmt, "SP001",

@@ -124,13 +124,18 @@ async def walrus_then_try_finally(pool):
             await pool.release(con)
 
 
-async def gathered_both_released(pool):
-    first, second = await asyncio.gather(pool.acquire(), pool.acquire())
+async def gathered_with_return_exceptions(pool):
+    # Every result comes back, connection or exception: each connection is released.
+    first, second = await asyncio.gather(pool.acquire(), pool.acquire(), return_exceptions=True)
     try:
+        if isinstance(first, BaseException) or isinstance(second, BaseException):
+            raise LookupError("no connection")
         return await first.fetchval("SELECT 1") + await second.fetchval("SELECT 2")
     finally:
-        await pool.release(first)
-        await pool.release(second)
+        if not isinstance(first, BaseException):
+            await pool.release(first)
+        if not isinstance(second, BaseException):
+            await pool.release(second)
 
 
 async def entered_and_exited_by_hand(pool):

@@ -108,8 +108,12 @@ async def annotated(database: "asyncpg.Pool"):  # noqa: F821
 
 
 async def gathered_one_released(pool):
-    # Two connections at once, unpacked: the second is never released.
-    first, second = await asyncio.gather(pool.acquire(), pool.acquire())  # expect: SP002
+    # Two connections at once, unpacked: the second is never released (and
+    # the first is lost if the second acquire fails).
+    first, second = await asyncio.gather(
+        pool.acquire(),  # expect: SP001
+        pool.acquire(),  # expect: SP002
+    )
     try:
         return await first.fetchval("SELECT 1") + await second.fetchval("SELECT 2")
     finally:
@@ -282,3 +286,22 @@ async def acquired_on_each_turn_released_after_the_loop(pool, jobs):
     finally:
         if con is not None:
             await pool.release(con)
+
+
+async def gathered_both_released_but_lost_if_one_fails(pool):
+    # If the second acquire times out, gather() raises and the first
+    # connection, acquired all the same, is returned to nobody.
+    first, second = await asyncio.gather(pool.acquire(), pool.acquire())  # expect: SP001
+    try:
+        return await first.fetchval("SELECT 1") + await second.fetchval("SELECT 2")
+    finally:
+        await pool.release(first)
+        await pool.release(second)
+
+
+async def gathered_with_another_query(pool, other_pool):
+    con, count = await asyncio.gather(pool.acquire(), other_pool.fetchval("SELECT 1"))  # expect: SP001
+    try:
+        await con.execute("SELECT $1", count)
+    finally:
+        await pool.release(con)
