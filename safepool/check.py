@@ -53,6 +53,9 @@ _ESCAPE_METHODS = {"append", "add", "put", "put_nowait", "extend", "insert", "ap
 # block's last statement is expected to raise, so an acquire there gets no
 # connection; if it does, the test fails anyway.
 _EXPECTS_RAISE = {"raises", "assertRaises", "assertRaisesRegex"}
+# Objects with an acquire() that are not connection pools, whatever their
+# name (`self.worker_pool = asyncio.Semaphore(5)`).
+_NOT_POOLS = {"Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "CapacityLimiter"}
 
 
 @dataclass(frozen=True)
@@ -117,11 +120,16 @@ class _Module:
                 self.parents[child] = parent
         self.pool_pattern = pool_names
         self.known_pools: set[str] = set()
+        # Names bound to a lock or semaphore (`worker_pool = asyncio.Semaphore(5)`):
+        # not pools, even when the name says so.
+        self.not_pools: set[str] = set()
         for node in ast.walk(tree):
             if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 if _last_name(node.value) == "create_pool" and isinstance(node.value, (ast.Call, ast.Await)):
-                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                     self.known_pools.update(n for n in map(_last_name, targets) if n)
+                elif isinstance(node.value, ast.Call) and _last_name(node.value.func) in _NOT_POOLS:
+                    self.not_pools.update(n for n in map(_last_name, targets) if n)
             elif isinstance(node, (ast.With, ast.AsyncWith)):
                 for item in node.items:
                     if item.optional_vars is not None and _last_name(item.context_expr) == "create_pool":
@@ -131,6 +139,8 @@ class _Module:
             elif isinstance(node, ast.arg) and node.annotation is not None:
                 if re.search(r"Pool\b", ast.unparse(node.annotation)):
                     self.known_pools.add(node.arg)
+                elif _last_name(node.annotation) in _NOT_POOLS:
+                    self.not_pools.add(node.arg)
         # Aliases: `db = app.state.pool`, `self._db = pool`, `db =
         # request.app["pool"]` (and aliases of those), anywhere in the file,
         # by last name as for create_pool.
@@ -149,7 +159,9 @@ class _Module:
 
     def is_pool(self, receiver: ast.expr) -> bool:
         name = _last_name(receiver)
-        return name is not None and (name in self.known_pools or bool(self.pool_pattern.search(name)))
+        return name is not None and (
+            name in self.known_pools or (name not in self.not_pools and bool(self.pool_pattern.search(name)))
+        )
 
     def ignored(self, *lines: int) -> bool:
         return any(0 < n <= len(self.lines) and IGNORE_COMMENT.search(self.lines[n - 1]) for n in lines)

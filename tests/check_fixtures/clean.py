@@ -356,3 +356,24 @@ async def retry_while_no_connection(pool):
     finally:
         if con is not None:
             await pool.release(con)
+
+
+class Crawler:
+    # Semaphores named like pools: bound to a Semaphore(), they are not pools.
+    def __init__(self):
+        self.worker_pool = asyncio.Semaphore(5)
+
+    async def fetch(self, url, session):
+        await self.worker_pool.acquire()
+        try:
+            return await session.get(url)
+        finally:
+            self.worker_pool.release()
+
+
+async def limited(task_pool: asyncio.BoundedSemaphore, work):
+    await task_pool.acquire()
+    try:
+        await work()
+    finally:
+        task_pool.release()
