@@ -744,9 +744,15 @@ def check_source(source: str, path: str = "<string>", *, pool_names: str = DEFAU
 
 
 def _python_files(paths: Sequence[str], excludes: Sequence[str]) -> Iterator[str]:
+    # A pattern matches the path (`./` and `//` normalised away) or any
+    # trailing part of it from a directory boundary on: `migrations`,
+    # `migrations/*` and `src/migrations` all exclude src/migrations/0001.py.
+    patterns = [os.path.normpath(pattern) for pattern in excludes]
+
     def excluded(path: str) -> bool:
-        return any(fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(os.path.basename(path), pattern)
-                   for pattern in excludes)
+        parts = os.path.normpath(path).split(os.sep)
+        tails = [os.sep.join(parts[i:]) for i in range(len(parts))]
+        return any(fnmatch.fnmatch(tail, pattern) for pattern in patterns for tail in tails)
 
     for root in paths:
         if os.path.isfile(root):

@@ -235,3 +235,21 @@ async def twice(pool):
     [finding] = check_source(source)
     assert (finding.line, finding.code) == (8, "SP001")
     assert "no release of it comes after the acquire" in finding.message
+
+
+def test_cli_exclude_matches_a_trailing_part_of_the_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--exclude 'migrations/*'` excluded nothing under `src/` (only the whole
+    path or the base name were matched), nor did `src/migrations` when the
+    check was given `./src`."""
+    leak = "async def f(pool):\n    await pool.acquire()\n"
+    for name in ("src/migrations/m1.py", "src/app/a.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(leak)
+    monkeypatch.chdir(tmp_path)
+    for root, pattern in [("src", "migrations/*"), ("./src", "src/migrations"), ("src", "migrations"),
+                          (str(tmp_path / "src"), "src/migrations/*.py")]:
+        assert main(["--format", "json", root, "--exclude", pattern]) == 1
+        paths = [Path(f["path"]).as_posix() for f in json.loads(capsys.readouterr().out)["findings"]]
+        assert [p.rpartition("src/")[2] for p in paths] == ["app/a.py"], (root, pattern)
