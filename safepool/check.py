@@ -17,7 +17,7 @@ Codes:
 
 - SP001: released on some paths only (not in ``finally``, not ``async with``);
 - SP002: never released in the function that acquired it;
-- SP003: ``await pool.acquire()`` whose result is thrown away;
+- SP003: ``await pool.acquire()`` whose result is thrown away (or used once and dropped);
 - SP004: ``pool.acquire()`` neither awaited nor used with ``async with``.
 
 A line ending in ``# safepool: ignore`` is not reported.
@@ -53,6 +53,9 @@ _ESCAPE_METHODS = {"append", "add", "put", "put_nowait", "extend", "insert", "ap
 # block's last statement is expected to raise, so an acquire there gets no
 # connection; if it does, the test fails anyway.
 _EXPECTS_RAISE = {"raises", "assertRaises", "assertRaisesRegex"}
+# Objects with an acquire() that are not connection pools, whatever their
+# name (`self.worker_pool = asyncio.Semaphore(5)`).
+_NOT_POOLS = {"Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "CapacityLimiter"}
 
 
 @dataclass(frozen=True)
@@ -117,11 +120,16 @@ class _Module:
                 self.parents[child] = parent
         self.pool_pattern = pool_names
         self.known_pools: set[str] = set()
+        # Names bound to a lock or semaphore (`worker_pool = asyncio.Semaphore(5)`):
+        # not pools, even when the name says so.
+        self.not_pools: set[str] = set()
         for node in ast.walk(tree):
             if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 if _last_name(node.value) == "create_pool" and isinstance(node.value, (ast.Call, ast.Await)):
-                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                     self.known_pools.update(n for n in map(_last_name, targets) if n)
+                elif isinstance(node.value, ast.Call) and _last_name(node.value.func) in _NOT_POOLS:
+                    self.not_pools.update(n for n in map(_last_name, targets) if n)
             elif isinstance(node, (ast.With, ast.AsyncWith)):
                 for item in node.items:
                     if item.optional_vars is not None and _last_name(item.context_expr) == "create_pool":
@@ -131,6 +139,8 @@ class _Module:
             elif isinstance(node, ast.arg) and node.annotation is not None:
                 if re.search(r"Pool\b", ast.unparse(node.annotation)):
                     self.known_pools.add(node.arg)
+                elif _last_name(node.annotation) in _NOT_POOLS:
+                    self.not_pools.add(node.arg)
         # Aliases: `db = app.state.pool`, `self._db = pool`, `db =
         # request.app["pool"]` (and aliases of those), anywhere in the file,
         # by last name as for create_pool.
@@ -149,7 +159,9 @@ class _Module:
 
     def is_pool(self, receiver: ast.expr) -> bool:
         name = _last_name(receiver)
-        return name is not None and (name in self.known_pools or bool(self.pool_pattern.search(name)))
+        return name is not None and (
+            name in self.known_pools or (name not in self.not_pools and bool(self.pool_pattern.search(name)))
+        )
 
     def ignored(self, *lines: int) -> bool:
         return any(0 < n <= len(self.lines) and IGNORE_COMMENT.search(self.lines[n - 1]) for n in lines)
@@ -180,6 +192,18 @@ def _gathered_name(call: ast.AST, parent: ast.AST | None, assign: ast.Assign) ->
         return None
     target = names[parent.args.index(call)]
     return target.id if isinstance(target, ast.Name) else None
+
+
+def _gather_drops_results(gather: ast.Call) -> bool:
+    """Whether ``asyncio.gather(...)`` drops the other results when one of
+    its awaitables raises: more than one awaitable, and no
+    ``return_exceptions`` other than a literal False."""
+    if len(gather.args) < 2 and not any(isinstance(arg, ast.Starred) for arg in gather.args):
+        return False
+    return not any(
+        k.arg == "return_exceptions" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+        for k in gather.keywords
+    )
 
 
 def _calls_method(scope: ast.AST, var: str, method: str) -> bool:
@@ -228,9 +252,11 @@ def _releases(node: ast.AST, var: str) -> bool:
         return True
     if method in _CLEANUP_REGISTRATIONS:
         # stack.push_async_callback(pool.release, con) / stack.push_async_callback(con.close)
+        # / stack.push_async_callback(lambda: pool.release(con)) (the stack calls it)
         return any(
             _is_name(arg, var)
             or (isinstance(arg, ast.Attribute) and arg.attr in _RELEASE_METHODS and _is_name(arg.value, var))
+            or (isinstance(arg, ast.Lambda) and _releases(arg.body, var))
             for arg in node.args
         )
     return False
@@ -404,17 +430,29 @@ class _Checker:
         if isinstance(holder, ast.NamedExpr) and isinstance(holder.target, ast.Name):
             var = holder.target.id
         elif isinstance(holder, ast.Assign) and holder.value is top:
-            if len(holder.targets) == 1 and isinstance(holder.targets[0], ast.Name):
+            gathered = isinstance(parent, ast.Call) and _last_name(parent.func) == "gather"
+            if len(holder.targets) == 1 and isinstance(holder.targets[0], ast.Name) and not gathered:
                 var = holder.targets[0].id
             elif (unpacked := _gathered_name(arg, parent, holder)) is not None:
                 var = unpacked  # a, b = await asyncio.gather(pool.acquire(), pool.acquire())
             else:
-                return  # stored on an object, unpacked, ...: not followed
+                # Stored on an object, unpacked, gathered into a list (`cons
+                # = await asyncio.gather(...)`, released item by item): not followed.
+                return
         elif isinstance(holder, ast.AnnAssign) and holder.value is top:
             if isinstance(holder.target, ast.Name):
                 var = holder.target.id
             else:
                 return
+        elif (
+            awaited and isinstance(holder, ast.Attribute) and holder.value is top
+            and holder.attr not in _RELEASE_METHODS
+        ):
+            # `await (await pool.acquire()).fetchval(...)`: used once, kept nowhere.
+            self.report(call, stmt, "SP003",
+                        f"the connection from `{ast.unparse(top)}` is used once (`.{holder.attr}`) and thrown "
+                        "away: it can never be released", receiver, None)
+            return
         elif isinstance(holder, ast.Expr):
             if awaited:
                 self.report(call, stmt, "SP003",
@@ -431,7 +469,8 @@ class _Checker:
         if not awaited:
             self.check_context_variable(call, stmt, scope, receiver, var)
             return
-        self.check_connection_variable(call, stmt, scope, receiver, var)
+        gather = parent if isinstance(parent, ast.Call) and _last_name(parent.func) == "gather" else None
+        self.check_connection_variable(call, stmt, scope, receiver, var, gather)
 
     def check_context_variable(self, call: ast.Call, stmt: ast.stmt, scope: ast.AST, receiver: str, var: str) -> None:
         """``ctx = pool.acquire()``: fine if ``async with ctx`` follows."""
@@ -455,7 +494,7 @@ class _Checker:
                     receiver, var)
 
     def check_connection_variable(
-        self, call: ast.Call, stmt: ast.stmt, scope: ast.AST, receiver: str, var: str
+        self, call: ast.Call, stmt: ast.stmt, scope: ast.AST, receiver: str, var: str, gather: ast.Call | None = None
     ) -> None:
         releases: list[ast.Call] = []
         for node in _walk_scope(scope):
@@ -469,7 +508,20 @@ class _Checker:
                         receiver, var)
             return
         conditions: list[ast.If] = []
-        if any(self.safe_release(release, stmt, scope, var, conditions) for release in releases):
+        loops: list[ast.stmt] = []
+        if any(self.safe_release(release, stmt, scope, var, conditions, loops) for release in releases):
+            if gather is not None and _gather_drops_results(gather):
+                self.report(call, stmt, "SP001",
+                            f"connection `{var}` is gathered with other awaitables: if one of them fails (or the "
+                            "gather is cancelled), `gather()` raises before the `try:` and this connection is never "
+                            "released (acquire one at a time, or pass `return_exceptions=True` and release each "
+                            "connection it returns)", receiver, var)
+            return
+        if loops:
+            self.report(call, stmt, "SP001",
+                        f"connection `{var}` is acquired on each turn of the loop at line {loops[0].lineno}, but "
+                        "released only in the `finally:` after that loop: each turn's connection but the last "
+                        "is never released", receiver, var)
             return
         if conditions:
             test = conditions[0]
@@ -493,18 +545,24 @@ class _Checker:
                 reason = f"the {what} at line {line} leaves without releasing it"
         elif kind == "contextmanager" or _is_generator(scope):
             reason = "an exception thrown in at the `yield` skips the release"
+        elif later := [r.lineno for r in releases if r.lineno > call.lineno]:
+            reason = (f"an exception or a cancellation between line {call.lineno} and line {min(later)} "
+                      "skips the release")
         else:
-            first = min(r.lineno for r in releases)
-            reason = f"an exception or a cancellation between line {call.lineno} and line {first} skips the release"
+            # The releases come before it (a connection acquired again after one was released).
+            reason = "no release of it comes after the acquire"
         self.report(call, stmt, "SP001",
                     f"connection `{var}` acquired here is not released on every path: {reason}", receiver, var)
 
     def safe_release(
-        self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST, var: str, conditions: list[ast.If]
+        self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST, var: str, conditions: list[ast.If],
+        loops: list[ast.stmt],
     ) -> bool:
         """Whether ``release`` gives ``var`` back on every path. A release in
         the right ``finally:`` that runs only under an ``if`` unrelated to the
-        connection is not: that ``if`` is added to ``conditions``."""
+        connection is not: that ``if`` is added to ``conditions``. Neither
+        is a ``finally:`` after a loop that acquires on each turn: that loop
+        is added to ``loops``."""
         module = self.module
         # Registered with an exit stack: released however the block ends.
         if isinstance(release.func, ast.Attribute) and release.func.attr in _CLEANUP_REGISTRATIONS:
@@ -524,6 +582,10 @@ class _Checker:
                     # `try:` first in its body (a connection is never falsy).
                     or (isinstance(acquire_stmt, (ast.If, ast.While)) and acquire_stmt.body[0] is parent)
                 ):
+                    loop = _turning_loop(parent.body, acquire_stmt, var)
+                    if loop is not None:
+                        loops.append(loop)
+                        return False
                     if condition is None:
                         return True
                     conditions.append(condition)
@@ -541,19 +603,29 @@ class _Checker:
     def try_follows(self, acquire_stmt: ast.stmt, try_stmt: ast.stmt, var: str) -> str | None:
         """"next" if ``try_stmt`` comes right after the acquire in the same
         block (nothing in between can fail or leave holding ``var``), the line
-        of the first await, return, raise... in between, or None if unrelated."""
-        place = _block_of(self.module, acquire_stmt)
-        if place is None:
-            return None
-        block, index = place
-        for stmt in block[index + 1:]:
-            if stmt is try_stmt:
-                return "next"
-            leaver = _leaves_holding(stmt, var)
-            if leaver is not None:
-                # The await, return or raise itself (an `if` may hold it lines below).
-                return str(getattr(leaver, "lineno", stmt.lineno))
-        return None
+        of the first await, return, raise... in between, or None if unrelated
+        (the ``try:`` does not come after the acquire). An acquire in a branch
+        of an ``if`` (``con = None; if need: con = await pool.acquire()``) is
+        followed out of it: the rest of that branch, then what follows the
+        ``if``."""
+        first_leaver: str | None = None
+        stmt = acquire_stmt
+        while True:
+            place = _block_of(self.module, stmt)
+            if place is None:
+                return None
+            block, index = place
+            for later in block[index + 1:]:
+                if later is try_stmt:
+                    return first_leaver or "next"
+                leaver = _leaves_holding(later, var)
+                if leaver is not None and first_leaver is None:
+                    # The await, return or raise itself (an `if` may hold it lines below).
+                    first_leaver = str(getattr(leaver, "lineno", later.lineno))
+            parent = self.module.parents.get(stmt)
+            if not isinstance(parent, ast.If):
+                return None
+            stmt = parent
 
     def gap_before_finally(self, releases: list[ast.Call], acquire_stmt: ast.stmt, var: str) -> int | None:
         for release in releases:
@@ -632,6 +704,27 @@ def _expected_to_raise(module: _Module, stmt: ast.stmt) -> bool:
     )
 
 
+def _turning_loop(block: list[ast.stmt], acquire_stmt: ast.stmt, var: str) -> ast.stmt | None:
+    """A loop in ``block`` (a ``try:`` body) whose body holds the acquire and
+    turns again with the connection still held: one that neither releases
+    ``var`` in its body, nor has a ``break`` or ``return`` after the acquire
+    (a retry loop: ``for _ in range(3): try: con = await pool.acquire() ...
+    break``), nor is a ``while`` that tests ``var`` (``while con is None:``)."""
+    for stmt in block:
+        for loop in [stmt, *_walk_scope(stmt)]:
+            if not isinstance(loop, (ast.For, ast.AsyncFor, ast.While)) or not _contains(loop.body, acquire_stmt):
+                continue
+            if isinstance(loop, ast.While) and any(_is_name(n, var) for n in ast.walk(loop.test)):
+                continue
+            body = [n for s in loop.body for n in _own_nodes(s)]
+            if any(isinstance(n, ast.Call) and _releases(n, var) for n in body):
+                continue
+            if any(isinstance(n, (ast.Break, ast.Return)) and n.lineno >= acquire_stmt.lineno for n in body):
+                continue
+            return loop
+    return None
+
+
 def _contains(block: list[ast.stmt], target: ast.stmt) -> bool:
     return any(node is target for stmt in block for node in [stmt, *ast.walk(stmt)])
 
@@ -651,9 +744,15 @@ def check_source(source: str, path: str = "<string>", *, pool_names: str = DEFAU
 
 
 def _python_files(paths: Sequence[str], excludes: Sequence[str]) -> Iterator[str]:
+    # A pattern matches the path (`./` and `//` normalised away) or any
+    # trailing part of it from a directory boundary on: `migrations`,
+    # `migrations/*` and `src/migrations` all exclude src/migrations/0001.py.
+    patterns = [os.path.normpath(pattern) for pattern in excludes]
+
     def excluded(path: str) -> bool:
-        return any(fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(os.path.basename(path), pattern)
-                   for pattern in excludes)
+        parts = os.path.normpath(path).split(os.sep)
+        tails = [os.sep.join(parts[i:]) for i in range(len(parts))]
+        return any(fnmatch.fnmatch(tail, pattern) for pattern in patterns for tail in tails)
 
     for root in paths:
         if os.path.isfile(root):

@@ -49,7 +49,7 @@ def test_missed_cases_are_really_missed() -> None:
     """limits.py's `missed:` lines stay unreported: the docs say so."""
     path = FIXTURES / "limits.py"
     missed = [n for n, line in enumerate(path.read_text().splitlines(), 1) if "# missed:" in line]
-    assert len(missed) == 8
+    assert len(missed) == 9
     assert not {f.line for f in check_source(path.read_text())} & set(missed)
 
 
@@ -216,3 +216,40 @@ def test_python_dash_m_safepool_dot_check_runs_the_check_too() -> None:
     assert run.returncode == 1, run.stderr
     assert "SP001 connection `con` acquired here" in run.stdout
     assert "safepool check: " in run.stdout.splitlines()[-1]
+
+
+def test_an_acquire_after_the_release_is_not_blamed_on_a_gap_before_it() -> None:
+    """The `try:` whose `finally:` releases comes before the second acquire:
+    the message named a 'line between the acquire and that `try:`' that was
+    after both."""
+    source = '''
+async def twice(pool):
+    con = await pool.acquire()
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+    con = await pool.acquire()
+    await con.execute("SELECT 2")
+'''
+    [finding] = check_source(source)
+    assert (finding.line, finding.code) == (8, "SP001")
+    assert "no release of it comes after the acquire" in finding.message
+
+
+def test_cli_exclude_matches_a_trailing_part_of_the_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--exclude 'migrations/*'` excluded nothing under `src/` (only the whole
+    path or the base name were matched), nor did `src/migrations` when the
+    check was given `./src`."""
+    leak = "async def f(pool):\n    await pool.acquire()\n"
+    for name in ("src/migrations/m1.py", "src/app/a.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(leak)
+    monkeypatch.chdir(tmp_path)
+    for root, pattern in [("src", "migrations/*"), ("./src", "src/migrations"), ("src", "migrations"),
+                          (str(tmp_path / "src"), "src/migrations/*.py")]:
+        assert main(["--format", "json", root, "--exclude", pattern]) == 1
+        paths = [Path(f["path"]).as_posix() for f in json.loads(capsys.readouterr().out)["findings"]]
+        assert [p.rpartition("src/")[2] for p in paths] == ["app/a.py"], (root, pattern)

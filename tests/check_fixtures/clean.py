@@ -124,13 +124,18 @@ async def walrus_then_try_finally(pool):
             await pool.release(con)
 
 
-async def gathered_both_released(pool):
-    first, second = await asyncio.gather(pool.acquire(), pool.acquire())
+async def gathered_with_return_exceptions(pool):
+    # Every result comes back, connection or exception: each connection is released.
+    first, second = await asyncio.gather(pool.acquire(), pool.acquire(), return_exceptions=True)
     try:
+        if isinstance(first, BaseException) or isinstance(second, BaseException):
+            raise LookupError("no connection")
         return await first.fetchval("SELECT 1") + await second.fetchval("SELECT 2")
     finally:
-        await pool.release(first)
-        await pool.release(second)
+        if not isinstance(first, BaseException):
+            await pool.release(first)
+        if not isinstance(second, BaseException):
+            await pool.release(second)
 
 
 async def entered_and_exited_by_hand(pool):
@@ -276,3 +281,99 @@ class AcquireTimesOut:
     async def test_it(self):
         with self.assertRaises(TimeoutError):
             await self.pool.acquire(timeout=0.1)
+
+
+async def acquired_only_when_needed(pool, need):
+    # The acquire is the last statement of an `if`; the `try:` follows the `if`.
+    con = None
+    if need:
+        con = await pool.acquire()
+    try:
+        if con is not None:
+            await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+async def acquired_in_an_elif_branch(pool, cached, replica):
+    if cached is not None:
+        con = None
+    elif replica:
+        con = await pool.acquire(timeout=1)
+    else:
+        con = await pool.acquire()
+    try:
+        return cached or await con.fetchval("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+async def exit_stack_callback_lambda(pool):
+    # The stack calls the lambda and awaits the release it returns.
+    async with contextlib.AsyncExitStack() as stack:
+        con = await pool.acquire()
+        stack.push_async_callback(lambda: pool.release(con, timeout=5))
+        await con.execute("SELECT 1")
+
+
+async def gathered_into_a_list_released_item_by_item(pool):
+    cons = await asyncio.gather(pool.acquire(), pool.acquire())
+    try:
+        return [await con.fetchval("SELECT 1") for con in cons]
+    finally:
+        for con in cons:
+            await pool.release(con)
+
+
+async def retry_loop_inside_try(pool):
+    # The loop ends once an acquire succeeds: one connection, released in `finally:`.
+    con = None
+    try:
+        for _ in range(3):
+            try:
+                con = await pool.acquire(timeout=1)
+            except TimeoutError:
+                continue
+            break
+        if con is not None:
+            await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+async def retry_while_no_connection(pool):
+    con = None
+    try:
+        while con is None:
+            try:
+                con = await pool.acquire(timeout=1)
+            except TimeoutError:
+                await asyncio.sleep(1)
+        await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+class Crawler:
+    # Semaphores named like pools: bound to a Semaphore(), they are not pools.
+    def __init__(self):
+        self.worker_pool = asyncio.Semaphore(5)
+
+    async def fetch(self, url, session):
+        await self.worker_pool.acquire()
+        try:
+            return await session.get(url)
+        finally:
+            self.worker_pool.release()
+
+
+async def limited(task_pool: asyncio.BoundedSemaphore, work):
+    await task_pool.acquire()
+    try:
+        await work()
+    finally:
+        task_pool.release()

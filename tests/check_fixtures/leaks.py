@@ -108,8 +108,12 @@ async def annotated(database: "asyncpg.Pool"):  # noqa: F821
 
 
 async def gathered_one_released(pool):
-    # Two connections at once, unpacked: the second is never released.
-    first, second = await asyncio.gather(pool.acquire(), pool.acquire())  # expect: SP002
+    # Two connections at once, unpacked: the second is never released (and
+    # the first is lost if the second acquire fails).
+    first, second = await asyncio.gather(
+        pool.acquire(),  # expect: SP001
+        pool.acquire(),  # expect: SP002
+    )
     try:
         return await first.fetchval("SELECT 1") + await second.fetchval("SELECT 2")
     finally:
@@ -245,3 +249,59 @@ async def test_acquire_then_something_raises(self, pool):
     with self.assertRaises(ValueError):
         await pool.acquire()  # expect: SP003
         int("x")
+
+
+async def acquired_in_an_if_then_awaited_before_the_try(pool, need):
+    con = None
+    if need:
+        con = await pool.acquire()  # expect: SP001 line
+        await con.execute("SET search_path = app")
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+async def acquired_again_after_the_release(pool):
+    con = await pool.acquire()
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+    con = await pool.acquire()  # expect: SP001
+    await con.execute("SELECT 2")
+
+
+async def used_once_and_thrown_away(pool):
+    return await (await pool.acquire()).fetchval("SELECT 1")  # expect: SP003
+
+
+async def acquired_on_each_turn_released_after_the_loop(pool, jobs):
+    con = None
+    try:
+        for job in jobs:
+            con = await pool.acquire()  # expect: SP001
+            await con.execute("SELECT $1", job)
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+async def gathered_both_released_but_lost_if_one_fails(pool):
+    # If the second acquire times out, gather() raises and the first
+    # connection, acquired all the same, is returned to nobody.
+    first, second = await asyncio.gather(pool.acquire(), pool.acquire())  # expect: SP001
+    try:
+        return await first.fetchval("SELECT 1") + await second.fetchval("SELECT 2")
+    finally:
+        await pool.release(first)
+        await pool.release(second)
+
+
+async def gathered_with_another_query(pool, other_pool):
+    con, count = await asyncio.gather(pool.acquire(), other_pool.fetchval("SELECT 1"))  # expect: SP001
+    try:
+        await con.execute("SELECT $1", count)
+    finally:
+        await pool.release(con)

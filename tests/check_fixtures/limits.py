@@ -70,6 +70,13 @@ async def acquired_in_a_comprehension(pool):
     await cons[0].execute("SELECT 1")
 
 
+async def gathered_into_one_list(pool):
+    # `asyncio.gather()`'s result is a list of connections, released item by
+    # item if at all: not followed, as for a comprehension.
+    cons = await asyncio.gather(pool.acquire(), pool.acquire())  # missed: gathered into a list
+    await cons[0].execute("SELECT 1")
+
+
 async def conditional_receiver(pool_a, replica, primary):
     # `(a if x else b).acquire()`: the receiver has no name to judge.
     con = await (replica if primary is None else primary).acquire()  # missed: conditional receiver
