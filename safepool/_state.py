@@ -389,6 +389,7 @@ class Counters:
     resets_failed: int = 0
     shed: int = 0  # waiters the adaptive queue failed after its target delay
     admission_rejections: int = 0  # refused at once: not servable within their timeout
+    leases_discarded: int = 0  # leases ended by the pool: their connection was lost, or terminate()
 
 
 # How a connect failed, for its backoff (_internals.refusal tells).
@@ -1389,6 +1390,7 @@ class PoolState:
         if slot.state in (S.CLOSING, S.CLOSED, S.CONNECTING):
             return
         if slot.lease is not None:
+            self.counters.leases_discarded += 1
             self._close_lease(slot.lease, now, L.DISCARDED)
         self._start_close(slot)
 
