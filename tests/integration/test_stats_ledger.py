@@ -113,3 +113,24 @@ async def test_a_timeout_that_lost_the_race_to_a_cancel_is_not_counted(pools: Ca
     assert pool.stats().acquire_timeouts == 1
     assert [e.kind for e in events if e.kind == "acquire_timeout"] == ["acquire_timeout"]
     await pool.release(held)
+
+
+async def test_a_setup_timeout_is_counted_without_an_acquire_timeout_event(pools: Callable[..., Any]) -> None:
+    """docs/metrics.md: acquire_timeouts counts a setup= hook that outran the
+    timeout; the AcquireTimedOut event is for acquires that gave up waiting."""
+
+    async def slow_setup(con: Any) -> None:
+        await asyncio.sleep(5)
+
+    pool = await pools(min_size=1, max_size=1, setup=slow_setup)
+    events: list[safepool.events.PoolEvent] = []
+    pool.add_event_listener(events.append)
+    with pytest.raises(safepool.PoolTimeoutError):
+        async with pool.acquire(timeout=0.05):
+            pass
+    await asyncio.sleep(0.05)
+    stats = pool.stats()
+    assert stats.acquire_timeouts == 1
+    assert [e for e in events if e.kind == "acquire_timeout"] == []
+    acquired, accounted = ledger(pool)
+    assert acquired == accounted == 1
