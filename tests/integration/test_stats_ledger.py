@@ -12,6 +12,7 @@ dashboard reading it showed leases that did not exist.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -134,3 +135,27 @@ async def test_a_setup_timeout_is_counted_without_an_acquire_timeout_event(pools
     assert [e for e in events if e.kind == "acquire_timeout"] == []
     acquired, accounted = ledger(pool)
     assert acquired == accounted == 1
+
+
+async def test_a_collected_proxy_still_in_use_is_not_a_leak_warning(pools: Callable[..., Any]) -> None:
+    """Both kinds of ``leak_suspect`` event: only the leak_warning_after one
+    is counted in leak_warnings, and dict listeners can tell them apart
+    (before: the dict had no ``collected``, so counting dict events against
+    safepool_leak_warnings_total came out one over per such proxy)."""
+    pool = await pools(min_size=1, max_size=2)
+    typed: list[safepool.events.PoolEvent] = []
+    dicts: list[dict[str, Any]] = []
+    pool.add_event_listener(typed.append)
+    pool.add_listener(dicts.append)
+    con = await pool.acquire()
+    await con.add_listener("sp_ledger", lambda *args: None)  # keeps the connection in use
+    del con
+    gc.collect()
+    for _ in range(100):
+        if typed:
+            break
+        await asyncio.sleep(0.01)
+    assert [(e.kind, getattr(e, "collected", None)) for e in typed] == [("leak_suspect", True)]
+    assert [(d["event"], d["collected"]) for d in dicts] == [("leak_suspect", True)]
+    stats = pool.stats()
+    assert (stats.leak_warnings, stats.leaks_detected, stats.in_use) == (0, 0, 1)
