@@ -55,7 +55,7 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("connections_closed", "connections_closed", "Server connections closed."),
     ("connect_errors", "connect_errors", "Failed connection attempts."),
     ("resets", "resets", "Session resets that succeeded on release."),
-    ("resets_skipped", "resets_skipped", "Releases that needed no reset (the lease ran no statement)."),
+    ("resets_skipped", "resets_skipped", "Releases that needed no reset (no statement ran, or none reset_mode resets after)."),
     ("resets_failed", "resets_failed", "Session resets that failed (the connection was closed)."),
     ("shed", "shed", "Acquires the adaptive queue failed after queue_target (PoolOverloadedError)."),
     ("admission_rejections", "admission_rejections",

@@ -159,3 +159,20 @@ async def test_a_collected_proxy_still_in_use_is_not_a_leak_warning(pools: Calla
     assert [(d["event"], d["collected"]) for d in dicts] == [("leak_suspect", True)]
     stats = pool.stats()
     assert (stats.leak_warnings, stats.leaks_detected, stats.in_use) == (0, 0, 1)
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("full", (1, 1)), ("rollback", (0, 2))])
+async def test_resets_skipped_counts_what_the_mode_did_not_reset(
+    pools: Callable[..., Any], mode: str, expected: tuple[int, int]
+) -> None:
+    """docs/metrics.md: resets_skipped is not only 'the lease ran no
+    statement': in rollback mode a lease that ran one outside a transaction
+    needs no reset either."""
+    pool = await pools(min_size=1, max_size=1, reset_mode=mode)
+    async with pool.acquire():
+        pass
+    async with pool.acquire() as con:
+        await con.fetchval("SELECT 1")
+    await asyncio.sleep(0.05)
+    stats = pool.stats()
+    assert (stats.resets, stats.resets_skipped) == expected
