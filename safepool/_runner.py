@@ -143,11 +143,15 @@ class Runner:
                             # (a pool closing is not news about the server).
                             self.reporter.note_server_status(self.now())
                     case TimeOut(waiter):
-                        if not waiter.future.done():
+                        if waiter.future.done():
+                            state.undelivered(waiter)  # cancelled first: no timeout reached it
+                        else:
                             waiter.future.set_exception(PoolTimeoutError(self.reporter.busy_message(
                                 "timed out waiting for a connection", self.now(), waiter)))
                     case Fail(waiter, error, breaker_open):
-                        if breaker_open:
+                        if waiter.future.done():
+                            state.undelivered(waiter, breaker_open)
+                        elif breaker_open:
                             # fail_fast: the probe's waiters get what an
                             # acquire arriving in the backoff gets.
                             error = self.reporter.unavailable_error(error, self.now())
@@ -157,7 +161,9 @@ class Runner:
                     case LeakSuspect(lease):
                         self.reclaimer.leak_suspect(lease)
                     case Shed(waiter, reason):
-                        if not waiter.future.done():
+                        if waiter.future.done():
+                            state.undelivered(waiter)
+                        else:
                             waiter.future.set_exception(PoolOverloadedError(self.reporter.shed_message(reason)))
                     case _:
                         assert_never(action)

@@ -389,6 +389,7 @@ class Counters:
     resets_failed: int = 0
     shed: int = 0  # waiters the adaptive queue failed after its target delay
     admission_rejections: int = 0  # refused at once: not servable within their timeout
+    leases_discarded: int = 0  # leases ended by the pool: their connection was lost, or terminate()
 
 
 # How a connect failed, for its backoff (_internals.refusal tells).
@@ -820,6 +821,20 @@ class PoolState:
         """An acquire's ``timeout`` ran out while its ``setup=`` hook ran (the
         caller gets ``PoolTimeoutError``, as one that ran out waiting)."""
         self.counters.acquire_timeouts += 1
+
+    def undelivered(self, waiter: Waiter, breaker_open: bool = False) -> None:
+        """The task of a waiter the core timed out, shed or refused was
+        cancelled first (its future was done: ``wait_for`` or ``task.cancel()``
+        in the same loop turn): it leaves with ``CancelledError``, not the
+        pool's error, so that error is not counted (the counters count what
+        callers got; no event is sent for it either)."""
+        c = self.counters
+        if waiter.state is W.TIMED_OUT:
+            c.acquire_timeouts -= 1
+        elif waiter.state is W.FAILED and waiter.shed:
+            c.shed -= 1
+        elif waiter.state is W.FAILED and breaker_open:
+            c.unavailable_rejections -= 1
 
     def cancel_waiter(self, waiter: Waiter, now: float) -> None:
         """The waiting task was cancelled (or gave up). Safe at any point."""
@@ -1389,6 +1404,7 @@ class PoolState:
         if slot.state in (S.CLOSING, S.CLOSED, S.CONNECTING):
             return
         if slot.lease is not None:
+            self.counters.leases_discarded += 1
             self._close_lease(slot.lease, now, L.DISCARDED)
         self._start_close(slot)
 

@@ -103,6 +103,14 @@ class LeakSuspected(LeaseEvent):
     kind: ClassVar[str] = "leak_suspect"
     collected: bool = False
 
+    def to_dict(self) -> dict[str, Any] | None:
+        payload = LeaseEvent.to_dict(self)
+        assert payload is not None
+        # Tells the two apart: only collected=False ones are counted in
+        # stats().leak_warnings.
+        payload["collected"] = self.collected
+        return payload
+
 
 @dataclass(frozen=True, slots=True)
 class LeaseExpired(LeaseEvent):

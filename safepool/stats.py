@@ -118,6 +118,9 @@ class PoolStats:
     # Site caps and the adaptive queue (docs/backpressure.md).
     shed: int = 0  # waiters the adaptive queue failed after queue_target
     admission_rejections: int = 0  # refused at once: not servable within their timeout at the drain rate
+    # Leases the pool ended itself: their connection was lost (the backend
+    # terminated, the network cut) or terminate() ended them.
+    leases_discarded: int = 0
     site_cap: int | None = None  # connections one site may hold (None: max_site_share off)
     sites: tuple[SiteStats, ...] = ()  # the busiest SITES_REPORTED sites, then "other"
     # The last connect reached the server and the init= hook raised (until a
@@ -170,6 +173,7 @@ def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
         consecutive_connect_failures=state.connect_failures,
         shed=c.shed,
         admission_rejections=c.admission_rejections,
+        leases_discarded=c.leases_discarded,
         site_cap=state.site_cap,
         sites=tuple(SiteStats(*row) for row in state.site_usage(SITES_REPORTED)),
         init_failing=state.init_failing,

@@ -74,6 +74,8 @@ COUNTERS: tuple[tuple[str, str, str, str], ...] = (
     ("shed", "safepool.shed", "{acquire}", "Acquires the adaptive queue failed after queue_target."),
     ("admission_rejections", "safepool.admission_rejections", "{acquire}",
      "Acquires refused at once: not servable within their timeout at the measured drain rate."),
+    ("leases_discarded", "safepool.leases_discarded", "{lease}",
+     "Leases the pool ended because their connection was lost, or terminate() ended."),
 )
 
 # (the pool's timing sink kind, instrument name, description)

@@ -43,7 +43,7 @@ _Row = tuple[str, PoolStats, int | None]  # name, snapshot, leak suspects
 # (PoolStats field, metric name without "_total", help). Every counter of PoolStats.
 COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("acquired", "acquired", "Connections handed to application code."),
-    ("released", "released", "Leases ended by release (expired and garbage-collected leases excluded)."),
+    ("released", "released", "Leases ended by release (expired, garbage-collected and discarded leases excluded)."),
     ("acquire_timeouts", "acquire_timeouts", "Acquires that gave up waiting (PoolTimeoutError)."),
     ("overload_rejections", "overload_rejections", "Acquires refused at once because the wait queue was full."),
     ("unavailable_rejections", "unavailable_rejections",
@@ -55,11 +55,13 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("connections_closed", "connections_closed", "Server connections closed."),
     ("connect_errors", "connect_errors", "Failed connection attempts."),
     ("resets", "resets", "Session resets that succeeded on release."),
-    ("resets_skipped", "resets_skipped", "Releases that needed no reset (the lease ran no statement)."),
+    ("resets_skipped", "resets_skipped", "Releases that needed no reset (no statement ran, or none reset_mode resets after)."),
     ("resets_failed", "resets_failed", "Session resets that failed (the connection was closed)."),
     ("shed", "shed", "Acquires the adaptive queue failed after queue_target (PoolOverloadedError)."),
     ("admission_rejections", "admission_rejections",
      "Acquires refused at once: not servable within their timeout at the measured drain rate."),
+    ("leases_discarded", "leases_discarded",
+     "Leases the pool ended because their connection was lost, or terminate() ended."),
 )
 
 CONNECTION_STATES = ("idle", "in_use", "connecting", "resetting", "closing")
@@ -67,7 +69,7 @@ SERVER_STATUSES = ("up", "backing_off", "down")
 # (PoolStats field, metric name without "_seconds", help).
 HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
     ("acquire_wait", "safepool_acquire_wait", "Time from acquire() to getting a connection (0 when one was idle)."),
-    ("lease_duration", "safepool_lease_duration", "Time from acquire to release, expiry or reclaim of a lease."),
+    ("lease_duration", "safepool_lease_duration", "Time from acquire to release, expiry, reclaim or discard of a lease."),
     ("connect_time", "safepool_connect_duration", "Time to open a server connection (successful connects)."),
 )
 
