@@ -516,6 +516,15 @@ class Pool(_PoolBase):
         # asyncpg's flag: health checks read `pool._closed or pool._closing`.
         return self._state.phase is Phase.CLOSING
 
+    async def _acquire(self, timeout: float | None) -> PoolConnectionProxy:
+        # asyncpg's private acquire, which libraries' own acquire contexts
+        # await (`con = await pool._acquire(self.timeout)`, then
+        # `pool.release(con)`). Inherited from asyncpg's Pool it read
+        # asyncpg's queue ("'QueueView' object has no attribute 'get'").
+        # None is asyncpg's default there, so it means "left out": the
+        # pool's acquire_timeout, as acquire() without timeout=.
+        return await self.acquire(timeout=_DEFAULT if timeout is None else timeout)
+
     def _drop_statement_cache(self) -> None:
         for slot in self._state.slots():
             if slot.connection is not None:

@@ -544,6 +544,24 @@ async def test_waiters_health_checks_count(make_pool: MakePool) -> None:
 
 
 @pytest.mark.asyncio
+async def test_private_acquire_that_library_acquire_contexts_await(make_pool: MakePool) -> None:
+    """``await pool._acquire(timeout)``, then ``pool.release(con)``: what
+    libraries' own acquire contexts do with asyncpg's pool (to set type
+    codecs on each lease). safepool's Pool inherits asyncpg's method since
+    it subclasses asyncpg's Pool, and that one read asyncpg's queue."""
+    pool = await make_pool(min_size=1, max_size=1)
+    con = await pool._acquire(None)
+    assert await con.fetchval("SELECT 1") == 1
+    with pytest.raises(asyncio.TimeoutError):
+        await pool._acquire(0.05)
+    await pool.release(con)
+    con = await pool._acquire(5)
+    assert await con.fetchval("SELECT 2") == 2
+    await pool.release(con)
+    assert pool.get_idle_size() == 1
+
+
+@pytest.mark.asyncio
 async def test_private_settings_code_that_clones_a_pool_reads(make_pool: MakePool, pg_dsn: str) -> None:
     """``pool._max_queries``, ``pool._setup`` and the like: what code that
     builds a second pool like an existing one reads of asyncpg's."""
