@@ -523,7 +523,8 @@ class Pool(_PoolBase):
         # asyncpg's queue ("'QueueView' object has no attribute 'get'").
         # None is asyncpg's default there, so it means "left out": the
         # pool's acquire_timeout, as acquire() without timeout=.
-        return await self.acquire(timeout=_DEFAULT if timeout is None else timeout)
+        con: PoolConnectionProxy = await self.acquire(timeout=_DEFAULT if timeout is None else timeout)
+        return con
 
     def _drop_statement_cache(self) -> None:
         for slot in self._state.slots():
