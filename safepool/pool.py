@@ -351,7 +351,7 @@ class Pool(_PoolBase):
             between 0 and the (new or current) ``max_size``."""
         if max_size is None:
             max_size = self._state.max_size
-        check_resize(max_size, min_size)
+        max_size, min_size = check_resize(max_size, min_size)
         self._state.resize(max_size, self._now(), min_size)
         self._drain()
         self._runner.keep_floor()
