@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from urllib.parse import unquote, unquote_plus
 
 _URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
@@ -71,8 +72,13 @@ def _unquoted(quoted: str) -> set[str]:
     """The text of a quoted piece: as written, and as the string whose
     repr() it is (repr() escapes backslashes, quotes and control chars)."""
     pieces = {quoted[1:-1]}
+    if "\\" not in quoted:
+        return pieces
     try:
-        value = ast.literal_eval(quoted)
+        with warnings.catch_warnings():
+            # (A plainly quoted backslash: "invalid escape sequence" warnings.)
+            warnings.simplefilter("ignore")
+            value = ast.literal_eval(quoted)
     except (ValueError, SyntaxError):
         return pieces
     if isinstance(value, str):
