@@ -519,3 +519,30 @@ async def test_resize_takes_the_integer_types_create_pool_takes(pg_dsn: str) -> 
         assert await pool.fetchval("SELECT 1") == 1
     finally:
         await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_a_duration_is_checked_as_the_float_it_becomes(pg_dsn: str) -> None:
+    """A real number whose float() differs from its value (a subclass with
+    its own __float__) was range-checked by its value and then stored as
+    float(value): a NaN lease_timeout or a negative acquire timeout got past
+    the checks."""
+    from fractions import Fraction
+
+    class NanFloat(float):
+        def __float__(self) -> float:
+            return float("nan")
+
+    class NegativeFraction(Fraction):
+        def __float__(self) -> float:
+            return -5.0
+
+    with pytest.raises(ValueError, match=r"lease_timeout must be > 0 seconds \(None turns it off\)"):
+        await safepool.create_pool(pg_dsn, min_size=0, max_size=1, lease_timeout=NanFloat(5))
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1)
+    try:
+        with pytest.raises(ValueError, match="timeout must be >= 0 seconds"):
+            await pool.acquire(timeout=NegativeFraction(1, 5))
+        assert pool.stats().in_use == 0
+    finally:
+        await pool.close()
