@@ -562,9 +562,11 @@ async def test_private_acquire_that_library_acquire_contexts_await(make_pool: Ma
 
 
 @pytest.mark.asyncio
-async def test_private_settings_code_that_clones_a_pool_reads(make_pool: MakePool, pg_dsn: str) -> None:
+async def test_private_settings_code_that_clones_a_pool_reads(make_pool: MakePool, pg_dsn: str, flavour: str) -> None:
     """``pool._max_queries``, ``pool._setup`` and the like: what code that
     builds a second pool like an existing one reads of asyncpg's."""
+    if flavour == "asyncpg":
+        skip_before_asyncpg((0, 32), "create_pool(init_size=) and pool._initsize")
 
     async def setup(con: Any) -> None:
         pass
@@ -1021,10 +1023,12 @@ async def test_timeouts_of_other_real_number_types(make_pool: MakePool, kind: st
 
 
 @pytest.mark.asyncio
-async def test_sizes_and_limits_of_numpy_number_types(make_pool: MakePool) -> None:
+async def test_sizes_and_limits_of_numpy_number_types(make_pool: MakePool, flavour: str) -> None:
     """asyncpg's pool takes numpy's integers for its sizes and
     ``max_queries``, and a numpy float for
     ``max_inactive_connection_lifetime`` (settings read with numpy or pandas)."""
+    if flavour == "asyncpg":
+        skip_before_asyncpg((0, 32), "create_pool(init_size=)")
     numpy = pytest.importorskip("numpy")
     pool = await make_pool(
         min_size=numpy.int64(1), max_size=numpy.int32(2), init_size=numpy.int64(2),
