@@ -11,6 +11,10 @@ from urllib.parse import unquote, unquote_plus
 
 _URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
 _PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s]+")
+# A password query parameter with the fields after it that have no "=": an
+# unescaped "&" in the password ("password=pw&rest": asyncpg's query parser
+# quotes the rest, "bad query field: 'rest'").
+_PASSWORD_PARAM_AND_REST = re.compile(r"(?i)password=[^&\s#]*(?:&[^&=\s#]*(?=[&#\s]|$))*")
 
 
 def split(dsn: str) -> tuple[str, str, str] | None:
@@ -97,7 +101,7 @@ def scrub_quoted(detail: str, dsn: str | None) -> str:
         return detail
     userinfo, hostport, tail = parts
     without_password = dsn.partition("://")[0] + "://" + userinfo.partition(":")[0] + "@" + hostport
-    without_password += _PASSWORD_PARAM.sub("", tail)
+    without_password += _PASSWORD_PARAM_AND_REST.sub("", tail)
     with_forms, without_forms = _forms(dsn), _forms(without_password)
 
     def scrub(match: re.Match[str]) -> str:

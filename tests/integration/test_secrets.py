@@ -289,3 +289,18 @@ async def test_a_malformed_dsn_error_does_not_echo_an_escaped_password(
     transcript.add("create_pool", raised.value)
     assert "***" in str(raised.value)
     transcript.assert_clean(*pieces)
+
+
+@pytest.mark.asyncio
+async def test_a_query_password_holding_an_ampersand_is_not_echoed(transcript: Transcript) -> None:
+    # ?password=hunter2&Zq9x: the query parser takes "Zq9x" for a field of
+    # its own and quotes it ("bad query field: 'Zq9x'").
+    bad = f"postgresql://{APP_USER}@127.0.0.1:5432/postgres?password=hunter2&Zq9x"
+    with pytest.raises(ValueError) as info:
+        await asyncpg.connect(bad)
+    assert "Zq9x" in str(info.value)  # asyncpg's own error echoes it
+    with pytest.raises(type(info.value)) as raised:
+        await safepool.create_pool(bad, min_size=1, max_size=2)
+    transcript.add("create_pool", raised.value)
+    assert "***" in str(raised.value)
+    transcript.assert_clean("hunter2", "Zq9x")
