@@ -21,12 +21,20 @@ def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive
     if value is None and allow_none:
         return None
     _check_seconds_type(name, value, allow_none)
-    if positive and not value > 0:  # (NaN too)
+    _check_range(name, value, value, allow_none, positive)
+    seconds = float(value)
+    if type(value) is not float and type(value) is not int:
+        # Again as the float it becomes: a type's own __float__ may differ.
+        _check_range(name, seconds, value, allow_none, positive)
+    return seconds
+
+
+def _check_range(name: str, number: Any, value: Any, allow_none: bool, positive: bool) -> None:
+    if positive and not number > 0:  # (NaN too)
         off = " (None turns it off)" if allow_none else ""
         raise ValueError(f"{name} must be > 0 seconds{off}, got {value!r}")
-    if value != value or value < 0:  # NaN or negative
+    if number != number or number < 0:  # NaN or negative
         raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
-    return float(value)
 
 
 def release_timeout(value: Any) -> float:

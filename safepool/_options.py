@@ -125,9 +125,14 @@ def check_options(
     return cast("int | None", max_waiters)  # (checked above)
 
 
-def check_resize(max_size: Any, min_size: Any) -> None:
-    """``Pool.resize()``'s arguments."""
+def check_resize(max_size: Any, min_size: Any) -> tuple[int, int | None]:
+    """``Pool.resize()``'s arguments, as ints (an integer of another type,
+    numpy's, taken as create_pool() takes it)."""
     # TypeError for a wrong type, ValueError for a wrong value, as create_pool().
+    if isinstance(max_size, Integral) and not isinstance(max_size, int):
+        max_size = operator.index(max_size)
+    if isinstance(min_size, Integral) and not isinstance(min_size, int):
+        min_size = operator.index(min_size)
     if isinstance(max_size, bool) or not isinstance(max_size, int):
         raise TypeError(f"max_size must be an int, got {type(max_size).__name__}")
     if max_size <= 0:
@@ -136,6 +141,7 @@ def check_resize(max_size: Any, min_size: Any) -> None:
         raise TypeError(f"min_size must be an int, got {type(min_size).__name__}")
     if min_size is not None and not 0 <= min_size <= max_size:
         raise ValueError(f"min_size must be an int between 0 and max_size, got {min_size!r}")
+    return max_size, min_size
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,11 +4,17 @@ connect errors, which it raises, logs, emits and reports in health) and
 
 from __future__ import annotations
 
+import ast
 import re
+import warnings
 from urllib.parse import unquote, unquote_plus
 
 _URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
 _PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s]+")
+# A password query parameter with the fields after it that have no "=": an
+# unescaped "&" in the password ("password=pw&rest": asyncpg's query parser
+# quotes the rest, "bad query field: 'rest'").
+_PASSWORD_PARAM_AND_REST = re.compile(r"(?i)password=[^&\s#]*(?:&[^&=\s#]*(?=[&#\s]|$))*")
 
 
 def split(dsn: str) -> tuple[str, str, str] | None:
@@ -48,27 +54,70 @@ def redact(text: str, dsn: str | None) -> str:
     return _PASSWORD_PARAM.sub(r"\1***", text)
 
 
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+# A quoted piece of an error message: as repr() quotes it, in '...' or
+# "..." with backslash escapes ('it\\'s', 'a\\\\b'); and plainly ('{}'
+# formatting: a backslash is just a backslash).
+_QUOTED = (
+    re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""),
+    re.compile(r"'[^']*'|\"[^\"]*\""),
+)
+# What urllib's URL parsing (asyncpg's) deletes from a DSN.
+_URL_UNSAFE = str.maketrans("", "", "\t\r\n")
+
+
+def _forms(text: str) -> set[str]:
+    """``text`` as asyncpg's parser may quote pieces of it: as given, with
+    its %xx escapes decoded, without the characters urllib deletes."""
+    forms = {text, unquote(text), unquote_plus(text)}
+    return forms | {form.translate(_URL_UNSAFE) for form in forms}
+
+
+def _unquoted(quoted: str) -> set[str]:
+    """The text of a quoted piece: as written, and as the string whose
+    repr() it is (repr() escapes backslashes, quotes and control chars)."""
+    pieces = {quoted[1:-1]}
+    if "\\" not in quoted:
+        return pieces
+    try:
+        with warnings.catch_warnings():
+            # (A plainly quoted backslash: "invalid escape sequence" warnings.)
+            warnings.simplefilter("ignore")
+            value = ast.literal_eval(quoted)
+    except (ValueError, SyntaxError):
+        return pieces
+    if isinstance(value, str):
+        pieces.add(value)
+    return pieces
 
 
 def scrub_quoted(detail: str, dsn: str | None) -> str:
     """asyncpg's DSN errors quote pieces of the DSN, and a misparsed DSN can
     put a piece of the password in them ("bad query field: 't@pw@host'").
-    A quoted piece of the DSN that is not in the DSN without its password goes."""
+    A quoted piece of the DSN that is not in the DSN without its password
+    goes (the DSN's forms: as given, %xx-decoded, as urllib cleans it; the
+    piece's: as written and as the string it is the repr() of)."""
     parts = split(dsn) if dsn else None
     if dsn is None or parts is None:
         return detail
     userinfo, hostport, tail = parts
     without_password = dsn.partition("://")[0] + "://" + userinfo.partition(":")[0] + "@" + hostport
-    without_password += _PASSWORD_PARAM.sub("", tail)
+    without_password += _PASSWORD_PARAM_AND_REST.sub("", tail)
+    with_forms, without_forms = _forms(dsn), _forms(without_password)
 
     def scrub(match: re.Match[str]) -> str:
-        piece = match.group(0)[1:-1]
-        if piece and piece in dsn and piece not in without_password:
-            return match.group(0)[0] + "***" + match.group(0)[-1]
-        return match.group(0)
+        quoted = match.group(0)
+        for piece in _unquoted(quoted):
+            if (
+                piece
+                and any(piece in form for form in with_forms)
+                and not any(piece in form for form in without_forms)
+            ):
+                return quoted[0] + "***" + quoted[-1]
+        return quoted
 
-    return _QUOTED.sub(scrub, detail)
+    for quoted in _QUOTED:
+        detail = quoted.sub(scrub, detail)
+    return detail
 
 
 def scrub_connect_error(exc: BaseException, dsn: object) -> None:

@@ -351,7 +351,7 @@ class Pool(_PoolBase):
             between 0 and the (new or current) ``max_size``."""
         if max_size is None:
             max_size = self._state.max_size
-        check_resize(max_size, min_size)
+        max_size, min_size = check_resize(max_size, min_size)
         self._state.resize(max_size, self._now(), min_size)
         self._drain()
         self._runner.keep_floor()
@@ -515,6 +515,16 @@ class Pool(_PoolBase):
         # True while close() runs (not after it, nor for terminate()), as
         # asyncpg's flag: health checks read `pool._closed or pool._closing`.
         return self._state.phase is Phase.CLOSING
+
+    async def _acquire(self, timeout: float | None) -> PoolConnectionProxy:
+        # asyncpg's private acquire, which libraries' own acquire contexts
+        # await (`con = await pool._acquire(self.timeout)`, then
+        # `pool.release(con)`). Inherited from asyncpg's Pool it read
+        # asyncpg's queue ("'QueueView' object has no attribute 'get'").
+        # None is asyncpg's default there, so it means "left out": the
+        # pool's acquire_timeout, as acquire() without timeout=.
+        con: PoolConnectionProxy = await self.acquire(timeout=_DEFAULT if timeout is None else timeout)
+        return con
 
     def _drop_statement_cache(self) -> None:
         for slot in self._state.slots():

@@ -544,9 +544,29 @@ async def test_waiters_health_checks_count(make_pool: MakePool) -> None:
 
 
 @pytest.mark.asyncio
-async def test_private_settings_code_that_clones_a_pool_reads(make_pool: MakePool, pg_dsn: str) -> None:
+async def test_private_acquire_that_library_acquire_contexts_await(make_pool: MakePool) -> None:
+    """``await pool._acquire(timeout)``, then ``pool.release(con)``: what
+    libraries' own acquire contexts do with asyncpg's pool (to set type
+    codecs on each lease). safepool's Pool inherits asyncpg's method since
+    it subclasses asyncpg's Pool, and that one read asyncpg's queue."""
+    pool = await make_pool(min_size=1, max_size=1)
+    con = await pool._acquire(None)
+    assert await con.fetchval("SELECT 1") == 1
+    with pytest.raises(asyncio.TimeoutError):
+        await pool._acquire(0.05)
+    await pool.release(con)
+    con = await pool._acquire(5)
+    assert await con.fetchval("SELECT 2") == 2
+    await pool.release(con)
+    assert pool.get_idle_size() == 1
+
+
+@pytest.mark.asyncio
+async def test_private_settings_code_that_clones_a_pool_reads(make_pool: MakePool, pg_dsn: str, flavour: str) -> None:
     """``pool._max_queries``, ``pool._setup`` and the like: what code that
     builds a second pool like an existing one reads of asyncpg's."""
+    if flavour == "asyncpg":
+        skip_before_asyncpg((0, 32), "create_pool(init_size=) and pool._initsize")
 
     async def setup(con: Any) -> None:
         pass
@@ -1003,10 +1023,12 @@ async def test_timeouts_of_other_real_number_types(make_pool: MakePool, kind: st
 
 
 @pytest.mark.asyncio
-async def test_sizes_and_limits_of_numpy_number_types(make_pool: MakePool) -> None:
+async def test_sizes_and_limits_of_numpy_number_types(make_pool: MakePool, flavour: str) -> None:
     """asyncpg's pool takes numpy's integers for its sizes and
     ``max_queries``, and a numpy float for
     ``max_inactive_connection_lifetime`` (settings read with numpy or pandas)."""
+    if flavour == "asyncpg":
+        skip_before_asyncpg((0, 32), "create_pool(init_size=)")
     numpy = pytest.importorskip("numpy")
     pool = await make_pool(
         min_size=numpy.int64(1), max_size=numpy.int32(2), init_size=numpy.int64(2),

@@ -262,3 +262,45 @@ async def test_a_malformed_dsn_error_does_not_echo_the_password(
         await asyncio.wait_for(pool.close(), 10)
     transcript.expect("create_pool", "acquire", "health", "events")
     transcript.assert_clean("hunter2", "Zq9x")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("password", "pieces"),
+    [
+        ("Hunt%33r/Zq9x", ["Hunt3r"]),  # %-escaped: the error quotes it decoded
+        ("Hun%2Fter2/Zq9x", ["Hun/ter2"]),
+        ("Hunt3r\\Zx9q/Wd", ["Hunt3r", "Zx9q"]),  # repr() doubles the backslash
+        ("Hunt3r'a\"Zx9q/Wd", ["Hunt3r", "Zx9q"]),  # both quotes: repr() escapes one
+        ("Hunt3r\tZx9q/Wd", ["Hunt3r", "Zx9q"]),
+    ],
+)
+async def test_a_malformed_dsn_error_does_not_echo_an_escaped_password(
+    transcript: Transcript, password: str, pieces: list[str]
+) -> None:
+    # asyncpg quotes the piece with repr() after decoding %xx escapes, so
+    # the quoted text is not the DSN's own.
+    bad = f"postgresql://{APP_USER}:{password}@127.0.0.1:5432/postgres"
+    with pytest.raises(ValueError) as info:
+        await asyncpg.connect(bad)
+    assert any(piece in str(info.value) for piece in pieces)  # asyncpg's own error echoes it
+    with pytest.raises(type(info.value)) as raised:
+        await safepool.create_pool(bad, min_size=1, max_size=2)
+    transcript.add("create_pool", raised.value)
+    assert "***" in str(raised.value)
+    transcript.assert_clean(*pieces)
+
+
+@pytest.mark.asyncio
+async def test_a_query_password_holding_an_ampersand_is_not_echoed(transcript: Transcript) -> None:
+    # ?password=hunter2&Zq9x: the query parser takes "Zq9x" for a field of
+    # its own and quotes it ("bad query field: 'Zq9x'").
+    bad = f"postgresql://{APP_USER}@127.0.0.1:5432/postgres?password=hunter2&Zq9x"
+    with pytest.raises(ValueError) as info:
+        await asyncpg.connect(bad)
+    assert "Zq9x" in str(info.value)  # asyncpg's own error echoes it
+    with pytest.raises(type(info.value)) as raised:
+        await safepool.create_pool(bad, min_size=1, max_size=2)
+    transcript.add("create_pool", raised.value)
+    assert "***" in str(raised.value)
+    transcript.assert_clean("hunter2", "Zq9x")

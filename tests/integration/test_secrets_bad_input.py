@@ -499,3 +499,50 @@ def test_a_pool_created_outside_its_event_loop_says_so_when_awaited(pg_dsn: str)
     finally:
         asyncio.set_event_loop(None)
         home.close()
+
+
+@pytest.mark.asyncio
+async def test_resize_takes_the_integer_types_create_pool_takes(pg_dsn: str) -> None:
+    """create_pool() takes numpy's integers for its sizes (as asyncpg's
+    pool); resize() refused the same values ("max_size must be an int, got
+    int64"): a size read from a settings table with numpy or pandas."""
+    numpy = pytest.importorskip("numpy")
+    pool = await safepool.create_pool(pg_dsn, min_size=numpy.int64(0), max_size=numpy.int64(2))
+    try:
+        pool.resize(max_size=numpy.int64(3), min_size=numpy.int32(1))
+        assert (pool.get_max_size(), pool.get_min_size()) == (3, 1)
+        assert type(pool.get_max_size()) is int and type(pool.get_min_size()) is int
+        with pytest.raises(TypeError, match="max_size must be an int, got bool"):
+            pool.resize(max_size=numpy.bool_(True))  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="min_size must be an int, got float64"):
+            pool.resize(max_size=3, min_size=numpy.float64(1.0))  # type: ignore[arg-type]
+        assert await pool.fetchval("SELECT 1") == 1
+    finally:
+        await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_a_duration_is_checked_as_the_float_it_becomes(pg_dsn: str) -> None:
+    """A real number whose float() differs from its value (a subclass with
+    its own __float__) was range-checked by its value and then stored as
+    float(value): a NaN lease_timeout or a negative acquire timeout got past
+    the checks."""
+    from fractions import Fraction
+
+    class NanFloat(float):
+        def __float__(self) -> float:
+            return float("nan")
+
+    class NegativeFraction(Fraction):
+        def __float__(self) -> float:
+            return -5.0
+
+    with pytest.raises(ValueError, match=r"lease_timeout must be > 0 seconds \(None turns it off\)"):
+        await safepool.create_pool(pg_dsn, min_size=0, max_size=1, lease_timeout=NanFloat(5))
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1)
+    try:
+        with pytest.raises(ValueError, match="timeout must be >= 0 seconds"):
+            await pool.acquire(timeout=NegativeFraction(1, 5))
+        assert pool.stats().in_use == 0
+    finally:
+        await pool.close()
