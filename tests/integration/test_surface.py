@@ -40,7 +40,8 @@ async def test_typed_events_carry_the_lease_and_match_the_dict_shim(pools: Any) 
     assert "con = await pool.acquire()  # ACQUIRE-LINE" in (expired.lease.stack or "")  # the full stack
     assert expired.lease.task is asyncio.current_task()
     assert dicts == [suspect.to_dict(), expired.to_dict()]
-    assert set(dicts[0]) == {"event", "pool", "lease_id", "held_seconds", "acquired_at", "task_name", "site"}
+    # (collected: whether a collected proxy sent it, 54144fb)
+    assert set(dicts[0]) == {"event", "pool", "lease_id", "held_seconds", "acquired_at", "task_name", "site", "collected"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         suspect.pool = "other"  # type: ignore[misc]
     await until_idle(pool)
