@@ -147,6 +147,46 @@ class ServerSampler:
                 self._con = None
 
 
+class SideBySide:
+    """The same light load on asyncpg's pool and safepool's (``pools``,
+    keyed by kind): per kind, the times of its successful leases and a
+    :class:`Ledger`. The recovery tests cut both pools off the server the
+    same way and compare when each served again."""
+
+    def __init__(self, pools: dict[str, Any], budget: float) -> None:
+        self.pools = pools
+        self.budget = budget  # seconds per lease (acquire, SELECT 1, release)
+        self.successes: dict[str, list[float]] = {kind: [] for kind in pools}
+        self.ledgers = {kind: Ledger() for kind in pools}
+        self.stop = asyncio.Event()
+
+    async def load(self, kind: str) -> None:
+        pool = self.pools[kind]
+        while not self.stop.is_set():
+            try:
+                async with asyncio.timeout(self.budget):
+                    async with pool.acquire() as con:
+                        await con.fetchval("SELECT 1")
+                self.ledgers[kind].ok += 1
+                self.successes[kind].append(time.monotonic())
+            except Exception as exc:
+                self.ledgers[kind].record(exc)
+            await asyncio.sleep(0.005)
+
+    async def served_since(self, instant: float, timeout: float = 10.0) -> None:
+        """Until every pool has served a lease after ``instant`` (monotonic s)."""
+        async with asyncio.timeout(timeout):
+            while not all(s and s[-1] >= instant for s in self.successes.values()):
+                await asyncio.sleep(0.005)
+
+    def recovery(self, instant: float) -> dict[str, float]:
+        """Per kind, seconds from ``instant`` to its first success after it."""
+        return {kind: min(t for t in s if t >= instant) - instant for kind, s in self.successes.items()}
+
+    def summaries(self) -> dict[str, str]:
+        return {kind: ledger.summary() for kind, ledger in self.ledgers.items()}
+
+
 @contextlib.contextmanager
 def loop_errors(allow: Callable[[dict[str, Any]], bool] = lambda ctx: False) -> Iterator[list[dict[str, Any]]]:
     """Collect what reaches the loop's exception handler (errors of the

@@ -15,7 +15,17 @@ import pytest
 import safepool
 from tests._util import until
 
-from ._harness import Ledger, ServerSampler, assert_books_balance, classify, closing, loop_errors, scale, settle
+from ._harness import (
+    Ledger,
+    ServerSampler,
+    SideBySide,
+    assert_books_balance,
+    classify,
+    closing,
+    loop_errors,
+    scale,
+    settle,
+)
 from ._pg import Cluster
 from ._proxy import FaultProxy
 
@@ -139,26 +149,11 @@ async def test_recovery_after_a_black_hole_is_as_fast_as_asyncpgs(
                 server_settings={"application_name": f"{app_name}-s"}, **kwargs,
             ),
         }
-        successes: dict[str, list[float]] = {kind: [] for kind in pools}
-        ledgers = {kind: Ledger() for kind in pools}
-        stop = asyncio.Event()
-
-        async def load(kind: str) -> None:
-            while not stop.is_set():
-                try:
-                    async with asyncio.timeout(0.5):
-                        async with pools[kind].acquire() as con:
-                            await con.fetchval("SELECT 1")
-                    successes[kind].append(time.monotonic())
-                    ledgers[kind].ok += 1
-                except Exception as exc:
-                    ledgers[kind].record(exc)
-                await asyncio.sleep(0.005)
-
+        side = SideBySide(pools, budget=0.5)
         try:
             with loop_errors():  # (asyncpg's pool leaves connect errors unretrieved: not ours to judge)
-                workers = [asyncio.create_task(load(kind)) for kind in pools for _ in range(4)]
-                await until(lambda: all(successes.values()), timeout=10)
+                workers = [asyncio.create_task(side.load(kind)) for kind in pools for _ in range(4)]
+                await until(lambda: all(side.successes.values()), timeout=10)
                 errors_before = pools["safepool"].stats().connect_errors
                 for proxy in proxies.values():
                     proxy.blackhole = True
@@ -168,21 +163,19 @@ async def test_recovery_after_a_black_hole_is_as_fast_as_asyncpgs(
                 for proxy in proxies.values():
                     proxy.heal()
                 healed_at = time.monotonic()
-                async with asyncio.timeout(10):
-                    while not all(s and s[-1] >= healed_at for s in successes.values()):
-                        await asyncio.sleep(0.005)
+                await side.served_since(healed_at)
                 attempts = pools["safepool"].stats().connect_errors - errors_before
-                stop.set()
+                side.stop.set()
                 await asyncio.gather(*workers)
         finally:
-            stop.set()
+            side.stop.set()
             for pool in pools.values():
                 pool.terminate()
-    recovery = {kind: min(t for t in s if t >= healed_at) - healed_at for kind, s in successes.items()}
+    recovery = side.recovery(healed_at)
     report(
         recovery_ms={kind: round(1000 * r, 1) for kind, r in recovery.items()},
         safepool_failed_connects=attempts,
-        ledgers={kind: ledger.summary() for kind, ledger in ledgers.items()},
+        ledgers=side.summaries(),
     )
     assert recovery["safepool"] < recovery["asyncpg"] + 0.1, recovery
     # Probes are not a storm: at most max_size under way, each ending at

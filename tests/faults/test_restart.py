@@ -11,7 +11,7 @@ import pytest
 import safepool
 from tests._util import asyncpg_version
 
-from ._harness import Ledger, ServerSampler, assert_books_balance, closing, loop_errors, scale
+from ._harness import Ledger, ServerSampler, SideBySide, assert_books_balance, closing, loop_errors, scale
 from ._pg import Cluster
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
@@ -104,22 +104,8 @@ async def test_recovery_is_as_fast_as_asyncpgs(running: Cluster, app_name: str, 
             running.dsn(), min_size=2, max_size=MAX_SIZE, server_settings={"application_name": names["safepool"]}
         ),
     }
-    ledgers = {kind: Ledger() for kind in pools}
-    successes: dict[str, list[float]] = {kind: [] for kind in pools}
-    stop = asyncio.Event()
-
-    async def load(kind: str) -> None:
-        pool = pools[kind]
-        while not stop.is_set():
-            try:
-                async with asyncio.timeout(2.0):
-                    async with pool.acquire() as con:
-                        await con.fetchval("SELECT 1")
-                ledgers[kind].ok += 1
-                successes[kind].append(time.monotonic())
-            except Exception as exc:
-                ledgers[kind].record(exc)
-            await asyncio.sleep(0.005)
+    side = SideBySide(pools, budget=2.0)
+    ledgers = side.ledgers
 
     async def first_accepted_connect() -> float:
         # Probes with fresh connections: the moment the server accepts.
@@ -135,7 +121,7 @@ async def test_recovery_is_as_fast_as_asyncpgs(running: Cluster, app_name: str, 
 
     try:
         with loop_errors() as unhandled:
-            workers = [asyncio.create_task(load(kind)) for kind in pools for _ in range(3)]
+            workers = [asyncio.create_task(side.load(kind)) for kind in pools for _ in range(3)]
             await asyncio.sleep(0.5)
             assert all(ledger.ok for ledger in ledgers.values())
             await asyncio.to_thread(running.stop, "fast")
@@ -146,23 +132,21 @@ async def test_recovery_is_as_fast_as_asyncpgs(running: Cluster, app_name: str, 
             accepting_at = await first_accepted_connect()
             connects_while_down = pools["safepool"].stats().connect_errors - errors_before
             downtime = accepting_at - down_at
-            async with asyncio.timeout(10):
-                while not all(s and s[-1] >= accepting_at for s in successes.values()):
-                    await asyncio.sleep(0.005)
+            await side.served_since(accepting_at)
             await starting
-            stop.set()
+            side.stop.set()
             await asyncio.gather(*workers)
         assert not unhandled, unhandled
     finally:
-        stop.set()
+        side.stop.set()
         for pool in pools.values():
             pool.terminate()
-    recovery = {kind: min(t for t in s if t >= accepting_at) - accepting_at for kind, s in successes.items()}
+    recovery = side.recovery(accepting_at)
     report(
         downtime_s=round(downtime, 2),
         recovery_ms={kind: round(1000 * r, 1) for kind, r in recovery.items()},
         safepool_connect_attempts_while_down=connects_while_down,
-        ledgers={kind: ledger.summary() for kind, ledger in ledgers.items()},
+        ledgers=side.summaries(),
     )
     # asyncpg before 0.32 takes longer itself to connect again (its own pool
     # measured 20-190 ms on a loaded 2-core machine, 0.32 1-40 ms): there the
