@@ -56,6 +56,12 @@ def adaptive_queue(policy: Any, target: Any, interval: Any) -> AdaptiveQueue | N
     return AdaptiveQueue(target, interval) if policy == "adaptive" else None
 
 
+def _plain_int(value: Any) -> Any:
+    """An int for an integral number of another type (numpy's integers);
+    anything else as it is."""
+    return operator.index(value) if isinstance(value, Integral) and not isinstance(value, int) else value
+
+
 def _plain_number(value: Any) -> Any:
     """An int for an integral number of another type (numpy's integers), a
     float for another real one (numpy's floats, a Fraction), as asyncpg's
@@ -63,7 +69,7 @@ def _plain_number(value: Any) -> Any:
     :func:`check_sizes` to refuse."""
     if isinstance(value, (int, float)) or not isinstance(value, Real):
         return value
-    return operator.index(value) if isinstance(value, Integral) else float(value)
+    return _plain_int(value) if isinstance(value, Integral) else float(value)
 
 
 def check_sizes(
@@ -129,10 +135,7 @@ def check_resize(max_size: Any, min_size: Any) -> tuple[int, int | None]:
     """``Pool.resize()``'s arguments, as ints (an integer of another type,
     numpy's, taken as create_pool() takes it)."""
     # TypeError for a wrong type, ValueError for a wrong value, as create_pool().
-    if isinstance(max_size, Integral) and not isinstance(max_size, int):
-        max_size = operator.index(max_size)
-    if isinstance(min_size, Integral) and not isinstance(min_size, int):
-        min_size = operator.index(min_size)
+    max_size, min_size = _plain_int(max_size), _plain_int(min_size)
     if isinstance(max_size, bool) or not isinstance(max_size, int):
         raise TypeError(f"max_size must be an int, got {type(max_size).__name__}")
     if max_size <= 0:

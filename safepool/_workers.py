@@ -179,10 +179,11 @@ async def reset(
             if _pg.is_cancelling(con):
                 async with asyncio.timeout(budget):
                     budget = await _cancel_answered(con, budget)
-            await _reset_connection(con, rollback, hooks, statement_limit, budget)
+            whole = None
         else:
-            async with asyncio.timeout(budget):
-                await _reset_connection(con, rollback, hooks, statement_limit, budget)
+            whole = budget
+        async with asyncio.timeout(whole):
+            await _reset_connection(con, rollback, hooks, statement_limit, budget)
     except Exception as exc:
         return exc
     except BaseException as exc:

@@ -427,11 +427,12 @@ class _Checker:
         if awaited and _expected_to_raise(module, stmt):
             return
         var: str | None = None
+        # `await asyncio.gather(pool.acquire(), ...)`: the gather call.
+        gather = parent if isinstance(parent, ast.Call) and _last_name(parent.func) == "gather" else None
         if isinstance(holder, ast.NamedExpr) and isinstance(holder.target, ast.Name):
             var = holder.target.id
         elif isinstance(holder, ast.Assign) and holder.value is top:
-            gathered = isinstance(parent, ast.Call) and _last_name(parent.func) == "gather"
-            if len(holder.targets) == 1 and isinstance(holder.targets[0], ast.Name) and not gathered:
+            if len(holder.targets) == 1 and isinstance(holder.targets[0], ast.Name) and gather is None:
                 var = holder.targets[0].id
             elif (unpacked := _gathered_name(arg, parent, holder)) is not None:
                 var = unpacked  # a, b = await asyncio.gather(pool.acquire(), pool.acquire())
@@ -469,7 +470,6 @@ class _Checker:
         if not awaited:
             self.check_context_variable(call, stmt, scope, receiver, var)
             return
-        gather = parent if isinstance(parent, ast.Call) and _last_name(parent.func) == "gather" else None
         self.check_connection_variable(call, stmt, scope, receiver, var, gather)
 
     def check_context_variable(self, call: ast.Call, stmt: ast.stmt, scope: ast.AST, receiver: str, var: str) -> None:
