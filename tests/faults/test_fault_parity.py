@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -340,6 +341,89 @@ async def test_backend_killed_between_prepare_and_bind(env: Env) -> None:
     query = await outcome(lambda: running)
     release = await outcome(lambda: pool.release(con))
     assert {"query": query, "release": release} == KILL_BEFORE_BIND_EXPECTED
+    assert await env.settled(pool) == (1, 1, 1)
+    after = await next_lease(pool)
+    assert after["select"] == 1 and after["pid"] != pid and not after["in_xact"]
+    assert env.reports == []
+
+
+# Killed while idle, and the client has read the server's FATAL but not yet
+# the EOF behind it when the next call comes: the two come in separate reads,
+# a loop pass or two apart (a query sent right after pg_terminate_backend
+# meets it about 1 time in 4 on a bare connection). asyncpg's protocol took
+# the unsolicited FATAL for a protocol error and refuses the next operation
+# with InternalClientError, "cannot switch to state N" (N: 11 a prepare, 12
+# the bind of a cached statement, 15 a simple query; asyncpg issues #784,
+# #1069), then aborts the connection itself. That abort runs no cleanup, so
+# neither pool hears of the loss before release(): release() is quiet and
+# gives the connection up, and the next lease gets a new one. An idle
+# connection in that state is handed out by both pools (asyncpg shows
+# nothing of it before use): the lease's first call fails the same way.
+FATAL_READ_EOF_UNREAD_EXPECTED = {
+    "prepare": "InternalClientError: cannot switch to state 11; another operation (2) is in progress",
+    "bind": "InternalClientError: cannot switch to state 12; another operation (2) is in progress",
+    "simple-query": "InternalClientError: cannot switch to state 15; another operation (2) is in progress",
+    "next-acquire": "InternalClientError: cannot switch to state 11; another operation (2) is in progress",
+}
+
+
+async def fatal_read_eof_unread(env: Env, raw: asyncpg.Connection, pid: int) -> None:
+    """Kill ``pid`` and return once its client has read the FATAL, not the
+    EOF. The client reads nothing until the backend has exited (both are then
+    in its socket); it then reads the FATAL in one read, the EOF in the next:
+    a peek at the socket (a duplicate of its descriptor) finding only the EOF
+    left is the moment between the two."""
+    transport = raw._transport
+    peek = socket.socket(fileno=socket.dup(transport.get_extra_info("socket").fileno()))
+    try:
+        peek.setblocking(False)
+        transport.pause_reading()
+        await env.kill(pid)
+        transport.resume_reading()
+        async with asyncio.timeout(5):
+            while peek.recv(1, socket.MSG_PEEK) != b"":
+                await asyncio.sleep(0)
+    finally:
+        peek.close()
+    assert not raw.is_closed(), "the client read the EOF too: the window was missed"
+
+
+@pytest.mark.parametrize("call", list(FATAL_READ_EOF_UNREAD_EXPECTED))
+async def test_backend_killed_fatal_read_eof_unread(env: Env, call: str) -> None:
+    pool = await env.pool()
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    raw = con._con
+    assert await con.fetchval("SELECT 1") == 1
+    if call == "next-acquire":
+        await pool.release(con)
+        await fatal_read_eof_unread(env, raw, pid)
+        con = await pool.acquire()
+        assert con.get_server_pid() == pid  # handed out on both pools
+    else:
+        await fatal_read_eof_unread(env, raw, pid)
+    statement = {"bind": "SELECT 1", "simple-query": "SELECT 1; SELECT 2"}.get(call, f"SELECT 2 -- {call}")
+    run = con.execute if call == "simple-query" else con.fetchval
+    query = await outcome(lambda: run(statement))
+    closed = con.is_closed()  # asyncpg's own abort, before any release
+    again = await outcome(lambda: con.fetchval("SELECT 1"))
+    release = await outcome(lambda: pool.release(con))
+    right_after = (pool.get_size(), pool.get_idle_size())
+    assert {"query": query, "closed": closed, "again": again, "release": release} == {
+        "query": ("raise", FATAL_READ_EOF_UNREAD_EXPECTED[call]),
+        "closed": True,
+        "again": ("raise", "InterfaceError: connection is closed"),
+        "release": ("ok", None),
+    }
+    assert right_after == (0, 0)  # given up at release (its replacement still connecting)
+    if env.flavour == "safepool":
+        # The application's release() ended the lease (the pool had not heard
+        # of the loss): released, not discarded; the books balance.
+        s = pool.stats()
+        pool._state.check_invariants()
+        assert s.acquired == s.released + s.leases_expired + s.leaks_detected + s.leases_discarded + s.in_use
+        assert (s.leases_discarded, s.in_use, s.idle, s.connecting + s.closing) == (0, 0, 0, 1)
+        assert s.size == s.idle + s.in_use + s.connecting + s.resetting + s.closing
     assert await env.settled(pool) == (1, 1, 1)
     after = await next_lease(pool)
     assert after["select"] == 1 and after["pid"] != pid and not after["in_xact"]
