@@ -430,6 +430,35 @@ async def test_backend_killed_fatal_read_eof_unread(env: Env, call: str) -> None
     assert env.reports == []
 
 
+async def test_backend_killed_fatal_read_eof_unread_then_release(env: Env) -> None:
+    """The same window met by release() itself, no call before it: the
+    reset's statement gets the InternalClientError, which release() raises
+    (asyncpg's holder terminates the connection and re-raises the reset's
+    error); the connection is given up on both pools."""
+    pool = await env.pool()
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    raw = con._con
+    assert await con.fetchval("SELECT 1") == 1
+    await fatal_read_eof_unread(env, raw, pid)
+    release = await outcome(lambda: pool.release(con))
+    right_after = (pool.get_size(), pool.get_idle_size())
+    assert release == ("raise", "InternalClientError: cannot switch to state 15; another operation (2) is in progress")
+    assert raw.is_closed() and right_after == (0, 0)
+    assert await outcome(lambda: con.fetchval("SELECT 1")) == (
+        "raise",
+        f"InterfaceError: cannot call Connection.fetchval(): {RELEASED}",
+    )
+    if env.flavour == "safepool":
+        s = pool.stats()
+        pool._state.check_invariants()
+        assert (s.acquired, s.released, s.leases_discarded, s.in_use) == (1, 1, 0, 0)
+    assert await env.settled(pool) == (1, 1, 1)
+    after = await next_lease(pool)
+    assert after["select"] == 1 and after["pid"] != pid and not after["in_xact"]
+    assert env.reports == []
+
+
 # An acquire right after the release of a connection whose query met its
 # killed backend, while the min_size reconnect is under way: asyncpg's pool
 # connects a second holder beside the reconnect and keeps both; safepool
