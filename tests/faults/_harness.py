@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -44,6 +45,29 @@ def classify(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):  # refused, reset, connect timeout: surfaced as asyncpg does
         return f"os:{type(exc).__name__}"
     return None
+
+
+async def fatal_read_eof_unread(admin: asyncpg.Connection, raw: asyncpg.Connection, pid: int) -> None:
+    """Terminate ``pid`` (from ``admin``) and return once its client
+    connection ``raw`` has read the server's FATAL and not the EOF behind it
+    (the window of ``asyncpg:unsolicited_fatal``, see classify). The client
+    reads nothing until the backend has exited, so both are in its socket;
+    it then reads the FATAL in one read and the EOF in the next: a peek at
+    the socket (a duplicate of its descriptor) that finds only the EOF left
+    is the moment between the two."""
+    transport = raw._transport
+    peek = socket.socket(fileno=socket.dup(transport.get_extra_info("socket").fileno()))
+    try:
+        peek.setblocking(False)
+        transport.pause_reading()
+        assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
+        transport.resume_reading()
+        async with asyncio.timeout(5):
+            while peek.recv(1, socket.MSG_PEEK) != b"":
+                await asyncio.sleep(0)
+    finally:
+        peek.close()
+    assert not raw.is_closed(), "the client read the EOF too: the window was missed"
 
 
 @dataclass

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,6 +33,7 @@ import pytest_asyncio
 import safepool
 from tests._util import asyncpg_version, until
 
+from ._harness import fatal_read_eof_unread
 from ._pg import Cluster
 from ._proxy import FaultProxy, _Pair
 
@@ -367,27 +367,6 @@ FATAL_READ_EOF_UNREAD_EXPECTED = {
 }
 
 
-async def fatal_read_eof_unread(env: Env, raw: asyncpg.Connection, pid: int) -> None:
-    """Kill ``pid`` and return once its client has read the FATAL, not the
-    EOF. The client reads nothing until the backend has exited (both are then
-    in its socket); it then reads the FATAL in one read, the EOF in the next:
-    a peek at the socket (a duplicate of its descriptor) finding only the EOF
-    left is the moment between the two."""
-    transport = raw._transport
-    peek = socket.socket(fileno=socket.dup(transport.get_extra_info("socket").fileno()))
-    try:
-        peek.setblocking(False)
-        transport.pause_reading()
-        await env.kill(pid)
-        transport.resume_reading()
-        async with asyncio.timeout(5):
-            while peek.recv(1, socket.MSG_PEEK) != b"":
-                await asyncio.sleep(0)
-    finally:
-        peek.close()
-    assert not raw.is_closed(), "the client read the EOF too: the window was missed"
-
-
 @pytest.mark.parametrize("call", list(FATAL_READ_EOF_UNREAD_EXPECTED))
 async def test_backend_killed_fatal_read_eof_unread(env: Env, call: str) -> None:
     pool = await env.pool()
@@ -397,11 +376,11 @@ async def test_backend_killed_fatal_read_eof_unread(env: Env, call: str) -> None
     assert await con.fetchval("SELECT 1") == 1
     if call == "next-acquire":
         await pool.release(con)
-        await fatal_read_eof_unread(env, raw, pid)
+        await fatal_read_eof_unread(env.admin, raw, pid)
         con = await pool.acquire()
         assert con.get_server_pid() == pid  # handed out on both pools
     else:
-        await fatal_read_eof_unread(env, raw, pid)
+        await fatal_read_eof_unread(env.admin, raw, pid)
     statement = {"bind": "SELECT 1", "simple-query": "SELECT 1; SELECT 2"}.get(call, f"SELECT 2 -- {call}")
     run = con.execute if call == "simple-query" else con.fetchval
     query = await outcome(lambda: run(statement))
@@ -440,7 +419,7 @@ async def test_backend_killed_fatal_read_eof_unread_then_release(env: Env) -> No
     pid = con.get_server_pid()
     raw = con._con
     assert await con.fetchval("SELECT 1") == 1
-    await fatal_read_eof_unread(env, raw, pid)
+    await fatal_read_eof_unread(env.admin, raw, pid)
     release = await outcome(lambda: pool.release(con))
     right_after = (pool.get_size(), pool.get_idle_size())
     assert release == ("raise", "InternalClientError: cannot switch to state 15; another operation (2) is in progress")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import tempfile
 import warnings
@@ -24,7 +25,7 @@ import pytest_asyncio
 
 import safepool
 
-from ._harness import PausedAfterPrepare
+from ._harness import PausedAfterPrepare, fatal_read_eof_unread
 
 pytestmark = pytest.mark.asyncio
 
@@ -465,3 +466,49 @@ async def test_lease_taken_back_with_a_listener_left_when_warnings_are_errors(pg
     finally:
         loop.set_exception_handler(previous_handler)
         await asyncio.wait_for(pool.close(), 10)
+
+
+@pytest.mark.parametrize("end", ["lease_timeout", "garbage_collected"])
+async def test_lease_ended_by_the_pool_after_asyncpg_aborted_its_connection(
+    pg_dsn: str, app_name: str, end: str
+) -> None:
+    """The backend was killed while idle in the lease, and the lease's next
+    call came between the client's read of the FATAL and its read of the
+    EOF: asyncpg raised InternalClientError and aborted the connection
+    without its cleanup, so the pool heard of no loss. The holder then never
+    releases: the lease ends by its lease_timeout, or by its proxy being
+    garbage collected. The pool ends it as any other (expired, leaked),
+    gives the closed connection up rather than handing it on, and the books
+    balance."""
+    clock = safepool.ManualClock()
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, clock=clock, server_settings={"application_name": app_name},
+    )
+    try:
+        async with _backend_sampler(pg_dsn, app_name, 1) as admin:
+            con = await pool.acquire(lease_timeout=10)
+            pid = con.get_server_pid()
+            raw = con._con
+            assert await con.fetchval("SELECT 1") == 1
+            await fatal_read_eof_unread(admin, raw, pid)
+            with pytest.raises(asyncpg.InternalClientError, match="cannot switch to state 11"):
+                await con.fetchval("SELECT 2")
+            assert raw.is_closed() and pool.stats().in_use == 1  # the pool has heard of nothing
+            del raw
+            if end == "lease_timeout":
+                clock.advance(11)
+            else:
+                del con
+                gc.collect()
+            async with asyncio.timeout(5):
+                async with pool.acquire() as next_lease:
+                    assert next_lease.get_server_pid() != pid
+                    await _assert_clean(next_lease)
+            s = pool.stats()
+            ended = (1, 0) if end == "lease_timeout" else (0, 1)
+            assert (s.leases_expired, s.leaks_detected, s.released, s.leases_discarded) == (*ended, 1, 0)
+            assert s.acquired == s.released + s.leases_expired + s.leaks_detected + s.leases_discarded + s.in_use
+            pool._state.check_invariants()
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    pool._state.check_invariants()
