@@ -57,7 +57,7 @@ from ._state import (
 )
 from ._surface import Observation
 from ._workers import ResetHooks
-from .errors import EventLoopMismatchError
+from .errors import EventLoopMismatchError, PoolClosedError
 from .proxy import PoolConnectionProxy, WatchingProxy, _mark_coroutine
 from .stats import LeaseInfo, PoolOptions, PoolStats
 
@@ -354,13 +354,22 @@ class Pool(_PoolBase):
         ``min_size`` lowers the floor with it.
 
         Shrinking closes idle connections now and leased ones as they return.
+        A pool not started yet (not awaited) takes the new bounds too.
 
         :raises TypeError: a bound is not an int.
         :raises ValueError: ``max_size`` is not > 0, or ``min_size`` not
-            between 0 and the (new or current) ``max_size``."""
+            between 0 and the (new or current) ``max_size``.
+        :raises safepool.PoolClosedError: the pool is closing or closed
+            (its bounds are left as they were), as :meth:`acquire` raises."""
         if max_size is None:
             max_size = self._state.max_size
         max_size, min_size = check_resize(max_size, min_size)
+        if self.is_closing():
+            # Bounds of a pool that opens no connection any more: taken, they
+            # made get_max_size() and stats() report a size it never has.
+            raise PoolClosedError(
+                f"cannot resize pool {self._name!r}: pool is {'closed' if self._closed else 'closing'}"
+            )
         self._state.resize(max_size, self._now(), min_size)
         self._drain()
         self._runner.keep_floor()
