@@ -24,7 +24,7 @@ import logging
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, SupportsIndex, TypeVar
 
 from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
@@ -509,6 +509,28 @@ class Pool(_PoolBase):
             f"<safepool.Pool {self._name!r} {status} size={state.size}/{state.max_size} "
             f"idle={state.idle} in_use={state.in_use} resetting={state.count(SlotState.RESETTING)} waiting={state.waiting}>"
         )
+
+    # ------------------------------------------------------------ copying
+
+    # A copy would share the original's state, runner and connections under
+    # a second face (asyncpg's pool copies into one that breaks at first use;
+    # safepool's failed with "property '_queue' of 'Pool' object has no
+    # setter", its pickling with an error about a WeakSet): refused, clearly.
+    def _not_copyable(self, what: str) -> TypeError:
+        return TypeError(
+            f"cannot {what} safepool.Pool {self._name!r}: a pool cannot be copied or pickled (it owns "
+            "connections and tasks on its event loop); pass the pool object itself, or create another "
+            "with safepool.create_pool()"
+        )
+
+    def __copy__(self) -> NoReturn:
+        raise self._not_copyable("copy")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> NoReturn:
+        raise self._not_copyable("deepcopy")
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        raise self._not_copyable("pickle")
 
     # ------------------------------------------------------------ helpers
 
