@@ -31,9 +31,12 @@ BREAKER_THRESHOLD = 3
 DEFAULT: Any = object()
 
 
-def validate_site_share(share: Any) -> None:
+def validate_site_share(share: Any) -> float | None:
+    """``max_site_share``, checked; a real number of another type (numpy's, a
+    Fraction) as the int or float it is, as the sizes take it."""
     if share is None:
-        return
+        return None
+    share = _plain_number(share)
     if isinstance(share, bool) or not isinstance(share, (int, float)):
         raise TypeError(f"max_site_share must be a number or None, got {type(share).__name__}")
     if not 0 < share <= 1:
@@ -41,6 +44,7 @@ def validate_site_share(share: Any) -> None:
             f"max_site_share must be > 0 and <= 1 (the fraction of max_size one acquire site may hold), "
             f"got {share!r}"
         )
+    return share
 
 
 def adaptive_queue(policy: Any, target: Any, interval: Any) -> AdaptiveQueue | None:
@@ -113,9 +117,12 @@ def check_sizes(
 def check_options(
     max_waiters: Any, max_connecting: Any, fail_fast: Any, wait_on_connect_error: Any, reset_mode: Any,
     reset_modes: tuple[str, ...],
-) -> int | None:
-    """safepool's own options; returns ``max_waiters`` (checked)."""
+) -> tuple[int | None, int | None]:
+    """safepool's own options; returns ``max_waiters`` and ``max_connecting``
+    (checked, as ints: an integer of another type, numpy's, taken as the
+    sizes take it)."""
     # TypeError for a wrong type, ValueError for a wrong value (as the sizes).
+    max_waiters, max_connecting = _plain_int(max_waiters), _plain_int(max_connecting)
     for bound_name, bound, least in (("max_waiters", max_waiters, 0), ("max_connecting", max_connecting, 1)):
         if bound is None:
             continue
@@ -128,7 +135,7 @@ def check_options(
             raise TypeError(f"{flag_name} must be True or False, got {flag!r}")
     if reset_mode not in reset_modes:
         raise ValueError(f"reset_mode must be one of {reset_modes}, got {reset_mode!r}")
-    return cast("int | None", max_waiters)  # (checked above)
+    return cast("int | None", max_waiters), cast("int | None", max_connecting)  # (checked above)
 
 
 def check_resize(max_size: Any, min_size: Any) -> tuple[int, int | None]:
@@ -255,11 +262,13 @@ def configure(
         # asyncpg's pool (1,500 gathered queries on 10 connections), so it
         # is opt-in (docs/backpressure.md recommends one for services).
         max_waiters = None
-    max_waiters = check_options(max_waiters, max_connecting, fail_fast, wait_on_connect_error, reset_mode, RESET_MODES)
+    max_waiters, max_connecting = check_options(
+        max_waiters, max_connecting, fail_fast, wait_on_connect_error, reset_mode, RESET_MODES
+    )
     if backoff is not None and not isinstance(backoff, Backoff):
         raise TypeError(f"backoff must be a safepool.Backoff or None, got {type(backoff).__name__}")
     adaptive = adaptive_queue(queue_policy, queue_target, queue_interval)
-    validate_site_share(max_site_share)
+    max_site_share = validate_site_share(max_site_share)
     custom_reset = reset is not None or connection_class.reset is not _pg_connection.Connection.reset
     return PoolConfig(
         name=name,

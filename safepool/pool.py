@@ -22,9 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, SupportsIndex, TypeVar
 
 from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
@@ -57,7 +57,7 @@ from ._state import (
 )
 from ._surface import Observation
 from ._workers import ResetHooks
-from .errors import EventLoopMismatchError
+from .errors import EventLoopMismatchError, PoolClosedError
 from .proxy import PoolConnectionProxy, WatchingProxy, _mark_coroutine
 from .stats import LeaseInfo, PoolOptions, PoolStats
 
@@ -67,17 +67,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger("safepool")
 
 _T = TypeVar("_T")
+# COPY's formats, as asyncpg's stubs spell them (the shortcuts pass format= on
+# to the connection's method).
+_CopyFormat = Literal["text", "csv", "binary"]
 
 
+# asyncpg's own pool class, so that isinstance(pool, asyncpg.Pool) holds as
+# for asyncpg's pool (code branches on it: "a pool: acquire; else a
+# connection: use it"). Its __init__ never runs: every method and every
+# attribute asyncpg's pool sets is this class's own (its private ones are
+# read-only views, see _compat.py). The type checker sees the same base, so
+# that `pool: asyncpg.Pool = await safepool.create_pool(...)` type-checks in
+# users' code (tests/test_typing.py): parametrized with Any, so the pool fits
+# any record class's annotation (asyncpg.Pool[MyRecord] too). (The generic
+# alias is not subclassable at run time: hence the two branches.)
 if TYPE_CHECKING:
-    _PoolBase = object
+    _PoolBase = _pg_pool.Pool[Any]
 else:
-    # asyncpg's own pool class, so that isinstance(pool, asyncpg.Pool) holds
-    # as for asyncpg's pool (code branches on it: "a pool: acquire; else a
-    # connection: use it"). Its __init__ never runs: every method and every
-    # attribute asyncpg's pool sets is this class's own (its private ones
-    # are read-only views, see _compat.py). (The type checker sees object:
-    # the stubs' attribute types of asyncpg's pool would hide this class's.)
     _PoolBase = _pg_pool.Pool
 
 
@@ -209,7 +215,10 @@ class Pool(_PoolBase):
 
     # ------------------------------------------------------------- acquire
 
-    def acquire(
+    # (For the type checker this overrides the stubs' acquire(), which returns
+    # asyncpg's PoolAcquireContext: this one's is safepool's own, typed with
+    # safepool's proxy. Code typed against asyncpg.Pool gets asyncpg's.)
+    def acquire(  # type: ignore[override]
         self,
         *,
         timeout: float | None = _DEFAULT,
@@ -345,13 +354,22 @@ class Pool(_PoolBase):
         ``min_size`` lowers the floor with it.
 
         Shrinking closes idle connections now and leased ones as they return.
+        A pool not started yet (not awaited) takes the new bounds too.
 
         :raises TypeError: a bound is not an int.
         :raises ValueError: ``max_size`` is not > 0, or ``min_size`` not
-            between 0 and the (new or current) ``max_size``."""
+            between 0 and the (new or current) ``max_size``.
+        :raises safepool.PoolClosedError: the pool is closing or closed
+            (its bounds are left as they were), as :meth:`acquire` raises."""
         if max_size is None:
             max_size = self._state.max_size
         max_size, min_size = check_resize(max_size, min_size)
+        if self.is_closing():
+            # Bounds of a pool that opens no connection any more: taken, they
+            # made get_max_size() and stats() report a size it never has.
+            raise PoolClosedError(
+                f"cannot resize pool {self._name!r}: pool is {'closed' if self._closed else 'closing'}"
+            )
         self._state.resize(max_size, self._now(), min_size)
         self._drain()
         self._runner.keep_floor()
@@ -492,6 +510,28 @@ class Pool(_PoolBase):
             f"idle={state.idle} in_use={state.in_use} resetting={state.count(SlotState.RESETTING)} waiting={state.waiting}>"
         )
 
+    # ------------------------------------------------------------ copying
+
+    # A copy would share the original's state, runner and connections under
+    # a second face (asyncpg's pool copies into one that breaks at first use;
+    # safepool's failed with "property '_queue' of 'Pool' object has no
+    # setter", its pickling with an error about a WeakSet): refused, clearly.
+    def _not_copyable(self, what: str) -> TypeError:
+        return TypeError(
+            f"cannot {what} safepool.Pool {self._name!r}: a pool cannot be copied or pickled (it owns "
+            "connections and tasks on its event loop); pass the pool object itself, or create another "
+            "with safepool.create_pool()"
+        )
+
+    def __copy__(self) -> NoReturn:
+        raise self._not_copyable("copy")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> NoReturn:
+        raise self._not_copyable("deepcopy")
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        raise self._not_copyable("pickle")
+
     # ------------------------------------------------------------ helpers
 
     def _check_init(self) -> None:
@@ -546,9 +586,12 @@ class Pool(_PoolBase):
         (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire. Raises what :meth:`acquire`
         and ``Connection.execute()`` raise."""
         async with self.acquire() as con:
-            return await con.execute(query, *args, timeout=timeout)  # type: ignore[no-any-return]
+            return await con.execute(query, *args, timeout=timeout)
 
-    async def executemany(self, command: str, args: Iterable[Any], *, timeout: float | None = None) -> None:
+    # (The stubs type args as object; an iterable of argument tuples it is.)
+    async def executemany(  # type: ignore[override]
+        self, command: str, args: Iterable[Any], *, timeout: float | None = None
+    ) -> None:
         """Run ``command`` once per tuple of ``args`` (returns None).
 
         A connection is leased for the call and released before it returns, as by asyncpg's
@@ -564,7 +607,7 @@ class Pool(_PoolBase):
         (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire. Raises what :meth:`acquire`
         and ``Connection.fetch()`` raise."""
         async with self.acquire() as con:
-            return await con.fetch(query, *args, timeout=timeout, record_class=record_class)  # type: ignore[no-any-return]
+            return await con.fetch(query, *args, timeout=timeout, record_class=record_class)
 
     async def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
         """Run ``query`` with ``args`` and return the value in ``column`` (a zero-based index) of its first
@@ -594,7 +637,7 @@ class Pool(_PoolBase):
         ``Pool.fetchmany()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire. Raises
         what :meth:`acquire` and ``Connection.fetchmany()`` raise."""
         async with self.acquire() as con:
-            return await con.fetchmany(query, args, timeout=timeout, record_class=record_class)  # type: ignore[no-any-return]
+            return await con.fetchmany(query, args, timeout=timeout, record_class=record_class)
 
     # The COPY shortcuts take asyncpg's keyword-only parameters (the same in
     # 0.29-0.32), not **kwargs: a call asyncpg's signature refuses (a missing
@@ -602,7 +645,7 @@ class Pool(_PoolBase):
     # an acquire that could wait on a busy pool.
     async def copy_from_table(
         self, table_name: str, *, output: Any, columns: Any = None, schema_name: str | None = None,
-        timeout: float | None = None, format: str | None = None, oids: Any = None, delimiter: str | None = None,
+        timeout: float | None = None, format: _CopyFormat | None = None, oids: Any = None, delimiter: str | None = None,
         null: str | None = None, header: bool | None = None, quote: str | None = None, escape: str | None = None,
         force_quote: Any = None, encoding: str | None = None,
     ) -> str:
@@ -613,14 +656,14 @@ class Pool(_PoolBase):
         ``Pool.copy_from_table()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire.
         Raises what :meth:`acquire` and ``Connection.copy_from_table()`` raise."""
         async with self.acquire() as con:
-            return await con.copy_from_table(  # type: ignore[no-any-return]
+            return await con.copy_from_table(
                 table_name, output=output, columns=columns, schema_name=schema_name, timeout=timeout,
                 format=format, oids=oids, delimiter=delimiter, null=null, header=header, quote=quote,
                 escape=escape, force_quote=force_quote, encoding=encoding,
             )
 
     async def copy_from_query(
-        self, query: str, *args: Any, output: Any, timeout: float | None = None, format: str | None = None,
+        self, query: str, *args: Any, output: Any, timeout: float | None = None, format: _CopyFormat | None = None,
         oids: Any = None, delimiter: str | None = None, null: str | None = None, header: bool | None = None,
         quote: str | None = None, escape: str | None = None, force_quote: Any = None, encoding: str | None = None,
     ) -> str:
@@ -631,14 +674,14 @@ class Pool(_PoolBase):
         ``Pool.copy_from_query()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire.
         Raises what :meth:`acquire` and ``Connection.copy_from_query()`` raise."""
         async with self.acquire() as con:
-            return await con.copy_from_query(  # type: ignore[no-any-return]
+            return await con.copy_from_query(
                 query, *args, output=output, timeout=timeout, format=format, oids=oids, delimiter=delimiter,
                 null=null, header=header, quote=quote, escape=escape, force_quote=force_quote, encoding=encoding,
             )
 
     async def copy_to_table(
         self, table_name: str, *, source: Any, columns: Any = None, schema_name: str | None = None,
-        timeout: float | None = None, format: str | None = None, oids: Any = None, freeze: bool | None = None,
+        timeout: float | None = None, format: _CopyFormat | None = None, oids: Any = None, freeze: bool | None = None,
         delimiter: str | None = None, null: str | None = None, header: bool | None = None, quote: str | None = None,
         escape: str | None = None, force_quote: Any = None, force_not_null: Any = None, force_null: Any = None,
         encoding: str | None = None, where: str | None = None,
@@ -650,7 +693,7 @@ class Pool(_PoolBase):
         ``Pool.copy_to_table()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire.
         Raises what :meth:`acquire` and ``Connection.copy_to_table()`` raise."""
         async with self.acquire() as con:
-            return await con.copy_to_table(  # type: ignore[no-any-return]
+            return await con.copy_to_table(
                 table_name, source=source, columns=columns, schema_name=schema_name, timeout=timeout,
                 format=format, oids=oids, freeze=freeze, delimiter=delimiter, null=null, header=header,
                 quote=quote, escape=escape, force_quote=force_quote, force_not_null=force_not_null,
@@ -668,13 +711,13 @@ class Pool(_PoolBase):
         ``Pool.copy_records_to_table()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the
         acquire. Raises what :meth:`acquire` and ``Connection.copy_records_to_table()`` raise."""
         async with self.acquire() as con:
-            return await con.copy_records_to_table(  # type: ignore[no-any-return]
+            return await con.copy_records_to_table(
                 table_name, records=records, columns=columns, schema_name=schema_name, timeout=timeout, where=where,
             )
 
     # ------------------------------------------------------ awaiting the pool
 
-    def __await__(self) -> Any:
+    def __await__(self) -> Generator[Any, None, Pool]:
         return self._async__init__().__await__()
 
     async def __aenter__(self) -> Pool:

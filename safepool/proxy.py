@@ -184,15 +184,20 @@ def _forward(name: str, is_coroutine: bool, *, watch_errors: bool) -> Any:
 
 
 if TYPE_CHECKING:
-    _ProxyBase = _pg_connection._ConnectionProxy
+    # The type checker sees asyncpg's Connection: every public Connection
+    # method is forwarded (_install_forwarders) with its signature, and
+    # isinstance(con, asyncpg.Connection) holds at run time (asyncpg's
+    # proxy's metaclass), so a lease's methods are typed as the
+    # connection's in users' code (tests/test_typing.py). (Not asyncpg's
+    # PoolConnectionProxy: its stubbed _holder type would hide this class's.)
+    _ProxyBase = _pg_connection.Connection[Any]
 else:
     # asyncpg's own proxy class, so that isinstance(con,
     # asyncpg.pool.PoolConnectionProxy) holds as on asyncpg's pool (code
     # branches on it: "release it if pooled, else close it"). It adds its
     # slots _con and _holder and methods this class replaces: every public
     # Connection method (_install_forwarders), __getattr__, _detach and
-    # __repr__. (The type checker sees the previous base: the stubs'
-    # attribute types of asyncpg's proxy would hide this class's own.)
+    # __repr__.
     _ProxyBase = _pg_pool.PoolConnectionProxy
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 import pytest
@@ -86,3 +87,41 @@ async def test_raising_min_size_during_a_backoff_is_met(pg_dsn: str, app_name: s
         pool.resize(min_size=2)  # max_size left as it is (3)
         assert (pool.get_min_size(), pool.get_max_size()) == (2, 3)
         await until(lambda: pool.get_size() == 2)
+
+
+async def test_resize_of_a_closing_or_closed_pool_raises_and_changes_nothing(
+    pg_dsn: str, app_name: str, server_count: Any
+) -> None:
+    """resize() on a closed pool was taken silently: get_max_size() and
+    stats() reported bounds of a pool that opens nothing any more. It raises
+    PoolClosedError (an asyncpg.InterfaceError), as acquire() does; a pool
+    not started yet still takes new bounds."""
+    pool = safepool.create_pool(pg_dsn, min_size=0, max_size=2, server_settings={"application_name": app_name})
+    pool.resize(max_size=3, min_size=1)  # before `await pool`: taken
+    await pool
+    await until(lambda: pool.get_size() == 1)
+    held = await pool.acquire()
+    closing = asyncio.create_task(pool.close())  # waits for `held`
+    await until(pool.is_closing)
+    with pytest.raises(safepool.PoolClosedError, match=r"cannot resize pool '.*': pool is closing"):
+        pool.resize(max_size=5, min_size=3)
+    assert (pool.get_max_size(), pool.get_min_size()) == (3, 1)
+    await pool.release(held)
+    await closing
+    for kwargs in ({"max_size": 5, "min_size": 2}, {"min_size": 0}, {"max_size": 1}):
+        with pytest.raises(asyncpg.InterfaceError, match=r"cannot resize pool '.*': pool is closed") as raised:
+            pool.resize(**kwargs)
+        assert isinstance(raised.value, safepool.PoolClosedError)
+        assert (pool.get_max_size(), pool.get_min_size()) == (3, 1)
+        assert pool.stats().max_size == 3
+    # A bad argument is still named as such (checked first, as acquire(site=)).
+    with pytest.raises(TypeError, match="max_size must be an int"):
+        pool.resize(max_size="5")  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert pool.get_size() == 0 and await server_count(app_name) == 0
+
+    terminated = await safepool.create_pool(pg_dsn, min_size=0, max_size=1)
+    terminated.terminate()
+    with pytest.raises(safepool.PoolClosedError, match="pool is closed"):
+        terminated.resize(max_size=2)
+    assert terminated.get_max_size() == 1

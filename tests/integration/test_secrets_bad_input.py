@@ -522,6 +522,45 @@ async def test_resize_takes_the_integer_types_create_pool_takes(pg_dsn: str) -> 
 
 
 @pytest.mark.asyncio
+async def test_safepool_options_take_the_integer_types_the_sizes_take(pg_dsn: str) -> None:
+    """create_pool() took numpy's integers for asyncpg's sizes but refused
+    them for max_waiters and max_connecting ("max_waiters must be an int >= 0
+    or None, got np.int64(1)"), and numpy's float32 for max_site_share: one
+    settings table, read with numpy or pandas, feeds them all."""
+    numpy = pytest.importorskip("numpy")
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=numpy.int64(0), max_size=numpy.int64(1), max_waiters=numpy.int64(1),
+        max_connecting=numpy.int32(1), max_site_share=numpy.float32(1.0),
+    )
+    try:
+        options = pool.options
+        assert (options.max_waiters, options.max_connecting, options.max_site_share) == (1, 1, 1.0)
+        assert type(options.max_waiters) is int and type(options.max_connecting) is int
+        assert type(options.max_site_share) is float
+        # The bound holds: one connection held, one waiter, the next refused.
+        held = await pool.acquire()
+        waiter = asyncio.ensure_future(pool.fetchval("SELECT 2"))
+        while pool.stats().waiting < 1:
+            await asyncio.sleep(0.005)
+        with pytest.raises(safepool.PoolOverloadedError):
+            await pool.acquire(timeout=5)
+        await pool.release(held)
+        assert await waiter == 2
+    finally:
+        await pool.close()
+    for kwargs, error, message in (
+        ({"max_waiters": numpy.int64(-1)}, ValueError, r"max_waiters must be an int >= 0 or None, got -1"),
+        ({"max_connecting": numpy.int32(0)}, ValueError, r"max_connecting must be an int >= 1 or None, got 0"),
+        ({"max_waiters": numpy.float64(2.0)}, TypeError, r"max_waiters must be an int >= 0 or None"),
+        ({"max_connecting": numpy.bool_(True)}, TypeError, r"max_connecting must be an int >= 1 or None"),
+        ({"max_site_share": numpy.float64(1.5)}, ValueError, r"max_site_share must be > 0 and <= 1"),
+        ({"max_site_share": numpy.bool_(True)}, TypeError, r"max_site_share must be a number or None"),
+    ):
+        with pytest.raises(error, match=message):
+            safepool.create_pool(pg_dsn, min_size=0, max_size=1, **kwargs)
+
+
+@pytest.mark.asyncio
 async def test_a_duration_is_checked_as_the_float_it_becomes(pg_dsn: str) -> None:
     """A real number whose float() differs from its value (a subclass with
     its own __float__) was range-checked by its value and then stored as

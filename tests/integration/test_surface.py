@@ -7,7 +7,9 @@ PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
+import pickle
 import threading
 from typing import Any
 
@@ -281,3 +283,24 @@ async def test_options_of_an_adaptive_site_capped_pool(pg_dsn: str) -> None:
         assert (options.max_site_share, options.queue_policy, options.queue_target, options.queue_interval) == (
             0.5, "adaptive", 0.01, 0.2)
         assert options.capture_stack is True  # on by default with leak_warning_after
+
+
+async def test_a_pool_cannot_be_copied_or_pickled_and_says_so(pools: Any, server_count: Any, app_name: str) -> None:
+    """copy.copy(pool) raised AttributeError ("property '_queue' of 'Pool'
+    object has no setter"), pickle.dumps(pool) an error about a WeakSet, and
+    copy.deepcopy(pool) one about a contextvars Context after copying half
+    the event loop (asyncpg's pool copies into a pool that breaks at first
+    use). Each is a TypeError naming the pool, and the pool is unharmed."""
+    pool = await pools(name="original", min_size=1, max_size=2)
+    copies = [
+        ("copy", lambda: copy.copy(pool)),
+        ("deepcopy", lambda: copy.deepcopy(pool)),
+        ("deepcopy", lambda: copy.deepcopy({"app": [pool]})),  # the pool inside an app's state
+    ]
+    copies += [("pickle", lambda protocol=protocol: pickle.dumps(pool, protocol)) for protocol in range(pickle.HIGHEST_PROTOCOL + 1)]
+    for what, attempt in copies:
+        with pytest.raises(TypeError, match=rf"cannot {what} safepool.Pool 'original': a pool cannot be copied or pickled"):
+            attempt()
+    assert await pool.fetchval("SELECT 1") == 1
+    assert pool.get_size() == 1 and await server_count(app_name) == 1
+    assert pool.stats().acquired == 1 and not pool.closed
