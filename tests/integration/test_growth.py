@@ -1,0 +1,68 @@
+"""What a long-running pool must not accumulate: structures that grew by one
+entry per acquire site, per lease, per leak, per error... (a soak run's
+findings, each pinned by counting the structure after N operations)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import safepool
+from safepool import _sites, _stack
+
+pytestmark = pytest.mark.asyncio
+
+
+def generated_handler(number: int) -> Callable[[safepool.Pool], Any]:
+    """A handler compiled at run time, as templates and notebook cells are:
+    a new code object (and a new file name) each time."""
+    source = (
+        f"async def handler_{number}(pool):\n"
+        "    async with pool.acquire() as con:\n"
+        "        return await con.fetchval('SELECT 1')\n"
+    )
+    namespace: dict[str, Any] = {"__name__": "generated_handlers"}
+    exec(compile(source, f"<generated-{number}>", "exec"), namespace)
+    return namespace[f"handler_{number}"]  # type: ignore[no-any-return]
+
+
+async def test_acquire_sites_compiled_at_run_time_do_not_accumulate(
+    pools: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The site names (max_site_share) and the stack capture's file kinds
+    # were cached per code object and per file name, unbounded: every
+    # handler compiled at run time stayed in them (its code object kept
+    # alive), one entry per acquire.
+    monkeypatch.setattr(_sites, "SITE_CACHE_SIZE", 64, raising=False)
+    monkeypatch.setattr(_stack, "KIND_CACHE_SIZE", 64, raising=False)
+    monkeypatch.setattr(_sites, "_site_of_code", {})
+    monkeypatch.setattr(_stack, "_kind_by_file", {})
+    pool = await pools(max_size=2, max_site_share=0.5, capture_stack=True)
+    for number in range(300):
+        assert await generated_handler(number)(pool) == 1
+    assert len(_sites._site_of_code) <= 64
+    assert len(_stack._kind_by_file) <= 64
+    # The cache still names the newest sites right (and the leak report's
+    # stack still finds the handler's frame).
+    handler = generated_handler(300)
+    lease_sites: list[str | None] = []
+    stacks: list[str | None] = []
+
+    async def inspect_lease(pool: safepool.Pool) -> None:
+        async with pool.acquire():
+            (lease,) = pool.leases()
+            lease_sites.append(lease.site)
+            stacks.append(lease.acquired_at)
+
+    namespace = {"__name__": "generated_handlers", "inspect_lease": inspect_lease}
+    exec(compile("async def outer(pool):\n    await inspect_lease(pool)\n", "<generated-outer>", "exec"), namespace)
+    await namespace["outer"](pool)
+    assert lease_sites[0] is not None and lease_sites[0].endswith("inspect_lease")
+    assert stacks[0] is not None and "inspect_lease" in stacks[0]
+    assert await handler(pool) == 1
+    gc.collect()
+    stats = pool.stats()
+    assert (stats.acquired, stats.released, stats.in_use) == (302, 302, 0)
