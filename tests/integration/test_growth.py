@@ -4,7 +4,9 @@ findings, each pinned by counting the structure after N operations)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 
 import safepool
 from safepool import _sites, _stack
+from tests._util import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -66,3 +69,64 @@ async def test_acquire_sites_compiled_at_run_time_do_not_accumulate(
     gc.collect()
     stats = pool.stats()
     assert (stats.acquired, stats.released, stats.in_use) == (302, 302, 0)
+
+
+class Request:
+    """What a handler's frame holds (a request, its body): anything that
+    keeps the frame alive keeps this."""
+
+
+@pytest.mark.parametrize("options", [{"max_site_share": 1.0}, {"queue_policy": "adaptive"}, {}])
+async def test_settled_waiters_do_not_keep_their_callers_alive(
+    pools: Callable[..., Any], options: dict[str, Any]
+) -> None:
+    # With site caps or the adaptive queue, the core's wait queue was popped
+    # only when it held more than 64 entries: a pool that went back to
+    # uncontended kept up to 64 settled waiters for good, and with each its
+    # future, its PoolTimeoutError, that error's traceback and every frame
+    # on it (the caller's locals: a request, its body, the proxies it held).
+    clock = safepool.ManualClock()
+    pool = await pools(min_size=2, max_size=2, clock=clock, **options)
+    held = [await pool.acquire(), await pool.acquire()]
+    requests: list[weakref.ref[Request]] = []
+
+    async def handler(give_up: str) -> None:
+        request = Request()
+        requests.append(weakref.ref(request))
+        if give_up == "timeout":
+            with pytest.raises(safepool.PoolTimeoutError):
+                await pool.acquire(timeout=1.0)
+        else:
+            async with pool.acquire(timeout=None):
+                pass
+
+    # (The adaptive queue's admission would refuse a wait whose timeout the
+    # manual clock's pace of hand-ons cannot meet: its waiters give up by
+    # cancellation only.)
+    timeouts = "queue_policy" not in options
+    for _ in range(10):
+        if timeouts:
+            timing_out = asyncio.ensure_future(handler("timeout"))
+            await until(lambda: pool.stats().waiting == 1)
+            clock.advance(1.5)
+            await timing_out
+        cancelled = asyncio.ensure_future(handler("cancel"))
+        await until(lambda: pool.stats().waiting == 1)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        served = asyncio.ensure_future(handler("served"))
+        await until(lambda: pool.stats().waiting == 1)
+        await pool.release(held.pop())
+        await served
+        held.append(await pool.acquire())
+    for con in held:
+        await pool.release(con)
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT 1") == 1
+    gc.collect()
+    assert len(pool._state._waiters) == 0
+    assert len(requests) == (30 if timeouts else 20)
+    assert [ref() for ref in requests] == [None] * len(requests)
+    stats = pool.stats()
+    assert (stats.acquire_timeouts, stats.waiting, stats.in_use) == (10 if timeouts else 0, 0, 0)
