@@ -130,3 +130,36 @@ async def test_settled_waiters_do_not_keep_their_callers_alive(
     assert [ref() for ref in requests] == [None] * len(requests)
     stats = pool.stats()
     assert (stats.acquire_timeouts, stats.waiting, stats.in_use) == (10 if timeouts else 0, 0, 0)
+
+
+async def test_a_busy_sites_settled_waiters_are_not_kept(pools: Callable[..., Any]) -> None:
+    # A site's book lives as long as the site holds a connection (a
+    # consumer that never lets go of one); its queue kept its settled
+    # waiters (up to 32) as long, with their callers' frames.
+    clock = safepool.ManualClock()
+    pool = await pools(min_size=2, max_size=2, clock=clock, max_site_share=0.5)
+    consumer = await pool.acquire(site="consumer")  # held throughout
+    requests: list[weakref.ref[Request]] = []
+
+    async def handler() -> None:
+        request = Request()
+        requests.append(weakref.ref(request))
+        with pytest.raises(safepool.PoolTimeoutError):
+            await pool.acquire(site="consumer", timeout=1.0)
+
+    for _ in range(20):
+        task = asyncio.ensure_future(handler())
+        await until(lambda: pool.stats().waiting == 1)
+        if len(requests) % 2 == 0:  # (the last one times out)
+            clock.advance(1.5)
+            await task
+        else:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    gc.collect()
+    policy = pool._state._policy
+    assert policy is not None and len(policy.books["consumer"].queue) == 0
+    assert [ref() for ref in requests] == [None] * 20
+    await pool.release(consumer)
+    assert pool.stats().acquire_timeouts == 10
