@@ -239,10 +239,22 @@ class WaitPolicy:
         """A waiting task left the queue (timed out, cancelled, failed)."""
         book = self.books[self.key(waiter.site)]
         self._drop(book, waiter, now)
-        queue = book.queue
-        if len(queue) > 32 and len(queue) > 2 * book.waiting:
-            book.queue = deque(w for w in queue if w.state is _WAITING)
+        self._compact(book)
         self._forget(book)
+
+    @staticmethod
+    def _compact(book: SiteBook) -> None:
+        """Drop the book's settled waiters: all of them once none waits (a
+        site that holds a connection keeps its book, and each settled
+        waiter its future and its error's traceback, the caller's frames),
+        else when they are most of the queue. A new deque: a caller may be
+        walking the old one."""
+        queue = book.queue
+        if not book.waiting:
+            if queue:
+                book.queue = deque()
+        elif len(queue) > 32 and len(queue) > 2 * book.waiting:
+            book.queue = deque(w for w in queue if w.state is _WAITING)
 
     def _drop(self, book: SiteBook, waiter: Waiter, now: float | None) -> None:
         book.waiting -= 1
@@ -277,6 +289,8 @@ class WaitPolicy:
             book.queue.popleft()
         self._drop(book, waiter, now)
         self._change_held(book, 1, now)
+        if not book.waiting and book.queue:
+            book.queue = deque()  # (settled ones left behind a LIFO pick)
         return waiter
 
     def _end(self, newest: bool) -> Waiter:

@@ -26,7 +26,10 @@ _current: ContextVar[str | None] = ContextVar("safepool_site", default=None)
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Per code object: its site name, or "" for library frames to walk past.
-# Bounded by the code objects that ever called acquire().
+# At most SITE_CACHE_SIZE entries, the oldest dropped first: code compiled
+# at run time (exec(), templates, notebook cells) makes a new code object
+# each time, and the cache would otherwise keep every one of them alive.
+SITE_CACHE_SIZE = 4096
 _site_of_code: dict[CodeType, str] = {}
 _LIBRARIES = ("asyncpg", "asyncio", "contextlib", "functools")
 
@@ -51,7 +54,7 @@ def caller_site(depth: int = 1) -> str:
         if name is None:
             module = str(frame.f_globals.get("__name__", "?"))
             name = "" if _is_library(module) else f"{module}.{code.co_qualname}"
-            _site_of_code[code] = name
+            _remember(code, name)
         if name:
             return name
         back = frame.f_back
@@ -59,6 +62,15 @@ def caller_site(depth: int = 1) -> str:
             return f"{frame.f_globals.get('__name__', '?')}.{code.co_qualname}"  # the top of the task
         frame = back  # type: ignore[assignment]
     return "unknown"
+
+
+def _remember(code: CodeType, name: str) -> None:
+    if len(_site_of_code) >= SITE_CACHE_SIZE:
+        try:
+            del _site_of_code[next(iter(_site_of_code))]
+        except (KeyError, RuntimeError, StopIteration):  # another thread (another pool's loop) got there first
+            pass
+    _site_of_code[code] = name
 
 
 def current_site() -> str | None:

@@ -31,7 +31,11 @@ _APP, _POOL, _ASYNCIO = 0, 1, 2
 # generators): the frame of one whose caller is none of these is the top of
 # the running task, and its caller is whatever runs the event loop.
 RESUMED = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
-_kind_by_file: dict[str, int] = {}  # one entry per source file: bounded
+# One entry per source file, at most KIND_CACHE_SIZE (the oldest dropped
+# first): code compiled at run time may name a new "file" each time
+# (``<ipython-input-7>``, a template's generated name).
+KIND_CACHE_SIZE = 4096
+_kind_by_file: dict[str, int] = {}
 
 
 def _kind(filename: str) -> int:
@@ -43,6 +47,11 @@ def _kind(filename: str) -> int:
             kind = _POOL
         else:
             kind = _APP
+        if len(_kind_by_file) >= KIND_CACHE_SIZE:
+            try:
+                del _kind_by_file[next(iter(_kind_by_file))]
+            except (KeyError, RuntimeError, StopIteration):  # another thread got there first
+                pass
         _kind_by_file[filename] = kind
     return kind
 

@@ -1527,7 +1527,16 @@ class PoolState:
         self._stale_timers = 0
 
     def _compact_waiters(self) -> None:
-        if len(self._waiters) > 64 and len(self._waiters) > 2 * self._waiting:
+        # Settled waiters are skipped lazily, but not kept for good: each
+        # holds its future, and a failed one its error's traceback, with
+        # every frame on it (the caller's locals). With site caps or the
+        # adaptive queue nothing pops this queue's head, so a pool that went
+        # back to uncontended kept up to 64 of them. (A new deque, not
+        # clear(): a caller may be iterating over the old one.)
+        if not self._waiting:
+            if self._waiters:
+                self._waiters = deque()
+        elif len(self._waiters) > 64 and len(self._waiters) > 2 * self._waiting:
             self._waiters = deque(w for w in self._waiters if w.state is W.WAITING)
 
     def next_deadline(self) -> float | None:

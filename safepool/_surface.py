@@ -131,7 +131,10 @@ class Observation:
                 proxy = _pg.live_proxy(lease.slot.connection)
                 if proxy is None:
                     return False
-                await self.release(proxy)
+                # The proxy itself, not the connection's weak proxy to it: a
+                # release that closes the connection (max_queries, an expired
+                # generation) keeps a weak reference to it.
+                await self.release(proxy._referent())
                 return True
         return False
 

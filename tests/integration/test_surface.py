@@ -174,6 +174,32 @@ async def test_release_lease_goes_through_release(pools: Any) -> None:
         assert await con.fetchval("SHOW work_mem") != "1MB"
 
 
+@pytest.mark.parametrize("retired_by", ["max_queries", "expire_connections"])
+async def test_release_lease_of_a_connection_due_to_close(
+    pools: Any, server_count: Any, app_name: str, retired_by: str
+) -> None:
+    # release_lease() passed release() the connection's weak proxy to the
+    # lease's proxy; a release that closes the connection (max_queries
+    # reached, an expired generation) keeps a weak reference to the proxy,
+    # which a weak proxy cannot take: TypeError, the lease stayed held (until
+    # a lease timeout) and the connection's close was never finished.
+    pool = await pools(min_size=0, max_size=1, max_queries=1 if retired_by == "max_queries" else 50_000)
+    leaked = await pool.acquire()
+    assert await leaked.fetchval("SELECT 1") == 1
+    if retired_by == "expire_connections":
+        await pool.expire_connections()
+    [info] = pool.leases()
+    assert await pool.release_lease(info.id) is True
+    stats = pool.stats()
+    assert pool.leases() == [] and (stats.released, stats.in_use, stats.connections_closed) == (1, 0, 1)
+    with pytest.raises(asyncpg.InterfaceError):
+        await leaked.fetchval("SELECT 1")
+    assert await server_count(app_name) == 0
+    async with pool.acquire() as con:  # a new connection
+        assert await con.fetchval("SELECT 2") == 2
+    assert pool.stats().connections_opened == 2
+
+
 async def test_timing_sinks(pools: Any) -> None:
     clock = ManualClock()
     pool = await pools(name="timed", min_size=1, max_size=1, clock=clock)
