@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -348,3 +349,26 @@ async def test_pgbouncer_client_limit_degrades_the_pools_without_failing_callers
     assert sum(sizes) <= 6
     assert connect_errors > 0
     assert ledger.ok == 600, ledger.summary()
+
+
+async def test_top_works_through_pgbouncer_transaction_mode(start_bouncer: Callable[..., Bouncer]) -> None:
+    """``python -m safepool top`` pointed at PgBouncer in transaction mode:
+    each run is a new process and a new client, but the server connection
+    (one here) keeps the named statements an earlier client prepared, and
+    asyncpg numbers them per process. With asyncpg's statement cache the
+    second run's first query collided with the first run's (``prepared
+    statement "__asyncpg_stmt_1__" already exists``, exit 2); top's queries
+    must use unnamed statements. (Processes, not ``main()`` in this one:
+    the numbering would differ.)"""
+    bouncer = start_bouncer(default_pool_size=1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(safepool.__file__).parents[1]),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    for _ in range(3):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "safepool", "top", "--json", "--once", bouncer.dsn(),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        )
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+        assert (proc.returncode, err.decode()) == (0, "")
+        assert b'"total": ' in out
