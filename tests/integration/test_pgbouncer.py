@@ -1,4 +1,4 @@
-"""safepool through a real PgBouncer in transaction mode.
+"""safepool through a real PgBouncer (transaction mode; one test in session mode).
 
 Each test starts its own pgbouncer process on a free loopback port, in front
 of the session's test server. Skipped, with the reason, when the pgbouncer
@@ -14,7 +14,11 @@ Findings, written up in docs/pgbouncer.md:
   transaction on whichever server connection PgBouncer picks, so it costs a
   round trip per lease and resets nothing useful;
 * many pools (app processes) share one server budget: PgBouncer queues their
-  transactions, the server never sees more than ``default_pool_size``.
+  transactions, the server never sees more than ``default_pool_size``;
+* in session mode the session is real again: the full and auto resets
+  matter, rollback hands session state on;
+* ``python -m safepool top`` works through transaction mode (unnamed
+  statements).
 """
 
 from __future__ import annotations
@@ -349,6 +353,39 @@ async def test_pgbouncer_client_limit_degrades_the_pools_without_failing_callers
     assert sum(sizes) <= 6
     assert connect_errors > 0
     assert ledger.ok == 600, ledger.summary()
+
+
+@pytest.mark.parametrize("reset_mode", ["full", "auto", "rollback"])
+async def test_session_mode_keeps_the_session_so_the_reset_matters(
+    start_bouncer: Callable[..., Bouncer], reset_mode: str
+) -> None:
+    """PgBouncer in session mode: a pool connection keeps its server
+    connection, so session state is real, as on a direct connection. The
+    full and auto resets clear a lease's SET and advisory lock before the
+    next lease; rollback hands them on (docs/pgbouncer.md, Session mode)."""
+    if reset_mode == "auto":
+        pytest.importorskip("pglast")
+    bouncer = start_bouncer(pool_mode="session", default_pool_size=2)
+    pool = await safepool.create_pool(bouncer.dsn(), min_size=1, max_size=1, reset_mode=reset_mode)
+    try:
+        async with asyncio.timeout(20):
+            async with pool.acquire() as con:
+                await con.execute("SET application_name = 'sp-session-leak'")
+                await con.execute("SELECT pg_advisory_lock(83083)")
+                await con.prepare("SELECT 1")  # a named statement, kept by the session
+            async with pool.acquire() as con:
+                name = await con.fetchval("SHOW application_name")
+                locks = await con.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 83083 "
+                    "AND pid = pg_backend_pid()"
+                )
+                await con.execute("SELECT pg_advisory_unlock_all()")
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    if reset_mode == "rollback":
+        assert (name, locks) == ("sp-session-leak", 1)
+    else:
+        assert (name, locks) == ("", 0)
 
 
 async def test_top_works_through_pgbouncer_transaction_mode(start_bouncer: Callable[..., Bouncer]) -> None:
