@@ -388,6 +388,27 @@ async def test_session_mode_keeps_the_session_so_the_reset_matters(
         assert (name, locks) == ("", 0)
 
 
+async def test_idle_connections_pgbouncer_drops_are_replaced_without_an_error(
+    start_bouncer: Callable[..., Bouncer],
+) -> None:
+    """PgBouncer's client_idle_timeout closes idle pool connections: the pool
+    sees the close, replaces them, and the next users get no error
+    (docs/pgbouncer.md, client_idle_timeout)."""
+    bouncer = start_bouncer(default_pool_size=2, client_idle_timeout=1)
+    pool = await safepool.create_pool(
+        bouncer.dsn(), min_size=2, max_size=2, statement_cache_size=0, reset_mode="rollback",
+    )
+    try:
+        async with asyncio.timeout(20):
+            while pool.stats().connections_closed < 2:  # PgBouncer dropped both idle connections
+                await asyncio.sleep(0.05)
+            assert [await pool.fetchval("SELECT $1::int", i) for i in range(6)] == list(range(6))
+        stats = pool.stats()
+        assert stats.connections_opened >= 4, stats
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
 async def test_top_works_through_pgbouncer_transaction_mode(start_bouncer: Callable[..., Bouncer]) -> None:
     """``python -m safepool top`` pointed at PgBouncer in transaction mode:
     each run is a new process and a new client, but the server connection
