@@ -80,7 +80,7 @@ class Leak:
     pool_ref: weakref.ref[Pool] | None = field(default=None, repr=False, compare=False)
     site: str | None = None  # the acquire site (max_site_share, acquire(site=), safepool.site)
     # An open lease's holding task, as safepool.testing.tracker.holder_activity
-    # says: "query", "running", "idle", "ended" or "unknown"; None otherwise.
+    # says: "query", "running", "idle", "returned", "ended" or "unknown"; None otherwise.
     holder_state: str | None = None
 
     def describe(self) -> str:
@@ -364,7 +364,7 @@ class LeakGuard:
 
     def _timeout_leak(self, pool: Pool, seq: int, payload: TimedOut) -> Leak | None:
         holders = payload.holders
-        idle = [(info, doing) for info, state, doing in holders if state in ("idle", "ended")]
+        idle = [(info, doing) for info, state, doing in holders if state in ("idle", "returned", "ended")]
         if not idle or not self._first_time(pool, -seq, "timeout"):
             return None
         event = payload.event

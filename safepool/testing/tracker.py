@@ -70,8 +70,9 @@ def _await_chain(task: asyncio.Task[Any]) -> list[FrameType]:
 def holder_activity(info: LeaseInfo) -> tuple[str, str]:
     """(state, description) of the task holding a lease (``info.task``, a
     weak reference taken at acquire). state is "query" (inside asyncpg:
-    running a statement), "running", "idle" (suspended elsewhere), "ended"
-    (no such task any more) or "unknown"."""
+    running a statement), "running", "idle" (suspended elsewhere), "returned"
+    (suspended in anyio's test runner: the code that acquired has returned),
+    "ended" (no such task any more) or "unknown"."""
     if info.task_ref is None:
         return "unknown", "holding task unknown (stack capture was off)"
     task = info.task
@@ -90,6 +91,15 @@ def holder_activity(info: LeaseInfo) -> tuple[str, str]:
         filename = frame.f_code.co_filename
         if not os.path.abspath(filename).startswith(skip):
             return "idle", f"not in the database: waiting at {filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+    anyio_dir = _module_dir("anyio")
+    if frames and anyio_dir and os.path.abspath(frames[0].f_code.co_filename).startswith(anyio_dir):
+        # anyio's pytest plugin runs every test and fixture in one runner
+        # task, which waits in anyio between them: the test (or fixture)
+        # that acquired has returned without releasing, like a task that
+        # ended; no background task is holding it.
+        return "returned", (
+            "the code that acquired it returned without releasing it; the task runs on in anyio's test runner"
+        )
     return "idle", "not in the database"
 
 

@@ -210,6 +210,11 @@ class _Source:
                     timeout=args.timeout,
                     command_timeout=args.timeout,
                     server_settings={"application_name": APPLICATION_NAME},
+                    # Unnamed statements: behind PgBouncer in transaction
+                    # mode a named one (asyncpg numbers them per process)
+                    # collides with one an earlier run left on the same
+                    # server connection; two queries per refresh need no cache.
+                    statement_cache_size=0,
                 )
             return await fetch(
                 self._con, self._thresholds, show_queries=args.show_queries, query_width=args.query_width

@@ -1,4 +1,4 @@
-"""safepool through a real PgBouncer in transaction mode.
+"""safepool through a real PgBouncer (transaction mode; one test in session mode).
 
 Each test starts its own pgbouncer process on a free loopback port, in front
 of the session's test server. Skipped, with the reason, when the pgbouncer
@@ -14,7 +14,11 @@ Findings, written up in docs/pgbouncer.md:
   transaction on whichever server connection PgBouncer picks, so it costs a
   round trip per lease and resets nothing useful;
 * many pools (app processes) share one server budget: PgBouncer queues their
-  transactions, the server never sees more than ``default_pool_size``.
+  transactions, the server never sees more than ``default_pool_size``;
+* in session mode the session is real again: the full and auto resets
+  matter, rollback hands session state on;
+* ``python -m safepool top`` works through transaction mode (unnamed
+  statements).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -192,10 +197,12 @@ async def server_connections(pg_dsn: str, upstream: dict[str, Any]) -> AsyncIter
 # ----------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("reset_mode", ["rollback", "full"])
+@pytest.mark.parametrize("reset_mode", ["rollback", "full", "auto"])
 async def test_pool_works_through_pgbouncer_transaction_mode(
     start_bouncer: Callable[..., Bouncer], reset_mode: str
 ) -> None:
+    if reset_mode == "auto":
+        pytest.importorskip("pglast")
     bouncer = start_bouncer(default_pool_size=3)
     pool = await safepool.create_pool(
         bouncer.dsn(), min_size=2, max_size=8, statement_cache_size=0, reset_mode=reset_mode,
@@ -229,6 +236,10 @@ async def test_pool_works_through_pgbouncer_transaction_mode(
            "acquired": stats.acquired})
     if reset_mode == "rollback":
         assert stats.resets == 0  # no open transaction was left: nothing to send
+    elif reset_mode == "auto":
+        # Nothing changed the session: only each new connection's first
+        # lease is reset (docs/reset-modes.md).
+        assert stats.resets <= stats.connections_opened, stats
     else:
         assert stats.resets > 0  # a round trip per lease, on whatever server connection
 
@@ -348,3 +359,80 @@ async def test_pgbouncer_client_limit_degrades_the_pools_without_failing_callers
     assert sum(sizes) <= 6
     assert connect_errors > 0
     assert ledger.ok == 600, ledger.summary()
+
+
+@pytest.mark.parametrize("reset_mode", ["full", "auto", "rollback"])
+async def test_session_mode_keeps_the_session_so_the_reset_matters(
+    start_bouncer: Callable[..., Bouncer], reset_mode: str
+) -> None:
+    """PgBouncer in session mode: a pool connection keeps its server
+    connection, so session state is real, as on a direct connection. The
+    full and auto resets clear a lease's SET and advisory lock before the
+    next lease; rollback hands them on (docs/pgbouncer.md, Session mode)."""
+    if reset_mode == "auto":
+        pytest.importorskip("pglast")
+    bouncer = start_bouncer(pool_mode="session", default_pool_size=2)
+    pool = await safepool.create_pool(bouncer.dsn(), min_size=1, max_size=1, reset_mode=reset_mode)
+    try:
+        async with asyncio.timeout(20):
+            async with pool.acquire() as con:
+                await con.execute("SET application_name = 'sp-session-leak'")
+                await con.execute("SELECT pg_advisory_lock(83083)")
+                await con.prepare("SELECT 1")  # a named statement, kept by the session
+            async with pool.acquire() as con:
+                name = await con.fetchval("SHOW application_name")
+                locks = await con.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 83083 "
+                    "AND pid = pg_backend_pid()"
+                )
+                await con.execute("SELECT pg_advisory_unlock_all()")
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    if reset_mode == "rollback":
+        assert (name, locks) == ("sp-session-leak", 1)
+    else:
+        assert (name, locks) == ("", 0)
+
+
+async def test_idle_connections_pgbouncer_drops_are_replaced_without_an_error(
+    start_bouncer: Callable[..., Bouncer],
+) -> None:
+    """PgBouncer's client_idle_timeout closes idle pool connections: the pool
+    sees the close, replaces them, and the next users get no error
+    (docs/pgbouncer.md, client_idle_timeout)."""
+    bouncer = start_bouncer(default_pool_size=2, client_idle_timeout=1)
+    pool = await safepool.create_pool(
+        bouncer.dsn(), min_size=2, max_size=2, statement_cache_size=0, reset_mode="rollback",
+    )
+    try:
+        async with asyncio.timeout(20):
+            while pool.stats().connections_closed < 2:  # PgBouncer dropped both idle connections
+                await asyncio.sleep(0.05)
+            assert [await pool.fetchval("SELECT $1::int", i) for i in range(6)] == list(range(6))
+        stats = pool.stats()
+        assert stats.connections_opened >= 4, stats
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+async def test_top_works_through_pgbouncer_transaction_mode(start_bouncer: Callable[..., Bouncer]) -> None:
+    """``python -m safepool top`` pointed at PgBouncer in transaction mode:
+    each run is a new process and a new client, but the server connection
+    (one here) keeps the named statements an earlier client prepared, and
+    asyncpg numbers them per process. With asyncpg's statement cache the
+    second run's first query collided with the first run's (``prepared
+    statement "__asyncpg_stmt_1__" already exists``, exit 2); top's queries
+    must use unnamed statements. (Processes, not ``main()`` in this one:
+    the numbering would differ.)"""
+    bouncer = start_bouncer(default_pool_size=1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(safepool.__file__).parents[1]),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    for _ in range(3):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "safepool", "top", "--json", "--once", bouncer.dsn(),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        )
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+        assert (proc.returncode, err.decode()) == (0, "")
+        assert b'"total": ' in out

@@ -159,6 +159,15 @@ def test_anyio_plugin(suite: pytest.Pytester) -> None:
         "safepool: 1 connection leaked",
         f'*File "*test_leaky_anyio.py", line {line_of("leaky_anyio.py", "LEAK-ANYIO")}, in test_leaks',
     ])
+    # anyio runs every test and fixture in one runner task, alive between
+    # tests: the test returned without releasing, and the fix is the
+    # acquire's form, not "end the background task" (which there is none of).
+    result.stdout.fnmatch_lines([
+        "*still held after *s by task * (the code that acquired it returned without releasing it;"
+        " the task runs on in anyio's test runner)",
+        "Fix: acquire with `async with pool.acquire() as con:`*",
+    ])
+    result.stdout.no_fnmatch_line("Fix: the task holding it is still running*")
     assert_patches_removed()
 
 
