@@ -182,6 +182,16 @@ class WaitPolicy:
         self._forget(book)
         return woke
 
+    def queued_behind(self, site: str | None, waiting: int, room: int) -> int:
+        """The tasks that would wait behind busy connections, a new one of
+        ``site`` included, for the ``max_waiters`` bound: ``room``
+        (connections the pool may still open, or is opening) serves only
+        eligible waiters, as no connect is opened for a capped site's."""
+        book = self.books.get(self.key(site))
+        new_eligible = book is None or self.under_cap(book)
+        capped = waiting - self.eligible + (0 if new_eligible else 1)
+        return capped + max(0, self.eligible + new_eligible - room)
+
     def admit(
         self,
         waiter: Waiter,
@@ -200,7 +210,10 @@ class WaitPolicy:
             # The bulkhead covers the queue too: one site may take at most
             # its share of max_waiters, so it cannot lock the others out.
             limit = site_cap(self.site_share or 1.0, max_waiters) if max_waiters else 0
-            if book.waiting >= limit + room:
+            # Of the room under max_size, a site may take up to its cap: a
+            # site at its cap gets no connection opened for its waiters.
+            site_room = min(room, self.cap - book.held) if eligible else 0
+            if book.waiting >= limit + site_room:
                 raise Overloaded(
                     f"site {key!r} already has {book.waiting} waiting task(s), its share "
                     f"({self.site_share}) of max_waiters={max_waiters}"

@@ -761,7 +761,11 @@ class PoolState:
         room = 0
         if self.max_waiters is not None or self._policy is not None:
             room = max(0, self.max_size - self._live()) + self._connecting_count
-            if self.max_waiters is not None and self._waiting >= self.max_waiters + room:
+            if self.max_waiters is not None and (
+                self._waiting >= self.max_waiters + room
+                if self._policy is None
+                else self._policy.queued_behind(site, self._waiting, room) > self.max_waiters
+            ):
                 self.counters.overload_rejections += 1
                 raise Overloaded
         if (
