@@ -162,7 +162,7 @@ class Runner:
                         self.reclaimer.leak_suspect(lease)
                     case Shed(waiter, reason):
                         if waiter.future.done():
-                            state.undelivered(waiter)
+                            state.undelivered(waiter, shed=True)
                         else:
                             waiter.future.set_exception(PoolOverloadedError(self.reporter.shed_message(reason)))
                     case _:

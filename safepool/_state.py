@@ -826,16 +826,19 @@ class PoolState:
         caller gets ``PoolTimeoutError``, as one that ran out waiting)."""
         self.counters.acquire_timeouts += 1
 
-    def undelivered(self, waiter: Waiter, breaker_open: bool = False) -> None:
+    def undelivered(self, waiter: Waiter, breaker_open: bool = False, shed: bool = False) -> None:
         """The task of a waiter the core timed out, shed or refused was
         cancelled first (its future was done: ``wait_for`` or ``task.cancel()``
         in the same loop turn): it leaves with ``CancelledError``, not the
         pool's error, so that error is not counted (the counters count what
         callers got; no event is sent for it either)."""
+        # ``shed``: a Shed action's waiter (at its target deadline, or at the
+        # head of a standing queue), not one whose target deadline a
+        # connect failure beat (Fail, ``breaker_open`` or not).
         c = self.counters
         if waiter.state is W.TIMED_OUT:
             c.acquire_timeouts -= 1
-        elif waiter.state is W.FAILED and waiter.shed:
+        elif waiter.state is W.FAILED and shed:
             c.shed -= 1
         elif waiter.state is W.FAILED and breaker_open:
             c.unavailable_rejections -= 1

@@ -9,9 +9,11 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import pytest
 
 import safepool
+from safepool import ManualClock
 
 pytestmark = pytest.mark.asyncio
 
@@ -59,3 +61,89 @@ async def test_capped_site_takes_at_most_its_share_of_max_waiters(pools: Callabl
         await pool.release(await task)
     pool._state.check_invariants()
 
+
+async def test_shed_of_a_waiter_cancelled_in_the_same_turn_is_not_counted(pools: Callable[..., Any]) -> None:
+    """A waiter queued before the adaptive queue stood keeps its own timeout;
+    once the queue stands, the next hand-on sheds it (it waited longer than
+    queue_target). If its task was cancelled in the same loop turn, before
+    the shed, the caller gets CancelledError, not PoolOverloadedError: the
+    counters count what callers got (PoolState.undelivered), so stats().shed
+    must not count it. Before the fix it did (the shed of a waiter at the
+    head, unlike one whose deadline was the target, was not recognised)."""
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, queue_policy="adaptive", clock=clock)
+    con = await pool.acquire()
+    task = asyncio.ensure_future(pool.acquire(timeout=5.0))
+    await _queued(pool, 1)
+    clock.advance(0.5)  # the queue now stands: not empty for over queue_interval
+    task.cancel()
+    await pool.release(con)  # the hand-on sheds the waiter, whose task is cancelled already
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stats = pool.stats()
+    assert (stats.shed, stats.waiting, stats.idle) == (0, 0, 1), stats
+    pool._state.check_invariants()
+
+
+
+async def _refusal() -> OSError:
+    """A real connect refusal: nothing listens on a port just freed."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    try:
+        await asyncpg.connect(host="127.0.0.1", port=port, user="nobody", timeout=5)
+    except OSError as exc:
+        return exc
+    raise AssertionError("a connect to a closed port succeeded")
+
+
+async def test_connect_failure_of_a_cancelled_waiter_admitted_to_a_standing_queue(pools: Callable[..., Any]) -> None:
+    """A waiter admitted while the adaptive queue stands gets queue_target
+    instead of its timeout. A connect failure that fails it (the newest
+    waiter: asyncpg raises its connect's error) after its task was cancelled
+    in the same loop turn is no shed: stats().shed must stay 0. Before the
+    fix, PoolState.undelivered took it for one and counted shed -1.
+
+    The ``connect=`` callback cancels the waiter's task and raises a real
+    refusal in one step: the two events of one loop iteration, in order."""
+    clock = ManualClock()
+    refusal = await _refusal()
+    failing = False
+    victim: asyncio.Future[Any] | None = None
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        if failing:
+            assert victim is not None
+            victim.cancel()
+            raise refusal
+        return await asyncpg.connect(*args, **kwargs)
+
+    pool = await pools(min_size=2, max_size=2, queue_policy="adaptive", clock=clock, connect=connect)
+    con1, con2 = await pool.acquire(), await pool.acquire()
+    patient = asyncio.ensure_future(pool.acquire())  # no timeout: never shed
+    await _queued(pool, 1)
+    clock.advance(0.5)  # the queue stands
+    victim = asyncio.ensure_future(pool.acquire(timeout=5.0))
+    await _queued(pool, 2)
+    failing = True
+    await con1.execute("SELECT pg_terminate_backend($1)", con2.get_server_pid())
+    for _ in range(1000):  # the pool notices the loss (asyncpg's connection_lost)
+        if pool.stats().closing or pool.stats().connecting or pool.stats().connect_errors:
+            break
+        await asyncio.sleep(0.001)
+    await pool.release(con2)  # its connection is gone: closed, and a connect replaces it  # its connection is gone: closed, and a connect replaces it
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    for _ in range(100):
+        if pool.stats().connect_errors:
+            break
+        await asyncio.sleep(0)
+    stats = pool.stats()
+    assert (stats.shed, stats.connect_errors, stats.waiting) == (0, 1, 1), (stats, patient)
+    failing = False
+    await pool.release(con1)
+    await pool.release(await patient)
+    pool._state.check_invariants()
