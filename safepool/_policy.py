@@ -133,6 +133,10 @@ class WaitPolicy:
     def under_cap(self, book: SiteBook) -> bool:
         return self.cap is None or book.held < self.cap
 
+    def is_eligible(self, waiter: Waiter) -> bool:
+        """Whether the waiting task's site is under its cap."""
+        return self.cap is None or self.books[self.key(waiter.site)].held < self.cap
+
     def _note_empty(self, now: float | None) -> None:
         if self.eligible == 0 and now is not None and self.adaptive is not None:
             self.adaptive.last_empty = now

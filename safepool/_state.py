@@ -1372,9 +1372,14 @@ class PoolState:
         """Fail the task whose arrival the failed connect was for: without an
         owner (site caps, the adaptive queue), the newest waiting one (those
         before it are first in line for released connections); never a task
-        waiting on a connect of its own."""
+        waiting on a connect of its own, nor a waiter of a site at its cap
+        (no connect is opened for those: they wait for their site's
+        releases)."""
+        policy = self._policy
         for waiter in reversed(self._waiters):
-            if waiter.state is W.WAITING and waiter.connect is None:
+            if waiter.state is W.WAITING and waiter.connect is None and (
+                policy is None or policy.is_eligible(waiter)
+            ):
                 self._settle_failed(waiter, error)
                 self._waiting -= 1
                 return

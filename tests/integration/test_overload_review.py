@@ -147,3 +147,47 @@ async def test_connect_failure_of_a_cancelled_waiter_admitted_to_a_standing_queu
     await pool.release(con1)
     await pool.release(await patient)
     pool._state.check_invariants()
+
+
+async def test_failed_connect_fails_its_own_site_not_a_capped_one(pools: Callable[..., Any]) -> None:
+    """docs/backpressure.md: a failed connect fails the task it was opened
+    for; the others keep waiting for released connections. Under site caps
+    no connect is opened for a capped site's waiter: the connect that
+    failed was for the other site's task, which must get the server's error,
+    while the capped site's newer waiter keeps waiting. Before the fix the
+    newest waiter of any site got it (the capped one), and the task the
+    connect was for waited on."""
+    refusal = await _refusal()
+    failing = False
+    gate = asyncio.Event()  # the failing connect answers once both tasks wait
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        if failing:
+            await gate.wait()
+            raise refusal
+        return await asyncpg.connect(*args, **kwargs)
+
+    clock = ManualClock()
+    pool = await pools(min_size=2, max_size=3, max_site_share=0.5, clock=clock, connect=connect)
+    held = [await pool.acquire(site="hog") for _ in range(2)]
+    failing = True
+    other = asyncio.ensure_future(pool.acquire(site="other"))  # a connect is opened for it
+    await _queued(pool, 1)
+    hog = asyncio.ensure_future(pool.acquire(site="hog"))  # at its cap: waits for a release
+    await _queued(pool, 2)
+    gate.set()
+    for _ in range(100):
+        await asyncio.sleep(0)
+        if pool.stats().connect_errors:
+            break
+    await asyncio.sleep(0)  # the failed task resumes
+    assert pool.stats().connect_errors == 1
+    assert (other.done(), hog.done(), pool.stats().waiting) == (True, False, 1)
+    with pytest.raises(ConnectionRefusedError):
+        await other
+    failing = False
+    await pool.release(held.pop())
+    held.append(await hog)
+    for con in held:
+        await pool.release(con)
+    pool._state.check_invariants()
