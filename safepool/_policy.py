@@ -67,12 +67,18 @@ class AdaptiveQueue:
 
     def drain_gap(self, now: float) -> float | None:
         """Seconds per connection handed on, or None while unknown. Nothing
-        handed on (while tasks wait) for over three average gaps counts as
-        that slow: the connections are held by something that does not end."""
+        handed on while tasks wait for over three average gaps counts as
+        that slow: the connections are held by something that does not end.
+        The stall runs from the last hand-on or the last moment the queue
+        was empty, whichever is later: time in which nobody waited says
+        nothing about the drain rate (a backlog that drained, then a quiet
+        second, is no stall of a second)."""
         if self.samples < _MIN_RATE_SAMPLES:
             return None
-        if self.last_hand_on is not None and now - self.last_hand_on > 3 * self.gap:
-            return now - self.last_hand_on
+        since = self.last_empty if self.last_hand_on is None else max(self.last_hand_on, self.last_empty)
+        stalled = now - since
+        if stalled > 3 * self.gap and since != -math.inf:
+            return stalled
         return self.gap
 
 

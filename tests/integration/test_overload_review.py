@@ -191,3 +191,34 @@ async def test_failed_connect_fails_its_own_site_not_a_capped_one(pools: Callabl
     for con in held:
         await pool.release(con)
     pool._state.check_invariants()
+
+
+async def test_admission_does_not_count_time_when_nobody_waited(pools: Callable[..., Any]) -> None:
+    """Deadline-aware admission: "nothing handed on (while tasks wait) for
+    over three such gaps counts as that slow". After a backlog has drained,
+    time in which nobody waited says nothing about the drain rate: the first
+    task to wait after a quiet second must wait (served at the next
+    release), not be refused at once. Before the fix, the time since the
+    last hand-on of the old backlog counted as a stall, and an
+    acquire(timeout=0.5) arriving a second later was refused with
+    PoolOverloadedError while nobody was ahead of it."""
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, queue_policy="adaptive", clock=clock)
+    con = await pool.acquire()
+    backlog = [asyncio.ensure_future(pool.acquire()) for _ in range(10)]  # no timeout: never shed
+    await _queued(pool, 10)
+    for _ in range(10):  # drain them, one connection every 10 ms
+        clock.advance(0.01)
+        await pool.release(con)
+        done, _ = await asyncio.wait(backlog, return_when=asyncio.FIRST_COMPLETED)
+        (task,) = done
+        backlog.remove(task)
+        con = task.result()
+    clock.advance(1.0)  # a quiet second: the lease goes on, nobody waits
+    late = asyncio.ensure_future(pool.acquire(timeout=0.5))
+    await asyncio.sleep(0)
+    assert not late.done(), late
+    assert pool.stats().admission_rejections == 0
+    await pool.release(con)
+    await pool.release(await late)
+    pool._state.check_invariants()
