@@ -222,3 +222,40 @@ async def test_admission_does_not_count_time_when_nobody_waited(pools: Callable[
     await pool.release(con)
     await pool.release(await late)
     pool._state.check_invariants()
+
+
+async def test_resize_under_bulkhead_moves_the_cap_for_queued_waiters(pools: Callable[..., Any], server_count: Any, app_name: str) -> None:
+    """resize() with waiters queued under a bulkhead: growing raises the
+    site cap (ceil(s * max_size)) and the capped site's waiter is served on a
+    new connection at once; shrinking lowers it again, the excess closes as
+    leases return, and the server never sees more than max_size backends."""
+    pool = await pools(min_size=0, max_size=4, max_site_share=0.5)
+    held = [await pool.acquire(site="hog") for _ in range(2)]
+    waiter = asyncio.ensure_future(pool.acquire(site="hog"))
+    await _queued(pool, 1)
+    assert pool.stats().site_cap == 2
+    pool.resize(max_size=6)
+    assert pool.stats().site_cap == 3
+    held.append(await waiter)
+    assert await server_count(app_name) == 3
+    # Shrink below what the site holds: its next task waits beyond the new cap.
+    pool.resize(max_size=2)
+    assert pool.stats().site_cap == 1
+    late = asyncio.ensure_future(pool.acquire(site="hog"))
+    other = asyncio.ensure_future(pool.acquire(site="other"))
+    await _queued(pool, 2)
+    await pool.release(held.pop())  # 3 -> 2 held, cap 1, size 3 > 2: closed
+    await pool.release(held.pop())  # 2 -> 1 held: still at the cap; the other site's task is served
+    con = await other
+    assert not late.done()
+    await pool.release(held.pop())  # the hog's last: now under its cap
+    held.append(await late)
+    for _ in range(1000):  # the excess connection's close finishes
+        if not pool.stats().closing:
+            break
+        await asyncio.sleep(0.001)
+    assert pool.get_size() == 2
+    assert await server_count(app_name) <= 2
+    for c in [con, *held]:
+        await pool.release(c)
+    pool._state.check_invariants()
