@@ -259,3 +259,71 @@ async def test_resize_under_bulkhead_moves_the_cap_for_queued_waiters(pools: Cal
     for c in [con, *held]:
         await pool.release(c)
     pool._state.check_invariants()
+
+
+@pytest.mark.parametrize("refusal", ["timeout", "shed"])
+async def test_refusal_then_cancel_in_the_same_turn_is_not_counted(pools: Callable[..., Any], refusal: str) -> None:
+    """The pool fails a waiter (its acquire timeout, or the adaptive queue's
+    target), then, in the same loop turn, before the task resumes, something
+    cancels the task (an asyncio.timeout with the same deadline, a cancel
+    scope): the caller gets CancelledError, never the pool's error. The
+    counters count what callers got, as in the opposite order (cancelled
+    first: PoolState.undelivered), so neither acquire_timeouts nor shed
+    counts it. Before the fix both did."""
+    clock = ManualClock()
+    adaptive = refusal == "shed"
+    pool = await pools(min_size=1, max_size=1, clock=clock, **({"queue_policy": "adaptive"} if adaptive else {}))
+    con = await pool.acquire()
+    if adaptive:
+        patient = asyncio.ensure_future(pool.acquire())  # keeps the queue standing; never shed
+        await _queued(pool, 1)
+        clock.advance(0.5)
+    task = asyncio.ensure_future(pool.acquire(timeout=1.0))
+    await _queued(pool, 2 if adaptive else 1)
+    clock.advance(1.0)  # the pool's timer fails the waiter: its future holds the error
+    task.cancel()  # same turn: the task has not resumed yet
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stats = pool.stats()
+    assert (stats.acquire_timeouts, stats.shed) == (0, 0), stats
+    await pool.release(con)
+    if adaptive:
+        await pool.release(await patient)
+    pool._state.check_invariants()
+
+
+async def test_breaker_refusal_then_cancel_in_the_same_turn_is_not_counted(pools: Callable[..., Any]) -> None:
+    """fail_fast: the connect failure that opens the circuit fails its
+    waiter with ServerUnavailableError; a cancellation that reaches the task
+    in the same turn (here: a connect_failed event listener, delivered right
+    after the failure) wins, and unavailable_rejections must not count it."""
+    refusal = await _refusal()
+    clock = ManualClock()
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        raise refusal
+
+    pool = await pools(min_size=0, max_size=1, fail_fast=True, clock=clock, connect=connect)
+    pending: list[asyncio.Future[Any]] = []
+
+    def listener(event: Any) -> None:
+        if isinstance(event, safepool.events.ConnectFailed) and event.consecutive_failures == 3:
+            pending[0].cancel()
+
+    pool.add_event_listener(listener)
+    for attempt in range(3):
+        task = asyncio.ensure_future(pool.acquire(timeout=5.0))
+        pending[:] = [task]
+        await _queued(pool, 1)
+        clock.advance(1.0)  # the backoff has passed: the probe starts
+        if attempt < 2:
+            with pytest.raises(ConnectionRefusedError):
+                await task
+        else:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    stats = pool.stats()
+    assert (stats.connect_errors, stats.unavailable_rejections) == (3, 0), stats
+    with pytest.raises(safepool.ServerUnavailableError):  # the circuit is open: at once
+        await pool.acquire(timeout=5.0)
+    assert pool.stats().unavailable_rejections == 1
