@@ -173,11 +173,15 @@ class Leaser:
             try:
                 waiter = state.enqueue(future, now, None if deadline is None else max(0.0, deadline - now), site)
             except Overloaded as exc:
+                if state.actions:
+                    self.drain()  # (waiters the adaptive queue shed before refusing this one)
                 if isinstance(exc, Inadmissible):
                     raise PoolOverloadedError(self.reporter.shed_message("refused at once: " + str(exc))) from None
                 raise PoolOverloadedError(
                     self.reporter.busy_message(str(exc) or "wait queue is full", now)) from None
             except Unavailable as exc:
+                if state.actions:
+                    self.drain()
                 raise self.reporter.unavailable_error(exc.last_error, now) from exc.last_error
             except Closed:
                 raise PoolClosedError("pool is closing") from None

@@ -192,6 +192,13 @@ class WaitPolicy:
         self._forget(book)
         return woke
 
+    def shed_standing(self, now: float) -> None:
+        """While the queue stands, shed the waiters that waited longer than
+        the target (before a newcomer is counted against ``max_waiters``)."""
+        aq = self.adaptive
+        if aq is not None and self.eligible and aq.standing(now):
+            self._shed_stale(now)
+
     def queued_behind(self, site: str | None, waiting: int, room: int) -> int:
         """The tasks that would wait behind busy connections, a new one of
         ``site`` included, for the ``max_waiters`` bound: ``room``

@@ -760,6 +760,10 @@ class PoolState:
         # not an overload (else max_waiters=0 could never open a connection).
         room = 0
         if self.max_waiters is not None or self._policy is not None:
+            if self.max_waiters is not None and self._policy is not None:
+                # A standing adaptive queue sheds its stale waiters first:
+                # they, not the newcomer (served first: adaptive LIFO), go.
+                self._policy.shed_standing(now)
             room = max(0, self.max_size - self._live()) + self._connecting_count
             if self.max_waiters is not None and (
                 self._waiting >= self.max_waiters + room

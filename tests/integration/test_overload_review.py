@@ -327,3 +327,30 @@ async def test_breaker_refusal_then_cancel_in_the_same_turn_is_not_counted(pools
     with pytest.raises(safepool.ServerUnavailableError):  # the circuit is open: at once
         await pool.acquire(timeout=5.0)
     assert pool.stats().unavailable_rejections == 1
+
+
+async def test_standing_queue_sheds_stale_waiters_before_max_waiters_refuses(pools: Callable[..., Any]) -> None:
+    """Adaptive queue with max_waiters: once the queue stands, the waiters
+    that waited longer than queue_target are shed and the newest is served
+    first. A newcomer that finds the queue full of such stale waiters must
+    take the place of those (they are shed now, not at the next release),
+    not be refused while they stay. Before the fix max_waiters refused the
+    newcomer and kept the stale waiters."""
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, queue_policy="adaptive", max_waiters=2, clock=clock)
+    con = await pool.acquire()
+    stale = [asyncio.ensure_future(pool.acquire(timeout=5.0)) for _ in range(2)]
+    await _queued(pool, 2)
+    clock.advance(0.5)  # the queue stands; both waited far longer than queue_target
+    newest = asyncio.ensure_future(pool.acquire(timeout=5.0))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not newest.done(), newest
+    for task in stale:
+        with pytest.raises(safepool.PoolOverloadedError, match="shed by the adaptive queue"):
+            await task
+    stats = pool.stats()
+    assert (stats.shed, stats.overload_rejections, stats.waiting) == (2, 0, 1), stats
+    await pool.release(con)
+    await pool.release(await newest)
+    pool._state.check_invariants()
