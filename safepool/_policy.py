@@ -351,6 +351,16 @@ class WaitPolicy:
                 queue.popleft()
                 self._drop(book, head, now)
                 self._shed(head, self.shed_reason(head, now))
+            if queue and queue[0].deadline is None and now - queue[0].enqueued_at > aq.target:
+                # Waiters without a timeout (never shed) at the head do not
+                # shield the stale ones behind them (settled in place: skipped
+                # lazily, as a cancelled waiter).
+                for waiter in queue:  # (_drop and _shed leave the deque as it is)
+                    if now - waiter.enqueued_at <= aq.target:
+                        break
+                    if waiter.state is _WAITING and waiter.deadline is not None:
+                        self._drop(book, waiter, now)
+                        self._shed(waiter, self.shed_reason(waiter, now))
             self._forget(book)
 
     def shed_reason(self, waiter: Waiter, now: float) -> str:

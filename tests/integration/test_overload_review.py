@@ -354,3 +354,28 @@ async def test_standing_queue_sheds_stale_waiters_before_max_waiters_refuses(poo
     await pool.release(con)
     await pool.release(await newest)
     pool._state.check_invariants()
+
+
+async def test_standing_queue_sheds_a_stale_waiter_behind_a_patient_one(pools: Callable[..., Any]) -> None:
+    """A waiter without a timeout is never shed, but it must not shield the
+    waiters with a timeout queued behind it: at the next hand-on of a
+    standing queue, every one that waited longer than queue_target is shed.
+    Before the fix shedding stopped at the patient head, and the stale
+    waiter behind it waited on (to its own timeout, or a later hand-on)."""
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, queue_policy="adaptive", clock=clock)
+    con = await pool.acquire()
+    patient = asyncio.ensure_future(pool.acquire())
+    await _queued(pool, 1)
+    stale = asyncio.ensure_future(pool.acquire(timeout=5.0))
+    await _queued(pool, 2)
+    clock.advance(0.5)  # the queue stands
+    await pool.release(con)  # the patient one waited a whole interval: served first
+    con = await patient
+    await asyncio.sleep(0)
+    assert stale.done(), pool.stats()
+    with pytest.raises(safepool.PoolOverloadedError, match="shed by the adaptive queue"):
+        await stale
+    assert pool.stats().shed == 1
+    await pool.release(con)
+    pool._state.check_invariants()
