@@ -379,3 +379,52 @@ async def test_standing_queue_sheds_a_stale_waiter_behind_a_patient_one(pools: C
     assert pool.stats().shed == 1
     await pool.release(con)
     pool._state.check_invariants()
+
+
+async def test_fifo_within_and_across_sites(pools: Callable[..., Any]) -> None:
+    """Bulkheads keep arrival order: within a site FIFO, across sites the
+    oldest waiter of a site under its cap first; a capped site's waiters are
+    passed over, not starved (served in order once their site releases)."""
+    pool = await pools(min_size=2, max_size=2, max_site_share=0.5)  # cap 1
+    a = await pool.acquire(site="a")
+    b = await pool.acquire(site="b")
+    order: list[str] = []
+    gates: dict[str, asyncio.Event] = {}
+
+    async def lease(name: str, site: str) -> None:
+        gates[name] = asyncio.Event()
+        async with pool.acquire(site=site):
+            order.append(name)
+            await gates[name].wait()
+
+    async def served(count: int) -> None:
+        for _ in range(1000):
+            if len(order) == count:
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(order)
+
+    # Arrival order; sites a and b are at their cap, c is under it.
+    names = [("a1", "a"), ("b1", "b"), ("a2", "a"), ("b2", "b"), ("c1", "c"), ("a3", "a")]
+    tasks = []
+    for count, (name, site) in enumerate(names, 1):
+        tasks.append(asyncio.create_task(lease(name, site)))
+        await _queued(pool, count)
+    await pool.release(b)  # eligible now: b1, b2, c1; b1 came first
+    await served(1)
+    gates["b1"].set()  # b's connection again: eligible b2, c1; b2 came first
+    await served(2)
+    gates["b2"].set()  # eligible c1 only (a at its cap): the a waiters, older, are passed over
+    await served(3)
+    await pool.release(a)  # a under its cap: a1, the oldest waiter
+    await served(4)
+    assert order == ["b1", "b2", "c1", "a1"], order
+    for name in ("c1", "a1"):
+        gates[name].set()
+    await served(5)  # a2 (c1's connection idles: a is at its cap again)
+    assert pool.stats().idle == 1
+    for gate in gates.values():
+        gate.set()
+    await asyncio.gather(*tasks)
+    assert order == ["b1", "b2", "c1", "a1", "a2", "a3"], order
+    pool._state.check_invariants()
