@@ -386,8 +386,11 @@ class WaitPolicy:
         )
         if len(rows) <= top:
             return rows
-        rest = rows[top:]
-        return rows[:top] + [("other", sum(r[1] for r in rest), sum(r[2] for r in rest))]
+        # A site itself named "other" goes into the "other" row: one label,
+        # one series per exporter.
+        listed = [row for row in rows if row[0] != "other"][:top]
+        rest = [row for row in rows if row not in listed]
+        return listed + [("other", sum(r[1] for r in rest), sum(r[2] for r in rest))]
 
     def check(self, waiting: int) -> list[str]:
         """Inconsistencies in the books (for PoolState.check_invariants)."""

@@ -428,3 +428,26 @@ async def test_fifo_within_and_across_sites(pools: Callable[..., Any]) -> None:
     await asyncio.gather(*tasks)
     assert order == ["b1", "b2", "c1", "a1", "a2", "a3"], order
     pool._state.check_invariants()
+
+
+async def test_a_site_named_other_does_not_duplicate_the_other_row(pools: Callable[..., Any]) -> None:
+    """stats().sites lists the 10 busiest sites, then "other" summing the
+    rest; the exporters label rows by site. A site itself named "other" must
+    not make two rows labelled "other" (a duplicate series in Prometheus): it
+    is summed into the "other" row. Before the fix it was listed twice."""
+    pool = await pools(min_size=2, max_size=2, max_site_share=0.5)  # cap 1
+    held = [await pool.acquire(site="other"), await pool.acquire(site="x")]
+    names = ["other"] * 3 + [f"s{i}" for i in range(10)]  # 12 sites in all
+    waiting = []
+    for count, name in enumerate(names, 1):
+        waiting.append(asyncio.ensure_future(pool.acquire(site=name)))
+        await _queued(pool, count)
+    rows = pool.stats().sites
+    labels = [row.site for row in rows]
+    assert len(labels) == len(set(labels)) == 11, labels
+    assert sum(row.in_use for row in rows) == 2 and sum(row.waiting for row in rows) == 13, rows
+    for con in held:
+        await pool.release(con)
+    for task in waiting:
+        await pool.release(await task)
+    pool._state.check_invariants()
