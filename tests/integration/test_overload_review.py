@@ -451,3 +451,31 @@ async def test_a_site_named_other_does_not_duplicate_the_other_row(pools: Callab
     for task in waiting:
         await pool.release(await task)
     pool._state.check_invariants()
+
+
+async def test_create_pool_keeps_to_max_connecting(pg_dsn: str, app_name: str) -> None:
+    """max_connecting bounds the connects in flight at once, pool creation's
+    too: init_size connections are opened at most max_connecting at a time
+    (a fleet of services starting together must not storm the server with
+    logins). Before the fix create_pool() opened all but the first at once."""
+    in_flight = 0
+    most = 0
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await asyncpg.connect(*args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=6, max_size=6, max_connecting=2, connect=connect,
+        server_settings={"application_name": app_name},
+    )
+    try:
+        assert pool.get_size() == 6
+        assert most <= 2, most
+    finally:
+        await pool.close()
