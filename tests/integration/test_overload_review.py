@@ -479,3 +479,32 @@ async def test_create_pool_keeps_to_max_connecting(pg_dsn: str, app_name: str) -
         assert most <= 2, most
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize("first", ["release", "deadline"])
+async def test_deadline_and_release_in_the_same_turn_under_policies(pools: Callable[..., Any], first: str) -> None:
+    """A waiter's acquire timeout falls due in the loop turn a release hands
+    it the connection (bulkhead and adaptive queue on). Whichever comes
+    first wins, and only it: granted first, the task gets the connection
+    (no timeout counted); timed out first, it gets PoolTimeoutError and the
+    connection idles; the books balance either way."""
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, max_site_share=1.0, queue_policy="adaptive", clock=clock)
+    con = await pool.acquire(site="a")
+    task = asyncio.ensure_future(pool.acquire(timeout=0.05, site="b"))
+    await _queued(pool, 1)
+    if first == "release":
+        await pool.release(con)
+        clock.advance(0.05)
+        con = await task
+        assert pool.stats().acquire_timeouts == 0
+        await pool.release(con)
+    else:
+        clock.advance(0.05)
+        await pool.release(con)
+        with pytest.raises(safepool.PoolTimeoutError):
+            await task
+        assert pool.stats().acquire_timeouts == 1
+    stats = pool.stats()
+    assert (stats.idle, stats.waiting, stats.in_use, stats.shed) == (1, 0, 0, 0), stats
+    pool._state.check_invariants()
