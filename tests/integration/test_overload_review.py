@@ -508,3 +508,23 @@ async def test_deadline_and_release_in_the_same_turn_under_policies(pools: Calla
     stats = pool.stats()
     assert (stats.idle, stats.waiting, stats.in_use, stats.shed) == (1, 0, 0, 0), stats
     pool._state.check_invariants()
+
+
+async def test_health_says_the_adaptive_queue_shed_the_probe(pools: Callable[..., Any]) -> None:
+    """pool.health(): a probe the adaptive queue shed is reported as such,
+    not as "the wait queue is full" (there is no max_waiters here). Before
+    the fix every PoolOverloadedError read "the wait queue is full"."""
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, queue_policy="adaptive", clock=clock)
+    con = await pool.acquire()
+    patient = asyncio.ensure_future(pool.acquire())
+    await _queued(pool, 1)
+    clock.advance(0.5)  # the queue stands: the probe gets queue_target, not its timeout
+    report_task = asyncio.ensure_future(pool.health(probe_timeout=1.0))
+    await _queued(pool, 2)
+    clock.advance(0.02)  # past queue_target: shed
+    report = await report_task
+    (reason,) = [r for r in report.reasons if r.code == "probe_no_connection"]
+    assert "adaptive queue" in reason.message and "wait queue is full" not in reason.message, reason
+    await pool.release(con)
+    await pool.release(await patient)
