@@ -46,8 +46,15 @@ from ._state import (
     PoolState,
     SlotLost,
     Unavailable,
+    Waiter,
 )
-from .errors import EventLoopMismatchError, PoolClosedError, PoolOverloadedError, PoolTimeoutError
+from .errors import (
+    EventLoopMismatchError,
+    PoolClosedError,
+    PoolOverloadedError,
+    PoolTimeoutError,
+    ServerUnavailableError,
+)
 from .proxy import PoolConnectionProxy
 
 if TYPE_CHECKING:
@@ -166,11 +173,15 @@ class Leaser:
             try:
                 waiter = state.enqueue(future, now, None if deadline is None else max(0.0, deadline - now), site)
             except Overloaded as exc:
+                if state.actions:
+                    self.drain()  # (waiters the adaptive queue shed before refusing this one)
                 if isinstance(exc, Inadmissible):
                     raise PoolOverloadedError(self.reporter.shed_message("refused at once: " + str(exc))) from None
                 raise PoolOverloadedError(
                     self.reporter.busy_message(str(exc) or "wait queue is full", now)) from None
             except Unavailable as exc:
+                if state.actions:
+                    self.drain()
                 raise self.reporter.unavailable_error(exc.last_error, now) from exc.last_error
             except Closed:
                 raise PoolClosedError("pool is closing") from None
@@ -183,6 +194,8 @@ class Leaser:
             except asyncio.CancelledError:
                 # Cancelled while waiting, or after the grant but before resuming:
                 # either way the core gets the connection back (anyio's pattern).
+                if future.done() and not future.cancelled():
+                    self.unreceived(waiter, future)
                 state.cancel_waiter(waiter, self.now())
                 self.drain()
                 raise
@@ -227,6 +240,22 @@ class Leaser:
         if context is not None:
             context.connection = proxy
         return proxy
+
+    def unreceived(self, waiter: Waiter, future: asyncio.Future[None]) -> None:
+        """The pool failed the waiter (timed out, shed, the breaker's
+        refusal), then a cancellation reached its task in the same loop turn,
+        before it resumed (an ``asyncio.timeout`` with the same deadline, a
+        cancel scope): the caller gets ``CancelledError``, never the pool's
+        error, which is not counted, as when the cancellation came first
+        (:meth:`PoolState.undelivered`). Retrieving it also spares the loop's
+        "exception was never retrieved" log."""
+        error = future.exception()
+        if error is not None:
+            self.state.undelivered(
+                waiter,
+                breaker_open=isinstance(error, ServerUnavailableError),
+                shed=isinstance(error, PoolOverloadedError),
+            )
 
     async def run_setup_until(self, proxy: PoolConnectionProxy, lease: Lease, deadline: float, timeout: float) -> None:
         """``setup=`` under what is left of the acquire's ``timeout``: asyncpg's

@@ -67,12 +67,18 @@ class AdaptiveQueue:
 
     def drain_gap(self, now: float) -> float | None:
         """Seconds per connection handed on, or None while unknown. Nothing
-        handed on (while tasks wait) for over three average gaps counts as
-        that slow: the connections are held by something that does not end."""
+        handed on while tasks wait for over three average gaps counts as
+        that slow: the connections are held by something that does not end.
+        The stall runs from the last hand-on or the last moment the queue
+        was empty, whichever is later: time in which nobody waited says
+        nothing about the drain rate (a backlog that drained, then a quiet
+        second, is no stall of a second)."""
         if self.samples < _MIN_RATE_SAMPLES:
             return None
-        if self.last_hand_on is not None and now - self.last_hand_on > 3 * self.gap:
-            return now - self.last_hand_on
+        since = self.last_empty if self.last_hand_on is None else max(self.last_hand_on, self.last_empty)
+        stalled = now - since
+        if stalled > 3 * self.gap and since != -math.inf:
+            return stalled
         return self.gap
 
 
@@ -133,6 +139,10 @@ class WaitPolicy:
     def under_cap(self, book: SiteBook) -> bool:
         return self.cap is None or book.held < self.cap
 
+    def is_eligible(self, waiter: Waiter) -> bool:
+        """Whether the waiting task's site is under its cap."""
+        return self.cap is None or self.books[self.key(waiter.site)].held < self.cap
+
     def _note_empty(self, now: float | None) -> None:
         if self.eligible == 0 and now is not None and self.adaptive is not None:
             self.adaptive.last_empty = now
@@ -182,6 +192,23 @@ class WaitPolicy:
         self._forget(book)
         return woke
 
+    def shed_standing(self, now: float) -> None:
+        """While the queue stands, shed the waiters that waited longer than
+        the target (before a newcomer is counted against ``max_waiters``)."""
+        aq = self.adaptive
+        if aq is not None and self.eligible and aq.standing(now):
+            self._shed_stale(now)
+
+    def queued_behind(self, site: str | None, waiting: int, room: int) -> int:
+        """The tasks that would wait behind busy connections, a new one of
+        ``site`` included, for the ``max_waiters`` bound: ``room``
+        (connections the pool may still open, or is opening) serves only
+        eligible waiters, as no connect is opened for a capped site's."""
+        book = self.books.get(self.key(site))
+        new_eligible = book is None or self.under_cap(book)
+        capped = waiting - self.eligible + (0 if new_eligible else 1)
+        return capped + max(0, self.eligible + new_eligible - room)
+
     def admit(
         self,
         waiter: Waiter,
@@ -200,7 +227,10 @@ class WaitPolicy:
             # The bulkhead covers the queue too: one site may take at most
             # its share of max_waiters, so it cannot lock the others out.
             limit = site_cap(self.site_share or 1.0, max_waiters) if max_waiters else 0
-            if book.waiting >= limit + room:
+            # Of the room under max_size, a site may take up to its cap: a
+            # site at its cap gets no connection opened for its waiters.
+            site_room = min(room, self.cap - book.held) if eligible else 0
+            if book.waiting >= limit + site_room:
                 raise Overloaded(
                     f"site {key!r} already has {book.waiting} waiting task(s), its share "
                     f"({self.site_share}) of max_waiters={max_waiters}"
@@ -335,6 +365,16 @@ class WaitPolicy:
                 queue.popleft()
                 self._drop(book, head, now)
                 self._shed(head, self.shed_reason(head, now))
+            if queue and queue[0].deadline is None and now - queue[0].enqueued_at > aq.target:
+                # Waiters without a timeout (never shed) at the head do not
+                # shield the stale ones behind them (settled in place: skipped
+                # lazily, as a cancelled waiter).
+                for waiter in queue:  # (_drop and _shed leave the deque as it is)
+                    if now - waiter.enqueued_at <= aq.target:
+                        break
+                    if waiter.state is _WAITING and waiter.deadline is not None:
+                        self._drop(book, waiter, now)
+                        self._shed(waiter, self.shed_reason(waiter, now))
             self._forget(book)
 
     def shed_reason(self, waiter: Waiter, now: float) -> str:
@@ -360,8 +400,11 @@ class WaitPolicy:
         )
         if len(rows) <= top:
             return rows
-        rest = rows[top:]
-        return rows[:top] + [("other", sum(r[1] for r in rest), sum(r[2] for r in rest))]
+        # A site itself named "other" goes into the "other" row: one label,
+        # one series per exporter.
+        listed = [row for row in rows if row[0] != "other"][:top]
+        rest = [row for row in rows if row not in listed]
+        return listed + [("other", sum(r[1] for r in rest), sum(r[2] for r in rest))]
 
     def check(self, waiting: int) -> list[str]:
         """Inconsistencies in the books (for PoolState.check_invariants)."""

@@ -162,7 +162,7 @@ class Runner:
                         self.reclaimer.leak_suspect(lease)
                     case Shed(waiter, reason):
                         if waiter.future.done():
-                            state.undelivered(waiter)
+                            state.undelivered(waiter, shed=True)
                         else:
                             waiter.future.set_exception(PoolOverloadedError(self.reporter.shed_message(reason)))
                     case _:
@@ -381,10 +381,24 @@ class Runner:
             # asyncpg: a wrong DSN or password must fail pool creation.
             first = state.add_connecting(self.now())
             await self.connect_slot(first, raise_errors=True)
-            others = [state.add_connecting(self.now()) for _ in range(init_size - 1)]
             # The rest may fail without failing creation: the min_size upkeep
             # retries them in the background with backoff.
-            await asyncio.gather(*(self.connect_slot(slot) for slot in others))
+            limit = state.max_connecting
+            if limit is None or limit >= init_size - 1:
+                others = [state.add_connecting(self.now()) for _ in range(init_size - 1)]
+                await asyncio.gather(*(self.connect_slot(slot) for slot in others))
+            else:
+                # max_connecting bounds creation's connects too; each slot is
+                # planned when its connect starts (its connect time, which
+                # sets the hedge delay, is not the wait for its turn).
+                gate = asyncio.Semaphore(limit)
+
+                async def paced() -> None:
+                    async with gate:
+                        if not state.closing and state.size < state.max_size:
+                            await self.connect_slot(state.add_connecting(self.now()))
+
+                await asyncio.gather(*(paced() for _ in range(init_size - 1)))
         state.start_floor()
         state.advance(self.now())
         self.drain()

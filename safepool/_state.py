@@ -760,8 +760,16 @@ class PoolState:
         # not an overload (else max_waiters=0 could never open a connection).
         room = 0
         if self.max_waiters is not None or self._policy is not None:
+            if self.max_waiters is not None and self._policy is not None:
+                # A standing adaptive queue sheds its stale waiters first:
+                # they, not the newcomer (served first: adaptive LIFO), go.
+                self._policy.shed_standing(now)
             room = max(0, self.max_size - self._live()) + self._connecting_count
-            if self.max_waiters is not None and self._waiting >= self.max_waiters + room:
+            if self.max_waiters is not None and (
+                self._waiting >= self.max_waiters + room
+                if self._policy is None
+                else self._policy.queued_behind(site, self._waiting, room) > self.max_waiters
+            ):
                 self.counters.overload_rejections += 1
                 raise Overloaded
         if (
@@ -822,16 +830,19 @@ class PoolState:
         caller gets ``PoolTimeoutError``, as one that ran out waiting)."""
         self.counters.acquire_timeouts += 1
 
-    def undelivered(self, waiter: Waiter, breaker_open: bool = False) -> None:
+    def undelivered(self, waiter: Waiter, breaker_open: bool = False, shed: bool = False) -> None:
         """The task of a waiter the core timed out, shed or refused was
         cancelled first (its future was done: ``wait_for`` or ``task.cancel()``
         in the same loop turn): it leaves with ``CancelledError``, not the
         pool's error, so that error is not counted (the counters count what
         callers got; no event is sent for it either)."""
+        # ``shed``: a Shed action's waiter (at its target deadline, or at the
+        # head of a standing queue), not one whose target deadline a
+        # connect failure beat (Fail, ``breaker_open`` or not).
         c = self.counters
         if waiter.state is W.TIMED_OUT:
             c.acquire_timeouts -= 1
-        elif waiter.state is W.FAILED and waiter.shed:
+        elif waiter.state is W.FAILED and shed:
             c.shed -= 1
         elif waiter.state is W.FAILED and breaker_open:
             c.unavailable_rejections -= 1
@@ -1365,9 +1376,14 @@ class PoolState:
         """Fail the task whose arrival the failed connect was for: without an
         owner (site caps, the adaptive queue), the newest waiting one (those
         before it are first in line for released connections); never a task
-        waiting on a connect of its own."""
+        waiting on a connect of its own, nor a waiter of a site at its cap
+        (no connect is opened for those: they wait for their site's
+        releases)."""
+        policy = self._policy
         for waiter in reversed(self._waiters):
-            if waiter.state is W.WAITING and waiter.connect is None:
+            if waiter.state is W.WAITING and waiter.connect is None and (
+                policy is None or policy.is_eligible(waiter)
+            ):
                 self._settle_failed(waiter, error)
                 self._waiting -= 1
                 return

@@ -203,10 +203,16 @@ async def _probe(pool: Pool, timeout: float, query: str, reasons: list[HealthRea
                 "probe_no_connection", DEGRADED, f"the probe got no connection within {timeout:g}s",
             ))
         return None
-    except PoolOverloadedError:
-        reasons.append(HealthReason(
-            "probe_no_connection", DEGRADED, "the probe got no connection: the wait queue is full",
-        ))
+    except PoolOverloadedError as exc:
+        # The pool's own message says which refusal it was (no secrets in it).
+        text = str(exc)
+        if "shed by the adaptive queue" in text:
+            why = "the adaptive queue shed it (the wait queue stands)"
+        elif "deadline-aware admission" in text:
+            why = "the adaptive queue refused it (not servable within probe_timeout at the drain rate)"
+        else:
+            why = "the wait queue is full"
+        reasons.append(HealthReason("probe_no_connection", DEGRADED, f"the probe got no connection: {why}"))
         return None
     except PoolClosedError:
         reasons.append(HealthReason("closed", FAILING, f"pool {pool.name!r} is closed or closing"))

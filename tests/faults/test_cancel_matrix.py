@@ -470,10 +470,18 @@ async def _expire_after(pool: safepool.Pool, run: Run) -> None:
     await _settle(pool)
 
 
+_POLICIES: dict[str, Any] = {"max_site_share": 0.5, "queue_policy": "adaptive", "max_waiters": 4, "fail_fast": True}
+
 POINTS: dict[str, Point] = {
     "queue": Point(options=lambda run: {}, before=_queue_before, body=_queue_body, reached=_queue_reached,
                    unblock=_queue_unblock),
     "connect": Point(options=_connect_options, body=_connect_body, fresh_connect=True),
+    # The same two waits with every overload policy on: the waiter is held
+    # by a bulkhead's books and the adaptive queue (max_waiters too).
+    "queue_policies": Point(options=lambda run: dict(_POLICIES), before=_queue_before, body=_queue_body,
+                            reached=_queue_reached, unblock=_queue_unblock),
+    "connect_policies": Point(options=lambda run: {**_connect_options(run), **_POLICIES}, body=_connect_body,
+                              fresh_connect=True),
     "init_event": Point(options=_init_options(False), body=_connect_body, fresh_connect=True),
     "init_lock": Point(options=_init_options(True), body=_connect_body, fresh_connect=True, server_lock=True),
     "setup_event": Point(options=_setup_options(False), body=_connect_body),
@@ -520,7 +528,7 @@ async def run_cell(pg_dsn: str, app_name: str, point_name: str, form: str, order
 
     async def new_pool() -> safepool.Pool:
         return await safepool.create_pool(
-            pg_dsn, min_size=0 if point.fresh_connect else 1, max_size=1 if point_name == "queue" else max_size,
+            pg_dsn, min_size=0 if point.fresh_connect else 1, max_size=1 if point_name.startswith("queue") else max_size,
             server_settings={"application_name": app_name}, **point.options(box),
         )
 
@@ -615,7 +623,7 @@ async def run_cell(pg_dsn: str, app_name: str, point_name: str, form: str, order
 
 
 _STYLES = {
-    "queue", "connect", "query_event", "query_lock", "reset_hook_event", "reset_query_lock",
+    "queue", "connect", "queue_policies", "connect_policies", "query_event", "query_lock", "reset_hook_event", "reset_query_lock",
     "reset_waits_for_cancelled_query",
 }
 
