@@ -156,7 +156,11 @@ class FaultProxy:
                 break
             if self.latency:
                 await asyncio.sleep(self.latency)
-            if self.blackhole or self.partition:
+            if self.blackhole or self.partition or pair.cut:
+                # (A cut pair relays nothing more, even after the heal: bytes
+                # its client sent in the partition may still be buffered here
+                # when heal() runs, and a Terminate among them would end the
+                # backend the server must never hear about.)
                 pair.tainted = True
                 pair.cut = pair.cut or self.partition
                 continue
