@@ -67,6 +67,20 @@ def _await_chain(task: asyncio.Task[Any]) -> list[FrameType]:
     return frames
 
 
+def _in_anyio_test_runner(frame: FrameType) -> bool:
+    """``frame`` (a task's outermost) is anyio's pytest runner task's loop
+    (``TestRunner._run_tests_and_fixtures``, anyio 4). Not any anyio frame:
+    a task group's task starts in anyio's wrapper too, and when the coroutine
+    it runs has no frame to walk (an async generator's ``asend()``, a
+    compiled coroutine), the wrapper is all the chain shows of a live task."""
+    anyio_dir = _module_dir("anyio")
+    return (
+        anyio_dir is not None
+        and frame.f_code.co_name == "_run_tests_and_fixtures"
+        and os.path.abspath(frame.f_code.co_filename).startswith(anyio_dir)
+    )
+
+
 def holder_activity(info: LeaseInfo) -> tuple[str, str]:
     """(state, description) of the task holding a lease (``info.task``, a
     weak reference taken at acquire). state is "query" (inside asyncpg:
@@ -91,8 +105,7 @@ def holder_activity(info: LeaseInfo) -> tuple[str, str]:
         filename = frame.f_code.co_filename
         if not os.path.abspath(filename).startswith(skip):
             return "idle", f"not in the database: waiting at {filename}:{frame.f_lineno} in {frame.f_code.co_name}"
-    anyio_dir = _module_dir("anyio")
-    if frames and anyio_dir and os.path.abspath(frames[0].f_code.co_filename).startswith(anyio_dir):
+    if frames and _in_anyio_test_runner(frames[0]):
         # anyio's pytest plugin runs every test and fixture in one runner
         # task, which waits in anyio between them: the test (or fixture)
         # that acquired has returned without releasing, like a task that

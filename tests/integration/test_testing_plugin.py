@@ -431,3 +431,41 @@ def test_strict_mode_names_a_lease_held_since_before_the_test(suite: pytest.Pyte
         f'*File "*test_session_holder.py", line {line_of("strict_session_fixture.py", "SESSION-HOLDER")}, '
         "in reference_data",
     ])
+
+
+def test_a_live_anyio_task_group_task_is_not_taken_for_the_anyio_test_runner(pg_dsn: str) -> None:
+    """The "returned" verdict is for anyio's pytest runner task only. A task
+    group's task also starts in anyio's own wrapper, and when what it runs
+    has no frame to walk (here an async generator's asend(), driven by
+    start_soon), that wrapper is all its await chain shows: it was reported
+    as "returned ... in anyio's test runner", with no test runner in sight,
+    while the task was alive and holding the lease."""
+    anyio = pytest.importorskip("anyio")
+    from safepool.testing.tracker import holder_activity
+
+    verdicts: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        async with safepool.create_pool(pg_dsn, min_size=0, max_size=1, capture_stack=True) as pool:
+            holding, done = anyio.Event(), anyio.Event()
+
+            async def consumer() -> AsyncIterator[int]:
+                async with pool.acquire() as con:
+                    assert await con.fetchval("SELECT 1") == 1
+                    holding.set()
+                    await done.wait()
+                    yield 1
+
+            stream = consumer()
+            async with anyio.create_task_group() as group:
+                group.start_soon(stream.asend, None)
+                await holding.wait()
+                [info] = pool.leases()
+                assert info.task is not None and not info.task.done()
+                verdicts.append(holder_activity(info))
+                done.set()
+            await stream.aclose()
+            assert pool.leases() == [] and pool.stats().released == 1
+
+    anyio.run(main)
+    assert verdicts == [("idle", "not in the database")]
