@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The sdist is built from a copy of the tree: leave out what is not source.
 NOT_SOURCE = shutil.ignore_patterns(
     ".git", ".venv", "venv", "__pycache__", "*.pyc", "*.egg-info", "build", "dist", "site",
-    ".mypy_cache", ".ruff_cache", ".pytest_cache", ".benchmarks",
+    ".mypy_cache", ".ruff_cache", ".pytest_cache", ".benchmarks", ".hypothesis",
+    ".venvs",  # .ci/matrix.py's virtualenvs, one per Python and asyncpg version
 )
 
 
