@@ -8,9 +8,11 @@ connection for a fixed query time (scenario ``surge``). The same code runs on
 asyncpg's pool and on safepool; only the pool object differs.
 
 Error mapping, as in the incident: a request that misses its deadline, or
-fails with any other error (a broken connection), is an HTTP 500; safepool's
-refusals (wait queue full, acquire timeout, server down) are HTTP 503, which
-tells a load balancer to retry elsewhere.
+fails with any other error (a broken connection), is an HTTP 500; the pool's
+refusals are HTTP 503, which tells a load balancer to retry elsewhere:
+safepool's (wait queue full, acquire timeout, server down) and asyncpg's
+acquire timeout (``asyncio.TimeoutError``; no handler here sets another
+timeout, so a ``TimeoutError`` a handler raises is the acquire's).
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ def build_app(pool: Any, *, request_timeout: float, query_time: float = 0.25) ->
             PoolOverloadedError: pool_refused,
             PoolTimeoutError: pool_refused,
             ServerUnavailableError: pool_refused,
+            TimeoutError: pool_refused,  # asyncpg's acquire(timeout=...)
         },
     )
     return RequestDeadline(SitePerRoute(app, app.routes), request_timeout, metrics), metrics

@@ -501,8 +501,8 @@ def error_legend(summaries: list[Summary], config: ReplayConfig) -> str | None:
     meaning = {
         "500": f"the service failed the request (its {config.request_timeout:g} s deadline passed, or a query "
         "or connect raised)",
-        "503": "safepool gave no connection (wait queue full, acquire_timeout passed or server down) and the "
-        "service said so at once",
+        "503": "the pool gave no connection (asyncpg: its acquire timeout passed; safepool: wait queue full, "
+        "acquire_timeout passed or server down) and the service said so",
         "transport": f"the client gave up after its {config.client_timeout:g} s deadline",
         "other": "another HTTP status",
     }

@@ -20,7 +20,7 @@ import uvicorn
 import safepool
 
 from .._reporting import describe_error
-from .config import ReplayConfig, ReplayError, app_name, pool_options
+from .config import ACQUIRE_TIMEOUT, ReplayConfig, ReplayError, app_name, pool_options
 from .load import RequestRecord, run_load
 from .server import Database, Monitor
 
@@ -74,14 +74,31 @@ def load_service() -> types.ModuleType:
     return app
 
 
+class AcquireTimeout:
+    """asyncpg's pool as a service on it uses it: every ``acquire()`` passes
+    the acquire timeout (asyncpg's pool has no pool-wide one). Everything
+    else is the pool's own."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout: float) -> None:
+        self.pool = pool
+        self.timeout = timeout
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return self.pool.acquire(timeout=self.timeout if timeout is None else timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+
 async def open_pool(pool: str, dsn: str, config: ReplayConfig) -> Any:
-    """asyncpg's pool with its defaults, or safepool's with the recommended
-    configuration (config.py); a small floor (min_size), so that
-    pg_stat_activity shows leaked connections pile up."""
+    """asyncpg's pool with its defaults and the service's acquire timeout
+    (``AcquireTimeout``), or safepool's with the recommended configuration
+    (config.py); a small floor (min_size), so that pg_stat_activity shows
+    leaked connections pile up."""
     settings = {"application_name": app_name(pool)}
     options = pool_options(pool, config)
     if pool == "asyncpg":
-        return await asyncpg.create_pool(dsn, server_settings=settings, **options)
+        return AcquireTimeout(await asyncpg.create_pool(dsn, server_settings=settings, **options), ACQUIRE_TIMEOUT)
     return await safepool.create_pool(dsn, server_settings=settings, name="replay", **options)
 
 

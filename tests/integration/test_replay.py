@@ -578,11 +578,46 @@ def test_the_report_says_what_each_error_kind_means() -> None:
     print_report(Console(file=out, width=300), summaries, config, 30)
     legend = [line for line in out.getvalue().splitlines() if line.startswith("errors: ")]
     assert legend == [
-        "errors: HTTP 503: safepool gave no connection (wait queue full, acquire_timeout passed or server down) "
-        "and the service said so at once; no answer in time: the client gave up after its 1 s deadline."
+        "errors: HTTP 503: the pool gave no connection (asyncpg: its acquire timeout passed; safepool: wait queue "
+        "full, acquire_timeout passed or server down) and the service said so; no answer in time: the client gave "
+        "up after its 1 s deadline."
     ]
     clean = [summarize(PoolRun("safepool", leaked=0, events=[]), config)]
     assert error_legend(clean, config) is None
+
+
+@pytest.mark.asyncio
+async def test_asyncpgs_pool_gets_the_same_acquire_timeout_and_the_same_503(pg_dsn: str) -> None:
+    """asyncpg's pool ran without an acquire timeout, which no service that
+    sets client deadlines would do: its queue waited for ever, and the surge
+    compared a missing setting (28.7% of capacity) rather than the pools
+    (91% with asyncpg's own acquire(timeout=0.5), measured). The service's
+    acquires on asyncpg's pool now give up after the same 0.5 s as
+    safepool's, and the service answers that 503, as it does safepool's."""
+    from safepool.replay.app import build_app
+    from safepool.replay.config import describe_options
+    from safepool.replay.load import http_request
+    from safepool.replay.runner import close_pool, open_pool, serving
+
+    ACQUIRE_TIMEOUT = 0.5  # noqa: N806 (the recommended configuration's)
+    config = ReplayConfig(scenario="surge", pool_size=1)
+    assert f"acquire(timeout={ACQUIRE_TIMEOUT:g})" in describe_options("asyncpg", config)
+    assert f"acquire_timeout={ACQUIRE_TIMEOUT:g}" in describe_options("safepool", config)
+    pool = await open_pool("asyncpg", pg_dsn, config)
+    try:
+        held = await pool.acquire()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pool.acquire(), timeout=3 * ACQUIRE_TIMEOUT + 1)
+        assert loop.time() - started < 2 * ACQUIRE_TIMEOUT + 0.5  # the acquire's timeout, not wait_for's
+        app, metrics = build_app(pool, request_timeout=2.0)
+        async with serving(app) as address:
+            assert await http_request(*address, "GET", "/products/1") == 503
+        assert metrics.refused == 1 and metrics.timed_out == 0
+        await pool.release(held)
+    finally:
+        await close_pool(pool)
 
 
 def _pg_ctl_restarts(pgdata: Path) -> list[psutil.Process]:
