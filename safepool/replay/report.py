@@ -466,6 +466,10 @@ def verdicts(summaries: list[Summary], config: ReplayConfig) -> list[str]:
             f"goodput {_goodput(s)}",
             f"p99 {_ms(s.p99_ms)}",
         ]
+        if config.scenario == "surge":
+            # Both pools give up after the same acquire timeout, so goodput
+            # alone may not tell them apart: how fast a refusal comes does.
+            parts.append(f"median time to failure {_ms(s.failure_p50_ms)}")
         if config.scenario == "restart":
             if s.serving_again_s is None:
                 parts.append("never served again after the server came back")
@@ -520,7 +524,7 @@ def notes(config: ReplayConfig) -> list[str]:
         return [
             f"note: during the surge the load is {config.surge_factor:g}x what the pool can serve, so on any pool "
             f"at most about {100 / config.surge_factor:.0f}% of the surge's requests can succeed (the row also counts "
-            "the requests before and after it): compare goodput, not success."
+            "the requests before and after it): compare goodput and the median time to failure, not success."
         ]
     if config.scenario == "restart":
         return [

@@ -94,11 +94,11 @@ def test_shortened_replay_asyncpg_saturates_safepool_serves_and_names_the_leak(p
     data = scenario_result(result, "leak")
     asyncpg_run, safepool_run = data["pools"]["asyncpg"], data["pools"]["safepool"]
 
-    # asyncpg's pool: every connection leaked, then the service times out.
+    # asyncpg's pool: every connection leaked, then every acquire times out.
     assert asyncpg_run["leaked"] == 8
     assert asyncpg_run["peak_server_connections"] == 8
     assert asyncpg_run["success_non_leaking"] < 0.8
-    assert asyncpg_run["errors"].get("500", 0) > 100
+    assert asyncpg_run["errors"].get("503", 0) > 100
     assert asyncpg_run["first_failure_s"] is not None
     assert asyncpg_run["recovered"] is False
     assert asyncpg_run["leaks_detected"] == 0
@@ -145,7 +145,7 @@ def test_short_stuck_replay_asyncpg_starves_safepool_takes_the_connections_back(
     asyncpg_run, safepool_run = data["pools"]["asyncpg"], data["pools"]["safepool"]
     # asyncpg's pool: the hung confirmations keep every connection.
     assert asyncpg_run["peak_server_connections"] == 6
-    assert asyncpg_run["errors"].get("500", 0) > 0
+    assert asyncpg_run["errors"].get("503", 0) > 0  # its acquire timeout
     assert asyncpg_run["leaks_detected"] == 0
     # safepool: the stuck leases are named (and capped or taken back), the rest is served.
     assert safepool_run["success_non_leaking"] > asyncpg_run["success_non_leaking"]
@@ -164,9 +164,11 @@ def test_short_surge_replay_safepool_refuses_fast_asyncpg_answers_late(pg_dsn: s
     assert data["config"]["client_timeout"] == 1.0 and data["config"]["capacity"] == 40
     for run in (asyncpg_run, safepool_run):
         assert 0 < run["goodput_share"] <= 1.2
-    # asyncpg's queue holds every request until its client has given up;
-    # safepool refuses what it cannot serve in time, at once, with a 503.
-    assert asyncpg_run["errors"].get("transport", 0) > 0
+    # Both pools give up on an acquire after the same 0.5 s (asyncpg's own
+    # acquire timeout), so no request waits past its client: similar goodput.
+    # asyncpg's queue still holds each request for the full acquire timeout;
+    # safepool refuses what it cannot serve in time at once.
+    assert asyncpg_run["errors"].get("503", 0) > 0
     assert safepool_run["errors"].get("503", 0) > 0
     assert safepool_run["failure_p50_ms"] < asyncpg_run["failure_p50_ms"] / 2
 
@@ -550,7 +552,7 @@ def test_the_report_explains_what_a_newcomer_misread(scenario: str) -> None:
         assert printed == [
             "note: during the surge the load is 5x what the pool can serve, so on any pool at most about 20% of "
             "the surge's requests can succeed (the row also counts the requests before and after it): compare "
-            "goodput, not success."
+            "goodput and the median time to failure, not success."
         ]
         assert all("of requests succeeded (the surge sent 5x capacity);" in v for v in verdicts(summaries, config))
     elif scenario == "restart":
