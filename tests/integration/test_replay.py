@@ -588,6 +588,29 @@ def test_the_report_says_what_each_error_kind_means() -> None:
     assert error_legend(clean, config) is None
 
 
+def test_the_verdicts_say_whether_asyncpgs_pool_meets_the_same_target() -> None:
+    """With the same acquire timeout, asyncpg's pool reaches the surge's
+    goodput target too (97% of capacity in a run); safepool's "Target ...:
+    met" alone read as a gain. asyncpg's verdict line and the JSON say
+    whether it meets the same target."""
+    from safepool.replay.report import scenario_json, verdicts
+
+    config = ReplayConfig(scenario="surge", duration=10, leak_start=3, client_deadline=1.0, query_time=0.25)
+    runs = [PoolRun(pool, leaked=0, events=[]) for pool in ("asyncpg", "safepool")]
+    for run in runs:  # 40 answers a second during the surge: the capacity
+        run.records += [RequestRecord(3 + i / 40, 3 + i / 40 + 0.3, 200, False) for i in range(160)]
+    runs[0].records += [RequestRecord(3.0, 3.5, 503, False)]
+    summaries = [summarize(run, config) for run in runs]
+    lines = verdicts(summaries, config)
+    assert lines[0].endswith(". The same target, for comparison: met.")
+    assert lines[1].endswith(". Target (goodput >= 90.0% of capacity): met.")
+    data = scenario_json(summaries, config, 30)
+    assert data["asyncpg_target"] == {"target": "goodput >= 90.0% of capacity", "met": True}
+    runs[0].records[:] = runs[0].records[:100]  # 25 req/s: under the target
+    lines = verdicts([summarize(run, config) for run in runs], config)
+    assert lines[0].endswith(". The same target, for comparison: missed.")
+
+
 @pytest.mark.asyncio
 async def test_asyncpgs_pool_gets_the_same_acquire_timeout_and_the_same_503(pg_dsn: str) -> None:
     """asyncpg's pool ran without an acquire timeout, which no service that
