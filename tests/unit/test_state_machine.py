@@ -292,8 +292,16 @@ class PoolMachine(RuleBasedStateMachine):
             elif str(exc).startswith("site"):
                 assert self.share is not None and state.max_waiters is not None
             else:
-                # Refused only when it would queue behind busy connections.
-                assert state.max_waiters is not None and waiting_before >= state.max_waiters + room
+                # Refused only when it would queue behind busy connections:
+                # the room under max_size serves only waiters under their
+                # site's cap (no connect is opened for a capped site).
+                eligible = sum(
+                    1
+                    for w in self.waiters
+                    if w.state is WaiterState.WAITING and self._under_cap(self.sites[id(w)])
+                )
+                queued = (waiting_before - eligible + (not under_cap)) + max(0, eligible + under_cap - room)
+                assert state.max_waiters is not None and queued > state.max_waiters
         except Unavailable:
             serving = state.size - state.count(S.CONNECTING) - state.count(S.CLOSING)
             assert serving == 0 and state.connect_failures > 0
