@@ -543,3 +543,64 @@ async def test_bad_per_acquire_lease_timeout(pools: Any) -> None:
         await pool.acquire(lease_timeout=-3)
     assert pool.stats().in_use == 0
     assert await pool.fetchval("SELECT 1") == 1
+
+
+# ------------------------------------------- what a taken-back lease leaves
+
+
+@pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
+@pytest.mark.parametrize("ended_by", ["lease_timeout", "garbage_collection"])
+async def test_a_lease_the_pool_ends_leaves_no_session_state_in_any_reset_mode(
+    pools: Any, pg_dsn: str, reset_mode: str, ended_by: str
+) -> None:
+    """A lease taken back by ``lease_timeout``, or reclaimed after its proxy
+    was garbage collected, never ran its own clean-up (the ``finally:`` that
+    unlocks, UNLISTENs, resets the role): the pool cannot know what was
+    half-way, so it sends the full reset in every mode. In rollback mode it
+    sent only a ROLLBACK: the session advisory lock stayed held by an idle
+    pooled connection (the next lease of it got the lock again at once,
+    advisory locks being re-entrant per session, beside the task waiting
+    for it elsewhere), and the LISTENs went on, with no callback left."""
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, lease_timeout=10.0, clock=clock, reset_mode=reset_mode)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        async def holder() -> int:
+            con = await pool.acquire()
+            await con.execute("SELECT pg_advisory_lock(872401)")
+            await con.execute("LISTEN h87_sql_channel")
+            await con.add_listener("h87_api_channel", lambda *args: None)
+            await con.execute("SET application_name = 'h87-dirty'")
+            # add_listener()'s callback counts as in use until release_lease(),
+            # and the lease timeout takes this one back: keep it then.
+            pid: int = con.get_server_pid()
+            if ended_by == "lease_timeout":
+                holder.kept = con  # type: ignore[attr-defined]
+            return pid
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            warnings.simplefilter("ignore", asyncpg.InterfaceWarning)
+            pid = await holder()
+            if ended_by == "lease_timeout":
+                clock.advance(11.0)
+            else:
+                gc.collect()
+                await looked_at(pool)
+                [info] = pool.leases()
+                assert await pool.release_lease(info.id)
+            await until(lambda: pool.stats().idle == 1)
+        async with pool.acquire(timeout=5) as con:
+            assert con.get_server_pid() == pid
+            assert await con.fetch("SELECT pg_listening_channels()") == []
+            assert await con.fetchval("SHOW application_name") != "h87-dirty"
+            assert not con.is_in_transaction()
+        assert await admin.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE pid = $1 AND locktype = 'advisory'", pid
+        ) == 0
+        stats = pool.stats()
+        assert (stats.leases_expired, stats.leaks_detected) == (
+            (1, 0) if ended_by == "lease_timeout" else (0, 1)
+        )
+    finally:
+        await admin.close()
