@@ -234,6 +234,10 @@ class Reclaimer:
         # any transaction). Whether a ROLLBACK is needed, the take-back asks
         # the protocol itself.
         _pg.warn_open_transaction(con, quiet=True)
+        # The lease's own query loggers and termination listeners go with it
+        # too (a release keeps them, as asyncpg's): its `with
+        # con.query_logger():` was cut short, and would log the next leases.
+        _pg.drop_lease_callbacks(con, self.runner.slot_holders[slot].lease_callbacks, lease.id)
         leak_logger.error(
             "pool %r: lease expired after %.3fs (lease_timeout %.3fs); %s; taking the connection back. "
             "Acquired at:\n%s",

@@ -604,3 +604,48 @@ async def test_a_lease_the_pool_ends_leaves_no_session_state_in_any_reset_mode(
         )
     finally:
         await admin.close()
+
+
+async def test_a_taken_back_lease_takes_its_query_loggers_and_termination_listeners_with_it(pools: Any) -> None:
+    """A lease timeout that cuts ``with con.query_logger(log):`` short: the
+    holder's block has not exited (a stuck holder may never exit it), so its
+    logger stayed on the connection and was handed every later lease's
+    statements with their arguments (another tenant's data), and its
+    termination listener was called with a later lease's connection. The
+    take-back drops the callbacks the lease itself registered; those of the
+    connection (``init=``'s) stay."""
+    clock = ManualClock()
+    kept_logs: list[Any] = []
+    pool = await pools(
+        min_size=1, max_size=1, lease_timeout=5.0, clock=clock,
+        init=lambda con: _async_none(con.add_query_logger(lambda record: kept_logs.append(record.args))),
+    )
+    seen: list[Any] = []
+    terminated: list[Any] = []
+    con = await pool.acquire()
+    inside, leave = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        con.add_termination_listener(terminated.append)
+        with con.query_logger(lambda record: seen.append(record.args)):
+            await con.fetchval("SELECT 1")
+            inside.set()
+            await leave.wait()
+
+    task = asyncio.create_task(holder())
+    await inside.wait()
+    clock.advance(6.0)  # the lease expires while the holder is inside the block
+    async with pool.acquire(timeout=5) as next_lease:
+        assert await next_lease.fetchval("SELECT $1::text", "next-lease-secret") == "next-lease-secret"
+        next_lease.terminate()
+    await until(lambda: pool.stats().in_use == 0)
+    leave.set()
+    await asyncio.wait_for(task, 5)  # its block's exit removes nothing it should not
+    assert all("next-lease-secret" not in args for args in seen), seen
+    assert terminated == []
+    assert ("next-lease-secret",) in kept_logs  # init='s logger is the connection's: kept
+    assert pool.stats().leases_expired == 1
+
+
+async def _async_none(_: Any) -> None:
+    return None
