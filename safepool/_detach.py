@@ -32,12 +32,16 @@ bound statements with asyncpg's own ``timeout=`` instead.
 from __future__ import annotations
 
 import asyncio
+import sys
 import warnings
 from collections.abc import Callable, Coroutine, Generator
 from contextvars import Context
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+# The exception being handled where the driver is awaited (3.11+: sys.exception).
+_handling = sys.exception
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], object]
 
@@ -194,6 +198,15 @@ class _Driver(Generic[T]):
         if self._awaited:
             raise RuntimeError("cannot reuse already awaited coroutine")
         self._awaited = True
+        if _handling() is not None and isinstance(_handling(), GeneratorExit):
+            # Awaited where nothing can wait: a coroutine being closed
+            # (``coro.close()``, or its pending task garbage collected)
+            # releases in its GeneratorExit path. Its first wait would make
+            # Python raise "coroutine ignored GeneratorExit" and leave the
+            # statement half-way with no task to drive it: the pool's
+            # finishes it (asyncpg's shield's task does the same there).
+            self.hand_over(None)
+            return None  # type: ignore[return-value]  # (nothing to return: the caller is being closed)
         coro = self._coro
         error: BaseException | None = None
         while True:
