@@ -275,3 +275,28 @@ async def test_release_in_a_coroutine_being_closed(pg_dsn: str, app_name: str, k
             pool._state.check_invariants()
     finally:
         pool.terminate()
+
+
+async def test_release_in_an_async_generator_being_closed_is_waited_for(pg_dsn: str, app_name: str) -> None:
+    """An async generator's ``aclose()`` (a consumer's early ``break``)
+    releases in its ``GeneratorExit`` path too, but there a wait is allowed
+    and awaited: the reset is done when ``aclose()`` returns, as on
+    asyncpg's pool (unlike a closed coroutine's, above)."""
+    pool = await _make("safepool", pg_dsn, app_name)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        async def rows() -> Any:
+            async with pool.acquire() as con:
+                await con.execute("SELECT pg_advisory_lock(1)")
+                for n in range(10):
+                    yield n
+
+        stream = rows()
+        assert await stream.__anext__() == 0
+        await stream.aclose()
+        assert await admin.fetchval(ADVISORY) == 0  # reset before aclose() returned
+        assert pool.stats().idle == 1
+        pool._state.check_invariants()
+    finally:
+        await admin.close()
+        pool.terminate()
