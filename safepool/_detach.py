@@ -32,12 +32,29 @@ bound statements with asyncpg's own ``timeout=`` instead.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import sys
 import warnings
 from collections.abc import Callable, Coroutine, Generator
 from contextvars import Context
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+# The exception being handled where the driver is awaited (3.11+: sys.exception).
+_handling = sys.exception
+
+
+def _closing(handled: BaseException) -> bool:
+    """Whether ``handled`` (the exception being handled where a driver is
+    awaited) is the ``GeneratorExit`` of a coroutine's ``close()``, in
+    whose frame no wait can be made. Its traceback starts at the frame
+    handling it: a coroutine's (closed: its pending task garbage
+    collected, or ``close()`` called), not an async generator's
+    (``aclose()``, awaited by a task: its waits are waited for)."""
+    if not isinstance(handled, GeneratorExit) or handled.__traceback__ is None:
+        return False
+    return bool(handled.__traceback__.tb_frame.f_code.co_flags & inspect.CO_COROUTINE)
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], object]
 
@@ -194,6 +211,16 @@ class _Driver(Generic[T]):
         if self._awaited:
             raise RuntimeError("cannot reuse already awaited coroutine")
         self._awaited = True
+        handled = _handling()
+        if handled is not None and _closing(handled):
+            # Awaited where nothing can wait: a coroutine being closed
+            # (``coro.close()``, or its pending task garbage collected)
+            # releases in its GeneratorExit path. Its first wait would make
+            # Python raise "coroutine ignored GeneratorExit" and leave the
+            # statement half-way with no task to drive it: the pool's
+            # finishes it (asyncpg's shield's task does the same there).
+            self.hand_over(None)
+            return None  # type: ignore[return-value]  # (nothing to return: the caller is being closed)
         coro = self._coro
         error: BaseException | None = None
         while True:

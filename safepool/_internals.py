@@ -728,6 +728,23 @@ def disown_callbacks(registered: dict[Any, int], lease_id: int) -> None:
             registered[key] = SETUP_LEASE
 
 
+def drop_lease_callbacks(con: RawConnection, registered: dict[Any, int] | None, lease_id: int) -> None:
+    """Remove from ``con`` the termination listeners and query loggers lease
+    ``lease_id`` registered (``Holder.lease_callbacks``), for a take-back:
+    the holder never reached its own removal (``with con.query_logger(log):``
+    cut short by ``lease_timeout``; a stuck holder may never leave it), and
+    its logger would be handed every later lease's statements with their
+    arguments, its termination listener a later lease's connection. A
+    release keeps them, as asyncpg's does; the connection's own
+    (``init=``'s, ``setup=``'s) are not the lease's."""
+    if not registered:
+        return
+    for key in [key for key, owner in registered.items() if owner == lease_id]:
+        kind, entry = key
+        (con._termination_listeners if kind == TERMINATION else con._query_loggers).discard(entry)
+        del registered[key]
+
+
 def forget_removed_callbacks(con: RawConnection, registered: dict[Any, int]) -> None:
     """Drop the notes (``Holder.lease_callbacks``) of callbacks no longer on
     ``con``: removed where no lease could be told (a ``reset=`` hook or a

@@ -51,7 +51,8 @@ class Resets(Protocol):
     def drain(self) -> None: ...
 
     def reset_slot(
-        self, holder: Holder, con: RawConnection, timeout: float | None, rollback: bool,
+        self, holder: Holder, con: RawConnection, timeout: float | None, rollback: bool, *,
+        hooks: ResetHooks | None = None,
     ) -> Coroutine[Any, Any, None]: ...
 
     def reset_done(
@@ -104,7 +105,9 @@ class Reclaimer:
         )
         _pg.detach_proxy(con)  # the proxy is gone; drop the dead weak reference
         con._on_release()
-        self.runner.spawn(self.runner.reset_slot(holder, con, None, _pg.warn_open_transaction(con, quiet=True)))
+        self.runner.spawn(self.runner.reset_slot(
+            holder, con, None, _pg.warn_open_transaction(con, quiet=True), hooks=self.hooks.ended,
+        ))
         self.runner.drain()
         # Report last: with warnings turned into errors the bookkeeping above
         # must already be done.
@@ -231,6 +234,10 @@ class Reclaimer:
         # any transaction). Whether a ROLLBACK is needed, the take-back asks
         # the protocol itself.
         _pg.warn_open_transaction(con, quiet=True)
+        # The lease's own query loggers and termination listeners go with it
+        # too (a release keeps them, as asyncpg's): its `with
+        # con.query_logger():` was cut short, and would log the next leases.
+        _pg.drop_lease_callbacks(con, self.runner.slot_holders[slot].lease_callbacks, lease.id)
         leak_logger.error(
             "pool %r: lease expired after %.3fs (lease_timeout %.3fs); %s; taking the connection back. "
             "Acquired at:\n%s",
@@ -242,7 +249,7 @@ class Reclaimer:
 
     async def take_back_slot(self, holder: Holder, con: RawConnection) -> None:
         error = await _workers.take_back(
-            con, self.hooks, self.reset_timeout or DEFAULT_RESET_TIMEOUT, lambda: holder.copies > 0
+            con, self.hooks.ended, self.reset_timeout or DEFAULT_RESET_TIMEOUT, lambda: holder.copies > 0
         )
         if error is not None:
             logger.warning(

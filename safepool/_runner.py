@@ -296,13 +296,15 @@ class Runner:
 
     async def reset_slot(
         self, holder: Holder, con: RawConnection, timeout: float | None, rollback: bool,
-        done: asyncio.Future[None] | None = None, proxy: Any = None,
+        done: asyncio.Future[None] | None = None, proxy: Any = None, *, hooks: ResetHooks | None = None,
     ) -> None:
         """Reset a RESETTING slot's connection in a pool task, then hand it on
         or close it. Resolves ``done`` (the releasing caller's future) with
         None, or with the reset's error once the connection was given up
         (``done`` is in ``resets_done`` from the spawn on, for terminate()).
-        ``proxy``: the released lease's, for :meth:`reset_done`."""
+        ``proxy``: the released lease's, for :meth:`reset_done`. ``hooks``:
+        the reset's, when not the pool's (``ResetHooks.ended``, for a
+        reclaimed lease)."""
         # The caller's budget (release(timeout=), else the acquire's), or the
         # pool's reset_timeout; with neither, asyncpg's limits apply: its
         # background cancel gives up by closing the connection (then release
@@ -313,7 +315,9 @@ class Runner:
         if budget is None and _pg.command_timeout(con) is None:
             statement_limit = DEFAULT_RESET_TIMEOUT
         try:
-            error = await _workers.reset(con, rollback, self.hooks, budget, statement_limit)
+            error = await _workers.reset(
+                con, rollback, self.hooks if hooks is None else hooks, budget, statement_limit
+            )
         except BaseException:
             # Only terminate() cancels the pool's tasks: it has discarded the slot.
             settle(done, None)

@@ -47,14 +47,20 @@ TAKE_BACK_CANCEL_INTERVAL = 0.1
 class ResetHooks:
     """How the pool resets a session: ``custom`` (a ``reset=`` hook, or a
     connection class with its own ``reset()``), the hook itself, and whether
-    the reset query is sent by default (not with ``reset_mode="rollback"``)."""
+    the reset query is sent by default (not with ``reset_mode="rollback"``).
+    ``ended``: the hooks for a lease the pool ended itself (taken back by
+    ``lease_timeout``, or reclaimed after its proxy was garbage collected),
+    which always send the reset query: the lease's own clean-up (the
+    ``finally:`` that unlocks or UNLISTENs) never ran, so rollback mode's
+    "the application cleans up what it sets" does not hold for it."""
 
-    __slots__ = ("custom", "hook", "full")
+    __slots__ = ("custom", "hook", "full", "ended")
 
     def __init__(self, custom: bool, hook: Callable[[Any], Awaitable[None]] | None, full: bool) -> None:
         self.custom = custom
         self.hook = hook
         self.full = full
+        self.ended: ResetHooks = self if full else ResetHooks(custom, hook, True)
 
 
 class ConnectAttempt:
@@ -217,15 +223,15 @@ async def take_back(
                 if not (_pg.in_call(con) or copying()):
                     try:
                         # Something must be sent, even where a release would
-                        # send nothing (rollback mode outside a transaction,
-                        # a reset= hook or reset() that sends nothing): the
-                        # refusal is the only sign of a query still running,
-                        # which must be cancelled before the connection is
-                        # handed on. There a ROLLBACK goes first (it also
-                        # ends a Parse's implicit transaction, as for a
-                        # marked lease; outside any transaction it is a
-                        # server warning). The default full reset always
-                        # sends its query.
+                        # send nothing (a reset= hook or reset() that sends
+                        # nothing): the refusal is the only sign of a query
+                        # still running, which must be cancelled before the
+                        # connection is handed on. There a ROLLBACK goes
+                        # first (it also ends a Parse's implicit
+                        # transaction, as for a marked lease; outside any
+                        # transaction it is a server warning). The default
+                        # reset always sends its query (hooks.ended: the
+                        # full reset, in rollback mode too).
                         rollback = con.is_in_transaction() or hooks.custom or not hooks.full
                         # The take-back dropped the listeners when the lease
                         # expired, but a call it waited for may have added

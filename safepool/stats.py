@@ -26,7 +26,10 @@ class LeaseInfo:
     task_ref: weakref.ref[asyncio.Task[Any]] | None = None
     # Its proxy was garbage collected unreleased (a leak): the pool takes the
     # connection back in a loop callback, so ``Pool.leases()`` may still list
-    # it until the loop runs once more (``Pool.leases()`` sets it; events' False).
+    # it until the loop runs once more, or for as long as the connection is
+    # still in use (a query running, a listener registered: reclaimed once
+    # that ends, release_lease() asks, or lease_timeout takes it back).
+    # (``Pool.leases()`` sets it; events' False.)
     collected: bool = False
 
     @property

@@ -543,3 +543,109 @@ async def test_bad_per_acquire_lease_timeout(pools: Any) -> None:
         await pool.acquire(lease_timeout=-3)
     assert pool.stats().in_use == 0
     assert await pool.fetchval("SELECT 1") == 1
+
+
+# ------------------------------------------- what a taken-back lease leaves
+
+
+@pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
+@pytest.mark.parametrize("ended_by", ["lease_timeout", "garbage_collection"])
+async def test_a_lease_the_pool_ends_leaves_no_session_state_in_any_reset_mode(
+    pools: Any, pg_dsn: str, reset_mode: str, ended_by: str
+) -> None:
+    """A lease taken back by ``lease_timeout``, or reclaimed after its proxy
+    was garbage collected, never ran its own clean-up (the ``finally:`` that
+    unlocks, UNLISTENs, resets the role): the pool cannot know what was
+    half-way, so it sends the full reset in every mode. In rollback mode it
+    sent only a ROLLBACK: the session advisory lock stayed held by an idle
+    pooled connection (the next lease of it got the lock again at once,
+    advisory locks being re-entrant per session, beside the task waiting
+    for it elsewhere), and the LISTENs went on, with no callback left."""
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, lease_timeout=10.0, clock=clock, reset_mode=reset_mode)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        async def holder() -> int:
+            con = await pool.acquire()
+            await con.execute("SELECT pg_advisory_lock(872401)")
+            await con.execute("LISTEN h87_sql_channel")
+            await con.add_listener("h87_api_channel", lambda *args: None)
+            await con.execute("SET application_name = 'h87-dirty'")
+            # add_listener()'s callback counts as in use until release_lease(),
+            # and the lease timeout takes this one back: keep it then.
+            pid: int = con.get_server_pid()
+            if ended_by == "lease_timeout":
+                holder.kept = con  # type: ignore[attr-defined]
+            return pid
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            warnings.simplefilter("ignore", asyncpg.InterfaceWarning)
+            pid = await holder()
+            if ended_by == "lease_timeout":
+                clock.advance(11.0)
+            else:
+                gc.collect()
+                await looked_at(pool)
+                [info] = pool.leases()
+                assert await pool.release_lease(info.id)
+            await until(lambda: pool.stats().idle == 1)
+        async with pool.acquire(timeout=5) as con:
+            assert con.get_server_pid() == pid
+            assert await con.fetch("SELECT pg_listening_channels()") == []
+            assert await con.fetchval("SHOW application_name") != "h87-dirty"
+            assert not con.is_in_transaction()
+        assert await admin.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE pid = $1 AND locktype = 'advisory'", pid
+        ) == 0
+        stats = pool.stats()
+        assert (stats.leases_expired, stats.leaks_detected) == (
+            (1, 0) if ended_by == "lease_timeout" else (0, 1)
+        )
+    finally:
+        await admin.close()
+
+
+async def test_a_taken_back_lease_takes_its_query_loggers_and_termination_listeners_with_it(pools: Any) -> None:
+    """A lease timeout that cuts ``with con.query_logger(log):`` short: the
+    holder's block has not exited (a stuck holder may never exit it), so its
+    logger stayed on the connection and was handed every later lease's
+    statements with their arguments (another tenant's data), and its
+    termination listener was called with a later lease's connection. The
+    take-back drops the callbacks the lease itself registered; those of the
+    connection (``init=``'s) stay."""
+    clock = ManualClock()
+    kept_logs: list[Any] = []
+    pool = await pools(
+        min_size=1, max_size=1, lease_timeout=5.0, clock=clock,
+        init=lambda con: _async_none(con.add_query_logger(lambda record: kept_logs.append(record.args))),
+    )
+    seen: list[Any] = []
+    terminated: list[Any] = []
+    con = await pool.acquire()
+    inside, leave = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        con.add_termination_listener(terminated.append)
+        with con.query_logger(lambda record: seen.append(record.args)):
+            await con.fetchval("SELECT 1")
+            inside.set()
+            await leave.wait()
+
+    task = asyncio.create_task(holder())
+    await inside.wait()
+    clock.advance(6.0)  # the lease expires while the holder is inside the block
+    async with pool.acquire(timeout=5) as next_lease:
+        assert await next_lease.fetchval("SELECT $1::text", "next-lease-secret") == "next-lease-secret"
+        next_lease.terminate()
+    await until(lambda: pool.stats().in_use == 0)
+    leave.set()
+    await asyncio.wait_for(task, 5)  # its block's exit removes nothing it should not
+    assert all("next-lease-secret" not in args for args in seen), seen
+    assert terminated == []
+    assert ("next-lease-secret",) in kept_logs  # init='s logger is the connection's: kept
+    assert pool.stats().leases_expired == 1
+
+
+async def _async_none(_: Any) -> None:
+    return None

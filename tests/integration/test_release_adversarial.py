@@ -220,3 +220,83 @@ async def test_release_awaitable_dropped_unawaited_does_not_strand_the_slot(pg_d
         pool._state.check_invariants()
     finally:
         pool.terminate()
+
+
+@pytest.mark.parametrize("kind", ["asyncpg", "safepool"])
+@pytest.mark.parametrize("style", ["async_with", "finally_release"])
+async def test_release_in_a_coroutine_being_closed(pg_dsn: str, app_name: str, kind: str, style: str) -> None:
+    """A coroutine closed while it holds a lease (``coro.close()``, or its
+    pending task garbage collected: "Task was destroyed but it is
+    pending!") releases in its ``GeneratorExit`` path, where nothing can
+    await: the release's first wait made Python raise "coroutine ignored
+    GeneratorExit", and nothing drove the reset on: the slot stayed
+    resetting until the garbage collector freed the frame (a cycle through
+    the exception's traceback) or the reset watchdog aborted the
+    connection 30 s later. asyncpg's pool finishes the reset in its
+    shield's task; safepool's pool hands it to a pool task."""
+    pool = await _make(kind, pg_dsn, app_name)
+    tasks_kept: list[Any] = []
+    try:
+        started = asyncio.Event()
+
+        async def holder() -> None:
+            if style == "async_with":
+                async with pool.acquire() as con:
+                    await con.execute("SELECT pg_advisory_lock(1)")
+                    started.set()
+                    await asyncio.get_running_loop().create_future()
+            else:
+                con = await pool.acquire()
+                try:
+                    await con.execute("SELECT pg_advisory_lock(1)")
+                    started.set()
+                    await asyncio.get_running_loop().create_future()
+                finally:
+                    await pool.release(con)
+
+        coro = holder()
+        task = asyncio.get_running_loop().create_task(coro)
+        tasks_kept.append(task)  # left pending, as a destroyed task is
+        await started.wait()
+        # What the garbage collector does to a pending task's coroutine,
+        # without waiting for it to run.
+        try:
+            coro.close()
+        except RuntimeError as exc:
+            # asyncpg's release awaits its shield: Python reports the wait
+            # (its shield's task goes on); safepool's release does not wait.
+            assert kind == "asyncpg" and "ignored GeneratorExit" in str(exc), exc
+        else:
+            assert kind == "safepool"
+        async with asyncio.timeout(5):
+            async with pool.acquire() as again:
+                assert await again.fetchval(ADVISORY) == 0
+        if kind == "safepool":
+            pool._state.check_invariants()
+    finally:
+        pool.terminate()
+
+
+async def test_release_in_an_async_generator_being_closed_is_waited_for(pg_dsn: str, app_name: str) -> None:
+    """An async generator's ``aclose()`` (a consumer's early ``break``)
+    releases in its ``GeneratorExit`` path too, but there a wait is allowed
+    and awaited: the reset is done when ``aclose()`` returns, as on
+    asyncpg's pool (unlike a closed coroutine's, above)."""
+    pool = await _make("safepool", pg_dsn, app_name)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        async def rows() -> Any:
+            async with pool.acquire() as con:
+                await con.execute("SELECT pg_advisory_lock(1)")
+                for n in range(10):
+                    yield n
+
+        stream = rows()
+        assert await stream.__anext__() == 0
+        await stream.aclose()
+        assert await admin.fetchval(ADVISORY) == 0  # reset before aclose() returned
+        assert pool.stats().idle == 1
+        pool._state.check_invariants()
+    finally:
+        await admin.close()
+        pool.terminate()
