@@ -13,6 +13,7 @@ import pytest
 
 import safepool
 import safepool._runner
+from tests._util import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -21,13 +22,6 @@ pytestmark = pytest.mark.asyncio
 def _quick_upkeep(monkeypatch: pytest.MonkeyPatch) -> None:
     # The upkeep's first retry comes after 1 s (asyncpg 0.32's schedule).
     monkeypatch.setattr(safepool._runner, "_FLOOR_RETRY_FIRST", 0.01)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a public observable (get_size()): the pool offers no event for it."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 class RefuseSome:

@@ -9,7 +9,7 @@ import gc
 import logging
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,7 +24,7 @@ import safepool
 from safepool import LeaseExpiredError, ManualClock
 from safepool.metrics.otel import instrument
 from safepool.metrics.prometheus import register
-from tests._util import until_in_pg_sleep
+from tests._util import until, until_in_pg_sleep
 
 pytestmark = pytest.mark.asyncio
 
@@ -86,12 +86,6 @@ def capture() -> Iterator[Capture]:
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 async def test_listeners_get_every_event_with_its_fields(pg_dsn: str, app_name: str) -> None:
