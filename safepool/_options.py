@@ -254,9 +254,14 @@ def configure(
     if capture_stack is not None and not isinstance(capture_stack, bool):
         raise TypeError(f"capture_stack must be True, False or None, got {capture_stack!r}")
     lease_timeout = validate_timeout("lease_timeout", lease_timeout, positive=True)
+    reset_timeout_arg = reset_timeout
     leak_warning_after = validate_timeout("leak_warning_after", leak_warning_after)
     acquire_timeout = validate_timeout("acquire_timeout", acquire_timeout)
+    # 0 would fail every reset (each release then closes its connection and
+    # raises TimeoutError): refused, as lease_timeout=0; None means the default.
     reset_timeout = validate_timeout("reset_timeout", reset_timeout)
+    if reset_timeout == 0:
+        raise ValueError(f"reset_timeout must be > 0 seconds (None: the default), got {reset_timeout_arg!r}")
     if max_waiters is DEFAULT:
         # Unbounded, as asyncpg: a bound can fail a call that works on
         # asyncpg's pool (1,500 gathered queries on 10 connections), so it

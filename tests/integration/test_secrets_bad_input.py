@@ -88,8 +88,8 @@ def verdict(name: str, value: Any, base: dict[str, Any]) -> str:
             return "bad"
         if math.isinf(value):
             return "either"
-        if name == "lease_timeout" and value == 0:
-            return "bad"  # documented: None turns it off
+        if name in ("lease_timeout", "reset_timeout") and value == 0:
+            return "bad"  # documented: None turns lease_timeout off; reset_timeout=0 would fail every reset
         return "ok"
     raise AssertionError(name)
 
@@ -245,6 +245,21 @@ async def test_bad_arguments_found_by_a_new_user(pg_dsn: str) -> None:
         await pool.close()
     with pytest.raises(ValueError, match=r"lease_timeout must be > 0 seconds \(None turns it off\), got -1"):
         await safepool.create_pool(pg_dsn, lease_timeout=-1)
+    # reset_timeout=0 was taken, then every release closed its connection
+    # and raised TimeoutError (the reset had no time at all).
+    for zero in (0, 0.0, -0.0):
+        with pytest.raises(ValueError, match=rf"reset_timeout must be > 0 seconds \(None: the default\), got {zero!r}"):
+            await safepool.create_pool(pg_dsn, reset_timeout=zero)
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, reset_timeout=0.5)
+    try:
+        for _ in range(2):
+            async with pool.acquire() as con:
+                pid = await con.fetchval("SELECT pg_backend_pid()")
+        stats = pool.stats()
+        assert (stats.resets, stats.resets_failed, stats.connections_opened) == (2, 0, 1), stats
+        assert pid == await pool.fetchval("SELECT pg_backend_pid()")
+    finally:
+        await pool.close()
 
 
 def test_selfcheck_reports_an_unreachable_server_in_one_line() -> None:
