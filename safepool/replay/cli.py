@@ -363,15 +363,27 @@ def _run(configs: list[ReplayConfig], args: argparse.Namespace, stop: _Stop) -> 
                 asyncio.run(stop.run(_replay(configs, db, err, finished)))
                 if stop.signum is not None:
                     raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                if args.json and results:
+                    # The scenarios that finished, as their tables were
+                    # printed without --json; "interrupted" says the rest
+                    # did not run (the exit status still says so too).
+                    _write_json(results, time.monotonic() - started, interrupted=True)
+                raise
             finally:
                 stop.closing = True  # the server's cleanup must finish
     wall = time.monotonic() - started
     if args.json:
-        data = {"wall_seconds": round(wall, 1), "scenarios": results}
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        _write_json(results, wall, interrupted=False)
     else:
         out.print(f"wall time {wall:.1f} s")
     return 0
+
+
+def _write_json(results: dict[str, Any], wall: float, interrupted: bool) -> None:
+    data = {"wall_seconds": round(wall, 1), "interrupted": interrupted, "scenarios": results}
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
 
 
 Finished = Callable[[ReplayConfig, "list[PoolRun]", int], None]

@@ -881,3 +881,31 @@ async def test_the_monitor_survives_a_connection_the_restart_left_half_closed() 
     monitor = Monitor("postgresql://unused", con)  # type: ignore[arg-type]
     assert await monitor.count_connections("replay") is None
     assert con.terminated and monitor.con is None  # reopened at the next sample
+
+
+def test_json_after_ctrl_c_prints_the_scenarios_that_finished(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --json, Ctrl-C in the second scenario leaves the first one's
+    table printed; with --json it printed nothing at all. The pools' runs are
+    stand-ins here (what is checked is the CLI's output on a signal); the
+    monitor connects to a real server."""
+    from safepool.replay import runner
+
+    async def fake_run_pool(pool: str, db: Any, config: ReplayConfig, monitor: Any, tick: Any) -> PoolRun:
+        if config.scenario != "leak":
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the second scenario
+            await asyncio.Event().wait()  # cancelled by the replay's signal handler
+        run = PoolRun(pool, events=[])
+        run.records.append(RequestRecord(sent=0.0, done=0.01, status=200, leaking=False))
+        return run
+
+    monkeypatch.setattr(runner, "run_pool", fake_run_pool)
+    code = main(["--scenario", "all", "--dsn", pg_dsn, "--duration", "5", "--leak-start", "1", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 130, err
+    data = json.loads(out)
+    assert data["interrupted"] is True
+    assert list(data["scenarios"]) == ["leak"]
+    assert set(data["scenarios"]["leak"]["pools"]) == {"asyncpg", "safepool"}
+    assert err.strip().splitlines()[-1].startswith(PROG_ERROR + "interrupted; "), err
