@@ -607,7 +607,12 @@ class _Checker:
         (the ``try:`` does not come after the acquire). An acquire in a branch
         of an ``if`` (``con = None; if need: con = await pool.acquire()``) is
         followed out of it: the rest of that branch, then what follows the
-        ``if``."""
+        ``if``. So is one in the body of a ``try:`` whose handlers catch the
+        acquire's errors (``try: con = await pool.acquire() except
+        PoolTimeoutError: return 503``): the rest of that body, its ``else:``
+        and ``finally:`` (a handler runs with the connection held only if
+        something after the acquire raised: that is the first leaver), then
+        what follows the ``try``."""
         first_leaver: str | None = None
         stmt = acquire_stmt
         while True:
@@ -615,15 +620,22 @@ class _Checker:
             if place is None:
                 return None
             block, index = place
-            for later in block[index + 1:]:
+            parent = self.module.parents.get(stmt)
+            following = block[index + 1:]
+            if isinstance(parent, (ast.Try, ast.TryStar)) and block is parent.body:
+                following = following + parent.orelse + parent.finalbody
+            elif isinstance(parent, (ast.Try, ast.TryStar)) and block is parent.orelse:
+                following = following + parent.finalbody
+            elif not isinstance(parent, ast.If):
+                parent = None
+            for later in following:
                 if later is try_stmt:
                     return first_leaver or "next"
                 leaver = _leaves_holding(later, var)
                 if leaver is not None and first_leaver is None:
                     # The await, return or raise itself (an `if` may hold it lines below).
                     first_leaver = str(getattr(leaver, "lineno", later.lineno))
-            parent = self.module.parents.get(stmt)
-            if not isinstance(parent, ast.If):
+            if parent is None:
                 return None
             stmt = parent
 

@@ -6,6 +6,8 @@ import contextlib
 import pytest
 import pytest_asyncio
 
+import safepool
+
 
 async def with_context_manager(pool):
     async with pool.acquire() as con:
@@ -377,3 +379,54 @@ async def limited(task_pool: asyncio.BoundedSemaphore, work):
         await work()
     finally:
         task_pool.release()
+
+
+class HTTPException(Exception):
+    pass
+
+
+async def acquire_errors_mapped_before_the_try(pool):
+    # A handler runs only when the acquire raised: no connection to release.
+    try:
+        con = await pool.acquire()
+    except (safepool.PoolOverloadedError, safepool.PoolTimeoutError):
+        raise HTTPException(503) from None
+    try:
+        return await con.fetchval("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def acquire_error_returns_before_the_try(pool):
+    try:
+        con = await pool.acquire()
+    except safepool.PoolTimeoutError:
+        return None
+    try:
+        return await con.fetchval("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def acquire_error_handled_try_in_else(pool):
+    try:
+        con = await pool.acquire()
+    except safepool.PoolTimeoutError:
+        return None
+    else:
+        try:
+            return await con.fetchval("SELECT 1")
+        finally:
+            await pool.release(con)
+
+
+async def acquire_retried_on_connect_errors(pool):
+    for _ in range(3):
+        try:
+            con = await pool.acquire()
+        except OSError:
+            continue
+        try:
+            return await con.fetchval("SELECT 1")
+        finally:
+            await pool.release(con)

@@ -305,3 +305,29 @@ async def gathered_with_another_query(pool, other_pool):
         await con.execute("SELECT $1", count)
     finally:
         await pool.release(con)
+
+
+async def acquire_errors_mapped_but_a_query_in_the_same_try(pool):
+    # The SET can fail after the acquire: the handler then returns holding it.
+    try:
+        con = await pool.acquire()  # expect: SP001 line
+        await con.execute("SET statement_timeout = 1000")
+    except OSError:
+        return None
+    try:
+        return await con.fetchval("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def acquire_errors_mapped_but_the_finally_awaits(pool, metrics):
+    try:
+        con = await pool.acquire()  # expect: SP001 line+4
+    except OSError:
+        return None
+    finally:
+        await metrics.flush()
+    try:
+        return await con.fetchval("SELECT 1")
+    finally:
+        await pool.release(con)
