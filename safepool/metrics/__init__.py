@@ -24,6 +24,23 @@ if TYPE_CHECKING:
 __all__ = ["PoolSet", "leak_suspects", "read", "snapshot"]
 
 
+def _check_pool(pool: object) -> None:
+    """TypeError unless ``pool`` looks like a safepool pool (a ``name`` and a
+    ``stats()``: what the exporters read). An asyncpg pool (one not migrated
+    yet, an ORM's not redirected) has neither; without this check the
+    mistake surfaced as an AttributeError about ``name``."""
+    if isinstance(getattr(pool, "name", None), str) and callable(getattr(pool, "stats", None)):
+        return
+    kind = f"{type(pool).__module__}.{type(pool).__qualname__}"
+    hint = ""
+    if type(pool).__module__.startswith("asyncpg"):
+        hint = (
+            ": an asyncpg pool has no statistics to export; create it with safepool.create_pool() "
+            "(docs/migration.md; for an ORM's pools, rebind asyncpg.create_pool)"
+        )
+    raise TypeError(f"expected a safepool pool, got {kind}{hint}")
+
+
 class PoolSet:
     """The pools an exporter reports on, each under a unique name.
 
@@ -44,14 +61,15 @@ class PoolSet:
         (against the pools reported and each other), so a clash leaves the
         set as it was.
 
-        :raises ValueError: as :meth:`add`, for the first pool that clashes."""
+        :raises ValueError: as :meth:`add`, for the first pool that clashes.
+        :raises TypeError: as :meth:`add`, for the first that is not a pool."""
         pools = list(pools)
         named = self._named
         self._named = dict(named)  # (a trial run on a copy)
         try:
             for pool in pools:
                 self.add(pool)
-        except ValueError:
+        except (ValueError, TypeError):
             self._named = named
             raise
 
@@ -62,6 +80,7 @@ class PoolSet:
         that re-creates its pool); otherwise a duplicate raises ValueError,
         since two time series with the same labels would be rejected by
         Prometheus and merged by OpenTelemetry."""
+        _check_pool(pool)
         name = pool.name if name is None else name
         if not name:
             raise ValueError("a pool's metrics name must not be empty")

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -116,6 +117,15 @@ async def test_a_failing_init_hook_is_visible_with_the_server_up(pools: Any, rea
     async with pool.acquire(timeout=10):
         pass
     assert point(points(memory), "safepool.init.failing", **{POOL: "init-bug"}).value == 0
+
+
+async def test_instrument_of_an_asyncpg_pool_says_what_it_is(pg_dsn: str, reader: Any) -> None:
+    legacy = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        with pytest.raises(TypeError, match=r"expected a safepool pool, got asyncpg\.pool\.Pool: an asyncpg pool"):
+            instrument(legacy, meter_provider=reader[1])
+    finally:
+        await legacy.close()
 
 
 async def test_timeouts_counter(pools: Any, reader: Any) -> None:

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -274,6 +275,27 @@ async def test_register_of_several_pools_adds_all_or_none(pools: Any) -> None:
     assert "safepool_max_size" not in generate_latest(other).decode()
     register(fresh, registry=registry)
     assert [name for name, _ in collector.pools.items()] == ["taken", "fresh"]
+
+
+async def test_register_of_an_asyncpg_pool_says_what_it_is(pools: Any, pg_dsn: str) -> None:
+    # A service half migrated (or an ORM's pool not redirected) registering
+    # asyncpg's pool got "AttributeError: 'Pool' object has no attribute
+    # 'name'"; and register(first, not_a_pool) kept nothing of the call.
+    first = await pools(name="first", min_size=0)
+    legacy = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        registry = CollectorRegistry()
+        with pytest.raises(TypeError, match=r"expected a safepool pool, got asyncpg\.pool\.Pool: an asyncpg pool"):
+            register(legacy, registry=registry)
+        collector = register(first, registry=registry)
+        with pytest.raises(TypeError, match=r"expected a safepool pool, got builtins\.NoneType$"):
+            collector.add(None)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="create it with safepool.create_pool"):
+            PoolCollector([first, legacy])
+        assert collector.pools.items() == [("first", first)]
+        assert value(scrape(registry), "safepool_max_size", pool="first") == first.get_max_size()
+    finally:
+        await legacy.close()
 
 
 async def test_register_joins_a_collector_registered_directly_and_live_mode(pools: Any) -> None:
