@@ -75,3 +75,21 @@ class EventLoopMismatchError(PoolError, _pg.InterfaceError, RuntimeError):
     the loops' states, and its ``close()`` raises ``RuntimeError`` ("Task
     ... attached to a different loop", asyncpg 0.32): this error is both,
     so an ``except`` written for asyncpg's catches it."""
+
+
+def check_is_pool(obj: object, where: str) -> None:
+    """Raise TypeError unless ``obj`` looks like a safepool pool (a ``name``
+    and a ``stats()``: what ``where``, an API taking safepool pools, reads).
+    An asyncpg pool (one not migrated yet, an ORM's not redirected) has
+    neither: the error says so, where it was an AttributeError about
+    ``name`` or ``stats``, or "'Pool' object is not iterable"."""
+    if isinstance(getattr(obj, "name", None), str) and callable(getattr(obj, "stats", None)):
+        return
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    hint = ""
+    if type(obj).__module__.startswith("asyncpg"):
+        hint = (
+            ": an asyncpg pool has no statistics or leases to read; create it with safepool.create_pool() "
+            "(docs/migration.md; for an ORM's pools, rebind asyncpg.create_pool)"
+        )
+    raise TypeError(f"{where} expected a safepool pool, got {kind}{hint}")

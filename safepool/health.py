@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._durations import validate_timeout
 from ._histogram import Distribution
-from .errors import PoolClosedError, PoolOverloadedError
+from .errors import PoolClosedError, PoolOverloadedError, check_is_pool
 from .stats import PoolStats
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ async def check_health(
     :param connect_error_window: degraded when connects failed within this
         many seconds (measured between successive checks of the same pool;
         a pool's first check only sees the current run of failures).
-    :raises TypeError: an option of the wrong type (a duration that is not
+    :raises TypeError: ``pool`` is not a safepool pool (an asyncpg pool), or an option of the wrong type (a duration that is not
         an int or a float, ``probe`` not a bool, ``probe_query`` not a str).
     :raises ValueError: a duration out of range: NaN or negative;
         ``probe_timeout`` and ``connect_error_window`` must be > 0.
@@ -113,6 +113,7 @@ async def check_health(
     # Checked at the call, as create_pool()'s options: a wrong option must
     # not read as an outage (a probe_timeout of -1 failed every probe, one
     # of 0 also closed a connection per check).
+    check_is_pool(pool, "check_health()")
     if not isinstance(probe, bool):
         raise TypeError(f"probe must be True or False, got {probe!r}")
     probe_timeout = validate_timeout("probe_timeout", probe_timeout, allow_none=False, positive=True)

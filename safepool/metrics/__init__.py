@@ -16,29 +16,13 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from ..errors import check_is_pool
 from ..stats import PoolStats
 
 if TYPE_CHECKING:
     from ..pool import Pool
 
 __all__ = ["PoolSet", "leak_suspects", "read", "snapshot"]
-
-
-def _check_pool(pool: object) -> None:
-    """TypeError unless ``pool`` looks like a safepool pool (a ``name`` and a
-    ``stats()``: what the exporters read). An asyncpg pool (one not migrated
-    yet, an ORM's not redirected) has neither; without this check the
-    mistake surfaced as an AttributeError about ``name``."""
-    if isinstance(getattr(pool, "name", None), str) and callable(getattr(pool, "stats", None)):
-        return
-    kind = f"{type(pool).__module__}.{type(pool).__qualname__}"
-    hint = ""
-    if type(pool).__module__.startswith("asyncpg"):
-        hint = (
-            ": an asyncpg pool has no statistics to export; create it with safepool.create_pool() "
-            "(docs/migration.md; for an ORM's pools, rebind asyncpg.create_pool)"
-        )
-    raise TypeError(f"expected a safepool pool, got {kind}{hint}")
 
 
 class PoolSet:
@@ -80,7 +64,7 @@ class PoolSet:
         that re-creates its pool); otherwise a duplicate raises ValueError,
         since two time series with the same labels would be rejected by
         Prometheus and merged by OpenTelemetry."""
-        _check_pool(pool)
+        check_is_pool(pool, "the metrics exporter")
         name = pool.name if name is None else name
         if not name:
             raise ValueError("a pool's metrics name must not be empty")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from ..errors import check_is_pool
 from ..events import Leaked
 from ..pool import Pool, live_pools
 from .tracker import TimedOut, _Ended, _module_dir, _tracker, holder_activity
@@ -449,7 +450,14 @@ def assert_no_leaks(pool: Pool | Iterable[Pool] | None = None, *, strict: bool =
         return LeakGuard(strict=strict)
     if isinstance(pool, Pool):
         return LeakGuard([pool], strict=strict)
-    return LeakGuard(pool, strict=strict)
+    try:
+        pools = list(pool)
+    except TypeError:
+        check_is_pool(pool, "assert_no_leaks()")  # an asyncpg pool: say so
+        raise
+    for each in pools:
+        check_is_pool(each, "assert_no_leaks()")
+    return LeakGuard(pools, strict=strict)
 
 
 def release_leaked(leaks: Iterable[Leak]) -> None:

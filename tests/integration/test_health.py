@@ -51,6 +51,17 @@ async def test_healthy_pool_is_ok_with_a_probe_latency(pools: Any) -> None:
     assert skipped.status == "ok" and skipped.probe_latency is None
 
 
+async def test_check_health_of_an_asyncpg_pool_says_what_it_is(pg_dsn: str) -> None:
+    # It probed asyncpg's pool, then failed on "'Pool' object has no attribute 'stats'".
+    legacy = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        with pytest.raises(TypeError, match=r"check_health\(\) expected a safepool pool, got asyncpg\.pool\.Pool: "
+                           r"an asyncpg pool"):
+            await check_health(legacy)
+    finally:
+        await legacy.close()
+
+
 async def test_saturated_pool_is_degraded_not_failing(pools: Any) -> None:
     clock = ManualClock()
     pool = await pools(name="full", min_size=1, max_size=1, clock=clock)

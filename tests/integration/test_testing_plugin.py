@@ -250,6 +250,25 @@ async def test_assert_no_leaks_passes_clean_code(pool: Pool) -> None:
 
 
 @pytest.mark.asyncio
+async def test_assert_no_leaks_of_an_asyncpg_pool_says_what_it_is(pool: Pool, pg_dsn: str) -> None:
+    # A test suite whose pool fixture still makes asyncpg's pool got
+    # "TypeError: 'Pool' object is not iterable".
+    legacy = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        with pytest.raises(TypeError, match=r"assert_no_leaks\(\) expected a safepool pool, got asyncpg\.pool\.Pool: "
+                           r"an asyncpg pool .*safepool\.create_pool\(\)"):
+            assert_no_leaks(legacy)
+        with pytest.raises(TypeError, match="create it with safepool.create_pool"):
+            assert_no_leaks([pool, legacy])
+        with pytest.raises(TypeError, match=r"got builtins\.str$"):
+            assert_no_leaks("pool")  # type: ignore[arg-type]
+        async with assert_no_leaks([pool]):
+            await pool.fetchval("SELECT 1")
+    finally:
+        await legacy.close()
+
+
+@pytest.mark.asyncio
 async def test_assert_no_leaks_names_the_line_and_releases(pool: Pool) -> None:
     kept: list[Any] = []
     with pytest.raises(LeakError) as caught:
