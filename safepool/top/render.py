@@ -68,11 +68,18 @@ def render_plain(snapshot: Snapshot, interval: float | None = None) -> str:
     queries = [group for group in snapshot.groups if group.query is not None]
     if queries:
         lines.extend(["", "queries (the oldest session of each group):"])
-        lines.extend(f"  {_label(group)}: {group.query}" for group in queries)
+        lines.extend(f"  {_label(group)}: {_query_text(group.query)}" for group in queries)
     if snapshot.alerts:
         lines.append("")
         lines.extend(f"{'-' if a.level == 'note' else '!'} {a.level}: {a.message}" for a in snapshot.alerts)
     return "\n".join(lines) + "\n"
+
+
+def _query_text(query: str | None) -> str:
+    """A session that has run nothing since it connected shows an empty
+    query in pg_stat_activity: say so rather than print nothing after the
+    colon (--json keeps the empty string)."""
+    return query or "(no query since it connected)"
 
 
 _LEVEL_STYLE = {"ok": "green", "note": "dim", "warning": "bold yellow", "critical": "bold white on red"}
@@ -117,7 +124,8 @@ def render_rich(snapshot: Snapshot, interval: float | None = None, error: str | 
     if queries:
         parts.append(Text("queries (the oldest session of each group):", style="bold"))
     parts.extend(
-        Text(f"  {_label(group)}: {group.query}", style="dim", no_wrap=True, overflow="ellipsis") for group in queries
+        Text(f"  {_label(group)}: {_query_text(group.query)}", style="dim", no_wrap=True, overflow="ellipsis")
+        for group in queries
     )
     parts.extend(Text(f"{alert.level}: {alert.message}", style=_LEVEL_STYLE[alert.level]) for alert in snapshot.alerts)
     return Stack(*parts)

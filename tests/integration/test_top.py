@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 import zlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -198,6 +199,22 @@ async def test_queries_only_on_request_and_truncated(
     code, out, _ = await run_in_thread(capsys, "--once", "--plain", "--show-queries", pg_dsn)
     assert code == 0
     assert f"{scene.app_name} / idle: {SECRET_QUERY}" in out
+
+
+@pytest.mark.asyncio
+async def test_a_session_that_ran_nothing_says_so_in_the_queries(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Its query is empty in pg_stat_activity: the plain view printed
+    # "app / idle: " with nothing after the colon.
+    app_name = f"sp-fresh-{uuid.uuid4().hex[:8]}"
+    fresh = await asyncpg.connect(pg_dsn, server_settings={"application_name": app_name})
+    try:
+        code, out, _ = await run_in_thread(capsys, "--once", "--plain", "--show-queries", pg_dsn)
+        assert code == 0
+        assert f"  {app_name} / idle: (no query since it connected)\n" in out
+        code, out, _ = await run_in_thread(capsys, "--once", "--json", "--show-queries", pg_dsn)
+        assert mine(json.loads(out), app_name)["idle"]["query"] == ""
+    finally:
+        await fresh.close()
 
 
 @pytest.mark.asyncio
