@@ -818,10 +818,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             findings.extend(check_source(source, path, pool_names=args.pool_names))
         except SyntaxError as exc:
             message = f"{type(exc).__name__}: {exc}"
-            if type(exc) is SyntaxError and source is not None:
+            if type(exc) is SyntaxError and source is not None and not (exc.msg or "").startswith("too many"):
                 # Parsed with this interpreter's grammar: newer syntax (PEP
                 # 695's `type X = ...` on 3.11) is an error here, not in the
-                # code. (An undecodable file fails before parsing: no hint.)
+                # code. (An undecodable file fails before parsing, and a
+                # parser limit, "too many nested parentheses", is the same in
+                # every version: no hint.)
                 message += (f" (parsed as Python {sys.version_info.major}.{sys.version_info.minor}: "
                             "run the check with the Python version the code is written for)")
             errors.append({"path": path, "error": message})

@@ -186,6 +186,17 @@ def test_cli_a_syntax_error_names_the_grammar_it_was_parsed_with(
     assert f"(parsed as Python {version}: run the check with the Python version" in capsys.readouterr().err
 
 
+def test_cli_a_parser_limit_is_not_blamed_on_the_python_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "too many nested parentheses" is a limit of every version's parser: the
+    # hint to run the check with another Python sent the user the wrong way.
+    (tmp_path / "generated.py").write_text("x = " + "(" * 300 + "1" + ")" * 300 + "\n")
+    assert main([str(tmp_path / "generated.py")]) == 2
+    err = capsys.readouterr().err
+    assert "too many nested parentheses" in err and "parsed as Python" not in err
+
+
 def test_pool_aliases_are_pools() -> None:
     source = '''
 class Repository:
