@@ -766,8 +766,10 @@ _asyncpg_remove_query_logger = _pg_connection.Connection.remove_query_logger
 
 @functools.wraps(_asyncpg_add_termination_listener)
 def _add_termination_listener(self: RawConnection, callback: Any) -> None:
+    present = _pg_connection._Callback.from_callable(callback) in self._termination_listeners  # type: ignore[attr-defined]
     _asyncpg_add_termination_listener(self, callback)
-    _note_callback(self, TERMINATION, callback, True)
+    if not present:
+        _note_callback(self, TERMINATION, callback, True)
 
 
 @functools.wraps(_asyncpg_remove_termination_listener)
@@ -778,8 +780,10 @@ def _remove_termination_listener(self: RawConnection, callback: Any) -> None:
 
 @functools.wraps(_asyncpg_add_query_logger)
 def _add_query_logger(self: RawConnection, callback: Any) -> None:
+    present = _pg_connection._Callback.from_callable(callback) in self._query_loggers  # type: ignore[attr-defined]
     _asyncpg_add_query_logger(self, callback)
-    _note_callback(self, LOGGER, callback, True)
+    if not present:
+        _note_callback(self, LOGGER, callback, True)
 
 
 @functools.wraps(_asyncpg_remove_query_logger)
@@ -788,6 +792,10 @@ def _remove_query_logger(self: RawConnection, callback: Any) -> None:
     _note_callback(self, LOGGER, callback, False)
 
 
+# A callback already on the connection (init='s, setup='s, an earlier
+# lease's) is not noted again: asyncpg's add is then a no-op (a set), and
+# noted as this lease's it would be taken with it by a take-back
+# (drop_lease_callbacks), and would keep a lost proxy's connection leased.
 # Installed on asyncpg's Connection class, as _unwrap: the two kinds of
 # callback asyncpg's release keeps. Telling a lease's own from those an
 # earlier lease left (has_callbacks) otherwise costs every release a look

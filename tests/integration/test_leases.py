@@ -649,3 +649,37 @@ async def test_a_taken_back_lease_takes_its_query_loggers_and_termination_listen
 
 async def _async_none(_: Any) -> None:
     return None
+
+
+async def test_a_taken_back_lease_leaves_init_callbacks_it_registered_again(pools: Any) -> None:
+    """A lease that adds the query logger and termination listener init=
+    already registered (the same functions: asyncpg's add is then a no-op,
+    its callbacks being a set) does not make them its own: the take-back
+    removed them, and every later lease of the connection went unlogged
+    (a release keeps them, as asyncpg's)."""
+    clock = ManualClock()
+    logged: list[Any] = []
+    terminated: list[Any] = []
+
+    def log(record: Any) -> None:
+        logged.append(record.args)
+
+    async def init(con: Any) -> None:
+        con.add_query_logger(log)
+        con.add_termination_listener(terminated.append)
+
+    pool = await pools(min_size=1, max_size=1, lease_timeout=5.0, clock=clock, init=init)
+    con = await pool.acquire()
+    con.add_query_logger(log)
+    con.add_termination_listener(terminated.append)
+    await con.fetchval("SELECT 1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", asyncpg.InterfaceWarning)
+        clock.advance(6.0)
+        await until(lambda: pool.stats().idle == 1)
+    async with pool.acquire(timeout=5) as next_lease:
+        assert await next_lease.fetchval("SELECT $1::text", "logged") == "logged"
+        next_lease.terminate()
+    # (asyncpg calls query loggers and termination listeners soon after)
+    await until(lambda: ("logged",) in logged and len(terminated) == 1)  # init='s are still the connection's
+    assert pool.stats().leases_expired == 1
