@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.selector_events
+import contextlib
 import functools
 import gc
 import sys
@@ -792,6 +793,36 @@ def _remove_query_logger(self: RawConnection, callback: Any) -> None:
     _note_callback(self, LOGGER, callback, False)
 
 
+_asyncpg_query_logger = _pg_connection.Connection.query_logger
+
+
+@functools.wraps(_asyncpg_query_logger)
+@contextlib.contextmanager
+def _query_logger(self: RawConnection, callback: Any) -> Generator[None, None, None]:
+    # asyncpg's, except that the exit removes nothing once the lease that
+    # entered it was taken back (lease_timeout): the take-back removed the
+    # lease's logger already (drop_lease_callbacks), and the connection may
+    # be another lease's by then, with the same function registered (a
+    # module's audit logger, its own `with con.query_logger(audit):`),
+    # which the expired holder's exit took away from it. (Bound to the
+    # connection itself, the block's exit does not pass through the proxy.)
+    self.add_query_logger(callback)
+    proxy = self._proxy if isinstance(self._proxy, weakref.ProxyTypes) else None
+    try:
+        yield
+    finally:
+        if proxy is None or not _expired(proxy):
+            self.remove_query_logger(callback)
+
+
+def _expired(proxy: Any) -> bool:
+    """Whether a lease's (weak) proxy was taken back by ``lease_timeout``."""
+    try:
+        return proxy._expired is not None
+    except ReferenceError:
+        return False
+
+
 # A callback already on the connection (init='s, setup='s, an earlier
 # lease's) is not noted again: asyncpg's add is then a no-op (a set), and
 # noted as this lease's it would be taken with it by a take-back
@@ -807,6 +838,7 @@ _pg_connection.Connection.add_termination_listener = _add_termination_listener  
 _pg_connection.Connection.remove_termination_listener = _remove_termination_listener  # type: ignore[method-assign]
 _pg_connection.Connection.add_query_logger = _add_query_logger  # type: ignore[method-assign]
 _pg_connection.Connection.remove_query_logger = _remove_query_logger  # type: ignore[method-assign]
+_pg_connection.Connection.query_logger = _query_logger  # type: ignore[method-assign]
 
 
 def live_proxy(con: RawConnection) -> Any | None:

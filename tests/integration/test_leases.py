@@ -683,3 +683,44 @@ async def test_a_taken_back_lease_leaves_init_callbacks_it_registered_again(pool
     # (asyncpg calls query loggers and termination listeners soon after)
     await until(lambda: ("logged",) in logged and len(terminated) == 1)  # init='s are still the connection's
     assert pool.stats().leases_expired == 1
+
+
+async def test_a_taken_back_holders_query_logger_block_leaves_the_next_lease_its_logger(pools: Any) -> None:
+    """A holder taken back inside ``with con.query_logger(audit):`` leaves
+    the block later, once the connection is another lease's. The block is
+    bound to the connection itself, so its exit removed ``audit`` from the
+    next lease, inside that lease's own ``with con.query_logger(audit):``
+    (a module's audit logger, the same function): its statements went
+    unlogged. The take-back removed the holder's logger already; the
+    expired block's exit removes nothing."""
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, lease_timeout=5.0, clock=clock)
+    audited: list[Any] = []
+
+    def audit(record: Any) -> None:
+        audited.append(record.args)
+
+    inside, leave = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        con = await pool.acquire()
+        with con.query_logger(audit):
+            await con.fetchval("SELECT 1")
+            inside.set()
+            await leave.wait()
+
+    task = asyncio.create_task(holder())
+    await inside.wait()
+    clock.advance(6.0)  # taken back inside the block
+    async with pool.acquire(timeout=5) as next_lease:
+        with next_lease.query_logger(audit):
+            leave.set()
+            await asyncio.wait_for(task, 5)  # the expired holder leaves its block
+            assert await next_lease.fetchval("SELECT $1::text", "audited") == "audited"
+            await until(lambda: ("audited",) in audited)
+    assert pool.stats().leases_expired == 1
+    # (a released lease's block, as asyncpg's, still removes on exit)
+    async with pool.acquire(timeout=5) as con:
+        with con.query_logger(audit):
+            pass
+        assert not con._con._query_loggers
