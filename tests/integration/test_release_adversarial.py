@@ -223,7 +223,7 @@ async def test_release_awaitable_dropped_unawaited_does_not_strand_the_slot(pg_d
 
 
 @pytest.mark.parametrize("kind", ["asyncpg", "safepool"])
-@pytest.mark.parametrize("style", ["async_with", "finally_release"])
+@pytest.mark.parametrize("style", ["async_with", "finally_release", "asynccontextmanager"])
 async def test_release_in_a_coroutine_being_closed(pg_dsn: str, app_name: str, kind: str, style: str) -> None:
     """A coroutine closed while it holds a lease (``coro.close()``, or its
     pending task garbage collected: "Task was destroyed but it is
@@ -239,9 +239,27 @@ async def test_release_in_a_coroutine_being_closed(pg_dsn: str, app_name: str, k
     try:
         started = asyncio.Event()
 
+        @contextlib.asynccontextmanager
+        async def lease() -> Any:
+            # (The closed coroutine's GeneratorExit is thrown into this
+            # generator: its frame heads the traceback. The check took it for
+            # an async generator's aclose() and waited: Python raised
+            # "coroutine ignored GeneratorExit", and the reset stayed
+            # stranded while asyncpg's shield's task finished it.)
+            con = await pool.acquire()
+            try:
+                yield con
+            finally:
+                await pool.release(con)
+
         async def holder() -> None:
             if style == "async_with":
                 async with pool.acquire() as con:
+                    await con.execute("SELECT pg_advisory_lock(1)")
+                    started.set()
+                    await asyncio.get_running_loop().create_future()
+            elif style == "asynccontextmanager":
+                async with lease() as con:
                     await con.execute("SELECT pg_advisory_lock(1)")
                     started.set()
                     await asyncio.get_running_loop().create_future()
@@ -291,11 +309,25 @@ async def test_release_in_an_async_generator_being_closed_is_waited_for(pg_dsn: 
                 for n in range(10):
                     yield n
 
-        stream = rows()
-        assert await stream.__anext__() == 0
-        await stream.aclose()
-        assert await admin.fetchval(ADVISORY) == 0  # reset before aclose() returned
-        assert pool.stats().idle == 1
+        @contextlib.asynccontextmanager
+        async def lease() -> Any:
+            con = await pool.acquire()
+            try:
+                yield con
+            finally:
+                await pool.release(con)
+
+        async def wrapped_rows() -> Any:
+            async with lease() as con:
+                await con.execute("SELECT pg_advisory_lock(1)")
+                for n in range(10):
+                    yield n
+
+        for stream in (rows(), wrapped_rows()):
+            assert await stream.__anext__() == 0
+            await stream.aclose()
+            assert await admin.fetchval(ADVISORY) == 0  # reset before aclose() returned
+            assert pool.stats().idle == 1
         pool._state.check_invariants()
     finally:
         await admin.close()
