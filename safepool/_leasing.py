@@ -400,10 +400,23 @@ class Leaser:
             # out is a CancelledError there, the TimeoutError the caller's).
             if (self.custom_reset or holder.own_execute or (logged and _pg.RESET_UNDER_BUDGET)
                     or (check == _pg.MUST_RESET and _pg.is_cancelling(con))):
-                rollback = False if self.custom_reset else _pg.warn_open_transaction(con, deferred=True)
+                hooks = None
+                if self.custom_reset:
+                    rollback = False
+                else:
+                    # What the inline reset below sends (reset_plan): a
+                    # connection class's own reset query in every mode, and
+                    # in rollback mode the ROLLBACK of a marked lease (a
+                    # Parse without Sync). The pool's hooks alone sent
+                    # neither in rollback mode (hooks.full is the mode's).
+                    full, rollback = state.reset_plan(
+                        holder.clean_mark == -1, _pg.warn_open_transaction(con, deferred=True)
+                    )
+                    if full:
+                        hooks = runner.hooks.ended
                 done = runner.resets_done[slot] = self.loop.create_future()
                 state.release(lease, self.now(), outcome)
-                self.spawn(runner.reset_slot(holder, con, timeout, rollback, done, connection))
+                self.spawn(runner.reset_slot(holder, con, timeout, rollback, done, connection, hooks=hooks))
             else:
                 # The common case: one statement, ROLLBACK (if a transaction
                 # is open) and the reset query in one message, driven in the
