@@ -19,6 +19,7 @@ are the core's, connect arguments the face's.
 from __future__ import annotations
 
 import asyncio
+import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,7 +29,7 @@ from asyncpg import exceptions as _pg_exceptions
 from . import _internals as _pg
 from . import _sites, _stack, _workers
 from ._clock import Clock
-from ._detach import Resolved, _Driver
+from ._detach import Resolved, _closing, _Driver
 from ._durations import release_timeout, validate_timeout
 from ._holder import Face
 from ._internals import RawConnection
@@ -494,6 +495,15 @@ class Leaser:
         """A release's wait off the hot path: for a plain future that the
         pool's task resolves (with the error to raise, or None), and with a
         query logger's loop pass at the end."""
+        handled = sys.exception()
+        if handled is not None and _closing(handled):
+            # A coroutine being closed releases (see _Driver.__await__):
+            # nothing can wait there, so neither for the pool task's reset
+            # nor the logger's loop pass (Python raised "coroutine ignored
+            # GeneratorExit"). A driver hands its reset to a pool task.
+            if type(done) is _Driver:
+                await done
+            return
         error: Exception | None = None
         if done is not None:
             try:

@@ -295,6 +295,48 @@ async def test_release_in_a_coroutine_being_closed(pg_dsn: str, app_name: str, k
         pool.terminate()
 
 
+async def _log_queries(con: Any) -> None:
+    con.add_query_logger(lambda record: None)
+
+
+async def _unlock_all(con: Any) -> None:
+    await con.execute("SELECT pg_advisory_unlock_all()")
+
+
+@pytest.mark.parametrize("config", ["query logger", "reset= hook"])
+async def test_release_off_the_inline_path_in_a_coroutine_being_closed(
+    pg_dsn: str, app_name: str, config: str
+) -> None:
+    """As above, where the release does not end in the inline reset: with a
+    query logger (its loop pass after the reset) or a reset= hook (the
+    reset in a pool task, whose end the release awaits). The release
+    waited there, so Python raised "coroutine ignored GeneratorExit" out of
+    the close (the reset went on in the pool's task, as on asyncpg's pool,
+    which raises it too). Nothing waits now."""
+    kwargs = {"init": _log_queries} if config == "query logger" else {"reset": _unlock_all}
+    pool = await _make("safepool", pg_dsn, app_name, **kwargs)
+    tasks_kept: list[Any] = []
+    try:
+        started = asyncio.Event()
+
+        async def holder() -> None:
+            async with pool.acquire() as con:
+                await con.execute("SELECT pg_advisory_lock(1)")
+                started.set()
+                await asyncio.get_running_loop().create_future()
+
+        coro = holder()
+        tasks_kept.append(asyncio.get_running_loop().create_task(coro))
+        await started.wait()
+        coro.close()  # raised RuntimeError("coroutine ignored GeneratorExit")
+        async with asyncio.timeout(5):
+            async with pool.acquire() as again:
+                assert await again.fetchval(ADVISORY) == 0
+        pool._state.check_invariants()
+    finally:
+        pool.terminate()
+
+
 async def test_release_in_an_async_generator_being_closed_is_waited_for(pg_dsn: str, app_name: str) -> None:
     """An async generator's ``aclose()`` (a consumer's early ``break``)
     releases in its ``GeneratorExit`` path too, but there a wait is allowed
