@@ -503,6 +503,10 @@ class Leaser:
             # GeneratorExit"). A driver hands its reset to a pool task.
             if type(done) is _Driver:
                 await done
+            elif isinstance(done, asyncio.Future):
+                # (Its error, if the reset fails, is the pool's to log: not
+                # "Future exception was never retrieved" as well.)
+                done.add_done_callback(_retrieve)
             return
         error: Exception | None = None
         if done is not None:
@@ -529,3 +533,8 @@ class Leaser:
         if phase is Phases.NEW:
             raise _pg_exceptions.InterfaceError("pool is not initialized")
         raise PoolClosedError("pool is closed")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

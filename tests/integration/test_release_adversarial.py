@@ -303,7 +303,18 @@ async def _unlock_all(con: Any) -> None:
     await con.execute("SELECT pg_advisory_unlock_all()")
 
 
-@pytest.mark.parametrize("config", ["query logger", "reset= hook"])
+_RESETS_FAILED: list[int] = []
+
+
+async def _failing_reset(con: Any) -> None:
+    """Fails once (the closed coroutine's release), then unlocks."""
+    if not _RESETS_FAILED:
+        _RESETS_FAILED.append(con.get_server_pid())
+        raise RuntimeError("reset hook failed")
+    await _unlock_all(con)
+
+
+@pytest.mark.parametrize("config", ["query logger", "reset= hook", "failing reset= hook"])
 async def test_release_off_the_inline_path_in_a_coroutine_being_closed(
     pg_dsn: str, app_name: str, config: str
 ) -> None:
@@ -313,9 +324,16 @@ async def test_release_off_the_inline_path_in_a_coroutine_being_closed(
     waited there, so Python raised "coroutine ignored GeneratorExit" out of
     the close (the reset went on in the pool's task, as on asyncpg's pool,
     which raises it too). Nothing waits now."""
-    kwargs = {"init": _log_queries} if config == "query logger" else {"reset": _unlock_all}
+    _RESETS_FAILED.clear()
+    kwargs: dict[str, Any] = (
+        {"init": _log_queries} if config == "query logger"
+        else {"reset": _failing_reset if "failing" in config else _unlock_all}
+    )
     pool = await _make("safepool", pg_dsn, app_name, **kwargs)
     tasks_kept: list[Any] = []
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
     try:
         started = asyncio.Event()
 
@@ -333,7 +351,12 @@ async def test_release_off_the_inline_path_in_a_coroutine_being_closed(
             async with pool.acquire() as again:
                 assert await again.fetchval(ADVISORY) == 0
         pool._state.check_invariants()
+        gc.collect()
+        # (A failed reset is the pool's to log: the release's future's error
+        # was also reported, "Future exception was never retrieved".)
+        assert reported == []
     finally:
+        loop.set_exception_handler(None)
         pool.terminate()
 
 
