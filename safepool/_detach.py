@@ -48,13 +48,21 @@ _handling = sys.exception
 def _closing(handled: BaseException) -> bool:
     """Whether ``handled`` (the exception being handled where a driver is
     awaited) is the ``GeneratorExit`` of a coroutine's ``close()``, in
-    whose frame no wait can be made. Its traceback starts at the frame
-    handling it: a coroutine's (closed: its pending task garbage
-    collected, or ``close()`` called), not an async generator's
-    (``aclose()``, awaited by a task: its waits are waited for)."""
-    if not isinstance(handled, GeneratorExit) or handled.__traceback__ is None:
+    whose frame no wait can be made. Its traceback holds the frames it was
+    raised in: a coroutine's (closed: its pending task garbage collected,
+    or ``close()`` called), not only an async generator's (``aclose()``,
+    awaited by a task: its waits are waited for). The coroutine's frame
+    need not come first: a ``contextlib.asynccontextmanager`` whose
+    ``finally:`` releases gets the closed coroutine's ``GeneratorExit``
+    thrown in (``athrow``), its own frame then heading the traceback."""
+    if not isinstance(handled, GeneratorExit):
         return False
-    return bool(handled.__traceback__.tb_frame.f_code.co_flags & inspect.CO_COROUTINE)
+    tb = handled.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_flags & inspect.CO_COROUTINE:
+            return True
+        tb = tb.tb_next
+    return False
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], object]
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.selector_events
+import contextlib
 import functools
 import gc
 import sys
@@ -766,8 +767,10 @@ _asyncpg_remove_query_logger = _pg_connection.Connection.remove_query_logger
 
 @functools.wraps(_asyncpg_add_termination_listener)
 def _add_termination_listener(self: RawConnection, callback: Any) -> None:
+    present = _pg_connection._Callback.from_callable(callback) in self._termination_listeners  # type: ignore[attr-defined]
     _asyncpg_add_termination_listener(self, callback)
-    _note_callback(self, TERMINATION, callback, True)
+    if not present:
+        _note_callback(self, TERMINATION, callback, True)
 
 
 @functools.wraps(_asyncpg_remove_termination_listener)
@@ -778,8 +781,10 @@ def _remove_termination_listener(self: RawConnection, callback: Any) -> None:
 
 @functools.wraps(_asyncpg_add_query_logger)
 def _add_query_logger(self: RawConnection, callback: Any) -> None:
+    present = _pg_connection._Callback.from_callable(callback) in self._query_loggers  # type: ignore[attr-defined]
     _asyncpg_add_query_logger(self, callback)
-    _note_callback(self, LOGGER, callback, True)
+    if not present:
+        _note_callback(self, LOGGER, callback, True)
 
 
 @functools.wraps(_asyncpg_remove_query_logger)
@@ -788,6 +793,40 @@ def _remove_query_logger(self: RawConnection, callback: Any) -> None:
     _note_callback(self, LOGGER, callback, False)
 
 
+_asyncpg_query_logger = _pg_connection.Connection.query_logger
+
+
+@functools.wraps(_asyncpg_query_logger)
+@contextlib.contextmanager
+def _query_logger(self: RawConnection, callback: Any) -> Generator[None, None, None]:
+    # asyncpg's, except that the exit removes nothing once the lease that
+    # entered it was taken back (lease_timeout): the take-back removed the
+    # lease's logger already (drop_lease_callbacks), and the connection may
+    # be another lease's by then, with the same function registered (a
+    # module's audit logger, its own `with con.query_logger(audit):`),
+    # which the expired holder's exit took away from it. (Bound to the
+    # connection itself, the block's exit does not pass through the proxy.)
+    self.add_query_logger(callback)
+    proxy = self._proxy if isinstance(self._proxy, weakref.ProxyTypes) else None
+    try:
+        yield
+    finally:
+        if proxy is None or not _expired(proxy):
+            self.remove_query_logger(callback)
+
+
+def _expired(proxy: Any) -> bool:
+    """Whether a lease's (weak) proxy was taken back by ``lease_timeout``."""
+    try:
+        return proxy._expired is not None
+    except ReferenceError:
+        return False
+
+
+# A callback already on the connection (init='s, setup='s, an earlier
+# lease's) is not noted again: asyncpg's add is then a no-op (a set), and
+# noted as this lease's it would be taken with it by a take-back
+# (drop_lease_callbacks), and would keep a lost proxy's connection leased.
 # Installed on asyncpg's Connection class, as _unwrap: the two kinds of
 # callback asyncpg's release keeps. Telling a lease's own from those an
 # earlier lease left (has_callbacks) otherwise costs every release a look
@@ -799,6 +838,7 @@ _pg_connection.Connection.add_termination_listener = _add_termination_listener  
 _pg_connection.Connection.remove_termination_listener = _remove_termination_listener  # type: ignore[method-assign]
 _pg_connection.Connection.add_query_logger = _add_query_logger  # type: ignore[method-assign]
 _pg_connection.Connection.remove_query_logger = _remove_query_logger  # type: ignore[method-assign]
+_pg_connection.Connection.query_logger = _query_logger  # type: ignore[method-assign]
 
 
 def live_proxy(con: RawConnection) -> Any | None:

@@ -19,6 +19,7 @@ are the core's, connect arguments the face's.
 from __future__ import annotations
 
 import asyncio
+import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,7 +29,7 @@ from asyncpg import exceptions as _pg_exceptions
 from . import _internals as _pg
 from . import _sites, _stack, _workers
 from ._clock import Clock
-from ._detach import Resolved, _Driver
+from ._detach import Resolved, _closing, _Driver
 from ._durations import release_timeout, validate_timeout
 from ._holder import Face
 from ._internals import RawConnection
@@ -400,10 +401,23 @@ class Leaser:
             # out is a CancelledError there, the TimeoutError the caller's).
             if (self.custom_reset or holder.own_execute or (logged and _pg.RESET_UNDER_BUDGET)
                     or (check == _pg.MUST_RESET and _pg.is_cancelling(con))):
-                rollback = False if self.custom_reset else _pg.warn_open_transaction(con, deferred=True)
+                hooks = None
+                if self.custom_reset:
+                    rollback = False
+                else:
+                    # What the inline reset below sends (reset_plan): a
+                    # connection class's own reset query in every mode, and
+                    # in rollback mode the ROLLBACK of a marked lease (a
+                    # Parse without Sync). The pool's hooks alone sent
+                    # neither in rollback mode (hooks.full is the mode's).
+                    full, rollback = state.reset_plan(
+                        holder.clean_mark == -1, _pg.warn_open_transaction(con, deferred=True)
+                    )
+                    if full:
+                        hooks = runner.hooks.ended
                 done = runner.resets_done[slot] = self.loop.create_future()
                 state.release(lease, self.now(), outcome)
-                self.spawn(runner.reset_slot(holder, con, timeout, rollback, done, connection))
+                self.spawn(runner.reset_slot(holder, con, timeout, rollback, done, connection, hooks=hooks))
             else:
                 # The common case: one statement, ROLLBACK (if a transaction
                 # is open) and the reset query in one message, driven in the
@@ -481,6 +495,19 @@ class Leaser:
         """A release's wait off the hot path: for a plain future that the
         pool's task resolves (with the error to raise, or None), and with a
         query logger's loop pass at the end."""
+        handled = sys.exception()
+        if handled is not None and _closing(handled):
+            # A coroutine being closed releases (see _Driver.__await__):
+            # nothing can wait there, so neither for the pool task's reset
+            # nor the logger's loop pass (Python raised "coroutine ignored
+            # GeneratorExit"). A driver hands its reset to a pool task.
+            if type(done) is _Driver:
+                await done
+            elif isinstance(done, asyncio.Future):
+                # (Its error, if the reset fails, is the pool's to log: not
+                # "Future exception was never retrieved" as well.)
+                done.add_done_callback(_retrieve)
+            return
         error: Exception | None = None
         if done is not None:
             try:
@@ -506,3 +533,8 @@ class Leaser:
         if phase is Phases.NEW:
             raise _pg_exceptions.InterfaceError("pool is not initialized")
         raise PoolClosedError("pool is closed")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

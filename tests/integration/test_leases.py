@@ -649,3 +649,78 @@ async def test_a_taken_back_lease_takes_its_query_loggers_and_termination_listen
 
 async def _async_none(_: Any) -> None:
     return None
+
+
+async def test_a_taken_back_lease_leaves_init_callbacks_it_registered_again(pools: Any) -> None:
+    """A lease that adds the query logger and termination listener init=
+    already registered (the same functions: asyncpg's add is then a no-op,
+    its callbacks being a set) does not make them its own: the take-back
+    removed them, and every later lease of the connection went unlogged
+    (a release keeps them, as asyncpg's)."""
+    clock = ManualClock()
+    logged: list[Any] = []
+    terminated: list[Any] = []
+
+    def log(record: Any) -> None:
+        logged.append(record.args)
+
+    async def init(con: Any) -> None:
+        con.add_query_logger(log)
+        con.add_termination_listener(terminated.append)
+
+    pool = await pools(min_size=1, max_size=1, lease_timeout=5.0, clock=clock, init=init)
+    con = await pool.acquire()
+    con.add_query_logger(log)
+    con.add_termination_listener(terminated.append)
+    await con.fetchval("SELECT 1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", asyncpg.InterfaceWarning)
+        clock.advance(6.0)
+        await until(lambda: pool.stats().idle == 1)
+    async with pool.acquire(timeout=5) as next_lease:
+        assert await next_lease.fetchval("SELECT $1::text", "logged") == "logged"
+        next_lease.terminate()
+    # (asyncpg calls query loggers and termination listeners soon after)
+    await until(lambda: ("logged",) in logged and len(terminated) == 1)  # init='s are still the connection's
+    assert pool.stats().leases_expired == 1
+
+
+async def test_a_taken_back_holders_query_logger_block_leaves_the_next_lease_its_logger(pools: Any) -> None:
+    """A holder taken back inside ``with con.query_logger(audit):`` leaves
+    the block later, once the connection is another lease's. The block is
+    bound to the connection itself, so its exit removed ``audit`` from the
+    next lease, inside that lease's own ``with con.query_logger(audit):``
+    (a module's audit logger, the same function): its statements went
+    unlogged. The take-back removed the holder's logger already; the
+    expired block's exit removes nothing."""
+    clock = ManualClock()
+    pool = await pools(min_size=1, max_size=1, lease_timeout=5.0, clock=clock)
+    audited: list[Any] = []
+
+    def audit(record: Any) -> None:
+        audited.append(record.args)
+
+    inside, leave = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        con = await pool.acquire()
+        with con.query_logger(audit):
+            await con.fetchval("SELECT 1")
+            inside.set()
+            await leave.wait()
+
+    task = asyncio.create_task(holder())
+    await inside.wait()
+    clock.advance(6.0)  # taken back inside the block
+    async with pool.acquire(timeout=5) as next_lease:
+        with next_lease.query_logger(audit):
+            leave.set()
+            await asyncio.wait_for(task, 5)  # the expired holder leaves its block
+            assert await next_lease.fetchval("SELECT $1::text", "audited") == "audited"
+            await until(lambda: ("audited",) in audited)
+    assert pool.stats().leases_expired == 1
+    # (a released lease's block, as asyncpg's, still removes on exit)
+    async with pool.acquire(timeout=5) as con:
+        with con.query_logger(audit):
+            pass
+        assert not con._con._query_loggers

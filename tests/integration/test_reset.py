@@ -205,17 +205,27 @@ PARSE_ONLY = {
 }
 
 
+async def _log_queries(con: Any) -> None:
+    con.add_query_logger(lambda record: None)
+
+
+@pytest.mark.parametrize("logged", [False, True], ids=["", "query logger"])
 @pytest.mark.parametrize("mode", ["full", "rollback", "auto"])
 @pytest.mark.parametrize("case", list(PARSE_ONLY))
 async def test_a_parse_left_without_sync_is_ended_by_release(
-    make: Any, pg_dsn: str, case: str, mode: str
+    make: Any, pg_dsn: str, case: str, mode: str, logged: bool
 ) -> None:
+    # (logged: a query logger init= registers moves the reset to a pool
+    # task, as asyncpg 0.30+ logs it; in rollback mode that reset sent no
+    # ROLLBACK for the marked lease, and the Parse's locks stayed held.)
     if mode == "auto":
         pytest.importorskip("pglast")
     admin = await asyncpg.connect(pg_dsn)
     try:
         await admin.execute("CREATE TABLE IF NOT EXISTS parse_only (a int)")
-        extra = {"connection_class": _PreparingConnection} if "helper" in case else {}
+        extra: dict[str, Any] = {"connection_class": _PreparingConnection} if "helper" in case else {}
+        if logged:
+            extra["init"] = _log_queries
         pool = await make(reset_mode=mode, statement_cache_size=0 if "caught" in case else 100, **extra)
         async with pool.acquire() as con:
             pid = con.get_server_pid()
@@ -269,6 +279,25 @@ class _DiscardTempAndRole(asyncpg.Connection):  # type: ignore[misc]
 
     def _get_reset_query(self) -> str:  # asyncpg < 0.30
         return super()._get_reset_query() + "\nDISCARD TEMP; RESET ROLE;"
+
+
+@pytest.mark.parametrize("logged", [False, True], ids=["", "query logger"])
+@pytest.mark.parametrize("mode", ["full", "rollback", "auto"])
+async def test_a_connection_class_reset_query_runs_in_every_mode(make: Any, mode: str, logged: bool) -> None:
+    """A connection class's own reset query runs after every lease in every
+    mode (docs/reset-modes.md). With a query logger on the connection the
+    reset runs in a pool task, whose reset in rollback mode sent only what
+    the mode sends (nothing here): the recipe's temporary table outlived
+    the lease."""
+    if mode == "auto":
+        pytest.importorskip("pglast")
+    pool = await make(reset_mode=mode, connection_class=_DiscardTempAndRole, init=_log_queries if logged else None)
+    async with pool.acquire() as con:
+        await con.execute("CREATE TEMP TABLE recipe_probe(a int)")
+    async with pool.acquire(timeout=5) as con:
+        assert await con.fetchval(
+            "SELECT count(*) FROM pg_class WHERE relname = 'recipe_probe' AND relnamespace = pg_my_temp_schema()"
+        ) == 0
 
 
 async def test_temp_tables_and_set_role_outlive_the_reset_as_on_asyncpg_and_the_recipe_ends_them(
