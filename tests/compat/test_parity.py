@@ -1386,3 +1386,46 @@ async def test_a_reset_raising_a_base_exception_gives_the_connection_up(
         await asyncio.wait_for(pool.release(con), 5)
     assert await asyncio.wait_for(pool.fetchval("SELECT 2"), 5) == 2
     await asyncio.wait_for(pool.close(), 5)
+
+
+class OnceFailingResetQueryConnection(asyncpg.Connection):
+    fail = False
+
+    def get_reset_query(self) -> str:
+        if OnceFailingResetQueryConnection.fail:
+            OnceFailingResetQueryConnection.fail = False
+            return "SELECT 1/0"
+        return str(super().get_reset_query())
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["reset-hook", "connection-class-reset", "reset-query"])
+async def test_a_release_whose_reset_failed_raises_with_the_connection_gone(
+    make_pool: MakePool, flavour: str, how: str
+) -> None:
+    """When the reset raises an error, asyncpg's release terminates the
+    connection and then raises: ``get_size()`` and ``get_idle_size()`` no
+    longer count it. safepool raised while its graceful close was still
+    under way, the connection still counted (size 1, idle 0)."""
+    skip_before_asyncpg((0, 30), "create_pool(reset=) and Connection.get_reset_query()")
+    failing = [LookupError]
+
+    async def reset_hook(con: Any) -> None:
+        if failing:
+            raise failing.pop()("reset failed")
+
+    if how == "reset-hook":
+        pool = await make_pool(min_size=1, max_size=1, reset=reset_hook)
+    elif how == "connection-class-reset":
+        CancelledResetConnection.fail_with = LookupError
+        pool = await make_pool(min_size=1, max_size=1, connection_class=CancelledResetConnection)
+    else:
+        pool = await make_pool(min_size=1, max_size=1, connection_class=OnceFailingResetQueryConnection)
+    con = await pool.acquire()
+    await con.execute("SELECT pg_advisory_lock(91)")
+    OnceFailingResetQueryConnection.fail = how == "reset-query"
+    with pytest.raises(asyncpg.DivisionByZeroError if how == "reset-query" else LookupError):
+        await pool.release(con)
+    assert (pool.get_size(), pool.get_idle_size()) == (0, 0)
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT pg_try_advisory_lock(91)")
