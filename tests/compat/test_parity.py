@@ -1429,3 +1429,32 @@ async def test_a_release_whose_reset_failed_raises_with_the_connection_gone(
     assert (pool.get_size(), pool.get_idle_size()) == (0, 0)
     async with pool.acquire() as con:
         assert await con.fetchval("SELECT pg_try_advisory_lock(91)")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", [{}, {"reset_mode": "auto"}], ids=["default", "auto"])
+async def test_a_copy_run_on_the_proxys_raw_connection_is_reset(
+    make_pool: MakePool, flavour: str, pg_dsn: str, mode: dict[str, str]
+) -> None:
+    """Code that unwraps the proxy (``con._con``, asyncpg's connection)
+    and runs a COPY there: the COPY's query can change the session (here an
+    advisory lock), and asyncpg does not count a COPY as a query. asyncpg's
+    pool resets every lease; safepool saw nothing on the proxy and handed
+    the connection on unreset, its lock held."""
+    if flavour == "asyncpg" and mode:
+        pytest.skip("reset_mode is safepool's")
+    pool = await make_pool(min_size=1, max_size=1, **mode)
+    async with pool.acquire():
+        pass  # (auto mode resets the first lease of a connection whatever it ran)
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    raw = con._con
+    await raw.copy_from_query("SELECT pg_advisory_lock(92)", output=io.BytesIO())
+    await pool.release(con)
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        assert await other.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1", pid
+        ) == 0
+    finally:
+        await other.close()
