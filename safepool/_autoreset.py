@@ -514,7 +514,7 @@ class AutoResetProxy(PoolConnectionProxy):
     def __init__(self, holder: _Holder, con: RawConnection, lease: Lease) -> None:
         # PoolConnectionProxy.__init__, inlined (one lease each: the super()
         # call was a third of this proxy's cost over the base one).
-        self._con = con
+        self._raw = con
         self._holder = holder
         self._lease = lease
         self._expired = None
@@ -567,7 +567,7 @@ def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
     always = name in PARSE_WITHOUT_SYNC
 
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
-        con = self._con
+        con = self._raw
         if con is None:
             raise _released_error(self, name)
         sql = args[0] if args else kwargs.get(argname)
@@ -645,7 +645,7 @@ def _copy_forwarder(name: str) -> Any:
     # SQL methods', watched (proxy.watch): one that raised is marked
     # (copy_records_to_table prepares its introspection query before the COPY).
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
-        con = self._con
+        con = self._raw
         if con is None:
             raise _released_error(self, name)
         holder = self._holder

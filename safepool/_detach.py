@@ -276,6 +276,10 @@ class _Driver(Generic[T]):
             if self._cancelled:
                 raise self._cancel_error()  # a wake-up the future scheduled before the cancel
         if self._raises and result is not None:
+            if isinstance(result, asyncio.Future):
+                # A failed reset's error, raised once the connection is
+                # closed (Runner.reset_done): off the hot path.
+                yield from result
             raise result  # type: ignore[misc]  # (outside the except block: the error's context stays its own)
         return result
 

@@ -848,7 +848,7 @@ def live_proxy(con: RawConnection) -> Any | None:
     if proxy is None or type(proxy) is ReleasedProxy:
         return None
     try:
-        proxy._con  # noqa: B018 - a dead weak proxy raises ReferenceError
+        proxy._raw  # noqa: B018 - a dead weak proxy raises ReferenceError
     except ReferenceError:
         return None
     return proxy

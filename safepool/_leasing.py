@@ -339,7 +339,7 @@ class Leaser:
             raise _pg_exceptions.InterfaceError(
                 f"Pool.release() received invalid connection: {connection!r} is not a member of this pool"
             )
-        con: RawConnection = connection._con
+        con: RawConnection = connection._raw
         if con is None:
             # Released twice, or the pool ended the lease (terminate, lease
             # timeout) first: a no-op, as asyncpg's, that the leak guards note.
@@ -361,7 +361,7 @@ class Leaser:
         # the connection, take that one pass too (no cost without one).
         logged = bool(con._query_loggers)  # (a close clears the set)
         # connection._detach(), inlined (the hot path): later calls raise.
-        connection._con = None
+        connection._raw = None
         con._proxy = None
         lease = connection._lease
         if lease.state not in OPEN_LEASE:
@@ -377,7 +377,7 @@ class Leaser:
             # the lease open for good (asyncpg's pool loses the connection
             # too). Release as usual without the listeners, then raise it.
             _pg.clear_listeners(con)
-            connection._con = con
+            connection._raw = con
             con._proxy = connection
             return self.raise_after(self.release(connection, timeout), warning)
         usable = check != _pg.UNUSABLE

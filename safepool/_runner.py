@@ -63,6 +63,12 @@ def settle(future: asyncio.Future[None] | None, error: BaseException | None) -> 
         future.set_exception(error)
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception retrieved (asyncio logs one never read)."""
+    if not future.cancelled():
+        future.exception()
+
+
 class Runner:
     """Drains the core's actions, owns the pool's tasks and timers."""
 
@@ -324,7 +330,12 @@ class Runner:
             raise
         finally:
             self.resets_done.pop(holder._slot, None)
-        settle(done, self.reset_done(holder, con, proxy, error))
+        error = self.reset_done(holder, con, proxy, error)
+        if isinstance(error, asyncio.Future):
+            # The reset failed: the release raises once the close is done.
+            error.add_done_callback(lambda failed: settle(done, failed.exception()))
+            return
+        settle(done, error)
 
     def reset_done(
         self, holder: Holder, con: RawConnection, proxy: Any, error: BaseException | None, log: bool = True
@@ -371,6 +382,21 @@ class Runner:
                 holder.close_budget = _workers.CANCEL_ANSWER_GRACE
             if proxy is not None:
                 _pg.attach_released(con, proxy, holder)
+                if error is not None and not cancelling:
+                    # A release raises once the connection is closed (the
+                    # core closes it in drain, below), as asyncpg's release
+                    # terminates it before it raises: get_size() no longer
+                    # counts it, and its backend is gone. (Not while a
+                    # cancelled query is waited for: the release's budget
+                    # ran out, it raises now, as asyncpg's.)
+                    closed = self.closes_done[holder._slot] = self.loop.create_future()
+                    self.after_hand_on()
+                    if closed.done():
+                        return error
+                    failed: asyncio.Future[None] = self.loop.create_future()
+                    failed.add_done_callback(_retrieved)  # (a caller cancelled meanwhile awaits it no more)
+                    closed.add_done_callback(lambda _: settle(failed, error))
+                    return failed  # type: ignore[return-value]  # (see _Driver.__await__, reset_slot)
         self.after_hand_on()
         return error
 

@@ -90,7 +90,7 @@ def plain_forwarder(name: str) -> Any:
     ``InterfaceError`` (or ``LeaseExpiredError``) once released."""
 
     def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
-        con = self._con
+        con = self._raw
         if con is None:
             raise _released_error(self, name)
         return getattr(con.__class__, name)(con, *args, **kwargs)
@@ -103,7 +103,7 @@ def marking_forwarder(name: str) -> Any:
     trip (``clean_mark = -1``) before the call."""
 
     def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
-        con = self._con
+        con = self._raw
         if con is None:
             raise _released_error(self, name)
         self._holder.clean_mark = -1
@@ -144,7 +144,7 @@ def copy_forwarder(name: str) -> Any:
 
 def _watched_forwarder(name: str) -> Any:
     def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
-        con = self._con
+        con = self._raw
         if con is None:
             raise _released_error(self, name)
         return watch(self._holder, getattr(con.__class__, name)(con, *args, **kwargs))
@@ -202,12 +202,13 @@ else:
 
 
 class PoolConnectionProxy(_ProxyBase):
-    # (_con and _holder shadow the base's slots of the same names: two unused
-    # pointers per proxy, where the checker needs them declared here.)
-    __slots__ = ("_con", "_holder", "_lease", "_expired", "__weakref__")
+    # (_holder shadows the base's slot of the same name, and the _con
+    # property its _con: two unused pointers per proxy, where the checker
+    # needs _holder declared here. The leased connection is _raw.)
+    __slots__ = ("_raw", "_holder", "_lease", "_expired", "__weakref__")
 
     def __init__(self, holder: _Holder, con: RawConnection, lease: Lease) -> None:
-        self._con: RawConnection | None = con
+        self._raw: RawConnection | None = con
         self._holder = holder
         self._lease = lease
         self._expired: str | None = None
@@ -222,11 +223,27 @@ class PoolConnectionProxy(_ProxyBase):
         # its SQL on the connection itself, unseen: it may have changed the
         # session (auto mode), or stopped after a Parse (prepare(): see
         # PARSE_WITHOUT_SYNC), which asyncpg's counter does not count. Mark.
-        con = self._con
+        con = self._raw
         if con is None:
             raise _released_attribute_error(self, attr)
         self._holder.clean_mark = -1
         return getattr(con, attr)
+
+    @property
+    def _con(self) -> RawConnection | None:
+        """The leased connection (None once released), as asyncpg's proxy's
+        ``_con``: code that unwraps the proxy. What runs on it directly is
+        unseen, and a COPY there is not counted by asyncpg's statement
+        counter either: mark the lease for the full reset, as every lease
+        gets on asyncpg's pool."""
+        con = self._raw
+        if con is not None:
+            self._holder.clean_mark = -1
+        return con
+
+    @_con.setter
+    def _con(self, con: RawConnection | None) -> None:
+        self._raw = con
 
     def _referent(self) -> PoolConnectionProxy:
         """This proxy itself, called through the connection's weak proxy
@@ -235,7 +252,7 @@ class PoolConnectionProxy(_ProxyBase):
         return self
 
     def _detach(self) -> RawConnection | None:
-        con, self._con = self._con, None
+        con, self._raw = self._raw, None
         if con is not None:
             con._set_proxy(None)
         return con
@@ -245,10 +262,10 @@ class PoolConnectionProxy(_ProxyBase):
         return self._detach()
 
     def __repr__(self) -> str:
-        if self._con is None:
+        if self._raw is None:
             state = "[expired]" if self._expired else "[released]"
             return f"<{type(self).__name__} {state} {id(self):#x}>"
-        return f"<{type(self).__name__} {self._con!r} {id(self):#x}>"
+        return f"<{type(self).__name__} {self._raw!r} {id(self):#x}>"
 
 
 class WatchingProxy(PoolConnectionProxy):

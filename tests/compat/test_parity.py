@@ -1386,3 +1386,75 @@ async def test_a_reset_raising_a_base_exception_gives_the_connection_up(
         await asyncio.wait_for(pool.release(con), 5)
     assert await asyncio.wait_for(pool.fetchval("SELECT 2"), 5) == 2
     await asyncio.wait_for(pool.close(), 5)
+
+
+class OnceFailingResetQueryConnection(asyncpg.Connection):
+    fail = False
+
+    def get_reset_query(self) -> str:
+        if OnceFailingResetQueryConnection.fail:
+            OnceFailingResetQueryConnection.fail = False
+            return "SELECT 1/0"
+        return str(super().get_reset_query())
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["reset-hook", "connection-class-reset", "reset-query"])
+async def test_a_release_whose_reset_failed_raises_with_the_connection_gone(
+    make_pool: MakePool, flavour: str, how: str
+) -> None:
+    """When the reset raises an error, asyncpg's release terminates the
+    connection and then raises: ``get_size()`` and ``get_idle_size()`` no
+    longer count it. safepool raised while its graceful close was still
+    under way, the connection still counted (size 1, idle 0)."""
+    skip_before_asyncpg((0, 30), "create_pool(reset=) and Connection.get_reset_query()")
+    failing = [LookupError]
+
+    async def reset_hook(con: Any) -> None:
+        if failing:
+            raise failing.pop()("reset failed")
+
+    if how == "reset-hook":
+        pool = await make_pool(min_size=1, max_size=1, reset=reset_hook)
+    elif how == "connection-class-reset":
+        CancelledResetConnection.fail_with = LookupError
+        pool = await make_pool(min_size=1, max_size=1, connection_class=CancelledResetConnection)
+    else:
+        pool = await make_pool(min_size=1, max_size=1, connection_class=OnceFailingResetQueryConnection)
+    con = await pool.acquire()
+    await con.execute("SELECT pg_advisory_lock(91)")
+    OnceFailingResetQueryConnection.fail = how == "reset-query"
+    with pytest.raises(asyncpg.DivisionByZeroError if how == "reset-query" else LookupError):
+        await pool.release(con)
+    assert (pool.get_size(), pool.get_idle_size()) == (0, 0)
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT pg_try_advisory_lock(91)")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", [{}, {"reset_mode": "auto"}], ids=["default", "auto"])
+async def test_a_copy_run_on_the_proxys_raw_connection_is_reset(
+    make_pool: MakePool, flavour: str, pg_dsn: str, mode: dict[str, str]
+) -> None:
+    """Code that unwraps the proxy (``con._con``, asyncpg's connection)
+    and runs a COPY there: the COPY's query can change the session (here an
+    advisory lock), and asyncpg does not count a COPY as a query. asyncpg's
+    pool resets every lease; safepool saw nothing on the proxy and handed
+    the connection on unreset, its lock held."""
+    if flavour == "asyncpg" and mode:
+        pytest.skip("reset_mode is safepool's")
+    pool = await make_pool(min_size=1, max_size=1, **mode)
+    async with pool.acquire():
+        pass  # (auto mode resets the first lease of a connection whatever it ran)
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    raw = con._con
+    await raw.copy_from_query("SELECT pg_advisory_lock(92)", output=io.BytesIO())
+    await pool.release(con)
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        assert await other.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1", pid
+        ) == 0
+    finally:
+        await other.close()

@@ -31,7 +31,7 @@ async def test_connection_lost_between_grant_and_resume(pg_dsn: str) -> None:
         held = await pool.acquire()
         waiter = asyncio.create_task(pool.fetchval("SELECT 42"))
         await _wait_for(lambda: pool.stats().waiting == 1)
-        raw = held._con
+        raw = held._raw
         await pool.release(held)  # no statement ran: handed on synchronously
         raw.terminate()  # ... and dies before the waiter resumes
         assert await asyncio.wait_for(waiter, 10) == 42
@@ -62,7 +62,7 @@ async def test_connection_lost_of_a_reserved_connection_with_cancel(pg_dsn: str)
         held = await pool.acquire()
         waiter = asyncio.create_task(pool.fetchval("SELECT 1"))
         await _wait_for(lambda: pool.stats().waiting == 1)
-        raw = held._con
+        raw = held._raw
         await pool.release(held)
         raw.terminate()
         waiter.cancel()
@@ -149,7 +149,7 @@ async def test_lease_taken_back_between_the_steps_of_a_call(pg_dsn: str, reset_m
     )
     try:
         con = await pool.acquire(lease_timeout=10)
-        raw = con._con
+        raw = con._raw
         raw.paused, raw.go_on = asyncio.Event(), asyncio.Event()
         holder = asyncio.create_task(_CALLS[call](con))
         await asyncio.wait_for(raw.paused.wait(), 5)

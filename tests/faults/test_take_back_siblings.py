@@ -239,7 +239,7 @@ async def test_listener_added_by_a_call_the_take_back_waited_for_goes_with_the_l
             holder_heard: list[str] = []
             for _attempt in range(5):
                 con = await pool.acquire(lease_timeout=10)
-                raw = con._con
+                raw = con._raw
                 raw.paused, raw.go_on = asyncio.Event(), asyncio.Event()
                 holder = asyncio.create_task(
                     con.add_listener("take_back_ch", lambda *args: holder_heard.append(args[-1])))
@@ -291,7 +291,7 @@ async def test_pool_ended_while_a_take_back_waits_for_the_call(pg_dsn: str, app_
         stack.callback(pool.terminate)  # (a no-op once the pool is closed)
         admin = await stack.enter_async_context(_backend_sampler(pg_dsn, app_name, 1))
         con = await pool.acquire(lease_timeout=10)
-        raw = con._con
+        raw = con._raw
         raw.paused, raw.go_on = asyncio.Event(), asyncio.Event()
         holder = asyncio.create_task(con.fetchval("SELECT pg_sleep(5)"))
         await asyncio.wait_for(raw.paused.wait(), 5)
@@ -488,7 +488,7 @@ async def test_lease_ended_by_the_pool_after_asyncpg_aborted_its_connection(
         async with _backend_sampler(pg_dsn, app_name, 1) as admin:
             con = await pool.acquire(lease_timeout=10)
             pid = con.get_server_pid()
-            raw = con._con
+            raw = con._raw
             assert await con.fetchval("SELECT 1") == 1
             await fatal_read_eof_unread(admin, raw, pid)
             with pytest.raises(asyncpg.InternalClientError, match="cannot switch to state 11"):

@@ -170,7 +170,7 @@ async def test_a_taken_back_lease_gets_the_full_reset(make: Any) -> None:
     pool = await make(lease_timeout=5.0, clock=clock)
     con = await pool.acquire()
     await con.fetchval("SELECT 1")  # neutral so far
-    await con._con.execute("SET application_name = 'behind-the-proxy'")  # type: ignore[union-attr]
+    await con._raw.execute("SET application_name = 'behind-the-proxy'")  # type: ignore[union-attr]
     clock.advance(5.0)  # the lease expires; the take-back cannot trust the marks: full reset
     async with pool.acquire(timeout=10) as fresh:
         assert await fresh.fetchval("SELECT current_setting('application_name')") == ""

@@ -257,7 +257,7 @@ def test_rollback_mode_skips_the_round_trip_after_successful_statements(pg_dsn: 
             for mode, pool in pools.items():
                 for fail in (False, True):
                     con = await pool.acquire()
-                    raw = con._con
+                    raw = con._raw
                     await con.fetchval("SELECT 1")
                     if fail:
                         with pytest.raises(asyncpg.PostgresError):

@@ -481,7 +481,7 @@ def test_auto_reset_proxy_sets_every_field_the_base_proxy_sets() -> None:
     (A guard on the inlined copy: it fails at 8da8a3d by construction.)"""
     base = _self_assignments(PoolConnectionProxy.__init__)
     auto = _self_assignments(AutoResetProxy.__init__)
-    assert base == auto == ["_con", "_expired", "_holder", "_lease"]
+    assert base == auto == ["_expired", "_holder", "_lease", "_raw"]
     line = "con._proxy = weakref.proxy(self, holder.proxy_collected)"  # (asyncpg's _set_proxy, inlined in both)
     assert line in inspect.getsource(PoolConnectionProxy.__init__)
     assert line in inspect.getsource(AutoResetProxy.__init__)
@@ -523,7 +523,7 @@ def test_auto_reset_proxy(pg_dsn: str, app_name: str, loop: str, strings: str, q
             before = pool.stats()
             con = await lease()
             assert type(con) is AutoResetProxy
-            raw = con._con
+            raw = con._raw
             assert raw._proxy is not None and raw._proxy.__repr__() == repr(con)  # the weak proxy to it
             assert await con.fetchval("SELECT 1") == 1
             sent_before = raw._protocol.queries_count
