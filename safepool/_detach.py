@@ -64,6 +64,15 @@ def _closing(handled: BaseException) -> bool:
         tb = tb.tb_next
     return False
 
+
+def retrieve(future: asyncio.Future[Any]) -> None:
+    """A done callback that marks ``future``'s exception retrieved: its error
+    is reported elsewhere (the pool's log), not also as asyncio's "Future
+    exception was never retrieved" when nobody awaits it any more."""
+    if not future.cancelled():
+        future.exception()
+
+
 Spawn = Callable[[Coroutine[Any, Any, Any]], object]
 
 

@@ -29,7 +29,7 @@ from asyncpg import exceptions as _pg_exceptions
 from . import _internals as _pg
 from . import _sites, _stack, _workers
 from ._clock import Clock
-from ._detach import Resolved, _closing, _Driver
+from ._detach import Resolved, _closing, _Driver, retrieve
 from ._durations import release_timeout, validate_timeout
 from ._holder import Face
 from ._internals import RawConnection
@@ -506,7 +506,7 @@ class Leaser:
             elif isinstance(done, asyncio.Future):
                 # (Its error, if the reset fails, is the pool's to log: not
                 # "Future exception was never retrieved" as well.)
-                done.add_done_callback(_retrieve)
+                done.add_done_callback(retrieve)
             return
         error: Exception | None = None
         if done is not None:
@@ -533,8 +533,3 @@ class Leaser:
         if phase is Phases.NEW:
             raise _pg_exceptions.InterfaceError("pool is not initialized")
         raise PoolClosedError("pool is closed")
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()

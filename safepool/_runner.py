@@ -23,6 +23,7 @@ from typing import Any, assert_never
 from . import _internals as _pg
 from . import _workers
 from ._clock import Clock, Timer
+from ._detach import retrieve
 from ._holder import Face, Holder
 from ._internals import RawConnection
 from ._reclaim import Reclaimer
@@ -61,12 +62,6 @@ def settle(future: asyncio.Future[None] | None, error: BaseException | None) -> 
         future.set_result(None)
     else:
         future.set_exception(error)
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    """Mark a future's exception retrieved (asyncio logs one never read)."""
-    if not future.cancelled():
-        future.exception()
 
 
 class Runner:
@@ -394,7 +389,7 @@ class Runner:
                     if closed.done():
                         return error
                     failed: asyncio.Future[None] = self.loop.create_future()
-                    failed.add_done_callback(_retrieved)  # (a caller cancelled meanwhile awaits it no more)
+                    failed.add_done_callback(retrieve)  # (a caller cancelled meanwhile awaits it no more)
                     closed.add_done_callback(lambda _: settle(failed, error))
                     return failed  # type: ignore[return-value]  # (see _Driver.__await__, reset_slot)
         self.after_hand_on()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
@@ -222,6 +222,21 @@ async def test_release_awaitable_dropped_unawaited_does_not_strand_the_slot(pg_d
         pool.terminate()
 
 
+@contextlib.asynccontextmanager
+async def _leased(pool: Any) -> AsyncIterator[Any]:
+    """A lease through an asynccontextmanager that releases in its
+    ``finally:``. (A closed coroutine's GeneratorExit is thrown into this
+    generator: its frame heads the traceback. The closing check took it for
+    an async generator's aclose() and waited: Python raised "coroutine
+    ignored GeneratorExit", and the reset stayed stranded while asyncpg's
+    shield's task finished it.)"""
+    con = await pool.acquire()
+    try:
+        yield con
+    finally:
+        await pool.release(con)
+
+
 @pytest.mark.parametrize("kind", ["asyncpg", "safepool"])
 @pytest.mark.parametrize("style", ["async_with", "finally_release", "asynccontextmanager"])
 async def test_release_in_a_coroutine_being_closed(pg_dsn: str, app_name: str, kind: str, style: str) -> None:
@@ -239,19 +254,6 @@ async def test_release_in_a_coroutine_being_closed(pg_dsn: str, app_name: str, k
     try:
         started = asyncio.Event()
 
-        @contextlib.asynccontextmanager
-        async def lease() -> Any:
-            # (The closed coroutine's GeneratorExit is thrown into this
-            # generator: its frame heads the traceback. The check took it for
-            # an async generator's aclose() and waited: Python raised
-            # "coroutine ignored GeneratorExit", and the reset stayed
-            # stranded while asyncpg's shield's task finished it.)
-            con = await pool.acquire()
-            try:
-                yield con
-            finally:
-                await pool.release(con)
-
         async def holder() -> None:
             if style == "async_with":
                 async with pool.acquire() as con:
@@ -259,7 +261,7 @@ async def test_release_in_a_coroutine_being_closed(pg_dsn: str, app_name: str, k
                     started.set()
                     await asyncio.get_running_loop().create_future()
             elif style == "asynccontextmanager":
-                async with lease() as con:
+                async with _leased(pool) as con:
                     await con.execute("SELECT pg_advisory_lock(1)")
                     started.set()
                     await asyncio.get_running_loop().create_future()
@@ -374,16 +376,8 @@ async def test_release_in_an_async_generator_being_closed_is_waited_for(pg_dsn: 
                 for n in range(10):
                     yield n
 
-        @contextlib.asynccontextmanager
-        async def lease() -> Any:
-            con = await pool.acquire()
-            try:
-                yield con
-            finally:
-                await pool.release(con)
-
         async def wrapped_rows() -> Any:
-            async with lease() as con:
+            async with _leased(pool) as con:
                 await con.execute("SELECT pg_advisory_lock(1)")
                 for n in range(10):
                     yield n
