@@ -46,7 +46,7 @@ from asyncpg import connection as _pg_connection
 from asyncpg import connresource as _pg_connresource
 from asyncpg import exceptions as _pg_exceptions
 
-from ._state import NOT_REFUSED, REFUSED, UNREACHABLE
+from ._state import BROKEN, NOT_REFUSED, REFUSED, UNREACHABLE
 
 
 class ServerProtocol(Protocol):
@@ -110,12 +110,17 @@ def refusal(error: BaseException) -> int:
     refused: free to retry soon), or no answer within the connect timeout
     (a black hole: the attempt's own wait spaced it from the next);
     ``REFUSED``, the server refused at once (starting up or shutting down,
-    out of connection slots: cheap, but a backend process each); else
-    ``NOT_REFUSED`` (a wrong password and everything else back off longer)."""
+    out of connection slots: cheap, but a backend process each);
+    ``BROKEN``, the connection broke before the server answered (reset,
+    aborted, or closed mid-start-up: asyncpg's ConnectionDoesNotExistError);
+    else ``NOT_REFUSED`` (a wrong password and everything else back off
+    longer)."""
     if isinstance(error, (ConnectionRefusedError, FileNotFoundError, TimeoutError)):
         return UNREACHABLE
     if isinstance(error, (_pg_exceptions.CannotConnectNowError, _pg_exceptions.TooManyConnectionsError)):
         return REFUSED
+    if isinstance(error, (ConnectionError, _pg_exceptions.ConnectionDoesNotExistError)):
+        return BROKEN
     return NOT_REFUSED
 
 

@@ -393,7 +393,7 @@ class Counters:
 
 
 # How a connect failed, for its backoff (_internals.refusal tells).
-NOT_REFUSED, REFUSED, UNREACHABLE = 0, 1, 2
+NOT_REFUSED, REFUSED, UNREACHABLE, BROKEN = 0, 1, 2, 3
 
 
 @dataclass
@@ -420,7 +420,11 @@ class Backoff:
     slots, 53300) costs it a backend process each: retried within
     ``unreachable_cap`` at first, then doubling up to ``refused_cap`` while
     they go on (a restart's start-up lasts milliseconds, a crash recovery
-    minutes). Any other failure (a wrong password, a reset connection, an
+    minutes). A connect broken before the server answered (reset, aborted,
+    closed mid-start-up: the network path or a proxy in it broke, as when a
+    black hole heals) is retried within ``unreachable_cap`` once, then backs
+    off as other failures while they go on (a proxy that resets every
+    connect is not hammered). Any other failure (a wrong password, an
     ``init=`` hook's error) backs off up to ``cap`` seconds.
     """
 
@@ -457,12 +461,15 @@ class Backoff:
         Architecture Blog, 2015). Its ceiling: ``base * 2 ** (failures - 1)``
         capped at ``cap``; ``unreachable_cap`` for ``UNREACHABLE``;
         ``unreachable_cap * 2 ** (failures - 1)`` capped at ``refused_cap``
-        for ``REFUSED`` (or True)."""
+        for ``REFUSED`` (or True); for ``BROKEN``, ``unreachable_cap`` for
+        the first, then ``base * 2 ** (failures - 2)`` capped at ``cap``."""
         exponent = min(failures - 1, 30)
         if not refused:
             ceiling = min(self.cap, self.base * 2.0**exponent)
         elif refused == UNREACHABLE:
             ceiling = self.unreachable_cap
+        elif refused == BROKEN:
+            ceiling = min(self.cap, self.base * 2.0 ** (exponent - 1)) if exponent else self.unreachable_cap
         else:
             ceiling = min(self.refused_cap, self.unreachable_cap * 2.0**exponent)
         # Half fixed, half random: spreads many app processes' retries apart
@@ -1294,7 +1301,7 @@ class PoolState:
         self, slot: Slot, now: float, error: BaseException, refused: int = NOT_REFUSED, in_init: bool = False
     ) -> None:
         """The connect failed (a no-op if it was abandoned meanwhile).
-        ``refused``: ``REFUSED``, ``UNREACHABLE`` (see :class:`Backoff`).
+        ``refused``: ``REFUSED``, ``UNREACHABLE``, ``BROKEN`` (see :class:`Backoff`).
         ``in_init``: the connection was open and the ``init=`` hook raised.
         It backs off as any failure (each attempt costs the server a login),
         but does not count toward the breaker: the server answered, and the
@@ -1323,18 +1330,23 @@ class PoolState:
         # at most one per timeout (one probe at a time while connects fail).
         if in_init:
             refused = NOT_REFUSED  # (the server answered: a timeout in init= is the hook's)
-        if refused != UNREACHABLE:
-            # The server answered (slowly, perhaps): not a black hole.
+        if refused == NOT_REFUSED or refused == REFUSED:
+            # The server answered (slowly, perhaps): not a black hole. (A
+            # broken connect's age is when the path broke, not an answer: a
+            # black hole's connects, reset as it heals, are not slow ones.)
             self.failed_answer_max = max(self.failed_answer_max, now - slot.created_at)
         news = slot.created_at >= self.connect_failed_at
         self.connect_failed_at = now
-        if refused == REFUSED:
+        # Refusals and broken connects count in a row of their own: the
+        # first after a black hole (or other failures) is retried soon.
+        quick = refused == REFUSED or refused == BROKEN
+        if quick:
             self.connect_refusals += news or not self.connect_refusals
         else:
             self.connect_refusals = 0
         self.backoff_level += news or not self.backoff_level
         self.backoff_until = max(self.backoff_until, slot.created_at + self.backoff.delay(
-            self.connect_refusals if refused == REFUSED else self.backoff_level, refused
+            self.connect_refusals if quick else self.backoff_level, refused
         ))
         # A closing connection will not come back: it does not count.
         breaker_open = self.breaker_threshold is not None and self.server_failures >= self.breaker_threshold

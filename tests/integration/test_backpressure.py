@@ -283,11 +283,13 @@ async def test_empty_pool_on_a_full_server_fails_fast_and_recovers(cluster: Clus
 
 
 def _max_attempts(backoff: safepool.Backoff, seconds: float, burst: int) -> int:
-    """The most connects a pool may try in ``seconds`` of failures: the first
-    burst (up to max_size at once before anything has failed: their
-    failures are one round of the backoff), then one probe per backoff
-    delay, each at least half its ceiling."""
-    elapsed, attempts, failures = 0.0, burst, 1
+    """The most connects a pool may try in ``seconds`` of connects broken
+    before the server answers: the first burst (up to max_size at once
+    before anything has failed: their failures are one round of the
+    backoff), one probe soon after (within ``unreachable_cap``: a path
+    broken once, as when a black hole heals, is retried at once), then one
+    per backoff delay, each at least half its ceiling."""
+    elapsed, attempts, failures = 0.5 * backoff.unreachable_cap, burst + 1, 1
     while True:
         elapsed += 0.5 * min(backoff.cap, backoff.base * 2 ** (failures - 1))
         if elapsed > seconds:

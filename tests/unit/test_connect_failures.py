@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from safepool._internals import refusal
-from safepool._state import NOT_REFUSED, REFUSED, UNREACHABLE
+from safepool._state import BROKEN, NOT_REFUSED, REFUSED, UNREACHABLE
 
 
 @pytest.mark.parametrize(
@@ -20,7 +20,10 @@ from safepool._state import NOT_REFUSED, REFUSED, UNREACHABLE
         (asyncpg.TooManyConnectionsError("sorry, too many clients already"), REFUSED),
         (TimeoutError(), UNREACHABLE),  # no answer within timeout=: a black hole
         (OSError(110, "Connection timed out"), UNREACHABLE),  # the kernel's TCP connect timeout (a TimeoutError)
-        (ConnectionResetError(104, "reset"), NOT_REFUSED),
+        (ConnectionResetError(104, "reset"), BROKEN),  # a proxy's RST, or a black hole healing
+        (ConnectionAbortedError(103, "aborted"), BROKEN),
+        (BrokenPipeError(32, "broken pipe"), BROKEN),
+        (asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"), BROKEN),
         (asyncpg.InvalidPasswordError("password authentication failed"), NOT_REFUSED),
     ],
     ids=repr,

@@ -8,6 +8,7 @@ import pytest
 
 from safepool._histogram import Histogram
 from safepool._state import (
+    BROKEN,
     REFUSED,
     UNREACHABLE,
     Action,
@@ -680,6 +681,64 @@ def test_without_hedging_one_probe_at_a_time() -> None:
     assert state.next_deadline() is None
     state.advance(100.0)
     assert not take(state, Connect)
+
+
+def test_connects_the_heal_of_a_black_hole_breaks_are_retried_at_once() -> None:
+    """The sequence of a CI run that recovered in 235 ms where asyncpg's
+    pool took 43 ms: probes time out in a black hole (timeout=0.5, a hedge
+    every 0.1 s), one starts just after the last timeout, and the heal
+    resets those under way (ConnectionResetError). The reset of a probe
+    younger than the last failure was news: it raised the backoff a level
+    as "any other failure" (0.2-0.4 s from its start), and its age counted
+    as a slow answer (hedges 2 x 0.4 s apart). A broken connect is retried
+    within unreachable_cap, and says nothing of how fast the server answers."""
+    backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0, hedge_after=0.1)
+    state = make(max_size=4, backoff=backoff)
+    now, under_way = 0.0, []
+
+    def news_at_heal() -> bool:  # a probe started after the last failure
+        return any(s.created_at > state.connect_failed_at for s in under_way)
+
+    while now < 2.0 or not news_at_heal():  # two seconds of black hole, four tasks waiting
+        while state.waiting < 4:
+            state.enqueue(object(), now, None)
+        under_way += fields(take(state, Connect))
+        take(state, Fail)
+        now = round(now + 0.01, 6)
+        for slot in [s for s in under_way if s.created_at + 0.5 <= now]:
+            under_way.remove(slot)
+            state.connect_failed(slot, now, TimeoutError(), UNREACHABLE)
+        state.advance(now)
+    youngest = max(s.created_at for s in under_way)
+    for slot in under_way:  # the heal resets every connect under way
+        state.connect_failed(slot, now, ConnectionResetError(104, "reset"), BROKEN)
+    take(state, Fail)
+    assert state.backoff_until <= youngest + 0.01, round(state.backoff_until - now, 3)
+    assert state.failed_answer_max == 0.0
+    state.enqueue(object(), now, None)  # (the tasks got the reset: the next acquire)
+    state.advance(max(now, state.backoff_until))
+    [probe] = fields(take(state, Connect))
+    state.connect_succeeded(probe, object(), probe.created_at + 0.005)
+    state.check_invariants()
+
+
+def test_a_path_that_breaks_every_connect_backs_off_after_one_quick_retry() -> None:
+    """A proxy that resets every connect (its server gone): one retry
+    within unreachable_cap, then the backoff of any failure up to its cap;
+    any other failure in between starts the count over."""
+    backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0)
+    assert [backoff.delay(n, refused=BROKEN) for n in range(1, 8)] == [0.01, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0]
+    state = make(max_size=1, backoff=backoff)
+    now, delays = 0.0, []
+    for kind in [BROKEN] * 4 + [UNREACHABLE, BROKEN]:
+        state.enqueue("w", now, None)
+        state.advance(now)
+        [slot] = fields(take(state, Connect))
+        state.connect_failed(slot, now, ConnectionResetError(104, "reset"), kind)
+        take(state, Fail)
+        delays.append(round(state.backoff_until - now, 6))
+        now = state.backoff_until
+    assert delays == [0.01, 0.1, 0.2, 0.4, 0.01, 0.01]
 
 
 def test_a_server_that_answers_slowly_with_an_error_is_not_hedged() -> None:
