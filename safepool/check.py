@@ -782,14 +782,23 @@ def _python_files(paths: Sequence[str], excludes: Sequence[str]) -> Iterator[str
                     yield path
 
 
+def _some(paths: Sequence[str], shown: int = 3) -> str:
+    """``a.py, b.py, c.py and 2 more``: the paths a summary line names."""
+    listed = ", ".join(paths[:shown])
+    return listed if len(paths) <= shown else f"{listed} and {len(paths) - shown} more"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m safepool check PATH...``: print the findings of every
     file (``--format text`` or ``json``) and return the exit status: 0
-    nothing found, 1 findings, 2 a file could not be read or parsed."""
+    nothing found, 1 findings (even if some files could not be checked), 2
+    no findings but a file could not be read or parsed, or a path does not
+    exist."""
     parser = argparse.ArgumentParser(
         prog="python -m safepool check",
         description="Find pool.acquire() results that are not released on every path. "
-        "Exit status: 0 nothing found, 1 findings, 2 a file could not be read or parsed.",
+        "Exit status: 0 nothing found, 1 findings (even if some files could not be checked), "
+        "2 no findings but a file could not be read or parsed, or a path does not exist.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="files or directories (searched for *.py)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
@@ -806,9 +815,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     findings: list[Finding] = []
     errors: list[dict[str, str]] = []
-    scanned = 0
+    scanned = 0  # files read and parsed: those whose findings are above
+    unparsed: list[str] = []  # files that could not be read or parsed
     for path in _python_files(args.paths, args.exclude):
-        scanned += 1
         source: str | None = None
         try:
             # As Python reads source: a `# -*- coding: ... -*-` line or a
@@ -816,6 +825,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with tokenize.open(path) as file:
                 source = file.read()
             findings.extend(check_source(source, path, pool_names=args.pool_names))
+            scanned += 1
+            continue
         except SyntaxError as exc:
             message = f"{type(exc).__name__}: {exc}"
             if type(exc) is SyntaxError and source is not None and not (exc.msg or "").startswith("too many"):
@@ -833,7 +844,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Deeply nested expressions (generated code) exhaust the parser's
             # stack: that file is not checked; the others still are.
             errors.append({"path": path, "error": "RecursionError: too deeply nested to parse"})
-    errors.extend({"path": root, "error": "no such file or directory"} for root in args.paths if not os.path.exists(root))
+        unparsed.append(path)
+    missing = [root for root in args.paths if not os.path.exists(root)]
+    errors.extend({"path": root, "error": "no such file or directory"} for root in missing)
 
     if args.format == "json":
         print(json.dumps({
@@ -849,12 +862,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = len({f.path for f in findings})
         if findings:
             summary = (f"{len(findings)} problem{'s' if len(findings) != 1 else ''} in {files} "
-                       f"file{'s' if files != 1 else ''} ({scanned} scanned)")
+                       f"file{'s' if files != 1 else ''} ({scanned} scanned")
         else:
-            summary = f"no problems ({scanned} file{'s' if scanned != 1 else ''} scanned)"
-        if errors:
-            # Exit status 2 (or 1): "no problems" alone would contradict it.
-            summary += f"; {len(errors)} path{'s' if len(errors) != 1 else ''} not checked (errors above)"
+            summary = f"no problems ({scanned} file{'s' if scanned != 1 else ''} scanned"
+        # Files that were not checked are not "scanned", and are named: with
+        # exit status 2 (or 1) "no problems" alone would read as a clean pass.
+        if unparsed:
+            summary += f", {len(unparsed)} could not be read or parsed: {_some(unparsed)}"
+        if missing:
+            summary += f", {len(missing)} path{'s' if len(missing) != 1 else ''} not found: {_some(missing)}"
+        summary += ")" if not errors else "; errors above)"
         print(f"safepool check: {summary}")
     if findings:
         return 1
