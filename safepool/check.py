@@ -374,11 +374,16 @@ class _Checker:
         self.findings.sort(key=lambda f: (f.line, f.col))
         return self.findings
 
-    def report(self, node: ast.AST, stmt: ast.stmt, code: str, message: str, receiver: str, var: str | None) -> None:
+    def report(
+        self, node: ast.AST, stmt: ast.stmt, code: str, message: str, receiver: str, var: str | None,
+        hint: str | None = None,
+    ) -> None:
         line = getattr(node, "lineno", 1)
         if self.module.ignored(line, stmt.lineno, getattr(stmt, "end_lineno", None) or line):
             return
-        self.findings.append(Finding(self.path, line, getattr(node, "col_offset", 0) + 1, code, message, _hint(receiver, var, code)))
+        self.findings.append(Finding(
+            self.path, line, getattr(node, "col_offset", 0) + 1, code, message, hint or _hint(receiver, var, code),
+        ))
 
     def check_acquire(self, call: ast.Call) -> None:
         module = self.module
@@ -511,11 +516,14 @@ class _Checker:
         loops: list[ast.stmt] = []
         if any(self.safe_release(release, stmt, scope, var, conditions, loops) for release in releases):
             if gather is not None and _gather_drops_results(gather):
+                # Not the usual fix: the `finally:` right after is there already.
                 self.report(call, stmt, "SP001",
                             f"connection `{var}` is gathered with other awaitables: if one of them fails (or the "
                             "gather is cancelled), `gather()` raises before the `try:` and this connection is never "
-                            "released (acquire one at a time, or pass `return_exceptions=True` and release each "
-                            "connection it returns)", receiver, var)
+                            "released", receiver, var,
+                            hint=f"acquire outside `gather()`, one connection at a time (`async with "
+                            f"{receiver}.acquire() as {var}:`), or pass `return_exceptions=True` to `gather()` and "
+                            "release each connection it returns")
             return
         if loops:
             self.report(call, stmt, "SP001",
@@ -549,8 +557,12 @@ class _Checker:
             reason = (f"an exception or a cancellation between line {call.lineno} and line {min(later)} "
                       "skips the release")
         else:
-            # The releases come before it (a connection acquired again after one was released).
-            reason = "no release of it comes after the acquire"
+            # The releases come before it (a connection acquired again after
+            # one was released): say where, as the user sees a release of `con`.
+            before = sorted({r.lineno for r in releases})
+            lines = ", ".join(map(str, before))
+            reason = (f"the release{'s' if len(before) > 1 else ''} of `{var}` at line{'s' if len(before) > 1 else ''} "
+                      f"{lines} come{'' if len(before) > 1 else 's'} before this acquire, and none after it")
         self.report(call, stmt, "SP001",
                     f"connection `{var}` acquired here is not released on every path: {reason}", receiver, var)
 

@@ -71,6 +71,28 @@ async def customer_orders(request):
     assert "async with pool.acquire() as con:" in finding.hint
 
 
+def test_a_gathered_acquire_gets_a_fix_that_fixes_it() -> None:
+    # The fix line said "release it in a `finally:` block right after the
+    # acquire": the code reported had that already.
+    source = (
+        "async def f(pool):\n"
+        "    first, second = await asyncio.gather(pool.acquire(), pool.acquire())\n"
+        "    try:\n"
+        "        pass\n"
+        "    finally:\n"
+        "        await pool.release(first)\n"
+        "        await pool.release(second)\n"
+    )
+    findings = check_source(source)
+    assert [f.code for f in findings] == ["SP001", "SP001"]
+    for finding, var in zip(findings, ("first", "second"), strict=True):
+        assert "`gather()` raises before the `try:`" in finding.message
+        assert "finally" not in finding.hint
+        assert finding.hint == (
+            f"acquire outside `gather()`, one connection at a time (`async with pool.acquire() as {var}:`), "
+            "or pass `return_exceptions=True` to `gather()` and release each connection it returns")
+
+
 def test_release_in_a_branch_before_the_return_covers_it() -> None:
     source = '''
 async def handler(pool, flag):
@@ -275,7 +297,9 @@ async def twice(pool):
 '''
     [finding] = check_source(source)
     assert (finding.line, finding.code) == (8, "SP001")
-    assert "no release of it comes after the acquire" in finding.message
+    # Not "no release of it comes after the acquire" either, which left the
+    # reader looking at the release of `con` a line up: it says where it is.
+    assert finding.message.endswith("the release of `con` at line 7 comes before this acquire, and none after it")
 
 
 def test_cli_exclude_matches_a_trailing_part_of_the_path(
