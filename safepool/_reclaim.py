@@ -32,9 +32,17 @@ _ORPHAN_RECHECK_CAP = 2.0
 
 def _holder_of(lease: Lease) -> str:
     """``task T, site 'S'`` of a report (what is known: the task with stack
-    capture, the site with site caps or ``acquire(site=)``), or ``task unknown``
-    (the report's stack then says how to capture it)."""
-    parts = [f"task {lease.task_name or 'unknown'}"]
+    capture, the site with site caps or ``acquire(site=)``). Without stack
+    capture the task is not recorded (naming it would cost every acquire),
+    and the report says so: ``task not recorded (stack capture is off)``;
+    the stack that follows says how to turn it on."""
+    if lease.task_name is not None:
+        task = f"task {lease.task_name}"
+    elif lease.stack is None:  # capture_stack was off at the acquire
+        task = "task not recorded (stack capture is off)"
+    else:
+        task = "no asyncio task"  # captured, outside any task
+    parts = [task]
     if lease.site is not None:
         parts.append(f"site {lease.site!r}")
     return ", ".join(parts)

@@ -374,11 +374,16 @@ class _Checker:
         self.findings.sort(key=lambda f: (f.line, f.col))
         return self.findings
 
-    def report(self, node: ast.AST, stmt: ast.stmt, code: str, message: str, receiver: str, var: str | None) -> None:
+    def report(
+        self, node: ast.AST, stmt: ast.stmt, code: str, message: str, receiver: str, var: str | None,
+        hint: str | None = None,
+    ) -> None:
         line = getattr(node, "lineno", 1)
         if self.module.ignored(line, stmt.lineno, getattr(stmt, "end_lineno", None) or line):
             return
-        self.findings.append(Finding(self.path, line, getattr(node, "col_offset", 0) + 1, code, message, _hint(receiver, var, code)))
+        self.findings.append(Finding(
+            self.path, line, getattr(node, "col_offset", 0) + 1, code, message, hint or _hint(receiver, var, code),
+        ))
 
     def check_acquire(self, call: ast.Call) -> None:
         module = self.module
@@ -511,11 +516,14 @@ class _Checker:
         loops: list[ast.stmt] = []
         if any(self.safe_release(release, stmt, scope, var, conditions, loops) for release in releases):
             if gather is not None and _gather_drops_results(gather):
+                # Not the usual fix: the `finally:` right after is there already.
                 self.report(call, stmt, "SP001",
                             f"connection `{var}` is gathered with other awaitables: if one of them fails (or the "
                             "gather is cancelled), `gather()` raises before the `try:` and this connection is never "
-                            "released (acquire one at a time, or pass `return_exceptions=True` and release each "
-                            "connection it returns)", receiver, var)
+                            "released", receiver, var,
+                            hint=f"acquire outside `gather()`, one connection at a time (`async with "
+                            f"{receiver}.acquire() as {var}:`), or pass `return_exceptions=True` to `gather()` and "
+                            "release each connection it returns")
             return
         if loops:
             self.report(call, stmt, "SP001",
@@ -549,8 +557,12 @@ class _Checker:
             reason = (f"an exception or a cancellation between line {call.lineno} and line {min(later)} "
                       "skips the release")
         else:
-            # The releases come before it (a connection acquired again after one was released).
-            reason = "no release of it comes after the acquire"
+            # The releases come before it (a connection acquired again after
+            # one was released): say where, as the user sees a release of `con`.
+            before = sorted({r.lineno for r in releases})
+            lines = ", ".join(map(str, before))
+            reason = (f"the release{'s' if len(before) > 1 else ''} of `{var}` at line{'s' if len(before) > 1 else ''} "
+                      f"{lines} come{'' if len(before) > 1 else 's'} before this acquire, and none after it")
         self.report(call, stmt, "SP001",
                     f"connection `{var}` acquired here is not released on every path: {reason}", receiver, var)
 
@@ -782,14 +794,23 @@ def _python_files(paths: Sequence[str], excludes: Sequence[str]) -> Iterator[str
                     yield path
 
 
+def _some(paths: Sequence[str], shown: int = 3) -> str:
+    """``a.py, b.py, c.py and 2 more``: the paths a summary line names."""
+    listed = ", ".join(paths[:shown])
+    return listed if len(paths) <= shown else f"{listed} and {len(paths) - shown} more"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m safepool check PATH...``: print the findings of every
     file (``--format text`` or ``json``) and return the exit status: 0
-    nothing found, 1 findings, 2 a file could not be read or parsed."""
+    nothing found, 1 findings (even if some files could not be checked), 2
+    no findings but a file could not be read or parsed, or a path does not
+    exist."""
     parser = argparse.ArgumentParser(
         prog="python -m safepool check",
         description="Find pool.acquire() results that are not released on every path. "
-        "Exit status: 0 nothing found, 1 findings, 2 a file could not be read or parsed.",
+        "Exit status: 0 nothing found, 1 findings (even if some files could not be checked), "
+        "2 no findings but a file could not be read or parsed, or a path does not exist.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="files or directories (searched for *.py)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
@@ -806,9 +827,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     findings: list[Finding] = []
     errors: list[dict[str, str]] = []
-    scanned = 0
+    scanned = 0  # files read and parsed: those whose findings are above
+    unparsed: list[str] = []  # files that could not be read or parsed
     for path in _python_files(args.paths, args.exclude):
-        scanned += 1
         source: str | None = None
         try:
             # As Python reads source: a `# -*- coding: ... -*-` line or a
@@ -816,6 +837,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with tokenize.open(path) as file:
                 source = file.read()
             findings.extend(check_source(source, path, pool_names=args.pool_names))
+            scanned += 1
+            continue
         except SyntaxError as exc:
             message = f"{type(exc).__name__}: {exc}"
             if type(exc) is SyntaxError and source is not None and not (exc.msg or "").startswith("too many"):
@@ -833,7 +856,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Deeply nested expressions (generated code) exhaust the parser's
             # stack: that file is not checked; the others still are.
             errors.append({"path": path, "error": "RecursionError: too deeply nested to parse"})
-    errors.extend({"path": root, "error": "no such file or directory"} for root in args.paths if not os.path.exists(root))
+        unparsed.append(path)
+    missing = [root for root in args.paths if not os.path.exists(root)]
+    errors.extend({"path": root, "error": "no such file or directory"} for root in missing)
 
     if args.format == "json":
         print(json.dumps({
@@ -849,12 +874,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = len({f.path for f in findings})
         if findings:
             summary = (f"{len(findings)} problem{'s' if len(findings) != 1 else ''} in {files} "
-                       f"file{'s' if files != 1 else ''} ({scanned} scanned)")
+                       f"file{'s' if files != 1 else ''} ({scanned} scanned")
         else:
-            summary = f"no problems ({scanned} file{'s' if scanned != 1 else ''} scanned)"
-        if errors:
-            # Exit status 2 (or 1): "no problems" alone would contradict it.
-            summary += f"; {len(errors)} path{'s' if len(errors) != 1 else ''} not checked (errors above)"
+            summary = f"no problems ({scanned} file{'s' if scanned != 1 else ''} scanned"
+        # Files that were not checked are not "scanned", and are named: with
+        # exit status 2 (or 1) "no problems" alone would read as a clean pass.
+        if unparsed:
+            summary += f", {len(unparsed)} could not be read or parsed: {_some(unparsed)}"
+        if missing:
+            summary += f", {len(missing)} path{'s' if len(missing) != 1 else ''} not found: {_some(missing)}"
+        summary += ")" if not errors else "; errors above)"
         print(f"safepool check: {summary}")
     if findings:
         return 1

@@ -71,6 +71,28 @@ async def customer_orders(request):
     assert "async with pool.acquire() as con:" in finding.hint
 
 
+def test_a_gathered_acquire_gets_a_fix_that_fixes_it() -> None:
+    # The fix line said "release it in a `finally:` block right after the
+    # acquire": the code reported had that already.
+    source = (
+        "async def f(pool):\n"
+        "    first, second = await asyncio.gather(pool.acquire(), pool.acquire())\n"
+        "    try:\n"
+        "        pass\n"
+        "    finally:\n"
+        "        await pool.release(first)\n"
+        "        await pool.release(second)\n"
+    )
+    findings = check_source(source)
+    assert [f.code for f in findings] == ["SP001", "SP001"]
+    for finding, var in zip(findings, ("first", "second"), strict=True):
+        assert "`gather()` raises before the `try:`" in finding.message
+        assert "finally" not in finding.hint
+        assert finding.hint == (
+            f"acquire outside `gather()`, one connection at a time (`async with pool.acquire() as {var}:`), "
+            "or pass `return_exceptions=True` to `gather()` and release each connection it returns")
+
+
 def test_release_in_a_branch_before_the_return_covers_it() -> None:
     source = '''
 async def handler(pool, flag):
@@ -105,12 +127,42 @@ def test_cli_exit_codes_and_text(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main([str(broken)]) == 2
     captured = capsys.readouterr()
     assert "SyntaxError" in captured.err
-    # The summary must not read as a clean pass when the exit status is 2.
-    assert captured.out.strip() == "safepool check: no problems (1 file scanned); 1 path not checked (errors above)"
+    # The summary must not read as a clean pass when the exit status is 2,
+    # and a file that did not parse was not scanned: it is counted apart, by name.
+    assert captured.out.strip() == (
+        f"safepool check: no problems (0 files scanned, 1 could not be read or parsed: {broken}; errors above)")
     assert main([str(tmp_path / "missing")]) == 2
     captured = capsys.readouterr()
     assert captured.err.strip() == f"{tmp_path / 'missing'}: error: no such file or directory"
-    assert captured.out.strip() == "safepool check: no problems (0 files scanned); 1 path not checked (errors above)"
+    assert captured.out.strip() == (
+        f"safepool check: no problems (0 files scanned, 1 path not found: {tmp_path / 'missing'}; errors above)")
+
+
+def test_cli_a_file_that_does_not_parse_is_not_counted_as_scanned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a_clean.py").write_text("async def f(pool):\n    async with pool.acquire() as con:\n        pass\n")
+    (tmp_path / "b_broken.py").write_text("def f(:\n")
+    (tmp_path / "c_leaky.py").write_text("async def f(pool):\n    await pool.acquire()\n")
+    # Findings decide the status (1) even with a file unchecked, as documented.
+    assert main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out == (f"safepool check: 1 problem in 1 file (2 scanned, 1 could not be read or parsed: "
+                   f"{tmp_path / 'b_broken.py'}; errors above)")
+    assert main([str(tmp_path), "--exclude", "c_leaky.py"]) == 2
+    out = capsys.readouterr().out.strip()
+    assert out == (f"safepool check: no problems (1 file scanned, 1 could not be read or parsed: "
+                   f"{tmp_path / 'b_broken.py'}; errors above)")
+    assert main(["--format", "json", str(tmp_path)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["files_scanned"] == 2
+    assert [Path(e["path"]).name for e in report["errors"]] == ["b_broken.py"]
+    for name in ("d.py", "e.py", "f.py", "g.py"):
+        (tmp_path / name).write_text("(\n")
+    assert main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out.endswith(f"(2 scanned, 5 could not be read or parsed: {tmp_path / 'b_broken.py'}, "
+                        f"{tmp_path / 'd.py'}, {tmp_path / 'e.py'} and 2 more; errors above)")
 
 
 def test_cli_an_undecodable_file_gets_no_python_version_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -245,7 +297,9 @@ async def twice(pool):
 '''
     [finding] = check_source(source)
     assert (finding.line, finding.code) == (8, "SP001")
-    assert "no release of it comes after the acquire" in finding.message
+    # Not "no release of it comes after the acquire" either, which left the
+    # reader looking at the release of `con` a line up: it says where it is.
+    assert finding.message.endswith("the release of `con` at line 7 comes before this acquire, and none after it")
 
 
 def test_cli_exclude_matches_a_trailing_part_of_the_path(

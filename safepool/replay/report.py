@@ -26,6 +26,14 @@ LEAK_EVENT_NAMES = {
 }
 TAIL = 4.0  # "the end of the load": its last seconds
 
+
+def tail_seconds(config: ReplayConfig) -> float:
+    """How many seconds "the end of the load" spans: its last ``TAIL``
+    seconds, or the whole load when that is shorter (a ``ReplayConfig``
+    built by hand; the CLI asks at least 5 s). The table's row says this many."""
+    return min(TAIL, config.duration)
+
+
 # The targets safepool is held to (issue 15), per scenario.
 TARGET_SUCCESS = 0.99  # leak, stuck: success of non-leaking requests
 TARGET_GOODPUT = 0.90  # surge: goodput during the surge, as a share of the pool's capacity
@@ -82,7 +90,7 @@ class Summary:
     leaking_requests: int  # on the faulty line (leak, stuck)
     success: float  # share of all requests answered 2xx
     success_non_leaking: float  # the same, leaving out requests on the faulty line
-    success_tail: float | None  # the share in the last TAIL seconds of the load
+    success_tail: float | None  # the share in the load's last tail_seconds(config) seconds
     errors: dict[str, int]  # "500", "503", "other", "transport"
     p50_ms: float | None  # latency of non-leaking requests, answered or failed
     p99_ms: float | None
@@ -194,7 +202,11 @@ def summarize(run: PoolRun, config: ReplayConfig) -> Summary:
     low, high = fault_window(config)
     window = [r for r in records if low <= r.done < high]
     goodput = sum(r.ok for r in window) / (high - low) if high > low else 0.0
-    tail = [r for r in records if r.sent >= config.duration - TAIL]
+    # The load's own end: restart's load runs on past --duration while the
+    # server is slow to come back ("load_extended"), and its last seconds are
+    # those, not the ones before --duration.
+    load_end = run.marks.get("load_extended", config.duration)
+    tail = [r for r in records if r.sent >= load_end - tail_seconds(config)]
     events = Counter(str(event["event"]) for event in run.events if event["event"] in LEAK_EVENTS)
     sites = Counter(
         _relative_site(str(event.get("acquired_at")))
@@ -361,7 +373,7 @@ def _rows(config: ReplayConfig, max_connections: int) -> list[tuple[str, Any]]:
     # rows over every request say so (recovery and the target leave them out).
     payments = " (payments included)" if scenario == "stuck" else ""
     rows += [
-        (f"success, last {TAIL:g} s of load{payments}", lambda s: _pct(s.success_tail)),
+        (f"success, last {tail_seconds(config):g} s of load{payments}", lambda s: _pct(s.success_tail)),
         ("errors", _errors),
         (latency, lambda s: f"{_ms(s.p50_ms)} / {_ms(s.p99_ms)}"),
         ("median time to failure", lambda s: _ms(s.failure_p50_ms)),

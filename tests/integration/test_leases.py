@@ -47,9 +47,10 @@ async def test_expired_lease_is_taken_back_and_holder_gets_a_clear_error(
     stats = pool.stats()
     assert stats.leases_expired == 1 and stats.in_use == 0
     # Without stack capture (the default here) the report says what it
-    # does not know and how to learn it ("task ?" before: a new user's trial).
+    # does not know, why, and how to learn it ("task ?" before: a new user's
+    # trial; then "task unknown", which read as if the pool had lost track).
     [report] = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "lease_expired"]
-    assert "; task unknown; taking the connection back" in report, report
+    assert "; task not recorded (stack capture is off); taking the connection back" in report, report
     assert "(acquire stack not captured: set leak_warning_after or capture_stack=True)" in report, report
 
 
@@ -498,6 +499,29 @@ async def test_every_lease_report_names_the_task_and_the_site(pools: Any, caplog
     assert "; task request-2, site 'GET /kept'; acquired at:" in messages["leak_suspect"]
     assert "; task request-2, site 'GET /kept'; taking the connection back" in messages["lease_expired"]
     await pool.release(kept)
+
+
+
+async def test_a_report_without_stack_capture_says_the_task_was_not_recorded(
+    pools: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The task is recorded with the stack: without capture the garbage-
+    # collection report said "task unknown", as if the pool had lost it.
+    pool = await pools(min_size=0, max_size=1)
+    assert not pool.capture_stack
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+
+    async def loses() -> None:
+        await pool.acquire()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await asyncio.create_task(loses(), name="request-1")
+        gc.collect()
+        await until(lambda: pool.stats().leaks_detected == 1)
+    [report] = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "leak"]
+    assert "; task not recorded (stack capture is off); acquired at:\n" in report, report
+    assert "(acquire stack not captured: set leak_warning_after or capture_stack=True)" in report, report
 
 
 # -------------------------------------------------------------------- leases()

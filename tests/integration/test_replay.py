@@ -216,6 +216,49 @@ def test_a_run_still_failing_at_the_end_has_not_recovered() -> None:
 
 
 
+def _tail_run(pool: str, end: float, window: float) -> PoolRun:
+    """A run whose requests (every 0.05 s up to ``end``) fail before the
+    last ``window`` seconds and in the first half of them: 50% success in
+    exactly that window, more in a narrower one, less in a wider one."""
+    run = PoolRun(pool)
+    sent = 0.025
+    while sent < end:
+        ok = sent >= end - window / 2
+        run.records.append(RequestRecord(sent, sent + 0.01, 200 if ok else 500, False))
+        sent += 0.05
+    return run
+
+
+def _tail_row(config: ReplayConfig, summary: Any) -> tuple[str, str]:
+    from safepool.replay.report import _rows
+
+    [(name, render)] = [(n, r) for n, r in _rows(config, 100) if n.startswith("success, last")]
+    return name, render(summary)
+
+
+@pytest.mark.parametrize("duration, window", [(2.5, 2.5), (4, 4), (5, 4), (6.5, 4), (12, 4), (30, 4)])
+def test_the_last_seconds_row_says_the_window_it_measures(duration: float, window: float) -> None:
+    # The row said "last 4 s of load" whatever the load's length; a load
+    # shorter than that (a ReplayConfig built by hand) is measured whole.
+    config = ReplayConfig(scenario="leak", duration=duration, leak_start=min(1.0, duration / 2))
+    summary = summarize(_tail_run("safepool", duration, window), config)
+    assert summary.success_tail == pytest.approx(0.5, abs=0.02)
+    assert _tail_row(config, summary) == (f"success, last {window:g} s of load", "50.0%")
+
+
+@pytest.mark.parametrize("extended_to", [7.0, 9.3, 23.8])
+def test_the_last_seconds_are_those_of_the_load_when_restart_runs_on(extended_to: float) -> None:
+    # restart's load runs on past --duration while the server is slow to come
+    # back: "last 4 s of load" counted from --duration - 4 to the load's end.
+    config = ReplayConfig(scenario="restart", duration=7, leak_start=2)
+    run = _tail_run("safepool", extended_to, 4)
+    if extended_to > config.duration:
+        run.marks["load_extended"] = extended_to
+    summary = summarize(run, config)
+    assert summary.success_tail == pytest.approx(0.5, abs=0.02)
+    assert _tail_row(config, summary) == ("success, last 4 s of load", "50.0%")
+
+
 @pytest.mark.parametrize(
     "scenario, counted",
     [("leak", "non-leaking requests"), ("stuck", "requests other than payments"), ("surge", "requests"),
