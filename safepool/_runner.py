@@ -216,11 +216,14 @@ class Runner:
                 # timer entry just went stale).
                 actions.clear()
                 waiter = action.waiter
-                future = waiter.future
-                if not future.done():  # grant(), inlined
-                    future.set_result(None)
+                try:
+                    # grant(), inlined, asking forgiveness: a granted
+                    # waiter's future is done only if its task was
+                    # cancelled (no C call to ask first, per lease).
+                    waiter.future.set_result(None)
                     return
-                state.cancel_waiter(waiter, self.now())  # (cancelled while the grant was in flight)
+                except asyncio.InvalidStateError:
+                    state.cancel_waiter(waiter, self.now())  # (cancelled while the grant was in flight)
             self.drain()
         elif self.timer is None and state.max_inactive_lifetime and state.size > state.min_size:
             self.arm_timer()  # an idle connection above min_size now has a lifetime to watch

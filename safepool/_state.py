@@ -373,8 +373,10 @@ class SlotLost(Exception):
 
 @dataclass
 class Counters:
-    acquired: int = 0
-    released: int = 0
+    """What happened since the pool started. Leases handed out and leases
+    released are not counted here: each has a sample of its own already,
+    their histogram's (see :attr:`PoolState.acquired`)."""
+
     acquire_timeouts: int = 0
     overload_rejections: int = 0
     unavailable_rejections: int = 0
@@ -644,6 +646,21 @@ class PoolState:
         return len(self._slots)
 
     @property
+    def acquired(self) -> int:
+        """Leases handed out: each recorded its wait (0.0 when a connection
+        was idle), so the wait histogram counts them, with no counter of
+        their own to bump on the hot path."""
+        return self.wait_times.count
+
+    @property
+    def released(self) -> int:
+        """Leases ended by ``release()``: every ended lease recorded its
+        duration (``_close_lease``), and those the pool ended are counted by
+        how (expired, reclaimed, discarded); the rest were released."""
+        c = self.counters
+        return self.lease_times.count - c.leases_expired - c.leaks_detected - c.leases_discarded
+
+    @property
     def idle(self) -> int:
         return len(self._idle)
 
@@ -754,7 +771,6 @@ class PoolState:
             lease = Lease(self._next_id, slot, now)
             lease.site = site
             slot.lease = lease
-            self.counters.acquired += 1
             return lease
         return None
 
@@ -829,7 +845,6 @@ class PoolState:
         lease = Lease(self._next_id, slot, now)
         lease.site = waiter.site
         slot.lease = lease
-        self.counters.acquired += 1
         return lease
 
     def setup_timed_out(self) -> None:
@@ -880,7 +895,6 @@ class PoolState:
         self._next_id += 1
         lease = Lease(self._next_id, slot, now)
         slot.lease = lease
-        self.counters.acquired += 1
         return lease
 
     def note_caller(
@@ -950,7 +964,6 @@ class PoolState:
         and then call :meth:`reset_done`; otherwise the slot was handed on or
         scheduled for closing."""
         slot = self._close_lease(lease, now, L.RELEASED)
-        self.counters.released += 1
         if outcome is Outcome.NEEDS_RESET:
             # _move(slot, S.RESETTING), inlined (the query lease's hot path):
             # from LEASED, an open lease's slot (check_invariants checks
