@@ -33,8 +33,11 @@ from __future__ import annotations
 import asyncio
 import asyncio.selector_events
 import contextlib
+import errno
 import functools
 import gc
+import re
+import socket
 import sys
 import types
 import weakref
@@ -104,23 +107,64 @@ class ServerConnection(Protocol):
 RawConnection = Any
 
 
+# An OSError's errno that says nothing answered: refused (no listener),
+# timed out, or no route to the server's host or network (the host is down
+# or rebooting: its router, or this host's ARP, answered for it).
+_UNREACHABLE_ERRNOS = frozenset(
+    {errno.ECONNREFUSED, errno.ENOENT, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
+     errno.ENETDOWN}
+)
+# Of a host name's addresses, one this host cannot use (an IPv6 address
+# without IPv6): says nothing of the server.
+_UNUSABLE_ADDRESS_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT})
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (-?\d+)\]")
+# asyncpg's ConnectionError when something answered its SSLRequest with
+# neither S nor N (not a PostgreSQL server: a wrong port), N while SSL is
+# required, or an error response (a server that could not start a backend).
+_SSL_ANSWERS = ("rejected SSL upgrade", "error response during SSL exchange")
+
+
 def refusal(error: BaseException) -> int:
     """How a connect failed, for its backoff (``_state.Backoff``):
     ``UNREACHABLE``, nothing answered: nothing listening (the kernel
-    refused: free to retry soon), or no answer within the connect timeout
-    (a black hole: the attempt's own wait spaced it from the next);
+    refused: free to retry soon), no route to the host (it is down: the
+    server pays nothing), or no answer within the connect timeout (a black
+    hole: the attempt's own wait spaced it from the next); also when a host
+    name's every address failed so (asyncio's "Multiple exceptions" OSError,
+    as ``localhost`` gives with ``::1`` and ``127.0.0.1`` both refused);
     ``REFUSED``, the server refused at once (starting up or shutting down,
-    out of connection slots: cheap, but a backend process each);
-    ``BROKEN``, the connection broke before the server answered (reset,
-    aborted, or closed mid-start-up: asyncpg's ConnectionDoesNotExistError);
-    else ``NOT_REFUSED`` (a wrong password and everything else back off
-    longer)."""
+    57P03, or ending the start-up as it goes down, 57P01 and 57P02; out of
+    connection slots, 53300: cheap, but a backend process each);
+    ``BROKEN``, the connect failed before the server answered, where a retry
+    at once may not do better: it broke on the way (reset, aborted, or
+    closed mid-start-up: asyncpg's ConnectionDoesNotExistError), or the host
+    name did not resolve (socket.gaierror: the resolver, not the server,
+    would pay for quick retries);
+    else ``NOT_REFUSED`` (a wrong password, a missing database, an SSL
+    upgrade refused and everything else back off longer)."""
     if isinstance(error, (ConnectionRefusedError, FileNotFoundError, TimeoutError)):
         return UNREACHABLE
-    if isinstance(error, (_pg_exceptions.CannotConnectNowError, _pg_exceptions.TooManyConnectionsError)):
+    if isinstance(
+        error,
+        (
+            _pg_exceptions.CannotConnectNowError,
+            _pg_exceptions.TooManyConnectionsError,
+            _pg_exceptions.AdminShutdownError,
+            _pg_exceptions.CrashShutdownError,
+        ),
+    ):
         return REFUSED
-    if isinstance(error, (ConnectionError, _pg_exceptions.ConnectionDoesNotExistError)):
+    if type(error) is ConnectionError and any(answer in str(error) for answer in _SSL_ANSWERS):
+        return NOT_REFUSED  # (something answered, and will answer so again)
+    if isinstance(error, (ConnectionError, _pg_exceptions.ConnectionDoesNotExistError, socket.gaierror)):
         return BROKEN
+    if isinstance(error, OSError):
+        if error.errno in _UNREACHABLE_ERRNOS:
+            return UNREACHABLE
+        if error.errno is None and str(error).startswith("Multiple exceptions: "):
+            codes = {int(code) for code in _ERRNO_IN_TEXT.findall(str(error))}
+            if codes & _UNREACHABLE_ERRNOS and codes <= _UNREACHABLE_ERRNOS | _UNUSABLE_ADDRESS_ERRNOS:
+                return UNREACHABLE
     return NOT_REFUSED
 
 

@@ -415,19 +415,22 @@ class Backoff:
     again about as soon as the server accepts, as asyncpg's pool (which
     connects on every acquire) does. Nothing answering (nothing listening:
     the server is down or restarting, the kernel refuses, the server pays
-    nothing; or no answer within the connect timeout ``timeout=``: a black
-    hole, whose attempt waited out the timeout already) is retried within
-    ``unreachable_cap`` seconds of the attempt's start. A refusal the
-    server sends (starting up or shutting down, 57P03; out of connection
-    slots, 53300) costs it a backend process each: retried within
+    nothing; no route to its host, down or rebooting; or no answer within
+    the connect timeout ``timeout=``: a black hole, whose attempt waited out
+    the timeout already) is retried within ``unreachable_cap`` seconds of
+    the attempt's start. A refusal the server sends (starting up or
+    shutting down, 57P03, or ending a start-up as it goes down, 57P01 and
+    57P02; out of connection slots, 53300) costs it a backend process each: retried within
     ``unreachable_cap`` at first, then doubling up to ``refused_cap`` while
     they go on (a restart's start-up lasts milliseconds, a crash recovery
     minutes). A connect broken before the server answered (reset, aborted,
     closed mid-start-up: the network path or a proxy in it broke, as when a
-    black hole heals) is retried within ``unreachable_cap`` once, then backs
-    off as other failures while they go on (a proxy that resets every
-    connect is not hammered). Any other failure (a wrong password, an
-    ``init=`` hook's error) backs off up to ``cap`` seconds.
+    black hole heals), or whose host name did not resolve (the resolver, not
+    the server, would pay for quick retries), is retried within
+    ``unreachable_cap`` once, then backs off as other failures while they go
+    on (a proxy that resets every connect is not hammered). Any other
+    failure (a wrong password, a missing database, an SSL upgrade refused,
+    an ``init=`` hook's error) backs off up to ``cap`` seconds.
     """
 
     base: float = 0.1

@@ -157,3 +157,78 @@ async def test_recovery_is_as_fast_as_asyncpgs(running: Cluster, app_name: str, 
     # At most one probe per 5 ms (unreachable_cap / 2: nothing listens while
     # the server is down), plus the first burst.
     assert connects_while_down <= downtime / 0.005 + MAX_SIZE, connects_while_down
+
+
+async def test_recovery_through_a_host_name_with_two_addresses(running: Cluster, app_name: str, report: Any) -> None:
+    """A DSN naming ``localhost``, which resolves to ``::1`` and
+    ``127.0.0.1`` where /etc/hosts lists both (the server listens on the
+    second only): while the server is down, both addresses refuse and
+    asyncio raises a plain OSError("Multiple exceptions: [Errno 111] ...,
+    [Errno 111] ..."), no errno. That is nothing answering, as one address
+    refusing is: safepool probes every few milliseconds and serves again
+    within 100 ms of the server accepting (it was backed off as a wrong
+    password, up to 2 s, and served 0.4-1.6 s late)."""
+    import socket
+
+    loop = asyncio.get_running_loop()
+    resolve = loop.getaddrinfo
+
+    async def both_addresses(host: Any, port: Any, **kwargs: Any) -> Any:
+        if host == "localhost":  # as "::1 localhost" and "127.0.0.1 localhost" in /etc/hosts
+            return [
+                (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("::1", port, 0, 0)),
+                (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port)),
+            ]
+        return await resolve(host, port, **kwargs)
+
+    loop.getaddrinfo = both_addresses  # type: ignore[method-assign]
+    dsn = running.dsn().replace("@127.0.0.1:", "@localhost:")
+    pool = await safepool.create_pool(
+        dsn, min_size=2, max_size=MAX_SIZE, server_settings={"application_name": app_name}
+    )
+    side = SideBySide({"safepool": pool}, budget=2.0)
+    failures: list[str] = []
+    pool.add_listener(lambda event: failures.append(event["error"]) if event["event"] == "connect_failed" else None)
+    try:
+        with loop_errors() as unhandled:
+            workers = [asyncio.create_task(side.load("safepool")) for _ in range(3)]
+            await asyncio.sleep(0.3)
+            assert side.ledgers["safepool"].ok
+            await asyncio.to_thread(running.stop, "fast")
+            errors_before = pool.stats().connect_errors
+            down_at = time.monotonic()
+            await asyncio.sleep(scale(2.0, 4.0))
+            starting = asyncio.create_task(asyncio.to_thread(running.start))
+            accepting_at = await _first_accepted_connect(running)
+            connects_while_down = pool.stats().connect_errors - errors_before
+            downtime = accepting_at - down_at
+            await side.served_since(accepting_at)
+            await starting
+            side.stop.set()
+            await asyncio.gather(*workers)
+        assert not unhandled, unhandled
+    finally:
+        side.stop.set()
+        pool.terminate()
+        del loop.getaddrinfo
+    recovery = side.recovery(accepting_at)["safepool"]
+    report(downtime_s=round(downtime, 2), recovery_ms=round(1000 * recovery, 1), attempts_while_down=connects_while_down)
+    assert any("Multiple exceptions" in error for error in failures), failures[:3]  # (the case under test)
+    assert recovery < 0.1, recovery
+    # Probed, not hammered: at most one per 5 ms (unreachable_cap / 2).
+    assert connects_while_down <= downtime / 0.005 + MAX_SIZE, connects_while_down
+
+
+async def _first_accepted_connect(cluster: Cluster) -> float:
+    """When the server accepts connections again (probing with fresh ones)."""
+    import asyncpg
+
+    while True:
+        try:
+            con = await asyncpg.connect(cluster.admin_dsn, timeout=1.0)
+        except (TimeoutError, OSError, asyncpg.PostgresError):
+            await asyncio.sleep(0.002)
+            continue
+        accepted = time.monotonic()
+        await con.close()
+        return accepted
