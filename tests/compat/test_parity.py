@@ -651,6 +651,63 @@ async def test_a_task_waiting_when_close_starts_gets_no_usable_connection(make_p
 
 
 @pytest.mark.asyncio
+async def test_a_connection_released_while_close_waits(make_pool: MakePool, flavour: str) -> None:
+    """close() waiting for two leases, one is released: asyncpg's pool keeps
+    that connection open and idle until the last lease is back, then closes
+    them all; safepool closes it at its release (docs/migration.md). Both
+    end closed."""
+    pool = await make_pool(min_size=2, max_size=2)
+    first, second = await pool.acquire(), await pool.acquire()
+    closing = asyncio.ensure_future(pool.close())
+    await wait_until(pool.is_closing)
+    assert (pool.get_size(), pool.get_idle_size()) == (2, 0)
+    await pool.release(first)
+    if flavour == "safepool":
+        assert pool.get_idle_size() == 0
+        # counted until its backend is gone (max_size holds on the server)
+        await wait_until(lambda: pool.get_size() == 1)
+    else:
+        assert (pool.get_size(), pool.get_idle_size()) == (2, 1)
+    assert not closing.done()
+    assert await second.fetchval("SELECT 1") == 1  # the other lease still works on both
+    await pool.release(second)
+    await asyncio.wait_for(closing, 5)
+    assert (pool.get_size(), pool.get_idle_size()) == (0, 0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("cancelled", ["first", "second"])
+async def test_two_closes_at_once_one_cancelled(make_pool: MakePool, flavour: str, cancelled: str) -> None:
+    """Two tasks in close() while a lease is held; one is cancelled. Both
+    pools terminate (the lease's proxy is cut off, its release a no-op) and
+    the cancelled close() raises CancelledError. asyncpg's other close()
+    raises CancelledError too, though its task was not cancelled (both
+    await the holder's shared future, which the cancelled gather cancels);
+    safepool's returns (docs/migration.md)."""
+    pool = await make_pool(min_size=1, max_size=2)
+    con = await pool.acquire()
+    closes = [asyncio.ensure_future(pool.close()) for _ in range(2)]
+    await wait_until(pool.is_closing)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    victim, other = closes if cancelled == "first" else closes[::-1]
+    victim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    await asyncio.wait([other], timeout=5)
+    assert other.done()
+    # (a task whose coroutine raised CancelledError reads as cancelled)
+    assert other.cancelled() is (flavour == "asyncpg")
+    if flavour == "safepool":
+        assert other.result() is None
+    assert pool._closed
+    with pytest.raises(asyncpg.InterfaceError):
+        await con.fetchval("SELECT 1")
+    await pool.release(con)
+    assert (pool.get_size(), pool.get_idle_size()) == (0, 0)
+
+
+@pytest.mark.asyncio
 async def test_terminate_detaches_acquired_proxies(make_pool: MakePool) -> None:
     pool = await make_pool()
     con = await pool.acquire()
