@@ -107,18 +107,6 @@ async def test_recovery_is_as_fast_as_asyncpgs(running: Cluster, app_name: str, 
     side = SideBySide(pools, budget=2.0)
     ledgers = side.ledgers
 
-    async def first_accepted_connect() -> float:
-        # Probes with fresh connections: the moment the server accepts.
-        while True:
-            try:
-                con = await asyncpg.connect(running.admin_dsn, timeout=1.0)
-            except (TimeoutError, OSError, asyncpg.PostgresError):
-                await asyncio.sleep(0.002)
-                continue
-            accepted = time.monotonic()
-            await con.close()
-            return accepted
-
     try:
         with loop_errors() as unhandled:
             workers = [asyncio.create_task(side.load(kind)) for kind in pools for _ in range(3)]
@@ -129,7 +117,7 @@ async def test_recovery_is_as_fast_as_asyncpgs(running: Cluster, app_name: str, 
             down_at = time.monotonic()
             await asyncio.sleep(scale(2.0, 5.0))
             starting = asyncio.create_task(asyncio.to_thread(running.start))
-            accepting_at = await first_accepted_connect()
+            accepting_at = await _first_accepted_connect(running)
             connects_while_down = pools["safepool"].stats().connect_errors - errors_before
             downtime = accepting_at - down_at
             await side.served_since(accepting_at)
