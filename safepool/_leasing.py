@@ -196,9 +196,12 @@ class Leaser:
                 # Cancelled while waiting, or after the grant but before resuming:
                 # either way the core gets the connection back (anyio's pattern).
                 if future.done() and not future.cancelled():
-                    self.unreceived(waiter, future)
+                    future.exception()  # the pool's error, never received: not counted (spares the loop's log)
                 state.cancel_waiter(waiter, self.now())
                 self.drain()
+                raise
+            except BaseException as exc:
+                self.delivered(waiter, exc)  # (not the hot path: the pool's error reached the caller)
                 raise
             try:
                 lease = state.claim(waiter, self.now())
@@ -242,21 +245,17 @@ class Leaser:
             context.connection = proxy
         return proxy
 
-    def unreceived(self, waiter: Waiter, future: asyncio.Future[None]) -> None:
-        """The pool failed the waiter (timed out, shed, the breaker's
-        refusal), then a cancellation reached its task in the same loop turn,
-        before it resumed (an ``asyncio.timeout`` with the same deadline, a
-        cancel scope): the caller gets ``CancelledError``, never the pool's
-        error, which is not counted, as when the cancellation came first
-        (:meth:`PoolState.undelivered`). Retrieving it also spares the loop's
-        "exception was never retrieved" log."""
-        error = future.exception()
-        if error is not None:
-            self.state.undelivered(
-                waiter,
-                breaker_open=isinstance(error, ServerUnavailableError),
-                shed=isinstance(error, PoolOverloadedError),
-            )
+    def delivered(self, waiter: Waiter, error: BaseException) -> None:
+        """The pool's error (a timeout, the adaptive queue's shedding, the
+        breaker's refusal) reached the waiting task: counted now, as what the
+        caller got (:meth:`PoolState.delivered`). A task a cancellation
+        reached first, even in the same loop turn, gets ``CancelledError``
+        and is never counted."""
+        self.state.delivered(
+            waiter,
+            breaker_open=isinstance(error, ServerUnavailableError),
+            shed=isinstance(error, PoolOverloadedError),
+        )
 
     async def run_setup_until(self, proxy: PoolConnectionProxy, lease: Lease, deadline: float, timeout: float) -> None:
         """``setup=`` under what is left of the acquire's ``timeout``: asyncpg's

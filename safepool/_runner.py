@@ -144,15 +144,11 @@ class Runner:
                             # (a pool closing is not news about the server).
                             self.reporter.note_server_status(self.now())
                     case TimeOut(waiter):
-                        if waiter.future.done():
-                            state.undelivered(waiter)  # cancelled first: no timeout reached it
-                        else:
+                        if not waiter.future.done():  # (else cancelled first: no timeout reaches it)
                             waiter.future.set_exception(PoolTimeoutError(self.reporter.busy_message(
                                 "timed out waiting for a connection", self.now(), waiter)))
                     case Fail(waiter, error, breaker_open):
-                        if waiter.future.done():
-                            state.undelivered(waiter, breaker_open)
-                        elif breaker_open:
+                        if breaker_open and not waiter.future.done():
                             # fail_fast: the probe's waiters get what an
                             # acquire arriving in the backoff gets.
                             error = self.reporter.unavailable_error(error, self.now())
@@ -162,9 +158,7 @@ class Runner:
                     case LeakSuspect(lease):
                         self.reclaimer.leak_suspect(lease)
                     case Shed(waiter, reason):
-                        if waiter.future.done():
-                            state.undelivered(waiter, shed=True)
-                        else:
+                        if not waiter.future.done():  # (else cancelled first: never counted)
                             waiter.future.set_exception(PoolOverloadedError(self.reporter.shed_message(reason)))
                     case _:
                         assert_never(action)

@@ -855,22 +855,24 @@ class PoolState:
         caller gets ``PoolTimeoutError``, as one that ran out waiting)."""
         self.counters.acquire_timeouts += 1
 
-    def undelivered(self, waiter: Waiter, breaker_open: bool = False, shed: bool = False) -> None:
-        """The task of a waiter the core timed out, shed or refused was
-        cancelled first (its future was done: ``wait_for`` or ``task.cancel()``
-        in the same loop turn): it leaves with ``CancelledError``, not the
-        pool's error, so that error is not counted (the counters count what
-        callers got; no event is sent for it either)."""
-        # ``shed``: a Shed action's waiter (at its target deadline, or at the
-        # head of a standing queue), not one whose target deadline a
-        # connect failure beat (Fail, ``breaker_open`` or not).
+    def delivered(self, waiter: Waiter, breaker_open: bool = False, shed: bool = False) -> None:
+        """The task of a waiter the core timed out, shed or refused resumed
+        with that error: count it now. The counters count what callers got,
+        once they got it: a task cancelled before it resumed (its future was
+        done first, or a cancellation reached it in the same loop turn:
+        ``wait_for`` or an ``asyncio.timeout`` with the same deadline) leaves
+        with ``CancelledError`` and is never counted. Counted at the
+        decision and taken back then, the counter went down between two
+        reads (a scrape in between saw a Prometheus counter reset)."""
+        # ``shed``: the error was the adaptive queue's PoolOverloadedError;
+        # ``breaker_open``: the fail-fast ServerUnavailableError.
         c = self.counters
         if waiter.state is W.TIMED_OUT:
-            c.acquire_timeouts -= 1
+            c.acquire_timeouts += 1
         elif waiter.state is W.FAILED and shed:
-            c.shed -= 1
+            c.shed += 1
         elif waiter.state is W.FAILED and breaker_open:
-            c.unavailable_rejections -= 1
+            c.unavailable_rejections += 1
 
     def cancel_waiter(self, waiter: Waiter, now: float) -> None:
         """The waiting task was cancelled (or gave up). Safe at any point."""
@@ -1424,8 +1426,7 @@ class PoolState:
             self._policy.remove(waiter)
         if waiter.deadline is not None:
             self._timer_dropped()
-        if breaker_open:
-            self.counters.unavailable_rejections += 1
+        # (unavailable_rejections counts it once its task gets it: delivered())
         self.actions.append(Fail(waiter, error, breaker_open))
 
     def _fail_waiters(self, error: BaseException, breaker_open: bool = False) -> None:
@@ -1623,8 +1624,7 @@ class PoolState:
             if kind == _WAITER_DEADLINE:
                 self._waiting -= 1
                 if obj.shed:  # the adaptive queue's target delay, not the caller's timeout
-                    obj.state = W.FAILED
-                    self.counters.shed += 1
+                    obj.state = W.FAILED  # (counted in shed once its task gets it: delivered())
                     self._policy.remove(obj, now)  # type: ignore[union-attr]
                     self.actions.append(Shed(obj, self._policy.shed_reason(obj, now)))  # type: ignore[union-attr]
                     continue
@@ -1633,8 +1633,7 @@ class PoolState:
                     self._policy.remove(obj, now)
                 if obj.connect is not None:
                     self._unbind(obj)  # (its connect is adopted by _plan_connects below)
-                self.counters.acquire_timeouts += 1
-                self.actions.append(TimeOut(obj))
+                self.actions.append(TimeOut(obj))  # (counted once its task gets it: delivered())
             elif kind == _LEASE_WARNING:
                 self._move_lease(obj, L.SUSPECT)
                 self.counters.leak_warnings += 1
@@ -1824,8 +1823,7 @@ class PoolState:
         self._waiting -= 1
         if waiter.deadline is not None:
             self._timer_dropped()
-        self.counters.shed += 1
-        self.actions.append(Shed(waiter, reason))
+        self.actions.append(Shed(waiter, reason))  # (counted in shed once its task gets it: delivered())
 
     def site_usage(self, top: int = 10) -> list[tuple[str, int, int]]:
         """(site, in use, waiting) of the ``top`` busiest sites plus "other";

@@ -98,7 +98,9 @@ async def check_health(
     :param probe: run ``probe_query`` through the pool (acquire included),
         on a lease of its own acquire site (``PROBE_SITE``): a bulkhead
         (``max_site_share``) never counts it against the caller's site.
-    :param probe_timeout: seconds for the whole probe, acquire and query.
+    :param probe_timeout: seconds for the whole probe, acquire and query
+        (a query that outruns it is cancelled and its connection released
+        within up to as long again: the check answers within twice this).
     :param saturated_after: degraded when a task has waited this long for a connection.
     :param leak_suspect_after: degraded when a lease is held this long
         (default: the pool's ``leak_warning_after``; None there too: no check).

@@ -117,7 +117,7 @@ class PoolInstruments:
         self._sinks: weakref.WeakKeyDictionary[Pool, list[tuple[str, Callable[[float], None]]]] = (
             weakref.WeakKeyDictionary()
         )
-        self._recent: weakref.WeakKeyDictionary[Pool, tuple[float, PoolStats, int | None]] = (
+        self._recent: weakref.WeakKeyDictionary[Pool, tuple[float, PoolStats | None, int | None]] = (
             weakref.WeakKeyDictionary()
         )
         provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
@@ -181,16 +181,44 @@ class PoolInstruments:
         for kind, sink in hooks:
             pool.remove_timing_sink(kind, sink)
 
-    def _read(self, pool: Pool, fresh: bool = False) -> tuple[PoolStats, int | None]:
+    def _read(self, pool: Pool, fresh: bool = False) -> tuple[PoolStats, int | None] | None:
         """The pool's stats and leak suspects, taken on its loop once per
-        collection (the instruments' callbacks run one after the other)."""
+        collection (the instruments' callbacks run one after the other).
+        None: this collection's read of the pool failed already (its loop
+        did not answer), so the pool is skipped rather than waited for again.
+
+        :raises TimeoutError: the first read of a collection failed (the SDK
+            logs it once; the other pools are still reported)."""
         now = time.monotonic()
         recent = self._recent.get(pool)
         if not fresh and recent is not None and now - recent[0] < _SNAPSHOT_REUSE:
-            return recent[1], recent[2]
-        stats, suspects = read(pool)
+            return None if recent[1] is None else (recent[1], recent[2])
+        try:
+            stats, suspects = read(pool)
+        except Exception:
+            # Timed from the failure: a blocked loop costs one timeout per
+            # collection, not one per instrument (SNAPSHOT_TIMEOUT each,
+            # beyond the reader's own collection timeout).
+            self._recent[pool] = (time.monotonic(), None, None)
+            raise
         self._recent[pool] = (now, stats, suspects)
         return stats, suspects
+
+    def _snapshots(self, fresh: bool = False) -> Iterator[tuple[str, PoolStats, int | None]]:
+        """(name, stats, leak suspects) of every pool this collection could
+        read; a pool whose read failed is left out and the first failure is
+        raised after the others (the SDK logs a callback's exception)."""
+        failure: Exception | None = None
+        for name, pool in self._items():
+            try:
+                found = self._read(pool, fresh)
+            except Exception as exc:
+                failure = failure or exc
+                continue
+            if found is not None:
+                yield name, found[0], found[1]
+        if failure is not None:
+            raise failure
 
     # ------------------------------------------------------- instruments
 
@@ -267,8 +295,8 @@ class PoolInstruments:
 
     def _per_pool(self, value: Callable[[PoolStats], float]) -> Callable[[CallbackOptions], Iterator[Observation]]:
         def callback(options: CallbackOptions) -> Iterator[Observation]:
-            for name, pool in self._items():
-                yield Observation(value(self._read(pool)[0]), {POOL_NAME: name})
+            for name, stats, _ in self._snapshots():
+                yield Observation(value(stats), {POOL_NAME: name})
 
         return callback
 
@@ -277,29 +305,26 @@ class PoolInstruments:
         # that cannot be handed out now: leased, granted to a waiter, or
         # being reset. Connections still opening or already closing are in
         # neither (safepool.connection.count has them).
-        for name, pool in self._items():
-            s = self._read(pool, fresh=True)[0]  # the first instrument: a new collection
+        for name, s, _ in self._snapshots(fresh=True):  # the first instrument: a new collection
             yield Observation(s.idle, {POOL_NAME: name, STATE: "idle"})
             yield Observation(s.in_use + s.resetting, {POOL_NAME: name, STATE: "used"})
 
     def _observe_states(self, options: CallbackOptions) -> Iterator[Observation]:
-        for name, pool in self._items():
-            s = self._read(pool)[0]
+        for name, s, _ in self._snapshots():
             for state, value in (("idle", s.idle), ("in_use", s.in_use), ("connecting", s.connecting),
                                  ("resetting", s.resetting), ("closing", s.closing)):
                 yield Observation(value, {POOL_NAME: name, SAFEPOOL_STATE: state})
 
     def _observe_sites(self, *, in_use: bool) -> Callable[[CallbackOptions], Iterator[Observation]]:
         def callback(options: CallbackOptions) -> Iterator[Observation]:
-            for name, pool in self._items():
-                for row in self._read(pool)[0].sites:
+            for name, stats, _ in self._snapshots():
+                for row in stats.sites:
                     yield Observation(row.in_use if in_use else row.waiting, {POOL_NAME: name, SITE: row.site})
 
         return callback
 
     def _observe_leak_suspects(self, options: CallbackOptions) -> Iterator[Observation]:
-        for name, pool in self._items():
-            count = self._read(pool)[1]
+        for name, _, count in self._snapshots():
             if count is not None:
                 yield Observation(count, {POOL_NAME: name})
 

@@ -198,3 +198,40 @@ async def test_a_failing_sink_never_breaks_the_pool(pools: Any, reader: Any, cap
     assert pool.stats().acquire_wait.count == 3
     complaints = [r for r in caplog.records if "'sink': a wait timing sink failed" in r.getMessage()]
     assert len(complaints) == 1  # logged once, not per acquire
+
+
+async def test_a_blocked_loop_costs_one_timeout_per_collection(
+    pools: Any, reader: Any, caplog: Any, monkeypatch: Any
+) -> None:
+    """A pool whose loop does not answer is waited for once per collection,
+    not once per instrument: each of the ~30 observable callbacks waited
+    SNAPSHOT_TIMEOUT (5 s) for it again, so a blocked loop stalled the
+    reader's thread past its collection timeout (10 s for get_metrics_data,
+    30 s for the periodic reader) and every instrument of the provider lost
+    that collection, with one logged traceback per safepool instrument."""
+    import threading
+    import time
+
+    import safepool.metrics
+
+    memory, provider = reader
+    monkeypatch.setattr(safepool.metrics, "SNAPSHOT_TIMEOUT", 0.25)
+    pool = await pools(name="blocked", min_size=1)
+    instrument(pool, meter_provider=provider)
+    took: list[float] = []
+
+    def collect() -> None:
+        started = time.monotonic()
+        memory.get_metrics_data()
+        took.append(time.monotonic() - started)
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    collector.join(4.0)  # blocks the pool's loop, as a long synchronous call would
+    collector.join()
+    assert took and took[0] < 2.0, took  # one timeout (0.25 s), not one per instrument (~7.5 s)
+    failures = [r for r in caplog.records if "Callback failed" in r.getMessage()]
+    assert len(failures) == 1, [r.getMessage() for r in failures]
+    # Once the loop answers again, the next collection reports the pool.
+    found = await asyncio.to_thread(points, memory)
+    assert point(found, "db.client.connection.max", **{POOL: "blocked"}).value == 2

@@ -176,3 +176,56 @@ async def test_resets_skipped_counts_what_the_mode_did_not_reset(
     await asyncio.sleep(0.05)
     stats = pool.stats()
     assert (stats.resets, stats.resets_skipped) == expected
+
+
+async def test_acquire_timeouts_never_goes_down_when_a_cancel_follows_the_timeout(
+    pools: Callable[..., Any],
+) -> None:
+    """The pool's deadline fires first, then the caller's own cancel (an
+    ``asyncio.timeout`` with the same deadline) reaches the task before it
+    resumes: the caller gets CancelledError and the timeout is not counted.
+    It was counted at the deadline and taken back when the task resumed, so
+    a read in between (a Prometheus scrape runs on the loop between any two
+    callbacks) saw 1, the next 0: a counter reset to Prometheus, whose
+    increase() then counts the whole cumulative value again."""
+    from prometheus_client import CollectorRegistry
+
+    from safepool.metrics.prometheus import register
+
+    clock = safepool.ManualClock()
+    pool = await pools(min_size=1, max_size=1, clock=clock)
+    registry = CollectorRegistry()
+    register(pool, registry=registry)
+    held = await pool.acquire()
+    name = pool.name
+
+    def scraped() -> float | None:
+        return registry.get_sample_value("safepool_acquire_timeouts_total", {"pool": name})
+
+    async def acquire() -> Any:
+        return await pool.acquire(timeout=5)
+
+    waiting = asyncio.create_task(acquire())
+    for _ in range(100):
+        if pool.stats().waiting:
+            break
+        await asyncio.sleep(0)
+    clock.advance(5)  # the pool's deadline: PoolTimeoutError set, the task not resumed yet
+    between = (pool.stats().acquire_timeouts, scraped())
+    waiting.cancel()  # the caller's own timeout, in the same loop turn
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    after = (pool.stats().acquire_timeouts, scraped())
+    assert between == (0, 0) and after == (0, 0), (between, after)
+
+    # A timeout that reaches its caller is counted once it does.
+    waiting = asyncio.create_task(acquire())
+    for _ in range(100):
+        if pool.stats().waiting:
+            break
+        await asyncio.sleep(0)
+    clock.advance(5)
+    with pytest.raises(safepool.PoolTimeoutError):
+        await waiting
+    assert (pool.stats().acquire_timeouts, scraped()) == (1, 1)
+    await pool.release(held)

@@ -247,7 +247,11 @@ def test_acquire_timeout_fires_at_the_deadline() -> None:
     assert not take(state, TimeOut)
     state.advance(12.0)
     assert take(state, TimeOut) == [TimeOut(waiter)]
-    assert state.waiting == 0 and state.counters.acquire_timeouts == 1
+    # Counted once its task gets the PoolTimeoutError (the I/O layer's
+    # delivered()), so a cancellation that reaches it first is never counted.
+    assert state.waiting == 0 and state.counters.acquire_timeouts == 0
+    state.delivered(waiter)
+    assert state.counters.acquire_timeouts == 1
 
 
 def test_a_granted_waiter_does_not_time_out() -> None:
@@ -426,6 +430,9 @@ def test_connect_failure_with_no_connection_fails_waiters_then_opens_circuit() -
     [probe] = fields(take(state, Connect))
     state.connect_failed(probe, 3.0, error)
     assert take(state, Fail) == [Fail(d, error, breaker_open=True), Fail(e, error, breaker_open=True)]
+    assert state.counters.unavailable_rejections == 1  # c; the waiters once their tasks get the error:
+    for failed in (second, d, e):
+        state.delivered(failed, breaker_open=True)
     assert state.counters.unavailable_rejections == 4  # second, c, d, e
     # A probe that connects closes the circuit: the next failure's waiter
     # gets the error itself again (one failure is not an outage).
@@ -1296,8 +1303,12 @@ def test_standing_queue_sheds_old_waiters_serves_newest_and_shortens_timeouts() 
     assert newest.state is WaiterState.GRANTED and newcomer.state is WaiterState.WAITING
     # The newcomer gets the target delay, not its timeout, and fails as shed.
     state.advance(0.16)
-    assert newcomer.state is WaiterState.FAILED and state.counters.shed == 2
+    assert newcomer.state is WaiterState.FAILED
     assert fields(take(state, Shed))[0] is newcomer
+    # Counted as their tasks get the PoolOverloadedError (delivered()).
+    for failed in (old, newcomer):
+        state.delivered(failed, shed=True)
+    assert state.counters.shed == 2
 
 
 def test_untimed_waiters_are_never_shed() -> None:
