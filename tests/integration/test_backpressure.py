@@ -284,14 +284,14 @@ async def test_empty_pool_on_a_full_server_fails_fast_and_recovers(cluster: Clus
 
 def _max_attempts(backoff: safepool.Backoff, seconds: float, burst: int) -> int:
     """The most connects a pool may try in ``seconds`` of connects broken
-    before the server answers: the first burst (up to max_size at once
-    before anything has failed: their failures are one round of the
-    backoff), one probe soon after (within ``unreachable_cap``: a path
-    broken once, as when a black hole heals, is retried at once), then one
-    per backoff delay, each at least half its ceiling."""
-    elapsed, attempts, failures = 0.5 * backoff.unreachable_cap, burst + 1, 1
+    before the server answers (an HAProxy-like proxy whose server is down):
+    the first burst (up to max_size at once before anything has failed:
+    their failures are one round of the backoff), then one probe per
+    delay of a refusal's schedule (``unreachable_cap`` doubling up to
+    ``refused_cap``), each at least half its ceiling."""
+    elapsed, attempts, failures = 0.0, burst, 1
     while True:
-        elapsed += 0.5 * min(backoff.cap, backoff.base * 2 ** (failures - 1))
+        elapsed += 0.5 * min(backoff.refused_cap, backoff.unreachable_cap * 2 ** (failures - 1))
         if elapsed > seconds:
             return attempts
         attempts += 1
@@ -299,8 +299,11 @@ def _max_attempts(backoff: safepool.Backoff, seconds: float, burst: int) -> int:
 
 
 async def test_connect_rate_under_a_failing_server(app_name: str) -> None:
-    """A server that accepts TCP and drops every connection at once: many
-    impatient callers must not turn into a connect storm."""
+    """A server that accepts TCP and drops every connection at once (a
+    proxy whose server is down): many impatient callers must not turn into
+    a connect storm. The pool probes one at a time, as often as a server's
+    refusals (at most one per refused_cap / 2 once they go on), where 20
+    callers retrying every 5 ms would try thousands."""
     attempts: list[float] = []
 
     async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
