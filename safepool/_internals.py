@@ -49,7 +49,7 @@ from asyncpg import connection as _pg_connection
 from asyncpg import connresource as _pg_connresource
 from asyncpg import exceptions as _pg_exceptions
 
-from ._state import BROKEN, NOT_REFUSED, REFUSED, UNREACHABLE
+from ._state import BROKEN, NOT_REFUSED, REFUSED, UNREACHABLE, UNRESOLVED
 
 
 class ServerProtocol(Protocol):
@@ -135,11 +135,11 @@ def refusal(error: BaseException) -> int:
     ``REFUSED``, the server refused at once (starting up or shutting down,
     57P03, or ending the start-up as it goes down, 57P01 and 57P02; out of
     connection slots, 53300: cheap, but a backend process each);
-    ``BROKEN``, the connect failed before the server answered, where a retry
-    at once may not do better: it broke on the way (reset, aborted, or
-    closed mid-start-up: asyncpg's ConnectionDoesNotExistError), or the host
-    name did not resolve (socket.gaierror: the resolver, not the server,
-    would pay for quick retries);
+    ``BROKEN``, the connect broke before the server answered (reset,
+    aborted, or closed mid-start-up: asyncpg's ConnectionDoesNotExistError;
+    a black hole healing, a proxy whose server is down);
+    ``UNRESOLVED``, the host name did not resolve (socket.gaierror: the
+    resolver, not the server, would pay for quick retries);
     else ``NOT_REFUSED`` (a wrong password, a missing database, an SSL
     upgrade refused and everything else back off longer)."""
     if isinstance(error, (ConnectionRefusedError, FileNotFoundError, TimeoutError)):
@@ -156,7 +156,9 @@ def refusal(error: BaseException) -> int:
         return REFUSED
     if type(error) is ConnectionError and any(answer in str(error) for answer in _SSL_ANSWERS):
         return NOT_REFUSED  # (something answered, and will answer so again)
-    if isinstance(error, (ConnectionError, _pg_exceptions.ConnectionDoesNotExistError, socket.gaierror)):
+    if isinstance(error, socket.gaierror):
+        return UNRESOLVED
+    if isinstance(error, (ConnectionError, _pg_exceptions.ConnectionDoesNotExistError)):
         return BROKEN
     if isinstance(error, OSError):
         if error.errno in _UNREACHABLE_ERRNOS:

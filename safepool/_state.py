@@ -395,7 +395,7 @@ class Counters:
 
 
 # How a connect failed, for its backoff (_internals.refusal tells).
-NOT_REFUSED, REFUSED, UNREACHABLE, BROKEN = 0, 1, 2, 3
+NOT_REFUSED, REFUSED, UNREACHABLE, BROKEN, UNRESOLVED = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -425,10 +425,12 @@ class Backoff:
     they go on (a restart's start-up lasts milliseconds, a crash recovery
     minutes). A connect broken before the server answered (reset, aborted,
     closed mid-start-up: the network path or a proxy in it broke, as when a
-    black hole heals), or whose host name did not resolve (the resolver, not
-    the server, would pay for quick retries), is retried within
-    ``unreachable_cap`` once, then backs off as other failures while they go
-    on (a proxy that resets every connect is not hammered). Any other
+    black hole heals, or an HAProxy-like proxy whose server is down accepts
+    and closes) is retried as a refusal: a proxy pays an accept, less than
+    the server's backend process, and serves again as soon as its server
+    does. A host name that did not resolve (the resolver, not the server,
+    would pay for quick retries) is retried within ``unreachable_cap``
+    once, then backs off as other failures while it goes on. Any other
     failure (a wrong password, a missing database, an SSL upgrade refused,
     an ``init=`` hook's error) backs off up to ``cap`` seconds.
     """
@@ -466,14 +468,15 @@ class Backoff:
         Architecture Blog, 2015). Its ceiling: ``base * 2 ** (failures - 1)``
         capped at ``cap``; ``unreachable_cap`` for ``UNREACHABLE``;
         ``unreachable_cap * 2 ** (failures - 1)`` capped at ``refused_cap``
-        for ``REFUSED`` (or True); for ``BROKEN``, ``unreachable_cap`` for
-        the first, then ``base * 2 ** (failures - 2)`` capped at ``cap``."""
+        for ``REFUSED`` (or True) and ``BROKEN``; for ``UNRESOLVED``,
+        ``unreachable_cap`` for the first, then ``base * 2 ** (failures - 2)``
+        capped at ``cap``."""
         exponent = min(failures - 1, 30)
         if not refused:
             ceiling = min(self.cap, self.base * 2.0**exponent)
         elif refused == UNREACHABLE:
             ceiling = self.unreachable_cap
-        elif refused == BROKEN:
+        elif refused == UNRESOLVED:
             ceiling = min(self.cap, self.base * 2.0 ** (exponent - 1)) if exponent else self.unreachable_cap
         else:
             ceiling = min(self.refused_cap, self.unreachable_cap * 2.0**exponent)
@@ -1319,7 +1322,8 @@ class PoolState:
         self, slot: Slot, now: float, error: BaseException, refused: int = NOT_REFUSED, in_init: bool = False
     ) -> None:
         """The connect failed (a no-op if it was abandoned meanwhile).
-        ``refused``: ``REFUSED``, ``UNREACHABLE``, ``BROKEN`` (see :class:`Backoff`).
+        ``refused``: ``REFUSED``, ``UNREACHABLE``, ``BROKEN``, ``UNRESOLVED``
+        (see :class:`Backoff`).
         ``in_init``: the connection was open and the ``init=`` hook raised.
         It backs off as any failure (each attempt costs the server a login),
         but does not count toward the breaker: the server answered, and the
@@ -1357,7 +1361,7 @@ class PoolState:
         self.connect_failed_at = now
         # Refusals and broken connects count in a row of their own: the
         # first after a black hole (or other failures) is retried soon.
-        quick = refused == REFUSED or refused == BROKEN
+        quick = refused == REFUSED or refused == BROKEN or refused == UNRESOLVED
         if quick:
             self.connect_refusals += news or not self.connect_refusals
         else:

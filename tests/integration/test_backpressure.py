@@ -284,14 +284,14 @@ async def test_empty_pool_on_a_full_server_fails_fast_and_recovers(cluster: Clus
 
 def _max_attempts(backoff: safepool.Backoff, seconds: float, burst: int) -> int:
     """The most connects a pool may try in ``seconds`` of connects broken
-    before the server answers: the first burst (up to max_size at once
-    before anything has failed: their failures are one round of the
-    backoff), one probe soon after (within ``unreachable_cap``: a path
-    broken once, as when a black hole heals, is retried at once), then one
-    per backoff delay, each at least half its ceiling."""
-    elapsed, attempts, failures = 0.5 * backoff.unreachable_cap, burst + 1, 1
+    before the server answers (an HAProxy-like proxy whose server is down):
+    the first burst (up to max_size at once before anything has failed:
+    their failures are one round of the backoff), then one probe per
+    delay of a refusal's schedule (``unreachable_cap`` doubling up to
+    ``refused_cap``), each at least half its ceiling."""
+    elapsed, attempts, failures = 0.0, burst, 1
     while True:
-        elapsed += 0.5 * min(backoff.cap, backoff.base * 2 ** (failures - 1))
+        elapsed += 0.5 * min(backoff.refused_cap, backoff.unreachable_cap * 2 ** (failures - 1))
         if elapsed > seconds:
             return attempts
         attempts += 1
@@ -299,8 +299,11 @@ def _max_attempts(backoff: safepool.Backoff, seconds: float, burst: int) -> int:
 
 
 async def test_connect_rate_under_a_failing_server(app_name: str) -> None:
-    """A server that accepts TCP and drops every connection at once: many
-    impatient callers must not turn into a connect storm."""
+    """A server that accepts TCP and drops every connection at once (a
+    proxy whose server is down): many impatient callers must not turn into
+    a connect storm. The pool probes one at a time, as often as a server's
+    refusals (at most one per refused_cap / 2 once they go on), where 20
+    callers retrying every 5 ms would try thousands."""
     attempts: list[float] = []
 
     async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -346,3 +349,88 @@ async def test_connect_rate_under_a_failing_server(app_name: str) -> None:
 
 
 
+
+
+async def test_a_proxy_whose_server_comes_back_is_served_about_as_soon_as_asyncpgs(
+    cluster: Cluster, app_name: str
+) -> None:
+    """An HAProxy-like proxy whose server goes down accepts each connect and
+    resets it, for 2.5 s, then relays again. The pool's probes stay within
+    refused_cap of each other (one at a time, not a storm), so it serves
+    again within about that of the proxy's server coming back. (Backing off
+    as any failure, the probes were 0.4-2 s apart by the end of the outage,
+    and the pool served again 0.5 s after the server came back, asyncpg's
+    pool, connecting on every acquire, in 7-25 ms.)"""
+    attempts: list[float] = []
+    relays: set[asyncio.StreamWriter] = set()
+    down = False
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        attempts.append(time.monotonic())
+        if down:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+        relays.update((writer, up_writer))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.transport.abort()
+                relays.discard(dst)
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = await safepool.create_pool(
+        cluster.dsn(port=port) + f"?application_name={app_name}", min_size=2, max_size=4, acquire_timeout=0.5,
+    )
+    served: list[float] = []
+    stop = False
+
+    async def client() -> None:
+        while not stop:
+            try:
+                await pool.fetchval("SELECT 1")
+                served.append(time.monotonic())
+            except Exception:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)
+
+    try:
+        with loop_errors() as unhandled:
+            clients = [asyncio.create_task(client()) for _ in range(4)]
+            await asyncio.sleep(0.3)
+            down = True
+            went_down = time.monotonic()
+            for writer in list(relays):
+                writer.transport.abort()
+            await asyncio.sleep(2.5)
+            down = False
+            came_back = time.monotonic()
+            while not [t for t in served if t > came_back] and time.monotonic() < came_back + 3:
+                await asyncio.sleep(0.005)
+            stop = True
+            await asyncio.gather(*clients)
+        assert not unhandled, unhandled
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+        server.close()
+        await server.wait_closed()
+    recovery = min(t for t in served if t > came_back) - came_back
+    late = [t for t in attempts if came_back - 1.5 <= t < came_back]
+    gaps = [b - a for a, b in zip(late, late[1:], strict=False)]
+    while_down = [t for t in attempts if went_down <= t < came_back]
+    bound = _max_attempts(safepool.Backoff(), came_back - went_down, 4) + 2  # (+ min_size's refill)
+    _figures(attempts_while_down=len(while_down), bound=bound, max_gap_late=max(gaps, default=None),
+             recovery_ms=recovery * 1000)
+    assert len(late) >= 6, late  # (the old schedule: 2-3 probes in the outage's last 1.5 s)
+    assert max(gaps) < 0.3, gaps
+    assert recovery < 1.0, recovery
+    assert len(while_down) <= bound, (len(while_down), bound)

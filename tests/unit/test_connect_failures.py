@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from safepool._internals import refusal
-from safepool._state import BROKEN, NOT_REFUSED, REFUSED, UNREACHABLE
+from safepool._state import BROKEN, NOT_REFUSED, REFUSED, UNREACHABLE, UNRESOLVED
 
 
 @pytest.mark.parametrize(
@@ -61,8 +61,8 @@ from safepool._state import BROKEN, NOT_REFUSED, REFUSED, UNREACHABLE
         (OSError(99, "Cannot assign requested address"), NOT_REFUSED),  # this host's own configuration
         # The name did not resolve (a stopped container's name, a typo):
         # quick retries would load the resolver, not the server.
-        (socket.gaierror(-2, "Name or service not known"), BROKEN),
-        (socket.gaierror(-3, "Temporary failure in name resolution"), BROKEN),
+        (socket.gaierror(-2, "Name or service not known"), UNRESOLVED),
+        (socket.gaierror(-3, "Temporary failure in name resolution"), UNRESOLVED),
         # The server going down while it started the connection's backend.
         (asyncpg.CannotConnectNowError("the database system is shutting down"), REFUSED),
         (asyncpg.CannotConnectNowError("the database system is in recovery mode"), REFUSED),

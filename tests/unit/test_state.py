@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from safepool._state import (
     BROKEN,
     REFUSED,
     UNREACHABLE,
+    UNRESOLVED,
     Action,
     Backoff,
     Close,
@@ -729,15 +731,20 @@ def test_connects_the_heal_of_a_black_hole_breaks_are_retried_at_once() -> None:
     state.check_invariants()
 
 
-def test_a_path_that_breaks_every_connect_backs_off_after_one_quick_retry() -> None:
-    """A proxy that resets every connect (its server gone): one retry
-    within unreachable_cap, then the backoff of any failure up to its cap;
-    any other failure in between starts the count over."""
-    backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0)
-    assert [backoff.delay(n, refused=BROKEN) for n in range(1, 8)] == [0.01, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0]
+def test_a_proxy_whose_server_is_down_is_retried_as_a_refusal() -> None:
+    """An HAProxy-like proxy whose server is down accepts every connect and
+    closes or resets it. Its connects backed off as any failure (0.01, 0.1,
+    0.2, ... 2 s): after a 2.5 s outage the pool served again 0.5 s after the
+    server came back (asyncpg's pool, which connects on every acquire: 7-25
+    ms). They are retried as the server's refusals are (each costs the
+    proxy an accept, less than a refusal's backend process): within
+    unreachable_cap, doubling up to refused_cap; any other failure in between
+    starts the count over."""
+    backoff = Backoff(base=0.1, cap=2.0, refused_cap=0.05, unreachable_cap=0.01, rng=lambda: 1.0)
+    assert [backoff.delay(n, refused=BROKEN) for n in range(1, 8)] == [0.01, 0.02, 0.04, 0.05, 0.05, 0.05, 0.05]
     state = make(max_size=1, backoff=backoff)
     now, delays = 0.0, []
-    for kind in [BROKEN] * 4 + [UNREACHABLE, BROKEN]:
+    for kind in [BROKEN] * 4 + [UNREACHABLE, BROKEN, REFUSED, BROKEN]:
         state.enqueue("w", now, None)
         state.advance(now)
         [slot] = fields(take(state, Connect))
@@ -745,7 +752,38 @@ def test_a_path_that_breaks_every_connect_backs_off_after_one_quick_retry() -> N
         take(state, Fail)
         delays.append(round(state.backoff_until - now, 6))
         now = state.backoff_until
+    assert delays == [0.01, 0.02, 0.04, 0.05, 0.01, 0.01, 0.02, 0.04]
+    assert now < 0.3  # (the old schedule: 0.72 s)
+    while now < 2.5:  # 2.5 s of resets: the next probe still comes within refused_cap
+        state.enqueue("w", now, None)
+        state.advance(now)
+        [slot] = fields(take(state, Connect))
+        state.connect_failed(slot, now, ConnectionResetError(104, "reset"), BROKEN)
+        take(state, Fail)
+        assert state.backoff_until - now <= 0.05 + 1e-9
+        now = state.backoff_until
+    assert state.failed_answer_max == 0.0  # (a reset is no answer: no hedge delay from it)
+
+
+def test_a_name_that_does_not_resolve_backs_off_after_one_quick_retry() -> None:
+    """A host name that does not resolve: one retry within unreachable_cap
+    (a resolver's hiccup), then the backoff of any failure up to its cap
+    (the resolver would pay for quick retries); any other failure in between
+    starts the count over."""
+    backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0)
+    assert [backoff.delay(n, refused=UNRESOLVED) for n in range(1, 8)] == [0.01, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0]
+    state = make(max_size=1, backoff=backoff)
+    now, delays = 0.0, []
+    for kind in [UNRESOLVED] * 4 + [UNREACHABLE, UNRESOLVED]:
+        state.enqueue("w", now, None)
+        state.advance(now)
+        [slot] = fields(take(state, Connect))
+        state.connect_failed(slot, now, socket.gaierror(-2, "Name or service not known"), kind)
+        take(state, Fail)
+        delays.append(round(state.backoff_until - now, 6))
+        now = state.backoff_until
     assert delays == [0.01, 0.1, 0.2, 0.4, 0.01, 0.01]
+    assert state.failed_answer_max == 0.0
 
 
 def test_a_server_that_answers_slowly_with_an_error_is_not_hedged() -> None:
