@@ -112,16 +112,9 @@ async def test_recovery_is_as_fast_as_asyncpgs(running: Cluster, app_name: str, 
             workers = [asyncio.create_task(side.load(kind)) for kind in pools for _ in range(3)]
             await asyncio.sleep(0.5)
             assert all(ledger.ok for ledger in ledgers.values())
-            await asyncio.to_thread(running.stop, "fast")
-            errors_before = pools["safepool"].stats().connect_errors
-            down_at = time.monotonic()
-            await asyncio.sleep(scale(2.0, 5.0))
-            starting = asyncio.create_task(asyncio.to_thread(running.start))
-            accepting_at = await _first_accepted_connect(running)
-            connects_while_down = pools["safepool"].stats().connect_errors - errors_before
-            downtime = accepting_at - down_at
-            await side.served_since(accepting_at)
-            await starting
+            accepting_at, downtime, connects_while_down = await _restart(
+                running, side, pools["safepool"], scale(2.0, 5.0)
+            )
             side.stop.set()
             await asyncio.gather(*workers)
         assert not unhandled, unhandled
@@ -182,16 +175,7 @@ async def test_recovery_through_a_host_name_with_two_addresses(running: Cluster,
             workers = [asyncio.create_task(side.load("safepool")) for _ in range(3)]
             await asyncio.sleep(0.3)
             assert side.ledgers["safepool"].ok
-            await asyncio.to_thread(running.stop, "fast")
-            errors_before = pool.stats().connect_errors
-            down_at = time.monotonic()
-            await asyncio.sleep(scale(2.0, 4.0))
-            starting = asyncio.create_task(asyncio.to_thread(running.start))
-            accepting_at = await _first_accepted_connect(running)
-            connects_while_down = pool.stats().connect_errors - errors_before
-            downtime = accepting_at - down_at
-            await side.served_since(accepting_at)
-            await starting
+            accepting_at, downtime, connects_while_down = await _restart(running, side, pool, scale(2.0, 4.0))
             side.stop.set()
             await asyncio.gather(*workers)
         assert not unhandled, unhandled
@@ -205,6 +189,23 @@ async def test_recovery_through_a_host_name_with_two_addresses(running: Cluster,
     assert recovery < 0.1, recovery
     # Probed, not hammered: at most one per 5 ms (unreachable_cap / 2).
     assert connects_while_down <= downtime / 0.005 + MAX_SIZE, connects_while_down
+
+
+async def _restart(running: Cluster, side: SideBySide, pool: Any, seconds: float) -> tuple[float, float, int]:
+    """Stop the server (fast shutdown), keep it down ``seconds``, start it,
+    and wait until ``side``'s pools have served since it accepted again.
+    Returns when it accepted, how long it was down, and the connects
+    ``pool`` (a safepool pool) tried meanwhile."""
+    await asyncio.to_thread(running.stop, "fast")
+    errors_before = pool.stats().connect_errors
+    down_at = time.monotonic()
+    await asyncio.sleep(seconds)
+    starting = asyncio.create_task(asyncio.to_thread(running.start))
+    accepting_at = await _first_accepted_connect(running)
+    connects_while_down = pool.stats().connect_errors - errors_before
+    await side.served_since(accepting_at)
+    await starting
+    return accepting_at, accepting_at - down_at, connects_while_down
 
 
 async def _first_accepted_connect(cluster: Cluster) -> float:

@@ -21,6 +21,7 @@ import pytest
 
 import safepool
 from safepool.stats import PoolStats
+from tests._util import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -29,6 +30,18 @@ def ledger(pool: safepool.Pool) -> tuple[int, int]:
     s: PoolStats = pool.stats()
     ended = s.released + s.leases_expired + s.leaks_detected + s.leases_discarded
     return s.acquired, ended + len(pool.leases())
+
+
+async def _queued(pool: safepool.Pool) -> asyncio.Task[Any]:
+    """A task waiting in ``pool.acquire(timeout=5)``: the pool's clock (a
+    ManualClock in these tests) decides when it times out."""
+
+    async def acquire() -> Any:
+        return await pool.acquire(timeout=5)
+
+    waiting = asyncio.create_task(acquire())
+    await until(lambda: pool.stats().waiting == 1)
+    return waiting
 
 
 async def test_a_lease_whose_backend_is_terminated_is_counted_once(
@@ -86,14 +99,7 @@ async def test_a_timeout_that_lost_the_race_to_a_cancel_is_not_counted(pools: Ca
     pool.add_event_listener(events.append)
     held = await pool.acquire()
 
-    async def acquire() -> Any:
-        return await pool.acquire(timeout=5)
-
-    waiting = asyncio.create_task(acquire())
-    for _ in range(100):
-        if pool.stats().waiting:
-            break
-        await asyncio.sleep(0)
+    waiting = await _queued(pool)
     waiting.cancel()  # its future is cancelled now; the task has not run yet
     clock.advance(5)  # the pool's deadline fires before the task resumes
     with pytest.raises(asyncio.CancelledError):
@@ -103,11 +109,7 @@ async def test_a_timeout_that_lost_the_race_to_a_cancel_is_not_counted(pools: Ca
     assert [e for e in events if e.kind == "acquire_timeout"] == []
 
     # A timeout that does reach its caller is counted, once, with its event.
-    waiting = asyncio.create_task(acquire())
-    for _ in range(100):
-        if pool.stats().waiting:
-            break
-        await asyncio.sleep(0)
+    waiting = await _queued(pool)
     clock.advance(5)
     with pytest.raises(safepool.PoolTimeoutError):
         await waiting
@@ -202,14 +204,7 @@ async def test_acquire_timeouts_never_goes_down_when_a_cancel_follows_the_timeou
     def scraped() -> float | None:
         return registry.get_sample_value("safepool_acquire_timeouts_total", {"pool": name})
 
-    async def acquire() -> Any:
-        return await pool.acquire(timeout=5)
-
-    waiting = asyncio.create_task(acquire())
-    for _ in range(100):
-        if pool.stats().waiting:
-            break
-        await asyncio.sleep(0)
+    waiting = await _queued(pool)
     clock.advance(5)  # the pool's deadline: PoolTimeoutError set, the task not resumed yet
     between = (pool.stats().acquire_timeouts, scraped())
     waiting.cancel()  # the caller's own timeout, in the same loop turn
@@ -219,11 +214,7 @@ async def test_acquire_timeouts_never_goes_down_when_a_cancel_follows_the_timeou
     assert between == (0, 0) and after == (0, 0), (between, after)
 
     # A timeout that reaches its caller is counted once it does.
-    waiting = asyncio.create_task(acquire())
-    for _ in range(100):
-        if pool.stats().waiting:
-            break
-        await asyncio.sleep(0)
+    waiting = await _queued(pool)
     clock.advance(5)
     with pytest.raises(safepool.PoolTimeoutError):
         await waiting
