@@ -165,7 +165,7 @@ class Bench:
         return {"target": None, "guard": round(self.standings[standing] * (1 + NOISE_MARGIN), 3), "standing": standing}
 
     def check(self, measure: Callable[[], list[Row]]) -> None:
-        """Measure (retrying once in quick mode if a guard fails), record the
+        """Measure (retrying twice in quick mode while a guard fails), record the
         rows for the table, and fail if any ratio is past its guard."""
         rows = with_retry(self.mode, measure)
         self.report.rows.extend(rows)
@@ -174,7 +174,8 @@ class Bench:
                                 for row in rows if row.standing is not None))
         failed = [row for row in rows if row.failed]
         assert not failed, "benchmark ratios past their guard:\n" + "\n".join(
-            f"  {row.bench}: {row.metric} = {row.value:.3f} > guard {row.guard} ({row.detail}; attempts {row.attempts})"
+            f"  {row.bench}: {row.metric} = {row.value:.3f} > guard {row.guard} ({row.detail}; attempts {row.attempts}; "
+            f"CPU time stolen by the hypervisor in each {row.steal})"
             for row in failed
         )
 

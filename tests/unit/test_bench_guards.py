@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import standings
-from benchmarks._harness import cpu_ticks, guard_at, guard_for, wait_for_quiet
+from benchmarks._harness import FULL, QUICK, Row, cpu_ticks, guard_at, guard_for, wait_for_quiet, with_retry
 
 RATIOS = Path(__file__).parents[2] / "benchmarks" / "test_ratios.py"
 
@@ -284,3 +284,40 @@ def test_the_wait_for_a_quiet_machine_gives_up_after_max_wait() -> None:
 def test_without_proc_stat_the_benchmarks_do_not_wait() -> None:
     slept: list[float] = []
     assert wait_for_quiet(ticks=lambda: None, sleep=slept.append, cores=2) == (None, 1.0)
+
+
+def _measures(*values: float) -> tuple[Callable[[], list[Row]], list[str]]:
+    """A ``measure`` giving one guarded row (guard 1.0) per call, the values
+    in turn, and the log of what ran ("measure", "settle")."""
+    log: list[str] = []
+    it = iter(values)
+
+    def measure() -> list[Row]:
+        log.append("measure")
+        return [Row("3 contended", "p99", next(it), target=0.9, guard=1.0, detail=f"run {len(log)}")]
+
+    return measure, log
+
+
+@pytest.mark.parametrize("values, attempts, kept, failed", [
+    ((0.5,), [0.5], 0.5, False),  # within its guard: measured once
+    ((1.4, 0.7), [1.4, 0.7], 0.7, False),
+    ((1.4, 1.6, 0.8), [1.4, 1.6, 0.8], 0.8, False),  # a burst through two attempts
+    ((1.4, 1.3, 1.2), [1.4, 1.3, 1.2], 1.2, True),  # a regression fails all three
+])
+def test_quick_mode_measures_a_failing_benchmark_again_up_to_twice_after_settling(
+    values: tuple[float, ...], attempts: list[float], kept: float, failed: bool
+) -> None:
+    measure, log = _measures(*values)
+    jiffies = iter([(0, 100), (5, 200), (5, 200), (5, 300), (5, 300), (55, 400)])
+    [row] = with_retry(QUICK, measure, settle=lambda: log.append("settle"), ticks=lambda: next(jiffies))
+    assert (row.attempts, row.value, row.failed) == (attempts, kept, failed)
+    assert log == ["measure", *["settle", "measure"] * (len(values) - 1)]
+    assert row.steal == [0.05, 0.0, 0.5][: len(values)]
+    assert row.detail == f"run {2 * attempts.index(kept) + 1}"  # the kept value's own detail
+
+
+def test_full_mode_measures_once_and_steal_is_none_without_proc_stat() -> None:
+    measure, log = _measures(1.4)
+    [row] = with_retry(FULL, measure, settle=lambda: log.append("settle"), ticks=lambda: None)
+    assert (row.attempts, row.failed, row.steal, log) == ([1.4], True, [None], ["measure"])
