@@ -765,8 +765,12 @@ class Pool(_PoolBase):
     @property
     def closed(self) -> bool:
         """True once :meth:`close` finished or :meth:`terminate` was called
-        (:meth:`is_closing` is also true while closing)."""
-        return self._closed
+        (:meth:`is_closing` is also true while closing), or once the pool's
+        event loop is closed: an ``asyncio.run()`` that ended without
+        ``close()`` leaves a pool nothing can use (its connections and tasks
+        were the loop's), and exporters and the leak guard skip it rather
+        than report its last numbers for as long as the application holds it."""
+        return self._closed or self._loop.is_closed()
 
     @property
     def options(self) -> PoolOptions:

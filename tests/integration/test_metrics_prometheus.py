@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import DuplicateTimeseries
 
+import safepool
 from safepool import ManualClock
 from safepool.metrics.prometheus import COUNTERS, PoolCollector, register
 from tests._util import until
@@ -352,3 +355,33 @@ async def test_every_exported_metric_is_in_the_docs_table(pools: Any) -> None:
     exported = {name if f"{name}_total" not in text else f"{name}_total" for name in families}
     assert "safepool_site_cap" in exported and "safepool_max_waiters" in exported
     assert sorted(exported - table) == []
+
+
+async def test_a_pool_whose_event_loop_closed_without_close_is_no_longer_reported(pg_dsn: str) -> None:
+    """An ``asyncio.run()`` that ends without ``pool.close()``: the pool is
+    beyond use, and a live scrape reported its last numbers (idle 1) for as
+    long as the application held it."""
+    registry = CollectorRegistry()
+    registry.register(PoolCollector(live=True))
+    pools: list[safepool.Pool] = []
+
+    async def serve() -> None:
+        pool = await safepool.create_pool(pg_dsn, name="orphaned", min_size=1, max_size=2)
+        pools.append(pool)
+        async with pool.acquire() as connection:
+            await connection.fetchval("SELECT 1")
+        assert value(scrape(registry), "safepool_connections", pool="orphaned", state="idle") == 1
+        assert not pool.closed
+
+    with warnings.catch_warnings():
+        # The connection the loop's end left open, collected below.
+        warnings.simplefilter("ignore", ResourceWarning)
+        await asyncio.to_thread(asyncio.run, serve())
+        assert pools[0].closed
+        assert not any(labels.get("pool") == "orphaned" for labels in _labels(scrape(registry)))
+        pools.clear()
+        gc.collect()
+
+
+def _labels(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> list[dict[str, str]]:
+    return [dict(labels) for _, labels in samples]
