@@ -128,7 +128,8 @@ async def check_health(
     )
     reasons: list[HealthReason] = []
     latency: float | None = None
-    if pool.is_closing():
+    if pool.closed or pool.is_closing():
+        # (closed: also once the pool's event loop closed without close())
         reasons.append(HealthReason("closed", FAILING, f"pool {pool.name!r} is closed or closing"))
     elif probe:
         latency = await _probe(pool, probe_timeout, probe_query, reasons)

@@ -4,8 +4,10 @@ Starlette readiness endpoint documented in docs/metrics.md."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,27 @@ async def test_closed_pool_is_failing(pools: Any) -> None:
     await pool.close()
     report = await check_health(pool)
     assert report.status == "failing" and codes(report) == {"closed"}
+
+
+async def test_a_pool_whose_event_loop_closed_is_failing_closed(pg_dsn: str) -> None:
+    """An ``asyncio.run()`` that ended without ``close()``: ``pool.closed`` is
+    true (nothing can use the pool), but health() without a probe read its
+    last numbers and said ``ok``, and with one blamed the probe."""
+    pools: list[safepool.Pool] = []
+
+    async def serve() -> None:
+        pools.append(await safepool.create_pool(pg_dsn, name="orphaned", min_size=1, max_size=2))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # the connection the loop's end left open
+        await asyncio.to_thread(asyncio.run, serve())
+        pool = pools.pop()
+        assert pool.closed and not pool.is_closing()
+        for probe in (False, True):
+            report = await check_health(pool, probe=probe)
+            assert report.status == "failing" and codes(report) == {"closed"}, (probe, report)
+        del pool
+        gc.collect()
 
 
 async def test_probe_error_is_failing(pools: Any) -> None:
