@@ -429,9 +429,3 @@ def with_retry(
         if not any(row.failed for row in rows):
             break
     return rows
-    again = measure()
-    for first, second in zip(rows, again, strict=True):
-        first.attempts.append(second.value)
-        if second.value < first.value:
-            first.value, first.detail = second.value, second.detail
-    return rows

@@ -321,3 +321,26 @@ def test_full_mode_measures_once_and_steal_is_none_without_proc_stat() -> None:
     measure, log = _measures(1.4)
     [row] = with_retry(FULL, measure, settle=lambda: log.append("settle"), ticks=lambda: None)
     assert (row.attempts, row.failed, row.steal, log) == ([1.4], True, [None], ["measure"])
+
+
+def test_each_row_keeps_its_own_best_attempt_and_its_detail() -> None:
+    """Row by row: a row past its guard only in the first attempt passes on
+    the second's value; one fine at first and worse later keeps its first
+    value and detail; the benchmark is re-measured while any row fails, and
+    a row fails only if every attempt was past its guard."""
+    runs = iter([(1.5, 0.5, 2.0), (0.9, 0.8, 1.8), (1.2, 0.95, 1.9)])
+    log: list[str] = []
+
+    def measure() -> list[Row]:
+        log.append("measure")
+        values = next(runs)
+        attempt = log.count("measure")
+        return [Row("b", metric, value, target=None, guard=1.0, detail=f"{metric} in attempt {attempt}")
+                for metric, value in zip(("recovers", "steady", "regressed"), values, strict=True)]
+
+    recovers, steady, regressed = with_retry(QUICK, measure, settle=lambda: log.append("settle"), ticks=lambda: None)
+    assert log == ["measure", "settle", "measure", "settle", "measure"]
+    assert (recovers.value, recovers.detail, recovers.failed) == (0.9, "recovers in attempt 2", False)
+    assert (steady.value, steady.detail, steady.attempts) == (0.5, "steady in attempt 1", [0.5, 0.8, 0.95])
+    assert (regressed.value, regressed.detail, regressed.failed) == (1.8, "regressed in attempt 2", True)
+    assert regressed.attempts == [2.0, 1.8, 1.9] and regressed.steal == [None, None, None]
