@@ -329,8 +329,14 @@ class Pool(_PoolBase):
         if self._closed:
             return
         self._check_init()
-        self._runner.terminate_all()
-        self._state.set_phase(Phase.CLOSED)
+        try:
+            self._runner.terminate_all()
+        finally:
+            # Closed even if terminating raised, as asyncpg's pool marks
+            # itself closed first: on a closed event loop the first
+            # connection's abort raises RuntimeError("Event loop is closed"),
+            # and a later terminate() or close() must return, not try again.
+            self._state.set_phase(Phase.CLOSED)
 
     async def expire_connections(self) -> None:
         """Replace every open connection: idle ones now, leased ones on

@@ -330,3 +330,35 @@ async def test_a_pool_cannot_be_copied_or_pickled_and_says_so(pools: Any, server
     assert await pool.fetchval("SELECT 1") == 1
     assert pool.get_size() == 1 and await server_count(app_name) == 1
     assert pool.stats().acquired == 1 and not pool.closed
+
+
+@pytest.mark.parametrize("library", [asyncpg, safepool], ids=["asyncpg", "safepool"])
+async def test_terminate_after_the_event_loop_closed_leaves_the_pool_closed_as_asyncpg(
+    pg_dsn: str, library: Any
+) -> None:
+    """An ``asyncio.run()`` that ended with the pool open, then terminate():
+    it raises ``RuntimeError("Event loop is closed")`` on both, and asyncpg's
+    pool is closed all the same (it marks itself closed first), so a second
+    terminate() and a close() from another loop return. safepool's stayed
+    open: close() raised EventLoopMismatchError, its repr said "open"."""
+    import gc
+    import warnings
+
+    pools: list[Any] = []
+
+    async def serve() -> None:
+        pools.append(await library.create_pool(pg_dsn, min_size=1, max_size=2))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # the connection the loop's end left open
+        await asyncio.to_thread(asyncio.run, serve())
+        pool = pools.pop()
+        with pytest.raises(RuntimeError, match="Event loop is closed"):
+            pool.terminate()
+        assert pool.is_closing() and pool._closed
+        pool.terminate()
+        await asyncio.to_thread(asyncio.run, pool.close())
+        if library is safepool:
+            assert pool.closed and " closed " in repr(pool)
+        del pool
+        gc.collect()
