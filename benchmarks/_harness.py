@@ -342,6 +342,15 @@ def steal_ticks() -> tuple[int, int] | None:
     return None if fields is None else (fields[7], sum(fields))
 
 
+def tick_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the total jiffies between two readings of ``cpu_ticks``
+    or ``steal_ticks`` that went to their first count (0.0 to 1.0), or None
+    when a reading is missing or no time passed."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def wait_for_quiet(
     max_wait: float = 60.0,
     busy_cores: float = 0.3,
@@ -363,10 +372,10 @@ def wait_for_quiet(
     while True:
         before = ticks()
         sleep(sample)
-        after = ticks()
-        if before is None or after is None or after[1] <= before[1]:
+        share = tick_share(before, ticks())
+        if share is None:
             return None, waited + sample
-        busy = (after[0] - before[0]) / (after[1] - before[1]) * cores
+        busy = share * cores
         waited += sample
         if busy < busy_cores or waited >= max_wait:
             return round(busy, 2), waited
@@ -399,8 +408,8 @@ def with_retry(
 ) -> list[Row]:
     """Measure; while a guard fails and the mode allows (``mode.retries``),
     let the machine settle (``settle``: wait for the other processes to
-    quiet down, at most 10 s: CI's 15 minutes bound the retries) and measure again, keeping row by row the best
-    value: a row fails only if it failed every attempt. A regression does; a
+    quiet down, at most 10 s: CI's 15 minutes bound the retries) and
+    measure again, keeping row by row the best value: a row fails only if it failed every attempt. A regression does; a
     neighbour's burst of load rarely lasts through three attempts (CI of
     2026-12-04: the p99 wait row measured 0.38x and 0.48x against its 0.26x
     guard in two attempts 20 s apart, 0.18x in the run before). Each row's
@@ -413,9 +422,8 @@ def with_retry(
             settle()
         before = ticks()
         again = measure()
-        after = ticks()
-        steal = None if before is None or after is None or after[1] <= before[1] else \
-            round((after[0] - before[0]) / (after[1] - before[1]), 3)
+        share = tick_share(before, ticks())
+        steal = None if share is None else round(share, 3)
         if not rows:
             rows = again
             for row in rows:
