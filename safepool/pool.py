@@ -510,7 +510,7 @@ class Pool(_PoolBase):
 
     def __repr__(self) -> str:
         state = self._state
-        status = "closed" if self._closed else "closing" if state.closing else "open"
+        status = "closed" if self.closed else "closing" if state.closing else "open"
         return (
             f"<safepool.Pool {self._name!r} {status} size={state.size}/{state.max_size} "
             f"idle={state.idle} in_use={state.in_use} resetting={state.count(SlotState.RESETTING)} waiting={state.waiting}>"

@@ -360,7 +360,7 @@ async def test_every_exported_metric_is_in_the_docs_table(pools: Any) -> None:
 async def test_a_pool_whose_event_loop_closed_without_close_is_no_longer_reported(pg_dsn: str) -> None:
     """An ``asyncio.run()`` that ends without ``pool.close()``: the pool is
     beyond use, and a live scrape reported its last numbers (idle 1) for as
-    long as the application held it."""
+    long as the application held it, and its repr said "open"."""
     registry = CollectorRegistry()
     registry.register(PoolCollector(live=True))
     pools: list[safepool.Pool] = []
@@ -377,7 +377,7 @@ async def test_a_pool_whose_event_loop_closed_without_close_is_no_longer_reporte
         # The connection the loop's end left open, collected below.
         warnings.simplefilter("ignore", ResourceWarning)
         await asyncio.to_thread(asyncio.run, serve())
-        assert pools[0].closed
+        assert pools[0].closed and " closed " in repr(pools[0])
         assert not any(labels.get("pool") == "orphaned" for labels in _labels(scrape(registry)))
         pools.clear()
         gc.collect()
