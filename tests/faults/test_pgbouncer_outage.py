@@ -9,7 +9,7 @@ connection to PgBouncer. safepool used to send a cancel request as well for
 every such connection (lost under a lease, its backend "may still run the
 query"): a second connection to PgBouncer per failed query, which PgBouncer
 could match to nothing (it logs "failed cancel request"). 40 failed queries
-cost PgBouncer 79 client connections against asyncpg's 39. An orderly close
+cost PgBouncer 80 client connections against asyncpg's 40. An orderly close
 by the peer now gets no cancel request (docs/pgbouncer.md, "When the server
 is down"); a reset still does (tests/faults/test_network.py).
 
@@ -33,6 +33,7 @@ import pytest
 
 import safepool
 from tests._pgbouncer import Bouncer, requires_pgbouncer
+from tests._util import asyncpg_version
 
 from ._harness import Ledger, SideBySide, loop_errors
 from ._pg import APP_USER, Cluster
@@ -40,6 +41,7 @@ from ._pg import APP_USER, Cluster
 pytestmark = [pytest.mark.asyncio, pytest.mark.realtime, requires_pgbouncer]
 
 FAILED_QUERIES = 40
+MIN_SIZE = 1
 FACTORIES: dict[str, Any] = {"asyncpg": asyncpg.create_pool, "safepool": safepool.create_pool}
 # What the test's PgBouncer is told: a short query_wait_timeout bounds the
 # first failed query (PgBouncer tries the server login until then); after
@@ -140,12 +142,12 @@ async def test_a_server_outage_behind_pgbouncer_costs_no_more_connections_than_a
     (all fail), then the server starts again under a light load on both.
     safepool costs PgBouncer no more client connections than asyncpg's
     pool and sends no cancel request for a connection PgBouncer closed in
-    order; it serves again as soon as asyncpg's pool. Before: 79
-    connections against asyncpg's 39, 40 of them cancel requests."""
+    order; it serves again as soon as asyncpg's pool. Before: 80
+    connections against asyncpg's 40, 40 of them cancel requests."""
     bouncers = {kind: start_bouncer(pool_mode=pool_mode, **SETTINGS) for kind in FACTORIES}
     counted = {kind: Counted(bouncer) for kind, bouncer in bouncers.items()}
     pools = {
-        kind: await FACTORIES[kind](bouncers[kind].dsn(), min_size=1, max_size=2, statement_cache_size=0)
+        kind: await FACTORIES[kind](bouncers[kind].dsn(), min_size=MIN_SIZE, max_size=2, statement_cache_size=0)
         for kind in FACTORIES
     }
     side = SideBySide(pools, budget=0.5)
@@ -191,7 +193,11 @@ async def test_a_server_outage_behind_pgbouncer_costs_no_more_connections_than_a
     assert cancels["asyncpg"] == 0
     # A cancel request only for a connection that was reset (rare here).
     assert cancels["safepool"] == resets["safepool"] <= RESETS_ALLOWED, (cancels, resets)
-    assert logins["safepool"] + cancels["safepool"] <= logins["asyncpg"] + resets["safepool"], (logins, cancels)
+    # safepool reopens min_size after the last failure, as asyncpg 0.32's
+    # pool does; 0.29-0.31's opens a connection for an acquire only (39
+    # logins against safepool's 40 on 0.31).
+    floor = 0 if asyncpg_version() >= (0, 32) else MIN_SIZE
+    assert logins["safepool"] + cancels["safepool"] <= logins["asyncpg"] + resets["safepool"] + floor, (logins, cancels)
     assert recovery["safepool"] < recovery["asyncpg"] + 0.1, recovery
 
 
