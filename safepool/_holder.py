@@ -70,7 +70,8 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # Bound on the close's wait for a cancelled query's answer (None:
         # the pool's reset timeout): see _workers.CANCEL_ANSWER_GRACE.
         self.close_budget: float | None = None
-        # The socket died under a lease: its backend may still run a query.
+        # The socket died under a lease (reset or aborted, not closed in
+        # order by the peer): its backend may still run a query.
         self.lost_while_leased = False
         # When a release's unbounded reset started (the reset watchdog's clock).
         self.reset_since: float | None = None

@@ -48,6 +48,7 @@ from asyncpg import connect_utils as _connect_utils
 from asyncpg import connection as _pg_connection
 from asyncpg import connresource as _pg_connresource
 from asyncpg import exceptions as _pg_exceptions
+from asyncpg.protocol import protocol as _pg_protocol
 
 from ._state import BROKEN, NOT_REFUSED, REFUSED, UNREACHABLE, UNRESOLVED
 
@@ -903,6 +904,38 @@ def live_proxy(con: RawConnection) -> Any | None:
     except ReferenceError:
         return None
     return proxy
+
+
+def _eof_received(self: Any) -> None:
+    # asyncio.Protocol's, which asyncpg's Protocol inherits (it returns
+    # None: the transport closes, then calls connection_lost(None)), plus
+    # a mark that the peer closed in order.
+    self._safepool_peer_closed = True
+
+
+# Installed on asyncpg's Protocol, a Python class over its Cython base
+# (asyncpg 0.29-0.32): asyncio (and uvloop) call eof_received() when the
+# peer's FIN arrives, and only then; an RST reaches connection_lost() with
+# the ConnectionResetError, a local abort with None and no eof_received().
+# The class default makes peer_closed() a plain attribute read. Nothing
+# runs per lease: the method runs once, when a connection ends. (Only if
+# its instances take attributes: were it ever slotted, every loss under a
+# lease would keep its cancel request, as before.)
+if _pg_protocol.Protocol.__dictoffset__:
+    _pg_protocol.Protocol.eof_received = _eof_received  # type: ignore[method-assign]
+    _pg_protocol.Protocol._safepool_peer_closed = False  # type: ignore[attr-defined]
+
+
+def peer_closed(con: RawConnection) -> bool:
+    """The other end closed ``con`` in order (a FIN), not a reset (RST) nor
+    an abort of ours. The server's backend closes its socket as it exits, so
+    a FIN straight from PostgreSQL means the backend is gone; PgBouncer's
+    means it dropped the client, whose cancel key it can then match to
+    nothing. Either way a cancel request would cancel nothing. (A proxy
+    between that closes the client's side in order while the server's
+    side lives on, a load balancer's idle timeout, hides a live backend:
+    see docs/pgbouncer.md.) False for a stand-in connection."""
+    return getattr(con._protocol, "_safepool_peer_closed", False) is True
 
 
 async def cancel_running_query(con: RawConnection) -> None:

@@ -562,7 +562,13 @@ class Runner:
         was_leased = self.state.connection_lost(slot, self.now())
         if was_leased is None:
             return  # the task that owns the slot's outcome sees the error
-        if was_leased:
+        if was_leased and not (con is not None and _pg.peer_closed(con)):
+            # Its backend may still run the lease's query: the close sends
+            # a cancel request. Not when the peer closed in order (a FIN):
+            # PostgreSQL's backend has exited, PgBouncer has dropped the
+            # client and matches its cancel key to nothing, and each request
+            # would cost PgBouncer one more client connection per failed
+            # query of an outage (docs/pgbouncer.md).
             self.slot_holders[slot].lost_while_leased = True
         if con is not None:
             _pg.detach_proxy(con)

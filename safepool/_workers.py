@@ -259,9 +259,10 @@ async def close(con: RawConnection, lost: bool, budget: float | None) -> None:
     A cancelled query is first waited for (the server confirms it), else a
     graceful close could not run and an abort would leave the backend
     running the query beside its replacement. A connection whose socket died
-    under a lease (``lost``: a network reset) may still have its backend
-    running the lease's query: cancel it (the server acknowledges a cancel
-    request by closing that connection)."""
+    under a lease (``lost``: a network reset, an abort; not a close the peer
+    made in order, see ``_internals.peer_closed``) may still have its
+    backend running the lease's query: cancel it (the server acknowledges a
+    cancel request by closing that connection)."""
     try:
         if lost:
             async with asyncio.timeout(budget or LOST_BACKEND_CANCEL_TIMEOUT):

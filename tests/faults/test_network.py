@@ -356,3 +356,42 @@ async def test_network_cut_leaves_backends_only_the_server_can_end(running: Clus
                     orphan.abort()  # what the server's TCP timeout would do
                 await until(lambda: pool.stats().idle == 0, timeout=10)
             assert not unhandled, unhandled
+
+
+async def test_reset_under_a_lease_still_cancels_the_backends_query(running: Cluster, app_name: str) -> None:
+    """The connection is reset (an RST, as from a proxy or a network fault)
+    while its lease runs a query: the server has not noticed (a backend in
+    pg_sleep reads nothing from its socket), so the pool sends a cancel
+    request for the backend, and the query ends at once instead of running
+    its 30 s. (A connection the peer closed in order gets no cancel
+    request: tests/faults/test_pgbouncer_outage.py.)"""
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=1, max_size=1, server_settings={"application_name": app_name},
+        )
+        admin = await asyncpg.connect(running.admin_dsn)
+        try:
+            async with closing(pool):
+                with loop_errors() as unhandled:
+                    async with pool.acquire() as con:
+                        pid = con.get_server_pid()
+                        query = asyncio.ensure_future(con.fetchval("SELECT pg_sleep(30)"))
+                        async with asyncio.timeout(5):
+                            while await admin.fetchval(
+                                "SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid
+                            ) != "PgSleep":
+                                await asyncio.sleep(0.005)
+                        assert proxy.reset_all() == 1
+                        with pytest.raises((asyncpg.ConnectionDoesNotExistError, ConnectionError)):
+                            await query
+                    started = time.monotonic()
+                    async with asyncio.timeout(5):
+                        while await admin.fetchval(
+                            "SELECT state FROM pg_stat_activity WHERE pid = $1", pid
+                        ) == "active":
+                            await asyncio.sleep(0.01)
+                    assert time.monotonic() - started < 2.0
+                    assert await pool.fetchval("SELECT 1") == 1
+                assert not unhandled, unhandled
+        finally:
+            await admin.close()
