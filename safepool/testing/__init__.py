@@ -39,6 +39,10 @@ else:
         pytest_report_header,
         pytest_runtest_call,
         pytest_runtest_makereport,
+        pytest_runtest_protocol,
+        pytest_sessionfinish,
+        pytest_terminal_summary,
+        pytest_testnodedown,
         pytest_unconfigure,
         safepool_leak_check,
     )

@@ -7,7 +7,11 @@
   test whose pool timed out an acquire while connections were leased by tasks
   that were not running a statement;
 - the ``safepool_leak_check`` fixture guards one test; the
-  ``safepool_allow_leaks`` marker exempts one test from the global check.
+  ``safepool_allow_leaks`` marker exempts one test from the global check;
+- without either option, nothing fails, but a run in which pools reclaimed
+  leaked connections ends with a short "safepool" section that counts them
+  (from the pools' ``Leaked`` events) and names the option; under
+  pytest-xdist each worker's count reaches the controller.
 
 How the test phases are used: a lease taken in the test function itself is
 checked when the test function returns; one taken by a function-scoped
@@ -19,12 +23,16 @@ for them.
 from __future__ import annotations
 
 import warnings
+import weakref
+from collections import Counter
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from ..events import Leaked, PoolEvent
+from ..pool import Pool, live_pools, on_pool_created
 from .guards import LeakGuard, format_report, release_leaked
 from .tracker import _tracker
 
@@ -36,6 +44,10 @@ __all__ = [
     "pytest_report_header",
     "pytest_runtest_call",
     "pytest_runtest_makereport",
+    "pytest_runtest_protocol",
+    "pytest_sessionfinish",
+    "pytest_terminal_summary",
+    "pytest_testnodedown",
     "pytest_unconfigure",
     "safepool_leak_check",
 ]
@@ -44,12 +56,47 @@ _SETTINGS = pytest.StashKey["_Settings"]()
 _GUARD = pytest.StashKey[LeakGuard]()
 _REPORT = pytest.StashKey[str]()  # the leak failure of the test function, for pytest_runtest_makereport
 _RECLAIM_WARNING = r"pool .*: a connection was garbage collected without being released"
+_TALLY = pytest.StashKey["_LeakTally"]()
+_WORKER_OUTPUT = "safepool_leaks_reclaimed"  # pytest-xdist's workeroutput key
 
 
 @dataclass(frozen=True)
 class _Settings:
     leaks: bool
     strict: bool
+
+
+class _LeakTally:
+    """Counts, per pool name, the leaked connections pools took back (their
+    :class:`~safepool.events.Leaked` events) while the leak check is off:
+    a listener on every pool, those alive now and those created later (no
+    event is built without one, and leaks are rare: nothing per lease)."""
+
+    def __init__(self) -> None:
+        self.pools: Counter[str] = Counter()
+        self.exempt = False  # a test marked safepool_allow_leaks runs
+        self._listening: weakref.WeakSet[Pool] = weakref.WeakSet()
+        self._unhook = on_pool_created(self.watch)
+        for pool in live_pools():
+            self.watch(pool)
+
+    def watch(self, pool: Pool) -> None:
+        if pool not in self._listening:
+            self._listening.add(pool)
+            pool.add_event_listener(self.on_event)
+
+    def on_event(self, event: PoolEvent) -> None:
+        if isinstance(event, Leaked) and not self.exempt:
+            self.pools[event.pool] += 1
+
+    def stop(self) -> None:
+        self._unhook()
+        for pool in list(self._listening):
+            try:
+                pool.remove_event_listener(self.on_event)
+            except ValueError:
+                pass
+        self._listening = weakref.WeakSet()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -84,12 +131,52 @@ def pytest_configure(config: pytest.Config) -> None:
         # Watch pools from the start of the session: pools made by session
         # fixtures capture acquire stacks too.
         _tracker.acquire(strict=settings.strict)
+    else:
+        config.stash[_TALLY] = _LeakTally()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     settings = config.stash.get(_SETTINGS, None)
     if settings is not None and settings.leaks:
         _tracker.release(strict=settings.strict)
+    tally = config.stash.get(_TALLY, None)
+    if tally is not None:
+        tally.stop()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    tally = session.config.stash.get(_TALLY, None)
+    workeroutput = getattr(session.config, "workeroutput", None)  # a pytest-xdist worker's
+    if tally is not None and workeroutput is not None:
+        workeroutput[_WORKER_OUTPUT] = dict(tally.pools)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist's controller: add a finished worker's count."""
+    tally = node.config.stash.get(_TALLY, None)
+    counts = getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT)
+    if tally is not None and counts:
+        tally.pools.update(counts)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    tally = config.stash.get(_TALLY, None)
+    if tally is None or not tally.pools:
+        return
+    total = sum(tally.pools.values())
+    shown = ", ".join(f"{name!r} {count}" for name, count in tally.pools.most_common(5))
+    more = f" and {len(tally.pools) - 5} more pools" if len(tally.pools) > 5 else ""
+    terminalreporter.section("safepool", sep="-")
+    terminalreporter.line(
+        f"safepool: {total} connection{'s' if total != 1 else ''} leaked during this run: garbage "
+        f"collected without being released, and taken back by {'their pools' if len(tally.pools) > 1 else 'its pool'} "
+        f"({shown}{more})."
+    )
+    terminalreporter.line(
+        "Run pytest with --safepool-leaks to fail each test that leaks, with the line that acquired "
+        "the connection (safepool's docs/testing.md)."
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -175,6 +262,18 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
         item.stash[_REPORT] = report
         pytest.fail(report, pytrace=False)
     return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    tally = item.config.stash.get(_TALLY, None)
+    if tally is None or not item.get_closest_marker("safepool_allow_leaks"):
+        return (yield)
+    tally.exempt = True
+    try:
+        return (yield)
+    finally:
+        tally.exempt = False
 
 
 @pytest.hookimpl(wrapper=True)

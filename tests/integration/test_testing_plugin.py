@@ -117,8 +117,61 @@ def test_off_by_default(suite: pytest.Pytester) -> None:
     # pool's close() wait (the sample's 10 s guard would fail it).
     result = suite.runpytest("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning", "-k", "not fixture_leaks")
     result.assert_outcomes(passed=8, deselected=1)
-    assert "safepool:" not in result.stdout.str()
+    # Nothing fails; the pools took back the four leaked connections
+    # (test_no_release, test_exception_path, test_forgotten_proxy,
+    # test_cancelled_task: one pool each), and the run says so at its end.
+    result.stdout.fnmatch_lines([
+        "*- safepool -*",
+        "safepool: 4 connections leaked during this run: garbage collected without being released, "
+        "and taken back by their pools ('pool-*' 1, 'pool-*' 1, 'pool-*' 1, 'pool-*' 1).",
+        "Run pytest with --safepool-leaks to fail each test that leaks*",
+    ])
+    assert "leak check on" not in result.stdout.str()
     assert_patches_removed()
+
+
+def test_off_by_default_a_clean_run_has_no_safepool_section(suite: pytest.Pytester) -> None:
+    add_sample(suite, "leaky_asyncio.py", "test_leaky")
+    result = suite.runpytest("-p", "no:cacheprovider", "-k", "clean")
+    result.assert_outcomes(passed=3, deselected=6)
+    assert "leaked during this run" not in result.stdout.str()
+
+
+LEAK_ALLOWED = """
+import gc
+import os
+
+import pytest
+
+import safepool
+
+DSN = os.environ["SAFEPOOL_PLUGIN_DSN"]
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.mark.safepool_allow_leaks
+async def test_leaks_on_purpose():
+    pool = await safepool.create_pool(DSN, min_size=1, max_size=1, name="on-purpose")
+    await pool.acquire()  # dropped at once: reclaimed
+    gc.collect()
+    async with pool.acquire() as con:  # the reclaimed connection
+        assert await con.fetchval("SELECT 1") == 1
+    await pool.close()
+"""
+
+
+def test_off_by_default_tests_marked_to_leak_are_not_counted(suite: pytest.Pytester) -> None:
+    add_sample(suite, "leaky_asyncio.py", "test_leaky")
+    suite.makepyfile(test_allowed=LEAK_ALLOWED)
+    result = suite.runpytest("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning", "test_allowed.py")
+    result.assert_outcomes(passed=1)
+    assert "leaked during this run" not in result.stdout.str()
+    # The same test unmarked is counted.
+    suite.makepyfile(test_allowed=LEAK_ALLOWED.replace("@pytest.mark.safepool_allow_leaks\n", ""))
+    result = suite.runpytest("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning", "test_allowed.py")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["safepool: 1 connection leaked during this run:*taken back by its pool ('on-purpose' 1)."])
 
 
 def test_ini_option_in_a_fresh_process(suite: pytest.Pytester) -> None:
@@ -148,6 +201,17 @@ def test_under_pytest_xdist_each_worker_fails_its_leaking_tests(suite: pytest.Py
         result.stdout.fnmatch_lines(
             [f'*File "*test_leaky.py", line {line_of("leaky_asyncio.py", marker)}, in {function}']
         )
+
+
+def test_off_by_default_under_pytest_xdist_the_controller_counts_every_workers_leaks(
+    suite: pytest.Pytester,
+) -> None:
+    add_sample(suite, "leaky_asyncio.py", "test_leaky")
+    result = suite.runpytest_subprocess(
+        "-n", "2", "-p", "no:cacheprovider", "-W", "ignore::ResourceWarning", "-k", "not fixture_leaks"
+    )
+    result.assert_outcomes(passed=8)
+    result.stdout.fnmatch_lines(["*2 workers*", "safepool: 4 connections leaked during this run:*"])
 
 
 def test_anyio_plugin(suite: pytest.Pytester) -> None:
