@@ -74,6 +74,7 @@ class _LeakTally:
 
     def __init__(self) -> None:
         self.pools: Counter[str] = Counter()
+        self.sites: Counter[str] = Counter()  # acquire sites, where the pool captured them
         self.exempt = False  # a test marked safepool_allow_leaks runs
         self._listening: weakref.WeakSet[Pool] = weakref.WeakSet()
         self._unhook = on_pool_created(self.watch)
@@ -88,6 +89,8 @@ class _LeakTally:
     def on_event(self, event: PoolEvent) -> None:
         if isinstance(event, Leaked) and not self.exempt:
             self.pools[event.pool] += 1
+            if event.lease.acquired_at is not None:
+                self.sites[event.lease.acquired_at] += 1
 
     def stop(self) -> None:
         self._unhook()
@@ -148,7 +151,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     tally = session.config.stash.get(_TALLY, None)
     workeroutput = getattr(session.config, "workeroutput", None)  # a pytest-xdist worker's
     if tally is not None and workeroutput is not None:
-        workeroutput[_WORKER_OUTPUT] = dict(tally.pools)
+        workeroutput[_WORKER_OUTPUT] = {"pools": dict(tally.pools), "sites": dict(tally.sites)}
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -157,7 +160,8 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     tally = node.config.stash.get(_TALLY, None)
     counts = getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT)
     if tally is not None and counts:
-        tally.pools.update(counts)
+        tally.pools.update(counts["pools"])
+        tally.sites.update(counts["sites"])
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -173,6 +177,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         f"collected without being released, and taken back by {'their pools' if len(tally.pools) > 1 else 'its pool'} "
         f"({shown}{more})."
     )
+    if tally.sites:
+        known = sum(tally.sites.values())
+        sites = ", ".join(f"{site} ({count})" for site, count in tally.sites.most_common(5))
+        terminalreporter.line(f"acquired at ({known} of {total} known): {sites}")
     terminalreporter.line(
         "Run pytest with --safepool-leaks to fail each test that leaks, with the line that acquired "
         "the connection (safepool's docs/testing.md)."

@@ -172,6 +172,14 @@ def test_off_by_default_tests_marked_to_leak_are_not_counted(suite: pytest.Pytes
     result = suite.runpytest("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning", "test_allowed.py")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["safepool: 1 connection leaked during this run:*taken back by its pool ('on-purpose' 1)."])
+    assert "acquired at (" not in result.stdout.str()  # (the pool captured no stack)
+    # A pool that captures stacks names the line.
+    suite.makepyfile(test_allowed=LEAK_ALLOWED.replace("@pytest.mark.safepool_allow_leaks\n", "").replace(
+        'name="on-purpose"', 'name="on-purpose", capture_stack=True'
+    ))
+    result = suite.runpytest("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning", "test_allowed.py")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["acquired at (1 of 1 known): *test_allowed.py:* in test_leaks_on_purpose (1)"])
 
 
 def test_ini_option_in_a_fresh_process(suite: pytest.Pytester) -> None:
