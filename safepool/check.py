@@ -108,6 +108,24 @@ def _last_name(node: ast.expr) -> str | None:
             return None
 
 
+def _is_pool_app_key(call: ast.Call, pool_names: re.Pattern[str]) -> bool:
+    """Whether ``call`` makes an aiohttp ``AppKey`` for a pool: its type (the
+    second argument, or ``AppKey[T]``'s parameter) names a ``...Pool``, or its
+    name (the first argument, a string) matches ``pool_names``."""
+    func = call.func
+    kind: ast.expr | None = None
+    if isinstance(func, ast.Subscript):
+        kind, func = func.slice, func.value
+    if _last_name(func) != "AppKey":
+        return False
+    if kind is None and len(call.args) >= 2:
+        kind = call.args[1]
+    if kind is not None and re.search(r"Pool\b", ast.unparse(kind)):
+        return True
+    name = call.args[0] if call.args else None
+    return isinstance(name, ast.Constant) and isinstance(name.value, str) and bool(pool_names.search(name.value))
+
+
 class _Module:
     """One parsed file: parent links and the names that hold pools."""
 
@@ -141,6 +159,16 @@ class _Module:
                     self.known_pools.add(node.arg)
                 elif _last_name(node.annotation) in _NOT_POOLS:
                     self.not_pools.add(node.arg)
+        # aiohttp's typed application keys (`POOL = web.AppKey("pool",
+        # asyncpg.Pool)`, or `web.AppKey[asyncpg.Pool]("pool")`): `app[POOL]`
+        # is a pool when the key's type is a `...Pool`, or its name reads
+        # as one, as `app["pool"]` does.
+        self.pool_keys: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Call):
+                if _is_pool_app_key(node.value, pool_names):
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    self.pool_keys.update(n for n in map(_last_name, targets) if n)
         # Aliases: `db = app.state.pool`, `self._db = pool`, `db =
         # request.app["pool"]` (and aliases of those), anywhere in the file,
         # by last name as for create_pool.
@@ -158,6 +186,9 @@ class _Module:
             self.known_pools |= found
 
     def is_pool(self, receiver: ast.expr) -> bool:
+        if isinstance(receiver, ast.Subscript) and isinstance(receiver.slice, (ast.Name, ast.Attribute)):
+            if _last_name(receiver.slice) in self.pool_keys:
+                return True
         name = _last_name(receiver)
         return name is not None and (
             name in self.known_pools or (name not in self.not_pools and bool(self.pool_pattern.search(name)))

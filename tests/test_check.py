@@ -269,6 +269,44 @@ async def handler(request):
     assert [(f.line, f.code) for f in check_source(source)] == [(7, "SP002"), (14, "SP002")]
 
 
+def test_aiohttp_app_keys_of_pools_are_pools() -> None:
+    """aiohttp 3.9+ warns (NotAppKeyWarning) on string keys, so services keep
+    the pool under a typed ``AppKey``: ``app[POOL]`` was not taken for a pool."""
+    source = '''
+from typing import Final
+
+import asyncpg
+from aiohttp import web
+
+POOL = web.AppKey("pool", asyncpg.Pool)
+DB: Final = web.AppKey[asyncpg.Pool]("db")
+REPLICA = web.AppKey("replica_pool", object)
+WORKERS = web.AppKey("workers", ThreadPoolExecutor)
+
+
+async def one(request):
+    con = await request.app[POOL].acquire()
+    return await con.fetchval("SELECT 1")
+
+
+async def two(request):
+    db = request.app[DB]
+    con = await db.acquire()
+    return await con.fetchval("SELECT 1")
+
+
+async def three(request):
+    con = await request.app[REPLICA].acquire()
+    return await con.fetchval("SELECT 1")
+
+
+async def four(request):
+    worker = await request.app[WORKERS].acquire()
+    return worker
+'''
+    assert [(f.line, f.code) for f in check_source(source)] == [(14, "SP002"), (20, "SP002"), (25, "SP002")]
+
+
 def test_python_dash_m_safepool_dot_check_runs_the_check_too() -> None:
     """`python -m safepool.check src/` (the module's own name) ran nothing and
     exited 0: a CI step written that way passed whatever the code."""
