@@ -58,6 +58,11 @@ _REPORT = pytest.StashKey[str]()  # the leak failure of the test function, for p
 _RECLAIM_WARNING = r"pool .*: a connection was garbage collected without being released"
 _TALLY = pytest.StashKey["_LeakTally"]()
 _WORKER_OUTPUT = "safepool_leaks_reclaimed"  # pytest-xdist's workeroutput key
+# The pytest sessions configured in this process, innermost last: pytester's
+# in-process runs configure one inside a test of another. Only the innermost
+# counts leaks: an inner run reports its own (a count, or failures with its
+# check on), and the outer run must not repeat them in its section.
+_SESSIONS: list[pytest.Config] = []
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,8 @@ class _LeakTally:
     a listener on every pool, those alive now and those created later (no
     event is built without one, and leaks are rare: nothing per lease)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
         self.pools: Counter[str] = Counter()
         self.sites: Counter[str] = Counter()  # acquire sites, where the pool captured them
         self.exempt = False  # a test marked safepool_allow_leaks runs
@@ -87,7 +93,7 @@ class _LeakTally:
             pool.add_event_listener(self.on_event)
 
     def on_event(self, event: PoolEvent) -> None:
-        if isinstance(event, Leaked) and not self.exempt:
+        if isinstance(event, Leaked) and not self.exempt and _SESSIONS and _SESSIONS[-1] is self.config:
             self.pools[event.pool] += 1
             if event.lease.acquired_at is not None:
                 self.sites[event.lease.acquired_at] += 1
@@ -130,15 +136,18 @@ def pytest_configure(config: pytest.Config) -> None:
     leaks = strict or bool(config.getoption("--safepool-leaks") or config.getini("safepool_leaks"))
     settings = _Settings(leaks=leaks, strict=strict)
     config.stash[_SETTINGS] = settings
+    _SESSIONS.append(config)
     if settings.leaks:
         # Watch pools from the start of the session: pools made by session
         # fixtures capture acquire stacks too.
         _tracker.acquire(strict=settings.strict)
     else:
-        config.stash[_TALLY] = _LeakTally()
+        config.stash[_TALLY] = _LeakTally(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if config in _SESSIONS:
+        _SESSIONS.remove(config)
     settings = config.stash.get(_SETTINGS, None)
     if settings is not None and settings.leaks:
         _tracker.release(strict=settings.strict)
