@@ -182,6 +182,22 @@ def test_off_by_default_tests_marked_to_leak_are_not_counted(suite: pytest.Pytes
     result.stdout.fnmatch_lines(["acquired at (1 of 1 known): *test_allowed.py:* in test_leaks_on_purpose (1)"])
 
 
+def test_off_by_default_pools_of_one_name_are_counted_apart(suite: pytest.Pytester) -> None:
+    """The section counts per pool, not per name: default names come from
+    id(pool), which a later pool reuses once the first is garbage (the four
+    leaking pools of test_off_by_default were shown as three, one with 2),
+    and a program may name two pools alike."""
+    suite.makeini(INI.format(extra=""))
+    suite.makepyfile(test_twins=LEAK_ALLOWED.replace("@pytest.mark.safepool_allow_leaks\n", "").replace(
+        "async def test_leaks_on_purpose():", "@pytest.mark.parametrize('twin', [1, 2])\nasync def test_leaks_on_purpose(twin):"
+    ))
+    result = suite.runpytest("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        ["safepool: 2 connections leaked during this run:*taken back by their pools ('on-purpose' 1, 'on-purpose' 1)."]
+    )
+
+
 NESTED_OUTER = '''
 import gc
 import os
