@@ -22,10 +22,12 @@ for them.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +60,11 @@ _REPORT = pytest.StashKey[str]()  # the leak failure of the test function, for p
 _RECLAIM_WARNING = r"pool .*: a connection was garbage collected without being released"
 _TALLY = pytest.StashKey["_LeakTally"]()
 _WORKER_OUTPUT = "safepool_leaks_reclaimed"  # pytest-xdist's workeroutput key
+# The pytest sessions configured in this process, innermost last: pytester's
+# in-process runs configure one inside a test of another. Only the innermost
+# counts leaks: an inner run reports its own (a count, or failures with its
+# check on), and the outer run must not repeat them in its section.
+_SESSIONS: list[pytest.Config] = []
 
 
 @dataclass(frozen=True)
@@ -67,39 +74,44 @@ class _Settings:
 
 
 class _LeakTally:
-    """Counts, per pool name, the leaked connections pools took back (their
+    """Counts, per pool, the leaked connections pools took back (their
     :class:`~safepool.events.Leaked` events) while the leak check is off:
     a listener on every pool, those alive now and those created later (no
     event is built without one, and leaks are rare: nothing per lease)."""
 
-    def __init__(self) -> None:
-        self.pools: Counter[str] = Counter()
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        # Keyed per pool, not per name: default names come from id(pool),
+        # which a later pool reuses, and two pools may share a name. Key:
+        # (xdist worker id or "", the pool's number in that process, name).
+        self.pools: Counter[tuple[str, int, str]] = Counter()
         self.sites: Counter[str] = Counter()  # acquire sites, where the pool captured them
         self.exempt = False  # a test marked safepool_allow_leaks runs
-        self._listening: weakref.WeakSet[Pool] = weakref.WeakSet()
+        self._numbers = itertools.count()
+        self._listening: weakref.WeakKeyDictionary[Pool, Callable[[PoolEvent], None]] = weakref.WeakKeyDictionary()
         self._unhook = on_pool_created(self.watch)
         for pool in live_pools():
             self.watch(pool)
 
     def watch(self, pool: Pool) -> None:
         if pool not in self._listening:
-            self._listening.add(pool)
-            pool.add_event_listener(self.on_event)
+            listener = self._listening[pool] = functools.partial(self.on_event, next(self._numbers))
+            pool.add_event_listener(listener)
 
-    def on_event(self, event: PoolEvent) -> None:
-        if isinstance(event, Leaked) and not self.exempt:
-            self.pools[event.pool] += 1
+    def on_event(self, number: int, event: PoolEvent) -> None:
+        if isinstance(event, Leaked) and not self.exempt and _SESSIONS and _SESSIONS[-1] is self.config:
+            self.pools["", number, event.pool] += 1
             if event.lease.acquired_at is not None:
                 self.sites[event.lease.acquired_at] += 1
 
     def stop(self) -> None:
         self._unhook()
-        for pool in list(self._listening):
+        for pool, listener in list(self._listening.items()):
             try:
-                pool.remove_event_listener(self.on_event)
+                pool.remove_event_listener(listener)
             except ValueError:
                 pass
-        self._listening = weakref.WeakSet()
+        self._listening = weakref.WeakKeyDictionary()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -130,15 +142,18 @@ def pytest_configure(config: pytest.Config) -> None:
     leaks = strict or bool(config.getoption("--safepool-leaks") or config.getini("safepool_leaks"))
     settings = _Settings(leaks=leaks, strict=strict)
     config.stash[_SETTINGS] = settings
+    _SESSIONS.append(config)
     if settings.leaks:
         # Watch pools from the start of the session: pools made by session
         # fixtures capture acquire stacks too.
         _tracker.acquire(strict=settings.strict)
     else:
-        config.stash[_TALLY] = _LeakTally()
+        config.stash[_TALLY] = _LeakTally(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if config in _SESSIONS:
+        _SESSIONS.remove(config)
     settings = config.stash.get(_SETTINGS, None)
     if settings is not None and settings.leaks:
         _tracker.release(strict=settings.strict)
@@ -151,7 +166,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     tally = session.config.stash.get(_TALLY, None)
     workeroutput = getattr(session.config, "workeroutput", None)  # a pytest-xdist worker's
     if tally is not None and workeroutput is not None:
-        workeroutput[_WORKER_OUTPUT] = {"pools": dict(tally.pools), "sites": dict(tally.sites)}
+        pools = [[number, name, count] for (_, number, name), count in tally.pools.items()]
+        workeroutput[_WORKER_OUTPUT] = {"pools": pools, "sites": dict(tally.sites)}
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -160,7 +176,8 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     tally = node.config.stash.get(_TALLY, None)
     counts = getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT)
     if tally is not None and counts:
-        tally.pools.update(counts["pools"])
+        worker = str(getattr(getattr(node, "gateway", None), "id", id(node)))
+        tally.pools.update({(worker, number, name): count for number, name, count in counts["pools"]})
         tally.sites.update(counts["sites"])
 
 
@@ -169,7 +186,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if tally is None or not tally.pools:
         return
     total = sum(tally.pools.values())
-    shown = ", ".join(f"{name!r} {count}" for name, count in tally.pools.most_common(5))
+    shown = ", ".join(f"{name!r} {count}" for (_, _, name), count in tally.pools.most_common(5))
     more = f" and {len(tally.pools) - 5} more pools" if len(tally.pools) > 5 else ""
     terminalreporter.section("safepool", sep="-")
     terminalreporter.line(

@@ -182,6 +182,80 @@ def test_off_by_default_tests_marked_to_leak_are_not_counted(suite: pytest.Pytes
     result.stdout.fnmatch_lines(["acquired at (1 of 1 known): *test_allowed.py:* in test_leaks_on_purpose (1)"])
 
 
+def test_off_by_default_pools_of_one_name_are_counted_apart(suite: pytest.Pytester) -> None:
+    """The section counts per pool, not per name: default names come from
+    id(pool), which a later pool reuses once the first is garbage (the four
+    leaking pools of test_off_by_default were shown as three, one with 2),
+    and a program may name two pools alike."""
+    suite.makeini(INI.format(extra=""))
+    suite.makepyfile(test_twins=LEAK_ALLOWED.replace("@pytest.mark.safepool_allow_leaks\n", "").replace(
+        "async def test_leaks_on_purpose():", "@pytest.mark.parametrize('twin', [1, 2])\nasync def test_leaks_on_purpose(twin):"
+    ))
+    result = suite.runpytest("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        ["safepool: 2 connections leaked during this run:*taken back by their pools ('on-purpose' 1, 'on-purpose' 1)."]
+    )
+
+
+NESTED_OUTER = '''
+import gc
+import os
+
+import pytest
+
+import safepool
+
+pytest_plugins = ["pytester"]
+DSN = os.environ["SAFEPOOL_PLUGIN_DSN"]
+
+INNER = """
+import gc, os, pytest, safepool
+
+@pytest.mark.asyncio
+async def test_inner_leaks():
+    pool = await safepool.create_pool(os.environ["SAFEPOOL_PLUGIN_DSN"], min_size=1, max_size=1, name="inner")
+    await pool.acquire()  # dropped at once: reclaimed
+    gc.collect()
+    async with pool.acquire():
+        pass
+    await pool.close()
+"""
+
+
+@pytest.mark.parametrize("inner_args", [[], ["--safepool-leaks"]])
+def test_runs_a_leaking_suite(pytester, inner_args):
+    pytester.makeini("[pytest]\\nasyncio_mode = strict\\nasyncio_default_fixture_loop_scope = function\\n")
+    pytester.makepyfile(test_inner=INNER)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning", *inner_args)
+    # The inner run reports its leak itself: a count, or a failure.
+    result.stdout.fnmatch_lines(["*1 connection leaked*"])
+
+
+@pytest.mark.asyncio
+async def test_outer_leaks():
+    pool = await safepool.create_pool(DSN, min_size=1, max_size=1, name="outer")
+    await pool.acquire()  # dropped at once: reclaimed
+    gc.collect()
+    async with pool.acquire():
+        pass
+    await pool.close()
+'''
+
+
+def test_off_by_default_a_nested_run_counts_its_own_leaks_only(suite: pytest.Pytester) -> None:
+    """pytester's in-process runs (a plugin's own test suite): the inner run
+    reports its leaks (a count, or failures with its check on); the outer
+    run counts its own leak, not the inner runs' again."""
+    suite.makeini(INI.format(extra=""))
+    suite.makepyfile(test_nested=NESTED_OUTER)
+    result = suite.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(
+        ["safepool: 1 connection leaked during this run:*taken back by its pool ('outer' 1)."]
+    )
+
+
 def test_ini_option_in_a_fresh_process(suite: pytest.Pytester) -> None:
     add_sample(suite, "leaky_asyncio.py", "test_leaky", "safepool_leaks = true")
     result = suite.runpytest_subprocess("-p", "no:cacheprovider", "-k", "no_release or clean_finally")
