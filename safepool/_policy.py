@@ -363,8 +363,10 @@ class WaitPolicy:
                 if head.deadline is None or now - head.enqueued_at <= aq.target:
                     break
                 queue.popleft()
+                # Worded before the drop: the last one marks the queue empty.
+                reason = self.shed_reason(head, now)
                 self._drop(book, head, now)
-                self._shed(head, self.shed_reason(head, now))
+                self._shed(head, reason)
             if queue and queue[0].deadline is None and now - queue[0].enqueued_at > aq.target:
                 # Waiters without a timeout (never shed) at the head do not
                 # shield the stale ones behind them (settled in place: skipped
@@ -373,8 +375,9 @@ class WaitPolicy:
                     if now - waiter.enqueued_at <= aq.target:
                         break
                     if waiter.state is _WAITING and waiter.deadline is not None:
+                        reason = self.shed_reason(waiter, now)
                         self._drop(book, waiter, now)
-                        self._shed(waiter, self.shed_reason(waiter, now))
+                        self._shed(waiter, reason)
             self._forget(book)
 
     def shed_reason(self, waiter: Waiter, now: float) -> str:

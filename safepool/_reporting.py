@@ -117,13 +117,15 @@ class Reporter:
             self.name, len(list(self.state.leases())), self.describe_oldest(now, 3),
         )
 
-    def shed_message(self, why: str) -> str:
+    def shed_message(self, why: str, waiting: int | None = None) -> str:
         # Cheaper than busy_message (no lease listing): under a surge the
-        # adaptive queue sheds thousands of waiters a second.
+        # adaptive queue sheds thousands of waiters a second. ``waiting``: the
+        # count when the core shed the task; read after a shedding pass, the
+        # state said "waiting=0" for every task that pass shed.
         state = self.state
         return (
             f"pool {self.name!r}: {why}: max_size={state.max_size}, in use={state.in_use}, "
-            f"waiting={state.waiting}"
+            f"waiting={state.waiting if waiting is None else waiting}"
         )
 
     def unavailable_error(self, last_error: BaseException | None, now: float) -> ServerUnavailableError:

@@ -157,9 +157,9 @@ class Runner:
                         self.reclaimer.take_back(lease)
                     case LeakSuspect(lease):
                         self.reclaimer.leak_suspect(lease)
-                    case Shed(waiter, reason):
+                    case Shed(waiter, reason, waiting):
                         if not waiter.future.done():  # (else cancelled first: never counted)
-                            waiter.future.set_exception(PoolOverloadedError(self.reporter.shed_message(reason)))
+                            waiter.future.set_exception(PoolOverloadedError(self.reporter.shed_message(reason, waiting)))
                     case _:
                         assert_never(action)
         if state.closing and state.size == 0:  # (closing first: a plain attribute, the hot path)

@@ -336,6 +336,7 @@ class Shed:
 
     waiter: Waiter
     reason: str
+    waiting: int  # tasks waiting when it was shed, itself included (the message's count)
 
 
 Action = Connect | Close | Wake | TimeOut | Fail | TakeBack | LeakSuspect | Shed
@@ -1629,8 +1630,10 @@ class PoolState:
                 self._waiting -= 1
                 if obj.shed:  # the adaptive queue's target delay, not the caller's timeout
                     obj.state = W.FAILED  # (counted in shed once its task gets it: delivered())
+                    # Worded before remove(): removing the last waiter marks the queue empty.
+                    reason = self._policy.shed_reason(obj, now)  # type: ignore[union-attr]
                     self._policy.remove(obj, now)  # type: ignore[union-attr]
-                    self.actions.append(Shed(obj, self._policy.shed_reason(obj, now)))  # type: ignore[union-attr]
+                    self.actions.append(Shed(obj, reason, self._waiting + 1))
                     continue
                 obj.state = W.TIMED_OUT
                 if self._policy is not None:
@@ -1824,10 +1827,10 @@ class PoolState:
     def _shed(self, waiter: Waiter, reason: str) -> None:
         """The adaptive queue gave up on a waiter (its books already updated)."""
         waiter.state = W.FAILED
+        self.actions.append(Shed(waiter, reason, self._waiting))
         self._waiting -= 1
         if waiter.deadline is not None:
-            self._timer_dropped()
-        self.actions.append(Shed(waiter, reason))  # (counted in shed once its task gets it: delivered())
+            self._timer_dropped()  # (counted in shed once its task gets it: delivered())
 
     def site_usage(self, top: int = 10) -> list[tuple[str, int, int]]:
         """(site, in use, waiting) of the ``top`` busiest sites plus "other";

@@ -245,7 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         signum = signals.signum or signal.SIGINT
         how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
-        _fail(f"interrupted{how}; the service, the pools and the server were stopped")
+        stopped = (
+            "the service and the pools were stopped (the --dsn server was left running)"
+            if configs[0].dsn is not None
+            else "the service, the pools and the server were stopped"
+        )
+        _fail(f"interrupted{how}; {stopped}")
         return 128 + signum
 
 

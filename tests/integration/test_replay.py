@@ -952,3 +952,25 @@ def test_json_after_ctrl_c_prints_the_scenarios_that_finished(
     assert list(data["scenarios"]) == ["leak"]
     assert set(data["scenarios"]["leak"]["pools"]) == {"asyncpg", "safepool"}
     assert err.strip().splitlines()[-1].startswith(PROG_ERROR + "interrupted; "), err
+
+
+def test_ctrl_c_with_dsn_does_not_say_the_server_was_stopped(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --dsn the replay neither owns nor stops the server, yet Ctrl-C
+    ended with "the service, the pools and the server were stopped": a user
+    pointing it at a shared server read that the replay had shut it down.
+    The pool's run is a stand-in (what is checked is the CLI's last line)."""
+    from safepool.replay import runner
+
+    async def fake_run_pool(pool: str, db: Any, config: ReplayConfig, monitor: Any, tick: Any) -> PoolRun:
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.Event().wait()  # cancelled by the replay's signal handler
+        raise AssertionError("not cancelled")
+
+    monkeypatch.setattr(runner, "run_pool", fake_run_pool)
+    code = main(["--scenario", "leak", "--dsn", pg_dsn, "--duration", "5", "--leak-start", "1"])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last == PROG_ERROR + "interrupted; the service and the pools were stopped (the --dsn server was left running)", err

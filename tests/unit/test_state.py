@@ -1349,6 +1349,36 @@ def test_standing_queue_sheds_old_waiters_serves_newest_and_shortens_timeouts() 
     assert state.counters.shed == 2
 
 
+def test_a_shed_says_how_long_the_queue_stood_and_how_many_waited_when_it_was_shed() -> None:
+    """The shed that emptied the queue said "the wait queue has not been
+    empty for 0.000s" (its reason was worded after its removal marked the
+    queue empty), and every message of a mass shed read the counts after
+    the whole pass: "waiting=0" for 290 tasks shed from a standing queue."""
+    state = adaptive()
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease is not None
+    first = state.enqueue(object(), 0.0, 1.0)
+    second = state.enqueue(object(), 0.001, 1.0)
+    state.release(lease, 0.15, CLEAN)  # the queue stands: both waited past the target
+    shed = take(state, Shed)
+    assert fields(shed) == [first, second]
+    assert ["empty for 0.150s" in action.reason for action in shed] == [True, True], [a.reason for a in shed]
+    assert [action.waiting for action in shed] == [2, 1]
+    # A newcomer left alone in a standing queue is shed at its target delay.
+    lease = state.try_acquire(0.15)
+    assert lease is not None
+    untimed = state.enqueue(object(), 0.151, None)  # never shed: the queue stands from 0.15 on
+    newcomer = state.enqueue(object(), 0.3, 1.0)
+    assert newcomer.shed
+    state.release(lease, 0.305, CLEAN)  # to the untimed waiter (it waited a whole interval)
+    assert untimed.state is WaiterState.GRANTED
+    state.advance(0.31)
+    late = [a for a in take(state, Shed) if a.waiter is newcomer]
+    assert len(late) == 1 and "empty for 0.159s" in late[0].reason, late[0].reason
+    assert late[0].waiting == 1
+
+
 def test_untimed_waiters_are_never_shed() -> None:
     state = adaptive()
     fill(state, 1)
