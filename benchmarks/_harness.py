@@ -409,10 +409,11 @@ def with_retry(
     """Measure; while a guard fails and the mode allows (``mode.retries``),
     let the machine settle (``settle``: wait for the other processes to
     quiet down, at most 10 s: CI's 15 minutes bound the retries) and
-    measure again, keeping row by row the best value: a row fails only if it failed every attempt. A regression does; a
-    neighbour's burst of load rarely lasts through three attempts (CI of
-    2026-12-04: the p99 wait row measured 0.38x and 0.48x against its 0.26x
-    guard in two attempts 20 s apart, 0.18x in the run before). Each row's
+    measure again, keeping row by row the best value: a row fails only if
+    it failed every attempt. A regression does; a neighbour's burst of
+    load rarely lasts through three attempts (CI of 2026-12-04: the p99
+    wait row measured 0.38x and 0.48x against its 0.26x guard in two
+    attempts 20 s apart, 0.18x in the run before). Each row's
     ``attempts`` lists every attempt's value and ``steal`` the share of CPU
     time the hypervisor gave elsewhere during each (``/proc/stat``; None
     where unknown), for the failure message."""
