@@ -90,13 +90,19 @@ class _Driver(Generic[T]):
     that wake-up deliver the ``CancelledError``)."""
 
     __slots__ = ("_coro", "_spawn", "_then", "_then_args", "_raises", "_fut", "_loop", "_asyncio_future_blocking",
-                 "_wakeup", "_context", "_cancelled", "_message", "_awaited", "_gen")
+                 "_wakeup", "_context", "_cancelled", "_message", "_awaited", "_gen", "_quiet", "_quieted")
 
     def __init__(
         self, coro: Coroutine[Any, Any, Any], spawn: Spawn, then: Callable[..., T] | None, then_args: tuple[Any, ...],
-        raises: bool = False,
+        raises: bool = False, quiet: Callable[[Any], object] | None = None,
     ) -> None:
         self._coro = coro
+        # A done callback to keep off each future while this task drives
+        # the coroutine, put back on the one it waits on at a hand-over
+        # (_pg.waiter_completed_callback: asyncpg's, which only a cancel of
+        # the future needs, and none reaches it through the driver).
+        self._quiet = quiet
+        self._quieted = 0  # (how many times it came off the current future)
         self._spawn = spawn
         self._then = then
         self._then_args = then_args
@@ -222,6 +228,11 @@ class _Driver(Generic[T]):
             wakeup = self._wakeup
             if wakeup is not None and fut is not None and not fut.done():
                 fut.remove_done_callback(wakeup)
+            quiet = self._quiet
+            if self._quieted and quiet is not None and fut is not None and not fut.done():
+                # The pool task's cancel (terminate()) cancels fut: the
+                # callback must be there to tell the server.
+                fut.add_done_callback(quiet)
             self._spawn(_finish(self._coro, fut, self._then, self._then_args))
 
     def __await__(self) -> Generator[Any, None, T]:
@@ -264,6 +275,8 @@ class _Driver(Generic[T]):
                     raise
                 continue
             fut._asyncio_future_blocking = False
+            if self._quiet is not None:
+                self._quieted = fut.remove_done_callback(self._quiet)
             self._fut = fut
             self._loop = fut.get_loop()
             self._asyncio_future_blocking = True

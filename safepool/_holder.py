@@ -38,7 +38,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
                  "release_timeout",
                  "orphan_checks", "orphan_reported", "unresponsive", "close_budget", "lost_while_leased", "reset_since",
                  "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "proxy_collected",
-                 "copies", "__weakref__")
+                 "copies", "waiter_completed", "__weakref__")
 
     def __init__(self, pool: Face, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
         self._pool = pool
@@ -86,6 +86,9 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # does inline (see _pg.overrides).
         self.own_is_closed = _pg.overrides(type(con), "is_closed")
         self.own_execute = _pg.overrides(type(con), "execute")
+        # asyncpg's done callback on a statement's waiter, which a reset
+        # with no timer leaves off while the releasing task drives it.
+        self.waiter_completed = _pg.waiter_completed_callback(con)
         # COPY calls of the lease under way (proxy._copying): a take-back
         # waits for them as for asyncpg's statement section.
         self.copies = 0

@@ -603,6 +603,24 @@ def reset_query_getter(con: RawConnection) -> Callable[[], str]:
     return getter
 
 
+def waiter_completed_callback(con: RawConnection) -> Callable[[Any], object] | None:
+    """The done callback asyncpg's protocol puts on each statement's waiter
+    future (``BaseProtocol._on_waiter_completed``, asyncpg 0.29-0.32), bound
+    once per connection; None if the protocol has none.
+
+    It does two things: cancels the statement's timeout timer, and sends a
+    cancel request when the waiter was *cancelled* (its awaiting task was).
+    A reset the release drives with no timer (no budget, no
+    ``command_timeout``) through a ``_detach._Driver`` needs neither while
+    the caller's task drives it: a cancel of that task never reaches the
+    waiter (the driver stands in for it). So the driver takes the callback
+    off the waiter, saving the loop a callback handle per release (about
+    3% of a query lease's client instructions), and puts it back when it
+    hands the reset to a pool task, whose cancel does cancel the waiter."""
+    callback: Callable[[Any], object] | None = getattr(con._protocol, "_on_waiter_completed", None)
+    return callback
+
+
 def overrides(connection_class: type, name: str) -> bool:
     """Whether a ``connection_class`` has a method ``name`` of its own. When
     it does not, the hot path does what asyncpg's does without the call:

@@ -440,6 +440,13 @@ class Leaser:
                     holder.reset_since = now
                     if runner.reset_watchdog is None:
                         runner.watch_resets()
+                    # No timer on the statement either: asyncpg's done
+                    # callback on its waiter has nothing to do unless the
+                    # waiter is cancelled, which only a pool task's
+                    # cancel can do (the driver puts it back then).
+                    quiet = holder.waiter_completed
+                else:
+                    quiet = None
                 query = holder.reset_text
                 if query is None or rollback or state.reset_mode != "full":
                     full, rollback = state.reset_plan(holder.clean_mark == -1, rollback)
@@ -467,7 +474,7 @@ class Leaser:
                     # reset short. The driver raises the reset's error.
                     # (The proxy too: a failed reset closes the connection
                     # with it attached, as asyncpg's release terminates it.)
-                    driver = _Driver(statement, self.spawn, runner.reset_done, (holder, con, connection), True)
+                    driver = _Driver(statement, self.spawn, runner.reset_done, (holder, con, connection), True, quiet)
                     return self.finish_release(driver, True) if logged else driver  # type: ignore[return-value]
                 # Nothing to send: the reset is done (reset_done hands the
                 # connection on; with no error it returns no error to raise).

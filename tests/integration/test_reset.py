@@ -13,7 +13,7 @@ import pytest_asyncio
 
 import safepool
 from safepool import _internals as _pg
-from tests._util import asyncpg_version
+from tests._util import asyncpg_version, until_in_pg_sleep
 
 pytestmark = pytest.mark.asyncio
 
@@ -471,3 +471,73 @@ async def test_command_timeout_bounds_the_reset_under_a_longer_release_budget_as
         finally:
             pool.terminate()
     assert seen["safepool"] == seen["asyncpg"] == ("TimeoutError", True, True)
+
+
+class _SleepingReset(asyncpg.Connection):  # type: ignore[misc]
+    """A reset that sleeps 30 s on the server: only a cancel request ends it within a test."""
+
+    def get_reset_query(self) -> str:
+        return super().get_reset_query() + "\nSELECT pg_sleep(30);"
+
+    def _get_reset_query(self) -> str:  # asyncpg < 0.30
+        return super()._get_reset_query() + "\nSELECT pg_sleep(30);"
+
+
+@pytest.mark.realtime
+async def test_a_cancel_of_the_pool_task_finishing_a_reset_reaches_the_server(pg_dsn: str) -> None:
+    """The releasing task drives the reset with asyncpg's done callback off
+    the statement's waiter (no loop callback per release); cancelled, it
+    hands the reset to a pool task with the callback back on. A cancel of
+    that task (``asyncio.run()`` cancels every task as it ends) cancels the
+    waiter, and the callback sends the server a cancel request, as when
+    asyncpg's own task is cancelled: the backend stops sleeping at once,
+    not in 30 s."""
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, connection_class=_SleepingReset)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        con = await pool.acquire()
+        pid = await con.fetchval("SELECT pg_backend_pid()")
+        release = asyncio.ensure_future(pool.release(con))
+        await until_in_pg_sleep(pg_dsn, pid)
+        release.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await release
+        [finishing] = pool._runner.tasks
+        await asyncio.sleep(0)  # (its first step: it waits on the statement's waiter)
+        finishing.cancel()
+        async with asyncio.timeout(10):
+            while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) == "PgSleep":
+                await asyncio.sleep(0.01)
+    finally:
+        await admin.close()
+        pool.terminate()
+
+
+@pytest.mark.parametrize(("budget", "per_lease"), [(None, 1), (5.0, 2)], ids=["no-budget", "release-budget"])
+async def test_the_reset_leaves_asyncpgs_waiter_callback_off_unless_a_timer_needs_it(
+    make: Any, monkeypatch: pytest.MonkeyPatch, budget: float | None, per_lease: int
+) -> None:
+    """asyncpg's protocol puts ``_on_waiter_completed`` on each statement's
+    waiter; the loop runs it when the waiter is done. The reset a release
+    drives with no timer leaves it off (one loop callback less per lease);
+    with a budget, asyncpg's timer is on the statement and the callback,
+    which cancels that timer, stays."""
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop, asyncio.BaseEventLoop):
+        pytest.skip("counts asyncio's call_soon (uvloop's is not patchable)")
+    pool = await make()
+    scheduled: list[str] = []
+    call_soon = loop.call_soon
+
+    def counting(callback: Any, *args: Any, context: Any = None) -> Any:
+        scheduled.append(getattr(callback, "__name__", ""))
+        return call_soon(callback, *args, context=context)
+
+    async with pool.acquire() as con:
+        await con.fetchval("SELECT 1")  # (its first run prepares: a waiter more)
+    monkeypatch.setattr(loop, "call_soon", counting)
+    for _ in range(10):
+        async with pool.acquire(timeout=budget) as con:
+            await con.fetchval("SELECT 1")
+    monkeypatch.undo()
+    assert scheduled.count("_on_waiter_completed") == 10 * per_lease

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from safepool._detach import detached
+from safepool._detach import _Driver, detached
 
 pytestmark = pytest.mark.asyncio
 
@@ -348,3 +348,76 @@ async def test_a_closed_caller_hands_over_and_leaves_no_wake_up_on_the_future() 
 
 async def _wait(fut: asyncio.Future[int]) -> int:
     return await fut
+
+
+def _awaiting_with(fut: asyncio.Future[int], callback: Any) -> Any:
+    """What asyncpg's protocol does per statement: its own done callback on
+    the waiter future (``_on_waiter_completed``), then the await."""
+    fut.add_done_callback(callback)
+    return _wait(fut)
+
+
+async def test_a_quiet_callback_is_off_the_future_while_the_caller_drives_it() -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[int] = loop.create_future()
+    seen: list[asyncio.Future[int]] = []
+    driver = _Driver(_awaiting_with(fut, seen.append), Spawner(), None, (), quiet=seen.append)
+    task = asyncio.create_task(_drive(driver))
+    await asyncio.sleep(0)
+    fut.set_result(7)
+    assert await task == 7
+    await asyncio.sleep(0)
+    assert seen == []  # never scheduled: one loop callback less per statement
+
+
+@pytest.mark.parametrize("then", ["completes", "pool task cancelled"])
+async def test_a_hand_over_puts_the_quiet_callback_back(then: str) -> None:
+    """Once the caller is cancelled, the pool task waits on the future, and a
+    cancel of that task (``terminate()``) cancels the future: asyncpg's
+    callback must see it to send the server a cancel request."""
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    fut: asyncio.Future[int] = loop.create_future()
+    seen: list[asyncio.Future[int]] = []
+    driver = _Driver(_awaiting_with(fut, seen.append), spawn, None, (), quiet=seen.append)
+    task = asyncio.create_task(_drive(driver))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [pool_task] = spawn.tasks
+    await asyncio.sleep(0)
+    if then == "completes":
+        fut.set_result(7)
+        assert await pool_task == 7
+    else:
+        pool_task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pool_task
+        assert fut.cancelled()
+    await asyncio.sleep(0)
+    assert seen == [fut]
+
+
+async def test_a_future_without_the_quiet_callback_does_not_get_it_at_a_hand_over() -> None:
+    """A coroutine may first wait on a future of another kind (asyncpg's
+    wait for an earlier cancel to finish): the callback is put back only
+    where it was taken off."""
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    fut: asyncio.Future[int] = loop.create_future()
+    seen: list[asyncio.Future[int]] = []
+    driver = _Driver(_wait(fut), spawn, None, (), quiet=seen.append)
+    task = asyncio.create_task(_drive(driver))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    fut.set_result(1)
+    assert await spawn.tasks[0] == 1
+    await asyncio.sleep(0)
+    assert seen == []
+
+
+async def _drive(driver: Any) -> Any:
+    return await driver
