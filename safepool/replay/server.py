@@ -113,6 +113,8 @@ async def connect_monitor(dsn: str, *, pool_size: int, from_option: bool) -> tup
         detail = redact(scrub_quoted(describe_error(exc), dsn), dsn)
         raise ReplayError(f"cannot connect to {where} ({detail})", exit_code=2) from None
     try:
+        if from_option:
+            await _refuse_transaction_pooling(dsn, con)
         max_connections = int(await con.fetchval("SHOW max_connections"))
         in_use = int(await con.fetchval("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"))
         reserved = int(await con.fetchval("SHOW superuser_reserved_connections"))
@@ -128,6 +130,50 @@ async def connect_monitor(dsn: str, *, pool_size: int, from_option: bool) -> tup
             exit_code=2,
         )
     return con, max_connections
+
+
+async def _refuse_transaction_pooling(dsn: str, con: asyncpg.Connection) -> None:
+    """Refuse a ``--dsn`` that reaches PostgreSQL through a pooler in
+    transaction (or statement) mode, such as PgBouncer's
+    ``pool_mode = transaction``: the replay's pools keep asyncpg's statement
+    cache, whose named statements do not outlive a transaction there, so
+    their queries fail and the comparison means nothing (docs/replay.md).
+
+    Two facts tell it, in at most two connections. PostgreSQL gives each
+    connection the key of its own backend (the ``BackendKeyData`` message's
+    process id, ``Connection.get_server_pid()``); a pooler hands the client
+    a key of its own, so ``pg_backend_pid()`` differs. Behind a pooler, a
+    second connection opens a transaction: in session mode it gets a
+    backend of its own, in transaction mode the backend ``con`` left when
+    its statement ended (PgBouncer reuses the last one freed first, unless
+    ``server_round_robin`` is on). Sharing a backend with a connection
+    still open is what session mode never does; statement mode refuses
+    the transaction block.
+
+    :raises ReplayError: (exit status 2) the second connection ran on
+        ``con``'s backend."""
+    backend = await con.fetchval("SELECT pg_backend_pid()")
+    if backend == con.get_server_pid():
+        return  # PostgreSQL itself
+    try:
+        other = await asyncpg.connect(dsn, timeout=5, server_settings={"application_name": MONITOR_APP_NAME})
+    except Exception:
+        return  # (the pooler takes no second client: nothing to tell; the pools' own connects will say)
+    try:
+        async with other.transaction():
+            shared = await other.fetchval("SELECT pg_backend_pid()") == backend
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        shared = True  # statement pooling: transaction blocks refused
+    finally:
+        other.terminate()
+    if shared:
+        raise ReplayError(
+            "--dsn goes through a connection pooler in transaction mode (two of its connections ran on one "
+            "server backend, or it refused a transaction block): the replay's pools keep asyncpg's statement cache, whose prepared statements "
+            "do not survive transaction pooling, so their queries would fail; name PostgreSQL itself "
+            "(or a session-mode pooler)",
+            exit_code=2,
+        )
 
 
 class Monitor:

@@ -351,3 +351,38 @@ async def test_top_works_through_pgbouncer_transaction_mode(start_bouncer: Calla
             out, err = await proc.communicate()
         assert (proc.returncode, err.decode()) == (0, "")
         assert b'"total": ' in out
+
+
+@pytest.mark.parametrize("pool_mode", ["transaction", "statement"])
+async def test_the_replay_refuses_a_dsn_through_transaction_pooling(
+    start_bouncer: Callable[..., Bouncer], pool_mode: str
+) -> None:
+    """Through transaction pooling the replay's pools (asyncpg's statement
+    cache on) fail their queries with prepared-statement errors and the
+    comparison means nothing (docs/replay.md): ``--dsn`` is refused with
+    one line and exit status 2, before any pool runs."""
+    bouncer = start_bouncer(pool_mode=pool_mode, default_pool_size=4)
+    replay = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "safepool", "replay", "--dsn", bouncer.dsn(), "--scenario", "leak",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await replay.communicate()
+    assert replay.returncode == 2, err
+    assert out == b""
+    lines = err.decode().splitlines()
+    assert len(lines) == 1 and "connection pooler in transaction mode" in lines[0], lines
+
+
+@pytest.mark.parametrize("pool_mode", ["session", "direct"])
+async def test_the_replay_takes_postgresql_or_a_session_mode_pooler(
+    start_bouncer: Callable[..., Bouncer], pg_dsn: str, pool_mode: str
+) -> None:
+    from safepool.replay.server import connect_monitor
+
+    dsn = pg_dsn if pool_mode == "direct" else start_bouncer(pool_mode="session", default_pool_size=4).dsn()
+    con, max_connections = await connect_monitor(dsn, pool_size=2, from_option=True)
+    try:
+        assert max_connections > 2
+    finally:
+        await con.close()
