@@ -1,6 +1,6 @@
 """Machine instructions per lease, counted with Valgrind (docs/performance.md).
 
-    python -m benchmarks.instructions DSN [--leases 3000] [--workload query ...]
+    python -m benchmarks.instructions DSN [--leases 3000] [--workload query ...] [--loop uvloop]
 
 Needs ``valgrind`` on the PATH. Each workload runs twice in a process of its
 own under ``valgrind --tool=callgrind``: once with ``--leases`` leases after
@@ -104,13 +104,13 @@ async def _run(dsn: str, workload: str, leases: int) -> None:
         await pool.close()
 
 
-def _collected(dsn: str, workload: str, leases: int) -> int:
+def _collected(dsn: str, workload: str, leases: int, loop: str = "asyncio") -> int:
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise SystemExit("valgrind is not on the PATH (Debian: apt-get install valgrind)")
     done = subprocess.run(
         [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m",
-         "benchmarks.instructions", "--child", workload, "--leases", str(leases), dsn],
+         "benchmarks.instructions", "--child", workload, "--leases", str(leases), "--loop", loop, dsn],
         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "0"},
     )  # fmt: skip
     match = _COLLECTED.search(done.stderr)
@@ -119,9 +119,10 @@ def _collected(dsn: str, workload: str, leases: int) -> int:
     return int(match.group(1))
 
 
-def per_lease(dsn: str, workload: str, leases: int) -> float:
-    """Machine instructions of one lease of ``workload`` (see the module's docstring)."""
-    return (_collected(dsn, workload, leases) - _collected(dsn, workload, 0)) / leases
+def per_lease(dsn: str, workload: str, leases: int, loop: str = "asyncio") -> float:
+    """Machine instructions of one lease of ``workload`` on ``loop`` (``"asyncio"``
+    or ``"uvloop"``; see the module's docstring)."""
+    return (_collected(dsn, workload, leases, loop) - _collected(dsn, workload, 0, loop)) / leases
 
 
 def main() -> None:
@@ -130,14 +131,21 @@ def main() -> None:
     parser.add_argument("--leases", type=int, default=3000, help="leases counted per workload (default 3000)")
     parser.add_argument("--workload", action="append", choices=WORKLOADS,
                         help="repeatable; default: all of them")  # fmt: skip
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="the event loop the workloads run on (default asyncio)")  # fmt: skip
     parser.add_argument("--child", choices=WORKLOADS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        asyncio.run(_run(args.dsn, args.child, args.leases))
+        if args.loop == "uvloop":
+            import uvloop
+
+            uvloop.run(_run(args.dsn, args.child, args.leases))
+        else:
+            asyncio.run(_run(args.dsn, args.child, args.leases))
         return
     counts: dict[str, float] = {}
     for workload in args.workload or WORKLOADS:
-        counts[workload] = per_lease(args.dsn, workload, args.leases)
+        counts[workload] = per_lease(args.dsn, workload, args.leases, args.loop)
         print(f"{workload:10s} {counts[workload]:>10,.0f} instructions per lease", flush=True)
     for name, over, under in (
         ("query / floor", "query", "floor"), ("query / lean", "query", "lean"), ("query / dropin", "query", "dropin"),
