@@ -299,9 +299,11 @@ class _Driver(Generic[T]):
                 raise self._cancel_error()  # a wake-up the future scheduled before the cancel
         if self._raises and result is not None:
             if isinstance(result, asyncio.Future):
-                # A failed reset's error, raised once the connection is
-                # closed (Runner.reset_done): off the hot path.
+                # The release's outcome, later (Runner.reset_done): a failed
+                # reset's error, raised once the connection is closed, or a
+                # pool task's retry, which may succeed. Off the hot path.
                 yield from result
+                return None  # type: ignore[return-value]
             raise result  # type: ignore[misc]  # (outside the except block: the error's context stays its own)
         return result
 

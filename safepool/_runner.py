@@ -330,7 +330,8 @@ class Runner:
         settle(done, error)
 
     def reset_done(
-        self, holder: Holder, con: RawConnection, proxy: Any, error: BaseException | None, log: bool = True
+        self, holder: Holder, con: RawConnection, proxy: Any, error: BaseException | None, log: bool = True,
+        *, busy_retry: bool = True,
     ) -> BaseException | None:
         """A reset (or take-back) ended: hand the connection on, or close it.
         Returns the error for the releasing caller to raise once the
@@ -342,6 +343,8 @@ class Runner:
         closed (``_pg.attach_released``), as asyncpg's release terminates a
         connection whose reset failed before it detaches the proxy."""
         holder.reset_since = None
+        if error is not None and busy_retry and proxy is not None and _pg.is_busy(error):
+            return self.reset_after_a_loop_pass(holder, con, proxy, error)  # type: ignore[return-value]
         # (con.is_closed(), inlined where asyncpg's: the hot path)
         ok = error is None and not (
             con.is_closed() if holder.own_is_closed else con._aborted or not con._protocol.is_connected()
@@ -391,6 +394,60 @@ class Runner:
                     return failed  # type: ignore[return-value]  # (see _Driver.__await__, reset_slot)
         self.after_hand_on()
         return error
+
+    def reset_after_a_loop_pass(
+        self, holder: Holder, con: RawConnection, proxy: Any, error: BaseException
+    ) -> asyncio.Future[None]:
+        """A release's reset was refused at once: asyncpg's protocol still
+        had a statement of the lease running (its waiter set). If a task
+        cancelled that statement in the same loop step as the release, the
+        cancel reaches the protocol only in the next step (the waiter's done
+        callback sends the cancel request), and there asyncpg's release
+        decides (the first step of its shielded task: asyncpg 0.29-0.32): it
+        finds the statement cancelling, waits for the server's answer and
+        resets; release() returns and the connection is kept. So a pool task
+        looks again after one loop pass and does the same; a statement still
+        running then (not cancelled) fails the release as before, as on
+        asyncpg's pool. The budget is the acquire's timeout (the release's
+        own ``timeout=`` is not carried here), else ``reset_timeout``.
+        Returns the future the release awaits: resolved with None, or with
+        the error once the connection was given up."""
+        done: asyncio.Future[None] = self.loop.create_future()
+        done.add_done_callback(retrieve)  # (a caller cancelled meanwhile awaits it no more)
+        self.resets_done[holder._slot] = done
+        self.spawn(self._reset_after_a_loop_pass(holder, con, proxy, error, done))
+        return done
+
+    async def _reset_after_a_loop_pass(
+        self, holder: Holder, con: RawConnection, proxy: Any, error: BaseException | None, done: asyncio.Future[None]
+    ) -> None:
+        budget = holder.release_timeout if holder.release_timeout is not None else self.reset_timeout
+        try:
+            await asyncio.sleep(0)
+            if _pg.is_cancelling(con) and not con.is_closed():
+                hooks = self.hooks
+                limit = DEFAULT_RESET_TIMEOUT if budget is None and _pg.command_timeout(con) is None else None
+                try:
+                    async with asyncio.timeout(budget):
+                        await _pg.wait_for_cancellation(con)
+                except TimeoutError as exc:
+                    error = exc
+                else:
+                    # What the inline reset would have sent, now that the
+                    # transaction status is known (as a take-back's).
+                    rollback = con.is_in_transaction() or hooks.custom or not hooks.full
+                    error = await _workers.reset(con, rollback, hooks, budget, limit)
+        except BaseException:
+            # Only terminate() cancels the pool's tasks: it has discarded the slot.
+            settle(done, None)
+            raise
+        finally:
+            self.resets_done.pop(holder._slot, None)
+        result = self.reset_done(holder, con, proxy, error, busy_retry=False)
+        if isinstance(result, asyncio.Future):
+            result.add_done_callback(lambda failed: settle(done, failed.exception()))
+            return
+        settle(done, result)
 
     # ------------------------------------------------- connects and closes
 

@@ -391,3 +391,67 @@ async def test_release_in_an_async_generator_being_closed_is_waited_for(pg_dsn: 
     finally:
         await admin.close()
         pool.terminate()
+
+
+_IN_FLIGHT = {
+    # How the lease's statement runs in another task: asyncpg's simple-query
+    # path (execute with no arguments), its extended one (arguments: the
+    # statement section), and inside a transaction the release must end.
+    "simple": "SELECT pg_sleep(10)",
+    "extended": "SELECT pg_sleep($1)",
+    "in a transaction": "SELECT pg_sleep(10)",
+}
+
+
+@pytest.mark.parametrize("kind", ["asyncpg", "safepool"])
+@pytest.mark.parametrize("statement", list(_IN_FLIGHT))
+@pytest.mark.parametrize("mode", ["full", "rollback"])
+async def test_release_in_the_loop_step_that_cancels_the_leases_statement(
+    pg_dsn: str, app_name: str, kind: str, statement: str, mode: str
+) -> None:
+    """A task runs a statement on the lease; another cancels that task and
+    releases the connection in the same loop step. The cancel reaches
+    asyncpg's protocol only in the next step (its waiter's done callback
+    sends the cancel request); asyncpg's release decides there too (its
+    shielded task's first step), finds the statement cancelling, waits for
+    the server's answer and resets: release() returns and the connection
+    is kept. safepool's release decided at once, found the protocol busy
+    and closed the connection, raising ``InterfaceError: cannot perform
+    operation: another operation is in progress``."""
+    if kind == "asyncpg" and mode != "full":
+        pytest.skip("reset_mode is safepool's")
+    options: dict[str, Any] = {"server_settings": {"application_name": app_name}}
+    if kind == "safepool":
+        options["reset_mode"] = mode
+    create = asyncpg.create_pool if kind == "asyncpg" else safepool.create_pool
+    pool = await create(pg_dsn, min_size=1, max_size=1, **options)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        con = await pool.acquire()
+        pid = con.get_server_pid()
+
+        async def run() -> None:
+            if statement == "in a transaction":
+                await con.execute("BEGIN")
+            if statement == "extended":
+                await con.execute(_IN_FLIGHT[statement], 10.0)
+            else:
+                await con.execute(_IN_FLIGHT[statement])
+
+        task = asyncio.ensure_future(run())
+        async with asyncio.timeout(10):
+            while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
+                await asyncio.sleep(0.005)
+        task.cancel()
+        with _quiet():
+            await pool.release(con)  # (raises on the failure this test is about)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with pool.acquire(timeout=10) as again:
+            assert again.get_server_pid() == pid  # the same connection, kept
+            assert await again.fetchval("SELECT 1") == 1
+            assert not again.is_in_transaction()
+        assert await admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", pid) == "idle"
+    finally:
+        await admin.close()
+        await pool.close()
