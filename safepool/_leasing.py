@@ -352,8 +352,12 @@ class Leaser:
             self.check_init()
         if timeout is None:
             timeout = holder.release_timeout
-        elif type(timeout) is not float:
-            timeout = release_timeout(timeout)  # before the detach: a TypeError leaves the lease as it was
+        else:
+            if type(timeout) is not float:
+                timeout = release_timeout(timeout)  # before the detach: a TypeError leaves the lease as it was
+            # The release's budget replaces the acquire's, also for a reset
+            # retried a loop step later (Runner.reset_after_a_loop_pass).
+            holder.release_timeout = timeout
         # A query logger's records come by call_soon; asyncpg's release takes
         # a loop pass (its shielded task), so they have been delivered when it
         # returns. safepool's takes none of its own: with a logger left on

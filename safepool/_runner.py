@@ -408,8 +408,8 @@ class Runner:
         resets; release() returns and the connection is kept. So a pool task
         looks again after one loop pass and does the same; a statement still
         running then (not cancelled) fails the release as before, as on
-        asyncpg's pool. The budget is the acquire's timeout (the release's
-        own ``timeout=`` is not carried here), else ``reset_timeout``.
+        asyncpg's pool. The budget is the release's ``timeout=``, else the
+        acquire's (both in ``holder.release_timeout``), else ``reset_timeout``.
         Returns the future the release awaits: resolved with None, or with
         the error once the connection was given up."""
         done: asyncio.Future[None] = self.loop.create_future()

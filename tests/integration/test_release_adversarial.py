@@ -455,3 +455,54 @@ async def test_release_in_the_loop_step_that_cancels_the_leases_statement(
     finally:
         await admin.close()
         await pool.close()
+
+
+_TRAPS_CANCEL = """CREATE FUNCTION pg_temp.traps_cancel(seconds float) RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+    BEGIN
+        PERFORM pg_sleep(60);
+    EXCEPTION WHEN query_canceled THEN
+        PERFORM pg_sleep(seconds);  -- the cancel is answered only after this
+    END;
+    RETURN 1;
+END $$"""
+
+
+@pytest.mark.parametrize("kind", ["asyncpg", "safepool"])
+async def test_release_timeout_bounds_the_wait_for_a_statement_cancelled_in_the_release_step(
+    pg_dsn: str, app_name: str, kind: str
+) -> None:
+    """As above, but the cancelled statement answers the cancel only
+    seconds later. asyncpg's release waits for it within release()'s own
+    ``timeout=`` (it replaces the acquire's): TimeoutError, the connection
+    is terminated. safepool's retry (a loop step later) took the acquire's
+    timeout (None here) and waited for the statement to end: release(timeout=1)
+    blocked for as long as the server ran it."""
+    create = asyncpg.create_pool if kind == "asyncpg" else safepool.create_pool
+    pool = await create(pg_dsn, min_size=1, max_size=1, server_settings={"application_name": app_name})
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        con = await pool.acquire()
+        await con.execute(_TRAPS_CANCEL)
+        pid = con.get_server_pid()
+        task = asyncio.ensure_future(con.fetchval("SELECT pg_temp.traps_cancel($1)", 8.0))
+        async with asyncio.timeout(10):
+            while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
+                await asyncio.sleep(0.005)
+        loop = asyncio.get_running_loop()
+        task.cancel()
+        started = loop.time()
+        with _quiet(), pytest.raises(TimeoutError):
+            await pool.release(con, timeout=0.5)
+        assert loop.time() - started < 4
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with pool.acquire(timeout=10) as again:
+            assert again.get_server_pid() != pid  # terminated, replaced
+            assert await again.fetchval("SELECT 1") == 1
+        if kind == "safepool":
+            pool._state.check_invariants()  # type: ignore[attr-defined]
+    finally:
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        await admin.close()
+        pool.terminate()
