@@ -433,9 +433,16 @@ class Runner:
                 except TimeoutError as exc:
                     error = exc
                 else:
-                    # What the inline reset would have sent, now that the
-                    # transaction status is known (as a take-back's).
-                    rollback = con.is_in_transaction() or hooks.custom or not hooks.full
+                    # What the inline reset would have sent (its reset_plan:
+                    # a connection class's own reset query in every mode, a
+                    # marked lease's full reset), now that the transaction
+                    # status is known.
+                    if hooks.custom:
+                        rollback = True
+                    else:
+                        full, rollback = self.state.reset_plan(holder.clean_mark == -1, con.is_in_transaction())
+                        if full:
+                            hooks = hooks.ended
                     error = await _workers.reset(con, rollback, hooks, budget, limit)
         except BaseException:
             # Only terminate() cancels the pool's tasks: it has discarded the slot.

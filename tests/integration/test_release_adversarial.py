@@ -506,3 +506,50 @@ async def test_release_timeout_bounds_the_wait_for_a_statement_cancelled_in_the_
         await admin.execute("SELECT pg_terminate_backend($1)", pid)
         await admin.close()
         pool.terminate()
+
+
+
+class _ResetsSearchPath(asyncpg.Connection):  # type: ignore[misc]
+    def get_reset_query(self) -> str:
+        return "RESET search_path"
+
+    def _get_reset_query(self) -> str:  # asyncpg < 0.30
+        return "RESET search_path"
+
+
+@pytest.mark.parametrize("mode", ["rollback", "auto"])
+async def test_own_reset_query_runs_after_a_release_in_the_step_that_cancels_the_statement(
+    pg_dsn: str, app_name: str, mode: str
+) -> None:
+    """A connection class's own reset query runs after every lease, in
+    every reset_mode (as asyncpg's pool runs it). Released in the loop step
+    that cancels its running statement, the lease's reset, retried a loop
+    step later, took the pool's hooks (rollback mode: no reset query) and
+    sent a ROLLBACK alone: the next lease inherited the session's state."""
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, reset_mode=mode, connection_class=_ResetsSearchPath,
+        server_settings={"application_name": app_name},
+    )
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        async with pool.acquire() as first:
+            default = await first.fetchval("SHOW search_path")
+        con = await pool.acquire()
+        await con.execute("SET search_path TO pg_catalog")
+        pid = con.get_server_pid()
+        task = asyncio.ensure_future(con.execute("SELECT pg_sleep(10)"))
+        async with asyncio.timeout(10):
+            while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
+                await asyncio.sleep(0.005)
+        task.cancel()
+        with _quiet():
+            await pool.release(con)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with pool.acquire(timeout=10) as again:
+            assert again.get_server_pid() == pid
+            assert await again.fetchval("SHOW search_path") == default
+        pool._state.check_invariants()  # type: ignore[attr-defined]
+    finally:
+        await admin.close()
+        await pool.close()
