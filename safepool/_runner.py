@@ -406,7 +406,8 @@ class Runner:
         decides (the first step of its shielded task: asyncpg 0.29-0.32): it
         finds the statement cancelling, waits for the server's answer and
         resets; release() returns and the connection is kept. So a pool task
-        looks again after one loop pass and does the same; a statement still
+        looks again in its first step, queued now as asyncpg's is, and does
+        the same; a statement still
         running then (not cancelled) fails the release as before, as on
         asyncpg's pool. The budget is the release's ``timeout=``, else the
         acquire's (both in ``holder.release_timeout``), else ``reset_timeout``.
@@ -423,7 +424,10 @@ class Runner:
     ) -> None:
         budget = holder.release_timeout if holder.release_timeout is not None else self.reset_timeout
         try:
-            await asyncio.sleep(0)
+            # No sleep(0) first: this task's first step was queued when the
+            # release called reset_done, where asyncpg's release queues its
+            # shielded task, so a cancel queued before it has reached the
+            # protocol and one queued after it has not, as with asyncpg.
             if _pg.is_cancelling(con) and not con.is_closed():
                 hooks = self.hooks
                 limit = DEFAULT_RESET_TIMEOUT if budget is None and _pg.command_timeout(con) is None else None

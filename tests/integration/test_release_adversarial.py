@@ -553,3 +553,51 @@ async def test_own_reset_query_runs_after_a_release_in_the_step_that_cancels_the
     finally:
         await admin.close()
         await pool.close()
+
+
+@pytest.mark.parametrize("kind", ["asyncpg", "safepool"])
+@pytest.mark.parametrize("order", ["cancel, then release", "release, then cancel"])
+async def test_the_order_of_release_and_cancel_in_one_loop_step_decides_as_on_asyncpg(
+    pg_dsn: str, app_name: str, kind: str, order: str
+) -> None:
+    """asyncpg's release decides in its shielded task's first step, queued
+    when release() is called; the cancel reaches the protocol in a callback
+    queued when the query's task is cancelled. Whichever was queued first
+    runs first: a cancel queued before the release is waited for (the
+    connection is kept), one queued after it finds the protocol busy
+    (``InterfaceError``, the connection replaced). safepool's retry task
+    takes the same place in the queue."""
+    create = asyncpg.create_pool if kind == "asyncpg" else safepool.create_pool
+    pool = await create(pg_dsn, min_size=1, max_size=1, server_settings={"application_name": app_name})
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        con = await pool.acquire()
+        pid = con.get_server_pid()
+        task = asyncio.ensure_future(con.execute("SELECT pg_sleep(10)"))
+        async with asyncio.timeout(10):
+            while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
+                await asyncio.sleep(0.005)
+        if order == "cancel, then release":
+            task.cancel()
+            release = asyncio.ensure_future(pool.release(con))
+        else:
+            # release()'s first step, then the cancel, in the same loop pass
+            # (the first step is where asyncpg's release queues its task).
+            release = asyncio.ensure_future(pool.release(con))
+            asyncio.get_running_loop().call_soon(task.cancel)
+        try:
+            await release
+            outcome = "released"
+        except asyncpg.InterfaceError as exc:
+            assert "another operation is in progress" in str(exc)
+            outcome = "InterfaceError"
+        with contextlib.suppress(asyncio.CancelledError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await task
+        async with pool.acquire(timeout=10) as again:
+            kept = again.get_server_pid() == pid
+            assert await again.fetchval("SELECT 1") == 1
+        expected = ("released", True) if order == "cancel, then release" else ("InterfaceError", False)
+        assert (outcome, kept) == expected
+    finally:
+        await admin.close()
+        await pool.close()
