@@ -303,15 +303,7 @@ class Runner:
         ``proxy``: the released lease's, for :meth:`reset_done`. ``hooks``:
         the reset's, when not the pool's (``ResetHooks.ended``, for a
         reclaimed lease)."""
-        # The caller's budget (release(timeout=), else the acquire's), or the
-        # pool's reset_timeout; with neither, asyncpg's limits apply: its
-        # background cancel gives up by closing the connection (then release
-        # returns quietly), statements are bounded by command_timeout (else
-        # by a 30 s safety bound: a silent network must not hold a slot forever).
-        budget = timeout if timeout is not None else self.reset_timeout
-        statement_limit = None
-        if budget is None and _pg.command_timeout(con) is None:
-            statement_limit = DEFAULT_RESET_TIMEOUT
+        budget, statement_limit = self.reset_budget(timeout, con)
         try:
             error = await _workers.reset(
                 con, rollback, self.hooks if hooks is None else hooks, budget, statement_limit
@@ -322,12 +314,33 @@ class Runner:
             raise
         finally:
             self.resets_done.pop(holder._slot, None)
-        error = self.reset_done(holder, con, proxy, error)
-        if isinstance(error, asyncio.Future):
+        self.settle_reset(holder, con, proxy, error, done)
+
+    def reset_budget(self, timeout: float | None, con: RawConnection) -> tuple[float | None, float | None]:
+        """A pool task's reset limits, ``(budget, statement_limit)`` in
+        seconds: the caller's budget (release(timeout=), else the acquire's),
+        or the pool's reset_timeout; with neither, asyncpg's limits apply: its
+        background cancel gives up by closing the connection (then release
+        returns quietly), statements are bounded by command_timeout (else
+        by a 30 s safety bound: a silent network must not hold a slot forever)."""
+        budget = timeout if timeout is not None else self.reset_timeout
+        if budget is None and _pg.command_timeout(con) is None:
+            return None, DEFAULT_RESET_TIMEOUT
+        return budget, None
+
+    def settle_reset(
+        self, holder: Holder, con: RawConnection, proxy: Any, error: BaseException | None,
+        done: asyncio.Future[None] | None, *, busy_retry: bool = True,
+    ) -> None:
+        """A pool task's reset ended: :meth:`reset_done`, then resolve the
+        releasing caller's ``done`` with its outcome (at once, or once a
+        failed reset's close is done)."""
+        result = self.reset_done(holder, con, proxy, error, busy_retry=busy_retry)
+        if isinstance(result, asyncio.Future):
             # The reset failed: the release raises once the close is done.
-            error.add_done_callback(lambda failed: settle(done, failed.exception()))
+            result.add_done_callback(lambda failed: settle(done, failed.exception()))
             return
-        settle(done, error)
+        settle(done, result)
 
     def reset_done(
         self, holder: Holder, con: RawConnection, proxy: Any, error: BaseException | None, log: bool = True,
@@ -422,7 +435,7 @@ class Runner:
     async def _reset_after_a_loop_pass(
         self, holder: Holder, con: RawConnection, proxy: Any, error: BaseException | None, done: asyncio.Future[None]
     ) -> None:
-        budget = holder.release_timeout if holder.release_timeout is not None else self.reset_timeout
+        budget, limit = self.reset_budget(holder.release_timeout, con)
         try:
             # No sleep(0) first: this task's first step was queued when the
             # release called reset_done, where asyncpg's release queues its
@@ -430,7 +443,6 @@ class Runner:
             # protocol and one queued after it has not, as with asyncpg.
             if _pg.is_cancelling(con) and not con.is_closed():
                 hooks = self.hooks
-                limit = DEFAULT_RESET_TIMEOUT if budget is None and _pg.command_timeout(con) is None else None
                 try:
                     async with asyncio.timeout(budget):
                         await _pg.wait_for_cancellation(con)
@@ -454,11 +466,7 @@ class Runner:
             raise
         finally:
             self.resets_done.pop(holder._slot, None)
-        result = self.reset_done(holder, con, proxy, error, busy_retry=False)
-        if isinstance(result, asyncio.Future):
-            result.add_done_callback(lambda failed: settle(done, failed.exception()))
-            return
-        settle(done, result)
+        self.settle_reset(holder, con, proxy, error, done, busy_retry=False)
 
     # ------------------------------------------------- connects and closes
 
