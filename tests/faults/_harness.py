@@ -175,7 +175,10 @@ class SideBySide:
     """The same light load on asyncpg's pool and safepool's (``pools``,
     keyed by kind): per kind, the times of its successful leases and a
     :class:`Ledger`. The recovery tests cut both pools off the server the
-    same way and compare when each served again."""
+    same way and compare when each served again.
+
+    Used as ``async with SideBySide(pools, budget) as side:``: however the
+    block ends, the load is told to stop and every pool is terminated."""
 
     def __init__(self, pools: dict[str, Any], budget: float) -> None:
         self.pools = pools
@@ -183,6 +186,27 @@ class SideBySide:
         self.successes: dict[str, list[float]] = {kind: [] for kind in pools}
         self.ledgers = {kind: Ledger() for kind in pools}
         self.stop = asyncio.Event()
+        self.workers: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> SideBySide:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Tell the load to stop (its workers are not waited for: see
+        :meth:`finish`) and terminate every pool."""
+        self.stop.set()
+        for pool in self.pools.values():
+            pool.terminate()
+
+    def start(self, per_kind: int) -> None:
+        """Start the load: ``per_kind`` workers running :meth:`load` on each pool."""
+        self.workers += [asyncio.create_task(self.load(kind)) for kind in self.pools for _ in range(per_kind)]
+
+    async def finish(self) -> None:
+        """Stop the load and wait for its workers: each ends after its
+        current lease (at most ``budget`` seconds) and pause (5 ms)."""
+        self.stop.set()
+        await asyncio.gather(*self.workers)
 
     async def load(self, kind: str) -> None:
         pool = self.pools[kind]
@@ -206,6 +230,11 @@ class SideBySide:
     def recovery(self, instant: float) -> dict[str, float]:
         """Per kind, seconds from ``instant`` to its first success after it."""
         return {kind: min(t for t in s if t >= instant) - instant for kind, s in self.successes.items()}
+
+    @staticmethod
+    def in_ms(recovery: dict[str, float]) -> dict[str, float]:
+        """Per kind, :meth:`recovery`'s seconds as milliseconds (to 0.1 ms), for a report."""
+        return {kind: round(1000 * r, 1) for kind, r in recovery.items()}
 
     def summaries(self) -> dict[str, str]:
         return {kind: ledger.summary() for kind, ledger in self.ledgers.items()}

@@ -149,10 +149,9 @@ async def test_recovery_after_a_black_hole_is_as_fast_as_asyncpgs(
                 server_settings={"application_name": f"{app_name}-s"}, **kwargs,
             ),
         }
-        side = SideBySide(pools, budget=0.5)
-        try:
+        async with SideBySide(pools, budget=0.5) as side:
             with loop_errors():  # (asyncpg's pool leaves connect errors unretrieved: not ours to judge)
-                workers = [asyncio.create_task(side.load(kind)) for kind in pools for _ in range(4)]
+                side.start(per_kind=4)
                 await until(lambda: all(side.successes.values()), timeout=10)
                 errors_before = pools["safepool"].stats().connect_errors
                 for proxy in proxies.values():
@@ -165,15 +164,10 @@ async def test_recovery_after_a_black_hole_is_as_fast_as_asyncpgs(
                 healed_at = time.monotonic()
                 await side.served_since(healed_at)
                 attempts = pools["safepool"].stats().connect_errors - errors_before
-                side.stop.set()
-                await asyncio.gather(*workers)
-        finally:
-            side.stop.set()
-            for pool in pools.values():
-                pool.terminate()
+                await side.finish()
     recovery = side.recovery(healed_at)
     report(
-        recovery_ms={kind: round(1000 * r, 1) for kind, r in recovery.items()},
+        recovery_ms=side.in_ms(recovery),
         safepool_failed_connects=attempts,
         ledgers=side.summaries(),
     )

@@ -150,8 +150,7 @@ async def test_a_server_outage_behind_pgbouncer_costs_no_more_connections_than_a
         kind: await FACTORIES[kind](bouncers[kind].dsn(), min_size=MIN_SIZE, max_size=2, statement_cache_size=0)
         for kind in FACTORIES
     }
-    side = SideBySide(pools, budget=0.5)
-    try:
+    async with SideBySide(pools, budget=0.5) as side:
         with loop_errors():  # (asyncpg's pool leaves connect errors unretrieved: not ours to judge)
             for pool in pools.values():
                 assert await pool.fetchval("SELECT 1") == 1
@@ -173,18 +172,13 @@ async def test_a_server_outage_behind_pgbouncer_costs_no_more_connections_than_a
                 resets[kind] = len(errors)
             await asyncio.to_thread(running.start)
             restarted_at = time.monotonic()
-            workers = [asyncio.create_task(side.load(kind)) for kind in pools for _ in range(2)]
+            side.start(per_kind=2)
             await side.served_since(restarted_at)
-            side.stop.set()
-            await asyncio.gather(*workers)
-    finally:
-        side.stop.set()
-        for pool in pools.values():
-            pool.terminate()
+            await side.finish()
     recovery = side.recovery(restarted_at)
     report(
         pool_mode=pool_mode, logins=logins, cancel_requests=cancels, reset_closes=resets,
-        recovery_ms={kind: round(1000 * r, 1) for kind, r in recovery.items()},
+        recovery_ms=side.in_ms(recovery),
         failed={kind: ledger.summary() for kind, ledger in ledgers.items()},
     )
     for ledger in ledgers.values():

@@ -104,28 +104,21 @@ async def test_recovery_is_as_fast_as_asyncpgs(running: Cluster, app_name: str, 
             running.dsn(), min_size=2, max_size=MAX_SIZE, server_settings={"application_name": names["safepool"]}
         ),
     }
-    side = SideBySide(pools, budget=2.0)
-    ledgers = side.ledgers
-
-    try:
+    async with SideBySide(pools, budget=2.0) as side:
+        ledgers = side.ledgers
         with loop_errors() as unhandled:
-            workers = [asyncio.create_task(side.load(kind)) for kind in pools for _ in range(3)]
+            side.start(per_kind=3)
             await asyncio.sleep(0.5)
             assert all(ledger.ok for ledger in ledgers.values())
             accepting_at, downtime, connects_while_down = await _restart(
                 running, side, pools["safepool"], scale(2.0, 5.0)
             )
-            side.stop.set()
-            await asyncio.gather(*workers)
+            await side.finish()
         assert not unhandled, unhandled
-    finally:
-        side.stop.set()
-        for pool in pools.values():
-            pool.terminate()
     recovery = side.recovery(accepting_at)
     report(
         downtime_s=round(downtime, 2),
-        recovery_ms={kind: round(1000 * r, 1) for kind, r in recovery.items()},
+        recovery_ms=side.in_ms(recovery),
         safepool_connect_attempts_while_down=connects_while_down,
         ledgers=side.summaries(),
     )
@@ -167,21 +160,18 @@ async def test_recovery_through_a_host_name_with_two_addresses(running: Cluster,
     pool = await safepool.create_pool(
         dsn, min_size=2, max_size=MAX_SIZE, server_settings={"application_name": app_name}
     )
-    side = SideBySide({"safepool": pool}, budget=2.0)
     failures: list[str] = []
     pool.add_listener(lambda event: failures.append(event["error"]) if event["event"] == "connect_failed" else None)
     try:
-        with loop_errors() as unhandled:
-            workers = [asyncio.create_task(side.load("safepool")) for _ in range(3)]
-            await asyncio.sleep(0.3)
-            assert side.ledgers["safepool"].ok
-            accepting_at, downtime, connects_while_down = await _restart(running, side, pool, scale(2.0, 4.0))
-            side.stop.set()
-            await asyncio.gather(*workers)
-        assert not unhandled, unhandled
+        async with SideBySide({"safepool": pool}, budget=2.0) as side:
+            with loop_errors() as unhandled:
+                side.start(per_kind=3)
+                await asyncio.sleep(0.3)
+                assert side.ledgers["safepool"].ok
+                accepting_at, downtime, connects_while_down = await _restart(running, side, pool, scale(2.0, 4.0))
+                await side.finish()
+            assert not unhandled, unhandled
     finally:
-        side.stop.set()
-        pool.terminate()
         del loop.getaddrinfo
     recovery = side.recovery(accepting_at)["safepool"]
     report(downtime_s=round(downtime, 2), recovery_ms=round(1000 * recovery, 1), attempts_while_down=connects_while_down)
