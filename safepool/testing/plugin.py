@@ -87,6 +87,9 @@ class _LeakTally:
         self.pools: Counter[tuple[str, int, str]] = Counter()
         self.sites: Counter[str] = Counter()  # acquire sites, where the pool captured them
         self.exempt = False  # a test marked safepool_allow_leaks runs
+        # pytest-xdist workers that went down before they finished (crashed,
+        # or killed): their counts never reached the controller.
+        self.lost: list[str] = []
         self._numbers = itertools.count()
         self._listening: weakref.WeakKeyDictionary[Pool, Callable[[PoolEvent], None]] = weakref.WeakKeyDictionary()
         self._unhook = on_pool_created(self.watch)
@@ -172,18 +175,28 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
-    """pytest-xdist's controller: add a finished worker's count."""
+    """pytest-xdist's controller: add a finished worker's count, or note
+    that a worker went down before it could send one (``error`` set: it
+    crashed or was killed; what it counted is lost)."""
     tally = node.config.stash.get(_TALLY, None)
+    if tally is None:
+        return
+    worker = str(getattr(getattr(node, "gateway", None), "id", id(node)))
     counts = getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT)
-    if tally is not None and counts:
-        worker = str(getattr(getattr(node, "gateway", None), "id", id(node)))
+    if counts:
         tally.pools.update({(worker, number, name): count for number, name, count in counts["pools"]})
         tally.sites.update(counts["sites"])
+    elif error is not None:
+        tally.lost.append(worker)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     tally = config.stash.get(_TALLY, None)
-    if tally is None or not tally.pools:
+    if tally is None or not (tally.pools or tally.lost):
+        return
+    if not tally.pools:
+        terminalreporter.section("safepool", sep="-")
+        terminalreporter.line(_lost_line(tally.lost))
         return
     total = sum(tally.pools.values())
     shown = ", ".join(f"{name!r} {count}" for (_, _, name), count in tally.pools.most_common(5))
@@ -198,9 +211,22 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         known = sum(tally.sites.values())
         sites = ", ".join(f"{site} ({count})" for site, count in tally.sites.most_common(5))
         terminalreporter.line(f"acquired at ({known} of {total} known): {sites}")
+    if tally.lost:
+        terminalreporter.line(_lost_line(tally.lost))
     terminalreporter.line(
         "Run pytest with --safepool-leaks to fail each test that leaks, with the line that acquired "
         "the connection (safepool's docs/testing.md)."
+    )
+
+
+def _lost_line(workers: list[str]) -> str:
+    """The summary's line for pytest-xdist workers that went down before
+    they sent their leak counts (the count above leaves theirs out)."""
+    names = ", ".join(workers)
+    which = f"worker {names}" if len(workers) == 1 else f"workers {names}"
+    return (
+        f"safepool: {which} went down before finishing (crashed or killed): "
+        "the connections leaked in it are not counted here."
     )
 
 

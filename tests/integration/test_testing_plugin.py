@@ -296,6 +296,46 @@ def test_off_by_default_under_pytest_xdist_the_controller_counts_every_workers_l
     result.stdout.fnmatch_lines(["*2 workers*", "safepool: 4 connections leaked during this run:*"])
 
 
+CRASHES = """
+import os
+
+
+def test_crashes():
+    os._exit(3)  # a worker killed mid-run (the OOM killer, a segfault)
+"""
+
+
+def test_off_by_default_under_pytest_xdist_a_crashed_workers_count_is_said_to_be_lost(
+    suite: pytest.Pytester,
+) -> None:
+    """A worker that goes down before it finishes never sends its count: the
+    section says so, beside the other workers' counts, instead of passing
+    the count off as the whole run's."""
+    add_sample(suite, "leaky_asyncio.py", "test_leaky")
+    suite.makepyfile(test_crash=CRASHES)
+    result = suite.runpytest_subprocess(
+        "-n", "2", "-p", "no:cacheprovider", "-W", "ignore::ResourceWarning", "-k", "not fixture_leaks",
+        "--max-worker-restart", "1",
+    )
+    result.assert_outcomes(passed=8, failed=1)  # (xdist reports the crashed test as failed)
+    result.stdout.fnmatch_lines([
+        "safepool: * leaked during this run:*",
+        "safepool: worker gw? went down before finishing (crashed or killed): "
+        "the connections leaked in it are not counted here.",
+    ])
+    # With nothing leaked elsewhere, the section is that line alone.
+    result = suite.runpytest_subprocess(
+        "-n", "2", "-p", "no:cacheprovider", "-k", "crashes or clean", "--max-worker-restart", "1",
+    )
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines([
+        "*- safepool -*",
+        "safepool: worker gw? went down before finishing (crashed or killed): "
+        "the connections leaked in it are not counted here.",
+    ])
+    assert "leaked during this run" not in result.stdout.str()
+
+
 def test_anyio_plugin(suite: pytest.Pytester) -> None:
     add_sample(suite, "leaky_anyio.py", "test_leaky_anyio")
     result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
