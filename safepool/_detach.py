@@ -75,6 +75,9 @@ def retrieve(future: asyncio.Future[Any]) -> None:
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], object]
 
+# A driver's ``first`` when its coroutine has not taken a step yet.
+NOT_STARTED: Any = object()
+
 
 class _Driver(Generic[T]):
     """The awaitable :func:`detached` returns (awaited once). While the
@@ -90,13 +93,17 @@ class _Driver(Generic[T]):
     that wake-up deliver the ``CancelledError``)."""
 
     __slots__ = ("_coro", "_spawn", "_then", "_then_args", "_raises", "_fut", "_loop", "_asyncio_future_blocking",
-                 "_wakeup", "_context", "_cancelled", "_message", "_awaited", "_gen", "_quiet", "_quieted")
+                 "_wakeup", "_context", "_cancelled", "_message", "_awaited", "_gen", "_quiet", "_quieted", "_first")
 
     def __init__(
         self, coro: Coroutine[Any, Any, Any], spawn: Spawn, then: Callable[..., T] | None, then_args: tuple[Any, ...],
-        raises: bool = False, quiet: Callable[[Any], object] | None = None,
+        raises: bool = False, quiet: Callable[[Any], object] | None = None, first: Any = NOT_STARTED,
     ) -> None:
         self._coro = coro
+        # What ``coro``'s first step yielded, when the caller took that step
+        # itself (a release sends its reset before its bookkeeping: see
+        # Leaser.release); NOT_STARTED when the first await takes it.
+        self._first = first
         # A done callback to keep off each future while this task drives
         # the coroutine, put back on the one it waits on at a hand-over
         # (_pg.waiter_completed_callback: asyncpg's, which only a cancel of
@@ -201,7 +208,7 @@ class _Driver(Generic[T]):
             gen.close()
         elif not self._awaited:
             self._awaited = True
-            self.hand_over(None)
+            self.hand_over(self._waits_on())
 
     def __del__(self) -> None:
         if not self._awaited:
@@ -219,6 +226,13 @@ class _Driver(Generic[T]):
                 )
 
     # -- driving
+
+    def _waits_on(self) -> Any:
+        """Before the first await: the future a started coroutine waits on
+        (None: not started, or at a bare yield; either way the pool task's
+        first ``send`` is what comes next)."""
+        first = self._first
+        return None if first is NOT_STARTED else first
 
     def hand_over(self, fut: asyncio.Future[Any] | None) -> None:
         """Let a pool task finish the coroutine from where it waits on
@@ -247,27 +261,30 @@ class _Driver(Generic[T]):
             # Python raise "coroutine ignored GeneratorExit" and leave the
             # statement half-way with no task to drive it: the pool's
             # finishes it (asyncpg's shield's task does the same there).
-            self.hand_over(None)
+            self.hand_over(self._waits_on())
             return None  # type: ignore[return-value]  # (nothing to return: the caller is being closed)
         coro = self._coro
         error: BaseException | None = None
+        fut = self._first  # (NOT_STARTED, or the first step's future: taken by the caller)
         while True:
-            try:
-                fut = coro.send(None) if error is None else coro.throw(error)
-            except StopIteration as stop:
-                then = self._then
-                if then is None:
-                    return stop.value  # type: ignore[no-any-return]
-                result = then(*self._then_args, None)
-                break
-            except Exception as exc:
-                then = self._then
-                if then is None:
-                    raise
-                result = then(*self._then_args, exc)
-                break
-            error = None
+            if fut is NOT_STARTED:
+                try:
+                    fut = coro.send(None) if error is None else coro.throw(error)
+                except StopIteration as stop:
+                    then = self._then
+                    if then is None:
+                        return stop.value  # type: ignore[no-any-return]
+                    result = then(*self._then_args, None)
+                    break
+                except Exception as exc:
+                    then = self._then
+                    if then is None:
+                        raise
+                    result = then(*self._then_args, exc)
+                    break
+                error = None
             if fut is None:  # a bare yield (asyncio.sleep(0))
+                fut = NOT_STARTED
                 try:
                     yield None
                 except BaseException:
@@ -285,6 +302,7 @@ class _Driver(Generic[T]):
             except BaseException as exc:
                 if not self._cancelled and fut.done() and not isinstance(exc, GeneratorExit):
                     error = exc  # the future's error: the coroutine's own, as its await raises it
+                    fut = NOT_STARTED
                     continue
                 # CancelledError after cancel() handed the coroutine over;
                 # anything else (GeneratorExit) hands it over now.
@@ -297,6 +315,7 @@ class _Driver(Generic[T]):
                 raise
             if self._cancelled:
                 raise self._cancel_error()  # a wake-up the future scheduled before the cancel
+            fut = NOT_STARTED  # (the next step's, from the coroutine)
         if self._raises and result is not None:
             if isinstance(result, asyncio.Future):
                 # The release's outcome, later (Runner.reset_done): a failed
@@ -306,6 +325,16 @@ class _Driver(Generic[T]):
                 return None  # type: ignore[return-value]
             raise result  # type: ignore[misc]  # (outside the except block: the error's context stays its own)
         return result
+
+
+async def already_ended(outcome: BaseException) -> Any:
+    """A coroutine that ends as another one's first step did, which the
+    caller took itself (``outcome``: the ``StopIteration`` of one that
+    returned, else what it raised): for a :class:`_Driver`, which then
+    ends as it would have had it taken that step."""
+    if isinstance(outcome, StopIteration):
+        return outcome.value
+    raise outcome
 
 
 def detached(

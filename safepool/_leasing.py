@@ -29,7 +29,7 @@ from asyncpg import exceptions as _pg_exceptions
 from . import _internals as _pg
 from . import _sites, _stack, _workers
 from ._clock import Clock
-from ._detach import Resolved, _closing, _Driver, retrieve
+from ._detach import NOT_STARTED, Resolved, _closing, _Driver, already_ended, retrieve
 from ._durations import release_timeout, validate_timeout
 from ._holder import Face
 from ._internals import RawConnection
@@ -431,32 +431,14 @@ class Leaser:
                     rollback = False
                     if con._listeners or con._log_listeners:
                         _pg.clear_listeners(con)
-                now = self.now()
-                state.release(lease, now, outcome)
-                if state.actions:
-                    self.drain()
                 budget = timeout if timeout is not None else self.reset_timeout
-                if budget is None and holder.command_timeout is None:
-                    # No limit asked for: asyncpg would wait forever. The
-                    # runner's watchdog (one pool timer, not one per
-                    # statement) aborts a reset still running after
-                    # DEFAULT_RESET_TIMEOUT: a silent network cannot hold a slot.
-                    holder.reset_since = now
-                    if runner.reset_watchdog is None:
-                        runner.watch_resets()
-                    # No timer on the statement either: asyncpg's done
-                    # callback on its waiter has nothing to do unless the
-                    # waiter is cancelled, which only a pool task's
-                    # cancel can do (the driver puts it back then).
-                    quiet = holder.waiter_completed
-                else:
-                    quiet = None
                 query = holder.reset_text
                 if query is None or rollback or state.reset_mode != "full":
                     full, rollback = state.reset_plan(holder.clean_mark == -1, rollback)
                     query = _workers.reset_message(holder.reset_query, full, rollback)
                 # (else asyncpg's reset query alone: the common case, without a
                 # call; reset_plan's answer in full mode with no transaction open)
+                statement = None
                 if query:
                     # The statement, then Runner.reset_done with its error
                     # (the driver calls it: no wrapper coroutine's frame).
@@ -473,12 +455,43 @@ class Leaser:
                         statement = con.execute(query, timeout=limit)
                     else:
                         statement = con._protocol.query(query, limit)
+                    # Its first step sends the reset now, before the
+                    # bookkeeping below: that runs while the server works,
+                    # not between its round trips (docs/performance.md,
+                    # "Send first, count after").
+                    try:
+                        first = statement.send(None)
+                    except BaseException as exc:  # (refused at once: the driver raises it, as before)
+                        statement = already_ended(exc)
+                        first = NOT_STARTED
+                now = self.now()
+                state.release(lease, now, outcome)
+                if state.actions:
+                    self.drain()
+                if budget is None and holder.command_timeout is None:
+                    # No limit asked for: asyncpg would wait forever. The
+                    # runner's watchdog (one pool timer, not one per
+                    # statement) aborts a reset still running after
+                    # DEFAULT_RESET_TIMEOUT: a silent network cannot hold a slot.
+                    holder.reset_since = now
+                    if runner.reset_watchdog is None:
+                        runner.watch_resets()
+                    # No timer on the statement either: asyncpg's done
+                    # callback on its waiter has nothing to do unless the
+                    # waiter is cancelled, which only a pool task's
+                    # cancel can do (the driver puts it back then).
+                    quiet = holder.waiter_completed
+                else:
+                    quiet = None
+                if statement is not None:
                     # The reset driven in this task until it is cancelled (then a
                     # pool task finishes it): cancelling the await never cuts the
                     # reset short. The driver raises the reset's error.
                     # (The proxy too: a failed reset closes the connection
                     # with it attached, as asyncpg's release terminates it.)
-                    driver = _Driver(statement, self.spawn, runner.reset_done, (holder, con, connection), True, quiet)
+                    driver = _Driver(
+                        statement, self.spawn, runner.reset_done, (holder, con, connection), True, quiet, first
+                    )
                     return self.finish_release(driver, True) if logged else driver  # type: ignore[return-value]
                 # Nothing to send: the reset is done (reset_done hands the
                 # connection on; with no error it returns no error to raise).

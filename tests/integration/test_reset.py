@@ -541,3 +541,31 @@ async def test_the_reset_leaves_asyncpgs_waiter_callback_off_unless_a_timer_need
             await con.fetchval("SELECT 1")
     monkeypatch.undo()
     assert scheduled.count("_on_waiter_completed") == 10 * per_lease
+
+
+async def test_the_reset_is_on_its_way_when_aexit_returns_its_awaitable(make: Any, pg_dsn: str) -> None:
+    """``async with pool.acquire()``'s exit sends the reset before the
+    release's own bookkeeping, which then runs while the server works
+    (docs/performance.md, "Send first, count after"): the server has it
+    before anything awaits the exit. (``Pool.release()`` is a coroutine, as
+    asyncpg's: nothing of it runs before it is awaited.) The lease's last
+    statement and the reset are told apart in pg_stat_activity's ``query``,
+    the last statement the backend received."""
+    pool = await make()
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        context = pool.acquire()
+        con = await context.__aenter__()
+        pid = await con.fetchval("SELECT pg_backend_pid() /* the lease's */")
+        releasing = context.__aexit__(None, None, None)
+        try:
+            async with asyncio.timeout(5):
+                while "pg_advisory_unlock_all" not in await admin.fetchval(
+                    "SELECT query FROM pg_stat_activity WHERE pid = $1", pid
+                ):
+                    await asyncio.sleep(0.005)
+        finally:
+            await releasing
+        assert pool.get_idle_size() == 1
+    finally:
+        await admin.close()

@@ -6,12 +6,14 @@ plain futures the test resolves."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 from typing import Any
 
 import anyio
 import pytest
 
-from safepool._detach import _Driver, detached
+from safepool._detach import _Driver, already_ended, detached
 
 pytestmark = pytest.mark.asyncio
 
@@ -421,3 +423,146 @@ async def test_a_future_without_the_quiet_callback_does_not_get_it_at_a_hand_ove
 
 async def _drive(driver: Any) -> Any:
     return await driver
+
+
+# A driver whose coroutine's first step the caller took (a release sends its
+# reset before its bookkeeping): it goes on from the future that step
+# yielded, wherever it ends up, and never takes that step again.
+
+
+def _started(first: asyncio.Future[int], second: asyncio.Future[int], log: list[str]) -> tuple[Any, Any]:
+    coro = two_steps(first, second, log)
+    yielded = coro.send(None)
+    assert yielded is first and log == ["start"]
+    return coro, yielded
+
+
+async def test_a_started_driver_goes_on_from_the_first_steps_future() -> None:
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    first, second = loop.create_future(), loop.create_future()
+    log: list[str] = []
+    coro, yielded = _started(first, second, log)
+    driver = _Driver(coro, spawn, None, (), first=yielded)
+
+    async def caller() -> int:
+        return await driver
+
+    task = asyncio.create_task(caller())
+    await asyncio.sleep(0)
+    first.set_result(1)
+    await asyncio.sleep(0)
+    second.set_result(2)
+    assert await task == 3
+    assert log == ["start", "after first", "done"]
+    assert spawn.tasks == []
+
+
+@pytest.mark.parametrize("how", ["cancel once", "cancel twice", "anyio scope cancelled before the await"])
+async def test_a_started_driver_cancelled_hands_over_from_the_first_steps_future(how: str) -> None:
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    first, second = loop.create_future(), loop.create_future()
+    log: list[str] = []
+    coro, yielded = _started(first, second, log)
+    driver = _Driver(coro, spawn, None, (), first=yielded)
+
+    async def caller() -> None:
+        if how.startswith("cancel"):
+            await driver
+        else:
+            with anyio.CancelScope() as scope:
+                scope.cancel()  # (anyio cancels at the await)
+                await driver
+            assert scope.cancelled_caught
+
+    task = asyncio.create_task(caller())
+    await asyncio.sleep(0)
+    if how.startswith("cancel"):
+        task.cancel()
+        if how == "cancel twice":
+            await asyncio.sleep(0)
+            task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        await task
+    assert not first.done() and len(spawn.tasks) == 1
+    await asyncio.sleep(0)  # the pool task waits on first: it took no second first step
+    first.set_result(1)
+    second.set_result(2)
+    assert await spawn.tasks[0] == 3  # (a second first step would have raised in the coroutine)
+    assert log == ["start", "after first", "done"]
+
+
+async def test_a_started_driver_never_awaited_is_finished_by_the_pool() -> None:
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    first, second = loop.create_future(), loop.create_future()
+    log: list[str] = []
+    coro, yielded = _started(first, second, log)
+    driver = _Driver(coro, spawn, None, (), first=yielded)
+    gc.collect()  # (garbage of earlier tests: not this test's warning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del driver
+        gc.collect()
+    assert [str(w.message) for w in caught] == [
+        "a pool connection's release was never awaited: the pool ran its reset itself"
+    ]
+    await asyncio.sleep(0)  # the pool task waits on first: it took no second first step
+    first.set_result(1)
+    second.set_result(2)
+    assert await spawn.tasks[0] == 3
+    assert log == ["start", "after first", "done"]
+
+
+async def test_a_started_driver_awaited_by_a_closing_coroutine_hands_over_from_its_future() -> None:
+    loop = asyncio.get_running_loop()
+    spawn = Spawner()
+    first, second = loop.create_future(), loop.create_future()
+    log: list[str] = []
+    coro, yielded = _started(first, second, log)
+    driver = _Driver(coro, spawn, None, (), first=yielded)
+    gate: asyncio.Future[None] = loop.create_future()
+
+    async def releasing() -> None:
+        try:
+            await gate
+        finally:
+            await driver  # (in the GeneratorExit of close(): nothing can wait here)
+
+    closing = releasing()
+    closing.send(None)
+    closing.close()  # no "coroutine ignored GeneratorExit": the driver did not wait
+    await asyncio.sleep(0)  # the pool task waits on first: it took no second first step
+    first.set_result(1)
+    second.set_result(2)
+    assert await spawn.tasks[0] == 3
+    assert log == ["start", "after first", "done"]
+
+
+@pytest.mark.parametrize("ended", ["returned", "raised"])
+async def test_a_first_step_that_ended_reaches_then_at_the_first_await(ended: str) -> None:
+    """A statement refused at once (asyncpg: another operation in progress):
+    its first step, taken by the caller, raised; ``then`` gets the error when
+    the driver is first awaited, as when the driver took the step."""
+    spawn = Spawner()
+    calls: list[Exception | None] = []
+
+    async def step() -> int:
+        if ended == "raised":
+            raise ValueError("refused")
+        return 7
+
+    coro = step()
+    try:
+        coro.send(None)
+    except BaseException as exc:  # (StopIteration, or the error)
+        outcome = exc
+    driver = _Driver(already_ended(outcome), spawn, lambda error: calls.append(error), ())
+    assert calls == []
+    await driver
+    assert len(calls) == 1
+    assert calls[0] is None if ended == "returned" else isinstance(calls[0], ValueError)
+    assert spawn.tasks == []
