@@ -1591,3 +1591,39 @@ async def test_a_release_that_closes_an_unanswering_connection_is_bounded(
         os.kill(pid, signal.SIGCONT)
     assert (pool.get_size(), pool.get_idle_size()) == (0, 0)
     assert await pool.fetchval("SELECT 2") == 2
+
+
+class SlowCloseConnection(asyncpg.Connection):
+    """A connection whose close takes longer than the test's acquire timeout
+    (a server slow to answer the Terminate message); cut short, it aborts,
+    as asyncpg's own close does."""
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            self.terminate()
+            raise
+        await super().close(timeout=timeout)
+
+
+@pytest.mark.asyncio
+async def test_a_setup_error_whose_close_outlasts_the_acquire_timeout_is_raised(make_pool: MakePool) -> None:
+    """``setup=`` raised in time, but closing its connection ran past the
+    acquire's deadline: asyncpg's acquire raises the hook's error (its
+    close is cut short by the ``wait_for()``, and the hook's error is raised
+    from the close's ``finally``). safepool raised ``PoolTimeoutError``
+    ("timed out in the setup= hook") though the hook had returned: a
+    program catching the hook's error missed it."""
+    failing = [True]
+
+    async def setup(con: Any) -> None:
+        if failing:
+            failing.pop()
+            raise LookupError("setup failed")
+
+    pool = await make_pool(min_size=1, max_size=1, setup=setup, connection_class=SlowCloseConnection)
+    with pytest.raises(LookupError, match="setup failed"):
+        await pool.acquire(timeout=0.2)
+    async with pool.acquire(timeout=5) as con:
+        assert await con.fetchval("SELECT 1") == 1
