@@ -1627,3 +1627,30 @@ async def test_a_setup_error_whose_close_outlasts_the_acquire_timeout_is_raised(
         await pool.acquire(timeout=0.2)
     async with pool.acquire(timeout=5) as con:
         assert await con.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio
+async def test_an_init_error_whose_close_outlasts_the_acquire_timeout_is_raised(
+    make_pool: MakePool, flavour: str, request: pytest.FixtureRequest
+) -> None:
+    """The same for ``init=`` on the connection an acquire opened: asyncpg
+    runs the hook and the close after its failure inside the acquire's
+    ``wait_for()``, and raises the hook's error. safepool's connect runs in
+    a pool task that reports the failure once the connection is closed (the
+    slot counts until its backend is gone): the waiter's deadline comes
+    first, and it gets ``PoolTimeoutError``. Not fixed yet: the waiter
+    would need the hook's error before the close is done."""
+    if flavour == "safepool":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="init= error delivered only after the close"))
+    failing = [True]
+
+    async def init(con: Any) -> None:
+        if failing:
+            failing.pop()
+            raise LookupError("init failed")
+
+    pool = await make_pool(min_size=0, max_size=1, init=init, connection_class=SlowCloseConnection)
+    with pytest.raises(LookupError, match="init failed"):
+        await pool.acquire(timeout=0.2)
+    async with pool.acquire(timeout=5) as con:
+        assert await con.fetchval("SELECT 1") == 1
