@@ -36,7 +36,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
 
     __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "base_callbacks", "lease_callbacks",
                  "release_timeout",
-                 "orphan_checks", "orphan_reported", "unresponsive", "close_budget", "lost_while_leased", "reset_since",
+                 "orphan_checks", "orphan_reported", "unresponsive", "close_budget", "close_raises", "lost_while_leased", "reset_since",
                  "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "proxy_collected",
                  "copies", "waiter_completed", "__weakref__")
 
@@ -70,6 +70,11 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # Bound on the close's wait for a cancelled query's answer (None:
         # the pool's reset timeout): see _workers.CANCEL_ANSWER_GRACE.
         self.close_budget: float | None = None
+        # A release waits for the close under its own budget (max_queries, an
+        # expired generation, with a release or acquire timeout): the close's
+        # error (TimeoutError) is raised from release(), as asyncpg's release
+        # raises what Connection.close(timeout=) raised.
+        self.close_raises = False
         # The socket died under a lease (reset or aborted, not closed in
         # order by the peer): its backend may still run a query.
         self.lost_while_leased = False

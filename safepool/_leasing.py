@@ -279,11 +279,18 @@ class Leaser:
 
         # The pool's clock, as the wait's deadline (a manual clock in tests).
         timer = self.call_at(deadline, expire)
+        failed: list[BaseException] = []
         try:
-            await self.run_setup(proxy, lease)
+            await self.run_setup(proxy, lease, failed)
         except asyncio.CancelledError:
             # Ours only if no other cancel is pending (asyncio.timeout's rule).
             if fired and task.uncancel() == 0:
+                if failed and not isinstance(failed[0], asyncio.CancelledError):
+                    # The hook raised in time; the deadline came while its
+                    # connection was being closed. asyncpg's acquire raises
+                    # the hook's error there (its close, cut short by the
+                    # wait_for(), re-raises it from a finally:).
+                    raise failed[0] from None
                 self.state.setup_timed_out()
                 raise PoolTimeoutError(
                     f"pool {self.name!r}: timed out in the setup= hook: the acquire's timeout "
@@ -300,10 +307,15 @@ class Leaser:
         finally:
             timer.cancel()
 
-    async def run_setup(self, proxy: PoolConnectionProxy, lease: Lease) -> None:
+    async def run_setup(
+        self, proxy: PoolConnectionProxy, lease: Lease, failed: list[BaseException] | None = None
+    ) -> None:
+        """``failed``: gets the hook's error before the close is waited for."""
         try:
             await self.setup(proxy)  # type: ignore[misc]
-        except BaseException:
+        except BaseException as error:
+            if failed is not None:
+                failed.append(error)
             # The connection's state is unknown: close it, as asyncpg does,
             # and wait for the close (asyncpg awaits it too), so the proxy
             # answers is_closed() with True. The close runs in a pool task: a
@@ -506,6 +518,12 @@ class Leaser:
                 done = self.loop.create_future()
                 runner.closes_done[slot] = done
                 _pg.attach_released(con, connection, holder)
+                if timeout is not None:
+                    # asyncpg's release closes it with Connection.close(
+                    # timeout=) under the release's budget (else the
+                    # acquire's), and raises its TimeoutError: bounded alike.
+                    holder.close_budget = timeout
+                    holder.close_raises = True
             state.release(lease, self.now(), outcome)
         runner.after_hand_on()
         return self.finish_release(done, logged) if logged or done is not None else self.released

@@ -613,23 +613,29 @@ class Runner:
             self.slot_closed(slot)
             return
         budget = holder.close_budget if holder is not None and holder.close_budget is not None else self.reset_timeout
-        self.spawn(self.close_connection(slot, con, lost, budget))
+        raises = holder is not None and holder.close_raises
+        self.spawn(self.close_connection(slot, con, lost, budget, raises))
 
-    async def close_connection(self, slot: Slot, con: RawConnection, lost: bool, budget: float | None) -> None:
+    async def close_connection(
+        self, slot: Slot, con: RawConnection, lost: bool, budget: float | None, raises: bool = False
+    ) -> None:
         """Close; the slot counts towards max_size until the backend is gone
-        (``budget``: seconds for the close, None for the default)."""
+        (``budget``: seconds for the close, None for the default; ``raises``:
+        the releasing caller waiting for it gets the close's error)."""
+        error: Exception | None = None
         try:
-            await _workers.close(con, lost, budget)
+            error = await _workers.close(con, lost, budget)
         finally:
             _pg.drop_released(con)
-            self.slot_closed(slot)
+            self.slot_closed(slot, error if raises else None)
             self.drain()
 
-    def slot_closed(self, slot: Slot) -> None:
+    def slot_closed(self, slot: Slot, error: Exception | None = None) -> None:
         """The slot's backend is gone: free its place, wake whoever waits for
-        it. Idempotent (terminate() may have closed it first)."""
+        it (with ``error``, the close's, when its release raises it).
+        Idempotent (terminate() may have closed it first)."""
         if self.state.closed(slot, self.now()):
-            settle(self.closes_done.pop(slot, None), None)
+            settle(self.closes_done.pop(slot, None), error)
             self.keep_floor()
 
     def connection_lost(self, slot: Slot) -> None:

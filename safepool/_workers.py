@@ -253,7 +253,7 @@ async def take_back(
     return None
 
 
-async def close(con: RawConnection, lost: bool, budget: float | None) -> None:
+async def close(con: RawConnection, lost: bool, budget: float | None) -> Exception | None:
     """Close gracefully; on any failure, or cancellation, terminate.
 
     A cancelled query is first waited for (the server confirms it), else a
@@ -262,21 +262,33 @@ async def close(con: RawConnection, lost: bool, budget: float | None) -> None:
     under a lease (``lost``: a network reset, an abort; not a close the peer
     made in order, see ``_internals.peer_closed``) may still have its
     backend running the lease's query: cancel it (the server acknowledges a
-    cancel request by closing that connection)."""
+    cancel request by closing that connection).
+
+    Returns the error that made it terminate (None after a graceful close):
+    a release that closes under its own budget raises it, as asyncpg's
+    (``Connection.close(timeout=)`` aborts, then raises)."""
     try:
         if lost:
             async with asyncio.timeout(budget or LOST_BACKEND_CANCEL_TIMEOUT):
                 await _pg.cancel_running_query(con)
         else:
-            budget = budget or DEFAULT_RESET_TIMEOUT
+            if budget is None:
+                budget = DEFAULT_RESET_TIMEOUT
+            elif not budget > 0:
+                # A release's budget already spent (0, negative, NaN):
+                # asyncpg's close(timeout=) raises TimeoutError before it
+                # sends anything, and aborts.
+                raise TimeoutError
             if _pg.is_cancelling(con):
                 await _pg.wait_for_cancellation(con, budget)
             await con.close(timeout=budget)
-    except Exception:
+    except Exception as exc:
         _pg.terminate(con)  # lost: the server is unreachable; nothing more to do for that backend
+        return exc
     except BaseException:
         _pg.terminate(con)
         raise
+    return None
 
 
 async def _reset_connection(
