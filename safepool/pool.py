@@ -853,6 +853,17 @@ class Pool(_PoolBase):
         return self._observation.call_threadsafe(function, timeout)
 
 
+# The loop running in this thread, or None (asyncio's C function: no Python
+# frame on the hot path).
+_loop_here = asyncio._get_running_loop
+
+
+async def _release_when_run(leaser: Leaser, con: Any) -> None:
+    """``PoolAcquireContext.__aexit__`` called off the pool's loop: the
+    release, run where the returned coroutine is run."""
+    await leaser.release(con)
+
+
 class PoolAcquireContext:
     """What ``pool.acquire()`` returns: awaitable, or an async context manager."""
 
@@ -897,7 +908,14 @@ class PoolAcquireContext:
     ) -> Awaitable[None]:
         self.done = True
         con, self.connection = self.connection, None
-        return self.pool._leaser.release(con)
+        leaser = self.pool._leaser
+        if _loop_here() is not leaser.loop:
+            # Called where the pool's loop does not run: another thread,
+            # handing the result to run_coroutine_threadsafe(), or before
+            # the loop runs. asyncpg's __aexit__ is a coroutine, which runs
+            # nothing where it is called: release when run, in the loop.
+            return _release_when_run(leaser, con)
+        return leaser.release(con)
 
     def __await__(self) -> Any:
         self.done = True
