@@ -601,3 +601,65 @@ async def test_the_order_of_release_and_cancel_in_one_loop_step_decides_as_on_as
     finally:
         await admin.close()
         await pool.close()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "asyncpg",
+        pytest.param(
+            "safepool",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="__aexit__ is a plain def: called off the loop's thread it runs the release there "
+                "(loop.call_soon of the open-transaction report; since eac918d also the reset's write)",
+            ),
+        ),
+    ],
+)
+async def test_aexit_called_in_another_thread_for_run_coroutine_threadsafe(
+    pg_dsn: str, app_name: str, kind: str
+) -> None:
+    """docs/migration.md: handing ``ctx.__aexit__(...)`` to
+    ``run_coroutine_threadsafe()`` works on both pools. The call is made in
+    the program's thread, not the loop's: asyncpg's coroutine runs nothing
+    there. safepool's release runs at the call, in that thread: under the
+    loop's debug mode (which checks the thread of call_soon) it raises
+    RuntimeError after the lease ended, and the connection is lost."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    loop.set_debug(True)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(aw: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(aw, loop).result(10)
+
+    async def check(pool: Any) -> int:
+        async with asyncio.timeout(3):  # (the only connection: back, reset)
+            async with pool.acquire() as again:
+                return int(await again.fetchval(ADVISORY))
+
+    async def terminate(pool: Any) -> None:
+        pool.terminate()
+        await asyncio.sleep(0.1)  # (the transports' close)
+
+    def body() -> int:
+        pool = run(_make(kind, pg_dsn, app_name))
+        try:
+            ctx = pool.acquire()
+            con = run(ctx.__aenter__())
+            run(con.execute("SELECT pg_advisory_lock(1)"))
+            run(con.execute("BEGIN"))
+            run(ctx.__aexit__(None, None, None))  # (called here, run in the loop's thread)
+            return run(check(pool))
+        finally:
+            run(terminate(pool))
+
+    try:
+        assert await asyncio.to_thread(body) == 0
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join, 5)
+        loop.close()
