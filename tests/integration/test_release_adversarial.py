@@ -603,29 +603,18 @@ async def test_the_order_of_release_and_cancel_in_one_loop_step_decides_as_on_as
         await pool.close()
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "asyncpg",
-        pytest.param(
-            "safepool",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="__aexit__ is a plain def: called off the loop's thread it runs the release there "
-                "(loop.call_soon of the open-transaction report; since eac918d also the reset's write)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", ["asyncpg", "safepool"])
 async def test_aexit_called_in_another_thread_for_run_coroutine_threadsafe(
     pg_dsn: str, app_name: str, kind: str
 ) -> None:
     """docs/migration.md: handing ``ctx.__aexit__(...)`` to
     ``run_coroutine_threadsafe()`` works on both pools. The call is made in
     the program's thread, not the loop's: asyncpg's coroutine runs nothing
-    there. safepool's release runs at the call, in that thread: under the
-    loop's debug mode (which checks the thread of call_soon) it raises
-    RuntimeError after the lease ended, and the connection is lost."""
+    there, and neither does safepool's ``__aexit__`` now (it returns a
+    coroutine that releases in the loop). It used to release at the call,
+    in that thread: under the loop's debug mode (which checks the thread of
+    call_soon) that raised RuntimeError after the lease ended, and the
+    connection was lost (helper-108, 2026-12-04)."""
     import threading
 
     loop = asyncio.new_event_loop()
