@@ -430,50 +430,60 @@ async def _drive(driver: Any) -> Any:
 # yielded, wherever it ends up, and never takes that step again.
 
 
-def _started(first: asyncio.Future[int], second: asyncio.Future[int], log: list[str]) -> tuple[Any, Any]:
-    coro = two_steps(first, second, log)
-    yielded = coro.send(None)
-    assert yielded is first and log == ["start"]
-    return coro, yielded
+class Started:
+    """``two_steps`` with its first step taken by the test, as release takes
+    it, and a driver that goes on from there (``first=``)."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.spawn = Spawner()
+        self.first: asyncio.Future[int] = loop.create_future()
+        self.second: asyncio.Future[int] = loop.create_future()
+        self.log: list[str] = []
+        coro = two_steps(self.first, self.second, self.log)
+        yielded = coro.send(None)
+        assert yielded is self.first and self.log == ["start"]
+        self.driver: _Driver[Any] | None = _Driver(coro, self.spawn, None, (), first=yielded)
+
+    async def pool_task_finishes(self) -> None:
+        """The coroutine went to a pool task, which waits on the first
+        future (a second first step would raise in the coroutine: "await
+        wasn't used with future") and finishes once both are resolved."""
+        assert not self.first.done() and len(self.spawn.tasks) == 1
+        await asyncio.sleep(0)  # (the pool task's first step: it waits on first)
+        self.first.set_result(1)
+        self.second.set_result(2)
+        assert await self.spawn.tasks[0] == 3
+        assert self.log == ["start", "after first", "done"]
 
 
 async def test_a_started_driver_goes_on_from_the_first_steps_future() -> None:
-    loop = asyncio.get_running_loop()
-    spawn = Spawner()
-    first, second = loop.create_future(), loop.create_future()
-    log: list[str] = []
-    coro, yielded = _started(first, second, log)
-    driver = _Driver(coro, spawn, None, (), first=yielded)
-
-    async def caller() -> int:
-        return await driver
-
-    task = asyncio.create_task(caller())
+    case = Started()
+    task = asyncio.create_task(_await_driver(case.driver))
     await asyncio.sleep(0)
-    first.set_result(1)
+    case.first.set_result(1)
     await asyncio.sleep(0)
-    second.set_result(2)
+    case.second.set_result(2)
     assert await task == 3
-    assert log == ["start", "after first", "done"]
-    assert spawn.tasks == []
+    assert case.log == ["start", "after first", "done"]
+    assert case.spawn.tasks == []
+
+
+async def _await_driver(driver: Any) -> Any:
+    return await driver
 
 
 @pytest.mark.parametrize("how", ["cancel once", "cancel twice", "anyio scope cancelled before the await"])
 async def test_a_started_driver_cancelled_hands_over_from_the_first_steps_future(how: str) -> None:
-    loop = asyncio.get_running_loop()
-    spawn = Spawner()
-    first, second = loop.create_future(), loop.create_future()
-    log: list[str] = []
-    coro, yielded = _started(first, second, log)
-    driver = _Driver(coro, spawn, None, (), first=yielded)
+    case = Started()
 
     async def caller() -> None:
         if how.startswith("cancel"):
-            await driver
+            await case.driver  # type: ignore[misc]
         else:
             with anyio.CancelScope() as scope:
                 scope.cancel()  # (anyio cancels at the await)
-                await driver
+                await case.driver  # type: ignore[misc]
             assert scope.cancelled_caught
 
     task = asyncio.create_task(caller())
@@ -487,59 +497,36 @@ async def test_a_started_driver_cancelled_hands_over_from_the_first_steps_future
             await task
     else:
         await task
-    assert not first.done() and len(spawn.tasks) == 1
-    await asyncio.sleep(0)  # the pool task waits on first: it took no second first step
-    first.set_result(1)
-    second.set_result(2)
-    assert await spawn.tasks[0] == 3  # (a second first step would have raised in the coroutine)
-    assert log == ["start", "after first", "done"]
+    await case.pool_task_finishes()
 
 
 async def test_a_started_driver_never_awaited_is_finished_by_the_pool() -> None:
-    loop = asyncio.get_running_loop()
-    spawn = Spawner()
-    first, second = loop.create_future(), loop.create_future()
-    log: list[str] = []
-    coro, yielded = _started(first, second, log)
-    driver = _Driver(coro, spawn, None, (), first=yielded)
+    case = Started()
     gc.collect()  # (garbage of earlier tests: not this test's warning)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        del driver
+        case.driver = None
         gc.collect()
     assert [str(w.message) for w in caught] == [
         "a pool connection's release was never awaited: the pool ran its reset itself"
     ]
-    await asyncio.sleep(0)  # the pool task waits on first: it took no second first step
-    first.set_result(1)
-    second.set_result(2)
-    assert await spawn.tasks[0] == 3
-    assert log == ["start", "after first", "done"]
+    await case.pool_task_finishes()
 
 
 async def test_a_started_driver_awaited_by_a_closing_coroutine_hands_over_from_its_future() -> None:
-    loop = asyncio.get_running_loop()
-    spawn = Spawner()
-    first, second = loop.create_future(), loop.create_future()
-    log: list[str] = []
-    coro, yielded = _started(first, second, log)
-    driver = _Driver(coro, spawn, None, (), first=yielded)
-    gate: asyncio.Future[None] = loop.create_future()
+    case = Started()
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def releasing() -> None:
         try:
             await gate
         finally:
-            await driver  # (in the GeneratorExit of close(): nothing can wait here)
+            await case.driver  # type: ignore[misc]  # (in the GeneratorExit of close(): nothing can wait here)
 
     closing = releasing()
     closing.send(None)
     closing.close()  # no "coroutine ignored GeneratorExit": the driver did not wait
-    await asyncio.sleep(0)  # the pool task waits on first: it took no second first step
-    first.set_result(1)
-    second.set_result(2)
-    assert await spawn.tasks[0] == 3
-    assert log == ["start", "after first", "done"]
+    await case.pool_task_finishes()
 
 
 @pytest.mark.parametrize("ended", ["returned", "raised"])
