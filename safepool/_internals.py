@@ -185,6 +185,13 @@ HAS_PUBLIC_RESET_QUERY = hasattr(_pg_connection.Connection, "get_reset_query")
 # budget, so command_timeout bounds the statement as well: the first limit
 # to come ends it. 0.29 passed the budget to execute() in its place.
 RESET_UNDER_BUDGET = HAS_PUBLIC_RESET_QUERY
+# asyncpg 0.32+: a release that closes its connection (max_queries, an
+# expired generation) gets the release's budget, as asyncpg's closes with
+# close(timeout=) and raises its TimeoutError. On 0.29-0.31 a close that
+# ran out left its transport unclosed (ResourceWarning, on asyncpg's pool
+# too: tests/compat/test_parity.py): there the close keeps the pool's own
+# bound and the release does not raise.
+CLOSE_UNDER_BUDGET = HAS_POOL_HOLDER
 
 # asyncpg < 0.32: the termination listener that stands in for _pool_holder,
 # per connection (so that forget_holder can remove it and has_callbacks can

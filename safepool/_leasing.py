@@ -518,7 +518,7 @@ class Leaser:
                 done = self.loop.create_future()
                 runner.closes_done[slot] = done
                 _pg.attach_released(con, connection, holder)
-                if timeout is not None:
+                if timeout is not None and _pg.CLOSE_UNDER_BUDGET:
                     # asyncpg's release closes it with Connection.close(
                     # timeout=) under the release's budget (else the
                     # acquire's), and raises its TimeoutError: bounded alike.

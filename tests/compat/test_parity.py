@@ -1543,6 +1543,7 @@ async def test_a_release_that_closes_the_connection_has_its_timeout(
     release's budget: a budget already spent raises ``TimeoutError`` (the
     connection aborted). safepool's close took no budget from the release
     and never raised: release() returned normally."""
+    skip_before_asyncpg((0, 32), "a close(timeout=) that runs out closes its transport (0.29-0.31 leave it open)")
     kwargs = {"max_queries": 1} if why == "max_queries" else {}
     pool = await make_pool(min_size=1, max_size=1, **kwargs)
     con = await pool.acquire()
@@ -1566,6 +1567,7 @@ async def test_a_release_that_closes_an_unanswering_connection_is_bounded(
     raises ``TimeoutError`` after its budget (``release(timeout=)``, else
     the acquire's), the connection aborted. safepool's waited for the
     pool's reset timeout (30 s), then returned normally."""
+    skip_before_asyncpg((0, 32), "a close(timeout=) that runs out closes its transport (0.29-0.31 leave it open)")
     import os
     import signal
     import time
@@ -1640,6 +1642,7 @@ async def test_an_init_error_whose_close_outlasts_the_acquire_timeout_is_raised(
     slot counts until its backend is gone): the waiter's deadline comes
     first, and it gets ``PoolTimeoutError``. Not fixed yet: the waiter
     would need the hook's error before the close is done."""
+    skip_before_asyncpg((0, 32), "a close(timeout=) that runs out closes its transport (0.29-0.31 leave it open)")
     if flavour == "safepool":
         request.applymarker(pytest.mark.xfail(strict=True, reason="init= error delivered only after the close"))
     failing = [True]
