@@ -858,12 +858,6 @@ class Pool(_PoolBase):
 _loop_here = asyncio._get_running_loop
 
 
-async def _release_when_run(leaser: Leaser, con: Any) -> None:
-    """``PoolAcquireContext.__aexit__`` called off the pool's loop: the
-    release, run where the returned coroutine is run."""
-    await leaser.release(con)
-
-
 class PoolAcquireContext:
     """What ``pool.acquire()`` returns: awaitable, or an async context manager."""
 
@@ -913,8 +907,9 @@ class PoolAcquireContext:
             # Called where the pool's loop does not run: another thread,
             # handing the result to run_coroutine_threadsafe(), or before
             # the loop runs. asyncpg's __aexit__ is a coroutine, which runs
-            # nothing where it is called: release when run, in the loop.
-            return _release_when_run(leaser, con)
+            # nothing where it is called: Pool.release(), a coroutine too,
+            # releases when run, in the loop.
+            return self.pool.release(con)
         return leaser.release(con)
 
     def __await__(self) -> Any:
