@@ -1610,50 +1610,40 @@ class SlowCloseConnection(asyncpg.Connection):
 
 
 @pytest.mark.asyncio
-async def test_a_setup_error_whose_close_outlasts_the_acquire_timeout_is_raised(make_pool: MakePool) -> None:
-    """``setup=`` raised in time, but closing its connection ran past the
-    acquire's deadline: asyncpg's acquire raises the hook's error (its
-    close is cut short by the ``wait_for()``, and the hook's error is raised
-    from the close's ``finally``). safepool raised ``PoolTimeoutError``
-    ("timed out in the setup= hook") though the hook had returned: a
-    program catching the hook's error missed it."""
-    failing = [True]
-
-    async def setup(con: Any) -> None:
-        if failing:
-            failing.pop()
-            raise LookupError("setup failed")
-
-    pool = await make_pool(min_size=1, max_size=1, setup=setup, connection_class=SlowCloseConnection)
-    with pytest.raises(LookupError, match="setup failed"):
-        await pool.acquire(timeout=0.2)
-    async with pool.acquire(timeout=5) as con:
-        assert await con.fetchval("SELECT 1") == 1
-
-
-@pytest.mark.asyncio
-async def test_an_init_error_whose_close_outlasts_the_acquire_timeout_is_raised(
-    make_pool: MakePool, flavour: str, request: pytest.FixtureRequest
+@pytest.mark.parametrize("hook", ["setup", "init"])
+async def test_a_hook_error_whose_close_outlasts_the_acquire_timeout_is_raised(
+    make_pool: MakePool, flavour: str, hook: str, request: pytest.FixtureRequest
 ) -> None:
-    """The same for ``init=`` on the connection an acquire opened: asyncpg
-    runs the hook and the close after its failure inside the acquire's
-    ``wait_for()``, and raises the hook's error. safepool's connect runs in
-    a pool task that reports the failure once the connection is closed (the
-    slot counts until its backend is gone): the waiter's deadline comes
-    first, and it gets ``PoolTimeoutError``. Not fixed yet: the waiter
-    would need the hook's error before the close is done."""
-    skip_before_asyncpg((0, 32), "a close(timeout=) that runs out closes its transport (0.29-0.31 leave it open)")
-    if flavour == "safepool":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="init= error delivered only after the close"))
+    """The hook raised in time, but closing its connection ran past the
+    acquire's deadline: asyncpg's acquire raises the hook's error (the hook
+    and the close after its failure run inside the acquire's ``wait_for()``;
+    the close, cut short, raises the hook's error from its ``finally``).
+
+    ``setup=``: safepool raised ``PoolTimeoutError`` ("timed out in the
+    setup= hook") though the hook had returned, so a program catching the
+    hook's error missed it; fixed. ``init=``, on the connection the acquire
+    opened: safepool's connect runs in a pool task that reports the failure
+    once the connection is closed (the slot counts until its backend is
+    gone), so the waiter's deadline comes first and it gets
+    ``PoolTimeoutError``. Not fixed yet: the waiter would need the hook's
+    error before the close is done."""
+    if hook == "init":
+        skip_before_asyncpg((0, 32), "a close(timeout=) that runs out closes its transport (0.29-0.31 leave it open)")
+        if flavour == "safepool":
+            request.applymarker(pytest.mark.xfail(strict=True, reason="init= error delivered only after the close"))
     failing = [True]
 
-    async def init(con: Any) -> None:
+    async def failing_once(con: Any) -> None:
         if failing:
             failing.pop()
-            raise LookupError("init failed")
+            raise LookupError(f"{hook} failed")
 
-    pool = await make_pool(min_size=0, max_size=1, init=init, connection_class=SlowCloseConnection)
-    with pytest.raises(LookupError, match="init failed"):
+    # (init= runs on a connection the acquire opens: none is open before it)
+    pool = await make_pool(
+        min_size=1 if hook == "setup" else 0, max_size=1, connection_class=SlowCloseConnection,
+        **{hook: failing_once},
+    )
+    with pytest.raises(LookupError, match=f"{hook} failed"):
         await pool.acquire(timeout=0.2)
     async with pool.acquire(timeout=5) as con:
         assert await con.fetchval("SELECT 1") == 1
