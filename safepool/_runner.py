@@ -444,8 +444,11 @@ class Runner:
             if _pg.is_cancelling(con) and not con.is_closed():
                 hooks = self.hooks
                 try:
+                    # The reset gets what the wait left of the budget (asyncpg
+                    # 0.32's holder subtracts the wait): the release is bounded
+                    # by its timeout as a whole, not once per step.
                     async with asyncio.timeout(budget):
-                        await _pg.wait_for_cancellation(con)
+                        budget = await _workers.cancel_answered(con, budget)
                 except TimeoutError as exc:
                     error = exc
                 else:

@@ -184,7 +184,7 @@ async def reset(
             # reset() that takes longer, or ignores the timeout, is not cut short.
             if _pg.is_cancelling(con):
                 async with asyncio.timeout(budget):
-                    budget = await _cancel_answered(con, budget)
+                    budget = await cancel_answered(con, budget)
             whole = None
         else:
             whole = budget
@@ -298,14 +298,14 @@ async def _reset_connection(
     reset query in one simple-query message. ``limit`` bounds the
     statements, not the wait for a cancelled query."""
     if _pg.is_cancelling(con):
-        budget = await _cancel_answered(con, budget)
+        budget = await cancel_answered(con, budget)
     if con.is_closed():
         return  # asyncpg's background cancel gave up and closed it
     async with asyncio.timeout(limit):
         await _send_reset(con, rollback, hooks, budget)
 
 
-async def _cancel_answered(con: RawConnection, budget: float | None) -> float | None:
+async def cancel_answered(con: RawConnection, budget: float | None) -> float | None:
     """Wait until a cancelled query has answered (asyncpg makes release wait
     for it too, or the next holder inherits the cancellation); returns what
     is left of ``budget``, which goes to an overridden reset(), as asyncpg
