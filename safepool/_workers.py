@@ -271,10 +271,17 @@ async def close(con: RawConnection, lost: bool, budget: float | None) -> Excepti
         if lost:
             async with asyncio.timeout(budget or LOST_BACKEND_CANCEL_TIMEOUT):
                 await _pg.cancel_running_query(con)
+        elif budget is None:
+            # No budget asked for: asyncpg's pool calls close() with none
+            # (Pool.close(), and a release with no timeout), and waits as
+            # long as it takes. safepool bounds it from outside, so a
+            # connection class's close() gets what asyncpg's pool passes.
+            async with asyncio.timeout(DEFAULT_RESET_TIMEOUT):
+                if _pg.is_cancelling(con):
+                    await _pg.wait_for_cancellation(con)
+                await con.close()
         else:
-            if budget is None:
-                budget = DEFAULT_RESET_TIMEOUT
-            elif not budget > 0:
+            if not budget > 0:
                 # A release's budget already spent (0, negative, NaN):
                 # asyncpg's close(timeout=) raises TimeoutError before it
                 # sends anything, and aborts.

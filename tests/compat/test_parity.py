@@ -1654,3 +1654,40 @@ async def test_a_hook_error_whose_close_outlasts_the_acquire_timeout_is_raised(
         await pool.acquire(timeout=0.2)
     async with pool.acquire(timeout=5) as con:
         assert await con.fetchval("SELECT 1") == 1
+
+
+class CloseRecordingConnection(asyncpg.Connection):  # type: ignore[misc]
+    """Records the ``timeout=`` each ``close()`` gets."""
+
+    timeouts: list[float | None] = []
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        self.timeouts.append(timeout)
+        await super().close(timeout=timeout)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("closed_by", ["pool.close()", "max_queries", "expire_connections()"])
+async def test_a_connection_class_close_gets_the_timeout_asyncpg_passes(make_pool: MakePool, closed_by: str) -> None:
+    """asyncpg's pool closes a connection with ``close()`` when the pool
+    closes, and with ``close(timeout=)`` of the release's budget, else the
+    acquire's, when a release gives the connection up (``max_queries``, an
+    expired generation): ``None`` here, where neither is given. safepool
+    passed its own 30 s bound as ``timeout=30.0`` (helper-106's finding,
+    2026-12-04); it now bounds the close from outside, and an overriding
+    ``close()`` sees what asyncpg's pool passes."""
+    CloseRecordingConnection.timeouts = []
+    pool = await make_pool(
+        min_size=1, max_size=1, connection_class=CloseRecordingConnection,
+        **({"max_queries": 1} if closed_by == "max_queries" else {}),
+    )
+    con = await pool.acquire()
+    await con.execute("SELECT 1")
+    if closed_by == "expire_connections()":
+        await pool.expire_connections()
+    if closed_by == "pool.close()":
+        await pool.release(con)
+        await pool.close()
+    else:
+        await pool.release(con)
+    assert CloseRecordingConnection.timeouts == [None]
