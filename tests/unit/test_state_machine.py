@@ -399,10 +399,9 @@ class PoolMachine(RuleBasedStateMachine):
             elif owner is not None:
                 assert owner.slot is slot, "a connect went past the task it was opened for"
         elif ok is None:
-            size = self.state.size
             assert self.state.connect_failed(slot, self.now, LookupError("init failed"), in_init=True, connection=object())
             assert slot.state is S.CLOSING and slot.failed_connect, "the backend init= failed on stopped counting"
-            assert self.state.size == size and slot.owner is None
+            assert slot in set(self.state.slots()) and slot.owner is None
             assert owner is None or owner.state is not WaiterState.WAITING or self.state.wait_on_connect_error
         else:
             self.state.connect_failed(slot, self.now, ConnectionRefusedError("refused"))
