@@ -507,7 +507,9 @@ class Runner:
     async def connect_slot(self, slot: Slot, *, raise_errors: bool = False) -> bool:
         """Open the slot's connection; returns whether it is now in the pool."""
         state = self.state
-        attempt = _workers.ConnectAttempt()
+        # (Pool creation's first connect raises its error to create_pool()'s
+        # caller: its init= failure is closed before, as asyncpg's.)
+        attempt = _workers.ConnectAttempt(close_later=not raise_errors)
         token = _workers.CONNECT_ATTEMPT.set(attempt)
         try:
             con = await self.open_connection()
@@ -517,6 +519,7 @@ class Runner:
             if not _workers.raised_not_cancelled(exc):
                 # Cancelled (terminate(), close()), or KeyboardInterrupt: not a
                 # connect outcome; settle the books and let it through.
+                attempt.left_open(None)
                 state.connect_cancelled(slot, self.now())
                 self.drain()
                 raise
@@ -525,11 +528,18 @@ class Runner:
             failure = None
         finally:
             _workers.CONNECT_ATTEMPT.reset(token)
+        # A connection init= failed on: the slot closes it (a Close, in a
+        # pool task of its own, counted until the backend is gone) while its
+        # waiting task gets the hook's error now.
+        leftover = attempt.left_open(failure)
         if failure is not None:
             # Read before connect_failed fails the waiters: a connect that
             # tasks waited for is theirs, not the min_size upkeep's.
             waited = state.waiting > 0
-            state.connect_failed(slot, self.now(), failure, _pg.refusal(failure), attempt.init_failed)
+            if not state.connect_failed(
+                slot, self.now(), failure, _pg.refusal(failure), attempt.init_failed, leftover,
+            ) and leftover is not None:
+                _pg.terminate(leftover)  # abandoned meanwhile (terminated)
             # Reported outside the except block: a failing listener's
             # traceback must not carry the connect error's full text.
             self.reporter.connect_failed(failure, self.now(), raised=raise_errors, waited=waited)

@@ -185,7 +185,9 @@ _PHASES: dict[Phase, frozenset[Phase]] = {
 
 
 class Slot:
-    __slots__ = ("id", "state", "connection", "generation", "created_at", "idle_since", "lease", "owner")
+    __slots__ = (
+        "id", "state", "connection", "generation", "created_at", "idle_since", "lease", "owner", "failed_connect",
+    )
 
     def __init__(self, slot_id: int, generation: int, now: float) -> None:
         self.id = slot_id
@@ -196,6 +198,10 @@ class Slot:
         self.idle_since = now
         self.lease: Lease | None = None
         self.owner: Waiter | None = None  # while CONNECTING: the waiting task it is opened for
+        # CLOSING a connection its connect failed on (init= raised): never
+        # opened for the pool (not in connected(), connections_opened or
+        # connections_closed), yet its backend counts towards max_size.
+        self.failed_connect = False
 
     def __repr__(self) -> str:
         return f"<Slot {self.id} {self.state.value}>"
@@ -702,8 +708,13 @@ class PoolState:
         return len(self._slots) - self._connecting_count - self._closing_count
 
     def connected(self) -> int:
-        """Connections that exist on the server (asyncpg's get_size())."""
-        return self.size - self._connecting_count
+        """Connections that exist on the server (asyncpg's get_size()): not
+        those being opened, nor those closing after their ``init=`` failed
+        (asyncpg's holder gets a connection once ``init=`` returned)."""
+        connected = self.size - self._connecting_count
+        if self._closing_count:
+            connected -= sum(1 for slot in self._slots if slot.failed_connect)
+        return connected
 
     def server_status(self, now: float) -> ServerStatus:
         # A connect that failed in init= reached the server: it is up.
@@ -1320,24 +1331,35 @@ class PoolState:
         return True
 
     def connect_failed(
-        self, slot: Slot, now: float, error: BaseException, refused: int = NOT_REFUSED, in_init: bool = False
-    ) -> None:
+        self, slot: Slot, now: float, error: BaseException, refused: int = NOT_REFUSED, in_init: bool = False,
+        connection: Any = None,
+    ) -> bool:
         """The connect failed (a no-op if it was abandoned meanwhile).
         ``refused``: ``REFUSED``, ``UNREACHABLE``, ``BROKEN``, ``UNRESOLVED``
         (see :class:`Backoff`).
         ``in_init``: the connection was open and the ``init=`` hook raised.
         It backs off as any failure (each attempt costs the server a login),
         but does not count toward the breaker: the server answered, and the
-        hook's error, not ServerUnavailableError, is what acquires get."""
+        hook's error, not ServerUnavailableError, is what acquires get.
+        ``connection``: that connection, still open: the slot closes it
+        (a ``Close``; still counted, as any closing slot, until
+        :meth:`closed`) while its waiters get the error now. Returns False
+        when the slot was abandoned (the I/O layer then aborts
+        ``connection``)."""
         if slot.state is not S.CONNECTING:
             if slot.state is S.CLOSED:
-                return
+                return False
             raise InternalStateError(f"connect_failed for {slot!r}")
         owner = slot.owner
         if owner is not None:
             self._unbind(owner)
-        self._move(slot, S.CLOSED)
-        self._slots.discard(slot)
+        if connection is None:
+            self._move(slot, S.CLOSED)
+            self._slots.discard(slot)
+        else:
+            slot.connection = connection
+            slot.failed_connect = True
+            self._start_close(slot)
         self.counters.connect_errors += 1
         self.connect_failures += 1
         self.server_failures = 0 if in_init else self.server_failures + 1
@@ -1392,6 +1414,7 @@ class PoolState:
             self._serve_unbound(now)  # the owner waits on, for any connection
         if now >= self.backoff_until:
             self._plan_connects(now)  # (the attempt outlasted its delay: the next starts now)
+        return True
 
     def connect_cancelled(self, slot: Slot, now: float | None = None) -> None:
         """The connect was abandoned (pool terminated, or a KeyboardInterrupt
@@ -1465,7 +1488,8 @@ class PoolState:
             return False
         self._move(slot, S.CLOSED)
         self._slots.discard(slot)
-        self.counters.connections_closed += 1
+        if not slot.failed_connect:
+            self.counters.connections_closed += 1
         self._plan_connects(now)
         return True
 
@@ -1699,6 +1723,8 @@ class PoolState:
             found[slot.state] += 1
         if found[S.CLOSED]:
             fail("a closed slot is still counted")
+        if any(s.failed_connect and (s.state is not S.CLOSING or s.lease is not None) for s in self._slots):
+            fail("a slot whose connect failed is not closing")
         for state, counted in ((S.CONNECTING, self._connecting_count), (S.CLOSING, self._closing_count)):
             if found[state] != counted:
                 fail(f"{state.value}: counted {counted}, found {found[state]}")

@@ -66,14 +66,38 @@ class ResetHooks:
 class ConnectAttempt:
     """What :func:`connect` tells the pool beside its error: whether the
     connection was open when ``init=`` raised (the hook failed, not the
-    server). Passed through :data:`CONNECT_ATTEMPT`, so the error raised is
-    the hook's own, as from asyncpg, and ``_get_new_connection`` keeps
-    asyncpg's signature."""
+    server), and, with ``close_later``, that connection itself, left open
+    for the pool to close (``connection``). Passed through
+    :data:`CONNECT_ATTEMPT`, so the error raised is the hook's own, as from
+    asyncpg, and ``_get_new_connection`` keeps asyncpg's signature.
 
-    __slots__ = ("init_failed",)
+    ``close_later``: the runner closes a connection ``init=`` failed on in
+    a pool task of its own, its slot counted until the backend is gone,
+    and the task waiting for the connect gets the hook's error at once
+    (asyncpg's acquire raises it even when the close outlasts its
+    ``timeout``: the close, cut short, re-raises it). Without it (pool
+    creation, which raises the error to its caller, as asyncpg's), the
+    close is awaited here first."""
 
-    def __init__(self) -> None:
+    __slots__ = ("init_failed", "close_later", "connection", "error")
+
+    def __init__(self, close_later: bool = False) -> None:
         self.init_failed = False
+        self.close_later = close_later
+        self.connection: RawConnection | None = None
+        self.error: BaseException | None = None  # the hook's, raised with ``connection`` left open
+
+    def left_open(self, raised: BaseException | None) -> RawConnection | None:
+        """The connection to close, when what the connect raised (``raised``;
+        None: it returned, or was cancelled) is the hook's error it was left
+        open with. Otherwise (a ``Pool`` subclass's ``_get_new_connection()``
+        caught that error) it is terminated here: never left open."""
+        con, self.connection = self.connection, None
+        error, self.error = self.error, None  # (no cycle through the error's traceback)
+        if con is not None and (raised is None or raised is not error):
+            _pg.terminate(con)
+            return None
+        return con
 
 
 # Set by the runner around its connect (a task-local context, so concurrent
@@ -94,8 +118,9 @@ async def connect(
     init: Callable[[Any], Awaitable[None]] | None,
 ) -> RawConnection:
     """Open a connection and run ``init=`` on it; raises what the connect or
-    ``init`` raised (a connection ``init`` failed on is closed first; on
-    cancellation it is terminated), or asyncpg's
+    ``init`` raised (a connection ``init`` failed on is closed first, or
+    left to the pool, see :class:`ConnectAttempt`; on cancellation it is
+    terminated), or asyncpg's
     ``ConnectionDoesNotExistError`` when the connection came back closed."""
     try:
         con = await open_connection(
@@ -122,12 +147,19 @@ async def connect(
     if init is not None:
         try:
             await init(con)
-        except Exception:
+        except Exception as exc:
             attempt = CONNECT_ATTEMPT.get()
             if attempt is not None:
                 # Still open: the hook itself raised (a lost connection is
                 # the server's failure, as any connect's).
                 attempt.init_failed = not con.is_closed()
+                if attempt.init_failed and attempt.close_later:
+                    # The pool closes it; nothing is awaited between the
+                    # hook's error and the runner taking the connection.
+                    attempt.left_open(None)  # (an earlier one, caught by a Pool subclass)
+                    attempt.connection = con
+                    attempt.error = exc
+                    raise
             try:
                 await con.close()
             except Exception:

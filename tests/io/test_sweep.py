@@ -272,6 +272,31 @@ async def setup_fails(rig: Rig) -> None:
         pass
 
 
+class InitFailed(Exception):
+    pass
+
+
+async def init_fails_on_the_first(con: Any) -> None:
+    await con.execute("SET application_name = 'init'")
+    if con is con._server.connections[0]:
+        raise InitFailed("init failed")
+
+
+async def init_fails(rig: Rig) -> None:
+    """init= fails on the first connection (max_size=1): acquire raises its
+    error at once while a pool task closes that connection, counted until
+    it is gone; the next acquire (past the backoff) waits for the close,
+    then connects anew."""
+    try:
+        async with rig.pool.acquire():
+            raise AssertionError("acquire() returned although init= failed")
+    except InitFailed:
+        pass
+    rig.clock.advance(5)
+    async with rig.pool.acquire() as con:
+        await con.execute("SELECT 1")
+
+
 async def close_with_leases(rig: Rig) -> None:
     """close() while two connections are leased; another task releases them
     (one after a statement: its reset) while close() waits."""
@@ -329,6 +354,7 @@ SCENARIOS = [
     Scenario("contend", contend, {"min_size": 1, "max_size": 1}),
     Scenario("custom_reset", custom_reset, {"min_size": 1, "reset": custom_reset_hook}),
     Scenario("setup_fails", setup_fails, {"min_size": 1, "setup": failing_setup}),
+    Scenario("init_fails", init_fails, {"max_size": 1, "init": init_fails_on_the_first}),
     Scenario("close_with_leases", close_with_leases),
     Scenario("take_back", take_back, {"max_size": 1, "lease_timeout": 5}),
     Scenario("expire", expire),

@@ -815,6 +815,43 @@ def test_a_server_that_answers_slowly_with_an_error_is_not_hedged() -> None:
     assert len(under_way) <= 20, f"{len(under_way)} connects in 20 s"
 
 
+def test_an_init_failure_fails_its_waiters_now_and_closes_its_connection_counted() -> None:
+    """init= raised on an open connection: the waiters get the error at
+    once; the slot closes that connection and counts towards max_size until
+    closed() (no connect beside its backend), though the pool never opened
+    it (not connected(), not in connections_opened or _closed)."""
+    state = make(max_size=1)
+    owner = state.enqueue("a", 0, None)
+    other = state.enqueue("b", 0, None)
+    [slot] = fields(take(state, Connect))
+    error, con = LookupError("init failed"), object()
+    assert state.connect_failed(slot, 0.1, error, in_init=True, connection=con)
+    assert take(state, Close) == [Close(slot)]
+    assert take(state, Fail) == [Fail(owner, error), Fail(other, error)]
+    assert slot.state is SlotState.CLOSING and slot.connection is con and slot.failed_connect
+    assert (state.size, state.connected(), state.waiting) == (1, 0, 0)
+    assert state.init_failing and state.server_status(0.1).value == "up"
+    third = state.enqueue("c", 5.0, None)
+    state.advance(5.0)  # past the backoff
+    assert not take(state, Connect), "a connect beside the closing backend"
+    assert state.closed(slot, 5.1) and not state.closed(slot, 5.1)
+    [retry] = fields(take(state, Connect))
+    assert retry.owner is third
+    c = state.counters
+    assert (c.connections_opened, c.connections_closed, c.connect_errors) == (0, 0, 1)
+
+
+def test_an_init_failure_on_an_abandoned_connect_leaves_the_connection_to_the_caller() -> None:
+    """terminate() abandoned the connect meanwhile: nothing to count or
+    close in the core; False tells the I/O layer to abort the connection."""
+    state = make(max_size=1)
+    state.enqueue("a", 0, None)
+    [slot] = fields(take(state, Connect))
+    state.connect_cancelled(slot)
+    assert not state.connect_failed(slot, 0.1, LookupError("init failed"), in_init=True, connection=object())
+    assert slot.connection is None and state.size == 0 and not take(state, Close)
+
+
 def test_floor_alone_is_restored_on_the_upkeep_schedule_after_failures() -> None:
     state = make(max_size=3, min_size=1)
     state.floor_enabled = True

@@ -382,8 +382,10 @@ class PoolMachine(RuleBasedStateMachine):
     # ---------------------------------------------------------- I/O side
 
     @precondition(lambda self: self.connecting)
-    @rule(i=index, ok=st.sampled_from([True, True, False]))
-    def finish_connect(self, i: int, ok: bool) -> None:
+    @rule(i=index, ok=st.sampled_from([True, True, False, None]))
+    def finish_connect(self, i: int, ok: bool | None) -> None:
+        """``ok`` None: the init= hook raised on the open connection, which
+        the slot then closes (still counted) while its waiters get the error."""
         slot = self._pick(self.connecting, i)
         self.connecting.remove(slot)
         assert slot.state is S.CONNECTING
@@ -396,6 +398,11 @@ class PoolMachine(RuleBasedStateMachine):
                 assert slot.state is S.CLOSING, "a connect went past the task it was opened for"
             elif owner is not None:
                 assert owner.slot is slot, "a connect went past the task it was opened for"
+        elif ok is None:
+            assert self.state.connect_failed(slot, self.now, LookupError("init failed"), in_init=True, connection=object())
+            assert slot.state is S.CLOSING and slot.failed_connect, "the backend init= failed on stopped counting"
+            assert slot in set(self.state.slots()) and slot.owner is None
+            assert owner is None or owner.state is not WaiterState.WAITING or self.state.wait_on_connect_error
         else:
             self.state.connect_failed(slot, self.now, ConnectionRefusedError("refused"))
         try:
@@ -505,6 +512,12 @@ class PoolMachine(RuleBasedStateMachine):
         state = self.state
         state.check_invariants()
         assert sum(state.count(s) for s in SlotState if s is not S.CLOSED) == state.size
+        # A connection init= failed on counts towards max_size while it
+        # closes, but was never the pool's: not opened, closed nor connected.
+        failed = sum(1 for s in state.slots() if s.failed_connect)
+        assert state.connected() == state.size - state.count(S.CONNECTING) - failed
+        c = state.counters
+        assert c.connections_opened - c.connections_closed == state.connected()
         # The machine's books agree with the core's.
         assert all(s.state is S.CONNECTING for s in self.connecting)
         assert len(self.connecting) == state.count(S.CONNECTING)

@@ -1,0 +1,78 @@
+"""An ``init=`` hook that raises on a new connection whose close is slow,
+on a real server: the acquire gets the hook's error while that backend is
+still there, and the pool never has more than ``max_size`` backends (the
+next connect waits until the failed one's backend is gone)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+import safepool
+
+pytestmark = pytest.mark.asyncio
+
+
+class SlowCloseConnection(asyncpg.Connection):
+    """A close that takes 0.5 s before it sends Terminate (cancelled: aborts)."""
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            self.terminate()
+            raise
+        await super().close(timeout=timeout)
+
+
+@pytest.mark.parametrize("waiters", [1, 3])
+async def test_the_error_comes_first_and_the_backend_counts_until_gone(
+    pg_dsn: str, app_name: str, server_count: Any, waiters: int
+) -> None:
+    failing = [True]
+
+    async def init(con: Any) -> None:
+        if failing:
+            failing.pop()
+            raise LookupError("init failed")
+
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=0, max_size=1, init=init, connection_class=SlowCloseConnection,
+        server_settings={"application_name": app_name},
+    )
+    try:
+        acquires = [asyncio.ensure_future(pool.acquire(timeout=0.2)) for _ in range(waiters)]
+        for acquire in acquires:
+            with pytest.raises(LookupError, match="init failed"):
+                await acquire
+        # Raised before the close finished: its backend is still there,
+        # counted by the pool (stats().closing), not by get_size().
+        assert await server_count(app_name) == 1
+        assert (pool.stats().closing, pool.get_size()) == (1, 0)
+
+        peak = 0
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, await server_count(app_name))
+                await asyncio.sleep(0.005)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            async with pool.acquire(timeout=5) as con:
+                assert await con.fetchval("SELECT 1") == 1
+                assert pool.stats().closing == 0
+        finally:
+            done.set()
+            await sampler
+        assert peak == 1, f"{peak} backends at once with max_size=1"
+        stats = pool.stats()
+        assert (stats.connect_errors, stats.connections_opened, stats.connections_closed) == (1, 1, 0)
+    finally:
+        await pool.close()
+    assert await server_count(app_name) == 0
