@@ -73,3 +73,36 @@ def test_site_names_must_be_non_empty_strings() -> None:
     for bad in ("", None, 3):
         with pytest.raises(TypeError, match="non-empty string"):
             safepool.site(bad)  # type: ignore[arg-type]
+
+
+def test_one_site_object_shared_by_concurrent_tasks() -> None:
+    """A site made once (``REPORTS = safepool.site("reports")`` at module
+    level) and entered by concurrent requests: each task's exit restores its
+    own context. The object kept one stack of tokens for every task, so the
+    task that left first popped the other's token, and both raised
+    ``ValueError: <Token ...> was created in a different Context``."""
+    reports = safepool.site("reports")
+
+    async def handler(entered: asyncio.Event, leave: asyncio.Event) -> tuple[str | None, str | None]:
+        with reports:
+            entered.set()
+            await leave.wait()
+            inside = current_site()
+        return inside, current_site()
+
+    async def main() -> list[tuple[str | None, str | None]]:
+        first_in, second_in = asyncio.Event(), asyncio.Event()
+        first_out, second_out = asyncio.Event(), asyncio.Event()
+        first = asyncio.create_task(handler(first_in, first_out))
+        await first_in.wait()
+        second = asyncio.create_task(handler(second_in, second_out))
+        await second_in.wait()
+        first_out.set()  # the first in leaves first: not the reverse order of entry
+        one = await first
+        second_out.set()
+        return [one, await second]
+
+    assert asyncio.run(main()) == [("reports", None), ("reports", None)]
+    with reports, reports:  # and nested in one task, as before
+        assert current_site() == "reports"
+    assert current_site() is None
