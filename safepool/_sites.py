@@ -87,7 +87,8 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
     tasks it starts), for ``max_site_share`` and per-site statistics.
 
     ``with safepool.site("GET /orders"): ...``, or as a decorator of a sync or
-    async function. One object may be shared (made once, at module level)
+    async function (an async generator function too: the site holds during
+    its steps). One object may be shared (made once, at module level)
     and entered by concurrent tasks. An explicit ``acquire(site=...)`` wins
     over it.
 
@@ -114,6 +115,44 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
 
     def __call__(self, func: F) -> F:
         name = self.name
+        if inspect.isasyncgenfunction(func):
+            # An async generator (a FastAPI dependency that yields a
+            # connection, a row stream): the site holds during each of its
+            # steps, and not in the consumer between them. (Wrapped as a sync
+            # function, the site was gone before its first step.)
+
+            @functools.wraps(func)
+            async def run_steps(*args: Any, **kwargs: Any) -> Any:
+                steps = func(*args, **kwargs)
+                sent: Any = None
+                thrown: BaseException | None = None
+                try:
+                    while True:
+                        token = _current.set(name)
+                        try:
+                            if thrown is None:
+                                item = await steps.asend(sent)
+                            else:
+                                error, thrown = thrown, None
+                                item = await steps.athrow(error)
+                        except StopAsyncIteration:
+                            return
+                        finally:
+                            _current.reset(token)
+                        try:
+                            sent = yield item
+                        except GeneratorExit:
+                            raise
+                        except BaseException as exc:  # athrow(): handed to the generator
+                            sent, thrown = None, exc
+                finally:
+                    token = _current.set(name)
+                    try:
+                        await steps.aclose()
+                    finally:
+                        _current.reset(token)
+
+            return run_steps  # type: ignore[return-value]
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)
