@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import warnings
+from typing import NoReturn
 
 
 def _selfcheck(dsn: str | None) -> int:
@@ -105,10 +106,21 @@ async def _query(dsn: str) -> int:
     return 0 if value == 42 else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose error line never shows a DSN's password (``selfcheck
+    postgresql://user:password@host/db``, the DSN without ``--dsn``: an
+    unrecognized argument, echoed)."""
+
+    def error(self, message: str) -> NoReturn:
+        from ._secrets import redact
+
+        super().error(redact(message, None))
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m safepool",
         description="safepool: a resilient drop-in replacement for asyncpg's connection pool.",
         epilog="Run 'python -m safepool COMMAND --help' for a command's options.",

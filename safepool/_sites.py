@@ -23,6 +23,10 @@ from ._stack import RESUMED
 __all__ = ["site", "current_site", "caller_site"]
 
 _current: ContextVar[str | None] = ContextVar("safepool_site", default=None)
+# The tokens of the `with site(...)` blocks the current context is in,
+# innermost last: kept per context, not on the site object, which concurrent
+# tasks may share (a module-level `REPORTS = safepool.site("reports")`).
+_entered: ContextVar[tuple[Token[str | None], ...]] = ContextVar("safepool_site_entered", default=())
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Per code object: its site name, or "" for library frames to walk past.
@@ -83,30 +87,72 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
     tasks it starts), for ``max_site_share`` and per-site statistics.
 
     ``with safepool.site("GET /orders"): ...``, or as a decorator of a sync or
-    async function. An explicit ``acquire(site=...)`` wins over it.
+    async function (an async generator function too: the site holds during
+    its steps). One object may be shared (made once, at module level)
+    and entered by concurrent tasks. An explicit ``acquire(site=...)`` wins
+    over it.
 
     :raises TypeError: ``name`` is not a non-empty string.
     """
 
-    __slots__ = ("name", "_tokens")
+    __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"a site name must be a non-empty string, got {name!r}")
         self.name = name
-        self._tokens: list[Token[str | None]] = []
 
     def __enter__(self) -> site:
-        self._tokens.append(_current.set(self.name))
+        _entered.set((*_entered.get(), _current.set(self.name)))
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        _current.reset(self._tokens.pop())
+        *outer, token = _entered.get()
+        _entered.set(tuple(outer))
+        _current.reset(token)
 
     def __call__(self, func: F) -> F:
         name = self.name
+        if inspect.isasyncgenfunction(func):
+            # An async generator (a FastAPI dependency that yields a
+            # connection, a row stream): the site holds during each of its
+            # steps, and not in the consumer between them. (Wrapped as a sync
+            # function, the site was gone before its first step.)
+
+            @functools.wraps(func)
+            async def run_steps(*args: Any, **kwargs: Any) -> Any:
+                steps = func(*args, **kwargs)
+                sent: Any = None
+                thrown: BaseException | None = None
+                try:
+                    while True:
+                        token = _current.set(name)
+                        try:
+                            if thrown is None:
+                                item = await steps.asend(sent)
+                            else:
+                                error, thrown = thrown, None
+                                item = await steps.athrow(error)
+                        except StopAsyncIteration:
+                            return
+                        finally:
+                            _current.reset(token)
+                        try:
+                            sent = yield item
+                        except GeneratorExit:
+                            raise
+                        except BaseException as exc:  # athrow(): handed to the generator
+                            sent, thrown = None, exc
+                finally:
+                    token = _current.set(name)
+                    try:
+                        await steps.aclose()
+                    finally:
+                        _current.reset(token)
+
+            return run_steps  # type: ignore[return-value]
         if inspect.iscoroutinefunction(func):
 
             @functools.wraps(func)

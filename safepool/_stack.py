@@ -113,7 +113,9 @@ def resolve(captured: Captured) -> tuple[Frame, ...]:
 def format_stack(captured: Captured | None) -> str:
     """Outermost first, like a traceback."""
     if not captured:
-        return "  (acquire stack not captured: set leak_warning_after or capture_stack=True)\n"
+        # (leak_warning_after turns capture on only when capture_stack is left
+        # out: with capture_stack=False "set leak_warning_after" misled.)
+        return "  (acquire stack not captured: set capture_stack=True, or leak_warning_after without capture_stack=False)\n"
     lines = []
     for filename, lineno, name in reversed(resolve(captured)):
         lines.append(f'  File "{filename}", line {lineno}, in {name}\n')

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ast
 import fnmatch
+import io
 import json
 import os
 import re
@@ -891,7 +892,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = [root for root in args.paths if not os.path.exists(root)]
     errors.extend({"path": root, "error": "no such file or directory"} for root in missing)
 
-    if args.format == "json":
+    try:
+        _report(args.format, findings, errors, scanned, unparsed, missing)
+    except BrokenPipeError:
+        # `python -m safepool check src/ | head`: the reader has what it
+        # wanted. No traceback, and the exit status still says what was found.
+        _silence_stdout()
+    if findings:
+        return 1
+    return 2 if errors else 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, or the interpreter's final flush reports the broken pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+def _report(
+    format: str, findings: list[Finding], errors: list[dict[str, str]], scanned: int,
+    unparsed: list[str], missing: list[str],
+) -> None:
+    """Print the findings (stdout), the errors (stderr) and the summary line."""
+    if format == "json":
         print(json.dumps({
             "files_scanned": scanned,
             "findings": [asdict(f) for f in findings],
@@ -916,9 +942,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary += f", {len(missing)} path{'s' if len(missing) != 1 else ''} not found: {_some(missing)}"
         summary += ")" if not errors else "; errors above)"
         print(f"safepool check: {summary}")
-    if findings:
-        return 1
-    return 2 if errors else 0
 
 
 if __name__ == "__main__":  # python -m safepool.check, as python -m safepool check

@@ -356,3 +356,24 @@ def test_cli_exclude_matches_a_trailing_part_of_the_path(
         assert main(["--format", "json", root, "--exclude", pattern]) == 1
         paths = [Path(f["path"]).as_posix() for f in json.loads(capsys.readouterr().out)["findings"]]
         assert [p.rpartition("src/")[2] for p in paths] == ["app/a.py"], (root, pattern)
+
+
+def test_output_piped_into_a_reader_that_stops_early(tmp_path: Path) -> None:
+    """`python -m safepool check src/ | head`: the reader closes the pipe
+    after a few lines. The check printed a BrokenPipeError traceback (`top`
+    did not); now it stops quietly, and its exit status still says what it
+    found."""
+    leak = "async def f{n}(pool):\n    con = await pool.acquire()\n    await con.execute('SELECT 1')\n\n\n"
+    (tmp_path / "many.py").write_text("".join(leak.format(n=n) for n in range(2000)))
+    for format in ("text", "json"):
+        child = subprocess.Popen(
+            [sys.executable, "-m", "safepool", "check", str(tmp_path), "--format", format],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        assert child.stdout is not None and child.stderr is not None
+        assert child.stdout.readline()  # far less than the output: the pipe's buffer fills
+        child.stdout.close()
+        stderr = child.stderr.read().decode()
+        child.stderr.close()
+        assert child.wait(timeout=60) == 1, stderr
+        assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

@@ -18,6 +18,7 @@ from tests._util import line_of, looked_at, until
 
 pytestmark = pytest.mark.asyncio
 
+NOT_CAPTURED = "(acquire stack not captured: set capture_stack=True, or leak_warning_after without capture_stack=False)"
 
 
 # ---------------------------------------------------------------- lease timeout
@@ -51,7 +52,7 @@ async def test_expired_lease_is_taken_back_and_holder_gets_a_clear_error(
     # trial; then "task unknown", which read as if the pool had lost track).
     [report] = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "lease_expired"]
     assert "; task not recorded (stack capture is off); taking the connection back" in report, report
-    assert "(acquire stack not captured: set leak_warning_after or capture_stack=True)" in report, report
+    assert NOT_CAPTURED in report, report
 
 
 async def test_lease_released_in_time_is_untouched(pools: Any) -> None:
@@ -143,6 +144,24 @@ async def test_leak_suspect_warning_names_the_acquire_line(pools: Any, caplog: p
     assert info.age == pytest.approx(2.5) and info.acquired_at and "test_leases.py" in info.acquired_at
     await pool.release(con)
     assert pool.stats().leak_warnings == 1
+
+
+async def test_a_suspect_report_with_capture_turned_off_does_not_ask_for_leak_warning_after(
+    pools: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # leak_warning_after set, capture_stack=False: the report's hint said
+    # "set leak_warning_after or capture_stack=True", the first already set.
+    clock = ManualClock()
+    pool = await pools(leak_warning_after=2.0, capture_stack=False, clock=clock)
+    assert not pool.capture_stack
+    caplog.set_level(logging.WARNING, logger="safepool.leaks")
+    con = await pool.acquire()
+    clock.advance(2.5)
+    [report] = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "leak_suspect"]
+    assert "task not recorded (stack capture is off)" in report, report
+    assert NOT_CAPTURED in report, report
+    assert "set leak_warning_after or" not in report, report
+    await pool.release(con)
 
 
 async def test_gc_of_a_forgotten_proxy_reclaims_and_reports(pools: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -521,7 +540,7 @@ async def test_a_report_without_stack_capture_says_the_task_was_not_recorded(
         await until(lambda: pool.stats().leaks_detected == 1)
     [report] = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "leak"]
     assert "; task not recorded (stack capture is off); acquired at:\n" in report, report
-    assert "(acquire stack not captured: set leak_warning_after or capture_stack=True)" in report, report
+    assert NOT_CAPTURED in report, report
 
 
 # -------------------------------------------------------------------- leases()

@@ -4,6 +4,7 @@ to end, and the command's handling of bad input and Ctrl-C."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -416,6 +417,37 @@ def test_unreachable_dsn_gives_one_line_and_exit_2(dsn: str, capsys: pytest.Capt
     assert out == ""
     assert err.startswith(PROG_ERROR + "cannot connect to --dsn (") and err.count("\n") == 1, err
     assert "s3cret" not in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["postgresql://replay:s3cret@127.0.0.1:1/replay"],  # the DSN without --dsn
+        ["--scenario", "leak", "postgresql://replay:s3cret@127.0.0.1:1/replay"],
+        ["--duration", "postgresql://replay:s3cret@127.0.0.1:1/replay"],
+        ["--dsn=postgresql://replay:s3cret@127.0.0.1:1/replay", "extra"],
+    ],
+)
+def test_a_dsn_in_a_usage_error_is_shown_without_its_password(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # argparse echoes what it did not expect: "unrecognized arguments:
+    # postgresql://replay:s3cret@..." printed the password (a new user's trial).
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(PROG_ERROR) and err.count("\n") == 1, err
+    assert "s3cret" not in err, err
+
+
+def test_selfcheck_usage_error_does_not_show_a_dsns_password() -> None:
+    from safepool.__main__ import main as entry
+
+    with pytest.raises(SystemExit) as exit_info:
+        with contextlib.redirect_stderr(StringIO()) as err:
+            entry(["selfcheck", "postgresql://replay:s3cret@127.0.0.1:1/replay"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: postgresql://replay:***@127.0.0.1:1/replay" in err.getvalue(), err.getvalue()
+    assert "s3cret" not in err.getvalue()
 
 
 def test_command_line_errors_exit_2_without_a_traceback() -> None:

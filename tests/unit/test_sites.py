@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+import inspect
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -73,3 +74,84 @@ def test_site_names_must_be_non_empty_strings() -> None:
     for bad in ("", None, 3):
         with pytest.raises(TypeError, match="non-empty string"):
             safepool.site(bad)  # type: ignore[arg-type]
+
+
+def test_one_site_object_shared_by_concurrent_tasks() -> None:
+    """A site made once (``REPORTS = safepool.site("reports")`` at module
+    level) and entered by concurrent requests: each task's exit restores its
+    own context. The object kept one stack of tokens for every task, so the
+    task that left first popped the other's token, and both raised
+    ``ValueError: <Token ...> was created in a different Context``."""
+    reports = safepool.site("reports")
+
+    async def handler(entered: asyncio.Event, leave: asyncio.Event) -> tuple[str | None, str | None]:
+        with reports:
+            entered.set()
+            await leave.wait()
+            inside = current_site()
+        return inside, current_site()
+
+    async def main() -> list[tuple[str | None, str | None]]:
+        first_in, second_in = asyncio.Event(), asyncio.Event()
+        first_out, second_out = asyncio.Event(), asyncio.Event()
+        first = asyncio.create_task(handler(first_in, first_out))
+        await first_in.wait()
+        second = asyncio.create_task(handler(second_in, second_out))
+        await second_in.wait()
+        first_out.set()  # the first in leaves first: not the reverse order of entry
+        one = await first
+        second_out.set()
+        return [one, await second]
+
+    assert asyncio.run(main()) == [("reports", None), ("reports", None)]
+    with reports, reports:  # and nested in one task, as before
+        assert current_site() == "reports"
+    assert current_site() is None
+
+
+def test_site_decorates_an_async_generator_function() -> None:
+    """``@safepool.site("db")`` on an async generator (a FastAPI dependency
+    that yields a connection): it was wrapped as a sync function, so
+    ``inspect.isasyncgenfunction`` said False, and the site was reset before
+    the generator's first step (under FastAPI the dependency's acquire got
+    the function's own site, the name ignored). Now the site holds during
+    each step, not in the consumer between steps, and sends, throws and
+    closes reach the generator."""
+    log: list[object] = []
+
+    @safepool.site("db")
+    async def dependency() -> AsyncIterator[str | None]:
+        try:
+            sent = yield current_site()
+            log.append(("sent", sent, current_site()))
+            try:
+                yield current_site()
+            except KeyError as exc:
+                log.append(("caught", exc.args[0], current_site()))
+                yield "recovered"
+            yield "more"
+        finally:
+            log.append(("closed", current_site()))
+
+    assert inspect.isasyncgenfunction(dependency) and dependency.__name__ == "dependency"
+
+    async def main() -> None:
+        steps = dependency()
+        assert await steps.__anext__() == "db"
+        assert current_site() is None  # between steps: the consumer's own
+        assert await steps.asend("hello") == "db"
+        assert await steps.athrow(KeyError("k")) == "recovered"
+        await steps.aclose()
+        assert current_site() is None
+        assert [item async for item in dependency()] == ["db", "db", "more"]
+        raised = dependency()
+        await raised.__anext__()
+        with pytest.raises(ValueError, match="not caught"):
+            await raised.athrow(ValueError("not caught"))
+
+    asyncio.run(main())
+    assert log == [
+        ("sent", "hello", "db"), ("caught", "k", "db"), ("closed", "db"),
+        ("sent", None, "db"), ("closed", "db"),
+        ("closed", "db"),
+    ]
