@@ -125,6 +125,19 @@ _ERRNO_IN_TEXT = re.compile(r"\[Errno (-?\d+)\]")
 _SSL_ANSWERS = ("rejected SSL upgrade", "error response during SSL exchange")
 
 
+def program_error(error: BaseException) -> bool:
+    """Whether a connect failed on the program's own mistake, not on the
+    server or the network: a keyword asyncpg's ``connect()`` does not take
+    (``TypeError``), an option or DSN it cannot use (``ValueError``,
+    asyncpg's ``ClientConfigurationError``), a ``connect=`` callable's bug
+    (``AttributeError``). Such an error says nothing of the server, so it
+    does not count toward the circuit breaker (as an ``init=`` hook's
+    does not): acquires get it as from asyncpg's pool."""
+    return isinstance(error, (TypeError, ValueError, AttributeError)) and not isinstance(
+        error, (OSError, _pg_exceptions.PostgresError)
+    )
+
+
 def refusal(error: BaseException) -> int:
     """How a connect failed, for its backoff (``_state.Backoff``):
     ``UNREACHABLE``, nothing answered: nothing listening (the kernel

@@ -538,6 +538,7 @@ class Runner:
             waited = state.waiting > 0
             if not state.connect_failed(
                 slot, self.now(), failure, _pg.refusal(failure), attempt.init_failed, leftover,
+                _pg.program_error(failure),
             ) and leftover is not None:
                 _pg.terminate(leftover)  # abandoned meanwhile (terminated)
             # Reported outside the except block: a failing listener's

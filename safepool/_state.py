@@ -1332,7 +1332,7 @@ class PoolState:
 
     def connect_failed(
         self, slot: Slot, now: float, error: BaseException, refused: int = NOT_REFUSED, in_init: bool = False,
-        connection: Any = None,
+        connection: Any = None, program: bool = False,
     ) -> bool:
         """The connect failed (a no-op if it was abandoned meanwhile).
         ``refused``: ``REFUSED``, ``UNREACHABLE``, ``BROKEN``, ``UNRESOLVED``
@@ -1345,7 +1345,10 @@ class PoolState:
         (a ``Close``; still counted, as any closing slot, until
         :meth:`closed`) while its waiters get the error now. Returns False
         when the slot was abandoned (the I/O layer then aborts
-        ``connection``)."""
+        ``connection``). ``program``: the connect failed on the program's
+        own mistake (``_internals.program_error``: a misspelled connect
+        keyword): backed off as any failure, but not counted toward the
+        breaker, which would answer "the server is down" for it."""
         if slot.state is not S.CONNECTING:
             if slot.state is S.CLOSED:
                 return False
@@ -1362,7 +1365,10 @@ class PoolState:
             self._start_close(slot)
         self.counters.connect_errors += 1
         self.connect_failures += 1
-        self.server_failures = 0 if in_init else self.server_failures + 1
+        if in_init:
+            self.server_failures = 0
+        elif not program:
+            self.server_failures += 1
         self.init_failing = in_init
         self.last_connect_error = error
         # A connect that started before the last failure was under way with

@@ -352,6 +352,23 @@ async def test_init_hook_failure_is_not_reported_as_the_server_down(
     assert "init_failed" not in codes(await pool.health(probe=False))
 
 
+@pytest.mark.parametrize("fail_fast", [False, True])
+async def test_a_connect_error_of_the_programs_own_is_raised_not_the_breakers(pools: Any, fail_fast: bool) -> None:
+    """A misspelled connect keyword (a new user's walk, 2026-12-04): every
+    connect raises asyncpg's ``TypeError``, and asyncpg's acquire raises it
+    each time. With ``fail_fast=True`` safepool counted it toward the
+    breaker as the server's failure and answered ``ServerUnavailableError``
+    ("the server refuses new ones", an HTTP 503) from the third acquire on,
+    hiding the bug's type. As an ``init=`` hook's error, it no longer counts."""
+    pool = await pools(name="typo", min_size=0, fail_fast=fail_fast, command_timout=5)
+    for _ in range(4):
+        with pytest.raises(TypeError, match="command_timout"):
+            await pool.acquire(timeout=10)
+    stats = pool.stats()
+    assert stats.unavailable_rejections == 0 and stats.consecutive_connect_failures == 4
+    assert pool._state.server_failures == 0  # (what the breaker counts)
+
+
 async def test_init_failures_do_not_count_toward_the_breaker_refusals_do(pools: Any) -> None:
     connect = FlakyConnect()
     init = BrokenInit()

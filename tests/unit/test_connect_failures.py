@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from safepool._internals import refusal
+from safepool._internals import program_error, refusal
 from safepool._state import BROKEN, NOT_REFUSED, REFUSED, UNREACHABLE, UNRESOLVED
 
 
@@ -178,3 +178,26 @@ async def test_a_name_whose_every_address_refuses_is_unreachable(monkeypatch: py
     assert type(caught.value) is OSError and caught.value.errno is None, repr(caught.value)
     assert str(caught.value).startswith("Multiple exceptions: "), repr(caught.value)
     assert refusal(caught.value) == UNREACHABLE
+
+
+@pytest.mark.parametrize(
+    ("error", "programs"),
+    [
+        (TypeError("connect() got an unexpected keyword argument 'command_timout'"), True),
+        (ValueError("invalid sslmode"), True),
+        (asyncpg.ClientConfigurationError("invalid DSN"), True),  # (an InterfaceError and a ValueError)
+        (AttributeError("'NoneType' object has no attribute 'host'"), True),
+        (ConnectionRefusedError(111, "refused"), False),
+        (TimeoutError(), False),
+        (socket.gaierror(-2, "Name or service not known"), False),
+        (ssl.SSLError(1, "certificate verify failed"), False),  # (an OSError)
+        (asyncpg.InvalidPasswordError("password authentication failed"), False),
+        (asyncpg.CannotConnectNowError("the database system is starting up"), False),
+        (asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"), False),
+        (RuntimeError("anything else"), False),
+    ],
+)
+def test_a_connect_error_of_the_programs_own_is_told_from_the_servers(error: BaseException, programs: bool) -> None:
+    """What the circuit breaker does not count (``_internals.program_error``):
+    a mistake of the program's says nothing of the server."""
+    assert program_error(error) is programs
