@@ -169,6 +169,11 @@ class Pool(_PoolBase):
         self._init = init
 
         self._state = config.new_state()
+        if clock is not None and not (callable(getattr(clock, "now", None)) and callable(getattr(clock, "call_at", None))):
+            raise TypeError(
+                "clock must have now() and call_at(when, callback) (safepool.ManualClock, say), "
+                f"or be None for the event loop's, got {type(clock).__name__}"
+            )
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
         self._reporter = reporter = Reporter(self._name, self._state, loop, config.site_caps)
@@ -798,7 +803,11 @@ class Pool(_PoolBase):
 
         Returns False, doing nothing, when no open lease has that id, or its
         proxy was garbage collected and an operation or object still uses
-        the connection. Raises what :meth:`release` raises."""
+        the connection. Raises what :meth:`release` raises, and
+        ``TypeError`` for a ``lease_id`` that is not an int (``True`` is not
+        lease 1)."""
+        if isinstance(lease_id, bool) or not isinstance(lease_id, int):
+            raise TypeError(f"lease_id must be an int (LeaseInfo.id), got {type(lease_id).__name__}")
         if self._runner.reclaimer.release_orphan(lease_id):
             return True
         return await self._observation.release_lease(lease_id)

@@ -180,6 +180,26 @@ async def test_release_lease_goes_through_release(pools: Any) -> None:
         assert await con.fetchval("SHOW work_mem") != "1MB"
 
 
+@pytest.mark.parametrize("lease_id", [True, 1.0, "1", None])
+async def test_release_lease_takes_only_an_int(pools: Any, lease_id: Any) -> None:
+    """``True`` would release lease 1 (bool is an int): a new user's walk,
+    2026-12-04. Anything but an int is a TypeError, and the lease stays."""
+    pool = await pools(name="typed-ids", min_size=0, max_size=1)
+    con = await pool.acquire()
+    with pytest.raises(TypeError, match="lease_id must be an int"):
+        await pool.release_lease(lease_id)
+    assert await con.fetchval("SELECT 1") == 1  # still leased
+    await pool.release(con)
+
+
+@pytest.mark.parametrize("clock", [5, object(), "monotonic"])
+async def test_a_clock_without_now_and_call_at_is_a_type_error(pg_dsn: str, clock: Any) -> None:
+    """``clock=5`` raised ``AttributeError: 'int' object has no attribute
+    'now'`` from inside the pool (a new user's walk, 2026-12-04)."""
+    with pytest.raises(TypeError, match=r"clock must have now\(\) and call_at"):
+        await safepool.create_pool(pg_dsn, min_size=0, clock=clock)
+
+
 @pytest.mark.parametrize("retired_by", ["max_queries", "expire_connections"])
 async def test_release_lease_of_a_connection_due_to_close(
     pools: Any, server_count: Any, app_name: str, retired_by: str
