@@ -182,7 +182,7 @@ class Reporter:
         described = describe_error(error)
         logger.log(
             logging.DEBUG if raised else logging.WARNING,
-            "pool %r: the init hook failed on a new connection (%s), which was closed; %d consecutive failures"
+            "pool %r: the init hook failed on a new connection (%s), which the pool closes; %d consecutive failures"
             if self.state.init_failing else "pool %r: connect failed (%s); %d consecutive failures",
             self.name, described, self.state.connect_failures,
             extra={"event": "connect_failed", "pool": self.name, "error": described},

@@ -337,7 +337,7 @@ async def test_init_hook_failure_is_not_reported_as_the_server_down(
     assert stats.consecutive_connect_failures == 4 and stats.unavailable_rejections == 0
     messages = [r.getMessage() for r in caplog.records if r.name == "safepool"]
     assert "pool 'init-bug': the init hook failed on a new connection (ValueError: bug in init hook), " \
-        "which was closed; 4 consecutive failures" in messages
+        "which the pool closes; 4 consecutive failures" in messages
     assert not [m for m in messages if "server status" in m or "connect failed" in m]
     report = await pool.health(probe=False)
     assert report.status == "failing" and "server_down" not in codes(report)
