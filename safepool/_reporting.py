@@ -104,9 +104,14 @@ class Reporter:
         if self.site_caps:
             usage = ", ".join(f"{name}: {held} in use, {waiting} waiting" for name, held, waiting in state.site_usage(3))
             sites = f", site cap={state.site_cap} ({usage})"
+        # Connections still closing hold their places (an init= failure's,
+        # a slow close): named when there are any, else a full pool that
+        # times out reads as an empty one.
+        closing = state.count(SlotState.CLOSING)
+        closing_text = f", closing={closing}" if closing else ""
         return (
             f"pool {self.name!r}: {what}{waited}: max_size={state.max_size}, in use={state.in_use}, "
-            f"idle={state.idle}, connecting={state.count(SlotState.CONNECTING)}, waiting={state.waiting}, "
+            f"idle={state.idle}, connecting={state.count(SlotState.CONNECTING)}{closing_text}, waiting={state.waiting}, "
             f"max_waiters={state.max_waiters}{sites}; {self.describe_oldest(now, 3)}"
         )
 

@@ -536,14 +536,19 @@ class Runner:
             # Read before connect_failed fails the waiters: a connect that
             # tasks waited for is theirs, not the min_size upkeep's.
             waited = state.waiting > 0
-            if not state.connect_failed(
+            counted = state.connect_failed(
                 slot, self.now(), failure, _pg.refusal(failure), attempt.init_failed, leftover,
                 _pg.program_error(failure),
-            ) and leftover is not None:
+            )
+            if not counted and leftover is not None:
                 _pg.terminate(leftover)  # abandoned meanwhile (terminated)
-            # Reported outside the except block: a failing listener's
-            # traceback must not carry the connect error's full text.
-            self.reporter.connect_failed(failure, self.now(), raised=raise_errors, waited=waited)
+            if counted:
+                # Reported outside the except block: a failing listener's
+                # traceback must not carry the connect error's full text. A
+                # connect terminate() abandoned (its hook turned the
+                # cancellation into an error) is no failure: not counted,
+                # not logged, no connect_failed event.
+                self.reporter.connect_failed(failure, self.now(), raised=raise_errors, waited=waited)
             self.drain()
             self.keep_floor()
             if raise_errors:

@@ -76,3 +76,75 @@ async def test_the_error_comes_first_and_the_backend_counts_until_gone(
     finally:
         await pool.close()
     assert await server_count(app_name) == 0
+
+
+async def test_a_timeout_behind_the_closing_connection_says_it_is_closing(
+    pg_dsn: str, app_name: str, server_count: Any
+) -> None:
+    """max_size=1, the hook failed and its connection's close is slow: an
+    acquire that times out meanwhile said "in use=0, idle=0, connecting=0
+    ... no connection is leased", a pool that looked empty yet full. The
+    message counts the closing connection that holds the place."""
+
+    async def init(con: Any) -> None:
+        raise LookupError("init failed")
+
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=0, max_size=1, init=init, connection_class=SlowCloseConnection,
+        server_settings={"application_name": app_name},
+    )
+    try:
+        with pytest.raises(LookupError):
+            await pool.acquire(timeout=5)
+        assert pool.stats().closing == 1
+        with pytest.raises(safepool.PoolTimeoutError, match=r"connecting=0, closing=1, waiting=0") as caught:
+            await pool.acquire(timeout=0.05)
+        assert await server_count(app_name) <= 1
+        assert "closing=" not in str(caught.value).split("closing=1", 1)[1]
+        pool._state.check_invariants()
+    finally:
+        await pool.close()
+    assert await server_count(app_name) == 0
+
+
+async def test_a_connect_abandoned_by_terminate_reports_no_failure(
+    pg_dsn: str, app_name: str, server_count: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """terminate() while init= runs, and the hook turns its cancellation
+    into an error of its own: the connect was abandoned (not counted in
+    connect_errors, connect_failures stays 0), yet the pool logged a
+    WARNING "connect failed (...); 0 consecutive failures" and emitted a
+    connect_failed event per connect, after its terminate()."""
+    caplog.set_level("DEBUG", logger="safepool")
+    entered = asyncio.Event()
+
+    async def init(con: Any) -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise LookupError("init interrupted") from None
+
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=0, max_size=2, init=init, server_settings={"application_name": app_name},
+    )
+    events: list[dict[str, Any]] = []
+    pool.add_listener(events.append)
+    acquires = [asyncio.ensure_future(pool.acquire(timeout=5)) for _ in range(2)]
+    await asyncio.wait_for(entered.wait(), 5)
+    await asyncio.sleep(0.05)
+    caplog.clear()
+    pool.terminate()
+    for acquire in acquires:
+        with pytest.raises(safepool.PoolClosedError):
+            await acquire
+    await asyncio.sleep(0.1)
+    assert [e for e in events if e["event"] == "connect_failed"] == []
+    assert [r.getMessage() for r in caplog.records if "failed" in r.getMessage()] == []
+    assert pool.stats().connect_errors == 0
+    pool._state.check_invariants()
+    for _ in range(50):
+        if await server_count(app_name) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await server_count(app_name) == 0
