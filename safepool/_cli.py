@@ -4,6 +4,8 @@ one line and an exit code, instead of a usage dump and SystemExit."""
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -68,3 +70,14 @@ def server_start_hint(exc: BaseException) -> str:
             "address: set TMPDIR to a shorter one, such as /tmp"
         )
     return ""
+
+
+def silence_stdout() -> None:
+    """After a ``BrokenPipeError`` (``... | head``: the reader has what it
+    wanted): point stdout at /dev/null, or the interpreter's final flush
+    reports the broken pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import ast
 import fnmatch
-import io
 import json
 import os
 import re
@@ -36,6 +35,8 @@ import sys
 import tokenize
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+
+from ._cli import silence_stdout
 
 __all__ = ["Finding", "check_source", "main"]
 
@@ -897,19 +898,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # `python -m safepool check src/ | head`: the reader has what it
         # wanted. No traceback, and the exit status still says what was found.
-        _silence_stdout()
+        silence_stdout()
     if findings:
         return 1
     return 2 if errors else 0
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, or the interpreter's final flush reports the broken pipe again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, io.UnsupportedOperation):
-        pass
 
 
 def _report(

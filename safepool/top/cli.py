@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import io
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -37,6 +35,7 @@ from .._cli import Exit as _Exit
 from .._cli import Parser as _Parser
 from .._cli import UsageError as _UsageError
 from .._cli import number as _cli_number
+from .._cli import silence_stdout
 from .._secrets import redact
 from .._secrets import scrub_quoted as _scrub_quoted
 from .._secrets import split as _split
@@ -378,14 +377,5 @@ def main(argv: list[str], prog: str = PROG) -> int:
         sys.stderr.write("\n")
         return 130
     except BrokenPipeError:  # `... | head`: the reader has what it wanted
-        _silence_stdout()
+        silence_stdout()
         return 0
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, or the interpreter's final flush reports the broken pipe again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, io.UnsupportedOperation):
-        pass
