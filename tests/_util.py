@@ -87,3 +87,22 @@ async def pool_and_admin(pg_dsn: str, **options: Any) -> AsyncIterator[tuple[Any
         await admin.close()
         pool._state.check_invariants()
         await asyncio.wait_for(pool.close(), 10)
+
+
+def slow_close_connection_class() -> type:
+    """A ``connection_class`` whose ``close()`` takes 0.5 s before it sends
+    Terminate (a server slow to answer it); cut short, it aborts, as
+    asyncpg's own close does. (asyncpg is imported here, when asked, so
+    this module stays importable without it.)"""
+    import asyncpg
+
+    class SlowCloseConnection(asyncpg.Connection):  # type: ignore[misc]
+        async def close(self, *, timeout: float | None = None) -> None:
+            try:
+                await asyncio.sleep(0.5)
+            except asyncio.CancelledError:
+                self.terminate()
+                raise
+            await super().close(timeout=timeout)
+
+    return SlowCloseConnection

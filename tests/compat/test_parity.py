@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 import safepool
-from tests._util import skip_before_asyncpg, until_in_pg_sleep
+from tests._util import skip_before_asyncpg, slow_close_connection_class, until_in_pg_sleep
 
 MakePool = Callable[..., Awaitable[Any]]
 
@@ -1602,18 +1602,9 @@ async def test_a_release_that_closes_an_unanswering_connection_is_bounded(
     assert await pool.fetchval("SELECT 2") == 2
 
 
-class SlowCloseConnection(asyncpg.Connection):
-    """A connection whose close takes longer than the test's acquire timeout
-    (a server slow to answer the Terminate message); cut short, it aborts,
-    as asyncpg's own close does."""
-
-    async def close(self, *, timeout: float | None = None) -> None:
-        try:
-            await asyncio.sleep(0.5)
-        except asyncio.CancelledError:
-            self.terminate()
-            raise
-        await super().close(timeout=timeout)
+# A close slower than the tests' acquire timeouts (a server slow to answer
+# the Terminate message).
+SlowCloseConnection = slow_close_connection_class()
 
 
 @pytest.mark.asyncio

@@ -8,24 +8,17 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import asyncpg
 import pytest
 
 import safepool
+from tests._util import slow_close_connection_class
 
 pytestmark = pytest.mark.asyncio
 
 
-class SlowCloseConnection(asyncpg.Connection):
-    """A close that takes 0.5 s before it sends Terminate (cancelled: aborts)."""
-
-    async def close(self, *, timeout: float | None = None) -> None:
-        try:
-            await asyncio.sleep(0.5)
-        except asyncio.CancelledError:
-            self.terminate()
-            raise
-        await super().close(timeout=timeout)
+# A close slower than the tests' acquire timeouts (a server slow to answer
+# the Terminate message).
+SlowCloseConnection = slow_close_connection_class()
 
 
 @pytest.mark.parametrize("waiters", [1, 3])

@@ -69,13 +69,31 @@ def closing(rig: Rig) -> int:
     return state.count(SlotState.CLOSING)
 
 
-async def test_the_waiter_gets_the_error_while_the_connection_closes() -> None:
-    init = FailingInit()
+async def hook_ran(init: FailingInit, timeout: float = 60) -> tuple[Rig, asyncio.Future[Any]]:
+    """A pool of one (``max_size=1``) whose first acquire (its ``timeout``,
+    seconds) had a connection opened and ``init`` run on it: the rig and
+    the acquire's task."""
     rig = await make_rig(max_size=1, init=init)
-    task = asyncio.ensure_future(rig.pool.acquire(timeout=60))
+    task = asyncio.ensure_future(rig.pool.acquire(timeout=timeout))
     await spin()
     rig.server.finish_connect()
     await spin()
+    return rig, task
+
+
+async def settled_once_closed(rig: Rig, init: FailingInit) -> None:
+    """The connection ``init`` failed on, still closing, closes: the pool
+    is empty and its books agree; then it is terminated."""
+    assert closing(rig) == 1
+    init.finish_close()
+    await spin()
+    rig.books(size=0)
+    rig.pool.terminate()
+
+
+async def test_the_waiter_gets_the_error_while_the_connection_closes() -> None:
+    init = FailingInit()
+    rig, task = await hook_ran(init)
     assert task.done(), "the waiter waits for the close of the connection init= failed on"
     with pytest.raises(InitFailed):
         await task
@@ -154,11 +172,7 @@ async def test_several_tasks_waiting_on_the_failed_connect_get_the_error_at_once
     for task in tasks:
         with pytest.raises(InitFailed):
             await task
-    assert closing(rig) == 1
-    init.finish_close()
-    await spin()
-    rig.books(size=0)
-    rig.pool.terminate()
+    await settled_once_closed(rig, init)
 
 
 async def test_a_waiter_cancelled_while_init_runs() -> None:
@@ -166,11 +180,7 @@ async def test_a_waiter_cancelled_while_init_runs() -> None:
     nobody, and the connection closes, counted until it is gone."""
     gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     init = FailingInit(gate=gate)
-    rig = await make_rig(max_size=1, init=init)
-    task = asyncio.ensure_future(rig.pool.acquire(timeout=60))
-    await spin()
-    rig.server.finish_connect()
-    await spin()
+    rig, task = await hook_ran(init)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -187,22 +197,14 @@ async def test_a_waiter_cancelled_while_init_runs() -> None:
 async def test_a_waiter_whose_timeout_ran_out_before_the_hook_failed() -> None:
     gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     init = FailingInit(gate=gate)
-    rig = await make_rig(max_size=1, init=init)
-    task = asyncio.ensure_future(rig.pool.acquire(timeout=1))
-    await spin()
-    rig.server.finish_connect()
-    await spin()
+    rig, task = await hook_ran(init, timeout=1)
     rig.clock.advance(1)
     await spin()
     with pytest.raises(safepool.PoolTimeoutError):
         await task
     gate.set_result(None)
     await spin()
-    assert closing(rig) == 1
-    init.finish_close()
-    await spin()
-    rig.books(size=0)
-    rig.pool.terminate()
+    await settled_once_closed(rig, init)
 
 
 async def test_close_waits_for_the_connection_init_failed_on() -> None:
@@ -211,11 +213,7 @@ async def test_close_waits_for_the_connection_init_failed_on() -> None:
     connection is closed (gracefully), not before."""
     gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     init = FailingInit(gate=gate)
-    rig = await make_rig(max_size=1, init=init)
-    task = asyncio.ensure_future(rig.pool.acquire(timeout=60))
-    await spin()
-    rig.server.finish_connect()
-    await spin()
+    rig, task = await hook_ran(init)
     closing_pool = asyncio.ensure_future(rig.pool.close())
     await spin()
     with pytest.raises(safepool.PoolClosedError):
@@ -231,11 +229,7 @@ async def test_close_waits_for_the_connection_init_failed_on() -> None:
 
 async def test_terminate_aborts_the_connection_init_failed_on() -> None:
     init = FailingInit()
-    rig = await make_rig(max_size=1, init=init)
-    task = asyncio.ensure_future(rig.pool.acquire(timeout=60))
-    await spin()
-    rig.server.finish_connect()
-    await spin()
+    rig, task = await hook_ran(init)
     with pytest.raises(InitFailed):
         await task
     assert closing(rig) == 1
@@ -250,11 +244,7 @@ async def test_an_init_that_lost_its_connection_frees_the_slot_at_once() -> None
     """A connection that died in the hook has no backend left to close:
     the slot is freed with the error (the server's failure, as any connect's)."""
     init = FailingInit(lose=True)
-    rig = await make_rig(max_size=1, init=init)
-    task = asyncio.ensure_future(rig.pool.acquire(timeout=60))
-    await spin()
-    rig.server.finish_connect()
-    await spin()
+    rig, task = await hook_ran(init)
     with pytest.raises(InitFailed):
         await task
     assert closing(rig) == 0
