@@ -7,12 +7,21 @@ import argparse
 import io
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
+
+from ._secrets import redact
 
 
 class UsageError(Exception):
     """A bad option or value: the tool prints it as one line and exits 2."""
+
+
+def usage_text(error: UsageError, argv: Sequence[str]) -> str:
+    """``error``'s line without a password: argparse echoes a DSN given
+    where it expected something else (``replay postgresql://u:pw@h/db``, the
+    DSN without ``--dsn``: "unrecognized arguments: ...")."""
+    return redact(str(error), next((arg for arg in argv if "://" in arg), None))
 
 
 class Exit(Exception):

@@ -38,7 +38,7 @@ from .._cli import Exit as _Exit
 from .._cli import Parser as _Parser
 from .._cli import UsageError as _UsageError
 from .._cli import number as _cli_number
-from .._secrets import redact
+from .._cli import usage_text as _usage_text
 
 PROG = "python -m safepool replay"
 PLOT_FORMATS = (".png", ".svg", ".pdf")
@@ -230,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     except _Exit as stop:
         return stop.code
     except _UsageError as exc:
-        # A DSN given without --dsn ("unrecognized arguments: postgresql://
-        # user:password@..."), or in the wrong option: never its password.
-        _fail(redact(str(exc), next((arg for arg in argv if "://" in arg), None)))
+        _fail(_usage_text(exc, argv))
         return 2
     missing = _missing_packages(configs, args.plot is not None)
     if missing:

@@ -36,6 +36,7 @@ from .._cli import Parser as _Parser
 from .._cli import UsageError as _UsageError
 from .._cli import number as _cli_number
 from .._cli import silence_stdout
+from .._cli import usage_text as _usage_text
 from .._secrets import redact
 from .._secrets import scrub_quoted as _scrub_quoted
 from .._secrets import split as _split
@@ -360,11 +361,10 @@ async def _live_view(source: _Source, console: Console, interval: float, count: 
 def main(argv: list[str], prog: str = PROG) -> int:
     """Entry point of ``python -m safepool top`` and ``watch`` (``prog``: the
     command's name in usage and errors); returns the exit code."""
-    raw_dsn = next((arg for arg in argv if "://" in arg), None)
     try:
         args = build_parser(prog).parse_args(argv)
     except _UsageError as error:
-        sys.stderr.write(redact(f"{prog}: error: {error}", raw_dsn) + "\n")
+        sys.stderr.write(f"{prog}: error: {_usage_text(error, argv)}\n")
         return 2
     except _Exit as done:
         return done.code
