@@ -540,8 +540,6 @@ class Runner:
                 slot, self.now(), failure, _pg.refusal(failure), attempt.init_failed, leftover,
                 _pg.program_error(failure),
             )
-            if not counted and leftover is not None:
-                _pg.terminate(leftover)  # abandoned meanwhile (terminated)
             if counted:
                 # Reported outside the except block: a failing listener's
                 # traceback must not carry the connect error's full text. A
@@ -549,6 +547,8 @@ class Runner:
                 # cancellation into an error) is no failure: not counted,
                 # not logged, no connect_failed event.
                 self.reporter.connect_failed(failure, self.now(), raised=raise_errors, waited=waited)
+            elif leftover is not None:
+                _pg.terminate(leftover)  # abandoned meanwhile (terminated)
             self.drain()
             self.keep_floor()
             if raise_errors:
