@@ -106,3 +106,16 @@ def slow_close_connection_class() -> type:
             await super().close(timeout=timeout)
 
     return SlowCloseConnection
+
+
+async def cancelled(task: asyncio.Future[Any], times: int = 1) -> None:
+    """Cancel ``task`` ``times`` times, a loop step apart (a second cancel
+    comes while the first unwinds), and check that it ends cancelled."""
+    import pytest
+
+    for n in range(times):
+        if n:
+            await asyncio.sleep(0)
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

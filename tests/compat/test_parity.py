@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 import safepool
-from tests._util import skip_before_asyncpg, slow_close_connection_class, until_in_pg_sleep
+from tests._util import cancelled, skip_before_asyncpg, slow_close_connection_class, until_in_pg_sleep
 
 MakePool = Callable[..., Awaitable[Any]]
 
@@ -866,12 +866,7 @@ async def test_an_acquire_that_gives_up_on_its_connect(make_pool: MakePool, flav
     else:
         task = asyncio.ensure_future(pool.acquire())
         await wait_until(lambda: entered > before)
-        task.cancel()
-        if how == "cancel_twice":
-            await asyncio.sleep(0)
-            task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancelled(task, 2 if how == "cancel_twice" else 1)
     assert entered == before + 1
     await pool.release(held)
     async with pool.acquire(timeout=1) as con:  # the released connection, while the connect hangs

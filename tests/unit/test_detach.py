@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from safepool._detach import _Driver, already_ended, detached
+from tests._util import cancelled
 
 pytestmark = pytest.mark.asyncio
 
@@ -112,13 +113,7 @@ async def test_a_cancelled_caller_returns_at_once_and_the_pool_finishes(how: str
         await asyncio.sleep(0)
     assert log == ["start"]  # (the timeouts are 10 ms away: the futures never resolve before)
     if how.startswith("cancel"):
-        task.cancel()
-        if how == "cancel twice":
-            await asyncio.sleep(0)
-            task.cancel()
-    if how.startswith("cancel"):
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancelled(task, 2 if how == "cancel twice" else 1)
     else:
         await task
     # The caller is done while the coroutine still waits on its first future...
@@ -489,12 +484,7 @@ async def test_a_started_driver_cancelled_hands_over_from_the_first_steps_future
     task = asyncio.create_task(caller())
     await asyncio.sleep(0)
     if how.startswith("cancel"):
-        task.cancel()
-        if how == "cancel twice":
-            await asyncio.sleep(0)
-            task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancelled(task, 2 if how == "cancel twice" else 1)
     else:
         await task
     await case.pool_task_finishes()
