@@ -65,7 +65,15 @@ async def test_terminate_backends_at_random_under_load(running: Cluster, app_nam
             if not rows:
                 continue
             victim = rng.choice(rows)
-            if await admin.fetchval("SELECT pg_terminate_backend($1)", victim["pid"]):
+            # Returns once the backend has exited (its FATAL and EOF are on
+            # their way): so once the run ends, assert_books_balance's
+            # "the server sees the pool's connections" waits for the pool to
+            # have read the last kill's EOF. Without the wait the books could
+            # balance with the last victim still counted on both sides, and
+            # the final queries got it between its FATAL and its EOF
+            # (InternalClientError "another operation (2) is in progress", as
+            # on asyncpg's pool: ci-130, 2026-12-04).
+            if await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", victim["pid"]):
                 # "idle": in the pool's stack (or between statements of a
                 # lease); "active" / "idle in transaction": leased, mid-work.
                 killed[victim["state"] or "unknown"] += 1
