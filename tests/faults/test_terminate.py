@@ -35,6 +35,7 @@ async def test_terminate_backends_at_random_under_load(running: Cluster, app_nam
     ledger = Ledger()
     killed: Counter[str] = Counter()
     handed_out_closed: list[object] = []
+    victims: list[int] = []
     deadline = time.monotonic() + duration
 
     async def client(i: int) -> None:
@@ -65,15 +66,8 @@ async def test_terminate_backends_at_random_under_load(running: Cluster, app_nam
             if not rows:
                 continue
             victim = rng.choice(rows)
-            # Returns once the backend has exited (its FATAL and EOF are on
-            # their way): so once the run ends, assert_books_balance's
-            # "the server sees the pool's connections" waits for the pool to
-            # have read the last kill's EOF. Without the wait the books could
-            # balance with the last victim still counted on both sides, and
-            # the final queries got it between its FATAL and its EOF
-            # (InternalClientError "another operation (2) is in progress", as
-            # on asyncpg's pool: ci-130, 2026-12-04).
-            if await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", victim["pid"]):
+            if await admin.fetchval("SELECT pg_terminate_backend($1)", victim["pid"]):
+                victims.append(victim["pid"])
                 # "idle": in the pool's stack (or between statements of a
                 # lease); "active" / "idle in transaction": leased, mid-work.
                 killed[victim["state"] or "unknown"] += 1
@@ -84,6 +78,19 @@ async def test_terminate_backends_at_random_under_load(running: Cluster, app_nam
             with loop_errors() as unhandled:
                 tasks = [asyncio.create_task(client(i)) for i in range(4 * MAX_SIZE)]
                 await killer(admin)
+                # Until every victim has exited (its FATAL and EOF sent), so
+                # that assert_books_balance's "the server sees the pool's
+                # connections" waits for the pool to have read the last
+                # kill's EOF. Without it the books could balance with the last
+                # victim still counted on both sides, and the final queries
+                # got it between its FATAL and its EOF (InternalClientError
+                # "another operation (2) is in progress", as on asyncpg's
+                # pool: ci-130, 2026-12-04).
+                async with asyncio.timeout(10):
+                    while await admin.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", victims
+                    ):
+                        await asyncio.sleep(0.01)
                 async with asyncio.timeout(10):
                     await asyncio.gather(*tasks)
                 await assert_books_balance(pool, sampler)
