@@ -5,6 +5,7 @@ pool's own options, and :class:`PoolConfig`, the checked settings that
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -165,6 +166,7 @@ class PoolConfig:
     max_size: int
     max_queries: int
     max_inactive_lifetime: float
+    max_lifetime: float | None
     lease_timeout: float | None
     leak_warning_after: float | None
     acquire_timeout: float | None
@@ -197,6 +199,7 @@ class PoolConfig:
             max_waiters=self.max_waiters,
             max_connecting=self.max_connecting,
             max_inactive_lifetime=self.max_inactive_lifetime,
+            max_lifetime=self.max_lifetime,
             backoff=self.backoff,
             breaker_threshold=BREAKER_THRESHOLD if self.fail_fast else None,
             wait_on_connect_error=self.wait_on_connect_error,
@@ -218,6 +221,7 @@ def configure(
     connection_class: Any,
     record_class: Any,
     reset: Any,
+    max_lifetime: Any,
     lease_timeout: Any,
     leak_warning_after: Any,
     capture_stack: Any,
@@ -254,6 +258,9 @@ def configure(
     if capture_stack is not None and not isinstance(capture_stack, bool):
         raise TypeError(f"capture_stack must be True, False or None, got {capture_stack!r}")
     lease_timeout = validate_timeout("lease_timeout", lease_timeout, positive=True)
+    max_lifetime = validate_timeout("max_lifetime", max_lifetime, positive=True)
+    if max_lifetime == math.inf:
+        max_lifetime = None  # (never: as None, with no timer at infinity)
     reset_timeout_arg = reset_timeout
     leak_warning_after = validate_timeout("leak_warning_after", leak_warning_after)
     acquire_timeout = validate_timeout("acquire_timeout", acquire_timeout)
@@ -282,6 +289,7 @@ def configure(
         max_size=max_size,
         max_queries=max_queries,
         max_inactive_lifetime=max_inactive_connection_lifetime,
+        max_lifetime=max_lifetime,
         lease_timeout=lease_timeout,
         leak_warning_after=leak_warning_after,
         acquire_timeout=acquire_timeout,

@@ -187,6 +187,7 @@ _PHASES: dict[Phase, frozenset[Phase]] = {
 class Slot:
     __slots__ = (
         "id", "state", "connection", "generation", "created_at", "idle_since", "lease", "owner", "failed_connect",
+        "expires_at",
     )
 
     def __init__(self, slot_id: int, generation: int, now: float) -> None:
@@ -202,6 +203,9 @@ class Slot:
         # opened for the pool (not in connected(), connections_opened or
         # connections_closed), yet its backend counts towards max_size.
         self.failed_connect = False
+        # When its max_lifetime runs out (pool clock seconds), while that
+        # timer is in the core's heap; None otherwise (off, fired, closing).
+        self.expires_at: float | None = None
 
     def __repr__(self) -> str:
         return f"<Slot {self.id} {self.state.value}>"
@@ -399,6 +403,7 @@ class Counters:
     shed: int = 0  # waiters the adaptive queue failed after its target delay
     admission_rejections: int = 0  # refused at once: not servable within their timeout
     leases_discarded: int = 0  # leases ended by the pool: their connection was lost, or terminate()
+    connections_retired: int = 0  # connections whose max_lifetime ran out (closed then, or when given back)
 
 
 # How a connect failed, for its backoff (_internals.refusal tells).
@@ -492,7 +497,16 @@ class Backoff:
         return float(ceiling * (0.5 + 0.5 * self.rng()))
 
 
-_LEASE_DEADLINE, _LEASE_WARNING, _WAITER_DEADLINE = 0, 1, 2
+_LEASE_DEADLINE, _LEASE_WARNING, _WAITER_DEADLINE, _SLOT_EXPIRY = 0, 1, 2, 3
+
+# max_lifetime: each connection's is cut by up to this share, so connections
+# opened together are not all replaced together (see PoolState._arm_lifetime).
+LIFETIME_JITTER = 0.1
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+# The generation of a connection whose max_lifetime ran out while in use: no
+# generation the pool reaches (expire_connections() counts up from 0), so it
+# is closed, not reused, when its lease or reset ends.
+_RETIRED = -1
 
 
 class _DueQueue:
@@ -541,7 +555,8 @@ class PoolState:
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_level", "backoff_until",
         "breaker_threshold", "closing", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
         "failed_answer_max", "floor_enabled", "lost_before",
-        "generation", "init_failing", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime", "max_size",
+        "generation", "init_failing", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime",
+        "max_lifetime", "max_size",
         "max_waiters", "min_size", "phase", "reset_mode", "server_failures", "wait_on_connect_error", "wait_times",
     )
 
@@ -553,6 +568,7 @@ class PoolState:
         max_waiters: int | None = None,
         max_connecting: int | None = None,
         max_inactive_lifetime: float = 0.0,
+        max_lifetime: float | None = None,
         backoff: Backoff | None = None,
         breaker_threshold: int | None = None,
         wait_on_connect_error: bool = False,
@@ -582,6 +598,9 @@ class PoolState:
         # a released connection instead (a full server is not an error).
         self.wait_on_connect_error = wait_on_connect_error
         self.max_inactive_lifetime = max_inactive_lifetime
+        # None (asyncpg's behaviour): a connection lives until it breaks, is
+        # idle too long, reaches max_queries or is expired.
+        self.max_lifetime = max_lifetime
         self.backoff = backoff or Backoff()
 
         self.actions: list[Action] = []
@@ -760,6 +779,9 @@ class PoolState:
             self._closing_count -= 1
         if new is S.CLOSING:
             self._closing_count += 1
+            if slot.expires_at is not None:  # (its max_lifetime timer goes stale)
+                slot.expires_at = None
+                self._timer_dropped()
         slot.state = new
 
     # ----------------------------------------------------------------- acquire
@@ -1303,6 +1325,8 @@ class PoolState:
         self.connect_times.record(now - started)
         slot.created_at = now
         self.counters.connections_opened += 1
+        if self.max_lifetime is not None:
+            self._arm_lifetime(slot, now)
         self.connect_failures = 0
         self.backoff_level = 0
         self.connect_refusals = 0
@@ -1573,7 +1597,32 @@ class PoolState:
         self._next_id += 1
         heapq.heappush(self._timers, (when, self._next_id, kind, obj))
 
+    def _arm_lifetime(self, slot: Slot, now: float) -> None:
+        """Start the max_lifetime clock of a connection opened at ``now``. It
+        runs out between ``1 - LIFETIME_JITTER`` and 1 times ``max_lifetime``
+        later: the n-th connection the pool opened gets the n-th point of
+        the golden-ratio sequence ``frac(n * 0.618...)`` of that range, so
+        connections opened together (at start-up, after a restart) leave
+        spread evenly over it, not at once (with none drawn at random: a
+        test can tell when each leaves)."""
+        spread = (self.counters.connections_opened * _GOLDEN) % 1.0
+        slot.expires_at = when = now + self.max_lifetime * (1.0 - LIFETIME_JITTER * spread)  # type: ignore[operator]
+        self._push_timer(when, _SLOT_EXPIRY, slot)
+
+    def _retire(self, slot: Slot) -> None:
+        """A connection's max_lifetime ran out: closed now if idle, else
+        when its lease (or the reset after it) ends. An open lease keeps
+        its connection: no statement is cut short."""
+        slot.expires_at = None
+        self.counters.connections_retired += 1
+        if slot.state is S.IDLE:
+            self._start_close(slot)
+        else:
+            slot.generation = _RETIRED
+
     def _timer_live(self, kind: int, obj: Any) -> bool:
+        if kind == _SLOT_EXPIRY:
+            return obj.expires_at is not None
         if kind == _WAITER_DEADLINE:
             return bool(obj.state is W.WAITING)
         if kind == _LEASE_DEADLINE:
@@ -1671,6 +1720,8 @@ class PoolState:
                 if obj.connect is not None:
                     self._unbind(obj)  # (its connect is adopted by _plan_connects below)
                 self.actions.append(TimeOut(obj))  # (counted once its task gets it: delivered())
+            elif kind == _SLOT_EXPIRY:
+                self._retire(obj)
             elif kind == _LEASE_WARNING:
                 self._move_lease(obj, L.SUSPECT)
                 self.counters.leak_warnings += 1

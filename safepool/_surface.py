@@ -94,6 +94,7 @@ class Observation:
             init_size=config.init_size,
             max_queries=config.max_queries,
             max_inactive_connection_lifetime=state.max_inactive_lifetime,
+            max_lifetime=state.max_lifetime,
             lease_timeout=config.lease_timeout,
             leak_warning_after=config.leak_warning_after,
             acquire_timeout=config.acquire_timeout,

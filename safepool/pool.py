@@ -110,6 +110,7 @@ class Pool(_PoolBase):
         connection_class: type[_pg_connection.Connection],
         record_class: type[Any],
         name: str | None = None,
+        max_lifetime: float | None = None,
         lease_timeout: float | None = None,
         leak_warning_after: float | None = None,
         capture_stack: bool | None = None,
@@ -142,7 +143,7 @@ class Pool(_PoolBase):
             name or f"pool-{id(self):x}", min_size=min_size, max_size=max_size, init_size=init_size,
             max_queries=max_queries, max_inactive_connection_lifetime=max_inactive_connection_lifetime,
             connection_class=connection_class, record_class=record_class, reset=reset,
-            lease_timeout=lease_timeout, leak_warning_after=leak_warning_after, capture_stack=capture_stack,
+            max_lifetime=max_lifetime, lease_timeout=lease_timeout, leak_warning_after=leak_warning_after, capture_stack=capture_stack,
             max_waiters=max_waiters, acquire_timeout=acquire_timeout, max_connecting=max_connecting,
             fail_fast=fail_fast, wait_on_connect_error=wait_on_connect_error, reset_mode=reset_mode,
             reset_timeout=reset_timeout, backoff=backoff, max_site_share=max_site_share,
@@ -951,7 +952,9 @@ def create_pool(
     """Create a pool: the same parameters, defaults and meaning as
     :func:`asyncpg.create_pool`, plus safepool's options:
 
-    ``name``, ``lease_timeout``, ``leak_warning_after``, ``capture_stack``,
+    ``name``, ``max_lifetime`` (seconds, or None: a connection that old,
+    less up to 10%, is closed and replaced, once idle or released),
+    ``lease_timeout``, ``leak_warning_after``, ``capture_stack``,
     ``max_waiters``, ``acquire_timeout``, ``max_connecting``, ``fail_fast``,
     ``wait_on_connect_error``, ``reset_mode``
     (``"full"``, ``"rollback"`` or ``"auto"``), ``reset_timeout``, ``backoff``, ``clock``,

@@ -54,6 +54,7 @@ class PoolOptions:
     init_size: int
     max_queries: int
     max_inactive_connection_lifetime: float
+    max_lifetime: float | None  # None: connections are not replaced for their age
     lease_timeout: float | None
     leak_warning_after: float | None
     acquire_timeout: float | None
@@ -124,6 +125,9 @@ class PoolStats:
     # Leases the pool ended itself: their connection was lost (the backend
     # terminated, the network cut) or terminate() ended them.
     leases_discarded: int = 0
+    # Connections whose max_lifetime ran out: closed then if idle, else
+    # when their lease ended (pgxpool's MaxLifetimeDestroyCount).
+    connections_retired: int = 0
     site_cap: int | None = None  # connections one site may hold (None: max_site_share off)
     sites: tuple[SiteStats, ...] = ()  # the busiest SITES_REPORTED sites, then "other"
     # The last connect reached the server and the init= hook raised (until a
@@ -177,6 +181,7 @@ def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
         shed=c.shed,
         admission_rejections=c.admission_rejections,
         leases_discarded=c.leases_discarded,
+        connections_retired=c.connections_retired,
         site_cap=state.site_cap,
         sites=tuple(SiteStats(*row) for row in state.site_usage(SITES_REPORTED)),
         init_failing=state.init_failing,

@@ -121,6 +121,19 @@ def create_pool_behind_pgbouncer(dsn: str) -> safepool.Pool:
 # --8<-- [end:pgbouncer]
 
 
+# --8<-- [start:lifetime]
+def create_pool_that_follows_failovers(dsn: str) -> safepool.Pool:
+    return safepool.create_pool(
+        dsn,  # a DNS name that moves to the new primary on failover
+        name="app",
+        min_size=2,
+        max_size=20,
+        max_lifetime=1800.0,  # seconds: each connection is replaced after 27-30 minutes
+        lease_timeout=30.0,
+    )
+# --8<-- [end:lifetime]
+
+
 # --8<-- [start:errors]
 BUSY = (safepool.PoolOverloadedError, safepool.PoolTimeoutError, safepool.ServerUnavailableError)
 

@@ -76,6 +76,8 @@ COUNTERS: tuple[tuple[str, str, str, str], ...] = (
      "Acquires refused at once: not servable within their timeout at the measured drain rate."),
     ("leases_discarded", "safepool.leases_discarded", "{lease}",
      "Leases the pool ended because their connection was lost, or terminate() ended."),
+    ("connections_retired", "safepool.connections_retired", "{connection}",
+     "Connections closed for reaching max_lifetime."),
 )
 
 # (the pool's timing sink kind, instrument name, description)

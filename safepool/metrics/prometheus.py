@@ -62,6 +62,7 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
      "Acquires refused at once: not servable within their timeout at the measured drain rate."),
     ("leases_discarded", "leases_discarded",
      "Leases the pool ended because their connection was lost, or terminate() ended."),
+    ("connections_retired", "connections_retired", "Connections closed for reaching max_lifetime."),
 )
 
 CONNECTION_STATES = ("idle", "in_use", "connecting", "resetting", "closing")

@@ -95,6 +95,14 @@ async def test_pgbouncer_settings_work_on_a_plain_server_too(pg_dsn: str) -> Non
         assert pool.stats().resets == 0  # rollback mode: nothing to reset
 
 
+async def test_the_failover_settings_replace_connections_for_their_age(pg_dsn: str) -> None:
+    async with bp.create_pool_that_follows_failovers(pg_dsn) as pool:
+        assert pool.options.max_lifetime == 1800.0
+        assert await pool.fetchval("SELECT $1::int + 1", 1) == 2
+        expiries = sorted(slot.expires_at - slot.created_at for slot in pool._state.slots())
+        assert len(expiries) == 2 and 1620.0 <= expiries[0] < expiries[1] <= 1800.0
+
+
 async def test_errors_map_to_http_statuses(pg_dsn: str, pool: safepool.Pool) -> None:
     assert await bp.handle_balance_request(pool, 1) == (200, {"account": 1, "balance": 100})
     assert (await bp.handle_balance_request(pool, 99))[0] == 404

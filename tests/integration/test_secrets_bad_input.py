@@ -42,6 +42,7 @@ junk = st.one_of(
 COUNTS = ("min_size", "max_size", "max_queries", "max_waiters", "max_connecting")
 DURATIONS = (
     "lease_timeout", "acquire_timeout", "leak_warning_after", "reset_timeout", "max_inactive_connection_lifetime",
+    "max_lifetime",
 )
 
 
@@ -88,8 +89,10 @@ def verdict(name: str, value: Any, base: dict[str, Any]) -> str:
             return "bad"
         if math.isinf(value):
             return "either"
-        if name in ("lease_timeout", "reset_timeout") and value == 0:
-            return "bad"  # documented: None turns lease_timeout off; reset_timeout=0 would fail every reset
+        if name in ("lease_timeout", "reset_timeout", "max_lifetime") and value == 0:
+            # documented: None turns lease_timeout and max_lifetime off;
+            # reset_timeout=0 would fail every reset
+            return "bad"
         return "ok"
     raise AssertionError(name)
 

@@ -82,9 +82,12 @@ class Config:
     max_inactive_lifetime: float
     max_site_share: float | None
     adaptive: tuple[float, float] | None
+    max_lifetime: float | None = None
 
     @classmethod
-    def draw(cls, rng: random.Random) -> Config:
+    def draw(cls, rng: random.Random, lifetime_rng: random.Random | None = None) -> Config:
+        """``lifetime_rng``: draws max_lifetime (added later: a generator of
+        its own leaves every other draw of a seed's walk as it was)."""
         max_size = rng.randint(1, 4)
         policy = rng.random() < 0.2  # site caps or the adaptive queue, sometimes
         return cls(
@@ -98,6 +101,7 @@ class Config:
             max_inactive_lifetime=rng.choice([0.0, 2.0]),
             max_site_share=rng.choice([None, 0.5, 1.0]) if policy else None,
             adaptive=rng.choice([None, (0.05, 0.3)]) if policy else None,
+            max_lifetime=None if lifetime_rng is None else lifetime_rng.choice([None, None, 0.5, 4.0]),
         )
 
     def make_state(self) -> PoolState:
@@ -112,6 +116,7 @@ class Config:
             backoff=Backoff(base=0.5, cap=4.0, rng=lambda: 0.5),
             max_site_share=self.max_site_share,
             adaptive=None if self.adaptive is None else AdaptiveQueue(*self.adaptive),
+            max_lifetime=self.max_lifetime,
         )
 
 
@@ -166,7 +171,7 @@ class Walk:
         self.seed = seed
         self.steps = steps
         self.rng = random.Random(seed)
-        self.config = Config.draw(self.rng)
+        self.config = Config.draw(self.rng, random.Random(f"max_lifetime {seed}"))
         self.state = self.config.make_state()
         self.io = IOLayer(self.state)
         self.now = 0.0
@@ -461,6 +466,12 @@ class Walk:
                 # retry acquires again.) Only a connect retry can help now.
                 assert state.next_deadline() is not None, "tasks wait with nothing under way and no timer armed"
         self.check_unbound_waiters_have_connects()
+        if state.max_lifetime is not None:
+            for slot in state.slots():
+                if slot.state is S.IDLE:
+                    assert slot.expires_at is not None and slot.expires_at > self.now, (
+                        f"slot {slot.id} is idle past its max_lifetime"
+                    )
 
     def check_unbound_waiters_have_connects(self) -> None:
         """A task waiting without a connect of its own gets one while the pool
@@ -484,6 +495,10 @@ class Walk:
         """Release everything and let every connect, reset and close finish
         (time passing for backoffs and timeouts); the pool must go quiet."""
         state, io = self.state, self.io
+        # A pool with max_lifetime replaces its connections for good: the
+        # ones opened from now on live on, so the pool can go quiet (the
+        # lifetimes running out first while it settles).
+        state.max_lifetime = None
         for _ in range(300):
             progressed = False
             for waiter in list(io.woken):

@@ -1,0 +1,137 @@
+"""``max_lifetime`` on PostgreSQL: connections replaced for their age, on
+the pool's injected clock (no real waiting for the lifetime), never more
+than ``max_size`` backends while they are, and never a lease cut short."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+import safepool
+
+from .._util import until, until_in_pg_sleep
+
+pytestmark = pytest.mark.asyncio
+
+
+async def backend_pids(admin: asyncpg.Connection, app_name: str) -> set[int]:
+    rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE application_name = $1", app_name)
+    return {row["pid"] for row in rows}
+
+
+@contextlib.asynccontextmanager
+async def most_backends_seen(pg_dsn: str, app_name: str) -> AsyncIterator[Callable[[], int]]:
+    """Polls the server's count of ``app_name``'s backends every 2 ms while
+    the block runs; yields a function reading the most seen so far."""
+    admin = await asyncpg.connect(pg_dsn)
+    most = 0
+    stop = asyncio.Event()
+
+    async def poll() -> None:
+        nonlocal most
+        while not stop.is_set():
+            seen = await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app_name
+            )
+            most = max(most, seen)
+            await asyncio.sleep(0.002)
+
+    poller = asyncio.create_task(poll())
+    try:
+        yield lambda: most
+    finally:
+        stop.set()
+        await poller
+        await admin.close()
+
+
+@pytest_asyncio.fixture
+async def admin(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(pg_dsn)
+    yield connection
+    await connection.close()
+
+
+async def test_idle_connections_are_replaced_once_their_lifetime_runs_out_within_max_size(
+    pools: Any, pg_dsn: str, app_name: str, admin: asyncpg.Connection
+) -> None:
+    clock = safepool.ManualClock()
+    pool = await pools(min_size=2, max_size=2, max_lifetime=60.0, clock=clock)
+    assert pool.options.max_lifetime == 60.0
+    before = await backend_pids(admin, app_name)
+    assert len(before) == 2
+    async with most_backends_seen(pg_dsn, app_name) as most:
+        clock.advance(53.9)  # (the first expiry comes after 54 s: 0.9 x 60 at the soonest)
+        await asyncio.sleep(0)
+        assert pool.stats().connections_retired == 0
+        clock.advance(6.1)
+        await until(lambda: pool.stats().connections_opened == 4 and pool.stats().idle == 2)
+        after = await backend_pids(admin, app_name)
+    assert most() <= 2
+    assert len(after) == 2 and not after & before
+    stats = pool.stats()
+    assert (stats.connections_retired, stats.connections_closed, stats.size) == (2, 2, 2)
+    # The replacements have lifetimes of their own.
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT pg_backend_pid()") in after
+
+
+async def test_a_lease_outlives_its_connections_lifetime_and_the_release_closes_it(
+    pools: Any, pg_dsn: str, app_name: str, admin: asyncpg.Connection
+) -> None:
+    """The lifetime runs out while a statement runs: the statement ends as
+    it would have, and the connection is closed by the release, before it
+    returns, as asyncpg's release closes one past max_queries."""
+    clock = safepool.ManualClock()
+    pool = await pools(min_size=1, max_size=1, max_lifetime=60.0, clock=clock)
+    async with most_backends_seen(pg_dsn, app_name) as most:
+        async with pool.acquire() as con:
+            pid = con.get_server_pid()
+            query = asyncio.create_task(con.fetchval("SELECT 7 FROM pg_sleep(0.3)"))
+            await until_in_pg_sleep(pg_dsn, pid)
+            clock.advance(61.0)
+            assert pool.stats().connections_retired == 1
+            assert await query == 7
+            assert await con.fetchval("SELECT pg_backend_pid()") == pid  # still the lease's
+        # Closed by the release (asyncpg's graceful close: Terminate, then
+        # the socket's end), not handed on: the size drops at once.
+        assert pool.get_size() == 0
+        await until_gone(admin, pid)
+        async with pool.acquire() as con:
+            assert con.get_server_pid() != pid
+    assert most() <= 1
+    assert pool.stats().connections_closed == 1
+
+
+async def until_gone(admin: asyncpg.Connection, pid: int) -> None:
+    """Until backend ``pid`` has left pg_stat_activity (a closed backend
+    exits a moment after its client's Terminate)."""
+    async with asyncio.timeout(5):
+        while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+            await asyncio.sleep(0.005)
+
+
+async def test_by_default_connections_live_on(pools: Any, app_name: str, admin: asyncpg.Connection) -> None:
+    """max_lifetime=None, the default: asyncpg's pool replaces no connection
+    for its age, and neither does safepool's."""
+    clock = safepool.ManualClock()
+    pool = await pools(min_size=2, max_size=2, max_inactive_connection_lifetime=0, clock=clock)
+    assert pool.options.max_lifetime is None
+    before = await backend_pids(admin, app_name)
+    clock.advance(10 * 365 * 86400.0)
+    async with pool.acquire() as con:
+        await con.fetchval("SELECT 1")
+    assert await backend_pids(admin, app_name) == before
+    assert pool.stats().connections_retired == 0
+
+
+async def test_an_infinite_max_lifetime_is_none(pools: Any) -> None:
+    pool = await pools(max_lifetime=float("inf"))
+    assert pool.options.max_lifetime is None
+    assert pool._state.next_deadline() is None
