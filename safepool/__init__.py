@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._clock import Clock, ManualClock
 from ._histogram import Distribution
+from ._keepalive import TcpKeepalive
 from ._sites import site
 from ._state import Backoff
 from .errors import (
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backoff",
+    "TcpKeepalive",
     "Clock",
     "Distribution",
     "EventLoopMismatchError",

@@ -15,7 +15,9 @@ from asyncpg import connection as _pg_connection
 from asyncpg import protocol as _pg_protocol
 
 from . import _internals as _pg
+from . import _keepalive
 from ._durations import validate_timeout
+from ._keepalive import TcpKeepalive
 from ._policy import AdaptiveQueue
 from ._state import RESET_MODES, Backoff, PoolState
 
@@ -167,6 +169,7 @@ class PoolConfig:
     max_queries: int
     max_inactive_lifetime: float
     max_lifetime: float | None
+    tcp_keepalive: TcpKeepalive | None
     lease_timeout: float | None
     leak_warning_after: float | None
     acquire_timeout: float | None
@@ -222,6 +225,7 @@ def configure(
     record_class: Any,
     reset: Any,
     max_lifetime: Any,
+    tcp_keepalive: Any,
     lease_timeout: Any,
     leak_warning_after: Any,
     capture_stack: Any,
@@ -290,6 +294,7 @@ def configure(
         max_queries=max_queries,
         max_inactive_lifetime=max_inactive_connection_lifetime,
         max_lifetime=max_lifetime,
+        tcp_keepalive=_keepalive.check(tcp_keepalive),
         lease_timeout=lease_timeout,
         leak_warning_after=leak_warning_after,
         acquire_timeout=acquire_timeout,

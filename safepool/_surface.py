@@ -95,6 +95,7 @@ class Observation:
             max_queries=config.max_queries,
             max_inactive_connection_lifetime=state.max_inactive_lifetime,
             max_lifetime=state.max_lifetime,
+            tcp_keepalive=config.tcp_keepalive,
             lease_timeout=config.lease_timeout,
             leak_warning_after=config.leak_warning_after,
             acquire_timeout=config.acquire_timeout,

@@ -18,8 +18,9 @@ from typing import Any, TypeVar
 from asyncpg import exceptions as _pg_exceptions
 
 from . import _internals as _pg
-from . import _secrets
+from . import _keepalive, _secrets
 from ._internals import RawConnection
+from ._keepalive import TcpKeepalive
 
 _T = TypeVar("_T")
 
@@ -116,6 +117,8 @@ async def connect(
     connection_class: type[Any],
     record_class: type[Any],
     init: Callable[[Any], Awaitable[None]] | None,
+    keepalive: TcpKeepalive | None = None,
+    pool_name: str = "",
 ) -> RawConnection:
     """Open a connection and run ``init=`` on it; raises what the connect or
     ``init`` raised (a connection ``init`` failed on is closed first, or
@@ -144,6 +147,8 @@ async def connect(
             f"expected pool connect callback to return an instance of '{good}', got '{bad}'"
         )
     _pg.tune_reads(con)
+    if keepalive is not None:
+        _keepalive.apply(con, keepalive, pool_name)  # (before init=: its statements are probed too)
     if init is not None:
         try:
             await init(con)

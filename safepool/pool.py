@@ -39,6 +39,7 @@ from ._compat import HolderView, QueueView  # asyncpg's private pool attributes
 from ._compat import holders as _compat_holders
 from ._compat import queue as _compat_queue
 from ._internals import RawConnection
+from ._keepalive import TcpKeepalive
 from ._leasing import Leaser
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
 from ._options import (
@@ -111,6 +112,7 @@ class Pool(_PoolBase):
         record_class: type[Any],
         name: str | None = None,
         max_lifetime: float | None = None,
+        tcp_keepalive: TcpKeepalive | bool | None = None,
         lease_timeout: float | None = None,
         leak_warning_after: float | None = None,
         capture_stack: bool | None = None,
@@ -143,7 +145,7 @@ class Pool(_PoolBase):
             name or f"pool-{id(self):x}", min_size=min_size, max_size=max_size, init_size=init_size,
             max_queries=max_queries, max_inactive_connection_lifetime=max_inactive_connection_lifetime,
             connection_class=connection_class, record_class=record_class, reset=reset,
-            max_lifetime=max_lifetime, lease_timeout=lease_timeout, leak_warning_after=leak_warning_after, capture_stack=capture_stack,
+            max_lifetime=max_lifetime, tcp_keepalive=tcp_keepalive, lease_timeout=lease_timeout, leak_warning_after=leak_warning_after, capture_stack=capture_stack,
             max_waiters=max_waiters, acquire_timeout=acquire_timeout, max_connecting=max_connecting,
             fail_fast=fail_fast, wait_on_connect_error=wait_on_connect_error, reset_mode=reset_mode,
             reset_timeout=reset_timeout, backoff=backoff, max_site_share=max_site_share,
@@ -298,6 +300,7 @@ class Pool(_PoolBase):
         return await _workers.connect(
             self._connect, self._connect_args, self._connect_kwargs, loop=self._loop,
             connection_class=self._connection_class, record_class=self._record_class, init=self._init,
+            keepalive=self._config.tcp_keepalive, pool_name=self._name,
         )
 
     # ---------------------------------------------------------- shutdown
@@ -954,6 +957,8 @@ def create_pool(
 
     ``name``, ``max_lifetime`` (seconds, or None: a connection that old,
     less up to 10%, is closed and replaced, once idle or released),
+    ``tcp_keepalive`` (a :class:`safepool.TcpKeepalive`, True for its
+    defaults, or None: TCP keepalive on each connection over TCP),
     ``lease_timeout``, ``leak_warning_after``, ``capture_stack``,
     ``max_waiters``, ``acquire_timeout``, ``max_connecting``, ``fail_fast``,
     ``wait_on_connect_error``, ``reset_mode``

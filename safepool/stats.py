@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._histogram import Distribution
+from ._keepalive import TcpKeepalive
 from ._state import PoolState, SlotState
 
 
@@ -55,6 +56,7 @@ class PoolOptions:
     max_queries: int
     max_inactive_connection_lifetime: float
     max_lifetime: float | None  # None: connections are not replaced for their age
+    tcp_keepalive: TcpKeepalive | None  # None: no TCP keepalive set (asyncpg sets none)
     lease_timeout: float | None
     leak_warning_after: float | None
     acquire_timeout: float | None

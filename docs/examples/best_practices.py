@@ -129,6 +129,7 @@ def create_pool_that_follows_failovers(dsn: str) -> safepool.Pool:
         min_size=2,
         max_size=20,
         max_lifetime=1800.0,  # seconds: each connection is replaced after 27-30 minutes
+        tcp_keepalive=safepool.TcpKeepalive(idle=30, interval=10, count=3, user_timeout=30),
         lease_timeout=30.0,
     )
 # --8<-- [end:lifetime]

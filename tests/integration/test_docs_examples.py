@@ -98,6 +98,7 @@ async def test_pgbouncer_settings_work_on_a_plain_server_too(pg_dsn: str) -> Non
 async def test_the_failover_settings_replace_connections_for_their_age(pg_dsn: str) -> None:
     async with bp.create_pool_that_follows_failovers(pg_dsn) as pool:
         assert pool.options.max_lifetime == 1800.0
+        assert pool.options.tcp_keepalive == safepool.TcpKeepalive(idle=30, interval=10, count=3, user_timeout=30)
         assert await pool.fetchval("SELECT $1::int + 1", 1) == 2
         expiries = sorted(slot.expires_at - slot.created_at for slot in pool._state.slots())
         assert len(expiries) == 2 and 1620.0 <= expiries[0] < expiries[1] <= 1800.0

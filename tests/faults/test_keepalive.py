@@ -1,0 +1,99 @@
+"""``tcp_keepalive``: the socket options the kernel holds for each of the
+pool's TCP connections (read back with getsockopt), on this module's
+cluster over TCP. What the kernel then does with a peer that stops
+answering is its own (tcp(7)); no test here can make loopback drop packets
+without a packet filter."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import asyncpg
+import pytest
+
+import safepool
+from safepool import TcpKeepalive
+
+from ._pg import Cluster
+
+pytestmark = pytest.mark.asyncio
+
+
+def kernel_options(connection: Any) -> tuple[int, int, int, int, int]:
+    """SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT and
+    TCP_USER_TIMEOUT of a pooled connection's socket, as the kernel has them."""
+    raw = connection._raw if isinstance(connection, safepool.PoolConnectionProxy) else connection._con
+    sock = raw._transport.get_extra_info("socket")
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+    )
+
+
+async def options_of_every_connection(pool: Any, size: int) -> list[tuple[int, int, int, int, int]]:
+    """Every connection of the pool, leased at once (``size`` of them)."""
+    leases = [pool.acquire() for _ in range(size)]
+    connections = [await lease.__aenter__() for lease in leases]
+    try:
+        assert len({con.get_server_pid() for con in connections}) == size
+        return [kernel_options(con) for con in connections]
+    finally:
+        for lease in leases:
+            await lease.__aexit__(None, None, None)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux's TCP options")
+@pytest.mark.parametrize(
+    ("keepalive", "expected"),
+    [
+        (TcpKeepalive(idle=30, interval=5, count=4, user_timeout=20.5), (1, 30, 5, 4, 20500)),
+        (TcpKeepalive(idle=0.2, interval=1.5), (1, 1, 2, 3, 0)),  # (whole seconds, rounded up)
+        (True, (1, 60, 10, 3, 0)),  # the defaults; no user timeout: the system's (0)
+    ],
+    ids=["set", "rounded up", "True"],
+)
+async def test_every_connection_the_pool_opens_gets_the_keepalive(
+    running: Cluster, keepalive: Any, expected: tuple[int, ...]
+) -> None:
+    async with safepool.create_pool(running.dsn(), min_size=2, max_size=2, tcp_keepalive=keepalive) as pool:
+        assert pool.options.tcp_keepalive == (TcpKeepalive() if keepalive is True else keepalive)
+        assert await options_of_every_connection(pool, 2) == [expected, expected]
+        # Their replacements too (opened later, by the pool's own tasks).
+        await pool.expire_connections()
+        assert await options_of_every_connection(pool, 2) == [expected, expected]
+        assert pool.stats().connections_opened == 4
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux's TCP options")
+async def test_by_default_the_sockets_are_as_asyncpgs_pool_leaves_them(running: Cluster) -> None:
+    async with asyncpg.create_pool(running.dsn(), min_size=1, max_size=1) as theirs:
+        async with theirs.acquire() as con:
+            asyncpg_options = kernel_options(con)
+    async with safepool.create_pool(running.dsn(), min_size=1, max_size=1) as ours:
+        assert ours.options.tcp_keepalive is None
+        async with ours.acquire() as con:
+            assert kernel_options(con) == asyncpg_options
+    assert asyncpg_options[0] == 0  # (asyncpg sets no keepalive: MagicStack/asyncpg#606)
+
+
+async def test_an_option_the_kernel_refuses_is_logged_and_the_connection_kept(
+    running: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A platform without one of the options: the pool says so once per
+    connection and uses it without keepalive (the connect does not fail)."""
+    refused = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, 9999, 1)]
+    monkeypatch.setattr(TcpKeepalive, "socket_options", lambda self: refused)
+    with caplog.at_level(logging.WARNING, logger="safepool"):
+        async with safepool.create_pool(
+            running.dsn(), name="refused", min_size=1, max_size=1, tcp_keepalive=True
+        ) as pool:
+            assert await pool.fetchval("SELECT 1") == 1
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "keepalive_failed"]
+    assert record.getMessage().startswith("pool 'refused': could not set TCP keepalive on a connection (")
+    assert "Protocol not available" in record.getMessage() or "not supported" in record.getMessage()
+    assert running.dsn().split("@")[0].split(":")[-1] not in record.getMessage()  # (no password)
