@@ -63,9 +63,14 @@ class PoolSet:
         A name may be reused once its pool is closed or gone (an application
         that re-creates its pool); otherwise a duplicate raises ValueError,
         since two time series with the same labels would be rejected by
-        Prometheus and merged by OpenTelemetry."""
+        Prometheus and merged by OpenTelemetry.
+
+        :raises TypeError: ``name`` is not a str, or ``pool`` not a safepool pool."""
         check_is_pool(pool, "the metrics exporter")
         name = pool.name if name is None else name
+        if not isinstance(name, str):
+            # Taken, it failed every later scrape (a label value must be a str).
+            raise TypeError(f"a pool's metrics name must be a str, got {type(name).__name__}")
         if not name:
             raise ValueError("a pool's metrics name must not be empty")
         taken = self._named.get(name)

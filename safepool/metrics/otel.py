@@ -25,10 +25,11 @@ Prometheus report the same buckets. Needs the ``safepool[otel]`` extra.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 try:
     from opentelemetry import metrics
@@ -120,6 +121,9 @@ class PoolInstruments:
         self._recent: weakref.WeakKeyDictionary[Pool, tuple[float, PoolStats | None, int | None]] = (
             weakref.WeakKeyDictionary()
         )
+        # Per name reported: the pool last reported under it, its counters
+        # then, and the counts of the pools it took the name over from (see _continued).
+        self._series: dict[str, _Series] = {}
         provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
         meter = provider.get_meter("safepool", __version__)
         self._create_instruments(meter)
@@ -216,9 +220,34 @@ class PoolInstruments:
                 failure = failure or exc
                 continue
             if found is not None:
-                yield name, found[0], found[1]
+                yield name, self._continued(name, pool, found[0]), found[1]
         if failure is not None:
             raise failure
+
+    def _continued(self, name: str, pool: Pool, stats: PoolStats) -> PoolStats:
+        """``stats`` with the counts of the pools that had ``name`` before
+        added to its counters. A cumulative counter must not fall within a
+        series (its start time stays the first pool's, and a delta reader
+        would export a negative increase), yet an application that
+        re-creates its pool under the same name keeps its series."""
+        series = self._series.get(name)
+        if series is None or series.pool() is not pool:
+            carried = dict.fromkeys(_COUNTER_FIELDS, 0)
+            if series is not None:
+                previous = series.pool()
+                last = series.last
+                if previous is not None:
+                    try:
+                        last = _counts(read(previous)[0])  # closed: its final counts
+                    except Exception:
+                        pass  # (its loop does not answer: the counts last seen)
+                carried = {field: series.carried[field] + last[field] for field in _COUNTER_FIELDS}
+            series = self._series[name] = _Series(weakref.ref(pool), carried)
+        series.last = _counts(stats)
+        if not any(series.carried.values()):
+            return stats
+        totals: dict[str, Any] = {field: value + series.carried[field] for field, value in series.last.items()}
+        return dataclasses.replace(stats, **totals)
 
     # ------------------------------------------------------- instruments
 
@@ -327,6 +356,26 @@ class PoolInstruments:
         for name, _, count in self._snapshots():
             if count is not None:
                 yield Observation(count, {POOL_NAME: name})
+
+
+# Every PoolStats counter an observable counter reports.
+_COUNTER_FIELDS = tuple(field for field, _, _, _ in COUNTERS)
+
+
+def _counts(stats: PoolStats) -> dict[str, int]:
+    counts: dict[str, int] = {field: getattr(stats, field) for field in _COUNTER_FIELDS}
+    return counts
+
+
+class _Series:
+    """What one reported name has counted (see PoolInstruments._continued)."""
+
+    __slots__ = ("pool", "carried", "last")
+
+    def __init__(self, pool: weakref.ref[Pool], carried: dict[str, int]) -> None:
+        self.pool = pool
+        self.carried = carried
+        self.last: dict[str, int] = {}
 
 
 def _field(name: str) -> Callable[[PoolStats], float]:

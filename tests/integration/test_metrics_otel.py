@@ -235,3 +235,55 @@ async def test_a_blocked_loop_costs_one_timeout_per_collection(
     # Once the loop answers again, the next collection reports the pool.
     found = await asyncio.to_thread(points, memory)
     assert point(found, "db.client.connection.max", **{POOL: "blocked"}).value == 2
+
+
+async def test_a_pool_taking_a_closed_pools_name_continues_its_counters(pools: Any) -> None:
+    """An application re-creating its pool under the same name keeps its
+    series (docs/metrics.md): the observable counters went back to the new
+    pool's own counts, so a cumulative point fell (3 to 0) under the same
+    start time, and a delta reader exported a monotonic sum of -3."""
+    from opentelemetry.sdk.metrics import ObservableCounter
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+
+    for temporality in (AggregationTemporality.CUMULATIVE, AggregationTemporality.DELTA):
+        memory = InMemoryMetricReader(preferred_temporality={ObservableCounter: temporality})
+        provider = MeterProvider(metric_readers=[memory])
+        try:
+            old = await pools(name="orders")
+            instruments = instrument(old, meter_provider=provider)
+            for _ in range(3):
+                await old.fetchval("SELECT 1")
+            before = points(memory)
+            assert point(before, "safepool.acquired", **{POOL: "orders"}).value == 3
+            await old.fetchval("SELECT 1")  # after the last collection: still counted
+            await old.close()
+
+            new = await pools(name="orders")
+            instruments.add(new)
+            await new.fetchval("SELECT 1")
+            after = points(memory)
+            acquired = point(after, "safepool.acquired", **{POOL: "orders"}).value
+            opened = point(after, "safepool.connections_opened", **{POOL: "orders"}).value
+            if temporality is AggregationTemporality.CUMULATIVE:
+                assert acquired == 5 and opened == 2
+            else:
+                assert acquired == 2 and opened == 1  # the increase since the last collection
+            for _, name, _, _ in COUNTERS:
+                assert point(after, name, **{POOL: "orders"}).value >= 0, name
+            instruments.close()
+        finally:
+            provider.shutdown()
+
+
+async def test_a_name_that_is_not_a_str_is_refused_at_add(pools: Any, reader: Any) -> None:
+    """add(pool, 5) was taken, and every later scrape of the registry failed
+    (prometheus_client: "'int' object has no attribute 'replace'"); OpenTelemetry
+    reported a pool name that is not a string."""
+    from safepool.metrics.prometheus import PoolCollector
+
+    pool = await pools(name="typed")
+    instruments = instrument(meter_provider=reader[1])
+    for add in (PoolCollector().add, instruments.add):
+        for name in (5, b"typed"):
+            with pytest.raises(TypeError, match="name must be a str"):
+                add(pool, name)  # type: ignore[arg-type]
