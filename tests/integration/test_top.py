@@ -242,6 +242,32 @@ async def test_one_snapshot_as_text(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("view", ["--plain", "rich"])
+async def test_application_names_that_read_as_markup_are_shown_as_they_are(
+    view: str, pg_dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any client names itself: the rich view (the default with rich
+    installed) took application names as rich markup, so one named "[/]"
+    ended top with a MarkupError traceback (exit code 1), and "[red]x[/red]"
+    showed as "x"."""
+    monkeypatch.setenv("COLUMNS", "160")
+    tag = uuid.uuid4().hex[:8]
+    names = [f"[/]{tag}", f"[red]{tag}[/red]", f"[link=http://example.invalid]{tag}"]
+    clients = [await asyncpg.connect(pg_dsn, server_settings={"application_name": name}) for name in names]
+    try:
+        code, out, err = await run_in_thread(
+            capsys, *([view] if view != "rich" else []), "--once", "--show-queries", pg_dsn
+        )
+        assert (code, err) == (0, "")
+        for name in names:
+            assert f"  {name} " in out, out
+            assert f"  {name} / idle: " in out, out
+    finally:
+        for client in clients:
+            await client.close()
+
+
+@pytest.mark.asyncio
 async def test_count_prints_that_many_snapshots(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = await run_in_thread(capsys, "--json", "--count", "3", "--interval", "0.05", pg_dsn)
     assert code == 0
