@@ -138,6 +138,24 @@ class PoolInstruments:
         self._attach(pool, name)
         return name
 
+    def add_all(self, pools: Iterable[Pool], *, live: bool = False) -> None:
+        """Report each of ``pools`` under its name, or none of them on a name
+        clash (``live=True`` turns live mode on); reports again after :meth:`close`.
+
+        :raises ValueError: as :meth:`add`, for the first pool that clashes."""
+        pools = list(pools)
+        self._closed = False
+        self.pools.add_all(pools)
+        for pool in pools:
+            self._attach(pool, pool.name)
+        if live:
+            self.pools.live = True
+
+    @property
+    def record_times(self) -> bool:
+        """Whether the wait/use/create time histograms are fed."""
+        return self._record_times
+
     def remove(self, pool_or_name: Pool | str) -> None:
         """Stop reporting a pool and unhook its histograms."""
         pool = self.pools.get(pool_or_name) if isinstance(pool_or_name, str) else pool_or_name
@@ -389,10 +407,37 @@ def _field(name: str) -> Callable[[PoolStats], float]:
 def instrument(
     *pools: Pool, live: bool = False, meter_provider: MeterProvider | None = None, record_times: bool = True
 ) -> PoolInstruments:
-    """Create the instruments on ``meter_provider`` (default: the global one)
-    and report ``pools`` (and every open pool with ``live=True``).
+    """Report ``pools`` (and every open pool with ``live=True``) on
+    ``meter_provider`` (default: the global one), and return its
+    :class:`PoolInstruments`.
 
-    Call it once per meter provider and add later pools with
-    :meth:`PoolInstruments.add`: a second call would create the same
-    instruments again."""
-    return PoolInstruments(pools, live=live, meter_provider=meter_provider, record_times=record_times)
+    One per meter provider, as :func:`safepool.metrics.prometheus.register`
+    keeps one collector per registry: the first call creates the
+    instruments, later calls add their pools to them (``live=True`` turns
+    live mode on; after :meth:`PoolInstruments.close`, they report again).
+    A second set of instruments would not work: the SDK hands back the
+    instruments of the first (same names) without the new callbacks.
+
+    :raises ValueError: as :meth:`PoolInstruments.add` (then none of
+        ``pools`` is added), or ``record_times`` differs from the first call's.
+    :raises TypeError: ``meter_provider`` is not a meter provider, or a pool
+        not a safepool pool."""
+    provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
+    if not callable(getattr(provider, "get_meter", None)):
+        raise TypeError(f"meter_provider must be an OpenTelemetry MeterProvider, got {type(provider).__name__}")
+    instruments = _made.get(provider)
+    if instruments is None:
+        instruments = PoolInstruments(pools, live=live, meter_provider=provider, record_times=record_times)
+        _made[provider] = instruments
+        return instruments
+    if record_times != instruments.record_times:
+        raise ValueError(
+            f"instrument() was called on this meter provider with record_times={instruments.record_times}: "
+            "its instruments exist already"
+        )
+    instruments.add_all(pools, live=live)
+    return instruments
+
+
+# The instruments instrument() made, per meter provider.
+_made: weakref.WeakKeyDictionary[MeterProvider, PoolInstruments] = weakref.WeakKeyDictionary()

@@ -287,3 +287,31 @@ async def test_a_name_that_is_not_a_str_is_refused_at_add(pools: Any, reader: An
         for name in (5, b"typed"):
             with pytest.raises(TypeError, match="name must be a str"):
                 add(pool, name)  # type: ignore[arg-type]
+
+
+async def test_instrument_once_per_pool_reports_every_pool(pools: Any, reader: Any) -> None:
+    """instrument(pool) where each pool is created, as register(pool) for
+    Prometheus: the second call's instruments were the SDK's existing ones
+    (same name: no new callbacks), so the second pool's gauges and counters
+    were never reported, with no warning, while its histograms were."""
+    memory, provider = reader
+    first = await pools(name="first")
+    second = await pools(name="second")
+    instruments = instrument(first, meter_provider=provider)
+    assert instrument(second, meter_provider=provider) is instruments  # one per meter provider
+    assert instrument(second, meter_provider=provider) is instruments  # (already reported: a no-op)
+    await first.fetchval("SELECT 1")
+    await second.fetchval("SELECT 1")
+    await asyncio.sleep(0)  # timing sinks get their values in a loop callback of their own
+    found = points(memory)
+    for name in ("first", "second"):
+        assert point(found, "safepool.acquired", **{POOL: name}).value == 1
+        assert point(found, "db.client.connection.wait_time", **{POOL: name}).count == 1
+    with pytest.raises(ValueError, match="record_times"):
+        instrument(meter_provider=provider, record_times=False)
+
+    # After close(), the next call reports again, on the same instruments.
+    instruments.close()
+    assert not any(dict(p.attributes).get(POOL) == "first" for p in points(memory).get("safepool.acquired", []))
+    assert instrument(first, meter_provider=provider) is instruments
+    assert point(points(memory), "safepool.acquired", **{POOL: "first"}).value == 1
