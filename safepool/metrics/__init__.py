@@ -58,7 +58,9 @@ class PoolSet:
             raise
 
     def add(self, pool: Pool, name: str | None = None) -> str:
-        """Report on ``pool`` under ``name`` (default: ``pool.name``).
+        """Report on ``pool`` under ``name`` (default: ``pool.name``, or the
+        name it is reported under already). A pool is reported under one
+        name: a new one replaces the old.
 
         A name may be reused once its pool is closed or gone (an application
         that re-creates its pool); otherwise a duplicate raises ValueError,
@@ -67,7 +69,11 @@ class PoolSet:
 
         :raises TypeError: ``name`` is not a str, or ``pool`` not a safepool pool."""
         check_is_pool(pool, "the metrics exporter")
-        name = pool.name if name is None else name
+        reported = self.name_of(pool)
+        if name is None:
+            if reported is not None:
+                return reported  # reported already (under this name or another): a no-op
+            name = pool.name
         if not isinstance(name, str):
             # Taken, it failed every later scrape (a label value must be a str).
             raise TypeError(f"a pool's metrics name must be a str, got {type(name).__name__}")
@@ -81,8 +87,15 @@ class PoolSet:
                 "(give the pools distinct names with create_pool(name=...), or report this one "
                 "under another name with add(pool, name))"
             )
+        if reported is not None and reported != name:
+            # One name per pool: a second series would count it twice in every sum.
+            del self._named[reported]
         self._named[name] = weakref.ref(pool)
         return name
+
+    def name_of(self, pool: Pool) -> str | None:
+        """The name ``pool`` is reported under (None: it is not registered)."""
+        return next((name for name, ref in self._named.items() if ref() is pool), None)
 
     def get(self, name: str) -> Pool | None:
         """The pool registered under ``name`` (None if unknown or gone)."""

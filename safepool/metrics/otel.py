@@ -133,8 +133,12 @@ class PoolInstruments:
     # ------------------------------------------------------------ pools
 
     def add(self, pool: Pool, name: str | None = None) -> str:
-        """Report ``pool`` under ``name`` (default ``pool.name``); returns the name."""
+        """Report ``pool`` under ``name`` (default ``pool.name``, or the name
+        it is reported under already: a new name replaces the old); returns the name."""
+        reported = self.pools.name_of(pool)
         name = self.pools.add(pool, name)
+        if reported is not None and reported != name:
+            self._detach(pool)  # its histograms' attributes name it
         self._attach(pool, name)
         return name
 
@@ -147,7 +151,7 @@ class PoolInstruments:
         self._closed = False
         self.pools.add_all(pools)
         for pool in pools:
-            self._attach(pool, pool.name)
+            self._attach(pool, self.pools.name_of(pool) or pool.name)
         if live:
             self.pools.live = True
 

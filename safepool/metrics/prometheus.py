@@ -86,7 +86,8 @@ class PoolCollector:
         self.pools = PoolSet(pools, live=live)
 
     def add(self, pool: Pool, name: str | None = None) -> str:
-        """Report ``pool`` under ``name`` (default ``pool.name``); returns the name."""
+        """Report ``pool`` under ``name`` (default ``pool.name``, or the name
+        it is reported under already: a new name replaces the old); returns the name."""
         return self.pools.add(pool, name)
 
     def remove(self, pool_or_name: Pool | str) -> None:

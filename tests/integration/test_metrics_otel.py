@@ -315,3 +315,17 @@ async def test_instrument_once_per_pool_reports_every_pool(pools: Any, reader: A
     assert not any(dict(p.attributes).get(POOL) == "first" for p in points(memory).get("safepool.acquired", []))
     assert instrument(first, meter_provider=provider) is instruments
     assert point(points(memory), "safepool.acquired", **{POOL: "first"}).value == 1
+
+
+async def test_a_pool_renamed_is_reported_under_its_new_name_only(pools: Any, reader: Any) -> None:
+    memory, provider = reader
+    pool = await pools(name="orders")
+    instruments = instrument(meter_provider=provider)
+    assert instruments.add(pool, "orders-2") == "orders-2"
+    assert instrument(pool, meter_provider=provider) is instruments  # already reported: a no-op
+    assert instruments.add(pool, "orders-primary") == "orders-primary"
+    await pool.fetchval("SELECT 1")
+    await asyncio.sleep(0)  # timing sinks get their values in a loop callback of their own
+    found = points(memory)
+    assert [dict(p.attributes)[POOL] for p in found["safepool.acquired"]] == ["orders-primary"]
+    assert [dict(p.attributes)[POOL] for p in found["db.client.connection.wait_time"]] == ["orders-primary"]

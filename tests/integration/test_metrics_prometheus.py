@@ -239,6 +239,23 @@ async def test_register_the_same_pool_twice_is_a_no_op(pools: Any) -> None:
     assert text.count('safepool_max_size{pool="twice"}') == 1
 
 
+async def test_a_pool_is_reported_under_one_name_only(pools: Any) -> None:
+    """A pool reported under another name (add(pool, "orders-2"), the way the
+    docs give around a clash) was reported again under its own name by a
+    later register(pool): two series of one pool, counted twice in every sum."""
+    pool = await pools(name="orders", min_size=1)
+    registry = CollectorRegistry()
+    collector = register(registry=registry)
+    assert collector.add(pool, "orders-2") == "orders-2"
+    assert register(pool, registry=registry) is collector  # already reported: a no-op
+    assert collector.add(pool) == "orders-2"
+    assert collector.pools.items() == [("orders-2", pool)]
+    assert collector.add(pool, "orders-primary") == "orders-primary"  # a new name replaces the old
+    assert collector.pools.items() == [("orders-primary", pool)]
+    text = generate_latest(registry).decode()
+    assert text.count("safepool_max_size{") == 1
+
+
 async def test_register_a_second_open_pool_of_the_same_name_names_it(pools: Any) -> None:
     first = await pools(name="same", min_size=0)
     second = await pools(name="same", min_size=0)
