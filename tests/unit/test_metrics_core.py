@@ -227,3 +227,42 @@ def test_connect_error_window_uses_checks_as_samples() -> None:
     assert check(100.0) == (0, 70.0)  # baseline moved to 30.0
     assert isinstance(health._history[pool], deque)
     assert check(500.0) == (0, None)  # the last check is too old to measure a rate from
+
+
+def test_live_pools_is_safe_from_another_thread_while_pools_are_created(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exporters with live=True list the live pools from the scrape's (or the
+    reader's) thread: a pool created on the loop's thread meanwhile failed
+    that scrape with "RuntimeError: Set changed size during iteration"."""
+    import sys
+    import weakref
+
+    from safepool import _registry
+
+    monkeypatch.setattr(_registry, "_LIVE_POOLS", weakref.WeakSet())
+    monkeypatch.setattr(_registry, "_CREATED_HOOKS", [])
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def scrape() -> None:
+        pools = PoolSet(live=True)
+        while not done.is_set():
+            try:
+                pools.items()
+            except Exception as exc:
+                errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        kept: deque[StubPool] = deque(maxlen=50)
+        for i in range(3000):
+            pool = StubPool(f"p{i}", PoolState(max_size=1))
+            _registry.register(cast(Any, pool))
+            kept.append(pool)
+    finally:
+        done.set()
+        scraper.join()
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
