@@ -37,6 +37,8 @@ class PoolSet:
     def __init__(self, pools: Iterable[Pool] = (), *, live: bool = False) -> None:
         self.live = live
         self._named: dict[str, weakref.ref[Pool]] = {}
+        # live: the pool each shared name went to (see items()).
+        self._bare: dict[str, weakref.ref[Pool]] = {}
         self.add_all(pools)
 
     def add_all(self, pools: Iterable[Pool]) -> None:
@@ -127,13 +129,24 @@ class PoolSet:
             from ..pool import live_pools
 
             names = {name for name, _ in result} | set(self._named)
-            for pool in sorted(live_pools(), key=lambda p: p.name):
+            bare = self._bare
+            # The pool a shared name went to keeps it, whatever the order of
+            # the live set (it changes as pools are created): else the series
+            # would jump from one pool's counters to the other's.
+            holders: dict[str, Pool] = {}
+            for pool in sorted(live_pools(), key=lambda p: (p.name, _ref(bare.get(p.name)) is not p)):
                 if id(pool) in seen or _closed(pool):
                     continue
                 name = pool.name
                 if name in names:
                     # Two open pools share a name: keep both series apart.
+                    if name in holders:
+                        bare[name] = weakref.ref(holders[name])
                     name = f"{name}@{id(pool):x}"
+                else:
+                    holders[name] = pool
+                    if name in bare:
+                        bare[name] = weakref.ref(pool)  # (the pool it went to is closed or gone)
                 names.add(name)
                 result.append((name, pool))
         return result
@@ -141,6 +154,10 @@ class PoolSet:
 
 def _closed(pool: Pool) -> bool:
     return pool.closed
+
+
+def _ref(ref: weakref.ref[Pool] | None) -> Pool | None:
+    return None if ref is None else ref()
 
 
 # How long a collection waits for a pool's event loop to take the snapshot:

@@ -266,3 +266,24 @@ def test_live_pools_is_safe_from_another_thread_while_pools_are_created(monkeypa
         scraper.join()
         sys.setswitchinterval(interval)
     assert not errors, errors[:3]
+
+
+def test_of_two_live_pools_sharing_a_name_the_first_keeps_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """live=True names two open pools of one name "app" and "app@<hex id>":
+    which got the bare name followed the order of the live-pool set, which
+    changes when other pools are created (the set is rehashed), so the
+    series "app" jumped from one pool's counters to the other's."""
+    import safepool.pool
+
+    first = StubPool("app", PoolState(max_size=1))
+    second = StubPool("app", PoolState(max_size=1))
+    order = [first, second]
+    monkeypatch.setattr(safepool.pool, "live_pools", lambda: list(order))
+    pools = PoolSet(live=True)
+    assert pools.items() == [("app", first), (f"app@{id(second):x}", second)]
+    order.reverse()  # the set's order after a rehash
+    assert pools.items() == [("app", first), (f"app@{id(second):x}", second)]
+    first.closed = True  # its name is free: the other one takes it
+    assert pools.items() == [("app", second)]
+    first.closed = False  # (and keeps it)
+    assert pools.items() == [("app", second), (f"app@{id(first):x}", first)]
