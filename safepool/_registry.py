@@ -60,4 +60,7 @@ def register(pool: Pool) -> None:
         try:
             callback(pool)
         except Exception:
-            logger.error("pool %r: pool-created hook failed\n%s", pool.name, traceback.format_exc().rstrip())
+            logger.error(
+                "pool %r: pool-created hook failed\n%s", pool.name, traceback.format_exc().rstrip(),
+                extra={"event": "created_hook_failed", "pool": pool.name},
+            )

@@ -149,7 +149,7 @@ class Observation:
         def install() -> None:
             current: Histogram = getattr(state, field)
             if not isinstance(current, TeeHistogram):
-                current = TeeHistogram(current, self.loop, f"pool {self.name!r}: a {kind} timing sink")
+                current = TeeHistogram(current, self.loop, f"pool {self.name!r}: a {kind} timing sink", self.name)
                 setattr(state, field, current)
             current.sinks.append(callback)
 
