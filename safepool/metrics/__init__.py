@@ -39,6 +39,8 @@ class PoolSet:
         self._named: dict[str, weakref.ref[Pool]] = {}
         # live: the pool each shared name went to (see items()).
         self._bare: dict[str, weakref.ref[Pool]] = {}
+        # live: pools remove() took out, until add() puts them back.
+        self._removed: weakref.WeakSet[Pool] = weakref.WeakSet()
         self.add_all(pools)
 
     def add_all(self, pools: Iterable[Pool]) -> None:
@@ -50,13 +52,13 @@ class PoolSet:
         :raises ValueError: as :meth:`add`, for the first pool that clashes.
         :raises TypeError: as :meth:`add`, for the first that is not a pool."""
         pools = list(pools)
-        named = self._named
-        self._named = dict(named)  # (a trial run on a copy)
+        named, removed = self._named, self._removed
+        self._named, self._removed = dict(named), weakref.WeakSet(removed)  # (a trial run on copies)
         try:
             for pool in pools:
                 self.add(pool)
         except (ValueError, TypeError):
-            self._named = named
+            self._named, self._removed = named, removed
             raise
 
     def add(self, pool: Pool, name: str | None = None) -> str:
@@ -93,6 +95,7 @@ class PoolSet:
             # One name per pool: a second series would count it twice in every sum.
             del self._named[reported]
         self._named[name] = weakref.ref(pool)
+        self._removed.discard(pool)
         return name
 
     def name_of(self, pool: Pool) -> str | None:
@@ -100,18 +103,27 @@ class PoolSet:
         return next((name for name, ref in self._named.items() if ref() is pool), None)
 
     def get(self, name: str) -> Pool | None:
-        """The pool registered under ``name`` (None if unknown or gone)."""
+        """The pool reported under ``name`` (None if unknown or gone): a
+        registered one, or with ``live`` a live pool."""
         ref = self._named.get(name)
-        return ref() if ref is not None else None
+        if ref is not None:
+            return ref()
+        if self.live:
+            return next((pool for reported, pool in self.items() if reported == name), None)
+        return None
 
     def remove(self, pool_or_name: Pool | str) -> None:
-        """Stop reporting on a pool (given by name or object); unknown ones are ignored."""
+        """Stop reporting on a pool (given by name or object), live mode
+        included, until it is added again; unknown ones are ignored."""
+        pool = self.get(pool_or_name) if isinstance(pool_or_name, str) else pool_or_name
         if isinstance(pool_or_name, str):
             self._named.pop(pool_or_name, None)
+        if pool is None:
             return
         for name, ref in list(self._named.items()):
-            if ref() is pool_or_name:
+            if ref() is pool:
                 del self._named[name]
+        self._removed.add(pool)
 
     def items(self) -> list[tuple[str, Pool]]:
         """(name, pool) for every open pool to report, names unique."""
@@ -135,7 +147,7 @@ class PoolSet:
             # would jump from one pool's counters to the other's.
             holders: dict[str, Pool] = {}
             for pool in sorted(live_pools(), key=lambda p: (p.name, _ref(bare.get(p.name)) is not p)):
-                if id(pool) in seen or _closed(pool):
+                if id(pool) in seen or _closed(pool) or pool in self._removed:
                     continue
                 name = pool.name
                 if name in names:

@@ -179,6 +179,24 @@ async def test_live_mode_reports_every_open_pool_and_drops_closed_ones(pools: An
     assert value(samples, "safepool_max_size", pool="live-a") == 2
 
 
+async def test_remove_stops_reporting_a_pool_in_live_mode_too(pools: Any) -> None:
+    """remove() "stops exporting a pool: its series are gone from the next
+    scrape"; with live=True the pool came back at once, by live mode."""
+    kept = await pools(name="kept", min_size=0)
+    hidden = await pools(name="hidden", min_size=0)
+    other = await pools(name="other", min_size=0)
+    registry = CollectorRegistry()
+    collector = register(kept, hidden, registry=registry, live=True)
+    collector.remove(hidden)
+    collector.remove("other")  # by the name it is reported under
+    names = {name for name, _ in collector.pools.items()}
+    assert "kept" in names and "hidden" not in names and "other" not in names
+    samples = scrape(registry)
+    assert ("safepool_max_size", frozenset({("pool", "hidden")})) not in samples
+    collector.add(other)  # added again: reported again
+    assert "other" in {name for name, _ in collector.pools.items()}
+
+
 async def test_names_are_unique(pools: Any) -> None:
     first = await pools(name="dup", min_size=0)
     second = await pools(name="dup", min_size=0)
