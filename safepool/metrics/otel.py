@@ -260,7 +260,7 @@ class PoolInstruments:
                 last = series.last
                 if previous is not None:
                     try:
-                        last = _counts(read(previous)[0])  # closed: its final counts
+                        last = _counts(read(previous)[0])  # (once it is closed, its final counts)
                     except Exception:
                         pass  # (its loop does not answer: the counts last seen)
                 carried = {field: series.carried[field] + last[field] for field in _COUNTER_FIELDS}
