@@ -22,7 +22,7 @@ from ..stats import PoolStats
 if TYPE_CHECKING:
     from ..pool import Pool
 
-__all__ = ["PoolSet", "leak_suspects", "read", "snapshot"]
+__all__ = ["PoolSet", "leak_suspects", "pool_list", "read", "snapshot"]
 
 
 class PoolSet:
@@ -50,8 +50,9 @@ class PoolSet:
         set as it was.
 
         :raises ValueError: as :meth:`add`, for the first pool that clashes.
-        :raises TypeError: as :meth:`add`, for the first that is not a pool."""
-        pools = list(pools)
+        :raises TypeError: as :meth:`add`, for the first that is not a pool,
+            or ``pools`` is one pool."""
+        pools = pool_list(pools)
         named, removed = self._named, self._removed
         self._named, self._removed = dict(named), weakref.WeakSet(removed)  # (a trial run on copies)
         try:
@@ -162,6 +163,16 @@ class PoolSet:
                 names.add(name)
                 result.append((name, pool))
         return result
+
+
+def pool_list(pools: Iterable[Pool]) -> list[Pool]:
+    """``pools`` as a list.
+
+    :raises TypeError: ``pools`` is one pool (``PoolCollector(pool)`` for
+        ``PoolCollector([pool])``: "'Pool' object is not iterable")."""
+    if isinstance(getattr(pools, "name", None), str) and callable(getattr(pools, "stats", None)):
+        raise TypeError("expected an iterable of pools, got one pool: pass [pool]")
+    return list(pools)
 
 
 def _closed(pool: Pool) -> bool:

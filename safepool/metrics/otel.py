@@ -42,7 +42,7 @@ except ModuleNotFoundError as _missing:  # pragma: no cover - tested in a subpro
 from .. import __version__
 from .._histogram import DEFAULT_BOUNDS
 from ..stats import PoolStats
-from . import PoolSet, read
+from . import PoolSet, pool_list, read
 
 if TYPE_CHECKING:
     from ..pool import Pool
@@ -127,8 +127,7 @@ class PoolInstruments:
         provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
         meter = provider.get_meter("safepool", __version__)
         self._create_instruments(meter)
-        for pool in pools:
-            self.add(pool)
+        self.add_all(pools)
 
     # ------------------------------------------------------------ pools
 
@@ -147,7 +146,7 @@ class PoolInstruments:
         clash (``live=True`` turns live mode on); reports again after :meth:`close`.
 
         :raises ValueError: as :meth:`add`, for the first pool that clashes."""
-        pools = list(pools)
+        pools = pool_list(pools)
         self._closed = False
         self.pools.add_all(pools)
         for pool in pools:

@@ -287,3 +287,22 @@ def test_of_two_live_pools_sharing_a_name_the_first_keeps_it(monkeypatch: pytest
     assert pools.items() == [("app", second)]
     first.closed = False  # (and keeps it)
     assert pools.items() == [("app", second), (f"app@{id(first):x}", first)]
+
+
+def test_one_pool_where_an_iterable_of_pools_is_expected_says_so() -> None:
+    # PoolCollector(pool) for PoolCollector([pool]): "'Pool' object is not iterable".
+    pool = StubPool("single", PoolState(max_size=1))
+    with pytest.raises(TypeError, match=r"an iterable of pools, got one pool: pass \[pool\]"):
+        PoolSet(cast(Any, pool))
+    with pytest.raises(TypeError, match=r"an iterable of pools, got one pool"):
+        PoolSet().add_all(cast(Any, pool))
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from safepool.metrics.otel import PoolInstruments
+
+    provider = MeterProvider()
+    try:
+        with pytest.raises(TypeError, match=r"an iterable of pools, got one pool"):
+            PoolInstruments(cast(Any, pool), meter_provider=provider)
+    finally:
+        provider.shutdown()
