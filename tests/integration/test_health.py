@@ -288,6 +288,9 @@ BAD_OPTIONS = [
     ({"probe": "yes"}, TypeError, r"probe must be True or False, got 'yes'"),
     ({"probe": 1}, TypeError, r"probe must be True or False, got 1"),
     ({"probe_query": b"SELECT 1"}, TypeError, r"probe_query must be a str, got bytes"),
+    # An int no float can hold raised OverflowError, not the documented ValueError.
+    ({"probe_timeout": 10**400}, ValueError, r"probe_timeout is too large for a number of seconds"),
+    ({"leak_suspect_after": 10**400}, ValueError, r"leak_suspect_after is too large for a number of seconds \(None turns it off\)"),
 ]
 
 
