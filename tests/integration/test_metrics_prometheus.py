@@ -315,6 +315,13 @@ async def test_register_of_several_pools_adds_all_or_none(pools: Any) -> None:
     assert [name for name, _ in collector.pools.items()] == ["taken", "fresh"]
 
 
+async def test_register_on_something_that_is_not_a_registry_says_so(pools: Any) -> None:
+    # It raised "cannot create weak reference to 'str' object".
+    pool = await pools(name="reg-arg")
+    with pytest.raises(TypeError, match="registry must be a prometheus_client CollectorRegistry, got str"):
+        register(pool, registry="default")  # type: ignore[arg-type]
+
+
 async def test_register_of_an_asyncpg_pool_says_what_it_is(pools: Any, pg_dsn: str) -> None:
     # A service half migrated (or an ORM's pool not redirected) registering
     # asyncpg's pool got "AttributeError: 'Pool' object has no attribute
