@@ -17,12 +17,17 @@ def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive
     """A duration in seconds (None: no limit, where ``allow_none``).
 
     :raises TypeError: not a number (bool included).
-    :raises ValueError: NaN, negative, or 0 where ``positive``."""
+    :raises ValueError: NaN, negative, 0 where ``positive``, or an int too
+        large for a float."""
     if value is None and allow_none:
         return None
     _check_seconds_type(name, value, allow_none)
     _check_range(name, value, value, allow_none, positive)
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int no float holds: out of range, as a negative one is
+        off = " (None turns it off)" if allow_none else ""
+        raise ValueError(f"{name} is too large for a number of seconds{off}") from None
     if type(value) is not float and type(value) is not int:
         # Again as the float it becomes: a type's own __float__ may differ.
         _check_range(name, seconds, value, allow_none, positive)

@@ -152,14 +152,15 @@ class TeeHistogram(Histogram):
     transitions: a sink may call into the pool). Installed and removed by the
     pool on its loop thread, so no value is lost across the swap."""
 
-    __slots__ = ("inner", "sinks", "_what", "_complained", "_loop", "_queued")
+    __slots__ = ("inner", "sinks", "_what", "_pool", "_complained", "_loop", "_queued")
 
     def __init__(
-        self, inner: Histogram, loop: asyncio.AbstractEventLoop, what: str = "a timing sink"
+        self, inner: Histogram, loop: asyncio.AbstractEventLoop, what: str = "a timing sink", pool: str | None = None
     ) -> None:  # the inner one keeps the data
         self.inner = inner
         self.sinks: list[Callable[[float], None]] = []
         self._what = what
+        self._pool = pool  # the pool's name, for the log record's fields
         self._complained = False
         self._loop = loop
         self._queued: list[float] = []
@@ -187,7 +188,10 @@ class TeeHistogram(Histogram):
                 except Exception:
                     if not self._complained:
                         self._complained = True
-                        logging.getLogger("safepool").warning("%s failed", self._what, exc_info=True)
+                        logging.getLogger("safepool").warning(
+                            "%s failed", self._what, exc_info=True,
+                            extra={"event": "timing_sink_failed", "pool": self._pool},
+                        )
 
     def quantile(self, q: float) -> float:
         return self.inner.quantile(q)

@@ -8,6 +8,7 @@ here without the application registering them. ``safepool.pool`` re-exports
 from __future__ import annotations
 
 import logging
+import threading
 import traceback
 import weakref
 from collections.abc import Callable
@@ -21,11 +22,17 @@ logger = logging.getLogger("safepool")
 # Weakly: a pool that is garbage is not listed.
 _LIVE_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 _CREATED_HOOKS: list[Callable[[Pool], None]] = []
+# Exporters with live=True list the pools from their own thread: a pool
+# added while another thread iterates the set failed that listing ("Set
+# changed size during iteration"). Reentrant: a finalizer run by the
+# garbage collector inside the listing may create a pool.
+_LOCK = threading.RLock()
 
 
 def live_pools() -> list[Pool]:
-    """Pools created in this process that are not garbage yet."""
-    return list(_LIVE_POOLS)
+    """Pools created in this process that are not garbage yet (from any thread)."""
+    with _LOCK:
+        return list(_LIVE_POOLS)
 
 
 def on_pool_created(callback: Callable[[Pool], None]) -> Callable[[], None]:
@@ -47,9 +54,13 @@ def on_pool_created(callback: Callable[[Pool], None]) -> Callable[[], None]:
 
 def register(pool: Pool) -> None:
     """A pool was constructed: list it, and call the created hooks."""
-    _LIVE_POOLS.add(pool)
+    with _LOCK:
+        _LIVE_POOLS.add(pool)
     for callback in _CREATED_HOOKS.copy():  # a callback may remove itself
         try:
             callback(pool)
         except Exception:
-            logger.error("pool %r: pool-created hook failed\n%s", pool.name, traceback.format_exc().rstrip())
+            logger.error(
+                "pool %r: pool-created hook failed\n%s", pool.name, traceback.format_exc().rstrip(),
+                extra={"event": "created_hook_failed", "pool": pool.name},
+            )

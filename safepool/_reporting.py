@@ -120,6 +120,7 @@ class Reporter:
         logger.warning(
             "pool %r: close() is taking over 60 seconds: %d connection(s) not released. %s",
             self.name, len(list(self.state.leases())), self.describe_oldest(now, 3),
+            extra={"event": "slow_close", "pool": self.name},
         )
 
     def shed_message(self, why: str, waiting: int | None = None) -> str:
@@ -249,6 +250,9 @@ class Reporter:
                     except Exception:
                         # Formatted now: a record holding the traceback would keep the
                         # callers' frames, and the connections they refer to, alive.
-                        logger.error("pool %r: event listener failed\n%s", self.name, traceback.format_exc().rstrip())
+                        logger.error(
+                            "pool %r: event listener failed\n%s", self.name, traceback.format_exc().rstrip(),
+                            extra={"event": "listener_failed", "pool": self.name},
+                        )
         finally:
             self.delivering = False

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from . import _internals as _pg
 from . import events as _events
+from ._durations import validate_timeout
 from ._histogram import Histogram, TeeHistogram
 from ._options import PoolConfig
 from ._reporting import DictListener, Reporter
@@ -151,7 +152,7 @@ class Observation:
         def install() -> None:
             current: Histogram = getattr(state, field)
             if not isinstance(current, TeeHistogram):
-                current = TeeHistogram(current, self.loop, f"pool {self.name!r}: a {kind} timing sink")
+                current = TeeHistogram(current, self.loop, f"pool {self.name!r}: a {kind} timing sink", self.name)
                 setattr(state, field, current)
             current.sinks.append(callback)
 
@@ -199,6 +200,11 @@ class Observation:
             self.loop.call_soon_threadsafe(action)
 
     def call_threadsafe(self, function: Callable[[], _T], timeout: float | None) -> _T:
+        # Checked here, on either thread: a negative or NaN timeout read as a
+        # blocked loop, and a str passed whenever the answer came at once.
+        timeout = validate_timeout("timeout", timeout)
+        if not callable(function):
+            raise TypeError(f"function must be callable, got {type(function).__name__}")
         if self._on_loop_thread():
             return function()
         result: concurrent.futures.Future[_T] = concurrent.futures.Future()

@@ -58,12 +58,15 @@ class HealthReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: status, reasons, probe latency and the stats (each
-        distribution as count, sum, p50, p90, p99 and max)."""
+        distribution as count, sum, p50, p90, p99 and max; each site as
+        site, in_use and waiting)."""
         stats: dict[str, Any] = {}
         for field in fields(self.stats):
             value = getattr(self.stats, field.name)
             if isinstance(value, Distribution):
                 value = {key: getattr(value, key) for key in ("count", "sum", "p50", "p90", "p99", "max")}
+            elif field.name == "sites":
+                value = [{"site": row.site, "in_use": row.in_use, "waiting": row.waiting} for row in value]
             stats[field.name] = value
         return {
             "status": self.status,

@@ -854,7 +854,8 @@ class Pool(_PoolBase):
         (None: no limit); on the loop's thread, or while the loop is not
         running, it calls :meth:`stats` directly.
 
-        :raises TimeoutError: the loop did not run it in time (it is blocked)."""
+        :raises TimeoutError: the loop did not run it in time (it is blocked).
+        :raises ValueError: ``timeout`` is negative or NaN (TypeError: not a number)."""
         return self._observation.call_threadsafe(self.stats, timeout)
 
     def call_threadsafe(self, function: Callable[[], _T], timeout: float | None = 5.0) -> _T:
@@ -862,6 +863,8 @@ class Pool(_PoolBase):
         :meth:`stats_threadsafe`): for exporters that read several things in one consistent moment.
 
         :raises TimeoutError: the loop did not run it within ``timeout`` seconds.
+        :raises ValueError: ``timeout`` is negative or NaN (TypeError: not a number,
+            or ``function`` not callable).
         :raises Exception: what ``function`` raised."""
         return self._observation.call_threadsafe(function, timeout)
 

@@ -22,7 +22,7 @@ from ..stats import PoolStats
 if TYPE_CHECKING:
     from ..pool import Pool
 
-__all__ = ["PoolSet", "leak_suspects", "read", "snapshot"]
+__all__ = ["PoolSet", "leak_suspects", "pool_list", "read", "snapshot"]
 
 
 class PoolSet:
@@ -37,6 +37,10 @@ class PoolSet:
     def __init__(self, pools: Iterable[Pool] = (), *, live: bool = False) -> None:
         self.live = live
         self._named: dict[str, weakref.ref[Pool]] = {}
+        # live: the pool each shared name went to (see items()).
+        self._bare: dict[str, weakref.ref[Pool]] = {}
+        # live: pools remove() took out, until add() puts them back.
+        self._removed: weakref.WeakSet[Pool] = weakref.WeakSet()
         self.add_all(pools)
 
     def add_all(self, pools: Iterable[Pool]) -> None:
@@ -46,26 +50,38 @@ class PoolSet:
         set as it was.
 
         :raises ValueError: as :meth:`add`, for the first pool that clashes.
-        :raises TypeError: as :meth:`add`, for the first that is not a pool."""
-        pools = list(pools)
-        named = self._named
-        self._named = dict(named)  # (a trial run on a copy)
+        :raises TypeError: as :meth:`add`, for the first that is not a pool,
+            or ``pools`` is one pool."""
+        pools = pool_list(pools)
+        named, removed = self._named, self._removed
+        self._named, self._removed = dict(named), weakref.WeakSet(removed)  # (a trial run on copies)
         try:
             for pool in pools:
                 self.add(pool)
         except (ValueError, TypeError):
-            self._named = named
+            self._named, self._removed = named, removed
             raise
 
     def add(self, pool: Pool, name: str | None = None) -> str:
-        """Report on ``pool`` under ``name`` (default: ``pool.name``).
+        """Report on ``pool`` under ``name`` (default: ``pool.name``, or the
+        name it is reported under already). A pool is reported under one
+        name: a new one replaces the old.
 
         A name may be reused once its pool is closed or gone (an application
         that re-creates its pool); otherwise a duplicate raises ValueError,
         since two time series with the same labels would be rejected by
-        Prometheus and merged by OpenTelemetry."""
+        Prometheus and merged by OpenTelemetry.
+
+        :raises TypeError: ``name`` is not a str, or ``pool`` not a safepool pool."""
         check_is_pool(pool, "the metrics exporter")
-        name = pool.name if name is None else name
+        reported = self.name_of(pool)
+        if name is None:
+            if reported is not None:
+                return reported  # reported already (under this name or another): a no-op
+            name = pool.name
+        if not isinstance(name, str):
+            # Taken, it failed every later scrape (a label value must be a str).
+            raise TypeError(f"a pool's metrics name must be a str, got {type(name).__name__}")
         if not name:
             raise ValueError("a pool's metrics name must not be empty")
         taken = self._named.get(name)
@@ -76,22 +92,39 @@ class PoolSet:
                 "(give the pools distinct names with create_pool(name=...), or report this one "
                 "under another name with add(pool, name))"
             )
+        if reported is not None and reported != name:
+            # One name per pool: a second series would count it twice in every sum.
+            del self._named[reported]
         self._named[name] = weakref.ref(pool)
+        self._removed.discard(pool)
         return name
 
+    def name_of(self, pool: Pool) -> str | None:
+        """The name ``pool`` is reported under (None: it is not registered)."""
+        return next((name for name, ref in self._named.items() if ref() is pool), None)
+
     def get(self, name: str) -> Pool | None:
-        """The pool registered under ``name`` (None if unknown or gone)."""
+        """The pool reported under ``name`` (None if unknown or gone): a
+        registered one, or with ``live`` a live pool."""
         ref = self._named.get(name)
-        return ref() if ref is not None else None
+        if ref is not None:
+            return ref()
+        if self.live:
+            return next((pool for reported, pool in self.items() if reported == name), None)
+        return None
 
     def remove(self, pool_or_name: Pool | str) -> None:
-        """Stop reporting on a pool (given by name or object); unknown ones are ignored."""
+        """Stop reporting on a pool (given by name or object), live mode
+        included, until it is added again; unknown ones are ignored."""
+        pool = self.get(pool_or_name) if isinstance(pool_or_name, str) else pool_or_name
         if isinstance(pool_or_name, str):
             self._named.pop(pool_or_name, None)
+        if pool is None:
             return
         for name, ref in list(self._named.items()):
-            if ref() is pool_or_name:
+            if ref() is pool:
                 del self._named[name]
+        self._removed.add(pool)
 
     def items(self) -> list[tuple[str, Pool]]:
         """(name, pool) for every open pool to report, names unique."""
@@ -109,20 +142,45 @@ class PoolSet:
             from ..pool import live_pools
 
             names = {name for name, _ in result} | set(self._named)
-            for pool in sorted(live_pools(), key=lambda p: p.name):
-                if id(pool) in seen or _closed(pool):
+            bare = self._bare
+            # The pool a shared name went to keeps it, whatever the order of
+            # the live set (it changes as pools are created): else the series
+            # would jump from one pool's counters to the other's.
+            holders: dict[str, Pool] = {}
+            for pool in sorted(live_pools(), key=lambda p: (p.name, _ref(bare.get(p.name)) is not p)):
+                if id(pool) in seen or _closed(pool) or pool in self._removed:
                     continue
                 name = pool.name
                 if name in names:
                     # Two open pools share a name: keep both series apart.
+                    if name in holders:
+                        bare[name] = weakref.ref(holders[name])
                     name = f"{name}@{id(pool):x}"
+                else:
+                    holders[name] = pool
+                    if name in bare:
+                        bare[name] = weakref.ref(pool)  # (the pool it went to is closed or gone)
                 names.add(name)
                 result.append((name, pool))
         return result
 
 
+def pool_list(pools: Iterable[Pool]) -> list[Pool]:
+    """``pools`` as a list.
+
+    :raises TypeError: ``pools`` is one pool (``PoolCollector(pool)`` for
+        ``PoolCollector([pool])``: "'Pool' object is not iterable")."""
+    if isinstance(getattr(pools, "name", None), str) and callable(getattr(pools, "stats", None)):
+        raise TypeError("expected an iterable of pools, got one pool: pass [pool]")
+    return list(pools)
+
+
 def _closed(pool: Pool) -> bool:
     return pool.closed
+
+
+def _ref(ref: weakref.ref[Pool] | None) -> Pool | None:
+    return None if ref is None else ref()
 
 
 # How long a collection waits for a pool's event loop to take the snapshot:

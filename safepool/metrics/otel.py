@@ -25,10 +25,11 @@ Prometheus report the same buckets. Needs the ``safepool[otel]`` extra.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 try:
     from opentelemetry import metrics
@@ -41,7 +42,7 @@ except ModuleNotFoundError as _missing:  # pragma: no cover - tested in a subpro
 from .. import __version__
 from .._histogram import DEFAULT_BOUNDS
 from ..stats import PoolStats
-from . import PoolSet, read
+from . import PoolSet, pool_list, read
 
 if TYPE_CHECKING:
     from ..pool import Pool
@@ -122,19 +123,43 @@ class PoolInstruments:
         self._recent: weakref.WeakKeyDictionary[Pool, tuple[float, PoolStats | None, int | None]] = (
             weakref.WeakKeyDictionary()
         )
+        # Per name reported: the pool last reported under it, its counters
+        # then, and the counts of the pools it took the name over from (see _continued).
+        self._series: dict[str, _Series] = {}
         provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
         meter = provider.get_meter("safepool", __version__)
         self._create_instruments(meter)
-        for pool in pools:
-            self.add(pool)
+        self.add_all(pools)
 
     # ------------------------------------------------------------ pools
 
     def add(self, pool: Pool, name: str | None = None) -> str:
-        """Report ``pool`` under ``name`` (default ``pool.name``); returns the name."""
+        """Report ``pool`` under ``name`` (default ``pool.name``, or the name
+        it is reported under already: a new name replaces the old); returns the name."""
+        reported = self.pools.name_of(pool)
         name = self.pools.add(pool, name)
+        if reported is not None and reported != name:
+            self._detach(pool)  # its histograms' attributes name it
         self._attach(pool, name)
         return name
+
+    def add_all(self, pools: Iterable[Pool], *, live: bool = False) -> None:
+        """Report each of ``pools`` under its name, or none of them on a name
+        clash (``live=True`` turns live mode on); reports again after :meth:`close`.
+
+        :raises ValueError: as :meth:`add`, for the first pool that clashes."""
+        pools = pool_list(pools)
+        self._closed = False
+        self.pools.add_all(pools)
+        for pool in pools:
+            self._attach(pool, self.pools.name_of(pool) or pool.name)
+        if live:
+            self.pools.live = True
+
+    @property
+    def record_times(self) -> bool:
+        """Whether the wait/use/create time histograms are fed."""
+        return self._record_times
 
     def remove(self, pool_or_name: Pool | str) -> None:
         """Stop reporting a pool and unhook its histograms."""
@@ -218,9 +243,34 @@ class PoolInstruments:
                 failure = failure or exc
                 continue
             if found is not None:
-                yield name, found[0], found[1]
+                yield name, self._continued(name, pool, found[0]), found[1]
         if failure is not None:
             raise failure
+
+    def _continued(self, name: str, pool: Pool, stats: PoolStats) -> PoolStats:
+        """``stats`` with the counts of the pools that had ``name`` before
+        added to its counters. A cumulative counter must not fall within a
+        series (its start time stays the first pool's, and a delta reader
+        would export a negative increase), yet an application that
+        re-creates its pool under the same name keeps its series."""
+        series = self._series.get(name)
+        if series is None or series.pool() is not pool:
+            carried = dict.fromkeys(_COUNTER_FIELDS, 0)
+            if series is not None:
+                previous = series.pool()
+                last = series.last
+                if previous is not None:
+                    try:
+                        last = _counts(read(previous)[0])  # (once it is closed, its final counts)
+                    except Exception:
+                        pass  # (its loop does not answer: the counts last seen)
+                carried = {field: series.carried[field] + last[field] for field in _COUNTER_FIELDS}
+            series = self._series[name] = _Series(weakref.ref(pool), carried)
+        series.last = _counts(stats)
+        if not any(series.carried.values()):
+            return stats
+        totals: dict[str, Any] = {field: value + series.carried[field] for field, value in series.last.items()}
+        return dataclasses.replace(stats, **totals)
 
     # ------------------------------------------------------- instruments
 
@@ -331,6 +381,26 @@ class PoolInstruments:
                 yield Observation(count, {POOL_NAME: name})
 
 
+# Every PoolStats counter an observable counter reports.
+_COUNTER_FIELDS = tuple(field for field, _, _, _ in COUNTERS)
+
+
+def _counts(stats: PoolStats) -> dict[str, int]:
+    counts: dict[str, int] = {field: getattr(stats, field) for field in _COUNTER_FIELDS}
+    return counts
+
+
+class _Series:
+    """What one reported name has counted (see PoolInstruments._continued)."""
+
+    __slots__ = ("pool", "carried", "last")
+
+    def __init__(self, pool: weakref.ref[Pool], carried: dict[str, int]) -> None:
+        self.pool = pool
+        self.carried = carried
+        self.last: dict[str, int] = {}
+
+
 def _field(name: str) -> Callable[[PoolStats], float]:
     def value(stats: PoolStats) -> float:
         value: float = getattr(stats, name)  # an int counter
@@ -342,10 +412,37 @@ def _field(name: str) -> Callable[[PoolStats], float]:
 def instrument(
     *pools: Pool, live: bool = False, meter_provider: MeterProvider | None = None, record_times: bool = True
 ) -> PoolInstruments:
-    """Create the instruments on ``meter_provider`` (default: the global one)
-    and report ``pools`` (and every open pool with ``live=True``).
+    """Report ``pools`` (and every open pool with ``live=True``) on
+    ``meter_provider`` (default: the global one), and return its
+    :class:`PoolInstruments`.
 
-    Call it once per meter provider and add later pools with
-    :meth:`PoolInstruments.add`: a second call would create the same
-    instruments again."""
-    return PoolInstruments(pools, live=live, meter_provider=meter_provider, record_times=record_times)
+    One per meter provider, as :func:`safepool.metrics.prometheus.register`
+    keeps one collector per registry: the first call creates the
+    instruments, later calls add their pools to them (``live=True`` turns
+    live mode on; after :meth:`PoolInstruments.close`, they report again).
+    A second set of instruments would not work: the SDK hands back the
+    instruments of the first (same names) without the new callbacks.
+
+    :raises ValueError: as :meth:`PoolInstruments.add` (then none of
+        ``pools`` is added), or ``record_times`` differs from the first call's.
+    :raises TypeError: ``meter_provider`` is not a meter provider, or a pool
+        not a safepool pool."""
+    provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
+    if not callable(getattr(provider, "get_meter", None)):
+        raise TypeError(f"meter_provider must be an OpenTelemetry MeterProvider, got {type(provider).__name__}")
+    instruments = _made.get(provider)
+    if instruments is None:
+        instruments = PoolInstruments(pools, live=live, meter_provider=provider, record_times=record_times)
+        _made[provider] = instruments
+        return instruments
+    if record_times != instruments.record_times:
+        raise ValueError(
+            f"instrument() was called on this meter provider with record_times={instruments.record_times}: "
+            "its instruments exist already"
+        )
+    instruments.add_all(pools, live=live)
+    return instruments
+
+
+# The instruments instrument() made, per meter provider.
+_made: weakref.WeakKeyDictionary[MeterProvider, PoolInstruments] = weakref.WeakKeyDictionary()

@@ -87,7 +87,8 @@ class PoolCollector:
         self.pools = PoolSet(pools, live=live)
 
     def add(self, pool: Pool, name: str | None = None) -> str:
-        """Report ``pool`` under ``name`` (default ``pool.name``); returns the name."""
+        """Report ``pool`` under ``name`` (default ``pool.name``, or the name
+        it is reported under already: a new name replaces the old); returns the name."""
         return self.pools.add(pool, name)
 
     def remove(self, pool_or_name: Pool | str) -> None:
@@ -242,11 +243,14 @@ def register(
     the same way. A pool already reported stays as it is: registering it
     again is a no-op.
 
+    :raises TypeError: ``registry`` is not a registry, or a pool not a safepool pool.
     :raises ValueError: another open pool is already reported under the
         pool's name (the message names it; give the pools distinct names,
         or add one with ``collector.add(pool, "other-name")``); then none
         of ``pools`` is added."""
     target = REGISTRY if registry is None else registry
+    if not callable(getattr(target, "register", None)):
+        raise TypeError(f"registry must be a prometheus_client CollectorRegistry, got {type(target).__name__}")
     collector = _collector_of(target)
     if collector is None:
         collector = PoolCollector(pools, live=live)  # (a name clash raises before registering)

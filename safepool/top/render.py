@@ -109,9 +109,12 @@ def render_rich(snapshot: Snapshot, interval: float | None = None, error: str | 
             f"{top}\n{bottom}" if top else bottom, justify="left" if column < 2 else "right", no_wrap=column > 0
         )
     for group in snapshot.groups:
-        cells: list[RenderableType] = list(_cells(group))
+        # Text, not str: rich reads a str as markup, and any client names
+        # itself ("[/]" raised MarkupError, "[red]x[/red]" showed as "x").
+        texts = _cells(group)
+        cells: list[RenderableType] = [Text(text) for text in texts]
         if group.waiting_on_lock:
-            cells[3] = Text(str(cells[3]), style="bold magenta")
+            cells[3] = Text(texts[3], style="bold magenta")
         if group.alert:
             style = "bold red"
         elif group.state in IDLE_IN_TRANSACTION:

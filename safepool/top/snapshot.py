@@ -244,6 +244,10 @@ def _one_line(query: str | None, width: int) -> str | None:
     if query is None:
         return None
     text = " ".join(query.split())
+    if not text.isprintable():
+        # Any client writes its query text: its escape sequences (and bidi
+        # overrides) must not reach the operator's terminal.
+        text = "".join(char if char.isprintable() else "?" for char in text)
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 

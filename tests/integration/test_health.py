@@ -193,6 +193,21 @@ async def test_the_probe_is_not_counted_against_the_callers_bulkhead(pools: Any)
     assert PROBE_SITE == "safepool.health"
 
 
+async def test_to_dict_is_json_ready_with_the_per_site_stats(pools: Any) -> None:
+    """With max_site_share and a lease held, stats.sites held SiteStats
+    objects: the docs' readiness endpoint (JSONResponse(report.to_dict()))
+    failed with "Object of type SiteStats is not JSON serializable"."""
+    pool = await pools(name="sites", min_size=1, max_size=2, max_site_share=0.5)
+    held = await pool.acquire(site="orders")
+    try:
+        report = await pool.health(probe_timeout=0.5)
+    finally:
+        await pool.release(held)
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))  # (as Starlette's JSONResponse)
+    assert data["stats"]["sites"] == [{"site": "orders", "in_use": 1, "waiting": 0}]
+    assert data["stats"]["site_cap"] == 1
+
+
 async def test_closed_pool_is_failing(pools: Any) -> None:
     pool = await pools(name="gone", min_size=0)
     await pool.close()
@@ -273,6 +288,9 @@ BAD_OPTIONS = [
     ({"probe": "yes"}, TypeError, r"probe must be True or False, got 'yes'"),
     ({"probe": 1}, TypeError, r"probe must be True or False, got 1"),
     ({"probe_query": b"SELECT 1"}, TypeError, r"probe_query must be a str, got bytes"),
+    # An int no float can hold raised OverflowError, not the documented ValueError.
+    ({"probe_timeout": 10**400}, ValueError, r"probe_timeout is too large for a number of seconds"),
+    ({"leak_suspect_after": 10**400}, ValueError, r"leak_suspect_after is too large for a number of seconds \(None turns it off\)"),
 ]
 
 

@@ -220,6 +220,19 @@ async def test_a_failing_listener_is_logged_and_the_others_still_run(
         failed = [r for r in capture.records if "event listener failed" in r.getMessage()]
         assert len(failed) == 1 and "RuntimeError: listener bug" in failed[0].getMessage()
         assert failed[0].exc_info is None  # formatted: no traceback keeps the pool's frames alive
+        # Structured as every record of the pool (docs/metrics.md, Events):
+        # a JSON log formatter routes on event and pool.
+        assert (getattr(failed[0], "event", None), getattr(failed[0], "pool", None)) == ("listener_failed", "listeners")
+
+        def broken_sink(value: float) -> None:
+            raise RuntimeError("sink bug")
+
+        pool.add_timing_sink("lease", broken_sink)
+        await pool.release(con)
+        await until(lambda: any("timing sink failed" in r.getMessage() for r in capture.records))
+        sink = next(r for r in capture.records if "timing sink failed" in r.getMessage())
+        assert (getattr(sink, "event", None), getattr(sink, "pool", None)) == ("timing_sink_failed", "listeners")
+        con = await pool.acquire()
         records = [r for r in capture.records if getattr(r, "event", None) == "leak_suspect"]
         assert records and records[0].name == "safepool.leaks" and records[0].pool == "listeners"  # type: ignore[attr-defined]
         await pool.release(con)

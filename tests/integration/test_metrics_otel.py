@@ -235,3 +235,97 @@ async def test_a_blocked_loop_costs_one_timeout_per_collection(
     # Once the loop answers again, the next collection reports the pool.
     found = await asyncio.to_thread(points, memory)
     assert point(found, "db.client.connection.max", **{POOL: "blocked"}).value == 2
+
+
+async def test_a_pool_taking_a_closed_pools_name_continues_its_counters(pools: Any) -> None:
+    """An application re-creating its pool under the same name keeps its
+    series (docs/metrics.md): the observable counters went back to the new
+    pool's own counts, so a cumulative point fell (3 to 0) under the same
+    start time, and a delta reader exported a monotonic sum of -3."""
+    from opentelemetry.sdk.metrics import ObservableCounter
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+
+    for temporality in (AggregationTemporality.CUMULATIVE, AggregationTemporality.DELTA):
+        memory = InMemoryMetricReader(preferred_temporality={ObservableCounter: temporality})
+        provider = MeterProvider(metric_readers=[memory])
+        try:
+            old = await pools(name="orders")
+            instruments = instrument(old, meter_provider=provider)
+            for _ in range(3):
+                await old.fetchval("SELECT 1")
+            before = points(memory)
+            assert point(before, "safepool.acquired", **{POOL: "orders"}).value == 3
+            await old.fetchval("SELECT 1")  # after the last collection: still counted
+            await old.close()
+
+            new = await pools(name="orders")
+            instruments.add(new)
+            await new.fetchval("SELECT 1")
+            after = points(memory)
+            acquired = point(after, "safepool.acquired", **{POOL: "orders"}).value
+            opened = point(after, "safepool.connections_opened", **{POOL: "orders"}).value
+            if temporality is AggregationTemporality.CUMULATIVE:
+                assert acquired == 5 and opened == 2
+            else:
+                assert acquired == 2 and opened == 1  # the increase since the last collection
+            for _, name, _, _ in COUNTERS:
+                assert point(after, name, **{POOL: "orders"}).value >= 0, name
+            instruments.close()
+        finally:
+            provider.shutdown()
+
+
+async def test_a_name_that_is_not_a_str_is_refused_at_add(pools: Any, reader: Any) -> None:
+    """add(pool, 5) was taken, and every later scrape of the registry failed
+    (prometheus_client: "'int' object has no attribute 'replace'"); OpenTelemetry
+    reported a pool name that is not a string."""
+    from safepool.metrics.prometheus import PoolCollector
+
+    pool = await pools(name="typed")
+    instruments = instrument(meter_provider=reader[1])
+    for add in (PoolCollector().add, instruments.add):
+        for name in (5, b"typed"):
+            with pytest.raises(TypeError, match="name must be a str"):
+                add(pool, name)  # type: ignore[arg-type]
+
+
+async def test_instrument_once_per_pool_reports_every_pool(pools: Any, reader: Any) -> None:
+    """instrument(pool) where each pool is created, as register(pool) for
+    Prometheus: the second call's instruments were the SDK's existing ones
+    (same name: no new callbacks), so the second pool's gauges and counters
+    were never reported, with no warning, while its histograms were."""
+    memory, provider = reader
+    first = await pools(name="first")
+    second = await pools(name="second")
+    instruments = instrument(first, meter_provider=provider)
+    assert instrument(second, meter_provider=provider) is instruments  # one per meter provider
+    assert instrument(second, meter_provider=provider) is instruments  # (already reported: a no-op)
+    await first.fetchval("SELECT 1")
+    await second.fetchval("SELECT 1")
+    await asyncio.sleep(0)  # timing sinks get their values in a loop callback of their own
+    found = points(memory)
+    for name in ("first", "second"):
+        assert point(found, "safepool.acquired", **{POOL: name}).value == 1
+        assert point(found, "db.client.connection.wait_time", **{POOL: name}).count == 1
+    with pytest.raises(ValueError, match="record_times"):
+        instrument(meter_provider=provider, record_times=False)
+
+    # After close(), the next call reports again, on the same instruments.
+    instruments.close()
+    assert not any(dict(p.attributes).get(POOL) == "first" for p in points(memory).get("safepool.acquired", []))
+    assert instrument(first, meter_provider=provider) is instruments
+    assert point(points(memory), "safepool.acquired", **{POOL: "first"}).value == 1
+
+
+async def test_a_pool_renamed_is_reported_under_its_new_name_only(pools: Any, reader: Any) -> None:
+    memory, provider = reader
+    pool = await pools(name="orders")
+    instruments = instrument(meter_provider=provider)
+    assert instruments.add(pool, "orders-2") == "orders-2"
+    assert instrument(pool, meter_provider=provider) is instruments  # already reported: a no-op
+    assert instruments.add(pool, "orders-primary") == "orders-primary"
+    await pool.fetchval("SELECT 1")
+    await asyncio.sleep(0)  # timing sinks get their values in a loop callback of their own
+    found = points(memory)
+    assert [dict(p.attributes)[POOL] for p in found["safepool.acquired"]] == ["orders-primary"]
+    assert [dict(p.attributes)[POOL] for p in found["db.client.connection.wait_time"]] == ["orders-primary"]

@@ -179,6 +179,24 @@ async def test_live_mode_reports_every_open_pool_and_drops_closed_ones(pools: An
     assert value(samples, "safepool_max_size", pool="live-a") == 2
 
 
+async def test_remove_stops_reporting_a_pool_in_live_mode_too(pools: Any) -> None:
+    """remove() "stops exporting a pool: its series are gone from the next
+    scrape"; with live=True the pool came back at once, by live mode."""
+    kept = await pools(name="kept", min_size=0)
+    hidden = await pools(name="hidden", min_size=0)
+    other = await pools(name="other", min_size=0)
+    registry = CollectorRegistry()
+    collector = register(kept, hidden, registry=registry, live=True)
+    collector.remove(hidden)
+    collector.remove("other")  # by the name it is reported under
+    names = {name for name, _ in collector.pools.items()}
+    assert "kept" in names and "hidden" not in names and "other" not in names
+    samples = scrape(registry)
+    assert ("safepool_max_size", frozenset({("pool", "hidden")})) not in samples
+    collector.add(other)  # added again: reported again
+    assert "other" in {name for name, _ in collector.pools.items()}
+
+
 async def test_names_are_unique(pools: Any) -> None:
     first = await pools(name="dup", min_size=0)
     second = await pools(name="dup", min_size=0)
@@ -239,6 +257,23 @@ async def test_register_the_same_pool_twice_is_a_no_op(pools: Any) -> None:
     assert text.count('safepool_max_size{pool="twice"}') == 1
 
 
+async def test_a_pool_is_reported_under_one_name_only(pools: Any) -> None:
+    """A pool reported under another name (add(pool, "orders-2"), the way the
+    docs give around a clash) was reported again under its own name by a
+    later register(pool): two series of one pool, counted twice in every sum."""
+    pool = await pools(name="orders", min_size=1)
+    registry = CollectorRegistry()
+    collector = register(registry=registry)
+    assert collector.add(pool, "orders-2") == "orders-2"
+    assert register(pool, registry=registry) is collector  # already reported: a no-op
+    assert collector.add(pool) == "orders-2"
+    assert collector.pools.items() == [("orders-2", pool)]
+    assert collector.add(pool, "orders-primary") == "orders-primary"  # a new name replaces the old
+    assert collector.pools.items() == [("orders-primary", pool)]
+    text = generate_latest(registry).decode()
+    assert text.count("safepool_max_size{") == 1
+
+
 async def test_register_a_second_open_pool_of_the_same_name_names_it(pools: Any) -> None:
     first = await pools(name="same", min_size=0)
     second = await pools(name="same", min_size=0)
@@ -278,6 +313,13 @@ async def test_register_of_several_pools_adds_all_or_none(pools: Any) -> None:
     assert "safepool_max_size" not in generate_latest(other).decode()
     register(fresh, registry=registry)
     assert [name for name, _ in collector.pools.items()] == ["taken", "fresh"]
+
+
+async def test_register_on_something_that_is_not_a_registry_says_so(pools: Any) -> None:
+    # It raised "cannot create weak reference to 'str' object".
+    pool = await pools(name="reg-arg")
+    with pytest.raises(TypeError, match="registry must be a prometheus_client CollectorRegistry, got str"):
+        register(pool, registry="default")  # type: ignore[arg-type]
 
 
 async def test_register_of_an_asyncpg_pool_says_what_it_is(pools: Any, pg_dsn: str) -> None:

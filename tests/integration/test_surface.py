@@ -275,6 +275,23 @@ async def test_a_timing_sink_sees_settled_books_and_may_call_the_pool(pools: Any
     assert len(seen) == 1 and seen[0][0] > 0 and seen[0][1:] == (0, 0)
 
 
+@pytest.mark.parametrize(
+    ("timeout", "error"), [(-1, ValueError), (float("nan"), ValueError), ("5", TypeError), (True, TypeError)]
+)
+async def test_threadsafe_calls_check_their_arguments(pools: Any, timeout: Any, error: type[Exception]) -> None:
+    """From another thread, timeout=-1 (or NaN) read as a blocked loop
+    ("its event loop did not answer within -1s"), and "5" was taken when the
+    answer came at once; on the loop's thread both were taken silently."""
+    pool = await pools(name="threads-args")
+    with pytest.raises(error, match="timeout"):
+        pool.stats_threadsafe(timeout)
+    with pytest.raises(error, match="timeout"):
+        await asyncio.to_thread(pool.stats_threadsafe, timeout)
+    with pytest.raises(TypeError, match="function must be callable"):
+        await asyncio.to_thread(pool.call_threadsafe, None)  # type: ignore[arg-type]
+    assert (await asyncio.to_thread(pool.stats_threadsafe, None)).name == "threads-args"  # None: no limit
+
+
 async def test_stats_threadsafe_runs_on_the_loop(pools: Any) -> None:
     pool = await pools(name="threads")
     loop_thread = threading.get_ident()

@@ -242,6 +242,56 @@ async def test_one_snapshot_as_text(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("view", ["--plain", "rich"])
+async def test_application_names_that_read_as_markup_are_shown_as_they_are(
+    view: str, pg_dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any client names itself: the rich view (the default with rich
+    installed) took application names as rich markup, so one named "[/]"
+    ended top with a MarkupError traceback (exit code 1), and "[red]x[/red]"
+    showed as "x"."""
+    monkeypatch.setenv("COLUMNS", "160")
+    tag = uuid.uuid4().hex[:8]
+    names = [f"[/]{tag}", f"[red]{tag}[/red]", f"[link=http://example.invalid]{tag}"]
+    clients = [await asyncpg.connect(pg_dsn, server_settings={"application_name": name}) for name in names]
+    try:
+        code, out, err = await run_in_thread(
+            capsys, *([view] if view != "rich" else []), "--once", "--show-queries", pg_dsn
+        )
+        assert (code, err) == (0, "")
+        for name in names:
+            assert f"  {name} " in out, out
+            assert f"  {name} / idle: " in out, out
+    finally:
+        for client in clients:
+            await client.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("view", ["--plain", "rich"])
+async def test_control_characters_in_a_query_never_reach_the_terminal(
+    view: str, pg_dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any client writes the query text --show-queries prints: its escape
+    sequences went to the operator's terminal as they were (clear the
+    screen, set the window title, ...)."""
+    monkeypatch.setenv("COLUMNS", "200")
+    app_name = f"sp-escape-{uuid.uuid4().hex[:8]}"
+    client = await asyncpg.connect(pg_dsn, server_settings={"application_name": app_name})
+    try:
+        await client.execute("SELECT 1 /* \x1b[2J\x1b]0;title\x07 one\ntwo \u202eend */")
+        code, out, err = await run_in_thread(
+            capsys, *([view] if view != "rich" else []), "--once", "--show-queries", pg_dsn
+        )
+        assert (code, err) == (0, "")
+        line = next(line for line in out.splitlines() if line.startswith(f"  {app_name} / idle: "))
+        assert line.endswith("SELECT 1 /* ?[2J?]0;title? one two ?end */"), line
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    finally:
+        await client.close()
+
+
+@pytest.mark.asyncio
 async def test_count_prints_that_many_snapshots(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = await run_in_thread(capsys, "--json", "--count", "3", "--interval", "0.05", pg_dsn)
     assert code == 0

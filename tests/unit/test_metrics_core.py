@@ -227,3 +227,82 @@ def test_connect_error_window_uses_checks_as_samples() -> None:
     assert check(100.0) == (0, 70.0)  # baseline moved to 30.0
     assert isinstance(health._history[pool], deque)
     assert check(500.0) == (0, None)  # the last check is too old to measure a rate from
+
+
+def test_live_pools_is_safe_from_another_thread_while_pools_are_created(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exporters with live=True list the live pools from the scrape's (or the
+    reader's) thread: a pool created on the loop's thread meanwhile failed
+    that scrape with "RuntimeError: Set changed size during iteration"."""
+    import sys
+    import weakref
+
+    from safepool import _registry
+
+    monkeypatch.setattr(_registry, "_LIVE_POOLS", weakref.WeakSet())
+    monkeypatch.setattr(_registry, "_CREATED_HOOKS", [])
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def scrape() -> None:
+        pools = PoolSet(live=True)
+        while not done.is_set():
+            try:
+                pools.items()
+            except Exception as exc:
+                errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        kept: deque[StubPool] = deque(maxlen=50)
+        for i in range(3000):
+            pool = StubPool(f"p{i}", PoolState(max_size=1))
+            _registry.register(cast(Any, pool))
+            kept.append(pool)
+    finally:
+        done.set()
+        scraper.join()
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+
+
+def test_of_two_live_pools_sharing_a_name_the_first_keeps_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """live=True names two open pools of one name "app" and "app@<hex id>":
+    which got the bare name followed the order of the live-pool set, which
+    changes when other pools are created (the set is rehashed), so the
+    series "app" jumped from one pool's counters to the other's."""
+    import safepool.pool
+
+    first = StubPool("app", PoolState(max_size=1))
+    second = StubPool("app", PoolState(max_size=1))
+    order = [first, second]
+    monkeypatch.setattr(safepool.pool, "live_pools", lambda: list(order))
+    pools = PoolSet(live=True)
+    assert pools.items() == [("app", first), (f"app@{id(second):x}", second)]
+    order.reverse()  # the set's order after a rehash
+    assert pools.items() == [("app", first), (f"app@{id(second):x}", second)]
+    first.closed = True  # its name is free: the other one takes it
+    assert pools.items() == [("app", second)]
+    first.closed = False  # (and keeps it)
+    assert pools.items() == [("app", second), (f"app@{id(first):x}", first)]
+
+
+def test_one_pool_where_an_iterable_of_pools_is_expected_says_so() -> None:
+    # PoolCollector(pool) for PoolCollector([pool]): "'Pool' object is not iterable".
+    pool = StubPool("single", PoolState(max_size=1))
+    with pytest.raises(TypeError, match=r"an iterable of pools, got one pool: pass \[pool\]"):
+        PoolSet(cast(Any, pool))
+    with pytest.raises(TypeError, match=r"an iterable of pools, got one pool"):
+        PoolSet().add_all(cast(Any, pool))
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from safepool.metrics.otel import PoolInstruments
+
+    provider = MeterProvider()
+    try:
+        with pytest.raises(TypeError, match=r"an iterable of pools, got one pool"):
+            PoolInstruments(cast(Any, pool), meter_provider=provider)
+    finally:
+        provider.shutdown()
