@@ -9,6 +9,14 @@ from numbers import Real
 from typing import Any, Literal, overload
 
 
+class DurationTooLarge(ValueError, OverflowError):
+    """A duration given as an int no float can hold (``10**400``): out of
+    range, so a ``ValueError`` as the other durations out of range; and an
+    ``OverflowError``, which asyncpg's pool raises for such an
+    ``acquire(timeout=)`` (asyncpg 0.29-0.32: "int too large to convert to
+    float"), so code that catches that keeps working."""
+
+
 @overload
 def validate_timeout(name: str, value: Any, *, allow_none: Literal[False], positive: bool = False) -> float: ...
 @overload
@@ -18,7 +26,8 @@ def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive
 
     :raises TypeError: not a number (bool included).
     :raises ValueError: NaN, negative, 0 where ``positive``, or an int too
-        large for a float."""
+        large for a float (then :class:`DurationTooLarge`, an
+        ``OverflowError`` too, as asyncpg's pool raises one there)."""
     if value is None and allow_none:
         return None
     _check_seconds_type(name, value, allow_none)
@@ -27,7 +36,7 @@ def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive
         seconds = float(value)
     except OverflowError:  # an int no float holds: out of range, as a negative one is
         off = " (None turns it off)" if allow_none else ""
-        raise ValueError(f"{name} is too large for a number of seconds{off}") from None
+        raise DurationTooLarge(f"{name} is too large for a number of seconds{off}") from None
     if type(value) is not float and type(value) is not int:
         # Again as the float it becomes: a type's own __float__ may differ.
         _check_range(name, seconds, value, allow_none, positive)

@@ -6,11 +6,13 @@ Every test is parametrized over both pools; assertions are written once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import io
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -1079,6 +1081,26 @@ async def test_timeouts_of_other_real_number_types(make_pool: MakePool, kind: st
     async with pool.acquire(timeout=timeout) as con:
         assert not con.is_in_transaction()
     assert pool.get_size() == 1
+
+
+@pytest.mark.asyncio
+async def test_a_timeout_no_float_can_hold_raises_overflow_error(make_pool: MakePool, flavour: str) -> None:
+    """``acquire(timeout=10**400)``: asyncpg's pool raises OverflowError
+    (its deadline arithmetic); safepool's error is one too (and a
+    ValueError naming the option, as its other durations out of range)."""
+    pool = await make_pool(min_size=1, max_size=1)
+    with pytest.raises(OverflowError) as raised:
+        async with pool.acquire(timeout=10**400):
+            pass
+    if flavour == "safepool":
+        assert isinstance(raised.value, ValueError)
+        assert str(raised.value) == "timeout is too large for a number of seconds (None turns it off)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        del raised  # (its traceback holds asyncpg's unawaited coroutine)
+        gc.collect()
+    async with pool.acquire(timeout=5) as con:
+        assert await con.fetchval("SELECT 1") == 1
 
 
 @pytest.mark.asyncio
