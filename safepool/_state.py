@@ -1196,6 +1196,12 @@ class PoolState:
                 return waiter
         return None
 
+    def _oldest_unbound(self) -> Waiter | None:
+        for waiter in self._waiters:
+            if waiter.state is W.WAITING and waiter.connect is None:
+                return waiter
+        return None
+
     def _adopt(self) -> None:
         """Give connects under way that nobody waits for (opened for min_size,
         or for a task that gave up) to the newest waiters without one."""
@@ -1210,10 +1216,13 @@ class PoolState:
                 return
             self._bind(waiter, slot)
 
-    def _plan_connects(self, now: float) -> None:
+    def _plan_connects(self, now: float, newest: bool = True) -> None:
         """Start connects for unmet demand, within max_size and max_connecting:
         each for the newest waiter without one (asyncpg's acquire opens its
-        own), or for min_size."""
+        own), or for min_size. ``newest=False``: for the oldest instead, when
+        no arrival asked for the connect (a closed connection's replacement,
+        a pool grown): asyncpg's pool hands a lost holder to its oldest
+        waiter, which connects it; the newest would be served first."""
         if self._connecting_count > self._bound:
             self._adopt()
         if len(self._slots) >= self.max_size or self.closing or now < self.backoff_until:
@@ -1247,7 +1256,7 @@ class PoolState:
             self._slots.add(slot)
             self._connecting_count += 1
             if self._policy is None and self._waiting > self._bound:
-                waiter = self._newest_unbound()
+                waiter = self._newest_unbound() if newest else self._oldest_unbound()
                 if waiter is not None:
                     self._bind(waiter, slot)
             self.actions.append(Connect(slot))
@@ -1496,7 +1505,7 @@ class PoolState:
         self._slots.discard(slot)
         if not slot.failed_connect:
             self.counters.connections_closed += 1
-        self._plan_connects(now)
+        self._plan_connects(now, newest=False)  # (a replacement: the head waiter's, FIFO)
         return True
 
     def connection_lost(self, slot: Slot, now: float) -> bool | None:
@@ -1565,7 +1574,7 @@ class PoolState:
             self._start_close(self._idle[0])
         if self._policy is not None and self._policy.set_max_size(max_size):
             self._serve_idle(now)
-        self._plan_connects(now)
+        self._plan_connects(now, newest=False)
 
     # ------------------------------------------------------------------ timers
 

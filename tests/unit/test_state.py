@@ -1110,6 +1110,30 @@ def test_expire_connections_replaces_idle_now_and_leased_on_release() -> None:
     assert fields(take(state, Close))[0] is lease.slot
 
 
+def test_a_replacement_connect_and_a_grown_pools_go_to_the_oldest_waiters() -> None:
+    """Connects no arrival asked for (a closed connection's replacement, a
+    pool grown by resize()) serve the queue in order, as asyncpg's pool
+    hands a lost holder to its oldest waiter; for the newest, the last
+    arrivals were served before every older task."""
+    state = make(max_size=1)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held is not None
+    waiters = [state.enqueue(i, i, None) for i in range(4)]
+    state.connection_lost(held.slot, 5)
+    [slot] = fields(take(state, Close))
+    state.closed(slot, 5)
+    [new] = fields(take(state, Connect))
+    state.connect_succeeded(new, "conn", 6)
+    assert take(state, Wake) == [Wake(waiters[0])]
+    state.resize(3, 7)
+    planned = fields(take(state, Connect))
+    assert len(planned) == 2
+    for slot in planned:
+        state.connect_succeeded(slot, "conn", 8)
+    assert take(state, Wake) == [Wake(waiters[1]), Wake(waiters[2])]
+
+
 def test_close_fails_waiters_and_refuses_newcomers() -> None:
     state = make(max_size=1)
     fill(state, 1)
