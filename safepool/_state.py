@@ -1221,8 +1221,9 @@ class PoolState:
         each for the newest waiter without one (asyncpg's acquire opens its
         own), or for min_size. ``newest=False``: for the oldest instead, when
         no arrival asked for the connect (a closed connection's replacement,
-        a pool grown): asyncpg's pool hands a lost holder to its oldest
-        waiter, which connects it; the newest would be served first."""
+        a pool grown, the probe after a backoff, the connects after one
+        ended): asyncpg's pool hands a free holder to its oldest waiter,
+        which connects it; the newest would be served first."""
         if self._connecting_count > self._bound:
             self._adopt()
         if len(self._slots) >= self.max_size or self.closing or now < self.backoff_until:
@@ -1336,7 +1337,7 @@ class PoolState:
             else:
                 self._grant(slot, owner)  # (the owner stays in the queue, settled: skipped lazily)
                 self._compact_waiters()
-        self._plan_connects(now)
+        self._plan_connects(now, newest=False)
         return True
 
     def connect_failed(
@@ -1428,7 +1429,7 @@ class PoolState:
         elif owner is not None:
             self._serve_unbound(now)  # the owner waits on, for any connection
         if now >= self.backoff_until:
-            self._plan_connects(now)  # (the attempt outlasted its delay: the next starts now)
+            self._plan_connects(now, newest=False)  # (the attempt outlasted its delay: the next starts now)
         return True
 
     def connect_cancelled(self, slot: Slot, now: float | None = None) -> None:
@@ -1443,7 +1444,7 @@ class PoolState:
             self._slots.discard(slot)
             if owner is not None and now is not None and not self.closing:
                 self._serve_unbound(now)
-                self._plan_connects(now)
+                self._plan_connects(now, newest=False)
 
     def _fail_newest_waiter(self, error: BaseException) -> None:
         """Fail the task whose arrival the failed connect was for: without an
@@ -1691,7 +1692,7 @@ class PoolState:
             idle = self._idle
             while idle and self._live() > self.min_size and idle[0].idle_since + self.max_inactive_lifetime <= now:
                 self._start_close(idle[0])
-        self._plan_connects(now)
+        self._plan_connects(now, newest=False)
 
     def _pop_due(self, now: float) -> tuple[int, Any]:
         """The live timer that falls due first, if by ``now``, taken off its
