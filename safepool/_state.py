@@ -1218,6 +1218,12 @@ class PoolState:
                 return waiter
         return None
 
+    def _oldest_unbound(self) -> Waiter | None:
+        for waiter in self._waiters:
+            if waiter.state is W.WAITING and waiter.connect is None:
+                return waiter
+        return None
+
     def _adopt(self) -> None:
         """Give connects under way that nobody waits for (opened for min_size,
         or for a task that gave up) to the newest waiters without one."""
@@ -1232,10 +1238,14 @@ class PoolState:
                 return
             self._bind(waiter, slot)
 
-    def _plan_connects(self, now: float) -> None:
+    def _plan_connects(self, now: float, newest: bool = True) -> None:
         """Start connects for unmet demand, within max_size and max_connecting:
         each for the newest waiter without one (asyncpg's acquire opens its
-        own), or for min_size."""
+        own), or for min_size. ``newest=False``: for the oldest instead, when
+        no arrival asked for the connect (a closed connection's replacement,
+        a pool grown, the probe after a backoff, the connects after one
+        ended): asyncpg's pool hands a free holder to its oldest waiter,
+        which connects it; the newest would be served first."""
         if self._connecting_count > self._bound:
             self._adopt()
         if len(self._slots) >= self.max_size or self.closing or now < self.backoff_until:
@@ -1269,7 +1279,7 @@ class PoolState:
             self._slots.add(slot)
             self._connecting_count += 1
             if self._policy is None and self._waiting > self._bound:
-                waiter = self._newest_unbound()
+                waiter = self._newest_unbound() if newest else self._oldest_unbound()
                 if waiter is not None:
                     self._bind(waiter, slot)
             self.actions.append(Connect(slot))
@@ -1351,7 +1361,7 @@ class PoolState:
             else:
                 self._grant(slot, owner)  # (the owner stays in the queue, settled: skipped lazily)
                 self._compact_waiters()
-        self._plan_connects(now)
+        self._plan_connects(now, newest=False)
         return True
 
     def connect_failed(
@@ -1443,7 +1453,7 @@ class PoolState:
         elif owner is not None:
             self._serve_unbound(now)  # the owner waits on, for any connection
         if now >= self.backoff_until:
-            self._plan_connects(now)  # (the attempt outlasted its delay: the next starts now)
+            self._plan_connects(now, newest=False)  # (the attempt outlasted its delay: the next starts now)
         return True
 
     def connect_cancelled(self, slot: Slot, now: float | None = None) -> None:
@@ -1458,7 +1468,7 @@ class PoolState:
             self._slots.discard(slot)
             if owner is not None and now is not None and not self.closing:
                 self._serve_unbound(now)
-                self._plan_connects(now)
+                self._plan_connects(now, newest=False)
 
     def _fail_newest_waiter(self, error: BaseException) -> None:
         """Fail the task whose arrival the failed connect was for: without an
@@ -1520,7 +1530,7 @@ class PoolState:
         self._slots.discard(slot)
         if not slot.failed_connect:
             self.counters.connections_closed += 1
-        self._plan_connects(now)
+        self._plan_connects(now, newest=False)  # (a replacement: the head waiter's, FIFO)
         return True
 
     def connection_lost(self, slot: Slot, now: float) -> bool | None:
@@ -1589,7 +1599,7 @@ class PoolState:
             self._start_close(self._idle[0])
         if self._policy is not None and self._policy.set_max_size(max_size):
             self._serve_idle(now)
-        self._plan_connects(now)
+        self._plan_connects(now, newest=False)
 
     # ------------------------------------------------------------------ timers
 
@@ -1733,7 +1743,7 @@ class PoolState:
             idle = self._idle
             while idle and self._live() > self.min_size and idle[0].idle_since + self.max_inactive_lifetime <= now:
                 self._start_close(idle[0])
-        self._plan_connects(now)
+        self._plan_connects(now, newest=False)
 
     def _pop_due(self, now: float) -> tuple[int, Any]:
         """The live timer that falls due first, if by ``now``, taken off its

@@ -6,6 +6,7 @@ Every test is parametrized over both pools; assertions are written once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import io
@@ -826,6 +827,65 @@ async def test_a_burst_that_opened_connections_ends_with_them_open(
         # burst returned (size 4). The reference reaches 5 once it is done.
         await wait_until(lambda: pool.get_size() == 5)
     assert pool.get_size() == 5
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("replaced", ["expired", "terminated"])
+async def test_a_connection_replaced_under_waiters_serves_the_oldest_first(
+    make_pool: MakePool, flavour: str, pg_dsn: str, replaced: str
+) -> None:
+    """A full pool's connections are replaced while tasks wait
+    (``expire_connections()`` then their release; a backend terminated under
+    its lease): asyncpg's pool hands each lost holder to its oldest waiter,
+    which connects it, so the waiters are served in arrival order. safepool
+    gave each replacement to the newest waiter: the last two of six
+    arrivals were served first, the first ones last."""
+    pool = await make_pool(min_size=2, max_size=2)
+    held = [await pool.acquire() for _ in range(2)]
+    served: list[int] = []
+    two_served = asyncio.Event()
+    done = asyncio.Event()
+
+    async def wait(i: int) -> None:
+        async with pool.acquire() as con:
+            served.append(i)
+            if len(served) == 2:
+                two_served.set()
+            await done.wait()
+            await con.fetchval("SELECT 1")
+
+    waiters: list[asyncio.Task[None]] = []
+    try:
+        for i in range(6):
+            waiters.append(asyncio.create_task(wait(i)))
+            await wait_until(lambda: queued(pool, flavour) == len(waiters))
+        if replaced == "expired":
+            await pool.expire_connections()
+        else:
+            admin = await asyncpg.connect(pg_dsn)
+            try:
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE pid = ANY($1::int[])",
+                    [con.get_server_pid() for con in held],
+                )
+            finally:
+                await admin.close()
+        for con in held:
+            # (A terminated connection's release may meet asyncpg's
+            # FATAL-then-EOF window: docs/reliability.md, "asyncpg limitations".)
+            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.InternalClientError):
+                await pool.release(con)
+        async with asyncio.timeout(5):
+            await two_served.wait()
+        assert sorted(served) == [0, 1]
+        done.set()
+        await asyncio.gather(*waiters)
+        assert sorted(served) == list(range(6))
+    finally:
+        done.set()
+        for task in waiters:
+            task.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
 
 
 @pytest.mark.asyncio

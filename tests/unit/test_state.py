@@ -1045,6 +1045,29 @@ def test_wait_on_connect_error_keeps_waiters_while_connections_exist() -> None:
     assert take(state, Wake) == [Wake(waiter)]
 
 
+def test_the_probe_after_a_backoff_is_the_oldest_waiters() -> None:
+    """A connect planned when the backoff ends (and the next ones, after a
+    failure or a success) answers no arrival: it goes to the task that has
+    waited longest, not to the last one that queued during the backoff,
+    which was served first (and, without wait_on_connect_error, got the
+    failure of a connect an older task would have made on asyncpg's pool)."""
+    state = make(max_size=2, wait_on_connect_error=True)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    first = state.enqueue("a", 0, None)
+    [slot] = fields(take(state, Connect))
+    state.connect_failed(slot, 0, OSError("53300"))
+    later = [state.enqueue(i, 0.5, None) for i in range(3)]  # (during the backoff: no connect)
+    assert not take(state, Connect)
+    state.advance(state.backoff_until)
+    [probe] = fields(take(state, Connect))
+    state.connect_succeeded(probe, "conn", state.backoff_until + 0.1)
+    assert take(state, Wake) == [Wake(first)]
+    state.release(held, state.backoff_until + 0.2, CLEAN)
+    assert take(state, Wake) == [Wake(later[0])]
+
+
 def test_healthy_pool_opens_a_connection_per_waiter_up_to_max_size() -> None:
     state = make(max_size=4)
     for i in range(6):
@@ -1108,6 +1131,30 @@ def test_expire_connections_replaces_idle_now_and_leased_on_release() -> None:
     assert len(take(state, Close)) == 1
     state.release(lease, 1, CLEAN)
     assert fields(take(state, Close))[0] is lease.slot
+
+
+def test_a_replacement_connect_and_a_grown_pools_go_to_the_oldest_waiters() -> None:
+    """Connects no arrival asked for (a closed connection's replacement, a
+    pool grown by resize()) serve the queue in order, as asyncpg's pool
+    hands a lost holder to its oldest waiter; for the newest, the last
+    arrivals were served before every older task."""
+    state = make(max_size=1)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held is not None
+    waiters = [state.enqueue(i, i, None) for i in range(4)]
+    state.connection_lost(held.slot, 5)
+    [slot] = fields(take(state, Close))
+    state.closed(slot, 5)
+    [new] = fields(take(state, Connect))
+    state.connect_succeeded(new, "conn", 6)
+    assert take(state, Wake) == [Wake(waiters[0])]
+    state.resize(3, 7)
+    planned = fields(take(state, Connect))
+    assert len(planned) == 2
+    for slot in planned:
+        state.connect_succeeded(slot, "conn", 8)
+    assert take(state, Wake) == [Wake(waiters[1]), Wake(waiters[2])]
 
 
 def test_close_fails_waiters_and_refuses_newcomers() -> None:
