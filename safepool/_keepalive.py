@@ -39,7 +39,7 @@ def _seconds(name: str, value: Any, most: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"TcpKeepalive.{name} must be a number of seconds, got {type(value).__name__}")
     if not 0 < value <= most:  # (NaN too)
-        raise ValueError(f"TcpKeepalive.{name} must be > 0 and <= {most:g} seconds, got {value!r}")
+        raise ValueError(f"TcpKeepalive.{name} must be > 0 and <= {most} seconds, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,12 @@ from safepool._keepalive import check
         ({"count": True}, TypeError, "TcpKeepalive.count"),
         ({"user_timeout": 0}, ValueError, "TcpKeepalive.user_timeout"),
         ({"user_timeout": 3e6}, ValueError, "TcpKeepalive.user_timeout"),
+        # The bound as it is: "<= 2.14748e+06" (%g) read as below values it takes.
+        (
+            {"user_timeout": 2147483.7},
+            ValueError,
+            "TcpKeepalive.user_timeout must be > 0 and <= 2147483.647 seconds, got 2147483.7",
+        ),
         ({"user_timeout": "5"}, TypeError, "TcpKeepalive.user_timeout"),
     ],
 )
