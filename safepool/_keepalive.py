@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import socket
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
 
 logger = logging.getLogger("safepool")
@@ -35,11 +37,17 @@ _IDLE_OPTION: int | None = getattr(socket, "TCP_KEEPIDLE", None) or getattr(sock
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
-def _seconds(name: str, value: Any, most: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _seconds(name: str, value: Any, most: float) -> float:
+    """``value``, checked, as a plain int or float (numpy's numbers and a
+    Fraction too: create_pool() takes them for its sizes and durations)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"TcpKeepalive.{name} must be a number of seconds, got {type(value).__name__}")
-    if not 0 < value <= most:  # (NaN too)
+    seconds: float = value if isinstance(value, (int, float)) else (
+        operator.index(value) if isinstance(value, Integral) else float(value)
+    )
+    if not 0 < seconds <= most:  # (NaN too)
         raise ValueError(f"TcpKeepalive.{name} must be > 0 and <= {most} seconds, got {value!r}")
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +82,18 @@ class TcpKeepalive:
     user_timeout: float | None = None
 
     def __post_init__(self) -> None:
-        _seconds("idle", self.idle, _MAX_SECONDS)
-        _seconds("interval", self.interval, _MAX_SECONDS)
-        if isinstance(self.count, bool) or not isinstance(self.count, int):
-            raise TypeError(f"TcpKeepalive.count must be an int, got {type(self.count).__name__}")
-        if not 1 <= self.count <= _MAX_PROBES:
-            raise ValueError(f"TcpKeepalive.count must be between 1 and {_MAX_PROBES}, got {self.count!r}")
+        # (numpy's numbers kept as plain ones: frozen, hence object.__setattr__)
+        object.__setattr__(self, "idle", _seconds("idle", self.idle, _MAX_SECONDS))
+        object.__setattr__(self, "interval", _seconds("interval", self.interval, _MAX_SECONDS))
+        count = self.count
+        if isinstance(count, bool) or not isinstance(count, Integral):
+            raise TypeError(f"TcpKeepalive.count must be an int, got {type(count).__name__}")
+        count = operator.index(count)
+        if not 1 <= count <= _MAX_PROBES:
+            raise ValueError(f"TcpKeepalive.count must be between 1 and {_MAX_PROBES}, got {count!r}")
+        object.__setattr__(self, "count", count)
         if self.user_timeout is not None:
-            _seconds("user_timeout", self.user_timeout, _MAX_USER_TIMEOUT)
+            object.__setattr__(self, "user_timeout", _seconds("user_timeout", self.user_timeout, _MAX_USER_TIMEOUT))
 
     def socket_options(self) -> list[tuple[int, int, int]]:
         """``(level, option, value)`` for ``setsockopt``, those this
