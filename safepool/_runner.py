@@ -643,7 +643,7 @@ class Runner:
         the releasing caller waiting for it gets the close's error)."""
         error: Exception | None = None
         try:
-            error = await _workers.close(con, lost, budget)
+            error = await _workers.close(con, lost, budget, release=raises)
         finally:
             _pg.drop_released(con)
             self.slot_closed(slot, error if raises else None)

@@ -135,3 +135,51 @@ async def test_an_infinite_max_lifetime_is_none(pools: Any) -> None:
     pool = await pools(max_lifetime=float("inf"))
     assert pool.options.max_lifetime is None
     assert pool._state.next_deadline() is None
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.0])
+async def test_a_retired_connection_released_on_a_short_budget_keeps_its_slot_until_the_cancel_answers(
+    pools: Any, pg_dsn: str, app_name: str, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
+    budget: float,
+) -> None:
+    """The lease's query is cancelled, its connection retired, and it is
+    released with a budget shorter than the cancel request takes (held
+    back at a gate). The release closes it instead of resetting it, and the
+    close aborted it when the budget ran out: that also dropped asyncpg's
+    cancel request, and the backend ran the query on beside the slot's
+    replacement (2 backends for max_size=1). As a reset's close does, it now
+    waits for the server's answer, CANCEL_ANSWER_GRACE at most (raised here)."""
+    from asyncpg import connect_utils
+
+    monkeypatch.setattr(safepool._workers, "CANCEL_ANSWER_GRACE", 30.0)
+    gate = asyncio.Event()
+    send_cancel = connect_utils._cancel
+
+    async def cancel_when_let_through(**kwargs: Any) -> None:
+        await gate.wait()
+        await send_cancel(**kwargs)
+
+    clock = safepool.ManualClock()
+    pool = await pools(min_size=0, max_size=1, max_lifetime=60.0, clock=clock)
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    query = asyncio.create_task(con.execute("SELECT pg_sleep(5)"))
+    await until_in_pg_sleep(pg_dsn, pid)
+    monkeypatch.setattr(connect_utils, "_cancel", cancel_when_let_through)
+    query.cancel()
+    await until(lambda: con._con._protocol._is_cancelling())
+    clock.advance(61.0)
+    assert pool.stats().connections_retired == 1
+    async with most_backends_seen(pg_dsn, app_name) as most:
+        released = asyncio.create_task(pool.release(con, timeout=budget))
+        next_lease = asyncio.create_task(pool.fetchval("SELECT pg_backend_pid()"))
+        await asyncio.sleep(0.1)
+        # The slot still counts while the backend runs the query.
+        assert not next_lease.done() and pid in await backend_pids(admin, app_name)
+        gate.set()
+        assert await asyncio.wait_for(next_lease, 10) != pid
+    assert most() <= 1
+    with pytest.raises(TimeoutError):  # (the release's budget ran out, as before)
+        await released
+    with pytest.raises(asyncio.CancelledError):
+        await query
