@@ -15,7 +15,7 @@ import pytest_asyncio
 
 import safepool
 
-from .._util import until, until_in_pg_sleep
+from .._util import asyncpg_version, until, until_in_pg_sleep
 
 pytestmark = pytest.mark.asyncio
 
@@ -184,3 +184,27 @@ async def test_a_retired_connection_released_on_a_short_budget_keeps_its_slot_un
     assert most() <= 1
     with pytest.raises(asyncio.CancelledError):
         await query
+
+
+async def test_the_close_at_release_runs_under_the_acquires_timeout(
+    pools: Any, app_name: str, admin: asyncpg.Connection
+) -> None:
+    """As asyncpg's release of a connection past max_queries: the close of a
+    retired connection runs under the release's budget, by default the
+    acquire's timeout (acquire_timeout here); one it does not fit aborts
+    the connection and the release raises TimeoutError (docs/best-practices.md;
+    asyncpg 0.32+: before, asyncpg's close under a budget left its transport
+    open, and the pool's own bound applies, see _internals.CLOSE_UNDER_BUDGET)."""
+    if asyncpg_version() < (0, 32):
+        pytest.skip("asyncpg < 0.32: the close keeps the pool's own bound")
+    clock = safepool.ManualClock()
+    pool = await pools(min_size=1, max_size=1, max_lifetime=60.0, clock=clock, acquire_timeout=0)
+    con = await pool.acquire()  # (an idle connection: no wait)
+    pid = con.get_server_pid()
+    clock.advance(61.0)
+    with pytest.raises(TimeoutError):
+        await pool.release(con)
+    await until_gone(admin, pid)
+    assert pool.stats().connections_closed == 1
+    async with pool.acquire() as fresh:
+        assert fresh.get_server_pid() != pid
