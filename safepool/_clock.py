@@ -49,7 +49,9 @@ class LoopClock:
         self._milliseconds = any(cls.__module__.partition(".")[0] == "uvloop" for cls in type(loop).__mro__)
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        if self._milliseconds and math.isfinite(when):
+        # (A deadline whose milliseconds overflow a float is as far as
+        # infinity: uvloop caps both at its longest sleep.)
+        if self._milliseconds and math.isfinite(when * 1000):
             when = _due_millisecond(when)
         return self._loop.call_at(when, callback)
 

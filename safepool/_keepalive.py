@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import socket
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
 
 logger = logging.getLogger("safepool")
@@ -33,13 +35,29 @@ _MAX_USER_TIMEOUT = (2**31 - 1) / 1000.0
 # macOS names the idle time TCP_KEEPALIVE; Linux and Windows TCP_KEEPIDLE.
 _IDLE_OPTION: int | None = getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+# (level, option) -> its name, for the log of one the platform refuses.
+_OPTION_NAMES = {
+    (level, getattr(socket, name)): name
+    for level, name in (
+        (socket.SOL_SOCKET, "SO_KEEPALIVE"), (socket.IPPROTO_TCP, "TCP_KEEPIDLE"),
+        (socket.IPPROTO_TCP, "TCP_KEEPALIVE"), (socket.IPPROTO_TCP, "TCP_KEEPINTVL"),
+        (socket.IPPROTO_TCP, "TCP_KEEPCNT"), (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT"),
+    )
+    if hasattr(socket, name)
+}
 
 
-def _seconds(name: str, value: Any, most: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _seconds(name: str, value: Any, most: float) -> float:
+    """``value``, checked, as a plain int or float (numpy's numbers and a
+    Fraction too: create_pool() takes them for its sizes and durations)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"TcpKeepalive.{name} must be a number of seconds, got {type(value).__name__}")
-    if not 0 < value <= most:  # (NaN too)
-        raise ValueError(f"TcpKeepalive.{name} must be > 0 and <= {most:g} seconds, got {value!r}")
+    seconds: float = value if isinstance(value, (int, float)) else (
+        operator.index(value) if isinstance(value, Integral) else float(value)
+    )
+    if not 0 < seconds <= most:  # (NaN too)
+        raise ValueError(f"TcpKeepalive.{name} must be > 0 and <= {most} seconds, got {value!r}")
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +92,18 @@ class TcpKeepalive:
     user_timeout: float | None = None
 
     def __post_init__(self) -> None:
-        _seconds("idle", self.idle, _MAX_SECONDS)
-        _seconds("interval", self.interval, _MAX_SECONDS)
-        if isinstance(self.count, bool) or not isinstance(self.count, int):
-            raise TypeError(f"TcpKeepalive.count must be an int, got {type(self.count).__name__}")
-        if not 1 <= self.count <= _MAX_PROBES:
-            raise ValueError(f"TcpKeepalive.count must be between 1 and {_MAX_PROBES}, got {self.count!r}")
+        # (numpy's numbers kept as plain ones: frozen, hence object.__setattr__)
+        object.__setattr__(self, "idle", _seconds("idle", self.idle, _MAX_SECONDS))
+        object.__setattr__(self, "interval", _seconds("interval", self.interval, _MAX_SECONDS))
+        count = self.count
+        if isinstance(count, bool) or not isinstance(count, Integral):
+            raise TypeError(f"TcpKeepalive.count must be an int, got {type(count).__name__}")
+        count = operator.index(count)
+        if not 1 <= count <= _MAX_PROBES:
+            raise ValueError(f"TcpKeepalive.count must be between 1 and {_MAX_PROBES}, got {count!r}")
+        object.__setattr__(self, "count", count)
         if self.user_timeout is not None:
-            _seconds("user_timeout", self.user_timeout, _MAX_USER_TIMEOUT)
+            object.__setattr__(self, "user_timeout", _seconds("user_timeout", self.user_timeout, _MAX_USER_TIMEOUT))
 
     def socket_options(self) -> list[tuple[int, int, int]]:
         """``(level, option, value)`` for ``setsockopt``, those this
@@ -117,20 +139,30 @@ def check(value: Any) -> TcpKeepalive | None:
 
 def apply(con: Any, keepalive: TcpKeepalive, pool_name: str) -> bool:
     """Set ``keepalive`` on ``con``'s socket; False when it has none to set
-    (a Unix-domain socket, or a connection class without a transport). A
-    platform that refuses an option is logged at WARNING and the connection
-    kept: keepalive is a safety net, not a condition of the connect."""
+    (a Unix-domain socket, or a connection class without a transport), or
+    the platform refused SO_KEEPALIVE itself. Each option is set on its own:
+    one the platform refuses is logged at WARNING, by name, and the others
+    are set all the same; the connection is kept (keepalive is a safety
+    net, not a condition of the connect)."""
     transport = getattr(con, "_transport", None)
     sock = None if transport is None else transport.get_extra_info("socket")
     if sock is None or sock.family not in _TCP_FAMILIES:
         return False
-    try:
-        for level, option, value in keepalive.socket_options():
+    refused: list[str] = []
+    error: OSError | None = None
+    for level, option, value in keepalive.socket_options():
+        try:
             sock.setsockopt(level, option, value)
-    except OSError as exc:
-        logger.warning(
-            "pool %r: could not set TCP keepalive on a connection (%s); it is used without",
-            pool_name, exc, extra={"event": "keepalive_failed", "pool": pool_name},
-        )
-        return False
-    return True
+        except OSError as exc:
+            refused.append(_OPTION_NAMES.get((level, option), str(option)))
+            error = error or exc
+    if not refused:
+        return True
+    off = refused[0] == "SO_KEEPALIVE"
+    logger.warning(
+        "pool %r: could not set TCP keepalive option %s on a connection (%s); %s",
+        pool_name, ", ".join(refused), error,
+        "it is used without" if off else "the other keepalive options are set",
+        extra={"event": "keepalive_failed", "pool": pool_name},
+    )
+    return not off

@@ -643,7 +643,11 @@ class Runner:
         the releasing caller waiting for it gets the close's error)."""
         error: Exception | None = None
         try:
-            error = await _workers.close(con, lost, budget)
+            # (A release's budget spent on a cancelled query: it raises now,
+            # the slot counts until the server answered; see _workers.close.)
+            error = await _workers.close(
+                con, lost, budget, (lambda spent: settle(self.closes_done.pop(slot, None), spent)) if raises else None
+            )
         finally:
             _pg.drop_released(con)
             self.slot_closed(slot, error if raises else None)

@@ -290,7 +290,9 @@ async def take_back(
     return None
 
 
-async def close(con: RawConnection, lost: bool, budget: float | None) -> Exception | None:
+async def close(
+    con: RawConnection, lost: bool, budget: float | None, spent: Callable[[TimeoutError], None] | None = None
+) -> Exception | None:
     """Close gracefully; on any failure, or cancellation, terminate.
 
     A cancelled query is first waited for (the server confirms it), else a
@@ -303,7 +305,11 @@ async def close(con: RawConnection, lost: bool, budget: float | None) -> Excepti
 
     Returns the error that made it terminate (None after a graceful close):
     a release that closes under its own budget raises it, as asyncpg's
-    (``Connection.close(timeout=)`` aborts, then raises)."""
+    (``Connection.close(timeout=)`` aborts, then raises). ``spent``: given
+    when ``budget`` is a release's (max_queries, max_lifetime, an expired
+    generation), called with its TimeoutError when it runs out while a
+    cancelled query has not answered, which then gets CANCEL_ANSWER_GRACE
+    more (see :func:`_cancel_answered_within`)."""
     try:
         if lost:
             async with asyncio.timeout(budget or LOST_BACKEND_CANCEL_TIMEOUT):
@@ -318,6 +324,11 @@ async def close(con: RawConnection, lost: bool, budget: float | None) -> Excepti
                     await _pg.wait_for_cancellation(con)
                 await con.close()
         else:
+            if spent is not None and _pg.is_cancelling(con):
+                error = await _cancel_answered_within(con, budget, spent)
+                if error is not None:
+                    await con.close(timeout=CANCEL_ANSWER_GRACE)
+                    return error
             if not budget > 0:
                 # A release's budget already spent (0, negative, NaN):
                 # asyncpg's close(timeout=) raises TimeoutError before it
@@ -332,6 +343,27 @@ async def close(con: RawConnection, lost: bool, budget: float | None) -> Excepti
     except BaseException:
         _pg.terminate(con)
         raise
+    return None
+
+
+async def _cancel_answered_within(
+    con: RawConnection, budget: float, spent: Callable[[TimeoutError], None]
+) -> TimeoutError | None:
+    """Wait for a cancelled query's answer within a release's ``budget``;
+    None if it came. If the budget runs out first, ``spent`` gets its
+    TimeoutError (the release raises it now, as asyncpg's), and the answer
+    is waited for CANCEL_ANSWER_GRACE more: aborting at the budget would
+    also drop asyncpg's cancel request still under way, and the backend
+    would run the query on beside the slot's replacement (as a reset's
+    close, Runner.reset_done). Returns that TimeoutError once the answer
+    came; raises TimeoutError (asyncpg terminates) if it never does."""
+    try:
+        async with asyncio.timeout(budget if budget > 0 else 0.0):  # (0, negative, NaN: spent)
+            await _pg.wait_for_cancellation(con)
+    except TimeoutError as error:
+        spent(error)
+        await _pg.wait_for_cancellation(con, CANCEL_ANSWER_GRACE)
+        return error
     return None
 
 

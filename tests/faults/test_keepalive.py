@@ -94,6 +94,29 @@ async def test_an_option_the_kernel_refuses_is_logged_and_the_connection_kept(
         ) as pool:
             assert await pool.fetchval("SELECT 1") == 1
     [record] = [r for r in caplog.records if getattr(r, "event", None) == "keepalive_failed"]
-    assert record.getMessage().startswith("pool 'refused': could not set TCP keepalive on a connection (")
+    assert record.getMessage().startswith("pool 'refused': could not set TCP keepalive option 9999 on a connection (")
     assert "Protocol not available" in record.getMessage() or "not supported" in record.getMessage()
     assert running.dsn().split("@")[0].split(":")[-1] not in record.getMessage()  # (no password)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux's TCP options")
+async def test_an_option_refused_leaves_the_others_set_and_the_log_says_which(
+    running: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A platform without one option (TCP_USER_TIMEOUT, say): the options
+    after it were skipped, and the log said the connection was used
+    "without" keepalive while SO_KEEPALIVE was on. Each is set on its own;
+    the log names the one refused."""
+    tcp = socket.IPPROTO_TCP
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (tcp, 9999, 1), (tcp, socket.TCP_KEEPIDLE, 7)]
+    monkeypatch.setattr(TcpKeepalive, "socket_options", lambda self: options)
+    with caplog.at_level(logging.WARNING, logger="safepool"):
+        async with safepool.create_pool(
+            running.dsn(), name="partly", min_size=1, max_size=1, tcp_keepalive=True
+        ) as pool:
+            async with pool.acquire() as con:
+                assert kernel_options(con)[:2] == (1, 7)
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "keepalive_failed"]
+    message = record.getMessage()
+    assert message.startswith("pool 'partly': could not set TCP keepalive option 9999 on a connection (")
+    assert message.endswith("; the other keepalive options are set")

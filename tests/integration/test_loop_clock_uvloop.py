@@ -48,3 +48,19 @@ def test_a_leak_warning_on_uvloop_takes_one_timer_callback(pg_dsn: str, leak_war
     assert len(warned) == 1
     assert warned[0] >= leak_warning_after - 1e-9  # (held is now - acquired_at: a float difference)
     assert calls == 1
+
+
+def test_a_lifetime_too_long_to_count_in_milliseconds(pg_dsn: str) -> None:
+    """``max_lifetime`` (and ``lease_timeout``) of more seconds than a
+    float counts in milliseconds: the timer raised OverflowError, so
+    create_pool() failed, and a lease_timeout that long left its lease open
+    with no timer armed for the pool again."""
+
+    async def serve() -> tuple[float | None, int]:
+        async with pool_and_admin(pg_dsn, max_lifetime=1e306, lease_timeout=1e306) as (pool, _admin):
+            async with pool.acquire() as con:
+                assert await con.fetchval("SELECT 1") == 1
+            return pool.options.max_lifetime, pool.stats().in_use
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(asyncio.wait_for(serve(), 10)) == (1e306, 0)

@@ -15,7 +15,7 @@ import pytest_asyncio
 
 import safepool
 
-from .._util import until, until_in_pg_sleep
+from .._util import asyncpg_version, until, until_in_pg_sleep
 
 pytestmark = pytest.mark.asyncio
 
@@ -135,3 +135,76 @@ async def test_an_infinite_max_lifetime_is_none(pools: Any) -> None:
     pool = await pools(max_lifetime=float("inf"))
     assert pool.options.max_lifetime is None
     assert pool._state.next_deadline() is None
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.0])
+async def test_a_retired_connection_released_on_a_short_budget_keeps_its_slot_until_the_cancel_answers(
+    pools: Any, pg_dsn: str, app_name: str, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
+    budget: float,
+) -> None:
+    """The lease's query is cancelled, its connection retired, and it is
+    released with a budget shorter than the cancel request takes (held
+    back at a gate). The release closes it instead of resetting it, and the
+    close aborted it when the budget ran out: that also dropped asyncpg's
+    cancel request, and the backend ran the query on beside the slot's
+    replacement (2 backends for max_size=1). As a reset's close does, it now
+    waits for the server's answer, CANCEL_ANSWER_GRACE at most (raised here)."""
+    from asyncpg import connect_utils
+
+    monkeypatch.setattr(safepool._workers, "CANCEL_ANSWER_GRACE", 30.0)
+    gate = asyncio.Event()
+    send_cancel = connect_utils._cancel
+
+    async def cancel_when_let_through(**kwargs: Any) -> None:
+        await gate.wait()
+        await send_cancel(**kwargs)
+
+    clock = safepool.ManualClock()
+    pool = await pools(min_size=0, max_size=1, max_lifetime=60.0, clock=clock)
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    query = asyncio.create_task(con.execute("SELECT pg_sleep(5)"))
+    await until_in_pg_sleep(pg_dsn, pid)
+    monkeypatch.setattr(connect_utils, "_cancel", cancel_when_let_through)
+    query.cancel()
+    await until(lambda: con._con._protocol._is_cancelling())
+    clock.advance(61.0)
+    assert pool.stats().connections_retired == 1
+    async with most_backends_seen(pg_dsn, app_name) as most:
+        released = asyncio.create_task(pool.release(con, timeout=budget))
+        next_lease = asyncio.create_task(pool.fetchval("SELECT pg_backend_pid()"))
+        await asyncio.wait([released], timeout=5)
+        # The release's budget ran out: it raised then, as before.
+        assert released.done() and isinstance(released.exception(), TimeoutError)
+        # The slot still counts while the backend runs the query.
+        assert (pool.stats().closing, pool.stats().size) == (1, 1)
+        assert not next_lease.done() and pid in await backend_pids(admin, app_name)
+        gate.set()
+        assert await asyncio.wait_for(next_lease, 10) != pid
+    assert most() <= 1
+    with pytest.raises(asyncio.CancelledError):
+        await query
+
+
+async def test_the_close_at_release_runs_under_the_acquires_timeout(
+    pools: Any, app_name: str, admin: asyncpg.Connection
+) -> None:
+    """As asyncpg's release of a connection past max_queries: the close of a
+    retired connection runs under the release's budget, by default the
+    acquire's timeout (acquire_timeout here); one it does not fit aborts
+    the connection and the release raises TimeoutError (docs/best-practices.md;
+    asyncpg 0.32+: before, asyncpg's close under a budget left its transport
+    open, and the pool's own bound applies, see _internals.CLOSE_UNDER_BUDGET)."""
+    if asyncpg_version() < (0, 32):
+        pytest.skip("asyncpg < 0.32: the close keeps the pool's own bound")
+    clock = safepool.ManualClock()
+    pool = await pools(min_size=1, max_size=1, max_lifetime=60.0, clock=clock, acquire_timeout=0)
+    con = await pool.acquire()  # (an idle connection: no wait)
+    pid = con.get_server_pid()
+    clock.advance(61.0)
+    with pytest.raises(TimeoutError):
+        await pool.release(con)
+    await until_gone(admin, pid)
+    assert pool.stats().connections_closed == 1
+    async with pool.acquire() as fresh:
+        assert fresh.get_server_pid() != pid

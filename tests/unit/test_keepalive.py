@@ -31,6 +31,12 @@ from safepool._keepalive import check
         ({"count": True}, TypeError, "TcpKeepalive.count"),
         ({"user_timeout": 0}, ValueError, "TcpKeepalive.user_timeout"),
         ({"user_timeout": 3e6}, ValueError, "TcpKeepalive.user_timeout"),
+        # The bound as it is: "<= 2.14748e+06" (%g) read as below values it takes.
+        (
+            {"user_timeout": 2147483.7},
+            ValueError,
+            "TcpKeepalive.user_timeout must be > 0 and <= 2147483.647 seconds, got 2147483.7",
+        ),
         ({"user_timeout": "5"}, TypeError, "TcpKeepalive.user_timeout"),
     ],
 )
@@ -72,3 +78,27 @@ def test_the_socket_options_in_the_kernels_units() -> None:
 
 def test_the_settings_repr_shows_them() -> None:
     assert repr(TcpKeepalive(idle=30)) == "TcpKeepalive(idle=30, interval=10.0, count=3, user_timeout=None)"
+
+
+def test_the_number_types_the_pools_other_settings_take() -> None:
+    """numpy's scalars and a Fraction, as create_pool() takes them for its
+    sizes and durations (one settings table, read with numpy or pandas,
+    feeds them all): TcpKeepalive refused them ("must be an int, got
+    int64"). Kept as plain ints and floats."""
+    from fractions import Fraction
+
+    numpy = pytest.importorskip("numpy")
+    settings = TcpKeepalive(
+        idle=numpy.float32(30.0), interval=Fraction(5, 2), count=numpy.int64(4), user_timeout=numpy.int32(20)
+    )
+    assert settings == TcpKeepalive(idle=30.0, interval=2.5, count=4, user_timeout=20)
+    assert [type(getattr(settings, name)) for name in ("idle", "interval", "count", "user_timeout")] == [
+        float, float, int, int,
+    ]
+    assert [value for _, _, value in settings.socket_options()][1:4] == [30, 3, 4]
+    with pytest.raises(TypeError, match="TcpKeepalive.count must be an int, got float64"):
+        TcpKeepalive(count=numpy.float64(3.0))
+    with pytest.raises(TypeError, match="TcpKeepalive.idle must be a number of seconds, got bool"):
+        TcpKeepalive(idle=numpy.bool_(True))
+    with pytest.raises(ValueError, match="TcpKeepalive.count must be between 1 and 127, got 0"):
+        TcpKeepalive(count=numpy.int64(0))

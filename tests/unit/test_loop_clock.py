@@ -64,3 +64,15 @@ def test_an_infinite_deadline_is_passed_on() -> None:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         clock = LoopClock(runner.get_loop())
         clock.call_at(math.inf, lambda: None).cancel()
+
+
+def test_a_deadline_too_far_for_milliseconds_is_passed_on() -> None:
+    """A finite deadline whose count of milliseconds is past a float's range
+    (``max_lifetime=1e306``, a ``lease_timeout`` of as many seconds): uvloop
+    takes it as it takes infinity (its longest sleep). Rounded to a
+    millisecond first, it raised OverflowError from the pool's timer, where
+    the pool had already opened the lease or started."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        clock = LoopClock(runner.get_loop())
+        for when in (1e306, 1.7e308):
+            clock.call_at(when, lambda: None).cancel()

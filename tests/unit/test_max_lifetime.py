@@ -87,6 +87,19 @@ def test_an_idle_connection_is_closed_when_its_lifetime_runs_out_and_replaced_to
     assert state.counters.connections_closed == 1 and state.counters.connections_opened == 3
 
 
+def test_below_max_size_the_replacement_opens_beside_the_closing_connection() -> None:
+    """The closing connection counts towards max_size until its close is
+    done: at max_size (above) the replacement waits for it; with room under
+    max_size it opens at once, the closing one counted beside it."""
+    state = make(max_size=3, min_size=2, max_lifetime=60.0)
+    fill(state, 2)
+    state.start_floor()
+    first = min(state.slots(), key=lambda slot: slot.expires_at)  # type: ignore[arg-type,return-value]
+    state.advance(first.expires_at)  # type: ignore[arg-type]
+    assert fields(take(state, Close)) == [first]
+    [replacement] = fields(take(state, Connect))
+    assert state.size == 3 == state.max_size and first.state is SlotState.CLOSING
+
 def test_a_leased_connection_keeps_its_lease_and_is_closed_when_released() -> None:
     """The lifetime never cuts a lease short: the connection is closed when
     it comes back, whatever the release would have done with it."""
