@@ -502,6 +502,9 @@ _LEASE_DEADLINE, _LEASE_WARNING, _WAITER_DEADLINE, _SLOT_EXPIRY = 0, 1, 2, 3
 # max_lifetime: each connection's is cut by up to this share, so connections
 # opened together are not all replaced together (see PoolState._arm_lifetime).
 LIFETIME_JITTER = 0.1
+# Seconds between looks at a connection whose max_lifetime ran out while
+# connects failed (it is kept until one succeeds: PoolState._retire).
+RETIRE_RETRY = 1.0
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 # The generation of a connection whose max_lifetime ran out while in use: no
 # generation the pool reaches (expire_connections() counts up from 0), so it
@@ -1619,10 +1622,21 @@ class PoolState:
         slot.expires_at = when = now + self.max_lifetime * (1.0 - LIFETIME_JITTER * spread)  # type: ignore[operator]
         self._push_timer(when, _SLOT_EXPIRY, slot)
 
-    def _retire(self, slot: Slot) -> None:
+    def _retire(self, slot: Slot, now: float) -> None:
         """A connection's max_lifetime ran out: closed now if idle, else
         when its lease (or the reset after it) ends. An open lease keeps
-        its connection: no statement is cut short."""
+        its connection: no statement is cut short.
+
+        Not while connects fail (the server refuses or cannot be reached):
+        a working connection is worth more than a fresh one the pool cannot
+        open, so it stays, and its lifetime is looked at again
+        RETIRE_RETRY seconds later, until a connect has succeeded. (A
+        server full of another client's connections, the incident's, would
+        otherwise take this pool's too, one lifetime at a time.)"""
+        if self.connect_failures:
+            slot.expires_at = when = now + RETIRE_RETRY
+            self._push_timer(when, _SLOT_EXPIRY, slot)
+            return
         slot.expires_at = None
         self.counters.connections_retired += 1
         if slot.state is S.IDLE:
@@ -1731,7 +1745,7 @@ class PoolState:
                     self._unbind(obj)  # (its connect is adopted by _plan_connects below)
                 self.actions.append(TimeOut(obj))  # (counted once its task gets it: delivered())
             elif kind == _SLOT_EXPIRY:
-                self._retire(obj)
+                self._retire(obj, now)
             elif kind == _LEASE_WARNING:
                 self._move_lease(obj, L.SUSPECT)
                 self.counters.leak_warnings += 1

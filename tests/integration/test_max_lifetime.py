@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,8 +21,8 @@ from .._util import asyncpg_version, until, until_in_pg_sleep
 pytestmark = pytest.mark.asyncio
 
 
-async def backend_pids(admin: asyncpg.Connection, app_name: str) -> set[int]:
-    rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE application_name = $1", app_name)
+async def backend_pids(admin: asyncpg.Connection, name: str, column: str = "application_name") -> set[int]:
+    rows = await admin.fetch(f"SELECT pid FROM pg_stat_activity WHERE {column} = $1", name)
     return {row["pid"] for row in rows}
 
 
@@ -208,3 +209,49 @@ async def test_the_close_at_release_runs_under_the_acquires_timeout(
     assert pool.stats().connections_closed == 1
     async with pool.acquire() as fresh:
         assert fresh.get_server_pid() != pid
+
+
+async def test_a_full_server_does_not_take_the_connections_whose_lifetime_ran_out(
+    pools: Any, pg_dsn: str, admin: asyncpg.Connection
+) -> None:
+    """The incident's database was full: a connect then fails. A pool whose
+    connections' lifetimes run out meanwhile keeps them (they work; a new
+    one could not be opened) and replaces them once a connect succeeds."""
+    role = f"sp_full_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 2")
+    try:
+        clock = safepool.ManualClock()
+        pool = await pools(min_size=2, max_size=3, max_lifetime=60.0, clock=clock, user=role)
+        first = await backend_pids(admin, role, column="usename")
+        leases = [pool.acquire() for _ in range(3)]
+        connections = await asyncio.gather(*(lease.__aenter__() for lease in leases), return_exceptions=True)
+        refused = [c for c in connections if isinstance(c, BaseException)]
+        assert [type(e) for e in refused] == [asyncpg.TooManyConnectionsError]
+        for lease, con in zip(leases, connections, strict=True):
+            if not isinstance(con, BaseException):
+                await lease.__aexit__(None, None, None)
+        clock.advance(61.0)
+        await asyncio.sleep(0)
+        async with pool.acquire() as con:
+            assert await con.fetchval("SELECT 1") == 1
+        assert await backend_pids(admin, role, column="usename") == first
+        assert pool.stats().connections_retired == 0
+        # The server takes connections again: once one opens, the old ones go.
+        await admin.execute(f"ALTER ROLE {role} CONNECTION LIMIT 5")
+        clock.advance(5.0)  # (past the backoff after the refusal)
+        async with pool.acquire(), pool.acquire(), pool.acquire():
+            pass
+        clock.advance(1.0)
+        # (back to min_size: the connection opened for the third lease stays)
+        await until(lambda: pool.stats().connections_retired == 2 and pool.stats().idle == pool.get_size() == 2)
+        assert not await backend_pids(admin, role, column="usename") & first
+    finally:
+        pool.terminate()
+        await until_role_gone(admin, role)
+        await admin.execute(f"DROP ROLE {role}")
+
+
+async def until_role_gone(admin: asyncpg.Connection, role: str) -> None:
+    async with asyncio.timeout(5):
+        while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role):
+            await asyncio.sleep(0.005)

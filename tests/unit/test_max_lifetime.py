@@ -10,6 +10,7 @@ import pytest
 
 from safepool._state import (
     LIFETIME_JITTER,
+    RETIRE_RETRY,
     Close,
     Connect,
     PoolState,
@@ -189,3 +190,25 @@ def test_connections_opened_for_waiters_get_their_lifetime_too() -> None:
     [slot] = [w.slot for w in fields(take(state, Wake))]
     assert slot is not None and waiter.slot is slot
     assert slot.expires_at == expected_expiry(4.0, 1, 30.0)
+
+
+def test_while_connects_fail_a_connection_whose_lifetime_ran_out_is_kept_until_one_succeeds() -> None:
+    """A server that refuses new connections (full of another client's, as
+    in the incident) must not cost the pool its working ones: they stay,
+    looked at again every RETIRE_RETRY seconds, and leave once a connect
+    succeeded."""
+    state = make(max_size=3, max_lifetime=10.0)
+    fill(state, 2)
+    failing = state.add_connecting(1.0)
+    state.connect_failed(failing, 1.0, OSError("the server refuses"))
+    take(state, Connect)
+    state.advance(20.0)
+    state.advance(20.0 + RETIRE_RETRY)
+    assert take(state, Close) == [] and state.counters.connections_retired == 0
+    assert sorted(slot.expires_at for slot in state.slots()) == [20.0 + 2 * RETIRE_RETRY] * 2
+    assert state.idle == 2
+    opened = state.add_connecting(21.5)
+    state.connect_succeeded(opened, object(), 21.5)
+    state.advance(20.0 + 2 * RETIRE_RETRY)
+    assert len(take(state, Close)) == 2 and state.counters.connections_retired == 2
+    assert opened.state is SlotState.IDLE
