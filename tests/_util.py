@@ -119,3 +119,24 @@ async def cancelled(task: asyncio.Future[Any], times: int = 1) -> None:
         task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def held_cancel_requests(monkeypatch: Any) -> asyncio.Event:
+    """From now on asyncpg's cancel requests wait until the returned event
+    is set, and the pool waits CANCEL_ANSWER_GRACE = 30 s for a cancelled
+    query's answer (not 0.5 s: a loaded machine cannot run it out while a
+    test samples what happens meanwhile)."""
+    from asyncpg import connect_utils
+
+    import safepool._workers
+
+    monkeypatch.setattr(safepool._workers, "CANCEL_ANSWER_GRACE", 30.0)
+    gate = asyncio.Event()
+    send_cancel = connect_utils._cancel
+
+    async def cancel_when_let_through(**kwargs: Any) -> None:
+        await gate.wait()
+        await send_cancel(**kwargs)
+
+    monkeypatch.setattr(connect_utils, "_cancel", cancel_when_let_through)
+    return gate

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import held_cancel_requests
 
 from ._harness import ServerSampler, assert_books_balance, classify, closing, loop_errors, scale
 from ._pg import Cluster
@@ -336,17 +337,6 @@ async def test_release_budget_spent_on_a_cancelled_query_keeps_the_slot_until_th
     loaded machine cannot run it out while the test samples; asyncpg's own
     test_pool_release_timeout_during_cancellation, in tests/compat, checks
     the other side: a cancel that never comes, a replacement within 1 s)."""
-    from asyncpg import connect_utils
-
-    monkeypatch.setattr(safepool._workers, "CANCEL_ANSWER_GRACE", 30.0)
-
-    gate = asyncio.Event()
-    send_cancel = connect_utils._cancel
-
-    async def cancel_when_let_through(**kwargs: Any) -> None:
-        await gate.wait()
-        await send_cancel(**kwargs)
-
     pool = await safepool.create_pool(
         running.dsn(), min_size=0, max_size=1, server_settings={"application_name": app_name},
     )
@@ -358,7 +348,7 @@ async def test_release_budget_spent_on_a_cancelled_query_keeps_the_slot_until_th
         async with asyncio.timeout(5):
             while not await admin.fetchval(count_sql + " AND state = 'active' AND query LIKE 'SELECT pg_sleep%'", app_name):
                 await asyncio.sleep(0.005)
-        monkeypatch.setattr(connect_utils, "_cancel", cancel_when_let_through)
+        gate = held_cancel_requests(monkeypatch)
         query.cancel()
         async with asyncio.timeout(5):  # asyncpg has asked for the cancel (held at the gate)
             while not con._con._protocol._is_cancelling():

@@ -16,7 +16,7 @@ import pytest_asyncio
 
 import safepool
 
-from .._util import asyncpg_version, until, until_in_pg_sleep
+from .._util import asyncpg_version, held_cancel_requests, until, until_in_pg_sleep
 
 pytestmark = pytest.mark.asyncio
 
@@ -150,23 +150,13 @@ async def test_a_retired_connection_released_on_a_short_budget_keeps_its_slot_un
     cancel request, and the backend ran the query on beside the slot's
     replacement (2 backends for max_size=1). As a reset's close does, it now
     waits for the server's answer, CANCEL_ANSWER_GRACE at most (raised here)."""
-    from asyncpg import connect_utils
-
-    monkeypatch.setattr(safepool._workers, "CANCEL_ANSWER_GRACE", 30.0)
-    gate = asyncio.Event()
-    send_cancel = connect_utils._cancel
-
-    async def cancel_when_let_through(**kwargs: Any) -> None:
-        await gate.wait()
-        await send_cancel(**kwargs)
-
     clock = safepool.ManualClock()
     pool = await pools(min_size=0, max_size=1, max_lifetime=60.0, clock=clock)
     con = await pool.acquire()
     pid = con.get_server_pid()
     query = asyncio.create_task(con.execute("SELECT pg_sleep(5)"))
     await until_in_pg_sleep(pg_dsn, pid)
-    monkeypatch.setattr(connect_utils, "_cancel", cancel_when_let_through)
+    gate = held_cancel_requests(monkeypatch)
     query.cancel()
     await until(lambda: con._con._protocol._is_cancelling())
     clock.advance(61.0)

@@ -1029,9 +1029,10 @@ def test_a_floor_upkeep_connect_is_adopted_by_a_task_waiting_in_a_backoff() -> N
     assert take(state, Wake) == [Wake(waiter)] and waiter.slot is upkeep
 
 
-def test_wait_on_connect_error_keeps_waiters_while_connections_exist() -> None:
-    """Opt-in: a refused connect (e.g. too_many_connections) does not fail
-    callers while leased connections will come back."""
+def refused_beside_a_lease() -> tuple[PoolState, Any, Any]:
+    """``wait_on_connect_error=True``, ``max_size=2``: one connection leased
+    (the lease), a task waiting (the waiter), and the connect opened for it
+    refused at t=0: ``(state, lease, waiter)``."""
     state = make(max_size=2, wait_on_connect_error=True)
     fill(state, 1)
     held = state.try_acquire(0)
@@ -1039,6 +1040,13 @@ def test_wait_on_connect_error_keeps_waiters_while_connections_exist() -> None:
     waiter = state.enqueue("a", 0, None)
     [slot] = fields(take(state, Connect))
     state.connect_failed(slot, 0, OSError("53300"))
+    return state, held, waiter
+
+
+def test_wait_on_connect_error_keeps_waiters_while_connections_exist() -> None:
+    """Opt-in: a refused connect (e.g. too_many_connections) does not fail
+    callers while leased connections will come back."""
+    state, held, waiter = refused_beside_a_lease()
     assert not take(state, Fail)
     assert state.server_status(0).value == "backing_off"
     state.release(held, 1, CLEAN)
@@ -1051,13 +1059,7 @@ def test_the_probe_after_a_backoff_is_the_oldest_waiters() -> None:
     waited longest, not to the last one that queued during the backoff,
     which was served first (and, without wait_on_connect_error, got the
     failure of a connect an older task would have made on asyncpg's pool)."""
-    state = make(max_size=2, wait_on_connect_error=True)
-    fill(state, 1)
-    held = state.try_acquire(0)
-    assert held
-    first = state.enqueue("a", 0, None)
-    [slot] = fields(take(state, Connect))
-    state.connect_failed(slot, 0, OSError("53300"))
+    state, held, first = refused_beside_a_lease()
     later = [state.enqueue(i, 0.5, None) for i in range(3)]  # (during the backoff: no connect)
     assert not take(state, Connect)
     state.advance(state.backoff_until)
