@@ -432,6 +432,8 @@ def instrument(
         raise TypeError(f"meter_provider must be an OpenTelemetry MeterProvider, got {type(provider).__name__}")
     instruments = _made.get(provider)
     if instruments is None:
+        instruments = _handed_over_to(provider)
+    if instruments is None:
         instruments = PoolInstruments(pools, live=live, meter_provider=provider, record_times=record_times)
         _made[provider] = instruments
         return instruments
@@ -446,3 +448,17 @@ def instrument(
 
 # The instruments instrument() made, per meter provider.
 _made: weakref.WeakKeyDictionary[MeterProvider, PoolInstruments] = weakref.WeakKeyDictionary()
+
+
+def _handed_over_to(provider: MeterProvider) -> PoolInstruments | None:
+    """The instruments made on the API's proxy provider (``instrument()``
+    before ``set_meter_provider()``) if that proxy now hands over to
+    ``provider``: it created them there, callbacks included, so a second set
+    would have its callbacks dropped and its timing sinks record every value
+    twice. The proxy's ``_real_meter_provider`` is the API's private name for
+    the provider set (tests/integration/test_metrics_otel.py pins it)."""
+    for earlier, instruments in list(_made.items()):
+        if earlier is not provider and getattr(earlier, "_real_meter_provider", None) is provider:
+            _made[provider] = instruments
+            return instruments
+    return None

@@ -4,6 +4,9 @@ real pool on PostgreSQL works."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -329,3 +332,83 @@ async def test_a_pool_renamed_is_reported_under_its_new_name_only(pools: Any, re
     found = points(memory)
     assert [dict(p.attributes)[POOL] for p in found["safepool.acquired"]] == ["orders-primary"]
     assert [dict(p.attributes)[POOL] for p in found["db.client.connection.wait_time"]] == ["orders-primary"]
+
+
+# Run in a subprocess: the API's global meter provider can be set once per process.
+_BEFORE_THE_SDK = r'''
+import asyncio, json, os, sys
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+import safepool
+from safepool.metrics.otel import instrument
+
+POOL = "db.client.connection.pool.name"
+NAMES = ("safepool.acquired", "db.client.connection.max", "db.client.connection.wait_time")
+
+
+def collect(reader):
+    found = {name: [] for name in NAMES}
+    for resource in reader.get_metrics_data().resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name in found:
+                    for p in metric.data.data_points:
+                        value = p.count if hasattr(p, "count") else p.value
+                        found[metric.name].append([p.attributes[POOL], value])
+    return found
+
+
+async def main(live):
+    dsn = os.environ["SAFEPOOL_TEST_DSN"]
+    early = await safepool.create_pool(dsn, name="early", min_size=1, max_size=2)
+    made = [instrument(live=True) if live else instrument(early)]  # on the API's proxy provider
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    metrics.set_meter_provider(provider)
+    late = await safepool.create_pool(dsn, name="late", min_size=1, max_size=2)
+    if live:
+        made += [instrument(live=True), instrument(late)]
+    else:
+        made += [instrument(late), instrument(early), instrument(meter_provider=provider)]
+    collections = []
+    for _ in range(2):
+        for pool in (early, late):
+            await pool.fetchval("SELECT 1")
+        await asyncio.sleep(0)  # timing sinks get their values in a loop callback of their own
+        collections.append(collect(reader))
+    await early.close()
+    await late.close()
+    print(json.dumps({"same": all(m is made[0] for m in made), "collections": collections}))
+
+
+asyncio.run(main(sys.argv[1] == "live"))
+'''
+
+
+@pytest.mark.parametrize("live", [False, True])
+async def test_instrument_before_the_sdk_is_configured(pg_dsn: str, live: bool) -> None:
+    """instrument() on the API's proxy provider, then set_meter_provider(),
+    then instrument() again (a pool created later, the same pool, an
+    explicit meter_provider=): the proxy hands its instruments to the SDK, so
+    the later calls made a second set whose callbacks the SDK dropped (the
+    late pool's gauges and counters were never reported) and whose timing
+    sinks recorded every wait a second time. One set; each pool once."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _BEFORE_THE_SDK, "live" if live else "pools",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "SAFEPOOL_TEST_DSN": str(pg_dsn), "PYTHONPATH": os.getcwd()},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    result = json.loads(out)
+    assert result["same"]
+    first, second = result["collections"]
+    for name in ("safepool.acquired", "db.client.connection.max"):
+        assert sorted(first[name]) == [["early", 1 if name == "safepool.acquired" else 2],
+                                       ["late", 1 if name == "safepool.acquired" else 2]], name
+    assert sorted(second["safepool.acquired"]) == [["early", 2], ["late", 2]]  # monotonic, each once
+    # live=True hooks a pool's histograms when a collection first sees it
+    # (instrument(late) hooked late's at once).
+    assert sorted(second["db.client.connection.wait_time"]) == ([["early", 1], ["late", 2]] if live
+                                                                 else [["early", 2], ["late", 2]])
