@@ -455,10 +455,14 @@ def _handed_over_to(provider: MeterProvider) -> PoolInstruments | None:
     before ``set_meter_provider()``) if that proxy now hands over to
     ``provider``: it created them there, callbacks included, so a second set
     would have its callbacks dropped and its timing sinks record every value
-    twice. The proxy's ``_real_meter_provider`` is the API's private name for
-    the provider set (tests/integration/test_metrics_otel.py pins it)."""
+    twice. Only the global provider is handed over to; the proxy then
+    forwards ``get_meter`` to it, and the SDK keeps one meter per scope."""
+    if provider is not metrics.get_meter_provider():
+        return None
     for earlier, instruments in list(_made.items()):
-        if earlier is not provider and getattr(earlier, "_real_meter_provider", None) is provider:
+        if earlier is not provider and earlier.get_meter("safepool", __version__) is provider.get_meter(
+            "safepool", __version__
+        ):
             _made[provider] = instruments
             return instruments
     return None
