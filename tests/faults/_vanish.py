@@ -22,12 +22,15 @@ from typing import Any
 
 import safepool
 
-CASES = {
-    # name: (keepalive, seconds from the vanishing to the failure, at about)
-    "count": (safepool.TcpKeepalive(idle=2, interval=1, count=2), 4.0),
+CASES: dict[str, dict[str, Any]] = {
+    # name: the pool's options
+    "count": {"tcp_keepalive": safepool.TcpKeepalive(idle=2, interval=1, count=2)},
     # user_timeout in place of count: the first probe sent 3 s or more after
     # the peer last answered fails it (3 s), not the fifth probe (7 s).
-    "user_timeout": (safepool.TcpKeepalive(idle=2, interval=1, count=5, user_timeout=3), 3.0),
+    "user_timeout": {"tcp_keepalive": safepool.TcpKeepalive(idle=2, interval=1, count=5, user_timeout=3)},
+    # No keepalive: the lease's take-back sends a cancel request the server
+    # never gets; the connection is closed when the reset's time runs out.
+    "lease_timeout": {"lease_timeout": 2.0, "reset_timeout": 2.0},
 }
 
 
@@ -40,8 +43,8 @@ async def client(dsn: str, server_pid: str) -> None:
         run("nsenter", "-t", server_pid, "-n", "tc", "qdisc", op, "dev", "h115a", "root",
             *(("pfifo", "limit", "0") if op == "add" else ()))
 
-    for name, (keepalive, _) in CASES.items():
-        async with safepool.create_pool(dsn, min_size=1, max_size=1, tcp_keepalive=keepalive) as pool:
+    for name, options in CASES.items():
+        async with safepool.create_pool(dsn, min_size=1, max_size=1, **options) as pool:
             con = await pool.acquire()
             statement = asyncio.ensure_future(con.fetchval("SELECT pg_sleep(60)"))
             await asyncio.sleep(0.3)  # sent and acknowledged: the connection is quiet
@@ -58,7 +61,8 @@ async def client(dsn: str, server_pid: str) -> None:
             queue("del")
             if not statement.done():
                 statement.cancel()
-            await pool.release(con, timeout=5)
+            if name != "lease_timeout":  # (taken back)
+                await pool.release(con, timeout=5)
             async with pool.acquire() as again:
                 works = await again.fetchval("SELECT 1") == 1
             print(json.dumps({"case": name, "got": got, "seconds": seconds, "next_lease_works": works}), flush=True)

@@ -152,8 +152,9 @@ async def test_a_statement_on_a_connection_whose_peer_vanished_fails_in_keepaliv
     waiting for its answer raises asyncpg's connection error after about
     ``idle + interval * count``; with ``user_timeout`` set, Linux fails it
     at the first probe ``user_timeout`` after the peer last answered, in
-    place of ``count`` (docs/best-practices.md). The pool's next lease gets
-    a new connection."""
+    place of ``count`` (docs/best-practices.md). Without keepalive, a
+    ``lease_timeout`` ends it only ``reset_timeout`` later. The pool's next
+    lease gets a new connection."""
     if loop_name == "uvloop":
         pytest.importorskip("uvloop")
     done = await asyncio.to_thread(
@@ -163,7 +164,7 @@ async def test_a_statement_on_a_connection_whose_peer_vanished_fails_in_keepaliv
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     results = {r["case"]: r for r in map(json.loads, lines)}
-    assert set(results) == {"count", "user_timeout"}, done.stderr[-2000:]
+    assert set(results) == {"count", "user_timeout", "lease_timeout"}, done.stderr[-2000:]
     for result in results.values():
         assert result["got"] == "ConnectionDoesNotExistError"
         assert result["next_lease_works"]
@@ -172,3 +173,7 @@ async def test_a_statement_on_a_connection_whose_peer_vanished_fails_in_keepaliv
     # user_timeout=3 ends it at the probe 3 s after the last answer; count=5
     # alone would have waited 7 s.
     assert 1.8 < results["user_timeout"]["seconds"] < 4.5
+    # Without keepalive, lease_timeout=2 does not end it at 2 s: the
+    # take-back's cancel request cannot reach the server; the connection is
+    # closed once reset_timeout=2 more ran out (docs/runbook.md).
+    assert 3.0 < results["lease_timeout"]["seconds"] < 5.5
