@@ -151,8 +151,8 @@ async def test_a_statement_on_a_connection_whose_peer_vanished_fails_in_keepaliv
     and ACKs dropped on the way, tests/faults/_vanish.py): a statement
     waiting for its answer raises asyncpg's connection error after about
     ``idle + interval * count``; with ``user_timeout`` set, Linux fails it
-    at the first probe ``user_timeout`` after the peer last answered, in
-    place of ``count`` (docs/best-practices.md). Without keepalive, a
+    once a probe went unanswered and ``user_timeout`` passed since the peer
+    last answered, in place of ``count`` (docs/best-practices.md). Without keepalive, a
     ``lease_timeout`` ends it only ``reset_timeout`` later. The pool's next
     lease gets a new connection."""
     if loop_name == "uvloop":
