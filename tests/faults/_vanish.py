@@ -40,7 +40,7 @@ def run(*args: str) -> None:
 
 async def client(dsn: str, server_pid: str) -> None:
     def queue(op: str) -> None:
-        run("nsenter", "-t", server_pid, "-n", "tc", "qdisc", op, "dev", "h115a", "root",
+        run("nsenter", "-t", server_pid, "-n", "tc", "qdisc", op, "dev", "vserver", "root",
             *(("pfifo", "limit", "0") if op == "add" else ()))
 
     for name, options in CASES.items():
@@ -89,17 +89,17 @@ async def forward(port: int) -> None:
 async def server(cluster: Any, loop_name: str) -> None:
     holder: Any = None
     try:
-        run("ip", "link", "add", "h115a", "type", "veth", "peer", "name", "h115b")
-        run("ip", "addr", "add", "10.115.0.2/24", "dev", "h115a")
-        run("ip", "link", "set", "h115a", "up")
+        run("ip", "link", "add", "vserver", "type", "veth", "peer", "name", "vclient")
+        run("ip", "addr", "add", "10.115.0.2/24", "dev", "vserver")
+        run("ip", "link", "set", "vserver", "up")
         await forward(cluster.port)
         holder = await asyncio.create_subprocess_exec("unshare", "-n", "sleep", "300")
         await asyncio.sleep(0.2)
-        run("ip", "link", "set", "h115b", "netns", str(holder.pid))
+        run("ip", "link", "set", "vclient", "netns", str(holder.pid))
         ns = ("nsenter", "-t", str(holder.pid), "-n")
         run(*ns, "ip", "link", "set", "lo", "up")
-        run(*ns, "ip", "addr", "add", "10.115.0.1/24", "dev", "h115b")
-        run(*ns, "ip", "link", "set", "h115b", "up")
+        run(*ns, "ip", "addr", "add", "10.115.0.1/24", "dev", "vclient")
+        run(*ns, "ip", "link", "set", "vclient", "up")
         dsn = cluster.dsn().replace(f"127.0.0.1:{cluster.port}", "10.115.0.2:6543")
         child = await asyncio.create_subprocess_exec(
             *ns, sys.executable, "-m", "tests.faults._vanish", "client", loop_name, dsn, str(os.getpid())
