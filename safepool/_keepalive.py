@@ -82,7 +82,11 @@ class TcpKeepalive:
         kernel fails the connection (``TCP_USER_TIMEOUT``, Linux; rounded
         up to milliseconds); None leaves the system's (about 15 minutes of
         retransmissions on Linux's defaults). Keep it above the longest
-        network stall you want to ride out.
+        network stall you want to ride out. Set, Linux also uses it in
+        place of ``count`` for the probes (tcp(7)): the connection fails
+        once a probe went unanswered and ``user_timeout`` passed since the
+        peer last answered (``idle=30, interval=10, user_timeout=30``: after about
+        40 seconds, not 60).
     :raises TypeError: a value of the wrong type.
     :raises ValueError: a value out of range."""
 

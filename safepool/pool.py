@@ -961,7 +961,8 @@ def create_pool(
     ``name``, ``max_lifetime`` (seconds, or None: a connection that old,
     less up to 10%, is closed and replaced, once idle or released),
     ``tcp_keepalive`` (a :class:`safepool.TcpKeepalive`, True for its
-    defaults, or None: TCP keepalive on each connection over TCP),
+    defaults, or None or False for none: TCP keepalive on each connection
+    over TCP),
     ``lease_timeout``, ``leak_warning_after``, ``capture_stack``,
     ``max_waiters``, ``acquire_timeout``, ``max_connecting``, ``fail_fast``,
     ``wait_on_connect_error``, ``reset_mode``

@@ -1,13 +1,21 @@
 """``tcp_keepalive``: the socket options the kernel holds for each of the
 pool's TCP connections (read back with getsockopt), on this module's
 cluster over TCP. What the kernel then does with a peer that stops
-answering is its own (tcp(7)); no test here can make loopback drop packets
-without a packet filter."""
+answering is its own (tcp(7)); the last test has a peer vanish (between
+two network namespaces, where it can run: root on Linux) and times the
+failure."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -120,3 +128,52 @@ async def test_an_option_refused_leaves_the_others_set_and_the_log_says_which(
     message = record.getMessage()
     assert message.startswith("pool 'partly': could not set TCP keepalive option 9999 on a connection (")
     assert message.endswith("; the other keepalive options are set")
+
+
+def _can_vanish_a_peer() -> bool:
+    """Root on Linux with unshare, nsenter, ip and tc, and veth pairs."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return False
+    if not all(shutil.which(tool) for tool in ("unshare", "nsenter", "ip", "tc")):
+        return False
+    probe = subprocess.run(
+        ["unshare", "-n", "ip", "link", "add", "va", "type", "veth", "peer", "name", "vb"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.realtime
+@pytest.mark.skipif(not _can_vanish_a_peer(), reason="needs root, network namespaces and veth (Linux)")
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+async def test_a_statement_on_a_connection_whose_peer_vanished_fails_in_keepalives_time(loop_name: str) -> None:
+    """The kernel's side, on a real peer that stops answering (its answers
+    and ACKs dropped on the way, tests/faults/_vanish.py): a statement
+    waiting for its answer raises asyncpg's connection error after about
+    ``idle + interval * count``; with ``user_timeout`` set, Linux fails it
+    once a probe went unanswered and ``user_timeout`` passed since the peer
+    last answered, in place of ``count`` (docs/best-practices.md). Without keepalive, a
+    ``lease_timeout`` ends it only ``reset_timeout`` later. The pool's next
+    lease gets a new connection."""
+    if loop_name == "uvloop":
+        pytest.importorskip("uvloop")
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["unshare", "-n", sys.executable, "-m", "tests.faults._vanish", loop_name],
+        capture_output=True, text=True, timeout=90, cwd=Path(__file__).parents[2],
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    results = {r["case"]: r for r in map(json.loads, lines)}
+    assert set(results) == {"count", "user_timeout", "lease_timeout"}, done.stderr[-2000:]
+    for result in results.values():
+        assert result["got"] == "ConnectionDoesNotExistError"
+        assert result["next_lease_works"]
+    # Quiet since 0.3 s before the peer vanished: idle=2 + 2 probes 1 s apart.
+    assert 2.5 < results["count"]["seconds"] < 5.5
+    # user_timeout=3 ends it at the probe 3 s after the last answer; count=5
+    # alone would have waited 7 s.
+    assert 1.8 < results["user_timeout"]["seconds"] < 4.5
+    # Without keepalive, lease_timeout=2 does not end it at 2 s: the
+    # take-back's cancel request cannot reach the server; the connection is
+    # closed once reset_timeout=2 more ran out (docs/runbook.md).
+    assert 3.0 < results["lease_timeout"]["seconds"] < 5.5

@@ -208,10 +208,12 @@ async def test_a_full_server_does_not_take_the_connections_whose_lifetime_ran_ou
     connections' lifetimes run out meanwhile keeps them (they work; a new
     one could not be opened) and replaces them once a connect succeeds."""
     role = f"sp_full_{uuid.uuid4().hex[:8]}"
-    await admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 2")
+    # (a password too: a server that asks for one, scram-sha-256 over TCP)
+    await admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 2 PASSWORD '{role}'")
+    pool = None
     try:
         clock = safepool.ManualClock()
-        pool = await pools(min_size=2, max_size=3, max_lifetime=60.0, clock=clock, user=role)
+        pool = await pools(min_size=2, max_size=3, max_lifetime=60.0, clock=clock, user=role, password=role)
         first = await backend_pids(admin, role, column="usename")
         leases = [pool.acquire() for _ in range(3)]
         connections = await asyncio.gather(*(lease.__aenter__() for lease in leases), return_exceptions=True)
@@ -236,7 +238,8 @@ async def test_a_full_server_does_not_take_the_connections_whose_lifetime_ran_ou
         await until(lambda: pool.stats().connections_retired == 2 and pool.stats().idle == pool.get_size() == 2)
         assert not await backend_pids(admin, role, column="usename") & first
     finally:
-        pool.terminate()
+        if pool is not None:
+            pool.terminate()
         await until_role_gone(admin, role)
         await admin.execute(f"DROP ROLE {role}")
 
