@@ -859,7 +859,7 @@ class PoolState:
         # (With a full pool and no connect under way, _plan_connects has
         # nothing to do: the contended hot path.)
         if len(self._slots) < self.max_size or self._connecting_count > self._bound:
-            self._plan_connects(now)
+            self._plan_connects(now, arrival=True)
         return waiter
 
     def claim(self, waiter: Waiter, now: float) -> Lease:
@@ -1215,14 +1215,9 @@ class PoolState:
             self._grant_head_unbound(slot)
         self._adopt()
 
-    def _newest_unbound(self) -> Waiter | None:
-        for waiter in reversed(self._waiters):
-            if waiter.state is W.WAITING and waiter.connect is None:
-                return waiter
-        return None
-
-    def _oldest_unbound(self) -> Waiter | None:
-        for waiter in self._waiters:
+    def _unbound_waiter(self, newest: bool) -> Waiter | None:
+        """The newest (else the oldest) live waiter without a connect of its own."""
+        for waiter in reversed(self._waiters) if newest else self._waiters:
             if waiter.state is W.WAITING and waiter.connect is None:
                 return waiter
         return None
@@ -1236,19 +1231,19 @@ class PoolState:
         if spare <= 0 or self._waiting <= self._bound:
             return
         for slot in sorted((s for s in self._slots if s.state is S.CONNECTING and s.owner is None), key=_slot_id):
-            waiter = self._newest_unbound()
+            waiter = self._unbound_waiter(newest=True)
             if waiter is None:
                 return
             self._bind(waiter, slot)
 
-    def _plan_connects(self, now: float, newest: bool = True) -> None:
+    def _plan_connects(self, now: float, arrival: bool = False) -> None:
         """Start connects for unmet demand, within max_size and max_connecting:
-        each for the newest waiter without one (asyncpg's acquire opens its
-        own), or for min_size. ``newest=False``: for the oldest instead, when
-        no arrival asked for the connect (a closed connection's replacement,
-        a pool grown, the probe after a backoff, the connects after one
-        ended): asyncpg's pool hands a free holder to its oldest waiter,
-        which connects it; the newest would be served first."""
+        each for the oldest waiter without one, or for min_size. asyncpg's
+        pool hands a free holder to its oldest waiter, which connects it (a
+        closed connection's replacement, a pool grown, the probe after a
+        backoff, the connects after one ended). ``arrival``: planned for a
+        task that just queued and found no connection, so for the newest
+        waiter: asyncpg's acquire opens its own."""
         if self._connecting_count > self._bound:
             self._adopt()
         if len(self._slots) >= self.max_size or self.closing or now < self.backoff_until:
@@ -1282,7 +1277,7 @@ class PoolState:
             self._slots.add(slot)
             self._connecting_count += 1
             if self._policy is None and self._waiting > self._bound:
-                waiter = self._newest_unbound() if newest else self._oldest_unbound()
+                waiter = self._unbound_waiter(newest=arrival)
                 if waiter is not None:
                     self._bind(waiter, slot)
             self.actions.append(Connect(slot))
@@ -1364,7 +1359,7 @@ class PoolState:
             else:
                 self._grant(slot, owner)  # (the owner stays in the queue, settled: skipped lazily)
                 self._compact_waiters()
-        self._plan_connects(now, newest=False)
+        self._plan_connects(now)
         return True
 
     def connect_failed(
@@ -1456,7 +1451,7 @@ class PoolState:
         elif owner is not None:
             self._serve_unbound(now)  # the owner waits on, for any connection
         if now >= self.backoff_until:
-            self._plan_connects(now, newest=False)  # (the attempt outlasted its delay: the next starts now)
+            self._plan_connects(now)  # (the attempt outlasted its delay: the next starts now)
         return True
 
     def connect_cancelled(self, slot: Slot, now: float | None = None) -> None:
@@ -1471,7 +1466,7 @@ class PoolState:
             self._slots.discard(slot)
             if owner is not None and now is not None and not self.closing:
                 self._serve_unbound(now)
-                self._plan_connects(now, newest=False)
+                self._plan_connects(now)
 
     def _fail_newest_waiter(self, error: BaseException) -> None:
         """Fail the task whose arrival the failed connect was for: without an
@@ -1533,7 +1528,7 @@ class PoolState:
         self._slots.discard(slot)
         if not slot.failed_connect:
             self.counters.connections_closed += 1
-        self._plan_connects(now, newest=False)  # (a replacement: the head waiter's, FIFO)
+        self._plan_connects(now)  # (a replacement: the head waiter's, FIFO)
         return True
 
     def connection_lost(self, slot: Slot, now: float) -> bool | None:
@@ -1602,7 +1597,7 @@ class PoolState:
             self._start_close(self._idle[0])
         if self._policy is not None and self._policy.set_max_size(max_size):
             self._serve_idle(now)
-        self._plan_connects(now, newest=False)
+        self._plan_connects(now)
 
     # ------------------------------------------------------------------ timers
 
@@ -1757,7 +1752,7 @@ class PoolState:
             idle = self._idle
             while idle and self._live() > self.min_size and idle[0].idle_since + self.max_inactive_lifetime <= now:
                 self._start_close(idle[0])
-        self._plan_connects(now, newest=False)
+        self._plan_connects(now)
 
     def _pop_due(self, now: float) -> tuple[int, Any]:
         """The live timer that falls due first, if by ``now``, taken off its
