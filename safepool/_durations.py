@@ -1,12 +1,30 @@
 """Duration arguments in seconds, checked as create_pool() checks its
-own: a leaf module (no pool state), so that the extensions (health) check
-their options the same way without importing the pool's internals
-(tests/test_architecture.py)."""
+own, and the numbers of other types it takes: a leaf module (no pool
+state), so that the extensions (health) and the settings' own classes
+(TcpKeepalive) check their options the same way without importing the
+pool's internals (tests/test_architecture.py)."""
 
 from __future__ import annotations
 
-from numbers import Real
+import operator
+from numbers import Integral, Real
 from typing import Any, Literal, overload
+
+
+def plain_int(value: Any) -> Any:
+    """An int for an integral number of another type (numpy's integers);
+    anything else as it is."""
+    return operator.index(value) if isinstance(value, Integral) and not isinstance(value, int) else value
+
+
+def plain_number(value: Any) -> Any:
+    """An int for an integral number of another type (numpy's integers), a
+    float for another real one (numpy's floats, a Fraction), as asyncpg's
+    pool takes them for its sizes and limits; anything else as it is, for
+    the caller's checks to refuse."""
+    if isinstance(value, (int, float)) or not isinstance(value, Real):
+        return value
+    return plain_int(value) if isinstance(value, Integral) else float(value)
 
 
 class DurationTooLarge(ValueError, OverflowError):

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 import socket
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
+
+from ._durations import plain_int, plain_number
 
 logger = logging.getLogger("safepool")
 
@@ -52,9 +53,7 @@ def _seconds(name: str, value: Any, most: float) -> float:
     Fraction too: create_pool() takes them for its sizes and durations)."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"TcpKeepalive.{name} must be a number of seconds, got {type(value).__name__}")
-    seconds: float = value if isinstance(value, (int, float)) else (
-        operator.index(value) if isinstance(value, Integral) else float(value)
-    )
+    seconds: float = plain_number(value)
     if not 0 < seconds <= most:  # (NaN too)
         raise ValueError(f"TcpKeepalive.{name} must be > 0 and <= {most} seconds, got {value!r}")
     return seconds
@@ -102,7 +101,7 @@ class TcpKeepalive:
         count = self.count
         if isinstance(count, bool) or not isinstance(count, Integral):
             raise TypeError(f"TcpKeepalive.count must be an int, got {type(count).__name__}")
-        count = operator.index(count)
+        count = plain_int(count)
         if not 1 <= count <= _MAX_PROBES:
             raise ValueError(f"TcpKeepalive.count must be between 1 and {_MAX_PROBES}, got {count!r}")
         object.__setattr__(self, "count", count)

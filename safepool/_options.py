@@ -6,9 +6,7 @@ pool's own options, and :class:`PoolConfig`, the checked settings that
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import Any, cast
 
 from asyncpg import connection as _pg_connection
@@ -16,7 +14,7 @@ from asyncpg import protocol as _pg_protocol
 
 from . import _internals as _pg
 from . import _keepalive
-from ._durations import validate_timeout
+from ._durations import plain_int, plain_number, validate_timeout
 from ._keepalive import TcpKeepalive
 from ._policy import AdaptiveQueue
 from ._state import RESET_MODES, Backoff, PoolState
@@ -39,7 +37,7 @@ def validate_site_share(share: Any) -> float | None:
     Fraction) as the int or float it is, as the sizes take it."""
     if share is None:
         return None
-    share = _plain_number(share)
+    share = plain_number(share)
     if isinstance(share, bool) or not isinstance(share, (int, float)):
         raise TypeError(f"max_site_share must be a number or None, got {type(share).__name__}")
     if not 0 < share <= 1:
@@ -61,22 +59,6 @@ def adaptive_queue(policy: Any, target: Any, interval: Any) -> AdaptiveQueue | N
             "the queue counts as standing only after a whole interval"
         )
     return AdaptiveQueue(target, interval) if policy == "adaptive" else None
-
-
-def _plain_int(value: Any) -> Any:
-    """An int for an integral number of another type (numpy's integers);
-    anything else as it is."""
-    return operator.index(value) if isinstance(value, Integral) and not isinstance(value, int) else value
-
-
-def _plain_number(value: Any) -> Any:
-    """An int for an integral number of another type (numpy's integers), a
-    float for another real one (numpy's floats, a Fraction), as asyncpg's
-    pool takes them for its sizes and limits; anything else as it is, for
-    :func:`check_sizes` to refuse."""
-    if isinstance(value, (int, float)) or not isinstance(value, Real):
-        return value
-    return _plain_int(value) if isinstance(value, Integral) else float(value)
 
 
 def check_sizes(
@@ -125,7 +107,7 @@ def check_options(
     (checked, as ints: an integer of another type, numpy's, taken as the
     sizes take it)."""
     # TypeError for a wrong type, ValueError for a wrong value (as the sizes).
-    max_waiters, max_connecting = _plain_int(max_waiters), _plain_int(max_connecting)
+    max_waiters, max_connecting = plain_int(max_waiters), plain_int(max_connecting)
     for bound_name, bound, least in (("max_waiters", max_waiters, 0), ("max_connecting", max_connecting, 1)):
         if bound is None:
             continue
@@ -145,7 +127,7 @@ def check_resize(max_size: Any, min_size: Any) -> tuple[int, int | None]:
     """``Pool.resize()``'s arguments, as ints (an integer of another type,
     numpy's, taken as create_pool() takes it)."""
     # TypeError for a wrong type, ValueError for a wrong value, as create_pool().
-    max_size, min_size = _plain_int(max_size), _plain_int(min_size)
+    max_size, min_size = plain_int(max_size), plain_int(min_size)
     if isinstance(max_size, bool) or not isinstance(max_size, int):
         raise TypeError(f"max_size must be an int, got {type(max_size).__name__}")
     if max_size <= 0:
@@ -248,9 +230,9 @@ def configure(
     :raises TypeError: an argument of the wrong type.
     :raises ValueError: an argument out of range."""
     min_size, max_size, init_size, max_queries = (
-        _plain_number(min_size), _plain_number(max_size), _plain_number(init_size), _plain_number(max_queries)
+        plain_number(min_size), plain_number(max_size), plain_number(init_size), plain_number(max_queries)
     )
-    max_inactive_connection_lifetime = _plain_number(max_inactive_connection_lifetime)
+    max_inactive_connection_lifetime = plain_number(max_inactive_connection_lifetime)
     init_size = check_sizes(min_size, max_size, init_size, max_queries, max_inactive_connection_lifetime)
     if not issubclass(connection_class, _pg_connection.Connection):
         raise TypeError(
