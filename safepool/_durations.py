@@ -10,6 +10,8 @@ import operator
 from numbers import Integral, Real
 from typing import Any, Literal, overload
 
+from .errors import PoolTypeError, PoolValueError
+
 
 def plain_int(value: Any) -> Any:
     """An int for an integral number of another type (numpy's integers);
@@ -27,9 +29,9 @@ def plain_number(value: Any) -> Any:
     return plain_int(value) if isinstance(value, Integral) else float(value)
 
 
-class DurationTooLarge(ValueError, OverflowError):
+class DurationTooLarge(PoolValueError, OverflowError):
     """A duration given as an int no float can hold (``10**400``): out of
-    range, so a ``ValueError`` as the other durations out of range; and an
+    range, so a :class:`~safepool.PoolValueError` as the other durations out of range; and an
     ``OverflowError``, which asyncpg's pool raises for such an
     ``acquire(timeout=)`` (asyncpg 0.29-0.32: "int too large to convert to
     float"), so code that catches that keeps working."""
@@ -64,9 +66,9 @@ def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive
 def _check_range(name: str, number: Any, value: Any, allow_none: bool, positive: bool) -> None:
     if positive and not number > 0:  # (NaN too)
         off = " (None turns it off)" if allow_none else ""
-        raise ValueError(f"{name} must be > 0 seconds{off}, got {value!r}")
+        raise PoolValueError(f"{name} must be > 0 seconds{off}, got {value!r}")
     if number != number or number < 0:  # NaN or negative
-        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+        raise PoolValueError(f"{name} must be >= 0 seconds, got {value!r}")
 
 
 def release_timeout(value: Any) -> float:
@@ -86,4 +88,4 @@ def _check_seconds_type(name: str, value: Any, allow_none: bool = True) -> None:
     its timeouts), not a bool."""
     if isinstance(value, bool) or not (isinstance(value, (int, float)) or isinstance(value, Real)):
         none = " or None" if allow_none else ""
-        raise TypeError(f"{name} must be a number of seconds{none}, got {type(value).__name__}")
+        raise PoolTypeError(f"{name} must be a number of seconds{none}, got {type(value).__name__}")

@@ -24,6 +24,7 @@ from numbers import Integral, Real
 from typing import Any
 
 from ._durations import plain_int, plain_number
+from .errors import PoolTypeError, PoolValueError
 
 logger = logging.getLogger("safepool")
 
@@ -52,10 +53,10 @@ def _seconds(name: str, value: Any, most: float) -> float:
     """``value``, checked, as a plain int or float (numpy's numbers and a
     Fraction too: create_pool() takes them for its sizes and durations)."""
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"TcpKeepalive.{name} must be a number of seconds, got {type(value).__name__}")
+        raise PoolTypeError(f"TcpKeepalive.{name} must be a number of seconds, got {type(value).__name__}")
     seconds: float = plain_number(value)
     if not 0 < seconds <= most:  # (NaN too)
-        raise ValueError(f"TcpKeepalive.{name} must be > 0 and <= {most} seconds, got {value!r}")
+        raise PoolValueError(f"TcpKeepalive.{name} must be > 0 and <= {most} seconds, got {value!r}")
     return seconds
 
 
@@ -100,10 +101,10 @@ class TcpKeepalive:
         object.__setattr__(self, "interval", _seconds("interval", self.interval, _MAX_SECONDS))
         count = self.count
         if isinstance(count, bool) or not isinstance(count, Integral):
-            raise TypeError(f"TcpKeepalive.count must be an int, got {type(count).__name__}")
+            raise PoolTypeError(f"TcpKeepalive.count must be an int, got {type(count).__name__}")
         count = plain_int(count)
         if not 1 <= count <= _MAX_PROBES:
-            raise ValueError(f"TcpKeepalive.count must be between 1 and {_MAX_PROBES}, got {count!r}")
+            raise PoolValueError(f"TcpKeepalive.count must be between 1 and {_MAX_PROBES}, got {count!r}")
         object.__setattr__(self, "count", count)
         if self.user_timeout is not None:
             object.__setattr__(self, "user_timeout", _seconds("user_timeout", self.user_timeout, _MAX_USER_TIMEOUT))
@@ -136,7 +137,7 @@ def check(value: Any) -> TcpKeepalive | None:
     if value is True:
         return TcpKeepalive()
     if not isinstance(value, TcpKeepalive):
-        raise TypeError(f"tcp_keepalive must be a safepool.TcpKeepalive, True, False or None, got {type(value).__name__}")
+        raise PoolTypeError(f"tcp_keepalive must be a safepool.TcpKeepalive, True, False or None, got {type(value).__name__}")
     return value
 
 

@@ -24,8 +24,6 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from asyncpg import exceptions as _pg_exceptions
-
 from . import _internals as _pg
 from . import _sites, _stack, _workers
 from ._clock import Clock
@@ -52,6 +50,7 @@ from ._state import (
 from .errors import (
     EventLoopMismatchError,
     PoolClosedError,
+    PoolInterfaceError,
     PoolOverloadedError,
     PoolTimeoutError,
     ServerUnavailableError,
@@ -347,7 +346,7 @@ class Leaser:
         at once). One function with the detach, not two: a call less per
         lease."""
         if not isinstance(connection, PoolConnectionProxy) or (holder := connection._holder)._pool is not self.face:
-            raise _pg_exceptions.InterfaceError(
+            raise PoolInterfaceError(
                 f"Pool.release() received invalid connection: {connection!r} is not a member of this pool"
             )
         con: RawConnection = connection._raw
@@ -567,10 +566,10 @@ class Leaser:
         if phase is Phases.OPEN or phase is Phases.CLOSING:
             return
         if phase is Phases.STARTING:
-            raise _pg_exceptions.InterfaceError(
+            raise PoolInterfaceError(
                 "pool is being initialized, but not yet ready: "
                 "likely there is a race between creating a pool and using it"
             )
         if phase is Phases.NEW:
-            raise _pg_exceptions.InterfaceError("pool is not initialized")
+            raise PoolInterfaceError("pool is not initialized")
         raise PoolClosedError("pool is closed")

@@ -18,6 +18,7 @@ from ._durations import plain_int, plain_number, validate_timeout
 from ._keepalive import TcpKeepalive
 from ._policy import AdaptiveQueue
 from ._state import RESET_MODES, Backoff, PoolState
+from .errors import PoolTypeError, PoolValueError
 
 QUEUE_POLICIES = ("fifo", "adaptive")
 # queue_policy="adaptive": CoDel's delay target and interval (seconds); see
@@ -39,9 +40,9 @@ def validate_site_share(share: Any) -> float | None:
         return None
     share = plain_number(share)
     if isinstance(share, bool) or not isinstance(share, (int, float)):
-        raise TypeError(f"max_site_share must be a number or None, got {type(share).__name__}")
+        raise PoolTypeError(f"max_site_share must be a number or None, got {type(share).__name__}")
     if not 0 < share <= 1:
-        raise ValueError(
+        raise PoolValueError(
             f"max_site_share must be > 0 and <= 1 (the fraction of max_size one acquire site may hold), "
             f"got {share!r}"
         )
@@ -50,11 +51,11 @@ def validate_site_share(share: Any) -> float | None:
 
 def adaptive_queue(policy: Any, target: Any, interval: Any) -> AdaptiveQueue | None:
     if policy not in QUEUE_POLICIES:
-        raise ValueError(f"queue_policy must be one of {QUEUE_POLICIES}, got {policy!r}")
+        raise PoolValueError(f"queue_policy must be one of {QUEUE_POLICIES}, got {policy!r}")
     target = validate_timeout("queue_target", target, allow_none=False, positive=True)
     interval = validate_timeout("queue_interval", interval, allow_none=False, positive=True)
     if target >= interval:
-        raise ValueError(
+        raise PoolValueError(
             f"queue_target ({target}s) must be shorter than queue_interval ({interval}s): "
             "the queue counts as standing only after a whole interval"
         )
@@ -69,33 +70,33 @@ def check_sizes(
     "'<=' not supported ..." or at first use). Returns init_size."""
     for size_name, size in (("max_size", max_size), ("min_size", min_size), ("init_size", init_size)):
         if not isinstance(size, int) and not (size is None and size_name == "init_size"):
-            raise TypeError(f"{size_name} must be an int, got {size!r}")
+            raise PoolTypeError(f"{size_name} must be an int, got {size!r}")
     for number_name, number in (
         ("max_queries", max_queries),
         ("max_inactive_connection_lifetime", max_inactive_connection_lifetime),
     ):
         if not isinstance(number, (int, float)):
-            raise TypeError(f"{number_name} must be a number, got {number!r}")
+            raise PoolTypeError(f"{number_name} must be a number, got {number!r}")
         if number != number:
-            raise ValueError(f"{number_name} must not be NaN")
+            raise PoolValueError(f"{number_name} must not be NaN")
     if max_size <= 0:
-        raise ValueError("max_size is expected to be greater than zero")
+        raise PoolValueError("max_size is expected to be greater than zero")
     if min_size < 0:
-        raise ValueError("min_size is expected to be greater or equal to zero")
+        raise PoolValueError("min_size is expected to be greater or equal to zero")
     if min_size > max_size:
-        raise ValueError("min_size is greater than max_size")
+        raise PoolValueError("min_size is greater than max_size")
     if init_size is None:
         init_size = min_size
     if init_size < 0:
-        raise ValueError("init_size is expected to be greater or equal to zero")
+        raise PoolValueError("init_size is expected to be greater or equal to zero")
     if init_size > max_size:
-        raise ValueError("init_size is greater than max_size")
+        raise PoolValueError("init_size is greater than max_size")
     if init_size < min_size:
-        raise ValueError("init_size is smaller than min_size")
+        raise PoolValueError("init_size is smaller than min_size")
     if max_queries <= 0:
-        raise ValueError("max_queries is expected to be greater than zero")
+        raise PoolValueError("max_queries is expected to be greater than zero")
     if max_inactive_connection_lifetime < 0:
-        raise ValueError("max_inactive_connection_lifetime is expected to be greater or equal to zero")
+        raise PoolValueError("max_inactive_connection_lifetime is expected to be greater or equal to zero")
     return int(init_size)
 
 
@@ -112,14 +113,14 @@ def check_options(
         if bound is None:
             continue
         if isinstance(bound, bool) or not isinstance(bound, int):
-            raise TypeError(f"{bound_name} must be an int >= {least} or None, got {bound!r}")
+            raise PoolTypeError(f"{bound_name} must be an int >= {least} or None, got {bound!r}")
         if bound < least:
-            raise ValueError(f"{bound_name} must be an int >= {least} or None, got {bound!r}")
+            raise PoolValueError(f"{bound_name} must be an int >= {least} or None, got {bound!r}")
     for flag_name, flag in (("fail_fast", fail_fast), ("wait_on_connect_error", wait_on_connect_error)):
         if not isinstance(flag, bool):
-            raise TypeError(f"{flag_name} must be True or False, got {flag!r}")
+            raise PoolTypeError(f"{flag_name} must be True or False, got {flag!r}")
     if reset_mode not in reset_modes:
-        raise ValueError(f"reset_mode must be one of {reset_modes}, got {reset_mode!r}")
+        raise PoolValueError(f"reset_mode must be one of {reset_modes}, got {reset_mode!r}")
     return cast("int | None", max_waiters), cast("int | None", max_connecting)  # (checked above)
 
 
@@ -129,13 +130,13 @@ def check_resize(max_size: Any, min_size: Any) -> tuple[int, int | None]:
     # TypeError for a wrong type, ValueError for a wrong value, as create_pool().
     max_size, min_size = plain_int(max_size), plain_int(min_size)
     if isinstance(max_size, bool) or not isinstance(max_size, int):
-        raise TypeError(f"max_size must be an int, got {type(max_size).__name__}")
+        raise PoolTypeError(f"max_size must be an int, got {type(max_size).__name__}")
     if max_size <= 0:
-        raise ValueError(f"max_size must be an int > 0, got {max_size!r}")
+        raise PoolValueError(f"max_size must be an int > 0, got {max_size!r}")
     if min_size is not None and (isinstance(min_size, bool) or not isinstance(min_size, int)):
-        raise TypeError(f"min_size must be an int, got {type(min_size).__name__}")
+        raise PoolTypeError(f"min_size must be an int, got {type(min_size).__name__}")
     if min_size is not None and not 0 <= min_size <= max_size:
-        raise ValueError(f"min_size must be an int between 0 and max_size, got {min_size!r}")
+        raise PoolValueError(f"min_size must be an int between 0 and max_size, got {min_size!r}")
     return max_size, min_size
 
 
@@ -235,14 +236,14 @@ def configure(
     max_inactive_connection_lifetime = plain_number(max_inactive_connection_lifetime)
     init_size = check_sizes(min_size, max_size, init_size, max_queries, max_inactive_connection_lifetime)
     if not issubclass(connection_class, _pg_connection.Connection):
-        raise TypeError(
+        raise PoolTypeError(
             f"connection_class is expected to be a subclass of asyncpg.Connection, got {connection_class!r}"
         )
     if not issubclass(record_class, _pg_protocol.Record):
-        raise TypeError(f"record_class is expected to be a subclass of asyncpg.Record, got {record_class!r}")
+        raise PoolTypeError(f"record_class is expected to be a subclass of asyncpg.Record, got {record_class!r}")
     # The setter of Pool.capture_stack already refused what create_pool() took.
     if capture_stack is not None and not isinstance(capture_stack, bool):
-        raise TypeError(f"capture_stack must be True, False or None, got {capture_stack!r}")
+        raise PoolTypeError(f"capture_stack must be True, False or None, got {capture_stack!r}")
     lease_timeout = validate_timeout("lease_timeout", lease_timeout, positive=True)
     max_lifetime = validate_timeout("max_lifetime", max_lifetime, positive=True)
     if max_lifetime == math.inf:
@@ -254,7 +255,7 @@ def configure(
     # raises TimeoutError): refused, as lease_timeout=0; None means the default.
     reset_timeout = validate_timeout("reset_timeout", reset_timeout)
     if reset_timeout == 0:
-        raise ValueError(f"reset_timeout must be > 0 seconds (None: the default), got {reset_timeout_arg!r}")
+        raise PoolValueError(f"reset_timeout must be > 0 seconds (None: the default), got {reset_timeout_arg!r}")
     if max_waiters is DEFAULT:
         # Unbounded, as asyncpg: a bound can fail a call that works on
         # asyncpg's pool (1,500 gathered queries on 10 connections), so it
@@ -264,7 +265,7 @@ def configure(
         max_waiters, max_connecting, fail_fast, wait_on_connect_error, reset_mode, RESET_MODES
     )
     if backoff is not None and not isinstance(backoff, Backoff):
-        raise TypeError(f"backoff must be a safepool.Backoff or None, got {type(backoff).__name__}")
+        raise PoolTypeError(f"backoff must be a safepool.Backoff or None, got {type(backoff).__name__}")
     adaptive = adaptive_queue(queue_policy, queue_target, queue_interval)
     max_site_share = validate_site_share(max_site_share)
     custom_reset = reset is not None or connection_class.reset is not _pg_connection.Connection.reset

@@ -19,6 +19,7 @@ from types import CodeType, TracebackType
 from typing import Any, TypeVar
 
 from ._stack import RESUMED
+from .errors import PoolTypeError
 
 __all__ = ["site", "current_site", "caller_site"]
 
@@ -99,7 +100,7 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
 
     def __init__(self, name: str) -> None:
         if not isinstance(name, str) or not name:
-            raise TypeError(f"a site name must be a non-empty string, got {name!r}")
+            raise PoolTypeError(f"a site name must be a non-empty string, got {name!r}")
         self.name = name
 
     def __enter__(self) -> site:

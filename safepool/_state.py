@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._durations import validate_timeout
 from ._histogram import Histogram
+from .errors import PoolTypeError, PoolValueError
 
 if TYPE_CHECKING:
     from ._policy import AdaptiveQueue, WaitPolicy
@@ -470,7 +471,7 @@ class Backoff:
             validate_timeout(f"Backoff.{name}", getattr(self, name), allow_none=False)
         validate_timeout("Backoff.hedge_after", self.hedge_after, positive=True)
         if not callable(self.rng):
-            raise TypeError(f"Backoff.rng must be a callable returning a float in [0, 1), got {self.rng!r}")
+            raise PoolTypeError(f"Backoff.rng must be a callable returning a float in [0, 1), got {self.rng!r}")
 
     def delay(self, failures: int, refused: int = NOT_REFUSED) -> float:
         """Seconds to wait before the next connect, after ``failures``
@@ -581,7 +582,7 @@ class PoolState:
         always_reset: bool = False,
     ) -> None:
         if reset_mode not in RESET_MODES:
-            raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
+            raise PoolValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
         # Release policy: "full" resets after every lease that ran a statement
         # (asyncpg); "rollback" only ends an open transaction; "auto" resets
         # fully only a lease its proxy marked. always_reset: a reset= hook or

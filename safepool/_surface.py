@@ -23,6 +23,7 @@ from ._histogram import Histogram, TeeHistogram
 from ._options import PoolConfig
 from ._reporting import DictListener, Reporter
 from ._state import PoolState
+from .errors import PoolTypeError, PoolValueError
 from .stats import LeaseInfo, PoolOptions, PoolStats, build_stats
 
 _T = TypeVar("_T")
@@ -33,7 +34,7 @@ _TIMINGS = {"wait": "wait_times", "lease": "lease_times", "connect": "connect_ti
 def _check_callable(callback: object) -> None:
     # Taken unchecked, a bad callback failed (logged) at every later event.
     if not callable(callback):
-        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        raise PoolTypeError(f"callback must be callable, got {type(callback).__name__}")
 
 
 class Observation:
@@ -69,7 +70,7 @@ class Observation:
         try:
             self.reporter.listeners.remove(callback)
         except ValueError:
-            raise ValueError(f"{callback!r} is not a listener of this pool") from None
+            raise PoolValueError(f"{callback!r} is not a listener of this pool") from None
 
     def add_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
         _check_callable(callback)
@@ -81,7 +82,7 @@ class Observation:
             if isinstance(listener, DictListener) and listener.callback == callback:
                 listeners.remove(listener)
                 return
-        raise ValueError(f"{callback!r} is not a listener of this pool")
+        raise PoolValueError(f"{callback!r} is not a listener of this pool")
 
     # ---------------------------------------------------------- snapshots
 
@@ -146,7 +147,7 @@ class Observation:
     def add_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:
         field = self._timing_field(kind)
         if not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+            raise PoolTypeError(f"callback must be callable, got {type(callback).__name__}")
         state = self.state
 
         def install() -> None:
@@ -176,7 +177,7 @@ class Observation:
     def _timing_field(kind: str) -> str:
         field = _TIMINGS.get(kind)
         if field is None:
-            raise ValueError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}")
+            raise PoolValueError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}")
         return field
 
     # ------------------------------------------------------- other threads
@@ -204,7 +205,7 @@ class Observation:
         # blocked loop, and a str passed whenever the answer came at once.
         timeout = validate_timeout("timeout", timeout)
         if not callable(function):
-            raise TypeError(f"function must be callable, got {type(function).__name__}")
+            raise PoolTypeError(f"function must be callable, got {type(function).__name__}")
         if self._on_loop_thread():
             return function()
         result: concurrent.futures.Future[_T] = concurrent.futures.Future()

@@ -21,6 +21,7 @@ from . import _internals as _pg
 from . import _keepalive, _secrets
 from ._internals import RawConnection
 from ._keepalive import TcpKeepalive
+from .errors import PoolInterfaceError
 
 _T = TypeVar("_T")
 
@@ -143,7 +144,7 @@ async def connect(
         good = f"{connection_class.__module__}.{connection_class.__name__}"
         bad_type = type(con)
         bad = bad_type.__name__ if bad_type.__module__ == "builtins" else f"{bad_type.__module__}.{bad_type.__name__}"
-        raise _pg_exceptions.InterfaceError(
+        raise PoolInterfaceError(
             f"expected pool connect callback to return an instance of '{good}', got '{bad}'"
         )
     _pg.tune_reads(con)

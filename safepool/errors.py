@@ -14,20 +14,60 @@ from asyncpg import exceptions as _pg
 __all__ = [
     "EventLoopMismatchError",
     "LeaseExpiredError",
+    "PoolArgumentError",
     "PoolClosedError",
     "PoolError",
+    "PoolInterfaceError",
     "PoolOverloadedError",
     "PoolTimeoutError",
+    "PoolTypeError",
+    "PoolValueError",
     "ServerUnavailableError",
 ]
 
 
 class PoolError(Exception):
-    """Root of every error safepool adds to asyncpg's pool. Where asyncpg's
-    pool raises an error of its own, safepool raises the same one, as asyncpg
-    does: ``asyncpg.InterfaceError`` for a connection released twice over or
-    used after release, or released to a pool it does not belong to; a
-    bad argument is a ``TypeError`` or ``ValueError``."""
+    """Root of every error safepool raises of its own: ``except
+    safepool.PoolError`` catches them all. Each also subclasses what
+    asyncpg's pool raises in the same situation (asyncpg 0.29-0.32), so
+    clauses written for asyncpg's pool keep working: a bad argument is a
+    :class:`PoolValueError` (a ``ValueError``) or :class:`PoolTypeError` (a
+    ``TypeError``); a connection used after its release, or released to a
+    pool it does not belong to, a :class:`PoolInterfaceError` (an
+    ``asyncpg.InterfaceError``).
+
+    Not a ``PoolError``: what the server or asyncpg's connection raise
+    (``asyncpg.PostgresError``, ``asyncpg.ConnectionDoesNotExistError``,
+    ``OSError`` from a connect), passed through unchanged as asyncpg's pool
+    does, and ``TypeError`` for a call that Python's own argument binding
+    refuses (an unknown keyword)."""
+
+
+class PoolArgumentError(PoolError):
+    """An argument safepool checks was refused, before anything was done
+    with it: raised as :class:`PoolValueError` or :class:`PoolTypeError`.
+    The message names the argument, what it must be and what it got."""
+
+
+class PoolValueError(PoolArgumentError, ValueError):
+    """An argument of the right type out of range or not one of its choices
+    (``max_size=0``, ``acquire(timeout=-1)``, ``reset_mode="x"``). asyncpg's
+    pool raises ``ValueError`` for the arguments it checks itself, with the
+    same message (``"max_size is expected to be greater than zero"``)."""
+
+
+class PoolTypeError(PoolArgumentError, TypeError):
+    """An argument of the wrong type (``acquire(timeout="1")``, a pool name
+    that is not a ``str``, a callback that is not callable)."""
+
+
+class PoolInterfaceError(PoolError, _pg.InterfaceError):
+    """The pool or a connection used in a way asyncpg's pool refuses with
+    ``asyncpg.InterfaceError``, with asyncpg's message: a connection used
+    after its release (``"cannot call Connection.fetch(): connection has
+    been released back to the pool"``), released to another pool, an
+    acquire before the pool is initialized or while another task
+    initializes it, a ``connect=`` callback that returned no connection."""
 
 
 class PoolClosedError(PoolError, _pg.InterfaceError):
@@ -92,4 +132,4 @@ def check_is_pool(obj: object, where: str) -> None:
             ": an asyncpg pool has no statistics or leases to read; create it with safepool.create_pool() "
             "(docs/migration.md; for an ORM's pools, rebind asyncpg.create_pool)"
         )
-    raise TypeError(f"{where} expected a safepool pool, got {kind}{hint}")
+    raise PoolTypeError(f"{where} expected a safepool pool, got {kind}{hint}")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._durations import validate_timeout
 from ._histogram import Distribution
-from .errors import PoolClosedError, PoolOverloadedError, check_is_pool
+from .errors import PoolClosedError, PoolOverloadedError, PoolTypeError, check_is_pool
 from .stats import PoolStats
 
 if TYPE_CHECKING:
@@ -120,10 +120,10 @@ async def check_health(
     # of 0 also closed a connection per check).
     check_is_pool(pool, "check_health()")
     if not isinstance(probe, bool):
-        raise TypeError(f"probe must be True or False, got {probe!r}")
+        raise PoolTypeError(f"probe must be True or False, got {probe!r}")
     probe_timeout = validate_timeout("probe_timeout", probe_timeout, allow_none=False, positive=True)
     if not isinstance(probe_query, str):
-        raise TypeError(f"probe_query must be a str, got {type(probe_query).__name__}")
+        raise PoolTypeError(f"probe_query must be a str, got {type(probe_query).__name__}")
     saturated_after = validate_timeout("saturated_after", saturated_after, allow_none=False)
     leak_suspect_after = validate_timeout("leak_suspect_after", leak_suspect_after)
     connect_error_window = validate_timeout(

@@ -27,7 +27,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, SupportsIndex, TypeVar
 
 from asyncpg import connection as _pg_connection
-from asyncpg import exceptions as _pg_exceptions
 from asyncpg import pool as _pg_pool
 from asyncpg import protocol as _pg_protocol
 
@@ -58,7 +57,7 @@ from ._state import (
 )
 from ._surface import Observation
 from ._workers import ResetHooks
-from .errors import EventLoopMismatchError, PoolClosedError
+from .errors import EventLoopMismatchError, PoolClosedError, PoolInterfaceError, PoolTypeError
 from .proxy import PoolConnectionProxy, WatchingProxy, _mark_coroutine
 from .stats import LeaseInfo, PoolOptions, PoolStats
 
@@ -155,7 +154,7 @@ class Pool(_PoolBase):
             # Checked after asyncpg's own arguments, as safepool's other options.
             # An int name was taken and broke every Prometheus scrape of its
             # collector later (label values must be str).
-            raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+            raise PoolTypeError(f"name must be a str or None, got {type(name).__name__}")
         proxy_class: type[PoolConnectionProxy] = PoolConnectionProxy
         if reset_mode == "rollback":
             proxy_class = WatchingProxy
@@ -173,7 +172,7 @@ class Pool(_PoolBase):
 
         self._state = config.new_state()
         if clock is not None and not (callable(getattr(clock, "now", None)) and callable(getattr(clock, "call_at", None))):
-            raise TypeError(
+            raise PoolTypeError(
                 "clock must have now() and call_at(when, callback) (safepool.ManualClock, say), "
                 f"or be None for the event loop's, got {type(clock).__name__}"
             )
@@ -200,7 +199,7 @@ class Pool(_PoolBase):
         if state.started:
             return self
         if state.phase is Phase.STARTING:
-            raise _pg_exceptions.InterfaceError("pool is being initialized in another task")
+            raise PoolInterfaceError("pool is being initialized in another task")
         if self._config.init_size and asyncio.get_running_loop() is not self._loop:
             # Created with no loop running (at import time): it took the
             # thread's default loop. asyncpg's first connect fails with
@@ -259,7 +258,7 @@ class Pool(_PoolBase):
         if site is not None and (type(site) is not str or not site):
             # (As safepool.site(""): an empty name would label a bulkhead and
             # leak reports with nothing.)
-            raise TypeError(f"site must be a non-empty str or None, got {site!r}")
+            raise PoolTypeError(f"site must be a non-empty str or None, got {site!r}")
         # The caller is on the stack now; when the context is awaited it may
         # not be: asyncio.gather(), create_task() and (before Python 3.12)
         # wait_for() run the acquire as a task of its own, whose stack is
@@ -531,8 +530,8 @@ class Pool(_PoolBase):
     # a second face (asyncpg's pool copies into one that breaks at first use;
     # safepool's failed with "property '_queue' of 'Pool' object has no
     # setter", its pickling with an error about a WeakSet): refused, clearly.
-    def _not_copyable(self, what: str) -> TypeError:
-        return TypeError(
+    def _not_copyable(self, what: str) -> PoolTypeError:
+        return PoolTypeError(
             f"cannot {what} safepool.Pool {self._name!r}: a pool cannot be copied or pickled (it owns "
             "connections and tasks on its event loop); pass the pool object itself, or create another "
             "with safepool.create_pool()"
@@ -774,7 +773,7 @@ class Pool(_PoolBase):
     @capture_stack.setter
     def capture_stack(self, on: bool) -> None:
         if not isinstance(on, bool):
-            raise TypeError(f"capture_stack must be True or False, got {on!r}")
+            raise PoolTypeError(f"capture_stack must be True or False, got {on!r}")
         self._leaser.capture_stack = on
 
     @property
@@ -811,7 +810,7 @@ class Pool(_PoolBase):
         ``TypeError`` for a ``lease_id`` that is not an int (``True`` is not
         lease 1)."""
         if isinstance(lease_id, bool) or not isinstance(lease_id, int):
-            raise TypeError(f"lease_id must be an int (LeaseInfo.id), got {type(lease_id).__name__}")
+            raise PoolTypeError(f"lease_id must be an int (LeaseInfo.id), got {type(lease_id).__name__}")
         if self._runner.reclaimer.release_orphan(lease_id):
             return True
         return await self._observation.release_lease(lease_id)
@@ -907,7 +906,7 @@ class PoolAcquireContext:
     # per acquire or release (the hot path).
     def __aenter__(self) -> Coroutine[Any, Any, PoolConnectionProxy]:
         if self.connection is not None or self.done:
-            raise _pg_exceptions.InterfaceError("a connection is already acquired")
+            raise PoolInterfaceError("a connection is already acquired")
         return self.pool._leaser.acquire(self._timeout, self.lease_timeout, self, self.site, self.stack)
 
     def __aexit__(

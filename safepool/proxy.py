@@ -20,11 +20,10 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from asyncpg import connection as _pg_connection
-from asyncpg import exceptions as _pg_exceptions
 from asyncpg import pool as _pg_pool
 
 from ._internals import RawConnection
-from .errors import LeaseExpiredError
+from .errors import LeaseExpiredError, PoolInterfaceError
 
 if TYPE_CHECKING:
     from ._holder import Holder as _Holder
@@ -43,12 +42,12 @@ _mark_coroutine = getattr(inspect, "markcoroutinefunction", None) or _no_mark
 def _released_error(proxy: PoolConnectionProxy, method: str) -> Exception:
     if proxy._expired is not None:
         return LeaseExpiredError(f"cannot call Connection.{method}(): {proxy._expired}")
-    return _pg_exceptions.InterfaceError(
+    return PoolInterfaceError(
         f"cannot call Connection.{method}(): connection has been released back to the pool"
     )
 
 
-class _ReleasedAttributeError(_pg_exceptions.InterfaceError, AttributeError):
+class _ReleasedAttributeError(PoolInterfaceError, AttributeError):
     """An attribute read on a released proxy: asyncpg's proxy reads it from
     its detached ``_con``, None, and raises ``AttributeError``, so
     ``hasattr(con, name)`` and ``getattr(con, name, default)`` answer

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..errors import check_is_pool
+from ..errors import PoolTypeError, PoolValueError, check_is_pool
 from ..stats import PoolStats
 
 if TYPE_CHECKING:
@@ -81,13 +81,13 @@ class PoolSet:
             name = pool.name
         if not isinstance(name, str):
             # Taken, it failed every later scrape (a label value must be a str).
-            raise TypeError(f"a pool's metrics name must be a str, got {type(name).__name__}")
+            raise PoolTypeError(f"a pool's metrics name must be a str, got {type(name).__name__}")
         if not name:
-            raise ValueError("a pool's metrics name must not be empty")
+            raise PoolValueError("a pool's metrics name must not be empty")
         taken = self._named.get(name)
         current = taken() if taken is not None else None
         if current is not None and current is not pool and not _closed(current):
-            raise ValueError(
+            raise PoolValueError(
                 f"cannot report pool {name!r}: another open pool is already reported as {name!r} "
                 "(give the pools distinct names with create_pool(name=...), or report this one "
                 "under another name with add(pool, name))"
@@ -171,7 +171,7 @@ def pool_list(pools: Iterable[Pool]) -> list[Pool]:
     :raises TypeError: ``pools`` is one pool (``PoolCollector(pool)`` for
         ``PoolCollector([pool])``: "'Pool' object is not iterable")."""
     if isinstance(getattr(pools, "name", None), str) and callable(getattr(pools, "stats", None)):
-        raise TypeError("expected an iterable of pools, got one pool: pass [pool]")
+        raise PoolTypeError("expected an iterable of pools, got one pool: pass [pool]")
     return list(pools)
 
 

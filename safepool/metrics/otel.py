@@ -41,6 +41,7 @@ except ModuleNotFoundError as _missing:  # pragma: no cover - tested in a subpro
 
 from .. import __version__
 from .._histogram import DEFAULT_BOUNDS
+from ..errors import PoolTypeError, PoolValueError
 from ..stats import PoolStats
 from . import PoolSet, pool_list, read
 
@@ -429,7 +430,7 @@ def instrument(
         not a safepool pool."""
     provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
     if not callable(getattr(provider, "get_meter", None)):
-        raise TypeError(f"meter_provider must be an OpenTelemetry MeterProvider, got {type(provider).__name__}")
+        raise PoolTypeError(f"meter_provider must be an OpenTelemetry MeterProvider, got {type(provider).__name__}")
     instruments = _made.get(provider)
     if instruments is None:
         instruments = _handed_over_to(provider)
@@ -438,7 +439,7 @@ def instrument(
         _made[provider] = instruments
         return instruments
     if record_times != instruments.record_times:
-        raise ValueError(
+        raise PoolValueError(
             f"instrument() was called on this meter provider with record_times={instruments.record_times}: "
             "its instruments exist already"
         )

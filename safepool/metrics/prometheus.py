@@ -28,6 +28,7 @@ except ModuleNotFoundError as _missing:  # pragma: no cover - tested in a subpro
     ) from _missing
 
 from .._histogram import Distribution
+from ..errors import PoolTypeError
 from ..stats import PoolStats
 from . import PoolSet, read
 
@@ -250,7 +251,7 @@ def register(
         of ``pools`` is added."""
     target = REGISTRY if registry is None else registry
     if not callable(getattr(target, "register", None)):
-        raise TypeError(f"registry must be a prometheus_client CollectorRegistry, got {type(target).__name__}")
+        raise PoolTypeError(f"registry must be a prometheus_client CollectorRegistry, got {type(target).__name__}")
     collector = _collector_of(target)
     if collector is None:
         collector = PoolCollector(pools, live=live)  # (a name clash raises before registering)

@@ -276,11 +276,14 @@ def describe(exc: BaseException) -> tuple[str, str]:
     """What a program sees of an error: its class and message, the address
     in a repr taken out. safepool's own errors are shown as the asyncpg or
     builtin class they subclass, without their message (documented: the
-    same class as asyncpg's, a message of safepool's; docs/api.md)."""
+    same class as asyncpg's, a message of safepool's; docs/api.md), but
+    for the misuse and bad arguments asyncpg refuses too: those carry
+    asyncpg's message, compared."""
     if isinstance(exc, safepool.PoolError):
-        for cls in type(exc).__mro__:
-            if not cls.__module__.startswith("safepool"):
-                return cls.__name__, "(safepool's message)"
+        name = next(cls.__name__ for cls in type(exc).__mro__ if not cls.__module__.startswith("safepool"))
+        if isinstance(exc, (safepool.PoolInterfaceError, safepool.PoolArgumentError)):
+            return name, scrub(str(exc))
+        return name, "(safepool's message)"
     if isinstance(exc, TimeoutError):
         # asyncpg's acquire timeout: a bare asyncio.TimeoutError.
         return "TimeoutError", "(safepool's message)"

@@ -396,6 +396,12 @@ async def test_a_failed_create_pool_raises_and_logs_nothing_above_debug(
     assert any("connect failed" in m for m in debug) and all("s3cret" not in m for m in debug)
 
 
+# The builtin each bad argument's error subclasses, and safepool's class
+# (both PoolArgumentError): except ValueError and except safepool.PoolError
+# each catch it.
+ARGUMENT_ERRORS = {ValueError: safepool.PoolValueError, TypeError: safepool.PoolTypeError}
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "kwargs, error, message",
@@ -424,7 +430,7 @@ async def test_bounds_wrong_type_is_a_type_error_wrong_value_a_value_error(
     # As for the sizes and durations (a new user found ValueError for '10').
     with pytest.raises(error) as caught:
         await safepool.create_pool(pg_dsn, **kwargs)
-    assert type(caught.value) is error and str(caught.value) == message
+    assert type(caught.value) is ARGUMENT_ERRORS[error] and str(caught.value) == message
 
 
 @pytest.mark.parametrize(
@@ -443,7 +449,7 @@ def test_a_bad_backoff_field_is_refused_where_it_is_written(
 ) -> None:
     with pytest.raises(error) as caught:
         safepool.Backoff(**kwargs)
-    assert type(caught.value) is error and str(caught.value) == message
+    assert type(caught.value) is ARGUMENT_ERRORS[error] and str(caught.value) == message
     assert safepool.Backoff(hedge_after=None).hedge_after is None  # (hedging off)
 
 

@@ -1,0 +1,224 @@
+"""Every error safepool raises of its own is a ``safepool.PoolError`` and the
+class asyncpg's pool raises in the same situation.
+
+A bad argument is a ``PoolValueError`` (a ``ValueError``) or a
+``PoolTypeError`` (a ``TypeError``), both ``PoolArgumentError``; misuse that
+asyncpg answers with ``asyncpg.InterfaceError`` is a ``PoolInterfaceError``.
+Where asyncpg's pool refuses the same thing, both pools are run and the
+builtin class and message compared; the rest is safepool's own API. Last, a
+scan of the source keeps the rule for code written later: safepool raises no
+bare ``ValueError``, ``TypeError`` or ``InterfaceError``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+import safepool
+from safepool import health
+from safepool.metrics.prometheus import PoolCollector
+from tests.compat.test_parity import MakePool, flavour, make_pool
+
+__all__ = ["flavour", "make_pool"]  # (the fixtures, used by name)
+
+PACKAGE = Path(safepool.__file__).resolve().parent
+
+
+def assert_pool_error(error: BaseException, builtin: type[BaseException]) -> None:
+    """``error`` is what ``except builtin`` and ``except safepool.PoolError``
+    both catch, of the safepool class for that builtin."""
+    assert isinstance(error, builtin)
+    expected = {
+        ValueError: safepool.PoolValueError,
+        TypeError: safepool.PoolTypeError,
+        asyncpg.InterfaceError: safepool.PoolInterfaceError,
+    }[builtin]
+    assert isinstance(error, expected), f"{type(error).__mro__} is not a {expected.__name__}"
+    assert isinstance(error, safepool.PoolError)
+
+
+def builtin_of(error: BaseException) -> type[BaseException]:
+    """The class asyncpg's pool raised, or the non-safepool class safepool's
+    error subclasses first."""
+    return next(cls for cls in type(error).__mro__ if not cls.__module__.startswith("safepool"))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "kwargs, builtin",
+    [
+        ({"max_size": 0}, ValueError),
+        ({"min_size": -1}, ValueError),
+        ({"min_size": 3, "max_size": 2}, ValueError),
+        ({"max_queries": 0}, ValueError),
+        ({"max_inactive_connection_lifetime": -1}, ValueError),
+    ],
+    ids=["max_size-0", "min_size-negative", "min-above-max", "max_queries-0", "inactive-lifetime-negative"],
+)
+async def test_a_bad_size_or_limit_is_asyncpg_s_value_error_and_a_pool_error(
+    make_pool: MakePool, flavour: str, kwargs: dict[str, Any], builtin: type[Exception]
+) -> None:
+    with pytest.raises(Exception) as caught:
+        await make_pool(**kwargs)
+    # asyncpg 0.29-0.32 checks these itself: same class and message on both.
+    assert builtin_of(caught.value) is builtin
+    if flavour == "safepool":
+        assert_pool_error(caught.value, builtin)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "kwargs, builtin",
+    [
+        ({"lease_timeout": 0}, ValueError),
+        ({"lease_timeout": "1"}, TypeError),
+        ({"acquire_timeout": -1}, ValueError),
+        ({"max_lifetime": 0}, ValueError),
+        ({"max_lifetime": 10**400}, ValueError),
+        ({"reset_mode": "sometimes"}, ValueError),
+        ({"queue_policy": "lifo"}, ValueError),
+        ({"max_site_share": 2}, ValueError),
+        ({"max_waiters": "10"}, TypeError),
+        ({"tcp_keepalive": 60}, TypeError),
+        ({"name": 7}, TypeError),
+    ],
+    ids=lambda value: value.__name__ if isinstance(value, type) else next(iter(value)),
+)
+async def test_a_bad_safepool_option_is_a_pool_argument_error(
+    pg_dsn: str, kwargs: dict[str, Any], builtin: type[Exception]
+) -> None:
+    with pytest.raises(safepool.PoolArgumentError) as caught:
+        await safepool.create_pool(pg_dsn, **kwargs)
+    assert_pool_error(caught.value, builtin)
+
+
+def test_a_bad_keepalive_or_backoff_field_is_a_pool_argument_error() -> None:
+    with pytest.raises(safepool.PoolValueError):
+        safepool.TcpKeepalive(count=0)
+    with pytest.raises(safepool.PoolTypeError):
+        safepool.TcpKeepalive(idle="60")  # type: ignore[arg-type]
+    with pytest.raises(safepool.PoolValueError):
+        safepool.Backoff(cap=-1)
+    with pytest.raises(safepool.PoolTypeError):
+        safepool.site("")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "timeout, builtin", [(-1, ValueError), ("1", TypeError), (float("nan"), ValueError)], ids=["negative", "str", "nan"]
+)
+async def test_a_bad_acquire_timeout_is_a_pool_argument_error(
+    pg_dsn: str, timeout: Any, builtin: type[Exception]
+) -> None:
+    async with safepool.create_pool(pg_dsn, min_size=1, max_size=1) as pool:
+        with pytest.raises(safepool.PoolArgumentError) as caught:
+            await pool.acquire(timeout=timeout)
+        assert_pool_error(caught.value, builtin)
+        assert pool.stats().in_use == 0
+
+
+@pytest.mark.asyncio
+async def test_misuse_asyncpg_refuses_is_a_pool_interface_error_with_asyncpg_s_message(
+    make_pool: MakePool, flavour: str
+) -> None:
+    pool = await make_pool()
+    other = await make_pool()
+    con = await pool.acquire()
+    await pool.release(con)
+    errors: list[BaseException] = []
+    with pytest.raises(asyncpg.InterfaceError) as used:
+        await con.fetchval("SELECT 1")
+    errors.append(used.value)
+    assert str(used.value) == "cannot call Connection.fetchval(): connection has been released back to the pool"
+    held = await other.acquire()
+    try:
+        with pytest.raises(asyncpg.InterfaceError) as foreign:
+            await pool.release(held)
+        errors.append(foreign.value)
+        assert "is not a member of this pool" in str(foreign.value)
+    finally:
+        await other.release(held)
+    context = pool.acquire()
+    async with context:
+        with pytest.raises(asyncpg.InterfaceError) as twice:
+            await context.__aenter__()
+        errors.append(twice.value)
+        assert str(twice.value) == "a connection is already acquired"
+    if flavour == "safepool":
+        for error in errors:
+            assert_pool_error(error, asyncpg.InterfaceError)
+
+
+@pytest.mark.asyncio
+async def test_an_acquire_before_init_is_a_pool_interface_error(pg_dsn: str) -> None:
+    pool = safepool.create_pool(pg_dsn, min_size=0, max_size=1)
+    with pytest.raises(asyncpg.InterfaceError, match="pool is not initialized") as caught:
+        await pool.acquire()
+    assert_pool_error(caught.value, asyncpg.InterfaceError)
+    await pool
+    await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_a_connect_callback_returning_no_connection_is_a_pool_interface_error(pg_dsn: str) -> None:
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        con = await asyncpg.connect(*args, **kwargs)
+        await con.close()
+        return object()
+
+    with pytest.raises(asyncpg.InterfaceError, match="expected pool connect callback to return") as caught:
+        await safepool.create_pool(pg_dsn, min_size=1, max_size=1, connect=connect)
+    assert_pool_error(caught.value, asyncpg.InterfaceError)
+
+
+@pytest.mark.asyncio
+async def test_safepool_s_own_api_refuses_bad_arguments_with_pool_argument_errors(pg_dsn: str) -> None:
+    async with safepool.create_pool(pg_dsn, min_size=0, max_size=1) as pool:
+        with pytest.raises(safepool.PoolTypeError):
+            pool.add_listener(1)  # type: ignore[arg-type]
+        with pytest.raises(safepool.PoolValueError):
+            pool.remove_listener(print)
+        with pytest.raises(safepool.PoolTypeError):
+            pool.capture_stack = "yes"  # type: ignore[assignment]
+        with pytest.raises(safepool.PoolTypeError):
+            pool.acquire(site="")
+        con = await pool.acquire()
+        with pytest.raises(safepool.PoolTypeError):
+            await pool.release(con, timeout="1")  # type: ignore[arg-type]
+        assert pool.stats().in_use == 1  # (refused before the release: the lease stands)
+        await pool.release(con)
+        with pytest.raises(safepool.PoolTypeError):
+            PoolCollector(pool)  # type: ignore[arg-type]
+        with pytest.raises(safepool.PoolTypeError):
+            await health.check_health(pool, probe="yes")  # type: ignore[arg-type]
+        assert pool.stats().in_use == 0
+
+
+# safepool's modules whose parsers raise argparse's errors (argparse turns
+# them into a usage message and exit status 2).
+CLI_MODULES = {"_cli.py", "replay/cli.py"}
+BARE = {"ValueError", "TypeError", "InterfaceError"}
+
+
+def test_safepool_raises_no_bare_value_type_or_interface_error() -> None:
+    """The rule, kept for code written later: each ``raise`` (or a helper's
+    ``return`` of an error) names a safepool class, not the builtin or
+    asyncpg's class it subclasses."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative in CLI_MODULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            value = node.exc if isinstance(node, ast.Raise) else node.value if isinstance(node, ast.Return) else None
+            if isinstance(value, ast.Call):
+                func = value.func
+                name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+                if name in BARE:
+                    found.append(f"{relative}:{node.lineno}: {name}")
+    assert not found, found
