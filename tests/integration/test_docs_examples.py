@@ -1,4 +1,4 @@
-"""The code shown in docs/getting-started.md, docs/best-practices.md and
+"""The code shown in docs/getting-started.md, docs/best-practices.md, docs/testing.md and
 docs/runbook.md (included from docs/examples/) runs, on a real PostgreSQL,
 and leaks nothing."""
 
@@ -32,6 +32,7 @@ def load(name: str) -> ModuleType:
 
 
 bp = load("best_practices")
+testing_clock = load("testing_clock")
 HOLDER_LINE = next(n for n, text in enumerate(Path(__file__).read_text().splitlines(), 1) if text.endswith("# HOLDER"))
 
 
@@ -102,6 +103,11 @@ async def test_the_failover_settings_replace_connections_for_their_age(pg_dsn: s
         assert await pool.fetchval("SELECT $1::int + 1", 1) == 2
         expiries = sorted(slot.expires_at - slot.created_at for slot in pool._state.slots())
         assert len(expiries) == 2 and 1620.0 <= expiries[0] < expiries[1] <= 1800.0
+
+
+async def test_the_manual_clock_example_of_testing_md(pg_dsn: str) -> None:
+    # (The example is a test users copy: it runs as written, and asserts itself.)
+    await asyncio.wait_for(testing_clock.test_a_stuck_handler_loses_its_connection_at_the_lease_timeout(pg_dsn), 30)
 
 
 async def test_errors_map_to_http_statuses(pg_dsn: str, pool: safepool.Pool) -> None:
