@@ -42,7 +42,7 @@ def _selfcheck(dsn: str | None) -> int:
                 if isinstance(exc, subprocess.CalledProcessError) and exc.returncode < 0:
                     raise KeyboardInterrupt from None  # initdb or pg_ctl got the same Ctrl-C
                 from ._cli import server_start_hint
-                from ._reporting import describe_error
+                from .stats import describe_error
 
                 print(
                     f"selfcheck: could not start the embedded PostgreSQL ({describe_error(exc)}){server_start_hint(exc)}",

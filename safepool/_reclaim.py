@@ -20,9 +20,10 @@ from . import _stack, _workers
 from ._clock import Clock
 from ._holder import Holder
 from ._internals import RawConnection
-from ._reporting import Reporter, describe_error, leak_logger, logger
+from ._reporting import Reporter, leak_logger, logger
 from ._state import Lease, Phase, PoolState, Slot
 from ._workers import DEFAULT_RESET_TIMEOUT, ResetHooks
+from .stats import describe_error
 
 # A garbage-collected proxy whose connection is still in use is checked again
 # after these delays (seconds, doubling), until it is provably abandoned.

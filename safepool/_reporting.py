@@ -19,7 +19,7 @@ from . import _stack
 from . import events as _events
 from ._state import Lease, PoolState, SlotState, Waiter
 from .errors import ServerUnavailableError
-from .stats import LeaseInfo
+from .stats import LeaseInfo, describe_error
 
 logger = logging.getLogger("safepool")
 leak_logger = logging.getLogger("safepool.leaks")
@@ -46,15 +46,6 @@ class DictListener:
         payload = event.to_dict()
         if payload is not None:
             self.callback(payload)
-
-
-def describe_error(error: BaseException | None) -> str:
-    """Type and first non-blank line of an error (stripped): enough for an
-    operator, never a DSN."""
-    if error is None:
-        return "none"
-    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class Reporter:

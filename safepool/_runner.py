@@ -27,7 +27,7 @@ from ._detach import retrieve
 from ._holder import Face, Holder
 from ._internals import RawConnection
 from ._reclaim import Reclaimer
-from ._reporting import Reporter, describe_error, logger
+from ._reporting import Reporter, logger
 from ._state import (
     Close,
     Connect,
@@ -44,6 +44,7 @@ from ._state import (
 )
 from ._workers import DEFAULT_RESET_TIMEOUT, ResetHooks
 from .errors import PoolClosedError, PoolOverloadedError, PoolTimeoutError
+from .stats import describe_error
 
 # How long close() lets connects under way finish before cancelling them.
 _CONNECT_GRACE_ON_CLOSE = 0.5

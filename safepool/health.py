@@ -36,7 +36,7 @@ _RANK = {OK: 0, DEGRADED: 1, FAILING: 2}
 class HealthReason:
     """One finding: ``code`` is stable (alert on it), ``message`` is for people."""
 
-    code: str  # closed, server_down, server_backing_off, init_failed, connect_errors, saturated,
+    code: str  # closed, server_down, connect_rejected, server_backing_off, init_failed, connect_errors, saturated,
     # leak_suspects, probe_no_connection, probe_timeout, probe_failed
     status: str  # what this finding alone makes the pool: "degraded" or "failing"
     message: str
@@ -148,16 +148,26 @@ async def check_health(
             f"the init hook failed on new connections ({stats.consecutive_connect_failures} in a row; "
             f"the server accepts connections); {serving} connections open",
         ))
+    elif stats.server_status in ("down", "backing_off") and _login_rejected(stats.last_connect_sqlstate):
+        # The server answered and refused the login: the pool's settings (or
+        # the server's grants) are wrong, not the server's health.
+        reasons.append(HealthReason(
+            "connect_rejected", FAILING if stats.server_status == "down" else DEGRADED,
+            f"the server rejects this pool's connections ({stats.last_connect_error}; SQLSTATE "
+            f"{stats.last_connect_sqlstate}, {stats.consecutive_connect_failures} in a row): check the DSN, "
+            f"the credentials and the database name; open connections: {stats.size - stats.connecting - stats.closing}",
+        ))
     elif stats.server_status == "down":
         reasons.append(HealthReason(
             "server_down", FAILING,
-            f"no connection to the server: {stats.consecutive_connect_failures} consecutive connect failures",
+            f"no connection to the server: {stats.consecutive_connect_failures} consecutive connect failures "
+            f"(last error: {stats.last_connect_error})",
         ))
     elif stats.server_status == "backing_off":
         reasons.append(HealthReason(
             "server_backing_off", DEGRADED,
-            f"connects are failing ({stats.consecutive_connect_failures} in a row); "
-            f"{stats.size - stats.connecting} connections still open",
+            f"connects are failing ({stats.consecutive_connect_failures} in a row; last error: "
+            f"{stats.last_connect_error}); {stats.size - stats.connecting} connections still open",
         ))
     recent_errors, span = _recent_connect_errors(pool, stats, now, connect_error_window)
     if recent_errors:
@@ -187,6 +197,17 @@ async def check_health(
 
     status = max((r.status for r in reasons), key=_RANK.__getitem__, default=OK)
     return HealthReport(status=status, reasons=tuple(reasons), stats=stats, probe_latency=latency)
+
+
+# SQLSTATEs of a login the server refused for who or what it asked for
+# (PostgreSQL's errcodes.txt): class 28, invalid authorization (a wrong
+# password, an unknown role, no pg_hba.conf entry); 3D000, no such database;
+# 42501, no CONNECT privilege on it.
+_LOGIN_REJECTED = ("28", "3D000", "42501")
+
+
+def _login_rejected(sqlstate: str | None) -> bool:
+    return sqlstate is not None and sqlstate.startswith(_LOGIN_REJECTED)
 
 
 async def _probe(pool: Pool, timeout: float, query: str, reasons: list[HealthReason]) -> float | None:

@@ -135,6 +135,14 @@ class PoolStats:
     # The last connect reached the server and the init= hook raised (until a
     # connect succeeds): an application error; server_status stays "up".
     init_failing: bool = False
+    # While connects fail (consecutive_connect_failures > 0), the last one's
+    # error as the logs give it ("InvalidPasswordError: password
+    # authentication failed for user \"app\"": type and first line, never
+    # the DSN), and the SQLSTATE the server sent with it ("28P01"; None for
+    # an error that is not the server's: refused, unreachable, a timeout).
+    # Both None once a connect succeeds.
+    last_connect_error: str | None = None
+    last_connect_sqlstate: str | None = None
 
     taken_at: float = 0.0  # the pool clock's time of this snapshot (seconds; for rates between snapshots)
 
@@ -142,10 +150,28 @@ class PoolStats:
 SITES_REPORTED = 10  # bounded label cardinality for exporters
 
 
+def describe_error(error: BaseException | None) -> str:
+    """Type and first non-blank line of an error (stripped): enough for an
+    operator, never a DSN."""
+    if error is None:
+        return "none"
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def sqlstate(error: BaseException | None) -> str | None:
+    """The SQLSTATE the server sent with ``error`` (asyncpg's
+    ``PostgresError.sqlstate``), or None: no error, or not the server's
+    (a refused TCP connect, a timeout, asyncpg's own)."""
+    code = getattr(error, "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
 def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
     """The :class:`PoolStats` snapshot of ``state`` at ``now`` (seconds, the
     pool clock's), for the pool named ``name``: what ``Pool.stats()`` returns."""
     c = state.counters
+    failing = state.last_connect_error if state.connect_failures else None
     oldest = min((lease.acquired_at for lease in state.leases()), default=now)
     return PoolStats(
         name=name,
@@ -187,5 +213,7 @@ def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
         site_cap=state.site_cap,
         sites=tuple(SiteStats(*row) for row in state.site_usage(SITES_REPORTED)),
         init_failing=state.init_failing,
+        last_connect_error=None if failing is None else describe_error(failing),
+        last_connect_sqlstate=sqlstate(failing),
         taken_at=now,
     )

@@ -19,7 +19,7 @@ import uvicorn
 
 import safepool
 
-from .._reporting import describe_error
+from ..stats import describe_error
 from .config import ACQUIRE_TIMEOUT, ReplayConfig, ReplayError, app_name, pool_options
 from .load import RequestRecord, run_load
 from .server import Database, Monitor

@@ -20,8 +20,8 @@ from typing import Any
 import asyncpg
 
 from .._cli import server_start_hint
-from .._reporting import describe_error
 from .._secrets import redact, scrub_quoted
+from ..stats import describe_error
 from .config import MONITOR_APP_NAME, ReplayError
 
 

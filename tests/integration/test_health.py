@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import pytest_asyncio
 
 import safepool
 from safepool import ManualClock
@@ -128,6 +129,94 @@ async def test_server_down_is_failing(pools: Any) -> None:
         while (report := await pool.health(probe_timeout=2.0)).status == "failing":
             await asyncio.sleep(0.05)  # the backoff delays the next attempt
     assert "server_down" not in codes(report)
+
+
+async def test_server_down_names_the_last_connect_error_and_no_sqlstate(pools: Any) -> None:
+    connect = FlakyConnect()
+    connect.down = True
+    pool = await pools(name="down", min_size=0, connect=connect)
+    report = await pool.health(probe=False)
+    with pytest.raises(ConnectionRefusedError):
+        await pool.fetchval("SELECT 1")
+    report = await pool.health(probe=False)
+    assert report.stats.last_connect_error == "ConnectionRefusedError: connection refused (test)"
+    assert report.stats.last_connect_sqlstate is None  # (not the server's answer)
+    down = next(r for r in report.reasons if r.code == "server_down")
+    assert down.message.endswith("(last error: ConnectionRefusedError: connection refused (test))")
+    assert "connect_rejected" not in codes(report)
+    connect.down = False
+    await pool.fetchval("SELECT 1")
+    stats = pool.stats()
+    assert (stats.last_connect_error, stats.last_connect_sqlstate) == (None, None)  # a connect succeeded
+
+
+@pytest_asyncio.fixture
+async def rejecting_server(pg_dsn: str) -> Any:
+    """A role without LOGIN, and a database the role may not connect to."""
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute("DROP DATABASE IF EXISTS sp_health_noconnect")
+    await admin.execute("DROP ROLE IF EXISTS sp_health_nologin")
+    await admin.execute("DROP ROLE IF EXISTS sp_health_user")
+    await admin.execute("CREATE ROLE sp_health_nologin NOLOGIN")
+    await admin.execute("CREATE ROLE sp_health_user LOGIN")
+    await admin.execute("CREATE DATABASE sp_health_noconnect")
+    await admin.execute("REVOKE CONNECT ON DATABASE sp_health_noconnect FROM PUBLIC")
+    try:
+        yield admin
+    finally:
+        await admin.execute("DROP DATABASE IF EXISTS sp_health_noconnect WITH (FORCE)")
+        await admin.execute("DROP ROLE IF EXISTS sp_health_nologin")
+        await admin.execute("DROP ROLE IF EXISTS sp_health_user")
+        await admin.close()
+
+
+@pytest.mark.parametrize(
+    "connect_kwargs, error, sqlstate",
+    [
+        ({"database": "sp_health_no_such_db"}, "InvalidCatalogNameError", "3D000"),
+        ({"user": "sp_health_no_such_role"}, "InvalidAuthorizationSpecificationError", "28000"),
+        ({"user": "sp_health_nologin"}, "InvalidAuthorizationSpecificationError", "28000"),
+        ({"user": "sp_health_user", "database": "sp_health_noconnect"}, "InsufficientPrivilegeError", "42501"),
+    ],
+    ids=["no-such-database", "no-such-role", "role-without-login", "no-connect-privilege"],
+)
+async def test_a_login_the_server_rejects_is_connect_rejected_not_server_down(
+    pools: Any, rejecting_server: Any, connect_kwargs: dict[str, Any], error: str, sqlstate: str
+) -> None:
+    """A DSN typo, a wrong role or missing grants: the server answered, so
+    the report says to check the settings rather than the server (it said
+    ``server_down`` before; a readiness endpoint still answers 503)."""
+    pool = await pools(name="rejected", min_size=0, **connect_kwargs)
+    report = await pool.health(probe_timeout=2.0)
+    assert report.status == "failing" and not report.ready
+    assert "server_down" not in codes(report) and "connect_rejected" in codes(report)
+    assert report.stats.last_connect_sqlstate == sqlstate
+    assert report.stats.last_connect_error is not None and report.stats.last_connect_error.startswith(error + ": ")
+    rejected = next(r for r in report.reasons if r.code == "connect_rejected")
+    assert rejected.status == "failing"
+    assert f"SQLSTATE {sqlstate}" in rejected.message and "check the DSN, the credentials and the database name" in rejected.message
+    assert report.stats.server_status == "down"  # (the pool's view: no connection; unchanged)
+    assert json.loads(json.dumps(report.to_dict()))["stats"]["last_connect_sqlstate"] == sqlstate
+
+
+async def test_a_login_rejected_beside_open_connections_is_degraded(pools: Any, rejecting_server: Any) -> None:
+    """A role whose LOGIN was taken away (a rotated or revoked credential):
+    the open connections serve on, new ones are rejected."""
+    clock = ManualClock()
+    pool = await pools(
+        name="revoked", min_size=1, max_size=2, user="sp_health_user", clock=clock, wait_on_connect_error=True
+    )
+    await rejecting_server.execute("ALTER ROLE sp_health_user NOLOGIN")
+    held = await pool.acquire()
+    waiter = asyncio.ensure_future(pool.acquire(timeout=None))
+    await until(lambda: pool.stats().connect_errors == 1)
+    await pool.release(held)
+    await pool.release(await waiter)
+    report = await pool.health()
+    assert report.stats.server_status == "backing_off" and report.stats.last_connect_sqlstate == "28000"
+    assert codes(report) == {"connect_rejected", "connect_errors"}
+    assert report.status == "degraded" and report.probe_latency is not None
+    assert "open connections: 1" in next(r.message for r in report.reasons if r.code == "connect_rejected")
 
 
 async def test_backing_off_and_recent_connect_errors_are_degraded(pools: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from safepool._reporting import describe_error
+from safepool.stats import describe_error
 
 
 @pytest.mark.parametrize(
