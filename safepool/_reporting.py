@@ -114,6 +114,21 @@ class Reporter:
             extra={"event": "slow_close", "pool": self.name},
         )
 
+    def warn_close_cut_short(self, now: float, reason: BaseException) -> None:
+        """close() was cancelled (a shutdown deadline, ``wait_for()``) or
+        failed while leases were still held: the pool terminates now, and
+        their holders get ``ConnectionDoesNotExistError``. Says whose they
+        were, as the slow-close warning does."""
+        held = len(list(self.state.leases()))
+        if not held:
+            return
+        why = "cancelled" if isinstance(reason, asyncio.CancelledError) else describe_error(reason)
+        logger.warning(
+            "pool %r: close() was cut short (%s) with %d connection(s) not released: terminating them. %s",
+            self.name, why, held, self.describe_oldest(now, 3),
+            extra={"event": "close_cut_short", "pool": self.name, "leases": held},
+        )
+
     def shed_message(self, why: str, waiting: int | None = None) -> str:
         # Cheaper than busy_message (no lease listing): under a surge the
         # adaptive queue sheds thousands of waiters a second. ``waiting``: the

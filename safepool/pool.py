@@ -308,7 +308,11 @@ class Pool(_PoolBase):
         """Wait for every connection to be released, then close them all.
 
         Waiting tasks fail with :class:`~safepool.PoolClosedError`. On error or
-        cancellation the pool is terminated, as with asyncpg.
+        cancellation the pool is terminated, as with asyncpg: so
+        ``asyncio.timeout(grace)`` around it closes within ``grace`` seconds,
+        and the ``safepool`` logger's ``close_cut_short`` warning names the
+        leases still held then (their holders get asyncpg's
+        ``ConnectionDoesNotExistError``).
 
         :raises safepool.EventLoopMismatchError: called on another event loop
             than the pool's; the pool is left as it was (asyncpg's pool raises
@@ -325,7 +329,9 @@ class Pool(_PoolBase):
             )
         try:
             await self._runner.close_all()
-        except BaseException:
+        except BaseException as exc:
+            # (Who kept it waiting, logged before terminate() ends their leases.)
+            self._reporter.warn_close_cut_short(self._runner.now(), exc)
             self.terminate()
             raise
         finally:

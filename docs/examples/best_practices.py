@@ -135,6 +135,22 @@ def create_pool_that_follows_failovers(dsn: str) -> safepool.Pool:
 # --8<-- [end:lifetime]
 
 
+# --8<-- [start:shutdown]
+async def close_pool_within(pool: safepool.Pool, grace: float) -> bool:
+    """At shutdown (SIGTERM; Kubernetes gives 30 s by default): True if every
+    connection came back within ``grace`` seconds. Past it, close() is
+    cancelled and terminates the pool: the requests still holding a
+    connection get ConnectionDoesNotExistError, and the safepool logger's
+    close_cut_short warning names where they acquired it."""
+    try:
+        async with asyncio.timeout(grace):
+            await pool.close()
+    except TimeoutError:
+        return False
+    return True
+# --8<-- [end:shutdown]
+
+
 # --8<-- [start:errors]
 BUSY = (safepool.PoolOverloadedError, safepool.PoolTimeoutError, safepool.ServerUnavailableError)
 

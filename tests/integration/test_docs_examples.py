@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
@@ -108,6 +109,30 @@ async def test_the_failover_settings_replace_connections_for_their_age(pg_dsn: s
 async def test_the_manual_clock_example_of_testing_md(pg_dsn: str) -> None:
     # (The example is a test users copy: it runs as written, and asserts itself.)
     await asyncio.wait_for(testing_clock.test_a_stuck_handler_loses_its_connection_at_the_lease_timeout(pg_dsn), 30)
+
+
+async def test_close_pool_within_a_deadline_terminates_what_is_left(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with safepool.create_pool(pg_dsn, min_size=1, max_size=2, capture_stack=True) as idle:
+        assert await bp.close_pool_within(idle, 5.0) is True  # nothing held: closed in time
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2, capture_stack=True)
+    started = asyncio.Event()
+
+    async def stuck_request() -> None:
+        async with pool.acquire() as con:
+            started.set()
+            await con.execute("SELECT pg_sleep(60)")
+
+    request = asyncio.ensure_future(stuck_request())
+    await started.wait()
+    with caplog.at_level("WARNING", logger="safepool"):
+        assert await bp.close_pool_within(pool, 0.2) is False
+    assert pool.closed
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await request
+    assert any("close() was cut short" in r.getMessage() and "in stuck_request" in r.getMessage()
+               for r in caplog.records)
 
 
 async def test_errors_map_to_http_statuses(pg_dsn: str, pool: safepool.Pool) -> None:

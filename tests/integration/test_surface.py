@@ -20,6 +20,7 @@ import safepool
 from safepool import ManualClock, events
 from safepool.pool import on_pool_created
 from safepool.stats import PoolOptions
+from tests._util import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -405,3 +406,63 @@ async def test_terminate_after_the_event_loop_closed_leaves_the_pool_closed_as_a
             assert pool.closed and " closed " in repr(pool)
         del pool
         gc.collect()
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+async def test_a_close_cut_short_names_the_leases_it_terminates(
+    pools: Any, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shutdown deadline around close() (cancelled, or asyncio.timeout
+    running out): the pool terminates, as asyncpg's, and the warning says
+    whose connections were still out, acquire site and task."""
+    pool = await pools(min_size=1, max_size=2, capture_stack=True)
+    started = asyncio.Event()
+
+    async def handler() -> None:
+        async with pool.acquire() as con:
+            started.set()
+            await con.execute("SELECT pg_sleep(60)")
+
+    holder = asyncio.ensure_future(handler())
+    holder.set_name("slow-handler")
+    await started.wait()
+    deadline = asyncio.timeout(None)  # (set once close() waits: no race with its start)
+
+    async def shut_down() -> None:
+        async with deadline:
+            await pool.close()
+
+    with caplog.at_level("WARNING", logger="safepool"):
+        closing = asyncio.ensure_future(shut_down())
+        await until(pool.is_closing)
+        if how == "cancel":
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+        else:
+            deadline.reschedule(asyncio.get_running_loop().time())
+            with pytest.raises(TimeoutError):
+                await closing
+    assert pool.closed and pool.leases() == []
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await holder
+    records = [r for r in caplog.records if getattr(r, "event", None) == "close_cut_short"]
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert "close() was cut short (cancelled) with 1 connection(s) not released: terminating them" in message
+    assert "test_surface.py" in message and "in handler" in message and "task slow-handler" in message
+    assert records[0].leases == 1 and records[0].pool == pool.name  # type: ignore[attr-defined]
+
+
+async def test_a_close_with_nothing_held_logs_nothing_when_cut_short(
+    pools: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = await pools(min_size=1, max_size=1)
+    with caplog.at_level("WARNING", logger="safepool"):
+        closing = asyncio.ensure_future(pool.close())
+        await asyncio.sleep(0)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+    assert pool.closed
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "close_cut_short"]
