@@ -559,7 +559,7 @@ class PoolState:
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_level", "backoff_until",
         "breaker_threshold", "closing", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
         "failed_answer_max", "floor_enabled", "lost_before",
-        "generation", "init_failing", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime",
+        "generation", "init_failing", "connect_misconfigured", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime",
         "max_lifetime", "max_size",
         "max_waiters", "min_size", "phase", "reset_mode", "server_failures", "wait_on_connect_error", "wait_times",
     )
@@ -662,6 +662,10 @@ class PoolState:
         # count), and whether the last one reached it and failed in init=.
         self.server_failures = 0
         self.init_failing = False
+        # The last connect failed on the program's own connect arguments
+        # (connect_failed's ``program``): a configuration error, not the
+        # server's; False once a connect succeeds.
+        self.connect_misconfigured = False
         self.last_connect_error: BaseException | None = None
         self.backoff_until = 0.0
 
@@ -1345,6 +1349,7 @@ class PoolState:
             self.lost_before = started
         self.server_failures = 0
         self.init_failing = False
+        self.connect_misconfigured = False
         self.backoff_until = 0.0
         owner = slot.owner
         if owner is None:
@@ -1403,6 +1408,7 @@ class PoolState:
         elif not program:
             self.server_failures += 1
         self.init_failing = in_init
+        self.connect_misconfigured = program
         self.last_connect_error = error
         # A connect that started before the last failure was under way with
         # it: its failure is the same news and does not raise the backoff

@@ -36,7 +36,7 @@ _RANK = {OK: 0, DEGRADED: 1, FAILING: 2}
 class HealthReason:
     """One finding: ``code`` is stable (alert on it), ``message`` is for people."""
 
-    code: str  # closed, server_down, connect_rejected, server_backing_off, init_failed, connect_errors, saturated,
+    code: str  # closed, server_down, connect_rejected, connect_misconfigured, server_backing_off, init_failed, connect_errors, saturated,
     # leak_suspects, probe_no_connection, probe_timeout, probe_failed
     status: str  # what this finding alone makes the pool: "degraded" or "failing"
     message: str
@@ -156,6 +156,15 @@ async def check_health(
             f"the server rejects this pool's connections ({stats.last_connect_error}; SQLSTATE "
             f"{stats.last_connect_sqlstate}, {stats.consecutive_connect_failures} in a row): check the DSN, "
             f"the credentials and the database name; open connections: {stats.size - stats.connecting - stats.closing}",
+        ))
+    elif stats.server_status in ("down", "backing_off") and stats.connect_misconfigured:
+        # The connect failed in the client, on the program's own arguments:
+        # the server was not even asked.
+        reasons.append(HealthReason(
+            "connect_misconfigured", FAILING if stats.server_status == "down" else DEGRADED,
+            f"connects fail on the pool's own connect arguments ({stats.last_connect_error}; "
+            f"{stats.consecutive_connect_failures} in a row): fix what create_pool() passes to asyncpg.connect(); "
+            f"open connections: {stats.size - stats.connecting - stats.closing}",
         ))
     elif stats.server_status == "down":
         reasons.append(HealthReason(

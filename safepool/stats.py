@@ -143,6 +143,11 @@ class PoolStats:
     # Both None once a connect succeeds.
     last_connect_error: str | None = None
     last_connect_sqlstate: str | None = None
+    # The last connect failed on the program's own connect arguments (a
+    # keyword asyncpg's connect() does not take, an option or DSN it cannot
+    # use, a connect= callable's bug), before the server had a say: a
+    # configuration error. False once a connect succeeds.
+    connect_misconfigured: bool = False
 
     taken_at: float = 0.0  # the pool clock's time of this snapshot (seconds; for rates between snapshots)
 
@@ -215,5 +220,6 @@ def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
         init_failing=state.init_failing,
         last_connect_error=None if failing is None else describe_error(failing),
         last_connect_sqlstate=sqlstate(failing),
+        connect_misconfigured=state.connect_misconfigured,
         taken_at=now,
     )

@@ -476,6 +476,47 @@ async def test_a_connect_error_of_the_programs_own_is_raised_not_the_breakers(po
     assert pool._state.server_failures == 0  # (what the breaker counts)
 
 
+async def broken_connect(*args: Any, **kwargs: Any) -> Any:
+    return await asyncpg.conect(*args, **kwargs)  # type: ignore[attr-defined]  # (the bug: a typo)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"command_timout": 5}, "TypeError: connect() got an unexpected keyword argument 'command_timout'"),
+        ({"ssl": "sometimes"}, "ClientConfigurationError: "),
+        ({"connect": broken_connect}, "AttributeError: module 'asyncpg' has no attribute 'conect'"),
+    ],
+    ids=["misspelled-keyword", "bad-option-value", "connect-callable-bug"],
+)
+async def test_a_connect_failing_on_the_programs_own_arguments_is_connect_misconfigured(
+    pools: Any, kwargs: dict[str, Any], error: str
+) -> None:
+    """Not server_down: the server was never asked (it said server_down
+    before, and sent the operator to a healthy database)."""
+    pool = await pools(name="typo", min_size=0, **kwargs)
+    report = await pool.health(probe_timeout=2.0)
+    assert report.status == "failing"
+    assert "connect_misconfigured" in codes(report) and "server_down" not in codes(report)
+    stats = report.stats
+    assert stats.connect_misconfigured and stats.last_connect_sqlstate is None
+    assert stats.last_connect_error is not None and stats.last_connect_error.startswith(error)
+    reason = next(r for r in report.reasons if r.code == "connect_misconfigured")
+    assert reason.status == "failing" and "fix what create_pool() passes to asyncpg.connect()" in reason.message
+
+
+async def test_connect_misconfigured_clears_once_a_connect_succeeds(pg_dsn: str) -> None:
+    async with safepool.create_pool(pg_dsn, min_size=0, max_size=1, command_timout=5) as pool:
+        with pytest.raises(TypeError):
+            await pool.fetchval("SELECT 1")
+        assert pool.stats().connect_misconfigured
+        pool.set_connect_args(pg_dsn)  # (the fixed arguments)
+        await pool.fetchval("SELECT 1")
+        stats = pool.stats()
+        assert not stats.connect_misconfigured and stats.last_connect_error is None
+        assert (await pool.health()).status == "ok"
+
+
 async def test_init_failures_do_not_count_toward_the_breaker_refusals_do(pools: Any) -> None:
     connect = FlakyConnect()
     init = BrokenInit()
