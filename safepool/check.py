@@ -186,11 +186,68 @@ class _Module:
             if not found:
                 break
             self.known_pools |= found
+        # Aliases of a pool's acquire (`acq = pool.acquire`,
+        # `functools.partial(pool.acquire, timeout=1)`, `lambda: pool.acquire()`),
+        # `await acq()` is `await pool.acquire()`. A name is an alias in the
+        # function that assigns it and the functions nested in it (the whole
+        # file for a module-level name), an attribute (`self._acquire =
+        # pool.acquire`) by its name across the file, as pools are; a call
+        # `x.acquire()` is judged by `x`, whatever is named `acquire`.
+        self.acquire_names: dict[tuple[ast.AST, str], str] = {}
+        self.acquire_attributes: dict[str, str] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                receiver = self.acquire_receiver(node.value)
+                if receiver is None:
+                    continue
+                for target in targets:
+                    if isinstance(target, ast.Name):
+                        self.acquire_names[self.scope_of(node), target.id] = receiver
+                    elif isinstance(target, ast.Attribute):
+                        self.acquire_attributes[target.attr] = receiver
+
+    def acquire_receiver(self, value: ast.expr) -> str | None:
+        """The pool's source text when ``value`` is an alias of its acquire
+        (``pool.acquire``, ``partial(pool.acquire, ...)``, ``lambda:
+        pool.acquire(...)``), else None."""
+        if isinstance(value, ast.Call) and _last_name(value.func) == "partial" and value.args:
+            value = value.args[0]
+        elif isinstance(value, ast.Lambda) and isinstance(value.body, ast.Call):
+            value = value.body.func
+        if isinstance(value, ast.Attribute) and value.attr == "acquire" and self.is_pool(value.value):
+            return ast.unparse(value.value)
+        return None
+
+    def acquire_call(self, node: ast.AST) -> str | None:
+        """The pool's source text when ``node`` is a call of its acquire
+        (``pool.acquire()``, or of an alias: ``acq()``), else None."""
+        if not isinstance(node, ast.Call):
+            return None
+        func = node.func
+        if isinstance(func, ast.Attribute):
+            if func.attr == "acquire":
+                return ast.unparse(func.value) if self.is_pool(func.value) else None
+            return self.acquire_attributes.get(func.attr)
+        if isinstance(func, ast.Name):
+            scope = self.scope_of(node)
+            while True:
+                if (scope, func.id) in self.acquire_names:
+                    return self.acquire_names[scope, func.id]
+                if scope is self.tree:
+                    return None
+                scope = self.scope_of(scope)
+        return None
 
     def is_pool(self, receiver: ast.expr) -> bool:
         if isinstance(receiver, ast.Subscript) and isinstance(receiver.slice, (ast.Name, ast.Attribute)):
             if _last_name(receiver.slice) in self.pool_keys:
                 return True
+        if (
+            isinstance(receiver, ast.Subscript) and isinstance(receiver.slice, ast.Constant)
+            and isinstance(receiver.slice.value, str) and self.is_pool(receiver.value)
+        ):
+            return True  # `self.pools["primary"]`: an item of pools (`app["pool"]` is judged by its key below)
         name = _last_name(receiver)
         return name is not None and (
             name in self.known_pools or (name not in self.not_pools and bool(self.pool_pattern.search(name)))
@@ -397,13 +454,10 @@ class _Checker:
 
     def run(self) -> list[Finding]:
         for node in ast.walk(self.module.tree):
-            if (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Attribute)
-                and node.func.attr == "acquire"
-                and self.module.is_pool(node.func.value)
-            ):
-                self.check_acquire(node)
+            receiver = self.module.acquire_call(node)
+            if receiver is not None:
+                assert isinstance(node, ast.Call)
+                self.check_acquire(node, receiver)
         self.findings.sort(key=lambda f: (f.line, f.col))
         return self.findings
 
@@ -418,10 +472,8 @@ class _Checker:
             self.path, line, getattr(node, "col_offset", 0) + 1, code, message, hint or _hint(receiver, var, code),
         ))
 
-    def check_acquire(self, call: ast.Call) -> None:
+    def check_acquire(self, call: ast.Call, receiver: str) -> None:
         module = self.module
-        assert isinstance(call.func, ast.Attribute)
-        receiver = ast.unparse(call.func.value)
         parent = module.parents.get(call)
         # async with pool.acquire() [as con]:
         if isinstance(parent, ast.withitem):
@@ -446,7 +498,9 @@ class _Checker:
             elif (
                 isinstance(parent, ast.Call) and arg in parent.args and _last_name(parent.func) in _WRAPPERS
                 and not isinstance(module.parents.get(parent), ast.Await)
-            ):
+            ) or (isinstance(parent, ast.IfExp) and arg is not parent.test):
+                # ... or one branch of a conditional expression: `await
+                # (pool.acquire() if x else replica_pool.acquire())`.
                 arg, parent = parent, module.parents.get(parent)
             else:
                 break
@@ -461,6 +515,10 @@ class _Checker:
             # (a task, a coroutine passed on), as for a bare acquire passed on.
             return
         holder = module.parents.get(top)
+        while isinstance(holder, ast.IfExp) and top is not holder.test:
+            # `con = await pool.acquire() if need else None`: the connection,
+            # when there is one, lands where the conditional's value does.
+            top, holder = holder, module.parents.get(holder)
         stmt = module.statement_of(call)
         if awaited and _expected_to_raise(module, stmt):
             return

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import functools
 
 import pytest
 import pytest_asyncio
@@ -430,3 +431,43 @@ async def acquire_retried_on_connect_errors(pool):
             return await con.fetchval("SELECT 1")
         finally:
             await pool.release(con)
+
+
+async def acquire_alias_used_correctly(pool):
+    acq = functools.partial(pool.acquire, timeout=2)
+    async with acq() as con:
+        await con.execute("SELECT 1")
+    con = await acq()
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def a_lambda_alias_used_correctly(pool):
+    get = lambda: pool.acquire(timeout=1)  # noqa: E731
+    async with get() as con:
+        await con.execute("SELECT 1")
+
+
+async def a_lambda_alias_does_not_leak_into_other_functions(queue):
+    # `get` above is an acquire in that function only: `queue.get()` and a
+    # `get()` of this function are not acquires.
+    get = queue.get_nowait
+    job = await queue.get()
+    return job, get()
+
+
+async def acquired_in_a_conditional_expression_and_released(pool, need):
+    con = await pool.acquire() if need else None
+    try:
+        if con is not None:
+            await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+async def an_item_of_pools_used_correctly(self):
+    async with self.pools["primary"].acquire() as con:
+        await con.execute("SELECT 1")

@@ -331,3 +331,65 @@ async def acquire_errors_mapped_but_the_finally_awaits(pool, metrics):
         return await con.fetchval("SELECT 1")
     finally:
         await pool.release(con)
+
+
+async def acquire_aliased_to_a_name(pool):
+    # `acq = pool.acquire`: calling the alias acquires all the same.
+    acq = pool.acquire
+    con = await acq()  # expect: SP002
+    await con.execute("SELECT 1")
+
+
+async def acquire_aliased_with_its_timeout(self):
+    from functools import partial
+
+    acquire = partial(self.pool.acquire, timeout=2)
+    con = await acquire()  # expect: SP001 return
+    row = await con.fetchrow("SELECT 1 AS archived")
+    if row["archived"]:
+        return None
+    await self.pool.release(con)
+    return row
+
+
+async def acquire_aliased_to_a_lambda(pool):
+    get = lambda: pool.acquire(timeout=1)  # noqa: E731
+    con = await get()  # expect: SP002
+    await con.execute("SELECT 1")
+
+
+class AcquireAliasedOnTheInstance:
+    def __init__(self, pool):
+        self._acquire = pool.acquire
+
+    async def fetch(self):
+        con = await self._acquire()  # expect: SP002
+        return await con.fetchval("SELECT 1")
+
+
+async def acquire_alias_called_in_a_nested_function(pool):
+    acq = pool.acquire
+
+    async def inner():
+        con = await acq()  # expect: SP002
+        await con.execute("SELECT 1")
+
+    await inner()
+
+
+async def acquired_in_a_conditional_expression(pool, need):
+    con = await pool.acquire() if need else None  # expect: SP002
+    if con is not None:
+        await con.execute("SELECT 1")
+
+
+async def acquired_from_one_of_two_pools(primary_pool, replica_pool, write):
+    con = await (primary_pool.acquire() if write else replica_pool.acquire())  # expect: SP002
+    await con.execute("SELECT 1")
+
+
+async def acquired_from_an_item_of_pools(self):
+    # A string key names the item (`app["pool"]`); `pools["primary"]` is an
+    # item of pools all the same.
+    con = await self.pools["primary"].acquire()  # expect: SP002
+    await con.execute("SELECT 1")
