@@ -201,11 +201,11 @@ class _Module:
                 receiver = self.acquire_receiver(node.value)
                 if receiver is None:
                     continue
-                for target in targets:
-                    if isinstance(target, ast.Name):
-                        self.acquire_names[self.scope_of(node), target.id] = receiver
-                    elif isinstance(target, ast.Attribute):
-                        self.acquire_attributes[target.attr] = receiver
+                for alias in targets:
+                    if isinstance(alias, ast.Name):
+                        self.acquire_names[self.scope_of(node), alias.id] = receiver
+                    elif isinstance(alias, ast.Attribute):
+                        self.acquire_attributes[alias.attr] = receiver
 
     def acquire_receiver(self, value: ast.expr) -> str | None:
         """The pool's source text when ``value`` is an alias of its acquire
