@@ -436,6 +436,47 @@ def _leaves_holding(stmt: ast.stmt, var: str) -> ast.AST | None:
     return None
 
 
+def _is_release_call(node: ast.AST) -> bool:
+    """``pool.release(x)`` (of any connection), ``con.close()`` or
+    ``con.terminate()``, also wrapped (``asyncio.shield(pool.release(con))``)."""
+    while isinstance(node, ast.Call) and _last_name(node.func) in _WRAPPERS and node.args:
+        node = node.args[0]
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+        return False
+    if node.func.attr == "release":
+        return bool(node.args or node.keywords)
+    return node.func.attr in ("close", "terminate") and isinstance(node.func.value, ast.Name)
+
+
+def _leaves_before_release(stmt: ast.stmt, var: str) -> ast.AST | None:
+    """A node in ``stmt``, a statement of a ``finally:`` before the release
+    of ``var``, that can suspend, raise or leave, so that the release is
+    skipped: as :func:`_leaves_holding`, but a release of another connection
+    (``finally: await pool.release(a); await pool.release(b)``) is not one."""
+    if isinstance(stmt, ast.If):
+        for node in _own_nodes(stmt.test):
+            if isinstance(node, (ast.Await, ast.Yield, ast.YieldFrom)):
+                return node
+        for branch in (stmt.body, stmt.orelse):
+            for inner in branch:
+                if isinstance(inner, ast.Expr) and any(
+                    isinstance(n, ast.Call) and _releases(n, var) for n in _own_nodes(inner.value)
+                ):
+                    break  # released: whatever follows in this branch is fine
+                leaver = _leaves_before_release(inner, var)
+                if leaver is not None:
+                    return leaver
+        return None
+    for node in _own_nodes(stmt):
+        if isinstance(node, ast.Await) and _is_release_call(node.value):
+            continue
+        if isinstance(node, (ast.Await, ast.Return, ast.Raise, ast.Yield, ast.YieldFrom, ast.Break, ast.Continue)):
+            return node
+        if isinstance(node, (ast.AsyncWith, ast.AsyncFor)):
+            return node
+    return None
+
+
 def _may_leave(stmt: ast.stmt) -> ast.AST | None:
     """A node in ``stmt`` that can suspend, raise or leave (await, return, raise, yield)."""
     for node in _own_nodes(stmt):
@@ -605,7 +646,8 @@ class _Checker:
             return
         conditions: list[ast.If] = []
         loops: list[ast.stmt] = []
-        if any(self.safe_release(release, stmt, scope, var, conditions, loops) for release in releases):
+        late: list[int] = []
+        if any(self.safe_release(release, stmt, scope, var, conditions, loops, late) for release in releases):
             if gather is not None and _gather_drops_results(gather):
                 # Not the usual fix: the `finally:` right after is there already.
                 self.report(call, stmt, "SP001",
@@ -621,6 +663,14 @@ class _Checker:
                         f"connection `{var}` is acquired on each turn of the loop at line {loops[0].lineno}, but "
                         "released only in the `finally:` after that loop: each turn's connection but the last "
                         "is never released", receiver, var)
+            return
+        if late:
+            self.report(call, stmt, "SP001",
+                        f"connection `{var}` is released in a `finally:` block, but line {late[0]} in that "
+                        "`finally:` comes before the release and can fail or leave first: the release is then "
+                        "skipped", receiver, var,
+                        hint=f"release it first in the `finally:`, or put what comes before the release in a "
+                        f"`try:` of its own (`finally: try: ... finally: await {receiver}.release({var})`)")
             return
         if conditions:
             test = conditions[0]
@@ -659,13 +709,15 @@ class _Checker:
 
     def safe_release(
         self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST, var: str, conditions: list[ast.If],
-        loops: list[ast.stmt],
+        loops: list[ast.stmt], late: list[int],
     ) -> bool:
         """Whether ``release`` gives ``var`` back on every path. A release in
         the right ``finally:`` that runs only under an ``if`` unrelated to the
         connection is not: that ``if`` is added to ``conditions``. Neither
         is a ``finally:`` after a loop that acquires on each turn: that loop
-        is added to ``loops``."""
+        is added to ``loops``; nor one that awaits, raises or returns before
+        the release (``finally: await con.execute("UNLISTEN *")`` then the
+        release): the line of that statement is added to ``late``."""
         module = self.module
         # Registered with an exit stack: released however the block ends.
         if isinstance(release.func, ast.Attribute) and release.func.attr in _CLEANUP_REGISTRATIONS:
@@ -676,8 +728,16 @@ class _Checker:
                 return True
         node: ast.AST = release
         condition: ast.If | None = None  # the innermost `if` so far that does not test the connection
+        before: ast.AST | None = None  # the first statement on the way up that can leave before the release
         while node is not scope:
             parent = module.parents[node]
+            if isinstance(node, ast.stmt) and (place := _block_of(module, node)) is not None:
+                block, index = place
+                for earlier in block[:index]:
+                    leaver = _leaves_before_release(earlier, var)
+                    if leaver is not None:
+                        before = leaver
+                        break
             if isinstance(parent, (ast.Try, ast.TryStar)) and any(node is s for s in parent.finalbody):
                 if (
                     _contains(parent.body, acquire_stmt) or self.try_follows(acquire_stmt, parent, var) == "next"
@@ -689,10 +749,13 @@ class _Checker:
                     if loop is not None:
                         loops.append(loop)
                         return False
-                    if condition is None:
-                        return True
-                    conditions.append(condition)
-                    return False
+                    if condition is not None:
+                        conditions.append(condition)
+                        return False
+                    if before is not None:
+                        late.append(getattr(before, "lineno", release.lineno))
+                        return False
+                    return True
             elif isinstance(parent, ast.If) and node is not parent.test and condition is None:
                 # `if con is not None:` (acquired inside the try) is fine, and
                 # so is an `if` whose other branch releases too; `if ok:` is not.

@@ -35,7 +35,7 @@ def test_fixture_files_report_exactly_what_is_marked(name: str) -> None:
     assert {f.line: f.code for f in findings} == {line: code for line, (code, _) in marks.items()}
     for finding in findings:
         word = marks[finding.line][1]
-        if word in ("return", "raise", "yield", "continue", "break", "when"):
+        if word in ("return", "raise", "yield", "continue", "break", "when", "skipped"):
             assert word in finding.message, finding
         elif word == "exception":
             assert "exception or a cancellation" in finding.message
@@ -377,3 +377,25 @@ def test_output_piped_into_a_reader_that_stops_early(tmp_path: Path) -> None:
         child.stderr.close()
         assert child.wait(timeout=60) == 1, stderr
         assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+def test_an_await_in_the_finally_before_the_release_is_named() -> None:
+    """`finally: await con.execute("UNLISTEN *")` then the release: that
+    await failing (a broken connection) or cancelled skips the release. The
+    check accepted it as a release in `finally:`."""
+    source = '''
+async def listen(pool):
+    con = await pool.acquire()
+    try:
+        await con.execute("LISTEN jobs")
+    finally:
+        await con.execute("UNLISTEN *")
+        await pool.release(con)
+'''
+    [finding] = check_source(source)
+    assert (finding.line, finding.code) == (3, "SP001")
+    assert finding.message == (
+        "connection `con` is released in a `finally:` block, but line 7 in that `finally:` comes before the "
+        "release and can fail or leave first: the release is then skipped")
+    assert finding.hint.startswith("release it first in the `finally:`, or put what comes before the release in a "
+                                   "`try:` of its own (`finally: try: ... finally: await pool.release(con)`)")

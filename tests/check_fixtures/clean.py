@@ -471,3 +471,36 @@ async def acquired_in_a_conditional_expression_and_released(pool, need):
 async def an_item_of_pools_used_correctly(self):
     async with self.pools["primary"].acquire() as con:
         await con.execute("SELECT 1")
+
+
+async def finally_awaits_in_a_try_of_its_own_before_the_release(pool):
+    con = await pool.acquire()
+    try:
+        await con.execute("LISTEN jobs")
+    finally:
+        try:
+            await con.execute("UNLISTEN *")
+        finally:
+            await pool.release(con)
+
+
+async def finally_releases_first_then_awaits(pool, metrics, log):
+    con = await pool.acquire()
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        log.info("done")  # not awaited: not a step the check follows
+        await pool.release(con)
+        await metrics.flush()
+
+
+async def finally_releases_two_connections(pool):
+    first = await pool.acquire()
+    try:
+        second = await pool.acquire()
+        try:
+            await second.execute("SELECT 1")
+        finally:
+            await pool.release(second)
+    finally:
+        await pool.release(first)

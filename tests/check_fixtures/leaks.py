@@ -393,3 +393,38 @@ async def acquired_from_an_item_of_pools(self):
     # item of pools all the same.
     con = await self.pools["primary"].acquire()  # expect: SP002
     await con.execute("SELECT 1")
+
+
+async def finally_awaits_before_the_release(pool):
+    # A failing UNLISTEN (the connection broke) or a cancellation there
+    # skips the release.
+    con = await pool.acquire()  # expect: SP001 skipped
+    try:
+        await con.execute("LISTEN jobs")
+    finally:
+        await con.execute("UNLISTEN *")
+        await pool.release(con)
+
+
+async def finally_awaits_before_the_release_under_an_if(pool):
+    con = None
+    try:
+        con = await pool.acquire()  # expect: SP001 skipped
+        await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await con.reset()
+            await pool.release(con)
+
+
+async def finally_catches_exception_only_before_the_release(pool, log):
+    # A cancellation of the UNLISTEN is not an Exception: it skips the release.
+    con = await pool.acquire()  # expect: SP001 skipped
+    try:
+        await con.execute("LISTEN jobs")
+    finally:
+        try:
+            await con.execute("UNLISTEN *")
+        except Exception:
+            log.exception("unlisten")
+        await pool.release(con)
