@@ -42,6 +42,9 @@ __all__ = ["Finding", "check_source", "main"]
 
 DEFAULT_POOL_NAMES = r"(?i)pools?$"
 IGNORE_COMMENT = re.compile(r"#\s*safepool:\s*ignore\b")
+# Directories a walk skips (hidden ones too): caches, virtualenvs, build
+# output. One of these names that is a package (has an `__init__.py`:
+# `myapp/build/`) is code, and is checked.
 SKIP_DIRS = {"__pycache__", "node_modules", "site-packages", "venv", ".venv", "build", "dist"}
 
 _Scope = ast.Module | ast.FunctionDef | ast.AsyncFunctionDef
@@ -940,7 +943,8 @@ def _python_files(paths: Sequence[str], excludes: Sequence[str]) -> Iterator[str
         for directory, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(
                 d for d in dirnames
-                if not d.startswith(".") and d not in SKIP_DIRS and not excluded(os.path.join(directory, d))
+                if not d.startswith(".") and not excluded(os.path.join(directory, d))
+                and (d not in SKIP_DIRS or os.path.isfile(os.path.join(directory, d, "__init__.py")))
             )
             for filename in sorted(filenames):
                 path = os.path.join(directory, filename)

@@ -399,3 +399,53 @@ async def listen(pool):
         "release and can fail or leave first: the release is then skipped")
     assert finding.hint.startswith("release it first in the `finally:`, or put what comes before the release in a "
                                    "`try:` of its own (`finally: try: ... finally: await pool.release(con)`)")
+
+
+def test_cli_a_package_named_like_build_output_is_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A walk skips `build`, `dist`, `venv`... (build output, virtualenvs):
+    an application package of that name (`app/build/`, a service's build
+    jobs) was skipped with them, its leaks unreported."""
+    leak = "async def f(pool):\n    await pool.acquire()\n"
+    for name in ("app/build/__init__.py", "app/build/jobs.py", "app/dist/__init__.py",
+                 "build/lib/app/handlers.py", "dist/app/handlers.py", "venv/lib/site.py",
+                 ".venv/lib/site.py", "app/__pycache__/x.py", "node_modules/pkg/x.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(leak)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--format", "json", "."]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert sorted(Path(f["path"]).as_posix() for f in report["findings"]) == [
+        "app/build/__init__.py", "app/build/jobs.py", "app/dist/__init__.py"]
+    # Given by name, a skipped directory is checked all the same.
+    assert main(["--format", "json", "build"]) == 1
+    assert [Path(f["path"]).as_posix() for f in json.loads(capsys.readouterr().out)["findings"]] == [
+        "build/lib/app/handlers.py"]
+
+
+def test_cli_symlinks(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """As docs/testing.md says: a symlink to a file is checked, a symlinked
+    directory is not walked into (a loop cannot hang the walk), and a
+    dangling symlink is an error (exit status 2 when nothing is found)."""
+    leak = "async def f(pool):\n    await pool.acquire()\n"
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "leak.py").write_text(leak)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "linked.py").symlink_to(tmp_path / "shared" / "leak.py")
+    (tmp_path / "src" / "shared").symlink_to(tmp_path / "shared", target_is_directory=True)
+    (tmp_path / "src" / "loop").symlink_to(tmp_path / "src", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--format", "json", "src"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [Path(f["path"]).as_posix() for f in report["findings"]] == ["src/linked.py"]
+    assert report["files_scanned"] == 1
+    (tmp_path / "src" / "linked.py").unlink()
+    (tmp_path / "src" / "dangling.py").symlink_to(tmp_path / "missing.py")
+    assert main(["src"]) == 2
+    captured = capsys.readouterr()
+    assert "src/dangling.py: error: FileNotFoundError" in captured.err
+    # Given by name, a symlinked directory is walked.
+    assert main(["--format", "json", "src/shared"]) == 1
+    assert [Path(f["path"]).as_posix() for f in json.loads(capsys.readouterr().out)["findings"]] == [
+        "src/shared/leak.py"]
