@@ -650,7 +650,17 @@ class _Checker:
         conditions: list[ast.If] = []
         loops: list[ast.stmt] = []
         late: list[int] = []
-        if any(self.safe_release(release, stmt, scope, var, conditions, loops, late) for release in releases):
+        tries: list[ast.stmt] = []
+        if any(self.safe_release(release, stmt, scope, var, conditions, loops, late, tries) for release in releases):
+            rebound = self.rebinding(call, stmt, tries[0], var) if tries else None
+            if rebound is not None:
+                self.report(call, stmt, "SP001",
+                            f"connection `{var}` acquired here is not released on every path: `{var}` is bound "
+                            f"again at line {rebound.lineno}, before the `finally:` releases it, and the "
+                            "connection it held is never released", receiver, var,
+                            hint=f"release it before binding `{var}` again, or give the other value a name "
+                            f"of its own (`async with {receiver}.acquire() as {var}:` for each connection)")
+                return
             if gather is not None and _gather_drops_results(gather):
                 # Not the usual fix: the `finally:` right after is there already.
                 self.report(call, stmt, "SP001",
@@ -712,7 +722,7 @@ class _Checker:
 
     def safe_release(
         self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST, var: str, conditions: list[ast.If],
-        loops: list[ast.stmt], late: list[int],
+        loops: list[ast.stmt], late: list[int], tries: list[ast.stmt] | None = None,
     ) -> bool:
         """Whether ``release`` gives ``var`` back on every path. A release in
         the right ``finally:`` that runs only under an ``if`` unrelated to the
@@ -720,7 +730,8 @@ class _Checker:
         is a ``finally:`` after a loop that acquires on each turn: that loop
         is added to ``loops``; nor one that awaits, raises or returns before
         the release (``finally: await con.execute("UNLISTEN *")`` then the
-        release): the line of that statement is added to ``late``."""
+        release): the line of that statement is added to ``late``. The
+        ``try:`` of a ``finally:`` that releases is added to ``tries``."""
         module = self.module
         # Registered with an exit stack: released however the block ends.
         if isinstance(release.func, ast.Attribute) and release.func.attr in _CLEANUP_REGISTRATIONS:
@@ -758,6 +769,8 @@ class _Checker:
                     if before is not None:
                         late.append(getattr(before, "lineno", release.lineno))
                         return False
+                    if tries is not None:
+                        tries.append(parent)
                     return True
             elif isinstance(parent, ast.If) and node is not parent.test and condition is None:
                 # `if con is not None:` (acquired inside the try) is fine, and
@@ -767,6 +780,63 @@ class _Checker:
                 if not tests_connection and not _contains_release(other, var):
                     condition = parent
             node = parent
+        return False
+
+    def rebinding(self, call: ast.Call, acquire_stmt: ast.stmt, try_stmt: ast.stmt, var: str) -> ast.Name | None:
+        """A binding of ``var`` (``con = ...``, ``for con in ...``, ``as
+        con``) that runs after the acquire and before the ``finally:`` of
+        ``try_stmt`` releases ``var``, with no release of ``var`` before it
+        in its blocks: the connection acquired is then lost (``if stale:
+        con = await pool.acquire()`` inside the ``try:``). Followed as
+        :meth:`try_follows` follows the statements after the acquire: not
+        into the other branch of an ``if``, nor into a handler of a ``try:``
+        whose body acquires."""
+        module = self.module
+        assert isinstance(try_stmt, (ast.Try, ast.TryStar))
+        after: list[ast.stmt] = [acquire_stmt]
+        stmt: ast.AST = acquire_stmt
+        while isinstance(stmt, ast.stmt) and (place := _block_of(module, stmt)) is not None:
+            block, index = place
+            parent = module.parents.get(stmt)
+            after.extend(block[index + 1:])
+            if isinstance(parent, (ast.Try, ast.TryStar)) and block is parent.body:
+                after.extend(parent.orelse)
+            elif isinstance(parent, ast.ExceptHandler):
+                parent = module.parents.get(parent)
+            if parent is None or isinstance(parent, _SCOPES):
+                break
+            stmt = parent
+        finalbody = {id(n) for s in try_stmt.finalbody for n in ast.walk(s)}
+        inside = {id(n) for n in ast.walk(try_stmt)}
+        for later in after:
+            for node in _own_nodes(later):
+                if not (isinstance(node, ast.Name) and node.id == var and isinstance(node.ctx, ast.Store)):
+                    continue
+                if id(node) in finalbody or not (id(node) in inside or node.lineno < try_stmt.lineno):
+                    continue
+                # The acquire's own target (`con = await pool.acquire()`, or
+                # a name of `a, b = await asyncio.gather(...)`).
+                binding = module.parents.get(node)
+                while isinstance(binding, (ast.Tuple, ast.List, ast.Starred)):
+                    binding = module.parents.get(binding)
+                value = getattr(binding, "value", None)
+                if isinstance(binding, (ast.Assign, ast.AnnAssign, ast.NamedExpr)) and value is not None and any(
+                    n is call for n in ast.walk(value)
+                ):
+                    continue
+                if not self.released_before(node, later, var):
+                    return node
+        return None
+
+    def released_before(self, node: ast.AST, outer: ast.stmt, var: str) -> bool:
+        """Whether a statement before ``node`` releases ``var``, in each
+        block from ``node``'s up to the one holding ``outer``."""
+        while node is not outer and node in self.module.parents:
+            if isinstance(node, ast.stmt) and (place := _block_of(self.module, node)) is not None:
+                block, index = place
+                if _contains_release(block[:index], var):
+                    return True
+            node = self.module.parents[node]
         return False
 
     def try_follows(self, acquire_stmt: ast.stmt, try_stmt: ast.stmt, var: str) -> str | None:
@@ -782,6 +852,7 @@ class _Checker:
         and ``finally:`` (a handler runs with the connection held only if
         something after the acquire raised: that is the first leaver), then
         what follows the ``try``."""
+        module = self.module
         first_leaver: str | None = None
         stmt = acquire_stmt
         while True:
@@ -795,6 +866,12 @@ class _Checker:
                 following = following + parent.orelse + parent.finalbody
             elif isinstance(parent, (ast.Try, ast.TryStar)) and block is parent.orelse:
                 following = following + parent.finalbody
+            elif isinstance(parent, ast.ExceptHandler):
+                # An acquire in a handler (`except PoolTimeoutError: con =
+                # await fallback_pool.acquire()`): the rest of the handler,
+                # the `finally:`, then what follows the `try`.
+                parent = module.parents.get(parent)
+                following = following + getattr(parent, "finalbody", [])
             elif not isinstance(parent, ast.If):
                 parent = None
             for later in following:
@@ -804,7 +881,7 @@ class _Checker:
                 if leaver is not None and first_leaver is None:
                     # The await, return or raise itself (an `if` may hold it lines below).
                     first_leaver = str(getattr(leaver, "lineno", later.lineno))
-            if parent is None:
+            if not isinstance(parent, ast.stmt):
                 return None
             stmt = parent
 

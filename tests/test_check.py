@@ -35,7 +35,7 @@ def test_fixture_files_report_exactly_what_is_marked(name: str) -> None:
     assert {f.line: f.code for f in findings} == {line: code for line, (code, _) in marks.items()}
     for finding in findings:
         word = marks[finding.line][1]
-        if word in ("return", "raise", "yield", "continue", "break", "when", "skipped"):
+        if word in ("return", "raise", "yield", "continue", "break", "when", "skipped", "again"):
             assert word in finding.message, finding
         elif word == "exception":
             assert "exception or a cancellation" in finding.message

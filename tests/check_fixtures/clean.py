@@ -504,3 +504,53 @@ async def finally_releases_two_connections(pool):
             await pool.release(second)
     finally:
         await pool.release(first)
+
+
+async def connection_replaced_after_its_release(pool):
+    con = await pool.acquire()
+    try:
+        if con.is_closed():
+            await pool.release(con)
+            con = await pool.acquire()
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def connection_name_bound_in_the_other_branch(pool, need):
+    try:
+        if need:
+            con = await pool.acquire()
+        else:
+            con = None
+        if con is not None:
+            await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+async def connection_name_bound_when_the_acquire_failed(pool):
+    # The handler runs only when the first acquire failed: it holds nothing.
+    try:
+        con = await pool.acquire(timeout=0.1)
+    except safepool.PoolTimeoutError:
+        con = await pool.acquire(timeout=30)
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def connection_name_bound_after_the_finally(pool):
+    con = await pool.acquire()
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+        con = None
+    con = await pool.acquire()
+    try:
+        await con.execute("SELECT 2")
+    finally:
+        await pool.release(con)

@@ -428,3 +428,55 @@ async def finally_catches_exception_only_before_the_release(pool, log):
         except Exception:
             log.exception("unlisten")
         await pool.release(con)
+
+
+async def connection_replaced_inside_the_try(pool):
+    # The stale connection is replaced, not released: the `finally:` gives
+    # back the new one only.
+    con = await pool.acquire()  # expect: SP001 again
+    try:
+        if con.is_closed():
+            con = await pool.acquire()
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def connection_name_reused_by_a_loop(pool, others):
+    con = await pool.acquire()  # expect: SP001 again
+    try:
+        for con in others:
+            await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def connection_name_reused_by_async_with(pool, replica_pool):
+    con = await pool.acquire()  # expect: SP001 again
+    try:
+        async with replica_pool.acquire() as con:
+            await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def two_acquires_into_one_name_in_one_try(pool):
+    try:
+        con = await pool.acquire()  # expect: SP001 again
+        await con.execute("SELECT 1")
+        con = await pool.acquire()
+        await con.execute("SELECT 2")
+    finally:
+        await pool.release(con)
+
+
+async def fallback_acquire_then_a_query_before_the_try(pool, PoolTimeoutError):
+    try:
+        con = await pool.acquire(timeout=0.1)
+    except PoolTimeoutError:
+        con = await pool.acquire(timeout=30)  # expect: SP001 line
+        await con.execute("SET statement_timeout = 1000")
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
