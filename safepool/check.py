@@ -1001,16 +1001,20 @@ def check_source(source: str, path: str = "<string>", *, pool_names: str = DEFAU
     return _Checker(_Module(tree, source, re.compile(pool_names)), path).run()
 
 
+def _excluded(path: str, excludes: Sequence[str]) -> bool:
+    """Whether ``path`` (``./`` and ``//`` normalised away), or a trailing
+    part of it from a directory boundary on, matches one of ``excludes``."""
+    parts = os.path.normpath(path).split(os.sep)
+    tails = [os.sep.join(parts[i:]) for i in range(len(parts))]
+    return any(fnmatch.fnmatch(tail, os.path.normpath(pattern)) for pattern in excludes for tail in tails)
+
+
 def _python_files(paths: Sequence[str], excludes: Sequence[str]) -> Iterator[str]:
     # A pattern matches the path (`./` and `//` normalised away) or any
     # trailing part of it from a directory boundary on: `migrations`,
     # `migrations/*` and `src/migrations` all exclude src/migrations/0001.py.
-    patterns = [os.path.normpath(pattern) for pattern in excludes]
-
     def excluded(path: str) -> bool:
-        parts = os.path.normpath(path).split(os.sep)
-        tails = [os.sep.join(parts[i:]) for i in range(len(parts))]
-        return any(fnmatch.fnmatch(tail, pattern) for pattern in patterns for tail in tails)
+        return _excluded(path, excludes)
 
     for root in paths:
         if os.path.isfile(root):
@@ -1039,13 +1043,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m safepool check PATH...``: print the findings of every
     file (``--format text`` or ``json``) and return the exit status: 0
     nothing found, 1 findings (even if some files could not be checked), 2
-    no findings but a file could not be read or parsed, or a path does not
-    exist."""
+    no findings but a file could not be read or parsed, a path does not
+    exist, or a directory given holds no Python file to check."""
     parser = argparse.ArgumentParser(
         prog="python -m safepool check",
         description="Find pool.acquire() results that are not released on every path. "
         "Exit status: 0 nothing found, 1 findings (even if some files could not be checked), "
-        "2 no findings but a file could not be read or parsed, or a path does not exist.",
+        "2 no findings but a file could not be read or parsed, a path does not exist, "
+        "or a directory given holds no Python file to check.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="files or directories (searched for *.py)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
@@ -1064,39 +1069,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors: list[dict[str, str]] = []
     scanned = 0  # files read and parsed: those whose findings are above
     unparsed: list[str] = []  # files that could not be read or parsed
-    for path in _python_files(args.paths, args.exclude):
-        source: str | None = None
-        try:
-            # As Python reads source: a `# -*- coding: ... -*-` line or a
-            # UTF-8 byte order mark decides the encoding (PEP 263).
-            with tokenize.open(path) as file:
-                source = file.read()
-            findings.extend(check_source(source, path, pool_names=args.pool_names))
-            scanned += 1
-            continue
-        except SyntaxError as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            if type(exc) is SyntaxError and source is not None and not (exc.msg or "").startswith("too many"):
-                # Parsed with this interpreter's grammar: newer syntax (PEP
-                # 695's `type X = ...` on 3.11) is an error here, not in the
-                # code. (An undecodable file fails before parsing, and a
-                # parser limit, "too many nested parentheses", is the same in
-                # every version: no hint.)
-                message += (f" (parsed as Python {sys.version_info.major}.{sys.version_info.minor}: "
-                            "run the check with the Python version the code is written for)")
-            errors.append({"path": path, "error": message})
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            errors.append({"path": path, "error": f"{type(exc).__name__}: {exc}"})
-        except RecursionError:
-            # Deeply nested expressions (generated code) exhaust the parser's
-            # stack: that file is not checked; the others still are.
-            errors.append({"path": path, "error": "RecursionError: too deeply nested to parse"})
-        unparsed.append(path)
+    empty: list[str] = []  # directories given that hold no Python file to check
+    for root in args.paths:
+        paths = list(_python_files([root], args.exclude))
+        if not paths and os.path.isdir(root) and not _excluded(root, args.exclude):
+            # `check app/` once the code moved to `src/`: "no problems (0
+            # files scanned)" and exit status 0 would pass CI checking nothing.
+            empty.append(root)
+        for path in paths:
+            if _check_file(path, args.pool_names, findings, errors):
+                scanned += 1
+            else:
+                unparsed.append(path)
     missing = [root for root in args.paths if not os.path.exists(root)]
     errors.extend({"path": root, "error": "no such file or directory"} for root in missing)
+    errors.extend(
+        {"path": root, "error": "no Python files to check in this directory (not searched: hidden "
+         f"directories, and {', '.join(sorted(SKIP_DIRS - {'.venv'}))} unless they are packages)"}
+        for root in empty
+    )
 
     try:
-        _report(args.format, findings, errors, scanned, unparsed, missing)
+        _report(args.format, findings, errors, scanned, unparsed, missing, empty)
     except BrokenPipeError:
         # `python -m safepool check src/ | head`: the reader has what it
         # wanted. No traceback, and the exit status still says what was found.
@@ -1106,9 +1100,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2 if errors else 0
 
 
+def _check_file(path: str, pool_names: str, findings: list[Finding], errors: list[dict[str, str]]) -> int:
+    """Check one file: 1 if it was read and parsed (its findings added to
+    ``findings``), 0 if not (its error added to ``errors``)."""
+    source: str | None = None
+    try:
+        # As Python reads source: a `# -*- coding: ... -*-` line or a
+        # UTF-8 byte order mark decides the encoding (PEP 263).
+        with tokenize.open(path) as file:
+            source = file.read()
+        findings.extend(check_source(source, path, pool_names=pool_names))
+        return 1
+    except SyntaxError as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        if type(exc) is SyntaxError and source is not None and not (exc.msg or "").startswith("too many"):
+            # Parsed with this interpreter's grammar: newer syntax (PEP
+            # 695's `type X = ...` on 3.11) is an error here, not in the
+            # code. (An undecodable file fails before parsing, and a
+            # parser limit, "too many nested parentheses", is the same in
+            # every version: no hint.)
+            message += (f" (parsed as Python {sys.version_info.major}.{sys.version_info.minor}: "
+                        "run the check with the Python version the code is written for)")
+        errors.append({"path": path, "error": message})
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        errors.append({"path": path, "error": f"{type(exc).__name__}: {exc}"})
+    except RecursionError:
+        # Deeply nested expressions (generated code) exhaust the parser's
+        # stack: that file is not checked; the others still are.
+        errors.append({"path": path, "error": "RecursionError: too deeply nested to parse"})
+    return 0
+
+
 def _report(
     format: str, findings: list[Finding], errors: list[dict[str, str]], scanned: int,
-    unparsed: list[str], missing: list[str],
+    unparsed: list[str], missing: list[str], empty: list[str],
 ) -> None:
     """Print the findings (stdout), the errors (stderr) and the summary line."""
     if format == "json":
@@ -1134,6 +1159,9 @@ def _report(
             summary += f", {len(unparsed)} could not be read or parsed: {_some(unparsed)}"
         if missing:
             summary += f", {len(missing)} path{'s' if len(missing) != 1 else ''} not found: {_some(missing)}"
+        if empty:
+            summary += (f", {len(empty)} director{'ies' if len(empty) != 1 else 'y'} without Python files: "
+                        f"{_some(empty)}")
         summary += ")" if not errors else "; errors above)"
         print(f"safepool check: {summary}")
 

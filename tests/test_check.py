@@ -449,3 +449,36 @@ def test_cli_symlinks(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkey
     assert main(["--format", "json", "src/shared"]) == 1
     assert [Path(f["path"]).as_posix() for f in json.loads(capsys.readouterr().out)["findings"]] == [
         "src/shared/leak.py"]
+
+
+def test_cli_a_directory_without_python_files_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m safepool check app/` after the code moved to `src/` said
+    "no problems (0 files scanned)" with exit status 0: a CI step that
+    checked nothing passed. Such a directory is now an error (status 2)."""
+    leak = "async def f(pool):\n    await pool.acquire()\n"
+    (tmp_path / "app" / "static").mkdir(parents=True)
+    (tmp_path / "app" / ".venv").mkdir()
+    (tmp_path / "app" / ".venv" / "x.py").write_text(leak)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text(leak)
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert main(["app"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("app: error: no Python files to check in this directory (not searched: hidden "
+                                   "directories, and __pycache__, build, dist")
+    assert captured.out.strip() == (
+        "safepool check: no problems (0 files scanned, 1 directory without Python files: app; errors above)")
+    assert main(["--format", "json", "app"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["files_scanned"] == 0 and [e["path"] for e in report["errors"]] == ["app"]
+    # Findings elsewhere still decide the status.
+    assert main(["src", "app"]) == 1
+    capsys.readouterr()
+    # An empty file is a file checked; a directory excluded as a whole is not an error.
+    assert main(["tests"]) == 0
+    assert main(["tests", "app", "--exclude", "app"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "safepool check: no problems (1 file scanned)"
