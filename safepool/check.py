@@ -640,6 +640,8 @@ class _Checker:
         for node in _walk_scope(scope):
             if _escapes(node, var):
                 return
+            if isinstance(node, (ast.Global, ast.Nonlocal)) and var in node.names:
+                return  # `global con`: kept in the module (or the enclosing function), as on an object
             if isinstance(node, ast.Call) and _releases(node, var):
                 releases.append(node)
         if not releases:
