@@ -440,15 +440,15 @@ def _leaves_holding(stmt: ast.stmt, var: str) -> ast.AST | None:
 
 
 def _is_release_call(node: ast.AST) -> bool:
-    """``pool.release(x)`` (of any connection), ``con.close()`` or
-    ``con.terminate()``, also wrapped (``asyncio.shield(pool.release(con))``)."""
+    """``pool.release(x)`` (of any connection), also wrapped
+    (``asyncio.shield(pool.release(con))``). Not ``x.close()``: any object
+    has one (``await session.close()``), and it can fail."""
     while isinstance(node, ast.Call) and _last_name(node.func) in _WRAPPERS and node.args:
         node = node.args[0]
-    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
-        return False
-    if node.func.attr == "release":
-        return bool(node.args or node.keywords)
-    return node.func.attr in ("close", "terminate") and isinstance(node.func.value, ast.Name)
+    return (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "release"
+        and bool(node.args or node.keywords)
+    )
 
 
 def _leaves_before_release(stmt: ast.stmt, var: str) -> ast.AST | None:

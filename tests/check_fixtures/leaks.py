@@ -480,3 +480,12 @@ async def fallback_acquire_then_a_query_before_the_try(pool, PoolTimeoutError):
         await con.execute("SELECT 1")
     finally:
         await pool.release(con)
+
+
+async def finally_closes_another_object_before_the_release(pool, session):
+    con = await pool.acquire()  # expect: SP001 skipped
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await session.close()
+        await pool.release(con)
