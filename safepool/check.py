@@ -1053,6 +1053,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Exit status: 0 nothing found, 1 findings (even if some files could not be checked), "
         "2 no findings but a file could not be read or parsed, a path does not exist, "
         "or a directory given holds no Python file to check.",
+        epilog="A finding whose line (the acquire's, or its statement's first or last) has the comment "
+        "`# safepool: ignore` is not reported: for a false positive, such as a connection released by "
+        "another function. The known ones are listed in safepool's docs/testing.md.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="files or directories (searched for *.py)")
     parser.add_argument("--format", choices=("text", "json"), default="text")

@@ -482,3 +482,20 @@ def test_cli_a_directory_without_python_files_is_an_error(
     assert main(["tests"]) == 0
     assert main(["tests", "app", "--exclude", "app"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "safepool check: no problems (1 file scanned)"
+
+
+def test_cli_help_names_the_suppression_comment(capsys: pytest.CaptureFixture[str]) -> None:
+    """A user facing a false positive (a helper that releases) learns of
+    `# safepool: ignore` from `--help`, not only from the docs."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "# safepool: ignore" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_suppression_comment_on_each_line_of_the_statement() -> None:
+    leak = "async def f(pool):\n    con = await pool.acquire(\n        timeout=1,\n    ){}\n    await con.execute('SELECT 1')\n"
+    assert [f.line for f in check_source(leak.format(""))] == [2]
+    assert check_source(leak.format("  # safepool: ignore")) == []
+    assert check_source(leak.replace("acquire(", "acquire(  # safepool: ignore").format("")) == []
+    # On another statement's line, it does not hide the finding.
+    assert [f.line for f in check_source(leak.format("") + "    pass  # safepool: ignore\n")] == [2]
