@@ -85,6 +85,11 @@ class Finding:
 
 def _hint(receiver: str, var: str | None, code: str = "") -> str:
     name = "con" if var is None or code == "SP004" else var
+    if "." in name:  # stored on an object: `request.state.con`
+        return (
+            f"release it in a `finally:` block right after the acquire (`try: ... finally: await "
+            f"{receiver}.release({name})`), or acquire into a local name: `async with {receiver}.acquire() as con:`"
+        )
     if code == "SP004":
         return f"`{name} = await {receiver}.acquire()` (then release it in `finally:`), or `async with {receiver}.acquire() as {name}:`"
     return (
@@ -329,7 +334,22 @@ def _own_nodes(node: ast.AST) -> list[ast.AST]:
 
 
 def _is_name(node: ast.AST | None, var: str) -> bool:
-    return isinstance(node, ast.Name) and node.id == var
+    """Is ``node`` the name ``var``, or, for a connection stored on an
+    attribute (``request.state.con``), that attribute?"""
+    if isinstance(node, ast.Name):
+        return node.id == var
+    return isinstance(node, ast.Attribute) and "." in var and _dotted(node) == var
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """``request.state.con`` for an attribute of attributes of a name, else None."""
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name) or not parts:
+        return None
+    return ".".join([node.id, *reversed(parts)])
 
 
 def _releases(node: ast.AST, var: str) -> bool:
@@ -574,6 +594,10 @@ class _Checker:
         elif isinstance(holder, ast.Assign) and holder.value is top:
             if len(holder.targets) == 1 and isinstance(holder.targets[0], ast.Name) and gather is None:
                 var = holder.targets[0].id
+            elif (
+                len(holder.targets) == 1 and gather is None and (stored := _dotted(holder.targets[0])) is not None
+            ):
+                var = stored  # `request.state.con = await pool.acquire()`: followed only if released here
             elif (unpacked := _gathered_name(arg, parent, holder)) is not None:
                 var = unpacked  # a, b = await asyncio.gather(pool.acquire(), pool.acquire())
             else:
@@ -644,6 +668,16 @@ class _Checker:
                 return  # `global con`: kept in the module (or the enclosing function), as on an object
             if isinstance(node, ast.Call) and _releases(node, var):
                 releases.append(node)
+        if "." in var and all(
+            self.in_handler(release, scope) or release.lineno <= call.lineno for release in releases
+        ):
+            # Stored on an object and not released here after the acquire
+            # (`__aenter__` keeps it for `__aexit__`; `release(self.con)`
+            # then `self.con = await pool.acquire()` replaces it), or only
+            # when something failed (`except BaseException: release;
+            # raise`): it leaves the function on the normal path, as the
+            # docs' limits say.
+            return
         if not releases:
             self.report(call, stmt, "SP002",
                         f"connection `{var}` acquired here is never released in `{_scope_name(scope)}`",
@@ -721,6 +755,14 @@ class _Checker:
                       f"{lines} come{'' if len(before) > 1 else 's'} before this acquire, and none after it")
         self.report(call, stmt, "SP001",
                     f"connection `{var}` acquired here is not released on every path: {reason}", receiver, var)
+
+    def in_handler(self, node: ast.AST, scope: ast.AST) -> bool:
+        """Whether ``node`` is inside an ``except`` handler in ``scope``."""
+        while node is not scope and node in self.module.parents:
+            node = self.module.parents[node]
+            if isinstance(node, ast.ExceptHandler):
+                return True
+        return False
 
     def safe_release(
         self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST, var: str, conditions: list[ast.If],

@@ -554,3 +554,32 @@ async def connection_name_bound_after_the_finally(pool):
         await con.execute("SELECT 2")
     finally:
         await pool.release(con)
+
+
+async def db_session_middleware(request, call_next):
+    request.state.con = await request.app.state.pool.acquire()
+    try:
+        return await call_next(request)
+    finally:
+        await request.app.state.pool.release(request.state.con)
+
+
+class UnitOfWorkKeepsItsConnection:
+    async def __aenter__(self):
+        # Kept on the instance for __aexit__; released here only if the
+        # setup failed.
+        self.con = await self.pool.acquire()
+        try:
+            await self.con.execute("SET application_name = 'uow'")
+        except BaseException:
+            await self.pool.release(self.con)
+            raise
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.pool.release(self.con)
+
+    async def renew(self):
+        # The old connection released, a new one kept: not a leak.
+        await self.pool.release(self.con)
+        self.con = await self.pool.acquire()

@@ -489,3 +489,21 @@ async def finally_closes_another_object_before_the_release(pool, session):
     finally:
         await session.close()
         await pool.release(con)
+
+
+async def db_session_middleware(request, call_next):
+    # Stored on the request and released in this function, not in `finally:`:
+    # an exception in the handler leaks it.
+    request.state.con = await request.app.state.pool.acquire()  # expect: SP001 exception
+    response = await call_next(request)
+    await request.app.state.pool.release(request.state.con)
+    return response
+
+
+class ConnectionOnTheInstance:
+    async def run(self):
+        self.con = await self.pool.acquire()  # expect: SP001 return
+        if await self.con.fetchval("SELECT 1"):
+            return 1
+        await self.pool.release(self.con)
+        return 0
