@@ -668,15 +668,14 @@ class _Checker:
                 return  # `global con`: kept in the module (or the enclosing function), as on an object
             if isinstance(node, ast.Call) and _releases(node, var):
                 releases.append(node)
-        if "." in var and all(
-            self.in_handler(release, scope) or release.lineno <= call.lineno for release in releases
-        ):
+        if "." in var and not any(self.owned_release(release, call, stmt, scope) for release in releases):
             # Stored on an object and not released here after the acquire
             # (`__aenter__` keeps it for `__aexit__`; `release(self.con)`
             # then `self.con = await pool.acquire()` replaces it), or only
             # when something failed (`except BaseException: release;
-            # raise`): it leaves the function on the normal path, as the
-            # docs' limits say.
+            # raise`) or under a condition (`if not await self.ping():`):
+            # it leaves the function on the normal path, as the docs'
+            # limits say.
             return
         if not releases:
             self.report(call, stmt, "SP002",
@@ -755,6 +754,23 @@ class _Checker:
                       f"{lines} come{'' if len(before) > 1 else 's'} before this acquire, and none after it")
         self.report(call, stmt, "SP001",
                     f"connection `{var}` acquired here is not released on every path: {reason}", receiver, var)
+
+    def owned_release(self, release: ast.Call, call: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST) -> bool:
+        """For a connection stored on an object: whether ``release`` says
+        this function meant to give it back, being after the acquire, in
+        the acquire's own block or in a ``finally:``, not in a handler."""
+        if release.lineno <= call.lineno or self.in_handler(release, scope):
+            return False
+        home = _block_of(self.module, acquire_stmt)
+        if home is not None and any(self.module.statement_of(release) is s for s in home[0]):
+            return True
+        node: ast.AST = release
+        while node is not scope and node in self.module.parents:
+            parent = self.module.parents[node]
+            if isinstance(parent, (ast.Try, ast.TryStar)) and any(node is s for s in parent.finalbody):
+                return True
+            node = parent
+        return False
 
     def in_handler(self, node: ast.AST, scope: ast.AST) -> bool:
         """Whether ``node`` is inside an ``except`` handler in ``scope``."""

@@ -583,3 +583,12 @@ class UnitOfWorkKeepsItsConnection:
         # The old connection released, a new one kept: not a leak.
         await self.pool.release(self.con)
         self.con = await self.pool.acquire()
+
+
+class ConnectionKeptWhenItWorks:
+    async def reconnect(self):
+        # Released only when the new connection is no good: otherwise kept.
+        self.con = await self.pool.acquire()
+        if not await self.ping():
+            await self.pool.release(self.con)
+            self.con = None
