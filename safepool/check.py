@@ -151,8 +151,10 @@ class _Module:
         # Names bound to a lock or semaphore (`worker_pool = asyncio.Semaphore(5)`):
         # not pools, even when the name says so.
         self.not_pools: set[str] = set()
+        assignments: list[ast.Assign | ast.AnnAssign] = []
         for node in ast.walk(tree):
             if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                assignments.append(node)
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 if _last_name(node.value) == "create_pool" and isinstance(node.value, (ast.Call, ast.Await)):
                     self.known_pools.update(n for n in map(_last_name, targets) if n)
@@ -203,8 +205,8 @@ class _Module:
         # `x.acquire()` is judged by `x`, whatever is named `acquire`.
         self.acquire_names: dict[tuple[ast.AST, str], str] = {}
         self.acquire_attributes: dict[str, str] = {}
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+        for node in assignments:
+            if node.value is not None:
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 receiver = self.acquire_receiver(node.value)
                 if receiver is None:
@@ -214,6 +216,7 @@ class _Module:
                         self.acquire_names[self.scope_of(node), alias.id] = receiver
                     elif isinstance(alias, ast.Attribute):
                         self.acquire_attributes[alias.attr] = receiver
+        self.acquire_name_ids = {name for _, name in self.acquire_names}
 
     def acquire_receiver(self, value: ast.expr) -> str | None:
         """The pool's source text when ``value`` is an alias of its acquire
@@ -237,7 +240,7 @@ class _Module:
             if func.attr == "acquire":
                 return ast.unparse(func.value) if self.is_pool(func.value) else None
             return self.acquire_attributes.get(func.attr)
-        if isinstance(func, ast.Name):
+        if isinstance(func, ast.Name) and func.id in self.acquire_name_ids:
             scope = self.scope_of(node)
             while True:
                 if (scope, func.id) in self.acquire_names:
