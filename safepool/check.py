@@ -571,6 +571,16 @@ class _Checker:
                 arg, parent = parent, module.parents.get(parent)
             else:
                 break
+        dropped = self.dropped_by_a_statement(arg, parent)
+        if dropped is not None:
+            # `asyncio.ensure_future(pool.acquire())` or `await
+            # asyncio.gather(*(pool.acquire() for _ in range(3)))` as a
+            # statement: the connections acquired reach nothing.
+            stmt = module.statement_of(call)
+            self.report(call, stmt, "SP003",
+                        f"the connection from `{ast.unparse(dropped)}` is thrown away: it can never be released",
+                        receiver, None)
+            return
         if isinstance(parent, ast.Await):
             top, awaited = parent, True
         elif (
@@ -638,6 +648,31 @@ class _Checker:
             self.check_context_variable(call, stmt, scope, receiver, var)
             return
         self.check_connection_variable(call, stmt, scope, receiver, var, gather)
+
+    def dropped_by_a_statement(self, arg: ast.AST, parent: ast.AST | None) -> ast.expr | None:
+        """The call whose result, holding the acquire ``arg``, a statement
+        throws away: a task made of it (``asyncio.ensure_future(arg)``;
+        ``create_task()`` takes coroutines only, and raises ``TypeError``
+        for an acquire), or the ``gather()`` of a comprehension of it
+        (``await asyncio.gather(*(arg for _ in range(3)))``). None
+        otherwise."""
+        parents = self.module.parents
+        if (
+            isinstance(parent, ast.Call) and arg in parent.args
+            and _last_name(parent.func) == "ensure_future"
+            and isinstance(parents.get(parent), ast.Expr)
+        ):
+            return parent
+        if isinstance(parent, (ast.GeneratorExp, ast.ListComp)) and parent.elt is arg:
+            star = parents.get(parent)
+            gather = parents.get(star) if isinstance(star, ast.Starred) else None
+            awaited = parents.get(gather) if gather is not None else None
+            if (
+                isinstance(gather, ast.Call) and _last_name(gather.func) == "gather"
+                and isinstance(awaited, ast.Await) and isinstance(parents.get(awaited), ast.Expr)
+            ):
+                return awaited
+        return None
 
     def check_context_variable(self, call: ast.Call, stmt: ast.stmt, scope: ast.AST, receiver: str, var: str) -> None:
         """``ctx = pool.acquire()``: fine if ``async with ctx`` follows."""

@@ -592,3 +592,22 @@ class ConnectionKeptWhenItWorks:
         if not await self.ping():
             await self.pool.release(self.con)
             self.con = None
+
+
+async def gathered_from_a_generator_into_a_list_and_released(pool):
+    # Into one name: not followed (docs/testing.md); kept, not dropped.
+    cons = await asyncio.gather(*(pool.acquire() for _ in range(3)))
+    try:
+        return len(cons)
+    finally:
+        for con in cons:
+            await pool.release(con)
+
+
+async def a_task_kept_and_awaited(pool):
+    task = asyncio.ensure_future(pool.acquire())
+    con = await task
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)

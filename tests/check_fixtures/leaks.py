@@ -507,3 +507,12 @@ class ConnectionOnTheInstance:
             return 1
         await self.pool.release(self.con)
         return 0
+
+
+async def acquired_by_a_task_nobody_awaits(pool):
+    asyncio.ensure_future(pool.acquire())  # expect: SP003
+
+
+async def gathered_from_a_generator_and_dropped(pool):
+    # Warming the pool up: three connections acquired and never released.
+    await asyncio.gather(*(pool.acquire() for _ in range(3)))  # expect: SP003
