@@ -912,6 +912,8 @@ class _Checker:
                     continue
                 if id(node) in finalbody or not (id(node) in inside or node.lineno < try_stmt.lineno):
                     continue
+                if self.in_comprehension(node, later):
+                    continue  # `[c.pid for con in others]`: the comprehension's own name
                 # The acquire's own target (`con = await pool.acquire()`, or
                 # a name of `a, b = await asyncio.gather(...)`).
                 binding = module.parents.get(node)
@@ -925,6 +927,14 @@ class _Checker:
                 if not self.released_before(node, later, var):
                     return node
         return None
+
+    def in_comprehension(self, node: ast.AST, outer: ast.stmt) -> bool:
+        """Whether ``node`` is a name of a comprehension (its own scope)."""
+        while node is not outer and node in self.module.parents:
+            node = self.module.parents[node]
+            if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+                return True
+        return False
 
     def released_before(self, node: ast.AST, outer: ast.stmt, var: str) -> bool:
         """Whether a statement before ``node`` releases ``var``, in each

@@ -611,3 +611,12 @@ async def a_task_kept_and_awaited(pool):
         await con.execute("SELECT 1")
     finally:
         await pool.release(con)
+
+
+async def connection_name_reused_inside_a_comprehension(pool, others):
+    # A comprehension's name is its own: `con` outside it is the connection.
+    con = await pool.acquire()
+    try:
+        return [con.get_server_pid() for con in others]
+    finally:
+        await pool.release(con)
