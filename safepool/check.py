@@ -682,7 +682,15 @@ class _Checker:
             if _escapes(node, var):
                 return
             if isinstance(node, ast.Await) and _is_name(node.value, var):
-                return  # `con = await ctx`: too indirect to follow
+                # `con = await ctx`: the connection arrives there; followed
+                # from that statement, as `con = await pool.acquire()`.
+                holder = self.module.parents.get(node)
+                if (
+                    isinstance(holder, ast.Assign) and len(holder.targets) == 1
+                    and isinstance(holder.targets[0], ast.Name) and holder.value is node
+                ):
+                    self.check_connection_variable(call, holder, scope, receiver, holder.targets[0].id)
+                return  # any other shape: too indirect to follow
         if _calls_method(scope, var, "__aenter__"):
             # Entered by hand: released only by its own __aexit__ (its paths
             # are not followed, as for `con = await ctx`).
@@ -910,6 +918,10 @@ class _Checker:
             for node in _own_nodes(later):
                 if not (isinstance(node, ast.Name) and node.id == var and isinstance(node.ctx, ast.Store)):
                     continue
+                if later is acquire_stmt and isinstance(later, ast.Assign) and any(
+                    n is node for target in later.targets for n in ast.walk(target)
+                ):
+                    continue  # the acquire's own target (`con = await ctx` too)
                 if id(node) in finalbody or not (id(node) in inside or node.lineno < try_stmt.lineno):
                     continue
                 if self.in_comprehension(node, later):

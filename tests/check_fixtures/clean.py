@@ -620,3 +620,12 @@ async def connection_name_reused_inside_a_comprehension(pool, others):
         return [con.get_server_pid() for con in others]
     finally:
         await pool.release(con)
+
+
+async def acquire_context_awaited_later_and_released(pool):
+    ctx = pool.acquire(timeout=1)
+    con = await ctx
+    try:
+        return await con.fetchval("SELECT 1")
+    finally:
+        await pool.release(con)

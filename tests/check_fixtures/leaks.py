@@ -516,3 +516,11 @@ async def acquired_by_a_task_nobody_awaits(pool):
 async def gathered_from_a_generator_and_dropped(pool):
     # Warming the pool up: three connections acquired and never released.
     await asyncio.gather(*(pool.acquire() for _ in range(3)))  # expect: SP003
+
+
+async def acquire_context_awaited_later(pool):
+    ctx = pool.acquire(timeout=1)  # expect: SP001 return
+    con = await ctx
+    if await con.fetchval("SELECT 1"):
+        return None
+    await pool.release(con)
