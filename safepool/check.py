@@ -1236,12 +1236,15 @@ def _check_file(path: str, pool_names: str, findings: list[Finding], errors: lis
         return 1
     except SyntaxError as exc:
         message = f"{type(exc).__name__}: {exc}"
-        if type(exc) is SyntaxError and source is not None and not (exc.msg or "").startswith("too many"):
+        if (
+            type(exc) is SyntaxError and source is not None and not (exc.msg or "").startswith("too many")
+            and "null bytes" not in (exc.msg or "")
+        ):
             # Parsed with this interpreter's grammar: newer syntax (PEP
             # 695's `type X = ...` on 3.11) is an error here, not in the
             # code. (An undecodable file fails before parsing, and a
             # parser limit, "too many nested parentheses", is the same in
-            # every version: no hint.)
+            # every version, as is a NUL byte in the file: no hint.)
             message += (f" (parsed as Python {sys.version_info.major}.{sys.version_info.minor}: "
                         "run the check with the Python version the code is written for)")
         errors.append({"path": path, "error": message})

@@ -499,3 +499,14 @@ def test_the_suppression_comment_on_each_line_of_the_statement() -> None:
     assert check_source(leak.replace("acquire(", "acquire(  # safepool: ignore").format("")) == []
     # On another statement's line, it does not hide the finding.
     assert [f.line for f in check_source(leak.format("") + "    pass  # safepool: ignore\n")] == [2]
+
+
+def test_cli_a_nul_byte_is_not_blamed_on_the_python_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A NUL byte (a binary or corrupted file named .py) is refused by every
+    # version's parser: the hint to run the check with another Python misled.
+    (tmp_path / "corrupt.py").write_bytes(b"async def f(pool):\n    con = await pool.acquire()\n\x00\n")
+    assert main([str(tmp_path / "corrupt.py")]) == 2
+    err = capsys.readouterr().err
+    assert "null bytes" in err and "parsed as Python" not in err
