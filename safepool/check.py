@@ -153,6 +153,14 @@ class _Module:
         self.not_pools: set[str] = set()
         assignments: list[ast.Assign | ast.AnnAssign] = []
         for node in ast.walk(tree):
+            if isinstance(node, ast.AnnAssign) and (name := _last_name(node.target)):
+                # A field or attribute annotated with a pool's type (`db:
+                # asyncpg.Pool` in a dataclass, `self.db: Pool = db`), as a
+                # parameter is below.
+                if re.search(r"Pool\b", ast.unparse(node.annotation)):
+                    self.known_pools.add(name)
+                elif _last_name(node.annotation) in _NOT_POOLS:
+                    self.not_pools.add(name)
             if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
                 assignments.append(node)
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]

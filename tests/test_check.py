@@ -510,3 +510,39 @@ def test_cli_a_nul_byte_is_not_blamed_on_the_python_version(
     assert main([str(tmp_path / "corrupt.py")]) == 2
     err = capsys.readouterr().err
     assert "null bytes" in err and "parsed as Python" not in err
+
+
+def test_fields_annotated_with_a_pool_type_are_pools() -> None:
+    """A dataclass (or attrs, pydantic) field `db: asyncpg.Pool`, or an
+    annotated attribute, holds a pool as an annotated parameter does: its
+    acquires were not checked. A field annotated with a semaphore is not a
+    pool whatever its name."""
+    source = '''
+from dataclasses import dataclass
+
+import asyncio
+import asyncpg
+
+
+@dataclass
+class Repository:
+    db: asyncpg.Pool
+    worker_pool: asyncio.Semaphore
+
+    async def get(self):
+        con = await self.db.acquire()
+        return await con.fetchval("SELECT 1")
+
+    async def throttled(self):
+        await self.worker_pool.acquire()
+
+
+class Service:
+    def __init__(self, database):
+        self.database: "safepool.Pool" = database
+
+    async def get(self):
+        con = await self.database.acquire()
+        return await con.fetchval("SELECT 1")
+'''
+    assert [(f.line, f.code) for f in check_source(source)] == [(14, "SP002"), (26, "SP002")]
