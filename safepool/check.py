@@ -253,8 +253,8 @@ class _Module:
             while True:
                 if (scope, func.id) in self.acquire_names:
                     return self.acquire_names[scope, func.id]
-                if scope is self.tree:
-                    return None
+                if scope is self.tree or _binds(scope, func.id):
+                    return None  # ... or a name of its own there: `async def f(acquire):`
                 scope = self.scope_of(scope)
         return None
 
@@ -320,6 +320,18 @@ def _calls_method(scope: ast.AST, var: str, method: str) -> bool:
     return any(
         isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == method
         and _is_name(node.func.value, var)
+        for node in _walk_scope(scope)
+    )
+
+
+def _binds(scope: ast.AST, name: str) -> bool:
+    """Whether the function ``scope`` has a parameter ``name`` or assigns it."""
+    if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        args = scope.args
+        if any(a.arg == name for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg] if a):
+            return True
+    return any(
+        isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Store)
         for node in _walk_scope(scope)
     )
 

@@ -629,3 +629,11 @@ async def acquire_context_awaited_later_and_released(pool):
         return await con.fetchval("SELECT 1")
     finally:
         await pool.release(con)
+
+
+acquire_from_pool = functools.partial(safepool.Pool.acquire)
+
+
+async def a_parameter_shadows_a_module_level_acquire_alias(acquire_from_pool):
+    # A name of its own here: not the module's alias of a pool's acquire.
+    await acquire_from_pool()
