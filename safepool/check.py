@@ -902,7 +902,9 @@ class _Checker:
                 # `if con is not None:` (acquired inside the try) is fine, and
                 # so is an `if` whose other branch releases too; `if ok:` is not.
                 other = parent.orelse if any(node is s for s in parent.body) else parent.body
-                tests_connection = any(_is_name(n, var) for n in ast.walk(parent.test))
+                tests_connection = any(_is_name(n, var) for n in ast.walk(parent.test)) or (
+                    any(node is s for s in parent.body) and self.flags_acquire(parent.test, acquire_stmt)
+                )
                 if not tests_connection and not _contains_release(other, var):
                     condition = parent
             node = parent
@@ -978,6 +980,22 @@ class _Checker:
                     return True
             node = self.module.parents[node]
         return False
+
+    def flags_acquire(self, test: ast.expr, acquire_stmt: ast.stmt) -> bool:
+        """Whether ``test`` is a flag set right after the acquire, so true
+        exactly when the connection is held: ``con = await pool.acquire()``
+        then ``acquired = True`` (nothing between can fail), and ``if
+        acquired:`` in the ``finally:``."""
+        place = _block_of(self.module, acquire_stmt)
+        if not isinstance(test, ast.Name) or place is None:
+            return False
+        block, index = place
+        following = block[index + 1] if index + 1 < len(block) else None
+        return (
+            isinstance(following, ast.Assign) and len(following.targets) == 1
+            and _is_name(following.targets[0], test.id)
+            and isinstance(following.value, ast.Constant) and following.value.value is True
+        )
 
     def try_follows(self, acquire_stmt: ast.stmt, try_stmt: ast.stmt, var: str) -> str | None:
         """"next" if ``try_stmt`` comes right after the acquire in the same

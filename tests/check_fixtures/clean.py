@@ -637,3 +637,14 @@ acquire_from_pool = functools.partial(safepool.Pool.acquire)
 async def a_parameter_shadows_a_module_level_acquire_alias(acquire_from_pool):
     # A name of its own here: not the module's alias of a pool's acquire.
     await acquire_from_pool()
+
+
+async def released_when_a_flag_set_right_after_the_acquire_says_so(pool):
+    acquired = False
+    try:
+        con = await pool.acquire()
+        acquired = True
+        await con.execute("SELECT 1")
+    finally:
+        if acquired:
+            await pool.release(con)

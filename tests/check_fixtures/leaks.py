@@ -524,3 +524,15 @@ async def acquire_context_awaited_later(pool):
     if await con.fetchval("SELECT 1"):
         return None
     await pool.release(con)
+
+
+async def released_when_a_flag_set_too_late_says_so(pool):
+    # The SET can fail before the flag is set: the connection is then kept.
+    acquired = False
+    try:
+        con = await pool.acquire()  # expect: SP001 when
+        await con.execute("SET statement_timeout = 1000")
+        acquired = True
+    finally:
+        if acquired:
+            await pool.release(con)
