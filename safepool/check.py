@@ -42,6 +42,9 @@ __all__ = ["Finding", "check_source", "main"]
 
 DEFAULT_POOL_NAMES = r"(?i)pools?$"
 IGNORE_COMMENT = re.compile(r"#\s*safepool:\s*ignore\b")
+# Directories a walk skips (hidden ones too): caches, virtualenvs, build
+# output. One of these names that is a package (has an `__init__.py`:
+# `myapp/build/`) is code, and is checked.
 SKIP_DIRS = {"__pycache__", "node_modules", "site-packages", "venv", ".venv", "build", "dist"}
 
 _Scope = ast.Module | ast.FunctionDef | ast.AsyncFunctionDef
@@ -82,6 +85,11 @@ class Finding:
 
 def _hint(receiver: str, var: str | None, code: str = "") -> str:
     name = "con" if var is None or code == "SP004" else var
+    if "." in name:  # stored on an object: `request.state.con`
+        return (
+            f"release it in a `finally:` block right after the acquire (`try: ... finally: await "
+            f"{receiver}.release({name})`), or acquire into a local name: `async with {receiver}.acquire() as con:`"
+        )
     if code == "SP004":
         return f"`{name} = await {receiver}.acquire()` (then release it in `finally:`), or `async with {receiver}.acquire() as {name}:`"
     return (
@@ -143,8 +151,18 @@ class _Module:
         # Names bound to a lock or semaphore (`worker_pool = asyncio.Semaphore(5)`):
         # not pools, even when the name says so.
         self.not_pools: set[str] = set()
+        assignments: list[ast.Assign | ast.AnnAssign] = []
         for node in ast.walk(tree):
+            if isinstance(node, ast.AnnAssign) and (name := _last_name(node.target)):
+                # A field or attribute annotated with a pool's type (`db:
+                # asyncpg.Pool` in a dataclass, `self.db: Pool = db`), as a
+                # parameter is below.
+                if re.search(r"Pool\b", ast.unparse(node.annotation)):
+                    self.known_pools.add(name)
+                elif _last_name(node.annotation) in _NOT_POOLS:
+                    self.not_pools.add(name)
             if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                assignments.append(node)
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 if _last_name(node.value) == "create_pool" and isinstance(node.value, (ast.Call, ast.Await)):
                     self.known_pools.update(n for n in map(_last_name, targets) if n)
@@ -186,11 +204,69 @@ class _Module:
             if not found:
                 break
             self.known_pools |= found
+        # Aliases of a pool's acquire (`acq = pool.acquire`,
+        # `functools.partial(pool.acquire, timeout=1)`, `lambda: pool.acquire()`),
+        # `await acq()` is `await pool.acquire()`. A name is an alias in the
+        # function that assigns it and the functions nested in it (the whole
+        # file for a module-level name), an attribute (`self._acquire =
+        # pool.acquire`) by its name across the file, as pools are; a call
+        # `x.acquire()` is judged by `x`, whatever is named `acquire`.
+        self.acquire_names: dict[tuple[ast.AST, str], str] = {}
+        self.acquire_attributes: dict[str, str] = {}
+        for node in assignments:
+            if node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                receiver = self.acquire_receiver(node.value)
+                if receiver is None:
+                    continue
+                for alias in targets:
+                    if isinstance(alias, ast.Name):
+                        self.acquire_names[self.scope_of(node), alias.id] = receiver
+                    elif isinstance(alias, ast.Attribute):
+                        self.acquire_attributes[alias.attr] = receiver
+        self.acquire_name_ids = {name for _, name in self.acquire_names}
+
+    def acquire_receiver(self, value: ast.expr) -> str | None:
+        """The pool's source text when ``value`` is an alias of its acquire
+        (``pool.acquire``, ``partial(pool.acquire, ...)``, ``lambda:
+        pool.acquire(...)``), else None."""
+        if isinstance(value, ast.Call) and _last_name(value.func) == "partial" and value.args:
+            value = value.args[0]
+        elif isinstance(value, ast.Lambda) and isinstance(value.body, ast.Call):
+            value = value.body.func
+        if isinstance(value, ast.Attribute) and value.attr == "acquire" and self.is_pool(value.value):
+            return ast.unparse(value.value)
+        return None
+
+    def acquire_call(self, node: ast.AST) -> str | None:
+        """The pool's source text when ``node`` is a call of its acquire
+        (``pool.acquire()``, or of an alias: ``acq()``), else None."""
+        if not isinstance(node, ast.Call):
+            return None
+        func = node.func
+        if isinstance(func, ast.Attribute):
+            if func.attr == "acquire":
+                return ast.unparse(func.value) if self.is_pool(func.value) else None
+            return self.acquire_attributes.get(func.attr)
+        if isinstance(func, ast.Name) and func.id in self.acquire_name_ids:
+            scope = self.scope_of(node)
+            while True:
+                if (scope, func.id) in self.acquire_names:
+                    return self.acquire_names[scope, func.id]
+                if scope is self.tree or _binds(scope, func.id):
+                    return None  # ... or a name of its own there: `async def f(acquire):`
+                scope = self.scope_of(scope)
+        return None
 
     def is_pool(self, receiver: ast.expr) -> bool:
         if isinstance(receiver, ast.Subscript) and isinstance(receiver.slice, (ast.Name, ast.Attribute)):
             if _last_name(receiver.slice) in self.pool_keys:
                 return True
+        if (
+            isinstance(receiver, ast.Subscript) and isinstance(receiver.slice, ast.Constant)
+            and isinstance(receiver.slice.value, str) and self.is_pool(receiver.value)
+        ):
+            return True  # `self.pools["primary"]`: an item of pools (`app["pool"]` is judged by its key below)
         name = _last_name(receiver)
         return name is not None and (
             name in self.known_pools or (name not in self.not_pools and bool(self.pool_pattern.search(name)))
@@ -248,6 +324,18 @@ def _calls_method(scope: ast.AST, var: str, method: str) -> bool:
     )
 
 
+def _binds(scope: ast.AST, name: str) -> bool:
+    """Whether the function ``scope`` has a parameter ``name`` or assigns it."""
+    if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        args = scope.args
+        if any(a.arg == name for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg] if a):
+            return True
+    return any(
+        isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Store)
+        for node in _walk_scope(scope)
+    )
+
+
 def _walk_scope(node: ast.AST) -> Iterator[ast.AST]:
     """Every node under ``node`` without entering nested functions or classes."""
     stack = list(ast.iter_child_nodes(node))
@@ -269,7 +357,22 @@ def _own_nodes(node: ast.AST) -> list[ast.AST]:
 
 
 def _is_name(node: ast.AST | None, var: str) -> bool:
-    return isinstance(node, ast.Name) and node.id == var
+    """Is ``node`` the name ``var``, or, for a connection stored on an
+    attribute (``request.state.con``), that attribute?"""
+    if isinstance(node, ast.Name):
+        return node.id == var
+    return isinstance(node, ast.Attribute) and "." in var and _dotted(node) == var
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """``request.state.con`` for an attribute of attributes of a name, else None."""
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name) or not parts:
+        return None
+    return ".".join([node.id, *reversed(parts)])
 
 
 def _releases(node: ast.AST, var: str) -> bool:
@@ -379,6 +482,47 @@ def _leaves_holding(stmt: ast.stmt, var: str) -> ast.AST | None:
     return None
 
 
+def _is_release_call(node: ast.AST) -> bool:
+    """``pool.release(x)`` (of any connection), also wrapped
+    (``asyncio.shield(pool.release(con))``). Not ``x.close()``: any object
+    has one (``await session.close()``), and it can fail."""
+    while isinstance(node, ast.Call) and _last_name(node.func) in _WRAPPERS and node.args:
+        node = node.args[0]
+    return (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "release"
+        and bool(node.args or node.keywords)
+    )
+
+
+def _leaves_before_release(stmt: ast.stmt, var: str) -> ast.AST | None:
+    """A node in ``stmt``, a statement of a ``finally:`` before the release
+    of ``var``, that can suspend, raise or leave, so that the release is
+    skipped: as :func:`_leaves_holding`, but a release of another connection
+    (``finally: await pool.release(a); await pool.release(b)``) is not one."""
+    if isinstance(stmt, ast.If):
+        for node in _own_nodes(stmt.test):
+            if isinstance(node, (ast.Await, ast.Yield, ast.YieldFrom)):
+                return node
+        for branch in (stmt.body, stmt.orelse):
+            for inner in branch:
+                if isinstance(inner, ast.Expr) and any(
+                    isinstance(n, ast.Call) and _releases(n, var) for n in _own_nodes(inner.value)
+                ):
+                    break  # released: whatever follows in this branch is fine
+                leaver = _leaves_before_release(inner, var)
+                if leaver is not None:
+                    return leaver
+        return None
+    for node in _own_nodes(stmt):
+        if isinstance(node, ast.Await) and _is_release_call(node.value):
+            continue
+        if isinstance(node, (ast.Await, ast.Return, ast.Raise, ast.Yield, ast.YieldFrom, ast.Break, ast.Continue)):
+            return node
+        if isinstance(node, (ast.AsyncWith, ast.AsyncFor)):
+            return node
+    return None
+
+
 def _may_leave(stmt: ast.stmt) -> ast.AST | None:
     """A node in ``stmt`` that can suspend, raise or leave (await, return, raise, yield)."""
     for node in _own_nodes(stmt):
@@ -397,13 +541,10 @@ class _Checker:
 
     def run(self) -> list[Finding]:
         for node in ast.walk(self.module.tree):
-            if (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Attribute)
-                and node.func.attr == "acquire"
-                and self.module.is_pool(node.func.value)
-            ):
-                self.check_acquire(node)
+            receiver = self.module.acquire_call(node)
+            if receiver is not None:
+                assert isinstance(node, ast.Call)
+                self.check_acquire(node, receiver)
         self.findings.sort(key=lambda f: (f.line, f.col))
         return self.findings
 
@@ -418,10 +559,8 @@ class _Checker:
             self.path, line, getattr(node, "col_offset", 0) + 1, code, message, hint or _hint(receiver, var, code),
         ))
 
-    def check_acquire(self, call: ast.Call) -> None:
+    def check_acquire(self, call: ast.Call, receiver: str) -> None:
         module = self.module
-        assert isinstance(call.func, ast.Attribute)
-        receiver = ast.unparse(call.func.value)
         parent = module.parents.get(call)
         # async with pool.acquire() [as con]:
         if isinstance(parent, ast.withitem):
@@ -446,10 +585,22 @@ class _Checker:
             elif (
                 isinstance(parent, ast.Call) and arg in parent.args and _last_name(parent.func) in _WRAPPERS
                 and not isinstance(module.parents.get(parent), ast.Await)
-            ):
+            ) or (isinstance(parent, ast.IfExp) and arg is not parent.test):
+                # ... or one branch of a conditional expression: `await
+                # (pool.acquire() if x else replica_pool.acquire())`.
                 arg, parent = parent, module.parents.get(parent)
             else:
                 break
+        dropped = self.dropped_by_a_statement(arg, parent)
+        if dropped is not None:
+            # `asyncio.ensure_future(pool.acquire())` or `await
+            # asyncio.gather(*(pool.acquire() for _ in range(3)))` as a
+            # statement: the connections acquired reach nothing.
+            stmt = module.statement_of(call)
+            self.report(call, stmt, "SP003",
+                        f"the connection from `{ast.unparse(dropped)}` is thrown away: it can never be released",
+                        receiver, None)
+            return
         if isinstance(parent, ast.Await):
             top, awaited = parent, True
         elif (
@@ -461,6 +612,10 @@ class _Checker:
             # (a task, a coroutine passed on), as for a bare acquire passed on.
             return
         holder = module.parents.get(top)
+        while isinstance(holder, ast.IfExp) and top is not holder.test:
+            # `con = await pool.acquire() if need else None`: the connection,
+            # when there is one, lands where the conditional's value does.
+            top, holder = holder, module.parents.get(holder)
         stmt = module.statement_of(call)
         if awaited and _expected_to_raise(module, stmt):
             return
@@ -472,6 +627,10 @@ class _Checker:
         elif isinstance(holder, ast.Assign) and holder.value is top:
             if len(holder.targets) == 1 and isinstance(holder.targets[0], ast.Name) and gather is None:
                 var = holder.targets[0].id
+            elif (
+                len(holder.targets) == 1 and gather is None and (stored := _dotted(holder.targets[0])) is not None
+            ):
+                var = stored  # `request.state.con = await pool.acquire()`: followed only if released here
             elif (unpacked := _gathered_name(arg, parent, holder)) is not None:
                 var = unpacked  # a, b = await asyncio.gather(pool.acquire(), pool.acquire())
             else:
@@ -510,6 +669,31 @@ class _Checker:
             return
         self.check_connection_variable(call, stmt, scope, receiver, var, gather)
 
+    def dropped_by_a_statement(self, arg: ast.AST, parent: ast.AST | None) -> ast.expr | None:
+        """The call whose result, holding the acquire ``arg``, a statement
+        throws away: a task made of it (``asyncio.ensure_future(arg)``;
+        ``create_task()`` takes coroutines only, and raises ``TypeError``
+        for an acquire), or the ``gather()`` of a comprehension of it
+        (``await asyncio.gather(*(arg for _ in range(3)))``). None
+        otherwise."""
+        parents = self.module.parents
+        if (
+            isinstance(parent, ast.Call) and arg in parent.args
+            and _last_name(parent.func) == "ensure_future"
+            and isinstance(parents.get(parent), ast.Expr)
+        ):
+            return parent
+        if isinstance(parent, (ast.GeneratorExp, ast.ListComp)) and parent.elt is arg:
+            star = parents.get(parent)
+            gather = parents.get(star) if isinstance(star, ast.Starred) else None
+            awaited = parents.get(gather) if gather is not None else None
+            if (
+                isinstance(gather, ast.Call) and _last_name(gather.func) == "gather"
+                and isinstance(awaited, ast.Await) and isinstance(parents.get(awaited), ast.Expr)
+            ):
+                return awaited
+        return None
+
     def check_context_variable(self, call: ast.Call, stmt: ast.stmt, scope: ast.AST, receiver: str, var: str) -> None:
         """``ctx = pool.acquire()``: fine if ``async with ctx`` follows."""
         for node in _walk_scope(scope):
@@ -518,7 +702,15 @@ class _Checker:
             if _escapes(node, var):
                 return
             if isinstance(node, ast.Await) and _is_name(node.value, var):
-                return  # `con = await ctx`: too indirect to follow
+                # `con = await ctx`: the connection arrives there; followed
+                # from that statement, as `con = await pool.acquire()`.
+                holder = self.module.parents.get(node)
+                if (
+                    isinstance(holder, ast.Assign) and len(holder.targets) == 1
+                    and isinstance(holder.targets[0], ast.Name) and holder.value is node
+                ):
+                    self.check_connection_variable(call, holder, scope, receiver, holder.targets[0].id)
+                return  # any other shape: too indirect to follow
         if _calls_method(scope, var, "__aenter__"):
             # Entered by hand: released only by its own __aexit__ (its paths
             # are not followed, as for `con = await ctx`).
@@ -538,8 +730,19 @@ class _Checker:
         for node in _walk_scope(scope):
             if _escapes(node, var):
                 return
+            if isinstance(node, (ast.Global, ast.Nonlocal)) and var in node.names:
+                return  # `global con`: kept in the module (or the enclosing function), as on an object
             if isinstance(node, ast.Call) and _releases(node, var):
                 releases.append(node)
+        if "." in var and not any(self.owned_release(release, call, stmt, scope) for release in releases):
+            # Stored on an object and not released here after the acquire
+            # (`__aenter__` keeps it for `__aexit__`; `release(self.con)`
+            # then `self.con = await pool.acquire()` replaces it), or only
+            # when something failed (`except BaseException: release;
+            # raise`) or under a condition (`if not await self.ping():`):
+            # it leaves the function on the normal path, as the docs'
+            # limits say.
+            return
         if not releases:
             self.report(call, stmt, "SP002",
                         f"connection `{var}` acquired here is never released in `{_scope_name(scope)}`",
@@ -547,7 +750,18 @@ class _Checker:
             return
         conditions: list[ast.If] = []
         loops: list[ast.stmt] = []
-        if any(self.safe_release(release, stmt, scope, var, conditions, loops) for release in releases):
+        late: list[int] = []
+        tries: list[ast.stmt] = []
+        if any(self.safe_release(release, stmt, scope, var, conditions, loops, late, tries) for release in releases):
+            rebound = self.rebinding(call, stmt, tries[0], var) if tries else None
+            if rebound is not None:
+                self.report(call, stmt, "SP001",
+                            f"connection `{var}` acquired here is not released on every path: `{var}` is bound "
+                            f"again at line {rebound.lineno}, before the `finally:` releases it, and the "
+                            "connection it held is never released", receiver, var,
+                            hint=f"release it before binding `{var}` again, or give the other value a name "
+                            f"of its own (`async with {receiver}.acquire() as {var}:` for each connection)")
+                return
             if gather is not None and _gather_drops_results(gather):
                 # Not the usual fix: the `finally:` right after is there already.
                 self.report(call, stmt, "SP001",
@@ -563,6 +777,14 @@ class _Checker:
                         f"connection `{var}` is acquired on each turn of the loop at line {loops[0].lineno}, but "
                         "released only in the `finally:` after that loop: each turn's connection but the last "
                         "is never released", receiver, var)
+            return
+        if late:
+            self.report(call, stmt, "SP001",
+                        f"connection `{var}` is released in a `finally:` block, but line {late[0]} in that "
+                        "`finally:` comes before the release and can fail or leave first: the release is then "
+                        "skipped", receiver, var,
+                        hint=f"release it first in the `finally:`, or put what comes before the release in a "
+                        f"`try:` of its own (`finally: try: ... finally: await {receiver}.release({var})`)")
             return
         if conditions:
             test = conditions[0]
@@ -599,15 +821,43 @@ class _Checker:
         self.report(call, stmt, "SP001",
                     f"connection `{var}` acquired here is not released on every path: {reason}", receiver, var)
 
+    def owned_release(self, release: ast.Call, call: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST) -> bool:
+        """For a connection stored on an object: whether ``release`` says
+        this function meant to give it back, being after the acquire, in
+        the acquire's own block or in a ``finally:``, not in a handler."""
+        if release.lineno <= call.lineno or self.in_handler(release, scope):
+            return False
+        home = _block_of(self.module, acquire_stmt)
+        if home is not None and any(self.module.statement_of(release) is s for s in home[0]):
+            return True
+        node: ast.AST = release
+        while node is not scope and node in self.module.parents:
+            parent = self.module.parents[node]
+            if isinstance(parent, (ast.Try, ast.TryStar)) and any(node is s for s in parent.finalbody):
+                return True
+            node = parent
+        return False
+
+    def in_handler(self, node: ast.AST, scope: ast.AST) -> bool:
+        """Whether ``node`` is inside an ``except`` handler in ``scope``."""
+        while node is not scope and node in self.module.parents:
+            node = self.module.parents[node]
+            if isinstance(node, ast.ExceptHandler):
+                return True
+        return False
+
     def safe_release(
         self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST, var: str, conditions: list[ast.If],
-        loops: list[ast.stmt],
+        loops: list[ast.stmt], late: list[int], tries: list[ast.stmt] | None = None,
     ) -> bool:
         """Whether ``release`` gives ``var`` back on every path. A release in
         the right ``finally:`` that runs only under an ``if`` unrelated to the
         connection is not: that ``if`` is added to ``conditions``. Neither
         is a ``finally:`` after a loop that acquires on each turn: that loop
-        is added to ``loops``."""
+        is added to ``loops``; nor one that awaits, raises or returns before
+        the release (``finally: await con.execute("UNLISTEN *")`` then the
+        release): the line of that statement is added to ``late``. The
+        ``try:`` of a ``finally:`` that releases is added to ``tries``."""
         module = self.module
         # Registered with an exit stack: released however the block ends.
         if isinstance(release.func, ast.Attribute) and release.func.attr in _CLEANUP_REGISTRATIONS:
@@ -618,8 +868,16 @@ class _Checker:
                 return True
         node: ast.AST = release
         condition: ast.If | None = None  # the innermost `if` so far that does not test the connection
+        before: ast.AST | None = None  # the first statement on the way up that can leave before the release
         while node is not scope:
             parent = module.parents[node]
+            if isinstance(node, ast.stmt) and (place := _block_of(module, node)) is not None:
+                block, index = place
+                for earlier in block[:index]:
+                    leaver = _leaves_before_release(earlier, var)
+                    if leaver is not None:
+                        before = leaver
+                        break
             if isinstance(parent, (ast.Try, ast.TryStar)) and any(node is s for s in parent.finalbody):
                 if (
                     _contains(parent.body, acquire_stmt) or self.try_follows(acquire_stmt, parent, var) == "next"
@@ -631,19 +889,113 @@ class _Checker:
                     if loop is not None:
                         loops.append(loop)
                         return False
-                    if condition is None:
-                        return True
-                    conditions.append(condition)
-                    return False
+                    if condition is not None:
+                        conditions.append(condition)
+                        return False
+                    if before is not None:
+                        late.append(getattr(before, "lineno", release.lineno))
+                        return False
+                    if tries is not None:
+                        tries.append(parent)
+                    return True
             elif isinstance(parent, ast.If) and node is not parent.test and condition is None:
                 # `if con is not None:` (acquired inside the try) is fine, and
                 # so is an `if` whose other branch releases too; `if ok:` is not.
                 other = parent.orelse if any(node is s for s in parent.body) else parent.body
-                tests_connection = any(_is_name(n, var) for n in ast.walk(parent.test))
+                tests_connection = any(_is_name(n, var) for n in ast.walk(parent.test)) or (
+                    any(node is s for s in parent.body) and self.flags_acquire(parent.test, acquire_stmt)
+                )
                 if not tests_connection and not _contains_release(other, var):
                     condition = parent
             node = parent
         return False
+
+    def rebinding(self, call: ast.Call, acquire_stmt: ast.stmt, try_stmt: ast.stmt, var: str) -> ast.Name | None:
+        """A binding of ``var`` (``con = ...``, ``for con in ...``, ``as
+        con``) that runs after the acquire and before the ``finally:`` of
+        ``try_stmt`` releases ``var``, with no release of ``var`` before it
+        in its blocks: the connection acquired is then lost (``if stale:
+        con = await pool.acquire()`` inside the ``try:``). Followed as
+        :meth:`try_follows` follows the statements after the acquire: not
+        into the other branch of an ``if``, nor into a handler of a ``try:``
+        whose body acquires."""
+        module = self.module
+        assert isinstance(try_stmt, (ast.Try, ast.TryStar))
+        after: list[ast.stmt] = [acquire_stmt]
+        stmt: ast.AST = acquire_stmt
+        while isinstance(stmt, ast.stmt) and (place := _block_of(module, stmt)) is not None:
+            block, index = place
+            parent = module.parents.get(stmt)
+            after.extend(block[index + 1:])
+            if isinstance(parent, (ast.Try, ast.TryStar)) and block is parent.body:
+                after.extend(parent.orelse)
+            elif isinstance(parent, ast.ExceptHandler):
+                parent = module.parents.get(parent)
+            if parent is None or isinstance(parent, _SCOPES):
+                break
+            stmt = parent
+        finalbody = {id(n) for s in try_stmt.finalbody for n in ast.walk(s)}
+        inside = {id(n) for n in ast.walk(try_stmt)}
+        for later in after:
+            for node in _own_nodes(later):
+                if not (isinstance(node, ast.Name) and node.id == var and isinstance(node.ctx, ast.Store)):
+                    continue
+                if later is acquire_stmt and isinstance(later, ast.Assign) and any(
+                    n is node for target in later.targets for n in ast.walk(target)
+                ):
+                    continue  # the acquire's own target (`con = await ctx` too)
+                if id(node) in finalbody or not (id(node) in inside or node.lineno < try_stmt.lineno):
+                    continue
+                if self.in_comprehension(node, later):
+                    continue  # `[c.pid for con in others]`: the comprehension's own name
+                # The acquire's own target (`con = await pool.acquire()`, or
+                # a name of `a, b = await asyncio.gather(...)`).
+                binding = module.parents.get(node)
+                while isinstance(binding, (ast.Tuple, ast.List, ast.Starred)):
+                    binding = module.parents.get(binding)
+                value = getattr(binding, "value", None)
+                if isinstance(binding, (ast.Assign, ast.AnnAssign, ast.NamedExpr)) and value is not None and any(
+                    n is call for n in ast.walk(value)
+                ):
+                    continue
+                if not self.released_before(node, later, var):
+                    return node
+        return None
+
+    def in_comprehension(self, node: ast.AST, outer: ast.stmt) -> bool:
+        """Whether ``node`` is a name of a comprehension (its own scope)."""
+        while node is not outer and node in self.module.parents:
+            node = self.module.parents[node]
+            if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+                return True
+        return False
+
+    def released_before(self, node: ast.AST, outer: ast.stmt, var: str) -> bool:
+        """Whether a statement before ``node`` releases ``var``, in each
+        block from ``node``'s up to the one holding ``outer``."""
+        while node is not outer and node in self.module.parents:
+            if isinstance(node, ast.stmt) and (place := _block_of(self.module, node)) is not None:
+                block, index = place
+                if _contains_release(block[:index], var):
+                    return True
+            node = self.module.parents[node]
+        return False
+
+    def flags_acquire(self, test: ast.expr, acquire_stmt: ast.stmt) -> bool:
+        """Whether ``test`` is a flag set right after the acquire, so true
+        exactly when the connection is held: ``con = await pool.acquire()``
+        then ``acquired = True`` (nothing between can fail), and ``if
+        acquired:`` in the ``finally:``."""
+        place = _block_of(self.module, acquire_stmt)
+        if not isinstance(test, ast.Name) or place is None:
+            return False
+        block, index = place
+        following = block[index + 1] if index + 1 < len(block) else None
+        return (
+            isinstance(following, ast.Assign) and len(following.targets) == 1
+            and _is_name(following.targets[0], test.id)
+            and isinstance(following.value, ast.Constant) and following.value.value is True
+        )
 
     def try_follows(self, acquire_stmt: ast.stmt, try_stmt: ast.stmt, var: str) -> str | None:
         """"next" if ``try_stmt`` comes right after the acquire in the same
@@ -658,6 +1010,7 @@ class _Checker:
         and ``finally:`` (a handler runs with the connection held only if
         something after the acquire raised: that is the first leaver), then
         what follows the ``try``."""
+        module = self.module
         first_leaver: str | None = None
         stmt = acquire_stmt
         while True:
@@ -671,6 +1024,12 @@ class _Checker:
                 following = following + parent.orelse + parent.finalbody
             elif isinstance(parent, (ast.Try, ast.TryStar)) and block is parent.orelse:
                 following = following + parent.finalbody
+            elif isinstance(parent, ast.ExceptHandler):
+                # An acquire in a handler (`except PoolTimeoutError: con =
+                # await fallback_pool.acquire()`): the rest of the handler,
+                # the `finally:`, then what follows the `try`.
+                parent = module.parents.get(parent)
+                following = following + getattr(parent, "finalbody", [])
             elif not isinstance(parent, ast.If):
                 parent = None
             for later in following:
@@ -680,7 +1039,7 @@ class _Checker:
                 if leaver is not None and first_leaver is None:
                     # The await, return or raise itself (an `if` may hold it lines below).
                     first_leaver = str(getattr(leaver, "lineno", later.lineno))
-            if parent is None:
+            if not isinstance(parent, ast.stmt):
                 return None
             stmt = parent
 
@@ -800,16 +1159,20 @@ def check_source(source: str, path: str = "<string>", *, pool_names: str = DEFAU
     return _Checker(_Module(tree, source, re.compile(pool_names)), path).run()
 
 
+def _excluded(path: str, excludes: Sequence[str]) -> bool:
+    """Whether ``path`` (``./`` and ``//`` normalised away), or a trailing
+    part of it from a directory boundary on, matches one of ``excludes``."""
+    parts = os.path.normpath(path).split(os.sep)
+    tails = [os.sep.join(parts[i:]) for i in range(len(parts))]
+    return any(fnmatch.fnmatch(tail, os.path.normpath(pattern)) for pattern in excludes for tail in tails)
+
+
 def _python_files(paths: Sequence[str], excludes: Sequence[str]) -> Iterator[str]:
     # A pattern matches the path (`./` and `//` normalised away) or any
     # trailing part of it from a directory boundary on: `migrations`,
     # `migrations/*` and `src/migrations` all exclude src/migrations/0001.py.
-    patterns = [os.path.normpath(pattern) for pattern in excludes]
-
     def excluded(path: str) -> bool:
-        parts = os.path.normpath(path).split(os.sep)
-        tails = [os.sep.join(parts[i:]) for i in range(len(parts))]
-        return any(fnmatch.fnmatch(tail, pattern) for pattern in patterns for tail in tails)
+        return _excluded(path, excludes)
 
     for root in paths:
         if os.path.isfile(root):
@@ -819,7 +1182,8 @@ def _python_files(paths: Sequence[str], excludes: Sequence[str]) -> Iterator[str
         for directory, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(
                 d for d in dirnames
-                if not d.startswith(".") and d not in SKIP_DIRS and not excluded(os.path.join(directory, d))
+                if not d.startswith(".") and not excluded(os.path.join(directory, d))
+                and (d not in SKIP_DIRS or os.path.isfile(os.path.join(directory, d, "__init__.py")))
             )
             for filename in sorted(filenames):
                 path = os.path.join(directory, filename)
@@ -837,13 +1201,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m safepool check PATH...``: print the findings of every
     file (``--format text`` or ``json``) and return the exit status: 0
     nothing found, 1 findings (even if some files could not be checked), 2
-    no findings but a file could not be read or parsed, or a path does not
-    exist."""
+    no findings but a file could not be read or parsed, a path does not
+    exist, or a directory given holds no Python file to check."""
     parser = argparse.ArgumentParser(
         prog="python -m safepool check",
         description="Find pool.acquire() results that are not released on every path. "
         "Exit status: 0 nothing found, 1 findings (even if some files could not be checked), "
-        "2 no findings but a file could not be read or parsed, or a path does not exist.",
+        "2 no findings but a file could not be read or parsed, a path does not exist, "
+        "or a directory given holds no Python file to check.",
+        epilog="A finding whose line (the acquire's, or its statement's first or last) has the comment "
+        "`# safepool: ignore` is not reported: for a false positive, such as a connection released by "
+        "another function. The known ones are listed in safepool's docs/testing.md.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="files or directories (searched for *.py)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
@@ -862,39 +1230,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors: list[dict[str, str]] = []
     scanned = 0  # files read and parsed: those whose findings are above
     unparsed: list[str] = []  # files that could not be read or parsed
-    for path in _python_files(args.paths, args.exclude):
-        source: str | None = None
-        try:
-            # As Python reads source: a `# -*- coding: ... -*-` line or a
-            # UTF-8 byte order mark decides the encoding (PEP 263).
-            with tokenize.open(path) as file:
-                source = file.read()
-            findings.extend(check_source(source, path, pool_names=args.pool_names))
-            scanned += 1
-            continue
-        except SyntaxError as exc:
-            message = f"{type(exc).__name__}: {exc}"
-            if type(exc) is SyntaxError and source is not None and not (exc.msg or "").startswith("too many"):
-                # Parsed with this interpreter's grammar: newer syntax (PEP
-                # 695's `type X = ...` on 3.11) is an error here, not in the
-                # code. (An undecodable file fails before parsing, and a
-                # parser limit, "too many nested parentheses", is the same in
-                # every version: no hint.)
-                message += (f" (parsed as Python {sys.version_info.major}.{sys.version_info.minor}: "
-                            "run the check with the Python version the code is written for)")
-            errors.append({"path": path, "error": message})
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            errors.append({"path": path, "error": f"{type(exc).__name__}: {exc}"})
-        except RecursionError:
-            # Deeply nested expressions (generated code) exhaust the parser's
-            # stack: that file is not checked; the others still are.
-            errors.append({"path": path, "error": "RecursionError: too deeply nested to parse"})
-        unparsed.append(path)
+    empty: list[str] = []  # directories given that hold no Python file to check
+    for root in args.paths:
+        paths = list(_python_files([root], args.exclude))
+        if not paths and os.path.isdir(root) and not _excluded(root, args.exclude):
+            # `check app/` once the code moved to `src/`: "no problems (0
+            # files scanned)" and exit status 0 would pass CI checking nothing.
+            empty.append(root)
+        for path in paths:
+            if _check_file(path, args.pool_names, findings, errors):
+                scanned += 1
+            else:
+                unparsed.append(path)
     missing = [root for root in args.paths if not os.path.exists(root)]
     errors.extend({"path": root, "error": "no such file or directory"} for root in missing)
+    errors.extend(
+        {"path": root, "error": "no Python files to check in this directory (not searched: hidden "
+         f"directories, and {', '.join(sorted(SKIP_DIRS - {'.venv'}))} unless they are packages)"}
+        for root in empty
+    )
 
     try:
-        _report(args.format, findings, errors, scanned, unparsed, missing)
+        _report(args.format, findings, errors, scanned, unparsed, missing, empty)
     except BrokenPipeError:
         # `python -m safepool check src/ | head`: the reader has what it
         # wanted. No traceback, and the exit status still says what was found.
@@ -904,9 +1261,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2 if errors else 0
 
 
+def _check_file(path: str, pool_names: str, findings: list[Finding], errors: list[dict[str, str]]) -> int:
+    """Check one file: 1 if it was read and parsed (its findings added to
+    ``findings``), 0 if not (its error added to ``errors``)."""
+    source: str | None = None
+    try:
+        # As Python reads source: a `# -*- coding: ... -*-` line or a
+        # UTF-8 byte order mark decides the encoding (PEP 263).
+        with tokenize.open(path) as file:
+            source = file.read()
+        findings.extend(check_source(source, path, pool_names=pool_names))
+        return 1
+    except SyntaxError as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        if (
+            type(exc) is SyntaxError and source is not None and not (exc.msg or "").startswith("too many")
+            and "null bytes" not in (exc.msg or "")
+        ):
+            # Parsed with this interpreter's grammar: newer syntax (PEP
+            # 695's `type X = ...` on 3.11) is an error here, not in the
+            # code. (An undecodable file fails before parsing, and a
+            # parser limit, "too many nested parentheses", is the same in
+            # every version, as is a NUL byte in the file: no hint.)
+            message += (f" (parsed as Python {sys.version_info.major}.{sys.version_info.minor}: "
+                        "run the check with the Python version the code is written for)")
+        errors.append({"path": path, "error": message})
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        errors.append({"path": path, "error": f"{type(exc).__name__}: {exc}"})
+    except RecursionError:
+        # Deeply nested expressions (generated code) exhaust the parser's
+        # stack: that file is not checked; the others still are.
+        errors.append({"path": path, "error": "RecursionError: too deeply nested to parse"})
+    return 0
+
+
 def _report(
     format: str, findings: list[Finding], errors: list[dict[str, str]], scanned: int,
-    unparsed: list[str], missing: list[str],
+    unparsed: list[str], missing: list[str], empty: list[str],
 ) -> None:
     """Print the findings (stdout), the errors (stderr) and the summary line."""
     if format == "json":
@@ -932,6 +1323,9 @@ def _report(
             summary += f", {len(unparsed)} could not be read or parsed: {_some(unparsed)}"
         if missing:
             summary += f", {len(missing)} path{'s' if len(missing) != 1 else ''} not found: {_some(missing)}"
+        if empty:
+            summary += (f", {len(empty)} director{'ies' if len(empty) != 1 else 'y'} without Python files: "
+                        f"{_some(empty)}")
         summary += ")" if not errors else "; errors above)"
         print(f"safepool check: {summary}")
 

@@ -35,7 +35,7 @@ def test_fixture_files_report_exactly_what_is_marked(name: str) -> None:
     assert {f.line: f.code for f in findings} == {line: code for line, (code, _) in marks.items()}
     for finding in findings:
         word = marks[finding.line][1]
-        if word in ("return", "raise", "yield", "continue", "break", "when"):
+        if word in ("return", "raise", "yield", "continue", "break", "when", "skipped", "again"):
             assert word in finding.message, finding
         elif word == "exception":
             assert "exception or a cancellation" in finding.message
@@ -49,7 +49,7 @@ def test_missed_cases_are_really_missed() -> None:
     """limits.py's `missed:` lines stay unreported: the docs say so."""
     path = FIXTURES / "limits.py"
     missed = [n for n, line in enumerate(path.read_text().splitlines(), 1) if "# missed:" in line]
-    assert len(missed) == 9
+    assert len(missed) == 11
     assert not {f.line for f in check_source(path.read_text())} & set(missed)
 
 
@@ -377,3 +377,172 @@ def test_output_piped_into_a_reader_that_stops_early(tmp_path: Path) -> None:
         child.stderr.close()
         assert child.wait(timeout=60) == 1, stderr
         assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+def test_an_await_in_the_finally_before_the_release_is_named() -> None:
+    """`finally: await con.execute("UNLISTEN *")` then the release: that
+    await failing (a broken connection) or cancelled skips the release. The
+    check accepted it as a release in `finally:`."""
+    source = '''
+async def listen(pool):
+    con = await pool.acquire()
+    try:
+        await con.execute("LISTEN jobs")
+    finally:
+        await con.execute("UNLISTEN *")
+        await pool.release(con)
+'''
+    [finding] = check_source(source)
+    assert (finding.line, finding.code) == (3, "SP001")
+    assert finding.message == (
+        "connection `con` is released in a `finally:` block, but line 7 in that `finally:` comes before the "
+        "release and can fail or leave first: the release is then skipped")
+    assert finding.hint.startswith("release it first in the `finally:`, or put what comes before the release in a "
+                                   "`try:` of its own (`finally: try: ... finally: await pool.release(con)`)")
+
+
+def test_cli_a_package_named_like_build_output_is_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A walk skips `build`, `dist`, `venv`... (build output, virtualenvs):
+    an application package of that name (`app/build/`, a service's build
+    jobs) was skipped with them, its leaks unreported."""
+    leak = "async def f(pool):\n    await pool.acquire()\n"
+    for name in ("app/build/__init__.py", "app/build/jobs.py", "app/dist/__init__.py",
+                 "build/lib/app/handlers.py", "dist/app/handlers.py", "venv/lib/site.py",
+                 ".venv/lib/site.py", "app/__pycache__/x.py", "node_modules/pkg/x.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(leak)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--format", "json", "."]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert sorted(Path(f["path"]).as_posix() for f in report["findings"]) == [
+        "app/build/__init__.py", "app/build/jobs.py", "app/dist/__init__.py"]
+    # Given by name, a skipped directory is checked all the same.
+    assert main(["--format", "json", "build"]) == 1
+    assert [Path(f["path"]).as_posix() for f in json.loads(capsys.readouterr().out)["findings"]] == [
+        "build/lib/app/handlers.py"]
+
+
+def test_cli_symlinks(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """As docs/testing.md says: a symlink to a file is checked, a symlinked
+    directory is not walked into (a loop cannot hang the walk), and a
+    dangling symlink is an error (exit status 2 when nothing is found)."""
+    leak = "async def f(pool):\n    await pool.acquire()\n"
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "leak.py").write_text(leak)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "linked.py").symlink_to(tmp_path / "shared" / "leak.py")
+    (tmp_path / "src" / "shared").symlink_to(tmp_path / "shared", target_is_directory=True)
+    (tmp_path / "src" / "loop").symlink_to(tmp_path / "src", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--format", "json", "src"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [Path(f["path"]).as_posix() for f in report["findings"]] == ["src/linked.py"]
+    assert report["files_scanned"] == 1
+    (tmp_path / "src" / "linked.py").unlink()
+    (tmp_path / "src" / "dangling.py").symlink_to(tmp_path / "missing.py")
+    assert main(["src"]) == 2
+    captured = capsys.readouterr()
+    assert "src/dangling.py: error: FileNotFoundError" in captured.err
+    # Given by name, a symlinked directory is walked.
+    assert main(["--format", "json", "src/shared"]) == 1
+    assert [Path(f["path"]).as_posix() for f in json.loads(capsys.readouterr().out)["findings"]] == [
+        "src/shared/leak.py"]
+
+
+def test_cli_a_directory_without_python_files_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m safepool check app/` after the code moved to `src/` said
+    "no problems (0 files scanned)" with exit status 0: a CI step that
+    checked nothing passed. Such a directory is now an error (status 2)."""
+    leak = "async def f(pool):\n    await pool.acquire()\n"
+    (tmp_path / "app" / "static").mkdir(parents=True)
+    (tmp_path / "app" / ".venv").mkdir()
+    (tmp_path / "app" / ".venv" / "x.py").write_text(leak)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text(leak)
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert main(["app"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("app: error: no Python files to check in this directory (not searched: hidden "
+                                   "directories, and __pycache__, build, dist")
+    assert captured.out.strip() == (
+        "safepool check: no problems (0 files scanned, 1 directory without Python files: app; errors above)")
+    assert main(["--format", "json", "app"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["files_scanned"] == 0 and [e["path"] for e in report["errors"]] == ["app"]
+    # Findings elsewhere still decide the status.
+    assert main(["src", "app"]) == 1
+    capsys.readouterr()
+    # An empty file is a file checked; a directory excluded as a whole is not an error.
+    assert main(["tests"]) == 0
+    assert main(["tests", "app", "--exclude", "app"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "safepool check: no problems (1 file scanned)"
+
+
+def test_cli_help_names_the_suppression_comment(capsys: pytest.CaptureFixture[str]) -> None:
+    """A user facing a false positive (a helper that releases) learns of
+    `# safepool: ignore` from `--help`, not only from the docs."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "# safepool: ignore" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_suppression_comment_on_each_line_of_the_statement() -> None:
+    leak = "async def f(pool):\n    con = await pool.acquire(\n        timeout=1,\n    ){}\n    await con.execute('SELECT 1')\n"
+    assert [f.line for f in check_source(leak.format(""))] == [2]
+    assert check_source(leak.format("  # safepool: ignore")) == []
+    assert check_source(leak.replace("acquire(", "acquire(  # safepool: ignore").format("")) == []
+    # On another statement's line, it does not hide the finding.
+    assert [f.line for f in check_source(leak.format("") + "    pass  # safepool: ignore\n")] == [2]
+
+
+def test_cli_a_nul_byte_is_not_blamed_on_the_python_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A NUL byte (a binary or corrupted file named .py) is refused by every
+    # version's parser: the hint to run the check with another Python misled.
+    (tmp_path / "corrupt.py").write_bytes(b"async def f(pool):\n    con = await pool.acquire()\n\x00\n")
+    assert main([str(tmp_path / "corrupt.py")]) == 2
+    err = capsys.readouterr().err
+    assert "null bytes" in err and "parsed as Python" not in err
+
+
+def test_fields_annotated_with_a_pool_type_are_pools() -> None:
+    """A dataclass (or attrs, pydantic) field `db: asyncpg.Pool`, or an
+    annotated attribute, holds a pool as an annotated parameter does: its
+    acquires were not checked. A field annotated with a semaphore is not a
+    pool whatever its name."""
+    source = '''
+from dataclasses import dataclass
+
+import asyncio
+import asyncpg
+
+
+@dataclass
+class Repository:
+    db: asyncpg.Pool
+    worker_pool: asyncio.Semaphore
+
+    async def get(self):
+        con = await self.db.acquire()
+        return await con.fetchval("SELECT 1")
+
+    async def throttled(self):
+        await self.worker_pool.acquire()
+
+
+class Service:
+    def __init__(self, database):
+        self.database: "safepool.Pool" = database
+
+    async def get(self):
+        con = await self.database.acquire()
+        return await con.fetchval("SELECT 1")
+'''
+    assert [(f.line, f.code) for f in check_source(source)] == [(14, "SP002"), (26, "SP002")]

@@ -79,8 +79,14 @@ class _LeakTally:
     a listener on every pool, those alive now and those created later (no
     event is built without one, and leaks are rare: nothing per lease)."""
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(self, config: pytest.Config, checking: bool = False) -> None:
         self.config = config
+        # With the leak check on, the tests' guards report the leaks of each
+        # test and its function-scoped fixtures: the tally counts the others
+        # (a module- or session-scoped fixture's, found between tests), which
+        # no guard sees.
+        self.checking = checking
+        self.guarded = 0  # guards running now (safepool_leak_check)
         # Keyed per pool, not per name: default names come from id(pool),
         # which a later pool reuses, and two pools may share a name. Key:
         # (xdist worker id or "", the pool's number in that process, name).
@@ -102,7 +108,10 @@ class _LeakTally:
             pool.add_event_listener(listener)
 
     def on_event(self, number: int, event: PoolEvent) -> None:
-        if isinstance(event, Leaked) and not self.exempt and _SESSIONS and _SESSIONS[-1] is self.config:
+        if (
+            isinstance(event, Leaked) and not self.exempt and not (self.checking and self.guarded)
+            and _SESSIONS and _SESSIONS[-1] is self.config
+        ):
             self.pools["", number, event.pool] += 1
             if event.lease.acquired_at is not None:
                 self.sites[event.lease.acquired_at] += 1
@@ -150,8 +159,7 @@ def pytest_configure(config: pytest.Config) -> None:
         # Watch pools from the start of the session: pools made by session
         # fixtures capture acquire stacks too.
         _tracker.acquire(strict=settings.strict)
-    else:
-        config.stash[_TALLY] = _LeakTally(config)
+    config.stash[_TALLY] = _LeakTally(config, checking=settings.leaks)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -202,8 +210,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     shown = ", ".join(f"{name!r} {count}" for (_, _, name), count in tally.pools.most_common(5))
     more = f" and {len(tally.pools) - 5} more pools" if len(tally.pools) > 5 else ""
     terminalreporter.section("safepool", sep="-")
+    when = "outside the tests' leak checks" if tally.checking else "during this run"
     terminalreporter.line(
-        f"safepool: {total} connection{'s' if total != 1 else ''} leaked during this run: garbage "
+        f"safepool: {total} connection{'s' if total != 1 else ''} leaked {when}: garbage "
         f"collected without being released, and taken back by {'their pools' if len(tally.pools) > 1 else 'its pool'} "
         f"({shown}{more})."
     )
@@ -213,6 +222,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.line(f"acquired at ({known} of {total} known): {sites}")
     if tally.lost:
         terminalreporter.line(_lost_line(tally.lost))
+    if tally.checking:
+        terminalreporter.line(
+            "The leak check covers each test and its function-scoped fixtures: a module-, class- or "
+            "session-scoped fixture must release what it acquires in its own teardown (safepool's docs/testing.md)."
+        )
+        return
     terminalreporter.line(
         "Run pytest with --safepool-leaks to fail each test that leaks, with the line that acquired "
         "the connection (safepool's docs/testing.md)."
@@ -252,10 +267,15 @@ def safepool_leak_check(request: pytest.FixtureRequest) -> Iterator[LeakGuard]:
     warnings.filterwarnings("ignore", message=_RECLAIM_WARNING, category=ResourceWarning)
     guard = LeakGuard(strict=settings.strict).start()
     request.node.stash[_GUARD] = guard
+    tally = request.config.stash.get(_TALLY, None)
+    if tally is not None:
+        tally.guarded += 1
     try:
         yield guard
         leaks = guard.leaks()
     finally:
+        if tally is not None:
+            tally.guarded -= 1
         del request.node.stash[_GUARD]
         guard.stop()
     if leaks:

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import functools
 
 import pytest
 import pytest_asyncio
@@ -429,4 +430,221 @@ async def acquire_retried_on_connect_errors(pool):
         try:
             return await con.fetchval("SELECT 1")
         finally:
+            await pool.release(con)
+
+
+async def acquire_alias_used_correctly(pool):
+    acq = functools.partial(pool.acquire, timeout=2)
+    async with acq() as con:
+        await con.execute("SELECT 1")
+    con = await acq()
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def a_lambda_alias_used_correctly(pool):
+    get = lambda: pool.acquire(timeout=1)  # noqa: E731
+    async with get() as con:
+        await con.execute("SELECT 1")
+
+
+async def a_lambda_alias_does_not_leak_into_other_functions(queue):
+    # `get` above is an acquire in that function only: `queue.get()` and a
+    # `get()` of this function are not acquires.
+    get = queue.get_nowait
+    job = await queue.get()
+    return job, get()
+
+
+async def acquired_in_a_conditional_expression_and_released(pool, need):
+    con = await pool.acquire() if need else None
+    try:
+        if con is not None:
+            await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+async def an_item_of_pools_used_correctly(self):
+    async with self.pools["primary"].acquire() as con:
+        await con.execute("SELECT 1")
+
+
+async def finally_awaits_in_a_try_of_its_own_before_the_release(pool):
+    con = await pool.acquire()
+    try:
+        await con.execute("LISTEN jobs")
+    finally:
+        try:
+            await con.execute("UNLISTEN *")
+        finally:
+            await pool.release(con)
+
+
+async def finally_releases_first_then_awaits(pool, metrics, log):
+    con = await pool.acquire()
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        log.info("done")  # not awaited: not a step the check follows
+        await pool.release(con)
+        await metrics.flush()
+
+
+async def finally_releases_two_connections(pool):
+    first = await pool.acquire()
+    try:
+        second = await pool.acquire()
+        try:
+            await second.execute("SELECT 1")
+        finally:
+            await pool.release(second)
+    finally:
+        await pool.release(first)
+
+
+async def connection_replaced_after_its_release(pool):
+    con = await pool.acquire()
+    try:
+        if con.is_closed():
+            await pool.release(con)
+            con = await pool.acquire()
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def connection_name_bound_in_the_other_branch(pool, need):
+    try:
+        if need:
+            con = await pool.acquire()
+        else:
+            con = None
+        if con is not None:
+            await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await pool.release(con)
+
+
+async def connection_name_bound_when_the_acquire_failed(pool):
+    # The handler runs only when the first acquire failed: it holds nothing.
+    try:
+        con = await pool.acquire(timeout=0.1)
+    except safepool.PoolTimeoutError:
+        con = await pool.acquire(timeout=30)
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def connection_name_bound_after_the_finally(pool):
+    con = await pool.acquire()
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+        con = None
+    con = await pool.acquire()
+    try:
+        await con.execute("SELECT 2")
+    finally:
+        await pool.release(con)
+
+
+async def db_session_middleware(request, call_next):
+    request.state.con = await request.app.state.pool.acquire()
+    try:
+        return await call_next(request)
+    finally:
+        await request.app.state.pool.release(request.state.con)
+
+
+class UnitOfWorkKeepsItsConnection:
+    async def __aenter__(self):
+        # Kept on the instance for __aexit__; released here only if the
+        # setup failed.
+        self.con = await self.pool.acquire()
+        try:
+            await self.con.execute("SET application_name = 'uow'")
+        except BaseException:
+            await self.pool.release(self.con)
+            raise
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.pool.release(self.con)
+
+    async def renew(self):
+        # The old connection released, a new one kept: not a leak.
+        await self.pool.release(self.con)
+        self.con = await self.pool.acquire()
+
+
+class ConnectionKeptWhenItWorks:
+    async def reconnect(self):
+        # Released only when the new connection is no good: otherwise kept.
+        self.con = await self.pool.acquire()
+        if not await self.ping():
+            await self.pool.release(self.con)
+            self.con = None
+
+
+async def gathered_from_a_generator_into_a_list_and_released(pool):
+    # Into one name: not followed (docs/testing.md); kept, not dropped.
+    cons = await asyncio.gather(*(pool.acquire() for _ in range(3)))
+    try:
+        return len(cons)
+    finally:
+        for con in cons:
+            await pool.release(con)
+
+
+async def a_task_kept_and_awaited(pool):
+    task = asyncio.ensure_future(pool.acquire())
+    con = await task
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def connection_name_reused_inside_a_comprehension(pool, others):
+    # A comprehension's name is its own: `con` outside it is the connection.
+    con = await pool.acquire()
+    try:
+        return [con.get_server_pid() for con in others]
+    finally:
+        await pool.release(con)
+
+
+async def acquire_context_awaited_later_and_released(pool):
+    ctx = pool.acquire(timeout=1)
+    con = await ctx
+    try:
+        return await con.fetchval("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+acquire_from_pool = functools.partial(safepool.Pool.acquire)
+
+
+async def a_parameter_shadows_a_module_level_acquire_alias(acquire_from_pool):
+    # A name of its own here: not the module's alias of a pool's acquire.
+    await acquire_from_pool()
+
+
+async def released_when_a_flag_set_right_after_the_acquire_says_so(pool):
+    acquired = False
+    try:
+        con = await pool.acquire()
+        acquired = True
+        await con.execute("SELECT 1")
+    finally:
+        if acquired:
             await pool.release(con)

@@ -331,3 +331,208 @@ async def acquire_errors_mapped_but_the_finally_awaits(pool, metrics):
         return await con.fetchval("SELECT 1")
     finally:
         await pool.release(con)
+
+
+async def acquire_aliased_to_a_name(pool):
+    # `acq = pool.acquire`: calling the alias acquires all the same.
+    acq = pool.acquire
+    con = await acq()  # expect: SP002
+    await con.execute("SELECT 1")
+
+
+async def acquire_aliased_with_its_timeout(self):
+    from functools import partial
+
+    acquire = partial(self.pool.acquire, timeout=2)
+    con = await acquire()  # expect: SP001 return
+    row = await con.fetchrow("SELECT 1 AS archived")
+    if row["archived"]:
+        return None
+    await self.pool.release(con)
+    return row
+
+
+async def acquire_aliased_to_a_lambda(pool):
+    get = lambda: pool.acquire(timeout=1)  # noqa: E731
+    con = await get()  # expect: SP002
+    await con.execute("SELECT 1")
+
+
+class AcquireAliasedOnTheInstance:
+    def __init__(self, pool):
+        self._acquire = pool.acquire
+
+    async def fetch(self):
+        con = await self._acquire()  # expect: SP002
+        return await con.fetchval("SELECT 1")
+
+
+async def acquire_alias_called_in_a_nested_function(pool):
+    acq = pool.acquire
+
+    async def inner():
+        con = await acq()  # expect: SP002
+        await con.execute("SELECT 1")
+
+    await inner()
+
+
+async def acquired_in_a_conditional_expression(pool, need):
+    con = await pool.acquire() if need else None  # expect: SP002
+    if con is not None:
+        await con.execute("SELECT 1")
+
+
+async def acquired_from_one_of_two_pools(primary_pool, replica_pool, write):
+    con = await (primary_pool.acquire() if write else replica_pool.acquire())  # expect: SP002
+    await con.execute("SELECT 1")
+
+
+async def acquired_from_an_item_of_pools(self):
+    # A string key names the item (`app["pool"]`); `pools["primary"]` is an
+    # item of pools all the same.
+    con = await self.pools["primary"].acquire()  # expect: SP002
+    await con.execute("SELECT 1")
+
+
+async def finally_awaits_before_the_release(pool):
+    # A failing UNLISTEN (the connection broke) or a cancellation there
+    # skips the release.
+    con = await pool.acquire()  # expect: SP001 skipped
+    try:
+        await con.execute("LISTEN jobs")
+    finally:
+        await con.execute("UNLISTEN *")
+        await pool.release(con)
+
+
+async def finally_awaits_before_the_release_under_an_if(pool):
+    con = None
+    try:
+        con = await pool.acquire()  # expect: SP001 skipped
+        await con.execute("SELECT 1")
+    finally:
+        if con is not None:
+            await con.reset()
+            await pool.release(con)
+
+
+async def finally_catches_exception_only_before_the_release(pool, log):
+    # A cancellation of the UNLISTEN is not an Exception: it skips the release.
+    con = await pool.acquire()  # expect: SP001 skipped
+    try:
+        await con.execute("LISTEN jobs")
+    finally:
+        try:
+            await con.execute("UNLISTEN *")
+        except Exception:
+            log.exception("unlisten")
+        await pool.release(con)
+
+
+async def connection_replaced_inside_the_try(pool):
+    # The stale connection is replaced, not released: the `finally:` gives
+    # back the new one only.
+    con = await pool.acquire()  # expect: SP001 again
+    try:
+        if con.is_closed():
+            con = await pool.acquire()
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def connection_name_reused_by_a_loop(pool, others):
+    con = await pool.acquire()  # expect: SP001 again
+    try:
+        for con in others:
+            await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def connection_name_reused_by_async_with(pool, replica_pool):
+    con = await pool.acquire()  # expect: SP001 again
+    try:
+        async with replica_pool.acquire() as con:
+            await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def two_acquires_into_one_name_in_one_try(pool):
+    try:
+        con = await pool.acquire()  # expect: SP001 again
+        await con.execute("SELECT 1")
+        con = await pool.acquire()
+        await con.execute("SELECT 2")
+    finally:
+        await pool.release(con)
+
+
+async def fallback_acquire_then_a_query_before_the_try(pool, PoolTimeoutError):
+    try:
+        con = await pool.acquire(timeout=0.1)
+    except PoolTimeoutError:
+        con = await pool.acquire(timeout=30)  # expect: SP001 line
+        await con.execute("SET statement_timeout = 1000")
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await pool.release(con)
+
+
+async def finally_closes_another_object_before_the_release(pool, session):
+    con = await pool.acquire()  # expect: SP001 skipped
+    try:
+        await con.execute("SELECT 1")
+    finally:
+        await session.close()
+        await pool.release(con)
+
+
+async def db_session_middleware(request, call_next):
+    # Stored on the request and released in this function, not in `finally:`:
+    # an exception in the handler leaks it.
+    request.state.con = await request.app.state.pool.acquire()  # expect: SP001 exception
+    response = await call_next(request)
+    await request.app.state.pool.release(request.state.con)
+    return response
+
+
+class ConnectionOnTheInstance:
+    async def run(self):
+        self.con = await self.pool.acquire()  # expect: SP001 return
+        if await self.con.fetchval("SELECT 1"):
+            return 1
+        await self.pool.release(self.con)
+        return 0
+
+
+async def acquired_by_a_task_nobody_awaits(pool):
+    asyncio.ensure_future(pool.acquire())  # expect: SP003
+
+
+async def gathered_from_a_generator_and_dropped(pool):
+    # Warming the pool up: three connections acquired and never released.
+    await asyncio.gather(*(pool.acquire() for _ in range(3)))  # expect: SP003
+
+
+async def acquire_context_awaited_later(pool):
+    ctx = pool.acquire(timeout=1)  # expect: SP001 return
+    con = await ctx
+    if await con.fetchval("SELECT 1"):
+        return None
+    await pool.release(con)
+
+
+async def released_when_a_flag_set_too_late_says_so(pool):
+    # The SET can fail before the flag is set: the connection is then kept.
+    acquired = False
+    try:
+        con = await pool.acquire()  # expect: SP001 when
+        await con.execute("SET statement_timeout = 1000")
+        acquired = True
+    finally:
+        if acquired:
+            await pool.release(con)

@@ -81,3 +81,25 @@ async def conditional_receiver(pool_a, replica, primary):
     # `(a if x else b).acquire()`: the receiver has no name to judge.
     con = await (replica if primary is None else primary).acquire()  # missed: conditional receiver
     await con.execute("SELECT 1")
+
+
+_CON = None
+
+
+async def stored_in_a_global(pool):
+    # A global (or nonlocal) name outlives the function, as an attribute does.
+    global _CON
+    _CON = await pool.acquire()  # missed: stored in a global
+
+
+def connection_kept_by_a_closure(pool):
+    con = None
+
+    async def grab():
+        nonlocal con
+        con = await pool.acquire()  # missed: kept in the enclosing function
+
+    async def drop():
+        await pool.release(con)
+
+    return grab, drop

@@ -108,7 +108,71 @@ def test_each_way_of_leaking_fails_with_the_acquire_line(suite: pytest.Pytester)
     failed = {match[1] for line in result.outlines if (match := re.match(r"(?:FAILED|ERROR) test_leaky.py::(\w+)", line))}
     assert failed == {*ways, "test_fixture_leaks"}
     assert "Exception in callback" not in result.stdout.str()  # the pool's ResourceWarning is silenced
+    # The guards reported each of those: no section repeats them.
+    assert "leaked outside the tests' leak checks" not in result.stdout.str()
     assert_patches_removed()
+
+
+MODULE_FIXTURE_LEAK = """
+import asyncio
+import gc
+import os
+
+import pytest
+import pytest_asyncio
+
+import safepool
+
+DSN = os.environ["SAFEPOOL_PLUGIN_DSN"]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def pool():
+    pool = await safepool.create_pool(DSN, min_size=1, max_size=2, name="module-pool")
+    yield pool
+    gc.collect()
+    await asyncio.wait_for(pool.close(), 10)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def con(pool):
+    con = await pool.acquire()  # MODULE-LEAK
+    yield con
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_uses_it(con):
+    assert await con.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_last(pool):
+    # The module's fixtures are torn down after this test: a test that took
+    # `con` as an argument would keep it alive until then.
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT 1") == 1
+"""
+
+
+def test_a_wider_scoped_fixtures_leak_is_reported_with_the_check_on(suite: pytest.Pytester) -> None:
+    """A module-scoped fixture that never released its connection passed a
+    --safepool-leaks run without a word (the guards check each test and its
+    function-scoped fixtures; the count of reclaimed connections ran only
+    with the check off, where it would have named it): the run's section
+    now counts it, with its line."""
+    suite.makeini(INI.format(extra=""))
+    suite.makepyfile(test_module_leak=MODULE_FIXTURE_LEAK)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider", "-W", "ignore::ResourceWarning")
+    result.assert_outcomes(passed=2)
+    line = next(n for n, text in enumerate(MODULE_FIXTURE_LEAK.lstrip("\n").splitlines(), 1) if "MODULE-LEAK" in text)
+    result.stdout.fnmatch_lines([
+        "*- safepool -*",
+        "safepool: 1 connection leaked outside the tests' leak checks: garbage collected without being released, "
+        "and taken back by its pool ('module-pool' 1).",
+        f"acquired at (1 of 1 known): *test_module_leak.py:{line} in con (1)",
+        "The leak check covers each test and its function-scoped fixtures: a module-, class- or session-scoped "
+        "fixture must release what it acquires in its own teardown*",
+    ])
 
 
 def test_off_by_default(suite: pytest.Pytester) -> None:
