@@ -33,7 +33,7 @@ import os
 import re
 import sys
 import tokenize
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 from ._cli import silence_stdout
@@ -467,6 +467,15 @@ def _leaves_holding(stmt: ast.stmt, var: str) -> ast.AST | None:
     continue`` before the ``try:``)."""
     if not isinstance(stmt, ast.If):
         return _may_leave(stmt)
+    return _if_leaves_holding(stmt, var, _leaves_holding)
+
+
+def _if_leaves_holding(
+    stmt: ast.If, var: str, inner_leaves: Callable[[ast.stmt, str], ast.AST | None]
+) -> ast.AST | None:
+    """The node of an ``if`` statement that can suspend or leave while
+    ``var`` is held: an await in its test, or what ``inner_leaves`` finds in
+    a branch before that branch releases ``var``."""
     for node in _own_nodes(stmt.test):
         if isinstance(node, (ast.Await, ast.Yield, ast.YieldFrom)):
             return node
@@ -476,7 +485,7 @@ def _leaves_holding(stmt: ast.stmt, var: str) -> ast.AST | None:
                 isinstance(n, ast.Call) and _releases(n, var) for n in _own_nodes(inner.value)
             ):
                 break  # released: whatever follows in this branch is fine
-            leaver = _leaves_holding(inner, var)
+            leaver = inner_leaves(inner, var)
             if leaver is not None:
                 return leaver
     return None
@@ -500,19 +509,7 @@ def _leaves_before_release(stmt: ast.stmt, var: str) -> ast.AST | None:
     skipped: as :func:`_leaves_holding`, but a release of another connection
     (``finally: await pool.release(a); await pool.release(b)``) is not one."""
     if isinstance(stmt, ast.If):
-        for node in _own_nodes(stmt.test):
-            if isinstance(node, (ast.Await, ast.Yield, ast.YieldFrom)):
-                return node
-        for branch in (stmt.body, stmt.orelse):
-            for inner in branch:
-                if isinstance(inner, ast.Expr) and any(
-                    isinstance(n, ast.Call) and _releases(n, var) for n in _own_nodes(inner.value)
-                ):
-                    break  # released: whatever follows in this branch is fine
-                leaver = _leaves_before_release(inner, var)
-                if leaver is not None:
-                    return leaver
-        return None
+        return _if_leaves_holding(stmt, var, _leaves_before_release)
     for node in _own_nodes(stmt):
         if isinstance(node, ast.Await) and _is_release_call(node.value):
             continue

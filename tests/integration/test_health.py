@@ -131,6 +131,18 @@ async def test_server_down_is_failing(pools: Any) -> None:
     assert "server_down" not in codes(report)
 
 
+async def one_connect_failed_beside_a_lease(pool: safepool.Pool) -> None:
+    """With connects failing and one connection open (min_size=1,
+    max_size=2, wait_on_connect_error=True): a second lease's connect fails
+    and its task keeps waiting, since the open connection will come back;
+    both leases end. The pool is then backing off with its connection."""
+    held = await pool.acquire()
+    waiter = asyncio.ensure_future(pool.acquire(timeout=None))
+    await until(lambda: pool.stats().connect_errors == 1)
+    await pool.release(held)
+    await pool.release(await waiter)
+
+
 async def test_server_down_names_the_last_connect_error_and_no_sqlstate(pools: Any) -> None:
     connect = FlakyConnect()
     connect.down = True
@@ -207,11 +219,7 @@ async def test_a_login_rejected_beside_open_connections_is_degraded(pools: Any, 
         name="revoked", min_size=1, max_size=2, user="sp_health_user", clock=clock, wait_on_connect_error=True
     )
     await rejecting_server.execute("ALTER ROLE sp_health_user NOLOGIN")
-    held = await pool.acquire()
-    waiter = asyncio.ensure_future(pool.acquire(timeout=None))
-    await until(lambda: pool.stats().connect_errors == 1)
-    await pool.release(held)
-    await pool.release(await waiter)
+    await one_connect_failed_beside_a_lease(pool)
     report = await pool.health()
     assert report.stats.server_status == "backing_off" and report.stats.last_connect_sqlstate == "28000"
     assert codes(report) == {"connect_rejected", "connect_errors"}
@@ -225,14 +233,7 @@ async def test_backing_off_and_recent_connect_errors_are_degraded(pools: Any) ->
     pool = await pools(name="flaky", min_size=1, max_size=2, connect=connect, clock=clock, wait_on_connect_error=True)
     assert (await pool.health()).status == "ok"  # also the baseline for the error window
     connect.down = True
-    held = await pool.acquire()
-    # A second connection is refused; the waiter keeps waiting
-    # (wait_on_connect_error), since the pool still has a connection that
-    # will come back.
-    waiter = asyncio.ensure_future(pool.acquire(timeout=None))
-    await until(lambda: pool.stats().connect_errors == 1)
-    await pool.release(held)
-    await pool.release(await waiter)
+    await one_connect_failed_beside_a_lease(pool)
     report = await pool.health()
     assert report.stats.server_status == "backing_off"
     assert codes(report) == {"server_backing_off", "connect_errors"}
