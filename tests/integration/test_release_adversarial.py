@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import skip_before_asyncpg
 
 pytestmark = pytest.mark.asyncio
 
@@ -695,6 +696,68 @@ async def test_release_while_another_tasks_statement_has_answered_unread(
         async with pool.acquire(timeout=10) as again:
             assert again.get_server_pid() != pid
             assert await again.fetchval("SELECT 1") == 1
+        if kind == "safepool":
+            pool._state.check_invariants()
+    finally:
+        await admin.close()
+        pool.terminate()
+
+
+@pytest.mark.parametrize("kind", ["asyncpg", "safepool"])
+@pytest.mark.parametrize("timeout", [None, 5.0], ids=["no timeout", "timeout"])
+@pytest.mark.parametrize("closes", ["max_queries", "expire_connections"])
+async def test_release_closing_a_connection_whose_backend_was_killed_unread(
+    pg_dsn: str, app_name: str, kind: str, timeout: float | None, closes: str
+) -> None:
+    """A release that closes its connection (``max_queries`` reached, or
+    ``expire_connections()`` before it) while the backend has been killed
+    and the client has not read its farewell (the transport paused: the kill
+    landed in the loop iteration of the release), over a Unix socket: the
+    close's Terminate message meets the closed socket, and asyncpg's
+    ``Connection.close()`` raises the ``BrokenPipeError`` (its protocol's
+    close lets only ``ConnectionResetError`` pass). asyncpg's pool raises it
+    from ``release()`` with or without a timeout; safepool raises it when
+    the release closes under a budget (a ``timeout=``: asyncpg 0.32's
+    ``close(timeout=)``, whose error the release raises), and stays quiet
+    without one, as it does for any error of a close asyncpg's pool runs
+    with no budget (``_workers.close``). Either way the connection is given
+    up, nothing leaks and the next lease gets a new backend (helper-119:
+    both loops; over TCP the Terminate goes out and the close is quiet)."""
+    import socket
+
+    if kind == "asyncpg" or timeout is not None:
+        # The reference is asyncpg 0.32's pool; before 0.32 safepool's
+        # release closes under the pool's own bound (_pg.CLOSE_UNDER_BUDGET).
+        skip_before_asyncpg((0, 32), "the reference pool, and a release that closes under its budget")
+    options: dict[str, Any] = {"max_queries": 1} if closes == "max_queries" else {}
+    pool = await _make(kind, pg_dsn, app_name, **options)
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        con = await pool.acquire()
+        transport = (con._con if kind == "asyncpg" else con._raw)._transport
+        if transport.get_extra_info("socket").family != socket.AF_UNIX:
+            pytest.skip("a Unix socket's write to a closed peer fails at once (EPIPE)")
+        pid = con.get_server_pid()
+        assert await con.fetchval("SELECT 1") == 1
+        if closes == "expire_connections":
+            await pool.expire_connections()
+        transport.pause_reading()
+        assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
+        raised: BaseException | None = None
+        try:
+            await asyncio.wait_for(pool.release(con, timeout=timeout), 10)
+        except OSError as exc:
+            raised = exc
+        if kind == "asyncpg" or timeout is not None:
+            assert isinstance(raised, BrokenPipeError), raised
+        else:
+            assert raised is None
+        async with pool.acquire(timeout=10) as again:
+            assert again.get_server_pid() != pid
+            assert await again.fetchval("SELECT 1") == 1
+            assert pool.get_size() == 1
+            assert await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app_name) == 1
         if kind == "safepool":
             pool._state.check_invariants()
     finally:
