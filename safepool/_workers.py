@@ -366,8 +366,11 @@ async def statement_ended(con: RawConnection) -> None:
     asyncpg's ``close()`` must not meet it: its protocol would cancel the
     statement itself, and a statement whose answer was already on its way
     then fails with ``InternalClientError('got result for unknown protocol
-    state 3')`` (asyncpg's pool never closes a connection with a statement
-    running: its release terminates it). The sign that the statement ended
+    state 3')`` (asyncpg's pool terminates a connection whose reset was
+    refused so: the statement gets ``ConnectionDoesNotExistError``; its
+    release that closes a connection, at ``max_queries`` or for an expired
+    generation, meets such a statement as safepool's does, and both give
+    that error there). The sign that the statement ended
     is an empty query that the protocol accepts: refused at once, with
     nothing sent, while asyncpg still runs one (``_internals.is_busy``).
     Nothing is sent between the steps of a fetch-family call
