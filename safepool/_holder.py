@@ -36,7 +36,8 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
 
     __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "base_callbacks", "lease_callbacks",
                  "release_timeout",
-                 "orphan_checks", "orphan_reported", "unresponsive", "close_budget", "close_raises", "lost_while_leased", "reset_since",
+                 "orphan_checks", "orphan_reported", "unresponsive", "close_budget", "close_raises", "lost_while_leased", "busy_elsewhere",
+                 "reset_since",
                  "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "proxy_collected",
                  "copies", "waiter_completed", "__weakref__")
 
@@ -78,6 +79,10 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # The socket died under a lease (reset or aborted, not closed in
         # order by the peer): its backend may still run a query.
         self.lost_while_leased = False
+        # Its release's reset was refused: a statement of the lease still
+        # runs in another task. The close waits for that statement to end
+        # (_workers.statement_ended) before asyncpg's close() is called.
+        self.busy_elsewhere = False
         # When a release's unbounded reset started (the reset watchdog's clock).
         self.reset_since: float | None = None
         # Fixed for the connection's life: read once here, not per release.

@@ -976,6 +976,14 @@ def peer_closed(con: RawConnection) -> bool:
     return getattr(con._protocol, "_safepool_peer_closed", False) is True
 
 
+async def empty_query(con: RawConnection) -> None:
+    """An empty simple query (the server answers EmptyQueryResponse), sent
+    by asyncpg's protocol directly (not a connection class's execute()):
+    refused at once, with nothing sent, while another operation runs on
+    the connection (:func:`is_busy`)."""
+    await con._protocol.query("", None)
+
+
 async def cancel_running_query(con: RawConnection) -> None:
     """Send the server a cancel request for this connection's running query."""
     await _connect_utils._cancel(  # type: ignore[attr-defined]

@@ -387,6 +387,14 @@ class Runner:
             timed_out = isinstance(error, TimeoutError)
             cancelling = timed_out and _pg.is_cancelling(con)
             holder.unresponsive = timed_out and not cancelling
+            # Refused: a statement of the lease still runs in another task
+            # (release() called while it ran). The close waits for it to end
+            # first: asyncpg's close() would cancel it through its protocol,
+            # and a statement whose answer was already on its way then fails
+            # with InternalClientError('got result for unknown protocol state
+            # 3'), where asyncpg's pool (which terminates here) raises
+            # ConnectionDoesNotExistError.
+            holder.busy_elsewhere = error is not None and _pg.is_busy(error)
             if cancelling:
                 holder.close_budget = _workers.CANCEL_ANSWER_GRACE
             if proxy is not None:
@@ -634,20 +642,24 @@ class Runner:
             return
         budget = holder.close_budget if holder is not None and holder.close_budget is not None else self.reset_timeout
         raises = holder is not None and holder.close_raises
-        self.spawn(self.close_connection(slot, con, lost, budget, raises))
+        busy = holder is not None and holder.busy_elsewhere
+        self.spawn(self.close_connection(slot, con, lost, budget, raises, busy))
 
     async def close_connection(
-        self, slot: Slot, con: RawConnection, lost: bool, budget: float | None, raises: bool = False
+        self, slot: Slot, con: RawConnection, lost: bool, budget: float | None, raises: bool = False,
+        busy: bool = False,
     ) -> None:
         """Close; the slot counts towards max_size until the backend is gone
         (``budget``: seconds for the close, None for the default; ``raises``:
-        the releasing caller waiting for it gets the close's error)."""
+        the releasing caller waiting for it gets the close's error;
+        ``busy``: another task's statement still runs on it, waited for first)."""
         error: Exception | None = None
         try:
             # (A release's budget spent on a cancelled query: it raises now,
             # the slot counts until the server answered; see _workers.close.)
             error = await _workers.close(
-                con, lost, budget, (lambda spent: settle(self.closes_done.pop(slot, None), spent)) if raises else None
+                con, lost, budget, (lambda spent: settle(self.closes_done.pop(slot, None), spent)) if raises else None,
+                busy=busy,
             )
         finally:
             _pg.drop_released(con)

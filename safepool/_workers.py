@@ -292,7 +292,8 @@ async def take_back(
 
 
 async def close(
-    con: RawConnection, lost: bool, budget: float | None, spent: Callable[[TimeoutError], None] | None = None
+    con: RawConnection, lost: bool, budget: float | None, spent: Callable[[TimeoutError], None] | None = None,
+    *, busy: bool = False,
 ) -> Exception | None:
     """Close gracefully; on any failure, or cancellation, terminate.
 
@@ -310,8 +311,16 @@ async def close(
     when ``budget`` is a release's (max_queries, max_lifetime, an expired
     generation), called with its TimeoutError when it runs out while a
     cancelled query has not answered, which then gets CANCEL_ANSWER_GRACE
-    more (see :func:`_cancel_answered_within`)."""
+    more (see :func:`_cancel_answered_within`).
+
+    ``busy``: a statement of the released lease still runs in another task
+    (the release's reset was refused): waited for first, within ``budget``
+    (see :func:`statement_ended`); if it never ends, the connection is
+    aborted, as an unresponsive one."""
     try:
+        if busy and not lost:
+            async with asyncio.timeout(budget if budget is not None else DEFAULT_RESET_TIMEOUT):
+                await statement_ended(con)
         if lost:
             async with asyncio.timeout(budget or LOST_BACKEND_CANCEL_TIMEOUT):
                 await _pg.cancel_running_query(con)
@@ -345,6 +354,43 @@ async def close(
         _pg.terminate(con)
         raise
     return None
+
+
+async def statement_ended(con: RawConnection) -> None:
+    """Until no statement runs on ``con`` any more: one that another task
+    started before its lease was released (the release's reset was refused,
+    and the pool gives the connection up). Cancelled on the server as a
+    take-back's (a cancel request every TAKE_BACK_CANCEL_INTERVAL), it ends
+    with its own outcome, delivered to its task by asyncpg's protocol as
+    usual (QueryCanceledError, or its result when it had already finished).
+
+    asyncpg's ``close()`` must not meet it: its protocol would cancel the
+    statement itself, and a statement whose answer was already on its way
+    then fails with ``InternalClientError('got result for unknown protocol
+    state 3')`` (asyncpg's pool terminates a connection whose reset was
+    refused so: the statement gets ``ConnectionDoesNotExistError``; its
+    release that closes a connection, at ``max_queries`` or for an expired
+    generation, meets such a statement as safepool's does, and both give
+    that error there). The sign that the statement ended
+    is an empty query that the protocol accepts: refused at once, with
+    nothing sent, while asyncpg still runs one (``_internals.is_busy``).
+    Nothing is sent between the steps of a fetch-family call
+    (``_internals.in_call``). The caller bounds the wait."""
+    loop = asyncio.get_running_loop()
+    cancelled_at: float | None = None
+    while not con.is_closed():
+        if not _pg.in_call(con):
+            try:
+                await _pg.empty_query(con)
+            except Exception as exc:
+                if not _pg.is_busy(exc):
+                    return  # answered (a cancel request late for the statement met it): nothing runs
+            else:
+                return
+        if cancelled_at is None or loop.time() - cancelled_at >= TAKE_BACK_CANCEL_INTERVAL:
+            cancelled_at = loop.time()
+            await _pg.cancel_running_query(con)
+        await asyncio.sleep(0.005)  # the server's answer frees the protocol
 
 
 async def _cancel_answered_within(
