@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import re
 import warnings
+from collections.abc import Sequence
 from urllib.parse import unquote, unquote_plus
 
 _URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
@@ -14,7 +15,9 @@ _PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s]+")
 # A password query parameter with the fields after it that have no "=": an
 # unescaped "&" in the password ("password=pw&rest": asyncpg's query parser
 # quotes the rest, "bad query field: 'rest'").
-_PASSWORD_PARAM_AND_REST = re.compile(r"(?i)password=[^&\s#]*(?:&[^&=\s#]*(?=[&#\s]|$))*")
+# (No whitespace stop: in a DSN a space is part of the value, and asyncpg
+# keeps it: "?password=pw x&rest".)
+_PASSWORD_PARAM_AND_REST = re.compile(r"(?i)password=[^&#]*(?:&[^&=#]*(?=[&#]|$))*")
 
 
 def split(dsn: str) -> tuple[str, str, str] | None:
@@ -35,23 +38,106 @@ def split(dsn: str) -> tuple[str, str, str] | None:
 
 def passwords(dsn: str) -> set[str]:
     """Every string that may be the DSN's password, raw and decoded. Parsing
-    is deliberately loose: over-redacting an error message costs nothing."""
+    is deliberately loose: the password up to the first "@" (as asyncpg
+    reads it), to the last one (an unescaped "@" in it), a query password
+    with or without what follows an unescaped "&" or a space."""
     candidates = [match.group(0)[len("password=") :] for match in _PASSWORD_PARAM.finditer(dsn)]
+    candidates += [match.group(0)[len("password=") :] for match in _PASSWORD_PARAM_AND_REST.finditer(dsn)]
     parts = split(dsn)
     if parts is not None:
         rest = dsn.partition("://")[2]
         first_userinfo = rest.partition("@")[0] if "@" in rest else ""
-        candidates += [userinfo.partition(":")[2] for userinfo in (parts[0], first_userinfo) if ":" in userinfo]
+        userinfos = (parts[0], first_userinfo, widest_userinfo(dsn))
+        candidates += [userinfo.partition(":")[2] for userinfo in userinfos if ":" in userinfo]
     return {form for c in candidates if c for form in (c, unquote(c), unquote_plus(c)) if form}
 
 
+def widest_userinfo(dsn: str) -> str:
+    """The DSN's userinfo if its password holds every unescaped "@" the DSN
+    has ("user:p@ss/word@host": asyncpg reads the password "p", the host
+    "ss" and the database "word@host"); "" without an "@"."""
+    rest = dsn.partition("://")[2]
+    return rest.rpartition("@")[0]
+
+
+def without_password(dsn: str) -> str | None:
+    """The DSN less every piece that may be its password (the userinfo's
+    password to the last "@", query passwords with what an unescaped "&"
+    cut off them); None when it is not a URI. What is left is not secret:
+    a value found in it (the user, a host, a port) is not masked, or the
+    mask would point at the password ("***@localhost" for a password equal
+    to the user)."""
+    parts = split(dsn)
+    if parts is None:
+        return None
+    scheme = dsn.partition("://")[0]
+    userinfo, hostport, tail = parts
+    user = userinfo.partition(":")[0]
+    narrow = scheme + "://" + user + "@" + hostport + _PASSWORD_PARAM_AND_REST.sub("", tail)
+    widest = widest_userinfo(dsn)
+    if not widest or widest == userinfo:
+        return narrow
+    after = dsn.partition("://")[2][len(widest) + 1 :]
+    return scheme + "://" + widest.partition(":")[0] + "@" + _PASSWORD_PARAM_AND_REST.sub("", after)
+
+
+# The shortest password masked where it stands in free text: a shorter one
+# is in too many words and numbers, and the masks would spell it out
+# ("***uthentic***tion f***iled" for the password "a").
+_MIN_MASKED = 4
+
+
+def _masked_in_text(text: str, secret: str) -> str:
+    """``text`` with ``secret`` masked where it stands on its own: not inside
+    a longer word or number ("1" in "127.0.0.1", "fail" in "failed")."""
+    pattern = re.escape(secret)
+    if secret[0].isalnum() or secret[0] == "_":
+        pattern = r"(?<!\w)" + pattern
+    if secret[-1].isalnum() or secret[-1] == "_":
+        pattern += r"(?!\w)"
+    return re.sub(pattern, "***", text)
+
+
 def redact(text: str, dsn: str | None) -> str:
-    """``text`` without the DSN's password, nor any password-looking URI part."""
+    """``text`` without the DSN's password, nor any password-looking URI
+    part. The password's value is masked where it stands on its own in
+    ``text``, unless it is short or is also a value the DSN shows without
+    it (a user, a database, a port): masking those would not hide the
+    password but point at it."""
     if dsn:
+        free = without_password(dsn)
+        free_forms = _forms(free) if free is not None else set()
         for secret in sorted(passwords(dsn), key=len, reverse=True):
-            text = text.replace(secret, "***")
+            if len(secret) < _MIN_MASKED or any(secret in form for form in free_forms):
+                continue
+            text = _masked_in_text(text, secret)
     text = _URI_PASSWORD.sub(r"\1***@", text)
     return _PASSWORD_PARAM.sub(r"\1***", text)
+
+
+def mask_dsn(dsn: str) -> str:
+    """``dsn`` as it may be shown: its userinfo password (to the last "@")
+    and query passwords replaced by ``***``."""
+    widest = widest_userinfo(dsn)
+    masked = dsn
+    if ":" in widest:
+        scheme, _, rest = dsn.partition("://")
+        masked = scheme + "://" + widest.partition(":")[0] + ":***@" + rest[len(widest) + 1 :]
+    masked = _PASSWORD_PARAM_AND_REST.sub("password=***", masked)
+    return masked
+
+
+def redact_argv(text: str, argv: Sequence[str]) -> str:
+    """An argparse error line without the passwords of the DSNs among the
+    command line's arguments: each such argument, as argparse echoes it
+    (plainly, or quoted with repr()), is replaced by :func:`mask_dsn`'s
+    form; then :func:`redact` for what looks like a password."""
+    for arg in sorted({a for a in argv if "://" in a or "password=" in a.lower()}, key=len, reverse=True):
+        if not passwords(arg):
+            continue
+        masked = mask_dsn(arg)
+        text = text.replace(repr(arg), repr(masked)).replace(arg, masked)
+    return redact(text, None)
 
 
 # A quoted piece of an error message: as repr() quotes it, in '...' or
@@ -96,13 +182,10 @@ def scrub_quoted(detail: str, dsn: str | None) -> str:
     A quoted piece of the DSN that is not in the DSN without its password
     goes (the DSN's forms: as given, %xx-decoded, as urllib cleans it; the
     piece's: as written and as the string it is the repr() of)."""
-    parts = split(dsn) if dsn else None
-    if dsn is None or parts is None:
+    free = without_password(dsn) if dsn else None
+    if dsn is None or free is None:
         return detail
-    userinfo, hostport, tail = parts
-    without_password = dsn.partition("://")[0] + "://" + userinfo.partition(":")[0] + "@" + hostport
-    without_password += _PASSWORD_PARAM_AND_REST.sub("", tail)
-    with_forms, without_forms = _forms(dsn), _forms(without_password)
+    with_forms, without_forms = _forms(dsn), _forms(free)
 
     def scrub(match: re.Match[str]) -> str:
         quoted = match.group(0)

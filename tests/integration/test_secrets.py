@@ -304,3 +304,45 @@ async def test_a_query_password_holding_an_ampersand_is_not_echoed(transcript: T
     transcript.add("create_pool", raised.value)
     assert "***" in str(raised.value)
     transcript.assert_clean("hunter2", "Zq9x")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("dsn", "pieces"),
+    [
+        # An unescaped "@" then "?" in the password: asyncpg reads the host
+        # "Zq9x" and the query "Wv8k@127.0.0.1:5432/postgres", and quotes it
+        # ("bad query field: 'Wv8k@127.0.0.1:5432/postgres'"); the query
+        # looked like the DSN's own, not a piece of its password.
+        (f"postgresql://{APP_USER}:hunter2@Zq9x?Wv8k@127.0.0.1:5432/postgres", ["hunter2", "Zq9x", "Wv8k"]),
+        (f"postgresql://{APP_USER}:hunter2@Zq9x/?Wv8k@127.0.0.1:5432/postgres", ["hunter2", "Zq9x", "Wv8k"]),
+        # A query password holding a space, then an unescaped "&": the
+        # space ended the password as the scrub read it.
+        (f"postgresql://{APP_USER}@127.0.0.1:5432/postgres?password=hunter2 Zq9x&Wv8k", ["hunter2", "Zq9x", "Wv8k"]),
+    ],
+    ids=["at-then-question-mark", "at-then-slash-question-mark", "query-space-then-ampersand"],
+)
+async def test_a_misparsed_password_is_not_echoed_by_the_pool(
+    transcript: Transcript, dsn: str, pieces: list[str]
+) -> None:
+    with pytest.raises(ValueError) as info:
+        await asyncpg.connect(dsn)
+    assert "Wv8k" in str(info.value)  # asyncpg's own error echoes it
+    with pytest.raises(type(info.value)) as raised:
+        await safepool.create_pool(dsn, min_size=1, max_size=2)
+    transcript.add("create_pool", raised.value)
+    assert "***" in str(raised.value)
+    # In the background too: logged, emitted, in health.
+    pool = await safepool.create_pool(dsn, min_size=0, max_size=2)
+    events: list[dict[str, Any]] = []
+    pool.add_listener(events.append)
+    try:
+        with pytest.raises(ValueError) as acquired:
+            await pool.fetchval("SELECT 1", timeout=5)
+        transcript.add("acquire", acquired.value)
+        transcript.add("health", (await pool.health(probe_timeout=1)).to_dict())
+        transcript.add("events", events)
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    transcript.expect("create_pool", "acquire", "health", "events")
+    transcript.assert_clean(*pieces)
