@@ -205,9 +205,24 @@ def scrub_quoted(detail: str, dsn: str | None) -> str:
 
 def scrub_connect_error(exc: BaseException, dsn: object) -> None:
     """Take pieces of ``dsn``'s password out of ``exc``'s message, in place
-    (its type, traceback and cause stay). For asyncpg's DSN errors: a
-    password holding an unescaped "/", "?" or "#" is misparsed, and the
-    error quotes a piece of it ("invalid literal for int() with base 10:
-    's3cret'")."""
-    if isinstance(dsn, str) and any(isinstance(arg, str) for arg in exc.args):
-        exc.args = tuple(scrub_quoted(arg, dsn) if isinstance(arg, str) else arg for arg in exc.args)
+    (its type, traceback and cause stay), and out of the errors it chains
+    to. For asyncpg's DSN errors: a password holding an unescaped "/", "?"
+    or "#" is misparsed, and the error quotes a piece of it ("invalid
+    literal for int() with base 10: 's3cret'"); and for the server's, when
+    such a DSN still logs in (trust authentication): the database asyncpg
+    read is a piece of the password ('database "word@/db" does not
+    exist', also in the error's ``message`` field)."""
+    if not isinstance(dsn, str):
+        return
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if any(isinstance(arg, str) for arg in error.args):
+            error.args = tuple(scrub_quoted(arg, dsn) if isinstance(arg, str) else arg for arg in error.args)
+        fields = getattr(error, "__dict__", None)
+        if fields:
+            for name, value in list(fields.items()):
+                if isinstance(value, str):
+                    fields[name] = scrub_quoted(value, dsn)
+        error = error.__cause__ or error.__context__

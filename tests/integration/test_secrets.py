@@ -346,3 +346,34 @@ async def test_a_misparsed_password_is_not_echoed_by_the_pool(
         await asyncio.wait_for(pool.close(), 10)
     transcript.expect("create_pool", "acquire", "health", "events")
     transcript.assert_clean(*pieces)
+
+
+@pytest.mark.asyncio
+async def test_a_database_misread_from_the_password_is_not_echoed(cluster: Cluster, transcript: Transcript) -> None:
+    # The password "hunter2@/Zq9x" unescaped, the host in the query: asyncpg
+    # reads the password "hunter2" and the database "Zq9x@/postgres". A
+    # server that trusts the role (here: postgres on loopback) never asks
+    # for the password and names the database: 'database "Zq9x@/postgres"
+    # does not exist', a piece of the password.
+    dsn = f"postgresql://postgres:hunter2@/Zq9x@/postgres?host=127.0.0.1&port={cluster.port}"
+    with pytest.raises(asyncpg.InvalidCatalogNameError) as info:
+        await asyncpg.connect(dsn)
+    assert "Zq9x" in str(info.value)  # asyncpg's own error echoes it
+    with pytest.raises(asyncpg.InvalidCatalogNameError) as raised:
+        await safepool.create_pool(dsn, min_size=1, max_size=2)
+    transcript.add("create_pool", raised.value)
+    transcript.add("create_pool fields", raised.value.__dict__)
+    assert "***" in str(raised.value)
+    pool = await safepool.create_pool(dsn, min_size=0, max_size=2)
+    events: list[dict[str, Any]] = []
+    pool.add_listener(events.append)
+    try:
+        with pytest.raises(asyncpg.InvalidCatalogNameError) as acquired:
+            await pool.fetchval("SELECT 1", timeout=5)
+        transcript.add("acquire", acquired.value)
+        transcript.add("health", (await pool.health(probe_timeout=1)).to_dict())
+        transcript.add("events", events)
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    transcript.expect("create_pool", "acquire", "health", "events")
+    transcript.assert_clean("hunter2", "Zq9x")
