@@ -132,7 +132,9 @@ def redact_argv(text: str, argv: Sequence[str]) -> str:
     command line's arguments: each such argument, as argparse echoes it
     (plainly, or quoted with repr()), is replaced by :func:`mask_dsn`'s
     form; then :func:`redact` for what looks like a password."""
-    for arg in sorted({a for a in argv if "://" in a or "password=" in a.lower()}, key=len, reverse=True):
+    # "--option=DSN": argparse echoes the value alone ("got 'DSN'").
+    values = {a.partition("=")[2] for a in argv if a.startswith("-") and "=" in a}
+    for arg in sorted({a for a in (*argv, *values) if "://" in a or "password=" in a.lower()}, key=len, reverse=True):
         if not passwords(arg):
             continue
         masked = mask_dsn(arg)

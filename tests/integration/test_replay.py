@@ -445,6 +445,7 @@ def test_a_dsn_in_a_usage_error_is_shown_without_its_password(
         # A DSN that is not the first among the arguments.
         ["--dsn", "postgresql://replay@127.0.0.1:1/replay", "--duration", "postgresql://replay:s3 cret@127.0.0.1:1/r"],
         ["--dsn=postgresql://replay@127.0.0.1:1/replay", "postgresql://replay:s3 cret@127.0.0.1:1/r"],
+        ["--duration=postgresql://replay:s3 cret@127.0.0.1:1/r"],  # argparse echoes the value alone
     ],
 )
 def test_every_dsn_in_a_usage_error_is_shown_without_its_password(
