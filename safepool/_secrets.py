@@ -52,12 +52,30 @@ def passwords(dsn: str) -> set[str]:
     return {form for c in candidates if c for form in (c, unquote(c), unquote_plus(c)) if form}
 
 
+def _well_formed_query(text: str) -> bool:
+    """Whether ``text`` (after a "?") parses as asyncpg parses a query:
+    every "&"-separated field has an "=" (up to a "#")."""
+    return all("=" in field for field in text.partition("#")[0].split("&"))
+
+
 def widest_userinfo(dsn: str) -> str:
     """The DSN's userinfo if its password holds every unescaped "@" the DSN
     has ("user:p@ss/word@host": asyncpg reads the password "p", the host
-    "ss" and the database "word@host"); "" without an "@"."""
+    "ss" and the database "word@host"), but not one in a well-formed query
+    ("?options=a@b", "?password=p@ss": the query's own); "" without an
+    "@"."""
     rest = dsn.partition("://")[2]
-    return rest.rpartition("@")[0]
+    end = len(rest)
+    while True:
+        at = rest.rfind("@", 0, end)
+        if at < 0:
+            parts = split(dsn)
+            return parts[0] if parts is not None else ""
+        question = rest.find("?")
+        if 0 <= question < at and _well_formed_query(rest[question + 1 :]):
+            end = question  # the "@" is in a query value
+            continue
+        return rest[:at]
 
 
 def without_password(dsn: str) -> str | None:

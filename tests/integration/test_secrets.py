@@ -377,3 +377,14 @@ async def test_a_database_misread_from_the_password_is_not_echoed(cluster: Clust
         await asyncio.wait_for(pool.close(), 10)
     transcript.expect("create_pool", "acquire", "health", "events")
     transcript.assert_clean("hunter2", "Zq9x")
+
+
+@pytest.mark.asyncio
+async def test_an_at_sign_in_the_query_does_not_hide_the_database(cluster: Cluster) -> None:
+    # The scrub reads a password to the DSN's last "@", except for one in a
+    # well-formed query ("?application_name=a@b"): the database the
+    # server names is not masked there.
+    dsn = f"postgresql://postgres:x@127.0.0.1:{cluster.port}/sp_no_such_db?application_name=a@b"
+    with pytest.raises(asyncpg.InvalidCatalogNameError) as raised:
+        await safepool.create_pool(dsn, min_size=1, max_size=2)
+    assert str(raised.value) == 'database "sp_no_such_db" does not exist'
