@@ -63,7 +63,9 @@ def widest_userinfo(dsn: str) -> str:
     has ("user:p@ss/word@host": asyncpg reads the password "p", the host
     "ss" and the database "word@host"), but not one in a well-formed query
     ("?options=a@b", "?password=p@ss": the query's own); "" without an
-    "@"."""
+    "@". Query passwords are left out first (with what an unescaped "&"
+    cut off them: "?password=p@ss&rest" is not a malformed query)."""
+    dsn = _PASSWORD_PARAM_AND_REST.sub("password=", dsn)
     rest = dsn.partition("://")[2]
     end = len(rest)
     while True:
@@ -85,6 +87,7 @@ def without_password(dsn: str) -> str | None:
     a value found in it (the user, a host, a port) is not masked, or the
     mask would point at the password ("***@localhost" for a password equal
     to the user)."""
+    dsn = _PASSWORD_PARAM_AND_REST.sub("", dsn)
     parts = split(dsn)
     if parts is None:
         return None
@@ -136,12 +139,11 @@ def redact(text: str, dsn: str | None) -> str:
 def mask_dsn(dsn: str) -> str:
     """``dsn`` as it may be shown: its userinfo password (to the last "@")
     and query passwords replaced by ``***``."""
-    widest = widest_userinfo(dsn)
-    masked = dsn
+    masked = _PASSWORD_PARAM_AND_REST.sub("password=***", dsn)
+    widest = widest_userinfo(masked)
     if ":" in widest:
-        scheme, _, rest = dsn.partition("://")
+        scheme, _, rest = masked.partition("://")
         masked = scheme + "://" + widest.partition(":")[0] + ":***@" + rest[len(widest) + 1 :]
-    masked = _PASSWORD_PARAM_AND_REST.sub("password=***", masked)
     return masked
 
 

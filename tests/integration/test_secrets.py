@@ -319,8 +319,11 @@ async def test_a_query_password_holding_an_ampersand_is_not_echoed(transcript: T
         # A query password holding a space, then an unescaped "&": the
         # space ended the password as the scrub read it.
         (f"postgresql://{APP_USER}@127.0.0.1:5432/postgres?password=hunter2 Zq9x&Wv8k", ["hunter2", "Zq9x", "Wv8k"]),
+        # An "@" and an unescaped "&" in a query password: the "@" is the
+        # query's, not the end of a userinfo password.
+        (f"postgresql://{APP_USER}@127.0.0.1:5432/postgres?password=hunter2@Zq9x&Wv8k", ["hunter2", "Zq9x", "Wv8k"]),
     ],
-    ids=["at-then-question-mark", "at-then-slash-question-mark", "query-space-then-ampersand"],
+    ids=["at-then-question-mark", "at-then-slash-question-mark", "query-space-then-ampersand", "query-at-then-ampersand"],
 )
 async def test_a_misparsed_password_is_not_echoed_by_the_pool(
     transcript: Transcript, dsn: str, pieces: list[str]
