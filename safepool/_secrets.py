@@ -75,8 +75,10 @@ def widest_userinfo(dsn: str) -> str:
             return parts[0] if parts is not None else ""
         question = rest.find("?")
         if 0 <= question < at and _well_formed_query(rest[question + 1 :]):
-            end = question  # the "@" is in a query value
-            continue
+            field = rest[max(question, rest.rfind("&", question, at)) + 1 : at]
+            if "=" in field:
+                end = question  # the "@" is in a query value
+                continue
         return rest[:at]
 
 
@@ -166,6 +168,10 @@ def redact_argv(text: str, argv: Sequence[str]) -> str:
 # "..." with backslash escapes ('it\\'s', 'a\\\\b'); and plainly ('{}'
 # formatting: a backslash is just a backslash).
 _QUOTED = (
+    # From a line's first quote to its last: a piece holding the other
+    # quote kind, or its own unescaped (the server's 'database "a"b" does
+    # not exist' for the database a"b).
+    re.compile(r"'[^\n]*'|\"[^\n]*\""),
     re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""),
     re.compile(r"'[^']*'|\"[^\"]*\""),
 )
