@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from urllib.parse import unquote, unquote_plus
 
 _URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
-_PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s]+")
+# (Not one masked already: "got '...password=***'" keeps its closing quote.)
+_PASSWORD_PARAM = re.compile(r"(?i)(password=)(?!\*\*\*(?:[&\s'\"]|$))[^&\s]+")
 # A password query parameter with the fields after it that have no "=": an
 # unescaped "&" in the password ("password=pw&rest": asyncpg's query parser
 # quotes the rest, "bad query field: 'rest'").
@@ -138,10 +139,15 @@ def redact(text: str, dsn: str | None) -> str:
     return _PASSWORD_PARAM.sub(r"\1***", text)
 
 
+# A query password to the next field that has an "=" (or the end): for a
+# whole DSN shown masked, a "#" or a space in the password is its own.
+_PASSWORD_VALUE_TO_NEXT_FIELD = re.compile(r"(?i)(password=).*?(?=&[^&=]*=|$)", re.DOTALL)
+
+
 def mask_dsn(dsn: str) -> str:
     """``dsn`` as it may be shown: its userinfo password (to the last "@")
     and query passwords replaced by ``***``."""
-    masked = _PASSWORD_PARAM_AND_REST.sub("password=***", dsn)
+    masked = _PASSWORD_VALUE_TO_NEXT_FIELD.sub(r"\1***", dsn)
     widest = widest_userinfo(masked)
     if ":" in widest:
         scheme, _, rest = masked.partition("://")

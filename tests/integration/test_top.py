@@ -536,6 +536,9 @@ def test_a_dsn_in_another_options_usage_error_is_shown_without_its_password(
         *run(capsys, "postgresql://u@127.0.0.1:1/x", "--interval", "postgresql://u:s3 cret@h/x"), "s3 cret", "cret@"
     )
     assert "postgresql://u:***@h/x" in err, err
+    # A query password holding a "#" and a space: all of it.
+    err = assert_one_line_error(*run(capsys, "--interval", "postgresql://u@h/x?password=s3#cr et"), "s3", "cr et")
+    assert "got 'postgresql://u@h/x?password=***'" in err, err
 
 
 class FlakySource:
