@@ -106,15 +106,20 @@ async def _query(dsn: str) -> int:
     return 0 if value == 42 else 1
 
 
+class _ParseError(Exception):
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        self.parser = parser
+        self.message = message
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose error line never shows a DSN's password (``selfcheck
     postgresql://user:password@host/db``, the DSN without ``--dsn``: an
-    unrecognized argument, echoed)."""
+    unrecognized argument, echoed): :func:`main` prints the error, without
+    the passwords of the DSNs among its arguments."""
 
     def error(self, message: str) -> NoReturn:
-        from ._secrets import redact
-
-        super().error(redact(message, None))
+        raise _ParseError(self, message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "watch":  # top under its alias's name, in usage and errors
             return int(module.main(argv[1:], prog="python -m safepool watch"))
         return int(module.main(argv[1:]))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _ParseError as failed:
+        from ._secrets import redact_argv
+
+        failed.parser.print_usage(sys.stderr)
+        failed.parser.exit(2, f"{failed.parser.prog}: error: {redact_argv(failed.message, argv)}\n")
     if args.command == "selfcheck":
         try:
             return _selfcheck(args.dsn)

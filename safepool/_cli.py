@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from ._secrets import redact
+from ._secrets import redact_argv
 
 
 class UsageError(Exception):
@@ -20,8 +20,10 @@ class UsageError(Exception):
 def usage_text(error: UsageError, argv: Sequence[str]) -> str:
     """``error``'s line without a password: argparse echoes a DSN given
     where it expected something else (``replay postgresql://u:pw@h/db``, the
-    DSN without ``--dsn``: "unrecognized arguments: ...")."""
-    return redact(str(error), next((arg for arg in argv if "://" in arg), None))
+    DSN without ``--dsn``: "unrecognized arguments: ..."), or as the value
+    of another option ("got 'postgresql://...'"): every DSN among the
+    arguments, not only the first."""
+    return redact_argv(str(error), argv)
 
 
 class Exit(Exception):

@@ -7,14 +7,18 @@ from __future__ import annotations
 import ast
 import re
 import warnings
+from collections.abc import Sequence
 from urllib.parse import unquote, unquote_plus
 
 _URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
-_PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&\s]+")
+# (Not one masked already: "got '...password=***'" keeps its closing quote.)
+_PASSWORD_PARAM = re.compile(r"(?i)(password=)(?!\*\*\*(?:[&\s'\"]|$))[^&\s]+")
 # A password query parameter with the fields after it that have no "=": an
 # unescaped "&" in the password ("password=pw&rest": asyncpg's query parser
 # quotes the rest, "bad query field: 'rest'").
-_PASSWORD_PARAM_AND_REST = re.compile(r"(?i)password=[^&\s#]*(?:&[^&=\s#]*(?=[&#\s]|$))*")
+# (No whitespace stop: in a DSN a space is part of the value, and asyncpg
+# keeps it: "?password=pw x&rest".)
+_PASSWORD_PARAM_AND_REST = re.compile(r"(?i)password=[^&#]*(?:&[^&=#]*(?=[&#]|$))*")
 
 
 def split(dsn: str) -> tuple[str, str, str] | None:
@@ -35,29 +39,145 @@ def split(dsn: str) -> tuple[str, str, str] | None:
 
 def passwords(dsn: str) -> set[str]:
     """Every string that may be the DSN's password, raw and decoded. Parsing
-    is deliberately loose: over-redacting an error message costs nothing."""
+    is deliberately loose: the password up to the first "@" (as asyncpg
+    reads it), to the last one (an unescaped "@" in it), a query password
+    with or without what follows an unescaped "&" or a space."""
     candidates = [match.group(0)[len("password=") :] for match in _PASSWORD_PARAM.finditer(dsn)]
+    candidates += [match.group(0)[len("password=") :] for match in _PASSWORD_PARAM_AND_REST.finditer(dsn)]
     parts = split(dsn)
     if parts is not None:
         rest = dsn.partition("://")[2]
         first_userinfo = rest.partition("@")[0] if "@" in rest else ""
-        candidates += [userinfo.partition(":")[2] for userinfo in (parts[0], first_userinfo) if ":" in userinfo]
+        userinfos = (parts[0], first_userinfo, widest_userinfo(dsn))
+        candidates += [userinfo.partition(":")[2] for userinfo in userinfos if ":" in userinfo]
     return {form for c in candidates if c for form in (c, unquote(c), unquote_plus(c)) if form}
 
 
+def _well_formed_query(text: str) -> bool:
+    """Whether ``text`` (after a "?") parses as asyncpg parses a query:
+    every "&"-separated field has an "=" (up to a "#")."""
+    return all("=" in field for field in text.partition("#")[0].split("&"))
+
+
+def widest_userinfo(dsn: str) -> str:
+    """The DSN's userinfo if its password holds every unescaped "@" the DSN
+    has ("user:p@ss/word@host": asyncpg reads the password "p", the host
+    "ss" and the database "word@host"), but not one in a well-formed query
+    ("?options=a@b", "?password=p@ss": the query's own); "" without an
+    "@". Query passwords are left out first (with what an unescaped "&"
+    cut off them: "?password=p@ss&rest" is not a malformed query)."""
+    dsn = _PASSWORD_PARAM_AND_REST.sub("password=", dsn)
+    rest = dsn.partition("://")[2]
+    end = len(rest)
+    while True:
+        at = rest.rfind("@", 0, end)
+        if at < 0:
+            parts = split(dsn)
+            return parts[0] if parts is not None else ""
+        question = rest.find("?")
+        if 0 <= question < at and _well_formed_query(rest[question + 1 :]):
+            field = rest[max(question, rest.rfind("&", question, at)) + 1 : at]
+            if "=" in field:
+                end = question  # the "@" is in a query value
+                continue
+        return rest[:at]
+
+
+def without_password(dsn: str) -> str | None:
+    """The DSN less every piece that may be its password (the userinfo's
+    password to the last "@", query passwords with what an unescaped "&"
+    cut off them); None when it is not a URI. What is left is not secret:
+    a value found in it (the user, a host, a port) is not masked, or the
+    mask would point at the password ("***@localhost" for a password equal
+    to the user)."""
+    dsn = _PASSWORD_PARAM_AND_REST.sub("", dsn)
+    parts = split(dsn)
+    if parts is None:
+        return None
+    scheme = dsn.partition("://")[0]
+    userinfo, hostport, tail = parts
+    user = userinfo.partition(":")[0]
+    narrow = scheme + "://" + user + "@" + hostport + _PASSWORD_PARAM_AND_REST.sub("", tail)
+    widest = widest_userinfo(dsn)
+    if not widest or widest == userinfo:
+        return narrow
+    after = dsn.partition("://")[2][len(widest) + 1 :]
+    return scheme + "://" + widest.partition(":")[0] + "@" + _PASSWORD_PARAM_AND_REST.sub("", after)
+
+
+# The shortest password masked where it stands in free text: a shorter one
+# is in too many words and numbers, and the masks would spell it out
+# ("***uthentic***tion f***iled" for the password "a").
+_MIN_MASKED = 4
+
+
+def _masked_in_text(text: str, secret: str) -> str:
+    """``text`` with ``secret`` masked where it stands on its own: not inside
+    a longer word or number ("1" in "127.0.0.1", "fail" in "failed")."""
+    pattern = re.escape(secret)
+    if secret[0].isalnum() or secret[0] == "_":
+        pattern = r"(?<!\w)" + pattern
+    if secret[-1].isalnum() or secret[-1] == "_":
+        pattern += r"(?!\w)"
+    return re.sub(pattern, "***", text)
+
+
 def redact(text: str, dsn: str | None) -> str:
-    """``text`` without the DSN's password, nor any password-looking URI part."""
+    """``text`` without the DSN's password, nor any password-looking URI
+    part. The password's value is masked where it stands on its own in
+    ``text``, unless it is short or is also a value the DSN shows without
+    it (a user, a database, a port): masking those would not hide the
+    password but point at it."""
     if dsn:
+        free = without_password(dsn)
+        free_forms = _forms(free) if free is not None else set()
         for secret in sorted(passwords(dsn), key=len, reverse=True):
-            text = text.replace(secret, "***")
+            if len(secret) < _MIN_MASKED or any(secret in form for form in free_forms):
+                continue
+            text = _masked_in_text(text, secret)
     text = _URI_PASSWORD.sub(r"\1***@", text)
     return _PASSWORD_PARAM.sub(r"\1***", text)
+
+
+# A query password to the next field that has an "=" (or the end): for a
+# whole DSN shown masked, a "#" or a space in the password is its own.
+_PASSWORD_VALUE_TO_NEXT_FIELD = re.compile(r"(?i)(password=).*?(?=&[^&=]*=|$)", re.DOTALL)
+
+
+def mask_dsn(dsn: str) -> str:
+    """``dsn`` as it may be shown: its userinfo password (to the last "@")
+    and query passwords replaced by ``***``."""
+    masked = _PASSWORD_VALUE_TO_NEXT_FIELD.sub(r"\1***", dsn)
+    widest = widest_userinfo(masked)
+    if ":" in widest:
+        scheme, _, rest = masked.partition("://")
+        masked = scheme + "://" + widest.partition(":")[0] + ":***@" + rest[len(widest) + 1 :]
+    return masked
+
+
+def redact_argv(text: str, argv: Sequence[str]) -> str:
+    """An argparse error line without the passwords of the DSNs among the
+    command line's arguments: each such argument, as argparse echoes it
+    (plainly, or quoted with repr()), is replaced by :func:`mask_dsn`'s
+    form; then :func:`redact` for what looks like a password."""
+    # "--option=DSN": argparse echoes the value alone ("got 'DSN'").
+    values = {a.partition("=")[2] for a in argv if a.startswith("-") and "=" in a}
+    for arg in sorted({a for a in (*argv, *values) if "://" in a or "password=" in a.lower()}, key=len, reverse=True):
+        if not passwords(arg):
+            continue
+        masked = mask_dsn(arg)
+        text = text.replace(repr(arg), repr(masked)).replace(arg, masked)
+    return redact(text, None)
 
 
 # A quoted piece of an error message: as repr() quotes it, in '...' or
 # "..." with backslash escapes ('it\\'s', 'a\\\\b'); and plainly ('{}'
 # formatting: a backslash is just a backslash).
 _QUOTED = (
+    # From a line's first quote to its last: a piece holding the other
+    # quote kind, or its own unescaped (the server's 'database "a"b" does
+    # not exist' for the database a"b).
+    re.compile(r"'[^\n]*'|\"[^\n]*\""),
     re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""),
     re.compile(r"'[^']*'|\"[^\"]*\""),
 )
@@ -96,13 +216,10 @@ def scrub_quoted(detail: str, dsn: str | None) -> str:
     A quoted piece of the DSN that is not in the DSN without its password
     goes (the DSN's forms: as given, %xx-decoded, as urllib cleans it; the
     piece's: as written and as the string it is the repr() of)."""
-    parts = split(dsn) if dsn else None
-    if dsn is None or parts is None:
+    free = without_password(dsn) if dsn else None
+    if dsn is None or free is None:
         return detail
-    userinfo, hostport, tail = parts
-    without_password = dsn.partition("://")[0] + "://" + userinfo.partition(":")[0] + "@" + hostport
-    without_password += _PASSWORD_PARAM_AND_REST.sub("", tail)
-    with_forms, without_forms = _forms(dsn), _forms(without_password)
+    with_forms, without_forms = _forms(dsn), _forms(free)
 
     def scrub(match: re.Match[str]) -> str:
         quoted = match.group(0)
@@ -122,9 +239,24 @@ def scrub_quoted(detail: str, dsn: str | None) -> str:
 
 def scrub_connect_error(exc: BaseException, dsn: object) -> None:
     """Take pieces of ``dsn``'s password out of ``exc``'s message, in place
-    (its type, traceback and cause stay). For asyncpg's DSN errors: a
-    password holding an unescaped "/", "?" or "#" is misparsed, and the
-    error quotes a piece of it ("invalid literal for int() with base 10:
-    's3cret'")."""
-    if isinstance(dsn, str) and any(isinstance(arg, str) for arg in exc.args):
-        exc.args = tuple(scrub_quoted(arg, dsn) if isinstance(arg, str) else arg for arg in exc.args)
+    (its type, traceback and cause stay), and out of the errors it chains
+    to. For asyncpg's DSN errors: a password holding an unescaped "/", "?"
+    or "#" is misparsed, and the error quotes a piece of it ("invalid
+    literal for int() with base 10: 's3cret'"); and for the server's, when
+    such a DSN still logs in (trust authentication): the database asyncpg
+    read is a piece of the password ('database "word@/db" does not
+    exist', also in the error's ``message`` field)."""
+    if not isinstance(dsn, str):
+        return
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if any(isinstance(arg, str) for arg in error.args):
+            error.args = tuple(scrub_quoted(arg, dsn) if isinstance(arg, str) else arg for arg in error.args)
+        fields = getattr(error, "__dict__", None)
+        if fields:
+            for name, value in list(fields.items()):
+                if isinstance(value, str):
+                    fields[name] = scrub_quoted(value, dsn)
+        error = error.__cause__ or error.__context__

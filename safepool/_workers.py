@@ -130,9 +130,10 @@ async def connect(
         con = await open_connection(
             *args, loop=loop, connection_class=connection_class, record_class=record_class, **kwargs
         )
-    except ValueError as exc:
-        # asyncpg's DSN errors may quote a piece of the password; the pool
-        # raises, logs, emits and reports them (health).
+    except Exception as exc:
+        # asyncpg's DSN errors may quote a piece of the password, and so
+        # may the server's (a misread database name); the pool raises,
+        # logs, emits and reports them (health).
         _secrets.scrub_connect_error(exc, args[0] if args else None)
         raise
     try:

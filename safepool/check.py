@@ -35,8 +35,10 @@ import sys
 import tokenize
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, NoReturn
 
 from ._cli import silence_stdout
+from ._secrets import mask_dsn, passwords, redact_argv
 
 __all__ = ["Finding", "check_source", "main"]
 
@@ -1194,13 +1196,27 @@ def _some(paths: Sequence[str], shown: int = 3) -> str:
     return listed if len(paths) <= shown else f"{listed} and {len(paths) - shown} more"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose error line shows no password of a DSN among the
+    arguments ("invalid choice: 'postgresql://u:pw@h/db'")."""
+
+    def __init__(self, arguments: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.arguments = arguments
+
+    def error(self, message: str) -> NoReturn:
+        super().error(redact_argv(message, self.arguments))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m safepool check PATH...``: print the findings of every
     file (``--format text`` or ``json``) and return the exit status: 0
     nothing found, 1 findings (even if some files could not be checked), 2
     no findings but a file could not be read or parsed, a path does not
     exist, or a directory given holds no Python file to check."""
-    parser = argparse.ArgumentParser(
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = _Parser(
+        arguments,
         prog="python -m safepool check",
         description="Find pool.acquire() results that are not released on every path. "
         "Exit status: 0 nothing found, 1 findings (even if some files could not be checked), "
@@ -1217,7 +1233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a receiver whose last name matches this is a pool (default: %(default)s)",
     )
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching paths")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(arguments)
     try:
         re.compile(args.pool_names)
     except re.error as exc:
@@ -1239,7 +1255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scanned += 1
             else:
                 unparsed.append(path)
-    missing = [root for root in args.paths if not os.path.exists(root)]
+    # A DSN given for a path (the wrong tool, or a pasted command line) is
+    # named without its password.
+    missing = [mask_dsn(root) if passwords(root) else root for root in args.paths if not os.path.exists(root)]
     errors.extend({"path": root, "error": "no such file or directory"} for root in missing)
     errors.extend(
         {"path": root, "error": "no Python files to check in this directory (not searched: hidden "

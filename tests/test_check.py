@@ -546,3 +546,22 @@ class Service:
         return await con.fetchval("SELECT 1")
 '''
     assert [(f.line, f.code) for f in check_source(source)] == [(14, "SP002"), (26, "SP002")]
+
+
+def test_cli_a_dsn_given_for_a_path_is_named_without_its_password(capsys: pytest.CaptureFixture[str]) -> None:
+    # The wrong tool for a DSN (or a pasted command line): "no such file".
+    dsn = "postgresql://app:s3cret@db.internal/orders"
+    assert main([dsn]) == 2
+    captured = capsys.readouterr()
+    assert "s3cret" not in captured.out + captured.err
+    assert "postgresql://app:***@db.internal/orders: error: no such file or directory" in captured.err
+    assert main(["--format", "json", dsn]) == 2
+    captured = capsys.readouterr()
+    assert "s3cret" not in captured.out + captured.err
+    assert json.loads(captured.out)["errors"] == [
+        {"path": "postgresql://app:***@db.internal/orders", "error": "no such file or directory"}
+    ]
+    with pytest.raises(SystemExit):
+        main(["--format", dsn, "x.py"])  # argparse: "invalid choice: 'postgresql://...'"
+    captured = capsys.readouterr()
+    assert "s3cret" not in captured.err and "postgresql://app:***@db.internal/orders" in captured.err

@@ -40,6 +40,7 @@ from .._cli import usage_text as _usage_text
 from .._secrets import redact
 from .._secrets import scrub_quoted as _scrub_quoted
 from .._secrets import split as _split
+from .._secrets import widest_userinfo as _widest_userinfo
 
 PROG = "python -m safepool top"
 MIN_INTERVAL, MAX_INTERVAL = 0.01, 86_400.0  # seconds between refreshes
@@ -150,6 +151,11 @@ def describe_target(dsn: str | None) -> str:
     if parts is None:
         return "the server"
     userinfo, hostport, tail = parts
+    if _widest_userinfo(dsn) != userinfo:
+        # More than one unescaped "@": the host and database asyncpg reads
+        # may be pieces of the password ("user:p@ss/word@host/db": host
+        # "ss", database "word@host/db").
+        return 'the server (the DSN has more than one "@": write one in a password as %40)'
     path, _, query = tail.partition("?")
     database = unquote(path.partition("#")[0].lstrip("/"))
     if not hostport:

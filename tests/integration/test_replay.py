@@ -439,6 +439,43 @@ def test_a_dsn_in_a_usage_error_is_shown_without_its_password(
     assert "s3cret" not in err, err
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        # A DSN that is not the first among the arguments.
+        ["--dsn", "postgresql://replay@127.0.0.1:1/replay", "--duration", "postgresql://replay:s3 cret@127.0.0.1:1/r"],
+        ["--dsn=postgresql://replay@127.0.0.1:1/replay", "postgresql://replay:s3 cret@127.0.0.1:1/r"],
+        ["--duration=postgresql://replay:s3 cret@127.0.0.1:1/r"],  # argparse echoes the value alone
+    ],
+)
+def test_every_dsn_in_a_usage_error_is_shown_without_its_password(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(PROG_ERROR) and err.count("\n") == 1, err
+    assert "cret" not in err and "postgresql://replay:***@127.0.0.1:1/r" in err, err
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        # The pattern alone stopped at a space in the password.
+        ("postgresql://replay:s3 cret@127.0.0.1:1/replay", "postgresql://replay:***@127.0.0.1:1/replay"),
+        ("postgres://replay@127.0.0.1:1/replay?password=s3 cret", "postgres://replay@127.0.0.1:1/replay?password=***"),
+    ],
+)
+def test_selfcheck_usage_error_does_not_show_a_password_holding_a_space(dsn: str, shown: str) -> None:
+    from safepool.__main__ import main as entry
+
+    with pytest.raises(SystemExit) as exit_info:
+        with contextlib.redirect_stderr(StringIO()) as err:
+            entry(["selfcheck", dsn])
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {shown}" in err.getvalue(), err.getvalue()
+    assert "cret" not in err.getvalue()
+
+
 def test_selfcheck_usage_error_does_not_show_a_dsns_password() -> None:
     from safepool.__main__ import main as entry
 

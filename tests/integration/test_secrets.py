@@ -304,3 +304,100 @@ async def test_a_query_password_holding_an_ampersand_is_not_echoed(transcript: T
     transcript.add("create_pool", raised.value)
     assert "***" in str(raised.value)
     transcript.assert_clean("hunter2", "Zq9x")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("dsn", "pieces"),
+    [
+        # An unescaped "@" then "?" in the password: asyncpg reads the host
+        # "Zq9x" and the query "Wv8k@127.0.0.1:5432/postgres", and quotes it
+        # ("bad query field: 'Wv8k@127.0.0.1:5432/postgres'"); the query
+        # looked like the DSN's own, not a piece of its password.
+        (f"postgresql://{APP_USER}:hunter2@Zq9x?Wv8k@127.0.0.1:5432/postgres", ["hunter2", "Zq9x", "Wv8k"]),
+        (f"postgresql://{APP_USER}:hunter2@Zq9x/?Wv8k@127.0.0.1:5432/postgres", ["hunter2", "Zq9x", "Wv8k"]),
+        # A query password holding a space, then an unescaped "&": the
+        # space ended the password as the scrub read it.
+        (f"postgresql://{APP_USER}@127.0.0.1:5432/postgres?password=hunter2 Zq9x&Wv8k", ["hunter2", "Zq9x", "Wv8k"]),
+        # An "@" and an unescaped "&" in a query password: the "@" is the
+        # query's, not the end of a userinfo password.
+        (f"postgresql://{APP_USER}@127.0.0.1:5432/postgres?password=hunter2@Zq9x&Wv8k", ["hunter2", "Zq9x", "Wv8k"]),
+        # An "@" then ":" and "?": asyncpg reads the port "Zq9x"; the "@"
+        # after the "?" is in a field's key, not a query value.
+        (f"postgresql://{APP_USER}:hunter2@:Zq9x?Wv8k@127.0.0.1:5432/postgres?host=h", ["hunter2", "Zq9x", "Wv8k"]),
+    ],
+    ids=[
+        "at-then-question-mark", "at-then-slash-question-mark", "query-space-then-ampersand",
+        "query-at-then-ampersand", "at-then-port-then-question-mark",
+    ],
+)
+async def test_a_misparsed_password_is_not_echoed_by_the_pool(
+    transcript: Transcript, dsn: str, pieces: list[str]
+) -> None:
+    with pytest.raises(ValueError) as info:
+        await asyncpg.connect(dsn)
+    assert "Wv8k" in str(info.value) or "Zq9x" in str(info.value)  # asyncpg's own error echoes it
+    with pytest.raises(type(info.value)) as raised:
+        await safepool.create_pool(dsn, min_size=1, max_size=2)
+    transcript.add("create_pool", raised.value)
+    assert "***" in str(raised.value)
+    # In the background too: logged, emitted, in health.
+    pool = await safepool.create_pool(dsn, min_size=0, max_size=2)
+    events: list[dict[str, Any]] = []
+    pool.add_listener(events.append)
+    try:
+        with pytest.raises(ValueError) as acquired:
+            await pool.fetchval("SELECT 1", timeout=5)
+        transcript.add("acquire", acquired.value)
+        transcript.add("health", (await pool.health(probe_timeout=1)).to_dict())
+        transcript.add("events", events)
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    transcript.expect("create_pool", "acquire", "health", "events")
+    transcript.assert_clean(*pieces)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("password", ["hunter2@/Zq9x", 'hunter2@/Zq9x"Wv8k'], ids=["plain", "double-quote"])
+async def test_a_database_misread_from_the_password_is_not_echoed(
+    cluster: Cluster, transcript: Transcript, password: str
+) -> None:
+    # The password "hunter2@/Zq9x" unescaped, the host in the query: asyncpg
+    # reads the password "hunter2" and the database "Zq9x@/postgres". A
+    # server that trusts the role (here: postgres on loopback) never asks
+    # for the password and names the database: 'database "Zq9x@/postgres"
+    # does not exist', a piece of the password. The server does not escape
+    # a double quote in it ('database "Zq9x"Wv8k@/postgres" does not exist').
+    dsn = f"postgresql://postgres:{password}@/postgres?host=127.0.0.1&port={cluster.port}"
+    with pytest.raises(asyncpg.InvalidCatalogNameError) as info:
+        await asyncpg.connect(dsn)
+    assert "Zq9x" in str(info.value)  # asyncpg's own error echoes it
+    with pytest.raises(asyncpg.InvalidCatalogNameError) as raised:
+        await safepool.create_pool(dsn, min_size=1, max_size=2)
+    transcript.add("create_pool", raised.value)
+    transcript.add("create_pool fields", raised.value.__dict__)
+    assert "***" in str(raised.value)
+    pool = await safepool.create_pool(dsn, min_size=0, max_size=2)
+    events: list[dict[str, Any]] = []
+    pool.add_listener(events.append)
+    try:
+        with pytest.raises(asyncpg.InvalidCatalogNameError) as acquired:
+            await pool.fetchval("SELECT 1", timeout=5)
+        transcript.add("acquire", acquired.value)
+        transcript.add("health", (await pool.health(probe_timeout=1)).to_dict())
+        transcript.add("events", events)
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    transcript.expect("create_pool", "acquire", "health", "events")
+    transcript.assert_clean("hunter2", "Zq9x", "Wv8k")
+
+
+@pytest.mark.asyncio
+async def test_an_at_sign_in_the_query_does_not_hide_the_database(cluster: Cluster) -> None:
+    # The scrub reads a password to the DSN's last "@", except for one in a
+    # well-formed query ("?application_name=a@b"): the database the
+    # server names is not masked there.
+    dsn = f"postgresql://postgres:x@127.0.0.1:{cluster.port}/sp_no_such_db?application_name=a@b"
+    with pytest.raises(asyncpg.InvalidCatalogNameError) as raised:
+        await safepool.create_pool(dsn, min_size=1, max_size=2)
+    assert str(raised.value) == 'database "sp_no_such_db" does not exist'

@@ -492,6 +492,55 @@ def test_errors_name_the_target_but_not_the_password() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("password", "error", "shown"),
+    [
+        # A short password is in many words and numbers: masking it there
+        # spelled it out ("h******8@***27.0.0.***:***" for "1", "***uthentic***tion
+        # f***iled" for "a").
+        ("1", ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 1)"),
+         "cannot connect to app@127.0.0.1:1/x: [Errno 111] Connect call failed ('127.0.0.1', 1)"),
+        ("a", asyncpg.InvalidPasswordError('password authentication failed for user "app"'),
+         'authentication failed for app@127.0.0.1:1/x: password authentication failed for user "app"'),
+        # Equal to the user: masking the user told the password.
+        ("app", asyncpg.InvalidPasswordError('password authentication failed for user "app"'),
+         'authentication failed for app@127.0.0.1:1/x: password authentication failed for user "app"'),
+        # Inside a longer word: not the password.
+        ("enti", asyncpg.InvalidPasswordError('password authentication failed for user "app"'),
+         'authentication failed for app@127.0.0.1:1/x: password authentication failed for user "app"'),
+    ],
+)
+def test_errors_do_not_point_at_the_password_by_masking_other_text(
+    password: str, error: BaseException, shown: str
+) -> None:
+    assert describe_error(error, f"postgresql://app:{password}@127.0.0.1:1/x", 5) == shown
+
+
+def test_a_dsn_with_two_at_signs_is_not_described_by_its_misread_host() -> None:
+    # "u:s3cr@pw/w0rd@host/x", a password holding an unescaped "@" and "/":
+    # asyncpg reads the host "pw" and the database "w0rd@host/x", and the
+    # target named them: pieces of the password.
+    import socket
+
+    text = describe_error(socket.gaierror(-2, "Name or service not known"), "postgresql://u:s3cr@pw/w0rd@127.0.0.1:1/x", 5)
+    assert "s3cr" not in text and "pw/" not in text and "w0rd" not in text, text
+    assert text.startswith('cannot connect to the server (the DSN has more than one "@"'), text
+
+
+def test_a_dsn_in_another_options_usage_error_is_shown_without_its_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Only the first DSN among the arguments was looked at; the pattern
+    # alone misses a password holding a space.
+    err = assert_one_line_error(
+        *run(capsys, "postgresql://u@127.0.0.1:1/x", "--interval", "postgresql://u:s3 cret@h/x"), "s3 cret", "cret@"
+    )
+    assert "postgresql://u:***@h/x" in err, err
+    # A query password holding a "#" and a space: all of it.
+    err = assert_one_line_error(*run(capsys, "--interval", "postgresql://u@h/x?password=s3#cr et"), "s3", "cr et")
+    assert "got 'postgresql://u@h/x?password=***'" in err, err
+
+
 class FlakySource:
     """Stands for cli._Source: snapshots, except for the refreshes listed in ``failing``."""
 
