@@ -108,6 +108,30 @@ def test_a_bad_keepalive_or_backoff_field_is_a_pool_argument_error() -> None:
         safepool.site("")
 
 
+
+def test_a_bad_manual_clock_argument_is_a_pool_argument_error() -> None:
+    """ManualClock's start and advance() are checked as durations are: a str
+    was a bare TypeError from ``+`` (or taken, failing at the first timer), a
+    negative or NaN step moved the monotonic clock back or broke it."""
+    clock = safepool.ManualClock()
+    with pytest.raises(safepool.PoolTypeError, match="seconds"):
+        clock.advance("1")  # type: ignore[arg-type]
+    with pytest.raises(safepool.PoolTypeError):
+        clock.advance(True)
+    with pytest.raises(safepool.PoolValueError, match=">= 0"):
+        clock.advance(-1.0)
+    with pytest.raises(safepool.PoolValueError):
+        clock.advance(float("nan"))
+    assert clock.now() == 1000.0  # (refused before moving)
+    clock.advance(0)
+    clock.advance(2)
+    assert clock.now() == 1002.0
+    with pytest.raises(safepool.PoolTypeError):
+        safepool.ManualClock("0")  # type: ignore[arg-type]
+    with pytest.raises(safepool.PoolValueError):
+        safepool.ManualClock(float("nan"))
+    assert safepool.ManualClock(-5).now() == -5  # (any origin)
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "timeout, builtin", [(-1, ValueError), ("1", TypeError), (float("nan"), ValueError)], ids=["negative", "str", "nan"]
