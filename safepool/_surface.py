@@ -175,7 +175,10 @@ class Observation:
 
     @staticmethod
     def _timing_field(kind: str) -> str:
-        field = _TIMINGS.get(kind)
+        try:
+            field = _TIMINGS.get(kind)
+        except TypeError:  # unhashable (a list): a bare "unhashable type" error
+            raise PoolTypeError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}") from None
         if field is None:
             raise PoolValueError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}")
         return field

@@ -223,6 +223,28 @@ async def test_safepool_s_own_api_refuses_bad_arguments_with_pool_argument_error
         assert pool.stats().in_use == 0
 
 
+
+@pytest.mark.asyncio
+async def test_a_kind_or_pool_list_of_the_wrong_type_is_a_pool_type_error(pg_dsn: str) -> None:
+    """Arguments that failed in a dict lookup or an iteration, with Python's
+    bare TypeError ("unhashable type: 'list'", "'int' object is not
+    iterable"): the safepool class, still a TypeError."""
+    from safepool.metrics import PoolSet
+    from safepool.testing import LeakGuard
+
+    async with safepool.create_pool(pg_dsn, min_size=0, max_size=1) as pool:
+        with pytest.raises(safepool.PoolTypeError, match="kind must be one of"):
+            pool.add_timing_sink([], print)  # type: ignore[arg-type]
+        with pytest.raises(safepool.PoolTypeError, match="kind must be one of"):
+            pool.remove_timing_sink({}, print)  # type: ignore[arg-type]
+        with pytest.raises(safepool.PoolValueError):  # (a hashable one: as before)
+            pool.add_timing_sink("waits", print)
+    for make in (PoolCollector, PoolSet, LeakGuard):
+        with pytest.raises(safepool.PoolTypeError, match="iterable of pools"):
+            make(5)  # type: ignore[arg-type]
+    with pytest.raises(safepool.PoolTypeError, match="expected a safepool pool"):
+        LeakGuard([5])  # type: ignore[list-item]
+
 # safepool's modules whose parsers raise argparse's errors (argparse turns
 # them into a usage message and exit status 2).
 CLI_MODULES = {"_cli.py", "replay/cli.py"}
