@@ -135,6 +135,36 @@ async def test_close_pool_within_a_deadline_terminates_what_is_left(
                for r in caplog.records)
 
 
+
+async def test_shutdown_deadline_with_default_settings_names_no_site(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """best-practices.md: with capture_stack off (the default) the warning
+    gives the count and ages, "at unknown site (capture_stack is off)", and
+    no task: the site and task of the example need capture_stack=True."""
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2)
+    assert pool.capture_stack is False
+    started = asyncio.Event()
+
+    async def stuck_request() -> None:
+        async with pool.acquire() as con:
+            started.set()
+            await con.execute("SELECT pg_sleep(60)")
+
+    request = asyncio.ensure_future(stuck_request())
+    request.set_name("stuck-task")
+    await started.wait()
+    with caplog.at_level("WARNING", logger="safepool"):
+        assert await bp.close_pool_within(pool, 0.2) is False
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await request
+    (message,) = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "close_cut_short"]
+    assert "1 connection(s) not released" in message
+    assert "at unknown site (capture_stack is off)" in message and "stuck-task" not in message
+    text = (Path(__file__).resolve().parents[2] / "docs" / "best-practices.md").read_text()
+    section = text.split("## Shutting down within a deadline", 1)[1].split("\n## ", 1)[0]
+    assert "unknown site (capture_stack is" in section and "capture_stack=True" in section
+
 async def test_errors_map_to_http_statuses(pg_dsn: str, pool: safepool.Pool) -> None:
     assert await bp.handle_balance_request(pool, 1) == (200, {"account": 1, "balance": 100})
     assert (await bp.handle_balance_request(pool, 99))[0] == 404
