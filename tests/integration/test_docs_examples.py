@@ -111,6 +111,23 @@ async def test_the_manual_clock_example_of_testing_md(pg_dsn: str) -> None:
     await asyncio.wait_for(testing_clock.test_a_stuck_handler_loses_its_connection_at_the_lease_timeout(pg_dsn), 30)
 
 
+
+async def test_with_a_manual_clock_an_acquire_waits_for_advance_not_real_time(pg_dsn: str) -> None:
+    """docs/testing.md: acquire(timeout=) runs on the manual clock too: no
+    real time ends it; the snippet's task-then-advance pattern does."""
+    clock = safepool.ManualClock()
+    async with safepool.create_pool(pg_dsn, min_size=1, max_size=1, clock=clock) as pool:
+        async with pool.acquire():  # every connection held
+            waiting = asyncio.ensure_future(pool.acquire(timeout=5.0))
+            await asyncio.sleep(0)  # it queues
+            await asyncio.sleep(0.3)  # real time: nothing
+            assert not waiting.done()
+            clock.advance(5.0)
+            with pytest.raises(safepool.PoolTimeoutError):
+                await waiting
+    text = (Path(__file__).resolve().parents[2] / "docs" / "testing.md").read_text()
+    assert "waiting = asyncio.ensure_future(pool.acquire(timeout=5.0))" in text
+
 async def test_close_pool_within_a_deadline_terminates_what_is_left(
     pg_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
