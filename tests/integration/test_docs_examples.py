@@ -37,6 +37,11 @@ testing_clock = load("testing_clock")
 HOLDER_LINE = next(n for n, text in enumerate(Path(__file__).read_text().splitlines(), 1) if text.endswith("# HOLDER"))
 
 
+def _doc(page: str) -> str:
+    """The text of a docs/ page (read synchronously: a few kB)."""
+    return (Path(__file__).resolve().parents[2] / "docs" / page).read_text()
+
+
 @pytest_asyncio.fixture
 async def pool(pg_dsn: str) -> AsyncIterator[safepool.Pool]:
     async with safepool.create_pool(pg_dsn, min_size=1, max_size=3, capture_stack=True) as pool:
@@ -125,7 +130,7 @@ async def test_with_a_manual_clock_an_acquire_waits_for_advance_not_real_time(pg
             clock.advance(5.0)
             with pytest.raises(safepool.PoolTimeoutError):
                 await waiting
-    text = (Path(__file__).resolve().parents[2] / "docs" / "testing.md").read_text()
+    text = _doc("testing.md")
     assert "waiting = asyncio.ensure_future(pool.acquire(timeout=5.0))" in text
 
 async def test_close_pool_within_a_deadline_terminates_what_is_left(
@@ -178,7 +183,7 @@ async def test_shutdown_deadline_with_default_settings_names_no_site(
     (message,) = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "close_cut_short"]
     assert "1 connection(s) not released" in message
     assert "at unknown site (capture_stack is off)" in message and "stuck-task" not in message
-    text = (Path(__file__).resolve().parents[2] / "docs" / "best-practices.md").read_text()
+    text = _doc("best-practices.md")
     section = text.split("## Shutting down within a deadline", 1)[1].split("\n## ", 1)[0]
     assert "unknown site (capture_stack is" in section and "capture_stack=True" in section
 
