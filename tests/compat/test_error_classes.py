@@ -245,6 +245,31 @@ async def test_a_kind_or_pool_list_of_the_wrong_type_is_a_pool_type_error(pg_dsn
     with pytest.raises(safepool.PoolTypeError, match="expected a safepool pool"):
         LeakGuard([5])  # type: ignore[list-item]
 
+
+@pytest.mark.asyncio
+async def test_a_loop_that_does_not_answer_a_threadsafe_read_is_a_pool_timeout_error(pg_dsn: str) -> None:
+    """stats_threadsafe()/call_threadsafe() from another thread while the
+    pool's loop is blocked: safepool's own TimeoutError, so a PoolError (and
+    still the TimeoutError the docs name)."""
+    import threading
+
+    async with safepool.create_pool(pg_dsn, min_size=0, max_size=1, name="blocked-loop") as pool:
+        outcome: list[BaseException | None] = []
+
+        def read() -> None:
+            try:
+                pool.stats_threadsafe(timeout=0.05)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()  # blocks the loop on purpose
+        (error,) = outcome
+        assert isinstance(error, TimeoutError) and isinstance(error, safepool.PoolTimeoutError), repr(error)
+        assert "'blocked-loop': its event loop did not answer within 0.05s" in str(error)
+
 # safepool's modules whose parsers raise argparse's errors (argparse turns
 # them into a usage message and exit status 2).
 CLI_MODULES = {"_cli.py", "replay/cli.py"}
