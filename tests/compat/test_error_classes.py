@@ -106,6 +106,8 @@ def test_a_bad_keepalive_or_backoff_field_is_a_pool_argument_error() -> None:
         safepool.Backoff(cap=-1)
     with pytest.raises(safepool.PoolTypeError):
         safepool.site("")
+    with pytest.raises(safepool.PoolTypeError, match="decorates a function"):
+        safepool.site("checkout")(5)  # type: ignore[type-var]  # (taken, it failed at each call)
 
 
 
