@@ -132,6 +132,8 @@ async def test_with_a_manual_clock_an_acquire_waits_for_advance_not_real_time(pg
                 await waiting
     text = _doc("testing.md")
     assert "waiting = asyncio.ensure_future(pool.acquire(timeout=5.0))" in text
+    # The example is a bare async test taking `dsn`: the page says what it needs.
+    assert "`dsn` is a fixture of yours" in text and "@pytest.mark.asyncio" in text.split("## Testing timeouts", 1)[1]
 
 async def test_close_pool_within_a_deadline_terminates_what_is_left(
     pg_dsn: str, caplog: pytest.LogCaptureFixture
