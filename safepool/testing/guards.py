@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from ..errors import PoolTypeError, check_is_pool
+from ..errors import PoolError, PoolTypeError, check_is_pool
 from ..events import Leaked
 from ..pool import Pool, live_pools
 from .tracker import TimedOut, _Ended, _module_dir, _tracker, holder_activity
@@ -179,6 +179,12 @@ def _indent(text: str, prefix: str) -> str:
 # --------------------------------------------------------------- the guard
 
 
+class GuardStartedError(PoolError, RuntimeError):
+    """:meth:`LeakGuard.start` of a guard already started: a ``RuntimeError``
+    (what it raised before) and, as every error safepool raises of its own,
+    a :class:`safepool.PoolError`."""
+
+
 class LeakGuard:
     """Watches pools for leases that are not released between :meth:`start`
     and :meth:`stop`. Made by :func:`assert_no_leaks` and the
@@ -210,9 +216,9 @@ class LeakGuard:
         """Start watching (returns the guard): leases acquired from now on
         and not released by :meth:`leaks` are leaks.
 
-        :raises RuntimeError: the guard is already started."""
+        :raises GuardStartedError: (a ``RuntimeError``) the guard is already started."""
         if self._started:
-            raise RuntimeError("this leak guard is already started")
+            raise GuardStartedError("this leak guard is already started")
         _tracker.acquire(strict=self.strict)
         self._started = True
         self.seq0 = _tracker.seq

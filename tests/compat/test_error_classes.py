@@ -248,6 +248,18 @@ async def test_a_kind_or_pool_list_of_the_wrong_type_is_a_pool_type_error(pg_dsn
         LeakGuard([5])  # type: ignore[list-item]
 
 
+def test_a_leak_guard_started_twice_is_a_pool_error_and_a_runtime_error() -> None:
+    from safepool.testing import LeakGuard
+
+    guard = LeakGuard().start()
+    try:
+        with pytest.raises(RuntimeError, match="this leak guard is already started") as caught:
+            guard.start()
+        assert isinstance(caught.value, safepool.PoolError)
+    finally:
+        guard.stop()
+
+
 @pytest.mark.asyncio
 async def test_a_loop_that_does_not_answer_a_threadsafe_read_is_a_pool_timeout_error(pg_dsn: str) -> None:
     """stats_threadsafe()/call_threadsafe() from another thread while the
