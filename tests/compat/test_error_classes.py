@@ -307,3 +307,32 @@ def test_safepool_raises_no_bare_value_type_or_interface_error() -> None:
                 if name in BARE:
                     found.append(f"{relative}:{node.lineno}: {name}")
     assert not found, found
+
+
+# Bare builtins safepool raises on purpose, as asyncpg's pool does there:
+# (module, class) -> why.
+ASYNCPG_S_OWN = {
+    ("_workers.py", "TimeoutError"): "a release's spent budget: asyncpg 0.32's close(timeout=)/reset raise TimeoutError",
+    ("_detach.py", "RuntimeError"): "a coroutine awaited twice: Python's own message for coroutines",
+}
+
+
+def test_safepool_constructs_no_bare_error_in_any_shape() -> None:
+    """The scan above sees ``raise X(...)`` and ``return X(...)``; an error
+    built elsewhere (``error = ValueError(...)``, ``future.set_exception(
+    TypeError(...))``) and raised later, or raised by name (``raise
+    TimeoutError``), is a bare builtin the same. Every construction of one of
+    these classes, and every raise of one by name, anywhere: only the
+    asyncpg-parity ones listed in ASYNCPG_S_OWN."""
+    watched = BARE | {"TimeoutError", "RuntimeError"}
+    found = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative in CLI_MODULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            target = node.func if isinstance(node, ast.Call) else node.exc if isinstance(node, ast.Raise) else None
+            name = target.attr if isinstance(target, ast.Attribute) else target.id if isinstance(target, ast.Name) else ""
+            if name in watched:
+                found.add((relative, name))
+    assert found - set(ASYNCPG_S_OWN) == set(), sorted(found - set(ASYNCPG_S_OWN))
