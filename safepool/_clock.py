@@ -10,6 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from ._durations import check_seconds_type, validate_timeout
+from .errors import PoolValueError
+
 
 class Timer(Protocol):
     def cancel(self) -> None: ...
@@ -83,6 +86,11 @@ class ManualClock:
     callback due by then, in order, with no real sleep."""
 
     def __init__(self, start: float = 1000.0) -> None:
+        """:raises TypeError: ``start`` is not a number (bool included).
+        :raises ValueError: ``start`` is NaN or infinite."""
+        check_seconds_type("ManualClock(start)", start, allow_none=False)
+        if not math.isfinite(start):
+            raise PoolValueError(f"ManualClock(start) must be a finite number of seconds, got {start!r}")
         self._now = start
         self._due: list[tuple[float, int, _ManualTimer, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -106,8 +114,12 @@ class ManualClock:
         past) while it runs; a callback may
         schedule more, which run too if due. Synchronous: a callback that
         wakes a task (a future's result) takes effect when the test next
-        yields to the loop (``await asyncio.sleep(0)``)."""
-        target = self._now + seconds
+        yields to the loop (``await asyncio.sleep(0)``).
+
+        :raises TypeError: ``seconds`` is not a number (bool included).
+        :raises ValueError: ``seconds`` is negative or NaN (the clock is
+            monotonic: it never moves back)."""
+        target = self._now + validate_timeout("ManualClock.advance(seconds)", seconds, allow_none=False)
         while self._due and self._due[0][0] <= target:
             when, _, timer, callback = heapq.heappop(self._due)
             self._now = max(self._now, when)

@@ -50,7 +50,7 @@ def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive
         ``OverflowError`` too, as asyncpg's pool raises one there)."""
     if value is None and allow_none:
         return None
-    _check_seconds_type(name, value, allow_none)
+    check_seconds_type(name, value, allow_none)
     _check_range(name, value, value, allow_none, positive)
     try:
         seconds = float(value)
@@ -78,11 +78,11 @@ def release_timeout(value: Any) -> float:
 
     :raises TypeError: not a number (bool included: asyncpg would take
         True as 1 second, as acquire(timeout=True) is refused here too)."""
-    _check_seconds_type("timeout", value)
+    check_seconds_type("timeout", value)
     return float(value)
 
 
-def _check_seconds_type(name: str, value: Any, allow_none: bool = True) -> None:
+def check_seconds_type(name: str, value: Any, allow_none: bool = True) -> None:
     """What every duration argument must be: a real number (an int or a
     float; numpy's scalars and a Fraction too, which asyncpg's pool takes as
     its timeouts), not a bool."""

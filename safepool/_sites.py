@@ -93,7 +93,8 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
     and entered by concurrent tasks. An explicit ``acquire(site=...)`` wins
     over it.
 
-    :raises TypeError: ``name`` is not a non-empty string.
+    :raises TypeError: ``name`` is not a non-empty string, or what it
+        decorates is not callable.
     """
 
     __slots__ = ("name",)
@@ -115,6 +116,10 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
         _current.reset(token)
 
     def __call__(self, func: F) -> F:
+        if not callable(func):
+            # Taken, it made a wrapper that failed at each call ("'int'
+            # object is not callable"), far from the mistake.
+            raise PoolTypeError(f"safepool.site({self.name!r}) decorates a function, got {type(func).__name__}")
         name = self.name
         if inspect.isasyncgenfunction(func):
             # An async generator (a FastAPI dependency that yields a

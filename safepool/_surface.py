@@ -23,7 +23,7 @@ from ._histogram import Histogram, TeeHistogram
 from ._options import PoolConfig
 from ._reporting import DictListener, Reporter
 from ._state import PoolState
-from .errors import PoolTypeError, PoolValueError
+from .errors import PoolTimeoutError, PoolTypeError, PoolValueError
 from .stats import LeaseInfo, PoolOptions, PoolStats, build_stats
 
 _T = TypeVar("_T")
@@ -175,7 +175,10 @@ class Observation:
 
     @staticmethod
     def _timing_field(kind: str) -> str:
-        field = _TIMINGS.get(kind)
+        try:
+            field = _TIMINGS.get(kind)
+        except TypeError:  # unhashable (a list): a bare "unhashable type" error
+            raise PoolTypeError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}") from None
         if field is None:
             raise PoolValueError(f"kind must be one of {sorted(_TIMINGS)}, got {kind!r}")
         return field
@@ -223,6 +226,6 @@ class Observation:
             return result.result(timeout)
         except concurrent.futures.TimeoutError:
             result.cancel()
-            raise TimeoutError(
+            raise PoolTimeoutError(  # (a TimeoutError: asyncio's is the builtin)
                 f"pool {self.name!r}: its event loop did not answer within {timeout}s"
             ) from None

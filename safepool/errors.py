@@ -78,6 +78,8 @@ class PoolTimeoutError(PoolError, asyncio.TimeoutError):
     """No connection could be handed out before the acquire deadline.
 
     The message says how busy the pool was and who held its connections.
+    Also raised by ``stats_threadsafe()`` and ``call_threadsafe()`` when the
+    pool's event loop did not answer in time (it is blocked).
     """
 
 

@@ -859,7 +859,7 @@ class Pool(_PoolBase):
         (None: no limit); on the loop's thread, or while the loop is not
         running, it calls :meth:`stats` directly.
 
-        :raises TimeoutError: the loop did not run it in time (it is blocked).
+        :raises safepool.PoolTimeoutError: (a ``TimeoutError``) the loop did not run it in time (it is blocked).
         :raises ValueError: ``timeout`` is negative or NaN (TypeError: not a number)."""
         return self._observation.call_threadsafe(self.stats, timeout)
 
@@ -867,7 +867,7 @@ class Pool(_PoolBase):
         """Run ``function()`` on the pool's event loop and return its result, from any thread (see
         :meth:`stats_threadsafe`): for exporters that read several things in one consistent moment.
 
-        :raises TimeoutError: the loop did not run it within ``timeout`` seconds.
+        :raises safepool.PoolTimeoutError: (a ``TimeoutError``) the loop did not run it within ``timeout`` seconds.
         :raises ValueError: ``timeout`` is negative or NaN (TypeError: not a number,
             or ``function`` not callable).
         :raises Exception: what ``function`` raised."""

@@ -169,10 +169,16 @@ def pool_list(pools: Iterable[Pool]) -> list[Pool]:
     """``pools`` as a list.
 
     :raises TypeError: ``pools`` is one pool (``PoolCollector(pool)`` for
-        ``PoolCollector([pool])``: "'Pool' object is not iterable")."""
+        ``PoolCollector([pool])``: "'Pool' object is not iterable"), or not
+        iterable."""
     if isinstance(getattr(pools, "name", None), str) and callable(getattr(pools, "stats", None)):
         raise PoolTypeError("expected an iterable of pools, got one pool: pass [pool]")
-    return list(pools)
+    try:
+        return list(pools)
+    except TypeError:
+        if isinstance(pools, Iterable):
+            raise  # (an error inside the iteration: not the argument's type)
+        raise PoolTypeError(f"expected an iterable of pools, got {type(pools).__name__}") from None
 
 
 def _closed(pool: Pool) -> bool:

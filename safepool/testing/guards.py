@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from ..errors import check_is_pool
+from ..errors import PoolError, PoolTypeError, check_is_pool
 from ..events import Leaked
 from ..pool import Pool, live_pools
 from .tracker import TimedOut, _Ended, _module_dir, _tracker, holder_activity
@@ -179,13 +179,21 @@ def _indent(text: str, prefix: str) -> str:
 # --------------------------------------------------------------- the guard
 
 
+class GuardStartedError(PoolError, RuntimeError):
+    """:meth:`LeakGuard.start` of a guard already started: a ``RuntimeError``
+    (what it raised before) and, as every error safepool raises of its own,
+    a :class:`safepool.PoolError`."""
+
+
 class LeakGuard:
     """Watches pools for leases that are not released between :meth:`start`
     and :meth:`stop`. Made by :func:`assert_no_leaks` and the
     ``safepool_leak_check`` fixture."""
 
     def __init__(self, pools: Iterable[Pool] | None = None, *, strict: bool = False) -> None:
-        self._only: weakref.WeakSet[Pool] | None = weakref.WeakSet(pools) if pools is not None else None
+        """:raises TypeError: ``pools`` is not an iterable of safepool pools
+        (one pool: pass ``[pool]``, or use :func:`assert_no_leaks`)."""
+        self._only: weakref.WeakSet[Pool] | None = weakref.WeakSet(_pools_arg(pools)) if pools is not None else None
         self.strict = strict
         self.seq0 = 0
         self._mark_seq = 0
@@ -208,9 +216,9 @@ class LeakGuard:
         """Start watching (returns the guard): leases acquired from now on
         and not released by :meth:`leaks` are leaks.
 
-        :raises RuntimeError: the guard is already started."""
+        :raises GuardStartedError: (a ``RuntimeError``) the guard is already started."""
         if self._started:
-            raise RuntimeError("this leak guard is already started")
+            raise GuardStartedError("this leak guard is already started")
         _tracker.acquire(strict=self.strict)
         self._started = True
         self.seq0 = _tracker.seq
@@ -458,6 +466,19 @@ def assert_no_leaks(pool: Pool | Iterable[Pool] | None = None, *, strict: bool =
     for each in pools:
         check_is_pool(each, "assert_no_leaks()")
     return LeakGuard(pools, strict=strict)
+
+
+def _pools_arg(pools: Iterable[Pool]) -> list[Pool]:
+    """LeakGuard's ``pools``, checked: iterating a pool or a number raised a
+    bare TypeError, and a WeakSet of other objects "cannot create weak
+    reference"."""
+    if isinstance(pools, Pool) or not isinstance(pools, Iterable):
+        what = "one pool: pass [pool]" if isinstance(pools, Pool) else type(pools).__name__
+        raise PoolTypeError(f"LeakGuard() expected an iterable of pools, got {what}")
+    listed = list(pools)
+    for each in listed:
+        check_is_pool(each, "LeakGuard()")
+    return listed
 
 
 def release_leaked(leaks: Iterable[Leak]) -> None:

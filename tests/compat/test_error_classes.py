@@ -106,7 +106,33 @@ def test_a_bad_keepalive_or_backoff_field_is_a_pool_argument_error() -> None:
         safepool.Backoff(cap=-1)
     with pytest.raises(safepool.PoolTypeError):
         safepool.site("")
+    with pytest.raises(safepool.PoolTypeError, match="decorates a function"):
+        safepool.site("checkout")(5)  # type: ignore[type-var]  # (taken, it failed at each call)
 
+
+
+def test_a_bad_manual_clock_argument_is_a_pool_argument_error() -> None:
+    """ManualClock's start and advance() are checked as durations are: a str
+    was a bare TypeError from ``+`` (or taken, failing at the first timer), a
+    negative or NaN step moved the monotonic clock back or broke it."""
+    clock = safepool.ManualClock()
+    with pytest.raises(safepool.PoolTypeError, match="seconds"):
+        clock.advance("1")  # type: ignore[arg-type]
+    with pytest.raises(safepool.PoolTypeError):
+        clock.advance(True)
+    with pytest.raises(safepool.PoolValueError, match=">= 0"):
+        clock.advance(-1.0)
+    with pytest.raises(safepool.PoolValueError):
+        clock.advance(float("nan"))
+    assert clock.now() == 1000.0  # (refused before moving)
+    clock.advance(0)
+    clock.advance(2)
+    assert clock.now() == 1002.0
+    with pytest.raises(safepool.PoolTypeError):
+        safepool.ManualClock("0")  # type: ignore[arg-type]
+    with pytest.raises(safepool.PoolValueError):
+        safepool.ManualClock(float("nan"))
+    assert safepool.ManualClock(-5).now() == -5  # (any origin)
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
@@ -199,6 +225,65 @@ async def test_safepool_s_own_api_refuses_bad_arguments_with_pool_argument_error
         assert pool.stats().in_use == 0
 
 
+
+@pytest.mark.asyncio
+async def test_a_kind_or_pool_list_of_the_wrong_type_is_a_pool_type_error(pg_dsn: str) -> None:
+    """Arguments that failed in a dict lookup or an iteration, with Python's
+    bare TypeError ("unhashable type: 'list'", "'int' object is not
+    iterable"): the safepool class, still a TypeError."""
+    from safepool.metrics import PoolSet
+    from safepool.testing import LeakGuard
+
+    async with safepool.create_pool(pg_dsn, min_size=0, max_size=1) as pool:
+        with pytest.raises(safepool.PoolTypeError, match="kind must be one of"):
+            pool.add_timing_sink([], print)  # type: ignore[arg-type]
+        with pytest.raises(safepool.PoolTypeError, match="kind must be one of"):
+            pool.remove_timing_sink({}, print)  # type: ignore[arg-type]
+        with pytest.raises(safepool.PoolValueError):  # (a hashable one: as before)
+            pool.add_timing_sink("waits", print)
+    for make in (PoolCollector, PoolSet, LeakGuard):
+        with pytest.raises(safepool.PoolTypeError, match="iterable of pools"):
+            make(5)  # type: ignore[arg-type]
+    with pytest.raises(safepool.PoolTypeError, match="expected a safepool pool"):
+        LeakGuard([5])  # type: ignore[list-item]
+
+
+def test_a_leak_guard_started_twice_is_a_pool_error_and_a_runtime_error() -> None:
+    from safepool.testing import LeakGuard
+
+    guard = LeakGuard().start()
+    try:
+        with pytest.raises(RuntimeError, match="this leak guard is already started") as caught:
+            guard.start()
+        assert isinstance(caught.value, safepool.PoolError)
+    finally:
+        guard.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_loop_that_does_not_answer_a_threadsafe_read_is_a_pool_timeout_error(pg_dsn: str) -> None:
+    """stats_threadsafe()/call_threadsafe() from another thread while the
+    pool's loop is blocked: safepool's own TimeoutError, so a PoolError (and
+    still the TimeoutError the docs name)."""
+    import threading
+
+    async with safepool.create_pool(pg_dsn, min_size=0, max_size=1, name="blocked-loop") as pool:
+        outcome: list[BaseException | None] = []
+
+        def read() -> None:
+            try:
+                pool.stats_threadsafe(timeout=0.05)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()  # blocks the loop on purpose
+        (error,) = outcome
+        assert isinstance(error, TimeoutError) and isinstance(error, safepool.PoolTimeoutError), repr(error)
+        assert "'blocked-loop': its event loop did not answer within 0.05s" in str(error)
+
 # safepool's modules whose parsers raise argparse's errors (argparse turns
 # them into a usage message and exit status 2).
 CLI_MODULES = {"_cli.py", "replay/cli.py"}
@@ -222,3 +307,32 @@ def test_safepool_raises_no_bare_value_type_or_interface_error() -> None:
                 if name in BARE:
                     found.append(f"{relative}:{node.lineno}: {name}")
     assert not found, found
+
+
+# Bare builtins safepool raises on purpose, as asyncpg's pool does there:
+# (module, class) -> why.
+ASYNCPG_S_OWN = {
+    ("_workers.py", "TimeoutError"): "a release's spent budget: asyncpg 0.32's close(timeout=)/reset raise TimeoutError",
+    ("_detach.py", "RuntimeError"): "a coroutine awaited twice: Python's own message for coroutines",
+}
+
+
+def test_safepool_constructs_no_bare_error_in_any_shape() -> None:
+    """The scan above sees ``raise X(...)`` and ``return X(...)``; an error
+    built elsewhere (``error = ValueError(...)``, ``future.set_exception(
+    TypeError(...))``) and raised later, or raised by name (``raise
+    TimeoutError``), is a bare builtin the same. Every construction of one of
+    these classes, and every raise of one by name, anywhere: only the
+    asyncpg-parity ones listed in ASYNCPG_S_OWN."""
+    watched = BARE | {"TimeoutError", "RuntimeError"}
+    found = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative in CLI_MODULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            target = node.func if isinstance(node, ast.Call) else node.exc if isinstance(node, ast.Raise) else None
+            name = target.attr if isinstance(target, ast.Attribute) else target.id if isinstance(target, ast.Name) else ""
+            if name in watched:
+                found.add((relative, name))
+    assert found - set(ASYNCPG_S_OWN) == set(), sorted(found - set(ASYNCPG_S_OWN))

@@ -37,6 +37,11 @@ testing_clock = load("testing_clock")
 HOLDER_LINE = next(n for n, text in enumerate(Path(__file__).read_text().splitlines(), 1) if text.endswith("# HOLDER"))
 
 
+def _doc(page: str) -> str:
+    """The text of a docs/ page (read synchronously: a few kB)."""
+    return (Path(__file__).resolve().parents[2] / "docs" / page).read_text()
+
+
 @pytest_asyncio.fixture
 async def pool(pg_dsn: str) -> AsyncIterator[safepool.Pool]:
     async with safepool.create_pool(pg_dsn, min_size=1, max_size=3, capture_stack=True) as pool:
@@ -111,6 +116,25 @@ async def test_the_manual_clock_example_of_testing_md(pg_dsn: str) -> None:
     await asyncio.wait_for(testing_clock.test_a_stuck_handler_loses_its_connection_at_the_lease_timeout(pg_dsn), 30)
 
 
+
+async def test_with_a_manual_clock_an_acquire_waits_for_advance_not_real_time(pg_dsn: str) -> None:
+    """docs/testing.md: acquire(timeout=) runs on the manual clock too: no
+    real time ends it; the snippet's task-then-advance pattern does."""
+    clock = safepool.ManualClock()
+    async with safepool.create_pool(pg_dsn, min_size=1, max_size=1, clock=clock) as pool:
+        async with pool.acquire():  # every connection held
+            waiting = asyncio.ensure_future(pool.acquire(timeout=5.0))
+            await asyncio.sleep(0)  # it queues
+            await asyncio.sleep(0.3)  # real time: nothing
+            assert not waiting.done()
+            clock.advance(5.0)
+            with pytest.raises(safepool.PoolTimeoutError):
+                await waiting
+    text = _doc("testing.md")
+    assert "waiting = asyncio.ensure_future(pool.acquire(timeout=5.0))" in text
+    # The example is a bare async test taking `dsn`: the page says what it needs.
+    assert "`dsn` is a fixture of yours" in text and "@pytest.mark.asyncio" in text.split("## Testing timeouts", 1)[1]
+
 async def test_close_pool_within_a_deadline_terminates_what_is_left(
     pg_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -134,6 +158,36 @@ async def test_close_pool_within_a_deadline_terminates_what_is_left(
     assert any("close() was cut short" in r.getMessage() and "in stuck_request" in r.getMessage()
                for r in caplog.records)
 
+
+
+async def test_shutdown_deadline_with_default_settings_names_no_site(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """best-practices.md: with capture_stack off (the default) the warning
+    gives the count and ages, "at unknown site (capture_stack is off)", and
+    no task: the site and task of the example need capture_stack=True."""
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2)
+    assert pool.capture_stack is False
+    started = asyncio.Event()
+
+    async def stuck_request() -> None:
+        async with pool.acquire() as con:
+            started.set()
+            await con.execute("SELECT pg_sleep(60)")
+
+    request = asyncio.ensure_future(stuck_request())
+    request.set_name("stuck-task")
+    await started.wait()
+    with caplog.at_level("WARNING", logger="safepool"):
+        assert await bp.close_pool_within(pool, 0.2) is False
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await request
+    (message,) = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "close_cut_short"]
+    assert "1 connection(s) not released" in message
+    assert "at unknown site (capture_stack is off)" in message and "stuck-task" not in message
+    text = _doc("best-practices.md")
+    section = text.split("## Shutting down within a deadline", 1)[1].split("\n## ", 1)[0]
+    assert "unknown site (capture_stack is" in section and "capture_stack=True" in section
 
 async def test_errors_map_to_http_statuses(pg_dsn: str, pool: safepool.Pool) -> None:
     assert await bp.handle_balance_request(pool, 1) == (200, {"account": 1, "balance": 100})

@@ -211,6 +211,33 @@ async def test_a_login_the_server_rejects_is_connect_rejected_not_server_down(
     assert json.loads(json.dumps(report.to_dict()))["stats"]["last_connect_sqlstate"] == sqlstate
 
 
+
+async def test_a_role_at_its_connection_limit_is_not_connect_rejected(pools: Any, pg_dsn: str) -> None:
+    """``CONNECTION LIMIT`` on the role reached: SQLSTATE 53300 ("too many
+    connections for role"), the class-53 code of a full server, not a login
+    refused: the settings are right and it passes once the role's other
+    connections end, so it is not ``connect_rejected`` (docs/runbook.md)."""
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute("DROP ROLE IF EXISTS sp_health_limited")
+    await admin.execute("CREATE ROLE sp_health_limited LOGIN CONNECTION LIMIT 1")
+    try:
+        other = await asyncpg.connect(pg_dsn, user="sp_health_limited")
+        pool = await pools(name="limited", min_size=0, max_size=1, user="sp_health_limited")
+        with pytest.raises(asyncpg.TooManyConnectionsError):
+            await pool.fetchval("SELECT 1")
+        report = await pool.health(probe=False)
+        assert report.stats.last_connect_sqlstate == "53300"
+        assert report.stats.last_connect_error is not None and "too many connections for role" in report.stats.last_connect_error
+        assert "connect_rejected" not in codes(report) and "server_down" in codes(report)
+        await other.close()
+        assert await pool.fetchval("SELECT 1") == 1
+        stats = pool.stats()
+        assert (stats.last_connect_error, stats.last_connect_sqlstate, stats.server_status) == (None, None, "up")
+        await pool.close()
+    finally:
+        await admin.execute("DROP ROLE IF EXISTS sp_health_limited")
+        await admin.close()
+
 async def test_a_login_rejected_beside_open_connections_is_degraded(pools: Any, rejecting_server: Any) -> None:
     """A role whose LOGIN was taken away (a rotated or revoked credential):
     the open connections serve on, new ones are rejected."""
