@@ -494,7 +494,10 @@ class Pool(_PoolBase):
         """The connections currently held by application code, oldest first.
 
         :param stacks: format each lease's acquire stack (``LeaseInfo.stack``;
-            False leaves it None and costs no source-line lookups)."""
+            False leaves it None and costs no source-line lookups).
+        :raises safepool.PoolTypeError: ``stacks`` is not True or False."""
+        if not isinstance(stacks, bool):
+            raise PoolTypeError(f"stacks must be True or False, got {stacks!r}")
         return self._observation.leases(stacks)
 
     async def health(self, **options: Any) -> HealthReport:

@@ -220,6 +220,8 @@ async def test_safepool_s_own_api_refuses_bad_arguments_with_pool_argument_error
         await pool.release(con)
         with pytest.raises(safepool.PoolTypeError):
             PoolCollector(pool)  # type: ignore[arg-type]
+        with pytest.raises(safepool.PoolTypeError, match="stacks must be True or False, got 'x'"):
+            pool.leases(stacks="x")  # type: ignore[arg-type]  (was taken, as a true value)
         with pytest.raises(safepool.PoolTypeError):
             await health.check_health(pool, probe="yes")  # type: ignore[arg-type]
         assert pool.stats().in_use == 0
