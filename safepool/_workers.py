@@ -254,41 +254,56 @@ async def take_back(
     backend was dropped by the server). ``copying``: whether a COPY method
     of the lease is under way, which may wait before its first message
     (a file opening) as a fetch-family call waits between its steps."""
-    loop = asyncio.get_running_loop()
+
+    async def reset() -> None:
+        # Something must be sent, even where a release would send nothing
+        # (a reset= hook or reset() that sends nothing): the refusal is the
+        # only sign of a query still running, which must be cancelled
+        # before the connection is handed on. There a ROLLBACK goes first
+        # (it also ends a Parse's implicit transaction, as for a marked
+        # lease; outside any transaction it is a server warning). The
+        # default reset always sends its query (hooks.ended: the full
+        # reset, in rollback mode too).
+        rollback = con.is_in_transaction() or hooks.custom or not hooks.full
+        # The take-back dropped the listeners when the lease expired, but a
+        # call it waited for may have added one since (add_listener records
+        # its callback after its LISTEN answered): it goes with the lease too.
+        _pg.clear_listeners(con)
+        await _reset_connection(con, rollback, hooks)
+
     try:
         async with asyncio.timeout(budget):
-            cancelled_at: float | None = None
-            while not con.is_closed():
-                if not (_pg.in_call(con) or copying()):
-                    try:
-                        # Something must be sent, even where a release would
-                        # send nothing (a reset= hook or reset() that sends
-                        # nothing): the refusal is the only sign of a query
-                        # still running, which must be cancelled before the
-                        # connection is handed on. There a ROLLBACK goes
-                        # first (it also ends a Parse's implicit
-                        # transaction, as for a marked lease; outside any
-                        # transaction it is a server warning). The default
-                        # reset always sends its query (hooks.ended: the
-                        # full reset, in rollback mode too).
-                        rollback = con.is_in_transaction() or hooks.custom or not hooks.full
-                        # The take-back dropped the listeners when the lease
-                        # expired, but a call it waited for may have added
-                        # one since (add_listener records its callback after
-                        # its LISTEN answered): it goes with the lease too.
-                        _pg.clear_listeners(con)
-                        await _reset_connection(con, rollback, hooks)
-                    except Exception as exc:
-                        if not _pg.is_busy(exc):
-                            raise
-                    else:
-                        break
-                if cancelled_at is None or loop.time() - cancelled_at >= TAKE_BACK_CANCEL_INTERVAL:
-                    cancelled_at = loop.time()
-                    await _pg.cancel_running_query(con)
-                await asyncio.sleep(0.005)  # the server's reply frees the protocol
+            return await _once_free(con, reset, copying)
     except Exception as exc:
         return exc
+
+
+async def _once_free(
+    con: RawConnection, send: Callable[[], Awaitable[None]], paused: Callable[[], bool] = lambda: False
+) -> Exception | None:
+    """Run ``send`` once asyncpg's protocol takes it: while it is refused at
+    once (``_internals.is_busy``: a statement still runs), send the server a
+    cancel request every TAKE_BACK_CANCEL_INTERVAL and try again 5 ms
+    later. Nothing is tried between the steps of a fetch-family call
+    (``_internals.in_call``) or while ``paused()``: the protocol is idle
+    there although the call goes on, and the cancel is repeated for the
+    step that follows. Returns ``send``'s error other than the refusal, or
+    None (also when the connection closed first); the caller bounds the wait."""
+    loop = asyncio.get_running_loop()
+    cancelled_at: float | None = None
+    while not con.is_closed():
+        if not (_pg.in_call(con) or paused()):
+            try:
+                await send()
+            except Exception as exc:
+                if not _pg.is_busy(exc):
+                    return exc
+            else:
+                return None
+        if cancelled_at is None or loop.time() - cancelled_at >= TAKE_BACK_CANCEL_INTERVAL:
+            cancelled_at = loop.time()
+            await _pg.cancel_running_query(con)
+        await asyncio.sleep(0.005)  # the server's reply frees the protocol
     return None
 
 
@@ -376,22 +391,10 @@ async def statement_ended(con: RawConnection) -> None:
     is an empty query that the protocol accepts: refused at once, with
     nothing sent, while asyncpg still runs one (``_internals.is_busy``).
     Nothing is sent between the steps of a fetch-family call
-    (``_internals.in_call``). The caller bounds the wait."""
-    loop = asyncio.get_running_loop()
-    cancelled_at: float | None = None
-    while not con.is_closed():
-        if not _pg.in_call(con):
-            try:
-                await _pg.empty_query(con)
-            except Exception as exc:
-                if not _pg.is_busy(exc):
-                    return  # answered (a cancel request late for the statement met it): nothing runs
-            else:
-                return
-        if cancelled_at is None or loop.time() - cancelled_at >= TAKE_BACK_CANCEL_INTERVAL:
-            cancelled_at = loop.time()
-            await _pg.cancel_running_query(con)
-        await asyncio.sleep(0.005)  # the server's answer frees the protocol
+    (``_internals.in_call``). The caller bounds the wait. (An error of the
+    empty query's own, a cancel request late for the statement meeting it,
+    says the same: nothing runs.)"""
+    await _once_free(con, lambda: _pg.empty_query(con))
 
 
 async def _cancel_answered_within(
