@@ -205,6 +205,41 @@ def test_the_scan_finds_a_planted_secret() -> None:
         t.assert_clean(APP_PASSWORD)
 
 
+async def create_pool_raises_it_masked(
+    transcript: Transcript, dsn: str, echoed: list[str], error: type[BaseException] = ValueError
+) -> BaseException:
+    """asyncpg's own connect error for ``dsn`` quotes one of ``echoed``
+    (pieces of its password); safepool's ``create_pool()`` raises the same
+    class with them masked ("***"), kept in ``transcript``. Returns it."""
+    with pytest.raises(error) as info:
+        await asyncpg.connect(dsn)
+    assert any(piece in str(info.value) for piece in echoed)  # asyncpg's own error echoes it
+    with pytest.raises(type(info.value)) as raised:
+        await safepool.create_pool(dsn, min_size=1, max_size=2)
+    transcript.add("create_pool", raised.value)
+    assert "***" in str(raised.value)
+    return raised.value
+
+
+async def background_connects_fail_masked(transcript: Transcript, dsn: str, error: type[BaseException]) -> None:
+    """A pool on ``dsn`` that starts empty: its acquire raises ``error``;
+    the acquire's error, ``health()`` and the events go to ``transcript``,
+    which then holds what create_pool, the acquire, health and the events
+    said."""
+    pool = await safepool.create_pool(dsn, min_size=0, max_size=2)
+    events: list[dict[str, Any]] = []
+    pool.add_listener(events.append)
+    try:
+        with pytest.raises(error) as acquired:
+            await pool.fetchval("SELECT 1", timeout=5)
+        transcript.add("acquire", acquired.value)
+        transcript.add("health", (await pool.health(probe_timeout=1)).to_dict())
+        transcript.add("events", events)
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+    transcript.expect("create_pool", "acquire", "health", "events")
+
+
 @pytest.mark.asyncio
 async def test_wrong_password_error_does_not_echo_it(cluster: Cluster, transcript: Transcript) -> None:
     bad = f"postgresql://{APP_USER}:{quote(WRONG_PASSWORD, safe='')}@127.0.0.1:{cluster.port}/postgres"
@@ -235,13 +270,7 @@ async def test_a_malformed_dsn_error_does_not_echo_the_password(
     # parser quote a piece of it: "invalid literal for int() with base 10:
     # 'hunter2'", "bad query field: 'Zq9x@host/db'".
     bad = f"postgresql://{APP_USER}:hunter2{separator}Zq9x@127.0.0.1:5432/postgres"
-    with pytest.raises(ValueError) as info:
-        await asyncpg.connect(bad)
-    assert "hunter2" in str(info.value) or "Zq9x" in str(info.value)  # asyncpg's own error echoes it
-    with pytest.raises(type(info.value)) as raised:
-        await safepool.create_pool(bad, min_size=1, max_size=2)
-    transcript.add("create_pool", raised.value)
-    assert "***" in str(raised.value)
+    await create_pool_raises_it_masked(transcript, bad, ["hunter2", "Zq9x"])
 
     # The same DSN given to a running pool: its connects fail in the
     # background (logged, emitted, in health) and at acquire.
@@ -281,13 +310,7 @@ async def test_a_malformed_dsn_error_does_not_echo_an_escaped_password(
     # asyncpg quotes the piece with repr() after decoding %xx escapes, so
     # the quoted text is not the DSN's own.
     bad = f"postgresql://{APP_USER}:{password}@127.0.0.1:5432/postgres"
-    with pytest.raises(ValueError) as info:
-        await asyncpg.connect(bad)
-    assert any(piece in str(info.value) for piece in pieces)  # asyncpg's own error echoes it
-    with pytest.raises(type(info.value)) as raised:
-        await safepool.create_pool(bad, min_size=1, max_size=2)
-    transcript.add("create_pool", raised.value)
-    assert "***" in str(raised.value)
+    await create_pool_raises_it_masked(transcript, bad, pieces)
     transcript.assert_clean(*pieces)
 
 
@@ -296,13 +319,7 @@ async def test_a_query_password_holding_an_ampersand_is_not_echoed(transcript: T
     # ?password=hunter2&Zq9x: the query parser takes "Zq9x" for a field of
     # its own and quotes it ("bad query field: 'Zq9x'").
     bad = f"postgresql://{APP_USER}@127.0.0.1:5432/postgres?password=hunter2&Zq9x"
-    with pytest.raises(ValueError) as info:
-        await asyncpg.connect(bad)
-    assert "Zq9x" in str(info.value)  # asyncpg's own error echoes it
-    with pytest.raises(type(info.value)) as raised:
-        await safepool.create_pool(bad, min_size=1, max_size=2)
-    transcript.add("create_pool", raised.value)
-    assert "***" in str(raised.value)
+    await create_pool_raises_it_masked(transcript, bad, ["Zq9x"])
     transcript.assert_clean("hunter2", "Zq9x")
 
 
@@ -334,26 +351,9 @@ async def test_a_query_password_holding_an_ampersand_is_not_echoed(transcript: T
 async def test_a_misparsed_password_is_not_echoed_by_the_pool(
     transcript: Transcript, dsn: str, pieces: list[str]
 ) -> None:
-    with pytest.raises(ValueError) as info:
-        await asyncpg.connect(dsn)
-    assert "Wv8k" in str(info.value) or "Zq9x" in str(info.value)  # asyncpg's own error echoes it
-    with pytest.raises(type(info.value)) as raised:
-        await safepool.create_pool(dsn, min_size=1, max_size=2)
-    transcript.add("create_pool", raised.value)
-    assert "***" in str(raised.value)
+    await create_pool_raises_it_masked(transcript, dsn, ["Wv8k", "Zq9x"])
     # In the background too: logged, emitted, in health.
-    pool = await safepool.create_pool(dsn, min_size=0, max_size=2)
-    events: list[dict[str, Any]] = []
-    pool.add_listener(events.append)
-    try:
-        with pytest.raises(ValueError) as acquired:
-            await pool.fetchval("SELECT 1", timeout=5)
-        transcript.add("acquire", acquired.value)
-        transcript.add("health", (await pool.health(probe_timeout=1)).to_dict())
-        transcript.add("events", events)
-    finally:
-        await asyncio.wait_for(pool.close(), 10)
-    transcript.expect("create_pool", "acquire", "health", "events")
+    await background_connects_fail_masked(transcript, dsn, ValueError)
     transcript.assert_clean(*pieces)
 
 
@@ -369,26 +369,9 @@ async def test_a_database_misread_from_the_password_is_not_echoed(
     # does not exist', a piece of the password. The server does not escape
     # a double quote in it ('database "Zq9x"Wv8k@/postgres" does not exist').
     dsn = f"postgresql://postgres:{password}@/postgres?host=127.0.0.1&port={cluster.port}"
-    with pytest.raises(asyncpg.InvalidCatalogNameError) as info:
-        await asyncpg.connect(dsn)
-    assert "Zq9x" in str(info.value)  # asyncpg's own error echoes it
-    with pytest.raises(asyncpg.InvalidCatalogNameError) as raised:
-        await safepool.create_pool(dsn, min_size=1, max_size=2)
-    transcript.add("create_pool", raised.value)
-    transcript.add("create_pool fields", raised.value.__dict__)
-    assert "***" in str(raised.value)
-    pool = await safepool.create_pool(dsn, min_size=0, max_size=2)
-    events: list[dict[str, Any]] = []
-    pool.add_listener(events.append)
-    try:
-        with pytest.raises(asyncpg.InvalidCatalogNameError) as acquired:
-            await pool.fetchval("SELECT 1", timeout=5)
-        transcript.add("acquire", acquired.value)
-        transcript.add("health", (await pool.health(probe_timeout=1)).to_dict())
-        transcript.add("events", events)
-    finally:
-        await asyncio.wait_for(pool.close(), 10)
-    transcript.expect("create_pool", "acquire", "health", "events")
+    raised = await create_pool_raises_it_masked(transcript, dsn, ["Zq9x"], asyncpg.InvalidCatalogNameError)
+    transcript.add("create_pool fields", raised.__dict__)
+    await background_connects_fail_masked(transcript, dsn, asyncpg.InvalidCatalogNameError)
     transcript.assert_clean("hunter2", "Zq9x", "Wv8k")
 
 
