@@ -27,6 +27,25 @@ async def looked_at(pool: Any) -> None:
     await until(lambda: holder.orphan_checks >= 1 or pool.stats().in_use == 0)
 
 
+async def stuck_in_a_query(pool: Any, name: str | None = None) -> asyncio.Task[None]:
+    """A task (named ``name``) that leases a connection of ``pool`` in
+    ``stuck_request`` and runs ``SELECT pg_sleep(60)`` on it: returned once
+    it holds the lease and has sent the statement (a request a shutdown
+    finds still running)."""
+    started = asyncio.Event()
+
+    async def stuck_request() -> None:
+        async with pool.acquire() as con:
+            started.set()
+            await con.execute("SELECT pg_sleep(60)")
+
+    task = asyncio.ensure_future(stuck_request())
+    if name is not None:
+        task.set_name(name)
+    await started.wait()
+    return task
+
+
 async def until_in_pg_sleep(pg_dsn: str, pid: int, timeout: float = 5.0) -> None:
     """Until backend ``pid`` runs its ``pg_sleep`` (a server-side state:
     polled on a connection of its own). Not merely 'active': that starts at

@@ -18,6 +18,7 @@ import pytest_asyncio
 
 import safepool
 from safepool.testing import assert_no_leaks
+from tests._util import stuck_in_a_query
 
 pytestmark = pytest.mark.asyncio
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
@@ -116,7 +117,6 @@ async def test_the_manual_clock_example_of_testing_md(pg_dsn: str) -> None:
     await asyncio.wait_for(testing_clock.test_a_stuck_handler_loses_its_connection_at_the_lease_timeout(pg_dsn), 30)
 
 
-
 async def test_with_a_manual_clock_an_acquire_waits_for_advance_not_real_time(pg_dsn: str) -> None:
     """docs/testing.md: acquire(timeout=) runs on the manual clock too: no
     real time ends it; the snippet's task-then-advance pattern does."""
@@ -135,21 +135,14 @@ async def test_with_a_manual_clock_an_acquire_waits_for_advance_not_real_time(pg
     # The example is a bare async test taking `dsn`: the page says what it needs.
     assert "`dsn` is a fixture of yours" in text and "@pytest.mark.asyncio" in text.split("## Testing timeouts", 1)[1]
 
+
 async def test_close_pool_within_a_deadline_terminates_what_is_left(
     pg_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with safepool.create_pool(pg_dsn, min_size=1, max_size=2, capture_stack=True) as idle:
         assert await bp.close_pool_within(idle, 5.0) is True  # nothing held: closed in time
     pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2, capture_stack=True)
-    started = asyncio.Event()
-
-    async def stuck_request() -> None:
-        async with pool.acquire() as con:
-            started.set()
-            await con.execute("SELECT pg_sleep(60)")
-
-    request = asyncio.ensure_future(stuck_request())
-    await started.wait()
+    request = await stuck_in_a_query(pool)
     with caplog.at_level("WARNING", logger="safepool"):
         assert await bp.close_pool_within(pool, 0.2) is False
     assert pool.closed
@@ -157,7 +150,6 @@ async def test_close_pool_within_a_deadline_terminates_what_is_left(
         await request
     assert any("close() was cut short" in r.getMessage() and "in stuck_request" in r.getMessage()
                for r in caplog.records)
-
 
 
 async def test_shutdown_deadline_with_default_settings_names_no_site(
@@ -168,16 +160,7 @@ async def test_shutdown_deadline_with_default_settings_names_no_site(
     no task: the site and task of the example need capture_stack=True."""
     pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2)
     assert pool.capture_stack is False
-    started = asyncio.Event()
-
-    async def stuck_request() -> None:
-        async with pool.acquire() as con:
-            started.set()
-            await con.execute("SELECT pg_sleep(60)")
-
-    request = asyncio.ensure_future(stuck_request())
-    request.set_name("stuck-task")
-    await started.wait()
+    request = await stuck_in_a_query(pool, "stuck-task")
     with caplog.at_level("WARNING", logger="safepool"):
         assert await bp.close_pool_within(pool, 0.2) is False
     with pytest.raises(asyncpg.ConnectionDoesNotExistError):
@@ -188,6 +171,7 @@ async def test_shutdown_deadline_with_default_settings_names_no_site(
     text = _doc("best-practices.md")
     section = text.split("## Shutting down within a deadline", 1)[1].split("\n## ", 1)[0]
     assert "unknown site (capture_stack is" in section and "capture_stack=True" in section
+
 
 async def test_errors_map_to_http_statuses(pg_dsn: str, pool: safepool.Pool) -> None:
     assert await bp.handle_balance_request(pool, 1) == (200, {"account": 1, "balance": 100})

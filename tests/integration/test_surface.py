@@ -20,7 +20,7 @@ import safepool
 from safepool import ManualClock, events
 from safepool.pool import on_pool_created
 from safepool.stats import PoolOptions
-from tests._util import until
+from tests._util import stuck_in_a_query, until
 
 pytestmark = pytest.mark.asyncio
 
@@ -418,16 +418,7 @@ async def test_a_close_cut_short_names_the_leases_it_terminates(
     running out): the pool terminates, as asyncpg's, and the warning says
     whose connections were still out, acquire site and task."""
     pool = await pools(min_size=1, max_size=2, capture_stack=True)
-    started = asyncio.Event()
-
-    async def handler() -> None:
-        async with pool.acquire() as con:
-            started.set()
-            await con.execute("SELECT pg_sleep(60)")
-
-    holder = asyncio.ensure_future(handler())
-    holder.set_name("slow-handler")
-    await started.wait()
+    holder = await stuck_in_a_query(pool, "slow-handler")
     deadline = asyncio.timeout(None)  # (set once close() waits: no race with its start)
 
     async def shut_down() -> None:
@@ -452,7 +443,7 @@ async def test_a_close_cut_short_names_the_leases_it_terminates(
     assert len(records) == 1
     message = records[0].getMessage()
     assert "close() was cut short (cancelled) with 1 connection(s) not released: terminating them" in message
-    assert "test_surface.py" in message and "in handler" in message and "task slow-handler" in message
+    assert "tests/_util.py" in message and "in stuck_request" in message and "task slow-handler" in message
     assert records[0].leases == 1 and records[0].pool == pool.name  # type: ignore[attr-defined]
 
 
