@@ -48,6 +48,18 @@ async def _make(kind: str, dsn: str, app_name: str, **kwargs: Any) -> Any:
     return await module.create_pool(dsn, min_size=1, server_settings={"application_name": app_name}, **kwargs)
 
 
+@contextlib.asynccontextmanager
+async def _next_lease_on_a_new_backend(pool: Any, kind: str, pid: int) -> AsyncIterator[Any]:
+    """The next lease after backend ``pid`` was given up: another backend,
+    which answers; safepool's books balance once it is released."""
+    async with pool.acquire(timeout=10) as again:
+        assert again.get_server_pid() != pid
+        assert await again.fetchval("SELECT 1") == 1
+        yield again
+    if kind == "safepool":
+        pool._state.check_invariants()
+
+
 async def _schedule(how: str, aw: Any) -> None:
     if how == "create_task":
         await asyncio.create_task(aw)
@@ -527,11 +539,8 @@ async def test_release_timeout_bounds_the_wait_for_a_statement_cancelled_in_the_
         assert loop.time() - started < bound
         with pytest.raises(asyncio.CancelledError):
             await task
-        async with pool.acquire(timeout=10) as again:
-            assert again.get_server_pid() != pid  # terminated, replaced
-            assert await again.fetchval("SELECT 1") == 1
-        if kind == "safepool":
-            pool._state.check_invariants()  # type: ignore[attr-defined]
+        async with _next_lease_on_a_new_backend(pool, kind, pid):  # terminated, replaced
+            pass
     finally:
         await admin.execute("SELECT pg_terminate_backend($1)", pid)
         await admin.close()
@@ -693,11 +702,8 @@ async def test_release_while_another_tasks_statement_has_answered_unread(
         async with asyncio.timeout(10):
             while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
                 await asyncio.sleep(0.005)
-        async with pool.acquire(timeout=10) as again:
-            assert again.get_server_pid() != pid
-            assert await again.fetchval("SELECT 1") == 1
-        if kind == "safepool":
-            pool._state.check_invariants()
+        async with _next_lease_on_a_new_backend(pool, kind, pid):
+            pass
     finally:
         await admin.close()
         pool.terminate()
@@ -752,14 +758,10 @@ async def test_release_closing_a_connection_whose_backend_was_killed_unread(
             assert isinstance(raised, BrokenPipeError), raised
         else:
             assert raised is None
-        async with pool.acquire(timeout=10) as again:
-            assert again.get_server_pid() != pid
-            assert await again.fetchval("SELECT 1") == 1
+        async with _next_lease_on_a_new_backend(pool, kind, pid):
             assert pool.get_size() == 1
             assert await admin.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app_name) == 1
-        if kind == "safepool":
-            pool._state.check_invariants()
     finally:
         await admin.close()
         pool.terminate()
