@@ -8,6 +8,8 @@ written for asyncpg's pool keep working.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+from typing import Any
 
 from asyncpg import exceptions as _pg
 
@@ -135,3 +137,21 @@ def check_is_pool(obj: object, where: str) -> None:
             "(docs/migration.md; for an ORM's pools, rebind asyncpg.create_pool)"
         )
     raise PoolTypeError(f"{where} expected a safepool pool, got {kind}{hint}")
+
+
+def pool_list(pools: Iterable[Any], where: str = "") -> list[Any]:
+    """``pools`` as a list, for an API taking several safepool pools
+    (``where``, its name for the message: ``"LeakGuard()"``).
+
+    :raises safepool.PoolTypeError: ``pools`` is one pool (``PoolCollector(
+        pool)`` for ``PoolCollector([pool])``: "'Pool' object is not
+        iterable"), or not iterable."""
+    prefix = f"{where} " if where else ""
+    if isinstance(getattr(pools, "name", None), str) and callable(getattr(pools, "stats", None)):
+        raise PoolTypeError(f"{prefix}expected an iterable of pools, got one pool: pass [pool]")
+    try:
+        return list(pools)
+    except TypeError:
+        if isinstance(pools, Iterable):
+            raise  # (an error inside the iteration: not the argument's type)
+        raise PoolTypeError(f"{prefix}expected an iterable of pools, got {type(pools).__name__}") from None

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..errors import PoolTypeError, PoolValueError, check_is_pool
+from ..errors import PoolTypeError, PoolValueError, check_is_pool, pool_list
 from ..stats import PoolStats
 
 if TYPE_CHECKING:
@@ -163,22 +163,6 @@ class PoolSet:
                 names.add(name)
                 result.append((name, pool))
         return result
-
-
-def pool_list(pools: Iterable[Pool]) -> list[Pool]:
-    """``pools`` as a list.
-
-    :raises TypeError: ``pools`` is one pool (``PoolCollector(pool)`` for
-        ``PoolCollector([pool])``: "'Pool' object is not iterable"), or not
-        iterable."""
-    if isinstance(getattr(pools, "name", None), str) and callable(getattr(pools, "stats", None)):
-        raise PoolTypeError("expected an iterable of pools, got one pool: pass [pool]")
-    try:
-        return list(pools)
-    except TypeError:
-        if isinstance(pools, Iterable):
-            raise  # (an error inside the iteration: not the argument's type)
-        raise PoolTypeError(f"expected an iterable of pools, got {type(pools).__name__}") from None
 
 
 def _closed(pool: Pool) -> bool:

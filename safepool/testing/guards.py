@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from ..errors import PoolError, PoolTypeError, check_is_pool
+from ..errors import PoolError, check_is_pool, pool_list
 from ..events import Leaked
 from ..pool import Pool, live_pools
 from .tracker import TimedOut, _Ended, _module_dir, _tracker, holder_activity
@@ -472,10 +472,7 @@ def _pools_arg(pools: Iterable[Pool]) -> list[Pool]:
     """LeakGuard's ``pools``, checked: iterating a pool or a number raised a
     bare TypeError, and a WeakSet of other objects "cannot create weak
     reference"."""
-    if isinstance(pools, Pool) or not isinstance(pools, Iterable):
-        what = "one pool: pass [pool]" if isinstance(pools, Pool) else type(pools).__name__
-        raise PoolTypeError(f"LeakGuard() expected an iterable of pools, got {what}")
-    listed = list(pools)
+    listed = pool_list(pools, "LeakGuard()")
     for each in listed:
         check_is_pool(each, "LeakGuard()")
     return listed
