@@ -139,10 +139,13 @@ async def check_health(
 
     stats = pool.stats()
     now = stats.taken_at
+    # Open connections that serve (a closing one will not come back).
+    serving = stats.size - stats.connecting - stats.closing
+    # A configuration error fails the pool with nothing left to serve from.
+    misconfigured_status = FAILING if stats.server_status == "down" else DEGRADED
     if stats.init_failing:
         # The server answers; the application's hook fails: not an outage of
         # the server, but the pool cannot serve if it has nothing left.
-        serving = stats.size - stats.connecting - stats.closing
         reasons.append(HealthReason(
             "init_failed", DEGRADED if serving else FAILING,
             f"the init hook failed on new connections ({stats.consecutive_connect_failures} in a row; "
@@ -152,19 +155,19 @@ async def check_health(
         # The server answered and refused the login: the pool's settings (or
         # the server's grants) are wrong, not the server's health.
         reasons.append(HealthReason(
-            "connect_rejected", FAILING if stats.server_status == "down" else DEGRADED,
+            "connect_rejected", misconfigured_status,
             f"the server rejects this pool's connections ({stats.last_connect_error}; SQLSTATE "
             f"{stats.last_connect_sqlstate}, {stats.consecutive_connect_failures} in a row): check the DSN, "
-            f"the credentials and the database name; open connections: {stats.size - stats.connecting - stats.closing}",
+            f"the credentials and the database name; open connections: {serving}",
         ))
     elif stats.server_status in ("down", "backing_off") and stats.connect_misconfigured:
         # The connect failed in the client, on the program's own arguments:
         # the server was not even asked.
         reasons.append(HealthReason(
-            "connect_misconfigured", FAILING if stats.server_status == "down" else DEGRADED,
+            "connect_misconfigured", misconfigured_status,
             f"connects fail on the pool's own connect arguments ({stats.last_connect_error}; "
             f"{stats.consecutive_connect_failures} in a row): fix what create_pool() passes to asyncpg.connect(); "
-            f"open connections: {stats.size - stats.connecting - stats.closing}",
+            f"open connections: {serving}",
         ))
     elif stats.server_status == "down":
         reasons.append(HealthReason(
