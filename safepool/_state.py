@@ -1259,7 +1259,7 @@ class PoolState:
         # release holds them for the reset too.
         # (With site caps, only waiters whose site is under its cap.)
         waiting = self._waiting if self._policy is None else self._policy.eligible
-        if self.connect_failures:
+        if self.connect_failures and not self.init_failing:
             # Half-open: while connects fail, one probe at a time, no storm;
             # once the newest has gone unanswered for the hedge delay, it is
             # presumed lost (a black hole) and another starts beside it.
@@ -1270,8 +1270,10 @@ class PoolState:
             if self.max_connecting is not None:
                 limit = min(limit, self.max_connecting)
         else:
+            # (After an init= failure, each waiting task's own connect, as
+            # on asyncpg's pool; not the floor's: its upkeep retries it.)
             demand = waiting - connecting
-            if self.floor_enabled:
+            if self.floor_enabled and not self.connect_failures:
                 # Once connects fail, the floor alone (nobody waiting) is
                 # restored by plan_floor_connect() on asyncpg's slower schedule.
                 demand = max(demand, self.min_size - self._live())
@@ -1376,9 +1378,15 @@ class PoolState:
         ``refused``: ``REFUSED``, ``UNREACHABLE``, ``BROKEN``, ``UNRESOLVED``
         (see :class:`Backoff`).
         ``in_init``: the connection was open and the ``init=`` hook raised.
-        It backs off as any failure (each attempt costs the server a login),
-        but does not count toward the breaker: the server answered, and the
-        hook's error, not ServerUnavailableError, is what acquires get.
+        The error is the task's whose connect it was (without an owner: the
+        newest waiting task's), and only its: the server answered, so the
+        others wait on, each for a connect of its own, opened now with no
+        backoff (asyncpg 0.32's acquire connects its holder itself and
+        raises its own ``init`` error; the next acquire connects again).
+        It does not count toward the breaker either: the hook's error, not
+        ServerUnavailableError, is what acquires get. Each such connect is
+        one waiting task's, so the logins are as many as the acquires that
+        fail, as on asyncpg's pool; the min_size upkeep keeps its schedule.
         ``connection``: that connection, still open: the slot closes it
         (a ``Close``; still counted, as any closing slot, until
         :meth:`closed`) while its waiters get the error now. Returns False
@@ -1419,7 +1427,19 @@ class PoolState:
         # has waited out its delay already, so the next one starts at once,
         # at most one per timeout (one probe at a time while connects fail).
         if in_init:
-            refused = NOT_REFUSED  # (the server answered: a timeout in init= is the hook's)
+            # The server answered: its backoff is over, and the next task's
+            # connect starts now (see above). The answer's time still counts
+            # toward the hedge delay, should the server fail next.
+            self.failed_answer_max = max(self.failed_answer_max, now - slot.created_at)
+            self.connect_failed_at = now
+            self.backoff_level = self.connect_refusals = 0
+            self.backoff_until = 0.0
+            if not self.wait_on_connect_error or (self._serving() == 0 and self._connecting_count == 0):
+                self._fail_owner(owner, error)
+            elif owner is not None:
+                self._serve_unbound(now)  # the owner waits on, for any connection
+            self._plan_connects(now)
+            return True
         if refused == NOT_REFUSED or refused == REFUSED:
             # The server answered (slowly, perhaps): not a black hole. (A
             # broken connect's age is when the path broke, not an answer: a
@@ -1449,12 +1469,7 @@ class PoolState:
             # to their timeouts through a black hole.)
             self._fail_waiters(error, breaker_open)
         elif not self.wait_on_connect_error:
-            if owner is not None:
-                self._settle_failed(owner, error)
-                self._waiting -= 1
-                self._adopt()
-            else:
-                self._fail_newest_waiter(error)
+            self._fail_owner(owner, error)
         elif owner is not None:
             self._serve_unbound(now)  # the owner waits on, for any connection
         if now >= self.backoff_until:
@@ -1474,6 +1489,16 @@ class PoolState:
             if owner is not None and now is not None and not self.closing:
                 self._serve_unbound(now)
                 self._plan_connects(now)
+
+    def _fail_owner(self, owner: Waiter | None, error: BaseException) -> None:
+        """Fail the task a failed connect was for (unbound already), or
+        without one the newest waiting task (:meth:`_fail_newest_waiter`)."""
+        if owner is None:
+            self._fail_newest_waiter(error)
+            return
+        self._settle_failed(owner, error)
+        self._waiting -= 1
+        self._adopt()
 
     def _fail_newest_waiter(self, error: BaseException) -> None:
         """Fail the task whose arrival the failed connect was for: without an
@@ -1709,6 +1734,7 @@ class PoolState:
             candidates.append(self._idle[0].idle_since + self.max_inactive_lifetime)
         if (
             self.connect_failures
+            and not self.init_failing
             and (self._waiting if self._policy is None else self._policy.eligible)
             and len(self._slots) < self.max_size
         ):

@@ -107,7 +107,7 @@ async def test_the_waiter_gets_the_error_while_the_connection_closes() -> None:
 
     # The next acquire waits for it to go: max_size=1, and it is a backend.
     second = asyncio.ensure_future(rig.pool.acquire(timeout=60))
-    rig.clock.advance(5)  # past the backoff
+    rig.clock.advance(5)  # (no backoff after an init= failure: the close alone holds it)
     await spin()
     assert not rig.server.connects and not second.done()
     init.finish_close()
@@ -158,9 +158,13 @@ async def test_the_task_the_connect_was_for_fails_the_others_wait_on() -> None:
     rig.pool.terminate()
 
 
-async def test_several_tasks_waiting_on_the_failed_connect_get_the_error_at_once() -> None:
-    """max_size=1, nothing else open: the tasks behind the owner get the
-    hook's error too (the probe's outcome, as any connect error), now."""
+async def test_only_the_task_whose_connect_failed_gets_the_hook_error() -> None:
+    """max_size=1, nothing else open, three tasks waiting: the first's
+    connect fails in init=, and only the first gets the error (asyncpg's
+    acquire opens a connection of its own and raises its hook's error);
+    the second's connect starts once the failed connection is closed, at
+    once (no backoff: the server answered), and the third gets that
+    connection on its release."""
     init = FailingInit()
     rig = await make_rig(max_size=1, init=init)
     tasks = [asyncio.ensure_future(rig.pool.acquire(timeout=60)) for _ in range(3)]
@@ -168,11 +172,24 @@ async def test_several_tasks_waiting_on_the_failed_connect_get_the_error_at_once
     assert len(rig.server.connects) == 1
     rig.server.finish_connect()
     await spin()
-    assert all(task.done() for task in tasks)
-    for task in tasks:
-        with pytest.raises(InitFailed):
-            await task
-    await settled_once_closed(rig, init)
+    assert [task.done() for task in tasks] == [True, False, False]
+    with pytest.raises(InitFailed):
+        await tasks[0]
+    assert not rig.server.connects, "a connect beside the closing backend"
+    init.finish_close()
+    await spin()
+    assert len(rig.server.connects) == 1, "the next task's connect waited for a backoff"
+    rig.server.finish_connect()
+    await spin()
+    con = await tasks[1]
+    assert not tasks[2].done()
+    await rig.pool.release(con)
+    await spin()
+    await rig.pool.release(await tasks[2])
+    rig.books(size=1, idle=1)
+    stats = rig.pool.stats()
+    assert (stats.connect_errors, stats.connections_opened, stats.init_failing) == (1, 1, False)
+    rig.pool.terminate()
 
 
 async def test_a_waiter_cancelled_while_init_runs() -> None:

@@ -789,7 +789,7 @@ def test_a_name_that_does_not_resolve_backs_off_after_one_quick_retry() -> None:
 def test_a_server_that_answers_slowly_with_an_error_is_not_hedged() -> None:
     """Hedging is for connects that go unanswered (a black hole). A server
     that answers every connect with an error after 0.3 s (a slow login
-    refused, an init= hook that fails after a query) is not losing them:
+    refused) is not losing them:
     one probe at a time, and the backoff grows to its cap. (With hedges
     every 0.1 s beside probes that fail 0.3 s later, no failure was ever
     news: backoff_level stayed 1 and the pool made 10 logins a second
@@ -809,17 +809,43 @@ def test_a_server_that_answers_slowly_with_an_error_is_not_hedged() -> None:
         now = min(due + ([deadline] if deadline is not None else []))
         answered = [s for s in under_way if s.state is SlotState.CONNECTING and s.created_at + 0.3 <= now]
         for slot in answered:
-            state.connect_failed(slot, now, RuntimeError("init failed"), in_init=True)
+            state.connect_failed(slot, now, RuntimeError("password authentication failed"))
         state.advance(now)
     assert state.backoff_level >= 4
     assert len(under_way) <= 20, f"{len(under_way)} connects in 20 s"
 
 
-def test_an_init_failure_fails_its_waiters_now_and_closes_its_connection_counted() -> None:
-    """init= raised on an open connection: the waiters get the error at
-    once; the slot closes that connection and counts towards max_size until
-    closed() (no connect beside its backend), though the pool never opened
-    it (not connected(), not in connections_opened or _closed)."""
+def test_init_failures_cost_one_connect_per_task_that_gets_the_error() -> None:
+    """An init= hook that fails on every connection, under steady demand
+    (three tasks always waiting, max_size=4, min_size=2): each connect is
+    one waiting task's and fails that task only, with no backoff (asyncpg's
+    acquire connects for itself); so the logins are as many as the failed
+    acquires, never more, and the floor adds none."""
+    state = make(max_size=4, min_size=2)
+    state.floor_enabled = True
+    now, connects, failed = 0.0, 0, 0
+    while now < 5.0:
+        while state.waiting < 3:
+            state.enqueue(object(), now, None)
+        started = fields(take(state, Connect))
+        connects += len(started)
+        assert all(slot.owner is not None for slot in started), "a connect nobody waits for"
+        now += 0.3
+        for slot in started:
+            state.connect_failed(slot, now, LookupError("init failed"), in_init=True)
+            assert state.backoff_until == 0.0 and state.server_status(now).value == "up"
+        failed += len(take(state, Fail))
+        state.advance(now)
+    assert connects == failed == 3 * 17
+
+
+def test_an_init_failure_fails_its_owner_now_and_closes_its_connection_counted() -> None:
+    """init= raised on an open connection: the task it was for gets the
+    error at once, the next waits on for a connect of its own (asyncpg's
+    acquire opens its own). The slot closes that connection and counts
+    towards max_size until closed() (no connect beside its backend), though
+    the pool never opened it (not connected(), not in connections_opened
+    or _closed); then the next task's connect starts, with no backoff."""
     state = make(max_size=1)
     owner = state.enqueue("a", 0, None)
     other = state.enqueue("b", 0, None)
@@ -827,16 +853,14 @@ def test_an_init_failure_fails_its_waiters_now_and_closes_its_connection_counted
     error, con = LookupError("init failed"), object()
     assert state.connect_failed(slot, 0.1, error, in_init=True, connection=con)
     assert take(state, Close) == [Close(slot)]
-    assert take(state, Fail) == [Fail(owner, error), Fail(other, error)]
+    assert take(state, Fail) == [Fail(owner, error)]
     assert slot.state is SlotState.CLOSING and slot.connection is con and slot.failed_connect
-    assert (state.size, state.connected(), state.waiting) == (1, 0, 0)
+    assert (state.size, state.connected(), state.waiting) == (1, 0, 1)
     assert state.init_failing and state.server_status(0.1).value == "up"
-    third = state.enqueue("c", 5.0, None)
-    state.advance(5.0)  # past the backoff
     assert not take(state, Connect), "a connect beside the closing backend"
-    assert state.closed(slot, 5.1) and not state.closed(slot, 5.1)
+    assert state.closed(slot, 0.2) and not state.closed(slot, 0.2)
     [retry] = fields(take(state, Connect))
-    assert retry.owner is third
+    assert retry.owner is other
     c = state.counters
     assert (c.connections_opened, c.connections_closed, c.connect_errors) == (0, 0, 1)
 

@@ -156,6 +156,9 @@ class PoolMachine(RuleBasedStateMachine):
         planned = False
         # While connects fail, one probe at a time, and a hedge beside
         # those under way only once the newest went unanswered long enough.
+        # (Not after an init= failure: the server answered, and each waiting
+        # task gets a connect of its own, as on asyncpg's pool.)
+        probing = state.connect_failures and not state.init_failing
         newest = max((s.created_at for s in self.connecting if s.state is S.CONNECTING), default=None)
         hedge = state.backoff.hedge_after
         for action in actions:
@@ -163,7 +166,7 @@ class PoolMachine(RuleBasedStateMachine):
                 case Connect(slot):
                     assert slot.state is S.CONNECTING
                     assert slot not in self.connecting
-                    if state.connect_failures and newest is not None:
+                    if probing and newest is not None:
                         assert hedge is not None and self.now >= newest + hedge, "hedged too early"
                     self.connecting.append(slot)
                     planned = True
@@ -204,7 +207,7 @@ class PoolMachine(RuleBasedStateMachine):
         if planned:
             # Connects are throttled, and none is tried during a backoff.
             assert self.now >= state.backoff_until or not state.connect_failures, "connect during backoff"
-            if state.connect_failures:
+            if probing:
                 fresh = [s for s in self.connecting if s.state is S.CONNECTING and self.now < s.created_at + (hedge or 0)]
                 assert len(fresh) <= 1, f"{len(fresh)} probes started within the hedge delay"
             else:
