@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +21,10 @@ from . import events as _events
 from ._state import Lease, PoolState, SlotState, Waiter
 from .errors import ServerUnavailableError
 from .stats import LeaseInfo, describe_error
+
+# Seconds between WARNING records of failed connects while they go on
+# failing (the others are logged at DEBUG).
+CONNECT_WARNING_INTERVAL = 1.0
 
 logger = logging.getLogger("safepool")
 leak_logger = logging.getLogger("safepool.leaks")
@@ -51,7 +56,10 @@ class DictListener:
 class Reporter:
     """A pool's messages and event queue; reads the core, never writes it."""
 
-    __slots__ = ("name", "state", "loop", "listeners", "pending", "delivering", "site_caps", "server_status")
+    __slots__ = (
+        "name", "state", "loop", "listeners", "pending", "delivering", "site_caps", "server_status",
+        "connect_warned_at",
+    )
 
     def __init__(self, name: str, state: PoolState, loop: asyncio.AbstractEventLoop, site_caps: bool) -> None:
         self.name = name
@@ -65,6 +73,8 @@ class Reporter:
         self.delivering = False
         # The server status last reported (the core's breaker view).
         self.server_status = "up"
+        # When a failed connect was last logged at WARNING (see connect_failed).
+        self.connect_warned_at = -math.inf
 
     # ----------------------------------------------------------- messages
 
@@ -187,8 +197,19 @@ class Reporter:
         from asyncpg's acquire): not the min_size upkeep's connect (nobody
         can start waiting while it fails, so none wait afterwards either)."""
         described = describe_error(error)
+        # One WARNING per CONNECT_WARNING_INTERVAL while connects go on
+        # failing, the first at once; the others at DEBUG. Unpaced, as on
+        # asyncpg's pool, a server that is down fails a connect per acquire,
+        # hundreds a second under load: each caller has its error, and the
+        # count in the message says how many failed since.
+        level = logging.DEBUG
+        if not raised and (
+            self.state.connect_failures == 1 or now - self.connect_warned_at >= CONNECT_WARNING_INTERVAL
+        ):
+            level = logging.WARNING
+            self.connect_warned_at = now
         logger.log(
-            logging.DEBUG if raised else logging.WARNING,
+            level,
             "pool %r: the init hook failed on a new connection (%s), which the pool closes; %d consecutive failures"
             if self.state.init_failing else "pool %r: connect failed (%s); %d consecutive failures",
             self.name, described, self.state.connect_failures,

@@ -413,7 +413,12 @@ NOT_REFUSED, REFUSED, UNREACHABLE, BROKEN, UNRESOLVED = 0, 1, 2, 3, 4
 
 @dataclass
 class Backoff:
-    """Exponential backoff with jitter between failed connects.
+    """Exponential backoff with jitter between failed connects, for pools
+    that pace their connects while they fail (``fail_fast=True`` or
+    ``wait_on_connect_error=True``). By default a pool connects for each
+    waiting task at once, as asyncpg's pool (0.32) does on every acquire,
+    and only ``hedge_after`` applies: a connect unanswered that long gets
+    another beside it while tasks wait.
 
     Each delay runs from the start of the attempt that failed, not its end
     (gRPC's connection backoff protocol, doc/connection-backoff.md, backs
@@ -1251,15 +1256,18 @@ class PoolState:
         waiter: asyncpg's acquire opens its own."""
         if self._connecting_count > self._bound:
             self._adopt()
-        if len(self._slots) >= self.max_size or self.closing or now < self.backoff_until:
+        if len(self._slots) >= self.max_size or self.closing:
             return  # (the first test: the contended hot path, a full pool)
+        paced = self.connect_failures and self._pacing()
+        if paced and now < self.backoff_until:
+            return
         connecting = self._connecting_count
         # Like asyncpg, open a connection per unserved waiter (up to max_size):
         # resetting connections are not counted as supply, since asyncpg's
         # release holds them for the reset too.
         # (With site caps, only waiters whose site is under its cap.)
         waiting = self._waiting if self._policy is None else self._policy.eligible
-        if self.connect_failures and not self.init_failing:
+        if paced:
             # Half-open: while connects fail, one probe at a time, no storm;
             # once the newest has gone unanswered for the hedge delay, it is
             # presumed lost (a black hole) and another starts beside it.
@@ -1270,12 +1278,17 @@ class PoolState:
             if self.max_connecting is not None:
                 limit = min(limit, self.max_connecting)
         else:
-            # (After an init= failure, each waiting task's own connect, as
-            # on asyncpg's pool; not the floor's: its upkeep retries it.)
             demand = waiting - connecting
-            if self.floor_enabled and not self.connect_failures:
-                # Once connects fail, the floor alone (nobody waiting) is
-                # restored by plan_floor_connect() on asyncpg's slower schedule.
+            if self.connect_failures:
+                # Unpaced (see _pacing): each waiting task's own connect, as on
+                # asyncpg's pool, and a hedge beside those under way once the
+                # newest went unanswered for the hedge delay (asyncpg's acquire
+                # that gives up aborts its connect; the next one connects anew).
+                # Not the floor's: its upkeep retries it on asyncpg's slower
+                # schedule (plan_floor_connect()).
+                if demand <= 0 < connecting and waiting and now >= self._hedge_at():
+                    demand = 1
+            elif self.floor_enabled:
                 demand = max(demand, self.min_size - self._live())
             limit = self.max_connecting if self.max_connecting is not None else self.max_size
         room = min(self.max_size - self.size, limit - connecting)
@@ -1288,6 +1301,19 @@ class PoolState:
                 if waiter is not None:
                     self._bind(waiter, slot)
             self.actions.append(Connect(slot))
+
+    def _pacing(self) -> bool:
+        """Whether connects for waiting tasks are paced while connects fail
+        (one probe at a time after the backoff, and a failure with nothing
+        left fails every waiting task): with ``fail_fast`` (the breaker needs
+        probes), unless the last failure was the ``init=`` hook's (the server
+        answered), and with ``wait_on_connect_error`` (a task that waits on
+        after its connect failed would otherwise get another at once, and
+        another). Otherwise none, as on asyncpg's pool (0.32), whose acquire
+        connects its holder itself: a failed connect fails only the task it
+        was for, and each other waiting task gets one of its own at once,
+        so a server that stays down costs a connect per acquire, as there."""
+        return self.wait_on_connect_error or (self.breaker_threshold is not None and not self.init_failing)
 
     def _hedge_at(self) -> float:
         """While connects fail, when another connect may start beside those
@@ -1375,25 +1401,27 @@ class PoolState:
         connection: Any = None, program: bool = False,
     ) -> bool:
         """The connect failed (a no-op if it was abandoned meanwhile).
+        Unless connects are paced (:meth:`_pacing`), the error is the
+        task's whose connect it was (without an owner: the newest waiting
+        task's), and only its; the others wait on, each for a connect of its
+        own, opened now (asyncpg 0.32's acquire connects its holder itself
+        and raises its own connect's error; the next acquire connects
+        again). So the connects are as many as the acquires that fail, as
+        on asyncpg's pool; the min_size upkeep keeps its own schedule.
         ``refused``: ``REFUSED``, ``UNREACHABLE``, ``BROKEN``, ``UNRESOLVED``
         (see :class:`Backoff`).
         ``in_init``: the connection was open and the ``init=`` hook raised.
-        The error is the task's whose connect it was (without an owner: the
-        newest waiting task's), and only its: the server answered, so the
-        others wait on, each for a connect of its own, opened now with no
-        backoff (asyncpg 0.32's acquire connects its holder itself and
-        raises its own ``init`` error; the next acquire connects again).
-        It does not count toward the breaker either: the hook's error, not
-        ServerUnavailableError, is what acquires get. Each such connect is
-        one waiting task's, so the logins are as many as the acquires that
-        fail, as on asyncpg's pool; the min_size upkeep keeps its schedule.
+        The server answered: no pacing under ``fail_fast`` (only
+        ``wait_on_connect_error``'s), and it does not count toward the
+        breaker: the hook's error, not ServerUnavailableError, is what
+        acquires get.
         ``connection``: that connection, still open: the slot closes it
         (a ``Close``; still counted, as any closing slot, until
         :meth:`closed`) while its waiters get the error now. Returns False
         when the slot was abandoned (the I/O layer then aborts
         ``connection``). ``program``: the connect failed on the program's
         own mistake (``_internals.program_error``: a misspelled connect
-        keyword): backed off as any failure, but not counted toward the
+        keyword): paced as any failure, but not counted toward the
         breaker, which would answer "the server is down" for it."""
         if slot.state is not S.CONNECTING:
             if slot.state is S.CLOSED:
@@ -1427,19 +1455,7 @@ class PoolState:
         # has waited out its delay already, so the next one starts at once,
         # at most one per timeout (one probe at a time while connects fail).
         if in_init:
-            # The server answered: its backoff is over, and the next task's
-            # connect starts now (see above). The answer's time still counts
-            # toward the hedge delay, should the server fail next.
-            self.failed_answer_max = max(self.failed_answer_max, now - slot.created_at)
-            self.connect_failed_at = now
-            self.backoff_level = self.connect_refusals = 0
-            self.backoff_until = 0.0
-            if not self.wait_on_connect_error or (self._serving() == 0 and self._connecting_count == 0):
-                self._fail_owner(owner, error)
-            elif owner is not None:
-                self._serve_unbound(now)  # the owner waits on, for any connection
-            self._plan_connects(now)
-            return True
+            refused = NOT_REFUSED  # (the server answered: a timeout in init= is the hook's)
         if refused == NOT_REFUSED or refused == REFUSED:
             # The server answered (slowly, perhaps): not a black hole. (A
             # broken connect's age is when the path broke, not an answer: a
@@ -1458,6 +1474,14 @@ class PoolState:
         self.backoff_until = max(self.backoff_until, slot.created_at + self.backoff.delay(
             self.connect_refusals if quick else self.backoff_level, refused
         ))
+        if not self._pacing():
+            # asyncpg's pool (0.32): the error is the acquire's whose connect
+            # it was, and each other waiting task connects for itself, now.
+            # (The backoff above is only for the pacing modes, should one
+            # apply after the next failure.)
+            self._fail_owner(owner, error)
+            self._plan_connects(now)
+            return True
         # A closing connection will not come back: it does not count.
         breaker_open = self.breaker_threshold is not None and self.server_failures >= self.breaker_threshold
         if self._serving() == 0 and (self._connecting_count == 0 or breaker_open):
@@ -1734,7 +1758,6 @@ class PoolState:
             candidates.append(self._idle[0].idle_since + self.max_inactive_lifetime)
         if (
             self.connect_failures
-            and not self.init_failing
             and (self._waiting if self._policy is None else self._policy.eligible)
             and len(self._slots) < self.max_size
         ):
@@ -1743,7 +1766,8 @@ class PoolState:
             # at max_connecting a connect's outcome does: a timer at a time
             # already past would fire again and again.)
             if not self._connecting_count:
-                candidates.append(self.backoff_until)
+                if self._pacing():
+                    candidates.append(self.backoff_until)
             elif self.backoff.hedge_after is not None and (
                 self.max_connecting is None or self._connecting_count < self.max_connecting
             ):

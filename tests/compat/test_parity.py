@@ -1822,23 +1822,16 @@ async def test_an_init_failure_fails_only_the_acquire_whose_connect_it_was(
     OSError(113, "No route to host"),
 ], ids=type)
 async def test_a_connect_refused_once_fails_only_the_acquire_whose_connect_it_was(
-    make_pool: MakePool, flavour: str, request: pytest.FixtureRequest, error: BaseException
+    make_pool: MakePool, error: BaseException
 ) -> None:
     """The server's sibling of the init= case above: max_size=1, nothing
     open, four acquires at once, and the first connect fails (a restart's
-    last refusal, a full server's 53300): asyncpg's pool fails that acquire
-    and serves the three others, each connecting for itself. safepool fails
-    all four with the one error: with no connection left and none under
-    way, a failed connect is the probe's outcome for every waiting task
-    (docs/backpressure.md), and the next connect waits for the backoff.
-    Left on purpose for now (docs/migration.md): giving each waiting task
-    a connect of its own at once means no pacing of connects in the
-    default mode, the change the note of 2026-12-05 describes."""
-    if flavour == "safepool":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "safepool fails every waiting task with a connect error when no connection is left "
-            "and none under way; asyncpg fails only the acquire whose connect it was"
-        )))
+    last refusal, a full server's 53300): both pools fail that acquire and
+    serve the three others, each connecting for itself. safepool failed
+    all four with the one error (with no connection left and none under
+    way, a failed connect was the probe's outcome for every waiting task)
+    until connects were paced only with fail_fast or wait_on_connect_error
+    (2026-12-05)."""
     calls = 0
 
     async def connect(*args: Any, **kwargs: Any) -> Any:

@@ -7,6 +7,7 @@ lost or counted twice)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import pytest_asyncio
 
 import safepool
+from safepool import _reporting
 
 from .fake import FakeServer
 from .rig import Rig, make_rig, spin
@@ -219,9 +221,23 @@ async def test_connect_failure_reaches_the_waiter(rig: Rig) -> None:
     rig.books(size=0)
 
 
+@pytest_asyncio.fixture
+async def paced_rig() -> AsyncIterator[Rig]:
+    """A rig whose pool paces connects while they fail (``fail_fast=True``;
+    its breaker opens only after three failures)."""
+    made = await make_rig(fail_fast=True)
+    yield made
+    made.pool.terminate()
+    await spin()
+    made.pool._state.check_invariants()
+    assert not made.server.open()
+
+
 async def waiting_after_a_refused_connect(rig: Rig) -> asyncio.Future[Any]:
-    """A first acquire's connect refused, then a second acquire, whose probe
-    (the pool's retry, 10 ms later) is under way: the second's future."""
+    """A first acquire's connect refused, then a second acquire, whose
+    connect is under way: the second's future. Paced (``fail_fast``), that
+    connect is the pool's probe, 10 ms later; otherwise the second's own,
+    at once, as asyncpg's acquire connects for itself."""
     first = asyncio.ensure_future(rig.pool.acquire())
     await spin()
     rig.server.finish_connect(ConnectionRefusedError("refused"))
@@ -229,18 +245,20 @@ async def waiting_after_a_refused_connect(rig: Rig) -> asyncio.Future[Any]:
         await first
     second = asyncio.ensure_future(rig.pool.acquire())
     await spin()
-    assert not rig.server.connects, "retried before the backoff ended"
-    rig.clock.advance(0.05)  # (nothing listening: retried within 10 ms)
-    await spin()
+    if rig.pool.options.fail_fast:
+        assert not rig.server.connects, "retried before the backoff ended"
+        rig.clock.advance(0.05)  # (nothing listening: retried within 10 ms)
+        await spin()
     assert len(rig.server.connects) == 1
     return second
 
 
-async def test_a_probe_unanswered_for_the_hedge_delay_gets_another_beside_it(rig: Rig) -> None:
+async def test_a_probe_unanswered_for_the_hedge_delay_gets_another_beside_it(paced_rig: Rig) -> None:
     """While connects fail, a probe that goes unanswered for
     Backoff.hedge_after (0.1 s) is presumed lost (a black hole): the pool's
     timer starts another beside it, up to max_size (2) under way, and the
     first to answer serves the waiter; the other joins the idle stack."""
+    rig = paced_rig
     second = await waiting_after_a_refused_connect(rig)
     # (The probe started at 0.005-0.01 s: the hedge is due 0.1 s after it.)
     rig.clock.advance(0.04)
@@ -261,10 +279,13 @@ async def test_a_probe_unanswered_for_the_hedge_delay_gets_another_beside_it(rig
     rig.pool.terminate()
 
 
-async def test_a_hedge_that_answers_first_serves_the_waiting_task(rig: Rig) -> None:
-    """The probe is lost (a black hole), the hedge beside it answers: the
-    one waiting task gets the hedge's connection at once, not after the
-    lost probe's timeout (it went idle, and the task waited on)."""
+@pytest.mark.parametrize("paced", [False, True])
+async def test_a_hedge_that_answers_first_serves_the_waiting_task(paced: bool) -> None:
+    """The probe (unpaced: the task's own connect) is lost (a black hole),
+    the hedge beside it answers: the one waiting task gets the hedge's
+    connection at once, not after the lost probe's timeout (it went idle,
+    and the task waited on)."""
+    rig = await make_rig(fail_fast=paced)
     second = await waiting_after_a_refused_connect(rig)
     rig.clock.advance(0.12)
     await spin()
@@ -282,10 +303,13 @@ async def test_a_hedge_that_answers_first_serves_the_waiting_task(rig: Rig) -> N
     rig.pool.terminate()
 
 
-async def test_a_waiter_after_a_connect_failure_gets_the_next_attempt(rig: Rig) -> None:
-    """After a failed connect, the next acquire waits out the backoff: the
-    pool's timer must be armed for the retry, or the waiter waits forever
-    (asyncpg's test_pool_exception_in_setup_and_init hung so once)."""
+@pytest.mark.parametrize("paced", [False, True])
+async def test_a_waiter_after_a_connect_failure_gets_the_next_attempt(paced: bool) -> None:
+    """After a failed connect, the next acquire connects at once (asyncpg's
+    way) or, paced (``fail_fast``), waits out the backoff: the pool's timer
+    must be armed for the retry, or the waiter waits forever (asyncpg's
+    test_pool_exception_in_setup_and_init hung so once)."""
+    rig = await make_rig(fail_fast=paced)
     second = await waiting_after_a_refused_connect(rig)
     rig.server.finish_connect()
     await spin()
@@ -293,6 +317,7 @@ async def test_a_waiter_after_a_connect_failure_gets_the_next_attempt(rig: Rig) 
     rig.books(size=1, in_use=1)
     await rig.pool.release(con)
     rig.books(size=1, idle=1)
+    rig.pool.terminate()
 
 
 async def test_terminate_while_connecting(rig: Rig) -> None:
@@ -402,3 +427,32 @@ async def test_terminate_before_a_connect_runs_frees_the_slot() -> None:
         await acquire
     await spin()
     assert rig.pool._state.size == 0, [slot.state.value for slot in rig.pool._state.slots()]
+
+
+async def test_failed_connects_are_logged_at_warning_once_a_second(caplog: pytest.LogCaptureFixture) -> None:
+    """Unpaced, a server that is down fails a connect per acquire, as on
+    asyncpg's pool: the first failure is a WARNING, then one a second
+    (``CONNECT_WARNING_INTERVAL``), the others DEBUG, each with the count
+    of failures in a row; every caller still gets its own error."""
+    rig = await make_rig()
+    caplog.set_level(logging.DEBUG, logger="safepool")
+
+    async def refused_acquire() -> None:
+        task = asyncio.ensure_future(rig.pool.acquire())
+        await spin()
+        rig.server.finish_connect(ConnectionRefusedError("refused"))
+        with pytest.raises(ConnectionRefusedError):
+            await task
+
+    def connect_records() -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in caplog.records if getattr(r, "event", None) == "connect_failed"]
+
+    for _ in range(5):
+        await refused_acquire()
+        rig.clock.advance(0.1)
+    assert [level for level, _ in connect_records()] == [logging.WARNING] + [logging.DEBUG] * 4
+    rig.clock.advance(_reporting.CONNECT_WARNING_INTERVAL)
+    await refused_acquire()
+    level, message = connect_records()[-1]
+    assert level == logging.WARNING and message.endswith("6 consecutive failures"), message
+    rig.pool.terminate()

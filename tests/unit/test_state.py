@@ -43,6 +43,12 @@ def no_jitter() -> Backoff:
     return Backoff(base=1.0, cap=8.0, rng=lambda: 1.0)
 
 
+# The pacing of connects while they fail (one probe at a time, backed off,
+# hedged), which fail_fast=True turns on: here with its breaker never open.
+# Without it (asyncpg's way) each waiting task connects for itself.
+PACED = {"breaker_threshold": 10**9}
+
+
 def make(max_size: int = 2, **kwargs: object) -> PoolState:
     kwargs.setdefault("backoff", no_jitter())
     return PoolState(max_size=max_size, **kwargs)  # type: ignore[arg-type]
@@ -493,7 +499,7 @@ def test_the_server_refusals_backoff_grows_while_they_go_on_and_restarts_after()
     backend process), then accepts. The refusals' count starts over after
     any other outcome."""
     backoff = Backoff(base=0.1, cap=2.0, refused_cap=0.05, unreachable_cap=0.01, rng=lambda: 1.0)
-    state = make(max_size=1, backoff=backoff)
+    state = make(max_size=1, backoff=backoff, **PACED)
     state.enqueue("w", 0.0, None)
     now = 0.0
 
@@ -516,7 +522,7 @@ def test_the_server_refusals_backoff_grows_while_they_go_on_and_restarts_after()
 
 
 def test_a_waiter_after_a_long_outage_is_probed_within_the_cap() -> None:
-    state = make(max_size=2, backoff=Backoff(base=0.1, cap=2.0, rng=lambda: 1.0))
+    state = make(max_size=2, backoff=Backoff(base=0.1, cap=2.0, rng=lambda: 1.0), **PACED)
     now = 0.0
     for _ in range(200):  # minutes of failed connects, each with a task waiting
         state.enqueue(object(), now, None)
@@ -561,7 +567,7 @@ def test_the_backoff_runs_from_the_attempts_start() -> None:
     """gRPC's connection backoff: the delay spaces the attempts' starts. A
     connect that hung past its delay is followed at once; one that failed
     quickly waits out the rest of it."""
-    state = make(max_size=1)
+    state = make(max_size=1, **PACED)
     state.enqueue("a", 0.0, None)
     [slot] = fields(take(state, Connect))
     state.connect_failed(slot, 5.0, ConnectionResetError(104, "reset"))  # delay(1) = 1.0, from 0.0
@@ -600,7 +606,7 @@ def test_a_probe_unanswered_for_the_hedge_delay_gets_another_beside_it() -> None
     black hole is served within about hedge_after, not the lost connect's
     timeout. Nothing is planned while the pool is full (no timer spins)."""
     backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0, hedge_after=0.1)
-    state = make(max_size=3, backoff=backoff)
+    state = make(max_size=3, backoff=backoff, **PACED)
     state.connect_times.record(0.2)  # a connect that succeeded earlier took 0.2 s: hedge after 0.4 s
     state.enqueue("a", 0.0, None)
     [first] = fields(take(state, Connect))
@@ -678,7 +684,7 @@ def test_a_task_that_adopted_a_lost_probe_takes_a_released_connection() -> None:
 
 
 def test_without_hedging_one_probe_at_a_time() -> None:
-    state = make(max_size=3, backoff=Backoff(rng=lambda: 1.0, hedge_after=None))
+    state = make(max_size=3, backoff=Backoff(rng=lambda: 1.0, hedge_after=None), **PACED)
     state.enqueue("a", 0.0, None)
     [first] = fields(take(state, Connect))
     state.connect_failed(first, 0.01, ConnectionRefusedError(111, "refused"), UNREACHABLE)
@@ -702,7 +708,7 @@ def test_connects_the_heal_of_a_black_hole_breaks_are_retried_at_once() -> None:
     as a slow answer (hedges 2 x 0.4 s apart). A broken connect is retried
     within unreachable_cap, and says nothing of how fast the server answers."""
     backoff = Backoff(base=0.1, cap=2.0, unreachable_cap=0.01, rng=lambda: 1.0, hedge_after=0.1)
-    state = make(max_size=4, backoff=backoff)
+    state = make(max_size=4, backoff=backoff, **PACED)
     now, under_way = 0.0, []
 
     def news_at_heal() -> bool:  # a probe started after the last failure
@@ -795,7 +801,7 @@ def test_a_server_that_answers_slowly_with_an_error_is_not_hedged() -> None:
     news: backoff_level stayed 1 and the pool made 10 logins a second
     forever, where it made one per backoff before.)"""
     backoff = Backoff(base=0.1, cap=2.0, rng=lambda: 1.0, hedge_after=0.1)
-    state = make(max_size=4, backoff=backoff)
+    state = make(max_size=4, backoff=backoff, **PACED)
     now = 0.0
     under_way: list[Any] = []
     while now < 20.0:
@@ -815,13 +821,17 @@ def test_a_server_that_answers_slowly_with_an_error_is_not_hedged() -> None:
     assert len(under_way) <= 20, f"{len(under_way)} connects in 20 s"
 
 
-def test_init_failures_cost_one_connect_per_task_that_gets_the_error() -> None:
-    """An init= hook that fails on every connection, under steady demand
-    (three tasks always waiting, max_size=4, min_size=2): each connect is
-    one waiting task's and fails that task only, with no backoff (asyncpg's
-    acquire connects for itself); so the logins are as many as the failed
-    acquires, never more, and the floor adds none."""
-    state = make(max_size=4, min_size=2)
+@pytest.mark.parametrize(("failure", "paced"), [
+    ("init", False), ("init", True), ("refused", False), ("unreachable", False), ("program", False),
+])
+def test_each_failed_connect_is_one_waiting_tasks_and_fails_it_alone(failure: str, paced: bool) -> None:
+    """Connects that all fail, under steady demand (three tasks always
+    waiting, max_size=4, min_size=2): without pacing (asyncpg's way: its
+    acquire connects its holder itself), and with it after an init= hook's
+    error (the server answered), each connect is one waiting task's, starts
+    at once, and fails that task only; so the connects are as many as the
+    failed acquires, never more, and the floor adds none."""
+    state = make(max_size=4, min_size=2, **(PACED if paced else {}))
     state.floor_enabled = True
     now, connects, failed = 0.0, 0, 0
     while now < 5.0:
@@ -832,11 +842,47 @@ def test_init_failures_cost_one_connect_per_task_that_gets_the_error() -> None:
         assert all(slot.owner is not None for slot in started), "a connect nobody waits for"
         now += 0.3
         for slot in started:
-            state.connect_failed(slot, now, LookupError("init failed"), in_init=True)
-            assert state.backoff_until == 0.0 and state.server_status(now).value == "up"
-        failed += len(take(state, Fail))
+            if failure == "init":
+                state.connect_failed(slot, now, LookupError("init failed"), in_init=True)
+            elif failure == "program":
+                state.connect_failed(slot, now, TypeError("unexpected keyword"), program=True)
+            else:
+                kind = REFUSED if failure == "refused" else UNREACHABLE
+                state.connect_failed(slot, now, ConnectionRefusedError(111, "refused"), kind)
+        assert len(take(state, Fail)) == len(started)
+        failed += len(started)
+        assert state.server_status(now).value == ("up" if failure == "init" else "down")
         state.advance(now)
     assert connects == failed == 3 * 17
+
+
+def test_a_failed_connect_with_nothing_left_fails_only_its_task() -> None:
+    """max_size=1, nothing open, three tasks waiting, and the server refuses
+    the first's connect: that task alone gets the error, and the second's
+    connect starts at once (asyncpg's pool: its acquire connects for
+    itself), which serves it if the server accepts; the third waits for
+    its release. (With fail_fast's pacing, the failure is the probe's
+    outcome for every waiting task, and the next connect is backed off.)"""
+    state = make(max_size=1)
+    first, second, third = (state.enqueue(name, 0, None) for name in "abc")
+    [slot] = fields(take(state, Connect))
+    assert slot.owner is first
+    refused = ConnectionRefusedError(111, "refused")
+    state.connect_failed(slot, 0.001, refused, REFUSED)
+    assert take(state, Fail) == [Fail(first, refused)]
+    [retry] = fields(take(state, Connect))
+    assert retry.owner is second and state.next_deadline() is None
+    state.connect_succeeded(retry, object(), 0.002)
+    assert take(state, Wake) == [Wake(second)]
+    assert state.waiting == 1 and state.server_status(0.002).value == "up"
+    state.check_invariants()
+
+    paced = make(max_size=1, **PACED)
+    waiters = [paced.enqueue(name, 0, None) for name in "abc"]
+    [slot] = fields(take(paced, Connect))
+    paced.connect_failed(slot, 0.001, refused, REFUSED)
+    assert take(paced, Fail) == [Fail(waiter, refused) for waiter in waiters]
+    assert not take(paced, Connect)
 
 
 def test_an_init_failure_fails_its_owner_now_and_closes_its_connection_counted() -> None:
@@ -907,7 +953,13 @@ def test_connect_failure_fails_the_task_it_was_for_even_with_connections_leased(
     state.connect_failed(slot, 0, error)
     assert take(state, Fail) == [Fail(first, error)]
     assert state.waiting == 1 and state.server_status(0).value == "backing_off"
+    # The failed connect's place is the second's connect now, as asyncpg's
+    # holder is the next acquire's, which connects it.
+    [retry] = fields(take(state, Connect))
+    assert retry.owner is second
     state.release(held, 1, CLEAN)
+    assert not take(state, Wake) and state.idle == 1
+    state.connect_succeeded(retry, object(), 2)
     assert take(state, Wake) == [Wake(second)]
     state.check_invariants()
 
@@ -1032,7 +1084,7 @@ def test_a_floor_upkeep_connect_is_adopted_by_a_task_waiting_in_a_backoff() -> N
     """Pool's floor upkeep (plan_floor_connect, after a failed connect) runs
     whoever waits: a task that arrived during the backoff, with no connect
     of its own, takes the upkeep's connect as its own."""
-    state = make(max_size=2, min_size=2)
+    state = make(max_size=2, min_size=2, **PACED)
     fill(state, 2)
     state.floor_enabled = True
     held = state.try_acquire(0)

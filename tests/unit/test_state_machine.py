@@ -154,11 +154,12 @@ class PoolMachine(RuleBasedStateMachine):
         state = self.state
         actions, state.actions = state.actions, []
         planned = False
-        # While connects fail, one probe at a time, and a hedge beside
+        # While connects fail and the pool paces them (fail_fast,
+        # wait_on_connect_error), one probe at a time, and a hedge beside
         # those under way only once the newest went unanswered long enough.
-        # (Not after an init= failure: the server answered, and each waiting
-        # task gets a connect of its own, as on asyncpg's pool.)
-        probing = state.connect_failures and not state.init_failing
+        # (Unpaced, as on asyncpg's pool, or after an init= failure: each
+        # waiting task gets a connect of its own.)
+        probing = state.connect_failures and state._pacing()
         newest = max((s.created_at for s in self.connecting if s.state is S.CONNECTING), default=None)
         hedge = state.backoff.hedge_after
         for action in actions:
@@ -206,7 +207,7 @@ class PoolMachine(RuleBasedStateMachine):
                     assert_never(action)
         if planned:
             # Connects are throttled, and none is tried during a backoff.
-            assert self.now >= state.backoff_until or not state.connect_failures, "connect during backoff"
+            assert self.now >= state.backoff_until or not probing, "connect during backoff"
             if probing:
                 fresh = [s for s in self.connecting if s.state is S.CONNECTING and self.now < s.created_at + (hedge or 0)]
                 assert len(fresh) <= 1, f"{len(fresh)} probes started within the hedge delay"
@@ -407,7 +408,12 @@ class PoolMachine(RuleBasedStateMachine):
             assert slot in set(self.state.slots()) and slot.owner is None
             assert owner is None or owner.state is not WaiterState.WAITING or self.state.wait_on_connect_error
         else:
+            waiting = self.state.waiting
             self.state.connect_failed(slot, self.now, ConnectionRefusedError("refused"))
+            if not self.state._pacing():
+                # asyncpg's way: the error is its own task's, and only its.
+                assert self.state.waiting >= waiting - 1, "a failed connect failed tasks other than its own"
+                assert owner is None or owner.state is WaiterState.FAILED
         try:
             self._drain()
         finally:
