@@ -188,7 +188,7 @@ _PHASES: dict[Phase, frozenset[Phase]] = {
 class Slot:
     __slots__ = (
         "id", "state", "connection", "generation", "created_at", "idle_since", "lease", "owner", "failed_connect",
-        "expires_at",
+        "expires_at", "adopted",
     )
 
     def __init__(self, slot_id: int, generation: int, now: float) -> None:
@@ -200,6 +200,9 @@ class Slot:
         self.idle_since = now
         self.lease: Lease | None = None
         self.owner: Waiter | None = None  # while CONNECTING: the waiting task it is opened for
+        # Whether its owner took it over (_adopt: opened for min_size or for
+        # a task that gave up), rather than being the task it was opened for.
+        self.adopted = False
         # CLOSING a connection its connect failed on (init= raised): never
         # opened for the pool (not in connected(), connections_opened or
         # connections_closed), yet its backend counts towards max_size.
@@ -1239,6 +1242,7 @@ class PoolState:
             waiter = self._unbound_waiter(newest=True)
             if waiter is None:
                 return
+            slot.adopted = True
             self._bind(waiter, slot)
 
     def _plan_connects(self, now: float, arrival: bool = False) -> None:
@@ -1259,7 +1263,7 @@ class PoolState:
         # release holds them for the reset too.
         # (With site caps, only waiters whose site is under its cap.)
         waiting = self._waiting if self._policy is None else self._policy.eligible
-        if self.connect_failures and not self.init_failing:
+        if self.backoff_level:
             # Half-open: while connects fail, one probe at a time, no storm;
             # once the newest has gone unanswered for the hedge delay, it is
             # presumed lost (a black hole) and another starts beside it.
@@ -1426,7 +1430,14 @@ class PoolState:
         # doc/connection-backoff.md): a connect that hung until its timeout
         # has waited out its delay already, so the next one starts at once,
         # at most one per timeout (one probe at a time while connects fail).
-        if in_init:
+        # A connect its owner took over (_adopt: opened for min_size, or for
+        # a task that gave up) is not the one its acquire opened: on
+        # asyncpg's pool the hook ran in that other acquire (cancelled with
+        # it), and this task's acquire connects for itself.
+        adopted = owner is not None and slot.adopted
+        if in_init and (
+            adopted or not self.wait_on_connect_error or (self._serving() == 0 and self._connecting_count == 0)
+        ):
             # The server answered: its backoff is over, and the next task's
             # connect starts now (see above). The answer's time still counts
             # toward the hedge delay, should the server fail next.
@@ -1434,12 +1445,16 @@ class PoolState:
             self.connect_failed_at = now
             self.backoff_level = self.connect_refusals = 0
             self.backoff_until = 0.0
-            if not self.wait_on_connect_error or (self._serving() == 0 and self._connecting_count == 0):
+            if adopted:
+                self._serve_unbound(now)  # the owner waits on, for a connect of its own
+            else:
                 self._fail_owner(owner, error)
-            elif owner is not None:
-                self._serve_unbound(now)  # the owner waits on, for any connection
             self._plan_connects(now)
             return True
+        # (With wait_on_connect_error, while connections serve, the owner
+        # waits on: no acquire fails, so the next connect backs off as after
+        # any failure, one probe at a time; at once, a hook that always
+        # fails would be a login storm for as long as a task waits.)
         if refused == NOT_REFUSED or refused == REFUSED:
             # The server answered (slowly, perhaps): not a black hole. (A
             # broken connect's age is when the path broke, not an answer: a
@@ -1733,8 +1748,7 @@ class PoolState:
         if self.max_inactive_lifetime and self._idle and self._live() > self.min_size:
             candidates.append(self._idle[0].idle_since + self.max_inactive_lifetime)
         if (
-            self.connect_failures
-            and not self.init_failing
+            self.backoff_level
             and (self._waiting if self._policy is None else self._policy.eligible)
             and len(self._slots) < self.max_size
         ):

@@ -1879,3 +1879,50 @@ async def test_acquires_one_after_another_each_get_the_init_error_at_once(make_p
             outcomes.append("TimeoutError")
     assert outcomes == ["LookupError"] * 6
     assert init.calls == 6
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["cancel", "cancel_twice", "acquire_timeout"])
+async def test_an_init_failure_after_its_acquire_gave_up_fails_no_other_acquire(
+    make_pool: MakePool, flavour: str, how: str
+) -> None:
+    """max_size=1, nothing open: the first acquire's connect is in init=
+    (held at a gate) when a second acquire queues, and the first gives up;
+    then the hook raises. asyncpg's pool cancels the hook with the acquire
+    that ran it, and the second acquire connects for itself and gets a
+    connection. safepool's connect goes on in a pool task, the second
+    acquire takes it over, and it got the hook's error: an error of a
+    connect its acquire never opened."""
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    calls = 0
+
+    async def init(con: asyncpg.Connection) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            entered.set()
+            await gate.wait()
+            raise LookupError("init failed")
+
+    pool = await make_pool(min_size=0, max_size=1, init=init)
+
+    async def use() -> int:
+        async with pool.acquire(timeout=5) as con:
+            return int(await con.fetchval("SELECT 1"))
+
+    first = asyncio.ensure_future(pool.acquire(timeout=0.5 if how == "acquire_timeout" else None))
+    await entered.wait()
+    second = asyncio.ensure_future(use())
+    # (safepool counts the first acquire as waiting too, for its connect.)
+    await wait_until(lambda: queued(pool, flavour) == (2 if flavour == "safepool" else 1))
+    if how == "acquire_timeout":
+        with pytest.raises(asyncio.TimeoutError):
+            await first
+    else:
+        await cancelled(first, 2 if how == "cancel_twice" else 1)
+    gate.set()
+    assert await second == 1
+    assert calls == 2
+    if flavour == "safepool":
+        pool._state.check_invariants()

@@ -146,3 +146,34 @@ async def test_a_connect_abandoned_by_terminate_reports_no_failure(
             break
         await asyncio.sleep(0.02)
     assert await server_count(app_name) == 0
+
+
+async def test_with_wait_on_connect_error_a_hook_that_always_fails_is_no_login_storm(pg_dsn: str) -> None:
+    """wait_on_connect_error=True, one connection leased, a hook that fails
+    on every new one, and a task waiting for a second: it waits on for the
+    leased one (no acquire fails), so the next connect backs off as after
+    any failure. Started at once instead, as when the hook's error fails
+    its task, they made about 400 logins a second for as long as the task
+    waited."""
+    calls = 0
+
+    async def init(con: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise LookupError("init failed")
+
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2, init=init, wait_on_connect_error=True)
+    try:
+        async with pool.acquire() as held:
+            with pytest.raises(safepool.PoolTimeoutError):
+                await pool.acquire(timeout=1)
+            # Backoff(base=0.1, cap=2.0): attempts at 0, ~0.1, ~0.3, ~0.7 s
+            # (half of each delay random: one or two more).
+            assert 2 <= calls - 1 <= 7, f"{calls - 1} logins in 1 s"
+            assert await held.fetchval("SELECT 1") == 1
+            stats = pool.stats()
+            assert stats.init_failing and stats.server_status == "up"
+            pool._state.check_invariants()
+    finally:
+        await pool.close()

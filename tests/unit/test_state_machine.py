@@ -402,10 +402,14 @@ class PoolMachine(RuleBasedStateMachine):
             elif owner is not None:
                 assert owner.slot is slot, "a connect went past the task it was opened for"
         elif ok is None:
+            # (A connect its owner took over, opened for min_size or for a
+            # task that gave up, is not its acquire's: the owner waits on,
+            # for a connect of its own, as on asyncpg's pool.)
+            adopted = slot.adopted
             assert self.state.connect_failed(slot, self.now, LookupError("init failed"), in_init=True, connection=object())
             assert slot.state is S.CLOSING and slot.failed_connect, "the backend init= failed on stopped counting"
             assert slot in set(self.state.slots()) and slot.owner is None
-            assert owner is None or owner.state is not WaiterState.WAITING or self.state.wait_on_connect_error
+            assert owner is None or owner.state is not WaiterState.WAITING or self.state.wait_on_connect_error or adopted
         else:
             self.state.connect_failed(slot, self.now, ConnectionRefusedError("refused"))
         try:
