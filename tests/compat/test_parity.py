@@ -1926,3 +1926,26 @@ async def test_an_init_failure_after_its_acquire_gave_up_fails_no_other_acquire(
     assert calls == 2
     if flavour == "safepool":
         pool._state.check_invariants()
+
+
+@pytest.mark.asyncio
+async def test_a_hook_that_fails_once_on_a_replacement_fails_no_acquire(make_pool: MakePool) -> None:
+    """max_queries=1, min_size=max_size=1, acquires one after another, and
+    a hook that fails once, on the first connection opened to replace one
+    closed at its release. asyncpg's pool runs that connect in its floor
+    upkeep (holder back in its queue when it fails), and the next acquire
+    connects for itself: no acquire fails. safepool's acquire took over the
+    floor's connect and got its error."""
+    calls = 0
+
+    async def init(con: asyncpg.Connection) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # (the first is the pool's first connection)
+            raise LookupError("init failed")
+
+    pool = await make_pool(min_size=1, max_size=1, max_queries=1, init=init)
+    for _ in range(4):
+        async with pool.acquire(timeout=5) as con:
+            assert await con.fetchval("SELECT 1") == 1
+    assert calls == 5
