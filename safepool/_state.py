@@ -1397,8 +1397,10 @@ class PoolState:
         when the slot was abandoned (the I/O layer then aborts
         ``connection``). ``program``: the connect failed on the program's
         own mistake (``_internals.program_error``: a misspelled connect
-        keyword): backed off as any failure, but not counted toward the
-        breaker, which would answer "the server is down" for it."""
+        keyword): as an ``init=`` error, it fails its own task only, with no
+        backoff (the server was not asked; asyncpg's acquire raises it at
+        once), and does not count toward the breaker, which would answer
+        "the server is down" for it."""
         if slot.state is not S.CONNECTING:
             if slot.state is S.CLOSED:
                 return False
@@ -1434,14 +1436,18 @@ class PoolState:
         # a task that gave up) is not the one its acquire opened: on
         # asyncpg's pool the hook ran in that other acquire (cancelled with
         # it), and this task's acquire connects for itself.
+        # A mistake of the program's (``program``) is treated as an init=
+        # hook's error: the server was not asked (it costs no login), and
+        # asyncpg's acquire raises it at once, each time.
         adopted = owner is not None and slot.adopted
-        if in_init and (
+        if (in_init or program) and (
             adopted or not self.wait_on_connect_error or (self._serving() == 0 and self._connecting_count == 0)
         ):
             # The server answered: its backoff is over, and the next task's
             # connect starts now (see above). The answer's time still counts
             # toward the hedge delay, should the server fail next.
-            self.failed_answer_max = max(self.failed_answer_max, now - slot.created_at)
+            if in_init:
+                self.failed_answer_max = max(self.failed_answer_max, now - slot.created_at)
             self.connect_failed_at = now
             self.backoff_level = self.connect_refusals = 0
             self.backoff_until = 0.0

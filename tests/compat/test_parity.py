@@ -1949,3 +1949,58 @@ async def test_a_hook_that_fails_once_on_a_replacement_fails_no_acquire(make_poo
         async with pool.acquire(timeout=5) as con:
             assert await con.fetchval("SELECT 1") == 1
     assert calls == 5
+
+
+async def _typo_connect(*args: Any, **kwargs: Any) -> Any:
+    """A ``connect=`` callable with the program's own mistake: a keyword
+    asyncpg's ``connect()`` does not take (``TypeError``, before any I/O)."""
+    return await asyncpg.connect(*args, command_timout=5, **kwargs)
+
+
+@pytest.mark.asyncio
+async def test_a_program_error_of_a_connect_fails_only_its_acquire(make_pool: MakePool) -> None:
+    """max_size=1, nothing open, four acquires at once, and the first
+    connect fails on the program's own mistake (``TypeError``): as for an
+    ``init=`` hook's error, asyncpg's pool fails that acquire and serves
+    the three others, each connecting for itself. safepool failed all four
+    (as for a server that is down: no connection left, none under way)."""
+    calls = 0
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.01)
+            return await _typo_connect(*args, **kwargs)
+        return await asyncpg.connect(*args, **kwargs)
+
+    pool = await make_pool(min_size=0, max_size=1, connect=connect)
+
+    async def use() -> int:
+        async with pool.acquire(timeout=5) as con:
+            await asyncio.sleep(0.02)
+            return int(await con.fetchval("SELECT 1"))
+
+    results = await asyncio.gather(*(use() for _ in range(4)), return_exceptions=True)
+    assert [type(r) for r in results].count(TypeError) == 1, results
+    assert results.count(1) == 3, results
+    assert calls == 2
+
+
+@pytest.mark.asyncio
+async def test_acquires_one_after_another_each_get_a_program_error_at_once(make_pool: MakePool) -> None:
+    """A ``connect=`` that always fails on the program's own mistake,
+    acquires one after another with a short ``timeout``: each gets the
+    ``TypeError`` on both pools. safepool backed off the connects after
+    each failure (0.1 s, 0.2 s, 0.4 s ...), so the later acquires raised
+    ``PoolTimeoutError`` instead, hiding the bug's type."""
+    pool = await make_pool(min_size=0, max_size=2, connect=_typo_connect)
+    outcomes = []
+    for _ in range(6):
+        try:
+            await pool.acquire(timeout=0.5)
+        except TypeError:
+            outcomes.append("TypeError")
+        except TimeoutError:
+            outcomes.append("TimeoutError")
+    assert outcomes == ["TypeError"] * 6
