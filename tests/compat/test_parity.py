@@ -2004,3 +2004,37 @@ async def test_acquires_one_after_another_each_get_a_program_error_at_once(make_
         except TimeoutError:
             outcomes.append("TimeoutError")
     assert outcomes == ["TypeError"] * 6
+
+
+@pytest.mark.asyncio
+async def test_a_hook_failing_after_its_acquire_timed_out_logs_no_floor_failure(
+    make_pool: MakePool, flavour: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """min_size=0 (no floor to keep): an acquire times out while its
+    connect's init= hook runs, and the hook then raises. Neither pool logs
+    "Failed to restore the pool connection floor" on asyncpg's logger,
+    which monitoring of asyncpg programs reads (asyncpg's pool logs it
+    only from its min_size upkeep). safepool logged it for any failed
+    connect that nobody waited for, the abandoned one included."""
+    caplog.set_level("WARNING", logger="asyncpg")
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    left = asyncio.Event()
+
+    async def init(con: asyncpg.Connection) -> None:
+        entered.set()
+        try:
+            await gate.wait()
+            raise LookupError("init failed")
+        finally:
+            left.set()
+
+    pool = await make_pool(min_size=0, max_size=1, init=init)
+    with pytest.raises(asyncio.TimeoutError):
+        await pool.acquire(timeout=0.3)
+    assert entered.is_set()
+    gate.set()  # (asyncpg's pool cancelled the hook already: it left)
+    await asyncio.wait_for(left.wait(), 5)
+    if flavour == "safepool":
+        await wait_until(lambda: pool.stats().connect_errors == 1)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("asyncpg")] == []
