@@ -1911,7 +1911,7 @@ async def test_an_init_failure_after_its_acquire_gave_up_fails_no_other_acquire(
         async with pool.acquire(timeout=5) as con:
             return int(await con.fetchval("SELECT 1"))
 
-    first = asyncio.ensure_future(pool.acquire(timeout=0.5 if how == "acquire_timeout" else None))
+    first = asyncio.ensure_future(pool.acquire(timeout=1 if how == "acquire_timeout" else None))
     await entered.wait()
     second = asyncio.ensure_future(use())
     # (safepool counts the first acquire as waiting too, for its connect.)

@@ -156,9 +156,10 @@ class PoolMachine(RuleBasedStateMachine):
         planned = False
         # While connects fail, one probe at a time, and a hedge beside
         # those under way only once the newest went unanswered long enough.
-        # (Not after an init= failure: the server answered, and each waiting
-        # task gets a connect of its own, as on asyncpg's pool.)
-        probing = state.connect_failures and not state.init_failing
+        # (Not after an init= failure, or the program's own mistake, that
+        # failed its task: each waiting task gets a connect of its own, as
+        # on asyncpg's pool; the backoff is then over, its level 0.)
+        probing = state.connect_failures and state.backoff_level > 0
         newest = max((s.created_at for s in self.connecting if s.state is S.CONNECTING), default=None)
         hedge = state.backoff.hedge_after
         for action in actions:
@@ -385,17 +386,24 @@ class PoolMachine(RuleBasedStateMachine):
     # ---------------------------------------------------------- I/O side
 
     @precondition(lambda self: self.connecting)
-    @rule(i=index, ok=st.sampled_from([True, True, False, None]))
-    def finish_connect(self, i: int, ok: bool | None) -> None:
+    @rule(i=index, ok=st.sampled_from([True, True, False, None, "program"]))
+    def finish_connect(self, i: int, ok: bool | str | None) -> None:
         """``ok`` None: the init= hook raised on the open connection, which
-        the slot then closes (still counted) while its waiters get the error."""
+        the slot then closes (still counted) while its waiters get the error.
+        "program": the connect failed on the program's own mistake (a
+        misspelled connect keyword), which is handled as an init= error."""
         slot = self._pick(self.connecting, i)
         self.connecting.remove(slot)
         assert slot.state is S.CONNECTING
         owner = slot.owner
         assert owner is None or (owner.state is WaiterState.WAITING and owner.connect is slot)
         self.connect_owner = owner
-        if ok:
+        if ok == "program":
+            adopted = slot.adopted
+            assert self.state.connect_failed(slot, self.now, TypeError("typo"), program=True)
+            assert slot.state is S.CLOSED and slot.owner is None
+            assert owner is None or owner.state is not WaiterState.WAITING or self.state.wait_on_connect_error or adopted
+        elif ok:
             self.state.connect_succeeded(slot, object(), self.now)
             if owner is not None and owner.state is not WaiterState.GRANTED:
                 assert slot.state is S.CLOSING, "a connect went past the task it was opened for"
