@@ -869,6 +869,52 @@ def test_an_init_failure_fails_its_owner_now_and_closes_its_connection_counted()
     assert (c.connections_opened, c.connections_closed, c.connect_errors) == (0, 0, 1)
 
 
+def test_an_init_failure_of_a_connect_taken_over_fails_no_task() -> None:
+    """The task a connect was for gave up, another took it over, and the
+    hook raised: asyncpg's pool cancels the hook with the acquire that ran
+    it, and the other acquire connects for itself. So the taker gets no
+    error: it waits on, for a connect of its own, started at once."""
+    state = make(max_size=1)
+    gone = state.enqueue("a", 0, None)
+    [slot] = fields(take(state, Connect))
+    taker = state.enqueue("b", 0, None)
+    state.cancel_waiter(gone, 0.05)
+    assert slot.owner is taker and slot.adopted
+    assert state.connect_failed(slot, 0.1, LookupError("init failed"), in_init=True, connection=object())
+    assert not take(state, Fail) and state.waiting == 1
+    assert state.closed(slot, 0.1)
+    [own] = fields(take(state, Connect))
+    assert own.owner is taker and not own.adopted
+    error = LookupError("init failed")
+    assert state.connect_failed(own, 0.2, error, in_init=True, connection=object())
+    assert take(state, Fail) == [Fail(taker, error)]
+
+
+@pytest.mark.parametrize("program", [False, True], ids=["init", "program"])
+def test_with_wait_on_connect_error_a_task_waiting_on_backs_the_connects_off(program: bool) -> None:
+    """wait_on_connect_error=True, a connection leased: an init= error (or
+    the program's own mistake) fails no task, the task waits for the leased
+    one, so the next connect waits for the backoff (not started at once,
+    the next and the next: a login storm for as long as the task waits)."""
+    state = make(max_size=2, wait_on_connect_error=True)
+    state.enqueue("holder", 0, None)
+    connect_all(state)
+    take(state, Wake)
+    waiter = state.enqueue("w", 0, None)
+    [slot] = fields(take(state, Connect))
+    error = TypeError("typo") if program else LookupError("init failed")
+    assert state.connect_failed(
+        slot, 0.01, error, in_init=not program, connection=None if program else object(), program=program
+    )
+    if not program:
+        assert state.closed(slot, 0.01)
+    assert not take(state, Fail) and waiter.state is WaiterState.WAITING
+    assert not take(state, Connect), "a connect at once, beside the backoff"
+    assert state.backoff_until > 0.01 and state.next_deadline() == state.backoff_until
+    state.advance(state.backoff_until)
+    assert len(take(state, Connect)) == 1
+
+
 def test_an_init_failure_on_an_abandoned_connect_leaves_the_connection_to_the_caller() -> None:
     """terminate() abandoned the connect meanwhile: nothing to count or
     close in the core; False tells the I/O layer to abort the connection."""
