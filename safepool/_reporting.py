@@ -215,11 +215,12 @@ class Reporter:
             self.name, described, self.state.connect_failures,
             extra={"event": "connect_failed", "pool": self.name, "error": described},
         )
-        if self.state.floor_enabled and not waited and not self.state.closing:
+        if self.state.floor_enabled and self.state.min_size and not waited and not self.state.closing:
             # Nobody waits, and create_pool() has returned: the min_size
             # upkeep's connect (create_pool's own failures raise, unlogged, as
             # in asyncpg). asyncpg logs these on its own logger, and
-            # monitoring of asyncpg programs reads it.
+            # monitoring of asyncpg programs reads it. (Without a floor, the
+            # connect was a task's that gave up: asyncpg's pool cancelled it.)
             _asyncpg_logger.warning("Failed to restore the pool connection floor; retrying (%s)", described)
         self.emit_event("connect_failed", error=described, consecutive_failures=self.state.connect_failures)
         self.note_server_status(now, quiet=raised)

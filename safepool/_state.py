@@ -188,7 +188,7 @@ _PHASES: dict[Phase, frozenset[Phase]] = {
 class Slot:
     __slots__ = (
         "id", "state", "connection", "generation", "created_at", "idle_since", "lease", "owner", "failed_connect",
-        "expires_at",
+        "expires_at", "adopted",
     )
 
     def __init__(self, slot_id: int, generation: int, now: float) -> None:
@@ -200,6 +200,9 @@ class Slot:
         self.idle_since = now
         self.lease: Lease | None = None
         self.owner: Waiter | None = None  # while CONNECTING: the waiting task it is opened for
+        # Whether its owner took it over (_adopt: opened for min_size or for
+        # a task that gave up), rather than being the task it was opened for.
+        self.adopted = False
         # CLOSING a connection its connect failed on (init= raised): never
         # opened for the pool (not in connected(), connections_opened or
         # connections_closed), yet its backend counts towards max_size.
@@ -1244,6 +1247,7 @@ class PoolState:
             waiter = self._unbound_waiter(newest=True)
             if waiter is None:
                 return
+            slot.adopted = True
             self._bind(waiter, slot)
 
     def _plan_connects(self, now: float, arrival: bool = False) -> None:
@@ -1258,7 +1262,7 @@ class PoolState:
             self._adopt()
         if len(self._slots) >= self.max_size or self.closing:
             return  # (the first test: the contended hot path, a full pool)
-        paced = self.connect_failures and self._pacing()
+        paced = self.backoff_level > 0 and self._pacing()
         if paced and now < self.backoff_until:
             return
         connecting = self._connecting_count
@@ -1421,8 +1425,10 @@ class PoolState:
         when the slot was abandoned (the I/O layer then aborts
         ``connection``). ``program``: the connect failed on the program's
         own mistake (``_internals.program_error``: a misspelled connect
-        keyword): paced as any failure, but not counted toward the
-        breaker, which would answer "the server is down" for it."""
+        keyword): as an ``init=`` error, it fails its own task only, with no
+        backoff (the server was not asked; asyncpg's acquire raises it at
+        once), and does not count toward the breaker, which would answer
+        "the server is down" for it."""
         if slot.state is not S.CONNECTING:
             if slot.state is S.CLOSED:
                 return False
@@ -1454,6 +1460,35 @@ class PoolState:
         # doc/connection-backoff.md): a connect that hung until its timeout
         # has waited out its delay already, so the next one starts at once,
         # at most one per timeout (one probe at a time while connects fail).
+        # A connect its owner took over (_adopt: opened for min_size, or for
+        # a task that gave up) is not the one its acquire opened: on
+        # asyncpg's pool the hook ran in that other acquire (cancelled with
+        # it), and this task's acquire connects for itself.
+        # A mistake of the program's (``program``) is treated as an init=
+        # hook's error: the server was not asked (it costs no login), and
+        # asyncpg's acquire raises it at once, each time.
+        adopted = owner is not None and slot.adopted
+        if (in_init or program) and (
+            adopted or not self.wait_on_connect_error or (self._serving() == 0 and self._connecting_count == 0)
+        ):
+            # The server answered: its backoff is over, and the next task's
+            # connect starts now (see above). The answer's time still counts
+            # toward the hedge delay, should the server fail next.
+            if in_init:
+                self.failed_answer_max = max(self.failed_answer_max, now - slot.created_at)
+            self.connect_failed_at = now
+            self.backoff_level = self.connect_refusals = 0
+            self.backoff_until = 0.0
+            if adopted:
+                self._serve_unbound(now)  # the owner waits on, for a connect of its own
+            else:
+                self._fail_owner(owner, error)
+            self._plan_connects(now)
+            return True
+        # (With wait_on_connect_error, while connections serve, the owner
+        # waits on: no acquire fails, so the next connect backs off as after
+        # any failure, one probe at a time; at once, a hook that always
+        # fails would be a login storm for as long as a task waits.)
         if in_init:
             refused = NOT_REFUSED  # (the server answered: a timeout in init= is the hook's)
         if refused == NOT_REFUSED or refused == REFUSED:
@@ -1766,7 +1801,7 @@ class PoolState:
             # at max_connecting a connect's outcome does: a timer at a time
             # already past would fire again and again.)
             if not self._connecting_count:
-                if self._pacing():
+                if self.backoff_level and self._pacing():
                     candidates.append(self.backoff_until)
             elif self.backoff.hedge_after is not None and (
                 self.max_connecting is None or self._connecting_count < self.max_connecting

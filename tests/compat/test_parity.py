@@ -1872,3 +1872,162 @@ async def test_acquires_one_after_another_each_get_the_init_error_at_once(make_p
             outcomes.append("TimeoutError")
     assert outcomes == ["LookupError"] * 6
     assert init.calls == 6
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["cancel", "cancel_twice", "acquire_timeout"])
+async def test_an_init_failure_after_its_acquire_gave_up_fails_no_other_acquire(
+    make_pool: MakePool, flavour: str, how: str
+) -> None:
+    """max_size=1, nothing open: the first acquire's connect is in init=
+    (held at a gate) when a second acquire queues, and the first gives up;
+    then the hook raises. asyncpg's pool cancels the hook with the acquire
+    that ran it, and the second acquire connects for itself and gets a
+    connection. safepool's connect goes on in a pool task, the second
+    acquire takes it over, and it got the hook's error: an error of a
+    connect its acquire never opened."""
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    calls = 0
+
+    async def init(con: asyncpg.Connection) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            entered.set()
+            await gate.wait()
+            raise LookupError("init failed")
+
+    pool = await make_pool(min_size=0, max_size=1, init=init)
+
+    async def use() -> int:
+        async with pool.acquire(timeout=5) as con:
+            return int(await con.fetchval("SELECT 1"))
+
+    first = asyncio.ensure_future(pool.acquire(timeout=1 if how == "acquire_timeout" else None))
+    await entered.wait()
+    second = asyncio.ensure_future(use())
+    # (safepool counts the first acquire as waiting too, for its connect.)
+    await wait_until(lambda: queued(pool, flavour) == (2 if flavour == "safepool" else 1))
+    if how == "acquire_timeout":
+        with pytest.raises(asyncio.TimeoutError):
+            await first
+    else:
+        await cancelled(first, 2 if how == "cancel_twice" else 1)
+    gate.set()
+    assert await second == 1
+    assert calls == 2
+    if flavour == "safepool":
+        pool._state.check_invariants()
+
+
+@pytest.mark.asyncio
+async def test_a_hook_that_fails_once_on_a_replacement_fails_no_acquire(make_pool: MakePool) -> None:
+    """max_queries=1, min_size=max_size=1, acquires one after another, and
+    a hook that fails once, on the first connection opened to replace one
+    closed at its release. asyncpg's pool runs that connect in its floor
+    upkeep (holder back in its queue when it fails), and the next acquire
+    connects for itself: no acquire fails. safepool's acquire took over the
+    floor's connect and got its error."""
+    calls = 0
+
+    async def init(con: asyncpg.Connection) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # (the first is the pool's first connection)
+            raise LookupError("init failed")
+
+    pool = await make_pool(min_size=1, max_size=1, max_queries=1, init=init)
+    for _ in range(4):
+        async with pool.acquire(timeout=5) as con:
+            assert await con.fetchval("SELECT 1") == 1
+    assert calls == 5
+
+
+async def _typo_connect(*args: Any, **kwargs: Any) -> Any:
+    """A ``connect=`` callable with the program's own mistake: a keyword
+    asyncpg's ``connect()`` does not take (``TypeError``, before any I/O)."""
+    return await asyncpg.connect(*args, command_timout=5, **kwargs)
+
+
+@pytest.mark.asyncio
+async def test_a_program_error_of_a_connect_fails_only_its_acquire(make_pool: MakePool) -> None:
+    """max_size=1, nothing open, four acquires at once, and the first
+    connect fails on the program's own mistake (``TypeError``): as for an
+    ``init=`` hook's error, asyncpg's pool fails that acquire and serves
+    the three others, each connecting for itself. safepool failed all four
+    (as for a server that is down: no connection left, none under way)."""
+    calls = 0
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.01)
+            return await _typo_connect(*args, **kwargs)
+        return await asyncpg.connect(*args, **kwargs)
+
+    pool = await make_pool(min_size=0, max_size=1, connect=connect)
+
+    async def use() -> int:
+        async with pool.acquire(timeout=5) as con:
+            await asyncio.sleep(0.02)
+            return int(await con.fetchval("SELECT 1"))
+
+    results = await asyncio.gather(*(use() for _ in range(4)), return_exceptions=True)
+    assert [type(r) for r in results].count(TypeError) == 1, results
+    assert results.count(1) == 3, results
+    assert calls == 2
+
+
+@pytest.mark.asyncio
+async def test_acquires_one_after_another_each_get_a_program_error_at_once(make_pool: MakePool) -> None:
+    """A ``connect=`` that always fails on the program's own mistake,
+    acquires one after another with a short ``timeout``: each gets the
+    ``TypeError`` on both pools. safepool backed off the connects after
+    each failure (0.1 s, 0.2 s, 0.4 s ...), so the later acquires raised
+    ``PoolTimeoutError`` instead, hiding the bug's type."""
+    pool = await make_pool(min_size=0, max_size=2, connect=_typo_connect)
+    outcomes = []
+    for _ in range(6):
+        try:
+            await pool.acquire(timeout=0.5)
+        except TypeError:
+            outcomes.append("TypeError")
+        except TimeoutError:
+            outcomes.append("TimeoutError")
+    assert outcomes == ["TypeError"] * 6
+
+
+@pytest.mark.asyncio
+async def test_a_hook_failing_after_its_acquire_timed_out_logs_no_floor_failure(
+    make_pool: MakePool, flavour: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """min_size=0 (no floor to keep): an acquire times out while its
+    connect's init= hook runs, and the hook then raises. Neither pool logs
+    "Failed to restore the pool connection floor" on asyncpg's logger,
+    which monitoring of asyncpg programs reads (asyncpg's pool logs it
+    only from its min_size upkeep). safepool logged it for any failed
+    connect that nobody waited for, the abandoned one included."""
+    caplog.set_level("WARNING", logger="asyncpg")
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    left = asyncio.Event()
+
+    async def init(con: asyncpg.Connection) -> None:
+        entered.set()
+        try:
+            await gate.wait()
+            raise LookupError("init failed")
+        finally:
+            left.set()
+
+    pool = await make_pool(min_size=0, max_size=1, init=init)
+    with pytest.raises(asyncio.TimeoutError):
+        await pool.acquire(timeout=0.3)
+    assert entered.is_set()
+    gate.set()  # (asyncpg's pool cancelled the hook already: it left)
+    await asyncio.wait_for(left.wait(), 5)
+    if flavour == "safepool":
+        await wait_until(lambda: pool.stats().connect_errors == 1)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("asyncpg")] == []

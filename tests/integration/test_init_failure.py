@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import safepool
-from tests._util import slow_close_connection_class
+from tests._util import slow_close_connection_class, until
 
 pytestmark = pytest.mark.asyncio
 
@@ -146,3 +146,82 @@ async def test_a_connect_abandoned_by_terminate_reports_no_failure(
             break
         await asyncio.sleep(0.02)
     assert await server_count(app_name) == 0
+
+
+async def test_with_wait_on_connect_error_a_hook_that_always_fails_is_no_login_storm(pg_dsn: str) -> None:
+    """wait_on_connect_error=True, one connection leased, a hook that fails
+    on every new one, and a task waiting for a second: it waits on for the
+    leased one (no acquire fails), so the next connect backs off as after
+    any failure. Started at once instead, as when the hook's error fails
+    its task, they made about 400 logins a second for as long as the task
+    waited."""
+    calls = 0
+
+    async def init(con: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise LookupError("init failed")
+
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2, init=init, wait_on_connect_error=True)
+    try:
+        async with pool.acquire() as held:
+            with pytest.raises(safepool.PoolTimeoutError):
+                await pool.acquire(timeout=1)
+            # Backoff(base=0.1, cap=2.0): attempts at 0, ~0.1, ~0.3, ~0.7 s
+            # (half of each delay random: one or two more).
+            assert 2 <= calls - 1 <= 7, f"{calls - 1} logins in 1 s"
+            assert await held.fetchval("SELECT 1") == 1
+            stats = pool.stats()
+            assert stats.init_failing and stats.server_status == "up"
+            pool._state.check_invariants()
+    finally:
+        await pool.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "with site caps or the adaptive queue connects have no owner: the init error of a connect whose "
+    "task gave up fails the newest waiting task, which never opened it"
+))
+@pytest.mark.parametrize("options", [{"max_site_share": 0.5}, {"queue_policy": "adaptive"}], ids=str)
+async def test_with_a_queue_policy_an_abandoned_connects_init_error_fails_no_other_task(
+    pg_dsn: str, options: dict[str, Any]
+) -> None:
+    """max_size=1, the first acquire's connect is in init= (held at a gate)
+    when a second acquire queues; the first is cancelled, then the hook
+    raises. Without a queue policy the second acquire waits on for a connect
+    of its own and gets a connection, as on asyncpg's pool
+    (tests/compat/test_parity.py::test_an_init_failure_after_its_acquire_gave_up_fails_no_other_acquire);
+    with one, it gets the hook's error of a connect it never opened."""
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    calls = 0
+
+    async def init(con: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            entered.set()
+            await gate.wait()
+            raise LookupError("init failed")
+
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, init=init, **options)
+    try:
+
+        async def use() -> int:
+            async with pool.acquire(timeout=5) as con:
+                return int(await con.fetchval("SELECT 1"))
+
+        first = asyncio.ensure_future(pool.acquire())
+        await entered.wait()
+        second = asyncio.ensure_future(use())
+        await until(lambda: pool.stats().waiting == 2)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        gate.set()
+        assert await second == 1
+        assert calls == 2
+        pool._state.check_invariants()
+    finally:
+        pool.terminate()

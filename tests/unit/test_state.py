@@ -830,17 +830,26 @@ def test_each_failed_connect_is_one_waiting_tasks_and_fails_it_alone(failure: st
     acquire connects its holder itself), and with it after an init= hook's
     error (the server answered), each connect is one waiting task's, starts
     at once, and fails that task only; so the connects are as many as the
-    failed acquires, never more, and the floor adds none."""
+    failed acquires, never more, and the floor adds none. One exception:
+    the floor's first connect, which the second task took over, fails no
+    task when the hook (or the program's own mistake) is what failed: on
+    asyncpg's pool the floor's upkeep connects a holder of its own, and the
+    task connects for itself, at once here, and gets its own connect's error."""
     state = make(max_size=4, min_size=2, **(PACED if paced else {}))
     state.floor_enabled = True
     now, connects, failed = 0.0, 0, 0
-    while now < 5.0:
+    # Each connect fails 0.3 s after it started; the program's own mistake
+    # (a misspelled keyword) at once, before any I/O: a slower one would be
+    # hedged (hedge_after), as a connect unanswered, since nothing answered.
+    took = 0.001 if failure == "program" else 0.3
+    for _ in range(17):
         while state.waiting < 3:
             state.enqueue(object(), now, None)
         started = fields(take(state, Connect))
         connects += len(started)
         assert all(slot.owner is not None for slot in started), "a connect nobody waits for"
-        now += 0.3
+        now += took
+        adopted = sum(slot.adopted for slot in started) if failure in ("init", "program") else 0
         for slot in started:
             if failure == "init":
                 state.connect_failed(slot, now, LookupError("init failed"), in_init=True)
@@ -849,11 +858,11 @@ def test_each_failed_connect_is_one_waiting_tasks_and_fails_it_alone(failure: st
             else:
                 kind = REFUSED if failure == "refused" else UNREACHABLE
                 state.connect_failed(slot, now, ConnectionRefusedError(111, "refused"), kind)
-        assert len(take(state, Fail)) == len(started)
-        failed += len(started)
+        assert len(take(state, Fail)) == len(started) - adopted
+        failed += len(started) - adopted
         assert state.server_status(now).value == ("up" if failure == "init" else "down")
         state.advance(now)
-    assert connects == failed == 3 * 17
+    assert connects == 3 * 17 and failed == connects - (failure in ("init", "program"))
 
 
 def test_a_failed_connect_with_nothing_left_fails_only_its_task() -> None:
@@ -909,6 +918,52 @@ def test_an_init_failure_fails_its_owner_now_and_closes_its_connection_counted()
     assert retry.owner is other
     c = state.counters
     assert (c.connections_opened, c.connections_closed, c.connect_errors) == (0, 0, 1)
+
+
+def test_an_init_failure_of_a_connect_taken_over_fails_no_task() -> None:
+    """The task a connect was for gave up, another took it over, and the
+    hook raised: asyncpg's pool cancels the hook with the acquire that ran
+    it, and the other acquire connects for itself. So the taker gets no
+    error: it waits on, for a connect of its own, started at once."""
+    state = make(max_size=1)
+    gone = state.enqueue("a", 0, None)
+    [slot] = fields(take(state, Connect))
+    taker = state.enqueue("b", 0, None)
+    state.cancel_waiter(gone, 0.05)
+    assert slot.owner is taker and slot.adopted
+    assert state.connect_failed(slot, 0.1, LookupError("init failed"), in_init=True, connection=object())
+    assert not take(state, Fail) and state.waiting == 1
+    assert state.closed(slot, 0.1)
+    [own] = fields(take(state, Connect))
+    assert own.owner is taker and not own.adopted
+    error = LookupError("init failed")
+    assert state.connect_failed(own, 0.2, error, in_init=True, connection=object())
+    assert take(state, Fail) == [Fail(taker, error)]
+
+
+@pytest.mark.parametrize("program", [False, True], ids=["init", "program"])
+def test_with_wait_on_connect_error_a_task_waiting_on_backs_the_connects_off(program: bool) -> None:
+    """wait_on_connect_error=True, a connection leased: an init= error (or
+    the program's own mistake) fails no task, the task waits for the leased
+    one, so the next connect waits for the backoff (not started at once,
+    the next and the next: a login storm for as long as the task waits)."""
+    state = make(max_size=2, wait_on_connect_error=True)
+    state.enqueue("holder", 0, None)
+    connect_all(state)
+    take(state, Wake)
+    waiter = state.enqueue("w", 0, None)
+    [slot] = fields(take(state, Connect))
+    error = TypeError("typo") if program else LookupError("init failed")
+    assert state.connect_failed(
+        slot, 0.01, error, in_init=not program, connection=None if program else object(), program=program
+    )
+    if not program:
+        assert state.closed(slot, 0.01)
+    assert not take(state, Fail) and waiter.state is WaiterState.WAITING
+    assert not take(state, Connect), "a connect at once, beside the backoff"
+    assert state.backoff_until > 0.01 and state.next_deadline() == state.backoff_until
+    state.advance(state.backoff_until)
+    assert len(take(state, Connect)) == 1
 
 
 def test_an_init_failure_on_an_abandoned_connect_leaves_the_connection_to_the_caller() -> None:

@@ -157,9 +157,10 @@ class PoolMachine(RuleBasedStateMachine):
         # While connects fail and the pool paces them (fail_fast,
         # wait_on_connect_error), one probe at a time, and a hedge beside
         # those under way only once the newest went unanswered long enough.
-        # (Unpaced, as on asyncpg's pool, or after an init= failure: each
-        # waiting task gets a connect of its own.)
-        probing = state.connect_failures and state._pacing()
+        # (Unpaced, as on asyncpg's pool, or after an init= failure or the
+        # program's own mistake that failed its task: each waiting task gets
+        # a connect of its own; the backoff is then over, its level 0.)
+        probing = state.backoff_level > 0 and state._pacing()
         newest = max((s.created_at for s in self.connecting if s.state is S.CONNECTING), default=None)
         hedge = state.backoff.hedge_after
         for action in actions:
@@ -386,27 +387,38 @@ class PoolMachine(RuleBasedStateMachine):
     # ---------------------------------------------------------- I/O side
 
     @precondition(lambda self: self.connecting)
-    @rule(i=index, ok=st.sampled_from([True, True, False, None]))
-    def finish_connect(self, i: int, ok: bool | None) -> None:
+    @rule(i=index, ok=st.sampled_from([True, True, False, None, "program"]))
+    def finish_connect(self, i: int, ok: bool | str | None) -> None:
         """``ok`` None: the init= hook raised on the open connection, which
-        the slot then closes (still counted) while its waiters get the error."""
+        the slot then closes (still counted) while its waiters get the error.
+        "program": the connect failed on the program's own mistake (a
+        misspelled connect keyword), which is handled as an init= error."""
         slot = self._pick(self.connecting, i)
         self.connecting.remove(slot)
         assert slot.state is S.CONNECTING
         owner = slot.owner
         assert owner is None or (owner.state is WaiterState.WAITING and owner.connect is slot)
         self.connect_owner = owner
-        if ok:
+        if ok == "program":
+            adopted = slot.adopted
+            assert self.state.connect_failed(slot, self.now, TypeError("typo"), program=True)
+            assert slot.state is S.CLOSED and slot.owner is None
+            assert owner is None or owner.state is not WaiterState.WAITING or self.state.wait_on_connect_error or adopted
+        elif ok:
             self.state.connect_succeeded(slot, object(), self.now)
             if owner is not None and owner.state is not WaiterState.GRANTED:
                 assert slot.state is S.CLOSING, "a connect went past the task it was opened for"
             elif owner is not None:
                 assert owner.slot is slot, "a connect went past the task it was opened for"
         elif ok is None:
+            # (A connect its owner took over, opened for min_size or for a
+            # task that gave up, is not its acquire's: the owner waits on,
+            # for a connect of its own, as on asyncpg's pool.)
+            adopted = slot.adopted
             assert self.state.connect_failed(slot, self.now, LookupError("init failed"), in_init=True, connection=object())
             assert slot.state is S.CLOSING and slot.failed_connect, "the backend init= failed on stopped counting"
             assert slot in set(self.state.slots()) and slot.owner is None
-            assert owner is None or owner.state is not WaiterState.WAITING or self.state.wait_on_connect_error
+            assert owner is None or owner.state is not WaiterState.WAITING or self.state.wait_on_connect_error or adopted
         else:
             waiting = self.state.waiting
             self.state.connect_failed(slot, self.now, ConnectionRefusedError("refused"))
