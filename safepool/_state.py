@@ -188,7 +188,7 @@ _PHASES: dict[Phase, frozenset[Phase]] = {
 class Slot:
     __slots__ = (
         "id", "state", "connection", "generation", "created_at", "idle_since", "lease", "owner", "failed_connect",
-        "expires_at", "adopted",
+        "expires_at", "adopted", "trigger",
     )
 
     def __init__(self, slot_id: int, generation: int, now: float) -> None:
@@ -203,6 +203,11 @@ class Slot:
         # Whether its owner took it over (_adopt: opened for min_size or for
         # a task that gave up), rather than being the task it was opened for.
         self.adopted = False
+        # While CONNECTING, with a queue policy (max_site_share, the adaptive
+        # queue; connects have no owner there, the policy picks the task for
+        # every free connection): the waiting task whose demand it was opened
+        # for, the one its failure fails (none if that task no longer waits).
+        self.trigger: Waiter | None = None
         # CLOSING a connection its connect failed on (init= raised): never
         # opened for the pool (not in connected(), connections_opened or
         # connections_closed), yet its backend counts towards max_size.
@@ -1300,11 +1305,25 @@ class PoolState:
             slot = Slot(self._new_id(), self.generation, now)
             self._slots.add(slot)
             self._connecting_count += 1
-            if self._policy is None and self._waiting > self._bound:
-                waiter = self._unbound_waiter(newest=arrival)
-                if waiter is not None:
-                    self._bind(waiter, slot)
+            if self._policy is None:
+                if self._waiting > self._bound:
+                    waiter = self._unbound_waiter(newest=arrival)
+                    if waiter is not None:
+                        self._bind(waiter, slot)
+            else:
+                slot.trigger = self._untriggered_waiter(newest=arrival)
             self.actions.append(Connect(slot))
+
+    def _untriggered_waiter(self, newest: bool) -> Waiter | None:
+        """With a queue policy: the newest (else the oldest) eligible waiting
+        task that is no connect's trigger (see ``Slot.trigger``)."""
+        triggers = {slot.trigger for slot in self._slots if slot.state is S.CONNECTING}
+        policy = self._policy
+        assert policy is not None
+        for waiter in reversed(self._waiters) if newest else self._waiters:
+            if waiter.state is W.WAITING and waiter not in triggers and policy.is_eligible(waiter):
+                return waiter
+        return None
 
     def _pacing(self) -> bool:
         """Whether connects for waiting tasks are paced while connects fail
@@ -1383,6 +1402,7 @@ class PoolState:
         self.init_failing = False
         self.connect_misconfigured = False
         self.backoff_until = 0.0
+        slot.trigger = None
         owner = slot.owner
         if owner is None:
             # (A hedge that answered for nobody: with every task waiting on
@@ -1433,7 +1453,8 @@ class PoolState:
             if slot.state is S.CLOSED:
                 return False
             raise InternalStateError(f"connect_failed for {slot!r}")
-        owner = slot.owner
+        owner, trigger = slot.owner, slot.trigger
+        slot.trigger = None
         if owner is not None:
             self._unbind(owner)
         if connection is None:
@@ -1482,7 +1503,7 @@ class PoolState:
             if adopted:
                 self._serve_unbound(now)  # the owner waits on, for a connect of its own
             else:
-                self._fail_owner(owner, error)
+                self._fail_owner(owner, trigger, error)
             self._plan_connects(now)
             return True
         # (With wait_on_connect_error, while connections serve, the owner
@@ -1514,7 +1535,7 @@ class PoolState:
             # it was, and each other waiting task connects for itself, now.
             # (The backoff above is only for the pacing modes, should one
             # apply after the next failure.)
-            self._fail_owner(owner, error)
+            self._fail_owner(owner, trigger, error)
             self._plan_connects(now)
             return True
         # A closing connection will not come back: it does not count.
@@ -1528,7 +1549,7 @@ class PoolState:
             # to their timeouts through a black hole.)
             self._fail_waiters(error, breaker_open)
         elif not self.wait_on_connect_error:
-            self._fail_owner(owner, error)
+            self._fail_owner(owner, trigger, error)
         elif owner is not None:
             self._serve_unbound(now)  # the owner waits on, for any connection
         if now >= self.backoff_until:
@@ -1541,6 +1562,7 @@ class PoolState:
         an idle connection or a new connect serves it (``now`` given)."""
         if slot.state is S.CONNECTING:
             owner = slot.owner
+            slot.trigger = None
             if owner is not None:
                 self._unbind(owner)
             self._move(slot, S.CLOSED)
@@ -1549,28 +1571,28 @@ class PoolState:
                 self._serve_unbound(now)
                 self._plan_connects(now)
 
-    def _fail_owner(self, owner: Waiter | None, error: BaseException) -> None:
-        """Fail the task a failed connect was for (unbound already), or
-        without one the newest waiting task (:meth:`_fail_newest_waiter`)."""
+    def _fail_owner(self, owner: Waiter | None, trigger: Waiter | None, error: BaseException) -> None:
+        """Fail the task a failed connect was for (unbound already); with a
+        queue policy its ``trigger`` if it still waits (none if it gave up:
+        asyncpg's acquire that gives up cancels its connect, whose error
+        nobody gets); else the newest waiting task (:meth:`_fail_newest_waiter`)."""
         if owner is None:
-            self._fail_newest_waiter(error)
+            if self._policy is None:
+                self._fail_newest_waiter(error)
+            elif trigger is not None and trigger.state is W.WAITING:
+                self._settle_failed(trigger, error)
+                self._waiting -= 1
             return
         self._settle_failed(owner, error)
         self._waiting -= 1
         self._adopt()
 
     def _fail_newest_waiter(self, error: BaseException) -> None:
-        """Fail the task whose arrival the failed connect was for: without an
-        owner (site caps, the adaptive queue), the newest waiting one (those
-        before it are first in line for released connections); never a task
-        waiting on a connect of its own, nor a waiter of a site at its cap
-        (no connect is opened for those: they wait for their site's
-        releases)."""
-        policy = self._policy
+        """Fail the task whose arrival a failed connect without an owner was
+        for: the newest waiting one (those before it are first in line for
+        released connections); never a task waiting on a connect of its own."""
         for waiter in reversed(self._waiters):
-            if waiter.state is W.WAITING and waiter.connect is None and (
-                policy is None or policy.is_eligible(waiter)
-            ):
+            if waiter.state is W.WAITING and waiter.connect is None:
                 self._settle_failed(waiter, error)
                 self._waiting -= 1
                 return

@@ -355,9 +355,15 @@ async def test_connect_rate_under_a_failing_server(app_name: str, paced: bool) -
         assert ledger.total > 10 * len(attempts)
     else:
         # Each acquire's own connect (those of the last acquires may still
-        # have been under way at the close), and its own error: no timeout.
-        assert ledger.total - max_size <= len(attempts) <= ledger.total, ledger.summary()
-        assert not [kind for kind in ledger.errors if not kind.startswith("os:")], ledger.summary()
+        # have been under way at the close), and its own error. (On a loaded
+        # machine a few acquires, ten waiting at a time for a place under
+        # max_size, time out before one frees: those made no connect, as on
+        # asyncpg's pool. 0 here when idle, 15-35 of 1,400-1,900 with the
+        # unit tests running beside it.)
+        timeouts = ledger.errors["PoolTimeoutError"]
+        assert timeouts <= ledger.total // 20, ledger.summary()
+        assert ledger.total - max_size - timeouts <= len(attempts) <= ledger.total, ledger.summary()
+        assert not [k for k in ledger.errors if not k.startswith("os:") and k != "PoolTimeoutError"], ledger.summary()
 
 
 

@@ -179,20 +179,18 @@ async def test_with_wait_on_connect_error_a_hook_that_always_fails_is_no_login_s
         await pool.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with site caps or the adaptive queue connects have no owner: the init error of a connect whose "
-    "task gave up fails the newest waiting task, which never opened it"
-))
 @pytest.mark.parametrize("options", [{"max_site_share": 0.5}, {"queue_policy": "adaptive"}], ids=str)
 async def test_with_a_queue_policy_an_abandoned_connects_init_error_fails_no_other_task(
     pg_dsn: str, options: dict[str, Any]
 ) -> None:
     """max_size=1, the first acquire's connect is in init= (held at a gate)
     when a second acquire queues; the first is cancelled, then the hook
-    raises. Without a queue policy the second acquire waits on for a connect
-    of its own and gets a connection, as on asyncpg's pool
-    (tests/compat/test_parity.py::test_an_init_failure_after_its_acquire_gave_up_fails_no_other_acquire);
-    with one, it gets the hook's error of a connect it never opened."""
+    raises. The second acquire waits on for a connect of its own and gets a
+    connection, as without a queue policy and on asyncpg's pool
+    (tests/compat/test_parity.py::test_an_init_failure_after_its_acquire_gave_up_fails_no_other_acquire).
+    Before 2026-12-05, with a policy, it got the hook's error of a connect
+    it never opened (a connect had no owner there, and a failed one failed
+    the newest waiting task): each now has its trigger (``Slot.trigger``)."""
     gate = asyncio.Event()
     entered = asyncio.Event()
     calls = 0

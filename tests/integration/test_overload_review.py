@@ -102,42 +102,48 @@ async def _refusal() -> OSError:
 
 async def test_connect_failure_of_a_cancelled_waiter_admitted_to_a_standing_queue(pools: Callable[..., Any]) -> None:
     """A waiter admitted while the adaptive queue stands gets queue_target
-    instead of its timeout. A connect failure that fails it (the newest
-    waiter: asyncpg raises its connect's error) after its task was cancelled
-    in the same loop turn is no shed: stats().shed must stay 0. Before the
-    fix, PoolState.undelivered took it for one and counted shed -1.
+    instead of its timeout. A connect failure that fails it (the task the
+    connect was opened for: asyncpg raises its connect's error) after its
+    task was cancelled in the same loop turn is no shed: stats().shed must
+    stay 0. Before the fix, PoolState.undelivered took it for one and
+    counted shed -1.
 
     The ``connect=`` callback cancels the waiter's task and raises a real
-    refusal in one step: the two events of one loop iteration, in order;
-    once (the next connect, the patient task's own, succeeds)."""
+    refusal in one step: the two events of one loop iteration, in order.
+    The patient task's own connect is held meanwhile, so that the
+    replacement connect is the victim's (the oldest waiting task that has
+    no connect opened for it)."""
     clock = ManualClock()
     refusal = await _refusal()
-    failing = False
+    hold = asyncio.Event()
     victim: asyncio.Future[Any] | None = None
+    calls = 0
 
     async def connect(*args: Any, **kwargs: Any) -> Any:
-        nonlocal failing
-        if failing:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # the patient task's
+            await hold.wait()
+        elif calls == 4:  # the replacement of the terminated connection: the victim's
             assert victim is not None
-            failing = False
             victim.cancel()
             raise refusal
         return await asyncpg.connect(*args, **kwargs)
 
-    pool = await pools(min_size=2, max_size=2, queue_policy="adaptive", clock=clock, connect=connect)
+    pool = await pools(min_size=2, max_size=3, queue_policy="adaptive", clock=clock, connect=connect)
     con1, con2 = await pool.acquire(), await pool.acquire()
     patient = asyncio.ensure_future(pool.acquire())  # no timeout: never shed
     await _queued(pool, 1)
+    assert pool.stats().connecting == 1
     clock.advance(0.5)  # the queue stands
     victim = asyncio.ensure_future(pool.acquire(timeout=5.0))
     await _queued(pool, 2)
-    failing = True
     await con1.execute("SELECT pg_terminate_backend($1)", con2.get_server_pid())
     for _ in range(1000):  # the pool notices the loss (asyncpg's connection_lost)
-        if pool.stats().closing or pool.stats().connecting or pool.stats().connect_errors:
+        if pool.stats().closing or pool.stats().connect_errors:
             break
         await asyncio.sleep(0.001)
-    await pool.release(con2)  # its connection is gone: closed, and a connect replaces it  # its connection is gone: closed, and a connect replaces it
+    await pool.release(con2)  # its connection is gone: closed, and a connect replaces it
     with pytest.raises(asyncio.CancelledError):
         await victim
     for _ in range(100):
@@ -145,7 +151,9 @@ async def test_connect_failure_of_a_cancelled_waiter_admitted_to_a_standing_queu
             break
         await asyncio.sleep(0)
     stats = pool.stats()
-    assert (stats.shed, stats.connect_errors) == (0, 1), (stats, patient)
+    assert (stats.shed, stats.connect_errors, calls) == (0, 1, 4), (stats, patient)
+    assert not patient.done()
+    hold.set()
     await pool.release(con1)
     await pool.release(await patient)
     pool._state.check_invariants()

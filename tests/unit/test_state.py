@@ -10,6 +10,7 @@ import pytest
 from safepool._histogram import Histogram
 from safepool._state import (
     BROKEN,
+    NOT_REFUSED,
     REFUSED,
     UNREACHABLE,
     UNRESOLVED,
@@ -1512,6 +1513,83 @@ def test_a_capped_site_takes_at_most_its_share_of_max_waiters() -> None:
         state.enqueue(object(), 0, None, "a")
     state.enqueue(object(), 0, None, "b")  # the other site still has room
     assert state.counters.overload_rejections == 1
+
+
+def policy_pool(policy: str, max_size: int) -> PoolState:
+    if policy == "sites":
+        return sited(max_size=max_size, share=1.0)
+    return adaptive(max_size=max_size, target=10.0)
+
+
+@pytest.mark.parametrize("policy", ["sites", "adaptive"])
+def test_with_a_queue_policy_a_failed_connect_fails_the_task_it_was_opened_for(policy: str) -> None:
+    """With a queue policy connects have no owner (the policy picks the task
+    for each free connection), yet a failed one fails only the task whose
+    arrival opened it, as asyncpg's acquire raises its own connect's error:
+    not the newest waiting task (before 2026-12-05)."""
+    state = policy_pool(policy, 2)
+    first = state.enqueue(object(), 0.0, None, "a")
+    second = state.enqueue(object(), 0.0, None, "a")
+    one, two = fields(take(state, Connect))
+    assert (one.owner, two.owner) == (None, None) and (one.trigger, two.trigger) == (first, second)
+    refused = ConnectionRefusedError(111, "refused")
+    state.connect_failed(one, 0.01, refused, REFUSED)
+    assert take(state, Fail) == [Fail(first, refused)]
+    assert second.state is WaiterState.WAITING and not take(state, Connect)
+    state.connect_succeeded(two, object(), 0.02)
+    assert second.state is WaiterState.GRANTED
+    state.check_invariants()
+
+
+@pytest.mark.parametrize("in_init", [False, True])
+@pytest.mark.parametrize("policy", ["sites", "adaptive"])
+def test_with_a_queue_policy_a_connect_whose_task_gave_up_fails_no_task(policy: str, in_init: bool) -> None:
+    """max_size=1: the first task's connect is under way when a second
+    queues, then the first gives up. The connect fails (refused, or its
+    init= hook raised): on asyncpg's pool that connect was cancelled with
+    the acquire that opened it, and the second connects for itself. So here
+    the error is nobody's, and a connect opened for the second starts at
+    once (before 2026-12-05 the second got that error)."""
+    state = policy_pool(policy, 1)
+    first = state.enqueue(object(), 0.0, None, "a")
+    [slot] = fields(take(state, Connect))
+    second = state.enqueue(object(), 0.0, None, "a")
+    state.cancel_waiter(first, 0.01)
+    error: BaseException = LookupError("init failed") if in_init else ConnectionRefusedError(111, "refused")
+    kind = NOT_REFUSED if in_init else REFUSED
+    state.connect_failed(slot, 0.02, error, kind, in_init=in_init, connection=object() if in_init else None)
+    assert not take(state, Fail) and second.state is WaiterState.WAITING
+    if in_init:
+        [close] = fields(take(state, Close))
+        state.closed(close, 0.03)
+    [retry] = fields(take(state, Connect))
+    assert retry.trigger is second
+    state.connect_succeeded(retry, object(), 0.04)
+    assert second.state is WaiterState.GRANTED
+    state.check_invariants()
+
+
+@pytest.mark.parametrize("policy", ["sites", "adaptive"])
+def test_with_a_queue_policy_a_connect_whose_task_was_served_otherwise_fails_no_task(policy: str) -> None:
+    """A task served by a released connection while the connect opened for
+    it was under way: that connect's failure is nobody's (the policy serves
+    the others from what is free), and the next waiting task's own connect
+    starts."""
+    state = policy_pool(policy, 2)
+    fill(state, 1)
+    lease = state.try_acquire(0.0, "a")
+    assert lease is not None
+    first = state.enqueue(object(), 0.0, None, "a")
+    [slot] = fields(take(state, Connect))
+    assert slot.trigger is first
+    state.release(lease, 0.01, CLEAN)
+    assert first.state is WaiterState.GRANTED
+    later = state.enqueue(object(), 0.02, None, "a")
+    state.connect_failed(slot, 0.03, ConnectionRefusedError(111, "refused"), REFUSED)
+    assert not take(state, Fail) and later.state is WaiterState.WAITING
+    [retry] = fields(take(state, Connect))
+    assert retry.trigger is later
+    state.check_invariants()
 
 
 # ------------------------------------------------------ adaptive queue

@@ -399,6 +399,10 @@ class PoolMachine(RuleBasedStateMachine):
         owner = slot.owner
         assert owner is None or (owner.state is WaiterState.WAITING and owner.connect is slot)
         self.connect_owner = owner
+        # With a queue policy: the task whose arrival opened it (or None).
+        trigger = slot.trigger
+        assert trigger is None or self.state._policy is not None
+        waiting = [w for w in self.state._waiters if w.state is WaiterState.WAITING]
         if ok == "program":
             adopted = slot.adopted
             assert self.state.connect_failed(slot, self.now, TypeError("typo"), program=True)
@@ -420,12 +424,19 @@ class PoolMachine(RuleBasedStateMachine):
             assert slot in set(self.state.slots()) and slot.owner is None
             assert owner is None or owner.state is not WaiterState.WAITING or self.state.wait_on_connect_error or adopted
         else:
-            waiting = self.state.waiting
             self.state.connect_failed(slot, self.now, ConnectionRefusedError("refused"))
             if not self.state._pacing():
                 # asyncpg's way: the error is its own task's, and only its.
-                assert self.state.waiting >= waiting - 1, "a failed connect failed tasks other than its own"
+                failed = [w for w in waiting if w.state is WaiterState.FAILED]
+                assert len(failed) <= 1, "a failed connect failed tasks other than its own"
                 assert owner is None or owner.state is WaiterState.FAILED
+        if ok is not True and self.state._policy is not None and not self.state.wait_on_connect_error and (
+            ok is not False or not self.state._pacing()
+        ):
+            # With a queue policy the error is the task's whose arrival opened
+            # the connect, if it still waits, and nobody else's.
+            failed = [w for w in waiting if w.state is WaiterState.FAILED]
+            assert failed == ([trigger] if trigger in waiting else []), "not the task the connect was opened for"
         try:
             self._drain()
         finally:
