@@ -1820,6 +1820,9 @@ async def test_an_init_failure_fails_only_the_acquire_whose_connect_it_was(
     ConnectionRefusedError(111, "Connection refused"),
     asyncpg.TooManyConnectionsError("sorry, too many clients already"),
     OSError(113, "No route to host"),
+    # The program's own mistake (a connect= callable's misspelled keyword
+    # for asyncpg.connect()): as for an init= hook's error.
+    TypeError("connect() got an unexpected keyword argument 'command_timout'"),
 ], ids=type)
 async def test_a_connect_refused_once_fails_only_the_acquire_whose_connect_it_was(
     make_pool: MakePool, error: BaseException
@@ -1831,7 +1834,8 @@ async def test_a_connect_refused_once_fails_only_the_acquire_whose_connect_it_wa
     all four with the one error (with no connection left and none under
     way, a failed connect was the probe's outcome for every waiting task)
     until connects were paced only with fail_fast or wait_on_connect_error
-    (2026-12-05)."""
+    (2026-12-05); so did a program error (TypeError) until it was handled
+    as an init= hook's error (2026-12-05)."""
     calls = 0
 
     async def connect(*args: Any, **kwargs: Any) -> Any:
@@ -1852,6 +1856,7 @@ async def test_a_connect_refused_once_fails_only_the_acquire_whose_connect_it_wa
     results = await asyncio.gather(*(use() for _ in range(4)), return_exceptions=True)
     assert [type(r) for r in results].count(type(error)) == 1, results
     assert results.count(1) == 3, results
+    assert calls == 2  # the failed connect, then the one whose connection serves the others in turn
 
 
 @pytest.mark.asyncio
@@ -1948,36 +1953,6 @@ async def _typo_connect(*args: Any, **kwargs: Any) -> Any:
     """A ``connect=`` callable with the program's own mistake: a keyword
     asyncpg's ``connect()`` does not take (``TypeError``, before any I/O)."""
     return await asyncpg.connect(*args, command_timout=5, **kwargs)
-
-
-@pytest.mark.asyncio
-async def test_a_program_error_of_a_connect_fails_only_its_acquire(make_pool: MakePool) -> None:
-    """max_size=1, nothing open, four acquires at once, and the first
-    connect fails on the program's own mistake (``TypeError``): as for an
-    ``init=`` hook's error, asyncpg's pool fails that acquire and serves
-    the three others, each connecting for itself. safepool failed all four
-    (as for a server that is down: no connection left, none under way)."""
-    calls = 0
-
-    async def connect(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            await asyncio.sleep(0.01)
-            return await _typo_connect(*args, **kwargs)
-        return await asyncpg.connect(*args, **kwargs)
-
-    pool = await make_pool(min_size=0, max_size=1, connect=connect)
-
-    async def use() -> int:
-        async with pool.acquire(timeout=5) as con:
-            await asyncio.sleep(0.02)
-            return int(await con.fetchval("SELECT 1"))
-
-    results = await asyncio.gather(*(use() for _ in range(4)), return_exceptions=True)
-    assert [type(r) for r in results].count(TypeError) == 1, results
-    assert results.count(1) == 3, results
-    assert calls == 2
 
 
 @pytest.mark.asyncio
