@@ -1513,8 +1513,15 @@ class PoolState:
             # asyncpg's pool (0.32): the error is the acquire's whose connect
             # it was, and each other waiting task connects for itself, now.
             # (The backoff above is only for the pacing modes, should one
-            # apply after the next failure.)
-            self._fail_owner(owner, error)
+            # apply after the next failure.) A connect its owner took over
+            # (_adopt) is not its acquire's: asyncpg's pool cancelled it with
+            # the acquire that gave up, and this task's acquire connects for
+            # itself, as for an init= error above (a black hole's connect,
+            # reset as it heals, failed the task that arrived after the heal).
+            if adopted:
+                self._serve_unbound(now)
+            else:
+                self._fail_owner(owner, error)
             self._plan_connects(now)
             return True
         # A closing connection will not come back: it does not count.
