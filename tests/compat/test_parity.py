@@ -2083,7 +2083,7 @@ async def test_a_connect_error_after_its_acquire_gave_up_fails_no_other_acquire(
 
 @pytest.mark.asyncio
 async def test_connects_left_hanging_by_acquires_that_gave_up_do_not_hold_back_the_next(
-    make_pool: MakePool, flavour: str, request: pytest.FixtureRequest
+    make_pool: MakePool, flavour: str
 ) -> None:
     """A black hole swallows the connects of two acquires on a pool with
     nothing open (max_size=2): both time out. Then the network heals for
@@ -2094,8 +2094,6 @@ async def test_connects_left_hanging_by_acquires_that_gave_up_do_not_hold_back_t
     safepool's connects ran on in pool tasks, counted towards max_size,
     and the next acquires took them over and waited up to their own
     timeout (the connect ``timeout=`` is 60 s) with the server answering."""
-    if flavour == "safepool":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="connects nobody waits for hold max_size"))
     hanging = asyncio.Event()  # set only once the test is over
     swallowed = 0
     healed = False

@@ -13,6 +13,7 @@ from safepool._state import (
     REFUSED,
     UNREACHABLE,
     UNRESOLVED,
+    Abandon,
     Action,
     Backoff,
     Close,
@@ -663,11 +664,14 @@ def test_a_hedge_that_answers_serves_the_task_waiting_on_the_lost_probe() -> Non
     state.check_invariants()
 
 
-def test_a_task_that_adopted_a_lost_probe_takes_a_released_connection() -> None:
+def test_a_task_arriving_after_the_heal_gets_a_connect_of_its_own_not_the_lost_probe() -> None:
     """After the black hole heals, the probes it swallowed are still under
     way (until their timeout=, 60 s by default). A task that arrives then
-    adopts one (a connect nobody waits for); when a connection is released
-    it takes it, instead of leaving it idle and waiting on the lost probe."""
+    does not wait on one of them (a connect nobody waits for, under way
+    longer than the hedge delay: presumed lost): it is cancelled (asyncpg's
+    pool cancelled it with the acquire that gave up) and the task connects
+    for itself. (It took the lost probe over, and waited on it until a
+    connection was released.)"""
     state = after_a_lost_connect(max_size=4)
     b = state.enqueue("b", 1.0, None)
     state.advance(1.15)
@@ -675,12 +679,13 @@ def test_a_task_that_adopted_a_lost_probe_takes_a_released_connection() -> None:
     state.connect_succeeded(hedge, object(), 1.2)  # the heal: the hedge answers, the probe is lost
     assert take(state, Wake) == [Wake(b)]
     c = state.enqueue("c", 1.3, None)
-    assert c.connect is probe and not take(state, Connect)
-    lease = state.claim(b, 1.3)
-    state.release(lease, 1.4, CLEAN)
-    assert take(state, Wake) == [Wake(c)], "the released connection went idle beside a task waiting"
-    assert probe.owner is None
-    state.connect_failed(probe, 61.0, TimeoutError(), UNREACHABLE)
+    assert take(state, Abandon) == [Abandon(probe)] and probe.state is SlotState.CLOSED
+    [own] = fields(take(state, Connect))
+    assert c.connect is own and own.owner is c and not own.adopted
+    state.connect_failed(probe, 61.0, TimeoutError(), UNREACHABLE)  # (the cancel came late: a no-op)
+    assert not take(state, Fail)
+    state.connect_succeeded(own, object(), 1.35)
+    assert take(state, Wake) == [Wake(c)]
 
 
 def test_without_hedging_one_probe_at_a_time() -> None:
@@ -1064,19 +1069,50 @@ def test_a_connect_whose_task_gives_up_goes_to_the_newest_task_without_one(leave
     fill(state, 1)
     held = state.try_acquire(0)
     assert held
-    owner = state.enqueue("a", 0, None if leave == "cancel" else 1.0)  # its arrival opens the connect
+    owner = state.enqueue("a", 0, None if leave == "cancel" else 0.05)  # its arrival opens the connect
     later = state.enqueue("b", 0, None)  # max_size: no connect of its own
     [slot] = fields(take(state, Connect))
     assert owner.connect is slot and later.connect is None
     if leave == "cancel":
-        state.cancel_waiter(owner, 0.5)
+        state.cancel_waiter(owner, 0.05)
     else:
-        state.advance(1.0)
+        state.advance(0.05)
         assert take(state, TimeOut) == [TimeOut(owner)]
     assert later.connect is slot and not take(state, Connect)  # adopted, no second connect
-    state.release(held, 1.5, CLEAN)
+    state.release(held, 0.06, CLEAN)
     assert not take(state, Wake) and state.idle == 1
-    state.connect_succeeded(slot, object(), 2)
+    state.connect_succeeded(slot, object(), 0.08)  # (within the hedge delay, 0.1 s: not presumed lost)
+    assert take(state, Wake) == [Wake(later)]
+
+
+@pytest.mark.parametrize("leave", ["cancel", "timeout"])
+def test_a_connect_taken_over_and_unanswered_for_the_hedge_delay_is_cancelled(leave: str) -> None:
+    """The connect a task gave up on, taken over by the next task (as
+    above), goes unanswered for the hedge delay (0.1 s): presumed lost (a
+    black hole's), it is cancelled, as asyncpg's pool cancels it with the
+    acquire that gave up, and the task connects for itself. Kept, such
+    connects held the pool's places until their ``timeout=`` (60 s by
+    default) while the server answered new connects."""
+    state = make(max_size=2)
+    fill(state, 1)
+    held = state.try_acquire(0)
+    assert held
+    owner = state.enqueue("a", 0, None if leave == "cancel" else 0.05)
+    later = state.enqueue("b", 0, None)
+    [slot] = fields(take(state, Connect))
+    if leave == "cancel":
+        state.cancel_waiter(owner, 0.05)
+    else:
+        state.advance(0.05)
+        take(state, TimeOut)
+    assert later.connect is slot and slot.adopted
+    assert state.next_deadline() == pytest.approx(0.1)
+    state.advance(0.1)
+    assert take(state, Abandon) == [Abandon(slot)] and slot.state is SlotState.CLOSED
+    [own] = fields(take(state, Connect))
+    assert later.connect is own and not own.adopted and state.count(SlotState.CONNECTING) == 1
+    assert state.connect_succeeded(slot, object(), 0.2) is False  # (cancelled too late: the I/O layer aborts it)
+    state.connect_succeeded(own, object(), 0.3)
     assert take(state, Wake) == [Wake(later)]
 
 
