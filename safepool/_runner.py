@@ -29,6 +29,7 @@ from ._internals import RawConnection
 from ._reclaim import Reclaimer
 from ._reporting import Reporter, logger
 from ._state import (
+    Abandon,
     Close,
     Connect,
     Fail,
@@ -98,6 +99,10 @@ class Runner:
         self.reset_watchdog: Timer | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.connect_tasks: set[asyncio.Task[Any]] = set()
+        # The task of each connect under way in a task of its own, so the
+        # core can have one cancelled (an Abandon), and those cancelled so.
+        self.connect_task_of: dict[Slot, asyncio.Task[Any]] = {}
+        self.abandoned: set[asyncio.Task[Any]] = set()
         self.slot_holders: dict[Slot, Holder] = {}
         # Releases and failed setups that wait for their connection's close,
         # and releases that wait for a reset in a pool task.
@@ -134,9 +139,13 @@ class Runner:
                             # event plans one again if the loop lives on.
                             state.connect_cancelled(slot)
                             continue
-                        task = self.spawn(self.connect_slot(slot))
-                        self.connect_tasks.add(task)
-                        task.add_done_callback(self.connect_tasks.discard)
+                        self.start_connect(slot)
+                    case Abandon(slot):
+                        task = self.connect_task_of.pop(slot, None)
+                        if task is not None:
+                            self.abandoned.add(task)
+                            task.add_done_callback(self.abandoned.discard)
+                            task.cancel()
                     case Close(slot):
                         self.close_slot(slot)
                         if state.connect_failures and not state.closing:
@@ -175,7 +184,19 @@ class Runner:
         ``terminating``): asyncio.run()'s shutdown, or a program cancelling
         every task at exit."""
         task = asyncio.current_task()
-        return task is not None and task in self.tasks and bool(task.cancelling()) and not self.terminating
+        return (
+            task is not None and task in self.tasks and bool(task.cancelling()) and not self.terminating
+            and task not in self.abandoned
+        )
+
+    def start_connect(self, slot: Slot) -> asyncio.Task[Any]:
+        """Run the slot's connect in a pool task of its own (see :meth:`connect_slot`)."""
+        task = self.spawn(self.connect_slot(slot))
+        self.connect_tasks.add(task)
+        self.connect_task_of[slot] = task
+        task.add_done_callback(self.connect_tasks.discard)
+        task.add_done_callback(lambda _: self.connect_task_of.pop(slot, None))
+        return task
 
     def grant(self, waiter: Waiter) -> bool:
         """Wake a waiter the core granted a connection (a ``Wake``). False
@@ -610,7 +631,11 @@ class Runner:
             slot = state.plan_floor_connect(self.now())
             if slot is None:
                 continue  # a connect is under way: look again later
-            if not await self.connect_slot(slot):  # failed
+            # In a task of its own, as the acquires' connects: a task that
+            # took it over and finds it lost has it cancelled (an Abandon).
+            task = self.start_connect(slot)
+            await asyncio.wait((task,))
+            if task.cancelled() or not task.result():  # failed (or abandoned)
                 delay = min(delay * 2, _FLOOR_RETRY_CAP)
             else:
                 delay = _FLOOR_RETRY_FIRST

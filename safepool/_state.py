@@ -305,6 +305,14 @@ class Close:
     slot: Slot
 
 
+@dataclass(frozen=True, slots=True)
+class Abandon:
+    """Cancel ``slot``'s connect (no longer counted: the core closed the
+    slot already; its connect_succeeded / connect_failed will be no-ops)."""
+
+    slot: Slot
+
+
 @dataclass(slots=True)
 class Wake:
     """Resolve the waiter's future: ``waiter.slot`` is reserved for it.
@@ -358,7 +366,7 @@ class Shed:
     waiting: int  # tasks waiting when it was shed, itself included (the message's count)
 
 
-Action = Connect | Close | Wake | TimeOut | Fail | TakeBack | LeakSuspect | Shed
+Action = Connect | Close | Abandon | Wake | TimeOut | Fail | TakeBack | LeakSuspect | Shed
 
 
 class Overloaded(Exception):
@@ -1263,8 +1271,11 @@ class PoolState:
         backoff, the connects after one ended). ``arrival``: planned for a
         task that just queued and found no connection, so for the newest
         waiter: asyncpg's acquire opens its own."""
-        if self._connecting_count > self._bound:
-            self._adopt()
+        if self._connecting_count:
+            if self._connecting_count > self._bound:
+                self._adopt()
+            if self._bound and not (self.backoff_level > 0 and self._pacing()):
+                self._abandon_lost(now)
         if len(self._slots) >= self.max_size or self.closing:
             return  # (the first test: the contended hot path, a full pool)
         paced = self.backoff_level > 0 and self._pacing()
@@ -1324,6 +1335,50 @@ class PoolState:
             if waiter.state is W.WAITING and waiter not in triggers and policy.is_eligible(waiter):
                 return waiter
         return None
+
+    def _lost_adopted(self, cutoff: float) -> list[Slot]:
+        """Connects a waiting task took over (_adopt) that started by
+        ``cutoff``: under way longer than the hedge delay, presumed lost."""
+        return [
+            s for s in self._slots
+            if s.state is S.CONNECTING and s.adopted and s.owner is not None and s.created_at <= cutoff
+        ]
+
+    def _abandon_lost(self, now: float) -> None:
+        """Unpaced (by default): a connect a task took over (opened for a
+        task that gave up, for min_size, or as a hedge) that has gone
+        unanswered for the hedge delay is presumed lost (a black hole's):
+        it is cancelled (an ``Abandon``), and its task gets a connect of its
+        own, now (_plan_connects). asyncpg's pool cancelled it with the
+        acquire that gave up, and each acquire connects for itself; kept,
+        the connects of acquires that timed out in a black hole held the
+        pool's places until their ``timeout=`` (60 s by default) while the
+        server answered new ones. (A young one is kept: it may be about to
+        answer, and it serves its taker sooner than a new one would.)"""
+        hedge_after = self.backoff.hedge_after
+        if hedge_after is None or self.closing:
+            return
+        slowest = max(self.connect_times.max, self.failed_answer_max)
+        cutoff = now - max(hedge_after, 2 * slowest)
+        while lost := self._lost_adopted(cutoff):
+            for slot in lost:
+                self._unbind(slot.owner)  # type: ignore[arg-type]
+                self._move(slot, S.CLOSED)
+                self._slots.discard(slot)
+                self.actions.append(Abandon(slot))
+            self._adopt()  # (another nobody waits for: lost too, if as old)
+
+    def _lost_adopted_at(self) -> float | None:
+        """When the oldest connect a waiting task took over is presumed lost
+        (:meth:`_abandon_lost`); None if there is none, or no hedging."""
+        hedge_after = self.backoff.hedge_after
+        if hedge_after is None:
+            return None
+        adopted = self._lost_adopted(math.inf)
+        if not adopted:
+            return None
+        slowest = max(self.connect_times.max, self.failed_answer_max)
+        return min(s.created_at for s in adopted) + max(hedge_after, 2 * slowest)
 
     def _pacing(self) -> bool:
         """Whether connects for waiting tasks are paced while connects fail
@@ -1534,8 +1589,15 @@ class PoolState:
             # asyncpg's pool (0.32): the error is the acquire's whose connect
             # it was, and each other waiting task connects for itself, now.
             # (The backoff above is only for the pacing modes, should one
-            # apply after the next failure.)
-            self._fail_owner(owner, trigger, error)
+            # apply after the next failure.) A connect its owner took over
+            # (_adopt) is not its acquire's: asyncpg's pool cancelled it with
+            # the acquire that gave up, and this task's acquire connects for
+            # itself, as for an init= error above (a black hole's connect,
+            # reset as it heals, failed the task that arrived after the heal).
+            if adopted:
+                self._serve_unbound(now)
+            else:
+                self._fail_owner(owner, trigger, error)
             self._plan_connects(now)
             return True
         # A closing connection will not come back: it does not count.
@@ -1829,6 +1891,10 @@ class PoolState:
                 self.max_connecting is None or self._connecting_count < self.max_connecting
             ):
                 candidates.append(self._hedge_at())
+        if self._bound and not (self.backoff_level > 0 and self._pacing()):
+            lost_at = self._lost_adopted_at()  # (a connect taken over, presumed lost then)
+            if lost_at is not None:
+                candidates.append(lost_at)
         return min(candidates) if candidates else None
 
     def advance(self, now: float) -> None:

@@ -2006,3 +2006,91 @@ async def test_a_hook_failing_after_its_acquire_timed_out_logs_no_floor_failure(
     if flavour == "safepool":
         await wait_until(lambda: pool.stats().connect_errors == 1)
     assert [r.getMessage() for r in caplog.records if r.name.startswith("asyncpg")] == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["cancel", "acquire_timeout"])
+async def test_a_connect_error_after_its_acquire_gave_up_fails_no_other_acquire(
+    make_pool: MakePool, flavour: str, how: str
+) -> None:
+    """The server's sibling of the init= case above: max_size=1, nothing
+    open, the first acquire's connect hangs (a black hole) and the acquire
+    gives up while a second one waits; then that connect breaks (the black
+    hole heals: the proxy resets it). asyncpg's pool cancelled the connect
+    with the acquire that opened it, and the second acquire connects for
+    itself and gets a connection. safepool's connect went on in a pool
+    task, the second acquire took it over, and got its
+    ConnectionResetError: the error of a connect its acquire never opened."""
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    calls = 0
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            entered.set()
+            await gate.wait()
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return await asyncpg.connect(*args, **kwargs)
+
+    pool = await make_pool(min_size=0, max_size=1, connect=connect)
+
+    async def use() -> int:
+        async with pool.acquire(timeout=5) as con:
+            return int(await con.fetchval("SELECT 1"))
+
+    first = asyncio.ensure_future(pool.acquire(timeout=1 if how == "acquire_timeout" else None))
+    await entered.wait()
+    second = asyncio.ensure_future(use())
+    await wait_until(lambda: queued(pool, flavour) == (2 if flavour == "safepool" else 1))
+    if how == "acquire_timeout":
+        with pytest.raises(asyncio.TimeoutError):
+            await first
+    else:
+        await cancelled(first)
+    gate.set()
+    assert await second == 1
+    assert calls == 2
+    if flavour == "safepool":
+        pool._state.check_invariants()
+
+
+@pytest.mark.asyncio
+async def test_connects_left_hanging_by_acquires_that_gave_up_do_not_hold_back_the_next(
+    make_pool: MakePool, flavour: str
+) -> None:
+    """A black hole swallows the connects of two acquires on a pool with
+    nothing open (max_size=2): both time out. Then the network heals for
+    new connections, while the swallowed ones stay unanswered (TCP's
+    retransmissions may take many seconds to reach a server that is back).
+    asyncpg's pool cancelled each connect with the acquire that gave up:
+    the next acquire connects anew and gets a connection at once.
+    safepool's connects ran on in pool tasks, counted towards max_size,
+    and the next acquires took them over and waited up to their own
+    timeout (the connect ``timeout=`` is 60 s) with the server answering."""
+    hanging = asyncio.Event()  # set only once the test is over
+    swallowed = 0
+    healed = False
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal swallowed
+        if not healed:
+            swallowed += 1
+            await hanging.wait()
+        return await asyncpg.connect(*args, **kwargs)
+
+    pool = await make_pool(min_size=0, max_size=2, connect=connect)
+    outcomes = await asyncio.gather(*(pool.acquire(timeout=0.3) for _ in range(2)), return_exceptions=True)
+    assert all(isinstance(o, asyncio.TimeoutError) for o in outcomes), outcomes
+    assert swallowed == 2
+    healed = True
+    try:
+        for _ in range(3):
+            async with pool.acquire(timeout=2) as con:
+                assert await con.fetchval("SELECT 1") == 1
+        assert 1 <= pool.get_size() <= 2
+        if flavour == "safepool":
+            pool._state.check_invariants()
+    finally:
+        hanging.set()

@@ -33,6 +33,7 @@ import pytest
 
 from safepool._policy import AdaptiveQueue
 from safepool._state import (
+    Abandon,
     Backoff,
     Close,
     Closed,
@@ -145,6 +146,9 @@ class IOLayer:
                 match action:
                     case Connect(slot):
                         self.connecting.append(slot)
+                    case Abandon(slot):
+                        # The I/O layer cancels the connect: no outcome is reported.
+                        self.connecting.remove(slot)
                     case Close(slot):
                         if self.terminating:
                             state.closed(slot, 0.0)  # (no await: the connection is aborted)

@@ -44,6 +44,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from safepool._policy import AdaptiveQueue
 from safepool._state import (
+    Abandon,
     Backoff,
     Close,
     Closed,
@@ -172,6 +173,10 @@ class PoolMachine(RuleBasedStateMachine):
                         assert hedge is not None and self.now >= newest + hedge, "hedged too early"
                     self.connecting.append(slot)
                     planned = True
+                case Abandon(slot):
+                    # The I/O layer cancels the connect: no outcome is reported.
+                    assert slot.state is S.CLOSED
+                    self.connecting.remove(slot)
                 case Close(slot):
                     assert slot.state is S.CLOSING
                     assert slot not in self.closing, "closed twice"
