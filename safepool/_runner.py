@@ -539,7 +539,7 @@ class Runner:
         state = self.state
         # (Pool creation's first connect raises its error to create_pool()'s
         # caller: its init= failure is closed before, as asyncpg's.)
-        attempt = _workers.ConnectAttempt(close_later=not raise_errors)
+        attempt = _workers.ConnectAttempt(close_later=not raise_errors, opened=lambda: state.connect_answered(slot))
         token = _workers.CONNECT_ATTEMPT.set(attempt)
         try:
             con = await self.open_connection()

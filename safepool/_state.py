@@ -188,7 +188,7 @@ _PHASES: dict[Phase, frozenset[Phase]] = {
 class Slot:
     __slots__ = (
         "id", "state", "connection", "generation", "created_at", "idle_since", "lease", "owner", "failed_connect",
-        "expires_at", "adopted", "trigger",
+        "expires_at", "adopted", "trigger", "abandoned", "answered",
     )
 
     def __init__(self, slot_id: int, generation: int, now: float) -> None:
@@ -208,6 +208,14 @@ class Slot:
         # every free connection): the waiting task whose demand it was opened
         # for, the one its failure fails (none if that task no longer waits).
         self.trigger: Waiter | None = None
+        # While CONNECTING: the core gave the connect up (an Abandon: its
+        # task taker presumed it lost) and the I/O layer cancels it. It still
+        # counts towards max_size until the I/O layer reports its end
+        # (connect_cancelled), so no connect starts beside its socket.
+        self.abandoned = False
+        # While CONNECTING: the server answered (the connection is open, and
+        # init= runs on it): never presumed lost (_abandon_lost).
+        self.answered = False
         # CLOSING a connection its connect failed on (init= raised): never
         # opened for the pool (not in connected(), connections_opened or
         # connections_closed), yet its backend counts towards max_size.
@@ -307,8 +315,10 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class Abandon:
-    """Cancel ``slot``'s connect (no longer counted: the core closed the
-    slot already; its connect_succeeded / connect_failed will be no-ops)."""
+    """Cancel ``slot``'s connect: the core gave it up (``Slot.abandoned``).
+    It still counts towards max_size until its end is reported, as
+    connect_cancelled (connect_succeeded / connect_failed then close it
+    too, returning False: the I/O layer aborts what it opened)."""
 
     slot: Slot
 
@@ -576,7 +586,7 @@ class PoolState:
     # own, and then no method call on it is specialized (a dict lookup and
     # a type lookup per call, every state.release(...) of the hot path).
     __slots__ = (
-        "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_timers", "_timers",
+        "_abandoned_count", "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_level", "backoff_until",
         "breaker_threshold", "closing", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
         "failed_answer_max", "floor_enabled", "lost_before",
@@ -647,6 +657,9 @@ class PoolState:
         # by stats(), repr and messages, so count() finds them when asked
         # (IDLE: the idle stack's length) and no transition pays for them.
         self._connecting_count = 0
+        # Of those, connects the core gave up (Slot.abandoned): they count
+        # towards max_size until they end, but will serve no task.
+        self._abandoned_count = 0
         self._closing_count = 0
         self._idle: deque[Slot] = deque()  # right end = most recently used (LIFO)
         self._waiters: deque[Waiter] = deque()  # may hold settled waiters: skipped lazily
@@ -804,6 +817,8 @@ class PoolState:
             raise InternalStateError(f"illegal transition {old.value} -> {new.value} for {slot!r}")
         if old is S.CONNECTING:
             self._connecting_count -= 1
+            if slot.abandoned:
+                self._abandoned_count -= 1
         elif old is S.CLOSING:
             self._closing_count -= 1
         if new is S.CLOSING:
@@ -872,7 +887,7 @@ class PoolState:
         ):
             # Circuit open: nothing to hand out and no connect will be tried
             # before backoff_until, so waiting could only end in a timeout.
-            if self._connecting_count == 0:
+            if self._connecting_count == self._abandoned_count:
                 self.counters.unavailable_rejections += 1
                 raise Unavailable(self.last_connect_error, self.backoff_until - now)
         waiter = Waiter(future, now, None if timeout is None else now + timeout, site)
@@ -1256,7 +1271,9 @@ class PoolState:
         spare = self._connecting_count - self._bound
         if spare <= 0 or self._waiting <= self._bound:
             return
-        for slot in sorted((s for s in self._slots if s.state is S.CONNECTING and s.owner is None), key=_slot_id):
+        for slot in sorted(
+            (s for s in self._slots if s.state is S.CONNECTING and s.owner is None and not s.abandoned), key=_slot_id
+        ):
             waiter = self._unbound_waiter(newest=True)
             if waiter is None:
                 return
@@ -1281,7 +1298,7 @@ class PoolState:
         paced = self.backoff_level > 0 and self._pacing()
         if paced and now < self.backoff_until:
             return
-        connecting = self._connecting_count
+        connecting = self._connecting_count - self._abandoned_count
         # Like asyncpg, open a connection per unserved waiter (up to max_size):
         # resetting connections are not counted as supply, since asyncpg's
         # release holds them for the reset too.
@@ -1294,9 +1311,7 @@ class PoolState:
             if connecting and now < self._hedge_at():
                 return
             demand = min(waiting, 1)
-            limit = connecting + 1
-            if self.max_connecting is not None:
-                limit = min(limit, self.max_connecting)
+            room = 1
         else:
             demand = waiting - connecting
             if self.connect_failures:
@@ -1310,8 +1325,11 @@ class PoolState:
                     demand = 1
             elif self.floor_enabled:
                 demand = max(demand, self.min_size - self._live())
-            limit = self.max_connecting if self.max_connecting is not None else self.max_size
-        room = min(self.max_size - self.size, limit - connecting)
+            room = self.max_size
+        room = min(room, self.max_size - self.size)
+        if self.max_connecting is not None:
+            # (Connects given up, still being cancelled, count here too.)
+            room = min(room, self.max_connecting - self._connecting_count)
         for _ in range(min(demand, room)):
             slot = Slot(self._new_id(), self.generation, now)
             self._slots.add(slot)
@@ -1341,7 +1359,8 @@ class PoolState:
         ``cutoff``: under way longer than the hedge delay, presumed lost."""
         return [
             s for s in self._slots
-            if s.state is S.CONNECTING and s.adopted and s.owner is not None and s.created_at <= cutoff
+            if s.state is S.CONNECTING and s.adopted and s.owner is not None and not s.answered
+            and s.created_at <= cutoff
         ]
 
     def _abandon_lost(self, now: float) -> None:
@@ -1349,7 +1368,10 @@ class PoolState:
         task that gave up, for min_size, or as a hedge) that has gone
         unanswered for the hedge delay is presumed lost (a black hole's):
         it is cancelled (an ``Abandon``), and its task gets a connect of its
-        own, now (_plan_connects). asyncpg's pool cancelled it with the
+        own once that cancellation has ended it (connect_cancelled: until
+        then it counts towards max_size, so the pool never has more than
+        max_size sockets; the I/O layer cancels at once, so that is within a
+        loop iteration or two). asyncpg's pool cancelled it with the
         acquire that gave up, and each acquire connects for itself; kept,
         the connects of acquires that timed out in a black hole held the
         pool's places until their ``timeout=`` (60 s by default) while the
@@ -1363,10 +1385,13 @@ class PoolState:
         while lost := self._lost_adopted(cutoff):
             for slot in lost:
                 self._unbind(slot.owner)  # type: ignore[arg-type]
-                self._move(slot, S.CLOSED)
-                self._slots.discard(slot)
+                slot.abandoned = True
+                slot.adopted = False
+                self._abandoned_count += 1
                 self.actions.append(Abandon(slot))
-            self._adopt()  # (another nobody waits for: lost too, if as old)
+            # An idle connection serves its former taker now; else another
+            # connect nobody waits for becomes its (lost too, if as old).
+            self._serve_unbound(now)
 
     def _lost_adopted_at(self) -> float | None:
         """When the oldest connect a waiting task took over is presumed lost
@@ -1402,7 +1427,7 @@ class PoolState:
         hedge_after = self.backoff.hedge_after
         if hedge_after is None:
             return math.inf
-        newest = max(s.created_at for s in self._slots if s.state is S.CONNECTING)
+        newest = max(s.created_at for s in self._slots if s.state is S.CONNECTING and not s.abandoned)
         slowest = max(self.connect_times.max, self.failed_answer_max)
         return max(self.backoff_until, newest + max(hedge_after, 2 * slowest))
 
@@ -1433,11 +1458,15 @@ class PoolState:
 
     def connect_succeeded(self, slot: Slot, connection: Any, now: float) -> bool:
         """The connect finished. Returns False when it was abandoned meanwhile
-        (the pool terminated): the I/O layer then aborts the connection."""
+        (the pool terminated, or the core gave it up: an ``Abandon``): the
+        I/O layer then aborts the connection."""
         if slot.state is not S.CONNECTING:
             if slot.state is S.CLOSED:
                 return False
             raise InternalStateError(f"connect_succeeded for {slot!r}")
+        if slot.abandoned:
+            self.connect_cancelled(slot, now)  # (its hook ignored the cancellation)
+            return False
         slot.connection = connection
         started = slot.created_at  # when the connect was planned
         failing = self.connect_failures
@@ -1508,6 +1537,11 @@ class PoolState:
             if slot.state is S.CLOSED:
                 return False
             raise InternalStateError(f"connect_failed for {slot!r}")
+        if slot.abandoned:
+            # Given up (an Abandon), its hook turned the cancellation into
+            # an error: no failure of the server's, nor any task's.
+            self.connect_cancelled(slot, now)
+            return False
         owner, trigger = slot.owner, slot.trigger
         slot.trigger = None
         if owner is not None:
@@ -1545,7 +1579,8 @@ class PoolState:
         # asyncpg's acquire raises it at once, each time.
         adopted = owner is not None and slot.adopted
         if (in_init or program) and (
-            adopted or not self.wait_on_connect_error or (self._serving() == 0 and self._connecting_count == 0)
+            adopted or not self.wait_on_connect_error
+            or (self._serving() == 0 and self._connecting_count == self._abandoned_count)
         ):
             # The server answered: its backoff is over, and the next task's
             # connect starts now (see above). The answer's time still counts
@@ -1602,7 +1637,7 @@ class PoolState:
             return True
         # A closing connection will not come back: it does not count.
         breaker_open = self.breaker_threshold is not None and self.server_failures >= self.breaker_threshold
-        if self._serving() == 0 and (self._connecting_count == 0 or breaker_open):
+        if self._serving() == 0 and (self._connecting_count == self._abandoned_count or breaker_open):
             # Nothing will come back to the waiters before the next attempt:
             # fail them now rather than let them wait out their timeouts.
             # (With the circuit open, connects under way do not hold them
@@ -1618,6 +1653,11 @@ class PoolState:
             self._plan_connects(now)  # (the attempt outlasted its delay: the next starts now)
         return True
 
+    def connect_answered(self, slot: Slot) -> None:
+        """The connect's connection is open (the server answered; ``init=``
+        runs next): a connect taken over is then not presumed lost."""
+        slot.answered = True
+
     def connect_cancelled(self, slot: Slot, now: float | None = None) -> None:
         """The connect was abandoned (pool terminated, or a KeyboardInterrupt
         in it): not a server failure. Outside a close, its task waits on:
@@ -1629,7 +1669,9 @@ class PoolState:
                 self._unbind(owner)
             self._move(slot, S.CLOSED)
             self._slots.discard(slot)
-            if owner is not None and now is not None and not self.closing:
+            if (owner is not None or slot.abandoned) and now is not None and not self.closing:
+                # (An abandoned one's end frees its place: its former taker,
+                # and any other waiting task, get connects of their own.)
                 self._serve_unbound(now)
                 self._plan_connects(now)
 
@@ -1884,11 +1926,12 @@ class PoolState:
             # under way. (While the pool is full a slot's close re-plans, and
             # at max_connecting a connect's outcome does: a timer at a time
             # already past would fire again and again.)
-            if not self._connecting_count:
+            live = self._connecting_count - self._abandoned_count
+            if not live:
                 if self.backoff_level and self._pacing():
                     candidates.append(self.backoff_until)
             elif self.backoff.hedge_after is not None and (
-                self.max_connecting is None or self._connecting_count < self.max_connecting
+                self.max_connecting is None or live < self.max_connecting
             ):
                 candidates.append(self._hedge_at())
         if self._bound and not (self.backoff_level > 0 and self._pacing()):
@@ -1999,7 +2042,15 @@ class PoolState:
             fail("tasks waiting on their own connects are miscounted")
         if any(s.owner is not None and s.owner.connect is not s for s in self._slots):
             fail("a connect names an owner that does not wait for it")
-        if self._policy is None and self._waiting > self._bound and self._connecting_count > self._bound:
+        abandoned = sum(1 for s in self._slots if s.abandoned and s.state is S.CONNECTING)
+        if abandoned != self._abandoned_count:
+            fail("abandoned connects are miscounted")
+        if any(s.abandoned and s.owner is not None for s in self._slots):
+            fail("an abandoned connect has an owner")
+        if (
+            self._policy is None and self._waiting > self._bound
+            and self._connecting_count - abandoned > self._bound
+        ):
             fail("a connect nobody waits for while a task waits without one")
         waiting = (self._waiting - self._bound) if self._policy is None else self._policy.eligible
         if waiting and self._idle and not self.closing:

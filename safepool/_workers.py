@@ -81,11 +81,14 @@ class ConnectAttempt:
     creation, which raises the error to its caller, as asyncpg's), the
     close is awaited here first."""
 
-    __slots__ = ("init_failed", "close_later", "connection", "error")
+    __slots__ = ("init_failed", "close_later", "connection", "error", "opened")
 
-    def __init__(self, close_later: bool = False) -> None:
+    def __init__(self, close_later: bool = False, opened: Callable[[], None] | None = None) -> None:
         self.init_failed = False
         self.close_later = close_later
+        # Called once the server has answered (the connection is open),
+        # before ``init=`` runs: the connect is no longer a lost one.
+        self.opened = opened
         self.connection: RawConnection | None = None
         self.error: BaseException | None = None  # the hook's, raised with ``connection`` left open
 
@@ -149,6 +152,9 @@ async def connect(
             f"expected pool connect callback to return an instance of '{good}', got '{bad}'"
         )
     _pg.tune_reads(con)
+    attempt = CONNECT_ATTEMPT.get()
+    if attempt is not None and attempt.opened is not None:
+        attempt.opened()
     if keepalive is not None:
         _keepalive.apply(con, keepalive, pool_name)  # (before init=: its statements are probed too)
     if init is not None:

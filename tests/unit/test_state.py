@@ -671,8 +671,9 @@ def test_a_task_arriving_after_the_heal_gets_a_connect_of_its_own_not_the_lost_p
     does not wait on one of them (a connect nobody waits for, under way
     longer than the hedge delay: presumed lost): it is cancelled (asyncpg's
     pool cancelled it with the acquire that gave up) and the task connects
-    for itself. (It took the lost probe over, and waited on it until a
-    connection was released.)"""
+    for itself, once the cancellation has ended it (until then it counts
+    towards max_size). (It took the lost probe over, and waited on it
+    until a connection was released.)"""
     state = after_a_lost_connect(max_size=4)
     b = state.enqueue("b", 1.0, None)
     state.advance(1.15)
@@ -680,10 +681,14 @@ def test_a_task_arriving_after_the_heal_gets_a_connect_of_its_own_not_the_lost_p
     state.connect_succeeded(hedge, object(), 1.2)  # the heal: the hedge answers, the probe is lost
     assert take(state, Wake) == [Wake(b)]
     c = state.enqueue("c", 1.3, None)
-    assert take(state, Abandon) == [Abandon(probe)] and probe.state is SlotState.CLOSED
+    assert take(state, Abandon) == [Abandon(probe)] and probe.state is SlotState.CONNECTING and probe.abandoned
+    # (Room under max_size: its own connect starts at once, beside the
+    # abandoned one, which counts until the I/O layer reports its end.)
     [own] = fields(take(state, Connect))
-    assert c.connect is own and own.owner is c and not own.adopted
-    state.connect_failed(probe, 61.0, TimeoutError(), UNREACHABLE)  # (the cancel came late: a no-op)
+    assert probe.owner is None and c.connect is own and own.owner is c and not own.adopted
+    assert state.size == 3  # the hedge's connection (b's lease), the probe, c's own
+    state.connect_cancelled(probe, 1.31)  # the I/O layer cancelled it
+    assert probe.state is SlotState.CLOSED and state.size == 2 and not take(state, Connect)
     assert not take(state, Fail)
     state.connect_succeeded(own, object(), 1.35)
     assert take(state, Wake) == [Wake(c)]
@@ -1109,12 +1114,67 @@ def test_a_connect_taken_over_and_unanswered_for_the_hedge_delay_is_cancelled(le
     assert later.connect is slot and slot.adopted
     assert state.next_deadline() == pytest.approx(0.1)
     state.advance(0.1)
-    assert take(state, Abandon) == [Abandon(slot)] and slot.state is SlotState.CLOSED
+    assert take(state, Abandon) == [Abandon(slot)] and slot.abandoned and slot.owner is None
+    # Counted until its end is reported: no connect beside its socket.
+    assert state.size == 2 and not take(state, Connect) and later.connect is None
+    if leave == "cancel":
+        state.connect_cancelled(slot, 0.15)
+    else:  # its hook ignored the cancellation: the I/O layer aborts what it opened
+        assert state.connect_succeeded(slot, object(), 0.15) is False
+    assert slot.state is SlotState.CLOSED and state.counters.connections_opened == 1
     [own] = fields(take(state, Connect))
     assert later.connect is own and not own.adopted and state.count(SlotState.CONNECTING) == 1
-    assert state.connect_succeeded(slot, object(), 0.2) is False  # (cancelled too late: the I/O layer aborts it)
     state.connect_succeeded(own, object(), 0.3)
     assert take(state, Wake) == [Wake(later)]
+
+
+def test_a_connect_taken_over_whose_server_answered_is_not_presumed_lost() -> None:
+    """A connect whose connection is open, its init= hook running (slowly:
+    0.2 s here, twice the hedge delay), was answered: it is no black hole's,
+    and its taker waits for it, however long the hook takes. (Cancelled as
+    lost, a burst through a slow hook ended with fewer connections open
+    than asyncpg's pool: test_a_burst_that_opened_connections_ends_with_them_open.)"""
+    state = make(max_size=1)
+    owner = state.enqueue("a", 0, None)
+    later = state.enqueue("b", 0, None)
+    [slot] = fields(take(state, Connect))
+    state.connect_answered(slot)  # at 0.01: the login succeeded; init= runs
+    state.cancel_waiter(owner, 0.05)
+    assert later.connect is slot and slot.adopted
+    assert state.next_deadline() is None
+    state.advance(0.3)
+    assert not take(state, Abandon) and later.connect is slot
+    state.connect_succeeded(slot, object(), 0.3)
+    assert take(state, Wake) == [Wake(later)]
+
+
+@pytest.mark.parametrize("end", ["cancelled", "failed", "succeeded"])
+def test_an_abandoned_connect_ends_as_cancelled_whatever_its_task_reports(end: str) -> None:
+    """However the cancelled connect's task ends (cancelled; its init= hook
+    turned the cancellation into an error; or ignored it and returned), the
+    slot closes without a failure of the server's or any task's, the I/O
+    layer aborts what it opened (False), and the tasks waiting get connects
+    of their own then, not before (max_size: 1)."""
+    state = make(max_size=1)
+    owner = state.enqueue("a", 0, None)
+    later = state.enqueue("b", 0, None)
+    [slot] = fields(take(state, Connect))
+    state.cancel_waiter(owner, 0.01)
+    assert later.connect is slot
+    state.advance(0.2)
+    assert take(state, Abandon) == [Abandon(slot)] and not take(state, Connect)
+    assert state.next_deadline() is None  # (nothing to time: its end is the I/O layer's to report)
+    if end == "cancelled":
+        state.connect_cancelled(slot, 0.21)
+    elif end == "failed":
+        assert state.connect_failed(slot, 0.21, LookupError("hook"), in_init=True, connection=object()) is False
+    else:
+        assert state.connect_succeeded(slot, object(), 0.21) is False
+    assert slot.state is SlotState.CLOSED and not take(state, Fail) and not take(state, Close)
+    assert state.connect_failures == 0 and state.counters.connect_errors == 0
+    [own] = fields(take(state, Connect))
+    assert own.owner is later
+    state.check_invariants()
 
 
 def test_a_connect_opened_for_min_size_is_adopted_by_a_task_arriving_at_a_full_pool() -> None:

@@ -174,9 +174,10 @@ class PoolMachine(RuleBasedStateMachine):
                     self.connecting.append(slot)
                     planned = True
                 case Abandon(slot):
-                    # The I/O layer cancels the connect: no outcome is reported.
-                    assert slot.state is S.CLOSED
-                    self.connecting.remove(slot)
+                    # The I/O layer cancels the connect; it ends later
+                    # (finish_connect), counted towards max_size until then.
+                    assert slot.state is S.CONNECTING and slot.abandoned and slot.owner is None
+                    assert slot in self.connecting
                 case Close(slot):
                     assert slot.state is S.CLOSING
                     assert slot not in self.closing, "closed twice"
@@ -401,6 +402,21 @@ class PoolMachine(RuleBasedStateMachine):
         slot = self._pick(self.connecting, i)
         self.connecting.remove(slot)
         assert slot.state is S.CONNECTING
+        if slot.abandoned:
+            # Cancelled by the I/O layer (an Abandon): it ends as cancelled,
+            # whatever its task reports (its hook may have made an error or
+            # a connection of the cancellation); no task fails.
+            waiting = [w for w in self.state._waiters if w.state is WaiterState.WAITING]
+            if ok is True:
+                assert self.state.connect_succeeded(slot, object(), self.now) is False
+            elif ok is False:
+                self.state.connect_cancelled(slot, self.now)
+            else:
+                assert self.state.connect_failed(slot, self.now, LookupError("hook"), in_init=True) is False
+            assert slot.state is S.CLOSED
+            assert not [w for w in waiting if w.state is WaiterState.FAILED], "an abandoned connect failed a task"
+            self._drain()
+            return
         owner = slot.owner
         assert owner is None or (owner.state is WaiterState.WAITING and owner.connect is slot)
         self.connect_owner = owner
@@ -446,6 +462,14 @@ class PoolMachine(RuleBasedStateMachine):
             self._drain()
         finally:
             self.connect_owner = None
+
+    @precondition(lambda self: self.connecting)
+    @rule(i=index)
+    def answer_connect(self, i: int) -> None:
+        """The server answered a connect: its connection is open, init= runs."""
+        slot = self._pick(self.connecting, i)
+        self.state.connect_answered(slot)
+        self._drain()
 
     @precondition(lambda self: self.connecting and self.state.closing)
     @rule(i=index)
