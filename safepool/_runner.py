@@ -558,6 +558,11 @@ class Runner:
             failure = None
         finally:
             _workers.CONNECT_ATTEMPT.reset(token)
+            # The loop's handles made during the connect (the transport's
+            # reader among them) keep a copy of this context, and so the
+            # attempt, for the connection's life: it must not keep the pool
+            # (asyncpg's test_pool_gc_does_not_restore_min_size).
+            attempt.opened = None
         # A connection init= failed on: the slot closes it (a Close, in a
         # pool task of its own, counted until the backend is gone) while its
         # waiting task gets the hook's error now.
