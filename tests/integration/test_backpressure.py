@@ -361,10 +361,14 @@ async def test_connect_rate_under_a_failing_server(app_name: str, paced: bool) -
         # asyncpg's pool. 0 here when idle, 15-35 of 1,400-1,900 with the
         # unit tests running beside it.)
         # (And the connect of an acquire that timed out runs on: the task
-        # that takes it over is not failed by it, and connects again.)
+        # that takes it over is not failed by it, and connects again. A
+        # loop lagging over hedge_after, 0.1 s, hedges a connect: 3,666
+        # connects for 3,665 acquires in one run beside the whole suite.)
         timeouts = ledger.errors["PoolTimeoutError"]
         assert timeouts <= ledger.total // 20, ledger.summary()
-        assert ledger.total - max_size - timeouts <= len(attempts) <= ledger.total + timeouts, ledger.summary()
+        assert ledger.total - max_size - timeouts <= len(attempts) <= ledger.total + timeouts + max_size, (
+            ledger.summary()
+        )
         assert not [k for k in ledger.errors if not k.startswith("os:") and k != "PoolTimeoutError"], ledger.summary()
 
 
