@@ -1881,8 +1881,9 @@ async def test_acquires_one_after_another_each_get_the_init_error_at_once(make_p
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("how", ["cancel", "cancel_twice", "acquire_timeout"])
+@pytest.mark.parametrize("where", ["init", "server"])
 async def test_an_init_failure_after_its_acquire_gave_up_fails_no_other_acquire(
-    make_pool: MakePool, flavour: str, how: str
+    make_pool: MakePool, flavour: str, how: str, where: str
 ) -> None:
     """max_size=1, nothing open: the first acquire's connect is in init=
     (held at a gate) when a second acquire queues, and the first gives up;
@@ -1890,20 +1891,33 @@ async def test_an_init_failure_after_its_acquire_gave_up_fails_no_other_acquire(
     that ran it, and the second acquire connects for itself and gets a
     connection. safepool's connect goes on in a pool task, the second
     acquire takes it over, and it got the hook's error: an error of a
-    connect its acquire never opened."""
+    connect its acquire never opened. ``where="server"``: the server's
+    sibling, the connect itself hangs (a black hole) and then breaks (the
+    hole heals: the proxy resets it); the second acquire got its
+    ConnectionResetError until 2026-12-05."""
     gate = asyncio.Event()
     entered = asyncio.Event()
     calls = 0
 
-    async def init(con: asyncpg.Connection) -> None:
+    async def held() -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             entered.set()
             await gate.wait()
-            raise LookupError("init failed")
+            if where == "init":
+                raise LookupError("init failed")
+            raise ConnectionResetError(104, "Connection reset by peer")
 
-    pool = await make_pool(min_size=0, max_size=1, init=init)
+    async def init(con: asyncpg.Connection) -> None:
+        await held()
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        await held()
+        return await asyncpg.connect(*args, **kwargs)
+
+    hooks: dict[str, Any] = {"init": init} if where == "init" else {"connect": connect}
+    pool = await make_pool(min_size=0, max_size=1, **hooks)
 
     async def use() -> int:
         async with pool.acquire(timeout=5) as con:
@@ -2006,54 +2020,6 @@ async def test_a_hook_failing_after_its_acquire_timed_out_logs_no_floor_failure(
     if flavour == "safepool":
         await wait_until(lambda: pool.stats().connect_errors == 1)
     assert [r.getMessage() for r in caplog.records if r.name.startswith("asyncpg")] == []
-
-
-@pytest.mark.asyncio
-@pytest.mark.parametrize("how", ["cancel", "acquire_timeout"])
-async def test_a_connect_error_after_its_acquire_gave_up_fails_no_other_acquire(
-    make_pool: MakePool, flavour: str, how: str
-) -> None:
-    """The server's sibling of the init= case above: max_size=1, nothing
-    open, the first acquire's connect hangs (a black hole) and the acquire
-    gives up while a second one waits; then that connect breaks (the black
-    hole heals: the proxy resets it). asyncpg's pool cancelled the connect
-    with the acquire that opened it, and the second acquire connects for
-    itself and gets a connection. safepool's connect went on in a pool
-    task, the second acquire took it over, and got its
-    ConnectionResetError: the error of a connect its acquire never opened."""
-    gate = asyncio.Event()
-    entered = asyncio.Event()
-    calls = 0
-
-    async def connect(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            entered.set()
-            await gate.wait()
-            raise ConnectionResetError(104, "Connection reset by peer")
-        return await asyncpg.connect(*args, **kwargs)
-
-    pool = await make_pool(min_size=0, max_size=1, connect=connect)
-
-    async def use() -> int:
-        async with pool.acquire(timeout=5) as con:
-            return int(await con.fetchval("SELECT 1"))
-
-    first = asyncio.ensure_future(pool.acquire(timeout=1 if how == "acquire_timeout" else None))
-    await entered.wait()
-    second = asyncio.ensure_future(use())
-    await wait_until(lambda: queued(pool, flavour) == (2 if flavour == "safepool" else 1))
-    if how == "acquire_timeout":
-        with pytest.raises(asyncio.TimeoutError):
-            await first
-    else:
-        await cancelled(first)
-    gate.set()
-    assert await second == 1
-    assert calls == 2
-    if flavour == "safepool":
-        pool._state.check_invariants()
 
 
 @pytest.mark.asyncio
