@@ -38,6 +38,7 @@ from ._state import (
     PoolState,
     Shed,
     Slot,
+    SlotState,
     TakeBack,
     TimeOut,
     Waiter,
@@ -195,8 +196,19 @@ class Runner:
         self.connect_tasks.add(task)
         self.connect_task_of[slot] = task
         task.add_done_callback(self.connect_tasks.discard)
-        task.add_done_callback(lambda _: self.connect_task_of.pop(slot, None))
+        task.add_done_callback(lambda _: self.connect_ended(slot))
         return task
+
+    def connect_ended(self, slot: Slot) -> None:
+        """A connect's task is done. One cancelled before its first step (an
+        Abandon right after its Connect, in one batch of actions; close()
+        or terminate()) never ran :meth:`connect_slot`'s handlers: nothing
+        reported its end, and its slot would count towards max_size for
+        ever (close() waiting for it). Its end is reported here."""
+        self.connect_task_of.pop(slot, None)
+        if slot.state is SlotState.CONNECTING:
+            self.state.connect_cancelled(slot, self.now())
+            self.drain()
 
     def grant(self, waiter: Waiter) -> bool:
         """Wake a waiter the core granted a connection (a ``Wake``). False
@@ -590,7 +602,10 @@ class Runner:
                 raise failure
             return False
         if not state.connect_succeeded(slot, con, self.now()):
-            _pg.terminate(con)  # abandoned meanwhile (terminated)
+            _pg.terminate(con)  # abandoned meanwhile (terminated, or an Abandon its connect ignored)
+            # An Abandon's end frees its place: the core served its former
+            # taker or planned its connect (connect_cancelled), to carry out now.
+            self.drain()
             return False
         # (Before any task can take it: the hand-on's Wake runs in drain.)
         # Mark 0: statements of init= (and of a connect= callback) make the

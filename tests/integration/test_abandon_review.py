@@ -1,0 +1,346 @@
+"""Review of the abandon of connects taken over and presumed lost (Abandon)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+import safepool
+
+
+@pytest.mark.asyncio
+async def test_an_abandoned_connect_that_ignores_its_cancellation_leaves_its_taker_served(pg_dsn: str) -> None:
+    """max_size=1: an acquire times out while its connect hangs, the next
+    acquire takes the connect over and, after the hedge delay, has it
+    abandoned (cancelled). The connect= callable swallows the cancellation
+    and connects anyway: the pool aborts that connection
+    (connect_succeeded returns False) and frees its place, so the waiting
+    acquire gets a connect of its own at once."""
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    calls = 0
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            entered.set()
+            try:
+                await gate.wait()
+            except asyncio.CancelledError:
+                pass  # ignores it: connects anyway
+        return await asyncpg.connect(*args, **kwargs)
+
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, connect=connect)
+    try:
+        first = asyncio.ensure_future(pool.acquire(timeout=0.2))
+        await entered.wait()
+        with pytest.raises(asyncio.TimeoutError):
+            await first
+        async with pool.acquire(timeout=3) as con:
+            assert await con.fetchval("SELECT 1") == 1
+        assert calls == 2
+        pool._state.check_invariants()
+    finally:
+        gate.set()
+        pool.terminate()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["close", "terminate"])
+async def test_close_while_an_abandoned_connect_is_being_cancelled(pg_dsn: str, how: str) -> None:
+    gate = asyncio.Event()
+    cancelling = asyncio.Event()
+    entered = asyncio.Event()
+    calls = 0
+    live = 0
+    most = 0
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls, live, most
+        calls += 1
+        live += 1
+        most = max(most, live)
+        try:
+            if calls == 1:
+                entered.set()
+                try:
+                    await gate.wait()
+                except asyncio.CancelledError:
+                    cancelling.set()
+                    await asyncio.sleep(0.5)  # slow cleanup (its socket still open)
+                    raise
+            return await asyncpg.connect(*args, **kwargs)
+        finally:
+            live -= 1
+
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, connect=connect)
+    try:
+        first = asyncio.ensure_future(pool.acquire(timeout=0.2))
+        await entered.wait()
+        with pytest.raises(asyncio.TimeoutError):
+            await first
+        second = asyncio.ensure_future(pool.acquire(timeout=5))
+        await asyncio.wait_for(cancelling.wait(), 2)
+        assert pool.stats().connecting == 1
+        pool._state.check_invariants()
+        if how == "close":
+            await asyncio.wait_for(pool.close(), 3)
+        else:
+            pool.terminate()
+        with pytest.raises(safepool.errors.PoolClosedError):
+            await second
+        assert pool.get_size() == 0
+        assert most <= 1
+        assert pool.stats().connecting == 0
+    finally:
+        gate.set()
+        pool.terminate()
+
+
+@pytest.mark.asyncio
+async def test_many_waiters_max_size_1_black_hole_never_exceeds_max_size(pg_dsn: str) -> None:
+    healed = asyncio.Event()
+    hanging = asyncio.Event()
+    calls = 0
+    live = 0
+    most = 0
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls, live, most
+        calls += 1
+        live += 1
+        most = max(most, live)
+        try:
+            if not healed.is_set():
+                try:
+                    await hanging.wait()
+                except asyncio.CancelledError:
+                    await asyncio.sleep(0.05)
+                    raise
+            return await asyncpg.connect(*args, **kwargs)
+        finally:
+            live -= 1
+
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, connect=connect)
+    try:
+        outcomes = await asyncio.gather(
+            *(pool.acquire(timeout=0.05 + 0.02 * i) for i in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(o, asyncio.TimeoutError) for o in outcomes), outcomes
+        pool._state.check_invariants()
+        assert most <= 1
+        before = calls
+        healed.set()
+
+        async def use() -> int:
+            async with pool.acquire(timeout=3) as con:
+                return int(await con.fetchval("SELECT 1"))
+
+        assert await asyncio.gather(*(use() for _ in range(10))) == [1] * 10
+        pool._state.check_invariants()
+        assert most <= 1
+        assert calls - before <= 3, calls - before
+        assert pool.get_size() == 1
+    finally:
+        hanging.set()
+        pool.terminate()
+
+
+@pytest.mark.asyncio
+async def test_taker_cancelled_twice(pg_dsn: str) -> None:
+    hanging = asyncio.Event()
+    calls = 0
+    entered = asyncio.Event()
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            entered.set()
+            await hanging.wait()
+        return await asyncpg.connect(*args, **kwargs)
+
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, connect=connect)
+    try:
+        first = asyncio.ensure_future(pool.acquire())
+        await entered.wait()
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        second = asyncio.ensure_future(pool.acquire(timeout=3))
+        await asyncio.sleep(0.15)  # past the hedge delay: abandoned, its own connect (hangs too)
+        second.cancel()
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        pool._state.check_invariants()
+        async with pool.acquire(timeout=3) as con:
+            assert await con.fetchval("SELECT 1") == 1
+        pool._state.check_invariants()
+        assert pool.get_size() == 1
+    finally:
+        hanging.set()
+        pool.terminate()
+
+
+@pytest.mark.asyncio
+async def test_floor_upkeep_connect_adopted_then_abandoned(pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    mode = "ok"
+    calls = 0
+    hanging = asyncio.Event()
+    hung = asyncio.Event()
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if mode == "refuse":
+            raise ConnectionRefusedError(111, "Connection refused")
+        if mode == "hole":
+            hung.set()
+            await hanging.wait()
+        return await asyncpg.connect(*args, **kwargs)
+
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2, connect=connect)
+    try:
+        mode = "refuse"
+        async with pool.acquire() as con:
+            pid = con.get_server_pid()
+        admin = await asyncpg.connect(pg_dsn)
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        await admin.close()
+        for _ in range(200):
+            if pool.stats().connect_errors >= 1:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.stats().connect_errors >= 1
+        mode = "hole"
+        await asyncio.wait_for(hung.wait(), 5)  # the floor upkeep's connect (after 1 s)
+        before = calls
+        with pytest.raises(asyncio.TimeoutError):
+            await pool.acquire(timeout=0.5)
+        pool._state.check_invariants()
+        mode = "ok"
+        async with pool.acquire(timeout=3) as con:
+            assert await con.fetchval("SELECT 1") == 1
+        pool._state.check_invariants()
+        await asyncio.sleep(1.0)  # (no busy loop: few connects meanwhile)
+        pool._state.check_invariants()
+        assert calls - before < 15
+        assert pool.get_size() >= 1
+        assert pool.stats().connecting <= 1
+    finally:
+        hanging.set()
+        pool.terminate()
+        await asyncio.sleep(0.1)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+class UnixProxy:
+    """TCP in front of the test server's Unix socket; ``hole``: new
+    connections are accepted and never answered. ``open``: client sockets
+    open now (one per connect the pool has under way or done)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.hole = False
+        self.open = 0
+        self.most = 0
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open += 1
+        self.most = max(self.most, self.open)
+        self.tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+        up: asyncio.StreamWriter | None = None
+        try:
+            if self.hole:
+                while await reader.read(65536):
+                    pass
+                return
+            up_reader, up = await asyncio.open_unix_connection(self.path)
+
+            async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+                w.close()
+
+            await asyncio.gather(pump(reader, up), pump(up_reader, writer))
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self.open -= 1
+            self.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+            writer.transport.abort()
+            if up is not None:
+                up.transport.abort()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("flavour", ["asyncpg", "safepool"])
+async def test_black_hole_sockets_never_exceed_max_size(pg_dsn: str, flavour: str) -> None:
+    """Twelve acquires time out in a black hole (max_size=2), then new
+    connections are answered while the swallowed ones stay unanswered: the
+    next acquires are served at once, and the pool never holds more than
+    max_size sockets (connects under way included)."""
+    admin = await asyncpg.connect(pg_dsn)
+    path = admin._addr  # (the test server listens on a Unix socket)
+    await admin.close()
+    proxy = UnixProxy(str(path))
+    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    factory = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
+    pool = await factory(pg_dsn, host="127.0.0.1", port=port, min_size=0, max_size=2, ssl=False)
+    try:
+        proxy.hole = True
+        outcomes = await asyncio.gather(
+            *(pool.acquire(timeout=0.05 + 0.03 * i) for i in range(12)), return_exceptions=True
+        )
+        assert all(isinstance(o, asyncio.TimeoutError) for o in outcomes), outcomes
+        proxy.hole = False  # new connections answered; swallowed ones stay unanswered
+
+        async def use() -> int:
+            async with pool.acquire(timeout=2) as con:
+                return int(await con.fetchval("SELECT 1"))
+
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await asyncio.gather(*(use() for _ in range(6))) == [1] * 6
+        took = loop.time() - started
+        assert took < 1.0, took
+        if flavour == "safepool":
+            pool._state.check_invariants()
+        assert proxy.most <= 2, proxy.most
+    finally:
+        pool.terminate()
+        server.close()
+        for task in list(proxy.tasks):
+            task.cancel()
+
+
+@pytest.mark.asyncio
+async def test_a_connect_task_cancelled_before_it_ran_frees_its_place(pg_dsn: str) -> None:
+    """An Abandon cancels the connect's task; a task cancelled before its
+    first step never runs connect_slot's handlers, so nothing reported the
+    connect's end and its slot counted towards max_size for ever (reached
+    when the Abandon follows the Connect in one batch of actions, as when a
+    Connect waited undrained past the hedge delay). The task's end now
+    settles a slot it left connecting."""
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1)
+    try:
+        state, runner = pool._state, pool._runner
+        slot = state.add_connecting(runner.now())
+        task = runner.start_connect(slot)
+        task.cancel()  # (before its first step)
+        await asyncio.wait((task,))
+        assert task.cancelled()
+        async with pool.acquire(timeout=1) as con:
+            assert await con.fetchval("SELECT 1") == 1
+        state.check_invariants()
+        assert pool.stats().connecting == 0
+    finally:
+        pool.terminate()
