@@ -1,4 +1,8 @@
-"""Review of the abandon of connects taken over and presumed lost (Abandon)."""
+"""Connects a task took over and the pool presumed lost (an ``Abandon``):
+its cancellation ignored, close() and terminate() during it, many waiters
+on max_size=1, a taker cancelled twice, the min_size upkeep's connect, and
+the sockets a black hole leaves, beside asyncpg's pool. These run on real
+time: the hedge delay (0.1 s) is what presumes a connect lost."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import asyncpg
 import pytest
 
 import safepool
+
+pytestmark = pytest.mark.realtime
 
 
 @pytest.mark.asyncio
