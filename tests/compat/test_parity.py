@@ -1941,13 +1941,17 @@ async def test_an_init_failure_after_its_acquire_gave_up_fails_no_other_acquire(
 
 
 @pytest.mark.asyncio
-async def test_a_hook_that_fails_once_on_a_replacement_fails_no_acquire(make_pool: MakePool) -> None:
+async def test_a_hook_that_fails_once_on_a_replacement_fails_no_acquire(make_pool: MakePool, flavour: str) -> None:
     """max_queries=1, min_size=max_size=1, acquires one after another, and
     a hook that fails once, on the first connection opened to replace one
     closed at its release. asyncpg's pool runs that connect in its floor
     upkeep (holder back in its queue when it fails), and the next acquire
     connects for itself: no acquire fails. safepool's acquire took over the
-    floor's connect and got its error."""
+    floor's connect and got its error. (asyncpg 0.29-0.31 have no floor
+    upkeep: there the next acquire connects and gets the error; safepool
+    follows 0.32.)"""
+    if flavour == "asyncpg":
+        skip_before_asyncpg((0, 32), "asyncpg's pool restores min_size after a closed connection")
     calls = 0
 
     async def init(con: asyncpg.Connection) -> None:
