@@ -1825,7 +1825,7 @@ async def test_an_init_failure_fails_only_the_acquire_whose_connect_it_was(
     TypeError("connect() got an unexpected keyword argument 'command_timout'"),
 ], ids=type)
 async def test_a_connect_refused_once_fails_only_the_acquire_whose_connect_it_was(
-    make_pool: MakePool, error: BaseException
+    make_pool: MakePool, flavour: str, error: BaseException
 ) -> None:
     """The server's sibling of the init= case above: max_size=1, nothing
     open, four acquires at once, and the first connect fails (a restart's
@@ -1836,6 +1836,8 @@ async def test_a_connect_refused_once_fails_only_the_acquire_whose_connect_it_wa
     until connects were paced only with fail_fast or wait_on_connect_error
     (2026-12-05); so did a program error (TypeError) until it was handled
     as an init= hook's error (2026-12-05)."""
+    if flavour == "asyncpg":
+        skip_before_asyncpg((0, 30), "create_pool(connect=)")
     calls = 0
 
     async def connect(*args: Any, **kwargs: Any) -> Any:
@@ -1895,6 +1897,8 @@ async def test_an_init_failure_after_its_acquire_gave_up_fails_no_other_acquire(
     sibling, the connect itself hangs (a black hole) and then breaks (the
     hole heals: the proxy resets it); the second acquire got its
     ConnectionResetError until 2026-12-05."""
+    if flavour == "asyncpg" and where == "server":
+        skip_before_asyncpg((0, 30), "create_pool(connect=)")
     gate = asyncio.Event()
     entered = asyncio.Event()
     calls = 0
@@ -1974,12 +1978,14 @@ async def _typo_connect(*args: Any, **kwargs: Any) -> Any:
 
 
 @pytest.mark.asyncio
-async def test_acquires_one_after_another_each_get_a_program_error_at_once(make_pool: MakePool) -> None:
+async def test_acquires_one_after_another_each_get_a_program_error_at_once(make_pool: MakePool, flavour: str) -> None:
     """A ``connect=`` that always fails on the program's own mistake,
     acquires one after another with a short ``timeout``: each gets the
     ``TypeError`` on both pools. safepool backed off the connects after
     each failure (0.1 s, 0.2 s, 0.4 s ...), so the later acquires raised
     ``PoolTimeoutError`` instead, hiding the bug's type."""
+    if flavour == "asyncpg":
+        skip_before_asyncpg((0, 30), "create_pool(connect=)")
     pool = await make_pool(min_size=0, max_size=2, connect=_typo_connect)
     outcomes = []
     for _ in range(6):
@@ -2039,6 +2045,8 @@ async def test_connects_left_hanging_by_acquires_that_gave_up_do_not_hold_back_t
     safepool's connects ran on in pool tasks, counted towards max_size,
     and the next acquires took them over and waited up to their own
     timeout (the connect ``timeout=`` is 60 s) with the server answering."""
+    if flavour == "asyncpg":
+        skip_before_asyncpg((0, 30), "create_pool(connect=)")
     hanging = asyncio.Event()  # set only once the test is over
     swallowed = 0
     healed = False
