@@ -195,16 +195,16 @@ class Runner:
         task = self.spawn(self.connect_slot(slot))
         self.connect_tasks.add(task)
         self.connect_task_of[slot] = task
-        task.add_done_callback(self.connect_tasks.discard)
-        task.add_done_callback(lambda _: self.connect_ended(slot))
+        task.add_done_callback(lambda done: self.connect_ended(slot, done))
         return task
 
-    def connect_ended(self, slot: Slot) -> None:
+    def connect_ended(self, slot: Slot, task: asyncio.Task[Any]) -> None:
         """A connect's task is done. One cancelled before its first step (an
         Abandon right after its Connect, in one batch of actions; close()
         or terminate()) never ran :meth:`connect_slot`'s handlers: nothing
         reported its end, and its slot would count towards max_size for
         ever (close() waiting for it). Its end is reported here."""
+        self.connect_tasks.discard(task)
         self.connect_task_of.pop(slot, None)
         if slot.state is SlotState.CONNECTING:
             self.state.connect_cancelled(slot, self.now())

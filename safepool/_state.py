@@ -1291,11 +1291,11 @@ class PoolState:
         if self._connecting_count:
             if self._connecting_count > self._bound:
                 self._adopt()
-            if self._bound and not (self.backoff_level > 0 and self._pacing()):
+            if self._bound and not self._paced():
                 self._abandon_lost(now)
         if len(self._slots) >= self.max_size or self.closing:
             return  # (the first test: the contended hot path, a full pool)
-        paced = self.backoff_level > 0 and self._pacing()
+        paced = self._paced()
         if paced and now < self.backoff_until:
             return
         connecting = self._connecting_count - self._abandoned_count
@@ -1377,11 +1377,10 @@ class PoolState:
         pool's places until their ``timeout=`` (60 s by default) while the
         server answered new ones. (A young one is kept: it may be about to
         answer, and it serves its taker sooner than a new one would.)"""
-        hedge_after = self.backoff.hedge_after
-        if hedge_after is None or self.closing:
+        delay = self._hedge_delay()
+        if delay is None or self.closing:
             return
-        slowest = max(self.connect_times.max, self.failed_answer_max)
-        cutoff = now - max(hedge_after, 2 * slowest)
+        cutoff = now - delay
         while lost := self._lost_adopted(cutoff):
             for slot in lost:
                 self._unbind(slot.owner)  # type: ignore[arg-type]
@@ -1396,14 +1395,13 @@ class PoolState:
     def _lost_adopted_at(self) -> float | None:
         """When the oldest connect a waiting task took over is presumed lost
         (:meth:`_abandon_lost`); None if there is none, or no hedging."""
-        hedge_after = self.backoff.hedge_after
-        if hedge_after is None:
+        delay = self._hedge_delay()
+        if delay is None:
             return None
         adopted = self._lost_adopted(math.inf)
         if not adopted:
             return None
-        slowest = max(self.connect_times.max, self.failed_answer_max)
-        return min(s.created_at for s in adopted) + max(hedge_after, 2 * slowest)
+        return min(s.created_at for s in adopted) + delay
 
     def _pacing(self) -> bool:
         """Whether connects for waiting tasks are paced while connects fail
@@ -1418,18 +1416,31 @@ class PoolState:
         so a server that stays down costs a connect per acquire, as there."""
         return self.wait_on_connect_error or (self.breaker_threshold is not None and not self.init_failing)
 
+    def _paced(self) -> bool:
+        """Whether connects are paced now: they failed (the backoff level is
+        up) and the pool paces them (:meth:`_pacing`)."""
+        return self.backoff_level > 0 and self._pacing()
+
     def _hedge_at(self) -> float:
         """While connects fail, when another connect may start beside those
-        under way: the hedge delay (``Backoff.hedge_after``, at least twice
-        the slowest connect that succeeded, or failed with the server's or
-        the init= hook's answer since the last success) after the newest one started,
-        and not before ``backoff_until``; infinity if hedging is off."""
-        hedge_after = self.backoff.hedge_after
-        if hedge_after is None:
+        under way: the hedge delay (:meth:`_hedge_delay`) after the newest
+        one started, and not before ``backoff_until``; infinity if hedging
+        is off."""
+        delay = self._hedge_delay()
+        if delay is None:
             return math.inf
         newest = max(s.created_at for s in self._slots if s.state is S.CONNECTING and not s.abandoned)
-        slowest = max(self.connect_times.max, self.failed_answer_max)
-        return max(self.backoff_until, newest + max(hedge_after, 2 * slowest))
+        return max(self.backoff_until, newest + delay)
+
+    def _hedge_delay(self) -> float | None:
+        """Seconds a connect may go unanswered before it is presumed lost:
+        ``Backoff.hedge_after``, at least twice the slowest connect that
+        succeeded, or failed with the server's or the init= hook's answer,
+        since the last success; None if hedging is off."""
+        hedge_after = self.backoff.hedge_after
+        if hedge_after is None:
+            return None
+        return max(hedge_after, 2 * max(self.connect_times.max, self.failed_answer_max))
 
     def floor_deficit(self) -> bool:
         """Whether the pool is below min_size (once the floor is enabled)."""
@@ -1590,11 +1601,7 @@ class PoolState:
             self.connect_failed_at = now
             self.backoff_level = self.connect_refusals = 0
             self.backoff_until = 0.0
-            if adopted:
-                self._serve_unbound(now)  # the owner waits on, for a connect of its own
-            else:
-                self._fail_owner(owner, trigger, error)
-            self._plan_connects(now)
+            self._fail_own_task(owner, trigger, adopted, error, now)
             return True
         # (With wait_on_connect_error, while connections serve, the owner
         # waits on: no acquire fails, so the next connect backs off as after
@@ -1629,11 +1636,7 @@ class PoolState:
             # the acquire that gave up, and this task's acquire connects for
             # itself, as for an init= error above (a black hole's connect,
             # reset as it heals, failed the task that arrived after the heal).
-            if adopted:
-                self._serve_unbound(now)
-            else:
-                self._fail_owner(owner, trigger, error)
-            self._plan_connects(now)
+            self._fail_own_task(owner, trigger, adopted, error, now)
             return True
         # A closing connection will not come back: it does not count.
         breaker_open = self.breaker_threshold is not None and self.server_failures >= self.breaker_threshold
@@ -1674,6 +1677,19 @@ class PoolState:
                 # and any other waiting task, get connects of their own.)
                 self._serve_unbound(now)
                 self._plan_connects(now)
+
+    def _fail_own_task(
+        self, owner: Waiter | None, trigger: Waiter | None, adopted: bool, error: BaseException, now: float
+    ) -> None:
+        """asyncpg's way (a failed connect is its own acquire's): fail the
+        task the connect was for (:meth:`_fail_owner`), unless its owner
+        took it over (``adopted``: it waits on, for a connect of its own),
+        and plan the connects of the tasks still waiting."""
+        if adopted:
+            self._serve_unbound(now)
+        else:
+            self._fail_owner(owner, trigger, error)
+        self._plan_connects(now)
 
     def _fail_owner(self, owner: Waiter | None, trigger: Waiter | None, error: BaseException) -> None:
         """Fail the task a failed connect was for (unbound already); with a
@@ -1928,13 +1944,13 @@ class PoolState:
             # already past would fire again and again.)
             live = self._connecting_count - self._abandoned_count
             if not live:
-                if self.backoff_level and self._pacing():
+                if self._paced():
                     candidates.append(self.backoff_until)
             elif self.backoff.hedge_after is not None and (
                 self.max_connecting is None or live < self.max_connecting
             ):
                 candidates.append(self._hedge_at())
-        if self._bound and not (self.backoff_level > 0 and self._pacing()):
+        if self._bound and not self._paced():
             lost_at = self._lost_adopted_at()  # (a connect taken over, presumed lost then)
             if lost_at is not None:
                 candidates.append(lost_at)
