@@ -17,6 +17,39 @@ import safepool
 pytestmark = pytest.mark.realtime
 
 
+class HeldConnect:
+    """A ``connect=`` callable that counts its calls, and those under way
+    (``most``: their peak), and holds the calls ``holds(n)`` picks (n from
+    1) until ``release`` is set. A held call that is cancelled sets
+    ``cancelling`` and takes ``cleanup`` seconds to end (its socket still
+    open, as a connect being torn down)."""
+
+    def __init__(self, holds: Any, cleanup: float) -> None:
+        self.holds = holds
+        self.cleanup = cleanup
+        self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.cancelling = asyncio.Event()
+        self.calls = self.live = self.most = 0
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        self.live += 1
+        self.most = max(self.most, self.live)
+        try:
+            if self.holds(self.calls):
+                self.entered.set()
+                try:
+                    await self.release.wait()
+                except asyncio.CancelledError:
+                    self.cancelling.set()
+                    await asyncio.sleep(self.cleanup)
+                    raise
+            return await asyncpg.connect(*args, **kwargs)
+        finally:
+            self.live -= 1
+
+
 @pytest.mark.asyncio
 async def test_an_abandoned_connect_that_ignores_its_cancellation_leaves_its_taker_served(pg_dsn: str) -> None:
     """max_size=1: an acquire times out while its connect hangs, the next
@@ -58,39 +91,15 @@ async def test_an_abandoned_connect_that_ignores_its_cancellation_leaves_its_tak
 @pytest.mark.asyncio
 @pytest.mark.parametrize("how", ["close", "terminate"])
 async def test_close_while_an_abandoned_connect_is_being_cancelled(pg_dsn: str, how: str) -> None:
-    gate = asyncio.Event()
-    cancelling = asyncio.Event()
-    entered = asyncio.Event()
-    calls = 0
-    live = 0
-    most = 0
-
-    async def connect(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls, live, most
-        calls += 1
-        live += 1
-        most = max(most, live)
-        try:
-            if calls == 1:
-                entered.set()
-                try:
-                    await gate.wait()
-                except asyncio.CancelledError:
-                    cancelling.set()
-                    await asyncio.sleep(0.5)  # slow cleanup (its socket still open)
-                    raise
-            return await asyncpg.connect(*args, **kwargs)
-        finally:
-            live -= 1
-
+    connect = HeldConnect(lambda n: n == 1, cleanup=0.5)  # (a slow cleanup)
     pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, connect=connect)
     try:
         first = asyncio.ensure_future(pool.acquire(timeout=0.2))
-        await entered.wait()
+        await connect.entered.wait()
         with pytest.raises(asyncio.TimeoutError):
             await first
         second = asyncio.ensure_future(pool.acquire(timeout=5))
-        await asyncio.wait_for(cancelling.wait(), 2)
+        await asyncio.wait_for(connect.cancelling.wait(), 2)
         assert pool.stats().connecting == 1
         pool._state.check_invariants()
         if how == "close":
@@ -100,37 +109,17 @@ async def test_close_while_an_abandoned_connect_is_being_cancelled(pg_dsn: str, 
         with pytest.raises(safepool.errors.PoolClosedError):
             await second
         assert pool.get_size() == 0
-        assert most <= 1
+        assert connect.most <= 1
         assert pool.stats().connecting == 0
     finally:
-        gate.set()
+        connect.release.set()
         pool.terminate()
 
 
 @pytest.mark.asyncio
 async def test_many_waiters_max_size_1_black_hole_never_exceeds_max_size(pg_dsn: str) -> None:
     healed = asyncio.Event()
-    hanging = asyncio.Event()
-    calls = 0
-    live = 0
-    most = 0
-
-    async def connect(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls, live, most
-        calls += 1
-        live += 1
-        most = max(most, live)
-        try:
-            if not healed.is_set():
-                try:
-                    await hanging.wait()
-                except asyncio.CancelledError:
-                    await asyncio.sleep(0.05)
-                    raise
-            return await asyncpg.connect(*args, **kwargs)
-        finally:
-            live -= 1
-
+    connect = HeldConnect(lambda n: not healed.is_set(), cleanup=0.05)
     pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, connect=connect)
     try:
         outcomes = await asyncio.gather(
@@ -138,8 +127,8 @@ async def test_many_waiters_max_size_1_black_hole_never_exceeds_max_size(pg_dsn:
         )
         assert all(isinstance(o, asyncio.TimeoutError) for o in outcomes), outcomes
         pool._state.check_invariants()
-        assert most <= 1
-        before = calls
+        assert connect.most <= 1
+        before = connect.calls
         healed.set()
 
         async def use() -> int:
@@ -148,11 +137,11 @@ async def test_many_waiters_max_size_1_black_hole_never_exceeds_max_size(pg_dsn:
 
         assert await asyncio.gather(*(use() for _ in range(10))) == [1] * 10
         pool._state.check_invariants()
-        assert most <= 1
-        assert calls - before <= 3, calls - before
+        assert connect.most <= 1
+        assert connect.calls - before <= 3, connect.calls - before
         assert pool.get_size() == 1
     finally:
-        hanging.set()
+        connect.release.set()
         pool.terminate()
 
 
