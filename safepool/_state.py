@@ -887,7 +887,7 @@ class PoolState:
         ):
             # Circuit open: nothing to hand out and no connect will be tried
             # before backoff_until, so waiting could only end in a timeout.
-            if self._connecting_count == self._abandoned_count:
+            if not self._live_connects():
                 self.counters.unavailable_rejections += 1
                 raise Unavailable(self.last_connect_error, self.backoff_until - now)
         waiter = Waiter(future, now, None if timeout is None else now + timeout, site)
@@ -1293,12 +1293,14 @@ class PoolState:
                 self._adopt()
             if self._bound and not self._paced():
                 self._abandon_lost(now)
+            elif self._policy is not None and not self._paced():
+                self._abandon_orphans(now)
         if len(self._slots) >= self.max_size or self.closing:
             return  # (the first test: the contended hot path, a full pool)
         paced = self._paced()
         if paced and now < self.backoff_until:
             return
-        connecting = self._connecting_count - self._abandoned_count
+        connecting = self._live_connects()
         # Like asyncpg, open a connection per unserved waiter (up to max_size):
         # resetting connections are not counted as supply, since asyncpg's
         # release holds them for the reset too.
@@ -1391,6 +1393,60 @@ class PoolState:
             # An idle connection serves its former taker now; else another
             # connect nobody waits for becomes its (lost too, if as old).
             self._serve_unbound(now)
+
+    def _live_connects(self) -> int:
+        """Connects under way that the core has not given up (not abandoned)."""
+        return self._connecting_count - self._abandoned_count
+
+    def _orphans(self) -> list[Slot]:
+        """With a queue policy: the unanswered connects whose trigger no
+        longer waits (it gave up, was served, or there was none: min_size's),
+        as many as the eligible waiting tasks that no connect's trigger is
+        (those a live connect's own task does not cover), oldest first: the
+        ones :meth:`_abandon_orphans` gives up once the hedge delay has passed.
+        Empty while the pool closes."""
+        if self.closing:
+            return []
+        policy = self._policy
+        assert policy is not None
+        orphans = []
+        backed = 0
+        for slot in self._slots:
+            if slot.state is not S.CONNECTING or slot.abandoned:
+                continue
+            trigger = slot.trigger
+            if trigger is not None and trigger.state is W.WAITING:
+                backed += 1
+            elif not slot.answered:
+                orphans.append(slot)
+        spare = policy.eligible - backed
+        if spare <= 0 or not orphans:
+            return []
+        orphans.sort(key=_slot_id)  # (ids are given in creation order)
+        return orphans[:spare]
+
+    def _abandon_orphans(self, now: float) -> None:
+        """With a queue policy (unpaced): the queue's counterpart of
+        :meth:`_abandon_lost`. A connect has no owner there (the policy picks
+        the task for each connection), so a connect whose trigger no longer
+        waits (an acquire that timed out in a black hole) and that has gone
+        unanswered for the hedge delay is presumed lost and cancelled (an
+        ``Abandon``), while eligible tasks wait that no other connect was
+        opened for; their connects start once its cancellation has ended it
+        (:meth:`connect_cancelled`: until then it counts towards max_size).
+        Kept, such connects held the pool's places until their ``timeout=``
+        (60 s by default) after the network healed."""
+        delay = self._hedge_delay()
+        if delay is None:
+            return
+        cutoff = now - delay
+        for slot in self._orphans():
+            if slot.created_at > cutoff:
+                break  # (the rest are younger)
+            slot.abandoned = True
+            slot.trigger = None
+            self._abandoned_count += 1
+            self.actions.append(Abandon(slot))
 
     def _lost_adopted_at(self) -> float | None:
         """When the oldest connect a waiting task took over is presumed lost
@@ -1591,7 +1647,7 @@ class PoolState:
         adopted = owner is not None and slot.adopted
         if (in_init or program) and (
             adopted or not self.wait_on_connect_error
-            or (self._serving() == 0 and self._connecting_count == self._abandoned_count)
+            or (self._serving() == 0 and not self._live_connects())
         ):
             # The server answered: its backoff is over, and the next task's
             # connect starts now (see above). The answer's time still counts
@@ -1640,7 +1696,7 @@ class PoolState:
             return True
         # A closing connection will not come back: it does not count.
         breaker_open = self.breaker_threshold is not None and self.server_failures >= self.breaker_threshold
-        if self._serving() == 0 and (self._connecting_count == self._abandoned_count or breaker_open):
+        if self._serving() == 0 and (not self._live_connects() or breaker_open):
             # Nothing will come back to the waiters before the next attempt:
             # fail them now rather than let them wait out their timeouts.
             # (With the circuit open, connects under way do not hold them
@@ -1942,7 +1998,7 @@ class PoolState:
             # under way. (While the pool is full a slot's close re-plans, and
             # at max_connecting a connect's outcome does: a timer at a time
             # already past would fire again and again.)
-            live = self._connecting_count - self._abandoned_count
+            live = self._live_connects()
             if not live:
                 if self._paced():
                     candidates.append(self.backoff_until)
@@ -1950,10 +2006,15 @@ class PoolState:
                 self.max_connecting is None or live < self.max_connecting
             ):
                 candidates.append(self._hedge_at())
-        if self._bound and not self._paced():
-            lost_at = self._lost_adopted_at()  # (a connect taken over, presumed lost then)
-            if lost_at is not None:
-                candidates.append(lost_at)
+        if self._live_connects() and not self._paced():
+            if self._bound:
+                lost_at = self._lost_adopted_at()  # (a connect taken over, presumed lost then)
+                if lost_at is not None:
+                    candidates.append(lost_at)
+            elif self._policy is not None and self.backoff.hedge_after is not None:
+                orphans = self._orphans()  # (the oldest connect nobody waits on, presumed lost then)
+                if orphans:
+                    candidates.append(orphans[0].created_at + self._hedge_delay())  # type: ignore[operator]
         return min(candidates) if candidates else None
 
     def advance(self, now: float) -> None:

@@ -1693,6 +1693,92 @@ def test_with_a_queue_policy_a_connect_whose_task_was_served_otherwise_fails_no_
     state.check_invariants()
 
 
+@pytest.mark.parametrize("leave", ["timeout", "cancel"])
+@pytest.mark.parametrize("policy", ["sites", "adaptive"])
+def test_with_a_queue_policy_a_connect_nobody_waits_on_is_cancelled_after_the_hedge_delay(
+    policy: str, leave: str
+) -> None:
+    """The queue's counterpart of the abandoned take-over: the task whose
+    arrival opened a connect gives up (its acquire timed out in a black
+    hole), a second task waits, and the connect goes unanswered for the
+    hedge delay (0.1 s): presumed lost, it is cancelled, and the second
+    task's own connect starts once the cancellation has ended it (until
+    then it counts towards max_size). Kept, it held the pool's one place
+    until its ``timeout=`` (60 s by default) after the network healed."""
+    state = policy_pool(policy, 1)
+    first = state.enqueue(object(), 0.0, None if leave == "cancel" else 0.05, "a")
+    [slot] = fields(take(state, Connect))
+    if leave == "cancel":
+        state.cancel_waiter(first, 0.05)
+    else:
+        state.advance(0.05)
+        take(state, TimeOut)
+    assert not take(state, Abandon)
+    second = state.enqueue(object(), 0.06, None, "a")
+    assert not take(state, Connect) and state.next_deadline() == pytest.approx(0.1)
+    state.advance(0.1)
+    assert take(state, Abandon) == [Abandon(slot)] and slot.abandoned and slot.trigger is None
+    assert state.size == 1 and not take(state, Connect) and state.next_deadline() is None
+    state.connect_cancelled(slot, 0.11)
+    [own] = fields(take(state, Connect))
+    assert own.trigger is second
+    state.connect_succeeded(own, object(), 0.12)
+    assert second.state is WaiterState.GRANTED and state.counters.connections_opened == 1
+    state.check_invariants()
+
+
+@pytest.mark.parametrize("policy", ["sites", "adaptive"])
+def test_with_a_queue_policy_a_connect_is_kept_while_its_task_waits_or_nobody_else_does(policy: str) -> None:
+    """Not presumed lost however long it takes: a connect whose task still
+    waits (its own acquire bounds it), one nobody else waits for (nothing
+    to gain), and one the server answered (init= running)."""
+    state = policy_pool(policy, 2)
+    first = state.enqueue(object(), 0.0, None, "a")
+    [own] = fields(take(state, Connect))
+    assert state.next_deadline() is None
+    state.advance(5.0)
+    assert not take(state, Abandon)
+    state.cancel_waiter(first, 5.0)  # nobody waits now
+    assert state.next_deadline() is None
+    state.advance(10.0)
+    assert not take(state, Abandon)
+    state.connect_answered(own)
+    later = state.enqueue(object(), 10.0, None, "a")
+    assert not take(state, Connect)  # (the answered connect serves it)
+    assert state.next_deadline() is None
+    state.advance(20.0)
+    assert not take(state, Abandon) and not own.abandoned
+    state.connect_succeeded(own, object(), 20.0)
+    assert later.state is WaiterState.GRANTED
+    state.check_invariants()
+
+
+@pytest.mark.parametrize("policy", ["sites", "adaptive"])
+def test_with_a_queue_policy_only_as_many_lost_connects_are_cancelled_as_tasks_need(policy: str) -> None:
+    """max_size=2, both connects' tasks gave up, one task waits: only the
+    older connect is cancelled (one connect serves one task); the younger
+    stays and may still answer. A second waiting task has the other cancelled
+    too, once it has been unanswered for the hedge delay."""
+    state = policy_pool(policy, 2)
+    first = state.enqueue(object(), 0.0, 0.05, "a")
+    second = state.enqueue(object(), 0.02, 0.05, "a")
+    older, younger = fields(take(state, Connect))
+    assert (older.trigger, younger.trigger) == (first, second)
+    state.advance(0.07)
+    assert [t.waiter for t in take(state, TimeOut)] == [first, second]
+    third = state.enqueue(object(), 0.08, None, "a")
+    assert state.next_deadline() == pytest.approx(0.1)
+    state.advance(0.2)
+    assert take(state, Abandon) == [Abandon(older)] and not younger.abandoned
+    fourth = state.enqueue(object(), 0.21, None, "a")
+    assert take(state, Abandon) == [Abandon(younger)]
+    state.connect_cancelled(older, 0.22)
+    state.connect_cancelled(younger, 0.22)
+    assert sorted(s.trigger is not None for s in fields(take(state, Connect))) == [True, True]
+    assert {third.state, fourth.state} == {WaiterState.WAITING}
+    state.check_invariants()
+
+
 # ------------------------------------------------------ adaptive queue
 
 
