@@ -34,6 +34,7 @@ from safepool._state import (
     TakeBack,
     TimeOut,
     Unavailable,
+    Waiter,
     WaiterState,
     Wake,
 )
@@ -1091,6 +1092,16 @@ def test_a_connect_whose_task_gives_up_goes_to_the_newest_task_without_one(leave
     assert take(state, Wake) == [Wake(later)]
 
 
+def give_up(state: PoolState, waiter: Waiter, leave: str, now: float) -> None:
+    """The waiting task gives up at ``now``: cancelled, or its deadline
+    (``now``, as enqueued) passed."""
+    if leave == "cancel":
+        state.cancel_waiter(waiter, now)
+    else:
+        state.advance(now)
+        assert [t.waiter for t in take(state, TimeOut)] == [waiter]
+
+
 @pytest.mark.parametrize("leave", ["cancel", "timeout"])
 def test_a_connect_taken_over_and_unanswered_for_the_hedge_delay_is_cancelled(leave: str) -> None:
     """The connect a task gave up on, taken over by the next task (as
@@ -1106,11 +1117,7 @@ def test_a_connect_taken_over_and_unanswered_for_the_hedge_delay_is_cancelled(le
     owner = state.enqueue("a", 0, None if leave == "cancel" else 0.05)
     later = state.enqueue("b", 0, None)
     [slot] = fields(take(state, Connect))
-    if leave == "cancel":
-        state.cancel_waiter(owner, 0.05)
-    else:
-        state.advance(0.05)
-        take(state, TimeOut)
+    give_up(state, owner, leave, 0.05)
     assert later.connect is slot and slot.adopted
     assert state.next_deadline() == pytest.approx(0.1)
     state.advance(0.1)
@@ -1708,11 +1715,7 @@ def test_with_a_queue_policy_a_connect_nobody_waits_on_is_cancelled_after_the_he
     state = policy_pool(policy, 1)
     first = state.enqueue(object(), 0.0, None if leave == "cancel" else 0.05, "a")
     [slot] = fields(take(state, Connect))
-    if leave == "cancel":
-        state.cancel_waiter(first, 0.05)
-    else:
-        state.advance(0.05)
-        take(state, TimeOut)
+    give_up(state, first, leave, 0.05)
     assert not take(state, Abandon)
     second = state.enqueue(object(), 0.06, None, "a")
     assert not take(state, Connect) and state.next_deadline() == pytest.approx(0.1)
