@@ -36,7 +36,7 @@ _RANK = {OK: 0, DEGRADED: 1, FAILING: 2}
 class HealthReason:
     """One finding: ``code`` is stable (alert on it), ``message`` is for people."""
 
-    code: str  # closed, server_down, connect_rejected, connect_misconfigured, server_backing_off, init_failed, connect_errors, saturated,
+    code: str  # closed, server_down, connect_rejected, connect_misconfigured, server_full, server_backing_off, init_failed, connect_errors, saturated,
     # leak_suspects, probe_no_connection, probe_timeout, probe_failed
     status: str  # what this finding alone makes the pool: "degraded" or "failing"
     message: str
@@ -141,8 +141,9 @@ async def check_health(
     now = stats.taken_at
     # Open connections that serve (a closing one will not come back).
     serving = stats.size - stats.connecting - stats.closing
-    # A configuration error fails the pool with nothing left to serve from.
-    misconfigured_status = FAILING if stats.server_status == "down" else DEGRADED
+    # A configuration error, or a server with no slot left, fails the pool
+    # with nothing left to serve from; with connections still open it degrades.
+    failing_if_down = FAILING if stats.server_status == "down" else DEGRADED
     if stats.init_failing:
         # The server answers; the application's hook fails: not an outage of
         # the server, but the pool cannot serve if it has nothing left.
@@ -155,7 +156,7 @@ async def check_health(
         # The server answered and refused the login: the pool's settings (or
         # the server's grants) are wrong, not the server's health.
         reasons.append(HealthReason(
-            "connect_rejected", misconfigured_status,
+            "connect_rejected", failing_if_down,
             f"the server rejects this pool's connections ({stats.last_connect_error}; SQLSTATE "
             f"{stats.last_connect_sqlstate}, {stats.consecutive_connect_failures} in a row): check the DSN, "
             f"the credentials and the database name; open connections: {serving}",
@@ -164,10 +165,21 @@ async def check_health(
         # The connect failed in the client, on the program's own arguments:
         # the server was not even asked.
         reasons.append(HealthReason(
-            "connect_misconfigured", misconfigured_status,
+            "connect_misconfigured", failing_if_down,
             f"connects fail on the pool's own connect arguments ({stats.last_connect_error}; "
             f"{stats.consecutive_connect_failures} in a row): fix what create_pool() passes to asyncpg.connect(); "
             f"open connections: {serving}",
+        ))
+    elif stats.server_status in ("down", "backing_off") and stats.last_connect_sqlstate == _TOO_MANY_CONNECTIONS:
+        # The server is up and answered: its connection slots (max_connections,
+        # or the role's or database's CONNECTION LIMIT) are all held, by this
+        # application or another: the incident's state (docs/runbook.md).
+        reasons.append(HealthReason(
+            "server_full", failing_if_down,
+            f"the server has no connection slot left for this pool ({stats.last_connect_error}; SQLSTATE "
+            f"53300, {stats.consecutive_connect_failures} in a row): max_connections, or the role's or database's "
+            f"CONNECTION LIMIT, is used up by open connections, this application's or another's; count them by "
+            f"client in pg_stat_activity; open connections: {serving}",
         ))
     elif stats.server_status == "down":
         reasons.append(HealthReason(
@@ -216,6 +228,9 @@ async def check_health(
 # password, an unknown role, no pg_hba.conf entry); 3D000, no such database;
 # 42501, no CONNECT privilege on it.
 _LOGIN_REJECTED = ("28", "3D000", "42501")
+# too_many_connections: "sorry, too many clients already", or "too many
+# connections for role" / "for database" (a CONNECTION LIMIT).
+_TOO_MANY_CONNECTIONS = "53300"
 
 
 def _login_rejected(sqlstate: str | None) -> bool:

@@ -257,6 +257,12 @@ async def test_empty_pool_on_a_full_server_fails_fast_and_recovers(cluster: Clus
                 assert 1 <= opened <= 3 and set(kinds[:opened]) == {"TooManyConnectionsError"}, kinds
                 assert set(kinds[opened:]) == {"ServerUnavailableError"}, kinds
                 assert pool.stats().server_status == "down"
+                # The server is up, its max_connections used up by others:
+                # health says so, not server_down (docs/runbook.md).
+                report = await pool.health(probe=False)
+                full = next(r for r in report.reasons if r.code == "server_full")
+                assert full.status == "failing" and "TooManyConnectionsError" in full.message, report.reasons
+                assert "server_down" not in {r.code for r in report.reasons}
                 for con in hogs:
                     await con.close()
                 hogs = []

@@ -212,11 +212,13 @@ async def test_a_login_the_server_rejects_is_connect_rejected_not_server_down(
 
 
 
-async def test_a_role_at_its_connection_limit_is_not_connect_rejected(pools: Any, pg_dsn: str) -> None:
+async def test_a_role_at_its_connection_limit_is_server_full(pools: Any, pg_dsn: str) -> None:
     """``CONNECTION LIMIT`` on the role reached: SQLSTATE 53300 ("too many
     connections for role"), the class-53 code of a full server, not a login
     refused: the settings are right and it passes once the role's other
-    connections end, so it is not ``connect_rejected`` (docs/runbook.md)."""
+    connections end, so it is not ``connect_rejected``; nor is the server
+    down (it answered): ``server_full``, failing with no connection open,
+    which names the error and where to look (docs/runbook.md)."""
     admin = await asyncpg.connect(pg_dsn)
     await admin.execute("DROP ROLE IF EXISTS sp_health_limited")
     await admin.execute("CREATE ROLE sp_health_limited LOGIN CONNECTION LIMIT 1")
@@ -228,7 +230,11 @@ async def test_a_role_at_its_connection_limit_is_not_connect_rejected(pools: Any
         report = await pool.health(probe=False)
         assert report.stats.last_connect_sqlstate == "53300"
         assert report.stats.last_connect_error is not None and "too many connections for role" in report.stats.last_connect_error
-        assert "connect_rejected" not in codes(report) and "server_down" in codes(report)
+        assert codes(report) == {"server_full", "connect_errors"} and report.status == "failing"
+        full = next(r for r in report.reasons if r.code == "server_full")
+        assert full.status == "failing"
+        assert "too many connections for role" in full.message and "53300" in full.message
+        assert "pg_stat_activity" in full.message and "open connections: 0" in full.message
         await other.close()
         assert await pool.fetchval("SELECT 1") == 1
         stats = pool.stats()
@@ -237,6 +243,33 @@ async def test_a_role_at_its_connection_limit_is_not_connect_rejected(pools: Any
     finally:
         await admin.execute("DROP ROLE IF EXISTS sp_health_limited")
         await admin.close()
+
+
+async def test_a_full_server_beside_open_connections_is_server_full_and_degraded(pools: Any, pg_dsn: str) -> None:
+    """The role's CONNECTION LIMIT (2) is reached by the pool's one open
+    connection and another client's: a second lease's connect gets 53300
+    while the open connection serves on. ``server_full`` then degrades
+    the pool and counts its open connection."""
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute("DROP ROLE IF EXISTS sp_health_full")
+    await admin.execute("CREATE ROLE sp_health_full LOGIN CONNECTION LIMIT 2")
+    try:
+        pool = await pools(
+            name="full", min_size=1, max_size=2, user="sp_health_full", clock=ManualClock(), wait_on_connect_error=True
+        )
+        other = await asyncpg.connect(pg_dsn, user="sp_health_full")
+        await one_connect_failed_beside_a_lease(pool)
+        report = await pool.health()
+        assert report.stats.server_status == "backing_off" and report.stats.last_connect_sqlstate == "53300"
+        assert codes(report) == {"server_full", "connect_errors"} and report.status == "degraded"
+        full = next(r for r in report.reasons if r.code == "server_full")
+        assert full.status == "degraded" and "open connections: 1" in full.message
+        await other.close()
+        await pool.close()
+    finally:
+        await admin.execute("DROP ROLE IF EXISTS sp_health_full")
+        await admin.close()
+
 
 async def test_a_login_rejected_beside_open_connections_is_degraded(pools: Any, rejecting_server: Any) -> None:
     """A role whose LOGIN was taken away (a rotated or revoked credential):
