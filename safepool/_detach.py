@@ -417,3 +417,32 @@ class Resolved(asyncio.Future):  # type: ignore[type-arg]
 
     def close(self) -> None:
         pass
+
+
+class LoopPass:
+    """Awaited once: suspends the awaiting task for one loop iteration, then
+    returns None (``asyncio.sleep(0)``'s bare yield: the task is scheduled
+    again with ``call_soon``, after the callbacks already ready). Also a
+    coroutine (send/throw/close), so ``asyncio.create_task()`` runs it, as
+    it runs asyncpg's ``release()``; not a coroutine object of Python's, so
+    a release nobody awaits warns of nothing (as :class:`Resolved`)."""
+
+    __slots__ = ("_done",)
+
+    def __init__(self) -> None:
+        self._done = False
+
+    def __await__(self) -> Generator[None, None, None]:
+        yield
+
+    def send(self, value: Any) -> None:
+        if self._done:
+            raise StopIteration(None)
+        self._done = True  # (the one step: a bare yield)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        self._done = True
+        raise typ if val is None else val
+
+    def close(self) -> None:
+        self._done = True

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import _internals as _pg
 from . import _sites, _stack, _workers
 from ._clock import Clock
-from ._detach import NOT_STARTED, Resolved, _closing, _Driver, already_ended, retrieve
+from ._detach import NOT_STARTED, LoopPass, Resolved, _closing, _Driver, already_ended, retrieve
 from ._durations import release_timeout, validate_timeout
 from ._holder import Face
 from ._internals import RawConnection
@@ -63,6 +63,10 @@ if TYPE_CHECKING:
 # (A module global: one load and a C call per acquire.)
 _running_loop = asyncio.get_running_loop
 
+# Every this many releases that return with nothing to wait for (a lease that
+# ran no statement), one takes a loop pass instead (Leaser.pass_loop).
+LOOP_PASS_EVERY = 32
+
 
 class Receiver(Protocol):
     """Where ``async with pool.acquire()`` keeps its connection (the face's
@@ -78,7 +82,7 @@ class Leaser:
     __slots__ = (
         "face", "state", "runner", "loop", "now", "reporter", "listeners", "name", "slot_holders", "drain",
         "spawn", "lease_timeout", "leak_warning_after", "acquire_timeout", "reset_timeout", "max_queries",
-        "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "released", "call_at",
+        "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "released", "call_at", "unsuspended",
     )
 
     def __init__(
@@ -125,6 +129,8 @@ class Leaser:
         # a resolved future returns at once, with no frame and no loop pass.
         # (A coroutine too, as asyncpg's release: create_task() accepts it.)
         self.released: asyncio.Future[None] = Resolved(loop=loop)
+        # Releases that returned it in a row (see pass_loop).
+        self.unsuspended = 0
 
     # ------------------------------------------------------------- acquire
 
@@ -525,7 +531,26 @@ class Leaser:
                     holder.close_raises = True
             state.release(lease, self.now(), outcome)
         runner.after_hand_on()
-        return self.finish_release(done, logged) if logged or done is not None else self.released
+        if logged or done is not None:
+            return self.finish_release(done, logged)
+        self.unsuspended += 1
+        return self.released if self.unsuspended < LOOP_PASS_EVERY else self.pass_loop()
+
+    def pass_loop(self) -> Awaitable[None]:
+        """What every LOOP_PASS_EVERY-th release with nothing to wait for
+        returns: a loop pass (:class:`LoopPass`). asyncpg's release always
+        suspends the task (its shielded reset round trip, 0.29-0.32), so a
+        loop of leases that run no statement and await nothing else let
+        other tasks run there; here it would never let them (a program
+        waiting in it for another task's event hung for ever). One pass in
+        32 bounds that at a loop iteration's cost spread over 32 leases. Not
+        in a coroutine being closed, where no wait can be made (see
+        finish_release)."""
+        self.unsuspended = 0
+        handled = sys.exception()
+        if handled is not None and _closing(handled):
+            return self.released
+        return LoopPass()
 
     async def raise_after(self, release: Awaitable[None], error: Exception) -> None:
         await release

@@ -83,6 +83,49 @@ async def test_acquire_release_and_proxy_type(make_pool: MakePool) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("how", ["async with", "acquire and release"])
+async def test_a_loop_of_statement_free_leases_lets_other_tasks_run(make_pool: MakePool, how: str) -> None:
+    """A task looping over leases that run no statement (a cache hit that
+    skips its query), awaiting nothing else, until another task's event: on
+    asyncpg's pool each release suspends the task (its shielded reset), so
+    the other task runs. safepool's release of such a lease needs no round
+    trip and returned without suspending, every time: the loop never let the
+    other task run, and the program hung. Bounded here to 200 leases so
+    that a starving pool fails the test instead of hanging it."""
+    pool = await make_pool(min_size=1, max_size=1)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_soon(stop.set)
+    leases = 0
+    while not stop.is_set() and leases < 200:
+        if how == "async with":
+            async with pool.acquire():
+                pass
+        else:
+            await pool.release(await pool.acquire())
+        leases += 1
+    assert stop.is_set(), f"the other task never ran in {leases} leases"
+    assert pool.get_idle_size() == 1
+
+
+@pytest.mark.asyncio
+async def test_release_runs_as_a_task_whatever_it_returns(make_pool: MakePool) -> None:
+    """``asyncio.create_task(pool.release(con))`` (asyncpg's release is a
+    coroutine) for 100 statement-free leases and one with a statement:
+    safepool's release returns a resolved future, every 32nd time a loop
+    pass, or the reset's driver; each runs as a task."""
+    pool = await make_pool(min_size=1, max_size=1)
+    for _ in range(100):
+        con = await pool.acquire()
+        assert await asyncio.create_task(pool.release(con)) is None
+    con = await pool.acquire()
+    await con.execute("SET application_name = 'parity'")
+    assert await asyncio.create_task(pool.release(con)) is None
+    async with pool.acquire() as con:
+        assert await con.fetchval("SHOW application_name") != "parity"
+    assert pool.get_idle_size() == 1
+
+
+@pytest.mark.asyncio
 async def test_released_proxy_raises_interface_error(make_pool: MakePool) -> None:
     pool = await make_pool()
     async with pool.acquire() as con:

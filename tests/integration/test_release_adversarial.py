@@ -375,6 +375,33 @@ async def test_release_off_the_inline_path_in_a_coroutine_being_closed(
         pool.terminate()
 
 
+async def test_statement_free_releases_in_coroutines_being_closed_never_wait(pg_dsn: str, app_name: str) -> None:
+    """Forty coroutines each hold a lease that ran no statement, suspended,
+    and are closed one after another: each release runs in a
+    ``GeneratorExit`` path. Every 32nd release with nothing to wait for
+    takes a loop pass (Leaser.pass_loop), and a wait there raised "coroutine
+    ignored GeneratorExit" out of close(); in a coroutine being closed it
+    returns at once instead, and every connection is back."""
+    pool = await _make("safepool", pg_dsn, app_name)
+    try:
+        async def holder(started: asyncio.Event) -> None:
+            async with pool.acquire():
+                started.set()
+                await asyncio.get_running_loop().create_future()
+
+        for _ in range(40):
+            started = asyncio.Event()
+            coro = holder(started)
+            task = asyncio.get_running_loop().create_task(coro)
+            await started.wait()
+            coro.close()  # (no RuntimeError)
+            task.cancel()
+            assert pool.get_idle_size() == 1
+        pool._state.check_invariants()
+    finally:
+        pool.terminate()
+
+
 async def test_release_in_an_async_generator_being_closed_is_waited_for(pg_dsn: str, app_name: str) -> None:
     """An async generator's ``aclose()`` (a consumer's early ``break``)
     releases in its ``GeneratorExit`` path too, but there a wait is allowed

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from safepool._detach import _Driver, already_ended, detached
+from safepool._detach import LoopPass, _Driver, already_ended, detached
 from tests._util import cancelled
 
 pytestmark = pytest.mark.asyncio
@@ -543,3 +543,22 @@ async def test_a_first_step_that_ended_reaches_then_at_the_first_await(ended: st
     assert len(calls) == 1
     assert calls[0] is None if ended == "returned" else isinstance(calls[0], ValueError)
     assert spawn.tasks == []
+
+
+async def test_loop_pass_suspends_once_awaited_or_as_a_task() -> None:
+    """A LoopPass lets the callbacks already ready run before the awaiting
+    task goes on (one loop iteration), then returns None; a task runs it as
+    a coroutine. close() and throw() end it as a coroutine's do."""
+    order: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.call_soon(order.append, "ready callback")
+    assert await LoopPass() is None
+    order.append("resumed")
+    assert order == ["ready callback", "resumed"]
+    assert await asyncio.create_task(LoopPass()) is None  # type: ignore[arg-type]
+    closed = LoopPass()
+    closed.close()
+    with pytest.raises(StopIteration):
+        closed.send(None)
+    with pytest.raises(KeyError):
+        LoopPass().throw(KeyError("thrown"))
