@@ -1730,8 +1730,12 @@ class PoolState:
             self._slots.discard(slot)
             if (owner is not None or slot.abandoned) and now is not None and not self.closing:
                 # (An abandoned one's end frees its place: its former taker,
-                # and any other waiting task, get connects of their own.)
-                self._serve_unbound(now)
+                # and any other waiting task, get connects of their own. With
+                # a queue policy no idle connection waits for an eligible
+                # task, and the default queue's serving would hand one past
+                # the policy: to a task at its site's cap.)
+                if self._policy is None:
+                    self._serve_unbound(now)
                 self._plan_connects(now)
 
     def _fail_own_task(

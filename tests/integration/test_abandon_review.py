@@ -342,3 +342,44 @@ async def test_a_connect_task_cancelled_before_it_ran_frees_its_place(pg_dsn: st
         assert pool.stats().connecting == 0
     finally:
         pool.terminate()
+
+
+@pytest.mark.asyncio
+async def test_site_caps_an_abandoned_connect_s_end_keeps_the_caps(pg_dsn: str) -> None:
+    """max_size=4, one connection per site: "x", "y" and "w" hold one each;
+    a "z" acquire times out while its connect hangs, another "z" acquire
+    and an "x" one queue ("x" at its cap), and after the hedge delay the
+    connect is cancelled, its connect= callable taking 0.3 s to end. Then
+    "y" releases ("z" takes it) and "w" releases (idle: only "x", at its
+    cap, waits). The cancelled connect's end handed that idle connection
+    to the "x" acquire past the policy (the default queue's rule): "x"
+    held two, over its cap, and the site books no longer added up."""
+    hold = False
+    connect = HeldConnect(lambda n: hold, cleanup=0.3)
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=4, max_site_share=0.25, connect=connect)
+    capped: asyncio.Future[Any] | None = None
+    try:
+        leases = [await pool.acquire(site=site) for site in "xyw"]
+        hold = True
+        with pytest.raises(asyncio.TimeoutError):
+            await pool.acquire(site="z", timeout=0.05)
+        later = asyncio.ensure_future(pool.acquire(site="z", timeout=5))
+        capped = asyncio.ensure_future(pool.acquire(site="x", timeout=5))
+        await asyncio.wait_for(connect.cancelling.wait(), 2)
+        await pool.release(leases[1])
+        await pool.release(await asyncio.wait_for(later, 1))
+        await pool.release(leases[2])
+        while connect.live:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not capped.done()
+        pool._state.check_invariants()
+        await pool.release(leases[0])
+        await pool.release(await asyncio.wait_for(capped, 1))
+        pool._state.check_invariants()
+        assert pool.get_size() <= 4
+    finally:
+        if capped is not None:
+            capped.cancel()
+        connect.release.set()
+        pool.terminate()

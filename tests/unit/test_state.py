@@ -2008,3 +2008,33 @@ def test_a_connect_abandoned_outside_a_close_leaves_its_task_served() -> None:
     assert state.idle == 1 and waiter.connect is slot
     state.connect_cancelled(slot, 2)
     assert take(state, Wake) == [Wake(waiter)] and waiter.slot is held.slot
+
+
+def test_with_site_caps_an_abandoned_connect_s_end_leaves_an_idle_connection_to_the_policy() -> None:
+    """max_site_share: an abandoned connect's end (connect_cancelled)
+    served idle connections to the oldest waiting task by the default
+    queue's rule (_serve_unbound), past the policy: here a task whose site
+    was at its cap got a second connection, and the site books no longer
+    added up. The idle connection stays idle until the site is under its
+    cap, as any other."""
+    state = sited(max_size=4, share=0.25)
+    fill(state, 3)
+    leases = [state.try_acquire(0.0, site) for site in "xyw"]
+    assert all(leases) and state.site_cap == 1
+    gone = state.enqueue(object(), 0.0, None, "z")
+    [slot] = fields(take(state, Connect))
+    state.cancel_waiter(gone, 0.05)
+    later = state.enqueue(object(), 0.06, None, "z")
+    capped = state.enqueue(object(), 0.06, None, "x")
+    state.advance(0.1)
+    assert take(state, Abandon) == [Abandon(slot)]
+    state.release(leases[1], 0.11, CLEAN)  # (y's: the "z" task takes it)
+    assert take(state, Wake) == [Wake(later)]
+    state.release(leases[2], 0.12, CLEAN)  # (w's: idle, "x" is at its cap)
+    assert state.idle == 1
+    state.connect_cancelled(slot, 0.13)  # its cancellation took a while
+    assert capped.state is WaiterState.WAITING and state.idle == 1 and not take(state, Wake)
+    state.check_invariants()
+    state.release(leases[0], 0.14, CLEAN)  # "x" under its cap: the idle one (or this) serves it
+    assert capped.state is WaiterState.GRANTED
+    state.check_invariants()
