@@ -1316,6 +1316,12 @@ class PoolState:
             room = 1
         else:
             demand = waiting - connecting
+            if self._policy is not None and self._policy.cap is not None:
+                # A connect opened for a task now waiting at its site's cap
+                # is not the eligible tasks' supply (see _orphans): counted,
+                # once the black hole's connects nobody waited on were
+                # cancelled, their replacements never started.
+                demand += self._capped_connects()
             if self.connect_failures:
                 # Unpaced (see _pacing): each waiting task's own connect, as on
                 # asyncpg's pool, and a hedge beside those under way once the
@@ -1344,6 +1350,17 @@ class PoolState:
             else:
                 slot.trigger = self._untriggered_waiter(newest=arrival)
             self.actions.append(Connect(slot))
+
+    def _capped_connects(self) -> int:
+        """With site caps: the live connects whose trigger waits at its
+        site's cap (it cannot take their connections while it does)."""
+        policy = self._policy
+        assert policy is not None
+        return sum(
+            1 for slot in self._slots
+            if slot.state is S.CONNECTING and not slot.abandoned and slot.trigger is not None
+            and slot.trigger.state is W.WAITING and not policy.is_eligible(slot.trigger)
+        )
 
     def _untriggered_waiter(self, newest: bool) -> Waiter | None:
         """With a queue policy: the newest (else the oldest) eligible waiting
@@ -1416,7 +1433,10 @@ class PoolState:
                 continue
             trigger = slot.trigger
             if trigger is not None and trigger.state is W.WAITING:
-                backed += 1
+                # (A task waiting at its site's cap covers no eligible task:
+                # counted, it kept an eligible task waiting beside a lost
+                # connect until that connect's timeout=.)
+                backed += policy.is_eligible(trigger)
             elif not slot.answered:
                 orphans.append(slot)
         spare = policy.eligible - backed

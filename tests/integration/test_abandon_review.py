@@ -344,6 +344,56 @@ async def test_a_connect_task_cancelled_before_it_ran_frees_its_place(pg_dsn: st
         pool.terminate()
 
 
+async def proxied(pg_dsn: str) -> tuple[UnixProxy, asyncio.Server, int]:
+    """A :class:`UnixProxy` in front of the test server, listening; its port."""
+    admin = await asyncpg.connect(pg_dsn)
+    path = admin._addr  # (the test server listens on a Unix socket)
+    await admin.close()
+    proxy = UnixProxy(str(path))
+    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    return proxy, server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.asyncio
+async def test_site_caps_a_capped_task_s_connect_does_not_hold_up_another_site(pg_dsn: str) -> None:
+    """max_size=3, one connection per site: "z" holds the one connection,
+    two "x" acquires queue and their connects go into a black hole, "z"
+    releases (the first "x" acquire takes it: "x" is at its cap), and the
+    network heals. A "y" acquire then waits beside two swallowed connects:
+    the served "x" acquire's (nobody's now) and the second's (its own). The
+    first is presumed lost after the hedge delay and cancelled, and "y"
+    gets a connect of its own, answered. Before, the capped "x" task's
+    connect counted as covering "y", and "y" timed out (the swallowed
+    connects held max_size until their timeout=, 60 s)."""
+    proxy, server, port = await proxied(pg_dsn)
+    pool = await safepool.create_pool(
+        pg_dsn, host="127.0.0.1", port=port, min_size=0, max_size=3, ssl=False, max_site_share=1 / 3
+    )
+    waiting: list[asyncio.Future[Any]] = []
+    try:
+        held = await pool.acquire(site="z")
+        proxy.hole = True
+        waiting = [asyncio.ensure_future(pool.acquire(site="x", timeout=10)) for _ in range(2)]
+        while pool.stats().connecting < 2:
+            await asyncio.sleep(0.01)
+        await pool.release(held)
+        first = await asyncio.wait_for(waiting[0], 1)
+        proxy.hole = False  # new connections answered; swallowed ones stay unanswered
+        async with pool.acquire(site="y", timeout=1.5) as con:
+            assert await con.fetchval("SELECT 1") == 1
+        pool._state.check_invariants()
+        assert not waiting[1].done()
+        await pool.release(first)
+        assert proxy.most <= 3, proxy.most
+    finally:
+        for future in waiting:
+            future.cancel()
+        pool.terminate()
+        server.close()
+        for task in list(proxy.tasks):
+            task.cancel()
+
+
 @pytest.mark.asyncio
 async def test_site_caps_an_abandoned_connect_s_end_keeps_the_caps(pg_dsn: str) -> None:
     """max_size=4, one connection per site: "x", "y" and "w" hold one each;

@@ -2010,6 +2010,39 @@ def test_a_connect_abandoned_outside_a_close_leaves_its_task_served() -> None:
     assert take(state, Wake) == [Wake(waiter)] and waiter.slot is held.slot
 
 
+def test_with_site_caps_a_capped_task_s_connect_does_not_cover_an_eligible_task() -> None:
+    """max_size=3, one connection per site: a task of site "z" holds the
+    one open connection, two of "x" queue and their connects go into a
+    black hole; "z" releases, so the first "x" task is served and the
+    second, its site now at its cap, waits on. A task of "y" queues: no
+    connect is its own, and the one opened for the served "x" task is
+    nobody's. That one is presumed lost after the hedge delay (0.1 s) and
+    cancelled: the "x" task's own connect does not cover the "y" task (it
+    may serve it, but only once the black hole answers). Before, a task
+    waiting at its site's cap counted as covering one eligible task, and
+    the "y" task waited for the swallowed connects' ``timeout=``."""
+    state = sited(max_size=3, share=1 / 3)
+    fill(state, 1)
+    held = state.try_acquire(0.0, "z")
+    assert held is not None
+    first = state.enqueue(object(), 0.0, None, "x")
+    second = state.enqueue(object(), 0.0, None, "x")
+    served_for, own = fields(take(state, Connect))
+    assert (served_for.trigger, own.trigger) == (first, second)
+    state.release(held, 0.01, CLEAN)
+    assert first.state is WaiterState.GRANTED and state.site_cap == 1
+    other = state.enqueue(object(), 0.02, None, "y")
+    assert not take(state, Connect) and state.next_deadline() == pytest.approx(0.1)
+    state.advance(0.1)
+    assert take(state, Abandon) == [Abandon(served_for)] and not own.abandoned
+    state.connect_cancelled(served_for, 0.11)
+    [retry] = fields(take(state, Connect))
+    assert retry.trigger is other
+    state.connect_succeeded(retry, object(), 0.12)
+    assert other.state is WaiterState.GRANTED and second.state is WaiterState.WAITING
+    state.check_invariants()
+
+
 def test_with_site_caps_an_abandoned_connect_s_end_leaves_an_idle_connection_to_the_policy() -> None:
     """max_site_share: an abandoned connect's end (connect_cancelled)
     served idle connections to the oldest waiting task by the default
