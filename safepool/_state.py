@@ -1373,13 +1373,16 @@ class PoolState:
                 return waiter
         return None
 
-    def _lost_adopted(self, cutoff: float) -> list[Slot]:
-        """Connects a waiting task took over (_adopt) that started by
-        ``cutoff``: under way longer than the hedge delay, presumed lost."""
+    def _lost_adopted(self, now: float, delay: float) -> list[Slot]:
+        """Connects a waiting task took over (_adopt) under way for ``delay``
+        seconds (the hedge delay) by ``now``: presumed lost. (Their start plus
+        the delay, not ``now`` minus it: the sum is the timer's deadline
+        (:meth:`_lost_adopted_at`), and the difference may round below the
+        start, so the timer fired, found nothing due, and was due again.)"""
         return [
             s for s in self._slots
             if s.state is S.CONNECTING and s.adopted and s.owner is not None and not s.answered
-            and s.created_at <= cutoff
+            and s.created_at + delay <= now
         ]
 
     def _abandon_lost(self, now: float) -> None:
@@ -1399,8 +1402,7 @@ class PoolState:
         delay = self._hedge_delay()
         if delay is None or self.closing:
             return
-        cutoff = now - delay
-        while lost := self._lost_adopted(cutoff):
+        while lost := self._lost_adopted(now, delay):
             for slot in lost:
                 self._unbind(slot.owner)  # type: ignore[arg-type]
                 slot.abandoned = True
@@ -1459,9 +1461,8 @@ class PoolState:
         delay = self._hedge_delay()
         if delay is None:
             return
-        cutoff = now - delay
         for slot in self._orphans():
-            if slot.created_at > cutoff:
+            if slot.created_at + delay > now:  # (as next_deadline's sum: see _lost_adopted)
                 break  # (the rest are younger)
             slot.abandoned = True
             slot.trigger = None
@@ -1474,7 +1475,7 @@ class PoolState:
         delay = self._hedge_delay()
         if delay is None:
             return None
-        adopted = self._lost_adopted(math.inf)
+        adopted = self._lost_adopted(math.inf, delay)
         if not adopted:
             return None
         return min(s.created_at for s in adopted) + delay

@@ -433,3 +433,64 @@ async def test_site_caps_an_abandoned_connect_s_end_keeps_the_caps(pg_dsn: str) 
             capped.cancel()
         connect.release.set()
         pool.terminate()
+
+
+class CountingClock(safepool.ManualClock):
+    """A ManualClock that fails a callback scheduled for a time already past
+    more than 100 times at one reading (a timer due again as it fires: a
+    busy loop, for ever within one ``advance()`` on this clock)."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__(start)
+        self.past: dict[float, int] = {}
+
+    def call_at(self, when: float, callback: Any) -> Any:
+        if when <= self.now():
+            self.past[self.now()] = count = self.past.get(self.now(), 0) + 1
+            if count > 100:
+                raise AssertionError(f"a timer due at {when!r} re-armed {count} times at {self.now()!r}")
+        return super().call_at(when, callback)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", [{}, {"max_site_share": 1.0}, {"queue_policy": "adaptive"}])
+async def test_a_lost_connect_s_timer_fires_once_on_a_manual_clock(pg_dsn: str, policy: dict[str, Any]) -> None:
+    """A ManualClock starting at 1023.902: the connect an acquire that
+    timed out in a black hole left behind is presumed lost once another
+    acquire has waited beside it for the hedge delay (0.1 s), at
+    1024.002. The core checked ``start <= now - 0.1``, which rounds the
+    other way there: at its deadline the timer found nothing due, and was
+    re-armed for that same time, over and over (advance() never returned).
+    Now the connect is cancelled and the waiting acquire, the network
+    healed, is served by a connect of its own."""
+    proxy, server, port = await proxied(pg_dsn)
+    clock = CountingClock(1023.902)
+    pool = await safepool.create_pool(
+        pg_dsn, host="127.0.0.1", port=port, min_size=0, max_size=1, ssl=False, clock=clock, **policy
+    )
+    later: asyncio.Future[Any] | None = None
+    try:
+        clock.advance(0.0)
+        proxy.hole = True
+        first = asyncio.ensure_future(pool.acquire(timeout=1.0))
+        while not proxy.open:
+            await asyncio.sleep(0.01)
+        first.cancel()  # (at once: the connect started at 1023.902)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        later = asyncio.ensure_future(pool.acquire(timeout=10.0))
+        await asyncio.sleep(0.05)
+        proxy.hole = False
+        clock.advance(0.1)
+        async with asyncio.timeout(3):
+            con = await later
+        assert await con.fetchval("SELECT 1") == 1
+        await pool.release(con)
+        pool._state.check_invariants()
+    finally:
+        if later is not None:
+            later.cancel()
+        pool.terminate()
+        server.close()
+        for task in list(proxy.tasks):
+            task.cancel()

@@ -2071,3 +2071,37 @@ def test_with_site_caps_an_abandoned_connect_s_end_leaves_an_idle_connection_to_
     state.release(leases[0], 0.14, CLEAN)  # "x" under its cap: the idle one (or this) serves it
     assert capped.state is WaiterState.GRANTED
     state.check_invariants()
+
+
+@pytest.mark.parametrize("policy", [None, "sites", "adaptive"])
+def test_a_lost_connect_s_timer_is_not_due_again_when_it_fired(policy: str | None) -> None:
+    """The timer that presumes a connect lost falls due at its start plus
+    the hedge delay, and was checked as ``start <= now - delay``: for some
+    start times (1023.902 with 0.1 s) the float subtraction rounds below the
+    start, so at the deadline nothing was abandoned and the next deadline
+    was that same time, already past: the runner's timer fired again and
+    again (with a ManualClock, for ever within one advance())."""
+    start = 1023.902
+    delay = 0.1
+    assert (start + delay) - delay < start  # (the rounding this needs)
+    if policy is None:
+        state = make(max_size=2)
+        fill(state, 1, start)
+        assert state.try_acquire(start)
+        first = state.enqueue("a", start, None)
+        later = state.enqueue("b", start, None)
+        [slot] = fields(take(state, Connect))
+        state.cancel_waiter(first, start)
+        assert later.connect is slot
+    else:
+        state = policy_pool(policy, 1)
+        first = state.enqueue(object(), start, None, "a")
+        [slot] = fields(take(state, Connect))
+        state.cancel_waiter(first, start)
+        state.enqueue(object(), start, None, "a")
+    due = state.next_deadline()
+    assert due == start + delay
+    state.advance(due)
+    assert take(state, Abandon) == [Abandon(slot)]
+    after = state.next_deadline()
+    assert after is None or after > due
