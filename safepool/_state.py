@@ -1316,6 +1316,12 @@ class PoolState:
             room = 1
         else:
             demand = waiting - connecting
+            if self._policy is not None and self._policy.cap is not None:
+                # A connect opened for a task now waiting at its site's cap
+                # is not the eligible tasks' supply (see _orphans): counted,
+                # once the black hole's connects nobody waited on were
+                # cancelled, their replacements never started.
+                demand += self._capped_connects()
             if self.connect_failures:
                 # Unpaced (see _pacing): each waiting task's own connect, as on
                 # asyncpg's pool, and a hedge beside those under way once the
@@ -1345,6 +1351,17 @@ class PoolState:
                 slot.trigger = self._untriggered_waiter(newest=arrival)
             self.actions.append(Connect(slot))
 
+    def _capped_connects(self) -> int:
+        """With site caps: the live connects whose trigger waits at its
+        site's cap (it cannot take their connections while it does)."""
+        policy = self._policy
+        assert policy is not None
+        return sum(
+            1 for slot in self._slots
+            if slot.state is S.CONNECTING and not slot.abandoned and slot.trigger is not None
+            and slot.trigger.state is W.WAITING and not policy.is_eligible(slot.trigger)
+        )
+
     def _untriggered_waiter(self, newest: bool) -> Waiter | None:
         """With a queue policy: the newest (else the oldest) eligible waiting
         task that is no connect's trigger (see ``Slot.trigger``)."""
@@ -1356,13 +1373,16 @@ class PoolState:
                 return waiter
         return None
 
-    def _lost_adopted(self, cutoff: float) -> list[Slot]:
-        """Connects a waiting task took over (_adopt) that started by
-        ``cutoff``: under way longer than the hedge delay, presumed lost."""
+    def _lost_adopted(self, now: float, delay: float) -> list[Slot]:
+        """Connects a waiting task took over (_adopt) under way for ``delay``
+        seconds (the hedge delay) by ``now``: presumed lost. (Their start plus
+        the delay, not ``now`` minus it: the sum is the timer's deadline
+        (:meth:`_lost_adopted_at`), and the difference may round below the
+        start, so the timer fired, found nothing due, and was due again.)"""
         return [
             s for s in self._slots
             if s.state is S.CONNECTING and s.adopted and s.owner is not None and not s.answered
-            and s.created_at <= cutoff
+            and s.created_at + delay <= now
         ]
 
     def _abandon_lost(self, now: float) -> None:
@@ -1382,8 +1402,7 @@ class PoolState:
         delay = self._hedge_delay()
         if delay is None or self.closing:
             return
-        cutoff = now - delay
-        while lost := self._lost_adopted(cutoff):
+        while lost := self._lost_adopted(now, delay):
             for slot in lost:
                 self._unbind(slot.owner)  # type: ignore[arg-type]
                 slot.abandoned = True
@@ -1416,7 +1435,10 @@ class PoolState:
                 continue
             trigger = slot.trigger
             if trigger is not None and trigger.state is W.WAITING:
-                backed += 1
+                # (A task waiting at its site's cap covers no eligible task:
+                # counted, it kept an eligible task waiting beside a lost
+                # connect until that connect's timeout=.)
+                backed += policy.is_eligible(trigger)
             elif not slot.answered:
                 orphans.append(slot)
         spare = policy.eligible - backed
@@ -1439,9 +1461,8 @@ class PoolState:
         delay = self._hedge_delay()
         if delay is None:
             return
-        cutoff = now - delay
         for slot in self._orphans():
-            if slot.created_at > cutoff:
+            if slot.created_at + delay > now:  # (as next_deadline's sum: see _lost_adopted)
                 break  # (the rest are younger)
             slot.abandoned = True
             slot.trigger = None
@@ -1454,7 +1475,7 @@ class PoolState:
         delay = self._hedge_delay()
         if delay is None:
             return None
-        adopted = self._lost_adopted(math.inf)
+        adopted = self._lost_adopted(math.inf, delay)
         if not adopted:
             return None
         return min(s.created_at for s in adopted) + delay
@@ -1730,8 +1751,12 @@ class PoolState:
             self._slots.discard(slot)
             if (owner is not None or slot.abandoned) and now is not None and not self.closing:
                 # (An abandoned one's end frees its place: its former taker,
-                # and any other waiting task, get connects of their own.)
-                self._serve_unbound(now)
+                # and any other waiting task, get connects of their own. With
+                # a queue policy no idle connection waits for an eligible
+                # task, and the default queue's serving would hand one past
+                # the policy: to a task at its site's cap.)
+                if self._policy is None:
+                    self._serve_unbound(now)
                 self._plan_connects(now)
 
     def _fail_own_task(

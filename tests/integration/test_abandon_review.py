@@ -342,3 +342,155 @@ async def test_a_connect_task_cancelled_before_it_ran_frees_its_place(pg_dsn: st
         assert pool.stats().connecting == 0
     finally:
         pool.terminate()
+
+
+async def proxied(pg_dsn: str) -> tuple[UnixProxy, asyncio.Server, int]:
+    """A :class:`UnixProxy` in front of the test server, listening; its port."""
+    admin = await asyncpg.connect(pg_dsn)
+    path = admin._addr  # (the test server listens on a Unix socket)
+    await admin.close()
+    proxy = UnixProxy(str(path))
+    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    return proxy, server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.asyncio
+async def test_site_caps_a_capped_task_s_connect_does_not_hold_up_another_site(pg_dsn: str) -> None:
+    """max_size=3, one connection per site: "z" holds the one connection,
+    two "x" acquires queue and their connects go into a black hole, "z"
+    releases (the first "x" acquire takes it: "x" is at its cap), and the
+    network heals. A "y" acquire then waits beside two swallowed connects:
+    the served "x" acquire's (nobody's now) and the second's (its own). The
+    first is presumed lost after the hedge delay and cancelled, and "y"
+    gets a connect of its own, answered. Before, the capped "x" task's
+    connect counted as covering "y", and "y" timed out (the swallowed
+    connects held max_size until their timeout=, 60 s)."""
+    proxy, server, port = await proxied(pg_dsn)
+    pool = await safepool.create_pool(
+        pg_dsn, host="127.0.0.1", port=port, min_size=0, max_size=3, ssl=False, max_site_share=1 / 3
+    )
+    waiting: list[asyncio.Future[Any]] = []
+    try:
+        held = await pool.acquire(site="z")
+        proxy.hole = True
+        waiting = [asyncio.ensure_future(pool.acquire(site="x", timeout=10)) for _ in range(2)]
+        while pool.stats().connecting < 2:
+            await asyncio.sleep(0.01)
+        await pool.release(held)
+        first = await asyncio.wait_for(waiting[0], 1)
+        proxy.hole = False  # new connections answered; swallowed ones stay unanswered
+        async with pool.acquire(site="y", timeout=1.5) as con:
+            assert await con.fetchval("SELECT 1") == 1
+        pool._state.check_invariants()
+        assert not waiting[1].done()
+        await pool.release(first)
+        assert proxy.most <= 3, proxy.most
+    finally:
+        for future in waiting:
+            future.cancel()
+        pool.terminate()
+        server.close()
+        for task in list(proxy.tasks):
+            task.cancel()
+
+
+@pytest.mark.asyncio
+async def test_site_caps_an_abandoned_connect_s_end_keeps_the_caps(pg_dsn: str) -> None:
+    """max_size=4, one connection per site: "x", "y" and "w" hold one each;
+    a "z" acquire times out while its connect hangs, another "z" acquire
+    and an "x" one queue ("x" at its cap), and after the hedge delay the
+    connect is cancelled, its connect= callable taking 0.3 s to end. Then
+    "y" releases ("z" takes it) and "w" releases (idle: only "x", at its
+    cap, waits). The cancelled connect's end handed that idle connection
+    to the "x" acquire past the policy (the default queue's rule): "x"
+    held two, over its cap, and the site books no longer added up."""
+    hold = False
+    connect = HeldConnect(lambda n: hold, cleanup=0.3)
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=4, max_site_share=0.25, connect=connect)
+    capped: asyncio.Future[Any] | None = None
+    try:
+        leases = [await pool.acquire(site=site) for site in "xyw"]
+        hold = True
+        with pytest.raises(asyncio.TimeoutError):
+            await pool.acquire(site="z", timeout=0.05)
+        later = asyncio.ensure_future(pool.acquire(site="z", timeout=5))
+        capped = asyncio.ensure_future(pool.acquire(site="x", timeout=5))
+        await asyncio.wait_for(connect.cancelling.wait(), 2)
+        await pool.release(leases[1])
+        await pool.release(await asyncio.wait_for(later, 1))
+        await pool.release(leases[2])
+        while connect.live:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert not capped.done()
+        pool._state.check_invariants()
+        await pool.release(leases[0])
+        await pool.release(await asyncio.wait_for(capped, 1))
+        pool._state.check_invariants()
+        assert pool.get_size() <= 4
+    finally:
+        if capped is not None:
+            capped.cancel()
+        connect.release.set()
+        pool.terminate()
+
+
+class CountingClock(safepool.ManualClock):
+    """A ManualClock that fails a callback scheduled for a time already past
+    more than 100 times at one reading (a timer due again as it fires: a
+    busy loop, for ever within one ``advance()`` on this clock)."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__(start)
+        self.past: dict[float, int] = {}
+
+    def call_at(self, when: float, callback: Any) -> Any:
+        if when <= self.now():
+            self.past[self.now()] = count = self.past.get(self.now(), 0) + 1
+            if count > 100:
+                raise AssertionError(f"a timer due at {when!r} re-armed {count} times at {self.now()!r}")
+        return super().call_at(when, callback)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", [{}, {"max_site_share": 1.0}, {"queue_policy": "adaptive"}])
+async def test_a_lost_connect_s_timer_fires_once_on_a_manual_clock(pg_dsn: str, policy: dict[str, Any]) -> None:
+    """A ManualClock starting at 1023.902: the connect an acquire that
+    timed out in a black hole left behind is presumed lost once another
+    acquire has waited beside it for the hedge delay (0.1 s), at
+    1024.002. The core checked ``start <= now - 0.1``, which rounds the
+    other way there: at its deadline the timer found nothing due, and was
+    re-armed for that same time, over and over (advance() never returned).
+    Now the connect is cancelled and the waiting acquire, the network
+    healed, is served by a connect of its own."""
+    proxy, server, port = await proxied(pg_dsn)
+    clock = CountingClock(1023.902)
+    pool = await safepool.create_pool(
+        pg_dsn, host="127.0.0.1", port=port, min_size=0, max_size=1, ssl=False, clock=clock, **policy
+    )
+    later: asyncio.Future[Any] | None = None
+    try:
+        clock.advance(0.0)
+        proxy.hole = True
+        first = asyncio.ensure_future(pool.acquire(timeout=1.0))
+        while not proxy.open:
+            await asyncio.sleep(0.01)
+        first.cancel()  # (at once: the connect started at 1023.902)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        later = asyncio.ensure_future(pool.acquire(timeout=10.0))
+        await asyncio.sleep(0.05)
+        proxy.hole = False
+        clock.advance(0.1)
+        async with asyncio.timeout(3):
+            con = await later
+        assert await con.fetchval("SELECT 1") == 1
+        await pool.release(con)
+        pool._state.check_invariants()
+    finally:
+        if later is not None:
+            later.cancel()
+        pool.terminate()
+        server.close()
+        for task in list(proxy.tasks):
+            task.cancel()

@@ -2008,3 +2008,100 @@ def test_a_connect_abandoned_outside_a_close_leaves_its_task_served() -> None:
     assert state.idle == 1 and waiter.connect is slot
     state.connect_cancelled(slot, 2)
     assert take(state, Wake) == [Wake(waiter)] and waiter.slot is held.slot
+
+
+def test_with_site_caps_a_capped_task_s_connect_does_not_cover_an_eligible_task() -> None:
+    """max_size=3, one connection per site: a task of site "z" holds the
+    one open connection, two of "x" queue and their connects go into a
+    black hole; "z" releases, so the first "x" task is served and the
+    second, its site now at its cap, waits on. A task of "y" queues: no
+    connect is its own, and the one opened for the served "x" task is
+    nobody's. That one is presumed lost after the hedge delay (0.1 s) and
+    cancelled: the "x" task's own connect does not cover the "y" task (it
+    may serve it, but only once the black hole answers). Before, a task
+    waiting at its site's cap counted as covering one eligible task, and
+    the "y" task waited for the swallowed connects' ``timeout=``."""
+    state = sited(max_size=3, share=1 / 3)
+    fill(state, 1)
+    held = state.try_acquire(0.0, "z")
+    assert held is not None
+    first = state.enqueue(object(), 0.0, None, "x")
+    second = state.enqueue(object(), 0.0, None, "x")
+    served_for, own = fields(take(state, Connect))
+    assert (served_for.trigger, own.trigger) == (first, second)
+    state.release(held, 0.01, CLEAN)
+    assert first.state is WaiterState.GRANTED and state.site_cap == 1
+    other = state.enqueue(object(), 0.02, None, "y")
+    assert not take(state, Connect) and state.next_deadline() == pytest.approx(0.1)
+    state.advance(0.1)
+    assert take(state, Abandon) == [Abandon(served_for)] and not own.abandoned
+    state.connect_cancelled(served_for, 0.11)
+    [retry] = fields(take(state, Connect))
+    assert retry.trigger is other
+    state.connect_succeeded(retry, object(), 0.12)
+    assert other.state is WaiterState.GRANTED and second.state is WaiterState.WAITING
+    state.check_invariants()
+
+
+def test_with_site_caps_an_abandoned_connect_s_end_leaves_an_idle_connection_to_the_policy() -> None:
+    """max_site_share: an abandoned connect's end (connect_cancelled)
+    served idle connections to the oldest waiting task by the default
+    queue's rule (_serve_unbound), past the policy: here a task whose site
+    was at its cap got a second connection, and the site books no longer
+    added up. The idle connection stays idle until the site is under its
+    cap, as any other."""
+    state = sited(max_size=4, share=0.25)
+    fill(state, 3)
+    leases = [state.try_acquire(0.0, site) for site in "xyw"]
+    assert all(leases) and state.site_cap == 1
+    gone = state.enqueue(object(), 0.0, None, "z")
+    [slot] = fields(take(state, Connect))
+    state.cancel_waiter(gone, 0.05)
+    later = state.enqueue(object(), 0.06, None, "z")
+    capped = state.enqueue(object(), 0.06, None, "x")
+    state.advance(0.1)
+    assert take(state, Abandon) == [Abandon(slot)]
+    state.release(leases[1], 0.11, CLEAN)  # (y's: the "z" task takes it)
+    assert take(state, Wake) == [Wake(later)]
+    state.release(leases[2], 0.12, CLEAN)  # (w's: idle, "x" is at its cap)
+    assert state.idle == 1
+    state.connect_cancelled(slot, 0.13)  # its cancellation took a while
+    assert capped.state is WaiterState.WAITING and state.idle == 1 and not take(state, Wake)
+    state.check_invariants()
+    state.release(leases[0], 0.14, CLEAN)  # "x" under its cap: the idle one (or this) serves it
+    assert capped.state is WaiterState.GRANTED
+    state.check_invariants()
+
+
+@pytest.mark.parametrize("policy", [None, "sites", "adaptive"])
+def test_a_lost_connect_s_timer_is_not_due_again_when_it_fired(policy: str | None) -> None:
+    """The timer that presumes a connect lost falls due at its start plus
+    the hedge delay, and was checked as ``start <= now - delay``: for some
+    start times (1023.902 with 0.1 s) the float subtraction rounds below the
+    start, so at the deadline nothing was abandoned and the next deadline
+    was that same time, already past: the runner's timer fired again and
+    again (with a ManualClock, for ever within one advance())."""
+    start = 1023.902
+    delay = 0.1
+    assert (start + delay) - delay < start  # (the rounding this needs)
+    if policy is None:
+        state = make(max_size=2)
+        fill(state, 1, start)
+        assert state.try_acquire(start)
+        first = state.enqueue("a", start, None)
+        later = state.enqueue("b", start, None)
+        [slot] = fields(take(state, Connect))
+        state.cancel_waiter(first, start)
+        assert later.connect is slot
+    else:
+        state = policy_pool(policy, 1)
+        first = state.enqueue(object(), start, None, "a")
+        [slot] = fields(take(state, Connect))
+        state.cancel_waiter(first, start)
+        state.enqueue(object(), start, None, "a")
+    due = state.next_deadline()
+    assert due == start + delay
+    state.advance(due)
+    assert take(state, Abandon) == [Abandon(slot)]
+    after = state.next_deadline()
+    assert after is None or after > due
