@@ -1316,12 +1316,6 @@ class PoolState:
             room = 1
         else:
             demand = waiting - connecting
-            if self._policy is not None and self._policy.cap is not None:
-                # A connect opened for a task now waiting at its site's cap
-                # is not the eligible tasks' supply (see _orphans): counted,
-                # once the black hole's connects nobody waited on were
-                # cancelled, their replacements never started.
-                demand += self._capped_connects()
             if self.connect_failures:
                 # Unpaced (see _pacing): each waiting task's own connect, as on
                 # asyncpg's pool, and a hedge beside those under way once the
@@ -1350,17 +1344,6 @@ class PoolState:
             else:
                 slot.trigger = self._untriggered_waiter(newest=arrival)
             self.actions.append(Connect(slot))
-
-    def _capped_connects(self) -> int:
-        """With site caps: the live connects whose trigger waits at its
-        site's cap (it cannot take their connections while it does)."""
-        policy = self._policy
-        assert policy is not None
-        return sum(
-            1 for slot in self._slots
-            if slot.state is S.CONNECTING and not slot.abandoned and slot.trigger is not None
-            and slot.trigger.state is W.WAITING and not policy.is_eligible(slot.trigger)
-        )
 
     def _untriggered_waiter(self, newest: bool) -> Waiter | None:
         """With a queue policy: the newest (else the oldest) eligible waiting
@@ -1419,9 +1402,9 @@ class PoolState:
 
     def _orphans(self) -> list[Slot]:
         """With a queue policy: the unanswered connects whose trigger no
-        longer waits (it gave up, was served, or there was none: min_size's),
-        as many as the eligible waiting tasks that no connect's trigger is
-        (those a live connect's own task does not cover), oldest first: the
+        longer waits (it gave up, was served, or there was none: min_size's)
+        or waits at its site's cap, as many as the eligible waiting tasks
+        that no live connect's trigger is, oldest first: the
         ones :meth:`_abandon_orphans` gives up once the hedge delay has passed.
         Empty while the pool closes."""
         if self.closing:
@@ -1434,12 +1417,16 @@ class PoolState:
             if slot.state is not S.CONNECTING or slot.abandoned:
                 continue
             trigger = slot.trigger
-            if trigger is not None and trigger.state is W.WAITING:
-                # (A task waiting at its site's cap covers no eligible task:
-                # counted, it kept an eligible task waiting beside a lost
-                # connect until that connect's timeout=.)
-                backed += policy.is_eligible(trigger)
+            if trigger is not None and trigger.state is W.WAITING and policy.is_eligible(trigger):
+                backed += 1
             elif not slot.answered:
+                # (Also a connect whose task waits at its site's cap: that
+                # task cannot take its connection, an eligible one would. It
+                # counts as supply while young, as a connect nobody waits
+                # on; once presumed lost it is cancelled, so the eligible
+                # task gets one of its own. Counted as backing a task, it
+                # kept an eligible task waiting beside it until its
+                # timeout=, 60 s, after a black hole healed.)
                 orphans.append(slot)
         spare = policy.eligible - backed
         if spare <= 0 or not orphans:

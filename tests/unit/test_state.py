@@ -2036,10 +2036,40 @@ def test_with_site_caps_a_capped_task_s_connect_does_not_cover_an_eligible_task(
     state.advance(0.1)
     assert take(state, Abandon) == [Abandon(served_for)] and not own.abandoned
     state.connect_cancelled(served_for, 0.11)
+    # The capped task's connect, as old, is next: its task cannot take its
+    # connection, and the eligible one has none of its own. Its replacement
+    # starts at once: the pool has room beside the one being cancelled.
+    assert take(state, Abandon) == [Abandon(own)]
     [retry] = fields(take(state, Connect))
-    assert retry.trigger is other
+    assert retry.trigger is other and state.size == 3
+    state.connect_cancelled(own, 0.115)
     state.connect_succeeded(retry, object(), 0.12)
     assert other.state is WaiterState.GRANTED and second.state is WaiterState.WAITING
+    state.check_invariants()
+
+
+def test_with_site_caps_a_capped_task_s_young_connect_serves_an_eligible_task() -> None:
+    """As above, but the served task's connect is refused at once, and the
+    server answers the other: the connect of the task waiting at its site's
+    cap, young, is supply. The "y" task gets no connect of its own beside
+    it (no connection more than needed) and takes its connection when it
+    answers."""
+    state = sited(max_size=3, share=1 / 3)
+    fill(state, 1)
+    held = state.try_acquire(0.0, "z")
+    assert held is not None
+    first = state.enqueue(object(), 0.0, None, "x")
+    second = state.enqueue(object(), 0.0, None, "x")
+    served_for, own = fields(take(state, Connect))
+    state.release(held, 0.01, CLEAN)
+    assert first.state is WaiterState.GRANTED
+    state.connect_failed(served_for, 0.015, ConnectionRefusedError(111, "refused"), REFUSED)
+    assert not take(state, Fail) and not take(state, Connect)  # (its task was served)
+    other = state.enqueue(object(), 0.02, None, "y")
+    assert not take(state, Connect)
+    state.connect_succeeded(own, object(), 0.04)
+    assert other.state is WaiterState.GRANTED and second.state is WaiterState.WAITING
+    assert not take(state, Abandon) and not take(state, Connect)
     state.check_invariants()
 
 
