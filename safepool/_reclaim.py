@@ -109,8 +109,8 @@ class Reclaimer:
         if not self.state.reclaim(lease, self.now()):
             return
         report = (
-            f"pool {self.name!r}: a connection was garbage collected without being released "
-            f"(held {held:.3f}s); {_holder_of(lease)}; acquired at:\n{_stack.format_stack(lease.stack)}"
+            f"pool {self.name!r}: a connection was garbage collected without being released, "
+            f"{held:.3f}s after its acquire; {_holder_of(lease)}; acquired at:\n{_stack.format_stack(lease.stack)}"
         )
         _pg.detach_proxy(con)  # the proxy is gone; drop the dead weak reference
         con._on_release()
