@@ -35,3 +35,27 @@ def test_the_acquire_failure_alert_counts_every_failed_acquire() -> None:
     for name in ACQUIRE_FAILURES:
         assert name in fields
         assert f"rate(safepool_{name}_total[5m])" in alert.group(1), name
+
+
+def _table(header: str) -> list[str]:
+    """The first cells of the table under ``header`` (its column names row)."""
+    rows = DOC.split(header + "\n", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    return [m.group(1) for row in rows if (m := re.match(r"^\| `(\w+)` \|", row))]
+
+
+def test_health_codes_are_in_the_health_table_and_stats_rows_are_stats_fields() -> None:
+    """19017ba put the new ``server_full`` health reason's row in the
+    ``stats()`` field table (where it read as a field ``stats().server_full``,
+    which does not exist) and left the health reason table without it."""
+    import dataclasses
+    import inspect
+
+    from safepool import health
+    from safepool.stats import PoolStats
+
+    source = inspect.getsource(health)
+    emitted = set(re.findall(r'HealthReason\(\s*"(\w+)"', source))
+    assert "server_full" in emitted
+    assert sorted(emitted - set(_table("| code | status | when |"))) == []
+    fields = {f.name for f in dataclasses.fields(PoolStats)}
+    assert sorted(set(_table("| field | unit | meaning |")) - fields) == []
