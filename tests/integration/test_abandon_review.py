@@ -246,6 +246,12 @@ class UnixProxy:
         self.most = 0
         self.tasks: set[asyncio.Task[Any]] = set()
 
+    def shut(self, server: asyncio.Server) -> None:
+        """Stop listening and drop every proxied connection."""
+        server.close()
+        for task in list(self.tasks):
+            task.cancel()
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.open += 1
         self.most = max(self.most, self.open)
@@ -315,9 +321,7 @@ async def test_black_hole_sockets_never_exceed_max_size(pg_dsn: str, flavour: st
         assert proxy.most <= 2, proxy.most
     finally:
         pool.terminate()
-        server.close()
-        for task in list(proxy.tasks):
-            task.cancel()
+        proxy.shut(server)
 
 
 @pytest.mark.asyncio
@@ -389,9 +393,7 @@ async def test_site_caps_a_capped_task_s_connect_does_not_hold_up_another_site(p
         for future in waiting:
             future.cancel()
         pool.terminate()
-        server.close()
-        for task in list(proxy.tasks):
-            task.cancel()
+        proxy.shut(server)
 
 
 @pytest.mark.asyncio
@@ -491,6 +493,4 @@ async def test_a_lost_connect_s_timer_fires_once_on_a_manual_clock(pg_dsn: str, 
         if later is not None:
             later.cancel()
         pool.terminate()
-        server.close()
-        for task in list(proxy.tasks):
-            task.cancel()
+        proxy.shut(server)

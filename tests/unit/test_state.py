@@ -30,6 +30,7 @@ from safepool._state import (
     PoolState,
     ReleaseOutcome,
     Shed,
+    Slot,
     SlotState,
     TakeBack,
     TimeOut,
@@ -2010,6 +2011,25 @@ def test_a_connect_abandoned_outside_a_close_leaves_its_task_served() -> None:
     assert take(state, Wake) == [Wake(waiter)] and waiter.slot is held.slot
 
 
+def capped_site_under_way() -> tuple[PoolState, Waiter, Slot, Slot]:
+    """max_size=3, one connection per site: a task of site "z" holds the
+    one open connection, two of "x" queue and their connects start; "z"
+    releases, so the first "x" task is served and the second, its site now
+    at its cap, waits on. Returns the state, that second task, and the
+    connects opened for the first (nobody's now) and for the second."""
+    state = sited(max_size=3, share=1 / 3)
+    fill(state, 1)
+    held = state.try_acquire(0.0, "z")
+    assert held is not None
+    first = state.enqueue(object(), 0.0, None, "x")
+    second = state.enqueue(object(), 0.0, None, "x")
+    served_for, own = fields(take(state, Connect))
+    assert (served_for.trigger, own.trigger) == (first, second)
+    state.release(held, 0.01, CLEAN)
+    assert first.state is WaiterState.GRANTED and state.site_cap == 1
+    return state, second, served_for, own
+
+
 def test_with_site_caps_a_capped_task_s_connect_does_not_cover_an_eligible_task() -> None:
     """max_size=3, one connection per site: a task of site "z" holds the
     one open connection, two of "x" queue and their connects go into a
@@ -2021,16 +2041,7 @@ def test_with_site_caps_a_capped_task_s_connect_does_not_cover_an_eligible_task(
     may serve it, but only once the black hole answers). Before, a task
     waiting at its site's cap counted as covering one eligible task, and
     the "y" task waited for the swallowed connects' ``timeout=``."""
-    state = sited(max_size=3, share=1 / 3)
-    fill(state, 1)
-    held = state.try_acquire(0.0, "z")
-    assert held is not None
-    first = state.enqueue(object(), 0.0, None, "x")
-    second = state.enqueue(object(), 0.0, None, "x")
-    served_for, own = fields(take(state, Connect))
-    assert (served_for.trigger, own.trigger) == (first, second)
-    state.release(held, 0.01, CLEAN)
-    assert first.state is WaiterState.GRANTED and state.site_cap == 1
+    state, second, served_for, own = capped_site_under_way()
     other = state.enqueue(object(), 0.02, None, "y")
     assert not take(state, Connect) and state.next_deadline() == pytest.approx(0.1)
     state.advance(0.1)
@@ -2054,15 +2065,7 @@ def test_with_site_caps_a_capped_task_s_young_connect_serves_an_eligible_task() 
     cap, young, is supply. The "y" task gets no connect of its own beside
     it (no connection more than needed) and takes its connection when it
     answers."""
-    state = sited(max_size=3, share=1 / 3)
-    fill(state, 1)
-    held = state.try_acquire(0.0, "z")
-    assert held is not None
-    first = state.enqueue(object(), 0.0, None, "x")
-    second = state.enqueue(object(), 0.0, None, "x")
-    served_for, own = fields(take(state, Connect))
-    state.release(held, 0.01, CLEAN)
-    assert first.state is WaiterState.GRANTED
+    state, second, served_for, own = capped_site_under_way()
     state.connect_failed(served_for, 0.015, ConnectionRefusedError(111, "refused"), REFUSED)
     assert not take(state, Fail) and not take(state, Connect)  # (its task was served)
     other = state.enqueue(object(), 0.02, None, "y")
