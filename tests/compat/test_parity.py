@@ -920,7 +920,13 @@ async def test_a_connection_replaced_under_waiters_serves_the_oldest_first(
                 await pool.release(con)
         async with asyncio.timeout(5):
             await two_served.wait()
-        assert sorted(served) == [0, 1]
+        if flavour == "asyncpg" and replaced == "terminated":
+            # The reference itself strayed about once in 60 runs under
+            # two test workers' load: [0, 2] (2026-12-05; not traced).
+            # safepool's order is asserted strictly.
+            assert len(served) == 2 and 0 in served
+        else:
+            assert sorted(served) == [0, 1]
         done.set()
         await asyncio.gather(*waiters)
         assert sorted(served) == list(range(6))
