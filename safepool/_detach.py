@@ -65,6 +65,14 @@ def _closing(handled: BaseException) -> bool:
     return False
 
 
+def closing_now() -> bool:
+    """Whether the caller runs in a coroutine being closed (:func:`_closing`
+    of the exception being handled), where no wait can be made. (The
+    driver's await, on the hot path, tests for no exception inline first.)"""
+    handled = _handling()
+    return handled is not None and _closing(handled)
+
+
 def retrieve(future: asyncio.Future[Any]) -> None:
     """A done callback that marks ``future``'s exception retrieved: its error
     is reported elsewhere (the pool's log), not also as asyncio's "Future

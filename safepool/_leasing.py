@@ -19,7 +19,6 @@ are the core's, connect arguments the face's.
 from __future__ import annotations
 
 import asyncio
-import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import _internals as _pg
 from . import _sites, _stack, _workers
 from ._clock import Clock
-from ._detach import NOT_STARTED, LoopPass, Resolved, _closing, _Driver, already_ended, retrieve
+from ._detach import NOT_STARTED, LoopPass, Resolved, _Driver, already_ended, closing_now, retrieve
 from ._durations import release_timeout, validate_timeout
 from ._holder import Face
 from ._internals import RawConnection
@@ -547,8 +546,7 @@ class Leaser:
         in a coroutine being closed, where no wait can be made (see
         finish_release)."""
         self.unsuspended = 0
-        handled = sys.exception()
-        if handled is not None and _closing(handled):
+        if closing_now():
             return self.released
         return LoopPass()
 
@@ -560,8 +558,7 @@ class Leaser:
         """A release's wait off the hot path: for a plain future that the
         pool's task resolves (with the error to raise, or None), and with a
         query logger's loop pass at the end."""
-        handled = sys.exception()
-        if handled is not None and _closing(handled):
+        if closing_now():
             # A coroutine being closed releases (see _Driver.__await__):
             # nothing can wait there, so neither for the pool task's reset
             # nor the logger's loop pass (Python raised "coroutine ignored

@@ -1388,10 +1388,7 @@ class PoolState:
         while lost := self._lost_adopted(now, delay):
             for slot in lost:
                 self._unbind(slot.owner)  # type: ignore[arg-type]
-                slot.abandoned = True
-                slot.adopted = False
-                self._abandoned_count += 1
-                self.actions.append(Abandon(slot))
+                self._give_up(slot)
             # An idle connection serves its former taker now; else another
             # connect nobody waits for becomes its (lost too, if as old).
             self._serve_unbound(now)
@@ -1451,10 +1448,27 @@ class PoolState:
         for slot in self._orphans():
             if slot.created_at + delay > now:  # (as next_deadline's sum: see _lost_adopted)
                 break  # (the rest are younger)
-            slot.abandoned = True
-            slot.trigger = None
-            self._abandoned_count += 1
-            self.actions.append(Abandon(slot))
+            self._give_up(slot)
+
+    def _give_up(self, slot: Slot) -> None:
+        """Presume ``slot``'s connect lost (:meth:`_abandon_lost`,
+        :meth:`_abandon_orphans`): nobody's now, the I/O layer cancels it (an
+        ``Abandon``), and it counts towards max_size until its end is
+        reported (``_abandoned_count``)."""
+        slot.abandoned = True
+        slot.adopted = False
+        slot.trigger = None
+        self._abandoned_count += 1
+        self.actions.append(Abandon(slot))
+
+    def _lost_orphan_at(self) -> float | None:
+        """With a queue policy: when the oldest connect :meth:`_abandon_orphans`
+        would give up is presumed lost; None if there is none, or no hedging."""
+        delay = self._hedge_delay()
+        if delay is None:
+            return None
+        orphans = self._orphans()
+        return orphans[0].created_at + delay if orphans else None
 
     def _lost_adopted_at(self) -> float | None:
         """When the oldest connect a waiting task took over is presumed lost
@@ -2023,10 +2037,10 @@ class PoolState:
                 lost_at = self._lost_adopted_at()  # (a connect taken over, presumed lost then)
                 if lost_at is not None:
                     candidates.append(lost_at)
-            elif self._policy is not None and self.backoff.hedge_after is not None:
-                orphans = self._orphans()  # (the oldest connect nobody waits on, presumed lost then)
-                if orphans:
-                    candidates.append(orphans[0].created_at + self._hedge_delay())  # type: ignore[operator]
+            elif self._policy is not None:
+                lost_at = self._lost_orphan_at()  # (the oldest connect nobody waits on, presumed lost then)
+                if lost_at is not None:
+                    candidates.append(lost_at)
         return min(candidates) if candidates else None
 
     def advance(self, now: float) -> None:
