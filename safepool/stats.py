@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -143,6 +144,11 @@ class PoolStats:
     # Both None once a connect succeeds.
     last_connect_error: str | None = None
     last_connect_sqlstate: str | None = None
+    # That error's class name ("TooManyConnectionsError",
+    # "ConnectionRefusedError"): the type last_connect_error starts with, as
+    # the exporters label it (error_type, OpenTelemetry's error.type). None
+    # once a connect succeeds.
+    last_connect_error_type: str | None = None
     # The last connect failed on the program's own connect arguments (a
     # keyword asyncpg's connect() does not take, an option or DSN it cannot
     # use, a connect= callable's bug), before the server had a say: a
@@ -169,7 +175,13 @@ def sqlstate(error: BaseException | None) -> str | None:
     ``PostgresError.sqlstate``), or None: no error, or not the server's
     (a refused TCP connect, a timeout, asyncpg's own)."""
     code = getattr(error, "sqlstate", None)
-    return code if isinstance(code, str) else None
+    # Five characters, digits and upper-case letters, as the server sends
+    # it: anything else (an attribute of some other error) is not one, and
+    # the exporters put this in a label, whose values must stay few.
+    return code if isinstance(code, str) and _SQLSTATE.fullmatch(code) else None
+
+
+_SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 
 
 def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
@@ -220,6 +232,7 @@ def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
         init_failing=state.init_failing,
         last_connect_error=None if failing is None else describe_error(failing),
         last_connect_sqlstate=sqlstate(failing),
+        last_connect_error_type=None if failing is None else type(failing).__name__,
         connect_misconfigured=state.connect_misconfigured,
         taken_at=now,
     )

@@ -54,6 +54,8 @@ POOL_NAME = "db.client.connection.pool.name"
 STATE = "db.client.connection.state"
 SAFEPOOL_STATE = "safepool.connection.state"
 SITE = "safepool.site"
+RESPONSE_STATUS_CODE = "db.response.status_code"
+ERROR_TYPE = "error.type"
 
 # (PoolStats counter, instrument name, unit, description): every counter of PoolStats.
 COUNTERS: tuple[tuple[str, str, str, str], ...] = (
@@ -342,6 +344,11 @@ class PoolInstruments:
             "1 while connects succeed, 0 while they fail (backing off or down).",
         )
         meter.create_observable_gauge(
+            "safepool.connect.failing", [self._observe_connect_failing], "1",
+            "1 while connects fail, with the last failure's SQLSTATE (db.response.status_code, when the "
+            "server sent one) and error class (error.type); no point while connects succeed.",
+        )
+        meter.create_observable_gauge(
             "safepool.init.failing", [self._per_pool(lambda s: 1 if s.init_failing else 0)], "1",
             "1 while new connections fail in the init= hook with the server up (an application error), else 0.",
         )
@@ -375,6 +382,20 @@ class PoolInstruments:
                     yield Observation(row.in_use if in_use else row.waiting, {POOL_NAME: name, SITE: row.site})
 
         return callback
+
+    def _observe_connect_failing(self, options: CallbackOptions) -> Iterator[Observation]:
+        # The database conventions' attributes for a failed operation:
+        # db.response.status_code (the SQLSTATE, when the server sent one)
+        # and error.type (the exception's class name, which the conventions
+        # allow in place of the status code; more telling: it also names
+        # the failures without one).
+        for name, s, _ in self._snapshots():
+            if not s.consecutive_connect_failures:
+                continue
+            attributes = {POOL_NAME: name, ERROR_TYPE: s.last_connect_error_type or "_OTHER"}
+            if s.last_connect_sqlstate is not None:
+                attributes[RESPONSE_STATUS_CODE] = s.last_connect_sqlstate
+            yield Observation(1, attributes)
 
     def _observe_leak_suspects(self, options: CallbackOptions) -> Iterator[Observation]:
         for name, _, count in self._snapshots():

@@ -205,6 +205,21 @@ class PoolCollector:
             "safepool_consecutive_connect_failures", "Connect attempts that failed since the last success.",
             stats, lambda s: s.consecutive_connect_failures,
         )
+        # Info-style: one sample while connects fail, labelled with what the
+        # last one got; none while they succeed. The labels are the error's
+        # SQLSTATE (5 characters) and class name, never its message.
+        connect_failing = GaugeMetricFamily(
+            "safepool_connect_failing",
+            "1 while connects fail, labelled with the last failure's SQLSTATE ('' when the server sent none: "
+            "refused, unreachable, a timeout) and error class; no sample while connects succeed.",
+            labels=["pool", "sqlstate", "error_type"],
+        )
+        for name, s, _ in stats:
+            if s.consecutive_connect_failures:
+                connect_failing.add_metric(
+                    [name, s.last_connect_sqlstate or "", s.last_connect_error_type or ""], 1
+                )
+        yield connect_failing
         yield _gauge(
             "safepool_init_failing",
             "1 while new connections fail in the init= hook with the server up (an application error), else 0.",

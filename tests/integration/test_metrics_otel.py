@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from safepool._histogram import DEFAULT_BOUNDS
 from safepool._histogram import TeeHistogram as _Tee
 from safepool.metrics.otel import COUNTERS, instrument
 from tests._util import until
+from tests.integration.conftest import dsn_to_closed_port
 
 pytestmark = pytest.mark.asyncio
 POOL = "db.client.connection.pool.name"
@@ -36,8 +38,12 @@ def reader() -> Iterator[tuple[InMemoryMetricReader, MeterProvider]]:
 
 def points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
     """Instrument name -> its data points, from one collection."""
+    return points_of(reader.get_metrics_data())
+
+
+def points_of(data: Any) -> dict[str, list[Any]]:
+    """Instrument name -> its data points, in one collection's data."""
     result: dict[str, list[Any]] = {}
-    data = reader.get_metrics_data()
     assert data is not None
     for resource in data.resource_metrics:
         for scope in resource.scope_metrics:
@@ -120,6 +126,51 @@ async def test_a_failing_init_hook_is_visible_with_the_server_up(pools: Any, rea
     async with pool.acquire(timeout=10):
         pass
     assert point(points(memory), "safepool.init.failing", **{POOL: "init-bug"}).value == 0
+
+
+def connect_failing(found: dict[str, list[Any]], pool: str) -> list[dict[str, Any]]:
+    """The attributes of ``pool``'s safepool.connect.failing points, each
+    checked to be 1."""
+    matches = [p for p in found.get("safepool.connect.failing", []) if dict(p.attributes)[POOL] == pool]
+    assert all(p.value == 1 for p in matches), matches
+    return [dict(p.attributes) for p in matches]
+
+
+async def test_a_full_server_is_told_from_a_down_one_by_its_sqlstate(
+    pools: Any, reader: Any, refused_role: Any, pg_dsn: str
+) -> None:
+    """53300 from the server (a role at its CONNECTION LIMIT) and a refused
+    TCP connect (no answer, no SQLSTATE) both read safepool.server.up 0;
+    safepool.connect.failing tells them apart with the database
+    conventions' db.response.status_code and error.type, and has no point
+    once a connect succeeds."""
+    memory, provider = reader
+    full = await pools(name="full", min_size=0, dsn=refused_role.dsn)
+    password = f"pw-{uuid.uuid4().hex}"
+    down = await pools(name="down", min_size=0, dsn=dsn_to_closed_port(pg_dsn, password))
+    instrument(full, down, meter_provider=provider)
+    assert connect_failing(points(memory), "full") == []
+    with pytest.raises(asyncpg.TooManyConnectionsError):
+        await full.fetchval("SELECT 1")
+    with pytest.raises(ConnectionRefusedError):
+        await down.fetchval("SELECT 1")
+    data = memory.get_metrics_data()
+    found = points_of(data)
+    assert point(found, "safepool.server.up", **{POOL: "full"}).value == 0
+    assert point(found, "safepool.server.up", **{POOL: "down"}).value == 0
+    assert connect_failing(found, "full") == [
+        {POOL: "full", "db.response.status_code": "53300", "error.type": "TooManyConnectionsError"}
+    ]
+    assert connect_failing(found, "down") == [{POOL: "down", "error.type": "ConnectionRefusedError"}]
+    exported = data.to_json()
+    assert refused_role.password not in exported and password not in exported
+
+    await refused_role.admit()
+    assert await full.fetchval("SELECT 1") == 1
+    found = points(memory)
+    assert point(found, "safepool.server.up", **{POOL: "full"}).value == 1
+    assert connect_failing(found, "full") == []
+    assert len(connect_failing(found, "down")) == 1  # still failing
 
 
 async def test_instrument_of_an_asyncpg_pool_says_what_it_is(pg_dsn: str, reader: Any) -> None:

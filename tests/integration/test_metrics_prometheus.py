@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import safepool
 from safepool import ManualClock
 from safepool.metrics.prometheus import COUNTERS, PoolCollector, register
 from tests._util import until
+from tests.integration.conftest import dsn_to_closed_port
 
 pytestmark = pytest.mark.asyncio
 
@@ -133,6 +135,61 @@ async def test_server_down_is_visible(pools: Any, pg_dsn: str) -> None:
     assert value(samples, "safepool_server_status", pool="down", status="down") == 1
     assert value(samples, "safepool_connect_errors_total", pool="down") >= 1
     assert value(samples, "safepool_consecutive_connect_failures", pool="down") >= 1
+
+
+def connect_failing(samples: dict[Any, float], pool: str) -> dict[str, str]:
+    """The labels (but ``pool``) of ``pool``'s safepool_connect_failing
+    samples, each checked to be 1; {} for none."""
+    found = [dict(labels) for (name, labels), v in samples.items()
+             if name == "safepool_connect_failing" and ("pool", pool) in labels and v == 1]
+    assert len(found) <= 1, found
+    return {k: v for k, v in found[0].items() if k != "pool"} if found else {}
+
+
+async def test_a_full_server_is_told_from_a_down_one_by_its_sqlstate(pools: Any, refused_role: Any) -> None:
+    """The server answers the login with 53300 (a role at its CONNECTION
+    LIMIT: "too many connections for role"): safepool_server_up says 0
+    as for a server that is down, safepool_connect_failing says which it
+    is, and is gone once a connect succeeds."""
+    pool = await pools(name="full", min_size=0, dsn=refused_role.dsn)
+    registry = CollectorRegistry()
+    register(pool, registry=registry)
+    assert connect_failing(scrape(registry), "full") == {}  # (no connect yet: nothing failing)
+    with pytest.raises(asyncpg.TooManyConnectionsError, match="too many connections for role"):
+        await pool.fetchval("SELECT 1")
+    text = generate_latest(registry).decode()
+    samples = scrape(registry)
+    assert value(samples, "safepool_server_up", pool="full") == 0
+    assert connect_failing(samples, "full") == {"sqlstate": "53300", "error_type": "TooManyConnectionsError"}
+    assert refused_role.password not in text and refused_role.dsn not in text
+    assert 'safepool_connect_failing{error_type="TooManyConnectionsError",pool="full",sqlstate="53300"} 1.0' in text
+
+    await refused_role.admit()
+    assert await pool.fetchval("SELECT 1") == 1
+    samples = scrape(registry)
+    assert value(samples, "safepool_server_up", pool="full") == 1
+    assert connect_failing(samples, "full") == {}
+    assert "safepool_connect_failing{" not in generate_latest(registry).decode()
+
+
+async def test_a_refused_tcp_connect_is_connect_failing_with_no_sqlstate(pools: Any, pg_dsn: str) -> None:
+    """Nothing listens on the port: the server never answered, so the
+    sample's sqlstate is empty, and error_type names the refusal."""
+    password = f"pw-{uuid.uuid4().hex}"
+    pool = await pools(name="refused", min_size=0, dsn=dsn_to_closed_port(pg_dsn, password))
+    registry = CollectorRegistry()
+    register(pool, registry=registry)
+    with pytest.raises(ConnectionRefusedError):
+        await pool.fetchval("SELECT 1")
+    text = generate_latest(registry).decode()
+    samples = scrape(registry)
+    assert value(samples, "safepool_server_up", pool="refused") == 0
+    assert connect_failing(samples, "refused") == {"sqlstate": "", "error_type": "ConnectionRefusedError"}
+    assert password not in text
+
+    pool.set_connect_args(pg_dsn)  # the server again: the next connect succeeds
+    assert await pool.fetchval("SELECT 1") == 1
+    assert connect_failing(scrape(registry), "refused") == {}
 
 
 async def test_a_failing_init_hook_is_visible_with_the_server_up(pools: Any) -> None:
@@ -384,7 +441,7 @@ async def test_every_exported_metric_is_in_the_docs_table(pools: Any) -> None:
     # but missing from docs/metrics.md's table (a new user's trial,
     # 2026-12-03): every family a scrape shows, with every optional one on
     # (max_waiters, leak_warning_after, max_site_share), has its row.
-    table = {m.group(1) for m in re.finditer(r"^\| `(safepool_\w+?)(?:\{\w+\})?` \|", DOC, re.MULTILINE)}
+    table = {m.group(1) for m in re.finditer(r"^\| `(safepool_\w+?)(?:\{[\w, ]+\})?` \|", DOC, re.MULTILINE)}
     pool = await pools(
         name="documented", min_size=1, max_size=4, max_waiters=5, leak_warning_after=60.0, max_site_share=0.5
     )

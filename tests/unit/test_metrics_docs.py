@@ -23,7 +23,7 @@ ACQUIRE_FAILURES = ("acquire_timeouts", "overload_rejections", "shed", "admissio
 
 
 def test_every_exported_counter_is_in_the_metric_table() -> None:
-    table = {m.group(1) for m in re.finditer(r"^\| `(safepool_\w+?)(?:\{\w+\})?` \|", DOC, re.MULTILINE)}
+    table = {m.group(1) for m in re.finditer(r"^\| `(safepool_\w+?)(?:\{[\w, ]+\})?` \|", DOC, re.MULTILINE)}
     missing = [f"safepool_{name}_total" for _, name, _ in COUNTERS if f"safepool_{name}_total" not in table]
     assert missing == []
 
@@ -59,3 +59,22 @@ def test_health_codes_are_in_the_health_table_and_stats_rows_are_stats_fields() 
     assert sorted(emitted - set(_table("| code | status | when |"))) == []
     fields = {f.name for f in dataclasses.fields(PoolStats)}
     assert sorted(set(_table("| field | unit | meaning |")) - fields) == []
+
+
+def test_only_a_five_character_code_is_taken_for_a_sqlstate() -> None:
+    """The exporters put ``last_connect_sqlstate`` in a label: an error
+    that happens to carry some other ``sqlstate`` attribute (a connect=
+    callable's own) must not make a label value of it."""
+    import asyncpg
+
+    from safepool.stats import sqlstate
+
+    class Odd(Exception):
+        def __init__(self, code: object) -> None:
+            self.sqlstate = code
+
+    assert sqlstate(asyncpg.TooManyConnectionsError("too many connections")) == "53300"
+    assert sqlstate(Odd("28P01")) == "28P01"
+    for code in ("password=hunter2", "5330", "533000", "53 00", "p4ss1", 53300, None):
+        assert sqlstate(Odd(code)) is None, code
+    assert sqlstate(ConnectionRefusedError()) is None
