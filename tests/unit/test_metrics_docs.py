@@ -61,6 +61,51 @@ def test_health_codes_are_in_the_health_table_and_stats_rows_are_stats_fields() 
     assert sorted(set(_table("| field | unit | meaning |")) - fields) == []
 
 
+def test_every_metric_family_and_instrument_has_its_row() -> None:
+    """Every family the Prometheus collector describes, and every instrument
+    PoolInstruments creates, has its row in docs/metrics.md (with no pool
+    and no server: a family with no sample, such as
+    safepool_connect_failing while connects succeed, is checked too)."""
+    from typing import Any
+
+    from safepool.metrics.otel import COUNTERS as OTEL_COUNTERS
+    from safepool.metrics.otel import PoolInstruments
+    from safepool.metrics.prometheus import PoolCollector
+
+    prometheus = _table_names(r"safepool_\w+?", r"\{[\w, ]+\}")
+    described = {m.name + ("_total" if m.type == "counter" else "") for m in PoolCollector().describe()}
+    assert "safepool_connect_failing" in described
+    assert sorted(described - prometheus) == []
+
+    created: list[str] = []
+
+    class Meter:
+        def __getattr__(self, kind: str) -> Any:
+            assert kind.startswith("create_"), kind
+
+            def create(name: str, *args: Any, **kwargs: Any) -> object:
+                created.append(name)
+                return object()
+
+            return create
+
+    class Provider:
+        def get_meter(self, *args: Any, **kwargs: Any) -> Meter:
+            return Meter()
+
+    PoolInstruments(meter_provider=Provider(), record_times=False)  # type: ignore[arg-type]
+    assert "safepool.connect.failing" in created
+    # A row names the instrument, or "safepool.<counter>" for every counter.
+    rows = _table_names(r"[\w.]+", r"\{[\w.=]+\}")
+    counters = {name for _, name, _, _ in OTEL_COUNTERS}
+    assert sorted(set(created) - rows - counters) == []
+
+
+def _table_names(name: str, labels: str) -> set[str]:
+    """The metric names that open a row of a table in docs/metrics.md."""
+    return {m.group(1) for m in re.finditer(rf"^\| `({name})(?:{labels})?` \|", DOC, re.MULTILINE)}
+
+
 def test_only_a_five_character_code_is_taken_for_a_sqlstate() -> None:
     """The exporters put ``last_connect_sqlstate`` in a label: an error
     that happens to carry some other ``sqlstate`` attribute (a connect=
