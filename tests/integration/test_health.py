@@ -614,3 +614,69 @@ async def test_a_connection_lost_during_init_is_a_server_failure(pools: Any) -> 
         await pool.acquire(timeout=10)
     stats = pool.stats()
     assert stats.server_status == "down" and not stats.init_failing
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "server_full (and server_backing_off) is never cleared once the server has room again: the pool's "
+    "consecutive connect failures are reset only by a successful connect, and a pool at its min_size with an "
+    "idle connection never connects again, so health() keeps saying 'the server has no connection slot left'"
+))
+async def test_server_full_clears_once_the_server_has_room_again(pools: Any, pg_dsn: str) -> None:
+    """Another client holds one of the role's two slots; the pool's second
+    lease gets 53300. Then the other client goes: the server has room, and
+    the pool serves every lease it is asked for, but health() goes on
+    reporting ``server_full`` (degraded) for as long as no connect is made
+    (here: for ever, the pool idling at min_size with one connection)."""
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute("DROP ROLE IF EXISTS sp_health_room_again")
+    await admin.execute("CREATE ROLE sp_health_room_again LOGIN CONNECTION LIMIT 2")
+    try:
+        other = await asyncpg.connect(pg_dsn, user="sp_health_room_again")
+        pool = await pools(name="room-again", min_size=1, max_size=2, user="sp_health_room_again")
+        held = await pool.acquire()
+        with pytest.raises(asyncpg.TooManyConnectionsError):
+            await pool.acquire()
+        await pool.release(held)
+        await other.close()  # the server has a slot for the pool again
+        other_again = await asyncpg.connect(pg_dsn, user="sp_health_room_again")  # (there is room: proof)
+        await other_again.close()
+        report = await pool.health()
+        assert report.probe_latency is not None  # the probe was served
+        assert "server_full" not in codes(report), report.reasons
+        assert report.stats.server_status == "up"
+    finally:
+        await admin.execute("DROP ROLE IF EXISTS sp_health_room_again")
+        await admin.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "connect_errors is reported after its connect_error_window has long passed when checks are further apart "
+    "than twice the window: with no usable baseline it falls back to consecutive_connect_failures, which "
+    "no connect resets while the pool idles"
+))
+async def test_connect_errors_end_with_their_window(pools: Any, pg_dsn: str) -> None:
+    """One failed connect (53300, as above), then nothing fails any more
+    and the pool serves. Checks 10 windows apart still say
+    'connect errors in a row (first check of this pool)': the reason never
+    ends, whatever the window."""
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute("DROP ROLE IF EXISTS sp_health_window")
+    await admin.execute("CREATE ROLE sp_health_window LOGIN CONNECTION LIMIT 2")
+    try:
+        other = await asyncpg.connect(pg_dsn, user="sp_health_window")
+        pool = await pools(name="window", min_size=1, max_size=2, user="sp_health_window")
+        held = await pool.acquire()
+        with pytest.raises(asyncpg.TooManyConnectionsError):
+            await pool.acquire()
+        await pool.release(held)
+        await other.close()
+        window = 0.05
+        await pool.health(connect_error_window=window)
+        await asyncio.sleep(10 * window)
+        await pool.health(connect_error_window=window)
+        await asyncio.sleep(10 * window)
+        report = await pool.health(connect_error_window=window)
+        assert "connect_errors" not in codes(report), report.reasons
+    finally:
+        await admin.execute("DROP ROLE IF EXISTS sp_health_window")
+        await admin.close()
