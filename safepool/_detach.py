@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
+import types
 import warnings
 from collections.abc import Callable, Coroutine, Generator
 from contextvars import Context
@@ -407,50 +408,25 @@ class _Resume:
                 error = exc
 
 
-class Resolved(asyncio.Future):  # type: ignore[type-arg]
-    """A future resolved with None that is also a coroutine (send/throw/close,
-    :class:`_Driver`'s reason): what a release returns when there is nothing
-    left to wait for. ``await`` takes the future's own (C) path: no Python
-    call; ``asyncio.create_task()`` runs it as a coroutine that returns at once."""
-
-    def __init__(self, *, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop=loop)
-        self.set_result(None)
-
-    def send(self, value: Any) -> Any:
-        raise StopIteration(None)
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        raise typ if val is None else val
-
-    def close(self) -> None:
-        pass
+async def released() -> None:
+    """What a release returns when there is nothing left to wait for: a
+    coroutine that returns None at once, as asyncpg's ``release()`` is one
+    (asyncpg 0.29-0.32), called afresh for each release. So it behaves as
+    asyncpg's result does: awaited twice it raises ``RuntimeError("cannot
+    reuse already awaited coroutine")``; ``asyncio.create_task()``,
+    ``run_coroutine_threadsafe()`` and anyio's ``start_soon()`` run it; and
+    dropped unawaited, Python warns that it was never awaited (the lease
+    ended when release() was called: nothing is stranded). About 45 ns
+    more per release than a resolved future (docs/performance.md)."""
 
 
-class LoopPass:
-    """Awaited once: suspends the awaiting task for one loop iteration, then
-    returns None (``asyncio.sleep(0)``'s bare yield: the task is scheduled
-    again with ``call_soon``, after the callbacks already ready). Also a
-    coroutine (send/throw/close), so ``asyncio.create_task()`` runs it, as
-    it runs asyncpg's ``release()``; not a coroutine object of Python's, so
-    a release nobody awaits warns of nothing (as :class:`Resolved`)."""
+@types.coroutine
+def _bare_yield() -> Generator[None, None, None]:
+    yield  # (asyncio.sleep(0)'s: the task is scheduled again with call_soon)
 
-    __slots__ = ("_done",)
 
-    def __init__(self) -> None:
-        self._done = False
-
-    def __await__(self) -> Generator[None, None, None]:
-        yield
-
-    def send(self, value: Any) -> None:
-        if self._done:
-            raise StopIteration(None)
-        self._done = True  # (the one step: a bare yield)
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        self._done = True
-        raise typ if val is None else val
-
-    def close(self) -> None:
-        self._done = True
+async def loop_pass() -> None:
+    """:func:`released` with one loop pass before it returns: suspends the
+    awaiting task for one loop iteration, after the callbacks already ready
+    (the bare yield of ``asyncio.sleep(0)``)."""
+    await _bare_yield()

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import _internals as _pg
 from . import _sites, _stack, _workers
 from ._clock import Clock
-from ._detach import NOT_STARTED, LoopPass, Resolved, _Driver, already_ended, closing_now, retrieve
+from ._detach import NOT_STARTED, _Driver, already_ended, closing_now, loop_pass, released, retrieve
 from ._durations import release_timeout, validate_timeout
 from ._holder import Face
 from ._internals import RawConnection
@@ -81,7 +81,7 @@ class Leaser:
     __slots__ = (
         "face", "state", "runner", "loop", "now", "reporter", "listeners", "name", "slot_holders", "drain",
         "spawn", "lease_timeout", "leak_warning_after", "acquire_timeout", "reset_timeout", "max_queries",
-        "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "released", "call_at", "unsuspended",
+        "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "call_at", "unsuspended",
     )
 
     def __init__(
@@ -124,11 +124,8 @@ class Leaser:
         self.capture_stack = config.capture_stack
         self.setup = setup
         self.proxy_class = proxy_class
-        # What release() returns when there is nothing to wait for: awaiting
-        # a resolved future returns at once, with no frame and no loop pass.
-        # (A coroutine too, as asyncpg's release: create_task() accepts it.)
-        self.released: asyncio.Future[None] = Resolved(loop=loop)
-        # Releases that returned it in a row (see pass_loop).
+        # Releases in a row that returned released(), a coroutine that
+        # returns at once (nothing to wait for; see pass_loop).
         self.unsuspended = 0
 
     # ------------------------------------------------------------- acquire
@@ -361,7 +358,7 @@ class Leaser:
             if self.listeners:
                 self.reporter.emit_event("late_release", lease_id=connection._lease.id)
                 self.reporter.deliver()
-            return self.released
+            return released()
         state = self.state
         phase = state.phase
         if phase is not Phases.OPEN and phase is not Phases.CLOSING:
@@ -386,7 +383,7 @@ class Leaser:
         if lease.state not in OPEN_LEASE:
             # Taken back by the lease timeout while being released (the
             # take-back ran asyncpg's _on_release already).
-            return self.finish_release(None, True) if logged else self.released
+            return self.finish_release(None, True) if logged else released()
         slot = lease.slot  # (holder: the proxy's, its slot's: no lookup in slot_holders)
         try:
             check = _pg.release_check(con, holder.clean_mark, self.max_queries, holder.own_is_closed)
@@ -512,7 +509,7 @@ class Leaser:
                 # Nothing to send: the reset is done (reset_done hands the
                 # connection on; with no error it returns no error to raise).
                 runner.reset_done(holder, con, None, None)
-                return self.finish_release(None, True) if logged else self.released
+                return self.finish_release(None, True) if logged else released()
         else:
             if outcome is Outcome.DISCARD and usable:
                 # max_queries or an expired generation: asyncpg closes the
@@ -533,11 +530,11 @@ class Leaser:
         if logged or done is not None:
             return self.finish_release(done, logged)
         self.unsuspended += 1
-        return self.released if self.unsuspended < LOOP_PASS_EVERY else self.pass_loop()
+        return released() if self.unsuspended < LOOP_PASS_EVERY else self.pass_loop()
 
     def pass_loop(self) -> Awaitable[None]:
         """What every LOOP_PASS_EVERY-th release with nothing to wait for
-        returns: a loop pass (:class:`LoopPass`). asyncpg's release always
+        returns: a loop pass (:func:`_detach.loop_pass`). asyncpg's release always
         suspends the task (its shielded reset round trip, 0.29-0.32), so a
         loop of leases that run no statement and await nothing else let
         other tasks run there; here it would never let them (a program
@@ -547,8 +544,8 @@ class Leaser:
         finish_release)."""
         self.unsuspended = 0
         if closing_now():
-            return self.released
-        return LoopPass()
+            return released()
+        return loop_pass()
 
     async def raise_after(self, release: Awaitable[None], error: Exception) -> None:
         await release

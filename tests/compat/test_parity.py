@@ -2124,27 +2124,25 @@ async def test_connects_left_hanging_by_acquires_that_gave_up_do_not_hold_back_t
 
 
 @pytest.mark.asyncio
-async def test_the_release_of_aexit_cannot_be_awaited_twice(
-    make_pool: MakePool, flavour: str, request: pytest.FixtureRequest
-) -> None:
-    """``ctx.__aexit__()`` returns a coroutine on asyncpg's pool: awaited a
-    second time it raises ``RuntimeError("cannot reuse already awaited
-    coroutine")``, and docs/migration.md ("A release never awaited") says
-    safepool's does too. It does only for a lease that ran a statement (the
-    reset's driver): after a statement-free lease the release is a
-    resolved future (every 32nd time a LoopPass), which awaits again and
-    again without a word. 32 leases: both kinds."""
-    if flavour == "safepool":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "the release of a statement-free lease (Resolved, LoopPass) can be awaited twice; "
-            "asyncpg's coroutine, and safepool's reset driver, raise RuntimeError"
-        )))
+@pytest.mark.parametrize("statement", [False, True], ids=["statement-free", "with-statement"])
+@pytest.mark.parametrize("how", ["aexit", "pool.release"])
+async def test_a_release_cannot_be_awaited_twice(make_pool: MakePool, statement: bool, how: str) -> None:
+    """What ``ctx.__aexit__()`` and ``pool.release(con)`` return is a
+    coroutine on asyncpg's pool: awaited a second time it raises
+    ``RuntimeError("cannot reuse already awaited coroutine")``. So does
+    safepool's, whatever the release had to do: a reset (the driver), or
+    nothing (a statement-free lease; every 32nd one takes a loop pass: 33
+    leases see both kinds). A second release of the same connection is a
+    fresh call: a silent no-op on both."""
     pool = await make_pool(min_size=1, max_size=1)
-    for _ in range(32):
+    for _ in range(33):
         ctx = pool.acquire()
-        await ctx.__aenter__()
-        release = ctx.__aexit__(None, None, None)
-        await release
+        con = await ctx.__aenter__()
+        if statement:
+            await con.execute("SELECT 1")
+        release = ctx.__aexit__(None, None, None) if how == "aexit" else pool.release(con)
+        assert await release is None
         with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
             await release
+        assert await pool.release(con) is None
     assert pool.get_idle_size() == 1

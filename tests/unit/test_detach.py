@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from safepool._detach import LoopPass, _Driver, already_ended, detached
+from safepool._detach import _Driver, already_ended, detached, loop_pass, released
 from tests._util import cancelled
 
 pytestmark = pytest.mark.asyncio
@@ -546,19 +546,28 @@ async def test_a_first_step_that_ended_reaches_then_at_the_first_await(ended: st
 
 
 async def test_loop_pass_suspends_once_awaited_or_as_a_task() -> None:
-    """A LoopPass lets the callbacks already ready run before the awaiting
-    task goes on (one loop iteration), then returns None; a task runs it as
-    a coroutine. close() and throw() end it as a coroutine's do."""
+    """loop_pass() lets the callbacks already ready run before the awaiting
+    task goes on (one loop iteration), then returns None; a task runs it.
+    Both it and released() are coroutines: awaited twice they raise
+    asyncpg's release coroutine's RuntimeError."""
     order: list[str] = []
     loop = asyncio.get_running_loop()
     loop.call_soon(order.append, "ready callback")
-    assert await LoopPass() is None
+    assert await loop_pass() is None
     order.append("resumed")
     assert order == ["ready callback", "resumed"]
-    assert await asyncio.create_task(LoopPass()) is None  # type: ignore[arg-type]
-    closed = LoopPass()
-    closed.close()
-    with pytest.raises(StopIteration):
-        closed.send(None)
-    with pytest.raises(KeyError):
-        LoopPass().throw(KeyError("thrown"))
+    assert await asyncio.create_task(loop_pass()) is None
+    assert await asyncio.create_task(released()) is None
+    for make in (loop_pass, released):
+        once = make()
+        await once
+        with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
+            await once
+
+
+async def test_released_returns_without_a_loop_pass() -> None:
+    """released() returns at once: a callback already ready has not run."""
+    order: list[str] = []
+    asyncio.get_running_loop().call_soon(order.append, "ready callback")
+    assert await released() is None
+    assert order == []
