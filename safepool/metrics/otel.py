@@ -390,7 +390,7 @@ class PoolInstruments:
         # allow in place of the status code; more telling: it also names
         # the failures without one).
         for name, s, _ in self._snapshots():
-            if not s.consecutive_connect_failures:
+            if s.server_status == "up":  # (also once the failure view went stale, and in init=)
                 continue
             attributes = {POOL_NAME: name, ERROR_TYPE: s.last_connect_error_type or "_OTHER"}
             if s.last_connect_sqlstate is not None:

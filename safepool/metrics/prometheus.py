@@ -215,7 +215,7 @@ class PoolCollector:
             labels=["pool", "sqlstate", "error_type"],
         )
         for name, s, _ in stats:
-            if s.consecutive_connect_failures:
+            if s.server_status != "up":  # (not once the failure view went stale, nor in init=)
                 connect_failing.add_metric(
                     [name, s.last_connect_sqlstate or "", s.last_connect_error_type or ""], 1
                 )

@@ -306,3 +306,47 @@ def test_one_pool_where_an_iterable_of_pools_is_expected_says_so() -> None:
             PoolInstruments(cast(Any, pool), meter_provider=provider)
     finally:
         provider.shutdown()
+
+
+def test_connect_failing_and_server_up_follow_the_failure_view_going_stale() -> None:
+    """One refused connect while a connection serves, then nothing wants a
+    connection: backing off (safepool_connect_failing, OpenTelemetry's
+    safepool.connect.failing) until 60 s after the failure, then "up" with
+    no failing sample, though no connect has succeeded since (the
+    consecutive failures stay, for the next connect's backoff)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from safepool.metrics.otel import PoolInstruments
+
+    state = PoolState(max_size=2, min_size=1, backoff=Backoff(rng=lambda: 1.0))
+    state.connect_succeeded(state.add_connecting(0.0), object(), 0.0)
+    state.floor_enabled = True
+    state.connect_failed(state.add_connecting(10.0), 10.0, ConnectionRefusedError("refused"))
+    pool = StubPool("stale", state)
+    pool.add_timing_sink = pool.remove_timing_sink = lambda *args: None  # type: ignore[attr-defined]  # (no histograms here)
+    label = frozenset({("pool", "stale")})
+    failing = label | {("sqlstate", ""), ("error_type", "ConnectionRefusedError")}
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        PoolInstruments([cast(Any, pool)], meter_provider=provider)
+
+        def otel(name: str) -> list[Any]:
+            data = reader.get_metrics_data()
+            return [
+                point for rm in data.resource_metrics for sm in rm.scope_metrics for metric in sm.metrics
+                if metric.name == name for point in metric.data.data_points
+            ]
+
+        for now, up in ((10.0, False), (69.9, False), (70.0, True)):
+            pool.now = now
+            samples = scrape(pool)
+            assert samples[("safepool_server_up", label)] == up
+            assert samples[("safepool_server_status", label | {("status", "backing_off")})] == (not up)
+            assert (("safepool_connect_failing", failing) in samples) == (not up)
+            assert samples[("safepool_consecutive_connect_failures", label)] == 1
+            assert [p.value for p in otel("safepool.server.up")] == [int(up)]
+            assert len(otel("safepool.connect.failing")) == (0 if up else 1)
+    finally:
+        provider.shutdown()
