@@ -659,32 +659,32 @@ async def test_server_full_clears_once_the_server_has_room_again(pools: Any, pg_
         await admin.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "connect_errors is reported after its connect_error_window has long passed when checks are further apart "
-    "than twice the window: with no usable baseline it falls back to consecutive_connect_failures, which "
-    "no connect resets while the pool idles"
-))
 async def test_connect_errors_end_with_their_window(pools: Any, pg_dsn: str) -> None:
     """One failed connect (53300, as above), then nothing fails any more
-    and the pool serves. Checks 10 windows apart still say
-    'connect errors in a row (first check of this pool)': the reason never
-    ends, whatever the window."""
+    and the pool serves. Checks 10 windows apart (no usable baseline) said
+    'connect errors in a row (first check of this pool)' for ever: the run
+    of failures counts only while its last is within the window
+    (``stats().last_connect_failure_age``)."""
     admin = await asyncpg.connect(pg_dsn)
     await admin.execute("DROP ROLE IF EXISTS sp_health_window")
     await admin.execute("CREATE ROLE sp_health_window LOGIN CONNECTION LIMIT 2")
     try:
+        clock = ManualClock()
         other = await asyncpg.connect(pg_dsn, user="sp_health_window")
-        pool = await pools(name="window", min_size=1, max_size=2, user="sp_health_window")
+        pool = await pools(name="window", min_size=1, max_size=2, user="sp_health_window", clock=clock)
         held = await pool.acquire()
         with pytest.raises(asyncpg.TooManyConnectionsError):
             await pool.acquire()
         await pool.release(held)
         await other.close()
-        window = 0.05
-        await pool.health(connect_error_window=window)
-        await asyncio.sleep(10 * window)
-        await pool.health(connect_error_window=window)
-        await asyncio.sleep(10 * window)
+        window = 5.0
+        report = await pool.health(connect_error_window=window)  # the first check: the current run counts
+        assert "connect_errors" in codes(report) and report.stats.last_connect_failure_age == 0.0
+        clock.advance(10 * window)
+        report = await pool.health(connect_error_window=window)
+        assert report.stats.last_connect_failure_age == 10 * window
+        assert "connect_errors" not in codes(report), report.reasons
+        clock.advance(10 * window)
         report = await pool.health(connect_error_window=window)
         assert "connect_errors" not in codes(report), report.reasons
     finally:

@@ -229,6 +229,32 @@ def test_connect_error_window_uses_checks_as_samples() -> None:
     assert check(500.0) == (0, None)  # the last check is too old to measure a rate from
 
 
+def test_with_no_baseline_the_current_run_counts_only_within_the_window() -> None:
+    """A first check, or one more than twice the window after the last,
+    counts the current run of failures only if its last failed within the
+    window (``last_connect_failure_age``): no connect since a failure long
+    ago (a pool idling at min_size) kept connect_errors for ever."""
+    state = PoolState(max_size=2, backoff=Backoff(rng=lambda: 1.0))
+    pool = cast(Any, StubPool("old-run", state))
+    slot = state.add_connecting(0.0)
+    state.connect_failed(slot, 0.0, OSError("refused"))
+    slot = state.add_connecting(5.0)
+    state.connect_failed(slot, 5.0, OSError("refused"))
+    state.actions.clear()
+
+    def check(now: float) -> tuple[int, float | None]:
+        stats = build_stats("old-run", state, now)
+        assert stats.last_connect_failure_age == now - 5.0
+        return health._recent_connect_errors(pool, stats, now, 60.0)
+
+    assert check(65.0) == (2, None)  # the first check: the last failure 60 s ago, within the window
+    assert check(500.0) == (0, None)  # no usable baseline; the run ended 495 s ago
+    assert check(1000.0) == (0, None)
+    slot = state.add_connecting(1000.0)
+    state.connect_succeeded(slot, object(), 1000.0)
+    assert build_stats("old-run", state, 1001.0).last_connect_failure_age is None
+
+
 def test_live_pools_is_safe_from_another_thread_while_pools_are_created(monkeypatch: pytest.MonkeyPatch) -> None:
     """Exporters with live=True list the live pools from the scrape's (or the
     reader's) thread: a pool created on the loop's thread meanwhile failed
