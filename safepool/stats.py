@@ -120,7 +120,9 @@ class PoolStats:
     connect_time: Distribution  # successful connects, from planning to ready (init hook included)
     oldest_lease_age: float  # 0.0 when nothing is leased
     oldest_wait_age: float  # how long the head of the wait queue has waited; 0.0 if none
-    server_status: str  # "up", "backing_off" or "down"
+    # "up", "backing_off" or "down"; "up" also once failing connects are no
+    # longer wanted and the last failed over 60 s ago (docs/metrics.md).
+    server_status: str
     consecutive_connect_failures: int
     # Site caps and the adaptive queue (docs/backpressure.md).
     shed: int = 0  # waiters the adaptive queue failed after queue_target
