@@ -546,7 +546,9 @@ _LEASE_DEADLINE, _LEASE_WARNING, _WAITER_DEADLINE, _SLOT_EXPIRY, _STALE_FAILURE 
 # default connect_error_window.
 STALE_FAILURE_AFTER = 60.0
 # Seconds between looks at a failure view that is due to go stale while the
-# pool still wants a connection (tasks wait on a full pool, none connecting).
+# pool still wants a connection (PoolState.wants_connection): usually that
+# connect's outcome reports the status first; this catches the rest (a
+# connect cancelled, one held back by max_connecting).
 STALE_RECHECK = 1.0
 
 # max_lifetime: each connection's is cut by up to this share, so connections
