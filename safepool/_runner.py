@@ -34,6 +34,7 @@ from ._state import (
     Connect,
     Fail,
     LeakSuspect,
+    NoteServerStatus,
     Phase,
     PoolState,
     Shed,
@@ -171,6 +172,10 @@ class Runner:
                     case Shed(waiter, reason, waiting):
                         if not waiter.future.done():  # (else cancelled first: never counted)
                             waiter.future.set_exception(PoolOverloadedError(self.reporter.shed_message(reason, waiting)))
+                    case NoteServerStatus():
+                        # The failure view went stale (backing_off -> up) by
+                        # time alone: no connect event reports it.
+                        self.reporter.note_server_status(self.now())
                     case _:
                         assert_never(action)
         if state.closing and state.size == 0:  # (closing first: a plain attribute, the hot path)

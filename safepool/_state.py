@@ -376,7 +376,14 @@ class Shed:
     waiting: int  # tasks waiting when it was shed, itself included (the message's count)
 
 
-Action = Connect | Close | Abandon | Wake | TimeOut | Fail | TakeBack | LeakSuspect | Shed
+@dataclass(frozen=True, slots=True)
+class NoteServerStatus:
+    """Report the server status: the failure view went stale by time alone
+    (backing_off -> up: see :meth:`PoolState.server_status`), with no
+    connect event to report it."""
+
+
+Action = Connect | Close | Abandon | Wake | TimeOut | Fail | TakeBack | LeakSuspect | Shed | NoteServerStatus
 
 
 class Overloaded(Exception):
@@ -529,7 +536,20 @@ class Backoff:
         return float(ceiling * (0.5 + 0.5 * self.rng()))
 
 
-_LEASE_DEADLINE, _LEASE_WARNING, _WAITER_DEADLINE, _SLOT_EXPIRY = 0, 1, 2, 3
+_LEASE_DEADLINE, _LEASE_WARNING, _WAITER_DEADLINE, _SLOT_EXPIRY, _STALE_FAILURE = 0, 1, 2, 3, 4
+
+# A failed connect stops speaking for the server (server_status goes back to
+# "up" from "backing_off") once the pool wants no connection and this many
+# seconds have passed since it failed (and its backoff is over): no connect
+# will come to refresh the view. 60 s is asyncpg's longest reconnect delay
+# (the min_size upkeep's retry cap, _runner._FLOOR_RETRY_CAP) and health()'s
+# default connect_error_window.
+STALE_FAILURE_AFTER = 60.0
+# Seconds between looks at a failure view that is due to go stale while the
+# pool still wants a connection (PoolState.wants_connection): usually that
+# connect's outcome reports the status first; this catches the rest (a
+# connect cancelled, one held back by max_connecting).
+STALE_RECHECK = 1.0
 
 # max_lifetime: each connection's is cut by up to this share, so connections
 # opened together are not all replaced together (see PoolState._arm_lifetime).
@@ -586,10 +606,10 @@ class PoolState:
     # own, and then no method call on it is specialized (a dict lookup and
     # a type lookup per call, every state.release(...) of the hot path).
     __slots__ = (
-        "_abandoned_count", "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_timers", "_timers",
+        "_abandoned_count", "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_check", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_level", "backoff_until",
         "breaker_threshold", "closing", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
-        "failed_answer_max", "floor_enabled", "lost_before",
+        "failed_answer_max", "failure_went_stale", "floor_enabled", "lost_before",
         "generation", "init_failing", "connect_misconfigured", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime",
         "max_lifetime", "max_size",
         "max_waiters", "min_size", "phase", "reset_mode", "server_failures", "wait_on_connect_error", "wait_times",
@@ -702,6 +722,13 @@ class PoolState:
         self.connect_misconfigured = False
         self.last_connect_error: BaseException | None = None
         self.backoff_until = 0.0
+        # A _STALE_FAILURE timer is in the heap (one at most: it re-arms
+        # itself for a later failure's moment, see _check_stale).
+        self._stale_check = False
+        # The failure view went stale (_check_stale saw it so): server_status
+        # stays "up" from then until the next failure (or success), whatever
+        # the demand does meanwhile (a connect for it refreshes the view).
+        self.failure_went_stale = False
 
         # Site caps and the adaptive queue (_policy.py): None when both are
         # off, so the default paths pay one attribute check.
@@ -778,12 +805,48 @@ class PoolState:
         return connected
 
     def server_status(self, now: float) -> ServerStatus:
-        # A connect that failed in init= reached the server: it is up.
-        if self.connect_failures == 0 or self.init_failing:
+        """UP while connects succeed; DOWN while they fail and no connection
+        serves; BACKING_OFF while they fail and connections serve, until the
+        failure view goes stale (:meth:`failure_stale`): UP again then, and
+        from then on (``failure_went_stale``) until the next failure."""
+        # A connect that failed in init= reached the server: it is up. Once
+        # the failure view went stale, losing a connection since (to
+        # max_inactive_lifetime, or the server ending it) is no connect
+        # failure either: still up.
+        if self.connect_failures == 0 or self.init_failing or self.failure_went_stale:
             return ServerStatus.UP
         if self._serving() == 0:
+            # (Never goes stale: an acquire, or health()'s probe, connects
+            # anyway and refreshes the view.)
             return ServerStatus.DOWN
+        if self.failure_stale(now):
+            return ServerStatus.UP
         return ServerStatus.BACKING_OFF
+
+    def wants_connection(self) -> bool:
+        """Whether the pool wants a connection now, as :meth:`_plan_connects`
+        (and :meth:`next_deadline`'s next probe) and the min_size upkeep see
+        it: a connect is under way, a task waits (with a queue policy: an
+        eligible one) and the pool has room for one, or the pool is below
+        min_size (:meth:`floor_deficit`). (Tasks waiting on a full pool wait
+        for a release: no connect is planned for them.)"""
+        if self._connecting_count or self.floor_deficit():
+            return True
+        waiting = self._waiting if self._policy is None else self._policy.eligible
+        return bool(waiting) and len(self._slots) < self.max_size
+
+    def stale_failure_at(self) -> float:
+        """When the last failed connect stops speaking for the server if the
+        pool wants no connection by then: STALE_FAILURE_AFTER after it
+        failed, and not before its backoff ends."""
+        return max(self.backoff_until, self.connect_failed_at + STALE_FAILURE_AFTER)
+
+    def failure_stale(self, now: float) -> bool:
+        """Connects failed, but no connect will refresh that view: the pool
+        wants no connection (:meth:`wants_connection`) and the last failure
+        is STALE_FAILURE_AFTER old, its backoff over. (The failure counts,
+        backoff and breaker are kept: the next connect meets them.)"""
+        return not self.wants_connection() and now >= self.stale_failure_at()
 
     def oldest_waiter_age(self, now: float) -> float:
         """How long the longest-waiting live task has waited (0.0 if none)."""
@@ -1575,6 +1638,7 @@ class PoolState:
         self.init_failing = False
         self.connect_misconfigured = False
         self.backoff_until = 0.0
+        self.failure_went_stale = False
         slot.trigger = None
         owner = slot.owner
         if owner is None:
@@ -1651,6 +1715,15 @@ class PoolState:
         self.init_failing = in_init
         self.connect_misconfigured = program
         self.last_connect_error = error
+        # News: the failure view is fresh, and goes stale at its own moment
+        # (a timer, so the server_status event comes then, connect or none).
+        # Only while connections serve: "down" (none left: only a connect
+        # brings one back, and its outcome is news) and an init= failure
+        # ("up") never go stale.
+        self.failure_went_stale = False
+        if not self._stale_check and not in_init and self._serving():
+            self._stale_check = True
+            self._push_timer(now + STALE_FAILURE_AFTER, _STALE_FAILURE, True)  # (not None: advance() stops at None)
         # A connect that started before the last failure was under way with
         # it: its failure is the same news and does not raise the backoff
         # (ten connects refused by one restart wait as one did). The delay
@@ -1961,6 +2034,8 @@ class PoolState:
             return bool(obj.state is W.WAITING)
         if kind == _LEASE_DEADLINE:
             return obj.state in OPEN_LEASE
+        if kind == _STALE_FAILURE:
+            return True  # (one at most, _stale_check: it looks when it fires)
         return obj.state is L.HELD
 
     def _timer_dropped(self, entries: int = 1) -> None:
@@ -2071,6 +2146,8 @@ class PoolState:
                 self._move_lease(obj, L.SUSPECT)
                 self.counters.leak_warnings += 1
                 self.actions.append(LeakSuspect(obj))
+            elif kind == _STALE_FAILURE:
+                self._check_stale(now)
             else:
                 self._expire_lease(obj, now)
         self._compact_waiters()
@@ -2105,6 +2182,27 @@ class PoolState:
             return kind, heapq.heappop(timers)[3]
         del (self._deadlines if kind == _LEASE_DEADLINE else self._warnings).entries[due.id]
         return kind, due
+
+    def _check_stale(self, now: float) -> None:
+        """The _STALE_FAILURE timer: if the failure view went stale by now
+        (:meth:`failure_stale`), say so once (``failure_went_stale``, and a
+        ``NoteServerStatus`` for the runner's event and log); if it is not
+        due yet (a later failure, or a longer backoff), look again then; if
+        the pool still wants a connection, every STALE_RECHECK seconds (a
+        connect's outcome, should one start, reports the status itself).
+        Nothing to do once a connect succeeded, while the failure is the
+        init= hook's (the status is "up" anyway) or with no connection left
+        ("down" is never stale: the next failure arms the timer anew)."""
+        self._stale_check = False
+        if not self.connect_failures or self.init_failing or self.failure_went_stale or self._serving() == 0:
+            return
+        if self.failure_stale(now):
+            self.failure_went_stale = True
+            self.actions.append(NoteServerStatus())
+            return
+        due = self.stale_failure_at()
+        self._stale_check = True
+        self._push_timer(due if now < due else now + STALE_RECHECK, _STALE_FAILURE, True)
 
     def _expire_lease(self, lease: Lease, now: float) -> None:
         self.counters.leases_expired += 1
@@ -2167,6 +2265,16 @@ class PoolState:
                 fail(f"lease {lease.id} does not match its slot")
         if len(leases) != found[S.LEASED]:
             fail("leases and leased slots disagree")
+        checks = sum(1 for _, _, kind, _ in self._timers if kind == _STALE_FAILURE)
+        if checks != self._stale_check:
+            fail(f"{checks} stale-failure timers in the heap, flagged {self._stale_check}")
+        if self.failure_went_stale and (not self.connect_failures or self.init_failing):
+            fail("the failure view went stale with no failure of the server's")
+        if (
+            self.connect_failures and not self.init_failing and not self.failure_went_stale and not self._stale_check
+            and self._serving()
+        ):
+            fail("backing off with no stale-failure timer armed")
         dead = sum(1 for _, _, kind, obj in self._timers if not self._timer_live(kind, obj))
         if dead != self._stale_timers:
             fail(f"timer heap: {dead} stale entries, counted {self._stale_timers}")

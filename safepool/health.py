@@ -109,7 +109,9 @@ async def check_health(
         (default: the pool's ``leak_warning_after``; None there too: no check).
     :param connect_error_window: degraded when connects failed within this
         many seconds (measured between successive checks of the same pool;
-        a pool's first check only sees the current run of failures).
+        a pool's first check, or one more than twice this after the last,
+        only sees the current run of failures, if its last failed within
+        this many seconds).
     :raises TypeError: ``pool`` is not a safepool pool (an asyncpg pool), or an option of the wrong type (a duration that is not
         an int or a float, ``probe`` not a bool, ``probe_query`` not a str).
     :raises ValueError: a duration out of range: NaN or negative;
@@ -284,7 +286,8 @@ async def _probe(pool: Pool, timeout: float, query: str, reasons: list[HealthRea
 
 def _recent_connect_errors(pool: Pool, stats: PoolStats, now: float, window: float) -> tuple[int, float | None]:
     """(connect errors, over how many seconds); None seconds: no usable
-    earlier check, so only the current run of failures is known."""
+    earlier check, so only the current run of failures is known, counted
+    if its last failure is within the window."""
     samples = _history.get(pool)
     if samples is None:
         samples = _history[pool] = deque(maxlen=256)
@@ -295,5 +298,8 @@ def _recent_connect_errors(pool: Pool, stats: PoolStats, now: float, window: flo
     baseline = samples[0] if samples and now - samples[0][0] <= 2 * window else None
     samples.append((now, stats.connect_errors))
     if baseline is None:
-        return stats.consecutive_connect_failures, None
+        # The current run of failures, if its last failed within the window
+        # (a run that ended long ago, with no connect since, is not recent).
+        age = stats.last_connect_failure_age
+        return (stats.consecutive_connect_failures if age is not None and age <= window else 0), None
     return stats.connect_errors - baseline[1], now - baseline[0]

@@ -120,7 +120,9 @@ class PoolStats:
     connect_time: Distribution  # successful connects, from planning to ready (init hook included)
     oldest_lease_age: float  # 0.0 when nothing is leased
     oldest_wait_age: float  # how long the head of the wait queue has waited; 0.0 if none
-    server_status: str  # "up", "backing_off" or "down"
+    # "up", "backing_off" or "down"; "up" also once failing connects are no
+    # longer wanted and the last failed over 60 s ago (docs/metrics.md).
+    server_status: str
     consecutive_connect_failures: int
     # Site caps and the adaptive queue (docs/backpressure.md).
     shed: int = 0  # waiters the adaptive queue failed after queue_target
@@ -154,6 +156,10 @@ class PoolStats:
     # use, a connect= callable's bug), before the server had a say: a
     # configuration error. False once a connect succeeds.
     connect_misconfigured: bool = False
+    # Seconds since the last failed connect, while connects fail (None once
+    # one succeeds, and before any failed): health()'s connect_errors counts
+    # the current run only while this is within its connect_error_window.
+    last_connect_failure_age: float | None = None
 
     taken_at: float = 0.0  # the pool clock's time of this snapshot (seconds; for rates between snapshots)
 
@@ -234,5 +240,6 @@ def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
         last_connect_sqlstate=sqlstate(failing),
         last_connect_error_type=None if failing is None else type(failing).__name__,
         connect_misconfigured=state.connect_misconfigured,
+        last_connect_failure_age=now - state.connect_failed_at if state.connect_failures else None,
         taken_at=now,
     )

@@ -341,11 +341,11 @@ class PoolInstruments:
         )
         meter.create_observable_gauge(
             "safepool.server.up", [self._per_pool(lambda s: 1 if s.server_status == "up" else 0)], "1",
-            "1 while connects succeed, 0 while they fail (backing off or down).",
+            "1 while the server status is up (connects succeed, or their failures went stale), 0 while backing off or down.",
         )
         meter.create_observable_gauge(
             "safepool.connect.failing", [self._observe_connect_failing], "1",
-            "1 while connects fail, with the last failure's SQLSTATE (db.response.status_code, when the "
+            "1 while connects fail (server status backing off or down), with the last failure's SQLSTATE (db.response.status_code, when the "
             "server sent one) and error class (error.type); no point while connects succeed.",
         )
         meter.create_observable_gauge(
@@ -390,7 +390,7 @@ class PoolInstruments:
         # allow in place of the status code; more telling: it also names
         # the failures without one).
         for name, s, _ in self._snapshots():
-            if not s.consecutive_connect_failures:
+            if s.server_status == "up":  # (also once the failure view went stale, and in init=)
                 continue
             attributes = {POOL_NAME: name, ERROR_TYPE: s.last_connect_error_type or "_OTHER"}
             if s.last_connect_sqlstate is not None:

@@ -190,7 +190,8 @@ class PoolCollector:
         yield suspects
 
         yield _gauge(
-            "safepool_server_up", "1 while connects succeed, 0 while they fail (backing off or down).",
+            "safepool_server_up",
+            "1 while the server status is up (connects succeed, or their failures went stale), 0 while backing off or down.",
             stats, lambda s: 1 if s.server_status == "up" else 0,
         )
         status = GaugeMetricFamily(
@@ -210,12 +211,12 @@ class PoolCollector:
         # SQLSTATE (5 characters) and class name, never its message.
         connect_failing = GaugeMetricFamily(
             "safepool_connect_failing",
-            "1 while connects fail, labelled with the last failure's SQLSTATE ('' when the server sent none: "
+            "1 while connects fail (server status backing off or down), labelled with the last failure's SQLSTATE ('' when the server sent none: "
             "refused, unreachable, a timeout) and error class; no sample while connects succeed.",
             labels=["pool", "sqlstate", "error_type"],
         )
         for name, s, _ in stats:
-            if s.consecutive_connect_failures:
+            if s.server_status != "up":  # (not once the failure view went stale, nor in init=)
                 connect_failing.add_metric(
                     [name, s.last_connect_sqlstate or "", s.last_connect_error_type or ""], 1
                 )

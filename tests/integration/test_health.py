@@ -616,23 +616,23 @@ async def test_a_connection_lost_during_init_is_a_server_failure(pools: Any) -> 
     assert stats.server_status == "down" and not stats.init_failing
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server_full (and server_backing_off) is never cleared once the server has room again: the pool's "
-    "consecutive connect failures are reset only by a successful connect, and a pool at its min_size with an "
-    "idle connection never connects again, so health() keeps saying 'the server has no connection slot left'"
-))
 async def test_server_full_clears_once_the_server_has_room_again(pools: Any, pg_dsn: str) -> None:
     """Another client holds one of the role's two slots; the pool's second
     lease gets 53300. Then the other client goes: the server has room, and
-    the pool serves every lease it is asked for, but health() goes on
-    reporting ``server_full`` (degraded) for as long as no connect is made
-    (here: for ever, the pool idling at min_size with one connection)."""
+    the pool serves every lease it is asked for while idling at min_size
+    with one connection, so it never connects again. health() said
+    ``server_full`` (degraded) for ever; now the failure view goes stale
+    60 s after the failure (no connect wanted since): ``up`` again, and the
+    ``server_status`` event says so at that moment."""
     admin = await asyncpg.connect(pg_dsn)
     await admin.execute("DROP ROLE IF EXISTS sp_health_room_again")
     await admin.execute("CREATE ROLE sp_health_room_again LOGIN CONNECTION LIMIT 2")
     try:
+        clock = ManualClock()
+        events: list[dict[str, Any]] = []
         other = await asyncpg.connect(pg_dsn, user="sp_health_room_again")
-        pool = await pools(name="room-again", min_size=1, max_size=2, user="sp_health_room_again")
+        pool = await pools(name="room-again", min_size=1, max_size=2, user="sp_health_room_again", clock=clock)
+        pool.add_listener(events.append)
         held = await pool.acquire()
         with pytest.raises(asyncpg.TooManyConnectionsError):
             await pool.acquire()
@@ -640,41 +640,51 @@ async def test_server_full_clears_once_the_server_has_room_again(pools: Any, pg_
         await other.close()  # the server has a slot for the pool again
         other_again = await asyncpg.connect(pg_dsn, user="sp_health_room_again")  # (there is room: proof)
         await other_again.close()
+        clock.advance(59.0)  # still within the failure's 60 s: the last news
+        report = await pool.health()
+        assert "server_full" in codes(report) and report.stats.server_status == "backing_off"
+        assert [e["to"] for e in events if e["event"] == "server_status"] == ["backing_off"]
+        clock.advance(1.0)  # 60 s since the failure, no connect wanted since
         report = await pool.health()
         assert report.probe_latency is not None  # the probe was served
         assert "server_full" not in codes(report), report.reasons
         assert report.stats.server_status == "up"
+        assert report.stats.consecutive_connect_failures == 1  # (no connect since: kept for the next one)
+        assert [(e["from"], e["to"]) for e in events if e["event"] == "server_status"] == [
+            ("up", "backing_off"), ("backing_off", "up"),
+        ]
+        assert report.status == "ok", report.reasons
     finally:
         await admin.execute("DROP ROLE IF EXISTS sp_health_room_again")
         await admin.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "connect_errors is reported after its connect_error_window has long passed when checks are further apart "
-    "than twice the window: with no usable baseline it falls back to consecutive_connect_failures, which "
-    "no connect resets while the pool idles"
-))
 async def test_connect_errors_end_with_their_window(pools: Any, pg_dsn: str) -> None:
     """One failed connect (53300, as above), then nothing fails any more
-    and the pool serves. Checks 10 windows apart still say
-    'connect errors in a row (first check of this pool)': the reason never
-    ends, whatever the window."""
+    and the pool serves. Checks 10 windows apart (no usable baseline) said
+    'connect errors in a row (first check of this pool)' for ever: the run
+    of failures counts only while its last is within the window
+    (``stats().last_connect_failure_age``)."""
     admin = await asyncpg.connect(pg_dsn)
     await admin.execute("DROP ROLE IF EXISTS sp_health_window")
     await admin.execute("CREATE ROLE sp_health_window LOGIN CONNECTION LIMIT 2")
     try:
+        clock = ManualClock()
         other = await asyncpg.connect(pg_dsn, user="sp_health_window")
-        pool = await pools(name="window", min_size=1, max_size=2, user="sp_health_window")
+        pool = await pools(name="window", min_size=1, max_size=2, user="sp_health_window", clock=clock)
         held = await pool.acquire()
         with pytest.raises(asyncpg.TooManyConnectionsError):
             await pool.acquire()
         await pool.release(held)
         await other.close()
-        window = 0.05
-        await pool.health(connect_error_window=window)
-        await asyncio.sleep(10 * window)
-        await pool.health(connect_error_window=window)
-        await asyncio.sleep(10 * window)
+        window = 5.0
+        report = await pool.health(connect_error_window=window)  # the first check: the current run counts
+        assert "connect_errors" in codes(report) and report.stats.last_connect_failure_age == 0.0
+        clock.advance(10 * window)
+        report = await pool.health(connect_error_window=window)
+        assert report.stats.last_connect_failure_age == 10 * window
+        assert "connect_errors" not in codes(report), report.reasons
+        clock.advance(10 * window)
         report = await pool.health(connect_error_window=window)
         assert "connect_errors" not in codes(report), report.reasons
     finally:

@@ -229,6 +229,32 @@ def test_connect_error_window_uses_checks_as_samples() -> None:
     assert check(500.0) == (0, None)  # the last check is too old to measure a rate from
 
 
+def test_with_no_baseline_the_current_run_counts_only_within_the_window() -> None:
+    """A first check, or one more than twice the window after the last,
+    counts the current run of failures only if its last failed within the
+    window (``last_connect_failure_age``): no connect since a failure long
+    ago (a pool idling at min_size) kept connect_errors for ever."""
+    state = PoolState(max_size=2, backoff=Backoff(rng=lambda: 1.0))
+    pool = cast(Any, StubPool("old-run", state))
+    slot = state.add_connecting(0.0)
+    state.connect_failed(slot, 0.0, OSError("refused"))
+    slot = state.add_connecting(5.0)
+    state.connect_failed(slot, 5.0, OSError("refused"))
+    state.actions.clear()
+
+    def check(now: float) -> tuple[int, float | None]:
+        stats = build_stats("old-run", state, now)
+        assert stats.last_connect_failure_age == now - 5.0
+        return health._recent_connect_errors(pool, stats, now, 60.0)
+
+    assert check(65.0) == (2, None)  # the first check: the last failure 60 s ago, within the window
+    assert check(500.0) == (0, None)  # no usable baseline; the run ended 495 s ago
+    assert check(1000.0) == (0, None)
+    slot = state.add_connecting(1000.0)
+    state.connect_succeeded(slot, object(), 1000.0)
+    assert build_stats("old-run", state, 1001.0).last_connect_failure_age is None
+
+
 def test_live_pools_is_safe_from_another_thread_while_pools_are_created(monkeypatch: pytest.MonkeyPatch) -> None:
     """Exporters with live=True list the live pools from the scrape's (or the
     reader's) thread: a pool created on the loop's thread meanwhile failed
@@ -304,5 +330,49 @@ def test_one_pool_where_an_iterable_of_pools_is_expected_says_so() -> None:
     try:
         with pytest.raises(TypeError, match=r"an iterable of pools, got one pool"):
             PoolInstruments(cast(Any, pool), meter_provider=provider)
+    finally:
+        provider.shutdown()
+
+
+def test_connect_failing_and_server_up_follow_the_failure_view_going_stale() -> None:
+    """One refused connect while a connection serves, then nothing wants a
+    connection: backing off (safepool_connect_failing, OpenTelemetry's
+    safepool.connect.failing) until 60 s after the failure, then "up" with
+    no failing sample, though no connect has succeeded since (the
+    consecutive failures stay, for the next connect's backoff)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from safepool.metrics.otel import PoolInstruments
+
+    state = PoolState(max_size=2, min_size=1, backoff=Backoff(rng=lambda: 1.0))
+    state.connect_succeeded(state.add_connecting(0.0), object(), 0.0)
+    state.floor_enabled = True
+    state.connect_failed(state.add_connecting(10.0), 10.0, ConnectionRefusedError("refused"))
+    pool = StubPool("stale", state)
+    pool.add_timing_sink = pool.remove_timing_sink = lambda *args: None  # type: ignore[attr-defined]  # (no histograms here)
+    label = frozenset({("pool", "stale")})
+    failing = label | {("sqlstate", ""), ("error_type", "ConnectionRefusedError")}
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        PoolInstruments([cast(Any, pool)], meter_provider=provider)
+
+        def otel(name: str) -> list[Any]:
+            data = reader.get_metrics_data()
+            return [
+                point for rm in data.resource_metrics for sm in rm.scope_metrics for metric in sm.metrics
+                if metric.name == name for point in metric.data.data_points
+            ]
+
+        for now, up in ((10.0, False), (69.9, False), (70.0, True)):
+            pool.now = now
+            samples = scrape(pool)
+            assert samples[("safepool_server_up", label)] == up
+            assert samples[("safepool_server_status", label | {("status", "backing_off")})] == (not up)
+            assert (("safepool_connect_failing", failing) in samples) == (not up)
+            assert samples[("safepool_consecutive_connect_failures", label)] == 1
+            assert [p.value for p in otel("safepool.server.up")] == [int(up)]
+            assert len(otel("safepool.connect.failing")) == (0 if up else 1)
     finally:
         provider.shutdown()

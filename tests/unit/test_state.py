@@ -12,6 +12,8 @@ from safepool._state import (
     BROKEN,
     NOT_REFUSED,
     REFUSED,
+    STALE_FAILURE_AFTER,
+    STALE_RECHECK,
     UNREACHABLE,
     UNRESOLVED,
     Abandon,
@@ -24,6 +26,7 @@ from safepool._state import (
     InternalStateError,
     LeakSuspect,
     LeaseState,
+    NoteServerStatus,
     Observed,
     Overloaded,
     Phase,
@@ -2138,3 +2141,200 @@ def test_a_lost_connect_s_timer_is_not_due_again_when_it_fired(policy: str | Non
     assert take(state, Abandon) == [Abandon(slot)]
     after = state.next_deadline()
     assert after is None or after > due
+
+
+# ------------------------------------------------- a failure view gone stale
+
+
+def refused_once(min_size: int = 1, **kwargs: Any) -> tuple[PoolState, Any]:
+    """max_size=2 at its ``min_size`` (1: one connection), the floor kept:
+    a second task's connect refused (53300) at t=0, then the first
+    connection released at t=1, idle. Nothing wants a connection after
+    that: ``(state, the idle slot)``."""
+    state = make(max_size=2, min_size=min_size, **kwargs)
+    fill(state, 1)
+    state.floor_enabled = True
+    held = state.try_acquire(0)
+    assert held
+    state.enqueue("a", 0, None)
+    [slot] = fields(take(state, Connect))
+    state.connect_failed(slot, 0, OSError("53300"))
+    take(state, Fail)
+    state.release(held, 1, CLEAN)
+    return state, held.slot
+
+
+def stale_notes(state: PoolState) -> int:
+    return len(take(state, NoteServerStatus))
+
+
+def test_a_failure_nothing_follows_goes_stale_after_60_s() -> None:
+    """The pool idles at min_size with a connection that serves: no connect
+    will come to refresh the failure view, so 60 s after the failure (its
+    backoff long over) the status is "up" again. The failure counts and
+    the backoff stay as they were: the next connect meets them."""
+    assert STALE_FAILURE_AFTER == 60.0
+    state, _ = refused_once()
+    assert state.server_status(1).value == "backing_off"
+    assert state.server_status(59.9).value == "backing_off"
+    assert not state.failure_stale(59.9)
+    assert state.server_status(60.0).value == "up" and state.failure_stale(60.0)
+    assert state.connect_failures == 1 and state.connect_failed_at == 0
+    level, until = state.backoff_level, state.backoff_until
+    state.advance(60.0)
+    assert state.server_status(60.0).value == "up"
+    assert (state.connect_failures, state.backoff_level, state.backoff_until) == (1, level, until)
+
+
+def test_the_stale_moment_fires_the_status_note_once() -> None:
+    """A timer falls due at the stale moment: its firing asks the runner,
+    once, to report the status (backing_off -> up); then no timer is left."""
+    state, _ = refused_once()
+    assert state.next_deadline() == 60.0
+    state.advance(59.9)
+    assert stale_notes(state) == 0 and state.server_status(59.9).value == "backing_off"
+    state.advance(60.0)
+    assert stale_notes(state) == 1 and state.failure_went_stale
+    for now in (61.0, 120.0, 1000.0):
+        state.advance(now)
+        assert stale_notes(state) == 0 and state.server_status(now).value == "up"
+    assert state.next_deadline() is None
+
+
+def test_not_stale_while_a_task_waits_with_its_connect_under_way() -> None:
+    """A task that arrives 61 s after the failure gets a connect (the pool
+    has room): the pool wants a connection, whose outcome is news, so the
+    old failure still speaks until then, however long it takes."""
+    state, _ = refused_once()
+    held = state.try_acquire(61)
+    assert held
+    waiter = state.enqueue("b", 61, None)
+    [slot] = fields(take(state, Connect))
+    assert state.waiting == 1 and state.wants_connection()
+    for now in (61.0, 120.0, 500.0):
+        state.advance(now)
+        assert state.server_status(now).value == "backing_off" and stale_notes(state) == 0
+    # The timer looks again every STALE_RECHECK while the pool wants one.
+    assert state.next_deadline() == 500.0 + STALE_RECHECK
+    state.connect_succeeded(slot, object(), 501)
+    assert take(state, Wake) == [Wake(waiter)]
+    assert state.server_status(501).value == "up" and state.connect_failures == 0
+
+
+def test_not_stale_below_min_size() -> None:
+    """Below min_size the floor upkeep connects (its outcome is news)."""
+    state, _ = refused_once(min_size=2)
+    assert state.floor_deficit()
+    for now in (60.0, 61.0, 300.0):
+        state.advance(now)
+        assert state.server_status(now).value == "backing_off" and stale_notes(state) == 0
+    slot = state.plan_floor_connect(300.5)
+    assert slot is not None
+    state.connect_failed(slot, 301, OSError("53300"))
+    assert state.server_status(301).value == "backing_off"
+
+
+def test_tasks_waiting_on_a_full_pool_do_not_keep_the_failure_fresh() -> None:
+    """A task waiting while the pool is at max_size gets a released
+    connection, not a connect (the core plans none for it): the pool wants
+    no connection, so the failure view goes stale as when nobody waits."""
+    state, _ = refused_once()
+    state.resize(1, 2)  # full now, at its one connection
+    held = state.try_acquire(2)
+    assert held
+    waiter = state.enqueue("b", 2, None)
+    assert not take(state, Connect) and state.waiting == 1 and not state.wants_connection()
+    assert state.server_status(59.9).value == "backing_off"
+    state.advance(60.0)
+    assert stale_notes(state) == 1 and state.server_status(60.0).value == "up"
+    state.release(held, 61, CLEAN)
+    assert take(state, Wake) == [Wake(waiter)]
+
+
+def test_not_stale_before_the_backoff_ends() -> None:
+    """Paced, with a backoff longer than 60 s: the failure speaks until the
+    backoff ends (an acquire before then meets it), then goes stale."""
+    state, _ = refused_once(backoff=Backoff(base=100.0, cap=100.0, rng=lambda: 1.0), **PACED)
+    assert state.backoff_until == 100.0
+    assert state.server_status(60.0).value == "backing_off"
+    state.advance(60.0)
+    assert stale_notes(state) == 0 and state.next_deadline() == 100.0
+    assert state.server_status(99.9).value == "backing_off"
+    state.advance(100.0)
+    assert stale_notes(state) == 1 and state.server_status(100.0).value == "up"
+
+
+def test_down_never_goes_stale() -> None:
+    """With no connection that serves, the status stays "down": an acquire,
+    or health()'s probe, connects anyway and refreshes the view. No timer."""
+    state = make(max_size=1)
+    state.floor_enabled = True
+    state.enqueue("a", 0, None)
+    [slot] = fields(take(state, Connect))
+    state.connect_failed(slot, 0, ConnectionRefusedError())
+    take(state, Fail)
+    assert state.waiting == 0 and not state.wants_connection()
+    for now in (60.0, 61.0, 3600.0):
+        state.advance(now)
+        assert state.server_status(now).value == "down" and stale_notes(state) == 0
+    assert state.next_deadline() is None
+
+
+def test_a_connection_lost_after_the_view_went_stale_is_not_down() -> None:
+    """Once stale, the old failure says nothing about the server: losing
+    the last connection since (here: the server ended it) is no connect
+    failure, and the status stays "up" until the next connect's outcome."""
+    state, idle = refused_once(min_size=0)
+    state.advance(60.0)
+    assert stale_notes(state) == 1
+    state.connection_lost(idle, 70.0)
+    assert state.idle == 0 and state.count(SlotState.CLOSING) == 1 and state.server_status(70.0).value == "up"
+    state.enqueue("b", 71, None)
+    [slot] = fields(take(state, Connect))
+    state.connect_failed(slot, 71, ConnectionRefusedError())
+    take(state, Fail)
+    assert state.server_status(71).value == "down"
+
+
+def test_a_new_failure_restarts_the_60_s() -> None:
+    """Each failure is news: the view goes stale 60 s after the last one,
+    also after it went stale once; one note per stale moment."""
+    state, _ = refused_once()
+    held = state.try_acquire(30)
+    assert held
+    state.enqueue("b", 30, None)
+    [slot] = fields(take(state, Connect))
+    state.connect_failed(slot, 30, OSError("53300"))
+    take(state, Fail)
+    state.release(held, 31, CLEAN)
+    state.advance(60.0)
+    assert stale_notes(state) == 0 and state.server_status(60.0).value == "backing_off"
+    assert state.next_deadline() == 90.0
+    state.advance(90.0)
+    assert stale_notes(state) == 1 and state.server_status(90.0).value == "up"
+    # Stale, then another failure: backing off again, for 60 s.
+    held = state.try_acquire(100)
+    assert held
+    state.enqueue("c", 100, None)
+    [slot] = fields(take(state, Connect))
+    state.connect_failed(slot, 100, OSError("53300"))
+    take(state, Fail)
+    state.release(held, 101, CLEAN)
+    assert not state.failure_went_stale and state.server_status(101).value == "backing_off"
+    assert state.connect_failures == 3
+    state.advance(159.9)
+    assert stale_notes(state) == 0 and state.server_status(159.9).value == "backing_off"
+    state.advance(160.0)
+    assert stale_notes(state) == 1 and state.server_status(160.0).value == "up"
+
+
+def test_a_success_ends_the_failure_view_and_its_timer_notes_nothing() -> None:
+    state, _ = refused_once()
+    held = state.try_acquire(10)
+    assert held
+    state.enqueue("b", 10, None)
+    [slot] = fields(take(state, Connect))
+    state.connect_succeeded(slot, object(), 11)
+    assert state.server_status(11).value == "up"
+    state.advance(60.0)
+    assert stale_notes(state) == 0 and state.next_deadline() is None

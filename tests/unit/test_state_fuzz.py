@@ -41,6 +41,7 @@ from safepool._state import (
     Fail,
     LeakSuspect,
     Lease,
+    NoteServerStatus,
     Overloaded,
     Phase,
     PoolState,
@@ -166,6 +167,8 @@ class IOLayer:
                         self.waiters.remove(waiter)  # its task raises
                     case LeakSuspect(_):
                         pass  # a warning only
+                    case NoteServerStatus():
+                        assert state.failure_went_stale  # (the runner logs and emits the status)
                     case _:
                         assert_never(action)
 

@@ -44,6 +44,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from safepool._policy import AdaptiveQueue
 from safepool._state import (
+    _STALE_FAILURE,
+    STALE_FAILURE_AFTER,
+    STALE_RECHECK,
     Abandon,
     Backoff,
     Close,
@@ -53,6 +56,7 @@ from safepool._state import (
     LeakSuspect,
     Lease,
     LeaseState,
+    NoteServerStatus,
     Overloaded,
     PoolState,
     ReleaseOutcome,
@@ -85,6 +89,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.closing: list[Slot] = []
         self.resetting: list[Slot] = []
         self.held: list[Lease] = []
+        self.stale_noted = False  # NoteServerStatus came for the current failure view
         self.armed: set[int] = set()
         self.waiters: list[Waiter] = []  # enqueue order
         self.woken: list[Waiter] = []  # granted, not yet claimed or cancelled
@@ -210,6 +215,13 @@ class PoolMachine(RuleBasedStateMachine):
                     # came first, and is still reported).
                     assert lease.active or lease.expired
                     assert lease.warn_at is not None and lease.warn_at <= self.now
+                case NoteServerStatus():
+                    # The failure view went stale: reported once, "up" then,
+                    # STALE_FAILURE_AFTER after the last failure at the soonest.
+                    assert state.failure_went_stale and state.server_status(self.now).value == "up"
+                    assert self.now >= state.connect_failed_at + STALE_FAILURE_AFTER
+                    assert not self.stale_noted, "the stale failure view was reported twice"
+                    self.stale_noted = True
                 case _:  # pragma: no cover
                     assert_never(action)
         if planned:
@@ -572,6 +584,19 @@ class PoolMachine(RuleBasedStateMachine):
     def books_balance(self) -> None:
         state = self.state
         state.check_invariants()
+        # The server status: backing_off only while the last failure is
+        # recent or the pool wants a connection (a connect will refresh the
+        # view); once that is no longer so, the stale-failure timer is due
+        # within STALE_RECHECK, so the runner reports the change.
+        status = state.server_status(self.now).value
+        if state.connect_failures == 0 or state.failure_went_stale:
+            assert status == "up"
+        if not state.failure_went_stale:
+            self.stale_noted = False
+        if status == "backing_off":
+            assert state.wants_connection() or self.now < state.stale_failure_at()
+            [due] = [when for when, _, kind, _ in state._timers if kind == _STALE_FAILURE]
+            assert due <= max(self.now, state.stale_failure_at()) + STALE_RECHECK
         assert sum(state.count(s) for s in SlotState if s is not S.CLOSED) == state.size
         # A connection init= failed on counts towards max_size while it
         # closes, but was never the pool's: not opened, closed nor connected.
