@@ -71,8 +71,8 @@ W = WaiterState
 STEPS = 150
 CI_SEEDS = range(400)
 LONG_SEEDS = range(400, 20_000)
-CAPPED_CI_SEEDS = range(250)  # (capped_walk's)
-CAPPED_LONG_SEEDS = range(250, 10_000)
+CAPPED_CI_SEEDS = range(150)  # (capped_walk's)
+CAPPED_LONG_SEEDS = range(150, 10_000)
 SHOWN_STEPS = 15  # the last steps a failure message lists
 
 
@@ -831,15 +831,16 @@ def _connect_cancelled_before_3660b0f(self: PoolState, slot: Slot, now: float | 
 
 def test_the_capped_walk_catches_an_abandoned_connect_serving_a_capped_site(monkeypatch: pytest.MonkeyPatch) -> None:
     """The capped walks reach the shape: with 3660b0f reverted, capped seed
-    234 hands an idle connection to the hog's task, waiting at its site's
-    cap, when an abandoned connect's cancellation ends at step 73 (it passes
-    with the fix: it is among CAPPED_CI_SEEDS). Of CAPPED_CI_SEEDS, 9 fail so
-    (6 of them as they settle); the plain walks, 20,000 seeds, never did."""
-    assert 234 in CAPPED_CI_SEEDS
+    51 hands an idle connection to the hog's task, waiting at its site's
+    cap, when an abandoned connect's cancellation ends at step 129 (it
+    passes with the fix: it is among CAPPED_CI_SEEDS). Of CAPPED_CI_SEEDS, 6
+    fail so (4 of them as they settle); the plain walks, 20,000 seeds, never
+    did."""
+    assert 51 in CAPPED_CI_SEEDS
     monkeypatch.setattr(PoolState, "connect_cancelled", _connect_cancelled_before_3660b0f)
     with pytest.raises(WalkFailed) as failed:
-        capped_walk(234)
+        capped_walk(51)
     message = str(failed.value)
-    assert message.startswith("seed 234, step 73: AssertionError: site a holds 3 connections, over its cap 2")
-    assert "finish_connect: slot 8 cancelled (abandoned)" in message.splitlines()[-2]
-    assert message.endswith("Walk(234, steps=150, capped=True).run()")
+    assert message.startswith("seed 51, step 129: AssertionError: site a holds 3 connections, over its cap 2")
+    assert "finish_connect: slot 9 cancelled (abandoned)" in message.splitlines()[-2]
+    assert message.endswith("Walk(51, steps=150, capped=True).run()")
