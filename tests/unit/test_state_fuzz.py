@@ -15,11 +15,18 @@ backoff waited without a connect, was left ownerless; fixed in 34dd1ef).
 Checked after every step: ``check_invariants()``; the pool never grows beyond
 ``max_size``; nobody waits with nothing under way and no timer armed; a task
 waiting without a connect of its own is never left without one while there is
-room and no backoff. At the end the pool is settled (everything released,
-every connect, reset and close finished) and must be quiescent.
+room and no backoff; no site is granted or leases a connection beyond its cap.
+At the end the pool is settled (everything released, every connect, reset and
+close finished) and must be quiescent.
+
+The capped walks (``capped_walk``) draw from generators of their own, biased
+towards site caps, a black hole's connects given up, and idle connections
+beside tasks waiting at their sites' caps: a shape the plain walks never
+reached, where a real defect was (fixed in 3660b0f).
 
 CI runs a fixed list of seeds; ``SAFEPOOL_LONG=1`` runs many more. A failure
-names the seed and its last steps; ``walk(seed)`` replays it.
+names the seed and its last steps; ``walk(seed)`` (``capped_walk(seed)``)
+replays it.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ W = WaiterState
 STEPS = 150
 CI_SEEDS = range(400)
 LONG_SEEDS = range(400, 20_000)
+CAPPED_CI_SEEDS = range(150)  # (capped_walk's)
+CAPPED_LONG_SEEDS = range(150, 10_000)
 SHOWN_STEPS = 15  # the last steps a failure message lists
 
 
@@ -106,6 +115,25 @@ class Config:
             max_lifetime=None if lifetime_rng is None else lifetime_rng.choice([None, None, 0.5, 4.0]),
         )
 
+    @classmethod
+    def draw_capped(cls, rng: random.Random) -> Config:
+        """A capped walk's configuration (see capped_walk): a quarter of
+        max_size a site (one connection, or two), sometimes with the adaptive
+        queue too; no idle lifetime, a low floor."""
+        max_size = rng.randint(4, 5)
+        return cls(
+            max_size=max_size,
+            min_size=rng.randint(0, 1),
+            init_size=rng.randint(1, max_size),
+            max_connecting=rng.choice([None, None, 2]),
+            max_waiters=rng.choice([None, None, None, 4]),
+            breaker_threshold=rng.choice([None, 3]),
+            wait_on_connect_error=rng.random() < 0.5,
+            max_inactive_lifetime=0.0,
+            max_site_share=0.25,
+            adaptive=rng.choice([None, None, (0.05, 0.3)]),
+        )
+
     def make_state(self) -> PoolState:
         return PoolState(
             max_size=self.max_size,
@@ -138,15 +166,23 @@ class IOLayer:
         self.upkeep_running = False  # Runner.restore_floor
         self.upkeep_slot: Slot | None = None  # the connect it awaits
         self.terminating = False  # Runner.terminate_all: closes abort at once
+        # (Capped walks) the share of connects a black hole swallows (drawn
+        # with ``rng``), and the ones it swallowed: never answered.
+        self.swallow = 0.0
+        self.rng: random.Random | None = None
+        self.swallowed: set[int] = set()
 
     def drain(self) -> None:
         state = self.state
         while state.actions:
             actions, state.actions = state.actions, []
+            woken = len(self.woken)
             for action in actions:
                 match action:
                     case Connect(slot):
                         self.connecting.append(slot)
+                        if self.swallow and self.rng is not None and self.rng.random() < self.swallow:
+                            self.swallowed.add(slot.id)
                     case Abandon(slot):
                         # The I/O layer cancels the connect; it ends later
                         # (finish_connect: cancelled, or an outcome its hook
@@ -171,18 +207,49 @@ class IOLayer:
                         assert state.failure_went_stale  # (the runner logs and emits the status)
                     case _:
                         assert_never(action)
+            for waiter in self.woken[woken:]:
+                self.check_site_cap(waiter.site)
+
+    def in_use(self, site: str | None) -> int:
+        """Connections ``site`` holds: leases, and grants not claimed yet."""
+        held = sum(1 for lease in self.held if lease.site == site)
+        return held + sum(1 for w in self.woken if w.state is W.GRANTED and w.slot is not None and w.site == site)
+
+    def check_site_cap(self, site: str | None) -> None:
+        """Checked after the call that granted or leased a connection to
+        ``site``: grants only add to a site's count within one call, so a
+        site within its cap now was within it at each grant (a site over its
+        cap after a resize is granted nothing)."""
+        cap = self.state.site_cap
+        if cap is not None:
+            in_use = self.in_use(site)
+            assert in_use <= cap, f"site {site} holds {in_use} connections, over its cap {cap}"
 
 
 class Walk:
     """One seeded walk: the configuration, the steps, the checks."""
 
-    def __init__(self, seed: int, steps: int = STEPS) -> None:
+    def __init__(self, seed: int, steps: int = STEPS, capped: bool = False) -> None:
         self.seed = seed
         self.steps = steps
-        self.rng = random.Random(seed)
-        self.config = Config.draw(self.rng, random.Random(f"max_lifetime {seed}"))
+        self.capped = capped
+        if capped:
+            # (A generator of its own: the plain walks' seeds walk as they did.)
+            self.rng = random.Random(f"capped {seed}")
+            self.config = Config.draw_capped(self.rng)
+            self.operations = CAPPED_OPERATIONS
+            self.weights = [
+                w if op in _ESSENTIAL else w * self.rng.choice(_SWARM)
+                for op, w in zip(CAPPED_OPERATIONS, CAPPED_WEIGHTS, strict=True)
+            ]
+        else:
+            self.rng = random.Random(seed)
+            self.config = Config.draw(self.rng, random.Random(f"max_lifetime {seed}"))
+            self.operations, self.weights = OPERATIONS, WEIGHTS
         self.state = self.config.make_state()
         self.io = IOLayer(self.state)
+        if capped:
+            self.io.swallow, self.io.rng = self.rng.choice([0.3, 0.5, 0.8]), self.rng
         self.now = 0.0
         self.trace: list[str] = []
 
@@ -216,7 +283,8 @@ class Walk:
             f"now {self.now:g}, backoff_until {self.state.backoff_until:g}",
             f"last steps{f' (after {skipped} more)' if skipped else ''}:",
             *(f"  {i}. {step}" for i, step in enumerate(last, skipped + 1)),
-            f"replay: tests.unit.test_state_fuzz.Walk({self.seed}, steps={self.steps}).run()",
+            f"replay: tests.unit.test_state_fuzz.Walk({self.seed}, steps={self.steps}"
+            f"{', capped=True' if self.capped else ''}).run()",
         ]
         return "\n".join(lines)
 
@@ -250,7 +318,7 @@ class Walk:
     # ------------------------------------------------------------- steps
 
     def step(self) -> None:
-        op = self.rng.choices(OPERATIONS, WEIGHTS)[0]
+        op = self.rng.choices(self.operations, self.weights)[0]
         entry = f"t={self.now:g} {op}"
         self.trace.append(entry)
         getattr(self, op)()
@@ -258,6 +326,17 @@ class Walk:
             self.note("nothing to do")
 
     def acquire(self) -> None:
+        if self.capped:
+            rng = self.rng
+            if rng.random() < 0.4:
+                # The hog's task (see HOG): at its site's cap, it waits
+                # however many connections are idle, and may wait long.
+                self.try_acquire(rng.choice([None, 1.0]), HOG)
+            else:
+                # (Short timeouts: a task gives up in the black hole and
+                # leaves its connect to nobody.)
+                self.try_acquire(rng.choice([None, 0.05, 0.2, 0.2, 1.0]), rng.choice(CAPPED_SITES[1:]))
+            return
         self.try_acquire(self.rng.choice([None, None, 0.5, 2.0]), self.rng.choice(["a", "b"]))
 
     def try_acquire(self, timeout: float | None, site: str) -> None:
@@ -270,6 +349,7 @@ class Walk:
             return
         if lease is not None:
             self.io.held.append(lease)
+            self.io.check_site_cap(site)
             self.note(f"lease {lease.id} on slot {lease.slot.id}")
             return
         try:
@@ -313,13 +393,22 @@ class Walk:
 
     def _take_lease(self) -> Lease | None:
         held = self.io.held
-        return held.pop(self.rng.randrange(len(held))) if held else None
+        if not held:
+            return None
+        i = self.rng.randrange(len(held))
+        if self.capped and held[i].site == HOG and self.rng.random() < 0.85:
+            return None  # (see HOG: it keeps its connection, mostly)
+        return held.pop(i)
 
     def release(self) -> None:
         lease = self._take_lease()
         if lease is None:
             return
-        outcome = self.rng.choice(list(ReleaseOutcome))
+        if self.capped:
+            # (Mostly kept: connections closed go into the black hole.)
+            outcome = self.rng.choices(list(ReleaseOutcome), [6, 3, 2])[0]
+        else:
+            outcome = self.rng.choice(list(ReleaseOutcome))
         if self.state.release(lease, self.now, outcome):
             self.io.resetting.append(lease.slot)
         self.note(f"lease {lease.id} ({outcome.name})")
@@ -348,7 +437,18 @@ class Walk:
         io, state, rng = self.io, self.state, self.rng
         if not io.connecting:
             return
-        slot = io.connecting.pop(rng.randrange(len(io.connecting)))
+        if self.capped:
+            # A swallowed connect ends only once the core gave it up and the
+            # I/O layer cancelled it (the cancellation is local), and that
+            # may take a while (so its end meets the pool as it is by then).
+            ending = [i for i, s in enumerate(io.connecting) if s.abandoned or s.id not in io.swallowed]
+            i = rng.choice(ending) if ending else None
+            if i is None or (io.connecting[i].abandoned and rng.random() < 0.9):
+                self.note("no answer")
+                return
+            slot = io.connecting.pop(i)
+        else:
+            slot = io.connecting.pop(rng.randrange(len(io.connecting)))
         roll = rng.random()
         if slot.abandoned and slot.state is S.CONNECTING and roll < 0.5:
             state.connect_cancelled(slot, self.now)
@@ -392,7 +492,7 @@ class Walk:
         slot = io.resetting.pop(self.rng.randrange(len(io.resetting)))
         if slot.state is not S.RESETTING:
             return  # discarded meanwhile (terminate): the reset task stops
-        ok = self.rng.random() < 0.8
+        ok = self.rng.random() < (0.95 if self.capped else 0.8)
         self.state.reset_done(slot, self.now, ok)
         self.note(f"slot {slot.id} (ok={ok})")
 
@@ -419,7 +519,8 @@ class Walk:
         self.note(f"slot {slot.id}")
 
     def advance(self) -> None:
-        self.now += self.rng.choice([0.05, 0.3, 1.0, 3.0])
+        # (Capped walks: mostly steps about the hedge delay, 0.1 s.)
+        self.now += self.rng.choice([0.05, 0.1, 0.1, 0.3] if self.capped else [0.05, 0.3, 1.0, 3.0])
         self.state.advance(self.now)
         self.note(f"to t={self.now:g}")
 
@@ -434,7 +535,7 @@ class Walk:
     def resize(self) -> None:
         if self.state.closing:
             return
-        max_size = self.rng.randint(1, 4)
+        max_size = self.rng.randint(4, 5) if self.capped else self.rng.randint(1, 4)
         min_size = self.rng.choice([None, self.rng.randint(0, max_size)])
         self.state.resize(max_size, self.now, min_size)
         self.note(f"max_size={max_size}, min_size={min_size}")
@@ -600,6 +701,40 @@ _OPERATION_WEIGHTS: dict[str, float] = {
 OPERATIONS = list(_OPERATION_WEIGHTS)
 WEIGHTS = list(_OPERATION_WEIGHTS.values())
 
+# The capped walks' (see capped_walk): more acquires, claims and releases,
+# time about the hedge delay; little resizing, closing or losing.
+_CAPPED_OPERATION_WEIGHTS: dict[str, float] = {
+    **_OPERATION_WEIGHTS,
+    "acquire": 5,
+    "claim": 4,
+    "release": 3,
+    "finish_reset": 3,
+    "lose_proxy": 0.5,
+    "arm_lease": 0.5,
+    "connection_lost": 0.3,
+    "advance": 2,
+    "fire_timer": 2,
+    "resize": 0.3,
+    "expire_connections": 0.1,
+    "begin_close": 0.01,
+    "terminate": 0.01,
+}
+CAPPED_OPERATIONS = list(_CAPPED_OPERATION_WEIGHTS)
+CAPPED_WEIGHTS = list(_CAPPED_OPERATION_WEIGHTS.values())
+# Swarm testing: each capped walk scales each other operation's weight by
+# one of _SWARM (so some are left out), which reaches more shapes than one
+# mix; the essential ones keep theirs.
+_ESSENTIAL = {
+    "acquire", "claim", "release", "finish_connect", "finish_reset", "finish_close", "advance", "fire_timer",
+    "begin_close", "terminate",
+}
+_SWARM = [0, 0, 0.3, 1, 3]
+# The capped walks' sites. The first, HOG, holds on to its connections
+# (rarely given back): at its cap, its tasks wait beside whatever else the
+# pool does.
+CAPPED_SITES = ["a", "b", "c", "d"]
+HOG = CAPPED_SITES[0]
+
 
 def _slot_name(slot: Slot | None) -> str:
     return "none" if slot is None else str(slot.id)
@@ -608,6 +743,18 @@ def _slot_name(slot: Slot | None) -> str:
 def walk(seed: int) -> None:
     """Run one seed's walk; raises WalkFailed naming the seed and its last steps."""
     Walk(seed).run()
+
+
+def capped_walk(seed: int) -> None:
+    """A capped walk: biased towards a shape the plain walks never reached,
+    where an abandoned connect's end handed an idle connection to a task at
+    its site's cap (fixed in 3660b0f): site caps below max_size, four sites
+    (one hogging its connections, its tasks waiting at its cap), some
+    connects swallowed by a black hole and given up (Abandon) once their
+    tasks left and others waited for the hedge delay, their cancellations
+    ending late, while releases and answered connects leave connections
+    idle. Some 4% of the walks reach it."""
+    Walk(seed, capped=True).run()
 
 
 @pytest.mark.parametrize("seed", CI_SEEDS)
@@ -624,6 +771,28 @@ def test_random_walks_long() -> None:
         except WalkFailed as exc:
             failures.append(str(exc))
     assert not failures, f"{len(failures)} of {len(LONG_SEEDS)} seeds failed; the first:\n{failures[0]}"
+
+
+def test_capped_walks() -> None:
+    """CI's capped walks (capped_walk), in one test: a few milliseconds each."""
+    failures = []
+    for seed in CAPPED_CI_SEEDS:
+        try:
+            capped_walk(seed)
+        except WalkFailed as exc:
+            failures.append(str(exc))
+    assert not failures, f"{len(failures)} of {len(CAPPED_CI_SEEDS)} seeds failed; the first:\n{failures[0]}"
+
+
+@pytest.mark.skipif(not LONG, reason="SAFEPOOL_LONG=1 runs many more seeds")
+def test_capped_walks_long() -> None:
+    failures = []
+    for seed in CAPPED_LONG_SEEDS:
+        try:
+            capped_walk(seed)
+        except WalkFailed as exc:
+            failures.append(str(exc))
+    assert not failures, f"{len(failures)} of {len(CAPPED_LONG_SEEDS)} seeds failed; the first:\n{failures[0]}"
 
 
 def _plan_floor_connect_before_34dd1ef(self: PoolState, now: float) -> Slot | None:
@@ -646,3 +815,35 @@ def test_the_walk_catches_the_unadopted_floor_connect(monkeypatch: pytest.Monkey
     assert message.startswith("seed 7, step 90: InternalStateError: a connect nobody waits for while a task waits")
     assert "floor_upkeep: connect" in message.splitlines()[-2]
     assert message.endswith("Walk(7, steps=150).run()")
+
+
+def _connect_cancelled_before_3660b0f(self: PoolState, slot: Slot, now: float | None = None) -> None:
+    """connect_cancelled without 3660b0f's fix: an abandoned connect's end
+    serves idle connections by the default queue's rule, policy or not."""
+    if slot.state is S.CONNECTING:
+        owner = slot.owner
+        slot.trigger = None
+        if owner is not None:
+            self._unbind(owner)
+        self._move(slot, S.CLOSED)
+        self._slots.discard(slot)
+        if (owner is not None or slot.abandoned) and now is not None and not self.closing:
+            self._serve_unbound(now)
+            self._plan_connects(now)
+
+
+def test_the_capped_walk_catches_an_abandoned_connect_serving_a_capped_site(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The capped walks reach the shape: with 3660b0f reverted, capped seed
+    51 hands an idle connection to the hog's task, waiting at its site's
+    cap, when an abandoned connect's cancellation ends at step 129 (it
+    passes with the fix: it is among CAPPED_CI_SEEDS). Of CAPPED_CI_SEEDS, 6
+    fail so (4 of them as they settle); the plain walks, 20,000 seeds, never
+    did."""
+    assert 51 in CAPPED_CI_SEEDS
+    monkeypatch.setattr(PoolState, "connect_cancelled", _connect_cancelled_before_3660b0f)
+    with pytest.raises(WalkFailed) as failed:
+        capped_walk(51)
+    message = str(failed.value)
+    assert message.startswith("seed 51, step 129: AssertionError: site a holds 3 connections, over its cap 2")
+    assert "finish_connect: slot 9 cancelled (abandoned)" in message.splitlines()[-2]
+    assert message.endswith("Walk(51, steps=150, capped=True).run()")

@@ -28,6 +28,11 @@ Properties checked after every step, besides ``check_invariants()``:
 At the end of every example the machine settles the pool (releases all, lets
 every connect, reset and close finish) and checks it is quiescent.
 
+``CappedPoolMachine`` is the machine biased towards site caps, a black hole's
+connects given up, and idle connections beside tasks waiting at their sites'
+caps: a shape the plain machine never reached, where a real defect was (fixed
+in 3660b0f).
+
 CI runs a derandomized, bounded number of examples; ``SAFEPOOL_LONG=1`` runs
 many more with a random seed.
 """
@@ -79,6 +84,9 @@ times = st.sampled_from([0.0, 0.05, 0.3, 1.0, 2.5, 7.0])
 timeouts = st.one_of(st.none(), st.sampled_from([0.0, 0.5, 1.0, 4.0]))
 index = st.integers(min_value=0, max_value=1_000)
 sites = st.sampled_from(["a", "b", "c"])
+# CappedPoolMachine's sites; the first, HOG, hogs its connections.
+CAPPED_SITES = ["a", "b", "c", "d"]
+HOG = CAPPED_SITES[0]
 
 
 class PoolMachine(RuleBasedStateMachine):
@@ -241,7 +249,9 @@ class PoolMachine(RuleBasedStateMachine):
 
     def _in_use(self, site: str) -> int:
         """Connections the site holds: leases, and grants not yet claimed."""
-        held = sum(1 for lease in self.held if self.sites.get(id(lease)) == site)
+        # (Not a lease the core took back, its TakeBack not drained yet: an
+        # expiry frees the site's place, and a grant it allows comes first.)
+        held = sum(1 for lease in self.held if lease.active and self.sites.get(id(lease)) == site)
         granted = sum(
             1 for w in self.waiters
             if w.state is WaiterState.GRANTED and id(w) not in self.claimed and w.slot is not None
@@ -657,7 +667,7 @@ class PoolMachine(RuleBasedStateMachine):
             assert state.site_usage() == []
             return
         usage = {name: (held, waiting) for name, held, waiting in state.site_usage()}
-        for site in ("a", "b", "c"):
+        for site in CAPPED_SITES:
             held, waiting = usage.get(site, (0, 0))
             assert held == self._in_use(site), f"site {site}: core counts {held} in use"
             assert waiting == sum(
@@ -732,6 +742,122 @@ class PoolMachine(RuleBasedStateMachine):
             assert state.size >= state.min_size
 
 
+class CappedPoolMachine(PoolMachine):
+    """The machine biased towards a shape the plain one never reached, where
+    an abandoned connect's end handed an idle connection to a task at its
+    site's cap (fixed in 3660b0f; see test_state_fuzz.capped_walk): a
+    quarter of max_size a site (one connection, or two) and four sites, the
+    first (HOG) hogging its connections (its tasks wait at its cap beside
+    idle connections); a black hole swallowing connects (toggle_black_hole,
+    lose_a_connect) until the core gives them up, their cancellations ending
+    late. Resets, closes and the connects answered end at once (the plain
+    machine interleaves them); the pool does not close."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.black_hole = False  # new connects are swallowed while it lasts
+        self.swallowed: set[int] = set()  # (Slot.id) unanswered until given up
+
+    @initialize(
+        max_size=st.integers(4, 5),
+        init_size=st.integers(1, 5),
+        adaptive=st.sampled_from([None, None, (0.05, 0.3)]),
+        wait_on_error=st.booleans(),
+    )
+    def setup(self, max_size: int, init_size: int, adaptive: tuple[float, float] | None, wait_on_error: bool) -> None:
+        PoolMachine.setup(
+            self, max_size=max_size, min_size=1, init_size=init_size, max_waiters=None, max_connecting=None,
+            lifetime=0.0, breaker=3, jitter=0.5, share=0.25, adaptive=adaptive, wait_on_error=wait_on_error,
+        )
+        # The pool opens (its start-up connects answered: _drain), and the
+        # hog takes its share.
+        self.state.floor_enabled = True
+        self.state.advance(self.now)
+        self._drain()
+        for _ in range(self.state.site_cap or 0):
+            PoolMachine.acquire(self, timeout=None, site=HOG)
+
+    def _drain(self) -> None:
+        while True:
+            known = {s.id for s in self.connecting}
+            super()._drain()
+            if self.black_hole:
+                self.swallowed.update(s.id for s in self.connecting if s.id not in known)
+            answered = [s for s in self.connecting if not s.abandoned and s.id not in self.swallowed]
+            if self.resetting:
+                slot = self.resetting.pop()
+                if slot.state is S.RESETTING:
+                    self.state.reset_done(slot, self.now, True)
+            elif self.closing:
+                self.state.closed(self.closing.pop(), self.now)
+            elif answered:
+                slot = answered[0]
+                self.connecting.remove(slot)
+                self.connect_owner = slot.owner
+                try:
+                    self.state.connect_succeeded(slot, object(), self.now)
+                    super()._drain()
+                finally:
+                    self.connect_owner = None
+            else:
+                return
+
+    begin_close = None  # type: ignore[assignment]  # (no rule: the pool does not close here)
+
+    @rule()
+    def toggle_black_hole(self) -> None:
+        self.black_hole = not self.black_hole
+
+    @rule(site=st.sampled_from(CAPPED_SITES[1:]), wait=st.sampled_from([0.0, 0.1]))
+    def lose_a_connect(self, site: str, wait: float) -> None:
+        """A task arrives, its connect goes into the black hole, it gives up
+        (its timeout); another task of its site arrives and waits ``wait``:
+        past the hedge delay (0.1 s), the connect is given up (an Abandon),
+        if nothing served the task meanwhile."""
+        black_hole, self.black_hole = self.black_hole, True
+        PoolMachine.acquire(self, timeout=0.05, site=site)
+        self.black_hole = black_hole
+        PoolMachine.advance(self, dt=0.05)
+        PoolMachine.acquire(self, timeout=0.2, site=site)
+        PoolMachine.advance(self, dt=wait)
+
+    @rule(timeout=st.sampled_from([None, 1.0]))
+    def acquire_hog(self, timeout: float | None) -> None:
+        PoolMachine.acquire(self, timeout=timeout, site=HOG)
+
+    @rule(timeout=st.sampled_from([0.05, 0.2, 0.2, 1.0]), site=st.sampled_from(CAPPED_SITES[1:]))
+    def acquire(self, timeout: float | None, site: str) -> None:
+        """(Short timeouts: tasks come and go, a task gives up in the black
+        hole and leaves its connect to nobody.)"""
+        PoolMachine.acquire(self, timeout=timeout, site=site)
+
+    @rule(dt=st.sampled_from([0.05, 0.1, 0.3, 1.0]))
+    def advance(self, dt: float) -> None:
+        """(About the hedge delay, 0.1 s.)"""
+        PoolMachine.advance(self, dt=dt)
+
+    @precondition(lambda self: any(s.abandoned for s in self.connecting))
+    @rule(i=index, ok=st.sampled_from([True, True, False, None, "program"]), late=st.sampled_from([True, True, False]))
+    def finish_connect(self, i: int, ok: bool | str | None, late: bool) -> None:
+        """Only a connect given up ends here (the others are answered at
+        once, or swallowed), and mostly late: the pool moves on meanwhile."""
+        if late:
+            return
+        slot = self._pick([s for s in self.connecting if s.abandoned], i)
+        PoolMachine.finish_connect(self, i=self.connecting.index(slot), ok=ok)
+
+    @precondition(lambda self: self.held)
+    @rule(
+        i=index, outcome=st.sampled_from([ReleaseOutcome.CLEAN, ReleaseOutcome.NEEDS_RESET, ReleaseOutcome.DISCARD]),
+        keep=st.sampled_from([True, True, True, False]),
+    )
+    def release(self, i: int, outcome: ReleaseOutcome, keep: bool) -> None:
+        """(The hog keeps its connection, mostly.)"""
+        if keep and self.sites.get(id(self._pick(self.held, i))) == HOG:
+            return
+        PoolMachine.release(self, i=i, outcome=outcome)
+
+
 # The core is pure Python, the same on every asyncpg: the version matrix
 # (.ci/matrix.py) runs fewer examples per cell (SAFEPOOL_MODEL_EXAMPLES),
 # the README's test command the full 600.
@@ -745,3 +871,16 @@ PoolMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestPoolStateMachine = PoolMachine.TestCase
+
+# CappedPoolMachine: a few examples in CI (its rules kept working; the
+# capped walks of test_state_fuzz are CI's guard of its shape), many with
+# SAFEPOOL_LONG=1: 1,000 examples reach the shape some 20 to 40 times.
+CAPPED_EXAMPLES = int(os.environ.get("SAFEPOOL_CAPPED_MODEL_EXAMPLES", "25"))
+CappedPoolMachine.TestCase.settings = settings(
+    max_examples=1_000 if LONG else CAPPED_EXAMPLES,
+    stateful_step_count=80 if LONG else 50,
+    derandomize=not LONG,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestCappedPoolMachine = CappedPoolMachine.TestCase
