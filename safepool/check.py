@@ -366,6 +366,45 @@ def _is_name(node: ast.AST | None, var: str) -> bool:
     return isinstance(node, ast.Attribute) and "." in var and _dotted(node) == var
 
 
+def _tests_presence(test: ast.expr, var: str, present: bool) -> bool:
+    """Is ``test`` true exactly when ``var`` holds a connection (``present``;
+    ``con``, ``con is not None``) or exactly when it holds none (``not
+    con``, ``con is None``)? A connection is never falsy. Any other test
+    (``not con.is_closed()``, ``con is not None and ok``) may skip a
+    release of a connection that was acquired."""
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        return _tests_presence(test.operand, var, not present)
+    if _is_name(test, var):
+        return present
+    if (
+        isinstance(test, ast.Call) and isinstance(test.func, ast.Name) and test.func.id == "isinstance"
+        and len(test.args) == 2 and _is_name(test.args[0], var) and _names_exceptions(test.args[1])
+    ):
+        # `gather(..., return_exceptions=True)`: a connection, or the error.
+        return not present
+    if isinstance(test, ast.Compare) and len(test.ops) == 1:
+        left, right, op = test.left, test.comparators[0], test.ops[0]
+        if (_is_name(left, var) and _is_none(right)) or (_is_none(left) and _is_name(right, var)):
+            if isinstance(op, (ast.IsNot, ast.NotEq)):
+                return present
+            if isinstance(op, (ast.Is, ast.Eq)):
+                return not present
+    return False
+
+
+def _names_exceptions(node: ast.expr) -> bool:
+    """``BaseException``, ``asyncpg.PostgresError``, ``(OSError, TimeoutError)``:
+    exception classes by their names (``...Exception``, ``...Error``)."""
+    if isinstance(node, ast.Tuple):
+        return bool(node.elts) and all(_names_exceptions(element) for element in node.elts)
+    name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
+    return name.endswith(("Exception", "Error"))
+
+
+def _is_none(node: ast.expr) -> bool:
+    return isinstance(node, ast.Constant) and node.value is None
+
+
 def _dotted(node: ast.expr) -> str | None:
     """``request.state.con`` for an attribute of attributes of a name, else None."""
     parts: list[str] = []
@@ -899,10 +938,13 @@ class _Checker:
                     return True
             elif isinstance(parent, ast.If) and node is not parent.test and condition is None:
                 # `if con is not None:` (acquired inside the try) is fine, and
-                # so is an `if` whose other branch releases too; `if ok:` is not.
-                other = parent.orelse if any(node is s for s in parent.body) else parent.body
-                tests_connection = any(_is_name(n, var) for n in ast.walk(parent.test)) or (
-                    any(node is s for s in parent.body) and self.flags_acquire(parent.test, acquire_stmt)
+                # so is an `if` whose other branch releases too; `if ok:` is
+                # not, nor `if not con.is_closed():` (a closed connection
+                # still holds its slot until released) or `if con is None:`.
+                in_body = any(node is s for s in parent.body)
+                other = parent.orelse if in_body else parent.body
+                tests_connection = _tests_presence(parent.test, var, in_body) or (
+                    in_body and self.flags_acquire(parent.test, acquire_stmt)
                 )
                 if not tests_connection and not _contains_release(other, var):
                     condition = parent
@@ -1244,6 +1286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scanned = 0  # files read and parsed: those whose findings are above
     unparsed: list[str] = []  # files that could not be read or parsed
     empty: list[str] = []  # directories given that hold no Python file to check
+    seen: set[str] = set()  # each file's real path: overlapping paths (src, src/app) check it once
     for root in args.paths:
         paths = list(_python_files([root], args.exclude))
         if not paths and os.path.isdir(root) and not _excluded(root, args.exclude):
@@ -1251,6 +1294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # files scanned)" and exit status 0 would pass CI checking nothing.
             empty.append(root)
         for path in paths:
+            real = os.path.realpath(path)
+            if real in seen:
+                continue
+            seen.add(real)
             if _check_file(path, args.pool_names, findings, errors):
                 scanned += 1
             else:

@@ -567,8 +567,6 @@ def test_cli_a_dsn_given_for_a_path_is_named_without_its_password(capsys: pytest
     assert "s3cret" not in captured.err and "postgresql://app:***@db.internal/orders" in captured.err
 
 
-@pytest.mark.xfail(strict=True, reason="overlapping paths (a directory and a file or subdirectory in it) are checked "
-                   "once per path: each finding is reported again, and the summary counts the file as scanned twice")
 def test_cli_overlapping_paths_check_each_file_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "src" / "app"
     src.mkdir(parents=True)
@@ -581,9 +579,6 @@ def test_cli_overlapping_paths_check_each_file_once(tmp_path: Path, capsys: pyte
     assert out.strip().endswith("safepool check: 1 problem in 1 file (1 scanned)"), out
 
 
-@pytest.mark.xfail(strict=True, reason="any `if` that mentions the connection is taken for the `if con is not None:` "
-                   "guard: a release under `if not con.is_closed():` or `if con is None:` is accepted, though it "
-                   "skips the release of a connection that was acquired")
 def test_a_release_under_a_condition_other_than_not_none_is_reported() -> None:
     source = '''
 async def skips_a_closed_connection(pool):

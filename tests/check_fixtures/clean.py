@@ -181,13 +181,25 @@ async def released_before_continue(pool, jobs):
             await pool.release(con)
 
 
-async def release_in_finally_under_a_condition_on_the_connection(pool):
+async def release_in_finally_under_the_not_none_guard(pool):
     con = None
     try:
         con = await pool.acquire()
         await con.execute("SELECT 1")
     finally:
-        if con is not None and not con.is_closed():
+        if con is not None:
+            await pool.release(con)
+
+
+async def release_in_finally_in_the_else_of_a_none_test(pool):
+    con = None
+    try:
+        con = await pool.acquire()
+        await con.execute("SELECT 1")
+    finally:
+        if con is None:
+            pass
+        else:
             await pool.release(con)
 
 

@@ -536,3 +536,15 @@ async def released_when_a_flag_set_too_late_says_so(pool):
     finally:
         if acquired:
             await pool.release(con)
+
+
+async def release_skipped_for_a_closed_connection(pool):
+    # A connection the server closed still holds its pool slot (asyncpg's
+    # pool and safepool alike) until it is released: this leaks the slot.
+    con = None
+    try:
+        con = await pool.acquire()  # expect: SP001 when
+        await con.execute("SELECT 1")
+    finally:
+        if con is not None and not con.is_closed():
+            await pool.release(con)
