@@ -1255,7 +1255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     file (``--format text`` or ``json``) and return the exit status: 0
     nothing found, 1 findings (even if some files could not be checked), 2
     no findings but a file could not be read or parsed, a path does not
-    exist, or a directory given holds no Python file to check."""
+    exist, a directory given holds no Python file to check, or ``--exclude``
+    left out every file given."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = _Parser(
         arguments,
@@ -1263,7 +1264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Find pool.acquire() results that are not released on every path. "
         "Exit status: 0 nothing found, 1 findings (even if some files could not be checked), "
         "2 no findings but a file could not be read or parsed, a path does not exist, "
-        "or a directory given holds no Python file to check.",
+        "a directory given holds no Python file to check, or --exclude left out every file given.",
         epilog="A finding whose line (the acquire's, or its statement's first or last) has the comment "
         "`# safepool: ignore` is not reported: for a false positive, such as a connection released by "
         "another function. The known ones are listed in safepool's docs/testing.md.",
@@ -1306,14 +1307,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     # named without its password.
     missing = [mask_dsn(root) if passwords(root) else root for root in args.paths if not os.path.exists(root)]
     errors.extend({"path": root, "error": "no such file or directory"} for root in missing)
+    excluded = " or excluded by --exclude" if args.exclude else ""
     errors.extend(
         {"path": root, "error": "no Python files to check in this directory (not searched: hidden "
-         f"directories, and {', '.join(sorted(SKIP_DIRS - {'.venv'}))} unless they are packages)"}
+         f"directories, and {', '.join(sorted(SKIP_DIRS - {'.venv'}))} unless they are packages{excluded})"}
         for root in empty
     )
+    if not scanned and not unparsed and not missing and not empty:
+        # Every file named was excluded (`check --exclude 'x*' x.py`): as a
+        # directory with nothing to check, exit status 2, not a clean pass.
+        left_out = [root for root in args.paths if os.path.isfile(root)]
+        errors.extend({"path": root, "error": "excluded by --exclude: nothing was checked"} for root in left_out)
+    else:
+        left_out = []
 
     try:
-        _report(args.format, findings, errors, scanned, unparsed, missing, empty)
+        _report(args.format, findings, errors, scanned, unparsed, missing, empty, left_out)
     except BrokenPipeError:
         # `python -m safepool check src/ | head`: the reader has what it
         # wanted. No traceback, and the exit status still says what was found.
@@ -1359,7 +1368,7 @@ def _check_file(path: str, pool_names: str, findings: list[Finding], errors: lis
 
 def _report(
     format: str, findings: list[Finding], errors: list[dict[str, str]], scanned: int,
-    unparsed: list[str], missing: list[str], empty: list[str],
+    unparsed: list[str], missing: list[str], empty: list[str], left_out: list[str],
 ) -> None:
     """Print the findings (stdout), the errors (stderr) and the summary line."""
     if format == "json":
@@ -1388,6 +1397,8 @@ def _report(
         if empty:
             summary += (f", {len(empty)} director{'ies' if len(empty) != 1 else 'y'} without Python files: "
                         f"{_some(empty)}")
+        if left_out:
+            summary += f", every file given excluded: {_some(left_out)}"
         summary += ")" if not errors else "; errors above)"
         print(f"safepool check: {summary}")
 

@@ -599,3 +599,25 @@ async def inverted(pool):
             await pool.release(con)
 '''
     assert [(f.line, f.code) for f in check_source(source)] == [(3, "SP001"), (12, "SP001")]
+
+
+def test_cli_everything_excluded_is_an_error_that_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file given excluded (`--exclude x.py x.py`) said "no problems (0
+    files scanned)" with status 0, and a directory whose Python files were
+    all excluded was said to hold none: both check nothing, both status 2,
+    and the messages name --exclude. A file excluded beside one checked is
+    no error."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.py").write_text("async def f(pool):\n    await pool.acquire()\n")
+    (tmp_path / "y.py").write_text("")
+    assert main(["--exclude", "x.py", "x.py"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "x.py: error: excluded by --exclude: nothing was checked"
+    assert captured.out.strip() == (
+        "safepool check: no problems (0 files scanned, every file given excluded: x.py; errors above)")
+    assert main(["--exclude", "*.py", "."]) == 2
+    assert "or excluded by --exclude)" in capsys.readouterr().err
+    assert main(["--exclude", "x.py", "x.py", "y.py"]) == 0
+    assert capsys.readouterr().out.strip() == "safepool check: no problems (1 file scanned)"
