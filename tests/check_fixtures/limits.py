@@ -103,3 +103,9 @@ def connection_kept_by_a_closure(pool):
         await pool.release(con)
 
     return grab, drop
+
+
+async def passed_straight_to_a_call(pool, use):
+    # The connection goes to another function, which may release it or not:
+    # not followed.
+    return await use(await pool.acquire())  # missed: passed to a call
