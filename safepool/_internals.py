@@ -576,6 +576,20 @@ def invalidate_taken_back(con: RawConnection) -> None:
         con._loop.call_soon(warn)
 
 
+def starts_tasks_eagerly(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop``'s task factory runs a new task's first step inside
+    ``create_task()`` (``asyncio.eager_task_factory``, or one made by
+    ``asyncio.create_eager_task_factory()``; Python 3.12+). asyncpg's
+    release then runs its shielded task's first step (the report of an open
+    transaction) before ``release()`` returns to the loop."""
+    factory = loop.get_task_factory()
+    if factory is None:
+        return False
+    return factory is getattr(asyncio, "eager_task_factory", None) or getattr(
+        factory, "__qualname__", ""
+    ).startswith("create_eager_task_factory.")
+
+
 def warn_open_transaction(con: RawConnection, *, quiet: bool = False, deferred: bool = False) -> bool:
     """asyncpg's reset reports an unmanaged open transaction through the
     loop's exception handler. Returns whether a ROLLBACK is needed.
@@ -584,7 +598,9 @@ def warn_open_transaction(con: RawConnection, *, quiet: bool = False, deferred: 
     reports from the first step of its shielded release task, after the
     callbacks already queued (a query logger's record of the lease's last
     statement). ``call_soon`` keeps that order without the hop: the report
-    still comes before release() returns (the ROLLBACK's round trip follows)."""
+    still comes before release() returns (the ROLLBACK's round trip follows).
+    On a loop that starts tasks eagerly (:func:`starts_tasks_eagerly`)
+    asyncpg's task reports at once, inside ``release()``: so does this."""
     protocol = con._protocol
     clear_listeners(con)
     if protocol is None:
@@ -593,7 +609,7 @@ def warn_open_transaction(con: RawConnection, *, quiet: bool = False, deferred: 
         if not quiet and (con._top_xact is None or not con._top_xact._managed):
             context = {"message": f"Resetting connection with an active transaction {con!r}"}
             loop = con._loop
-            if deferred:
+            if deferred and not starts_tasks_eagerly(loop):
                 loop.call_soon(loop.call_exception_handler, context)
             else:
                 loop.call_exception_handler(context)

@@ -40,16 +40,14 @@ def on_eager_loop(scenario: Callable[[Callable[..., Awaitable[Any]]], Awaitable[
     return outcomes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="eager task factory: asyncpg's release reports the open transaction from its shielded task's "
-    "first step, which now runs inside release(), before the lease's last query log record (queued with "
-    "call_soon); safepool keeps the order of the default loop (records first)",
-)
 def test_open_transaction_report_order_among_query_log_records(pg_dsn: str) -> None:
     """tests/compat/test_parity.py::test_open_transaction_report_comes_after_queued_query_log_callbacks
-    on an eager loop. asyncpg: BEGIN logged, the report, SELECT 1 logged
-    (10 of 10 runs); safepool: BEGIN, SELECT 1, the report."""
+    on an eager loop: asyncpg's shielded release task runs its first step
+    inside release(), so the report comes before the record of the lease's
+    last statement (BEGIN logged, the report, SELECT 1 logged; 10 of 10
+    runs). safepool kept the default loop's order (the report after the
+    records) until it reported at once on such a loop too
+    (``_internals.starts_tasks_eagerly``)."""
 
     async def scenario(create_pool: Callable[..., Awaitable[Any]]) -> list[str]:
         pool = await create_pool(pg_dsn, min_size=1, max_size=1)
@@ -72,18 +70,14 @@ def test_open_transaction_report_order_among_query_log_records(pg_dsn: str) -> N
     assert outcomes["safepool"] == outcomes["asyncpg"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="eager task factory: after expire_connections() under six queued acquires, asyncpg's pool "
-    "never serves the oldest waiter among the first two ([1, 2] or [1, 3]); safepool serves 0 and 1",
-)
-def test_order_waiters_are_served_after_expire_connections(pg_dsn: str) -> None:
+def test_waiters_are_served_oldest_first_after_expire_connections(pg_dsn: str) -> None:
     """tests/compat/test_parity.py::test_a_connection_replaced_under_waiters_serves_the_oldest_first
     ("expired") on an eager loop: which two of six queued acquires get the
     two replaced connections first. asyncpg: [1, 2] or [1, 3], never the
     oldest waiter (12 of 12 runs; its default-loop order is [0, 1], as
-    test_parity.py asserts); safepool: [0, 1]. Compared: whether the
-    oldest waiter is among the first two served."""
+    test_parity.py asserts); safepool: [0, 1], FIFO on every loop. A
+    difference kept on purpose (docs/migration.md): asyncpg's order there
+    comes from its holders' tasks racing, and no program can rely on it."""
 
     async def scenario(create_pool: Callable[..., Awaitable[Any]]) -> bool:
         pool = await create_pool(pg_dsn, min_size=2, max_size=2)
@@ -124,4 +118,4 @@ def test_order_waiters_are_served_after_expire_connections(pg_dsn: str) -> None:
             await pool.close()
 
     outcomes = on_eager_loop(scenario)
-    assert outcomes["safepool"] == outcomes["asyncpg"]
+    assert outcomes["safepool"] is True  # (asyncpg's: False in 12 of 12 runs; not asserted)
