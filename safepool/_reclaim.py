@@ -16,7 +16,7 @@ from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from . import _internals as _pg
-from . import _stack, _workers
+from . import _workers
 from ._clock import Clock
 from ._holder import Holder
 from ._internals import RawConnection
@@ -110,7 +110,7 @@ class Reclaimer:
             return
         report = (
             f"pool {self.name!r}: a connection was garbage collected without being released, "
-            f"{held:.3f}s after its acquire; {_holder_of(lease)}; acquired at:\n{_stack.format_stack(lease.stack)}"
+            f"{held:.3f}s after its acquire; {_holder_of(lease)}; acquired at:\n{self.reporter.format_stack(lease.stack)}"
         )
         _pg.detach_proxy(con)  # the proxy is gone; drop the dead weak reference
         con._on_release()
@@ -211,7 +211,7 @@ class Reclaimer:
                 "pool %r: a connection's proxy was garbage collected without being released, but the "
                 "connection is still in use (callbacks registered, or an operation or object still "
                 "refers to it); it stays leased until that ends; %s; acquired at:\n%s",
-                self.name, _holder_of(lease), _stack.format_stack(lease.stack),
+                self.name, _holder_of(lease), self.reporter.format_stack(lease.stack),
                 extra=self.reporter.event_fields("leak_suspect", lease, held),
             )
             self.reporter.emit("leak_suspect", lease, held, collected=True)
@@ -250,7 +250,7 @@ class Reclaimer:
         leak_logger.error(
             "pool %r: lease expired after %.3fs (lease_timeout %.3fs); %s; taking the connection back. "
             "Acquired at:\n%s",
-            self.name, held, limit, _holder_of(lease), _stack.format_stack(lease.stack),
+            self.name, held, limit, _holder_of(lease), self.reporter.format_stack(lease.stack),
             extra=self.reporter.event_fields("lease_expired", lease, held),
         )
         self.reporter.emit("lease_expired", lease, held, lease_timeout=limit)
@@ -275,7 +275,7 @@ class Reclaimer:
             "pool %r: connection held for %.3fs (leak_warning_after %.3fs), still not released; "
             "%s; acquired at:\n%s",
             self.name, held, self.leak_warning_after or 0.0, _holder_of(lease),
-            _stack.format_stack(lease.stack),
+            self.reporter.format_stack(lease.stack),
             extra=self.reporter.event_fields("leak_suspect", lease, held),
         )
         self.reporter.emit("leak_suspect", lease, held)

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import _stack
+from . import _secrets, _stack
 from . import events as _events
 from ._state import Lease, PoolState, SlotState, Waiter
 from .errors import ServerUnavailableError
@@ -58,7 +58,7 @@ class Reporter:
 
     __slots__ = (
         "name", "state", "loop", "listeners", "pending", "delivering", "site_caps", "server_status",
-        "connect_warned_at",
+        "connect_warned_at", "dsn", "password",
     )
 
     def __init__(self, name: str, state: PoolState, loop: asyncio.AbstractEventLoop, site_caps: bool) -> None:
@@ -75,6 +75,22 @@ class Reporter:
         self.server_status = "up"
         # When a failed connect was last logged at WARNING (see connect_failed).
         self.connect_warned_at = -math.inf
+        # The pool's connect arguments' secrets, masked in the stacks a
+        # report shows (the application's source lines: a DSN written on
+        # the acquire's line). Set by the pool (note_connect_args).
+        self.dsn: object = None
+        self.password: object = None
+
+    def note_connect_args(self, args: Any, kwargs: dict[str, Any]) -> None:
+        """The pool's connect arguments (at creation, and each
+        ``set_connect_args()``): their password is masked in stacks."""
+        self.dsn = args[0] if args else kwargs.get("dsn")
+        self.password = kwargs.get("password")
+
+    def format_stack(self, captured: _stack.Captured | None) -> str:
+        """:func:`_stack.format_stack` without the pool's password, should
+        the application's source lines show it."""
+        return _secrets.redact_known(_stack.format_stack(captured), self.dsn, self.password)
 
     # ----------------------------------------------------------- messages
 
@@ -181,7 +197,7 @@ class Reporter:
             deadline_in=None if lease.deadline is None else lease.deadline - now,
             task_name=lease.task_name,
             acquired_at=_stack.acquire_site(lease.stack) if lease.stack else None,
-            stack=_stack.format_stack(lease.stack) if lease.stack and stacks else None,
+            stack=self.format_stack(lease.stack) if lease.stack and stacks else None,
             site=lease.site,
             task_ref=lease.task_ref,
         )

@@ -12,7 +12,7 @@ from urllib.parse import unquote, unquote_plus
 
 _URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
 # (Not one masked already: "got '...password=***'" keeps its closing quote.)
-_PASSWORD_PARAM = re.compile(r"(?i)(password=)(?!\*\*\*(?:[&\s'\"]|$))[^&\s]+")
+_PASSWORD_PARAM = re.compile(r"(?i)(password=)(?!\*\*\*(?:[&\s'\",;)}]|$))[^&\s]+")
 # A password query parameter with the fields after it that have no "=": an
 # unescaped "&" in the password ("password=pw&rest": asyncpg's query parser
 # quotes the rest, "bad query field: 'rest'").
@@ -137,6 +137,30 @@ def redact(text: str, dsn: str | None) -> str:
             text = _masked_in_text(text, secret)
     text = _URI_PASSWORD.sub(r"\1***@", text)
     return _PASSWORD_PARAM.sub(r"\1***", text)
+
+
+# A password written as a string literal in Python source: a keyword or an
+# assignment (password = "pw x"), a dict item ("password": 'pw'), any name
+# ending in password (db_password=...).
+_SOURCE_PASSWORD = re.compile(r"""(?i)(password['"]?\s*[=:]\s*)(['"])(?:\\.|(?!\2).)*\2""")
+
+
+def redact_source(line: str) -> str:
+    """A line of Python source as a report may show it: without a DSN's
+    password (a URI's, a ``password=`` field's) or a password string
+    literal (``password="..."``, ``"password": "..."``)."""
+    return redact(_SOURCE_PASSWORD.sub(r"\1***", line), None)
+
+
+def redact_known(text: str, dsn: object, password: object) -> str:
+    """``text`` (a report's stack, whose lines are the application's source)
+    without the pool's own password: its DSN's (as :func:`redact` masks it)
+    and a ``password=`` connect argument's, where each stands on its own.
+    Non-str arguments (no DSN, a password callable) add nothing."""
+    text = redact(text, dsn if isinstance(dsn, str) else None)
+    if isinstance(password, str) and len(password) >= _MIN_MASKED:
+        text = _masked_in_text(text, password)
+    return text
 
 
 # A query password to the next field that has an "=" (or the end): for a

@@ -17,6 +17,8 @@ import os
 import sys
 from types import CodeType
 
+from . import _secrets
+
 Frame = tuple[str, int, str]  # (file, line, function)
 Captured = tuple[tuple[CodeType, int], ...]  # (code, offset of the instruction in bytes), innermost first
 
@@ -121,7 +123,10 @@ def format_stack(captured: Captured | None) -> str:
         lines.append(f'  File "{filename}", line {lineno}, in {name}\n')
         source = linecache.getline(filename, lineno).strip()
         if source:
-            lines.append(f"    {source}\n")
+            # A DSN or a password written on the line (create_pool(
+            # "postgresql://app:pw@db") on the acquire's line): masked, as
+            # in every other report.
+            lines.append(f"    {_secrets.redact_source(source)}\n")
     return "".join(lines)
 
 
