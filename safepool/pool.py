@@ -224,9 +224,9 @@ class Pool(_PoolBase):
     # ------------------------------------------------------------- acquire
 
     # (For the type checker this overrides the stubs' acquire(), which returns
-    # asyncpg's PoolAcquireContext: this one's is safepool's own, typed with
-    # safepool's proxy. Code typed against asyncpg.Pool gets asyncpg's.)
-    def acquire(  # type: ignore[override]
+    # asyncpg's PoolAcquireContext: this one's is a subclass of it, typed
+    # with safepool's proxy. Code typed against asyncpg.Pool gets asyncpg's.)
+    def acquire(
         self,
         *,
         timeout: float | None = _DEFAULT,
@@ -644,7 +644,9 @@ class Pool(_PoolBase):
         async with self.acquire() as con:
             return await con.fetchval(query, *args, column=column, timeout=timeout)
 
-    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None) -> Any:
+    async def fetchrow(  # (-> Any | None, as asyncpg's stubs type Pool[Any].fetchrow: a typed caller may return it)
+        self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None
+    ) -> Any | None:
         """Run ``query`` with ``args`` and return its first row (a record), or None.
 
         A connection is leased for the call and released before it returns, as by asyncpg's
@@ -884,10 +886,24 @@ class Pool(_PoolBase):
 _loop_here = asyncio._get_running_loop
 
 
-class PoolAcquireContext:
+# asyncpg's context class, so that isinstance(pool.acquire(),
+# asyncpg.pool.PoolAcquireContext) holds and an annotation of it accepts
+# safepool's (tests/test_typing.py). Its slots (pool, connection, done,
+# timeout) are used as they are; every method is replaced.
+if TYPE_CHECKING:
+    _AcquireContextBase = _pg_pool.PoolAcquireContext[Any]
+else:
+    _AcquireContextBase = _pg_pool.PoolAcquireContext
+
+
+class PoolAcquireContext(_AcquireContextBase):
     """What ``pool.acquire()`` returns: awaitable, or an async context manager."""
 
-    __slots__ = ("pool", "_timeout", "lease_timeout", "site", "stack", "connection", "done")
+    # (pool, connection, done: asyncpg's slots; its timeout slot is shadowed
+    # by the property below, which keeps "left out" apart from None.)
+    __slots__ = ("_timeout", "lease_timeout", "site", "stack")
+    pool: Pool  # (asyncpg's slot, holding safepool's pool)
+    connection: PoolConnectionProxy | None
 
     def __init__(
         self, pool: Pool, timeout: float | None, lease_timeout: Any, site: str | None = None,
@@ -920,7 +936,7 @@ class PoolAcquireContext:
             raise PoolInterfaceError("a connection is already acquired")
         return self.pool._leaser.acquire(self._timeout, self.lease_timeout, self, self.site, self.stack)
 
-    def __aexit__(
+    def __aexit__(  # type: ignore[override]  # (returns the release's awaitable itself: see above)
         self,
         exc_type: type[BaseException] | None = None,
         exc_val: BaseException | None = None,
@@ -938,7 +954,7 @@ class PoolAcquireContext:
             return self.pool.release(con)
         return leaser.release(con)
 
-    def __await__(self) -> Any:
+    def __await__(self) -> Generator[Any, None, PoolConnectionProxy]:
         self.done = True
         return self.pool._leaser.acquire(self._timeout, self.lease_timeout, None, self.site, self.stack).__await__()
 

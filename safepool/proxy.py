@@ -189,7 +189,8 @@ if TYPE_CHECKING:
     # proxy's metaclass), so a lease's methods are typed as the
     # connection's in users' code (tests/test_typing.py). (Not asyncpg's
     # PoolConnectionProxy: its stubbed _holder type would hide this class's.)
-    _ProxyBase = _pg_connection.Connection[Any]
+    class _ProxyBase(_pg_pool.PoolConnectionProxy[Any], _pg_connection.Connection[Any]):  # type: ignore[misc,metaclass]
+        _holder: Any  # (asyncpg's stubbed PoolConnectionHolder; this class's is its own Holder)
 else:
     # asyncpg's own proxy class, so that isinstance(con,
     # asyncpg.pool.PoolConnectionProxy) holds as on asyncpg's pool (code

@@ -56,10 +56,10 @@ def test_user_code_type_checks_with_pyright() -> None:
 
 
 # --------------------------------------------------------------------------
-# asyncpg-style annotations that do not type-check against safepool yet
-# (mypy --strict, as above, on one small snippet each; pyright 1.1.390
-# reports the same errors for all but the last, whose no-any-return is a
-# mypy --strict check).
+# asyncpg-style annotations that type-check against safepool too (mypy
+# --strict, as above, on one small snippet each; a review found each
+# refused, pyright 1.1.390 agreeing on all but the last, whose
+# no-any-return is a mypy --strict check).
 
 _PRELUDE = """\
 from __future__ import annotations
@@ -99,11 +99,6 @@ def _mypy_strict(snippet: str, tmp_path: Path, cache: Path) -> subprocess.Comple
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool.PoolConnectionProxy is typed as asyncpg.Connection, not as asyncpg.pool.PoolConnectionProxy "
-    "(which it is at run time): a lease of a safepool.Pool is refused where asyncpg's proxy is annotated",
-)
 def test_a_lease_is_accepted_where_asyncpg_s_pool_connection_proxy_is_annotated(
     tmp_path: Path, mypy_cache: Path
 ) -> None:
@@ -124,11 +119,6 @@ async def main(dsn: str) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="create_pool(setup=) is typed Callable[[safepool.PoolConnectionProxy], ...]: a setup hook "
-    "annotated as asyncpg's stubs spell it (asyncpg.pool.PoolConnectionProxy) is refused",
-)
 def test_a_setup_hook_annotated_with_asyncpg_s_proxy_is_accepted(tmp_path: Path, mypy_cache: Path) -> None:
     run = _mypy_strict(
         """
@@ -146,11 +136,6 @@ async def main(dsn: str) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool.PoolAcquireContext does not subclass asyncpg.pool.PoolAcquireContext, so "
-    "pool.acquire() of a safepool.Pool is refused where asyncpg's context is annotated",
-)
 def test_pool_acquire_is_accepted_where_asyncpg_s_acquire_context_is_annotated(
     tmp_path: Path, mypy_cache: Path
 ) -> None:
@@ -165,11 +150,6 @@ def lease(pool: safepool.Pool) -> asyncpg.pool.PoolAcquireContext:
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PoolAcquireContext.__await__ is typed -> Any: `await pool.acquire()` is Any (only "
-    "`async with` gives the typed lease), and returning it is no-any-return under --strict",
-)
 def test_an_awaited_acquire_is_typed_as_a_lease(tmp_path: Path, mypy_cache: Path) -> None:
     run = _mypy_strict(
         """
@@ -184,11 +164,6 @@ async def get(pool: safepool.Pool) -> safepool.PoolConnectionProxy:
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool.Pool.fetchrow() is typed -> Any where asyncpg's stubs give Record | None: "
-    "returning the row from a typed function is no-any-return under mypy --strict",
-)
 def test_a_row_of_a_safepool_pool_returns_from_a_typed_function(tmp_path: Path, mypy_cache: Path) -> None:
     run = _mypy_strict(
         """

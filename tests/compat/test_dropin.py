@@ -116,22 +116,19 @@ async def test_a_leased_connection_is_a_pool_connection_proxy(make_pool: MakePoo
         assert isinstance(again, asyncpg.pool.PoolConnectionProxy)
 
 
-async def test_an_acquire_context_is_asyncpg_s_pool_acquire_context(
-    make_pool: MakePool, flavour: str, request: pytest.FixtureRequest
-) -> None:
-    """``pool.acquire()`` is an ``asyncpg.pool.PoolAcquireContext`` on asyncpg's
-    pool (code and annotations name that class, as they name its proxy)."""
-    if flavour == "safepool":
-        request.applymarker(pytest.mark.xfail(
-            strict=True,
-            reason="safepool.PoolAcquireContext does not subclass asyncpg.pool.PoolAcquireContext "
-            "(the pool and the proxy do subclass asyncpg's classes)",
-        ))
+async def test_an_acquire_context_is_asyncpg_s_pool_acquire_context(make_pool: MakePool) -> None:
+    """``pool.acquire()`` is an ``asyncpg.pool.PoolAcquireContext`` on both
+    pools (code and annotations name that class, as they name its proxy),
+    with asyncpg's attributes: ``timeout``, ``connection``, ``done``."""
     pool = await make_pool(min_size=1, max_size=1)
-    ctx = pool.acquire()
+    ctx = pool.acquire(timeout=5)
     assert isinstance(ctx, asyncpg.pool.PoolAcquireContext)
+    assert (ctx.timeout, ctx.connection, ctx.done) == (5, None, False)
     async with ctx as con:
         assert isinstance(con, asyncpg.pool.PoolConnectionProxy)
+        assert ctx.connection is con
+    assert (ctx.connection, ctx.done) == (None, True)
+    assert pool.acquire().timeout is None
 
 
 async def test_row_lock_is_gone_right_after_the_block(
