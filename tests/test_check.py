@@ -621,3 +621,48 @@ def test_cli_everything_excluded_is_an_error_that_says_so(
     assert "or excluded by --exclude)" in capsys.readouterr().err
     assert main(["--exclude", "x.py", "x.py", "y.py"]) == 0
     assert capsys.readouterr().out.strip() == "safepool check: no problems (1 file scanned)"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="helper-138: _tests_presence knows isinstance() only with exception classes: "
+    "`if isinstance(first, asyncpg.Connection):` after gather(return_exceptions=True) (true exactly "
+    "when a connection came back: asyncpg's proxy is an instance of Connection) is SP001 now; "
+    "ab137ba's check passed it",
+)
+def test_a_release_under_isinstance_of_a_connection_class_is_on_every_path() -> None:
+    source = '''
+import asyncio
+import asyncpg
+
+
+async def gathered(pool):
+    first, second = await asyncio.gather(pool.acquire(), pool.acquire(), return_exceptions=True)
+    try:
+        if isinstance(first, BaseException) or isinstance(second, BaseException):
+            raise LookupError("no connection")
+        return await first.fetchval("SELECT 1") + await second.fetchval("SELECT 2")
+    finally:
+        if isinstance(first, asyncpg.Connection):
+            await pool.release(first)
+        if isinstance(second, asyncpg.pool.PoolConnectionProxy):
+            await pool.release(second)
+'''
+    assert check_source(source) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="helper-138: a directory given whose own name --exclude matches (`--exclude '*' .`, "
+    "`--exclude 'm*' migrations/`) is neither 'empty' nor a file left out: 0 files scanned, "
+    "status 0, the clean pass 1cad1eb meant to end",
+)
+def test_cli_a_directory_given_and_excluded_itself_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "migrations").mkdir()
+    (tmp_path / "migrations" / "m0001.py").write_text("async def f(pool):\n    await pool.acquire()\n")
+    assert main(["--exclude", "m*", "migrations"]) == 2
+    assert "no problems (0 files scanned)" not in capsys.readouterr().out
+    assert main(["--exclude", "*", "."]) == 2
