@@ -58,7 +58,7 @@ class Reporter:
 
     __slots__ = (
         "name", "state", "loop", "listeners", "pending", "delivering", "site_caps", "server_status",
-        "connect_warned_at", "dsn", "password",
+        "connect_warned_at", "dsn", "password", "shown",
     )
 
     def __init__(self, name: str, state: PoolState, loop: asyncio.AbstractEventLoop, site_caps: bool) -> None:
@@ -80,17 +80,19 @@ class Reporter:
         # the acquire's line). Set by the pool (note_connect_args).
         self.dsn: object = None
         self.password: object = None
+        self.shown: tuple[object, ...] = ()  # the other connect arguments (see _secrets.redact_known)
 
     def note_connect_args(self, args: Any, kwargs: dict[str, Any]) -> None:
         """The pool's connect arguments (at creation, and each
         ``set_connect_args()``): their password is masked in stacks."""
         self.dsn = args[0] if args else kwargs.get("dsn")
         self.password = kwargs.get("password")
+        self.shown = tuple(value for key, value in kwargs.items() if key not in ("password", "dsn"))
 
     def format_stack(self, captured: _stack.Captured | None) -> str:
         """:func:`_stack.format_stack` without the pool's password, should
         the application's source lines show it."""
-        return _secrets.redact_known(_stack.format_stack(captured), self.dsn, self.password)
+        return _secrets.redact_known(_stack.format_stack(captured), self.dsn, self.password, self.shown)
 
     # ----------------------------------------------------------- messages
 

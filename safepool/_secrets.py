@@ -140,9 +140,12 @@ def redact(text: str, dsn: str | None) -> str:
 
 
 # A password written as a string literal in Python source: a keyword or an
-# assignment (password = "pw x"), a dict item ("password": 'pw'), any name
-# ending in password (db_password=...).
-_SOURCE_PASSWORD = re.compile(r"""(?i)(password['"]?\s*[=:]\s*)(['"])(?:\\.|(?!\2).)*\2""")
+# assignment (password = "pw x"), a dict item ("password": 'pw', and
+# kw["password"] = ...), a comparison (password == "..."), any name ending
+# in password (db_password=...); prefixed (r"", b"", f"") or triple-quoted.
+_SOURCE_PASSWORD = re.compile(
+    r"(?i)(password['\"]?\]?\s*(?:==|=|:)\s*)[rbuf]{0,2}(\"\"\"|'''|\"|')(?:\\.|(?!\2).)*?\2"
+)
 
 
 def redact_source(line: str) -> str:
@@ -152,13 +155,20 @@ def redact_source(line: str) -> str:
     return redact(_SOURCE_PASSWORD.sub(r"\1***", line), None)
 
 
-def redact_known(text: str, dsn: object, password: object) -> str:
+def redact_known(text: str, dsn: object, password: object, shown: Sequence[object] = ()) -> str:
     """``text`` (a report's stack, whose lines are the application's source)
     without the pool's own password: its DSN's (as :func:`redact` masks it)
     and a ``password=`` connect argument's, where each stands on its own.
-    Non-str arguments (no DSN, a password callable) add nothing."""
+    Non-str arguments (no DSN, a password callable) add nothing. As
+    :func:`redact` leaves a DSN's password that the DSN also shows (a user,
+    a database), the argument is left where it is also one of ``shown``
+    (the other connect arguments: ``user="orders", password="orders"``):
+    masking it would point at it."""
     text = redact(text, dsn if isinstance(dsn, str) else None)
-    if isinstance(password, str) and len(password) >= _MIN_MASKED:
+    if (
+        isinstance(password, str) and len(password) >= _MIN_MASKED
+        and not any(isinstance(value, str) and password in value for value in shown)
+    ):
         text = _masked_in_text(text, password)
     return text
 

@@ -366,22 +366,39 @@ def _is_name(node: ast.AST | None, var: str) -> bool:
     return isinstance(node, ast.Attribute) and "." in var and _dotted(node) == var
 
 
-def _tests_presence(test: ast.expr, var: str, present: bool) -> bool:
+def _tests_presence(
+    test: ast.expr, var: str, present: bool, flag: Callable[[ast.expr], bool] | None = None,
+) -> bool:
     """Is ``test`` true exactly when ``var`` holds a connection (``present``;
-    ``con``, ``con is not None``) or exactly when it holds none (``not
-    con``, ``con is None``)? A connection is never falsy. Any other test
-    (``not con.is_closed()``, ``con is not None and ok``) may skip a
-    release of a connection that was acquired."""
+    ``con``, ``con is not None``, ``isinstance(con, asyncpg.Connection)``)
+    or exactly when it holds none (``not con``, ``con is None``,
+    ``isinstance(con, BaseException)`` after ``gather(...,
+    return_exceptions=True)``)? A connection is never falsy. ``flag``: a
+    name set right after the acquire (``acquired``), true exactly when the
+    connection is held. ``and`` of such tests (``acquired and con is not
+    None``) is one too, as ``or`` is of tests of none. Any other test (``not
+    con.is_closed()``, ``con is not None and ok``) may skip a release of a
+    connection that was acquired."""
     if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
-        return _tests_presence(test.operand, var, not present)
+        return _tests_presence(test.operand, var, not present, flag)
+    if isinstance(test, ast.BoolOp):
+        if isinstance(test.op, ast.And if present else ast.Or):
+            return all(_tests_presence(value, var, present, flag) for value in test.values)
+        return False
     if _is_name(test, var):
         return present
+    if present and flag is not None and flag(test):
+        return True
     if (
         isinstance(test, ast.Call) and isinstance(test.func, ast.Name) and test.func.id == "isinstance"
-        and len(test.args) == 2 and _is_name(test.args[0], var) and _names_exceptions(test.args[1])
+        and len(test.args) == 2 and _is_name(test.args[0], var)
     ):
         # `gather(..., return_exceptions=True)`: a connection, or the error.
-        return not present
+        if _names_classes(test.args[1], ("Exception", "Error")):
+            return not present
+        if _names_classes(test.args[1], ("Connection", "ConnectionProxy")):
+            return present
+        return False
     if isinstance(test, ast.Compare) and len(test.ops) == 1:
         left, right, op = test.left, test.comparators[0], test.ops[0]
         if (_is_name(left, var) and _is_none(right)) or (_is_none(left) and _is_name(right, var)):
@@ -392,13 +409,15 @@ def _tests_presence(test: ast.expr, var: str, present: bool) -> bool:
     return False
 
 
-def _names_exceptions(node: ast.expr) -> bool:
-    """``BaseException``, ``asyncpg.PostgresError``, ``(OSError, TimeoutError)``:
-    exception classes by their names (``...Exception``, ``...Error``)."""
+def _names_classes(node: ast.expr, endings: tuple[str, ...]) -> bool:
+    """Classes by their names' endings: ``BaseException``,
+    ``asyncpg.PostgresError``, ``(OSError, TimeoutError)`` for
+    ("Exception", "Error"); ``asyncpg.Connection``,
+    ``asyncpg.pool.PoolConnectionProxy`` for ("Connection", "ConnectionProxy")."""
     if isinstance(node, ast.Tuple):
-        return bool(node.elts) and all(_names_exceptions(element) for element in node.elts)
+        return bool(node.elts) and all(_names_classes(element, endings) for element in node.elts)
     name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
-    return name.endswith(("Exception", "Error"))
+    return name.endswith(endings)
 
 
 def _is_none(node: ast.expr) -> bool:
@@ -943,8 +962,8 @@ class _Checker:
                 # still holds its slot until released) or `if con is None:`.
                 in_body = any(node is s for s in parent.body)
                 other = parent.orelse if in_body else parent.body
-                tests_connection = _tests_presence(parent.test, var, in_body) or (
-                    in_body and self.flags_acquire(parent.test, acquire_stmt)
+                tests_connection = _tests_presence(
+                    parent.test, var, in_body, lambda test: self.flags_acquire(test, acquire_stmt)
                 )
                 if not tests_connection and not _contains_release(other, var):
                     condition = parent
@@ -1316,7 +1335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not scanned and not unparsed and not missing and not empty:
         # Every file named was excluded (`check --exclude 'x*' x.py`): as a
         # directory with nothing to check, exit status 2, not a clean pass.
-        left_out = [root for root in args.paths if os.path.isfile(root)]
+        left_out = [root for root in args.paths if os.path.isfile(root) or _excluded(root, args.exclude)]
         errors.extend({"path": root, "error": "excluded by --exclude: nothing was checked"} for root in left_out)
     else:
         left_out = []
@@ -1398,7 +1417,7 @@ def _report(
             summary += (f", {len(empty)} director{'ies' if len(empty) != 1 else 'y'} without Python files: "
                         f"{_some(empty)}")
         if left_out:
-            summary += f", every file given excluded: {_some(left_out)}"
+            summary += f", every path given excluded: {_some(left_out)}"
         summary += ")" if not errors else "; errors above)"
         print(f"safepool check: {summary}")
 

@@ -40,12 +40,6 @@ def test_the_pools_own_password_is_masked_wherever_it_stands() -> None:
     assert redact_known("x = 1", None, lambda: "callable") == "x = 1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="helper-138: _SOURCE_PASSWORD wants the quote right after `password=`/`\"password\":`, so a "
-    "literal with a string prefix (r'', b'', f'') or a triple-quoted one keeps its text (a dict item "
-    "with a raw string wholly; _PASSWORD_PARAM's fallback stops at a space)",
-)
 @pytest.mark.parametrize(
     "line",
     [
@@ -59,13 +53,6 @@ def test_a_prefixed_or_triple_quoted_password_literal_is_masked(line: str) -> No
     assert "hunter" not in shown and "2x" not in shown, shown
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="helper-138: Reporter.note_connect_args keeps only the password= argument, and redact_known "
-    "masks it wherever it stands, also where it is the user's or the database's name (password=user, "
-    "common in development): the masks then point at the password. The same settings as a DSN are "
-    "left alone (redact() skips a password the DSN shows without it)",
-)
 def test_a_password_argument_equal_to_the_user_is_not_spelled_out_by_the_masks() -> None:
     from safepool import _stack
     from safepool._reporting import Reporter
