@@ -7,9 +7,11 @@ import asyncio
 import gc
 import json
 import re
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -569,6 +571,30 @@ async def test_a_connect_failing_on_the_programs_own_arguments_is_connect_miscon
     assert stats.last_connect_error is not None and stats.last_connect_error.startswith(error)
     reason = next(r for r in report.reasons if r.code == "connect_misconfigured")
     assert reason.status == "failing" and "fix what create_pool() passes to asyncpg.connect()" in reason.message
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a DSN port out of range (99999) fails in the client with OverflowError ('connect(): port must be "
+    "0-65535.'), which program_error() does not count as the program's own (only TypeError, ValueError, "
+    "AttributeError): it reads server_down, and with fail_fast=True opens the breaker, so the third acquire "
+    "gets ServerUnavailableError ('the server refuses new ones') instead of the DSN's error"
+))
+@pytest.mark.parametrize("fail_fast", [False, True])
+async def test_a_dsn_port_out_of_range_is_connect_misconfigured_not_server_down(
+    pools: Any, pg_dsn: str, fail_fast: bool
+) -> None:
+    """docs/metrics.md: connect_misconfigured is "an option or DSN it cannot
+    use", failing "before the server was asked". A port above 65535 is one:
+    no packet leaves the host, and no server will ever answer at it."""
+    parts = urlsplit(pg_dsn)
+    dsn = urlunsplit(parts._replace(netloc=f"app:pw-{uuid.uuid4().hex}@127.0.0.1:99999", query=""))
+    pool = await pools(name="port-typo", dsn=dsn, min_size=0, fail_fast=fail_fast)
+    for _ in range(4):
+        with pytest.raises(OverflowError, match="port must be 0-65535"):
+            await pool.acquire(timeout=10)
+    report = await pool.health(probe=False)
+    assert "connect_misconfigured" in codes(report) and "server_down" not in codes(report), report.reasons
+    assert report.stats.connect_misconfigured and report.stats.unavailable_rejections == 0
 
 
 async def test_connect_misconfigured_clears_once_a_connect_succeeds(pg_dsn: str) -> None:
