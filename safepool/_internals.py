@@ -129,11 +129,13 @@ def program_error(error: BaseException) -> bool:
     """Whether a connect failed on the program's own mistake, not on the
     server or the network: a keyword asyncpg's ``connect()`` does not take
     (``TypeError``), an option or DSN it cannot use (``ValueError``,
-    asyncpg's ``ClientConfigurationError``), a ``connect=`` callable's bug
-    (``AttributeError``). Such an error says nothing of the server, so it
-    does not count toward the circuit breaker (as an ``init=`` hook's
-    does not): acquires get it as from asyncpg's pool."""
-    return isinstance(error, (TypeError, ValueError, AttributeError)) and not isinstance(
+    asyncpg's ``ClientConfigurationError``; ``OverflowError``, a port out
+    of range, which the socket refuses before anything is sent), a
+    ``connect=`` callable's bug (``AttributeError``). Such an error says
+    nothing of the server, so it does not count toward the circuit breaker
+    (as an ``init=`` hook's does not): acquires get it as from asyncpg's
+    pool."""
+    return isinstance(error, (TypeError, ValueError, AttributeError, OverflowError)) and not isinstance(
         error, (OSError, _pg_exceptions.PostgresError)
     )
 

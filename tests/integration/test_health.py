@@ -573,12 +573,6 @@ async def test_a_connect_failing_on_the_programs_own_arguments_is_connect_miscon
     assert reason.status == "failing" and "fix what create_pool() passes to asyncpg.connect()" in reason.message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a DSN port out of range (99999) fails in the client with OverflowError ('connect(): port must be "
-    "0-65535.'), which program_error() does not count as the program's own (only TypeError, ValueError, "
-    "AttributeError): it reads server_down, and with fail_fast=True opens the breaker, so the third acquire "
-    "gets ServerUnavailableError ('the server refuses new ones') instead of the DSN's error"
-))
 @pytest.mark.parametrize("fail_fast", [False, True])
 async def test_a_dsn_port_out_of_range_is_connect_misconfigured_not_server_down(
     pools: Any, pg_dsn: str, fail_fast: bool
