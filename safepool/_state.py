@@ -1718,10 +1718,11 @@ class PoolState:
         # News: the failure view is fresh, and goes stale at its own moment
         # (a timer, so the server_status event comes then, connect or none).
         # Only while connections serve: "down" (none left: only a connect
-        # brings one back, and its outcome is news) and an init= failure
-        # ("up") never go stale.
+        # brings one back, and its outcome is news) never goes stale. An
+        # init= failure does (init_failing then reads False in stats(): the
+        # status was "up" all along).
         self.failure_went_stale = False
-        if not self._stale_check and not in_init and self._serving():
+        if not self._stale_check and self._serving():
             self._stale_check = True
             self._push_timer(now + STALE_FAILURE_AFTER, _STALE_FAILURE, True)  # (not None: advance() stops at None)
         # A connect that started before the last failure was under way with
@@ -2190,15 +2191,17 @@ class PoolState:
         due yet (a later failure, or a longer backoff), look again then; if
         the pool still wants a connection, every STALE_RECHECK seconds (a
         connect's outcome, should one start, reports the status itself).
-        Nothing to do once a connect succeeded, while the failure is the
-        init= hook's (the status is "up" anyway) or with no connection left
-        ("down" is never stale: the next failure arms the timer anew)."""
+        Nothing to do once a connect succeeded, or with no connection left
+        ("down" is never stale: the next failure arms the timer anew). An
+        ``init=`` hook's failure goes stale alike, with no note (the status
+        was "up": ``stats().init_failing`` reads False from then)."""
         self._stale_check = False
-        if not self.connect_failures or self.init_failing or self.failure_went_stale or self._serving() == 0:
+        if not self.connect_failures or self.failure_went_stale or self._serving() == 0:
             return
         if self.failure_stale(now):
             self.failure_went_stale = True
-            self.actions.append(NoteServerStatus())
+            if not self.init_failing:
+                self.actions.append(NoteServerStatus())
             return
         due = self.stale_failure_at()
         self._stale_check = True
@@ -2268,13 +2271,10 @@ class PoolState:
         checks = sum(1 for _, _, kind, _ in self._timers if kind == _STALE_FAILURE)
         if checks != self._stale_check:
             fail(f"{checks} stale-failure timers in the heap, flagged {self._stale_check}")
-        if self.failure_went_stale and (not self.connect_failures or self.init_failing):
-            fail("the failure view went stale with no failure of the server's")
-        if (
-            self.connect_failures and not self.init_failing and not self.failure_went_stale and not self._stale_check
-            and self._serving()
-        ):
-            fail("backing off with no stale-failure timer armed")
+        if self.failure_went_stale and not self.connect_failures:
+            fail("the failure view went stale with no failure")
+        if self.connect_failures and not self.failure_went_stale and not self._stale_check and self._serving():
+            fail("connects failing with no stale-failure timer armed")
         dead = sum(1 for _, _, kind, obj in self._timers if not self._timer_live(kind, obj))
         if dead != self._stale_timers:
             fail(f"timer heap: {dead} stale entries, counted {self._stale_timers}")

@@ -136,7 +136,8 @@ class PoolStats:
     site_cap: int | None = None  # connections one site may hold (None: max_site_share off)
     sites: tuple[SiteStats, ...] = ()  # the busiest SITES_REPORTED sites, then "other"
     # The last connect reached the server and the init= hook raised (until a
-    # connect succeeds): an application error; server_status stays "up".
+    # connect succeeds, or the failure goes stale as a refusal's: 60 s with no
+    # connect wanted): an application error; server_status stays "up".
     init_failing: bool = False
     # While connects fail (consecutive_connect_failures > 0), the last one's
     # error as the logs give it ("InvalidPasswordError: password
@@ -235,7 +236,7 @@ def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
         connections_retired=c.connections_retired,
         site_cap=state.site_cap,
         sites=tuple(SiteStats(*row) for row in state.site_usage(SITES_REPORTED)),
-        init_failing=state.init_failing,
+        init_failing=state.init_failing and not state.failure_went_stale,
         last_connect_error=None if failing is None else describe_error(failing),
         last_connect_sqlstate=sqlstate(failing),
         last_connect_error_type=None if failing is None else type(failing).__name__,

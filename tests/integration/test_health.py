@@ -710,3 +710,30 @@ async def test_connect_errors_end_with_their_window(pools: Any, pg_dsn: str) -> 
     finally:
         await admin.execute("DROP ROLE IF EXISTS sp_health_window")
         await admin.close()
+
+
+async def test_an_init_failure_stops_counting_once_no_connect_would_refresh_it(pools: Any) -> None:
+    """The init= hook failed once, on a connection the pool opened beyond
+    min_size; the pool then idles at min_size with one that serves, and
+    never connects again. As a refusal's does, that failure stops counting
+    60 s on (STALE_FAILURE_AFTER): init_failed leaves health(), and
+    stats().init_failing (safepool_init_failing) reads False; the status
+    was "up" throughout."""
+    clock = ManualClock()
+    init = BrokenInit()
+    init.broken = False
+    pool = await pools(name="init-once", min_size=1, max_size=2, init=init, clock=clock)
+    held = await pool.acquire(timeout=10)
+    init.broken = True
+    with pytest.raises(ValueError, match="bug in init hook"):
+        await pool.acquire(timeout=10)
+    await pool.release(held)
+    report = await pool.health(probe=False)
+    assert "init_failed" in codes(report) and report.stats.init_failing
+    clock.advance(59.0)
+    assert "init_failed" in codes(await pool.health(probe=False))
+    clock.advance(1.5)
+    report = await pool.health()
+    assert report.status == "ok", report.reasons
+    assert not report.stats.init_failing and report.stats.server_status == "up"
+    assert report.stats.consecutive_connect_failures == 1  # (kept: the next connect meets its record)

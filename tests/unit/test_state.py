@@ -2338,3 +2338,30 @@ def test_a_success_ends_the_failure_view_and_its_timer_notes_nothing() -> None:
     assert state.server_status(11).value == "up"
     state.advance(60.0)
     assert stale_notes(state) == 0 and state.next_deadline() is None
+
+
+def test_an_init_failure_goes_stale_too_with_no_status_note() -> None:
+    """An ``init=`` hook that failed once (the server answered: the status
+    stays "up") while a connection serves: 60 s on, with no connect wanted,
+    its view goes stale as a refusal's does (``stats().init_failing`` then
+    reads False: health's init_failed and safepool_init_failing end), with
+    no status note (the status did not change). The failure count is kept."""
+    state = make(max_size=2, min_size=1)
+    fill(state, 1)
+    state.floor_enabled = True
+    held = state.try_acquire(0)
+    assert held
+    state.enqueue("a", 0, None)
+    [slot] = fields(take(state, Connect))
+    state.connect_failed(slot, 0, LookupError("bug in init hook"), in_init=True, connection=object())
+    take(state, Fail)
+    take(state, Close)
+    state.release(held, 1, CLEAN)
+    assert state.init_failing and state.server_status(1).value == "up"
+    assert state.next_deadline() == 60.0
+    state.advance(59.9)
+    assert not state.failure_went_stale
+    state.advance(60.0)
+    assert state.failure_went_stale and stale_notes(state) == 0
+    assert state.init_failing and state.connect_failures == 1  # (the core's record; stats() reads it stale)
+    assert state.server_status(60.0).value == "up" and state.next_deadline() is None
