@@ -76,3 +76,25 @@ def test_readme_links_to_existing_pages() -> None:
         assert (ROOT / target).exists(), target
     for page in ("testing.md", "runbook.md", "migration.md", "best-practices.md"):
         assert f"docs/{page}" in readme
+
+
+def _github_slug(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, every
+    character but letters, digits, spaces, hyphens and underscores dropped,
+    each space a hyphen (so " -m" becomes "--m", where the docs site's
+    slugs differ: README's links are read on GitHub)."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_readme_links_to_existing_anchors() -> None:
+    """Each `docs/page.md#anchor` link of README.md names a heading of that
+    page as GitHub spells its anchor (a heading "... python -m safepool
+    top" once broke README's link there)."""
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\((docs/[^)#]+)#([^)]+)\)", readme)
+    assert links
+    for target, anchor in links:
+        lines = (ROOT / target).read_text().splitlines()
+        headings = {_github_slug(line.lstrip("#")) for line in lines if re.match(r"#{1,6} ", line)}
+        assert anchor in headings, f"{target}#{anchor}"
