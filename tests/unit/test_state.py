@@ -2146,11 +2146,12 @@ def test_a_lost_connect_s_timer_is_not_due_again_when_it_fired(policy: str | Non
 # ------------------------------------------------- a failure view gone stale
 
 
-def refused_once(min_size: int = 1, **kwargs: Any) -> tuple[PoolState, Any]:
+def refused_once(min_size: int = 1, in_init: bool = False, **kwargs: Any) -> tuple[PoolState, Any]:
     """max_size=2 at its ``min_size`` (1: one connection), the floor kept:
-    a second task's connect refused (53300) at t=0, then the first
-    connection released at t=1, idle. Nothing wants a connection after
-    that: ``(state, the idle slot)``."""
+    a second task's connect refused (53300) at t=0 (``in_init``: its init=
+    hook failed instead, the connection closed), then the first connection
+    released at t=1, idle. Nothing wants a connection after that:
+    ``(state, the idle slot)``."""
     state = make(max_size=2, min_size=min_size, **kwargs)
     fill(state, 1)
     state.floor_enabled = True
@@ -2158,7 +2159,11 @@ def refused_once(min_size: int = 1, **kwargs: Any) -> tuple[PoolState, Any]:
     assert held
     state.enqueue("a", 0, None)
     [slot] = fields(take(state, Connect))
-    state.connect_failed(slot, 0, OSError("53300"))
+    if in_init:
+        state.connect_failed(slot, 0, LookupError("bug in init hook"), in_init=True, connection=object())
+        take(state, Close)
+    else:
+        state.connect_failed(slot, 0, OSError("53300"))
     take(state, Fail)
     state.release(held, 1, CLEAN)
     return state, held.slot
@@ -2346,17 +2351,7 @@ def test_an_init_failure_goes_stale_too_with_no_status_note() -> None:
     its view goes stale as a refusal's does (``stats().init_failing`` then
     reads False: health's init_failed and safepool_init_failing end), with
     no status note (the status did not change). The failure count is kept."""
-    state = make(max_size=2, min_size=1)
-    fill(state, 1)
-    state.floor_enabled = True
-    held = state.try_acquire(0)
-    assert held
-    state.enqueue("a", 0, None)
-    [slot] = fields(take(state, Connect))
-    state.connect_failed(slot, 0, LookupError("bug in init hook"), in_init=True, connection=object())
-    take(state, Fail)
-    take(state, Close)
-    state.release(held, 1, CLEAN)
+    state, _ = refused_once(in_init=True)
     assert state.init_failing and state.server_status(1).value == "up"
     assert state.next_deadline() == 60.0
     state.advance(59.9)
