@@ -515,7 +515,11 @@ def _client_backends(under: Path) -> list[psutil.Process]:
     the client's address: ``[local]`` on its Unix socket)."""
     backends = []
     for server in _replay_servers(under):
-        for child in server.children():
+        try:
+            children = server.children()
+        except psutil.Error:  # the server, or a child psutil was listing, gone meanwhile (CI run 149)
+            continue
+        for child in children:
             try:
                 title = " ".join(child.cmdline())
             except psutil.Error:  # gone meanwhile
