@@ -830,8 +830,11 @@ class PoolState:
         eligible one) and the pool has room for one, or the pool is below
         min_size (:meth:`floor_deficit`). (Tasks waiting on a full pool wait
         for a release: no connect is planned for them.)"""
-        if self._connecting_count or self.floor_deficit():
-            return True
+        return bool(self._connecting_count) or self.floor_deficit() or self._tasks_need_a_connect()
+
+    def _tasks_need_a_connect(self) -> bool:
+        """A task waits (with a queue policy: an eligible one) and the pool
+        has room to open a connection for it."""
         waiting = self._waiting if self._policy is None else self._policy.eligible
         return bool(waiting) and len(self._slots) < self.max_size
 
@@ -2091,11 +2094,7 @@ class PoolState:
                 candidates.append(head[0])
         if self.max_inactive_lifetime and self._idle and self._live() > self.min_size:
             candidates.append(self._idle[0].idle_since + self.max_inactive_lifetime)
-        if (
-            self.connect_failures
-            and (self._waiting if self._policy is None else self._policy.eligible)
-            and len(self._slots) < self.max_size
-        ):
+        if self.connect_failures and self._tasks_need_a_connect():
             # The next probe: after the backoff, or a hedge beside those
             # under way. (While the pool is full a slot's close re-plans, and
             # at max_connecting a connect's outcome does: a timer at a time
