@@ -13,7 +13,7 @@ import logging
 import math
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import _secrets, _stack
@@ -58,7 +58,7 @@ class Reporter:
 
     __slots__ = (
         "name", "state", "loop", "listeners", "pending", "delivering", "site_caps", "server_status",
-        "connect_warned_at", "dsn", "password", "shown",
+        "connect_warned_at", "connect_args",
     )
 
     def __init__(self, name: str, state: PoolState, loop: asyncio.AbstractEventLoop, site_caps: bool) -> None:
@@ -75,24 +75,20 @@ class Reporter:
         self.server_status = "up"
         # When a failed connect was last logged at WARNING (see connect_failed).
         self.connect_warned_at = -math.inf
-        # The pool's connect arguments' secrets, masked in the stacks a
-        # report shows (the application's source lines: a DSN written on
-        # the acquire's line). Set by the pool (note_connect_args).
-        self.dsn: object = None
-        self.password: object = None
-        self.shown: tuple[object, ...] = ()  # the other connect arguments (see _secrets.redact_known)
-
-    def note_connect_args(self, args: Any, kwargs: dict[str, Any]) -> None:
-        """The pool's connect arguments (at creation, and each
-        ``set_connect_args()``): their password is masked in stacks."""
-        self.dsn = args[0] if args else kwargs.get("dsn")
-        self.password = kwargs.get("password")
-        self.shown = tuple(value for key, value in kwargs.items() if key not in ("password", "dsn"))
+        # The pool's connect arguments as they are now, ``(args, kwargs)``
+        # (set by the pool: set_connect_args() changes them): their password
+        # is masked in the stacks a report shows.
+        self.connect_args: Callable[[], tuple[Sequence[Any], Mapping[str, Any]]] = lambda: ((), {})
 
     def format_stack(self, captured: _stack.Captured | None) -> str:
         """:func:`_stack.format_stack` without the pool's password, should
-        the application's source lines show it."""
-        return _secrets.redact_known(_stack.format_stack(captured), self.dsn, self.password, self.shown)
+        the application's source lines show it (a DSN written on the
+        acquire's line): its DSN's, and its ``password=`` argument's unless
+        another argument shows the same value (see ``_secrets.redact_known``)."""
+        args, kwargs = self.connect_args()
+        dsn = args[0] if args else kwargs.get("dsn")
+        shown = [value for key, value in kwargs.items() if key not in ("password", "dsn")]
+        return _secrets.redact_known(_stack.format_stack(captured), dsn, kwargs.get("password"), shown)
 
     # ----------------------------------------------------------- messages
 

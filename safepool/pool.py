@@ -179,7 +179,7 @@ class Pool(_PoolBase):
         self._clock: Clock = clock if clock is not None else LoopClock(loop)
         self._now = self._clock.now
         self._reporter = reporter = Reporter(self._name, self._state, loop, config.site_caps)
-        reporter.note_connect_args(connect_args, connect_kwargs)
+        reporter.connect_args = lambda: (self._connect_args, self._connect_kwargs)
         hooks = ResetHooks(config.custom_reset, reset, reset_mode != "rollback")
         self._observation = Observation(config, self._state, reporter, loop, self._now, self.release)
         self._runner = runner = Runner(
@@ -367,7 +367,6 @@ class Pool(_PoolBase):
         until they expire; see :meth:`expire_connections`)."""
         self._connect_args = [dsn]
         self._connect_kwargs = connect_kwargs
-        self._reporter.note_connect_args(self._connect_args, connect_kwargs)
 
     def resize(self, *, max_size: int | None = None, min_size: int | None = None) -> None:
         """Change the pool's bounds at run time without dropping any lease.

@@ -63,9 +63,9 @@ def test_a_password_argument_equal_to_the_user_is_not_spelled_out_by_the_masks()
 
     captured = orders_view()
     as_dsn = Reporter.__new__(Reporter)
-    as_dsn.note_connect_args(("postgresql://orders:orders@db/orders",), {})
+    as_dsn.connect_args = lambda: (("postgresql://orders:orders@db/orders",), {})
     as_kwargs = Reporter.__new__(Reporter)
-    as_kwargs.note_connect_args((None,), {"user": "orders", "password": "orders", "database": "orders"})
+    as_kwargs.connect_args = lambda: ((None,), {"user": "orders", "password": "orders", "database": "orders"})
     shown = as_kwargs.format_stack(captured)
     assert "orders = _stack.capture()" in as_dsn.format_stack(captured)
     assert "*** = _stack.capture()" not in shown, shown
