@@ -1332,13 +1332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
          f"directories, and {', '.join(sorted(SKIP_DIRS - {'.venv'}))} unless they are packages{excluded})"}
         for root in empty
     )
+    left_out: list[str] = []  # paths given that --exclude left out, when nothing else was checked
     if not scanned and not unparsed and not missing and not empty:
         # Every file named was excluded (`check --exclude 'x*' x.py`): as a
         # directory with nothing to check, exit status 2, not a clean pass.
         left_out = [root for root in args.paths if os.path.isfile(root) or _excluded(root, args.exclude)]
         errors.extend({"path": root, "error": "excluded by --exclude: nothing was checked"} for root in left_out)
-    else:
-        left_out = []
 
     try:
         _report(args.format, findings, errors, scanned, unparsed, missing, empty, left_out)
