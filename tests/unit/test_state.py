@@ -2146,27 +2146,32 @@ def test_a_lost_connect_s_timer_is_not_due_again_when_it_fired(policy: str | Non
 # ------------------------------------------------- a failure view gone stale
 
 
+def refuse_another(state: PoolState, now: float, in_init: bool = False) -> Any:
+    """A task takes the idle connection at ``now`` and a second task's
+    connect is refused (53300; ``in_init``: its init= hook failed instead,
+    the connection closed), then the first connection is released a second
+    later, idle: nothing wants a connection after that. Returns its slot."""
+    held = state.try_acquire(now)
+    assert held
+    state.enqueue("a", now, None)
+    [slot] = fields(take(state, Connect))
+    if in_init:
+        state.connect_failed(slot, now, LookupError("bug in init hook"), in_init=True, connection=object())
+        take(state, Close)
+    else:
+        state.connect_failed(slot, now, OSError("53300"))
+    take(state, Fail)
+    state.release(held, now + 1, CLEAN)
+    return held.slot
+
+
 def refused_once(min_size: int = 1, in_init: bool = False, **kwargs: Any) -> tuple[PoolState, Any]:
-    """max_size=2 at its ``min_size`` (1: one connection), the floor kept:
-    a second task's connect refused (53300) at t=0 (``in_init``: its init=
-    hook failed instead, the connection closed), then the first connection
-    released at t=1, idle. Nothing wants a connection after that:
-    ``(state, the idle slot)``."""
+    """max_size=2 at its ``min_size`` (1: one connection), the floor kept,
+    and :func:`refuse_another` at t=0: ``(state, the idle slot)``."""
     state = make(max_size=2, min_size=min_size, **kwargs)
     fill(state, 1)
     state.floor_enabled = True
-    held = state.try_acquire(0)
-    assert held
-    state.enqueue("a", 0, None)
-    [slot] = fields(take(state, Connect))
-    if in_init:
-        state.connect_failed(slot, 0, LookupError("bug in init hook"), in_init=True, connection=object())
-        take(state, Close)
-    else:
-        state.connect_failed(slot, 0, OSError("53300"))
-    take(state, Fail)
-    state.release(held, 1, CLEAN)
-    return state, held.slot
+    return state, refuse_another(state, 0, in_init)
 
 
 def stale_notes(state: PoolState) -> int:
@@ -2305,26 +2310,14 @@ def test_a_new_failure_restarts_the_60_s() -> None:
     """Each failure is news: the view goes stale 60 s after the last one,
     also after it went stale once; one note per stale moment."""
     state, _ = refused_once()
-    held = state.try_acquire(30)
-    assert held
-    state.enqueue("b", 30, None)
-    [slot] = fields(take(state, Connect))
-    state.connect_failed(slot, 30, OSError("53300"))
-    take(state, Fail)
-    state.release(held, 31, CLEAN)
+    refuse_another(state, 30)
     state.advance(60.0)
     assert stale_notes(state) == 0 and state.server_status(60.0).value == "backing_off"
     assert state.next_deadline() == 90.0
     state.advance(90.0)
     assert stale_notes(state) == 1 and state.server_status(90.0).value == "up"
     # Stale, then another failure: backing off again, for 60 s.
-    held = state.try_acquire(100)
-    assert held
-    state.enqueue("c", 100, None)
-    [slot] = fields(take(state, Connect))
-    state.connect_failed(slot, 100, OSError("53300"))
-    take(state, Fail)
-    state.release(held, 101, CLEAN)
+    refuse_another(state, 100)
     assert not state.failure_went_stale and state.server_status(101).value == "backing_off"
     assert state.connect_failures == 3
     state.advance(159.9)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import assert_never
 
@@ -762,37 +763,30 @@ def test_random_walk(seed: int) -> None:
     walk(seed)
 
 
-@pytest.mark.skipif(not LONG, reason="SAFEPOOL_LONG=1 runs many more seeds")
-def test_random_walks_long() -> None:
+def _walks_pass(run: Callable[[int], object], seeds: Sequence[int]) -> None:
+    """Every seed's walk: the failures counted, the first one shown."""
     failures = []
-    for seed in LONG_SEEDS:
+    for seed in seeds:
         try:
-            walk(seed)
+            run(seed)
         except WalkFailed as exc:
             failures.append(str(exc))
-    assert not failures, f"{len(failures)} of {len(LONG_SEEDS)} seeds failed; the first:\n{failures[0]}"
+    assert not failures, f"{len(failures)} of {len(seeds)} seeds failed; the first:\n{failures[0]}"
+
+
+@pytest.mark.skipif(not LONG, reason="SAFEPOOL_LONG=1 runs many more seeds")
+def test_random_walks_long() -> None:
+    _walks_pass(walk, LONG_SEEDS)
 
 
 def test_capped_walks() -> None:
     """CI's capped walks (capped_walk), in one test: a few milliseconds each."""
-    failures = []
-    for seed in CAPPED_CI_SEEDS:
-        try:
-            capped_walk(seed)
-        except WalkFailed as exc:
-            failures.append(str(exc))
-    assert not failures, f"{len(failures)} of {len(CAPPED_CI_SEEDS)} seeds failed; the first:\n{failures[0]}"
+    _walks_pass(capped_walk, CAPPED_CI_SEEDS)
 
 
 @pytest.mark.skipif(not LONG, reason="SAFEPOOL_LONG=1 runs many more seeds")
 def test_capped_walks_long() -> None:
-    failures = []
-    for seed in CAPPED_LONG_SEEDS:
-        try:
-            capped_walk(seed)
-        except WalkFailed as exc:
-            failures.append(str(exc))
-    assert not failures, f"{len(failures)} of {len(CAPPED_LONG_SEEDS)} seeds failed; the first:\n{failures[0]}"
+    _walks_pass(capped_walk, CAPPED_LONG_SEEDS)
 
 
 def _plan_floor_connect_before_34dd1ef(self: PoolState, now: float) -> Slot | None:

@@ -863,24 +863,25 @@ class CappedPoolMachine(PoolMachine):
 # the README's test command the full 600.
 EXAMPLES = int(os.environ.get("SAFEPOOL_MODEL_EXAMPLES", "600"))
 
-PoolMachine.TestCase.settings = settings(
-    max_examples=2_000 if LONG else EXAMPLES,
-    stateful_step_count=80 if LONG else 50,
-    derandomize=not LONG,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+
+
+def _machine_settings(examples: int, long_examples: int) -> settings:
+    """Derandomized runs of ``examples`` (``long_examples`` with SAFEPOOL_LONG=1)."""
+    return settings(
+        max_examples=long_examples if LONG else examples,
+        stateful_step_count=80 if LONG else 50,
+        derandomize=not LONG,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+PoolMachine.TestCase.settings = _machine_settings(EXAMPLES, 2_000)
 TestPoolStateMachine = PoolMachine.TestCase
 
 # CappedPoolMachine: a few examples in CI (its rules kept working; the
 # capped walks of test_state_fuzz are CI's guard of its shape), many with
 # SAFEPOOL_LONG=1: 1,000 examples reach the shape some 20 to 40 times.
 CAPPED_EXAMPLES = int(os.environ.get("SAFEPOOL_CAPPED_MODEL_EXAMPLES", "25"))
-CappedPoolMachine.TestCase.settings = settings(
-    max_examples=1_000 if LONG else CAPPED_EXAMPLES,
-    stateful_step_count=80 if LONG else 50,
-    derandomize=not LONG,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+CappedPoolMachine.TestCase.settings = _machine_settings(CAPPED_EXAMPLES, 1_000)
 TestCappedPoolMachine = CappedPoolMachine.TestCase
