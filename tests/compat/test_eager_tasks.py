@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests.compat.test_parity import first_served_after_replacement
 
 pytestmark = pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is 3.12+")
 
@@ -81,40 +82,10 @@ def test_waiters_are_served_oldest_first_after_expire_connections(pg_dsn: str) -
 
     async def scenario(create_pool: Callable[..., Awaitable[Any]]) -> bool:
         pool = await create_pool(pg_dsn, min_size=2, max_size=2)
-        held = [await pool.acquire() for _ in range(2)]
-        served: list[int] = []
-        two_served = asyncio.Event()
-        done = asyncio.Event()
-
-        async def wait(i: int) -> None:
-            async with pool.acquire() as con:
-                served.append(i)
-                if len(served) == 2:
-                    two_served.set()
-                await done.wait()
-                await con.fetchval("SELECT 1")
-
-        waiters = []
+        flavour = "safepool" if create_pool is safepool.create_pool else "asyncpg"
         try:
-            for i in range(6):
-                waiters.append(asyncio.create_task(wait(i)))
-                await asyncio.sleep(0.02)  # (each queued before the next)
-            await pool.expire_connections()
-            for con in held:
-                await pool.release(con)
-            async with asyncio.timeout(5):
-                await two_served.wait()
-            oldest_among_first_two = 0 in served[:2]
-            done.set()
-            async with asyncio.timeout(5):
-                await asyncio.gather(*waiters)
-            assert sorted(served) == list(range(6))
-            return oldest_among_first_two
+            return 0 in await first_served_after_replacement(pool, flavour, pg_dsn, "expired")
         finally:
-            done.set()
-            for task in waiters:
-                task.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
             await pool.close()
 
     outcomes = on_eager_loop(scenario)
