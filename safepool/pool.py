@@ -253,8 +253,12 @@ class Pool(_PoolBase):
             than the pool's (an ``asyncpg.InterfaceError`` and a ``RuntimeError``).
         :raises asyncpg.InterfaceError: the pool is not initialized yet (not
             awaited, or still starting), as asyncpg's.
-        :raises TypeError: ``site`` is not a non-empty str (or a timeout not
-            a number, when awaited).
+        :raises safepool.PoolTypeError: (a ``TypeError``) ``site`` is not a
+            non-empty str; or, when awaited, ``timeout`` or ``lease_timeout``
+            is not a number (a bool included).
+        :raises safepool.PoolValueError: (a ``ValueError``) when awaited,
+            ``timeout`` negative or NaN, ``lease_timeout`` not > 0 (NaN
+            included), either an int too large for a float.
         """
         if site is not None and (type(site) is not str or not site):
             # (As safepool.site(""): an empty name would label a bulkhead and
@@ -289,7 +293,10 @@ class Pool(_PoolBase):
 
         :param timeout: seconds for the reset (default: the ``timeout`` of the
             ``acquire()`` that produced the connection, as in asyncpg 0.32).
-        :raises asyncpg.InterfaceError: ``connection`` is not one of this pool's.
+        :raises safepool.PoolInterfaceError: (an ``asyncpg.InterfaceError``)
+            ``connection`` is not one of this pool's.
+        :raises safepool.PoolTypeError: (a ``TypeError``) ``timeout`` is not a
+            number (a bool included), raised before anything is released.
         :raises Exception: the reset's own error (e.g. ``asyncio.TimeoutError``),
             after the connection was given up, as asyncpg raises it.
         """
@@ -988,15 +995,30 @@ def create_pool(
     ``tcp_keepalive`` (a :class:`safepool.TcpKeepalive`, True for its
     defaults, or None or False for none: TCP keepalive on each connection
     over TCP),
-    ``lease_timeout``, ``leak_warning_after``, ``capture_stack``,
-    ``max_waiters``, ``acquire_timeout``, ``max_connecting``, ``fail_fast``,
-    ``wait_on_connect_error``, ``reset_mode``
-    (``"full"``, ``"rollback"`` or ``"auto"``), ``reset_timeout``, ``backoff``, ``clock``,
+    ``lease_timeout`` (seconds > 0, or None), ``leak_warning_after`` and
+    ``acquire_timeout`` (seconds >= 0, or None), ``capture_stack`` (True,
+    False, or None: on with ``leak_warning_after``),
+    ``max_waiters`` (an int >= 0, or None), ``max_connecting`` (an int >= 1,
+    or None), ``fail_fast`` and ``wait_on_connect_error`` (True or False),
+    ``reset_mode``
+    (``"full"``, ``"rollback"`` or ``"auto"``), ``reset_timeout`` (seconds
+    > 0, or None: the default), ``backoff``, ``clock``,
     ``max_site_share`` (0 < share <= 1: one acquire site holds at most
     ``ceil(share * max_size)`` connections), ``queue_policy`` (``"fifo"`` or
     ``"adaptive"``), ``queue_target`` and ``queue_interval`` (seconds, the
     adaptive queue's CoDel parameters). See docs/backpressure.md.
-    Every other keyword goes to :func:`asyncpg.connect`.
+    Every other keyword goes to :func:`asyncpg.connect`, as with asyncpg's
+    pool: a keyword neither knows (a typo) is refused by the first connect
+    (``TypeError: connect() got an unexpected keyword argument``), at
+    ``await create_pool()`` or, with ``min_size=0``, at the first acquire.
+
+    :raises safepool.PoolValueError: (a ``ValueError``) an argument out of
+        range or not one of its choices, checked when called (asyncpg's own
+        checks with asyncpg's messages: ``max_size`` > 0, 0 <= ``min_size``
+        <= ``max_size``, ...).
+    :raises safepool.PoolTypeError: (a ``TypeError``) an argument of the
+        wrong type (a size that is not an int, a duration that is not a
+        number or is a bool, a ``name`` that is not a str).
 
     Use as ``pool = await create_pool(...)`` or ``async with create_pool(...) as pool``.
     """
