@@ -235,11 +235,12 @@ def configure(
     )
     max_inactive_connection_lifetime = plain_number(max_inactive_connection_lifetime)
     init_size = check_sizes(min_size, max_size, init_size, max_queries, max_inactive_connection_lifetime)
-    if not issubclass(connection_class, _pg_connection.Connection):
+    # (A non-class too: issubclass() alone raised its bare TypeError.)
+    if not isinstance(connection_class, type) or not issubclass(connection_class, _pg_connection.Connection):
         raise PoolTypeError(
             f"connection_class is expected to be a subclass of asyncpg.Connection, got {connection_class!r}"
         )
-    if not issubclass(record_class, _pg_protocol.Record):
+    if not isinstance(record_class, type) or not issubclass(record_class, _pg_protocol.Record):
         raise PoolTypeError(f"record_class is expected to be a subclass of asyncpg.Record, got {record_class!r}")
     # The setter of Pool.capture_stack already refused what create_pool() took.
     if capture_stack is not None and not isinstance(capture_stack, bool):

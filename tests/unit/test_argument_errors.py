@@ -10,14 +10,6 @@ import pytest
 import safepool
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "configure() calls issubclass() on connection_class/record_class unchecked: a non-class "
-        "raises a bare TypeError('issubclass() arg 1 must be a class'), not a PoolTypeError naming "
-        "the argument, though safepool.PoolError documents every bad argument as a PoolTypeError"
-    ),
-)
 @pytest.mark.parametrize("argument", ["connection_class", "record_class"])
 @pytest.mark.parametrize("value", [5, "asyncpg.Connection", None])
 @pytest.mark.asyncio
