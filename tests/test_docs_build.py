@@ -4,11 +4,13 @@ examples."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,26 @@ def test_readme_links_to_existing_anchors() -> None:
         lines = (ROOT / target).read_text().splitlines()
         headings = {_github_slug(line.lstrip("#")) for line in lines if re.match(r"#{1,6} ", line)}
         assert anchor in headings, f"{target}#{anchor}"
+
+
+_PYTHON_BLOCK = re.compile(r"^( *)```(?:python|py)\n(.*?)^\1```", re.M | re.S)
+
+
+def test_every_python_block_in_the_readme_and_docs_parses() -> None:
+    """The snippet blocks are checked against tested files (above); the
+    other ```python blocks (the README's, inline examples of a page) are at
+    least valid Python, with top-level ``await`` as a REPL or a notebook
+    allows it."""
+    blocks = 0
+    for page in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = page.read_text()
+        for match in _PYTHON_BLOCK.finditer(text):
+            blocks += 1
+            line = text.count("\n", 0, match.start(2)) + 1
+            source = textwrap.dedent(match.group(2))
+            try:
+                compile(source, f"{page.name}:{line}", "exec",
+                        flags=ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+            except SyntaxError as error:
+                pytest.fail(f"{page.name}, the block at line {line}: {error}")
+    assert blocks >= 30  # (the pattern still finds the pages' blocks)
