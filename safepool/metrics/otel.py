@@ -120,7 +120,8 @@ class PoolInstruments:
         self._record_times = record_times
         self._closed = False
         # Held weakly: instrumenting a pool must not keep it alive.
-        self._sinks: weakref.WeakKeyDictionary[Pool, list[tuple[str, Callable[[float], None]]]] = (
+        # Per hooked pool: the name its histograms' attributes carry, and its sinks.
+        self._sinks: weakref.WeakKeyDictionary[Pool, tuple[str, list[tuple[str, Callable[[float], None]]]]] = (
             weakref.WeakKeyDictionary()
         )
         self._recent: weakref.WeakKeyDictionary[Pool, tuple[float, PoolStats | None, int | None]] = (
@@ -139,11 +140,8 @@ class PoolInstruments:
     def add(self, pool: Pool, name: str | None = None) -> str:
         """Report ``pool`` under ``name`` (default ``pool.name``, or the name
         it is reported under already: a new name replaces the old); returns the name."""
-        reported = self.pools.name_of(pool)
         name = self.pools.add(pool, name)
-        if reported is not None and reported != name:
-            self._detach(pool)  # its histograms' attributes name it
-        self._attach(pool, name)
+        self._attach(pool, name)  # (moves its histograms to a new name)
         return name
 
     def add_all(self, pools: Iterable[Pool], *, live: bool = False) -> None:
@@ -185,16 +183,27 @@ class PoolInstruments:
         items = self.pools.items()
         if self._record_times:
             for name, pool in items:
-                if pool not in self._sinks:
-                    self._attach(pool, name)  # a live pool seen for the first time
+                # A live pool seen for the first time, or one whose reported
+                # name changed (it took over the bare name of a closed
+                # namesake, see PoolSet.items): its histograms follow it.
+                hooked = self._sinks.get(pool)
+                if hooked is None or hooked[0] != name:
+                    self._attach(pool, name)
         return items
 
     def _attach(self, pool: Pool, name: str) -> None:
-        if not self._record_times or pool in self._sinks:
+        """Hook ``pool``'s time histograms under ``name``; hooked under
+        another name already, it is unhooked from that one first."""
+        if not self._record_times:
             return
+        hooked = self._sinks.get(pool)
+        if hooked is not None:
+            if hooked[0] == name:
+                return
+            self._detach(pool)  # (its histograms' attributes name the old name)
         attributes = {POOL_NAME: name}
         hooks: list[tuple[str, Callable[[float], None]]] = []
-        self._sinks[pool] = hooks
+        self._sinks[pool] = (name, hooks)
         for kind, instrument in zip((h[0] for h in HISTOGRAMS), self._histograms, strict=True):
 
             def sink(value: float, instrument: metrics.Histogram = instrument) -> None:
@@ -204,11 +213,11 @@ class PoolInstruments:
             pool.add_timing_sink(kind, sink)
 
     def _detach(self, pool: Pool) -> None:
-        hooks = self._sinks.pop(pool, None)
+        hooked = self._sinks.pop(pool, None)
         self._recent.pop(pool, None)
-        if hooks is None:
+        if hooked is None:
             return
-        for kind, sink in hooks:
+        for kind, sink in hooked[1]:
             pool.remove_timing_sink(kind, sink)
 
     def _read(self, pool: Pool, fresh: bool = False) -> tuple[PoolStats, int | None] | None:
