@@ -161,7 +161,7 @@ async def check_health(
             "connect_rejected", failing_if_down,
             f"the server rejects this pool's connections ({stats.last_connect_error}; SQLSTATE "
             f"{stats.last_connect_sqlstate}, {stats.consecutive_connect_failures} in a row): check the DSN, "
-            f"the credentials and the database name; open connections: {serving}",
+            f"the credentials, the database name and the server settings; open connections: {serving}",
         ))
     elif stats.server_status in ("down", "backing_off") and stats.connect_misconfigured:
         # The connect failed in the client, on the program's own arguments:
@@ -228,8 +228,10 @@ async def check_health(
 # SQLSTATEs of a login the server refused for who or what it asked for
 # (PostgreSQL's errcodes.txt): class 28, invalid authorization (a wrong
 # password, an unknown role, no pg_hba.conf entry); 3D000, no such database;
-# 42501, no CONNECT privilege on it.
-_LOGIN_REJECTED = ("28", "3D000", "42501")
+# 42501, no CONNECT privilege on it (or on a setting the start-up sets);
+# 42704 and 22023, a start-up setting (server_settings=, options=) the server
+# does not know or takes no such value for.
+_LOGIN_REJECTED = ("28", "3D000", "42501", "42704", "22023")
 # too_many_connections: "sorry, too many clients already", or "too many
 # connections for role" / "for database" (a CONNECTION LIMIT).
 _TOO_MANY_CONNECTIONS = "53300"

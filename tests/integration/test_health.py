@@ -191,8 +191,11 @@ async def rejecting_server(pg_dsn: str) -> Any:
         ({"user": "sp_health_no_such_role"}, "InvalidAuthorizationSpecificationError", "28000"),
         ({"user": "sp_health_nologin"}, "InvalidAuthorizationSpecificationError", "28000"),
         ({"user": "sp_health_user", "database": "sp_health_noconnect"}, "InsufficientPrivilegeError", "42501"),
+        ({"server_settings": {"sp_health_no_such_setting": "1"}}, "UndefinedObjectError", "42704"),
+        ({"server_settings": {"work_mem": "lots"}}, "InvalidParameterValueError", "22023"),
     ],
-    ids=["no-such-database", "no-such-role", "role-without-login", "no-connect-privilege"],
+    ids=["no-such-database", "no-such-role", "role-without-login", "no-connect-privilege", "unknown-server-setting",
+         "bad-server-setting-value"],
 )
 async def test_a_login_the_server_rejects_is_connect_rejected_not_server_down(
     pools: Any, rejecting_server: Any, connect_kwargs: dict[str, Any], error: str, sqlstate: str
@@ -208,7 +211,7 @@ async def test_a_login_the_server_rejects_is_connect_rejected_not_server_down(
     assert report.stats.last_connect_error is not None and report.stats.last_connect_error.startswith(error + ": ")
     rejected = next(r for r in report.reasons if r.code == "connect_rejected")
     assert rejected.status == "failing"
-    assert f"SQLSTATE {sqlstate}" in rejected.message and "check the DSN, the credentials and the database name" in rejected.message
+    assert f"SQLSTATE {sqlstate}" in rejected.message and "check the DSN, the credentials, the database name and the server settings" in rejected.message
     assert report.stats.server_status == "down"  # (the pool's view: no connection; unchanged)
     assert json.loads(json.dumps(report.to_dict()))["stats"]["last_connect_sqlstate"] == sqlstate
 
