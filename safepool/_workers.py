@@ -40,10 +40,16 @@ LOST_BACKEND_CANCEL_TIMEOUT = 2.0
 # test_pool_release_timeout_during_cancellation wants a replacement within
 # 1 s of the release's TimeoutError; asyncpg aborts at once).
 CANCEL_ANSWER_GRACE = 0.5
-# How often a take-back repeats its cancel request while the expired
-# holder's call goes on: a request that reached the backend between two of
-# the call's steps was dropped (PostgreSQL ignores a cancel while idle).
+# How soon a take-back repeats its cancel request while the expired
+# holder's statement goes on (a request that reached the backend before the
+# statement did, or between two of a call's steps, was dropped: PostgreSQL
+# ignores a cancel while idle), doubling up to TAKE_BACK_CANCEL_MAX_INTERVAL
+# while the same statement runs: one the server cannot cancel (a query
+# waiting in PgBouncer's queue for a server connection, which PgBouncer
+# drops cancels for) costs a dozen requests in reset_timeout's 30 s, not
+# 300. A statement begun since the last request gets one at once.
 TAKE_BACK_CANCEL_INTERVAL = 0.1
+TAKE_BACK_CANCEL_MAX_INTERVAL = 2.0
 
 
 class ResetHooks:
@@ -289,7 +295,9 @@ async def _once_free(
 ) -> Exception | None:
     """Run ``send`` once asyncpg's protocol takes it: while it is refused at
     once (``_internals.is_busy``: a statement still runs), send the server a
-    cancel request every TAKE_BACK_CANCEL_INTERVAL and try again 5 ms
+    cancel request (at once for each statement the protocol starts, then
+    again after TAKE_BACK_CANCEL_INTERVAL, doubling up to
+    TAKE_BACK_CANCEL_MAX_INTERVAL while that statement runs) and try again 5 ms
     later. Nothing is tried between the steps of a fetch-family call
     (``_internals.in_call``) or while ``paused()``: the protocol is idle
     there although the call goes on, and the cancel is repeated for the
@@ -297,6 +305,8 @@ async def _once_free(
     None (also when the connection closed first); the caller bounds the wait."""
     loop = asyncio.get_running_loop()
     cancelled_at: float | None = None
+    cancelled_statement = -1  # (asyncpg's count of statements sent, at the last request)
+    interval = TAKE_BACK_CANCEL_INTERVAL
     while not con.is_closed():
         if not (_pg.in_call(con) or paused()):
             try:
@@ -306,8 +316,15 @@ async def _once_free(
                     return exc
             else:
                 return None
-        if cancelled_at is None or loop.time() - cancelled_at >= TAKE_BACK_CANCEL_INTERVAL:
+        statement = _pg.queries_count(con)
+        if statement != cancelled_statement:
+            interval = TAKE_BACK_CANCEL_INTERVAL
+            cancelled_at = None  # (a statement begun since the last request: one at once)
+        if cancelled_at is None or loop.time() - cancelled_at >= interval:
+            if cancelled_at is not None:
+                interval = min(interval * 2, TAKE_BACK_CANCEL_MAX_INTERVAL)
             cancelled_at = loop.time()
+            cancelled_statement = statement
             await _pg.cancel_running_query(con)
         await asyncio.sleep(0.005)  # the server's reply frees the protocol
     return None
@@ -382,7 +399,7 @@ async def statement_ended(con: RawConnection) -> None:
     """Until no statement runs on ``con`` any more: one that another task
     started before its lease was released (the release's reset was refused,
     and the pool gives the connection up). Cancelled on the server as a
-    take-back's (a cancel request every TAKE_BACK_CANCEL_INTERVAL), it ends
+    take-back's (cancel requests as :func:`_once_free` sends them), it ends
     with its own outcome, delivered to its task by asyncpg's protocol as
     usual (QueryCanceledError, or its result when it had already finished).
 
