@@ -15,20 +15,23 @@
 
 How the test phases are used: a lease taken in the test function itself is
 checked when the test function returns; one taken by a function-scoped
-fixture, when the fixtures have been torn down. Leaked leases are released
-after the report, so that a pool fixture's ``close()`` does not wait forever
-for them.
+fixture (the innermost being set up when it was taken, told apart from
+others of its name by its definition), when that fixture is torn down.
+Leaked leases are released after the report, so that a pool fixture's
+``close()`` does not wait forever for them.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,6 +60,7 @@ __all__ = [
 _SETTINGS = pytest.StashKey["_Settings"]()
 _GUARD = pytest.StashKey[LeakGuard]()
 _REPORT = pytest.StashKey[str]()  # the leak failure of the test function, for pytest_runtest_makereport
+_ACTIVE = pytest.StashKey[LeakGuard]()  # on the config: the guard of the test running now
 _RECLAIM_WARNING = r"pool .*: a connection was garbage collected without being released"
 _TALLY = pytest.StashKey["_LeakTally"]()
 _WORKER_OUTPUT = "safepool_leaks_reclaimed"  # pytest-xdist's workeroutput key
@@ -267,6 +271,7 @@ def safepool_leak_check(request: pytest.FixtureRequest) -> Iterator[LeakGuard]:
     warnings.filterwarnings("ignore", message=_RECLAIM_WARNING, category=ResourceWarning)
     guard = LeakGuard(strict=settings.strict).start()
     request.node.stash[_GUARD] = guard
+    request.config.stash[_ACTIVE] = guard
     tally = request.config.stash.get(_TALLY, None)
     if tally is not None:
         tally.guarded += 1
@@ -277,6 +282,8 @@ def safepool_leak_check(request: pytest.FixtureRequest) -> Iterator[LeakGuard]:
         if tally is not None:
             tally.guarded -= 1
         del request.node.stash[_GUARD]
+        if request.config.stash.get(_ACTIVE, None) is guard:
+            del request.config.stash[_ACTIVE]
         guard.stop()
     if leaks:
         release_leaked(leaks)
@@ -293,20 +300,46 @@ def _safepool_leak_autocheck(request: pytest.FixtureRequest) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Iterator[Any]:
-    guard = request.node.stash.get(_GUARD, None) if fixturedef.scope == "function" else None
+    # The guard of the test being set up: a fixture of a wider scope set up
+    # now (request.getfixturevalue() in a function-scoped fixture or in the
+    # test) has its module or session as request.node, not the test.
+    guard = request.config.stash.get(_ACTIVE, None)
     if guard is None or fixturedef.argname == "safepool_leak_check":
         return (yield)
-    done = guard.fixture_setup(fixturedef.argname)
+    function_scoped = fixturedef.scope == "function"
+    done = guard.fixture_setup(
+        fixturedef.argname,
+        fixturedef,  # the definition: an overriding fixture and the one it overrides share a name
+        where=_fixture_location(fixturedef, request.config) if function_scoped else None,
+        track=function_scoped,
+    )
     try:
         return (yield)
     finally:
         done()
 
 
+def _fixture_location(fixturedef: pytest.FixtureDef[Any], config: pytest.Config) -> str | None:
+    """"file:line" of a fixture's function, relative to the rootdir when
+    under it: tells apart fixtures of the same name in a leak report."""
+    try:
+        code = getattr(inspect.unwrap(fixturedef.func), "__code__", None)
+    except ValueError:  # a __wrapped__ cycle
+        return None
+    if code is None:
+        return None
+    path = Path(code.co_filename)
+    try:
+        path = path.relative_to(config.rootpath)
+    except ValueError:
+        pass
+    return f"{path}:{code.co_firstlineno}"
+
+
 def pytest_fixture_post_finalizer(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> None:
-    guard = request.node.stash.get(_GUARD, None) if fixturedef.scope == "function" else None
+    guard = request.config.stash.get(_ACTIVE, None) if fixturedef.scope == "function" else None
     if guard is not None:
-        guard.fixture_finished(fixturedef.argname)
+        guard.fixture_finished(fixturedef)
 
 
 @pytest.hookimpl(wrapper=True)

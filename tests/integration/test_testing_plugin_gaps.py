@@ -1,7 +1,7 @@
 """Gaps found in the pytest plugin's leak check by running small user
 suites under it (pytester, pytest-asyncio, a real PostgreSQL): clean suites
-it fails, and leaks it lets pass. Each test is a known bug, marked xfail
-until the plugin is fixed."""
+it failed, and leaks it let pass; each first test of a group was the bug
+as found (an xfail until fixed), the others its siblings; the rest, known bugs, are xfail until fixed."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import safepool
 
 @pytest_asyncio.fixture
 async def pool():
-    pool = await safepool.create_pool(os.environ["SAFEPOOL_PLUGIN_DSN"], min_size=1, max_size=2)
+    pool = await safepool.create_pool(os.environ["SAFEPOOL_PLUGIN_DSN"], min_size=1, max_size=3)
     yield pool
     await asyncio.wait_for(pool.close(), 10)
 
@@ -39,6 +39,12 @@ async def con(pool):
     async with pool.acquire() as con:  # released at teardown: clean
         yield con
 """
+
+
+def line_of(source: str, marker: str) -> int:
+    """The line of an inner test file that holds ``marker`` (pytester strips
+    the source's leading newline)."""
+    return next(number for number, line in enumerate(source.lstrip().splitlines(), 1) if marker in line)
 
 
 @pytest.fixture
@@ -66,16 +72,79 @@ async def test_uses_the_overriding_fixture(con):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leases are recorded per fixture name: an overriding fixture's teardown (which runs first) is "
-    "blamed for the connection the overridden fixture of the same name releases in its own teardown",
-)
 def test_an_overriding_fixture_of_the_same_name_is_not_reported(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_override=OVERRIDE)
     assert suite.runpytest("-p", "no:cacheprovider").ret == 0  # clean without the check
     result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+OVERRIDE_LEAK = """
+import pytest
+import pytest_asyncio
+
+KEPT = []  # keeps the leaked connection's proxy alive: reported as held, not collected
+
+
+@pytest_asyncio.fixture  # OVERRIDE-DEF
+async def con(con, pool):  # extends the conftest's clean fixture, and leaks one of its own
+    extra = await pool.acquire()  # OVERRIDE-LEAK
+    KEPT.append(extra)
+    yield con
+
+
+@pytest.mark.asyncio
+async def test_uses_the_leaky_override(con):
+    assert await con.fetchval("SELECT 1") == 1
+"""
+
+
+def test_an_overriding_fixture_that_leaks_is_reported_once_with_its_definition(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_override_leak=OVERRIDE_LEAK)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines([
+        "*ERROR at teardown of test_uses_the_leaky_override*",
+        "safepool: 1 connection leaked",
+        "*acquired by fixture 'con', whose teardown did not release it (the fixture defined at "
+        f"test_override_leak.py:{line_of(OVERRIDE_LEAK, 'OVERRIDE-DEF')})",
+        "  acquired at:",
+        f'*File "*test_override_leak.py", line {line_of(OVERRIDE_LEAK, "OVERRIDE-LEAK")}, in con',
+    ])
+    assert result.stdout.str().count("connection leaked") == 1  # the conftest's con, released, is not blamed
+
+
+THREE_LEVELS = """
+import pytest
+import pytest_asyncio
+
+
+@pytest_asyncio.fixture
+async def con(con):  # the module's, over the conftest's
+    yield con
+
+
+class TestInAClass:
+    @pytest_asyncio.fixture
+    async def con(self, con):  # the class's, over the module's
+        await con.execute("SELECT 1")
+        yield con
+
+    @pytest.mark.asyncio
+    async def test_uses_the_class_fixture(self, con):
+        assert await con.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio
+async def test_uses_the_module_fixture(con):
+    assert await con.fetchval("SELECT 1") == 1
+"""
+
+
+def test_fixtures_of_one_name_at_three_levels_are_told_apart(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_three_levels=THREE_LEVELS)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
 
 
 DYNAMIC = """
@@ -94,14 +163,99 @@ async def test_uses_the_wrapper(wrapper):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a fixture requested with request.getfixturevalue() inside another fixture's setup has its lease "
-    "counted as the outer fixture's too; the outer is torn down first and reported as leaking",
-)
 def test_a_fixture_requested_dynamically_inside_another_is_not_blamed_on_it(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_dynamic=DYNAMIC)
     assert suite.runpytest("-p", "no:cacheprovider").ret == 0  # clean without the check
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
+DYNAMIC_INNER_LEAK = """
+import pytest
+import pytest_asyncio
+
+
+@pytest_asyncio.fixture
+async def leaky(pool):
+    con = await pool.acquire()  # INNER-LEAK
+    yield con
+
+
+@pytest.fixture
+def wrapper(request):
+    con = request.getfixturevalue("con")  # clean
+    request.getfixturevalue("leaky")  # leaks: its lease is its own, not the wrapper's
+    yield con
+
+
+@pytest.mark.asyncio
+async def test_uses_the_wrapper(wrapper):
+    assert await wrapper.fetchval("SELECT 1") == 1
+"""
+
+
+def test_a_fixture_that_leaks_inside_another_is_blamed_alone(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_inner_leak=DYNAMIC_INNER_LEAK)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines([
+        "*ERROR at teardown of test_uses_the_wrapper*",
+        "safepool: 1 connection leaked",
+        "*acquired by fixture 'leaky', whose teardown did not release it*",
+        f'*File "*test_inner_leak.py", line {line_of(DYNAMIC_INNER_LEAK, "INNER-LEAK")}, in leaky',
+    ])
+    assert "fixture 'wrapper'" not in result.stdout.str()
+    assert result.stdout.str().count("connection leaked") == 1
+
+
+WIDER_SCOPE = """
+import asyncio
+import os
+
+import pytest
+import pytest_asyncio
+
+import safepool
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_con():  # held for the module, released at its teardown
+    pool = await safepool.create_pool(os.environ["SAFEPOOL_PLUGIN_DSN"], min_size=1, max_size=1)
+    async with pool.acquire() as con:
+        yield con
+    await asyncio.wait_for(pool.close(), 10)
+
+
+@pytest.fixture
+def wrapper(request):
+    return request.getfixturevalue("shared_con")  # set up inside the first test's wrapper
+
+
+def test_first(wrapper):
+    assert wrapper is not None
+
+
+def test_second(wrapper):
+    assert wrapper is not None
+"""
+
+
+def test_a_wider_scoped_fixture_set_up_inside_a_function_fixture_is_not_reported(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_wider=WIDER_SCOPE)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert "leaked" not in result.stdout.str()
+
+
+IN_THE_TEST = """
+def test_requests_a_fixture_in_its_body(request):
+    con = request.getfixturevalue("con")  # the fixture's lease, released at its teardown
+    assert con is not None
+"""
+
+
+def test_a_fixture_requested_in_the_test_function_is_not_the_tests_leak(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_in_the_test=IN_THE_TEST)
     result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
 
