@@ -21,7 +21,7 @@ import os
 import re
 import weakref
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Hashable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -185,6 +185,27 @@ class GuardStartedError(PoolError, RuntimeError):
     a :class:`safepool.PoolError`."""
 
 
+@dataclass
+class _Setup:
+    """A fixture being set up while a guard runs (:meth:`LeakGuard.fixture_setup`)."""
+
+    key: Hashable
+    name: str
+    where: str | None
+    track: bool
+    before: weakref.WeakKeyDictionary[Pool, set[int]]
+    # (id(pool), lease id) of the leases that fixtures set up inside this one
+    # (request.getfixturevalue() in its setup) took: theirs, not this one's.
+    inner: set[tuple[int, int]] = field(default_factory=set)
+
+
+@dataclass
+class _FixtureLeases:
+    name: str
+    where: str | None
+    leases: list[tuple[weakref.ref[Pool], int]]
+
+
 class LeakGuard:
     """Watches pools for leases that are not released between :meth:`start`
     and :meth:`stop`. Made by :func:`assert_no_leaks` and the
@@ -203,8 +224,20 @@ class LeakGuard:
         self._reported: set[tuple[int, int | None, str]] = set()
         # Leases acquired by each function-scoped fixture's setup, checked when
         # that fixture is torn down (before the next one's teardown, which may
-        # close the pool and would wait for them forever).
-        self._by_fixture: dict[str, list[tuple[weakref.ref[Pool], int]]] = {}
+        # close the pool and would wait for them forever). Keyed by the
+        # fixture's definition (the plugin passes its FixtureDef), not its
+        # name: a fixture that overrides another of the same name is another
+        # fixture, torn down before the one it overrides.
+        self._by_fixture: dict[Hashable, _FixtureLeases] = {}
+        # The fixtures being set up now, innermost last: a fixture's setup
+        # may set up another (request.getfixturevalue()); a lease belongs to
+        # the innermost one whose setup acquired it.
+        self._setting_up: list[_Setup] = []
+        # (id(pool), lease id): leases taken by the setup of a function-scoped
+        # fixture (checked at its teardown, not as the test function's), and
+        # by that of a wider-scoped one (not this test's business at all).
+        self._fixture_leases: set[tuple[int, int]] = set()
+        self._foreign: set[tuple[int, int]] = set()
         self._pending: list[Leak] = []
         # Leases its pool ended while this guard ran, that were not held when
         # it started: (lease, held when the test function started).
@@ -254,25 +287,53 @@ class LeakGuard:
             snapshot[pool] = {info.id for info in pool.leases()}
         return snapshot
 
-    def fixture_setup(self, name: str) -> Callable[[], None]:
-        """Call before a fixture's setup; call what it returns after it."""
-        before = self._snapshot()
+    def fixture_setup(
+        self, name: str, key: Hashable = None, *, where: str | None = None, track: bool = True
+    ) -> Callable[[], None]:
+        """Call before a fixture's setup; call what it returns after it.
+
+        ``key`` identifies the fixture's definition (default: ``name``; two
+        fixtures of one name, one overriding the other, need two keys) and
+        is what :meth:`fixture_finished` takes; ``where`` says where it is
+        defined, for the report. The open leases the setup acquired, less
+        those of fixtures set up inside it (a nested call of this method),
+        are its own: with ``track`` (a function-scoped fixture) they must be
+        released by its teardown; without (a module- or session-scoped
+        fixture) they are not the test's business and never reported."""
+        frame = _Setup(name if key is None else key, name, where, track, self._snapshot())
+        self._setting_up.append(frame)
 
         def done() -> None:
+            while self._setting_up:  # pop this frame (and any an error left above it)
+                if self._setting_up.pop() is frame:
+                    break
             acquired = [
-                (weakref.ref(pool), lease_id)
+                (pool, lease_id)
                 for pool, ids in self._snapshot().items()
-                for lease_id in ids - before.get(pool, set())
+                for lease_id in ids - frame.before.get(pool, set())
+                if (id(pool), lease_id) not in frame.inner
             ]
-            if acquired:
-                self._by_fixture.setdefault(name, []).extend(acquired)
+            mine = {(id(pool), lease_id) for pool, lease_id in acquired}
+            if self._setting_up:
+                self._setting_up[-1].inner.update(frame.inner, mine)
+            if not track:
+                self._foreign.update(mine)
+            elif acquired:
+                self._fixture_leases.update(mine)
+                entry = self._by_fixture.setdefault(frame.key, _FixtureLeases(name, where, []))
+                entry.leases.extend((weakref.ref(pool), lease_id) for pool, lease_id in acquired)
 
         return done
 
-    def fixture_finished(self, name: str) -> None:
-        """A fixture was torn down: what its setup acquired must be released."""
+    def fixture_finished(self, key: Hashable) -> None:
+        """A fixture was torn down (``key`` as given to :meth:`fixture_setup`):
+        what its setup acquired must be released."""
+        entry = self._by_fixture.pop(key, None)
+        if entry is None:
+            return
+        where = f" (the fixture defined at {entry.where})" if entry.where else ""
         leaks: list[Leak] = []
-        for pool_ref, lease_id in self._by_fixture.pop(name, []):
+        for pool_ref, lease_id in entry.leases:
             pool = pool_ref()
             if pool is None:
                 continue
@@ -280,7 +341,7 @@ class LeakGuard:
                 Leak(
                     kind="open", pool=pool.name, lease_id=lease_id, held=info.age, task_name=info.task_name,
                     holder=None, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
-                    detail=f"acquired by fixture {name!r}, whose teardown did not release it",
+                    detail=f"acquired by fixture {entry.name!r}, whose teardown did not release it{where}",
                     pool_ref=pool_ref, site=info.site,
                 )
                 for info in pool.leases()
@@ -312,7 +373,11 @@ class LeakGuard:
         for pool in self._pools():
             before = baseline.get(pool, set())
             for info in pool.leases():
-                if info.id in before or not self._first_time(pool, info.id, "open"):
+                if info.id in before or (id(pool), info.id) in self._foreign:
+                    continue
+                if since_mark and (id(pool), info.id) in self._fixture_leases:
+                    continue  # a fixture set up during the test function: checked at its teardown
+                if not self._first_time(pool, info.id, "open"):
                     continue
                 if info.collected:
                     # Garbage collected, its reclaim not run yet (a check()
@@ -335,7 +400,7 @@ class LeakGuard:
             if entry.released or (since_mark and (entry.seq <= self._mark_seq or held_at_mark)):
                 continue
             key = (entry.pool_id, entry.info.id, "open")
-            if key in self._reported:
+            if key in self._reported or (entry.pool_id, entry.info.id) in self._foreign:
                 continue
             self._reported.add(key)
             info = entry.info
@@ -349,7 +414,7 @@ class LeakGuard:
                 continue
             if isinstance(payload, Leaked):
                 lease = payload.lease
-                if lease.id in baseline.get(source, set()):
+                if lease.id in baseline.get(source, set()) or (id(source), lease.id) in self._foreign:
                     continue
                 if (id(source), lease.id, "open") in self._reported or not self._first_time(source, lease.id, "gc"):
                     continue

@@ -15,23 +15,33 @@
 
 How the test phases are used: a lease taken in the test function itself is
 checked when the test function returns; one taken by a function-scoped
-fixture, when the fixtures have been torn down. Leaked leases are released
-after the report, so that a pool fixture's ``close()`` does not wait forever
-for them.
+fixture (the innermost being set up when it was taken, told apart from
+others of its name by its definition), when that fixture is torn down.
+Leaked leases are released after the report, so that a pool fixture's
+``close()`` does not wait forever for them. A test function that leaks then
+skips or fails as expected (xfail) keeps that outcome, and its leak is an
+error at teardown; an xfail-marked test that passes but leaks fails.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from _pytest.outcomes import Failed as _Failed  # pytest.fail.Exception, named for the type checker
+else:
+    _Failed = pytest.fail.Exception
 
 from ..events import Leaked, PoolEvent
 from ..pool import Pool, live_pools, on_pool_created
@@ -57,6 +67,13 @@ __all__ = [
 _SETTINGS = pytest.StashKey["_Settings"]()
 _GUARD = pytest.StashKey[LeakGuard]()
 _REPORT = pytest.StashKey[str]()  # the leak failure of the test function, for pytest_runtest_makereport
+# The leaks of a test function that raised (failed, skipped, xfailed), for
+# pytest_runtest_makereport: shown with a failure; with a skip or an expected
+# failure, whose output pytest does not show, moved to teardown (_DEFERRED),
+# where the leak check's fixture reports them as an error.
+_CALL_LEAKS = pytest.StashKey[str]()
+_DEFERRED = pytest.StashKey[str]()
+_ACTIVE = pytest.StashKey[LeakGuard]()  # on the config: the guard of the test running now
 _RECLAIM_WARNING = r"pool .*: a connection was garbage collected without being released"
 _TALLY = pytest.StashKey["_LeakTally"]()
 _WORKER_OUTPUT = "safepool_leaks_reclaimed"  # pytest-xdist's workeroutput key
@@ -65,6 +82,14 @@ _WORKER_OUTPUT = "safepool_leaks_reclaimed"  # pytest-xdist's workeroutput key
 # counts leaks: an inner run reports its own (a count, or failures with its
 # check on), and the outer run must not repeat them in its section.
 _SESSIONS: list[pytest.Config] = []
+
+
+class LeakFailed(_Failed):
+    """The leak check's failure (pytest's, as ``pytest.fail()`` raises): its
+    own class, so that pytest_runtest_makereport can tell it from the test's
+    own failure, which an ``xfail`` mark expects (the leak is not)."""
+
+    __module__ = "builtins"  # as pytest's outcomes: "LeakFailed: ..." in the short summary
 
 
 @dataclass(frozen=True)
@@ -267,6 +292,7 @@ def safepool_leak_check(request: pytest.FixtureRequest) -> Iterator[LeakGuard]:
     warnings.filterwarnings("ignore", message=_RECLAIM_WARNING, category=ResourceWarning)
     guard = LeakGuard(strict=settings.strict).start()
     request.node.stash[_GUARD] = guard
+    request.config.stash[_ACTIVE] = guard
     tally = request.config.stash.get(_TALLY, None)
     if tally is not None:
         tally.guarded += 1
@@ -277,10 +303,18 @@ def safepool_leak_check(request: pytest.FixtureRequest) -> Iterator[LeakGuard]:
         if tally is not None:
             tally.guarded -= 1
         del request.node.stash[_GUARD]
+        if request.config.stash.get(_ACTIVE, None) is guard:
+            del request.config.stash[_ACTIVE]
+        deferred = request.node.stash.get(_DEFERRED, None)
+        if deferred is not None:
+            del request.node.stash[_DEFERRED]
         guard.stop()
+    reports = [deferred] if deferred is not None else []
     if leaks:
         release_leaked(leaks)
-        pytest.fail(format_report(leaks), pytrace=False)
+        reports.append(format_report(leaks))
+    if reports:
+        raise LeakFailed("\n\n".join(reports), pytrace=False)
 
 
 @pytest.fixture(autouse=True)
@@ -293,20 +327,46 @@ def _safepool_leak_autocheck(request: pytest.FixtureRequest) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Iterator[Any]:
-    guard = request.node.stash.get(_GUARD, None) if fixturedef.scope == "function" else None
+    # The guard of the test being set up: a fixture of a wider scope set up
+    # now (request.getfixturevalue() in a function-scoped fixture or in the
+    # test) has its module or session as request.node, not the test.
+    guard = request.config.stash.get(_ACTIVE, None)
     if guard is None or fixturedef.argname == "safepool_leak_check":
         return (yield)
-    done = guard.fixture_setup(fixturedef.argname)
+    function_scoped = fixturedef.scope == "function"
+    done = guard.fixture_setup(
+        fixturedef.argname,
+        fixturedef,  # the definition: an overriding fixture and the one it overrides share a name
+        where=_fixture_location(fixturedef, request.config) if function_scoped else None,
+        track=function_scoped,
+    )
     try:
         return (yield)
     finally:
         done()
 
 
+def _fixture_location(fixturedef: pytest.FixtureDef[Any], config: pytest.Config) -> str | None:
+    """"file:line" of a fixture's function, relative to the rootdir when
+    under it: tells apart fixtures of the same name in a leak report."""
+    try:
+        code = getattr(inspect.unwrap(fixturedef.func), "__code__", None)
+    except ValueError:  # a __wrapped__ cycle
+        return None
+    if code is None:
+        return None
+    path = Path(code.co_filename)
+    try:
+        path = path.relative_to(config.rootpath)
+    except ValueError:
+        pass
+    return f"{path}:{code.co_firstlineno}"
+
+
 def pytest_fixture_post_finalizer(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> None:
-    guard = request.node.stash.get(_GUARD, None) if fixturedef.scope == "function" else None
+    guard = request.config.stash.get(_ACTIVE, None) if fixturedef.scope == "function" else None
     if guard is not None:
-        guard.fixture_finished(fixturedef.argname)
+        guard.fixture_finished(fixturedef)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -324,14 +384,21 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
         leaks = guard.leaks(since_mark=True)
         if leaks:
             release_leaked(leaks)
-            item.add_report_section("call", "safepool leaks", format_report(leaks))
+            # Shown with the test's failure; moved to teardown if the test
+            # skipped or failed as expected (pytest_runtest_makereport).
+            item.stash[_CALL_LEAKS] = format_report(leaks)
         raise
     leaks = guard.leaks(since_mark=True)
     if leaks:
         release_leaked(leaks)
         report = format_report(leaks)
+        if item.get_closest_marker("xfail") is not None:
+            report += (
+                "\n\nThe test is marked xfail and passed: the leak fails it all the same "
+                "(the mark expects the test's own failure, not a leak)."
+            )
         item.stash[_REPORT] = report
-        pytest.fail(report, pytrace=False)
+        raise LeakFailed(report, pytrace=False)
     return result
 
 
@@ -347,12 +414,21 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         tally.exempt = False
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outermost: sees the report once an xfail mark is applied
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report: pytest.TestReport = yield
-    leaks = item.stash.get(_REPORT, None) if call.when == "call" else None
+    if call.excinfo is not None and isinstance(call.excinfo.value, LeakFailed) and not report.failed:
+        # An xfail mark took the leak check's failure for the test's own
+        # expected failure (in the call, or at teardown): a leak is a
+        # failure whatever the mark says.
+        report.outcome = "failed"
+        if hasattr(report, "wasxfail"):
+            del report.wasxfail
+    if call.when != "call":
+        return report
+    leaks = item.stash.get(_REPORT, None)
     if leaks is not None:
         del item.stash[_REPORT]
         # A unittest TestCase that failed on its own (an assertion, a tearDown
@@ -360,4 +436,16 @@ def pytest_runtest_makereport(
         # its own error in place of the leak failure: keep the leak report.
         if leaks not in str(report.longrepr):
             report.sections.append(("Captured safepool leaks call", leaks))
+    leaks = item.stash.get(_CALL_LEAKS, None)
+    if leaks is not None:
+        del item.stash[_CALL_LEAKS]
+        if report.failed:
+            report.sections.append(("Captured safepool leaks call", leaks))
+        else:
+            # Skipped (pytest.skip()) or an expected failure (xfail): pytest
+            # shows neither's output. Fail the teardown with the leak.
+            how = "failed as expected (xfail)" if hasattr(report, "wasxfail") else "was skipped"
+            item.stash[_DEFERRED] = (
+                f"{leaks}\n\nThe test function leaked, then {how}: the leak is reported here, at teardown."
+            )
     return report

@@ -101,7 +101,7 @@ def test_each_way_of_leaking_fails_with_the_acquire_line(suite: pytest.Pytester)
         ])
     result.stdout.fnmatch_lines([
         "*ERROR at teardown of test_fixture_leaks*",
-        "*acquired by fixture 'held_connection', whose teardown did not release it",
+        "*acquired by fixture 'held_connection', whose teardown did not release it (the fixture defined at test_leaky.py:*)",
         "  acquired at:",
         f'*File "*test_leaky.py", line {line_of("leaky_asyncio.py", "LEAK-FIXTURE")}, in held_connection',
     ])

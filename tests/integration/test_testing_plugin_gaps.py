@@ -1,7 +1,7 @@
 """Gaps found in the pytest plugin's leak check by running small user
 suites under it (pytester, pytest-asyncio, a real PostgreSQL): clean suites
-it fails, and leaks it lets pass. Each test is a known bug, marked xfail
-until the plugin is fixed."""
+it failed, and leaks it let pass; each first test of a group was the bug
+as found (an xfail until fixed), the others its siblings."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import safepool
 
 @pytest_asyncio.fixture
 async def pool():
-    pool = await safepool.create_pool(os.environ["SAFEPOOL_PLUGIN_DSN"], min_size=1, max_size=2)
+    pool = await safepool.create_pool(os.environ["SAFEPOOL_PLUGIN_DSN"], min_size=1, max_size=3)
     yield pool
     await asyncio.wait_for(pool.close(), 10)
 
@@ -39,6 +39,12 @@ async def con(pool):
     async with pool.acquire() as con:  # released at teardown: clean
         yield con
 """
+
+
+def line_of(source: str, marker: str) -> int:
+    """The line of an inner test file that holds ``marker`` (pytester strips
+    the source's leading newline)."""
+    return next(number for number, line in enumerate(source.lstrip().splitlines(), 1) if marker in line)
 
 
 @pytest.fixture
@@ -66,16 +72,79 @@ async def test_uses_the_overriding_fixture(con):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leases are recorded per fixture name: an overriding fixture's teardown (which runs first) is "
-    "blamed for the connection the overridden fixture of the same name releases in its own teardown",
-)
 def test_an_overriding_fixture_of_the_same_name_is_not_reported(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_override=OVERRIDE)
     assert suite.runpytest("-p", "no:cacheprovider").ret == 0  # clean without the check
     result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+OVERRIDE_LEAK = """
+import pytest
+import pytest_asyncio
+
+KEPT = []  # keeps the leaked connection's proxy alive: reported as held, not collected
+
+
+@pytest_asyncio.fixture  # OVERRIDE-DEF
+async def con(con, pool):  # extends the conftest's clean fixture, and leaks one of its own
+    extra = await pool.acquire()  # OVERRIDE-LEAK
+    KEPT.append(extra)
+    yield con
+
+
+@pytest.mark.asyncio
+async def test_uses_the_leaky_override(con):
+    assert await con.fetchval("SELECT 1") == 1
+"""
+
+
+def test_an_overriding_fixture_that_leaks_is_reported_once_with_its_definition(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_override_leak=OVERRIDE_LEAK)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines([
+        "*ERROR at teardown of test_uses_the_leaky_override*",
+        "safepool: 1 connection leaked",
+        "*acquired by fixture 'con', whose teardown did not release it (the fixture defined at "
+        f"test_override_leak.py:{line_of(OVERRIDE_LEAK, 'OVERRIDE-DEF')})",
+        "  acquired at:",
+        f'*File "*test_override_leak.py", line {line_of(OVERRIDE_LEAK, "OVERRIDE-LEAK")}, in con',
+    ])
+    assert result.stdout.str().count("connection leaked") == 1  # the conftest's con, released, is not blamed
+
+
+THREE_LEVELS = """
+import pytest
+import pytest_asyncio
+
+
+@pytest_asyncio.fixture
+async def con(con):  # the module's, over the conftest's
+    yield con
+
+
+class TestInAClass:
+    @pytest_asyncio.fixture
+    async def con(self, con):  # the class's, over the module's
+        await con.execute("SELECT 1")
+        yield con
+
+    @pytest.mark.asyncio
+    async def test_uses_the_class_fixture(self, con):
+        assert await con.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio
+async def test_uses_the_module_fixture(con):
+    assert await con.fetchval("SELECT 1") == 1
+"""
+
+
+def test_fixtures_of_one_name_at_three_levels_are_told_apart(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_three_levels=THREE_LEVELS)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
 
 
 DYNAMIC = """
@@ -94,14 +163,99 @@ async def test_uses_the_wrapper(wrapper):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a fixture requested with request.getfixturevalue() inside another fixture's setup has its lease "
-    "counted as the outer fixture's too; the outer is torn down first and reported as leaking",
-)
 def test_a_fixture_requested_dynamically_inside_another_is_not_blamed_on_it(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_dynamic=DYNAMIC)
     assert suite.runpytest("-p", "no:cacheprovider").ret == 0  # clean without the check
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
+DYNAMIC_INNER_LEAK = """
+import pytest
+import pytest_asyncio
+
+
+@pytest_asyncio.fixture
+async def leaky(pool):
+    con = await pool.acquire()  # INNER-LEAK
+    yield con
+
+
+@pytest.fixture
+def wrapper(request):
+    con = request.getfixturevalue("con")  # clean
+    request.getfixturevalue("leaky")  # leaks: its lease is its own, not the wrapper's
+    yield con
+
+
+@pytest.mark.asyncio
+async def test_uses_the_wrapper(wrapper):
+    assert await wrapper.fetchval("SELECT 1") == 1
+"""
+
+
+def test_a_fixture_that_leaks_inside_another_is_blamed_alone(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_inner_leak=DYNAMIC_INNER_LEAK)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines([
+        "*ERROR at teardown of test_uses_the_wrapper*",
+        "safepool: 1 connection leaked",
+        "*acquired by fixture 'leaky', whose teardown did not release it*",
+        f'*File "*test_inner_leak.py", line {line_of(DYNAMIC_INNER_LEAK, "INNER-LEAK")}, in leaky',
+    ])
+    assert "fixture 'wrapper'" not in result.stdout.str()
+    assert result.stdout.str().count("connection leaked") == 1
+
+
+WIDER_SCOPE = """
+import asyncio
+import os
+
+import pytest
+import pytest_asyncio
+
+import safepool
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_con():  # held for the module, released at its teardown
+    pool = await safepool.create_pool(os.environ["SAFEPOOL_PLUGIN_DSN"], min_size=1, max_size=1)
+    async with pool.acquire() as con:
+        yield con
+    await asyncio.wait_for(pool.close(), 10)
+
+
+@pytest.fixture
+def wrapper(request):
+    return request.getfixturevalue("shared_con")  # set up inside the first test's wrapper
+
+
+def test_first(wrapper):
+    assert wrapper is not None
+
+
+def test_second(wrapper):
+    assert wrapper is not None
+"""
+
+
+def test_a_wider_scoped_fixture_set_up_inside_a_function_fixture_is_not_reported(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_wider=WIDER_SCOPE)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert "leaked" not in result.stdout.str()
+
+
+IN_THE_TEST = """
+def test_requests_a_fixture_in_its_body(request):
+    con = request.getfixturevalue("con")  # the fixture's lease, released at its teardown
+    assert con is not None
+"""
+
+
+def test_a_fixture_requested_in_the_test_function_is_not_the_tests_leak(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_in_the_test=IN_THE_TEST)
     result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
 
@@ -118,16 +272,65 @@ async def test_skips_after_leaking(pool):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a test that acquires, never releases, then calls pytest.skip() is reported as skipped with no "
-    "word of the leak (the report goes to a section of the skip report, which pytest never shows); a "
-    "fixture that does the same is reported",
-)
 def test_a_test_that_leaks_then_skips_is_reported(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_skips=SKIPS_AFTER_LEAK)
     result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider", "-rA")
     assert "SKIP-LEAK" in result.stdout.str(), result.stdout.str()
+
+
+SKIP_VARIANTS = """
+import pytest
+import pytest_asyncio
+
+
+@pytest.mark.asyncio
+async def test_skips_after_leaking(pool):
+    con = await pool.acquire()  # SKIP-LEAK
+    pytest.skip("feature flag off")
+
+
+@pytest.mark.asyncio
+async def test_xfails_after_leaking(pool):
+    con = await pool.acquire()  # XFAIL-CALL-LEAK
+    pytest.xfail("not supported here")
+
+
+@pytest_asyncio.fixture
+async def held(pool):
+    con = await pool.acquire()  # FIXTURE-LEAK
+    yield con
+
+
+@pytest.mark.asyncio
+async def test_skips_with_a_leaky_fixture(held):
+    pytest.skip("feature flag off")
+"""
+
+
+def test_a_leak_then_a_skip_or_xfail_keeps_the_outcome_and_errors_at_teardown(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_skip_variants=SKIP_VARIANTS)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(skipped=2, xfailed=1, errors=3)
+    for test, marker, how in [
+        ("test_skips_after_leaking", "SKIP-LEAK", "was skipped"),
+        ("test_xfails_after_leaking", "XFAIL-CALL-LEAK", "failed as expected (xfail)"),
+    ]:
+        result.stdout.fnmatch_lines([
+            f"*ERROR at teardown of {test}*",
+            "safepool: 1 connection leaked",
+            "*",
+            "  acquired at:",
+            f'*File "*test_skip_variants.py", line {line_of(SKIP_VARIANTS, marker)}, in {test}',
+            "*",
+            f"The test function leaked, then {how}: the leak is reported here, at teardown.",
+        ])
+    result.stdout.fnmatch_lines([  # as before the fix
+        "*ERROR at teardown of test_skips_with_a_leaky_fixture*",
+        "safepool: 1 connection leaked",
+        "*acquired by fixture 'held', whose teardown did not release it*",
+        "  acquired at:",
+        f'*File "*test_skip_variants.py", line {line_of(SKIP_VARIANTS, "FIXTURE-LEAK")}, in held',
+    ])
 
 
 XPASS_LEAK = """
@@ -142,12 +345,77 @@ async def test_passes_but_leaks(pool):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the leak failure is raised in the call phase, so an xfail-marked test that passes but leaks "
-    "counts as xfailed: the leak is hidden (and the XPASS with it)",
-)
 def test_an_xfail_marked_test_that_passes_but_leaks_is_not_hidden_as_xfailed(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_xpass=XPASS_LEAK)
     result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider", "-rA")
     assert "XPASS-LEAK" in result.stdout.str(), result.stdout.str()
+    result.assert_outcomes(failed=1)
+
+
+XFAIL_VARIANTS = """
+import pytest
+import pytest_asyncio
+
+
+@pytest.mark.xfail(reason="flaky upstream", strict=True)
+@pytest.mark.asyncio
+async def test_strict_passes_but_leaks(pool):
+    con = await pool.acquire()  # STRICT-LEAK
+    assert await con.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.xfail(reason="known bug")
+@pytest.mark.asyncio
+async def test_fails_and_leaks(pool):
+    con = await pool.acquire()  # FAILS-AND-LEAKS
+    assert await con.fetchval("SELECT 1") == 2
+
+
+@pytest_asyncio.fixture
+async def held(pool):
+    con = await pool.acquire()  # XFAIL-FIXTURE-LEAK
+    yield con
+
+
+@pytest.mark.xfail(reason="known bug")
+@pytest.mark.asyncio
+async def test_fails_with_a_leaky_fixture(held):
+    assert await held.fetchval("SELECT 1") == 2
+
+
+@pytest.mark.xfail(reason="known bug")
+@pytest.mark.asyncio
+async def test_passes_clean(pool):
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT 1") == 1
+"""
+
+
+def test_xfail_marks_do_not_hide_leaks(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_xfail_variants=XFAIL_VARIANTS)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider", "-rA")
+    # A pass that leaks fails; a failure the mark expects stays xfailed, and
+    # its leak (the test's or a fixture's) is an error at teardown; a clean
+    # pass is an XPASS, as without the check.
+    result.assert_outcomes(failed=1, xfailed=2, errors=2, xpassed=1)
+    result.stdout.fnmatch_lines([
+        "*_ test_strict_passes_but_leaks _*",
+        "safepool: 1 connection leaked",
+        "*",
+        "  acquired at:",
+        f'*File "*test_xfail_variants.py", line {line_of(XFAIL_VARIANTS, "STRICT-LEAK")}, in *',
+        "*",
+        "The test is marked xfail and passed: the leak fails it all the same*",
+    ])
+    for test, marker in [("test_fails_and_leaks", "FAILS-AND-LEAKS"),
+                         ("test_fails_with_a_leaky_fixture", "XFAIL-FIXTURE-LEAK")]:
+        result.stdout.fnmatch_lines([
+            f"*ERROR at teardown of {test}*",
+            "safepool: 1 connection leaked",
+            "*",
+            "  acquired at:",
+            f'*File "*test_xfail_variants.py", line {line_of(XFAIL_VARIANTS, marker)}, in *',
+        ])
+    result.stdout.fnmatch_lines(["XFAIL*test_fails_and_leaks*", "XFAIL*test_fails_with_a_leaky_fixture*"],
+                                consecutive=False)
+    result.stdout.fnmatch_lines(["XPASS*test_passes_clean*"])
