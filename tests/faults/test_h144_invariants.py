@@ -29,14 +29,6 @@ async def _wait_blocked(admin: asyncpg.Connection, app_name: str) -> None:
             await asyncio.sleep(0.005)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a connection the user terminate()s while its statement runs frees its slot at once: the pool opens "
-        "a replacement while the old backend still runs, so the server sees max_size + 1 backends "
-        "(asyncpg's pool does the same; docs/design.md names only a statement ignoring its cancel as an escape)"
-    ),
-)
 async def test_user_terminate_mid_statement_keeps_the_slot_until_the_backend_is_gone(
     pg_dsn: str, app_name: str
 ) -> None:
