@@ -37,6 +37,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
     __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "base_callbacks", "lease_callbacks",
                  "release_timeout",
                  "orphan_checks", "orphan_reported", "unresponsive", "close_budget", "close_raises", "lost_while_leased", "busy_elsewhere",
+                 "cancel_key", "abort_in_flight",
                  "reset_since",
                  "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "proxy_collected",
                  "copies", "waiter_completed", "__weakref__")
@@ -83,6 +84,13 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # runs in another task. The close waits for that statement to end
         # (_workers.statement_ended) before asyncpg's close() is called.
         self.busy_elsewhere = False
+        # The backend's cancel key, read once now: an abort drops it with
+        # asyncpg's protocol, and a cancel request may still be due then.
+        self.cancel_key = _pg.cancel_key(con)
+        # Whether a statement was in flight when the connection was aborted
+        # (the user's terminate() through the proxy, the reset watchdog):
+        # read just before the abort, which clears it (None: not aborted so).
+        self.abort_in_flight: bool | None = None
         # When a release's unbounded reset started (the reset watchdog's clock).
         self.reset_since: float | None = None
         # Fixed for the connection's life: read once here, not per release.
@@ -108,6 +116,12 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
     def _release_on_close(self) -> None:
         self._con = None
         self._runner.connection_lost(self._slot)
+
+    def note_abort(self, con: RawConnection) -> None:
+        """``con`` is about to be aborted: record whether its backend may
+        still run a statement (the close then sends it a cancel request)."""
+        if self.abort_in_flight is None and con._protocol is not None:
+            self.abort_in_flight = _pg.statement_in_flight(con)
 
     def _proxy_collected(self, ref: Any) -> None:
         """A proxy of this connection was garbage collected. Still its

@@ -1002,15 +1002,59 @@ async def empty_query(con: RawConnection) -> None:
     await con._protocol.query("", None)
 
 
-async def cancel_running_query(con: RawConnection) -> None:
-    """Send the server a cancel request for this connection's running query."""
-    await _connect_utils._cancel(  # type: ignore[attr-defined]
-        loop=con._loop,
-        addr=con._addr,
-        params=con._params,
-        backend_pid=con._protocol.backend_pid,
-        backend_secret=con._protocol.backend_secret,
-    )
+CancelKey = tuple[int, int]
+
+
+def cancel_key(con: RawConnection) -> CancelKey | None:
+    """The backend's pid and secret key (what a cancel request names), read
+    while the connection is open: asyncpg's abort (``terminate()``) drops
+    the protocol that holds them. None for a stand-in without a protocol."""
+    protocol = con._protocol
+    if protocol is None:
+        return None
+    return protocol.backend_pid, protocol.backend_secret
+
+
+def statement_in_flight(con: RawConnection) -> bool:
+    """A request of asyncpg's protocol awaits the server's answer (its
+    waiter), or a cancelled one has not been answered yet: the backend may
+    be running a statement. Read before an abort (which fails the waiter
+    and drops the protocol); False once aborted.
+
+    asyncpg (0.29-0.32) keeps the waiter in a C attribute of its protocol,
+    not readable from Python; the protocol's garbage-collector referents
+    include it while it is set, and no other future while no cancellation
+    is under way (``_is_cancelling()`` covers those). Not on a hot path:
+    only where a connection is aborted."""
+    protocol = con._protocol
+    if protocol is None:
+        return False
+    if protocol._is_cancelling() or getattr(protocol, "waiter", None) is not None:  # (a stand-in's, readable)
+        return True
+    return any(isinstance(ref, asyncio.Future) for ref in gc.get_referents(protocol))
+
+
+async def cancel_running_query(con: RawConnection, key: CancelKey | None = None) -> None:
+    """Send the server a cancel request for this connection's running
+    query, and return once the server closed the request's socket (it has
+    signalled the backend: PostgreSQL answers a cancel request with nothing
+    else). ``key``: the backend's (:func:`cancel_key`), read before an abort
+    dropped the protocol; by default the open connection's. A server that
+    resets the request's socket instead of closing it has read it too."""
+    if key is None:
+        key = cancel_key(con)
+        if key is None:
+            return
+    try:
+        await _connect_utils._cancel(  # type: ignore[attr-defined]
+            loop=con._loop,
+            addr=con._addr,
+            params=con._params,
+            backend_pid=key[0],
+            backend_secret=key[1],
+        )
+    except ConnectionResetError:
+        pass  # (as asyncpg's Connection._cancel: some servers reset the request's socket once read)
 
 
 def drop_statement_cache(con: RawConnection) -> None:

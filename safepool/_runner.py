@@ -323,6 +323,7 @@ class Runner:
                     "pool %r: a reset got no answer for %.0fs; aborting the connection",
                     self.name, now - started, extra={"event": "reset_failed", "pool": self.name},
                 )
+                holder.note_abort(slot.connection)  # (its reset's statement: the close cancels it on the server)
                 _pg.terminate(slot.connection)
             else:
                 pending = True
@@ -674,6 +675,8 @@ class Runner:
             holder._con = None  # our own close: no _release_on_close callback
         lost = holder is not None and holder.lost_while_leased
         unresponsive = holder is not None and holder.unresponsive
+        budget = holder.close_budget if holder is not None and holder.close_budget is not None else self.reset_timeout
+        key = holder.cancel_key if holder is not None else None
         if (
             con is None
             or self.terminating
@@ -681,6 +684,17 @@ class Runner:
             or self.cancelled_from_outside()  # (a close task now would never run: abort)
             or (con.is_closed() and not lost and not _pg.is_cancelling(con))
         ):
+            # An unresponsive connection (its reset or take-back ran out, or
+            # the reset watchdog aborted it) whose backend may still run a
+            # statement: aborted, then its backend gets a cancel request and
+            # the slot counts until it was delivered. Not for terminate()
+            # (synchronous, nothing waits) nor at the loop's shutdown.
+            cancel = False
+            if unresponsive and con is not None and key is not None and not (
+                self.terminating or self.cancelled_from_outside()
+            ):
+                in_flight = holder.abort_in_flight if holder is not None else None
+                cancel = _pg.statement_in_flight(con) if in_flight is None else in_flight
             if con is not None:
                 if not (self.terminating and con.is_closed()):
                     # (terminate_all() may have aborted it already: a
@@ -688,16 +702,30 @@ class Runner:
                     # pool.terminate())
                     _pg.terminate(con)
                 _pg.drop_released(con)
+            if cancel and con is not None:
+                self.spawn(self.cancel_aborted(slot, con, key, _workers.cancel_timeout(budget)))
+                return
             self.slot_closed(slot)
             return
-        budget = holder.close_budget if holder is not None and holder.close_budget is not None else self.reset_timeout
         raises = holder is not None and holder.close_raises
         busy = holder is not None and holder.busy_elsewhere
-        self.spawn(self.close_connection(slot, con, lost, budget, raises, busy))
+        self.spawn(self.close_connection(slot, con, lost, budget, raises, busy, key))
+
+    async def cancel_aborted(
+        self, slot: Slot, con: RawConnection, key: _pg.CancelKey | None, timeout: float
+    ) -> None:
+        """The backend of a connection the pool aborted while a statement
+        ran: send it a cancel request; the slot counts until it was
+        delivered (or ``timeout`` ran out: the server unreachable)."""
+        try:
+            await _workers.deliver_cancel(con, key, timeout)
+        finally:
+            self.slot_closed(slot)
+            self.drain()
 
     async def close_connection(
         self, slot: Slot, con: RawConnection, lost: bool, budget: float | None, raises: bool = False,
-        busy: bool = False,
+        busy: bool = False, key: _pg.CancelKey | None = None,
     ) -> None:
         """Close; the slot counts towards max_size until the backend is gone
         (``budget``: seconds for the close, None for the default; ``raises``:
@@ -709,7 +737,7 @@ class Runner:
             # the slot counts until the server answered; see _workers.close.)
             error = await _workers.close(
                 con, lost, budget, (lambda spent: settle(self.closes_done.pop(slot, None), spent)) if raises else None,
-                busy=busy,
+                busy=busy, key=key,
             )
         finally:
             _pg.drop_released(con)
@@ -730,14 +758,20 @@ class Runner:
         was_leased = self.state.connection_lost(slot, self.now())
         if was_leased is None:
             return  # the task that owns the slot's outcome sees the error
-        if was_leased and not (con is not None and _pg.peer_closed(con)):
+        holder = self.slot_holders.get(slot)
+        if holder is not None and holder.abort_in_flight is not None:
+            # Aborted by the user's terminate() through the proxy, which
+            # looked first: a cancel request only if a statement was in
+            # flight (an idle backend reads the end of its socket and exits).
+            holder.lost_while_leased = holder.abort_in_flight
+        elif was_leased and holder is not None and not (con is not None and _pg.peer_closed(con)):
             # Its backend may still run the lease's query: the close sends
             # a cancel request. Not when the peer closed in order (a FIN):
             # PostgreSQL's backend has exited, PgBouncer has dropped the
             # client and matches its cancel key to nothing, and each request
             # would cost PgBouncer one more client connection per failed
             # query of an outage (docs/pgbouncer.md).
-            self.slot_holders[slot].lost_while_leased = True
+            holder.lost_while_leased = True
         if con is not None:
             _pg.detach_proxy(con)
         self.drain()  # (the Close: after lost_while_leased is known)

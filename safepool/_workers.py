@@ -330,9 +330,32 @@ async def _once_free(
     return None
 
 
+def cancel_timeout(budget: float | None) -> float:
+    """The bound on a cancel request the pool sends for the backend of a
+    connection it gave up (lost, or aborted while a statement ran): the
+    pool's reset_timeout (a close's budget), else LOST_BACKEND_CANCEL_TIMEOUT.
+    The slot counts until the request was delivered or this ran out, so a
+    dead network holds it for this long at most."""
+    return budget if budget is not None and budget > 0 else LOST_BACKEND_CANCEL_TIMEOUT
+
+
+async def deliver_cancel(con: RawConnection, key: _pg.CancelKey | None, timeout: float) -> bool:
+    """Send a cancel request for an aborted connection's backend (``key``:
+    read before the abort) and wait until the server has read it (it closes
+    the request's socket once it signalled the backend), for ``timeout``
+    seconds at most. False if it failed or ran out (the server unreachable:
+    nothing more to do for that backend)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await _pg.cancel_running_query(con, key)
+    except Exception:
+        return False
+    return True
+
+
 async def close(
     con: RawConnection, lost: bool, budget: float | None, spent: Callable[[TimeoutError], None] | None = None,
-    *, busy: bool = False,
+    *, busy: bool = False, key: _pg.CancelKey | None = None,
 ) -> Exception | None:
     """Close gracefully; on any failure, or cancellation, terminate.
 
@@ -355,14 +378,22 @@ async def close(
     ``busy``: a statement of the released lease still runs in another task
     (the release's reset was refused): waited for first, within ``budget``
     (see :func:`statement_ended`); if it never ends, the connection is
-    aborted, as an unresponsive one."""
+    aborted, as an unresponsive one.
+
+    Whenever the close ends in an abort while a statement may still run
+    (one was in flight when the close began, and, if asyncpg's protocol
+    is still there to ask, still is), the backend gets a cancel request
+    after the abort (``key``: its cancel key, read when it connected), and
+    the close returns once it was delivered (:func:`deliver_cancel`): the
+    caller counts the slot until then."""
+    in_flight = not lost and _pg.statement_in_flight(con)
     try:
         if busy and not lost:
             async with asyncio.timeout(budget if budget is not None else DEFAULT_RESET_TIMEOUT):
                 await statement_ended(con)
         if lost:
-            async with asyncio.timeout(budget or LOST_BACKEND_CANCEL_TIMEOUT):
-                await _pg.cancel_running_query(con)
+            async with asyncio.timeout(cancel_timeout(budget)):
+                await _pg.cancel_running_query(con, key)
         elif budget is None:
             # No budget asked for: asyncpg's pool calls close() with none
             # (Pool.close(), and a release with no timeout), and waits as
@@ -387,7 +418,11 @@ async def close(
                 await _pg.wait_for_cancellation(con, budget)
             await con.close(timeout=budget)
     except Exception as exc:
+        if in_flight and con._protocol is not None:
+            in_flight = _pg.statement_in_flight(con)  # (still open: it knows; aborted: it ran when the close began)
         _pg.terminate(con)  # lost: the server is unreachable; nothing more to do for that backend
+        if in_flight:
+            await deliver_cancel(con, key, cancel_timeout(budget))
         return exc
     except BaseException:
         _pg.terminate(con)

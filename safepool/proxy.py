@@ -245,6 +245,17 @@ class PoolConnectionProxy(_ProxyBase):
     def _con(self, con: RawConnection | None) -> None:
         self._raw = con
 
+    def terminate(self) -> None:
+        """``Connection.terminate()`` of the leased connection; first notes
+        whether a statement is in flight (the pool then sends its backend a
+        cancel request and counts the slot until it was delivered:
+        docs/design.md, "Slot states")."""
+        con = self._raw
+        if con is None:
+            raise _released_error(self, "terminate")
+        self._holder.note_abort(con)
+        con.__class__.terminate(con)
+
     def _referent(self) -> PoolConnectionProxy:
         """This proxy itself, called through the connection's weak proxy
         (``_internals._unwrap``: asyncpg's callbacks get the proxy, as with

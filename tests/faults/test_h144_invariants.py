@@ -29,14 +29,6 @@ async def _wait_blocked(admin: asyncpg.Connection, app_name: str) -> None:
             await asyncio.sleep(0.005)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a connection the user terminate()s while its statement runs frees its slot at once: the pool opens "
-        "a replacement while the old backend still runs, so the server sees max_size + 1 backends "
-        "(asyncpg's pool does the same; docs/design.md names only a statement ignoring its cancel as an escape)"
-    ),
-)
 async def test_user_terminate_mid_statement_keeps_the_slot_until_the_backend_is_gone(
     pg_dsn: str, app_name: str
 ) -> None:
@@ -72,3 +64,114 @@ async def test_user_terminate_mid_statement_keeps_the_slot_until_the_backend_is_
         await asyncio.wait_for(pool.close(), 10)
         await admin.close()
     assert max(seen) <= 1, f"the server saw {max(seen)} backends of a pool of max_size=1"
+
+
+async def test_terminate_mid_statement_with_max_size_2_and_several_waiters(pg_dsn: str, app_name: str) -> None:
+    """Both leases of a max_size=2 pool terminated mid-statement while five
+    tasks wait: the server never sees more than 2 of the pool's backends
+    (sampled after each acquire), and the old backends' statements end at
+    once (their cancel requests), not when the lock is let go."""
+    admin = await asyncpg.connect(pg_dsn)
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=2, server_settings={"application_name": app_name})
+    await admin.execute(f"SELECT pg_advisory_lock({LOCK})")
+    seen: list[int] = []
+    try:
+        leases = [await pool.acquire(), await pool.acquire()]
+        old_pids = [con.get_server_pid() for con in leases]
+        queries = [asyncio.create_task(con.execute(f"SELECT pg_advisory_lock({LOCK})")) for con in leases]
+        async with asyncio.timeout(10):
+            while await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                app_name,
+            ) < 2:
+                await asyncio.sleep(0.005)
+
+        admin_lock = asyncio.Lock()  # (one admin connection for five samplers)
+
+        async def waiter() -> None:
+            async with pool.acquire(timeout=10) as con:
+                async with admin_lock:
+                    seen.append(await _backends(admin, app_name))
+                await con.execute("SELECT 1")
+
+        waiters = [asyncio.create_task(waiter()) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        for con in leases:
+            con.terminate()
+        for query in queries:
+            with contextlib.suppress(Exception):
+                await query
+        for con in leases:
+            with contextlib.suppress(Exception):
+                await pool.release(con)
+        await asyncio.gather(*waiters)
+        async with asyncio.timeout(2):  # gone long before the lock is let go
+            while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = any($1::int[])", old_pids):
+                await asyncio.sleep(0.01)
+    finally:
+        await admin.execute(f"SELECT pg_advisory_unlock({LOCK})")
+        await asyncio.wait_for(pool.close(), 10)
+        await admin.close()
+    assert len(seen) == 5 and max(seen) <= 2, seen
+
+
+async def test_terminate_of_an_idle_lease_sends_no_cancel_request(
+    pg_dsn: str, app_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncpg import connect_utils
+
+    sent: list[object] = []
+    send_cancel = connect_utils._cancel
+
+    async def counted(**kwargs: object) -> None:
+        sent.append(kwargs["backend_pid"])
+        await send_cancel(**kwargs)
+
+    monkeypatch.setattr(connect_utils, "_cancel", counted)
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, server_settings={"application_name": app_name})
+    try:
+        con = await pool.acquire()
+        await con.execute("SELECT 1")
+        con.terminate()
+        with contextlib.suppress(Exception):
+            await pool.release(con)
+        async with asyncio.timeout(5):
+            async with pool.acquire() as again:
+                assert await again.fetchval("SELECT 1") == 1
+        assert sent == []
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+async def test_close_waits_for_the_cancel_request_of_a_terminated_lease(
+    pg_dsn: str, app_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests._util import held_cancel_requests
+
+    admin = await asyncpg.connect(pg_dsn)
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, server_settings={"application_name": app_name})
+    await admin.execute(f"SELECT pg_advisory_lock({LOCK})")
+    try:
+        gate = held_cancel_requests(monkeypatch)
+        con = await pool.acquire()
+        pid = con.get_server_pid()
+        query = asyncio.create_task(con.execute(f"SELECT pg_advisory_lock({LOCK})"))
+        await _wait_blocked(admin, app_name)
+        con.terminate()
+        with contextlib.suppress(Exception):
+            await query
+        with contextlib.suppress(Exception):
+            await pool.release(con)
+        closing = asyncio.create_task(pool.close())
+        await asyncio.sleep(0.2)
+        assert not closing.done()  # the cancel request is held back: the slot still counts
+        gate.set()
+        await asyncio.wait_for(closing, 10)
+        async with asyncio.timeout(2):  # its statement was cancelled: the backend exits
+            while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+                await asyncio.sleep(0.01)
+    finally:
+        await admin.execute(f"SELECT pg_advisory_unlock({LOCK})")
+        if not pool.is_closing():
+            await asyncio.wait_for(pool.close(), 10)
+        await admin.close()
