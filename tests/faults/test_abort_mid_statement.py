@@ -1,5 +1,5 @@
-"""Invariant probes (helper-144): the server's count of one pool's backends
-when the user aborts a leased connection whose statement is still running."""
+"""The server's count of one pool's backends when a leased connection is
+aborted while its statement still runs (max_size holds: docs/design.md, "Slot states")."""
 
 from __future__ import annotations
 
