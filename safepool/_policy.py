@@ -153,16 +153,36 @@ class WaitPolicy:
         book.held += delta
         after = self.under_cap(book)
         if before != after:
+            if after:
+                self._now_eligible(book, now)
             self.eligible += book.waiting if after else -book.waiting
             self._note_empty(now)
         return after and not before and book.waiting > 0
 
-    def set_max_size(self, max_size: int) -> bool:
+    def _now_eligible(self, book: SiteBook, now: float | None) -> None:
+        """``book``'s site just fell below its cap (before ``eligible``
+        counts its waiters): its waiters join the queue now. The queue of
+        eligible waiters was empty until now if none waited (its waiters
+        waited at the cap, which neither makes it stand nor sheds them), and
+        each of them is judged by the time it waits from now on."""
+        if not book.waiting or now is None:
+            return
+        if self.eligible == 0 and self.adaptive is not None:
+            self.adaptive.last_empty = now
+        for waiter in book.queue:
+            waiter.eligible_at = now  # (settled ones too: harmless, skipped)
+
+    def set_max_size(self, max_size: int, now: float | None = None) -> bool:
         """Recompute the cap; True if some site's waiters became eligible."""
         if self.site_share is None:
             return False
         before = self.eligible
+        was_under = {book.name for book in self.books.values() if self.under_cap(book)}
         self.cap = site_cap(self.site_share, max_size)
+        for book in self.books.values():
+            if book.name not in was_under and self.under_cap(book):
+                self._now_eligible(book, now)
+                self.eligible += book.waiting  # (counted as each joins: the next one sees the queue non-empty)
         self.eligible = sum(b.waiting for b in self.books.values() if self.under_cap(b))
         return self.eligible > before
 
@@ -243,8 +263,9 @@ class WaitPolicy:
                 self._shed_stale(now)
             if aq.standing(now):
                 # Without a timeout the caller asked to wait as long as it
-                # takes: it is never shed.
-                if timeout is not None and timeout > aq.target:
+                # takes: it is never shed. Nor is a task of a site at its cap
+                # while it stays there (it waits up to its own timeout).
+                if timeout is not None and timeout > aq.target and eligible:
                     waiter.deadline = now + aq.target
                     waiter.shed = True
             elif timeout is not None and eligible:
@@ -304,13 +325,21 @@ class WaitPolicy:
             return None
         newest = False
         if aq is not None and aq.standing(now):
-            self._shed_stale(now)
-            if self.eligible == 0:
-                return None
+            # The newest waiter, whom LIFO serves, is not shed by the hand-on
+            # that serves it: that would fail it and leave the connection
+            # idle (CoDel too never drops the last packet queued).
+            spare = self._end(True)
+            self._shed_stale(now, spare)
             oldest = self._end(False)
             # LIFO while the queue stands, except for a waiter (without a
             # timeout: the others were shed) that waited a whole interval.
             newest = now - oldest.enqueued_at <= aq.interval
+            if not newest and oldest is not spare and self._stale(spare, now):
+                # Served FIFO instead: the spared one is shed as the others.
+                book = self.books[self.key(spare.site)]
+                reason = self.shed_reason(spare, now)
+                self._drop(book, spare, now)
+                self._shed(spare, reason)
         waiter = self._end(newest)
         book = self.books[self.key(waiter.site)]
         if newest:
@@ -346,9 +375,10 @@ class WaitPolicy:
             raise AssertionError("eligible count is off")
         return best
 
-    def _shed_stale(self, now: float) -> None:
+    def _shed_stale(self, now: float, spare: Waiter | None = None) -> None:
         """Standing queue: fail the waiters (with a timeout) at the head of
-        each eligible site that waited longer than the target."""
+        each eligible site that waited longer than the target, except
+        ``spare`` (the one a hand-on serves: the newest of its site)."""
         aq = self.adaptive
         assert aq is not None
         for book in list(self.books.values()):
@@ -360,25 +390,33 @@ class WaitPolicy:
                 if head.state is not _WAITING:
                     queue.popleft()
                     continue
-                if head.deadline is None or now - head.enqueued_at <= aq.target:
+                if head.deadline is None or now - head.eligible_at <= aq.target or head is spare:
                     break
                 queue.popleft()
                 # Worded before the drop: the last one marks the queue empty.
                 reason = self.shed_reason(head, now)
                 self._drop(book, head, now)
                 self._shed(head, reason)
-            if queue and queue[0].deadline is None and now - queue[0].enqueued_at > aq.target:
+            if queue and queue[0].deadline is None and now - queue[0].eligible_at > aq.target:
                 # Waiters without a timeout (never shed) at the head do not
                 # shield the stale ones behind them (settled in place: skipped
-                # lazily, as a cancelled waiter).
+                # lazily, as a cancelled waiter). (eligible_at grows along
+                # the queue: arrivals and a site's move below its cap in order.)
                 for waiter in queue:  # (_drop and _shed leave the deque as it is)
-                    if now - waiter.enqueued_at <= aq.target:
+                    if now - waiter.eligible_at <= aq.target:
                         break
-                    if waiter.state is _WAITING and waiter.deadline is not None:
+                    if waiter.state is _WAITING and waiter.deadline is not None and waiter is not spare:
                         reason = self.shed_reason(waiter, now)
                         self._drop(book, waiter, now)
                         self._shed(waiter, reason)
             self._forget(book)
+
+    def _stale(self, waiter: Waiter, now: float) -> bool:
+        """A waiter a standing queue sheds: it has a timeout and waited
+        longer than the target since its site was under its cap."""
+        aq = self.adaptive
+        assert aq is not None
+        return waiter.deadline is not None and now - waiter.eligible_at > aq.target
 
     def shed_reason(self, waiter: Waiter, now: float) -> str:
         aq = self.adaptive

@@ -278,11 +278,14 @@ W = fast_members(WaiterState)
 class Waiter:
     """One task waiting for a connection; ``future`` is opaque to the core."""
 
-    __slots__ = ("future", "enqueued_at", "deadline", "slot", "state", "site", "seq", "shed", "connect")
+    __slots__ = ("future", "enqueued_at", "eligible_at", "deadline", "slot", "state", "site", "seq", "shed", "connect")
 
     def __init__(self, future: Any, now: float, deadline: float | None, site: str | None = None) -> None:
         self.future = future
         self.enqueued_at = now
+        # Since when its site has been under its cap (max_site_share): the
+        # adaptive queue sheds by the time waited there, not while capped.
+        self.eligible_at = now
         self.deadline = deadline
         self.slot: Slot | None = None
         self.state = W.WAITING
@@ -1987,7 +1990,7 @@ class PoolState:
         # Shrink: idle ones go now (oldest first), leased ones as they return.
         while self._live() > max_size and self._idle:
             self._start_close(self._idle[0])
-        if self._policy is not None and self._policy.set_max_size(max_size):
+        if self._policy is not None and self._policy.set_max_size(max_size, now):
             self._serve_idle(now)
         self._plan_connects(now)
 

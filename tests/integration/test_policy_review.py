@@ -25,11 +25,6 @@ async def _queued(pool: safepool.Pool, waiting: int) -> None:
     raise AssertionError(f"expected {waiting} waiting, got {pool.stats().waiting}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the adaptive queue sheds a capped site's waiter the moment its site leaves the cap "
-    "(the queue counts as standing since it last became empty), leaving the connection idle",
-)
 async def test_one_site_pool_serves_a_waiter_when_the_lease_ends(pools: Callable[..., Any]) -> None:
     """max_size=1, max_site_share=0.5 (cap 1), queue_policy="adaptive": a
     program whose acquires are all one site. Task 2 waits (timeout 5 s)

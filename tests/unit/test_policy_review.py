@@ -27,11 +27,6 @@ def capped_adaptive(max_size: int) -> PoolState:
     return state
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a site leaving its cap does not mark the queue empty until then: its waiters are shed "
-    "(the queue 'stood' since the last eligible waiter left) and the connection goes idle",
-)
 @pytest.mark.parametrize("max_size", [1, 2, 4])
 def test_a_capped_sites_waiter_is_served_when_its_site_leaves_the_cap(max_size: int) -> None:
     """Site "a" holds its cap; its next task waits (timeout 5 s) while no
@@ -54,10 +49,6 @@ def test_a_capped_sites_waiter_is_served_when_its_site_leaves_the_cap(max_size: 
     state.check_invariants()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resize() lifting a site's cap does not mark the queue empty until then: its waiters are shed",
-)
 def test_a_capped_sites_waiter_is_served_when_resize_raises_the_cap() -> None:
     """docs/backpressure.md, "Resizing at run time": "grow: waiters get new
     connections at once". Site "a" at its cap (1 of max_size=2), its next
@@ -73,11 +64,6 @@ def test_a_capped_sites_waiter_is_served_when_resize_raises_the_cap() -> None:
     state.check_invariants()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a capped site's newcomer admitted while the other sites' queue stands gets queue_target "
-    "instead of its own timeout, and is shed",
-)
 def test_a_capped_sites_waiter_keeps_its_timeout_while_the_queue_stands() -> None:
     """"A route at its cap with acquire_timeout=5 thus fails after 5 s, not
     after queue_target". Site "a" holds its cap (2 of 4); site "b" (under
@@ -92,4 +78,23 @@ def test_a_capped_sites_waiter_keeps_its_timeout_while_the_queue_stands() -> Non
     state.advance(0.52)
     assert waiter.state is WaiterState.WAITING, [getattr(a, "reason", a) for a in state.actions]
     assert waiter.deadline == 5.5 and not waiter.shed
+    state.check_invariants()
+
+
+def test_a_waiter_is_judged_by_its_wait_since_its_site_left_the_cap() -> None:
+    """A site's waiters waited at its cap, which sheds nobody: once
+    resize() lifts the cap they join the queue, and a standing queue sheds
+    them only after queue_target more (they were shed at the next arrival,
+    their whole wait counted)."""
+    state = capped_adaptive(4)
+    assert state.try_acquire(0.0, "a") and state.try_acquire(0.0, "a")
+    assert state.try_acquire(0.0, "b") and state.try_acquire(0.0, "c")
+    state.enqueue(object(), 0.0, None, "b")  # untimed, under its cap: the queue stands from 0.1 on
+    capped = state.enqueue(object(), 0.0, 5.0, "a")
+    state.resize(6, 1.0)  # cap 3: "a" is under it, a connect is planned for its waiter
+    assert state.site_cap == 3
+    state.enqueue(object(), 1.005, 5.0, "d")  # an arrival in the standing queue
+    assert capped.state is WaiterState.WAITING, [getattr(a, "reason", a) for a in state.actions]
+    state.enqueue(object(), 1.02, 5.0, "e")  # queue_target after it joined: the next arrival sheds it
+    assert capped.state is WaiterState.FAILED and capped in [a.waiter for a in state.actions if isinstance(a, Shed)]
     state.check_invariants()

@@ -1849,11 +1849,14 @@ def test_a_shed_says_how_long_the_queue_stood_and_how_many_waited_when_it_was_sh
     assert lease is not None
     first = state.enqueue(object(), 0.0, 1.0)
     second = state.enqueue(object(), 0.001, 1.0)
-    state.release(lease, 0.15, CLEAN)  # the queue stands: both waited past the target
+    third = state.enqueue(object(), 0.002, 1.0)
+    state.release(lease, 0.15, CLEAN)  # the queue stands: all three waited past the target
     shed = take(state, Shed)
-    assert fields(shed) == [first, second]
+    # The newest, whom this hand-on serves (LIFO), is spared.
+    assert fields(shed) == [first, second] and third.state is WaiterState.GRANTED
     assert ["empty for 0.150s" in action.reason for action in shed] == [True, True], [a.reason for a in shed]
-    assert [action.waiting for action in shed] == [2, 1]
+    assert [action.waiting for action in shed] == [3, 2]
+    state.release(state.claim(third, 0.15), 0.15, CLEAN)
     # A newcomer left alone in a standing queue is shed at its target delay.
     lease = state.try_acquire(0.15)
     assert lease is not None
@@ -1866,6 +1869,29 @@ def test_a_shed_says_how_long_the_queue_stood_and_how_many_waited_when_it_was_sh
     late = [a for a in take(state, Shed) if a.waiter is newcomer]
     assert len(late) == 1 and "empty for 0.159s" in late[0].reason, late[0].reason
     assert late[0].waiting == 1
+
+
+def test_a_hand_on_in_a_standing_queue_serves_the_waiter_it_would_shed_last() -> None:
+    """max_size=1, one lease held 0.5 s, one task waiting (timeout 5 s)
+    since 0.0: the queue stands when the lease ends. The waiter was shed
+    there and the connection went idle: a failure nobody gained from.
+    The hand-on now serves the newest waiter (LIFO) whatever it waited,
+    and sheds only the stale ones before it (CoDel never drops the last
+    packet queued either)."""
+    state = adaptive()
+    fill(state, 1)
+    lease = state.try_acquire(0)
+    assert lease is not None
+    lone = state.enqueue(object(), 0.0, 5.0)
+    state.release(lease, 0.5, CLEAN)
+    assert not take(state, Shed) and lone.state is WaiterState.GRANTED
+    # Two waiters, both stale: the older is shed, the newer served.
+    lease = state.claim(lone, 0.5)
+    older = state.enqueue(object(), 0.5, 5.0)
+    newer = state.enqueue(object(), 0.6, 5.0)
+    state.release(lease, 1.0, CLEAN)
+    assert fields(take(state, Shed)) == [older] and newer.state is WaiterState.GRANTED
+    state.check_invariants()
 
 
 def test_untimed_waiters_are_never_shed() -> None:
