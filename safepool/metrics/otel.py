@@ -95,6 +95,11 @@ HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
 # the SDK runs (the first instrument created) takes a fresh snapshot, the
 # others reuse it if it is younger than this (seconds).
 _SNAPSHOT_REUSE = 1.0
+# Names whose counts PoolInstruments keeps for a pool re-created under them
+# (see _continued): beyond this many, the names of closed or collected pools
+# are forgotten, oldest first. The SDK's own limit (2,000 attribute sets per
+# instrument, opentelemetry-sdk 1.45) folds further names into overflow.
+SERIES_LIMIT = 2000
 
 
 class PoolInstruments:
@@ -277,12 +282,27 @@ class PoolInstruments:
                     except Exception:
                         pass  # (its loop does not answer: the counts last seen)
                 carried = {field: series.carried[field] + last[field] for field in _COUNTER_FIELDS}
+            if name not in self._series and len(self._series) >= SERIES_LIMIT:
+                self._forget_series()
             series = self._series[name] = _Series(weakref.ref(pool), carried)
         series.last = _counts(stats)
         if not any(series.carried.values()):
             return stats
         totals: dict[str, Any] = {field: value + series.carried[field] for field, value in series.last.items()}
         return dataclasses.replace(stats, **totals)
+
+    def _forget_series(self) -> None:
+        """Make room in ``_series``: forget the oldest names whose pool is
+        closed or collected, down to half of SERIES_LIMIT (one pass per half
+        the limit, not one per new name). A pool later re-created under a
+        forgotten name starts its counters at 0 (docs/metrics.md)."""
+        keep = SERIES_LIMIT // 2
+        for name in list(self._series):
+            if len(self._series) <= keep:
+                return
+            pool = self._series[name].pool()
+            if pool is None or pool.closed:
+                del self._series[name]
 
     # ------------------------------------------------------- instruments
 
