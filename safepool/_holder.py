@@ -121,7 +121,14 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         """``con`` is about to be aborted: record whether its backend may
         still run a statement (the close then sends it a cancel request)."""
         if self.abort_in_flight is None and con._protocol is not None:
-            self.abort_in_flight = _pg.statement_in_flight(con)
+            self.abort_in_flight = self.statement_in_flight(con)
+
+    def statement_in_flight(self, con: RawConnection) -> bool:
+        """Whether ``con``'s backend may run a statement: asyncpg awaits an
+        answer (:func:`_internals.statement_in_flight`), or a COPY of the
+        lease's runs (between its chunks, its sink or source runs and
+        asyncpg awaits nothing, but the backend goes on)."""
+        return self.copies > 0 or _pg.statement_in_flight(con)
 
     def _proxy_collected(self, ref: Any) -> None:
         """A proxy of this connection was garbage collected. Still its

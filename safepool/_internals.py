@@ -1018,8 +1018,11 @@ def cancel_key(con: RawConnection) -> CancelKey | None:
 def statement_in_flight(con: RawConnection) -> bool:
     """A request of asyncpg's protocol awaits the server's answer (its
     waiter), or a cancelled one has not been answered yet: the backend may
-    be running a statement. Read before an abort (which fails the waiter
-    and drops the protocol); False once aborted.
+    be running a statement; or a fetch-family call holds asyncpg's
+    statement section (:func:`in_call`). Read before an abort (which fails
+    the waiter and drops the protocol); False once aborted. A COPY whose
+    sink or source runs (no request awaited then) is the holder's count
+    (``Holder.copies``), which callers add.
 
     asyncpg (0.29-0.32) keeps the waiter in a C attribute of its protocol,
     not readable from Python; the protocol's garbage-collector referents
@@ -1029,6 +1032,8 @@ def statement_in_flight(con: RawConnection) -> bool:
     protocol = con._protocol
     if protocol is None:
         return False
+    if in_call(con):
+        return True  # (a fetch-family call between its steps: its next one is due)
     if protocol._is_cancelling() or getattr(protocol, "waiter", None) is not None:  # (a stand-in's, readable)
         return True
     return any(isinstance(ref, asyncio.Future) for ref in gc.get_referents(protocol))

@@ -694,7 +694,9 @@ class Runner:
                 self.terminating or self.cancelled_from_outside()
             ):
                 in_flight = holder.abort_in_flight if holder is not None else None
-                cancel = _pg.statement_in_flight(con) if in_flight is None else in_flight
+                if in_flight is None:
+                    in_flight = holder.statement_in_flight(con) if holder is not None else _pg.statement_in_flight(con)
+                cancel = in_flight
             if con is not None:
                 if not (self.terminating and con.is_closed()):
                     # (terminate_all() may have aborted it already: a

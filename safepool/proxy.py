@@ -253,8 +253,13 @@ class PoolConnectionProxy(_ProxyBase):
         con = self._raw
         if con is None:
             raise _released_error(self, "terminate")
-        self._holder.note_abort(con)
-        con.__class__.terminate(con)
+        holder = self._holder
+        holder.note_abort(con)
+        try:
+            con.__class__.terminate(con)
+        finally:
+            if not con.is_closed():
+                holder.abort_in_flight = None  # (a class's terminate() that did not abort: not this abort's reading)
 
     def _referent(self) -> PoolConnectionProxy:
         """This proxy itself, called through the connection's weak proxy

@@ -135,6 +135,7 @@ class PoolInstruments:
         # Per name reported: the pool last reported under it, its counters
         # then, and the counts of the pools it took the name over from (see _continued).
         self._series: dict[str, _Series] = {}
+        self._forget_at = 0  # (the size of _series at which _forget_series runs again, past SERIES_LIMIT)
         provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
         meter = provider.get_meter("safepool", __version__)
         self._create_instruments(meter)
@@ -282,7 +283,7 @@ class PoolInstruments:
                     except Exception:
                         pass  # (its loop does not answer: the counts last seen)
                 carried = {field: series.carried[field] + last[field] for field in _COUNTER_FIELDS}
-            if name not in self._series and len(self._series) >= SERIES_LIMIT:
+            if name not in self._series and len(self._series) >= max(SERIES_LIMIT, self._forget_at):
                 self._forget_series()
             series = self._series[name] = _Series(weakref.ref(pool), carried)
         series.last = _counts(stats)
@@ -293,16 +294,20 @@ class PoolInstruments:
 
     def _forget_series(self) -> None:
         """Make room in ``_series``: forget the oldest names whose pool is
-        closed or collected, down to half of SERIES_LIMIT (one pass per half
-        the limit, not one per new name). A pool later re-created under a
+        closed or collected, down to half of SERIES_LIMIT; the next pass
+        comes after half the limit more names (not one per new name, when
+        most names are open pools'). A pool later re-created under a
         forgotten name starts its counters at 0 (docs/metrics.md)."""
         keep = SERIES_LIMIT // 2
         for name in list(self._series):
             if len(self._series) <= keep:
-                return
+                break
             pool = self._series[name].pool()
             if pool is None or pool.closed:
                 del self._series[name]
+        # (Open pools' names are kept: with many open, the next pass waits
+        # for half the limit more names, not one pass per new name.)
+        self._forget_at = len(self._series) + keep
 
     # ------------------------------------------------------- instruments
 

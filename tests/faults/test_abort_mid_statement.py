@@ -177,12 +177,6 @@ async def test_close_waits_for_the_cancel_request_of_a_terminated_lease(
         await admin.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="statement_in_flight() is False while a copy_from_query() sink runs (asyncpg's protocol has no "
-    "waiter between two chunks of a COPY TO), so terminate() there sends no cancel request and frees the "
-    "slot at once: the old backend runs on beside the replacement",
-)
 async def test_terminate_while_a_copy_out_sink_runs_keeps_the_slot_until_the_backend_is_gone(
     pg_dsn: str, app_name: str
 ) -> None:
@@ -228,3 +222,28 @@ async def test_terminate_while_a_copy_out_sink_runs_keeps_the_slot_until_the_bac
         await asyncio.wait_for(pool.close(), 10)
         await admin.close()
     assert seen == [1], f"the server saw {seen} backends of a pool of max_size=1"
+
+
+class _NoAbortConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection class whose terminate() only counts (it does not abort)."""
+
+    terminations = 0
+
+    def terminate(self) -> None:
+        type(self).terminations += 1
+
+
+async def test_a_terminate_that_does_not_abort_leaves_no_abort_reading(pg_dsn: str) -> None:
+    """The proxy's terminate() reads whether a statement is in flight before
+    the connection class's terminate() runs. One that does not abort leaves
+    the connection open: that reading must not stand for a later abort (a
+    network loss mid-statement would then get no cancel request)."""
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, connection_class=_NoAbortConnection)
+    try:
+        async with pool.acquire() as con:
+            con.terminate()
+            assert _NoAbortConnection.terminations == 1
+            assert not con.is_closed() and await con.fetchval("SELECT 1") == 1
+            assert con._holder.abort_in_flight is None
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
