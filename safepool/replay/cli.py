@@ -328,7 +328,9 @@ def _run(configs: list[ReplayConfig], args: argparse.Namespace, stop: _Stop) -> 
 
     out = Console(highlight=False)
     if not out.is_terminal:
-        out = Console(highlight=False, width=120)  # files and pipes: room for the table
+        # Files and pipes: room for the table, and prose on one line each
+        # (soft_wrap: a verdict cut at the width read "...recovered; 10\n connections").
+        out = Console(highlight=False, width=120, soft_wrap=True)
     err = Console(stderr=True, highlight=False)
     started = time.monotonic()
     several = len(configs) > 1
