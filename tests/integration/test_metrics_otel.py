@@ -4,6 +4,7 @@ real pool on PostgreSQL works."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ import safepool
 from safepool import ManualClock
 from safepool._histogram import DEFAULT_BOUNDS
 from safepool._histogram import TeeHistogram as _Tee
+from safepool.metrics import otel
 from safepool.metrics.otel import COUNTERS, instrument
 from tests._util import until
 from tests.integration.conftest import dsn_to_closed_port
@@ -504,3 +506,56 @@ async def test_add_under_a_name_moves_the_histograms_of_a_live_pool(pools: Any, 
     assert point(found, "safepool.acquired", **{POOL: "renamed"}).value == 2
     use_times = {dict(p.attributes)[POOL]: p.count for p in found["db.client.connection.use_time"]}
     assert use_times.get("renamed") == 2, use_times
+
+
+# What the instruments must not accumulate over a long run: pools created and
+# closed under names of their own (a pool per tenant, per job).
+
+
+async def test_otel_series_of_closed_pools_with_new_names_are_bounded(
+    pg_dsn: str, reader: tuple[InMemoryMetricReader, MeterProvider], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PoolInstruments remembers, per reported name, the counts to carry over
+    # to a pool re-created under that name (a cumulative counter must not
+    # fall). A process that creates and closes pools under new names (one
+    # per tenant or job; or the default 'pool-<hex id>' names with
+    # live=True) adds one entry per name for good: measured 1 entry (~0.6 KB)
+    # per pool, 1,501 after 1,500 pools, still growing once the SDK folds
+    # names beyond its limit (2,000 attribute sets per instrument) into
+    # otel.metric.overflow. Bounded by SERIES_LIMIT (the names of closed
+    # pools forgotten, oldest first); 32 here to keep the test short.
+    monkeypatch.setattr(otel, "SERIES_LIMIT", 32)
+    memory, provider = reader
+    instruments = otel.instrument(live=True, meter_provider=provider)
+    try:
+        for number in range(100):
+            # min_size=0: no connection is opened; the pool is reported all the same.
+            pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, name=f"tenant-{number}")
+            data: Any = memory.get_metrics_data()
+            assert data is not None
+            await pool.close()
+            del pool
+        gc.collect()
+        assert len(instruments._series) <= 32
+    finally:
+        instruments.close()
+
+
+async def test_otel_series_of_open_pools_are_kept_past_the_limit(
+    pg_dsn: str, reader: tuple[InMemoryMetricReader, MeterProvider], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only closed (or collected) pools' names are forgotten: an open pool's
+    counters must never fall, however many names there are."""
+    monkeypatch.setattr(otel, "SERIES_LIMIT", 4)
+    memory, provider = reader
+    instruments = otel.instrument(live=True, meter_provider=provider)
+    pools = [await safepool.create_pool(pg_dsn, min_size=0, max_size=1, name=f"open-{n}") for n in range(6)]
+    try:
+        for pool in pools:
+            await pool.fetchval("SELECT 1")
+        memory.get_metrics_data()
+        assert {f"open-{n}" for n in range(6)} <= set(instruments._series)
+    finally:
+        instruments.close()
+        for pool in pools:
+            await pool.close()

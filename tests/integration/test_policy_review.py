@@ -13,16 +13,9 @@ import pytest
 
 import safepool
 from safepool import ManualClock
+from tests.integration.test_overload_review import _queued
 
 pytestmark = pytest.mark.asyncio
-
-
-async def _queued(pool: safepool.Pool, waiting: int) -> None:
-    for _ in range(1000):
-        if pool.stats().waiting == waiting:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"expected {waiting} waiting, got {pool.stats().waiting}")
 
 
 async def test_one_site_pool_serves_a_waiter_when_the_lease_ends(pools: Callable[..., Any]) -> None:

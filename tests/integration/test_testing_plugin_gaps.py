@@ -72,11 +72,16 @@ async def test_uses_the_overriding_fixture(con):
 """
 
 
+def passes_with_and_without_the_check(suite: pytest.Pytester, **files: str) -> None:
+    """The suite passes without the leak check (so it is clean), and with
+    it: no leak is reported."""
+    suite.makepyfile(**files)
+    assert suite.runpytest("-p", "no:cacheprovider").ret == 0
+    suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
 def test_an_overriding_fixture_of_the_same_name_is_not_reported(suite: pytest.Pytester) -> None:
-    suite.makepyfile(test_override=OVERRIDE)
-    assert suite.runpytest("-p", "no:cacheprovider").ret == 0  # clean without the check
-    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1)
+    passes_with_and_without_the_check(suite, test_override=OVERRIDE)
 
 
 OVERRIDE_LEAK = """
@@ -164,10 +169,7 @@ async def test_uses_the_wrapper(wrapper):
 
 
 def test_a_fixture_requested_dynamically_inside_another_is_not_blamed_on_it(suite: pytest.Pytester) -> None:
-    suite.makepyfile(test_dynamic=DYNAMIC)
-    assert suite.runpytest("-p", "no:cacheprovider").ret == 0  # clean without the check
-    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1)
+    passes_with_and_without_the_check(suite, test_dynamic=DYNAMIC)
 
 
 DYNAMIC_INNER_LEAK = """
