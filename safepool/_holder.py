@@ -36,7 +36,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
 
     __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "base_callbacks", "lease_callbacks",
                  "release_timeout",
-                 "orphan_checks", "orphan_reported", "unresponsive", "close_budget", "close_raises", "lost_while_leased", "busy_elsewhere",
+                 "orphan_checks", "orphan_reported", "orphaned_at", "unresponsive", "close_budget", "close_raises", "lost_while_leased", "busy_elsewhere",
                  "cancel_key", "abort_in_flight",
                  "reset_since",
                  "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "proxy_collected",
@@ -67,6 +67,9 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # use (0: not orphaned).
         self.orphan_checks = 0
         self.orphan_reported = False
+        # When the lease's proxy was garbage collected (a deferred reclaim's
+        # report dates the collection by it; read while orphan_checks > 0).
+        self.orphaned_at = 0.0
         # A reset or take-back timed out: no graceful close, abort it.
         self.unresponsive = False
         # Bound on the close's wait for a cancelled query's answer (None:
@@ -139,6 +142,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         slot = self._slot
         con = slot.connection
         if con is not None and con._proxy is ref and slot.lease is not None:
+            self.orphaned_at = self._runner.now()  # (a clock read: safe inside the collector)
             self._abandoned(slot.lease)
 
     def _abandoned(self, lease: Lease) -> None:

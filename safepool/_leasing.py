@@ -136,7 +136,7 @@ class Leaser:
         lease_timeout: Any = _DEFAULT,
         context: Receiver | None = None,
         site: str | None = None,
-        stack: _stack.Captured | None = None,
+        stack: _stack.Caller | None = None,
     ) -> PoolConnectionProxy:
         if timeout is _DEFAULT:
             timeout = self.acquire_timeout
@@ -225,10 +225,16 @@ class Leaser:
             if timer_at is None or (due is not None and due < timer_at):
                 self.runner.arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
         if self.capture_stack:
-            task = asyncio.current_task()
+            # The caller of pool.acquire() and its task, taken at that call
+            # (an acquire awaited in a task of its own runs here in that one).
+            if stack is None:
+                captured, task = _stack.capture(), asyncio.current_task()
+            else:
+                captured, task = stack
+                if task is None:
+                    task = asyncio.current_task()
             state.note_caller(
-                lease, stack or _stack.capture(), None if task is None else task.get_name(),
-                None if task is None else weakref.ref(task),
+                lease, captured, None if task is None else task.get_name(), None if task is None else weakref.ref(task),
             )
         if self.setup is not None:
             # Its statements are the lease's: a SET it runs is reset on

@@ -108,9 +108,15 @@ class Reclaimer:
         held = self.now() - lease.acquired_at
         if not self.state.reclaim(lease, self.now()):
             return
+        if holder.orphan_checks:
+            # Reclaimed only now, once nothing used the connection any more.
+            when = (f"{holder.orphaned_at - lease.acquired_at:.3f}s after its acquire (reclaimed {held:.3f}s after "
+                    "it, once nothing used the connection any more)")
+        else:
+            when = f"{held:.3f}s after its acquire"
         report = (
             f"pool {self.name!r}: a connection was garbage collected without being released, "
-            f"{held:.3f}s after its acquire; {_holder_of(lease)}; acquired at:\n{self.reporter.format_stack(lease.stack)}"
+            f"{when}; {_holder_of(lease)}; acquired at:\n{self.reporter.format_stack(lease.stack)}"
         )
         _pg.detach_proxy(con)  # the proxy is gone; drop the dead weak reference
         con._on_release()

@@ -11,16 +11,22 @@ instructions per frame in a long function, measured with callgrind).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import linecache
 import os
 import sys
 from types import CodeType
+from typing import Any
 
 from . import _secrets
 
 Frame = tuple[str, int, str]  # (file, line, function)
 Captured = tuple[tuple[CodeType, int], ...]  # (code, offset of the instruction in bytes), innermost first
+# Who called pool.acquire(): its stack, and its task (None outside one), taken
+# at the call: awaited in a task of its own (asyncio.gather, ensure_future,
+# shield), the acquire would see that short-lived task instead.
+Caller = tuple[Captured, "asyncio.Task[Any] | None"]
 
 # The pool's own modules (not its subpackages: safepool/replay holds a demo
 # application whose frames are exactly what a report must name).
@@ -92,6 +98,16 @@ def capture(limit: int = 8) -> Captured:
             break
         frame = back  # type: ignore[assignment]
     return tuple(frames)
+
+
+def caller() -> Caller:
+    """:func:`capture`, with the running task (None when there is none:
+    ``pool.acquire()`` called outside a task)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # (no running event loop)
+        task = None
+    return capture(), task  # (capture() skips the pool's own frames: this one too)
 
 
 def _line(code: CodeType, offset: int) -> int:

@@ -272,7 +272,7 @@ class Pool(_PoolBase):
         if site is None and leaser.site_caps:
             site = _sites.current_site() or _sites.caller_site(2)
         return PoolAcquireContext(
-            self, timeout, lease_timeout, site, _stack.capture() if leaser.capture_stack else None
+            self, timeout, lease_timeout, site, _stack.caller() if leaser.capture_stack else None
         )
 
     # ------------------------------------------------------------- release
@@ -913,13 +913,13 @@ class PoolAcquireContext(_AcquireContextBase):
 
     def __init__(
         self, pool: Pool, timeout: float | None, lease_timeout: Any, site: str | None = None,
-        stack: _stack.Captured | None = None,
+        stack: _stack.Caller | None = None,
     ) -> None:
         self.pool = pool
         self._timeout = timeout
         self.lease_timeout = lease_timeout
         self.site = site
-        self.stack = stack  # the caller of pool.acquire() (capture_stack), else None
+        self.stack = stack  # the caller of pool.acquire() and its task (capture_stack), else None
         self.connection: PoolConnectionProxy | None = None
         self.done = False
 

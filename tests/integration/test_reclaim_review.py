@@ -18,12 +18,6 @@ from tests._util import until
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the acquire stack is taken when pool.acquire() is called, but the task is read when the "
-    "acquire is awaited: an acquire run as a task of its own (gather, ensure_future, shield; wait_for "
-    "before 3.12) names asyncio's short-lived wrapper task (Task-N), not the task that acquired",
-)
 @pytest.mark.parametrize("runner", ["gather", "ensure_future", "shield"])
 async def test_a_leak_report_names_the_task_that_called_acquire(pools: Any, runner: str) -> None:
     pool = await pools(min_size=1, max_size=1, capture_stack=True)
@@ -53,12 +47,6 @@ async def test_a_leak_report_names_the_task_that_called_acquire(pools: Any, runn
     assert event.lease.task_name == "orders-handler", event.lease.task_name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a lost proxy reclaimed only once its prepared statement went is reported as "
-    "'garbage collected ... <reclaim time>s after its acquire': the time of the reclaim, "
-    "not of the collection, stated as the collection's",
-)
 async def test_a_deferred_reclaim_report_does_not_misdate_the_collection(pg_dsn: str) -> None:
     clock = ManualClock()
     pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, clock=clock)
