@@ -431,11 +431,18 @@ def pytest_runtest_makereport(
     leaks = item.stash.get(_REPORT, None)
     if leaks is not None:
         del item.stash[_REPORT]
-        # A unittest TestCase that failed on its own (an assertion, a tearDown
-        # whose close() timed out on the leaked connection) is reported with
-        # its own error in place of the leak failure: keep the leak report.
-        if leaks not in str(report.longrepr):
-            report.sections.append(("Captured safepool leaks call", leaks))
+        if report.failed:
+            # A unittest TestCase that failed on its own (an assertion, a
+            # tearDown whose close() timed out on the leaked connection) is
+            # reported with its own error in place of the leak failure: keep
+            # the leak report.
+            if leaks not in str(report.longrepr):
+                report.sections.append(("Captured safepool leaks call", leaks))
+        else:
+            # A unittest TestCase runs as one call that returns: pytest's
+            # unittest support put its skipTest() or expectedFailure in
+            # place of the leak failure. Fail the teardown with the leak.
+            _defer_to_teardown(item, report, leaks)
     leaks = item.stash.get(_CALL_LEAKS, None)
     if leaks is not None:
         del item.stash[_CALL_LEAKS]
@@ -444,8 +451,12 @@ def pytest_runtest_makereport(
         else:
             # Skipped (pytest.skip()) or an expected failure (xfail): pytest
             # shows neither's output. Fail the teardown with the leak.
-            how = "failed as expected (xfail)" if hasattr(report, "wasxfail") else "was skipped"
-            item.stash[_DEFERRED] = (
-                f"{leaks}\n\nThe test function leaked, then {how}: the leak is reported here, at teardown."
-            )
+            _defer_to_teardown(item, report, leaks)
     return report
+
+
+def _defer_to_teardown(item: pytest.Item, report: pytest.TestReport, leaks: str) -> None:
+    """The call's leak report, for the leak check at teardown to raise: the
+    test skipped or failed as expected, and pytest shows neither's output."""
+    how = "failed as expected (xfail)" if hasattr(report, "wasxfail") else "was skipped"
+    item.stash[_DEFERRED] = f"{leaks}\n\nThe test function leaked, then {how}: the leak is reported here, at teardown."

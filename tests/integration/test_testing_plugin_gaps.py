@@ -460,12 +460,6 @@ class Orders(unittest.IsolatedAsyncioTestCase):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a unittest TestCase that leaks then skips (skipTest(), pytest.skip()) or fails under "
-    "@unittest.expectedFailure shows as skipped/xfailed, exit 0: unittest's makereport swaps the call's "
-    "LeakFailed for the TestCase's own outcome and the leak lands in a section pytest never shows",
-)
 def test_a_unittest_case_that_leaks_then_skips_or_xfails_is_reported(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_unittest_skip=UNITTEST_SKIP_XFAIL)
     result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider", "-rA")
