@@ -139,8 +139,10 @@ def create_pool_that_follows_failovers(dsn: str) -> safepool.Pool:
 async def close_pool_within(pool: safepool.Pool, grace: float) -> bool:
     """At shutdown (SIGTERM; Kubernetes gives 30 s by default): True if every
     connection came back within ``grace`` seconds. Past it, close() is
-    cancelled and terminates the pool: the requests still holding a
-    connection get ConnectionDoesNotExistError, and the safepool logger's
+    cancelled and terminates the pool: a request still holding a connection
+    gets ConnectionDoesNotExistError from the statement it was running, else
+    asyncpg's InterfaceError from its next call or from leaving
+    con.transaction() (as on asyncpg's pool), and the safepool logger's
     close_cut_short warning names where they acquired it."""
     try:
         async with asyncio.timeout(grace):
