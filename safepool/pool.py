@@ -319,8 +319,9 @@ class Pool(_PoolBase):
         cancellation the pool is terminated, as with asyncpg: so
         ``asyncio.timeout(grace)`` around it closes within ``grace`` seconds,
         and the ``safepool`` logger's ``close_cut_short`` warning names the
-        leases still held then (their holders get asyncpg's
-        ``ConnectionDoesNotExistError``).
+        leases still held then (a holder whose statement is running gets
+        asyncpg's ``ConnectionDoesNotExistError``; one between statements,
+        asyncpg's ``InterfaceError`` at its next call, as on asyncpg's pool).
 
         :raises safepool.EventLoopMismatchError: called on another event loop
             than the pool's; the pool is left as it was (asyncpg's pool raises
