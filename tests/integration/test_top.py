@@ -9,6 +9,7 @@ thread while their own loop holds the sessions it must see.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -579,3 +580,77 @@ async def test_a_failed_refresh_keeps_the_last_snapshot_on_screen(
 async def test_the_first_refresh_must_succeed() -> None:
     with pytest.raises(cli._Failure):
         await cli._plain_view(FlakySource(failing={1}), 0.001, 3)  # type: ignore[arg-type]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="in a terminal narrower than the table (COLUMNS=60) the rich view squeezes the APPLICATION "
+    "column out entirely and cuts states and ages with '…', though the render says only names may wrap",
+)
+def test_a_narrow_terminal_keeps_the_application_names_and_states() -> None:
+    from rich.console import Console
+
+    from safepool.top.render import render_rich
+
+    sessions = [
+        Session("orders-api", "idle in transaction", state_age=72.0, transaction_age=72.0),
+        Session("billing-worker", "idle", state_age=32.0),
+        Session("billing-worker", "active", True, 32.0, 32.0, 32.0),
+    ]
+    snapshot = aggregate(sessions, SERVER, NOW)
+    console = Console(width=60, record=True, color_system=None, force_terminal=False)
+    console.print(render_rich(snapshot))
+    text = console.export_text()
+    for name in ("orders-api", "billing-worker"):
+        assert name in text, text  # which application holds the connections: the view's point
+    assert "idle in transaction" in text, text
+    assert "1m12s" in text, text  # ages are not cut short
+
+
+@pytest.mark.realtime
+@pytest.mark.xfail(
+    strict=True,
+    reason="SIGTERM (kill, timeout, a supervisor) ends the live view by the default handler: no "
+    "clean exit, and rich's hidden cursor is never shown again in the operator's terminal",
+)
+def test_sigterm_leaves_the_live_view_with_the_cursor_shown(pg_dsn: str) -> None:
+    import os
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the live view needs a terminal
+        try:
+            os.environ["COLUMNS"], os.environ["LINES"] = "120", "40"
+            os.execv(sys.executable, [sys.executable, "-m", "safepool", "top", "--interval", "0.2", pg_dsn])
+        finally:
+            os._exit(127)
+    output = b""
+    deadline = time.monotonic() + 15
+    terminated = False
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # the child is gone and the terminal closed
+                    break
+                if not data:
+                    break
+                output += data
+            if not terminated and b"max_connections" in output:
+                os.kill(pid, signal.SIGTERM)
+                terminated = True
+    finally:
+        exited, status = os.waitpid(pid, os.WNOHANG)
+        if exited == 0:  # still running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert terminated, output
+    assert b"\x1b[?25l" in output  # rich hid the cursor for the live view
+    assert output.rfind(b"\x1b[?25h") > output.rfind(b"\x1b[?25l"), output[-300:]
+    assert os.waitstatus_to_exitcode(status) in (0, 143), status  # an exit of its own, not death by signal
+    assert b"Traceback" not in output
