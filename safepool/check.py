@@ -865,9 +865,15 @@ class _Checker:
                 reason = f"the {what} at line {line} leaves without releasing it"
         elif kind == "contextmanager" or _is_generator(scope):
             reason = "an exception thrown in at the `yield` skips the release"
-        elif later := [r.lineno for r in releases if r.lineno > call.lineno]:
-            reason = (f"an exception or a cancellation between line {call.lineno} and line {min(later)} "
-                      "skips the release")
+        elif (after := [r for r in releases if r.lineno > call.lineno]) and all(
+            self.in_handler(r, scope) for r in after
+        ):
+            handlers = sorted({r.lineno for r in after})
+            reason = (f"it is released only in an `except` handler (line{'s' if len(handlers) > 1 else ''} "
+                      f"{', '.join(map(str, handlers))}): when nothing fails, it is never released")
+        elif after:
+            reason = (f"an exception or a cancellation between line {call.lineno} and line "
+                      f"{min(r.lineno for r in after)} skips the release")
         else:
             # The releases come before it (a connection acquired again after
             # one was released): say where, as the user sees a release of `con`.

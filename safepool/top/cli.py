@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -364,6 +365,35 @@ async def _live_view(source: _Source, console: Console, interval: float, count: 
         await _every(interval, count, step)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the view runs (asyncio lets a
+    KeyboardInterrupt through its tasks to the caller of asyncio.run())."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(number)
+        self.signal = number
+
+
+def _stop(number: int, frame: Any) -> None:
+    raise _Stopped(number)
+
+
+def _handle_stop_signals() -> dict[int, Any]:
+    """Install :func:`_stop` for SIGTERM and SIGHUP; the handlers it
+    replaced. None outside the main thread (main() called from another
+    thread: Python handles signals in the main thread only)."""
+    previous: dict[int, Any] = {}
+    try:
+        for number in _STOP_SIGNALS:
+            previous[number] = signal.signal(number, _stop)
+    except ValueError:  # (not the main thread)
+        pass
+    return previous
+
+
 def main(argv: list[str], prog: str = PROG) -> int:
     """Entry point of ``python -m safepool top`` and ``watch`` (``prog``: the
     command's name in usage and errors); returns the exit code."""
@@ -374,14 +404,25 @@ def main(argv: list[str], prog: str = PROG) -> int:
         return 2
     except _Exit as done:
         return done.code
+    # SIGTERM (kill, timeout, a supervisor) and SIGHUP (the terminal closed)
+    # end the view as Ctrl-C does: the live view is left (the cursor shown
+    # again, the connection closed), exit 128 + the signal's number. The
+    # default handlers killed the process with rich's cursor still hidden.
+    previous = _handle_stop_signals()
     try:
         return asyncio.run(_run(args))
     except _Failure as failure:
         sys.stderr.write(f"{prog}: {failure}\n")
         return 2
+    except _Stopped as stopped:
+        sys.stderr.write("\n")
+        return 128 + stopped.signal
     except KeyboardInterrupt:
         sys.stderr.write("\n")
         return 130
     except BrokenPipeError:  # `... | head`: the reader has what it wanted
         silence_stdout()
         return 0
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -3,7 +3,8 @@ renderable with colours for the live view. Both show the same facts."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from .snapshot import IDLE_IN_TRANSACTION, Group, Snapshot, format_age
 
@@ -108,6 +109,7 @@ def render_rich(snapshot: Snapshot, interval: float | None = None, error: str | 
         table.add_column(
             f"{top}\n{bottom}" if top else bottom, justify="left" if column < 2 else "right", no_wrap=column > 0
         )
+    stacked: list[RenderableType] = []  # (the rows for a terminal narrower than the table: see _Fitted)
     for group in snapshot.groups:
         # Text, not str: rich reads a str as markup, and any client names
         # itself ("[/]" raised MarkupError, "[red]x[/red]" showed as "x").
@@ -122,7 +124,9 @@ def render_rich(snapshot: Snapshot, interval: float | None = None, error: str | 
         else:
             style = "dim" if group.state is None else ""
         table.add_row(*cells, style=style)
-    parts.append(table)
+        stacked.append(Text(_label(group) if group.count == 1 else f"{_label(group)} ({group.count})", style=style))
+        stacked.append(Text("  " + _details(group, texts), style=style))
+    parts.append(_Fitted(table, Stack(*stacked)))
     queries = [group for group in snapshot.groups if group.query is not None]
     if queries:
         parts.append(Text("queries (the oldest session of each group):", style="bold"))
@@ -132,3 +136,27 @@ def render_rich(snapshot: Snapshot, interval: float | None = None, error: str | 
     )
     parts.extend(Text(f"{alert.level}: {alert.message}", style=_LEVEL_STYLE[alert.level]) for alert in snapshot.alerts)
     return Stack(*parts)
+
+
+def _details(group: Group, texts: list[str]) -> str:
+    """A group's figures on one line, labelled (the narrow view's second line)."""
+    details = [f"on lock {texts[3]}"] if group.waiting_on_lock else []
+    details += [f"in state {texts[4]}", f"xact {texts[5]}", f"query {texts[6]}"]
+    return " · ".join(details)
+
+
+class _Fitted:
+    """The table where the terminal is wide enough for it (its widest rows
+    fit), else the same rows stacked, two lines per group: squeezed into a
+    narrow terminal, the table dropped the APPLICATION column first and
+    cut states and ages ("idle in transa…", "4…"), which reads wrong."""
+
+    def __init__(self, table: RenderableType, stacked: RenderableType) -> None:
+        self.table = table
+        self.stacked = stacked
+
+    def __rich_console__(self, console: Any, options: Any) -> Iterator[RenderableType]:
+        from rich.measure import Measurement
+
+        wide = Measurement.get(console, options.update(width=10_000), self.table).maximum
+        yield self.table if wide <= options.max_width else self.stacked

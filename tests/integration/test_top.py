@@ -582,11 +582,6 @@ async def test_the_first_refresh_must_succeed() -> None:
         await cli._plain_view(FlakySource(failing={1}), 0.001, 3)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="in a terminal narrower than the table (COLUMNS=60) the rich view squeezes the APPLICATION "
-    "column out entirely and cuts states and ages with '…', though the render says only names may wrap",
-)
 def test_a_narrow_terminal_keeps_the_application_names_and_states() -> None:
     from rich.console import Console
 
@@ -608,11 +603,6 @@ def test_a_narrow_terminal_keeps_the_application_names_and_states() -> None:
 
 
 @pytest.mark.realtime
-@pytest.mark.xfail(
-    strict=True,
-    reason="SIGTERM (kill, timeout, a supervisor) ends the live view by the default handler: no "
-    "clean exit, and rich's hidden cursor is never shown again in the operator's terminal",
-)
 def test_sigterm_leaves_the_live_view_with_the_cursor_shown(pg_dsn: str) -> None:
     import os
     import pty
