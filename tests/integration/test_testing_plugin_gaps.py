@@ -504,12 +504,6 @@ async def test_uses_a_connection_from_the_factory(reporting_con):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="false positive: a lease taken through a factory fixture's function during another fixture's "
-    "setup is blamed on that fixture and reported at its teardown, though the factory releases it in its "
-    "own teardown, before the pool's",
-)
 def test_a_factory_fixture_releasing_what_another_fixture_took_is_not_reported(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_factory=FACTORY)
     assert suite.runpytest("-p", "no:cacheprovider").ret == 0  # clean without the check
@@ -542,11 +536,6 @@ async def test_uses_the_connection(con):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="false positive: a fixture releasing through request.node.addfinalizer() (run right after its "
-    "teardown, before the pool's) is reported as leaking",
-)
 def test_a_fixture_releasing_in_a_node_finalizer_is_not_reported(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_node_finalizer=NODE_FINALIZER)
     assert suite.runpytest("-p", "no:cacheprovider").ret == 0  # clean without the check
