@@ -28,7 +28,7 @@ from typing import Any
 
 from ..errors import PoolError, check_is_pool, pool_list
 from ..events import Leaked
-from ..pool import Pool, live_pools
+from ..pool import Pool, live_pools, on_pool_created
 from .tracker import TimedOut, _Ended, _module_dir, _tracker, holder_activity
 
 __all__ = [
@@ -100,6 +100,8 @@ class Leak:
                 f"pool {self.pool!r}, lease {self.lease_id}: garbage collected without being released "
                 f"(held {self.held:.3f}s{task}; the pool takes the connection back)"
             )
+            if self.detail:
+                head += f"; {self.detail}"
         elif self.kind == "ended":
             head = (
                 f"pool {self.pool!r}, lease {self.lease_id}: never released; the pool ended it "
@@ -197,6 +199,8 @@ class _Setup:
     # (id(pool), lease id) of the leases that fixtures set up inside this one
     # (request.getfixturevalue() in its setup) took: theirs, not this one's.
     inner: set[tuple[int, int]] = field(default_factory=set)
+    # The pools created while this was the innermost fixture being set up.
+    created: list[weakref.ref[Pool]] = field(default_factory=list)
 
 
 @dataclass
@@ -204,6 +208,21 @@ class _FixtureLeases:
     name: str
     where: str | None
     leases: list[tuple[weakref.ref[Pool], int]]
+    torn_down: bool = False  # the fixture's teardown ran
+
+
+def _fixture_detail(entry: _FixtureLeases, closer: str | None = None) -> str:
+    """What a leak report says of a fixture's lease: the fixture, where it is
+    defined, and when it was found held (``closer``: the fixture that created
+    its pool, about to be torn down)."""
+    where = f" (the fixture defined at {entry.where})" if entry.where else ""
+    if entry.torn_down or closer is None:
+        return f"acquired by fixture {entry.name!r}, whose teardown did not release it{where}"
+    # The pool's fixture is torn down first: set up inside this one's setup.
+    return (
+        f"acquired by fixture {entry.name!r}{where}, still held when fixture {closer!r}, "
+        f"which created its pool, was torn down before {entry.name!r}"
+    )
 
 
 class LeakGuard:
@@ -222,13 +241,22 @@ class LeakGuard:
         self._baseline: weakref.WeakKeyDictionary[Pool, set[int]] = weakref.WeakKeyDictionary()
         self._mark: weakref.WeakKeyDictionary[Pool, set[int]] = weakref.WeakKeyDictionary()
         self._reported: set[tuple[int, int | None, str]] = set()
-        # Leases acquired by each function-scoped fixture's setup, checked when
-        # that fixture is torn down (before the next one's teardown, which may
-        # close the pool and would wait for them forever). Keyed by the
-        # fixture's definition (the plugin passes its FixtureDef), not its
-        # name: a fixture that overrides another of the same name is another
-        # fixture, torn down before the one it overrides.
+        # Leases acquired by each function-scoped fixture's setup. They are
+        # the fixture's, but it need not release them itself: they are
+        # checked when they must be released, before their pool is closed:
+        # right before the teardown of the function-scoped fixture that
+        # created the pool (pool_teardown()), or at the end of the test's
+        # teardown for other pools (fixture_leaks()). Keyed by the fixture's
+        # definition (the plugin passes its FixtureDef), not its name: a
+        # fixture that overrides another of the same name is another fixture.
         self._by_fixture: dict[Hashable, _FixtureLeases] = {}
+        # The pools each function-scoped fixture's setup created (the key as
+        # in _by_fixture), with the fixture's name.
+        self._created: dict[Hashable, tuple[str, list[weakref.ref[Pool]]]] = {}
+        # (id(pool), lease id) -> the fixture whose setup acquired it: names
+        # the fixture when the lease is found garbage collected.
+        self._owners: dict[tuple[int, int], _FixtureLeases] = {}
+        self._unhook_created: Callable[[], None] | None = None
         # The fixtures being set up now, innermost last: a fixture's setup
         # may set up another (request.getfixturevalue()); a lease belongs to
         # the innermost one whose setup acquired it.
@@ -259,6 +287,7 @@ class LeakGuard:
         self._mark_seq = self.seq0
         self._mark = self._baseline
         _tracker.add_guard(self)
+        self._unhook_created = on_pool_created(self._pool_created)
         return self
 
     def stop(self) -> None:
@@ -266,6 +295,9 @@ class LeakGuard:
         if not self._started:
             return
         self._started = False
+        if self._unhook_created is not None:
+            self._unhook_created()
+            self._unhook_created = None
         _tracker.remove_guard(self)
         _tracker.release(strict=self.strict)
 
@@ -274,6 +306,12 @@ class LeakGuard:
         ``since_mark=True`` (the plugin marks the start of the test function)."""
         self._mark_seq = _tracker.seq
         self._mark = self._snapshot()
+
+    def _pool_created(self, pool: Pool) -> None:
+        """A pool was created: note it on the innermost fixture being set up
+        (the one whose teardown presumably closes it)."""
+        if self._setting_up:
+            self._setting_up[-1].created.append(weakref.ref(pool))
 
     def _pools(self) -> list[Pool]:
         pools = live_pools()
@@ -294,12 +332,16 @@ class LeakGuard:
 
         ``key`` identifies the fixture's definition (default: ``name``; two
         fixtures of one name, one overriding the other, need two keys) and
-        is what :meth:`fixture_finished` takes; ``where`` says where it is
-        defined, for the report. The open leases the setup acquired, less
-        those of fixtures set up inside it (a nested call of this method),
-        are its own: with ``track`` (a function-scoped fixture) they must be
-        released by its teardown; without (a module- or session-scoped
-        fixture) they are not the test's business and never reported."""
+        is what :meth:`fixture_finished` and :meth:`pool_teardown` take;
+        ``where`` says where it is defined, for the report. The open leases
+        the setup acquired, less those of fixtures set up inside it (a nested
+        call of this method), are its own: with ``track`` (a function-scoped
+        fixture) they must be released before their pool is closed (see
+        :meth:`pool_teardown` and :meth:`fixtures_torn_down`), by the fixture's
+        teardown or anything else (a factory fixture, a finalizer); without
+        (a module- or session-scoped fixture) they are not the test's business
+        and never reported. The pools created while it was the innermost
+        fixture being set up are its own too (see :meth:`created_pools`)."""
         frame = _Setup(name if key is None else key, name, where, track, self._snapshot())
         self._setting_up.append(frame)
 
@@ -318,35 +360,77 @@ class LeakGuard:
                 self._setting_up[-1].inner.update(frame.inner, mine)
             if not track:
                 self._foreign.update(mine)
-            elif acquired:
+                return
+            if acquired:
                 self._fixture_leases.update(mine)
                 entry = self._by_fixture.setdefault(frame.key, _FixtureLeases(name, where, []))
                 entry.leases.extend((weakref.ref(pool), lease_id) for pool, lease_id in acquired)
+                self._owners.update(dict.fromkeys(mine, entry))
+            if frame.created:
+                self._created.setdefault(frame.key, (name, []))[1].extend(frame.created)
 
         return done
 
+    def created_pools(self, key: Hashable) -> list[Pool]:
+        """The pools (still alive) that the setup of the function-scoped
+        fixture ``key`` created: its teardown presumably closes them, so
+        :meth:`pool_teardown` must run right before it."""
+        _, refs = self._created.get(key, ("", []))
+        return [pool for ref in refs if (pool := ref()) is not None]
+
+    def pool_teardown(self, key: Hashable) -> None:
+        """The function-scoped fixture ``key`` is about to be torn down: its
+        teardown presumably closes the pools its setup created, and a close()
+        waits forever for connections still leased. The leases of those pools
+        that function-scoped fixtures acquired and that are still held are
+        leaks (reported by :meth:`leaks`), released now."""
+        name, refs = self._created.pop(key, ("", []))
+        pools = [pool for ref in refs if (pool := ref()) is not None]
+        if pools:
+            self._check_fixture_leases(lambda pool: any(pool is each for each in pools), closer=name)
+
     def fixture_finished(self, key: Hashable) -> None:
-        """A fixture was torn down (``key`` as given to :meth:`fixture_setup`):
-        what its setup acquired must be released."""
-        entry = self._by_fixture.pop(key, None)
-        if entry is None:
-            return
-        where = f" (the fixture defined at {entry.where})" if entry.where else ""
+        """A fixture was torn down (``key`` as given to :meth:`fixture_setup`).
+        What its setup acquired is checked later, before its pool is closed
+        (:meth:`pool_teardown`, :meth:`fixtures_torn_down`): something else
+        may release it in between (a factory fixture, a node finalizer)."""
+        entry = self._by_fixture.get(key)
+        if entry is not None:
+            entry.torn_down = True
+
+    def fixtures_torn_down(self) -> None:
+        """Every function-scoped fixture of the test was torn down (and the
+        test's finalizers ran): the leases their setups acquired that are
+        still held are leaks (reported by :meth:`leaks`), released now."""
+        self._created.clear()
+        self._check_fixture_leases(lambda pool: True)
+
+    def _check_fixture_leases(self, which: Callable[[Pool], bool], closer: str | None = None) -> None:
         leaks: list[Leak] = []
-        for pool_ref, lease_id in entry.leases:
-            pool = pool_ref()
-            if pool is None:
-                continue
-            leaks.extend(
-                Leak(
-                    kind="open", pool=pool.name, lease_id=lease_id, held=info.age, task_name=info.task_name,
-                    holder=None, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
-                    detail=f"acquired by fixture {entry.name!r}, whose teardown did not release it{where}",
-                    pool_ref=pool_ref, site=info.site,
-                )
-                for info in pool.leases()
-                if info.id == lease_id and self._first_time(pool, lease_id, "open")
-            )
+        for key, entry in list(self._by_fixture.items()):
+            kept: list[tuple[weakref.ref[Pool], int]] = []
+            detail = _fixture_detail(entry, closer)
+            for pool_ref, lease_id in entry.leases:
+                pool = pool_ref()
+                if pool is None:
+                    continue
+                if not which(pool):
+                    kept.append((pool_ref, lease_id))
+                    continue
+                for info in pool.leases():
+                    if info.id != lease_id or not self._first_time(pool, lease_id, "open"):
+                        continue
+                    if info.collected:  # its proxy is garbage (the fixture's value was dropped)
+                        self._reported.add((id(pool), lease_id, "gc"))
+                    leaks.append(Leak(
+                        kind="collected" if info.collected else "open", pool=pool.name, lease_id=lease_id,
+                        held=info.age, task_name=info.task_name, holder=None, acquired_at=info.acquired_at,
+                        stack=_trim_stack(info.stack), detail=detail, pool_ref=pool_ref, site=info.site,
+                    ))
+            if kept:
+                entry.leases = kept
+            else:
+                del self._by_fixture[key]
         if leaks:
             release_leaked(leaks)
             self._pending.extend(leaks)
@@ -388,6 +472,7 @@ class LeakGuard:
                         kind="collected", pool=pool.name, lease_id=info.id, held=info.age,
                         task_name=info.task_name, holder=None, acquired_at=info.acquired_at,
                         stack=_trim_stack(info.stack), site=info.site, pool_ref=weakref.ref(pool),
+                        detail=self._owner_detail(pool, info.id),
                     ))
                     continue
                 state, doing = holder_activity(info)
@@ -422,12 +507,18 @@ class LeakGuard:
                     kind="collected", pool=source.name, lease_id=lease.id, held=lease.age,
                     task_name=lease.task_name, holder=None, acquired_at=lease.acquired_at,
                     stack=_trim_stack(lease.stack), site=lease.site, pool_ref=weakref.ref(source),
+                    detail=self._owner_detail(source, lease.id),
                 ))
             elif self.strict:
                 leak = self._timeout_leak(source, seq, payload)
                 if leak is not None:
                     found.append(leak)
         return found
+
+    def _owner_detail(self, pool: Pool, lease_id: int) -> str:
+        """For a garbage-collected lease: the fixture whose setup acquired it, if one did."""
+        entry = self._owners.get((id(pool), lease_id))
+        return _fixture_detail(entry) if entry is not None else ""
 
     def _first_time(self, pool: Pool, lease_id: int | None, what: str) -> bool:
         key = (id(pool), lease_id, what)

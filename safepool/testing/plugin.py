@@ -14,11 +14,15 @@
   pytest-xdist each worker's count reaches the controller.
 
 How the test phases are used: a lease taken in the test function itself is
-checked when the test function returns; one taken by a function-scoped
-fixture (the innermost being set up when it was taken, told apart from
-others of its name by its definition), when that fixture is torn down.
-Leaked leases are released after the report, so that a pool fixture's
-``close()`` does not wait forever for them. A test function that leaks then
+checked when the test function returns. One taken by a function-scoped
+fixture's setup is that fixture's (the innermost being set up when it was
+taken, told apart from others of its name by its definition), but need not
+be released by its own teardown, only before its pool is closed: it is
+checked right before the teardown of the function-scoped fixture whose setup
+created its pool, or, for another pool (a wider-scoped fixture's, one made
+in the test function), once the test's function-scoped fixtures and
+finalizers are all torn down. Leaked leases are released after the report,
+so that a pool fixture's ``close()`` does not wait forever for them. A test function that leaks then
 skips or fails as expected (xfail) keeps that outcome, and its leak is an
 error at teardown; an xfail-marked test that passes but leaks fails.
 """
@@ -298,6 +302,10 @@ def safepool_leak_check(request: pytest.FixtureRequest) -> Iterator[LeakGuard]:
         tally.guarded += 1
     try:
         yield guard
+        # Torn down after the test's function-scoped fixtures and finalizers
+        # (it is set up first): the connections they acquired must have been
+        # released by now, whoever released them.
+        guard.fixtures_torn_down()
         leaks = guard.leaks()
     finally:
         if tally is not None:
@@ -344,6 +352,12 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.Fix
         return (yield)
     finally:
         done()
+        if function_scoped and guard.created_pools(fixturedef):
+            # It created pools (a pool fixture): its teardown presumably
+            # closes them, and close() would wait forever for the fixtures'
+            # connections still leased. Added after the fixture's own
+            # teardown (pytest ran its setup): run before it.
+            fixturedef.addfinalizer(functools.partial(guard.pool_teardown, fixturedef))
 
 
 def _fixture_location(fixturedef: pytest.FixtureDef[Any], config: pytest.Config) -> str | None:

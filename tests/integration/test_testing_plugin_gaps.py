@@ -5,7 +5,13 @@ as found (an xfail until fixed), the others its siblings."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 
 pytest_plugins = ["pytester"]
 # The inner runs leak on purpose; an outer run with --safepool-leaks must not
@@ -56,7 +62,13 @@ def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatc
 
 
 OVERRIDE = """
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 import pytest_asyncio
 
 
@@ -85,7 +97,13 @@ def test_an_overriding_fixture_of_the_same_name_is_not_reported(suite: pytest.Py
 
 
 OVERRIDE_LEAK = """
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 import pytest_asyncio
 
 KEPT = []  # keeps the leaked connection's proxy alive: reported as held, not collected
@@ -120,7 +138,13 @@ def test_an_overriding_fixture_that_leaks_is_reported_once_with_its_definition(s
 
 
 THREE_LEVELS = """
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 import pytest_asyncio
 
 
@@ -153,7 +177,13 @@ def test_fixtures_of_one_name_at_three_levels_are_told_apart(suite: pytest.Pytes
 
 
 DYNAMIC = """
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 
 
 @pytest.fixture
@@ -173,7 +203,13 @@ def test_a_fixture_requested_dynamically_inside_another_is_not_blamed_on_it(suit
 
 
 DYNAMIC_INNER_LEAK = """
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 import pytest_asyncio
 
 
@@ -214,7 +250,13 @@ WIDER_SCOPE = """
 import asyncio
 import os
 
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 import pytest_asyncio
 
 import safepool
@@ -263,7 +305,13 @@ def test_a_fixture_requested_in_the_test_function_is_not_the_tests_leak(suite: p
 
 
 SKIPS_AFTER_LEAK = """
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 
 
 @pytest.mark.asyncio
@@ -281,7 +329,13 @@ def test_a_test_that_leaks_then_skips_is_reported(suite: pytest.Pytester) -> Non
 
 
 SKIP_VARIANTS = """
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 import pytest_asyncio
 
 
@@ -336,7 +390,13 @@ def test_a_leak_then_a_skip_or_xfail_keeps_the_outcome_and_errors_at_teardown(su
 
 
 XPASS_LEAK = """
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 
 
 @pytest.mark.xfail(reason="flaky upstream", strict=False)
@@ -355,7 +415,13 @@ def test_an_xfail_marked_test_that_passes_but_leaks_is_not_hidden_as_xfailed(sui
 
 
 XFAIL_VARIANTS = """
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 import pytest_asyncio
 
 
@@ -433,7 +499,13 @@ UNITTEST_SKIP_XFAIL = """
 import os
 import unittest
 
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 
 import safepool
 
@@ -475,7 +547,13 @@ def test_a_unittest_case_that_leaks_then_skips_or_xfails_is_reported(suite: pyte
 # at its teardown, before the factory's teardown releases it.
 
 FACTORY = """
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 import pytest_asyncio
 
 
@@ -504,12 +582,6 @@ async def test_uses_a_connection_from_the_factory(reporting_con):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="false positive: a lease taken through a factory fixture's function during another fixture's "
-    "setup is blamed on that fixture and reported at its teardown, though the factory releases it in its "
-    "own teardown, before the pool's",
-)
 def test_a_factory_fixture_releasing_what_another_fixture_took_is_not_reported(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_factory=FACTORY)
     assert suite.runpytest("-p", "no:cacheprovider").ret == 0  # clean without the check
@@ -524,7 +596,13 @@ def test_a_factory_fixture_releasing_what_another_fixture_took_is_not_reported(s
 NODE_FINALIZER = """
 import asyncio
 
+import asyncio
+import time
+
 import pytest
+
+import safepool
+from safepool.testing import LeakGuard
 import pytest_asyncio
 
 
@@ -542,13 +620,209 @@ async def test_uses_the_connection(con):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="false positive: a fixture releasing through request.node.addfinalizer() (run right after its "
-    "teardown, before the pool's) is reported as leaking",
-)
 def test_a_fixture_releasing_in_a_node_finalizer_is_not_reported(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_node_finalizer=NODE_FINALIZER)
     assert suite.runpytest("-p", "no:cacheprovider").ret == 0  # clean without the check
     result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+# Their siblings: the lease is still the fixture's that took it, and checked
+# before its pool is closed: if nothing released it by then, it is reported,
+# naming that fixture.
+
+FACTORY_AND_FINALIZER_LEAKS = """
+import asyncio
+import os
+
+import asyncio
+import time
+
+import pytest
+
+import safepool
+from safepool.testing import LeakGuard
+import pytest_asyncio
+
+import safepool
+
+
+@pytest_asyncio.fixture
+async def acquire(pool):
+    async def make():
+        return await pool.acquire()  # FACTORY-LEAK
+
+    yield make  # forgets what it handed out
+
+
+@pytest_asyncio.fixture
+async def reporting_con(acquire):
+    return await acquire()
+
+
+@pytest.mark.asyncio
+async def test_factory_forgets(reporting_con):
+    assert await reporting_con.fetchval("SELECT 1") == 1
+
+
+@pytest_asyncio.fixture
+async def noted(pool, request):
+    con = await pool.acquire()  # FINALIZER-LEAK
+    request.node.addfinalizer(lambda: None)  # a cleanup that does not release it
+    return con
+
+
+@pytest.mark.asyncio
+async def test_finalizer_forgets(noted):
+    assert await noted.fetchval("SELECT 1") == 1
+
+
+@pytest_asyncio.fixture
+async def bare_pool():
+    pool = await safepool.create_pool(os.environ["SAFEPOOL_PLUGIN_DSN"], min_size=1, max_size=2)
+    yield pool
+    await pool.close()  # no timeout: waits for every connection to be released
+
+
+@pytest_asyncio.fixture
+async def held(bare_pool):
+    con = await bare_pool.acquire()  # BARE-POOL-LEAK
+    yield con
+
+
+@pytest.mark.asyncio
+async def test_bare_pool_fixture(held):
+    assert await held.fetchval("SELECT 1") == 1
+"""
+
+
+def test_a_fixtures_lease_nobody_releases_before_its_pool_closes_is_reported_naming_the_fixture(
+    suite: pytest.Pytester,
+) -> None:
+    suite.makepyfile(test_forgets=FACTORY_AND_FINALIZER_LEAKS)
+    started = time.monotonic()
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    # A pool fixture's close() without a timeout did not wait for the leaked
+    # connections: the check released them first.
+    assert time.monotonic() - started < 8, result.stdout.str()
+    result.assert_outcomes(passed=3, errors=3)
+    for test, fixture, marker, function in [
+        ("test_factory_forgets", "reporting_con", "FACTORY-LEAK", "make"),
+        ("test_finalizer_forgets", "noted", "FINALIZER-LEAK", "noted"),
+        ("test_bare_pool_fixture", "held", "BARE-POOL-LEAK", "held"),
+    ]:
+        result.stdout.fnmatch_lines([
+            f"*ERROR at teardown of {test}*",
+            "safepool: 1 connection leaked",
+            "*",
+            f"*acquired by fixture '{fixture}', whose teardown did not release it (the fixture defined at "
+            "test_forgets.py:*)",
+            "  acquired at:",
+            f'*File "*test_forgets.py", line {line_of(FACTORY_AND_FINALIZER_LEAKS, marker)}, in {function}',
+        ])
+
+
+@pytest.mark.asyncio
+async def test_a_pool_set_up_inside_the_fixture_that_leases_from_it_is_checked_before_its_close(
+    pg_dsn: str,
+) -> None:
+    """A fixture whose setup sets up the pool fixture (getfixturevalue())
+    then acquires from it: the pool's fixture is torn down first, so the
+    lease is checked then, and the report says so. (Driven through the
+    guard: pytest-asyncio cannot set up an async fixture inside another's
+    setup.)"""
+    guard = LeakGuard().start()
+    try:
+        outer_done = guard.fixture_setup("takes", "takes-key", where="test_x.py:10")
+        inner_done = guard.fixture_setup("inner_pool", "pool-key", where="test_x.py:3")
+        pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2)
+        inner_done()
+        con = await pool.acquire()
+        outer_done()
+        assert guard.created_pools("pool-key") == [pool]
+        assert guard.created_pools("takes-key") == []
+        guard.pool_teardown("pool-key")  # right before the pool fixture's teardown
+        assert not pool.leases()  # released by the check: close() does not wait
+        await asyncio.wait_for(pool.close(), 5)
+        guard.fixtures_torn_down()
+        leaks = guard.leaks()
+    finally:
+        guard.stop()
+    assert [leak.detail for leak in leaks] == [
+        "acquired by fixture 'takes' (the fixture defined at test_x.py:10), still held when fixture "
+        "'inner_pool', which created its pool, was torn down before 'takes'"
+    ]
+    del con
+
+
+# A fixture's lease of a pool that no function-scoped fixture of the test
+# created (a module fixture's pool) is checked once the test's fixtures and
+# finalizers are all torn down.
+
+MODULE_POOL = """
+import asyncio
+import os
+
+import asyncio
+import time
+
+import pytest
+
+import safepool
+from safepool.testing import LeakGuard
+import pytest_asyncio
+
+import safepool
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_pool():
+    pool = await safepool.create_pool(os.environ["SAFEPOOL_PLUGIN_DSN"], min_size=1, max_size=3)
+    yield pool
+    await asyncio.wait_for(pool.close(), 10)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def released_later(shared_pool, request):
+    con = await shared_pool.acquire()
+    loop = asyncio.get_running_loop()
+    request.node.addfinalizer(lambda: loop.run_until_complete(shared_pool.release(con)))
+    return con
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def never_released(shared_pool):
+    return await shared_pool.acquire()  # MODULE-POOL-LEAK
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_released_by_a_finalizer(released_later):
+    assert await released_later.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_never_released(never_released):
+    assert await never_released.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_pool_is_whole_again(shared_pool):
+    assert not shared_pool.leases()  # the leak was released
+"""
+
+
+def test_a_fixtures_lease_of_a_module_pool_is_checked_at_the_end_of_the_tests_teardown(
+    suite: pytest.Pytester,
+) -> None:
+    suite.makepyfile(test_module_pool=MODULE_POOL)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines([
+        "*ERROR at teardown of test_never_released*",
+        "safepool: 1 connection leaked",
+        "*",
+        "*acquired by fixture 'never_released', whose teardown did not release it*",
+        "  acquired at:",
+        f'*File "*test_module_pool.py", line {line_of(MODULE_POOL, "MODULE-POOL-LEAK")}, in never_released',
+    ])
+    assert "test_released_by_a_finalizer" not in result.stdout.str().split("= ERRORS =")[-1]
