@@ -126,6 +126,13 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         if self.abort_in_flight is None and con._protocol is not None:
             self.abort_in_flight = self.statement_in_flight(con)
 
+    def in_flight_at_abort(self, con: RawConnection) -> bool:
+        """Whether ``con``'s backend may run a statement: as read just before
+        the abort (:meth:`note_abort`), else as it reads now."""
+        if self.abort_in_flight is not None:
+            return self.abort_in_flight
+        return self.statement_in_flight(con)
+
     def statement_in_flight(self, con: RawConnection) -> bool:
         """Whether ``con``'s backend may run a statement: asyncpg awaits an
         answer (:func:`_internals.statement_in_flight`), or a COPY of the

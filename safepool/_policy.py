@@ -153,11 +153,18 @@ class WaitPolicy:
         book.held += delta
         after = self.under_cap(book)
         if before != after:
-            if after:
-                self._now_eligible(book, now)
-            self.eligible += book.waiting if after else -book.waiting
+            self._crossed(book, after, now)
             self._note_empty(now)
         return after and not before and book.waiting > 0
+
+    def _crossed(self, book: SiteBook, under: bool, now: float | None) -> None:
+        """``book``'s site crossed its cap: below it now (``under``: its
+        waiters join the queue) or at it (they leave the queue)."""
+        if under:
+            self._now_eligible(book, now)
+            self.eligible += book.waiting
+        else:
+            self.eligible -= book.waiting
 
     def _now_eligible(self, book: SiteBook, now: float | None) -> None:
         """``book``'s site just fell below its cap (before ``eligible``
@@ -177,13 +184,12 @@ class WaitPolicy:
         if self.site_share is None:
             return False
         before = self.eligible
-        was_under = {book.name for book in self.books.values() if self.under_cap(book)}
+        old = self.cap
         self.cap = site_cap(self.site_share, max_size)
         for book in self.books.values():
-            if book.name not in was_under and self.under_cap(book):
-                self._now_eligible(book, now)
-                self.eligible += book.waiting  # (counted as each joins: the next one sees the queue non-empty)
-        self.eligible = sum(b.waiting for b in self.books.values() if self.under_cap(b))
+            under = self.under_cap(book)
+            if (old is None or book.held < old) != under:
+                self._crossed(book, under, now)
         return self.eligible > before
 
     # ---------------------------------------------------------- acquire
@@ -390,7 +396,7 @@ class WaitPolicy:
                 if head.state is not _WAITING:
                     queue.popleft()
                     continue
-                if head.deadline is None or now - head.eligible_at <= aq.target or head is spare:
+                if head is spare or not self._stale(head, now):
                     break
                 queue.popleft()
                 # Worded before the drop: the last one marks the queue empty.

@@ -689,14 +689,12 @@ class Runner:
             # statement: aborted, then its backend gets a cancel request and
             # the slot counts until it was delivered. Not for terminate()
             # (synchronous, nothing waits) nor at the loop's shutdown.
-            cancel = False
-            if unresponsive and con is not None and key is not None and not (
-                self.terminating or self.cancelled_from_outside()
-            ):
-                in_flight = holder.abort_in_flight if holder is not None else None
-                if in_flight is None:
-                    in_flight = holder.statement_in_flight(con) if holder is not None else _pg.statement_in_flight(con)
-                cancel = in_flight
+            # (unresponsive: a holder's flag, so there is a holder.)
+            cancel = (
+                unresponsive and con is not None and key is not None
+                and not (self.terminating or self.cancelled_from_outside())
+                and holder is not None and holder.in_flight_at_abort(con)
+            )
             if con is not None:
                 if not (self.terminating and con.is_closed()):
                     # (terminate_all() may have aborted it already: a

@@ -384,8 +384,8 @@ class LeakGuard:
         waits forever for connections still leased. The leases of those pools
         that function-scoped fixtures acquired and that are still held are
         leaks (reported by :meth:`leaks`), released now."""
-        name, refs = self._created.pop(key, ("", []))
-        pools = [pool for ref in refs if (pool := ref()) is not None]
+        pools = self.created_pools(key)
+        name, _ = self._created.pop(key, ("", []))
         if pools:
             self._check_fixture_leases(lambda pool: any(pool is each for each in pools), closer=name)
 
