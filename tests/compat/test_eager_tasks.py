@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 import safepool
-from tests.compat.test_parity import first_served_after_replacement
+from tests.compat.test_parity import first_served_after_replacement, lease_leaving_a_transaction_open
 
 pytestmark = pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is 3.12+")
 
@@ -52,18 +52,9 @@ def test_open_transaction_report_order_among_query_log_records(pg_dsn: str) -> N
 
     async def scenario(create_pool: Callable[..., Awaitable[Any]]) -> list[str]:
         pool = await create_pool(pg_dsn, min_size=1, max_size=1)
-        events: list[str] = []
-        loop = asyncio.get_running_loop()
-        loop.set_exception_handler(lambda _loop, context: events.append(str(context["message"]).split(" <")[0]))
         try:
-            con = await pool.acquire()
-            con.add_query_logger(lambda record: events.append(f"logged {record.query}"))
-            await con.execute("BEGIN")
-            await con.execute("SELECT 1")
-            await pool.release(con)
-            await asyncio.sleep(0.05)  # (any record still queued is delivered)
+            events = await lease_leaving_a_transaction_open(pool, settle=0.05)  # (any record still queued)
         finally:
-            loop.set_exception_handler(None)
             await pool.close()
         return [event for event in events if event.startswith(("logged BEGIN", "logged SELECT 1", "Resetting"))]
 

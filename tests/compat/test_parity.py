@@ -1285,13 +1285,12 @@ async def test_a_failed_cursor_outside_a_transaction_leaves_nothing_to_the_next_
         await con.execute("ROLLBACK")
 
 
-@pytest.mark.asyncio
-async def test_open_transaction_report_comes_after_queued_query_log_callbacks(make_pool: MakePool) -> None:
-    """asyncpg's pool reports an unmanaged open transaction from the first
-    step of its shielded release task, so the query loggers' records of the
-    lease's statements (queued with ``call_soon``) come first; the report
-    still comes before ``release()`` returns (found by the parity fuzzer)."""
-    pool = await make_pool(min_size=1, max_size=1)
+async def lease_leaving_a_transaction_open(pool: Any, settle: float = 0.0) -> list[str]:
+    """A lease with a query logger that runs BEGIN and SELECT 1 and is
+    released with the transaction open; returns what happened, in order:
+    the logger's records ("logged BEGIN") and the loop's exception handler's
+    messages (the open-transaction report), up to ``settle`` seconds after
+    the release (records still queued)."""
     events: list[str] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, context: events.append(str(context["message"]).split(" <")[0]))
@@ -1301,8 +1300,20 @@ async def test_open_transaction_report_comes_after_queued_query_log_callbacks(ma
         await con.execute("BEGIN")
         await con.execute("SELECT 1")
         await pool.release(con)
+        if settle:
+            await asyncio.sleep(settle)
     finally:
         loop.set_exception_handler(None)
+    return events
+
+
+@pytest.mark.asyncio
+async def test_open_transaction_report_comes_after_queued_query_log_callbacks(make_pool: MakePool) -> None:
+    """asyncpg's pool reports an unmanaged open transaction from the first
+    step of its shielded release task, so the query loggers' records of the
+    lease's statements (queued with ``call_soon``) come first; the report
+    still comes before ``release()`` returns (found by the parity fuzzer)."""
+    events = await lease_leaving_a_transaction_open(await make_pool(min_size=1, max_size=1))
     assert events[:3] == [
         "logged BEGIN",
         "logged SELECT 1",

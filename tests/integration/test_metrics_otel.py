@@ -467,6 +467,11 @@ async def test_instrument_before_the_sdk_is_configured(pg_dsn: str, live: bool) 
                                                                  else [["early", 2], ["late", 2]])
 
 
+def use_time_counts(found: dict[str, list[Any]]) -> dict[str, int]:
+    """Values recorded in db.client.connection.use_time, by pool name."""
+    return {dict(p.attributes)[POOL]: p.count for p in found["db.client.connection.use_time"]}
+
+
 async def test_live_histograms_follow_a_pool_that_takes_over_the_bare_name(pools: Any, reader: Any) -> None:
     memory, provider = reader
     pools_named_dup = [await pools(name="dup", min_size=0), await pools(name="dup", min_size=0)]
@@ -486,7 +491,7 @@ async def test_live_histograms_follow_a_pool_that_takes_over_the_bare_name(pools
     await asyncio.sleep(0)  # (the sinks get their values one loop turn after the lease)
     found = await asyncio.to_thread(points, memory)
     assert point(found, "safepool.acquired", **{POOL: "dup"}).value == 4
-    use_times = {dict(p.attributes)[POOL]: p.count for p in found["db.client.connection.use_time"]}
+    use_times = use_time_counts(found)
     # Its leases since the rename are under the bare name; its histogram
     # series under the suffixed name got nothing more.
     assert use_times == {"dup": 3, f"dup@{id(other):x}": 1}, use_times
@@ -504,7 +509,7 @@ async def test_add_under_a_name_moves_the_histograms_of_a_live_pool(pools: Any, 
     await asyncio.sleep(0)  # (the sinks get their values one loop turn after the lease)
     found = await asyncio.to_thread(points, memory)
     assert point(found, "safepool.acquired", **{POOL: "renamed"}).value == 2
-    use_times = {dict(p.attributes)[POOL]: p.count for p in found["db.client.connection.use_time"]}
+    use_times = use_time_counts(found)
     assert use_times.get("renamed") == 2, use_times
 
 

@@ -583,10 +583,7 @@ async def test_uses_a_connection_from_the_factory(reporting_con):
 
 
 def test_a_factory_fixture_releasing_what_another_fixture_took_is_not_reported(suite: pytest.Pytester) -> None:
-    suite.makepyfile(test_factory=FACTORY)
-    assert suite.runpytest("-p", "no:cacheprovider").ret == 0  # clean without the check
-    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1)
+    passes_with_and_without_the_check(suite, test_factory=FACTORY)
 
 
 # request.node.addfinalizer(): the cleanup runs in the test's teardown right
@@ -621,10 +618,7 @@ async def test_uses_the_connection(con):
 
 
 def test_a_fixture_releasing_in_a_node_finalizer_is_not_reported(suite: pytest.Pytester) -> None:
-    suite.makepyfile(test_node_finalizer=NODE_FINALIZER)
-    assert suite.runpytest("-p", "no:cacheprovider").ret == 0  # clean without the check
-    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1)
+    passes_with_and_without_the_check(suite, test_node_finalizer=NODE_FINALIZER)
 
 
 # Their siblings: the lease is still the fixture's that took it, and checked
