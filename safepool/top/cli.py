@@ -368,30 +368,26 @@ async def _live_view(source: _Source, console: Console, interval: float, count: 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
-class _Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the view runs (asyncio lets a
-    KeyboardInterrupt through its tasks to the caller of asyncio.run())."""
+async def _stoppable(view: Awaitable[int], stopped: list[int]) -> int:
+    """``view``, cancelled by SIGTERM or SIGHUP (its number appended to
+    ``stopped``) as Ctrl-C cancels it: the loop's signal handler cancels
+    the task at its next await, so the live view is left in order (the
+    cursor shown again, the connection closed). Outside the main thread
+    (main() called from another thread) no handler can be installed."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
 
-    def __init__(self, number: int) -> None:
-        super().__init__(number)
-        self.signal = number
+    def stop(number: int) -> None:
+        stopped.append(number)
+        task.cancel()
 
-
-def _stop(number: int, frame: Any) -> None:
-    raise _Stopped(number)
-
-
-def _handle_stop_signals() -> dict[int, Any]:
-    """Install :func:`_stop` for SIGTERM and SIGHUP; the handlers it
-    replaced. None outside the main thread (main() called from another
-    thread: Python handles signals in the main thread only)."""
-    previous: dict[int, Any] = {}
-    try:
-        for number in _STOP_SIGNALS:
-            previous[number] = signal.signal(number, _stop)
-    except ValueError:  # (not the main thread)
-        pass
-    return previous
+    for number in _STOP_SIGNALS:
+        try:
+            loop.add_signal_handler(number, stop, number)
+        except (ValueError, RuntimeError):  # (not the main thread)
+            break
+    return await view
 
 
 def main(argv: list[str], prog: str = PROG) -> int:
@@ -408,21 +404,21 @@ def main(argv: list[str], prog: str = PROG) -> int:
     # end the view as Ctrl-C does: the live view is left (the cursor shown
     # again, the connection closed), exit 128 + the signal's number. The
     # default handlers killed the process with rich's cursor still hidden.
-    previous = _handle_stop_signals()
+    stopped: list[int] = []
     try:
-        return asyncio.run(_run(args))
+        return asyncio.run(_stoppable(_run(args), stopped))
     except _Failure as failure:
         sys.stderr.write(f"{prog}: {failure}\n")
         return 2
-    except _Stopped as stopped:
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
         sys.stderr.write("\n")
-        return 128 + stopped.signal
+        return 128 + stopped[0]
     except KeyboardInterrupt:
         sys.stderr.write("\n")
         return 130
     except BrokenPipeError:  # `... | head`: the reader has what it wanted
         silence_stdout()
         return 0
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+
