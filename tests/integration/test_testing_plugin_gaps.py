@@ -134,7 +134,7 @@ def test_an_overriding_fixture_that_leaks_is_reported_once_with_its_definition(s
         "  acquired at:",
         f'*File "*test_override_leak.py", line {line_of(OVERRIDE_LEAK, "OVERRIDE-LEAK")}, in con',
     ])
-    assert result.stdout.str().count("connection leaked") == 1  # the conftest's con, released, is not blamed
+    assert result.stdout.lines.count("safepool: 1 connection leaked") == 1  # the conftest's con, released, is not blamed
 
 
 THREE_LEVELS = """
@@ -243,7 +243,7 @@ def test_a_fixture_that_leaks_inside_another_is_blamed_alone(suite: pytest.Pytes
         f'*File "*test_inner_leak.py", line {line_of(DYNAMIC_INNER_LEAK, "INNER-LEAK")}, in leaky',
     ])
     assert "fixture 'wrapper'" not in result.stdout.str()
-    assert result.stdout.str().count("connection leaked") == 1
+    assert result.stdout.lines.count("safepool: 1 connection leaked") == 1
 
 
 WIDER_SCOPE = """
