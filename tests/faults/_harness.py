@@ -240,6 +240,21 @@ class SideBySide:
         return {kind: ledger.summary() for kind, ledger in self.ledgers.items()}
 
 
+def asyncpg_connect_lost(context: dict[str, Any]) -> bool:
+    """asyncpg's own report, no pool needed (docs/reliability.md): a TLS
+    upgrade's ``on_data`` future left unretrieved when its connection is
+    lost without an error, which happens when a connect over TCP
+    (``sslmode=prefer``) is cancelled between the TCP handshake and asyncio's
+    ``connection_made`` (an acquire's timeout, ``close()``), and when a
+    connection is terminated while asyncpg's cancel request for it
+    negotiates SSL. Noise, not a failure: an ``allow=`` for
+    :func:`loop_errors`."""
+    return (
+        context.get("message") == "Future exception was never retrieved"
+        and str(context.get("exception")) == "unexpected connection_lost() call"
+    )
+
+
 @contextlib.contextmanager
 def loop_errors(allow: Callable[[dict[str, Any]], bool] = lambda ctx: False) -> Iterator[list[dict[str, Any]]]:
     """Collect what reaches the loop's exception handler (errors of the

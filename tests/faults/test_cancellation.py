@@ -15,7 +15,7 @@ import pytest
 import safepool
 from tests._util import held_cancel_requests
 
-from ._harness import ServerSampler, assert_books_balance, classify, closing, loop_errors, scale
+from ._harness import ServerSampler, assert_books_balance, asyncpg_connect_lost, classify, closing, loop_errors, scale
 from ._pg import Cluster
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
@@ -29,11 +29,7 @@ def _expected_report(context: dict[str, Any]) -> bool:
     # asyncpg's (and safepool's) report of a lease released inside BEGIN.
     if message.startswith("Resetting connection with an active transaction"):
         return True
-    # asyncpg itself, no pool needed (see docs/reliability.md): a connection
-    # terminated while asyncpg's own cancel request for it is negotiating
-    # SSL leaves that request's future unretrieved.
-    exc = context.get("exception")
-    return message == "Future exception was never retrieved" and str(exc) == "unexpected connection_lost() call"
+    return asyncpg_connect_lost(context)
 
 
 def _tally(exc: Exception, outcomes: Counter[str], untyped: list[BaseException]) -> None:
