@@ -21,9 +21,36 @@ _PASSWORD_PARAM = re.compile(r"(?i)(password=)(?!\*\*\*(?:[&\s'\",;)}]|$))[^&\s]
 _PASSWORD_PARAM_AND_REST = re.compile(r"(?i)password=[^&#]*(?:&[^&=#]*(?=[&#]|$))*")
 
 
+# A PostgreSQL URI scheme written without its "//" ("postgresql:/user:pw@
+# host/db", "postgres:user:pw@..."): asyncpg (urllib) then reads no
+# authority, and the userinfo becomes the database's name, which a server's
+# "database ... does not exist" quotes.
+_SCHEME_WITHOUT_AUTHORITY = re.compile(r"(?i)^(postgres(?:ql)?):/?(?!/)")
+
+
+def _uri(dsn: str) -> str:
+    """``dsn`` with its scheme's "//", if a PostgreSQL scheme came without
+    it: its pieces are then parsed as the URI the writer meant."""
+    return _SCHEME_WITHOUT_AUTHORITY.sub(r"\1://", dsn, count=1)
+
+
+def _port_suspects(hostport: str) -> list[str]:
+    """What stands where ports go in ``host[:port][,host[:port]]`` and is
+    not a port: with no "@" in a DSN ("postgresql://user:pw/db", the host
+    left out), asyncpg reads the userinfo as host:port, and the password
+    as a port ("invalid literal for int() with base 10: 'pw'")."""
+    suspects = []
+    for host in hostport.split(","):
+        port = host.partition("]")[2] if host.startswith("[") else host
+        port = port.partition(":")[2]
+        if port and not port.isdigit():
+            suspects.append(port)
+    return suspects
+
+
 def split(dsn: str) -> tuple[str, str, str] | None:
     """``(userinfo, host[:port], rest)`` of a URI DSN, parsed loosely."""
-    _, sep, rest = dsn.partition("://")
+    _, sep, rest = _uri(dsn).partition("://")
     if not sep:
         return None
     end = re.search(r"[/?#]", rest)
@@ -44,8 +71,11 @@ def passwords(dsn: str) -> set[str]:
     with or without what follows an unescaped "&" or a space."""
     candidates = [match.group(0)[len("password=") :] for match in _PASSWORD_PARAM.finditer(dsn)]
     candidates += [match.group(0)[len("password=") :] for match in _PASSWORD_PARAM_AND_REST.finditer(dsn)]
+    dsn = _uri(dsn)
     parts = split(dsn)
     if parts is not None:
+        if not parts[0]:
+            candidates += _port_suspects(parts[1])
         rest = dsn.partition("://")[2]
         first_userinfo = rest.partition("@")[0] if "@" in rest else ""
         userinfos = (parts[0], first_userinfo, widest_userinfo(dsn))
@@ -66,7 +96,7 @@ def widest_userinfo(dsn: str) -> str:
     ("?options=a@b", "?password=p@ss": the query's own); "" without an
     "@". Query passwords are left out first (with what an unescaped "&"
     cut off them: "?password=p@ss&rest" is not a malformed query)."""
-    dsn = _PASSWORD_PARAM_AND_REST.sub("password=", dsn)
+    dsn = _PASSWORD_PARAM_AND_REST.sub("password=", _uri(dsn))
     rest = dsn.partition("://")[2]
     end = len(rest)
     while True:
@@ -90,12 +120,15 @@ def without_password(dsn: str) -> str | None:
     a value found in it (the user, a host, a port) is not masked, or the
     mask would point at the password ("***@localhost" for a password equal
     to the user)."""
-    dsn = _PASSWORD_PARAM_AND_REST.sub("", dsn)
+    dsn = _PASSWORD_PARAM_AND_REST.sub("", _uri(dsn))
     parts = split(dsn)
     if parts is None:
         return None
     scheme = dsn.partition("://")[0]
     userinfo, hostport, tail = parts
+    if not userinfo:
+        for suspect in _port_suspects(hostport):
+            hostport = hostport.replace(":" + suspect, "", 1)
     user = userinfo.partition(":")[0]
     narrow = scheme + "://" + user + "@" + hostport + _PASSWORD_PARAM_AND_REST.sub("", tail)
     widest = widest_userinfo(dsn)
@@ -181,7 +214,11 @@ _PASSWORD_VALUE_TO_NEXT_FIELD = re.compile(r"(?i)(password=).*?(?=&[^&=]*=|$)", 
 def mask_dsn(dsn: str) -> str:
     """``dsn`` as it may be shown: its userinfo password (to the last "@")
     and query passwords replaced by ``***``."""
-    masked = _PASSWORD_VALUE_TO_NEXT_FIELD.sub(r"\1***", dsn)
+    masked = _PASSWORD_VALUE_TO_NEXT_FIELD.sub(r"\1***", _uri(dsn))
+    parts = split(masked)
+    if parts is not None and not parts[0]:
+        for suspect in _port_suspects(parts[1]):
+            masked = masked.replace(":" + suspect, ":***", 1)
     widest = widest_userinfo(masked)
     if ":" in widest:
         scheme, _, rest = masked.partition("://")
@@ -196,7 +233,8 @@ def redact_argv(text: str, argv: Sequence[str]) -> str:
     form; then :func:`redact` for what looks like a password."""
     # "--option=DSN": argparse echoes the value alone ("got 'DSN'").
     values = {a.partition("=")[2] for a in argv if a.startswith("-") and "=" in a}
-    for arg in sorted({a for a in (*argv, *values) if "://" in a or "password=" in a.lower()}, key=len, reverse=True):
+    dsns = {a for a in (*argv, *values) if "://" in _uri(a) or "password=" in a.lower()}
+    for arg in sorted(dsns, key=len, reverse=True):
         if not passwords(arg):
             continue
         masked = mask_dsn(arg)

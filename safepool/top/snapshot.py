@@ -11,6 +11,7 @@ literals, parameters and secrets.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -240,10 +241,20 @@ def _max(values: Iterable[float | None]) -> float | None:
     return max(present) if present else None
 
 
+# A role's password in its DDL (CREATE/ALTER ROLE|USER ... [ENCRYPTED]
+# PASSWORD '...'): a standard, escape (E'...') or dollar-quoted literal,
+# also one the activity query's truncation cut open.
+_ROLE_PASSWORD = re.compile(
+    r"(?is)(\bPASSWORD\s+)(?:E?'(?:[^'\\]|''|\\.)*(?:'|$)|(\$[A-Za-z_0-9]*\$).*?(?:\2|$))"
+)
+
+
 def _one_line(query: str | None, width: int) -> str | None:
     if query is None:
         return None
-    text = " ".join(query.split())
+    # (pg_stat_activity shows a role's DDL with its password: a migration's,
+    # a rotation's, in a session left idle in transaction.)
+    text = " ".join(_ROLE_PASSWORD.sub(r"\1'***'", query).split())
     if not text.isprintable():
         # Any client writes its query text: its escape sequences (and bidi
         # overrides) must not reach the operator's terminal.

@@ -2,8 +2,10 @@
 logs, leak reports, metrics, health, events, reprs, CLI output or warnings):
 every way asyncpg takes a password, driven through every surface.
 
-The xfail(strict) tests demonstrate leaks found by the review; the others
-are surfaces checked and found clean that tests/integration/test_secrets.py
+Some tests show leaks the review found, fixed since (a DSN asyncpg
+misreads: a scheme without "//", no "@"; Pool(dsn=...); check's findings;
+top --show-queries and a role's DDL); the others are surfaces checked and
+found clean that tests/integration/test_secrets.py
 does not cover (the other password forms: percent-encoded special
 characters, a query password, a callable and a coroutine function,
 PGPASSWORD, a passfile, keyword-only connect arguments, set_connect_args;
@@ -299,14 +301,6 @@ def _listen(pool: safepool.Pool) -> list[Any]:
     return events
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leak: a DSN whose scheme lacks '//' ('postgresql:/user:pw@host/db', 'postgresql:user:pw@...') is "
-    "parsed by asyncpg as a database named 'user:pw@host/db' on the PG* environment's server, which answers "
-    "'database \"user:pw@host/db\" does not exist'; _secrets.split/without_password return None without '://', "
-    "so scrub_connect_error and redact leave it: in the raised error, the DEBUG/WARNING log, the "
-    "connect_failed event, stats and health",
-)
 @pytest.mark.parametrize("scheme", ["postgresql:/", "postgresql:", "postgres:/"])
 @pytest.mark.asyncio
 async def test_a_scheme_without_slashes_does_not_echo_the_password(
@@ -333,13 +327,6 @@ async def test_a_scheme_without_slashes_does_not_echo_the_password(
     _scan(transcript, PLAIN)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leak: a DSN without '@' ('postgresql://user:pw/db', the host left out) makes asyncpg read 'user:pw' "
-    "as host:port and raise \"invalid literal for int() with base 10: 'pw'\"; _secrets.split takes the whole "
-    "authority for the host (no userinfo), so the quoted password is in the DSN 'without its password' and "
-    "scrub_quoted keeps it: in the raised ValueError, the log, the connect_failed event, stats and health",
-)
 @pytest.mark.asyncio
 async def test_a_dsn_without_an_at_sign_does_not_echo_the_password(transcript: Transcript) -> None:
     dsn = f"postgresql://app:{PLAIN}/postgres"
@@ -383,12 +370,6 @@ async def test_pool_class_with_a_positional_dsn_masks_a_misparsed_password(trans
     _scan(transcript, "Hunt3r", "Zq9x")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leak: safepool.Pool(dsn=...) keeps the DSN in connect_kwargs; _workers.connect scrubs against "
-    "args[0] only (None here), so asyncpg's quoted piece of a misparsed password is raised and logged as is "
-    "(the Reporter's stack masking does read kwargs['dsn'])",
-)
 @pytest.mark.asyncio
 async def test_pool_class_with_a_keyword_dsn_masks_a_misparsed_password(transcript: Transcript) -> None:
     with pytest.raises(ValueError) as raised:
@@ -456,12 +437,6 @@ def _misparsed_cli_dsns(server: Server) -> list[tuple[str, dict[str, str]]]:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leak: python -m safepool top --once / selfcheck --dsn / replay --dsn print the password of a DSN "
-    "without '//' after the scheme (the server's 'database \"user:pw@host/db\" does not exist') or without '@' "
-    "(\"invalid literal for int() with base 10: 'pw'\"): describe_error, redact and scrub_quoted miss both",
-)
 @pytest.mark.parametrize("command", ["top", "selfcheck", "replay"])
 @pytest.mark.parametrize("which", [0, 1], ids=["scheme-without-slashes", "no-at-sign"])
 def test_clis_with_a_misparsed_password_dsn_print_no_password(server: Server, command: str, which: int) -> None:
@@ -495,12 +470,6 @@ async def thrown_away(pools):
 '''
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leak: python -m safepool check quotes the pool expression (ast.unparse) in its findings and fix "
-    "hints, text and JSON: a DSN literal's password or a password= literal in it is printed as is (leak "
-    "reports' source lines go through _secrets.redact_source; check's messages do not)",
-)
 @pytest.mark.parametrize("output_format", ["text", "json"])
 def test_check_findings_do_not_quote_a_password_in_the_pool_expression(tmp_path: Path, output_format: str) -> None:
     (tmp_path / "app.py").write_text(CHECKED_SOURCE.format(pw=PLAIN))
@@ -575,12 +544,6 @@ def test_plugin_reports_show_no_password(
 ROTATED = "R0tat3d-h161-" + uuid.uuid4().hex[:8]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leak: python -m safepool top --show-queries prints the last statement of each group as "
-    "pg_stat_activity has it, unredacted: a session idle in transaction after ALTER ROLE ... PASSWORD '...' "
-    "(a migration, a secret rotation) shows the new password in the plain, rich and JSON views",
-)
 @pytest.mark.parametrize("view", ["--plain", "--json", "rich"])
 @pytest.mark.asyncio
 async def test_top_show_queries_does_not_print_a_password_literal(server: Server, view: str) -> None:
