@@ -118,13 +118,17 @@ def render_rich(snapshot: Snapshot, interval: float | None = None, error: str | 
         if group.waiting_on_lock:
             cells[3] = Text(texts[3], style="bold magenta")
         if group.alert:
+            # Marked as the plain view marks it: piped, or for a reader who
+            # cannot tell red, the style alone is lost.
+            cells[0] = Text("! " + texts[0])
             style = "bold red"
         elif group.state in IDLE_IN_TRANSACTION:
             style = "yellow"
         else:
             style = "dim" if group.state is None else ""
         table.add_row(*cells, style=style)
-        stacked.append(Text(_label(group) if group.count == 1 else f"{_label(group)} ({group.count})", style=style))
+        label = _label(group) if group.count == 1 else f"{_label(group)} ({group.count})"
+        stacked.append(Text(("! " if group.alert else "") + label, style=style))
         stacked.append(Text("  " + _details(group, texts), style=style))
     parts.append(_Fitted(table, Stack(*stacked)))
     queries = [group for group in snapshot.groups if group.query is not None]

@@ -644,3 +644,27 @@ def test_sigterm_leaves_the_live_view_with_the_cursor_shown(pg_dsn: str) -> None
     assert output.rfind(b"\x1b[?25h") > output.rfind(b"\x1b[?25l"), output[-300:]
     assert os.waitstatus_to_exitcode(status) in (0, 143), status  # an exit of its own, not death by signal
     assert b"Traceback" not in output
+
+
+@pytest.mark.parametrize("width", [120, 60])
+def test_the_rich_view_marks_leak_suspects_without_colour(width: int) -> None:
+    from rich.console import Console
+
+    from safepool.top.render import render_plain, render_rich
+
+    sessions = [
+        Session("orders-api", "idle in transaction", state_age=72.0, transaction_age=72.0),
+        Session("billing-worker", "idle", state_age=32.0),
+    ]
+    snapshot = aggregate(sessions, SERVER, NOW)
+    assert {group.application_name: group.alert for group in snapshot.groups} == {
+        "orders-api": True, "billing-worker": False,
+    }
+    # Piped (no colour), the red style is gone: the row keeps the plain view's "!".
+    console = Console(width=width, record=True, color_system=None, force_terminal=False)
+    console.print(render_rich(snapshot))
+    lines = console.export_text().splitlines()
+    marked = [line.strip() for line in lines if line.strip().startswith("! ") and "warning" not in line]
+    assert [line.split()[1] for line in marked] == ["orders-api"], lines
+    plain = [line for line in render_plain(snapshot).splitlines() if line.startswith("! ") and "orders-api" in line]
+    assert plain, render_plain(snapshot)
