@@ -73,7 +73,11 @@ class PoolInterfaceError(PoolError, _pg.InterfaceError):
 
 
 class PoolClosedError(PoolError, _pg.InterfaceError):
-    """The pool is closing or closed (asyncpg raises InterfaceError here)."""
+    """The pool is closing or closed: raised by ``acquire()`` (and the
+    query shortcuts) once :meth:`~safepool.Pool.close` or
+    :meth:`~safepool.Pool.terminate` has begun, by ``resize()``, and to the
+    tasks still waiting when the pool closes. asyncpg's pool (0.29-0.32)
+    raises ``asyncpg.InterfaceError`` here: this error is one."""
 
 
 class PoolTimeoutError(PoolError, asyncio.TimeoutError):
@@ -86,7 +90,14 @@ class PoolTimeoutError(PoolError, asyncio.TimeoutError):
 
 
 class PoolOverloadedError(PoolError):
-    """The wait queue is full: the acquire was refused at once.
+    """The pool refused to make the acquire wait (longer): the wait queue is
+    full (``max_waiters``, or an acquire site's share of it under
+    ``max_site_share``), or the adaptive queue (``queue_policy="adaptive"``)
+    refused it at once (not servable within its timeout at the measured
+    drain rate) or shed it once it had waited longer than ``queue_target``
+    seconds while the queue stood.
+    The message says which. Not an ``asyncio.TimeoutError``: asyncpg's pool
+    has no bound on waiters, so no asyncpg error corresponds.
 
     A web application maps this to HTTP 503: waiting would only make the
     queue longer while every connection is busy.
@@ -104,7 +115,11 @@ class ServerUnavailableError(PoolError, ConnectionError):
 
 
 class LeaseExpiredError(PoolError, _pg.InterfaceError):
-    """The connection was taken back because its lease outlived ``lease_timeout``."""
+    """The connection was taken back because its lease outlived
+    ``lease_timeout`` (seconds): raised by every later call on the lease's
+    proxy (an attribute read raises one that is also an ``AttributeError``),
+    where a released proxy raises asyncpg's ``InterfaceError``
+    ("connection has been released back to the pool"); this error is one."""
 
 
 class EventLoopMismatchError(PoolError, _pg.InterfaceError, RuntimeError):
