@@ -245,7 +245,8 @@ class Pool(_PoolBase):
             ``max_site_share`` (default: the name set by :class:`safepool.site`,
             else the calling function); shown in ``leases()`` and leak reports.
         :raises safepool.PoolOverloadedError: refused at once (``max_waiters``,
-            the site's share of it, or the adaptive queue).
+            the site's share of it, or the adaptive queue), or shed by the
+            adaptive queue while waiting.
         :raises safepool.ServerUnavailableError: ``fail_fast=True``, no
             connection left and connects failing (the breaker is open).
         :raises safepool.PoolClosedError: the pool is closing or closed.
@@ -325,7 +326,10 @@ class Pool(_PoolBase):
 
         :raises safepool.EventLoopMismatchError: called on another event loop
             than the pool's; the pool is left as it was (asyncpg's pool raises
-            ``RuntimeError`` there)."""
+            ``RuntimeError`` there).
+        :raises safepool.PoolInterfaceError: the pool was never awaited (not
+            initialized) or is still starting, as asyncpg's ``close()``
+            (0.29-0.32) raises ``InterfaceError``. A closed pool returns at once."""
         if self._closed:
             return
         self._check_init()
@@ -348,7 +352,14 @@ class Pool(_PoolBase):
         await self._runner.join()
 
     def terminate(self) -> None:
-        """Terminate all connections at once."""
+        """Terminate all connections at once, as asyncpg's ``Pool.terminate()``
+        (0.29-0.32): no reset, no waiting; leases still held end (their
+        proxies raise asyncpg's ``InterfaceError`` at their next call, a
+        ``lease_ended`` event reports each) and waiting tasks fail with
+        :class:`~safepool.PoolClosedError`. A closed pool returns at once.
+
+        :raises safepool.PoolInterfaceError: the pool was never awaited (not
+            initialized) or is still starting, as asyncpg's."""
         if self._closed:
             return
         self._check_init()
@@ -372,7 +383,9 @@ class Pool(_PoolBase):
 
     def set_connect_args(self, dsn: str | None = None, **connect_kwargs: Any) -> None:
         """Use these arguments for every new connection (existing ones stay
-        until they expire; see :meth:`expire_connections`)."""
+        until they expire; see :meth:`expire_connections`), as asyncpg's
+        ``Pool.set_connect_args()`` (0.29-0.32): ``dsn`` and the keywords of
+        :func:`asyncpg.connect`, checked by the next connect, not here."""
         self._connect_args = [dsn]
         self._connect_kwargs = connect_kwargs
 
@@ -463,7 +476,8 @@ class Pool(_PoolBase):
         return self._closed or self._state.closing
 
     def get_size(self) -> int:
-        """Connections open on the server (being opened ones excluded)."""
+        """Connections open on the server (being opened ones excluded), as
+        asyncpg's ``Pool.get_size()`` (0.29-0.32)."""
         return self._state.connected()
 
     def get_init_size(self) -> int:
@@ -494,13 +508,16 @@ class Pool(_PoolBase):
         return self._name
 
     def stats(self) -> PoolStats:
-        """An immutable snapshot of sizes, counters and distributions. On
-        the pool's event loop, as every method; from another thread,
-        :meth:`stats_threadsafe`."""
+        """An immutable snapshot of sizes, counters and distributions: a
+        :class:`~safepool.PoolStats` (connections, seconds; its fields say
+        what each counts). On the pool's event loop, as every method; from
+        another thread, :meth:`stats_threadsafe`. Also on a pool not awaited
+        yet or closed (its last numbers)."""
         return self._observation.stats()
 
     def leases(self, *, stacks: bool = True) -> list[LeaseInfo]:
-        """The connections currently held by application code, oldest first.
+        """The connections currently held by application code, oldest first:
+        a list of :class:`~safepool.LeaseInfo` (ages in seconds).
 
         :param stacks: format each lease's acquire stack (``LeaseInfo.stack``;
             False leaves it None and costs no source-line lookups).
@@ -510,8 +527,10 @@ class Pool(_PoolBase):
         return self._observation.leases(stacks)
 
     async def health(self, **options: Any) -> HealthReport:
-        """Readiness check: ``ok`` / ``degraded`` / ``failing`` with reasons.
-        See :func:`safepool.health.check_health` for the options."""
+        """Readiness check: a :class:`~safepool.health.HealthReport`, ``ok`` /
+        ``degraded`` / ``failing`` with reasons. See
+        :func:`safepool.health.check_health` for the options (durations in
+        seconds) and what it raises."""
         from .health import check_health
 
         return await check_health(self, **options)
@@ -989,7 +1008,8 @@ def create_pool(
     **kwargs: Any,
 ) -> Pool:
     """Create a pool: the same parameters, defaults and meaning as
-    :func:`asyncpg.create_pool`, plus safepool's options:
+    :func:`asyncpg.create_pool` (0.29-0.32; ``init_size`` as 0.32's, on
+    every version), plus safepool's options:
 
     ``name``, ``max_lifetime`` (seconds, or None: a connection that old,
     less up to 10%, is closed and replaced, once idle or released),
@@ -1000,14 +1020,23 @@ def create_pool(
     ``acquire_timeout`` (seconds >= 0, or None), ``capture_stack`` (True,
     False, or None: on with ``leak_warning_after``),
     ``max_waiters`` (an int >= 0, or None), ``max_connecting`` (an int >= 1,
-    or None), ``fail_fast`` and ``wait_on_connect_error`` (True or False),
+    or None), ``fail_fast`` (True: after 3 consecutive failed connects with
+    no connection left, acquires fail at once with
+    :class:`~safepool.ServerUnavailableError` until the next attempt is
+    due) and ``wait_on_connect_error`` (True or False),
     ``reset_mode``
     (``"full"``, ``"rollback"`` or ``"auto"``), ``reset_timeout`` (seconds
-    > 0, or None: the default), ``backoff``, ``clock``,
+    > 0 for a release's reset when neither ``release(timeout=)`` nor the
+    acquire's ``timeout`` gives one; None: asyncpg's limits, the
+    connection's ``command_timeout``, else 30 s), ``backoff`` (a
+    :class:`safepool.Backoff`), ``clock`` (a :class:`safepool.Clock`),
     ``max_site_share`` (0 < share <= 1: one acquire site holds at most
     ``ceil(share * max_size)`` connections), ``queue_policy`` (``"fifo"`` or
-    ``"adaptive"``), ``queue_target`` and ``queue_interval`` (seconds, the
-    adaptive queue's CoDel parameters). See docs/backpressure.md.
+    ``"adaptive"``), ``queue_target`` and ``queue_interval`` (seconds > 0,
+    ``queue_target < queue_interval``; defaults 0.01 and 0.1: the adaptive
+    queue's CoDel target and interval, after Nichols and Jacobson,
+    "Controlling Queue Delay", ACM Queue 2012, as Maurer's "Fail at Scale",
+    ACM Queue 2015, applies them to server queues). See docs/backpressure.md.
     Every other keyword goes to :func:`asyncpg.connect`, as with asyncpg's
     pool: a keyword neither knows (a typo) is refused by the first connect
     (``TypeError: connect() got an unexpected keyword argument``), at
