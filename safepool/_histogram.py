@@ -22,7 +22,17 @@ DEFAULT_BOUNDS: tuple[float, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class Distribution:
-    """A snapshot of a histogram; quantiles are bucket upper bounds (an over-estimate)."""
+    """A snapshot of a histogram (``PoolStats.acquire_wait``,
+    ``lease_duration``, ``connect_time``: values in seconds).
+
+    ``count`` values recorded, their ``sum`` and ``max`` (0.0 with none).
+    ``p50``, ``p90`` and ``p99`` are the upper bound of the bucket holding
+    that quantile, capped at ``max`` (an over-estimate by at most one
+    bucket; 0.0 with no values). ``bounds`` are the buckets' upper bounds,
+    ascending (seconds: 10 µs to 300 s); ``bucket_counts`` has one count
+    per bound (values ``<= bound`` and above the previous one, not
+    cumulative) plus a last one for larger values (+Inf), as a Prometheus
+    histogram's ``le`` buckets before they are summed."""
 
     count: int
     sum: float

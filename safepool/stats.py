@@ -15,7 +15,11 @@ from ._state import PoolState, SlotState
 
 @dataclass(frozen=True, slots=True)
 class LeaseInfo:
-    """One connection held by application code (see ``Pool.leases()``)."""
+    """One connection held by application code (see ``Pool.leases()``):
+    ``id`` (the lease's, for ``Pool.release_lease()``), ``age`` and
+    ``deadline_in`` in seconds (``deadline_in`` None: no ``lease_timeout``),
+    where and by which task it was acquired
+    (None unless stacks are captured: ``capture_stack``)."""
 
     id: int
     age: float  # seconds since acquire
@@ -85,7 +89,13 @@ class SiteStats:
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
-    """A pool's state at one moment. Sizes are connections; times are seconds."""
+    """A pool's state at one moment (``Pool.stats()``). Sizes count
+    connections (``waiting``: tasks); counters are ints that only grow,
+    since the pool was created; ``acquire_wait``, ``lease_duration`` and
+    ``connect_time`` are :class:`~safepool.Distribution` snapshots in
+    seconds; ages and ``taken_at`` are seconds on the pool's clock;
+    ``sites`` is a tuple of :class:`SiteStats`. docs/metrics.md,
+    "pool.stats()", has the table of every field, its unit and meaning."""
 
     name: str
     # Sizes now.
