@@ -44,7 +44,9 @@ class HealthReason:
 
 @dataclass(frozen=True, slots=True)
 class HealthReport:
-    """The outcome of :func:`check_health`."""
+    """The outcome of :func:`check_health`: ``status``, the
+    :class:`HealthReason` findings (empty when ``ok``), the pool's
+    :class:`~safepool.PoolStats` and the probe's latency in seconds."""
 
     status: str  # "ok", "degraded" or "failing": the worst of the reasons
     reasons: tuple[HealthReason, ...]
@@ -57,9 +59,13 @@ class HealthReport:
         return self.status != FAILING
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: status, reasons, probe latency and the stats (each
-        distribution as count, sum, p50, p90, p99 and max; each site as
-        site, in_use and waiting)."""
+        """JSON-ready: a dict with ``status``, ``pool`` (the pool's name),
+        ``reasons`` (a list of dicts with ``code``, ``status`` and
+        ``message``), ``probe_latency`` (seconds or None) and ``stats`` (every
+        :class:`~safepool.PoolStats` field by name; each distribution as
+        ``count``, ``sum``, ``p50``, ``p90``, ``p99`` and ``max``, without
+        its buckets; ``sites`` as a list of dicts with ``site``, ``in_use``
+        and ``waiting``)."""
         stats: dict[str, Any] = {}
         for field in fields(self.stats):
             value = getattr(self.stats, field.name)
@@ -96,26 +102,32 @@ async def check_health(
     leak_suspect_after: float | None = None,
     connect_error_window: float = 60.0,
 ) -> HealthReport:
-    """Check ``pool`` and say whether it can serve.
+    """Check ``pool`` and say whether it can serve: a :class:`HealthReport`
+    (durations below in seconds).
 
     :param probe: run ``probe_query`` through the pool (acquire included),
         on a lease of its own acquire site (``PROBE_SITE``): a bulkhead
         (``max_site_share``) never counts it against the caller's site.
     :param probe_timeout: seconds for the whole probe, acquire and query
-        (a query that outruns it is cancelled and its connection released
+        (default 1.0; a query that outruns it is cancelled and its connection released
         within up to as long again: the check answers within twice this).
-    :param saturated_after: degraded when a task has waited this long for a connection.
-    :param leak_suspect_after: degraded when a lease is held this long
-        (default: the pool's ``leak_warning_after``; None there too: no check).
+    :param saturated_after: degraded when a task has waited longer than
+        this many seconds for a connection (default 5.0).
+    :param leak_suspect_after: degraded when a lease has been held this
+        many seconds or longer (default: the pool's ``leak_warning_after``;
+        None there too: no check).
     :param connect_error_window: degraded when connects failed within this
-        many seconds (measured between successive checks of the same pool;
-        a pool's first check, or one more than twice this after the last,
+        many seconds (default 60.0; measured between successive checks of
+        the same pool; a pool's first check, or one more than twice this after the last,
         only sees the current run of failures, if its last failed within
         this many seconds).
     :raises TypeError: ``pool`` is not a safepool pool (an asyncpg pool), or an option of the wrong type (a duration that is not
         an int or a float, ``probe`` not a bool, ``probe_query`` not a str).
     :raises ValueError: a duration out of range: NaN or negative;
         ``probe_timeout`` and ``connect_error_window`` must be > 0.
+
+    The probe's own errors (a timeout, a refusal, the query's error) are
+    reasons in the report, never raised.
     """
     # Checked at the call, as create_pool()'s options: a wrong option must
     # not read as an outage (a probe_timeout of -1 failed every probe, one
