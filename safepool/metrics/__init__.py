@@ -182,7 +182,8 @@ SNAPSHOT_TIMEOUT = 5.0
 def snapshot(pool: Pool) -> PoolStats:
     """``pool.stats()``, from any thread: taken on the pool's event loop.
 
-    :raises TimeoutError: the loop did not answer within ``SNAPSHOT_TIMEOUT`` seconds."""
+    :raises safepool.PoolTimeoutError: (a ``TimeoutError``) the loop did
+        not answer within ``SNAPSHOT_TIMEOUT`` (5.0) seconds."""
     return pool.stats_threadsafe(SNAPSHOT_TIMEOUT)
 
 
@@ -196,7 +197,7 @@ def leak_suspects(pool: Pool) -> int | None:
 
 def read(pool: Pool) -> tuple[PoolStats, int | None]:
     """:func:`snapshot` and :func:`leak_suspects` of one moment, in one trip
-    to the pool's loop.
+    to the pool's loop: ``(stats, leak suspects or None)``.
 
     :raises TimeoutError: as :func:`snapshot`."""
     return pool.call_threadsafe(lambda: (pool.stats(), _count_suspects(pool)), SNAPSHOT_TIMEOUT)

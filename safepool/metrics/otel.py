@@ -4,9 +4,19 @@
 
     instrument(pool)                    # the global MeterProvider, or meter_provider=...
 
-Follows the semantic conventions for database client connection pools
-(``db.client.connection.*``, attribute ``db.client.connection.pool.name``),
-plus ``safepool.*`` instruments for what the conventions do not cover.
+Follows the OpenTelemetry semantic conventions for database client
+connection pools (docs/db/database-metrics.md, "Development" status), as
+named since semantic conventions v1.27.0 (v1.26.0 renamed the metrics to
+``db.client.connection.*``, v1.27.0 the attributes to
+``db.client.connection.pool.name`` and ``db.client.connection.state``;
+before, ``db.client.connections.*`` and ``pool.name``), unchanged up to
+v1.44.0: ``db.client.connection.count`` (state ``idle`` / ``used``),
+``.idle.max``, ``.idle.min``, ``.max``, ``.pending_requests``,
+``.timeouts``, and the histograms ``.create_time``, ``.wait_time`` and
+``.use_time`` in seconds (unit ``s``). ``safepool.connect.failing`` carries
+``db.response.status_code`` (the SQLSTATE; added in v1.28.0) and
+``error.type`` (the error's class name, ``_OTHER`` when unknown). The
+``safepool.*`` instruments cover what the conventions do not.
 
 Design note. Gauges and counters are observable instruments whose callbacks
 read :meth:`safepool.Pool.stats` when the reader collects: no cost between

@@ -7,7 +7,16 @@
 
 Every metric carries a ``pool`` label (the pool's name). Values are read from
 :meth:`safepool.Pool.stats` at scrape time; histograms are the pool's own
-fixed-bucket distributions, exported bucket for bucket. See docs/metrics.md.
+fixed-bucket distributions, exported bucket for bucket. Names follow
+Prometheus's conventions (prometheus_client adds the suffixes): counters
+``safepool_<counter>_total`` (one per :class:`~safepool.PoolStats` counter),
+histograms ``safepool_acquire_wait_seconds``,
+``safepool_lease_duration_seconds`` and ``safepool_connect_duration_seconds``
+(cumulative ``le`` buckets, ``_sum``, ``_count``), gauges for sizes and
+states (``safepool_connections{state}``, ``safepool_waiting``, ...). The
+exposition is prometheus_client's (its text format, or OpenMetrics when the
+scraper asks for it; the version depends on prometheus_client's). See
+docs/metrics.md for every metric.
 Needs the ``safepool[prometheus]`` extra.
 """
 
@@ -107,7 +116,11 @@ class PoolCollector:
     def collect(self) -> Iterator[Metric]:
         """One scrape: every metric family, with a sample per pool (label
         ``pool``) read from its :meth:`safepool.Pool.stats` now
-        (prometheus_client's collector protocol)."""
+        (prometheus_client's collector protocol).
+
+        :raises safepool.PoolTimeoutError: (a ``TimeoutError``) a pool's
+            event loop did not take the snapshot within 5 seconds (it is
+            blocked): the scrape fails rather than report half-read numbers."""
         return self._families(self.pools.items())
 
     def _families(self, pools: list[tuple[str, Pool]]) -> Iterator[Metric]:
