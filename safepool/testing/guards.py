@@ -66,7 +66,9 @@ class Leak:
     back, once nothing uses it), ``"ended"`` (the pool was terminated, or its ``close()``
     cancelled, while the lease was open, and the code never released it) or
     ``"idle_timeout"`` (strict mode: an acquire timed out while connections
-    were leased and not used).
+    were leased and not used; its text is in ``detail``). ``held`` is in
+    seconds (0.0 for ``"idle_timeout"``); ``lease_id`` is
+    :attr:`safepool.LeaseInfo.id` (None for ``"idle_timeout"``).
     """
 
     kind: str
@@ -228,7 +230,13 @@ def _fixture_detail(entry: _FixtureLeases, closer: str | None = None) -> str:
 class LeakGuard:
     """Watches pools for leases that are not released between :meth:`start`
     and :meth:`stop`. Made by :func:`assert_no_leaks` and the
-    ``safepool_leak_check`` fixture."""
+    ``safepool_leak_check`` fixture.
+
+    :param pools: the pools to watch (None: every pool of the process,
+        those created later included).
+    :param strict: also report an acquire timeout while connections were
+        leased by tasks not running a statement (``Leak.kind``
+        ``"idle_timeout"``)."""
 
     def __init__(self, pools: Iterable[Pool] | None = None, *, strict: bool = False) -> None:
         """:raises TypeError: ``pools`` is not an iterable of safepool pools
@@ -447,7 +455,8 @@ class LeakGuard:
 
     def leaks(self, *, since_mark: bool = False) -> list[Leak]:
         """What leaked since :meth:`start` (or :meth:`mark`) and was not reported
-        yet by this guard. Reports nothing twice."""
+        yet by this guard, as a list of :class:`Leak` (empty: nothing).
+        Reports nothing twice; releases nothing (:meth:`check` does)."""
         baseline = self._mark if since_mark else self._baseline
         seq0 = self._mark_seq if since_mark else self.seq0
         found: list[Leak] = []
@@ -608,7 +617,13 @@ def assert_no_leaks(pool: Pool | Iterable[Pool] | None = None, *, strict: bool =
     Stack capture is on for the guarded pools while the block runs, so the
     error names the line of each leaked ``acquire()``. Leaked connections are
     released after the report. With ``strict=True`` an acquire timeout while
-    connections were leased but not running a statement fails it too.
+    connections were leased but not running a statement fails it too. A
+    leak found while the block raised is added to that exception as a note
+    instead.
+
+    :raises safepool.PoolTypeError: (a ``TypeError``) ``pool`` is not a
+        safepool pool, None, or an iterable of safepool pools (an asyncpg
+        pool, say).
     """
     if pool is None:
         return LeakGuard(strict=strict)
