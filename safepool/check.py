@@ -1223,7 +1223,13 @@ def _scope_name(scope: ast.AST) -> str:
 
 
 def check_source(source: str, path: str = "<string>", *, pool_names: str = DEFAULT_POOL_NAMES) -> list[Finding]:
-    """Findings for one file's source (raises SyntaxError if it does not parse)."""
+    """The :class:`Finding` list for one file's ``source`` (``path`` is only
+    reported in each finding); ``pool_names`` is the regular expression a
+    receiver's last name must match to count as a pool (``--pool-names``).
+    Lines ending in ``# safepool: ignore`` are left out.
+
+    :raises SyntaxError: ``source`` does not parse.
+    :raises re.error: ``pool_names`` is not a regular expression."""
     tree = ast.parse(source, filename=path)
     return _Checker(_Module(tree, source, re.compile(pool_names)), path).run()
 
@@ -1284,7 +1290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     nothing found, 1 findings (even if some files could not be checked), 2
     no findings but a file could not be read or parsed, a path does not
     exist, a directory given holds no Python file to check, or ``--exclude``
-    left out every file given."""
+    left out every file given. ``argv`` defaults to ``sys.argv[1:]``.
+
+    :raises SystemExit: (status 2, argparse's) an argument it refuses (an
+        unknown option, a ``--pool-names`` that is not a regular
+        expression), with the usage on stderr."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = _Parser(
         arguments,
