@@ -86,7 +86,9 @@ class ManualClock:
     callback due by then, in order, with no real sleep."""
 
     def __init__(self, start: float = 1000.0) -> None:
-        """:raises TypeError: ``start`` is not a number (bool included).
+        """:param start: the clock's first reading, in seconds (default
+            1000.0; any finite value: only differences count).
+        :raises TypeError: ``start`` is not a number (bool included).
         :raises ValueError: ``start`` is NaN or infinite."""
         check_seconds_type("ManualClock(start)", start, allow_none=False)
         if not math.isfinite(start):

@@ -487,6 +487,21 @@ class Backoff:
     once, then backs off as other failures while it goes on. Any other
     failure (a wrong password, a missing database, an SSL upgrade refused,
     an ``init=`` hook's error) backs off up to ``cap`` seconds.
+
+    :param base: seconds, the first delay's ceiling for other failures,
+        doubled per failure (default 0.1).
+    :param cap: seconds, the most any delay for other failures reaches
+        (default 2.0).
+    :param refused_cap: seconds, the most a delay after refusals reaches
+        (default 0.05).
+    :param unreachable_cap: seconds, the ceiling after an unreachable
+        server, and the first one after a refusal (default 0.01).
+    :param rng: returns a float in [0, 1), the random half of each delay
+        (default ``random.random``).
+    :param hedge_after: seconds > 0 (default 0.1), or None: never hedge.
+    :raises TypeError: a field is not a number of seconds (``rng`` not
+        callable).
+    :raises ValueError: a field negative or NaN; ``hedge_after`` not > 0.
     """
 
     base: float = 0.1
