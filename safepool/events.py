@@ -53,7 +53,7 @@ class ConnectFailed(PoolEvent):
 
     kind: ClassVar[str] = "connect_failed"
     error: str  # exception type and first line of its message
-    consecutive_failures: int
+    consecutive_failures: int  # PoolStats.consecutive_connect_failures after this failure
 
     def to_dict(self) -> dict[str, Any] | None:
         return {"event": self.kind, "pool": self.pool, "error": self.error,
@@ -78,7 +78,11 @@ class LeaseEvent(PoolEvent):
     """An event about one lease. ``lease`` is the lease as ``Pool.leases()``
     describes it at the moment of the event (``lease.age``: seconds held;
     ``lease.stack``: the full acquire stack when stacks are captured;
-    ``lease.task``: the task that acquired it, if still alive)."""
+    ``lease.task``: the task that acquired it, if still alive). Its dict
+    form (``to_dict()``) has ``event``, ``pool``, ``lease_id``,
+    ``held_seconds``, ``acquired_at``, ``task_name`` and ``site``, plus
+    ``collected`` for ``leak_suspect`` and ``reason`` and ``stack`` for
+    ``lease_ended``."""
 
     lease: LeaseInfo
 
