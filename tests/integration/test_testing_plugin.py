@@ -56,6 +56,12 @@ def this_line(marker: str) -> int:
 def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     """A pytester directory whose tests reach the test database."""
     monkeypatch.setenv("SAFEPOOL_PLUGIN_DSN", pg_dsn)
+    # The inner runs' output is read line by line, in order: pytest fits its
+    # summary lines to the terminal's width (COLUMNS), and pytest-randomly,
+    # where installed, shuffles the inner tests and so their reports (two
+    # tests failed so). pytester itself clears PYTEST_ADDOPTS first.
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
     return pytester
 
 

@@ -37,6 +37,19 @@ SERVER = ServerInfo(
 NOW = datetime(2024, 3, 10, 15, 30, tzinfo=UTC)
 
 
+@pytest.fixture(autouse=True)
+def terminal_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output's shape is this module's: rich and argparse read the
+    terminal's width from COLUMNS (a CI terminal may be 40 or 400 columns),
+    and rich forces colours and a terminal's behaviour on FORCE_COLOR,
+    TTY_COMPATIBLE or TTY_INTERACTIVE (``"\\x1b[" not in out`` then fails).
+    Tests that need a width set COLUMNS themselves."""
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.delenv("LINES", raising=False)
+    for name in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "JUPYTER_COLUMNS", "JUPYTER_LINES"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -612,6 +625,9 @@ def test_sigterm_leaves_the_live_view_with_the_cursor_shown(pg_dsn: str) -> None
     if pid == 0:  # the child: the live view needs a terminal
         try:
             os.environ["COLUMNS"], os.environ["LINES"] = "120", "40"
+            # A terminal that moves the cursor: rich's live view hides and
+            # shows it on any TERM but "dumb" or "unknown" (a CI shell's).
+            os.environ["TERM"] = "xterm-256color"
             os.execv(sys.executable, [sys.executable, "-m", "safepool", "top", "--interval", "0.2", pg_dsn])
         finally:
             os._exit(127)
