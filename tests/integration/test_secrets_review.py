@@ -310,13 +310,19 @@ async def test_a_scheme_without_slashes_does_not_echo_the_password(
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PGUSER", server.role + "_plain")
     dsn = f"{scheme}{server.role}_plain:{PLAIN}@db.example/postgres"
-    with pytest.raises(asyncpg.InvalidCatalogNameError) as raised:
+    await _misread_everywhere(dsn, asyncpg.InvalidCatalogNameError, transcript)
+
+
+async def _misread_everywhere(dsn: str, error: type[Exception], transcript: Transcript) -> None:
+    """A DSN asyncpg misreads, through create_pool, an acquire, stats,
+    health and events: its password (PLAIN) in none of them."""
+    with pytest.raises(error) as raised:
         await safepool.create_pool(dsn, min_size=1, max_size=2)
     transcript.add("create_pool", raised.value)
     pool = await safepool.create_pool(dsn, min_size=0, max_size=2)
     events = _listen(pool)
     try:
-        with pytest.raises(asyncpg.InvalidCatalogNameError) as acquired:
+        with pytest.raises(error) as acquired:
             await pool.fetchval("SELECT 1", timeout=5)
         transcript.add("acquire", acquired.value)
         transcript.add("stats", pool.stats())
@@ -329,22 +335,7 @@ async def test_a_scheme_without_slashes_does_not_echo_the_password(
 
 @pytest.mark.asyncio
 async def test_a_dsn_without_an_at_sign_does_not_echo_the_password(transcript: Transcript) -> None:
-    dsn = f"postgresql://app:{PLAIN}/postgres"
-    with pytest.raises(ValueError) as raised:
-        await safepool.create_pool(dsn, min_size=1, max_size=2)
-    transcript.add("create_pool", raised.value)
-    pool = await safepool.create_pool(dsn, min_size=0, max_size=2)
-    events = _listen(pool)
-    try:
-        with pytest.raises(ValueError) as acquired:
-            await pool.fetchval("SELECT 1", timeout=5)
-        transcript.add("acquire", acquired.value)
-        transcript.add("stats", pool.stats())
-        transcript.add("health", (await pool.health(probe_timeout=1)).to_dict())
-        transcript.add("events", events)
-    finally:
-        await asyncio.wait_for(pool.close(), 10)
-    _scan(transcript, PLAIN)
+    await _misread_everywhere(f"postgresql://app:{PLAIN}/postgres", ValueError, transcript)
 
 
 def _pool_class_kwargs() -> dict[str, Any]:
