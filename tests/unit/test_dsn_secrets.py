@@ -272,3 +272,91 @@ def test_check_findings_keep_a_port_and_query_with_an_at_sign() -> None:
     )
     [finding] = check_source(source)
     assert dsn in finding.message + finding.hint
+
+
+# top --show-queries: ordinary SQL with the word PASSWORD stays as it is.
+@pytest.mark.parametrize("query", [
+    "SELECT password FROM users WHERE id = $1",
+    "UPDATE users SET password = $1 WHERE id = $2",
+    "SELECT * FROM t WHERE note = 'forgot password' AND code = 'ABC'",
+    "INSERT INTO audit(msg) VALUES ('changed password'), ('other value')",
+    "/* check password */ SELECT 'keep me'",
+    "COMMENT ON COLUMN users.password IS 'password hash (bcrypt)'",
+    "ALTER ROLE \"PASSWORD\" LOGIN",
+    "SELECT check_password('x')",
+    "-- rotate the password\nSELECT 'keep me' FROM t",
+])
+def test_top_shows_ordinary_sql_with_the_word_password(query: str) -> None:
+    from safepool.top.snapshot import _one_line
+
+    assert _one_line(query, 300) == " ".join(query.split())
+
+
+@pytest.mark.parametrize(("query", "shown"), [
+    ("CREATE ROLE x ENCRYPTED PASSWORD 'SCRAM-SHA-256$4096:abc$def:ghi' LOGIN",
+     "CREATE ROLE x ENCRYPTED PASSWORD '***' LOGIN"),
+    ("ALTER ROLE app PASSWORD\t'Zq9secretX'", "ALTER ROLE app PASSWORD '***'"),
+    ("CREATE USER MAPPING FOR app SERVER s OPTIONS (user 'u', password 'Zq9secretX')",
+     "CREATE USER MAPPING FOR app SERVER s OPTIONS (user 'u', password '***')"),
+])
+def test_top_masks_other_password_literals(query: str, shown: str) -> None:
+    from safepool.top.snapshot import _one_line
+
+    assert _one_line(query, 300) == shown
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="over-masking: _ROLE_PASSWORD starts a 'literal' at any quote after the word PASSWORD and a blank, "
+    "also the closing quote of a literal ending in 'password ' or a dollar quote ($$password $$): the SQL "
+    "after it is shown as '***' (\"SELECT 'Enter your password ' || name, 'x'\" -> "
+    "\"SELECT 'Enter your password '***'x'\")",
+)
+@pytest.mark.parametrize("query", [
+    "SELECT 'Enter your password ' || name, 'x' AS hint FROM users",
+    "COMMENT ON COLUMN users.pw IS 'the password ' 'continued'",
+    "SELECT $$reset password $$ || name FROM users",
+])
+def test_top_does_not_mask_sql_after_the_word_password_in_a_literal(query: str) -> None:
+    from safepool.top.snapshot import _one_line
+
+    assert _one_line(query, 300) == " ".join(query.split())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="leak: _ROLE_PASSWORD needs blanks then E'...' or $tag$ right after PASSWORD; PostgreSQL also takes "
+    "no blank (PASSWORD'pw'), a Unicode-escape literal (U&'pw'), a comment between (PASSWORD /* x */ 'pw', "
+    "-- x<newline>), and a literal continued on the next line ('pw1'<newline>'pw2': the second part shown); "
+    "all accepted by PostgreSQL 18 (CREATE ROLE ... in a rolled-back transaction)",
+)
+@pytest.mark.parametrize("query", [
+    "ALTER ROLE app PASSWORD'Zq9secretX'",
+    "ALTER ROLE app PASSWORD U&'Zq9secretX'",
+    "ALTER ROLE app PASSWORD /* rotated */ 'Zq9secretX'",
+    "ALTER ROLE app PASSWORD -- rotated\n 'Zq9secretX'",
+    "ALTER ROLE app PASSWORD 'Zq9sec'\n'retX'",
+])
+def test_top_masks_every_spelling_of_a_role_password(query: str) -> None:
+    from safepool.top.snapshot import _one_line
+
+    shown = _one_line(query, 300)
+    assert "Zq9" not in shown and "retX" not in shown
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="leak (sibling of the role DDL): a connection string's password in query text, "
+    "CREATE SUBSCRIPTION ... CONNECTION '... password=pw', dblink_connect('... password=pw'), "
+    "dblink('postgresql://u:pw@h/d', ...): a migration's or a job's statement idle in transaction is shown "
+    "as is (_secrets.redact would mask both forms)",
+)
+@pytest.mark.parametrize("query", [
+    "CREATE SUBSCRIPTION s CONNECTION 'host=h password=Zq9secretX dbname=d' PUBLICATION p",
+    "SELECT dblink_connect('host=h user=u password=Zq9secretX')",
+    "SELECT * FROM dblink('postgresql://u:Zq9secretX@h/d', 'select 1') AS t(x int)",
+])
+def test_top_masks_a_connection_strings_password(query: str) -> None:
+    from safepool.top.snapshot import _one_line
+
+    assert "Zq9secretX" not in _one_line(query, 300)
