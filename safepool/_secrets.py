@@ -10,7 +10,8 @@ import warnings
 from collections.abc import Sequence
 from urllib.parse import unquote, unquote_plus
 
-_URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
+# (Not a port: "://host:5432/db?user=app@server" keeps its port and query.)
+_URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)(?!\d+(?:[/?#,]|$))\S*@")
 # (Not one masked already: "got '...password=***'" keeps its closing quote.)
 _PASSWORD_PARAM = re.compile(r"(?i)(password=)(?!\*\*\*(?:[&\s'\",;)}]|$))[^&\s]+")
 # A password query parameter with the fields after it that have no "=": an
@@ -25,13 +26,36 @@ _PASSWORD_PARAM_AND_REST = re.compile(r"(?i)password=[^&#]*(?:&[^&=#]*(?=[&#]|$)
 # host/db", "postgres:user:pw@..."): asyncpg (urllib) then reads no
 # authority, and the userinfo becomes the database's name, which a server's
 # "database ... does not exist" quotes.
-_SCHEME_WITHOUT_AUTHORITY = re.compile(r"(?i)^(postgres(?:ql)?):/?(?!/)")
+# Three or more slashes ("postgresql:///app:pw/db", no "@") read the same
+# way: the database "app:pw/db".
+_SCHEME_WITHOUT_AUTHORITY = re.compile(r"(?i)^(postgres(?:ql)?):(?:/|/{3,})?(?!/)")
+# What urllib (asyncpg's URL parsing) strips from a URL's start: C0 controls
+# and spaces (it also deletes tabs and newlines anywhere: _URL_UNSAFE).
+_URL_LEADING = "".join(map(chr, range(0x21)))
 
 
 def _uri(dsn: str) -> str:
-    """``dsn`` with its scheme's "//", if a PostgreSQL scheme came without
-    it: its pieces are then parsed as the URI the writer meant."""
-    return _SCHEME_WITHOUT_AUTHORITY.sub(r"\1://", dsn, count=1)
+    """``dsn`` as the URI its writer meant, if asyncpg reads it without an
+    authority (a PostgreSQL scheme with no "//", or with three or more
+    slashes; after a stray blank too): its pieces are then parsed as the
+    password, host and database they were meant to be. Else ``dsn`` itself."""
+    cleaned = dsn.translate(_URL_UNSAFE).lstrip(_URL_LEADING)
+    match = _SCHEME_WITHOUT_AUTHORITY.match(cleaned)
+    return dsn if match is None else match.group(1) + "://" + cleaned[match.end() :]
+
+
+def _ats_in_query(rest: str) -> bool:
+    """Whether every "@" of ``rest`` (a URI after its "://") stands in a
+    value of a well-formed query ("db:5432/x?application_name=w@n1",
+    Azure's "?user=app@server"), not in a userinfo."""
+    question = rest.find("?")
+    if question < 0 or rest.find("@") < question:
+        return False
+    query, _, fragment = rest[question + 1 :].partition("#")
+    return (
+        "@" not in fragment and _well_formed_query(query)
+        and all("=" in field.partition("@")[0] for field in query.split("&") if "@" in field)
+    )
 
 
 def _port_suspects(hostport: str) -> list[str]:
@@ -49,13 +73,14 @@ def _port_suspects(hostport: str) -> list[str]:
 
 
 def split(dsn: str) -> tuple[str, str, str] | None:
-    """``(userinfo, host[:port], rest)`` of a URI DSN, parsed loosely."""
-    _, sep, rest = _uri(dsn).partition("://")
+    """``(userinfo, host[:port], rest)`` of a URI DSN, parsed loosely, as
+    written (see :func:`_uri` for what its writer meant)."""
+    _, sep, rest = dsn.partition("://")
     if not sep:
         return None
     end = re.search(r"[/?#]", rest)
     authority = rest[: end.start()] if end else rest
-    if "@" in authority or "@" not in rest:
+    if "@" in authority or "@" not in rest or _ats_in_query(rest):
         userinfo, _, hostport = authority.rpartition("@")
         return userinfo, hostport, rest[len(authority) :]
     # A password holding "/", "?" or "#": the authority ends after the last "@".
@@ -77,7 +102,7 @@ def passwords(dsn: str) -> set[str]:
         if not parts[0]:
             candidates += _port_suspects(parts[1])
         rest = dsn.partition("://")[2]
-        first_userinfo = rest.partition("@")[0] if "@" in rest else ""
+        first_userinfo = rest.partition("@")[0] if "@" in rest and not _ats_in_query(rest) else ""
         userinfos = (parts[0], first_userinfo, widest_userinfo(dsn))
         candidates += [userinfo.partition(":")[2] for userinfo in userinfos if ":" in userinfo]
     return {form for c in candidates if c for form in (c, unquote(c), unquote_plus(c)) if form}
@@ -211,10 +236,23 @@ def redact_known(text: str, dsn: object, password: object, shown: Sequence[objec
 _PASSWORD_VALUE_TO_NEXT_FIELD = re.compile(r"(?i)(password=).*?(?=&[^&=]*=|$)", re.DOTALL)
 
 
+# A keyword DSN's password ("host=db password=pw dbname=x"), quoted or not.
+_KEYWORD_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+
+
 def mask_dsn(dsn: str) -> str:
     """``dsn`` as it may be shown: its userinfo password (to the last "@")
-    and query passwords replaced by ``***``."""
-    masked = _PASSWORD_VALUE_TO_NEXT_FIELD.sub(r"\1***", _uri(dsn))
+    and query passwords replaced by ``***``; a keyword DSN's ``password=``
+    value; and, in a DSN asyncpg misreads (:func:`_uri`), each piece that
+    may be the password, the DSN otherwise shown as written."""
+    uri = _uri(dsn)
+    if uri is not dsn:
+        for secret in sorted(passwords(dsn), key=len, reverse=True):
+            dsn = dsn.replace(":" + secret, ":***")
+        return _KEYWORD_PASSWORD.sub(r"\1***", dsn)
+    if "://" not in dsn:
+        return _KEYWORD_PASSWORD.sub(r"\1***", dsn)
+    masked = _PASSWORD_VALUE_TO_NEXT_FIELD.sub(r"\1***", dsn)
     parts = split(masked)
     if parts is not None and not parts[0]:
         for suspect in _port_suspects(parts[1]):

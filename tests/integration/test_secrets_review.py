@@ -610,14 +610,6 @@ def _misread_leaks(role: str) -> dict[str, str]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leak: asyncpg (urllib) strips a leading blank and deletes tabs and newlines, so ' postgresql:/u:pw@h/db' "
-    "is read like 'postgresql:/u:pw@h/db' (the database 'u:pw@h/db'), but _secrets._uri is anchored on the raw "
-    "string; and 'postgresql:///u:pw/db' (three slashes, no '@') is the database 'u:pw/db', with no userinfo nor "
-    "port for _secrets to find: the server's 'database \"...\" does not exist' is raised, logged (WARNING/DEBUG), "
-    "in stats().last_connect_error, health and the connect_failed event",
-)
 @pytest.mark.parametrize("which", list(_misread_leaks("r")))
 @pytest.mark.asyncio
 async def test_misread_dsn_leaks_found_by_review(
@@ -630,12 +622,6 @@ async def test_misread_dsn_leaks_found_by_review(
     _scan(transcript, PLAIN)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leak: python -m safepool top --once / selfcheck --dsn print the server's 'database \"u:pw@h/db\" does "
-    "not exist' for a blank before a scheme without '//', and 'database \"u:pw/db\"' for three slashes without "
-    "'@' (also argparse's echo: 'invalid choice: ...'); the same parsing gaps as the pool's",
-)
 @pytest.mark.parametrize("command", ["top", "selfcheck", "echo"])
 @pytest.mark.parametrize("which", ["blank-before-scheme", "three-slashes-no-at"])
 def test_clis_with_a_misread_dsn_sibling_print_no_password(server: Server, command: str, which: str) -> None:

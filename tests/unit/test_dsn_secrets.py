@@ -101,14 +101,6 @@ def test_other_misread_dsns_are_masked(dsn: str, quoted: str) -> None:
     assert PW not in mask_dsn(dsn)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leak: urllib (asyncpg) strips leading C0 controls and spaces and deletes tabs and newlines anywhere, "
-    "so ' postgresql:/app:pw@host/db' (a DSN read from a file or an env var with a stray blank) is the "
-    "database 'app:pw@host/db' on the PG* server, like 'postgresql:/...'; _SCHEME_WITHOUT_AUTHORITY is "
-    "anchored at ^ on the raw string, so passwords() is empty, without_password() None, and scrub_quoted, "
-    "redact and mask_dsn leave the password in the server's 'database \"...\" does not exist'",
-)
 @pytest.mark.parametrize("dsn", [
     f" postgresql:/app:{PW}@db.example/orders",
     f"\tpostgresql:/app:{PW}@db.example/orders",
@@ -121,13 +113,6 @@ def test_a_scheme_without_slashes_after_a_blank_is_masked(dsn: str) -> None:
     assert PW not in mask_dsn(dsn)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leak: 'postgresql:///app:pw/db' (three or more slashes and no '@', the sibling of the change's "
-    "'postgresql://app:pw/db') is read by asyncpg as the database 'app:pw/db' on the default server, which the "
-    "server quotes; _secrets.split finds no userinfo and no port, so passwords() is empty and the quoted "
-    "database is part of without_password(): scrub_quoted, redact and mask_dsn keep it",
-)
 @pytest.mark.parametrize("dsn", [f"postgresql:///app:{PW}/orders", f"postgresql:////app:{PW}/orders",
                                  f"postgres:///app:{PW}"])
 def test_three_slashes_without_an_at_sign_are_masked(dsn: str) -> None:
@@ -155,48 +140,21 @@ def test_a_valid_dsns_error_is_not_masked(dsn: str, text: str) -> None:
     assert redact(scrub_quoted(text, dsn), dsn) == text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="over-masking (pre-existing, not from 9da5284): a DSN with a port, no userinfo and an '@' in a "
-    "query value ('?application_name=w@n1', Azure's '?user=app@server'): _secrets.split takes everything to "
-    "the '@' for the userinfo, so the port and the database are 'password' pieces: the server's "
-    "'database \"orders\" does not exist' becomes 'database \"***\"', and mask_dsn shows 'postgresql://db:***@n1'",
-)
 def test_an_at_sign_in_the_query_of_a_dsn_with_a_port_masks_nothing() -> None:
     dsn = "postgresql://db.example:5432/orders?application_name=w@n1"
     assert redact(scrub_quoted(_server_error("orders"), dsn), dsn) == _server_error("orders")
     assert mask_dsn(dsn) == dsn
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mangling (pre-existing): mask_dsn of a keyword DSN ('host=db password=pw dbname=orders', as argparse "
-    "echoes it) drops every field after the password: _PASSWORD_VALUE_TO_NEXT_FIELD only stops at '&'",
-)
 def test_mask_dsn_keeps_a_keyword_dsns_other_fields() -> None:
     assert mask_dsn("host=db password=pw1234 dbname=orders") == "host=db password=*** dbname=orders"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mangling: mask_dsn now returns _uri(dsn), so a scheme written without '//' is shown with it "
-    "('postgresql:/app:pw@db/x' as 'postgresql://app:***@db/x', 'postgresql:db/x' as 'postgresql://db/x'): "
-    "the argparse echo and check's missing path show a DSN the user did not type, hiding the typo asyncpg "
-    "misreads",
-)
 @pytest.mark.parametrize("dsn", ["postgresql:/app:pw1234@db.example/orders", "postgres:app:pw1234@db.example/x"])
 def test_mask_dsn_keeps_a_scheme_as_written(dsn: str) -> None:
     assert mask_dsn(dsn) == dsn.replace("pw1234", "***")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="misleading: top/selfcheck's describe_target now parses a scheme without '//' as the URI the writer "
-    "meant ('postgresql:db.example/orders' -> 'db.example/orders', 'postgresql:/app:pw@db.example/x' -> "
-    "'app@db.example/x'), but asyncpg connected to the PG* environment's server with the database "
-    "'db.example/orders': 'app@db.example/x: database \"***\" does not exist' names a server never contacted "
-    "(before 9da5284: 'the server: ...')",
-)
 @pytest.mark.parametrize("dsn", ["postgresql:db.example/orders", f"postgresql:/app:{PW}@db.example/orders"])
 def test_describe_target_does_not_name_a_host_asyncpg_did_not_read(dsn: str) -> None:
     from safepool.top.cli import describe_target
@@ -255,12 +213,6 @@ def test_check_findings_keep_a_password_keyword_whose_value_is_code(value: str) 
     assert "***" not in finding.message + finding.hint
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="over-masking: check's findings go through redact_source's _URI_PASSWORD ('://host:' then any "
-    "non-blank to an '@'): a DSN literal with a port and an '@' in its query ('?user=app@pgsrv', Azure's "
-    "user@server) is shown 'postgresql://pg.example.com:***@pgsrv&sslmode=require'",
-)
 def test_check_findings_keep_a_port_and_query_with_an_at_sign() -> None:
     from safepool.check import check_source
 
