@@ -213,6 +213,19 @@ def redact_source(line: str) -> str:
     return redact(_SOURCE_PASSWORD.sub(r"\1***", line), None)
 
 
+# A Python string literal as ast.unparse writes one (and as source has it).
+_PY_LITERAL = re.compile(r"[rbuf]{0,2}(\"\"\"|'''|\"|')(?:\\.|(?!\1).)*?\1", re.IGNORECASE | re.DOTALL)
+
+
+def redact_code(text: str) -> str:
+    """Text that quotes Python code (``check``'s findings): password string
+    literals masked (``password="..."``), and DSN passwords inside string
+    literals; code stays as written (``password=settings.db_password`` is
+    a name, not a secret, and masking it would break the quoted code)."""
+    text = _SOURCE_PASSWORD.sub(r"\1***", text)
+    return _PY_LITERAL.sub(lambda literal: redact(literal.group(0), None), text)
+
+
 def redact_known(text: str, dsn: object, password: object, shown: Sequence[object] = ()) -> str:
     """``text`` (a report's stack, whose lines are the application's source)
     without the pool's own password: its DSN's (as :func:`redact` masks it)

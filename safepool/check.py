@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, NoReturn
 
 from ._cli import silence_stdout
-from ._secrets import mask_dsn, passwords, redact_argv, redact_source
+from ._secrets import mask_dsn, passwords, redact_argv, redact_code
 
 __all__ = ["Finding", "check_source", "main"]
 
@@ -615,8 +615,8 @@ class _Checker:
         # Both quote the source (the pool expression): without its password
         # literals, as a leak report's source lines show them.
         self.findings.append(Finding(
-            self.path, line, getattr(node, "col_offset", 0) + 1, code, redact_source(message),
-            redact_source(hint or _hint(receiver, var, code)),
+            self.path, line, getattr(node, "col_offset", 0) + 1, code, redact_code(message),
+            redact_code(hint or _hint(receiver, var, code)),
         ))
 
     def check_acquire(self, call: ast.Call, receiver: str) -> None:

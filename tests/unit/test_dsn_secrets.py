@@ -193,13 +193,6 @@ def test_check_findings_show_ordinary_pool_expressions_as_written() -> None:
     assert "***" not in shown
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="over-masking: check's findings now go through redact_source, whose redact(text, None) applies "
-    "_PASSWORD_PARAM ('password=' up to a space or '&') to Python source: 'create_pool(dsn, "
-    "password=settings.db_password).acquire()' is shown 'create_pool(dsn, password=*** as con:' (a variable, "
-    "not a secret; the fix hint is no longer code, its parentheses unbalanced, the release(...) call cut)",
-)
 @pytest.mark.parametrize("value", ["settings.db_password", 'os.environ["DB_PASSWORD"]', "get_secret()"])
 def test_check_findings_keep_a_password_keyword_whose_value_is_code(value: str) -> None:
     from safepool.check import check_source
