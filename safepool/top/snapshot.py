@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import asyncpg
 
+from .._secrets import redact as _redact
+
 Level = Literal["ok", "warning", "critical"]
 AlertLevel = Literal["note", "warning", "critical"]
 
@@ -241,12 +243,59 @@ def _max(values: Iterable[float | None]) -> float | None:
     return max(present) if present else None
 
 
-# A role's password in its DDL (CREATE/ALTER ROLE|USER ... [ENCRYPTED]
-# PASSWORD '...'): a standard, escape (E'...') or dollar-quoted literal,
-# also one the activity query's truncation cut open.
-_ROLE_PASSWORD = re.compile(
-    r"(?is)(\bPASSWORD\s+)(?:E?'(?:[^'\\]|''|\\.)*(?:'|$)|(\$[A-Za-z_0-9]*\$).*?(?:\2|$))"
+# SQL's lexical pieces that can hold the word PASSWORD without it being the
+# keyword, and the literals that can follow it (PostgreSQL's lexer, scan.l:
+# standard, E'', U&'', B''/X''/N'' strings, dollar quotes, quoted names,
+# comments). A piece cut open by the activity query's truncation runs to
+# the end.
+_SQL_PIECE = re.compile(
+    r"""(?P<comment>--[^\n]*|/\*.*?(?:\*/|\Z))"""
+    r"""|(?P<name>"(?:[^"]|"")*(?:"|\Z))"""
+    r"""|(?P<literal>(?:(?<![\w$])(?:[EeBbXxNn]|[Uu]&))?'(?:[^'\\]|''|\\.)*(?:'|\Z)"""
+    r"""|(?<![\w$])(?P<tag>\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$).*?(?:(?P=tag)|\Z))"""
+    r"""|(?P<word>[A-Za-z_][A-Za-z_0-9$]*)""",
+    re.DOTALL,
 )
+
+
+def _mask_secrets(query: str) -> str:
+    """``query`` without the secrets a statement can carry as literals: the
+    literal after the keyword PASSWORD (``CREATE``/``ALTER ROLE ...
+    PASSWORD '...'``, a user mapping's ``password '...'``, with a comment
+    between or the literal continued on the next line), and a connection
+    string's password inside any literal (``CONNECTION 'host=h
+    password=...'``, ``dblink('postgresql://u:pw@h/d')``). The word
+    password in a literal, a comment or a quoted name is no keyword."""
+    out: list[str] = []
+    position = 0
+    after_keyword = False  # the last word was PASSWORD: its literal is next
+    masked_literal = False  # a literal was masked: one continuing it goes too
+    for piece in _SQL_PIECE.finditer(query):
+        between = query[position : piece.start()]
+        position = piece.end()
+        out.append(between)
+        if between.strip():
+            after_keyword = masked_literal = False
+        kind = piece.lastgroup
+        text = piece.group(0)
+        if kind == "comment":
+            out.append(text)
+            continue
+        if kind in ("literal", "tag"):
+            continuing = masked_literal and "\n" in between and text.startswith("'")
+            if after_keyword or continuing:
+                out.append("'***'" if not continuing else "")
+                masked_literal = True
+            else:
+                out.append(_redact(text, None))
+                masked_literal = False
+            after_keyword = False
+            continue
+        after_keyword = kind == "word" and text.upper() == "PASSWORD"
+        masked_literal = False
+        out.append(text)
+    out.append(query[position:])
+    return "".join(out)
 
 
 def _one_line(query: str | None, width: int) -> str | None:
@@ -254,7 +303,7 @@ def _one_line(query: str | None, width: int) -> str | None:
         return None
     # (pg_stat_activity shows a role's DDL with its password: a migration's,
     # a rotation's, in a session left idle in transaction.)
-    text = " ".join(_ROLE_PASSWORD.sub(r"\1'***'", query).split())
+    text = " ".join(_mask_secrets(query).split())
     if not text.isprintable():
         # Any client writes its query text: its escape sequences (and bidi
         # overrides) must not reach the operator's terminal.

@@ -250,13 +250,6 @@ def test_top_masks_other_password_literals(query: str, shown: str) -> None:
     assert _one_line(query, 300) == shown
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="over-masking: _ROLE_PASSWORD starts a 'literal' at any quote after the word PASSWORD and a blank, "
-    "also the closing quote of a literal ending in 'password ' or a dollar quote ($$password $$): the SQL "
-    "after it is shown as '***' (\"SELECT 'Enter your password ' || name, 'x'\" -> "
-    "\"SELECT 'Enter your password '***'x'\")",
-)
 @pytest.mark.parametrize("query", [
     "SELECT 'Enter your password ' || name, 'x' AS hint FROM users",
     "COMMENT ON COLUMN users.pw IS 'the password ' 'continued'",
@@ -268,13 +261,6 @@ def test_top_does_not_mask_sql_after_the_word_password_in_a_literal(query: str) 
     assert _one_line(query, 300) == " ".join(query.split())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leak: _ROLE_PASSWORD needs blanks then E'...' or $tag$ right after PASSWORD; PostgreSQL also takes "
-    "no blank (PASSWORD'pw'), a Unicode-escape literal (U&'pw'), a comment between (PASSWORD /* x */ 'pw', "
-    "-- x<newline>), and a literal continued on the next line ('pw1'<newline>'pw2': the second part shown); "
-    "all accepted by PostgreSQL 18 (CREATE ROLE ... in a rolled-back transaction)",
-)
 @pytest.mark.parametrize("query", [
     "ALTER ROLE app PASSWORD'Zq9secretX'",
     "ALTER ROLE app PASSWORD U&'Zq9secretX'",
@@ -289,13 +275,6 @@ def test_top_masks_every_spelling_of_a_role_password(query: str) -> None:
     assert "Zq9" not in shown and "retX" not in shown
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leak (sibling of the role DDL): a connection string's password in query text, "
-    "CREATE SUBSCRIPTION ... CONNECTION '... password=pw', dblink_connect('... password=pw'), "
-    "dblink('postgresql://u:pw@h/d', ...): a migration's or a job's statement idle in transaction is shown "
-    "as is (_secrets.redact would mask both forms)",
-)
 @pytest.mark.parametrize("query", [
     "CREATE SUBSCRIPTION s CONNECTION 'host=h password=Zq9secretX dbname=d' PUBLICATION p",
     "SELECT dblink_connect('host=h user=u password=Zq9secretX')",
