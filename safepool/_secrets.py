@@ -10,8 +10,29 @@ import warnings
 from collections.abc import Sequence
 from urllib.parse import unquote, unquote_plus
 
-# (Not a port: "://host:5432/db?user=app@server" keeps its port and query.)
-_URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)(?!\d+(?:[/?#,]|$))\S*@")
+# A URI's userinfo up to its password: "://user:" (not a port:
+# "://host:5432/db?user=app@server" keeps its port and query).
+_URI_USERINFO = re.compile(r"://[^:/@\s]*:(?!\d+(?:[/?#,]|$))")
+_NON_BLANK_RUN = re.compile(r"\S+")
+
+
+def _mask_uri_passwords(text: str) -> str:
+    """``text`` with each URI's password (from its userinfo's ":" to the last
+    "@" before a blank: an unescaped "@" in it) replaced by ``***``. Linear
+    in ``text``'s length: a run of non-blanks is looked at once."""
+
+    def masked(run: re.Match[str]) -> str:
+        chunk = run.group(0)
+        last_at = chunk.rfind("@")
+        if last_at < 0:
+            return chunk
+        for userinfo in _URI_USERINFO.finditer(chunk):
+            if userinfo.end() > last_at:
+                break
+            return chunk[: userinfo.end()] + "***" + chunk[last_at:]
+        return chunk
+
+    return _NON_BLANK_RUN.sub(masked, text) if "://" in text else text
 # (Not one masked already: "got '...password=***'" keeps its closing quote.)
 _PASSWORD_PARAM = re.compile(r"(?i)(password=)(?!\*\*\*(?:[&\s'\",;)}]|$))[^&\s]+")
 # A password query parameter with the fields after it that have no "=": an
@@ -193,7 +214,7 @@ def redact(text: str, dsn: str | None) -> str:
             if len(secret) < _MIN_MASKED or any(secret in form for form in free_forms):
                 continue
             text = _masked_in_text(text, secret)
-    text = _URI_PASSWORD.sub(r"\1***@", text)
+    text = _mask_uri_passwords(text)
     return _PASSWORD_PARAM.sub(r"\1***", text)
 
 

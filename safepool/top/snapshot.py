@@ -249,49 +249,72 @@ def _max(values: Iterable[float | None]) -> float | None:
 # comments). A piece cut open by the activity query's truncation runs to
 # the end.
 _SQL_PIECE = re.compile(
-    r"""(?P<comment>--[^\n]*|/\*.*?(?:\*/|\Z))"""
+    r"""(?P<comment>--[^\n\r]*)"""
+    r"""|(?P<block>/\*)"""
     r"""|(?P<name>"(?:[^"]|"")*(?:"|\Z))"""
-    r"""|(?P<literal>(?:(?<![\w$])(?:[EeBbXxNn]|[Uu]&))?'(?:[^'\\]|''|\\.)*(?:'|\Z)"""
-    r"""|(?<![\w$])(?P<tag>\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$).*?(?:(?P=tag)|\Z))"""
-    r"""|(?P<word>[A-Za-z_][A-Za-z_0-9$]*)""",
-    re.DOTALL,
+    # An escape string (E'...'): backslash escapes; any other kind: none
+    # (standard_conforming_strings, on since PostgreSQL 9.1).
+    r"""|(?P<literal>(?<![\w$])[Ee]'(?:[^'\\]|''|\\[\s\S]?)*(?:'|\Z)"""
+    r"""|(?:(?<![\w$])(?:[BbXxNn]|[Uu]&))?'(?:[^']|'')*(?:'|\Z)"""
+    r"""|(?<![\w$])(?P<tag>\$(?:[^\W\d]\w*)?\$)[\s\S]*?(?:(?P=tag)|\Z))"""
+    r"""|(?P<word>[^\W\d][\w$]*)"""
 )
+_BLOCK_EDGE = re.compile(r"/\*|\*/")
+# A libpq connection string's password inside a literal, as SQL quotes it:
+# spaces around "=", a value in (doubled) quotes.
+_CONNINFO_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)(''(?:[^']|'(?!'))*(?:''|$)|[^\s']+)")
+
+
+def _block_end(query: str, start: int) -> int:
+    """Where the block comment opened at ``start`` ends: PostgreSQL's nest
+    (the end of ``query`` if it was cut open)."""
+    depth = 0
+    for edge in _BLOCK_EDGE.finditer(query, start):
+        depth += 1 if edge.group(0) == "/*" else -1
+        if depth == 0:
+            return edge.end()
+    return len(query)
 
 
 def _mask_secrets(query: str) -> str:
     """``query`` without the secrets a statement can carry as literals: the
     literal after the keyword PASSWORD (``CREATE``/``ALTER ROLE ...
-    PASSWORD '...'``, a user mapping's ``password '...'``, with a comment
-    between or the literal continued on the next line), and a connection
-    string's password inside any literal (``CONNECTION 'host=h
-    password=...'``, ``dblink('postgresql://u:pw@h/d')``). The word
-    password in a literal, a comment or a quoted name is no keyword."""
+    PASSWORD '...'``, a user mapping's ``password '...'`` or ``"password"
+    '...'``, with comments between or the literal continued on the next
+    line), and a connection string's password inside any literal
+    (``CONNECTION 'host=h password=...'``,
+    ``dblink('postgresql://u:pw@h/d')``). The word password inside a
+    literal or a comment is no keyword. Linear in the query's length."""
     out: list[str] = []
     position = 0
     after_keyword = False  # the last word was PASSWORD: its literal is next
     masked_literal = False  # a literal was masked: one continuing it goes too
-    for piece in _SQL_PIECE.finditer(query):
+    while (piece := _SQL_PIECE.search(query, position)) is not None:
         between = query[position : piece.start()]
-        position = piece.end()
         out.append(between)
         if between.strip():
             after_keyword = masked_literal = False
         kind = piece.lastgroup
+        if kind == "block":
+            position = _block_end(query, piece.start())
+            out.append(query[piece.start() : position])
+            continue
+        position = piece.end()
         text = piece.group(0)
         if kind == "comment":
             out.append(text)
             continue
         if kind in ("literal", "tag"):
-            continuing = masked_literal and "\n" in between and text.startswith("'")
+            continuing = masked_literal and ("\n" in between or "\r" in between) and text.startswith("'")
             if after_keyword or continuing:
-                out.append("'***'" if not continuing else "")
+                out.append("" if continuing else "'***'")
                 masked_literal = True
             else:
-                out.append(_redact(text, None))
+                out.append(_redact(_CONNINFO_PASSWORD.sub(r"\1***", text), None))
                 masked_literal = False
             after_keyword = False
             continue
-        after_keyword = kind == "word" and text.upper() == "PASSWORD"
+        after_keyword = (text if kind == "word" else text[1:-1]).lower() == "password"
         masked_literal = False
         out.append(text)
     out.append(query[position:])

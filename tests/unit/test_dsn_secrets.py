@@ -288,44 +288,36 @@ def test_top_masks_a_connection_strings_password(query: str) -> None:
 
 # _mask_secrets, statements PostgreSQL 18 accepts (checked in a rolled-back
 # transaction) whose password still shows.
-@pytest.mark.xfail(strict=True, reason="a standard string's backslash is no escape (standard_conforming_strings): "
-                   "'\\' ends the literal in PostgreSQL, the scanner reads on and the quotes pair up wrongly")
 def test_top_masks_a_password_after_a_literal_ending_in_a_backslash() -> None:
     from safepool.top.snapshot import _one_line
 
     assert "Zq9secretX" not in _one_line("SELECT '\\'; ALTER ROLE app PASSWORD 'Zq9secretX'", 300)
 
 
-@pytest.mark.xfail(strict=True, reason="PostgreSQL's /* */ comments nest: the scanner ends one at the first */")
 def test_top_masks_a_password_after_a_nested_comment() -> None:
     from safepool.top.snapshot import _one_line
 
     assert "Zq9secretX" not in _one_line("/* /* */ 'a */ ALTER ROLE app PASSWORD 'Zq9secretX'", 300)
 
 
-@pytest.mark.xfail(strict=True, reason="a -- comment ends at \\r as at \\n (scan.l's newline is [\\n\\r])")
 def test_top_masks_a_password_after_a_comment_ended_by_a_carriage_return() -> None:
     from safepool.top.snapshot import _one_line
 
     assert "Zq9secretX" not in _one_line("ALTER ROLE app PASSWORD -- rotated\r'Zq9secretX'", 300)
 
 
-@pytest.mark.xfail(strict=True, reason="a literal continues after a \\r too: only '\\n' in between is looked for")
 def test_top_masks_a_password_literal_continued_after_a_carriage_return() -> None:
     from safepool.top.snapshot import _one_line
 
     assert "retX" not in _one_line("ALTER ROLE app PASSWORD 'Zq9sec'\r'retX'", 300)
 
 
-@pytest.mark.xfail(strict=True, reason="a dollar quote's tag may hold non-ASCII letters ($é$): _SQL_PIECE's tag is ASCII")
 def test_top_masks_a_password_in_a_dollar_quote_with_a_non_ascii_tag() -> None:
     from safepool.top.snapshot import _one_line
 
     assert "Zq9secretX" not in _one_line("ALTER ROLE app PASSWORD $é$Zq9secretX$é$", 300)
 
 
-@pytest.mark.xfail(strict=True, reason='an option name may be quoted: OPTIONS ("password" \'...\') sets the option '
-                   "password (pg_user_mapping.umoptions: password=...)")
 def test_top_masks_a_user_mappings_quoted_password_option() -> None:
     from safepool.top.snapshot import _one_line
 
@@ -333,8 +325,6 @@ def test_top_masks_a_user_mappings_quoted_password_option() -> None:
     assert "Zq9secretX" not in _one_line(query, 300)
 
 
-@pytest.mark.xfail(strict=True, reason="left(query, N) can cut a literal right after a backslash: '\\\\.' needs a "
-                   "character after it, the literal does not match, and its text is read as words")
 @pytest.mark.parametrize("query", ["ALTER ROLE app PASSWORD 'Zq9secretX\\", "ALTER ROLE app PASSWORD E'Zq9secretX\\"])
 def test_top_masks_a_password_cut_off_after_a_backslash(query: str) -> None:
     from safepool.top.snapshot import _one_line
@@ -342,8 +332,6 @@ def test_top_masks_a_password_cut_off_after_a_backslash(query: str) -> None:
     assert "Zq9secretX" not in _one_line(query, 300)
 
 
-@pytest.mark.xfail(strict=True, reason="libpq allows spaces around a keyword's '=' (and quotes a value with "
-                   "spaces): redact's password= pattern wants neither")
 @pytest.mark.parametrize("query", [
     "SELECT dblink_connect('host=h user=u password = Zq9secretX')",
     "SELECT dblink_connect('host=h password=''Zq9 secretX'' dbname=d')",
@@ -354,8 +342,6 @@ def test_top_masks_a_connection_strings_spaced_or_quoted_password(query: str) ->
     assert "secretX" not in _one_line(query, 300)
 
 
-@pytest.mark.xfail(strict=True, reason="the backslash of 'C:\\' is read as an escape: the next literal's text is "
-                   "read as SQL, its 'password' as the keyword, and a comma between literals is masked")
 def test_top_shows_literals_after_one_ending_in_a_backslash() -> None:
     from safepool.top.snapshot import _one_line
 
@@ -363,8 +349,6 @@ def test_top_shows_literals_after_one_ending_in_a_backslash() -> None:
     assert _one_line(query, 300) == query
 
 
-@pytest.mark.xfail(strict=True, reason="quadratic: each quote of '\\'\\'... starts a literal that scans to the end "
-                   "and fails on the lone trailing backslash (100 KB: about 50 s)")
 def test_top_masks_a_long_run_of_escaped_quotes_in_linear_time() -> None:
     import time
 
@@ -373,11 +357,9 @@ def test_top_masks_a_long_run_of_escaped_quotes_in_linear_time() -> None:
     query = "'" + "\\'" * 10_000 + "\\"
     start = time.perf_counter()
     _one_line(query, 80)
-    assert time.perf_counter() - start < 0.2
+    assert time.perf_counter() - start < 1.0  # (linear: ~0.01 s; quadratic: ~2 s)
 
 
-@pytest.mark.xfail(strict=True, reason="quadratic in redact's URI pattern: every '://a:' scans \\S* to the end for "
-                   "an '@' (100 KB: about 1.7 s)")
 def test_top_masks_a_literal_of_many_uri_starts_in_linear_time() -> None:
     import time
 
@@ -386,7 +368,7 @@ def test_top_masks_a_literal_of_many_uri_starts_in_linear_time() -> None:
     query = "SELECT '" + "://a:" * 20_000 + "'"
     start = time.perf_counter()
     _one_line(query, 80)
-    assert time.perf_counter() - start < 0.2
+    assert time.perf_counter() - start < 1.0  # (linear: ~0.02 s; quadratic: ~2 s)
 
 
 @pytest.mark.parametrize("query", [
