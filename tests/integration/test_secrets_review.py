@@ -315,21 +315,9 @@ async def test_a_scheme_without_slashes_does_not_echo_the_password(
 
 async def _misread_everywhere(dsn: str, error: type[Exception], transcript: Transcript) -> None:
     """A DSN asyncpg misreads, through create_pool, an acquire, stats,
-    health and events: its password (PLAIN) in none of them."""
-    with pytest.raises(error) as raised:
-        await safepool.create_pool(dsn, min_size=1, max_size=2)
-    transcript.add("create_pool", raised.value)
-    pool = await safepool.create_pool(dsn, min_size=0, max_size=2)
-    events = _listen(pool)
-    try:
-        with pytest.raises(error) as acquired:
-            await pool.fetchval("SELECT 1", timeout=5)
-        transcript.add("acquire", acquired.value)
-        transcript.add("stats", pool.stats())
-        transcript.add("health", (await pool.health(probe_timeout=1)).to_dict())
-        transcript.add("events", events)
-    finally:
-        await asyncio.wait_for(pool.close(), 10)
+    health and events (:func:`_drive_misread`): its password (PLAIN) in
+    none of them."""
+    await _drive_misread(dsn, transcript, error)
     _scan(transcript, PLAIN)
 
 
