@@ -86,9 +86,10 @@ class Reporter:
         acquire's line): its DSN's, and its ``password=`` argument's unless
         another argument shows the same value (see ``_secrets.redact_known``)."""
         args, kwargs = self.connect_args()
-        dsn = args[0] if args else kwargs.get("dsn")
         shown = [value for key, value in kwargs.items() if key not in ("password", "dsn")]
-        return _secrets.redact_known(_stack.format_stack(captured), dsn, kwargs.get("password"), shown)
+        return _secrets.redact_known(
+            _stack.format_stack(captured), _secrets.connect_dsn(args, kwargs), kwargs.get("password"), shown
+        )
 
     # ----------------------------------------------------------- messages
 

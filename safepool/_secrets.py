@@ -7,7 +7,8 @@ from __future__ import annotations
 import ast
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import unquote, unquote_plus
 
 # A URI's userinfo up to its password: "://user:" (not a port:
@@ -280,13 +281,13 @@ def mask_dsn(dsn: str) -> str:
     value; and, in a DSN asyncpg misreads (:func:`_uri`), each piece that
     may be the password, the DSN otherwise shown as written."""
     uri = _uri(dsn)
-    if uri is not dsn:
-        for secret in sorted(passwords(dsn), key=len, reverse=True):
-            dsn = dsn.replace(":" + secret, ":***")
-        return _KEYWORD_PASSWORD.sub(r"\1***", dsn)
-    if "://" not in dsn:
+    if "://" not in uri:
         return _KEYWORD_PASSWORD.sub(r"\1***", dsn)
     masked = _PASSWORD_VALUE_TO_NEXT_FIELD.sub(r"\1***", dsn)
+    if uri is not dsn:
+        for secret in sorted(passwords(dsn), key=len, reverse=True):
+            masked = masked.replace(":" + secret, ":***")
+        return masked
     parts = split(masked)
     if parts is not None and not parts[0]:
         for suspect in _port_suspects(parts[1]):
@@ -379,6 +380,12 @@ def scrub_quoted(detail: str, dsn: str | None) -> str:
     for quoted in _QUOTED:
         detail = quoted.sub(scrub, detail)
     return detail
+
+
+def connect_dsn(args: Sequence[Any], kwargs: Mapping[str, Any]) -> object:
+    """The DSN among a connect's arguments, as ``asyncpg.connect(dsn=None,
+    ...)`` takes it: the first positional one, else ``dsn=`` (None without)."""
+    return args[0] if args else kwargs.get("dsn")
 
 
 def scrub_connect_error(exc: BaseException, dsn: object) -> None:

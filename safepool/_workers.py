@@ -143,7 +143,7 @@ async def connect(
         # asyncpg's DSN errors may quote a piece of the password, and so
         # may the server's (a misread database name); the pool raises,
         # logs, emits and reports them (health).
-        _secrets.scrub_connect_error(exc, args[0] if args else kwargs.get("dsn"))
+        _secrets.scrub_connect_error(exc, _secrets.connect_dsn(args, kwargs))
         raise
     try:
         await _pg.connect_settled()  # asyncpg 0.31: before the pool counts references to it
