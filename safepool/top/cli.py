@@ -108,8 +108,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument(
         "--show-queries",
         action="store_true",
-        help="show the query of each group's oldest session, truncated (may contain secrets; "
-        "a role's PASSWORD literal is masked)",
+        help="show the query of each group's oldest session, truncated (may contain secrets; the literal "
+        "after PASSWORD and connection strings' passwords are masked)",
     )
     parser.add_argument(
         "--query-width",
