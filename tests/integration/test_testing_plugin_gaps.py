@@ -24,15 +24,22 @@ asyncio_mode = strict
 asyncio_default_fixture_loop_scope = function
 """
 
-CONFTEST = """
+# The imports every sample suite starts with (an inner test file's own).
+SAMPLE_HEADER = """
 import asyncio
 import os
+import time
 
+import pytest
 import pytest_asyncio
 
 import safepool
+from safepool.testing import LeakGuard
 
 
+"""
+
+CONFTEST = SAMPLE_HEADER + """
 @pytest_asyncio.fixture
 async def pool():
     pool = await safepool.create_pool(os.environ["SAFEPOOL_PLUGIN_DSN"], min_size=1, max_size=3)
@@ -67,17 +74,7 @@ def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatc
     return pytester
 
 
-OVERRIDE = """
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-import pytest_asyncio
-
-
+OVERRIDE = SAMPLE_HEADER + """
 @pytest_asyncio.fixture
 async def con(con):  # extends the conftest's fixture of the same name
     await con.execute("SELECT 1")
@@ -102,16 +99,7 @@ def test_an_overriding_fixture_of_the_same_name_is_not_reported(suite: pytest.Py
     passes_with_and_without_the_check(suite, test_override=OVERRIDE)
 
 
-OVERRIDE_LEAK = """
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-import pytest_asyncio
-
+OVERRIDE_LEAK = SAMPLE_HEADER + """
 KEPT = []  # keeps the leaked connection's proxy alive: reported as held, not collected
 
 
@@ -143,17 +131,7 @@ def test_an_overriding_fixture_that_leaks_is_reported_once_with_its_definition(s
     assert result.stdout.lines.count("safepool: 1 connection leaked") == 1  # the conftest's con, released, is not blamed
 
 
-THREE_LEVELS = """
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-import pytest_asyncio
-
-
+THREE_LEVELS = SAMPLE_HEADER + """
 @pytest_asyncio.fixture
 async def con(con):  # the module's, over the conftest's
     yield con
@@ -182,16 +160,7 @@ def test_fixtures_of_one_name_at_three_levels_are_told_apart(suite: pytest.Pytes
     result.assert_outcomes(passed=2)
 
 
-DYNAMIC = """
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-
-
+DYNAMIC = SAMPLE_HEADER + """
 @pytest.fixture
 def wrapper(request):
     con = request.getfixturevalue("con")  # set up inside this fixture's setup
@@ -208,17 +177,7 @@ def test_a_fixture_requested_dynamically_inside_another_is_not_blamed_on_it(suit
     passes_with_and_without_the_check(suite, test_dynamic=DYNAMIC)
 
 
-DYNAMIC_INNER_LEAK = """
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-import pytest_asyncio
-
-
+DYNAMIC_INNER_LEAK = SAMPLE_HEADER + """
 @pytest_asyncio.fixture
 async def leaky(pool):
     con = await pool.acquire()  # INNER-LEAK
@@ -252,22 +211,7 @@ def test_a_fixture_that_leaks_inside_another_is_blamed_alone(suite: pytest.Pytes
     assert result.stdout.lines.count("safepool: 1 connection leaked") == 1
 
 
-WIDER_SCOPE = """
-import asyncio
-import os
-
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-import pytest_asyncio
-
-import safepool
-
-
+WIDER_SCOPE = SAMPLE_HEADER + """
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def shared_con():  # held for the module, released at its teardown
     pool = await safepool.create_pool(os.environ["SAFEPOOL_PLUGIN_DSN"], min_size=1, max_size=1)
@@ -310,16 +254,7 @@ def test_a_fixture_requested_in_the_test_function_is_not_the_tests_leak(suite: p
     result.assert_outcomes(passed=1)
 
 
-SKIPS_AFTER_LEAK = """
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-
-
+SKIPS_AFTER_LEAK = SAMPLE_HEADER + """
 @pytest.mark.asyncio
 async def test_skips_after_leaking(pool):
     con = await pool.acquire()  # SKIP-LEAK
@@ -334,17 +269,7 @@ def test_a_test_that_leaks_then_skips_is_reported(suite: pytest.Pytester) -> Non
     assert "SKIP-LEAK" in result.stdout.str(), result.stdout.str()
 
 
-SKIP_VARIANTS = """
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-import pytest_asyncio
-
-
+SKIP_VARIANTS = SAMPLE_HEADER + """
 @pytest.mark.asyncio
 async def test_skips_after_leaking(pool):
     con = await pool.acquire()  # SKIP-LEAK
@@ -395,16 +320,7 @@ def test_a_leak_then_a_skip_or_xfail_keeps_the_outcome_and_errors_at_teardown(su
     ])
 
 
-XPASS_LEAK = """
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-
-
+XPASS_LEAK = SAMPLE_HEADER + """
 @pytest.mark.xfail(reason="flaky upstream", strict=False)
 @pytest.mark.asyncio
 async def test_passes_but_leaks(pool):
@@ -420,17 +336,7 @@ def test_an_xfail_marked_test_that_passes_but_leaks_is_not_hidden_as_xfailed(sui
     result.assert_outcomes(failed=1)
 
 
-XFAIL_VARIANTS = """
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-import pytest_asyncio
-
-
+XFAIL_VARIANTS = SAMPLE_HEADER + """
 @pytest.mark.xfail(reason="flaky upstream", strict=True)
 @pytest.mark.asyncio
 async def test_strict_passes_but_leaks(pool):
@@ -552,17 +458,7 @@ def test_a_unittest_case_that_leaks_then_skips_or_xfails_is_reported(suite: pyte
 # taken while the other fixture is set up, so it is blamed on it and checked
 # at its teardown, before the factory's teardown releases it.
 
-FACTORY = """
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-import pytest_asyncio
-
-
+FACTORY = SAMPLE_HEADER + """
 @pytest_asyncio.fixture
 async def acquire(pool):
     held = []
@@ -596,19 +492,7 @@ def test_a_factory_fixture_releasing_what_another_fixture_took_is_not_reported(s
 # after the fixture's own (it was registered during its setup), before the
 # pool fixture's close.
 
-NODE_FINALIZER = """
-import asyncio
-
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-import pytest_asyncio
-
-
+NODE_FINALIZER = SAMPLE_HEADER + """
 @pytest_asyncio.fixture
 async def con(pool, request):  # overrides the conftest's: releases through the test item's finalizer
     con = await pool.acquire()
@@ -631,22 +515,7 @@ def test_a_fixture_releasing_in_a_node_finalizer_is_not_reported(suite: pytest.P
 # before its pool is closed: if nothing released it by then, it is reported,
 # naming that fixture.
 
-FACTORY_AND_FINALIZER_LEAKS = """
-import asyncio
-import os
-
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-import pytest_asyncio
-
-import safepool
-
-
+FACTORY_AND_FINALIZER_LEAKS = SAMPLE_HEADER + """
 @pytest_asyncio.fixture
 async def acquire(pool):
     async def make():
@@ -759,22 +628,7 @@ async def test_a_pool_set_up_inside_the_fixture_that_leases_from_it_is_checked_b
 # created (a module fixture's pool) is checked once the test's fixtures and
 # finalizers are all torn down.
 
-MODULE_POOL = """
-import asyncio
-import os
-
-import asyncio
-import time
-
-import pytest
-
-import safepool
-from safepool.testing import LeakGuard
-import pytest_asyncio
-
-import safepool
-
-
+MODULE_POOL = SAMPLE_HEADER + """
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def shared_pool():
     pool = await safepool.create_pool(os.environ["SAFEPOOL_PLUGIN_DSN"], min_size=1, max_size=3)
