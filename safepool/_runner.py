@@ -709,7 +709,8 @@ class Runner:
             return
         raises = holder is not None and holder.close_raises
         busy = holder is not None and holder.busy_elsewhere
-        self.spawn(self.close_connection(slot, con, lost, budget, raises, busy, key))
+        in_flight = holder.statement_in_flight if holder is not None else _pg.statement_in_flight
+        self.spawn(self.close_connection(slot, con, lost, budget, raises, busy, key, in_flight))
 
     async def cancel_aborted(
         self, slot: Slot, con: RawConnection, key: _pg.CancelKey | None, timeout: float
@@ -726,18 +727,20 @@ class Runner:
     async def close_connection(
         self, slot: Slot, con: RawConnection, lost: bool, budget: float | None, raises: bool = False,
         busy: bool = False, key: _pg.CancelKey | None = None,
+        in_flight: Callable[[RawConnection], bool] = _pg.statement_in_flight,
     ) -> None:
         """Close; the slot counts towards max_size until the backend is gone
         (``budget``: seconds for the close, None for the default; ``raises``:
         the releasing caller waiting for it gets the close's error;
-        ``busy``: another task's statement still runs on it, waited for first)."""
+        ``busy``: another task's statement still runs on it, waited for first;
+        ``in_flight``: whether a statement may run, the holder's reading)."""
         error: Exception | None = None
         try:
             # (A release's budget spent on a cancelled query: it raises now,
             # the slot counts until the server answered; see _workers.close.)
             error = await _workers.close(
                 con, lost, budget, (lambda spent: settle(self.closes_done.pop(slot, None), spent)) if raises else None,
-                busy=busy, key=key,
+                busy=busy, key=key, in_flight=in_flight,
             )
         finally:
             _pg.drop_released(con)

@@ -356,6 +356,7 @@ async def deliver_cancel(con: RawConnection, key: _pg.CancelKey | None, timeout:
 async def close(
     con: RawConnection, lost: bool, budget: float | None, spent: Callable[[TimeoutError], None] | None = None,
     *, busy: bool = False, key: _pg.CancelKey | None = None,
+    in_flight: Callable[[RawConnection], bool] = _pg.statement_in_flight,
 ) -> Exception | None:
     """Close gracefully; on any failure, or cancellation, terminate.
 
@@ -385,8 +386,9 @@ async def close(
     is still there to ask, still is), the backend gets a cancel request
     after the abort (``key``: its cancel key, read when it connected), and
     the close returns once it was delivered (:func:`deliver_cancel`): the
-    caller counts the slot until then."""
-    in_flight = not lost and _pg.statement_in_flight(con)
+    caller counts the slot until then. ``in_flight``: how to tell that a
+    statement may run (the holder's, which counts a lease's COPY too)."""
+    running = not lost and in_flight(con)
     try:
         if busy and not lost:
             async with asyncio.timeout(budget if budget is not None else DEFAULT_RESET_TIMEOUT):
@@ -418,10 +420,10 @@ async def close(
                 await _pg.wait_for_cancellation(con, budget)
             await con.close(timeout=budget)
     except Exception as exc:
-        if in_flight and con._protocol is not None:
-            in_flight = _pg.statement_in_flight(con)  # (still open: it knows; aborted: it ran when the close began)
+        if running and con._protocol is not None:
+            running = in_flight(con)  # (still open: it knows; aborted: it ran when the close began)
         _pg.terminate(con)  # lost: the server is unreachable; nothing more to do for that backend
-        if in_flight:
+        if running:
             await deliver_cancel(con, key, cancel_timeout(budget))
         return exc
     except BaseException:
