@@ -15,6 +15,7 @@ from . import _internals as _pg
 from ._compat import HolderCompat
 from ._internals import RawConnection
 from ._state import Lease, Slot
+from .errors import PoolInterfaceError
 
 if TYPE_CHECKING:
     from ._runner import Runner
@@ -120,6 +121,16 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         self._con = None
         self._runner.connection_lost(self._slot)
 
+    def let_go(self) -> None:
+        """The connection is being closed and no lease holds it: drop the
+        bound methods kept for its releases (they hold the connection and
+        its asyncpg protocol), so a released proxy that the program keeps
+        does not keep a closed connection alive through this holder.
+        Only a release of an open lease reads them, and a closing slot has
+        none."""
+        self.reset_query = _closed_reset_query
+        self.waiter_completed = None
+
     def note_abort(self, con: RawConnection) -> None:
         """``con`` is about to be aborted: record whether its backend may
         still run a statement (the close then sends it a cancel request)."""
@@ -160,3 +171,9 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
             runner.loop.call_soon_threadsafe(runner.reclaimer.reclaim, lease)
         except RuntimeError:
             pass  # the loop is closed: the process is shutting down
+
+
+def _closed_reset_query() -> str:
+    """A closed connection's reset query getter (see :meth:`Holder.let_go`):
+    never called, as no release resets a closing connection."""
+    raise PoolInterfaceError("the connection is closed: it has no reset query")

@@ -673,6 +673,7 @@ class Runner:
         con = slot.connection
         if holder is not None:
             holder._con = None  # our own close: no _release_on_close callback
+            holder.let_go()
         lost = holder is not None and holder.lost_while_leased
         unresponsive = holder is not None and holder.unresponsive
         budget = holder.close_budget if holder is not None and holder.close_budget is not None else self.reset_timeout
@@ -752,6 +753,10 @@ class Runner:
         it (with ``error``, the close's, when its release raises it).
         Idempotent (terminate() may have closed it first)."""
         if self.state.closed(slot, self.now()):
+            # A released proxy the program keeps holds the slot (through its
+            # lease and holder): the closed connection must not stay with it
+            # (asyncpg's released proxy holds no closed connection either).
+            slot.connection = None
             settle(self.closes_done.pop(slot, None), error)
             self.keep_floor()
 

@@ -10,6 +10,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import pytest
 
 import safepool
@@ -163,3 +164,60 @@ async def test_a_busy_sites_settled_waiters_are_not_kept(pools: Callable[..., An
     assert [ref() for ref in requests] == [None] * 20
     await pool.release(consumer)
     assert pool.stats().acquire_timeouts == 10
+
+
+async def _close_by(how: str, pool: Any, pid: int, pg_dsn: str) -> None:
+    """Close the (only) connection of ``pool`` (backend ``pid``), whose
+    released proxy the test keeps, the way ``how`` names (asyncpg's pool or
+    safepool's: public calls only)."""
+    if how == "expire_connections":
+        await pool.expire_connections()
+        async with pool.acquire() as con:  # (the expired connection is closed at this acquire)
+            await con.fetchval("SELECT 1")
+    elif how == "pool_close":
+        await pool.close()
+    elif how == "max_queries":
+        async with pool.acquire() as con:  # (its second query: closed on release)
+            await con.fetchval("SELECT 1")
+    elif how == "terminate_backend":
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+    elif how == "proxy_terminate":
+        pass  # (terminated through the proxy during its lease: see below)
+
+
+@pytest.mark.parametrize("pool_kind", ["asyncpg", "safepool"])
+@pytest.mark.parametrize(
+    "how", ["expire_connections", "pool_close", "max_queries", "terminate_backend", "proxy_terminate"]
+)
+async def test_a_kept_released_proxy_does_not_keep_its_closed_connection(pool_kind: str, how: str, pg_dsn: str) -> None:
+    # A program that keeps a released proxy (a request object, a cache)
+    # must not keep the connection and its asyncpg protocol alive once the
+    # pool has closed it. safepool's holder kept two bound methods of the
+    # connection for its releases, and the closed slot kept the connection.
+    create = asyncpg.create_pool if pool_kind == "asyncpg" else safepool.create_pool
+    pool = await create(pg_dsn, min_size=1, max_size=1, max_queries=2 if how == "max_queries" else 50_000)
+    try:
+        async with pool.acquire() as proxy:
+            pid = proxy.get_server_pid()
+            await proxy.fetchval("SELECT 1")
+            raw = proxy._con if pool_kind == "asyncpg" else proxy._raw
+            connection, protocol = weakref.ref(raw), weakref.ref(raw._protocol)
+            del raw
+            if how == "proxy_terminate":
+                proxy.terminate()
+        await _close_by(how, pool, pid, pg_dsn)
+
+        def collected() -> bool:
+            gc.collect()
+            return connection() is None and protocol() is None
+
+        await until(collected)
+        # The proxy is still the released one it was.
+        with pytest.raises(asyncpg.InterfaceError, match="released"):
+            await proxy.fetchval("SELECT 1")
+    finally:
+        await pool.close()
