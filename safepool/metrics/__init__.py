@@ -141,7 +141,7 @@ class PoolSet:
         if self.live:
             from ..pool import live_pools
 
-            names = {name for name, _ in result} | set(self._named)
+            names = {name for name, _ in result}  # (a closed registered pool gives its name up, as add() lets it)
             bare = self._bare
             # The pool a shared name went to keeps it, whatever the order of
             # the live set (it changes as pools are created): else the series

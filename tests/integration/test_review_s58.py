@@ -1,5 +1,6 @@
 """Review s58 (a new user's walk through the README and docs): what the
-docs promise and the code does not do, each pinned by a strict xfail."""
+docs promised and the code did not do (live-mode metrics kept a closed
+registered pool's name from its replacement), fixed."""
 
 from __future__ import annotations
 
@@ -28,11 +29,6 @@ def reported_names(registry: CollectorRegistry) -> set[str]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s58: in live mode a closed, still referenced registered pool keeps its name; its replacement "
-    "is reported as 'name@<hex id>'",
-)
 async def test_a_recreated_pool_takes_over_a_closed_registered_pools_name_in_live_mode(pools: Any) -> None:
     """docs/metrics.md: "a closed pool's name can be reused, so an application
     that re-creates its pool keeps its series" and, in live mode, the bare
@@ -40,8 +36,8 @@ async def test_a_recreated_pool_takes_over_a_closed_registered_pools_name_in_liv
     registered explicitly (``register(pool, live=True)``: the application's
     pool named, the ORM's pools found by live mode) and its object still
     referenced after ``close()``, the replacement created under the same
-    name is reported as ``dup-s58@<hex id>``: its series starts apart from
-    the old one's (and with OpenTelemetry its counters start at 0 instead of
+    name was reported as ``dup-s58@<hex id>``: its series started apart from
+    the old one's (and with OpenTelemetry its counters started at 0 instead of
     continuing, docs/metrics.md). Without the explicit registration, or once
     the old object is garbage, it gets the bare name."""
     registry = CollectorRegistry()
@@ -52,14 +48,9 @@ async def test_a_recreated_pool_takes_over_a_closed_registered_pools_name_in_liv
     replacement = await pools(name="dup-s58", min_size=0)
     names = {name for name in reported_names(registry) if name.startswith("dup-s58")}
     assert first.closed and not replacement.closed
-    assert names == {"dup-s58"}  # observed: {"dup-s58@<hex id of replacement>"}
+    assert names == {"dup-s58"}  # (was {"dup-s58@<hex id of replacement>"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s58: in live mode a pool re-created under a closed, still referenced instrumented pool's name "
-    "starts a 'name@<hex id>' series at 0 instead of continuing the counters",
-)
 async def test_a_recreated_pool_continues_a_closed_instrumented_pools_counters_in_live_mode(pools: Any) -> None:
     """docs/metrics.md (OpenTelemetry): "A pool that takes over a closed
     pool's name continues its counters from where the closed pool's ended".
@@ -79,7 +70,7 @@ async def test_a_recreated_pool_continues_a_closed_instrumented_pools_counters_i
         await first.close()
         replacement = await pools(name="dup-otel-s58", min_size=0)
         await replacement.fetchval("SELECT 1")
-        # observed: {"dup-otel-s58@<hex id of replacement>": 1}
+        # (was {"dup-otel-s58@<hex id of replacement>": 1})
         assert acquired(reader) == {"dup-otel-s58": 3}
     finally:
         provider.shutdown()
