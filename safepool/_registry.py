@@ -14,6 +14,8 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .errors import PoolTypeError
+
 if TYPE_CHECKING:
     from .pool import Pool
 
@@ -42,7 +44,12 @@ def on_pool_created(callback: Callable[[Pool], None]) -> Callable[[], None]:
     ``live=True``) without the application registering each one. An exception
     in the callback is logged and swallowed.
 
-    Returns a function that removes the callback (idempotent)."""
+    Returns a function that removes the callback (idempotent).
+
+    :raises safepool.PoolTypeError: ``callback`` is not callable (taken
+        unchecked, it failed, logged, at every later pool's creation)."""
+    if not callable(callback):
+        raise PoolTypeError(f"callback must be callable, got {type(callback).__name__}")
     _CREATED_HOOKS.append(callback)
 
     def remove() -> None:

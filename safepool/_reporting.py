@@ -99,9 +99,14 @@ class Reporter:
             return "no connection is leased"
         parts = []
         for lease in leases:
-            where = _stack.acquire_site(lease.stack) if lease.stack else "unknown site (capture_stack is off)"
-            if lease.site is not None:
-                where = f"{where} (site {lease.site!r})"
+            if lease.stack:
+                where = _stack.acquire_site(lease.stack)
+                if lease.site is not None:
+                    where = f"{where} (site {lease.site!r})"
+            elif lease.site is not None:
+                where = f"site {lease.site!r}"  # (its name, where capture_stack is off: no "unknown site" beside it)
+            else:
+                where = "unknown site (capture_stack is off)"
             task = f", task {lease.task_name}" if lease.task_name else ""
             parts.append(f"{now - lease.acquired_at:.3f}s at {where}{task}")
         return "oldest leases: " + "; ".join(parts)

@@ -205,7 +205,7 @@ async def check_health(
         reasons.append(HealthReason(
             "server_backing_off", DEGRADED,
             f"connects are failing ({stats.consecutive_connect_failures} in a row; last error: "
-            f"{stats.last_connect_error}); {stats.size - stats.connecting} connections still open",
+            f"{stats.last_connect_error}); {_connections(stats.size - stats.connecting)} still open",
         ))
     recent_errors, span = _recent_connect_errors(pool, stats, now, connect_error_window)
     if recent_errors:
@@ -317,3 +317,8 @@ def _recent_connect_errors(pool: Pool, stats: PoolStats, now: float, window: flo
         age = stats.last_connect_failure_age
         return (stats.consecutive_connect_failures if age is not None and age <= window else 0), None
     return stats.connect_errors - baseline[1], now - baseline[0]
+
+
+def _connections(count: int) -> str:
+    """``count`` connections, in words ("1 connection", "2 connections")."""
+    return f"{count} connection{'' if count == 1 else 's'}"

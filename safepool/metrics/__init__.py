@@ -35,7 +35,7 @@ class PoolSet:
     """
 
     def __init__(self, pools: Iterable[Pool] = (), *, live: bool = False) -> None:
-        self.live = live
+        self.live = check_live(live)
         self._named: dict[str, weakref.ref[Pool]] = {}
         # live: the pool each shared name went to (see items()).
         self._bare: dict[str, weakref.ref[Pool]] = {}
@@ -163,6 +163,16 @@ class PoolSet:
                 names.add(name)
                 result.append((name, pool))
         return result
+
+
+def check_live(live: object) -> bool:
+    """``live=`` of the exporters, checked: a bool (``live="no"`` taken as
+    truthy would report every pool of the process).
+
+    :raises safepool.PoolTypeError: ``live`` is not a bool."""
+    if type(live) is not bool:
+        raise PoolTypeError(f"live must be a bool, got {type(live).__name__}")
+    return live
 
 
 def _closed(pool: Pool) -> bool:

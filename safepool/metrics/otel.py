@@ -53,7 +53,7 @@ from .. import __version__
 from .._histogram import DEFAULT_BOUNDS
 from ..errors import PoolTypeError, PoolValueError
 from ..stats import PoolStats
-from . import PoolSet, pool_list, read
+from . import PoolSet, check_live, pool_list, read
 
 if TYPE_CHECKING:
     from ..pool import Pool
@@ -164,7 +164,9 @@ class PoolInstruments:
         """Report each of ``pools`` under its name, or none of them on a name
         clash (``live=True`` turns live mode on); reports again after :meth:`close`.
 
-        :raises ValueError: as :meth:`add`, for the first pool that clashes."""
+        :raises ValueError: as :meth:`add`, for the first pool that clashes.
+        :raises safepool.PoolTypeError: ``live`` is not a bool."""
+        check_live(live)
         pools = pool_list(pools)
         self._closed = False
         self.pools.add_all(pools)
@@ -491,8 +493,9 @@ def instrument(
 
     :raises ValueError: as :meth:`PoolInstruments.add` (then none of
         ``pools`` is added), or ``record_times`` differs from the first call's.
-    :raises TypeError: ``meter_provider`` is not a meter provider, or a pool
-        not a safepool pool."""
+    :raises TypeError: ``meter_provider`` is not a meter provider, a pool
+        not a safepool pool, or ``live`` not a bool."""
+    check_live(live)
     provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
     if not callable(getattr(provider, "get_meter", None)):
         raise PoolTypeError(f"meter_provider must be an OpenTelemetry MeterProvider, got {type(provider).__name__}")

@@ -39,7 +39,7 @@ except ModuleNotFoundError as _missing:  # pragma: no cover - tested in a subpro
 from .._histogram import Distribution
 from ..errors import PoolTypeError
 from ..stats import PoolStats
-from . import PoolSet, read
+from . import PoolSet, check_live, read
 
 if TYPE_CHECKING:
     from ..pool import Pool
@@ -273,11 +273,12 @@ def register(
     the same way. A pool already reported stays as it is: registering it
     again is a no-op.
 
-    :raises TypeError: ``registry`` is not a registry, or a pool not a safepool pool.
+    :raises TypeError: ``registry`` is not a registry, a pool not a safepool pool, or ``live`` not a bool.
     :raises ValueError: another open pool is already reported under the
         pool's name (the message names it; give the pools distinct names,
         or add one with ``collector.add(pool, "other-name")``); then none
         of ``pools`` is added."""
+    check_live(live)
     target = REGISTRY if registry is None else registry
     if not callable(getattr(target, "register", None)):
         raise PoolTypeError(f"registry must be a prometheus_client CollectorRegistry, got {type(target).__name__}")

@@ -303,6 +303,8 @@ async def test_backing_off_and_recent_connect_errors_are_degraded(pools: Any) ->
     assert report.stats.server_status == "backing_off"
     assert codes(report) == {"server_backing_off", "connect_errors"}
     assert report.status == "degraded"  # the pool still serves from its open connection
+    backing_off = next(r.message for r in report.reasons if r.code == "server_backing_off")
+    assert backing_off.endswith("; 1 connection still open")  # (was "1 connections")
     assert report.probe_latency is not None
 
     connect.down = False

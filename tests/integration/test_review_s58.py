@@ -12,6 +12,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import safepool
+import safepool.pool
 from safepool.metrics.otel import instrument
 from safepool.metrics.prometheus import register
 
@@ -89,3 +91,41 @@ def acquired(reader: InMemoryMetricReader) -> dict[str, int]:
         for point in metric.data.data_points
         if str(point.attributes["db.client.connection.pool.name"]).startswith("dup-otel-s58")
     }
+
+
+async def test_the_exporters_and_the_creation_hook_refuse_what_they_cannot_use(pools: Any) -> None:
+    # Taken unchecked, on_pool_created(5) logged "pool-created hook failed"
+    # at every later pool's creation; live="no" (truthy) reported every pool
+    # of the process. add_event_listener(5) refused at once already.
+    with pytest.raises(safepool.PoolTypeError, match="callback must be callable, got int"):
+        safepool.pool.on_pool_created(5)  # type: ignore[arg-type]
+    pool = await pools(name="live-s58", min_size=0)
+    with pytest.raises(safepool.PoolTypeError, match="live must be a bool, got str"):
+        register(pool, live="no", registry=CollectorRegistry())  # type: ignore[arg-type]
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    try:
+        with pytest.raises(safepool.PoolTypeError, match="live must be a bool, got int"):
+            instrument(pool, live=1, meter_provider=provider)  # type: ignore[arg-type]
+        instruments = instrument(pool, meter_provider=provider)
+        with pytest.raises(safepool.PoolTypeError, match="live must be a bool, got str"):
+            instruments.add_all([], live="yes")  # type: ignore[arg-type]
+        assert not instruments.pools.live
+    finally:
+        provider.shutdown()
+    assert isinstance(safepool.PoolTypeError("x"), TypeError)
+
+
+async def test_a_timeout_names_the_holders_site_without_calling_it_unknown(pools: Any) -> None:
+    # With capture_stack off and a site named, the message read "at unknown
+    # site (capture_stack is off) (site 'checkout')".
+    pool = await pools(max_size=1, min_size=1, capture_stack=False)
+    async with pool.acquire(site="checkout"):
+        with pytest.raises(safepool.PoolTimeoutError) as info:
+            await pool.acquire(timeout=0.01)
+    message = str(info.value)
+    assert "oldest leases: " in message and message.endswith(" at site 'checkout'"), message
+    assert "unknown site" not in message
+    async with pool.acquire():  # no site, no stack: as before
+        with pytest.raises(safepool.PoolTimeoutError) as info:
+            await pool.acquire(timeout=0.01)
+    assert str(info.value).endswith(" at unknown site (capture_stack is off)")
