@@ -110,10 +110,11 @@ class _LeakTally:
 
     def __init__(self, config: pytest.Config, checking: bool = False) -> None:
         self.config = config
-        # With the leak check on, the tests' guards report the leaks of each
-        # test and its function-scoped fixtures: the tally counts the others
-        # (a module- or session-scoped fixture's, found between tests), which
-        # no guard sees.
+        # The tests' guards (the leak check on, or a test's
+        # safepool_leak_check fixture) report the leaks of each test and its
+        # function-scoped fixtures: the tally counts the others (with the
+        # check on, a module- or session-scoped fixture's, found between
+        # tests), which no guard sees.
         self.checking = checking
         self.guarded = 0  # guards running now (safepool_leak_check)
         # Keyed per pool, not per name: default names come from id(pool),
@@ -138,7 +139,10 @@ class _LeakTally:
 
     def on_event(self, number: int, event: PoolEvent) -> None:
         if (
-            isinstance(event, Leaked) and not self.exempt and not (self.checking and self.guarded)
+            # (A guard running, with the check on or through the
+            # safepool_leak_check fixture alone, reports the leak itself:
+            # its test failed with it, not to be counted here again.)
+            isinstance(event, Leaked) and not self.exempt and not self.guarded
             and _SESSIONS and _SESSIONS[-1] is self.config
         ):
             self.pools["", number, event.pool] += 1

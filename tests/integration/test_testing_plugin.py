@@ -243,6 +243,23 @@ def test_off_by_default_tests_marked_to_leak_are_not_counted(suite: pytest.Pytes
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["safepool: 1 connection leaked during this run:*taken back by its pool ('on-purpose' 1)."])
     assert "acquired at (" not in result.stdout.str()  # (the pool captured no stack)
+
+
+def test_off_by_default_a_leak_the_fixture_failed_is_not_counted_again(suite: pytest.Pytester) -> None:
+    # With the check off, a test that asks for safepool_leak_check fails
+    # with its leak; the run's summary counted the same leak again and
+    # suggested --safepool-leaks, as if nothing had reported it (review s58).
+    fixture_guarded = LEAK_ALLOWED.replace(
+        "@pytest.mark.safepool_allow_leaks\nasync def test_leaks_on_purpose():",
+        "async def test_leaks_on_purpose(safepool_leak_check):",
+    )
+    assert fixture_guarded != LEAK_ALLOWED
+    suite.makepyfile(test_guarded=fixture_guarded)
+    result = suite.runpytest("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning", "test_guarded.py")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "connection leaked" in out  # (the fixture's report)
+    assert "leaked during this run" not in out and "Run pytest with --safepool-leaks" not in out
     # A pool that captures stacks names the line.
     suite.makepyfile(test_allowed=LEAK_ALLOWED.replace("@pytest.mark.safepool_allow_leaks\n", "").replace(
         'name="on-purpose"', 'name="on-purpose", capture_stack=True'
