@@ -254,6 +254,7 @@ def test_off_by_default_a_leak_the_fixture_failed_is_not_counted_again(suite: py
         "async def test_leaks_on_purpose(safepool_leak_check):",
     )
     assert fixture_guarded != LEAK_ALLOWED
+    suite.makeini(INI.format(extra=""))
     suite.makepyfile(test_guarded=fixture_guarded)
     result = suite.runpytest("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning", "test_guarded.py")
     result.assert_outcomes(failed=1)
