@@ -122,14 +122,17 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         self._runner.connection_lost(self._slot)
 
     def let_go(self) -> None:
-        """The connection is being closed and no lease holds it: drop the
-        bound methods kept for its releases (they hold the connection and
-        its asyncpg protocol), so a released proxy that the program keeps
-        does not keep a closed connection alive through this holder.
-        Only a release of an open lease reads them, and a closing slot has
-        none."""
+        """The connection is being closed and no lease holds it: drop what
+        this holder kept of it (the bound methods its releases call, which
+        hold the connection and its asyncpg protocol; the callbacks
+        ``init=``, a connection class or a lease registered, which may refer
+        to it), so a released proxy that the program keeps does not keep a
+        closed connection alive through this holder. Only a release or a
+        reclaim of an open lease reads them, and a closing slot has none."""
         self.reset_query = _closed_reset_query
         self.waiter_completed = None
+        self.base_callbacks = None
+        self.lease_callbacks = None
 
     def note_abort(self, con: RawConnection) -> None:
         """``con`` is about to be aborted: record whether its backend may

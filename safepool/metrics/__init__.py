@@ -145,23 +145,21 @@ class PoolSet:
             bare = self._bare
             # The pool a shared name went to keeps it, whatever the order of
             # the live set (it changes as pools are created): else the series
-            # would jump from one pool's counters to the other's.
-            holders: dict[str, Pool] = {}
+            # would jump from one pool's counters to the other's. Recorded
+            # for every pool that takes a bare name, each pass afresh (the
+            # names of closed pools drop out: a closed holder frees its name).
+            holders: dict[str, weakref.ref[Pool]] = {}
             for pool in sorted(live_pools(), key=lambda p: (p.name, _ref(bare.get(p.name)) is not p)):
                 if id(pool) in seen or _closed(pool) or pool in self._removed:
                     continue
                 name = pool.name
                 if name in names:
-                    # Two open pools share a name: keep both series apart.
-                    if name in holders:
-                        bare[name] = weakref.ref(holders[name])
-                    name = f"{name}@{id(pool):x}"
+                    name = f"{name}@{id(pool):x}"  # two open pools share a name: keep both series apart
                 else:
-                    holders[name] = pool
-                    if name in bare:
-                        bare[name] = weakref.ref(pool)  # (the pool it went to is closed or gone)
+                    holders[name] = weakref.ref(pool)
                 names.add(name)
                 result.append((name, pool))
+            self._bare = holders
         return result
 
 

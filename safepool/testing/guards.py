@@ -453,6 +453,14 @@ class LeakGuard:
 
     # findings ----------------------------------------------------------------
 
+    def covers(self, pool: Pool, lease_id: int) -> bool:
+        """Whether a leak of ``pool``'s lease ``lease_id`` is this guard's to
+        report: it watches the pool, and the lease was not open when it
+        started nor a wider-scoped fixture's (those belong to someone else)."""
+        if not self._started or (self._only is not None and pool not in self._only):
+            return False
+        return lease_id not in self._baseline.get(pool, set()) and (id(pool), lease_id) not in self._foreign
+
     def leaks(self, *, since_mark: bool = False) -> list[Leak]:
         """What leaked since :meth:`start` (or :meth:`mark`) and was not reported
         yet by this guard, as a list of :class:`Leak` (empty: nothing).

@@ -112,9 +112,9 @@ class _LeakTally:
         self.config = config
         # The tests' guards (the leak check on, or a test's
         # safepool_leak_check fixture) report the leaks of each test and its
-        # function-scoped fixtures: the tally counts the others (with the
-        # check on, a module- or session-scoped fixture's, found between
-        # tests), which no guard sees.
+        # function-scoped fixtures: the tally counts the others (a module-
+        # or session-scoped fixture's, found between tests or during one),
+        # which no guard reports (_guard_reports).
         self.checking = checking
         self.guarded = 0  # guards running now (safepool_leak_check)
         # Keyed per pool, not per name: default names come from id(pool),
@@ -134,20 +134,28 @@ class _LeakTally:
 
     def watch(self, pool: Pool) -> None:
         if pool not in self._listening:
-            listener = self._listening[pool] = functools.partial(self.on_event, next(self._numbers))
+            listener = functools.partial(self.on_event, next(self._numbers), weakref.ref(pool))
+            self._listening[pool] = listener
             pool.add_event_listener(listener)
 
-    def on_event(self, number: int, event: PoolEvent) -> None:
+    def on_event(self, number: int, pool_ref: weakref.ref[Pool], event: PoolEvent) -> None:
         if (
-            # (A guard running, with the check on or through the
-            # safepool_leak_check fixture alone, reports the leak itself:
-            # its test failed with it, not to be counted here again.)
-            isinstance(event, Leaked) and not self.exempt and not self.guarded
+            isinstance(event, Leaked) and not self.exempt and not self._guard_reports(pool_ref(), event.lease.id)
             and _SESSIONS and _SESSIONS[-1] is self.config
         ):
             self.pools["", number, event.pool] += 1
             if event.lease.acquired_at is not None:
                 self.sites[event.lease.acquired_at] += 1
+
+    def _guard_reports(self, pool: Pool | None, lease_id: int) -> bool:
+        """Whether the guard running now (with the check on, or a test's
+        safepool_leak_check fixture) reports this leak itself: its test
+        fails with it, not to be counted here again. A wider-scoped
+        fixture's lease, open before the guard started, is not its."""
+        if not self.guarded:
+            return False
+        guard = self.config.stash.get(_ACTIVE, None)
+        return guard is None or pool is None or guard.covers(pool, lease_id)
 
     def stop(self) -> None:
         self._unhook()

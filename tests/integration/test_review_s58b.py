@@ -1,7 +1,9 @@
 """Review s58b (of 9ffdd43..1a6a12f: a kept released proxy lets go of its
 closed connection; live-mode metrics give a closed registered pool's name
-up; the leak tally skips every guarded test): what still breaks, as strict
-xfail tests."""
+up; the leak tally skips every guarded test): what still broke, each found
+as a strict xfail and fixed (the holder lets go of its callbacks too; the
+bare name is recorded for every pool that takes it; the tally asks the
+running guard whether the leak is its own)."""
 
 from __future__ import annotations
 
@@ -44,7 +46,6 @@ async def _init_with_logger(con: Any) -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(strict=True, reason="review s58b: holder.base_callbacks (not let go) keeps a kept released proxy's closed connection alive")
 @pytest.mark.parametrize("how", ["connection_class_listener", "init_query_logger"])
 async def test_a_kept_released_proxy_lets_go_of_a_closed_connection_whose_callbacks_refer_to_it(
     pools: Any, how: str
@@ -112,7 +113,6 @@ def _newest_first(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(strict=True, reason="review s58b: the bare name a closed registered pool gave up is not kept by the live pool that took it")
 async def test_the_bare_name_a_closed_registered_pool_gave_up_stays_with_the_pool_that_took_it(
     pools: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -140,7 +140,6 @@ async def test_the_bare_name_a_closed_registered_pool_gave_up_stays_with_the_poo
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(strict=True, reason="review s58b: (pre-existing) a sole live pool's bare name goes to a newcomer of the same name")
 async def test_a_sole_live_pools_bare_name_is_not_taken_by_a_newcomer(
     pools: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -201,17 +200,16 @@ async def test_guarded(warmed, safepool_leak_check):
 
 
 @pytest.mark.safepool_allow_leaks
-@pytest.mark.xfail(strict=True, reason="review s58b: a wider fixture's leak reclaimed during a safepool_leak_check test is reported nowhere")
 @pytest.mark.parametrize("check", ["off", "on"])
 def test_a_wider_fixtures_leak_reclaimed_during_a_guarded_test_is_counted(
     suite: pytest.Pytester, check: str  # noqa: F811
 ) -> None:
-    # 994c443: the tally no longer counts a Leaked event while any guard
-    # runs, as the guard "reports the leak itself". The guard reports only
+    # 994c443 made the tally count no Leaked event while any guard ran, as
+    # the guard "reports the leak itself". But the guard reports only
     # leases acquired after it started (a lease held at its start, or a
     # wider-scoped fixture's, is skipped), so a module fixture's leak that
-    # the gc reclaims during a test using safepool_leak_check is neither
-    # failed nor counted: the run passes with no safepool section at all.
+    # the gc reclaims during a test using safepool_leak_check was neither
+    # failed nor counted: the run passed with no safepool section at all.
     # With the check off this counted before 994c443 ("1 connection leaked
     # during this run"); with it on (every test guarded) it was already
     # lost, against the tally's "counts the others (a module- or
