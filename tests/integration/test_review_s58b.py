@@ -117,13 +117,13 @@ async def test_the_bare_name_a_closed_registered_pool_gave_up_stays_with_the_poo
     pools: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 3423593: in live mode a closed registered pool gives its name up. The
-    # live pool that takes it ("kx", was kx@<id>) is not recorded in
-    # PoolSet._bare (items() records a holder only `if name in bare`), so a
-    # third open pool of the same name, created later, takes the bare name
-    # whenever live_pools() lists it first: the "kx" series jumps from one
-    # open pool's counters to the other's, and the first goes back to
-    # kx@<id>. Observed: {'kx': 4.0, 'kx@<id>': 3.0} (max_size of the
-    # newcomer under "kx"), expected "kx" to stay with the max_size=3 pool.
+    # live pool that took it ("kx", was kx@<id>) was not recorded in
+    # PoolSet._bare (items() recorded a holder only `if name in bare`), so a
+    # third open pool of the same name, created later, took the bare name
+    # whenever live_pools() listed it first: the "kx" series jumped from one
+    # open pool's counters to the other's, and the first went back to
+    # kx@<id>. Observed then: {'kx': 4.0, 'kx@<id>': 3.0} (max_size of the
+    # newcomer under "kx"); "kx" must stay with the max_size=3 pool.
     _newest_first(monkeypatch)
     registry = CollectorRegistry()
     first = await pools(name="kx", min_size=0, max_size=2)
@@ -143,12 +143,12 @@ async def test_the_bare_name_a_closed_registered_pool_gave_up_stays_with_the_poo
 async def test_a_sole_live_pools_bare_name_is_not_taken_by_a_newcomer(
     pools: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The same root, before this change: a live pool alone under its name is
-    # never recorded in PoolSet._bare either (only once a second pool of the
-    # name is seen), so the second pool takes the bare name whenever
-    # live_pools() lists it first (12 of 20 real runs). Observed:
-    # safepool_acquired_total{pool="ky"} falls from 3 to 0 (the newcomer's),
-    # and the first pool's series restarts as ky@<id>.
+    # The same root, older than 3423593: a live pool alone under its name
+    # was never recorded in PoolSet._bare either (only once a second pool of
+    # the name was seen), so the second pool took the bare name whenever
+    # live_pools() listed it first (12 of 20 real runs). Observed then:
+    # safepool_acquired_total{pool="ky"} fell from 3 to 0 (the newcomer's),
+    # and the first pool's series restarted as ky@<id>.
     _newest_first(monkeypatch)
     registry = CollectorRegistry()
     register(live=True, registry=registry)
