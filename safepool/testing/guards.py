@@ -327,6 +327,15 @@ class LeakGuard:
             pools = [pool for pool in pools if pool in self._only]
         return pools
 
+    def _watches(self, pool: Pool) -> bool:
+        """Whether this guard watches ``pool`` (every pool, or one of those given)."""
+        return self._only is None or pool in self._only
+
+    def _elsewhere(self, pool: Pool, lease_id: int, baseline: weakref.WeakKeyDictionary[Pool, set[int]]) -> bool:
+        """Whether ``pool``'s lease ``lease_id`` belongs to someone else: open
+        at ``baseline`` (the start, or the mark), or a wider-scoped fixture's."""
+        return lease_id in baseline.get(pool, set()) or (id(pool), lease_id) in self._foreign
+
     def _snapshot(self) -> weakref.WeakKeyDictionary[Pool, set[int]]:
         snapshot: weakref.WeakKeyDictionary[Pool, set[int]] = weakref.WeakKeyDictionary()
         for pool in self._pools():
@@ -446,7 +455,7 @@ class LeakGuard:
     def note_ended(self, pool: Pool, ended: list[_Ended]) -> None:
         """The pool is being terminated with these leases open (the tracker
         calls this, before they vanish from ``pool.leases()``)."""
-        if not self._started or (self._only is not None and pool not in self._only):
+        if not self._started or not self._watches(pool):
             return
         before, marked = self._baseline.get(pool, set()), self._mark.get(pool, set())
         self._ended.extend((entry, entry.info.id in marked) for entry in ended if entry.info.id not in before)
@@ -457,9 +466,7 @@ class LeakGuard:
         """Whether a leak of ``pool``'s lease ``lease_id`` is this guard's to
         report: it watches the pool, and the lease was not open when it
         started nor a wider-scoped fixture's (those belong to someone else)."""
-        if not self._started or (self._only is not None and pool not in self._only):
-            return False
-        return lease_id not in self._baseline.get(pool, set()) and (id(pool), lease_id) not in self._foreign
+        return self._started and self._watches(pool) and not self._elsewhere(pool, lease_id, self._baseline)
 
     def leaks(self, *, since_mark: bool = False) -> list[Leak]:
         """What leaked since :meth:`start` (or :meth:`mark`) and was not reported
@@ -472,9 +479,8 @@ class LeakGuard:
             found.extend(self._pending)
             self._pending.clear()
         for pool in self._pools():
-            before = baseline.get(pool, set())
             for info in pool.leases():
-                if info.id in before or (id(pool), info.id) in self._foreign:
+                if self._elsewhere(pool, info.id, baseline):
                     continue
                 if since_mark and (id(pool), info.id) in self._fixture_leases:
                     continue  # a fixture set up during the test function: checked at its teardown
@@ -512,11 +518,11 @@ class LeakGuard:
             ))
         for seq, pool_ref, payload in list(_tracker.records):
             source = pool_ref()
-            if seq <= seq0 or source is None or (self._only is not None and source not in self._only):
+            if seq <= seq0 or source is None or not self._watches(source):
                 continue
             if isinstance(payload, Leaked):
                 lease = payload.lease
-                if lease.id in baseline.get(source, set()) or (id(source), lease.id) in self._foreign:
+                if self._elsewhere(source, lease.id, baseline):
                     continue
                 if (id(source), lease.id, "open") in self._reported or not self._first_time(source, lease.id, "gc"):
                     continue
