@@ -18,7 +18,7 @@ from ._durations import plain_int, plain_number, validate_timeout
 from ._keepalive import TcpKeepalive
 from ._policy import AdaptiveQueue
 from ._state import RESET_MODES, Backoff, PoolState
-from .errors import PoolTypeError, PoolValueError
+from .errors import PoolTypeError, PoolValueError, check_flag
 
 QUEUE_POLICIES = ("fifo", "adaptive")
 # queue_policy="adaptive": CoDel's delay target and interval (seconds); see
@@ -116,9 +116,8 @@ def check_options(
             raise PoolTypeError(f"{bound_name} must be an int >= {least} or None, got {bound!r}")
         if bound < least:
             raise PoolValueError(f"{bound_name} must be an int >= {least} or None, got {bound!r}")
-    for flag_name, flag in (("fail_fast", fail_fast), ("wait_on_connect_error", wait_on_connect_error)):
-        if not isinstance(flag, bool):
-            raise PoolTypeError(f"{flag_name} must be True or False, got {flag!r}")
+    check_flag("fail_fast", fail_fast)
+    check_flag("wait_on_connect_error", wait_on_connect_error)
     if reset_mode not in reset_modes:
         raise PoolValueError(f"reset_mode must be one of {reset_modes}, got {reset_mode!r}")
     return cast("int | None", max_waiters), cast("int | None", max_connecting)  # (checked above)

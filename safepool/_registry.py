@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .errors import PoolTypeError
+from .errors import check_callable
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -48,8 +48,7 @@ def on_pool_created(callback: Callable[[Pool], None]) -> Callable[[], None]:
 
     :raises safepool.PoolTypeError: ``callback`` is not callable (taken
         unchecked, it failed, logged, at every later pool's creation)."""
-    if not callable(callback):
-        raise PoolTypeError(f"callback must be callable, got {type(callback).__name__}")
+    check_callable("callback", callback)
     _CREATED_HOOKS.append(callback)
 
     def remove() -> None:

@@ -23,18 +23,12 @@ from ._histogram import Histogram, TeeHistogram
 from ._options import PoolConfig
 from ._reporting import DictListener, Reporter
 from ._state import PoolState
-from .errors import PoolTimeoutError, PoolTypeError, PoolValueError
+from .errors import PoolTimeoutError, PoolTypeError, PoolValueError, check_callable
 from .stats import LeaseInfo, PoolOptions, PoolStats, build_stats
 
 _T = TypeVar("_T")
 # add_timing_sink()'s kinds: the core's distribution each one tees.
 _TIMINGS = {"wait": "wait_times", "lease": "lease_times", "connect": "connect_times"}
-
-
-def _check_callable(callback: object) -> None:
-    # Taken unchecked, a bad callback failed (logged) at every later event.
-    if not callable(callback):
-        raise PoolTypeError(f"callback must be callable, got {type(callback).__name__}")
 
 
 class Observation:
@@ -63,7 +57,7 @@ class Observation:
     # ---------------------------------------------------------- listeners
 
     def add_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
-        _check_callable(callback)
+        check_callable("callback", callback)
         self.reporter.listeners.append(callback)
 
     def remove_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
@@ -73,7 +67,7 @@ class Observation:
             raise PoolValueError(f"{callback!r} is not a listener of this pool") from None
 
     def add_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
-        _check_callable(callback)
+        check_callable("callback", callback)
         self.reporter.listeners.append(DictListener(callback))
 
     def remove_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
@@ -146,8 +140,7 @@ class Observation:
 
     def add_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:
         field = self._timing_field(kind)
-        if not callable(callback):
-            raise PoolTypeError(f"callback must be callable, got {type(callback).__name__}")
+        check_callable("callback", callback)
         state = self.state
 
         def install() -> None:
@@ -207,8 +200,7 @@ class Observation:
         # Checked here, on either thread: a negative or NaN timeout read as a
         # blocked loop, and a str passed whenever the answer came at once.
         timeout = validate_timeout("timeout", timeout)
-        if not callable(function):
-            raise PoolTypeError(f"function must be callable, got {type(function).__name__}")
+        check_callable("function", function)
         if self._on_loop_thread():
             return function()
         result: concurrent.futures.Future[_T] = concurrent.futures.Future()

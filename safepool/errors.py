@@ -154,6 +154,25 @@ def check_is_pool(obj: object, where: str) -> None:
     raise PoolTypeError(f"{where} expected a safepool pool, got {kind}{hint}")
 
 
+def check_flag(name: str, value: object) -> bool:
+    """``value``, the option ``name``, checked to be True or False (a
+    truthy string or number taken as on, where a program meant off).
+
+    :raises safepool.PoolTypeError: it is not a bool."""
+    if not isinstance(value, bool):
+        raise PoolTypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_callable(name: str, value: object) -> None:
+    """``value``, the argument ``name``, checked to be callable: taken
+    unchecked, a callback failed (logged) at every later call instead.
+
+    :raises safepool.PoolTypeError: it is not callable."""
+    if not callable(value):
+        raise PoolTypeError(f"{name} must be callable, got {type(value).__name__}")
+
+
 def pool_list(pools: Iterable[Any], where: str = "") -> list[Any]:
     """``pools`` as a list, for an API taking several safepool pools
     (``where``, its name for the message: ``"LeakGuard()"``).

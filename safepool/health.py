@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._durations import validate_timeout
 from ._histogram import Distribution
-from .errors import PoolClosedError, PoolOverloadedError, PoolTypeError, check_is_pool
+from .errors import PoolClosedError, PoolOverloadedError, PoolTypeError, check_flag, check_is_pool
 from .stats import PoolStats
 
 if TYPE_CHECKING:
@@ -133,8 +133,7 @@ async def check_health(
     # not read as an outage (a probe_timeout of -1 failed every probe, one
     # of 0 also closed a connection per check).
     check_is_pool(pool, "check_health()")
-    if not isinstance(probe, bool):
-        raise PoolTypeError(f"probe must be True or False, got {probe!r}")
+    check_flag("probe", probe)
     probe_timeout = validate_timeout("probe_timeout", probe_timeout, allow_none=False, positive=True)
     if not isinstance(probe_query, str):
         raise PoolTypeError(f"probe_query must be a str, got {type(probe_query).__name__}")

@@ -57,7 +57,7 @@ from ._state import (
 )
 from ._surface import Observation
 from ._workers import ResetHooks
-from .errors import EventLoopMismatchError, PoolClosedError, PoolInterfaceError, PoolTypeError
+from .errors import EventLoopMismatchError, PoolClosedError, PoolInterfaceError, PoolTypeError, check_flag
 from .proxy import PoolConnectionProxy, WatchingProxy, _mark_coroutine
 from .stats import LeaseInfo, PoolOptions, PoolStats
 
@@ -522,9 +522,7 @@ class Pool(_PoolBase):
         :param stacks: format each lease's acquire stack (``LeaseInfo.stack``;
             False leaves it None and costs no source-line lookups).
         :raises safepool.PoolTypeError: ``stacks`` is not True or False."""
-        if not isinstance(stacks, bool):
-            raise PoolTypeError(f"stacks must be True or False, got {stacks!r}")
-        return self._observation.leases(stacks)
+        return self._observation.leases(check_flag("stacks", stacks))
 
     async def health(self, **options: Any) -> HealthReport:
         """Readiness check: a :class:`~safepool.health.HealthReport`, ``ok`` /
@@ -811,9 +809,7 @@ class Pool(_PoolBase):
 
     @capture_stack.setter
     def capture_stack(self, on: bool) -> None:
-        if not isinstance(on, bool):
-            raise PoolTypeError(f"capture_stack must be True or False, got {on!r}")
-        self._leaser.capture_stack = on
+        self._leaser.capture_stack = check_flag("capture_stack", on)
 
     @property
     def closed(self) -> bool:

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..errors import PoolTypeError, PoolValueError, check_is_pool, pool_list
+from ..errors import PoolTypeError, PoolValueError, check_flag, check_is_pool, pool_list
 from ..stats import PoolStats
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class PoolSet:
     """
 
     def __init__(self, pools: Iterable[Pool] = (), *, live: bool = False) -> None:
-        self.live = check_live(live)
+        self.live = check_flag("live", live)  # (live="no", truthy, reported every pool)
         self._named: dict[str, weakref.ref[Pool]] = {}
         # live: the pool each shared name went to (see items()).
         self._bare: dict[str, weakref.ref[Pool]] = {}
@@ -161,16 +161,6 @@ class PoolSet:
                 result.append((name, pool))
             self._bare = holders
         return result
-
-
-def check_live(live: object) -> bool:
-    """``live=`` of the exporters, checked: a bool (``live="no"`` taken as
-    truthy would report every pool of the process).
-
-    :raises safepool.PoolTypeError: ``live`` is not a bool."""
-    if type(live) is not bool:
-        raise PoolTypeError(f"live must be a bool, got {type(live).__name__}")
-    return live
 
 
 def _closed(pool: Pool) -> bool:

@@ -51,9 +51,9 @@ except ModuleNotFoundError as _missing:  # pragma: no cover - tested in a subpro
 
 from .. import __version__
 from .._histogram import DEFAULT_BOUNDS
-from ..errors import PoolTypeError, PoolValueError
+from ..errors import PoolTypeError, PoolValueError, check_flag
 from ..stats import PoolStats
-from . import PoolSet, check_live, pool_list, read
+from . import PoolSet, pool_list, read
 
 if TYPE_CHECKING:
     from ..pool import Pool
@@ -166,7 +166,7 @@ class PoolInstruments:
 
         :raises ValueError: as :meth:`add`, for the first pool that clashes.
         :raises safepool.PoolTypeError: ``live`` is not a bool."""
-        check_live(live)
+        check_flag("live", live)
         pools = pool_list(pools)
         self._closed = False
         self.pools.add_all(pools)
@@ -495,7 +495,7 @@ def instrument(
         ``pools`` is added), or ``record_times`` differs from the first call's.
     :raises TypeError: ``meter_provider`` is not a meter provider, a pool
         not a safepool pool, or ``live`` not a bool."""
-    check_live(live)
+    check_flag("live", live)
     provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
     if not callable(getattr(provider, "get_meter", None)):
         raise PoolTypeError(f"meter_provider must be an OpenTelemetry MeterProvider, got {type(provider).__name__}")

@@ -37,9 +37,9 @@ except ModuleNotFoundError as _missing:  # pragma: no cover - tested in a subpro
     ) from _missing
 
 from .._histogram import Distribution
-from ..errors import PoolTypeError
+from ..errors import PoolTypeError, check_flag
 from ..stats import PoolStats
-from . import PoolSet, check_live, read
+from . import PoolSet, read
 
 if TYPE_CHECKING:
     from ..pool import Pool
@@ -278,7 +278,7 @@ def register(
         pool's name (the message names it; give the pools distinct names,
         or add one with ``collector.add(pool, "other-name")``); then none
         of ``pools`` is added."""
-    check_live(live)
+    check_flag("live", live)
     target = REGISTRY if registry is None else registry
     if not callable(getattr(target, "register", None)):
         raise PoolTypeError(f"registry must be a prometheus_client CollectorRegistry, got {type(target).__name__}")

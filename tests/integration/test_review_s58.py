@@ -100,14 +100,14 @@ async def test_the_exporters_and_the_creation_hook_refuse_what_they_cannot_use(p
     with pytest.raises(safepool.PoolTypeError, match="callback must be callable, got int"):
         safepool.pool.on_pool_created(5)  # type: ignore[arg-type]
     pool = await pools(name="live-s58", min_size=0)
-    with pytest.raises(safepool.PoolTypeError, match="live must be a bool, got str"):
+    with pytest.raises(safepool.PoolTypeError, match="live must be True or False, got 'no'"):
         register(pool, live="no", registry=CollectorRegistry())  # type: ignore[arg-type]
     provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
     try:
-        with pytest.raises(safepool.PoolTypeError, match="live must be a bool, got int"):
+        with pytest.raises(safepool.PoolTypeError, match="live must be True or False, got 1"):
             instrument(pool, live=1, meter_provider=provider)  # type: ignore[arg-type]
         instruments = instrument(pool, meter_provider=provider)
-        with pytest.raises(safepool.PoolTypeError, match="live must be a bool, got str"):
+        with pytest.raises(safepool.PoolTypeError, match="live must be True or False, got 'yes'"):
             instruments.add_all([], live="yes")  # type: ignore[arg-type]
         assert not instruments.pools.live
     finally:
