@@ -19,7 +19,7 @@ from types import CodeType, TracebackType
 from typing import Any, TypeVar
 
 from ._stack import RESUMED
-from .errors import PoolTypeError
+from .errors import PoolTypeError, PoolValueError
 
 __all__ = ["site", "current_site", "caller_site"]
 
@@ -93,15 +93,18 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
     and entered by concurrent tasks. An explicit ``acquire(site=...)`` wins
     over it.
 
-    :raises TypeError: ``name`` is not a non-empty string, or what it
-        decorates is not callable.
+    :raises safepool.PoolTypeError: (a ``TypeError``) ``name`` is not a
+        string, or what it decorates is not callable.
+    :raises safepool.PoolValueError: (a ``ValueError``) ``name`` is empty.
     """
 
     __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str):
             raise PoolTypeError(f"a site name must be a non-empty string, got {name!r}")
+        if not name:
+            raise PoolValueError("a site name must be a non-empty string, got ''")
         self.name = name
 
     def __enter__(self) -> site:

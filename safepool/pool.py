@@ -57,7 +57,14 @@ from ._state import (
 )
 from ._surface import Observation
 from ._workers import ResetHooks
-from .errors import EventLoopMismatchError, PoolClosedError, PoolInterfaceError, PoolTypeError, check_flag
+from .errors import (
+    EventLoopMismatchError,
+    PoolClosedError,
+    PoolInterfaceError,
+    PoolTypeError,
+    PoolValueError,
+    check_flag,
+)
 from .proxy import PoolConnectionProxy, WatchingProxy, _mark_coroutine
 from .stats import LeaseInfo, PoolOptions, PoolStats
 
@@ -254,17 +261,18 @@ class Pool(_PoolBase):
             than the pool's (an ``asyncpg.InterfaceError`` and a ``RuntimeError``).
         :raises asyncpg.InterfaceError: the pool is not initialized yet (not
             awaited, or still starting), as asyncpg's.
-        :raises safepool.PoolTypeError: (a ``TypeError``) ``site`` is not a
-            non-empty str; or, when awaited, ``timeout`` or ``lease_timeout``
+        :raises safepool.PoolTypeError: (a ``TypeError``) ``site`` is
+            neither a str nor None; or, when awaited, ``timeout`` or ``lease_timeout``
             is not a number (a bool included).
-        :raises safepool.PoolValueError: (a ``ValueError``) when awaited,
-            ``timeout`` negative or NaN, ``lease_timeout`` not > 0 (NaN
+        :raises safepool.PoolValueError: (a ``ValueError``) ``site`` is
+            empty; or, when awaited, ``timeout`` negative or NaN, ``lease_timeout`` not > 0 (NaN
             included), either an int too large for a float.
         """
         if site is not None and (type(site) is not str or not site):
             # (As safepool.site(""): an empty name would label a bulkhead and
             # leak reports with nothing.)
-            raise PoolTypeError(f"site must be a non-empty str or None, got {site!r}")
+            error = PoolValueError if type(site) is str else PoolTypeError
+            raise error(f"site must be a non-empty str or None, got {site!r}")
         # The caller is on the stack now; when the context is awaited it may
         # not be: asyncio.gather(), create_task() and (before Python 3.12)
         # wait_for() run the acquire as a task of its own, whose stack is

@@ -239,10 +239,11 @@ async def test_bad_arguments_found_by_a_new_user(pg_dsn: str) -> None:
             pool.resize(min_size=3)  # above the current max_size=2
         with pytest.raises(TypeError, match="callback must be callable, got int"):
             pool.add_timing_sink("lease", 42)  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="site must be a non-empty str or None, got 5"):
+        with pytest.raises(safepool.PoolTypeError, match="site must be a non-empty str or None, got 5"):
             pool.acquire(site=5)  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="site must be a non-empty str or None, got ''"):
+        with pytest.raises(safepool.PoolValueError, match="site must be a non-empty str or None, got ''") as caught:
             pool.acquire(site="")
+        assert not isinstance(caught.value, TypeError)
         assert pool.stats().in_use == 0 and pool.get_max_size() == 2  # nothing changed
     finally:
         await pool.close()

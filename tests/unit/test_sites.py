@@ -71,9 +71,13 @@ def test_site_decorates_sync_and_async_functions() -> None:
 
 
 def test_site_names_must_be_non_empty_strings() -> None:
-    for bad in ("", None, 3):
-        with pytest.raises(TypeError, match="non-empty string"):
+    for bad in (None, 3, b"checkout"):
+        with pytest.raises(safepool.PoolTypeError, match="non-empty string"):
             safepool.site(bad)  # type: ignore[arg-type]
+    # A str of the wrong value is a ValueError, not a TypeError.
+    with pytest.raises(safepool.PoolValueError, match="a site name must be a non-empty string, got ''") as caught:
+        safepool.site("")
+    assert not isinstance(caught.value, TypeError)
 
 
 def test_one_site_object_shared_by_concurrent_tasks() -> None:
