@@ -107,7 +107,13 @@ async def check_health(
 
     :param probe: run ``probe_query`` through the pool (acquire included),
         on a lease of its own acquire site (``PROBE_SITE``): a bulkhead
-        (``max_site_share``) never counts it against the caller's site.
+        (``max_site_share``) never counts it against the caller's site. A
+        query that fails because its connection was lost under it (an idle
+        connection whose backend was terminated before the loop read it) is
+        run again on the connection the pool hands out next, up to
+        ``max_size + 1`` attempts within ``probe_timeout``: only a failure on
+        a connection that stays open, or on the last attempt, reports
+        ``probe_failed``.
     :param probe_timeout: seconds for the whole probe, acquire and query
         (default 1.0; a query that outruns it is cancelled and its connection released
         within up to as long again: the check answers within twice this).
@@ -255,14 +261,31 @@ def _login_rejected(sqlstate: str | None) -> bool:
 async def _probe(pool: Pool, timeout: float, query: str, reasons: list[HealthReason]) -> float | None:
     started = time.perf_counter()
     acquired = False
+    # A connection that was idle may have lost its backend while it idled
+    # (pg_terminate_backend, a restart, idle_session_timeout, PgBouncer)
+    # before the loop read the news: the query fails and the connection is
+    # closed under it. The pool serves the next acquire with another, so the
+    # probe tries again, once per connection the pool could hand it, before
+    # it reports the pool failing.
+    attempts = pool.get_max_size() + 1
     try:
         async with asyncio.timeout(timeout):
-            # Its own acquire site: under max_site_share the probe must not
-            # count against (or be refused by) the bulkhead of the caller
-            # (a readiness endpoint's handler, or a safepool.site around it).
-            async with pool.acquire(timeout=timeout, site=PROBE_SITE) as con:
-                acquired = True
-                await con.fetchval(query)
+            while True:
+                acquired = False
+                attempts -= 1
+                # Its own acquire site: under max_site_share the probe must not
+                # count against (or be refused by) the bulkhead of the caller
+                # (a readiness endpoint's handler, or a safepool.site around it).
+                async with pool.acquire(timeout=timeout, site=PROBE_SITE) as con:
+                    acquired = True
+                    raw = con._raw  # (the proxy lets go of a connection that is lost)
+                    try:
+                        await con.fetchval(query)
+                    except Exception:
+                        if attempts and raw is not None and raw.is_closed():
+                            continue  # (released first: the pool lets the closed connection go)
+                        raise
+                break
     except TimeoutError:  # PoolTimeoutError included
         if acquired:
             reasons.append(HealthReason(
