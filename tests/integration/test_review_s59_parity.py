@@ -1,0 +1,398 @@
+"""Review s59: rarely used corners of asyncpg's Pool / Connection API, each
+run on asyncpg's pool and on safepool.
+
+A divergence is a test parametrized over both pools whose assertions are
+asyncpg's outcome: the asyncpg case passes (the assertion is asyncpg's
+behaviour) and the safepool case is a strict xfail. The other tests pin
+corners where the two pools agree and no other test looked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+import safepool
+
+MakePool = Callable[..., Awaitable[Any]]
+
+BOTH = ["asyncpg", "safepool"]
+
+
+def diverges(reason: str) -> list[Any]:
+    """The flavours of a divergence: asyncpg's case passes, safepool's is a strict xfail."""
+    return ["asyncpg", pytest.param("safepool", marks=pytest.mark.xfail(strict=True, reason=reason))]
+
+
+@pytest_asyncio.fixture
+async def make_pool(flavour: str, pg_dsn: str) -> AsyncIterator[MakePool]:
+    pools: list[Any] = []
+    factory = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
+
+    async def make(**kwargs: Any) -> Any:
+        kwargs.setdefault("min_size", 1)
+        kwargs.setdefault("max_size", 2)
+        pool = await factory(pg_dsn, **kwargs)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.terminate()
+
+
+async def _acquire(pool: Any) -> Any:
+    return await pool.acquire()
+
+
+# ------------------------------------------------------------------ divergences
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "flavour",
+    diverges(
+        "asyncpg's pool counts the connection a setup= hook runs on as idle (its holder is marked in use only "
+        "once the hook returned): get_idle_size() is 1 inside the hook; safepool's is 0"
+    ),
+)
+async def test_the_connection_a_setup_hook_runs_on_counts_as_idle(make_pool: MakePool) -> None:
+    seen: list[tuple[int, int]] = []
+    pool: Any = None
+
+    async def setup(con: Any) -> None:
+        seen.append((pool.get_size(), pool.get_idle_size()))
+
+    pool = await make_pool(min_size=1, max_size=2, setup=setup)
+    async with pool.acquire():
+        inside = (pool.get_size(), pool.get_idle_size())
+    assert inside == (1, 0)
+    assert seen == [(1, 1)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.realtime
+@pytest.mark.parametrize("stage", ["connect", "init"])
+@pytest.mark.parametrize(
+    "flavour",
+    diverges(
+        "asyncpg's close() returns at once while an acquire's connect (or its init= hook) is under way (only "
+        "leased holders are waited for; the acquire then closes its new connection and raises 'pool is "
+        "closing'); safepool's close() waits for the init= hook to return, and for a connect up to its 0.5 s grace"
+    ),
+)
+async def test_close_does_not_wait_for_an_acquire_still_connecting(make_pool: MakePool, stage: str) -> None:
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        if stage == "connect":
+            entered.set()
+            await gate.wait()
+        return await asyncpg.connect(*args, **kwargs)
+
+    async def init(con: Any) -> None:
+        if stage == "init":
+            entered.set()
+            await gate.wait()
+
+    pool = await make_pool(min_size=0, max_size=1, connect=connect, init=init)
+    acquiring = asyncio.create_task(_acquire(pool))
+    closing: asyncio.Task[None] | None = None
+    try:
+        async with asyncio.timeout(5):
+            await entered.wait()
+        closing = asyncio.create_task(pool.close())
+        done, _ = await asyncio.wait({closing}, timeout=0.3)
+        closed_under_the_connect = closing in done
+        sizes = (pool.get_size(), pool.get_idle_size(), pool.is_closing())
+        gate.set()
+        (outcome,) = await asyncio.gather(acquiring, return_exceptions=True)
+    finally:
+        gate.set()
+        if not acquiring.done():
+            acquiring.cancel()
+        await asyncio.gather(acquiring, return_exceptions=True)
+        if closing is not None:
+            await asyncio.wait_for(asyncio.gather(closing, return_exceptions=True), 5)
+    assert isinstance(outcome, asyncpg.InterfaceError), outcome
+    assert "pool is closing" in str(outcome)
+    assert sizes == (0, 0, True)
+    assert closed_under_the_connect
+
+
+@pytest.mark.asyncio
+@pytest.mark.realtime
+@pytest.mark.parametrize(
+    "flavour",
+    diverges(
+        "asyncpg's close() does not wait for an acquire whose setup= hook is running (the holder is not in use "
+        "yet): it closes that connection under the hook and returns, and the acquire hands out a proxy whose "
+        "first call raises InterfaceError('connection is closed'); safepool's close() waits for that lease's "
+        "release, and the acquire gets a working connection"
+    ),
+)
+async def test_close_does_not_wait_for_an_acquire_in_its_setup_hook(make_pool: MakePool) -> None:
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def setup(con: Any) -> None:
+        entered.set()
+        await gate.wait()
+
+    pool = await make_pool(min_size=1, max_size=1, setup=setup)
+    acquiring = asyncio.create_task(_acquire(pool))
+    closing: asyncio.Task[None] | None = None
+    lease: Any = None
+    try:
+        async with asyncio.timeout(5):
+            await entered.wait()
+        closing = asyncio.create_task(pool.close())
+        done, _ = await asyncio.wait({closing}, timeout=0.3)
+        closed_under_the_hook = closing in done
+        size_then = pool.get_size()
+        gate.set()
+        (outcome,) = await asyncio.gather(acquiring, return_exceptions=True)
+        if isinstance(outcome, BaseException):
+            usable: Any = outcome
+        else:
+            lease = outcome
+            try:
+                usable = await lease.fetchval("SELECT 1")
+            except asyncpg.InterfaceError as exc:
+                usable = exc
+    finally:
+        gate.set()
+        await asyncio.gather(acquiring, return_exceptions=True)
+        if lease is not None:
+            with contextlib.suppress(asyncpg.InterfaceError):
+                await pool.release(lease)
+        if closing is not None:
+            await asyncio.wait_for(asyncio.gather(closing, return_exceptions=True), 5)
+    assert closed_under_the_hook
+    assert size_then == 0
+    assert isinstance(usable, asyncpg.InterfaceError), usable
+
+
+@pytest.mark.asyncio
+@pytest.mark.realtime
+@pytest.mark.parametrize(
+    "flavour",
+    diverges(
+        "asyncpg's close() leaves the connections idle when it starts open, idle and counted until the last "
+        "lease is back, then closes them all; safepool's closes them at once (docs/migration.md describes this "
+        "only for a connection released while close() waits, not for those already idle)"
+    ),
+)
+async def test_close_keeps_the_idle_connections_until_the_last_lease_is_back(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=2, max_size=2)
+    async with asyncio.timeout(5):
+        while pool.get_size() < 2:
+            await asyncio.sleep(0.01)
+    lease = await pool.acquire()
+    await lease.execute("SELECT 1")
+    closing = asyncio.ensure_future(pool.close())
+    try:
+        await asyncio.sleep(0.05)
+        assert pool.is_closing() and not closing.done()
+        sizes = (pool.get_size(), pool.get_idle_size())
+    finally:
+        await pool.release(lease)
+        await asyncio.wait_for(closing, 5)
+    assert (pool.get_size(), pool.get_idle_size()) == (0, 0)
+    assert sizes == (2, 1)
+
+
+# ------------------------------------------------------------- where both agree
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("flavour", BOTH)
+async def test_set_connect_args_replaces_every_connect_argument_for_new_connections(make_pool: MakePool,
+                                                                                   pg_dsn: str) -> None:
+    pool = await make_pool(min_size=1, max_size=1, server_settings={"application_name": "s59-first"})
+    # Not applied to the idle connection: it stays until expired.
+    pool.set_connect_args(pg_dsn, server_settings={"application_name": "s59-second"})
+    assert await pool.fetchval("SELECT current_setting('application_name')") == "s59-first"
+    await pool.expire_connections()
+    assert await pool.fetchval("SELECT current_setting('application_name')") == "s59-second"
+    # The keyword arguments are replaced, not merged: the server_settings go.
+    pool.set_connect_args(pg_dsn)
+    await pool.expire_connections()
+    assert await pool.fetchval("SELECT current_setting('application_name')") == ""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("flavour", BOTH)
+async def test_connect_arguments_the_pool_passes_itself_cannot_be_set_again(make_pool: MakePool, pg_dsn: str) -> None:
+    pool = await make_pool(min_size=0, max_size=1)
+    pool.set_connect_args(pg_dsn, record_class=asyncpg.Record)
+    with pytest.raises(TypeError, match="multiple values for keyword argument 'record_class'"):
+        await pool.fetchval("SELECT 1")
+    pool.set_connect_args(pg_dsn)
+    assert await pool.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("flavour", BOTH)
+async def test_objects_of_a_released_lease_refuse_with_interface_error(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1)
+    async with pool.acquire() as con:
+        unstarted = con.transaction()  # (a lease that ran no statement)
+    with pytest.raises(asyncpg.InterfaceError, match=r"Transaction\.start\(\): the underlying connection has been released"):
+        await unstarted.start()
+
+    async with pool.acquire() as con:
+        statement = await con.prepare("SELECT 1")
+        factory = con.cursor("SELECT generate_series(1, 3)")
+    with pytest.raises(asyncpg.InterfaceError, match=r"PreparedStatement\.fetchval\(\): the underlying connection"):
+        await statement.fetchval()
+    with pytest.raises(asyncpg.InterfaceError, match=r"CursorFactory\.__aiter__\(\): the underlying connection"):
+        async with pool.acquire() as again, again.transaction():
+            [row async for row in factory]
+
+    con = await pool.acquire()
+    transaction = con.transaction()
+    await transaction.start()
+    cursor = await con.cursor("SELECT generate_series(1, 10)")
+    assert len(await cursor.fetch(2)) == 2
+    await pool.release(con)
+    with pytest.raises(asyncpg.InterfaceError, match=r"Cursor\.fetch\(\): the underlying connection"):
+        await cursor.fetch(2)
+    with pytest.raises(asyncpg.InterfaceError, match=r"Transaction\.commit\(\): the underlying connection"):
+        await transaction.commit()
+    assert await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                                "AND pid = pg_backend_pid()") == 0
+
+
+class _Extras(asyncpg.Connection):
+    greeting = "hello"
+
+    async def doubled(self, value: int) -> int:
+        return 2 * int(await self.fetchval("SELECT $1::int", value))
+
+    @property
+    def shout(self) -> str:
+        return self.greeting.upper()
+
+    def has_pid(self) -> bool:
+        return self.get_server_pid() > 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("flavour", BOTH)
+async def test_a_connection_class_s_own_members_through_the_proxy(make_pool: MakePool) -> None:
+    pool = await make_pool(min_size=1, max_size=1, connection_class=_Extras)
+    async with pool.acquire() as con:
+        assert (await con.doubled(21), con.greeting, con.shout, con.has_pid()) == (42, "hello", "HELLO", True)
+        assert isinstance(con, _Extras) and isinstance(con, asyncpg.Connection)
+        assert type(con._con) is _Extras
+    for name in ("doubled", "greeting", "shout", "has_pid"):
+        with pytest.raises(AttributeError):
+            getattr(con, name)
+        assert not hasattr(con, name)
+
+
+@pytest.mark.asyncio
+@pytest.mark.realtime
+@pytest.mark.parametrize("flavour", BOTH)
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda pool: pool.fetchval("SELECT 7", timeout=0.2),
+        lambda pool: pool.execute("SELECT 7", timeout=0.2),
+        lambda pool: pool.executemany("SELECT $1::int", [(1,)], timeout=0.2),
+        lambda pool: pool.copy_from_query("SELECT 7", output=io.BytesIO(), timeout=0.2),
+    ],
+    ids=["fetchval", "execute", "executemany", "copy_from_query"],
+)
+async def test_a_shortcuts_timeout_bounds_the_statement_not_the_wait_for_a_connection(
+    make_pool: MakePool, call: Callable[[Any], Awaitable[Any]]
+) -> None:
+    pool = await make_pool(min_size=1, max_size=1)
+    held = await pool.acquire()
+    waiting = asyncio.ensure_future(call(pool))
+    try:
+        await asyncio.sleep(0.4)
+        assert not waiting.done()
+    finally:
+        await pool.release(held)
+    async with asyncio.timeout(5):
+        await waiting
+    with pytest.raises(asyncio.TimeoutError):
+        await pool.fetchval("SELECT pg_sleep(2)", timeout=0.1)
+    assert (pool.get_size(), pool.get_idle_size()) == (1, 1)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("flavour", BOTH)
+async def test_a_query_logger_and_a_termination_listener_left_at_release_serve_the_next_lease(
+    make_pool: MakePool,
+) -> None:
+    pool = await make_pool(min_size=1, max_size=1)
+    queries: list[str] = []
+    ended: list[Any] = []
+    async with pool.acquire() as con:
+        con.add_query_logger(lambda record: queries.append(record.query))
+        con.add_termination_listener(ended.append)
+        await con.fetchval("SELECT 1")
+    before = len(queries)
+    async with pool.acquire() as con:
+        await con.fetchval("SELECT 2")
+        async with asyncio.timeout(5):
+            while len(queries) == before:  # (a logger's records come a loop pass later)
+                await asyncio.sleep(0.01)
+        assert queries[before] == "SELECT 2"
+        con.terminate()
+    async with asyncio.timeout(5):
+        while not ended:  # (called a loop pass later)
+            await asyncio.sleep(0.01)
+    assert ended == [con]  # the lease that ended it, not the one that registered
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("flavour", BOTH)
+async def test_an_acquire_whose_setup_hook_runs_at_terminate_gets_nothing_usable(make_pool: MakePool) -> None:
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def setup(con: Any) -> None:
+        entered.set()
+        await gate.wait()
+
+    pool = await make_pool(min_size=1, max_size=1, setup=setup)
+    acquiring = asyncio.create_task(_acquire(pool))
+    try:
+        async with asyncio.timeout(5):
+            await entered.wait()
+        pool.terminate()
+    finally:
+        gate.set()
+    (outcome,) = await asyncio.gather(acquiring, return_exceptions=True)
+    if not isinstance(outcome, BaseException):
+        with pytest.raises(asyncpg.InterfaceError):
+            await outcome.fetchval("SELECT 1")
+    assert (pool.get_size(), pool.get_idle_size(), pool.is_closing()) == (0, 0, True)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("flavour", BOTH)
+async def test_what_a_pool_whose_first_init_failed_answers(flavour: str, pg_dsn: str) -> None:
+    async def init(con: Any) -> None:
+        raise ZeroDivisionError("init")
+
+    factory = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
+    pool = factory(pg_dsn, min_size=1, max_size=2, init=init)
+    with pytest.raises(ZeroDivisionError):
+        await pool
+    assert (pool.is_closing(), pool.get_size(), pool.get_idle_size()) == (True, 0, 0)
+    assert await pool is pool
+    with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
+        await pool.acquire()
+    await pool.expire_connections()
+    await pool.close()
+    pool.terminate()
