@@ -82,6 +82,7 @@ class Leaser:
         "face", "state", "runner", "loop", "now", "reporter", "listeners", "name", "slot_holders", "drain",
         "spawn", "lease_timeout", "leak_warning_after", "acquire_timeout", "reset_timeout", "max_queries",
         "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "call_at", "unsuspended",
+        "in_setup",
     )
 
     def __init__(
@@ -123,6 +124,9 @@ class Leaser:
         # Settable at any time through Pool.capture_stack: kept here only.
         self.capture_stack = config.capture_stack
         self.setup = setup
+        # Leases whose setup= hook is running: get_idle_size() counts their
+        # connections, as asyncpg's pool does (see Pool.get_idle_size).
+        self.in_setup = 0
         self.proxy_class = proxy_class
         # Releases in a row that returned released(), a coroutine that
         # returns at once (nothing to wait for; see pass_loop).
@@ -318,8 +322,12 @@ class Leaser:
         self, proxy: PoolConnectionProxy, lease: Lease, failed: list[BaseException] | None = None
     ) -> None:
         """``failed``: gets the hook's error before the close is waited for."""
+        self.in_setup += 1
         try:
-            await self.setup(proxy)  # type: ignore[misc]
+            try:
+                await self.setup(proxy)  # type: ignore[misc]
+            finally:
+                self.in_setup -= 1
         except BaseException as error:
             if failed is not None:
                 failed.append(error)

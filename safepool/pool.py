@@ -506,8 +506,11 @@ class Pool(_PoolBase):
 
     def get_idle_size(self) -> int:
         """Open connections not leased, reset and ready to hand out, as
-        asyncpg's ``Pool.get_idle_size()``."""
-        return self._state.idle
+        asyncpg's ``Pool.get_idle_size()``; like asyncpg's (0.29 to 0.32), it also
+        counts a connection whose acquire is running the ``setup=`` hook
+        (asyncpg marks its holder in use only once the hook has returned).
+        :meth:`stats` counts that one in ``in_use``."""
+        return self._state.idle + self._leaser.in_setup
 
     @property
     def name(self) -> str:

@@ -104,8 +104,10 @@ def test_a_bad_keepalive_or_backoff_field_is_a_pool_argument_error() -> None:
         safepool.TcpKeepalive(idle="60")  # type: ignore[arg-type]
     with pytest.raises(safepool.PoolValueError):
         safepool.Backoff(cap=-1)
-    with pytest.raises(safepool.PoolTypeError):
+    with pytest.raises(safepool.PoolValueError):
         safepool.site("")
+    with pytest.raises(safepool.PoolTypeError):
+        safepool.site(5)  # type: ignore[arg-type]
     with pytest.raises(safepool.PoolTypeError, match="decorates a function"):
         safepool.site("checkout")(5)  # type: ignore[type-var]  # (taken, it failed at each call)
 
@@ -211,8 +213,10 @@ async def test_safepool_s_own_api_refuses_bad_arguments_with_pool_argument_error
             pool.remove_listener(print)
         with pytest.raises(safepool.PoolTypeError):
             pool.capture_stack = "yes"  # type: ignore[assignment]
-        with pytest.raises(safepool.PoolTypeError):
+        with pytest.raises(safepool.PoolValueError):
             pool.acquire(site="")
+        with pytest.raises(safepool.PoolTypeError):
+            pool.acquire(site=5)  # type: ignore[arg-type]
         con = await pool.acquire()
         with pytest.raises(safepool.PoolTypeError):
             await pool.release(con, timeout="1")  # type: ignore[arg-type]
