@@ -426,6 +426,22 @@ class Runner:
             timed_out = isinstance(error, TimeoutError)
             cancelling = timed_out and _pg.is_cancelling(con)
             holder.unresponsive = timed_out and not cancelling
+            if (
+                not timed_out and holder.abort_in_flight is None and not self.terminating
+                and con.is_closed() and not _pg.peer_closed(con)
+            ):
+                # The socket was reset (an RST: a proxy, a load balancer, the
+                # network) under the reset, or while the release waited for
+                # a cancelled statement's answer, whose cancel request the
+                # same reset may have killed (asyncpg then aborts the
+                # connection itself, and the reset ends with no error of its
+                # own: see _workers.reset): the backend may still run that
+                # statement. As for a connection lost under a lease, the
+                # close sends a cancel request of the pool's own and the slot
+                # counts until it was delivered (docs/design.md, "Slot
+                # states"). Not after a close the peer made in order (the
+                # backend has exited) nor an abort of the pool's.
+                holder.lost_while_leased = True
             # Refused: a statement of the lease still runs in another task
             # (release() called while it ran). The close waits for it to end
             # first: asyncpg's close() would cancel it through its protocol,

@@ -404,10 +404,16 @@ async def close(
             async with asyncio.timeout(DEFAULT_RESET_TIMEOUT):
                 if _pg.is_cancelling(con):
                     await _pg.wait_for_cancellation(con)
+                    if _reset_under_the_wait(con, running):
+                        await deliver_cancel(con, key, cancel_timeout(budget))
+                        return None
                 await con.close()
         else:
             if spent is not None and _pg.is_cancelling(con):
                 error = await _cancel_answered_within(con, budget, spent)
+                if _reset_under_the_wait(con, running):
+                    await deliver_cancel(con, key, cancel_timeout(budget))
+                    return error
                 if error is not None:
                     await con.close(timeout=CANCEL_ANSWER_GRACE)
                     return error
@@ -418,6 +424,9 @@ async def close(
                 raise TimeoutError
             if _pg.is_cancelling(con):
                 await _pg.wait_for_cancellation(con, budget)
+                if _reset_under_the_wait(con, running):
+                    await deliver_cancel(con, key, cancel_timeout(budget))
+                    return None
             await con.close(timeout=budget)
     except Exception as exc:
         if running and con._protocol is not None:
@@ -430,6 +439,16 @@ async def close(
         _pg.terminate(con)
         raise
     return None
+
+
+def _reset_under_the_wait(con: RawConnection, running: bool) -> bool:
+    """While a close waited for a cancelled statement's answer, the socket
+    was reset (an RST: a proxy, a load balancer, the network), which may
+    also have killed asyncpg's cancel request (asyncpg then aborts the
+    connection itself): the backend may still run the statement, and gets
+    a cancel request of the pool's own (the slot counts until then). Not
+    after a close the peer made in order: the backend has exited."""
+    return running and con.is_closed() and not _pg.peer_closed(con)
 
 
 async def statement_ended(con: RawConnection) -> None:

@@ -50,12 +50,6 @@ async def admin(running: Cluster, app_name: str) -> AsyncIterator[asyncpg.Connec
         await con.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an RST while the release waits for a cancelled statement (asyncpg's cancel request still in flight, "
-    "killed by the same reset) frees the slot with no cancel request of the pool's own: the backend runs on "
-    "beside the replacement (max_size + 1 on the server)",
-)
 @pytest.mark.parametrize("how", ["task_cancel", "command_timeout"])
 async def test_reset_while_release_waits_for_a_cancelled_statement_keeps_max_size(
     running: Cluster, admin: asyncpg.Connection, app_name: str, how: str
@@ -102,5 +96,138 @@ async def test_reset_while_release_waits_for_a_cancelled_statement_keeps_max_siz
                 f"the server counts {seen[-1]} backends for a pool of max_size=1 while the replacement is leased: "
                 f"{await _count(admin, app_name, ' AND state = ' + chr(39) + 'active' + chr(39))} still run pg_sleep"
             )
+        finally:
+            await asyncio.wait_for(pool.close(), 10)
+
+
+async def _until_active(admin: asyncpg.Connection, app_name: str) -> None:
+    async with asyncio.timeout(10):
+        while not await _count(admin, app_name, " AND state = 'active'"):
+            await asyncio.sleep(0.005)
+
+
+async def test_reset_while_a_take_back_waits_for_its_cancel_keeps_max_size(
+    running: Cluster, admin: asyncpg.Connection, app_name: str
+) -> None:
+    """The sibling in the lease timeout's take-back: the pool itself cancels
+    the expired lease's statement (its cancel request held in the proxy),
+    and an RST kills both sockets. The take-back's slot counts until a
+    cancel request of the pool's own was delivered, so the replacement
+    never runs beside the old backend."""
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=1, max_size=1, lease_timeout=0.2,
+            server_settings={"application_name": app_name},
+        )
+        try:
+
+            async def lease() -> None:
+                async with pool.acquire() as con:
+                    await con.execute("SELECT pg_sleep(5)")
+
+            holder = asyncio.create_task(lease())
+            await _until_active(admin, app_name)
+            proxy.latency = 0.2  # the take-back's cancel request is held in the proxy...
+            async with asyncio.timeout(5):
+                while pool.stats().leases_expired == 0:
+                    await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)
+            proxy.reset_all()  # ... and dies with the lease's connection
+            proxy.latency = 0.0
+            with contextlib.suppress(BaseException):
+                await holder
+            async with asyncio.timeout(5), pool.acquire() as con:
+                for _ in range(3):
+                    try:
+                        await con.fetchval("SELECT 1")
+                        break
+                    except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError):
+                        continue
+                count = await _count(admin, app_name)
+            assert count <= 1, f"the server counts {count} backends for a pool of max_size=1"
+        finally:
+            await asyncio.wait_for(pool.close(), 10)
+
+
+async def test_reset_while_a_closing_pool_waits_for_a_cancelled_statement_leaves_no_backend(
+    running: Cluster, admin: asyncpg.Connection, app_name: str
+) -> None:
+    """The sibling in the close path: close() waits for a lease; the lease's
+    task is cancelled (asyncpg's cancel request held in the proxy), so its
+    release closes the connection once the statement answers; an RST kills
+    both sockets. close() returns only once the backend got a cancel request
+    of the pool's own: no backend of the pool outlives close()."""
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=1, max_size=1, server_settings={"application_name": app_name},
+        )
+        closing: asyncio.Future[None] | None = None
+        try:
+
+            async def lease() -> None:
+                async with pool.acquire() as con:
+                    await con.execute("SELECT pg_sleep(5)")
+
+            holder = asyncio.create_task(lease())
+            await _until_active(admin, app_name)
+            closing = asyncio.ensure_future(pool.close())
+            async with asyncio.timeout(5):
+                while not pool.is_closing():
+                    await asyncio.sleep(0.005)
+            proxy.latency = 0.2
+            holder.cancel()  # asyncpg's cancel request, held in the proxy
+            await asyncio.sleep(0.02)
+            proxy.reset_all()
+            proxy.latency = 0.0
+            with contextlib.suppress(BaseException):
+                await holder
+            await asyncio.wait_for(closing, 10)
+            async with asyncio.timeout(2):
+                # (a cancelled backend exits at once, but the server lists it
+                # until it has: a few milliseconds)
+                while (active := await _count(admin, app_name, " AND state = 'active'")):
+                    await asyncio.sleep(0.01)
+            assert active == 0
+        finally:
+            if closing is None:
+                await asyncio.wait_for(pool.close(), 10)
+
+
+async def test_reset_while_a_used_up_connection_waits_for_a_cancelled_statement_keeps_max_size(
+    running: Cluster, admin: asyncpg.Connection, app_name: str
+) -> None:
+    """The sibling in the close of a connection at ``max_queries``: its
+    release closes it (no reset) once the cancelled statement answers; an
+    RST kills both sockets while asyncpg's cancel request is held. The slot
+    counts until a cancel request of the pool's own was delivered."""
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=1, max_size=1, max_queries=1,
+            server_settings={"application_name": app_name},
+        )
+        try:
+
+            async def lease() -> None:
+                async with pool.acquire() as con:
+                    await con.execute("SELECT pg_sleep(5)")
+
+            holder = asyncio.create_task(lease())
+            await _until_active(admin, app_name)
+            proxy.latency = 0.2
+            holder.cancel()
+            await asyncio.sleep(0.02)
+            proxy.reset_all()
+            proxy.latency = 0.0
+            with contextlib.suppress(BaseException):
+                await holder
+            async with asyncio.timeout(5), pool.acquire() as con:
+                for _ in range(3):
+                    try:
+                        await con.fetchval("SELECT 1")
+                        break
+                    except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError):
+                        continue
+                count = await _count(admin, app_name)
+            assert count <= 1, f"the server counts {count} backends for a pool of max_size=1"
         finally:
             await asyncio.wait_for(pool.close(), 10)
