@@ -119,7 +119,9 @@ class FaultProxy:
                 asyncio.create_task(self._pump(up_reader, writer, pair)),
             ]
             await self._pump(reader, up_writer, pair)
-        except (OSError, asyncio.CancelledError):
+        except (OSError, RuntimeError, asyncio.CancelledError):
+            # (RuntimeError: uvloop's write() on a transport already closed,
+            # "handler is closed", where asyncio's raises nothing or OSError.)
             pass
         finally:
             if pair.cut or self.partition:
@@ -140,7 +142,7 @@ class FaultProxy:
         """Relay one direction until either side goes; then close ``writer``."""
         try:
             await self._relay(reader, writer, pair)
-        except (OSError, asyncio.CancelledError):
+        except (OSError, RuntimeError, asyncio.CancelledError):  # (RuntimeError: uvloop, see above)
             pass
         finally:
             if not ((pair.cut or self.partition) and writer is pair.upstream):

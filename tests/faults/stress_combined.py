@@ -134,12 +134,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 pid_of[c] = c._protocol.backend_pid
     orig_slot_closed = pool._runner.slot_closed
 
-    def traced_slot_closed(slot: Any) -> None:
+    def traced_slot_closed(slot: Any, error: Exception | None = None) -> None:
         con = slot.connection
         pid = pid_of.get(con) if con is not None else None
         freed[pid] = (time.monotonic(), f"closed={None if con is None else con.is_closed()}",
                       " <- ".join(f"{f.name}:{f.lineno}" for f in traceback.extract_stack(limit=9)[:-1]))
-        orig_slot_closed(slot)
+        orig_slot_closed(slot, error)
 
     pool._runner.slot_closed = traced_slot_closed
     orig_close_slot = pool._runner.close_slot
