@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+
+# ``await make_pool(**kwargs)`` (tests/conftest.py): a pool of the test's flavour.
+MakePool = Callable[..., Awaitable[Any]]
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

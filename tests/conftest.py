@@ -21,7 +21,9 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+import safepool
 from safepool.top.cli import redact
+from tests._util import MakePool
 
 LOOPS = ("asyncio", "uvloop")
 
@@ -180,3 +182,25 @@ async def server_count(pg_dsn: str) -> AsyncIterator[Any]:
         yield count
     finally:
         await admin.close()
+
+
+
+@pytest_asyncio.fixture
+async def make_pool(flavour: str, pg_dsn: str) -> AsyncIterator[MakePool]:
+    """``await make_pool(**kwargs)``: a pool of the test's ``flavour``
+    (``"asyncpg"`` or ``"safepool"``, a fixture or a parametrization of the
+    module's) on the test server, min_size 1 and max_size 2 unless given;
+    terminated after the test. The parity tests run one scenario on both."""
+    pools: list[Any] = []
+    factory = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
+
+    async def make(**kwargs: Any) -> Any:
+        kwargs.setdefault("min_size", 1)
+        kwargs.setdefault("max_size", 2)
+        pool = await factory(pg_dsn, **kwargs)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.terminate()

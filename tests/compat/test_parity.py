@@ -14,39 +14,19 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 import safepool
-from tests._util import cancelled, skip_before_asyncpg, slow_close_connection_class, until_in_pg_sleep
-
-MakePool = Callable[..., Awaitable[Any]]
+from tests._util import MakePool, cancelled, skip_before_asyncpg, slow_close_connection_class, until_in_pg_sleep
 
 
 @pytest.fixture(params=["asyncpg", "safepool"])
 def flavour(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest_asyncio.fixture
-async def make_pool(flavour: str, pg_dsn: str) -> AsyncIterator[MakePool]:
-    pools: list[Any] = []
-    factory = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
-
-    async def make(**kwargs: Any) -> Any:
-        kwargs.setdefault("min_size", 1)
-        kwargs.setdefault("max_size", 2)
-        pool = await factory(pg_dsn, **kwargs)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.terminate()
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

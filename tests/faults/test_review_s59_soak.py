@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import asyncpg
 import pytest
@@ -50,26 +51,65 @@ async def admin(running: Cluster, app_name: str) -> AsyncIterator[asyncpg.Connec
         await con.close()
 
 
+async def _until_active(admin: asyncpg.Connection, app_name: str) -> None:
+    async with asyncio.timeout(10):
+        while not await _count(admin, app_name, " AND state = 'active'"):
+            await asyncio.sleep(0.005)
+
+
+async def _sleeping_lease(pool: safepool.Pool, admin: asyncpg.Connection, app_name: str) -> asyncio.Task[None]:
+    """A task whose lease runs ``pg_sleep(5)``, returned once the server runs it."""
+
+    async def lease() -> None:
+        async with pool.acquire() as con:
+            await con.execute("SELECT pg_sleep(5)")
+
+    task = asyncio.create_task(lease())
+    await _until_active(admin, app_name)
+    return task
+
+
+async def _backends_beside_a_replacement(pool: safepool.Pool, admin: asyncpg.Connection, app_name: str) -> int:
+    """The backends the server counts for the pool while a new lease, on the
+    slot's replacement, has run a statement."""
+    for _ in range(3):  # (a lease may meet a connection lost under it: another one then)
+        try:
+            async with asyncio.timeout(5), pool.acquire() as con:
+                await con.fetchval("SELECT 1")
+                return await _count(admin, app_name)
+        except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError):
+            continue
+    raise AssertionError("no lease after the reset")
+
+
+async def _reset_then_count(
+    proxy: FaultProxy, holder: asyncio.Task[None], pool: safepool.Pool, admin: asyncpg.Connection, app_name: str,
+) -> int:
+    """RST every connection through ``proxy`` (the held cancel request
+    too), let the lease's task end, then count the pool's backends beside a
+    replacement's lease."""
+    proxy.reset_all()
+    proxy.latency = 0.0
+    with contextlib.suppress(BaseException):
+        await holder
+    return await _backends_beside_a_replacement(pool, admin, app_name)
+
+
+def _pool(cluster: Cluster, proxy: FaultProxy, app_name: str, **options: Any) -> Awaitable[safepool.Pool]:
+    return safepool.create_pool(
+        cluster.dsn(port=proxy.port), min_size=1, max_size=1, server_settings={"application_name": app_name},
+        **options,
+    )
+
+
 @pytest.mark.parametrize("how", ["task_cancel", "command_timeout"])
 async def test_reset_while_release_waits_for_a_cancelled_statement_keeps_max_size(
     running: Cluster, admin: asyncpg.Connection, app_name: str, how: str
 ) -> None:
     async with FaultProxy(running.port) as proxy:
-        options = {"command_timeout": 0.3} if how == "command_timeout" else {}
-        pool = await safepool.create_pool(
-            running.dsn(port=proxy.port), min_size=1, max_size=1,
-            server_settings={"application_name": app_name}, **options,
-        )
+        pool = await _pool(running, proxy, app_name, **({"command_timeout": 0.3} if how == "command_timeout" else {}))
         try:
-
-            async def lease() -> None:
-                async with pool.acquire() as con:
-                    await con.execute("SELECT pg_sleep(5)")
-
-            holder = asyncio.create_task(lease())
-            async with asyncio.timeout(10):
-                while not await _count(admin, app_name, " AND state = 'active'"):
-                    await asyncio.sleep(0.005)
+            holder = await _sleeping_lease(pool, admin, app_name)
             proxy.latency = 0.2  # asyncpg's cancel request is held in the proxy...
             if how == "task_cancel":
                 holder.cancel()  # asyncpg sends a cancel request; the release waits for its answer
@@ -77,33 +117,13 @@ async def test_reset_while_release_waits_for_a_cancelled_statement_keeps_max_siz
             else:
                 await asyncio.sleep(0.35)  # command_timeout: asyncpg's TimeoutError, its cancel request sent
             assert pool.stats().resetting == 1  # the release waits for the cancelled statement
-            proxy.reset_all()  # ... and dies with the lease's connection (RST)
-            proxy.latency = 0.0
-            with contextlib.suppress(BaseException):
-                await holder
-
-            seen = []
-            for _ in range(3):  # (a lease may meet a connection lost under it: another one then)
-                try:
-                    async with asyncio.timeout(5), pool.acquire() as con:
-                        await con.fetchval("SELECT 1")
-                        seen.append(await _count(admin, app_name))
-                        break
-                except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError):
-                    continue
-            assert seen, "no lease after the reset"
-            assert seen[-1] <= 1, (
-                f"the server counts {seen[-1]} backends for a pool of max_size=1 while the replacement is leased: "
+            count = await _reset_then_count(proxy, holder, pool, admin, app_name)  # (it dies with the connection)
+            assert count <= 1, (
+                f"the server counts {count} backends for a pool of max_size=1 while the replacement is leased: "
                 f"{await _count(admin, app_name, ' AND state = ' + chr(39) + 'active' + chr(39))} still run pg_sleep"
             )
         finally:
             await asyncio.wait_for(pool.close(), 10)
-
-
-async def _until_active(admin: asyncpg.Connection, app_name: str) -> None:
-    async with asyncio.timeout(10):
-        while not await _count(admin, app_name, " AND state = 'active'"):
-            await asyncio.sleep(0.005)
 
 
 async def test_reset_while_a_take_back_waits_for_its_cancel_keeps_max_size(
@@ -115,35 +135,35 @@ async def test_reset_while_a_take_back_waits_for_its_cancel_keeps_max_size(
     cancel request of the pool's own was delivered, so the replacement
     never runs beside the old backend."""
     async with FaultProxy(running.port) as proxy:
-        pool = await safepool.create_pool(
-            running.dsn(port=proxy.port), min_size=1, max_size=1, lease_timeout=0.2,
-            server_settings={"application_name": app_name},
-        )
+        pool = await _pool(running, proxy, app_name, lease_timeout=0.2)
         try:
-
-            async def lease() -> None:
-                async with pool.acquire() as con:
-                    await con.execute("SELECT pg_sleep(5)")
-
-            holder = asyncio.create_task(lease())
-            await _until_active(admin, app_name)
+            holder = await _sleeping_lease(pool, admin, app_name)
             proxy.latency = 0.2  # the take-back's cancel request is held in the proxy...
             async with asyncio.timeout(5):
                 while pool.stats().leases_expired == 0:
                     await asyncio.sleep(0.005)
             await asyncio.sleep(0.05)
-            proxy.reset_all()  # ... and dies with the lease's connection
-            proxy.latency = 0.0
-            with contextlib.suppress(BaseException):
-                await holder
-            async with asyncio.timeout(5), pool.acquire() as con:
-                for _ in range(3):
-                    try:
-                        await con.fetchval("SELECT 1")
-                        break
-                    except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError):
-                        continue
-                count = await _count(admin, app_name)
+            count = await _reset_then_count(proxy, holder, pool, admin, app_name)  # (it dies with the connection)
+            assert count <= 1, f"the server counts {count} backends for a pool of max_size=1"
+        finally:
+            await asyncio.wait_for(pool.close(), 10)
+
+
+async def test_reset_while_a_used_up_connection_waits_for_a_cancelled_statement_keeps_max_size(
+    running: Cluster, admin: asyncpg.Connection, app_name: str
+) -> None:
+    """The sibling in the close of a connection at ``max_queries``: its
+    release closes it (no reset) once the cancelled statement answers; an
+    RST kills both sockets while asyncpg's cancel request is held. The slot
+    counts until a cancel request of the pool's own was delivered."""
+    async with FaultProxy(running.port) as proxy:
+        pool = await _pool(running, proxy, app_name, max_queries=1)
+        try:
+            holder = await _sleeping_lease(pool, admin, app_name)
+            proxy.latency = 0.2
+            holder.cancel()
+            await asyncio.sleep(0.02)
+            count = await _reset_then_count(proxy, holder, pool, admin, app_name)
             assert count <= 1, f"the server counts {count} backends for a pool of max_size=1"
         finally:
             await asyncio.wait_for(pool.close(), 10)
@@ -158,18 +178,10 @@ async def test_reset_while_a_closing_pool_waits_for_a_cancelled_statement_leaves
     both sockets. close() returns only once the backend got a cancel request
     of the pool's own: no backend of the pool outlives close()."""
     async with FaultProxy(running.port) as proxy:
-        pool = await safepool.create_pool(
-            running.dsn(port=proxy.port), min_size=1, max_size=1, server_settings={"application_name": app_name},
-        )
+        pool = await _pool(running, proxy, app_name)
         closing: asyncio.Future[None] | None = None
         try:
-
-            async def lease() -> None:
-                async with pool.acquire() as con:
-                    await con.execute("SELECT pg_sleep(5)")
-
-            holder = asyncio.create_task(lease())
-            await _until_active(admin, app_name)
+            holder = await _sleeping_lease(pool, admin, app_name)
             closing = asyncio.ensure_future(pool.close())
             async with asyncio.timeout(5):
                 while not pool.is_closing():
@@ -191,43 +203,3 @@ async def test_reset_while_a_closing_pool_waits_for_a_cancelled_statement_leaves
         finally:
             if closing is None:
                 await asyncio.wait_for(pool.close(), 10)
-
-
-async def test_reset_while_a_used_up_connection_waits_for_a_cancelled_statement_keeps_max_size(
-    running: Cluster, admin: asyncpg.Connection, app_name: str
-) -> None:
-    """The sibling in the close of a connection at ``max_queries``: its
-    release closes it (no reset) once the cancelled statement answers; an
-    RST kills both sockets while asyncpg's cancel request is held. The slot
-    counts until a cancel request of the pool's own was delivered."""
-    async with FaultProxy(running.port) as proxy:
-        pool = await safepool.create_pool(
-            running.dsn(port=proxy.port), min_size=1, max_size=1, max_queries=1,
-            server_settings={"application_name": app_name},
-        )
-        try:
-
-            async def lease() -> None:
-                async with pool.acquire() as con:
-                    await con.execute("SELECT pg_sleep(5)")
-
-            holder = asyncio.create_task(lease())
-            await _until_active(admin, app_name)
-            proxy.latency = 0.2
-            holder.cancel()
-            await asyncio.sleep(0.02)
-            proxy.reset_all()
-            proxy.latency = 0.0
-            with contextlib.suppress(BaseException):
-                await holder
-            async with asyncio.timeout(5), pool.acquire() as con:
-                for _ in range(3):
-                    try:
-                        await con.fetchval("SELECT 1")
-                        break
-                    except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError):
-                        continue
-                count = await _count(admin, app_name)
-            assert count <= 1, f"the server counts {count} backends for a pool of max_size=1"
-        finally:
-            await asyncio.wait_for(pool.close(), 10)

@@ -13,35 +13,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 import safepool
-
-MakePool = Callable[..., Awaitable[Any]]
+from tests._util import MakePool
 
 BOTH = ["asyncpg", "safepool"]
 
 
-@pytest_asyncio.fixture
-async def make_pool(flavour: str, pg_dsn: str) -> AsyncIterator[MakePool]:
-    pools: list[Any] = []
-    factory = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
+def _gated(entered: asyncio.Event, gate: asyncio.Event) -> Callable[[Any], Awaitable[None]]:
+    """A hook (setup=, init=) that sets ``entered`` and waits for ``gate``."""
 
-    async def make(**kwargs: Any) -> Any:
-        kwargs.setdefault("min_size", 1)
-        kwargs.setdefault("max_size", 2)
-        pool = await factory(pg_dsn, **kwargs)
-        pools.append(pool)
-        return pool
+    async def hook(con: Any) -> None:
+        entered.set()
+        await gate.wait()
 
-    yield make
-    for pool in pools:
-        pool.terminate()
+    return hook
 
 
 async def _acquire(pool: Any) -> Any:
@@ -155,12 +146,7 @@ async def test_close_while_an_acquire_runs_its_setup_hook(make_pool: MakePool, f
     waits for its release: the acquire gets a connection that works
     (docs/migration.md)."""
     entered, gate = asyncio.Event(), asyncio.Event()
-
-    async def setup(con: Any) -> None:
-        entered.set()
-        await gate.wait()
-
-    pool = await make_pool(min_size=1, max_size=1, setup=setup)
+    pool = await make_pool(min_size=1, max_size=1, setup=_gated(entered, gate))
     acquiring = asyncio.ensure_future(_acquire(pool))
     lease: Any = None
     try:
@@ -376,12 +362,7 @@ async def test_a_query_logger_and_a_termination_listener_left_at_release_serve_t
 @pytest.mark.parametrize("flavour", BOTH)
 async def test_an_acquire_whose_setup_hook_runs_at_terminate_gets_nothing_usable(make_pool: MakePool) -> None:
     entered, gate = asyncio.Event(), asyncio.Event()
-
-    async def setup(con: Any) -> None:
-        entered.set()
-        await gate.wait()
-
-    pool = await make_pool(min_size=1, max_size=1, setup=setup)
+    pool = await make_pool(min_size=1, max_size=1, setup=_gated(entered, gate))
     acquiring = asyncio.create_task(_acquire(pool))
     try:
         async with asyncio.timeout(5):
