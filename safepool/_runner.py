@@ -440,8 +440,14 @@ class Runner:
                 # close sends a cancel request of the pool's own and the slot
                 # counts until it was delivered (docs/design.md, "Slot
                 # states"). Not after a close the peer made in order (the
-                # backend has exited) nor an abort of the pool's.
+                # backend has exited) nor an abort of the pool's. Bounded by
+                # CANCEL_ANSWER_GRACE, as the wait for asyncpg's own answer:
+                # when asyncpg gave up on a cancel request that never came
+                # (a server that accepts it and never acts), its replacement
+                # is open within asyncpg's recovery time, as asyncpg's own
+                # suite wants (test_pool_release_after_background_cancel_timeout).
                 holder.lost_while_leased = True
+                holder.close_budget = _workers.CANCEL_ANSWER_GRACE
             # Refused: a statement of the lease still runs in another task
             # (release() called while it ran). The close waits for it to end
             # first: asyncpg's close() would cancel it through its protocol,

@@ -405,14 +405,14 @@ async def close(
                 if _pg.is_cancelling(con):
                     await _pg.wait_for_cancellation(con)
                     if _reset_under_the_wait(con, running):
-                        await deliver_cancel(con, key, cancel_timeout(budget))
+                        await deliver_cancel(con, key, CANCEL_ANSWER_GRACE)
                         return None
                 await con.close()
         else:
             if spent is not None and _pg.is_cancelling(con):
                 error = await _cancel_answered_within(con, budget, spent)
                 if _reset_under_the_wait(con, running):
-                    await deliver_cancel(con, key, cancel_timeout(budget))
+                    await deliver_cancel(con, key, CANCEL_ANSWER_GRACE)
                     return error
                 if error is not None:
                     await con.close(timeout=CANCEL_ANSWER_GRACE)
@@ -425,7 +425,7 @@ async def close(
             if _pg.is_cancelling(con):
                 await _pg.wait_for_cancellation(con, budget)
                 if _reset_under_the_wait(con, running):
-                    await deliver_cancel(con, key, cancel_timeout(budget))
+                    await deliver_cancel(con, key, CANCEL_ANSWER_GRACE)
                     return None
             await con.close(timeout=budget)
     except Exception as exc:
@@ -446,8 +446,10 @@ def _reset_under_the_wait(con: RawConnection, running: bool) -> bool:
     was reset (an RST: a proxy, a load balancer, the network), which may
     also have killed asyncpg's cancel request (asyncpg then aborts the
     connection itself): the backend may still run the statement, and gets
-    a cancel request of the pool's own (the slot counts until then). Not
-    after a close the peer made in order: the backend has exited."""
+    a cancel request of the pool's own, for CANCEL_ANSWER_GRACE at most (the
+    slot counts until then; asyncpg's own wait for an answer has the same
+    bound). Not after a close the peer made in order: the backend has
+    exited."""
     return running and con.is_closed() and not _pg.peer_closed(con)
 
 

@@ -22,13 +22,11 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests._util import skip_before_asyncpg
+from tests._util import MakePool, skip_before_asyncpg
 from tests.compat import test_parity as parity
 
-# test_parity.py's pool fixtures (both pools, terminated after the test).
-MakePool = parity.MakePool
+# test_parity.py's flavour fixture (both pools); make_pool is tests/conftest.py's.
 flavour = parity.flavour
-make_pool = parity.make_pool
 
 pytestmark = pytest.mark.asyncio
 

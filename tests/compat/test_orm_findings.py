@@ -20,12 +20,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests._util import skip_before_asyncpg
+from tests._util import MakePool, skip_before_asyncpg
 from tests.compat import test_parity as parity
 
-MakePool = parity.MakePool
-flavour = parity.flavour
-make_pool = parity.make_pool
+flavour = parity.flavour  # (make_pool: tests/conftest.py)
 
 pytestmark = pytest.mark.asyncio
 
