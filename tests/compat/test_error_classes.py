@@ -22,9 +22,10 @@ import pytest
 import safepool
 from safepool import health
 from safepool.metrics.prometheus import PoolCollector
-from tests.compat.test_parity import MakePool, flavour, make_pool
+from tests._util import MakePool
+from tests.compat.test_parity import flavour
 
-__all__ = ["flavour", "make_pool"]  # (the fixtures, used by name)
+__all__ = ["flavour"]  # (the fixture, used by name; make_pool is tests/conftest.py's)
 
 PACKAGE = Path(safepool.__file__).resolve().parent
 
