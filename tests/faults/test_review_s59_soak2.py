@@ -86,11 +86,16 @@ async def _refusing_new_connections(proxy: FaultProxy) -> AsyncIterator[None]:
     strict=True,
     reason="a take-back whose cancel request fails returns that error and the connection is closed gracefully "
     "under the expired lease's running statement: asyncpg's close cancels it in its protocol and the holder's "
-    "execute() raises TypeError (a None result) or InternalClientError from inside asyncpg",
+    "execute() raises TypeError (a None result) or InternalClientError from inside asyncpg; fetchval() returns None",
 )
+@pytest.mark.parametrize("call", ["execute", "fetchval"])
 async def test_a_failed_take_back_cancel_does_not_close_the_connection_under_the_leases_statement(
-    running: Cluster, admin: asyncpg.Connection, app_name: str
+    running: Cluster, admin: asyncpg.Connection, app_name: str, call: str
 ) -> None:
+    """``execute``: the holder gets TypeError from inside asyncpg.
+    ``fetchval``: worse, the holder's call *returns* None, no error at all:
+    a wrong result handed to the application (the soak saw a lease read its
+    own ``SET LOCAL`` back as None inside its transaction)."""
     async with FaultProxy(running.port) as proxy:
         pool = await safepool.create_pool(
             running.dsn(port=proxy.port), min_size=1, max_size=1, lease_timeout=0.3,
@@ -98,11 +103,15 @@ async def test_a_failed_take_back_cancel_does_not_close_the_connection_under_the
         )
         try:
             outcome: list[BaseException | None] = []
+            results: list[object] = []
 
             async def lease() -> None:
                 try:
                     async with pool.acquire() as con:
-                        await con.execute("SELECT pg_sleep($1)", 3.0)
+                        if call == "execute":
+                            results.append(await con.execute("SELECT pg_sleep($1)", 3.0))
+                        else:
+                            results.append(await con.fetchval("SELECT 42 FROM pg_sleep($1)", 3.0))
                 except BaseException as exc:
                     outcome.append(exc)
                     raise
@@ -123,6 +132,7 @@ async def test_a_failed_take_back_cancel_does_not_close_the_connection_under_the
                 f"the expired lease's statement failed from inside asyncpg: {error!r} "
                 "(the pool closed the connection under it)"
             )
+            assert results in ([], ["SELECT 1"], [42]), f"the expired lease's call returned {results!r} with no error"
             assert error is None or isinstance(
                 error, (asyncpg.QueryCanceledError, safepool.LeaseExpiredError, asyncpg.ConnectionDoesNotExistError)
             ), repr(error)
