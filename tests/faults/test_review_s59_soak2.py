@@ -27,8 +27,16 @@ the connection under the lease's own statement, and the take-back's
 documented rule ("waits until the statement ends") is broken.
 
 Found by the soak at seed 102 (asyncio; max_size 4, lease_timeout 0.211,
-max_queries 15, server restarts fast/immediate behind the proxy, task
-cancels): 4 of 9 runs of that seed, 1 or 2 such errors each.
+max_queries 15, reset_mode rollback, server restarts fast/immediate behind
+the proxy, task cancels): 10 of 15 runs of that seed, 1 or 2 such errors
+each (one run of it on uvloop was clean). The soak's probes showed the
+path: the take-back ended with ``ConnectionError('unexpected
+connection_lost() call')`` (its cancel request's connect, the server
+restarting) while the statement was in flight, ``reset_done`` closed the
+slot, ``_workers.close`` called ``con.close()`` (no budget: reset_timeout
+unset), asyncpg's close sent its own cancel request, which failed, and
+asyncpg aborted the connection: the waiter of the holder's statement
+resolved with None.
 """
 
 from __future__ import annotations
