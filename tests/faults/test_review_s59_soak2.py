@@ -29,10 +29,12 @@ documented rule ("waits until the statement ends") is broken.
 Found by the soak at seed 102 (asyncio; max_size 4, lease_timeout 0.211,
 max_queries 15, reset_mode rollback, server restarts fast/immediate behind
 the proxy, task cancels): 10 of 15 runs of that seed, 1 or 2 such errors
-each (one run of it on uvloop was clean). The soak's probes showed the
+each (one run of it on uvloop was clean); seed 138 (asyncio, lease_timeout
+0.13, restarts behind the proxy) hit it twice. The soak's probes showed the
 path: the take-back ended with ``ConnectionError('unexpected
-connection_lost() call')`` (its cancel request's connect, the server
-restarting) while the statement was in flight, ``reset_done`` closed the
+connection_lost() call')`` (its cancel request, accepted by the proxy,
+which then failed to reach the restarting server and closed it) while the
+statement was in flight, ``reset_done`` closed the
 slot, ``_workers.close`` called ``con.close()`` (no budget: reset_timeout
 unset), asyncpg's close sent its own cancel request, which failed, and
 asyncpg aborted the connection: the waiter of the holder's statement
