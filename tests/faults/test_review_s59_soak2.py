@@ -1,0 +1,150 @@
+"""Review s59, soak 2 (helper-172): what the second soak of random combined
+faults found (the fixed code of helper-171's soak, direct and through
+PgBouncer), reduced to tests on the fault suite's cluster and TCP proxy.
+
+A lease past ``lease_timeout`` whose statement still runs is taken back:
+the take-back tries its reset, and while asyncpg refuses it (the statement
+runs) it sends cancel requests of its own and tries again
+(``_workers._once_free``), waiting for the statement to end. When one of
+those cancel requests fails (the server's address refuses the request's new
+TCP connection: a restart under way, a proxy or load balancer that stopped
+accepting, while the lease's own connection lives on), the error leaves the
+take-back as its result, and the runner closes the connection as after any
+failed reset: gracefully, with asyncpg's ``Connection.close()``, while the
+expired lease's statement still runs in the holder's task. asyncpg's close
+cancels that statement through its protocol (its own cancel request, which
+fails the same way, and asyncpg then aborts the connection): the holder's
+``await con.execute(...)`` gets a ``None`` result and raises
+``TypeError: cannot unpack non-iterable NoneType object`` from inside
+asyncpg (or, when the statement's answer was already on its way,
+``InternalClientError: got result for unknown protocol state 3``), instead
+of the error a lease timeout promises (the statement cancelled:
+``QueryCanceledError`` or ``LeaseExpiredError``; at worst a lost
+connection's ``ConnectionDoesNotExistError``). docs/reliability.md records
+the unknown-protocol-state error as a known limit only for a *release* that
+closes while *another* task's statement runs; here the pool itself closes
+the connection under the lease's own statement, and the take-back's
+documented rule ("waits until the statement ends") is broken.
+
+Found by the soak at seed 102 (asyncio; max_size 4, lease_timeout 0.211,
+max_queries 15, reset_mode rollback, server restarts fast/immediate behind
+the proxy, task cancels): 10 of 15 runs of that seed, 1 or 2 such errors
+each (one run of it on uvloop was clean); seed 138 (asyncio, lease_timeout
+0.13, restarts behind the proxy) hit it twice. The soak's probes showed the
+path: the take-back ended with ``ConnectionError('unexpected
+connection_lost() call')`` (its cancel request, accepted by the proxy,
+which then failed to reach the restarting server and closed it) while the
+statement was in flight, ``reset_done`` closed the
+slot, ``_workers.close`` called ``con.close()`` (no budget: reset_timeout
+unset), asyncpg's close sent its own cancel request, which failed, and
+asyncpg aborted the connection: the waiter of the holder's statement
+resolved with None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+import safepool
+
+from ._pg import Cluster
+from ._proxy import FaultProxy
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
+
+
+async def _count(admin: asyncpg.Connection, app_name: str, extra: str = "") -> int:
+    return int(
+        await admin.fetchval(f"SELECT count(*) FROM pg_stat_activity WHERE application_name = $1{extra}", app_name)
+    )
+
+
+@pytest_asyncio.fixture
+async def admin(running: Cluster, app_name: str) -> AsyncIterator[asyncpg.Connection]:
+    con = await asyncpg.connect(running.admin_dsn)
+    try:
+        yield con
+    finally:
+        # A backend left running its pg_sleep must not outlive the test.
+        await con.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
+        )
+        await con.close()
+
+
+@contextlib.asynccontextmanager
+async def _refusing_new_connections(proxy: FaultProxy) -> AsyncIterator[None]:
+    """The proxy stops accepting (its listening socket closed): a new TCP
+    connection to its port is refused, the connections it relays live on.
+    Listens on the same port again afterwards."""
+    server = proxy._server
+    assert server is not None
+    server.close()
+    try:
+        yield
+    finally:
+        proxy._server = await asyncio.start_server(proxy._handle, "127.0.0.1", proxy.port)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a take-back whose cancel request fails returns that error and the connection is closed gracefully "
+    "under the expired lease's running statement: asyncpg's close cancels it in its protocol and the holder's "
+    "execute() raises TypeError (a None result) or InternalClientError from inside asyncpg; fetchval() returns None",
+)
+@pytest.mark.parametrize("call", ["execute", "fetchval"])
+async def test_a_failed_take_back_cancel_does_not_close_the_connection_under_the_leases_statement(
+    running: Cluster, admin: asyncpg.Connection, app_name: str, call: str
+) -> None:
+    """``execute``: the holder gets TypeError from inside asyncpg.
+    ``fetchval``: worse, the holder's call *returns* None, no error at all:
+    a wrong result handed to the application (the soak saw a lease read its
+    own ``SET LOCAL`` back as None inside its transaction)."""
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=1, max_size=1, lease_timeout=0.3,
+            server_settings={"application_name": app_name},
+        )
+        try:
+            outcome: list[BaseException | None] = []
+            results: list[object] = []
+
+            async def lease() -> None:
+                try:
+                    async with pool.acquire() as con:
+                        if call == "execute":
+                            results.append(await con.execute("SELECT pg_sleep($1)", 3.0))
+                        else:
+                            results.append(await con.fetchval("SELECT 42 FROM pg_sleep($1)", 3.0))
+                except BaseException as exc:
+                    outcome.append(exc)
+                    raise
+                outcome.append(None)
+
+            async with asyncio.timeout(10):
+                await pool.fetchval("SELECT 1")  # (the pool's connection is open: only cancel requests connect)
+                async with _refusing_new_connections(proxy):
+                    holder = asyncio.create_task(lease())
+                    while not await _count(admin, app_name, " AND state = 'active'"):
+                        await asyncio.sleep(0.005)
+                    # The lease expires at 0.3 s; the take-back's cancel request is refused.
+                    with contextlib.suppress(BaseException):
+                        await holder
+            assert outcome, "the holder never finished"
+            error = outcome[0]
+            assert not isinstance(error, (TypeError, asyncpg.InternalClientError)), (
+                f"the expired lease's statement failed from inside asyncpg: {error!r} "
+                "(the pool closed the connection under it)"
+            )
+            assert results in ([], ["SELECT 1"], [42]), f"the expired lease's call returned {results!r} with no error"
+            assert error is None or isinstance(
+                error, (asyncpg.QueryCanceledError, safepool.LeaseExpiredError, asyncpg.ConnectionDoesNotExistError)
+            ), repr(error)
+        finally:
+            await asyncio.wait_for(pool.close(), 10)
