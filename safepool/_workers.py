@@ -301,8 +301,10 @@ async def _once_free(
     later. Nothing is tried between the steps of a fetch-family call
     (``_internals.in_call``) or while ``paused()``: the protocol is idle
     there although the call goes on, and the cancel is repeated for the
-    step that follows. Returns ``send``'s error other than the refusal, or
-    None (also when the connection closed first); the caller bounds the wait."""
+    step that follows. A cancel request that fails (refused, reset) is sent
+    again at the next interval, not returned: the statement still runs.
+    Returns ``send``'s error other than the refusal, or None (also when the
+    connection closed first); the caller bounds the wait."""
     loop = asyncio.get_running_loop()
     cancelled_at: float | None = None
     cancelled_statement = -1  # (asyncpg's count of statements sent, at the last request)
@@ -325,7 +327,18 @@ async def _once_free(
                 interval = min(interval * 2, TAKE_BACK_CANCEL_MAX_INTERVAL)
             cancelled_at = loop.time()
             cancelled_statement = statement
-            await _pg.cancel_running_query(con)
+            try:
+                await _pg.cancel_running_query(con)
+            except Exception:
+                # The request did not get through (the address refuses new
+                # connections: a restart under way, a proxy or a load
+                # balancer that stopped accepting, while this connection
+                # lives on). The statement still runs: keep waiting for it,
+                # and ask again at the next interval. Ending here would hand
+                # the connection to a close that cancels the statement
+                # inside asyncpg's protocol, under its task's await (a None
+                # result for its fetchval(), a TypeError from its execute()).
+                pass
         await asyncio.sleep(0.005)  # the server's reply frees the protocol
     return None
 

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import AsyncIterator
 
 
 class _Pair:
@@ -71,6 +72,20 @@ class FaultProxy:
         self._orphans.clear()
         if self._server is not None:
             await self._server.wait_closed()
+
+    @contextlib.asynccontextmanager
+    async def refusing_new_connections(self) -> AsyncIterator[None]:
+        """New TCP connections to the proxy's port are refused (its listening
+        socket closed: a restart under way behind it, a load balancer
+        draining) while the connections it relays live on; it listens on
+        the same port again afterwards. A cancel request, which takes a
+        connection of its own, then fails where the lease's does not."""
+        assert self._server is not None
+        self._server.close()
+        try:
+            yield
+        finally:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
 
     async def __aenter__(self) -> FaultProxy:
         return await self.start()

@@ -2,7 +2,9 @@
 faults found (the fixed code of helper-171's soak, direct and through
 PgBouncer), reduced to tests on the fault suite's cluster and TCP proxy.
 
-A lease past ``lease_timeout`` whose statement still runs is taken back:
+Fixed since (``_workers._once_free`` sends a refused cancel request again at
+its next interval, and the take-back waits on). A lease past
+``lease_timeout`` whose statement still runs is taken back:
 the take-back tries its reset, and while asyncpg refuses it (the statement
 runs) it sends cancel requests of its own and tries again
 (``_workers._once_free``), waiting for the statement to end. When one of
@@ -78,26 +80,6 @@ async def admin(running: Cluster, app_name: str) -> AsyncIterator[asyncpg.Connec
         await con.close()
 
 
-@contextlib.asynccontextmanager
-async def _refusing_new_connections(proxy: FaultProxy) -> AsyncIterator[None]:
-    """The proxy stops accepting (its listening socket closed): a new TCP
-    connection to its port is refused, the connections it relays live on.
-    Listens on the same port again afterwards."""
-    server = proxy._server
-    assert server is not None
-    server.close()
-    try:
-        yield
-    finally:
-        proxy._server = await asyncio.start_server(proxy._handle, "127.0.0.1", proxy.port)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a take-back whose cancel request fails returns that error and the connection is closed gracefully "
-    "under the expired lease's running statement: asyncpg's close cancels it in its protocol and the holder's "
-    "execute() raises TypeError (a None result) or InternalClientError from inside asyncpg; fetchval() returns None",
-)
 @pytest.mark.parametrize("call", ["execute", "fetchval"])
 async def test_a_failed_take_back_cancel_does_not_close_the_connection_under_the_leases_statement(
     running: Cluster, admin: asyncpg.Connection, app_name: str, call: str
@@ -129,7 +111,7 @@ async def test_a_failed_take_back_cancel_does_not_close_the_connection_under_the
 
             async with asyncio.timeout(10):
                 await pool.fetchval("SELECT 1")  # (the pool's connection is open: only cancel requests connect)
-                async with _refusing_new_connections(proxy):
+                async with proxy.refusing_new_connections():
                     holder = asyncio.create_task(lease())
                     while not await _count(admin, app_name, " AND state = 'active'"):
                         await asyncio.sleep(0.005)
@@ -146,5 +128,47 @@ async def test_a_failed_take_back_cancel_does_not_close_the_connection_under_the
             assert error is None or isinstance(
                 error, (asyncpg.QueryCanceledError, safepool.LeaseExpiredError, asyncpg.ConnectionDoesNotExistError)
             ), repr(error)
+        finally:
+            await asyncio.wait_for(pool.close(), 10)
+
+
+@pytest.mark.parametrize("call", ["execute", "fetchval"])
+async def test_a_release_under_a_running_statement_whose_cancels_fail_leaves_the_statement_its_outcome(
+    running: Cluster, admin: asyncpg.Connection, app_name: str, call: str
+) -> None:
+    """The sibling in a release made while another task's statement runs
+    on the lease (asyncpg refuses the reset: the pool gives the connection
+    up, and its close first waits for the statement, cancelling it on the
+    server as a take-back does). Those cancel requests refused too, the
+    statement runs to its end and its task gets its own outcome, never a
+    None result or an error from inside asyncpg. (Before the fix this path
+    aborted the connection at the first refused request, and the statement
+    got ConnectionDoesNotExistError: allowed, but not its own outcome.)"""
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=1, max_size=1, server_settings={"application_name": app_name},
+        )
+        try:
+            con = await pool.acquire()
+
+            async def statement() -> object:
+                if call == "execute":
+                    return await con.execute("SELECT pg_sleep($1)", 1.5)
+                return await con.fetchval("SELECT 42 FROM pg_sleep($1)", 1.5)
+
+            async with asyncio.timeout(10):
+                async with proxy.refusing_new_connections():
+                    running_statement = asyncio.create_task(statement())
+                    while not await _count(admin, app_name, " AND state = 'active'"):
+                        await asyncio.sleep(0.005)
+                    with contextlib.suppress(Exception):
+                        await pool.release(con)  # (its reset refused: the statement runs)
+                    outcome = (await asyncio.gather(running_statement, return_exceptions=True))[0]
+            assert not isinstance(outcome, (TypeError, asyncpg.InternalClientError)), repr(outcome)
+            assert outcome in ("SELECT 1", 42) or isinstance(
+                outcome, (asyncpg.QueryCanceledError, asyncpg.ConnectionDoesNotExistError)
+            ), repr(outcome)
+            async with pool.acquire(timeout=5) as again:
+                assert await again.fetchval("SELECT 1") == 1
         finally:
             await asyncio.wait_for(pool.close(), 10)
