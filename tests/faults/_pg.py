@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 APP_USER = "app"
@@ -155,3 +156,11 @@ def start_cluster(**kwargs: int) -> Cluster:
         cluster.cleanup()
         raise
     return cluster
+
+
+async def count_backends(admin: Any, app_name: str, extra: str = "") -> int:
+    """Backends the server lists for ``app_name`` (``extra``: more of the
+    WHERE clause, as ``" AND state = 'active'"``), through ``admin``."""
+    return int(
+        await admin.fetchval(f"SELECT count(*) FROM pg_stat_activity WHERE application_name = $1{extra}", app_name)
+    )

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import asyncpg
 import pytest
+import pytest_asyncio
 
 from ._pg import Cluster, start_cluster
 
@@ -48,3 +50,19 @@ def report(request: pytest.FixtureRequest) -> Any:
                 f.write(json.dumps(line) + "\n")
 
     return emit
+
+
+@pytest_asyncio.fixture
+async def admin(running: Cluster, app_name: str) -> AsyncIterator[asyncpg.Connection]:
+    """A superuser connection to the running cluster, for pg_stat_activity
+    (``count_backends``) and pg_terminate_backend. Every backend of the
+    test's ``app_name`` is terminated after the test: one a bug left
+    running its statement must not outlive it."""
+    con = await asyncpg.connect(running.admin_dsn)
+    try:
+        yield con
+    finally:
+        await con.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
+        )
+        await con.close()

@@ -17,43 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import Any
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 import safepool
 
-from ._pg import Cluster
+from ._pg import Cluster, count_backends
 from ._proxy import FaultProxy
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
 
 
-async def _count(admin: asyncpg.Connection, app_name: str, extra: str = "") -> int:
-    return int(
-        await admin.fetchval(f"SELECT count(*) FROM pg_stat_activity WHERE application_name = $1{extra}", app_name)
-    )
-
-
-@pytest_asyncio.fixture
-async def admin(running: Cluster, app_name: str) -> AsyncIterator[asyncpg.Connection]:
-    con = await asyncpg.connect(running.admin_dsn)
-    try:
-        yield con
-    finally:
-        # A backend left running its pg_sleep (the bug) must not outlive the test.
-        await con.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
-        )
-        await con.close()
-
-
 async def _until_active(admin: asyncpg.Connection, app_name: str) -> None:
     async with asyncio.timeout(10):
-        while not await _count(admin, app_name, " AND state = 'active'"):
+        while not await count_backends(admin, app_name, " AND state = 'active'"):
             await asyncio.sleep(0.005)
 
 
@@ -76,13 +56,13 @@ async def _backends_beside_a_replacement(pool: safepool.Pool, admin: asyncpg.Con
         try:
             async with asyncio.timeout(5), pool.acquire() as con:
                 await con.fetchval("SELECT 1")
-                return await _count(admin, app_name)
+                return await count_backends(admin, app_name)
         except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError):
             continue
     raise AssertionError("no lease after the reset")
 
 
-async def _reset_then_count(
+async def _reset_thencount_backends(
     proxy: FaultProxy, holder: asyncio.Task[None], pool: safepool.Pool, admin: asyncpg.Connection, app_name: str,
 ) -> int:
     """RST every connection through ``proxy`` (the held cancel request
@@ -117,10 +97,10 @@ async def test_reset_while_release_waits_for_a_cancelled_statement_keeps_max_siz
             else:
                 await asyncio.sleep(0.35)  # command_timeout: asyncpg's TimeoutError, its cancel request sent
             assert pool.stats().resetting == 1  # the release waits for the cancelled statement
-            count = await _reset_then_count(proxy, holder, pool, admin, app_name)  # (it dies with the connection)
+            count = await _reset_thencount_backends(proxy, holder, pool, admin, app_name)  # (it dies with the connection)
             assert count <= 1, (
                 f"the server counts {count} backends for a pool of max_size=1 while the replacement is leased: "
-                f"{await _count(admin, app_name, ' AND state = ' + chr(39) + 'active' + chr(39))} still run pg_sleep"
+                f"{await count_backends(admin, app_name, ' AND state = ' + chr(39) + 'active' + chr(39))} still run pg_sleep"
             )
         finally:
             await asyncio.wait_for(pool.close(), 10)
@@ -143,7 +123,7 @@ async def test_reset_while_a_take_back_waits_for_its_cancel_keeps_max_size(
                 while pool.stats().leases_expired == 0:
                     await asyncio.sleep(0.005)
             await asyncio.sleep(0.05)
-            count = await _reset_then_count(proxy, holder, pool, admin, app_name)  # (it dies with the connection)
+            count = await _reset_thencount_backends(proxy, holder, pool, admin, app_name)  # (it dies with the connection)
             assert count <= 1, f"the server counts {count} backends for a pool of max_size=1"
         finally:
             await asyncio.wait_for(pool.close(), 10)
@@ -163,7 +143,7 @@ async def test_reset_while_a_used_up_connection_waits_for_a_cancelled_statement_
             proxy.latency = 0.2
             holder.cancel()
             await asyncio.sleep(0.02)
-            count = await _reset_then_count(proxy, holder, pool, admin, app_name)
+            count = await _reset_thencount_backends(proxy, holder, pool, admin, app_name)
             assert count <= 1, f"the server counts {count} backends for a pool of max_size=1"
         finally:
             await asyncio.wait_for(pool.close(), 10)
@@ -197,7 +177,7 @@ async def test_reset_while_a_closing_pool_waits_for_a_cancelled_statement_leaves
             async with asyncio.timeout(2):
                 # (a cancelled backend exits at once, but the server lists it
                 # until it has: a few milliseconds)
-                while (active := await _count(admin, app_name, " AND state = 'active'")):
+                while (active := await count_backends(admin, app_name, " AND state = 'active'")):
                     await asyncio.sleep(0.01)
             assert active == 0
         finally:

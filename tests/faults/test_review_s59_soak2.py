@@ -47,37 +47,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 import safepool
 
-from ._pg import Cluster
+from ._pg import Cluster, count_backends
 from ._proxy import FaultProxy
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
-
-
-async def _count(admin: asyncpg.Connection, app_name: str, extra: str = "") -> int:
-    return int(
-        await admin.fetchval(f"SELECT count(*) FROM pg_stat_activity WHERE application_name = $1{extra}", app_name)
-    )
-
-
-@pytest_asyncio.fixture
-async def admin(running: Cluster, app_name: str) -> AsyncIterator[asyncpg.Connection]:
-    con = await asyncpg.connect(running.admin_dsn)
-    try:
-        yield con
-    finally:
-        # A backend left running its pg_sleep must not outlive the test.
-        await con.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
-        )
-        await con.close()
 
 
 @pytest.mark.parametrize("call", ["execute", "fetchval"])
@@ -113,7 +92,7 @@ async def test_a_failed_take_back_cancel_does_not_close_the_connection_under_the
                 await pool.fetchval("SELECT 1")  # (the pool's connection is open: only cancel requests connect)
                 async with proxy.refusing_new_connections():
                     holder = asyncio.create_task(lease())
-                    while not await _count(admin, app_name, " AND state = 'active'"):
+                    while not await count_backends(admin, app_name, " AND state = 'active'"):
                         await asyncio.sleep(0.005)
                     # The lease expires at 0.3 s; the take-back's cancel request is refused.
                     with contextlib.suppress(BaseException):
@@ -159,7 +138,7 @@ async def test_a_release_under_a_running_statement_whose_cancels_fail_leaves_the
             async with asyncio.timeout(10):
                 async with proxy.refusing_new_connections():
                     running_statement = asyncio.create_task(statement())
-                    while not await _count(admin, app_name, " AND state = 'active'"):
+                    while not await count_backends(admin, app_name, " AND state = 'active'"):
                         await asyncio.sleep(0.005)
                     with contextlib.suppress(Exception):
                         await pool.release(con)  # (its reset refused: the statement runs)
