@@ -18,6 +18,8 @@ from collections import deque
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
+
 from ._durations import validate_timeout
 from ._histogram import Distribution
 from .errors import PoolClosedError, PoolOverloadedError, PoolTypeError, check_flag, check_is_pool
@@ -278,11 +280,10 @@ async def _probe(pool: Pool, timeout: float, query: str, reasons: list[HealthRea
                 # (a readiness endpoint's handler, or a safepool.site around it).
                 async with pool.acquire(timeout=timeout, site=PROBE_SITE) as con:
                     acquired = True
-                    raw = con._raw  # (the proxy lets go of a connection that is lost)
                     try:
                         await con.fetchval(query)
                     except Exception:
-                        if attempts and raw is not None and raw.is_closed():
+                        if attempts and _lost(con):
                             continue  # (released first: the pool lets the closed connection go)
                         raise
                 break
@@ -318,6 +319,16 @@ async def _probe(pool: Pool, timeout: float, query: str, reasons: list[HealthRea
         ))
         return None
     return time.perf_counter() - started
+
+
+def _lost(con: Any) -> bool:
+    """The probe's connection was lost under its query: closed, or (as on
+    asyncpg's pool) its lease already ended by the pool, which lets go of a
+    connection that died, so its proxy raises as a released one."""
+    try:
+        return bool(con.is_closed())
+    except asyncpg.InterfaceError:
+        return True
 
 
 def _recent_connect_errors(pool: Pool, stats: PoolStats, now: float, window: float) -> tuple[int, float | None]:
