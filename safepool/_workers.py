@@ -417,15 +417,13 @@ async def close(
             async with asyncio.timeout(DEFAULT_RESET_TIMEOUT):
                 if _pg.is_cancelling(con):
                     await _pg.wait_for_cancellation(con)
-                    if _reset_under_the_wait(con, running):
-                        await deliver_cancel(con, key, CANCEL_ANSWER_GRACE)
+                    if await _cancelled_after_a_reset(con, running, key):
                         return None
                 await con.close()
         else:
             if spent is not None and _pg.is_cancelling(con):
                 error = await _cancel_answered_within(con, budget, spent)
-                if _reset_under_the_wait(con, running):
-                    await deliver_cancel(con, key, CANCEL_ANSWER_GRACE)
+                if await _cancelled_after_a_reset(con, running, key):
                     return error
                 if error is not None:
                     await con.close(timeout=CANCEL_ANSWER_GRACE)
@@ -437,8 +435,7 @@ async def close(
                 raise TimeoutError
             if _pg.is_cancelling(con):
                 await _pg.wait_for_cancellation(con, budget)
-                if _reset_under_the_wait(con, running):
-                    await deliver_cancel(con, key, CANCEL_ANSWER_GRACE)
+                if await _cancelled_after_a_reset(con, running, key):
                     return None
             await con.close(timeout=budget)
     except Exception as exc:
@@ -454,16 +451,20 @@ async def close(
     return None
 
 
-def _reset_under_the_wait(con: RawConnection, running: bool) -> bool:
-    """While a close waited for a cancelled statement's answer, the socket
-    was reset (an RST: a proxy, a load balancer, the network), which may
-    also have killed asyncpg's cancel request (asyncpg then aborts the
-    connection itself): the backend may still run the statement, and gets
-    a cancel request of the pool's own, for CANCEL_ANSWER_GRACE at most (the
-    slot counts until then; asyncpg's own wait for an answer has the same
-    bound). Not after a close the peer made in order: the backend has
-    exited."""
-    return running and con.is_closed() and not _pg.peer_closed(con)
+async def _cancelled_after_a_reset(con: RawConnection, running: bool, key: _pg.CancelKey | None) -> bool:
+    """After a close's wait for a cancelled statement's answer: if the socket
+    was reset meanwhile (an RST: a proxy, a load balancer, the network),
+    which may also have killed asyncpg's cancel request (asyncpg then aborts
+    the connection itself), the backend may still run the statement: send
+    it a cancel request of the pool's own, for CANCEL_ANSWER_GRACE at most
+    (the slot counts until then; asyncpg's own wait for an answer has the
+    same bound), and return True: the close is over. False, nothing sent,
+    when the connection is open, no statement ran (``running``), or the
+    peer closed it in order (the backend has exited)."""
+    if not (running and con.is_closed() and not _pg.peer_closed(con)):
+        return False
+    await deliver_cancel(con, key, CANCEL_ANSWER_GRACE)
+    return True
 
 
 async def statement_ended(con: RawConnection) -> None:
