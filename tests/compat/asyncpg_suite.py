@@ -1,7 +1,12 @@
 """Run asyncpg's own pool tests against safepool.
 
-Usage: python tests/compat/asyncpg_suite.py ASYNCPG_TESTS_DIR [RESULT_JSON]
+Usage: python tests/compat/asyncpg_suite.py ASYNCPG_TESTS_DIR [RESULT_JSON] [--other-modules]
        python tests/compat/asyncpg_suite.py --fetch VERSION...   (into the cache)
+
+``--other-modules`` runs, instead of tests/test_pool.py, the pool tests of
+asyncpg's other test modules (OTHER_MODULES: each test whose code calls
+``create_pool``). test_adversity's run through asyncpg's own TCP proxy and
+need PGHOST / PGPORT of a server listening on TCP.
 
 asyncpg's test base binds its pool class as a default argument, so the swap
 happens before the tests import it: ``asyncpg.create_pool``, ``asyncpg.Pool``
@@ -66,6 +71,40 @@ def fetch_tests(version: str, python: str = sys.executable) -> Path:
     return tests_dir
 
 
+# asyncpg's test modules besides test_pool.py that test its pool (0.29-0.32).
+OTHER_MODULES = ("test_adversity", "test_listeners", "test_cache_invalidation")
+
+
+def other_pool_tests() -> unittest.TestSuite:
+    """The tests of OTHER_MODULES whose code calls ``create_pool``.
+
+    asyncpg skips test_adversity's class when PGHOST is set ("using remote
+    cluster for testing"): its proxied tests reconfigure a cluster asyncpg
+    manages. They need only a server listening on TCP, so the modules are
+    imported with PGHOST hidden and asyncpg's default cluster is the running
+    server at PGHOST:PGPORT."""
+    import importlib
+    import inspect
+
+    import asyncpg._testbase as testbase
+    import asyncpg.cluster
+
+    host = os.environ.pop("PGHOST")
+    try:
+        modules = [importlib.import_module(name) for name in OTHER_MODULES]
+    finally:
+        os.environ["PGHOST"] = host
+    testbase._default_cluster = asyncpg.cluster.RunningCluster(host=host, port=int(os.environ.get("PGPORT", "5432")))
+    suite = unittest.TestSuite()
+    for module in modules:
+        for case in unittest.defaultTestLoader.loadTestsFromModule(module):
+            for test in case:  # type: ignore[attr-defined]
+                method = getattr(test, test._testMethodName)
+                if "create_pool" in inspect.getsource(method):
+                    suite.addTest(test)
+    return suite
+
+
 def patch_asyncpg() -> None:
     import asyncpg
     import asyncpg._testbase as testbase
@@ -107,13 +146,18 @@ def main(argv: list[str]) -> int:
                 print(f"asyncpg {version}: cannot download its sources: {error}", file=sys.stderr)
                 failed += 1
         return 1 if failed else 0
+    others = "--other-modules" in argv
+    argv = [arg for arg in argv if arg != "--other-modules"]
     tests_dir = argv[1]
     result_path = argv[2] if len(argv) > 2 else None
     patch_asyncpg()
     sys.path.insert(0, tests_dir)
-    import test_pool  # type: ignore[import-not-found]
+    if others:
+        suite = other_pool_tests()
+    else:
+        import test_pool  # type: ignore[import-not-found]
 
-    suite = unittest.defaultTestLoader.loadTestsFromModule(test_pool)
+        suite = unittest.defaultTestLoader.loadTestsFromModule(test_pool)
     outcome: dict[str, str] = {}
 
     class Recorder(unittest.TextTestResult):
