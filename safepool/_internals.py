@@ -38,6 +38,7 @@ import functools
 import gc
 import re
 import socket
+import struct
 import sys
 import types
 import weakref
@@ -1039,27 +1040,101 @@ def statement_in_flight(con: RawConnection) -> bool:
     return any(isinstance(ref, asyncio.Future) for ref in gc.get_referents(protocol))
 
 
+# After a cancel request that was not answered by an orderly close (a reset):
+# requests sent again, and the pause before each (seconds). See
+# cancel_running_query.
+CANCEL_RESET_RETRIES = 3
+CANCEL_RESET_PAUSE = 0.01
+_CANCEL_REQUEST_CODE = 80877102  # (PostgreSQL's protocol, "CancelRequest")
+
+
+class _CancelRequest(asyncio.Protocol):
+    """A cancel request's connection. ``ended`` gets how it ended: None when
+    the peer closed it in order (PostgreSQL closes it once it has signalled
+    the backend), else the error that ended it (a reset)."""
+
+    is_ssl = False  # (asyncpg's TLS upgrade sets it)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.ended: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(exc)
+
+
+async def send_cancel_request(con: RawConnection, key: CancelKey) -> BaseException | None:
+    """One cancel request for the backend ``key`` names, sent to ``con``'s
+    address as asyncpg's ``connect_utils._cancel`` sends it (0.29-0.32: the
+    same transport, an SSL negotiation first where the connection's
+    ``sslmode`` asks for one), and how its connection ended: None when the
+    server closed it in order (it read the request), else the error (a
+    reset). asyncpg's own takes a reset for an answer too.
+
+    :raises OSError: the request's connection could not be made, or was
+        reset during the SSL negotiation (nothing was sent)."""
+    loop = con._loop
+    addr = con._addr
+    params = con._params
+    transport = None
+    try:
+        if isinstance(addr, str):
+            transport, request = await loop.create_unix_connection(lambda: _CancelRequest(loop), addr)
+        elif params.ssl and params.sslmode != _connect_utils.SSLMode.allow:
+            transport, request = await _connect_utils._create_ssl_connection(  # type: ignore[attr-defined]
+                lambda: _CancelRequest(loop),
+                *addr,
+                loop=loop,
+                ssl_context=params.ssl,
+                ssl_is_advisory=params.sslmode == _connect_utils.SSLMode.prefer,
+            )
+        else:
+            transport, request = await loop.create_connection(lambda: _CancelRequest(loop), *addr)
+        transport.write(struct.pack("!llll", 16, _CANCEL_REQUEST_CODE, key[0], key[1]))
+        ended: BaseException | None = await request.ended
+        return ended
+    finally:
+        if transport is not None:
+            transport.close()
+
+
 async def cancel_running_query(con: RawConnection, key: CancelKey | None = None) -> None:
     """Send the server a cancel request for this connection's running
     query, and return once the server closed the request's socket (it has
     signalled the backend: PostgreSQL answers a cancel request with nothing
     else). ``key``: the backend's (:func:`cancel_key`), read before an abort
-    dropped the protocol; by default the open connection's. A server that
-    resets the request's socket instead of closing it has read it too."""
+    dropped the protocol; by default the open connection's.
+
+    A request whose connection is reset, not closed, may never have reached
+    the server: a black hole that heals resets the connections it
+    swallowed, this one among them, and the backend runs on. So it is sent
+    again, after ``CANCEL_RESET_PAUSE`` seconds, up to
+    ``CANCEL_RESET_RETRIES`` times; when every one is reset, the server is
+    taken to reset the requests it reads (asyncpg's ``Connection._cancel``
+    allows for such servers) and the last counts as delivered. A second
+    request for a backend whose statement has ended does nothing:
+    PostgreSQL ignores a cancel while the backend waits for a command. The
+    caller bounds the whole (a dead network never answers).
+
+    :raises OSError: the request could not be sent (refused, unreachable,
+        or reset before it was sent, every time).
+    """
     if key is None:
         key = cancel_key(con)
         if key is None:
             return
-    try:
-        await _connect_utils._cancel(  # type: ignore[attr-defined]
-            loop=con._loop,
-            addr=con._addr,
-            params=con._params,
-            backend_pid=key[0],
-            backend_secret=key[1],
-        )
-    except ConnectionResetError:
-        pass  # (as asyncpg's Connection._cancel: some servers reset the request's socket once read)
+    for retry in range(CANCEL_RESET_RETRIES + 1):
+        if retry:
+            await asyncio.sleep(CANCEL_RESET_PAUSE)
+        try:
+            ended = await send_cancel_request(con, key)
+        except ConnectionResetError:
+            # (during the SSL negotiation: nothing was sent)
+            if retry == CANCEL_RESET_RETRIES:
+                raise
+            continue
+        if ended is None or retry == CANCEL_RESET_RETRIES:
+            return
 
 
 def drop_statement_cache(con: RawConnection) -> None:

@@ -143,22 +143,41 @@ async def cancelled(task: asyncio.Future[Any], times: int = 1) -> None:
         await task
 
 
-def held_cancel_requests(monkeypatch: Any) -> asyncio.Event:
-    """From now on asyncpg's cancel requests wait until the returned event
-    is set, and the pool waits CANCEL_ANSWER_GRACE = 30 s for a cancelled
-    query's answer (not 0.5 s: a loaded machine cannot run it out while a
-    test samples what happens meanwhile)."""
+def hook_cancel_requests(monkeypatch: Any, before: Callable[[int], Awaitable[None]]) -> None:
+    """From now on every cancel request, asyncpg's own (``connect_utils.
+    _cancel``) and the pool's (``_internals.send_cancel_request``), first
+    awaits ``before(backend_pid)``."""
     from asyncpg import connect_utils
 
+    import safepool._internals
+
+    asyncpg_cancel = connect_utils._cancel
+    pool_cancel = safepool._internals.send_cancel_request
+
+    async def asyncpg_request(**kwargs: Any) -> None:
+        await before(kwargs["backend_pid"])
+        await asyncpg_cancel(**kwargs)
+
+    async def pool_request(con: Any, key: Any) -> Any:
+        await before(key[0])
+        return await pool_cancel(con, key)
+
+    monkeypatch.setattr(connect_utils, "_cancel", asyncpg_request)
+    monkeypatch.setattr(safepool._internals, "send_cancel_request", pool_request)
+
+
+def held_cancel_requests(monkeypatch: Any) -> asyncio.Event:
+    """From now on cancel requests (asyncpg's and the pool's) wait until the
+    returned event is set, and the pool waits CANCEL_ANSWER_GRACE = 30 s for
+    a cancelled query's answer (not 0.5 s: a loaded machine cannot run it
+    out while a test samples what happens meanwhile)."""
     import safepool._workers
 
     monkeypatch.setattr(safepool._workers, "CANCEL_ANSWER_GRACE", 30.0)
     gate = asyncio.Event()
-    send_cancel = connect_utils._cancel
 
-    async def cancel_when_let_through(**kwargs: Any) -> None:
+    async def until_let_through(pid: int) -> None:
         await gate.wait()
-        await send_cancel(**kwargs)
 
-    monkeypatch.setattr(connect_utils, "_cancel", cancel_when_let_through)
+    hook_cancel_requests(monkeypatch, until_let_through)
     return gate

@@ -118,16 +118,14 @@ async def test_terminate_mid_statement_with_max_size_2_and_several_waiters(pg_ds
 async def test_terminate_of_an_idle_lease_sends_no_cancel_request(
     pg_dsn: str, app_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from asyncpg import connect_utils
+    from tests._util import hook_cancel_requests
 
-    sent: list[object] = []
-    send_cancel = connect_utils._cancel
+    sent: list[int] = []
 
-    async def counted(**kwargs: object) -> None:
-        sent.append(kwargs["backend_pid"])
-        await send_cancel(**kwargs)
+    async def counted(pid: int) -> None:
+        sent.append(pid)
 
-    monkeypatch.setattr(connect_utils, "_cancel", counted)
+    hook_cancel_requests(monkeypatch, counted)
     pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, server_settings={"application_name": app_name})
     try:
         con = await pool.acquire()

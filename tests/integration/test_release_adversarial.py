@@ -686,16 +686,14 @@ async def test_release_while_another_tasks_statement_has_answered_unread(
     helper-119). Now the close waits for the statement to end first (a
     cancel request to the server, as a take-back's; too late here), and the
     statement returns its result."""
-    from asyncpg import connect_utils
+    from tests._util import hook_cancel_requests
 
     cancelling = asyncio.Event()
-    send_cancel = connect_utils._cancel
 
-    async def noted(**kwargs: Any) -> None:
+    async def noted(pid: int) -> None:
         cancelling.set()
-        await send_cancel(**kwargs)
 
-    monkeypatch.setattr(connect_utils, "_cancel", noted)
+    hook_cancel_requests(monkeypatch, noted)
     pool = await _make(kind, pg_dsn, app_name)
     admin = await asyncpg.connect(pg_dsn)
 
