@@ -50,6 +50,8 @@ CANCEL_ANSWER_GRACE = 0.5
 # 300. A statement begun since the last request gets one at once.
 TAKE_BACK_CANCEL_INTERVAL = 0.1
 TAKE_BACK_CANCEL_MAX_INTERVAL = 2.0
+# Loop passes a take-back lets go by before its first step: see take_back.
+TAKE_BACK_FIRST_PASSES = 2
 
 
 class ResetHooks:
@@ -285,6 +287,18 @@ async def take_back(
 
     try:
         async with asyncio.timeout(budget):
+            # A holder's call that waited for asyncpg's cancellation of an
+            # earlier statement (its client timeout, a task cancel) resumes
+            # two loop passes after the cancellation ended (asyncio.shield's
+            # callback, then its task), the proxy's and asyncpg's checks
+            # behind it. A take-back started in that gap sent its reset first,
+            # and the call was refused with asyncpg's raw "another operation
+            # is in progress" (review s60). After these passes the call has
+            # started, or is refused by the proxy (LeaseExpiredError) or by
+            # asyncpg's classes ("released back to the pool"); one that
+            # started is cancelled below as any running statement.
+            for _ in range(TAKE_BACK_FIRST_PASSES):
+                await asyncio.sleep(0)
             return await _once_free(con, reset, copying)
     except Exception as exc:
         return exc
