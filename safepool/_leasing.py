@@ -143,9 +143,18 @@ class Leaser:
         stack: _stack.Caller | None = None,
     ) -> PoolConnectionProxy:
         if timeout is _DEFAULT:
+            # The pool's acquire_timeout bounds the wait (and the setup=
+            # hook) only. A timeout= given here also bounds this lease's
+            # release, as asyncpg's acquire(timeout=) does; the pool-wide
+            # option, safepool's own, does not: a short one (a fail-fast
+            # acquire) would fail and close every reset slower than it,
+            # after the lease's writes committed (helper-174).
             timeout = self.acquire_timeout
-        elif timeout is not None:
-            timeout = validate_timeout("timeout", timeout)
+            release_budget = None
+        else:
+            if timeout is not None:
+                timeout = validate_timeout("timeout", timeout)
+            release_budget = timeout
         if lease_timeout is _DEFAULT:
             lease_timeout = self.lease_timeout
         elif lease_timeout is not None:
@@ -218,7 +227,7 @@ class Leaser:
             now = self.now()
         slot = lease.slot
         holder = self.slot_holders[slot]
-        holder.release_timeout = timeout
+        holder.release_timeout = release_budget
         if holder.orphan_checks:
             holder.orphan_checks = 0
             holder.orphan_reported = False

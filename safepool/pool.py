@@ -244,8 +244,11 @@ class Pool(_PoolBase):
         ``con = await pool.acquire()`` (then release it in ``finally``).
 
         :param timeout: seconds to wait for a connection; raises
-            :class:`~safepool.PoolTimeoutError`. Left out: the pool's
-            ``acquire_timeout``; None: no limit (as asyncpg's ``timeout=None``).
+            :class:`~safepool.PoolTimeoutError`. Given, it also bounds this
+            lease's release (its reset), as asyncpg's does (0.29-0.32). Left
+            out: the pool's ``acquire_timeout``, for the wait only (the
+            release then runs under ``reset_timeout``); None: no limit (as
+            asyncpg's ``timeout=None``).
         :param lease_timeout: seconds this lease may be held. Left out: the
             pool's ``lease_timeout``; None: no limit.
         :param site: the acquire site this lease counts against under
@@ -1024,7 +1027,8 @@ def create_pool(
     defaults, or None or False for none: TCP keepalive on each connection
     over TCP),
     ``lease_timeout`` (seconds > 0, or None), ``leak_warning_after`` and
-    ``acquire_timeout`` (seconds >= 0, or None), ``capture_stack`` (True,
+    ``acquire_timeout`` (seconds >= 0, or None: the default wait of
+    ``acquire()``, not a bound on its release), ``capture_stack`` (True,
     False, or None: on with ``leak_warning_after``),
     ``max_waiters`` (an int >= 0, or None), ``max_connecting`` (an int >= 1,
     or None), ``fail_fast`` (True: after 3 consecutive failed connects with

@@ -182,15 +182,16 @@ async def test_the_close_at_release_runs_under_the_acquires_timeout(
 ) -> None:
     """As asyncpg's release of a connection past max_queries: the close of a
     retired connection runs under the release's budget, by default the
-    acquire's timeout (acquire_timeout here); one it does not fit aborts
-    the connection and the release raises TimeoutError (docs/best-practices.md;
+    timeout given to acquire() (not the pool's acquire_timeout, which bounds
+    the wait only); one it does not fit aborts the connection and the
+    release raises TimeoutError (docs/best-practices.md;
     asyncpg 0.32+: before, asyncpg's close under a budget left its transport
     open, and the pool's own bound applies, see _internals.CLOSE_UNDER_BUDGET)."""
     if asyncpg_version() < (0, 32):
         pytest.skip("asyncpg < 0.32: the close keeps the pool's own bound")
     clock = safepool.ManualClock()
-    pool = await pools(min_size=1, max_size=1, max_lifetime=60.0, clock=clock, acquire_timeout=0)
-    con = await pool.acquire()  # (an idle connection: no wait)
+    pool = await pools(min_size=1, max_size=1, max_lifetime=60.0, clock=clock)
+    con = await pool.acquire(timeout=0)  # (an idle connection: no wait)
     pid = con.get_server_pid()
     clock.advance(61.0)
     with pytest.raises(TimeoutError):
