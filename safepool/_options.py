@@ -54,6 +54,13 @@ def adaptive_queue(policy: Any, target: Any, interval: Any) -> AdaptiveQueue | N
         raise PoolValueError(f"queue_policy must be one of {QUEUE_POLICIES}, got {policy!r}")
     target = validate_timeout("queue_target", target, allow_none=False, positive=True)
     interval = validate_timeout("queue_interval", interval, allow_none=False, positive=True)
+    if policy == "fifo" and (target, interval) != (DEFAULT_QUEUE_TARGET, DEFAULT_QUEUE_INTERVAL):
+        # (Taken and dropped, the setting would look in force: a pool that
+        # forgot queue_policy="adaptive" would get no sign of it.)
+        raise PoolValueError(
+            f"queue_target and queue_interval apply only with queue_policy='adaptive' "
+            f"(queue_policy is {policy!r}; got queue_target={target}s, queue_interval={interval}s)"
+        )
     if target >= interval:
         raise PoolValueError(
             f"queue_target ({target}s) must be shorter than queue_interval ({interval}s): "

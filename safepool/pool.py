@@ -1044,7 +1044,8 @@ def create_pool(
     ``max_site_share`` (0 < share <= 1: one acquire site holds at most
     ``ceil(share * max_size)`` connections), ``queue_policy`` (``"fifo"`` or
     ``"adaptive"``), ``queue_target`` and ``queue_interval`` (seconds > 0,
-    ``queue_target < queue_interval``; defaults 0.01 and 0.1: the adaptive
+    ``queue_target < queue_interval``; defaults 0.01 and 0.1; other values
+    only with ``queue_policy="adaptive"``, else ``PoolValueError``: the adaptive
     queue's CoDel target and interval, after Nichols and Jacobson,
     "Controlling Queue Delay", ACM Queue 2012, as Maurer's "Fail at Scale",
     ACM Queue 2015, applies them to server queues). See docs/backpressure.md.

@@ -183,6 +183,14 @@ async def test_site_share_is_validated(pools: Callable[..., Awaitable[safepool.P
         await pools(queue_policy="lifo")
     with pytest.raises(ValueError, match="shorter than queue_interval"):
         await pools(queue_policy="adaptive", queue_target=0.2, queue_interval=0.1)
+    # Under "fifo" they would do nothing (helper-174: queue_target=0.05 was
+    # taken and dropped; queue_interval=0.005 alone was refused as "longer
+    # than queue_target", which the user had not set).
+    for kwargs in ({"queue_target": 0.05}, {"queue_interval": 0.005}, {"queue_target": 0.02, "queue_interval": 0.3}):
+        with pytest.raises(safepool.PoolValueError, match="only with queue_policy='adaptive'"):
+            await pools(**kwargs)
+    async with await pools(queue_target=0.01, queue_interval=0.1) as pool:  # the defaults, spelt out: fine
+        assert pool.options.queue_policy == "fifo"
 
 
 async def test_per_site_metrics_have_bounded_cardinality(pools: Callable[..., Awaitable[safepool.Pool]]) -> None:
