@@ -538,14 +538,27 @@ class Pool(_PoolBase):
         :raises safepool.PoolTypeError: ``stacks`` is not True or False."""
         return self._observation.leases(check_flag("stacks", stacks))
 
-    async def health(self, **options: Any) -> HealthReport:
+    async def health(
+        self,
+        *,
+        probe: bool = True,
+        probe_timeout: float = 1.0,
+        probe_query: str = "SELECT 1",
+        saturated_after: float = 5.0,
+        leak_suspect_after: float | None = None,
+        connect_error_window: float = 60.0,
+    ) -> HealthReport:
         """Readiness check: a :class:`~safepool.health.HealthReport`, ``ok`` /
-        ``degraded`` / ``failing`` with reasons. See
-        :func:`safepool.health.check_health` for the options (durations in
-        seconds) and what it raises."""
+        ``degraded`` / ``failing`` with reasons. The options are
+        :func:`safepool.health.check_health`'s, with its defaults (durations
+        in seconds); it says what each does and what it raises."""
         from .health import check_health
 
-        return await check_health(self, **options)
+        return await check_health(
+            self, probe=probe, probe_timeout=probe_timeout, probe_query=probe_query,
+            saturated_after=saturated_after, leak_suspect_after=leak_suspect_after,
+            connect_error_window=connect_error_window,
+        )
 
     def add_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
         """Call ``callback(event)`` for every pool event (a dict with at least

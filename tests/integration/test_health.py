@@ -742,3 +742,20 @@ async def test_an_init_failure_stops_counting_once_no_connect_would_refresh_it(p
     assert report.status == "ok", report.reasons
     assert not report.stats.init_failing and report.stats.server_status == "up"
     assert report.stats.consecutive_connect_failures == 1  # (kept: the next connect meets its record)
+
+
+async def test_pool_health_takes_check_healths_options_typed(pg_dsn: str) -> None:
+    """``Pool.health()`` names check_health's options, with the same defaults
+    and types (helper-174: it took ``**options``, so a type checker let
+    ``probe_timout=`` through and the TypeError named ``check_health()``)."""
+    import inspect
+
+    ours = list(inspect.signature(safepool.Pool.health).parameters.values())[1:]
+    theirs = list(inspect.signature(check_health).parameters.values())[1:]
+    assert [(p.name, p.kind, p.default, p.annotation) for p in ours] == [
+        (p.name, p.kind, p.default, p.annotation) for p in theirs
+    ]
+    async with safepool.create_pool(pg_dsn, min_size=1, max_size=1) as pool:
+        with pytest.raises(TypeError, match="health"):
+            await pool.health(probe_timout=0.5)  # type: ignore[call-arg]
+        assert (await pool.health(probe_timeout=0.5)).status == "ok"
