@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 
 from safepool import _internals
+from tests._util import until_in_pg_sleep
 
 from ._pg import Cluster
 
@@ -68,15 +69,7 @@ async def test_a_cancel_request_over_tls_is_closed_in_order_and_cancels(tls_clus
     try:
         assert con._protocol.is_ssl
         statement = asyncio.ensure_future(con.execute("SELECT pg_sleep(30)"))
-        admin = await asyncpg.connect(f"{tls_cluster.admin_dsn}?sslmode=require")
-        try:
-            async with asyncio.timeout(10):
-                while await admin.fetchval(
-                    "SELECT wait_event FROM pg_stat_activity WHERE pid = $1", con.get_server_pid()
-                ) != "PgSleep":
-                    await asyncio.sleep(0.005)
-        finally:
-            await admin.close()
+        await until_in_pg_sleep(f"{tls_cluster.admin_dsn}?sslmode=require", con.get_server_pid(), timeout=10)
         key = _internals.cancel_key(con)
         assert key is not None
         ended = await _internals.send_cancel_request(con, key)
@@ -143,11 +136,7 @@ async def test_reset_under_a_tls_lease_cancels_its_backend_with_one_request(
                 con = await pool.acquire()
                 pid = con.get_server_pid()
                 statement = asyncio.ensure_future(con.execute("SELECT pg_sleep(30)"))
-                async with asyncio.timeout(10):
-                    while await admin.fetchval(
-                        "SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid
-                    ) != "PgSleep":
-                        await asyncio.sleep(0.005)
+                await until_in_pg_sleep(f"{tls_cluster.admin_dsn}?sslmode=require", pid, timeout=10)
                 assert proxy.reset_all() == 1
                 with pytest.raises((asyncpg.ConnectionDoesNotExistError, ConnectionError)):
                     await statement

@@ -36,6 +36,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import until_in_pg_sleep
 
 from ._pg import Cluster, count_backends
 from ._proxy import FaultProxy
@@ -59,9 +60,7 @@ async def test_cancel_request_reset_by_a_healing_black_hole_is_not_taken_as_deli
             con = await pool.acquire()
             pid = con.get_server_pid()
             query = asyncio.ensure_future(con.execute("SELECT pg_sleep(30)"))
-            async with asyncio.timeout(10):
-                while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
-                    await asyncio.sleep(0.005)
+            await until_in_pg_sleep(running.admin_dsn, pid, timeout=10)
 
             proxy.blackhole = True
             accepted = proxy.accepted
