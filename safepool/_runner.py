@@ -425,7 +425,10 @@ class Runner:
             # at once: a replacement within asyncpg's recovery time).
             timed_out = isinstance(error, TimeoutError)
             cancelling = timed_out and _pg.is_cancelling(con)
-            holder.unresponsive = timed_out and not cancelling
+            # (Or already: the reset watchdog aborted it, and the reset ends
+            # with the abort's ConnectionDoesNotExistError, no timeout; the
+            # close still sends its backend a cancel request.)
+            holder.unresponsive = holder.unresponsive or (timed_out and not cancelling)
             if (
                 not timed_out and holder.abort_in_flight is None and not self.terminating
                 and con.is_closed() and not _pg.peer_closed(con)

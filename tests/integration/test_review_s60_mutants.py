@@ -2,7 +2,8 @@
 caught (or only indirectly) when it was broken on purpose (one small edit
 of safepool/ at a time, the suite run against it). Each test here fails
 against the mutation named in its docstring and passes against the code
-as it is; the strict xfail is a bug the review found that way.
+as it is. One mutation survived because its line had no effect: a bug,
+fixed (the reset watchdog's abort and its cancel request, below).
 """
 
 from __future__ import annotations
@@ -118,17 +119,6 @@ class _SleepingReset(asyncpg.Connection):  # type: ignore[misc]
         return "SELECT pg_sleep(60); " + super()._get_reset_query()  # type: ignore[misc]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "review s60 (mutation review): the reset watchdog marks the connection it aborts unresponsive "
-        "(Runner.check_resets), but the reset's driver then reports the abort's ConnectionDoesNotExistError "
-        "and Runner.reset_done overwrites the flag (unresponsive = timed_out and not cancelling: False), so "
-        "close_slot frees the slot at once with no cancel request: the backend runs its statement on beside "
-        "the replacement (max_size + 1 on the server), where docs/reliability.md says the watchdog's abort "
-        "sends one and the slot counts until it was delivered"
-    ),
-)
 async def test_a_reset_the_watchdog_aborts_gets_its_backend_a_cancel_request(pg_dsn: str, app_name: str) -> None:
     """No reset_timeout, release timeout or command_timeout: the reset runs
     in the releasing task under the runner's watchdog (30 s, on the pool's
@@ -139,7 +129,12 @@ async def test_a_reset_the_watchdog_aborts_gets_its_backend_a_cancel_request(pg_
     request's socket"; the reset watchdog is named there).
 
     Mutation that survived every test: dropping ``holder.unresponsive =
-    True`` from ``Runner.check_resets`` (the line has no effect)."""
+    True`` from ``Runner.check_resets``. The line had no effect: the reset's
+    driver then reported the abort's ConnectionDoesNotExistError, and
+    ``Runner.reset_done`` overwrote the flag (not a timeout), so the slot
+    was freed at once with no cancel request and the backend ran its
+    statement on beside the replacement (max_size + 1 on the server). Now
+    ``reset_done`` keeps the watchdog's flag."""
     clock = ManualClock()
     pool = await safepool.create_pool(
         pg_dsn, min_size=1, max_size=1, clock=clock, connection_class=_SleepingReset,
