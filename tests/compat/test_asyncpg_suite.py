@@ -160,13 +160,24 @@ def test_asyncpg_other_pool_tests_pass_on_safepool(tcp_cluster: Any, tmp_path: P
     env.pop("PGPASSWORD", None)
     if loop_name == "uvloop":
         env["USE_UVLOOP"] = "1"
-    run = subprocess.run(
-        [sys.executable, str(HERE / "asyncpg_suite.py"), str(tests_dir), str(results), "--other-modules"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=tests_dir,
-    )
-    outcome: dict[str, str] = json.loads(results.read_text())
-    by_name = {test_id.rsplit(".", 1)[-1]: status for test_id, status in outcome.items()}
-    failed = sorted(name for name, status in by_name.items() if status != "passed")
+
+    def run_them() -> tuple[subprocess.CompletedProcess[str], dict[str, str], list[str]]:
+        run = subprocess.run(
+            [sys.executable, str(HERE / "asyncpg_suite.py"), str(tests_dir), str(results), "--other-modules"],
+            capture_output=True, text=True, timeout=600, env=env, cwd=tests_dir,
+        )
+        outcome: dict[str, str] = json.loads(results.read_text())
+        by_name = {test_id.rsplit(".", 1)[-1]: status for test_id, status in outcome.items()}
+        return run, by_name, sorted(name for name, status in by_name.items() if status != "passed")
+
+    run, by_name, failed = run_them()
+    if set(failed) - set(OTHER_DIFFERENCES):
+        # test_adversity's tests time themselves (assertRunUnder, 0.5 s
+        # acquire timeouts): a loaded machine can fail one. Once more; a
+        # failure that stands fails this test.
+        first = sorted(set(failed) - set(OTHER_DIFFERENCES))
+        run, by_name, failed = run_them()
+        print(f"\nfailed, then run again: {first}")
     print(f"\nasyncpg {asyncpg.__version__} pool tests of {', '.join(asyncpg_suite.OTHER_MODULES)} on safepool: "
           f"{len(by_name) - len(failed)} passed, {len(failed)} failed ({len(OTHER_DIFFERENCES)} known differences)")
     unexpected = sorted(set(failed) - set(OTHER_DIFFERENCES))
