@@ -559,6 +559,14 @@ def clear_listeners(con: RawConnection) -> None:
         con._log_listeners.clear()
 
 
+def invalidate_lease_resources(con: RawConnection) -> None:
+    """Invalidate the cursors, prepared statements and transactions made on
+    ``con`` until now (asyncpg's ``_pool_release_ctr``, which each one copies
+    when it is made and checks on use), with nothing else of
+    ``_on_release()``."""
+    con._pool_release_ctr += 1
+
+
 def invalidate_taken_back(con: RawConnection) -> None:
     """asyncpg's ``Connection._on_release()`` for a lease the pool ends from
     its own timer (a take-back): the lease's cursors, prepared statements and
@@ -567,7 +575,7 @@ def invalidate_taken_back(con: RawConnection) -> None:
     warnings turned into errors (pytest's ``filterwarnings = error``), raised
     in the timer it stopped the pool's work midway: the take-back never
     started and its slot stayed out of the pool for good."""
-    con._pool_release_ctr += 1
+    invalidate_lease_resources(con)
     notification = [cb for callbacks in con._listeners.values() for cb in callbacks]
     log = list(con._log_listeners)
     if notification or log:

@@ -266,6 +266,13 @@ class Reclaimer:
         error = await _workers.take_back(
             con, self.hooks.ended, self.reset_timeout or DEFAULT_RESET_TIMEOUT, lambda: holder.copies > 0
         )
+        # A call of the holder's that went on after the expiry (it passed the
+        # proxy's gate before) may have made a cursor, prepared statement or
+        # transaction since the expiry invalidated the lease's: it carries
+        # the new counter, and would run in the next lease's session
+        # (review s60). The take-back waited for the call (its reset went
+        # after it, a round trip ago): invalidate again, before the hand-on.
+        _pg.invalidate_lease_resources(con)
         if error is not None:
             logger.warning(
                 "pool %r: could not take back an expired connection cleanly (%s); closing it",

@@ -27,9 +27,9 @@ Two ways in:
   cancellation; also on 898d679): the Parse answers before the take-back's
   cancel request can matter.
 
-A fix would invalidate again once the take-back's wait for the holder's
-call is over (before the hand-on), so that anything the call made while
-the lease was expired is refused.
+Now the take-back invalidates again once its wait for the holder's call
+is over, before the hand-on (``Reclaimer.take_back_slot``): anything the
+call made while the lease was expired is refused.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._pgbouncer import requires_pgbouncer
 from tests.integration.test_review_s60_expiry import _expiring_connection_class, bouncer_dsn  # noqa: F401
 
 pytestmark = pytest.mark.asyncio
@@ -107,8 +108,6 @@ async def _check(dsn: str, waits_for_a_cancellation: bool) -> None:
         return
 
 
-@pytest.mark.xfail(strict=True, reason="a prepare() that resumes after the lease expired makes a statement that "
-                   "stays valid and runs in the next lease's session (helper-178)")
 @pytest.mark.parametrize("waits_for_a_cancellation", [True, False], ids=["after-a-timeout", "parse-on-the-wire"])
 async def test_a_statement_prepared_across_the_expiry_does_not_run_in_the_next_lease(
     pg_dsn: str, waits_for_a_cancellation: bool
@@ -116,8 +115,7 @@ async def test_a_statement_prepared_across_the_expiry_does_not_run_in_the_next_l
     await _check(pg_dsn, waits_for_a_cancellation)
 
 
-@pytest.mark.xfail(strict=True, reason="a prepare() that resumes after the lease expired makes a statement that "
-                   "stays valid and runs in the next lease's session (helper-178)")
+@requires_pgbouncer
 @pytest.mark.parametrize("bouncer_dsn", ["session"], indirect=True)
 @pytest.mark.parametrize("waits_for_a_cancellation", [True, False], ids=["after-a-timeout", "parse-on-the-wire"])
 async def test_through_pgbouncer_too(bouncer_dsn: str, waits_for_a_cancellation: bool) -> None:  # noqa: F811 (the fixture)
