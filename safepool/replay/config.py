@@ -34,7 +34,9 @@ MIN_SIZE = 2  # both pools' min_size: leaked connections then show as new server
 # such option, so the service passes it to each ``acquire(timeout=...)``, as
 # a real service on asyncpg would (runner.AcquireTimeout). Without it
 # asyncpg's queue waits for ever, and the comparison would show the cost of
-# a missing setting, not of the pool.
+# a missing setting, not of the pool. asyncpg's per-call timeout also
+# bounds the lease's release (its reset); safepool's pool-wide one does not
+# (reset_timeout does). No scenario's reset comes near it (docs/replay.md).
 ACQUIRE_TIMEOUT = 0.5
 
 
