@@ -301,17 +301,22 @@ class Runner:
             self.reset_watchdog.cancel()
             self.reset_watchdog = None
 
-    def watch_resets(self) -> None:
+    def watch_resets(self, oldest: float | None = None) -> None:
+        """Arm the reset watchdog for a reset that began at ``oldest`` (pool
+        clock seconds; now when None) unless it is armed already."""
         if self.reset_watchdog is None and self.state.phase is not Phase.CLOSED:
-            self.reset_watchdog = self.clock.call_at(self.now() + DEFAULT_RESET_TIMEOUT, self.check_resets)
+            start = self.now() if oldest is None else oldest
+            self.reset_watchdog = self.clock.call_at(start + DEFAULT_RESET_TIMEOUT, self.check_resets)
 
     def check_resets(self) -> None:
         """The reset watchdog: abort releases' resets that have run for
         DEFAULT_RESET_TIMEOUT seconds (the releasing caller then gets the
-        connection's error, and the slot closes); re-arm while any run."""
+        connection's error, and the slot closes); re-arm while any run, for
+        the oldest of them: each is aborted DEFAULT_RESET_TIMEOUT after its
+        start, however many began while the timer was armed."""
         self.reset_watchdog = None
         now = self.now()
-        pending = False
+        oldest: float | None = None
         for slot, holder in list(self.slot_holders.items()):
             started = holder.reset_since
             if started is None:
@@ -325,10 +330,10 @@ class Runner:
                 )
                 holder.note_abort(slot.connection)  # (its reset's statement: the close cancels it on the server)
                 _pg.terminate(slot.connection)
-            else:
-                pending = True
-        if pending:
-            self.watch_resets()
+            elif oldest is None or started < oldest:
+                oldest = started
+        if oldest is not None:
+            self.watch_resets(oldest)
 
     # -------------------------------------------------------------- resets
 

@@ -37,15 +37,17 @@ async def test_the_reset_watchdog_rearms_for_a_reset_younger_than_its_timeout(pg
     """One watchdog timer serves every release's reset that runs with no
     limit (no reset_timeout, release timeout or command_timeout): armed by
     the first, it aborts the resets that have run DEFAULT_RESET_TIMEOUT
-    (30 s) when it fires and re-arms, another 30 s on, for those still
-    younger. A reset that began while the timer was armed (here 20 s after
-    the first) must be aborted in its turn (at the re-armed timer: 30 to
-    60 s after its start): else a silent network or a reset the server
-    never finishes holds its slot (and its releasing task) for ever.
+    (30 s) when it fires and re-arms for the oldest still younger. A reset
+    that began while the timer was armed (here 20 s after the first) must
+    be aborted in its turn, 30 s after its own start: else a silent network
+    or a reset the server never finishes holds its slot (and its releasing
+    task) for ever, or up to twice the bound.
 
     Mutation killed: ``Runner.check_resets`` no longer re-arms for a
-    pending younger reset (``pending = True`` dropped): the second release
-    waited for the server's minute, its slot held."""
+    pending younger reset: the second release waited for the server's
+    minute, its slot held. Found by the review too: the re-armed timer was
+    set 30 s after the first fired, not after the younger reset's start (the
+    second reset was aborted 40 s after it began)."""
     clock = ManualClock()
     pool = await safepool.create_pool(
         pg_dsn, min_size=2, max_size=2, clock=clock, connection_class=_SleepingReset,
@@ -66,10 +68,10 @@ async def test_the_reset_watchdog_rearms_for_a_reset_younger_than_its_timeout(pg
         with pytest.raises(asyncpg.PostgresConnectionError):
             await asyncio.wait_for(release_first, 5)
         assert not release_second.done()
-        clock.advance(29.0)
+        clock.advance(19.0)
         await asyncio.sleep(0.05)
-        assert not release_second.done()  # (one timer: re-armed for 30 s after the first fired)
-        clock.advance(1.0)  # the re-armed watchdog fires: the second is 40 s old
+        assert not release_second.done()  # (29 s old)
+        clock.advance(1.0)  # the re-armed watchdog fires: the second is 30 s old
         with pytest.raises(asyncpg.PostgresConnectionError):
             await asyncio.wait_for(release_second, 5)
         assert pool._runner.reset_watchdog is None  # nothing left to watch
