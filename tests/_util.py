@@ -130,6 +130,23 @@ def slow_close_connection_class() -> type:
     return SlowCloseConnection
 
 
+def sleeping_reset_connection_class() -> type:
+    """A ``connection_class`` whose reset query starts with a minute of
+    server time (``pg_sleep(60)``): a release's reset the server runs (not
+    one the network swallowed) past the reset watchdog's 30 s, which only
+    an abort and a cancel request end within a test."""
+    import asyncpg
+
+    class SleepingReset(asyncpg.Connection):  # type: ignore[misc]
+        def get_reset_query(self) -> str:
+            return "SELECT pg_sleep(60); " + super().get_reset_query()
+
+        def _get_reset_query(self) -> str:  # asyncpg < 0.30
+            return "SELECT pg_sleep(60); " + super()._get_reset_query()  # type: ignore[misc]
+
+    return SleepingReset
+
+
 async def cancelled(task: asyncio.Future[Any], times: int = 1) -> None:
     """Cancel ``task`` ``times`` times, a loop step apart (a second cancel
     comes while the first unwinds), and check that it ends cancelled."""

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 import safepool
-from tests._util import until_in_pg_sleep
+from tests._util import sleeping_reset_connection_class, until_in_pg_sleep
 
 from ._pg import Cluster
 from ._proxy import FaultProxy
@@ -19,15 +19,7 @@ from ._proxy import FaultProxy
 pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
 
 
-class _SleepingReset(asyncpg.Connection):  # type: ignore[misc]
-    """The reset query starts with a minute of server time: the release's
-    reset is still running on the server when the socket is reset."""
-
-    def get_reset_query(self) -> str:
-        return "SELECT pg_sleep(60); " + super().get_reset_query()
-
-    def _get_reset_query(self) -> str:  # asyncpg < 0.30
-        return "SELECT pg_sleep(60); " + super()._get_reset_query()  # type: ignore[misc]
+_SleepingReset = sleeping_reset_connection_class()
 
 
 async def test_a_socket_reset_under_a_releases_reset_gets_the_backend_a_cancel_request(

@@ -20,7 +20,7 @@ import pytest
 import safepool
 from safepool import ManualClock
 from safepool.health import check_health
-from tests._util import until, until_in_pg_sleep
+from tests._util import sleeping_reset_connection_class, until, until_in_pg_sleep
 
 pytestmark = pytest.mark.asyncio
 
@@ -108,15 +108,7 @@ async def test_health_counts_a_lease_held_exactly_leak_suspect_after_as_a_suspec
     assert report.reasons == ()
 
 
-class _SleepingReset(asyncpg.Connection):  # type: ignore[misc]
-    """The reset query starts with a minute of server time: a reset the
-    server runs (not one the network swallowed) past the watchdog."""
-
-    def get_reset_query(self) -> str:
-        return "SELECT pg_sleep(60); " + super().get_reset_query()
-
-    def _get_reset_query(self) -> str:  # asyncpg < 0.30
-        return "SELECT pg_sleep(60); " + super()._get_reset_query()  # type: ignore[misc]
+_SleepingReset = sleeping_reset_connection_class()
 
 
 async def test_a_reset_the_watchdog_aborts_gets_its_backend_a_cancel_request(pg_dsn: str, app_name: str) -> None:

@@ -17,20 +17,12 @@ import pytest
 
 import safepool
 from safepool import ManualClock
-from tests._util import held_cancel_requests, until_in_pg_sleep
+from tests._util import held_cancel_requests, sleeping_reset_connection_class, until_in_pg_sleep
 
 pytestmark = pytest.mark.asyncio
 
 
-class _SleepingReset(asyncpg.Connection):  # type: ignore[misc]
-    """The reset query starts with a minute of server time: a reset the
-    server runs (not one the network swallowed) past the reset watchdog."""
-
-    def get_reset_query(self) -> str:
-        return "SELECT pg_sleep(60); " + super().get_reset_query()
-
-    def _get_reset_query(self) -> str:  # asyncpg < 0.30
-        return "SELECT pg_sleep(60); " + super()._get_reset_query()  # type: ignore[misc]
+_SleepingReset = sleeping_reset_connection_class()
 
 
 async def test_the_reset_watchdog_rearms_for_a_reset_younger_than_its_timeout(pg_dsn: str, app_name: str) -> None:
