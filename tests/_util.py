@@ -147,6 +147,38 @@ def sleeping_reset_connection_class() -> type:
     return SleepingReset
 
 
+@contextlib.asynccontextmanager
+async def release_resetting_on_server(pg_dsn: str, app_name: str) -> AsyncIterator[tuple[Any, Any, Any, int, Any]]:
+    """A ``max_size=1`` pool on a manual clock whose one lease ran a
+    statement and is being released: its reset sleeps a minute on the server
+    (:func:`sleeping_reset_connection_class`), under the reset watchdog,
+    which nothing else bounds. Yields ``(pool, admin, clock, pid,
+    release)``: an admin connection, the pool's ``ManualClock``, the
+    backend's pid and the release's future. After: the backend is
+    terminated and the pool too."""
+    import asyncpg
+
+    import safepool
+
+    clock = safepool.ManualClock()
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, clock=clock, connection_class=sleeping_reset_connection_class(),
+        server_settings={"application_name": app_name},
+    )
+    admin = await asyncpg.connect(pg_dsn)
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    try:
+        await con.fetchval("SELECT 1")  # dirty: the release resets
+        release = asyncio.ensure_future(pool.release(con))
+        await until_in_pg_sleep(pg_dsn, pid)  # the reset runs on the server
+        yield pool, admin, clock, pid, release
+    finally:
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        await admin.close()
+        pool.terminate()
+
+
 async def cancelled(task: asyncio.Future[Any], times: int = 1) -> None:
     """Cancel ``task`` ``times`` times, a loop step apart (a second cancel
     comes while the first unwinds), and check that it ends cancelled."""

@@ -20,7 +20,7 @@ import pytest
 import safepool
 from safepool import ManualClock
 from safepool.health import check_health
-from tests._util import sleeping_reset_connection_class, until, until_in_pg_sleep
+from tests._util import release_resetting_on_server, sleeping_reset_connection_class, until, until_in_pg_sleep
 
 pytestmark = pytest.mark.asyncio
 
@@ -127,18 +127,7 @@ async def test_a_reset_the_watchdog_aborts_gets_its_backend_a_cancel_request(pg_
     was freed at once with no cancel request and the backend ran its
     statement on beside the replacement (max_size + 1 on the server). Now
     ``reset_done`` keeps the watchdog's flag."""
-    clock = ManualClock()
-    pool = await safepool.create_pool(
-        pg_dsn, min_size=1, max_size=1, clock=clock, connection_class=_SleepingReset,
-        server_settings={"application_name": app_name},
-    )
-    admin = await asyncpg.connect(pg_dsn)
-    con = await pool.acquire()
-    pid = con.get_server_pid()
-    try:
-        await con.fetchval("SELECT 1")  # dirty: the release resets
-        release = asyncio.ensure_future(pool.release(con))
-        await until_in_pg_sleep(pg_dsn, pid)  # the reset runs on the server
+    async with release_resetting_on_server(pg_dsn, app_name) as (_, admin, clock, pid, release):
         clock.advance(30.0)  # the watchdog aborts it
         with pytest.raises(asyncpg.PostgresConnectionError):
             await asyncio.wait_for(release, 5)
@@ -147,10 +136,6 @@ async def test_a_reset_the_watchdog_aborts_gets_its_backend_a_cancel_request(pg_
         async with asyncio.timeout(3):
             while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) == "PgSleep":
                 await asyncio.sleep(0.01)
-    finally:
-        await admin.execute("SELECT pg_terminate_backend($1)", pid)
-        await admin.close()
-        pool.terminate()
 
 
 async def test_a_take_back_with_a_reset_hook_that_sends_nothing_cancels_the_running_statement(

@@ -17,7 +17,12 @@ import pytest
 
 import safepool
 from safepool import ManualClock
-from tests._util import held_cancel_requests, sleeping_reset_connection_class, until_in_pg_sleep
+from tests._util import (
+    held_cancel_requests,
+    release_resetting_on_server,
+    sleeping_reset_connection_class,
+    until_in_pg_sleep,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -151,32 +156,19 @@ async def test_a_slot_the_watchdog_aborted_counts_until_its_cancel_request_was_d
     # (The request's own bound, 2 s of real time, must not run out while
     # the test samples: held, it would free the slot as undeliverable.)
     monkeypatch.setattr(safepool._workers, "LOST_BACKEND_CANCEL_TIMEOUT", 30.0)
-    clock = ManualClock()
-    pool = await safepool.create_pool(
-        pg_dsn, min_size=1, max_size=1, clock=clock, connection_class=_SleepingReset,
-        server_settings={"application_name": app_name},
-    )
-    admin = await asyncpg.connect(pg_dsn)
-    con = await pool.acquire()
-    pid = con.get_server_pid()
     try:
-        await con.fetchval("SELECT 1")  # dirty: the release resets
-        release = asyncio.ensure_future(pool.release(con))
-        await until_in_pg_sleep(pg_dsn, pid)
-        clock.advance(30.0)  # the watchdog aborts the reset; its cancel request is held
-        waiting = asyncio.ensure_future(pool.acquire())
-        await asyncio.sleep(0.2)
-        # The old backend may still run: no replacement yet, and the
-        # release (which returns once its connection is given up) waits.
-        assert not waiting.done() and not release.done()
-        assert pool.get_size() == 1
-        gate.set()  # the cancel request goes out: the slot is freed
-        with pytest.raises(asyncpg.PostgresConnectionError):
-            await asyncio.wait_for(release, 5)
-        again = await asyncio.wait_for(waiting, 5)
-        assert again.get_server_pid() != pid
+        async with release_resetting_on_server(pg_dsn, app_name) as (pool, _, clock, pid, release):
+            clock.advance(30.0)  # the watchdog aborts the reset; its cancel request is held
+            waiting = asyncio.ensure_future(pool.acquire())
+            await asyncio.sleep(0.2)
+            # The old backend may still run: no replacement yet, and the
+            # release (which returns once its connection is given up) waits.
+            assert not waiting.done() and not release.done()
+            assert pool.get_size() == 1
+            gate.set()  # the cancel request goes out: the slot is freed
+            with pytest.raises(asyncpg.PostgresConnectionError):
+                await asyncio.wait_for(release, 5)
+            again = await asyncio.wait_for(waiting, 5)
+            assert again.get_server_pid() != pid
     finally:
         gate.set()
-        await admin.execute("SELECT pg_terminate_backend($1)", pid)
-        await admin.close()
-        pool.terminate()
