@@ -289,6 +289,42 @@ async def test_the_setup_hook_runs_under_the_acquires_deadline_not_a_fresh_timeo
         pool.terminate()
 
 
+async def test_a_paced_connect_is_retried_at_its_backoff_though_later_timers_are_armed(
+    pools: Any, refused_role: Any,
+) -> None:
+    """``wait_on_connect_error=True`` with the server refusing this role
+    more connections (53300) while the pool holds one: the waiting task's
+    connect is refused, and the next starts at ``backoff_until`` (the
+    refusal's backoff, 10-50 ms), though the loop timer was armed for the
+    waiter's deadline (50 s) and the lease's (100 s) before: each failure
+    must re-arm it for the earlier retry. Two retries, each at its instant
+    (``EPS`` before: no connect under way; at it: one).
+
+    Mutation killed: ``PoolState.next_deadline`` leaves out ``backoff_until``:
+    no connect started at it (the loop timer stayed armed for the waiter's
+    deadline, 50 s away)."""
+    eps = 2.0**-14  # (the backoff is milliseconds long)
+    clock = ManualClock()
+    await refused_role.admit()
+    pool = await pools(dsn=refused_role.dsn, min_size=1, max_size=2, clock=clock, wait_on_connect_error=True)
+    await refused_role.admin.execute(f"ALTER ROLE {refused_role.name} CONNECTION LIMIT 1")  # the one it has
+    held = await pool.acquire(lease_timeout=100.0)
+    waiting = asyncio.ensure_future(pool.acquire(timeout=50.0))
+    state = pool._state
+    for failures in (1, 2):
+        await until(lambda f=failures: pool.stats().consecutive_connect_failures == f and pool.stats().connecting == 0)
+        retry_at = state.backoff_until
+        assert clock.now() < retry_at < clock.now() + 0.1
+        step_to(clock, retry_at - eps)
+        assert pool.stats().connecting == 0
+        step_to(clock, retry_at)  # (exact: the clock adds back a difference it computed exactly)
+        assert pool.stats().connecting == 1
+    await until(lambda: pool.stats().consecutive_connect_failures == 3)
+    assert not waiting.done()
+    await pool.release(held)
+    await pool.release(await asyncio.wait_for(waiting, 5))  # the released connection serves it
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "Runner.after_hand_on arms the loop timer for a connection that went idle only when no timer is armed "
     "(safepool/_runner.py:261): armed for a later item (a lease deadline, max_lifetime), the idle "
