@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
 import pytest
 
 import safepool
 from safepool import ManualClock
 from safepool.events import LeakSuspected
-from tests._util import until
+from tests._util import until, until_in_pg_sleep
 
 pytestmark = pytest.mark.asyncio
 
@@ -323,6 +324,58 @@ async def test_a_paced_connect_is_retried_at_its_backoff_though_later_timers_are
     assert not waiting.done()
     await pool.release(held)
     await pool.release(await asyncio.wait_for(waiting, 5))  # the released connection serves it
+
+
+class _SleepingReset(asyncpg.Connection):  # type: ignore[misc]
+    """The reset query starts with a minute of server time (as in
+    test_review_s61_runtime_mutants.py): a reset past the reset watchdog."""
+
+    def get_reset_query(self) -> str:
+        return "SELECT pg_sleep(60); " + super().get_reset_query()
+
+    def _get_reset_query(self) -> str:  # asyncpg < 0.30
+        return "SELECT pg_sleep(60); " + super()._get_reset_query()  # type: ignore[misc]
+
+
+async def test_the_reset_watchdog_fires_at_its_time_while_the_pool_closes(pg_dsn: str, app_name: str) -> None:
+    """A release's reset with no limit (no ``reset_timeout``, release
+    timeout or ``command_timeout``) is aborted by the reset watchdog 30 s
+    after it began; ``close()`` waits for it, so the watchdog must still
+    fire while the pool closes: the release gets the connection's error at
+    30 s exactly, and the close then finishes (else a reset the server
+    never finishes holds ``close()`` for ever).
+
+    Mutation killed: ``Runner.close_all`` cancels the pool's timers when
+    the close begins (``cancel_timers()``, as ``finish_close`` does at its
+    end): the reset was never aborted, and the close waited for the
+    server's minute."""
+    clock = ManualClock()
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, clock=clock, connection_class=_SleepingReset,
+        server_settings={"application_name": app_name},
+    )
+    admin = await asyncpg.connect(pg_dsn)
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    try:
+        start = clock.now()
+        await con.fetchval("SELECT 1")  # dirty: the release resets, watched
+        releasing = asyncio.ensure_future(pool.release(con))
+        await until_in_pg_sleep(pg_dsn, pid)
+        closing = asyncio.ensure_future(pool.close())
+        await until(lambda: pool.is_closing())
+        step_to(clock, start + 30.0 - EPS)
+        await asyncio.sleep(0.05)  # (an absence: an abort would have ended the release by now)
+        assert not releasing.done() and not closing.done()
+        clock.advance(EPS)
+        with pytest.raises(asyncpg.PostgresConnectionError):
+            await asyncio.wait_for(releasing, 5)
+        await asyncio.wait_for(closing, 5)
+        assert pool.get_size() == 0
+    finally:
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        await admin.close()
+        pool.terminate()
 
 
 @pytest.mark.xfail(strict=True, reason=(
