@@ -258,8 +258,14 @@ class Runner:
                 except asyncio.InvalidStateError:
                     state.cancel_waiter(waiter, self.now())  # (cancelled while the grant was in flight)
             self.drain()
-        elif self.timer is None and state.max_inactive_lifetime and state.size > state.min_size:
-            self.arm_timer()  # an idle connection above min_size now has a lifetime to watch
+        elif state.max_inactive_lifetime and state.size > state.min_size:
+            # An idle connection above min_size may now have a lifetime to
+            # watch, due before the armed timer (a later lease deadline, a
+            # connection's max_lifetime): re-armed for it, or it outlived
+            # max_inactive_connection_lifetime until that timer fired.
+            timer_at = self.timer_at
+            if timer_at is None or ((expiry := state.idle_expiry()) is not None and expiry < timer_at):
+                self.arm_timer()
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = self.loop.create_task(coro)  # type: ignore[arg-type]

@@ -2099,6 +2099,13 @@ class PoolState:
         elif len(self._waiters) > 64 and len(self._waiters) > 2 * self._waiting:
             self._waiters = deque(w for w in self._waiters if w.state is W.WAITING)
 
+    def idle_expiry(self) -> float | None:
+        """When the longest-idle connection outlives ``max_inactive_lifetime``
+        (pool clock seconds), if one above ``min_size`` is idle; else None."""
+        if self.max_inactive_lifetime and self._idle and self._live() > self.min_size:
+            return self._idle[0].idle_since + self.max_inactive_lifetime
+        return None
+
     def next_deadline(self) -> float | None:
         """When :meth:`advance` next has something to do (None: nothing pending)."""
         self._pop_stale_head()
@@ -2110,8 +2117,9 @@ class PoolState:
             head = queue.head()
             if head is not None:
                 candidates.append(head[0])
-        if self.max_inactive_lifetime and self._idle and self._live() > self.min_size:
-            candidates.append(self._idle[0].idle_since + self.max_inactive_lifetime)
+        idle_expiry = self.idle_expiry()
+        if idle_expiry is not None:
+            candidates.append(idle_expiry)
         if self.connect_failures and self._tasks_need_a_connect():
             # The next probe: after the backoff, or a hedge beside those
             # under way. (While the pool is full a slot's close re-plans, and
