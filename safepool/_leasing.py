@@ -200,9 +200,13 @@ class Leaser:
                 raise self.reporter.unavailable_error(exc.last_error, now) from exc.last_error
             except Closed:
                 raise PoolClosedError("pool is closing") from None
-            if state.actions or waiter.deadline is not None or state.connect_failures or self.reporter.pending:
-                # Also arms the timer: for the waiter's deadline, or for the next
-                # connect attempt after a failure (none other depends on a waiter).
+            if (state.actions or waiter.deadline is not None or state.connect_failures or self.reporter.pending
+                    or state.connects_to_watch):
+                # Also arms the timer: for the waiter's deadline, for the next
+                # connect attempt after a failure, or for a connect under way
+                # the waiter depends on (presumed lost at its hedge delay, and
+                # no action says so). None other depends on a waiter.
+                state.connects_to_watch = False
                 self.drain()
             try:
                 await future

@@ -327,7 +327,10 @@ class Runner:
             started = holder.reset_since
             if started is None:
                 continue
-            if now - started >= DEFAULT_RESET_TIMEOUT:
+            # (The sum the timer was armed for, not now - started: that
+            # difference may round below the timeout at the armed instant,
+            # and the watchdog would re-arm for that instant for ever.)
+            if now >= started + DEFAULT_RESET_TIMEOUT:
                 holder.reset_since = None
                 holder.unresponsive = True
                 logger.warning(

@@ -626,7 +626,7 @@ class PoolState:
     __slots__ = (
         "_abandoned_count", "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_check", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_level", "backoff_until",
-        "breaker_threshold", "closing", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
+        "breaker_threshold", "closing", "connects_to_watch", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
         "failed_answer_max", "failure_went_stale", "floor_enabled", "lost_before",
         "generation", "init_failing", "connect_misconfigured", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime",
         "max_lifetime", "max_size",
@@ -716,6 +716,11 @@ class PoolState:
         self._next_id = 0
 
         self.connect_failures = 0
+        # Set by enqueue() when the new waiter depends on a connect under way
+        # (one it took over, or a queue policy's orphan): a deadline with no
+        # action (presumed lost at the hedge delay), so the caller must drain
+        # to arm the pool's timer; the caller clears it.
+        self.connects_to_watch = False
         # The backoff's exponent: failures in a row, counting once those of
         # connects that were under way together (a round: they started
         # before the last failure, so it is the same news), and the server's
@@ -985,6 +990,8 @@ class PoolState:
         # nothing to do: the contended hot path.)
         if len(self._slots) < self.max_size or self._connecting_count > self._bound:
             self._plan_connects(now, arrival=True)
+            if self._connecting_count:
+                self.connects_to_watch = True
         return waiter
 
     def claim(self, waiter: Waiter, now: float) -> Lease:

@@ -193,18 +193,10 @@ async def test_max_connecting_bounds_the_hedges_of_a_paced_probe(running: Cluste
             pool.terminate()
 
 
-_NOT_ARMED = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="an acquire() with no timeout that takes over a connect under way (enqueue's _adopt, or a queue "
-    "policy's orphan) does not drain: the loop timer is not armed for _lost_adopted_at/_lost_orphan_at, and the "
-    "taker waits on the lost connect up to its connect timeout (safepool/_leasing.py:203)",
-)
-
-
 @pytest.mark.parametrize("policy", [False, True], ids=["adopted", "orphan (max_site_share)"])
 @pytest.mark.parametrize(
     "timeout",
-    [100.0, pytest.param(None, marks=_NOT_ARMED)],
+    [100.0, None],
     ids=["taker with timeout", "taker without timeout"],
 )
 async def test_a_connect_taken_over_is_presumed_lost_at_its_hedge_delay_and_its_taker_connects(
@@ -225,8 +217,8 @@ async def test_a_connect_taken_over_is_presumed_lost_at_its_hedge_delay_and_its_
     ``_lost_orphan_at``) returns the start plus twice the hedge delay: the
     connect was still under way at 0.1 s.
 
-    Found by this review: a taker with no ``timeout=`` (asyncpg's default)
-    left nothing armed. ``Leaser.acquire`` drains after ``enqueue`` only for
+    Found by this review (fixed: ``PoolState.connects_to_watch``): a taker
+    with no ``timeout=`` (asyncpg's default) left nothing armed. ``Leaser.acquire`` drains after ``enqueue`` only for
     actions, a waiter's deadline, connect failures or pending events
     ("none other depends on a waiter"), but the lost connect's deadline
     exists only once a task waits on it; nothing else arms the loop timer,

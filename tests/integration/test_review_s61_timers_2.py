@@ -264,12 +264,6 @@ async def test_a_terminated_pools_reset_watchdog_never_fires(pg_dsn: str, app_na
         pool.terminate()
 
 
-@pytest.mark.xfail(
-    strict=True, raises=Spinning,
-    reason="Runner.check_resets compares now - started >= 30 but arms started + 30: for some start readings the "
-    "difference rounds below 30, the watchdog re-arms for the instant it fired at, and ManualClock.advance() "
-    "never returns (safepool/_runner.py:330)",
-)
 async def test_a_reset_begun_at_a_reading_whose_difference_rounds_down_is_aborted_at_30_s(
     pg_dsn: str, app_name: str
 ) -> None:
@@ -285,7 +279,8 @@ async def test_a_reset_begun_at_a_reading_whose_difference_rounds_down_is_aborte
     multiple of 0.001) the loop spins until the next tick, and on asyncio
     (whose timers run up to the clock's resolution early) the same spin.
 
-    Found by this review. Before this session's fix the watchdog re-armed
+    Found by this review (fixed: the watchdog compares ``now >= started +
+    30``, the sum it armed). Before this session's first fix it re-armed
     for ``now + 30``: the reset was then aborted 30 s late, at 60 s."""
     start = 1000.1
     assert (start + 30.0) - start < 30.0  # (the float trap this test needs)
