@@ -206,7 +206,6 @@ class Leaser:
                 # connect attempt after a failure, or for a connect under way
                 # the waiter depends on (presumed lost at its hedge delay, and
                 # no action says so). None other depends on a waiter.
-                state.connects_to_watch = False
                 self.drain()
             try:
                 await future

@@ -180,6 +180,7 @@ class Runner:
                         assert_never(action)
         if state.closing and state.size == 0:  # (closing first: a plain attribute, the hot path)
             self.drained.set()
+        state.connects_to_watch = False  # (armed for next: the timer covers its deadlines)
         self.arm_timer()
         if self.reporter.pending:
             self.reporter.deliver()
@@ -242,7 +243,7 @@ class Runner:
         actions = state.actions
         if actions:
             action = actions[0]
-            if type(action) is Wake and len(actions) == 1 and not self.reporter.pending:
+            if type(action) is Wake and len(actions) == 1 and not self.reporter.pending and not state.connects_to_watch:
                 # The contended hot path: the connection went to the head
                 # waiter, and that is all. drain() without its dispatch and
                 # timer check (a grant adds no deadline: the waiter's own

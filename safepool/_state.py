@@ -716,10 +716,11 @@ class PoolState:
         self._next_id = 0
 
         self.connect_failures = 0
-        # Set by enqueue() when the new waiter depends on a connect under way
-        # (one it took over, or a queue policy's orphan): a deadline with no
-        # action (presumed lost at the hedge delay), so the caller must drain
-        # to arm the pool's timer; the caller clears it.
+        # Set when a waiting task may have come to depend on a connect under
+        # way (enqueue: one it took over, or a queue policy's orphan; a grant
+        # while connects run: the connect its task started is now another's):
+        # a deadline no action announces (presumed lost at the hedge delay),
+        # so the I/O layer must drain, which arms the pool's timer and clears it.
         self.connects_to_watch = False
         # The backoff's exponent: failures in a row, counting once those of
         # connects that were under way together (a round: they started
@@ -2373,6 +2374,10 @@ class PoolState:
             self._timer_dropped()
         self._move(slot, S.RESERVED)
         self.actions.append(Wake(waiter))
+        if self._connecting_count:
+            # (Not the FIFO hot path, which _hand_on inlines: a queue
+            # policy's grant, or one beside connects bound to their tasks.)
+            self.connects_to_watch = True
 
     def _policy_released(self, site: str | None, now: float, plan: bool = False) -> None:
         """``plan``: no slot comes back with this (a grant whose connection

@@ -25,10 +25,6 @@ from .test_review_s61_connect_timers import EPS, HEDGE_AFTER, GuardedClock, conn
 pytestmark = [pytest.mark.asyncio]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a release that hands a connection to a connect's trigger (the after_hand_on hot path: one Wake, no drain) "
-    "leaves the orphaned connect's lost deadline unarmed: the other waiter waits for its 60 s connect timeout"
-))
 @pytest.mark.parametrize("options", [{"max_site_share": 1.0}, {"queue_policy": "adaptive"}], ids=["max_site_share", "adaptive"])
 async def test_a_connect_orphaned_by_a_release_is_presumed_lost_at_its_hedge_delay(
     running: Cluster, app_name: str, options: dict[str, Any]
@@ -47,12 +43,13 @@ async def test_a_connect_orphaned_by_a_release_is_presumed_lost_at_its_hedge_del
     ``connects_to_watch`` and its acquire drained (armed the timer). Here
     the orphan appears in the release: ``Leaser.release`` ->
     ``Runner.after_hand_on``, whose hot path (one ``Wake``, nothing
-    pending: safepool/_runner.py:245) returns without
-    ``drain()``/``arm_timer()``; nothing else is armed, so C is never
-    presumed lost and task 2 waits out C's own connect timeout: on the
-    loop's clock it was served 60.06 s after it queued, where a task that
-    queued after the release (``connects_to_watch``) was served in 0.10 s.
-    (Checked: with that hot path disabled, both variants pass.)"""
+    pending) returned without ``drain()``/``arm_timer()``; nothing else was
+    armed, so C was never presumed lost and task 2 waited out C's own
+    connect timeout: on the loop's clock it was served 60.06 s after it
+    queued, where a task that queued after the release was served in 0.10
+    s. Found by this review; fixed: a grant while connects run sets
+    ``connects_to_watch`` too (``PoolState._grant``), and the hot path
+    drains when it is set."""
     clock = GuardedClock()
     async with FaultProxy(running.port) as proxy:
         pool = await safepool.create_pool(
