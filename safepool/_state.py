@@ -2132,14 +2132,16 @@ class PoolState:
             # The next probe: after the backoff, or a hedge beside those
             # under way. (While the pool is full a slot's close re-plans, and
             # at max_connecting a connect's outcome does: a timer at a time
-            # already past would fire again and again.)
+            # already past would fire again and again. Connects given up,
+            # still being cancelled, count towards max_connecting there, as
+            # in _plan_connects: their end re-plans.)
             live = self._live_connects()
-            if not live:
+            if self.max_connecting is not None and self._connecting_count >= self.max_connecting:
+                pass
+            elif not live:
                 if self._paced():
                     candidates.append(self.backoff_until)
-            elif self.backoff.hedge_after is not None and (
-                self.max_connecting is None or live < self.max_connecting
-            ):
+            elif self.backoff.hedge_after is not None:
                 candidates.append(self._hedge_at())
         if self._live_connects() and not self._paced():
             if self._bound:

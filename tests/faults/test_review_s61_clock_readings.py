@@ -14,7 +14,9 @@ still being cancelled, with ``max_connecting`` reached by counting it.
 Reproduced here through the fault proxy's black hole on a guarded
 ``ManualClock`` (:class:`GuardedClock`: a timer re-armed for an instant
 already past 100 times in a row raises :class:`Spinning` out of
-``advance()``, where it never returned).
+``advance()``, where it never returned). Fixed: ``next_deadline`` counts
+the connects given up towards ``max_connecting``, as ``_plan_connects``
+does, and arms nothing while they fill it (their end re-plans).
 """
 
 from __future__ import annotations
@@ -33,17 +35,6 @@ from .test_review_s61_connect_timers import HEDGE_AFTER, GuardedClock, connect_s
 pytestmark = [pytest.mark.asyncio]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "PoolState.next_deadline arms the hedge while live connects < max_connecting (_state.py:2140), "
-        "but _plan_connects counts the abandoned connects still being cancelled "
-        "(room = max_connecting - _connecting_count, _state.py:1425): at the hedge instant no connect "
-        "can start and the timer is re-armed for that instant until the cancellation ends; inside "
-        "ManualClock.advance() that is never (on a real loop, a busy loop)"
-    ),
-)
 async def test_the_hedge_timer_does_not_spin_while_an_abandoned_connect_counts_towards_max_connecting(
     running: Cluster, app_name: str
 ) -> None:

@@ -6,25 +6,17 @@ re-armed for an instant already past, again and again (the pool-level
 reproduction, through the fault proxy's black hole on a ``ManualClock``:
 tests/faults/test_review_s61_clock_readings.py). Found by the state
 core's random walks run with that check (about 2% of the capped walks,
-and some uncapped ones, at any clock reading)."""
+and some uncapped ones, at any clock reading). Fixed: ``next_deadline``
+counts the connects given up towards ``max_connecting``, as
+``_plan_connects`` does."""
 
 from __future__ import annotations
-
-import pytest
 
 from safepool._state import REFUSED, Abandon, Connect, Fail, TimeOut
 
 from .test_state import fields, make, take
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "next_deadline() arms the hedge while live connects < max_connecting (_state.py:2140), "
-        "_plan_connects counts the abandoned ones still being cancelled (_state.py:1425): "
-        "at the hedge instant nothing starts and the same instant is due again"
-    ),
-)
 def test_the_hedge_deadline_moves_on_once_it_fired_with_an_abandoned_connect_at_max_connecting() -> None:
     """Unpaced, ``max_size=3``, ``max_connecting=2``. Task A
     (``timeout=0.5``) and task B wait on a connect each; B's is refused
