@@ -23,7 +23,22 @@ Properties checked after every step, besides ``check_invariants()``:
 * a waiting task always has something that will wake it (a connect, a reset,
   a lease, a close, or a timer), so nobody waits forever;
 * timers fire at or after their deadline, never before, and ``next_deadline``
-  never lies beyond a pending deadline.
+  never lies beyond a pending deadline;
+* once a timer has fired (``advance(now)``: the ``advance`` and
+  ``fire_next_deadline`` rules, the start-up's, the settling's),
+  ``next_deadline`` is later than ``now``, or None: the runner re-arms its
+  timer for it, and one at an instant already past fires again at once, a
+  busy loop if ``advance`` does nothing there (the hedge timer did, fixed in
+  6ceadc5). Checked by ``test_state_fuzz.check_timer_moved_on``, which lets
+  one known defect through (while each re-fire gives a connect up:
+  test_review_s61_timer_walks.py).
+
+The clock starts at a reading drawn from ``START_READINGS`` (awkward ones
+too, where a start plus a delay rounds), not only at 0.0. ``breaker`` is
+drawn None too (fail_fast off, the default: connects unpaced, given up when
+presumed lost), which the machine had never drawn; with it, the timer check
+catches the hedge timer's spin of 6ceadc5 reverted (not within CI's 600
+examples: the capped walks of test_state_fuzz are CI's guard there).
 
 At the end of every example the machine settles the pool (releases all, lets
 every connect, reset and close finish) and checks it is quiescent.
@@ -77,8 +92,12 @@ from safepool._state import (
     Wake,
 )
 
+from .test_state_fuzz import check_timer_moved_on
+
 LONG = bool(os.environ.get("SAFEPOOL_LONG"))
 S = SlotState
+# The clock readings the machine starts at: awkward ones too.
+START_READINGS = [0.0, 0.1, 1000.1, 1023.9, 12345.678]
 
 times = st.sampled_from([0.0, 0.05, 0.3, 1.0, 2.5, 7.0])
 timeouts = st.one_of(st.none(), st.sampled_from([0.0, 0.5, 1.0, 4.0]))
@@ -118,11 +137,12 @@ class PoolMachine(RuleBasedStateMachine):
         max_waiters=st.one_of(st.none(), st.integers(0, 5)),
         max_connecting=st.one_of(st.none(), st.integers(1, 3)),
         lifetime=st.sampled_from([0.0, 2.0]),
-        breaker=st.integers(1, 3),
+        breaker=st.one_of(st.none(), st.integers(1, 3)),
         jitter=st.sampled_from([0.0, 0.5, 1.0]),
         share=st.sampled_from([None, None, 0.25, 0.5, 1.0]),
         adaptive=st.sampled_from([None, None, (0.05, 0.3)]),
         wait_on_error=st.booleans(),
+        start=st.sampled_from(START_READINGS),
     )
     def setup(
         self,
@@ -132,12 +152,14 @@ class PoolMachine(RuleBasedStateMachine):
         max_waiters: int | None,
         max_connecting: int | None,
         lifetime: float,
-        breaker: int,
+        breaker: int | None,
         jitter: float,
         share: float | None,
         adaptive: tuple[float, float] | None,
         wait_on_error: bool,
+        start: float = 0.0,
     ) -> None:
+        self.now = start
         min_size = min(min_size, max_size)
         self.share = share
         self.adaptive = adaptive
@@ -467,12 +489,16 @@ class PoolMachine(RuleBasedStateMachine):
             assert slot in set(self.state.slots()) and slot.owner is None
             assert owner is None or owner.state is not WaiterState.WAITING or self.state.wait_on_connect_error or adopted
         else:
+            adopted = slot.adopted
             self.state.connect_failed(slot, self.now, ConnectionRefusedError("refused"))
             if not self.state._pacing():
                 # asyncpg's way: the error is its own task's, and only its.
+                # (A connect its owner took over is not its acquire's: the
+                # owner waits on, as in the init= branch above. Reached
+                # once the machine drew breaker=None, fail_fast off.)
                 failed = [w for w in waiting if w.state is WaiterState.FAILED]
                 assert len(failed) <= 1, "a failed connect failed tasks other than its own"
-                assert owner is None or owner.state is WaiterState.FAILED
+                assert owner is None or owner.state is WaiterState.FAILED or adopted
         if ok is not True and self.state._policy is not None and not self.state.wait_on_connect_error and (
             ok is not False or not self.state._pacing()
         ):
@@ -540,7 +566,20 @@ class PoolMachine(RuleBasedStateMachine):
     def advance(self, dt: float) -> None:
         self.now += dt
         self.state.advance(self.now)
+        self._timer_fired()
+
+    def _timer_fired(self) -> None:
+        """``advance(now)`` ran: its actions drained, the runner re-arms its
+        timer, which must be later than now (check_timer_moved_on; checked
+        before CappedPoolMachine's _drain answers connects: those are events
+        of their own)."""
+        self._take_actions()
+        check_timer_moved_on(self.state, self.now, self._take_actions)
         self._drain()
+
+    def _take_actions(self) -> None:
+        """The core's actions taken and checked, no I/O outcome reported."""
+        PoolMachine._drain(self)
 
     @rule()
     def fire_next_deadline(self) -> None:
@@ -549,7 +588,7 @@ class PoolMachine(RuleBasedStateMachine):
         if when is not None and when > self.now:
             self.now = when
         self.state.advance(self.now)
-        self._drain()
+        self._timer_fired()
 
     @rule(max_size=st.integers(1, 5), min_size=st.one_of(st.none(), st.integers(0, 5)))
     def resize(self, max_size: int, min_size: int | None) -> None:
@@ -580,7 +619,7 @@ class PoolMachine(RuleBasedStateMachine):
     def finish_init(self) -> None:
         self.state.floor_enabled = True
         self.state.advance(self.now)
-        self._drain()
+        self._timer_fired()
 
     @precondition(lambda self: not self.state.closing)
     @rule()
@@ -727,7 +766,7 @@ class PoolMachine(RuleBasedStateMachine):
                 if state.waiting or state.next_deadline() is not None:
                     self.now += 10.0  # let backoffs, timeouts and lifetimes pass
                     state.advance(self.now)
-                    self._drain()
+                    self._timer_fired()
                     continue
                 break
         self.books_balance()
@@ -763,26 +802,33 @@ class CappedPoolMachine(PoolMachine):
         init_size=st.integers(1, 5),
         adaptive=st.sampled_from([None, None, (0.05, 0.3)]),
         wait_on_error=st.booleans(),
+        start=st.sampled_from(START_READINGS),
     )
-    def setup(self, max_size: int, init_size: int, adaptive: tuple[float, float] | None, wait_on_error: bool) -> None:
+    def setup(
+        self, max_size: int, init_size: int, adaptive: tuple[float, float] | None, wait_on_error: bool, start: float,
+    ) -> None:
         PoolMachine.setup(
             self, max_size=max_size, min_size=1, init_size=init_size, max_waiters=None, max_connecting=None,
             lifetime=0.0, breaker=3, jitter=0.5, share=0.25, adaptive=adaptive, wait_on_error=wait_on_error,
+            start=start,
         )
         # The pool opens (its start-up connects answered: _drain), and the
         # hog takes its share.
         self.state.floor_enabled = True
         self.state.advance(self.now)
-        self._drain()
+        self._timer_fired()
         for _ in range(self.state.site_cap or 0):
             PoolMachine.acquire(self, timeout=None, site=HOG)
 
+    def _take_actions(self) -> None:
+        known = {s.id for s in self.connecting}
+        super()._drain()
+        if self.black_hole:
+            self.swallowed.update(s.id for s in self.connecting if s.id not in known)
+
     def _drain(self) -> None:
         while True:
-            known = {s.id for s in self.connecting}
-            super()._drain()
-            if self.black_hole:
-                self.swallowed.update(s.id for s in self.connecting if s.id not in known)
+            self._take_actions()
             answered = [s for s in self.connecting if not s.abandoned and s.id not in self.swallowed]
             if self.resetting:
                 slot = self.resetting.pop()
