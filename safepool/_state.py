@@ -1503,7 +1503,16 @@ class PoolState:
         orphans = []
         backed = 0
         for slot in self._slots:
-            if slot.state is not S.CONNECTING or slot.abandoned:
+            if slot.state is not S.CONNECTING:
+                continue
+            if slot.abandoned:
+                # Given up, still being cancelled: its end plans the connect
+                # of the task it was counted for, so it backs that task still.
+                # (Not counted, the next orphan as old was named for the same
+                # task, due at the instant the timer had fired: the timer
+                # fired again there, once per orphan, and gave up a connect
+                # that might still answer.)
+                backed += 1
                 continue
             trigger = slot.trigger
             if trigger is not None and trigger.state is W.WAITING and policy.is_eligible(trigger):

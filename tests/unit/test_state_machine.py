@@ -574,7 +574,7 @@ class PoolMachine(RuleBasedStateMachine):
         before CappedPoolMachine's _drain answers connects: those are events
         of their own)."""
         self._take_actions()
-        check_timer_moved_on(self.state, self.now, self._take_actions)
+        check_timer_moved_on(self.state, self.now)
         self._drain()
 
     def _take_actions(self) -> None:
