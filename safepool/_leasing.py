@@ -505,7 +505,7 @@ class Leaser:
                         first = NOT_STARTED
                 now = self.now()
                 state.release(lease, now, outcome)
-                if state.actions:
+                if state.actions or state.connects_to_watch:
                     self.drain()
                 if budget is None and holder.command_timeout is None:
                     # No limit asked for: asyncpg would wait forever. The

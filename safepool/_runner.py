@@ -259,6 +259,8 @@ class Runner:
                 except asyncio.InvalidStateError:
                     state.cancel_waiter(waiter, self.now())  # (cancelled while the grant was in flight)
             self.drain()
+        elif state.connects_to_watch:
+            self.drain()  # (a deadline with no action: see PoolState.connects_to_watch)
         elif state.max_inactive_lifetime and state.size > state.min_size:
             # An idle connection above min_size may now have a lifetime to
             # watch, due before the armed timer (a later lease deadline, a

@@ -2398,6 +2398,10 @@ class PoolState:
             self._serve_idle(now)
             if plan:
                 self._plan_connects(now)
+            if self._connecting_count:
+                # Tasks of the site became eligible: a connect under way may
+                # now be their orphan, presumed lost at the hedge delay.
+                self.connects_to_watch = True
 
     def _serve_idle(self, now: float) -> None:
         """A site's waiters left its cap while connections sat idle (they

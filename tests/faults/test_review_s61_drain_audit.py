@@ -161,11 +161,6 @@ async def test_the_floor_upkeeps_connect_handed_to_a_task_waiting_in_a_backoff_i
             pool.terminate()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a release whose reset runs inline (Leaser.release, _leasing.py:507) drains only for actions: with "
-    "max_site_share the release makes a capped site's task eligible, so a connect whose task gave up becomes "
-    "an orphan with a lost deadline (_lost_orphan_at), but no action says so and no timer is armed for it"
-))
 async def test_an_inline_reset_that_makes_a_capped_task_eligible_arms_the_orphans_lost_deadline(
     running: Cluster, app_name: str
 ) -> None:
@@ -193,8 +188,10 @@ async def test_an_inline_reset_that_makes_a_capped_task_eligible_arms_the_orphan
     lost reset.)
 
     Found by a random walk of the state core with the runner's timer
-    modelled beside it (tests/unit/test_review_s61_drain_model.py, which
-    models this release as it is and so does not report it)."""
+    modelled beside it (tests/unit/test_review_s61_drain_model.py).
+    Fixed: ``PoolState._policy_released`` sets ``connects_to_watch`` while
+    connects run, and the release (inline reset, or ``after_hand_on``)
+    drains for it."""
     clock = GuardedClock()
     async with FaultProxy(running.port) as proxy:
         pool = await safepool.create_pool(
