@@ -230,3 +230,33 @@ def held_cancel_requests(monkeypatch: Any) -> asyncio.Event:
 
     hook_cancel_requests(monkeypatch, until_let_through)
     return gate
+
+
+class Spinning(Exception):
+    """A callback was armed again and again for an instant already past."""
+
+
+def guarded_clock_class() -> type:
+    """``GuardedClock``: a ``safepool.ManualClock`` that raises
+    :class:`Spinning` out of ``advance()`` when the pool re-arms a timer for
+    an instant already past 100 times in a row. ``advance()`` runs every
+    callback due by its target, including those a callback schedules, so a
+    timer that finds nothing due and re-arms for the same instant would
+    never let it return. (safepool is imported here, when asked.)"""
+    import safepool
+
+    class GuardedClock(safepool.ManualClock):  # type: ignore[misc]
+        def __init__(self, start: float = 1000.0) -> None:
+            super().__init__(start)
+            self.past_in_a_row = 0
+
+        def call_at(self, when: float, callback: Callable[[], None]) -> Any:
+            if when <= self.now():
+                self.past_in_a_row += 1
+                if self.past_in_a_row > 100:
+                    raise Spinning(f"re-armed for {when!r} (now {self.now()!r}) {self.past_in_a_row} times")
+            else:
+                self.past_in_a_row = 0
+            return super().call_at(when, callback)
+
+    return GuardedClock

@@ -26,20 +26,20 @@ by hand and the test seen to fail).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 import safepool
 from safepool import ManualClock
-from safepool._clock import Timer
-from tests._util import until
+from tests._util import guarded_clock_class, until
 
 from ._pg import Cluster
 from ._proxy import FaultProxy
 
 pytestmark = [pytest.mark.asyncio]
+
+GuardedClock = guarded_clock_class()
 
 EPS = 2.0**-14  # (the backoff is milliseconds long)
 HEDGE_AFTER = 0.1  # Backoff().hedge_after, the documented default
@@ -49,30 +49,6 @@ def step_to(clock: ManualClock, when: float) -> None:
     """Advance ``clock`` to ``when`` (pool clock seconds; exact: the clock
     adds back a difference it computed exactly)."""
     clock.advance(when - clock.now())
-
-
-class Spinning(Exception):
-    """A callback was armed again and again for an instant already past."""
-
-
-class GuardedClock(ManualClock):
-    """A ``ManualClock`` that raises :class:`Spinning` out of ``advance()``
-    when the pool re-arms a timer for an instant already past 100 times in
-    a row (``advance()`` runs callbacks scheduled by callbacks: such a
-    timer never lets it return)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.past_in_a_row = 0
-
-    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        if when <= self.now():
-            self.past_in_a_row += 1
-            if self.past_in_a_row > 100:
-                raise Spinning(f"re-armed for {when!r} (now {self.now()!r}) {self.past_in_a_row} times")
-        else:
-            self.past_in_a_row = 0
-        return super().call_at(when, callback)
 
 
 def connect_starts(pool: Any) -> list[float]:

@@ -24,7 +24,6 @@ by hand and the test seen to fail).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -32,10 +31,11 @@ import pytest
 
 import safepool
 from safepool import ManualClock
-from safepool._clock import Timer
-from tests._util import until
+from tests._util import guarded_clock_class, until
 
 pytestmark = pytest.mark.asyncio
+
+GuardedClock = guarded_clock_class()
 
 EPS = 2.0**-10  # (exact in binary: 1000.0 + n - EPS + EPS == 1000.0 + n)
 
@@ -43,32 +43,6 @@ EPS = 2.0**-10  # (exact in binary: 1000.0 + n - EPS + EPS == 1000.0 + n)
 def step_to(clock: ManualClock, when: float) -> None:
     """Advance ``clock`` to ``when`` (pool clock seconds)."""
     clock.advance(when - clock.now())
-
-
-class Spinning(Exception):
-    """A callback was armed again and again for an instant already past."""
-
-
-class GuardedClock(ManualClock):
-    """A ``ManualClock`` that raises :class:`Spinning` (out of ``advance()``)
-    instead of looping for ever when the pool re-arms a timer for an
-    instant already past 100 times in a row: ``advance()`` runs every
-    callback due by its target, including those a callback schedules, so a
-    timer that finds nothing due and re-arms for the same instant never
-    lets it return."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        super().__init__(start)
-        self.past_in_a_row = 0
-
-    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        if when <= self.now():
-            self.past_in_a_row += 1
-            if self.past_in_a_row > 100:
-                raise Spinning(f"re-armed for {when!r} (now {self.now()!r}) {self.past_in_a_row} times")
-        else:
-            self.past_in_a_row = 0
-        return super().call_at(when, callback)
 
 
 class _LockedReset(asyncpg.Connection):  # type: ignore[misc]
