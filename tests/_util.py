@@ -260,3 +260,9 @@ def guarded_clock_class() -> type:
             return super().call_at(when, callback)
 
     return GuardedClock
+
+
+def step_to(clock: Any, when: float) -> None:
+    """Advance a ``ManualClock`` to ``when`` (pool clock seconds; exact: the
+    clock adds back a difference it computed exactly)."""
+    clock.advance(when - clock.now())

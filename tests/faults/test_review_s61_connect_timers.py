@@ -32,7 +32,7 @@ import pytest
 
 import safepool
 from safepool import ManualClock
-from tests._util import guarded_clock_class, until
+from tests._util import guarded_clock_class, step_to, until
 
 from ._pg import Cluster
 from ._proxy import FaultProxy
@@ -43,12 +43,6 @@ GuardedClock = guarded_clock_class()
 
 EPS = 2.0**-14  # (the backoff is milliseconds long)
 HEDGE_AFTER = 0.1  # Backoff().hedge_after, the documented default
-
-
-def step_to(clock: ManualClock, when: float) -> None:
-    """Advance ``clock`` to ``when`` (pool clock seconds; exact: the clock
-    adds back a difference it computed exactly)."""
-    clock.advance(when - clock.now())
 
 
 def connect_starts(pool: Any) -> list[float]:

@@ -34,11 +34,11 @@ from typing import Any
 import pytest
 
 import safepool
-from tests._util import until
+from tests._util import step_to, until
 
 from ._pg import Cluster
 from ._proxy import FaultProxy
-from .test_review_s61_connect_timers import EPS, HEDGE_AFTER, GuardedClock, connect_starts, step_to, until_accepted
+from .test_review_s61_connect_timers import EPS, HEDGE_AFTER, GuardedClock, connect_starts, until_accepted
 
 pytestmark = [pytest.mark.asyncio]
 

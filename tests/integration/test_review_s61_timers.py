@@ -24,16 +24,11 @@ import pytest
 import safepool
 from safepool import ManualClock
 from safepool.events import LeakSuspected
-from tests._util import until, until_in_pg_sleep
+from tests._util import step_to, until, until_in_pg_sleep
 
 pytestmark = pytest.mark.asyncio
 
 EPS = 2.0**-10  # (exact in binary: 1000.0 + n - EPS + EPS == 1000.0 + n)
-
-
-def step_to(clock: ManualClock, when: float) -> None:
-    """Advance ``clock`` to ``when`` (pool clock seconds)."""
-    clock.advance(when - clock.now())
 
 
 async def test_a_shorter_lease_timeout_armed_after_a_longer_one_fires_at_its_own_deadline(pools: Any) -> None:

@@ -24,6 +24,8 @@ by hand and the test seen to fail).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -31,18 +33,13 @@ import pytest
 
 import safepool
 from safepool import ManualClock
-from tests._util import guarded_clock_class, until
+from tests._util import guarded_clock_class, step_to, until
 
 pytestmark = pytest.mark.asyncio
 
 GuardedClock = guarded_clock_class()
 
 EPS = 2.0**-10  # (exact in binary: 1000.0 + n - EPS + EPS == 1000.0 + n)
-
-
-def step_to(clock: ManualClock, when: float) -> None:
-    """Advance ``clock`` to ``when`` (pool clock seconds)."""
-    clock.advance(when - clock.now())
 
 
 class _LockedReset(asyncpg.Connection):  # type: ignore[misc]
@@ -66,11 +63,27 @@ async def until_waiting_on_lock(admin: Any, pid: int) -> None:
             await asyncio.sleep(0.005)
 
 
-async def locked_pool(pg_dsn: str, app_name: str, clock: ManualClock, size: int) -> Any:
-    return await safepool.create_pool(
+@contextlib.asynccontextmanager
+async def locked_leases(
+    pg_dsn: str, app_name: str, clock: ManualClock, size: int
+) -> AsyncIterator[tuple[Any, Any, list[Any], list[int]]]:
+    """A pool of ``size`` connections whose resets wait for an advisory lock
+    (``_LockedReset``), on ``clock``, with every connection leased. Yields
+    ``(pool, admin, leases, pids)``; after: the backends are terminated, the
+    admin connection closed and the pool terminated."""
+    pool = await safepool.create_pool(
         pg_dsn, min_size=size, max_size=size, clock=clock, connection_class=_LockedReset,
         server_settings={"application_name": app_name},
     )
+    admin = await asyncpg.connect(pg_dsn)
+    leases = [await pool.acquire() for _ in range(size)]
+    pids = [con.get_server_pid() for con in leases]
+    try:
+        yield pool, admin, leases, pids
+    finally:
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY($1)", pids)
+        await admin.close()
+        pool.terminate()
 
 
 async def blocked_release(pool: Any, admin: Any, con: Any) -> asyncio.Future[None]:
@@ -100,11 +113,7 @@ async def test_a_younger_reset_is_aborted_at_its_own_time_after_the_older_one_fi
     ``watch_resets()`` (30 s after it fired, as before this session's fix):
     the younger reset was aborted at 60 s."""
     clock = GuardedClock()
-    pool = await locked_pool(pg_dsn, app_name, clock, 2)
-    admin = await asyncpg.connect(pg_dsn)
-    first, second = await pool.acquire(), await pool.acquire()
-    pids = [first.get_server_pid(), second.get_server_pid()]
-    try:
+    async with locked_leases(pg_dsn, app_name, clock, 2) as (pool, admin, (first, second), pids):
         start = clock.now()
         release_first = await blocked_release(pool, admin, first)
         step_to(clock, start + 10.0)
@@ -123,10 +132,6 @@ async def test_a_younger_reset_is_aborted_at_its_own_time_after_the_older_one_fi
         assert pool._runner.reset_watchdog is None
         async with pool.acquire(timeout=5) as con:  # the first connection, kept
             assert con.get_server_pid() == pids[0]
-    finally:
-        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY($1)", pids)
-        await admin.close()
-        pool.terminate()
 
 
 async def test_resets_begun_in_the_same_instant_are_aborted_together_at_30_s(pg_dsn: str, app_name: str) -> None:
@@ -139,13 +144,9 @@ async def test_resets_begun_in_the_same_instant_are_aborted_together_at_30_s(pg_
     re-armed for that same instant, ran again and again inside
     ``advance()`` (:class:`Spinning`)."""
     clock = GuardedClock()
-    pool = await locked_pool(pg_dsn, app_name, clock, 2)
-    admin = await asyncpg.connect(pg_dsn)
-    first, second = await pool.acquire(), await pool.acquire()
-    pids = [first.get_server_pid(), second.get_server_pid()]
-    try:
+    async with locked_leases(pg_dsn, app_name, clock, 2) as (pool, admin, leases, _):
         start = clock.now()
-        releases = [await blocked_release(pool, admin, con) for con in (first, second)]
+        releases = [await blocked_release(pool, admin, con) for con in leases]
         assert [holder.reset_since for holder in pool._runner.slot_holders.values()] == [start, start]
         step_to(clock, start + 30.0 - EPS)
         await asyncio.sleep(0.05)  # (an absence)
@@ -155,10 +156,6 @@ async def test_resets_begun_in_the_same_instant_are_aborted_together_at_30_s(pg_
             with pytest.raises(asyncpg.PostgresConnectionError):
                 await asyncio.wait_for(release, 5)
         assert pool._runner.reset_watchdog is None
-    finally:
-        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY($1)", pids)
-        await admin.close()
-        pool.terminate()
 
 
 async def test_a_clock_jumping_far_ahead_aborts_every_reset_in_one_advance(pg_dsn: str, app_name: str) -> None:
@@ -172,21 +169,17 @@ async def test_a_clock_jumping_far_ahead_aborts_every_reset_in_one_advance(pg_ds
     60 s): still inside the jump, but the second reset's abort is logged
     50 s old, not 30 s."""
     clock = GuardedClock()
-    pool = await locked_pool(pg_dsn, app_name, clock, 2)
-    admin = await asyncpg.connect(pg_dsn)
-    first, second = await pool.acquire(), await pool.acquire()
-    pids = [first.get_server_pid(), second.get_server_pid()]
     aborted_at: list[float] = []
-    original = pool._runner.check_resets
+    async with locked_leases(pg_dsn, app_name, clock, 2) as (pool, admin, (first, second), _):
+        original = pool._runner.check_resets
 
-    def check_resets() -> None:
-        before = {slot for slot, holder in pool._runner.slot_holders.items() if holder.reset_since is not None}
-        original()
-        after = {slot for slot, holder in pool._runner.slot_holders.items() if holder.reset_since is not None}
-        aborted_at.extend(clock.now() for _ in before - after)
+        def check_resets() -> None:
+            before = {slot for slot, holder in pool._runner.slot_holders.items() if holder.reset_since is not None}
+            original()
+            after = {slot for slot, holder in pool._runner.slot_holders.items() if holder.reset_since is not None}
+            aborted_at.extend(clock.now() for _ in before - after)
 
-    pool._runner.check_resets = check_resets
-    try:
+        pool._runner.check_resets = check_resets
         start = clock.now()
         release_first = await blocked_release(pool, admin, first)
         step_to(clock, start + 10.0)
@@ -197,10 +190,6 @@ async def test_a_clock_jumping_far_ahead_aborts_every_reset_in_one_advance(pg_ds
             with pytest.raises(asyncpg.PostgresConnectionError):
                 await asyncio.wait_for(release, 5)
         assert pool._runner.reset_watchdog is None
-    finally:
-        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY($1)", pids)
-        await admin.close()
-        pool.terminate()
 
 
 async def test_a_terminated_pools_reset_watchdog_never_fires(pg_dsn: str, app_name: str) -> None:
@@ -212,19 +201,15 @@ async def test_a_terminated_pools_reset_watchdog_never_fires(pg_dsn: str, app_na
     armed: it fired after the terminate (and found the terminated slot's
     holder still watched)."""
     clock = GuardedClock()
-    pool = await locked_pool(pg_dsn, app_name, clock, 1)
-    admin = await asyncpg.connect(pg_dsn)
-    con = await pool.acquire()
-    pid = con.get_server_pid()
     fired: list[float] = []
-    original = pool._runner.check_resets
+    async with locked_leases(pg_dsn, app_name, clock, 1) as (pool, admin, (con,), _):
+        original = pool._runner.check_resets
 
-    def check_resets() -> None:
-        fired.append(clock.now())
-        original()
+        def check_resets() -> None:
+            fired.append(clock.now())
+            original()
 
-    pool._runner.check_resets = check_resets
-    try:
+        pool._runner.check_resets = check_resets
         release = await blocked_release(pool, admin, con)
         assert pool._runner.reset_watchdog is not None
         pool.terminate()
@@ -232,10 +217,6 @@ async def test_a_terminated_pools_reset_watchdog_never_fires(pg_dsn: str, app_na
             await asyncio.wait_for(release, 5)
         clock.advance(1000.0)
         assert fired == [] and pool._runner.reset_watchdog is None
-    finally:
-        await admin.execute("SELECT pg_terminate_backend($1)", pid)
-        await admin.close()
-        pool.terminate()
 
 
 async def test_a_reset_begun_at_a_reading_whose_difference_rounds_down_is_aborted_at_30_s(
@@ -259,11 +240,7 @@ async def test_a_reset_begun_at_a_reading_whose_difference_rounds_down_is_aborte
     start = 1000.1
     assert (start + 30.0) - start < 30.0  # (the float trap this test needs)
     clock = GuardedClock(start=start)
-    pool = await locked_pool(pg_dsn, app_name, clock, 1)
-    admin = await asyncpg.connect(pg_dsn)
-    con = await pool.acquire()
-    pid = con.get_server_pid()
-    try:
+    async with locked_leases(pg_dsn, app_name, clock, 1) as (pool, admin, (con,), _):
         release = await blocked_release(pool, admin, con)
         try:
             clock.advance(30.0)  # (exactly the watchdog's instant: start + 30.0)
@@ -271,10 +248,6 @@ async def test_a_reset_begun_at_a_reading_whose_difference_rounds_down_is_aborte
             release.add_done_callback(lambda done: done.cancelled() or done.exception())
         with pytest.raises(asyncpg.PostgresConnectionError):
             await asyncio.wait_for(release, 5)
-    finally:
-        await admin.execute("SELECT pg_terminate_backend($1)", pid)
-        await admin.close()
-        pool.terminate()
 
 
 # ------------------------------------------------------- idle expiry paths
