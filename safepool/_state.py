@@ -2144,14 +2144,12 @@ class PoolState:
             # already past would fire again and again. Connects given up,
             # still being cancelled, count towards max_connecting there, as
             # in _plan_connects: their end re-plans.)
-            live = self._live_connects()
-            if self.max_connecting is not None and self._connecting_count >= self.max_connecting:
-                pass
-            elif not live:
-                if self._paced():
-                    candidates.append(self.backoff_until)
-            elif self.backoff.hedge_after is not None:
-                candidates.append(self._hedge_at())
+            if self.max_connecting is None or self._connecting_count < self.max_connecting:
+                if not self._live_connects():
+                    if self._paced():
+                        candidates.append(self.backoff_until)
+                elif self.backoff.hedge_after is not None:
+                    candidates.append(self._hedge_at())
         if self._live_connects() and not self._paced():
             if self._bound:
                 lost_at = self._lost_adopted_at()  # (a connect taken over, presumed lost then)
