@@ -224,9 +224,13 @@ class Leaser:
                 lease = state.claim(waiter, self.now())
                 break
             except SlotLost:
-                pass
-            # The granted connection died before this task resumed: try
-            # again with what is left of the timeout.
+                # The granted connection died before this task resumed: try
+                # again with what is left of the timeout. The lost claim gave
+                # its site's place back (a queue policy): tasks at the site's
+                # cap may now wait on a connect under way or on the next
+                # probe, deadlines no action announces; drained here, not by
+                # the retry's enqueue, which a refusal skips (review s62).
+                self.drain()
             now = self.now()
         slot = lease.slot
         holder = self.slot_holders[slot]

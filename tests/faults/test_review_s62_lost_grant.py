@@ -18,9 +18,9 @@ would have served it 0.1 s after the connect started.
 The core's half of each refusal (``max_waiters``' ``Overloaded``, the
 adaptive queue's ``Inadmissible``, the breaker's ``Unavailable`` with the
 probe's deadline) is pinned in tests/unit/test_review_s62_lost_grant.py.
-The fix suggested: drain after a lost claim (``except SlotLost:
-self.drain()`` in ``Leaser.acquire``; rare, off the hot path), or drain
-unconditionally in the two refusal branches.
+Fixed: ``Leaser.acquire`` drains after a lost claim (``except SlotLost:
+self.drain()``; rare, off the hot path), before the retry that a refusal
+may cut short. Both tests failed before the fix.
 
 The window between the grant and the task resuming is held open as in
 tests/integration/test_review_s24.py (its ``Gate``): the granted
@@ -52,13 +52,6 @@ def queued(pool: Any, site: str) -> list[Any]:
     return [w for w in pool._state._waiters if w.state is WaiterState.WAITING and w.site == site]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Leaser.acquire drains after a lost claim's refused re-enqueue only for actions: the orphan's lost "
-        "deadline the lost claim created (connects_to_watch) gets no timer"
-    ),
-)
 async def test_a_lost_grant_refused_by_the_adaptive_admission_still_hedges_the_orphan_for_the_eligible_task(
     running: Cluster, admin: asyncpg.Connection, app_name: str
 ) -> None:
@@ -145,13 +138,6 @@ async def test_a_lost_grant_refused_by_the_adaptive_admission_still_hedges_the_o
             pool.terminate()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Leaser.acquire drains after a lost claim's refused re-enqueue only for actions: the probe's deadline "
-        "the lost claim created (a capped task now eligible, in the backoff) gets no timer"
-    ),
-)
 async def test_a_lost_grant_refused_by_the_breaker_still_probes_at_the_backoffs_end_for_the_eligible_task(
     running: Cluster, admin: asyncpg.Connection, app_name: str
 ) -> None:
