@@ -276,6 +276,21 @@ def _block_end(query: str, start: int) -> int:
     return len(query)
 
 
+# A string's own statements are scanned too (a DO block's or a function's
+# body, the text given to dblink_exec() or EXECUTE), this many strings deep;
+# a string nested deeper is shown as '***' whole (the scan stays linear).
+_NESTING = 4
+# A format() placeholder (EXECUTE format('... PASSWORD %L', ...)): the
+# password is an argument, one of the literals after the string.
+_PLACEHOLDER = re.compile(r"\s*%(?:\d+\$)?-?\d*[sIL]")
+# A string's prefix, body and closing quote (the body runs to the end of a
+# string cut open): escape strings take backslash escapes, the others none.
+_ESCAPE_STRING = re.compile(r"([Ee]')((?:[^'\\]|''|\\[\s\S]?)*)('?)")
+_PLAIN_STRING = re.compile(r"((?:[BbXxNn]|[Uu]&)?')((?:[^']|'')*)('?)")
+# An escape string's escapes, one at a time (an escaped backslash as it is).
+_ESCAPE = re.compile(r"\\[\s\S]|''")
+
+
 def _mask_secrets(query: str) -> str:
     """``query`` without the secrets a statement can carry as literals: the
     literal after the keyword PASSWORD (``CREATE``/``ALTER ROLE ...
@@ -283,17 +298,41 @@ def _mask_secrets(query: str) -> str:
     '...'``, with comments between or the literal continued on the next
     line), and a connection string's password inside any literal
     (``CONNECTION 'host=h password=...'``,
-    ``dblink('postgresql://u:pw@h/d')``). The word password inside a
-    literal or a comment is no keyword. Linear in the query's length."""
+    ``dblink('postgresql://u:pw@h/d')``). A string is scanned as
+    statements too, since it can hold code the server runs: a DO block's
+    body (migrations create roles in one: PostgreSQL has no ``CREATE ROLE
+    IF NOT EXISTS``) or the text given to ``dblink_exec()``. Where such a
+    string leaves the password to what follows it (``format('... PASSWORD
+    %L', ...)``, ``'... PASSWORD ' || ...``), every later literal of the
+    statement is masked, if the string names a role or user (``'Enter
+    your password ' || name`` masks nothing). The word password in a
+    comment, or in a string as anything but the keyword, masks nothing.
+    Linear in the query's length."""
+    return _scan(query, 0)[0]
+
+
+def _scan(query: str, depth: int) -> tuple[str, bool, bool]:
+    """:func:`_mask_secrets` of ``query``, the body of a string ``depth``
+    strings deep, and what it leaves to the statement around it: whether
+    it ends with the keyword PASSWORD (a concatenation appends the value),
+    and whether a format() placeholder follows the keyword (an argument is
+    the value); both only after the word ROLE or USER (role DDL, a user
+    mapping), so that a string of prose does not mask the rest."""
     out: list[str] = []
     position = 0
     after_keyword = False  # the last word was PASSWORD: its literal is next
     masked_literal = False  # a literal was masked: one continuing it goes too
+    placeholder = False  # PASSWORD %L: the value is a format() argument
+    concatenated = False  # a string ended with PASSWORD: `||` appends the value
+    mask_rest = False  # a string left its password to a later literal
+    role_ddl = False  # the word ROLE or USER came before (a string's statement)
     while (piece := _SQL_PIECE.search(query, position)) is not None:
         between = query[position : piece.start()]
         out.append(between)
         if between.strip():
-            after_keyword = masked_literal = False
+            if concatenated and between.lstrip().startswith("||"):
+                mask_rest = True
+            after_keyword = masked_literal = concatenated = False
         kind = piece.lastgroup
         if kind == "block":
             position = _block_end(query, piece.start())
@@ -306,19 +345,55 @@ def _mask_secrets(query: str) -> str:
             continue
         if kind in ("literal", "tag"):
             continuing = masked_literal and ("\n" in between or "\r" in between) and text.startswith("'")
-            if after_keyword or continuing:
+            if after_keyword or continuing or mask_rest:
                 out.append("" if continuing else "'***'")
                 masked_literal = True
+                concatenated = False
             else:
+                text, concatenated, formatted = _scan_string(text, piece.group("tag"), depth)
                 out.append(_redact(_CONNINFO_PASSWORD.sub(r"\1***", text), None))
+                mask_rest = mask_rest or formatted
                 masked_literal = False
             after_keyword = False
             continue
-        after_keyword = (text if kind == "word" else text[1:-1]).lower() == "password"
-        masked_literal = False
+        word = (text if kind == "word" else text[1:-1]).lower()
+        after_keyword = word == "password"
+        role_ddl = role_ddl or word == "role" or word == "user"
+        if after_keyword and role_ddl and _PLACEHOLDER.match(query, position):
+            placeholder = True
+        masked_literal = concatenated = False
         out.append(text)
     out.append(query[position:])
-    return "".join(out)
+    return "".join(out), after_keyword and role_ddl, placeholder
+
+
+def _scan_string(text: str, tag: str | None, depth: int) -> tuple[str, bool, bool]:
+    """A literal (``text``; ``tag``, a dollar quote's) with its body
+    scanned as statements (:func:`_scan`'s answer for it)."""
+    if depth >= _NESTING:
+        return "'***'", False, False
+    if tag is not None:
+        closed = len(text) >= 2 * len(tag) and text.endswith(tag)
+        body = text[len(tag) : len(text) - len(tag) if closed else None]
+        masked, dangling, formatted = _scan(body, depth + 1)
+        return tag + masked + (tag if closed else ""), dangling, formatted
+    match = (_ESCAPE_STRING if text[0] in "Ee" else _PLAIN_STRING).fullmatch(text)
+    if match is None:  # (not a string as _SQL_PIECE matches them: as it is)
+        return text, False, False
+    opening, body, closing = match.groups()
+    if opening[0] in "Ee":
+        body = _ESCAPE.sub(_unescape_quote, body)
+    else:
+        body = body.replace("''", "'")
+    masked, dangling, formatted = _scan(body, depth + 1)
+    if masked == body:  # (shown as written: E'it\'s' keeps its backslash)
+        return text, dangling, formatted
+    return opening + masked.replace("'", "''") + closing, dangling, formatted
+
+
+def _unescape_quote(escape: re.Match[str]) -> str:
+    text = escape.group(0)
+    return "'" if text == "''" or text == "\\'" else text
 
 
 def _one_line(query: str | None, width: int) -> str | None:
