@@ -9,6 +9,7 @@ import safepool
 
 
 # --8<-- [start:manual_clock]
+@pytest.mark.safepool_allow_leaks  # never releasing is the bug under test (--safepool-leaks would report it)
 async def test_a_stuck_handler_loses_its_connection_at_the_lease_timeout(dsn: str) -> None:
     clock = safepool.ManualClock()  # time moves only when the test says so
     async with safepool.create_pool(dsn, min_size=1, max_size=1, lease_timeout=30.0, clock=clock) as pool:

@@ -4,7 +4,8 @@ What counts as a leak: a lease acquired while the guard was active that is
 still open when the guarded code ends, whose proxy was garbage collected
 unreleased (the pool reclaims it and emits a ``Leaked`` event), or that the
 pool ended itself (``terminate()``, or a ``close()`` cancelled or timed out,
-which terminates) without the code releasing it, before or after. Leases that
+which terminates; or its ``lease_timeout``, which takes the connection back)
+without the code releasing it, before or after. Leases that
 were already open when the guard started belong to someone else (a session
 fixture's connection) and are ignored.
 
@@ -64,7 +65,8 @@ class Leak:
     ``kind`` is ``"open"`` (acquired and still held), ``"collected"`` (the
     proxy was garbage collected unreleased; the pool takes the connection
     back, once nothing uses it), ``"ended"`` (the pool was terminated, or its ``close()``
-    cancelled, while the lease was open, and the code never released it) or
+    cancelled, while the lease was open, or its ``lease_timeout`` took the
+    connection back, and the code never released it) or
     ``"idle_timeout"`` (strict mode: an acquire timed out while connections
     were leased and not used; its text is in ``detail``). ``held`` is in
     seconds (0.0 for ``"idle_timeout"``); ``lease_id`` is
@@ -105,9 +107,10 @@ class Leak:
             if self.detail:
                 head += f"; {self.detail}"
         elif self.kind == "ended":
+            how = self.detail or "terminate(), or a close() cancelled or timed out"
             head = (
                 f"pool {self.pool!r}, lease {self.lease_id}: never released; the pool ended it "
-                f"(terminate(), or a close() cancelled or timed out) after {self.held:.3f}s{task}"
+                f"({how}) after {self.held:.3f}s{task}"
             )
         else:
             return f"pool {self.pool!r}: {self.detail}"
@@ -453,8 +456,9 @@ class LeakGuard:
             self._pending.extend(leaks)
 
     def note_ended(self, pool: Pool, ended: list[_Ended]) -> None:
-        """The pool is being terminated with these leases open (the tracker
-        calls this, before they vanish from ``pool.leases()``)."""
+        """The pool ended these leases while the code held them: it is
+        being terminated (the tracker calls this before they vanish from
+        ``pool.leases()``), or their ``lease_timeout`` took them back."""
         if not self._started or not self._watches(pool):
             return
         before, marked = self._baseline.get(pool, set()), self._mark.get(pool, set())
@@ -515,6 +519,8 @@ class LeakGuard:
             found.append(Leak(
                 kind="ended", pool=entry.pool_name, lease_id=info.id, held=info.age, task_name=info.task_name,
                 holder=None, acquired_at=info.acquired_at, stack=_trim_stack(info.stack), site=info.site,
+                detail="" if entry.lease_timeout is None else
+                f"taken back at its lease_timeout of {entry.lease_timeout:g} s",
             ))
         for seq, pool_ref, payload in list(_tracker.records):
             source = pool_ref()

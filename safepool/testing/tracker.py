@@ -4,7 +4,8 @@ Pools are process-wide (``live_pools()``), so is the tracker. While at least
 one guard (or the session option) uses it, it watches every pool (those that
 exist, and through ``on_pool_created`` those created later): it turns stack
 capture on, and listens to the events a guard needs (``Leaked``,
-``LeaseEnded``, ``LateRelease``, and in strict mode ``AcquireTimedOut``).
+``LeaseEnded``, ``LeaseExpired``, ``LateRelease``, and in strict mode
+``AcquireTimedOut``).
 It uses the pool's public observation surface only; no pytest import.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from ..events import AcquireTimedOut, LateRelease, Leaked, LeaseEnded, PoolEvent
+from ..events import AcquireTimedOut, LateRelease, Leaked, LeaseEnded, LeaseExpired, PoolEvent
 from ..pool import Pool, live_pools, on_pool_created
 from ..stats import LeaseInfo
 
@@ -121,13 +122,15 @@ def holder_activity(info: LeaseInfo) -> tuple[str, str]:
 
 @dataclass
 class _Ended:
-    """A lease open when its pool was terminated."""
+    """A lease the pool ended while the code held it: at a terminate, or
+    taken back at its ``lease_timeout`` (``lease_timeout``, seconds, set)."""
 
     seq: int
     pool_id: int
     pool_name: str
     info: LeaseInfo
-    released: bool = False  # by the code, after the terminate
+    released: bool = False  # by the code, after the pool ended it
+    lease_timeout: float | None = None
 
 
 @dataclass
@@ -215,10 +218,10 @@ class _Tracker:
     def _on_event(self, pool_ref: weakref.ref[Pool], event: PoolEvent) -> None:
         if isinstance(event, Leaked):
             self._record(pool_ref, event)
-        elif isinstance(event, LeaseEnded):
+        elif isinstance(event, (LeaseEnded, LeaseExpired)):
             pool = pool_ref()
             if pool is not None:
-                self.note_ended(pool, event.lease)
+                self.note_ended(pool, event.lease, event.lease_timeout if isinstance(event, LeaseExpired) else None)
         elif isinstance(event, LateRelease):
             self.note_late_release(pool_ref, event.lease_id)
         elif isinstance(event, AcquireTimedOut) and self._strict_users:
@@ -232,14 +235,17 @@ class _Tracker:
             self._seq += 1
             self.records.append((self._seq, pool_ref, payload))
 
-    def note_ended(self, pool: Pool, info: LeaseInfo) -> None:
+    def note_ended(self, pool: Pool, info: LeaseInfo, lease_timeout: float | None = None) -> None:
         """The pool's ``LeaseEnded`` event: terminate() ended a lease the
-        code had not released (close() terminates when cancelled or failing)."""
+        code had not released (close() terminates when cancelled or failing);
+        or its ``LeaseExpired`` event (``lease_timeout``, seconds): the lease
+        timeout took the connection back. Either hides a missing release
+        unless the code releases the lease afterwards (``LateRelease``)."""
         with self._lock:
             if not self._guards:
                 return
             self._seq += 1
-            entry = _Ended(self._seq, id(pool), pool.name, info)
+            entry = _Ended(self._seq, id(pool), pool.name, info, lease_timeout=lease_timeout)
             self._ended[(entry.pool_id, info.id)] = entry
             for guard in self._guards:
                 guard.note_ended(pool, [entry])
