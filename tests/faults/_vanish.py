@@ -86,6 +86,16 @@ async def forward(port: int) -> None:
     await asyncio.start_server(handle, "10.115.0.2", 6543)
 
 
+async def _in_a_namespace_of_its_own(pid: int, timeout: float = 10.0) -> None:
+    """Until process ``pid`` (``unshare -n``) runs in a network namespace
+    other than this process's: moving the veth end into its namespace
+    before it unshared would move it into this one. (Was: a 0.2 s sleep.)"""
+    own = os.readlink("/proc/self/ns/net")
+    async with asyncio.timeout(timeout):
+        while os.readlink(f"/proc/{pid}/ns/net") == own:
+            await asyncio.sleep(0.005)
+
+
 async def server(cluster: Any, loop_name: str) -> None:
     holder: Any = None
     try:
@@ -94,7 +104,7 @@ async def server(cluster: Any, loop_name: str) -> None:
         run("ip", "link", "set", "vserver", "up")
         await forward(cluster.port)
         holder = await asyncio.create_subprocess_exec("unshare", "-n", "sleep", "300")
-        await asyncio.sleep(0.2)
+        await _in_a_namespace_of_its_own(holder.pid)
         run("ip", "link", "set", "vclient", "netns", str(holder.pid))
         ns = ("nsenter", "-t", str(holder.pid), "-n")
         run(*ns, "ip", "link", "set", "lo", "up")

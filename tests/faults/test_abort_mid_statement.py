@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -95,7 +96,7 @@ async def test_terminate_mid_statement_with_max_size_2_and_several_waiters(pg_ds
                 await con.execute("SELECT 1")
 
         waiters = [asyncio.create_task(waiter()) for _ in range(5)]
-        await asyncio.sleep(0.01)
+        await until(lambda: pool.stats().waiting == 5)  # all five wait before the leases are terminated
         for con in leases:
             con.terminate()
         for query in queries:

@@ -57,7 +57,8 @@ async def test_all_overload_features_through_an_outage(running: Cluster, app_nam
         with loop_errors() as unhandled:
             tasks = [asyncio.create_task(client("slow", 0.05)) for _ in range(6)]
             tasks += [asyncio.create_task(client("fast", 0.002)) for _ in range(6)]
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # the load before the outage (the workload)
+            await until(lambda: ledger.ok > 0)  # (served: waited for, not assumed of the half second)
             served_before = ledger.ok
             running.stop("immediate")
             await asyncio.sleep(1.0)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import safepool
-from tests._util import asyncpg_version
+from tests._util import asyncpg_version, until
 
 from ._harness import Ledger, ServerSampler, SideBySide, assert_books_balance, closing, loop_errors, scale
 from ._pg import Cluster
@@ -51,7 +51,8 @@ async def test_restart_under_load(running: Cluster, app_name: str, mode: str, re
     async with closing(pool), ServerSampler(running.admin_dsn, app_name) as sampler:
         with loop_errors() as unhandled:
             workers = [asyncio.create_task(_load(pool, ledger, successes, stop)) for _ in range(WORKERS)]
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # the load before the outage (the workload)
+            await until(lambda: ledger.ok > 0)  # (served: waited for, not assumed of the second)
             before = ledger.ok
             assert before > 0
             await asyncio.to_thread(running.stop, mode)
@@ -108,7 +109,8 @@ async def test_recovery_is_as_fast_as_asyncpgs(running: Cluster, app_name: str, 
         ledgers = side.ledgers
         with loop_errors() as unhandled:
             side.start(per_kind=3)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # the load before the outage (the workload)
+            await until(lambda: all(ledger.ok for ledger in ledgers.values()))  # (waited for, not assumed)
             assert all(ledger.ok for ledger in ledgers.values())
             accepting_at, downtime, connects_while_down = await _restart(
                 running, side, pools["safepool"], scale(2.0, 5.0)
@@ -169,7 +171,8 @@ async def test_recovery_through_a_host_name_with_two_addresses(running: Cluster,
         async with SideBySide({"safepool": pool}, budget=2.0) as side:
             with loop_errors() as unhandled:
                 side.start(per_kind=3)
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # the load before the outage (the workload)
+                await until(lambda: side.ledgers["safepool"].ok > 0)  # (waited for, not assumed)
                 assert side.ledgers["safepool"].ok
                 accepting_at, downtime, connects_while_down = await _restart(running, side, pool, scale(2.0, 4.0))
                 await side.finish()

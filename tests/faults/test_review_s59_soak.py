@@ -24,6 +24,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import until
 
 from ._pg import Cluster, count_backends
 from ._proxy import FaultProxy
@@ -90,12 +91,14 @@ async def test_reset_while_release_waits_for_a_cancelled_statement_keeps_max_siz
         pool = await _pool(running, proxy, app_name, **({"command_timeout": 0.3} if how == "command_timeout" else {}))
         try:
             holder = await _sleeping_lease(pool, admin, app_name)
+            before = proxy.accepted
             proxy.latency = 0.2  # asyncpg's cancel request is held in the proxy...
             if how == "task_cancel":
                 holder.cancel()  # asyncpg sends a cancel request; the release waits for its answer
-                await asyncio.sleep(0.02)
-            else:
-                await asyncio.sleep(0.35)  # command_timeout: asyncpg's TimeoutError, its cancel request sent
+            # (command_timeout: asyncpg's TimeoutError at 0.3 s, its cancel request sent)
+            # Until the cancel request's connection reached the proxy and the
+            # release waits: the RST below must come while it is held.
+            await until(lambda: proxy.accepted > before and pool.stats().resetting == 1)
             assert pool.stats().resetting == 1  # the release waits for the cancelled statement
             count = await _reset_thencount_backends(proxy, holder, pool, admin, app_name)  # (it dies with the connection)
             assert count <= 1, (
@@ -118,11 +121,11 @@ async def test_reset_while_a_take_back_waits_for_its_cancel_keeps_max_size(
         pool = await _pool(running, proxy, app_name, lease_timeout=0.2)
         try:
             holder = await _sleeping_lease(pool, admin, app_name)
+            before = proxy.accepted
             proxy.latency = 0.2  # the take-back's cancel request is held in the proxy...
-            async with asyncio.timeout(5):
-                while pool.stats().leases_expired == 0:
-                    await asyncio.sleep(0.005)
-            await asyncio.sleep(0.05)
+            # Until the lease expired and the take-back's cancel request
+            # reached the proxy (held there while the RST comes).
+            await until(lambda: pool.stats().leases_expired >= 1 and proxy.accepted > before)
             count = await _reset_thencount_backends(proxy, holder, pool, admin, app_name)  # (it dies with the connection)
             assert count <= 1, f"the server counts {count} backends for a pool of max_size=1"
         finally:
@@ -140,9 +143,10 @@ async def test_reset_while_a_used_up_connection_waits_for_a_cancelled_statement_
         pool = await _pool(running, proxy, app_name, max_queries=1)
         try:
             holder = await _sleeping_lease(pool, admin, app_name)
+            before = proxy.accepted
             proxy.latency = 0.2
             holder.cancel()
-            await asyncio.sleep(0.02)
+            await until(lambda: proxy.accepted > before)  # asyncpg's cancel request, held in the proxy
             count = await _reset_thencount_backends(proxy, holder, pool, admin, app_name)
             assert count <= 1, f"the server counts {count} backends for a pool of max_size=1"
         finally:
@@ -166,9 +170,10 @@ async def test_reset_while_a_closing_pool_waits_for_a_cancelled_statement_leaves
             async with asyncio.timeout(5):
                 while not pool.is_closing():
                     await asyncio.sleep(0.005)
+            before = proxy.accepted
             proxy.latency = 0.2
             holder.cancel()  # asyncpg's cancel request, held in the proxy
-            await asyncio.sleep(0.02)
+            await until(lambda: proxy.accepted > before)
             proxy.reset_all()
             proxy.latency = 0.0
             with contextlib.suppress(BaseException):

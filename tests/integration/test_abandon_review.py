@@ -7,12 +7,14 @@ time: the hedge delay (0.1 s) is what presumes a connect lost."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import asyncpg
 import pytest
 
 import safepool
+from tests._util import until
 
 pytestmark = pytest.mark.realtime
 
@@ -167,7 +169,7 @@ async def test_taker_cancelled_twice(pg_dsn: str) -> None:
         with pytest.raises(asyncio.CancelledError):
             await first
         second = asyncio.ensure_future(pool.acquire(timeout=3))
-        await asyncio.sleep(0.15)  # past the hedge delay: abandoned, its own connect (hangs too)
+        await until(lambda: calls == 2)  # past the hedge delay: abandoned, its own connect (hangs too)
         second.cancel()
         second.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -230,7 +232,9 @@ async def test_floor_upkeep_connect_adopted_then_abandoned(pg_dsn: str, caplog: 
     finally:
         hanging.set()
         pool.terminate()
-        await asyncio.sleep(0.1)
+        await until(lambda: not pool._runner.tasks)  # (the hung connect's task ends)
+        gc.collect()
+        await asyncio.sleep(0)  # (the loop's exception handler runs as a callback)
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
 
@@ -378,8 +382,7 @@ async def test_site_caps_a_capped_task_s_connect_does_not_hold_up_another_site(p
         held = await pool.acquire(site="z")
         proxy.hole = True
         waiting = [asyncio.ensure_future(pool.acquire(site="x", timeout=10)) for _ in range(2)]
-        while pool.stats().connecting < 2:
-            await asyncio.sleep(0.01)
+        await until(lambda: pool.stats().connecting >= 2)
         await pool.release(held)
         first = await asyncio.wait_for(waiting[0], 1)
         proxy.hole = False  # new connections answered; swallowed ones stay unanswered
@@ -475,13 +478,12 @@ async def test_a_lost_connect_s_timer_fires_once_on_a_manual_clock(pg_dsn: str, 
         clock.advance(0.0)
         proxy.hole = True
         first = asyncio.ensure_future(pool.acquire(timeout=1.0))
-        while not proxy.open:
-            await asyncio.sleep(0.01)
+        await until(lambda: bool(proxy.open))
         first.cancel()  # (at once: the connect started at 1023.902)
         with pytest.raises(asyncio.CancelledError):
             await first
         later = asyncio.ensure_future(pool.acquire(timeout=10.0))
-        await asyncio.sleep(0.05)
+        await until(lambda: pool.stats().waiting == 1)  # queued beside the lost connect
         proxy.hole = False
         clock.advance(0.1)
         async with asyncio.timeout(3):

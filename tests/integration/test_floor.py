@@ -111,7 +111,12 @@ async def test_resize_of_a_closing_or_closed_pool_raises_and_changes_nothing(
     # A bad argument is still named as such (checked first, as acquire(site=)).
     with pytest.raises(TypeError, match="max_size must be an int"):
         pool.resize(max_size="5")  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)
+    assert pool.get_size() == 0
+    # (a closed connection's backend leaves pg_stat_activity a moment after
+    # its Terminate: the server's count polled)
+    async with asyncio.timeout(5):
+        while await server_count(app_name):
+            await asyncio.sleep(0.005)
     assert pool.get_size() == 0 and await server_count(app_name) == 0
 
     terminated = await safepool.create_pool(pg_dsn, min_size=0, max_size=1)

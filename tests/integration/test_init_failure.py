@@ -114,10 +114,11 @@ async def test_a_connect_abandoned_by_terminate_reports_no_failure(
     WARNING "connect failed (...); 0 consecutive failures" and emitted a
     connect_failed event per connect, after its terminate()."""
     caplog.set_level("DEBUG", logger="safepool")
-    entered = asyncio.Event()
+    entered = 0
 
     async def init(con: Any) -> None:
-        entered.set()
+        nonlocal entered
+        entered += 1
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
@@ -129,14 +130,17 @@ async def test_a_connect_abandoned_by_terminate_reports_no_failure(
     events: list[dict[str, Any]] = []
     pool.add_listener(events.append)
     acquires = [asyncio.ensure_future(pool.acquire(timeout=5)) for _ in range(2)]
-    await asyncio.wait_for(entered.wait(), 5)
-    await asyncio.sleep(0.05)
+    await until(lambda: entered == 2)  # both connects run the hook
     caplog.clear()
     pool.terminate()
     for acquire in acquires:
         with pytest.raises(safepool.PoolClosedError):
             await acquire
-    await asyncio.sleep(0.1)
+    # Until the abandoned connects' tasks have ended (where a failure would
+    # be logged and its event queued), and one loop pass more (an event's
+    # delivery is a loop callback).
+    await until(lambda: not pool._runner.tasks)
+    await asyncio.sleep(0)
     assert [e for e in events if e["event"] == "connect_failed"] == []
     assert [r.getMessage() for r in caplog.records if "failed" in r.getMessage()] == []
     assert pool.stats().connect_errors == 0

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 import safepool
-from tests._util import skip_before_asyncpg
+from tests._util import skip_before_asyncpg, until
 
 pytestmark = pytest.mark.asyncio
 
@@ -821,7 +821,8 @@ async def test_aexit_called_in_another_thread_for_run_coroutine_threadsafe(
 
     async def terminate(pool: Any) -> None:
         pool.terminate()
-        await asyncio.sleep(0.1)  # (the transports' close)
+        await until(lambda: pool.get_size() == 0)
+        await asyncio.sleep(0)  # (the aborted transports' close: a loop callback)
 
     def body() -> int:
         pool = run(_make(kind, pg_dsn, app_name))

@@ -316,11 +316,51 @@ def reset_hook(run: Run, kind: str) -> Any:
     return hook
 
 
-async def cancel_soon(coro: Any) -> Any:
-    """Run ``coro`` in a task, cancel it 50 ms in, wait for it to end, then
-    50 ms more (a reset it began ends meanwhile on both pools)."""
+async def until_in_server_wait(run: Run, task: asyncio.Future[Any]) -> None:
+    """Until ``task`` has ended or a backend of the pool waits on the server:
+    in ``pg_sleep`` or for a lock (a menu statement blocked by another
+    slot's lock). One task runs the program's steps, so that backend is the
+    task's. (Was: 50 ms of real time, which a loaded machine can spend
+    before the statement reaches the server.)"""
+    async with asyncio.timeout(5):
+        while not task.done() and not await run.admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+            " AND (wait_event = 'PgSleep' OR wait_event_type = 'Lock')",
+            run.app,
+        ):
+            await asyncio.sleep(0.005)
+
+
+async def until_settled(run: Run) -> None:
+    """Until every connection of the pool not held by a slot is idle, and
+    the server counts as many backends of the pool as it has connections: a
+    reset (or close, or min_size's connect) that a cancelled task began has
+    ended, on either pool (asyncpg's holder counts as idle once its release
+    finished; a connection it closed leaves its count at once, its backend
+    the server's a moment later). (Was: 50 ms of real time.)"""
+    pool = run.pool
+    async with asyncio.timeout(5):
+        while pool.get_idle_size() != pool.get_size() - sum(con is not None for con in run.held) or (
+            await run.admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", run.app)
+            != pool.get_size()
+        ):
+            await asyncio.sleep(0.005)
+
+
+def queued(pool: Any) -> int:
+    """Tasks waiting for a connection: safepool's stats(); asyncpg's pool
+    has no public count, its waiters are its holder queue's getters."""
+    if isinstance(pool, safepool.Pool):
+        return int(pool.stats().waiting)
+    return sum(not getter.done() for getter in pool._queue._getters)
+
+
+async def cancel_soon(run: Run, coro: Any) -> Any:
+    """Run ``coro`` in a task, cancel it once its statement waits on the
+    server, wait for it to end, then until the pool has settled (a reset it
+    began ends meanwhile on both pools)."""
     task = asyncio.ensure_future(coro)
-    await asyncio.sleep(0.05)
+    await until_in_server_wait(run, task)
     task.cancel()
     try:
         outcome: Any = ("finished", value(await task))
@@ -328,7 +368,7 @@ async def cancel_soon(coro: Any) -> Any:
         outcome = "cancelled"
     except Exception as exc:
         outcome = ("error", describe(exc))
-    await asyncio.sleep(0.05)
+    await until_settled(run)
     return outcome
 
 
@@ -358,7 +398,7 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
                 outcome = ("returned", await task)
             except asyncio.CancelledError:
                 outcome = "cancelled"
-            await asyncio.sleep(0.05)  # the reset it began ends meanwhile, on both pools
+            await until_settled(run)  # the reset it began ends meanwhile, on both pools
             return outcome
         first = await pool.release(con)
         if how == "twice":
@@ -387,7 +427,9 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
     if kind == "handoff":
         _, source, target = step
         waiter = asyncio.ensure_future(pool.acquire())
-        await asyncio.sleep(0.01)
+        async with asyncio.timeout(5):  # (the pool is full: it waits)
+            while not queued(pool):
+                await asyncio.sleep(0.005)
         con, run.held[source] = run.held[source], None
         run.drop(source)
         run.released.append(con)
@@ -442,7 +484,7 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
         _, slot, then_release = step
         con = run.held[slot]
         task = asyncio.ensure_future(con.fetchval("SELECT pg_sleep(0.2)"))
-        await asyncio.sleep(0.05)
+        await until_in_server_wait(run, task)
         task.cancel()
         try:
             outcome: Any = ("finished", await task)
@@ -474,12 +516,12 @@ async def perform(run: Run, step: tuple[Any, ...]) -> Any:
                     await con.fetch(MENU[name])
                 await con.fetchval("SELECT pg_sleep(0.2)")
 
-        return await cancel_soon(body())
+        return await cancel_soon(run, body())
     if kind == "shortcut":
         if step[1] == "fetchval":
             return await pool.fetchval("SELECT 40 + 2")
         if step[1] == "cancelled":
-            return await cancel_soon(pool.fetchval("SELECT pg_sleep(0.2)"))
+            return await cancel_soon(run, pool.fetchval("SELECT pg_sleep(0.2)"))
         return await pool.execute("SET work_mem = '9MB'")
     if kind == "expire":
         run.expired = True
