@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import warnings
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -355,6 +356,84 @@ def test_a_mid_test_check_leaves_a_fixtures_connection_alone(suite: pytest.Pytes
     for args in ([], ["--safepool-leaks"]):
         result = suite.runpytest("-p", "no:cacheprovider", *args)
         result.assert_outcomes(passed=1)
+
+
+# ------------------------- a dropped connection of a pool that is garbage now
+
+POOL_GONE = HEADER + """
+import weakref
+
+
+async def handler():
+    pool = await safepool.create_pool(DSN, min_size=1, max_size=1)
+    con = await pool.acquire()  # POOL-GONE-LEAK
+    await con.execute("SELECT 1")
+    del con  # dropped unreleased: the pool takes it back
+    gc.collect()
+    async with pool.acquire(timeout=5):  # max_size=1: served once the pool took it back
+        pass
+    assert pool.stats().leaks_detected == 1
+    await asyncio.wait_for(pool.close(), 10)
+    return weakref.ref(pool)
+
+
+@pytest.mark.asyncio
+async def test_a_handler_with_its_own_pool_leaks():
+    pool_ref = await handler()
+    gc.collect()
+    assert pool_ref() is None  # the pool is garbage too
+"""
+
+GONE_XFAIL = (
+    "a Leaked record whose pool has been garbage collected since is skipped (guards.py leaks(): "
+    "`source is None` -> continue), so the leak is neither reported nor counted"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=GONE_XFAIL)
+def test_a_connection_dropped_in_a_pool_that_is_garbage_by_the_check_still_fails_the_test(
+    suite: pytest.Pytester,
+) -> None:
+    """docs/testing.md counts a connection "garbage collected during the test
+    without a release" as a leak, whatever pool it came from (pools created
+    during the test included). Found reasoning about the guard's record loop
+    (review s62): when the pool itself is garbage by the time the test ends
+    (a handler or helper that makes its own pool; here collected at once by
+    the test's ``gc.collect()``, in a real suite whenever the collector runs
+    before the check), ``--safepool-leaks`` passes the test, and the run's
+    summary does not count the leak either (the tally left it to the
+    guard): with the check off it is counted, with it on it is lost. A
+    lease the pool ended is reported in that case (its record keeps the
+    pool's name)."""
+    suite.makepyfile(test_pool_gone=POOL_GONE)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider", "-W", "ignore::ResourceWarning")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "safepool: 1 connection leaked",
+        "*garbage collected without being released*",
+        f'*File "*test_pool_gone.py", line {line_of(POOL_GONE, "POOL-GONE-LEAK")}, in handler',
+    ])
+
+
+@pytest.mark.xfail(strict=True, reason=GONE_XFAIL)
+@pytest.mark.asyncio
+async def test_assert_no_leaks_reports_a_dropped_connection_of_a_pool_that_is_garbage_now(pg_dsn: str) -> None:
+    """The same through ``assert_no_leaks()`` (every pool, "including pools
+    created inside the block"): the block passes."""
+
+    async def handler() -> weakref.ref[Pool]:
+        pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
+        await drop_a_connection(pool)
+        await asyncio.wait_for(pool.close(), 10)
+        return weakref.ref(pool)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        with pytest.raises(LeakError, match="garbage collected without being released"):
+            async with assert_no_leaks():
+                pool_ref = await handler()
+                gc.collect()
+                assert pool_ref() is None  # the pool is garbage too
 
 
 # ------------------------------------------------ reports and the summary
