@@ -504,6 +504,96 @@ def test_the_runs_summary_counts_five_pools_and_the_known_sites(suite: pytest.Py
     assert "more pools" not in result.stdout.str()
 
 
+# ------------------------------------ the tally after a guarded test, and a
+# ------------------------------------ finalizer releasing another pool's lease
+
+GUARDED_THEN_LEAKS = HEADER + """
+@pytest_asyncio.fixture
+async def pool():
+    pool = await safepool.create_pool(DSN, min_size=1, max_size=1, name="tallied")
+    yield pool
+    await asyncio.wait_for(pool.close(), 10)
+
+
+@pytest.mark.asyncio
+async def test_first_guarded_and_clean(safepool_leak_check, pool):
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.asyncio
+async def test_then_drops_a_connection(pool):
+    async def forget():
+        con = await pool.acquire()
+        await con.execute("SELECT 1")
+
+    await forget()
+    gc.collect()
+    async with pool.acquire(timeout=5):  # max_size=1: served once the pool took it back
+        pass
+"""
+
+
+def test_the_summary_counts_a_leak_of_an_unguarded_test_after_a_guarded_one(suite: pytest.Pytester) -> None:
+    """With the check off, the run's summary counts every connection pools
+    took back, except those a guard reported (a test's
+    ``safepool_leak_check``): once the guarded test is over, the next
+    test's leak is counted again.
+
+    Kills: plugin.py ``safepool_leak_check`` not decrementing the tally's
+    ``guarded`` at its teardown (later leaks taken for a guard's)."""
+    suite.makepyfile(test_tallied=GUARDED_THEN_LEAKS)
+    result = suite.runpytest("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["safepool: 1 connection leaked during this run: *('tallied' 1)."])
+
+
+FINALIZER_AFTER_POOL = HEADER + """
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_pool():
+    pool = await safepool.create_pool(DSN, min_size=1, max_size=2)
+    yield pool
+    await asyncio.wait_for(pool.close(), 10)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def released_later(shared_pool, request):
+    con = await shared_pool.acquire()
+    loop = asyncio.get_running_loop()
+    request.node.addfinalizer(lambda: loop.run_until_complete(shared_pool.release(con)))
+    return con
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def pool():  # set up after released_later: torn down before its finalizer runs
+    pool = await safepool.create_pool(DSN, min_size=1, max_size=2)
+    yield pool
+    await asyncio.wait_for(pool.close(), 10)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_uses_both(released_later, pool):
+    assert await released_later.fetchval("SELECT 1") == 1
+    assert await pool.fetchval("SELECT 2") == 2
+"""
+
+
+def test_a_pool_fixtures_teardown_checks_only_its_own_pools_leases(suite: pytest.Pytester) -> None:
+    """docs/testing.md: a fixture's lease "need not be released by that
+    fixture's own teardown, only before its pool is closed ... a
+    request.node.addfinalizer() that releases, is fine", and the check
+    before a pool fixture's teardown covers "the pool fixture's" pools.
+    Here a function-scoped ``pool`` fixture is torn down before the
+    finalizer that releases another (module) pool's lease: no leak.
+
+    Kills: guards.py ``pool_teardown`` checking the leases of every pool
+    (``which`` always true)."""
+    suite.makepyfile(test_finalizer_after=FINALIZER_AFTER_POOL)
+    result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "leaked" not in result.stdout.str()
+
+
 # ----------------------------------------------------------- in process
 
 
@@ -554,17 +644,22 @@ async def test_nested_guards_keep_what_an_outer_guard_has_not_reported(pool: Poo
 async def test_a_guard_of_one_pool_ignores_another_pools_dropped_connection(pool: Pool, pg_dsn: str) -> None:
     """``assert_no_leaks(pool)`` raises "if code inside it leaks a connection
     of ``pool``": another pool's connection dropped inside the block is not
-    its business.
+    its business, nor another pool's lease that its ``terminate()`` ended.
 
     Kills: guards.py ``leaks()`` reporting ``Leaked`` records of pools the
-    guard does not watch (``not self._watches(source)`` dropped)."""
+    guard does not watch (``not self._watches(source)`` dropped), and
+    ``note_ended`` taking the ended leases of any pool (its ``_watches``
+    test dropped)."""
     other = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
             async with assert_no_leaks(pool):
                 await drop_a_connection(other)
+                kept = await other.acquire()
+                other.terminate()  # ends the lease kept, never released
                 await pool.fetchval("SELECT 1")
+        del kept
     finally:
         other.terminate()
 
@@ -655,3 +750,22 @@ async def test_a_lease_of_a_fixture_set_up_two_levels_inside_another_is_that_fix
         "collected",
         "acquired by fixture 'inner', whose teardown did not release it (the fixture defined at test_x.py:9)",
     )]
+
+
+@pytest.mark.asyncio
+async def test_a_lease_reported_held_then_ended_by_terminate_is_not_reported_again(pool: Pool) -> None:
+    """``LeakGuard.leaks()`` "Reports nothing twice; releases nothing": a
+    lease it reported still held, that ``terminate()`` then ends, is not
+    reported a second time as ended.
+
+    Kills: guards.py ``leaks()`` keying ended leases apart from open ones
+    (``"ended"`` for ``"open"``)."""
+    guard = LeakGuard([pool]).start()
+    try:
+        con = await pool.acquire()
+        assert [leak.kind for leak in guard.leaks()] == ["open"]
+        pool.terminate()
+        assert guard.leaks() == []
+    finally:
+        guard.stop()
+    del con
