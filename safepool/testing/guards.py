@@ -486,8 +486,11 @@ class LeakGuard:
             for info in pool.leases():
                 if self._elsewhere(pool, info.id, baseline):
                     continue
-                if since_mark and (id(pool), info.id) in self._fixture_leases:
-                    continue  # a fixture set up during the test function: checked at its teardown
+                if (id(pool), info.id) in self._fixture_leases:
+                    # A function-scoped fixture's, still held for the test
+                    # (a mid-test check() as at the end): checked, and
+                    # released if leaked, once the fixtures are torn down.
+                    continue
                 if not self._first_time(pool, info.id, "open"):
                     continue
                 if info.collected:

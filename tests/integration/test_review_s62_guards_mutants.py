@@ -333,12 +333,6 @@ async def test_checks_mid_test(safepool_leak_check, pool, con):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool_leak_check.check() mid-test reports a function-scoped fixture's connection, still held "
-    "for the test and released by the fixture's teardown, as leaked, and releases it from under the test "
-    "(LeakGuard.leaks(since_mark=False) skips fixture leases only with since_mark; guards.py leaks())",
-)
 def test_a_mid_test_check_leaves_a_fixtures_connection_alone(suite: pytest.Pytester) -> None:
     """docs/testing.md, "Per test, per block": ``safepool_leak_check.check()``
     is an "optional: check mid-test" of the test that requests the fixture,
