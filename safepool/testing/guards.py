@@ -251,6 +251,8 @@ class LeakGuard:
         self._started = False
         self._baseline: weakref.WeakKeyDictionary[Pool, set[int]] = weakref.WeakKeyDictionary()
         self._mark: weakref.WeakKeyDictionary[Pool, set[int]] = weakref.WeakKeyDictionary()
+        self._baseline_ids: dict[int, set[int]] = {}
+        self._mark_ids: dict[int, set[int]] = {}
         self._reported: set[tuple[int, int | None, str]] = set()
         # Leases acquired by each function-scoped fixture's setup. They are
         # the fixture's, but it need not release them itself: they are
@@ -297,6 +299,7 @@ class LeakGuard:
         self._baseline = self._snapshot()
         self._mark_seq = self.seq0
         self._mark = self._baseline
+        self._baseline_ids = self._mark_ids = _by_id(self._baseline)
         _tracker.add_guard(self)
         self._unhook_created = on_pool_created(self._pool_created)
         return self
@@ -317,6 +320,7 @@ class LeakGuard:
         ``since_mark=True`` (the plugin marks the start of the test function)."""
         self._mark_seq = _tracker.seq
         self._mark = self._snapshot()
+        self._mark_ids = _by_id(self._mark)
 
     def _pool_created(self, pool: Pool) -> None:
         """A pool was created: note it on the innermost fixture being set up
@@ -525,9 +529,17 @@ class LeakGuard:
                 detail="" if entry.lease_timeout is None else
                 f"taken back at its lease_timeout of {entry.lease_timeout:g} s",
             ))
-        for seq, pool_ref, payload in list(_tracker.records):
+        for seq, pool_ref, payload, pool_id in list(_tracker.records):
             source = pool_ref()
-            if seq <= seq0 or source is None or not self._watches(source):
+            if seq <= seq0:
+                continue
+            if source is None:
+                # The pool is garbage since (code that made its own pool and
+                # dropped it): its dropped connection was a leak all the same.
+                if self._only is None and isinstance(payload, Leaked):
+                    found.extend(self._leak_of_a_pool_gone(payload, pool_id, since_mark))
+                continue
+            if not self._watches(source):
                 continue
             if isinstance(payload, Leaked):
                 lease = payload.lease
@@ -547,10 +559,27 @@ class LeakGuard:
                     found.append(leak)
         return found
 
-    def _owner_detail(self, pool: Pool, lease_id: int) -> str:
-        """For a garbage-collected lease: the fixture whose setup acquired it, if one did."""
-        entry = self._owners.get((id(pool), lease_id))
+    def _owner_detail(self, pool: Pool | int, lease_id: int) -> str:
+        """For a garbage-collected lease: the fixture whose setup acquired it,
+        if one did (``pool``: the pool, or its id once it is garbage)."""
+        entry = self._owners.get((pool if isinstance(pool, int) else id(pool), lease_id))
         return _fixture_detail(entry) if entry is not None else ""
+
+    def _leak_of_a_pool_gone(self, event: Leaked, pool_id: int, since_mark: bool) -> list[Leak]:
+        """A ``Leaked`` record of a pool that is garbage now, as a leak of
+        its pool's name (none if it was someone else's or reported)."""
+        lease = event.lease
+        at_start: set[int] | frozenset[int] = (self._mark_ids if since_mark else self._baseline_ids).get(pool_id, frozenset())
+        if lease.id in at_start or (pool_id, lease.id) in self._foreign:
+            return []
+        if (pool_id, lease.id, "open") in self._reported or (pool_id, lease.id, "gc") in self._reported:
+            return []
+        self._reported.add((pool_id, lease.id, "gc"))
+        return [Leak(
+            kind="collected", pool=event.pool, lease_id=lease.id, held=lease.age, task_name=lease.task_name,
+            holder=None, acquired_at=lease.acquired_at, stack=_trim_stack(lease.stack), site=lease.site,
+            detail=self._owner_detail(pool_id, lease.id),
+        )]
 
     def _first_time(self, pool: Pool, lease_id: int | None, what: str) -> bool:
         key = (id(pool), lease_id, what)
@@ -660,6 +689,12 @@ def assert_no_leaks(pool: Pool | Iterable[Pool] | None = None, *, strict: bool =
     for each in pools:
         check_is_pool(each, "assert_no_leaks()")
     return LeakGuard(pools, strict=strict)
+
+
+def _by_id(snapshot: weakref.WeakKeyDictionary[Pool, set[int]]) -> dict[int, set[int]]:
+    """A snapshot of open leases keyed by the pools' ids: what it says of a
+    pool outlives the pool (see :meth:`LeakGuard._leak_of_a_pool_gone`)."""
+    return {id(pool): ids for pool, ids in snapshot.items()}
 
 
 def _pools_arg(pools: Iterable[Pool]) -> list[Pool]:

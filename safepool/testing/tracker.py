@@ -159,8 +159,10 @@ class _Tracker:
         self._watched: weakref.WeakKeyDictionary[Pool, _Watch] = weakref.WeakKeyDictionary()
         self._unhook: Callable[[], None] | None = None
         self._seq = 0
-        # (seq, pool, payload): Leaked events, and strict-mode timeouts.
-        self.records: list[tuple[int, weakref.ref[Pool], Leaked | TimedOut]] = []
+        # (seq, pool, payload, id of the pool): Leaked events, and strict-mode
+        # timeouts. The id outlives the pool: a dropped connection of a pool
+        # that is garbage by the check is still a leak (LeakGuard.leaks).
+        self.records: list[tuple[int, weakref.ref[Pool], Leaked | TimedOut, int]] = []
         self._guards: list[LeakGuard] = []
         # Leases the pool ended (terminate) that the code has not released
         # yet, by (id(pool), lease id): a release() after the end clears one.
@@ -233,7 +235,7 @@ class _Tracker:
     def _record(self, pool_ref: weakref.ref[Pool], payload: Leaked | TimedOut) -> None:
         with self._lock:
             self._seq += 1
-            self.records.append((self._seq, pool_ref, payload))
+            self.records.append((self._seq, pool_ref, payload, id(pool_ref())))
 
     def note_ended(self, pool: Pool, info: LeaseInfo, lease_timeout: float | None = None) -> None:
         """The pool's ``LeaseEnded`` event: terminate() ended a lease the

@@ -378,13 +378,7 @@ async def test_a_handler_with_its_own_pool_leaks():
     assert pool_ref() is None  # the pool is garbage too
 """
 
-GONE_XFAIL = (
-    "a Leaked record whose pool has been garbage collected since is skipped (guards.py leaks(): "
-    "`source is None` -> continue), so the leak is neither reported nor counted"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=GONE_XFAIL)
 def test_a_connection_dropped_in_a_pool_that_is_garbage_by_the_check_still_fails_the_test(
     suite: pytest.Pytester,
 ) -> None:
@@ -394,11 +388,12 @@ def test_a_connection_dropped_in_a_pool_that_is_garbage_by_the_check_still_fails
     (review s62): when the pool itself is garbage by the time the test ends
     (a handler or helper that makes its own pool; here collected at once by
     the test's ``gc.collect()``, in a real suite whenever the collector runs
-    before the check), ``--safepool-leaks`` passes the test, and the run's
-    summary does not count the leak either (the tally left it to the
-    guard): with the check off it is counted, with it on it is lost. A
-    lease the pool ended is reported in that case (its record keeps the
-    pool's name)."""
+    before the check), ``--safepool-leaks`` passed the test, and the run's
+    summary did not count the leak either (the tally left it to the
+    guard): with the check off it was counted, with it on it was lost. A
+    lease the pool ended was reported in that case (its record keeps the
+    pool's name). Fixed: a record keeps its pool's id, and the guard
+    reports the leak by the pool's name once the pool is garbage."""
     suite.makepyfile(test_pool_gone=POOL_GONE)
     result = suite.runpytest("--safepool-leaks", "-p", "no:cacheprovider", "-W", "ignore::ResourceWarning")
     result.assert_outcomes(failed=1)
@@ -409,7 +404,6 @@ def test_a_connection_dropped_in_a_pool_that_is_garbage_by_the_check_still_fails
     ])
 
 
-@pytest.mark.xfail(strict=True, reason=GONE_XFAIL)
 @pytest.mark.asyncio
 async def test_assert_no_leaks_reports_a_dropped_connection_of_a_pool_that_is_garbage_now(pg_dsn: str) -> None:
     """The same through ``assert_no_leaks()`` (every pool, "including pools
