@@ -317,3 +317,36 @@ def test_lifo_serves_the_newest_waiter_across_sites() -> None:
     state.release(leases[0], 0.15, CLEAN)  # type: ignore[arg-type]
     assert a2.state is GRANTED
     assert {a1.state, b1.state} == {FAILED} and set(sheds(state)) == {a1, b1}
+
+
+def test_max_waiters_counts_every_capped_sites_waiter() -> None:
+    """docs: max_waiters is the number of "tasks allowed to queue behind
+    busy connections; one more gets PoolOverloadedError at once", and "each
+    of [a capped site's waiters] counts, toward max_waiters". max_size=4,
+    share 0.25 (cap 1), max_waiters=2 (a site's share: 1): four sites hold
+    a connection each; one task each of "a" and "b" queues; "c"'s is one
+    more and is refused. (Mutant: the newcomer of a capped site left out
+    of the count: three tasks queued under max_waiters=2.)"""
+    state = make(4, share=0.25, max_waiters=2)
+    for site in "abcd":
+        assert state.try_acquire(0.0, site) is not None
+    state.enqueue(object(), 0.0, None, "a")
+    state.enqueue(object(), 0.0, None, "b")
+    with pytest.raises(Overloaded):
+        state.enqueue(object(), 0.0, None, "c")
+    assert state.counters.overload_rejections == 1
+
+
+def test_max_waiters_zero_leaves_a_site_no_share_of_the_queue() -> None:
+    """docs: "a site may also take at most its share of the queue
+    (ceil(s * max_waiters) waiting tasks)": none with max_waiters=0, so a
+    site queues only tasks a connection opened under its cap will serve.
+    max_size=8 (6 more may open), share 0.25 (cap 2): site "a" holds none,
+    two of its tasks wait for connects, the third is refused. (Mutant: the
+    share computed as ceil(s * 0) floored at 1, admitting it.)"""
+    state = make(8, share=0.25, max_waiters=0, open_=2)
+    assert state.try_acquire(0.0, "x") and state.try_acquire(0.0, "y")
+    state.enqueue(object(), 0.0, None, "a")
+    state.enqueue(object(), 0.0, None, "a")
+    with pytest.raises(Overloaded, match="share"):
+        state.enqueue(object(), 0.0, None, "a")
