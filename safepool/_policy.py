@@ -59,8 +59,16 @@ class AdaptiveQueue:
         return now - self.last_empty > self.interval
 
     def note_hand_on(self, now: float, backlog: bool) -> None:
+        """A connection is handed on (``backlog``: to a waiting task). The
+        gap since the last one counts only the time tasks waited: from the
+        last moment the queue was empty, if later. A hand-on that idles a
+        connection with nobody waiting may not come here (the core idles
+        it inline), so a drained backlog, a quiet spell and a new backlog
+        show only as ``last_empty`` moving on (set as the last waiter is
+        served, by each acquire finding nobody waiting, and by the first
+        waiter to arrive)."""
         if backlog and self.last_hand_on is not None:
-            gap = now - self.last_hand_on
+            gap = now - max(self.last_hand_on, self.last_empty)
             self.gap = gap if self.samples == 0 else self.gap + _EWMA_WEIGHT * (gap - self.gap)
             self.samples += 1
         self.last_hand_on = now if backlog else None

@@ -132,22 +132,15 @@ def test_settled_waiters_of_a_site_that_holds_connections_are_not_kept() -> None
 # ---------------------------------------------------------- adaptive queue
 
 
-QUIET_SPELL_BUG = (
-    "review s62: PoolState.release()/reset_done() idle a connection on their inlined hot path without the "
-    "policy's pick(), so AdaptiveQueue.note_hand_on(now, backlog=False) never clears last_hand_on and the "
-    "next hand-on under a backlog measures the quiet spell as one gap"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=QUIET_SPELL_BUG)
 def test_a_quiet_spell_is_not_measured_as_a_gap_between_hand_ons() -> None:
     """docs ("Deadline-aware admission"): the drain rate is "an EWMA of the
     time between connections handed to waiters, measured only while tasks
     wait; ... a quiet spell with nobody waiting is no stall". Nine hand-ons
     0.1 s apart while tasks wait (10/s); the pool then idles for 100 s and
     one task waits briefly. A task arriving with timeout 0.5 s and nobody
-    ahead fits at 10/s: it must be admitted. It is refused: the 99 s quiet
-    spell entered the average (gap ~10 s). (The integration twin:
+    ahead fits at 10/s: it must be admitted. It was refused (fixed in
+    review s62): the 99 s quiet spell entered the average (gap ~10 s). (The integration twin:
     tests/integration/test_review_s62_adaptive_quiet_spell.py.)"""
     state = make(1, target=1.0, interval=10.0)
     lease = state.try_acquire(0.0)
