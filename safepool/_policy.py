@@ -103,7 +103,8 @@ class SiteBook:
 
 
 def site_cap(share: float, max_size: int) -> int:
-    """``ceil(share * max_size)``, at least 1 (float error ignored: 0.3 * 10 is 3)."""
+    """``ceil(share * max_size)``, at least 1 (float error ignored: 0.14 * 50 is
+    7.000000000000001 in floats, and the cap 7, not 8)."""
     return max(1, math.ceil(share * max_size - 1e-9))
 
 
