@@ -16,20 +16,9 @@ from typing import Any
 import pytest
 
 from safepool._detach import detached
+from tests.unit.test_detach import Spawner
 
 pytestmark = pytest.mark.asyncio
-
-
-class Spawner:
-    """The pool's side: collects the tasks that finish handed-over coroutines."""
-
-    def __init__(self) -> None:
-        self.tasks: list[asyncio.Task[Any]] = []
-
-    def __call__(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.append(task)
-        return task
 
 
 async def two_steps(first: asyncio.Future[int], second: asyncio.Future[int], log: list[str]) -> int:
