@@ -102,6 +102,13 @@ class SiteBook:
         self.queue: deque[Waiter] = deque()
 
 
+def _rate(gap: float) -> str:
+    """Connections per second for a refusal's message: whole numbers from
+    about 10/s, two significant digits below (a slow drain is not "0")."""
+    rate = 1.0 / gap if gap else math.inf
+    return f"{rate:.0f}" if rate >= 9.5 else f"{rate:.2g}"
+
+
 def site_cap(share: float, max_size: int) -> int:
     """``ceil(share * max_size)``, at least 1 (float error ignored: 0.14 * 50 is
     7.000000000000001 in floats, and the cap 7, not 8)."""
@@ -289,7 +296,7 @@ class WaitPolicy:
                 if gap is not None and (self.eligible + 1) * gap > timeout:
                     raise Inadmissible(
                         f"cannot be served within its timeout ({timeout:.3f}s): {self.eligible} task(s) "
-                        f"ahead, the pool hands on {1.0 / gap if gap else math.inf:.0f} connections/s "
+                        f"ahead, the pool hands on {_rate(gap)} connections/s "
                         f"(adaptive queue, deadline-aware admission)"
                     )
         # Looked up again: shedding above may have dropped an emptied book.

@@ -49,3 +49,16 @@ def test_a_gap_while_tasks_waited_throughout_still_counts_whole() -> None:
     last = backlog(queue, 0.0, 0.1, 10)
     queue.note_hand_on(last + 2.0, True)
     assert abs(queue.gap - (0.1 + 0.1 * (2.0 - 0.1))) < 1e-9
+
+
+def test_a_slow_drain_rate_is_named_in_the_refusal_not_rounded_to_zero() -> None:
+    """The refusal names the measured rate: a connection every 4 s is
+    "0.25 connections/s" (it read "0 connections/s"); a fast one a whole
+    number."""
+    from safepool._policy import _rate
+
+    assert _rate(4.0) == "0.25"
+    assert _rate(0.5) == "2"
+    assert _rate(0.1) == "10"
+    assert _rate(0.0001234) == "8104"
+    assert _rate(0.0) == "inf"
