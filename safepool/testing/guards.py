@@ -506,7 +506,7 @@ class LeakGuard:
                         kind="collected", pool=pool.name, lease_id=info.id, held=info.age,
                         task_name=info.task_name, holder=None, acquired_at=info.acquired_at,
                         stack=_trim_stack(info.stack), site=info.site, pool_ref=weakref.ref(pool),
-                        detail=self._owner_detail(pool, info.id),
+                        detail=self._owner_detail(id(pool), info.id),
                     ))
                     continue
                 state, doing = holder_activity(info)
@@ -530,56 +530,44 @@ class LeakGuard:
                 f"taken back at its lease_timeout of {entry.lease_timeout:g} s",
             ))
         for seq, pool_ref, payload, pool_id in list(_tracker.records):
-            source = pool_ref()
             if seq <= seq0:
                 continue
+            source = pool_ref()
+            if source is not None and not self._watches(source):
+                continue
+            if not isinstance(payload, Leaked):
+                if self.strict and source is not None:
+                    leak = self._timeout_leak(source, seq, payload)
+                    if leak is not None:
+                        found.append(leak)
+                continue
+            lease = payload.lease
             if source is None:
                 # The pool is garbage since (code that made its own pool and
-                # dropped it): its dropped connection was a leak all the same.
-                if self._only is None and isinstance(payload, Leaked):
-                    found.extend(self._leak_of_a_pool_gone(payload, pool_id, since_mark))
-                continue
-            if not self._watches(source):
-                continue
-            if isinstance(payload, Leaked):
-                lease = payload.lease
-                if self._elsewhere(source, lease.id, baseline):
+                # dropped it): its dropped connection was a leak all the same,
+                # for a guard of every pool. Its leases open at the start (or
+                # the mark) are known by its id.
+                at_start = (self._mark_ids if since_mark else self._baseline_ids).get(pool_id, ())
+                if self._only is not None or lease.id in at_start or (pool_id, lease.id) in self._foreign:
                     continue
-                if (id(source), lease.id, "open") in self._reported or not self._first_time(source, lease.id, "gc"):
-                    continue
-                found.append(Leak(
-                    kind="collected", pool=source.name, lease_id=lease.id, held=lease.age,
-                    task_name=lease.task_name, holder=None, acquired_at=lease.acquired_at,
-                    stack=_trim_stack(lease.stack), site=lease.site, pool_ref=weakref.ref(source),
-                    detail=self._owner_detail(source, lease.id),
-                ))
-            elif self.strict:
-                leak = self._timeout_leak(source, seq, payload)
-                if leak is not None:
-                    found.append(leak)
+            elif self._elsewhere(source, lease.id, baseline):
+                continue
+            if (pool_id, lease.id, "open") in self._reported or (pool_id, lease.id, "gc") in self._reported:
+                continue
+            self._reported.add((pool_id, lease.id, "gc"))
+            found.append(Leak(
+                kind="collected", pool=payload.pool, lease_id=lease.id, held=lease.age,
+                task_name=lease.task_name, holder=None, acquired_at=lease.acquired_at,
+                stack=_trim_stack(lease.stack), site=lease.site, pool_ref=None if source is None else pool_ref,
+                detail=self._owner_detail(pool_id, lease.id),
+            ))
         return found
 
-    def _owner_detail(self, pool: Pool | int, lease_id: int) -> str:
+    def _owner_detail(self, pool_id: int, lease_id: int) -> str:
         """For a garbage-collected lease: the fixture whose setup acquired it,
-        if one did (``pool``: the pool, or its id once it is garbage)."""
-        entry = self._owners.get((pool if isinstance(pool, int) else id(pool), lease_id))
+        if one did (``pool_id``: its pool's id, which outlives the pool)."""
+        entry = self._owners.get((pool_id, lease_id))
         return _fixture_detail(entry) if entry is not None else ""
-
-    def _leak_of_a_pool_gone(self, event: Leaked, pool_id: int, since_mark: bool) -> list[Leak]:
-        """A ``Leaked`` record of a pool that is garbage now, as a leak of
-        its pool's name (none if it was someone else's or reported)."""
-        lease = event.lease
-        at_start: set[int] | frozenset[int] = (self._mark_ids if since_mark else self._baseline_ids).get(pool_id, frozenset())
-        if lease.id in at_start or (pool_id, lease.id) in self._foreign:
-            return []
-        if (pool_id, lease.id, "open") in self._reported or (pool_id, lease.id, "gc") in self._reported:
-            return []
-        self._reported.add((pool_id, lease.id, "gc"))
-        return [Leak(
-            kind="collected", pool=event.pool, lease_id=lease.id, held=lease.age, task_name=lease.task_name,
-            holder=None, acquired_at=lease.acquired_at, stack=_trim_stack(lease.stack), site=lease.site,
-            detail=self._owner_detail(pool_id, lease.id),
-        )]
 
     def _first_time(self, pool: Pool, lease_id: int | None, what: str) -> bool:
         key = (id(pool), lease_id, what)
@@ -693,7 +681,7 @@ def assert_no_leaks(pool: Pool | Iterable[Pool] | None = None, *, strict: bool =
 
 def _by_id(snapshot: weakref.WeakKeyDictionary[Pool, set[int]]) -> dict[int, set[int]]:
     """A snapshot of open leases keyed by the pools' ids: what it says of a
-    pool outlives the pool (see :meth:`LeakGuard._leak_of_a_pool_gone`)."""
+    pool outlives the pool (see :meth:`LeakGuard.leaks`)."""
     return {id(pool): ids for pool, ids in snapshot.items()}
 
 
