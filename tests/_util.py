@@ -64,6 +64,20 @@ async def until_in_pg_sleep(pg_dsn: str, pid: int, timeout: float = 5.0) -> None
         await admin.close()
 
 
+# The pytest.ini of the inner suites the plugin's tests run with pytester.
+PYTESTER_INI = """
+[pytest]
+asyncio_mode = strict
+asyncio_default_fixture_loop_scope = function
+"""
+
+
+def source_line_of(source: str, marker: str) -> int:
+    """The line of an inner test file, written from ``source``, that holds
+    ``marker`` (pytester strips the source's leading newline)."""
+    return next(number for number, line in enumerate(source.lstrip().splitlines(), 1) if marker in line)
+
+
 def line_of(path: str, marker: str) -> int:
     """The number of the line of ``path`` that holds ``marker`` (a comment
     beside an acquire), not counting the line that asks for it."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests._util import PYTESTER_INI
+
 pytest_plugins = ["pytester"]
 # The inner suite leaks on purpose.
 pytestmark = pytest.mark.safepool_allow_leaks
@@ -47,12 +49,6 @@ async def test_cached_connection_taken_back_by_lease_timeout():
         assert pool.stats().leases_expired == 1
 '''
 
-INI = """
-[pytest]
-asyncio_mode = strict
-asyncio_default_fixture_loop_scope = function
-"""
-
 
 def test_a_leak_taken_back_by_lease_timeout_fails_under_safepool_leaks(
     pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
@@ -61,7 +57,7 @@ def test_a_leak_taken_back_by_lease_timeout_fails_under_safepool_leaks(
     monkeypatch.setenv("COLUMNS", "80")
     monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
     pytester.makepyfile(test_expired=SAMPLE)
-    pytester.makeini(INI)
+    pytester.makeini(PYTESTER_INI)
     result = pytester.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["safepool: 1 connection leaked", "*# LEAK-EXPIRED"])
@@ -141,7 +137,7 @@ def test_only_a_lease_the_code_never_released_after_its_take_back_is_a_leak(
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
     pytester.makepyfile(test_siblings=SIBLINGS)
-    pytester.makeini(INI)
+    pytester.makeini(PYTESTER_INI)
     result = pytester.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1, passed=4)
     result.stdout.fnmatch_lines([

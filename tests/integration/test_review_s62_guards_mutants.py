@@ -22,18 +22,13 @@ import pytest_asyncio
 import safepool
 from safepool.pool import Pool
 from safepool.testing import LeakError, LeakGuard, _tracker, assert_no_leaks
-from tests._util import until
+from tests._util import PYTESTER_INI, source_line_of, until
 
 pytest_plugins = ["pytester"]
 # These tests leak on purpose, in nested sessions and guarded blocks: a run of
 # this suite with --safepool-leaks must not count those leaks against them.
 pytestmark = pytest.mark.safepool_allow_leaks
 
-INI = """
-[pytest]
-asyncio_mode = strict
-asyncio_default_fixture_loop_scope = function
-"""
 
 HEADER = """
 import asyncio
@@ -53,19 +48,13 @@ CACHE = []  # connections kept on purpose: never garbage
 """
 
 
-def line_of(source: str, marker: str) -> int:
-    """The line of an inner test file that holds ``marker`` (pytester strips
-    the source's leading newline)."""
-    return next(number for number, line in enumerate(source.lstrip().splitlines(), 1) if marker in line)
-
-
 @pytest.fixture
 def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     """A pytester directory whose tests reach the test database."""
     monkeypatch.setenv("SAFEPOOL_PLUGIN_DSN", pg_dsn)
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
-    pytester.makeini(INI)
+    pytester.makeini(PYTESTER_INI)
     return pytester
 
 
@@ -150,14 +139,14 @@ def test_a_fixtures_lease_the_pool_took_back_is_the_fixtures_not_the_test_functi
         "safepool: 1 connection leaked",
         "*never released; the pool ended it (taken back at its lease_timeout of 30 s)*",
         "  acquired at:",
-        f'*File "*test_timed.py", line {line_of(TIMED_FIXTURES, "KEPT-BY-FIXTURE")}, in kept',
+        f'*File "*test_timed.py", line {source_line_of(TIMED_FIXTURES, "KEPT-BY-FIXTURE")}, in kept',
     ])
     result.stdout.fnmatch_lines([
         "*ERROR at teardown of test_uses_a_fixture_whose_lease_expired_in_its_setup*",
         "safepool: 1 connection leaked",
         "*never released; the pool ended it (taken back at its lease_timeout of 30 s)*",
         "  acquired at:",
-        f'*File "*test_timed.py", line {line_of(TIMED_FIXTURES, "EXPIRED-IN-SETUP")}, in expired_in_setup',
+        f'*File "*test_timed.py", line {source_line_of(TIMED_FIXTURES, "EXPIRED-IN-SETUP")}, in expired_in_setup',
     ])
 
 
@@ -209,7 +198,7 @@ def test_a_connection_a_fixture_dropped_in_its_setup_is_an_error_at_teardown(sui
         "safepool: 1 connection leaked",
         "*garbage collected without being released*",
         "  acquired at:",
-        f'*File "*test_setup_gc.py", line {line_of(SETUP_GC, "SETUP-GC-LEAK")}, in forget',
+        f'*File "*test_setup_gc.py", line {source_line_of(SETUP_GC, "SETUP-GC-LEAK")}, in forget',
     ])
 
 
@@ -400,7 +389,7 @@ def test_a_connection_dropped_in_a_pool_that_is_garbage_by_the_check_still_fails
     result.stdout.fnmatch_lines([
         "safepool: 1 connection leaked",
         "*garbage collected without being released*",
-        f'*File "*test_pool_gone.py", line {line_of(POOL_GONE, "POOL-GONE-LEAK")}, in handler',
+        f'*File "*test_pool_gone.py", line {source_line_of(POOL_GONE, "POOL-GONE-LEAK")}, in handler',
     ])
 
 
@@ -483,7 +472,7 @@ def test_the_runs_summary_counts_five_pools_and_the_known_sites(suite: pytest.Py
     suite.makepyfile(test_five=FIVE_POOLS)
     result = suite.runpytest("-p", "no:cacheprovider", "-W", "ignore::ResourceWarning")
     result.assert_outcomes(passed=5)
-    site = f"test_five.py:{line_of(FIVE_POOLS, 'FIVE-POOLS-SITE')} in forget"
+    site = f"test_five.py:{source_line_of(FIVE_POOLS, 'FIVE-POOLS-SITE')} in forget"
     result.stdout.fnmatch_lines([
         "safepool: 5 connections leaked during this run: garbage collected without being released, "
         "and taken back by their pools ('p1' 1, 'p2' 1, 'p3' 1, 'p4' 1, 'p5' 1).",
@@ -601,7 +590,7 @@ def test_a_pool_fixtures_teardown_checks_only_its_own_pools_leases(suite: pytest
         "*",
         "*acquired by fixture 'never_released', whose teardown did not release it*",
         "  acquired at:",
-        f'*File "*test_finalizer_after.py", line {line_of(FINALIZER_AFTER_POOL, "MODULE-POOL-LEAK")}, '
+        f'*File "*test_finalizer_after.py", line {source_line_of(FINALIZER_AFTER_POOL, "MODULE-POOL-LEAK")}, '
         "in never_released",
     ])
 

@@ -12,17 +12,13 @@ import pytest
 
 import safepool
 from safepool.testing import LeakGuard
+from tests._util import PYTESTER_INI, source_line_of
 
 pytest_plugins = ["pytester"]
 # The inner runs leak on purpose; an outer run with --safepool-leaks must not
 # count them against these tests.
 pytestmark = pytest.mark.safepool_allow_leaks
 
-INI = """
-[pytest]
-asyncio_mode = strict
-asyncio_default_fixture_loop_scope = function
-"""
 
 # The imports every sample suite starts with (an inner test file's own).
 SAMPLE_HEADER = """
@@ -54,12 +50,6 @@ async def con(pool):
 """
 
 
-def line_of(source: str, marker: str) -> int:
-    """The line of an inner test file that holds ``marker`` (pytester strips
-    the source's leading newline)."""
-    return next(number for number, line in enumerate(source.lstrip().splitlines(), 1) if marker in line)
-
-
 @pytest.fixture
 def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     monkeypatch.setenv("SAFEPOOL_PLUGIN_DSN", pg_dsn)
@@ -69,7 +59,7 @@ def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatc
     # tests failed so). pytester itself clears PYTEST_ADDOPTS first.
     monkeypatch.setenv("COLUMNS", "80")
     monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
-    pytester.makeini(INI)
+    pytester.makeini(PYTESTER_INI)
     pytester.makeconftest(CONFTEST)
     return pytester
 
@@ -124,9 +114,9 @@ def test_an_overriding_fixture_that_leaks_is_reported_once_with_its_definition(s
         "*ERROR at teardown of test_uses_the_leaky_override*",
         "safepool: 1 connection leaked",
         "*acquired by fixture 'con', whose teardown did not release it (the fixture defined at "
-        f"test_override_leak.py:{line_of(OVERRIDE_LEAK, 'OVERRIDE-DEF')})",
+        f"test_override_leak.py:{source_line_of(OVERRIDE_LEAK, 'OVERRIDE-DEF')})",
         "  acquired at:",
-        f'*File "*test_override_leak.py", line {line_of(OVERRIDE_LEAK, "OVERRIDE-LEAK")}, in con',
+        f'*File "*test_override_leak.py", line {source_line_of(OVERRIDE_LEAK, "OVERRIDE-LEAK")}, in con',
     ])
     assert result.stdout.lines.count("safepool: 1 connection leaked") == 1  # the conftest's con, released, is not blamed
 
@@ -205,7 +195,7 @@ def test_a_fixture_that_leaks_inside_another_is_blamed_alone(suite: pytest.Pytes
         "*ERROR at teardown of test_uses_the_wrapper*",
         "safepool: 1 connection leaked",
         "*acquired by fixture 'leaky', whose teardown did not release it*",
-        f'*File "*test_inner_leak.py", line {line_of(DYNAMIC_INNER_LEAK, "INNER-LEAK")}, in leaky',
+        f'*File "*test_inner_leak.py", line {source_line_of(DYNAMIC_INNER_LEAK, "INNER-LEAK")}, in leaky',
     ])
     assert "fixture 'wrapper'" not in result.stdout.str()
     assert result.stdout.lines.count("safepool: 1 connection leaked") == 1
@@ -307,7 +297,7 @@ def test_a_leak_then_a_skip_or_xfail_keeps_the_outcome_and_errors_at_teardown(su
             "safepool: 1 connection leaked",
             "*",
             "  acquired at:",
-            f'*File "*test_skip_variants.py", line {line_of(SKIP_VARIANTS, marker)}, in {test}',
+            f'*File "*test_skip_variants.py", line {source_line_of(SKIP_VARIANTS, marker)}, in {test}',
             "*",
             f"The test function leaked, then {how}: the leak is reported here, at teardown.",
         ])
@@ -316,7 +306,7 @@ def test_a_leak_then_a_skip_or_xfail_keeps_the_outcome_and_errors_at_teardown(su
         "safepool: 1 connection leaked",
         "*acquired by fixture 'held', whose teardown did not release it*",
         "  acquired at:",
-        f'*File "*test_skip_variants.py", line {line_of(SKIP_VARIANTS, "FIXTURE-LEAK")}, in held',
+        f'*File "*test_skip_variants.py", line {source_line_of(SKIP_VARIANTS, "FIXTURE-LEAK")}, in held',
     ])
 
 
@@ -383,7 +373,7 @@ def test_xfail_marks_do_not_hide_leaks(suite: pytest.Pytester) -> None:
         "safepool: 1 connection leaked",
         "*",
         "  acquired at:",
-        f'*File "*test_xfail_variants.py", line {line_of(XFAIL_VARIANTS, "STRICT-LEAK")}, in *',
+        f'*File "*test_xfail_variants.py", line {source_line_of(XFAIL_VARIANTS, "STRICT-LEAK")}, in *',
         "*",
         "The test is marked xfail and passed: the leak fails it all the same*",
     ])
@@ -394,7 +384,7 @@ def test_xfail_marks_do_not_hide_leaks(suite: pytest.Pytester) -> None:
             "safepool: 1 connection leaked",
             "*",
             "  acquired at:",
-            f'*File "*test_xfail_variants.py", line {line_of(XFAIL_VARIANTS, marker)}, in *',
+            f'*File "*test_xfail_variants.py", line {source_line_of(XFAIL_VARIANTS, marker)}, in *',
         ])
     result.stdout.fnmatch_lines(["XFAIL*test_fails_and_leaks*", "XFAIL*test_fails_with_a_leaky_fixture*"],
                                 consecutive=False)
@@ -587,7 +577,7 @@ def test_a_fixtures_lease_nobody_releases_before_its_pool_closes_is_reported_nam
             f"*acquired by fixture '{fixture}', whose teardown did not release it (the fixture defined at "
             "test_forgets.py:*)",
             "  acquired at:",
-            f'*File "*test_forgets.py", line {line_of(FACTORY_AND_FINALIZER_LEAKS, marker)}, in {function}',
+            f'*File "*test_forgets.py", line {source_line_of(FACTORY_AND_FINALIZER_LEAKS, marker)}, in {function}',
         ])
 
 
@@ -677,6 +667,6 @@ def test_a_fixtures_lease_of_a_module_pool_is_checked_at_the_end_of_the_tests_te
         "*",
         "*acquired by fixture 'never_released', whose teardown did not release it*",
         "  acquired at:",
-        f'*File "*test_module_pool.py", line {line_of(MODULE_POOL, "MODULE-POOL-LEAK")}, in never_released',
+        f'*File "*test_module_pool.py", line {source_line_of(MODULE_POOL, "MODULE-POOL-LEAK")}, in never_released',
     ])
     assert "test_released_by_a_finalizer" not in result.stdout.str().split("= ERRORS =")[-1]
