@@ -15,6 +15,7 @@ import pytest
 
 from safepool._policy import AdaptiveQueue
 from safepool._state import Backoff, Overloaded, PoolState, ReleaseOutcome, Shed, WaiterState
+from tests.unit.test_state import _invariants  # noqa: F401 (autouse: each test's PoolState is checked)
 
 CLEAN = ReleaseOutcome.CLEAN
 WAITING, GRANTED, FAILED = WaiterState.WAITING, WaiterState.GRANTED, WaiterState.FAILED
@@ -37,14 +38,6 @@ def make(max_size: int, *, share: float | None = None, target: float | None = No
 
 def sheds(state: PoolState) -> list[Any]:
     return [a.waiter for a in state.actions if isinstance(a, Shed)]
-
-
-@pytest.fixture(autouse=True)
-def _invariants(request: pytest.FixtureRequest) -> object:
-    yield
-    for value in request.node.funcargs.values():
-        if isinstance(value, PoolState):
-            value.check_invariants()
 
 
 # ------------------------------------------------------------- bulkheads
