@@ -13,6 +13,7 @@ case: what a statement waiting on the connection got, and after how long."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -43,13 +44,19 @@ async def client(dsn: str, server_pid: str) -> None:
         run("nsenter", "-t", server_pid, "-n", "tc", "qdisc", op, "dev", "vserver", "root",
             *(("pfifo", "limit", "0") if op == "add" else ()))
 
-    for name, options in CASES.items():
-        async with safepool.create_pool(dsn, min_size=1, max_size=1, **options) as pool:
-            con = await pool.acquire()
-            statement = asyncio.ensure_future(con.fetchval("SELECT pg_sleep(60)"))
-            await asyncio.sleep(0.3)  # sent and acknowledged: the connection is quiet
-            queue("add")
-            started = time.monotonic()
+    # The cases run at once, on one vanish (the queue holds every
+    # connection's traffic): each its own pool and clock. (One after the
+    # other, they took 15 s of the README command's tests per loop.)
+    async with contextlib.AsyncExitStack() as stack:
+        pools = {name: await stack.enter_async_context(safepool.create_pool(dsn, min_size=1, max_size=1, **options))
+                 for name, options in CASES.items()}
+        leased = {name: await pool.acquire() for name, pool in pools.items()}
+        statements = {name: asyncio.ensure_future(con.fetchval("SELECT pg_sleep(60)")) for name, con in leased.items()}
+        await asyncio.sleep(0.3)  # sent and acknowledged: the connections are quiet
+        queue("add")
+        started = time.monotonic()
+
+        async def outcome(statement: asyncio.Future[Any]) -> tuple[str, float]:
             try:
                 await asyncio.wait_for(asyncio.shield(statement), 15)
                 got = "answer"
@@ -57,12 +64,16 @@ async def client(dsn: str, server_pid: str) -> None:
                 got = "nothing"
             except Exception as exc:
                 got = type(exc).__name__
-            seconds = time.monotonic() - started
-            queue("del")
+            return got, time.monotonic() - started
+
+        outcomes = dict(zip(statements, await asyncio.gather(*map(outcome, statements.values())), strict=True))
+        queue("del")
+        for name, (got, seconds) in outcomes.items():
+            statement, pool = statements[name], pools[name]
             if not statement.done():
                 statement.cancel()
             if name != "lease_timeout":  # (taken back)
-                await pool.release(con, timeout=5)
+                await pool.release(leased[name], timeout=5)
             async with pool.acquire() as again:
                 works = await again.fetchval("SELECT 1") == 1
             print(json.dumps({"case": name, "got": got, "seconds": seconds, "next_lease_works": works}), flush=True)

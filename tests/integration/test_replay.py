@@ -83,9 +83,9 @@ def test_shortened_replay_asyncpg_saturates_safepool_serves_and_names_the_leak(p
     result = replay(
         "--scenario", "leak",
         "--dsn", pg_dsn,
-        "--duration", "12",
-        "--leak-start", "3",
-        "--rate", "40",
+        "--duration", "8",
+        "--leak-start", "2",
+        "--rate", "60",
         "--leak-probability", "0.1",
         "--pool-size", "8",
         "--json",
