@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ast
 import fnmatch
+import functools
 import json
 import os
 import re
@@ -485,7 +486,8 @@ def _escapes(node: ast.AST, var: str) -> bool:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
         return any(isinstance(t, (ast.Attribute, ast.Subscript)) for t in targets)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _ESCAPE_METHODS:
-        return any(_is_name(arg, var) for arg in node.args)
+        # (In a tuple or an object too: ``queue.put((priority, con))``, review s63.)
+        return any(_holds(arg, var) for arg in node.args)
     if isinstance(node, ast.Dict):
         return any(_is_name(value, var) for value in node.values)
     return False
@@ -570,22 +572,40 @@ def _leaves_before_release(stmt: ast.stmt, var: str) -> ast.AST | None:
     (``finally: await pool.release(a); await pool.release(b)``) is not one."""
     if isinstance(stmt, ast.If):
         return _if_leaves_holding(stmt, var, _leaves_before_release)
+    bound = _loop_jumps(stmt)
     for node in _own_nodes(stmt):
         if isinstance(node, ast.Await) and _is_release_call(node.value):
             continue
-        if isinstance(node, (ast.Await, ast.Return, ast.Raise, ast.Yield, ast.YieldFrom, ast.Break, ast.Continue)):
-            return node
-        if isinstance(node, (ast.AsyncWith, ast.AsyncFor)):
+        if isinstance(node, _LEAVING) and id(node) not in bound:
             return node
     return None
 
 
-def _may_leave(stmt: ast.stmt) -> ast.AST | None:
-    """A node in ``stmt`` that can suspend, raise or leave (await, return, raise, yield)."""
+# What can suspend, raise or leave the statement it is in.
+_LEAVING = (
+    ast.Await, ast.Return, ast.Raise, ast.Yield, ast.YieldFrom, ast.Break, ast.Continue, ast.AsyncWith, ast.AsyncFor,
+)
+
+
+def _loop_jumps(stmt: ast.stmt) -> set[int]:
+    """The ids of the ``break`` and ``continue`` statements in ``stmt`` that
+    end or turn a loop inside ``stmt`` (``stmt`` itself included), so never
+    leave it: those in a loop's body, not in its ``else:`` (review s63)."""
+    bound: set[int] = set()
     for node in _own_nodes(stmt):
-        if isinstance(node, (ast.Await, ast.Return, ast.Raise, ast.Yield, ast.YieldFrom, ast.Break, ast.Continue)):
-            return node
-        if isinstance(node, (ast.AsyncWith, ast.AsyncFor)):
+        if isinstance(node, (ast.For, ast.AsyncFor, ast.While)):
+            bound.update(
+                id(n) for inner in node.body for n in _own_nodes(inner) if isinstance(n, (ast.Break, ast.Continue))
+            )
+    return bound
+
+
+def _may_leave(stmt: ast.stmt) -> ast.AST | None:
+    """A node in ``stmt`` that can suspend, raise or leave (await, return,
+    raise, yield; a ``break`` or ``continue`` of a loop outside ``stmt``)."""
+    bound = _loop_jumps(stmt)
+    for node in _own_nodes(stmt):
+        if isinstance(node, _LEAVING) and id(node) not in bound:
             return node
     return None
 
@@ -869,7 +889,7 @@ class _Checker:
         elif kind == "contextmanager" or _is_generator(scope):
             reason = "an exception thrown in at the `yield` skips the release"
         elif (after := [r for r in releases if r.lineno > call.lineno]) and all(
-            self.in_handler(r, scope) for r in after
+            self.in_handler(r, scope, call) for r in after
         ):
             handlers = sorted({r.lineno for r in after})
             reason = (f"it is released only in an `except` handler (line{'s' if len(handlers) > 1 else ''} "
@@ -891,7 +911,7 @@ class _Checker:
         """For a connection stored on an object: whether ``release`` says
         this function meant to give it back, being after the acquire, in
         the acquire's own block or in a ``finally:``, not in a handler."""
-        if release.lineno <= call.lineno or self.in_handler(release, scope):
+        if release.lineno <= call.lineno or self.in_handler(release, scope, call):
             return False
         home = _block_of(self.module, acquire_stmt)
         if home is not None and any(self.module.statement_of(release) is s for s in home[0]):
@@ -904,13 +924,22 @@ class _Checker:
             node = parent
         return False
 
-    def in_handler(self, node: ast.AST, scope: ast.AST) -> bool:
-        """Whether ``node`` is inside an ``except`` handler in ``scope``."""
+    def in_handler(self, node: ast.AST, scope: ast.AST, acquire: ast.AST) -> bool:
+        """Whether ``node`` is inside an ``except`` handler in ``scope`` that
+        the ``acquire`` call is not in: a release there runs only if
+        something failed after the acquire. (One in the acquire's own
+        handler runs as the acquire does; review s63.)"""
+        own = set(map(id, self.handlers_of(acquire, scope)))
+        return any(id(handler) not in own for handler in self.handlers_of(node, scope))
+
+    def handlers_of(self, node: ast.AST, scope: ast.AST) -> list[ast.ExceptHandler]:
+        """The ``except`` handlers in ``scope`` that ``node`` is inside."""
+        handlers = []
         while node is not scope and node in self.module.parents:
             node = self.module.parents[node]
             if isinstance(node, ast.ExceptHandler):
-                return True
-        return False
+                handlers.append(node)
+        return handlers
 
     def safe_release(
         self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST, var: str, conditions: list[ast.If],
@@ -972,7 +1001,7 @@ class _Checker:
                 in_body = any(node is s for s in parent.body)
                 other = parent.orelse if in_body else parent.body
                 tests_connection = _tests_presence(
-                    parent.test, var, in_body, lambda test: self.flags_acquire(test, acquire_stmt)
+                    parent.test, var, in_body, functools.partial(self.flags_acquire, acquire_stmt=acquire_stmt, checked_at=parent)
                 )
                 if not tests_connection and not _contains_release(other, var):
                     condition = parent
@@ -1005,7 +1034,7 @@ class _Checker:
             stmt = parent
         finalbody = {id(n) for s in try_stmt.finalbody for n in ast.walk(s)}
         inside = {id(n) for n in ast.walk(try_stmt)}
-        for later in after:
+        for position, later in enumerate(after):
             for node in _own_nodes(later):
                 if not (isinstance(node, ast.Name) and node.id == var and isinstance(node.ctx, ast.Store)):
                     continue
@@ -1027,7 +1056,11 @@ class _Checker:
                     n is call for n in ast.walk(value)
                 ):
                     continue
-                if not self.released_before(node, later, var):
+                # Released in the statements after the acquire before this
+                # one (`await pool.release(con)`, then `con = None`, in the
+                # `try:` that acquired; review s63), or before it in its own
+                # blocks.
+                if not (_contains_release(after[1:position], var) or self.released_before(node, later, var)):
                     return node
         return None
 
@@ -1050,20 +1083,31 @@ class _Checker:
             node = self.module.parents[node]
         return False
 
-    def flags_acquire(self, test: ast.expr, acquire_stmt: ast.stmt) -> bool:
-        """Whether ``test`` is a flag set right after the acquire, so true
-        exactly when the connection is held: ``con = await pool.acquire()``
-        then ``acquired = True`` (nothing between can fail), and ``if
-        acquired:`` in the ``finally:``."""
+    def flags_acquire(self, test: ast.expr, acquire_stmt: ast.stmt, checked_at: ast.stmt) -> bool:
+        """Whether ``test`` (of the statement ``checked_at``) is a flag set
+        right after the acquire, so true exactly when the connection is held:
+        ``con = await pool.acquire()`` then ``acquired = True`` (nothing
+        between can fail), and ``if acquired:`` in the ``finally:``, with no
+        other binding of the name between the two."""
         place = _block_of(self.module, acquire_stmt)
         if not isinstance(test, ast.Name) or place is None:
             return False
         block, index = place
         following = block[index + 1] if index + 1 < len(block) else None
-        return (
+        if not (
             isinstance(following, ast.Assign) and len(following.targets) == 1
             and _is_name(following.targets[0], test.id)
             and isinstance(following.value, ast.Constant) and following.value.value is True
+        ):
+            return False
+        # Not set again before the test (`failed = True` ... `failed = False`
+        # in the `try:`: a release only on failure; review s63). Set before
+        # the acquire or after the test, it still flags.
+        return not any(
+            isinstance(node, ast.Name) and node.id == test.id and isinstance(node.ctx, ast.Store)
+            and (following.lineno, following.col_offset) < (node.lineno, node.col_offset)
+            and node.lineno <= checked_at.lineno
+            for node in _walk_scope(self.module.scope_of(acquire_stmt))
         )
 
     def try_follows(self, acquire_stmt: ast.stmt, try_stmt: ast.stmt, var: str) -> str | None:

@@ -1,6 +1,6 @@
 """Mutation review of ``safepool/check.py`` (the static leak check): tests
 that kill mutants the other check tests let live, one decision each, and the
-false positives the review found (xfail, strict)."""
+false positives and misses the review found, fixed since."""
 
 from __future__ import annotations
 
@@ -953,12 +953,11 @@ def test_cli_two_directories_without_python_files(
         "safepool check: no problems (0 files scanned, 2 directories without Python files: a, b; errors above)")
 
 
-# -- false positives and misses found by the review (safepool/check.py unchanged) --
+# -- false positives and misses found by the review (each fixed in check.py) --
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "check.py:576 and :586 (_leaves_before_release, _may_leave) count any `break`/`continue` in the "
-    "statement as leaving, even one that only ends a loop nested in that statement"))
+# A bug until s63 (fixed): check.py:576 and :586 (_leaves_before_release, _may_leave) count any
+# `break`/`continue` in the statement as leaving, even one that only ends a loop nested in that statement
 @pytest.mark.parametrize("where", ["finally", "between"])
 def test_a_break_of_a_loop_nested_in_the_step_does_not_skip_the_release(where: str) -> None:
     loop = (
@@ -995,9 +994,8 @@ def test_a_break_of_a_loop_nested_in_the_step_does_not_skip_the_release(where: s
     assert check_source(source) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "check.py:1053-1067 (flags_acquire) takes a name set to True right after the acquire for 'the "
-    "connection is held' even when the try: sets it False again: a release only on failure passes"))
+# A bug until s63 (fixed): check.py:1053-1067 (flags_acquire) takes a name set to True right after the acquire
+# for 'the connection is held' even when the try: sets it False again: a release only on failure passes
 def test_a_release_only_while_a_failure_flag_is_set_is_reported() -> None:
     source = """
     async def f(pool):
@@ -1014,9 +1012,8 @@ def test_a_release_only_while_a_failure_flag_is_set_is_reported() -> None:
     assert found(source) == [(3, "SP001")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "check.py:487-488 (_escapes) follows a container method's argument only when it is the bare name: "
-    "a connection put in a queue or list inside a tuple or an object is reported as never released"))
+# A bug until s63 (fixed): check.py:487-488 (_escapes) follows a container method's argument only when it is the
+# bare name: a connection put in a queue or list inside a tuple or an object is reported as never released
 @pytest.mark.parametrize("escape", [
     "await queue.put((priority, con))",
     "held.append((con, time.monotonic()))",
@@ -1035,10 +1032,9 @@ def test_a_connection_put_in_a_container_inside_a_tuple_has_left(escape: str) ->
     assert found(source) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "check.py:894 (owned_release) and :872 (the reason) ask whether a release is in any `except` handler "
-    "of the function, also one that holds the acquire itself: a stored connection acquired and released "
-    "in a handler is taken for one that left (not reported)"))
+# A bug until s63 (fixed): check.py:894 (owned_release) and :872 (the reason) ask whether a release is in any
+# `except` handler of the function, also one that holds the acquire itself: a stored connection acquired and
+# released in a handler is taken for one that left (not reported)
 def test_a_stored_connection_acquired_and_released_in_a_handler_is_followed() -> None:
     source = """
     async def middleware(request, handler, pool):
@@ -1052,9 +1048,8 @@ def test_a_stored_connection_acquired_and_released_in_a_handler_is_followed() ->
     assert found(source) == [(6, "SP001")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "check.py:871-876: a connection acquired and released inside the same `except` handler is said to "
-    "be 'released only in an `except` handler: when nothing fails, it is never released'"))
+# A bug until s63 (fixed): check.py:871-876: a connection acquired and released inside the same `except` handler
+# is said to be 'released only in an `except` handler: when nothing fails, it is never released'
 def test_an_acquire_and_release_in_one_handler_names_the_exception_between() -> None:
     source = """
     async def f(pool, job):
@@ -1071,11 +1066,10 @@ def test_an_acquire_and_release_in_one_handler_names_the_exception_between() -> 
     assert finding.message.endswith("an exception or a cancellation between line 6 and line 8 skips the release")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "check.py:1030/1040-1048 (rebinding, released_before): a binding that is itself one of the statements "
-    "after the acquire (the rest of the try: body) is checked for a release before it only in the blocks "
-    "below that statement, never in its own block: `await pool.release(con)` then `con = None` is taken "
-    "for a connection lost"))
+# A bug until s63 (fixed): check.py:1030/1040-1048 (rebinding, released_before): a binding that is itself one of
+# the statements after the acquire (the rest of the try: body) is checked for a release before it only in the
+# blocks below that statement, never in its own block: `await pool.release(con)` then `con = None` is taken for
+# a connection lost
 def test_releasing_early_and_clearing_the_name_inside_the_try_is_not_a_rebinding() -> None:
     source = """
     async def f(pool, notify):
