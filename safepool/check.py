@@ -56,7 +56,7 @@ _RELEASE_METHODS = {"release", "close", "terminate"}
 _CLEANUP_REGISTRATIONS = {"push_async_callback", "callback", "push", "push_async_exit"}
 # Calls that pass an acquire's awaitable through to what awaits them.
 _WRAPPERS = {"wait_for", "shield"}
-_ESCAPE_METHODS = {"append", "add", "put", "put_nowait", "extend", "insert", "appendleft", "setdefault"}
+_ESCAPE_METHODS = {"append", "add", "put", "put_nowait", "extend", "insert", "appendleft", "setdefault", "update"}
 # `with pytest.raises(PoolTimeoutError):` (or unittest's assertRaises): the
 # block's last statement is expected to raise, so an acquire there gets no
 # connection; if it does, the test fails anyway.
@@ -488,8 +488,6 @@ def _escapes(node: ast.AST, var: str) -> bool:
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _ESCAPE_METHODS:
         # (In a tuple or an object too: ``queue.put((priority, con))``, review s63.)
         return any(_holds(arg, var) for arg in node.args)
-    if isinstance(node, ast.Dict):
-        return any(_is_name(value, var) for value in node.values)
     return False
 
 

@@ -1088,3 +1088,29 @@ def test_releasing_early_and_clearing_the_name_inside_the_try_is_not_a_rebinding
     assert found(source.replace("    con = None\n    try:\n        con = await pool.acquire()",
                                 "    con = await pool.acquire()\n    try:")) == []
     assert found(source) == []
+
+
+def test_a_connection_in_a_dict_passed_to_a_log_call_has_not_left() -> None:
+    # A bug until s63 (fixed): any dict literal holding the connection counted
+    # as it leaving the function, so logging it hid the leak.
+    source = """
+    import logging
+
+    log = logging.getLogger(__name__)
+
+
+    async def f(pool):
+        con = await pool.acquire()
+        log.info("leased", extra={"con": con})
+        await con.execute("SELECT 1")
+    """
+    assert found(source) == [(8, "SP002")]
+
+
+def test_a_connection_stored_with_update_has_left() -> None:
+    source = """
+    async def f(self, pool, key):
+        con = await pool.acquire()
+        self.connections.update({key: con})
+    """
+    assert found(source) == []
