@@ -155,8 +155,10 @@ class PoolInstruments:
 
     def add(self, pool: Pool, name: str | None = None) -> str:
         """Report ``pool`` under ``name`` (default ``pool.name``, or the name
-        it is reported under already: a new name replaces the old); returns the name."""
+        it is reported under already: a new name replaces the old); returns
+        the name. Reports again after :meth:`close`, as :meth:`add_all`."""
         name = self.pools.add(pool, name)
+        self._closed = False  # (after the add: a name clash leaves a closed set closed)
         self._attach(pool, name)  # (moves its histograms to a new name)
         return name
 
