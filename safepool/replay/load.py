@@ -17,8 +17,10 @@ became the bottleneck of the surge).
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .app import ARCHIVED_FROM
@@ -70,8 +72,7 @@ def schedule(config: ReplayConfig) -> list[Request]:
     """
     rng = random.Random(config.seed)
     requests: list[Request] = []
-    t = 0.0
-    while t < config.duration:
+    for t in _arrivals(config):
         after = t >= config.leak_start
         if config.scenario == "leak" and after and rng.random() < config.leak_probability:
             request = Request(t, "GET", f"/orders/{ARCHIVED_FROM + rng.randrange(10_000)}", True)
@@ -83,8 +84,25 @@ def schedule(config: ReplayConfig) -> list[Request]:
         else:
             request = Request(t, "GET", _regular_path(rng), False)
         requests.append(request)
-        t += 1.0 / config.rate_at(t)
     return requests
+
+
+def _arrivals(config: ReplayConfig) -> Iterator[float]:
+    """The requests' due times (seconds from the start): ``rate_at`` per
+    second, evenly spaced, from each rate's first second (the surge's
+    starts at ``leak_start``), ``rate * seconds`` of them per stretch. Each
+    time is its stretch's start plus ``i / rate``: a running sum of ``1 /
+    rate`` drifted (501 requests in 10 s at 50/s, and the surge began a
+    request late, at 3.05 s; review s63)."""
+    edges = [0.0, config.duration]
+    if config.scenario == "surge":
+        edges = sorted({0.0, min(config.leak_start, config.duration), min(config.surge_end, config.duration),
+                        config.duration})
+    for start, end in itertools.pairwise(edges):
+        rate = config.rate_at(start)
+        # (ceil, less a hair: 3 s at 20/s is 60 requests, not 61 from float noise)
+        for i in range(max(0, math.ceil((end - start) * rate - 1e-9))):
+            yield start + i / rate
 
 
 def client_timeout(config: ReplayConfig) -> float:

@@ -6,7 +6,7 @@ from hand-built records (docs/replay.md, "How to read it"). No database, no
 HTTP service but a few bytes over a local socket; times are binary
 fractions (sixteenths) wherever a test sits on a boundary.
 
-The xfail(strict=True) tests at the end show bugs found on the way."""
+The tests at the end show bugs found on the way, fixed since."""
 
 from __future__ import annotations
 
@@ -476,7 +476,7 @@ def test_asyncpgs_connections_in_use_are_its_size_less_its_idle_ones() -> None:
 # ------------------------------------------------------------------- bugs
 
 
-@pytest.mark.xfail(strict=True, reason="load.py:86 accumulates t += 1/rate in floats: the schedule drifts")
+# A bug until s63 (fixed): load.py:86 accumulates t += 1/rate in floats: the schedule drifts
 def test_the_schedule_sends_rate_times_duration_requests() -> None:
     # 50 req/s for 10 s is 500 requests (t = 0, 0.02, ..., 9.98); the float
     # sum puts a 501st at t = 9.99999999999988 < 10. The surge: 20 req/s for
@@ -490,7 +490,7 @@ def test_the_schedule_sends_rate_times_duration_requests() -> None:
     assert len(surge) == 920
 
 
-@pytest.mark.xfail(strict=True, reason="report.py:267 rounds 98.99% to '99.0%' beside 'Target (>= 99.0%): MISSED'")
+# A bug until s63 (fixed): report.py:267 rounds 98.99% to '99.0%' beside 'Target (>= 99.0%): MISSED'
 def test_a_missed_target_does_not_print_a_value_that_meets_it() -> None:
     # 989 of 999 non-leaking requests = 98.998998...%: under the target, and
     # the verdict says MISSED, but prints "99.0% of non-leaking requests
@@ -503,7 +503,7 @@ def test_a_missed_target_does_not_print_a_value_that_meets_it() -> None:
     assert shown < 99.0
 
 
-@pytest.mark.xfail(strict=True, reason="report.py:497-505: a stuck lease safepool warned about reads 'unnoticed'")
+# A bug until s63 (fixed): report.py:497-505: a stuck lease safepool warned about reads 'unnoticed'
 def test_a_lease_the_pool_warned_about_is_not_called_unnoticed() -> None:
     # With --lease-timeout 3600 (docs/replay.md, "stuck"), safepool takes
     # nothing back but warns about each stuck lease (leak_suspect) and names
@@ -522,9 +522,7 @@ def test_a_lease_the_pool_warned_about_is_not_called_unnoticed() -> None:
     assert "unnoticed" not in verdict and "safepool/replay/app.py:80 in payment" in verdict
 
 
-@pytest.mark.xfail(
-    strict=True, reason="report.py:174 takes 'the last two' as last_second - 1, not the last two with answers"
-)
+# A bug until s63 (fixed): report.py:174 takes 'the last two' as last_second - 1, not the last two with answers
 def test_not_recovered_when_the_bad_second_is_one_of_the_last_two_with_answers() -> None:
     # recovery()'s docstring: "not recovered when that second is one of the
     # last two with answers". Second 8 failed, second 9 had no answer, second
