@@ -212,7 +212,7 @@ async def check_health(
         reasons.append(HealthReason(
             "server_backing_off", DEGRADED,
             f"connects are failing ({stats.consecutive_connect_failures} in a row; last error: "
-            f"{stats.last_connect_error}); {_connections(stats.size - stats.connecting)} still open",
+            f"{stats.last_connect_error}); {_connections(serving)} still open",
         ))
     recent_errors, span = _recent_connect_errors(pool, stats, now, connect_error_window)
     if recent_errors:

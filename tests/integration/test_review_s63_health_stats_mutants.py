@@ -8,6 +8,7 @@ says. Time is the pool's ManualClock wherever it matters.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 from typing import Any
@@ -239,6 +240,17 @@ async def test_server_backing_off_does_not_count_a_connect_under_way_as_open(poo
     report = await pool.health(probe=False)
     assert report.stats.server_status == "backing_off"
     assert report.stats.size == 2 and report.stats.connecting == 1
+    message = reason(report, "server_backing_off").message
+    assert message.endswith("; 1 connection still open"), message
+    # A connection being closed is not open either (as `serving` counts for
+    # the other reasons): the same pool's stats with one more slot closing.
+    real_stats = pool.stats
+    pool.stats = lambda: dataclasses.replace(real_stats(), size=3, closing=1)  # type: ignore[method-assign]
+    try:
+        report = await pool.health(probe=False)
+    finally:
+        del pool.stats
+    assert report.stats.closing == 1
     message = reason(report, "server_backing_off").message
     assert message.endswith("; 1 connection still open"), message
     connect.gate.set()
