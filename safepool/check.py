@@ -447,9 +447,18 @@ def _releases(node: ast.AST, var: str) -> bool:
         return True
     if method in ("close", "terminate") and _is_name(node.func.value, var):
         return True
-    if method in _CLEANUP_REGISTRATIONS:
+    if method in ("callback", "push_async_callback") and node.args:
         # stack.push_async_callback(pool.release, con) / stack.push_async_callback(con.close)
-        # / stack.push_async_callback(lambda: pool.release(con)) (the stack calls it)
+        # / stack.push_async_callback(lambda: pool.release(con)) (the stack calls it). Not
+        # stack.callback(log.info, con): the callable must release (review s63).
+        first = node.args[0]
+        if isinstance(first, ast.Attribute) and first.attr == "release":
+            return any(_is_name(arg, var) for arg in node.args[1:]) or any(_is_name(k.value, var) for k in node.keywords)
+        return (isinstance(first, ast.Attribute) and first.attr in _RELEASE_METHODS and _is_name(first.value, var)) or (
+            isinstance(first, ast.Lambda) and _releases(first.body, var)
+        )
+    if method in _CLEANUP_REGISTRATIONS:
+        # stack.push(con) / push_async_exit(...): the object (or callable) is the exit.
         return any(
             _is_name(arg, var)
             or (isinstance(arg, ast.Attribute) and arg.attr in _RELEASE_METHODS and _is_name(arg.value, var))
@@ -485,6 +494,9 @@ def _escapes(node: ast.AST, var: str) -> bool:
     if isinstance(node, (ast.Assign, ast.AnnAssign)) and _holds(node.value, var):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
         return any(isinstance(t, (ast.Attribute, ast.Subscript)) for t in targets)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
+            and len(node.args) == 3):
+        return _holds(node.args[2], var)  # setattr(holder, "con", con): stored on an object (review s63)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _ESCAPE_METHODS:
         # (In a tuple or an object too: ``queue.put((priority, con))``, review s63.)
         return any(_holds(arg, var) for arg in node.args)

@@ -1114,3 +1114,34 @@ def test_a_connection_stored_with_update_has_left() -> None:
         self.connections.update({key: con})
     """
     assert found(source) == []
+
+
+def test_a_callback_registered_with_the_connection_must_release_it() -> None:
+    # A bug until s63 (fixed): any exit-stack callback given the connection
+    # counted as its release.
+    source = """
+    import contextlib
+    import logging
+
+    log = logging.getLogger(__name__)
+
+
+    async def f(pool):
+        async with contextlib.AsyncExitStack() as stack:
+            con = await pool.acquire()
+            stack.callback(log.info, con)
+            await con.execute("SELECT 1")
+    """
+    assert found(source) == [(10, "SP002")]
+    assert found(source.replace("stack.callback(log.info, con)", "stack.push_async_callback(pool.release, con)")) == []
+    assert found(source.replace("stack.callback(log.info, con)", "stack.push_async_callback(con.close)")) == []
+
+
+def test_a_connection_stored_with_setattr_has_left() -> None:
+    # A bug until s63 (fixed): reported SP002, as a connection never released.
+    source = """
+    async def f(holder, pool):
+        con = await pool.acquire()
+        setattr(holder, "con", con)
+    """
+    assert found(source) == []
