@@ -397,8 +397,13 @@ def _unescape_quote(escape: re.Match[str]) -> str:
 
 
 def _one_line(query: str | None, width: int) -> str | None:
+    """``query`` on one line of at most ``width`` characters, its secrets
+    masked; ending in "…" when cut here or by the server (the query column
+    fetches ``left(query, width * 4)``: text that long may have been cut
+    there, and its whitespace collapsed can fit the width; review s63)."""
     if query is None:
         return None
+    cut = len(query) >= _fetched(width)
     # (pg_stat_activity shows a role's DDL with its password: a migration's,
     # a rotation's, in a session left idle in transaction.)
     text = " ".join(_mask_secrets(query).split())
@@ -406,7 +411,12 @@ def _one_line(query: str | None, width: int) -> str | None:
         # Any client writes its query text: its escape sequences (and bidi
         # overrides) must not reach the operator's terminal.
         text = "".join(char if char.isprintable() else "?" for char in text)
-    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+    return text if len(text) <= width and not cut else text[: max(width - 1, 0)] + "…"
+
+
+def _fetched(width: int) -> int:
+    """How many characters of a query the snapshot fetches for ``width``."""
+    return int(width) * 4
 
 
 def aggregate(
@@ -525,7 +535,7 @@ async def fetch(
     info = await con.fetchrow(_SERVER_SQL)
     assert info is not None
     # query_width is an int from argparse; it is formatted, never user text.
-    query_column = _QUERY_COLUMN.format(limit=int(query_width) * 4) if show_queries else "NULL::text"
+    query_column = _QUERY_COLUMN.format(limit=_fetched(query_width)) if show_queries else "NULL::text"
     rows = await con.fetch(_ACTIVITY_SQL.format(query_column=query_column))
     host, port = info["host"], info["port"]
     server = ServerInfo(
