@@ -53,7 +53,9 @@ SKIP_DIRS = {"__pycache__", "node_modules", "site-packages", "venv", ".venv", "b
 _Scope = ast.Module | ast.FunctionDef | ast.AsyncFunctionDef
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _RELEASE_METHODS = {"release", "close", "terminate"}
-_CLEANUP_REGISTRATIONS = {"push_async_callback", "callback", "push", "push_async_exit"}
+# Exit-stack registrations: of a callable and its arguments, and of an exit itself.
+_CALLBACK_REGISTRATIONS = {"push_async_callback", "callback"}
+_CLEANUP_REGISTRATIONS = _CALLBACK_REGISTRATIONS | {"push", "push_async_exit"}
 # Calls that pass an acquire's awaitable through to what awaits them.
 _WRAPPERS = {"wait_for", "shield"}
 _ESCAPE_METHODS = {"append", "add", "put", "put_nowait", "extend", "insert", "appendleft", "setdefault", "update"}
@@ -447,25 +449,26 @@ def _releases(node: ast.AST, var: str) -> bool:
         return True
     if method in ("close", "terminate") and _is_name(node.func.value, var):
         return True
-    if method in ("callback", "push_async_callback") and node.args:
+    if method in _CALLBACK_REGISTRATIONS and node.args:
         # stack.push_async_callback(pool.release, con) / stack.push_async_callback(con.close)
         # / stack.push_async_callback(lambda: pool.release(con)) (the stack calls it). Not
         # stack.callback(log.info, con): the callable must release (review s63).
         first = node.args[0]
         if isinstance(first, ast.Attribute) and first.attr == "release":
             return any(_is_name(arg, var) for arg in node.args[1:]) or any(_is_name(k.value, var) for k in node.keywords)
-        return (isinstance(first, ast.Attribute) and first.attr in _RELEASE_METHODS and _is_name(first.value, var)) or (
-            isinstance(first, ast.Lambda) and _releases(first.body, var)
-        )
+        return _releases_when_called(first, var)
     if method in _CLEANUP_REGISTRATIONS:
         # stack.push(con) / push_async_exit(...): the object (or callable) is the exit.
-        return any(
-            _is_name(arg, var)
-            or (isinstance(arg, ast.Attribute) and arg.attr in _RELEASE_METHODS and _is_name(arg.value, var))
-            or (isinstance(arg, ast.Lambda) and _releases(arg.body, var))
-            for arg in node.args
-        )
+        return any(_is_name(arg, var) or _releases_when_called(arg, var) for arg in node.args)
     return False
+
+
+def _releases_when_called(node: ast.AST, var: str) -> bool:
+    """Is ``node`` a callable that gives ``var`` back: ``con.close`` (or
+    ``release``, ``terminate``), or a lambda whose body releases it?"""
+    if isinstance(node, ast.Attribute):
+        return node.attr in _RELEASE_METHODS and _is_name(node.value, var)
+    return isinstance(node, ast.Lambda) and _releases(node.body, var)
 
 
 def _holds(value: ast.AST | None, var: str) -> bool:
@@ -582,13 +585,15 @@ def _leaves_before_release(stmt: ast.stmt, var: str) -> ast.AST | None:
     (``finally: await pool.release(a); await pool.release(b)``) is not one."""
     if isinstance(stmt, ast.If):
         return _if_leaves_holding(stmt, var, _leaves_before_release)
-    bound = _loop_jumps(stmt)
-    for node in _own_nodes(stmt):
-        if isinstance(node, ast.Await) and _is_release_call(node.value):
-            continue
-        if isinstance(node, _LEAVING) and id(node) not in bound:
-            return node
-    return None
+    return next(
+        (node for node in _leaving(stmt) if not (isinstance(node, ast.Await) and _is_release_call(node.value))), None
+    )
+
+
+def _may_leave(stmt: ast.stmt) -> ast.AST | None:
+    """A node in ``stmt`` that can suspend, raise or leave (await, return,
+    raise, yield; a ``break`` or ``continue`` of a loop outside ``stmt``)."""
+    return next(_leaving(stmt), None)
 
 
 # What can suspend, raise or leave the statement it is in.
@@ -597,27 +602,17 @@ _LEAVING = (
 )
 
 
-def _loop_jumps(stmt: ast.stmt) -> set[int]:
-    """The ids of the ``break`` and ``continue`` statements in ``stmt`` that
-    end or turn a loop inside ``stmt`` (``stmt`` itself included), so never
-    leave it: those in a loop's body, not in its ``else:`` (review s63)."""
-    bound: set[int] = set()
-    for node in _own_nodes(stmt):
-        if isinstance(node, (ast.For, ast.AsyncFor, ast.While)):
-            bound.update(
-                id(n) for inner in node.body for n in _own_nodes(inner) if isinstance(n, (ast.Break, ast.Continue))
-            )
-    return bound
-
-
-def _may_leave(stmt: ast.stmt) -> ast.AST | None:
-    """A node in ``stmt`` that can suspend, raise or leave (await, return,
-    raise, yield; a ``break`` or ``continue`` of a loop outside ``stmt``)."""
-    bound = _loop_jumps(stmt)
-    for node in _own_nodes(stmt):
-        if isinstance(node, _LEAVING) and id(node) not in bound:
-            return node
-    return None
+def _leaving(stmt: ast.stmt) -> Iterator[ast.AST]:
+    """The nodes of ``stmt`` that can suspend, raise or leave it, in order:
+    not a ``break`` or ``continue`` that ends or turns a loop inside
+    ``stmt`` (``stmt`` itself included), one in a loop's body, not in its
+    ``else:`` (review s63)."""
+    bound = {
+        id(jump)
+        for node in _own_nodes(stmt) if isinstance(node, (ast.For, ast.AsyncFor, ast.While))
+        for inner in node.body for jump in _own_nodes(inner) if isinstance(jump, (ast.Break, ast.Continue))
+    }
+    return (node for node in _own_nodes(stmt) if isinstance(node, _LEAVING) and id(node) not in bound)
 
 
 class _Checker:
