@@ -255,11 +255,16 @@ class _Module:
             return self.acquire_attributes.get(func.attr)
         if isinstance(func, ast.Name) and func.id in self.acquire_name_ids:
             scope = self.scope_of(node)
+            here = True
             while True:
-                if (scope, func.id) in self.acquire_names:
-                    return self.acquire_names[scope, func.id]
-                if scope is self.tree or _binds(scope, func.id):
-                    return None  # ... or a name of its own there: `async def f(acquire):`
+                # A class body's names are not seen by the functions in it
+                # (Python's scoping): outward from a method, its class is skipped.
+                if here or not isinstance(scope, ast.ClassDef):
+                    if (scope, func.id) in self.acquire_names:
+                        return self.acquire_names[scope, func.id]
+                    if scope is self.tree or _binds(scope, func.id):
+                        return None  # ... or a name of its own there: `async def f(acquire):`
+                here = False
                 scope = self.scope_of(scope)
         return None
 
@@ -290,6 +295,12 @@ class _Module:
         while not isinstance(node, ast.stmt):
             node = self.parents[node]
         return node
+
+
+def _position(node: ast.expr) -> tuple[int, int]:
+    """Where ``node`` starts in the source, (line, column): what comes first
+    on one line too (``con = await pool.acquire(); await pool.release(con)``)."""
+    return node.lineno, node.col_offset
 
 
 def _gathered_name(call: ast.AST, parent: ast.AST | None, assign: ast.Assign) -> str | None:
@@ -893,15 +904,17 @@ class _Checker:
                 reason = f"the {what} at line {line} leaves without releasing it"
         elif kind == "contextmanager" or _is_generator(scope):
             reason = "an exception thrown in at the `yield` skips the release"
-        elif (after := [r for r in releases if r.lineno > call.lineno]) and all(
+        elif (after := [r for r in releases if _position(r) > _position(call)]) and all(
             self.in_handler(r, scope, call) for r in after
         ):
             handlers = sorted({r.lineno for r in after})
             reason = (f"it is released only in an `except` handler (line{'s' if len(handlers) > 1 else ''} "
                       f"{', '.join(map(str, handlers))}): when nothing fails, it is never released")
         elif after:
-            reason = (f"an exception or a cancellation between line {call.lineno} and line "
-                      f"{min(r.lineno for r in after)} skips the release")
+            first = min(r.lineno for r in after)
+            where = (f"line {call.lineno} and line {first}" if first > call.lineno
+                     else f"the acquire and the release (both on line {first})")
+            reason = f"an exception or a cancellation between {where} skips the release"
         else:
             # The releases come before it (a connection acquired again after
             # one was released): say where, as the user sees a release of `con`.
@@ -916,7 +929,7 @@ class _Checker:
         """For a connection stored on an object: whether ``release`` says
         this function meant to give it back, being after the acquire, in
         the acquire's own block or in a ``finally:``, not in a handler."""
-        if release.lineno <= call.lineno or self.in_handler(release, scope, call):
+        if _position(release) <= _position(call) or self.in_handler(release, scope, call):
             return False
         home = _block_of(self.module, acquire_stmt)
         if home is not None and any(self.module.statement_of(release) is s for s in home[0]):
