@@ -49,6 +49,12 @@ from .conftest import ROOT, Bench
 
 pytestmark = pytest.mark.solo  # the README command's second run: on a machine no test is loading
 
+# A second safepool pool, measured beside the first in full mode: the same
+# code on connections of its own. Their ratio is the run's noise, which no
+# number of rounds removes (each contender keeps its connections for the
+# run; identical pools differ by up to 3-5% in one run: docs/performance.md).
+AGAIN = "safepool again"
+
 
 def test_1_empty_lease(bench: Bench) -> None:
     # The issue's row (against asyncpg) weighs safepool's Python against
@@ -94,6 +100,7 @@ def test_2_query_lease(bench: Bench) -> None:
         if bench.mode.calibrate:
             contenders.append(Lease("lean", lean_pool(bench.dsn), query=True))
             contenders.append(Lease("dropin", dropin_minimum_pool(bench.dsn), query=True))
+            contenders.append(Lease(AGAIN, safepool_pool(bench.dsn), query=True))
         m = measure_interleaved(bench.loop, contenders, rounds=bench.mode.rounds, batch_seconds=bench.mode.batch_seconds)
         ap, sp, rb, auto, raw, floor = (m[c.name] for c in contenders[:6])
         detail = (f"asyncpg {us(ap.median)}, safepool {us(sp.median)}, floor (raw SELECT 1 + raw reset) "
@@ -130,8 +137,9 @@ def calibration(
     (``DropInMinimumPool``: the lean pool plus a proxy that detaches on
     release and a reset a cancel cannot cut short, as asyncpg's pool has)
     against asyncpg's pool and, for the query lease, against the ``floor``,
-    and safepool against it (what safepool's own features cost). Reported,
-    never guarded."""
+    and safepool against it (what safepool's own features cost); and
+    safepool against a second safepool pool (``AGAIN``): the run's noise,
+    with nothing changed between the two. Reported, never guarded."""
     if "lean" not in m:
         return []
     lean, dropin = m["lean"], m["dropin"]
@@ -146,6 +154,10 @@ def calibration(
         rows.append(Row(bench_name, "calibration: drop-in minimum / its floor (raw SELECT 1 + raw reset query)",
                         paired_ratio(dropin, floor), None, None))
     rows.append(Row(bench_name, "calibration: safepool / drop-in minimum", paired_ratio(sp, dropin), None, None))
+    again = m[AGAIN]
+    rows.append(Row(bench_name, "noise: safepool / a second safepool pool (the same code, its own connections)",
+                    paired_ratio(sp, again), None, None,
+                    f"second pool {us(again.median)}: how far this run's ratios stray with nothing changed"))
     return rows
 
 
@@ -159,6 +171,7 @@ def test_3_contended(bench: Bench) -> None:
         if bench.mode.calibrate:
             contenders.append(Contended("lean", lean_pool(bench.dsn)))
             contenders.append(Contended("dropin", dropin_minimum_pool(bench.dsn)))
+            contenders.append(Contended(AGAIN, safepool_pool(bench.dsn)))
         # Fixed batches, so every task has a few leases to wait for per round.
         m = measure_interleaved(bench.loop, contenders, rounds=bench.mode.contended_rounds,
                                 sizes={c.name: c.tasks * bench.mode.leases_per_task for c in contenders})
