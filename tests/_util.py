@@ -18,6 +18,22 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
             await asyncio.sleep(0.005)
 
 
+async def connect_once_there_is_room(dsn: str, timeout: float = 10.0, **kwargs: Any) -> Any:
+    """``asyncpg.connect(dsn, **kwargs)``, tried again while the server says
+    ``TooManyConnectionsError``: a closed connection's backend keeps its slot
+    (``CONNECTION LIMIT``, ``max_connections``) until its process has exited,
+    which asyncpg's ``close()`` does not wait for (a loaded host takes longer).
+    The server gives no event for it; the connect itself is the proof of room."""
+    import asyncpg
+
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                return await asyncpg.connect(dsn, **kwargs)
+            except asyncpg.TooManyConnectionsError:
+                await asyncio.sleep(0.01)
+
+
 async def looked_at(pool: Any) -> None:
     """Until ``pool`` (max_size=1) has looked at its lost proxy's connection
     (garbage collected here) and either kept it leased (a re-check

@@ -20,7 +20,7 @@ import pytest_asyncio
 import safepool
 from safepool import ManualClock
 from safepool.health import PROBE_SITE, HealthReport, check_health
-from tests._util import until
+from tests._util import connect_once_there_is_room, until
 
 pytestmark = pytest.mark.asyncio
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
@@ -663,7 +663,8 @@ async def test_server_full_clears_once_the_server_has_room_again(pools: Any, pg_
             await pool.acquire()
         await pool.release(held)
         await other.close()  # the server has a slot for the pool again
-        other_again = await asyncpg.connect(pg_dsn, user="sp_health_room_again")  # (there is room: proof)
+        # (There is room, once the backend of `other` has exited: proof.)
+        other_again = await connect_once_there_is_room(pg_dsn, user="sp_health_room_again")
         await other_again.close()
         clock.advance(59.0)  # still within the failure's 60 s: the last news
         report = await pool.health()
