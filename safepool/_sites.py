@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from contextvars import ContextVar, Token
 from types import CodeType, TracebackType
 from typing import Any, TypeVar
@@ -178,11 +178,79 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
         def run(*args: Any, **kwargs: Any) -> Any:
             token = _current.set(name)
             try:
-                return func(*args, **kwargs)
+                result = func(*args, **kwargs)
             finally:
                 _current.reset(token)
+            # What the call returns may run later, after it returned: a
+            # coroutine when awaited; an async context manager (a function
+            # made by contextlib.asynccontextmanager, pool.acquire()) when
+            # entered and exited. Those run under the site too (it was reset
+            # before: the acquire in them got the caller's site).
+            if inspect.iscoroutine(result):
+                return _awaited_under(name, result)
+            kind = type(result)
+            if hasattr(kind, "__aenter__") and hasattr(kind, "__aexit__"):
+                return (_AwaitableUnderSite if hasattr(kind, "__await__") else _UnderSite)(name, result)
+            return result
 
         return run  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         return f"safepool.site({self.name!r})"
+
+
+async def _awaited_under(name: str, coroutine: Awaitable[Any]) -> Any:
+    """Await ``coroutine`` (returned by a plain function ``site``
+    decorates) with ``name`` as the current site."""
+    token = _current.set(name)
+    try:
+        return await coroutine
+    finally:
+        _current.reset(token)
+
+
+class _UnderSite:
+    """An async context manager returned by a plain function ``site``
+    decorates: entered and exited with the site current (the body of the
+    ``async with`` is the caller's, with the caller's site). Other
+    attributes are the wrapped object's."""
+
+    __slots__ = ("_site", "_wrapped")
+
+    def __init__(self, name: str, wrapped: Any) -> None:
+        self._site = name
+        self._wrapped = wrapped
+
+    async def __aenter__(self) -> Any:
+        token = _current.set(self._site)
+        try:
+            return await self._wrapped.__aenter__()
+        finally:
+            _current.reset(token)
+
+    async def __aexit__(self, *exc_info: Any) -> Any:
+        token = _current.set(self._site)
+        try:
+            return await self._wrapped.__aexit__(*exc_info)
+        finally:
+            _current.reset(token)
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._wrapped, attribute)
+
+    def __repr__(self) -> str:
+        return f"<{self._wrapped!r} under safepool.site({self._site!r})>"
+
+
+class _AwaitableUnderSite(_UnderSite):
+    """:class:`_UnderSite` for what is also awaitable (``pool.acquire()``:
+    ``await`` it, or ``async with`` it): awaited with the site current."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        token = _current.set(self._site)
+        try:
+            return (yield from self._wrapped.__await__())
+        finally:
+            _current.reset(token)

@@ -5,9 +5,10 @@ surge. Each case runs on asyncpg's pool too, to show what it does instead."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -156,6 +157,33 @@ async def test_site_names_from_argument_context_and_caller(pools: Callable[..., 
         await pool.acquire(site="explicit", timeout=0.05)
     for con in (a, b, c, d):
         await pool.release(con)
+
+
+async def test_a_plain_function_returning_pool_acquire_under_a_site(
+    pools: Callable[..., Awaitable[safepool.Pool]],
+) -> None:
+    """``@safepool.site`` on a plain function that returns ``pool.acquire()``
+    (awaited or entered later) or an ``asynccontextmanager``'s context
+    manager: its acquire counts against the site (it got the caller's: the
+    site was reset when the function returned, before the acquire ran)."""
+    pool = await pools(min_size=0, max_size=4, max_site_share=0.5)
+
+    @safepool.site("returned")
+    def acquire() -> Any:
+        return pool.acquire()
+
+    @safepool.site("managed")
+    @contextlib.asynccontextmanager
+    async def connection() -> AsyncIterator[Any]:
+        async with pool.acquire() as con:
+            yield con
+
+    a = await acquire()
+    async with acquire() as b, connection() as c:
+        assert sorted(info.site or "" for info in pool.leases()) == ["managed", "returned", "returned"]
+        assert await b.fetchval("SELECT 1") == await c.fetchval("SELECT 1") == 1
+    await pool.release(a)
+    assert pool.stats().in_use == 0
 
 
 async def test_leak_report_names_and_groups_the_sites(pools: Callable[..., Awaitable[safepool.Pool]]) -> None:

@@ -1,7 +1,8 @@
 """helper-200: ``@safepool.site(...)`` on a function that is neither a
 coroutine function nor an async generator function, but returns what runs
 later (safepool/_sites.py, ``site.__call__``'s sync branch): no loop, no
-database."""
+database. It ran without its site (fixed in s64); the pool side is in
+tests/integration/test_blast_radius.py."""
 
 from __future__ import annotations
 
@@ -9,21 +10,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-import pytest
-
 import safepool
 from safepool._sites import current_site
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "site.__call__ wraps a function made by @contextlib.asynccontextmanager as a sync "
-        "function: the site is reset when the call returns the context manager, before its "
-        "__aenter__ runs the generator, so the acquire inside it gets the caller's site "
-        "(the same defect test_sites.py fixed for a bare async generator function)"
-    ),
-)
 def test_site_decorates_an_asynccontextmanager_function() -> None:
     """The FastAPI-style dependency of docs/backpressure.md written as an
     async context manager (``@safepool.site("db")`` stacked on
@@ -46,3 +36,62 @@ def test_site_decorates_an_asynccontextmanager_function() -> None:
 
     asyncio.run(main())
     assert seen == ["db", "db"]
+
+
+def test_site_decorates_a_plain_function_returning_a_coroutine() -> None:
+    seen: list[str | None] = []
+
+    async def body(value: int) -> int:
+        seen.append(current_site())
+        return value * 2
+
+    @safepool.site("db")
+    def later(value: int) -> object:
+        return body(value)
+
+    async def main() -> int:
+        result = await later(21)  # type: ignore[misc]
+        assert current_site() is None
+        return result  # type: ignore[no-any-return]
+
+    assert asyncio.run(main()) == 42
+    assert seen == ["db"]
+
+
+def test_a_plain_function_returning_anything_else_returns_it_as_is() -> None:
+    marker = object()
+
+    @safepool.site("db")
+    def plain() -> object:
+        assert current_site() == "db"
+        return marker
+
+    assert plain() is marker
+
+
+def test_the_wrapped_async_context_manager_keeps_its_attributes_and_its_exit_sees_the_error() -> None:
+    exits: list[tuple[object, str | None]] = []
+
+    class Resource:
+        label = "resource"
+
+        async def __aenter__(self) -> str:
+            return "entered"
+
+        async def __aexit__(self, kind: object, error: object, tb: object) -> bool:
+            exits.append((kind, current_site()))
+            return True  # swallows the error, as a context manager may
+
+    @safepool.site("db")
+    def open_resource() -> Resource:
+        return Resource()
+
+    async def main() -> None:
+        wrapped = open_resource()
+        assert wrapped.label == "resource"
+        async with wrapped as value:
+            assert value == "entered"
+            raise KeyError("swallowed")
+
+    asyncio.run(main())
+    assert exits == [(KeyError, "db")]
