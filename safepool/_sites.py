@@ -10,10 +10,11 @@ asyncio's and contextlib's own. Computed only when site caps are on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Callable
 from contextvars import ContextVar, Token
 from types import CodeType, TracebackType
 from typing import Any, TypeVar
@@ -178,19 +179,17 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
         def run(*args: Any, **kwargs: Any) -> Any:
             token = _current.set(name)
             try:
-                result = func(*args, **kwargs)
+                result: Any = func(*args, **kwargs)
             finally:
                 _current.reset(token)
-            # What the call returns may run later, after it returned: a
-            # coroutine when awaited; an async context manager (a function
-            # made by contextlib.asynccontextmanager, pool.acquire()) when
-            # entered and exited. Those run under the site too (it was reset
-            # before: the acquire in them got the caller's site).
-            if inspect.iscoroutine(result):
-                return _awaited_under(name, result)
-            kind = type(result)
-            if hasattr(kind, "__aenter__") and hasattr(kind, "__aexit__"):
-                return (_AwaitableUnderSite if hasattr(kind, "__await__") else _UnderSite)(name, result)
+            if type(result) is _GeneratorContextManager:
+                # A function made by contextlib.asynccontextmanager: its
+                # generator runs later, in __aenter__ and __aexit__, after
+                # this call returned (the acquire in it got the caller's
+                # site). The same object, made to run them under the site.
+                manager: Any = result
+                manager.__class__ = _GeneratorContextManagerUnderSite
+                manager.safepool_site = name
             return result
 
         return run  # type: ignore[return-value]
@@ -199,58 +198,37 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
         return f"safepool.site({self.name!r})"
 
 
-async def _awaited_under(name: str, coroutine: Awaitable[Any]) -> Any:
-    """Await ``coroutine`` (returned by a plain function ``site``
-    decorates) with ``name`` as the current site."""
-    token = _current.set(name)
-    try:
-        return await coroutine
-    finally:
-        _current.reset(token)
+# contextlib's class for what an asynccontextmanager function returns (3.7+;
+# a private name: None if a Python ever drops it, and the site then covers
+# only the call, as for any other plain function).
+_GeneratorContextManager: type | None = getattr(contextlib, "_AsyncGeneratorContextManager", None)
 
 
-class _UnderSite:
-    """An async context manager returned by a plain function ``site``
-    decorates: entered and exited with the site current (the body of the
-    ``async with`` is the caller's, with the caller's site). Other
-    attributes are the wrapped object's."""
+class _GeneratorContextManagerUnderSite(_GeneratorContextManager or object):  # type: ignore[misc]
+    """An ``asynccontextmanager`` function's context manager, made by a
+    function :class:`site` decorates: its generator's steps (``__aenter__``,
+    ``__aexit__``) run with the site current. The object keeps its identity
+    and stays an instance of contextlib's class; only these two methods
+    change. (Used as a decorator, its ``_recreate_cm`` copies the site.)"""
 
-    __slots__ = ("_site", "_wrapped")
-
-    def __init__(self, name: str, wrapped: Any) -> None:
-        self._site = name
-        self._wrapped = wrapped
+    safepool_site: str
 
     async def __aenter__(self) -> Any:
-        token = _current.set(self._site)
+        token = _current.set(self.safepool_site)
         try:
-            return await self._wrapped.__aenter__()
+            return await super().__aenter__()
         finally:
             _current.reset(token)
 
     async def __aexit__(self, *exc_info: Any) -> Any:
-        token = _current.set(self._site)
+        token = _current.set(self.safepool_site)
         try:
-            return await self._wrapped.__aexit__(*exc_info)
+            return await super().__aexit__(*exc_info)
         finally:
             _current.reset(token)
 
-    def __getattr__(self, attribute: str) -> Any:
-        return getattr(self._wrapped, attribute)
-
-    def __repr__(self) -> str:
-        return f"<{self._wrapped!r} under safepool.site({self._site!r})>"
-
-
-class _AwaitableUnderSite(_UnderSite):
-    """:class:`_UnderSite` for what is also awaitable (``pool.acquire()``:
-    ``await`` it, or ``async with`` it): awaited with the site current."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        token = _current.set(self._site)
-        try:
-            return (yield from self._wrapped.__await__())
-        finally:
-            _current.reset(token)
+    def _recreate_cm(self) -> Any:
+        again = super()._recreate_cm()
+        again.__class__ = _GeneratorContextManagerUnderSite
+        again.safepool_site = self.safepool_site
+        return again
