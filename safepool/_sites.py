@@ -187,9 +187,7 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
                 # generator runs later, in __aenter__ and __aexit__, after
                 # this call returned (the acquire in it got the caller's
                 # site). The same object, made to run them under the site.
-                manager: Any = result
-                manager.__class__ = _GeneratorContextManagerUnderSite
-                manager.safepool_site = name
+                _hold_site(result, name)
             return result
 
         return run  # type: ignore[return-value]
@@ -229,6 +227,12 @@ class _GeneratorContextManagerUnderSite(_GeneratorContextManager or object):  # 
 
     def _recreate_cm(self) -> Any:
         again = super()._recreate_cm()
-        again.__class__ = _GeneratorContextManagerUnderSite
-        again.safepool_site = self.safepool_site
+        _hold_site(again, self.safepool_site)
         return again
+
+
+def _hold_site(manager: Any, name: str) -> None:
+    """Make contextlib's ``manager`` (an ``_AsyncGeneratorContextManager``)
+    enter and exit under the site ``name``, in place: the same object."""
+    manager.__class__ = _GeneratorContextManagerUnderSite
+    manager.safepool_site = name
