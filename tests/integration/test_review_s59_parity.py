@@ -125,7 +125,12 @@ async def test_close_while_an_acquire_is_connecting(
             assert not done  # the grace
             await asyncio.wait_for(closing, 5)
             assert 0.45 <= loop.time() - started < 3
-            assert await server_count(app_name) == 0  # cancelled, and its backend gone
+            # Cancelled and aborted: its backend exits on the socket's close,
+            # a moment after close() returned (docs/migration.md); under load
+            # it was once still listed right after. Gone within 2 s.
+            async with asyncio.timeout(2):
+                while await server_count(app_name):
+                    await asyncio.sleep(0.01)
         (outcome,) = await asyncio.wait_for(asyncio.gather(acquiring, return_exceptions=True), 5)
     finally:
         gate.set()
