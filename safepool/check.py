@@ -226,7 +226,12 @@ class _Module:
                     continue
                 for alias in targets:
                     if isinstance(alias, ast.Name):
-                        self.acquire_names[self.scope_of(node), alias.id] = receiver
+                        scope = self.binding_scope(self.scope_of(node), alias.id)
+                        self.acquire_names[scope, alias.id] = receiver
+                        if isinstance(scope, ast.ClassDef):
+                            # `acq = pool.acquire` in a class body: its methods
+                            # call it as `self.acq()`, an attribute.
+                            self.acquire_attributes[alias.id] = receiver
                     elif isinstance(alias, ast.Attribute):
                         self.acquire_attributes[alias.attr] = receiver
         self.acquire_name_ids = {name for _, name in self.acquire_names}
@@ -254,7 +259,7 @@ class _Module:
                 return ast.unparse(func.value) if self.is_pool(func.value) else None
             return self.acquire_attributes.get(func.attr)
         if isinstance(func, ast.Name) and func.id in self.acquire_name_ids:
-            scope = self.scope_of(node)
+            scope = self.binding_scope(self.scope_of(node), func.id)
             here = True
             while True:
                 # A class body's names are not seen by the functions in it
@@ -267,6 +272,21 @@ class _Module:
                 here = False
                 scope = self.scope_of(scope)
         return None
+
+    def binding_scope(self, scope: ast.AST, name: str) -> ast.AST:
+        """The scope whose variable ``name`` is in ``scope``: the module's
+        under ``global name``, the enclosing function's that binds it under
+        ``nonlocal name`` (Python's scoping), else ``scope`` itself."""
+        while scope is not self.tree:
+            declared = _declares(scope, name)
+            if declared is ast.Global:
+                return self.tree
+            if declared is not ast.Nonlocal:
+                return scope
+            scope = self.scope_of(scope)
+            while isinstance(scope, ast.ClassDef):
+                scope = self.scope_of(scope)  # (nonlocal skips class bodies)
+        return scope
 
     def is_pool(self, receiver: ast.expr) -> bool:
         if isinstance(receiver, ast.Subscript) and isinstance(receiver.slice, (ast.Name, ast.Attribute)):
@@ -350,6 +370,14 @@ def _binds(scope: ast.AST, name: str) -> bool:
         isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Store)
         for node in _walk_scope(scope)
     )
+
+
+def _declares(scope: ast.AST, name: str) -> type[ast.Global] | type[ast.Nonlocal] | None:
+    """``ast.Global`` or ``ast.Nonlocal`` if ``scope`` declares ``name`` so, else None."""
+    for node in _walk_scope(scope):
+        if isinstance(node, (ast.Global, ast.Nonlocal)) and name in node.names:
+            return type(node)
+    return None
 
 
 def _walk_scope(node: ast.AST) -> Iterator[ast.AST]:
@@ -703,6 +731,10 @@ class _Checker:
             isinstance(parent, ast.Call) and arg in parent.args and isinstance(module.parents.get(parent), ast.Await)
         ):
             top, awaited = module.parents[parent], True
+        elif isinstance(arg, ast.IfExp):
+            # `ctx = pool.acquire() if x else replica_pool.acquire()`: a
+            # context either way, where the conditional's value lands.
+            top = arg
         elif arg is not call:
             # Entered or wrapped, and not awaited: nothing this scan follows
             # (a task, a coroutine passed on), as for a bare acquire passed on.
@@ -822,6 +854,8 @@ class _Checker:
     def check_connection_variable(
         self, call: ast.Call, stmt: ast.stmt, scope: ast.AST, receiver: str, var: str, gather: ast.Call | None = None
     ) -> None:
+        if self.inside_release(call, stmt):
+            return  # `await pool.release(con := await pool.acquire())`: nothing runs between the two
         releases: list[ast.Call] = []
         for node in _walk_scope(scope):
             if _escapes(node, var):
@@ -924,6 +958,18 @@ class _Checker:
                       f"{lines} come{'' if len(before) > 1 else 's'} before this acquire, and none after it")
         self.report(call, stmt, "SP001",
                     f"connection `{var}` acquired here is not released on every path: {reason}", receiver, var)
+
+    def inside_release(self, call: ast.Call, stmt: ast.stmt) -> bool:
+        """Whether ``call`` is (in) an argument of a ``release()`` call in
+        ``stmt``, which runs right after it."""
+        node: ast.AST = call
+        while node is not stmt and node in self.module.parents:
+            parent = self.module.parents[node]
+            if (isinstance(parent, ast.Call) and isinstance(parent.func, ast.Attribute)
+                    and parent.func.attr == "release" and node is not parent.func):
+                return True
+            node = parent
+        return False
 
     def owned_release(self, release: ast.Call, call: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST) -> bool:
         """For a connection stored on an object: whether ``release`` says

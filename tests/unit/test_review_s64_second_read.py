@@ -3,8 +3,8 @@ check's class-scope and same-line changes. The first fix wrapped what a
 plain function returns (a coroutine, any async context manager) and changed
 what callers observe: the tests of the site wrapper below failed on it, and
 pin the narrower fix (only an ``asynccontextmanager`` function's context
-manager, the same object). The xfail tests are older misses of the check;
-the others pin what held."""
+manager, the same object). Four tests were strict xfails of older misses of
+the check, fixed in s65 (with their siblings below); the others pin what held."""
 
 from __future__ import annotations
 
@@ -155,10 +155,6 @@ def _lines(source: str) -> list[int]:
     return [f.line for f in check_source(textwrap.dedent(source))]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "check.py acquire_call (~line 253): a class attribute alias `other = pool.acquire` is stored as a "
-    "name of the class scope, and `self.other()` in a method is looked up only in acquire_attributes "
-    "(attribute targets): the leak is missed (pre-existing)"))
 def test_check_sees_a_class_attribute_alias_called_through_self() -> None:
     assert _lines("""
         pool = None
@@ -172,10 +168,6 @@ def test_check_sees_a_class_attribute_alias_called_through_self() -> None:
     """) == [8]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "check.py acquire_call/__init__ (~line 228): an alias assigned under `global acq` is recorded in "
-    "the function's scope, not the module's, so another function's `await acq()` is missed "
-    "(pre-existing)"))
 def test_check_sees_a_global_alias() -> None:
     assert _lines("""
         pool = None
@@ -190,10 +182,6 @@ def test_check_sees_a_global_alias() -> None:
     """) == [9]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "check.py acquire_call (~line 265): an alias assigned under `nonlocal g` is recorded in the "
-    "inner function's scope; a sibling's `await g()` stops at the outer function's own binding "
-    "(_binds) and the leak is missed (pre-existing)"))
 def test_check_sees_a_nonlocal_alias() -> None:
     assert _lines("""
         pool = None
@@ -210,10 +198,6 @@ def test_check_sees_a_nonlocal_alias() -> None:
     """) == [10]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "check.py:300 _position orders by start column, but an acquire nested in the release's own "
-    "arguments (`await pool.release(con := await pool.acquire())`) starts after the release and "
-    "runs before it: reported as SP002 'never released' (pre-existing, same before the change)"))
 def test_check_an_acquire_inside_its_release_is_not_never_released() -> None:
     findings = check_source(textwrap.dedent("""
         pool = None
@@ -223,6 +207,73 @@ def test_check_an_acquire_inside_its_release_is_not_never_released() -> None:
     """))
     assert all(f.code != "SP002" for f in findings), [f.to_text() for f in findings]
 
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    pytest.param("""
+        pool = None
+        async def f():
+            global acq
+            acq = pool.acquire
+            con = await acq()
+            return 1
+    """, [6], id="global-alias-called-where-assigned"),
+    pytest.param("""
+        pool = None
+        acq = len
+        def f():
+            acq = pool.acquire
+        async def use():
+            con = await acq([])
+            return 1
+    """, [], id="a-local-alias-is-not-the-modules-name"),
+    pytest.param("""
+        pool = None
+        def outer():
+            g = None
+            async def set_use():
+                nonlocal g
+                g = pool.acquire
+                con = await g()
+                return 1
+            return set_use
+    """, [8], id="nonlocal-alias-called-where-assigned"),
+    pytest.param("""
+        pool = None
+        def outer():
+            g = None
+            class K:
+                def set_(self):
+                    nonlocal g
+                    g = pool.acquire
+            async def use():
+                con = await g()
+                return 1
+            return K, use
+    """, [10], id="nonlocal-alias-set-in-a-method"),
+    pytest.param("""
+        pool = None
+        class Repo:
+            other = pool.acquire
+            @classmethod
+            async def get(cls):
+                con = await cls.other()
+                return 1
+    """, [7], id="class-attribute-alias-through-cls"),
+    pytest.param("""
+        pool = None
+        async def f():
+            await pool.release(await pool.acquire())
+            await pool.release(connection=(con := await pool.acquire()))
+    """, [], id="acquired-inside-the-release-call"),
+    pytest.param("""
+        pool = None
+        async def f():
+            print(con := await pool.acquire())
+    """, [4], id="walrus-in-another-call-still-never-released"),
+])
+def test_check_alias_scopes_and_releases_around_the_acquire(source: str, expected: list[int]) -> None:
+    assert _lines(source) == expected
 
 def test_held_check_scoping_and_same_line_order() -> None:
     assert _lines("""
