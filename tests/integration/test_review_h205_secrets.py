@@ -1,0 +1,345 @@
+"""Review h205 of the password rule (no password in safepool's errors, logs,
+events, stats, health, metrics, CLI output).
+
+Leaks found (strict xfails): the text of an exception raised on the pool's
+connect path by the application's own code (an ``init=`` hook, a ``setup=``
+hook, a ``connect=`` callback, a ``connection_class``) goes unredacted into
+what safepool itself produces: ``stats().last_connect_error``, the health
+report, the ``safepool`` log records, the ``connect_failed`` events, and
+the error the pool re-raises. Such a message quoting the pool's DSN
+("cannot set up {dsn}") is ordinary; the pool knows its DSN and masks its
+password elsewhere (the leak reports' stacks), but here:
+
+* ``init=``: ``_workers.connect`` scrubs only what ``open_connection``
+  raised (safepool/_workers.py:148), never the hook's error (raised at
+  safepool/_workers.py:172-196);
+* ``connect=`` and ``connection_class``: scrubbed by
+  ``_secrets.scrub_connect_error``, which masks quoted pieces of the DSN
+  only (``scrub_quoted``): an unquoted DSN in the message stays;
+* ``setup=``: the health probe writes the error's first line as is
+  (safepool/health.py:316, whose comment says "never a DSN").
+
+And an over-redaction: the CLIs mask the password's value wherever it
+stands as a word in an error (``_secrets.redact`` via
+safepool/top/cli.py:197), so a password that is a word of the error text
+("failed") garbles the message, and the mask points at the password
+("Connect call *** ('127.0.0.1', ...)" says it is "failed").
+
+The other attacks (a refused, unresolvable or black-holed server; a bad
+port; a database that does not exist; the breaker; every password form:
+percent-encoded, raw special characters, query, keyword, unicode,
+multi-host) were handled: the passing tests below guard them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import asyncpg
+import pytest
+
+import safepool
+
+REPO = Path(__file__).resolve().parents[2]
+# "@", ":", "/", "?", "#", "%" and "%40" (an escape that must not be decoded twice).
+SECRET = "S3cr#t:p@ss/w?rd%40-h205"
+ENCODED = quote(SECRET, safe="")
+NEEDLES = (SECRET, ENCODED, "S3cr#t", "w?rd", "rd%2540")
+
+
+def _where(pg_dsn: str) -> tuple[str, int]:
+    parts = urlsplit(pg_dsn)
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    host = query.get("host") or parts.hostname or "localhost"
+    port = int(query.get("port") or parts.port or 5432)
+    return host, port
+
+
+def _dsn(pg_dsn: str, password: str = ENCODED, database: str = "postgres") -> str:
+    """The test server's DSN with ``password`` (the server trusts: any works)."""
+    host, port = _where(pg_dsn)
+    user = urlsplit(pg_dsn).username or "postgres"
+    if host.startswith("/"):
+        return f"postgresql://{user}:{password}@/{database}?host={quote(host)}&port={port}"
+    return f"postgresql://{user}:{password}@{host}:{port}/{database}"
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _leaks(text: str) -> list[str]:
+    return [needle for needle in NEEDLES if needle in text]
+
+
+def _error_text(exc: BaseException) -> str:
+    out = []
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        out += [str(error), repr(error), repr(error.args)]
+        error = error.__cause__ or error.__context__
+    return "\n".join(out)
+
+
+class Surfaces:
+    """What a pool produced, by surface."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, list[str]] = {}
+
+    def add(self, where: str, obj: Any) -> None:
+        text = _error_text(obj) if isinstance(obj, BaseException) else obj if isinstance(obj, str) else repr(obj)
+        self.texts.setdefault(where, []).append(text)
+
+    def leaks(self, where: str) -> list[str]:
+        assert self.texts.get(where), f"nothing captured for {where!r}: {sorted(self.texts)}"
+        return _leaks("\n".join(self.texts[where]))
+
+
+@pytest.fixture
+def records(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    caplog.set_level(logging.DEBUG)
+    yield caplog
+
+
+async def _drive(pool: safepool.Pool, records: pytest.LogCaptureFixture, events: list[Any]) -> Surfaces:
+    s = Surfaces()
+    for _ in range(2):
+        with pytest.raises(Exception) as raised:
+            await pool.fetchval("SELECT 1", timeout=5)
+        s.add("raised", raised.value)
+    s.add("stats", pool.stats())
+    health = await pool.health(probe_timeout=2)
+    s.add("health", health.to_dict())
+    await asyncio.sleep(0)  # (events are delivered once the books settle)
+    s.add("events", events)
+    formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
+    for record in records.records:
+        if record.name.startswith(("safepool", "asyncpg")):
+            s.add("logs", formatter.format(record) + " " + repr(record.__dict__))
+    return s
+
+
+SURFACES = ["stats", "health", "logs", "events", "raised"]
+
+
+def _xfail(reason: str) -> Any:
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+# ------------------------------------------------------- hooks: the leaks
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("surface", SURFACES)
+@_xfail(
+    "an init= hook's error text (quoting the pool's DSN) is never redacted: _workers.connect scrubs only "
+    "open_connection's error (safepool/_workers.py:148); stats.last_connect_error, health, the connect_failed "
+    "log record and event (safepool/_reporting.py:219, describe_error) and the re-raised error show the password"
+)
+async def test_an_init_hook_error_quoting_the_dsn_hides_the_password(
+    pg_dsn: str, records: pytest.LogCaptureFixture, surface: str
+) -> None:
+    dsn = _dsn(pg_dsn)
+
+    async def init(con: Any) -> None:
+        raise RuntimeError(f"cannot prepare a session on {dsn}")
+
+    pool = await safepool.create_pool(dsn, min_size=0, max_size=1, init=init)
+    events: list[Any] = []
+    pool.add_listener(events.append)
+    try:
+        s = await _drive(pool, records, events)
+    finally:
+        pool.terminate()
+    assert not s.leaks(surface)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("surface", SURFACES)
+@_xfail(
+    "a connect= callback's error quoting the DSN unquoted: _secrets.scrub_connect_error (called at "
+    "safepool/_workers.py:148) masks quoted pieces only (scrub_quoted), so the stats, health, logs, events "
+    "and the re-raised error show the password"
+)
+async def test_a_connect_callback_error_quoting_the_dsn_hides_the_password(
+    pg_dsn: str, records: pytest.LogCaptureFixture, surface: str
+) -> None:
+    dsn = _dsn(pg_dsn)
+
+    async def connect(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError(f"no route to {args[0] if args else kwargs.get('dsn')}")
+
+    pool = await safepool.create_pool(dsn, min_size=0, max_size=1, connect=connect)
+    events: list[Any] = []
+    pool.add_listener(events.append)
+    try:
+        s = await _drive(pool, records, events)
+    finally:
+        pool.terminate()
+    assert not s.leaks(surface)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("surface", SURFACES)
+@_xfail(
+    "a connection_class whose constructor raises an error quoting the DSN unquoted: scrub_connect_error "
+    "(safepool/_secrets.py, scrub_quoted only) leaves it; stats, health, logs, events and the re-raised error show the password"
+)
+async def test_a_connection_class_error_quoting_the_dsn_hides_the_password(
+    pg_dsn: str, records: pytest.LogCaptureFixture, surface: str
+) -> None:
+    dsn = _dsn(pg_dsn)
+
+    class Refusing(asyncpg.Connection):  # type: ignore[misc]
+        def __init__(self, protocol: Any, transport: Any, *args: Any, **kwargs: Any) -> None:
+            self._aborted = True  # (asyncpg's __del__ reads it)
+            transport.close()  # (asyncpg leaves it open when connection_class raises)
+            raise RuntimeError(f"refusing {dsn}")
+
+    pool = await safepool.create_pool(dsn, min_size=0, max_size=1, connection_class=Refusing)
+    events: list[Any] = []
+    pool.add_listener(events.append)
+    try:
+        s = await _drive(pool, records, events)
+    finally:
+        pool.terminate()
+    assert not s.leaks(surface)
+
+
+@pytest.mark.asyncio
+@_xfail(
+    "a setup= hook's error quoting the DSN: the health probe writes the error's first line as is "
+    "(safepool/health.py:316, 'never a DSN' says its comment)"
+)
+async def test_a_setup_hook_error_quoting_the_dsn_stays_out_of_health(pg_dsn: str) -> None:
+    dsn = _dsn(pg_dsn)
+
+    async def setup(con: Any) -> None:
+        raise RuntimeError(f"setup failed for {dsn}")
+
+    pool = await safepool.create_pool(dsn, min_size=1, max_size=1, setup=setup)
+    try:
+        health = await pool.health(probe_timeout=2)
+    finally:
+        pool.terminate()
+    assert any(reason.code == "probe_failed" for reason in health.reasons)
+    assert not _leaks(repr(health.to_dict()))
+
+
+# --------------------------------------- connect failures: handled (guards)
+
+
+def _refused(pg_dsn: str) -> str:
+    return f"postgresql://u:{ENCODED}@127.0.0.1:{_closed_port()}/db"
+
+
+DSNS = {
+    # name: (dsn builder, connect kwargs, create_pool kwargs)
+    "refused, userinfo password": (_refused, {}, {"fail_fast": True}),
+    "refused, raw special characters": (
+        lambda d: f"postgresql://u:{SECRET}@127.0.0.1:{_closed_port()}/db", {}, {}
+    ),
+    "refused, query password": (
+        lambda d: f"postgresql://u@127.0.0.1:{_closed_port()}/db?password={ENCODED}", {}, {"fail_fast": True}
+    ),
+    "refused, password keyword": (
+        lambda d: f"postgresql://u@127.0.0.1:{_closed_port()}/db", {"password": SECRET}, {"fail_fast": True}
+    ),
+    "refused, multi-host": (
+        lambda d: f"postgresql://u:{ENCODED}@127.0.0.1:{_closed_port()},127.0.0.1:{_closed_port()}/db", {}, {}
+    ),
+    "refused, unicode": (lambda d: f"postgresql://u:{SECRET}-пароль@127.0.0.1:{_closed_port()}/db", {}, {}),
+    "unresolvable host": (lambda d: f"postgresql://u:{ENCODED}@no-such-host.invalid:5432/db", {}, {}),
+    "bad port": (lambda d: f"postgresql://u:{ENCODED}@127.0.0.1:notaport/db", {}, {}),
+    "black hole timeout": (lambda d: f"postgresql://u:{ENCODED}@10.255.255.1:5432/db", {}, {"timeout": 0.2}),
+    "no such database": (lambda d: _dsn(d, database="sp_h205_no_such_db"), {}, {}),
+    "no such database, password keyword": (
+        lambda d: _dsn(d, database="sp_h205_no_such_db").replace(":" + ENCODED + "@", "@"), {"password": SECRET}, {}
+    ),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", sorted(DSNS))
+async def test_connect_failures_hide_the_password(pg_dsn: str, records: pytest.LogCaptureFixture, case: str) -> None:
+    build, connect_kwargs, pool_kwargs = DSNS[case]
+    dsn = build(pg_dsn)
+    events: list[Any] = []
+    s = Surfaces()
+    try:
+        pool = await safepool.create_pool(dsn, min_size=0, max_size=1, **connect_kwargs, **pool_kwargs)
+    except Exception as exc:  # a DSN asyncpg refuses at once
+        s.add("raised", exc)
+    else:
+        pool.add_listener(events.append)
+        try:
+            for _ in range(4):  # (fail_fast: the breaker opens, ServerUnavailableError)
+                with pytest.raises(Exception) as raised:
+                    await pool.fetchval("SELECT 1", timeout=5)
+                s.add("raised", raised.value)
+            s.add("stats", pool.stats())
+            s.add("repr", repr(pool))
+            s.add("health", (await pool.health(probe_timeout=1)).to_dict())
+            from prometheus_client import CollectorRegistry, generate_latest
+
+            from safepool.metrics.prometheus import register
+
+            registry = CollectorRegistry()
+            register(pool, registry=registry)
+            s.add("prometheus", generate_latest(registry).decode())
+            await asyncio.sleep(0)
+            s.add("events", events)
+        finally:
+            await asyncio.wait_for(pool.close(), 5)
+    for record in records.records:
+        s.add("logs", record.getMessage() + " " + repr(record.__dict__))
+    for where in s.texts:
+        assert not s.leaks(where), where
+    if pool_kwargs.get("fail_fast"):
+        assert any("ServerUnavailableError" in t for t in s.texts["raised"])
+
+
+# ------------------------------------------------------------------ the CLIs
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "safepool", *argv], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+
+
+def test_selfcheck_with_a_refused_password_dsn_prints_no_password() -> None:
+    result = _cli("selfcheck", "--dsn", f"postgresql://u:{ENCODED}@127.0.0.1:{_closed_port()}/db")
+    assert result.returncode == 2
+    assert "cannot connect" in result.stderr
+    assert not _leaks(result.stdout + result.stderr)
+
+
+def test_top_with_a_bad_option_and_a_password_dsn_prints_no_password() -> None:
+    result = _cli("top", f"postgresql://u:{SECRET}@127.0.0.1:{_closed_port()}/db", "--interval", "nope")
+    assert result.returncode == 2
+    assert not _leaks(result.stdout + result.stderr)
+
+
+@_xfail(
+    "over-redaction: the CLIs mask the password's value wherever it stands as a word of the error "
+    "(_secrets.redact via safepool/top/cli.py:197 and the selfcheck's describe_error): the password "
+    "'failed' garbles 'Connect call failed', and the mask points at the password"
+)
+def test_a_password_that_is_a_word_of_the_error_does_not_garble_it() -> None:
+    result = _cli("selfcheck", "--dsn", f"postgresql://u:failed@127.0.0.1:{_closed_port()}/db")
+    assert result.returncode == 2
+    assert "Connect call failed" in result.stderr, result.stderr
