@@ -19,6 +19,14 @@ password elsewhere (the leak reports' stacks), but here:
 * ``setup=``: the health probe writes the error's first line as is
   (safepool/health.py:316, whose comment says "never a DSN").
 
+The same for a failing event listener: the "event listener failed"
+record formats its traceback as is (safepool/_reporting.py:301-302), its
+message (the pool's DSN) and its source lines (a password literal, which a
+leak report's stack masks) unmasked. And a password cut by an unescaped
+"#" or "/" whose first piece is any substring of the rest of the DSN
+("ternal" of the host "db.internal") is echoed by asyncpg's port error:
+scrub_quoted keeps it (safepool/_secrets.py:375).
+
 And an over-redaction: the CLIs mask the password's value wherever it
 stands as a word in an error (``_secrets.redact`` via
 safepool/top/cli.py:197), so a password that is a word of the error text
