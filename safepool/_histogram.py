@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+
+from . import _secrets
 
 # Upper bounds in seconds, roughly x2.5 apart, from 10 µs to 5 minutes:
 # fine enough for a p99 an operator can act on, few enough to export as a
@@ -162,15 +165,19 @@ class TeeHistogram(Histogram):
     transitions: a sink may call into the pool). Installed and removed by the
     pool on its loop thread, so no value is lost across the swap."""
 
-    __slots__ = ("inner", "sinks", "_what", "_pool", "_complained", "_loop", "_queued")
+    __slots__ = ("inner", "sinks", "_what", "_pool", "_complained", "_loop", "_queued", "_redact")
 
     def __init__(
-        self, inner: Histogram, loop: asyncio.AbstractEventLoop, what: str = "a timing sink", pool: str | None = None
+        self, inner: Histogram, loop: asyncio.AbstractEventLoop, what: str = "a timing sink", pool: str | None = None,
+        redact: Callable[[str], str] = _secrets.redact_traceback,
     ) -> None:  # the inner one keeps the data
         self.inner = inner
         self.sinks: list[Callable[[float], None]] = []
         self._what = what
         self._pool = pool  # the pool's name, for the log record's fields
+        # A failing sink's traceback as logged: without the pool's password
+        # (its source lines, its message; Reporter.redact).
+        self._redact = redact
         self._complained = False
         self._loop = loop
         self._queued: list[float] = []
@@ -198,8 +205,9 @@ class TeeHistogram(Histogram):
                 except Exception:
                     if not self._complained:
                         self._complained = True
+                        # Formatted now and redacted (as a failing event listener's).
                         logging.getLogger("safepool").warning(
-                            "%s failed", self._what, exc_info=True,
+                            "%s failed\n%s", self._what, self._redact(traceback.format_exc().rstrip()),
                             extra={"event": "timing_sink_failed", "pool": self._pool},
                         )
 

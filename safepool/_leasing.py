@@ -345,6 +345,8 @@ class Leaser:
             finally:
                 self.in_setup -= 1
         except BaseException as error:
+            if isinstance(error, Exception):
+                self.reporter.scrub(error)  # (its message may quote the DSN, as an init= hook's)
             if failed is not None:
                 failed.append(error)
             # The connection's state is unknown: close it, as asyncpg does,

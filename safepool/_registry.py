@@ -67,6 +67,6 @@ def register(pool: Pool) -> None:
             callback(pool)
         except Exception:
             logger.error(
-                "pool %r: pool-created hook failed\n%s", pool.name, traceback.format_exc().rstrip(),
+                "pool %r: pool-created hook failed\n%s", pool.name, pool._reporter.redact(traceback.format_exc().rstrip()),
                 extra={"event": "created_hook_failed", "pool": pool.name},
             )

@@ -86,10 +86,21 @@ class Reporter:
         acquire's line): its DSN's, and its ``password=`` argument's unless
         another argument shows the same value (see ``_secrets.redact_known``)."""
         args, kwargs = self.connect_args()
-        shown = [value for key, value in kwargs.items() if key not in ("password", "dsn")]
-        return _secrets.redact_known(
-            _stack.format_stack(captured), _secrets.connect_dsn(args, kwargs), kwargs.get("password"), shown
-        )
+        return _secrets.redact_known(_stack.format_stack(captured), *_secrets.connect_secrets(args, kwargs))
+
+    def scrub(self, error: BaseException) -> None:
+        """Mask the pool's password in ``error``'s message in place (a hook's
+        error quoting the DSN; :func:`_secrets.scrub_connect_error`)."""
+        args, kwargs = self.connect_args()
+        _secrets.scrub_connect_error(error, *_secrets.connect_secrets(args, kwargs))
+
+    def redact(self, text: str) -> str:
+        """``text`` (a formatted traceback, a hook's error) as the pool may
+        log or report it: without its password (its DSN's and its
+        ``password=`` argument's) nor a password literal in a source line
+        (:func:`_secrets.redact_traceback`)."""
+        args, kwargs = self.connect_args()
+        return _secrets.redact_traceback(text, *_secrets.connect_secrets(args, kwargs))
 
     # ----------------------------------------------------------- messages
 
@@ -299,7 +310,7 @@ class Reporter:
                         # Formatted now: a record holding the traceback would keep the
                         # callers' frames, and the connections they refer to, alive.
                         logger.error(
-                            "pool %r: event listener failed\n%s", self.name, traceback.format_exc().rstrip(),
+                            "pool %r: event listener failed\n%s", self.name, self.redact(traceback.format_exc().rstrip()),
                             extra={"event": "listener_failed", "pool": self.name},
                         )
         finally:

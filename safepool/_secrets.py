@@ -189,6 +189,18 @@ def without_password(dsn: str) -> str | None:
 # is in too many words and numbers, and the masks would spell it out
 # ("***uthentic***tion f***iled" for the password "a").
 _MIN_MASKED = 4
+# A password of letters alone shorter than this is left where it stands as
+# a word of its own: there it is a word of the message more often than the
+# password ("failed" in "Connect call failed", "password" in "password
+# authentication failed"), and the mask would garble the message and point
+# at the password. Inside a DSN, a ``password=`` field or quotes it is
+# masked as any other.
+_MIN_MASKED_WORD = 12
+
+
+def _bare_maskable(secret: str) -> bool:
+    """Whether ``secret`` is masked where it stands on its own in free text."""
+    return len(secret) >= _MIN_MASKED and not (secret.isalpha() and len(secret) < _MIN_MASKED_WORD)
 
 
 def _masked_in_text(text: str, secret: str) -> str:
@@ -206,13 +218,14 @@ def redact(text: str, dsn: str | None) -> str:
     """``text`` without the DSN's password, nor any password-looking URI
     part. The password's value is masked where it stands on its own in
     ``text``, unless it is short or is also a value the DSN shows without
-    it (a user, a database, a port): masking those would not hide the
-    password but point at it."""
+    it (a user, a database, a port), or a word of letters alone (see
+    ``_MIN_MASKED_WORD``): masking those would not hide the password but
+    point at it."""
     if dsn:
         free = without_password(dsn)
         free_forms = _forms(free) if free is not None else set()
         for secret in sorted(passwords(dsn), key=len, reverse=True):
-            if len(secret) < _MIN_MASKED or any(secret in form for form in free_forms):
+            if not _bare_maskable(secret) or any(secret in form for form in free_forms):
                 continue
             text = _masked_in_text(text, secret)
     text = _mask_uri_passwords(text)
@@ -226,6 +239,13 @@ def redact(text: str, dsn: str | None) -> str:
 _SOURCE_PASSWORD = re.compile(
     r"(?i)(password['\"]?\]?\s*(?:==|=|:)\s*)[rbuf]{0,2}(\"\"\"|'''|\"|')(?:\\.|(?!\2).)*?\2"
 )
+
+
+def redact_traceback(text: str, dsn: object = None, password: object = None, shown: Sequence[object] = ()) -> str:
+    """A formatted traceback as a log record shows it: its source lines'
+    password literals (as :func:`redact_source`) and the pool's password
+    (as :func:`redact_known`) masked, in the messages too."""
+    return redact_known(_SOURCE_PASSWORD.sub(r"\1***", text), dsn, password, shown)
 
 
 def redact_source(line: str) -> str:
@@ -259,7 +279,7 @@ def redact_known(text: str, dsn: object, password: object, shown: Sequence[objec
     masking it would point at it."""
     text = redact(text, dsn if isinstance(dsn, str) else None)
     if (
-        isinstance(password, str) and len(password) >= _MIN_MASKED
+        isinstance(password, str) and _bare_maskable(password)
         and not any(isinstance(value, str) and password in value for value in shown)
     ):
         text = _masked_in_text(text, password)
@@ -355,6 +375,10 @@ def _unquoted(quoted: str) -> set[str]:
     return pieces
 
 
+# What separates the values of a URI DSN.
+_DSN_DELIMITERS = re.compile(r"[:/@?&=,#\[\]]+")
+
+
 def scrub_quoted(detail: str, dsn: str | None) -> str:
     """asyncpg's DSN errors quote pieces of the DSN, and a misparsed DSN can
     put a piece of the password in them ("bad query field: 't@pw@host'").
@@ -365,15 +389,21 @@ def scrub_quoted(detail: str, dsn: str | None) -> str:
     if dsn is None or free is None:
         return detail
     with_forms, without_forms = _forms(dsn), _forms(free)
+    secrets = passwords(dsn)
+    # The values the DSN shows without its password (a user, a host, a
+    # port, a database, a query value): a piece of the password equal to
+    # one is left (masking it would point at it); a piece that is only
+    # part of one ("ternal" of the host "db.internal") is the password's.
+    shown = {value for form in without_forms for value in _DSN_DELIMITERS.split(form) if value}
 
     def scrub(match: re.Match[str]) -> str:
         quoted = match.group(0)
         for piece in _unquoted(quoted):
+            if not piece:
+                continue
             if (
-                piece
-                and any(piece in form for form in with_forms)
-                and not any(piece in form for form in without_forms)
-            ):
+                any(piece in form for form in with_forms) and not any(piece in form for form in without_forms)
+            ) or (piece not in shown and any(piece in secret for secret in secrets)):
                 return quoted[0] + "***" + quoted[-1]
         return quoted
 
@@ -382,32 +412,52 @@ def scrub_quoted(detail: str, dsn: str | None) -> str:
     return detail
 
 
+def connect_secrets(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[object, object, list[object]]:
+    """``(dsn, password, shown)`` of a connect's arguments, as
+    :func:`redact_known` and :func:`scrub_connect_error` take them: the
+    DSN, the ``password=`` argument and the other arguments' values."""
+    shown = [value for key, value in kwargs.items() if key not in ("password", "dsn")]
+    return connect_dsn(args, kwargs), kwargs.get("password"), shown
+
+
 def connect_dsn(args: Sequence[Any], kwargs: Mapping[str, Any]) -> object:
     """The DSN among a connect's arguments, as ``asyncpg.connect(dsn=None,
     ...)`` takes it: the first positional one, else ``dsn=`` (None without)."""
     return args[0] if args else kwargs.get("dsn")
 
 
-def scrub_connect_error(exc: BaseException, dsn: object) -> None:
-    """Take pieces of ``dsn``'s password out of ``exc``'s message, in place
-    (its type, traceback and cause stay), and out of the errors it chains
-    to. For asyncpg's DSN errors: a password holding an unescaped "/", "?"
-    or "#" is misparsed, and the error quotes a piece of it ("invalid
-    literal for int() with base 10: 's3cret'"); and for the server's, when
-    such a DSN still logs in (trust authentication): the database asyncpg
-    read is a piece of the password ('database "word@/db" does not
-    exist', also in the error's ``message`` field)."""
-    if not isinstance(dsn, str):
+def scrub_connect_error(
+    exc: BaseException, dsn: object, password: object = None, shown: Sequence[object] = ()
+) -> None:
+    """Take ``dsn``'s password, and a ``password=`` argument's, out of
+    ``exc``'s message, in place (its type, traceback and cause stay), and
+    out of the errors it chains to. For asyncpg's DSN errors: a password
+    holding an unescaped "/", "?" or "#" is misparsed, and the error quotes
+    a piece of it ("invalid literal for int() with base 10: 's3cret'"); for
+    the server's, when such a DSN still logs in (trust authentication): the
+    database asyncpg read is a piece of the password ('database "word@/db"
+    does not exist', also in the error's ``message`` field); and for what
+    the application's own code raises on the connect path (a ``connect=``
+    callback, a ``connection_class``, an ``init=`` hook): a message that
+    quotes the DSN ("cannot prepare {dsn}") or the password, masked as
+    :func:`redact_known` masks them."""
+    if not isinstance(dsn, str) and not isinstance(password, str):
         return
+
+    def clean(text: str) -> str:
+        if isinstance(dsn, str):
+            text = scrub_quoted(text, dsn)
+        return redact_known(text, dsn, password, shown)
+
     seen: set[int] = set()
     error: BaseException | None = exc
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if any(isinstance(arg, str) for arg in error.args):
-            error.args = tuple(scrub_quoted(arg, dsn) if isinstance(arg, str) else arg for arg in error.args)
+            error.args = tuple(clean(arg) if isinstance(arg, str) else arg for arg in error.args)
         fields = getattr(error, "__dict__", None)
         if fields:
             for name, value in list(fields.items()):
                 if isinstance(value, str):
-                    fields[name] = scrub_quoted(value, dsn)
+                    fields[name] = clean(value)
         error = error.__cause__ or error.__context__

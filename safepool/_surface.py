@@ -146,7 +146,9 @@ class Observation:
         def install() -> None:
             current: Histogram = getattr(state, field)
             if not isinstance(current, TeeHistogram):
-                current = TeeHistogram(current, self.loop, f"pool {self.name!r}: a {kind} timing sink", self.name)
+                current = TeeHistogram(
+                    current, self.loop, f"pool {self.name!r}: a {kind} timing sink", self.name, self.reporter.redact
+                )
                 setattr(state, field, current)
             current.sinks.append(callback)
 

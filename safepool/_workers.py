@@ -143,9 +143,10 @@ async def connect(
         )
     except Exception as exc:
         # asyncpg's DSN errors may quote a piece of the password, and so
-        # may the server's (a misread database name); the pool raises,
-        # logs, emits and reports them (health).
-        _secrets.scrub_connect_error(exc, _secrets.connect_dsn(args, kwargs))
+        # may the server's (a misread database name), and a connect=
+        # callback's or connection_class's own error the DSN; the pool
+        # raises, logs, emits and reports them (health).
+        _secrets.scrub_connect_error(exc, *_secrets.connect_secrets(args, kwargs))
         raise
     try:
         await _pg.connect_settled()  # asyncpg 0.31: before the pool counts references to it
@@ -169,6 +170,8 @@ async def connect(
         try:
             await init(con)
         except Exception as exc:
+            # (Its message may quote the DSN: "cannot prepare {dsn}".)
+            _secrets.scrub_connect_error(exc, *_secrets.connect_secrets(args, kwargs))
             attempt = CONNECT_ATTEMPT.get()
             if attempt is not None:
                 # Still open: the hook itself raised (a lost connection is

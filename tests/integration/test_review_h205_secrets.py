@@ -152,11 +152,6 @@ def _xfail(reason: str) -> Any:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("surface", SURFACES)
-@_xfail(
-    "an init= hook's error text (quoting the pool's DSN) is never redacted: _workers.connect scrubs only "
-    "open_connection's error (safepool/_workers.py:148); stats.last_connect_error, health, the connect_failed "
-    "log record and event (safepool/_reporting.py:219, describe_error) and the re-raised error show the password"
-)
 async def test_an_init_hook_error_quoting_the_dsn_hides_the_password(
     pg_dsn: str, records: pytest.LogCaptureFixture, surface: str
 ) -> None:
@@ -177,11 +172,6 @@ async def test_an_init_hook_error_quoting_the_dsn_hides_the_password(
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("surface", SURFACES)
-@_xfail(
-    "a connect= callback's error quoting the DSN unquoted: _secrets.scrub_connect_error (called at "
-    "safepool/_workers.py:148) masks quoted pieces only (scrub_quoted), so the stats, health, logs, events "
-    "and the re-raised error show the password"
-)
 async def test_a_connect_callback_error_quoting_the_dsn_hides_the_password(
     pg_dsn: str, records: pytest.LogCaptureFixture, surface: str
 ) -> None:
@@ -202,10 +192,6 @@ async def test_a_connect_callback_error_quoting_the_dsn_hides_the_password(
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("surface", SURFACES)
-@_xfail(
-    "a connection_class whose constructor raises an error quoting the DSN unquoted: scrub_connect_error "
-    "(safepool/_secrets.py, scrub_quoted only) leaves it; stats, health, logs, events and the re-raised error show the password"
-)
 async def test_a_connection_class_error_quoting_the_dsn_hides_the_password(
     pg_dsn: str, records: pytest.LogCaptureFixture, surface: str
 ) -> None:
@@ -228,10 +214,6 @@ async def test_a_connection_class_error_quoting_the_dsn_hides_the_password(
 
 
 @pytest.mark.asyncio
-@_xfail(
-    "a setup= hook's error quoting the DSN: the health probe writes the error's first line as is "
-    "(safepool/health.py:316, 'never a DSN' says its comment)"
-)
 async def test_a_setup_hook_error_quoting_the_dsn_stays_out_of_health(pg_dsn: str) -> None:
     dsn = _dsn(pg_dsn)
 
@@ -342,11 +324,6 @@ def test_top_with_a_bad_option_and_a_password_dsn_prints_no_password() -> None:
     assert not _leaks(result.stdout + result.stderr)
 
 
-@_xfail(
-    "over-redaction: the CLIs mask the password's value wherever it stands as a word of the error "
-    "(_secrets.redact via safepool/top/cli.py:197 and the selfcheck's describe_error): the password "
-    "'failed' garbles 'Connect call failed', and the mask points at the password"
-)
 def test_a_password_that_is_a_word_of_the_error_does_not_garble_it() -> None:
     result = _cli("selfcheck", "--dsn", f"postgresql://u:failed@127.0.0.1:{_closed_port()}/db")
     assert result.returncode == 2
@@ -378,10 +355,6 @@ async def _fail_a_connect(dsn: str, listener: Any) -> None:
 
 
 @pytest.mark.asyncio
-@_xfail(
-    "an event listener's error quoting the pool's DSN: the 'event listener failed' record formats the "
-    "traceback as is (safepool/_reporting.py:301-302, traceback.format_exc()), the pool's password in it"
-)
 async def test_a_failing_listener_quoting_the_dsn_hides_the_password(records: pytest.LogCaptureFixture) -> None:
     dsn = f"postgresql://u:{ENCODED}@127.0.0.1:{_closed_port()}/db"
 
@@ -393,11 +366,6 @@ async def test_a_failing_listener_quoting_the_dsn_hides_the_password(records: py
 
 
 @pytest.mark.asyncio
-@_xfail(
-    "an event listener's source line with a password literal: the 'event listener failed' traceback "
-    "(safepool/_reporting.py:301-302; also _registry.py:70 and _histogram.py:202) shows source lines unmasked, "
-    "where a leak report's stack masks them (_stack.py:145, redact_source)"
-)
 async def test_a_failing_listener_traceback_masks_a_password_literal(records: pytest.LogCaptureFixture) -> None:
     dsn = f"postgresql://u@127.0.0.1:{_closed_port()}/db"
 
@@ -427,12 +395,6 @@ async def test_a_failing_listener_is_logged_without_the_connect_password(records
 
 
 @pytest.mark.asyncio
-@_xfail(
-    "a password cut by an unescaped '#' or '/' (asyncpg reads its first piece as the port): "
-    "scrub_quoted (safepool/_secrets.py:375, the 'not any(piece in form for form in without_forms)' test) keeps "
-    "a piece that is any substring of the DSN without its password ('ternal' of the host 'db.internal'), not "
-    "only one that is a value the DSN shows: six of the password's characters are echoed"
-)
 async def test_a_misparsed_password_piece_that_is_a_substring_of_the_host_is_masked(
     records: pytest.LogCaptureFixture,
 ) -> None:
@@ -461,3 +423,80 @@ async def test_a_misparsed_password_piece_not_in_the_dsn_is_masked() -> None:
     finally:
         pool.terminate()
     assert "Qw7ternalZ" not in text and "Kx7Q2pZ" not in text, text
+
+
+# --------------------------------------------- s65: the fixes' siblings
+
+
+@pytest.mark.asyncio
+async def test_a_setup_hook_error_quoting_the_dsn_is_raised_without_the_password(pg_dsn: str) -> None:
+    # The error is the hook's own object (same type and identity), its message masked in place.
+    dsn = _dsn(pg_dsn)
+    raised_by_hook: list[BaseException] = []
+
+    async def setup(con: Any) -> None:
+        error = RuntimeError(f"setup failed for {dsn}")
+        raised_by_hook.append(error)
+        raise error
+
+    pool = await safepool.create_pool(dsn, min_size=1, max_size=1, setup=setup)
+    try:
+        with pytest.raises(RuntimeError) as raised:
+            async with pool.acquire():
+                pass
+    finally:
+        pool.terminate()
+    assert raised.value is raised_by_hook[0]
+    assert str(raised.value).startswith("setup failed for postgresql://postgres:***@")
+    assert not _leaks(_error_text(raised.value))
+
+
+@pytest.mark.asyncio
+async def test_an_init_hook_error_quoting_a_password_argument_is_masked(pg_dsn: str) -> None:
+    # The password given as password=, not in the DSN; a word of letters that long is masked too.
+    secret = "correcthorsebatterystaple"
+
+    async def init(con: Any) -> None:
+        raise RuntimeError(f"the role's password {secret} has expired")
+
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, init=init, password=secret)
+    try:
+        with pytest.raises(RuntimeError) as raised:
+            await pool.fetchval("SELECT 1", timeout=5)
+        text = _error_text(raised.value) + repr(pool.stats())
+    finally:
+        pool.terminate()
+    assert secret not in text and "the role's password *** has expired" in str(raised.value), text
+
+
+@pytest.mark.asyncio
+async def test_a_failing_pool_created_hook_and_timing_sink_are_logged_without_the_password(
+    pg_dsn: str, records: pytest.LogCaptureFixture,
+) -> None:
+    dsn = _dsn(pg_dsn)
+
+    def hook(pool: Any) -> None:
+        raise RuntimeError(f"cannot watch {dsn}")
+
+    def sink(seconds: float) -> None:
+        raise ConnectionError("exporter down", dict(password="S3cr#t:p@ss/w?rd%40-h205"))
+
+    remove = safepool.pool.on_pool_created(hook)
+    try:
+        pool = await safepool.create_pool(dsn, min_size=1, max_size=1)
+    finally:
+        remove()
+    pool.add_timing_sink("wait", sink)
+    try:
+        assert await pool.fetchval("SELECT 1") == 1
+        await asyncio.sleep(0)  # (the sinks run in a loop callback of their own)
+        await asyncio.sleep(0)
+    finally:
+        pool.terminate()
+    texts = {
+        getattr(record, "event", None): logging.Formatter("%(message)s").format(record)
+        for record in records.records if record.name.startswith("safepool")
+    }
+    assert "cannot watch postgresql://postgres:***@" in texts["created_hook_failed"], texts
+    assert 'dict(password=***)' in texts["timing_sink_failed"], texts
+    assert not _leaks("\n".join(texts.values())), texts

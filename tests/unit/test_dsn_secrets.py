@@ -396,3 +396,35 @@ def test_top_masks_only_the_password_literal(query: str, shown: str) -> None:
     from safepool.top.snapshot import _one_line
 
     assert _one_line(query, 300) == shown
+
+
+# s65: a password of letters alone, shorter than 12, is not masked where it
+# stands as a bare word (it is a word of the message there); inside a DSN,
+# a password= field or quotes it is; longer ones and others are masked bare.
+@pytest.mark.parametrize(("password", "text", "expected"), [
+    ("failed", "Connect call failed ('127.0.0.1', 5)", "Connect call failed ('127.0.0.1', 5)"),
+    ("password", 'password authentication failed for user "app"', 'password authentication failed for user "app"'),
+    ("password", "cannot reach postgresql://app:password@db/x", "cannot reach postgresql://app:***@db/x"),
+    ("secret", "bad query field: 'secret'", "bad query field: '***'"),
+    ("correcthorsebattery", "rejected correcthorsebattery", "rejected ***"),
+    ("hunter22", "rejected hunter22 for app", "rejected *** for app"),
+])
+def test_a_word_password_is_masked_only_where_it_cannot_be_a_word(password: str, text: str, expected: str) -> None:
+    from safepool import _secrets
+
+    error = RuntimeError(text)
+    _secrets.scrub_connect_error(error, f"postgresql://app:{password}@db/x")
+    assert str(error) == expected
+    if "'" not in text:  # (the CLI's redact() masks no quoted piece: it has no connect error's quotes to read)
+        assert _secrets.redact(text, f"postgresql://app:{password}@db/x") == expected
+
+
+def test_a_password_argument_equal_to_a_word_is_left_in_a_message() -> None:
+    from safepool import _secrets
+
+    error = RuntimeError('password authentication failed for user "app"')
+    _secrets.scrub_connect_error(error, "postgresql://app@db/x", "password", ["app"])
+    assert str(error) == 'password authentication failed for user "app"'
+    error = RuntimeError("the password Tr0ub4dor& was refused")
+    _secrets.scrub_connect_error(error, "postgresql://app@db/x", "Tr0ub4dor&", ["app"])
+    assert str(error) == "the password *** was refused"
