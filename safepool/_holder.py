@@ -41,7 +41,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
                  "cancel_key", "abort_in_flight",
                  "reset_since",
                  "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "proxy_collected",
-                 "copies", "waiter_completed", "__weakref__")
+                 "copies", "watched", "waiter_completed", "__weakref__")
 
     def __init__(self, pool: Face, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
         self._pool = pool
@@ -114,6 +114,9 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # COPY calls of the lease under way (proxy._copying): a take-back
         # waits for them as for asyncpg's statement section.
         self.copies = 0
+        # Statements of the auto and rollback modes' proxies under way
+        # (proxy.watch): a release while one runs is marked for its reset.
+        self.watched = 0
         # The callback of each proxy's weak reference (bound once, not per lease).
         self.proxy_collected = self._proxy_collected
 

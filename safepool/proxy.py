@@ -76,12 +76,22 @@ async def watch(holder: _Holder, operation: Any) -> Any:
     argument that fails to encode, a cancel after the prepare answered)
     leaves the backend inside the implicit transaction the Parse opened,
     holding the parse-time locks, with the counter unmoved. asyncpg's pool
-    ends it with its reset query; so does safepool's release, marked here."""
+    ends it with its reset query; so does safepool's release, marked here.
+
+    Counted on the holder (``Holder.watched``) while it runs: a lease
+    released meanwhile (the statement awaited in another task, or its task
+    cancelled in the release's own loop step) is marked by the release, as
+    it may end in a transaction the statement opened, or not end at all:
+    the reset then goes as in full mode (refused while the statement runs,
+    after the cancelled one answered)."""
+    holder.watched += 1
     try:
         return await operation
     except BaseException:
         holder.clean_mark = -1
         raise
+    finally:
+        holder.watched -= 1
 
 
 def plain_forwarder(name: str) -> Any:

@@ -66,11 +66,12 @@ SELECT
 
 class StubHolder:
     """What the proxy touches of the pool's holder: the clean mark, and the
-    count of COPY calls under way."""
+    counts of COPY calls and watched statements under way."""
 
     def __init__(self) -> None:
         self.clean_mark = 0
         self.copies = 0
+        self.watched = 0
 
     # The proxy's weak-reference callback (a leak report): none here, where
     # proxies are dropped unreleased at the end of each check.

@@ -14,10 +14,14 @@ gets the same backend).
 What did not hold is the release of a lease whose own statement still runs
 in another task (docs/migration.md: "both pools raise InterfaceError"):
 full mode sends the reset, which is refused, and gives the connection up;
-auto (and rollback) mode see an unmarked lease, send nothing, and hand the
-connection on with the statement running, so the next lease ends up inside
+auto (and rollback) mode saw an unmarked lease, sent nothing, and handed the
+connection on with the statement running, so the next lease ended up inside
 the transaction that statement opened, with its SET LOCAL values and its
-transaction-level advisory lock.
+transaction-level advisory lock (or, released in the loop step that cancels
+the statement, with its aborted transaction or "another operation is in
+progress"). Fixed in s65: proxy.watch counts its statements under way on the
+holder, and a release while one runs marks the lease (the full mode's reset,
+or the rollback mode's ROLLBACK, goes as in full mode).
 """
 
 from __future__ import annotations
@@ -120,25 +124,8 @@ def _fresh_cache() -> Any:
     "mode",
     [
         "full",
-        pytest.param(
-            "auto",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="helper-204: an unmarked lease released while its own statement still runs in another "
-                "task is handed on with no reset (_state.py release_outcome: mode != 'full' and not marked -> "
-                "CLEAN; _internals.release_check looks at no statement in flight): the next lease runs inside "
-                "the transaction that statement opened, with its SET LOCAL and its advisory lock. Full mode's "
-                "refused reset gives the connection up (docs/migration.md: both pools raise InterfaceError).",
-            ),
-        ),
-        pytest.param(
-            "rollback",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="helper-204: as auto mode: no ROLLBACK is sent (the transaction was not open yet when "
-                "release looked), and the next lease inherits it.",
-            ),
-        ),
+        "auto",
+        "rollback",
     ],
 )
 async def test_release_while_the_leases_neutral_statement_runs_hands_on_a_clean_session(
@@ -181,21 +168,8 @@ async def test_release_while_the_leases_neutral_statement_runs_hands_on_a_clean_
     "mode",
     [
         "full",
-        pytest.param(
-            "auto",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="helper-204: released in the loop step that cancels the lease's own neutral statement "
-                "(docs/migration.md: both pools wait for the cancelled query, reset, and keep the connection), "
-                "an auto-mode lease is not marked yet (proxy.watch marks one step later) and no transaction was "
-                "open when release looked: handed on with no reset, the next lease inherits the aborted "
-                "transaction its string opened (InFailedSQLTransactionError on its first statement).",
-            ),
-        ),
-        pytest.param(
-            "rollback",
-            marks=pytest.mark.xfail(strict=True, reason="helper-204: as auto mode (no ROLLBACK sent)"),
-        ),
+        "auto",
+        "rollback",
     ],
 )
 async def test_release_in_the_step_that_cancels_the_leases_neutral_statement(make: Any, pg_dsn: str, mode: str) -> None:
@@ -225,20 +199,8 @@ async def test_release_in_the_step_that_cancels_the_leases_neutral_statement(mak
     "mode",
     [
         "full",
-        pytest.param(
-            "auto",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="helper-204: the same release of an unmarked lease hands on a connection whose "
-                "cancelled statement has not answered yet: the next lease's first statement fails with "
-                "InterfaceError('another operation is in progress') (release_check: _is_cancelling() is "
-                "still False in that loop step).",
-            ),
-        ),
-        pytest.param(
-            "rollback",
-            marks=pytest.mark.xfail(strict=True, reason="helper-204: as auto mode"),
-        ),
+        "auto",
+        "rollback",
     ],
 )
 async def test_release_in_the_step_that_cancels_a_plain_neutral_statement_hands_on_a_usable_connection(
@@ -264,6 +226,103 @@ async def test_release_in_the_step_that_cancels_a_plain_neutral_statement_hands_
     finally:
         await admin.close()
 
+
+
+async def _wait_sleeping(admin: Any, pid: int) -> None:
+    async with asyncio.timeout(10):
+        while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
+            await asyncio.sleep(0.005)
+
+
+# s65: the same kind through each call shape a watched statement takes: the
+# extended protocol (arguments: asyncpg's statement section between its
+# steps), executemany, and a statement left running by wait_for(shield()).
+IN_FLIGHT = {
+    "fetchval-with-arguments": lambda con: con.fetchval(
+        "SELECT pg_advisory_xact_lock(4205) FROM (SELECT set_config('work_mem', '1234kB', true), pg_sleep($1)) AS s",
+        0.3,
+    ),
+    "executemany": lambda con: con.executemany("SELECT set_config('work_mem', '1234kB', true), pg_sleep($1)", [(0.3,)]),
+    "execute-in-a-transaction-string": lambda con: con.execute(
+        "BEGIN; SET LOCAL work_mem = '1234kB'; SELECT pg_sleep(0.3)"
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["auto", "rollback"])
+@pytest.mark.parametrize("shape", sorted(IN_FLIGHT))
+async def test_a_lease_released_with_a_statement_under_way_hands_on_a_clean_usable_session(
+    make: Any, pg_dsn: str, mode: str, shape: str
+) -> None:
+    pool = await make(mode)
+    admin = await asyncpg.connect(pg_dsn)
+    statement: asyncio.Future[Any] | None = None
+    try:
+        async with pool.acquire() as con:
+            default = await _fingerprint(con)
+        with contextlib.suppress(asyncpg.InterfaceError):
+            async with pool.acquire() as con:
+                statement = asyncio.ensure_future(IN_FLIGHT[shape](con))
+                await _wait_sleeping(admin, con.get_server_pid())
+        async with pool.acquire(timeout=10) as again:
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError):
+                await statement
+            assert await again.fetchval("SELECT 1") == 1
+            assert await _fingerprint(again) == default
+    finally:
+        if statement is not None and not statement.done():
+            statement.cancel()
+            with contextlib.suppress(BaseException):
+                await statement
+        await admin.close()
+
+
+@pytest.mark.parametrize("mode", ["auto", "rollback"])
+async def test_a_statement_left_running_by_wait_for_shield_is_not_handed_on(make: Any, pg_dsn: str, mode: str) -> None:
+    pool = await make(mode)
+    admin = await asyncpg.connect(pg_dsn)
+    inner: asyncio.Future[Any] | None = None
+    try:
+        async with pool.acquire() as con:
+            default = await _fingerprint(con)
+        with contextlib.suppress(asyncpg.InterfaceError):
+            async with pool.acquire() as con:
+                inner = asyncio.ensure_future(con.execute("BEGIN; SET LOCAL work_mem = '1234kB'; SELECT pg_sleep(0.3)"))
+                await _wait_sleeping(admin, con.get_server_pid())
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(inner), 0.001)
+        async with pool.acquire(timeout=10) as again:
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError):
+                await inner
+            assert await _fingerprint(again) == default
+    finally:
+        if inner is not None and not inner.done():
+            inner.cancel()
+            with contextlib.suppress(BaseException):
+                await inner
+        await admin.close()
+
+
+async def test_watch_counts_its_statement_until_it_ends() -> None:
+    from safepool.proxy import watch
+
+    class Holder:
+        watched = 0
+        clean_mark = 5
+
+    holder = Holder()
+
+    async def statement(fail: bool) -> int:
+        assert holder.watched == 1
+        if fail:
+            raise ValueError("refused")
+        return 7
+
+    assert await watch(holder, statement(False)) == 7
+    assert (holder.watched, holder.clean_mark) == (0, 5)
+    with pytest.raises(ValueError):
+        await watch(holder, statement(True))
+    assert (holder.watched, holder.clean_mark) == (0, -1)
 
 # ------------------------------------------- what held: session changers
 
