@@ -453,11 +453,14 @@ def scrub_connect_error(
     error: BaseException | None = exc
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if any(isinstance(arg, str) for arg in error.args):
-            error.args = tuple(clean(arg) if isinstance(arg, str) else arg for arg in error.args)
-        fields = getattr(error, "__dict__", None)
-        if fields:
-            for name, value in list(fields.items()):
-                if isinstance(value, str):
-                    fields[name] = clean(value)
+        try:
+            if any(isinstance(arg, str) for arg in error.args):
+                error.args = tuple(clean(arg) if isinstance(arg, str) else arg for arg in error.args)
+            fields = getattr(error, "__dict__", None)
+            if fields:
+                for name, value in list(fields.items()):
+                    if isinstance(value, str):
+                        fields[name] = clean(value)
+        except Exception:  # noqa: S110
+            pass  # (an error class that refuses the write: raised as it is, never replaced by ours)
         error = error.__cause__ or error.__context__

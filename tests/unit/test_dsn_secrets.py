@@ -428,3 +428,15 @@ def test_a_password_argument_equal_to_a_word_is_left_in_a_message() -> None:
     error = RuntimeError("the password Tr0ub4dor& was refused")
     _secrets.scrub_connect_error(error, "postgresql://app@db/x", "Tr0ub4dor&", ["app"])
     assert str(error) == "the password *** was refused"
+
+
+def test_an_error_that_refuses_the_scrub_is_left_as_it_is() -> None:
+    from safepool import _secrets
+
+    class Frozen(Exception):
+        def __setattr__(self, name: str, value: object) -> None:
+            raise AttributeError(f"{name} is read-only")
+
+    error = Frozen("cannot reach postgresql://app:Tr0ub4dor&@db/x")
+    _secrets.scrub_connect_error(error, "postgresql://app:Tr0ub4dor&@db/x")  # (no error of its own)
+    assert error.args == ("cannot reach postgresql://app:Tr0ub4dor&@db/x",)
