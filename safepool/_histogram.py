@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from . import _secrets
+from .errors import refuse_awaitable
 
 # Upper bounds in seconds, roughly x2.5 apart, from 10 µs to 5 minutes:
 # fine enough for a p99 an operator can act on, few enough to export as a
@@ -201,7 +202,9 @@ class TeeHistogram(Histogram):
         for sink in list(self.sinks):
             for value in values:
                 try:
-                    sink(value)
+                    result = sink(value)
+                    if result is not None:
+                        refuse_awaitable("a timing sink", result)
                 except Exception:
                     if not self._complained:
                         self._complained = True

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .errors import check_callable
+from .errors import check_callable, refuse_awaitable
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -47,8 +47,9 @@ def on_pool_created(callback: Callable[[Pool], None]) -> Callable[[], None]:
     Returns a function that removes the callback (idempotent).
 
     :raises safepool.PoolTypeError: ``callback`` is not callable (taken
-        unchecked, it failed, logged, at every later pool's creation)."""
-    check_callable("callback", callback)
+        unchecked, it failed, logged, at every later pool's creation), or is
+        a coroutine function (called and not awaited, it would never run)."""
+    check_callable("callback", callback, plain=True)
     _CREATED_HOOKS.append(callback)
 
     def remove() -> None:
@@ -64,7 +65,7 @@ def register(pool: Pool) -> None:
         _LIVE_POOLS.add(pool)
     for callback in _CREATED_HOOKS.copy():  # a callback may remove itself
         try:
-            callback(pool)
+            refuse_awaitable("a pool-created hook", callback(pool))
         except Exception:
             logger.error(
                 "pool %r: pool-created hook failed\n%s", pool.name, pool._reporter.redact(traceback.format_exc().rstrip()),

@@ -19,7 +19,7 @@ from typing import Any
 from . import _secrets, _stack
 from . import events as _events
 from ._state import Lease, PoolState, SlotState, Waiter
-from .errors import ServerUnavailableError
+from .errors import ServerUnavailableError, refuse_awaitable
 from .stats import LeaseInfo, describe_error
 
 # Seconds between WARNING records of failed connects while they go on
@@ -47,10 +47,9 @@ class DictListener:
     def __init__(self, callback: Callable[[dict[str, Any]], None]) -> None:
         self.callback = callback
 
-    def __call__(self, event: _events.PoolEvent) -> None:
+    def __call__(self, event: _events.PoolEvent) -> object:
         payload = event.to_dict()
-        if payload is not None:
-            self.callback(payload)
+        return None if payload is None else self.callback(payload)
 
 
 class Reporter:
@@ -68,7 +67,7 @@ class Reporter:
         self.site_caps = site_caps
         # Typed event callbacks (dict listeners are wrapped): events queue in
         # ``pending`` and are delivered once the books are settled.
-        self.listeners: list[Callable[[_events.PoolEvent], None]] = []
+        self.listeners: list[Callable[[_events.PoolEvent], object]] = []
         self.pending: deque[_events.PoolEvent] = deque()
         self.delivering = False
         # The server status last reported (the core's breaker view).
@@ -305,7 +304,9 @@ class Reporter:
                 event = pending.popleft()
                 for callback in list(self.listeners):
                     try:
-                        callback(event)
+                        result = callback(event)
+                        if result is not None:
+                            refuse_awaitable("an event listener", result)
                     except Exception:
                         # Formatted now: a record holding the traceback would keep the
                         # callers' frames, and the connections they refer to, alive.

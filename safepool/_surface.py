@@ -57,7 +57,7 @@ class Observation:
     # ---------------------------------------------------------- listeners
 
     def add_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
-        check_callable("callback", callback)
+        check_callable("callback", callback, plain=True)
         self.reporter.listeners.append(callback)
 
     def remove_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
@@ -67,7 +67,7 @@ class Observation:
             raise PoolValueError(f"{callback!r} is not a listener of this pool") from None
 
     def add_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
-        check_callable("callback", callback)
+        check_callable("callback", callback, plain=True)
         self.reporter.listeners.append(DictListener(callback))
 
     def remove_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
@@ -140,7 +140,7 @@ class Observation:
 
     def add_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:
         field = self._timing_field(kind)
-        check_callable("callback", callback)
+        check_callable("callback", callback, plain=True)
         state = self.state
 
         def install() -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextvars
 import fnmatch
 import functools
 import json
@@ -235,6 +236,17 @@ class _Module:
                     elif isinstance(alias, ast.Attribute):
                         self.acquire_attributes[alias.attr] = receiver
         self.acquire_name_ids = {name for _, name in self.acquire_names}
+        # Names and attributes bound to a pool's release (`release =
+        # pool.release`, `partial(pool.release, ...)`): `release(con)` gives
+        # `con` back. By name across the file (see _RELEASE_ALIASES).
+        self.release_aliases: set[str] = set()
+        for node in assignments:
+            value = node.value
+            if isinstance(value, ast.Call) and _last_name(value.func) == "partial" and value.args:
+                value = value.args[0]
+            if isinstance(value, ast.Attribute) and value.attr == "release" and self.is_pool(value.value):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                self.release_aliases.update(name for name in map(_last_name, targets) if name)
 
     def acquire_receiver(self, value: ast.expr) -> str | None:
         """The pool's source text when ``value`` is an alias of its acquire
@@ -477,16 +489,42 @@ def _dotted(node: ast.expr) -> str | None:
     return ".".join([node.id, *reversed(parts)])
 
 
+# The release aliases of the module being checked (_Module.release_aliases),
+# read by _releases and the helpers that call it, set by _Checker.run.
+_RELEASE_ALIASES: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "release_aliases", default=frozenset()
+)
+
+
 def _releases(node: ast.AST, var: str) -> bool:
     """Is ``node`` a call that gives ``var`` back (or registers that)?"""
-    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+    if not isinstance(node, ast.Call):
         return False
-    method = node.func.attr
-    if method == "release" and (
-        (node.args and _is_name(node.args[0], var)) or any(_is_name(k.value, var) for k in node.keywords)
+    func = node.func
+    gives_back = (node.args and _is_name(node.args[0], var)) or any(_is_name(k.value, var) for k in node.keywords)
+    if isinstance(func, ast.Name) and func.id in _RELEASE_ALIASES.get():
+        return bool(gives_back)  # `release = pool.release; await release(con)`
+    if isinstance(func, ast.Call) and not node.args and not node.keywords:
+        inner = func
+        if _last_name(inner.func) == "partial" and inner.args and _last_name(inner.args[0]) == "release":
+            # `await functools.partial(pool.release, con)()`
+            return any(_is_name(arg, var) for arg in inner.args[1:]) or any(
+                _is_name(k.value, var) for k in inner.keywords
+            )
+        return False
+    if (
+        isinstance(func, ast.Call) and _last_name(func.func) == "getattr" and len(func.args) == 2
+        and isinstance(func.args[1], ast.Constant) and func.args[1].value == "release"
     ):
+        return bool(gives_back)  # `await getattr(pool, "release")(con)`
+    if not isinstance(func, ast.Attribute):
+        return False
+    if func.attr in _RELEASE_ALIASES.get() and gives_back:
+        return True  # `self._release = pool.release`, then `await self._release(con)`
+    method = func.attr
+    if method == "release" and gives_back:
         return True
-    if method in ("close", "terminate") and _is_name(node.func.value, var):
+    if method in ("close", "terminate") and _is_name(func.value, var):
         return True
     if method in _CALLBACK_REGISTRATIONS and node.args:
         # stack.push_async_callback(pool.release, con) / stack.push_async_callback(con.close)
@@ -661,11 +699,15 @@ class _Checker:
         self.findings: list[Finding] = []
 
     def run(self) -> list[Finding]:
-        for node in ast.walk(self.module.tree):
-            receiver = self.module.acquire_call(node)
-            if receiver is not None:
-                assert isinstance(node, ast.Call)
-                self.check_acquire(node, receiver)
+        token = _RELEASE_ALIASES.set(frozenset(self.module.release_aliases))
+        try:
+            for node in ast.walk(self.module.tree):
+                receiver = self.module.acquire_call(node)
+                if receiver is not None:
+                    assert isinstance(node, ast.Call)
+                    self.check_acquire(node, receiver)
+        finally:
+            _RELEASE_ALIASES.reset(token)
         self.findings.sort(key=lambda f: (f.line, f.col))
         return self.findings
 

@@ -8,6 +8,7 @@ written for asyncpg's pool keep working.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -164,13 +165,54 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
-def check_callable(name: str, value: object) -> None:
+def check_callable(name: str, value: object, *, plain: bool = False) -> None:
     """``value``, the argument ``name``, checked to be callable: taken
-    unchecked, a callback failed (logged) at every later call instead.
+    unchecked, a callback failed (logged) at every later call instead. With
+    ``plain``, a callback the pool calls and does not await (an event
+    listener, a timing sink, a created hook) must not be a coroutine
+    function: accepted, it would be called, its coroutine dropped and its
+    work never done, without an error (asyncpg's connection listeners run
+    coroutine functions, so a migrating program may pass one).
 
-    :raises safepool.PoolTypeError: it is not callable."""
+    :raises safepool.PoolTypeError: it is not callable, or (``plain``) it is
+        a coroutine function (``async def``, a ``functools.partial`` of one,
+        an object whose ``__call__`` is one)."""
     if not callable(value):
         raise PoolTypeError(f"{name} must be callable, got {type(value).__name__}")
+    if plain and is_coroutine_function(value):
+        raise PoolTypeError(not_awaited_message(name, value))
+
+
+def is_coroutine_function(value: object) -> bool:
+    """``async def`` (also through ``functools.partial``), or an object whose
+    class's ``__call__`` is one."""
+    return inspect.iscoroutinefunction(value) or (
+        not inspect.isroutine(value)
+        and inspect.iscoroutinefunction(next((k.__dict__["__call__"] for k in type(value).__mro__ if "__call__" in k.__dict__), None))
+    )
+
+
+def not_awaited_message(name: str, value: object) -> str:
+    """What a coroutine function given as a plain callback is told."""
+    return (
+        f"{name} must be a plain function, not a coroutine function ({value!r}): the pool calls it and does not "
+        "await it, so its coroutine would be dropped; start the work from a plain function "
+        "(asyncio.get_running_loop().create_task(...))"
+    )
+
+
+def refuse_awaitable(name: str, result: object) -> None:
+    """A plain callback returned a coroutine (a lambda around an ``async
+    def``): closed, so it warns of nothing, and refused, so the pool logs the
+    callback as failed, as any error of it.
+
+    :raises safepool.PoolTypeError: ``result`` is awaitable."""
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        raise PoolTypeError(f"{name} returned {type(result).__name__} {result!r}, which the pool does not await: "
+                            "the work it stands for was not done")
 
 
 def pool_list(pools: Iterable[Any], where: str = "") -> list[Any]:

@@ -569,7 +569,8 @@ class Pool(_PoolBase):
         The dict form of :meth:`add_event_listener`'s typed events, kept for
         compatibility (kinds added later are not sent here).
 
-        :raises TypeError: ``callback`` is not callable."""
+        :raises TypeError: ``callback`` is not callable, or is a coroutine
+            function (the pool calls it and does not await it)."""
         self._observation.add_listener(callback)
 
     def remove_listener(self, callback: Callable[[dict[str, Any]], None]) -> None:
@@ -818,7 +819,8 @@ class Pool(_PoolBase):
         failed``) and the other callbacks still run. With no listener the
         pool builds no event at all.
 
-        :raises TypeError: ``callback`` is not callable."""
+        :raises TypeError: ``callback`` is not callable, or is a coroutine
+            function (the pool calls it and does not await it)."""
         self._observation.add_event_listener(callback)
 
     def remove_event_listener(self, callback: Callable[[_events.PoolEvent], None]) -> None:
@@ -895,7 +897,8 @@ class Pool(_PoolBase):
         nothing.
 
         :raises ValueError: unknown ``kind``.
-        :raises TypeError: ``callback`` is not callable."""
+        :raises TypeError: ``callback`` is not callable, or is a coroutine
+            function (the pool calls it and does not await it)."""
         self._observation.add_timing_sink(kind, callback)
 
     def remove_timing_sink(self, kind: str, callback: Callable[[float], None]) -> None:

@@ -2,7 +2,10 @@
 release made through a name bound to the pool's ``release`` is not seen,
 though an acquire through a name bound to the pool's ``acquire`` is
 followed (docs/testing.md, "Limits of the static check", lists the acquire
-aliases as followed and says nothing of release aliases)."""
+aliases as followed and says nothing of release aliases). Fixed in s65:
+a name or attribute bound to a pool's ``release`` (or a ``partial`` of it),
+``partial(pool.release, con)()`` and ``getattr(pool, "release")(con)``
+release."""
 
 from __future__ import annotations
 
@@ -28,12 +31,6 @@ def test_an_acquire_alias_is_followed() -> None:
     assert found(source) == [(4, "SP002")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check.py _releases() only recognizes `X.release(con)` calls: `release = pool.release; "
-    "await release(con)` in a finally is reported SP002 'never released' (a false positive), though "
-    "`acq = pool.acquire` is followed as an acquire",
-)
 def test_a_release_alias_in_finally_is_a_release() -> None:
     source = """
     async def f(pool):
@@ -47,12 +44,6 @@ def test_a_release_alias_in_finally_is_a_release() -> None:
     assert found(source) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check.py _releases(): `functools.partial(pool.release, con)` called in a finally is not "
-    "seen as a release (SP002, a false positive), though `stack.push_async_callback(pool.release, con)` "
-    "is",
-)
 def test_a_partial_of_release_called_in_finally_is_a_release() -> None:
     source = """
     import functools
@@ -66,3 +57,66 @@ def test_a_partial_of_release_called_in_finally_is_a_release() -> None:
             await functools.partial(pool.release, con)()
     """
     assert found(source) == []
+
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    pytest.param("""
+    async def f(pool):
+        con = await pool.acquire()
+        try:
+            await con.execute("SELECT 1")
+        finally:
+            await getattr(pool, "release")(con)
+    """, [], id="getattr-release"),
+    pytest.param("""
+    class Repo:
+        def __init__(self, pool):
+            self._release = pool.release
+
+        async def get(self, pool):
+            con = await pool.acquire()
+            try:
+                return await con.fetchval("SELECT 1")
+            finally:
+                await self._release(con)
+    """, [], id="attribute-alias"),
+    pytest.param("""
+    import functools
+
+    async def f(pool):
+        give_back = functools.partial(pool.release, timeout=5)
+        con = await pool.acquire()
+        try:
+            await con.execute("SELECT 1")
+        finally:
+            await give_back(con)
+    """, [], id="partial-alias-with-a-timeout"),
+    pytest.param("""
+    async def f(pool):
+        release = pool.release
+        con = await pool.acquire()
+        await con.execute("SELECT 1")
+        await release(con)
+    """, [(4, "SP001")], id="alias-release-not-in-finally-is-still-sp001"),
+    pytest.param("""
+    async def f(pool, other):
+        release = pool.release
+        con = await pool.acquire()
+        try:
+            await con.execute("SELECT 1")
+        finally:
+            await release(other)
+    """, [(4, "SP002")], id="alias-release-of-another-connection"),
+    pytest.param("""
+    async def f(pool, log):
+        release = log.info
+        con = await pool.acquire()
+        try:
+            await con.execute("SELECT 1")
+        finally:
+            release(con)
+    """, [(4, "SP002")], id="a-name-not-bound-to-a-pools-release"),
+])
+def test_release_aliases(source: str, expected: list[tuple[int, str]]) -> None:
+    assert found(source) == expected

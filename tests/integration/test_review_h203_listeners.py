@@ -7,11 +7,15 @@ is callable (``TypeError`` otherwise) but call an async one as a plain
 function: the coroutine it returns is dropped ("coroutine ... was never
 awaited", a RuntimeWarning at garbage collection) and the event is lost
 without an error. Either running it or refusing it at registration would
-do; these tests accept both."""
+do; these tests accept both. Fixed in s65: refused at registration
+(``PoolTypeError``, a ``TypeError``), and a plain callback that returns a
+coroutine (a lambda around an ``async def``) has it closed and is logged as
+failed."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import warnings
 from collections.abc import Callable
@@ -42,12 +46,6 @@ async def test_a_plain_listener_gets_the_late_release_event(pools: Callable[...,
 
 
 @pytest.mark.parametrize("method", ["add_event_listener", "add_listener"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool/_reporting.py deliver() calls an async callback as a plain function (line 297: "
-    "callback(event)): the coroutine is never awaited and the event is lost, though registration "
-    "accepted it (it only checks callable())",
-)
 async def test_an_async_listener_is_run_or_refused(pools: Callable[..., Any], method: str) -> None:
     pool = await pools()
     got: list[Any] = []
@@ -67,11 +65,6 @@ async def test_an_async_listener_is_run_or_refused(pools: Callable[..., Any], me
     assert len(got) == 1, "the async listener was accepted and never ran"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool/_histogram.py line 197 (sink(value)) calls an async timing sink as a plain "
-    "function: accepted by add_timing_sink() (callable() only), never run",
-)
 async def test_an_async_timing_sink_is_run_or_refused(pools: Callable[..., Any]) -> None:
     pool = await pools()
     got: list[float] = []
@@ -92,11 +85,6 @@ async def test_an_async_timing_sink_is_run_or_refused(pools: Callable[..., Any])
     assert len(got) == 1, "the async timing sink was accepted and never ran"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool/_registry.py line 67 (callback(pool)) calls an async on_pool_created() hook as a "
-    "plain function: accepted (callable() only), never run",
-)
 async def test_an_async_pool_created_hook_is_run_or_refused(pools: Callable[..., Any]) -> None:
     from safepool.pool import on_pool_created
 
@@ -118,3 +106,64 @@ async def test_an_async_pool_created_hook_is_run_or_refused(pools: Callable[...,
     finally:
         remove()
     assert got == [pool.name], "the async hook was accepted and never ran"
+
+
+
+# ------------------------------------------------------------ s65 siblings
+
+
+async def _async_fn(event: Any) -> None:
+    pass
+
+
+class _AsyncCallable:
+    async def __call__(self, event: Any) -> None:
+        pass
+
+
+class _InheritsAsyncCall(_AsyncCallable):
+    pass
+
+
+@pytest.mark.parametrize("callback", [
+    _async_fn, functools.partial(_async_fn), _AsyncCallable(), _InheritsAsyncCall(),
+], ids=["async-def", "partial", "async-call", "inherited-async-call"])
+@pytest.mark.parametrize("method", ["add_event_listener", "add_listener", "add_timing_sink", "on_pool_created"])
+async def test_every_plain_callback_refuses_a_coroutine_function(
+    pools: Callable[..., Any], method: str, callback: Any
+) -> None:
+    from safepool.pool import on_pool_created
+
+    pool = await pools()
+    register = {
+        "add_event_listener": pool.add_event_listener,
+        "add_listener": pool.add_listener,
+        "add_timing_sink": functools.partial(pool.add_timing_sink, "lease"),
+        "on_pool_created": on_pool_created,
+    }[method]
+    with pytest.raises(safepool.PoolTypeError, match="not a coroutine function"):
+        register(callback)
+
+
+@pytest.mark.parametrize("ok", [print, list().append, lambda event: None], ids=["builtin", "bound-method", "lambda"])
+async def test_plain_callables_are_still_taken(pools: Callable[..., Any], ok: Any) -> None:
+    pool = await pools()
+    pool.add_event_listener(ok)
+    pool.remove_event_listener(ok)
+
+
+async def test_a_plain_listener_returning_a_coroutine_is_logged_and_the_others_run(
+    pools: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = await pools()
+    got: list[Any] = []
+    pool.add_listener(lambda event: _async_fn(event))  # (a coroutine each call: closed, logged)
+    pool.add_event_listener(got.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # closed: no "never awaited"
+        await a_late_release(pool)
+        await asyncio.sleep(0.05)
+        gc.collect()
+    assert [type(e).__name__ for e in got] == ["LateRelease"]
+    failed = [r for r in caplog.records if getattr(r, "event", None) == "listener_failed"]
+    assert len(failed) == 1 and "which the pool does not await" in failed[0].getMessage()
