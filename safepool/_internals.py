@@ -846,7 +846,9 @@ def disown_callbacks(registered: dict[Any, int], lease_id: int) -> None:
             registered[key] = SETUP_LEASE
 
 
-def drop_lease_callbacks(con: RawConnection, registered: dict[Any, int] | None, lease_id: int) -> None:
+def drop_lease_callbacks(
+    con: RawConnection, registered: dict[Any, int] | None, lease_id: int, baseline: Baseline = None
+) -> None:
     """Remove from ``con`` the termination listeners and query loggers lease
     ``lease_id`` registered (``Holder.lease_callbacks``), for a take-back:
     the holder never reached its own removal (``with con.query_logger(log):``
@@ -854,13 +856,19 @@ def drop_lease_callbacks(con: RawConnection, registered: dict[Any, int] | None, 
     its logger would be handed every later lease's statements with their
     arguments, its termination listener a later lease's connection. A
     release keeps them, as asyncpg's does; the connection's own
-    (``init=``'s, ``setup=``'s) are not the lease's."""
-    if not registered:
-        return
-    for key in [key for key, owner in registered.items() if owner == lease_id]:
-        kind, entry = key
-        (con._termination_listeners if kind == TERMINATION else con._query_loggers).discard(entry)
-        del registered[key]
+    (``init=``'s, ``setup=``'s: the ``baseline`` and those noted so) and an
+    earlier lease's are not the lease's. One noted for no lease (registered
+    once the lease's proxy was garbage: ``with (await
+    pool.acquire()).query_logger(log):``) is the lease's, as
+    :func:`has_callbacks` counts it (review h207)."""
+    registered = registered if registered is not None else {}
+    for kind, entries in ((TERMINATION, con._termination_listeners), (LOGGER, con._query_loggers)):
+        own = baseline[0 if kind == TERMINATION else 1] if baseline is not None else frozenset()
+        for entry in [e for e in entries if e not in own and registered.get((kind, e), lease_id) == lease_id]:
+            if kind == TERMINATION and not HAS_POOL_HOLDER and entry is _CLOSE_LISTENERS.get(con):
+                continue  # (the pool's own close listener)
+            entries.discard(entry)
+            registered.pop((kind, entry), None)
 
 
 def forget_removed_callbacks(con: RawConnection, registered: dict[Any, int]) -> None:
@@ -924,20 +932,25 @@ def _query_logger(self: RawConnection, callback: Any) -> Generator[None, None, N
     # which the expired holder's exit took away from it. (Bound to the
     # connection itself, the block's exit does not pass through the proxy.)
     self.add_query_logger(callback)
-    proxy = self._proxy if isinstance(self._proxy, weakref.ProxyTypes) else None
+    lease = _lease_of(self)
     try:
         yield
     finally:
-        if proxy is None or not _expired(proxy):
+        # (The lease, not its proxy: the proxy may be garbage by the exit, and
+        # then told nothing of the take-back; review h207.)
+        if lease is None or lease.state.value != "expired":
             self.remove_query_logger(callback)
 
 
-def _expired(proxy: Any) -> bool:
-    """Whether a lease's (weak) proxy was taken back by ``lease_timeout``."""
+def _lease_of(con: RawConnection) -> Any:
+    """The lease ``con`` is leased under, while its (weak) proxy lives; None."""
+    proxy = con._proxy
+    if not isinstance(proxy, weakref.ProxyTypes):
+        return None
     try:
-        return proxy._expired is not None
+        return proxy._lease
     except ReferenceError:
-        return False
+        return None
 
 
 # A callback already on the connection (init='s, setup='s, an earlier

@@ -252,7 +252,8 @@ class Reclaimer:
         # The lease's own query loggers and termination listeners go with it
         # too (a release keeps them, as asyncpg's): its `with
         # con.query_logger():` was cut short, and would log the next leases.
-        _pg.drop_lease_callbacks(con, self.runner.slot_holders[slot].lease_callbacks, lease.id)
+        holder = self.runner.slot_holders[slot]
+        _pg.drop_lease_callbacks(con, holder.lease_callbacks, lease.id, holder.base_callbacks)
         leak_logger.error(
             "pool %r: lease expired after %.3fs (lease_timeout %.3fs); %s; taking the connection back. "
             "Acquired at:\n%s",
