@@ -509,13 +509,25 @@ def own_references(con: RawConnection) -> int:
     alive: a transaction started with ``start()`` and then dropped (asyncpg
     keeps it as ``_top_xact``, and it refers back to the connection). Once
     the proxy is gone nothing can commit it, so it does not make the
-    connection in use."""
+    connection in use. And a lost lease's :class:`StandIn` proxy, while no
+    callback holds it."""
+    own = 0
+    holder = con._proxy
+    if type(holder) is StandIn:
+        # A lost lease's stand-in proxy refers to the connection; only the
+        # connection keeps it (3: its attribute, the local, the argument)
+        # unless a callback still holds it.
+        proxy = holder.proxy
+        if proxy._raw is con and sys.getrefcount(proxy) == 3:
+            own += 1
+        del proxy
+    del holder
     xact = con._top_xact
     if xact is None or xact._connection is not con:
-        return 0
+        return own
     del xact
     # 2: the connection's attribute and this call's argument.
-    return 1 if sys.getrefcount(con._top_xact) == 2 else 0
+    return own + (1 if sys.getrefcount(con._top_xact) == 2 else 0)
 
 
 def stale_references(con: RawConnection) -> int:
@@ -749,16 +761,50 @@ def drop_released(con: RawConnection) -> None:
         con._proxy = None
 
 
+class StandIn:
+    """What ``con._proxy`` is once a lease's proxy was garbage collected while
+    the connection is still in use (its callbacks registered, an operation
+    under way: the reclaimer waits): a new proxy of the same lease, held
+    strongly here, handed to the connection's listener, log listener and
+    termination listener callbacks (:func:`_unwrap`), as asyncpg hands them
+    the lease's proxy. Through it a callback works while the lease lasts,
+    and gets ``LeaseExpiredError`` (``InterfaceError`` after a reclaim) once
+    the lease ended: handed the connection itself, a callback still running
+    when ``lease_timeout`` took the connection back wrote into the next
+    lease's session (review h207). Not the application's proxy
+    (:func:`live_proxy` says None); a reference only this object holds does
+    not keep the connection in use (:func:`own_references`)."""
+
+    __slots__ = ("proxy",)
+
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+
+    @property
+    def _holder(self) -> Any:
+        # asyncpg < 0.32's close: con._proxy._holder._release_on_close(), as
+        # through the lost proxy (the lease is still open).
+        return self.proxy._holder
+
+
+def stand_in(con: RawConnection, proxy: Any) -> None:
+    """Make ``proxy``, a new proxy of the lost lease (its constructor pointed
+    ``con._proxy`` at it weakly), the connection's :class:`StandIn`."""
+    con._proxy = StandIn(proxy)
+
+
 def detach_proxy(con: RawConnection, expired_reason: str | None = None) -> None:
     """Cut the proxy (if any) off its connection; the proxy may already be
     garbage: ``con._proxy`` is a weak proxy (or a :class:`ReleasedProxy`,
-    whose lease has ended already)."""
+    whose lease has ended already, or a lost lease's :class:`StandIn`)."""
     proxy = con._proxy
     if proxy is None:
         return
     if type(proxy) is ReleasedProxy:
         con._proxy = None
         return
+    if type(proxy) is StandIn:
+        proxy = proxy.proxy
     try:
         if expired_reason is not None:
             proxy._expire(expired_reason)
@@ -788,6 +834,8 @@ def _unwrap(con: RawConnection) -> Any:
             return con
     if type(proxy) is ReleasedProxy:
         return proxy.referent(con)
+    if type(proxy) is StandIn:
+        return proxy.proxy
     return _asyncpg_unwrap(con)
 
 
@@ -975,7 +1023,7 @@ def live_proxy(con: RawConnection) -> Any | None:
     """The proxy a connection is leased through, or None (none, or already
     garbage: ``con._proxy`` is a weak proxy)."""
     proxy = con._proxy
-    if proxy is None or type(proxy) is ReleasedProxy:
+    if proxy is None or type(proxy) is ReleasedProxy or type(proxy) is StandIn:
         return None
     try:
         proxy._raw  # noqa: B018 - a dead weak proxy raises ReferenceError

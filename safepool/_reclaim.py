@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from . import _internals as _pg
@@ -92,6 +92,8 @@ class Reclaimer:
         self.hooks = hooks
         self.reset_timeout = reset_timeout
         self.leak_warning_after = leak_warning_after
+        # The pool's proxy class (set by the pool): a lost lease's stand-in is one.
+        self.proxy_class: Callable[[Holder, RawConnection, Lease], Any] | None = None
 
     def reclaim(self, lease: Lease, *, asked: bool = False) -> None:
         """A proxy was garbage collected while still leased (or a re-check
@@ -202,9 +204,12 @@ class Reclaimer:
         """Check an orphaned connection still in use again later, reporting
         it once it looks like more than a query finishing."""
         if holder.orphan_checks == 0:
-            # Listener callbacks get the connection itself from now on, not
-            # the dead proxy.
+            # Listener callbacks get a stand-in proxy of the lease from now
+            # on, not the dead one (nor the connection itself, which a
+            # take-back could not cut off: _internals.StandIn).
             _pg.detach_proxy(con)
+            if self.proxy_class is not None and lease.active:
+                _pg.stand_in(con, self.proxy_class(holder, con, lease))
         # A query still running when its proxy went (`await (await
         # pool.acquire()).fetch(...)`) ends soon and is reclaimed quietly as a
         # leak; callbacks, or use that goes on, are worth a report now.

@@ -194,6 +194,7 @@ class Pool(_PoolBase):
             reset_timeout=config.reset_timeout, auto_reset=reset_mode == "auto",
             leak_warning_after=config.leak_warning_after,
         )
+        runner.reclaimer.proxy_class = proxy_class
         self._drain = runner.drain
         # The hot path, acquire and release: PoolAcquireContext calls it
         # directly (no call through the face per lease).

@@ -1,11 +1,12 @@
 """Review h207: lease timeouts and the reclamation of abandoned proxies,
 attacked on a real PostgreSQL (a take-back with callbacks whose proxy is
 gone, statements and COPY under way, references kept elsewhere). Strict
-xfails are bugs found; the rest are tricky cases that held. Two were fixed
-in s65 (a take-back drops a logger registered once the proxy was garbage;
-an expired block's exit keeps the next lease's logger when its proxy died);
-the lost proxy's notification callback handed the raw connection is still
-open (docs/leases.md, "Limits")."""
+xfails were bugs found, all three fixed in s65: a take-back drops a logger
+registered once the proxy was garbage; an expired block's exit keeps the
+next lease's logger when its proxy died; a lost proxy's callbacks get a
+stand-in proxy of the lease (``_internals.StandIn``), not the connection,
+so one still running after a take-back gets ``LeaseExpiredError``. The rest
+are tricky cases that held."""
 
 from __future__ import annotations
 
@@ -187,11 +188,48 @@ async def _callback_across_a_take_back(pools: Any, pg_dsn: str, *, keep_proxy: b
     return seen, rows
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a notification callback of a lost proxy is handed the raw connection (_reclaim.defer_reclaim "
-    "detaches the dead proxy, _internals._unwrap then returns the connection), which the take-back "
-    "cannot detach: the callback's statement after the take-back runs in the next lease's session, "
-    "here inside its transaction: reported written, then rolled back with the next lease's work"))
+
+async def test_a_lost_proxys_callback_works_through_its_stand_in_and_then_lets_the_connection_go(
+    pools: Any, pg_dsn: str
+) -> None:
+    # s65 sibling: while the lease lasts the stand-in works (a query, the lease's
+    # own connection), is not the connection itself, and is a pool proxy; the
+    # callback removes its listener through it, and nothing then keeps the
+    # connection: the pool reclaims it (the stand-in's reference is its own).
+    import asyncpg
+
+    pool = await pools(max_size=1)
+    admin = await asyncpg.connect(pg_dsn)
+    got: list[Any] = []
+    done = asyncio.Event()
+
+    async def on_notification(con: Any, pid: int, channel: str, payload: str) -> None:
+        got.append((type(con).__name__, isinstance(con, asyncpg.Connection), await con.fetchval("SELECT 7")))
+        await con.remove_listener("h207_standin", on_notification)
+        done.set()
+
+    async def listening_handler() -> int:
+        con = await pool.acquire()  # safepool: ignore (lost under test)
+        await con.add_listener("h207_standin", on_notification)
+        return con.get_server_pid()
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            pid = await listening_handler()
+            gc.collect()
+            await until(lambda: [lease.collected for lease in pool.leases()] == [True])
+            await admin.execute("NOTIFY h207_standin")
+            await asyncio.wait_for(done.wait(), 5)
+            gc.collect()
+            async with asyncio.timeout(10):
+                await until(lambda: not pool.leases())  # reclaimed once the listener went
+        assert got == [("PoolConnectionProxy", True, 7)]
+        async with pool.acquire(timeout=5) as con:
+            assert con.get_server_pid() == pid and await con.fetchval("SELECT 1") == 1
+    finally:
+        await admin.close()
+
 async def test_a_lost_proxys_callback_cannot_write_into_the_next_lease(pools: Any, pg_dsn: str) -> None:
     seen, rows = await _callback_across_a_take_back(pools, pg_dsn, keep_proxy=False)
     assert seen != ["wrote"] or rows == ["callback"]  # a write reported done is on the server
