@@ -18,6 +18,13 @@ xfails: a connect error within ``connect_error_window`` is forgotten
 docs/metrics.md says the errors are counted "from the newest check at
 least this old" (``connect_error_window``); both cases drop that check.
 
+A third, in the OpenTelemetry histograms: a pool moved to another name
+(``add(pool, "other")``) in the loop turn its lease ended loses that
+lease's wait and use time from wait_time/use_time (under either name),
+though docs/metrics.md says no value is lost once the sink is installed:
+removing a timing sink (safepool/_surface.py ``remove_timing_sink``)
+drops the values its ``TeeHistogram`` queued and had not handed over yet.
+
 The rest held and is kept as passing tests: gauges and the lease ledger at
 quiescence after storms of timeouts and cancellations (a waiter cancelled
 after it was granted a connection included), ``acquire_timeouts`` equal to
@@ -397,3 +404,72 @@ async def test_health_follows_the_server_away_and_back(pools: Any, pg_dsn: str) 
     assert report.stats.server_status == "up" and report.stats.consecutive_connect_failures == 0
     assert "server_down" not in codes(report) and "probe_failed" not in codes(report), report.reasons
     assert ledger_and_gauges(pool, held=0) == []
+
+
+# OpenTelemetry: a rename loses the values not yet handed to the sinks (bug) ---------------------------------
+
+
+def histogram_counts(reader: Any, name: str) -> dict[str, int]:
+    return {
+        attributes["db.client.connection.pool.name"]: point.count
+        for attributes, point, _ in otel_points(reader).get(name, [])
+    }
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_surface.py remove_timing_sink's uninstall (via otel.py _attach -> _detach) drops the values the "
+    "TeeHistogram queued and had not handed over yet: a lease that ended in the loop turn of a rename is in "
+    "acquire_wait/lease_duration but in neither name's wait_time/use_time",
+)
+async def test_a_lease_just_before_a_rename_is_in_the_otel_histograms(pools: Any) -> None:
+    """docs/metrics.md: the histograms are fed "with each value the pool
+    records", the sink installed "(no value is lost from then on)", and a
+    pool moved to another name (``add(pool, "other")``) is reported under
+    it. An acquire and a release, then the move in the same loop turn (an
+    application renaming its pool right after a request): the lease's wait
+    and use time must be in wait_time/use_time under one name or the
+    other. They are in neither: the count stays 0 while stats() has 1."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from safepool.metrics.otel import instrument
+
+    reader = InMemoryMetricReader()
+    pool = await pools(name="h208-before-rename", min_size=1, max_size=1)
+    instruments = instrument(pool, meter_provider=MeterProvider(metric_readers=[reader]))
+    await asyncio.sleep(0.01)  # (the sinks are installed)
+    con = await pool.acquire()
+    await pool.release(con)
+    instruments.add(pool, "h208-renamed")
+    await asyncio.sleep(0.05)  # (whatever was queued has been handed over by now)
+    stats = pool.stats()
+    assert (stats.acquire_wait.count, stats.lease_duration.count) == (1, 1)
+    assert sum(histogram_counts(reader, "db.client.connection.wait_time").values()) == 1
+    assert sum(histogram_counts(reader, "db.client.connection.use_time").values()) == 1
+
+
+async def test_a_lease_one_loop_turn_before_a_rename_is_in_the_otel_histograms(pools: Any) -> None:
+    """The control: with one loop turn between the release and the move,
+    the lease is in wait_time and use_time under the old name, and the next
+    one under the new name."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from safepool.metrics.otel import instrument
+
+    reader = InMemoryMetricReader()
+    pool = await pools(name="h208-turn-before-rename", min_size=1, max_size=1)
+    instruments = instrument(pool, meter_provider=MeterProvider(metric_readers=[reader]))
+    await asyncio.sleep(0.01)
+    con = await pool.acquire()
+    await pool.release(con)
+    await asyncio.sleep(0)
+    instruments.add(pool, "h208-turn-renamed")
+    await asyncio.sleep(0.01)
+    con = await pool.acquire()
+    await pool.release(con)
+    await asyncio.sleep(0.01)
+    expected = {"h208-turn-before-rename": 1, "h208-turn-renamed": 1}
+    assert histogram_counts(reader, "db.client.connection.wait_time") == expected
+    assert histogram_counts(reader, "db.client.connection.use_time") == expected
