@@ -473,3 +473,45 @@ async def test_a_lease_one_loop_turn_before_a_rename_is_in_the_otel_histograms(p
     expected = {"h208-turn-before-rename": 1, "h208-turn-renamed": 1}
     assert histogram_counts(reader, "db.client.connection.wait_time") == expected
     assert histogram_counts(reader, "db.client.connection.use_time") == expected
+
+
+async def test_values_on_bucket_bounds_land_alike_in_stats_prometheus_and_otel(pools: Any) -> None:
+    """Leases of exactly 0, 0.01, 0.25, 1, 300 and 301 s (the pool's
+    ManualClock): each on-bound value is in its bound's bucket (``le``), the
+    same in stats(), the Prometheus ``le`` buckets and the OpenTelemetry
+    point (bounds, counts, sum and max)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from safepool.metrics.otel import instrument
+    from safepool.metrics.prometheus import register
+
+    clock = safepool.ManualClock()
+    reader = InMemoryMetricReader()
+    registry = CollectorRegistry()
+    pool = await pools(name="h208-bounds", min_size=1, max_size=1, clock=clock)
+    instrument(pool, meter_provider=MeterProvider(metric_readers=[reader]))
+    register(pool, registry=registry)
+    await asyncio.sleep(0.01)
+    for held in (0.0, 0.01, 0.25, 1.0, 300.0, 301.0):
+        con = await pool.acquire()
+        clock.advance(held)
+        await pool.release(con)
+    await asyncio.sleep(0.01)
+    lease = pool.stats().lease_duration
+    bounds = list(lease.bounds)
+    expected = [0] * (len(bounds) + 1)
+    for held in (0.0, 0.01, 0.25, 1.0, 300.0):
+        expected[bounds.index(held) if held else 0] += 1
+    expected[-1] += 1  # 301 s: above the last bound
+    assert list(lease.bucket_counts) == expected
+    ((_, point, _),) = otel_points(reader)["db.client.connection.use_time"]
+    assert list(point.explicit_bounds) == bounds and list(point.bucket_counts) == expected
+    assert (point.count, point.sum, point.max) == (6, lease.sum, 301.0)
+    text = (await asyncio.to_thread(generate_latest, registry)).decode()
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "safepool_lease_duration_seconds"]
+    cumulative = [s.value for s in family.samples if s.name.endswith("_bucket")]
+    running = [sum(expected[: i + 1]) for i in range(len(expected))]
+    assert cumulative == running
