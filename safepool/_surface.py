@@ -161,6 +161,10 @@ class Observation:
         def uninstall() -> None:
             current: Histogram = getattr(state, field)
             if isinstance(current, TeeHistogram):
+                # The values recorded while it was installed go to it first
+                # (its loop callback may not have run yet: a lease that ended
+                # in the loop turn of an exporter's rename; review h208).
+                current.flush()
                 if callback in current.sinks:
                     current.sinks.remove(callback)
                 if not current.sinks:

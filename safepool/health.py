@@ -85,9 +85,9 @@ class HealthReport:
         }
 
 
-# Per pool, (time, connect_errors) at each check within the window: the
-# connect error rate is the counter's growth since the oldest of them.
-_history: weakref.WeakKeyDictionary[Pool, deque[tuple[float, int]]] = weakref.WeakKeyDictionary()
+# Per pool, the connect error counter as its checks saw it (_History): the
+# connect error rate is the counter's growth since the window's start.
+_history: weakref.WeakKeyDictionary[Pool, _History] = weakref.WeakKeyDictionary()
 
 
 PROBE_SITE = "safepool.health"
@@ -335,22 +335,67 @@ def _lost(con: Any) -> bool:
 def _recent_connect_errors(pool: Pool, stats: PoolStats, now: float, window: float) -> tuple[int, float | None]:
     """(connect errors, over how many seconds); None seconds: no usable
     earlier check, so only the current run of failures is known, counted
-    if its last failure is within the window."""
-    samples = _history.get(pool)
-    if samples is None:
-        samples = _history[pool] = deque(maxlen=256)
-    # The baseline is the newest sample at or before the window's start (or
-    # the oldest one, when every check so far is more recent than that).
-    while len(samples) > 1 and samples[1][0] <= now - window:
-        samples.popleft()
-    baseline = samples[0] if samples and now - samples[0][0] <= 2 * window else None
-    samples.append((now, stats.connect_errors))
+    if its last failure is within the window.
+
+    The pool's checks share one history of the connect error counter, as
+    runs of equal values (``[first seen, last seen, count]``): bounded by
+    how often the counter moved, not how often ``health()`` ran (a
+    readiness endpoint polled many times a second), and kept for the
+    longest window any check asked for, so that a check with a short
+    window does not drop what a longer one needs (review h208)."""
+    history = _history.get(pool)
+    if history is None:
+        history = _history[pool] = _History()
+    history.longest = max(history.longest, window)
+    runs = history.runs
+    # Runs that ended before the longest window's start are not needed once
+    # a later run started before it too.
+    while len(runs) > 1 and runs[1][0] <= now - history.longest:
+        runs.popleft()
+    start = now - window
+    # The baseline: the counter's value at the window's start, known exactly
+    # when a run spans it (the counter did not move between two checks on
+    # either side); else the newest check before it (errors between that
+    # check and the start count too), or the oldest check, when every check
+    # so far is more recent than the start.
+    baseline: tuple[float, int] | None = None
+    for first, last, count in reversed(runs):
+        if first <= start:
+            baseline = (start, count) if last >= start else (last, count)
+            break
+    else:
+        if runs:
+            baseline = (runs[0][0], runs[0][2])
+    if baseline is not None and now - baseline[0] > 2 * window:
+        baseline = None
+    if runs and runs[-1][2] == stats.connect_errors:
+        runs[-1][1] = now
+    else:
+        runs.append([now, now, stats.connect_errors])
     if baseline is None:
         # The current run of failures, if its last failed within the window
         # (a run that ended long ago, with no connect since, is not recent).
         age = stats.last_connect_failure_age
         return (stats.consecutive_connect_failures if age is not None and age <= window else 0), None
     return stats.connect_errors - baseline[1], now - baseline[0]
+
+
+class _History:
+    """A pool's connect error counter as its health checks saw it."""
+
+    __slots__ = ("runs", "longest")
+
+    def __init__(self) -> None:
+        # [first seen, last seen, counter]: at most one run per move of the
+        # counter, the oldest dropped past _HISTORY_RUNS.
+        self.runs: deque[list[Any]] = deque(maxlen=_HISTORY_RUNS)
+        self.longest = 0.0
+
+
+# Runs of the counter kept per pool: a counter that moved this often within
+# the longest window loses its oldest runs (the check then knows the current
+# run of failures only, as with no earlier check).
+_HISTORY_RUNS = 4096
 
 
 def _connections(count: int) -> str:

@@ -224,8 +224,11 @@ def test_connect_error_window_uses_checks_as_samples() -> None:
     state.connect_succeeded(slot, object(), 21.0)  # the run ends; the errors stay counted
     assert check(30.0) == (1, 29.0)
     assert check(80.0) == (1, 70.0)  # baseline: the newest check at or before 20.0 (10.0)
-    assert check(100.0) == (0, 70.0)  # baseline moved to 30.0
-    assert isinstance(health._history[pool], deque)
+    # The counter did not move between the checks at 30.0 and 80.0: its value
+    # at the window's start (40.0) is known, the window measured in full.
+    assert check(100.0) == (0, 60.0)
+    # Runs of the counter, not one sample per check; the run of 1 ended before any window's start: dropped.
+    assert [run[2] for run in health._history[pool].runs] == [2]
     assert check(500.0) == (0, None)  # the last check is too old to measure a rate from
 
 
