@@ -63,6 +63,16 @@ the release finds the connection closed and frees the place at once
 exists. A connection asyncpg aborted gives the pool no end-of-socket to
 wait for; holding the place (``closing``) for a short bounded grace, or
 until the server no longer lists the backend's pid, would keep the bound.
+
+And one cancellation that is not absorbed where it should be (uvloop): an
+``asyncio.timeout(0)`` around ``pool.release()`` inside an anyio cancel
+scope whose deadline has passed (a ``finally:`` that bounds its release)
+lets a bare ``CancelledError`` out of the scope, the task no longer
+cancelling: anyio re-cancels a task whose waiter is not a done
+``asyncio.Future``, and the release's ``_detach._Driver`` stand-in is
+not one (safepool/_detach.py:91, 175-190), so the timeout's count of its
+own cancellations is off by one. asyncpg's pool (a shield's future)
+absorbs it every time.
 """
 
 from __future__ import annotations
@@ -83,7 +93,7 @@ import pytest_asyncio
 
 import safepool
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
+pytestmark = pytest.mark.realtime
 
 # A session whose backend takes long to exit once it has read Terminate: it
 # drops its temporary tables on the way out (0.1 s for 2,000 on an idle
@@ -108,6 +118,7 @@ async def gone(server_count: Callable[[str], Any], app_name: str, timeout: float
     "exiting and frees its place at once: the next lease's connect runs beside it (max_size + 1); "
     "safepool/_workers.py:457-464, safepool/_runner.py:787-789",
 )
+@pytest.mark.asyncio
 async def test_a_close_cut_by_the_acquire_timeout_keeps_the_place_until_the_backend_is_gone(
     pools: Any, app_name: str, server_count: Any
 ) -> None:
@@ -130,6 +141,7 @@ async def test_a_close_cut_by_the_acquire_timeout_keeps_the_place_until_the_back
     "the pool aborts and frees the place while the backend is still exiting (max_size + 1); "
     "safepool/_workers.py:457-464, safepool/_runner.py:787-789",
 )
+@pytest.mark.asyncio
 async def test_an_expired_idle_connection_keeps_its_place_until_its_backend_is_gone(
     pools: Any, app_name: str, server_count: Any
 ) -> None:
@@ -153,6 +165,7 @@ async def test_an_expired_idle_connection_keeps_its_place_until_its_backend_is_g
     "runs out the place is freed while the backend is still exiting (max_size + 1); "
     "safepool/_workers.py:457-464, safepool/_runner.py:787-789",
 )
+@pytest.mark.asyncio
 async def test_an_inactive_connection_keeps_its_place_until_its_backend_is_gone(
     pools: Any, app_name: str, server_count: Any
 ) -> None:
@@ -179,6 +192,7 @@ async def test_an_inactive_connection_keeps_its_place_until_its_backend_is_gone(
     "at once, while its backend is still exiting (max_size + 1 on the next lease); "
     "safepool/_runner.py:816 and 728-751",
 )
+@pytest.mark.asyncio
 async def test_a_terminated_idle_lease_keeps_its_place_until_its_backend_is_gone(
     pools: Any, app_name: str, server_count: Any
 ) -> None:
@@ -202,6 +216,7 @@ async def test_a_terminated_idle_lease_keeps_its_place_until_its_backend_is_gone
     "connection, and the release frees the place at once while the backend is still exiting "
     "(max_size + 1 on the next lease); safepool/_runner.py:728-751",
 )
+@pytest.mark.asyncio
 async def test_a_terminated_backend_keeps_its_place_until_it_is_gone(
     pools: Any, app_name: str, server_count: Any, pg_dsn: str
 ) -> None:
@@ -222,6 +237,62 @@ async def test_a_terminated_backend_keeps_its_place_until_it_is_gone(
         await admin.close()
         pool.terminate()
         await gone(server_count, app_name)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="on uvloop, asyncio.timeout(0) around a release inside an anyio cancel scope whose deadline "
+    "passed lets a bare CancelledError escape the scope (task.cancelling() == 0): anyio re-cancels a task "
+    "whose waiter is not a done asyncio.Future, and the release's stand-in (_detach._Driver) is not one; "
+    "safepool/_detach.py:91, 159, 175-190, 310",
+)
+def test_an_anyio_scope_absorbs_its_cancellation_of_a_release_under_asyncio_timeout(pg_dsn: str) -> None:
+    """anyio (4.x) re-delivers a scope's cancellation at every loop pass
+    to a task whose ``_fut_waiter`` is not a done ``asyncio.Future``
+    (``_deliver_cancellation``). A release's reset awaited through
+    ``_detach._Driver`` shows the task the driver, not the future: after
+    the driver was cancelled (by the inner ``asyncio.timeout``, its wake-up
+    pending) anyio cancels once more, so the timeout's count no longer
+    matches: it re-raises its own (message-less) ``CancelledError`` instead
+    of ``TimeoutError``, which the anyio scope does not take for its own and
+    lets out, uncancelled (``cancelling() == 0``): the enclosing task (a
+    request handler) dies of a cancellation nobody sent it. asyncpg's pool
+    (``asyncio.shield``: a real future) absorbs all 200; on asyncio's own
+    loop safepool does too; on uvloop 30-100 of 200 escape. Run on its own
+    uvloop loop, whatever ``--loop`` says."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> Counter[str]:
+        pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
+        outcomes: Counter[str] = Counter()
+        try:
+            for _ in range(200):
+                try:
+                    with anyio.CancelScope(deadline=anyio.current_time() - 1):
+                        con = await pool.acquire()
+                        try:
+                            await con.fetchval("SELECT 1")  # cancelled by the scope: the release resets
+                        finally:
+                            async with asyncio.timeout(0):
+                                await pool.release(con)
+                    outcomes["absorbed by the scope"] += 1
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    assert task is not None
+                    outcomes[f"escaped (cancelling={task.cancelling()})"] += 1
+                    while task.cancelling():
+                        task.uncancel()
+                except TimeoutError:
+                    outcomes["TimeoutError"] += 1
+                await asyncio.sleep(0.002)
+            pool._state.check_invariants()
+        finally:
+            pool.terminate()
+        return outcomes
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        outcomes = runner.run(scenario())
+    assert not [k for k in outcomes if k.startswith("escaped")], outcomes
 
 
 # ----------------------------------------------------------------- the storm
@@ -259,6 +330,7 @@ async def limited_role(pg_dsn: str) -> AsyncIterator[Callable[[int], Any]]:
     ("seed", "max_size", "min_size", "reset_mode", "lease_timeout"),
     [(206, 2, 0, "full", None), (2061, 2, 2, "rollback", 0.05)],
 )
+@pytest.mark.asyncio
 async def test_storm_keeps_the_server_count_within_max_size(
     pools: Any, app_name: str, pg_dsn: str, limited_role: Any, server_count: Any,
     seed: int, max_size: int, min_size: int, reset_mode: str, lease_timeout: float | None,
