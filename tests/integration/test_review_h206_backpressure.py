@@ -26,7 +26,8 @@ exceeded ``max_size`` in 22 of 40 runs.
 :func:`test_storm_keeps_the_server_count_within_max_size` guards that at
 fixed seeds.
 
-What did not hold (strict xfails): a connection the pool closes gracefully
+What did not hold (xfails, open at the end of s65; docs/reliability.md,
+"Open"): a connection the pool closes gracefully
 under a budget (``Connection.close(timeout=)``: a release's or the acquire's
 timeout when ``max_queries`` or an expired generation closes it on release,
 or ``reset_timeout`` for an idle connection that ``expire_connections()`` or
@@ -113,7 +114,7 @@ async def gone(server_count: Callable[[str], Any], app_name: str, timeout: float
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # (open; timing: a backend that exits quicker than the next connect hides it)
     reason="a release's close under the acquire's timeout (max_queries) gives up on a backend that is "
     "exiting and frees its place at once: the next lease's connect runs beside it (max_size + 1); "
     "safepool/_workers.py:457-464, safepool/_runner.py:787-789",
@@ -136,7 +137,7 @@ async def test_a_close_cut_by_the_acquire_timeout_keeps_the_place_until_the_back
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # (open; timing: a backend that exits quicker than the next connect hides it)
     reason="expire_connections() closes an idle connection under reset_timeout; when that runs out "
     "the pool aborts and frees the place while the backend is still exiting (max_size + 1); "
     "safepool/_workers.py:457-464, safepool/_runner.py:787-789",
@@ -160,7 +161,7 @@ async def test_an_expired_idle_connection_keeps_its_place_until_its_backend_is_g
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # (open; timing: a backend that exits quicker than the next connect hides it)
     reason="max_inactive_connection_lifetime closes an idle connection under reset_timeout; when that "
     "runs out the place is freed while the backend is still exiting (max_size + 1); "
     "safepool/_workers.py:457-464, safepool/_runner.py:787-789",
@@ -187,7 +188,7 @@ async def test_an_inactive_connection_keeps_its_place_until_its_backend_is_gone(
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # (open; timing: a backend that exits quicker than the next connect hides it)
     reason="a leased connection the program terminate()s with no statement running frees its place "
     "at once, while its backend is still exiting (max_size + 1 on the next lease); "
     "safepool/_runner.py:816 and 728-751",
@@ -211,7 +212,7 @@ async def test_a_terminated_idle_lease_keeps_its_place_until_its_backend_is_gone
 
 
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # (open; timing: a backend that exits quicker than the next connect hides it)
     reason="pg_terminate_backend: the lease's next statement reads the backend's FATAL, asyncpg aborts the "
     "connection, and the release frees the place at once while the backend is still exiting "
     "(max_size + 1 on the next lease); safepool/_runner.py:728-751",
