@@ -143,6 +143,17 @@ async def _drive(pool: safepool.Pool, records: pytest.LogCaptureFixture, events:
 SURFACES = ["stats", "health", "logs", "events", "raised"]
 
 
+async def _surfaces(dsn: str, records: pytest.LogCaptureFixture, **options: Any) -> Surfaces:
+    """What a pool with ``options`` (a failing hook) produced, by surface."""
+    pool = await safepool.create_pool(dsn, min_size=0, max_size=1, **options)
+    events: list[Any] = []
+    pool.add_listener(events.append)
+    try:
+        return await _drive(pool, records, events)
+    finally:
+        pool.terminate()
+
+
 def _xfail(reason: str) -> Any:
     return pytest.mark.xfail(strict=True, reason=reason)
 
@@ -160,14 +171,7 @@ async def test_an_init_hook_error_quoting_the_dsn_hides_the_password(
     async def init(con: Any) -> None:
         raise RuntimeError(f"cannot prepare a session on {dsn}")
 
-    pool = await safepool.create_pool(dsn, min_size=0, max_size=1, init=init)
-    events: list[Any] = []
-    pool.add_listener(events.append)
-    try:
-        s = await _drive(pool, records, events)
-    finally:
-        pool.terminate()
-    assert not s.leaks(surface)
+    assert not (await _surfaces(dsn, records, init=init)).leaks(surface)
 
 
 @pytest.mark.asyncio
@@ -180,14 +184,7 @@ async def test_a_connect_callback_error_quoting_the_dsn_hides_the_password(
     async def connect(*args: Any, **kwargs: Any) -> Any:
         raise ConnectionError(f"no route to {args[0] if args else kwargs.get('dsn')}")
 
-    pool = await safepool.create_pool(dsn, min_size=0, max_size=1, connect=connect)
-    events: list[Any] = []
-    pool.add_listener(events.append)
-    try:
-        s = await _drive(pool, records, events)
-    finally:
-        pool.terminate()
-    assert not s.leaks(surface)
+    assert not (await _surfaces(dsn, records, connect=connect)).leaks(surface)
 
 
 @pytest.mark.asyncio
@@ -203,14 +200,7 @@ async def test_a_connection_class_error_quoting_the_dsn_hides_the_password(
             transport.close()  # (asyncpg leaves it open when connection_class raises)
             raise RuntimeError(f"refusing {dsn}")
 
-    pool = await safepool.create_pool(dsn, min_size=0, max_size=1, connection_class=Refusing)
-    events: list[Any] = []
-    pool.add_listener(events.append)
-    try:
-        s = await _drive(pool, records, events)
-    finally:
-        pool.terminate()
-    assert not s.leaks(surface)
+    assert not (await _surfaces(dsn, records, connection_class=Refusing)).leaks(surface)
 
 
 @pytest.mark.asyncio
