@@ -14,6 +14,8 @@ Strict xfails (what did not hold):
 - (a) scrub_quoted, now on every setup=/init= error, masks a quoted piece
   that is any substring of the password, one character too: a server error's
   quoted value ("b") is garbled to "***".
+- (c) errors.is_coroutine_function raises TypeError (inspect) for a sync
+  Mock spec'd on a plain function: such a listener or hook is refused.
 
 Passing (what held): the stand-in proxy of a lost lease (release_lease in
 every reset mode, terminate, a callback releasing its stand-in, a running
@@ -394,5 +396,77 @@ async def test_a_lost_proxys_running_statement_ends_and_the_stand_in_lease_is_re
         async with pool.acquire(timeout=5) as con:
             assert await con.fetchval("SELECT current_setting('application_name')") != "h209 lost"
         pool._state.check_invariants()
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+# ------------------------------------ (c) a sync Mock spec'd on a function
+
+
+SPEC_MOCK = (
+    "errors.is_coroutine_function calls inspect.iscoroutinefunction, which raises TypeError for a Mock "
+    "spec'd on a plain function (Mock(spec=handler): isinstance(mock, FunctionType) holds, and its "
+    "__code__.co_flags is a Mock): add_event_listener/add_listener/add_timing_sink/on_pool_created refuse this "
+    "sync callable with a bare TypeError ('unsupported operand type(s) for &'), which check_callable accepted"
+)
+
+
+def _handler(event: Any) -> None:
+    pass
+
+
+@pytest.mark.xfail(strict=True, reason=SPEC_MOCK)
+async def test_a_mock_specd_on_a_plain_function_is_a_listener(pg_dsn: str) -> None:
+    from unittest import mock
+
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        listener = mock.Mock(spec=_handler)
+        pool.add_event_listener(listener)
+        con = await pool.acquire()
+        await pool.release(con)
+        await pool.release(con)  # a late release: an event
+        await asyncio.sleep(0.05)
+        assert listener.call_count == 1
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+@pytest.mark.xfail(strict=True, reason=SPEC_MOCK)
+async def test_a_mock_specd_on_a_plain_function_is_a_created_hook() -> None:
+    from unittest import mock
+
+    from safepool.pool import on_pool_created
+
+    remove = on_pool_created(mock.Mock(spec=_handler))
+    remove()
+
+
+async def test_callables_told_apart(pg_dsn: str) -> None:
+    """What held: sync callables accepted (a class, a bound method, a partial
+    of a plain function, a builtin method, a plain Mock), coroutine
+    functions refused (a partial of one, an AsyncMock, an async __call__)."""
+    import functools
+    from unittest import mock
+
+    class Sync:
+        def __call__(self, event: Any) -> None:
+            pass
+
+    class Async:
+        async def __call__(self, event: Any) -> None:
+            pass
+
+    async def handle(event: Any) -> None:
+        pass
+
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        for ok in (Sync, Sync(), functools.partial(_handler), [].append, mock.Mock(), mock.MagicMock(), print):
+            pool.add_event_listener(ok)
+            pool.remove_event_listener(ok)
+        for refused in (handle, functools.partial(handle), mock.AsyncMock(), Async()):
+            with pytest.raises(safepool.PoolTypeError):
+                pool.add_event_listener(refused)
     finally:
         await asyncio.wait_for(pool.close(), 10)
