@@ -417,9 +417,10 @@ class Leaser:
             # take-back ran asyncpg's _on_release already).
             return self.finish_release(None, True) if logged else released()
         slot = lease.slot  # (holder: the proxy's, its slot's: no lookup in slot_holders)
-        if holder.watched:
-            # A statement of the auto or rollback mode's proxy still runs
-            # (proxy.watch): it may leave a transaction, or answer late.
+        if holder.watched or holder.copies:
+            # A statement (or a COPY) of the lease still runs (proxy.watch,
+            # the COPY methods' count): it may leave a transaction, or answer
+            # late; auto and rollback modes would skip the reset.
             holder.clean_mark = -1
         try:
             check = _pg.release_check(con, holder.clean_mark, self.max_queries, holder.own_is_closed)

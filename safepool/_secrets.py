@@ -403,7 +403,7 @@ def scrub_quoted(detail: str, dsn: str | None) -> str:
                 continue
             if (
                 any(piece in form for form in with_forms) and not any(piece in form for form in without_forms)
-            ) or (piece not in shown and any(piece in secret for secret in secrets)):
+            ) or (len(piece) >= _MIN_MASKED and piece not in shown and any(piece in secret for secret in secrets)):
                 return quoted[0] + "***" + quoted[-1]
         return quoted
 
@@ -450,8 +450,11 @@ def scrub_connect_error(
         return redact_known(text, dsn, password, shown)
 
     seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
+    pending: list[BaseException] = [exc]
+    while pending:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
         seen.add(id(error))
         try:
             if any(isinstance(arg, str) for arg in error.args):
@@ -461,6 +464,14 @@ def scrub_connect_error(
                 for name, value in list(fields.items()):
                     if isinstance(value, str):
                         fields[name] = clean(value)
+            if isinstance(error, OSError):
+                # str() of OSError(errno, message, filename) reads these, not args.
+                for name in ("strerror", "filename", "filename2"):
+                    value = getattr(error, name, None)
+                    if isinstance(value, str):
+                        setattr(error, name, clean(value))
         except Exception:  # noqa: S110
             pass  # (an error class that refuses the write: raised as it is, never replaced by ours)
-        error = error.__cause__ or error.__context__
+        if isinstance(error, BaseExceptionGroup):
+            pending.extend(error.exceptions)  # (a TaskGroup's: each sub-exception's message too)
+        pending.extend(chained for chained in (error.__cause__, error.__context__) if chained is not None)

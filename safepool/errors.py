@@ -186,10 +186,17 @@ def check_callable(name: str, value: object, *, plain: bool = False) -> None:
 def is_coroutine_function(value: object) -> bool:
     """``async def`` (also through ``functools.partial``), or an object whose
     class's ``__call__`` is one."""
-    return inspect.iscoroutinefunction(value) or (
-        not inspect.isroutine(value)
-        and inspect.iscoroutinefunction(next((k.__dict__["__call__"] for k in type(value).__mro__ if "__call__" in k.__dict__), None))
-    )
+    try:
+        return inspect.iscoroutinefunction(value) or (
+            not inspect.isroutine(value)
+            and inspect.iscoroutinefunction(
+                next((k.__dict__["__call__"] for k in type(value).__mro__ if "__call__" in k.__dict__), None)
+            )
+        )
+    except Exception:
+        # (A Mock spec'd on a function answers inspect's questions with
+        # errors of its own: not known to be async, so taken as plain.)
+        return False
 
 
 def not_awaited_message(name: str, value: object) -> str:
@@ -204,13 +211,12 @@ def not_awaited_message(name: str, value: object) -> str:
 def refuse_awaitable(name: str, result: object) -> None:
     """A plain callback returned a coroutine (a lambda around an ``async
     def``): closed, so it warns of nothing, and refused, so the pool logs the
-    callback as failed, as any error of it.
+    callback as failed, as any error of it. A task or future it returns is
+    work it started, which runs on its own: fine.
 
-    :raises safepool.PoolTypeError: ``result`` is awaitable."""
-    if inspect.isawaitable(result):
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
+    :raises safepool.PoolTypeError: ``result`` is a coroutine."""
+    if inspect.iscoroutine(result):
+        result.close()
         raise PoolTypeError(f"{name} returned {type(result).__name__} {result!r}, which the pool does not await: "
                             "the work it stands for was not done")
 
