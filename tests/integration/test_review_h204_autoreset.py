@@ -42,6 +42,7 @@ import safepool
 pytest.importorskip("pglast", reason="pip install -e '.[test]' installs the auto extra")
 
 from safepool import _autoreset  # noqa: E402
+from tests._util import until_in_pg_sleep  # noqa: E402
 
 pytestmark = pytest.mark.asyncio
 
@@ -120,37 +121,27 @@ def _fresh_cache() -> Any:
 # ------------------------------------------------------ the false neutral
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "full",
-        "auto",
-        "rollback",
-    ],
-)
+RESET_MODES = ["full", "auto", "rollback"]
+
+
+@pytest.mark.parametrize("mode", RESET_MODES)
 async def test_release_while_the_leases_neutral_statement_runs_hands_on_a_clean_session(
     make: Any, pg_dsn: str, mode: str
 ) -> None:
     pool = await make(mode)
-    admin = await asyncpg.connect(pg_dsn)
     statement: asyncio.Future[Any] | None = None
     try:
         async with pool.acquire() as con:
             default = await _fingerprint(con)
         with contextlib.suppress(asyncpg.InterfaceError):
             async with pool.acquire() as con:
-                pid = con.get_server_pid()
                 # Every statement of the string is neutral to the classifier.
                 statement = asyncio.ensure_future(
                     con.execute(
                         "BEGIN; SET LOCAL work_mem = '1234kB'; SELECT pg_advisory_xact_lock(4204); SELECT pg_sleep(0.3)"
                     )
                 )
-                async with asyncio.timeout(10):
-                    while (
-                        await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep"
-                    ):
-                        await asyncio.sleep(0.005)
+                await until_in_pg_sleep(pg_dsn, con.get_server_pid(), 10)
                 # The lease ends (a program bug: the statement's task still runs).
         async with pool.acquire(timeout=10) as again:
             with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError):
@@ -161,77 +152,42 @@ async def test_release_while_the_leases_neutral_statement_runs_hands_on_a_clean_
             statement.cancel()
             with contextlib.suppress(BaseException):
                 await statement
-        await admin.close()
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "full",
-        "auto",
-        "rollback",
-    ],
-)
+@pytest.mark.parametrize("mode", RESET_MODES)
 async def test_release_in_the_step_that_cancels_the_leases_neutral_statement(make: Any, pg_dsn: str, mode: str) -> None:
     pool = await make(mode)
-    admin = await asyncpg.connect(pg_dsn)
-    try:
-        async with pool.acquire() as con:
-            default = await _fingerprint(con)
-        con = await pool.acquire()
-        pid = con.get_server_pid()
-        task = asyncio.ensure_future(con.execute("BEGIN; SET LOCAL work_mem = '1234kB'; SELECT pg_sleep(10)"))
-        async with asyncio.timeout(10):
-            while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
-                await asyncio.sleep(0.005)
-        task.cancel()
-        await pool.release(con)
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        async with pool.acquire(timeout=10) as again:
-            assert again.get_server_pid() == pid  # kept, as on asyncpg's pool
-            assert await _fingerprint(again) == default
-    finally:
-        await admin.close()
+    async with pool.acquire() as con:
+        default = await _fingerprint(con)
+    con = await pool.acquire()
+    pid = con.get_server_pid()
+    task = asyncio.ensure_future(con.execute("BEGIN; SET LOCAL work_mem = '1234kB'; SELECT pg_sleep(10)"))
+    await until_in_pg_sleep(pg_dsn, pid, 10)
+    task.cancel()
+    await pool.release(con)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with pool.acquire(timeout=10) as again:
+        assert again.get_server_pid() == pid  # kept, as on asyncpg's pool
+        assert await _fingerprint(again) == default
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "full",
-        "auto",
-        "rollback",
-    ],
-)
+@pytest.mark.parametrize("mode", RESET_MODES)
 async def test_release_in_the_step_that_cancels_a_plain_neutral_statement_hands_on_a_usable_connection(
     make: Any, pg_dsn: str, mode: str
 ) -> None:
     pool = await make(mode)
-    admin = await asyncpg.connect(pg_dsn)
+    con = await pool.acquire()
+    task = asyncio.ensure_future(con.execute("SELECT pg_sleep(10)"))
+    await until_in_pg_sleep(pg_dsn, con.get_server_pid(), 10)
+    task.cancel()
+    await pool.release(con)
     try:
-        con = await pool.acquire()
-        pid = con.get_server_pid()
-        task = asyncio.ensure_future(con.execute("SELECT pg_sleep(10)"))
-        async with asyncio.timeout(10):
-            while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
-                await asyncio.sleep(0.005)
-        task.cancel()
-        await pool.release(con)
-        try:
-            async with pool.acquire(timeout=10) as again:
-                assert await again.fetchval("SELECT 1") == 1
-        finally:
-            with contextlib.suppress(BaseException):
-                await task
+        async with pool.acquire(timeout=10) as again:
+            assert await again.fetchval("SELECT 1") == 1
     finally:
-        await admin.close()
-
-
-
-async def _wait_sleeping(admin: Any, pid: int) -> None:
-    async with asyncio.timeout(10):
-        while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
-            await asyncio.sleep(0.005)
+        with contextlib.suppress(BaseException):
+            await task
 
 
 # s65: the same kind through each call shape a watched statement takes: the
@@ -255,7 +211,6 @@ async def test_a_lease_released_with_a_statement_under_way_hands_on_a_clean_usab
     make: Any, pg_dsn: str, mode: str, shape: str
 ) -> None:
     pool = await make(mode)
-    admin = await asyncpg.connect(pg_dsn)
     statement: asyncio.Future[Any] | None = None
     try:
         async with pool.acquire() as con:
@@ -263,7 +218,7 @@ async def test_a_lease_released_with_a_statement_under_way_hands_on_a_clean_usab
         with contextlib.suppress(asyncpg.InterfaceError):
             async with pool.acquire() as con:
                 statement = asyncio.ensure_future(IN_FLIGHT[shape](con))
-                await _wait_sleeping(admin, con.get_server_pid())
+                await until_in_pg_sleep(pg_dsn, con.get_server_pid(), 10)
         async with pool.acquire(timeout=10) as again:
             with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError):
                 await statement
@@ -274,13 +229,11 @@ async def test_a_lease_released_with_a_statement_under_way_hands_on_a_clean_usab
             statement.cancel()
             with contextlib.suppress(BaseException):
                 await statement
-        await admin.close()
 
 
 @pytest.mark.parametrize("mode", ["auto", "rollback"])
 async def test_a_statement_left_running_by_wait_for_shield_is_not_handed_on(make: Any, pg_dsn: str, mode: str) -> None:
     pool = await make(mode)
-    admin = await asyncpg.connect(pg_dsn)
     inner: asyncio.Future[Any] | None = None
     try:
         async with pool.acquire() as con:
@@ -288,7 +241,7 @@ async def test_a_statement_left_running_by_wait_for_shield_is_not_handed_on(make
         with contextlib.suppress(asyncpg.InterfaceError):
             async with pool.acquire() as con:
                 inner = asyncio.ensure_future(con.execute("BEGIN; SET LOCAL work_mem = '1234kB'; SELECT pg_sleep(0.3)"))
-                await _wait_sleeping(admin, con.get_server_pid())
+                await until_in_pg_sleep(pg_dsn, con.get_server_pid(), 10)
                 with pytest.raises(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(inner), 0.001)
         async with pool.acquire(timeout=10) as again:
@@ -300,7 +253,6 @@ async def test_a_statement_left_running_by_wait_for_shield_is_not_handed_on(make
             inner.cancel()
             with contextlib.suppress(BaseException):
                 await inner
-        await admin.close()
 
 
 async def test_watch_counts_its_statement_until_it_ends() -> None:
@@ -323,6 +275,7 @@ async def test_watch_counts_its_statement_until_it_ends() -> None:
     with pytest.raises(ValueError):
         await watch(holder, statement(True))
     assert (holder.watched, holder.clean_mark) == (0, -1)
+
 
 # ------------------------------------------- what held: session changers
 
