@@ -51,7 +51,7 @@ from asyncpg import connresource as _pg_connresource
 from asyncpg import exceptions as _pg_exceptions
 from asyncpg.protocol import protocol as _pg_protocol
 
-from ._state import BROKEN, NOT_REFUSED, REFUSED, UNREACHABLE, UNRESOLVED
+from ._state import BROKEN, NOT_REFUSED, REFUSED, UNREACHABLE, UNRESOLVED, LeaseState
 
 
 class ServerProtocol(Protocol):
@@ -986,7 +986,7 @@ def _query_logger(self: RawConnection, callback: Any) -> Generator[None, None, N
     finally:
         # (The lease, not its proxy: the proxy may be garbage by the exit, and
         # then told nothing of the take-back; review h207.)
-        if lease is None or lease.state.value != "expired":
+        if lease is None or lease.state is not LeaseState.EXPIRED:
             self.remove_query_logger(callback)
 
 

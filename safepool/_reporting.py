@@ -84,22 +84,25 @@ class Reporter:
         the application's source lines show it (a DSN written on the
         acquire's line): its DSN's, and its ``password=`` argument's unless
         another argument shows the same value (see ``_secrets.redact_known``)."""
-        args, kwargs = self.connect_args()
-        return _secrets.redact_known(_stack.format_stack(captured), *_secrets.connect_secrets(args, kwargs))
+        return _secrets.redact_known(_stack.format_stack(captured), *self.connect_secrets())
 
     def scrub(self, error: BaseException) -> None:
         """Mask the pool's password in ``error``'s message in place (a hook's
         error quoting the DSN; :func:`_secrets.scrub_connect_error`)."""
-        args, kwargs = self.connect_args()
-        _secrets.scrub_connect_error(error, *_secrets.connect_secrets(args, kwargs))
+        _secrets.scrub_connect_error(error, *self.connect_secrets())
 
     def redact(self, text: str) -> str:
         """``text`` (a formatted traceback, a hook's error) as the pool may
         log or report it: without its password (its DSN's and its
         ``password=`` argument's) nor a password literal in a source line
         (:func:`_secrets.redact_traceback`)."""
+        return _secrets.redact_traceback(text, *self.connect_secrets())
+
+    def connect_secrets(self) -> tuple[object, object, list[object]]:
+        """The pool's connect arguments as they are now, as the redactions
+        take them (:func:`_secrets.connect_secrets`)."""
         args, kwargs = self.connect_args()
-        return _secrets.redact_traceback(text, *_secrets.connect_secrets(args, kwargs))
+        return _secrets.connect_secrets(args, kwargs)
 
     # ----------------------------------------------------------- messages
 

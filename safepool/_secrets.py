@@ -242,17 +242,18 @@ _SOURCE_PASSWORD = re.compile(
 
 
 def redact_traceback(text: str, dsn: object = None, password: object = None, shown: Sequence[object] = ()) -> str:
-    """A formatted traceback as a log record shows it: its source lines'
-    password literals (as :func:`redact_source`) and the pool's password
-    (as :func:`redact_known`) masked, in the messages too."""
+    """A formatted traceback as a log record shows it: password string
+    literals in its source lines (``password="..."``, ``"password":
+    "..."``) and the pool's password (as :func:`redact_known`) masked, in
+    the messages too."""
     return redact_known(_SOURCE_PASSWORD.sub(r"\1***", text), dsn, password, shown)
 
 
 def redact_source(line: str) -> str:
     """A line of Python source as a report may show it: without a DSN's
     password (a URI's, a ``password=`` field's) or a password string
-    literal (``password="..."``, ``"password": "..."``)."""
-    return redact(_SOURCE_PASSWORD.sub(r"\1***", line), None)
+    literal: :func:`redact_traceback` with no pool's password to add."""
+    return redact_traceback(line)
 
 
 # A Python string literal as ast.unparse writes one (and as source has it).

@@ -180,7 +180,11 @@ def check_callable(name: str, value: object, *, plain: bool = False) -> None:
     if not callable(value):
         raise PoolTypeError(f"{name} must be callable, got {type(value).__name__}")
     if plain and is_coroutine_function(value):
-        raise PoolTypeError(not_awaited_message(name, value))
+        raise PoolTypeError(
+            f"{name} must be a plain function, not a coroutine function ({value!r}): the pool calls it and does not "
+            "await it, so its coroutine would be dropped; start the work from a plain function "
+            "(asyncio.get_running_loop().create_task(...))"
+        )
 
 
 def is_coroutine_function(value: object) -> bool:
@@ -188,24 +192,12 @@ def is_coroutine_function(value: object) -> bool:
     class's ``__call__`` is one."""
     try:
         return inspect.iscoroutinefunction(value) or (
-            not inspect.isroutine(value)
-            and inspect.iscoroutinefunction(
-                next((k.__dict__["__call__"] for k in type(value).__mro__ if "__call__" in k.__dict__), None)
-            )
+            not inspect.isroutine(value) and inspect.iscoroutinefunction(type(value).__call__)
         )
     except Exception:
         # (A Mock spec'd on a function answers inspect's questions with
         # errors of its own: not known to be async, so taken as plain.)
         return False
-
-
-def not_awaited_message(name: str, value: object) -> str:
-    """What a coroutine function given as a plain callback is told."""
-    return (
-        f"{name} must be a plain function, not a coroutine function ({value!r}): the pool calls it and does not "
-        "await it, so its coroutine would be dropped; start the work from a plain function "
-        "(asyncio.get_running_loop().create_task(...))"
-    )
 
 
 def refuse_awaitable(name: str, result: object) -> None:
