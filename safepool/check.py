@@ -241,10 +241,7 @@ class _Module:
         # `con` back. By name across the file (see _RELEASE_ALIASES).
         self.release_aliases: set[str] = set()
         for node in assignments:
-            value = node.value
-            if isinstance(value, ast.Call) and _last_name(value.func) == "partial" and value.args:
-                value = value.args[0]
-            if isinstance(value, ast.Attribute) and value.attr == "release" and self.is_pool(value.value):
+            if node.value is not None and self.method_receiver(node.value, "release") is not None:
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 self.release_aliases.update(name for name in map(_last_name, targets) if name)
 
@@ -252,11 +249,17 @@ class _Module:
         """The pool's source text when ``value`` is an alias of its acquire
         (``pool.acquire``, ``partial(pool.acquire, ...)``, ``lambda:
         pool.acquire(...)``), else None."""
+        return self.method_receiver(value, "acquire", lambdas=True)
+
+    def method_receiver(self, value: ast.expr, method: str, *, lambdas: bool = False) -> str | None:
+        """The pool's source text when ``value`` is its ``method``
+        (``pool.release``), a ``partial`` of it or, with ``lambdas``, a
+        lambda calling it; else None."""
         if isinstance(value, ast.Call) and _last_name(value.func) == "partial" and value.args:
             value = value.args[0]
-        elif isinstance(value, ast.Lambda) and isinstance(value.body, ast.Call):
+        elif lambdas and isinstance(value, ast.Lambda) and isinstance(value.body, ast.Call):
             value = value.body.func
-        if isinstance(value, ast.Attribute) and value.attr == "acquire" and self.is_pool(value.value):
+        if isinstance(value, ast.Attribute) and value.attr == method and self.is_pool(value.value):
             return ast.unparse(value.value)
         return None
 
