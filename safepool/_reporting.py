@@ -88,8 +88,9 @@ class Reporter:
 
     def scrub(self, error: BaseException) -> None:
         """Mask the pool's password in ``error``'s message in place (a hook's
-        error quoting the DSN; :func:`_secrets.scrub_connect_error`)."""
-        _secrets.scrub_connect_error(error, *self.connect_secrets())
+        error quoting the DSN; :func:`_secrets.scrub_connect_error`, without
+        the quoted pieces only a connect's own errors hold)."""
+        _secrets.scrub_connect_error(error, *self.connect_secrets(), quoted=False)
 
     def redact(self, text: str) -> str:
         """``text`` (a formatted traceback, a hook's error) as the pool may

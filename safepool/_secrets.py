@@ -428,7 +428,7 @@ def connect_dsn(args: Sequence[Any], kwargs: Mapping[str, Any]) -> object:
 
 
 def scrub_connect_error(
-    exc: BaseException, dsn: object, password: object = None, shown: Sequence[object] = ()
+    exc: BaseException, dsn: object, password: object = None, shown: Sequence[object] = (), *, quoted: bool = True
 ) -> None:
     """Take ``dsn``'s password, and a ``password=`` argument's, out of
     ``exc``'s message, in place (its type, traceback and cause stay), and
@@ -441,12 +441,17 @@ def scrub_connect_error(
     the application's own code raises on the connect path (a ``connect=``
     callback, a ``connection_class``, an ``init=`` hook): a message that
     quotes the DSN ("cannot prepare {dsn}") or the password, masked as
-    :func:`redact_known` masks them."""
+    :func:`redact_known` masks them. ``quoted``: also the quoted pieces of
+    a misparsed DSN (:func:`scrub_quoted`), which only a connect's own
+    errors hold; not for a hook's error (an ``init=`` or ``setup=`` hook's
+    statement failing: a short quoted value of the server's message, "b" in
+    'invalid input syntax for type integer: "b"', is no piece of the DSN,
+    even when the password holds that letter)."""
     if not isinstance(dsn, str) and not isinstance(password, str):
         return
 
     def clean(text: str) -> str:
-        if isinstance(dsn, str):
+        if quoted and isinstance(dsn, str):
             text = scrub_quoted(text, dsn)
         return redact_known(text, dsn, password, shown)
 

@@ -171,7 +171,7 @@ async def connect(
             await init(con)
         except Exception as exc:
             # (Its message may quote the DSN: "cannot prepare {dsn}".)
-            _secrets.scrub_connect_error(exc, *_secrets.connect_secrets(args, kwargs))
+            _secrets.scrub_connect_error(exc, *_secrets.connect_secrets(args, kwargs), quoted=False)
             attempt = CONNECT_ATTEMPT.get()
             if attempt is not None:
                 # Still open: the hook itself raised (a lost connection is

@@ -440,3 +440,18 @@ def test_an_error_that_refuses_the_scrub_is_left_as_it_is() -> None:
     error = Frozen("cannot reach postgresql://app:Tr0ub4dor&@db/x")
     _secrets.scrub_connect_error(error, "postgresql://app:Tr0ub4dor&@db/x")  # (no error of its own)
     assert error.args == ("cannot reach postgresql://app:Tr0ub4dor&@db/x",)
+
+
+def test_a_hooks_error_keeps_a_short_quoted_value_that_a_connect_error_would_lose() -> None:
+    # CI run 179: a setup= hook's server error quoted one letter of the password ("Z" only there in the
+    # DSN) and the pre-existing quoted-piece rule masked it. A hook's error has no misparsed DSN pieces:
+    # scrubbed with quoted=False, only the DSN and the password themselves are masked.
+    from safepool import _secrets
+
+    dsn = "postgresql://app:Zq9dW7xK@db.example/orders"
+    hook_error = RuntimeError('invalid input syntax for type integer: "Z" (on postgresql://app:Zq9dW7xK@db.example/orders)')
+    _secrets.scrub_connect_error(hook_error, dsn, quoted=False)
+    assert str(hook_error) == 'invalid input syntax for type integer: "Z" (on postgresql://app:***@db.example/orders)'
+    connect_error = ValueError("invalid literal for int() with base 10: 'Z'")
+    _secrets.scrub_connect_error(connect_error, dsn)
+    assert str(connect_error) == "invalid literal for int() with base 10: '***'"  # (a connect's own error: as before)
