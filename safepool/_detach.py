@@ -317,9 +317,14 @@ class _Driver(Generic[T]):
                 # anything else (GeneratorExit) hands it over now.
                 cancelled = self._cancelled
                 self.hand_over(fut)
-                if cancelled and not isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-                    # The future's error, by a wake-up scheduled before the
-                    # cancel: the error is the pool task's now, the cancel the caller's.
+                if cancelled and not isinstance(exc, GeneratorExit):
+                    # Cancelled: the first canceller's CancelledError, as a
+                    # cancelled future's result() raises it, whatever the
+                    # task throws in: the future's error, by a wake-up
+                    # scheduled before the cancel (the pool task's now), or
+                    # the message-less CancelledError of a later cancel
+                    # (the Task's _must_cancel). anyio's scopes know their
+                    # own cancellation by its message (review h206).
                     raise self._cancel_error() from None
                 raise
             if self._cancelled:

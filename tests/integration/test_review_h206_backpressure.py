@@ -65,15 +65,14 @@ exists. A connection asyncpg aborted gives the pool no end-of-socket to
 wait for; holding the place (``closing``) for a short bounded grace, or
 until the server no longer lists the backend's pid, would keep the bound.
 
-And one cancellation that is not absorbed where it should be (uvloop): an
-``asyncio.timeout(0)`` around ``pool.release()`` inside an anyio cancel
-scope whose deadline has passed (a ``finally:`` that bounds its release)
-lets a bare ``CancelledError`` out of the scope, the task no longer
-cancelling: anyio re-cancels a task whose waiter is not a done
-``asyncio.Future``, and the release's ``_detach._Driver`` stand-in is
-not one (safepool/_detach.py:91, 175-190), so the timeout's count of its
-own cancellations is off by one. asyncpg's pool (a shield's future)
-absorbs it every time.
+And one cancellation that was not absorbed where it should be (uvloop),
+fixed in s66: an ``asyncio.timeout(0)`` around ``pool.release()`` inside an
+anyio cancel scope whose deadline has passed let a bare ``CancelledError``
+out of the scope: with the reset's answer already read, the release's
+stand-in (``_detach._Driver``) raised the message-less ``CancelledError``
+of the timeout's later cancel, not anyio's (whose scope knows its own by
+the message). It raises the first canceller's now, as a cancelled future
+does (``tests/integration/test_release_cancel_message.py``).
 """
 
 from __future__ import annotations
@@ -240,26 +239,19 @@ async def test_a_terminated_backend_keeps_its_place_until_it_is_gone(
         await gone(server_count, app_name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="on uvloop, asyncio.timeout(0) around a release inside an anyio cancel scope whose deadline "
-    "passed lets a bare CancelledError escape the scope (task.cancelling() == 0): anyio re-cancels a task "
-    "whose waiter is not a done asyncio.Future, and the release's stand-in (_detach._Driver) is not one; "
-    "safepool/_detach.py:91, 159, 175-190, 310",
-)
 def test_an_anyio_scope_absorbs_its_cancellation_of_a_release_under_asyncio_timeout(pg_dsn: str) -> None:
-    """anyio (4.x) re-delivers a scope's cancellation at every loop pass
-    to a task whose ``_fut_waiter`` is not a done ``asyncio.Future``
-    (``_deliver_cancellation``). A release's reset awaited through
-    ``_detach._Driver`` shows the task the driver, not the future: after
-    the driver was cancelled (by the inner ``asyncio.timeout``, its wake-up
-    pending) anyio cancels once more, so the timeout's count no longer
-    matches: it re-raises its own (message-less) ``CancelledError`` instead
-    of ``TimeoutError``, which the anyio scope does not take for its own and
-    lets out, uncancelled (``cancelling() == 0``): the enclosing task (a
-    request handler) dies of a cancellation nobody sent it. asyncpg's pool
-    (``asyncio.shield``: a real future) absorbs all 200; on asyncio's own
-    loop safepool does too; on uvloop 30-100 of 200 escape. Run on its own
+    """An anyio scope whose deadline has passed cancels the task during
+    ``fetchval`` or during the release; the inner ``asyncio.timeout(0)``
+    cancels it again during the release. Whichever order, the error that
+    leaves the timeout block is anyio's (its message) or the timeout's
+    ``TimeoutError``, never a bare ``CancelledError`` that the scope does not
+    take for its own and lets out, the task no longer cancelling: the
+    enclosing task (a request handler) would die of a cancellation nobody
+    sent it. The case that broke: the reset's answer read, the releasing
+    task's wake-up pending, anyio's cancel then the timeout's; the stand-in
+    (``_detach._Driver``) raised the timeout's message-less error. asyncpg's
+    pool (``asyncio.shield``: a real future) absorbs all 200; on uvloop
+    safepool let 30-100 of 200 escape before s66's fix. Run on its own
     uvloop loop, whatever ``--loop`` says."""
     uvloop = pytest.importorskip("uvloop")
 
