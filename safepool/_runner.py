@@ -17,6 +17,7 @@ synchronous (``terminate()``, never an awaited ``close()``).
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, assert_never
 
@@ -110,6 +111,13 @@ class Runner:
         # and releases that wait for a reset in a pool task.
         self.closes_done: dict[Slot, asyncio.Future[None]] = {}
         self.resets_done: dict[Slot, asyncio.Future[None]] = {}
+        # A second descriptor of each connection's socket (_workers.exit_watch),
+        # to keep a closed connection's place counted until its backend exits.
+        self.exit_watches: dict[Slot, socket.socket] = {}
+        # Slots whose connection is closed, waiting for their backend's exit:
+        # counted towards max_size, not by get_size() (asyncpg's counts open
+        # connections only).
+        self.exiting: set[Slot] = set()
         self.drained = asyncio.Event()
         self.terminating = False
         # Restores min_size after failed connects, on asyncpg's schedule.
@@ -662,6 +670,9 @@ class Runner:
         # -1, always reset after the first lease.
         holder = Holder(self.face, self, slot, con, clean_mark=-1 if self.auto_reset else 0)
         self.slot_holders[slot] = holder
+        watch = _workers.exit_watch(con)
+        if watch is not None:
+            self.exit_watches[slot] = watch
         _pg.attach_holder(con, holder)
         del con  # measured below with no reference but the pool's own
         holder.base_callbacks = _pg.callback_baseline(slot.connection)
@@ -748,6 +759,10 @@ class Runner:
             if cancel and con is not None:
                 self.spawn(self.cancel_aborted(slot, con, key, _workers.cancel_timeout(budget)))
                 return
+            if slot in self.exit_watches and not (self.terminating or self.cancelled_from_outside()):
+                self.exiting.add(slot)  # (get_size() no longer counts it, as asyncpg's once closed)
+                self.spawn(self.closed_after_exit(slot))
+                return
             self.slot_closed(slot)
             return
         raises = holder is not None and holder.close_raises
@@ -763,9 +778,47 @@ class Runner:
         delivered (or ``timeout`` ran out: the server unreachable)."""
         try:
             await _workers.deliver_cancel(con, key, timeout)
+            settle(self.closes_done.pop(slot, None), None)  # (a release returns; the place stays counted)
+            await self.backend_exit(slot)
         finally:
             self.slot_closed(slot)
             self.drain()
+
+    async def closed_after_exit(self, slot: Slot) -> None:
+        """Free the place of a slot whose connection is closed once its
+        backend has exited (:meth:`backend_exit`)."""
+        try:
+            await self.backend_exit(slot)
+        finally:
+            self.slot_closed(slot)
+            self.drain()
+
+    async def backend_exit(self, slot: Slot) -> None:
+        """Until the server has closed its end of the slot's socket, its
+        backend gone, ``BACKEND_EXIT_GRACE`` at most: a backend exits after
+        its connection is closed or aborted (it reads asyncpg's Terminate or
+        the socket's end once its statement ends; one ended by
+        ``pg_terminate_backend`` sends its FATAL first), and its exit work
+        takes time (a session's temporary tables are dropped), while the
+        slot's replacement would connect beside it: ``max_size + 1`` on the
+        server (review h206). Nothing to wait for without a duplicate of the
+        socket (:func:`_workers.exit_watch`)."""
+        watch = self.exit_watches.get(slot)
+        if watch is None:
+            return
+        try:
+            con = slot.connection
+            if con is None or con.is_closed():  # (never read an open connection's data)
+                self.exiting.add(slot)
+                await _workers.backend_gone(watch, _workers.BACKEND_EXIT_GRACE)
+        finally:
+            self.drop_exit_watch(slot)
+
+    def drop_exit_watch(self, slot: Slot) -> None:
+        self.exiting.discard(slot)
+        watch = self.exit_watches.pop(slot, None)
+        if watch is not None:
+            watch.close()
 
     async def close_connection(
         self, slot: Slot, con: RawConnection, lost: bool, budget: float | None, raises: bool = False,
@@ -785,6 +838,12 @@ class Runner:
                 con, lost, budget, (lambda spent: settle(self.closes_done.pop(slot, None), spent)) if raises else None,
                 busy=busy, key=key, in_flight=in_flight,
             )
+            if error is not None:
+                # Aborted: a release waiting for the close returns (raises)
+                # now, as asyncpg's; the place stays counted until the
+                # backend has exited. (A graceful close saw it exit.)
+                settle(self.closes_done.pop(slot, None), error if raises else None)
+            await self.backend_exit(slot)
         finally:
             _pg.drop_released(con)
             self.slot_closed(slot, error if raises else None)
@@ -794,6 +853,7 @@ class Runner:
         """The slot's backend is gone: free its place, wake whoever waits for
         it (with ``error``, the close's, when its release raises it).
         Idempotent (terminate() may have closed it first)."""
+        self.drop_exit_watch(slot)
         if self.state.closed(slot, self.now()):
             # A released proxy the program keeps holds the slot (through its
             # lease and holder): the closed connection must not stay with it
@@ -808,6 +868,12 @@ class Runner:
         was_leased = self.state.connection_lost(slot, self.now())
         if was_leased is None:
             return  # the task that owns the slot's outcome sees the error
+        watch = self.exit_watches.get(slot)
+        if watch is not None:
+            # The socket's end, which asyncpg's abort of its descriptor did
+            # not send (this one keeps the socket open): an idle backend
+            # exits on it, before the slot's close (at the lease's release).
+            _workers.half_close(watch)
         holder = self.slot_holders.get(slot)
         if holder is not None and holder.abort_in_flight is not None:
             # Aborted by the user's terminate() through the proxy, which
@@ -864,6 +930,13 @@ class Runner:
         if self.state.phase is not Phase.CLOSED:
             self.state.set_phase(Phase.CLOSED)
         self.cancel_timers()
+        self.drop_exit_watches()
+
+    def drop_exit_watches(self) -> None:
+        """Close every duplicate socket descriptor left (a pool task cancelled
+        before its first step never closes its own)."""
+        for slot in list(self.exit_watches):
+            self.drop_exit_watch(slot)
 
     async def join(self) -> None:
         """Wait for the pool tasks still running (after a close)."""
@@ -905,4 +978,5 @@ class Runner:
         self.drain()
         for con in connections:
             _pg.detach_proxy(con)
+        self.drop_exit_watches()
         self.cancel_timers()

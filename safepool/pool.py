@@ -489,8 +489,11 @@ class Pool(_PoolBase):
 
     def get_size(self) -> int:
         """Connections open on the server (being opened ones excluded), as
-        asyncpg's ``Pool.get_size()`` (0.29-0.32)."""
-        return self._state.connected()
+        asyncpg's ``Pool.get_size()`` (0.29-0.32). A closed connection whose
+        backend is still exiting is not counted here (asyncpg's counts open
+        connections), though its place counts towards ``max_size`` until the
+        server has closed the socket (docs/backpressure.md)."""
+        return self._state.connected() - len(self._runner.exiting)
 
     def get_init_size(self) -> int:
         """How many connections the pool opens at start-up: ``init_size``, or

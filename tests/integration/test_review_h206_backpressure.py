@@ -26,8 +26,8 @@ exceeded ``max_size`` in 22 of 40 runs.
 :func:`test_storm_keeps_the_server_count_within_max_size` guards that at
 fixed seeds.
 
-What did not hold (xfails, open at the end of s65; docs/reliability.md,
-"Open"): a connection the pool closes gracefully
+What did not hold at the end of s65 (fixed in s66, the tests below pass
+now): a connection the pool closes gracefully
 under a budget (``Connection.close(timeout=)``: a release's or the acquire's
 timeout when ``max_queries`` or an expired generation closes it on release,
 or ``reset_timeout`` for an idle connection that ``expire_connections()`` or
@@ -64,6 +64,12 @@ the release finds the connection closed and frees the place at once
 exists. A connection asyncpg aborted gives the pool no end-of-socket to
 wait for; holding the place (``closing``) for a short bounded grace, or
 until the server no longer lists the backend's pid, would keep the bound.
+
+The fix (s66): the pool keeps a second descriptor of each connection's
+socket (``_workers.exit_watch``), so asyncpg's abort does not end the
+socket, and after any close that did not see the server's end it waits
+for that end, ``BACKEND_EXIT_GRACE`` (1 s) at most, before the place is
+free (``Runner.backend_exit``; ``tests/integration/test_backend_exit.py``).
 
 And one cancellation that was not absorbed where it should be (uvloop),
 fixed in s66: an ``asyncio.timeout(0)`` around ``pool.release()`` inside an
@@ -112,12 +118,6 @@ async def gone(server_count: Callable[[str], Any], app_name: str, timeout: float
             await asyncio.sleep(0.01)
 
 
-@pytest.mark.xfail(
-    strict=False,  # (open; timing: a backend that exits quicker than the next connect hides it)
-    reason="a release's close under the acquire's timeout (max_queries) gives up on a backend that is "
-    "exiting and frees its place at once: the next lease's connect runs beside it (max_size + 1); "
-    "safepool/_workers.py:457-464, safepool/_runner.py:787-789",
-)
 @pytest.mark.asyncio
 async def test_a_close_cut_by_the_acquire_timeout_keeps_the_place_until_the_backend_is_gone(
     pools: Any, app_name: str, server_count: Any
@@ -135,12 +135,6 @@ async def test_a_close_cut_by_the_acquire_timeout_keeps_the_place_until_the_back
         await gone(server_count, app_name)
 
 
-@pytest.mark.xfail(
-    strict=False,  # (open; timing: a backend that exits quicker than the next connect hides it)
-    reason="expire_connections() closes an idle connection under reset_timeout; when that runs out "
-    "the pool aborts and frees the place while the backend is still exiting (max_size + 1); "
-    "safepool/_workers.py:457-464, safepool/_runner.py:787-789",
-)
 @pytest.mark.asyncio
 async def test_an_expired_idle_connection_keeps_its_place_until_its_backend_is_gone(
     pools: Any, app_name: str, server_count: Any
@@ -159,12 +153,6 @@ async def test_an_expired_idle_connection_keeps_its_place_until_its_backend_is_g
         await gone(server_count, app_name)
 
 
-@pytest.mark.xfail(
-    strict=False,  # (open; timing: a backend that exits quicker than the next connect hides it)
-    reason="max_inactive_connection_lifetime closes an idle connection under reset_timeout; when that "
-    "runs out the place is freed while the backend is still exiting (max_size + 1); "
-    "safepool/_workers.py:457-464, safepool/_runner.py:787-789",
-)
 @pytest.mark.asyncio
 async def test_an_inactive_connection_keeps_its_place_until_its_backend_is_gone(
     pools: Any, app_name: str, server_count: Any
@@ -186,12 +174,6 @@ async def test_an_inactive_connection_keeps_its_place_until_its_backend_is_gone(
         await gone(server_count, app_name)
 
 
-@pytest.mark.xfail(
-    strict=False,  # (open; timing: a backend that exits quicker than the next connect hides it)
-    reason="a leased connection the program terminate()s with no statement running frees its place "
-    "at once, while its backend is still exiting (max_size + 1 on the next lease); "
-    "safepool/_runner.py:816 and 728-751",
-)
 @pytest.mark.asyncio
 async def test_a_terminated_idle_lease_keeps_its_place_until_its_backend_is_gone(
     pools: Any, app_name: str, server_count: Any
@@ -210,12 +192,6 @@ async def test_a_terminated_idle_lease_keeps_its_place_until_its_backend_is_gone
         await gone(server_count, app_name)
 
 
-@pytest.mark.xfail(
-    strict=False,  # (open; timing: a backend that exits quicker than the next connect hides it)
-    reason="pg_terminate_backend: the lease's next statement reads the backend's FATAL, asyncpg aborts the "
-    "connection, and the release frees the place at once while the backend is still exiting "
-    "(max_size + 1 on the next lease); safepool/_runner.py:728-751",
-)
 @pytest.mark.asyncio
 async def test_a_terminated_backend_keeps_its_place_until_it_is_gone(
     pools: Any, app_name: str, server_count: Any, pg_dsn: str
