@@ -71,3 +71,24 @@ def test_a_release_to_another_pool_is_not_a_release() -> None:
     """
     # Reported at the acquire, whichever code (SP002: never released).
     assert [line for line, _ in found(source)] == [3]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "safepool/check.py:274 (acquire_call returns ast.unparse(func.value); method_receiver at :263 alike): an awaited receiver loses "
+        "its parentheses, so the fix: line reads `async with await safepool.create_pool(...).acquire() as "
+        "con:` (which awaits the acquire's context, not the pool) and `await await ...release(con)`"
+    ),
+)
+def test_the_fix_line_keeps_an_awaited_receivers_parentheses() -> None:
+    source = """
+    import safepool
+
+
+    async def main(dsn):
+        con = await (await safepool.create_pool(dsn)).acquire()
+        return await con.fetchval("SELECT 1")
+    """
+    [finding] = check_source(textwrap.dedent(source))
+    assert "async with (await safepool.create_pool(dsn)).acquire() as con:" in finding.hint
