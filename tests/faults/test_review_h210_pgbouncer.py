@@ -477,3 +477,127 @@ async def test_a_task_cancelled_in_a_release_stuck_behind_pause_ends_at_once(
         with contextlib.suppress(RuntimeError):
             await admin(bouncer, f"RESUME {DB}")
         await asyncio.wait_for(pool.close(), 10)
+
+
+@pytest.mark.parametrize("pool_mode", MODES)
+async def test_a_black_hole_in_front_of_pgbouncer_is_bounded_and_healed(
+    start_bouncer: Callable[..., Bouncer], running: Cluster, pool_mode: str,  # noqa: F811
+) -> None:
+    """The fault proxy between the pool and PgBouncer goes silent during a
+    lease's query (docs/reliability.md's black-hole row, there against
+    PostgreSQL itself): the holder is freed within lease_timeout +
+    reset_timeout with a typed error, acquires end at their deadline, and
+    once the network heals the pool serves again with its books balanced
+    against its sockets and PgBouncer's SHOW CLIENTS (the connections the
+    pool gave up are gone from PgBouncer, not left pinning its clients)."""
+    from ._proxy import FaultProxy
+
+    slack = 0.25
+    bouncer = start_bouncer(**bouncer_settings(pool_mode=pool_mode, default_pool_size=2))
+    async with FaultProxy(bouncer.port) as proxy:
+        pool = await safepool.create_pool(
+            f"postgresql://{APP_USER}@127.0.0.1:{proxy.port}/{DB}", min_size=2, max_size=2,
+            statement_cache_size=0, lease_timeout=0.5, reset_timeout=0.5, acquire_timeout=0.5, timeout=2.0,
+        )
+        try:
+            errors: list[BaseException] = []
+            querying = asyncio.Event()
+
+            async def holder() -> float:
+                started = time.monotonic()
+                try:
+                    async with pool.acquire() as con:
+                        querying.set()
+                        await con.fetchval("SELECT pg_sleep(0.2)")
+                except Exception as exc:
+                    errors.append(exc)
+                return time.monotonic() - started
+
+            task = asyncio.create_task(holder())
+            await asyncio.wait_for(querying.wait(), 5)
+            proxy.blackhole = True
+            held = await asyncio.wait_for(task, 10)
+            assert held < 0.5 + 0.5 + 2 * slack, held
+            assert errors and all(typed(e) for e in errors), errors
+            started = time.monotonic()
+            try:
+                async with pool.acquire() as con:
+                    await con.fetchval("SELECT 1")
+            except Exception as exc:
+                assert typed(exc), exc
+            assert time.monotonic() - started < 0.5 + 0.5 + 2 * slack
+            assert pool.stats().size <= 2
+            proxy.heal()
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    assert await pool.fetchval("SELECT 3") == 3
+                    break
+                except Exception as exc:
+                    assert typed(exc), exc
+                    assert time.monotonic() < deadline, "no recovery after the heal"
+                    await asyncio.sleep(0.05)
+            await settled(pool, proxy.port)
+            deadline = time.monotonic() + 5
+            while (listed := await clients(bouncer)) > pool.stats().size:
+                assert time.monotonic() < deadline, (listed, pool.stats().size)
+                await asyncio.sleep(0.05)
+        finally:
+            await asyncio.wait_for(pool.close(), 10)
+
+
+# PgBouncer (1.18) keeps these parameters per client connection and sets them
+# again on whichever server connection it links the client to: a SET of one
+# of them, in transaction mode, stays with the client connection (the pool
+# connection) across transactions, i.e. across leases.
+TRACKED = {"TimeZone": "Asia/Tokyo", "application_name": "lease-one", "DateStyle": "SQL, DMY"}
+
+
+async def _leaked_to_the_next_lease(bouncer: Bouncer, kind: str, **options: Any) -> dict[str, str]:
+    """Lease one SETs each tracked parameter; what lease two, on the same
+    (only) pool connection, sees of them where it differs from the start."""
+    pool = await FACTORIES[kind](bouncer.dsn(), min_size=1, max_size=1, statement_cache_size=0, **options)
+    try:
+        async with pool.acquire() as con:
+            before = {name: await con.fetchval(f"SHOW {name}") for name in TRACKED}
+        async with pool.acquire() as con:
+            for name, value in TRACKED.items():
+                await con.execute(f"SET {name} = '{value}'")
+        async with pool.acquire() as con:
+            after = {name: await con.fetchval(f"SHOW {name}") for name in TRACKED}
+        return {name: after[name] for name in TRACKED if after[name] != before[name]}
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+
+
+@pytest.mark.parametrize("variant", ["asyncpg", "safepool-default", "safepool-auto"])
+async def test_the_full_reset_does_reset_pgbouncers_tracked_parameters_in_transaction_mode(
+    start_bouncer: Callable[..., Bouncer], running: Cluster, variant: str,  # noqa: F811
+) -> None:
+    """In transaction mode asyncpg's reset query (RESET ALL) runs on whichever
+    server connection PgBouncer picks, but PgBouncer reads the parameters it
+    tracks back from that answer and resets the client's copy: the next
+    lease does not see a lease's SET TimeZone / application_name / DateStyle,
+    on asyncpg's pool, on safepool's default "full" and on "auto" alike."""
+    bouncer = start_bouncer(**bouncer_settings(pool_mode="transaction", default_pool_size=2))
+    kind, _, mode = variant.partition("-")
+    options = {"reset_mode": mode} if mode and mode != "default" else {}
+    assert await _leaked_to_the_next_lease(bouncer, kind, **options) == {}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "docs/pgbouncer.md:41-45 says the full reset 'protects nothing' in transaction mode, :62-65 that 'auto' "
+        "'buys nothing there over rollback', and :67-70 (and docs/best-practices.md:190,198-201) recommends "
+        "reset_mode='rollback' there; but PgBouncer tracks TimeZone, DateStyle, application_name, client_encoding "
+        "and standard_conforming_strings per client, so under 'rollback' a lease's SET of one of them reaches every "
+        "later lease of that pool connection, where asyncpg's pool and 'full'/'auto' reset it"
+    ),
+)
+async def test_the_recommended_rollback_mode_keeps_a_leases_tracked_set_from_the_next_lease(
+    start_bouncer: Callable[..., Bouncer], running: Cluster,  # noqa: F811
+) -> None:
+    bouncer = start_bouncer(**bouncer_settings(pool_mode="transaction", default_pool_size=2))
+    leaked = await _leaked_to_the_next_lease(bouncer, "safepool", reset_mode="rollback")
+    assert leaked == {}, f"the next lease saw {leaked}"
