@@ -565,7 +565,16 @@ async def _leaked_to_the_next_lease(bouncer: Bouncer, kind: str, **options: Any)
                 await con.execute(f"SET {name} = '{value}'")
         async with pool.acquire() as con:
             after = {name: await con.fetchval(f"SHOW {name}") for name in TRACKED}
-        return {name: after[name] for name in TRACKED if after[name] != before[name]}
+        leaked = {name: after[name] for name in TRACKED if after[name] != before[name]}
+        # client_encoding is tracked too: after a lease's SET client_encoding
+        # the next lease's text would come back mis-decoded, with no error.
+        async with pool.acquire() as con:
+            await con.execute("SET client_encoding = 'LATIN1'")
+        async with pool.acquire() as con:
+            text = await con.fetchval("SELECT 'é'")
+        if text != "é":
+            leaked["'é' read as"] = text
+        return leaked
     finally:
         await asyncio.wait_for(pool.close(), 10)
 
@@ -577,8 +586,9 @@ async def test_the_full_reset_does_reset_pgbouncers_tracked_parameters_in_transa
     """In transaction mode asyncpg's reset query (RESET ALL) runs on whichever
     server connection PgBouncer picks, but PgBouncer reads the parameters it
     tracks back from that answer and resets the client's copy: the next
-    lease does not see a lease's SET TimeZone / application_name / DateStyle,
-    on asyncpg's pool, on safepool's default "full" and on "auto" alike."""
+    lease does not see a lease's SET TimeZone / application_name / DateStyle
+    / client_encoding, on asyncpg's pool, on safepool's default "full" and
+    on "auto" alike."""
     bouncer = start_bouncer(**bouncer_settings(pool_mode="transaction", default_pool_size=2))
     kind, _, mode = variant.partition("-")
     options = {"reset_mode": mode} if mode and mode != "default" else {}
@@ -592,7 +602,8 @@ async def test_the_full_reset_does_reset_pgbouncers_tracked_parameters_in_transa
         "'buys nothing there over rollback', and :67-70 (and docs/best-practices.md:190,198-201) recommends "
         "reset_mode='rollback' there; but PgBouncer tracks TimeZone, DateStyle, application_name, client_encoding "
         "and standard_conforming_strings per client, so under 'rollback' a lease's SET of one of them reaches every "
-        "later lease of that pool connection, where asyncpg's pool and 'full'/'auto' reset it"
+        "later lease of that pool connection (a SET client_encoding makes later leases read text mis-decoded, "
+        "silently), where asyncpg's pool and 'full'/'auto' reset it"
     ),
 )
 async def test_the_recommended_rollback_mode_keeps_a_leases_tracked_set_from_the_next_lease(
