@@ -159,7 +159,7 @@ MODES = ["transaction", "session"]
 
 @pytest.mark.parametrize("pool_mode", MODES)
 @pytest.mark.parametrize("kind", list(FACTORIES))
-async def test_reconnect_and_server_kills_under_load_cost_no_caller_an_error(
+async def test_reconnect_under_load_costs_no_caller_an_error(
     start_bouncer: Callable[..., Bouncer], running: Cluster, pool_mode: str, kind: str,  # noqa: F811
 ) -> None:
     """RECONNECT (server connections closed once released) repeated under
@@ -612,3 +612,47 @@ async def test_the_recommended_rollback_mode_keeps_a_leases_tracked_set_from_the
     bouncer = start_bouncer(**bouncer_settings(pool_mode="transaction", default_pool_size=2))
     leaked = await _leaked_to_the_next_lease(bouncer, "safepool", reset_mode="rollback")
     assert leaked == {}, f"the next lease saw {leaked}"
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "code"),
+    [
+        ("pause", "failing", "probe_timeout"),  # docs/pgbouncer.md: the probe's query waits in PgBouncer
+        ("kill", "degraded", "probe_no_connection"),  # the probe's connect hangs in PgBouncer's login
+        ("restart", "ok", None),  # every idle connection lost: the probe retries on the next
+        ("stopped", "failing", "probe_failed"),
+    ],
+)
+async def test_health_behind_pgbouncer_answers_within_twice_probe_timeout(
+    start_bouncer: Callable[..., Bouncer], running: Cluster, fault: str, status: str, code: str | None,  # noqa: F811
+) -> None:
+    """health() through a PgBouncer that PAUSEd, KILLed the database,
+    restarted (its idle connections all closed under the pool) or stopped:
+    each check answers within twice probe_timeout (docs/metrics.md), with
+    the reason docs/pgbouncer.md gives, and leaves the books balanced."""
+    bouncer = start_bouncer(**bouncer_settings(pool_mode="transaction", default_pool_size=2))
+    pool = await safepool.create_pool(bouncer.dsn(), min_size=2, max_size=3, statement_cache_size=0)
+    probe_timeout = 0.5
+    try:
+        if fault in ("pause", "kill"):
+            await admin(bouncer, f"{fault.upper()} {DB}")
+        elif fault == "restart":
+            bouncer.stop()
+            bouncer.start()
+        else:
+            bouncer.stop()
+        for _ in range(3):
+            started = time.monotonic()
+            report = await pool.health(probe_timeout=probe_timeout)
+            assert time.monotonic() - started < 2 * probe_timeout + 0.25
+            assert report.status == status, report
+            if code is not None:
+                assert code in [reason.code for reason in report.reasons], report
+        stats = pool.stats()
+        assert stats.in_use == 0 and stats.size <= 3, stats
+        acquired, accounted = lease_books(pool)
+        assert acquired == accounted
+    finally:
+        if fault == "pause":
+            await admin(bouncer, f"RESUME {DB}")
+        await asyncio.wait_for(pool.close(), 10)
