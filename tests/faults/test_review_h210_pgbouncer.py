@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,10 @@ from tests.faults.test_pgbouncer_outage import start_bouncer  # noqa: F401 (fixt
 
 from ._pg import APP_USER, Cluster
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.realtime, requires_pgbouncer]
+# The admin console is driven with psql (asyncpg's extended protocol is
+# refused there).
+requires_psql = pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed (postgresql-client)")
+pytestmark = [pytest.mark.asyncio, pytest.mark.realtime, requires_pgbouncer, requires_psql]
 
 FACTORIES: dict[str, Any] = {"asyncpg": asyncpg.create_pool, "safepool": safepool.create_pool}
 DB = "postgres"
