@@ -115,7 +115,7 @@ def create_pool_behind_pgbouncer(dsn: str) -> safepool.Pool:
         min_size=2,
         max_size=20,
         statement_cache_size=0,  # asyncpg's named prepared statements do not survive transaction pooling
-        reset_mode="rollback",  # only roll back an open transaction; session state means nothing here
+        reset_mode="auto",  # no reset after plain queries; ROLLBACK, or RESET ALL after a SET (needs safepool[auto])
         lease_timeout=30.0,
     )
 # --8<-- [end:pgbouncer]

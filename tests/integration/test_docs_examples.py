@@ -100,7 +100,16 @@ async def test_listen_on_a_dedicated_connection(pool: safepool.Pool, pg_dsn: str
 async def test_pgbouncer_settings_work_on_a_plain_server_too(pg_dsn: str) -> None:
     async with bp.create_pool_behind_pgbouncer(pg_dsn) as pool:
         assert await pool.fetchval("SELECT $1::int + 1", 1) == 2
-        assert pool.stats().resets == 0  # rollback mode: nothing to reset
+        first = pool.stats().resets  # auto mode: a new connection's first lease is reset (init=, connect=)
+        for _ in range(3):
+            async with pool.acquire() as con:
+                assert await con.fetchval("SELECT $1::int + 1", 1) == 2
+        assert pool.stats().resets == first  # plain queries: nothing to reset
+        async with pool.acquire() as con:
+            await con.execute("SET TimeZone = 'Asia/Tokyo'")
+        assert pool.stats().resets == first + 1  # a SET: the full reset (PgBouncer's tracked copy too)
+        async with pool.acquire() as con:
+            assert await con.fetchval("SHOW TimeZone") != "Asia/Tokyo"
 
 
 async def test_the_failover_settings_replace_connections_for_their_age(pg_dsn: str) -> None:
