@@ -104,6 +104,14 @@ def _hint(receiver: str, var: str | None, code: str = "") -> str:
     )
 
 
+def _receiver_source(node: ast.expr) -> str:
+    """The source of ``node`` as the receiver of a method call, parenthesised
+    when its precedence needs it: ``(await create_pool(dsn))``, ``(a or
+    b)``, ``(lambda: pool)``; ``self.pool`` as it is. (``ast.unparse`` of
+    the attribute ``node.x`` puts the parentheses; ``.x`` is cut off.)"""
+    return ast.unparse(ast.Attribute(value=node, attr="x", ctx=ast.Load()))[:-2].rstrip()
+
+
 def _last_name(node: ast.expr) -> str | None:
     """`self.app.pool` -> "pool"; `pools[key]` -> "pools"; `app["pool"]` -> "pool"
     (aiohttp's application state); `get_pool()` -> "get_pool"."""
@@ -210,6 +218,31 @@ class _Module:
             if not found:
                 break
             self.known_pools |= found
+        # Which pool names may hold the same pool (_Module.same_pool): a
+        # name and what is assigned to it (`db = self._pool`, `self.pool =
+        # pool`, `pool = primary if x else replica`: all three), by last
+        # name as above. A union-find over the names.
+        self.pool_links: dict[str, str] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign):
+                targets, value = node.targets, node.value
+            elif isinstance(node, (ast.AnnAssign, ast.NamedExpr)) and node.value is not None:
+                targets, value = [node.target], node.value
+            else:
+                continue
+            values = [value]
+            while any(isinstance(v, (ast.IfExp, ast.BoolOp)) for v in values):
+                values = [
+                    part for v in values
+                    for part in ([v.body, v.orelse] if isinstance(v, ast.IfExp)
+                                 else v.values if isinstance(v, ast.BoolOp) else [v])
+                ]
+            names = [_last_name(t) for t in targets] + [
+                _last_name(v) for v in values if isinstance(v, (ast.Name, ast.Attribute, ast.Subscript))
+            ]
+            keys = [name.lstrip("_") for name in names if name]
+            for key in keys[1:]:
+                self.pool_links[self.pool_root(key)] = self.pool_root(keys[0])
         # Aliases of a pool's acquire (`acq = pool.acquire`,
         # `functools.partial(pool.acquire, timeout=1)`, `lambda: pool.acquire()`),
         # `await acq()` is `await pool.acquire()`. A name is an alias in the
@@ -260,7 +293,7 @@ class _Module:
         elif lambdas and isinstance(value, ast.Lambda) and isinstance(value.body, ast.Call):
             value = value.body.func
         if isinstance(value, ast.Attribute) and value.attr == method and self.is_pool(value.value):
-            return ast.unparse(value.value)
+            return _receiver_source(value.value)
         return None
 
     def acquire_call(self, node: ast.AST) -> str | None:
@@ -271,7 +304,7 @@ class _Module:
         func = node.func
         if isinstance(func, ast.Attribute):
             if func.attr == "acquire":
-                return ast.unparse(func.value) if self.is_pool(func.value) else None
+                return _receiver_source(func.value) if self.is_pool(func.value) else None
             return self.acquire_attributes.get(func.attr)
         if isinstance(func, ast.Name) and func.id in self.acquire_name_ids:
             scope = self.binding_scope(self.scope_of(node), func.id)
@@ -316,6 +349,36 @@ class _Module:
         return name is not None and (
             name in self.known_pools or (name not in self.not_pools and bool(self.pool_pattern.search(name)))
         )
+
+    def pool_root(self, key: str) -> str:
+        while key in self.pool_links and self.pool_links[key] != key:
+            key = self.pool_links[key]
+        return key
+
+    def pool_identity(self, receiver: ast.expr) -> str | None:
+        """Which pool ``receiver`` is, as far as this scan can tell: for a
+        pool (:meth:`is_pool`) named by a name, an attribute chain or a
+        string item (``read_pool``, ``self._pool``, ``app["pool"]``), its
+        last name without leading underscores, or the first of the names
+        assigned one to another (:attr:`pool_links`); None for any other
+        receiver (``get_pool()``, ``pools[key]``, ``app[POOL]``): it cannot
+        tell. Two pools with different identities are two pools (see
+        :func:`_releases`)."""
+        node = receiver
+        while True:
+            if isinstance(node, ast.Attribute):
+                node = node.value
+            elif (
+                isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
+                and isinstance(node.slice.value, str)
+            ):
+                node = node.value
+            else:
+                break
+        if not isinstance(node, ast.Name) or not self.is_pool(receiver):
+            return None
+        name = _last_name(receiver)
+        return self.pool_root(name.lstrip("_")) if name else None
 
     def ignored(self, *lines: int) -> bool:
         return any(0 < n <= len(self.lines) and IGNORE_COMMENT.search(self.lines[n - 1]) for n in lines)
@@ -499,8 +562,26 @@ _RELEASE_ALIASES: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVa
 )
 
 
+# Whether a pool is another one than the one the connection being followed
+# came from (``pool.release(con)`` with ``con`` from ``read_pool``), set by
+# _Checker.check_acquire; None: any pool's release counts.
+_OTHER_POOL: contextvars.ContextVar[Callable[[ast.expr], bool] | None] = contextvars.ContextVar(
+    "other_pool", default=None
+)
+
+
+def _to_another_pool(receiver: ast.expr) -> bool:
+    """Is ``receiver`` (of a ``release()``) a pool that the connection
+    followed was not acquired from? Only when the scan can tell both pools
+    apart (_Module.pool_identity); if it cannot, the release counts."""
+    other = _OTHER_POOL.get()
+    return other is not None and other(receiver)
+
+
 def _releases(node: ast.AST, var: str) -> bool:
-    """Is ``node`` a call that gives ``var`` back (or registers that)?"""
+    """Is ``node`` a call that gives ``var`` back (or registers that)? A
+    ``release()`` of another pool than the one ``var`` came from does not:
+    that pool refuses it (see _OTHER_POOL)."""
     if not isinstance(node, ast.Call):
         return False
     func = node.func
@@ -511,6 +592,9 @@ def _releases(node: ast.AST, var: str) -> bool:
         inner = func
         if _last_name(inner.func) == "partial" and inner.args and _last_name(inner.args[0]) == "release":
             # `await functools.partial(pool.release, con)()`
+            first = inner.args[0]
+            if isinstance(first, ast.Attribute) and _to_another_pool(first.value):
+                return False
             return any(_is_name(arg, var) for arg in inner.args[1:]) or any(
                 _is_name(k.value, var) for k in inner.keywords
             )
@@ -519,14 +603,15 @@ def _releases(node: ast.AST, var: str) -> bool:
         isinstance(func, ast.Call) and _last_name(func.func) == "getattr" and len(func.args) == 2
         and isinstance(func.args[1], ast.Constant) and func.args[1].value == "release"
     ):
-        return bool(gives_back)  # `await getattr(pool, "release")(con)`
+        # `await getattr(pool, "release")(con)`
+        return bool(gives_back) and not _to_another_pool(func.args[0])
     if not isinstance(func, ast.Attribute):
         return False
     if func.attr in _RELEASE_ALIASES.get() and gives_back:
         return True  # `self._release = pool.release`, then `await self._release(con)`
     method = func.attr
     if method == "release" and gives_back:
-        return True
+        return not _to_another_pool(func.value)
     if method in ("close", "terminate") and _is_name(func.value, var):
         return True
     if method in _CALLBACK_REGISTRATIONS and node.args:
@@ -535,6 +620,8 @@ def _releases(node: ast.AST, var: str) -> bool:
         # stack.callback(log.info, con): the callable must release (review s63).
         first = node.args[0]
         if isinstance(first, ast.Attribute) and first.attr == "release":
+            if _to_another_pool(first.value):
+                return False
             return any(_is_name(arg, var) for arg in node.args[1:]) or any(_is_name(k.value, var) for k in node.keywords)
         return _releases_when_called(first, var)
     if method in _CLEANUP_REGISTRATIONS:
@@ -676,9 +763,13 @@ def _may_leave(stmt: ast.stmt) -> ast.AST | None:
     return next(_leaving(stmt), None)
 
 
-# What can suspend, raise or leave the statement it is in.
+# What can suspend, raise or leave the statement it is in: an `assert`
+# raises as `raise` does (unless Python runs with -O: the check assumes it
+# does not); an `async for` in a comprehension (`[r async for r in cur]`)
+# suspends as an `await` does (see _leaving).
 _LEAVING = (
-    ast.Await, ast.Return, ast.Raise, ast.Yield, ast.YieldFrom, ast.Break, ast.Continue, ast.AsyncWith, ast.AsyncFor,
+    ast.Await, ast.Return, ast.Raise, ast.Assert, ast.Yield, ast.YieldFrom, ast.Break, ast.Continue, ast.AsyncWith,
+    ast.AsyncFor,
 )
 
 
@@ -692,7 +783,11 @@ def _leaving(stmt: ast.stmt) -> Iterator[ast.AST]:
         for node in _own_nodes(stmt) if isinstance(node, (ast.For, ast.AsyncFor, ast.While))
         for inner in node.body for jump in _own_nodes(inner) if isinstance(jump, (ast.Break, ast.Continue))
     }
-    return (node for node in _own_nodes(stmt) if isinstance(node, _LEAVING) and id(node) not in bound)
+    for node in _own_nodes(stmt):
+        if isinstance(node, _LEAVING) and id(node) not in bound:
+            yield node
+        elif isinstance(node, ast.comprehension) and node.is_async:
+            yield node.iter  # (a comprehension has no line of its own)
 
 
 class _Checker:
@@ -729,6 +824,21 @@ class _Checker:
         ))
 
     def check_acquire(self, call: ast.Call, receiver: str) -> None:
+        # A release counts only if it goes to the pool the connection came
+        # from, when the scan can tell the two apart (_to_another_pool).
+        acquired_from = self.module.pool_identity(ast.parse(receiver, mode="eval").body)
+        other: Callable[[ast.expr], bool] | None = None
+        if acquired_from is not None:
+            def other(pool: ast.expr) -> bool:
+                identity = self.module.pool_identity(pool)
+                return identity is not None and identity != acquired_from
+        token = _OTHER_POOL.set(other)
+        try:
+            self.check_acquire_of(call, receiver)
+        finally:
+            _OTHER_POOL.reset(token)
+
+    def check_acquire_of(self, call: ast.Call, receiver: str) -> None:
         module = self.module
         parent = module.parents.get(call)
         # async with pool.acquire() [as con]:
@@ -919,6 +1029,21 @@ class _Checker:
             # limits say.
             return
         if not releases:
+            token = _OTHER_POOL.set(None)
+            try:
+                elsewhere = [n for n in _walk_scope(scope) if isinstance(n, ast.Call) and _releases(n, var)]
+            finally:
+                _OTHER_POOL.reset(token)
+            if elsewhere:
+                refused = min(elsewhere, key=_position)
+                self.report(call, stmt, "SP002",
+                            f"connection `{var}` acquired here from `{receiver}` is never released in "
+                            f"`{_scope_name(scope)}`: `{ast.unparse(refused)}` at line {refused.lineno} gives it to "
+                            "another pool, which refuses it", receiver, var,
+                            hint=f"release it to the pool it came from: `await {receiver}.release({var})` in a "
+                            f"`finally:` block right after the acquire, or `async with {receiver}.acquire() as "
+                            f"{var}:`")
+                return
             self.report(call, stmt, "SP002",
                         f"connection `{var}` acquired here is never released in `{_scope_name(scope)}`",
                         receiver, var)
@@ -1012,7 +1137,7 @@ class _Checker:
             parent = self.module.parents[node]
             if (isinstance(parent, ast.Call) and isinstance(parent.func, ast.Attribute)
                     and parent.func.attr == "release" and node is not parent.func):
-                return True
+                return not _to_another_pool(parent.func.value)
             node = parent
         return False
 
@@ -1252,11 +1377,30 @@ class _Checker:
                 # the `finally:`, then what follows the `try`.
                 parent = module.parents.get(parent)
                 following = following + getattr(parent, "finalbody", [])
+            elif (
+                isinstance(parent, ast.While) and block is parent.body
+                and _tests_presence(parent.test, var, False)
+            ):
+                # `while con is None: try: con = await pool.acquire() except
+                # PoolTimeoutError: ...`: the test ends the loop once the
+                # connection is held; its `else:`, then what follows it.
+                following = following + parent.orelse
             elif not isinstance(parent, ast.If):
                 parent = None
             for later in following:
                 if later is try_stmt:
                     return first_leaver or "next"
+                loop = self.broken_loop(later)
+                if loop is not None:
+                    # A retry loop's `break` once the acquire succeeded: what
+                    # follows the loop comes next (not its `else:`), after the
+                    # `finally:` blocks the `break` goes through.
+                    for exit_stmt in self.finally_on_the_way(later, loop):
+                        leaver = _leaves_holding(exit_stmt, var)
+                        if leaver is not None and first_leaver is None:
+                            first_leaver = str(getattr(leaver, "lineno", exit_stmt.lineno))
+                    parent = loop
+                    break
                 leaver = _leaves_holding(later, var)
                 if leaver is not None and first_leaver is None:
                     # The await, return or raise itself (an `if` may hold it lines below).
@@ -1264,6 +1408,35 @@ class _Checker:
             if not isinstance(parent, ast.stmt):
                 return None
             stmt = parent
+
+    def broken_loop(self, stmt: ast.stmt) -> ast.For | ast.AsyncFor | ast.While | None:
+        """The loop that ``stmt`` ends, when it is a ``break`` statement: the
+        innermost loop whose body holds it (one in a loop's ``else:`` ends
+        the loop around that one), in the same function; else None."""
+        if not isinstance(stmt, ast.Break):
+            return None
+        node: ast.AST = stmt
+        while node in self.module.parents:
+            parent = self.module.parents[node]
+            if isinstance(parent, _SCOPES):
+                return None
+            if isinstance(parent, (ast.For, ast.AsyncFor, ast.While)) and any(node is s for s in parent.body):
+                return parent
+            node = parent
+        return None
+
+    def finally_on_the_way(self, jump: ast.stmt, loop: ast.stmt) -> list[ast.stmt]:
+        """The statements of the ``finally:`` blocks that run when ``jump``
+        leaves for ``loop``: of each ``try`` between them whose body,
+        handlers or ``else:`` hold ``jump``."""
+        statements: list[ast.stmt] = []
+        node: ast.AST = jump
+        while node is not loop and node in self.module.parents:
+            parent = self.module.parents[node]
+            if isinstance(parent, (ast.Try, ast.TryStar)) and not any(node is s for s in parent.finalbody):
+                statements.extend(parent.finalbody)
+            node = parent
+        return statements
 
     def gap_before_finally(self, releases: list[ast.Call], acquire_stmt: ast.stmt, var: str) -> int | None:
         for release in releases:
