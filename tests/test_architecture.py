@@ -33,6 +33,15 @@ ALLOWED: dict[tuple[str, str], str] = {
         "prometheus_client's registry, not safepool's: read only, to find a PoolCollector already registered "
         "(it has no public list of collectors); register() falls back to the collectors it made"
     ),
+    ("testing/tracker.py", "getattr(..., '_fut_waiter')"): (
+        "asyncio's Task, not safepool's: read only, the future a holding task is blocked on (strict mode follows "
+        "it to the tasks that complete it: shield(), wait_for() on 3.11, gather(), a TaskGroup); asyncio has no "
+        "public call graph before 3.14; missing, nothing is followed"
+    ),
+    ("testing/tracker.py", "getattr(..., '_callbacks')"): (
+        "asyncio's Future, not safepool's: read only, a task's done callbacks, to find the tasks that complete "
+        "the future a holder waits on; missing, nothing is followed"
+    ),
 }
 
 

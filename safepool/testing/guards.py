@@ -17,6 +17,8 @@ pool's public observation surface (docs/api.md, "Observing a pool").
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import os
 import re
@@ -27,10 +29,20 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from ..errors import PoolError, check_is_pool, pool_list
+from ..errors import PoolError, PoolTimeoutError, check_is_pool, pool_list
 from ..events import Leaked
 from ..pool import Pool, live_pools, on_pool_created
-from .tracker import TimedOut, _Ended, _module_dir, _tracker, holder_activity
+from ..stats import LeaseInfo
+from . import tracker
+from .tracker import (
+    TimedOut,
+    _Ended,
+    _module_dir,
+    _tracker,
+    holder_activity,
+    on_pool_loop,
+    read_on_pool_loop,
+)
 
 __all__ = [
     "Leak",
@@ -87,6 +99,9 @@ class Leak:
     # An open lease's holding task, as safepool.testing.tracker.holder_activity
     # says: "query", "running", "idle", "returned", "ended" or "unknown"; None otherwise.
     holder_state: str | None = None
+    # Set by release_leaked() when the leaked connection could not be
+    # released (its pool's loop, in another thread, did not run the release).
+    release_error: str | None = None
 
     def describe(self) -> str:
         """The leak report, as the plugin prints it: a line naming the pool,
@@ -117,6 +132,8 @@ class Leak:
         where = self.stack or (f"  {self.acquired_at}\n" if self.acquired_at else "  (acquire stack not captured)\n")
         if self.site is not None:
             head += f"\n  acquire site: {self.site}"
+        if self.release_error is not None:
+            head += f"\n  {self.release_error}"
         return f"{head}\n  acquired at:\n{_indent(where, '  ')}"
 
 
@@ -346,7 +363,7 @@ class LeakGuard:
     def _snapshot(self) -> weakref.WeakKeyDictionary[Pool, set[int]]:
         snapshot: weakref.WeakKeyDictionary[Pool, set[int]] = weakref.WeakKeyDictionary()
         for pool in self._pools():
-            snapshot[pool] = {info.id for info in pool.leases()}
+            snapshot[pool] = {info.id for info in read_on_pool_loop(pool, functools.partial(pool.leases, stacks=False))}
         return snapshot
 
     def fixture_setup(
@@ -441,7 +458,7 @@ class LeakGuard:
                 if not which(pool):
                     kept.append((pool_ref, lease_id))
                     continue
-                for info in pool.leases():
+                for info in read_on_pool_loop(pool, pool.leases):
                     if info.id != lease_id or not self._first_time(pool, lease_id, "open"):
                         continue
                     if info.collected:  # its proxy is garbage (the fixture's value was dropped)
@@ -456,8 +473,7 @@ class LeakGuard:
             else:
                 del self._by_fixture[key]
         if leaks:
-            release_leaked(leaks)
-            self._pending.extend(leaks)
+            self._pending.extend(release_leaked(leaks))
 
     def note_ended(self, pool: Pool, ended: list[_Ended]) -> None:
         """The pool ended these leases while the code held them: it is
@@ -487,7 +503,10 @@ class LeakGuard:
             found.extend(self._pending)
             self._pending.clear()
         for pool in self._pools():
-            for info in pool.leases():
+            # Read on the pool's loop thread, with what each holding task is
+            # doing (its frames, the tasks it waits for): the loop may run in
+            # another thread (a TestClient's portal, a server thread).
+            for info, (state, doing) in read_on_pool_loop(pool, functools.partial(_leases_and_holders, pool)):
                 if self._elsewhere(pool, info.id, baseline):
                     continue
                 if (id(pool), info.id) in self._fixture_leases:
@@ -509,7 +528,6 @@ class LeakGuard:
                         detail=self._owner_detail(id(pool), info.id),
                     ))
                     continue
-                state, doing = holder_activity(info)
                 found.append(Leak(
                     kind="open", pool=pool.name, lease_id=info.id, held=info.age, task_name=info.task_name,
                     holder=doing, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
@@ -606,8 +624,7 @@ class LeakGuard:
         leaked connections)."""
         leaks = self.leaks(since_mark=since_mark)
         if leaks:
-            release_leaked(leaks)
-            raise LeakError(format_report(leaks))
+            raise LeakError(format_report(release_leaked(leaks)))
 
     # context manager -----------------------------------------------------------
 
@@ -620,8 +637,7 @@ class LeakGuard:
         try:
             leaks = self.leaks()
             if leaks:
-                release_leaked(leaks)
-                report = format_report(leaks)
+                report = format_report(release_leaked(leaks))
                 if exc is None:
                     raise LeakError(report)
                 exc.add_note(report)
@@ -695,29 +711,64 @@ def _pools_arg(pools: Iterable[Pool]) -> list[Pool]:
     return listed
 
 
-def release_leaked(leaks: Iterable[Leak]) -> None:
+def _leases_and_holders(pool: Pool) -> list[tuple[LeaseInfo, tuple[str, str]]]:
+    """``pool.leases()``, each with what its holding task is doing
+    (:func:`~safepool.testing.tracker.holder_activity`; not asked of a
+    lease whose proxy was collected). On the pool's loop thread."""
+    return [(info, ("", "") if info.collected else holder_activity(info)) for info in pool.leases()]
+
+
+def release_leaked(leaks: Iterable[Leak]) -> list[Leak]:
     """Release the connections of open leaks, so the test's own teardown (a
     pool fixture's ``close()``) does not wait for them forever. A lease whose
     proxy is already garbage is reclaimed by the pool itself, but one with
-    callbacks still registered only when asked (``Pool.release_lease``)."""
+    callbacks still registered only when asked (``Pool.release_lease``).
+
+    Each release runs on its pool's event loop thread: directly when the loop
+    is not running (or this is its thread), else scheduled on it, waiting up
+    to ``LOOP_TIMEOUT`` (5) seconds (a loop in another thread: a TestClient's
+    portal, a server thread). Returns the leaks, each that could not be
+    released with a ``release_error`` saying why (the report shows it)."""
+    result: list[Leak] = []
     for leak in leaks:
-        if leak.kind not in ("open", "collected") or leak.lease_id is None or leak.pool_ref is None:
-            continue
-        pool = leak.pool_ref()
-        if pool is None or pool.closed:
-            continue
-        try:
-            # The pool's own release path; on a closed event loop it fails
-            # (logged below): that pool is beyond use anyway.
-            _run_to_first_wait(pool.release_lease(leak.lease_id))
-        except Exception:
-            logging.getLogger("safepool").debug("leak guard: could not release lease %s", leak.lease_id, exc_info=True)
+        error = _release(leak)
+        result.append(leak if error is None else dataclasses.replace(leak, release_error=error))
+    return result
+
+
+def _release(leak: Leak) -> str | None:
+    """Release one leak's connection; None, or why it could not be."""
+    if leak.kind not in ("open", "collected") or leak.lease_id is None or leak.pool_ref is None:
+        return None
+    pool = leak.pool_ref()
+    if pool is None or pool.closed:  # closed, or its loop closed: beyond use, nothing to release
+        return None
+    lease_id = leak.lease_id
+    try:
+        # The pool's own release path, on its loop's thread.
+        on_pool_loop(pool, lambda: _run_to_first_wait(pool.release_lease(lease_id)))
+    except PoolTimeoutError:
+        logging.getLogger("safepool").warning(
+            "leak guard: could not release lease %s of pool %r: its event loop did not run the release within %g s",
+            lease_id, pool.name, tracker.LOOP_TIMEOUT,
+        )
+        return (
+            f"not released: the pool's event loop, running in another thread, did not run the release within "
+            f"{tracker.LOOP_TIMEOUT:g} s (is it blocked?); a close() of the pool waits for this connection"
+        )
+    except Exception as exc:
+        logging.getLogger("safepool").debug("leak guard: could not release lease %s", lease_id, exc_info=True)
+        if pool.closed:  # its loop closed meanwhile
+            return None
+        return f"not released: {type(exc).__name__}: {exc}"
+    return None
 
 
 def _run_to_first_wait(coro: Coroutine[Any, Any, Any]) -> None:
     """Run a coroutine that normally finishes without waiting (a release),
-    outside of any running loop. If it wants to wait (a query cancellation in
-    flight), give up: closing it makes the pool discard that connection."""
+    on the pool's loop thread, outside of any task. If it wants to wait (a
+    query cancellation in flight), give up: closing it makes the pool discard
+    that connection."""
     try:
         coro.send(None)
     except StopIteration:

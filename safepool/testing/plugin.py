@@ -331,8 +331,7 @@ def safepool_leak_check(request: pytest.FixtureRequest) -> Iterator[LeakGuard]:
         guard.stop()
     reports = [deferred] if deferred is not None else []
     if leaks:
-        release_leaked(leaks)
-        reports.append(format_report(leaks))
+        reports.append(format_report(release_leaked(leaks)))
     if reports:
         raise LeakFailed("\n\n".join(reports), pytrace=False)
 
@@ -409,15 +408,14 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     except BaseException:
         leaks = guard.leaks(since_mark=True)
         if leaks:
-            release_leaked(leaks)
+            leaks = release_leaked(leaks)
             # Shown with the test's failure; moved to teardown if the test
             # skipped or failed as expected (pytest_runtest_makereport).
             item.stash[_CALL_LEAKS] = format_report(leaks)
         raise
     leaks = guard.leaks(since_mark=True)
     if leaks:
-        release_leaked(leaks)
-        report = format_report(leaks)
+        report = format_report(release_leaked(leaks))
         if item.get_closest_marker("xfail") is not None:
             report += (
                 "\n\nThe test is marked xfail and passed: the leak fails it all the same "

@@ -13,21 +13,31 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..errors import PoolTimeoutError
 from ..events import AcquireTimedOut, LateRelease, Leaked, LeaseEnded, LeaseExpired, PoolEvent
 from ..pool import Pool, live_pools, on_pool_created
 from ..stats import LeaseInfo
 
 if TYPE_CHECKING:
     from .guards import LeakGuard
+
+_T = TypeVar("_T")
+
+# How long the guards wait for a pool's event loop running in another thread
+# (a TestClient's portal, a server thread) to run what they ask of it.
+LOOP_TIMEOUT = 5.0
+
+_log = logging.getLogger("safepool")
 
 
 def _module_dir(name: str) -> str | None:
@@ -40,6 +50,36 @@ def _module_dir(name: str) -> str | None:
     return os.path.abspath(path)
 
 
+# ------------------------------------------------------ the pool's thread
+
+
+def on_pool_loop(pool: Pool, function: Callable[[], _T]) -> _T:
+    """Run ``function()`` where ``pool`` may be touched: on its event loop's
+    thread. Directly when this is that thread, or when the loop is not
+    running (stopped, or closed: nothing else touches the pool then); else
+    (the loop runs in another thread: a TestClient's portal, a server
+    thread) scheduled on the loop, waiting up to :data:`LOOP_TIMEOUT`
+    seconds (``Pool.call_threadsafe``).
+
+    :raises safepool.PoolTimeoutError: the loop did not run it in time.
+    :raises Exception: what ``function`` raised."""
+    return pool.call_threadsafe(function, LOOP_TIMEOUT)
+
+
+def read_on_pool_loop(pool: Pool, function: Callable[[], _T]) -> _T:
+    """:func:`on_pool_loop` for a read (``pool.leases()``): if the loop, in
+    another thread, does not answer in time (it is blocked), read from here
+    after all, logging a warning: a blocked loop is not changing the pool."""
+    try:
+        return on_pool_loop(pool, function)
+    except PoolTimeoutError:
+        _log.warning(
+            "leak guard: pool %r's event loop, running in another thread, did not answer within %g s; "
+            "reading its leases from this thread", pool.name, LOOP_TIMEOUT,
+        )
+        return function()
+
+
 # ------------------------------------------------------ what tasks are doing
 
 _ASYNCPG_DIR = _module_dir("asyncpg")
@@ -48,8 +88,11 @@ _SKIP_FOR_WHERE = ("safepool", "asyncio", "anyio")
 
 def _await_chain(task: asyncio.Task[Any]) -> list[FrameType]:
     """The frames a suspended task is waiting in, outermost first."""
+    return _coro_frames(task.get_coro())
+
+
+def _coro_frames(awaitable: Any) -> list[FrameType]:
     frames: list[FrameType] = []
-    awaitable: Any = task.get_coro()
     for _ in range(200):  # an await chain deeper than this is not worth walking
         if awaitable is None:
             break
@@ -66,6 +109,107 @@ def _await_chain(task: asyncio.Task[Any]) -> list[FrameType]:
             or getattr(awaitable, "ag_await", None)
         )
     return frames
+
+
+_MAX_WAITED_ON = 64  # tasks followed from one holder: more is not worth walking
+
+
+def _tasks_waited_on(task: asyncio.Task[Any]) -> list[asyncio.Task[Any]]:
+    """The tasks a suspended task is waiting for, transitively: the chain of
+    coroutines ends at the future the task is blocked on (``Task._fut_waiter``,
+    which CPython's C and Python tasks both have), and that future is another
+    task (``await task``), or a future that tasks complete from a done
+    callback: ``asyncio.shield()``'s outer future (its inner task's callback
+    holds it), ``asyncio.wait_for()``'s waiter on Python 3.11 (the task
+    running the awaitable), ``asyncio.gather()``'s future (its children),
+    ``asyncio.wait()``/``as_completed()``'s waiter, and a ``TaskGroup``'s
+    ``__aexit__`` (the group's tasks: their callback is a method of the group,
+    which holds the future). A future completed otherwise (an Event, a Queue,
+    a lock, a thread, an executor) has no task behind it to follow: the holder
+    is waiting on something that is not a statement. Read on the tasks' loop
+    thread (strict mode's event, the guards' checks, both there)."""
+    found: list[asyncio.Task[Any]] = []
+    seen = {id(task)}
+    pending = [task]
+    while pending and len(found) < _MAX_WAITED_ON:
+        waiter = getattr(pending.pop(), "_fut_waiter", None)
+        if waiter is None or not asyncio.isfuture(waiter) or waiter.done():
+            continue
+        if isinstance(waiter, asyncio.Task):
+            helpers: list[asyncio.Task[Any]] = [waiter]
+        else:
+            try:
+                others = asyncio.all_tasks(waiter.get_loop())
+            except RuntimeError:  # its loop is closed
+                others = set()
+            helpers = [
+                other for other in others
+                if id(other) not in seen and not other.done() and _completes(other, waiter)
+            ]
+        for helper in helpers:
+            if id(helper) not in seen and not helper.done():
+                seen.add(id(helper))
+                found.append(helper)
+                pending.append(helper)
+    return found[:_MAX_WAITED_ON]
+
+
+def _done_callbacks(future: asyncio.Future[Any]) -> list[Any]:
+    """A pending future's done callbacks (CPython keeps them as
+    ``(callback, context)`` pairs; None when there are none)."""
+    entries = getattr(future, "_callbacks", None) or ()
+    return [entry[0] if isinstance(entry, tuple) else entry for entry in entries]
+
+
+def _completes(future: asyncio.Future[Any], target: asyncio.Future[Any], depth: int = 3) -> bool:
+    """Whether completing ``future`` completes ``target``: one of its done
+    callbacks holds ``target``, or holds a pending future (not a task) that
+    completes it in turn (``wait_for(shield(...))`` on 3.11: the inner task
+    completes shield's outer future, which completes wait_for's waiter)."""
+    for callback in _done_callbacks(future):
+        held = list(_held_by(callback))
+        if any(value is target for value in held):
+            return True
+        if depth > 1 and any(
+            asyncio.isfuture(value) and not isinstance(value, asyncio.Task) and value is not future
+            and not value.done() and _completes(value, target, depth - 1)
+            for value in held
+        ):
+            return True
+    return False
+
+
+def _held_by(callback: Any, depth: int = 2) -> Iterator[Any]:
+    """What a done callback holds: a partial's function and arguments, a
+    closure's cells, a bound method's object and that object's attributes
+    (a ``TaskGroup``'s ``_on_task_done`` holds the group, which holds the
+    future its ``__aexit__`` waits on). Not another task's wakeup: a task
+    that awaits this one is not waited for by it."""
+    if depth <= 0:
+        return
+    if isinstance(callback, functools.partial):
+        for part in (callback.func, *callback.args, *callback.keywords.values()):
+            yield part
+            yield from _held_by(part, depth - 1)
+        return
+    for cell in getattr(callback, "__closure__", None) or ():
+        try:
+            yield cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    owner = getattr(callback, "__self__", None)
+    if owner is None or isinstance(owner, type) or asyncio.isfuture(owner):
+        return
+    yield owner
+    try:
+        yield from vars(owner).values()  # an object's attributes (asyncio's, when followed at all)
+    except TypeError:  # no instance attributes (slots, a C object)
+        return
+
+
+def _in_asyncpg(frames: list[FrameType]) -> bool:
+    asyncpg_dir = _ASYNCPG_DIR
+    return asyncpg_dir is not None and any(f.f_code.co_filename.startswith(asyncpg_dir) for f in frames)
 
 
 def _in_anyio_test_runner(frame: FrameType) -> bool:
@@ -85,7 +229,8 @@ def _in_anyio_test_runner(frame: FrameType) -> bool:
 def holder_activity(info: LeaseInfo) -> tuple[str, str]:
     """(state, description) of the task holding a lease (``info.task``, a
     weak reference taken at acquire). state is "query" (inside asyncpg:
-    running a statement), "running", "idle" (suspended elsewhere), "returned"
+    running a statement; or waiting for a task that is, see
+    :func:`_tasks_waited_on`), "running", "idle" (suspended elsewhere), "returned"
     (suspended in anyio's test runner: the code that acquired has returned),
     "ended" (no such task any more) or "unknown"."""
     if info.task_ref is None:
@@ -99,8 +244,16 @@ def holder_activity(info: LeaseInfo) -> tuple[str, str]:
     if task is asyncio.current_task(loop):
         return "running", "running"
     frames = _await_chain(task)
-    if _ASYNCPG_DIR and any(f.f_code.co_filename.startswith(_ASYNCPG_DIR) for f in frames):
+    if _in_asyncpg(frames):
         return "query", "running a statement"
+    # Waiting for tasks that run on its behalf (asyncio.shield(), wait_for()
+    # on 3.11, gather(), a TaskGroup): one of them inside asyncpg counts. The
+    # pool cannot tell which connection that statement runs on: a holder
+    # waiting for a task that queries on another connection is not reported
+    # either (strict mode does not fail a test on a guess).
+    for helper in _tasks_waited_on(task):
+        if _in_asyncpg(_await_chain(helper)):
+            return "query", f"running a statement (in task {helper.get_name()}, which it waits for)"
     skip = tuple(p for p in (_module_dir(n) for n in _SKIP_FOR_WHERE) if p)
     for frame in reversed(frames):
         filename = frame.f_code.co_filename
@@ -118,6 +271,33 @@ def holder_activity(info: LeaseInfo) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------- the tracker
+
+
+def _install(pool: Pool, watch: _Watch) -> None:
+    pool.capture_stack = True
+    pool.add_event_listener(watch.listener)
+
+
+def _unwatch(pool: Pool, watch: _Watch) -> None:
+    pool.capture_stack = watch.capture_before
+    try:
+        pool.remove_event_listener(watch.listener)
+    except ValueError:
+        pass
+
+
+def _on_pool_loop_or_here(pool: Pool, function: Callable[[], None]) -> None:
+    """Set a pool's stack capture and event listener on its loop's thread
+    (:func:`on_pool_loop`); if that loop, in another thread, is blocked, from
+    here after all: each is one operation on an attribute (a flag, a list)."""
+    try:
+        on_pool_loop(pool, function)
+    except PoolTimeoutError:
+        _log.warning(
+            "leak guard: pool %r's event loop, running in another thread, did not answer within %g s; "
+            "setting its stack capture and event listener from this thread", pool.name, LOOP_TIMEOUT,
+        )
+        function()
 
 
 @dataclass
@@ -181,30 +361,32 @@ class _Tracker:
                 self._unhook = on_pool_created(self.watch)
             if strict:
                 self._strict_users += 1
-            for pool in live_pools():
-                self.watch(pool)
+        # Not under the lock: watch() may wait for a pool's loop thread,
+        # whose event listener takes the lock.
+        for pool in live_pools():
+            self.watch(pool)
 
     def release(self, *, strict: bool = False) -> None:
+        undo: list[tuple[Pool, _Watch]] = []
         with self._lock:
             if strict:
                 self._strict_users -= 1
             self._users -= 1
             if self._users == 0:
-                self._uninstall()
+                undo = self._uninstall()
+        for pool, watch in undo:  # not under the lock, as in acquire()
+            _on_pool_loop_or_here(pool, functools.partial(_unwatch, pool, watch))
 
-    def _uninstall(self) -> None:
+    def _uninstall(self) -> list[tuple[Pool, _Watch]]:
+        """Stop watching: what is returned is to be undone on each pool."""
         if self._unhook is not None:
             self._unhook()
             self._unhook = None
-        for pool, watch in list(self._watched.items()):
-            pool.capture_stack = watch.capture_before
-            try:
-                pool.remove_event_listener(watch.listener)
-            except ValueError:
-                pass
+        undo = list(self._watched.items())
         self._watched.clear()
         self.records.clear()
         self._ended.clear()
+        return undo
 
     # pools and events -------------------------------------------------------
 
@@ -213,9 +395,9 @@ class _Tracker:
             if pool in self._watched:
                 return
             listener = functools.partial(self._on_event, weakref.ref(pool))
-            self._watched[pool] = _Watch(pool.capture_stack, listener)
-            pool.capture_stack = True
-            pool.add_event_listener(listener)
+            watch = _Watch(pool.capture_stack, listener)
+            self._watched[pool] = watch
+        _on_pool_loop_or_here(pool, functools.partial(_install, pool, watch))
 
     def _on_event(self, pool_ref: weakref.ref[Pool], event: PoolEvent) -> None:
         if isinstance(event, Leaked):
