@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import sys
-import types
 import warnings
 from collections.abc import Callable, Coroutine, Generator
 from contextvars import Context
@@ -157,10 +156,28 @@ class _Driver(Generic[T]):
         return 0
 
     def done(self) -> bool:
-        return self._cancelled or (self._fut is not None and self._fut.done())
+        """True once cancelled (the pool's task has the statement). Not when
+        the awaited future is done but the task has not resumed yet: the
+        release ends when the task runs ``then`` (the connection's hand-on),
+        as asyncpg's release, a shield's future, is not done before its
+        inner task has run. anyio's cancel scopes read it (see ``__class__``)."""
+        return self._cancelled
 
     def cancelled(self) -> bool:
         return self._cancelled
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        """``asyncio.Future`` for ``isinstance()`` once a task waits on the
+        driver (it stands in for the future the reset awaits), else
+        ``_Driver``: anyio (4.x, ``CancelScope._deliver_cancellation``)
+        cancels a task again at every loop pass unless it waits on a done
+        ``asyncio.Future``, and each extra ``task.cancel()`` counts against
+        ``asyncio.timeout``'s own, which then re-raises a bare
+        ``CancelledError`` instead of ``TimeoutError`` (review h215; asyncpg's
+        release waits on a real future, its shield's). ``type()`` is not
+        affected, nor asyncio's Task, which does not ask."""
+        return asyncio.Future if self._fut is not None else _Driver
 
     def result(self) -> None:
         if self._cancelled:
@@ -425,13 +442,20 @@ async def released() -> None:
     more per release than a resolved future (docs/performance.md)."""
 
 
-@types.coroutine
-def _bare_yield() -> Generator[None, None, None]:
-    yield  # (asyncio.sleep(0)'s: the task is scheduled again with call_soon)
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def loop_pass() -> None:
-    """:func:`released` with one loop pass before it returns: suspends the
-    awaiting task for one loop iteration, after the callbacks already ready
-    (the bare yield of ``asyncio.sleep(0)``)."""
-    await _bare_yield()
+    """:func:`released` with a loop pass before it returns: suspends the
+    awaiting task until the callbacks already ready have run. On a future
+    resolved by a callback, not a bare yield (``asyncio.sleep(0)``'s): a
+    task cancelled twice there gets the first cancel's ``CancelledError``,
+    as a future's waiter does (a bare yield keeps the last one's message,
+    and anyio cancels a task that waits on no future again at every pass:
+    review h215)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    loop.call_soon(_resolve, future)
+    await future

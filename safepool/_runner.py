@@ -946,6 +946,10 @@ class Runner:
     def terminate_all(self) -> None:
         """Discard every slot (connections terminated, not closed) and cancel
         every pool task; settles the books synchronously."""
+        # The sockets' duplicates first: on a loop already closed (uvloop
+        # closed the transports then) the aborts below raise, and these are
+        # what keeps the sockets, and so their backends, alive (review h214).
+        self.drop_exit_watches()
         state = self.state
         self.terminating = True
         state.begin_close(PoolClosedError("pool is closed"))

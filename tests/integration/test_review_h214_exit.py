@@ -584,14 +584,22 @@ def _backends_after_the_loop_closed(pg_dsn: str, loop: str, terminate_after: boo
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("terminate_after", [False, True], ids=["left_open", "terminated_after"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h214: uvloop closes every transport when its loop closes, which ended the pool's sockets and "
-    "so their backends before 78ea1f5; the duplicates (safepool/_runner.py:673-675, _workers.exit_watch at "
-    "safepool/_workers.py:395) stay open in Runner.exit_watches while the pool is referenced, nothing half-closes "
-    "them (no close, and terminate() on the closed loop raises at its first abort, safepool/_runner.py:973, "
-    "before drop_exit_watches at :981), so every idle backend lives on until the pool is garbage collected",
+@pytest.mark.parametrize(
+    "terminate_after",
+    [
+        pytest.param(
+            False, id="left_open",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="open (docs/design.md, Slot states): uvloop closes every transport when its loop closes, "
+                "which ended a pool's sockets, and so their backends, before the exit watch (78ea1f5); the "
+                "duplicates (Runner.exit_watches) stay open while the pool is referenced and nothing runs on a "
+                "closed loop to close them: a pool left open past its loop keeps its backends until terminate(), "
+                "close() or garbage collection",
+            ),
+        ),
+        pytest.param(True, id="terminated_after"),  # (terminate() closes the duplicates first: fixed in s66)
+    ],
 )
 def test_on_uvloop_backends_end_when_the_loop_closes_with_the_pool_open(pg_dsn: str, terminate_after: bool) -> None:
     assert _backends_after_the_loop_closed(pg_dsn, "uvloop", terminate_after) == 0
