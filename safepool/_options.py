@@ -163,6 +163,7 @@ class PoolConfig:
     leak_warning_after: float | None
     acquire_timeout: float | None
     reset_timeout: float | None
+    backend_exit_timeout: float
     capture_stack: bool
     max_waiters: int | None
     max_connecting: int | None
@@ -225,6 +226,7 @@ def configure(
     wait_on_connect_error: Any,
     reset_mode: Any,
     reset_timeout: Any,
+    backend_exit_timeout: Any,
     backoff: Any,
     max_site_share: Any,
     queue_policy: Any,
@@ -263,6 +265,10 @@ def configure(
     reset_timeout = validate_timeout("reset_timeout", reset_timeout)
     if reset_timeout == 0:
         raise PoolValueError(f"reset_timeout must be > 0 seconds (None: the default), got {reset_timeout_arg!r}")
+    backend_exit_timeout = validate_timeout("backend_exit_timeout", backend_exit_timeout, allow_none=False)
+    if backend_exit_timeout == math.inf:
+        # (a peer that never answers, a cut network, would hold the place for ever)
+        raise PoolValueError(f"backend_exit_timeout must be a finite number of seconds (0: no wait), got {backend_exit_timeout!r}")
     if max_waiters is DEFAULT:
         # Unbounded, as asyncpg: a bound can fail a call that works on
         # asyncpg's pool (1,500 gathered queries on 10 connections), so it
@@ -289,6 +295,7 @@ def configure(
         leak_warning_after=leak_warning_after,
         acquire_timeout=acquire_timeout,
         reset_timeout=reset_timeout,
+        backend_exit_timeout=backend_exit_timeout,
         capture_stack=capture_stack if capture_stack is not None else leak_warning_after is not None,
         max_waiters=max_waiters,
         max_connecting=max_connecting,

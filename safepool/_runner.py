@@ -83,6 +83,7 @@ class Runner:
         hooks: ResetHooks,
         *,
         reset_timeout: float | None,
+        backend_exit_timeout: float = _workers.BACKEND_EXIT_GRACE,
         auto_reset: bool,
         leak_warning_after: float | None,
     ) -> None:
@@ -96,6 +97,7 @@ class Runner:
         self.open_connection = open_connection
         self.hooks = hooks
         self.reset_timeout = reset_timeout
+        self.backend_exit_timeout = backend_exit_timeout
         self.auto_reset = auto_reset
         self.timer: Timer | None = None
         self.timer_at: float | None = None
@@ -759,7 +761,9 @@ class Runner:
             if cancel and con is not None:
                 self.spawn(self.cancel_aborted(slot, con, key, _workers.cancel_timeout(budget)))
                 return
-            if slot in self.exit_watches and not (self.terminating or self.cancelled_from_outside()):
+            if slot in self.exit_watches and self.backend_exit_timeout > 0 and not (
+                self.terminating or self.cancelled_from_outside()
+            ):
                 self.exiting.add(slot)  # (get_size() no longer counts it, as asyncpg's once closed)
                 self.spawn(self.closed_after_exit(slot))
                 return
@@ -795,7 +799,8 @@ class Runner:
 
     async def backend_exit(self, slot: Slot) -> None:
         """Until the server has closed its end of the slot's socket, its
-        backend gone, ``BACKEND_EXIT_GRACE`` at most: a backend exits after
+        backend gone, ``backend_exit_timeout`` seconds at most (the pool's
+        option, default ``_workers.BACKEND_EXIT_GRACE``; 0: no wait): a backend exits after
         its connection is closed or aborted (it reads asyncpg's Terminate or
         the socket's end once its statement ends; one ended by
         ``pg_terminate_backend`` sends its FATAL first), and its exit work
@@ -808,9 +813,9 @@ class Runner:
             return
         try:
             con = slot.connection
-            if con is None or con.is_closed():  # (never read an open connection's data)
+            if (con is None or con.is_closed()) and self.backend_exit_timeout > 0:  # (never an open connection's data)
                 self.exiting.add(slot)
-                await _workers.backend_gone(watch, _workers.BACKEND_EXIT_GRACE)
+                await _workers.backend_gone(watch, self.backend_exit_timeout)
         finally:
             self.drop_exit_watch(slot)
 

@@ -101,6 +101,7 @@ class Observation:
             wait_on_connect_error=state.wait_on_connect_error,
             reset_mode=config.reset_mode,
             reset_timeout=config.reset_timeout,
+            backend_exit_timeout=config.backend_exit_timeout,
             capture_stack=capture_stack,
             max_site_share=config.max_site_share,
             queue_policy="fifo" if adaptive is None else "adaptive",

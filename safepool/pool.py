@@ -129,6 +129,7 @@ class Pool(_PoolBase):
         wait_on_connect_error: bool = False,
         reset_mode: str = "full",
         reset_timeout: float | None = None,
+        backend_exit_timeout: float = _workers.BACKEND_EXIT_GRACE,
         backoff: Backoff | None = None,
         clock: Clock | None = None,
         max_site_share: float | None = None,
@@ -154,7 +155,8 @@ class Pool(_PoolBase):
             max_lifetime=max_lifetime, tcp_keepalive=tcp_keepalive, lease_timeout=lease_timeout, leak_warning_after=leak_warning_after, capture_stack=capture_stack,
             max_waiters=max_waiters, acquire_timeout=acquire_timeout, max_connecting=max_connecting,
             fail_fast=fail_fast, wait_on_connect_error=wait_on_connect_error, reset_mode=reset_mode,
-            reset_timeout=reset_timeout, backoff=backoff, max_site_share=max_site_share,
+            reset_timeout=reset_timeout, backend_exit_timeout=backend_exit_timeout, backoff=backoff,
+            max_site_share=max_site_share,
             queue_policy=queue_policy, queue_target=queue_target, queue_interval=queue_interval,
         )
         if name is not None and not isinstance(name, str):
@@ -191,7 +193,8 @@ class Pool(_PoolBase):
         self._observation = Observation(config, self._state, reporter, loop, self._now, self.release)
         self._runner = runner = Runner(
             self, self._state, self._clock, loop, reporter, self._get_new_connection, hooks,
-            reset_timeout=config.reset_timeout, auto_reset=reset_mode == "auto",
+            reset_timeout=config.reset_timeout, backend_exit_timeout=config.backend_exit_timeout,
+            auto_reset=reset_mode == "auto",
             leak_warning_after=config.leak_warning_after,
         )
         runner.reclaimer.proxy_class = proxy_class
@@ -1059,7 +1062,10 @@ def create_pool(
     (``"full"``, ``"rollback"`` or ``"auto"``), ``reset_timeout`` (seconds
     > 0 for a release's reset when neither ``release(timeout=)`` nor the
     acquire's ``timeout`` gives one; None: asyncpg's limits, the
-    connection's ``command_timeout``, else 30 s), ``backoff`` (a
+    connection's ``command_timeout``, else 30 s), ``backend_exit_timeout``
+    (seconds >= 0, finite, default 1.0: how long a closed connection's
+    place, counted towards ``max_size``, waits for the server to close the
+    socket, its backend gone; 0: not at all, as asyncpg's pool), ``backoff`` (a
     :class:`safepool.Backoff`), ``clock`` (a :class:`safepool.Clock`),
     ``max_site_share`` (0 < share <= 1: one acquire site holds at most
     ``ceil(share * max_size)`` connections), ``queue_policy`` (``"fifo"`` or

@@ -71,6 +71,7 @@ class PoolOptions:
     wait_on_connect_error: bool
     reset_mode: str
     reset_timeout: float | None
+    backend_exit_timeout: float  # seconds a closed connection's place waits for its backend's exit (0: none)
     capture_stack: bool
     max_site_share: float | None  # None: no cap per acquire site
     queue_policy: str  # "fifo" or "adaptive"

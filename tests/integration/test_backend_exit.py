@@ -177,16 +177,16 @@ def _stoppable(pid: int) -> bool:
 
 @pytest.mark.realtime
 @pytest.mark.asyncio
+@pytest.mark.parametrize("grace", [0.3, 0.0])
 async def test_a_backend_that_cannot_exit_holds_its_place_for_the_grace_only(
-    pools: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, app_name: str, server_count: Any
+    pools: Callable[..., Any], grace: float
 ) -> None:
     """A backend stopped (SIGSTOP) never closes its socket: the place is
-    held for ``BACKEND_EXIT_GRACE`` (0.3 s here), then freed, and the next
-    acquire is served by a new connection then, not before and not never.
-    ``get_size()`` meanwhile counts no connection, as asyncpg's (its
-    connection is closed)."""
-    monkeypatch.setattr(_workers, "BACKEND_EXIT_GRACE", 0.3)
-    pool = await pools(min_size=0, max_size=1)
+    held for ``backend_exit_timeout`` (0.3 s here), then freed, and the next
+    acquire is served by a new connection then, not before and not never;
+    with 0 at once, as on asyncpg's pool. ``get_size()`` meanwhile counts
+    no connection, as asyncpg's (its connection is closed)."""
+    pool = await pools(min_size=0, max_size=1, backend_exit_timeout=grace)
     con = await pool.acquire()
     pid = con.get_server_pid()
     if not _stoppable(pid):
@@ -201,7 +201,10 @@ async def test_a_backend_that_cannot_exit_holds_its_place_for_the_grace_only(
         async with pool.acquire() as con:
             waited = time.monotonic() - released
             assert con.get_server_pid() != pid
-        assert 0.25 <= waited < 3.0, waited
+        if grace:
+            assert 0.25 <= waited < 3.0, waited
+        else:
+            assert waited < 0.25, waited
     finally:
         os.kill(pid, signal.SIGCONT)
     await pool.close()
@@ -250,3 +253,21 @@ def test_the_server_never_counts_more_than_max_size_after_terminates(pg_dsn: str
     with asyncio.Runner(loop_factory=factory) as runner:
         seen = runner.run(scenario())
     assert seen == [1] * 5, seen
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(-1, safepool.PoolValueError), (float("nan"), safepool.PoolValueError), (float("inf"), safepool.PoolValueError),
+     ("1", safepool.PoolTypeError), (None, safepool.PoolTypeError), (True, safepool.PoolTypeError)],
+)
+@pytest.mark.asyncio
+async def test_backend_exit_timeout_is_checked(value: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match="backend_exit_timeout"):
+        safepool.create_pool("postgresql://localhost/x", backend_exit_timeout=value)
+
+
+@pytest.mark.asyncio
+async def test_backend_exit_timeout_shows_in_the_options(pools: Callable[..., Any]) -> None:
+    assert (await pools(min_size=0)).options.backend_exit_timeout == 1.0
+    assert (await pools(min_size=0, backend_exit_timeout=0)).options.backend_exit_timeout == 0.0
+
