@@ -91,17 +91,50 @@ class Finding:
 
 def _hint(receiver: str, var: str | None, code: str = "") -> str:
     name = "con" if var is None or code == "SP004" else var
+    receiver, first = _named_receiver(receiver, name)
     if "." in name:  # stored on an object: `request.state.con`
-        return (
+        return first + (
             f"release it in a `finally:` block right after the acquire (`try: ... finally: await "
             f"{receiver}.release({name})`), or acquire into a local name: `async with {receiver}.acquire() as con:`"
         )
     if code == "SP004":
-        return f"`{name} = await {receiver}.acquire()` (then release it in `finally:`), or `async with {receiver}.acquire() as {name}:`"
-    return (
+        return first + (
+            f"`{name} = await {receiver}.acquire()` (then release it in `finally:`), or "
+            f"`async with {receiver}.acquire() as {name}:`"
+        )
+    return first + (
         f"use `async with {receiver}.acquire() as {name}:`, or release it in a `finally:` block "
         f"right after the acquire (`try: ... finally: await {receiver}.release({name})`)"
     )
+
+
+def _is_plain(node: ast.expr) -> bool:
+    """Whether ``node`` names the same object each time it is evaluated, as
+    far as its source tells: a name, or attributes and constant subscripts
+    of one (``self.pool``, ``app["pool"]``); no call, no await."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        if isinstance(node, ast.Subscript) and not isinstance(node.slice, ast.Constant):
+            return False
+        node = node.value
+    return isinstance(node, ast.Name)
+
+
+def _named_receiver(receiver: str, var: str = "con") -> tuple[str, str]:
+    """The pool as a fix line may write it twice (acquire, release), and
+    what the fix says first: ``receiver`` itself when it is plain
+    (_is_plain); a walrus's name (``(pool := app.pool)``: ``pool``);
+    otherwise (a call, an await: ``(await create_pool(dsn))``, which a
+    second time would make another pool) the name ``pool``, bound first."""
+    try:
+        node = ast.parse(receiver, mode="eval").body
+    except SyntaxError:
+        return receiver, ""
+    if isinstance(node, ast.NamedExpr):
+        return node.target.id, ""
+    if _is_plain(node):
+        return receiver, ""
+    name = "pool" if var != "pool" else "the_pool"
+    return name, f"bind the pool to a name first (`{name} = {ast.unparse(node)}`), then "
 
 
 def _receiver_source(node: ast.expr) -> str:
@@ -130,6 +163,27 @@ def _last_name(node: ast.expr) -> str | None:
             node = node.value
         else:
             return None
+
+
+def _assigned_pairs(targets: list[ast.expr], value: ast.expr) -> list[tuple[list[ast.expr], ast.expr]]:
+    """What an assignment binds to what: ``targets`` and ``value`` as they
+    are, or, unpacked element by element, ``self.pool, self.cache = pg_pool,
+    cache`` as ``self.pool = pg_pool`` and ``self.cache = cache``. A tuple
+    (or list) target with another number of elements or a starred one binds
+    nothing that is told here."""
+    if not isinstance(value, (ast.Tuple, ast.List)) or any(isinstance(e, ast.Starred) for e in value.elts):
+        return [(targets, value)]
+    unpacked: list[ast.Tuple | ast.List] = [
+        t for t in targets
+        if isinstance(t, (ast.Tuple, ast.List)) and len(t.elts) == len(value.elts)
+        and not any(isinstance(e, ast.Starred) for e in t.elts)
+    ]
+    whole = [t for t in targets if not isinstance(t, (ast.Tuple, ast.List))]
+    pairs: list[tuple[list[ast.expr], ast.expr]] = [(whole, value)] if whole else []
+    if unpacked:
+        for i, element in enumerate(value.elts):
+            pairs.extend(_assigned_pairs([t.elts[i] for t in unpacked], element))
+    return pairs
 
 
 def _is_pool_app_key(call: ast.Call, pool_names: re.Pattern[str]) -> bool:
@@ -225,24 +279,25 @@ class _Module:
         self.pool_links: dict[str, str] = {}
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign):
-                targets, value = node.targets, node.value
+                pairs = _assigned_pairs(node.targets, node.value)
             elif isinstance(node, (ast.AnnAssign, ast.NamedExpr)) and node.value is not None:
-                targets, value = [node.target], node.value
+                pairs = _assigned_pairs([node.target], node.value)
             else:
                 continue
-            values = [value]
-            while any(isinstance(v, (ast.IfExp, ast.BoolOp)) for v in values):
-                values = [
-                    part for v in values
-                    for part in ([v.body, v.orelse] if isinstance(v, ast.IfExp)
-                                 else v.values if isinstance(v, ast.BoolOp) else [v])
+            for targets, value in pairs:
+                values = [value]
+                while any(isinstance(v, (ast.IfExp, ast.BoolOp)) for v in values):
+                    values = [
+                        part for v in values
+                        for part in ([v.body, v.orelse] if isinstance(v, ast.IfExp)
+                                     else v.values if isinstance(v, ast.BoolOp) else [v])
+                    ]
+                names = [_last_name(t) for t in targets] + [
+                    _last_name(v) for v in values if isinstance(v, (ast.Name, ast.Attribute, ast.Subscript))
                 ]
-            names = [_last_name(t) for t in targets] + [
-                _last_name(v) for v in values if isinstance(v, (ast.Name, ast.Attribute, ast.Subscript))
-            ]
-            keys = [name.lstrip("_") for name in names if name]
-            for key in keys[1:]:
-                self.pool_links[self.pool_root(key)] = self.pool_root(keys[0])
+                keys = [name.lstrip("_") for name in names if name]
+                for key in keys[1:]:
+                    self.pool_links[self.pool_root(key)] = self.pool_root(keys[0])
         # Aliases of a pool's acquire (`acq = pool.acquire`,
         # `functools.partial(pool.acquire, timeout=1)`, `lambda: pool.acquire()`),
         # `await acq()` is `await pool.acquire()`. A name is an alias in the
@@ -765,8 +820,9 @@ def _may_leave(stmt: ast.stmt) -> ast.AST | None:
 
 # What can suspend, raise or leave the statement it is in: an `assert`
 # raises as `raise` does (unless Python runs with -O: the check assumes it
-# does not); an `async for` in a comprehension (`[r async for r in cur]`)
-# suspends as an `await` does (see _leaving).
+# does not); an `async for` in a list, set or dict comprehension (`[r async
+# for r in cur]`) suspends as an `await` does, not in a generator expression,
+# which only creates an async generator (see _leaving).
 _LEAVING = (
     ast.Await, ast.Return, ast.Raise, ast.Assert, ast.Yield, ast.YieldFrom, ast.Break, ast.Continue, ast.AsyncWith,
     ast.AsyncFor,
@@ -783,7 +839,21 @@ def _leaving(stmt: ast.stmt) -> Iterator[ast.AST]:
         for node in _own_nodes(stmt) if isinstance(node, (ast.For, ast.AsyncFor, ast.While))
         for inner in node.body for jump in _own_nodes(inner) if isinstance(jump, (ast.Break, ast.Continue))
     }
+    # A generator expression runs nothing but its first iterable when it is
+    # created (`rows = (r async for r in source)` is an async generator):
+    # its `async for` and its awaits run when something iterates it.
+    deferred = {
+        id(inner)
+        for node in _own_nodes(stmt) if isinstance(node, ast.GeneratorExp)
+        for part in (node.elt, node.generators[0].target, *node.generators[0].ifs, *node.generators[1:])
+        for inner in _own_nodes(part)
+    } | {
+        id(node.generators[0])
+        for node in _own_nodes(stmt) if isinstance(node, ast.GeneratorExp)
+    }
     for node in _own_nodes(stmt):
+        if id(node) in deferred:
+            continue
         if isinstance(node, _LEAVING) and id(node) not in bound:
             yield node
         elif isinstance(node, ast.comprehension) and node.is_async:
@@ -1036,12 +1106,13 @@ class _Checker:
                 _OTHER_POOL.reset(token)
             if elsewhere:
                 refused = min(elsewhere, key=_position)
+                pool, bind_first = _named_receiver(receiver, var)
                 self.report(call, stmt, "SP002",
                             f"connection `{var}` acquired here from `{receiver}` is never released in "
                             f"`{_scope_name(scope)}`: `{ast.unparse(refused)}` at line {refused.lineno} gives it to "
                             "another pool, which refuses it", receiver, var,
-                            hint=f"release it to the pool it came from: `await {receiver}.release({var})` in a "
-                            f"`finally:` block right after the acquire, or `async with {receiver}.acquire() as "
+                            hint=f"{bind_first}release it to the pool it came from: `await {pool}.release({var})` in "
+                            f"a `finally:` block right after the acquire, or `async with {pool}.acquire() as "
                             f"{var}:`")
                 return
             self.report(call, stmt, "SP002",
@@ -1079,12 +1150,13 @@ class _Checker:
                         "is never released", receiver, var)
             return
         if late:
+            pool, bind_first = _named_receiver(receiver, var)
             self.report(call, stmt, "SP001",
                         f"connection `{var}` is released in a `finally:` block, but line {late[0]} in that "
                         "`finally:` comes before the release and can fail or leave first: the release is then "
                         "skipped", receiver, var,
-                        hint=f"release it first in the `finally:`, or put what comes before the release in a "
-                        f"`try:` of its own (`finally: try: ... finally: await {receiver}.release({var})`)")
+                        hint=f"{bind_first}release it first in the `finally:`, or put what comes before the release "
+                        f"in a `try:` of its own (`finally: try: ... finally: await {pool}.release({var})`)")
             return
         if conditions:
             test = conditions[0]
@@ -1394,9 +1466,14 @@ class _Checker:
                 if loop is not None:
                     # A retry loop's `break` once the acquire succeeded: what
                     # follows the loop comes next (not its `else:`), after the
-                    # `finally:` blocks the `break` goes through.
+                    # `finally:` blocks and the `async with` exits (awaits)
+                    # the `break` goes through.
                     for exit_stmt in self.finally_on_the_way(later, loop):
-                        leaver = _leaves_holding(exit_stmt, var)
+                        leaver: ast.AST | None
+                        if isinstance(exit_stmt, ast.AsyncWith):
+                            leaver = exit_stmt
+                        else:
+                            leaver = _leaves_holding(exit_stmt, var)
                         if leaver is not None and first_leaver is None:
                             first_leaver = str(getattr(leaver, "lineno", exit_stmt.lineno))
                     parent = loop
@@ -1426,15 +1503,18 @@ class _Checker:
         return None
 
     def finally_on_the_way(self, jump: ast.stmt, loop: ast.stmt) -> list[ast.stmt]:
-        """The statements of the ``finally:`` blocks that run when ``jump``
-        leaves for ``loop``: of each ``try`` between them whose body,
-        handlers or ``else:`` hold ``jump``."""
+        """What runs when ``jump`` leaves for ``loop``, in order: the
+        statements of the ``finally:`` blocks of each ``try`` between them
+        whose body, handlers or ``else:`` hold ``jump``, and each ``async
+        with`` between them (itself: its ``__aexit__`` is an await)."""
         statements: list[ast.stmt] = []
         node: ast.AST = jump
         while node is not loop and node in self.module.parents:
             parent = self.module.parents[node]
             if isinstance(parent, (ast.Try, ast.TryStar)) and not any(node is s for s in parent.finalbody):
                 statements.extend(parent.finalbody)
+            elif isinstance(parent, ast.AsyncWith):
+                statements.append(parent)
             node = parent
         return statements
 

@@ -23,12 +23,6 @@ def found(source: str) -> list[tuple[int, str]]:
 # ------------------------------------------------------------ strict xfails
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "safepool/check.py:240: pool_links links an assignment's targets and values by _last_name, which is None for "
-    "a tuple: `self.pool, self.cache = pg_pool, cache` links nothing, so a release through the other name of the "
-    "same pool is SP002 'gives it to another pool'; docs/testing.md says two names are two pools only when 'no "
-    "assignment in the file links' them"
-))
 def test_a_tuple_assignment_links_two_names_of_one_pool() -> None:
     source = """
     class Repo:
@@ -45,12 +39,6 @@ def test_a_tuple_assignment_links_two_names_of_one_pool() -> None:
     assert found(source) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "safepool/check.py:789: _leaving yields every async ast.comprehension, a generator expression's too: "
-    "`rows = (r async for r in source)` only creates an async generator (nothing runs, nothing suspends), yet a "
-    "correct acquire-then-try is SP001 'line 4 ... can fail or leave first' (new with feda6e4; asyncpg's "
-    "executemany takes such an async iterable)"
-))
 def test_creating_an_async_generator_expression_before_the_try_is_not_a_step() -> None:
     source = """
     async def load(pool, source):
@@ -64,12 +52,6 @@ def test_creating_an_async_generator_expression_before_the_try_is_not_a_step() -
     assert found(source) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "safepool/check.py:1428-1438: finally_on_the_way counts only the finally: blocks a retry loop's break goes "
-    "through, not the __aexit__ of an async with it leaves (an await: COMMIT of a transaction, a lock's release), "
-    "where an error or a cancellation loses the connection; reported before feda6e4, passed since (docs/"
-    "testing.md: a step before the try:)"
-))
 def test_a_retry_loops_break_out_of_an_async_with_is_a_step_before_the_try() -> None:
     source = """
     async def f(pool, other):
@@ -88,12 +70,6 @@ def test_a_retry_loops_break_out_of_an_async_with_is_a_step_before_the_try() -> 
     assert [code for _, code in found(source)] == ["SP001"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "safepool/check.py:101-104 (_hint) with feda6e4's _receiver_source: for a pool the acquire creates "
-    "(`(await safepool.create_pool(dsn)).acquire()`) the fix line's alternative now reads `finally: await (await "
-    "safepool.create_pool(dsn)).release(con)`, valid Python that creates a second pool and hands the connection "
-    "to it, which refuses it: the leak stays (CHANGELOG Unreleased presents the parentheses as the fix)"
-))
 def test_the_fix_line_does_not_release_to_a_pool_created_again() -> None:
     source = """
     async def f(dsn):
@@ -102,6 +78,107 @@ def test_the_fix_line_does_not_release_to_a_pool_created_again() -> None:
     """
     [finding] = check_source(textwrap.dedent(source))
     assert "create_pool(dsn)).release(" not in finding.hint, finding.hint
+
+
+def test_a_tuple_assignment_links_element_by_element_only() -> None:
+    # Two pools assigned together stay two pools: `self.read_pool` is linked
+    # to `read_pool`, not to `write_pool`.
+    source = """
+    class Repo:
+        def __init__(self, read_pool, write_pool):
+            self.read_pool, self.write_pool = read_pool, write_pool
+
+        async def fetch(self):
+            con = await self.read_pool.acquire()
+            try:
+                return await con.fetch("SELECT 1")
+            finally:
+                await self.write_pool.release(con)
+    """
+    assert found(source) == [(7, "SP002")]
+
+
+def test_a_nested_list_assignment_links_its_elements() -> None:
+    source = """
+    async def f(primary, cache):
+        [db_pool, (other, _)] = [primary, (cache, None)]
+        con = await db_pool.acquire()
+        try:
+            pass
+        finally:
+            await primary.release(con)
+    """
+    assert found(source) == []
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    pytest.param("rows = [transform(r) async for r in source]", [(3, "SP001")], id="list-comprehension-runs"),
+    pytest.param("rows = (r async for r in await source())", [(3, "SP001")], id="genexp-first-iterable-awaited"),
+    pytest.param("rows = (await transform(r) for r in source)", [], id="genexp-awaiting-element-runs-later"),
+])
+def test_what_a_comprehension_before_the_try_runs(line: str, expected: list[tuple[int, str]]) -> None:
+    source = f"""
+    async def load(pool, source):
+        con = await pool.acquire()
+        {line}
+        try:
+            await con.executemany("INSERT INTO t VALUES ($1)", rows)
+        finally:
+            await pool.release(con)
+    """
+    assert found(source) == expected
+
+
+def test_an_async_with_around_the_whole_retry_loop_is_not_on_the_breaks_way() -> None:
+    source = """
+    async def f(pool, other):
+        async with other.transaction():
+            while True:
+                try:
+                    con = await pool.acquire(timeout=1)
+                    break
+                except TimeoutError:
+                    pass
+            try:
+                await con.execute("SELECT 1")
+            finally:
+                await pool.release(con)
+    """
+    assert found(source) == []
+
+
+@pytest.mark.parametrize(("receiver", "binding", "release"), [
+    pytest.param("get_pool()", "`pool = get_pool()`", "await pool.release(con)", id="call"),
+    pytest.param("(await app.pools())['main']", "`pool = (await app.pools())['main']`", "await pool.release(con)",
+                 id="awaited-item"),
+    pytest.param("self.pool", None, "await self.pool.release(con)", id="attribute-as-it-is"),
+    pytest.param('app["pool"]', None, "await app['pool'].release(con)", id="constant-item-as-it-is"),
+])
+def test_the_fix_line_repeats_only_a_plain_receiver(receiver: str, binding: str | None, release: str) -> None:
+    for body in (f"con = await {receiver}.acquire()", f"{receiver}.acquire()"):
+        source = f"""
+        async def f(self, app):
+            {body}
+            await con.execute("SELECT 1")
+        """
+        [finding] = check_source(textwrap.dedent(source))
+        if binding is None:
+            assert "bind the pool" not in finding.hint, finding.hint
+        else:
+            assert f"bind the pool to a name first ({binding})" in finding.hint, finding.hint
+        if finding.code != "SP004":
+            assert release in finding.hint, finding.hint
+
+
+def test_the_fix_line_names_a_walrus_receivers_pool_by_its_name() -> None:
+    # (The scan does not take a walrus for a pool today; the fix line would
+    # release to its name, which holds the same pool.)
+    from safepool.check import _named_receiver
+
+    assert _named_receiver("(pool := app.pool)") == ("pool", "")
+    assert _named_receiver("(await create_pool(dsn))", "pool") == (
+        "the_pool", "bind the pool to a name first (`the_pool = await create_pool(dsn)`), then ",
+    )
 
 
 # ------------------------------------------------------------ what held
