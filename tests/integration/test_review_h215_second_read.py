@@ -275,7 +275,7 @@ async def timeout_then_scope_deadline(pool: Any) -> str:
     try:
         with anyio.CancelScope(deadline=anyio.current_time() + 0.02) as scope:
             async with asyncio.timeout_at(loop.time() + 0.01):
-                time.sleep(0.03)  # (both deadlines pass before the release's first wait)
+                time.sleep(0.03)  # noqa: ASYNC251  (both deadlines pass before the release's first wait)
                 await pool.release(con)
     except BaseException as exc:  # noqa: BLE001
         return outcome_of(task, exc)
