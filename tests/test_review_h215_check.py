@@ -88,6 +88,22 @@ def test_a_retry_loops_break_out_of_an_async_with_is_a_step_before_the_try() -> 
     assert [code for _, code in found(source)] == ["SP001"]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "safepool/check.py:101-104 (_hint) with feda6e4's _receiver_source: for a pool the acquire creates "
+    "(`(await safepool.create_pool(dsn)).acquire()`) the fix line's alternative now reads `finally: await (await "
+    "safepool.create_pool(dsn)).release(con)`, valid Python that creates a second pool and hands the connection "
+    "to it, which refuses it: the leak stays (CHANGELOG Unreleased presents the parentheses as the fix)"
+))
+def test_the_fix_line_does_not_release_to_a_pool_created_again() -> None:
+    source = """
+    async def f(dsn):
+        con = await (await safepool.create_pool(dsn)).acquire()
+        await con.execute("SELECT 1")
+    """
+    [finding] = check_source(textwrap.dedent(source))
+    assert "create_pool(dsn)).release(" not in finding.hint, finding.hint
+
+
 # ------------------------------------------------------------ what held
 
 
