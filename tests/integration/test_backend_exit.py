@@ -24,6 +24,7 @@ import pytest
 
 import safepool
 from safepool import _workers
+from tests._util import stoppable_backend
 
 COUNT = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
 
@@ -164,17 +165,6 @@ async def test_terminate_closes_the_duplicates_of_connections_whose_backend_is_e
             await asyncio.sleep(0.01)
 
 
-def _stoppable(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"postgres" not in f.read():
-                return False
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
 @pytest.mark.realtime
 @pytest.mark.asyncio
 @pytest.mark.parametrize("grace", [0.3, 0.0])
@@ -189,7 +179,7 @@ async def test_a_backend_that_cannot_exit_holds_its_place_for_the_grace_only(
     pool = await pools(min_size=0, max_size=1, backend_exit_timeout=grace)
     con = await pool.acquire()
     pid = con.get_server_pid()
-    if not _stoppable(pid):
+    if not stoppable_backend(pid):
         await pool.release(con)
         pytest.skip("the server's backends are not processes of this machine that this test may stop")
     os.kill(pid, signal.SIGSTOP)

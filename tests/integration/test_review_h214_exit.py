@@ -23,6 +23,7 @@ import pytest
 
 import safepool
 from safepool import _workers
+from tests._util import stoppable_backend
 from tests.faults.test_cancel_request_tls import tls_cluster  # noqa: F401  (a fixture)
 
 COUNT = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
@@ -60,17 +61,6 @@ async def until_backends(admin: Any, app_name: str, expected: int, timeout: floa
         if n == expected or time.monotonic() > deadline:
             return n
         await asyncio.sleep(0.01)
-
-
-def _stoppable(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"postgres" not in f.read():
-                return False
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
 
 
 async def _until_fatal_read(con: Any) -> None:
@@ -159,7 +149,7 @@ async def test_no_descriptor_outlives_its_connection(
         elif ending == "terminate_during_exit_wait":
             con = await pool.acquire()
             pid = con.get_server_pid()
-            if not _stoppable(pid):
+            if not stoppable_backend(pid):
                 pytest.skip("backend not stoppable here")
             os.kill(pid, signal.SIGSTOP)
             try:
