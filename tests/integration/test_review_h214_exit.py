@@ -43,13 +43,15 @@ def descriptor_targets() -> dict[int, str]:
     return found
 
 
-async def settled_descriptors(expected: int, timeout: float = 4.0) -> int:
+async def settled_descriptors(expected: int | Callable[[], int], timeout: float = 4.0) -> int:
     """The process's descriptor count once it equals ``expected`` (exit
-    waits last up to BACKEND_EXIT_GRACE), or what it is at ``timeout``."""
+    waits last up to backend_exit_timeout), or what it is at ``timeout``.
+    ``expected`` may be a function, read again at each poll (the pool's
+    size changes while a replacement connects)."""
     deadline = time.monotonic() + timeout
     while True:
         now = open_descriptors()
-        if now == expected or time.monotonic() > deadline:
+        if now == (expected() if callable(expected) else expected) or time.monotonic() > deadline:
             return now
         await asyncio.sleep(0.02)
 
@@ -181,48 +183,48 @@ async def test_no_descriptor_outlives_its_connection(
             async with pool.acquire() as con:
                 await con.fetchval("SELECT 1")
             await asyncio.sleep(0.2)
-            assert await settled_descriptors(open_now()) == open_now()
+            assert await settled_descriptors(open_now) == open_now()
         elif ending == "max_inactive":
             await asyncio.sleep(0.6)
-            assert await settled_descriptors(open_now()) == open_now()
+            assert await settled_descriptors(open_now) == open_now()
         elif ending == "max_queries":
             for _ in range(4):
                 async with pool.acquire() as con:
                     await con.fetchval("SELECT 1")
-            assert await settled_descriptors(open_now()) == open_now()
+            assert await settled_descriptors(open_now) == open_now()
         elif ending == "lease_timeout":
             con = await pool.acquire()
             await asyncio.sleep(0.5)  # (taken back)
-            assert await settled_descriptors(open_now()) == open_now()
+            assert await settled_descriptors(open_now) == open_now()
         elif ending == "leaked_lease_reclaimed":
             con = await pool.acquire()
             del con
             gc.collect()
             await asyncio.sleep(0.2)
             gc.collect()
-            assert await settled_descriptors(open_now()) == open_now()
+            assert await settled_descriptors(open_now) == open_now()
         elif ending == "reset_failure":
             with pytest.raises(RuntimeError):
                 async with pool.acquire() as con:
                     await con.fetchval("SELECT 1")
-            assert await settled_descriptors(open_now()) == open_now()
+            assert await settled_descriptors(open_now) == open_now()
         elif ending == "kill_idle":
             await admin.execute(
                 f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{app_name}'"
             )
             await asyncio.sleep(0.3)
-            assert await settled_descriptors(open_now()) == open_now()
+            assert await settled_descriptors(open_now) == open_now()
         elif ending == "kill_leased":
             con = await pool.acquire()
             await admin.execute("SELECT pg_terminate_backend($1)", con.get_server_pid())
             await _until_fatal_read(con)
             await pool.release(con)
-            assert await settled_descriptors(open_now()) == open_now()
+            assert await settled_descriptors(open_now) == open_now()
         elif ending == "proxy_terminate":
             con = await pool.acquire()
             con.terminate()
             await pool.release(con)
-            assert await settled_descriptors(open_now()) == open_now()
+            assert await settled_descriptors(open_now) == open_now()
         elif ending == "connection_class_terminate":
             con = await pool.acquire()
             con.terminate()
