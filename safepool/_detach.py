@@ -81,6 +81,16 @@ def retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:
+    """Resolve a caller's future unless its task gave up on it (cancelled)."""
+    if future is None or future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
 Spawn = Callable[[Coroutine[Any, Any, Any]], object]
 
 # A driver's ``first`` when its coroutine has not taken a step yet.
@@ -442,11 +452,6 @@ async def released() -> None:
     more per release than a resolved future (docs/performance.md)."""
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 async def loop_pass() -> None:
     """:func:`released` with a loop pass before it returns: suspends the
     awaiting task until the callbacks already ready have run. On a future
@@ -457,5 +462,5 @@ async def loop_pass() -> None:
     review h215)."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
-    loop.call_soon(_resolve, future)
+    loop.call_soon(settle, future, None)
     await future

@@ -24,7 +24,7 @@ from typing import Any, assert_never
 from . import _internals as _pg
 from . import _workers
 from ._clock import Clock, Timer
-from ._detach import retrieve
+from ._detach import retrieve, settle
 from ._holder import Face, Holder
 from ._internals import RawConnection
 from ._reclaim import Reclaimer
@@ -57,16 +57,6 @@ _SLOW_CLOSE = 60
 # The floor upkeep's retry delays after failed connects (asyncpg 0.32's).
 _FLOOR_RETRY_FIRST = 1.0
 _FLOOR_RETRY_CAP = 60.0
-
-
-def settle(future: asyncio.Future[None] | None, error: BaseException | None) -> None:
-    """Resolve a caller's future unless its task gave up on it (cancelled)."""
-    if future is None or future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 class Runner:
@@ -987,5 +977,4 @@ class Runner:
         self.drain()
         for con in connections:
             _pg.detach_proxy(con)
-        self.drop_exit_watches()
         self.cancel_timers()
