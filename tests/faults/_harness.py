@@ -275,6 +275,31 @@ def loop_errors(allow: Callable[[dict[str, Any]], bool] = lambda ctx: False) -> 
         loop.set_exception_handler(previous)
 
 
+async def held_through_a_black_hole(pool: safepool.Pool, proxy: Any) -> tuple[float, list[BaseException]]:
+    """A lease runs ``pg_sleep(0.2)`` through ``proxy`` (a ``FaultProxy``),
+    which goes silent once the query is on its way (the query or its answer
+    lost): how long the holder held on (seconds), and the errors it got."""
+    errors: list[BaseException] = []
+    querying = asyncio.Event()
+
+    async def holder() -> float:
+        started = time.monotonic()
+        try:
+            async with pool.acquire() as con:
+                querying.set()
+                await con.fetchval("SELECT pg_sleep(0.2)")
+        except Exception as exc:
+            errors.append(exc)
+        return time.monotonic() - started
+
+    task = asyncio.create_task(holder())
+    await asyncio.wait_for(querying.wait(), 5)
+    # The holder's query is sent in the step that follows: the network goes
+    # silent under it.
+    proxy.blackhole = True
+    return await asyncio.wait_for(task, 10), errors
+
+
 async def settle(pool: safepool.Pool, timeout: float = 10.0) -> None:
     """Wait until the pool's background work (connects, resets, closes) is
     done and nothing is leased."""

@@ -22,6 +22,7 @@ from ._harness import (
     assert_books_balance,
     classify,
     closing,
+    held_through_a_black_hole,
     loop_errors,
     scale,
     settle,
@@ -191,25 +192,7 @@ async def test_black_hole_mid_query_lease_timeout_bounds_the_holder(running: Clu
         )
         async with closing(pool), ServerSampler(running.admin_dsn, app_name) as sampler:
             with loop_errors() as unhandled:
-                holder_errors: list[BaseException] = []
-                querying = asyncio.Event()
-
-                async def holder() -> float:
-                    started = time.monotonic()
-                    try:
-                        async with pool.acquire() as con:
-                            querying.set()
-                            await con.fetchval("SELECT pg_sleep(0.2)")
-                    except Exception as exc:
-                        holder_errors.append(exc)
-                    return time.monotonic() - started
-
-                task = asyncio.create_task(holder())
-                await asyncio.wait_for(querying.wait(), 5)
-                # The holder's query is sent in the step that follows: the
-                # network goes silent under it (the query or its answer lost).
-                proxy.blackhole = True
-                held = await asyncio.wait_for(task, 10)
+                held, holder_errors = await held_through_a_black_hole(pool, proxy)
                 assert held < 0.5 + 0.5 + 2 * SLACK, f"holder stuck {held:.2f}s"
                 assert holder_errors and all(classify(e) for e in holder_errors), holder_errors
                 # While the network is silent, acquires end at their deadline.

@@ -25,6 +25,7 @@ import safepool
 from tests._pgbouncer import Bouncer, requires_pgbouncer
 from tests.faults.test_pgbouncer_outage import start_bouncer  # noqa: F401 (fixture)
 
+from ._harness import held_through_a_black_hole
 from ._pg import APP_USER, Cluster
 
 # The admin console is driven with psql (asyncpg's extended protocol is
@@ -504,23 +505,7 @@ async def test_a_black_hole_in_front_of_pgbouncer_is_bounded_and_healed(
             statement_cache_size=0, lease_timeout=0.5, reset_timeout=0.5, acquire_timeout=0.5, timeout=2.0,
         )
         try:
-            errors: list[BaseException] = []
-            querying = asyncio.Event()
-
-            async def holder() -> float:
-                started = time.monotonic()
-                try:
-                    async with pool.acquire() as con:
-                        querying.set()
-                        await con.fetchval("SELECT pg_sleep(0.2)")
-                except Exception as exc:
-                    errors.append(exc)
-                return time.monotonic() - started
-
-            task = asyncio.create_task(holder())
-            await asyncio.wait_for(querying.wait(), 5)
-            proxy.blackhole = True
-            held = await asyncio.wait_for(task, 10)
+            held, errors = await held_through_a_black_hole(pool, proxy)
             assert held < 0.5 + 0.5 + 2 * slack, held
             assert errors and all(typed(e) for e in errors), errors
             started = time.monotonic()
