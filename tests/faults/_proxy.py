@@ -38,7 +38,9 @@ class _Pair:
                 continue
             sock = writer.get_extra_info("socket")
             if sock is not None:
-                with contextlib.suppress(OSError):
+                # (ValueError: uvloop's stand-in socket of a transport
+                # already aborted has no descriptor left.)
+                with contextlib.suppress(OSError, ValueError):
                     # Linger 0: close() sends RST instead of FIN.
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()

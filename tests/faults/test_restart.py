@@ -136,7 +136,9 @@ async def test_recovery_is_as_fast_as_asyncpgs(running: Cluster, app_name: str, 
     assert connects_while_down <= failed + MAX_SIZE, (connects_while_down, ledgers["safepool"].summary())
 
 
-async def test_recovery_through_a_host_name_with_two_addresses(running: Cluster, app_name: str, report: Any) -> None:
+async def test_recovery_through_a_host_name_with_two_addresses(
+    running: Cluster, app_name: str, report: Any, loop_name: str
+) -> None:
     """A DSN naming ``localhost``, which resolves to ``::1`` and
     ``127.0.0.1`` where /etc/hosts lists both (the server listens on the
     second only): while the server is down, both addresses refuse and
@@ -148,6 +150,11 @@ async def test_recovery_through_a_host_name_with_two_addresses(running: Cluster,
     2 s, and served 0.4-1.6 s late)."""
     import socket
 
+    if loop_name == "uvloop":
+        # (Where it runs, the test's resolver below is not asked, and the
+        # error is another: the test would not reach its case.)
+        pytest.skip("asyncio's case: uvloop resolves a host name in C, not through loop.getaddrinfo, and raises "
+                    "the first address's ConnectionRefusedError, never a 'Multiple exceptions' OSError")
     loop = asyncio.get_running_loop()
     resolve = loop.getaddrinfo
 
