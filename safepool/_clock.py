@@ -81,6 +81,11 @@ class _ManualTimer:
         self.cancelled = True
 
 
+# The furthest a ManualClock reads, either way of 0 (seconds; about 136
+# years): a float's step there is 2**-20 s, under a microsecond.
+MAX_READING = float(2**32)
+
+
 class ManualClock:
     """Time that moves only when a test says so: ``advance(dt)`` runs every
     callback due by then, in order, with no real sleep."""
@@ -89,10 +94,20 @@ class ManualClock:
         """:param start: the clock's first reading, in seconds (default
             1000.0; any finite value: only differences count).
         :raises TypeError: ``start`` is not a number (bool included).
-        :raises ValueError: ``start`` is NaN or infinite."""
+        :raises ValueError: ``start`` is NaN or infinite, or beyond
+            ``MAX_READING`` seconds either way of 0 (see :meth:`advance`)."""
         check_seconds_type("ManualClock(start)", start, allow_none=False)
-        if not math.isfinite(start):
+        try:
+            finite = math.isfinite(start)
+        except OverflowError:  # (an int no float holds)
+            finite = True
+        if not finite:
             raise PoolValueError(f"ManualClock(start) must be a finite number of seconds, got {start!r}")
+        if not abs(start) <= MAX_READING:
+            raise PoolValueError(
+                f"ManualClock(start) must be within {MAX_READING:.0f} seconds of 0, where a float still holds a "
+                f"microsecond, got {start!r}"
+            )
         self._now = start
         self._due: list[tuple[float, int, _ManualTimer, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -120,8 +135,18 @@ class ManualClock:
 
         :raises TypeError: ``seconds`` is not a number (bool included).
         :raises ValueError: ``seconds`` is negative or NaN (the clock is
-            monotonic: it never moves back)."""
+            monotonic: it never moves back), or so large that the clock
+            would read past ``MAX_READING`` seconds (infinity included):
+            there a float no longer holds a microsecond, so a lease's
+            deadline would equal its start (and at infinity every duration
+            would be NaN). To run every timer, advance past the last one."""
         target = self._now + validate_timeout("ManualClock.advance(seconds)", seconds, allow_none=False)
+        if not target <= MAX_READING:
+            raise PoolValueError(
+                f"ManualClock.advance(seconds) would move the clock past {MAX_READING:.0f} seconds ({seconds!r} "
+                f"after {self._now!r}), where a float no longer holds a microsecond; advance past the last timer "
+                "instead"
+            )
         while self._due and self._due[0][0] <= target:
             when, _, timer, callback = heapq.heappop(self._due)
             self._now = max(self._now, when)

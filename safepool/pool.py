@@ -74,6 +74,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger("safepool")
 
 _T = TypeVar("_T")
+# What repr() says of each phase: a pool not yet awaited is "not initialized",
+# as acquire() says then (asyncpg's "pool is not initialized").
+_REPR_PHASES = {
+    Phase.NEW: "not initialized",
+    Phase.STARTING: "starting",
+    Phase.OPEN: "open",
+    Phase.CLOSING: "closing",
+    Phase.CLOSED: "closed",
+}
 # COPY's formats, as asyncpg's stubs spell them (the shortcuts pass format= on
 # to the connection's method).
 _CopyFormat = Literal["text", "csv", "binary"]
@@ -588,7 +597,8 @@ class Pool(_PoolBase):
 
     def __repr__(self) -> str:
         state = self._state
-        status = "closed" if self.closed else "closing" if state.closing else "open"
+        # (Not yet awaited: "not initialized", as acquire()'s error says.)
+        status = "closed" if self.closed else _REPR_PHASES[state.phase]
         return (
             f"<safepool.Pool {self._name!r} {status} size={state.size}/{state.max_size} "
             f"idle={state.idle} in_use={state.in_use} resetting={state.count(SlotState.RESETTING)} waiting={state.waiting}>"
