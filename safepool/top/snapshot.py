@@ -263,6 +263,16 @@ _BLOCK_EDGE = re.compile(r"/\*|\*/")
 # A libpq connection string's password inside a literal, as SQL quotes it:
 # spaces around "=", a value in (doubled) quotes.
 _CONNINFO_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)(''(?:[^']|'(?!'))*(?:''|$)|[^\s']+)")
+# The same in a string's value (its quotes undone): libpq's syntax, a value
+# in single quotes with backslash escapes or a run without spaces; also the
+# PGPASSWORD of a shell command (COPY ... FROM PROGRAM), in double quotes too.
+_CONNINFO_VALUE = re.compile(
+    r"""(?i)(\b(?:pg)?password\s*=\s*)"""
+    r"""('(?:[^'\\]|\\[\s\S])*(?:'|$)|"(?:[^"\\]|\\[\s\S])*(?:"|$)|(?:[^\s'"\\]|\\[\s\S])+)"""
+)
+# A format() placeholder for a connection string's password
+# (format('host=h password=%s', ...)): the value is a later argument.
+_CONNINFO_PLACEHOLDER = re.compile(r"(?i)\b(?:pg)?password\s*=\s*%(?:\d+\$)?-?\d*[sIL]")
 
 
 def _block_end(query: str, start: int) -> int:
@@ -287,8 +297,11 @@ _PLACEHOLDER = re.compile(r"\s*%(?:\d+\$)?-?\d*[sIL]")
 # string cut open): escape strings take backslash escapes, the others none.
 _ESCAPE_STRING = re.compile(r"([Ee]')((?:[^'\\]|''|\\[\s\S]?)*)('?)")
 _PLAIN_STRING = re.compile(r"((?:[BbXxNn]|[Uu]&)?')((?:[^']|'')*)('?)")
-# An escape string's escapes, one at a time (an escaped backslash as it is).
-_ESCAPE = re.compile(r"\\[\s\S]|''")
+# An escape string's escapes, one at a time: octal, hexadecimal and Unicode
+# code points, the C escapes, and a backslash before any other character
+# (that character); PostgreSQL's scan.l.
+_ESCAPE = re.compile(r"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8})|([\s\S]))|''")
+_C_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
 def _mask_secrets(query: str) -> str:
@@ -375,25 +388,46 @@ def _scan_string(text: str, tag: str | None, depth: int) -> tuple[str, bool, boo
     if tag is not None:
         closed = len(text) >= 2 * len(tag) and text.endswith(tag)
         body = text[len(tag) : len(text) - len(tag) if closed else None]
-        masked, dangling, formatted = _scan(body, depth + 1)
+        masked, dangling, formatted = _scan_value(body, depth)
         return tag + masked + (tag if closed else ""), dangling, formatted
     match = (_ESCAPE_STRING if text[0] in "Ee" else _PLAIN_STRING).fullmatch(text)
     if match is None:  # (not a string as _SQL_PIECE matches them: as it is)
         return text, False, False
     opening, body, closing = match.groups()
-    if opening[0] in "Ee":
-        body = _ESCAPE.sub(_unescape_quote, body)
-    else:
-        body = body.replace("''", "'")
-    masked, dangling, formatted = _scan(body, depth + 1)
+    escaped = opening[0] in "Ee"
+    # Its value, as the server reads it (and libpq a connection string in it).
+    body = _ESCAPE.sub(_unescape, body) if escaped else body.replace("''", "'")
+    masked, dangling, formatted = _scan_value(body, depth)
     if masked == body:  # (shown as written: E'it\'s' keeps its backslash)
         return text, dangling, formatted
+    if escaped:
+        masked = masked.replace("\\", "\\\\")
     return opening + masked.replace("'", "''") + closing, dangling, formatted
 
 
-def _unescape_quote(escape: re.Match[str]) -> str:
-    text = escape.group(0)
-    return "'" if text == "''" or text == "\\'" else text
+def _scan_value(body: str, depth: int) -> tuple[str, bool, bool]:
+    """:func:`_scan` of a string's value (``body``, its quotes undone), with
+    a connection string's password in it masked as libpq reads one
+    (``password='a b'``, ``password = 'it\\'s'``, ``PGPASSWORD="..."``);
+    a format() placeholder for it leaves the value to a later argument."""
+    masked, dangling, formatted = _scan(body, depth + 1)
+    return (
+        _CONNINFO_VALUE.sub(r"\1***", masked),
+        dangling,
+        formatted or _CONNINFO_PLACEHOLDER.search(body) is not None,
+    )
+
+
+def _unescape(escape: re.Match[str]) -> str:
+    """One escape of an escape string (:data:`_ESCAPE`), as its character; a
+    code point PostgreSQL refuses (0, past U+10FFFF) as ``?``."""
+    if escape.group(0) == "''":
+        return "'"
+    octal, hexadecimal, short, long, other = escape.groups()
+    if other is not None:
+        return _C_ESCAPES.get(other, other)
+    code = int(octal, 8) if octal else int(hexadecimal or short or long, 16)
+    return chr(code) if 0 < code <= 0x10FFFF else "?"
 
 
 def _one_line(query: str | None, width: int) -> str | None:
