@@ -158,7 +158,7 @@ def test_short_stuck_replay_asyncpg_starves_safepool_takes_the_connections_back(
 @pytest.mark.realtime
 def test_short_surge_replay_safepool_refuses_fast_asyncpg_answers_late(pg_dsn: str) -> None:
     result = replay(
-        "--scenario", "surge", "--dsn", pg_dsn, "--duration", "6", "--leak-start", "1", "--json", timeout=100
+        "--scenario", "surge", "--dsn", pg_dsn, "--duration", "8", "--leak-start", "1", "--json", timeout=100
     )
     data = scenario_result(result, "surge")
     asyncpg_run, safepool_run = data["pools"]["asyncpg"], data["pools"]["safepool"]
@@ -377,6 +377,8 @@ async def test_a_confirmation_first_run_after_the_fault_counts_as_stuck(pg_dsn: 
         ["--scenario", "nope"],
         ["--scenario", "restart", "--dsn", "postgresql://replay@127.0.0.1:1/replay"],
         ["--scenario", "surge", "--duration", "5", "--leak-start", "3"],
+        ["--scenario", "surge", "--duration", "6", "--leak-start", "1"],  # (no 3 s after the surge: review h218)
+        ["--scenario", "surge", "--duration", "9.9", "--leak-start", "3"],
         ["--plot", "timeline.txt"],
         ["--plot", "/no/such/directory/timeline.png"],
         ["--dsn", " "],
@@ -1024,7 +1026,7 @@ def test_json_after_ctrl_c_prints_the_scenarios_that_finished(
         return run
 
     monkeypatch.setattr(runner, "run_pool", fake_run_pool)
-    code = main(["--scenario", "all", "--dsn", pg_dsn, "--duration", "5", "--leak-start", "1", "--json"])
+    code = main(["--scenario", "all", "--dsn", pg_dsn, "--duration", "8", "--leak-start", "1", "--json"])
     out, err = capsys.readouterr()
     assert code == 130, err
     data = json.loads(out)

@@ -14,7 +14,8 @@ those arguments (asyncpg 26.0%, safepool 25.4% success; both goodputs over
 96% of capacity), though no run that short can show a recovery. Below, a
 pool that serves every request from the second the surge ends is told it
 never recovered. Refusing such a window (exit 2), or saying the recovery
-was not measured, would both do.
+was not measured, would both do. Fixed: a surge run must leave 3 s of load
+after the surge (cli.AFTER_SURGE), else it is refused with a usage error.
 """
 
 from __future__ import annotations
@@ -42,21 +43,25 @@ def _surge_run(config: ReplayConfig) -> PoolRun:
     return run
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replay surge: --duration 6 --leak-start 1 is accepted (cli.py:171) but report.recovery() (report.py:174) "
-    "cannot see a recovery in the 1 s after the surge: 'never recovered' for a pool serving everything at once",
-)
-def test_a_surge_run_too_short_to_show_recovery_is_refused_or_not_called_unrecovered() -> None:
+@pytest.mark.parametrize("duration, leak_start", [(6, 1), (7.9, 1), (8.9, 2), (9.5, 3)])
+def test_a_surge_run_too_short_to_show_recovery_is_refused(duration: float, leak_start: float) -> None:
     from safepool.replay.cli import _check, _UsageError
 
-    config = ReplayConfig("surge", duration=6, rate=20, leak_probability=0, leak_start=1, client_deadline=1.0)
-    try:
+    config = ReplayConfig("surge", duration=duration, rate=20, leak_probability=0, leak_start=leak_start,
+                          client_deadline=1.0)
+    with pytest.raises(_UsageError, match=r"must leave 3 s after the surge .* to see whether the pool recovers"):
         _check(config)
-    except _UsageError:
-        return  # refused with a usage error: fine
+
+
+@pytest.mark.parametrize("duration, leak_start", [(8, 1), (10, 3), (12, 3)])
+def test_the_shortest_surge_run_allowed_shows_a_recovery(duration: float, leak_start: float) -> None:
+    from safepool.replay.cli import _check
+
+    config = ReplayConfig("surge", duration=duration, rate=20, leak_probability=0, leak_start=leak_start,
+                          client_deadline=1.0)
+    _check(config)  # (accepted)
     summary = summarize(_surge_run(config), config)
-    assert summary.recovered, "a pool serving every request from the surge's end was reported as never recovered"
+    assert summary.recovered and summary.recovery_s is not None and summary.recovery_s <= 1.0
 
 
 def test_the_same_pool_with_the_default_window_recovers() -> None:
