@@ -88,7 +88,7 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
     """Name the acquire site of every ``acquire()`` in this context (and the
     tasks it starts), for ``max_site_share`` and per-site statistics.
 
-    ``with safepool.site("GET /orders"): ...``, or as a decorator of a sync or
+    ``with safepool.site("GET /orders"): ...`` (``async with`` alike), or as a decorator of a sync or
     async function (an async generator function too: the site holds during
     its steps). One object may be shared (made once, at module level)
     and entered by concurrent tasks. An explicit ``acquire(site=...)`` wins
@@ -118,6 +118,18 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
         *outer, token = _entered.get()
         _entered.set(tuple(outer))
         _current.reset(token)
+
+    # `async with safepool.site(...)` works too: the same as `with` (the site
+    # is a context variable, set in the task that enters; nothing to await).
+    # Without these, a newcomer's guess got Python's "does not support the
+    # asynchronous context manager protocol" (review h218).
+    async def __aenter__(self) -> site:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
 
     def __call__(self, func: F) -> F:
         if not callable(func):

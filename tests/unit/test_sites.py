@@ -159,3 +159,38 @@ def test_site_decorates_an_async_generator_function() -> None:
         ("sent", None, "db"), ("closed", "db"),
         ("closed", "db"),
     ]
+
+
+def test_async_with_names_the_site_as_with_does() -> None:
+    """``async with safepool.site(...)`` (a newcomer's guess, review h218):
+    the same as ``with``, nested, shared by concurrent tasks, and restored
+    when the block raises."""
+    shared = safepool.site("shared")
+
+    async def handler(entered: asyncio.Event, leave: asyncio.Event) -> tuple[str | None, str | None]:
+        async with shared:
+            entered.set()
+            await leave.wait()
+            inside = current_site()
+        return inside, current_site()
+
+    async def main() -> list[tuple[str | None, str | None]]:
+        async with safepool.site("outer") as outer:
+            assert outer.name == "outer" and current_site() == "outer"
+            with pytest.raises(KeyError):
+                async with safepool.site("inner"):
+                    assert current_site() == "inner"
+                    raise KeyError("x")
+            assert current_site() == "outer"
+        assert current_site() is None
+        first_in, second_in, first_out, second_out = (asyncio.Event() for _ in range(4))
+        first = asyncio.create_task(handler(first_in, first_out))
+        await first_in.wait()
+        second = asyncio.create_task(handler(second_in, second_out))
+        await second_in.wait()
+        first_out.set()
+        one = await first
+        second_out.set()
+        return [one, await second]
+
+    assert asyncio.run(main()) == [("shared", None), ("shared", None)]
