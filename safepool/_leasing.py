@@ -29,7 +29,7 @@ from ._clock import Clock
 from ._detach import NOT_STARTED, _Driver, already_ended, closing_now, loop_pass, released, retrieve
 from ._durations import release_timeout, validate_timeout
 from ._holder import Face
-from ._internals import RawConnection
+from ._internals import MUST_RESET, RawConnection
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
 from ._options import PoolConfig
 from ._reporting import Reporter
@@ -159,8 +159,9 @@ class Leaser:
             lease_timeout = self.lease_timeout
         elif lease_timeout is not None:
             lease_timeout = validate_timeout("lease_timeout", lease_timeout, positive=True)
-        if self.state.phase is not Phases.OPEN:
-            if self.state.phase is Phases.CLOSING:
+        state = self.state
+        if state.phase is not Phases.OPEN:
+            if state.phase is Phases.CLOSING:
                 raise PoolClosedError("pool is closing")
             self.check_init()
         if _running_loop() is not self.loop:
@@ -170,7 +171,6 @@ class Leaser:
             )
         if self.site_caps and site is None:
             site = _sites.current_site() or _sites.caller_site(2)
-        state = self.state
         now = self.now()
         deadline = None if timeout is None else now + timeout
         while True:
@@ -200,7 +200,8 @@ class Leaser:
                 raise self.reporter.unavailable_error(exc.last_error, now) from exc.last_error
             except Closed:
                 raise PoolClosedError("pool is closing") from None
-            if (state.actions or waiter.deadline is not None or state.connect_failures or self.reporter.pending
+            # (deadline: the waiter's is set with it, and only then.)
+            if (state.actions or deadline is not None or state.connect_failures or self.reporter.pending
                     or state.connects_to_watch):
                 # Also arms the timer: for the waiter's deadline, for the next
                 # connect attempt after a failure, or for a connect under way
@@ -433,11 +434,8 @@ class Leaser:
             connection._raw = con
             con._proxy = connection
             return self.raise_after(self.release(connection, timeout), warning)
-        usable = check != _pg.UNUSABLE
         outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
-        if outcome is Outcome.CLEAN and (con._listeners or con._log_listeners):
-            _pg.clear_listeners(con)
-        done: asyncio.Future[None] | None = None
+        done: asyncio.Future[None] | None  # (set on each path that returns below)
         runner = self.runner
         if outcome is Outcome.NEEDS_RESET:
             # asyncpg reports an unmanaged open transaction from release(),
@@ -453,7 +451,7 @@ class Leaser:
             # of the reset is then asyncpg's (timeout None; a budget that runs
             # out is a CancelledError there, the TimeoutError the caller's).
             if (self.custom_reset or holder.own_execute or (logged and _pg.RESET_UNDER_BUDGET)
-                    or (check == _pg.MUST_RESET and _pg.is_cancelling(con))):
+                    or (check == MUST_RESET and _pg.is_cancelling(con))):
                 hooks = None
                 if self.custom_reset:
                     rollback = False
@@ -475,7 +473,7 @@ class Leaser:
                 # The common case: one statement, ROLLBACK (if a transaction
                 # is open) and the reset query in one message, driven in the
                 # caller's task (no task, no loop hop; see _detach).
-                if check == _pg.MUST_RESET:
+                if check == MUST_RESET:
                     rollback = _pg.warn_open_transaction(con, deferred=True)
                 else:
                     rollback = False
@@ -483,7 +481,7 @@ class Leaser:
                         _pg.clear_listeners(con)
                 budget = timeout if timeout is not None else self.reset_timeout
                 query = holder.reset_text
-                if query is None or rollback or state.reset_mode != "full":
+                if query is None or rollback:  # (None: also the modes other than "full": see Holder)
                     full, rollback = state.reset_plan(holder.clean_mark == -1, rollback)
                     query = _workers.reset_message(holder.reset_query, full, rollback)
                 # (else asyncpg's reset query alone: the common case, without a
@@ -501,7 +499,7 @@ class Leaser:
                         command_timeout = holder.command_timeout
                         if command_timeout is not None and command_timeout < budget:
                             limit = command_timeout  # (asyncpg 0.30+: both limits hold)
-                    if con._query_loggers:
+                    if logged:  # (con._query_loggers, read above: nothing since changed it)
                         statement = con.execute(query, timeout=limit)
                     else:
                         statement = con._protocol.query(query, limit)
@@ -548,7 +546,11 @@ class Leaser:
                 runner.reset_done(holder, con, None, None)
                 return self.finish_release(None, True) if logged else released()
         else:
-            if outcome is Outcome.DISCARD and usable:
+            done = None
+            if outcome is Outcome.CLEAN:
+                if con._listeners or con._log_listeners:
+                    _pg.clear_listeners(con)
+            elif check != _pg.UNUSABLE:  # (DISCARD, of a usable connection)
                 # max_queries or an expired generation: asyncpg closes the
                 # connection gracefully before release() returns, with the
                 # proxy still attached: its termination listeners get the
