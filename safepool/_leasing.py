@@ -12,7 +12,8 @@ the clock and the checked settings; ``PoolAcquireContext`` calls
 :meth:`Leaser.acquire` and :meth:`Leaser.release` directly, so moving the hot
 path here costs a lease no Python call (docs/design.md, "The hot path").
 The only setting that changes at run time, ``capture_stack``, lives here
-alone (``Pool.capture_stack`` reads and writes it); sizes and generations
+alone (``Pool.capture_stack`` reads it and writes it through
+:meth:`Leaser.set_capture_stack`); sizes and generations
 are the core's, connect arguments the face's.
 """
 
@@ -82,7 +83,7 @@ class Leaser:
         "face", "state", "runner", "loop", "now", "reporter", "listeners", "name", "slot_holders", "drain",
         "spawn", "lease_timeout", "leak_warning_after", "acquire_timeout", "reset_timeout", "max_queries",
         "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "call_at", "unsuspended",
-        "in_setup",
+        "in_setup", "extras",
     )
 
     def __init__(
@@ -121,9 +122,10 @@ class Leaser:
         self.max_queries = config.max_queries
         self.custom_reset = config.custom_reset
         self.site_caps = config.site_caps
-        # Settable at any time through Pool.capture_stack: kept here only.
-        self.capture_stack = config.capture_stack
         self.setup = setup
+        # Settable at any time through Pool.capture_stack (set_capture_stack):
+        # kept here only.
+        self.set_capture_stack(config.capture_stack)
         # Leases whose setup= hook is running: get_idle_size() counts their
         # connections, as asyncpg's pool does (see Pool.get_idle_size).
         self.in_setup = 0
@@ -131,6 +133,14 @@ class Leaser:
         # Releases in a row that returned released(), a coroutine that
         # returns at once (nothing to wait for; see pass_loop).
         self.unsuspended = 0
+
+    def set_capture_stack(self, on: bool) -> None:
+        """``capture_stack``, and ``extras``: whether an acquire does more
+        than hand the connection over, whatever its arguments (leak
+        warnings, the acquire stack, ``setup=``): one check per acquire on
+        the hot path when none is on."""
+        self.capture_stack = on
+        self.extras = self.leak_warning_after is not None or bool(on) or self.setup is not None
 
     # ------------------------------------------------------------- acquire
 
@@ -240,35 +250,37 @@ class Leaser:
             holder.orphan_checks = 0
             holder.orphan_reported = False
         proxy = self.proxy_class(holder, slot.connection, lease)
-        if lease_timeout is not None or self.leak_warning_after is not None:
-            due = state.arm_lease(lease, lease_timeout, self.leak_warning_after)
-            timer_at = self.runner.timer_at
-            if timer_at is None or (due is not None and due < timer_at):
-                self.runner.arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
-        if self.capture_stack:
-            # The caller of pool.acquire() and its task, taken at that call
-            # (an acquire awaited in a task of its own runs here in that one).
-            if stack is None:
-                captured, task = _stack.capture(), asyncio.current_task()
-            else:
-                captured, task = stack
-                if task is None:
-                    task = asyncio.current_task()
-            state.note_caller(
-                lease, captured, None if task is None else task.get_name(), None if task is None else weakref.ref(task),
-            )
-        if self.setup is not None:
-            # Its statements are the lease's: a SET it runs is reset on
-            # release like any other (the clean mark is per connection).
-            if deadline is None:
-                await self.run_setup(proxy, lease)
-            else:
-                await self.run_setup_until(proxy, lease, deadline, timeout)
-            if holder.lease_callbacks:
-                # The termination listeners and query loggers it registered
-                # are the pool's setup, not the lease's code: as init='s, they
-                # do not keep a lost proxy's connection from being reclaimed.
-                _pg.disown_callbacks(holder.lease_callbacks, lease.id)
+        if lease_timeout is not None or self.extras:
+            if lease_timeout is not None or self.leak_warning_after is not None:
+                due = state.arm_lease(lease, lease_timeout, self.leak_warning_after)
+                timer_at = self.runner.timer_at
+                if timer_at is None or (due is not None and due < timer_at):
+                    self.runner.arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
+            if self.capture_stack:
+                # The caller of pool.acquire() and its task, taken at that call
+                # (an acquire awaited in a task of its own runs here in that one).
+                if stack is None:
+                    captured, task = _stack.capture(), asyncio.current_task()
+                else:
+                    captured, task = stack
+                    if task is None:
+                        task = asyncio.current_task()
+                state.note_caller(
+                    lease, captured, None if task is None else task.get_name(),
+                    None if task is None else weakref.ref(task),
+                )
+            if self.setup is not None:
+                # Its statements are the lease's: a SET it runs is reset on
+                # release like any other (the clean mark is per connection).
+                if deadline is None:
+                    await self.run_setup(proxy, lease)
+                else:
+                    await self.run_setup_until(proxy, lease, deadline, timeout)
+                if holder.lease_callbacks:
+                    # The termination listeners and query loggers it registered
+                    # are the pool's setup, not the lease's code: as init='s, they
+                    # do not keep a lost proxy's connection from being reclaimed.
+                    _pg.disown_callbacks(holder.lease_callbacks, lease.id)
         if context is not None:
             context.connection = proxy
         return proxy

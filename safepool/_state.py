@@ -632,7 +632,7 @@ class PoolState:
     # own, and then no method call on it is specialized (a dict lookup and
     # a type lookup per call, every state.release(...) of the hot path).
     __slots__ = (
-        "_abandoned_count", "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_ids", "_policy", "_slots", "_stale_check", "_stale_timers", "_timers",
+        "_abandoned_count", "_admission", "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_ids", "_policy", "_slots", "_stale_check", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_level", "backoff_until",
         "breaker_threshold", "closing", "connects_to_watch", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
         "failed_answer_max", "failure_went_stale", "floor_enabled", "lost_before",
@@ -774,6 +774,9 @@ class PoolState:
             self._policy = WaitPolicy(
                 max_size=max_size, site_share=max_site_share, adaptive=adaptive, shed=self._shed
             )
+        # Whether enqueue() may refuse a waiter (max_waiters, a queue policy,
+        # the breaker): all three are fixed for the pool's life.
+        self._admission = max_waiters is not None or self._policy is not None or breaker_threshold is not None
 
     # ----------------------------------------------------------------- sizes
 
@@ -964,30 +967,31 @@ class PoolState:
         # connect under way, or one the pool may still open, will serve, are
         # not an overload (else max_waiters=0 could never open a connection).
         room = 0
-        if self.max_waiters is not None or self._policy is not None:
-            if self.max_waiters is not None and self._policy is not None:
-                # A standing adaptive queue sheds its stale waiters first:
-                # they, not the newcomer (served first: adaptive LIFO), go.
-                self._policy.shed_standing(now)
-            room = max(0, self.max_size - self._live()) + self._connecting_count
-            if self.max_waiters is not None and (
-                self._waiting >= self.max_waiters + room
-                if self._policy is None
-                else self._policy.queued_behind(site, self._waiting, room) > self.max_waiters
+        if self._admission:  # (else none of the three checks below applies: one test)
+            if self.max_waiters is not None or self._policy is not None:
+                if self.max_waiters is not None and self._policy is not None:
+                    # A standing adaptive queue sheds its stale waiters first:
+                    # they, not the newcomer (served first: adaptive LIFO), go.
+                    self._policy.shed_standing(now)
+                room = max(0, self.max_size - self._live()) + self._connecting_count
+                if self.max_waiters is not None and (
+                    self._waiting >= self.max_waiters + room
+                    if self._policy is None
+                    else self._policy.queued_behind(site, self._waiting, room) > self.max_waiters
+                ):
+                    self.counters.overload_rejections += 1
+                    raise Overloaded
+            if (
+                self.breaker_threshold is not None
+                and self.server_failures >= self.breaker_threshold
+                and self._serving() == 0
+                and now < self.backoff_until
             ):
-                self.counters.overload_rejections += 1
-                raise Overloaded
-        if (
-            self.breaker_threshold is not None
-            and self.server_failures >= self.breaker_threshold
-            and self._serving() == 0
-            and now < self.backoff_until
-        ):
-            # Circuit open: nothing to hand out and no connect will be tried
-            # before backoff_until, so waiting could only end in a timeout.
-            if not self._live_connects():
-                self.counters.unavailable_rejections += 1
-                raise Unavailable(self.last_connect_error, self.backoff_until - now)
+                # Circuit open: nothing to hand out and no connect will be tried
+                # before backoff_until, so waiting could only end in a timeout.
+                if not self._live_connects():
+                    self.counters.unavailable_rejections += 1
+                    raise Unavailable(self.last_connect_error, self.backoff_until - now)
         waiter = Waiter(future, now, None if timeout is None else now + timeout, site)
         if self._policy is not None:
             self._policy_admit(waiter, now, timeout, room)

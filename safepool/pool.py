@@ -845,7 +845,7 @@ class Pool(_PoolBase):
 
     @capture_stack.setter
     def capture_stack(self, on: bool) -> None:
-        self._leaser.capture_stack = check_flag("capture_stack", on)
+        self._leaser.set_capture_stack(check_flag("capture_stack", on))
 
     @property
     def closed(self) -> bool:

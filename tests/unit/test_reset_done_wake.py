@@ -124,6 +124,9 @@ class Walk:
         else:
             assert isinstance(result, bool)
 
+    def advance(self, now: float) -> None:
+        self.state.advance(now)
+
     def carry_out(self, now: float) -> None:
         """The I/O layer's part: connects succeed, closes end; the other
         actions are only taken (their futures are the walk's objects)."""
@@ -138,33 +141,23 @@ class Walk:
 
 
 def _step(rng: random.Random, walks: list[Walk], now: float) -> float:
+    """One random step, the same for every walk (its own arguments drawn once)."""
     kind = rng.choice(["acquire", "acquire", "claim", "claim", "cancel", "release", "release", "finish",
                        "finish", "finish", "advance", "carry_out"])
     index = rng.randrange(1000)
+    args: tuple[Any, ...]
     if kind == "acquire":
-        timeout = rng.choice([None, None, 0.5, 3.0])
-        for walk in walks:
-            walk.acquire(now, timeout)
-    elif kind == "claim":
-        for walk in walks:
-            walk.claim(index, now)
-    elif kind == "cancel":
-        for walk in walks:
-            walk.cancel(index, now)
-    elif kind == "release":
-        for walk in walks:
-            walk.release(index, now)
+        args = (now, rng.choice([None, None, 0.5, 3.0]))
     elif kind == "finish":
-        ok = rng.random() < 0.85
-        for walk in walks:
-            walk.finish(index, now, ok)
-    elif kind == "advance":
-        now += rng.choice([0.1, 0.6, 2.0])
-        for walk in walks:
-            walk.state.advance(now)
+        args = (index, now, rng.random() < 0.85)
+    elif kind in ("advance", "carry_out"):
+        if kind == "advance":
+            now += rng.choice([0.1, 0.6, 2.0])
+        args = (now,)
     else:
-        for walk in walks:
-            walk.carry_out(now)
+        args = (index, now)
+    for walk in walks:
+        getattr(walk, kind)(*args)
     return now
 
 
