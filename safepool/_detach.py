@@ -113,6 +113,21 @@ class _Driver(Generic[T]):
     __slots__ = ("_coro", "_spawn", "_then", "_then_args", "_raises", "_fut", "_loop", "_asyncio_future_blocking",
                  "_wakeup", "_context", "_cancelled", "_message", "_awaited", "_gen", "_quiet", "_quieted", "_first")
 
+    # Set where first needed, not in __init__ (a store less each per release):
+    # _loop at each step, before the task can read it (asyncio.futures.
+    # _get_loop's fallback, where a future offers no get_loop(); no Python
+    # call); _quieted at each step (its count of _quiet taken off the
+    # future); _wakeup and _context by add_done_callback(); _message by
+    # cancel(); _gen by the coroutine protocol's first call. All but _loop
+    # and _context (read only once _wakeup is) are read with their default
+    # (getattr), off the hot path.
+    _loop: asyncio.AbstractEventLoop
+    _quieted: int
+    _wakeup: Callable[[Any], object] | None
+    _context: Context | None
+    _message: Any
+    _gen: Generator[Any, None, T]
+
     def __init__(
         self, coro: Coroutine[Any, Any, Any], spawn: Spawn, then: Callable[..., T] | None, then_args: tuple[Any, ...],
         raises: bool = False, quiet: Callable[[Any], object] | None = None, first: Any = NOT_STARTED,
@@ -127,7 +142,6 @@ class _Driver(Generic[T]):
         # (_pg.waiter_completed_callback: asyncpg's, which only a cancel of
         # the future needs, and none reaches it through the driver).
         self._quiet = quiet
-        self._quieted = 0  # (how many times it came off the current future)
         self._spawn = spawn
         self._then = then
         self._then_args = then_args
@@ -135,32 +149,25 @@ class _Driver(Generic[T]):
         # pool task's run drops it, as ever): a release's reset error.
         self._raises = raises
         self._fut: asyncio.Future[Any] | None = None
-        # The awaited future's loop, read by the Task where a future offers
-        # get_loop() (asyncio.futures._get_loop's fallback: no Python call).
-        self._loop: asyncio.AbstractEventLoop | None = None
         # None until the first step: asyncio.isfuture() (ensure_future,
         # wait_for, gather) must see an awaitable to wrap in a task, not a
         # future. The Task sets it False after each step, as for a future.
         self._asyncio_future_blocking: bool | None = None
-        self._wakeup: Callable[[Any], object] | None = None
-        self._context: Context | None = None
         self._cancelled = False  # the caller was cancelled: the coroutine is the pool's now
-        self._message: Any = None
         # Awaited (or run as a coroutine) once: a second await raises, as a
         # coroutine's does (it must not report the reset's end twice).
         self._awaited = False
-        self._gen: Generator[Any, None, T] | None = None  # the coroutine protocol's (send/throw/close)
 
     # -- the future protocol asyncio's Task uses on what a coroutine yields
 
     def add_done_callback(self, fn: Callable[[Any], object], *, context: Context | None = None) -> None:
-        assert self._fut is not None
+        # (Called by the task that waits on the driver: _fut is set.)
         self._wakeup = fn
         self._context = context
-        self._fut.add_done_callback(fn, context=context)
+        self._fut.add_done_callback(fn, context=context)  # type: ignore[union-attr]
 
     def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
-        if self._wakeup is fn and self._fut is not None:
+        if getattr(self, "_wakeup", None) is fn and self._fut is not None:
             self._wakeup = None
             return self._fut.remove_done_callback(fn)
         return 0
@@ -197,7 +204,8 @@ class _Driver(Generic[T]):
     def _cancel_error(self) -> asyncio.CancelledError:
         # With the canceller's message, as a cancelled future raises it:
         # anyio's cancel scopes recognise their own cancellations by it.
-        return asyncio.CancelledError() if self._message is None else asyncio.CancelledError(self._message)
+        message = getattr(self, "_message", None)  # (set by cancel(): see the class's note)
+        return asyncio.CancelledError() if message is None else asyncio.CancelledError(message)
 
     def cancel(self, msg: Any = None) -> bool:
         """The caller's task is being cancelled: hand the coroutine to the
@@ -207,7 +215,7 @@ class _Driver(Generic[T]):
         if self._cancelled or fut is None:
             return False
         self._message = msg
-        wakeup = self._wakeup
+        wakeup = getattr(self, "_wakeup", None)
         self.hand_over(fut)
         if wakeup is not None and not fut.done():
             # (If the future is done, it has scheduled the task's wake-up,
@@ -221,13 +229,13 @@ class _Driver(Generic[T]):
     # start_soon(), which accept only a coroutine (``await`` uses __await__).
 
     def send(self, value: Any) -> Any:
-        gen = self._gen
+        gen = getattr(self, "_gen", None)
         if gen is None:
             gen = self._gen = self.__await__()
         return gen.send(value)
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        gen = self._gen
+        gen = getattr(self, "_gen", None)
         if gen is None:
             # Thrown into before its first step (a task cancelled before it
             # ran): a coroutine would run nothing, but the lease has ended,
@@ -239,7 +247,7 @@ class _Driver(Generic[T]):
         return gen.throw(typ, val, tb) if tb is not None or val is not None else gen.throw(typ)
 
     def close(self) -> None:
-        gen = self._gen
+        gen = getattr(self, "_gen", None)
         if gen is not None:
             gen.close()
         elif not self._awaited:
@@ -275,11 +283,11 @@ class _Driver(Generic[T]):
         ``fut``, and take the caller's wake-up off ``fut``."""
         if not self._cancelled:
             self._cancelled = True
-            wakeup = self._wakeup
+            wakeup = getattr(self, "_wakeup", None)
             if wakeup is not None and fut is not None and not fut.done():
                 fut.remove_done_callback(wakeup)
             quiet = self._quiet
-            if self._quieted and quiet is not None and fut is not None and not fut.done():
+            if getattr(self, "_quieted", 0) and quiet is not None and fut is not None and not fut.done():
                 # The pool task's cancel (terminate()) cancels fut: the
                 # callback must be there to tell the server.
                 fut.add_done_callback(quiet)
@@ -357,7 +365,7 @@ class _Driver(Generic[T]):
             if self._cancelled:
                 raise self._cancel_error()  # a wake-up the future scheduled before the cancel
             fut = NOT_STARTED  # (the next step's, from the coroutine)
-        if self._raises and result is not None:
+        if result is not None and self._raises:
             if isinstance(result, asyncio.Future):
                 # The release's outcome, later (Runner.reset_done): a failed
                 # reset's error, raised once the connection is closed, or a

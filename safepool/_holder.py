@@ -101,9 +101,13 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         self.command_timeout = _pg.command_timeout(con)
         self.reset_query = _pg.reset_query_getter(con)
         # asyncpg's own reset query is fixed by the server's capabilities,
-        # known once connected: read once here (None when the connection
-        # class overrides the getter, which then runs on every reset).
-        self.reset_text: str | None = None if _pg.overrides_reset_query(type(con)) else self.reset_query()
+        # known once connected: read once here, for the full mode's inline
+        # reset (None when the connection class overrides the getter, which
+        # then runs on every reset, and in the other modes, whose resets
+        # Leaser.release plans per lease: one check less per release there).
+        self.reset_text: str | None = (
+            None if runner.state.reset_mode != "full" or _pg.overrides_reset_query(type(con)) else self.reset_query()
+        )
         # False: asyncpg's is_closed() and execute(), whose work the hot path
         # does inline (see _pg.overrides).
         self.own_is_closed = _pg.overrides(type(con), "is_closed")

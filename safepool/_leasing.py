@@ -12,7 +12,8 @@ the clock and the checked settings; ``PoolAcquireContext`` calls
 :meth:`Leaser.acquire` and :meth:`Leaser.release` directly, so moving the hot
 path here costs a lease no Python call (docs/design.md, "The hot path").
 The only setting that changes at run time, ``capture_stack``, lives here
-alone (``Pool.capture_stack`` reads and writes it); sizes and generations
+alone (``Pool.capture_stack`` reads it and writes it through
+:meth:`Leaser.set_capture_stack`); sizes and generations
 are the core's, connect arguments the face's.
 """
 
@@ -29,7 +30,7 @@ from ._clock import Clock
 from ._detach import NOT_STARTED, _Driver, already_ended, closing_now, loop_pass, released, retrieve
 from ._durations import release_timeout, validate_timeout
 from ._holder import Face
-from ._internals import RawConnection
+from ._internals import MUST_RESET, RawConnection
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
 from ._options import PoolConfig
 from ._reporting import Reporter
@@ -82,7 +83,7 @@ class Leaser:
         "face", "state", "runner", "loop", "now", "reporter", "listeners", "name", "slot_holders", "drain",
         "spawn", "lease_timeout", "leak_warning_after", "acquire_timeout", "reset_timeout", "max_queries",
         "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "call_at", "unsuspended",
-        "in_setup",
+        "in_setup", "extras",
     )
 
     def __init__(
@@ -121,9 +122,10 @@ class Leaser:
         self.max_queries = config.max_queries
         self.custom_reset = config.custom_reset
         self.site_caps = config.site_caps
-        # Settable at any time through Pool.capture_stack: kept here only.
-        self.capture_stack = config.capture_stack
         self.setup = setup
+        # Settable at any time through Pool.capture_stack (set_capture_stack):
+        # kept here only.
+        self.set_capture_stack(config.capture_stack)
         # Leases whose setup= hook is running: get_idle_size() counts their
         # connections, as asyncpg's pool does (see Pool.get_idle_size).
         self.in_setup = 0
@@ -131,6 +133,14 @@ class Leaser:
         # Releases in a row that returned released(), a coroutine that
         # returns at once (nothing to wait for; see pass_loop).
         self.unsuspended = 0
+
+    def set_capture_stack(self, on: bool) -> None:
+        """``capture_stack``, and ``extras``: whether an acquire does more
+        than hand the connection over, whatever its arguments (leak
+        warnings, the acquire stack, ``setup=``): one check per acquire on
+        the hot path when none is on."""
+        self.capture_stack = on
+        self.extras = self.leak_warning_after is not None or bool(on) or self.setup is not None
 
     # ------------------------------------------------------------- acquire
 
@@ -159,8 +169,9 @@ class Leaser:
             lease_timeout = self.lease_timeout
         elif lease_timeout is not None:
             lease_timeout = validate_timeout("lease_timeout", lease_timeout, positive=True)
-        if self.state.phase is not Phases.OPEN:
-            if self.state.phase is Phases.CLOSING:
+        state = self.state
+        if state.phase is not Phases.OPEN:
+            if state.phase is Phases.CLOSING:
                 raise PoolClosedError("pool is closing")
             self.check_init()
         if _running_loop() is not self.loop:
@@ -170,7 +181,6 @@ class Leaser:
             )
         if self.site_caps and site is None:
             site = _sites.current_site() or _sites.caller_site(2)
-        state = self.state
         now = self.now()
         deadline = None if timeout is None else now + timeout
         while True:
@@ -200,7 +210,8 @@ class Leaser:
                 raise self.reporter.unavailable_error(exc.last_error, now) from exc.last_error
             except Closed:
                 raise PoolClosedError("pool is closing") from None
-            if (state.actions or waiter.deadline is not None or state.connect_failures or self.reporter.pending
+            # (deadline: the waiter's is set with it, and only then.)
+            if (state.actions or deadline is not None or state.connect_failures or self.reporter.pending
                     or state.connects_to_watch):
                 # Also arms the timer: for the waiter's deadline, for the next
                 # connect attempt after a failure, or for a connect under way
@@ -239,35 +250,37 @@ class Leaser:
             holder.orphan_checks = 0
             holder.orphan_reported = False
         proxy = self.proxy_class(holder, slot.connection, lease)
-        if lease_timeout is not None or self.leak_warning_after is not None:
-            due = state.arm_lease(lease, lease_timeout, self.leak_warning_after)
-            timer_at = self.runner.timer_at
-            if timer_at is None or (due is not None and due < timer_at):
-                self.runner.arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
-        if self.capture_stack:
-            # The caller of pool.acquire() and its task, taken at that call
-            # (an acquire awaited in a task of its own runs here in that one).
-            if stack is None:
-                captured, task = _stack.capture(), asyncio.current_task()
-            else:
-                captured, task = stack
-                if task is None:
-                    task = asyncio.current_task()
-            state.note_caller(
-                lease, captured, None if task is None else task.get_name(), None if task is None else weakref.ref(task),
-            )
-        if self.setup is not None:
-            # Its statements are the lease's: a SET it runs is reset on
-            # release like any other (the clean mark is per connection).
-            if deadline is None:
-                await self.run_setup(proxy, lease)
-            else:
-                await self.run_setup_until(proxy, lease, deadline, timeout)
-            if holder.lease_callbacks:
-                # The termination listeners and query loggers it registered
-                # are the pool's setup, not the lease's code: as init='s, they
-                # do not keep a lost proxy's connection from being reclaimed.
-                _pg.disown_callbacks(holder.lease_callbacks, lease.id)
+        if lease_timeout is not None or self.extras:
+            if lease_timeout is not None or self.leak_warning_after is not None:
+                due = state.arm_lease(lease, lease_timeout, self.leak_warning_after)
+                timer_at = self.runner.timer_at
+                if timer_at is None or (due is not None and due < timer_at):
+                    self.runner.arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
+            if self.capture_stack:
+                # The caller of pool.acquire() and its task, taken at that call
+                # (an acquire awaited in a task of its own runs here in that one).
+                if stack is None:
+                    captured, task = _stack.capture(), asyncio.current_task()
+                else:
+                    captured, task = stack
+                    if task is None:
+                        task = asyncio.current_task()
+                state.note_caller(
+                    lease, captured, None if task is None else task.get_name(),
+                    None if task is None else weakref.ref(task),
+                )
+            if self.setup is not None:
+                # Its statements are the lease's: a SET it runs is reset on
+                # release like any other (the clean mark is per connection).
+                if deadline is None:
+                    await self.run_setup(proxy, lease)
+                else:
+                    await self.run_setup_until(proxy, lease, deadline, timeout)
+                if holder.lease_callbacks:
+                    # The termination listeners and query loggers it registered
+                    # are the pool's setup, not the lease's code: as init='s, they
+                    # do not keep a lost proxy's connection from being reclaimed.
+                    _pg.disown_callbacks(holder.lease_callbacks, lease.id)
         if context is not None:
             context.connection = proxy
         return proxy
@@ -433,11 +446,8 @@ class Leaser:
             connection._raw = con
             con._proxy = connection
             return self.raise_after(self.release(connection, timeout), warning)
-        usable = check != _pg.UNUSABLE
         outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
-        if outcome is Outcome.CLEAN and (con._listeners or con._log_listeners):
-            _pg.clear_listeners(con)
-        done: asyncio.Future[None] | None = None
+        done: asyncio.Future[None] | None  # (set on each path that returns below)
         runner = self.runner
         if outcome is Outcome.NEEDS_RESET:
             # asyncpg reports an unmanaged open transaction from release(),
@@ -453,7 +463,7 @@ class Leaser:
             # of the reset is then asyncpg's (timeout None; a budget that runs
             # out is a CancelledError there, the TimeoutError the caller's).
             if (self.custom_reset or holder.own_execute or (logged and _pg.RESET_UNDER_BUDGET)
-                    or (check == _pg.MUST_RESET and _pg.is_cancelling(con))):
+                    or (check == MUST_RESET and _pg.is_cancelling(con))):
                 hooks = None
                 if self.custom_reset:
                     rollback = False
@@ -475,7 +485,7 @@ class Leaser:
                 # The common case: one statement, ROLLBACK (if a transaction
                 # is open) and the reset query in one message, driven in the
                 # caller's task (no task, no loop hop; see _detach).
-                if check == _pg.MUST_RESET:
+                if check == MUST_RESET:
                     rollback = _pg.warn_open_transaction(con, deferred=True)
                 else:
                     rollback = False
@@ -483,7 +493,7 @@ class Leaser:
                         _pg.clear_listeners(con)
                 budget = timeout if timeout is not None else self.reset_timeout
                 query = holder.reset_text
-                if query is None or rollback or state.reset_mode != "full":
+                if query is None or rollback:  # (None: also the modes other than "full": see Holder)
                     full, rollback = state.reset_plan(holder.clean_mark == -1, rollback)
                     query = _workers.reset_message(holder.reset_query, full, rollback)
                 # (else asyncpg's reset query alone: the common case, without a
@@ -501,7 +511,7 @@ class Leaser:
                         command_timeout = holder.command_timeout
                         if command_timeout is not None and command_timeout < budget:
                             limit = command_timeout  # (asyncpg 0.30+: both limits hold)
-                    if con._query_loggers:
+                    if logged:  # (con._query_loggers, read above: nothing since changed it)
                         statement = con.execute(query, timeout=limit)
                     else:
                         statement = con._protocol.query(query, limit)
@@ -548,7 +558,11 @@ class Leaser:
                 runner.reset_done(holder, con, None, None)
                 return self.finish_release(None, True) if logged else released()
         else:
-            if outcome is Outcome.DISCARD and usable:
+            done = None
+            if outcome is Outcome.CLEAN:
+                if con._listeners or con._log_listeners:
+                    _pg.clear_listeners(con)
+            elif check != _pg.UNUSABLE:  # (DISCARD, of a usable connection)
                 # max_queries or an expired generation: asyncpg closes the
                 # connection gracefully before release() returns, with the
                 # proxy still attached: its termination listeners get the

@@ -243,21 +243,11 @@ class Runner:
         actions = state.actions
         if actions:
             action = actions[0]
-            if type(action) is Wake and len(actions) == 1 and not self.reporter.pending and not state.connects_to_watch:
-                # The contended hot path: the connection went to the head
-                # waiter, and that is all. drain() without its dispatch and
-                # timer check (a grant adds no deadline: the waiter's own
-                # timer entry just went stale).
+            if type(action) is Wake and len(actions) == 1:
+                # The connection went to the head waiter, and that is all.
                 actions.clear()
-                waiter = action.waiter
-                try:
-                    # grant(), inlined, asking forgiveness: a granted
-                    # waiter's future is done only if its task was
-                    # cancelled (no C call to ask first, per lease).
-                    waiter.future.set_result(None)
-                    return
-                except asyncio.InvalidStateError:
-                    state.cancel_waiter(waiter, self.now())  # (cancelled while the grant was in flight)
+                self.wake(action.waiter)
+                return
             self.drain()
         elif state.connects_to_watch:
             self.drain()  # (a deadline with no action: see PoolState.connects_to_watch)
@@ -269,6 +259,27 @@ class Runner:
             timer_at = self.timer_at
             if timer_at is None or ((expiry := state.idle_expiry()) is not None and expiry < timer_at):
                 self.arm_timer()
+
+    def wake(self, waiter: Waiter) -> None:
+        """Carry out a hand-on's ``Wake`` of ``waiter``, the one action the
+        core asked for: taken off ``actions`` (:meth:`after_hand_on`), or
+        never queued (``PoolState.reset_done`` with ``wake=False``, the
+        contended hot path, :meth:`reset_done`). As :meth:`drain` would."""
+        state = self.state
+        if not self.reporter.pending and not state.connects_to_watch:
+            # drain() without its dispatch and timer check (a grant adds no
+            # deadline: the waiter's own timer entry just went stale).
+            try:
+                # grant(), inlined, asking forgiveness: a granted waiter's
+                # future is done only if its task was cancelled (no C call
+                # to ask first, per lease).
+                waiter.future.set_result(None)
+                return
+            except asyncio.InvalidStateError:
+                state.cancel_waiter(waiter, self.now())  # (cancelled while the grant was in flight)
+        else:
+            self.grant(waiter)  # (what drain() does first with the Wake)
+        self.drain()
 
     def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = self.loop.create_task(coro)  # type: ignore[arg-type]
@@ -419,11 +430,17 @@ class Runner:
         ok = error is None and not (
             con.is_closed() if holder.own_is_closed else con._aborted or not con._protocol.is_connected()
         )
-        if not self.state.reset_done(holder._slot, self.now(), ok):
+        # (wake=False: a grant to the head waiter comes back to be woken here,
+        # with no Wake to build and dispatch: the contended hot path.)
+        handed = self.state.reset_done(holder._slot, self.now(), ok, False)
+        if not handed:
             return error  # the pool was terminated meanwhile
         if ok:
-            # (Before any task can take it: the hand-on's Wake runs in drain.)
+            # (Before any task can take it: the waiter is woken after this.)
             holder.clean_mark = con._protocol.queries_count  # (_pg.queries_count, inlined: the hot path)
+            if handed is not True:
+                self.wake(handed)
+                return None
         else:
             if error is not None and log:
                 logger.warning(

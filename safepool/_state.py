@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import itertools
 import math
 import operator
 import random
@@ -160,6 +161,9 @@ class Observed(enum.IntEnum):
 # Member reads on the hot path (see fast_members).
 Outcome = fast_members(ReleaseOutcome)
 Seen = fast_members(Observed)
+# The values release_outcome compares with, as plain ints: one global read
+# each per release, not a read of a member as well.
+_USED_UP, _MUST_RESET, _CLEAN = int(Observed.USED_UP), int(Observed.MUST_RESET), int(Observed.CLEAN)
 
 RESET_MODES = ("full", "rollback", "auto")
 
@@ -234,7 +238,7 @@ class Lease:
         "state", "site", "__weakref__",
     )
 
-    def __init__(self, lease_id: int, slot: Slot, now: float) -> None:
+    def __init__(self, lease_id: int, slot: Slot, now: float, site: str | None = None) -> None:
         self.id = lease_id
         self.slot = slot
         self.acquired_at = now
@@ -244,7 +248,7 @@ class Lease:
         self.task_name: str | None = None
         self.task_ref: Any = None  # weakref.ref to the acquiring task (with stack capture)
         self.state = L.HELD  # moved only by PoolState, by the table _LEASE_MOVES
-        self.site: str | None = None  # the acquire site (set with site caps, or acquire(site=))
+        self.site = site  # the acquire site (set with site caps, or acquire(site=))
 
     def age(self, now: float) -> float:
         return now - self.acquired_at
@@ -280,17 +284,21 @@ class Waiter:
 
     __slots__ = ("future", "enqueued_at", "eligible_at", "deadline", "slot", "state", "site", "seq", "shed", "connect")
 
+    # Read by the queue policy alone (_policy.py), and set for the waiters it
+    # admits (PoolState._policy_admit), not here: two stores less per waiter.
+    # eligible_at: since when its site has been under its cap
+    # (max_site_share): the adaptive queue sheds by the time waited there,
+    # not while capped. seq: arrival order within the wait policy.
+    eligible_at: float
+    seq: int
+
     def __init__(self, future: Any, now: float, deadline: float | None, site: str | None = None) -> None:
         self.future = future
         self.enqueued_at = now
-        # Since when its site has been under its cap (max_site_share): the
-        # adaptive queue sheds by the time waited there, not while capped.
-        self.eligible_at = now
         self.deadline = deadline
         self.slot: Slot | None = None
         self.state = W.WAITING
         self.site = site
-        self.seq = 0  # arrival order within the wait policy
         self.shed = False  # deadline is the adaptive queue's target, not the caller's timeout
         self.connect: Slot | None = None  # while WAITING: the connect opened for it (its slot)
 
@@ -624,7 +632,7 @@ class PoolState:
     # own, and then no method call on it is specialized (a dict lookup and
     # a type lookup per call, every state.release(...) of the hot path).
     __slots__ = (
-        "_abandoned_count", "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_next_id", "_policy", "_slots", "_stale_check", "_stale_timers", "_timers",
+        "_abandoned_count", "_admission", "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_ids", "_policy", "_slots", "_stale_check", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_level", "backoff_until",
         "breaker_threshold", "closing", "connects_to_watch", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
         "failed_answer_max", "failure_went_stale", "floor_enabled", "lost_before",
@@ -713,7 +721,10 @@ class PoolState:
         # the heap (_DueQueue).
         self._deadlines = _DueQueue()
         self._warnings = _DueQueue()
-        self._next_id = 0
+        # Ids of slots and leases, and the timer heap's tie-breaks, from one
+        # count (1, 2, ...): next(self._ids), a C call, where the hot path's
+        # lease took an increment and a read of an attribute.
+        self._ids = itertools.count(1)
 
         self.connect_failures = 0
         # Set when a waiting task may have come to depend on a connect under
@@ -763,6 +774,9 @@ class PoolState:
             self._policy = WaitPolicy(
                 max_size=max_size, site_share=max_site_share, adaptive=adaptive, shed=self._shed
             )
+        # Whether enqueue() may refuse a waiter (max_waiters, a queue policy,
+        # the breaker): all three are fixed for the pool's life.
+        self._admission = max_waiters is not None or self._policy is not None or breaker_threshold is not None
 
     # ----------------------------------------------------------------- sizes
 
@@ -898,8 +912,7 @@ class PoolState:
     # ------------------------------------------------------------ transitions
 
     def _new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
+        return next(self._ids)
 
     def _move(self, slot: Slot, new: SlotState) -> None:
         old = slot.state
@@ -941,9 +954,7 @@ class PoolState:
             # (a legal move by the table, and neither state is counted).
             slot.state = S.LEASED
             self.wait_times.zeros += 1  # record(0.0), filed when read (see Histogram)
-            self._next_id += 1
-            lease = Lease(self._next_id, slot, now)
-            lease.site = site
+            lease = Lease(next(self._ids), slot, now, site)
             slot.lease = lease
             return lease
         return None
@@ -956,30 +967,31 @@ class PoolState:
         # connect under way, or one the pool may still open, will serve, are
         # not an overload (else max_waiters=0 could never open a connection).
         room = 0
-        if self.max_waiters is not None or self._policy is not None:
-            if self.max_waiters is not None and self._policy is not None:
-                # A standing adaptive queue sheds its stale waiters first:
-                # they, not the newcomer (served first: adaptive LIFO), go.
-                self._policy.shed_standing(now)
-            room = max(0, self.max_size - self._live()) + self._connecting_count
-            if self.max_waiters is not None and (
-                self._waiting >= self.max_waiters + room
-                if self._policy is None
-                else self._policy.queued_behind(site, self._waiting, room) > self.max_waiters
+        if self._admission:  # (else none of the three checks below applies: one test)
+            if self.max_waiters is not None or self._policy is not None:
+                if self.max_waiters is not None and self._policy is not None:
+                    # A standing adaptive queue sheds its stale waiters first:
+                    # they, not the newcomer (served first: adaptive LIFO), go.
+                    self._policy.shed_standing(now)
+                room = max(0, self.max_size - self._live()) + self._connecting_count
+                if self.max_waiters is not None and (
+                    self._waiting >= self.max_waiters + room
+                    if self._policy is None
+                    else self._policy.queued_behind(site, self._waiting, room) > self.max_waiters
+                ):
+                    self.counters.overload_rejections += 1
+                    raise Overloaded
+            if (
+                self.breaker_threshold is not None
+                and self.server_failures >= self.breaker_threshold
+                and self._serving() == 0
+                and now < self.backoff_until
             ):
-                self.counters.overload_rejections += 1
-                raise Overloaded
-        if (
-            self.breaker_threshold is not None
-            and self.server_failures >= self.breaker_threshold
-            and self._serving() == 0
-            and now < self.backoff_until
-        ):
-            # Circuit open: nothing to hand out and no connect will be tried
-            # before backoff_until, so waiting could only end in a timeout.
-            if not self._live_connects():
-                self.counters.unavailable_rejections += 1
-                raise Unavailable(self.last_connect_error, self.backoff_until - now)
+                # Circuit open: nothing to hand out and no connect will be tried
+                # before backoff_until, so waiting could only end in a timeout.
+                if not self._live_connects():
+                    self.counters.unavailable_rejections += 1
+                    raise Unavailable(self.last_connect_error, self.backoff_until - now)
         waiter = Waiter(future, now, None if timeout is None else now + timeout, site)
         if self._policy is not None:
             self._policy_admit(waiter, now, timeout, room)
@@ -1017,9 +1029,7 @@ class PoolState:
         if len(waits) >= _FOLD_AT:
             self.wait_times.fold()
         # _open_lease, inlined (the contended hot path).
-        self._next_id += 1
-        lease = Lease(self._next_id, slot, now)
-        lease.site = waiter.site
+        lease = Lease(next(self._ids), slot, now, waiter.site)
         slot.lease = lease
         return lease
 
@@ -1069,9 +1079,8 @@ class PoolState:
             if slot.state is S.RESERVED:  # else discarded meanwhile: nothing to pass on
                 self._hand_on(slot, now)
 
-    def _open_lease(self, slot: Slot, now: float) -> Lease:
-        self._next_id += 1
-        lease = Lease(self._next_id, slot, now)
+    def _open_lease(self, slot: Slot, now: float, site: str | None = None) -> Lease:
+        lease = Lease(next(self._ids), slot, now, site)
         slot.lease = lease
         return lease
 
@@ -1113,12 +1122,12 @@ class PoolState:
         (``reset_mode="auto"``: its SQL may have changed the session).
         ``observed`` is an :class:`Observed` value (a plain int from the
         adapter's hot path compares the same)."""
-        if observed <= Seen.USED_UP or lease.slot.generation != self.generation:
+        if observed <= _USED_UP or lease.slot.generation != self.generation:
             return Outcome.DISCARD
-        if observed == Seen.MUST_RESET or self.always_reset:
+        if observed == _MUST_RESET or self.always_reset:
             return Outcome.NEEDS_RESET
         mode = self.reset_mode
-        if observed == Seen.CLEAN or (mode != "full" and not marked):
+        if observed == _CLEAN or (mode != "full" and not marked):
             return Outcome.CLEAN
         # (A marked lease in rollback mode: a statement of it raised, or it
         # prepared one, and may have left the backend in the implicit
@@ -1175,9 +1184,16 @@ class PoolState:
         self._move(slot, S.RESETTING)
         return True
 
-    def reset_done(self, slot: Slot, now: float, ok: bool) -> bool:
+    def reset_done(self, slot: Slot, now: float, ok: bool, wake: bool = True) -> bool | Waiter:
         """A reset (or take-back) ended, ``ok`` or not. Returns False when the
-        slot was given up meanwhile (the pool was terminated): nothing to do."""
+        slot was given up meanwhile (the pool was terminated): nothing to do;
+        else True.
+
+        ``wake`` False (the runner's contended hot path, ``Runner.reset_done``):
+        when the connection goes to the head waiter and no action was queued
+        before, that waiter, granted, is returned instead of True and no
+        ``Wake`` is queued for it: the caller wakes it as a ``Wake`` would
+        (``Runner.after_hand_on``). Every record is the same either way."""
         if slot.state is not S.RESETTING:
             if slot.state is S.CLOSED or slot.state is S.CLOSING:
                 return False
@@ -1192,7 +1208,7 @@ class PoolState:
                 slot.idle_since = now
                 self._idle.append(slot)
             else:
-                self._hand_on(slot, now)
+                return self._hand_on(slot, now, wake) or True
         else:
             self.counters.resets_failed += 1
             self._start_close(slot)
@@ -1234,24 +1250,26 @@ class PoolState:
                 self._timer_dropped(stale)
         return slot
 
-    def _hand_on(self, slot: Slot, now: float) -> None:
+    def _hand_on(self, slot: Slot, now: float, wake: bool = True) -> Waiter | None:
         """A usable connection is free: give it to the head waiter, or idle it.
 
         Closes it instead when the pool shrank, closes, or the connection is
-        of an expired generation."""
+        of an expired generation. Returns None; with ``wake`` False and no
+        action queued before, the waiter a FIFO grant chose, whose ``Wake``
+        is then the caller's to carry out (see :meth:`reset_done`)."""
         if (
             self.closing
             or slot.generation != self.generation
             or len(self._slots) - self._closing_count > self.max_size  # _live(), inlined (hot path)
         ):
             self._start_close(slot)
-            return
+            return None
         if self._policy is not None:
             self._policy_hand_on(slot, now)
-            return
+            return None
         if self._bound:
             self._hand_on_skipping_bound(slot, now)
-            return
+            return None
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
@@ -1269,11 +1287,14 @@ class PoolState:
             if slot.state is S.CONNECTING:  # (connect_succeeded; the others are not counted)
                 self._connecting_count -= 1
             slot.state = S.RESERVED
-            self.actions.append(Wake(waiter))
-            return
+            if wake or self.actions:
+                self.actions.append(Wake(waiter))
+                return None
+            return waiter
         self._move(slot, S.IDLE)
         slot.idle_since = now
         self._idle.append(slot)
+        return None
 
     def _hand_on_skipping_bound(self, slot: Slot, now: float) -> None:
         """:meth:`_hand_on`'s last step while some waiters wait for connects
@@ -2029,8 +2050,7 @@ class PoolState:
     # ------------------------------------------------------------------ timers
 
     def _push_timer(self, when: float, kind: int, obj: Any) -> None:
-        self._next_id += 1
-        heapq.heappush(self._timers, (when, self._next_id, kind, obj))
+        heapq.heappush(self._timers, (when, next(self._ids), kind, obj))
 
     def _arm_lifetime(self, slot: Slot, now: float) -> None:
         """Start the max_lifetime clock of a connection opened at ``now``. It
@@ -2348,13 +2368,14 @@ class PoolState:
         slot = idle.pop()
         self._move(slot, S.LEASED)
         self.wait_times.record(0.0)
-        lease = self._open_lease(slot, now)
-        lease.site = site
+        lease = self._open_lease(slot, now, site)
         policy.leased(site, now)
         return lease
 
     def _policy_admit(self, waiter: Waiter, now: float, timeout: float | None, room: int) -> None:
         assert self._policy is not None
+        waiter.eligible_at = now  # (the policy's fields: see Waiter)
+        waiter.seq = 0
         try:
             self._policy.admit(waiter, now, timeout, waiter.site, self.max_waiters, room)
         except Inadmissible:

@@ -294,7 +294,7 @@ class Pool(_PoolBase):
         # wait_for() run the acquire as a task of its own, whose stack is
         # the event loop's.
         leaser = self._leaser
-        if site is None and leaser.site_caps:
+        if leaser.site_caps and site is None:
             site = _sites.current_site() or _sites.caller_site(2)
         return PoolAcquireContext(
             self, timeout, lease_timeout, site, _stack.caller() if leaser.capture_stack else None
@@ -855,7 +855,7 @@ class Pool(_PoolBase):
 
     @capture_stack.setter
     def capture_stack(self, on: bool) -> None:
-        self._leaser.capture_stack = check_flag("capture_stack", on)
+        self._leaser.set_capture_stack(check_flag("capture_stack", on))
 
     @property
     def closed(self) -> bool:
@@ -1012,7 +1012,8 @@ class PoolAcquireContext(_AcquireContextBase):
         exc_tb: TracebackType | None = None,
     ) -> Awaitable[None]:
         self.done = True
-        con, self.connection = self.connection, None
+        con = self.connection
+        self.connection = None
         leaser = self.pool._leaser
         if _loop_here() is not leaser.loop:
             # Called where the pool's loop does not run: another thread,
