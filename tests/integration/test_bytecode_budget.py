@@ -7,6 +7,7 @@ host and on either loop, so it runs with the tests, not in the solo run."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -42,14 +43,17 @@ def _filler_in_the_package() -> Any:
 
 
 @pytest.mark.asyncio
-async def test_the_guard_fails_a_query_lease_that_runs_6_percent_more(
+async def test_the_guard_fails_a_query_lease_that_runs_past_5_percent_over(
     pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """About 60 instructions more per query lease (6% of its ~1,000 on
-    Python 3.11), added inside the release: past the 5% the guard allows."""
+    """Instructions added inside the release, enough to take the query
+    lease 1% of its budget past the 5% over it the guard allows (about 60-110
+    on Python 3.11: what the tree runs now may be up to 10% under the
+    budget recorded, which a cut leaves until it is recorded again)."""
     budget = _budget()
     filler = _filler_in_the_package()
-    turns = round(budget["query"] * 0.06 / 3)
+    now = await bytecodes.count(pg_dsn, "query")
+    turns = math.ceil((budget["query"] * (bytecodes.OVER + 0.01) - now) / 3)
     original = PoolState.release_outcome
 
     def slower(self: PoolState, *args: Any, **kwargs: Any) -> Any:
