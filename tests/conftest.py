@@ -61,18 +61,20 @@ SHARED_SERVER = "tests create roles by fixed names and count backends by role"
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
-    """``-n auto`` (the README's test command): two pytest-xdist workers,
-    each with an embedded server of its own (the suite waits on servers and
-    timers most of the time: 196 s on two workers, about 430 s on one, on the
-    2-core CI machine); one when the process may use one core only, and one
-    when SAFEPOOL_TEST_DSN names a server the workers would share. None
-    (xdist's own count) when PYTEST_XDIST_AUTO_NUM_WORKERS says how many."""
+    """``-n auto`` (the README's test command): a pytest-xdist worker per
+    core and one more, three at most, each with an embedded server of its
+    own. The suite waits on servers and timers much of the time: on the
+    2-core CI machine two workers kept the CPUs 57-65% busy and took 429-483
+    s (2026-12-06), three took about 300 s. One when the process may use
+    one core only, and one when SAFEPOOL_TEST_DSN names a server the workers
+    would share. None (xdist's own count) when PYTEST_XDIST_AUTO_NUM_WORKERS
+    says how many."""
     if os.environ.get("SAFEPOOL_TEST_DSN"):
         return 1
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(2, cores)
+    return 1 if cores < 2 else min(3, cores + 1)
 
 
 def _workers(config: pytest.Config) -> int:

@@ -1,6 +1,7 @@
-"""The README's test command runs ``-n auto``: two pytest-xdist workers with
-an embedded server each, and one worker when SAFEPOOL_TEST_DSN names a
-server they would share (tests/conftest.py)."""
+"""The README's test command runs ``-n auto``: a pytest-xdist worker per core
+and one more, three at most, with an embedded server each; one worker on one
+core, and when SAFEPOOL_TEST_DSN names a server they would share
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from tests.conftest import pytest_xdist_auto_num_workers
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_auto_is_two_workers_with_embedded_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("cores", "workers"), [(16, 3), (3, 3), (2, 3)])
+def test_auto_is_three_workers_with_embedded_servers(
+    monkeypatch: pytest.MonkeyPatch, cores: int, workers: int
+) -> None:
     monkeypatch.delenv("SAFEPOOL_TEST_DSN", raising=False)
     monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert pytest_xdist_auto_num_workers(None) == 2  # type: ignore[arg-type]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert pytest_xdist_auto_num_workers(None) == workers  # type: ignore[arg-type]
     # A process limited to one core (taskset, a container's CPU set) gets one
     # worker, however many cores the machine has.
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
