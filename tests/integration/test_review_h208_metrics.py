@@ -147,9 +147,13 @@ async def test_a_storm_of_timeouts_and_cancellations_leaves_the_books_balanced(p
     a third of them cancelled at random moments: at quiescence the states
     sum to size, every lease is ended exactly once, nothing waits, and
     acquire_timeouts is the number of PoolTimeoutError the program caught,
-    each with one AcquireTimedOut event."""
+    each with one AcquireTimedOut event. (An event more only for a task a
+    cancellation reached after its timeout, before it resumed: it gets
+    CancelledError and is not counted, though the event was sent,
+    docs/metrics.md; seen on uvloop under load.)"""
     pool = await pools(name="h208-storm", min_size=1, max_size=2)
     timed_out = [0]
+    cancelled = [0]
     sent: list[Any] = []
     pool.add_event_listener(sent.append)
     rng = random.Random(208)
@@ -160,6 +164,9 @@ async def test_a_storm_of_timeouts_and_cancellations_leaves_the_books_balanced(p
                 await con.execute("SELECT pg_sleep(0.005)")
         except safepool.PoolTimeoutError:
             timed_out[0] += 1
+        except asyncio.CancelledError:
+            cancelled[0] += 1
+            raise
 
     for _ in range(5):
         tasks = [asyncio.ensure_future(worker(rng.choice([0.001, 0.01, 0.05, 0.2]))) for _ in range(40)]
@@ -171,7 +178,8 @@ async def test_a_storm_of_timeouts_and_cancellations_leaves_the_books_balanced(p
     assert ledger_and_gauges(pool, held=0) == []
     stats = pool.stats()
     assert stats.acquire_timeouts == timed_out[0] > 0
-    assert sum(isinstance(event, events.AcquireTimedOut) for event in sent) == timed_out[0]
+    sent_timeouts = sum(isinstance(event, events.AcquireTimedOut) for event in sent)
+    assert timed_out[0] <= sent_timeouts <= timed_out[0] + cancelled[0], (sent_timeouts, timed_out, cancelled)
 
 
 async def test_a_waiter_cancelled_after_its_grant_gives_the_connection_back(pools: Any) -> None:

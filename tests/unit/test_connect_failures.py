@@ -158,9 +158,14 @@ async def test_what_asyncpg_raises_is_told_apart(handler: Any, ssl_mode: Any, er
 
 
 @pytest.mark.asyncio
-async def test_a_name_whose_every_address_refuses_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_name_whose_every_address_refuses_is_unreachable(
+    monkeypatch: pytest.MonkeyPatch, loop_name: str
+) -> None:
     """``localhost`` as resolved where /etc/hosts lists ::1 and 127.0.0.1,
     on a port nothing listens on: asyncio's "Multiple exceptions" OSError."""
+    if loop_name == "uvloop":
+        pytest.skip("asyncio's case: uvloop resolves a host name in C, not through loop.getaddrinfo, and raises "
+                    "the first address's ConnectionRefusedError (refused, as one address refusing is)")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # (bound, not listening: refused)
