@@ -1,0 +1,377 @@
+"""Review helper-219: a second read of helper-217's hot-path cuts (the
+direct wake of ``Runner.reset_done``, the ``extras`` flag of
+``Leaser.acquire``, ``Holder.reset_text`` outside ``reset_mode="full"``,
+the lazily set fields of ``_Driver``), against a real server.
+
+The states the direct wake could get wrong are set up with public calls:
+
+* a connection class whose ``get_reset_query()`` returns "" makes the
+  release of a lease that ran a statement end its "reset" at once, in the
+  releasing task (``Leaser.release``: nothing to send, then
+  ``Runner.reset_done``), so that a waiter's task cancelled just before
+  (its future cancelled, its handler not yet run) is still WAITING in the
+  core when the connection is handed on: ``Runner.wake`` must pass it on
+  to the next waiter, as the queued ``Wake`` did;
+* a waiter whose deadline passed while the loop was blocked is granted
+  before its timer fires (as before the cut);
+* ``capture_stack`` toggled between acquires (the ``extras`` flag);
+* ``reset_mode`` "rollback"/"auto" with a connection class that overrides
+  ``get_reset_query`` (the reset text is planned per lease there).
+
+Where asyncpg's pool has the same scenario the test runs on both
+(``flavour``)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+import warnings
+from typing import Any
+
+import asyncpg
+import pytest
+
+import safepool
+
+pytestmark = pytest.mark.asyncio
+
+
+class EmptyReset(asyncpg.Connection):  # type: ignore[misc]
+    """No reset statement at all: a release ends its reset in the releasing
+    task (no round trip)."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
+class CountedReset(asyncpg.Connection):  # type: ignore[misc]
+    """A reset query of its own, which records that it ran."""
+
+    def get_reset_query(self) -> str:
+        return "RESET ALL"
+
+
+async def _settle(rounds: int = 5) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def granted_cancels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The states of the waiters PoolState.cancel_waiter is called for:
+    "granted" where the race under test was hit (the connection reserved for
+    a waiter whose future was already cancelled)."""
+    from safepool._state import PoolState
+
+    seen: list[str] = []
+    original = PoolState.cancel_waiter
+
+    def recording(self: Any, waiter: Any, now: float) -> None:
+        seen.append(waiter.state.value)
+        original(self, waiter, now)
+
+    monkeypatch.setattr(PoolState, "cancel_waiter", recording)
+    return seen
+
+
+def _check(pool: Any) -> None:
+    if isinstance(pool, safepool.Pool):
+        pool._state.check_invariants()
+
+
+# ---------------------------------------------------------------- direct wake
+
+
+@pytest.mark.parametrize("flavour", ["asyncpg", "safepool"])
+async def test_a_waiter_cancelled_in_the_turn_of_its_grant_passes_the_connection_on(
+    make_pool: Any, flavour: str, granted_cancels: list[str]
+) -> None:
+    pool = await make_pool(min_size=1, max_size=1, connection_class=EmptyReset)
+    con = await pool.acquire()
+    await con.execute("SET application_name = 'h219'")  # (a statement: the release resets)
+    a = asyncio.ensure_future(pool.acquire())
+    b = asyncio.ensure_future(pool.acquire())
+    await _settle()
+    assert not a.done() and not b.done()
+    # Both in the same step: A's future is cancelled, its task not yet run,
+    # when the release hands the connection on.
+    a.cancel()
+    await pool.release(con)
+    with pytest.raises(asyncio.CancelledError):
+        await a
+    got = await asyncio.wait_for(b, 5)
+    assert await got.fetchval("SELECT 1") == 1
+    await pool.release(got)
+    _check(pool)
+    again = await asyncio.wait_for(pool.acquire(), 5)
+    await pool.release(again)
+    if flavour == "safepool":
+        assert pool.get_idle_size() == pool.get_size() == 1
+        assert pool._state.waiting == 0
+        assert "granted" in granted_cancels  # (Runner.wake's InvalidStateError path)
+
+
+@pytest.mark.parametrize("flavour", ["asyncpg", "safepool"])
+async def test_every_waiter_cancelled_as_the_connection_comes_back_leaves_it_idle(
+    make_pool: Any, flavour: str, granted_cancels: list[str]
+) -> None:
+    pool = await make_pool(min_size=1, max_size=1, connection_class=EmptyReset)
+    con = await pool.acquire()
+    await con.execute("SELECT 1")
+    waiters = [asyncio.ensure_future(pool.acquire()) for _ in range(4)]
+    await _settle()
+    for waiter in waiters:
+        waiter.cancel()
+    await pool.release(con)
+    for waiter in waiters:
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    _check(pool)
+    again = await asyncio.wait_for(pool.acquire(), 5)
+    assert await again.fetchval("SELECT 2") == 2
+    await pool.release(again)
+    if flavour == "safepool":
+        assert pool.get_idle_size() == 1 and pool._state.waiting == 0
+        assert "granted" in granted_cancels
+
+
+async def test_a_waiter_cancelled_as_a_real_reset_ends_passes_the_connection_on(pools: Any) -> None:
+    """The same with asyncpg's own reset (a round trip): the waiter is
+    cancelled from the reset's answer's turn (a done callback of the
+    releasing task's step), many times over, at varying points."""
+    pool = await pools(min_size=1, max_size=1)
+    for delay in range(12):
+        con = await pool.acquire()
+        await con.execute("SELECT 1")
+        a = asyncio.ensure_future(pool.acquire())
+        b = asyncio.ensure_future(pool.acquire())
+        await _settle()
+        release = asyncio.ensure_future(pool.release(con))
+        for _ in range(delay):
+            await asyncio.sleep(0)
+        a.cancel()
+        await release
+        try:
+            got_a = await a
+        except asyncio.CancelledError:
+            got_a = None
+        if got_a is not None:
+            # (A was granted before its cancel: it holds the connection.)
+            await pool.release(got_a)
+        got = await asyncio.wait_for(b, 5)
+        await pool.release(got)
+        _check(pool)
+        assert pool._state.waiting == 0 and pool.get_idle_size() == 1, (delay, repr(pool))
+
+
+async def test_a_waiter_past_its_deadline_but_not_yet_timed_out_is_still_granted(pools: Any) -> None:
+    pool = await pools(min_size=1, max_size=1, connection_class=EmptyReset)
+    con = await pool.acquire()
+    await con.execute("SELECT 1")
+    a = asyncio.ensure_future(pool.acquire(timeout=0.05))
+    await _settle()
+    time.sleep(0.15)  # (the loop is blocked: A's timer cannot fire)
+    await pool.release(con)
+    got = await asyncio.wait_for(a, 5)  # granted before its timeout was seen
+    assert await got.fetchval("SELECT 1") == 1
+    await pool.release(got)
+    _check(pool)
+    assert pool.get_idle_size() == 1 and pool._state.waiting == 0
+
+
+@pytest.mark.parametrize("policy", [
+    {"queue_policy": "adaptive"},
+    {"max_site_share": 0.5},
+    {"max_waiters": 1},
+    {"fail_fast": True},
+])
+async def test_policies_after_a_cancel_in_the_turn_of_the_grant(
+    pools: Any, policy: dict[str, Any], granted_cancels: list[str]
+) -> None:
+    pool = await pools(min_size=2, max_size=2, connection_class=EmptyReset, **policy)
+    held = [await pool.acquire(site=f"h{i}") for i in range(2)]
+    for con in held:
+        await con.execute("SELECT 1")
+    a = asyncio.ensure_future(pool.acquire(site="a"))
+    await _settle()
+    a.cancel()
+    await pool.release(held[0])
+    with pytest.raises(asyncio.CancelledError):
+        await a
+    b = await asyncio.wait_for(pool.acquire(site="b"), 5)
+    await pool.release(b)
+    await pool.release(held[1])
+    _check(pool)
+    assert pool.get_idle_size() == 2 and pool._state.waiting == 0
+    assert "granted" in granted_cancels
+
+
+async def test_resize_and_set_connect_args_do_not_leave_the_admission_checks_behind(pools: Any, pg_dsn: str) -> None:
+    """max_waiters holds after resize() and set_connect_args() (the
+    ``_admission`` flag is computed once)."""
+    pool = await pools(min_size=1, max_size=1, max_waiters=1)
+    pool.set_connect_args(pg_dsn)
+    pool.resize(max_size=1, min_size=1)
+    con = await pool.acquire()
+    first = asyncio.ensure_future(pool.acquire())
+    await _settle()
+    with pytest.raises(safepool.PoolOverloadedError):
+        await pool.acquire()
+    await pool.release(con)
+    await pool.release(await first)
+    _check(pool)
+
+
+# ------------------------------------------------------------------ extras
+
+
+async def test_capture_stack_turned_on_and_off_between_acquires(pools: Any) -> None:
+    pool = await pools(min_size=1, max_size=2, capture_stack=False)
+    assert pool.capture_stack is False
+    async with pool.acquire():
+        (info,) = pool.leases()
+        assert info.stack is None
+    pool.capture_stack = True
+    async with pool.acquire():
+        (info,) = pool.leases()
+        assert info.stack and "test_capture_stack_turned_on_and_off_between_acquires" in info.stack
+    con = await pool.acquire()  # (await, not async with)
+    (info,) = pool.leases()
+    assert info.stack and "test_capture_stack_turned_on_and_off" in info.stack
+    await pool.release(con)
+    pool.capture_stack = False
+    async with pool.acquire():
+        (info,) = pool.leases()
+        assert info.stack is None
+    assert pool._leaser.extras is False
+
+
+async def test_capture_stack_off_keeps_leak_warnings_and_setup(pools: Any) -> None:
+    ran: list[int] = []
+
+    async def setup(con: Any) -> None:
+        ran.append(1)
+
+    pool = await pools(min_size=1, max_size=1, leak_warning_after=30, setup=setup)
+    pool.capture_stack = False
+    assert pool._leaser.extras is True
+    async with pool.acquire():
+        (info,) = pool.leases()
+        assert info.stack is None
+        assert pool._state._warnings.entries  # (the leak warning is armed)
+    assert ran == [1]
+    pool.capture_stack = True
+    pool.capture_stack = False
+    async with pool.acquire():
+        assert pool._state._warnings.entries
+    assert ran == [1, 1]
+
+
+async def test_a_lease_timeout_alone_arms_the_deadline(pools: Any) -> None:
+    pool = await pools(min_size=1, max_size=1, capture_stack=False)
+    assert pool._leaser.extras is False
+    con = await pool.acquire(lease_timeout=0.2)
+    await asyncio.sleep(0.6)
+    assert pool.stats().leases_expired == 1
+    try:
+        await pool.release(con)
+    except Exception:
+        pass
+
+
+# ------------------------------------------------------------- reset modes
+
+
+@pytest.mark.parametrize("mode", ["rollback", "auto", "full"])
+@pytest.mark.parametrize("cls", [CountedReset, EmptyReset, asyncpg.Connection])
+async def test_reset_modes_with_an_overridden_reset_query(pools: Any, mode: str, cls: type) -> None:
+    pool = await pools(min_size=1, max_size=1, reset_mode=mode, connection_class=cls)
+    for _ in range(2):
+        async with pool.acquire() as con:
+            await con.execute("SET work_mem = '7MB'")
+            await con.execute("BEGIN")  # (left open: every mode rolls it back)
+        async with pool.acquire() as con:
+            assert await con.fetchval("SELECT now() = statement_timestamp()") is not None
+            in_tx = await con.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = pg_backend_pid() "
+                                       "AND state LIKE 'idle in transaction%'")
+            assert in_tx == 0
+            work_mem = await con.fetchval("SHOW work_mem")
+            if mode == "full" and cls is not EmptyReset:
+                assert work_mem != "7MB"  # (RESET ALL, asyncpg's or the class's)
+    _check(pool)
+
+
+# ------------------------------------------------------------------ _Driver
+
+
+async def _dirty_exit(pool: Any) -> Any:
+    """The awaitable of ``async with pool.acquire()``'s exit after a SET:
+    the release's ``_Driver`` (its reset's first step already sent)."""
+    ctx = pool.acquire()
+    con = await ctx.__aenter__()
+    await con.execute("SET work_mem = '7MB'")
+    return ctx.__aexit__(None, None, None)
+
+
+async def _reset_was_run(pool: Any) -> None:
+    async with pool.acquire(timeout=5) as again:
+        assert await again.fetchval("SHOW work_mem") != "7MB"
+    _check(pool)
+    assert pool.get_idle_size() == pool.get_size() == 1 and pool._state.waiting == 0
+
+
+async def test_a_release_awaited_twice_raises_the_second_time(pools: Any) -> None:
+    pool = await pools(min_size=1, max_size=1)
+    release = await _dirty_exit(pool)
+    await release
+    with pytest.raises(RuntimeError, match="cannot reuse already awaited"):
+        await release
+    await _reset_was_run(pool)
+
+
+@pytest.mark.parametrize("how", ["task-cancelled-first", "close", "drop", "cancel", "wait_for", "gather"])
+async def test_a_release_driven_oddly_still_resets_and_hands_the_connection_on(pools: Any, how: str) -> None:
+    pool = await pools(min_size=1, max_size=1)
+    waiter = asyncio.ensure_future(pool.acquire())  # (the direct wake's head waiter)
+    release = await _dirty_exit(pool)
+    if how == "task-cancelled-first":
+        task = asyncio.ensure_future(release)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    elif how == "close":
+        release.close()
+    elif how == "drop":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            del release
+            gc.collect()
+    elif how == "cancel":
+        assert release.cancel() is False  # (not started: nothing to cancel)
+        assert not release.done() and not release.cancelled()
+        await release
+    elif how == "wait_for":
+        await asyncio.wait_for(release, 5)
+    else:
+        await asyncio.gather(release)
+    con = await asyncio.wait_for(waiter, 5)
+    assert await con.fetchval("SHOW work_mem") != "7MB"
+    await pool.release(con)
+    await _reset_was_run(pool)
+
+
+async def test_a_release_cancelled_mid_reset_then_terminate(pools: Any) -> None:
+    pool = await pools(min_size=1, max_size=2)
+    con = await pool.acquire()
+    await con.execute("SELECT 1")
+    task = asyncio.ensure_future(pool.release(con))
+    await asyncio.sleep(0)
+    task.cancel()
+    pool.terminate()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass
+    await _settle(20)
+    assert pool.get_size() == 0 or pool.closed  # type: ignore[truthy-function]
