@@ -375,3 +375,67 @@ async def test_a_release_cancelled_mid_reset_then_terminate(pools: Any) -> None:
         pass
     await _settle(20)
     assert pool.get_size() == 0 or pool.closed  # type: ignore[truthy-function]
+
+
+# ------------------------------------------------------------------ stress
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"connection_class": EmptyReset},
+    {"reset_mode": "auto"},
+    {"reset_mode": "rollback", "connection_class": CountedReset},
+    {"queue_policy": "adaptive"},
+    {"max_site_share": 0.5},
+    {"capture_stack": True, "leak_warning_after": 30},
+])
+async def test_random_contention_with_cancels_and_timeouts_loses_no_connection(
+    pools: Any, options: dict[str, Any]
+) -> None:
+    """Many tasks on two connections: each lease dirties the session
+    (a reset on release), some acquires time out, some tasks are cancelled
+    at random points (while waiting, as they are granted, mid-release), and
+    capture_stack flips now and then. At the end every connection is idle
+    and the core's invariants hold."""
+    import random
+
+    rng = random.Random(219)
+    pool = await pools(min_size=2, max_size=2, **options)
+    served = 0
+
+    async def worker(n: int) -> None:
+        nonlocal served
+        for _ in range(15):
+            try:
+                async with pool.acquire(timeout=rng.choice([None, 0.002, 0.05, 1.0]), site=f"s{n % 3}") as con:
+                    await con.execute("SET work_mem = '5MB'")
+                    if rng.random() < 0.3:
+                        await asyncio.sleep(0)
+                    served += 1
+            except (asyncio.TimeoutError, safepool.PoolTimeoutError, safepool.PoolOverloadedError):
+                pass
+
+    tasks = [asyncio.ensure_future(worker(n)) for n in range(12)]
+    for step in range(200):
+        await asyncio.sleep(0)
+        if step % 7 == 0:
+            victim = rng.choice(tasks)
+            victim.cancel()
+        if step % 23 == 0:
+            pool.capture_stack = not pool.capture_stack
+        if all(task.done() for task in tasks):
+            break
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+    await _settle(20)
+    for _ in range(100):
+        if pool.get_idle_size() == pool.get_size() == 2:
+            break
+        await asyncio.sleep(0.01)
+    _check(pool)
+    assert served > 0
+    assert pool._state.waiting == 0 and pool.get_idle_size() == pool.get_size() == 2, repr(pool)
+    cons = [await asyncio.wait_for(pool.acquire(site=f"end{i}"), 5) for i in range(2)]
+    for con in cons:
+        if options.get("connection_class") is not EmptyReset:
+            assert await con.fetchval("SHOW work_mem") != "5MB"
+        await pool.release(con)
