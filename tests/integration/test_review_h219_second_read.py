@@ -439,3 +439,40 @@ async def test_random_contention_with_cancels_and_timeouts_loses_no_connection(
         if options.get("connection_class") is not EmptyReset:
             assert await con.fetchval("SHOW work_mem") != "5MB"
         await pool.release(con)
+
+
+# ------------------------------------------------------------- terminate
+
+
+async def test_terminate_between_the_direct_wake_and_the_claim(pools: Any) -> None:
+    """The waiter is woken by the release (its future done, its task not yet
+    run), then the pool is terminated in the same step: its acquire must
+    fail as a closed pool's, not hand out the terminated connection."""
+    pool = await pools(min_size=1, max_size=1, connection_class=EmptyReset)
+    con = await pool.acquire()
+    await con.execute("SELECT 1")
+    b = asyncio.ensure_future(pool.acquire())
+    await _settle()
+    await pool.release(con)  # (no round trip: B is granted now)
+    pool.terminate()
+    with pytest.raises(safepool.PoolClosedError):
+        await asyncio.wait_for(b, 5)  # (as before the cut: pinned)
+    assert pool.closed
+
+
+async def test_terminate_while_a_reset_is_under_way_fails_the_waiter(pools: Any) -> None:
+    pool = await pools(min_size=1, max_size=1)
+    con = await pool.acquire()
+    await con.execute("SELECT pg_sleep(0)")
+    b = asyncio.ensure_future(pool.acquire())
+    await _settle()
+    release = asyncio.ensure_future(pool.release(con))
+    await asyncio.sleep(0)  # (the reset sent, its answer not read)
+    pool.terminate()
+    with pytest.raises(safepool.PoolClosedError):
+        await asyncio.wait_for(b, 5)
+    try:
+        await asyncio.wait_for(release, 5)
+    except asyncpg.ConnectionDoesNotExistError:
+        pass  # (as asyncpg's release of a terminated connection)
+    assert pool.closed and pool.get_size() == 0

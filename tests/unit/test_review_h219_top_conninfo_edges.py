@@ -106,3 +106,17 @@ def test_a_quoted_format_placeholder_masks_its_argument(query: str) -> None:
 ])
 def test_a_unicode_escape_string_is_decoded(query: str) -> None:
     assert not _leaks(_mask_secrets(query)), _mask_secrets(query)
+
+
+@pytest.mark.xfail(strict=True, reason="review h219: a plain literal written for standard_conforming_strings=off "
+                   "(backslash-escaped quotes) ends, for _PLAIN_STRING (snapshot.py:299), at the escaped quote: "
+                   "the password after it is shown")
+@pytest.mark.parametrize("query", [
+    "SELECT dblink_connect('host=h password=\\'Zq9 secretX\\'')",
+    "SELECT dblink_connect('host=h password=\\'Zq9 secretX\\' dbname=d')",
+])
+def test_a_legacy_backslash_quote_in_a_plain_literal(query: str) -> None:
+    """(The server reads backslash escapes in plain literals with
+    standard_conforming_strings off, a per-session setting; pg_stat_activity
+    shows the text either way, also of a statement that failed to parse.)"""
+    assert not _leaks(_mask_secrets(query)), _mask_secrets(query)
