@@ -476,3 +476,31 @@ async def test_terminate_while_a_reset_is_under_way_fails_the_waiter(pools: Any)
     except asyncpg.ConnectionDoesNotExistError:
         pass  # (as asyncpg's release of a terminated connection)
     assert pool.closed and pool.get_size() == 0
+
+
+@pytest.mark.parametrize("cls", [asyncpg.Connection, EmptyReset])
+@pytest.mark.parametrize("flavour", ["asyncpg", "safepool"])
+async def test_waiters_are_served_in_arrival_order_through_resets(make_pool: Any, flavour: str, cls: type) -> None:
+    """FIFO through the direct wake, each lease dirty (a reset per release),
+    one waiter in the middle cancelled as the connection comes back: the
+    others in arrival order, on both pools."""
+    pool = await make_pool(min_size=1, max_size=1, connection_class=cls)
+    order: list[int] = []
+
+    async def waiter(n: int) -> None:
+        async with pool.acquire() as con:
+            order.append(n)
+            await con.execute("SET work_mem = '6MB'")
+
+    con = await pool.acquire()
+    await con.execute("SET work_mem = '6MB'")
+    tasks = []
+    for n in range(6):
+        tasks.append(asyncio.ensure_future(waiter(n)))
+        await _settle()
+    tasks[0].cancel()
+    await pool.release(con)
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert order == [1, 2, 3, 4, 5]
+    _check(pool)
