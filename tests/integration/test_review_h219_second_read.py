@@ -504,3 +504,34 @@ async def test_waiters_are_served_in_arrival_order_through_resets(make_pool: Any
     assert isinstance(results[0], asyncio.CancelledError)
     assert order == [1, 2, 3, 4, 5]
     _check(pool)
+
+
+async def test_a_setup_hook_that_fails_or_overruns_gives_the_connection_back(pools: Any) -> None:
+    calls: list[str] = []
+
+    async def setup(con: Any) -> None:
+        calls.append("setup")
+        if len(calls) == 1:
+            raise ValueError("setup failed")
+        if len(calls) == 2:
+            await asyncio.sleep(1)
+        await con.execute("SET work_mem = '9MB'")
+
+    pool = await pools(min_size=1, max_size=1, setup=setup, capture_stack=False)
+    assert pool._leaser.extras is True
+    with pytest.raises(ValueError, match="setup failed"):
+        await pool.acquire()
+    with pytest.raises(asyncio.TimeoutError):
+        await pool.acquire(timeout=0.1)
+    await _settle(10)
+    for _ in range(50):
+        if pool.get_idle_size() == 1:
+            break
+        await asyncio.sleep(0.02)
+    pool.capture_stack = True
+    async with pool.acquire(timeout=5) as con:
+        assert await con.fetchval("SHOW work_mem") == "9MB"
+        (info,) = pool.leases()
+        assert info.stack is not None
+    _check(pool)
+    assert pool.get_idle_size() == 1
