@@ -171,7 +171,16 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         con = slot.connection
         if con is not None and con._proxy is ref and slot.lease is not None:
             self.orphaned_at = self._runner.now()  # (a clock read: safe inside the collector)
-            self._abandoned(slot.lease)
+            lease = slot.lease
+            proxy_class = self._runner.reclaimer.proxy_class
+            if proxy_class is not None and lease.active:
+                # The lease's stand-in now, not when the reclaimer runs: a
+                # notification read before then handed its listener the
+                # connection itself (con._proxy a dead weak reference), which
+                # a take-back cannot cut off (review h207's test, on uvloop
+                # under load). Only con._proxy changes: no pool state.
+                _pg.stand_in(con, proxy_class(self, con, lease))
+            self._abandoned(lease)
 
     def _abandoned(self, lease: Lease) -> None:
         # Runs inside the garbage collector, possibly in the middle of the

@@ -203,10 +203,12 @@ class Reclaimer:
     def defer_reclaim(self, lease: Lease, holder: Holder, con: RawConnection) -> None:
         """Check an orphaned connection still in use again later, reporting
         it once it looks like more than a query finishing."""
-        if holder.orphan_checks == 0:
+        if holder.orphan_checks == 0 and not _pg.has_stand_in(con):
             # Listener callbacks get a stand-in proxy of the lease from now
             # on, not the dead one (nor the connection itself, which a
-            # take-back could not cut off: _internals.StandIn).
+            # take-back could not cut off: _internals.StandIn). (Made when
+            # the proxy was collected, Holder._proxy_collected: kept, as a
+            # callback may hold it already.)
             _pg.detach_proxy(con)
             if self.proxy_class is not None and lease.active:
                 _pg.stand_in(con, self.proxy_class(holder, con, lease))
