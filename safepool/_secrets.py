@@ -34,8 +34,9 @@ def _mask_uri_passwords(text: str) -> str:
         return chunk
 
     return _NON_BLANK_RUN.sub(masked, text) if "://" in text else text
-# (Not one masked already: "got '...password=***'" keeps its closing quote.)
-_PASSWORD_PARAM = re.compile(r"(?i)(password=)(?!\*\*\*(?:[&\s'\",;)}]|$))[^&\s]+")
+# (Not one masked already: "got '...password=***'" keeps its closing quote,
+# and "$$...password=***$$" its dollar quote's.)
+_PASSWORD_PARAM = re.compile(r"(?i)(password=)(?!\*\*\*(?:[&\s'\",;)}$]|$))[^&\s]+")
 # A password query parameter with the fields after it that have no "=": an
 # unescaped "&" in the password ("password=pw&rest": asyncpg's query parser
 # quotes the rest, "bad query field: 'rest'").

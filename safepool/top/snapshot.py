@@ -266,13 +266,22 @@ _CONNINFO_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)(''(?:[^']|'(?!'))*(?:'
 # The same in a string's value (its quotes undone): libpq's syntax, a value
 # in single quotes with backslash escapes or a run without spaces; also the
 # PGPASSWORD of a shell command (COPY ... FROM PROGRAM), in double quotes too.
+# (A backslash may end the text: a value cut right after one.)
 _CONNINFO_VALUE = re.compile(
     r"""(?i)(\b(?:pg)?password\s*=\s*)"""
-    r"""('(?:[^'\\]|\\[\s\S])*(?:'|$)|"(?:[^"\\]|\\[\s\S])*(?:"|$)|(?:[^\s'"\\]|\\[\s\S])+)"""
+    r"""('(?:[^'\\]|\\[\s\S]?)*(?:'|$)|"(?:[^"\\]|\\[\s\S]?)*(?:"|$)|(?:[^\s'"\\]|\\[\s\S]?)+)"""
 )
+# The same to the end of the value, where its escapes are not decoded here
+# (a U&'' string, whose escape character UESCAPE may name after it).
+_CONNINFO_REST = re.compile(r"(?i)(\b(?:pg)?password\s*=\s*)[\s\S]+")
+# A value ending in a backslash at the end of a plain string: written for
+# standard_conforming_strings=off, the quote after it continues the string
+# ('... password=\'secret\''), which this scan ended there.
+_CONNINFO_OPEN = re.compile(r"(?i)\b(?:pg)?password\s*=\s*\S*\\$")
 # A format() placeholder for a connection string's password
-# (format('host=h password=%s', ...)): the value is a later argument.
-_CONNINFO_PLACEHOLDER = re.compile(r"(?i)\b(?:pg)?password\s*=\s*%(?:\d+\$)?-?\d*[sIL]")
+# (format('host=h password=%s', ...), in quotes too): the value is a later
+# argument.
+_CONNINFO_PLACEHOLDER = re.compile(r"""(?i)\b(?:pg)?password\s*=\s*['"]?%(?:\d+\$)?-?\d*[sIL]""")
 
 
 def _block_end(query: str, start: int) -> int:
@@ -363,8 +372,12 @@ def _scan(query: str, depth: int) -> tuple[str, bool, bool]:
                 masked_literal = True
                 concatenated = False
             else:
-                text, concatenated, formatted = _scan_string(text, piece.group("tag"), depth)
-                out.append(_redact(_CONNINFO_PASSWORD.sub(r"\1***", text), None))
+                text, concatenated, formatted, cut_off = _scan_string(text, piece.group("tag"), depth)
+                out.append(_redact(text, None))
+                if cut_off:
+                    # (Where the string may go on, all that follows goes.)
+                    out.append(" ***")
+                    return "".join(out), False, placeholder
                 mask_rest = mask_rest or formatted
                 masked_literal = False
             after_keyword = False
@@ -380,39 +393,46 @@ def _scan(query: str, depth: int) -> tuple[str, bool, bool]:
     return "".join(out), after_keyword and role_ddl, placeholder
 
 
-def _scan_string(text: str, tag: str | None, depth: int) -> tuple[str, bool, bool]:
+def _scan_string(text: str, tag: str | None, depth: int) -> tuple[str, bool, bool, bool]:
     """A literal (``text``; ``tag``, a dollar quote's) with its body
-    scanned as statements (:func:`_scan`'s answer for it)."""
+    scanned as statements (:func:`_scan`'s answer for it), and whether the
+    string may go on past where this scan ended it (:data:`_CONNINFO_OPEN`):
+    then everything after it is masked."""
     if depth >= _NESTING:
-        return "'***'", False, False
+        return "'***'", False, False, False
     if tag is not None:
         closed = len(text) >= 2 * len(tag) and text.endswith(tag)
         body = text[len(tag) : len(text) - len(tag) if closed else None]
-        masked, dangling, formatted = _scan_value(body, depth)
-        return tag + masked + (tag if closed else ""), dangling, formatted
+        masked, dangling, formatted = _scan_value(body, depth, _CONNINFO_VALUE)
+        return tag + masked + (tag if closed else ""), dangling, formatted, False
     match = (_ESCAPE_STRING if text[0] in "Ee" else _PLAIN_STRING).fullmatch(text)
-    if match is None:  # (not a string as _SQL_PIECE matches them: as it is)
-        return text, False, False
+    if match is None:  # (not a string as _SQL_PIECE matches them: as it is, its password masked)
+        return _CONNINFO_PASSWORD.sub(r"\1***", text), False, False, False
     opening, body, closing = match.groups()
     escaped = opening[0] in "Ee"
-    # Its value, as the server reads it (and libpq a connection string in it).
+    # Its value, as the server reads it (and libpq a connection string in
+    # it); a U&'' string's escapes are not decoded: a password in it is
+    # masked to the string's end.
     body = _ESCAPE.sub(_unescape, body) if escaped else body.replace("''", "'")
-    masked, dangling, formatted = _scan_value(body, depth)
+    unicode = opening[0] in "Uu"
+    masked, dangling, formatted = _scan_value(body, depth, _CONNINFO_REST if unicode else _CONNINFO_VALUE)
+    cut_off = not escaped and not unicode and _CONNINFO_OPEN.search(body) is not None
     if masked == body:  # (shown as written: E'it\'s' keeps its backslash)
-        return text, dangling, formatted
+        return text, dangling, formatted, cut_off
     if escaped:
         masked = masked.replace("\\", "\\\\")
-    return opening + masked.replace("'", "''") + closing, dangling, formatted
+    return opening + masked.replace("'", "''") + closing, dangling, formatted, cut_off
 
 
-def _scan_value(body: str, depth: int) -> tuple[str, bool, bool]:
+def _scan_value(body: str, depth: int, password: re.Pattern[str]) -> tuple[str, bool, bool]:
     """:func:`_scan` of a string's value (``body``, its quotes undone), with
-    a connection string's password in it masked as libpq reads one
-    (``password='a b'``, ``password = 'it\\'s'``, ``PGPASSWORD="..."``);
-    a format() placeholder for it leaves the value to a later argument."""
+    a connection string's password in it masked (``password``: as libpq
+    reads one, ``password='a b'``, ``password = 'it\\'s'``,
+    ``PGPASSWORD="..."``; or to the end); a format() placeholder for it
+    leaves the value to a later argument."""
     masked, dangling, formatted = _scan(body, depth + 1)
     return (
-        _CONNINFO_VALUE.sub(r"\1***", masked),
+        password.sub(r"\1***", masked),
         dangling,
         formatted or _CONNINFO_PLACEHOLDER.search(body) is not None,
     )

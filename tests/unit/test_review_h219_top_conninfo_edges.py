@@ -3,7 +3,8 @@ the quotings helper-218's fix did not meet (safepool/top/snapshot.py).
 
 top fetches ``left(query, width * 4)`` (snapshot._fetched) and masks what it
 got, so a query is cut wherever that count falls, also right after a
-backslash inside a quoted conninfo value. Three leaks, strict xfails:
+backslash inside a quoted conninfo value. Four leaks, each fixed in session s67
+(they were strict xfails):
 
 * a quoted value cut right after a backslash
   (``$$host=h password='Zq9 secretX\\`` cut there, or the same in an E''
@@ -23,7 +24,11 @@ backslash inside a quoted conninfo value. Three leaks, strict xfails:
 
 The other inputs below (nested dollar quotes, ``$$`` and comment markers
 inside a quoted password, a cut inside an E'' escape, a cut just after the
-opening quote) are masked and pinned."""
+opening quote) are masked and pinned.Fixed: a value may end on a lone backslash; a placeholder may sit in quotes;
+a U&'' string's password is masked to the string's end (its escapes, and
+UESCAPE after it, are not decoded); a plain string whose password value ends
+on a backslash masks everything after it (the quote may be escaped).
+"""
 
 from __future__ import annotations
 
@@ -61,8 +66,6 @@ def test_conninfo_passwords_masked(query: str) -> None:
     assert not _leaks(_mask_secrets(query)), _mask_secrets(query)
 
 
-@pytest.mark.xfail(strict=True, reason="review h219: a quoted conninfo value cut right after a backslash is not "
-                   "matched by _CONNINFO_VALUE (snapshot.py:269-272): the password after its first space is shown")
 @pytest.mark.parametrize("query", [
     "SELECT dblink_connect($$host=h password='Zq9 secretX\\",
     "SELECT dblink_connect(E'host=h password=\\'Zq9 secretX\\",
@@ -72,8 +75,6 @@ def test_a_quoted_password_cut_right_after_a_backslash(query: str) -> None:
     assert not _leaks(_mask_secrets(query)), _mask_secrets(query)
 
 
-@pytest.mark.xfail(strict=True, reason="review h219: top's own cut (left(query, width * 4)) falling right after a "
-                   "backslash in a quoted conninfo password shows the password (snapshot.py:269-272)")
 def test_tops_own_cut_right_after_a_backslash() -> None:
     """What top fetches of a longer query (its first width * 4 characters)
     ends on a backslash of the password; collapsed, it fits the width."""
@@ -87,8 +88,6 @@ def test_tops_own_cut_right_after_a_backslash() -> None:
     assert not _leaks(shown), shown
 
 
-@pytest.mark.xfail(strict=True, reason="review h219: format()'s placeholder in a quoted conninfo value "
-                   "(password=''%s'') is not seen by _CONNINFO_PLACEHOLDER (snapshot.py:275): the argument is shown")
 @pytest.mark.parametrize("query", [
     "SELECT dblink_connect(format('host=h user=u password=''%s''', 'Zq9secretX'))",
     "SELECT dblink_connect(format($$host=h password='%s'$$, 'Zq9secretX'))",
@@ -98,8 +97,6 @@ def test_a_quoted_format_placeholder_masks_its_argument(query: str) -> None:
     assert not _leaks(_mask_secrets(query)), _mask_secrets(query)
 
 
-@pytest.mark.xfail(strict=True, reason="review h219: U&'' strings' escapes are not decoded (_PLAIN_STRING, "
-                   "snapshot.py:299): a quote written \\0027 around a conninfo password is not seen")
 @pytest.mark.parametrize("query", [
     "SELECT dblink_connect(U&'host=h password=\\0027Zq9 secretX\\0027')",
     "SELECT dblink_connect(U&'host=h password=!0027Zq9 secretX!0027' UESCAPE '!')",
@@ -108,9 +105,6 @@ def test_a_unicode_escape_string_is_decoded(query: str) -> None:
     assert not _leaks(_mask_secrets(query)), _mask_secrets(query)
 
 
-@pytest.mark.xfail(strict=True, reason="review h219: a plain literal written for standard_conforming_strings=off "
-                   "(backslash-escaped quotes) ends, for _PLAIN_STRING (snapshot.py:299), at the escaped quote: "
-                   "the password after it is shown")
 @pytest.mark.parametrize("query", [
     "SELECT dblink_connect('host=h password=\\'Zq9 secretX\\'')",
     "SELECT dblink_connect('host=h password=\\'Zq9 secretX\\' dbname=d')",
@@ -120,3 +114,15 @@ def test_a_legacy_backslash_quote_in_a_plain_literal(query: str) -> None:
     standard_conforming_strings off, a per-session setting; pg_stat_activity
     shows the text either way, also of a statement that failed to parse.)"""
     assert not _leaks(_mask_secrets(query)), _mask_secrets(query)
+
+
+@pytest.mark.parametrize(("query", "shown"), [
+    # The dollar quote's closing tag and what follows stay (an outer pass
+    # over the re-quoted string took them as part of the value).
+    ("SELECT dblink_connect($$host=h password=x$$)", "SELECT dblink_connect($$host=h password=***$$)"),
+    ("SELECT dblink_connect($q$host=h password=x dbname=d$q$, 1)",
+     "SELECT dblink_connect($q$host=h password=*** dbname=d$q$, 1)"),
+    ("SELECT dblink_connect('host=h password=x')", "SELECT dblink_connect('host=h password=***')"),
+])
+def test_what_follows_a_masked_value_is_shown(query: str, shown: str) -> None:
+    assert _one_line(query, 300) == shown
