@@ -92,7 +92,7 @@ class ManualClock:
 
     def __init__(self, start: float = 1000.0) -> None:
         """:param start: the clock's first reading, in seconds (default
-            1000.0; any finite value: only differences count).
+            1000.0; within ``MAX_READING`` seconds of 0: only differences count).
         :raises TypeError: ``start`` is not a number (bool included).
         :raises ValueError: ``start`` is NaN or infinite, or beyond
             ``MAX_READING`` seconds either way of 0 (see :meth:`advance`)."""
@@ -144,8 +144,8 @@ class ManualClock:
         if not target <= MAX_READING:
             raise PoolValueError(
                 f"ManualClock.advance(seconds) would move the clock past {MAX_READING:.0f} seconds ({seconds!r} "
-                f"after {self._now!r}), where a float no longer holds a microsecond; advance past the last timer "
-                "instead"
+                f"after {self._now!r}), where a float no longer holds a microsecond; to run every timer, "
+                "advance past the last one (a timer due past that reading never runs)"
             )
         while self._due and self._due[0][0] <= target:
             when, _, timer, callback = heapq.heappop(self._due)
