@@ -165,13 +165,14 @@ async def test_a_waiter_cancelled_as_a_real_reset_ends_passes_the_connection_on(
         assert pool._state.waiting == 0 and pool.get_idle_size() == 1, (delay, repr(pool))
 
 
+@pytest.mark.realtime  # (a real 0.15 s block of the loop, past a 0.05 s acquire timeout)
 async def test_a_waiter_past_its_deadline_but_not_yet_timed_out_is_still_granted(pools: Any) -> None:
     pool = await pools(min_size=1, max_size=1, connection_class=EmptyReset)
     con = await pool.acquire()
     await con.execute("SELECT 1")
     a = asyncio.ensure_future(pool.acquire(timeout=0.05))
     await _settle()
-    time.sleep(0.15)  # (the loop is blocked: A's timer cannot fire)
+    time.sleep(0.15)  # noqa: ASYNC251 - the loop is blocked on purpose: A's timer cannot fire
     await pool.release(con)
     got = await asyncio.wait_for(a, 5)  # granted before its timeout was seen
     assert await got.fetchval("SELECT 1") == 1
@@ -412,7 +413,7 @@ async def test_random_contention_with_cancels_and_timeouts_loses_no_connection(
                     if rng.random() < 0.3:
                         await asyncio.sleep(0)
                     served += 1
-            except (asyncio.TimeoutError, safepool.PoolTimeoutError, safepool.PoolOverloadedError):
+            except (TimeoutError, safepool.PoolTimeoutError, safepool.PoolOverloadedError):
                 pass
 
     tasks = [asyncio.ensure_future(worker(n)) for n in range(12)]

@@ -21,6 +21,32 @@ import safepool
 from tests._util import until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.safepool_allow_leaks]
+CHANNEL = "stand_in_window"
+
+
+async def _lose_a_listening_lease_and_notify(pool: safepool.Pool, callback: Any) -> Any:
+    """Lease a connection, listen on it, lose its proxy (garbage collected),
+    then dispatch a notification in the same loop step: no await since the
+    collection, so the reclaimer has not run. Returns a weak reference to
+    the connection."""
+
+    async def lose() -> Any:
+        con = await pool.acquire()  # safepool: ignore (lost under test)
+        await con.add_listener(CHANNEL, callback)
+        return weakref.ref(con._raw)
+
+    raw = await lose()
+    gc.collect()
+    raw()._process_notification(0, CHANNEL, "")
+    return raw
+
+
+async def _reclaimed_and_usable(pool: safepool.Pool) -> None:
+    gc.collect()
+    async with asyncio.timeout(10):
+        await until(lambda: not pool.leases())  # reclaimed once nothing refers to it
+    async with pool.acquire(timeout=5) as con:
+        assert await con.fetchval("SELECT 1") == 1
 
 
 @pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
@@ -35,27 +61,15 @@ async def test_a_callback_dispatched_before_the_reclaimer_runs_gets_the_stand_in
 
     async def on_notification(con: Any, pid: int, channel: str, payload: str) -> None:
         got.append((isinstance(con, safepool.PoolConnectionProxy), await con.fetchval("SELECT 7")))
-        await con.remove_listener("stand_in_window", on_notification)
+        await con.remove_listener(CHANNEL, on_notification)
         done.set()
-
-    async def lose_a_listening_lease() -> Any:
-        con = await pool.acquire()  # safepool: ignore (lost under test)
-        await con.add_listener("stand_in_window", on_notification)
-        return weakref.ref(con._raw)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
-        raw = await lose_a_listening_lease()
-        gc.collect()
-        # No await since the collection: the reclaimer has not run.
-        raw()._process_notification(0, "stand_in_window", "")
+        await _lose_a_listening_lease_and_notify(pool, on_notification)
         await asyncio.wait_for(done.wait(), 5)
-        gc.collect()
-        async with asyncio.timeout(10):
-            await until(lambda: not pool.leases())  # reclaimed once the listener went
-    assert got == [(True, 7)]
-    async with pool.acquire(timeout=5) as con:
-        assert await con.fetchval("SELECT 1") == 1
+        assert got == [(True, 7)]
+        await _reclaimed_and_usable(pool)
 
 
 async def test_the_reclaimer_keeps_the_stand_in_a_callback_got(pools: Any) -> None:
@@ -71,26 +85,15 @@ async def test_the_reclaimer_keeps_the_stand_in_a_callback_got(pools: Any) -> No
     def on_notification(con: Any, pid: int, channel: str, payload: str) -> None:
         kept.append(con)
 
-    async def lose_a_listening_lease() -> Any:
-        con = await pool.acquire()  # safepool: ignore (lost under test)
-        await con.add_listener("stand_in_window", on_notification)
-        return weakref.ref(con._raw)
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
-        raw = await lose_a_listening_lease()
-        gc.collect()
-        raw()._process_notification(0, "stand_in_window", "")
+        raw = await _lose_a_listening_lease_and_notify(pool, on_notification)
         await asyncio.wait_for(suspected.wait(), 5)  # the reclaimer's first look: still in use
         await until(lambda: kept != [])
         [stand_in] = kept
         assert raw()._proxy.proxy is stand_in
-        await stand_in.remove_listener("stand_in_window", on_notification)
+        await stand_in.remove_listener(CHANNEL, on_notification)
         assert await stand_in.fetchval("SELECT 2") == 2  # (the lease lasts: it works)
         kept.clear()
         del stand_in
-        gc.collect()
-        async with asyncio.timeout(10):
-            await until(lambda: not pool.leases())
-    async with pool.acquire(timeout=5) as con:
-        assert await con.fetchval("SELECT 1") == 1
+        await _reclaimed_and_usable(pool)

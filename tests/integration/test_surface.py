@@ -259,9 +259,11 @@ async def test_timing_sinks(pools: Any) -> None:
     assert seen["wait"][-1] == 0.0 and len(seen["wait"]) == 3
 
 
-async def test_a_timing_sink_sees_settled_books_and_may_call_the_pool(pools: Any) -> None:
+async def test_a_timing_sink_sees_settled_books_and_may_call_the_pool(pools: Any, loop_name: str) -> None:
     """A sink runs after the books settle: the lease it times has ended in
-    stats() and leases(), and it may call into the pool."""
+    stats() and leases(), and it may call into the pool. (The pool's clock
+    is the loop's: uvloop's reads whole milliseconds, once per loop
+    iteration, so a lease of one SELECT 1 may time 0.0 there.)"""
     pool = await pools(name="sink-calls", min_size=1, max_size=1)
     seen: list[tuple[float, int, int]] = []
 
@@ -273,7 +275,8 @@ async def test_a_timing_sink_sees_settled_books_and_may_call_the_pool(pools: Any
     async with pool.acquire() as con:
         await con.fetchval("SELECT 1")
     await asyncio.sleep(0)
-    assert len(seen) == 1 and seen[0][0] > 0 and seen[0][1:] == (0, 0)
+    assert len(seen) == 1 and seen[0][1:] == (0, 0)
+    assert seen[0][0] >= 0 if loop_name == "uvloop" else seen[0][0] > 0, seen
 
 
 @pytest.mark.parametrize(
