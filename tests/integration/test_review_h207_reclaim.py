@@ -579,7 +579,12 @@ async def test_leak_reports_name_a_helper_a_thread_and_an_ended_task(pools: Any)
     for r in records:
         where[r.event].append((r.acquired_at, r.task_name))  # type: ignore[attr-defined]
     here = __file__
-    assert where["leak"][0][0] == f"{here}:{line_of(here, 'h207: helper acquire')} in helper"
-    assert where["leak"][1][0] == f"{here}:{line_of(here, 'h207: thread acquire')} in get_con"
+    # (In either order: a reclaim the reclaimer defers, finding the
+    # connection still referred to for a moment, reports after the next;
+    # seen on uvloop under load.)
+    assert sorted(site for site, _ in where["leak"]) == [
+        f"{here}:{line_of(here, 'h207: helper acquire')} in helper",
+        f"{here}:{line_of(here, 'h207: thread acquire')} in get_con",
+    ]
     assert where["lease_expired"] == [
         (f"{here}:{line_of(here, 'h207: ended task acquire')} in short_lived", "short-lived")]
