@@ -51,8 +51,11 @@ SETTINGS = {"log_connections": 1, "log_disconnections": 1, "query_wait_timeout":
 # At most this many of a pool's FAILED_QUERIES closes may arrive as a
 # reset: asyncpg answers the error with a Sync, and when that reaches
 # PgBouncer before PgBouncer has closed the socket, the close is an RST
-# (measured: 10 of 2 400 closes, both pools and pool modes alike).
-RESETS_ALLOWED = 3
+# (measured: 10 of 2 400 closes, both pools and pool modes alike; 4 of one
+# pool's 40 in a CI run on three test workers, ci-186). A fifth: most
+# closes must still come in order, so that the cancel requests counted
+# show the ordered ones get none.
+RESETS_ALLOWED = FAILED_QUERIES // 5
 
 
 class Counted:
