@@ -793,11 +793,6 @@ def stand_in(con: RawConnection, proxy: Any) -> None:
     con._proxy = StandIn(proxy)
 
 
-def has_stand_in(con: RawConnection) -> bool:
-    """Whether ``con`` hands its callbacks a :class:`StandIn` already."""
-    return type(con._proxy) is StandIn
-
-
 def detach_proxy(con: RawConnection, expired_reason: str | None = None) -> None:
     """Cut the proxy (if any) off its connection; the proxy may already be
     garbage: ``con._proxy`` is a weak proxy (or a :class:`ReleasedProxy`,

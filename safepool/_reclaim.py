@@ -203,15 +203,8 @@ class Reclaimer:
     def defer_reclaim(self, lease: Lease, holder: Holder, con: RawConnection) -> None:
         """Check an orphaned connection still in use again later, reporting
         it once it looks like more than a query finishing."""
-        if holder.orphan_checks == 0 and not _pg.has_stand_in(con):
-            # Listener callbacks get a stand-in proxy of the lease from now
-            # on, not the dead one (nor the connection itself, which a
-            # take-back could not cut off: _internals.StandIn). (Made when
-            # the proxy was collected, Holder._proxy_collected: kept, as a
-            # callback may hold it already.)
-            _pg.detach_proxy(con)
-            if self.proxy_class is not None and lease.active:
-                _pg.stand_in(con, self.proxy_class(holder, con, lease))
+        # (Listener callbacks get the lease's stand-in proxy, made when the
+        # proxy was collected: Holder._proxy_collected.)
         # A query still running when its proxy went (`await (await
         # pool.acquire()).fetch(...)`) ends soon and is reclaimed quietly as a
         # leak; callbacks, or use that goes on, are worth a report now.
