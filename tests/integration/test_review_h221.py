@@ -20,21 +20,29 @@ not reported (the second xfail). Both pass on 0bd78e9's parent.
 The rest held and is kept as passing tests: one event per PoolTimeoutError
 a caller sees (``await``, ``async with``, the pool's ``acquire_timeout``,
 a site), none and no count for a caller a cancellation reached first, the
-error's str/pickle/copy unchanged and holding no event once raised.
+error's str/pickle/copy unchanged and holding no event once raised. For
+bea1811, a lost lease's callbacks get the stand-in (never the connection)
+before the reclaimer's first look and at its re-checks, with a
+connection_class in each reset mode, and it raises after a take-back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import pickle
+import warnings
+import weakref
 from typing import Any
 
+import asyncpg
 import pytest
 
 import safepool
 from safepool.events import AcquireTimedOut
 from safepool.testing import LeakError, assert_no_leaks
+from tests._util import until
 
 
 async def _until_waiting(pool: Any, n: int = 1) -> None:
@@ -171,3 +179,63 @@ async def test_strict_guard_judges_the_holders_at_the_timeout(pools: Any) -> Non
             with pytest.raises(safepool.PoolTimeoutError):
                 await waiting
             await task
+
+
+# ------------------------------------------------------- bea1811: the stand-in
+
+
+class _OwnConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection_class (with a helper method of its own)."""
+
+    async def own(self) -> int:
+        return int(await self.fetchval("SELECT 3"))
+
+
+@pytest.mark.asyncio
+@pytest.mark.safepool_allow_leaks
+@pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
+async def test_a_lost_lease_callback_gets_the_stand_in_at_every_recheck_and_after_a_take_back(
+    pools: Any, reset_mode: str
+) -> None:
+    """bea1811 leaves the stand-in to Holder._proxy_collected alone: with a
+    connection_class and each reset mode, a lost lease whose listener keeps
+    it leased hands its callback the stand-in (a proxy of the pool's class,
+    never the connection) before the reclaimer's first look and after
+    several re-checks; once lease_timeout takes it back, the stand-in
+    raises instead of reaching the next lease's session."""
+    if reset_mode == "auto":
+        pytest.importorskip("pglast")
+    clock = safepool.ManualClock()
+    pool = await pools(max_size=1, reset_mode=reset_mode, connection_class=_OwnConnection, clock=clock,
+                       lease_timeout=30.0)
+    got: list[Any] = []
+
+    def on_notification(con: Any, pid: int, channel: str, payload: str) -> None:
+        got.append(con)
+
+    async def lose() -> Any:
+        con = await pool.acquire()  # safepool: ignore (lost under test)
+        await con.add_listener("h221", on_notification)
+        return weakref.ref(con._raw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        raw = await lose()
+        gc.collect()
+        raw()._process_notification(0, "h221", "")  # before the reclaimer's first look
+        for _ in range(4):  # the reclaimer's look, then re-checks
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            clock.advance(2.0)
+            raw()._process_notification(0, "h221", "")
+        await until(lambda: len(got) == 5)  # (asyncpg runs each callback a loop step later)
+        assert len(got) == 5 and len(pool.leases()) == 1
+        assert raw()._proxy.proxy._holder.orphan_checks >= 3  # (the re-checks ran, and kept it leased)
+        for con in got:
+            assert isinstance(con, safepool.PoolConnectionProxy) and con is not raw() and con is got[0]
+        assert await got[0].own() == 3  # (the lease lasts: it works)
+        clock.advance(30.0)  # the lease timeout takes it back
+        await asyncio.sleep(0)
+        with pytest.raises(safepool.LeaseExpiredError):
+            await got[0].fetchval("SELECT 1")
+    got.clear()
