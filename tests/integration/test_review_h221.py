@@ -184,7 +184,7 @@ async def test_strict_guard_judges_the_holders_at_the_timeout(pools: Any) -> Non
 # ------------------------------------------------------- bea1811: the stand-in
 
 
-class _OwnConnection(asyncpg.Connection):  # type: ignore[misc]
+class _OwnConnection(asyncpg.Connection):
     """A connection_class (with a helper method of its own)."""
 
     async def own(self) -> int:
