@@ -296,7 +296,6 @@ class Leaser:
             breaker_open=isinstance(error, ServerUnavailableError),
             shed=isinstance(error, PoolOverloadedError),
         )
-        self.reporter.timeout_delivered(error)
 
     async def run_setup_until(self, proxy: PoolConnectionProxy, lease: Lease, deadline: float, timeout: float) -> None:
         """``setup=`` under what is left of the acquire's ``timeout``: asyncpg's

@@ -19,7 +19,7 @@ from typing import Any
 from . import _secrets, _stack
 from . import events as _events
 from ._state import Lease, PoolState, SlotState, Waiter
-from .errors import PoolTimeoutError, ServerUnavailableError, refuse_awaitable
+from .errors import ServerUnavailableError, refuse_awaitable
 from .stats import LeaseInfo, describe_error
 
 # Seconds between WARNING records of failed connects while they go on
@@ -125,33 +125,15 @@ class Reporter:
             parts.append(f"{now - lease.acquired_at:.3f}s at {where}{task}")
         return "oldest leases: " + "; ".join(parts)
 
-    def acquire_timeout_error(self, waiter: Waiter, now: float) -> PoolTimeoutError:
-        """The error of an acquire that timed out waiting. With event
-        listeners, it carries its ``AcquireTimedOut`` event (who held what,
-        now), sent only once the error reaches the caller
-        (:meth:`timeout_delivered`), as ``acquire_timeouts`` counts it: a
-        task a cancellation reaches first gets ``CancelledError``, and
-        neither."""
-        error = PoolTimeoutError(self.busy_message("timed out waiting for a connection", now, waiter))
-        if self.listeners:
-            state = self.state
-            error._event = _events.AcquireTimedOut(  # type: ignore[attr-defined]
+    def busy_message(self, what: str, now: float, waiter: Waiter | None = None) -> str:
+        state = self.state
+        if waiter is not None and self.listeners:
+            # An acquire timed out (the only caller with a waiter): who holds what, now.
+            self.pending.append(_events.AcquireTimedOut(
                 self.name, now - waiter.enqueued_at, state.max_size, state.in_use, state.idle,
                 state.count(SlotState.CONNECTING), state.waiting, state.max_waiters,
                 tuple(sorted((self.lease_info(lease, now) for lease in state.leases()), key=lambda i: -i.age)),
-            )
-        return error
-
-    def timeout_delivered(self, error: BaseException) -> None:
-        """``error`` reached the caller of an acquire: send the
-        ``AcquireTimedOut`` event it carries, if any (:meth:`acquire_timeout_error`)."""
-        event = error.__dict__.pop("_event", None)
-        if event is not None:
-            self.pending.append(event)
-            self.deliver()
-
-    def busy_message(self, what: str, now: float, waiter: Waiter | None = None) -> str:
-        state = self.state
+            ))
         waited = f" after {now - waiter.enqueued_at:.3f}s" if waiter is not None else ""
         sites = ""
         if self.site_caps:

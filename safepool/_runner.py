@@ -47,7 +47,7 @@ from ._state import (
     Wake,
 )
 from ._workers import DEFAULT_RESET_TIMEOUT, ResetHooks
-from .errors import PoolClosedError, PoolOverloadedError
+from .errors import PoolClosedError, PoolOverloadedError, PoolTimeoutError
 from .stats import describe_error
 
 # How long close() lets connects under way finish before cancelling them.
@@ -157,7 +157,8 @@ class Runner:
                             self.reporter.note_server_status(self.now())
                     case TimeOut(waiter):
                         if not waiter.future.done():  # (else cancelled first: no timeout reaches it)
-                            waiter.future.set_exception(self.reporter.acquire_timeout_error(waiter, self.now()))
+                            waiter.future.set_exception(PoolTimeoutError(self.reporter.busy_message(
+                                "timed out waiting for a connection", self.now(), waiter)))
                     case Fail(waiter, error, breaker_open):
                         if breaker_open and not waiter.future.done():
                             # fail_fast: the probe's waiters get what an
