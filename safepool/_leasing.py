@@ -220,16 +220,20 @@ class Leaser:
                 self.drain()
             try:
                 await future
-            except asyncio.CancelledError:
-                # Cancelled while waiting, or after the grant but before resuming:
-                # either way the core gets the connection back (anyio's pattern).
+            except BaseException as exc:
+                if future.done() and not future.cancelled() and future.exception() is exc:
+                    self.delivered(waiter, exc)  # (not the hot path: the pool's error reached the caller)
+                    raise
+                # Cancelled while waiting, or after the grant (or the pool's
+                # error) but before resuming, or an error thrown into the
+                # awaiting coroutine (GeneratorExit from its close(), a
+                # throw()): the core gets the connection back (anyio's
+                # pattern; asyncio.Queue.get's bare except, which asyncpg's
+                # pool waits in, takes its getter off too).
                 if future.done() and not future.cancelled():
                     future.exception()  # the pool's error, never received: not counted (spares the loop's log)
                 state.cancel_waiter(waiter, self.now())
                 self.drain()
-                raise
-            except BaseException as exc:
-                self.delivered(waiter, exc)  # (not the hot path: the pool's error reached the caller)
                 raise
             try:
                 lease = state.claim(waiter, self.now())
