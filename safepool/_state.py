@@ -168,6 +168,23 @@ _USED_UP, _MUST_RESET, _CLEAN = int(Observed.USED_UP), int(Observed.MUST_RESET),
 RESET_MODES = ("full", "rollback", "auto")
 
 
+def _release_policy(mode: str, always_reset: bool, observed: int, marked: bool) -> ReleaseOutcome:
+    """What :meth:`PoolState.release_outcome` decides for a lease's slot of
+    the current generation, by the pool's ``reset_mode`` and
+    ``always_reset``, what the I/O layer observed, and whether the lease
+    marked itself (tabulated once per pool: see ``PoolState._outcomes``)."""
+    if observed <= _USED_UP:
+        return Outcome.DISCARD
+    if observed == _MUST_RESET or always_reset:
+        return Outcome.NEEDS_RESET
+    if observed == _CLEAN or (mode != "full" and not marked):
+        return Outcome.CLEAN
+    # (A marked lease in rollback mode: a statement of it raised, or it
+    # prepared one, and may have left the backend in the implicit
+    # transaction of a Parse: its ROLLBACK ends it.)
+    return Outcome.NEEDS_RESET
+
+
 class Phase(enum.Enum):
     """The pool's lifecycle: one value, not a flag per question."""
 
@@ -632,7 +649,7 @@ class PoolState:
     # own, and then no method call on it is specialized (a dict lookup and
     # a type lookup per call, every state.release(...) of the hot path).
     __slots__ = (
-        "_abandoned_count", "_admission", "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_ids", "_policy", "_slots", "_stale_check", "_stale_timers", "_timers",
+        "_abandoned_count", "_admission", "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_ids", "_outcomes", "_policy", "_slots", "_stale_check", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_level", "backoff_until",
         "breaker_threshold", "closing", "connects_to_watch", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
         "failed_answer_max", "failure_went_stale", "floor_enabled", "lost_before",
@@ -667,6 +684,13 @@ class PoolState:
         # lease, as asyncpg runs it.
         self.reset_mode = reset_mode
         self.always_reset = always_reset
+        # release_outcome's policy for each (marked, observed), as
+        # reset_mode and always_reset are fixed for the pool's life: one
+        # look-up per release, not up to five tests.
+        self._outcomes = tuple(
+            tuple(_release_policy(reset_mode, always_reset, observed, marked) for observed in Observed)
+            for marked in (False, True)
+        )
         self.max_size = max_size
         self.min_size = min_size
         self.max_waiters = max_waiters
@@ -1122,17 +1146,10 @@ class PoolState:
         (``reset_mode="auto"``: its SQL may have changed the session).
         ``observed`` is an :class:`Observed` value (a plain int from the
         adapter's hot path compares the same)."""
-        if observed <= _USED_UP or lease.slot.generation != self.generation:
+        if lease.slot.generation != self.generation:
             return Outcome.DISCARD
-        if observed == _MUST_RESET or self.always_reset:
-            return Outcome.NEEDS_RESET
-        mode = self.reset_mode
-        if observed == _CLEAN or (mode != "full" and not marked):
-            return Outcome.CLEAN
-        # (A marked lease in rollback mode: a statement of it raised, or it
-        # prepared one, and may have left the backend in the implicit
-        # transaction of a Parse: its ROLLBACK ends it.)
-        return Outcome.NEEDS_RESET
+        # (_release_policy's answer, looked up: see __init__.)
+        return self._outcomes[marked][observed]
 
     def reset_plan(self, marked: bool, in_transaction: bool) -> tuple[bool, bool]:
         """What a reset sends: ``(full, rollback)``, asyncpg's reset query
