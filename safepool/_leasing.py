@@ -405,9 +405,8 @@ class Leaser:
                 self.reporter.deliver()
             return released()
         state = self.state
-        phase = state.phase
-        if phase is not Phases.OPEN and phase is not Phases.CLOSING:
-            self.check_init()
+        if state.phase is not Phases.OPEN:
+            self.check_init()  # (which lets a closing pool's release through)
         if timeout is None:
             timeout = holder.release_timeout
         else:
@@ -420,7 +419,9 @@ class Leaser:
         # a loop pass (its shielded task), so they have been delivered when it
         # returns. safepool's takes none of its own: with a logger left on
         # the connection, take that one pass too (no cost without one).
-        logged = bool(con._query_loggers)  # (a close clears the set)
+        # (The set itself, tested as a truth value: nothing clears it before
+        # the hand-on at the end, which takes its bool first.)
+        logged = con._query_loggers
         # connection._detach(), inlined (the hot path): later calls raise.
         connection._raw = None
         con._proxy = None
@@ -456,13 +457,15 @@ class Leaser:
             # (after callbacks already queued). (A custom reset reports it
             # itself, in a pool task, as asyncpg's.)
             # (release_check saw a cancelled query as MUST_RESET.)
-            # A connection class with an execute() of its own gets the reset
-            # as asyncpg 0.30+ sends it: execute(query), with no timeout=,
-            # under the release's budget (a pool task's asyncio.timeout). So
+            # A custom reset runs in a pool task (holder.task_reset). So does
+            # the reset of a connection class with an execute() of its own
+            # (task_reset too), which gets it as asyncpg 0.30+ sends it:
+            # execute(query), with no timeout=, under the release's budget
+            # (a pool task's asyncio.timeout). So
             # does one with a query logger (asyncpg 0.30+): the logger's record
             # of the reset is then asyncpg's (timeout None; a budget that runs
             # out is a CancelledError there, the TimeoutError the caller's).
-            if (self.custom_reset or holder.own_execute or (logged and _pg.RESET_UNDER_BUDGET)
+            if (holder.task_reset or (logged and _pg.RESET_UNDER_BUDGET)
                     or (check == MUST_RESET and _pg.is_cancelling(con))):
                 hooks = None
                 if self.custom_reset:
@@ -577,6 +580,8 @@ class Leaser:
                     holder.close_budget = timeout
                     holder.close_raises = True
             state.release(lease, self.now(), outcome)
+        if logged:
+            logged = True  # (the set's truth now: a close the hand-on's drain makes clears the set)
         runner.after_hand_on()
         if logged or done is not None:
             return self.finish_release(done, logged)
