@@ -251,9 +251,16 @@ class Slot:
 
 class Lease:
     __slots__ = (
-        "id", "slot", "acquired_at", "deadline", "warn_at", "stack", "task_name", "task_ref",
+        "id", "slot", "acquired_at", "deadline", "warn_at", "_stack", "_task_name", "_task_ref",
         "state", "site", "__weakref__",
     )
+
+    # Who took the lease, with stack capture on (PoolState.note_caller):
+    # set then only, not in __init__ (three stores less per lease), and
+    # read, off the hot path, through the properties below (None unset).
+    _stack: Captured | None
+    _task_name: str | None
+    _task_ref: Any
 
     def __init__(self, lease_id: int, slot: Slot, now: float, site: str | None = None) -> None:
         self.id = lease_id
@@ -261,11 +268,23 @@ class Lease:
         self.acquired_at = now
         self.deadline: float | None = None
         self.warn_at: float | None = None
-        self.stack: Captured | None = None  # _stack.capture(): resolved when reported
-        self.task_name: str | None = None
-        self.task_ref: Any = None  # weakref.ref to the acquiring task (with stack capture)
         self.state = L.HELD  # moved only by PoolState, by the table _LEASE_MOVES
         self.site = site  # the acquire site (set with site caps, or acquire(site=))
+
+    @property
+    def stack(self) -> Captured | None:
+        """The acquire stack, ``_stack.capture()`` (resolved when reported); None without stack capture."""
+        return getattr(self, "_stack", None)
+
+    @property
+    def task_name(self) -> str | None:
+        """The acquiring task's name (with stack capture)."""
+        return getattr(self, "_task_name", None)
+
+    @property
+    def task_ref(self) -> Any:
+        """A ``weakref.ref`` to the acquiring task (with stack capture)."""
+        return getattr(self, "_task_ref", None)
 
     def age(self, now: float) -> float:
         return now - self.acquired_at
@@ -1113,9 +1132,9 @@ class PoolState:
     ) -> None:
         """Who took the lease (with stack capture on): its acquire stack, and
         the acquiring task's name and a weak reference to it."""
-        lease.stack = stack
-        lease.task_name = task_name
-        lease.task_ref = task_ref
+        lease._stack = stack
+        lease._task_name = task_name
+        lease._task_ref = task_ref
 
     def start_floor(self) -> None:
         """Start-up is over: from now on the pool keeps min_size connections."""
