@@ -320,13 +320,16 @@ class Waiter:
 
     __slots__ = ("future", "enqueued_at", "eligible_at", "deadline", "slot", "state", "site", "seq", "shed", "connect")
 
-    # Read by the queue policy alone (_policy.py), and set for the waiters it
-    # admits (PoolState._policy_admit), not here: two stores less per waiter.
-    # eligible_at: since when its site has been under its cap
-    # (max_site_share): the adaptive queue sheds by the time waited there,
-    # not while capped. seq: arrival order within the wait policy.
+    # Read by the queue policy alone (_policy.py), or with one (shed), and
+    # set for the waiters it admits (PoolState._policy_admit), not here:
+    # three stores less per waiter. eligible_at: since when its site has
+    # been under its cap (max_site_share): the adaptive queue sheds by the
+    # time waited there, not while capped. seq: arrival order within the
+    # wait policy. shed: deadline is the adaptive queue's target, not the
+    # caller's timeout.
     eligible_at: float
     seq: int
+    shed: bool
 
     def __init__(self, future: Any, now: float, deadline: float | None, site: str | None = None) -> None:
         self.future = future
@@ -335,7 +338,6 @@ class Waiter:
         self.slot: Slot | None = None
         self.state = W.WAITING
         self.site = site
-        self.shed = False  # deadline is the adaptive queue's target, not the caller's timeout
         self.connect: Slot | None = None  # while WAITING: the connect opened for it (its slot)
 
 
@@ -2226,11 +2228,11 @@ class PoolState:
                 break
             if kind == _WAITER_DEADLINE:
                 self._waiting -= 1
-                if obj.shed:  # the adaptive queue's target delay, not the caller's timeout
+                if self._policy is not None and obj.shed:  # the adaptive queue's target delay, not the caller's timeout
                     obj.state = W.FAILED  # (counted in shed once its task gets it: delivered())
                     # Worded before remove(): removing the last waiter marks the queue empty.
-                    reason = self._policy.shed_reason(obj, now)  # type: ignore[union-attr]
-                    self._policy.remove(obj, now)  # type: ignore[union-attr]
+                    reason = self._policy.shed_reason(obj, now)
+                    self._policy.remove(obj, now)
                     self.actions.append(Shed(obj, reason, self._waiting + 1))
                     continue
                 obj.state = W.TIMED_OUT
@@ -2412,6 +2414,7 @@ class PoolState:
         assert self._policy is not None
         waiter.eligible_at = now  # (the policy's fields: see Waiter)
         waiter.seq = 0
+        waiter.shed = False
         try:
             self._policy.admit(waiter, now, timeout, waiter.site, self.max_waiters, room)
         except Inadmissible:
