@@ -265,8 +265,7 @@ class Runner:
         core asked for: taken off ``actions`` (:meth:`after_hand_on`), or
         never queued (``PoolState.reset_done`` with ``wake=False``, the
         contended hot path, :meth:`reset_done`). As :meth:`drain` would."""
-        state = self.state
-        if not self.reporter.pending and not state.connects_to_watch:
+        if not self.reporter.pending and not self.state.connects_to_watch:
             # drain() without its dispatch and timer check (a grant adds no
             # deadline: the waiter's own timer entry just went stale).
             try:
@@ -276,7 +275,7 @@ class Runner:
                 waiter.future.set_result(None)
                 return
             except asyncio.InvalidStateError:
-                state.cancel_waiter(waiter, self.now())  # (cancelled while the grant was in flight)
+                self.state.cancel_waiter(waiter, self.now())  # (cancelled while the grant was in flight)
         else:
             self.grant(waiter)  # (what drain() does first with the Wake)
         self.drain()

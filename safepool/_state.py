@@ -1011,8 +1011,8 @@ class PoolState:
         # max_waiters bounds the tasks queued behind busy connections: those a
         # connect under way, or one the pool may still open, will serve, are
         # not an overload (else max_waiters=0 could never open a connection).
-        room = 0
         if self._admission:  # (else none of the three checks below applies: one test)
+            room = 0  # (read below only with a policy, which makes _admission true)
             if self.max_waiters is not None or self._policy is not None:
                 if self.max_waiters is not None and self._policy is not None:
                     # A standing adaptive queue sheds its stale waiters first:
