@@ -117,11 +117,13 @@ class _Driver(Generic[T]):
     # _loop at each step, before the task can read it (asyncio.futures.
     # _get_loop's fallback, where a future offers no get_loop(); no Python
     # call); _quieted at each step (its count of _quiet taken off the
-    # future); _wakeup and _context by add_done_callback(); _message by
-    # cancel(); _gen by the coroutine protocol's first call. All but _loop
-    # and _context (read only once _wakeup is) are read with their default
+    # future); _fut (the future the coroutine waits on) at each step too;
+    # _wakeup and _context by add_done_callback(); _message by cancel();
+    # _gen by the coroutine protocol's first call. All but _loop and
+    # _context (read only once _wakeup is) are read with their default
     # (getattr), off the hot path.
     _loop: asyncio.AbstractEventLoop
+    _fut: asyncio.Future[Any] | None
     _quieted: int
     _wakeup: Callable[[Any], object] | None
     _context: Context | None
@@ -148,7 +150,6 @@ class _Driver(Generic[T]):
         # The caller's await raises what ``then`` returns, if not None (the
         # pool task's run drops it, as ever): a release's reset error.
         self._raises = raises
-        self._fut: asyncio.Future[Any] | None = None
         # None until the first step: asyncio.isfuture() (ensure_future,
         # wait_for, gather) must see an awaitable to wrap in a task, not a
         # future. The Task sets it False after each step, as for a future.
@@ -167,9 +168,10 @@ class _Driver(Generic[T]):
         self._fut.add_done_callback(fn, context=context)  # type: ignore[union-attr]
 
     def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
-        if getattr(self, "_wakeup", None) is fn and self._fut is not None:
+        fut: asyncio.Future[Any] | None = getattr(self, "_fut", None)
+        if getattr(self, "_wakeup", None) is fn and fut is not None:
             self._wakeup = None
-            return self._fut.remove_done_callback(fn)
+            return fut.remove_done_callback(fn)
         return 0
 
     def done(self) -> bool:
@@ -194,7 +196,7 @@ class _Driver(Generic[T]):
         ``CancelledError`` instead of ``TimeoutError`` (review h215; asyncpg's
         release waits on a real future, its shield's). ``type()`` is not
         affected, nor asyncio's Task, which does not ask."""
-        return asyncio.Future if self._fut is not None else _Driver
+        return asyncio.Future if getattr(self, "_fut", None) is not None else _Driver
 
     def result(self) -> None:
         if self._cancelled:
@@ -211,7 +213,7 @@ class _Driver(Generic[T]):
         """The caller's task is being cancelled: hand the coroutine to the
         pool and wake the caller with ``CancelledError`` (True, as a future
         that was cancelled)."""
-        fut = self._fut
+        fut: asyncio.Future[Any] | None = getattr(self, "_fut", None)
         if self._cancelled or fut is None:
             return False
         self._message = msg
