@@ -488,15 +488,17 @@ class Leaser:
                 # The common case: one statement, ROLLBACK (if a transaction
                 # is open) and the reset query in one message, driven in the
                 # caller's task (no task, no loop hop; see _detach).
+                query = holder.reset_text  # (None: also the modes other than "full": see Holder)
                 if check == MUST_RESET:
                     rollback = _pg.warn_open_transaction(con, deferred=True)
+                    if rollback:
+                        query = None  # (planned below, with the ROLLBACK)
                 else:
                     rollback = False
                     if con._listeners or con._log_listeners:
                         _pg.clear_listeners(con)
                 budget = timeout if timeout is not None else self.reset_timeout
-                query = holder.reset_text
-                if query is None or rollback:  # (None: also the modes other than "full": see Holder)
+                if query is None:
                     full, rollback = state.reset_plan(holder.clean_mark == -1, rollback)
                     query = _workers.reset_message(holder.reset_query, full, rollback)
                 # (else asyncpg's reset query alone: the common case, without a

@@ -423,12 +423,13 @@ class Runner:
         closed (``_pg.attach_released``), as asyncpg's release terminates a
         connection whose reset failed before it detaches the proxy."""
         holder.reset_since = None
-        if error is not None and busy_retry and proxy is not None and _pg.is_busy(error):
+        if error is None:
+            # (con.is_closed(), inlined where asyncpg's: the hot path)
+            ok = not (con.is_closed() if holder.own_is_closed else con._aborted or not con._protocol.is_connected())
+        elif busy_retry and proxy is not None and _pg.is_busy(error):
             return self.reset_after_a_loop_pass(holder, con, proxy, error)  # type: ignore[return-value]
-        # (con.is_closed(), inlined where asyncpg's: the hot path)
-        ok = error is None and not (
-            con.is_closed() if holder.own_is_closed else con._aborted or not con._protocol.is_connected()
-        )
+        else:
+            ok = False
         # (wake=False: a grant to the head waiter comes back to be woken here,
         # with no Wake to build and dispatch: the contended hot path.)
         handed = self.state.reset_done(holder._slot, self.now(), ok, False)
