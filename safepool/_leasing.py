@@ -430,7 +430,6 @@ class Leaser:
             # Taken back by the lease timeout while being released (the
             # take-back ran asyncpg's _on_release already).
             return self.finish_release(None, True) if logged else released()
-        slot = lease.slot  # (holder: the proxy's, its slot's: no lookup in slot_holders)
         if holder.watched or holder.copies:
             # A statement (or a COPY) of the lease still runs (proxy.watch,
             # the COPY methods' count): it may leave a transaction, or answer
@@ -481,7 +480,8 @@ class Leaser:
                     )
                     if full:
                         hooks = runner.hooks.ended
-                done = runner.resets_done[slot] = self.loop.create_future()
+                # (lease.slot: the holder's, read where needed: no lookup in slot_holders)
+                done = runner.resets_done[lease.slot] = self.loop.create_future()
                 state.release(lease, self.now(), outcome)
                 self.spawn(runner.reset_slot(holder, con, timeout, rollback, done, connection, hooks=hooks))
             else:
@@ -503,7 +503,6 @@ class Leaser:
                     query = _workers.reset_message(holder.reset_query, full, rollback)
                 # (else asyncpg's reset query alone: the common case, without a
                 # call; reset_plan's answer in full mode with no transaction open)
-                statement = None
                 if query:
                     # The statement, then Runner.reset_done with its error
                     # (the driver calls it: no wrapper coroutine's frame).
@@ -529,6 +528,8 @@ class Leaser:
                     except BaseException as exc:  # (refused at once: the driver raises it, as before)
                         statement = already_ended(exc)
                         first = NOT_STARTED
+                else:
+                    statement = None
                 now = self.now()
                 state.release(lease, now, outcome)
                 if state.actions or state.connects_to_watch:
@@ -573,7 +574,7 @@ class Leaser:
                 # proxy still attached: its termination listeners get the
                 # proxy (Runner.close_slot lets go of it after the close).
                 done = self.loop.create_future()
-                runner.closes_done[slot] = done
+                runner.closes_done[lease.slot] = done
                 _pg.attach_released(con, connection, holder)
                 if timeout is not None and _pg.CLOSE_UNDER_BUDGET:
                     # asyncpg's release closes it with Connection.close(
