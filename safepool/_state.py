@@ -1288,13 +1288,15 @@ class PoolState:
                 self._timer_dropped(stale)
         return slot
 
-    def _hand_on(self, slot: Slot, now: float, wake: bool = True) -> Waiter | None:
+    def _hand_on(self, slot: Slot, now: float, wake: bool = True, connecting: bool = False) -> Waiter | None:
         """A usable connection is free: give it to the head waiter, or idle it.
 
         Closes it instead when the pool shrank, closes, or the connection is
         of an expired generation. Returns None; with ``wake`` False and no
         action queued before, the waiter a FIFO grant chose, whose ``Wake``
-        is then the caller's to carry out (see :meth:`reset_done`)."""
+        is then the caller's to carry out (see :meth:`reset_done`).
+        ``connecting``: the slot is CONNECTING (connect_succeeded's), whose
+        count the FIFO grant takes down (the other states are not counted)."""
         if (
             self.closing
             or slot.generation != self.generation
@@ -1322,7 +1324,7 @@ class PoolState:
             # no look-up in the table: every caller checked the slot's state
             # (CONNECTING, RESERVED, RESETTING, or LEASED: an open lease's),
             # and each may move to RESERVED.
-            if slot.state is S.CONNECTING:  # (connect_succeeded; the others are not counted)
+            if connecting:  # (connect_succeeded's CONNECTING slot; the others are not counted)
                 self._connecting_count -= 1
             slot.state = S.RESERVED
             if wake or self.actions:
@@ -1742,11 +1744,11 @@ class PoolState:
             # (A hedge that answered for nobody: with every task waiting on
             # a connect of its own, one waiting on a connect started before
             # it, presumed lost, takes it: _grant_head_on_lost_connect.)
-            self._hand_on(slot, now)
+            self._hand_on(slot, now, connecting=True)
         else:
             self._unbind(owner)
             if self.closing or slot.generation != self.generation or self._live() > self.max_size:
-                self._hand_on(slot, now)  # (it closes the connection; the owner waits on)
+                self._hand_on(slot, now, connecting=True)  # (it closes the connection; the owner waits on)
                 self._serve_unbound(now)
             else:
                 self._grant(slot, owner)  # (the owner stays in the queue, settled: skipped lazily)
