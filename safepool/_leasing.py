@@ -30,7 +30,7 @@ from ._clock import Clock
 from ._detach import NOT_STARTED, _Driver, already_ended, closing_now, loop_pass, released, retrieve
 from ._durations import release_timeout, validate_timeout
 from ._holder import Face
-from ._internals import MUST_RESET, RawConnection
+from ._internals import CLEAN, DIRTY, MUST_RESET, UNUSABLE, USED_UP, RawConnection
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
 from ._options import PoolConfig
 from ._reporting import Reporter
@@ -436,7 +436,28 @@ class Leaser:
             # late; auto and rollback modes would skip the reset.
             holder.clean_mark = -1
         try:
-            check = _pg.release_check(con, holder.clean_mark, self.max_queries, holder.own_is_closed)
+            # What the connection needs (an _pg.Observed value), in one look
+            # at it (the hot path: no call): asyncpg's Connection._on_release()
+            # first (invalidate the lease's prepared statements and cursors,
+            # a counter they check, and warn of listeners left registered;
+            # without listeners only the counter), then the protocol's state.
+            # With own_is_closed False (see _pg.overrides), asyncpg's
+            # is_closed() is read inline.
+            if con._listeners or con._log_listeners:
+                con._on_release()
+            else:
+                con._pool_release_ctr += 1
+            protocol = con._protocol
+            if protocol is None or (
+                con.is_closed() if holder.own_is_closed else con._aborted or not protocol.is_connected()
+            ):
+                check = UNUSABLE
+            elif (queries := protocol.queries_count) >= self.max_queries:
+                check = USED_UP
+            elif protocol._is_cancelling() or protocol.is_in_transaction() or con._top_xact is not None:
+                check = MUST_RESET
+            else:
+                check = CLEAN if queries == holder.clean_mark else DIRTY
         except Warning as warning:
             # asyncpg's warning of listeners left registered, turned into an
             # error (filterwarnings = error): raised after the detach, it left
@@ -455,7 +476,7 @@ class Leaser:
             # releasing task, to come where asyncpg's shielded task reports it
             # (after callbacks already queued). (A custom reset reports it
             # itself, in a pool task, as asyncpg's.)
-            # (release_check saw a cancelled query as MUST_RESET.)
+            # (The check above saw a cancelled query as MUST_RESET.)
             # A custom reset runs in a pool task (holder.task_reset). So does
             # the reset of a connection class with an execute() of its own
             # (task_reset too), which gets it as asyncpg 0.30+ sends it:
@@ -507,7 +528,7 @@ class Leaser:
                     # The statement, then Runner.reset_done with its error
                     # (the driver calls it: no wrapper coroutine's frame).
                     # asyncpg's execute(query) with no arguments awaits its
-                    # protocol's query() (after a closed check release_check
+                    # protocol's query() (after a closed check the check above
                     # made, and with a query logger, which it would tell):
                     # without its coroutine frame where it is asyncpg's.
                     limit = budget
@@ -568,7 +589,7 @@ class Leaser:
             if outcome is Outcome.CLEAN:
                 if con._listeners or con._log_listeners:
                     _pg.clear_listeners(con)
-            elif check != _pg.UNUSABLE:  # (DISCARD, of a usable connection)
+            elif check != UNUSABLE:  # (DISCARD, of a usable connection)
                 # max_queries or an expired generation: asyncpg closes the
                 # connection gracefully before release() returns, with the
                 # proxy still attached: its termination listeners get the
