@@ -313,60 +313,59 @@ class _Driver(Generic[T]):
         error: BaseException | None = None
         fut = self._first  # (NOT_STARTED, or the first step's future: taken by the caller)
         while True:
-            if fut is NOT_STARTED:
-                try:
-                    fut = coro.send(None) if error is None else coro.throw(error)
-                except StopIteration as stop:
-                    then = self._then
-                    if then is None:
-                        return stop.value  # type: ignore[no-any-return]
-                    result = then(*self._then_args, None)
-                    break
-                except Exception as exc:
-                    then = self._then
-                    if then is None:
+            # Wait on what the last step yielded (unless none was taken),
+            # then take the next step.
+            if fut is not NOT_STARTED:
+                if fut is None:  # a bare yield (asyncio.sleep(0))
+                    try:
+                        yield None
+                    except BaseException:
+                        self.hand_over(None)
                         raise
-                    result = then(*self._then_args, exc)
-                    break
-                error = None
-            if fut is None:  # a bare yield (asyncio.sleep(0))
-                fut = NOT_STARTED
-                try:
-                    yield None
-                except BaseException:
-                    self.hand_over(None)
-                    raise
-                continue
-            fut._asyncio_future_blocking = False
-            if self._quiet is not None:
-                self._quieted = fut.remove_done_callback(self._quiet)
-            self._fut = fut
-            self._loop = fut.get_loop()
-            self._asyncio_future_blocking = True
+                else:
+                    fut._asyncio_future_blocking = False
+                    if self._quiet is not None:
+                        self._quieted = fut.remove_done_callback(self._quiet)
+                    self._fut = fut
+                    self._loop = fut.get_loop()
+                    self._asyncio_future_blocking = True
+                    try:
+                        yield self
+                    except BaseException as exc:
+                        if not self._cancelled and fut.done() and not isinstance(exc, GeneratorExit):
+                            error = exc  # the future's error: the coroutine's own, as its await raises it
+                        else:
+                            # CancelledError after cancel() handed the coroutine over;
+                            # anything else (GeneratorExit) hands it over now.
+                            cancelled = self._cancelled
+                            self.hand_over(fut)
+                            if cancelled and not isinstance(exc, GeneratorExit):
+                                # Cancelled: the first canceller's CancelledError, as a
+                                # cancelled future's result() raises it, whatever the
+                                # task throws in: the future's error, by a wake-up
+                                # scheduled before the cancel (the pool task's now), or
+                                # the message-less CancelledError of a later cancel
+                                # (the Task's _must_cancel). anyio's scopes know their
+                                # own cancellation by its message (review h206).
+                                raise self._cancel_error() from None
+                            raise
+                    if self._cancelled:  # (not after the future's error: see above)
+                        raise self._cancel_error()  # a wake-up the future scheduled before the cancel
             try:
-                yield self
-            except BaseException as exc:
-                if not self._cancelled and fut.done() and not isinstance(exc, GeneratorExit):
-                    error = exc  # the future's error: the coroutine's own, as its await raises it
-                    fut = NOT_STARTED
-                    continue
-                # CancelledError after cancel() handed the coroutine over;
-                # anything else (GeneratorExit) hands it over now.
-                cancelled = self._cancelled
-                self.hand_over(fut)
-                if cancelled and not isinstance(exc, GeneratorExit):
-                    # Cancelled: the first canceller's CancelledError, as a
-                    # cancelled future's result() raises it, whatever the
-                    # task throws in: the future's error, by a wake-up
-                    # scheduled before the cancel (the pool task's now), or
-                    # the message-less CancelledError of a later cancel
-                    # (the Task's _must_cancel). anyio's scopes know their
-                    # own cancellation by its message (review h206).
-                    raise self._cancel_error() from None
-                raise
-            if self._cancelled:
-                raise self._cancel_error()  # a wake-up the future scheduled before the cancel
-            fut = NOT_STARTED  # (the next step's, from the coroutine)
+                fut = coro.send(None) if error is None else coro.throw(error)
+            except StopIteration as stop:
+                then = self._then
+                if then is None:
+                    return stop.value  # type: ignore[no-any-return]
+                result = then(*self._then_args, None)
+                break
+            except Exception as exc:
+                then = self._then
+                if then is None:
+                    raise
+                result = then(*self._then_args, exc)
+                break
+            error = None
         if result is not None and self._raises:
             if isinstance(result, asyncio.Future):
                 # The release's outcome, later (Runner.reset_done): a failed
