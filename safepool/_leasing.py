@@ -469,7 +469,6 @@ class Leaser:
             return self.raise_after(self.release(connection, timeout), warning)
         outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
         done: asyncio.Future[None] | None  # (set on each path that returns below)
-        runner = self.runner
         if outcome is Outcome.NEEDS_RESET:
             # asyncpg reports an unmanaged open transaction from release(),
             # through the loop's exception handler: scheduled here, from the
@@ -487,6 +486,7 @@ class Leaser:
             # out is a CancelledError there, the TimeoutError the caller's).
             if (holder.task_reset or (logged and _pg.RESET_UNDER_BUDGET)
                     or (check == MUST_RESET and _pg.is_cancelling(con))):
+                runner = self.runner
                 hooks = None
                 if self.custom_reset:
                     rollback = False
@@ -561,8 +561,8 @@ class Leaser:
                     # statement) aborts a reset still running after
                     # DEFAULT_RESET_TIMEOUT: a silent network cannot hold a slot.
                     holder.reset_since = now
-                    if runner.reset_watchdog is None:
-                        runner.watch_resets()
+                    if self.runner.reset_watchdog is None:
+                        self.runner.watch_resets()
                     # No timer on the statement either: asyncpg's done
                     # callback on its waiter has nothing to do unless the
                     # waiter is cancelled, which only a pool task's
@@ -577,12 +577,12 @@ class Leaser:
                     # (The proxy too: a failed reset closes the connection
                     # with it attached, as asyncpg's release terminates it.)
                     driver = _Driver(
-                        statement, self.spawn, runner.reset_done, (holder, con, connection), True, quiet, first
+                        statement, self.spawn, self.runner.reset_done, (holder, con, connection), True, quiet, first
                     )
                     return self.finish_release(driver, True) if logged else driver  # type: ignore[return-value]
                 # Nothing to send: the reset is done (reset_done hands the
                 # connection on; with no error it returns no error to raise).
-                runner.reset_done(holder, con, None, None)
+                self.runner.reset_done(holder, con, None, None)
                 return self.finish_release(None, True) if logged else released()
         else:
             done = None
@@ -595,7 +595,7 @@ class Leaser:
                 # proxy still attached: its termination listeners get the
                 # proxy (Runner.close_slot lets go of it after the close).
                 done = self.loop.create_future()
-                runner.closes_done[lease.slot] = done
+                self.runner.closes_done[lease.slot] = done
                 _pg.attach_released(con, connection, holder)
                 if timeout is not None and _pg.CLOSE_UNDER_BUDGET:
                     # asyncpg's release closes it with Connection.close(
@@ -606,7 +606,7 @@ class Leaser:
             state.release(lease, self.now(), outcome)
         if logged:
             logged = True  # (the set's truth now: a close the hand-on's drain makes clears the set)
-        runner.after_hand_on()
+        self.runner.after_hand_on()
         if logged or done is not None:
             return self.finish_release(done, logged)
         self.unsuspended += 1
