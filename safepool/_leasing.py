@@ -436,7 +436,7 @@ class Leaser:
             # late; auto and rollback modes would skip the reset.
             holder.clean_mark = -1
         try:
-            # What the connection needs (an _pg.Observed value), in one look
+            # What the connection needs (the core's Observed, as _pg's ints), in one look
             # at it (the hot path: no call): asyncpg's Connection._on_release()
             # first (invalidate the lease's prepared statements and cursors,
             # a counter they check, and warn of listeners left registered;
@@ -480,10 +480,10 @@ class Leaser:
             # the reset of a connection class with an execute() of its own
             # (task_reset too), which gets it as asyncpg 0.30+ sends it:
             # execute(query), with no timeout=, under the release's budget
-            # (a pool task's asyncio.timeout). So
-            # does one with a query logger (asyncpg 0.30+): the logger's record
-            # of the reset is then asyncpg's (timeout None; a budget that runs
-            # out is a CancelledError there, the TimeoutError the caller's).
+            # (a pool task's asyncio.timeout). So does one with a query
+            # logger (asyncpg 0.30+): the logger's record of the reset is
+            # then asyncpg's (timeout None; a budget that runs out is a
+            # CancelledError there, the TimeoutError the caller's).
             if (holder.task_reset or (logged and _pg.RESET_UNDER_BUDGET)
                     or (check == MUST_RESET and _pg.is_cancelling(con))):
                 runner = self.runner
