@@ -80,7 +80,7 @@ class Leaser:
     ``Pool.release`` call it)."""
 
     __slots__ = (
-        "face", "state", "runner", "loop", "now", "reporter", "listeners", "name", "slot_holders", "drain",
+        "face", "state", "runner", "loop", "now", "reporter", "listeners", "pending_events", "name", "slot_holders", "drain",
         "spawn", "lease_timeout", "leak_warning_after", "acquire_timeout", "reset_timeout", "max_queries",
         "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "call_at", "unsuspended",
         "in_setup", "extras",
@@ -108,6 +108,9 @@ class Leaser:
         self.reporter = reporter
         # The same list as the reporter's: release() checks it on the hot path.
         self.listeners = reporter.listeners
+        # The reporter's events not yet delivered (the same deque): acquire()
+        # checks it on the contended hot path.
+        self.pending_events = reporter.pending
         self.name = config.name
         # The runner's, bound here for the hot path (no attribute chain per lease).
         self.slot_holders = runner.slot_holders
@@ -211,7 +214,7 @@ class Leaser:
             except Closed:
                 raise PoolClosedError("pool is closing") from None
             # (deadline: the waiter's is set with it, and only then.)
-            if (state.actions or deadline is not None or state.connect_failures or self.reporter.pending
+            if (state.actions or deadline is not None or state.connect_failures or self.pending_events
                     or state.connects_to_watch):
                 # Also arms the timer: for the waiter's deadline, for the next
                 # connect attempt after a failure, or for a connect under way

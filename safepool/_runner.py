@@ -83,6 +83,9 @@ class Runner:
         self.now = clock.now
         self.loop = loop
         self.reporter = reporter
+        # The reporter's queue of events not yet delivered (the same deque,
+        # bound here: one attribute read less per check on the hot path).
+        self.pending_events = reporter.pending
         self.name = reporter.name
         self.open_connection = open_connection
         self.hooks = hooks
@@ -182,7 +185,7 @@ class Runner:
             self.drained.set()
         state.connects_to_watch = False  # (armed for next: the timer covers its deadlines)
         self.arm_timer()
-        if self.reporter.pending:
+        if self.pending_events:
             self.reporter.deliver()
 
     def cancelled_from_outside(self) -> bool:
@@ -265,7 +268,7 @@ class Runner:
         core asked for: taken off ``actions`` (:meth:`after_hand_on`), or
         never queued (``PoolState.reset_done`` with ``wake=False``, the
         contended hot path, :meth:`reset_done`). As :meth:`drain` would."""
-        if not self.reporter.pending and not self.state.connects_to_watch:
+        if not self.pending_events and not self.state.connects_to_watch:
             # drain() without its dispatch and timer check (a grant adds no
             # deadline: the waiter's own timer entry just went stale).
             try:
