@@ -80,7 +80,7 @@ class Leaser:
     ``Pool.release`` call it)."""
 
     __slots__ = (
-        "face", "state", "runner", "loop", "now", "reporter", "listeners", "pending_events", "name", "slot_holders", "drain",
+        "face", "state", "runner", "loop", "create_future", "now", "reporter", "listeners", "pending_events", "name", "slot_holders", "drain",
         "spawn", "lease_timeout", "leak_warning_after", "acquire_timeout", "reset_timeout", "max_queries",
         "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "call_at", "unsuspended",
         "in_setup", "extras",
@@ -103,6 +103,7 @@ class Leaser:
         self.state = state
         self.runner = runner
         self.loop = loop
+        self.create_future = loop.create_future  # (bound once: the contended acquire's wait)
         self.now = clock.now
         self.call_at = clock.call_at
         self.reporter = reporter
@@ -197,7 +198,7 @@ class Leaser:
                 break
             # Wait in the queue (inlined: no coroutine frame of its own on
             # the contended hot path).
-            future = self.loop.create_future()
+            future = self.create_future()
             try:
                 waiter = state.enqueue(future, now, None if deadline is None else max(0.0, deadline - now), site)
             except Overloaded as exc:
