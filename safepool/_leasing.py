@@ -608,8 +608,9 @@ class Leaser:
                     holder.close_budget = timeout
                     holder.close_raises = True
             state.release(lease, self.now(), outcome)
-        if logged:
-            logged = True  # (the set's truth now: a close the hand-on's drain makes clears the set)
+        # The set's truth now (a close the hand-on's drain makes clears the
+        # set), as a bool (a test, not bool()'s call).
+        logged = True if logged else False
         self.runner.after_hand_on()
         if logged or done is not None:
             return self.finish_release(done, logged)
