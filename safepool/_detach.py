@@ -117,11 +117,13 @@ class _Driver(Generic[T]):
     # _loop at each step, before the task can read it (asyncio.futures.
     # _get_loop's fallback, where a future offers no get_loop(); no Python
     # call); _quieted at each step (its count of _quiet taken off the
-    # future); _wakeup and _context by add_done_callback(); _message by
-    # cancel(); _gen by the coroutine protocol's first call. All but _loop
-    # and _context (read only once _wakeup is) are read with their default
+    # future); _fut (the future the coroutine waits on) at each step too;
+    # _wakeup and _context by add_done_callback(); _message by cancel();
+    # _gen by the coroutine protocol's first call. All but _loop and
+    # _context (read only once _wakeup is) are read with their default
     # (getattr), off the hot path.
     _loop: asyncio.AbstractEventLoop
+    _fut: asyncio.Future[Any] | None
     _quieted: int
     _wakeup: Callable[[Any], object] | None
     _context: Context | None
@@ -148,7 +150,6 @@ class _Driver(Generic[T]):
         # The caller's await raises what ``then`` returns, if not None (the
         # pool task's run drops it, as ever): a release's reset error.
         self._raises = raises
-        self._fut: asyncio.Future[Any] | None = None
         # None until the first step: asyncio.isfuture() (ensure_future,
         # wait_for, gather) must see an awaitable to wrap in a task, not a
         # future. The Task sets it False after each step, as for a future.
@@ -167,9 +168,10 @@ class _Driver(Generic[T]):
         self._fut.add_done_callback(fn, context=context)  # type: ignore[union-attr]
 
     def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
-        if getattr(self, "_wakeup", None) is fn and self._fut is not None:
+        fut: asyncio.Future[Any] | None = getattr(self, "_fut", None)
+        if getattr(self, "_wakeup", None) is fn and fut is not None:
             self._wakeup = None
-            return self._fut.remove_done_callback(fn)
+            return fut.remove_done_callback(fn)
         return 0
 
     def done(self) -> bool:
@@ -194,7 +196,7 @@ class _Driver(Generic[T]):
         ``CancelledError`` instead of ``TimeoutError`` (review h215; asyncpg's
         release waits on a real future, its shield's). ``type()`` is not
         affected, nor asyncio's Task, which does not ask."""
-        return asyncio.Future if self._fut is not None else _Driver
+        return asyncio.Future if getattr(self, "_fut", None) is not None else _Driver
 
     def result(self) -> None:
         if self._cancelled:
@@ -211,7 +213,7 @@ class _Driver(Generic[T]):
         """The caller's task is being cancelled: hand the coroutine to the
         pool and wake the caller with ``CancelledError`` (True, as a future
         that was cancelled)."""
-        fut = self._fut
+        fut: asyncio.Future[Any] | None = getattr(self, "_fut", None)
         if self._cancelled or fut is None:
             return False
         self._message = msg
@@ -311,60 +313,59 @@ class _Driver(Generic[T]):
         error: BaseException | None = None
         fut = self._first  # (NOT_STARTED, or the first step's future: taken by the caller)
         while True:
-            if fut is NOT_STARTED:
-                try:
-                    fut = coro.send(None) if error is None else coro.throw(error)
-                except StopIteration as stop:
-                    then = self._then
-                    if then is None:
-                        return stop.value  # type: ignore[no-any-return]
-                    result = then(*self._then_args, None)
-                    break
-                except Exception as exc:
-                    then = self._then
-                    if then is None:
+            # Wait on what the last step yielded (unless none was taken),
+            # then take the next step.
+            if fut is not NOT_STARTED:
+                if fut is None:  # a bare yield (asyncio.sleep(0))
+                    try:
+                        yield None
+                    except BaseException:
+                        self.hand_over(None)
                         raise
-                    result = then(*self._then_args, exc)
-                    break
-                error = None
-            if fut is None:  # a bare yield (asyncio.sleep(0))
-                fut = NOT_STARTED
-                try:
-                    yield None
-                except BaseException:
-                    self.hand_over(None)
-                    raise
-                continue
-            fut._asyncio_future_blocking = False
-            if self._quiet is not None:
-                self._quieted = fut.remove_done_callback(self._quiet)
-            self._fut = fut
-            self._loop = fut.get_loop()
-            self._asyncio_future_blocking = True
+                else:
+                    fut._asyncio_future_blocking = False
+                    if self._quiet is not None:
+                        self._quieted = fut.remove_done_callback(self._quiet)
+                    self._fut = fut
+                    self._loop = fut.get_loop()
+                    self._asyncio_future_blocking = True
+                    try:
+                        yield self
+                    except BaseException as exc:
+                        if not self._cancelled and fut.done() and not isinstance(exc, GeneratorExit):
+                            error = exc  # the future's error: the coroutine's own, as its await raises it
+                        else:
+                            # CancelledError after cancel() handed the coroutine over;
+                            # anything else (GeneratorExit) hands it over now.
+                            cancelled = self._cancelled
+                            self.hand_over(fut)
+                            if cancelled and not isinstance(exc, GeneratorExit):
+                                # Cancelled: the first canceller's CancelledError, as a
+                                # cancelled future's result() raises it, whatever the
+                                # task throws in: the future's error, by a wake-up
+                                # scheduled before the cancel (the pool task's now), or
+                                # the message-less CancelledError of a later cancel
+                                # (the Task's _must_cancel). anyio's scopes know their
+                                # own cancellation by its message (review h206).
+                                raise self._cancel_error() from None
+                            raise
+                    if self._cancelled:  # (not after the future's error: see above)
+                        raise self._cancel_error()  # a wake-up the future scheduled before the cancel
             try:
-                yield self
-            except BaseException as exc:
-                if not self._cancelled and fut.done() and not isinstance(exc, GeneratorExit):
-                    error = exc  # the future's error: the coroutine's own, as its await raises it
-                    fut = NOT_STARTED
-                    continue
-                # CancelledError after cancel() handed the coroutine over;
-                # anything else (GeneratorExit) hands it over now.
-                cancelled = self._cancelled
-                self.hand_over(fut)
-                if cancelled and not isinstance(exc, GeneratorExit):
-                    # Cancelled: the first canceller's CancelledError, as a
-                    # cancelled future's result() raises it, whatever the
-                    # task throws in: the future's error, by a wake-up
-                    # scheduled before the cancel (the pool task's now), or
-                    # the message-less CancelledError of a later cancel
-                    # (the Task's _must_cancel). anyio's scopes know their
-                    # own cancellation by its message (review h206).
-                    raise self._cancel_error() from None
-                raise
-            if self._cancelled:
-                raise self._cancel_error()  # a wake-up the future scheduled before the cancel
-            fut = NOT_STARTED  # (the next step's, from the coroutine)
+                fut = coro.send(None) if error is None else coro.throw(error)
+            except StopIteration as stop:
+                then = self._then
+                if then is None:
+                    return stop.value  # type: ignore[no-any-return]
+                result = then(*self._then_args, None)
+                break
+            except Exception as exc:
+                then = self._then
+                if then is None:
+                    raise
+                result = then(*self._then_args, exc)
+                break
+            error = None
         if result is not None and self._raises:
             if isinstance(result, asyncio.Future):
                 # The release's outcome, later (Runner.reset_done): a failed

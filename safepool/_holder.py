@@ -40,7 +40,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
                  "orphan_checks", "orphan_reported", "orphaned_at", "unresponsive", "close_budget", "close_raises", "lost_while_leased", "busy_elsewhere",
                  "cancel_key", "abort_in_flight",
                  "reset_since",
-                 "command_timeout", "reset_query", "reset_text", "own_is_closed", "own_execute", "proxy_collected",
+                 "command_timeout", "reset_query", "reset_text", "own_is_closed", "task_reset", "proxy_collected",
                  "copies", "watched", "waiter_completed", "__weakref__")
 
     def __init__(self, pool: Face, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
@@ -108,10 +108,15 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         self.reset_text: str | None = (
             None if runner.state.reset_mode != "full" or _pg.overrides_reset_query(type(con)) else self.reset_query()
         )
-        # False: asyncpg's is_closed() and execute(), whose work the hot path
-        # does inline (see _pg.overrides).
+        # False: asyncpg's is_closed(), whose work the hot path does inline
+        # (see _pg.overrides).
         self.own_is_closed = _pg.overrides(type(con), "is_closed")
-        self.own_execute = _pg.overrides(type(con), "execute")
+        # Whether every reset runs in a pool task (Leaser.release): with a
+        # custom reset (a reset= hook, a connection class's own reset()), or
+        # a connection class's own execute(), which gets the reset as
+        # asyncpg 0.30+ sends it. Both fixed for the connection's life: one
+        # test per release.
+        self.task_reset = runner.hooks.custom or _pg.overrides(type(con), "execute")
         # asyncpg's done callback on a statement's waiter, which a reset
         # with no timer leaves off while the releasing task drives it.
         self.waiter_completed = _pg.waiter_completed_callback(con)

@@ -418,30 +418,8 @@ async def _end_session(con: RawConnection) -> None:
 
 
 # What a released connection needs: safepool._state.Observed, as plain ints
-# here (the adapter does not import the core).
+# here (the adapter does not import the core); Leaser.release finds it.
 UNUSABLE, USED_UP, MUST_RESET, DIRTY, CLEAN = 0, 1, 2, 3, 4
-
-
-def release_check(con: RawConnection, clean_mark: int, max_queries: int, own_is_closed: bool = True) -> int:
-    """asyncpg's ``Connection._on_release()`` (invalidate the lease's
-    prepared statements and cursors, a counter they check, and warn of
-    listeners left registered; without listeners only the counter), then one
-    look at the protocol for everything release decides on (the hot path:
-    one call instead of six). With ``own_is_closed`` False (see
-    :func:`overrides`), asyncpg's ``is_closed()`` is read inline."""
-    if con._listeners or con._log_listeners:
-        con._on_release()
-    else:
-        con._pool_release_ctr += 1
-    protocol = con._protocol
-    if protocol is None or (con.is_closed() if own_is_closed else con._aborted or not protocol.is_connected()):
-        return UNUSABLE
-    queries = protocol.queries_count
-    if queries >= max_queries:
-        return USED_UP
-    if protocol._is_cancelling() or protocol.is_in_transaction() or con._top_xact is not None:
-        return MUST_RESET
-    return CLEAN if queries == clean_mark else DIRTY
 
 
 # What a connection had registered when it joined the pool (see

@@ -30,7 +30,7 @@ from ._clock import Clock
 from ._detach import NOT_STARTED, _Driver, already_ended, closing_now, loop_pass, released, retrieve
 from ._durations import release_timeout, validate_timeout
 from ._holder import Face
-from ._internals import MUST_RESET, RawConnection
+from ._internals import CLEAN, DIRTY, MUST_RESET, UNUSABLE, USED_UP, RawConnection
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
 from ._options import PoolConfig
 from ._reporting import Reporter
@@ -80,7 +80,7 @@ class Leaser:
     ``Pool.release`` call it)."""
 
     __slots__ = (
-        "face", "state", "runner", "loop", "now", "reporter", "listeners", "name", "slot_holders", "drain",
+        "face", "state", "runner", "loop", "create_future", "now", "reporter", "listeners", "pending_events", "name", "slot_holders", "drain",
         "spawn", "lease_timeout", "leak_warning_after", "acquire_timeout", "reset_timeout", "max_queries",
         "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "call_at", "unsuspended",
         "in_setup", "extras",
@@ -103,11 +103,15 @@ class Leaser:
         self.state = state
         self.runner = runner
         self.loop = loop
+        self.create_future = loop.create_future  # (bound once: the contended acquire's wait)
         self.now = clock.now
         self.call_at = clock.call_at
         self.reporter = reporter
         # The same list as the reporter's: release() checks it on the hot path.
         self.listeners = reporter.listeners
+        # The reporter's events not yet delivered (the same deque): acquire()
+        # checks it on the contended hot path.
+        self.pending_events = reporter.pending
         self.name = config.name
         # The runner's, bound here for the hot path (no attribute chain per lease).
         self.slot_holders = runner.slot_holders
@@ -194,7 +198,7 @@ class Leaser:
                 break
             # Wait in the queue (inlined: no coroutine frame of its own on
             # the contended hot path).
-            future = self.loop.create_future()
+            future = self.create_future()
             try:
                 waiter = state.enqueue(future, now, None if deadline is None else max(0.0, deadline - now), site)
             except Overloaded as exc:
@@ -211,7 +215,7 @@ class Leaser:
             except Closed:
                 raise PoolClosedError("pool is closing") from None
             # (deadline: the waiter's is set with it, and only then.)
-            if (state.actions or deadline is not None or state.connect_failures or self.reporter.pending
+            if (state.actions or deadline is not None or state.connect_failures or self.pending_events
                     or state.connects_to_watch):
                 # Also arms the timer: for the waiter's deadline, for the next
                 # connect attempt after a failure, or for a connect under way
@@ -409,9 +413,8 @@ class Leaser:
                 self.reporter.deliver()
             return released()
         state = self.state
-        phase = state.phase
-        if phase is not Phases.OPEN and phase is not Phases.CLOSING:
-            self.check_init()
+        if state.phase is not Phases.OPEN:
+            self.check_init()  # (which lets a closing pool's release through)
         if timeout is None:
             timeout = holder.release_timeout
         else:
@@ -424,7 +427,9 @@ class Leaser:
         # a loop pass (its shielded task), so they have been delivered when it
         # returns. safepool's takes none of its own: with a logger left on
         # the connection, take that one pass too (no cost without one).
-        logged = bool(con._query_loggers)  # (a close clears the set)
+        # (The set itself, tested as a truth value: nothing clears it before
+        # the hand-on at the end, which takes its bool first.)
+        logged = con._query_loggers
         # connection._detach(), inlined (the hot path): later calls raise.
         connection._raw = None
         con._proxy = None
@@ -433,14 +438,34 @@ class Leaser:
             # Taken back by the lease timeout while being released (the
             # take-back ran asyncpg's _on_release already).
             return self.finish_release(None, True) if logged else released()
-        slot = lease.slot  # (holder: the proxy's, its slot's: no lookup in slot_holders)
         if holder.watched or holder.copies:
             # A statement (or a COPY) of the lease still runs (proxy.watch,
             # the COPY methods' count): it may leave a transaction, or answer
             # late; auto and rollback modes would skip the reset.
             holder.clean_mark = -1
         try:
-            check = _pg.release_check(con, holder.clean_mark, self.max_queries, holder.own_is_closed)
+            # What the connection needs (the core's Observed, as _pg's ints), in one look
+            # at it (the hot path: no call): asyncpg's Connection._on_release()
+            # first (invalidate the lease's prepared statements and cursors,
+            # a counter they check, and warn of listeners left registered;
+            # without listeners only the counter), then the protocol's state.
+            # With own_is_closed False (see _pg.overrides), asyncpg's
+            # is_closed() is read inline.
+            if con._listeners or con._log_listeners:
+                con._on_release()
+            else:
+                con._pool_release_ctr += 1
+            protocol = con._protocol
+            if protocol is None or (
+                con.is_closed() if holder.own_is_closed else con._aborted or not protocol.is_connected()
+            ):
+                check = UNUSABLE
+            elif (queries := protocol.queries_count) >= self.max_queries:
+                check = USED_UP
+            elif protocol._is_cancelling() or protocol.is_in_transaction() or con._top_xact is not None:
+                check = MUST_RESET
+            else:
+                check = CLEAN if queries == holder.clean_mark else DIRTY
         except Warning as warning:
             # asyncpg's warning of listeners left registered, turned into an
             # error (filterwarnings = error): raised after the detach, it left
@@ -452,22 +477,24 @@ class Leaser:
             return self.raise_after(self.release(connection, timeout), warning)
         outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
         done: asyncio.Future[None] | None  # (set on each path that returns below)
-        runner = self.runner
         if outcome is Outcome.NEEDS_RESET:
             # asyncpg reports an unmanaged open transaction from release(),
             # through the loop's exception handler: scheduled here, from the
             # releasing task, to come where asyncpg's shielded task reports it
             # (after callbacks already queued). (A custom reset reports it
             # itself, in a pool task, as asyncpg's.)
-            # (release_check saw a cancelled query as MUST_RESET.)
-            # A connection class with an execute() of its own gets the reset
-            # as asyncpg 0.30+ sends it: execute(query), with no timeout=,
-            # under the release's budget (a pool task's asyncio.timeout). So
-            # does one with a query logger (asyncpg 0.30+): the logger's record
-            # of the reset is then asyncpg's (timeout None; a budget that runs
-            # out is a CancelledError there, the TimeoutError the caller's).
-            if (self.custom_reset or holder.own_execute or (logged and _pg.RESET_UNDER_BUDGET)
+            # (The check above saw a cancelled query as MUST_RESET.)
+            # A custom reset runs in a pool task (holder.task_reset). So does
+            # the reset of a connection class with an execute() of its own
+            # (task_reset too), which gets it as asyncpg 0.30+ sends it:
+            # execute(query), with no timeout=, under the release's budget
+            # (a pool task's asyncio.timeout). So does one with a query
+            # logger (asyncpg 0.30+): the logger's record of the reset is
+            # then asyncpg's (timeout None; a budget that runs out is a
+            # CancelledError there, the TimeoutError the caller's).
+            if (holder.task_reset or (logged and _pg.RESET_UNDER_BUDGET)
                     or (check == MUST_RESET and _pg.is_cancelling(con))):
+                runner = self.runner
                 hooks = None
                 if self.custom_reset:
                     rollback = False
@@ -482,32 +509,34 @@ class Leaser:
                     )
                     if full:
                         hooks = runner.hooks.ended
-                done = runner.resets_done[slot] = self.loop.create_future()
+                # (lease.slot: the holder's, read where needed: no lookup in slot_holders)
+                done = runner.resets_done[lease.slot] = self.loop.create_future()
                 state.release(lease, self.now(), outcome)
                 self.spawn(runner.reset_slot(holder, con, timeout, rollback, done, connection, hooks=hooks))
             else:
                 # The common case: one statement, ROLLBACK (if a transaction
                 # is open) and the reset query in one message, driven in the
                 # caller's task (no task, no loop hop; see _detach).
+                query = holder.reset_text  # (None: also the modes other than "full": see Holder)
                 if check == MUST_RESET:
                     rollback = _pg.warn_open_transaction(con, deferred=True)
+                    if rollback:
+                        query = None  # (planned below, with the ROLLBACK)
                 else:
                     rollback = False
                     if con._listeners or con._log_listeners:
                         _pg.clear_listeners(con)
                 budget = timeout if timeout is not None else self.reset_timeout
-                query = holder.reset_text
-                if query is None or rollback:  # (None: also the modes other than "full": see Holder)
+                if query is None:
                     full, rollback = state.reset_plan(holder.clean_mark == -1, rollback)
                     query = _workers.reset_message(holder.reset_query, full, rollback)
                 # (else asyncpg's reset query alone: the common case, without a
                 # call; reset_plan's answer in full mode with no transaction open)
-                statement = None
                 if query:
                     # The statement, then Runner.reset_done with its error
                     # (the driver calls it: no wrapper coroutine's frame).
                     # asyncpg's execute(query) with no arguments awaits its
-                    # protocol's query() (after a closed check release_check
+                    # protocol's query() (after a closed check the check above
                     # made, and with a query logger, which it would tell):
                     # without its coroutine frame where it is asyncpg's.
                     limit = budget
@@ -528,6 +557,8 @@ class Leaser:
                     except BaseException as exc:  # (refused at once: the driver raises it, as before)
                         statement = already_ended(exc)
                         first = NOT_STARTED
+                else:
+                    statement = None
                 now = self.now()
                 state.release(lease, now, outcome)
                 if state.actions or state.connects_to_watch:
@@ -538,8 +569,8 @@ class Leaser:
                     # statement) aborts a reset still running after
                     # DEFAULT_RESET_TIMEOUT: a silent network cannot hold a slot.
                     holder.reset_since = now
-                    if runner.reset_watchdog is None:
-                        runner.watch_resets()
+                    if self.runner.reset_watchdog is None:
+                        self.runner.watch_resets()
                     # No timer on the statement either: asyncpg's done
                     # callback on its waiter has nothing to do unless the
                     # waiter is cancelled, which only a pool task's
@@ -554,25 +585,25 @@ class Leaser:
                     # (The proxy too: a failed reset closes the connection
                     # with it attached, as asyncpg's release terminates it.)
                     driver = _Driver(
-                        statement, self.spawn, runner.reset_done, (holder, con, connection), True, quiet, first
+                        statement, self.spawn, self.runner.reset_done, (holder, con, connection), True, quiet, first
                     )
                     return self.finish_release(driver, True) if logged else driver  # type: ignore[return-value]
                 # Nothing to send: the reset is done (reset_done hands the
                 # connection on; with no error it returns no error to raise).
-                runner.reset_done(holder, con, None, None)
+                self.runner.reset_done(holder, con, None, None)
                 return self.finish_release(None, True) if logged else released()
         else:
             done = None
             if outcome is Outcome.CLEAN:
                 if con._listeners or con._log_listeners:
                     _pg.clear_listeners(con)
-            elif check != _pg.UNUSABLE:  # (DISCARD, of a usable connection)
+            elif check != UNUSABLE:  # (DISCARD, of a usable connection)
                 # max_queries or an expired generation: asyncpg closes the
                 # connection gracefully before release() returns, with the
                 # proxy still attached: its termination listeners get the
                 # proxy (Runner.close_slot lets go of it after the close).
                 done = self.loop.create_future()
-                runner.closes_done[slot] = done
+                self.runner.closes_done[lease.slot] = done
                 _pg.attach_released(con, connection, holder)
                 if timeout is not None and _pg.CLOSE_UNDER_BUDGET:
                     # asyncpg's release closes it with Connection.close(
@@ -581,7 +612,10 @@ class Leaser:
                     holder.close_budget = timeout
                     holder.close_raises = True
             state.release(lease, self.now(), outcome)
-        runner.after_hand_on()
+        # The set's truth now (a close the hand-on's drain makes clears the
+        # set), as a bool (a test, not bool()'s call).
+        logged = True if logged else False
+        self.runner.after_hand_on()
         if logged or done is not None:
             return self.finish_release(done, logged)
         self.unsuspended += 1

@@ -83,6 +83,9 @@ class Runner:
         self.now = clock.now
         self.loop = loop
         self.reporter = reporter
+        # The reporter's queue of events not yet delivered (the same deque,
+        # bound here: one attribute read less per check on the hot path).
+        self.pending_events = reporter.pending
         self.name = reporter.name
         self.open_connection = open_connection
         self.hooks = hooks
@@ -182,7 +185,7 @@ class Runner:
             self.drained.set()
         state.connects_to_watch = False  # (armed for next: the timer covers its deadlines)
         self.arm_timer()
-        if self.reporter.pending:
+        if self.pending_events:
             self.reporter.deliver()
 
     def cancelled_from_outside(self) -> bool:
@@ -265,8 +268,7 @@ class Runner:
         core asked for: taken off ``actions`` (:meth:`after_hand_on`), or
         never queued (``PoolState.reset_done`` with ``wake=False``, the
         contended hot path, :meth:`reset_done`). As :meth:`drain` would."""
-        state = self.state
-        if not self.reporter.pending and not state.connects_to_watch:
+        if not self.pending_events and not self.state.connects_to_watch:
             # drain() without its dispatch and timer check (a grant adds no
             # deadline: the waiter's own timer entry just went stale).
             try:
@@ -276,7 +278,7 @@ class Runner:
                 waiter.future.set_result(None)
                 return
             except asyncio.InvalidStateError:
-                state.cancel_waiter(waiter, self.now())  # (cancelled while the grant was in flight)
+                self.state.cancel_waiter(waiter, self.now())  # (cancelled while the grant was in flight)
         else:
             self.grant(waiter)  # (what drain() does first with the Wake)
         self.drain()
@@ -424,12 +426,13 @@ class Runner:
         closed (``_pg.attach_released``), as asyncpg's release terminates a
         connection whose reset failed before it detaches the proxy."""
         holder.reset_since = None
-        if error is not None and busy_retry and proxy is not None and _pg.is_busy(error):
+        if error is None:
+            # (con.is_closed(), inlined where asyncpg's: the hot path)
+            ok = not (con.is_closed() if holder.own_is_closed else con._aborted or not con._protocol.is_connected())
+        elif busy_retry and proxy is not None and _pg.is_busy(error):
             return self.reset_after_a_loop_pass(holder, con, proxy, error)  # type: ignore[return-value]
-        # (con.is_closed(), inlined where asyncpg's: the hot path)
-        ok = error is None and not (
-            con.is_closed() if holder.own_is_closed else con._aborted or not con._protocol.is_connected()
-        )
+        else:
+            ok = False
         # (wake=False: a grant to the head waiter comes back to be woken here,
         # with no Wake to build and dispatch: the contended hot path.)
         handed = self.state.reset_done(holder._slot, self.now(), ok, False)

@@ -168,6 +168,23 @@ _USED_UP, _MUST_RESET, _CLEAN = int(Observed.USED_UP), int(Observed.MUST_RESET),
 RESET_MODES = ("full", "rollback", "auto")
 
 
+def _release_policy(mode: str, always_reset: bool, observed: int, marked: bool) -> ReleaseOutcome:
+    """What :meth:`PoolState.release_outcome` decides for a lease's slot of
+    the current generation, by the pool's ``reset_mode`` and
+    ``always_reset``, what the I/O layer observed, and whether the lease
+    marked itself (tabulated once per pool: see ``PoolState._outcomes``)."""
+    if observed <= _USED_UP:
+        return Outcome.DISCARD
+    if observed == _MUST_RESET or always_reset:
+        return Outcome.NEEDS_RESET
+    if observed == _CLEAN or (mode != "full" and not marked):
+        return Outcome.CLEAN
+    # (A marked lease in rollback mode: a statement of it raised, or it
+    # prepared one, and may have left the backend in the implicit
+    # transaction of a Parse: its ROLLBACK ends it.)
+    return Outcome.NEEDS_RESET
+
+
 class Phase(enum.Enum):
     """The pool's lifecycle: one value, not a flag per question."""
 
@@ -234,9 +251,16 @@ class Slot:
 
 class Lease:
     __slots__ = (
-        "id", "slot", "acquired_at", "deadline", "warn_at", "stack", "task_name", "task_ref",
+        "id", "slot", "acquired_at", "deadline", "warn_at", "_stack", "_task_name", "_task_ref",
         "state", "site", "__weakref__",
     )
+
+    # Who took the lease, with stack capture on (PoolState.note_caller):
+    # set then only, not in __init__ (three stores less per lease), and
+    # read, off the hot path, through the properties below (None unset).
+    _stack: Captured | None
+    _task_name: str | None
+    _task_ref: Any
 
     def __init__(self, lease_id: int, slot: Slot, now: float, site: str | None = None) -> None:
         self.id = lease_id
@@ -244,11 +268,23 @@ class Lease:
         self.acquired_at = now
         self.deadline: float | None = None
         self.warn_at: float | None = None
-        self.stack: Captured | None = None  # _stack.capture(): resolved when reported
-        self.task_name: str | None = None
-        self.task_ref: Any = None  # weakref.ref to the acquiring task (with stack capture)
         self.state = L.HELD  # moved only by PoolState, by the table _LEASE_MOVES
         self.site = site  # the acquire site (set with site caps, or acquire(site=))
+
+    @property
+    def stack(self) -> Captured | None:
+        """The acquire stack, ``_stack.capture()`` (resolved when reported); None without stack capture."""
+        return getattr(self, "_stack", None)
+
+    @property
+    def task_name(self) -> str | None:
+        """The acquiring task's name (with stack capture)."""
+        return getattr(self, "_task_name", None)
+
+    @property
+    def task_ref(self) -> Any:
+        """A ``weakref.ref`` to the acquiring task (with stack capture)."""
+        return getattr(self, "_task_ref", None)
 
     def age(self, now: float) -> float:
         return now - self.acquired_at
@@ -284,13 +320,16 @@ class Waiter:
 
     __slots__ = ("future", "enqueued_at", "eligible_at", "deadline", "slot", "state", "site", "seq", "shed", "connect")
 
-    # Read by the queue policy alone (_policy.py), and set for the waiters it
-    # admits (PoolState._policy_admit), not here: two stores less per waiter.
-    # eligible_at: since when its site has been under its cap
-    # (max_site_share): the adaptive queue sheds by the time waited there,
-    # not while capped. seq: arrival order within the wait policy.
+    # Read by the queue policy alone (_policy.py), or with one (shed), and
+    # set for the waiters it admits (PoolState._policy_admit), not here:
+    # three stores less per waiter. eligible_at: since when its site has
+    # been under its cap (max_site_share): the adaptive queue sheds by the
+    # time waited there, not while capped. seq: arrival order within the
+    # wait policy. shed: deadline is the adaptive queue's target, not the
+    # caller's timeout.
     eligible_at: float
     seq: int
+    shed: bool
 
     def __init__(self, future: Any, now: float, deadline: float | None, site: str | None = None) -> None:
         self.future = future
@@ -299,7 +338,6 @@ class Waiter:
         self.slot: Slot | None = None
         self.state = W.WAITING
         self.site = site
-        self.shed = False  # deadline is the adaptive queue's target, not the caller's timeout
         self.connect: Slot | None = None  # while WAITING: the connect opened for it (its slot)
 
 
@@ -632,7 +670,7 @@ class PoolState:
     # own, and then no method call on it is specialized (a dict lookup and
     # a type lookup per call, every state.release(...) of the hot path).
     __slots__ = (
-        "_abandoned_count", "_admission", "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_ids", "_policy", "_slots", "_stale_check", "_stale_timers", "_timers",
+        "_abandoned_count", "_admission", "_bound", "_closing_count", "_connecting_count", "_deadlines", "_idle", "_ids", "_outcomes", "_policy", "_slots", "_stale_check", "_stale_timers", "_timers",
         "_waiters", "_waiting", "_warnings", "actions", "always_reset", "backoff", "backoff_level", "backoff_until",
         "breaker_threshold", "closing", "connects_to_watch", "connect_failed_at", "connect_failures", "connect_refusals", "connect_times", "counters",
         "failed_answer_max", "failure_went_stale", "floor_enabled", "lost_before",
@@ -667,6 +705,13 @@ class PoolState:
         # lease, as asyncpg runs it.
         self.reset_mode = reset_mode
         self.always_reset = always_reset
+        # release_outcome's policy for each (marked, observed), as
+        # reset_mode and always_reset are fixed for the pool's life: one
+        # look-up per release, not up to five tests.
+        self._outcomes = tuple(
+            tuple(_release_policy(reset_mode, always_reset, observed, marked) for observed in Observed)
+            for marked in (False, True)
+        )
         self.max_size = max_size
         self.min_size = min_size
         self.max_waiters = max_waiters
@@ -966,8 +1011,8 @@ class PoolState:
         # max_waiters bounds the tasks queued behind busy connections: those a
         # connect under way, or one the pool may still open, will serve, are
         # not an overload (else max_waiters=0 could never open a connection).
-        room = 0
         if self._admission:  # (else none of the three checks below applies: one test)
+            room = 0  # (read below only with a policy, which makes _admission true)
             if self.max_waiters is not None or self._policy is not None:
                 if self.max_waiters is not None and self._policy is not None:
                     # A standing adaptive queue sheds its stale waiters first:
@@ -1089,9 +1134,9 @@ class PoolState:
     ) -> None:
         """Who took the lease (with stack capture on): its acquire stack, and
         the acquiring task's name and a weak reference to it."""
-        lease.stack = stack
-        lease.task_name = task_name
-        lease.task_ref = task_ref
+        lease._stack = stack
+        lease._task_name = task_name
+        lease._task_ref = task_ref
 
     def start_floor(self) -> None:
         """Start-up is over: from now on the pool keeps min_size connections."""
@@ -1122,17 +1167,10 @@ class PoolState:
         (``reset_mode="auto"``: its SQL may have changed the session).
         ``observed`` is an :class:`Observed` value (a plain int from the
         adapter's hot path compares the same)."""
-        if observed <= _USED_UP or lease.slot.generation != self.generation:
+        if lease.slot.generation != self.generation:
             return Outcome.DISCARD
-        if observed == _MUST_RESET or self.always_reset:
-            return Outcome.NEEDS_RESET
-        mode = self.reset_mode
-        if observed == _CLEAN or (mode != "full" and not marked):
-            return Outcome.CLEAN
-        # (A marked lease in rollback mode: a statement of it raised, or it
-        # prepared one, and may have left the backend in the implicit
-        # transaction of a Parse: its ROLLBACK ends it.)
-        return Outcome.NEEDS_RESET
+        # (_release_policy's answer, looked up: see __init__.)
+        return self._outcomes[marked][observed]
 
     def reset_plan(self, marked: bool, in_transaction: bool) -> tuple[bool, bool]:
         """What a reset sends: ``(full, rollback)``, asyncpg's reset query
@@ -1250,13 +1288,15 @@ class PoolState:
                 self._timer_dropped(stale)
         return slot
 
-    def _hand_on(self, slot: Slot, now: float, wake: bool = True) -> Waiter | None:
+    def _hand_on(self, slot: Slot, now: float, wake: bool = True, connecting: bool = False) -> Waiter | None:
         """A usable connection is free: give it to the head waiter, or idle it.
 
         Closes it instead when the pool shrank, closes, or the connection is
         of an expired generation. Returns None; with ``wake`` False and no
         action queued before, the waiter a FIFO grant chose, whose ``Wake``
-        is then the caller's to carry out (see :meth:`reset_done`)."""
+        is then the caller's to carry out (see :meth:`reset_done`).
+        ``connecting``: the slot is CONNECTING (connect_succeeded's), whose
+        count the FIFO grant takes down (the other states are not counted)."""
         if (
             self.closing
             or slot.generation != self.generation
@@ -1284,7 +1324,7 @@ class PoolState:
             # no look-up in the table: every caller checked the slot's state
             # (CONNECTING, RESERVED, RESETTING, or LEASED: an open lease's),
             # and each may move to RESERVED.
-            if slot.state is S.CONNECTING:  # (connect_succeeded; the others are not counted)
+            if connecting:  # (connect_succeeded's CONNECTING slot; the others are not counted)
                 self._connecting_count -= 1
             slot.state = S.RESERVED
             if wake or self.actions:
@@ -1704,11 +1744,11 @@ class PoolState:
             # (A hedge that answered for nobody: with every task waiting on
             # a connect of its own, one waiting on a connect started before
             # it, presumed lost, takes it: _grant_head_on_lost_connect.)
-            self._hand_on(slot, now)
+            self._hand_on(slot, now, connecting=True)
         else:
             self._unbind(owner)
             if self.closing or slot.generation != self.generation or self._live() > self.max_size:
-                self._hand_on(slot, now)  # (it closes the connection; the owner waits on)
+                self._hand_on(slot, now, connecting=True)  # (it closes the connection; the owner waits on)
                 self._serve_unbound(now)
             else:
                 self._grant(slot, owner)  # (the owner stays in the queue, settled: skipped lazily)
@@ -2190,11 +2230,11 @@ class PoolState:
                 break
             if kind == _WAITER_DEADLINE:
                 self._waiting -= 1
-                if obj.shed:  # the adaptive queue's target delay, not the caller's timeout
+                if self._policy is not None and obj.shed:  # the adaptive queue's target delay, not the caller's timeout
                     obj.state = W.FAILED  # (counted in shed once its task gets it: delivered())
                     # Worded before remove(): removing the last waiter marks the queue empty.
-                    reason = self._policy.shed_reason(obj, now)  # type: ignore[union-attr]
-                    self._policy.remove(obj, now)  # type: ignore[union-attr]
+                    reason = self._policy.shed_reason(obj, now)
+                    self._policy.remove(obj, now)
                     self.actions.append(Shed(obj, reason, self._waiting + 1))
                     continue
                 obj.state = W.TIMED_OUT
@@ -2376,6 +2416,7 @@ class PoolState:
         assert self._policy is not None
         waiter.eligible_at = now  # (the policy's fields: see Waiter)
         waiter.seq = 0
+        waiter.shed = False
         try:
             self._policy.admit(waiter, now, timeout, waiter.site, self.max_waiters, room)
         except Inadmissible:
