@@ -579,12 +579,16 @@ async def test_leak_reports_name_a_helper_a_thread_and_an_ended_task(pools: Any)
     for r in records:
         where[r.event].append((r.acquired_at, r.task_name))  # type: ignore[attr-defined]
     here = __file__
-    # (In either order: a reclaim the reclaimer defers, finding the
-    # connection still referred to for a moment, reports after the next;
+    ended = (f"{here}:{line_of(here, 'h207: ended task acquire')} in short_lived", "short-lived")
+    # Each lease reported once, naming its acquire site. (In either order:
+    # a reclaim the reclaimer defers, finding the connection still referred
+    # to for a moment, reports after the next; and a deferral past the
+    # 0.2 s lease_timeout makes the take-back report it as expired: both
     # seen on uvloop under load.)
-    assert sorted(site for site, _ in where["leak"]) == [
+    reported = where.get("leak", []) + where.get("lease_expired", [])
+    assert sorted(site for site, _ in reported) == sorted([
         f"{here}:{line_of(here, 'h207: helper acquire')} in helper",
         f"{here}:{line_of(here, 'h207: thread acquire')} in get_con",
-    ]
-    assert where["lease_expired"] == [
-        (f"{here}:{line_of(here, 'h207: ended task acquire')} in short_lived", "short-lived")]
+        ended[0],
+    ])
+    assert ended in where["lease_expired"]
