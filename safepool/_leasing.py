@@ -225,6 +225,9 @@ class Leaser:
             try:
                 await future
             except BaseException as exc:
+                # (future.exception() also marks the pool's error retrieved
+                # where it is not what the task got: never received, not
+                # counted, and spares the loop's log.)
                 if future.done() and not future.cancelled() and future.exception() is exc:
                     self.delivered(waiter, exc)  # (not the hot path: the pool's error reached the caller)
                     raise
@@ -234,8 +237,6 @@ class Leaser:
                 # throw()): the core gets the connection back (anyio's
                 # pattern; asyncio.Queue.get's bare except, which asyncpg's
                 # pool waits in, takes its getter off too).
-                if future.done() and not future.cancelled():
-                    future.exception()  # the pool's error, never received: not counted (spares the loop's log)
                 state.cancel_waiter(waiter, self.now())
                 self.drain()
                 raise
@@ -427,9 +428,9 @@ class Leaser:
         # a loop pass (its shielded task), so they have been delivered when it
         # returns. safepool's takes none of its own: with a logger left on
         # the connection, take that one pass too (no cost without one).
-        # (The set itself, tested as a truth value: nothing clears it before
-        # the hand-on at the end, which takes its bool first.)
-        logged = con._query_loggers
+        # (Its truth now, as a bool, not bool()'s call: a close the
+        # hand-on's drain makes clears the set before finish_release reads it.)
+        logged = True if con._query_loggers else False
         # connection._detach(), inlined (the hot path): later calls raise.
         connection._raw = None
         con._proxy = None
@@ -544,7 +545,7 @@ class Leaser:
                         command_timeout = holder.command_timeout
                         if command_timeout is not None and command_timeout < budget:
                             limit = command_timeout  # (asyncpg 0.30+: both limits hold)
-                    if logged:  # (con._query_loggers, read above: nothing since changed it)
+                    if logged:
                         statement = con.execute(query, timeout=limit)
                     else:
                         statement = con._protocol.query(query, limit)
@@ -612,9 +613,6 @@ class Leaser:
                     holder.close_budget = timeout
                     holder.close_raises = True
             state.release(lease, self.now(), outcome)
-        # The set's truth now (a close the hand-on's drain makes clears the
-        # set), as a bool (a test, not bool()'s call).
-        logged = True if logged else False
         self.runner.after_hand_on()
         if logged or done is not None:
             return self.finish_release(done, logged)
