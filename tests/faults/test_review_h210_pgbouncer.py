@@ -68,6 +68,12 @@ def bouncer_settings(**extra: Any) -> dict[str, Any]:
 def own_sockets(port: int) -> int:
     """TCP sockets of this process to 127.0.0.1:``port`` it has not closed
     (ESTABLISHED, or CLOSE_WAIT: the peer closed, this end did not), from /proc."""
+    return len(own_socket_rows(port))
+
+
+def own_socket_rows(port: int) -> list[tuple[int, str]]:
+    """The sockets :func:`own_sockets` counts, as (local port, TCP state:
+    01 ESTABLISHED, 08 CLOSE_WAIT) pairs: a failure's detail."""
     import os
 
     inodes = set()
@@ -78,14 +84,14 @@ def own_sockets(port: int) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    count = 0
+    rows = []
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             parts = line.split()
-            remote, state, inode = parts[2], parts[3], parts[9]
+            local, remote, state, inode = parts[1], parts[2], parts[3], parts[9]
             if inode in inodes and int(remote.split(":")[1], 16) == port and state in ("01", "08"):
-                count += 1
-    return count
+                rows.append((int(local.split(":")[1], 16), state))
+    return rows
 
 
 def typed(exc: BaseException) -> bool:
@@ -134,17 +140,29 @@ def lease_books(pool: Any) -> tuple[int, int]:
 class Sampler:
     """Peak of this process's sockets to PgBouncer (and of SHOW CLIENTS)."""
 
-    def __init__(self, bouncer: Bouncer, show_clients: bool = True) -> None:
+    def __init__(self, bouncer: Bouncer, show_clients: bool = True, pool: Any = None) -> None:
         self.bouncer = bouncer
         self.show_clients = show_clients
+        self.pool = pool
         self.own = 0
+        # At the peak: the sockets and, for safepool's pool, its stats (what
+        # a failure of the bound reports).
+        self.peak = ""
         self.listed = 0
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
     async def _run(self) -> None:
         while not self._stop.is_set():
-            self.own = max(self.own, own_sockets(self.bouncer.port))
+            rows = own_socket_rows(self.bouncer.port)
+            if len(rows) > self.own:
+                self.own = len(rows)
+                self.peak = f"sockets {rows}"
+                if isinstance(self.pool, safepool.Pool):
+                    stats = self.pool.stats()
+                    self.peak += "; " + ", ".join(f"{name}={getattr(stats, name)}" for name in (
+                        "size", "idle", "in_use", "connecting", "resetting", "closing", "connections_opened",
+                        "connections_closed", "connect_errors", "resets_failed"))
             if self.show_clients:
                 self.listed = max(self.listed, await clients(self.bouncer))
             await asyncio.sleep(0.02)
@@ -189,7 +207,7 @@ async def test_reconnect_under_load_costs_no_caller_an_error(
                 errors.append(exc)
 
     try:
-        async with Sampler(bouncer) as sampler:
+        async with Sampler(bouncer, pool=pool) as sampler:
             workers = [asyncio.create_task(worker()) for _ in range(6)]
             for _ in range(5):
                 await asyncio.sleep(0.15)
@@ -198,7 +216,7 @@ async def test_reconnect_under_load_costs_no_caller_an_error(
             await asyncio.wait_for(asyncio.gather(*workers), 10)
         assert not errors, errors[:3]
         assert done > 20
-        assert sampler.own <= max_size, sampler.own
+        assert sampler.own <= max_size, sampler.peak
         assert sampler.listed <= max_size, sampler.listed
         if kind == "safepool":
             await settled(pool, bouncer.port)
