@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, assert_never
 
 from . import _internals as _pg
@@ -34,6 +35,7 @@ from ._state import (
     Close,
     Connect,
     Fail,
+    InternalStateError,
     LeakSuspect,
     NoteServerStatus,
     Phase,
@@ -113,6 +115,8 @@ class Runner:
         # counted towards max_size, not by get_size() (asyncpg's counts open
         # connections only).
         self.exiting: set[Slot] = set()
+        # Told when the loop shuts down (see watch_loop_shutdown).
+        self.loop_shutdown: AsyncGenerator[None, None] | None = None
         self.drained = asyncio.Event()
         self.terminating = False
         # Restores min_size after failed connects, on asyncpg's schedule.
@@ -587,6 +591,7 @@ class Runner:
         """Start-up (``Pool``'s ``_async__init__``): open ``init_size``
         connections, then start the min_size upkeep and the timers."""
         state = self.state
+        self.watch_loop_shutdown()
         if init_size:
             # The first connection is awaited and its error raised, as with
             # asyncpg: a wrong DSN or password must fail pool creation.
@@ -946,6 +951,34 @@ class Runner:
             self.state.set_phase(Phase.CLOSED)
         self.cancel_timers()
         self.drop_exit_watches()
+        self.unwatch_loop_shutdown()
+
+    def watch_loop_shutdown(self) -> None:
+        """Have the event loop close the exit watches' descriptors when it
+        shuts down with the pool still open (``asyncio.run()``'s end,
+        ``asyncio.Runner.close()``, ``uvloop.run()``, pytest-asyncio's loop
+        teardown: ``loop.shutdown_asyncgens()``, which closes every
+        asynchronous generator started on the loop, this one among them).
+        uvloop then closes every transport as the loop closes, asyncpg's
+        among them, so the backends of a pool left open exit, as they did
+        before the exit watch kept a second descriptor of each socket
+        (review h214). On asyncio's loop, which leaves transports open,
+        nothing else changes. A loop closed without ``shutdown_asyncgens()``
+        is not told: ``terminate()``, ``close()`` or garbage collection ends
+        those backends. Holds the runner weakly (a pool nobody references
+        is still collected)."""
+        shutdown = _on_loop_shutdown(weakref.ref(self))
+        _step(shutdown.asend(None))  # (to its first yield: the loop's hook registers it)
+        self.loop_shutdown = shutdown
+
+    def unwatch_loop_shutdown(self) -> None:
+        """Finish :meth:`watch_loop_shutdown`'s generator now (the pool
+        closed, terminated, or failed to open): nothing of the pool's left
+        for the loop to close, nor a task of the loop's to close it with
+        once it is collected."""
+        shutdown, self.loop_shutdown = self.loop_shutdown, None
+        if shutdown is not None:
+            _step(shutdown.aclose())  # (its finally runs now)
 
     def drop_exit_watches(self) -> None:
         """Close every duplicate socket descriptor left (a pool task cancelled
@@ -965,6 +998,7 @@ class Runner:
         # closed the transports then) the aborts below raise, and these are
         # what keeps the sockets, and so their backends, alive (review h214).
         self.drop_exit_watches()
+        self.unwatch_loop_shutdown()
         state = self.state
         self.terminating = True
         state.begin_close(PoolClosedError("pool is closed"))
@@ -998,3 +1032,25 @@ class Runner:
         for con in connections:
             _pg.detach_proxy(con)
         self.cancel_timers()
+
+
+async def _on_loop_shutdown(runner: weakref.ref[Runner]) -> AsyncGenerator[None, None]:
+    """Yields once; closed (by ``loop.shutdown_asyncgens()``, or by the
+    pool's close), drops the runner's exit watches, if it is still there."""
+    try:
+        yield
+    finally:
+        alive = runner()
+        if alive is not None:
+            alive.drop_exit_watches()
+
+
+def _step(awaitable: Any) -> None:
+    """Run an asynchronous generator's ``asend()``/``aclose()`` awaitable
+    to its end, synchronously: the generator above never waits."""
+    try:
+        awaitable.send(None)
+    except StopIteration:
+        pass
+    else:  # pragma: no cover (it never waits)
+        raise InternalStateError("the loop-shutdown generator waited")

@@ -594,17 +594,8 @@ def _backends_after_the_loop_closed(pg_dsn: str, loop: str, terminate_after: boo
 @pytest.mark.parametrize(
     "terminate_after",
     [
-        pytest.param(
-            False, id="left_open",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="open (docs/design.md, Slot states): uvloop closes every transport when its loop closes, "
-                "which ended a pool's sockets, and so their backends, before the exit watch (78ea1f5); the "
-                "duplicates (Runner.exit_watches) stay open while the pool is referenced and nothing runs on a "
-                "closed loop to close them: a pool left open past its loop keeps its backends until terminate(), "
-                "close() or garbage collection",
-            ),
-        ),
+        # (The loop's shutdown_asyncgens() closes the duplicates: Runner.watch_loop_shutdown, s69.)
+        pytest.param(False, id="left_open"),
         pytest.param(True, id="terminated_after"),  # (terminate() closes the duplicates first: fixed in s66)
     ],
 )
@@ -618,3 +609,46 @@ def test_on_asyncio_a_pool_left_open_keeps_its_backends_as_before(pg_dsn: str) -
     """asyncio's loop leaves its transports open when it closes: the backends
     of a pool left open live on, with or without the duplicates (parity)."""
     assert _backends_after_the_loop_closed(pg_dsn, "asyncio", False) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_pool_closed_takes_its_loop_shutdown_hook_with_it(pg_dsn: str) -> None:
+    """The generator the loop's shutdown_asyncgens() would close (see
+    Runner.watch_loop_shutdown) is closed by the pool's own close(): the
+    loop has nothing of the pool's left to close."""
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
+    hook = pool._runner.loop_shutdown
+    assert hook is not None and hook.ag_frame is not None  # (started: suspended at its yield)
+    await pool.close()
+    assert pool._runner.loop_shutdown is None
+    assert hook.ag_frame is None  # (finished)
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.asyncio
+async def test_a_pool_left_open_is_collected_and_its_loop_shutdown_hook_ends_quietly(pg_dsn: str) -> None:
+    """The hook holds the pool weakly: a pool nobody references is still
+    collected (asyncpg's test_pool_gc_does_not_restore_min_size), and its
+    generator, finalized with it, closes in a task of the loop's with
+    nothing to do and no error."""
+    import weakref
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
+        hook = weakref.ref(pool._runner.loop_shutdown)
+        collected = weakref.ref(pool)
+        del pool
+        gc.collect()
+        assert collected() is None
+        for _ in range(3):
+            await asyncio.sleep(0)  # (the loop's finalizer hook closes the generator in a task)
+        gc.collect()
+        assert hook() is None
+        assert errors == []
+    finally:
+        loop.set_exception_handler(previous)
