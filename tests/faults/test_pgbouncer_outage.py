@@ -184,9 +184,15 @@ async def test_a_server_outage_behind_pgbouncer_costs_no_more_connections_than_a
         recovery_ms=side.in_ms(recovery),
         failed={kind: ledger.summary() for kind, ledger in ledgers.items()},
     )
-    for ledger in ledgers.values():
+    for kind, ledger in ledgers.items():
         ledger.check()
-        assert ledger.ok == 0 and ledger.errors["connection_lost"] == FAILED_QUERIES, ledger.summary()
+        # Each query meets the lost connection: as ConnectionDoesNotExistError,
+        # or, where asyncpg had read PgBouncer's FATAL and not yet the EOF
+        # behind it, as asyncpg's own refusal of the next query (classify's
+        # asyncpg:unsolicited_fatal, docs/reliability.md; on both pools: one
+        # query of 40 failed so in a CI run).
+        lost = ledger.errors["connection_lost"] + ledger.errors["asyncpg:unsolicited_fatal"]
+        assert ledger.ok == 0 and lost == FAILED_QUERIES, (kind, ledger.summary())
     assert cancels["asyncpg"] == 0
     # A cancel request only for a connection that was reset (rare here).
     assert cancels["safepool"] == resets["safepool"] <= RESETS_ALLOWED, (cancels, resets)
