@@ -493,16 +493,16 @@ class Leaser:
             # logger (asyncpg 0.30+): the logger's record of the reset is
             # then asyncpg's (timeout None; a budget that runs out is a
             # CancelledError there, the TimeoutError the caller's).
-            # (Last: _pg.in_call. A fetch-family call of another task between
-            # two of its steps, its prepare answered and its bind not sent,
-            # leaves the protocol idle: a reset sent now would take the
-            # call's turn, and the call would fail with asyncpg's "another
-            # operation is in progress". asyncpg's release resets in a
+            # (Last: _pg.in_call, inlined: the hot path. A fetch-family call
+            # of another task between two of its steps, its prepare answered
+            # and its bind not sent, leaves the protocol idle: a reset sent
+            # now would take the call's turn, and the call would fail with
+            # asyncpg's "another operation is in progress". asyncpg's release resets in a
             # shielded task, whose first step comes after the call's: the
             # call goes on, the reset is refused, and the connection is
             # given up once the call ends. So does this one, in a pool task.)
             if (holder.task_reset or (logged and _pg.RESET_UNDER_BUDGET)
-                    or (check == MUST_RESET and _pg.is_cancelling(con)) or _pg.in_call(con)):
+                    or (check == MUST_RESET and _pg.is_cancelling(con)) or con._stmt_exclusive_section._acquired):
                 runner = self.runner
                 hooks = None
                 if self.custom_reset:

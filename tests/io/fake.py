@@ -198,6 +198,7 @@ class FakeConnection(_pg_connection.Connection):
         self._log_listeners = set()
         self._termination_listeners = set()
         self._query_loggers = set()
+        self._stmt_exclusive_section = _pg_connection._Atomic()  # (no call ever holds it)
         self._proxy = None
         self._pool_holder = None
         self._source_traceback = None
