@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -301,9 +302,29 @@ async def test_a_connection_class_s_own_members_through_the_proxy(make_pool: Mak
         assert isinstance(con, _Extras) and isinstance(con, asyncpg.Connection)
         assert type(con._con) is _Extras
     for name in ("doubled", "greeting", "shout", "has_pid"):
-        with pytest.raises(AttributeError):
+        with pytest.raises(AttributeError) as caught:
             getattr(con, name)
         assert not hasattr(con, name)
+        # (docs/migration.md, "A released proxy's other attributes": the
+        # error is also asyncpg's InterfaceError on safepool, with its message.)
+        if isinstance(pool, safepool.Pool):
+            assert isinstance(caught.value, asyncpg.InterfaceError)
+            assert str(caught.value) == f"cannot call Connection.{name}(): connection has been released back to the pool"
+        else:
+            assert str(caught.value) == f"'NoneType' object has no attribute '{name}'"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("flavour", BOTH)
+async def test_a_lease_can_be_referred_to_weakly_on_safepool_only(make_pool: MakePool) -> None:
+    """docs/migration.md, "A lease can be referred to weakly"."""
+    pool = await make_pool(min_size=1, max_size=1)
+    async with pool.acquire() as con:
+        if isinstance(pool, safepool.Pool):
+            assert weakref.ref(con)() is con
+        else:
+            with pytest.raises(TypeError, match="cannot create weak reference"):
+                weakref.ref(con)
 
 
 @pytest.mark.asyncio
