@@ -332,6 +332,7 @@ async def test_storm_keeps_the_server_count_within_max_size(
     peak = 0
     problems: list[str] = []
     errors: Counter[str] = Counter()
+    terminated: list[int] = []  # (backends the chaos terminated)
     stop = False
     deadline = time.monotonic() + 2.5
 
@@ -432,10 +433,10 @@ async def test_storm_keeps_the_server_count_within_max_size(
             await asyncio.sleep(0.01 + r.random() * 0.05)
             action = r.choice(["terminate", "expire", "connect_args", "bad_connect"])
             if action == "terminate":
-                await admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM (SELECT pid FROM pg_stat_activity "
-                    "WHERE application_name = $1 ORDER BY random() LIMIT 1) s", app_name,
-                )
+                terminated.extend(await admin.fetchval(
+                    "SELECT array_agg(pid) FILTER (WHERE pg_terminate_backend(pid)) FROM (SELECT pid "
+                    "FROM pg_stat_activity WHERE application_name = $1 ORDER BY random() LIMIT 1) s", app_name,
+                ) or ())
             elif action == "expire":
                 await pool.expire_connections()
             elif action == "connect_args":
@@ -453,7 +454,17 @@ async def test_storm_keeps_the_server_count_within_max_size(
         async with asyncio.timeout(30):
             await asyncio.gather(*[worker() for _ in range(8)], chaos())
             quiet = True
-            # Settled: the books agree with the server (closes and connects under way finish).
+            # Settled: the backends the chaos terminated have exited, and the
+            # pool has read the end of each. Until then an idle connection
+            # may have read the server's FATAL and not the EOF behind it:
+            # asyncpg refuses its next call ("cannot switch to state 12;
+            # another operation (2) is in progress", docs/reliability.md,
+            # "asyncpg limitations seen under faults"), a failure of the
+            # storm's, not of the settled pool's (CI, s69: the setup hook of
+            # the final leases met it after a terminate just before the end).
+            while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", terminated):
+                await asyncio.sleep(0.01)
+            # The books agree with the server (closes and connects under way finish).
             while True:
                 st = pool.stats()
                 if not (st.connecting or st.closing or st.resetting or st.in_use) and (
