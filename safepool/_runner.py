@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import warnings
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, assert_never
@@ -117,6 +118,9 @@ class Runner:
         self.exiting: set[Slot] = set()
         # Told when the loop shuts down (see watch_loop_shutdown).
         self.loop_shutdown: AsyncGenerator[None, None] | None = None
+        # False for a pool opened once its loop had shut down its
+        # asynchronous generators: no exit watches (see watch_loop_shutdown).
+        self.watch_exits = True
         self.drained = asyncio.Event()
         self.terminating = False
         # Restores min_size after failed connects, on asyncpg's schedule.
@@ -687,7 +691,7 @@ class Runner:
         # -1, always reset after the first lease.
         holder = Holder(self.face, self, slot, con, clean_mark=-1 if self.auto_reset else 0)
         self.slot_holders[slot] = holder
-        watch = _workers.exit_watch(con)
+        watch = _workers.exit_watch(con) if self.watch_exits else None
         if watch is not None:
             self.exit_watches[slot] = watch
         _pg.attach_holder(con, holder)
@@ -966,10 +970,48 @@ class Runner:
         nothing else changes. A loop closed without ``shutdown_asyncgens()``
         is not told: ``terminate()``, ``close()`` or garbage collection ends
         those backends. Holds the runner weakly (a pool nobody references
-        is still collected)."""
+        is still collected).
+
+        A pool opened once the loop has shut down its asynchronous
+        generators (in the cleanup of one that ``shutdown_asyncgens()``
+        closes, at ``asyncio.run()``'s end) cannot be told: the loop would
+        never close this one, and its first-iteration hook warns of it
+        (``ResourceWarning``: "... was scheduled after
+        loop.shutdown_asyncgens() call", asyncio and uvloop alike), where
+        asyncpg's pool starts no generator and warns of nothing (review
+        s70). Such a pool starts no generator, and keeps no exit watches
+        (``watch_exits``), so nothing of its own outlives the transports
+        when the loop closes; a connection it closes stops counting at
+        once, as on asyncpg's pool (docs/design.md, "Slot states").
+        asyncio's loop says whether it has shut them down
+        (``_asyncgens_shutdown_called``, 3.6+); uvloop's keeps it to itself,
+        so there the hook's warning is the answer: caught, not passed on
+        (``warnings.catch_warnings``, which swaps the process's warning
+        filters for the generator's first step)."""
+        shut_down = getattr(self.loop, "_asyncgens_shutdown_called", None)
+        if shut_down:
+            self.watch_exits = False
+            return
         shutdown = _on_loop_shutdown(weakref.ref(self))
-        _step(shutdown.asend(None))  # (to its first yield: the loop's hook registers it)
-        self.loop_shutdown = shutdown
+        if shut_down is not None:
+            _step(shutdown.asend(None))  # (to its first yield: the loop's hook registers it)
+            self.loop_shutdown = shutdown
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _step(shutdown.asend(None))
+        late = False
+        for warning in caught:
+            if issubclass(warning.category, ResourceWarning) and "shutdown_asyncgens" in str(warning.message):
+                late = True
+            else:  # (not the hook's: passed on, as it came)
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno,
+                                       source=warning.source)
+        if late:
+            _step(shutdown.aclose())
+            self.watch_exits = False
+        else:
+            self.loop_shutdown = shutdown
 
     def unwatch_loop_shutdown(self) -> None:
         """Finish :meth:`watch_loop_shutdown`'s generator now (the pool

@@ -12,6 +12,9 @@ fails to open where warnings are errors (this project's own pytest
 settings). Its generator is also never closed by that loop: on uvloop a pool
 so opened and left open keeps its backends after the loop has closed, where
 asyncpg's pool's end with uvloop's transports.
+
+Fixed (``Runner.watch_loop_shutdown``): a pool opened once the loop has shut
+down its generators starts none and keeps no exit watches.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def _open_in_shutdown_cleanup(
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_asyncpgs_pool_opened_in_a_shutdown_cleanup_is_silent(pg_dsn: str, loop: str) -> None:
-    """The baseline the xfails below compare with."""
+    """The baseline the tests below compare with."""
     hook_warnings, errors, _, _ = _open_in_shutdown_cleanup(pg_dsn, loop, asyncpg.create_pool, close=True)
     assert errors == []
     assert hook_warnings == []
@@ -108,15 +111,6 @@ def test_asyncpgs_pool_opened_in_a_shutdown_cleanup_is_silent(pg_dsn: str, loop:
     assert errors == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "review s70: Runner.watch_loop_shutdown (safepool/_runner.py:970-972) starts an async generator at every "
-        "open; once the loop's shutdown_asyncgens() has run, the loop's firstiter hook warns "
-        "'asynchronous generator <_on_loop_shutdown> was scheduled after loop.shutdown_asyncgens() call' "
-        "(ResourceWarning); asyncpg's pool emits nothing"
-    ),
-)
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_pool_opened_and_closed_in_a_shutdown_cleanup_warns_nothing(pg_dsn: str, loop: str) -> None:
     hook_warnings, errors, _, _ = _open_in_shutdown_cleanup(pg_dsn, loop, safepool.create_pool, close=True)
@@ -124,14 +118,6 @@ def test_a_pool_opened_and_closed_in_a_shutdown_cleanup_warns_nothing(pg_dsn: st
     assert hook_warnings == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "review s70: with warnings as errors (this project's pytest settings), the loop's firstiter hook raises "
-        "the ResourceWarning out of Runner.watch_loop_shutdown's _step(shutdown.asend(None)) "
-        "(safepool/_runner.py:971, called from Runner.open, :594): create_pool() fails where asyncpg's succeeds"
-    ),
-)
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_pool_opens_in_a_shutdown_cleanup_where_warnings_are_errors(pg_dsn: str, loop: str) -> None:
     _, errors, _, _ = _open_in_shutdown_cleanup(
@@ -144,18 +130,7 @@ def test_a_pool_opens_in_a_shutdown_cleanup_where_warnings_are_errors(pg_dsn: st
     "create",
     [
         pytest.param(asyncpg.create_pool, id="asyncpg"),
-        pytest.param(
-            safepool.create_pool,
-            id="safepool",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "review s70: the generator started after shutdown_asyncgens() (safepool/_runner.py:970-972) "
-                    "is never closed by the loop, so the exit watches' duplicate descriptors outlive uvloop's "
-                    "close of asyncpg's transports and keep the backend (asyncpg's pool: 0 left)"
-                ),
-            ),
-        ),
+        pytest.param(safepool.create_pool, id="safepool"),
     ],
 )
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
