@@ -37,6 +37,7 @@ from asyncpg.protocol import protocol as _pg_protocol
 
 from . import _internals as _pg
 from .proxy import (
+    COUNTED,
     PARSE_WITHOUT_SYNC,
     PoolConnectionProxy,
     _mark_coroutine,
@@ -565,6 +566,8 @@ def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
     # SQL, a round trip must end it. A statement that raised may have
     # stopped there too (proxy.watch).
     always = name in PARSE_WITHOUT_SYNC
+    # prepare(): counted while it runs, as the base proxy counts it (proxy.COUNTED).
+    counted = name in COUNTED and is_coroutine
 
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._raw
@@ -578,6 +581,8 @@ def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
         if always or (reason is not None and (reason is not _MISS or _classify_and_remember(sql) is not None)):
             self._holder.clean_mark = -1
             operation = getattr(con.__class__, name)(con, *args, **kwargs)
+            if counted:
+                return _copying_watched(self._holder, operation, True)
             return _marking(self._holder, operation) if is_coroutine else operation
         operation = getattr(con.__class__, name)(con, *args, **kwargs)
         return watch(self._holder, operation) if is_coroutine else operation

@@ -120,8 +120,9 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # asyncpg's done callback on a statement's waiter, which a reset
         # with no timer leaves off while the releasing task drives it.
         self.waiter_completed = _pg.waiter_completed_callback(con)
-        # COPY calls of the lease under way (proxy._copying): a take-back
-        # waits for them as for asyncpg's statement section.
+        # COPY and prepare() calls of the lease under way (proxy._copying):
+        # a take-back waits for them as for asyncpg's statement section, and
+        # a release made meanwhile resets in a pool task.
         self.copies = 0
         # Statements of the auto and rollback modes' proxies under way
         # (proxy.watch): a release while one runs is marked for its reset.

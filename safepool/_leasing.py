@@ -439,10 +439,12 @@ class Leaser:
             # Taken back by the lease timeout while being released (the
             # take-back ran asyncpg's _on_release already).
             return self.finish_release(None, True) if logged else released()
-        if holder.watched or holder.copies:
-            # A statement (or a COPY) of the lease still runs (proxy.watch,
-            # the COPY methods' count): it may leave a transaction, or answer
-            # late; auto and rollback modes would skip the reset.
+        busy = holder.watched or holder.copies
+        if busy:
+            # A statement (or a COPY, or a prepare()) of the lease still runs
+            # (proxy.watch, proxy._copying's count): it may leave a
+            # transaction, or answer late; auto and rollback modes would
+            # skip the reset. (Its reset goes to a pool task: see below.)
             holder.clean_mark = -1
         try:
             # What the connection needs (the core's Observed, as _pg's ints), in one look
@@ -500,9 +502,15 @@ class Leaser:
             # asyncpg's "another operation is in progress". asyncpg's release resets in a
             # shielded task, whose first step comes after the call's: the
             # call goes on, the reset is refused, and the connection is
-            # given up once the call ends. So does this one, in a pool task.)
+            # given up once the call ends. So does this one, in a pool task.
+            # So too while a counted call of the lease runs (busy, above): a
+            # COPY or a prepare() holds no statement section, and between
+            # its steps (a prepare's answer and its type introspection, or
+            # the COPY's statement; a file opening) the protocol is idle
+            # too: review s70.)
             if (holder.task_reset or (logged and _pg.RESET_UNDER_BUDGET)
-                    or (check == MUST_RESET and _pg.is_cancelling(con)) or con._stmt_exclusive_section._acquired):
+                    or (check == MUST_RESET and _pg.is_cancelling(con)) or con._stmt_exclusive_section._acquired
+                    or busy):
                 runner = self.runner
                 hooks = None
                 if self.custom_reset:

@@ -482,7 +482,9 @@ async def close(
     try:
         if busy and not lost:
             async with asyncio.timeout(budget if budget is not None else DEFAULT_RESET_TIMEOUT):
-                await statement_ended(con)
+                # (Paused between the steps of a call the holder counts, a
+                # COPY or a prepare(): asyncpg awaits nothing there.)
+                await statement_ended(con, lambda: in_flight(con) and not _pg.statement_in_flight(con))
         if lost:
             async with asyncio.timeout(cancel_timeout(budget)):
                 await _pg.cancel_running_query(con, key)
@@ -544,7 +546,7 @@ async def _cancelled_after_a_reset(con: RawConnection, running: bool, key: _pg.C
     return True
 
 
-async def statement_ended(con: RawConnection) -> None:
+async def statement_ended(con: RawConnection, paused: Callable[[], bool] = lambda: False) -> None:
     """Until no statement runs on ``con`` any more: one that another task
     started before its lease was released (the release's reset was refused,
     and the pool gives the connection up). Cancelled on the server as a
@@ -563,10 +565,12 @@ async def statement_ended(con: RawConnection) -> None:
     is an empty query that the protocol accepts: refused at once, with
     nothing sent, while asyncpg still runs one (``_internals.is_busy``).
     Nothing is sent between the steps of a fetch-family call
-    (``_internals.in_call``). The caller bounds the wait. (An error of the
-    empty query's own, a cancel request late for the statement meeting it,
-    says the same: nothing runs.)"""
-    await _once_free(con, lambda: _pg.empty_query(con))
+    (``_internals.in_call``), nor while ``paused()`` (between the steps of
+    a call the pool counts, a COPY or a ``prepare()``: review s70). The
+    caller bounds the wait. (An error of the empty query's own, a cancel
+    request late for the statement meeting it, says the same: nothing
+    runs.)"""
+    await _once_free(con, lambda: _pg.empty_query(con), paused)
 
 
 async def _cancel_answered_within(

@@ -122,8 +122,9 @@ def marking_forwarder(name: str) -> Any:
 
 
 async def _copying(holder: _Holder, operation: Any) -> Any:
-    """Await a COPY method's coroutine, counted on the holder
-    (``Holder.copies``) for a take-back to wait for. Before the COPY's
+    """Await a COPY method's coroutine (or another of ``COUNTED``'s),
+    counted on the holder (``Holder.copies``) for a take-back to wait for,
+    and for a release made meanwhile to reset in a pool task. Before the COPY's
     first message such a call may wait on something else, the protocol idle
     and no statement section held (``_internals.in_call``): ``source=`` or
     ``output=`` a path opens its file in an executor thread (a FIFO, until
@@ -169,12 +170,23 @@ def _watched_forwarder(name: str) -> Any:
 PARSE_WITHOUT_SYNC = frozenset({"prepare", "cursor"})
 
 
+# Calls of several protocol steps that hold no statement section (asyncpg's
+# _stmt_exclusive_section, _internals.in_call): counted while they run
+# (Holder.copies), so a release made meanwhile resets in a pool task, after
+# the call's next step, as asyncpg's shielded reset comes (review s70), and a
+# take-back waits for them. prepare() introspects the types of a statement
+# it has just parsed with a query of its own; a COPY method may prepare, or
+# open a file, before its COPY.
+COUNTED = frozenset({"prepare"})
+
+
 def _forward(name: str, is_coroutine: bool, *, watch_errors: bool) -> Any:
     if name.startswith("copy_") or name in PARSE_WITHOUT_SYNC:
         # What asyncpg's statement counter does not count, yet leaves the
         # session to reset: a COPY's query can change it (a lock,
         # set_config, a trigger), and see PARSE_WITHOUT_SYNC.
-        call = copy_forwarder(name) if name.startswith("copy_") else marking_forwarder(name)
+        counted = name.startswith("copy_") or name in COUNTED
+        call = copy_forwarder(name) if counted else marking_forwarder(name)
     elif is_coroutine:
         # Full mode resets every lease that ran a statement: marking the
         # lease at the call covers a statement that raised before asyncpg

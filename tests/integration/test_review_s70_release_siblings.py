@@ -142,8 +142,17 @@ REASON = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=REASON)
-@pytest.mark.parametrize("op", OPS)
+# Fixed for the calls the proxy counts while they run (Holder.copies: the
+# COPY methods and prepare(); proxy.COUNTED): the release resets in a pool
+# task, after the call's next step, as asyncpg's shielded reset comes. A
+# cursor's steps run through asyncpg's cursor objects, which the proxy does
+# not see: still the inline reset there.
+UNSEEN = {"cursor_first_fetch", "cursor_open"}
+
+
+@pytest.mark.parametrize(
+    "op", [pytest.param(op, marks=pytest.mark.xfail(strict=True, reason=REASON)) if op in UNSEEN else op for op in OPS]
+)
 async def test_a_release_between_steps_of_a_call_without_the_section_matches_asyncpg(
     pg_dsn: str, op: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -154,9 +163,11 @@ async def test_a_release_between_steps_of_a_call_without_the_section_matches_asy
     # asyncpg's baseline (pinned: the xfail must fail on safepool's side).
     assert on_asyncpg["call"] == "ConnectionDoesNotExistError", on_asyncpg
     assert on_asyncpg["release"] == "InterfaceError", on_asyncpg
-    # The call gets its own result, or asyncpg's outcome; never the refusal
-    # of its own next step.
-    assert on_safepool["call"] in ("ok", on_asyncpg["call"]), on_safepool
+    # The call gets its own result, or asyncpg's outcome, or (a statement
+    # still running when the connection is given up) the server's cancel of
+    # it: docs/migration.md, "release() while another task runs a query on
+    # the connection". Never the refusal of its own next step.
+    assert on_safepool["call"] in ("ok", on_asyncpg["call"], "QueryCanceledError"), on_safepool
     assert on_safepool["release"] == on_asyncpg["release"], on_safepool
 
 
