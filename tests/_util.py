@@ -312,3 +312,23 @@ def stoppable_backend(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def backends_after_the_loop(dsn: str, name: str, settle: float = 1.0) -> int:
+    """The backends the server counts for ``application_name`` ``name``,
+    ``settle`` seconds later, read from a loop of its own (``asyncio.run``):
+    for a test whose pool's loop has closed."""
+
+    async def count() -> int:
+        import asyncpg
+
+        admin = await asyncpg.connect(dsn)
+        try:
+            await asyncio.sleep(settle)
+            return int(
+                await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name)
+            )
+        finally:
+            await admin.close()
+
+    return asyncio.run(count())

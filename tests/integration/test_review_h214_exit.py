@@ -23,7 +23,7 @@ import pytest
 
 import safepool
 from safepool import _workers
-from tests._util import stoppable_backend
+from tests._util import backends_after_the_loop, stoppable_backend
 from tests.faults.test_cancel_request_tls import tls_cluster  # noqa: F401  (a fixture)
 
 COUNT = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
@@ -574,16 +574,8 @@ def _backends_after_the_loop_closed(pg_dsn: str, loop: str, terminate_after: boo
         except RuntimeError:
             pass  # (the loop is closed: the first abort raises)
 
-    async def count() -> int:
-        admin = await asyncpg.connect(pg_dsn)
-        try:
-            await asyncio.sleep(1.0)
-            return int(await admin.fetchval(COUNT, name))
-        finally:
-            await admin.close()
-
     try:
-        return asyncio.run(count())
+        return backends_after_the_loop(pg_dsn, name)
     finally:
         kept.clear()
         gc.collect()

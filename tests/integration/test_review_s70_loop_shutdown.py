@@ -30,8 +30,8 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import backends_after_the_loop
 
-COUNT = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
 HOOK_WARNING = "was scheduled after loop.shutdown_asyncgens"
 
 LOOPS = ["asyncio", "uvloop"]
@@ -41,18 +41,6 @@ def _factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     if loop == "uvloop":
         return pytest.importorskip("uvloop").new_event_loop  # type: ignore[no-any-return]
     return None
-
-
-def _count(dsn: str, name: str) -> int:
-    async def count() -> int:
-        admin = await asyncpg.connect(dsn)
-        try:
-            await asyncio.sleep(1.0)
-            return int(await admin.fetchval(COUNT, name))
-        finally:
-            await admin.close()
-
-    return asyncio.run(count())
 
 
 def _open_in_shutdown_cleanup(
@@ -142,7 +130,7 @@ def test_on_uvloop_a_pool_opened_in_a_shutdown_cleanup_and_left_open_keeps_no_ba
     _, errors, kept, name = _open_in_shutdown_cleanup(pg_dsn, "uvloop", create, close=False)
     try:
         assert errors == []
-        assert _count(pg_dsn, name) == 0
+        assert backends_after_the_loop(pg_dsn, name) == 0
     finally:
         kept.clear()
         gc.collect()
