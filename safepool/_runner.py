@@ -995,23 +995,11 @@ class Runner:
         shutdown = _on_loop_shutdown(weakref.ref(self))
         if shut_down is not None:
             _step(shutdown.asend(None))  # (to its first yield: the loop's hook registers it)
-            self.loop_shutdown = shutdown
-            return
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            _step(shutdown.asend(None))
-        late = False
-        for warning in caught:
-            if issubclass(warning.category, ResourceWarning) and "shutdown_asyncgens" in str(warning.message):
-                late = True
-            else:  # (not the hook's: passed on, as it came)
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno,
-                                       source=warning.source)
-        if late:
+        elif _started_late(shutdown):
             _step(shutdown.aclose())
             self.watch_exits = False
-        else:
-            self.loop_shutdown = shutdown
+            return
+        self.loop_shutdown = shutdown
 
     def unwatch_loop_shutdown(self) -> None:
         """Finish :meth:`watch_loop_shutdown`'s generator now (the pool
@@ -1085,6 +1073,25 @@ async def _on_loop_shutdown(runner: weakref.ref[Runner]) -> AsyncGenerator[None,
         alive = runner()
         if alive is not None:
             alive.drop_exit_watches()
+
+
+def _started_late(shutdown: AsyncGenerator[None, None]) -> bool:
+    """Take ``shutdown``'s first step on a loop that does not say whether it
+    has shut down its asynchronous generators (uvloop); True if its
+    first-iteration hook warned that it has ("... was scheduled after
+    loop.shutdown_asyncgens() call"). That warning is the answer, not
+    passed on; any other is, as it came."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _step(shutdown.asend(None))
+    late = False
+    for warning in caught:
+        if issubclass(warning.category, ResourceWarning) and "shutdown_asyncgens" in str(warning.message):
+            late = True
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno,
+                                   source=warning.source)
+    return late
 
 
 def _step(awaitable: Any) -> None:
