@@ -50,7 +50,7 @@ from ._state import (
     Wake,
 )
 from ._workers import DEFAULT_RESET_TIMEOUT, ResetHooks
-from .errors import PoolClosedError, PoolOverloadedError, PoolTimeoutError
+from .errors import PoolClosedError, PoolInterfaceError, PoolOverloadedError, PoolTimeoutError
 from .stats import describe_error
 
 # How long close() lets connects under way finish before cancelling them.
@@ -383,9 +383,20 @@ class Runner:
         reclaimed lease)."""
         budget, statement_limit = self.reset_budget(timeout, con)
         try:
-            error = await _workers.reset(
-                con, rollback, self.hooks if hooks is None else hooks, budget, statement_limit
-            )
+            if holder.copies:
+                # A counted call of the lease (a COPY, a prepare(): proxy.COUNTED)
+                # still runs, perhaps between two of its steps, where asyncpg
+                # awaits nothing and would take a reset (prepare()'s type
+                # introspection is several statements): refused as asyncpg
+                # refuses one while a statement runs, and the connection is
+                # given up once the call ends (review s70).
+                error: BaseException | None = PoolInterfaceError(
+                    "cannot perform operation: another operation is in progress"
+                )
+            else:
+                error = await _workers.reset(
+                    con, rollback, self.hooks if hooks is None else hooks, budget, statement_limit
+                )
         except BaseException:
             # Only terminate() cancels the pool's tasks: it has discarded the slot.
             settle(done, None)
