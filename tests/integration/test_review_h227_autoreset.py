@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -119,3 +120,100 @@ async def test_neutral_statement_task_created_before_release_is_refused_at_its_s
         task = asyncio.ensure_future(con.fetchval("SELECT 1"))
     with pytest.raises(asyncpg.InterfaceError):
         await task
+
+
+# ------------------------------------------------ COPY strings of several statements
+
+# asyncpg pastes where= into its COPY statement, sent as a simple query: the
+# string may hold more statements, which the server runs after the COPY.
+# Each is classified (a neutral one passes); the transaction they leave open
+# is seen from the ReadyForQuery that ends the COPY, and rolled back.
+COPY_WHERE = [
+    "true; BEGIN; SET LOCAL work_mem = '2272kB'; NOTIFY h227",
+    "true; BEGIN; SET LOCAL work_mem = '2272kB'; SELECT pg_advisory_xact_lock(2272)",
+    "true; BEGIN; SET LOCAL work_mem = '2272kB'; COMMIT AND CHAIN",
+]
+
+
+@pytest.mark.parametrize("where", COPY_WHERE)
+@pytest.mark.parametrize("method", ["copy_to_table", "copy_records_to_table"])
+async def test_copy_where_of_several_statements_is_rolled_back(make: Any, pg_dsn: str, method: str, where: str) -> None:
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute("CREATE TABLE IF NOT EXISTS h227_copy (a int)")
+    finally:
+        await admin.close()
+    pool = await make("auto")
+    async with pool.acquire() as con:
+        default = await _fingerprint(con)
+    async with pool.acquire() as con:
+        if method == "copy_to_table":
+            await con.copy_to_table("h227_copy", source=io.BytesIO(b"1\n"), where=where)
+        else:
+            await con.copy_records_to_table("h227_copy", records=[(1,)], where=where)
+        assert con.is_in_transaction()  # the string's BEGIN
+    async with pool.acquire(timeout=10) as again:
+        assert await _fingerprint(again) == default
+
+
+# ------------------------------------------- asyncpg's own statements in a call
+
+
+@pytest_asyncio.fixture
+async def mood(pg_dsn: str) -> AsyncIterator[str]:
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute("DROP TYPE IF EXISTS h227_mood; CREATE TYPE h227_mood AS ENUM ('calm', 'cross')")
+    try:
+        yield "h227_mood"
+    finally:
+        await admin.execute("DROP TYPE IF EXISTS h227_mood")
+        await admin.close()
+
+
+JIT_REASON = (
+    "asyncpg's own statements inside a call are not classified: a fetch*/execute-with-arguments/"
+    "executemany whose statement has a type asyncpg has not introspected on this connection yet (an "
+    "enum, a table's row type, a domain) runs asyncpg's Connection._introspect_types, which sends "
+    "set_config('jit', 'off', false) and then set_config('jit', <previous>, false) (asyncpg 0.32, "
+    "connection.py:528-566): a session-level GUC change. safepool/_autoreset.py:563-588 (_sql_forwarder) "
+    "classifies only the caller's SQL, so the lease is neutral and its release skips RESET ALL: jit is "
+    "left set with source 'session' (value 'on'), and after SET LOCAL jit = off in a committed "
+    "transaction with value 'off' for every later lease"
+)
+
+
+def _jit_modes() -> list[Any]:
+    return ["full", pytest.param("auto", marks=pytest.mark.xfail(strict=True, reason=JIT_REASON))]
+
+
+async def _in_transaction_with_jit_off(con: Any, mood: str) -> None:
+    async with con.transaction():
+        await con.execute("SET LOCAL jit = off")
+        assert await con.fetchval(f"SELECT 'calm'::{mood}") == "calm"
+
+
+async def _plain(con: Any, mood: str) -> None:
+    assert await con.fetchval(f"SELECT 'calm'::{mood}") == "calm"
+
+
+async def _argument(con: Any, mood: str) -> None:
+    assert await con.fetchval(f"SELECT $1::{mood}::text", "cross") == "cross"
+
+
+INTROSPECTING = {
+    "SET LOCAL jit = off, then a fetchval of an enum, committed": _in_transaction_with_jit_off,
+    "fetchval returning an enum": _plain,
+    "fetchval with an enum argument": _argument,
+}
+
+
+@pytest.mark.parametrize("case", sorted(INTROSPECTING))
+@pytest.mark.parametrize("mode", _jit_modes())
+async def test_type_introspection_leaves_no_session_setting(make: Any, mood: str, mode: str, case: str) -> None:
+    pool = await make(mode)
+    async with pool.acquire() as con:
+        default = await _fingerprint(con)
+    async with pool.acquire() as con:
+        await INTROSPECTING[case](con, mood)
+    async with pool.acquire() as again:
+        assert await _fingerprint(again) == default
