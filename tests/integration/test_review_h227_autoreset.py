@@ -162,17 +162,21 @@ async def test_copy_where_of_several_statements_is_rolled_back(make: Any, pg_dsn
 @pytest_asyncio.fixture
 async def mood(pg_dsn: str) -> AsyncIterator[str]:
     admin = await asyncpg.connect(pg_dsn)
-    await admin.execute("DROP TYPE IF EXISTS h227_mood; CREATE TYPE h227_mood AS ENUM ('calm', 'cross')")
+    await admin.execute(
+        "DROP TABLE IF EXISTS h227_moods; DROP TYPE IF EXISTS h227_mood; CREATE TYPE h227_mood AS ENUM ('calm', 'cross'); "
+        "CREATE TABLE h227_moods (m h227_mood)"
+    )
     try:
         yield "h227_mood"
     finally:
-        await admin.execute("DROP TYPE IF EXISTS h227_mood")
+        await admin.execute("DROP TABLE IF EXISTS h227_moods; DROP TYPE IF EXISTS h227_mood")
         await admin.close()
 
 
 JIT_REASON = (
     "asyncpg's own statements inside a call are not classified: a fetch*/execute-with-arguments/"
-    "executemany whose statement has a type asyncpg has not introspected on this connection yet (an "
+    "executemany/copy_records_to_table whose statement has a type asyncpg has not introspected on this "
+    "connection yet (an "
     "enum, a table's row type, a domain) runs asyncpg's Connection._introspect_types, which sends "
     "set_config('jit', 'off', false) and then set_config('jit', <previous>, false) (asyncpg 0.32, "
     "connection.py:528-566): a session-level GUC change. safepool/_autoreset.py:563-588 (_sql_forwarder) "
@@ -200,7 +204,12 @@ async def _argument(con: Any, mood: str) -> None:
     assert await con.fetchval(f"SELECT $1::{mood}::text", "cross") == "cross"
 
 
+async def _copy_records(con: Any, mood: str) -> None:
+    await con.copy_records_to_table("h227_moods", records=[("calm",)])
+
+
 INTROSPECTING = {
+    "copy_records_to_table into a table with an enum column": _copy_records,
     "SET LOCAL jit = off, then a fetchval of an enum, committed": _in_transaction_with_jit_off,
     "fetchval returning an enum": _plain,
     "fetchval with an enum argument": _argument,
