@@ -226,3 +226,28 @@ async def test_type_introspection_leaves_no_session_setting(make: Any, mood: str
         await INTROSPECTING[case](con, mood)
     async with pool.acquire() as again:
         assert await _fingerprint(again) == default
+
+
+# ------------------------------------------------------------ a NUL in the text
+
+# pglast reads the text as a C string: it stops at the first NUL, and so
+# does the server (pq_getmsgstring), so both see the same statement. Pinned:
+# what follows the NUL, classified by nobody, must not run.
+NUL_TEXTS = {
+    "execute": lambda con: con.execute("SELECT 1\x00; SELECT pg_advisory_lock(2273)"),
+    "fetchval-with-argument": lambda con: con.fetchval("SELECT $1::int\x00; SELECT pg_advisory_lock(2273)", 1),
+}
+
+
+@pytest.mark.parametrize("call", sorted(NUL_TEXTS))
+async def test_text_after_a_nul_does_not_run(make: Any, call: str) -> None:
+    pool = await make("auto")
+    async with pool.acquire() as con:
+        default = await _fingerprint(con)
+    async with pool.acquire() as con:
+        # (The server refuses the message: the bytes after the NUL are
+        # left over; the error marks the lease for the full reset anyway.)
+        with contextlib.suppress(asyncpg.PostgresError):
+            await NUL_TEXTS[call](con)
+    async with pool.acquire() as again:
+        assert await _fingerprint(again) == default
