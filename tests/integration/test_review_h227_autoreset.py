@@ -1,6 +1,19 @@
 """Review helper-227: reset_mode="auto" attacked for false neutrals on a real
 server (a lease that leaves session state the next lease sees, where
 asyncpg's full reset would have cleared it).
+
+The classifier held for the SQL tried (quoted and qualified names,
+set_config variants, attribute notation, SET LOCAL of role/session
+authorization/time zone/placeholders, SET SESSION TRANSACTION, COMMIT AND
+CHAIN, savepoints, data-modifying CTEs, MERGE, TABLESAMPLE, JSON_TABLE,
+pg_settings reads and locks, NUL-truncated text). Two leaks are not in the
+SQL the lease wrote:
+
+* asyncpg's own statements inside a call: its type introspection sends
+  set_config('jit', ..., false) (strict xfails below);
+* a neutral statement whose task was created in the lease but first runs
+  after the release (auto and rollback modes hand the connection on, and the
+  statement runs on it: strict xfails below).
 """
 
 from __future__ import annotations
