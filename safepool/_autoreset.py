@@ -44,6 +44,7 @@ from .proxy import (
     _released_error,
     marking_forwarder,
     plain_forwarder,
+    refused_late,
     watch,
 )
 
@@ -582,23 +583,25 @@ def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
             self._holder.clean_mark = -1
             operation = getattr(con.__class__, name)(con, *args, **kwargs)
             if counted:
-                return _copying_watched(self._holder, operation, True)
-            return _marking(self._holder, operation) if is_coroutine else operation
+                return _copying_watched(self, operation, True, name)
+            return _marking(self, operation, name) if is_coroutine else operation
         operation = getattr(con.__class__, name)(con, *args, **kwargs)
-        return watch(self._holder, operation) if is_coroutine else operation
+        return watch(self, operation, name) if is_coroutine else operation
 
     return call
 
 
-async def _marking(holder: _Holder, operation: Any) -> Any:
-    """Await a statement that may change the session, marking the lease
-    again as it starts. The call marked the lease it was made in; a
-    coroutine first awaited after that lease's release (a missing await)
-    runs on the connection in a later lease, or between leases, unseen by
-    that lease's proxy: full mode's statement counter sees it there, auto
-    mode only through this mark (the holder is the connection's, across
-    leases)."""
-    holder.clean_mark = -1
+async def _marking(proxy: AutoResetProxy, operation: Any, name: str) -> Any:
+    """Await a statement that may change the session, its lease marked by
+    the call (``clean_mark = -1``, the holder's until the release's reset).
+
+    :raises asyncpg.InterfaceError: the lease had ended before the coroutine
+        first ran (:func:`proxy.refused_late`): a missing ``await`` once ran
+        the statement on the connection after its lease's release, marking
+        the lease it ran in (review h227)."""
+    if proxy._raw is None:
+        raise refused_late(proxy, operation, name)
+    del proxy  # (see proxy.watch)
     return await operation
 
 
@@ -660,24 +663,39 @@ def _copy_forwarder(name: str) -> Any:
         ) is not None
         if marked:
             holder.clean_mark = -1
-        return _copying_watched(holder, getattr(con.__class__, name)(con, *args, **kwargs), marked)
+        return _copying_watched(self, getattr(con.__class__, name)(con, *args, **kwargs), marked, name)
 
     return call
 
 
-async def _copying_watched(holder: _Holder, operation: Any, marked: bool) -> Any:
+async def _copying_watched(proxy: AutoResetProxy, operation: Any, marked: bool, name: str) -> Any:
     """proxy._copying and proxy.watch in one coroutine; a marked call marks
-    again as it starts (see _marking)."""
+    again as it starts (see _marking). A COPY counts no statement
+    (``queries_count``): one counted here is asyncpg's own, the type
+    introspection of ``copy_records_to_table`` (see proxy.watch).
+
+    :raises asyncpg.InterfaceError: the lease had ended before the
+        coroutine first ran (:func:`proxy.refused_late`)."""
+    con = proxy._raw
+    if con is None:
+        raise refused_late(proxy, operation, name)
+    holder = proxy._holder
+    del proxy  # (see proxy.watch)
     if marked:
         holder.clean_mark = -1
+    protocol = con._protocol
+    before = protocol.queries_count
     holder.copies += 1
     try:
-        return await operation
+        result = await operation
     except BaseException:
         holder.clean_mark = -1
         raise
     finally:
         holder.copies -= 1
+    if protocol.queries_count != before:
+        holder.clean_mark = -1
+    return result
 
 
 def _install_forwarders() -> None:

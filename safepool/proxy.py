@@ -66,9 +66,24 @@ def _released_attribute_error(proxy: PoolConnectionProxy, attr: str) -> Exceptio
     return kind(str(error))
 
 
-async def watch(holder: _Holder, operation: Any) -> Any:
-    """Await a Connection coroutine; if it raises (an error, a timeout, a
-    cancel), mark the lease for a reset round trip (``clean_mark = -1``).
+def refused_late(proxy: PoolConnectionProxy, operation: Any, name: str) -> Exception:
+    """What a call of ``proxy.<name>()`` raises when its coroutine
+    ``operation`` first runs after the lease ended (a missing ``await``, a
+    task created in the lease and started after its release), in the reset
+    modes that decide the reset from the lease's calls ("rollback", "auto"):
+    the coroutine is closed unstarted, so nothing is sent on a connection
+    that may be idle or another lease's by then (review h227)."""
+    operation.close()
+    return _released_error(proxy, name)
+
+
+async def watch(proxy: PoolConnectionProxy, operation: Any, name: str) -> Any:
+    """Await the Connection coroutine ``operation`` that ``proxy.<name>()``
+    made, and mark the lease for a reset round trip (``clean_mark = -1``)
+    if it raises (an error, a timeout, a cancel) or sends statements of
+    asyncpg's own. Used where a lease's statements alone decide its reset
+    (``reset_mode`` "rollback" and "auto"); "full" resets every lease that
+    ran one.
 
     asyncpg sends Parse/Describe/Flush to prepare a statement, then Bind/
     Execute/Sync, and counts the statement (``queries_count``, which release
@@ -78,20 +93,45 @@ async def watch(holder: _Holder, operation: Any) -> Any:
     holding the parse-time locks, with the counter unmoved. asyncpg's pool
     ends it with its reset query; so does safepool's release, marked here.
 
+    A call counts one statement. More means asyncpg ran its own in it: the
+    type introspection of a type it meets first (an enum, a domain, a row
+    type) turns JIT off with ``set_config('jit', 'off', false)`` and back
+    with ``set_config('jit', <before>, false)`` (asyncpg 0.32,
+    ``Connection._introspect_types``): a setting of session scope that
+    asyncpg's reset query clears, and that the classifier never sees
+    (review h227).
+
     Counted on the holder (``Holder.watched``) while it runs: a lease
     released meanwhile (the statement awaited in another task, or its task
     cancelled in the release's own loop step) is marked by the release, as
     it may end in a transaction the statement opened, or not end at all:
     the reset then goes as in full mode (refused while the statement runs,
-    after the cancelled one answered)."""
+    after the cancelled one answered).
+
+    :raises asyncpg.InterfaceError: (:class:`safepool.PoolInterfaceError`,
+        or :class:`safepool.LeaseExpiredError`) the lease had ended before
+        the coroutine first ran (a task created in the lease and started
+        after its release, a missing ``await``): nothing is sent. Unseen by
+        the release, it would have run on a connection handed on with no
+        reset (review h227)."""
+    con = proxy._raw
+    if con is None:
+        raise refused_late(proxy, operation, name)
+    holder = proxy._holder
+    del proxy  # (a lost proxy stays garbage while its statement runs: leak detection)
+    protocol = con._protocol
+    before = protocol.queries_count
     holder.watched += 1
     try:
-        return await operation
+        result = await operation
     except BaseException:
         holder.clean_mark = -1
         raise
     finally:
         holder.watched -= 1
+    if protocol.queries_count - before > 1:
+        holder.clean_mark = -1
+    return result
 
 
 def plain_forwarder(name: str) -> Any:
@@ -157,7 +197,7 @@ def _watched_forwarder(name: str) -> Any:
         con = self._raw
         if con is None:
             raise _released_error(self, name)
-        return watch(self._holder, getattr(con.__class__, name)(con, *args, **kwargs))
+        return watch(self, getattr(con.__class__, name)(con, *args, **kwargs), name)
 
     return call
 

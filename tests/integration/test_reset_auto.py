@@ -92,20 +92,22 @@ async def test_session_changes_are_reset(make: Any, statement: str, probe: str, 
         assert got == clean, statement
 
 
-async def test_a_statement_first_awaited_after_its_lease_marks_the_lease_it_ran_in(make: Any) -> None:
-    # A missing await: the coroutine of a session-changing statement made in
-    # one lease runs on the connection after that lease's release (and its
-    # reset). Full mode's statement counter sees the statement there; auto
-    # mode marked only the lease that made the call.
+async def test_a_statement_first_awaited_after_its_lease_is_refused_and_sends_nothing(make: Any) -> None:
+    # A missing await: the coroutine of a statement made in one lease first
+    # runs after that lease's release. It once ran on the connection there
+    # (between leases, or in another lease), seen by no lease's proxy; now it
+    # is refused as a call on the released proxy, for a session-changing
+    # statement, a neutral one and a COPY alike (review h227).
     pool = await make()
     async with pool.acquire() as con:
         late = con.execute("SET application_name = 'auto-late'")
+        neutral_late = con.execute("BEGIN; SELECT pg_advisory_xact_lock(4342)")
         copy_late = con.copy_from_query("SELECT pg_advisory_lock(4343)", output=io.BytesIO())
-    await late  # runs between leases
-    await copy_late
+    for call, name in ((late, "execute"), (neutral_late, "execute"), (copy_late, "copy_from_query")):
+        with pytest.raises(asyncpg.InterfaceError, match=rf"cannot call Connection\.{name}\(\): connection has been released"):
+            await call
     async with pool.acquire() as con:
-        assert await con.fetchval("SELECT 1") == 1
-    async with pool.acquire() as con:
+        assert not con.is_in_transaction()
         assert await con.fetchval("SELECT current_setting('application_name')") == ""
         assert await con.fetchval(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"

@@ -256,24 +256,29 @@ async def test_a_statement_left_running_by_wait_for_shield_is_not_handed_on(make
 
 
 async def test_watch_counts_its_statement_until_it_ends() -> None:
+    from types import SimpleNamespace
+
     from safepool.proxy import watch
 
-    class Holder:
-        watched = 0
-        clean_mark = 5
+    holder = SimpleNamespace(watched=0, clean_mark=5)
+    protocol = SimpleNamespace(queries_count=0)
+    proxy = SimpleNamespace(_raw=SimpleNamespace(_protocol=protocol), _holder=holder)
 
-    holder = Holder()
-
-    async def statement(fail: bool) -> int:
+    async def statement(fail: bool, counts: int = 1) -> int:
         assert holder.watched == 1
+        protocol.queries_count += counts
         if fail:
             raise ValueError("refused")
         return 7
 
-    assert await watch(holder, statement(False)) == 7
+    assert await watch(proxy, statement(False), "fetchval") == 7
     assert (holder.watched, holder.clean_mark) == (0, 5)
     with pytest.raises(ValueError):
-        await watch(holder, statement(True))
+        await watch(proxy, statement(True), "fetchval")
+    assert (holder.watched, holder.clean_mark) == (0, -1)
+    # More statements than its own (asyncpg's type introspection): marked.
+    holder.clean_mark = 5
+    assert await watch(proxy, statement(False, counts=2), "fetchval") == 7
     assert (holder.watched, holder.clean_mark) == (0, -1)
 
 

@@ -7,13 +7,14 @@ set_config variants, attribute notation, SET LOCAL of role/session
 authorization/time zone/placeholders, SET SESSION TRANSACTION, COMMIT AND
 CHAIN, savepoints, data-modifying CTEs, MERGE, TABLESAMPLE, JSON_TABLE,
 pg_settings reads and locks, NUL-truncated text). Two leaks are not in the
-SQL the lease wrote:
+SQL the lease wrote, both fixed (proxy.watch, proxy.refused_late):
 
 * asyncpg's own statements inside a call: its type introspection sends
-  set_config('jit', ..., false) (strict xfails below);
+  set_config('jit', ..., false); a call that counts more statements than
+  its own now marks the lease for the full reset;
 * a neutral statement whose task was created in the lease but first runs
-  after the release (auto and rollback modes hand the connection on, and the
-  statement runs on it: strict xfails below).
+  after the release (auto and rollback modes handed the connection on, and
+  the statement ran on it): now refused at its start, nothing sent.
 """
 
 from __future__ import annotations
@@ -90,24 +91,12 @@ def _fresh_cache() -> Any:
 # Every statement of the string is neutral to the classifier.
 SCHEDULED = "BEGIN; SET LOCAL work_mem = '2270kB'; SELECT pg_advisory_xact_lock(2270)"
 
-NOT_STARTED_REASON = (
-    "a neutral statement's coroutine created in the lease but first run after its release "
-    "(asyncio.ensure_future(con.execute(...)) then leaving the async with) is not seen: "
-    "safepool/proxy.py:87 (watch) counts it on the holder only once it starts, so the release "
-    "(safepool/_leasing.py:442, busy) finds nothing under way and hands the connection on "
-    "with no round trip; the coroutine then runs on the pooled connection (asyncpg's execute "
-    "does not check the pool's release counter, safepool/_autoreset.py:588 adds no guard), and "
-    "the next lease runs inside its transaction (SET LOCAL, xact lock). Full mode's reset, sent "
-    "at once, makes the call fail at its start, as docs/migration.md:405 promises for safepool"
-)
+# Full mode refuses the call at its start (its reset is under way), auto
+# and rollback modes refuse it because its lease ended (proxy.refused_late).
+NOT_STARTED_MODES = ["full", "auto", "rollback"]
 
 
-def _not_started_modes() -> list[Any]:
-    xfail = pytest.mark.xfail(strict=True, reason=NOT_STARTED_REASON)
-    return ["full", pytest.param("auto", marks=xfail), pytest.param("rollback", marks=xfail)]
-
-
-@pytest.mark.parametrize("mode", _not_started_modes())
+@pytest.mark.parametrize("mode", NOT_STARTED_MODES)
 async def test_neutral_statement_task_created_before_release_is_not_handed_on(make: Any, mode: str) -> None:
     pool = await make(mode)
     async with pool.acquire() as con:
@@ -123,7 +112,7 @@ async def test_neutral_statement_task_created_before_release_is_not_handed_on(ma
         assert await _fingerprint(again) == default
 
 
-@pytest.mark.parametrize("mode", _not_started_modes())
+@pytest.mark.parametrize("mode", NOT_STARTED_MODES)
 async def test_neutral_statement_task_created_before_release_is_refused_at_its_start(make: Any, mode: str) -> None:
     """docs/migration.md: "a call whose coroutine has not started yet (created,
     then the lease released in the same step: safepool resets at once, and
@@ -186,21 +175,11 @@ async def mood(pg_dsn: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-JIT_REASON = (
-    "asyncpg's own statements inside a call are not classified: a fetch*/execute-with-arguments/"
-    "executemany/copy_records_to_table whose statement has a type asyncpg has not introspected on this "
-    "connection yet (an "
-    "enum, a table's row type, a domain) runs asyncpg's Connection._introspect_types, which sends "
-    "set_config('jit', 'off', false) and then set_config('jit', <previous>, false) (asyncpg 0.32, "
-    "connection.py:528-566): a session-level GUC change. safepool/_autoreset.py:563-588 (_sql_forwarder) "
-    "classifies only the caller's SQL, so the lease is neutral and its release skips RESET ALL: jit is "
-    "left set with source 'session' (value 'on'), and after SET LOCAL jit = off in a committed "
-    "transaction with value 'off' for every later lease"
-)
-
-
-def _jit_modes() -> list[Any]:
-    return ["full", pytest.param("auto", marks=pytest.mark.xfail(strict=True, reason=JIT_REASON))]
+# asyncpg's Connection._introspect_types (0.32) sends set_config('jit',
+# 'off', false), its query, then set_config('jit', <before>, false): a
+# session-level setting the classifier never sees. Full mode resets anyway;
+# auto mode marks the lease from the statement count (proxy.watch).
+INTROSPECTION_MODES = ["full", "auto"]
 
 
 async def _in_transaction_with_jit_off(con: Any, mood: str) -> None:
@@ -230,7 +209,7 @@ INTROSPECTING = {
 
 
 @pytest.mark.parametrize("case", sorted(INTROSPECTING))
-@pytest.mark.parametrize("mode", _jit_modes())
+@pytest.mark.parametrize("mode", INTROSPECTION_MODES)
 async def test_type_introspection_leaves_no_session_setting(make: Any, mood: str, mode: str, case: str) -> None:
     pool = await make(mode)
     async with pool.acquire() as con:

@@ -111,28 +111,24 @@ async def test_after_a_take_back_an_idle_connections_termination_listener_gets_t
     assert isinstance(got[0], asyncpg.Connection)
 
 
-async def test_auto_mode_a_session_change_first_awaited_after_its_lease_is_reset(pools: Any, app_name: str) -> None:
+async def test_auto_mode_a_session_change_first_awaited_after_its_lease_is_refused(pools: Any, app_name: str) -> None:
     """``reset_mode="auto"``, a missing await: the coroutine of a
     session-changing statement made in one lease is first awaited after
-    that lease's release (and its reset), and runs on the connection then.
-    Full mode's statement counter sees it in the next lease; auto mode only
-    through the mark the statement's coroutine sets again as it starts
-    (``_autoreset._marking``). The next lease, which runs only neutral SQL,
-    must still end with the full reset: the lease after it sees the
-    session as it was.
+    that lease's release. It is refused there (``_autoreset._marking``),
+    and nothing is sent: the next lease sees the session as it was. (Until
+    review h227 it ran on the connection and marked it, which a neutral
+    statement's coroutine did not.)
 
-    Mutation killed: ``_marking`` no longer marks the holder as the
-    statement starts. tests/integration/test_reset_auto.py's test of a late
-    statement awaits a late COPY of a session-changing query as well, whose
-    own mark (``_copying_watched``) covered the SET's."""
+    Mutation killed: ``_marking`` no longer refuses a call whose lease
+    ended (the SET runs, and the next lease, which runs only neutral SQL,
+    hands the connection on with it)."""
     pytest.importorskip("pglast")
     pool = await pools(min_size=1, max_size=1, reset_mode="auto")
     async with pool.acquire():
         pass  # (the first lease of a connection always resets)
     async with pool.acquire() as con:
         late = con.execute("SET application_name = 's61-late'")
-    await late  # runs between leases
-    async with pool.acquire() as con:
-        assert await con.fetchval("SELECT 1") == 1
+    with pytest.raises(asyncpg.InterfaceError, match="released back to the pool"):
+        await late
     async with pool.acquire() as con:
         assert await con.fetchval("SELECT current_setting('application_name')") == app_name
