@@ -14,12 +14,25 @@ here as a strict xfail.
   ``_escapes`` does not treat a bare-name assignment as a hand-over and
   ``_releases`` matches the release's argument by the acquire's own name
   only. docs/testing.md's "Limits of the static check" does not list it.
+- The DSN's password reaches log records, ``stats()``, ``health()`` and
+  events when an ``init=`` hook's (or ``connect=`` callback's) error
+  quotes the DSN through anything but a str argument or a str attribute
+  (a tuple argument, ``RuntimeError(("cannot prepare", dsn))``; a dict
+  attribute read by ``__str__``): safepool/_secrets.py
+  ``scrub_connect_error`` (431-484) rewrites only str ``args`` and str
+  attributes in place, and safepool/stats.py:182-188 ``describe_error``
+  (the text the log at safepool/_reporting.py:245-251, the events, stats
+  and health carry) uses ``str(error)`` unmasked. docs/metrics.md:547-560
+  promises records and events never contain a password, also for what the
+  application's own code raises on the way.
 """
 
 from __future__ import annotations
 
+import logging
 import textwrap
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -94,3 +107,72 @@ def test_check_accepts_the_plain_try_finally_it_documents() -> None:
 def test_check_follows_a_connection_released_under_another_local_name() -> None:
     findings = check_source(ALIASED, "app.py")
     assert findings == [], [f"{f.code} line {f.line}: {f.message}" for f in findings]
+
+
+PASSWORD = "Xy7secretPW42zz"
+
+
+def _with_password(dsn: str) -> str:
+    """``dsn`` with PASSWORD as its password (the embedded server trusts local logins: it still logs in)."""
+    parts = urlsplit(dsn)
+    user = parts.username or "postgres"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{PASSWORD}@{host}"))
+
+
+class _ConnectFailed(Exception):
+    """An application's error that keeps the connect parameters, and shows them."""
+
+    def __init__(self, params: dict[str, str]) -> None:
+        super().__init__("the connection could not be prepared")
+        self.params = params
+
+    def __str__(self) -> str:
+        return f"cannot prepare a connection with {self.params}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="h228: an init= hook's error that quotes the DSN through a tuple argument or a dict attribute is "
+    "not masked (safepool/_secrets.py scrub_connect_error rewrites str args/attributes only; "
+    "safepool/stats.py describe_error uses str(error)): the password reaches the log, stats() and health()",
+)
+@pytest.mark.parametrize(
+    "make_error",
+    [
+        pytest.param(lambda dsn: RuntimeError(("cannot prepare", dsn)), id="tuple-argument"),
+        pytest.param(lambda dsn: _ConnectFailed({"dsn": dsn}), id="dict-attribute"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_an_init_hook_error_quoting_the_dsn_is_masked_in_records_stats_and_health(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture, make_error: Any
+) -> None:
+    dsn = _with_password(pg_dsn)
+    calls = 0
+
+    async def init(con: asyncpg.Connection) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # create_pool's first connection is fine, the next one fails
+            raise make_error(dsn)
+
+    caplog.set_level(logging.DEBUG, logger="safepool")
+    events: list[Any] = []
+    pool = await safepool.create_pool(dsn, min_size=1, max_size=2, init=init)
+    try:
+        pool.add_listener(events.append)
+        async with pool.acquire():
+            with pytest.raises(Exception) as raised:
+                async with pool.acquire():
+                    pass
+        stats = repr(pool.stats())
+        health = repr((await pool.health(probe=False)).to_dict())
+    finally:
+        pool.terminate()
+    assert calls >= 2 and isinstance(raised.value, (RuntimeError, _ConnectFailed))
+    assert any("init hook failed" in r.getMessage() for r in caplog.records)  # the failure was logged
+    assert PASSWORD not in "\n".join(r.getMessage() for r in caplog.records)
+    assert PASSWORD not in repr(events)
+    assert PASSWORD not in stats
+    assert PASSWORD not in health
