@@ -25,6 +25,13 @@ here as a strict xfail.
   and health carry) uses ``str(error)`` unmasked. docs/metrics.md:547-560
   promises records and events never contain a password, also for what the
   application's own code raises on the way.
+- A ``reset=`` hook's or a ``connection_class`` ``reset()``'s error that
+  quotes the DSN, even as a plain str, is logged as it is: the
+  ``reset_failed`` WARNING (safepool/_runner.py:466-470, ``describe_error``)
+  has the password; nothing on the release path calls
+  ``scrub_connect_error`` (only the connect path does, safepool/_workers.py
+  158 and 183). docs/metrics.md:554-560 names a ``connection_class``'s
+  errors among those masked before the pool logs them.
 """
 
 from __future__ import annotations
@@ -176,3 +183,43 @@ async def test_an_init_hook_error_quoting_the_dsn_is_masked_in_records_stats_and
     assert PASSWORD not in repr(events)
     assert PASSWORD not in stats
     assert PASSWORD not in health
+
+
+class _ResetQuotesTheDsn(asyncpg.Connection):  # type: ignore[misc]
+    dsn = ""
+
+    async def reset(self, *, timeout: Any = None) -> None:
+        raise ValueError(f"cannot reset the session of {self.dsn}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="h228: a reset= hook's or connection_class reset()'s error quoting the DSN is logged unmasked "
+    "(reset_failed, safepool/_runner.py:466-470 describe_error; no scrub_connect_error on the release path)",
+)
+@pytest.mark.parametrize("how", ["reset-hook", "connection-class"])
+@pytest.mark.asyncio
+async def test_a_reset_error_quoting_the_dsn_is_masked_in_the_reset_failed_record(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    dsn = _with_password(pg_dsn)
+
+    async def reset(con: asyncpg.Connection) -> None:
+        raise ValueError(f"cannot reset the session of {dsn}")
+
+    kwargs: dict[str, Any]
+    if how == "reset-hook":
+        kwargs = {"reset": reset}
+    else:
+        _ResetQuotesTheDsn.dsn = dsn
+        kwargs = {"connection_class": _ResetQuotesTheDsn}
+    caplog.set_level(logging.DEBUG, logger="safepool")
+    pool = await safepool.create_pool(dsn, min_size=1, max_size=1, **kwargs)
+    try:
+        with pytest.raises(ValueError):
+            async with pool.acquire() as con:
+                await con.fetchval("SELECT 1")
+    finally:
+        pool.terminate()
+    assert any("reset failed" in r.getMessage() for r in caplog.records)  # the failure was logged
+    assert PASSWORD not in "\n".join(r.getMessage() for r in caplog.records)
