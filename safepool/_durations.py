@@ -76,10 +76,15 @@ def release_timeout(value: Any) -> float:
     release takes them (its reset runs under ``asyncio.timeout``), so 0,
     negative and NaN leave no time for a reset (``TimeoutError`` from it).
 
+    An int is returned as given, the other numbers as floats: asyncpg's
+    release hands the budget to an overridden ``reset(timeout=)`` as given.
+
     :raises TypeError: not a number (bool included: asyncpg would take
-        True as 1 second, as acquire(timeout=True) is refused here too)."""
+        True as 1 second, as acquire(timeout=True) is refused here too).
+    :raises OverflowError: an int no float can hold."""
     check_seconds_type("timeout", value)
-    return float(value)
+    seconds = float(value)
+    return value if type(value) is int else seconds
 
 
 def check_seconds_type(name: str, value: Any, allow_none: bool = True) -> None:

@@ -166,9 +166,13 @@ class Leaser:
             timeout = self.acquire_timeout
             release_budget = None
         else:
+            release_budget = timeout
             if timeout is not None:
                 timeout = validate_timeout("timeout", timeout)
-            release_budget = timeout
+                if type(release_budget) is not int:
+                    # (An int goes on as given: an overridden reset() gets
+                    # acquire(timeout=7) as 7, as from asyncpg's pool.)
+                    release_budget = timeout
         if lease_timeout is _DEFAULT:
             lease_timeout = self.lease_timeout
         elif lease_timeout is not None:

@@ -28,9 +28,18 @@ DEFAULT_QUEUE_INTERVAL = 0.1
 # fail_fast=True: consecutive failed connects, with no connection left, after
 # which acquires fail at once with ServerUnavailableError.
 BREAKER_THRESHOLD = 3
-# An argument left out (max_waiters; acquire()'s timeout and lease_timeout):
-# "the pool's setting".
-DEFAULT: Any = object()
+class _PoolSetting:
+    """The value of an argument left out (max_waiters; acquire()'s timeout
+    and lease_timeout): "the pool's setting". One instance, compared by
+    identity; its repr is what ``help(pool.acquire)`` shows."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<the pool's setting>"
+
+
+DEFAULT: Any = _PoolSetting()
 
 
 def validate_site_share(share: Any) -> float | None:

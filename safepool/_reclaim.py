@@ -23,7 +23,6 @@ from ._internals import RawConnection
 from ._reporting import Reporter, leak_logger, logger
 from ._state import Lease, Phase, PoolState, Slot
 from ._workers import DEFAULT_RESET_TIMEOUT, ResetHooks
-from .stats import describe_error
 
 # A garbage-collected proxy whose connection is still in use is checked again
 # after these delays (seconds, doubling), until it is provably abandoned.
@@ -277,7 +276,7 @@ class Reclaimer:
         if error is not None:
             logger.warning(
                 "pool %r: could not take back an expired connection cleanly (%s); closing it",
-                self.name, describe_error(error), extra={"event": "reset_failed", "pool": self.name},
+                self.name, self.reporter.describe(error), extra={"event": "reset_failed", "pool": self.name},
             )
         # A cancel comes only from terminate(), which discarded the slot.
         self.runner.reset_done(holder, con, None, error, log=False)

@@ -92,6 +92,16 @@ class Reporter:
         the quoted pieces only a connect's own errors hold)."""
         _secrets.scrub_connect_error(error, *self.connect_secrets(), quoted=False)
 
+    def describe(self, error: BaseException | None) -> str:
+        """:func:`stats.describe_error` of ``error`` without the pool's
+        password (its DSN's and its ``password=`` argument's), for what the
+        pool logs, reports and counts: the error may be the application's
+        own (a ``connect=`` callback's, an ``init=`` or ``reset=`` hook's, a
+        ``connection_class``'s), its message built from a DSN held in a
+        tuple or another object, which :meth:`scrub` cannot rewrite in
+        place (review h228)."""
+        return _secrets.redact_known(describe_error(error), *self.connect_secrets())
+
     def redact(self, text: str) -> str:
         """``text`` (a formatted traceback, a hook's error) as the pool may
         log or report it: without its password (its DSN's and its
@@ -166,7 +176,7 @@ class Reporter:
         held = len(list(self.state.leases()))
         if not held:
             return
-        why = "cancelled" if isinstance(reason, asyncio.CancelledError) else describe_error(reason)
+        why = "cancelled" if isinstance(reason, asyncio.CancelledError) else self.describe(reason)
         logger.warning(
             "pool %r: close() was cut short (%s) with %d connection(s) not released: terminating them. %s",
             self.name, why, held, self.describe_oldest(now, 3),
@@ -191,7 +201,7 @@ class Reporter:
         retry_in = max(0.0, self.state.backoff_until - now)
         error = ServerUnavailableError(
             f"pool {self.name!r} has no connection and the server refuses new ones "
-            f"(last error: {describe_error(last_error)}); next attempt in {retry_in:.2f}s"
+            f"(last error: {self.describe(last_error)}); next attempt in {retry_in:.2f}s"
         )
         error.__cause__ = last_error
         return error
@@ -230,7 +240,7 @@ class Reporter:
         ``waited``: tasks were waiting when it failed (they get the error, as
         from asyncpg's acquire): not the min_size upkeep's connect (nobody
         can start waiting while it fails, so none wait afterwards either)."""
-        described = describe_error(error)
+        described = self.describe(error)
         # One WARNING per CONNECT_WARNING_INTERVAL while connects go on
         # failing, the first at once; the others at DEBUG. Unpaced, as on
         # asyncpg's pool, a server that is down fails a connect per acquire,

@@ -51,7 +51,6 @@ from ._state import (
 )
 from ._workers import DEFAULT_RESET_TIMEOUT, ResetHooks
 from .errors import PoolClosedError, PoolInterfaceError, PoolOverloadedError, PoolTimeoutError
-from .stats import describe_error
 
 # How long close() lets connects under way finish before cancelling them.
 _CONNECT_GRACE_ON_CLOSE = 0.5
@@ -466,7 +465,7 @@ class Runner:
         else:
             if error is not None and log:
                 logger.warning(
-                    "pool %r: reset failed (%s); closing the connection", self.name, describe_error(error),
+                    "pool %r: reset failed (%s); closing the connection", self.name, self.reporter.describe(error),
                     extra={"event": "reset_failed", "pool": self.name},
                 )
             # The core closes the slot (the Close runs in drain); the close

@@ -110,7 +110,7 @@ class Observation:
         )
 
     def stats(self) -> PoolStats:
-        return build_stats(self.name, self.state, self.now())
+        return build_stats(self.name, self.state, self.now(), self.reporter.describe)
 
     def leases(self, stacks: bool) -> list[LeaseInfo]:
         now = self.now()

@@ -718,6 +718,11 @@ def _escapes(node: ast.AST, var: str) -> bool:
         return _holds(node.value, var)
     if isinstance(node, (ast.Assign, ast.AnnAssign)) and _holds(node.value, var):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        if _is_name(node.value, var) and any(isinstance(t, ast.Name) and t.id != var for t in targets):
+            # `conn = con`: the connection goes on under another local name,
+            # which the check does not follow: trusted, as a hand-over is
+            # (a release under the alias was reported, review h228).
+            return True
         return any(isinstance(t, (ast.Attribute, ast.Subscript)) for t in targets)
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
             and len(node.args) == 3):

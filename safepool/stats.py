@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,9 +203,13 @@ def sqlstate(error: BaseException | None) -> str | None:
 _SQLSTATE = re.compile(r"[0-9A-Z]{5}")
 
 
-def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
+def build_stats(
+    name: str, state: PoolState, now: float, describe: Callable[[BaseException | None], str] = describe_error
+) -> PoolStats:
     """The :class:`PoolStats` snapshot of ``state`` at ``now`` (seconds, the
-    pool clock's), for the pool named ``name``: what ``Pool.stats()`` returns."""
+    pool clock's), for the pool named ``name``: what ``Pool.stats()`` returns.
+    ``describe``: the line ``last_connect_error`` shows (the pool's passes
+    :meth:`Reporter.describe`, which masks its password)."""
     c = state.counters
     failing = state.last_connect_error if state.connect_failures else None
     oldest = min((lease.acquired_at for lease in state.leases()), default=now)
@@ -248,7 +253,7 @@ def build_stats(name: str, state: PoolState, now: float) -> PoolStats:
         site_cap=state.site_cap,
         sites=tuple(SiteStats(*row) for row in state.site_usage(SITES_REPORTED)),
         init_failing=state.init_failing and not state.failure_went_stale,
-        last_connect_error=None if failing is None else describe_error(failing),
+        last_connect_error=None if failing is None else describe(failing),
         last_connect_sqlstate=sqlstate(failing),
         last_connect_error_type=None if failing is None else type(failing).__name__,
         connect_misconfigured=state.connect_misconfigured,

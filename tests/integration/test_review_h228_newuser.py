@@ -68,12 +68,6 @@ async def test_asyncpg_hands_an_overridden_reset_the_timeout_as_given(pg_dsn: st
     assert seen == [7] and type(seen[0]) is int
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h228: safepool passes the release budget to an overridden reset() as float(timeout) "
-    "(safepool/_durations.py validate_timeout, used by safepool/_workers.py _send_reset): 7.0, "
-    "where asyncpg's pool passes 7; not listed in docs/migration.md",
-)
 @pytest.mark.asyncio
 async def test_safepool_hands_an_overridden_reset_the_timeout_as_given(pg_dsn: str) -> None:
     seen: list[Any] = []
@@ -106,12 +100,6 @@ def test_check_accepts_the_plain_try_finally_it_documents() -> None:
     assert check_source(plain, "app.py") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h228: safepool check reports SP002 for a connection released under a local alias "
-    "(safepool/check.py _escapes/_releases follow the acquire's own name only); "
-    "not among docs/testing.md's limits",
-)
 def test_check_follows_a_connection_released_under_another_local_name() -> None:
     findings = check_source(ALIASED, "app.py")
     assert findings == [], [f"{f.code} line {f.line}: {f.message}" for f in findings]
@@ -139,12 +127,6 @@ class _ConnectFailed(Exception):
         return f"cannot prepare a connection with {self.params}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h228: an init= hook's error that quotes the DSN through a tuple argument or a dict attribute is "
-    "not masked (safepool/_secrets.py scrub_connect_error rewrites str args/attributes only; "
-    "safepool/stats.py describe_error uses str(error)): the password reaches the log, stats() and health()",
-)
 @pytest.mark.parametrize(
     "make_error",
     [
@@ -193,11 +175,6 @@ class _ResetQuotesTheDsn(asyncpg.Connection):  # type: ignore[misc]
         raise ValueError(f"cannot reset the session of {self.dsn}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h228: a reset= hook's or connection_class reset()'s error quoting the DSN is logged unmasked "
-    "(reset_failed, safepool/_runner.py:466-470 describe_error; no scrub_connect_error on the release path)",
-)
 @pytest.mark.parametrize("how", ["reset-hook", "connection-class"])
 @pytest.mark.asyncio
 async def test_a_reset_error_quoting_the_dsn_is_masked_in_the_reset_failed_record(
@@ -226,12 +203,6 @@ async def test_a_reset_error_quoting_the_dsn_is_masked_in_the_reset_failed_recor
     assert PASSWORD not in "\n".join(r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h228: a connect= callback's error quoting the DSN in a tuple argument is not masked "
-    "(safepool/_workers.py:158 scrub_connect_error rewrites str args only): the password reaches the "
-    "connect_failed record, stats() and health()",
-)
 @pytest.mark.asyncio
 async def test_a_connect_callback_error_quoting_the_dsn_in_a_tuple_is_masked(
     pg_dsn: str, caplog: pytest.LogCaptureFixture
