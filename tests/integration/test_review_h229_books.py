@@ -77,7 +77,7 @@ pytestmark = [
 ]
 
 RUN_SECONDS = 6.0
-SEEDS = [int(os.environ["SAFEPOOL_H229_SEED"])] if os.environ.get("SAFEPOOL_H229_SEED") else [11, 2291, 90210, 4242]
+SEEDS = [int(os.environ["SAFEPOOL_H229_SEED"])] if os.environ.get("SAFEPOOL_H229_SEED") else [11, 2291]  # (90210 and 4242 too while writing it; two keep CI within its budget)
 
 # What a worker may see and is not a finding: the pool's typed errors, the
 # server's cancel, a terminated backend, timeouts and cancellations.
