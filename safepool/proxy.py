@@ -73,7 +73,9 @@ def refused_late(proxy: PoolConnectionProxy, operation: Any, name: str) -> Excep
     modes that decide the reset from the lease's calls ("rollback", "auto"):
     the coroutine is closed unstarted, so nothing is sent on a connection
     that may be idle or another lease's by then (review h227)."""
-    operation.close()
+    close = getattr(operation, "close", None)  # (a connection class's method may return another awaitable)
+    if close is not None:
+        close()
     return _released_error(proxy, name)
 
 
