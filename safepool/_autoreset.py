@@ -44,7 +44,6 @@ from .proxy import (
     _released_error,
     marking_forwarder,
     plain_forwarder,
-    refused_late,
     watch,
 )
 
@@ -581,28 +580,48 @@ def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
             reason = "not a string"
         if always or (reason is not None and (reason is not _MISS or _classify_and_remember(sql) is not None)):
             self._holder.clean_mark = -1
-            operation = getattr(con.__class__, name)(con, *args, **kwargs)
             if counted:
-                return _copying_watched(self, operation, True, name)
-            return _marking(self, operation, name) if is_coroutine else operation
-        operation = getattr(con.__class__, name)(con, *args, **kwargs)
-        return watch(self, operation, name) if is_coroutine else operation
+                return _copying_watched(self, name, args, kwargs, True)
+            if is_coroutine:
+                return _marking(self, name, args, kwargs)
+            return getattr(con.__class__, name)(con, *args, **kwargs)
+        if is_coroutine:
+            return watch(self, name, args, kwargs)
+        return getattr(con.__class__, name)(con, *args, **kwargs)
 
     return call
 
 
-async def _marking(proxy: AutoResetProxy, operation: Any, name: str) -> Any:
-    """Await a statement that may change the session, its lease marked by
-    the call (``clean_mark = -1``, the holder's until the release's reset).
+async def _marking(proxy: AutoResetProxy, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Await ``Connection.<name>(*args, **kwargs)``, a call that may change
+    the session, its lease marked by the call (``clean_mark = -1``, the
+    holder's until the release's reset). The method is called here, at the
+    first step (see proxy.watch).
 
-    :raises asyncpg.InterfaceError: the lease had ended before the coroutine
-        first ran (:func:`proxy.refused_late`): a missing ``await`` once ran
-        the statement on the connection after its lease's release, marking
-        the lease it ran in (review h227)."""
-    if proxy._raw is None:
-        raise refused_late(proxy, operation, name)
+    :raises asyncpg.InterfaceError: the lease had ended before this first
+        ran (a missing ``await``): until review h227 the call ran on the
+        connection after its lease's release, marking the lease it ran in;
+        a late ``add_listener()`` or ``close()`` acted on a connection idle
+        or another lease's (review h230)."""
+    con = proxy._raw
+    if con is None:
+        raise _released_error(proxy, name)
     del proxy  # (see proxy.watch)
-    return await operation
+    return await getattr(con.__class__, name)(con, *args, **kwargs)
+
+
+def _marking_forwarder(name: str) -> Any:
+    """A coroutine method that may change the session and sends no SQL of
+    the caller's (``add_listener()``, ``set_type_codec()``, ``close()``...):
+    marks the lease at the call, runs in :func:`_marking`."""
+
+    def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
+        if self._raw is None:
+            raise _released_error(self, name)
+        self._holder.clean_mark = -1
+        return _marking(self, name, args, kwargs)
+
+    return call
 
 
 def _copy_statement(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -663,22 +682,24 @@ def _copy_forwarder(name: str) -> Any:
         ) is not None
         if marked:
             holder.clean_mark = -1
-        return _copying_watched(self, getattr(con.__class__, name)(con, *args, **kwargs), marked, name)
+        return _copying_watched(self, name, args, kwargs, marked)
 
     return call
 
 
-async def _copying_watched(proxy: AutoResetProxy, operation: Any, marked: bool, name: str) -> Any:
+async def _copying_watched(
+    proxy: AutoResetProxy, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], marked: bool
+) -> Any:
     """proxy._copying and proxy.watch in one coroutine; a marked call marks
     again as it starts (see _marking). A COPY counts no statement
     (``queries_count``): one counted here is asyncpg's own, the type
     introspection of ``copy_records_to_table`` (see proxy.watch).
 
-    :raises asyncpg.InterfaceError: the lease had ended before the
-        coroutine first ran (:func:`proxy.refused_late`)."""
+    :raises asyncpg.InterfaceError: the lease had ended before this first
+        ran (see proxy.watch)."""
     con = proxy._raw
     if con is None:
-        raise refused_late(proxy, operation, name)
+        raise _released_error(proxy, name)
     holder = proxy._holder
     del proxy  # (see proxy.watch)
     if marked:
@@ -687,7 +708,7 @@ async def _copying_watched(proxy: AutoResetProxy, operation: Any, marked: bool, 
     before = protocol.queries_count
     holder.copies += 1
     try:
-        result = await operation
+        result = await getattr(con.__class__, name)(con, *args, **kwargs)
     except BaseException:
         holder.clean_mark = -1
         raise
@@ -712,6 +733,8 @@ def _install_forwarders() -> None:
             call = _copy_forwarder(name)
         elif policy == "neutral":
             call = plain_forwarder(name)
+        elif inspect.iscoroutinefunction(method):
+            call = _marking_forwarder(name)
         else:
             call = marking_forwarder(name)
         if inspect.iscoroutinefunction(method):

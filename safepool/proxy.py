@@ -66,24 +66,21 @@ def _released_attribute_error(proxy: PoolConnectionProxy, attr: str) -> Exceptio
     return kind(str(error))
 
 
-def refused_late(proxy: PoolConnectionProxy, operation: Any, name: str) -> Exception:
-    """What a call of ``proxy.<name>()`` raises when its coroutine
-    ``operation`` first runs after the lease ended (a missing ``await``, a
-    task created in the lease and started after its release), in the reset
-    modes that decide the reset from the lease's calls ("rollback", "auto"):
-    the coroutine is closed unstarted, so nothing is sent on a connection
-    that may be idle or another lease's by then (review h227)."""
-    close = getattr(operation, "close", None)  # (a connection class's method may return another awaitable)
-    if close is not None:
-        close()
-    return _released_error(proxy, name)
+# The wrappers below (watch, _copying; _autoreset's) call the connection's
+# method at their own first step, not when the proxy's method is called:
+# a wrapper cancelled before that step (``asyncio.wait_for(con.fetch(...),
+# 0)``, a gather cancelled at once) then holds no coroutine that was never
+# awaited (a RuntimeWarning, an error under ``-W error``: review h230), and
+# a call whose lease ended before that step is refused with nothing sent.
+# An argument error (a missing query) is raised at the await, not at the
+# call.
 
 
-async def watch(proxy: PoolConnectionProxy, operation: Any, name: str) -> Any:
-    """Await the Connection coroutine ``operation`` that ``proxy.<name>()``
-    made, and mark the lease for a reset round trip (``clean_mark = -1``)
-    if it raises (an error, a timeout, a cancel) or sends statements of
-    asyncpg's own. Used where a lease's statements alone decide its reset
+async def watch(proxy: PoolConnectionProxy, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Await ``Connection.<name>(*args, **kwargs)`` of the proxy's
+    connection, and mark the lease for a reset round trip (``clean_mark =
+    -1``) if it raises (an error, a timeout, a cancel) or sends statements
+    of asyncpg's own. Used where a lease's statements alone decide its reset
     (``reset_mode`` "rollback" and "auto"); "full" resets every lease that
     ran one.
 
@@ -112,20 +109,20 @@ async def watch(proxy: PoolConnectionProxy, operation: Any, name: str) -> Any:
 
     :raises asyncpg.InterfaceError: (:class:`safepool.PoolInterfaceError`,
         or :class:`safepool.LeaseExpiredError`) the lease had ended before
-        the coroutine first ran (a task created in the lease and started
-        after its release, a missing ``await``): nothing is sent. Unseen by
-        the release, it would have run on a connection handed on with no
-        reset (review h227)."""
+        this first ran (a task created in the lease and started after its
+        release, a missing ``await``): nothing is sent. Unseen by the
+        release, the call ran on a connection handed on with no reset
+        (review h227)."""
     con = proxy._raw
     if con is None:
-        raise refused_late(proxy, operation, name)
+        raise _released_error(proxy, name)
     holder = proxy._holder
     del proxy  # (a lost proxy stays garbage while its statement runs: leak detection)
     protocol = con._protocol
     before = protocol.queries_count
     holder.watched += 1
     try:
-        result = await operation
+        result = await getattr(con.__class__, name)(con, *args, **kwargs)
     except BaseException:
         holder.clean_mark = -1
         raise
@@ -163,43 +160,57 @@ def marking_forwarder(name: str) -> Any:
     return call
 
 
-async def _copying(holder: _Holder, operation: Any) -> Any:
-    """Await a COPY method's coroutine (or another of ``COUNTED``'s),
-    counted on the holder (``Holder.copies``) for a take-back to wait for,
-    and for a release made meanwhile to reset in a pool task. Before the COPY's
-    first message such a call may wait on something else, the protocol idle
-    and no statement section held (``_internals.in_call``): ``source=`` or
-    ``output=`` a path opens its file in an executor thread (a FIFO, until
-    its other end opens). A reset sent then went first, and the COPY ran in
-    the next lease's session. And once the server ended a cancelled COPY
-    (the protocol idle again), asyncpg reads an asynchronous source on to
-    its end: an error or timeout there cancels whatever the connection runs
-    by then."""
+async def _copying(
+    proxy: PoolConnectionProxy, con: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], refuse_late: bool
+) -> Any:
+    """Await ``Connection.<name>(*args, **kwargs)`` of ``con`` (a COPY
+    method, or another of ``COUNTED``), counted on the holder
+    (``Holder.copies``) for a take-back to wait for, and for a release made
+    meanwhile to reset in a pool task. Before the COPY's first message such
+    a call may wait on something else, the protocol idle and no statement
+    section held (``_internals.in_call``): ``source=`` or ``output=`` a path
+    opens its file in an executor thread (a FIFO, until its other end
+    opens). A reset sent then went first, and the COPY ran in the next
+    lease's session. And once the server ended a cancelled COPY (the
+    protocol idle again), asyncpg reads an asynchronous source on to its
+    end: an error or timeout there cancels whatever the connection runs by
+    then.
+
+    :raises asyncpg.InterfaceError: ``refuse_late`` ("rollback" mode) and
+        the lease ended before this first ran (see :func:`watch`). In
+        "full" mode such a call runs on the connection, as on asyncpg's
+        pool: the lease was marked, so its reset is sent (refused while it
+        runs)."""
+    if refuse_late and proxy._raw is None:
+        raise _released_error(proxy, name)
+    holder = proxy._holder
+    del proxy  # (see watch)
     holder.copies += 1
     try:
-        return await operation
+        return await getattr(con.__class__, name)(con, *args, **kwargs)
     finally:
         holder.copies -= 1
 
 
-def copy_forwarder(name: str) -> Any:
+def copy_forwarder(name: str, refuse_late: bool = False) -> Any:
     """As :func:`marking_forwarder`, and counts the call while it goes on
     (see :func:`_copying`)."""
 
-    marked = marking_forwarder(name)
-
     def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
-        return _copying(self._holder, marked(self, *args, **kwargs))
+        con = self._raw
+        if con is None:
+            raise _released_error(self, name)
+        self._holder.clean_mark = -1
+        return _copying(self, con, name, args, kwargs, refuse_late)
 
     return call
 
 
 def _watched_forwarder(name: str) -> Any:
     def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
-        con = self._raw
-        if con is None:
+        if self._raw is None:
             raise _released_error(self, name)
-        return watch(self, getattr(con.__class__, name)(con, *args, **kwargs), name)
+        return watch(self, name, args, kwargs)
 
     return call
 
@@ -228,7 +239,7 @@ def _forward(name: str, is_coroutine: bool, *, watch_errors: bool) -> Any:
         # session to reset: a COPY's query can change it (a lock,
         # set_config, a trigger), and see PARSE_WITHOUT_SYNC.
         counted = name.startswith("copy_") or name in COUNTED
-        call = copy_forwarder(name) if counted else marking_forwarder(name)
+        call = copy_forwarder(name, refuse_late=watch_errors) if counted else marking_forwarder(name)
     elif is_coroutine:
         # Full mode resets every lease that ran a statement: marking the
         # lease at the call covers a statement that raised before asyncpg

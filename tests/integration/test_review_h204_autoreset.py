@@ -262,23 +262,26 @@ async def test_watch_counts_its_statement_until_it_ends() -> None:
 
     holder = SimpleNamespace(watched=0, clean_mark=5)
     protocol = SimpleNamespace(queries_count=0)
-    proxy = SimpleNamespace(_raw=SimpleNamespace(_protocol=protocol), _holder=holder)
 
-    async def statement(fail: bool, counts: int = 1) -> int:
-        assert holder.watched == 1
-        protocol.queries_count += counts
-        if fail:
-            raise ValueError("refused")
-        return 7
+    class Connection:
+        _protocol = protocol
 
-    assert await watch(proxy, statement(False), "fetchval") == 7
+        async def fetchval(self, fail: bool, counts: int = 1) -> int:
+            assert holder.watched == 1
+            protocol.queries_count += counts
+            if fail:
+                raise ValueError("refused")
+            return 7
+
+    proxy = SimpleNamespace(_raw=Connection(), _holder=holder)
+    assert await watch(proxy, "fetchval", (False,), {}) == 7
     assert (holder.watched, holder.clean_mark) == (0, 5)
     with pytest.raises(ValueError):
-        await watch(proxy, statement(True), "fetchval")
+        await watch(proxy, "fetchval", (True,), {})
     assert (holder.watched, holder.clean_mark) == (0, -1)
     # More statements than its own (asyncpg's type introspection): marked.
     holder.clean_mark = 5
-    assert await watch(proxy, statement(False, counts=2), "fetchval") == 7
+    assert await watch(proxy, "fetchval", (False,), {"counts": 2}) == 7
     assert (holder.watched, holder.clean_mark) == (0, -1)
 
 

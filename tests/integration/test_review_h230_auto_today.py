@@ -18,12 +18,13 @@ copy_records_to_table (schema_name= too), record_class=, a statement
 failing after it, statement_cache_size=0 (all leave the next lease clean).
 A cached-plan retry counts two statements: a needless full reset, pinned.
 
-Strict xfails (none new today; the change's claim does not cover them):
-a call's task cancelled before its first step warns "never awaited" in
-auto and rollback modes (proxy.watch); rollback mode's COPY methods and
-prepare(), and auto mode's marking methods (add_listener, close, ...), are
-not refused when their coroutine first runs after the lease; nor are the
-coroutines of a Transaction or PreparedStatement made in the lease (as in
+Found and fixed the same day: a call's task cancelled before its first
+step warned "never awaited" in auto and rollback modes (the wrappers now
+call the connection's method at their first step); rollback mode's COPY
+methods and prepare(), and auto mode's marking methods (add_listener,
+close, ...), were not refused when their coroutine first ran after the
+lease. Strict xfails, documented (docs/reset-modes.md): the coroutines of a
+Transaction or PreparedStatement made in the lease and run after it (as in
 full mode and on asyncpg's pool).
 """
 
@@ -261,15 +262,6 @@ async def test_anyio_cancel_scope_mid_statement(make: Any, mode: str) -> None:
 
 # ----------------------------------------------- cancelled before it started
 
-NEVER_AWAITED = (
-    "a call's task cancelled before its first step (asyncio.wait_for(con.fetchval(...), 0), a gather cancelled "
-    "at once) throws CancelledError into the proxy's wrapper coroutine (proxy.watch, "
-    "safepool/proxy.py:80; _autoreset._marking and _copying_watched likewise), whose frame never ran: the asyncpg "
-    "coroutine it holds is dropped unawaited, 'RuntimeWarning: coroutine Connection.fetchval was never awaited' "
-    "(an error under filterwarnings=error). asyncpg's own coroutine (full mode) is closed by the throw. Not new "
-    "today: the wrappers were coroutines before (729981b)"
-)
-
 
 async def _cancel_wait_for(con: Any) -> None:
     with pytest.raises(asyncio.TimeoutError):
@@ -301,7 +293,6 @@ CANCELLED_BEFORE_START = {"wait_for 0": _cancel_wait_for, "gather": _cancel_gath
         pytest.param(
             mode,
             how,
-            marks=[pytest.mark.xfail(strict=True, reason=NEVER_AWAITED)] if mode != "full" and how != "anyio" else [],
         )
         for mode in ["full", *WATCHING]
         for how in sorted(CANCELLED_BEFORE_START)
@@ -368,13 +359,6 @@ LATE_ROLLBACK = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rollback mode refuses a late coroutine only in proxy.watch: its COPY methods and prepare() go "
-    "through copy_forwarder/marking_forwarder (safepool/proxy.py:229, :183, :150), which check the lease at the "
-    "call, not when the coroutine first runs; the call runs after the release's ROLLBACK, on the idle connection "
-    "or in the next lease (a where= of several statements leaves it in a transaction)",
-)
 @pytest.mark.parametrize("case", sorted(LATE_ROLLBACK))
 async def test_rollback_mode_copy_and_prepare_run_late_are_refused(make: Any, mood: str, case: str) -> None:
     pool = await make("rollback")
@@ -390,14 +374,6 @@ LATE_AUTO_MARKING = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="auto mode's marking methods (add_listener, remove_listener, close, reset, reload_schema_state, the "
-    "type codec methods) are plain marking_forwarder (safepool/_autoreset.py:716, safepool/proxy.py:150): checked "
-    "at the call only; the coroutine run late runs after the release's full reset: LISTEN on the handed-on "
-    "connection (the next lease's release then warns of its listener), or close() of a connection another lease "
-    "may hold",
-)
 @pytest.mark.parametrize("case", sorted(LATE_AUTO_MARKING))
 async def test_auto_mode_marking_methods_run_late_are_refused(make: Any, case: str) -> None:
     pool = await make("auto")
