@@ -50,6 +50,16 @@ Strict xfails (leaks found):
   ``connect_failed`` record and ``stats()`` of the same error mask it.
   docs/metrics.md:564-568 names ``health()`` among what is masked again
   when written.
+- A ``reset=`` hook's or a ``connection_class`` ``reset()``'s error whose
+  plain str message quotes the DSN reaches the releasing code (``async with
+  pool.acquire()``'s exit, ``release()``) with the password:
+  safepool/_runner.py:433-470 (``reset_done``) returns the error for the
+  caller to raise without ``Reporter.scrub`` (its ``reset failed`` record,
+  :466-469, is masked through ``describe``; the connect path scrubs at
+  safepool/_workers.py:158 and 183, the setup path at
+  safepool/_leasing.py:375). docs/migration.md:181-188 promises errors of
+  "an ``init=``, ``setup=`` or ``reset=`` hook, a ``connect=`` callback or a
+  ``connection_class``" come back masked.
 """
 
 from __future__ import annotations
@@ -509,3 +519,40 @@ async def test_the_health_probe_masks_a_hook_error_quoting_the_dsn(
     # What the pool logs and counts of the same error is masked (review h228).
     assert PASSWORD not in stats + _records(caplog) + repr(others)
     assert PASSWORD not in probe[0], probe[0]
+
+
+class _ResetQuotesTheDsn(asyncpg.Connection):  # type: ignore[misc]
+    dsn = ""
+
+    async def reset(self, *, timeout: Any = None) -> None:
+        raise ValueError(f"cannot reset the session of {self.dsn}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="safepool/_runner.py:433-470 (reset_done) hands a failed reset's error to the releasing caller "
+    "without Reporter.scrub (only its reset_failed record is masked, :468): docs/migration.md:181-188 "
+    "promises a reset= hook's (and a connection_class's) error comes back masked",
+)
+@pytest.mark.parametrize("how", ["reset-hook", "connection-class"])
+async def test_a_reset_error_quoting_the_dsn_is_raised_masked(pg_dsn: str, how: str) -> None:
+    dsn = _with_password(pg_dsn)
+
+    async def reset(con: asyncpg.Connection) -> None:
+        raise ValueError(f"cannot reset the session of {dsn}")
+
+    kwargs: dict[str, Any]
+    if how == "reset-hook":
+        kwargs = {"reset": reset}
+    else:
+        _ResetQuotesTheDsn.dsn = dsn
+        kwargs = {"connection_class": _ResetQuotesTheDsn}
+    pool = await safepool.create_pool(dsn, min_size=1, max_size=1, **kwargs)
+    try:
+        with pytest.raises(ValueError) as raised:
+            async with pool.acquire() as con:
+                await con.fetchval("SELECT 1")
+    finally:
+        pool.terminate()
+    assert "cannot reset" in str(raised.value)
+    assert PASSWORD not in _everything(raised.value)
