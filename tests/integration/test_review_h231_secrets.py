@@ -5,7 +5,7 @@ pool's line for an error is masked when written).
 Pinned (they pass): a failed connect to a closed port with the password
 given every way (``password=``, in the DSN, percent-encoded with "@" and
 "/", as a ``?password=`` query parameter, a DSN without one plus
-``password=``) in the raised error and its chain (``create_pool``'s and an
+``password=``, the DSN as ``dsn=``) in the raised error and its chain (``create_pool``'s and an
 acquire's), the log records (message, fields, traceback), events,
 ``stats()``, ``health()``, ``repr(pool)``, ``pool.options``,
 ``pool.leases()``, the Prometheus exposition and the OpenTelemetry points;
@@ -13,6 +13,8 @@ the same after ``set_connect_args()`` rotated to another password (a DSN,
 then keywords); an ``init=`` hook's ``ExceptionGroup`` quoting the DSN
 (its sub-exceptions, its ``args``, the pool's records, stats and health);
 an error keeping the DSN in a ``__slots__`` attribute (the pool's lines);
+an ``init=`` hook's error whose ``__cause__`` and ``__context__`` quote
+the DSN or the ``password=`` value (masked down the chain);
 the leak warning and the leak report with the password on the acquire
 line; the leak report of a lease whose ``reset=`` hook quotes the DSN.
 
@@ -122,6 +124,8 @@ def _closed_port_connect_args(pg_dsn: str, how: str, password: str) -> tuple[tup
         return (f"postgresql://{user}:{quote(password + '@/x', safe='')}@127.0.0.1:{port}/postgres",), {}
     if how == "query":
         return (f"postgresql://{user}@127.0.0.1:{port}/postgres?password={quote(password, safe='')}",), {}
+    if how == "dsn-keyword":
+        return (), {"dsn": f"postgresql://{user}:{quote(password, safe='')}@127.0.0.1:{port}/postgres"}
     raise AssertionError(how)
 
 
@@ -148,7 +152,7 @@ async def _collect_prometheus_and_otel(pool: safepool.Pool) -> str:
     return text
 
 
-@pytest.mark.parametrize("how", ["kwarg", "dsn-and-kwarg", "dsn", "dsn-percent", "query"])
+@pytest.mark.parametrize("how", ["kwarg", "dsn-and-kwarg", "dsn", "dsn-percent", "query", "dsn-keyword"])
 async def test_a_failed_connect_to_a_closed_port_keeps_the_password_out_of_everything(
     pg_dsn: str, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
@@ -556,3 +560,38 @@ async def test_a_reset_error_quoting_the_dsn_is_raised_masked(pg_dsn: str, how: 
         pool.terminate()
     assert "cannot reset" in str(raised.value)
     assert PASSWORD not in _everything(raised.value)
+
+
+@pytest.mark.parametrize("where", ["dsn-keyword", "password-keyword"])
+async def test_an_init_hook_error_caused_by_one_quoting_the_secret_is_masked_down_the_chain(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    # The DSN given as dsn=, or the password as password= (with a DSN without one).
+    kwargs: dict[str, Any] = (
+        {"dsn": _with_password(pg_dsn)} if where == "dsn-keyword" else {"dsn": pg_dsn, "password": PASSWORD}
+    )
+    secret = kwargs["dsn"] if where == "dsn-keyword" else PASSWORD
+    calls = 0
+
+    async def init(con: asyncpg.Connection) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            try:
+                raise ValueError(f"cannot prepare with {secret}")
+            except ValueError:
+                raise RuntimeError("the init hook failed") from KeyError(f"cause {secret}")  # (the ValueError: context)
+
+    caplog.set_level(logging.DEBUG)
+    pool = await safepool.create_pool(min_size=1, max_size=2, init=init, **kwargs)
+    try:
+        async with pool.acquire():
+            with pytest.raises(RuntimeError) as raised:
+                async with pool.acquire():
+                    pass
+        seen = repr(pool.stats()) + repr((await pool.health(probe=False)).to_dict())
+    finally:
+        pool.terminate()
+    text = _everything(raised.value) + _everything(raised.value.__context__)
+    assert "cause " in text and "cannot prepare with " in text and "***" in text
+    assert PASSWORD not in text + seen + _records(caplog)
