@@ -25,6 +25,8 @@ from .stats import LeaseInfo, describe_error
 # Seconds between WARNING records of failed connects while they go on
 # failing (the others are logged at DEBUG).
 CONNECT_WARNING_INTERVAL = 1.0
+# How many earlier connect arguments' secrets a pool masks (Reporter.retire_connect_args).
+RETIRED_KEPT = 8
 
 logger = logging.getLogger("safepool")
 leak_logger = logging.getLogger("safepool.leaks")
@@ -57,7 +59,7 @@ class Reporter:
 
     __slots__ = (
         "name", "state", "loop", "listeners", "pending", "delivering", "site_caps", "server_status",
-        "connect_warned_at", "connect_args",
+        "connect_warned_at", "connect_args", "retired_secrets",
     )
 
     def __init__(self, name: str, state: PoolState, loop: asyncio.AbstractEventLoop, site_caps: bool) -> None:
@@ -78,6 +80,8 @@ class Reporter:
         # (set by the pool: set_connect_args() changes them): their password
         # is masked in the stacks a report shows.
         self.connect_args: Callable[[], tuple[Sequence[Any], Mapping[str, Any]]] = lambda: ((), {})
+        # Those of earlier connect arguments (retire_connect_args).
+        self.retired_secrets: list[tuple[object, object, list[object]]] = []
 
     def format_stack(self, captured: _stack.Captured | None) -> str:
         """:func:`_stack.format_stack` without the pool's password, should
@@ -100,7 +104,22 @@ class Reporter:
         ``connection_class``'s), its message built from a DSN held in a
         tuple or another object, which :meth:`scrub` cannot rewrite in
         place (review h228)."""
-        return _secrets.redact_known(describe_error(error), *self.connect_secrets())
+        text = _secrets.redact_known(describe_error(error), *self.connect_secrets())
+        for secrets in self.retired_secrets:
+            text = _secrets.redact_known(text, *secrets)
+        return text
+
+    def retire_connect_args(self) -> None:
+        """The connect arguments are about to change (``set_connect_args()``):
+        keep their secrets, for :meth:`describe` to mask in the errors of
+        connects made with them, which ``stats()``, ``health()`` and the
+        breaker's refusal describe when read (review h231). The last
+        ``RETIRED_KEPT`` sets only (a rotation a day for years must not grow
+        without bound)."""
+        secrets = self.connect_secrets()
+        if secrets not in self.retired_secrets:
+            self.retired_secrets.append(secrets)
+            del self.retired_secrets[:-RETIRED_KEPT]
 
     def redact(self, text: str) -> str:
         """``text`` (a formatted traceback, a hook's error) as the pool may

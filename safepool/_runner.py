@@ -451,6 +451,10 @@ class Runner:
             return self.reset_after_a_loop_pass(holder, con, proxy, error)  # type: ignore[return-value]
         else:
             ok = False
+            if isinstance(error, Exception):
+                # Raised to the releasing caller: a reset= hook's or a
+                # connection class's error may quote the DSN (review h231).
+                self.reporter.scrub(error)
         # (wake=False: a grant to the head waiter comes back to be woken here,
         # with no Wake to build and dispatch: the contended hot path.)
         handed = self.state.reset_done(holder._slot, self.now(), ok, False)

@@ -471,6 +471,9 @@ def scrub_connect_error(
                 for name, value in list(fields.items()):
                     if isinstance(value, str):
                         fields[name] = clean(value)
+                    elif name == "__notes__" and isinstance(value, list):
+                        # (PEP 678's add_note(): the traceback prints them: review h231)
+                        fields[name] = [clean(note) if isinstance(note, str) else note for note in value]
             if isinstance(error, OSError):
                 # str() of OSError(errno, message, filename) reads these, not args.
                 for name in ("strerror", "filename", "filename2"):

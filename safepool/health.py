@@ -312,12 +312,9 @@ async def _probe(pool: Pool, timeout: float, query: str, reasons: list[HealthRea
         reasons.append(HealthReason("closed", FAILING, f"pool {pool.name!r} is closed or closing"))
         return None
     except Exception as exc:
-        # Type and first line only: no query parameters; a password a setup= hook's
-        # error quoted is masked already (Leaser.run_setup).
-        text = str(exc).splitlines()[0] if str(exc) else ""
-        reasons.append(HealthReason(
-            "probe_failed", FAILING, f"the probe failed: {type(exc).__name__}" + (f": {text}" if text else ""),
-        ))
+        # Type and first line only (no query parameters), the pool's password
+        # masked however the error holds it (review h231).
+        reasons.append(HealthReason("probe_failed", FAILING, f"the probe failed: {pool._reporter.describe(exc)}"))
         return None
     return time.perf_counter() - started
 

@@ -410,6 +410,7 @@ class Pool(_PoolBase):
         until they expire; see :meth:`expire_connections`), as asyncpg's
         ``Pool.set_connect_args()`` (0.29-0.32): ``dsn`` and the keywords of
         :func:`asyncpg.connect`, checked by the next connect, not here."""
+        self._reporter.retire_connect_args()
         self._connect_args = [dsn]
         self._connect_kwargs = connect_kwargs
 

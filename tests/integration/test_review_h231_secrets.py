@@ -18,50 +18,21 @@ the DSN or the ``password=`` value (masked down the chain);
 the leak warning and the leak report with the password on the acquire
 line; the leak report of a lease whose ``reset=`` hook quotes the DSN.
 
-Strict xfails (leaks found):
+Leaks found, fixed the same day (the tests below pass): a PEP 678 note on
+a hook's or ``connect=`` callback's error (``__notes__`` is now rewritten
+with the other str attributes); after ``set_connect_args()``, a connect
+error that quoted the old password in a tuple (``stats()``, ``health()``
+and the breaker's refusal mask the last connect arguments' secrets too,
+``Reporter.retire_connect_args``); ``health()``'s ``probe_failed`` reason
+(``str(exc)``: now ``Reporter.describe``); a ``reset=`` hook's or a
+connection class's ``reset()`` error raised to the releasing code (now
+scrubbed in ``Runner.reset_done``).
 
-- An ``init=``/``setup=`` hook's or a ``connect=`` callback's error with a
-  PEP 678 note quoting the DSN (``exc.add_note(f"while connecting to
-  {dsn}")``) reaches the application with the password in its traceback:
-  safepool/_secrets.py:460-480 (``scrub_connect_error``) rewrites str
-  ``args`` and str ``__dict__`` values only; ``__notes__`` is a list of
-  str in ``__dict__`` and is skipped. docs/metrics.md:557-560 promises
-  "every str argument and every str attribute rewritten".
-- An ``init=`` hook's ``ExceptionGroup`` whose message quotes the DSN is
-  raised with the password in ``str()`` and its traceback:
-  safepool/_secrets.py:468 rewrites the group's ``args``, but a group's
-  ``str()`` reads its read-only ``message``, which keeps it (its ``args``
-  and sub-exceptions come back masked: the two disagree).
-- After ``set_connect_args()`` rotated the credentials, what the pool says
-  of a connect that failed with the old ones (a ``connect=`` callback's
-  error quoting the ``password=`` argument in a tuple, which is not
-  rewritable in place) shows the old password: ``stats().last_connect_error``
-  and ``health()`` (safepool/_surface.py:113 describes the stored error when
-  read) and the ``fail_fast`` breaker's refusal (safepool/_reporting.py:204,
-  ``unavailable_error``, when an acquire is refused): both mask through
-  ``Reporter.describe`` (safepool/_reporting.py:103), which takes the
-  connect arguments as they are now (``Reporter.connect_args``, set at
-  safepool/pool.py:200), not those of the failed connect. The
-  ``connect failed`` record, written at the failure, is masked.
-- ``health()``'s probe writes the error of its acquire as ``str(exc)``
-  (safepool/health.py:314-320, ``probe_failed``), not through
-  ``Reporter.describe`` as review h228 made the pool's other lines: a
-  ``connect=`` callback's error quoting the DSN in a tuple (no mask at all,
-  not even the generic URI one) or a ``setup=`` hook's ``ExceptionGroup``
-  quoting it shows the password in the health report, where the
-  ``connect_failed`` record and ``stats()`` of the same error mask it.
-  docs/metrics.md:564-568 names ``health()`` among what is masked again
-  when written.
-- A ``reset=`` hook's or a ``connection_class`` ``reset()``'s error whose
-  plain str message quotes the DSN reaches the releasing code (``async with
-  pool.acquire()``'s exit, ``release()``) with the password:
-  safepool/_runner.py:433-470 (``reset_done``) returns the error for the
-  caller to raise without ``Reporter.scrub`` (its ``reset failed`` record,
-  :466-469, is masked through ``describe``; the connect path scrubs at
-  safepool/_workers.py:158 and 183, the setup path at
-  safepool/_leasing.py:375). docs/migration.md:181-188 promises errors of
-  "an ``init=``, ``setup=`` or ``reset=`` hook, a ``connect=`` callback or a
-  ``connection_class``" come back masked.
+Strict xfail, documented (docs/metrics.md): an ``init=`` hook's
+``ExceptionGroup`` whose own message quotes the DSN is raised with the
+password in ``str()`` and its traceback: a group's ``str()`` reads its
+read-only ``message`` (its ``args`` and sub-exceptions come back masked,
+and the pool's lines are).
 """
 
 from __future__ import annotations
@@ -262,11 +233,6 @@ async def test_an_init_hook_exception_group_message_quoting_the_dsn_is_masked(pg
     assert PASSWORD not in "".join(traceback.format_exception(group))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool/_secrets.py scrub_connect_error rewrites str args and str attributes, not __notes__ "
-    "(a list of str): an init= hook's note quoting the DSN reaches the caller with the password",
-)
 @pytest.mark.parametrize("hook", ["init", "setup", "connect"])
 async def test_a_hook_error_with_a_note_quoting_the_dsn_is_masked(pg_dsn: str, hook: str) -> None:
     dsn = _with_password(pg_dsn)
@@ -426,12 +392,6 @@ def _rotation_connect(old_password: str, error: type[Exception] = PermissionErro
     return connect
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool/_surface.py:113 describes stats().last_connect_error when read, with "
-    "Reporter.describe (safepool/_reporting.py:103), which masks the connect arguments as they are "
-    "now: after set_connect_args() rotated them, the old password of the failed connect is shown",
-)
 async def test_stats_and_health_mask_the_old_password_after_set_connect_args(pg_dsn: str) -> None:
     user = _user(pg_dsn)
     pool = await safepool.create_pool(
@@ -451,12 +411,6 @@ async def test_stats_and_health_mask_the_old_password_after_set_connect_args(pg_
     assert PASSWORD not in seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool/_reporting.py:204 (unavailable_error) describes the last connect error when an "
-    "acquire is refused, masking the connect arguments as they are now (Reporter.describe, :103): "
-    "after set_connect_args() the breaker's refusal shows the old password",
-)
 async def test_the_breaker_refusal_masks_the_old_password_after_set_connect_args(pg_dsn: str) -> None:
     user = _user(pg_dsn)
     pool = await safepool.create_pool(
@@ -500,11 +454,6 @@ def _failing_hooks(dsn: str, how: str) -> dict[str, Any]:
     return {"connect": connect} if how == "tuple" else {"setup": setup}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool/health.py:317 writes the probe's error as str(exc), unmasked (not Reporter.describe): "
-    "a connect= callback's error quoting the DSN in a tuple, or a setup= hook's ExceptionGroup, shows it",
-)
 @pytest.mark.parametrize("how", ["tuple", "group"])
 async def test_the_health_probe_masks_a_hook_error_quoting_the_dsn(
     pg_dsn: str, caplog: pytest.LogCaptureFixture, how: str
@@ -532,12 +481,6 @@ class _ResetQuotesTheDsn(asyncpg.Connection):  # type: ignore[misc]
         raise ValueError(f"cannot reset the session of {self.dsn}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool/_runner.py:433-470 (reset_done) hands a failed reset's error to the releasing caller "
-    "without Reporter.scrub (only its reset_failed record is masked, :468): docs/migration.md:181-188 "
-    "promises a reset= hook's (and a connection_class's) error comes back masked",
-)
 @pytest.mark.parametrize("how", ["reset-hook", "connection-class"])
 async def test_a_reset_error_quoting_the_dsn_is_raised_masked(pg_dsn: str, how: str) -> None:
     dsn = _with_password(pg_dsn)
