@@ -314,7 +314,7 @@ async def _probe(pool: Pool, timeout: float, query: str, reasons: list[HealthRea
     except Exception as exc:
         # Type and first line only (no query parameters), the pool's password
         # masked however the error holds it (review h231).
-        reasons.append(HealthReason("probe_failed", FAILING, f"the probe failed: {pool._reporter.describe(exc)}"))
+        reasons.append(HealthReason("probe_failed", FAILING, f"the probe failed: {pool.describe_error(exc)}"))
         return None
     return time.perf_counter() - started
 

@@ -546,6 +546,16 @@ class Pool(_PoolBase):
         yet or closed (its last numbers)."""
         return self._observation.stats()
 
+    def describe_error(self, error: BaseException | None) -> str:
+        """One line for ``error`` that is safe to log or show: its type and
+        the first non-blank line of its message (no query parameters), with
+        this pool's password masked however the error holds it (in its
+        DSN, its ``password=`` argument, or those of the last connect
+        arguments :meth:`set_connect_args` replaced). What the pool's own
+        records, ``stats().last_connect_error`` and ``health()`` show of an
+        error; ``"none"`` for None. A str, never raises."""
+        return self._reporter.describe(error)
+
     def leases(self, *, stacks: bool = True) -> list[LeaseInfo]:
         """The connections currently held by application code, oldest first:
         a list of :class:`~safepool.LeaseInfo` (ages in seconds).

@@ -760,7 +760,7 @@ def _release(leak: Leak) -> str | None:
         logging.getLogger("safepool").debug("leak guard: could not release lease %s", lease_id, exc_info=True)
         if pool.closed:  # its loop closed meanwhile
             return None
-        return f"not released: {pool._reporter.describe(exc)}"
+        return f"not released: {pool.describe_error(exc)}"
     return None
 
 

@@ -357,6 +357,7 @@ class FakeConnection:
     def __init__(self, standard_strings: str = "on") -> None:
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self._settings = _Settings(standard_strings)
+        self._protocol = _Protocol()
 
     def _set_proxy(self, proxy: Any) -> None:
         pass
@@ -365,12 +366,19 @@ class FakeConnection:
         return self._settings
 
 
+class _Protocol:
+    queries_count = 0  # (the wrappers compare it before and after a call)
+
+
 def _fake_method(name: str) -> Any:
     def method(self: FakeConnection, *args: Any, **kwargs: Any) -> str:
         self.calls.append((name, args, kwargs))
         return name
 
-    return method
+    async def coroutine_method(self: FakeConnection, *args: Any, **kwargs: Any) -> str:
+        return method(self, *args, **kwargs)
+
+    return coroutine_method if inspect.iscoroutinefunction(getattr(asyncpg.Connection, name)) else method
 
 
 for _name in _public_methods():
@@ -381,6 +389,8 @@ for _name in _public_methods():
 class FakeHolder:
     def __init__(self) -> None:
         self.clean_mark = 7
+        self.watched = 0
+        self.copies = 0
 
     # The proxy's weak-reference callback (a leak report): none here, where
     # proxies are dropped unreleased at the end of each check.
@@ -388,10 +398,15 @@ class FakeHolder:
 
 
 def _sent(result: Any) -> Any:
-    """A forwarded coroutine method comes back wrapped (proxy.watch): the
-    fake connection has recorded the call; close the wrapper unawaited."""
+    """A forwarded coroutine method comes back wrapped (proxy.watch), which
+    calls the connection's method at its first step: run it (the fake's
+    methods never wait) for the fake connection to record the call."""
     if inspect.iscoroutine(result):
-        result.close()
+        try:
+            result.send(None)
+        except StopIteration as stop:
+            return stop.value
+        raise AssertionError("a fake connection's method waited")
     return result
 
 
