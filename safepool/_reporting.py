@@ -98,7 +98,8 @@ class Reporter:
 
     def describe(self, error: BaseException | None) -> str:
         """:func:`stats.describe_error` of ``error`` without the pool's
-        password (its DSN's and its ``password=`` argument's), for what the
+        password (its DSN's and its ``password=`` argument's, and those of
+        the connect arguments :meth:`retire_connect_args` kept), for what the
         pool logs, reports and counts: the error may be the application's
         own (a ``connect=`` callback's, an ``init=`` or ``reset=`` hook's, a
         ``connection_class``'s), its message built from a DSN held in a
