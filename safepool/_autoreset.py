@@ -43,6 +43,7 @@ from .proxy import (
     _mark_coroutine,
     _released_error,
     marking_forwarder,
+    method_qualname,
     plain_forwarder,
     watch,
 )
@@ -568,6 +569,7 @@ def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
     always = name in PARSE_WITHOUT_SYNC
     # prepare(): counted while it runs, as the base proxy counts it (proxy.COUNTED).
     counted = name in COUNTED and is_coroutine
+    qualname = method_qualname(name)  # (the wrapper's: see proxy.method_qualname)
 
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._raw
@@ -581,12 +583,17 @@ def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
         if always or (reason is not None and (reason is not _MISS or _classify_and_remember(sql) is not None)):
             self._holder.clean_mark = -1
             if counted:
-                return _copying_watched(self, name, args, kwargs, True)
-            if is_coroutine:
-                return _marking(self, name, args, kwargs)
-            return getattr(con.__class__, name)(con, *args, **kwargs)
+                operation: Any = _copying_watched(self, name, args, kwargs, True)
+            elif is_coroutine:
+                operation = _marking(self, name, args, kwargs)
+            else:
+                return getattr(con.__class__, name)(con, *args, **kwargs)
+            operation.__qualname__ = qualname
+            return operation
         if is_coroutine:
-            return watch(self, name, args, kwargs)
+            operation = watch(self, name, args, kwargs)
+            operation.__qualname__ = qualname
+            return operation
         return getattr(con.__class__, name)(con, *args, **kwargs)
 
     return call
@@ -614,12 +621,15 @@ def _marking_forwarder(name: str) -> Any:
     """A coroutine method that may change the session and sends no SQL of
     the caller's (``add_listener()``, ``set_type_codec()``, ``close()``...):
     marks the lease at the call, runs in :func:`_marking`."""
+    qualname = method_qualname(name)
 
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
         if self._raw is None:
             raise _released_error(self, name)
         self._holder.clean_mark = -1
-        return _marking(self, name, args, kwargs)
+        operation: Any = _marking(self, name, args, kwargs)
+        operation.__qualname__ = qualname
+        return operation
 
     return call
 
@@ -671,6 +681,8 @@ def _copy_forwarder(name: str) -> Any:
     # still opening its file ran in the next lease's session), and, as the
     # SQL methods', watched (proxy.watch): one that raised is marked
     # (copy_records_to_table prepares its introspection query before the COPY).
+    qualname = method_qualname(name)  # (the wrapper's: see proxy.method_qualname)
+
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._raw
         if con is None:
@@ -682,7 +694,9 @@ def _copy_forwarder(name: str) -> Any:
         ) is not None
         if marked:
             holder.clean_mark = -1
-        return _copying_watched(self, name, args, kwargs, marked)
+        operation: Any = _copying_watched(self, name, args, kwargs, marked)
+        operation.__qualname__ = qualname
+        return operation
 
     return call
 

@@ -247,3 +247,28 @@ async def test_a_connection_class_that_sends_sql_of_its_own_gets_the_reset(
 async def test_an_unknown_mode_is_a_clear_error(pg_dsn: str) -> None:
     with pytest.raises(ValueError, match="reset_mode"):
         await safepool.create_pool(pg_dsn, min_size=0, max_size=1, reset_mode="sometimes")
+
+
+@pytest.mark.parametrize("mode", ["auto", "rollback"])
+@pytest.mark.parametrize(("method", "args"), [("fetchval", ("SELECT 1",)), ("copy_from_query", ("SELECT 1",))])
+async def test_a_call_never_awaited_warns_with_asyncpgs_name(
+    pg_dsn: str, mode: str, method: str, args: tuple[Any, ...]
+) -> None:
+    """The proxy's wrapper coroutine takes asyncpg's method name (review
+    h232): a call never awaited warns as on asyncpg's pool, so a warnings
+    filter on that message still matches."""
+    import gc
+    import warnings
+
+    pytest.importorskip("pglast")
+    async with safepool.create_pool(pg_dsn, min_size=1, max_size=1, reset_mode=mode) as pool:
+        async with pool.acquire() as con:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                kwargs = {"output": io.BytesIO()} if method.startswith("copy_") else {}
+                call = getattr(con, method)(*args, **kwargs)
+                del call
+                gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == [
+        f"coroutine 'Connection.{method}' was never awaited"
+    ]

@@ -6,8 +6,9 @@ value, exception (safepool's may be a subclass, same message), warnings
 recorded meanwhile, and what another session sees after release().
 
 Found: one undocumented difference, the RuntimeWarning of a COPY/prepare()
-call never awaited names safepool's wrapper ('_copying', proxy.py:204)
-instead of asyncpg's method (strict xfail). The other differences met are
+call never awaited named safepool's wrapper ('_copying') instead of
+asyncpg's method; fixed the same day (the wrapper coroutine takes the
+method's qualified name: proxy.method_qualname). The other differences met are
 documented in docs/migration.md and pinned as such: the argument error at
 the await, a task made in the lease then released in the same step, a
 release() while another task's COPY runs, a garbage-collected proxy.
@@ -486,11 +487,6 @@ async def test_task_made_in_lease_then_release_same_step(pg_dsn: str, env_factor
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(strict=True, reason=(
-    "review h232: a full-mode COPY/prepare() call never awaited warns \"coroutine '_copying' was never "
-    "awaited\" where asyncpg's pool warns \"coroutine 'Connection.copy_records_to_table' was never "
-    "awaited\": the proxy returns its wrapper (safepool/proxy.py:204, _copying at :163), not asyncpg's "
-    "coroutine; a warnings filter on asyncpg's message no longer matches. Undocumented."))
 async def test_never_awaited_copy_warns_as_asyncpg(pg_dsn: str, env_factory: Any) -> None:
     a, s = await _compare(pg_dsn, env_factory, _never_awaited)
     print("asyncpg ", a)
