@@ -745,6 +745,30 @@ def _decorator_kind(scope: ast.AST) -> str:
     return ""
 
 
+def _fixture_teardown_releases(module: _Module, acquire_stmt: ast.stmt, release: ast.Call, var: str) -> bool:
+    """Whether a pytest fixture gives ``var`` back in its teardown on every
+    path: the acquire, a ``yield`` and the release's statement in one block,
+    in that order, and nothing else between them that can raise or leave
+    (pytest runs a fixture's teardown after the test, failed or not, but
+    only if its setup reached the ``yield``; a step after the ``yield`` that
+    raises skips the release: review h233). Other shapes (a ``try:`` whose
+    ``finally:`` releases) are the general rules'."""
+    stmt: ast.AST = release
+    while not isinstance(stmt, ast.stmt):
+        stmt = module.parents[stmt]
+    released, acquired = _block_of(module, stmt), _block_of(module, acquire_stmt)
+    if released is None or acquired is None or released[0] is not acquired[0] or acquired[1] >= released[1]:
+        return False
+    between = released[0][acquired[1] + 1:released[1]]
+    yields = [
+        i for i, each in enumerate(between)
+        if isinstance(each, ast.Expr) and isinstance(each.value, (ast.Yield, ast.YieldFrom))
+    ]
+    return len(yields) == 1 and all(
+        _leaves_before_release(each, var) is None for i, each in enumerate(between) if i != yields[0]
+    )
+
+
 def _block_of(module: _Module, stmt: ast.stmt) -> tuple[list[ast.stmt], int] | None:
     """The statement list holding ``stmt`` and its index there."""
     parent = module.parents.get(stmt)
@@ -1270,7 +1294,7 @@ class _Checker:
             return True
         # A pytest fixture's teardown runs even when the test failed.
         if _decorator_kind(scope) == "fixture" and release.lineno > acquire_stmt.lineno:
-            if any(isinstance(n, (ast.Yield, ast.YieldFrom)) and n.lineno < release.lineno for n in _walk_scope(scope)):
+            if _fixture_teardown_releases(module, acquire_stmt, release, var):
                 return True
         node: ast.AST = release
         condition: ast.If | None = None  # the innermost `if` so far that does not test the connection

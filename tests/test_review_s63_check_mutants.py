@@ -688,8 +688,14 @@ def test_a_pytest_fixture_release_counts_as_teardown_only_after_its_yield() -> N
         return n
     """
     assert found(source) == [(7, "SP001")]
-    assert found(source.replace("        return n", "        yield n").replace(
-        "        await pool.release(con)\n        yield n", "        yield n\n        await pool.release(con)")) == []
+    # After its yield, but with a step between the acquire and the yield
+    # that can fail (pytest then never runs the teardown: review h233).
+    yielded = source.replace("        return n", "        yield n").replace(
+        "        await pool.release(con)\n        yield n", "        yield n\n        await pool.release(con)")
+    assert found(yielded) == [(7, "SP001")]
+    # Nothing between them that can fail: the teardown releases.
+    assert found(yielded.replace('        n = await con.fetchval("SELECT count(*) FROM t")\n', "").replace(
+        "yield n", "yield con")) == []
 
 
 def test_a_walrus_in_a_while_test_with_the_try_first_in_its_body() -> None:

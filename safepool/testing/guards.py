@@ -429,6 +429,36 @@ class LeakGuard:
         name, _ = self._created.pop(key, ("", []))
         if pools:
             self._check_fixture_leases(lambda pool: any(pool is each for each in pools), closer=name)
+            self._check_held_at_close(pools, name)
+
+    def _check_held_at_close(self, pools: list[Pool], closer: str) -> None:
+        """The other leases of ``pools`` still held as ``closer``, the fixture
+        that created them, is torn down: acquired during the test (not open
+        at its start, nor a wider-scoped fixture's), by no fixture's setup
+        (checked before this) nor the test function (checked when it
+        returned). What is left was acquired in a fixture's teardown and
+        kept, or by a task the test left running: the close() that follows
+        would wait for them for ever (review h233). Leaks, released now."""
+        leaks: list[Leak] = []
+        for pool in pools:
+            for info in read_on_pool_loop(pool, pool.leases):
+                lease_id = info.id
+                if self._elsewhere(pool, lease_id, self._baseline) or not self._first_time(pool, lease_id, "open"):
+                    continue
+                if info.collected:
+                    self._reported.add((id(pool), lease_id, "gc"))
+                leaks.append(Leak(
+                    kind="collected" if info.collected else "open", pool=pool.name, lease_id=lease_id,
+                    held=info.age, task_name=info.task_name, holder=None, acquired_at=info.acquired_at,
+                    stack=_trim_stack(info.stack), pool_ref=weakref.ref(pool), site=info.site,
+                    detail=(
+                        f"still held when fixture {closer!r}, which created its pool, was torn down: "
+                        "acquired after the test returned (a fixture's teardown that kept it) "
+                        "or by a task the test left running"
+                    ),
+                ))
+        if leaks:
+            self._pending.extend(release_leaked(leaks))
 
     def fixture_finished(self, key: Hashable) -> None:
         """A fixture was torn down (``key`` as given to :meth:`fixture_setup`).

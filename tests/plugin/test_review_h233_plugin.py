@@ -323,17 +323,6 @@ async def test_after(pool):
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a lease acquired in a function-scoped fixture's teardown (after its yield) and kept is not "
-        "checked nor released before the pool fixture's teardown: LeakGuard.fixture_setup "
-        "(safepool/testing/guards.py:369) records only what a fixture's setup acquires, so pool_teardown "
-        "(guards.py:422) / _check_fixture_leases (guards.py:449) never see it and the pool's close() "
-        "waits for it (forever without a bound; here TimeoutError after 3 s, and the leak is reported "
-        "only as 'the pool ended it')"
-    ),
-)
 def test_fixture_teardown_kept(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_teardown_kept=TEARDOWN_KEPT)
     result = run(suite, "--safepool-leaks")
@@ -853,14 +842,5 @@ def test_static_check_setup_step_outside_a_fixture(tmp_path: Path) -> None:
     assert run_check(tmp_path, SETUP_STEP_PLAIN) == {(2, "SP001")}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "false negative: in a function whose decorator mentions 'fixture', check.py:1272-1274 "
-        "(Checker.safe_release) accepts any release after a yield as safe on every path, without looking "
-        "at the steps between the acquire and the yield (pytest never runs the teardown of a fixture whose "
-        "setup raised) or between the yield and the release; docs/testing.md's limits do not list it"
-    ),
-)
 def test_static_check_fixture_with_a_step_before_yield_or_release(tmp_path: Path) -> None:
     assert run_check(tmp_path, SETUP_STEP_FIXTURE) == {(5, "SP001"), (12, "SP001")}
