@@ -332,3 +332,37 @@ def backends_after_the_loop(dsn: str, name: str, settle: float = 1.0) -> int:
             await admin.close()
 
     return asyncio.run(count())
+
+
+# What a session carries from one lease to the next that asyncpg's reset
+# query clears (and a few things it does not: the role, temporary tables, a
+# transaction left open), as reset_mode="auto" tests compare it before and
+# after a lease (reviews h204, h227, h230).
+SESSION_FINGERPRINT = """
+SELECT
+  (SELECT coalesce(array_agg(name || '=' || setting ORDER BY name), '{}') FROM pg_settings
+     WHERE source = 'session'
+       AND name NOT IN ('transaction_isolation', 'transaction_read_only', 'transaction_deferrable'))
+     AS settings,
+  current_setting('work_mem') AS work_mem,
+  current_setting('transaction_isolation') AS isolation,
+  (SELECT coalesce(array_agg(c ORDER BY c), '{}') FROM pg_listening_channels() AS c) AS channels,
+  (SELECT coalesce(array_agg(objid::text ORDER BY objid), '{}') FROM pg_locks
+     WHERE locktype = 'advisory' AND pid = pg_backend_pid()) AS advisory_locks,
+  (SELECT coalesce(array_agg(name ORDER BY name), '{}') FROM pg_cursors) AS cursors,
+  (SELECT coalesce(array_agg(name ORDER BY name), '{}') FROM pg_prepared_statements WHERE from_sql) AS prepared,
+  (SELECT coalesce(array_agg(relname::text ORDER BY relname), '{}') FROM pg_class
+     WHERE relnamespace = pg_my_temp_schema()) AS temp_relations,
+  current_user::text AS current_user,
+  session_user::text AS session_user,
+  txid_current_if_assigned() IS NOT NULL AS xid_assigned,
+  now() = statement_timestamp() AS fresh_transaction
+"""
+
+
+async def session_fingerprint(con: Any) -> dict[str, Any]:
+    """``SESSION_FINGERPRINT``'s row on ``con`` (a lease), as a dict, with
+    whether the client sees a transaction open."""
+    row = dict(await con.fetchrow(SESSION_FINGERPRINT))
+    row["in_transaction"] = con.is_in_transaction()
+    return row

@@ -34,31 +34,11 @@ import safepool
 pytest.importorskip("pglast", reason="pip install -e '.[test]' installs the auto extra")
 
 from safepool import _autoreset  # noqa: E402
+from tests._util import session_fingerprint  # noqa: E402
 
 pytestmark = pytest.mark.asyncio
 
-FINGERPRINT = """
-SELECT
-  (SELECT coalesce(array_agg(name || '=' || setting ORDER BY name), '{}') FROM pg_settings
-     WHERE source = 'session'
-       AND name NOT IN ('transaction_isolation', 'transaction_read_only', 'transaction_deferrable'))
-     AS settings,
-  current_setting('work_mem') AS work_mem,
-  (SELECT coalesce(array_agg(c ORDER BY c), '{}') FROM pg_listening_channels() AS c) AS channels,
-  (SELECT coalesce(array_agg(objid::text ORDER BY objid), '{}') FROM pg_locks
-     WHERE locktype = 'advisory' AND pid = pg_backend_pid()) AS advisory_locks,
-  (SELECT coalesce(array_agg(name ORDER BY name), '{}') FROM pg_cursors) AS cursors,
-  (SELECT coalesce(array_agg(name ORDER BY name), '{}') FROM pg_prepared_statements WHERE from_sql) AS prepared,
-  current_user::text AS current_user,
-  txid_current_if_assigned() IS NOT NULL AS xid_assigned,
-  now() = statement_timestamp() AS fresh_transaction
-"""
-
-
-async def _fingerprint(con: Any) -> dict[str, Any]:
-    row = dict(await con.fetchrow(FINGERPRINT))
-    row["in_transaction"] = con.is_in_transaction()
-    return row
+_fingerprint = session_fingerprint
 
 
 @pytest_asyncio.fixture

@@ -48,7 +48,7 @@ from tests._util import until
 pytest.importorskip("pglast", reason="pip install -e '.[test]' installs the auto extra")
 
 from safepool import _autoreset  # noqa: E402
-from tests.integration.test_review_h227_autoreset import _fingerprint  # noqa: E402
+from tests._util import session_fingerprint as _fingerprint  # noqa: E402
 
 pytestmark = pytest.mark.asyncio
 
