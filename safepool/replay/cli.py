@@ -286,8 +286,14 @@ class _Stop:
         try:
             yield
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            if self.signum is None:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
+            # Else the run was stopped and the process exits: later signals
+            # stay only noted until it has. Restored, a second Ctrl-C that
+            # came after the cleanup killed the process by SIGINT (exit -2,
+            # not 130: CI of 2026-12-07) or raised KeyboardInterrupt in its
+            # shutdown.
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self.signum is not None or self.closing:
