@@ -43,7 +43,7 @@ from .proxy import (
     _mark_coroutine,
     _released_error,
     marking_forwarder,
-    method_qualname,
+    named_for,
     plain_forwarder,
     watch,
 )
@@ -569,7 +569,8 @@ def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
     always = name in PARSE_WITHOUT_SYNC
     # prepare(): counted while it runs, as the base proxy counts it (proxy.COUNTED).
     counted = name in COUNTED and is_coroutine
-    qualname = method_qualname(name)  # (the wrapper's: see proxy.method_qualname)
+    # The wrappers, named as asyncpg's method (proxy.named_for).
+    copying, marking, watched = (named_for(wrapper, name) for wrapper in (_copying_watched, _marking, watch))
 
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._raw
@@ -583,17 +584,12 @@ def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
         if always or (reason is not None and (reason is not _MISS or _classify_and_remember(sql) is not None)):
             self._holder.clean_mark = -1
             if counted:
-                operation: Any = _copying_watched(self, name, args, kwargs, True)
-            elif is_coroutine:
-                operation = _marking(self, name, args, kwargs)
-            else:
-                return getattr(con.__class__, name)(con, *args, **kwargs)
-            operation.__qualname__ = qualname
-            return operation
+                return copying(self, name, args, kwargs)
+            if is_coroutine:
+                return marking(self, name, args, kwargs)
+            return getattr(con.__class__, name)(con, *args, **kwargs)
         if is_coroutine:
-            operation = watch(self, name, args, kwargs)
-            operation.__qualname__ = qualname
-            return operation
+            return watched(self, name, args, kwargs)
         return getattr(con.__class__, name)(con, *args, **kwargs)
 
     return call
@@ -621,15 +617,13 @@ def _marking_forwarder(name: str) -> Any:
     """A coroutine method that may change the session and sends no SQL of
     the caller's (``add_listener()``, ``set_type_codec()``, ``close()``...):
     marks the lease at the call, runs in :func:`_marking`."""
-    qualname = method_qualname(name)
+    marking = named_for(_marking, name)
 
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
         if self._raw is None:
             raise _released_error(self, name)
         self._holder.clean_mark = -1
-        operation: Any = _marking(self, name, args, kwargs)
-        operation.__qualname__ = qualname
-        return operation
+        return marking(self, name, args, kwargs)
 
     return call
 
@@ -681,7 +675,7 @@ def _copy_forwarder(name: str) -> Any:
     # still opening its file ran in the next lease's session), and, as the
     # SQL methods', watched (proxy.watch): one that raised is marked
     # (copy_records_to_table prepares its introspection query before the COPY).
-    qualname = method_qualname(name)  # (the wrapper's: see proxy.method_qualname)
+    copying = named_for(_copying_watched, name)  # (named as asyncpg's method: proxy.named_for)
 
     def call(self: AutoResetProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._raw
@@ -694,18 +688,14 @@ def _copy_forwarder(name: str) -> Any:
         ) is not None
         if marked:
             holder.clean_mark = -1
-        operation: Any = _copying_watched(self, name, args, kwargs, marked)
-        operation.__qualname__ = qualname
-        return operation
+        return copying(self, name, args, kwargs)
 
     return call
 
 
-async def _copying_watched(
-    proxy: AutoResetProxy, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], marked: bool
-) -> Any:
-    """proxy._copying and proxy.watch in one coroutine; a marked call marks
-    again as it starts (see _marking). A COPY counts no statement
+async def _copying_watched(proxy: AutoResetProxy, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """proxy._copying and proxy.watch in one coroutine (the call marked the
+    lease if its SQL may change the session). A COPY counts no statement
     (``queries_count``): one counted here is asyncpg's own, the type
     introspection of ``copy_records_to_table`` (see proxy.watch).
 
@@ -716,8 +706,6 @@ async def _copying_watched(
         raise _released_error(proxy, name)
     holder = proxy._holder
     del proxy  # (see proxy.watch)
-    if marked:
-        holder.clean_mark = -1
     protocol = con._protocol
     before = protocol.queries_count
     holder.copies += 1

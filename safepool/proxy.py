@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from asyncpg import connection as _pg_connection
 from asyncpg import pool as _pg_pool
@@ -73,17 +75,26 @@ def _released_attribute_error(proxy: PoolConnectionProxy, attr: str) -> Exceptio
 # awaited (a RuntimeWarning, an error under ``-W error``: review h230), and
 # a call whose lease ended before that step is refused with nothing sent.
 # An argument error (a missing query) is raised at the await, not at the
-# call. Each wrapper coroutine takes the name of asyncpg's method
-# (``__qualname__``, :func:`method_qualname`): a call never awaited warns
-# "coroutine 'Connection.copy_to_table' was never awaited", as on asyncpg's
-# pool, and a filter written for that message still matches (review h232).
+# call. Each method's wrapper is a copy named as asyncpg's method
+# (:func:`named_for`): a call never awaited warns "coroutine
+# 'Connection.copy_to_table' was never awaited", as on asyncpg's pool, and a
+# filter written for that message still matches (review h232).
 
 
-def method_qualname(name: str) -> str:
-    """``Connection.<name>``'s qualified name (asyncpg's), for the wrapper
-    coroutine of a call of that method."""
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def named_for(wrapper: _F, name: str) -> _F:
+    """A copy of the coroutine function ``wrapper`` whose coroutines carry
+    ``Connection.<name>``'s qualified name (asyncpg's): a coroutine takes
+    its function's ``__qualname__`` when it is made, so the name costs a
+    call nothing."""
     method = getattr(_pg_connection.Connection, name, None)
-    return getattr(method, "__qualname__", None) or f"Connection.{name}"
+    named = types.FunctionType(
+        wrapper.__code__, wrapper.__globals__, name, wrapper.__defaults__, wrapper.__closure__
+    )
+    named.__qualname__ = getattr(method, "__qualname__", None) or f"Connection.{name}"
+    return cast(_F, named)
 
 
 async def watch(proxy: PoolConnectionProxy, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -205,29 +216,25 @@ async def _copying(
 def copy_forwarder(name: str, refuse_late: bool = False) -> Any:
     """As :func:`marking_forwarder`, and counts the call while it goes on
     (see :func:`_copying`)."""
-    qualname = method_qualname(name)
+    copying = named_for(_copying, name)
 
     def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
         con = self._raw
         if con is None:
             raise _released_error(self, name)
         self._holder.clean_mark = -1
-        operation: Any = _copying(self, con, name, args, kwargs, refuse_late)
-        operation.__qualname__ = qualname
-        return operation
+        return copying(self, con, name, args, kwargs, refuse_late)
 
     return call
 
 
 def _watched_forwarder(name: str) -> Any:
-    qualname = method_qualname(name)
+    watched = named_for(watch, name)
 
     def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
         if self._raw is None:
             raise _released_error(self, name)
-        operation: Any = watch(self, name, args, kwargs)
-        operation.__qualname__ = qualname
-        return operation
+        return watched(self, name, args, kwargs)
 
     return call
 
