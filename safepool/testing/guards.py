@@ -445,18 +445,11 @@ class LeakGuard:
                 lease_id = info.id
                 if self._elsewhere(pool, lease_id, self._baseline) or not self._first_time(pool, lease_id, "open"):
                     continue
-                if info.collected:
-                    self._reported.add((id(pool), lease_id, "gc"))
-                leaks.append(Leak(
-                    kind="collected" if info.collected else "open", pool=pool.name, lease_id=lease_id,
-                    held=info.age, task_name=info.task_name, holder=None, acquired_at=info.acquired_at,
-                    stack=_trim_stack(info.stack), pool_ref=weakref.ref(pool), site=info.site,
-                    detail=(
-                        f"still held when fixture {closer!r}, which created its pool, was torn down: "
-                        "acquired after the test returned (a fixture's teardown that kept it) "
-                        "or by a task the test left running"
-                    ),
-                ))
+                leaks.append(self._held_leak(pool, weakref.ref(pool), info, (
+                    f"still held when fixture {closer!r}, which created its pool, was torn down: "
+                    "acquired after the test returned (a fixture's teardown that kept it) "
+                    "or by a task the test left running"
+                )))
         if leaks:
             self._pending.extend(release_leaked(leaks))
 
@@ -476,6 +469,18 @@ class LeakGuard:
         self._created.clear()
         self._check_fixture_leases(lambda pool: True)
 
+    def _held_leak(self, pool: Pool, pool_ref: weakref.ref[Pool], info: LeaseInfo, detail: str) -> Leak:
+        """The :class:`Leak` of ``pool``'s lease ``info``, still held when a
+        fixture check found it; one whose proxy is garbage (the fixture's
+        value was dropped) is not reported again as collected."""
+        if info.collected:
+            self._reported.add((id(pool), info.id, "gc"))
+        return Leak(
+            kind="collected" if info.collected else "open", pool=pool.name, lease_id=info.id,
+            held=info.age, task_name=info.task_name, holder=None, acquired_at=info.acquired_at,
+            stack=_trim_stack(info.stack), detail=detail, pool_ref=pool_ref, site=info.site,
+        )
+
     def _check_fixture_leases(self, which: Callable[[Pool], bool], closer: str | None = None) -> None:
         leaks: list[Leak] = []
         for key, entry in list(self._by_fixture.items()):
@@ -491,13 +496,7 @@ class LeakGuard:
                 for info in read_on_pool_loop(pool, pool.leases):
                     if info.id != lease_id or not self._first_time(pool, lease_id, "open"):
                         continue
-                    if info.collected:  # its proxy is garbage (the fixture's value was dropped)
-                        self._reported.add((id(pool), lease_id, "gc"))
-                    leaks.append(Leak(
-                        kind="collected" if info.collected else "open", pool=pool.name, lease_id=lease_id,
-                        held=info.age, task_name=info.task_name, holder=None, acquired_at=info.acquired_at,
-                        stack=_trim_stack(info.stack), detail=detail, pool_ref=pool_ref, site=info.site,
-                    ))
+                    leaks.append(self._held_leak(pool, pool_ref, info, detail))
             if kept:
                 entry.leases = kept
             else:

@@ -8,7 +8,7 @@ recorded meanwhile, and what another session sees after release().
 Found: one undocumented difference, the RuntimeWarning of a COPY/prepare()
 call never awaited named safepool's wrapper ('_copying') instead of
 asyncpg's method; fixed the same day (the wrapper coroutine takes the
-method's qualified name: proxy.method_qualname). The other differences met are
+method's qualified name: proxy.named_for). The other differences met are
 documented in docs/migration.md and pinned as such: the argument error at
 the await, a task made in the lease then released in the same step, a
 release() while another task's COPY runs, a garbage-collected proxy.
