@@ -366,3 +366,31 @@ async def session_fingerprint(con: Any) -> dict[str, Any]:
     row = dict(await con.fetchrow(SESSION_FINGERPRINT))
     row["in_transaction"] = con.is_in_transaction()
     return row
+
+
+@contextlib.asynccontextmanager
+async def reset_mode_pools(pg_dsn: str, server_settings: dict[str, str]) -> AsyncIterator[MakePool]:
+    """``await factory(mode="auto", **kwargs)``: a safepool pool in that
+    reset mode (one connection unless ``min_size``/``max_size`` say
+    otherwise; ``server_settings`` unless given), its connection's first
+    lease already taken (a new connection's first lease always ends with
+    the full reset). At the end each pool's books are checked and it is
+    closed (reviews h204, h227, h230)."""
+    import safepool
+
+    pools: list[Any] = []
+
+    async def factory(mode: str = "auto", **kwargs: Any) -> Any:
+        kwargs.setdefault("server_settings", server_settings)
+        kwargs.setdefault("min_size", 1)
+        kwargs.setdefault("max_size", 1)
+        pool = await safepool.create_pool(pg_dsn, reset_mode=mode, **kwargs)
+        pools.append(pool)
+        async with pool.acquire() as con:
+            await con.fetchval("SELECT 1")
+        return pool
+
+    yield factory
+    for pool in pools:
+        pool._state.check_invariants()
+        await asyncio.wait_for(pool.close(), 10)

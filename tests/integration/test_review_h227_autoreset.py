@@ -29,12 +29,10 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-import safepool
-
 pytest.importorskip("pglast", reason="pip install -e '.[test]' installs the auto extra")
 
 from safepool import _autoreset  # noqa: E402
-from tests._util import session_fingerprint  # noqa: E402
+from tests._util import reset_mode_pools, session_fingerprint  # noqa: E402
 
 pytestmark = pytest.mark.asyncio
 
@@ -43,20 +41,8 @@ _fingerprint = session_fingerprint
 
 @pytest_asyncio.fixture
 async def make(pg_dsn: str, app_name: str) -> AsyncIterator[Callable[..., Any]]:
-    pools: list[Any] = []
-
-    async def factory(mode: str = "auto", **kwargs: Any) -> Any:
-        kwargs.setdefault("server_settings", {"application_name": app_name})
-        pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, reset_mode=mode, **kwargs)
-        pools.append(pool)
-        # A new connection's first lease always ends with the full reset.
-        async with pool.acquire() as con:
-            await con.fetchval("SELECT 1")
-        return pool
-
-    yield factory
-    for pool in pools:
-        await asyncio.wait_for(pool.close(), 10)
+    async with reset_mode_pools(pg_dsn, {"application_name": app_name}) as factory:
+        yield factory
 
 
 @pytest.fixture(autouse=True)

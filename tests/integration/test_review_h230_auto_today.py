@@ -48,7 +48,8 @@ from tests._util import until
 pytest.importorskip("pglast", reason="pip install -e '.[test]' installs the auto extra")
 
 from safepool import _autoreset  # noqa: E402
-from tests._util import session_fingerprint as _fingerprint  # noqa: E402
+from tests._util import reset_mode_pools  # noqa: E402
+from tests._util import session_fingerprint as _fingerprint
 
 pytestmark = pytest.mark.asyncio
 
@@ -60,23 +61,8 @@ OPENS = "BEGIN; SET LOCAL work_mem = '2301kB'"
 
 @pytest_asyncio.fixture
 async def make(pg_dsn: str, app_name: str) -> AsyncIterator[Callable[..., Any]]:
-    pools: list[Any] = []
-
-    async def factory(mode: str = "auto", **kwargs: Any) -> Any:
-        kwargs.setdefault("server_settings", {"application_name": app_name})
-        kwargs.setdefault("min_size", 1)
-        kwargs.setdefault("max_size", 1)
-        pool = await safepool.create_pool(pg_dsn, reset_mode=mode, **kwargs)
-        pools.append(pool)
-        # A new connection's first lease always ends with the full reset.
-        async with pool.acquire() as con:
-            await con.fetchval("SELECT 1")
-        return pool
-
-    yield factory
-    for pool in pools:
-        pool._state.check_invariants()
-        await asyncio.wait_for(pool.close(), 10)
+    async with reset_mode_pools(pg_dsn, {"application_name": app_name}) as factory:
+        yield factory
 
 
 @pytest.fixture(autouse=True)
