@@ -7,7 +7,7 @@ set_config variants, attribute notation, SET LOCAL of role/session
 authorization/time zone/placeholders, SET SESSION TRANSACTION, COMMIT AND
 CHAIN, savepoints, data-modifying CTEs, MERGE, TABLESAMPLE, JSON_TABLE,
 pg_settings reads and locks, NUL-truncated text). Two leaks are not in the
-SQL the lease wrote, both fixed (proxy.watch, proxy.refused_late):
+SQL the lease wrote, both fixed (proxy.watch and the other wrappers):
 
 * asyncpg's own statements inside a call: its type introspection sends
   set_config('jit', ..., false); a call that counts more statements than
@@ -58,7 +58,7 @@ def _fresh_cache() -> Any:
 SCHEDULED = "BEGIN; SET LOCAL work_mem = '2270kB'; SELECT pg_advisory_xact_lock(2270)"
 
 # Full mode refuses the call at its start (its reset is under way), auto
-# and rollback modes refuse it because its lease ended (proxy.refused_late).
+# and rollback modes refuse it because its lease ended (proxy.watch).
 NOT_STARTED_MODES = ["full", "auto", "rollback"]
 
 

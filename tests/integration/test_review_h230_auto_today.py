@@ -3,7 +3,7 @@
 
 1. A call whose coroutine first runs after its lease ended is refused with
    the released proxy's InterfaceError, nothing sent (proxy.watch,
-   _autoreset._marking, _autoreset._copying_watched, proxy.refused_late).
+   _autoreset._marking, _autoreset._copying_watched).
 2. A watched call that counts more than one statement in asyncpg's
    queries_count (its type introspection) marks the lease for the full
    reset (a COPY method: any count).
