@@ -368,10 +368,19 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
         return
     if not is_cancelling(con):
         return
+    # The wait in a task of its own, shielded (see below). Nothing completes
+    # asyncpg's cancellation futures once the connection is gone, so a wait
+    # given up (a timeout, the caller's cancellation) may stay pending until
+    # the connection is garbage collected with it: not a task destroyed
+    # pending for the loop's exception handler to report (asyncpg's own
+    # waits run in the query's task, and report nothing).
+    waiting = asyncio.ensure_future(protocol._wait_for_cancellation())
+    with contextlib.suppress(AttributeError):  # (a task factory's own class may lack it)
+        waiting._log_destroy_pending = False  # type: ignore[attr-defined]
     try:
         async with asyncio.timeout(timeout):
             try:
-                await asyncio.shield(protocol._wait_for_cancellation())
+                await asyncio.shield(waiting)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():

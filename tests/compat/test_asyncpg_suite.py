@@ -176,8 +176,9 @@ def test_asyncpg_other_pool_tests_pass_on_safepool(tcp_cluster: Any, tmp_path: P
         # acquire timeouts): a loaded machine can fail one. Once more; a
         # failure that stands fails this test.
         first = sorted(set(failed) - set(OTHER_DIFFERENCES))
+        first_stderr = run.stderr
         run, by_name, failed = run_them()
-        print(f"\nfailed, then run again: {first}")
+        print(f"\nfailed, then run again: {first}\n{first_stderr[-4000:]}")
     print(f"\nasyncpg {asyncpg.__version__} pool tests of {', '.join(asyncpg_suite.OTHER_MODULES)} on safepool: "
           f"{len(by_name) - len(failed)} passed, {len(failed)} failed ({len(OTHER_DIFFERENCES)} known differences)")
     unexpected = sorted(set(failed) - set(OTHER_DIFFERENCES))

@@ -366,3 +366,49 @@ async def test_release_budget_spent_on_a_cancelled_query_keeps_the_slot_until_th
     finally:
         await admin.close()
         await asyncio.wait_for(pool.close(), 10)
+
+
+# A statement timed out (command_timeout) on a network gone silent: asyncpg
+# sends its cancel request through the same silent network, so the request
+# is never answered, and the release's wait for that answer times out; the
+# pool then terminates the connection. Before asyncpg 0.32 the wait ran in a
+# task of its own (a shield, so that cancelling the release does not cancel
+# asyncpg's cancellation futures), and nothing completes those futures once
+# the connection is gone: the task was garbage collected pending, and the
+# loop's exception handler got "Task was destroyed but it is pending!"
+# (asyncpg's own test_pool_handles_abrupt_connection_loss on 0.29 failed on
+# it, in its tearDown). One case per way the wait ends: the release's budget,
+# and the caller's own cancellation.
+@pytest.mark.parametrize("ending", ["release-timeout", "caller-cancelled"])
+async def test_an_unanswered_cancel_request_leaves_no_pending_task_behind(running: Cluster, ending: str) -> None:
+    import gc
+
+    from ._proxy import FaultProxy
+
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(running.dsn(port=proxy.port), min_size=0, max_size=1, command_timeout=0.3)
+        try:
+            with loop_errors() as errors:
+                con = await pool.acquire()
+                proxy.blackhole = True
+                with pytest.raises(TimeoutError):
+                    await con.fetchval("SELECT 1")  # swallowed: command_timeout, then asyncpg's cancel request
+                if ending == "release-timeout":
+                    with pytest.raises(TimeoutError):
+                        await pool.release(con, timeout=0.3)
+                else:
+                    release = asyncio.ensure_future(pool.release(con))
+                    await asyncio.sleep(0.3)
+                    assert not release.done(), "the release waits for the cancel request's answer"
+                    release.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await release
+                proxy.heal()
+                pool.terminate()
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                    gc.collect()
+            destroyed = [e for e in errors if "destroyed but it is pending" in str(e.get("message"))]
+            assert not destroyed, f"tasks left pending and collected: {[str(e.get('task')) for e in destroyed]}"
+        finally:
+            pool.terminate()
