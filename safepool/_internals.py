@@ -376,7 +376,7 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
     # waits run in the query's task, and report nothing).
     waiting = asyncio.ensure_future(protocol._wait_for_cancellation())
     with contextlib.suppress(AttributeError):  # (a task factory's own class may lack it)
-        waiting._log_destroy_pending = False  # type: ignore[attr-defined]
+        waiting._log_destroy_pending = False
     try:
         async with asyncio.timeout(timeout):
             try:
