@@ -83,7 +83,7 @@ class Leaser:
         "face", "state", "runner", "loop", "create_future", "now", "reporter", "listeners", "pending_events", "name", "slot_holders", "drain",
         "spawn", "lease_timeout", "leak_warning_after", "acquire_timeout", "reset_timeout", "max_queries",
         "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "call_at", "unsuspended",
-        "in_setup", "extras",
+        "in_setup", "extras", "reset_done",
     )
 
     def __init__(
@@ -117,6 +117,7 @@ class Leaser:
         self.slot_holders = runner.slot_holders
         self.drain = runner.drain
         self.spawn = runner.spawn
+        self.reset_done = runner.reset_done  # (the driver's then=: no bound method made per release)
         # The checked settings the hot path reads, fixed for the pool's life,
         # as attributes of their own (no attribute chain per lease).
         self.lease_timeout = config.lease_timeout
@@ -458,7 +459,8 @@ class Leaser:
             # without listeners only the counter), then the protocol's state.
             # With own_is_closed False (see _pg.overrides), asyncpg's
             # is_closed() is read inline.
-            if con._listeners or con._log_listeners:
+            # (listening: read once, again below: nothing between adds a listener.)
+            if listening := (con._listeners or con._log_listeners):
                 con._on_release()
             else:
                 con._pool_release_ctr += 1
@@ -545,7 +547,7 @@ class Leaser:
                         query = None  # (planned below, with the ROLLBACK)
                 else:
                     rollback = False
-                    if con._listeners or con._log_listeners:
+                    if listening:
                         _pg.clear_listeners(con)
                 budget = timeout if timeout is not None else self.reset_timeout
                 if query is None:
@@ -606,7 +608,7 @@ class Leaser:
                     # (The proxy too: a failed reset closes the connection
                     # with it attached, as asyncpg's release terminates it.)
                     driver = _Driver(
-                        statement, self.spawn, self.runner.reset_done, (holder, con, connection), True, quiet, first
+                        statement, self.spawn, self.reset_done, (holder, con, connection), True, quiet, first
                     )
                     return self.finish_release(driver, True) if logged else driver  # type: ignore[return-value]
                 # Nothing to send: the reset is done (reset_done hands the
@@ -616,7 +618,7 @@ class Leaser:
         else:
             done = None
             if outcome is Outcome.CLEAN:
-                if con._listeners or con._log_listeners:
+                if listening:
                     _pg.clear_listeners(con)
             elif check != UNUSABLE:  # (DISCARD, of a usable connection)
                 # max_queries or an expired generation: asyncpg closes the

@@ -261,7 +261,7 @@ class Runner:
             self.drain()
         elif state.connects_to_watch:
             self.drain()  # (a deadline with no action: see PoolState.connects_to_watch)
-        elif state.max_inactive_lifetime and state.size > state.min_size:
+        elif state.max_inactive_lifetime and len(state.slot_set) > state.min_size:  # (size, without its call)
             # An idle connection above min_size may now have a lifetime to
             # watch, due before the armed timer (a later lease deadline, a
             # connection's max_lifetime): re-armed for it, or it outlived

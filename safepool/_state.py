@@ -676,7 +676,7 @@ class PoolState:
         "failed_answer_max", "failure_went_stale", "floor_enabled", "lost_before",
         "generation", "init_failing", "connect_misconfigured", "last_connect_error", "lease_times", "max_connecting", "max_inactive_lifetime",
         "max_lifetime", "max_size",
-        "max_waiters", "min_size", "phase", "reset_mode", "server_failures", "wait_on_connect_error", "wait_times",
+        "max_waiters", "min_size", "phase", "reset_mode", "server_failures", "slot_set", "wait_on_connect_error", "wait_times",
     )
 
     def __init__(
@@ -743,6 +743,9 @@ class PoolState:
         self.floor_enabled = False  # min_size upkeep starts once the pool is initialised
 
         self._slots: set[Slot] = set()
+        # The same set, for the runner's hot path: len(state.slot_set) is
+        # size without the property's call (Runner.after_hand_on). Read only.
+        self.slot_set = self._slots
         # Slots CONNECTING and CLOSING, counted as they move (_move): the
         # hot path reads these two. The other states' counts are read only
         # by stats(), repr and messages, so count() finds them when asked
