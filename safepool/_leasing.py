@@ -635,7 +635,11 @@ class Leaser:
                     holder.close_budget = timeout
                     holder.close_raises = True
             state.release(lease, self.now(), outcome)
-        self.runner.after_hand_on()
+        if state.actions or state.connects_to_watch or (
+            state.max_inactive_lifetime and len(state.slot_set) > state.min_size
+        ):
+            # (Runner.after_hand_on's three tests, alike: no call when none holds.)
+            self.runner.after_hand_on()
         if logged or done is not None:
             return self.finish_release(done, logged)
         self.unsuspended += 1

@@ -248,7 +248,9 @@ class Runner:
     def after_hand_on(self) -> None:
         """After a connection was handed on (or idled, or closed): carry out
         the core's actions; with none, only arm the idle-lifetime timer if
-        it now has something to watch (the hot path skips drain)."""
+        it now has something to watch (the hot path skips drain).
+        (:meth:`reset_done` and ``Leaser.release`` test its three conditions
+        first, to skip the call when none holds: keep them alike.)"""
         state = self.state
         actions = state.actions
         if actions:
@@ -537,7 +539,13 @@ class Runner:
                     failed.add_done_callback(retrieve)  # (a caller cancelled meanwhile awaits it no more)
                     closed.add_done_callback(lambda _: settle(failed, error))
                     return failed  # type: ignore[return-value]  # (see _Driver.__await__, reset_slot)
-        self.after_hand_on()
+        # after_hand_on(), not called when none of its three tests holds
+        # (the hot path: a call less per reset; keep the two alike).
+        state = self.state
+        if state.actions or state.connects_to_watch or (
+            state.max_inactive_lifetime and len(state.slot_set) > state.min_size
+        ):
+            self.after_hand_on()
         return error
 
     def reset_after_a_loop_pass(
