@@ -484,7 +484,13 @@ class Leaser:
             connection._raw = con
             con._proxy = connection
             return self.raise_after(self.release(connection, timeout), warning)
-        outcome = state.release_outcome(lease, check, holder.clean_mark == -1)
+        # state.release_outcome(lease, check, marked), inlined (the hot path:
+        # a call less per lease): the core's policy table, or DISCARD for a
+        # connection of an expired generation.
+        if lease.slot.generation == state.generation:
+            outcome = state.outcomes[holder.clean_mark == -1][check]
+        else:
+            outcome = Outcome.DISCARD
         done: asyncio.Future[None] | None  # (set on each path that returns below)
         if outcome is Outcome.NEEDS_RESET:
             # asyncpg reports an unmanaged open transaction from release(),

@@ -54,13 +54,13 @@ async def test_the_guard_fails_a_query_lease_that_runs_past_5_percent_over(
     filler = _filler_in_the_package()
     now = await bytecodes.count(pg_dsn, "query")
     turns = math.ceil((budget["query"] * (bytecodes.OVER + 0.01) - now) / 3)
-    original = PoolState.release_outcome
+    original = PoolState.release
 
     def slower(self: PoolState, *args: Any, **kwargs: Any) -> Any:
         filler(turns)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(PoolState, "release_outcome", slower)
+    monkeypatch.setattr(PoolState, "release", slower)
     measured = await bytecodes.count(pg_dsn, "query")
     assert measured > budget["query"] * bytecodes.OVER
     [verdict] = bytecodes.verdicts({"query": measured}, budget)
