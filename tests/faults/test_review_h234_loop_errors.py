@@ -1,0 +1,123 @@
+"""Review h234: what safepool lets reach the loop's exception handler (or
+leaves hanging) under faults with asyncpg < 0.32 (``HAS_POOL_HOLDER``
+False: asyncpg 0.29, 0.30, 0.31). Each test is expected to fail there
+(strict xfail) and passes on asyncpg 0.32+.
+
+Run on an older asyncpg with an overlay first on PYTHONPATH, e.g.
+``PYTHONPATH=/tmp/apg029:$PWD .venv/bin/python -m pytest tests/faults/test_review_h234_loop_errors.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+from typing import Any
+
+import pytest
+
+import safepool
+from safepool import _internals
+
+from ._harness import loop_errors
+from ._pg import Cluster
+from ._proxy import FaultProxy
+
+pytestmark = pytest.mark.asyncio
+
+OLD_ASYNCPG = not _internals.HAS_POOL_HOLDER
+
+
+async def _collect() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+        gc.collect()
+
+
+@pytest.mark.xfail(
+    OLD_ASYNCPG,
+    strict=True,
+    reason="asyncpg < 0.32: a setup= hook's acquire cancelled twice (the second cancel a loop pass "
+    "later, in the acquire's cleanup) leaves the connection's _proxy a dead weak proxy (the setup's "
+    "proxy, collected while slot.lease is None, so Holder._proxy_collected, safepool/_holder.py:178, "
+    "does not clear it); the close then handed to a pool task calls asyncpg's close()/terminate(), "
+    "whose _cleanup() runs self._proxy._holder._release_on_close() and raises ReferenceError: in _workers.close's "
+    "close and again from its except branch "
+    "(safepool/_workers.py:523 -> _internals.terminate, safepool/_internals.py:340): Runner.close_connection's "
+    "task (safepool/_runner.py:861) ends with it: 'Task exception was never retrieved'. "
+    "tests/faults/test_cancel_matrix.py's setup_event/setup_lock cells fail on it with 0.29-0.31.",
+)
+async def test_a_setup_hook_cancelled_twice_leaves_no_task_exception_unretrieved(running: Cluster) -> None:
+    errors_seen: list[str] = []
+    for _round in range(3):
+        for k in range(0, 16):
+            gate = asyncio.Event()
+            reached = asyncio.Event()
+
+            async def setup(con: Any, gate: asyncio.Event = gate, reached: asyncio.Event = reached) -> None:
+                await con.execute("SET work_mem = '7MB'")
+                reached.set()
+                await gate.wait()
+
+            pool = await safepool.create_pool(running.dsn(), min_size=1, max_size=1, setup=setup)
+            try:
+                with loop_errors() as errors:
+
+                    async def body(pool: safepool.Pool = pool) -> None:
+                        async with pool.acquire() as con:
+                            await con.fetchval("SELECT 1")
+
+                    task = asyncio.ensure_future(body())
+                    await asyncio.wait_for(reached.wait(), 10)
+                    task.cancel()
+                    asyncio.get_running_loop().call_soon(task.cancel)  # a second cancel, one loop pass later
+                    for _ in range(k):
+                        await asyncio.sleep(0)
+                    gate.set()
+                    with contextlib.suppress(BaseException):
+                        await task
+                    del task
+                    await asyncio.wait_for(pool.close(), 10)
+                    await _collect()
+                errors_seen += [f"k={k}: {e.get('message')}: {e.get('exception')!r}" for e in errors]
+            finally:
+                pool.terminate()
+        if errors_seen:
+            break
+    assert not errors_seen, errors_seen
+
+
+@pytest.mark.xfail(
+    OLD_ASYNCPG,
+    strict=True,
+    reason="asyncpg < 0.32: a statement timed out (command_timeout) in a black hole, and the network "
+    "comes back with an RST while the release waits for the cancel request's answer: "
+    "_internals.wait_for_cancellation (safepool/_internals.py:383, await asyncio.shield(waiting), "
+    "no timeout when the release has none) checks only on entry whether the connection is closed "
+    "(is_cancelling, safepool/_internals.py:349); asyncpg < 0.32 never completes its cancellation "
+    "futures once the connection is lost, so Runner.reset_slot waits forever: the slot stays "
+    "'resetting' (the reset watchdog does not end the wait either), the pool never serves again "
+    "(max_size=1: PoolTimeoutError), close() hangs, and a pool dropped without terminate() reports "
+    "'Task was destroyed but it is pending!' for Runner.reset_slot. asyncpg's own pool serves the "
+    "next acquire in the same scenario (tried by hand on 0.29).",
+)
+async def test_a_connection_lost_while_the_release_waits_for_a_cancel_answer_frees_its_slot(
+    running: Cluster,
+) -> None:
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(running.dsn(port=proxy.port), min_size=0, max_size=1, command_timeout=0.3)
+        try:
+            con = await pool.acquire()
+            proxy.blackhole = True
+            with pytest.raises(TimeoutError):
+                await con.fetchval("SELECT 1")  # command_timeout; asyncpg's cancel request goes unanswered
+            release = asyncio.ensure_future(pool.release(con))
+            await asyncio.sleep(0.2)
+            assert not release.done(), "the release waits for the cancel request's answer"
+            proxy.heal()  # the connection is reset (RST): nothing will answer now
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(release, 5)
+            async with pool.acquire(timeout=5) as again:
+                assert await again.fetchval("SELECT 1") == 1
+        finally:
+            pool.terminate()
