@@ -121,3 +121,43 @@ async def test_a_connection_lost_while_the_release_waits_for_a_cancel_answer_fre
                 assert await again.fetchval("SELECT 1") == 1
         finally:
             pool.terminate()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="asyncpg 0.29, 0.31 and 0.32 alike: a lease past its lease_timeout while its statement is lost in a "
+    "black hole is taken back (_reclaim.Reclaimer.take_back -> _workers.take_back, whose _once_free, "
+    "safepool/_workers.py:338-369, sends the pool's own cancel requests while the statement holds the "
+    "protocol); the holder's task is then cancelled (asyncpg's own cancel request starts, "
+    "Connection._cancel) and the network heals (every swallowed connection reset). asyncpg's "
+    "cancel-request task is cancelled after its TLSUpgradeProto.on_data future got "
+    "ConnectionError('unexpected connection_lost() call'): 'Future exception was never retrieved'. "
+    "Without lease_timeout (no take-back), and on asyncpg's own pool, the same steps report nothing "
+    "(tried by hand, 2-3 runs each); the safepool line that makes the difference is not pinned down yet.",
+)
+async def test_a_lease_taken_back_in_a_black_hole_leaves_no_future_exception_unretrieved(running: Cluster) -> None:
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(running.dsn(port=proxy.port), min_size=1, max_size=1, lease_timeout=0.2)
+        try:
+            with loop_errors() as errors:
+
+                async def holder() -> None:
+                    async with pool.acquire() as con:
+                        proxy.blackhole = True
+                        await con.fetchval("SELECT 1")
+
+                task = asyncio.ensure_future(holder())
+                await asyncio.sleep(1.0)  # (the lease expired at 0.2 s; the take-back waits for the statement)
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                proxy.heal()
+                await asyncio.sleep(0.2)
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(pool.close(), 2)
+                pool.terminate()
+                await _collect()
+            reported = [f"{e.get('message')}: {e.get('exception')!r}" for e in errors]
+            assert not reported, reported
+        finally:
+            pool.terminate()
