@@ -91,15 +91,19 @@ async def test_a_setup_hook_cancelled_twice_leaves_no_task_exception_unretrieved
     OLD_ASYNCPG,
     strict=True,
     reason="asyncpg < 0.32: a statement timed out (command_timeout) in a black hole, and the network "
-    "comes back with an RST while the release waits for the cancel request's answer: "
-    "_internals.wait_for_cancellation (safepool/_internals.py:383, await asyncio.shield(waiting), "
-    "no timeout when the release has none) checks only on entry whether the connection is closed "
-    "(is_cancelling, safepool/_internals.py:349); asyncpg < 0.32 never completes its cancellation "
-    "futures once the connection is lost, so Runner.reset_slot waits forever: the slot stays "
-    "'resetting' (the reset watchdog does not end the wait either), the pool never serves again "
-    "(max_size=1: PoolTimeoutError), close() hangs, and a pool dropped without terminate() reports "
+    "comes back with an RST while the release waits for the cancel request's answer. With command_timeout "
+    "set and no release timeout / reset_timeout, Runner.reset_budget (safepool/_runner.py:414-417) returns "
+    "(None, None): no bound, relying on asyncpg's background cancel to give up; Runner.reset_slot -> "
+    "_workers.reset -> _reset_connection -> cancel_answered (safepool/_workers.py:604) -> "
+    "_internals.wait_for_cancellation (safepool/_internals.py:383, await asyncio.shield(waiting) with "
+    "timeout None), which checks only on entry whether the connection is closed (is_cancelling, "
+    "safepool/_internals.py:349). asyncpg < 0.32 never completes the protocol's cancel_waiter once the "
+    "connection is lost (its _cancel task is cancelled by _clean_tasks and only resolves "
+    "cancel_sent_waiter), so the reset waits forever: the slot stays 'resetting' (the reset watchdog "
+    "does not apply: it is the inline reset's), the pool never serves again (max_size=1: "
+    "PoolTimeoutError; >120 s seen), close() hangs, and a pool dropped without terminate() reports "
     "'Task was destroyed but it is pending!' for Runner.reset_slot. asyncpg's own pool serves the "
-    "next acquire in the same scenario (tried by hand on 0.29).",
+    "next acquire in the same scenario (tried by hand on 0.29). 0.29, 0.30, 0.31.",
 )
 async def test_a_connection_lost_while_the_release_waits_for_a_cancel_answer_frees_its_slot(
     running: Cluster,
