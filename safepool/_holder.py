@@ -175,7 +175,15 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         calls nothing (no finalizer per lease)."""
         slot = self._slot
         con = slot.connection
-        if con is not None and con._proxy is ref and slot.lease is not None:
+        if con is not None and con._proxy is ref and slot.lease is None:
+            # A setup hook's proxy whose acquire was given up (cancelled
+            # while the hook ran): no lease to reclaim, but a dead weak
+            # reference left on the connection made asyncpg < 0.32's
+            # cleanup (``_proxy._holder._release_on_close()``, at its close
+            # or terminate) raise ReferenceError (review h234). Let go of
+            # it, as a release does.
+            con._proxy = None
+        elif con is not None and con._proxy is ref:
             self.orphaned_at = self._runner.now()  # (a clock read: safe inside the collector)
             lease = slot.lease
             proxy_class = self._runner.reclaimer.proxy_class

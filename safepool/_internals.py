@@ -360,7 +360,7 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
     :raises TimeoutError: not answered in time; the connection is then
         terminated (a new query could not use it), as asyncpg 0.32 does.
         With asyncpg < 0.32 the connection may also come back closed, once
-        the server is done with the query (see below).
+        the server is done with the query, or once it was lost (see below).
     """
     protocol = con._protocol
     if HAS_POOL_HOLDER:  # 0.32+: the timeout is asyncpg's
@@ -377,10 +377,24 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
     waiting = asyncio.ensure_future(protocol._wait_for_cancellation())
     with contextlib.suppress(AttributeError):  # (a task factory's own class may lack it)
         waiting._log_destroy_pending = False
+    # The connection lost meanwhile (an RST, the server gone) ends the wait
+    # too: its cleanup calls the termination listeners, and then nothing
+    # will answer (the caller finds it closed). With no timeout asked for,
+    # a reset waited there for good, its slot lost to the pool (review h234).
+    lost: asyncio.Future[None] = con._loop.create_future()
+
+    def on_lost(_: Any) -> None:
+        if not lost.done():
+            lost.set_result(None)
+
+    con.add_termination_listener(on_lost)
     try:
         async with asyncio.timeout(timeout):
             try:
-                await asyncio.shield(waiting)
+                # (asyncio.wait cancels neither when this task is: a shield)
+                await asyncio.wait((waiting, lost), return_when=asyncio.FIRST_COMPLETED)
+                if waiting.done():
+                    waiting.result()  # (CancelledError: its futures were cancelled, below)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
@@ -399,6 +413,8 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
     except TimeoutError:
         terminate(con)
         raise
+    finally:
+        con.remove_termination_listener(on_lost)
 
 
 # The protocol's Terminate message.

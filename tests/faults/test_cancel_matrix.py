@@ -49,6 +49,7 @@ import asyncpg
 import pytest
 
 import safepool
+from safepool import _internals
 
 from ._harness import LONG, loop_errors
 
@@ -68,6 +69,18 @@ DIRTY_LOCK = 5901  # a session lock a lease takes (the reset must release it)
 def _expected_report(context: dict[str, Any]) -> bool:
     # asyncpg's (and safepool's) report of a lease released inside BEGIN.
     return str(context.get("message", "")).startswith("Resetting connection with an active transaction")
+
+
+def _old_asyncpg_connect_cancelled(context: dict[str, Any]) -> bool:
+    """asyncpg < 0.32's own report of a connect cancelled while it finishes
+    (its future of the connection's first answer, left unretrieved once the
+    connection closed): asyncpg's pool gives it when ``create_pool()`` is
+    cancelled at the same point (review h234, side by side on 0.29)."""
+    return (
+        not _internals.HAS_POOL_HOLDER
+        and context.get("message") == "Future exception was never retrieved"
+        and isinstance(context.get("exception"), asyncpg.ConnectionDoesNotExistError)
+    )
 
 
 class Canceller:
@@ -363,8 +376,15 @@ async def _reset_body(pool: safepool.Pool, run: Run, style: str) -> Any:
 class BlockingResetQuery(asyncpg.Connection):
     """asyncpg's reset query behind a wait for the test's advisory lock."""
 
-    def get_reset_query(self) -> str:
-        return f"SELECT pg_advisory_lock({LOCK}); SELECT pg_advisory_unlock({LOCK});\n" + super().get_reset_query()
+    if hasattr(asyncpg.Connection, "get_reset_query"):
+
+        def get_reset_query(self) -> str:
+            return f"SELECT pg_advisory_lock({LOCK}); SELECT pg_advisory_unlock({LOCK});\n" + super().get_reset_query()
+
+    else:  # asyncpg 0.29: the method's private name
+
+        def _get_reset_query(self) -> str:
+            return f"SELECT pg_advisory_lock({LOCK}); SELECT pg_advisory_unlock({LOCK});\n" + super()._get_reset_query()
 
 
 async def _reset_query_body(pool: safepool.Pool, run: Run, style: str) -> Any:
@@ -652,7 +672,7 @@ async def test_cancel_pool_start(pg_dsn: str, app_name: str, form: str, order: s
     task is left behind, nothing reaches the loop's exception handler."""
     outcomes: set[str] = set()
     async with _admin(pg_dsn) as admin:
-        with loop_errors() as unhandled:
+        with loop_errors(allow=_old_asyncpg_connect_cancelled) as unhandled:
             k = -1
             while True:
                 k += 1

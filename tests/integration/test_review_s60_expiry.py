@@ -67,7 +67,8 @@ def _expiring_connection_class(clock: safepool.ManualClock, expire: bool = True)
         fired = not expire
 
         def _cancel_current_command(self, waiter: Any, cancel_waiter: Any = None) -> None:
-            super()._cancel_current_command(waiter, cancel_waiter)
+            # (asyncpg < 0.32 passes the one waiter: the request's.)
+            super()._cancel_current_command(waiter, *(() if cancel_waiter is None else (cancel_waiter,)))
             futures = [f for f in (waiter, cancel_waiter) if f is not None]
 
             def done(_future: Any) -> None:
