@@ -175,7 +175,10 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         calls nothing (no finalizer per lease)."""
         slot = self._slot
         con = slot.connection
-        if con is not None and con._proxy is ref and slot.lease is None:
+        if con is None or con._proxy is not ref:
+            return
+        lease = slot.lease
+        if lease is None:
             # A setup hook's proxy whose acquire was given up (cancelled
             # while the hook ran): no lease to reclaim, but a dead weak
             # reference left on the connection made asyncpg < 0.32's
@@ -183,18 +186,17 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
             # or terminate) raise ReferenceError (review h234). Let go of
             # it, as a release does.
             con._proxy = None
-        elif con is not None and con._proxy is ref:
-            self.orphaned_at = self._runner.now()  # (a clock read: safe inside the collector)
-            lease = slot.lease
-            proxy_class = self._runner.reclaimer.proxy_class
-            if proxy_class is not None and lease.active:
-                # The lease's stand-in now, not when the reclaimer runs: a
-                # notification read before then handed its listener the
-                # connection itself (con._proxy a dead weak reference), which
-                # a take-back cannot cut off (review h207's test, on uvloop
-                # under load). Only con._proxy changes: no pool state.
-                _pg.stand_in(con, proxy_class(self, con, lease))
-            self._abandoned(lease)
+            return
+        self.orphaned_at = self._runner.now()  # (a clock read: safe inside the collector)
+        proxy_class = self._runner.reclaimer.proxy_class
+        if proxy_class is not None and lease.active:
+            # The lease's stand-in now, not when the reclaimer runs: a
+            # notification read before then handed its listener the
+            # connection itself (con._proxy a dead weak reference), which
+            # a take-back cannot cut off (review h207's test, on uvloop
+            # under load). Only con._proxy changes: no pool state.
+            _pg.stand_in(con, proxy_class(self, con, lease))
+        self._abandoned(lease)
 
     def _abandoned(self, lease: Lease) -> None:
         # Runs inside the garbage collector, possibly in the middle of the
