@@ -144,3 +144,58 @@ async def test_a_connection_lost_during_its_releases_cancel_wait_hands_listeners
             assert got is con, f"the termination listener got {type(got).__name__}, not the lease's proxy"
         finally:
             pool.terminate()
+
+
+class _RecordingConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection class that records the termination listeners added
+    to it (a program's bookkeeping, or a wrapper's)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.added: list[Any] = []
+
+    def add_termination_listener(self, callback: Any) -> None:
+        self.added.append(callback)
+        super().add_termination_listener(callback)
+
+
+@pytest.mark.xfail(
+    OLD_ASYNCPG,
+    strict=True,
+    reason="asyncpg < 0.32: _internals.wait_for_cancellation registers its own listener through the "
+    "connection's public method (con.add_termination_listener(on_lost), safepool/_internals.py:390, "
+    "review h234's fix), so a connection_class that overrides add/remove_termination_listener sees a "
+    "pool-internal callback on every release that waits for a cancel answer (and, when the connection is "
+    "lost, it is called among the program's listeners). asyncpg's pool, and safepool on 0.32, register "
+    "nothing there; attach_holder (safepool/_internals.py:260) adds the pool's own listener to "
+    "con._termination_listeners directly.",
+)
+async def test_a_release_waiting_for_a_cancel_answer_registers_nothing_on_the_connection_class(
+    running: Cluster,
+) -> None:
+    from ._proxy import FaultProxy
+
+    async with FaultProxy(running.port) as proxy:
+        pool = await safepool.create_pool(
+            running.dsn(port=proxy.port), min_size=0, max_size=1, command_timeout=0.3,
+            connection_class=_RecordingConnection,
+        )
+        try:
+            con = await pool.acquire()
+            raw = con._con
+            proxy.blackhole = True
+            with pytest.raises(TimeoutError):
+                await con.fetchval("SELECT 1")  # command_timeout; asyncpg's cancel request goes unanswered
+            release = asyncio.ensure_future(pool.release(con))
+            async with asyncio.timeout(5):
+                while not pool.stats().resetting:
+                    await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)  # (the reset's pool task reaches the wait: no event to tell it)
+            proxy.heal()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(release, 5)
+            async with pool.acquire(timeout=5) as again:  # (the pool's own cancel request is over)
+                assert await again.fetchval("SELECT 1") == 1
+            assert [getattr(cb, "__qualname__", cb) for cb in raw.added] == []
+        finally:
+            pool.terminate()
