@@ -69,10 +69,10 @@ CELL_SUITES = (
     # holder later, 0.29-0.31 from terminate()'s own cleanup; about 1 s.)
     "tests/faults/test_abort_mid_statement.py",
     # What safepool let reach the loop's exception handler, or hang, under
-    # faults with asyncpg < 0.32 (review h234; about 5 s), and three cells
+    # faults with asyncpg < 0.32 (reviews h234 and h236; about 8 s), and three cells
     # of the cancellation matrix that fail there without its fix (a setup
     # hook cancelled twice: about 3 s; the whole matrix takes minutes).
-    "tests/faults/test_review_h234_loop_errors.py",
+    "tests/faults/test_review_h234_loop_errors.py", "tests/faults/test_review_h236.py",
     "tests/faults/test_cancel_matrix.py::test_tiny_budgets[setup-anyio_deadline]",
     "tests/faults/test_cancel_matrix.py::test_cancel_matrix[setup_lock-cancel_twice_spaced-cancel_then_unblock]",
     "tests/faults/test_cancel_matrix.py::test_cancel_matrix[setup_event-anyio_scope-cancel_then_unblock]",

@@ -51,6 +51,7 @@ from asyncpg import connresource as _pg_connresource
 from asyncpg import exceptions as _pg_exceptions
 from asyncpg.protocol import protocol as _pg_protocol
 
+from ._detach import retrieve
 from ._state import BROKEN, NOT_REFUSED, REFUSED, UNREACHABLE, UNRESOLVED, LeaseState
 
 
@@ -377,6 +378,10 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
     waiting = asyncio.ensure_future(protocol._wait_for_cancellation())
     with contextlib.suppress(AttributeError):  # (a task factory's own class may lack it)
         waiting._log_destroy_pending = False
+    # Given up, it may still end with asyncpg's error (its cancel request
+    # failed) that nobody awaits then: read here, not reported by the loop
+    # as never retrieved (review h236). Awaited, it is raised as ever.
+    waiting.add_done_callback(retrieve)
     # The connection lost meanwhile (an RST, the server gone) ends the wait
     # too: its cleanup calls the termination listeners, and then nothing
     # will answer (the caller finds it closed). With no timeout asked for,
@@ -387,7 +392,7 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
         if not lost.done():
             lost.set_result(None)
 
-    con.add_termination_listener(on_lost)
+    listener = _listen_for_termination(con, on_lost)
     try:
         async with asyncio.timeout(timeout):
             try:
@@ -414,11 +419,22 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
         terminate(con)
         raise
     finally:
-        con.remove_termination_listener(on_lost)
+        con._termination_listeners.discard(listener)
 
 
 # The protocol's Terminate message.
 _TERMINATE = b"X\x00\x00\x00\x04"
+
+
+def _listen_for_termination(con: RawConnection, callback: Callable[[Any], None]) -> Any:
+    """Put the pool's own ``callback`` among ``con``'s termination listeners,
+    as asyncpg's ``add_termination_listener()`` would, but past it: a
+    ``connection_class`` that overrides that method, and the notes of the
+    lease's callbacks (:func:`_add_termination_listener`), never see it
+    (review h236). Returns what to discard from the set afterwards."""
+    listener = _pg_connection._Callback(callback, False)  # type: ignore[attr-defined]
+    con._termination_listeners.add(listener)
+    return listener
 
 
 async def _end_session(con: RawConnection) -> None:
@@ -432,13 +448,13 @@ async def _end_session(con: RawConnection) -> None:
         if not closed.done():
             closed.set_result(None)
 
-    con.add_termination_listener(on_close)
+    listener = _listen_for_termination(con, on_close)
     try:
         if not con.is_closed():
             con._transport.write(_TERMINATE)
             await closed
     finally:
-        con.remove_termination_listener(on_close)
+        con._termination_listeners.discard(listener)
         terminate(con)
 
 

@@ -60,21 +60,6 @@ async def _active(admin: asyncpg.Connection, app_name: str) -> None:
             await asyncio.sleep(0.005)
 
 
-@pytest.mark.xfail(
-    OLD_ASYNCPG,
-    strict=True,
-    reason="asyncpg < 0.32: _internals.wait_for_cancellation runs asyncpg's wait in a task of its own "
-    "(safepool/_internals.py:377) and awaits it through asyncio.wait (safepool/_internals.py:395; "
-    "asyncio.shield before review h234, the same): a wait given up by an outer timeout (the release's "
-    "budget: _workers.reset's asyncio.timeout(whole), safepool/_workers.py:256, around cancel_answered, "
-    "safepool/_workers.py:618) leaves that task pending on asyncpg's cancel_sent_waiter, the connection "
-    "still open (the close waits CANCEL_ANSWER_GRACE more in a second task, safepool/_workers.py:516). "
-    "asyncpg's cancel request then fails (Connection._cancel sets the exception on cancel_sent_waiter): "
-    "both tasks end with it, the second's is read, the first's never is: 'Task exception was never "
-    "retrieved' at its collection. Nothing adds a done callback that reads it. asyncpg 0.29's own pool, "
-    "same steps: nothing reported (its wait_for cancels the waiter). Pre-dates review h234's fix.",
-)
-
 async def test_a_failed_cancel_request_after_a_spent_release_budget_leaves_no_task_exception(
     running: Cluster, app_name: str, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,17 +144,6 @@ class _RecordingConnection(asyncpg.Connection):  # type: ignore[misc]
         super().add_termination_listener(callback)
 
 
-@pytest.mark.xfail(
-    OLD_ASYNCPG,
-    strict=True,
-    reason="asyncpg < 0.32: _internals.wait_for_cancellation registers its own listener through the "
-    "connection's public method (con.add_termination_listener(on_lost), safepool/_internals.py:390, "
-    "review h234's fix), so a connection_class that overrides add/remove_termination_listener sees a "
-    "pool-internal callback on every release that waits for a cancel answer (and, when the connection is "
-    "lost, it is called among the program's listeners). asyncpg's pool, and safepool on 0.32, register "
-    "nothing there; attach_holder (safepool/_internals.py:260) adds the pool's own listener to "
-    "con._termination_listeners directly.",
-)
 async def test_a_release_waiting_for_a_cancel_answer_registers_nothing_on_the_connection_class(
     running: Cluster,
 ) -> None:
