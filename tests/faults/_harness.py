@@ -247,11 +247,19 @@ def asyncpg_connect_lost(context: dict[str, Any]) -> bool:
     (``sslmode=prefer``) is cancelled between the TCP handshake and asyncio's
     ``connection_made`` (an acquire's timeout, ``close()``), and when a
     connection is terminated while asyncpg's cancel request for it
-    negotiates SSL. Noise, not a failure: an ``allow=`` for
+    negotiates SSL; and on asyncpg 0.29-0.31 the answer to such a cancelled
+    SSL request, arriving later (``InvalidStateError`` from its
+    ``data_received``). Noise, not a failure: an ``allow=`` for
     :func:`loop_errors`."""
+    if context.get("message") == "Future exception was never retrieved":
+        return str(context.get("exception")) == "unexpected connection_lost() call"
+    # asyncpg 0.29-0.31's sibling: the server's answer to the SSL request of a
+    # connect (or cancel request) already cancelled, set on the cancelled
+    # future (0.32 returns early when it is done).
     return (
-        context.get("message") == "Future exception was never retrieved"
-        and str(context.get("exception")) == "unexpected connection_lost() call"
+        str(context.get("message", "")).startswith("Fatal error: protocol.data_received() call failed")
+        and isinstance(context.get("exception"), asyncio.InvalidStateError)
+        and type(context.get("protocol")).__name__ == "TLSUpgradeProto"
     )
 
 
