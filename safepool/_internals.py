@@ -386,13 +386,7 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
     # too: its cleanup calls the termination listeners, and then nothing
     # will answer (the caller finds it closed). With no timeout asked for,
     # a reset waited there for good, its slot lost to the pool (review h234).
-    lost: asyncio.Future[None] = con._loop.create_future()
-
-    def on_lost(_: Any) -> None:
-        if not lost.done():
-            lost.set_result(None)
-
-    listener = _listen_for_termination(con, on_lost)
+    lost, listener = _termination_future(con)
     try:
         async with asyncio.timeout(timeout):
             try:
@@ -426,15 +420,23 @@ async def wait_for_cancellation(con: RawConnection, timeout: float | None = None
 _TERMINATE = b"X\x00\x00\x00\x04"
 
 
-def _listen_for_termination(con: RawConnection, callback: Callable[[Any], None]) -> Any:
-    """Put the pool's own ``callback`` among ``con``'s termination listeners,
-    as asyncpg's ``add_termination_listener()`` would, but past it: a
-    ``connection_class`` that overrides that method, and the notes of the
-    lease's callbacks (:func:`_add_termination_listener`), never see it
-    (review h236). Returns what to discard from the set afterwards."""
-    listener = _pg_connection._Callback(callback, False)  # type: ignore[attr-defined]
+def _termination_future(con: RawConnection) -> tuple[asyncio.Future[None], Any]:
+    """A future done once ``con``'s cleanup (its close, abort or loss) calls
+    its termination listeners, and the listener of the pool's own that does
+    it, to discard from ``con._termination_listeners`` afterwards. Put in
+    that set as asyncpg's ``add_termination_listener()`` would, but past
+    it: a ``connection_class`` that overrides that method, and the notes of
+    the lease's callbacks (:func:`_add_termination_listener`), never see it
+    (review h236)."""
+    done: asyncio.Future[None] = con._loop.create_future()
+
+    def on_termination(_: Any) -> None:
+        if not done.done():
+            done.set_result(None)
+
+    listener = _pg_connection._Callback(on_termination, False)  # type: ignore[attr-defined]
     con._termination_listeners.add(listener)
-    return listener
+    return done, listener
 
 
 async def _end_session(con: RawConnection) -> None:
@@ -442,13 +444,7 @@ async def _end_session(con: RawConnection) -> None:
     send Terminate (the server reads it after whatever query runs) and wait
     until the server closed the socket. Aborts the connection on the way out
     (at once if cancelled)."""
-    closed: asyncio.Future[None] = con._loop.create_future()
-
-    def on_close(_: Any) -> None:
-        if not closed.done():
-            closed.set_result(None)
-
-    listener = _listen_for_termination(con, on_close)
+    closed, listener = _termination_future(con)
     try:
         if not con.is_closed():
             con._transport.write(_TERMINATE)
