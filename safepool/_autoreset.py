@@ -42,6 +42,7 @@ from .proxy import (
     PoolConnectionProxy,
     _mark_coroutine,
     _released_error,
+    counted_cursor,
     marking_forwarder,
     named_for,
     plain_forwarder,
@@ -587,6 +588,8 @@ def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:
                 return copying(self, name, args, kwargs)
             if is_coroutine:
                 return marking(self, name, args, kwargs)
+            if name == "cursor":
+                return counted_cursor(con.__class__.cursor(con, *args, **kwargs))
             return getattr(con.__class__, name)(con, *args, **kwargs)
         if is_coroutine:
             return watched(self, name, args, kwargs)

@@ -628,9 +628,16 @@ def starts_tasks_eagerly(loop: asyncio.AbstractEventLoop) -> bool:
     ).startswith("create_eager_task_factory.")
 
 
-def warn_open_transaction(con: RawConnection, *, quiet: bool = False, deferred: bool = False) -> bool:
+def warn_open_transaction(
+    con: RawConnection, *, quiet: bool = False, deferred: bool = False, keep: bool = False
+) -> bool:
     """asyncpg's reset reports an unmanaged open transaction through the
-    loop's exception handler. Returns whether a ROLLBACK is needed.
+    loop's exception handler, and lets go of asyncpg's ``Transaction``.
+    Returns whether a ROLLBACK is needed. ``keep``: report it and keep the
+    ``Transaction`` (a reset refused before it starts, while a call of the
+    lease runs: the connection is given up once the call ended, and the
+    call's next step finds its transaction; asyncpg < 0.32's cursor checks
+    it).
 
     ``deferred``: the caller is the releasing task, where asyncpg's pool
     reports from the first step of its shielded release task, after the
@@ -651,7 +658,8 @@ def warn_open_transaction(con: RawConnection, *, quiet: bool = False, deferred: 
                 loop.call_soon(loop.call_exception_handler, context)
             else:
                 loop.call_exception_handler(context)
-        con._top_xact = None
+        if not keep:
+            con._top_xact = None
         return True
     return False
 

@@ -533,15 +533,22 @@ class Leaser:
                     # in rollback mode the ROLLBACK of a marked lease (a
                     # Parse without Sync). The pool's hooks alone sent
                     # neither in rollback mode (hooks.full is the mode's).
+                    # An open transaction is reported, and asyncpg's
+                    # Transaction let go, in the pool task's first step, as
+                    # asyncpg's reset does in its shielded task: a call of
+                    # the lease whose next step is queued first still finds
+                    # it (asyncpg < 0.32's cursor checks it before its bind).
                     full, rollback = state.reset_plan(
-                        holder.clean_mark == -1, _pg.warn_open_transaction(con, deferred=True)
+                        holder.clean_mark == -1, con._protocol.is_in_transaction() or con._top_xact is not None
                     )
                     if full:
                         hooks = runner.hooks.ended
                 # (lease.slot: the holder's, read where needed: no lookup in slot_holders)
                 done = runner.resets_done[lease.slot] = self.loop.create_future()
                 state.release(lease, self.now(), outcome)
-                self.spawn(runner.reset_slot(holder, con, timeout, rollback, done, connection, hooks=hooks))
+                self.spawn(runner.reset_slot(
+                    holder, con, timeout, rollback, done, connection, hooks=hooks, report=not self.custom_reset
+                ))
             else:
                 # The common case: one statement, ROLLBACK (if a transaction
                 # is open) and the reset query in one message, driven in the

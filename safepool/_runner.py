@@ -374,6 +374,7 @@ class Runner:
     async def reset_slot(
         self, holder: Holder, con: RawConnection, timeout: float | None, rollback: bool,
         done: asyncio.Future[None] | None = None, proxy: Any = None, *, hooks: ResetHooks | None = None,
+        report: bool = False,
     ) -> None:
         """Reset a RESETTING slot's connection in a pool task, then hand it on
         or close it. Resolves ``done`` (the releasing caller's future) with
@@ -381,7 +382,12 @@ class Runner:
         (``done`` is in ``resets_done`` from the spawn on, for terminate()).
         ``proxy``: the released lease's, for :meth:`reset_done`. ``hooks``:
         the reset's, when not the pool's (``ResetHooks.ended``, for a
-        reclaimed lease)."""
+        reclaimed lease). ``report``: first report an open transaction and
+        drop the listeners (``_internals.warn_open_transaction``), here as
+        in asyncpg's shielded release task (``rollback`` says already
+        whether one is open)."""
+        if report:
+            _pg.warn_open_transaction(con, keep=holder.copies > 0)
         budget, statement_limit = self.reset_budget(timeout, con)
         try:
             if holder.copies:

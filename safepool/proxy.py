@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from asyncpg import connection as _pg_connection
+from asyncpg import cursor as _pg_cursor
 from asyncpg import pool as _pg_pool
 
 from ._internals import RawConnection
@@ -257,13 +258,116 @@ PARSE_WITHOUT_SYNC = frozenset({"prepare", "cursor"})
 COUNTED = frozenset({"prepare"})
 
 
+# A cursor's steps run through asyncpg's cursor objects, not the proxy: its
+# first fetch (or ``await con.cursor(...)``) prepares the statement, then
+# binds it; a later fetch of an iterator may execute, then close the portal.
+# The protocol is idle between the two, and no statement section is held.
+# The cursor factory a lease's ``cursor()`` returns counts each such step
+# on the lease's holder while it runs, as ``_copying`` counts a COPY (review
+# s70). Subclasses that add no state (their instances are asyncpg's, their
+# class swapped) and keep asyncpg's module and names: ``repr()`` and
+# ``isinstance()`` read as on asyncpg's pool. Steps of one round trip (a
+# ``Cursor``'s ``fetch()``, ``forward()``) are not counted.
+
+
+def _holder_of(con: Any) -> _Holder | None:
+    """The holder of the lease ``con`` is in (asyncpg's cursor checks, which
+    run first, refuse a call from another lease), or None: a proxy that was
+    collected."""
+    proxy = con._proxy
+    try:
+        return None if proxy is None else cast("_Holder", proxy._holder)
+    except ReferenceError:
+        return None
+
+
+async def _counted_step(holder: _Holder, step: Any) -> Any:
+    holder.copies += 1
+    try:
+        return await step
+    finally:
+        holder.copies -= 1
+
+
+class _CountedCursorIterator(_pg_cursor.CursorIterator):
+    __slots__ = ()
+
+    def __anext__(self) -> Any:
+        step = super().__anext__()  # (asyncpg's checks raise here, at the call)
+        holder = _holder_of(self._connection)  # type: ignore[attr-defined]
+        return step if holder is None else _counted_step(holder, step)
+
+
+class _CountedCursorFactory(_pg_cursor.CursorFactory):
+    __slots__ = ()
+
+    def __aiter__(self) -> Any:
+        iterator = super().__aiter__()
+        if type(iterator) is _pg_cursor.CursorIterator:
+            iterator.__class__ = _CountedCursorIterator
+        return iterator
+
+    def __await__(self) -> Any:
+        opening = super().__await__()  # (asyncpg's checks raise here)
+        holder = _holder_of(self._connection)  # type: ignore[attr-defined]
+        return opening if holder is None else _counted_step(holder, _Awaiting(opening)).__await__()
+
+
+class _Awaiting:
+    """An iterator of ``__await__`` made awaitable again."""
+
+    __slots__ = ("_iterator",)
+
+    def __init__(self, iterator: Any) -> None:
+        self._iterator = iterator
+
+    def __await__(self) -> Any:
+        return self._iterator
+
+
+for _counted_class, _original in ((_CountedCursorIterator, _pg_cursor.CursorIterator),
+                                  (_CountedCursorFactory, _pg_cursor.CursorFactory)):
+    _counted_class.__module__ = _original.__module__
+    _counted_class.__name__ = _original.__name__
+    _counted_class.__qualname__ = _original.__qualname__
+
+
+def counted_cursor(factory: Any) -> Any:
+    """``factory``, asyncpg's ``CursorFactory`` returned by a lease's
+    ``cursor()``, made to count its multi-step calls on the lease's holder
+    (``Holder.copies``): a release made while one is between its steps
+    resets in a pool task, after the step, as asyncpg's shielded reset comes.
+    Anything else (a ``connection_class``'s own ``cursor()``) is returned as
+    it is."""
+    if type(factory) is _pg_cursor.CursorFactory:
+        factory.__class__ = _CountedCursorFactory
+    return factory
+
+
+def _cursor_forwarder() -> Any:
+    """``Connection.cursor()`` of the leased connection: marks the lease (see
+    PARSE_WITHOUT_SYNC) and counts the cursor's steps (:func:`counted_cursor`)."""
+
+    def call(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
+        con = self._raw
+        if con is None:
+            raise _released_error(self, "cursor")
+        self._holder.clean_mark = -1
+        return counted_cursor(con.__class__.cursor(con, *args, **kwargs))
+
+    return call
+
+
 def _forward(name: str, is_coroutine: bool, *, watch_errors: bool) -> Any:
     if name.startswith("copy_") or name in PARSE_WITHOUT_SYNC:
         # What asyncpg's statement counter does not count, yet leaves the
         # session to reset: a COPY's query can change it (a lock,
         # set_config, a trigger), and see PARSE_WITHOUT_SYNC.
         counted = name.startswith("copy_") or name in COUNTED
-        call = copy_forwarder(name, refuse_late=watch_errors) if counted else marking_forwarder(name)
+        if name == "cursor":
+            call = _cursor_forwarder()
+        else:
+            call = copy_forwarder(name, refuse_late=watch_errors) if counted else marking_forwarder(name)
     elif is_coroutine:
         # Full mode resets every lease that ran a statement: marking the
         # lease at the call covers a statement that raised before asyncpg
