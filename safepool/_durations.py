@@ -38,11 +38,18 @@ class DurationTooLarge(PoolValueError, OverflowError):
 
 
 @overload
-def validate_timeout(name: str, value: Any, *, allow_none: Literal[False], positive: bool = False) -> float: ...
+def validate_timeout(
+    name: str, value: Any, *, allow_none: Literal[False], positive: bool = False, none: str = ...
+) -> float: ...
 @overload
-def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive: bool = False) -> float | None: ...
-def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive: bool = False) -> float | None:
-    """A duration in seconds (None: no limit, where ``allow_none``).
+def validate_timeout(
+    name: str, value: Any, *, allow_none: bool = True, positive: bool = False, none: str = ...
+) -> float | None: ...
+def validate_timeout(
+    name: str, value: Any, *, allow_none: bool = True, positive: bool = False, none: str = "turns it off"
+) -> float | None:
+    """A duration in seconds (None: no limit, where ``allow_none``;
+    ``none`` says what None does, in the messages: "turns it off").
 
     :raises TypeError: not a number (bool included).
     :raises ValueError: NaN, negative, 0 where ``positive``, or an int too
@@ -51,21 +58,21 @@ def validate_timeout(name: str, value: Any, *, allow_none: bool = True, positive
     if value is None and allow_none:
         return None
     check_seconds_type(name, value, allow_none)
-    _check_range(name, value, value, allow_none, positive)
+    _check_range(name, value, value, allow_none, positive, none)
     try:
         seconds = float(value)
     except OverflowError:  # an int no float holds: out of range, as a negative one is
-        off = " (None turns it off)" if allow_none else ""
+        off = f" (None {none})" if allow_none else ""
         raise DurationTooLarge(f"{name} is too large for a number of seconds{off}") from None
     if type(value) is not float and type(value) is not int:
         # Again as the float it becomes: a type's own __float__ may differ.
-        _check_range(name, seconds, value, allow_none, positive)
+        _check_range(name, seconds, value, allow_none, positive, none)
     return seconds
 
 
-def _check_range(name: str, number: Any, value: Any, allow_none: bool, positive: bool) -> None:
+def _check_range(name: str, number: Any, value: Any, allow_none: bool, positive: bool, none: str) -> None:
     if positive and not number > 0:  # (NaN too)
-        off = " (None turns it off)" if allow_none else ""
+        off = f" (None {none})" if allow_none else ""
         raise PoolValueError(f"{name} must be > 0 seconds{off}, got {value!r}")
     if number != number or number < 0:  # NaN or negative
         raise PoolValueError(f"{name} must be >= 0 seconds, got {value!r}")

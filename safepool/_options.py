@@ -266,14 +266,12 @@ def configure(
     max_lifetime = validate_timeout("max_lifetime", max_lifetime, positive=True)
     if max_lifetime == math.inf:
         max_lifetime = None  # (never: as None, with no timer at infinity)
-    reset_timeout_arg = reset_timeout
     leak_warning_after = validate_timeout("leak_warning_after", leak_warning_after)
     acquire_timeout = validate_timeout("acquire_timeout", acquire_timeout)
     # 0 would fail every reset (each release then closes its connection and
-    # raises TimeoutError): refused, as lease_timeout=0; None means the default.
-    reset_timeout = validate_timeout("reset_timeout", reset_timeout)
-    if reset_timeout == 0:
-        raise PoolValueError(f"reset_timeout must be > 0 seconds (None: the default), got {reset_timeout_arg!r}")
+    # raises TimeoutError): refused, as lease_timeout=0, with one message for
+    # every value refused (review h237); None means the default.
+    reset_timeout = validate_timeout("reset_timeout", reset_timeout, positive=True, none="means the default")
     backend_exit_timeout = validate_timeout("backend_exit_timeout", backend_exit_timeout, allow_none=False)
     if backend_exit_timeout == math.inf:
         # (a peer that never answers, a cut network, would hold the place for ever)

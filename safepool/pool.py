@@ -30,7 +30,7 @@ from asyncpg import connection as _pg_connection
 from asyncpg import pool as _pg_pool
 from asyncpg import protocol as _pg_protocol
 
-from . import _autoreset, _registry, _sites, _stack, _workers
+from . import _autoreset, _registry, _secrets, _sites, _stack, _workers
 from . import _internals as _pg
 from . import events as _events
 from ._clock import Clock, LoopClock
@@ -157,6 +157,11 @@ class Pool(_PoolBase):
             loop = asyncio.get_event_loop()
         self._loop = loop
 
+        if isinstance(name, str):
+            # A name that quotes the DSN (name=f"orders {DATABASE_URL}")
+            # shows in repr, stats, errors, metrics and logs: without the
+            # password, as everything else the pool shows (review h237).
+            name = _secrets.redact_known(name, *_secrets.connect_secrets(connect_args, connect_kwargs))
         self._config = config = configure(
             name or f"pool-{id(self):x}", min_size=min_size, max_size=max_size, init_size=init_size,
             max_queries=max_queries, max_inactive_connection_lifetime=max_inactive_connection_lifetime,

@@ -2,7 +2,8 @@
 pool (bad arguments, closed pools, foreign and double releases, terminated
 backends, passwords in DSNs, the CLI, the pytest plugin, the docs' snippets).
 What differed from asyncpg's pool or from the docs, and is not listed in
-docs/migration.md, is pinned here as a strict xfail.
+docs/migration.md, was pinned here as a strict xfail; both were fixed in s73
+(reset_timeout's one message; the name masked where the pool takes it).
 
 - ``create_pool(reset_timeout=-1)`` (or NaN) is refused with "reset_timeout
   must be >= 0 seconds", but ``reset_timeout=0`` is refused too ("must be > 0
@@ -40,13 +41,6 @@ PASSWORD = "h237-Pw-9fQ2xZ"
 DSN = "postgresql://app@127.0.0.1:1/app"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "safepool/_options.py:274-276: reset_timeout=-1 or NaN is refused as 'must be >= 0 seconds', "
-        "but 0 is refused as well ('must be > 0 seconds'): the message points at a value that fails too"
-    ),
-)
 @pytest.mark.parametrize("value", [-1, -0.5, math.nan])
 @pytest.mark.asyncio
 async def test_a_refused_reset_timeout_names_the_range_it_takes(value: float) -> None:
@@ -76,14 +70,6 @@ def _with_password(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:{PASSWORD}@{host}"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "safepool/pool.py:161: a name quoting the DSN (name=dsn) is kept as given: its password shows in "
-        "repr(pool), pool.options, errors naming the pool, Prometheus labels and health(), which the docs "
-        "promise never hold a password (README.md, docs/metrics.md:547-552)"
-    ),
-)
 @pytest.mark.asyncio
 async def test_a_pool_named_after_its_dsn_keeps_the_password_out_of_what_it_shows(pg_dsn: str) -> None:
     from safepool.metrics.prometheus import PoolCollector

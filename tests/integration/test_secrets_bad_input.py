@@ -252,7 +252,7 @@ async def test_bad_arguments_found_by_a_new_user(pg_dsn: str) -> None:
     # reset_timeout=0 was taken, then every release closed its connection
     # and raised TimeoutError (the reset had no time at all).
     for zero in (0, 0.0, -0.0):
-        with pytest.raises(ValueError, match=rf"reset_timeout must be > 0 seconds \(None: the default\), got {zero!r}"):
+        with pytest.raises(ValueError, match=rf"reset_timeout must be > 0 seconds \(None means the default\), got {zero!r}"):
             await safepool.create_pool(pg_dsn, reset_timeout=zero)
     pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, reset_timeout=0.5)
     try:
