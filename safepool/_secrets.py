@@ -8,7 +8,7 @@ import ast
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, unquote_plus
 
 # A URI's userinfo up to its password: "://user:" (not a port:
@@ -480,8 +480,70 @@ def scrub_connect_error(
                     value = getattr(error, name, None)
                     if isinstance(value, str):
                         setattr(error, name, clean(value))
+            if isinstance(error, BaseExceptionGroup) and isinstance(error.message, str):
+                message = clean(error.message)
+                if message != error.message:
+                    _mask_group_message(error, message)
         except Exception:  # noqa: S110
             pass  # (an error class that refuses the write: raised as it is, never replaced by ours)
         if isinstance(error, BaseExceptionGroup):
             pending.extend(error.exceptions)  # (a TaskGroup's: each sub-exception's message too)
         pending.extend(chained for chained in (error.__cause__, error.__context__) if chained is not None)
+
+
+# The masked message of a group whose class _mask_group_message swapped.
+_GROUP_MESSAGE = "_safepool_message"
+_masked_group_classes: dict[type, type] = {}
+
+
+def _group_message(group: BaseExceptionGroup[Any]) -> str:
+    return cast(str, group.__dict__[_GROUP_MESSAGE])
+
+
+def _group_str(group: BaseExceptionGroup[Any]) -> str:
+    # BaseExceptionGroup.__str__ (CPython 3.11-3.13, Objects/exceptions.c), of the masked message.
+    count = len(group.exceptions)
+    return f"{_group_message(group)} ({count} sub-exception{'s' if count > 1 else ''})"
+
+
+def _group_derive(group: BaseExceptionGroup[Any], excs: Sequence[BaseException]) -> BaseExceptionGroup[Any]:
+    # BaseExceptionGroup.derive, of the masked message (except* and split() call it).
+    return BaseExceptionGroup(_group_message(group), excs)
+
+
+def _group_reduce(group: BaseExceptionGroup[Any]) -> tuple[Any, ...]:
+    # BaseException.__reduce__, naming the class that was swapped (pickle
+    # finds classes by name, and the masked one's is the original's).
+    state = {name: value for name, value in group.__dict__.items() if name != _GROUP_MESSAGE}
+    return (type(group).__mro__[1], group.args, state) if state else (type(group).__mro__[1], group.args)
+
+
+def _mask_group_message(group: BaseExceptionGroup[Any], message: str) -> None:
+    """Give ``group`` the message ``message``, in place. An exception
+    group's message is read-only (``message``, which ``str()`` and the
+    traceback read, is set once by ``BaseExceptionGroup.__new__``): the
+    group's class becomes a subclass of it, with no state of its own, the
+    same module and names (what a traceback prints), whose ``message``,
+    ``__str__`` and ``derive`` (where the class keeps the built-in ones)
+    give ``message``, and which pickles as the original class. Identity, ``isinstance()``, the sub-exceptions, the
+    traceback and the chained errors stay (review h231).
+
+    :raises TypeError: ``BaseExceptionGroup`` itself (a static type, whose
+        instances keep their class): the caller leaves the group as it is."""
+    cls = type(group)
+    if cls not in _masked_group_classes.values():
+        masked = _masked_group_classes.get(cls)
+        if masked is None:
+            namespace: dict[str, Any] = {
+                "__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__, "message": property(_group_message),
+            }
+            if cls.__str__ is BaseExceptionGroup.__str__:
+                namespace["__str__"] = _group_str
+            if cls.derive is BaseExceptionGroup.derive:
+                namespace["derive"] = _group_derive
+            if cls.__reduce__ is BaseException.__reduce__:
+                namespace["__reduce__"] = _group_reduce
+            masked = _masked_group_classes[cls] = type(cls.__name__, (cls,), namespace)
+        group.__class__ = masked
+    group.__dict__[_GROUP_MESSAGE] = message
