@@ -546,6 +546,11 @@ class Leaser:
                 # (lease.slot: the holder's, read where needed: no lookup in slot_holders)
                 done = runner.resets_done[lease.slot] = self.loop.create_future()
                 state.release(lease, self.now(), outcome)
+                # The released proxy stays the one the connection's callbacks
+                # get while the pool task resets (a termination listener, if
+                # the connection is lost meanwhile), as asyncpg's release
+                # detaches its proxy after the reset (review h236).
+                _pg.attach_released(con, connection, holder)
                 self.spawn(runner.reset_slot(
                     holder, con, timeout, rollback, done, connection, hooks=hooks, report=not self.custom_reset
                 ))

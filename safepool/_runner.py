@@ -406,10 +406,13 @@ class Runner:
                 )
         except BaseException:
             # Only terminate() cancels the pool's tasks: it has discarded the slot.
+            _pg.drop_released(con)
             settle(done, None)
             raise
         finally:
             self.resets_done.pop(holder._slot, None)
+        if error is None:
+            _pg.drop_released(con)  # (attached by the release for the reset: Leaser.release)
         self.settle_reset(holder, con, proxy, error, done)
 
     def reset_budget(self, timeout: float | None, con: RawConnection) -> tuple[float | None, float | None]:
@@ -575,6 +578,8 @@ class Runner:
         done: asyncio.Future[None] = self.loop.create_future()
         done.add_done_callback(retrieve)  # (a caller cancelled meanwhile awaits it no more)
         self.resets_done[holder._slot] = done
+        if proxy is not None:
+            _pg.attach_released(con, proxy, holder)  # (for the callbacks meanwhile, as in reset_slot)
         self.spawn(self._reset_after_a_loop_pass(holder, con, proxy, error, done))
         return done
 
@@ -611,10 +616,13 @@ class Runner:
                     error = await _workers.reset(con, rollback, hooks, budget, limit)
         except BaseException:
             # Only terminate() cancels the pool's tasks: it has discarded the slot.
+            _pg.drop_released(con)
             settle(done, None)
             raise
         finally:
             self.resets_done.pop(holder._slot, None)
+        if error is None:
+            _pg.drop_released(con)
         self.settle_reset(holder, con, proxy, error, done, busy_retry=False)
 
     # ------------------------------------------------- connects and closes

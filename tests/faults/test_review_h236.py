@@ -94,19 +94,10 @@ async def test_a_failed_cancel_request_after_a_spent_release_budget_leaves_no_ta
         pool.terminate()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="asyncpg 0.29-0.32 alike: Leaser.release detaches the proxy (con._proxy = None, "
-    "safepool/_leasing.py:441) before the reset, and ReleasedProxy (safepool/_internals.py:700, "
-    "attach_released) keeps the released proxy for the callbacks only for a close the pool makes after "
-    "a reset failed. A connection lost (an RST) while the release's reset waits for asyncpg's cancel "
-    "answer (on < 0.32 it now ends the wait: review h234) calls the lease's termination listener then: "
-    "_unwrap (safepool/_internals.py:820) finds _proxy None and hands the listener the raw asyncpg "
-    "Connection, not the proxy the program held and registered it through. asyncpg's pool keeps the "
-    "proxy attached through the release (PoolConnectionHolder.release detaches it last): its listener "
-    "gets the PoolConnectionProxy (tried side by side on 0.29 and 0.32).",
-)
 async def test_a_connection_lost_during_its_releases_cancel_wait_hands_listeners_the_proxy(running: Cluster) -> None:
+    """Fixed in s73: the release attaches the released proxy
+    (``_internals.attach_released``) while a pool task resets, as asyncpg's
+    release detaches its proxy after the reset."""
     from ._proxy import FaultProxy
 
     async with FaultProxy(running.port) as proxy:
@@ -127,6 +118,9 @@ async def test_a_connection_lost_during_its_releases_cancel_wait_hands_listeners
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(release, 5)
             assert got is con, f"the termination listener got {type(got).__name__}, not the lease's proxy"
+            # (Its close sends the lost backend a cancel request: awaited,
+            # so the proxy does not accept it after the test.)
+            await asyncio.wait_for(pool.close(), 10)
         finally:
             pool.terminate()
 
