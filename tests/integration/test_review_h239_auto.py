@@ -13,12 +13,15 @@ not name:
   same holds for any user base type's default btree/hash operator class
   (ORDER BY, GROUP BY, IN, array_position...), which needs a superuser to
   create the type; the range type needs none.
-* **pg_trgm's ``set_limit(real)``** (a contrib module shipped with
-  PostgreSQL) in attribute notation, ``(0.4::real).set_limit``: it sets
-  ``pg_trgm.similarity_threshold`` at session level. The docs say extension
-  functions called as fields are not caught "other than dblink's"; this one
-  is a GUC setter of a contrib module, as cheap to name in
-  ``_FIELD_CALL_NAMES`` (safepool/_autoreset.py) as dblink's prefix.
+* **Contrib modules' GUC setters** in attribute notation: pg_trgm's
+  ``(0.4::real).set_limit`` sets ``pg_trgm.similarity_threshold``, isn's
+  ``(true).isn_weak`` sets ``isn.weak``, both at session level. The docs say
+  extension functions called as fields are not caught "other than
+  dblink's"; these two are GUC setters of modules shipped with PostgreSQL
+  (a scan of all 43 contrib modules of PostgreSQL 18 found no other
+  session-changing one-argument volatile function off the pg_/lo_/dblink
+  prefixes), as cheap to name in ``_FIELD_CALL_NAMES``
+  (safepool/_autoreset.py) as dblink's prefix.
 
 Each is checked on a real pool: the next lease sees the setting under
 "auto", and not under "full" (asyncpg's RESET ALL clears it).
@@ -113,34 +116,60 @@ async def test_range_subtype_opclass_is_reset_by_auto_mode(pg_dsn: str, schema: 
     assert await _next_lease_sees(pg_dsn, schema, "auto", statement, FLAG) == ""
 
 
+# Contrib modules' GUC setters of one argument, callable as a field:
+# (extension, statement, probe, the setting's default).
+EXTENSION_FIELDS = [
+    ("pg_trgm", "SELECT (0.4::real).set_limit", "SELECT current_setting('pg_trgm.similarity_threshold')", "0.3"),
+    ("isn", "SELECT (true).isn_weak", "SELECT current_setting('isn.weak')", "off"),
+]
+
+
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def trgm_schema(pg_dsn: str) -> AsyncIterator[str]:
-    name = f"h239t_{uuid.uuid4().hex[:10]}"
+async def extension_schemas(pg_dsn: str) -> AsyncIterator[dict[str, str]]:
+    """A schema per contrib module of EXTENSION_FIELDS that this server has
+    and this database does not have yet (created, then dropped)."""
     admin = await asyncpg.connect(pg_dsn)
+    schemas: dict[str, str] = {}
     try:
-        if await admin.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'pg_trgm'"):
-            pytest.skip("pg_trgm is installed in this database already (its schema unknown to the test)")
-        if not await admin.fetchval("SELECT count(*) FROM pg_available_extensions WHERE name = 'pg_trgm'"):
-            pytest.skip("pg_trgm is not available on this server")
-        await admin.execute(f"CREATE SCHEMA {name}; CREATE EXTENSION pg_trgm SCHEMA {name}")
-        yield name
+        for extension, *_ in EXTENSION_FIELDS:
+            installed = await admin.fetchval("SELECT count(*) FROM pg_extension WHERE extname = $1", extension)
+            available = await admin.fetchval("SELECT count(*) FROM pg_available_extensions WHERE name = $1", extension)
+            if installed or not available:
+                continue
+            name = f"h239{extension}_{uuid.uuid4().hex[:8]}"
+            await admin.execute(f"CREATE SCHEMA {name}; CREATE EXTENSION {extension} SCHEMA {name}")
+            schemas[extension] = name
+        yield schemas
     finally:
-        await admin.execute(f"DROP EXTENSION IF EXISTS pg_trgm; DROP SCHEMA IF EXISTS {name} CASCADE")
+        for extension, name in schemas.items():
+            await admin.execute(f"DROP EXTENSION IF EXISTS {extension}; DROP SCHEMA IF EXISTS {name} CASCADE")
         await admin.close()
 
 
-TRGM_PROBE = "SELECT current_setting('pg_trgm.similarity_threshold')"
+def _schema_of(schemas: dict[str, str], extension: str) -> str:
+    if extension not in schemas:
+        pytest.skip(f"{extension} is not available, or installed in this database already (its schema unknown)")
+    return schemas[extension]
 
 
-async def test_pg_trgm_set_limit_as_a_field_is_reset_by_full_mode(pg_dsn: str, trgm_schema: str) -> None:
-    assert await _next_lease_sees(pg_dsn, trgm_schema, "full", "SELECT (0.4::real).set_limit", TRGM_PROBE) == "0.3"
+@pytest.mark.parametrize(("extension", "statement", "probe", "default"), EXTENSION_FIELDS)
+async def test_contrib_guc_setter_as_a_field_is_reset_by_full_mode(
+    pg_dsn: str, extension_schemas: dict[str, str], extension: str, statement: str, probe: str, default: str
+) -> None:
+    schema = _schema_of(extension_schemas, extension)
+    assert await _next_lease_sees(pg_dsn, schema, "full", statement, probe) == default
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="review h239: pg_trgm's set_limit(real) called as a field sets pg_trgm.similarity_threshold at "
-    "session level; set_limit is neither pg_-prefixed nor in _FIELD_CALL_NAMES (safepool/_autoreset.py:218, "
-    "_field_reason at :390); documented only as 'not an extension's (other than dblink's)'",
+    reason="review h239: pg_trgm's set_limit(real) and isn's isn_weak(boolean) called as fields set "
+    "pg_trgm.similarity_threshold / isn.weak at session level; neither name is pg_-prefixed nor in "
+    "_FIELD_CALL_NAMES (safepool/_autoreset.py:218, _field_reason at :390); documented only as "
+    "'not an extension's (other than dblink's)'",
 )
-async def test_pg_trgm_set_limit_as_a_field_is_reset_by_auto_mode(pg_dsn: str, trgm_schema: str) -> None:
-    assert await _next_lease_sees(pg_dsn, trgm_schema, "auto", "SELECT (0.4::real).set_limit", TRGM_PROBE) == "0.3"
+@pytest.mark.parametrize(("extension", "statement", "probe", "default"), EXTENSION_FIELDS)
+async def test_contrib_guc_setter_as_a_field_is_reset_by_auto_mode(
+    pg_dsn: str, extension_schemas: dict[str, str], extension: str, statement: str, probe: str, default: str
+) -> None:
+    schema = _schema_of(extension_schemas, extension)
+    assert await _next_lease_sees(pg_dsn, schema, "auto", statement, probe) == default
