@@ -219,6 +219,17 @@ NEUTRAL_STATEMENTS = [
     "SELECT 1 AS a UNION SELECT 2 INTERSECT SELECT 2",
     "SELECT 1 IN (SELECT id FROM ar_t), 2 = ANY (SELECT id FROM ar_t), 3 < ALL (SELECT id FROM ar_t)",
     "SELECT id FROM ar_t ORDER BY id USING >, a USING OPERATOR(pg_catalog.<)",
+    # Review h239: more statement kinds and clauses, all neutral.
+    "COPY (SELECT id FROM ar_t) TO STDOUT",
+    "COPY ar_t TO STDOUT (FORMAT csv, HEADER)",
+    "BEGIN; COMMIT AND CHAIN",
+    "SELECT * FROM JSON_TABLE('[1, 2]'::jsonb, '$[*]' COLUMNS (x int PATH '$'))",
+    "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) CYCLE n SET c USING p SELECT n FROM r",
+    "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SEARCH DEPTH FIRST BY n SET o "
+    "SELECT n FROM r",
+    "SELECT a, b, GROUPING(a, b), count(*) FROM ar_t GROUP BY CUBE (a, b)",
+    "SELECT * FROM ar_t TABLESAMPLE SYSTEM (50) REPEATABLE (1)",
+    "SELECT 1 WHERE 1 OPERATOR(pg_catalog.=) 1",
 ]
 SETTINGS = [
     ("work_mem", "'1234kB'"),
@@ -291,6 +302,38 @@ CHANGING_STATEMENTS = [
     "SELECT id FROM ar_t ORDER BY id USING <<<",
     "SELECT array_agg(id ORDER BY id USING OPERATOR({schema}.>>>)) FROM ar_t",
     "SELECT row_number() OVER (ORDER BY id USING <<<) FROM ar_t",
+    # Review h239: names spelt with Unicode escapes, quotes or dollar quotes,
+    # and calls in every clause a statement can hide one in.
+    'SELECT U&"pg_adv\\0069sory_lock"(119)',
+    'SELECT pg_catalog."pg_advisory_lock"(120)',
+    'SELECT (121::bigint).U&"pg_adv\\0069sory_lock"',
+    "SELECT set_config(U&'work\\005fmem', '1236kB', false)",
+    "SELECT set_config($$work_mem$$, '1237kB', false)",
+    "SELECT set_config('work_mem', '1239kB', NOT true)",
+    "SELECT * FROM ar_t, LATERAL (SELECT pg_advisory_lock(ar_t.id + 130)) AS l",
+    "SELECT id FROM ar_t ORDER BY pg_try_advisory_lock(id + 140)",
+    "UPDATE ar_t SET a = a WHERE id = 1 RETURNING pg_advisory_lock(150)",
+    "INSERT INTO ar_t (id, a, b) VALUES (1, 1, 'x') ON CONFLICT (id) DO UPDATE SET b = pg_advisory_lock(151)::text",
+    "VALUES (pg_advisory_lock(152))",
+    "SELECT sum(id) OVER (ORDER BY pg_try_advisory_lock(153)) FROM ar_t",
+    "WITH x AS (SELECT pg_advisory_lock(154)) SELECT * FROM x",
+    "EXPLAIN (ANALYZE) SELECT pg_advisory_lock(155)",
+    "SELECT 1; SELECT pg_advisory_lock(156); SELECT 2",
+    "SELECT count(*) FILTER (WHERE pg_try_advisory_lock(157)) FROM ar_t",
+    "SELECT CASE WHEN true THEN pg_advisory_lock(158) END",
+    "SELECT 1 -- ; comment\n; SELECT pg_advisory_lock(159)",
+    "SELECT $q$;$q$; /* ; */ SELECT pg_advisory_lock(160)",
+    "SELECT 1 FROM ar_t WHERE id IN (SELECT 1 WHERE pg_advisory_lock(161) IS NULL)",
+    "SELECT * FROM ROWS FROM (pg_advisory_lock(162), generate_series(1, 2))",
+    "SELECT (SELECT pg_advisory_lock(163))",
+    "SELECT ARRAY[pg_try_advisory_lock(164)]",
+    'SELECT pg_advisory_lock(165)::text COLLATE "C"',
+    "SELECT * FROM JSON_TABLE(jsonb_build_array(pg_advisory_lock(166)::text), '$[*]' COLUMNS (x text PATH '$'))",
+    "MERGE INTO ar_t USING (VALUES (1)) AS s(id) ON ar_t.id = s.id WHEN MATCHED AND pg_try_advisory_lock(167) "
+    "THEN DO NOTHING",
+    "DELETE FROM ar_t WHERE id = -1 OR pg_try_advisory_lock(168) IS NULL",
+    "SELECT 1 INTO TEMP ar_tmp7 FROM ar_t",
+    "WITH a AS (SELECT 1 AS x) SELECT x INTO TEMP ar_tmp8 FROM a",
 ]
 # Marked by the classifier; the session may or may not end up changed.
 EITHER_STATEMENTS = [
@@ -318,6 +361,9 @@ EITHER_STATEMENTS = [
     "SELECT set_config('search_path', 'pg_catalog', true)",
     "BEGIN; SET LOCAL ROLE {role}; COMMIT",
     "SELECT 1 INTO ar_perm_into_{n}",
+    # Review h239: transaction-local role changes (neutral to the classifier).
+    "BEGIN; SET LOCAL SESSION AUTHORIZATION {role}; COMMIT",
+    "BEGIN; SELECT set_config('role', '{role}', true); COMMIT",
 ]
 
 
