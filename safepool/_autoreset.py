@@ -213,13 +213,16 @@ _NEUTRAL_FUNCTIONS: Final = frozenset(
 # callable with one argument needs a reset. On PostgreSQL 18 every such
 # function off the allowlist starts with one of these prefixes or is named
 # below (a server test checks the catalog); the prefixes also cover later
-# pg_* and lo_* functions, and dblink's. A user function called this way
-# reads as a column: docs/reset-modes.md lists it with the blind spots.
+# pg_* and lo_* functions, and dblink's; and the two setters of a session
+# setting among the contrib modules' one-argument volatile functions off
+# those prefixes (all 43 modules of PostgreSQL 18, review h239): pg_trgm's
+# set_limit and isn's isn_weak. A user function called this way reads as a
+# column: docs/reset-modes.md lists it with the blind spots.
 _FIELD_CALL_PREFIXES: Final = ("pg_", "lo_", "binary_upgrade_", "dblink")
 _FIELD_CALL_NAMES: Final = frozenset(
     """
     amvalidate array_shuffle brin_summarize_new_values gin_clean_pending_list plpgsql_validator setseed
-    ts_stat txid_status
+    ts_stat txid_status set_limit isn_weak
     """.split()
 )
 
