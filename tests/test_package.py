@@ -125,6 +125,33 @@ def test_one_version_source() -> None:
     assert f"## [{safepool.__version__}] - " in (ROOT / "CHANGELOG.md").read_text()
 
 
+def test_the_asyncpg_range_is_the_tested_one() -> None:
+    """The dependency on asyncpg admits the releases the version matrix
+    tests (.ci/matrix.py's ASYNCPG), and no later one: safepool reads
+    asyncpg's private members (docs/compatibility.md)."""
+    import ast
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    module = ast.parse((ROOT / ".ci" / "matrix.py").read_text())
+    (versions,) = [
+        ast.literal_eval(node.value) for node in module.body
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["ASYNCPG"]
+    ]
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (asyncpg_requirement,) = [Requirement(d) for d in dependencies if Requirement(d).name == "asyncpg"]
+    tested = sorted(Version(v) for v in versions)
+    assert all(asyncpg_requirement.specifier.contains(v) for v in tested)
+    below = Version(f"{tested[0].major}.{tested[0].minor - 1}.0")
+    above = Version(f"{tested[-1].major}.{tested[-1].minor + 1}.0")
+    assert not asyncpg_requirement.specifier.contains(below)
+    assert not asyncpg_requirement.specifier.contains(above)
+    shown = (ROOT / "docs" / "compatibility.md").read_text()
+    assert f"| asyncpg | {', '.join(f'{v.major}.{v.minor}' for v in tested)} " in shown
+
+
 def test_cli_help_and_version() -> None:
     run = _run([sys.executable, "-m", "safepool", "--version"], cwd=ROOT, timeout=60)
     assert run.stdout.strip() == f"safepool {safepool.__version__}"
