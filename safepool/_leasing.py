@@ -614,8 +614,8 @@ class Leaser:
                     # (The proxy too: a failed reset closes the connection
                     # with it attached, as asyncpg's release terminates it.)
                     driver = _Driver(
-                        statement, self.spawn, self.reset_done, (holder, con, connection), True, quiet, first
-                    )
+                        statement, self.spawn, self.reset_done, (holder, con, connection, None), True, quiet, first
+                    )  # (None: the error's place, last, in then's arguments; see _Driver)
                     return self.finish_release(driver, True) if logged else driver  # type: ignore[return-value]
                 # Nothing to send: the reset is done (reset_done hands the
                 # connection on; with no error it returns no error to raise).
