@@ -318,7 +318,7 @@ class _DropInLease:
         query = ("ROLLBACK; " + pool.RESET) if con.is_in_transaction() else pool.RESET
         # The reset in this task; on a cancel, in a pool task that finishes
         # it. Either way pool._back hands the connection on once it ends.
-        return _Driver(con.execute(query), pool._spawn, pool._back, (con,), True)
+        return _Driver(con.execute(query), pool._spawn, pool._back, (con, None), True)  # (None: the error's place)
 
 
 def dropin_minimum_pool(dsn: str, size: int = MAX_SIZE) -> PoolFactory:

@@ -146,6 +146,9 @@ class _Driver(Generic[T]):
         self._quiet = quiet
         self._spawn = spawn
         self._then = then
+        # then's arguments with the error's place last, None: then(*then_args)
+        # when the coroutine returned (the hot path: no tuple built then),
+        # then(*then_args[:-1], error) when it raised.
         self._then_args = then_args
         # The caller's await raises what ``then`` returns, if not None (the
         # pool task's run drops it, as ever): a release's reset error.
@@ -357,13 +360,13 @@ class _Driver(Generic[T]):
                 then = self._then
                 if then is None:
                     return stop.value  # type: ignore[no-any-return]
-                result = then(*self._then_args, None)
+                result = then(*self._then_args)  # (its error's place: None)
                 break
             except Exception as exc:
                 then = self._then
                 if then is None:
                     raise
-                result = then(*self._then_args, exc)
+                result = then(*self._then_args[:-1], exc)
                 break
             error = None
         if result is not None and self._raises:
@@ -399,7 +402,7 @@ def detached(
     ``coro`` ends, ``error`` being the ``Exception`` it raised or None (its
     value is dropped); in the pool task too, after a hand-over. (One
     coroutine frame less than a wrapper coroutine that catches the error.)"""
-    return _Driver(coro, spawn, then, then_args)
+    return _Driver(coro, spawn, then, (*then_args, None))
 
 
 async def _finish(
@@ -411,8 +414,8 @@ async def _finish(
     try:
         await _Resume(coro, fut)
     except Exception as exc:
-        return then(*then_args, exc)
-    return then(*then_args, None)
+        return then(*then_args[:-1], exc)
+    return then(*then_args)  # (the error's place, last: None; see _Driver)
 
 
 class _Resume:

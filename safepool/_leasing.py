@@ -82,7 +82,7 @@ class Leaser:
     __slots__ = (
         "face", "state", "runner", "loop", "create_future", "now", "reporter", "listeners", "pending_events", "name", "slot_holders", "drain",
         "spawn", "lease_timeout", "leak_warning_after", "acquire_timeout", "reset_timeout", "max_queries",
-        "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "call_at", "unsuspended",
+        "custom_reset", "site_caps", "capture_stack", "setup", "proxy_class", "call_at", "until_pass",
         "in_setup", "extras", "reset_done",
     )
 
@@ -135,9 +135,11 @@ class Leaser:
         # connections, as asyncpg's pool does (see Pool.get_idle_size).
         self.in_setup = 0
         self.proxy_class = proxy_class
-        # Releases in a row that returned released(), a coroutine that
-        # returns at once (nothing to wait for; see pass_loop).
-        self.unsuspended = 0
+        # Releases with nothing to wait for left until the one that takes a
+        # loop pass: counted down from LOOP_PASS_EVERY, the others returning
+        # released(), a coroutine that returns at once (see pass_loop).
+        # (Down, not up: its truth is the test, no comparison per release.)
+        self.until_pass = LOOP_PASS_EVERY
 
     def set_capture_stack(self, on: bool) -> None:
         """``capture_stack``, and ``extras``: whether an acquire does more
@@ -626,8 +628,8 @@ class Leaser:
                     # (The proxy too: a failed reset closes the connection
                     # with it attached, as asyncpg's release terminates it.)
                     driver = _Driver(
-                        statement, self.spawn, self.reset_done, (holder, con, connection), True, quiet, first
-                    )
+                        statement, self.spawn, self.reset_done, (holder, con, connection, None), True, quiet, first
+                    )  # (None: the error's place, last, in then's arguments; see _Driver)
                     return self.finish_release(driver, True) if logged else driver  # type: ignore[return-value]
                 # Nothing to send: the reset is done (reset_done hands the
                 # connection on; with no error it returns no error to raise).
@@ -660,8 +662,8 @@ class Leaser:
             self.runner.after_hand_on()
         if logged or done is not None:
             return self.finish_release(done, logged)
-        self.unsuspended += 1
-        return released() if self.unsuspended < LOOP_PASS_EVERY else self.pass_loop()
+        self.until_pass -= 1
+        return released() if self.until_pass else self.pass_loop()
 
     def pass_loop(self) -> Awaitable[None]:
         """What every LOOP_PASS_EVERY-th release with nothing to wait for
@@ -673,7 +675,7 @@ class Leaser:
         32 bounds that at a loop iteration's cost spread over 32 leases. Not
         in a coroutine being closed, where no wait can be made (see
         finish_release)."""
-        self.unsuspended = 0
+        self.until_pass = LOOP_PASS_EVERY
         if closing_now():
             return released()
         return loop_pass()

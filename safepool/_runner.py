@@ -276,7 +276,8 @@ class Runner:
         """Carry out a hand-on's ``Wake`` of ``waiter``, the one action the
         core asked for: taken off ``actions`` (:meth:`after_hand_on`), or
         never queued (``PoolState.reset_done`` with ``wake=False``, the
-        contended hot path, :meth:`reset_done`). As :meth:`drain` would."""
+        contended hot path, :meth:`reset_done`, which tries its first
+        branch inline: keep the two alike). As :meth:`drain` would."""
         if not self.pending_events and not self.state.connects_to_watch:
             # drain() without its dispatch and timer check (a grant adds no
             # deadline: the waiter's own timer entry just went stale).
@@ -475,6 +476,16 @@ class Runner:
             # (Before any task can take it: the waiter is woken after this.)
             holder.clean_mark = con._protocol.queries_count  # (_pg.queries_count, inlined: the hot path)
             if handed is not True:
+                # self.wake(handed), its common case inlined (the contended
+                # hot path: a call less per lease; keep the two alike): no
+                # event to deliver, no connect to watch, and the waiter's
+                # task not cancelled meanwhile; else wake() does it all.
+                if not self.pending_events and not self.state.connects_to_watch:
+                    try:
+                        handed.future.set_result(None)
+                        return None
+                    except asyncio.InvalidStateError:
+                        pass  # (cancelled while the grant was in flight: wake() gives the slot on)
                 self.wake(handed)
                 return None
         else:

@@ -16,7 +16,7 @@ import inspect
 import linecache
 import os
 import sys
-from types import CodeType
+from types import CodeType, FrameType
 from typing import Any
 
 from . import _secrets
@@ -76,9 +76,13 @@ def capture(limit: int = 8) -> Captured:
     below its top: its top frame is kept instead, so the report names the
     pool method that acquired (with the task's name) rather than the code
     that runs the event loop."""
+    return _walk(sys._getframe(1), limit)
+
+
+def _walk(frame: FrameType | None, limit: int = 8) -> Captured:
+    """:func:`capture`'s walk, from ``frame`` outwards."""
     frames: list[tuple[CodeType, int]] = []
     known = _kind_by_file
-    frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
         try:
@@ -96,18 +100,25 @@ def capture(limit: int = 8) -> Captured:
             if not frames:
                 frames.append((code, frame.f_lasti))
             break
-        frame = back  # type: ignore[assignment]
+        frame = back
     return tuple(frames)
 
 
-def caller() -> Caller:
+def caller(past_caller: bool = False) -> Caller:
     """:func:`capture`, with the running task (None when there is none:
-    ``pool.acquire()`` called outside a task)."""
+    ``pool.acquire()`` called outside a task). ``past_caller``: the walk
+    starts at the caller's caller (``Pool.acquire`` passes True: its own
+    frame, a plain function of the pool's, the walk would pass by)."""
     try:
         task = asyncio.current_task()
     except RuntimeError:  # (no running event loop)
         task = None
-    return capture(), task  # (capture() skips the pool's own frames: this one too)
+    # capture(), walked from this function's caller (or past it): this
+    # frame, a plain function of the pool, the walk would only pass by (not
+    # kept, not a task's top). A frame or two less per lease with stack
+    # capture on.
+    frame = sys._getframe(1)
+    return _walk(frame.f_back if past_caller else frame), task  # (f_back None: nothing above, as the walk finds)
 
 
 def _line(code: CodeType, offset: int) -> int:

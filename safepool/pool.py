@@ -302,7 +302,7 @@ class Pool(_PoolBase):
         if leaser.site_caps and site is None:
             site = _sites.current_site() or _sites.caller_site(2)
         return PoolAcquireContext(
-            self, timeout, lease_timeout, site, _stack.caller() if leaser.capture_stack else None
+            self, timeout, lease_timeout, site, _stack.caller(True) if leaser.capture_stack else None
         )
 
     # ------------------------------------------------------------- release

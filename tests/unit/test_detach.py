@@ -537,7 +537,7 @@ async def test_a_first_step_that_ended_reaches_then_at_the_first_await(ended: st
         coro.send(None)
     except BaseException as exc:  # (StopIteration, or the error)
         outcome = exc
-    driver = _Driver(already_ended(outcome), spawn, lambda error: calls.append(error), ())
+    driver = _Driver(already_ended(outcome), spawn, lambda error: calls.append(error), (None,))
     assert calls == []
     await driver
     assert len(calls) == 1

@@ -116,6 +116,21 @@ def test_caller_names_the_running_task_or_none() -> None:
     assert asyncio.run(main()) is True
 
 
+def test_caller_past_its_caller_walks_from_the_callers_caller() -> None:
+    # Pool.acquire passes past_caller=True: the walk starts above its frame,
+    # which it would only pass by. Here the skipped frame is an application
+    # one, so the skip shows.
+    def acquire_like() -> _stack.Caller:
+        return _stack.caller(True)
+
+    def acquire_plain() -> _stack.Caller:
+        return _stack.caller()
+
+    here = "test_caller_past_its_caller_walks_from_the_callers_caller"
+    assert names(acquire_like()[0])[0] == here
+    assert names(acquire_plain()[0])[:2] == ["acquire_plain", here]
+
+
 def test_the_kind_of_a_file_is_cached_and_the_oldest_dropped_first(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_stack, "KIND_CACHE_SIZE", 3)
     files = [

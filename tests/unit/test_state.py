@@ -1456,6 +1456,15 @@ def test_release_of_an_ended_lease_is_an_internal_error() -> None:
         state.release(lease, 2, CLEAN)
 
 
+def test_release_checks_the_lease_table_by_its_open_states() -> None:
+    # PoolState.release tests ``old not in OPEN_LEASE``, not the table
+    # (the hot path): the states _LEASE_MOVES lets move to RELEASED must be
+    # exactly the open ones.
+    from safepool._state import _LEASE_MOVES, OPEN_LEASE
+
+    assert {old for old, ends in _LEASE_MOVES.items() if LeaseState.RELEASED in ends} == set(OPEN_LEASE)
+
+
 # ------------------------------------------------------- lease states
 
 L = LeaseState
