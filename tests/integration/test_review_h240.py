@@ -212,3 +212,92 @@ async def test_a_lease_cursor_objects_are_asyncpg_classes_as_on_asyncpg_pool(pg_
         ours.terminate()
     assert expected[0] is True
     assert got == expected
+
+
+# A cursor step (a counted call) under way in an unmanaged transaction; the
+# lease is released from another task, and the step's task is cancelled one
+# loop pass later (after the pool task's first step). The pool task finds
+# the count set: it reports the open transaction but keeps asyncpg's
+# Transaction (keep=True, safepool/_runner.py:390) and refuses the reset;
+# Runner.reset_done sees a busy refusal and retries a loop pass later
+# (safepool/_runner.py:462, reset_after_a_loop_pass), where the step's
+# cancel now runs, and that retry resets (safepool/_runner.py:613-616: the
+# ROLLBACK from con.is_in_transaction()) and hands the connection on with
+# the old lease's Transaction still in ``con._top_xact``. The next lease's
+# ``async with con.transaction()`` is then taken for a nested one: SAVEPOINT
+# outside a transaction, NoActiveSQLTransactionError; and its release reports
+# an "active transaction" that is not there. asyncpg's pool gives the
+# connection up (its release raises "another operation is in progress"), and
+# the next lease's transaction works. (A plain fetch in the same shape is
+# kept and works: only the keep=True path leaves _top_xact behind.)
+
+
+async def _cancel_a_cursor_step_a_pass_after_release(pool: Any, how: str) -> list[Any]:
+    seen: list[Any] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: seen.append(context["message"].split(" <")[0]))
+    try:
+        con = await pool.acquire()
+        await con.transaction().start()
+        if how == "cursor":
+            query = "SELECT pg_sleep(0.5), g FROM generate_series(1, 3) AS g"
+            step = asyncio.ensure_future(con.cursor(query, prefetch=1).__aiter__().__anext__())
+        else:
+            step = asyncio.ensure_future(con.fetch("SELECT pg_sleep(0.5)"))
+        await asyncio.sleep(0.05)  # (its statement under way)
+        releasing = asyncio.ensure_future(pool.release(con))
+        await asyncio.sleep(0)  # (the release ran; its pool task's first step is next)
+        step.cancel()
+        try:
+            await releasing
+        except asyncpg.InterfaceError:
+            pass  # (asyncpg's pool: "another operation is in progress", the connection given up)
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        await asyncio.sleep(0.05)
+        async with pool.acquire() as again:
+            try:
+                async with again.transaction():
+                    seen.append(await again.fetchval("SELECT 1"))
+            except asyncpg.PostgresError as exc:
+                seen.append((type(exc).__name__, str(exc)))
+        await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(previous)
+    return seen
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review h240: keep=True (safepool/_runner.py:390) leaves the old Transaction in con._top_xact when the "
+    "refused reset is retried and succeeds (reset_after_a_loop_pass, _runner.py:462/616): the next lease's "
+    "con.transaction() sends SAVEPOINT outside a transaction",
+)
+async def test_a_cursor_step_cancelled_a_pass_after_release_leaves_no_transaction_for_the_next_lease(
+    pg_dsn: str,
+) -> None:
+    theirs = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+    ours = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        expected = await _cancel_a_cursor_step_a_pass_after_release(theirs, "cursor")
+        got = await _cancel_a_cursor_step_a_pass_after_release(ours, "cursor")
+        ours._state.check_invariants()
+    finally:
+        await theirs.close()
+        ours.terminate()
+    assert expected == ["Resetting connection with an active transaction", 1]
+    assert got == expected
+
+
+async def test_a_fetch_cancelled_a_pass_after_release_leaves_no_transaction_for_the_next_lease(pg_dsn: str) -> None:
+    """Pinned (passes): the same shape with a plain fetch (no count): the
+    connection is kept (documented, docs/migration.md) and its next lease's
+    transaction works."""
+    ours = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        got = await _cancel_a_cursor_step_a_pass_after_release(ours, "fetch")
+        ours._state.check_invariants()
+    finally:
+        ours.terminate()
+    assert got == ["Resetting connection with an active transaction", 1]
