@@ -22,6 +22,7 @@ made every cursor step take that path.)
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any
 
 import asyncpg
@@ -36,7 +37,7 @@ async def _reset_hook(con: Any) -> None:
     pass
 
 
-class OwnResetConnection(asyncpg.Connection):  # type: ignore[misc]
+class OwnResetConnection(asyncpg.Connection):
     async def reset(self, *, timeout: float | None = None) -> None:
         await super().reset(timeout=timeout)
 
@@ -92,6 +93,8 @@ async def _release_during_a_counted_call(factory: Any, dsn: str, what: str, **kw
 async def test_a_custom_reset_refused_during_a_counted_call_reports_the_open_transaction_as_asyncpg(
     pg_dsn: str, what: str, custom: str
 ) -> None:
+    if custom == "reset_hook" and "reset" not in inspect.signature(asyncpg.create_pool).parameters:
+        pytest.skip("asyncpg < 0.30 has no reset= hook")
     kwargs: dict[str, Any] = (
         {"reset": _reset_hook} if custom == "reset_hook" else {"connection_class": OwnResetConnection}
     )
