@@ -554,7 +554,7 @@ class Leaser:
                 # detaches its proxy after the reset (review h236).
                 _pg.attach_released(con, connection, holder)
                 self.spawn(runner.reset_slot(
-                    holder, con, timeout, rollback, done, connection, hooks=hooks, report=not self.custom_reset
+                    holder, con, timeout, rollback, done, connection, hooks=hooks, report=True
                 ))
             else:
                 # The common case: one statement, ROLLBACK (if a transaction

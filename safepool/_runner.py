@@ -386,8 +386,9 @@ class Runner:
         reclaimed lease). ``report``: first report an open transaction and
         drop the listeners (``_internals.warn_open_transaction``), here as
         in asyncpg's shielded release task (``rollback`` says already
-        whether one is open)."""
-        if report:
+        whether one is open); a custom reset reports it itself
+        (``_workers.base_reset``), unless refused below first (review h240)."""
+        if report and (holder.copies or not (self.hooks if hooks is None else hooks).custom):
             _pg.warn_open_transaction(con, keep=holder.copies > 0)
         budget, statement_limit = self.reset_budget(timeout, con)
         try:
@@ -621,7 +622,13 @@ class Runner:
                     if hooks.custom:
                         rollback = True
                     else:
-                        full, rollback = self.state.reset_plan(holder.clean_mark == -1, con.is_in_transaction())
+                        # (Reported already; asyncpg's Transaction, kept by a
+                        # reset refused during a counted call (reset_slot),
+                        # goes now, as asyncpg's reset lets go of it: a next
+                        # lease's transaction() would take it for an outer
+                        # one, review h240.)
+                        open_xact = _pg.warn_open_transaction(con, quiet=True)
+                        full, rollback = self.state.reset_plan(holder.clean_mark == -1, open_xact)
                         if full:
                             hooks = hooks.ended
                     error = await _workers.reset(con, rollback, hooks, budget, limit)

@@ -289,13 +289,38 @@ async def _counted_step(holder: _Holder, step: Any) -> Any:
         holder.copies -= 1
 
 
+# asyncpg's CursorIterator.__anext__ without its guard (connresource.guarded
+# keeps the function it wraps as __wrapped__, asyncpg 0.29-0.32).
+_next_row = _pg_cursor.CursorIterator.__anext__.__wrapped__  # type: ignore[attr-defined]
+
+
+async def _counted_next_row(holder: _Holder, iterator: Any) -> Any:
+    # (asyncpg's step is made here, at this coroutine's first step: one
+    # cancelled before it leaves no coroutine of asyncpg's never awaited,
+    # review h240.)
+    holder.copies += 1
+    try:
+        return await _next_row(iterator)
+    finally:
+        holder.copies -= 1
+
+
+# Its coroutines named as asyncpg's ("coroutine 'CursorIterator.__anext__'
+# was never awaited": see named_for).
+_counted_next_row = types.FunctionType(
+    _counted_next_row.__code__, _counted_next_row.__globals__, "__anext__",
+)
+_counted_next_row.__qualname__ = _pg_cursor.CursorIterator.__anext__.__qualname__
+
+
 class _CountedCursorIterator(_pg_cursor.CursorIterator):
     __slots__ = ()
 
     def __anext__(self) -> Any:
-        step = super().__anext__()  # (asyncpg's checks raise here, at the call)
+        # asyncpg's guard, at the call as asyncpg's (connresource.guarded)
+        self._check_conn_validity("__anext__")  # type: ignore[attr-defined]
         holder = _holder_of(self._connection)  # type: ignore[attr-defined]
-        return step if holder is None else _counted_step(holder, step)
+        return _next_row(self) if holder is None else _counted_next_row(holder, self)
 
 
 class _CountedCursorFactory(_pg_cursor.CursorFactory):
