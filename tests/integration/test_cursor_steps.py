@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import uuid
 from typing import Any
 
 import asyncpg
@@ -170,3 +171,87 @@ async def test_the_counted_classes_keep_asyncpg_names() -> None:
         assert (counted.__module__, counted.__name__, counted.__qualname__) == (
             original.__module__, original.__name__, original.__qualname__)
         assert counted.__slots__ == ()  # (the class swap needs asyncpg's layout)
+
+
+CANCEL_STYLES = ["cancel_once", "cancel_twice", "asyncio_timeout", "wait_for", "anyio_scope", "anyio_scope_every_await"]
+
+
+async def _cancelled_step(style: str, step: Any) -> None:
+    """Run the awaitable made by ``step()`` in a task, cancelled the way
+    ``style`` says once the step runs (or, for the timeouts, at once)."""
+    if style == "asyncio_timeout":
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await step()
+        return
+    if style == "wait_for":
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(step(), 0.01)
+        return
+    if style.startswith("anyio"):
+        anyio = pytest.importorskip("anyio")
+
+        async def scoped() -> None:
+            with anyio.CancelScope() as scope:
+                if style == "anyio_scope":
+                    scope.deadline = anyio.current_time() + 0.01
+                    await step()
+                else:
+                    # Cancelled at the step's first await, and again at each await
+                    # after (a scope's cancel is level-triggered).
+                    scope.cancel()
+                    await step()
+            assert scope.cancelled_caught
+
+        await asyncio.create_task(scoped())
+        return
+    task = asyncio.ensure_future(step())
+    await asyncio.sleep(0.01)  # (the step under way: pg_sleep below)
+    task.cancel()
+    if style == "cancel_twice":
+        await asyncio.sleep(0)
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.parametrize("what", ["iterator", "await"])
+@pytest.mark.parametrize("style", CANCEL_STYLES)
+async def test_a_cursor_step_cancelled_any_way_leaves_no_count_and_sound_books(
+    pools: Any, pg_dsn: str, style: str, what: str
+) -> None:
+    """Each way a cancel arrives (once, twice, asyncio.timeout, wait_for, an
+    anyio scope's deadline, a scope that cancels at every await): the
+    counter is back to 0 when the step is gone, the release resets, and the
+    next lease gets a clean session out of any transaction."""
+    pool = await pools(min_size=1, max_size=1)
+    # A cursor opened by await binds and does not execute: its step is made
+    # slow by a lock its prepare waits for (another session holds it).
+    table = f"cursor_steps_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f"CREATE TABLE {table} (n int)")
+        locking = admin.transaction()
+        await locking.start()
+        await admin.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        async with pool.acquire() as con:
+            holder = con._holder
+            tr = con.transaction()
+            await tr.start()
+            if what == "iterator":
+                iterator = con.cursor("SELECT pg_sleep(5)").__aiter__()
+                await _cancelled_step(style, iterator.__anext__)
+            else:
+                factory = con.cursor(f"SELECT n FROM {table}")
+                await _cancelled_step(style, lambda: factory)
+            assert holder.copies == 0
+            await tr.rollback()
+        await locking.rollback()
+    finally:
+        await admin.execute(f"DROP TABLE IF EXISTS {table}")
+        await admin.close()
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT 1") == 1
+        assert not con.is_in_transaction()
+        assert con._holder.copies == 0
+    pool._state.check_invariants()
