@@ -374,8 +374,8 @@ async def test_auto_mode_marking_methods_run_late_are_refused(make: Any, case: s
     reason="objects a proxy call hands out are bound to the raw connection (asyncpg's Transaction, "
     "PreparedStatement: connresource.guarded checks the release counter at the call, not when the coroutine "
     "runs): a coroutine made in the lease and run after it runs on the handed-on connection, unseen; in auto and "
-    "rollback modes too, as in full mode and on asyncpg's pool (the docs' 'a call made in a lease whose coroutine "
-    "first runs after the lease ended is refused' does not hold for them)",
+    "rollback modes too, as in full mode and on asyncpg's pool (documented: docs/reset-modes.md, 'Not so for the "
+    "objects such a call hands out')",
 )
 @pytest.mark.parametrize("mode", WATCHING)
 async def test_transaction_start_run_late(make: Any, mode: str) -> None:
@@ -391,8 +391,8 @@ async def test_transaction_start_run_late(make: Any, mode: str) -> None:
     reason="objects a proxy call hands out are bound to the raw connection (asyncpg's Transaction, "
     "PreparedStatement: connresource.guarded checks the release counter at the call, not when the coroutine "
     "runs): a coroutine made in the lease and run after it runs on the handed-on connection, unseen; in auto and "
-    "rollback modes too, as in full mode and on asyncpg's pool (the docs' 'a call made in a lease whose coroutine "
-    "first runs after the lease ended is refused' does not hold for them)",
+    "rollback modes too, as in full mode and on asyncpg's pool (documented: docs/reset-modes.md, 'Not so for the "
+    "objects such a call hands out')",
 )
 @pytest.mark.parametrize("mode", WATCHING)
 async def test_prepared_statement_call_run_late(make: Any, mode: str) -> None:
