@@ -58,8 +58,7 @@ async def _step(con: Any, what: str, sql: str = "SELECT pg_sleep(0.2)") -> Any:
 
 
 async def _cancel_then_release(
-    factory: Any, dsn: str, what: str, xact: str, passes: int | None = None, order: str = "cancel_first",
-    **kwargs: Any
+    factory: Any, dsn: str, what: str, xact: str, passes: int | None = None, order: str = "cancel_first", **kwargs: Any
 ) -> list[Any]:
     loop = asyncio.get_running_loop()
     seen: list[Any] = []
@@ -203,3 +202,143 @@ async def test_a_custom_reset_retried_after_a_counted_cursor_step_reports_once_a
     message = "Resetting connection with an active transaction"
     assert theirs.count(message) == 1
     assert ours.count(message) == theirs.count(message)
+
+
+# Pinned (pass on asyncio and uvloop, asyncpg 0.32): a lease cursor step
+# created and dropped warns exactly once of asyncpg's coroutine (none when
+# closed); a lease cursor used after its release is refused with asyncpg's
+# exact message; a cursor inside ``async with con.transaction()`` of a task
+# whose lease another task released; listeners dropped by the release (the
+# type of remove_listener's refusal is safepool's InterfaceError subclass,
+# documented: only the message is compared).
+async def _never_awaited(pool, how):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with pool.acquire() as con, con.transaction():
+            it = con.cursor("SELECT generate_series(1, 3)", prefetch=1).__aiter__()
+            c = it.__anext__()
+            if how == "close":
+                c.close()
+            del c
+            gc.collect()
+            rows = [r[0] async for r in it]
+        gc.collect()
+    return sorted(f"{w.category.__name__}: {w.message}" for w in caught), rows
+
+
+async def _after_release(pool, how):
+    out = []
+    con = await pool.acquire()
+    tr = con.transaction()
+    await tr.start()
+    cur = con.cursor("SELECT generate_series(1, 3)", prefetch=1)
+    it = cur.__aiter__()
+    if how == "started":
+        out.append((await it.__anext__())[0])
+    await pool.release(con)
+    try:
+        out.extend([r[0] async for r in (it if how != "fresh" else cur)])
+    except Exception as e:
+        out.append((type(e).__name__, str(e)))
+    try:
+        await cur
+    except Exception as e:
+        out.append((type(e).__name__, str(e)))
+    _check(pool)
+    return out
+
+
+async def _other_task_release(pool, where):
+    out: list[Any] = []
+    loop = asyncio.get_running_loop()
+    prev = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, c: out.append(c["message"].split(" <")[0]))
+    con = await pool.acquire()
+    ev = asyncio.Event()
+    go = asyncio.Event()
+
+    async def body():
+        try:
+            async with con.transaction():
+                it = con.cursor("SELECT generate_series(1, 5)", prefetch=1).__aiter__()
+                out.append((await it.__anext__())[0])
+                ev.set()
+                await go.wait()
+                out.extend([r[0] async for r in it])
+        except Exception as e:
+            out.append((type(e).__name__, str(e)))
+
+    t = asyncio.ensure_future(body())
+    await ev.wait()
+    if where == "concurrent":
+        go.set()
+    try:
+        await pool.release(con)
+    except Exception as e:
+        out.append(("release", type(e).__name__, str(e)))
+    go.set()
+    await t
+    await asyncio.sleep(0.1)
+    async with pool.acquire() as c2:
+        out.append((await c2.fetchval("SELECT 1"), c2.is_in_transaction()))
+    _check(pool)
+    loop.set_exception_handler(prev)
+    return out
+
+
+async def _listeners(pool, how):
+    out = []
+    got = []
+    con = await pool.acquire()
+    raw = con._con if hasattr(con, "_con") else con
+    await con.add_listener("ch_h241", lambda *a: got.append(a[3]))
+    if how == "xact":
+        await con.execute("BEGIN")
+    await pool.release(con)
+    out.append(("after release", len(raw._listeners) if raw is not None else None))
+    async with pool.acquire() as c2:
+        await c2.execute("NOTIFY ch_h241, 'x'")
+        await asyncio.sleep(0.1)
+        out.append(("notified", list(got)))
+        try:
+            await con.remove_listener("ch_h241", None)
+        except Exception as e:
+            out.append((type(e).__name__, str(e)))
+    _check(pool)
+    return out
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        ("never_awaited", "drop"),
+        ("never_awaited", "close"),
+        ("after_release", "started"),
+        ("after_release", "fresh"),
+        ("after_release", "notstarted"),
+        ("other_task_release", "concurrent"),
+        ("other_task_release", "held"),
+        ("listeners", "plain"),
+        ("listeners", "xact"),
+    ],
+)
+async def test_lease_cursors_and_listeners_around_a_release_as_on_asyncpg_pool(pg_dsn: str, scenario: Any) -> None:
+    name, how = scenario
+    fn = globals()["_" + name]
+    theirs_pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+    ours_pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", asyncpg.InterfaceWarning)
+            theirs = await fn(theirs_pool, how)
+            ours = await fn(ours_pool, how)
+    finally:
+        theirs_pool.terminate()
+        ours_pool.terminate()
+    norm = (
+        lambda seen: [  # noqa: E731
+            (x[1:] if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and x[0].endswith("Error") else x)
+            for x in (seen if isinstance(seen, list) else [seen])
+        ]
+    )
+    assert norm(ours) == norm(theirs)
