@@ -415,7 +415,14 @@ class Runner:
             self.resets_done.pop(holder._slot, None)
         if error is None:
             _pg.drop_released(con)  # (attached by the release for the reset: Leaser.release)
-        self.settle_reset(holder, con, proxy, error, done)
+        # No retry a loop pass later (busy_retry): this task's first step is
+        # where asyncpg's shielded release task decides, so a reset refused
+        # here is refused there too, and asyncpg's release raises and gives
+        # the connection up. (The retry stands in for that step only when
+        # the release decided in its own: the inline reset. Review h241: a
+        # cancel queued after the release reached the protocol by the retry,
+        # which kept the connection.)
+        self.settle_reset(holder, con, proxy, error, done, busy_retry=False)
 
     def reset_budget(self, timeout: float | None, con: RawConnection) -> tuple[float | None, float | None]:
         """A pool task's reset limits, ``(budget, statement_limit)`` in
