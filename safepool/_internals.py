@@ -628,6 +628,13 @@ def starts_tasks_eagerly(loop: asyncio.AbstractEventLoop) -> bool:
     ).startswith("create_eager_task_factory.")
 
 
+def transaction_open(con: RawConnection) -> bool:
+    """Whether asyncpg's reset would roll back: the server's transaction
+    status, or an asyncpg ``Transaction`` still held (``_top_xact``). The
+    connection's protocol must be set."""
+    return bool(con._protocol.is_in_transaction() or con._top_xact is not None)
+
+
 def warn_open_transaction(
     con: RawConnection, *, quiet: bool = False, deferred: bool = False, keep: bool = False
 ) -> bool:
@@ -650,7 +657,7 @@ def warn_open_transaction(
     clear_listeners(con)
     if protocol is None:
         return False
-    if protocol.is_in_transaction() or con._top_xact is not None:
+    if transaction_open(con):
         if not quiet and (con._top_xact is None or not con._top_xact._managed):
             context = {"message": f"Resetting connection with an active transaction {con!r}"}
             loop = con._loop

@@ -541,7 +541,7 @@ class Leaser:
                     # the lease whose next step is queued first still finds
                     # it (asyncpg < 0.32's cursor checks it before its bind).
                     full, rollback = state.reset_plan(
-                        holder.clean_mark == -1, con._protocol.is_in_transaction() or con._top_xact is not None
+                        holder.clean_mark == -1, _pg.transaction_open(con)
                     )
                     if full:
                         hooks = runner.hooks.ended

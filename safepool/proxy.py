@@ -85,16 +85,16 @@ def _released_attribute_error(proxy: PoolConnectionProxy, attr: str) -> Exceptio
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def named_for(wrapper: _F, name: str) -> _F:
+def named_for(wrapper: _F, name: str, owner: type = _pg_connection.Connection) -> _F:
     """A copy of the coroutine function ``wrapper`` whose coroutines carry
-    ``Connection.<name>``'s qualified name (asyncpg's): a coroutine takes
-    its function's ``__qualname__`` when it is made, so the name costs a
-    call nothing."""
-    method = getattr(_pg_connection.Connection, name, None)
+    ``<owner>.<name>``'s qualified name (asyncpg's; ``owner``: its
+    ``Connection`` by default): a coroutine takes its function's
+    ``__qualname__`` when it is made, so the name costs a call nothing."""
+    method = getattr(owner, name, None)
     named = types.FunctionType(
         wrapper.__code__, wrapper.__globals__, name, wrapper.__defaults__, wrapper.__closure__
     )
-    named.__qualname__ = getattr(method, "__qualname__", None) or f"Connection.{name}"
+    named.__qualname__ = getattr(method, "__qualname__", None) or f"{owner.__name__}.{name}"
     return cast(_F, named)
 
 
@@ -306,11 +306,8 @@ async def _counted_next_row(holder: _Holder, iterator: Any) -> Any:
 
 
 # Its coroutines named as asyncpg's ("coroutine 'CursorIterator.__anext__'
-# was never awaited": see named_for).
-_counted_next_row = types.FunctionType(
-    _counted_next_row.__code__, _counted_next_row.__globals__, "__anext__",
-)
-_counted_next_row.__qualname__ = _pg_cursor.CursorIterator.__anext__.__qualname__
+# was never awaited").
+_counted_next_row = named_for(_counted_next_row, "__anext__", _pg_cursor.CursorIterator)
 
 
 class _CountedCursorIterator(_pg_cursor.CursorIterator):
