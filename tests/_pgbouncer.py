@@ -53,6 +53,10 @@ class Bouncer:
         (root / "pgbouncer.ini").write_text("\n".join(lines) + "\n")
         (root / "users.txt").write_text(f'"{self.user}" ""\n')
         self.database = upstream["database"]
+        # The server behind it, for a test's own look at its backends.
+        self.server_dsn = (
+            f"postgresql://{upstream['server_user']}@{upstream['host']}:{upstream['port']}/{upstream['database']}"
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

@@ -328,6 +328,20 @@ async def _call(awaitable: Any, timeout: float = 10.0) -> BaseException | None:
     return None
 
 
+async def _until_sleeping_on_the_server(bouncer: Bouncer, timeout: float = 5.0) -> None:
+    """Until the lease's ``pg_sleep(5)`` runs on the server behind PgBouncer
+    (polled there, on a connection of its own): it went through PgBouncer."""
+    server = await asyncpg.connect(bouncer.server_dsn)
+    try:
+        async with asyncio.timeout(timeout):
+            while not await server.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query = 'SELECT pg_sleep(5)'"
+            ):
+                await asyncio.sleep(0.005)
+    finally:
+        await server.close()
+
+
 async def _restart_scenario(start: Callable[..., Bouncer], kind: str, pool_mode: str) -> dict[str, Any]:
     bouncer = start(**bouncer_settings(pool_mode=pool_mode, default_pool_size=3))
     pool = await FACTORIES[kind](bouncer.dsn(), min_size=2, max_size=4, statement_cache_size=0)
@@ -344,7 +358,7 @@ async def _restart_scenario(start: Callable[..., Bouncer], kind: str, pool_mode:
         held = asyncio.create_task(holder())
         idle_lease = await pool.acquire()
         await asyncio.wait_for(querying.wait(), 5)
-        await asyncio.sleep(0.1)  # the query reached PgBouncer
+        await _until_sleeping_on_the_server(bouncer)
         bouncer.stop()
         started = time.monotonic()
         exc = await _call(held)
@@ -413,7 +427,7 @@ async def _kill_scenario(start: Callable[..., Bouncer], kind: str, pool_mode: st
         held = asyncio.create_task(holder())
         idle_lease = await pool.acquire()
         await asyncio.wait_for(querying.wait(), 5)
-        await asyncio.sleep(0.1)
+        await _until_sleeping_on_the_server(bouncer)
         await admin(bouncer, f"KILL {DB}")
         started = time.monotonic()
         exc = await _call(held)
