@@ -832,10 +832,12 @@ class Runner:
                 and holder is not None and holder.in_flight_at_abort(con)
             )
             if con is not None:
-                if not (self.terminating and con.is_closed()):
+                if not ((self.terminating and con.is_closed()) or _pg.lost(con)):
                     # (terminate_all() may have aborted it already: a
                     # connection class's terminate() runs once, as on asyncpg's
-                    # pool.terminate())
+                    # pool.terminate(). One asyncpg saw lost is left as it
+                    # is, as asyncpg's pool leaves it: a COPY of the lease
+                    # under way still writes to its transport.)
                     _pg.terminate(con)
                 _pg.drop_released(con)
             if cancel and con is not None:

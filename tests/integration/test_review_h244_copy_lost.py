@@ -77,10 +77,6 @@ async def _copy_outcome(create: Any, dsn: str) -> str:
         await admin.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "review h244: safepool terminates a leased connection lost mid-COPY (_runner.py:978 connection_lost -> "
-    "close_slot _runner.py:839 -> _internals.py:341 terminate): asyncpg's copy_in then writes to no "
-    "transport and raises AttributeError, where asyncpg's pool gives ConnectionDoesNotExistError"))
 async def test_a_copy_whose_backend_is_terminated_fails_as_on_asyncpg_pool(pg_dsn: str) -> None:
     theirs = await _copy_outcome(asyncpg.create_pool, pg_dsn)
     assert theirs == "ConnectionDoesNotExistError"
