@@ -190,3 +190,41 @@ async def test_a_release_after_a_timed_out_statement_in_a_transaction_reports_on
     ours = await _timed_out_in_transaction(safepool.create_pool, pg_dsn)
     assert ours == theirs
     assert theirs.count("Resetting connection with an active transaction") == 1
+
+
+# A lease whose only call is a cursor refused outside a transaction: asyncpg
+# parses the statement (Parse, Describe, Flush: no Sync) before it looks, so
+# the backend is left in the implicit transaction of that Parse, holding the
+# table's lock, with asyncpg's statement counter unmoved. The proxy's
+# cursor() marks the lease (safepool/proxy.py _cursor_forwarder, clean_mark
+# = -1), so every reset mode ends it, as asyncpg's reset does: kills the
+# mutant that drops the mark (review h243's P9). The lock is read from
+# another session once release() has returned.
+@pytest.mark.parametrize("reset_mode", ["asyncpg", "full", "rollback", "auto"])
+async def test_a_lease_whose_cursor_was_refused_outside_a_transaction_holds_no_lock_after_release(
+    pg_dsn: str, reset_mode: str
+) -> None:
+    if reset_mode == "auto":
+        pytest.importorskip("pglast")
+    table = f"h243_cursor_{reset_mode}"
+    admin = await asyncpg.connect(pg_dsn)
+    if reset_mode == "asyncpg":
+        pool: Any = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+    else:
+        pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode)
+    try:
+        await admin.execute(f"CREATE TABLE IF NOT EXISTS {table} (n int)")
+        async with pool.acquire() as con:
+            pid = con.get_server_pid()
+            with pytest.raises(asyncpg.NoActiveSQLTransactionError, match="outside of a transaction"):
+                async for _ in con.cursor(f"SELECT n FROM {table}"):
+                    pass
+        locks = await admin.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE pid = $1 AND relation = $2::regclass", pid, table
+        )
+        assert locks == 0
+        _check(pool)
+    finally:
+        await pool.close()
+        await admin.execute(f"DROP TABLE IF EXISTS {table}")
+        await admin.close()
