@@ -38,7 +38,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
     __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "base_callbacks", "lease_callbacks",
                  "release_timeout",
                  "orphan_checks", "orphan_reported", "orphaned_at", "unresponsive", "close_budget", "close_raises", "lost_while_leased", "busy_elsewhere",
-                 "cancel_key", "abort_in_flight",
+                 "cancel_key", "abort_in_flight", "cleaned_up",
                  "reset_since",
                  "command_timeout", "reset_query", "reset_text", "own_is_closed", "task_reset", "proxy_collected",
                  "copies", "watched", "waiter_completed", "__weakref__")
@@ -73,6 +73,11 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         self.orphaned_at = 0.0
         # A reset or take-back timed out: no graceful close, abort it.
         self.unresponsive = False
+        # asyncpg ended the connection itself and cleaned up after it
+        # (Connection._cleanup, which calls _release_on_close: its socket
+        # was lost, or the lease terminated or closed it): the pool's close
+        # leaves it as it is, as asyncpg's pool does.
+        self.cleaned_up = False
         # Bound on the close's wait for a cancelled query's answer (None:
         # the pool's reset timeout): see _workers.CANCEL_ANSWER_GRACE.
         self.close_budget: float | None = None
@@ -132,6 +137,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
 
     def _release_on_close(self) -> None:
         self._con = None
+        self.cleaned_up = True
         self._runner.connection_lost(self._slot)
 
     def let_go(self) -> None:

@@ -343,23 +343,6 @@ def terminate(con: RawConnection) -> None:
         con._abort()
 
 
-def lost(con: RawConnection) -> bool:
-    """asyncpg saw ``con``'s socket end (the server or the network closed
-    it) and cleaned up after it (``Connection._cleanup`` from its
-    protocol's ``connection_lost``): its transport is closed and nothing is
-    left to abort. An abort now would only take the transport from the
-    protocol, and a COPY of the lease still under way would write its next
-    chunk to none (``AttributeError``, review h244): asyncpg's pool never
-    terminates a connection lost while leased (0.29-0.32). False for a
-    connection of ours aborted, or one still open or closing in order."""
-    protocol = con._protocol
-    transport = getattr(con, "_transport", None)  # (the I/O layer's fake connection has none)
-    return (
-        not con._aborted and protocol is not None and protocol.is_closed()
-        and transport is not None and transport.is_closing()
-    )
-
-
 def is_cancelling(con: RawConnection) -> bool:
     protocol = con._protocol
     if protocol is None:

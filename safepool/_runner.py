@@ -832,12 +832,16 @@ class Runner:
                 and holder is not None and holder.in_flight_at_abort(con)
             )
             if con is not None:
-                if not ((self.terminating and con.is_closed()) or _pg.lost(con)):
+                if not ((self.terminating and con.is_closed()) or (holder is not None and holder.cleaned_up)):
                     # (terminate_all() may have aborted it already: a
                     # connection class's terminate() runs once, as on asyncpg's
-                    # pool.terminate(). One asyncpg saw lost is left as it
-                    # is, as asyncpg's pool leaves it: a COPY of the lease
-                    # under way still writes to its transport.)
+                    # pool.terminate(). One asyncpg ended and cleaned up
+                    # itself, lost or terminated, is left as it is, as
+                    # asyncpg's pool leaves it (0.29-0.32): an abort now
+                    # would take the transport from its protocol, which a
+                    # COPY of the lease under way still writes to, and
+                    # raised AttributeError there (review h244). A protocol
+                    # aborted directly, with no cleanup, is terminated.)
                     _pg.terminate(con)
                 _pg.drop_released(con)
             if cancel and con is not None:
