@@ -77,6 +77,12 @@ def classify(exc: BaseException) -> str | None:
         return f"server:{exc.sqlstate}"
     if isinstance(exc, asyncpg.InternalClientError) and "another operation (2) is in progress" in str(exc):
         return "asyncpg:unsolicited_fatal"
+    if isinstance(exc, asyncpg.InternalClientError) and "got result for unknown protocol state 3" in str(exc):
+        # asyncpg's close() (an expired generation, max_queries) cancelled a
+        # call of the lease whose answer was already on its way: the same on
+        # both pools (review h245, test_review_h245_close_mid_prepare.py;
+        # docs/reliability.md).
+        return "asyncpg:close_mid_call"
     if isinstance(exc, asyncpg.InterfaceError):
         msg = str(exc)
         if "connection is closed" in msg:
@@ -523,15 +529,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     else:
                         exc = call.exception()
                         kn = classify(exc)
-                        if (kn is None and isinstance(exc, asyncpg.InternalClientError)
-                                and "got result for unknown protocol state" in str(exc)):
-                            # UNREDUCED (review h244): seen in calls whose lease
-                            # another task released mid-way (seeds 3, 12, 15, 16
-                            # on asyncio), not yet reproduced alone nor compared
-                            # with asyncpg's pool. Reported under "unreduced",
-                            # not as a finding, until it is.
-                            kn = "UNREDUCED:InternalClientError:unknown_protocol_state"
-                            unreduced.append(f"op {opid} ({state.get('ms')}): {exc!r}")
                         if kn is None:
                             findings.append(f"untyped error in op {opid}'s call released mid-way: "
                                             f"{''.join(traceback.format_exception(exc))[-1500:]}")
@@ -629,6 +626,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             settle_writes("ok")
             return
         kindname = classify(exc)
+        if kindname == "iface:another_operation" and classify(exc.__context__) == "asyncpg:unsolicited_fatal":
+            # The lease's call met a protocol that had read a message it did
+            # not expect (a FATAL of the chaos task's pg_terminate_backend,
+            # read while idle): asyncpg's COPY left its waiter set, and the
+            # release's reset is refused, on both pools (review h245,
+            # test_review_h245_copy_on_error_consume.py).
+            kindname = "asyncpg:release_after_unsolicited_fatal"
         if kindname in ("iface:another_operation", "server:25P01"):
             findings.append(f"another operation in {t.get_name()} lt={state.get('lt')} ms={state.get('ms')} mid_done={state.get('mid')}: {''.join(traceback.format_exception(exc))[-2500:]}")
         if kindname is None:
