@@ -12,12 +12,20 @@ nanoseconds, so the server must run on this machine). On a machine with ``nproc`
 can do a lease in less than ``max(client, (client + server) / nproc)``: the
 client is one thread, and the two sums share the cores. Prints one JSON
 object: per contender, the medians over rounds, in microseconds.
+
+glibc's malloc threshold for serving a request with ``mmap`` is raised to
+1 MiB first (``mallopt``), the state of a process in which it has risen (the
+benchmark suite's: docs/performance.md, "Reads"): asyncpg's pool and the
+drop-in minimum read with asyncio's 256 KiB ``recv()``, which otherwise costs
+an ``mmap`` per read in a fresh process, and the ratios swung by 40%
+between runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import os
 import statistics
@@ -33,6 +41,18 @@ from ._workloads import (
     dropin_minimum_pool,
     safepool_pool,
 )
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter (malloc.h)
+
+
+def raise_mmap_threshold(size: int = 1 << 20) -> bool:
+    """Have glibc's malloc serve requests below ``size`` bytes from its heap
+    (``mallopt(M_MMAP_THRESHOLD, size)``); False where that is not glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, size))
+    except (OSError, AttributeError):
+        return False
 
 
 def backend_cpu(pids: list[int]) -> float:
@@ -118,6 +138,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--leases-per-task", type=int, default=40)
     args = parser.parse_args()
+    raise_mmap_threshold()
     print(json.dumps(measure(args.dsn, args.rounds, args.leases_per_task), indent=2))
 
 
