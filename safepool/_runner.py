@@ -550,6 +550,12 @@ class Runner:
             holder.busy_elsewhere = error is not None and _pg.is_busy(error)
             if cancelling:
                 holder.close_budget = _workers.CANCEL_ANSWER_GRACE
+            elif holder.busy_elsewhere and proxy is not None and holder.release_timeout is not None:
+                # That wait is the release's: bounded by its budget (its
+                # timeout=, else the acquire's), not reset_timeout's; a
+                # COPY waiting for its source's next chunk held release(
+                # timeout=0.2) for 30 s (s74).
+                holder.close_budget = holder.release_timeout
             if proxy is not None:
                 _pg.attach_released(con, proxy, holder)
                 if error is not None and not cancelling:
