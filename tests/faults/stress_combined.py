@@ -77,6 +77,11 @@ def classify(exc: BaseException) -> str | None:
         return f"server:{exc.sqlstate}"
     if isinstance(exc, asyncpg.InternalClientError) and "another operation (2) is in progress" in str(exc):
         return "asyncpg:unsolicited_fatal"
+    if isinstance(exc, RuntimeError) and "the handler is closed" in str(exc):
+        # uvloop: asyncpg wrote (a COPY's next chunk, its CopyFail) to a
+        # transport the lost connection closed; the same on asyncpg's pool
+        # (test_review_h244_copy_lost.py on uvloop).
+        return "asyncpg:uvloop_write_to_closed"
     if isinstance(exc, asyncpg.InternalClientError) and "got result for unknown protocol state 3" in str(exc):
         # asyncpg's close() (an expired generation, max_queries) cancelled a
         # call of the lease whose answer was already on its way: the same on
@@ -202,8 +207,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         exc = ctx.get("exception")
         if msg == "Future exception was never retrieved" and str(exc) == "unexpected connection_lost() call":
             return
-        if (msg == "Future exception was never retrieved" and isinstance(exc, asyncpg.ConnectionDoesNotExistError)
-                and str(exc).startswith("connection was closed in the middle of operation")):
+        if msg == "Future exception was never retrieved" and (
+                (isinstance(exc, asyncpg.ConnectionDoesNotExistError)
+                 and str(exc).startswith("connection was closed in the middle of operation"))
+                or isinstance(exc, asyncpg.QueryCanceledError)):
             # Judged at the end: asyncpg's own where the run met an
             # unsolicited FATAL (see below).
             stray_waiter_errs.append(ctx)
@@ -816,12 +823,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     await admin.execute("DELETE FROM stress47_w WHERE tag LIKE $1", app + "-%")
     await admin.close()
     await sampler_con.close()
-    if stray_waiter_errs and any("unsolicited_fatal" in key for key in list(outcomes) + list(wsum)):
+    stray_sources = ("unsolicited_fatal", "uvloop_write_to_closed", "copy_write_after_release")
+    if stray_waiter_errs and any(src in key for key in list(outcomes) + list(wsum) for src in stray_sources):
         # A COPY started on a protocol that had read a FATAL while idle
-        # (the chaos task's pg_terminate_backend) leaves asyncpg's waiter
-        # set; the connection's end completes it with this error, which
-        # nobody reads: the same on asyncpg's pool (review h245,
-        # test_review_h245_copy_on_error_consume.py compares the loop errors).
+        # (the chaos task's pg_terminate_backend), or whose write failed
+        # before it could hand its waiter a callback (uvloop's closed
+        # transport, a transport the release's terminate took), leaves
+        # asyncpg's waiter to be completed by the connection's end (or the
+        # server's cancel) with an error nobody reads: the same on
+        # asyncpg's pool (test_review_h245_copy_on_error_consume.py and
+        # test_review_s74_copy_released.py compare the loop errors).
         outcomes["loop:asyncpg_stray_waiter"] += len(stray_waiter_errs)
     else:
         loop_errs += stray_waiter_errs
