@@ -136,3 +136,36 @@ async def test_a_retired_connection_the_lease_closes_itself_is_not_left_open(pg_
     theirs = await _retired_close(asyncpg.create_pool, pg_dsn, how)
     if how == "close":
         assert theirs == (False, False)  # asyncpg's pool's leak (both versions)
+
+
+async def _listener_calls(create: Any, dsn: str, how: str) -> list[str]:
+    admin = await asyncpg.connect(dsn)
+    pool = await create(dsn, min_size=1, max_size=1)
+    calls: list[str] = []
+    try:
+        con = await pool.acquire()
+        pid = await con.fetchval("SELECT pg_backend_pid()")
+        raw = _raw(pool, con)
+        con.add_termination_listener(lambda c: calls.append("proxy" if c is con else "raw" if c is raw else "other"))
+        if how == "terminate":
+            con.terminate()
+        else:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+            async with asyncio.timeout(5):
+                while not raw.is_closed():
+                    await asyncio.sleep(0.01)
+        await pool.release(con)
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        return calls
+    finally:
+        await pool.close()
+        await admin.close()
+
+
+@pytest.mark.parametrize("how", ["terminate", "killed"])
+async def test_a_termination_listener_runs_once_as_on_asyncpg_pool(pg_dsn: str, how: str) -> None:
+    theirs = await _listener_calls(asyncpg.create_pool, pg_dsn, how)
+    assert len(theirs) == 1
+    ours = await _listener_calls(safepool.create_pool, pg_dsn, how)
+    assert ours == theirs
