@@ -481,10 +481,16 @@ async def close(
     running = not lost and in_flight(con)
     try:
         if busy and not lost:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             async with asyncio.timeout(budget if budget is not None else DEFAULT_RESET_TIMEOUT):
                 # (Paused between the steps of a call the holder counts, a
                 # COPY or a prepare(): asyncpg awaits nothing there.)
                 await statement_ended(con, lambda: in_flight(con) and not _pg.statement_in_flight(con))
+            if budget is not None:
+                # The close gets what that wait left: the release is bounded
+                # by its budget as a whole, not once per step (review h246).
+                budget -= loop.time() - started
         if lost:
             async with asyncio.timeout(cancel_timeout(budget)):
                 await _pg.cancel_running_query(con, key)

@@ -70,3 +70,59 @@ async def test_a_copy_whose_lease_another_task_releases_fails_as_on_asyncpg_pool
     )  # asyncpg's behaviour
     ours = await _outcome(safepool.create_pool, pg_dsn)
     assert ours == theirs
+
+
+class _SlowCloseConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A close() that takes 2 s before it sends Terminate (a server slow to
+    answer it), within its timeout=; cut short, it aborts, as asyncpg's own
+    close does."""
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.sleep(2.0)
+        except BaseException:
+            self.terminate()
+            raise
+        await super().close(timeout=timeout)
+
+
+# The release's budget bounds the release as a whole: when most of it went
+# to waiting for another task's COPY to end, the close that follows gets
+# what is left, not the whole budget again (review h246: a release could
+# take twice its timeout=). Real time: a budget of 1 s, 0.9 s of it spent
+# waiting (the pool's cancel request ends the COPY once it sends its next
+# chunk); before, the slow close got the whole second again (1.9 s).
+@pytest.mark.realtime
+async def test_a_release_waiting_for_another_tasks_copy_ends_within_its_budget(pg_dsn: str) -> None:
+    table = f"s74_budget_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(pg_dsn)
+    await admin.execute(f"CREATE TABLE {table} (tag text)")
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, connection_class=_SlowCloseConnection)
+    loop = asyncio.get_running_loop()
+    try:
+        con = await pool.acquire()
+        first, go = asyncio.Event(), asyncio.Event()
+
+        async def source() -> Any:
+            yield b"a\n"
+            first.set()
+            await go.wait()
+            yield b"b\n"
+
+        call = asyncio.ensure_future(con.copy_to_table(table, source=source(), columns=["tag"]))
+        await asyncio.wait_for(first.wait(), 5)
+        loop.call_later(0.9, go.set)  # the COPY ends 0.9 s into the release's 1 s
+        started = loop.time()
+        with pytest.raises(asyncpg.InterfaceError, match="another operation is in progress"):
+            await asyncio.wait_for(pool.release(con, timeout=1.0), 10)
+        elapsed = loop.time() - started
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await asyncio.wait_for(call, 5)  # (the pool's cancel request, while the release waited)
+        assert 0.85 < elapsed < 1.5, elapsed
+        async with pool.acquire(timeout=5) as again:
+            assert await again.fetchval("SELECT count(*) FROM " + table) == 0
+    finally:
+        await pool.close()
+        await admin.execute(f"DROP TABLE IF EXISTS {table}")
+        await admin.close()
