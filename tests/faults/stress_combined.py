@@ -197,6 +197,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     stats_samples = 0
     running: dict[int, tuple[float, str, asyncio.Task[Any]]] = {}
     loop_errs: list[dict[str, Any]] = []
+    terminated_mid = [False]  # pool.terminate() called mid-flight
     stray_waiter_errs: list[dict[str, Any]] = []
     stop_sampling = False
 
@@ -656,6 +657,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             # release's reset is refused, on both pools (review h245,
             # test_review_h245_copy_on_error_consume.py).
             kindname = "asyncpg:release_after_unsolicited_fatal"
+        if (kindname is None and terminated_mid[0] and isinstance(exc, AttributeError)
+                and "object has no attribute 'write'" in str(exc)):
+            # pool.terminate() aborted the connection under a COPY, whose
+            # next write (or CopyFail) met no transport: asyncpg's pool
+            # terminates its connections alike (holder.terminate()).
+            kindname = "asyncpg:copy_write_after_pool_terminate"
         if kindname in ("iface:another_operation", "server:25P01"):
             findings.append(f"another operation in {t.get_name()} lt={state.get('lt')} ms={state.get('ms')} mid_done={state.get('mid')}: {''.join(traceback.format_exception(exc))[-2500:]}")
         if kindname is None:
@@ -781,6 +788,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     ct.result()
             else:
+                terminated_mid[0] = True
                 pool.terminate()
         except Exception as exc:
             findings.append(f"{end_mode} raised {exc!r}")
