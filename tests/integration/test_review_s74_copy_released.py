@@ -22,6 +22,23 @@ import safepool
 pytestmark = pytest.mark.asyncio
 
 
+async def _copy_waiting_for_its_source(con: Any, table: str) -> tuple[asyncio.Future[Any], asyncio.Event]:
+    """A COPY into ``table`` from an asynchronous source, under way in a task
+    of its own: its first chunk sent, its second held until ``go`` is set.
+    Returns the call's future and ``go``."""
+    first, go = asyncio.Event(), asyncio.Event()
+
+    async def source() -> Any:
+        yield b"a\n"
+        first.set()
+        await go.wait()
+        yield b"b\n"
+
+    call = asyncio.ensure_future(con.copy_to_table(table, source=source(), columns=["tag"]))
+    await asyncio.wait_for(first.wait(), 5)
+    return call, go
+
+
 async def _outcome(create: Any, dsn: str) -> tuple[str, str, list[str]]:
     loop = asyncio.get_running_loop()
     errors: list[str] = []
@@ -33,16 +50,7 @@ async def _outcome(create: Any, dsn: str) -> tuple[str, str, list[str]]:
     pool = await create(dsn, min_size=1, max_size=1)
     try:
         con = await pool.acquire()
-        first, go = asyncio.Event(), asyncio.Event()
-
-        async def source() -> Any:
-            yield b"a\n"
-            first.set()
-            await go.wait()
-            yield b"b\n"
-
-        call = asyncio.ensure_future(con.copy_to_table(table, source=source(), columns=["tag"]))
-        await asyncio.wait_for(first.wait(), 5)
+        call, go = await _copy_waiting_for_its_source(con, table)
         with pytest.raises(asyncpg.InterfaceError) as refused:
             # (Within the release's budget: safepool's wait for the COPY to
             # end took reset_timeout's 30 s before s74.)
@@ -102,16 +110,7 @@ async def test_a_release_waiting_for_another_tasks_copy_ends_within_its_budget(p
     loop = asyncio.get_running_loop()
     try:
         con = await pool.acquire()
-        first, go = asyncio.Event(), asyncio.Event()
-
-        async def source() -> Any:
-            yield b"a\n"
-            first.set()
-            await go.wait()
-            yield b"b\n"
-
-        call = asyncio.ensure_future(con.copy_to_table(table, source=source(), columns=["tag"]))
-        await asyncio.wait_for(first.wait(), 5)
+        call, go = await _copy_waiting_for_its_source(con, table)
         loop.call_later(0.9, go.set)  # the COPY ends 0.9 s into the release's 1 s
         started = loop.time()
         with pytest.raises(asyncpg.InterfaceError, match="another operation is in progress"):
