@@ -545,7 +545,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         exc = call.exception()
                         kn = classify(exc)
                         if kn is None and released and (
-                                (isinstance(exc, AttributeError) and "object has no attribute 'write'" in str(exc))
+                                (isinstance(exc, AttributeError) and "'NoneType' object has no attribute" in str(exc)
+                                 and any(f"'{name}'" in str(exc) for name in ("write", "resume_reading", "pause_reading")))
                                 or (isinstance(exc, RuntimeError) and "the handler is closed" in str(exc))):
                             # A COPY whose lease this task released: the
                             # refused reset gave the connection up, and the
@@ -845,7 +846,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     else:
         loop_errs += stray_waiter_errs
     for ctx in loop_errs:
-        fut = ctx.get("future")
+        fut = ctx.get("future", ctx.get("task"))
         where = ""
         if fut is not None:
             where = f" in {fut!r:.300}"
