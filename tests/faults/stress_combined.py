@@ -546,13 +546,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         kn = classify(exc)
                         if kn is None and released and (
                                 (isinstance(exc, AttributeError) and "'NoneType' object has no attribute" in str(exc)
-                                 and any(f"'{name}'" in str(exc) for name in ("write", "resume_reading", "pause_reading")))
+                                 and any(f"'{name}'" in str(exc)
+                                         for name in ("write", "resume_reading", "pause_reading", "_init_types")))
                                 or (isinstance(exc, RuntimeError) and "the handler is closed" in str(exc))):
-                            # A COPY whose lease this task released: the
+                            # A call whose lease this task released: the
                             # refused reset gave the connection up, and the
                             # COPY's next chunk met no transport (uvloop: a
-                            # closed one). The same on asyncpg's pool, which
-                            # terminates at once (test_review_s74_copy_released.py).
+                            # closed one), or a prepare no protocol. The same
+                            # on asyncpg's pool, which terminates at once
+                            # (test_review_s74_copy_released.py).
                             kn = "asyncpg:copy_write_after_release"
                         if kn is None:
                             findings.append(f"untyped error in op {opid}'s call released mid-way: "
