@@ -481,16 +481,14 @@ async def close(
     running = not lost and in_flight(con)
     try:
         if busy and not lost:
-            loop = asyncio.get_running_loop()
-            started = loop.time()
             async with asyncio.timeout(budget if budget is not None else DEFAULT_RESET_TIMEOUT):
                 # (Paused between the steps of a call the holder counts, a
-                # COPY or a prepare(): asyncpg awaits nothing there.)
-                await statement_ended(con, lambda: in_flight(con) and not _pg.statement_in_flight(con))
-            if budget is not None:
-                # The close gets what that wait left: the release is bounded
-                # by its budget as a whole, not once per step (review h246).
-                budget -= loop.time() - started
+                # COPY or a prepare(): asyncpg awaits nothing there.) The
+                # close gets what that wait left: the release is bounded by
+                # its budget as a whole, not once per step (review h246).
+                budget = await _left_after(
+                    statement_ended(con, lambda: in_flight(con) and not _pg.statement_in_flight(con)), budget
+                )
         if lost:
             async with asyncio.timeout(cancel_timeout(budget)):
                 await _pg.cancel_running_query(con, key)
@@ -619,14 +617,19 @@ async def cancel_answered(con: RawConnection, budget: float | None) -> float | N
     for it too, or the next holder inherits the cancellation); returns what
     is left of ``budget``, which goes to an overridden reset(), as asyncpg
     0.32's holder passes it. The caller bounds the wait."""
+    budget = await _left_after(_pg.wait_for_cancellation(con), budget)
+    if budget is not None and budget <= 0:
+        raise TimeoutError  # (asyncpg 0.32: nothing left for the reset)
+    return budget
+
+
+async def _left_after(wait: Awaitable[Any], budget: float | None) -> float | None:
+    """Await ``wait``; returns what is left of ``budget`` (seconds, None for
+    no budget) once it is done: the time it took, taken off (may be <= 0)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await _pg.wait_for_cancellation(con)
-    if budget is not None:
-        budget -= loop.time() - started
-        if budget <= 0:
-            raise TimeoutError  # (asyncpg 0.32: nothing left for the reset)
-    return budget
+    await wait
+    return None if budget is None else budget - (loop.time() - started)
 
 
 async def _send_reset(con: RawConnection, rollback: bool, hooks: ResetHooks, budget: float | None) -> None:
