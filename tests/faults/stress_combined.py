@@ -171,6 +171,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         orig_slot_closed(slot, error)
 
     pool._runner.slot_closed = traced_slot_closed
+    # Graceful closes met by a statement (or COPY) in flight: asyncpg's close()
+    # cancels it, and a server that ends the connection meanwhile resolves
+    # its waiter with None (for a finding about a write, below).
+    closes_in_flight: dict[Any, list[str]] = {}
+    orig_con_close = asyncpg.Connection.close
+
+    async def traced_con_close(self: Any, *, timeout: float | None = None) -> None:
+        from safepool import _internals
+        if self._protocol is not None and _internals.statement_in_flight(self):
+            closes_in_flight.setdefault(pid_of.get(self), []).append(
+                " <- ".join(f"{f.name}:{f.lineno}" for f in traceback.extract_stack(limit=12)[:-1]))
+        await orig_con_close(self, timeout=timeout)
+
+    asyncpg.Connection.close = traced_con_close  # type: ignore[method-assign]
     orig_close_slot = pool._runner.close_slot
     close_info: dict[Any, str] = {}
 
@@ -192,6 +206,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     examples: dict[str, str] = {}  # an outcome kind -> its first traceback (--examples)
     chaos: Counter[str] = Counter()
     writes: dict[str, str] = {}  # tag -> ok / committed_then_error:<kind> / failed / ambiguous
+    write_pid: dict[str, Any] = {}  # tag -> the backend that wrote it (for a finding, to read in the server's log)
     max_server = 0
     server_samples = 0
     stats_samples = 0
@@ -347,6 +362,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             for tag in tags:
                 state["tags"].append(tag)
                 writes[tag] = "pending"
+                write_pid[tag] = con.get_server_pid()
             if k == 4:
                 await con.copy_records_to_table("stress47_w", records=[(t,) for t in tags], columns=["tag"])
             else:
@@ -362,7 +378,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     source = chunks()
                 else:
                     source = io.BytesIO(data)  # (read in an executor thread)
-                await con.copy_to_table("stress47_w", source=source, columns=["tag"])
+                ret = await con.copy_to_table("stress47_w", source=source, columns=["tag"])
+                for tag in tags:
+                    write_pid[tag] = f"{write_pid[tag]} form={form} ret={ret!r} kind={state.get('kind')}"
             for tag in tags:
                 writes[tag] = "committed"
         elif k == 6:
@@ -421,6 +439,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 tag = f"{app}-{opid}-{len(state['tags'])}"
                 state["tags"].append(tag)
                 writes[tag] = "pending"
+                write_pid[tag] = con.get_server_pid()
                 async with con.transaction():
                     await con.execute("INSERT INTO stress47_w VALUES ($1)", tag)
                     if r.random() < 0.3:
@@ -599,7 +618,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         how = r.choice(CANCELS)
         d = r.choice((r.uniform(0, 0.002), r.uniform(0, 0.02), r.uniform(0, 0.1)))
         cancel_kinds[how] += 1
-        state: dict[str, Any] = {"tags": [], "stage": "work"}
+        state: dict[str, Any] = {"tags": [], "stage": "work", "kind": kind}
         loop = asyncio.get_running_loop()
 
         async def body() -> None:
@@ -825,7 +844,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         there = tag in present
         wsum[f"{status.split(':')[0]}:{'present' if there else 'absent'}"] += 1
         if status == "committed" and not there:
-            findings.append(f"write {tag} reported committed but absent")
+            pid = write_pid.get(tag)
+            closes = closes_in_flight.get(int(str(pid).split()[0])) if pid is not None else None
+            findings.append(f"write {tag} reported committed but absent (backend {pid}; closes in flight {closes})")
         if status.startswith("committed_then_error"):
             wsum["detail:" + status] += 1
             if status.endswith(":release") and not any(k in status for k in (
