@@ -330,43 +330,69 @@ async def _once_free(
     step that follows. A cancel request that fails (refused, reset) is sent
     again at the next interval, not returned: the statement still runs.
     Returns ``send``'s error other than the refusal, or None (also when the
-    connection closed first); the caller bounds the wait."""
+    connection closed first); the caller bounds the wait.
+
+    A request under way does not hold the watch: a connection that dies
+    meanwhile ends the wait at once (its statement ended with it), and the
+    request is dropped; a connection whose statement ended otherwise is
+    returned only once its requests were delivered, so none can reach a
+    later statement on it."""
     loop = asyncio.get_running_loop()
     cancelled_at: float | None = None
     cancelled_statement = -1  # (asyncpg's count of statements sent, at the last request)
     interval = TAKE_BACK_CANCEL_INTERVAL
-    while not con.is_closed():
-        if not (_pg.in_call(con) or paused()):
-            try:
-                await send()
-            except Exception as exc:
-                if not _pg.is_busy(exc):
-                    return exc
+    request: asyncio.Future[None] | None = None
+    freed = False  # (send's outcome came: nothing runs on it any more)
+    try:
+        while not con.is_closed():
+            if not (_pg.in_call(con) or paused()):
+                try:
+                    await send()
+                except Exception as exc:
+                    if not _pg.is_busy(exc):
+                        freed = True
+                        return exc
+                else:
+                    freed = True
+                    return None
+            statement = _pg.queries_count(con)
+            if statement != cancelled_statement:
+                interval = TAKE_BACK_CANCEL_INTERVAL
+                cancelled_at = None  # (a statement begun since the last request: one at once)
+            if (cancelled_at is None or loop.time() - cancelled_at >= interval) and (
+                request is None or request.done()  # (one at a time: a stalled one is not piled on)
+            ):
+                if cancelled_at is not None:
+                    interval = min(interval * 2, TAKE_BACK_CANCEL_MAX_INTERVAL)
+                cancelled_at = loop.time()
+                cancelled_statement = statement
+                request = asyncio.ensure_future(_cancel_request(con))
+            await asyncio.sleep(0.005)  # the server's reply frees the protocol
+        return None
+    finally:
+        if request is not None and not request.done():
+            if freed and not con.is_closed():
+                await request
             else:
-                return None
-        statement = _pg.queries_count(con)
-        if statement != cancelled_statement:
-            interval = TAKE_BACK_CANCEL_INTERVAL
-            cancelled_at = None  # (a statement begun since the last request: one at once)
-        if cancelled_at is None or loop.time() - cancelled_at >= interval:
-            if cancelled_at is not None:
-                interval = min(interval * 2, TAKE_BACK_CANCEL_MAX_INTERVAL)
-            cancelled_at = loop.time()
-            cancelled_statement = statement
-            try:
-                await _pg.cancel_running_query(con)
-            except Exception:
-                # The request did not get through (the address refuses new
-                # connections: a restart under way, a proxy or a load
-                # balancer that stopped accepting, while this connection
-                # lives on). The statement still runs: keep waiting for it,
-                # and ask again at the next interval. Ending here would hand
-                # the connection to a close that cancels the statement
-                # inside asyncpg's protocol, under its task's await (a None
-                # result for its fetchval(), a TypeError from its execute()).
-                pass
-        await asyncio.sleep(0.005)  # the server's reply frees the protocol
-    return None
+                # (Dead, or the caller's bound ran out or it was cancelled:
+                # the connection is given up; nothing awaited then.)
+                request.cancel()
+
+
+async def _cancel_request(con: RawConnection) -> None:
+    """One cancel request of :func:`_once_free`'s for ``con``'s statement."""
+    try:
+        await _pg.cancel_running_query(con)
+    except Exception:
+        # The request did not get through (the address refuses new
+        # connections: a restart under way, a proxy or a load balancer that
+        # stopped accepting, while this connection lives on). The statement
+        # still runs: keep waiting for it, and ask again at the next
+        # interval. Ending here would hand the connection to a close that
+        # cancels the statement inside asyncpg's protocol, under its task's
+        # await (a None result for its fetchval(), a TypeError from its
+        # execute()).
+        pass
 
 
 def cancel_timeout(budget: float | None) -> float:
@@ -469,7 +495,13 @@ async def close(
     ``busy``: a statement of the released lease still runs in another task
     (the release's reset was refused): waited for first, within ``budget``
     (see :func:`statement_ended`); if it never ends, the connection is
-    aborted, as an unresponsive one.
+    aborted, as an unresponsive one. So is any call found in flight (not a
+    cancelled one, waited for below): a close with no reset first (an
+    expired generation's, as asyncpg's release makes it) meets a call still
+    running in another task. asyncpg's ``close()`` (0.32) would cancel it
+    and, closing, resolve its waiter with None if the server ended the
+    connection meanwhile: a write the server rolled back returned as done
+    (session s75).
 
     Whenever the close ends in an abort while a statement may still run
     (one was in flight when the close began, and, if asyncpg's protocol
@@ -480,7 +512,7 @@ async def close(
     statement may run (the holder's, which counts a lease's COPY too)."""
     running = not lost and in_flight(con)
     try:
-        if busy and not lost:
+        if (busy or running) and not lost and not _pg.is_cancelling(con):
             async with asyncio.timeout(budget if budget is not None else DEFAULT_RESET_TIMEOUT):
                 # (Paused between the steps of a call the holder counts, a
                 # COPY or a prepare(): asyncpg awaits nothing there.) The
