@@ -58,6 +58,7 @@ import anyio
 import asyncpg
 
 import safepool
+from safepool import _internals as _pg
 
 HANG = float(os.environ.get("ST47_HANG", "30"))  # an operation still running after this long is a hang
 
@@ -166,7 +167,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     def traced_slot_closed(slot: Any, error: Exception | None = None) -> None:
         con = slot.connection
         pid = pid_of.get(con) if con is not None else None
-        freed[pid] = (time.monotonic(), f"closed={None if con is None else con.is_closed()}",
+        freed[pid] = (time.monotonic(), f"closed={None if con is None else con.is_closed()} "
+                      f"watch={slot in pool._runner.exit_watches} peer_closed={con is not None and _pg.peer_closed(con)}",
                       " <- ".join(f"{f.name}:{f.lineno}" for f in traceback.extract_stack(limit=9)[:-1]))
         orig_slot_closed(slot, error)
 
@@ -281,7 +283,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 snap = {pid_of.get(s.connection) if s.connection is not None else None: s.state.value
                         for s in pool._state.slots()}
                 now_ = time.monotonic()
-                extra = {p: (round(now_ - freed[p][0], 4), close_info.get(p), freed[p][2]) if p in freed else "never freed"
+                extra = {p: (round(now_ - freed[p][0], 4), close_info.get(p), freed[p][1], freed[p][2]) if p in freed else "never freed"
                          for p in pids if p not in snap}
                 findings.append(f"EXTRA backends {extra}")
                 rows = await sampler_con.fetch(
