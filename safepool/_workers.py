@@ -512,7 +512,7 @@ async def close(
     statement may run (the holder's, which counts a lease's COPY too)."""
     running = not lost and in_flight(con)
     try:
-        if (busy or running) and not lost and not _pg.is_cancelling(con):
+        if (busy or (running and not _pg.is_cancelling(con))) and not lost:
             async with asyncio.timeout(budget if budget is not None else DEFAULT_RESET_TIMEOUT):
                 # (Paused between the steps of a call the holder counts, a
                 # COPY or a prepare(): asyncpg awaits nothing there.) The
