@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     selfcheck = commands.add_parser(
         "selfcheck",
-        help="open a pool on an embedded PostgreSQL and run a query",
+        help="open a pool on an embedded PostgreSQL (or the server --dsn names) and run a query",
         description=(
             "Open a safepool pool on a throwaway embedded PostgreSQL (or the server --dsn names), "
             "run a query, print the result, the pool and its statistics, and remove the server. "

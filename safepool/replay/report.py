@@ -519,7 +519,7 @@ def verdicts(summaries: list[Summary], config: ReplayConfig) -> list[str]:
         else:
             # safepool's "met" alone read as a gain where asyncpg's pool meets
             # the target too (the surge, with the same acquire timeout; restart).
-            line += f". The same target, for comparison: {'met' if met else 'missed'}"
+            line += f". Against the same target: {'met' if met else 'missed'}"
         lines.append(line + ".")
     return lines
 

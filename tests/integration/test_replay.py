@@ -720,13 +720,13 @@ def test_the_verdicts_say_whether_asyncpgs_pool_meets_the_same_target() -> None:
     runs[0].records += [RequestRecord(3.0, 3.5, 503, False)]
     summaries = [summarize(run, config) for run in runs]
     lines = verdicts(summaries, config)
-    assert lines[0].endswith(". The same target, for comparison: met.")
+    assert lines[0].endswith(". Against the same target: met.")
     assert lines[1].endswith(". Target (goodput >= 90.0% of capacity): met.")
     data = scenario_json(summaries, config, 30)
     assert data["asyncpg_target"] == {"target": "goodput >= 90.0% of capacity", "met": True}
     runs[0].records[:] = runs[0].records[:100]  # 25 req/s: under the target
     lines = verdicts([summarize(run, config) for run in runs], config)
-    assert lines[0].endswith(". The same target, for comparison: missed.")
+    assert lines[0].endswith(". Against the same target: missed.")
 
 
 @pytest.mark.asyncio
