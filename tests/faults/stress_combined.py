@@ -565,6 +565,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     else:
                         exc = call.exception()
                         kn = classify(exc)
+                        if kn is None and terminated_mid[0] and after_pool_terminate(exc):
+                            kn = "asyncpg:copy_write_after_pool_terminate"
                         if kn is None and released and (
                                 (isinstance(exc, AttributeError) and "'NoneType' object has no attribute" in str(exc)
                                  and any(f"'{name}'" in str(exc)
@@ -606,6 +608,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 writes[tag] = "committed"
         else:
             raise AssertionError(kind)
+
+    def after_pool_terminate(exc: BaseException) -> bool:
+        """A multi-step call's next step on a connection pool.terminate()
+        aborted under it: asyncpg's abort drops the protocol and its
+        transport (``Connection._abort``), and the step meets ``None`` (a
+        COPY's write or resume_reading, copy_from_query's inlining query's
+        bind_execute), as on asyncpg's pool, whose terminate() aborts alike."""
+        return isinstance(exc, AttributeError) and any(
+            f"'NoneType' object has no attribute '{name}'" in str(exc)
+            for name in ("write", "resume_reading", "pause_reading", "bind_execute", "prepare", "_init_types"))
 
     CANCELS = ("none", "none", "cancel", "cancel2", "cancel2_same", "timeout", "wait_for",
                "anyio_move_on", "anyio_fail_after", "anyio_scope_cancel")
@@ -681,8 +693,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             # release's reset is refused, on both pools (review h245,
             # test_review_h245_copy_on_error_consume.py).
             kindname = "asyncpg:release_after_unsolicited_fatal"
-        if (kindname is None and terminated_mid[0] and isinstance(exc, AttributeError)
-                and "object has no attribute 'write'" in str(exc)):
+        if kindname is None and terminated_mid[0] and after_pool_terminate(exc):
             # pool.terminate() aborted the connection under a COPY, whose
             # next write (or CopyFail) met no transport: asyncpg's pool
             # terminates its connections alike (holder.terminate()).
