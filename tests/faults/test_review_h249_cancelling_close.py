@@ -140,7 +140,7 @@ async def test_asyncpg_pool_refuses_the_queued_call(running: Cluster, admin: Any
 @pytest.mark.xfail(
     strict=True,
     reason="safepool/_workers.py:515: `not _pg.is_cancelling(con)` skips the wait for a call in flight; "
-    "_workers.py:530-537 (and 549-555) wait for the cancellation, then con.close() meets the call B "
+    "_workers.py:532-537 (and 540-555) wait for the cancellation, then con.close() meets the call B "
     "queued behind it (asyncpg's close() resolves it with None when the server ends the connection)",
 )
 @pytest.mark.parametrize("how", HOW)
