@@ -9,7 +9,7 @@ pool never calls it so (the close waits for the call: ``_workers.close``);
 asyncpg's pool does at ``max_queries`` and for an expired generation, pinned
 here. The other paths (``Pool.close()`` after a release refused, a no-op
 ``reset=`` hook then ``max_inactive_connection_lifetime``,
-``reset_mode="rollback"``, a lease timeout's take-back, a
+``reset_mode="rollback"`` and ``"auto"``, a lease timeout's take-back, a
 ``connection_class`` with its own ``close()`` and ``reset()``) call no
 close with a call in flight on either pool. The case where asyncpg is
 cancelling an earlier statement when the close comes is
@@ -67,8 +67,8 @@ async def _scenario(pg_dsn: str, monkeypatch: Any, create: Any, path: str) -> tu
         options["max_queries"] = 2
     elif path == "noop_hook_inactive":
         options.update(reset=noop, max_inactive_connection_lifetime=0.1)
-    elif path == "rollback_mode":
-        options["reset_mode"] = "rollback"
+    elif path in ("rollback_mode", "auto_mode"):
+        options["reset_mode"] = path.split("_")[0]
     elif path == "lease_timeout":
         options["lease_timeout"] = 0.2
     elif path == "connection_class":
@@ -98,8 +98,8 @@ async def _scenario(pg_dsn: str, monkeypatch: Any, create: Any, path: str) -> tu
 
 
 CLOSING_AT_ONCE = ["expired", "expired_timeout", "max_queries", "connection_class"]
-OTHERS = ["pool_close", "noop_hook_inactive", "rollback_mode", "lease_timeout"]
-SAFEPOOL_ONLY = {"rollback_mode", "lease_timeout"}
+OTHERS = ["pool_close", "noop_hook_inactive", "rollback_mode", "auto_mode", "lease_timeout"]
+SAFEPOOL_ONLY = {"rollback_mode", "auto_mode", "lease_timeout"}
 
 
 @pytest.mark.parametrize("path", CLOSING_AT_ONCE + OTHERS)
@@ -110,7 +110,7 @@ async def test_safepool_closes_no_connection_with_a_call_in_flight(pg_dsn: str, 
         assert seen, "no close"
     # The call gets its own outcome: cancelled on the server, or its result.
     assert outcome is None or isinstance(outcome, asyncpg.QueryCanceledError), outcome
-    if path in ("pool_close", "rollback_mode"):
+    if path in ("pool_close", "rollback_mode", "auto_mode"):
         assert isinstance(release, asyncpg.InterfaceError), release  # (refused reset, as asyncpg's)
     else:
         assert release is None, release
