@@ -334,34 +334,32 @@ async def _once_free(
 
     A request under way does not hold the watch: a connection that dies
     meanwhile ends the wait at once (its statement ended with it), and the
-    request is dropped; a connection whose statement ended otherwise is
-    returned only once its requests were delivered, so none can reach a
-    later statement on it."""
+    request is dropped. Nothing is sent while one is under way, so a
+    request late for a statement that ended by itself cannot reach ``send``
+    (a take-back's reset, review h249), nor a later statement."""
     loop = asyncio.get_running_loop()
     cancelled_at: float | None = None
     cancelled_statement = -1  # (asyncpg's count of statements sent, at the last request)
     interval = TAKE_BACK_CANCEL_INTERVAL
     request: asyncio.Future[None] | None = None
-    freed = False  # (send's outcome came: nothing runs on it any more)
     try:
         while not con.is_closed():
+            if request is not None and not request.done():
+                await asyncio.sleep(0.005)  # (delivered first; or the connection dies)
+                continue
             if not (_pg.in_call(con) or paused()):
                 try:
                     await send()
                 except Exception as exc:
                     if not _pg.is_busy(exc):
-                        freed = True
                         return exc
                 else:
-                    freed = True
                     return None
             statement = _pg.queries_count(con)
             if statement != cancelled_statement:
                 interval = TAKE_BACK_CANCEL_INTERVAL
                 cancelled_at = None  # (a statement begun since the last request: one at once)
-            if (cancelled_at is None or loop.time() - cancelled_at >= interval) and (
-                request is None or request.done()  # (one at a time: a stalled one is not piled on)
-            ):
+            if cancelled_at is None or loop.time() - cancelled_at >= interval:
                 if cancelled_at is not None:
                     interval = min(interval * 2, TAKE_BACK_CANCEL_MAX_INTERVAL)
                 cancelled_at = loop.time()
@@ -371,12 +369,9 @@ async def _once_free(
         return None
     finally:
         if request is not None and not request.done():
-            if freed and not con.is_closed():
-                await request
-            else:
-                # (Dead, or the caller's bound ran out or it was cancelled:
-                # the connection is given up; nothing awaited then.)
-                request.cancel()
+            # (Dead, or the caller's bound ran out or it was cancelled: the
+            # connection is given up; nothing awaited then.)
+            request.cancel()
 
 
 async def _cancel_request(con: RawConnection) -> None:
@@ -534,6 +529,7 @@ async def close(
                     await _pg.wait_for_cancellation(con)
                     if await _cancelled_after_a_reset(con, running, key):
                         return None
+                await _calls_ended(con, in_flight)
                 await con.close()
         else:
             if spent is not None and _pg.is_cancelling(con):
@@ -541,6 +537,8 @@ async def close(
                 if await _cancelled_after_a_reset(con, running, key):
                     return error
                 if error is not None:
+                    async with asyncio.timeout(CANCEL_ANSWER_GRACE):
+                        await _calls_ended(con, in_flight)
                     await con.close(timeout=CANCEL_ANSWER_GRACE)
                     return error
             if not budget > 0:
@@ -552,6 +550,12 @@ async def close(
                 await _pg.wait_for_cancellation(con, budget)
                 if await _cancelled_after_a_reset(con, running, key):
                     return None
+            async with asyncio.timeout(budget):
+                left = await _left_after(_calls_ended(con, in_flight), budget)
+            if left is not None:
+                if not left > 0:
+                    raise TimeoutError
+                budget = left
             await con.close(timeout=budget)
     except Exception as exc:
         if running and con._protocol is not None:
@@ -580,6 +584,26 @@ async def _cancelled_after_a_reset(con: RawConnection, running: bool, key: _pg.C
         return False
     await deliver_cancel(con, key, CANCEL_ANSWER_GRACE)
     return True
+
+
+async def _calls_ended(con: RawConnection, in_flight: Callable[[RawConnection], bool]) -> None:
+    """Until no call runs on ``con`` (``in_flight``: the holder's reading,
+    a COPY between its steps included), right before asyncpg's ``close()``:
+    each as :func:`statement_ended` waits for one, looked at again after
+    each, since a call queued behind asyncpg's cancellation of an earlier
+    one, or begun while a cancel request was on its way, goes on once that
+    one ends (review h249). asyncpg's ``close()`` (0.32) would cancel such
+    a call and, closing, resolve it with None if the server ended the
+    connection meanwhile: a write the server rolled back returned as done
+    (session s75). Nothing is awaited between the last look and the close's
+    first step, which marks the protocol closing: a call after it is
+    refused, as on asyncpg's pool. The caller bounds the wait."""
+    while not con.is_closed() and in_flight(con):
+        if _pg.is_cancelling(con):
+            await _pg.wait_for_cancellation(con)
+            await asyncio.sleep(0)  # (the calls queued behind it take their step first)
+        else:
+            await statement_ended(con, lambda: in_flight(con) and not _pg.statement_in_flight(con))
 
 
 async def statement_ended(con: RawConnection, paused: Callable[[], bool] = lambda: False) -> None:

@@ -15,7 +15,10 @@ refused (``InterfaceError``: the connection is closed).
 Deterministic: a proxy relays the first cancel request at once but the
 server's end of it 0.5 s late (the request's socket closes late: a slow
 network back), and stalls every later new connection (the cancel request
-of asyncpg's ``close()``), until the test terminates the backend."""
+of asyncpg's ``close()``), until the test terminates the backend.
+
+Fixed in s75: the close looks for calls of the lease again right before asyncpg's close() (_workers._calls_ended).
+"""
 
 from __future__ import annotations
 
@@ -121,12 +124,6 @@ async def test_asyncpg_pool_refuses_the_late_call(running: Cluster, admin: Any, 
     assert isinstance(second, asyncpg.InterfaceError) and "closed" in str(second), second
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool/_workers.py:373-375: once the statement ended, _once_free awaits its cancel request still "
-    "on its way; a call of the lease begun meanwhile is not looked for again, and _workers.py:537 "
-    "(con.close()) meets it: resolved with None when the server ends the connection",
-)
 async def test_a_call_begun_during_the_wait_is_not_reported_done(
     running: Cluster, admin: Any, app_name: str
 ) -> None:

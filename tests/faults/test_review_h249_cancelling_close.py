@@ -24,6 +24,8 @@ INSERT reported done, nothing committed (session s75's kind).
 Deterministic: the proxy holds A's cancel request until the release has
 begun (so the close finds the cancellation under way), and stalls every
 later new connection (B's cancel request from ``close()``).
+
+Fixed in s75: after asyncpg's cancellation the close looks for calls of the lease again before asyncpg's close() (_workers._calls_ended).
 """
 
 from __future__ import annotations
@@ -137,12 +139,6 @@ async def test_asyncpg_pool_refuses_the_queued_call(running: Cluster, admin: Any
     assert isinstance(outcome, asyncpg.InterfaceError) and "closed" in str(outcome), outcome
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool/_workers.py:515: `not _pg.is_cancelling(con)` skips the wait for a call in flight; "
-    "_workers.py:532-537 (and 540-555) wait for the cancellation, then con.close() meets the call B "
-    "queued behind it (asyncpg's close() resolves it with None when the server ends the connection)",
-)
 @pytest.mark.parametrize("how", HOW)
 async def test_call_queued_behind_a_cancellation_is_not_reported_done(
     running: Cluster, admin: Any, app_name: str, how: str

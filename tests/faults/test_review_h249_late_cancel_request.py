@@ -17,7 +17,10 @@ it hands the connection on, so the next lease's statement is never
 cancelled by it.
 
 Deterministic: a proxy delays every new connection after the pool's by
-0.4 s."""
+0.4 s.
+
+Fixed in s75: _once_free sends nothing while its cancel request is on its way.
+"""
 
 from __future__ import annotations
 
@@ -80,13 +83,6 @@ async def test_the_next_lease_is_not_cancelled(running: Cluster, app_name: str, 
     assert next_pid == pid  # (taken back, handed on)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="safepool/_workers.py:347-350: _once_free retries send() (the take-back's reset) every 5 ms while "
-    "its background cancel request (_workers.py:369) is still on its way; the late request cancels the reset "
-    "hook, and the taken-back connection is closed instead of handed on (before s75 the request was awaited "
-    "before the next try)",
-)
 async def test_a_late_cancel_request_does_not_cancel_the_take_backs_reset(
     running: Cluster, app_name: str, caplog: Any
 ) -> None:
