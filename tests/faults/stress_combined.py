@@ -208,6 +208,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     examples: dict[str, str] = {}  # an outcome kind -> its first traceback (--examples)
     chaos: Counter[str] = Counter()
     writes: dict[str, str] = {}  # tag -> ok / committed_then_error:<kind> / failed / ambiguous
+    lease_ops: dict[int, tuple[int, str, dict[str, Any]]] = {}  # lease id -> the op that acquired it (for a hang)
     write_pid: dict[str, Any] = {}  # tag -> the backend that wrote it (for a finding, to read in the server's log)
     max_server = 0
     server_samples = 0
@@ -470,6 +471,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 con = await pool.acquire(lease_timeout=state["lt"])
             else:
                 con = await (pool.acquire() if acq_timeout is None else pool.acquire(timeout=acq_timeout))
+            lease_ops[con._lease.id] = (opid, kind, state)
             try:
                 await lease_work(con, r, opid, state)
                 state["stage"] = "release"
@@ -481,6 +483,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     await pool.release(con, timeout=rt)
         elif kind == "other_release":
             con = await (pool.acquire() if acq_timeout is None else pool.acquire(timeout=acq_timeout))
+            lease_ops[con._lease.id] = (opid, kind, state)
             try:
                 await lease_work(con, r, opid, state)
                 state["stage"] = "release"
@@ -512,6 +515,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             # this task (another one) while the call runs, as asyncpg's pool
             # allows: the call's error is the caller's own business (typed).
             con = await (pool.acquire() if acq_timeout is None else pool.acquire(timeout=acq_timeout))
+            lease_ops[con._lease.id] = (opid, kind, state)
             released = False
             call: asyncio.Task[Any] | None = None
             try:
@@ -552,47 +556,59 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         raise
                     outcomes[f"mid_release:release_refused_running(asyncpg):counted={bool(counted)}"] += 1
             finally:
-                if call is not None:
+                try:
+                    if call is not None:
+                        if not released:
+                            call.cancel()
+                        done_, _ = await asyncio.wait({call}, timeout=HANG)
+                        if not done_:
+                            findings.append(f"HANG: op {opid}'s call after a release by another task")
+                        elif call.cancelled():
+                            outcomes["mid:cancelled"] += 1
+                        elif call.exception() is None:
+                            outcomes["mid:ok"] += 1
+                        else:
+                            exc = call.exception()
+                            kn = classify(exc)
+                            if kn is None and terminated_mid[0] and after_pool_terminate(exc):
+                                kn = "asyncpg:copy_write_after_pool_terminate"
+                            if kn is None and released and (
+                                    (isinstance(exc, AttributeError) and "'NoneType' object has no attribute" in str(exc)
+                                     and any(f"'{name}'" in str(exc)
+                                             for name in ("write", "resume_reading", "pause_reading", "_init_types")))
+                                    or (isinstance(exc, RuntimeError) and "the handler is closed" in str(exc))):
+                                # A call whose lease this task released: the
+                                # refused reset gave the connection up, and the
+                                # COPY's next chunk met no transport (uvloop: a
+                                # closed one), or a prepare no protocol. The same
+                                # on asyncpg's pool, which terminates at once
+                                # (test_review_s74_copy_released.py).
+                                kn = "asyncpg:copy_write_after_release"
+                            if kn is None:
+                                findings.append(f"untyped error in op {opid}'s call released mid-way: "
+                                                f"{''.join(traceback.format_exception(exc))[-1500:]}")
+                                kn = "UNTYPED:" + type(exc).__name__
+                            outcomes[f"mid:{state.get('ms')}:{kn}"] += 1
+                            examples.setdefault(f"mid:{state.get('ms')}:{kn}", "".join(traceback.format_exception(exc))[-1200:])
+                            if not released:  # (cancelled by this task: its lease not released yet)
+                                if kn in ("iface:another_operation", "server:25P01"):
+                                    findings.append(f"another operation in op {opid}'s call, not released: {exc!r}")
+                finally:
+                    # (Even when this task is cancelled again while it waits
+                    # for the call: anyio's scopes cancel at every await. A
+                    # lease lost here was the tool's, and one whose call left
+                    # a listener is never reclaimed, by design.)
                     if not released:
-                        call.cancel()
-                    done_, _ = await asyncio.wait({call}, timeout=HANG)
-                    if not done_:
-                        findings.append(f"HANG: op {opid}'s call after a release by another task")
-                    elif call.cancelled():
-                        outcomes["mid:cancelled"] += 1
-                    elif call.exception() is None:
-                        outcomes["mid:ok"] += 1
-                    else:
-                        exc = call.exception()
-                        kn = classify(exc)
-                        if kn is None and terminated_mid[0] and after_pool_terminate(exc):
-                            kn = "asyncpg:copy_write_after_pool_terminate"
-                        if kn is None and released and (
-                                (isinstance(exc, AttributeError) and "'NoneType' object has no attribute" in str(exc)
-                                 and any(f"'{name}'" in str(exc)
-                                         for name in ("write", "resume_reading", "pause_reading", "_init_types")))
-                                or (isinstance(exc, RuntimeError) and "the handler is closed" in str(exc))):
-                            # A call whose lease this task released: the
-                            # refused reset gave the connection up, and the
-                            # COPY's next chunk met no transport (uvloop: a
-                            # closed one), or a prepare no protocol. The same
-                            # on asyncpg's pool, which terminates at once
-                            # (test_review_s74_copy_released.py).
-                            kn = "asyncpg:copy_write_after_release"
-                        if kn is None:
-                            findings.append(f"untyped error in op {opid}'s call released mid-way: "
-                                            f"{''.join(traceback.format_exception(exc))[-1500:]}")
-                            kn = "UNTYPED:" + type(exc).__name__
-                        outcomes[f"mid:{state.get('ms')}:{kn}"] += 1
-                        examples.setdefault(f"mid:{state.get('ms')}:{kn}", "".join(traceback.format_exception(exc))[-1200:])
-                        if not released:  # (cancelled by this task: its lease not released yet)
-                            if kn in ("iface:another_operation", "server:25P01"):
-                                findings.append(f"another operation in op {opid}'s call, not released: {exc!r}")
-                if not released:
-                    await pool.release(con)
+                        try:
+                            await pool.release(con)
+                        except asyncpg.InterfaceError as exc:
+                            if "another operation is in progress" not in str(exc):
+                                raise
+                            outcomes["mid_release:release_refused_running(asyncpg):cancelled_wait"] += 1
         elif kind == "ctx":
             ctx = pool.acquire() if acq_timeout is None else pool.acquire(timeout=acq_timeout)
             async with ctx as con:
+                lease_ops[con._lease.id] = (opid, kind, state)
                 await lease_work(con, r, opid, state)
                 state["stage"] = "release"
         elif kind == "shortcut":
@@ -774,13 +790,30 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         out = [repr(pool), f"phase={pool._state.phase} size={pool._state.size}"]
         out += [f"slot {slot!r} con_closed={None if slot.connection is None else slot.connection.is_closed()}"
                 for slot in pool._state.slots()]
-        out += [f"lease {lease.id} state={lease.state} slot={lease.slot!r} age={pool._now() - lease.acquired_at:.2f}"
+        out += [f"lease {lease.id} state={lease.state} slot={lease.slot!r} age={pool._now() - lease.acquired_at:.2f} "
+                f"op={lease_ops.get(lease.id, ('?',))[0]} kind={lease_ops.get(lease.id, ('?', '?'))[1]} "
+                f"op_state={ {k: v for k, v in lease_ops.get(lease.id, (0, 0, {}))[2].items() if k != 'tags'} }"
                 for lease in pool._state.leases()]
         out += [f"  proxy {ref!r:.80} referrers: {referrers(ref)}"
                 for lease in pool._state.leases() for ref in gc.get_referrers(lease)
                 if type(ref).__name__.endswith("Proxy")]
-        out += [f"task {t.get_name()} {t.get_coro()!r} done={t.done()}: "
-                + " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in t.get_stack(limit=20))
+        def awaiting(t: asyncio.Task[Any]) -> str:
+            """The task's await chain, outermost first, down to what it waits on."""
+            parts = []
+            obj: Any = t.get_coro()
+            for _ in range(30):
+                frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+                if frame is None:
+                    parts.append(f"{obj!r:.160}")
+                    break
+                parts.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+                nxt = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+                if nxt is None:
+                    break
+                obj = nxt
+            return " -> ".join(parts)
+
+        out += [f"task {t.get_name()} {t.get_coro()!r} done={t.done()}: {awaiting(t)}"
                 for t in list(pool._runner.tasks)]
         return "\n".join(out)
 
