@@ -394,3 +394,12 @@ async def reset_mode_pools(pg_dsn: str, server_settings: dict[str, str]) -> Asyn
     for pool in pools:
         pool._state.check_invariants()
         await asyncio.wait_for(pool.close(), 10)
+
+
+async def outcome_of(awaitable: Awaitable[Any], timeout: float = 10.0) -> Any:
+    """What ``awaitable`` returned or raised (an Exception, returned), within
+    ``timeout`` seconds (a TimeoutError then)."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except Exception as error:  # noqa: BLE001
+        return error

@@ -24,6 +24,14 @@ import struct
 from collections.abc import AsyncIterator
 
 
+async def swallow(reader: asyncio.StreamReader) -> None:
+    """Read and drop what the client sends until it closes (a connection
+    accepted and never answered: a stalled cancel request)."""
+    with contextlib.suppress(OSError, asyncio.CancelledError):
+        while await reader.read(65536):
+            pass
+
+
 class _Pair:
     def __init__(self, client: asyncio.StreamWriter) -> None:
         self.client = client

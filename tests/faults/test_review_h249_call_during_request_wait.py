@@ -23,7 +23,6 @@ Fixed in s75: the close looks for calls of the lease again right before asyncpg'
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import asyncpg
@@ -32,7 +31,7 @@ import pytest
 import safepool
 
 from ._pg import Cluster
-from ._proxy import FaultProxy, _Pair
+from ._proxy import FaultProxy, _Pair, swallow
 from .test_review_s75_close_meets_call import SLOW_TABLE
 
 pytestmark = [pytest.mark.asyncio]
@@ -53,9 +52,7 @@ class LateEndProxy(FaultProxy):
         if self.count >= 3:
             self._held.append(writer)
             self.stalled.set()
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while await reader.read(65536):
-                    pass
+            await swallow(reader)
             return
         await super()._handle(reader, writer)
 

@@ -31,16 +31,16 @@ Fixed in s75: after asyncpg's cancellation the close looks for calls of the leas
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import asyncpg
 import pytest
 
 import safepool
+from tests._util import outcome_of
 
 from ._pg import Cluster
-from ._proxy import FaultProxy
+from ._proxy import FaultProxy, swallow
 from .test_review_s75_close_meets_call import SLOW_TABLE
 
 pytestmark = [pytest.mark.asyncio]
@@ -68,9 +68,7 @@ class GatedProxy(FaultProxy):
         if n >= 3:
             self._writers.append(writer)
             self.stalled.set()
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while await reader.read(65536):
-                    pass
+            await swallow(reader)
             return
         await super()._handle(reader, writer)
 
@@ -115,11 +113,7 @@ async def _scenario(
             if proxy.stalled.is_set() and not write.done():
                 stalled = True
                 assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
-            outcome: Any
-            try:
-                outcome = await asyncio.wait_for(write, 10)
-            except Exception as error:  # noqa: BLE001
-                outcome = error
+            outcome = await outcome_of(write)
             await asyncio.wait({release}, timeout=10)
         finally:
             pool.terminate()

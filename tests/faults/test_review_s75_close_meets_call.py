@@ -33,7 +33,6 @@ is held in the window) until the test terminates the backend.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,9 +40,10 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import outcome_of
 
 from ._pg import Cluster
-from ._proxy import FaultProxy
+from ._proxy import FaultProxy, swallow
 
 pytestmark = [pytest.mark.asyncio]
 
@@ -68,9 +68,7 @@ class StallingProxy(FaultProxy):
             return
         self._held.append(writer)
         self.stalled.set()
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while await reader.read(65536):
-                pass
+        await swallow(reader)
 
     async def close(self) -> None:
         for writer in self._held:
@@ -136,11 +134,7 @@ async def _expired_release_meets_a_dying_call(
             release = asyncio.create_task(pool.release(con))
             await asyncio.wait_for(proxy.stalled.wait(), 10)  # a cancel request is under way
             assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
-            outcome: Any
-            try:
-                outcome = await asyncio.wait_for(write, 10)
-            except Exception as error:  # noqa: BLE001
-                outcome = error
+            outcome = await outcome_of(write)
             done, _ = await asyncio.wait({release}, timeout=10)
             assert done, "the release hangs"
             release_error = release.exception()
