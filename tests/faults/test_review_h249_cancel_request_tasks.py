@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import safepool
+from tests._util import until_in_pg_sleep
 
 from ._pg import Cluster
 from .test_review_s75_close_meets_call import StallingProxy
@@ -48,7 +49,7 @@ async def test_no_task_left_behind(running: Cluster, app_name: str, end: str) ->
                 try:
                     con = await pool.acquire()
                     call = asyncio.ensure_future(con.fetchval("SELECT pg_sleep(1)"))
-                    await asyncio.sleep(0.2)
+                    await until_in_pg_sleep(running.admin_dsn, con.get_server_pid())
                     proxy.stall = True
                     await pool.expire_connections()
                     release = asyncio.ensure_future(pool.release(con, timeout=0.5 if end == "budget" else None))

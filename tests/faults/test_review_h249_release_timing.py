@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import until_in_pg_sleep
 
 from ._pg import Cluster
 
@@ -33,7 +34,7 @@ async def _median_release(create_pool: Any, cluster: Cluster, app_name: str) -> 
             con = await pool.acquire()
             await con.fetchval("SELECT 1")
             call = asyncio.ensure_future(con.fetchval("SELECT pg_sleep(4)"))
-            await asyncio.sleep(0.05)
+            await until_in_pg_sleep(cluster.admin_dsn, con.get_server_pid())
             await pool.expire_connections()
             started = time.monotonic()
             await asyncio.wait_for(pool.release(con), 10)

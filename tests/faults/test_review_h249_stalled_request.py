@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import until_in_pg_sleep
 
 from ._pg import Cluster
 from .test_review_s75_close_meets_call import StallingProxy
@@ -39,7 +40,7 @@ async def test_stalled_cancel_request_holds_the_release_for_its_budget(
         try:
             con = await pool.acquire()
             call = asyncio.ensure_future(con.fetchval("SELECT 'done' FROM pg_sleep(0.3)"))
-            await asyncio.sleep(0.05)
+            await until_in_pg_sleep(running.admin_dsn, con.get_server_pid())
             proxy.stall = True
             await pool.expire_connections()
             started = time.monotonic()

@@ -25,6 +25,7 @@ import pytest
 
 import safepool
 from safepool import _internals
+from tests._util import outcome_of
 
 pytestmark = pytest.mark.asyncio
 
@@ -37,27 +38,24 @@ class OwnClose(asyncpg.Connection):  # type: ignore[misc]
         await super().reset(timeout=timeout)
 
 
-def _record_closes(monkeypatch: Any) -> list[bool]:
+def _record_closes(monkeypatch: Any, admin: Any) -> list[bool]:
+    """Whether a call was in flight at each ``Connection.close()`` (but
+    ``admin``'s, the test's own)."""
     seen: list[bool] = []
     close = asyncpg.Connection.close
 
     async def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append(_internals.statement_in_flight(self))
+        if self is not admin:
+            seen.append(_internals.statement_in_flight(self))
         return await close(self, *args, **kwargs)
 
     monkeypatch.setattr(asyncpg.Connection, "close", recording)
     return seen
 
 
-async def _ended(task: Any) -> Any:
-    try:
-        return await asyncio.wait_for(task, 10)
-    except Exception as error:  # noqa: BLE001
-        return error
-
-
 async def _scenario(pg_dsn: str, monkeypatch: Any, create: Any, path: str) -> tuple[list[bool], Any, Any]:
-    seen = _record_closes(monkeypatch)
+    admin = await asyncpg.connect(pg_dsn)
+    seen = _record_closes(monkeypatch, admin)
     options: dict[str, Any] = {}
 
     async def noop(con: Any) -> None:
@@ -78,23 +76,31 @@ async def _scenario(pg_dsn: str, monkeypatch: Any, create: Any, path: str) -> tu
         con = await pool.acquire()
         await con.fetchval("SELECT 1")
         call = asyncio.ensure_future(con.fetchval("SELECT pg_sleep(0.5)"))
-        await asyncio.sleep(0.1)
+        await _in_pg_sleep(admin, con.get_server_pid())
         if path in ("expired", "expired_timeout", "connection_class"):
             await pool.expire_connections()
         release: Any = None
         if path == "lease_timeout":
             await asyncio.sleep(0.3)
         else:
-            release = await _ended(pool.release(con, timeout=0.05 if path == "expired_timeout" else None))
+            release = await outcome_of(pool.release(con, timeout=0.05 if path == "expired_timeout" else None))
         if path == "pool_close":
             await asyncio.wait_for(pool.close(), 10)
         if path == "noop_hook_inactive":
             await asyncio.sleep(0.6)
             assert pool.get_size() == 0
-        outcome = await _ended(call)
+        outcome = await outcome_of(call)
     finally:
         pool.terminate()
+        await admin.close()
     return seen, release, outcome
+
+
+async def _in_pg_sleep(admin: Any, pid: int) -> None:
+    """Until backend ``pid`` runs its ``pg_sleep`` (polled on ``admin``)."""
+    async with asyncio.timeout(5):
+        while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
+            await asyncio.sleep(0.005)
 
 
 CLOSING_AT_ONCE = ["expired", "expired_timeout", "max_queries", "connection_class"]
