@@ -84,14 +84,18 @@ def own_socket_rows(port: int) -> list[tuple[int, str]]:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    rows = []
+    rows: dict[str, tuple[int, str]] = {}
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             parts = line.split()
             local, remote, state, inode = parts[1], parts[2], parts[3], parts[9]
             if inode in inodes and int(remote.split(":")[1], 16) == port and state in ("01", "08"):
-                rows.append((int(local.split(":")[1], 16), state))
-    return rows
+                # (By inode: /proc/net/tcp is read in pieces, not as one
+                # snapshot, and a socket can be listed twice while the
+                # kernel's table changes under the read: CI once counted
+                # one socket twice, a fourth "connection" of max_size 3.)
+                rows[inode] = (int(local.split(":")[1], 16), state)
+    return list(rows.values())
 
 
 def typed(exc: BaseException) -> bool:
