@@ -73,11 +73,23 @@ async def until_in_pg_sleep(pg_dsn: str, pid: int, timeout: float = 5.0) -> None
 
     admin = await asyncpg.connect(pg_dsn)
     try:
-        async with asyncio.timeout(timeout):
-            while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
-                await asyncio.sleep(0.005)
+        await in_pg_sleep_on(admin, pid, timeout)
     finally:
         await admin.close()
+
+
+async def in_pg_sleep_on(
+    admin: Any, pid: int, timeout: float = 10.0, call: asyncio.Future[Any] | None = None
+) -> None:
+    """:func:`until_in_pg_sleep`, polled on the open connection ``admin``.
+    ``call``: the task running the statement; if it ends first, its error
+    is raised (else AssertionError): it never reached the sleep."""
+    async with asyncio.timeout(timeout):
+        while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
+            if call is not None and call.done():
+                call.result()
+                raise AssertionError("the call ended before it reached its pg_sleep")
+            await asyncio.sleep(0.005)
 
 
 # The pytest.ini of the inner suites the plugin's tests run with pytester.

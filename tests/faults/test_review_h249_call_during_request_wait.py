@@ -29,6 +29,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import in_pg_sleep_on
 
 from ._pg import Cluster
 from ._proxy import FaultProxy, _Pair, swallow
@@ -87,11 +88,7 @@ async def _scenario(create_pool: Any, cluster: Cluster, admin: Any, app_name: st
             con = await pool.acquire()
             pid = con.get_server_pid()
             first = asyncio.ensure_future(con.fetchval("SELECT pg_sleep(30)"))
-            async with asyncio.timeout(10):
-                while not await admin.fetchval(
-                    "SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = $1", pid
-                ):
-                    await asyncio.sleep(0.01)
+            await in_pg_sleep_on(admin, pid)
             second = asyncio.ensure_future(con.execute(f"INSERT INTO s75_writes VALUES ('{tag}')"))
             await asyncio.sleep(0)
             await pool.expire_connections()

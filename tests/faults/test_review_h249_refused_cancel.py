@@ -27,6 +27,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import in_pg_sleep_on
 
 from ._pg import Cluster
 from ._proxy import FaultProxy
@@ -58,11 +59,7 @@ async def _release_with_cancels_refused(
             con = await pool.acquire()
             pid = con.get_server_pid()
             write = asyncio.create_task(con.execute(f"INSERT INTO h249_writes VALUES ('{tag}')"))
-            async with asyncio.timeout(10):
-                while not await admin.fetchval(
-                    "SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = $1", pid
-                ):
-                    await asyncio.sleep(0.01)
+            await in_pg_sleep_on(admin, pid)
             await pool.expire_connections()
             release_error: BaseException | None = None
             async with proxy.refusing_new_connections():

@@ -40,7 +40,7 @@ import asyncpg
 import pytest
 
 import safepool
-from tests._util import outcome_of
+from tests._util import in_pg_sleep_on, outcome_of
 
 from ._pg import Cluster
 from ._proxy import FaultProxy, swallow
@@ -99,17 +99,6 @@ CALLS: dict[str, Call] = {
 }
 
 
-async def _sleeping_in_the_trigger(admin: Any, pid: int, write: asyncio.Task[Any]) -> None:
-    """Until the write's backend sleeps in the table's trigger (polled: the
-    server's view; the write failing first fails the test)."""
-    async with asyncio.timeout(10):
-        while not await admin.fetchval("SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = $1", pid):
-            if write.done():
-                write.result()
-                pytest.fail("the write ended before it reached the trigger")
-            await asyncio.sleep(0.01)
-
-
 async def _expired_release_meets_a_dying_call(
     create_pool: Any, cluster: Cluster, admin: Any, app_name: str, call: str
 ) -> tuple[Any, BaseException | None, int]:
@@ -128,7 +117,7 @@ async def _expired_release_meets_a_dying_call(
             con = await pool.acquire()
             pid = con.get_server_pid()
             write = asyncio.create_task(CALLS[call](con, tag))
-            await _sleeping_in_the_trigger(admin, pid, write)
+            await in_pg_sleep_on(admin, pid, call=write)
             proxy.stall = True
             await pool.expire_connections()
             release = asyncio.create_task(pool.release(con))
@@ -198,7 +187,7 @@ async def test_an_expired_lease_released_during_a_write_lets_it_finish_or_cancel
             con = await pool.acquire()
             pid = con.get_server_pid()
             write = asyncio.create_task(con.execute("INSERT INTO s75_writes VALUES ('plain')"))
-            await _sleeping_in_the_trigger(admin, pid, write)
+            await in_pg_sleep_on(admin, pid, call=write)
             await pool.expire_connections()
             await asyncio.wait_for(pool.release(con), 10)
             with pytest.raises(asyncpg.QueryCanceledError):

@@ -25,7 +25,7 @@ import pytest
 
 import safepool
 from safepool import _internals
-from tests._util import outcome_of
+from tests._util import in_pg_sleep_on, outcome_of
 
 pytestmark = pytest.mark.asyncio
 
@@ -76,7 +76,7 @@ async def _scenario(pg_dsn: str, monkeypatch: Any, create: Any, path: str) -> tu
         con = await pool.acquire()
         await con.fetchval("SELECT 1")
         call = asyncio.ensure_future(con.fetchval("SELECT pg_sleep(0.5)"))
-        await _in_pg_sleep(admin, con.get_server_pid())
+        await in_pg_sleep_on(admin, con.get_server_pid(), timeout=5)
         if path in ("expired", "expired_timeout", "connection_class"):
             await pool.expire_connections()
         release: Any = None
@@ -94,13 +94,6 @@ async def _scenario(pg_dsn: str, monkeypatch: Any, create: Any, path: str) -> tu
         pool.terminate()
         await admin.close()
     return seen, release, outcome
-
-
-async def _in_pg_sleep(admin: Any, pid: int) -> None:
-    """Until backend ``pid`` runs its ``pg_sleep`` (polled on ``admin``)."""
-    async with asyncio.timeout(5):
-        while await admin.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid) != "PgSleep":
-            await asyncio.sleep(0.005)
 
 
 CLOSING_AT_ONCE = ["expired", "expired_timeout", "max_queries", "connection_class"]
