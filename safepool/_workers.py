@@ -490,13 +490,13 @@ async def close(
     ``busy``: a statement of the released lease still runs in another task
     (the release's reset was refused): waited for first, within ``budget``
     (see :func:`statement_ended`); if it never ends, the connection is
-    aborted, as an unresponsive one. So is any call found in flight (not a
-    cancelled one, waited for below): a close with no reset first (an
-    expired generation's, as asyncpg's release makes it) meets a call still
-    running in another task. asyncpg's ``close()`` (0.32) would cancel it
-    and, closing, resolve its waiter with None if the server ended the
-    connection meanwhile: a write the server rolled back returned as done
-    (session s75).
+    aborted, as an unresponsive one. Any call found in flight right before
+    asyncpg's ``close()`` is waited for there too (:func:`_calls_ended`): a
+    close with no reset first (an expired generation's, as asyncpg's
+    release makes it) meets a call still running in another task, which
+    asyncpg's ``close()`` (0.32) would cancel and, closing, resolve with
+    None if the server ended the connection meanwhile: a write the server
+    rolled back returned as done (session s75).
 
     Whenever the close ends in an abort while a statement may still run
     (one was in flight when the close began, and, if asyncpg's protocol
@@ -507,15 +507,13 @@ async def close(
     statement may run (the holder's, which counts a lease's COPY too)."""
     running = not lost and in_flight(con)
     try:
-        if (busy or (running and not _pg.is_cancelling(con))) and not lost:
+        if busy and not lost:
             async with asyncio.timeout(budget if budget is not None else DEFAULT_RESET_TIMEOUT):
                 # (Paused between the steps of a call the holder counts, a
                 # COPY or a prepare(): asyncpg awaits nothing there.) The
                 # close gets what that wait left: the release is bounded by
                 # its budget as a whole, not once per step (review h246).
-                budget = await _left_after(
-                    statement_ended(con, lambda: in_flight(con) and not _pg.statement_in_flight(con)), budget
-                )
+                budget = await _left_after(statement_ended(con, _between_steps(con, in_flight)), budget)
         if lost:
             async with asyncio.timeout(cancel_timeout(budget)):
                 await _pg.cancel_running_query(con, key)
@@ -603,7 +601,14 @@ async def _calls_ended(con: RawConnection, in_flight: Callable[[RawConnection], 
             await _pg.wait_for_cancellation(con)
             await asyncio.sleep(0)  # (the calls queued behind it take their step first)
         else:
-            await statement_ended(con, lambda: in_flight(con) and not _pg.statement_in_flight(con))
+            await statement_ended(con, _between_steps(con, in_flight))
+
+
+def _between_steps(con: RawConnection, in_flight: Callable[[RawConnection], bool]) -> Callable[[], bool]:
+    """:func:`statement_ended`'s ``paused``: a call the holder counts (a COPY,
+    a prepare()) runs on ``con`` with no request of asyncpg's awaiting an
+    answer, between two of its steps, where asyncpg awaits nothing."""
+    return lambda: in_flight(con) and not _pg.statement_in_flight(con)
 
 
 async def statement_ended(con: RawConnection, paused: Callable[[], bool] = lambda: False) -> None:
