@@ -25,7 +25,7 @@ import pytest
 
 import safepool
 from safepool import _internals
-from tests._util import in_pg_sleep_on, outcome_of
+from tests._util import in_pg_sleep_on, outcome_of, skip_before_asyncpg
 
 pytestmark = pytest.mark.asyncio
 
@@ -119,6 +119,8 @@ async def test_safepool_closes_no_connection_with_a_call_in_flight(pg_dsn: str, 
 async def test_asyncpg_pool(pg_dsn: str, monkeypatch: Any, path: str) -> None:
     """asyncpg's pool, pinned: its releases that close at once (expired
     generation, max_queries) close with the call in flight."""
+    if path == "noop_hook_inactive":
+        skip_before_asyncpg((0, 30), "create_pool(reset=)")
     seen, _release, _outcome = await _scenario(pg_dsn, monkeypatch, asyncpg.create_pool, path)
     if path in CLOSING_AT_ONCE:
         assert seen == [True], seen
