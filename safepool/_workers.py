@@ -317,7 +317,8 @@ async def take_back(
 
 
 async def _once_free(
-    con: RawConnection, send: Callable[[], Awaitable[None]], paused: Callable[[], bool] = lambda: False
+    con: RawConnection, send: Callable[[], Awaitable[None]], paused: Callable[[], bool] = lambda: False,
+    *, probe: bool = False,
 ) -> Exception | None:
     """Run ``send`` once asyncpg's protocol takes it: while it is refused at
     once (``_internals.is_busy``: a statement still runs), send the server a
@@ -334,9 +335,15 @@ async def _once_free(
 
     A request under way does not hold the watch: a connection that dies
     meanwhile ends the wait at once (its statement ended with it), and the
-    request is dropped. Nothing is sent while one is under way, so a
-    request late for a statement that ended by itself cannot reach ``send``
-    (a take-back's reset, review h249), nor a later statement."""
+    request is dropped. No second request is sent while one is under way.
+    Nor is ``send``, so that a request late for a statement that ended by
+    itself cannot reach it (a take-back's reset, review h249), unless
+    ``probe``: ``send`` only tells that nothing runs any more (a close's
+    empty query, :func:`statement_ended`), and a late request meeting it
+    says the same. A request that never gets through (new connections
+    accepted and never relayed) then does not hold a close past the
+    statement's end (review h249's stalled request held it for the whole
+    budget)."""
     loop = asyncio.get_running_loop()
     cancelled_at: float | None = None
     cancelled_statement = -1  # (asyncpg's count of statements sent, at the last request)
@@ -344,7 +351,8 @@ async def _once_free(
     request: asyncio.Future[None] | None = None
     try:
         while not con.is_closed():
-            if request is not None and not request.done():
+            requesting = request is not None and not request.done()
+            if requesting and not probe:
                 await asyncio.sleep(0.005)  # (delivered first; or the connection dies)
                 continue
             if not (_pg.in_call(con) or paused()):
@@ -359,7 +367,7 @@ async def _once_free(
             if statement != cancelled_statement:
                 interval = TAKE_BACK_CANCEL_INTERVAL
                 cancelled_at = None  # (a statement begun since the last request: one at once)
-            if cancelled_at is None or loop.time() - cancelled_at >= interval:
+            if not requesting and (cancelled_at is None or loop.time() - cancelled_at >= interval):
                 if cancelled_at is not None:
                     interval = min(interval * 2, TAKE_BACK_CANCEL_MAX_INTERVAL)
                 cancelled_at = loop.time()
@@ -635,7 +643,7 @@ async def statement_ended(con: RawConnection, paused: Callable[[], bool] = lambd
     caller bounds the wait. (An error of the empty query's own, a cancel
     request late for the statement meeting it, says the same: nothing
     runs.)"""
-    await _once_free(con, lambda: _pg.empty_query(con), paused)
+    await _once_free(con, lambda: _pg.empty_query(con), paused, probe=True)
 
 
 async def _cancel_answered_within(
