@@ -39,9 +39,17 @@ pytestmark = pytest.mark.asyncio
 
 class EmptyReset(asyncpg.Connection):  # type: ignore[misc]
     """No reset statement at all: a release ends its reset in the releasing
-    task (no round trip)."""
+    task (no round trip).
+
+    asyncpg 0.29 names the method ``_get_reset_query()`` (0.30 made it
+    public): with only ``get_reset_query()`` overridden, asyncpg 0.29 and
+    safepool on it (``_internals.reset_query_getter``) run asyncpg's own
+    reset query, a round trip, and none of the races below is reached."""
 
     def get_reset_query(self) -> str:
+        return ""
+
+    def _get_reset_query(self) -> str:  # asyncpg < 0.30
         return ""
 
 
@@ -49,6 +57,13 @@ class CountedReset(asyncpg.Connection):  # type: ignore[misc]
     """A reset query of its own, which records that it ran."""
 
     def get_reset_query(self) -> str:
+        return "RESET ALL"
+
+    # asyncpg < 0.30 (see EmptyReset). Without it, on 0.29 the class has no
+    # reset query of its own for safepool (_internals.overrides_reset_query)
+    # and reset_mode="rollback" sends only a ROLLBACK: a SET survives the
+    # lease, as documented for that mode (docs/migration.md).
+    def _get_reset_query(self) -> str:
         return "RESET ALL"
 
 
