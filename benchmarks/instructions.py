@@ -74,7 +74,9 @@ async def _run(dsn: str, workload: str, leases: int) -> None:
     one: Callable[[], Awaitable[None]]
     if workload in ("floor", "raw"):
         pool = con = await asyncpg.connect(dsn)  # (closed as a pool is)
-        reset = con.get_reset_query()  # (the floor's reset, as benchmark 2's RawConnection sends it)
+        # (the floor's reset, as benchmark 2's RawConnection sends it; asyncpg
+        # 0.29 has it as the private _get_reset_query(), public from 0.30)
+        reset = con.get_reset_query() if hasattr(con, "get_reset_query") else con._get_reset_query()
 
         async def one() -> None:
             await con.fetchval("SELECT 1")

@@ -43,7 +43,7 @@ import pytest
 import pytest_asyncio
 
 import safepool
-from tests._util import until
+from tests._util import asyncpg_version, skip_before_asyncpg, until
 
 pytest.importorskip("pglast", reason="pip install -e '.[test]' installs the auto extra")
 
@@ -322,8 +322,9 @@ async def test_neutral_calls_run_late_are_refused(make: Any, mode: str, mood: st
         "execute": lambda con: con.execute(OPENS),
         "fetchval": lambda con: con.fetchval("SELECT set_config('work_mem', '2302kB', false)"),
         "executemany": lambda con: con.executemany("SELECT $1::int", [(1,), (2,)]),
-        "fetchmany": lambda con: con.fetchmany("SELECT $1::int", [(1,), (2,)]),
     }
+    if asyncpg_version() >= (0, 30):  # (Connection.fetchmany() is asyncpg 0.30's)
+        calls["fetchmany"] = lambda con: con.fetchmany("SELECT $1::int", [(1,), (2,)])
     if mode == "auto":  # (rollback mode's COPY methods: test_rollback_mode_copy_and_prepare_run_late_are_refused)
         calls["copy_records_to_table"] = lambda con: con.copy_records_to_table("h230_moods", records=[("calm", 1)])
         calls["copy_from_query"] = lambda con: con.copy_from_query("SELECT 7", output=io.BytesIO())
@@ -431,6 +432,8 @@ async def test_prepared_statement_call_run_late(make: Any, mode: str) -> None:
     ],
 )
 async def test_introspection_in_neutral_calls_leaves_nothing(make: Any, mood: str, call: str) -> None:
+    if call == "fetchmany":
+        skip_before_asyncpg((0, 30), "Connection.fetchmany()")
     kwargs = {"statement_cache_size": 0} if call == "statement_cache_size=0" else {}
     pool = await make("auto", **kwargs)
     default = await _default(pool)

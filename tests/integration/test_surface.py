@@ -20,7 +20,7 @@ import safepool
 from safepool import ManualClock, events
 from safepool.pool import on_pool_created
 from safepool.stats import PoolOptions
-from tests._util import stuck_in_a_query, until
+from tests._util import asyncpg_version, stuck_in_a_query, until
 
 pytestmark = pytest.mark.asyncio
 
@@ -403,6 +403,12 @@ async def test_terminate_after_the_event_loop_closed_leaves_the_pool_closed_as_a
         await asyncio.to_thread(asyncio.run, serve())
         pool = pools.pop()
         with pytest.raises(RuntimeError, match="Event loop is closed"):
+            pool.terminate()
+        if library is asyncpg and asyncpg_version() < (0, 32):
+            # asyncpg 0.29-0.31 mark the pool closed after terminating its
+            # holders (0.32 first): the raise left it open, and only a second
+            # terminate() closes it.
+            assert not pool.is_closing() and not pool._closed
             pool.terminate()
         assert pool.is_closing() and pool._closed
         pool.terminate()
