@@ -84,6 +84,7 @@ does (``tests/integration/test_release_cancel_message.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -123,8 +124,13 @@ async def test_a_close_cut_by_the_acquire_timeout_keeps_the_place_until_the_back
     pools: Any, app_name: str, server_count: Any
 ) -> None:
     pool = await pools(min_size=0, max_size=1, max_queries=1)  # (reset_timeout: the default)
+    # asyncpg 0.29-0.31: the release's close keeps the pool's own bound, not
+    # the acquire's 0.05 s (_internals.CLOSE_UNDER_BUDGET: asyncpg's
+    # close(timeout=) there left its transport open when it ran out), and
+    # the release does not raise; the place is kept all the same.
+    raised = pytest.raises(TimeoutError) if safepool._internals.CLOSE_UNDER_BUDGET else contextlib.nullcontext()
     try:
-        with pytest.raises(TimeoutError):
+        with raised:
             async with pool.acquire(timeout=0.05) as con:  # the release closes it under these 0.05 s
                 await con.execute(MANY_TEMP_TABLES)
         async with pool.acquire() as con:

@@ -352,6 +352,9 @@ class FailingResetConnection(asyncpg.Connection):  # type: ignore[misc]
     def get_reset_query(self) -> str:
         return "SELECT pg_sleep(0.2); SELECT 1/0"
 
+    def _get_reset_query(self) -> str:  # asyncpg < 0.30 (no public get_reset_query)
+        return "SELECT pg_sleep(0.2); SELECT 1/0"
+
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_failing_reset_cancelled_mid_way_is_logged_and_the_caller_gets_its_cancel(

@@ -40,6 +40,8 @@ import pytest
 
 import safepool
 
+from .._util import asyncpg_version
+
 pytestmark = pytest.mark.asyncio
 
 
@@ -101,7 +103,13 @@ async def test_copy_in_cancelled_after_backend_lost_leaves_cancel_task_parity(pg
     a = await _outcome(asyncpg.create_pool, pg_dsn, release_first)
     s = await _outcome(safepool.create_pool, pg_dsn, release_first)
     destroyed = "Task was destroyed but it is pending! <Task pending name='Task-"
-    assert [e[: len(destroyed)] for e in a[1]] == [destroyed]  # asyncpg's behaviour
-    assert a[0] == "['Connection._cancel']"  # left in _cancellations, pending
+    if asyncpg_version() >= (0, 32):
+        assert [e[: len(destroyed)] for e in a[1]] == [destroyed]  # asyncpg's behaviour
+        assert a[0] == "['Connection._cancel']"  # left in _cancellations, pending
+    else:
+        # asyncpg 0.29-0.31: Connection._cancel sends the request and ends
+        # (0.32's awaits asyncio.shield(cancel_waiter) after it): no task is
+        # left pending, none destroyed, on either pool.
+        assert a == ("[]", [])
     assert s[0] == a[0]
     assert [e[: len(destroyed)] for e in s[1]] == [e[: len(destroyed)] for e in a[1]]
