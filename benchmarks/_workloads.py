@@ -383,6 +383,13 @@ class Lease(Contender):
         await self.pool.close()
 
 
+def reset_query(con: Any) -> str:
+    """asyncpg's reset query for ``con`` (the floor's second statement):
+    ``get_reset_query()``, public from asyncpg 0.30; 0.29's
+    ``_get_reset_query()`` before."""
+    return con.get_reset_query() if hasattr(con, "get_reset_query") else con._get_reset_query()
+
+
 class RawConnection(Contender):
     """The floor for a query lease: one asyncpg connection, no pool.
 
@@ -402,7 +409,7 @@ class RawConnection(Contender):
     async def run(self, n: int) -> None:
         con = self.con
         if self.reset:
-            query = con.get_reset_query()
+            query = reset_query(con)
             for _ in range(n):
                 await con.fetchval("SELECT 1")
                 await con.execute(query)

@@ -41,7 +41,7 @@ import asyncpg
 
 import safepool
 
-from ._workloads import CONTENDED_TASKS, MAX_SIZE, SAFETY_ON, dropin_minimum_pool, lean_pool
+from ._workloads import CONTENDED_TASKS, MAX_SIZE, SAFETY_ON, dropin_minimum_pool, lean_pool, reset_query
 
 WORKLOADS = ("floor", "raw", "lean", "dropin", "asyncpg", "query", "safety", "auto", "empty", "contended",
              "contended-dropin", "contended-asyncpg")
@@ -74,9 +74,7 @@ async def _run(dsn: str, workload: str, leases: int) -> None:
     one: Callable[[], Awaitable[None]]
     if workload in ("floor", "raw"):
         pool = con = await asyncpg.connect(dsn)  # (closed as a pool is)
-        # (the floor's reset, as benchmark 2's RawConnection sends it; asyncpg
-        # 0.29 has it as the private _get_reset_query(), public from 0.30)
-        reset = con.get_reset_query() if hasattr(con, "get_reset_query") else con._get_reset_query()
+        reset = reset_query(con)  # (the floor's reset, as benchmark 2's RawConnection sends it)
 
         async def one() -> None:
             await con.fetchval("SELECT 1")

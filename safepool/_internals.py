@@ -338,9 +338,51 @@ def terminate(con: RawConnection) -> None:
     class whose ``is_closed()`` calls an open connection closed (a health
     flag) left its socket open (a ResourceWarning, and a backend until the
     garbage collector closed it)."""
+    if HAS_POOL_HOLDER:
+        con.terminate()
+        return
+    protocol = con._protocol  # (asyncpg < 0.32 lets go of it as it aborts)
     con.terminate()
-    if not HAS_POOL_HOLDER and not con._aborted and con._protocol is not None:
+    if not con._aborted and con._protocol is not None:
         con._abort()
+    complete_cancel_waiters(protocol)
+
+
+def complete_cancel_waiters(protocol: Any) -> None:
+    """On asyncpg < 0.32, once its connection is closed: complete the
+    ``protocol``'s pending cancellation futures, as 0.32's ``abort()`` and
+    ``connection_lost()`` do (``Protocol._complete_cancel_waiters``, asyncpg
+    0.32). Before 0.32 they stay pending with nothing left to answer them,
+    and a call of the lease's task that awaits one (a ``ROLLBACK`` after
+    its statement was cancelled, in ``Transaction.__aexit__``) waited for
+    ever once the pool closed the connection (review h253). It now raises
+    asyncpg's ``InterfaceError`` ("another operation is cancelling").
+
+    The futures are the protocol's C fields, out of Python's reach but for
+    the garbage collector's traversal, which lists a ``BaseProtocol``'s
+    fields in their declared order (asyncpg 0.29-0.31's protocol.pxd):
+    ``settings``, ``cancel_sent_waiter``, ``cancel_waiter``, ``waiter``,
+    ``create_future``. Found by the settings object (``get_settings()``)
+    and that shape checked, else nothing is done. The query's ``waiter`` is
+    left to asyncpg (its ``connection_lost`` fails it)."""
+    if HAS_POOL_HOLDER or protocol is None:
+        return
+    try:
+        settings = protocol.get_settings()
+    except Exception:  # (a protocol of another shape: nothing to do)
+        return
+    fields = gc.get_referents(protocol)
+    at = next((i for i, field in enumerate(fields) if field is settings), None)
+    if at is None:
+        return
+    shape = fields[at + 1:at + 5]
+    if len(shape) != 4 or not callable(shape[3]) or not all(
+        f is None or isinstance(f, asyncio.Future) for f in shape[:3]
+    ):
+        return
+    for waiter in shape[:2]:  # (cancel_sent_waiter, cancel_waiter; asyncpg checks done() before it sets them)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 def is_cancelling(con: RawConnection) -> bool:

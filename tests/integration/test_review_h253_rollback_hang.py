@@ -1,6 +1,6 @@
 """Review h253: on asyncpg 0.29-0.31 a lease's task cancelled inside
-``async with con.transaction()`` hangs for good in the transaction's
-ROLLBACK when the pool takes the lease back (``lease_timeout``) and closes
+``async with con.transaction()`` hung for good in the transaction's
+ROLLBACK when the pool took the lease back (``lease_timeout``) and closed
 its connection meanwhile.
 
 Found as "N workers still running 10 s after stop" in
@@ -14,9 +14,14 @@ back an expired connection cleanly (TimeoutError); closing it" and aborted
 the connection. asyncpg 0.32 completes the protocol's cancellation futures
 when the connection is aborted or lost (``Protocol._complete_cancel_waiters``,
 called from ``abort()`` and ``_on_connection_lost``); 0.29-0.31 leave them
-pending, with nothing left to answer them (safepool/_internals.py:348-352
-says as much, and only stops *safepool* waiting on them). Whatever the
-lease's task awaits on them then waits for ever.
+pending, with nothing left to answer them. Whatever the lease's task awaits
+on them then waited for ever.
+
+Fixed (session s76): ``_internals.complete_cancel_waiters`` completes them
+on asyncpg < 0.32 when the pool aborts a connection (``_internals.terminate``)
+or asyncpg reports it lost (``Runner.connection_lost``): the ROLLBACK raises
+``InterfaceError`` there. A backend the server ends while the ROLLBACK waits
+(the second test) hangs the task on asyncpg 0.29-0.31's own pool still.
 
 Deterministic here: asyncpg's cancel request is held (the server never
 answers the cancel while the ROLLBACK waits), and the pool's grace for the
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
 import pytest
 
 import safepool
@@ -37,16 +43,6 @@ from .._util import asyncpg_version, held_cancel_requests, until, until_in_pg_sl
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.mark.xfail(
-    asyncpg_version() < (0, 32),
-    strict=True,
-    reason=(
-        "asyncpg 0.29-0.31: the pool's take-back aborts the connection (safepool/_internals.py:342 "
-        "terminate(), via _reclaim.py:277's 'closing it') without completing the protocol's pending "
-        "cancel_waiter/cancel_sent_waiter, as 0.32's abort()/connection_lost do; the lease's ROLLBACK "
-        "awaiting cancel_waiter hangs for good"
-    ),
-)
 async def test_a_rollback_waiting_for_a_cancel_ends_when_the_pool_takes_the_lease_back(
     pools: Any, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -80,3 +76,49 @@ async def test_a_rollback_waiting_for_a_cancel_ends_when_the_pool_takes_the_leas
         assert done, "the lease's task still waits in its ROLLBACK, 5 s after the pool closed the connection"
     finally:
         task.cancel()
+    error = task.exception()
+    # (0.32: the connection is closed; before, asyncpg's check sees the
+    # cancellation it never cleared: "another operation is cancelling".)
+    assert isinstance(error, asyncpg.InterfaceError | asyncpg.ConnectionDoesNotExistError), repr(error)
+    async with pool.acquire() as fresh:
+        assert await fresh.fetchval("SELECT 1") == 1
+
+
+@pytest.mark.parametrize("create_pool", [asyncpg.create_pool, safepool.create_pool], ids=["asyncpg", "safepool"])
+async def test_a_rollback_waiting_for_a_cancel_when_the_server_ends_the_backend(
+    pg_dsn: str, app_name: str, create_pool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same wait, ended by the server (``pg_terminate_backend``): asyncpg
+    notices the loss. On asyncpg 0.29-0.31 its own pool leaves the task in
+    its ROLLBACK (pinned: still waiting after 2 s); safepool's ends it."""
+    gate = held_cancel_requests(monkeypatch)
+    pool = await create_pool(pg_dsn, min_size=0, max_size=1, server_settings={"application_name": app_name})
+    try:
+        con = await pool.acquire()
+        pid = con.get_server_pid()
+
+        async def in_transaction() -> None:
+            async with con.transaction():
+                await con.execute("SELECT pg_sleep(10)")
+
+        task = asyncio.ensure_future(in_transaction())
+        await until_in_pg_sleep(pg_dsn, pid)
+        task.cancel()
+        await until(lambda: con._con._protocol is not None and con._con._protocol._is_cancelling()
+                    if create_pool is asyncpg.create_pool else con._raw._protocol._is_cancelling())
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        done, _ = await asyncio.wait([task], timeout=2)
+        gate.set()
+        if create_pool is asyncpg.create_pool and asyncpg_version() < (0, 32):
+            assert not done, "asyncpg's pool no longer leaves the ROLLBACK waiting"
+            task.cancel()
+            return
+        assert done, "the lease's task still waits in its ROLLBACK, 2 s after the server ended its backend"
+        assert isinstance(task.exception(), asyncpg.InterfaceError | asyncpg.ConnectionDoesNotExistError), task
+    finally:
+        gate.set()
+        pool.terminate()
