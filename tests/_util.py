@@ -78,6 +78,28 @@ async def until_in_pg_sleep(pg_dsn: str, pid: int, timeout: float = 5.0) -> None
         await admin.close()
 
 
+async def rollback_awaiting_cancellation(con: Any, raw: Any, pg_dsn: str) -> asyncio.Task[None]:
+    """A task whose ``async with con.transaction()`` statement (a 10 s
+    ``pg_sleep``) was cancelled, so that asyncpg's cancellation runs and the
+    transaction's ROLLBACK awaits it; returned once ``raw`` (the connection
+    behind ``con``, a proxy or itself) reads as cancelling and the task
+    still runs (review h253). Cancel requests should be held by then
+    (:func:`held_cancel_requests`), or the server answers at once."""
+
+    async def in_transaction() -> None:
+        async with con.transaction():
+            await con.execute("SELECT pg_sleep(10)")
+
+    task = asyncio.ensure_future(in_transaction())
+    await until_in_pg_sleep(pg_dsn, con.get_server_pid())
+    task.cancel()
+    await until(lambda: raw._protocol is not None and raw._protocol._is_cancelling())
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+    assert not task.done()
+    return task
+
+
 async def in_pg_sleep_on(
     admin: Any, pid: int, timeout: float = 10.0, call: asyncio.Future[Any] | None = None
 ) -> None:

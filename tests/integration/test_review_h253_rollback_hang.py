@@ -38,7 +38,7 @@ import pytest
 import safepool
 import safepool._workers
 
-from .._util import asyncpg_version, held_cancel_requests, until, until_in_pg_sleep
+from .._util import asyncpg_version, held_cancel_requests, rollback_awaiting_cancellation
 
 pytestmark = pytest.mark.asyncio
 
@@ -50,21 +50,10 @@ async def test_a_rollback_waiting_for_a_cancel_ends_when_the_pool_takes_the_leas
     pool = await pools(min_size=0, max_size=1, clock=clock, reset_timeout=0.3)
     con = await pool.acquire(lease_timeout=1.0)
     raw = con._raw
-    pid = con.get_server_pid()
-
-    async def in_transaction() -> None:
-        async with con.transaction():
-            await con.execute("SELECT pg_sleep(10)")
-
-    task = asyncio.ensure_future(in_transaction())
-    await until_in_pg_sleep(pg_dsn, pid)
     gate = held_cancel_requests(monkeypatch)
     monkeypatch.setattr(safepool._workers, "CANCEL_ANSWER_GRACE", 0.2)
-    task.cancel()  # asyncpg cancels the statement (its request held), then the ROLLBACK awaits the answer
-    await until(lambda: raw._protocol._is_cancelling())
-    for _ in range(5):
-        await asyncio.sleep(0.01)
-    assert not task.done()
+    # (asyncpg cancels the statement, its request held; the ROLLBACK awaits the answer)
+    task = await rollback_awaiting_cancellation(con, raw, pg_dsn)
     clock.advance(2.0)  # the lease expires: the pool takes it back
     async with asyncio.timeout(10):
         while not raw.is_closed():  # (the take-back's grace runs on the pool's clock too)
@@ -96,16 +85,9 @@ async def test_a_rollback_waiting_for_a_cancel_when_the_server_ends_the_backend(
     try:
         con = await pool.acquire()
         pid = con.get_server_pid()
-
-        async def in_transaction() -> None:
-            async with con.transaction():
-                await con.execute("SELECT pg_sleep(10)")
-
-        task = asyncio.ensure_future(in_transaction())
-        await until_in_pg_sleep(pg_dsn, pid)
-        task.cancel()
-        await until(lambda: con._con._protocol is not None and con._con._protocol._is_cancelling()
-                    if create_pool is asyncpg.create_pool else con._raw._protocol._is_cancelling())
+        task = await rollback_awaiting_cancellation(
+            con, con._con if create_pool is asyncpg.create_pool else con._raw, pg_dsn
+        )
         admin = await asyncpg.connect(pg_dsn)
         try:
             assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)

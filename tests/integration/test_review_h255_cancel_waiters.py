@@ -29,7 +29,7 @@ import pytest
 
 import safepool._internals as _pg
 
-from .._util import asyncpg_version, held_cancel_requests, until, until_in_pg_sleep
+from .._util import asyncpg_version, held_cancel_requests, rollback_awaiting_cancellation, until, until_in_pg_sleep
 
 pytestmark = pytest.mark.asyncio
 
@@ -116,21 +116,9 @@ async def test_abort_under_a_cancellation_then_asyncpgs_own_cancel_finishes(
     gate = held_cancel_requests(monkeypatch)
     con = await asyncpg.connect(pg_dsn)
     try:
-        pid = con.get_server_pid()
-
-        async def in_transaction() -> None:
-            async with con.transaction():
-                await con.execute("SELECT pg_sleep(10)")
-
-        task = asyncio.ensure_future(in_transaction())
-        await until_in_pg_sleep(pg_dsn, pid)
-        task.cancel()
+        task = await rollback_awaiting_cancellation(con, con, pg_dsn)
         protocol = con._protocol
-        await until(lambda: protocol._is_cancelling())
         waiters = _after_settings(protocol)[:2]
-        for _ in range(5):
-            await asyncio.sleep(0.01)
-        assert not task.done()
         _pg.terminate(con)
         assert con.is_closed()
         assert all(f.done() for f in waiters)
