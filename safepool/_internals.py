@@ -235,8 +235,13 @@ def attach_holder(con: RawConnection, holder: Any) -> None:
     forget_holder(con)
     holder_ref = weakref.ref(holder)
     con_ref = weakref.ref(con)
+    protocol = con._protocol  # (asyncpg < 0.32 lets go of it as it aborts, before this listener runs)
 
     def on_close(_: Any) -> Any:
+        # Every way a connection closes (a close, an abort, a loss) runs its
+        # termination listeners, at once for this one (see above): a call of
+        # the lease awaiting the protocol's cancellation ends (review h253).
+        complete_cancel_waiters(protocol)
         found, dead = holder_ref(), con_ref()
         if dead is not None:
             # asyncpg is iterating this set of listeners: the pool's reaction
@@ -338,14 +343,9 @@ def terminate(con: RawConnection) -> None:
     class whose ``is_closed()`` calls an open connection closed (a health
     flag) left its socket open (a ResourceWarning, and a backend until the
     garbage collector closed it)."""
-    if HAS_POOL_HOLDER:
-        con.terminate()
-        return
-    protocol = con._protocol  # (asyncpg < 0.32 lets go of it as it aborts)
     con.terminate()
-    if not con._aborted and con._protocol is not None:
+    if not HAS_POOL_HOLDER and not con._aborted and con._protocol is not None:
         con._abort()
-    complete_cancel_waiters(protocol)
 
 
 def complete_cancel_waiters(protocol: Any) -> None:
@@ -357,6 +357,8 @@ def complete_cancel_waiters(protocol: Any) -> None:
     its statement was cancelled, in ``Transaction.__aexit__``) waited for
     ever once the pool closed the connection (review h253). It now raises
     asyncpg's ``InterfaceError`` ("another operation is cancelling").
+    Called by the pool's own termination listener (:func:`attach_holder`),
+    which every close, abort and loss of a pool connection runs.
 
     The futures are the protocol's C fields, out of Python's reach but for
     the garbage collector's traversal, which lists a ``BaseProtocol``'s

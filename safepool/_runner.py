@@ -987,10 +987,6 @@ class Runner:
             holder.lost_while_leased = True
         if con is not None:
             _pg.detach_proxy(con)
-        if holder is not None and holder.waiter_completed is not None:
-            # (asyncpg < 0.32: a lease's call awaiting one ends. The protocol,
-            # which asyncpg let go of, is the bound callback's.)
-            _pg.complete_cancel_waiters(getattr(holder.waiter_completed, "__self__", None))
         self.drain()  # (the Close: after lost_while_leased is known)
 
     # ----------------------------------------------------------- shutdown

@@ -514,7 +514,6 @@ async def close(
     caller counts the slot until then. ``in_flight``: how to tell that a
     statement may run (the holder's, which counts a lease's COPY too)."""
     running = not lost and in_flight(con)
-    protocol = con._protocol  # (asyncpg < 0.32 lets go of it as the connection closes)
     try:
         if busy and not lost:
             async with asyncio.timeout(budget if budget is not None else DEFAULT_RESET_TIMEOUT):
@@ -574,12 +573,6 @@ async def close(
     except BaseException:
         _pg.terminate(con)
         raise
-    finally:
-        # asyncpg < 0.32: a call of the lease's task awaiting the protocol's
-        # cancellation (its ROLLBACK after a cancelled statement) would wait
-        # for ever once the connection is closed (review h253). (A no-op on
-        # 0.32, which completes them itself.)
-        _pg.complete_cancel_waiters(protocol)
     return None
 
 

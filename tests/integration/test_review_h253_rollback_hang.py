@@ -18,9 +18,9 @@ pending, with nothing left to answer them. Whatever the lease's task awaits
 on them then waited for ever.
 
 Fixed (session s76): ``_internals.complete_cancel_waiters`` completes them
-on asyncpg < 0.32 when the pool aborts a connection (``_internals.terminate``)
-or asyncpg reports it lost (``Runner.connection_lost``): the ROLLBACK raises
-``InterfaceError`` there. A backend the server ends while the ROLLBACK waits
+on asyncpg < 0.32 from the pool's own termination listener
+(``_internals.attach_holder``), which every close, abort and loss of a pool
+connection runs: the ROLLBACK raises ``InterfaceError`` there. A backend the server ends while the ROLLBACK waits
 (the second test) hangs the task on asyncpg 0.29-0.31's own pool still.
 
 Deterministic here: asyncpg's cancel request is held (the server never

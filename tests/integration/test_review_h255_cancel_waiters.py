@@ -102,21 +102,24 @@ async def test_an_open_connections_running_statement_keeps_its_outcome(pg_dsn: s
 
 
 async def test_abort_under_a_cancellation_then_asyncpgs_own_cancel_finishes(
-    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+    pools: Any, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The pool aborts (``_internals.terminate``) while asyncpg's cancel
-    request is held and a ROLLBACK awaits the cancellation: the ROLLBACK
-    ends; asyncpg's ``_cancel`` task, let through afterwards, finds its
-    futures done and sets nothing again."""
+    """The pool aborts (``_internals.terminate``) a connection of its own
+    (its termination listener completes the futures: ``attach_holder``)
+    while asyncpg's cancel request is held and a ROLLBACK awaits the
+    cancellation: the ROLLBACK ends; asyncpg's ``_cancel`` task, let through
+    afterwards, finds its futures done and sets nothing again."""
     _before_0_32()
     loop = asyncio.get_running_loop()
     handler = _Handler()
     previous = loop.get_exception_handler()
     loop.set_exception_handler(handler)
     gate = held_cancel_requests(monkeypatch)
-    con = await asyncpg.connect(pg_dsn)
+    pool = await pools(min_size=0, max_size=1)
+    lease = await pool.acquire()
+    con = lease._raw
     try:
-        task = await rollback_awaiting_cancellation(con, con, pg_dsn)
+        task = await rollback_awaiting_cancellation(lease, con, pg_dsn)
         protocol = con._protocol
         waiters = _after_settings(protocol)[:2]
         _pg.terminate(con)
