@@ -158,8 +158,8 @@ class Runner:
                             self.abandoned.add(task)
                             task.add_done_callback(self.abandoned.discard)
                             task.cancel()
-                    case Close(slot):
-                        self.close_slot(slot)
+                    case Close(slot, idle_expired):
+                        self.close_slot(slot, idle_expired)
                         if state.connect_failures and not state.closing:
                             # Backing off with no connection left is down:
                             # report it now, not at the next failed connect
@@ -809,7 +809,18 @@ class Runner:
             if not state.floor_deficit():
                 return
 
-    def close_slot(self, slot: Slot) -> None:
+    def close_slot(self, slot: Slot, idle_expired: bool = False) -> None:
+        """Close ``slot``'s connection (the core's ``Close``): gracefully in a
+        pool task, or aborted at once (terminate(), an unresponsive or
+        already closed connection). ``idle_expired``: past
+        ``max_inactive_connection_lifetime``, where asyncpg's pool (0.29-0.32,
+        ``PoolConnectionHolder._deactivate_inactive_connection``) calls the
+        connection's ``terminate()``, never its ``close()``: so does this
+        one for a connection class with a ``close()`` or ``terminate()`` of
+        its own (review h257: an override's statements ran where asyncpg's
+        pool runs none). asyncpg's own class is closed in order (a Terminate
+        message: the server counts a normal disconnect; nothing a program
+        sees differs)."""
         holder = self.slot_holders.pop(slot, None)
         con = slot.connection
         if holder is not None:
@@ -825,6 +836,7 @@ class Runner:
             or unresponsive
             or self.cancelled_from_outside()  # (a close task now would never run: abort)
             or (con.is_closed() and not lost and not _pg.is_cancelling(con))
+            or (idle_expired and (_pg.overrides(type(con), "close") or _pg.overrides(type(con), "terminate")))
         ):
             # An unresponsive connection (its reset or take-back ran out, or
             # the reset watchdog aborted it) whose backend may still run a

@@ -357,9 +357,12 @@ class Connect:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """Close ``slot``'s connection, then report closed(slot)."""
+    """Close ``slot``'s connection, then report closed(slot). ``idle_expired``:
+    an idle connection past ``max_inactive_connection_lifetime``, which
+    asyncpg's pool terminates (no ``close()``; see ``Runner.close_slot``)."""
 
     slot: Slot
+    idle_expired: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -2019,11 +2022,11 @@ class PoolState:
 
     # ------------------------------------------------------------------ closes
 
-    def _start_close(self, slot: Slot) -> None:
+    def _start_close(self, slot: Slot, idle_expired: bool = False) -> None:
         if slot.state is S.IDLE:
             self._idle.remove(slot)  # O(n) but rare: expiry, shrink, close
         self._move(slot, S.CLOSING)
-        self.actions.append(Close(slot))
+        self.actions.append(Close(slot, idle_expired))
 
     def discard(self, slot: Slot, now: float) -> None:
         """Close a slot now (broken connection noticed, pool terminate)."""
@@ -2284,7 +2287,7 @@ class PoolState:
         if self.max_inactive_lifetime:
             idle = self._idle
             while idle and self._live() > self.min_size and idle[0].idle_since + self.max_inactive_lifetime <= now:
-                self._start_close(idle[0])
+                self._start_close(idle[0], idle_expired=True)
         self._plan_connects(now)
 
     def _pop_due(self, now: float) -> tuple[int, Any]:

@@ -343,7 +343,8 @@ async def _once_free(
     says the same. A request that never gets through (new connections
     accepted and never relayed) then does not hold a close past the
     statement's end (review h249's stalled request held it for the whole
-    budget)."""
+    budget). Only where nothing but asyncpg's Terminate follows: see
+    :func:`statement_ended` (review h257)."""
     loop = asyncio.get_running_loop()
     cancelled_at: float | None = None
     cancelled_statement = -1  # (asyncpg's count of statements sent, at the last request)
@@ -642,8 +643,17 @@ async def statement_ended(con: RawConnection, paused: Callable[[], bool] = lambd
     a call the pool counts, a COPY or a ``prepare()``: review s70). The
     caller bounds the wait. (An error of the empty query's own, a cancel
     request late for the statement meeting it, says the same: nothing
-    runs.)"""
-    await _once_free(con, lambda: _pg.empty_query(con), paused, probe=True)
+    runs.)
+
+    A cancel request still under way once the statement ended is dropped
+    (``_once_free``'s ``probe``) only when asyncpg's own ``close()`` follows,
+    which sends nothing but Terminate. A ``connection_class`` with a
+    ``close()`` of its own may run statements on the backend before that,
+    which the late request would cancel (review h257: an audit ``INSERT``
+    lost): the request is then waited for, as asyncpg's protocol awaits its
+    own cancellation before its next statement."""
+    probe = not _pg.overrides(type(con), "close")
+    await _once_free(con, lambda: _pg.empty_query(con), paused, probe=probe)
 
 
 async def _cancel_answered_within(

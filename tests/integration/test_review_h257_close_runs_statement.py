@@ -14,15 +14,19 @@ Pinned here, on a real server, with the late request's bytes held in a proxy
 (``LateProxy``, review h255's, here in front of the suite's Unix socket:
 the pool really wrote them; the proxy plays a slow network):
 
-- (a) safepool, the request delivered while the override's ``INSERT`` runs
-  (by the test, and, with no choreography, by a fixed 0.45 s delay on new
-  connections): the ``INSERT`` is cancelled by the pool's own dropped
-  request, the audit row is lost, and the release raises
-  ``QueryCanceledError`` (0.32) or nothing at all (0.29-0.31): xfail,
-  strict (the bug), and its facts pinned as they are. The same class with
-  the request answered in time (the statement cancelled, the ``INSERT``
-  then runs) and with a request that never gets through: the ``INSERT``
-  lands, nothing hangs (regressions).
+- (a) safepool, the request held in the network (by the test, and, with no
+  choreography, by a fixed 0.45 s delay on new connections): before the
+  fix the close dropped it once the statement ended and called the
+  override, whose ``INSERT`` the late request then cancelled (the audit row
+  lost; ``QueryCanceledError`` from the release on 0.32, nothing at all on
+  0.29-0.31). Now the close of a class with a ``close()`` of its own waits
+  for the request under way, as asyncpg's protocol does for its own: the
+  ``INSERT`` does not start while the request is held, and lands once it
+  was delivered. A request that never gets through then holds the close
+  until the release's budget (``TimeoutError``, the connection aborted,
+  the override not called: asyncpg's pool times out alike on its own
+  stalled request, review h249). The same class with the request answered
+  in time: the ``INSERT`` lands.
 - (b) asyncpg's pool on the same scenario sends no request: its release
   closes at once with the call still in flight, and the override's
   ``INSERT`` is refused by the protocol ("another operation is in
@@ -33,11 +37,11 @@ the pool really wrote them; the proxy plays a slow network):
 - (c) where each pool calls the class's ``close()`` (``max_queries``,
   ``expire_connections()`` with the connection leased and idle,
   ``Pool.close()``, ``max_inactive_connection_lifetime``, ``terminate()``),
-  and that its ``INSERT`` lands there. Divergences pinned: an expired idle
+  and that its ``INSERT`` lands there. A divergence pinned: an expired idle
   connection is closed at ``expire_connections()`` on safepool, at the next
-  acquire on asyncpg's (documented); past
-  ``max_inactive_connection_lifetime`` safepool calls ``close()`` where
-  asyncpg's pool terminates (no ``close()``).
+  acquire on asyncpg's (documented). Past ``max_inactive_connection_lifetime``
+  both pools call the class's ``terminate()``, not its ``close()`` (safepool
+  called ``close()`` there before this review).
 
 Passes on asyncpg 0.29, 0.30, 0.31, 0.32 (and ``--loop uvloop``).
 
@@ -67,6 +71,12 @@ CLOSE_SLEEP = 0.3  # (the override's INSERT takes this long on the server: a lat
 # after the statement's end, 0.85 s before the INSERT's.
 DELAY = 0.45
 DELAYED_CLOSE_SLEEP = 1.0  # (there the INSERT outlasts a late delivery by 0.85 s)
+# "late": how long the test holds the request after the statement ended,
+# looking for the override's INSERT to start meanwhile (it began within
+# milliseconds of the statement's end before the fix): a window for an
+# absence, not a synchronisation.
+HOLD_WINDOW = 0.5
+NEVER_BUDGET = 1.0  # (the release's timeout= where the request never arrives)
 CANCEL_REQUEST_CODE = 80877102
 APG_032 = asyncpg_version() >= (0, 32)
 
@@ -134,6 +144,7 @@ class LateProxy:
         self.hold = False
         self.latency: float | None = None
         self.held: list[bytearray] = []
+        self.clients: list[asyncio.StreamWriter] = []  # (the held connections' client ends)
         self.delivered = asyncio.Event()
         self.port = 0
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -157,6 +168,7 @@ class LateProxy:
             if self.hold:
                 data = bytearray()
                 self.held.append(data)
+                self.clients.append(writer)
                 if self.latency is not None:
                     later = asyncio.ensure_future(self._deliver_later(data, self.latency, writer))
                     self.tasks.add(later)
@@ -181,8 +193,12 @@ class LateProxy:
                 up.transport.abort()
 
     async def deliver(self) -> None:
+        """Send what was held, then close the held connections, as the
+        server closes a cancel request's once it has read it."""
         for data in self.held:
             await self._send(data)
+        for client in self.clients:
+            client.close()
 
     async def _deliver_later(self, data: bytearray, latency: float, client: asyncio.StreamWriter) -> None:
         """What a connection held wrote within ``latency`` seconds, sent then
@@ -213,15 +229,18 @@ async def in_close_insert(admin: Any, pid: int, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.005)
 
 
-async def _released_with_late_request(create: Any, pg_dsn: str, app_name: str, mode: str) -> dict[str, Any]:
+async def _released_with_late_request(
+    create: Any, pg_dsn: str, app_name: str, mode: str, **options: Any
+) -> dict[str, Any]:
     """A max_size=1 pool (``create``) through a LateProxy, its connection of
     class AuditClose; a lease's statement (0.3 s) runs in another task when
     the lease is released after ``expire_connections()`` (the release
     closes). ``mode``:
 
     - ``"late"``: the pool's cancel request is held in the proxy, the
-      statement ends by itself, the request is dropped; the held bytes are
-      delivered once the override's INSERT runs on the server;
+      statement ends by itself; the held bytes are delivered once the
+      override's INSERT runs on the server, or after HOLD_WINDOW seconds
+      if it does not (``insert_while_held`` says which);
     - ``"never"``: held and never delivered;
     - ``"delayed"``: every byte of the request reaches the server DELAY
       seconds after it was written (a slow new connection: h249's
@@ -230,13 +249,14 @@ async def _released_with_late_request(create: Any, pg_dsn: str, app_name: str, m
 
     Returns what happened: the call's and the release's outcomes, the
     class's close() calls, the audit rows, the old pid, and whether a
-    request was held."""
+    request was held. ``options``: create()'s own."""
     async with audit_table(pg_dsn, app_name) as (table, admin), LateProxy(str(admin._addr)) as proxy:
         cls = audit_close_class(table, DELAYED_CLOSE_SLEEP if mode == "delayed" else CLOSE_SLEEP)
         pool = await create(
             pg_dsn, host="127.0.0.1", port=proxy.port, ssl=False, min_size=0, max_size=1, connection_class=cls,
-            server_settings={"application_name": app_name},
+            server_settings={"application_name": app_name}, **options,
         )
+        insert_while_held = None
         try:
             con = await pool.acquire()
             pid = con.get_server_pid()
@@ -246,19 +266,19 @@ async def _released_with_late_request(create: Any, pg_dsn: str, app_name: str, m
             if mode == "delayed":
                 proxy.latency = DELAY
             await pool.expire_connections()
-            release = asyncio.ensure_future(outcome_of(pool.release(con, timeout=5), 10))
+            budget = NEVER_BUDGET if mode == "never" else 5
+            release = asyncio.ensure_future(outcome_of(pool.release(con, timeout=budget), 10))
             outcome = await outcome_of(call, 10)
             if mode == "late" and proxy.held:
-                # The request is in the network; the close goes on. Deliver it
-                # while the override's INSERT runs (if it ever does).
-                async with asyncio.timeout(10):
-                    inserting = asyncio.ensure_future(in_close_insert(admin, pid))
-                    await asyncio.wait([inserting, release], return_when=asyncio.FIRST_COMPLETED)
-                if inserting.done() and inserting.exception() is None:
-                    proxy.hold = False
-                    await asyncio.wait_for(proxy.deliver(), 10)
-                else:
-                    inserting.cancel()
+                # The request is in the network. Deliver it once the
+                # override's INSERT runs, or once HOLD_WINDOW passed without.
+                inserting = asyncio.ensure_future(in_close_insert(admin, pid))
+                await asyncio.wait([inserting, release], timeout=HOLD_WINDOW, return_when=asyncio.FIRST_COMPLETED)
+                insert_while_held = inserting.done() and not inserting.cancelled() and inserting.exception() is None
+                inserting.cancel()
+                await asyncio.gather(inserting, return_exceptions=True)
+                proxy.hold = False
+                await asyncio.wait_for(proxy.deliver(), 10)
             released = await release
             if mode == "delayed" and proxy.held:
                 await asyncio.wait_for(proxy.delivered.wait(), 10)
@@ -271,73 +291,73 @@ async def _released_with_late_request(create: Any, pg_dsn: str, app_name: str, m
             pool.terminate()
     return {
         "call": outcome, "release": released, "calls": cls.calls, "rows": rows, "pid": pid, "held": held,
+        "insert_while_held": insert_while_held,
         "requests": [struct.unpack("!lll", bytes(data[:12])) for data in proxy.held if len(data) >= 12],
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "h257: the close drops a cancel request still under way once the statement ended "
-        "(_workers._once_free probe=True, safepool/_workers.py:355 and its finally at :378-382, "
-        "via statement_ended :646 / close :524), then calls the class's close() (:565), whose own "
-        "INSERT the late request then cancels on the same backend"
-    ),
-)
 async def test_safepool_late_request_spares_the_close_statement(pg_dsn: str, app_name: str) -> None:
     seen = await _released_with_late_request(safepool.create_pool, pg_dsn, app_name, "late")
     assert seen["held"] == 1, seen  # (the pool's request was written, and held in the network)
+    assert seen["requests"] == [(16, CANCEL_REQUEST_CODE, seen["pid"])], seen  # (the pool's, for that backend)
     assert seen["call"] == "done", seen  # (the statement ended by itself)
+    assert seen["insert_while_held"] is False, seen  # (before the fix: True, and then cancelled)
     assert len(seen["calls"]) == 1 and not seen["calls"][0]["in_flight"], seen
-    assert "error" not in seen["calls"][0], seen  # fails: QueryCanceledError
-    assert seen["rows"] == [seen["pid"]], seen  # fails: the audit write is lost
+    assert "error" not in seen["calls"][0], seen
+    assert seen["rows"] == [seen["pid"]], seen
     assert seen["release"] is None, seen
 
 
-async def test_safepool_late_request_facts(pg_dsn: str, app_name: str) -> None:
-    """What the xfail above shows, pinned as it is now (so a change shows):
-    the close's INSERT is cancelled by the pool's own dropped request, the
-    release reports it, the audit row is missing, nothing hangs."""
-    seen = await _released_with_late_request(safepool.create_pool, pg_dsn, app_name, "late")
-    assert seen["held"] == 1 and seen["call"] == "done", seen
-    [call] = seen["calls"]
-    assert not call["in_flight"], seen  # (the pool waited for the statement: h249)
-    assert seen["requests"] == [(16, CANCEL_REQUEST_CODE, seen["pid"])], seen  # (the pool's, for that backend)
-    assert isinstance(call.get("error"), asyncpg.QueryCanceledError), seen
-    assert seen["rows"] == [], seen
-    if APG_032:
-        # (A release's close under its budget raises the close's error, as asyncpg's.)
-        assert isinstance(seen["release"], asyncpg.QueryCanceledError), seen
-    else:
-        # (0.29-0.31: the close keeps the pool's own bound; the release does
-        # not raise: _internals.CLOSE_UNDER_BUDGET. The failure is silent.)
-        assert seen["release"] is None, seen
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "h257: as test_safepool_late_request_spares_the_close_statement, with no choreography: a request "
-        "whose new connection is slow (DELAY s) is dropped once the statement ends by itself "
-        "(safepool/_workers.py:355, :378-382) and lands in the class's close() INSERT (:565)"
-    ),
-)
 async def test_safepool_slow_request_spares_the_close_statement(pg_dsn: str, app_name: str) -> None:
     seen = await _released_with_late_request(safepool.create_pool, pg_dsn, app_name, "delayed")
     assert seen["held"] == 1 and seen["call"] == "done", seen
     [call] = seen["calls"]
     assert not call["in_flight"], seen
-    assert "error" not in call, seen  # fails: QueryCanceledError
+    assert "error" not in call, seen  # (before the fix: QueryCanceledError)
     assert seen["rows"] == [seen["pid"]], seen
+    assert seen["release"] is None, seen
 
 
 async def test_safepool_request_never_delivered(pg_dsn: str, app_name: str) -> None:
-    seen = await _released_with_late_request(safepool.create_pool, pg_dsn, app_name, "never")
+    """A request that never gets through holds the close of a class with a
+    close() of its own until the release's budget: then the connection is
+    aborted and the override is not called (no statement of its own that a
+    request still in the network could cancel). On 0.29-0.31 the close
+    keeps the pool's own bound (``reset_timeout``, here the same 1 s;
+    ``_internals.CLOSE_UNDER_BUDGET``) and the release does not raise."""
+    seen = await _released_with_late_request(
+        safepool.create_pool, pg_dsn, app_name, "never", reset_timeout=NEVER_BUDGET
+    )
     assert seen["held"] == 1 and seen["call"] == "done", seen
-    [call] = seen["calls"]
-    assert not call["in_flight"] and "error" not in call, seen
-    assert seen["rows"] == [seen["pid"]], seen
-    assert seen["release"] is None, seen
+    assert seen["calls"] == [] and seen["rows"] == [], seen
+    if APG_032:
+        assert isinstance(seen["release"], TimeoutError), seen
+    else:
+        assert seen["release"] is None, seen
+
+
+async def test_without_a_close_of_its_own_the_request_is_dropped(pg_dsn: str, app_name: str) -> None:
+    """asyncpg's own close() sends only Terminate after the statement ended:
+    the request still under way is dropped there (review h249's stalled
+    request: the release returns within its budget, at the statement's end)."""
+    async with audit_table(pg_dsn, app_name) as (_, admin), LateProxy(str(admin._addr)) as proxy:
+        pool = await safepool.create_pool(
+            pg_dsn, host="127.0.0.1", port=proxy.port, ssl=False, min_size=0, max_size=1,
+            server_settings={"application_name": app_name},
+        )
+        try:
+            con = await pool.acquire()
+            pid = con.get_server_pid()
+            call = asyncio.ensure_future(con.fetchval("SELECT 'done' FROM pg_sleep(0.3)"))
+            await in_pg_sleep_on(admin, pid, call=call)
+            proxy.hold = True
+            await pool.expire_connections()
+            released = await outcome_of(pool.release(con, timeout=5), 3)
+            assert await outcome_of(call, 1) == "done"
+            assert released is None
+            assert len(proxy.held) == 1
+        finally:
+            pool.terminate()
 
 
 async def test_safepool_request_on_time(pg_dsn: str, app_name: str) -> None:
@@ -428,10 +448,11 @@ def _expected(flavour: str, path: str) -> tuple[bool, bool]:
     """(close() called right at the path's step, called at all)."""
     if path == "terminate":
         return False, False  # (both pools abort: no close())
-    if path == "inactive" and flavour == "asyncpg":
-        # (asyncpg's pool terminates an idle connection past its lifetime;
-        # safepool's closes it, so the class's close() runs there on
-        # safepool only: a divergence, pinned.)
+    if path == "inactive":
+        # (asyncpg's pool terminates an idle connection past its lifetime,
+        # never calling close(); so does safepool for a class with a close()
+        # or terminate() of its own: Runner.close_slot. Before, safepool
+        # closed it, and the class's close() ran there on safepool only.)
         return False, False
     if path == "expire_idle" and flavour == "asyncpg":
         return False, True  # (kept open until an acquire picks it, which closes it in a task)
@@ -483,3 +504,40 @@ async def test_asyncpg_own_cancel_request_is_awaited_before_the_close_statement(
             assert await audited(admin, table) == [pid]
         finally:
             con.terminate()
+
+
+@pytest.mark.parametrize("flavour", ["asyncpg", "safepool"])
+async def test_inactive_lifetime_calls_the_class_terminate(pg_dsn: str, app_name: str, flavour: str) -> None:
+    """Past ``max_inactive_connection_lifetime`` both pools call the class's
+    ``terminate()`` (asyncpg's ``_deactivate_inactive_connection``), once,
+    and never its ``close()``; the backend is gone afterwards."""
+    terminated: list[int] = []
+    closed: list[int] = []
+
+    class Watched(asyncpg.Connection):  # type: ignore[misc]
+        async def close(self, *, timeout: float | None = None) -> None:
+            closed.append(self.get_server_pid())
+            await super().close(timeout=timeout)
+
+        def terminate(self) -> None:
+            terminated.append(self.get_server_pid())
+            super().terminate()
+
+    create = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
+    admin = await asyncpg.connect(pg_dsn)
+    pool = await create(
+        pg_dsn, min_size=0, max_size=1, connection_class=Watched, max_inactive_connection_lifetime=0.1,
+        server_settings={"application_name": app_name},
+    )
+    try:
+        async with pool.acquire() as con:
+            pid = con.get_server_pid()
+        async with asyncio.timeout(10):
+            await until(lambda: terminated != [])
+            while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+                await asyncio.sleep(0.01)
+        assert terminated == [pid]
+        assert closed == []
+    finally:
+        pool.terminate()
+        await admin.close()
