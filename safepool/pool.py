@@ -434,7 +434,10 @@ class Pool(_PoolBase):
         :raises safepool.PoolClosedError: the pool is closing or closed
             (its bounds are left as they were), as :meth:`acquire` raises."""
         if max_size is None:
-            max_size = self._state.max_size
+            # The current bound, as an int: create_pool() takes a bool, as
+            # asyncpg's does (True: one connection), which a resize() that
+            # names only min_size must not refuse (review h256).
+            max_size = int(self._state.max_size)
         max_size, min_size = check_resize(max_size, min_size)
         if self.is_closing():
             # Bounds of a pool that opens no connection any more: taken, they

@@ -109,7 +109,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--show-queries",
         action="store_true",
         help="show the query of each group's oldest session, truncated (may contain secrets; the literal "
-        "after PASSWORD and connection strings' passwords are masked)",
+        "after PASSWORD and the passwords of connection strings inside literals are masked; comments are "
+        "shown as they are)",
     )
     parser.add_argument(
         "--query-width",
