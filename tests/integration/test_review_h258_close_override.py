@@ -477,3 +477,33 @@ async def test_asyncpg_inactive_terminate_then_pool_terminate(pg_dsn: str, app_n
         assert terminated == [raw]
     finally:
         pool.terminate()
+
+
+@pytest.mark.xfail(asyncpg_version() < (0, 32), strict=True, reason=(
+    "review h258: on asyncpg 0.29-0.31 (_internals.CLOSE_UNDER_BUDGET False) a release(timeout=) that closes "
+    "(expired generation, max_queries) gets no close_budget (safepool/_leasing.py:651), so with no "
+    "reset_timeout the wait for the stalled cancel request that h257 made a close()-overriding class keep "
+    "(safepool/_workers.py:655, probe=False) is bounded only by DEFAULT_RESET_TIMEOUT (30 s; patched to 3 s "
+    "here): the release's own timeout is not honoured; before h257 it returned at the statement's end, and "
+    "asyncpg 0.29's release(timeout=) returns within it"))
+async def test_release_timeout_bounds_a_stalled_request_without_reset_timeout(
+    pg_dsn: str, app_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """release(timeout=0.5) of a class with a close() of its own, its
+    request stalled, no reset_timeout on the pool: the release ends within
+    about its timeout (0.32: TimeoutError)."""
+    from safepool import _workers
+
+    monkeypatch.setattr(_workers, "DEFAULT_RESET_TIMEOUT", 3.0)
+    loop = asyncio.get_running_loop()
+    async with audit_table(pg_dsn, app_name) as (table, admin), LateProxy(str(admin._addr)) as proxy:
+        pool, cls, con, call, pid = await _stalled_close(pg_dsn, app_name, proxy, admin, table)
+        try:
+            began = loop.time()
+            released = await outcome_of(pool.release(con, timeout=0.5), 10)
+            took = loop.time() - began
+            assert await outcome_of(call, 5) == "done"
+            assert len(proxy.held) == 1
+            assert took < 2.0, (took, released)
+        finally:
+            pool.terminate()
