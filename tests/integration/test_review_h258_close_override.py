@@ -173,6 +173,11 @@ async def test_terminate_while_the_close_waits_for_a_stalled_request(pg_dsn: str
                 while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
                     await asyncio.sleep(0.01)
             assert cls.calls == [] and await audited(admin, table) == []
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                del con, call
+                gc.collect()
+            assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
         finally:
             pool.terminate()
 
@@ -381,6 +386,12 @@ async def test_no_budget_close_with_a_stalled_request_is_bounded(
             assert 1.0 < took < 4.0, (took, released)
             assert cls.calls == [] and await audited(admin, table) == []
             await _until_no_backend(admin, app_name)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                del con, call
+                gc.collect()
+            assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+            assert _pending_pool_tasks() == []
         finally:
             pool.terminate()
 
