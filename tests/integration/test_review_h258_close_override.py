@@ -518,3 +518,38 @@ async def test_release_timeout_bounds_a_stalled_request_without_reset_timeout(
             assert took < 2.0, (took, released)
         finally:
             pool.terminate()
+
+
+async def test_two_stalled_closes_and_pool_close(pg_dsn: str, app_name: str) -> None:
+    """max_size=2, both leases released with a call running elsewhere and
+    their requests stalled, pool.close() meanwhile (reset_timeout=1): all
+    end within about the budget, never more than two backends, the
+    overrides not called, nothing left on the server."""
+    loop = asyncio.get_running_loop()
+    async with audit_table(pg_dsn, app_name) as (table, admin), LateProxy(str(admin._addr)) as proxy:
+        cls = audit_close_class(table)
+        pool = await safepool.create_pool(
+            pg_dsn, host="127.0.0.1", port=proxy.port, ssl=False, min_size=0, max_size=2, connection_class=cls,
+            reset_timeout=1, server_settings={"application_name": app_name},
+        )
+        try:
+            cons = [await pool.acquire(), await pool.acquire()]
+            calls = [asyncio.ensure_future(c.fetchval("SELECT 'done' FROM pg_sleep(0.3)")) for c in cons]
+            for c, call in zip(cons, calls, strict=True):
+                await in_pg_sleep_on(admin, c.get_server_pid(), call=call)
+            proxy.hold = True
+            began = loop.time()
+            closing = asyncio.ensure_future(outcome_of(pool.close(), 10))
+            releases = [asyncio.ensure_future(outcome_of(pool.release(c), 10)) for c in cons]
+            assert await backends(admin, app_name) <= 2
+            outcomes = await asyncio.gather(*releases)
+            assert await closing is None
+            took = loop.time() - began
+            assert [await outcome_of(call, 5) for call in calls] == ["done", "done"]
+            assert len(proxy.held) == 2
+            assert 0.8 < took < 3.0, (took, outcomes)
+            assert cls.calls == [] and await audited(admin, table) == []
+            assert pool.get_size() == 0
+            await _until_no_backend(admin, app_name)
+        finally:
+            pool.terminate()
