@@ -24,6 +24,7 @@ from tests.integration.test_review_h257_close_runs_statement import (
     audit_close_class,
     audit_table,
     audited,
+    in_close_insert,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -551,5 +552,58 @@ async def test_two_stalled_closes_and_pool_close(pg_dsn: str, app_name: str) -> 
             assert cls.calls == [] and await audited(admin, table) == []
             assert pool.get_size() == 0
             await _until_no_backend(admin, app_name)
+        finally:
+            pool.terminate()
+
+
+@pytest.mark.parametrize("how", ["max_queries", "plain"])
+async def test_late_request_on_other_release_paths(pg_dsn: str, app_name: str, how: str) -> None:
+    """h257's "late" scenario on other paths than an expired generation: a
+    max_queries release (the class's close() follows) and a plain release
+    (the connection is kept): the request held until the statement ended
+    and HOLD_WINDOW more, then delivered. No statement of the override's
+    or of the pool's (reset) runs while it is held, the override's INSERT
+    lands, and the next lease's statement is not cancelled."""
+    async with audit_table(pg_dsn, app_name) as (table, admin), LateProxy(str(admin._addr)) as proxy:
+        cls = audit_close_class(table)
+        pool = await safepool.create_pool(
+            pg_dsn, host="127.0.0.1", port=proxy.port, ssl=False, min_size=0, max_size=1, connection_class=cls,
+            server_settings={"application_name": app_name}, **({"max_queries": 1} if how == "max_queries" else {}),
+        )
+        try:
+            con = await pool.acquire()
+            pid = con.get_server_pid()
+            call = asyncio.ensure_future(con.fetchval("SELECT 'done' FROM pg_sleep(0.3)"))
+            await in_pg_sleep_on(admin, pid, call=call)
+            proxy.hold = True
+            release = asyncio.ensure_future(outcome_of(pool.release(con, timeout=5), 10))
+            outcome = await outcome_of(call, 5)
+            await until(lambda: len(proxy.held) == 1, 5)
+            # Deliver once the override's INSERT runs, or once a window
+            # passed without (h257's choreography).
+            inserting = asyncio.ensure_future(in_close_insert(admin, pid))
+            await asyncio.wait([inserting, release], timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+            insert_while_held = inserting.done() and not inserting.cancelled() and inserting.exception() is None
+            inserting.cancel()
+            await asyncio.gather(inserting, return_exceptions=True)
+            proxy.hold = False
+            await asyncio.wait_for(proxy.deliver(), 10)
+            released = await release
+            assert outcome == "done", outcome
+            assert insert_while_held is False
+            if how == "plain":
+                # (the reset refused with the call in flight: the release
+                # raises it, as asyncpg's; safepool then closes the
+                # connection, calling the class's close(), where asyncpg's
+                # pool terminates it: docs/migration.md, "A release whose
+                # reset failed")
+                assert isinstance(released, asyncpg.InterfaceError), released
+            else:
+                assert released is None, released
+            await asyncio.wait_for(cls.ended.wait(), 10)
+            assert [c["pid"] for c in cls.calls] == [pid] and "error" not in cls.calls[0], cls.calls
+            assert await audited(admin, table) == [pid]
+            async with pool.acquire(timeout=5) as again:
+                assert await again.fetchval("SELECT 'next' FROM pg_sleep(0.2)") == "next"
         finally:
             pool.terminate()
