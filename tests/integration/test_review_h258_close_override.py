@@ -607,3 +607,42 @@ async def test_late_request_on_other_release_paths(pg_dsn: str, app_name: str, h
                 assert await again.fetchval("SELECT 'next' FROM pg_sleep(0.2)") == "next"
         finally:
             pool.terminate()
+
+
+@pytest.mark.parametrize("shape", ["mixin", "grandchild"])
+async def test_inactive_close_override_by_mixin_or_grandchild(pg_dsn: str, app_name: str, shape: str) -> None:
+    """The close() of a mixin, or of a parent class (the pool's class a
+    subclass of it): past the lifetime, terminated (close() not called) on
+    safepool as on asyncpg's pool."""
+    closed: list[int] = []
+
+    class Mixin:
+        async def close(self, *, timeout: float | None = None) -> None:
+            closed.append(self.get_server_pid())  # type: ignore[attr-defined]
+            await super().close(timeout=timeout)  # type: ignore[misc]
+
+    if shape == "mixin":
+        cls: Any = type("Mixed", (Mixin, asyncpg.Connection), {})
+    else:
+        parent = type("Parent", (Mixin, asyncpg.Connection), {})
+        cls = type("Grandchild", (parent,), {})
+    admin = await asyncpg.connect(pg_dsn)
+    pools = [
+        await create(
+            pg_dsn, min_size=0, max_size=1, connection_class=cls, max_inactive_connection_lifetime=0.1,
+            server_settings={"application_name": app_name},
+        )
+        for create in (asyncpg.create_pool, safepool.create_pool)
+    ]
+    try:
+        for pool in pools:
+            async with pool.acquire() as con:
+                assert await con.fetchval("SELECT 1") == 1
+        await _until_no_backend(admin, app_name)
+        for pool in pools:
+            await until(lambda p=pool: p.get_size() == 0)
+        assert closed == []
+    finally:
+        for pool in pools:
+            pool.terminate()
+        await admin.close()
