@@ -437,3 +437,22 @@ async def outcome_of(awaitable: Awaitable[Any], timeout: float = 10.0) -> Any:
         return await asyncio.wait_for(awaitable, timeout)
     except Exception as error:  # noqa: BLE001
         return error
+
+
+async def relay_to_unix(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> None:
+    """Relay a client's connection (``reader``, ``writer``) to the Unix
+    socket ``path`` (the test server's), both ways, until either side ends;
+    the upstream connection is aborted after. The caller closes its client's
+    end. For the tests' TCP proxies in front of the suite's server."""
+    up_reader, up = await asyncio.open_unix_connection(path)
+
+    async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+        sink.close()
+
+    try:
+        await asyncio.gather(pump(reader, up), pump(up_reader, writer))
+    finally:
+        up.transport.abort()

@@ -190,7 +190,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     orig_close_slot = pool._runner.close_slot
     close_info: dict[Any, str] = {}
 
-    def traced_close_slot(slot: Any) -> None:
+    def traced_close_slot(slot: Any, *args: Any, **kwargs: Any) -> None:
         h = pool._runner.slot_holders.get(slot)
         con = slot.connection
         if con is not None:
@@ -198,7 +198,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"unresponsive={h is not None and h.unresponsive} lost={h is not None and h.lost_while_leased} "
                 f"is_closed={con.is_closed()} cancelling={con._protocol is not None and con._protocol._is_cancelling()} "
                 f"aborted={con._aborted} terminating={pool._runner.terminating}")
-        orig_close_slot(slot)
+        orig_close_slot(slot, *args, **kwargs)
 
     pool._runner.close_slot = traced_close_slot
     outcomes: Counter[str] = Counter()

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 import safepool
-from tests._util import until
+from tests._util import relay_to_unix, until
 
 pytestmark = pytest.mark.realtime
 
@@ -260,29 +260,18 @@ class UnixProxy:
         self.open += 1
         self.most = max(self.most, self.open)
         self.tasks.add(asyncio.current_task())  # type: ignore[arg-type]
-        up: asyncio.StreamWriter | None = None
         try:
             if self.hole:
                 while await reader.read(65536):
                     pass
                 return
-            up_reader, up = await asyncio.open_unix_connection(self.path)
-
-            async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-                w.close()
-
-            await asyncio.gather(pump(reader, up), pump(up_reader, writer))
+            await relay_to_unix(reader, writer, self.path)
         except (OSError, asyncio.CancelledError):
             pass
         finally:
             self.open -= 1
             self.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
             writer.transport.abort()
-            if up is not None:
-                up.transport.abort()
 
 
 @pytest.mark.asyncio

@@ -60,7 +60,7 @@ import pytest
 
 import safepool
 from safepool import _internals
-from tests._util import asyncpg_version, in_pg_sleep_on, outcome_of, until
+from tests._util import asyncpg_version, in_pg_sleep_on, outcome_of, relay_to_unix, until
 
 pytestmark = pytest.mark.asyncio
 
@@ -163,7 +163,6 @@ class LateProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.tasks.add(asyncio.current_task())  # type: ignore[arg-type]
-        up: asyncio.StreamWriter | None = None
         try:
             if self.hold:
                 data = bytearray()
@@ -175,22 +174,12 @@ class LateProxy:
                 while chunk := await reader.read(65536):
                     data += chunk
                 return
-            up_reader, up = await asyncio.open_unix_connection(self.path)
-
-            async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-                w.close()
-
-            await asyncio.gather(pump(reader, up), pump(up_reader, writer))
+            await relay_to_unix(reader, writer, self.path)
         except (OSError, asyncio.CancelledError):
             pass
         finally:
             self.tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
             writer.transport.abort()
-            if up is not None:
-                up.transport.abort()
 
     async def deliver(self) -> None:
         """Send what was held, then close the held connections, as the
