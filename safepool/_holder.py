@@ -37,7 +37,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
 
     __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "base_callbacks", "lease_callbacks",
                  "release_timeout",
-                 "orphan_checks", "orphan_reported", "orphaned_at", "unresponsive", "close_budget", "close_raises", "lost_while_leased", "busy_elsewhere",
+                 "orphan_checks", "orphan_reported", "orphaned_at", "unresponsive", "close_budget", "close_raises", "calls_budget", "lost_while_leased", "busy_elsewhere",
                  "cancel_key", "abort_in_flight", "cleaned_up",
                  "reset_since",
                  "command_timeout", "reset_query", "reset_text", "own_is_closed", "task_reset", "proxy_collected",
@@ -86,6 +86,10 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # error (TimeoutError) is raised from release(), as asyncpg's release
         # raises what Connection.close(timeout=) raised.
         self.close_raises = False
+        # asyncpg 0.29-0.31 (no close under the release's budget, see
+        # _internals.CLOSE_UNDER_BUDGET): the release's budget still bounds
+        # the close's wait for a call of the lease in flight (review h258).
+        self.calls_budget: float | None = None
         # The socket died under a lease (reset or aborted, not closed in
         # order by the peer): its backend may still run a query.
         self.lost_while_leased = False

@@ -654,6 +654,11 @@ class Leaser:
                     # acquire's), and raises its TimeoutError: bounded alike.
                     holder.close_budget = timeout
                     holder.close_raises = True
+                elif timeout is not None:
+                    # (asyncpg 0.29-0.31: the close keeps the pool's bound;
+                    # the wait for a call still in flight before it, which
+                    # asyncpg's release does not make, takes the release's.)
+                    holder.calls_budget = timeout
             state.release(lease, self.now(), outcome)
         if state.actions or state.connects_to_watch or (
             state.max_inactive_lifetime and len(state.slot_set) > state.min_size

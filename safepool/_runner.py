@@ -860,7 +860,7 @@ class Runner:
                     # COPY of the lease under way still writes to, and
                     # raised AttributeError there (review h244). A protocol
                     # aborted directly, with no cleanup, is terminated.)
-                    _pg.terminate(con)
+                    self.terminate_reporting(con)
                 _pg.drop_released(con)
             if cancel and con is not None:
                 self.spawn(self.cancel_aborted(slot, con, key, _workers.cancel_timeout(budget)))
@@ -876,7 +876,26 @@ class Runner:
         raises = holder is not None and holder.close_raises
         busy = holder is not None and holder.busy_elsewhere
         in_flight = holder.statement_in_flight if holder is not None else _pg.statement_in_flight
-        self.spawn(self.close_connection(slot, con, lost, budget, raises, busy, key, in_flight))
+        calls_budget = holder.calls_budget if holder is not None else None
+        self.spawn(self.close_connection(slot, con, lost, budget, raises, busy, key, in_flight, calls_budget))
+
+    def terminate_reporting(self, con: RawConnection) -> None:
+        """``con.terminate()`` where the core closes a slot (inside
+        :meth:`drain`): a connection class's ``terminate()`` that raises goes
+        to the loop's exception handler, as its error does from asyncpg's
+        pool, whose idle expiry calls it in a loop callback (0.29-0.32); the
+        connection is aborted then all the same (an error out of ``drain``
+        left the slot closing for good and the pool stuck: review h258)."""
+        try:
+            _pg.terminate(con)
+        except Exception as error:
+            self.reporter.scrub(error)
+            self.loop.call_exception_handler({
+                "message": f"pool {self.name!r}: the connection class's terminate() raised; the connection was aborted",
+                "exception": error,
+            })
+            if not con._aborted:
+                con._abort()
 
     async def cancel_aborted(
         self, slot: Slot, con: RawConnection, key: _pg.CancelKey | None, timeout: float
@@ -932,20 +951,21 @@ class Runner:
     async def close_connection(
         self, slot: Slot, con: RawConnection, lost: bool, budget: float | None, raises: bool = False,
         busy: bool = False, key: _pg.CancelKey | None = None,
-        in_flight: Callable[[RawConnection], bool] = _pg.statement_in_flight,
+        in_flight: Callable[[RawConnection], bool] = _pg.statement_in_flight, calls_budget: float | None = None,
     ) -> None:
         """Close; the slot counts towards max_size until the backend is gone
         (``budget``: seconds for the close, None for the default; ``raises``:
         the releasing caller waiting for it gets the close's error;
         ``busy``: another task's statement still runs on it, waited for first;
-        ``in_flight``: whether a statement may run, the holder's reading)."""
+        ``in_flight``: whether a statement may run, the holder's reading;
+        ``calls_budget``: see :func:`_workers.close`)."""
         error: Exception | None = None
         try:
             # (A release's budget spent on a cancelled query: it raises now,
             # the slot counts until the server answered; see _workers.close.)
             error = await _workers.close(
                 con, lost, budget, (lambda spent: settle(self.closes_done.pop(slot, None), spent)) if raises else None,
-                busy=busy, key=key, in_flight=in_flight,
+                busy=busy, key=key, in_flight=in_flight, calls_budget=calls_budget,
             )
             if error is not None:
                 # Aborted: a release waiting for the close returns (raises)
@@ -1137,7 +1157,10 @@ class Runner:
             # Already closing: its close task was cancelled, abort the
             # connection instead. (A connect that still completes finds its
             # slot abandoned and aborts its connection.)
-            if slot.connection is not None:
+            # Not one already closed whose backend the pool waits out (an
+            # idle connection terminated at its inactive lifetime): asyncpg's
+            # pool let go of it then, and terminate() runs once (review h258).
+            if slot.connection is not None and not (slot not in self.slot_holders and slot.connection.is_closed()):
                 _pg.terminate(slot.connection)
             self.slot_closed(slot)
         for done in self.resets_done.values():

@@ -476,7 +476,7 @@ async def backend_gone(watch: socket.socket, grace: float) -> bool:
 async def close(
     con: RawConnection, lost: bool, budget: float | None, spent: Callable[[TimeoutError], None] | None = None,
     *, busy: bool = False, key: _pg.CancelKey | None = None,
-    in_flight: Callable[[RawConnection], bool] = _pg.statement_in_flight,
+    in_flight: Callable[[RawConnection], bool] = _pg.statement_in_flight, calls_budget: float | None = None,
 ) -> Exception | None:
     """Close gracefully; on any failure, or cancellation, terminate.
 
@@ -495,6 +495,12 @@ async def close(
     generation), called with its TimeoutError when it runs out while a
     cancelled query has not answered, which then gets CANCEL_ANSWER_GRACE
     more (see :func:`_cancel_answered_within`).
+
+    ``calls_budget``: with no ``budget`` (asyncpg 0.29-0.31, whose
+    ``close(timeout=)`` the release's budget does not bound: see
+    ``_internals.CLOSE_UNDER_BUDGET``), the release's budget for the wait
+    for a call in flight before the close, which asyncpg's release does not
+    make (review h258); None: DEFAULT_RESET_TIMEOUT's alone.
 
     ``busy``: a statement of the released lease still runs in another task
     (the release's reset was refused): waited for first, within ``budget``
@@ -536,7 +542,8 @@ async def close(
                     await _pg.wait_for_cancellation(con)
                     if await _cancelled_after_a_reset(con, running, key):
                         return None
-                await _calls_ended(con, in_flight)
+                async with asyncio.timeout(calls_budget):
+                    await _calls_ended(con, in_flight)
                 await con.close()
         else:
             if spent is not None and _pg.is_cancelling(con):

@@ -85,10 +85,7 @@ def raising_terminate_class(calls: list[int]) -> Any:
 
 @pytest.mark.parametrize("flavour", [
     "asyncpg",
-    pytest.param("safepool", marks=pytest.mark.xfail(strict=True, raises=(safepool.PoolTimeoutError, TimeoutError), reason=(
-        "review h258: Runner.close_slot (safepool/_runner.py:839/863, _pg.terminate) lets the class's terminate() "
-        "error out of drain() in on_timer: the slot stays CLOSING for ever (closing=1), acquires time out, "
-        "close() never drains; asyncpg's pool logs it and keeps serving the connection"))),
+    "safepool",
 ])
 async def test_inactive_lifetime_terminate_raises(pg_dsn: str, app_name: str, flavour: str) -> None:
     """A class whose terminate() raises, past the inactive lifetime: the
@@ -398,11 +395,7 @@ async def test_no_budget_close_with_a_stalled_request_is_bounded(
 
 
 @pytest.mark.parametrize("then", [
-    pytest.param("terminate", marks=pytest.mark.xfail(strict=True, reason=(
-        "review h258: Runner.terminate_all (safepool/_runner.py:1141) calls _pg.terminate() on every slot still "
-        "counted, so a connection whose class's terminate() already ran at idle expiry (close_slot, "
-        "safepool/_runner.py:863) and whose backend is still exiting (closed_after_exit) gets its terminate() "
-        "a second time; asyncpg's pool calls it once (the holder let go of it)"))),
+    "terminate",
     "close",
 ])
 async def test_inactive_terminate_then_pool_ends(pg_dsn: str, app_name: str, then: str) -> None:
@@ -491,13 +484,6 @@ async def test_asyncpg_inactive_terminate_then_pool_terminate(pg_dsn: str, app_n
         pool.terminate()
 
 
-@pytest.mark.xfail(asyncpg_version() < (0, 32), strict=True, reason=(
-    "review h258: on asyncpg 0.29-0.31 (_internals.CLOSE_UNDER_BUDGET False) a release(timeout=) that closes "
-    "(expired generation, max_queries) gets no close_budget (safepool/_leasing.py:651), so with no "
-    "reset_timeout the wait for the stalled cancel request that h257 made a close()-overriding class keep "
-    "(safepool/_workers.py:655, probe=False) is bounded only by DEFAULT_RESET_TIMEOUT (30 s; patched to 3 s "
-    "here): the release's own timeout is not honoured; before h257 it returned at the statement's end, and "
-    "asyncpg 0.29's release(timeout=) returns within it"))
 async def test_release_timeout_bounds_a_stalled_request_without_reset_timeout(
     pg_dsn: str, app_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
