@@ -1,0 +1,176 @@
+"""Review h259: user code (or environment conditions) raising inside
+``Runner.drain()`` or the synchronous paths it calls. An error out of the
+action loop loses the rest of the batch and reaches whoever called drain()
+(an acquire, a release, the pool's timer). The pool must keep working:
+acquires within a bound, close() ends, get_size() right.
+
+Every wait is bounded (``asyncio.timeout`` / ``wait_for``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+import safepool
+from tests._util import outcome_of, until
+
+pytestmark = pytest.mark.asyncio
+
+
+class RaisingHandler(logging.Handler):
+    """A logging handler whose ``emit()`` raises, as a custom handler
+    without ``handleError()`` does (``Logger.callHandlers`` does not catch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        raise RuntimeError("log handler failed")
+
+
+@contextlib.contextmanager
+def raising_handler(name: str) -> Iterator[RaisingHandler]:
+    handler = RaisingHandler()
+    log = logging.getLogger(name)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
+def loop_errors() -> Iterator[list[dict[str, Any]]]:
+    errors: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        yield errors
+    finally:
+        loop.set_exception_handler(previous)
+
+
+async def backends(admin: Any, app_name: str) -> int:
+    return int(await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app_name))
+
+
+# ------------------------------------------------ lease_timeout take-back
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "review h259: Reclaimer.take_back (safepool/_reclaim.py:256) logs the expiry on safepool.leaks before it "
+    "spawns take_back_slot (:263); a logging handler that raises escapes drain() from on_timer, the take-back "
+    "never starts, the slot stays RESETTING for good: acquires time out, close() never ends"
+))
+async def test_take_back_with_a_raising_leak_log_handler(pg_dsn: str, app_name: str) -> None:
+    admin = await asyncpg.connect(pg_dsn)
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=0, max_size=1, lease_timeout=0.2, server_settings={"application_name": app_name},
+    )
+    try:
+        with loop_errors() as errors, raising_handler("safepool.leaks") as handler:
+            kept = await pool.acquire()  # never released: taken back at its lease_timeout
+            await until(lambda: handler.records != [], 5)
+            # (Seen: pool.close() then never ends either, the slot RESETTING.)
+            # The pool serves again once the connection was taken back.
+            got = await outcome_of(pool.acquire(timeout=3), 5)
+            assert not isinstance(got, BaseException), (got, errors)
+            await pool.release(got)
+            assert pool.get_size() == 1
+            assert await backends(admin, app_name) <= 1
+            await asyncio.wait_for(pool.close(), 5)
+            del kept
+    finally:
+        pool.terminate()
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name)
+        await admin.close()
+
+
+# ------------------------------------------------- leak_warning_after
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "review h259: Reclaimer.leak_suspect (safepool/_reclaim.py:287) logs on safepool.leaks inside drain(); a "
+    "logging handler that raises escapes drain() (safepool/_runner.py:134-193) from on_timer before arm_timer(): "
+    "the pool's timer is never re-armed and a waiting acquire's timeout never fires"
+))
+async def test_leak_warning_with_a_raising_log_handler_keeps_acquire_timeouts(pg_dsn: str, app_name: str) -> None:
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=0, max_size=1, leak_warning_after=0.2, server_settings={"application_name": app_name},
+    )
+    try:
+        with loop_errors() as errors, raising_handler("safepool.leaks") as handler:
+            kept = await pool.acquire()  # held past leak_warning_after
+            waiter = asyncio.ensure_future(pool.acquire(timeout=1.0))
+            got = await outcome_of(waiter, 5)
+            assert handler.records != []
+            # The acquire times out at its own timeout, whatever the log handler did.
+            assert isinstance(got, safepool.PoolTimeoutError), (got, errors)
+            await pool.release(kept)
+            await asyncio.wait_for(pool.close(), 5)
+    finally:
+        pool.terminate()
+
+
+async def test_leak_warning_with_a_raising_log_handler_is_reported(pg_dsn: str, app_name: str) -> None:
+    """The pool goes on serving once the leak-suspect lease is released (the
+    handler's error reaches the loop's exception handler)."""
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=0, max_size=1, leak_warning_after=0.1, server_settings={"application_name": app_name},
+    )
+    try:
+        with loop_errors() as errors, raising_handler("safepool.leaks") as handler:
+            kept = await pool.acquire()
+            await until(lambda: handler.records != [], 5)
+            await pool.release(kept)
+            async with pool.acquire(timeout=3) as con:
+                assert await con.fetchval("SELECT 1") == 1
+            assert pool.get_size() == 1
+            await asyncio.wait_for(pool.close(), 5)
+        assert any(isinstance(c.get("exception"), RuntimeError) for c in errors), errors
+    finally:
+        pool.terminate()
+
+
+# ---------------------------------------------- connects, the safepool logger
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("flavour", ["asyncpg", "safepool"])
+async def test_connect_failure_with_a_raising_log_handler(flavour: str) -> None:
+    """A connect fails (nothing listens) while a handler on the safepool
+    logger raises: the waiting acquire still gets the connect's error, as
+    with asyncpg's pool (which logs nothing there)."""
+    port = free_port()
+    create = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
+    pool = await create(host="127.0.0.1", port=port, user="nobody", database="none", min_size=0, max_size=1)
+    try:
+        with loop_errors() as errors, raising_handler("safepool") as handler:
+            got = await outcome_of(pool.acquire(), 5)
+            assert isinstance(got, OSError), (got, errors)
+            assert handler.records != [] or flavour == "asyncpg"
+            assert pool.get_size() == 0
+            got = await outcome_of(pool.acquire(timeout=2), 5)
+            assert isinstance(got, OSError), (got, errors)
+            await asyncio.wait_for(pool.close(), 5)
+    finally:
+        pool.terminate()
