@@ -253,6 +253,9 @@ class Reclaimer:
         # con.query_logger():` was cut short, and would log the next leases.
         holder = self.runner.slot_holders[slot]
         _pg.drop_lease_callbacks(con, holder.lease_callbacks, lease.id, holder.base_callbacks)
+        # The take-back starts before the report: a logging handler that
+        # raises cannot leave the slot taken and never reset (review h259).
+        self.runner.spawn(self.take_back_slot(holder, con))
         leak_logger.error(
             "pool %r: lease expired after %.3fs (lease_timeout %.3fs); %s; taking the connection back. "
             "Acquired at:\n%s",
@@ -260,7 +263,6 @@ class Reclaimer:
             extra=self.reporter.event_fields("lease_expired", lease, held),
         )
         self.reporter.emit("lease_expired", lease, held, lease_timeout=limit)
-        self.runner.spawn(self.take_back_slot(self.runner.slot_holders[slot], con))
 
     async def take_back_slot(self, holder: Holder, con: RawConnection) -> None:
         error = await _workers.take_back(

@@ -139,61 +139,80 @@ class Runner:
             batch = actions[:]
             actions.clear()
             for action in batch:
-                match action:
-                    case Wake(waiter):
-                        self.grant(waiter)
-                    case Connect(slot):
-                        if self.cancelled_from_outside():
-                            # The loop is shutting down (asyncio.run() cancels
-                            # every task left, then stops): a task spawned now
-                            # would never run ("Task was destroyed but it is
-                            # pending!"). The connect is dropped; the next pool
-                            # event plans one again if the loop lives on.
-                            state.connect_cancelled(slot)
-                            continue
-                        self.start_connect(slot)
-                    case Abandon(slot):
-                        task = self.connect_task_of.pop(slot, None)
-                        if task is not None:
-                            self.abandoned.add(task)
-                            task.add_done_callback(self.abandoned.discard)
-                            task.cancel()
-                    case Close(slot, idle_expired):
-                        self.close_slot(slot, idle_expired)
-                        if state.connect_failures and not state.closing:
-                            # Backing off with no connection left is down:
-                            # report it now, not at the next failed connect
-                            # (a pool closing is not news about the server).
+                try:
+                    match action:
+                        case Wake(waiter):
+                            self.grant(waiter)
+                        case Connect(slot):
+                            if self.cancelled_from_outside():
+                                # The loop is shutting down (asyncio.run() cancels
+                                # every task left, then stops): a task spawned now
+                                # would never run ("Task was destroyed but it is
+                                # pending!"). The connect is dropped; the next pool
+                                # event plans one again if the loop lives on.
+                                state.connect_cancelled(slot)
+                                continue
+                            self.start_connect(slot)
+                        case Abandon(slot):
+                            task = self.connect_task_of.pop(slot, None)
+                            if task is not None:
+                                self.abandoned.add(task)
+                                task.add_done_callback(self.abandoned.discard)
+                                task.cancel()
+                        case Close(slot, idle_expired):
+                            self.close_slot(slot, idle_expired)
+                            if state.connect_failures and not state.closing:
+                                # Backing off with no connection left is down:
+                                # report it now, not at the next failed connect
+                                # (a pool closing is not news about the server).
+                                self.reporter.note_server_status(self.now())
+                        case TimeOut(waiter):
+                            if not waiter.future.done():  # (else cancelled first: no timeout reaches it)
+                                waiter.future.set_exception(PoolTimeoutError(self.reporter.busy_message(
+                                    "timed out waiting for a connection", self.now(), waiter)))
+                        case Fail(waiter, error, breaker_open):
+                            if breaker_open and not waiter.future.done():
+                                # fail_fast: the probe's waiters get what an
+                                # acquire arriving in the backoff gets.
+                                error = self.reporter.unavailable_error(error, self.now())
+                            self.fail_waiter(waiter, error)
+                        case TakeBack(lease):
+                            self.reclaimer.take_back(lease)
+                        case LeakSuspect(lease):
+                            self.reclaimer.leak_suspect(lease)
+                        case Shed(waiter, reason, waiting):
+                            if not waiter.future.done():  # (else cancelled first: never counted)
+                                waiter.future.set_exception(PoolOverloadedError(self.reporter.shed_message(reason, waiting)))
+                        case NoteServerStatus():
+                            # The failure view went stale (backing_off -> up) by
+                            # time alone: no connect event reports it.
                             self.reporter.note_server_status(self.now())
-                    case TimeOut(waiter):
-                        if not waiter.future.done():  # (else cancelled first: no timeout reaches it)
-                            waiter.future.set_exception(PoolTimeoutError(self.reporter.busy_message(
-                                "timed out waiting for a connection", self.now(), waiter)))
-                    case Fail(waiter, error, breaker_open):
-                        if breaker_open and not waiter.future.done():
-                            # fail_fast: the probe's waiters get what an
-                            # acquire arriving in the backoff gets.
-                            error = self.reporter.unavailable_error(error, self.now())
-                        self.fail_waiter(waiter, error)
-                    case TakeBack(lease):
-                        self.reclaimer.take_back(lease)
-                    case LeakSuspect(lease):
-                        self.reclaimer.leak_suspect(lease)
-                    case Shed(waiter, reason, waiting):
-                        if not waiter.future.done():  # (else cancelled first: never counted)
-                            waiter.future.set_exception(PoolOverloadedError(self.reporter.shed_message(reason, waiting)))
-                    case NoteServerStatus():
-                        # The failure view went stale (backing_off -> up) by
-                        # time alone: no connect event reports it.
-                        self.reporter.note_server_status(self.now())
-                    case _:
-                        assert_never(action)
+                        case _:
+                            assert_never(action)
+                except Exception as failure:
+                    # Code not the pool's ran inside (a logging handler or
+                    # filter that raises, a connection class's override):
+                    # reported, and the rest of the batch and the timer's
+                    # re-arming below still happen (an error out of here left
+                    # a take-back never started, a slot closing for good,
+                    # the timer unarmed: reviews h258, h259).
+                    self.action_failed(action, failure)
         if state.closing and state.size == 0:  # (closing first: a plain attribute, the hot path)
             self.drained.set()
         state.connects_to_watch = False  # (armed for next: the timer covers its deadlines)
         self.arm_timer()
         if self.pending_events:
             self.reporter.deliver()
+
+    def action_failed(self, action: object, error: Exception) -> None:
+        """An action of the core's raised while :meth:`drain` carried it out:
+        to the loop's exception handler (scrubbed of the pool's password),
+        as asyncio reports a callback's error; ``drain`` goes on."""
+        self.reporter.scrub(error)
+        self.loop.call_exception_handler({
+            "message": f"pool {self.name!r}: {type(action).__name__} raised (the pool goes on)",
+            "exception": error,
+        })
 
     def cancelled_from_outside(self) -> bool:
         """The running task is one of the pool's, cancelled by something other
