@@ -16,7 +16,6 @@ replaces it. Nothing on the hot path: the options are set once per connect.
 
 from __future__ import annotations
 
-import logging
 import math
 import socket
 from dataclasses import dataclass
@@ -24,9 +23,10 @@ from numbers import Integral, Real
 from typing import Any
 
 from ._durations import plain_int, plain_number
+from ._logging import guarded_logger
 from .errors import PoolTypeError, PoolValueError
 
-logger = logging.getLogger("safepool")
+logger = guarded_logger("safepool")
 
 # The kernel's ranges (Linux, net/ipv4/tcp.c): whole seconds for the idle
 # time and the interval, probes up to 127, the user timeout in milliseconds.

@@ -7,19 +7,19 @@ here without the application registering them. ``safepool.pool`` re-exports
 
 from __future__ import annotations
 
-import logging
 import threading
 import traceback
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ._logging import guarded_logger
 from .errors import check_callable, refuse_awaitable
 
 if TYPE_CHECKING:
     from .pool import Pool
 
-logger = logging.getLogger("safepool")
+logger = guarded_logger("safepool")
 
 # Weakly: a pool that is garbage is not listed.
 _LIVE_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()

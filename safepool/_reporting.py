@@ -18,6 +18,7 @@ from typing import Any
 
 from . import _secrets, _stack
 from . import events as _events
+from ._logging import guarded_logger
 from ._state import Lease, PoolState, SlotState, Waiter
 from .errors import ServerUnavailableError, refuse_awaitable
 from .stats import LeaseInfo, describe_error
@@ -28,8 +29,8 @@ CONNECT_WARNING_INTERVAL = 1.0
 # How many earlier connect arguments' secrets a pool masks (Reporter.retire_connect_args).
 RETIRED_KEPT = 8
 
-logger = logging.getLogger("safepool")
-leak_logger = logging.getLogger("safepool.leaks")
+logger = guarded_logger("safepool")
+leak_logger = guarded_logger("safepool.leaks")
 _asyncpg_logger = logging.getLogger("asyncpg.pool")
 
 _LEASE_EVENTS: dict[str, type[_events.LeaseEvent]] = {

@@ -368,6 +368,7 @@ class Runner:
         self.reset_watchdog = None
         now = self.now()
         oldest: float | None = None
+        aborted: list[float] = []
         for slot, holder in list(self.slot_holders.items()):
             started = holder.reset_since
             if started is None:
@@ -378,16 +379,20 @@ class Runner:
             if now >= started + DEFAULT_RESET_TIMEOUT:
                 holder.reset_since = None
                 holder.unresponsive = True
-                logger.warning(
-                    "pool %r: a reset got no answer for %.0fs; aborting the connection",
-                    self.name, now - started, extra={"event": "reset_failed", "pool": self.name},
-                )
                 holder.note_abort(slot.connection)  # (its reset's statement: the close cancels it on the server)
-                _pg.terminate(slot.connection)
+                self.terminate_reporting(slot.connection)
+                aborted.append(now - started)
             elif oldest is None or started < oldest:
                 oldest = started
         if oldest is not None:
             self.watch_resets(oldest)
+        # Logged last: a logging handler that raises cannot leave a reset
+        # unaborted or the watchdog unarmed (review h259).
+        for waited in aborted:
+            logger.warning(
+                "pool %r: a reset got no answer for %.0fs; aborting the connection",
+                self.name, waited, extra={"event": "reset_failed", "pool": self.name},
+            )
 
     # -------------------------------------------------------------- resets
 
@@ -750,22 +755,26 @@ class Runner:
                 slot, self.now(), failure, _pg.refusal(failure), attempt.init_failed, leftover,
                 _pg.program_error(failure),
             )
-            if counted:
-                # Reported outside the except block: a failing listener's
-                # traceback must not carry the connect error's full text. A
-                # connect terminate() abandoned (its hook turned the
-                # cancellation into an error) is no failure: not counted,
-                # not logged, no connect_failed event.
-                self.reporter.connect_failed(failure, self.now(), raised=raise_errors, waited=waited)
-            elif leftover is not None:
-                _pg.terminate(leftover)  # abandoned meanwhile (terminated)
-            self.drain()
-            self.keep_floor()
+            try:
+                if counted:
+                    # Reported outside the except block: a failing listener's
+                    # traceback must not carry the connect error's full text. A
+                    # connect terminate() abandoned (its hook turned the
+                    # cancellation into an error) is no failure: not counted,
+                    # not logged, no connect_failed event.
+                    self.reporter.connect_failed(failure, self.now(), raised=raise_errors, waited=waited)
+                elif leftover is not None:
+                    self.terminate_reporting(leftover)  # abandoned meanwhile (terminated)
+            finally:
+                # (Whatever a logging handler raised: the core's actions and
+                # the floor's upkeep still happen: review h259.)
+                self.drain()
+                self.keep_floor()
             if raise_errors:
                 raise failure
             return False
         if not state.connect_succeeded(slot, con, self.now()):
-            _pg.terminate(con)  # abandoned meanwhile (terminated, or an Abandon its connect ignored)
+            self.terminate_reporting(con)  # abandoned meanwhile (terminated, or an Abandon its connect ignored)
             # An Abandon's end frees its place: the core served its former
             # taker or planned its connect (connect_cancelled), to carry out now.
             self.drain()
@@ -784,8 +793,10 @@ class Runner:
         del con  # measured below with no reference but the pool's own
         holder.base_callbacks = _pg.callback_baseline(slot.connection)
         holder.base_refs = _pg.reference_count(slot.connection)
-        self.reporter.note_server_status(self.now())
-        self.drain()
+        try:
+            self.reporter.note_server_status(self.now())
+        finally:
+            self.drain()  # (the waiter's Wake, whatever a logging handler raised: review h259)
         return True
 
     def keep_floor(self) -> None:

@@ -20,7 +20,6 @@ the releasing task (``_detach``), a custom one runs in a pool task.
 from __future__ import annotations
 
 import asyncio
-import logging
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from types import TracebackType
@@ -40,6 +39,7 @@ from ._compat import queue as _compat_queue
 from ._internals import RawConnection
 from ._keepalive import TcpKeepalive
 from ._leasing import Leaser
+from ._logging import guarded_logger
 from ._options import DEFAULT as _DEFAULT  # left out: "the pool's setting" (None: no limit)
 from ._options import (
     DEFAULT_QUEUE_INTERVAL,
@@ -71,7 +71,7 @@ from .stats import LeaseInfo, PoolOptions, PoolStats
 if TYPE_CHECKING:
     from .health import HealthReport
 
-logger = logging.getLogger("safepool")
+logger = guarded_logger("safepool")
 
 _T = TypeVar("_T")
 # What repr() says of each phase: a pool not yet awaited is "not initialized",
