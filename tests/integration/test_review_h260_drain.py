@@ -145,3 +145,125 @@ async def test_floor_upkeep_with_a_raising_handler_on_safepool(pg_dsn: str, app_
     finally:
         runner.open_connection = real_open
         pool.terminate()
+
+
+# ------------------------------------------- drain(): a Wake that raises
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "review h260: Runner.drain()'s catch-all (safepool/_runner.py:197-204, Runner.action_failed) reports a "
+        "Wake whose grant raised but leaves its waiter's future pending: the core already took the waiter off "
+        "its queue (no TimeOut ever comes), so acquire(timeout=1) hangs past its timeout until cancelled; "
+        "a failed Wake/TimeOut/Fail/Shed could fail the waiter's future with the error instead"
+    ),
+)
+async def test_a_wake_that_raises_does_not_leave_the_acquire_hanging(pg_dsn: str, app_name: str) -> None:
+    """Fault injected (Runner.grant raising once, standing for an internal
+    bug that drain() now reports instead of raising)."""
+    pool = await safepool.create_pool(pg_dsn, min_size=0, max_size=1, server_settings={"application_name": app_name})
+    runner = pool._runner
+    real_grant = runner.grant
+    calls: list[int] = []
+
+    def grant(waiter: Any) -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("review h260: grant failed")
+        return real_grant(waiter)
+
+    runner.grant = grant  # type: ignore[method-assign]
+    try:
+        with loop_errors() as errors:
+            got = await outcome_of(pool.acquire(timeout=1), 4)
+            assert calls and any("Wake raised" in c["message"] for c in errors), errors
+            # The acquire ends by its timeout=1 (or with the grant's error), not
+            # by the test's 4 s bound (outcome_of's builtin TimeoutError).
+            assert isinstance(got, (safepool.PoolTimeoutError, RuntimeError)) and type(got) is not TimeoutError, got
+    finally:
+        runner.grant = real_grant  # type: ignore[method-assign]
+        pool.terminate()
+
+
+# ------------------------------------ a raising handler: the password
+
+
+PASSWORD = "pw-review-h260-secret"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "review h260: safepool/_logging.py:47-55 _handler_failed hands the handler's error to the loop "
+        "unscrubbed (Runner.action_failed scrubs, this does not); its __context__ is the failing listener's "
+        "error, which the pool redacted in its own listener_failed record (_reporting.py:348), and the "
+        "loop's exception handler prints the chain, password included (same for the created-hook "
+        "failure, _registry.py:70)"
+    ),
+)
+async def test_a_raising_handler_on_a_listener_failure_does_not_leak_the_password(pg_dsn: str, app_name: str) -> None:
+    """The pool redacts a failing event listener's traceback in its
+    ``listener_failed`` record; the handler's error, raised while that
+    listener's error was being handled, chains to it (``__context__``) and
+    goes to the loop's exception handler, which prints the chain."""
+    import traceback
+
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=0, max_size=1, password=PASSWORD, server_settings={"application_name": app_name},
+    )
+
+    def listener(event: Any) -> None:
+        raise RuntimeError(f"listener could not export: connect with password={PASSWORD}")
+
+    pool.add_event_listener(listener)
+    try:
+        with loop_errors() as errors, raising_handler("safepool") as handler:
+            pool._runner.open_connection = _refused  # a connect_failed event for the listener
+            await outcome_of(pool.acquire(timeout=1), 4)
+            await until(lambda: any(getattr(r, "event", None) == "listener_failed" for r in handler.records), 5)
+        failed = [r for r in handler.records if getattr(r, "event", None) == "listener_failed"]
+        assert failed and all(PASSWORD not in r.getMessage() for r in failed)  # the pool's own record: redacted
+        assert errors
+        printed = "".join(
+            "".join(traceback.format_exception(c["exception"])) for c in errors if c.get("exception") is not None
+        )
+        assert PASSWORD not in printed, printed
+    finally:
+        pool.terminate()
+
+
+# ------------------------------- a timing sink's failure, plain logger
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "review h260: safepool/_histogram.py:212 (TeeHistogram.flush) still logs a failing timing sink on the "
+        "plain logging.getLogger('safepool'), not a guarded one: with a handler that raises, "
+        "remove_timing_sink() (its uninstall runs flush() first, _surface.py:168) raises the handler's "
+        "error to the caller and the sink stays installed"
+    ),
+)
+async def test_remove_timing_sink_with_a_failing_sink_and_a_raising_handler(pg_dsn: str, app_name: str) -> None:
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=1, server_settings={"application_name": app_name})
+
+    def sink(value: float) -> None:
+        raise ValueError("sink failed")
+
+    try:
+        pool.add_timing_sink("lease", sink)
+        with loop_errors(), raising_handler("safepool"):
+            async with pool.acquire(timeout=3):
+                pass  # a value queued; its flush not yet run (call_soon)
+            got: BaseException | None = None
+            try:
+                pool.remove_timing_sink("lease", sink)  # flushes first: the sink raises, the pool logs
+            except Exception as error:
+                got = error
+            assert got is None, got
+        with pytest.raises(safepool.PoolValueError):
+            pool.remove_timing_sink("lease", sink)  # gone
+        await asyncio.wait_for(pool.close(), 5)
+    finally:
+        pool.terminate()
