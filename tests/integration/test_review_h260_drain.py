@@ -91,7 +91,7 @@ async def _kill_backends(pg_dsn: str, app_name: str) -> None:
         "review h260: safepool/_reporting.py:289 logs the floor upkeep's connect failure on the plain "
         "(unguarded) 'asyncpg.pool' logger: a handler there or on the root logger that raises throws out "
         "of Reporter.connect_failed (skipping its connect_failed event and the server-status update), out "
-        "of connect_slot's task and out of restore_floor (task.result(), _runner.py:836): the min_size "
+        "of connect_slot's task and out of restore_floor (task.result(), _runner.py:835): the min_size "
         "upkeep dies and the floor is never restored"
     ),
 )
@@ -153,7 +153,7 @@ async def test_floor_upkeep_with_a_raising_handler_on_safepool(pg_dsn: str, app_
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "review h260: Runner.drain()'s catch-all (safepool/_runner.py:197-204, Runner.action_failed) reports a "
+        "review h260: Runner.drain()'s catch-all (safepool/_runner.py:192-199, Runner.action_failed) reports a "
         "Wake whose grant raised but leaves its waiter's future pending: the core already took the waiter off "
         "its queue (no TimeOut ever comes), so acquire(timeout=1) hangs past its timeout until cancelled; "
         "a failed Wake/TimeOut/Fail/Shed could fail the waiter's future with the error instead"
@@ -190,7 +190,7 @@ async def test_a_wake_that_raises_does_not_leave_the_acquire_hanging(pg_dsn: str
     strict=True,
     reason=(
         "review h260: same as the Wake: a TimeOut whose message raises (Reporter.busy_message, injected) is "
-        "reported by drain's catch-all (safepool/_runner.py:197) and its waiter's future is left pending: "
+        "reported by drain's catch-all (safepool/_runner.py:192-199) and its waiter's future is left pending: "
         "acquire(timeout=0.5) never ends by itself"
     ),
 )
