@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import traceback
 from bisect import bisect_left
 from collections import Counter
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from . import _secrets
+from ._logging import guarded_logger
 from .errors import refuse_awaitable
 
 # Upper bounds in seconds, roughly x2.5 apart, from 10 µs to 5 minutes:
@@ -209,7 +209,7 @@ class TeeHistogram(Histogram):
                     if not self._complained:
                         self._complained = True
                         # Formatted now and redacted (as a failing event listener's).
-                        logging.getLogger("safepool").warning(
+                        guarded_logger("safepool").warning(
                             "%s failed\n%s", self._what, self._redact(traceback.format_exc().rstrip()),
                             extra={"event": "timing_sink_failed", "pool": self._pool},
                         )

@@ -44,15 +44,33 @@ class _GuardedLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
             _handler_failed(self.logger.name, error)
 
 
+_reporting = False  # (a report under way: the loop's handler logging through the failing handler again)
+
+
 def _handler_failed(name: str, error: Exception) -> None:
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        if logging.raiseExceptions:
-            sys.stderr.write(f"--- a logging handler of {name!r} raised ---\n")
-            traceback.print_exception(error, file=sys.stderr)
+    """Report a handler's ``error``, without the exceptions it chains to: the
+    pool logs from inside ``except`` blocks, and the error being handled
+    there (a failing listener's, a hook's) may quote the pool's password,
+    which the pool masks only in the record it writes (review h260). Not
+    again while a report is under way (a loop exception handler that logs
+    through the same failing handler recursed until Python's limit)."""
+    global _reporting
+    if _reporting:
         return
-    loop.call_exception_handler({"message": f"a logging handler of {name!r} raised", "exception": error})
+    error.__cause__ = None
+    error.__suppress_context__ = True
+    _reporting = True
+    try:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            if logging.raiseExceptions:
+                sys.stderr.write(f"--- a logging handler of {name!r} raised ---\n")
+                traceback.print_exception(error, file=sys.stderr)
+            return
+        loop.call_exception_handler({"message": f"a logging handler of {name!r} raised", "exception": error})
+    finally:
+        _reporting = False
 
 
 def guarded_logger(name: str) -> logging.Logger:

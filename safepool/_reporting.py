@@ -31,7 +31,7 @@ RETIRED_KEPT = 8
 
 logger = guarded_logger("safepool")
 leak_logger = guarded_logger("safepool.leaks")
-_asyncpg_logger = logging.getLogger("asyncpg.pool")
+_asyncpg_logger = guarded_logger("asyncpg.pool")
 
 _LEASE_EVENTS: dict[str, type[_events.LeaseEvent]] = {
     cls.kind: cls

@@ -207,8 +207,15 @@ class Runner:
     def action_failed(self, action: object, error: Exception) -> None:
         """An action of the core's raised while :meth:`drain` carried it out:
         to the loop's exception handler (scrubbed of the pool's password),
-        as asyncio reports a callback's error; ``drain`` goes on."""
+        as asyncio reports a callback's error; ``drain`` goes on. A waiting
+        task the action was for gets the error (and the core its place or
+        its granted connection back), rather than waiting for ever for a
+        wake-up or a timeout that never comes (review h260)."""
         self.reporter.scrub(error)
+        waiter = getattr(action, "waiter", None)  # (Wake, TimeOut, Fail, Shed)
+        if waiter is not None and not waiter.future.done():
+            self.state.cancel_waiter(waiter, self.now())
+            waiter.future.set_exception(error)
         self.loop.call_exception_handler({
             "message": f"pool {self.name!r}: {type(action).__name__} raised (the pool goes on)",
             "exception": error,
