@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 # ``await make_pool(**kwargs)`` (tests/conftest.py): a pool of the test's flavour.
@@ -456,3 +457,48 @@ async def relay_to_unix(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         await asyncio.gather(pump(reader, up), pump(up_reader, writer))
     finally:
         up.transport.abort()
+
+
+class RaisingHandler(logging.Handler):
+    """A logging handler whose ``emit()`` raises, as a custom handler that
+    does not call ``handleError()`` does (``Logger.callHandlers`` catches
+    nothing). ``records``: what reached it from safepool's and asyncpg's
+    loggers (on the root logger, the others pass: pytest's own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.name.startswith(("safepool", "asyncpg")):
+            return
+        self.records.append(record)
+        raise RuntimeError("log handler failed")
+
+
+@contextlib.contextmanager
+def raising_handler(name: str | None) -> Iterator[RaisingHandler]:
+    """A :class:`RaisingHandler` on logger ``name`` (None: the root), at DEBUG, while in the block."""
+    handler = RaisingHandler()
+    log = logging.getLogger(name)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
+def loop_errors() -> Iterator[list[dict[str, Any]]]:
+    """The contexts the running loop's exception handler gets while in the block."""
+    errors: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        yield errors
+    finally:
+        loop.set_exception_handler(previous)

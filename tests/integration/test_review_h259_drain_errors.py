@@ -16,57 +16,15 @@ Every wait is bounded (``asyncio.timeout`` / ``wait_for``)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import pytest
 
 import safepool
-from tests._util import outcome_of, until
+from tests._util import loop_errors, outcome_of, raising_handler, until
 
 pytestmark = pytest.mark.asyncio
-
-
-class RaisingHandler(logging.Handler):
-    """A logging handler whose ``emit()`` raises, as a custom handler
-    without ``handleError()`` does (``Logger.callHandlers`` does not catch)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        raise RuntimeError("log handler failed")
-
-
-@contextlib.contextmanager
-def raising_handler(name: str) -> Iterator[RaisingHandler]:
-    handler = RaisingHandler()
-    log = logging.getLogger(name)
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-
-
-@contextlib.contextmanager
-def loop_errors() -> Iterator[list[dict[str, Any]]]:
-    errors: list[dict[str, Any]] = []
-    loop = asyncio.get_running_loop()
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: errors.append(context))
-    try:
-        yield errors
-    finally:
-        loop.set_exception_handler(previous)
 
 
 async def backends(admin: Any, app_name: str) -> int:
