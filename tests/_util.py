@@ -502,3 +502,25 @@ def loop_errors() -> Iterator[list[dict[str, Any]]]:
         yield errors
     finally:
         loop.set_exception_handler(previous)
+
+
+def watched_class(closed: list[int], terminated: list[int], *, close: bool, terminate: bool) -> Any:
+    """A ``connection_class`` overriding ``close()`` and/or ``terminate()``
+    (each records the backend's pid in ``closed`` / ``terminated``, then does
+    asyncpg's)."""
+    import asyncpg
+
+    namespace: dict[str, Any] = {}
+    if close:
+        async def _close(self: Any, *, timeout: float | None = None) -> None:
+            closed.append(self.get_server_pid())
+            await asyncpg.Connection.close(self, timeout=timeout)
+
+        namespace["close"] = _close
+    if terminate:
+        def _terminate(self: Any) -> None:
+            terminated.append(self.get_server_pid())
+            asyncpg.Connection.terminate(self)
+
+        namespace["terminate"] = _terminate
+    return type("Watched", (asyncpg.Connection,), namespace)

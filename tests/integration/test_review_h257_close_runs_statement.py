@@ -60,7 +60,7 @@ import pytest
 
 import safepool
 from safepool import _internals
-from tests._util import asyncpg_version, in_pg_sleep_on, outcome_of, relay_to_unix, until
+from tests._util import asyncpg_version, in_pg_sleep_on, outcome_of, relay_to_unix, until, watched_class
 
 pytestmark = pytest.mark.asyncio
 
@@ -502,15 +502,7 @@ async def test_inactive_lifetime_calls_the_class_terminate(pg_dsn: str, app_name
     and never its ``close()``; the backend is gone afterwards."""
     terminated: list[int] = []
     closed: list[int] = []
-
-    class Watched(asyncpg.Connection):  # type: ignore[misc]
-        async def close(self, *, timeout: float | None = None) -> None:
-            closed.append(self.get_server_pid())
-            await super().close(timeout=timeout)
-
-        def terminate(self) -> None:
-            terminated.append(self.get_server_pid())
-            super().terminate()
+    Watched = watched_class(closed, terminated, close=True, terminate=True)
 
     create = asyncpg.create_pool if flavour == "asyncpg" else safepool.create_pool
     admin = await asyncpg.connect(pg_dsn)

@@ -18,7 +18,7 @@ import pytest
 
 import safepool
 from safepool import _internals
-from tests._util import asyncpg_version, in_pg_sleep_on, outcome_of, until
+from tests._util import asyncpg_version, in_pg_sleep_on, outcome_of, until, watched_class
 from tests.integration.test_review_h257_close_runs_statement import (
     LateProxy,
     audit_close_class,
@@ -124,13 +124,14 @@ async def test_inactive_lifetime_terminate_raises(pg_dsn: str, app_name: str, fl
 
 
 async def _stalled_close(
-    pg_dsn: str, app_name: str, proxy: LateProxy, admin: Any, table: str, **options: Any
+    pg_dsn: str, app_name: str, proxy: LateProxy, admin: Any, table: str, *, expire: bool = True, **options: Any
 ) -> tuple[Any, Any, Any, asyncio.Future[Any], int]:
     """A max_size=1 pool of AuditClose through ``proxy``; the lease's 0.3 s
     statement runs in another task; the proxy holds every new connection
-    (the pool's cancel request never arrives); expire_connections(), then
-    the lease's statement ends by itself. Returns (pool, cls, the call's
-    outcome, the connection, its pid) with the release not yet begun."""
+    (the pool's cancel request never arrives); expire_connections() (unless
+    ``expire`` is False), then the lease's statement ends by itself. Returns
+    (pool, cls, the connection, the call, its pid) with the release not yet
+    begun."""
     cls = audit_close_class(table)
     pool = await safepool.create_pool(
         pg_dsn, host="127.0.0.1", port=proxy.port, ssl=False, min_size=0, max_size=1, connection_class=cls,
@@ -141,7 +142,8 @@ async def _stalled_close(
     call = asyncio.ensure_future(con.fetchval("SELECT 'done' FROM pg_sleep(0.3)"))
     await in_pg_sleep_on(admin, pid, call=call)
     proxy.hold = True
-    await pool.expire_connections()
+    if expire:
+        await pool.expire_connections()
     return pool, cls, con, call, pid
 
 
@@ -219,25 +221,6 @@ async def test_small_release_timeout_with_a_stalled_request(pg_dsn: str, app_nam
 
 
 # ------------------------------------------------ max_inactive_connection_lifetime
-
-
-def watched_class(closed: list[int], terminated: list[int], *, close: bool, terminate: bool) -> Any:
-    """A class overriding close() and/or terminate() (each records the pid,
-    then does asyncpg's)."""
-    namespace: dict[str, Any] = {}
-    if close:
-        async def _close(self: Any, *, timeout: float | None = None) -> None:
-            closed.append(self.get_server_pid())
-            await asyncpg.Connection.close(self, timeout=timeout)
-
-        namespace["close"] = _close
-    if terminate:
-        def _terminate(self: Any) -> None:
-            terminated.append(self.get_server_pid())
-            asyncpg.Connection.terminate(self)
-
-        namespace["terminate"] = _terminate
-    return type("Watched", (asyncpg.Connection,), namespace)
 
 
 async def _until_no_backend(admin: Any, app_name: str, count: int = 0, timeout: float = 10) -> None:
@@ -362,17 +345,10 @@ async def test_no_budget_close_with_a_stalled_request_is_bounded(
     monkeypatch.setattr(_workers, "DEFAULT_RESET_TIMEOUT", 1.5)
     loop = asyncio.get_running_loop()
     async with audit_table(pg_dsn, app_name) as (table, admin), LateProxy(str(admin._addr)) as proxy:
-        cls = audit_close_class(table)
-        pool = await safepool.create_pool(
-            pg_dsn, host="127.0.0.1", port=proxy.port, ssl=False, min_size=0, max_size=1, connection_class=cls,
-            server_settings={"application_name": app_name}, **({"max_queries": 1} if how == "max_queries" else {}),
+        pool, cls, con, call, pid = await _stalled_close(
+            pg_dsn, app_name, proxy, admin, table, expire=False, **({"max_queries": 1} if how == "max_queries" else {})
         )
         try:
-            con = await pool.acquire()
-            pid = con.get_server_pid()
-            call = asyncio.ensure_future(con.fetchval("SELECT 'done' FROM pg_sleep(0.3)"))
-            await in_pg_sleep_on(admin, pid, call=call)
-            proxy.hold = True
             began = loop.time()
             closing = asyncio.ensure_future(outcome_of(pool.close(), 10)) if how == "pool_close" else None
             released = await outcome_of(pool.release(con), 10)
@@ -551,17 +527,10 @@ async def test_late_request_on_other_release_paths(pg_dsn: str, app_name: str, h
     or of the pool's (reset) runs while it is held, the override's INSERT
     lands, and the next lease's statement is not cancelled."""
     async with audit_table(pg_dsn, app_name) as (table, admin), LateProxy(str(admin._addr)) as proxy:
-        cls = audit_close_class(table)
-        pool = await safepool.create_pool(
-            pg_dsn, host="127.0.0.1", port=proxy.port, ssl=False, min_size=0, max_size=1, connection_class=cls,
-            server_settings={"application_name": app_name}, **({"max_queries": 1} if how == "max_queries" else {}),
+        pool, cls, con, call, pid = await _stalled_close(
+            pg_dsn, app_name, proxy, admin, table, expire=False, **({"max_queries": 1} if how == "max_queries" else {})
         )
         try:
-            con = await pool.acquire()
-            pid = con.get_server_pid()
-            call = asyncio.ensure_future(con.fetchval("SELECT 'done' FROM pg_sleep(0.3)"))
-            await in_pg_sleep_on(admin, pid, call=call)
-            proxy.hold = True
             release = asyncio.ensure_future(outcome_of(pool.release(con, timeout=5), 10))
             outcome = await outcome_of(call, 5)
             await until(lambda: len(proxy.held) == 1, 5)
