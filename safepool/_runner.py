@@ -211,15 +211,17 @@ class Runner:
         task the action was for gets the error (and the core its place or
         its granted connection back), rather than waiting for ever for a
         wake-up or a timeout that never comes (review h260)."""
-        self.reporter.scrub(error)
         waiter = getattr(action, "waiter", None)  # (Wake, TimeOut, Fail, Shed)
+        self.report_to_loop(f"{type(action).__name__} raised (the pool goes on)", error)
         if waiter is not None and not waiter.future.done():
             self.state.cancel_waiter(waiter, self.now())
             waiter.future.set_exception(error)
-        self.loop.call_exception_handler({
-            "message": f"pool {self.name!r}: {type(action).__name__} raised (the pool goes on)",
-            "exception": error,
-        })
+
+    def report_to_loop(self, what: str, error: Exception) -> None:
+        """``error`` (scrubbed of the pool's password, in place) to the loop's
+        exception handler, as asyncio reports a callback's error."""
+        self.reporter.scrub(error)
+        self.loop.call_exception_handler({"message": f"pool {self.name!r}: {what}", "exception": error})
 
     def cancelled_from_outside(self) -> bool:
         """The running task is one of the pool's, cancelled by something other
@@ -375,7 +377,6 @@ class Runner:
         self.reset_watchdog = None
         now = self.now()
         oldest: float | None = None
-        aborted: list[float] = []
         for slot, holder in list(self.slot_holders.items()):
             started = holder.reset_since
             if started is None:
@@ -386,20 +387,16 @@ class Runner:
             if now >= started + DEFAULT_RESET_TIMEOUT:
                 holder.reset_since = None
                 holder.unresponsive = True
+                logger.warning(
+                    "pool %r: a reset got no answer for %.0fs; aborting the connection",
+                    self.name, now - started, extra={"event": "reset_failed", "pool": self.name},
+                )
                 holder.note_abort(slot.connection)  # (its reset's statement: the close cancels it on the server)
                 self.terminate_reporting(slot.connection)
-                aborted.append(now - started)
             elif oldest is None or started < oldest:
                 oldest = started
         if oldest is not None:
             self.watch_resets(oldest)
-        # Logged last: a logging handler that raises cannot leave a reset
-        # unaborted or the watchdog unarmed (review h259).
-        for waited in aborted:
-            logger.warning(
-                "pool %r: a reset got no answer for %.0fs; aborting the connection",
-                self.name, waited, extra={"event": "reset_failed", "pool": self.name},
-            )
 
     # -------------------------------------------------------------- resets
 
@@ -762,21 +759,17 @@ class Runner:
                 slot, self.now(), failure, _pg.refusal(failure), attempt.init_failed, leftover,
                 _pg.program_error(failure),
             )
-            try:
-                if counted:
-                    # Reported outside the except block: a failing listener's
-                    # traceback must not carry the connect error's full text. A
-                    # connect terminate() abandoned (its hook turned the
-                    # cancellation into an error) is no failure: not counted,
-                    # not logged, no connect_failed event.
-                    self.reporter.connect_failed(failure, self.now(), raised=raise_errors, waited=waited)
-                elif leftover is not None:
-                    self.terminate_reporting(leftover)  # abandoned meanwhile (terminated)
-            finally:
-                # (Whatever a logging handler raised: the core's actions and
-                # the floor's upkeep still happen: review h259.)
-                self.drain()
-                self.keep_floor()
+            if counted:
+                # Reported outside the except block: a failing listener's
+                # traceback must not carry the connect error's full text. A
+                # connect terminate() abandoned (its hook turned the
+                # cancellation into an error) is no failure: not counted,
+                # not logged, no connect_failed event.
+                self.reporter.connect_failed(failure, self.now(), raised=raise_errors, waited=waited)
+            elif leftover is not None:
+                self.terminate_reporting(leftover)  # abandoned meanwhile (terminated)
+            self.drain()
+            self.keep_floor()
             if raise_errors:
                 raise failure
             return False
@@ -800,10 +793,8 @@ class Runner:
         del con  # measured below with no reference but the pool's own
         holder.base_callbacks = _pg.callback_baseline(slot.connection)
         holder.base_refs = _pg.reference_count(slot.connection)
-        try:
-            self.reporter.note_server_status(self.now())
-        finally:
-            self.drain()  # (the waiter's Wake, whatever a logging handler raised: review h259)
+        self.reporter.note_server_status(self.now())
+        self.drain()
         return True
 
     def keep_floor(self) -> None:
@@ -926,11 +917,7 @@ class Runner:
         try:
             _pg.terminate(con)
         except Exception as error:
-            self.reporter.scrub(error)
-            self.loop.call_exception_handler({
-                "message": f"pool {self.name!r}: the connection class's terminate() raised; the connection was aborted",
-                "exception": error,
-            })
+            self.report_to_loop("the connection class's terminate() raised; the connection was aborted", error)
             if not con._aborted:
                 con._abort()
 
@@ -1197,7 +1184,7 @@ class Runner:
             # Not one already closed whose backend the pool waits out (an
             # idle connection terminated at its inactive lifetime): asyncpg's
             # pool let go of it then, and terminate() runs once (review h258).
-            if slot.connection is not None and not (slot not in self.slot_holders and slot.connection.is_closed()):
+            if slot.connection is not None and (slot in self.slot_holders or not slot.connection.is_closed()):
                 _pg.terminate(slot.connection)
             self.slot_closed(slot)
         for done in self.resets_done.values():
