@@ -10,7 +10,7 @@ pool task (``Runner.spawn(self.connect_slot(slot))``, safepool/_runner.py:239),
 whose context is a copy of the acquirer's: the hook reads the acquirer's
 values (both pools agree there) but what it sets stays in the pool task's
 copy, and the acquirer sees the old value. docs/migration.md does not list
-it. Every wait is bounded."""
+it. ``connect=`` needs asyncpg 0.30+. Every wait is bounded."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import skip_before_asyncpg
 
 pytestmark = pytest.mark.asyncio
 
@@ -63,9 +64,11 @@ async def _connect(*args: Any, **kwargs: Any) -> Any:
 
 
 async def test_asyncpg_connect_callback_sets_the_acquirers_context(pg_dsn: str) -> None:
+    skip_before_asyncpg((0, 30), "create_pool(connect=)")
     assert await _seen_by_acquirer(asyncpg.create_pool, pg_dsn, connect=_connect) == ["connect saw request"]
 
 
 @pytest.mark.xfail(strict=True, reason="h261: connect= runs in a pool task (safepool/_runner.py:239); the ContextVar it sets does not reach the acquirer, as it does on asyncpg's pool")
 async def test_safepool_connect_callback_sets_the_acquirers_context(pg_dsn: str) -> None:
+    skip_before_asyncpg((0, 30), "create_pool(connect=)")
     assert await _seen_by_acquirer(safepool.create_pool, pg_dsn, connect=_connect) == ["connect saw request"]
