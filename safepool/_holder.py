@@ -182,7 +182,9 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         connection's proxy (``con._proxy``, the weak reference): it was
         never released, and the lease it held is abandoned. A release or a
         detach drops the weak reference first, so a released proxy's death
-        calls nothing (no finalizer per lease)."""
+        calls nothing (no finalizer per lease); except during the reset a
+        release drives in its task, which keeps it until the reset ends
+        (``Leaser.release``): the lease has no slot then (below)."""
         slot = self._slot
         con = slot.connection
         if con is None or con._proxy is not ref:

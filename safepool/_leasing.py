@@ -440,12 +440,17 @@ class Leaser:
         logged = True if con._query_loggers else False
         # connection._detach(), inlined (the hot path): later calls raise.
         connection._raw = None
-        con._proxy = None
         lease = connection._lease
         if lease.state not in OPEN_LEASE:
             # Taken back by the lease timeout while being released (the
             # take-back ran asyncpg's _on_release already).
             return self.finish_release(None, True) if logged else released()
+        # The connection keeps its weak reference to the proxy until the
+        # reset is over, as asyncpg's release detaches its proxy after the
+        # reset (PoolConnectionHolder._release()): a termination listener
+        # called because the connection died during the reset gets the
+        # lease's proxy. Cleared where no reset follows (below), and by
+        # Runner.reset_done.
         busy = holder.watched or holder.copies
         if busy:
             # A statement (or a COPY, or a prepare()) of the lease still runs
@@ -484,7 +489,6 @@ class Leaser:
             # too). Release as usual without the listeners, then raise it.
             _pg.clear_listeners(con)
             connection._raw = con
-            con._proxy = connection
             return self.raise_after(self.release(connection, timeout), warning)
         # state.release_outcome(lease, check, marked), inlined (the hot path:
         # a call less per lease): the core's policy table, or DISCARD for a
@@ -644,6 +648,7 @@ class Leaser:
                 # max_queries or an expired generation: asyncpg closes the
                 # connection gracefully before release() returns, with the
                 # proxy still attached: its termination listeners get the
+            con._proxy = None  # (no reset: the proxy is detached now; see the top)
                 # proxy (Runner.close_slot lets go of it after the close).
                 done = self.loop.create_future()
                 self.runner.closes_done[lease.slot] = done

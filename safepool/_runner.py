@@ -493,6 +493,10 @@ class Runner:
         connection whose reset failed before it detaches the proxy."""
         holder.reset_since = None
         if error is None:
+        # The released proxy, kept attached during an inline reset (Leaser.
+        # release), is detached now (a failed reset attaches it again for
+        # the close, below).
+        con._proxy = None
             # (con.is_closed(), inlined where asyncpg's: the hot path)
             ok = not (con.is_closed() if holder.own_is_closed else con._aborted or not con._protocol.is_connected())
         elif busy_retry and proxy is not None and _pg.is_busy(error):
