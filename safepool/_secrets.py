@@ -5,11 +5,13 @@ connect errors, which it raises, logs, emits and reports in health) and
 from __future__ import annotations
 
 import ast
+import functools
+import json
 import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
-from urllib.parse import unquote, unquote_plus
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 # A URI's userinfo up to its password: "://user:" (not a port:
 # "://host:5432/db?user=app@server" keeps its port and query).
@@ -204,15 +206,37 @@ def _bare_maskable(secret: str) -> bool:
     return len(secret) >= _MIN_MASKED and not (secret.isalpha() and len(secret) < _MIN_MASKED_WORD)
 
 
+@functools.lru_cache(maxsize=64)
+def _written_forms(secret: str) -> tuple[str, ...]:
+    """``secret`` as text may hold it, longest first: as it is; as a str's
+    ``repr()`` and ``ascii()`` write it (a backslash doubled, a quote or a
+    control character escaped), also twice over (the repr of a message
+    that holds a repr: an exception's repr); as a JSON string
+    (``json.dumps``); %-encoded (``quote``, ``quote_plus``). An error that
+    quotes the password with ``{settings!r}`` holds ``a\\\\b`` for the
+    password ``a\\b``, one unescape from it (review h261)."""
+    forms = {secret}
+    for once in (repr(secret)[1:-1], ascii(secret)[1:-1]):
+        forms.update((once, repr(once)[1:-1]))
+    forms.update((json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]))
+    forms.update((quote(secret, safe=""), quote_plus(secret, safe="")))
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
 def _masked_in_text(text: str, secret: str) -> str:
-    """``text`` with ``secret`` masked where it stands on its own: not inside
-    a longer word or number ("1" in "127.0.0.1", "fail" in "failed")."""
-    pattern = re.escape(secret)
-    if secret[0].isalnum() or secret[0] == "_":
-        pattern = r"(?<!\w)" + pattern
-    if secret[-1].isalnum() or secret[-1] == "_":
-        pattern += r"(?!\w)"
-    return re.sub(pattern, "***", text)
+    """``text`` with ``secret`` (in each of its written forms:
+    :func:`_written_forms`) masked where it stands on its own: not inside a
+    longer word or number ("1" in "127.0.0.1", "fail" in "failed")."""
+    for form in _written_forms(secret):
+        if form not in text:
+            continue
+        pattern = re.escape(form)
+        if form[0].isalnum() or form[0] == "_":
+            pattern = r"(?<!\w)" + pattern
+        if form[-1].isalnum() or form[-1] == "_":
+            pattern += r"(?!\w)"
+        text = re.sub(pattern, "***", text)
+    return text
 
 
 def redact(text: str, dsn: str | None) -> str:

@@ -17,7 +17,9 @@ outputs, which promise never to show it (docs/metrics.md:
 does not log at all; ``describe_error()``, "with this pool's password
 masked however the error holds it"). The same message with a password
 without a backslash comes out masked (``'password': '***'``), as the
-control test shows.
+control test shows. Fixed: the password is masked in each of its written
+forms (``_secrets._written_forms``: repr and ascii, also twice over, JSON,
+%-encoded); the siblings below quote it each way.
 
 Runs on the suite's server with ``password=`` (its authentication does not
 read it: no role needed). Every wait is bounded."""
@@ -25,8 +27,10 @@ read it: no role needed). Every wait is bounded."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pytest
 
@@ -68,7 +72,36 @@ async def test_a_plain_password_quoted_with_repr_is_masked(pg_dsn: str, caplog: 
     assert _shown(outputs) == []
 
 
-@pytest.mark.xfail(strict=True, reason="h261: the repr() form of a password with a backslash is not masked (safepool/_secrets.py:207-215, redact_known/_masked_in_text look for the text as written)")
 async def test_a_backslash_password_quoted_with_repr_is_masked(pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     outputs = await _outputs(pg_dsn, WITH_BACKSLASH, caplog)
     assert _shown(outputs) == []
+
+
+def _quoted_each_way(password: str) -> dict[str, str]:
+    """An application's error text quoting the password each way code does."""
+    settings = {"user": "app", "password": password}
+    return {
+        "repr": f"cannot apply {settings!r}",
+        "ascii": f"cannot apply {ascii(settings)}",
+        "repr-of-repr": repr(ValueError(f"cannot apply {settings!r}")),
+        "json": f"cannot apply {json.dumps(settings)}",
+        "json-unicode": f"cannot apply {json.dumps(settings, ensure_ascii=False)}",
+        "quote": f"cannot reach postgresql://app:{quote(password, safe='')}@db/x",
+        "quote-plus": f"form body password={quote_plus(password)}&x=1",
+    }
+
+
+@pytest.mark.parametrize(
+    "password",
+    [WITH_BACKSLASH, "h261\ts3cret-pw", "h261'quo\"te-s3cret", "h261\u00e9-s3cret-\u00fc", "h261 s3cret/pw+&="],
+    ids=["backslash", "tab", "quotes", "non-ascii", "url-specials"],
+)
+async def test_a_password_quoted_any_way_is_masked_by_describe_error(pg_dsn: str, password: str) -> None:
+    pool = await asyncio.wait_for(safepool.create_pool(pg_dsn, password=password, min_size=0, max_size=1), 10)
+    try:
+        for how, text in _quoted_each_way(password).items():
+            described = pool.describe_error(ValueError(text))
+            assert "s3cret" not in described, (how, described)
+            assert "***" in described, (how, described)
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
