@@ -41,7 +41,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
                  "cancel_key", "abort_in_flight", "cleaned_up",
                  "reset_since",
                  "command_timeout", "reset_query", "reset_text", "own_is_closed", "task_reset", "proxy_collected",
-                 "copies", "watched", "waiter_completed", "__weakref__")
+                 "copies", "watched", "waiter_completed", "init_context", "__weakref__")
 
     def __init__(self, pool: Face, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
         self._pool = pool
@@ -138,6 +138,10 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         self.watched = 0
         # The callback of each proxy's weak reference (bound once, not per lease).
         self.proxy_collected = self._proxy_collected
+        # The context variables the connect (init=, a connect= callback, the
+        # connection class) set in its pool task, as ((var, value), ...), for
+        # the first lease's task to take (Leaser.acquire); None: none.
+        self.init_context: tuple[tuple[Any, Any], ...] | None = None
 
     def _release_on_close(self) -> None:
         self._con = None
@@ -156,6 +160,7 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         self.waiter_completed = None
         self.base_callbacks = None
         self.lease_callbacks = None
+        self.init_context = None
 
     def note_abort(self, con: RawConnection) -> None:
         """``con`` is about to be aborted: record whether its backend may

@@ -265,6 +265,13 @@ class Leaser:
         if holder.orphan_checks:
             holder.orphan_checks = 0
             holder.orphan_reported = False
+        if holder.init_context is not None:
+            # The connection's first lease: what its connect set in the pool
+            # task's context (init=, connect=) is set in this task's, as
+            # asyncpg's pool runs them in the acquiring task (review h261).
+            for var, value in holder.init_context:
+                var.set(value)
+            holder.init_context = None
         proxy = self.proxy_class(holder, slot.connection, lease)
         if lease_timeout is not None or self.extras:
             if lease_timeout is not None or self.leak_warning_after is not None:
@@ -439,18 +446,18 @@ class Leaser:
         # hand-on's drain makes clears the set before finish_release reads it.)
         logged = True if con._query_loggers else False
         # connection._detach(), inlined (the hot path): later calls raise.
-        connection._raw = None
-        lease = connection._lease
-        if lease.state not in OPEN_LEASE:
-            # Taken back by the lease timeout while being released (the
-            # take-back ran asyncpg's _on_release already).
-            return self.finish_release(None, True) if logged else released()
         # The connection keeps its weak reference to the proxy until the
         # reset is over, as asyncpg's release detaches its proxy after the
         # reset (PoolConnectionHolder._release()): a termination listener
         # called because the connection died during the reset gets the
         # lease's proxy. Cleared where no reset follows (below), and by
         # Runner.reset_done.
+        connection._raw = None
+        lease = connection._lease
+        if lease.state not in OPEN_LEASE:
+            # Taken back by the lease timeout while being released (the
+            # take-back ran asyncpg's _on_release already).
+            return self.finish_release(None, True) if logged else released()
         busy = holder.watched or holder.copies
         if busy:
             # A statement (or a COPY, or a prepare()) of the lease still runs
@@ -641,6 +648,7 @@ class Leaser:
                 return self.finish_release(None, True) if logged else released()
         else:
             done = None
+            con._proxy = None  # (no reset: the proxy is detached now; see the top)
             if outcome is Outcome.CLEAN:
                 if listening:
                     _pg.clear_listeners(con)
@@ -648,7 +656,6 @@ class Leaser:
                 # max_queries or an expired generation: asyncpg closes the
                 # connection gracefully before release() returns, with the
                 # proxy still attached: its termination listeners get the
-            con._proxy = None  # (no reset: the proxy is detached now; see the top)
                 # proxy (Runner.close_slot lets go of it after the close).
                 done = self.loop.create_future()
                 self.runner.closes_done[lease.slot] = done

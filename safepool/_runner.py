@@ -17,6 +17,7 @@ synchronous (``terminate()``, never an awaited ``close()``).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import socket
 import warnings
 import weakref
@@ -236,7 +237,7 @@ class Runner:
 
     def start_connect(self, slot: Slot) -> asyncio.Task[Any]:
         """Run the slot's connect in a pool task of its own (see :meth:`connect_slot`)."""
-        task = self.spawn(self.connect_slot(slot))
+        task = self.spawn(self.connect_slot(slot, carry_context=True))
         self.connect_tasks.add(task)
         self.connect_task_of[slot] = task
         task.add_done_callback(lambda done: self.connect_ended(slot, done))
@@ -492,11 +493,11 @@ class Runner:
         closed (``_pg.attach_released``), as asyncpg's release terminates a
         connection whose reset failed before it detaches the proxy."""
         holder.reset_since = None
-        if error is None:
         # The released proxy, kept attached during an inline reset (Leaser.
         # release), is detached now (a failed reset attaches it again for
         # the close, below).
         con._proxy = None
+        if error is None:
             # (con.is_closed(), inlined where asyncpg's: the hot path)
             ok = not (con.is_closed() if holder.own_is_closed else con._aborted or not con._protocol.is_connected())
         elif busy_retry and proxy is not None and _pg.is_busy(error):
@@ -722,9 +723,18 @@ class Runner:
         state.advance(self.now())
         self.drain()
 
-    async def connect_slot(self, slot: Slot, *, raise_errors: bool = False) -> bool:
-        """Open the slot's connection; returns whether it is now in the pool."""
+    async def connect_slot(self, slot: Slot, *, raise_errors: bool = False, carry_context: bool = False) -> bool:
+        """Open the slot's connection; returns whether it is now in the pool.
+
+        ``carry_context``: the connect runs in a pool task of its own
+        (:meth:`start_connect`), where asyncpg's pool (0.29-0.32) connects
+        in the acquiring task: the context variables ``init=``, a
+        ``connect=`` callback or the connection class set here are handed
+        to the connection's first lease, whose task sets them
+        (``Holder.init_context``), as they are set in the acquirer's task
+        on asyncpg's pool (review h261)."""
         state = self.state
+        before = contextvars.copy_context() if carry_context else None
         # (Pool creation's first connect raises its error to create_pool()'s
         # caller: its init= failure is closed before, as asyncpg's.)
         attempt = _workers.ConnectAttempt(close_later=not raise_errors, opened=lambda: state.connect_answered(slot))
@@ -789,6 +799,8 @@ class Runner:
         # reset_mode="auto" cannot see them (they run on the raw connection):
         # -1, always reset after the first lease.
         holder = Holder(self.face, self, slot, con, clean_mark=-1 if self.auto_reset else 0)
+        if before is not None:
+            holder.init_context = _context_set_since(before)
         self.slot_holders[slot] = holder
         watch = _workers.exit_watch(con) if self.watch_exits else None
         if watch is not None:
@@ -1209,6 +1221,21 @@ async def _on_loop_shutdown(runner: weakref.ref[Runner]) -> AsyncGenerator[None,
         alive = runner()
         if alive is not None:
             alive.drop_exit_watches()
+
+
+def _context_set_since(before: contextvars.Context) -> tuple[tuple[Any, Any], ...] | None:
+    """The context variables the running task set since ``before`` (a copy
+    of its context then) and their values now; None if none. (One reset
+    to unset by its token since is not carried: a variable cannot be set
+    unset.)"""
+    changed = tuple(
+        (var, value) for var, value in contextvars.copy_context().items()
+        if before.get(var, _UNSET) is not value
+    )
+    return changed or None
+
+
+_UNSET = object()
 
 
 def _started_late(shutdown: AsyncGenerator[None, None]) -> bool:
