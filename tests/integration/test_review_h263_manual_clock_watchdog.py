@@ -9,7 +9,7 @@ docs/testing.md:660: "(The ``reset_timeout`` of a release, asyncpg's
 ``Runner.watch_resets`` arms it with ``self.clock.call_at(start +
 DEFAULT_RESET_TIMEOUT, ...)`` (``safepool/_runner.py:369``), ``start`` being
 the pool clock's reading at the release (``holder.reset_since``,
-``safepool/_leasing.py:613``). A ``clock.advance(30)`` made while a release's
+``safepool/_leasing.py:614``). A ``clock.advance(30)`` made while a release's
 reset is on the wire (for a microsecond of real time) aborts it: "a reset
 got no answer for 30s; aborting the connection", the release raises
 ``ConnectionDoesNotExistError`` and the connection is closed, though the
