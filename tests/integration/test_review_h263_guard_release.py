@@ -15,7 +15,7 @@ reset is refused ("another operation is in progress") its exception is
 reported by asyncio through the loop's exception handler, an ERROR log
 line in the user's test run on top of the pool's own "reset failed"
 warning. (``finish_release`` marks the future retrieved only for a
-coroutine already closing when it starts: ``closing_now()``, line 700.)
+coroutine already closing when it starts: ``closing_now()``, line 696.)
 """
 
 from __future__ import annotations
