@@ -19,7 +19,6 @@ too). The default clock reclaims it at once (``leaks_detected`` 1).
 
 from __future__ import annotations
 
-import asyncio
 import warnings
 from typing import Any
 

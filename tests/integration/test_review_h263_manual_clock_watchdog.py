@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.safepool_allow_leaks]
 async def test_advancing_a_manual_clock_does_not_abort_a_release_in_flight(pools: Any) -> None:
     clock = safepool.ManualClock()
     pool = await pools(max_size=2, min_size=2, clock=clock, lease_timeout=30.0)
-    releasing = await pool.acquire()
+    releasing = await pool.acquire()  # safepool: ignore (released by the task below)
     stuck = await pool.acquire()  # safepool: ignore (taken back under test)
     await releasing.execute("SELECT 1")  # its release sends the reset query
     release = asyncio.ensure_future(pool.release(releasing))

@@ -17,7 +17,6 @@ is only closed at that lease's release.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import warnings
 from typing import Any
