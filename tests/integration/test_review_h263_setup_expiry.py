@@ -1,0 +1,95 @@
+"""Review h263: a lease_timeout that runs out while the pool's own
+``setup=`` hook runs, before ``acquire()`` has returned.
+
+The lease's deadline is armed before the hook runs
+(``safepool/_leasing.py``: ``state.arm_lease`` at line 271, ``run_setup``
+at 292/294), so the take-back can fire inside ``acquire()``. The caller
+then never holds a usable connection, yet:
+
+- if the hook's statement is running, ``acquire()`` raises asyncpg's raw
+  ``QueryCanceledError`` ("canceling statement due to user request"), not
+  a ``safepool.PoolError``: nothing tells the caller the pool took the
+  connection back (``run_setup`` re-raises the hook's error at
+  ``_leasing.py:380-392``, skipping its close since the lease already ended);
+- if the hook was awaiting something else, ``acquire()`` returns a proxy
+  that is already expired: its first call raises ``LeaseExpiredError``.
+
+Neither is documented (docs/leases.md says nothing of setup=; backpressure.md
+says acquire_timeout bounds the hook). Expected: the lease clock starts when
+the caller gets the connection, or the acquire fails with a typed
+``safepool.PoolError`` (as a setup hook outrunning the acquire timeout fails
+with ``PoolTimeoutError``), never hands out a dead proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+import safepool
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.safepool_allow_leaks]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "h263: lease_timeout armed before setup= (_leasing.py:271): a take-back during the hook's query makes "
+    "acquire() raise asyncpg's raw QueryCanceledError, not a safepool.PoolError"))
+async def test_lease_timeout_during_setup_query_fails_acquire_with_a_pool_error(pools: Any) -> None:
+    clock = safepool.ManualClock()
+    entered = asyncio.Event()
+
+    async def setup(con: Any) -> None:
+        entered.set()
+        await con.execute("SELECT pg_sleep(5)")
+
+    pool = await pools(max_size=1, lease_timeout=10.0, clock=clock, setup=setup)
+    acquiring = asyncio.ensure_future(pool.acquire())
+    await entered.wait()
+    await asyncio.sleep(0.2)  # the hook's statement is on the server
+    clock.advance(11.0)  # the lease's deadline, still inside acquire()
+    try:
+        con = await asyncio.wait_for(acquiring, 10)
+    except Exception as exc:  # what the caller of acquire() gets
+        error: Exception | None = exc
+    else:
+        error = None
+        await pool.release(con)
+    # The pool recovers either way (the take-back reset the connection).
+    async with pool.acquire(timeout=5) as other:
+        assert await other.fetchval("SELECT 2") == 2
+    assert error is not None
+    assert isinstance(error, safepool.PoolError), f"acquire() raised {type(error).__name__}: {error}"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "h263: lease_timeout armed before setup= (_leasing.py:271): a take-back while the hook awaits "
+    "something else makes acquire() return an already expired proxy"))
+async def test_lease_timeout_during_setup_never_returns_an_expired_proxy(pools: Any) -> None:
+    clock = safepool.ManualClock()
+    entered, go = asyncio.Event(), asyncio.Event()
+
+    async def setup(con: Any) -> None:
+        await con.execute("SELECT 1")
+        entered.set()
+        await go.wait()  # a slow non-database step of the hook (a cache warm-up, an HTTP call)
+
+    pool = await pools(max_size=1, lease_timeout=10.0, clock=clock, setup=setup)
+    acquiring = asyncio.ensure_future(pool.acquire())
+    await entered.wait()
+    clock.advance(11.0)
+    await asyncio.sleep(0.1)
+    go.set()
+    try:
+        con = await asyncio.wait_for(acquiring, 10)
+    except safepool.PoolError:
+        return  # a typed failure of the acquire is fine
+    try:
+        # What acquire() returned must be usable: the caller has not held it for a moment.
+        assert await con.fetchval("SELECT 1") == 1
+    except asyncpg.InterfaceError as exc:
+        pytest.fail(f"acquire() returned a dead proxy: {exc}")
+    finally:
+        await pool.release(con)
