@@ -19,7 +19,7 @@ from contextvars import ContextVar, Token
 from types import CodeType, TracebackType
 from typing import Any, TypeVar
 
-from ._stack import RESUMED
+from ._stack import RESUMED, TASK_WRAPPERS
 from .errors import PoolTypeError, PoolValueError
 
 __all__ = ["site", "current_site", "caller_site"]
@@ -37,7 +37,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # each time, and the cache would otherwise keep every one of them alive.
 SITE_CACHE_SIZE = 4096
 _site_of_code: dict[CodeType, str] = {}
-_LIBRARIES = ("asyncpg", "asyncio", "contextlib", "functools")
+_LIBRARIES = ("asyncpg", "asyncio", "contextlib", "functools", *TASK_WRAPPERS)
 
 
 def _is_library(module: str) -> bool:
@@ -54,6 +54,7 @@ def caller_site(depth: int = 1) -> str:
     library's (``asyncio.gather(pool.fetchval(...))``) is named by that
     coroutine, not by the code that runs the event loop."""
     frame = sys._getframe(depth)
+    inner = frame
     while frame is not None:
         code = frame.f_code
         name = _site_of_code.get(code)
@@ -65,7 +66,12 @@ def caller_site(depth: int = 1) -> str:
             return name
         back = frame.f_back
         if back is not None and code.co_flags & RESUMED and not back.f_code.co_flags & RESUMED:
-            return f"{frame.f_globals.get('__name__', '?')}.{code.co_qualname}"  # the top of the task
+            # The top of the task: the coroutine it runs, or, where that is
+            # a task wrapper's (anyio's), the coroutine the wrapper runs.
+            if str(frame.f_globals.get("__name__", "?")).partition(".")[0] in TASK_WRAPPERS:
+                frame, code = inner, inner.f_code
+            return f"{frame.f_globals.get('__name__', '?')}.{code.co_qualname}"
+        inner = frame
         frame = back  # type: ignore[assignment]
     return "unknown"
 

@@ -34,7 +34,14 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _ASYNCIO_DIR = os.path.dirname(os.path.abspath(sys.modules["asyncio"].__file__ or "")) + os.sep
 
 
-_APP, _POOL, _ASYNCIO = 0, 1, 2
+# _WRAPPER: a library that runs a task's coroutine inside a coroutine of its
+# own (anyio 4.x's asyncio backend: ``TaskHandle._run_coro``, review h263):
+# the event loop's side, as asyncio's frames, but at the top of a task it
+# stands where the pool method a task runs (``tg.start_soon(pool.fetchval,
+# ...)``) would, and that method is what the report names.
+_APP, _POOL, _ASYNCIO, _WRAPPER = 0, 1, 2, 3
+# The packages whose frames are _WRAPPER (by their directory, once imported).
+TASK_WRAPPERS = ("anyio",)
 # Code that a task resumes (coroutines, asyncio's generator-based ones, async
 # generators): the frame of one whose caller is none of these is the top of
 # the running task, and its caller is whatever runs the event loop.
@@ -53,6 +60,8 @@ def _kind(filename: str) -> int:
             kind = _ASYNCIO
         elif os.path.dirname(filename) == _PACKAGE_DIR:
             kind = _POOL
+        elif any(filename.startswith(folder) for folder in _wrapper_dirs()):
+            kind = _WRAPPER
         else:
             kind = _APP
         if len(_kind_by_file) >= KIND_CACHE_SIZE:
@@ -62,6 +71,18 @@ def _kind(filename: str) -> int:
                 pass
         _kind_by_file[filename] = kind
     return kind
+
+
+def _wrapper_dirs() -> list[str]:
+    """The folders of the TASK_WRAPPERS packages imported so far (a frame of
+    one is classified only once it runs, so after its import)."""
+    folders = []
+    for name in TASK_WRAPPERS:
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if path:
+            folders.append(os.path.dirname(os.path.abspath(path)) + os.sep)
+    return folders
 
 
 def capture(limit: int = 8) -> Captured:
@@ -83,6 +104,7 @@ def _walk(frame: FrameType | None, limit: int = 8) -> Captured:
     """:func:`capture`'s walk, from ``frame`` outwards."""
     frames: list[tuple[CodeType, int]] = []
     known = _kind_by_file
+    start = frame
     while frame is not None:
         code = frame.f_code
         try:
@@ -93,15 +115,28 @@ def _walk(frame: FrameType | None, limit: int = 8) -> Captured:
             frames.append((code, frame.f_lasti))
             if len(frames) == limit:
                 break
-        elif kind == _ASYNCIO and frames:
+        elif kind >= _ASYNCIO and frames:
             break
         back = frame.f_back
         if back is not None and code.co_flags & RESUMED and not back.f_code.co_flags & RESUMED:
             if not frames:
-                frames.append((code, frame.f_lasti))
+                if kind == _WRAPPER:
+                    frame = _inside(start, frame)
+                frames.append((frame.f_code, frame.f_lasti))
             break
         frame = back
     return tuple(frames)
+
+
+def _inside(start: FrameType, top: FrameType) -> FrameType:
+    """The frame ``top`` (a task wrapper's, at the top of the task) runs: the
+    outermost of ``start``'s callers below it that is not a wrapper's own."""
+    found, frame = start, start
+    while frame is not None and frame is not top:
+        if _kind_by_file.get(frame.f_code.co_filename) != _WRAPPER:
+            found = frame
+        frame = frame.f_back  # type: ignore[assignment]
+    return found
 
 
 def caller(past_caller: bool = False) -> Caller:

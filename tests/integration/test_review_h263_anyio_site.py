@@ -27,9 +27,6 @@ import pytest
 pytestmark = [pytest.mark.asyncio, pytest.mark.safepool_allow_leaks]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "h263: _stack._kind (safepool/_stack.py:47) takes anyio's task wrapper for application code: a "
-    "pool.fetchval run by an anyio task group is reported as acquired in anyio's _run_coro"))
 async def test_anyio_task_group_shortcut_is_reported_as_the_pool_method(pools: Any) -> None:
     pool = await pools(max_size=2, capture_stack=True)
     seen: list[tuple[str, str]] = []
@@ -54,3 +51,44 @@ async def test_anyio_task_group_shortcut_is_reported_as_the_pool_method(pools: A
     for acquired_at, stack in seen:
         assert "anyio" not in stack, stack
         assert acquired_at.endswith("in fetchval"), acquired_at
+
+
+async def _leases_seen(pool: Any, start: Any) -> list[Any]:
+    """Start a lease with ``start(group)`` in an anyio task group and read
+    ``pool.leases()`` while it runs (its statement sleeps)."""
+    seen: list[Any] = []
+
+    async def look() -> None:
+        async with asyncio.timeout(10):
+            while not pool.leases():
+                await asyncio.sleep(0.005)
+        seen.extend(pool.leases())
+
+    async with anyio.create_task_group() as group:
+        start(group)
+        group.start_soon(look)
+    return seen
+
+
+async def test_anyio_task_group_shortcut_is_named_by_the_pool_method_as_its_site(pools: Any) -> None:
+    """With site caps on, the site of ``tg.start_soon(pool.fetchval, ...)``
+    is the pool method (as under ``asyncio.gather``), not anyio's wrapper."""
+    pool = await pools(max_size=2, max_site_share=1.0)
+    seen = await _leases_seen(pool, lambda group: group.start_soon(pool.fetchval, "SELECT pg_sleep(0.3)"))
+    assert [lease.site for lease in seen] == ["safepool.pool.Pool.fetchval"]
+
+
+async def test_anyio_task_of_the_applications_own_is_reported_at_its_line(pools: Any) -> None:
+    """A coroutine of the application's that an anyio task group runs is
+    named by its own line, and anyio's frames are not in the stack."""
+    pool = await pools(max_size=2, capture_stack=True, max_site_share=1.0)
+
+    async def handler() -> None:
+        async with pool.acquire() as con:  # the acquire site
+            await con.execute("SELECT pg_sleep(0.3)")
+
+    seen = await _leases_seen(pool, lambda group: group.start_soon(handler))
+    (lease,) = seen
+    assert lease.acquired_at.endswith("in handler"), lease.acquired_at
+    assert "_run_coro" not in (lease.stack or "") and "/anyio/" not in (lease.stack or ""), lease.stack
+    assert lease.site is not None and lease.site.endswith("handler")
