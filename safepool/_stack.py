@@ -120,7 +120,7 @@ def _walk(frame: FrameType | None, limit: int = 8) -> Captured:
         back = frame.f_back
         if back is not None and code.co_flags & RESUMED and not back.f_code.co_flags & RESUMED:
             if not frames:
-                if kind == _WRAPPER:
+                if kind == _WRAPPER and start is not None:
                     frame = _inside(start, frame)
                 frames.append((frame.f_code, frame.f_lasti))
             break
