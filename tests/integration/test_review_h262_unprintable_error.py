@@ -1,4 +1,4 @@
-"""Helper 262, adversarial review: a connect error whose ``str()`` raises.
+"""Helper 262, adversarial review: an error whose ``str()`` raises (connect, init, reset).
 
 ``Pool.describe_error``: "One line for ``error`` that is safe to log or
 show ... A str, never raises." ``health()``: "The probe's own errors ...
@@ -29,6 +29,14 @@ An exception whose ``__str__`` raises (a library error class whose
   the slot reads ``connecting`` (``size=1, connecting=1``, no connect
   under way) until the waiting acquire gives up: it gets
   ``PoolTimeoutError`` at its timeout, never the connect's error.
+
+A ``reset=`` hook raising such an error is worse: ``Runner.reset_done``
+(safepool/_runner.py:530) logs "reset failed" with ``describe`` after the
+core moved the slot to ``closing`` and before the ``Close`` is run, so the
+close never happens and the releasing task's future is never settled:
+``release()`` hangs (118 s until pytest's timeout cancelled it, in a first
+run), the slot reads ``closing`` for good and its backend stays open on the
+server.
 """
 
 from __future__ import annotations
@@ -139,5 +147,35 @@ async def test_an_unprintable_oserror_from_connect_is_counted(
             await pool.acquire(timeout=3.0)
         assert time.perf_counter() - started < 1.5
         assert pool.stats().connect_errors == 1
+    finally:
+        pool.terminate()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review h262: Runner.reset_done logs the failed reset with reporter.describe (safepool/_runner.py:530), "
+    "which raises: the Close is never run, release() never returns and the slot reads closing for good",
+)
+async def test_a_reset_hook_raising_an_unprintable_error_never_hangs_release(
+    pg_dsn: str, app_name: str, loop_errors: list[dict[str, Any]]
+) -> None:
+    async def reset(con: Any) -> None:
+        raise Unprintable("x")
+
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, reset=reset, server_settings={"application_name": app_name}
+    )
+    try:
+        con = await pool.acquire()
+        await con.execute("SELECT 1")
+        release = asyncio.ensure_future(pool.release(con))
+        done, _ = await asyncio.wait([release], timeout=5.0)  # (a failed reset's close: a few ms)
+        if not done:
+            release.cancel()
+        assert done, f"release() still running after 5 s: {pool.stats()}"
+        with pytest.raises(Unprintable):
+            release.result()  # a failed reset's error is raised by release(), as on asyncpg's pool
+        stats = pool.stats()
+        assert stats.closing == 0, stats
     finally:
         pool.terminate()
