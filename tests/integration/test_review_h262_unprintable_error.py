@@ -36,7 +36,16 @@ core moved the slot to ``closing`` and before the ``Close`` is run, so the
 close never happens and the releasing task's future is never settled:
 ``release()`` hangs (118 s until pytest's timeout cancelled it, in a first
 run), the slot reads ``closing`` for good and its backend stays open on the
-server.
+server. The same hook failing a lease's take-back after ``lease_timeout``
+(``Reclaimer.take_back_slot``, safepool/_reclaim.py:281, logs before
+``reset_done``) leaves the slot ``resetting`` for good: with ``max_size=1``
+every later acquire times out.
+
+(Commit 3ed9ace dropped the ``try/finally`` that ran ``drain()`` and
+``keep_floor()`` after ``Reporter.connect_failed`` whatever it raised, as
+"dead defence" once the loggers were guarded; a raising ``describe`` runs
+before the logger is called. The reset and take-back paths had no such
+guard.)
 """
 
 from __future__ import annotations
@@ -177,5 +186,32 @@ async def test_a_reset_hook_raising_an_unprintable_error_never_hangs_release(
             release.result()  # a failed reset's error is raised by release(), as on asyncpg's pool
         stats = pool.stats()
         assert stats.closing == 0, stats
+    finally:
+        pool.terminate()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review h262: Reclaimer.take_back_slot logs the failed take-back with reporter.describe "
+    "(safepool/_reclaim.py:281) before reset_done: the slot reads resetting for good, acquires time out",
+)
+async def test_an_expired_lease_whose_take_back_fails_unprintably_gives_its_place_back(
+    pg_dsn: str, app_name: str, loop_errors: list[dict[str, Any]]
+) -> None:
+    async def reset(con: Any) -> None:
+        raise Unprintable("x")
+
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, reset=reset, lease_timeout=0.2,
+        server_settings={"application_name": app_name},
+    )
+    try:
+        con = await pool.acquire()
+        await con.execute("SELECT 1")
+        await asyncio.sleep(1.0)  # expired at 0.2 s; the take-back's reset fails, the connection is closed
+        stats = pool.stats()
+        assert (stats.leases_expired, stats.resetting) == (1, 0), stats
+        async with pool.acquire(timeout=2.0) as fresh:  # PoolTimeoutError: the one place is stuck resetting
+            assert await fresh.fetchval("SELECT 1") == 1
     finally:
         pool.terminate()
