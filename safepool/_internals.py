@@ -172,7 +172,7 @@ def refusal(error: BaseException) -> int:
         ),
     ):
         return REFUSED
-    if type(error) is ConnectionError and any(answer in str(error) for answer in _SSL_ANSWERS):
+    if type(error) is ConnectionError and any(answer in error_text(error) for answer in _SSL_ANSWERS):
         return NOT_REFUSED  # (something answered, and will answer so again)
     if isinstance(error, socket.gaierror):
         return UNRESOLVED
@@ -181,11 +181,23 @@ def refusal(error: BaseException) -> int:
     if isinstance(error, OSError):
         if error.errno in _UNREACHABLE_ERRNOS:
             return UNREACHABLE
-        if error.errno is None and str(error).startswith("Multiple exceptions: "):
-            codes = {int(code) for code in _ERRNO_IN_TEXT.findall(str(error))}
+        if error.errno is None and (text := error_text(error)).startswith("Multiple exceptions: "):
+            codes = {int(code) for code in _ERRNO_IN_TEXT.findall(text)}
             if codes & _UNREACHABLE_ERRNOS and codes <= _UNREACHABLE_ERRNOS | _UNUSABLE_ADDRESS_ERRNOS:
                 return UNREACHABLE
     return NOT_REFUSED
+
+
+def error_text(error: BaseException) -> str:
+    """``str(error)``, or ``"<exception str() failed>"`` (as ``traceback``
+    prints such an error) where its ``__str__`` raises: an error of the
+    application's (a ``connect=`` callback's, a hook's, a connection
+    class's) may, and the pool reads the text of those while it keeps its
+    books (review h262)."""
+    try:
+        return str(error)
+    except Exception:
+        return "<exception str() failed>"
 
 
 def is_busy(error: BaseException) -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._histogram import Distribution
+from ._internals import error_text
 from ._keepalive import TcpKeepalive
 from ._state import PoolState, SlotState
 
@@ -182,10 +183,11 @@ SITES_REPORTED = 10  # bounded label cardinality for exporters
 
 def describe_error(error: BaseException | None) -> str:
     """Type and first non-blank line of an error (stripped): enough for an
-    operator, never a DSN."""
+    operator, never a DSN. Never raises: an error whose ``__str__`` raises
+    reads ``<exception str() failed>``."""
     if error is None:
         return "none"
-    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    text = next((line.strip() for line in error_text(error).splitlines() if line.strip()), "")
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
