@@ -93,6 +93,18 @@ class Reclaimer:
         self.leak_warning_after = leak_warning_after
         # The pool's proxy class (set by the pool): a lost lease's stand-in is one.
         self.proxy_class: Callable[[Holder, RawConnection, Lease], Any] | None = None
+        # The pool's max_queries (set by the pool; None: no limit).
+        self.max_queries: int | None = None
+
+    def retire_if_used_up(self, slot: Slot, con: RawConnection) -> None:
+        """A connection taken back or reclaimed that ran ``max_queries``
+        statements is closed once its reset ends, not handed on, as a
+        release closes it (review h263): its slot takes the retired
+        generation, as one whose ``max_lifetime`` ran out in use."""
+        limit = self.max_queries
+        protocol = con._protocol
+        if limit is not None and protocol is not None and protocol.queries_count >= limit:
+            self.state.retire_in_use(slot)
 
     def reclaim(self, lease: Lease, *, asked: bool = False) -> None:
         """A proxy was garbage collected while still leased (or a re-check
@@ -121,6 +133,7 @@ class Reclaimer:
         )
         _pg.detach_proxy(con)  # the proxy is gone; drop the dead weak reference
         con._on_release()
+        self.retire_if_used_up(slot, con)  # (nothing of the lease runs on it now: the count is final)
         self.runner.spawn(self.runner.reset_slot(
             holder, con, None, _pg.warn_open_transaction(con, quiet=True), hooks=self.hooks.ended,
         ))
@@ -280,6 +293,8 @@ class Reclaimer:
                 "pool %r: could not take back an expired connection cleanly (%s); closing it",
                 self.name, self.reporter.describe(error), extra={"event": "reset_failed", "pool": self.name},
             )
+        if error is None:
+            self.retire_if_used_up(holder._slot, con)  # (counted after the calls it waited for)
         # A cancel comes only from terminate(), which discarded the slot.
         self.runner.reset_done(holder, con, None, error, log=False)
 

@@ -2156,6 +2156,14 @@ class PoolState:
         else:
             slot.generation = _RETIRED
 
+    def retire_in_use(self, slot: Slot) -> None:
+        """Close ``slot``'s connection when its reset (or take-back) ends
+        instead of handing it on: it reached ``max_queries`` outside a
+        release (taken back, reclaimed). The retired generation, as for a
+        ``max_lifetime`` run out in use."""
+        if slot.state is S.RESETTING:
+            slot.generation = _RETIRED
+
     def _timer_live(self, kind: int, obj: Any) -> bool:
         if kind == _SLOT_EXPIRY:
             return obj.expires_at is not None

@@ -212,6 +212,7 @@ class Pool(_PoolBase):
             leak_warning_after=config.leak_warning_after,
         )
         runner.reclaimer.proxy_class = proxy_class
+        runner.reclaimer.max_queries = config.max_queries
         self._drain = runner.drain
         # The hot path, acquire and release: PoolAcquireContext calls it
         # directly (no call through the face per lease).

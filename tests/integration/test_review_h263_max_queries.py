@@ -11,8 +11,9 @@ The take-back (``_reclaim.Reclaimer.take_back_slot``) and the reclaim
 ``safepool/_state.py:1330-1335``) closes a connection of an expired
 generation (``expire_connections()`` and ``max_lifetime`` are honoured
 there: the same scenario gets a new backend) but never looks at its
-statement count: the next lease runs on a connection past its limit, and
-is only closed at that lease's release.
+statement count: the next lease ran on a connection past its limit, and
+was only closed at that lease's release. Fixed: ``Reclaimer.retire_if_used_up``
+gives such a slot the retired generation, closed when its reset ends.
 """
 
 from __future__ import annotations
@@ -29,9 +30,6 @@ from tests._util import until
 pytestmark = [pytest.mark.asyncio, pytest.mark.safepool_allow_leaks]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "h263: a take-back hands on a connection past max_queries (only Leaser.release checks it, "
-    "_leasing.py:474; PoolState._hand_on checks the generation alone, _state.py:1330)"))
 async def test_take_back_closes_a_connection_past_max_queries(pools: Any) -> None:
     clock = safepool.ManualClock()
     pool = await pools(max_size=1, lease_timeout=10.0, clock=clock, max_queries=3)
@@ -44,9 +42,6 @@ async def test_take_back_closes_a_connection_past_max_queries(pools: Any) -> Non
         assert other.get_server_pid() != used_up  # closed and replaced, as a release would
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "h263: a reclaim hands on a connection past max_queries (only Leaser.release checks it, "
-    "_leasing.py:474; PoolState._hand_on checks the generation alone, _state.py:1330)"))
 async def test_reclaim_closes_a_connection_past_max_queries(pools: Any) -> None:
     pool = await pools(max_size=1, max_queries=3)
     con = await pool.acquire()  # safepool: ignore (the leak under test)
@@ -60,3 +55,18 @@ async def test_reclaim_closes_a_connection_past_max_queries(pools: Any) -> None:
         await until(lambda: pool.stats().leaks_detected == 1)
     async with pool.acquire(timeout=5) as other:
         assert other.get_server_pid() != used_up
+
+
+async def test_take_back_hands_on_a_connection_under_max_queries(pools: Any) -> None:
+    """The control: under its max_queries the connection taken back is
+    reset and handed on (the same backend serves the next lease)."""
+    clock = safepool.ManualClock()
+    pool = await pools(max_size=1, lease_timeout=10.0, clock=clock, max_queries=50)
+    con = await pool.acquire()  # safepool: ignore (taken back under test)
+    pid = con.get_server_pid()
+    for _ in range(5):
+        await con.fetchval("SELECT 1")
+    clock.advance(10.0)  # taken back
+    async with pool.acquire(timeout=5) as other:
+        assert other.get_server_pid() == pid
+    assert pool.stats().resets_failed == 0
