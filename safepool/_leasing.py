@@ -274,11 +274,6 @@ class Leaser:
             holder.init_context = None
         proxy = self.proxy_class(holder, slot.connection, lease)
         if lease_timeout is not None or self.extras:
-            if lease_timeout is not None or self.leak_warning_after is not None:
-                due = state.arm_lease(lease, lease_timeout, self.leak_warning_after)
-                timer_at = self.runner.timer_at
-                if timer_at is None or (due is not None and due < timer_at):
-                    self.runner.arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
             if self.capture_stack:
                 # The caller of pool.acquire() and its task, taken at that call
                 # (an acquire awaited in a task of its own runs here in that one).
@@ -304,6 +299,16 @@ class Leaser:
                     # are the pool's setup, not the lease's code: as init='s, they
                     # do not keep a lost proxy's connection from being reclaimed.
                     _pg.disown_callbacks(holder.lease_callbacks, lease.id)
+                # The lease starts when its caller gets the connection: its
+                # lease_timeout and leak_warning_after count from here, not
+                # from before the pool's own hook, which could otherwise run
+                # out inside acquire() (review h263).
+                lease.acquired_at = self.now()
+            if lease_timeout is not None or self.leak_warning_after is not None:
+                due = state.arm_lease(lease, lease_timeout, self.leak_warning_after)
+                timer_at = self.runner.timer_at
+                if timer_at is None or (due is not None and due < timer_at):
+                    self.runner.arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
         if context is not None:
             context.connection = proxy
         return proxy

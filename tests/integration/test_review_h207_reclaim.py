@@ -476,10 +476,13 @@ async def test_a_release_racing_the_take_back_in_one_loop_step(pools: Any, order
                                   "AND locktype = 'advisory'") == 0
 
 
-async def test_a_setup_hook_outlived_by_its_lease_leaves_the_next_lease_alone(pools: Any) -> None:
-    """The lease expires while setup= waits; the connection goes to the
-    next waiter; the hook then runs a statement: its acquire fails with
-    LeaseExpiredError, and the next lease keeps its connection."""
+async def test_a_setup_hook_is_not_outlived_by_its_lease(pools: Any) -> None:
+    """The lease's clock passes lease_timeout while setup= waits: since s78
+    (review h263) the lease's clocks start when acquire() returns, so
+    nothing is taken back; the next waiter gets the connection once the
+    first lease is released. (Before, the lease expired inside acquire(),
+    the connection went to the next waiter and the hook's acquire failed
+    with LeaseExpiredError; review h207 made that leave the next lease alone.)"""
     clock = safepool.ManualClock()
     gate, inside = asyncio.Event(), asyncio.Event()
     calls = []
@@ -497,14 +500,16 @@ async def test_a_setup_hook_outlived_by_its_lease_leaves_the_next_lease_alone(po
     second = asyncio.ensure_future(pool.acquire(timeout=30))
     await asyncio.sleep(0.01)
     clock.advance(10.0)
-    con = await second
-    pid = await con.fetchval("SELECT pg_backend_pid()")
-    gate.set()
-    with pytest.raises(safepool.LeaseExpiredError):
-        await first
     await asyncio.sleep(0.05)
-    assert not con.is_closed() and await con.fetchval("SELECT pg_backend_pid()") == pid
+    assert not second.done() and pool.stats().leases_expired == 0
+    gate.set()
+    con = await asyncio.wait_for(first, 10)
+    pid = await con.fetchval("SELECT pg_backend_pid()")
     await pool.release(con)
+    other = await asyncio.wait_for(second, 10)
+    assert await other.fetchval("SELECT pg_backend_pid()") == pid
+    await pool.release(other)
+    assert pool.stats().leases_expired == 0
 
 
 async def test_a_reclaimed_leases_timers_spare_the_next_lease(pools: Any) -> None:

@@ -18,7 +18,9 @@ Neither is documented (docs/leases.md says nothing of setup=; backpressure.md
 says acquire_timeout bounds the hook). Expected: the lease clock starts when
 the caller gets the connection, or the acquire fails with a typed
 ``safepool.PoolError`` (as a setup hook outrunning the acquire timeout fails
-with ``PoolTimeoutError``), never hands out a dead proxy.
+with ``PoolTimeoutError``), never hands out a dead proxy. Fixed: the
+lease's clocks start when ``setup=`` is done (``lease.acquired_at`` set
+then, the timers armed after it).
 """
 
 from __future__ import annotations
@@ -34,39 +36,35 @@ import safepool
 pytestmark = [pytest.mark.asyncio, pytest.mark.safepool_allow_leaks]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "h263: lease_timeout armed before setup= (_leasing.py:271): a take-back during the hook's query makes "
-    "acquire() raise asyncpg's raw QueryCanceledError, not a safepool.PoolError"))
-async def test_lease_timeout_during_setup_query_fails_acquire_with_a_pool_error(pools: Any) -> None:
+async def test_lease_timeout_counts_from_the_end_of_setup(pools: Any) -> None:
+    """The clock passing the lease's deadline while the hook's statement
+    runs takes nothing back: acquire() returns a usable connection, and
+    the lease expires lease_timeout after that."""
     clock = safepool.ManualClock()
     entered = asyncio.Event()
 
     async def setup(con: Any) -> None:
         entered.set()
-        await con.execute("SELECT pg_sleep(5)")
+        await con.execute("SELECT pg_sleep(0.5)")
 
     pool = await pools(max_size=1, lease_timeout=10.0, clock=clock, setup=setup)
     acquiring = asyncio.ensure_future(pool.acquire())
     await entered.wait()
     await asyncio.sleep(0.2)  # the hook's statement is on the server
-    clock.advance(11.0)  # the lease's deadline, still inside acquire()
-    try:
-        con = await asyncio.wait_for(acquiring, 10)
-    except Exception as exc:  # what the caller of acquire() gets
-        error: Exception | None = exc
-    else:
-        error = None
-        await pool.release(con)
-    # The pool recovers either way (the take-back reset the connection).
+    clock.advance(11.0)  # past the deadline the lease would have had from its grant
+    con = await asyncio.wait_for(acquiring, 10)
+    assert await con.fetchval("SELECT 1") == 1
+    assert pool.stats().leases_expired == 0
+    clock.advance(9.9)
+    assert await con.fetchval("SELECT 2") == 2
+    clock.advance(0.2)  # lease_timeout after acquire() returned
+    with pytest.raises(safepool.LeaseExpiredError):
+        await con.fetchval("SELECT 3")
+    assert pool.stats().leases_expired == 1
     async with pool.acquire(timeout=5) as other:
-        assert await other.fetchval("SELECT 2") == 2
-    assert error is not None
-    assert isinstance(error, safepool.PoolError), f"acquire() raised {type(error).__name__}: {error}"
+        assert await other.fetchval("SELECT 4") == 4
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "h263: lease_timeout armed before setup= (_leasing.py:271): a take-back while the hook awaits "
-    "something else makes acquire() return an already expired proxy"))
 async def test_lease_timeout_during_setup_never_returns_an_expired_proxy(pools: Any) -> None:
     clock = safepool.ManualClock()
     entered, go = asyncio.Event(), asyncio.Event()
