@@ -401,7 +401,13 @@ class Leaser:
                 self.runner.closes_done[slot] = done
                 self.state.release(lease, self.now(), Outcome.DISCARD)
                 self.drain()
-                await asyncio.wait([done])
+                if closing_now():
+                    # A coroutine being closed in the hook (coro.close(), its
+                    # pending task collected): nothing can wait there; the
+                    # close goes on in its pool task (review h263).
+                    done.add_done_callback(retrieve)
+                else:
+                    await asyncio.wait([done])
             raise
 
     # ------------------------------------------------------------- release
@@ -728,6 +734,14 @@ class Leaser:
                 error = await done
             except Exception as exc:  # (a cancellation passes: no loop pass then)
                 error = exc
+            except BaseException:
+                # Cancelled, or closed (GeneratorExit: the leak guard's
+                # release, a collected task) while waiting: the pool's task
+                # goes on, and its error is the pool's to log, not also
+                # asyncio's "Future exception was never retrieved" (review h263).
+                if isinstance(done, asyncio.Future):
+                    done.add_done_callback(retrieve)
+                raise
         if logged:
             await asyncio.sleep(0)
         if error is not None:
