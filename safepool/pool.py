@@ -851,8 +851,11 @@ class Pool(_PoolBase):
 
         Delivered on the pool's event loop thread once the pool's books are
         settled (never from inside its bookkeeping), in the order they
-        happened. An exception in a callback is logged (``event listener
-        failed``) and the other callbacks still run. With no listener the
+        happened. An exception in a callback (any ``BaseException``,
+        ``asyncio.CancelledError`` included, but ``KeyboardInterrupt`` and
+        ``SystemExit``, which propagate, as in asyncio's own callbacks) is
+        logged (``event listener failed``) and the other callbacks still
+        run. With no listener the
         pool builds no event at all.
 
         :raises TypeError: ``callback`` is not callable, or is a coroutine
@@ -926,8 +929,9 @@ class Pool(_PoolBase):
         The callback runs on the pool's loop thread, in a loop callback after
         the pool's books have settled (values recorded in one loop iteration
         are handed over together, in order), so it may call into the pool; it
-        should be quick. An exception in it is logged once per pool and kind,
-        and swallowed. May
+        should be quick. An exception in it (``asyncio.CancelledError``
+        included; ``KeyboardInterrupt`` and ``SystemExit`` propagate) is
+        logged once per pool and kind, and swallowed. May
         be called from any thread (the sink is installed on the loop; values
         recorded before that are not seen). With no sink the pool pays
         nothing.
