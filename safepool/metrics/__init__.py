@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..errors import PoolTypeError, PoolValueError, check_flag, check_is_pool, pool_list
+from ..errors import PoolTypeError, PoolValueError, check_encodable, check_flag, check_is_pool, pool_list
 from ..stats import PoolStats
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class PoolSet:
         :returns: the name ``pool`` is reported under.
         :raises ValueError: another open pool is reported under ``name``
             (registered, or with ``live`` the live pool reported under it);
-            ``name`` is empty.
+            ``name`` is empty, or UTF-8 cannot encode it (a lone surrogate).
         :raises TypeError: ``name`` is not a str, or ``pool`` not a safepool pool."""
         check_is_pool(pool, "the metrics exporter")
         reported = self.name_of(pool)
@@ -90,6 +90,7 @@ class PoolSet:
             raise PoolTypeError(f"a pool's metrics name must be a str, got {type(name).__name__}")
         if not name:
             raise PoolValueError("a pool's metrics name must not be empty")
+        check_encodable("a pool's metrics name", name)  # (a lone surrogate failed every scrape: review h262)
         taken = self._named.get(name)
         current = taken() if taken is not None else None
         if current is None or _closed(current):
