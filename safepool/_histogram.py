@@ -205,7 +205,9 @@ class TeeHistogram(Histogram):
                     result = sink(value)
                     if result is not None:
                         refuse_awaitable("a timing sink", result)
-                except Exception:
+                except (SystemExit, KeyboardInterrupt):
+                    raise  # (as asyncio's Handle._run; the values not handed on yet are dropped)
+                except BaseException:  # (CancelledError included, as a listener's: see Reporter.deliver)
                     if not self._complained:
                         self._complained = True
                         # Formatted now and redacted (as a failing event listener's).

@@ -27,7 +27,8 @@ __all__ = ["guarded_logger"]
 
 class _GuardedLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """A ``logging.Logger`` by name (``.logger``), whose calls never raise
-    a handler's or a filter's ``Exception``. The call's own ``extra`` goes
+    a handler's or a filter's exception (``KeyboardInterrupt`` and
+    ``SystemExit`` aside, as in asyncio's callbacks). The call's own ``extra`` goes
     through unchanged, and the record names the pool's function that
     logged (``stacklevel`` counts this frame)."""
 
@@ -40,14 +41,16 @@ class _GuardedLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
         try:
             self.logger.log(level, msg, *args, **kwargs)
-        except Exception as error:
+        except (SystemExit, KeyboardInterrupt):
+            raise  # (as asyncio's Handle._run: the program is asked to stop)
+        except BaseException as error:  # (a CancelledError too: as asyncio reports a callback's)
             _handler_failed(self.logger.name, error)
 
 
 _reporting = False  # (a report under way: the loop's handler logging through the failing handler again)
 
 
-def _handler_failed(name: str, error: Exception) -> None:
+def _handler_failed(name: str, error: BaseException) -> None:
     """Report a handler's ``error``, without the exceptions it chains to: the
     pool logs from inside ``except`` blocks, and the error being handled
     there (a failing listener's, a hook's) may quote the pool's password,

@@ -42,7 +42,9 @@ def on_pool_created(callback: Callable[[Pool], None]) -> Callable[[], None]:
     of its constructor (before it connects), in the creating thread. For
     extensions that watch every pool (the pytest leak guard, exporters with
     ``live=True``) without the application registering each one. An exception
-    in the callback is logged and swallowed.
+    in the callback (``asyncio.CancelledError`` included; ``KeyboardInterrupt``
+    and ``SystemExit`` propagate, as in asyncio's callbacks) is logged and
+    swallowed.
 
     Returns a function that removes the callback (idempotent).
 
@@ -66,7 +68,9 @@ def register(pool: Pool) -> None:
     for callback in _CREATED_HOOKS.copy():  # a callback may remove itself
         try:
             refuse_awaitable("a pool-created hook", callback(pool))
-        except Exception:
+        except (SystemExit, KeyboardInterrupt):
+            raise  # (as asyncio's Handle._run)
+        except BaseException:  # (CancelledError included, as an event listener's)
             logger.error(
                 "pool %r: pool-created hook failed\n%s", pool.name, pool._reporter.redact(traceback.format_exc().rstrip()),
                 extra={"event": "created_hook_failed", "pool": pool.name},

@@ -342,7 +342,12 @@ class Reporter:
                         result = callback(event)
                         if result is not None:
                             refuse_awaitable("an event listener", result)
-                    except Exception:
+                    except (SystemExit, KeyboardInterrupt):
+                        raise  # (as asyncio's Handle._run: the program is asked to stop)
+                    except BaseException:
+                        # CancelledError too (a listener reading a cancelled
+                        # future's result): logged as asyncio reports a
+                        # callback's, and the other listeners still get it.
                         # Formatted now: a record holding the traceback would keep the
                         # callers' frames, and the connections they refer to, alive.
                         logger.error(

@@ -20,7 +20,7 @@ from types import CodeType, TracebackType
 from typing import Any, TypeVar
 
 from ._stack import RESUMED, TASK_WRAPPERS
-from .errors import PoolTypeError, PoolValueError
+from .errors import PoolTypeError, PoolValueError, check_encodable, encodable
 
 __all__ = ["site", "current_site", "caller_site"]
 
@@ -60,7 +60,9 @@ def caller_site(depth: int = 1) -> str:
         name = _site_of_code.get(code)
         if name is None:
             module = str(frame.f_globals.get("__name__", "?"))
-            name = "" if _is_library(module) else f"{module}.{code.co_qualname}"
+            # (encodable: a module named from undecodable bytes would label
+            # the site metrics with a lone surrogate; review h262)
+            name = "" if _is_library(module) else encodable(f"{module}.{code.co_qualname}")
             _remember(code, name)
         if name:
             return name
@@ -70,7 +72,7 @@ def caller_site(depth: int = 1) -> str:
             # a task wrapper's (anyio's), the coroutine the wrapper runs.
             if str(frame.f_globals.get("__name__", "?")).partition(".")[0] in TASK_WRAPPERS:
                 frame, code = inner, inner.f_code
-            return f"{frame.f_globals.get('__name__', '?')}.{code.co_qualname}"
+            return encodable(f"{frame.f_globals.get('__name__', '?')}.{code.co_qualname}")
         inner = frame
         frame = back  # type: ignore[assignment]
     return "unknown"
@@ -102,7 +104,8 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
 
     :raises safepool.PoolTypeError: (a ``TypeError``) ``name`` is not a
         string, or what it decorates is not callable.
-    :raises safepool.PoolValueError: (a ``ValueError``) ``name`` is empty.
+    :raises safepool.PoolValueError: (a ``ValueError``) ``name`` is empty,
+        or UTF-8 cannot encode it (a lone surrogate: it labels metrics).
     """
 
     __slots__ = ("name",)
@@ -112,7 +115,7 @@ class site:  # noqa: N801 - used like a function: `with safepool.site("checkout"
             raise PoolTypeError(f"a site name must be a non-empty string, got {name!r}")
         if not name:
             raise PoolValueError("a site name must be a non-empty string, got ''")
-        self.name = name
+        self.name = check_encodable("a site name", name)  # (a metric label: review h262)
 
     def __enter__(self) -> site:
         _entered.set((*_entered.get(), _current.set(self.name)))

@@ -165,6 +165,36 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
+def check_encodable(what: str, name: str) -> str:
+    """``name`` (a pool or site name: a metric label), checked to be a
+    str UTF-8 can encode: one holding a lone surrogate (what Python makes of
+    undecodable bytes in an environment variable, a host or file name,
+    ``os.fsdecode``) was taken and failed every Prometheus scrape of its
+    registry, the other pools' and metrics included, and an OTLP export
+    (review h262). O(1) for an ASCII name.
+
+    :raises safepool.PoolValueError: (a ``ValueError``) UTF-8 cannot encode it."""
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PoolValueError(
+                f"{what} must be text UTF-8 can encode, got {name!r} (a lone surrogate at index {exc.start}: "
+                "undecodable bytes decoded with surrogateescape, as os.fsdecode() does; decode them with "
+                "errors='replace' or 'backslashreplace')"
+            ) from None
+    return name
+
+
+def encodable(name: str) -> str:
+    """``name`` as UTF-8 can encode it: a lone surrogate written as its
+    escape (``\\udcff``). For names safepool derives itself (an acquire
+    site's module), where there is nobody to refuse."""
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def check_callable(name: str, value: object, *, plain: bool = False) -> None:
     """``value``, the argument ``name``, checked to be callable: taken
     unchecked, a callback failed (logged) at every later call instead. With

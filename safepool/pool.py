@@ -63,6 +63,7 @@ from .errors import (
     PoolInterfaceError,
     PoolTypeError,
     PoolValueError,
+    check_encodable,
     check_flag,
 )
 from .proxy import PoolConnectionProxy, WatchingProxy, _mark_coroutine
@@ -178,6 +179,8 @@ class Pool(_PoolBase):
             # An int name was taken and broke every Prometheus scrape of its
             # collector later (label values must be str).
             raise PoolTypeError(f"name must be a str or None, got {type(name).__name__}")
+        if name is not None:
+            check_encodable("name", name)  # (a lone surrogate failed every scrape of its registry: review h262)
         proxy_class: type[PoolConnectionProxy] = PoolConnectionProxy
         if reset_mode == "rollback":
             proxy_class = WatchingProxy
@@ -287,14 +290,17 @@ class Pool(_PoolBase):
             neither a str nor None; or, when awaited, ``timeout`` or ``lease_timeout``
             is not a number (a bool included).
         :raises safepool.PoolValueError: (a ``ValueError``) ``site`` is
-            empty; or, when awaited, ``timeout`` negative or NaN, ``lease_timeout`` not > 0 (NaN
+            empty or holds a lone surrogate (UTF-8 cannot encode it, and it
+            labels metrics); or, when awaited, ``timeout`` negative or NaN, ``lease_timeout`` not > 0 (NaN
             included), either an int too large for a float.
         """
-        if site is not None and (type(site) is not str or not site):
-            # (As safepool.site(""): an empty name would label a bulkhead and
-            # leak reports with nothing.)
-            error = PoolValueError if type(site) is str else PoolTypeError
-            raise error(f"site must be a non-empty str or None, got {site!r}")
+        if site is not None:
+            if type(site) is not str or not site:
+                # (As safepool.site(""): an empty name would label a bulkhead and
+                # leak reports with nothing.)
+                error = PoolValueError if type(site) is str else PoolTypeError
+                raise error(f"site must be a non-empty str or None, got {site!r}")
+            check_encodable("site", site)  # (a metric label: review h262)
         # The caller is on the stack now; when the context is awaited it may
         # not be: asyncio.gather(), create_task() and (before Python 3.12)
         # wait_for() run the acquire as a task of its own, whose stack is
@@ -852,8 +858,11 @@ class Pool(_PoolBase):
 
         Delivered on the pool's event loop thread once the pool's books are
         settled (never from inside its bookkeeping), in the order they
-        happened. An exception in a callback is logged (``event listener
-        failed``) and the other callbacks still run. With no listener the
+        happened. An exception in a callback (any ``BaseException``,
+        ``asyncio.CancelledError`` included, but ``KeyboardInterrupt`` and
+        ``SystemExit``, which propagate, as in asyncio's own callbacks) is
+        logged (``event listener failed``) and the other callbacks still
+        run. With no listener the
         pool builds no event at all.
 
         :raises TypeError: ``callback`` is not callable, or is a coroutine
@@ -927,8 +936,9 @@ class Pool(_PoolBase):
         The callback runs on the pool's loop thread, in a loop callback after
         the pool's books have settled (values recorded in one loop iteration
         are handed over together, in order), so it may call into the pool; it
-        should be quick. An exception in it is logged once per pool and kind,
-        and swallowed. May
+        should be quick. An exception in it (``asyncio.CancelledError``
+        included; ``KeyboardInterrupt`` and ``SystemExit`` propagate) is
+        logged once per pool and kind, and swallowed. May
         be called from any thread (the sink is installed on the loop; values
         recorded before that are not seen). With no sink the pool pays
         nothing.
@@ -1114,7 +1124,9 @@ def create_pool(
     :raises safepool.PoolValueError: (a ``ValueError``) an argument out of
         range or not one of its choices, checked when called (asyncpg's own
         checks with asyncpg's messages: ``max_size`` > 0, 0 <= ``min_size``
-        <= ``max_size``, ...).
+        <= ``max_size``, ...), or a ``name`` UTF-8 cannot encode (a lone
+        surrogate, as ``os.fsdecode()`` makes of undecodable bytes: it
+        labels metrics).
     :raises safepool.PoolTypeError: (a ``TypeError``) an argument of the
         wrong type (a size that is not an int, a duration that is not a
         number or is a bool, a ``name`` that is not a str).

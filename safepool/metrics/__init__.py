@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ..errors import PoolTypeError, PoolValueError, check_flag, check_is_pool, pool_list
+from ..errors import PoolTypeError, PoolValueError, check_encodable, check_flag, check_is_pool, pool_list
 from ..stats import PoolStats
 
 if TYPE_CHECKING:
@@ -70,8 +70,14 @@ class PoolSet:
         A name may be reused once its pool is closed or gone (an application
         that re-creates its pool); otherwise a duplicate raises ValueError,
         since two time series with the same labels would be rejected by
-        Prometheus and merged by OpenTelemetry.
+        Prometheus and merged by OpenTelemetry. With ``live``, the open pool
+        reported under the bare ``name`` at the last :meth:`items` (an
+        unregistered pool of the process) holds it as a registered one does.
 
+        :returns: the name ``pool`` is reported under.
+        :raises ValueError: another open pool is reported under ``name``
+            (registered, or with ``live`` the live pool reported under it);
+            ``name`` is empty, or UTF-8 cannot encode it (a lone surrogate).
         :raises TypeError: ``name`` is not a str, or ``pool`` not a safepool pool."""
         check_is_pool(pool, "the metrics exporter")
         reported = self.name_of(pool)
@@ -84,8 +90,16 @@ class PoolSet:
             raise PoolTypeError(f"a pool's metrics name must be a str, got {type(name).__name__}")
         if not name:
             raise PoolValueError("a pool's metrics name must not be empty")
+        check_encodable("a pool's metrics name", name)  # (a lone surrogate failed every scrape: review h262)
         taken = self._named.get(name)
         current = taken() if taken is not None else None
+        if current is None or _closed(current):
+            # live: the pool that was reported under the bare name keeps it
+            # while open. Taken over by a registered pool, the series would
+            # jump to that pool's counts (a Prometheus counter falling) and,
+            # with OpenTelemetry, carry the first pool's on while it is also
+            # reported whole as name@<hex id> (review h262).
+            current = self._bare_holder(name)
         if current is not None and current is not pool and not _closed(current):
             raise PoolValueError(
                 f"cannot report pool {name!r}: another open pool is already reported as {name!r} "
@@ -99,32 +113,62 @@ class PoolSet:
         self._removed.discard(pool)
         return name
 
+    def _bare_holder(self, name: str) -> Pool | None:
+        """live: the open pool the last :meth:`items` reported under the
+        bare ``name`` and that would be again (not removed, not registered
+        under another name since), or None."""
+        if not self.live:
+            return None
+        holder = _ref(self._bare.get(name))
+        if holder is None or _closed(holder) or holder in self._removed or self.name_of(holder) is not None:
+            return None
+        return holder
+
     def name_of(self, pool: Pool) -> str | None:
         """The name ``pool`` is reported under (None: it is not registered)."""
         return next((name for name, ref in self._named.items() if ref() is pool), None)
 
     def get(self, name: str) -> Pool | None:
-        """The pool reported under ``name`` (None if unknown or gone): a
-        registered one, or with ``live`` a live pool."""
+        """The pool reported under ``name``: the open pool registered under
+        it, else with ``live`` the live pool reported under it (as the next
+        :meth:`items` would), else a closed pool still registered under it;
+        None if unknown or gone. (A closed registered pool gives its name up
+        to a live namesake: that one is what the name reports.)"""
         ref = self._named.get(name)
-        if ref is not None:
-            return ref()
+        registered = ref() if ref is not None else None
+        if registered is not None and not _closed(registered):
+            return registered
         if self.live:
-            return next((pool for reported, pool in self.items() if reported == name), None)
-        return None
+            live = next((pool for reported, pool in self.items() if reported == name), None)
+            if live is not None:
+                return live
+        return registered
 
-    def remove(self, pool_or_name: Pool | str) -> None:
+    def remove(self, pool_or_name: Pool | str) -> list[Pool]:
         """Stop reporting on a pool (given by name or object), live mode
-        included, until it is added again; unknown ones are ignored."""
-        pool = self.get(pool_or_name) if isinstance(pool_or_name, str) else pool_or_name
+        included, until it is added again; unknown ones are ignored. By
+        name: the pool :meth:`get` answers (the one reported under it), and
+        the registration of that name (a closed pool's too).
+
+        :returns: the pools taken out (0, 1 or 2: by name, the live pool
+            reported under it and the closed one registered under it)."""
+        removed: list[Pool] = []
         if isinstance(pool_or_name, str):
-            self._named.pop(pool_or_name, None)
+            pool = self.get(pool_or_name)  # (before the registration goes: else a namesake could take the name)
+            ref = self._named.pop(pool_or_name, None)
+            registered = ref() if ref is not None else None
+            if registered is not None and registered is not pool:
+                removed.append(registered)
+        else:
+            pool = pool_or_name
         if pool is None:
-            return
+            return removed
         for name, ref in list(self._named.items()):
             if ref() is pool:
                 del self._named[name]
         self._removed.add(pool)
+        removed.append(pool)
+        return removed
 
     def items(self) -> list[tuple[str, Pool]]:
         """(name, pool) for every open pool to report, names unique."""

@@ -183,10 +183,10 @@ class PoolInstruments:
         return self._record_times
 
     def remove(self, pool_or_name: Pool | str) -> None:
-        """Stop reporting a pool and unhook its histograms."""
-        pool = self.pools.get(pool_or_name) if isinstance(pool_or_name, str) else pool_or_name
-        self.pools.remove(pool_or_name)
-        if pool is not None:
+        """Stop reporting a pool (given by name or object: by name, the pool
+        reported under it, live mode included) and unhook its histograms; an
+        unknown one is ignored."""
+        for pool in self.pools.remove(pool_or_name):
             self._detach(pool)
 
     def close(self) -> None:

@@ -102,8 +102,9 @@ class PoolCollector:
         return self.pools.add(pool, name)
 
     def remove(self, pool_or_name: Pool | str) -> None:
-        """Stop exporting a pool (given by name or object); an unknown one is
-        ignored. Its series are gone from the next scrape."""
+        """Stop exporting a pool (given by name or object: by name, the pool
+        reported under it, live mode included); an unknown one is ignored.
+        Its series are gone from the next scrape."""
         self.pools.remove(pool_or_name)
 
     def describe(self) -> list[Metric]:

@@ -27,21 +27,18 @@ The same ``except Exception`` guards the timing sinks
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
 
+import safepool
 from safepool import events
 from tests._util import until
 
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h262: Reporter.deliver (safepool/_reporting.py:345) catches Exception only: a listener "
-    "raising CancelledError is not logged and the listeners after it miss the event",
-)
 async def test_a_listener_raising_cancelled_error_leaves_the_others_their_event(pools: Any) -> None:
     pool = await pools(min_size=1, max_size=1, leak_warning_after=0.05)
     loop = asyncio.get_running_loop()
@@ -66,3 +63,148 @@ async def test_a_listener_raising_cancelled_error_leaves_the_others_their_event(
     finally:
         pool.remove_event_listener(raising)  # (the fixture's terminate() would deliver lease_ended to it)
         loop.set_exception_handler(previous)
+
+
+# ------------------------------------------------------------ siblings (helper 264)
+# Every user callback the pool guards follows asyncio's Handle._run: any
+# BaseException is reported and the pool goes on, but KeyboardInterrupt and
+# SystemExit, which propagate.
+
+
+async def test_a_listener_raising_cancelled_error_is_logged(pools: Any, caplog: pytest.LogCaptureFixture) -> None:
+    pool = await pools(min_size=1, max_size=1)
+    got: list[dict[str, Any]] = []
+
+    def raising(event: events.PoolEvent) -> None:
+        raise asyncio.CancelledError
+
+    pool.add_event_listener(raising)
+    pool.add_listener(got.append)  # (a dict listener after it)
+    try:
+        with caplog.at_level(logging.ERROR, logger="safepool"):
+            async with pool.acquire():
+                pass
+            pool._reporter.emit_event("server_status", **{"from": "up", "to": "backing_off"})
+            await asyncio.sleep(0.05)
+        failed = [r for r in caplog.records if getattr(r, "event", None) == "listener_failed"]
+        assert failed and "CancelledError" in failed[0].getMessage(), [r.getMessage() for r in caplog.records]
+        assert any(event["event"] == "server_status" for event in got), got
+    finally:
+        pool.remove_event_listener(raising)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+async def test_a_listener_raising_keyboard_interrupt_or_system_exit_propagates(pools: Any, stop: type) -> None:
+    pool = await pools(min_size=1, max_size=1)
+
+    def raising(event: events.PoolEvent) -> None:
+        raise stop
+
+    pool.add_event_listener(raising)
+    reporter = pool._reporter
+    try:
+        reporter.emit_event("server_status", **{"from": "up", "to": "backing_off"})
+        with pytest.raises(stop):
+            reporter.deliver()  # (what the loop callback runs: asyncio re-raises these from run_forever)
+        assert not reporter.delivering  # the next delivery is not locked out
+    finally:
+        pool.remove_event_listener(raising)
+    await asyncio.sleep(0)
+
+
+async def test_a_timing_sink_raising_cancelled_error_leaves_the_others_their_values(
+    pools: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = await pools(min_size=1, max_size=1)
+    got: list[float] = []
+
+    def raising(seconds: float) -> None:
+        raise asyncio.CancelledError
+
+    pool.add_timing_sink("lease", raising)
+    pool.add_timing_sink("lease", got.append)
+    try:
+        with caplog.at_level(logging.WARNING, logger="safepool"):
+            for _ in range(2):
+                async with pool.acquire():
+                    pass
+                await asyncio.sleep(0.02)
+        assert len(got) == 2, got
+        failed = [r for r in caplog.records if getattr(r, "event", None) == "timing_sink_failed"]
+        assert len(failed) == 1 and "CancelledError" in failed[0].getMessage(), [r.getMessage() for r in caplog.records]
+    finally:
+        pool.remove_timing_sink("lease", raising)
+        pool.remove_timing_sink("lease", got.append)
+
+
+async def test_a_pool_created_hook_raising_cancelled_error_is_logged(
+    pools: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from safepool.pool import on_pool_created
+
+    def raising(pool: safepool.Pool) -> None:
+        raise asyncio.CancelledError
+
+    seen: list[str] = []
+    remove_raising = on_pool_created(raising)
+    remove_seen = on_pool_created(lambda pool: seen.append(pool.name))
+    try:
+        with caplog.at_level(logging.ERROR, logger="safepool"):
+            pool = await pools(name="h264-created", min_size=1, max_size=1)
+    finally:
+        remove_raising()
+        remove_seen()
+    assert seen == [pool.name]
+    assert await pool.fetchval("SELECT 1") == 1
+    failed = [r for r in caplog.records if getattr(r, "event", None) == "created_hook_failed"]
+    assert failed and "CancelledError" in failed[0].getMessage()
+
+
+async def test_a_logging_handler_raising_cancelled_error_goes_to_the_loop(pools: Any) -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+
+    class Raising(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            raise asyncio.CancelledError
+
+    handler = Raising()
+    target = logging.getLogger("safepool")
+    pool = await pools(min_size=1, max_size=1)
+
+    def raising_listener(event: events.PoolEvent) -> None:
+        raise ValueError("x")  # logged: through the raising handler
+
+    got: list[events.PoolEvent] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    target.addHandler(handler)
+    pool.add_event_listener(raising_listener)
+    pool.add_event_listener(got.append)
+    try:
+        pool._reporter.emit_event("server_status", **{"from": "up", "to": "backing_off"})
+        await asyncio.sleep(0.05)
+        assert [type(event) for event in got] == [events.ServerStatusChanged], got
+        assert any(isinstance(context.get("exception"), asyncio.CancelledError) for context in reported), reported
+    finally:
+        target.removeHandler(handler)
+        pool.remove_event_listener(raising_listener)
+        pool.remove_event_listener(got.append)
+        loop.set_exception_handler(previous)
+
+
+async def test_a_logging_handler_raising_keyboard_interrupt_propagates() -> None:
+    from safepool._logging import guarded_logger
+
+    class Raising(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            raise KeyboardInterrupt
+
+    target = logging.getLogger("safepool.h264")
+    handler = Raising()
+    target.addHandler(handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            guarded_logger("safepool.h264").error("x")
+    finally:
+        target.removeHandler(handler)

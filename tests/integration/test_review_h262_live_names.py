@@ -48,11 +48,6 @@ def acquired_by_pool(registry: CollectorRegistry) -> dict[str, float]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h262: PoolSet.add (safepool/metrics/__init__.py:87) ignores the live pool that holds the "
-    "bare name; a pool registered later under that name takes the series over and the counter falls",
-)
 async def test_register_of_a_namesake_never_makes_a_live_pools_counter_fall(pools: Any) -> None:
     registry = CollectorRegistry()
     first = await pools(name="main")
@@ -73,11 +68,6 @@ async def test_register_of_a_namesake_never_makes_a_live_pools_counter_fall(pool
     assert after["main"] >= 5, after
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h262: PoolSet.add (safepool/metrics/__init__.py:87) ignores the live pool that holds the "
-    "bare name; the OpenTelemetry series carries it on while it is also reported whole under name@id",
-)
 async def test_instrument_of_a_namesake_never_counts_a_live_pools_acquires_twice(pools: Any) -> None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -117,5 +107,94 @@ async def test_instrument_of_a_namesake_never_counts_a_live_pools_acquires_twice
         counts = acquired()
         # Six acquires in all: summed by pool name, as a dashboard sums them.
         assert sum(counts.values()) == 6, counts
+    finally:
+        provider.shutdown()
+
+
+# ------------------------------------------------------------ siblings (helper 264)
+# Every way a pool is put under a name meets the live pool holding it; the
+# holder itself, and the name once its holder is closed, removed or moved,
+# stay free to take.
+
+
+async def test_add_under_an_explicit_name_a_live_pool_holds_is_refused(pools: Any) -> None:
+    from safepool.metrics.prometheus import PoolCollector
+
+    registry = CollectorRegistry()
+    first = await pools(name="main")
+    other = await pools(name="other")
+    collector = register(live=True, registry=registry)
+    assert acquired_by_pool(registry)["main"] == 0
+    with pytest.raises(ValueError, match="another open pool is already reported as 'main'"):
+        collector.add(other, "main")
+    with pytest.raises(ValueError, match="'main'"):
+        register(other, await pools(name="main"), registry=registry)  # all or none
+    assert collector.pools.name_of(other) is None
+    assert collector.add(other, "main-2") == "main-2"  # another name: fine
+    assert collector.add(first) == "main"  # the holder itself: fine
+    assert acquired_by_pool(registry).keys() >= {"main", "main-2"}
+    assert isinstance(collector, PoolCollector)
+
+
+async def test_a_live_pools_name_is_free_once_it_is_closed_removed_or_moved(pools: Any) -> None:
+    registry = CollectorRegistry()
+    collector = register(live=True, registry=registry)
+
+    closed = await pools(name="closed")
+    acquired_by_pool(registry)
+    await closed.close()
+    assert register(await pools(name="closed"), registry=registry) is collector
+
+    removed = await pools(name="removed")
+    acquired_by_pool(registry)
+    collector.remove(removed)
+    successor = await pools(name="removed")
+    collector.add(successor)
+    assert collector.pools.name_of(successor) == "removed"
+
+    moved = await pools(name="moved")
+    acquired_by_pool(registry)
+    collector.add(moved, "moved-elsewhere")
+    successor = await pools(name="moved")
+    collector.add(successor)
+    assert collector.pools.name_of(successor) == "moved"
+    names = acquired_by_pool(registry)
+    assert {"closed", "removed", "moved", "moved-elsewhere"} <= names.keys(), names
+
+
+async def test_before_a_scrape_a_registered_pool_takes_the_bare_name(pools: Any) -> None:
+    # Nothing was reported under the name yet, so no series can fall: the
+    # registered pool gets the bare name from the first scrape on.
+    registry = CollectorRegistry()
+    first = await pools(name="main")
+    collector = register(live=True, registry=registry)
+    second = await pools(name="main")
+    register(second, registry=registry)
+    for _ in range(2):
+        async with first.acquire():
+            pass
+    names = acquired_by_pool(registry)
+    assert names == {"main": 0, f"main@{id(first):x}": 2}, names
+    assert collector.pools.get("main") is second
+
+
+async def test_otel_add_under_a_name_a_live_pool_holds_is_refused(pools: Any) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from safepool.metrics.otel import instrument
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        await pools(name="main")
+        instruments = instrument(live=True, meter_provider=provider)
+        reader.get_metrics_data()
+        other = await pools(name="other")
+        with pytest.raises(ValueError, match="'main'"):
+            instruments.add(other, "main")
+        with pytest.raises(ValueError, match="'main'"):
+            instruments.add_all([await pools(name="main")])
+        assert instruments.pools.name_of(other) is None
     finally:
         provider.shutdown()

@@ -40,11 +40,6 @@ def reported(registry: CollectorRegistry) -> set[str]:
     return names
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h262: PoolSet.get (safepool/metrics/__init__.py:109) answers with the closed pool registered "
-    "under the name, not the live pool reported under it: remove(name) leaves that one reported",
-)
 async def test_remove_by_name_stops_reporting_the_pool_reported_under_it(pools: Any) -> None:
     registry = CollectorRegistry()
     first = await pools(name="main")
@@ -57,11 +52,6 @@ async def test_remove_by_name_stops_reporting_the_pool_reported_under_it(pools: 
     assert reported(registry) == set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h262: PoolSet.get (safepool/metrics/__init__.py:109) answers with the closed pool registered "
-    "under the name: PoolInstruments.remove(name) leaves the open pool reported",
-)
 async def test_otel_remove_by_name_stops_reporting_the_pool_reported_under_it(pools: Any) -> None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -92,3 +82,48 @@ async def test_otel_remove_by_name_stops_reporting_the_pool_reported_under_it(po
         assert names() == set()
     finally:
         provider.shutdown()
+
+
+# ------------------------------------------------------------ siblings (helper 264)
+
+
+async def test_get_by_name_answers_the_pool_reported_under_it(pools: Any) -> None:
+    registry = CollectorRegistry()
+    first = await pools(name="main")
+    collector = register(first, live=True, registry=registry)
+    assert collector.pools.get("main") is first
+    await first.close()
+    assert collector.pools.get("main") is first  # closed, and no namesake: the registration
+    second = await pools(name="main")
+    assert collector.pools.get("main") is second  # the pool reported under the name now
+
+
+async def test_remove_by_name_of_a_registered_pool_leaves_its_live_namesake(pools: Any) -> None:
+    registry = CollectorRegistry()
+    first = await pools(name="main")
+    collector = register(first, live=True, registry=registry)
+    second = await pools(name="main")
+    assert reported(registry) == {"main", f"main@{id(second):x}"}
+    assert collector.pools.remove("main") == [first]
+    assert reported(registry) == {"main"}  # the namesake, which takes the freed name
+    assert collector.pools.get("main") is second
+
+
+async def test_remove_by_a_live_pools_told_apart_name(pools: Any) -> None:
+    registry = CollectorRegistry()
+    await pools(name="main")
+    collector = register(live=True, registry=registry)
+    reported(registry)
+    second = await pools(name="main")
+    assert f"main@{id(second):x}" in reported(registry)
+    collector.remove(f"main@{id(second):x}")
+    assert reported(registry) == {"main"}
+    collector.add(second, "main-2")  # added again: reported again
+    assert reported(registry) == {"main", "main-2"}
+
+
+async def test_remove_by_an_unknown_name_is_ignored(pools: Any) -> None:
+    registry = CollectorRegistry()
+    collector = register(await pools(name="main"), live=True, registry=registry)
+    assert collector.pools.remove("nothing") == []
+    assert reported(registry) == {"main"}

@@ -550,21 +550,23 @@ async def test_create_pools_failed_first_connect_is_logged_at_debug_only(caplog:
     ]
 
 
-class Stop(BaseException):
-    """Not an Exception: a listener's, which the delivery does not log."""
+class Stop(SystemExit):
+    """A listener's SystemExit, which the delivery lets through (as asyncio's
+    callbacks do; any other BaseException, CancelledError included, is
+    logged as an Exception is since review h262)."""
 
 
 async def test_listeners_get_events_in_order_whatever_a_listener_does(pg_dsn: str, app_name: str) -> None:
     """Three late releases (``late_release`` events). The first listener
     removes itself at the first event: the second still gets that event
     (events.py: every listener gets each event). At the second event the
-    second listener raises a BaseException, which reaches the releasing
+    second listener raises SystemExit, which reaches the releasing
     caller: the third event still reaches the listeners (the delivery is
     not left marked as under way).
 
     Mutations killed: deliver() iterating the live listener list (a
     listener that removes itself makes the next one miss the event);
-    deliver() leaving ``delivering`` set when a listener's BaseException
+    deliver() leaving ``delivering`` set when a listener's SystemExit
     passes through (no event delivered from then on)."""
     seen: list[tuple[str, int]] = []
 
