@@ -26,7 +26,7 @@ from typing import Any, assert_never
 
 from . import _internals as _pg
 from . import _workers
-from ._clock import Clock, Timer
+from ._clock import Clock, LoopClock, Timer
 from ._detach import retrieve, settle
 from ._holder import Face, Holder
 from ._internals import RawConnection
@@ -84,6 +84,11 @@ class Runner:
         self.state = state
         self.clock = clock
         self.now = clock.now
+        # The clock of the timers that watch real I/O (the re-check of a
+        # lost proxy's connection in use): always the loop's, whatever the
+        # pool's clock (a ManualClock's jumps say nothing about the server;
+        # docs/testing.md lists which timer runs on which clock).
+        self.io_clock: Clock = clock if isinstance(clock, LoopClock) else LoopClock(loop)
         self.loop = loop
         self.reporter = reporter
         # The reporter's queue of events not yet delivered (the same deque,
