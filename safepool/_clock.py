@@ -133,6 +133,18 @@ class ManualClock:
         wakes a task (a future's result) takes effect when the test next
         yields to the loop (``await asyncio.sleep(0)``).
 
+        A callback that raises does not stop the advance: as the event loop
+        goes on past a callback that raised, every other due callback runs
+        and the clock reaches its target; then the error is raised from
+        ``advance()`` (where the loop would log it, the test sees it: a
+        warning turned into an error, a pool callback's bug). Several:
+        raised together, an :class:`ExceptionGroup` (a
+        :class:`BaseExceptionGroup` if one is not an ``Exception``) of
+        them in the order they were raised. ``KeyboardInterrupt`` and
+        ``SystemExit`` propagate at once, as from the loop (the clock then
+        reads that callback's ``when``; later callbacks stay due).
+
+        :raises Exception: what a callback raised (see above).
         :raises TypeError: ``seconds`` is not a number (bool included).
         :raises ValueError: ``seconds`` is negative or NaN (the clock is
             monotonic: it never moves back), or so large that the clock
@@ -147,9 +159,19 @@ class ManualClock:
                 f"after {self._now!r}), where a float no longer holds a microsecond; to run every timer, "
                 "advance past the last one (a timer due past that reading never runs)"
             )
+        errors: list[BaseException] = []
         while self._due and self._due[0][0] <= target:
             when, _, timer, callback = heapq.heappop(self._due)
             self._now = max(self._now, when)
             if not timer.cancelled:
-                callback()
+                try:
+                    callback()
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:  # (asyncio's Handle._run: the loop goes on)
+                    errors.append(exc)
         self._now = target
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise BaseExceptionGroup(f"{len(errors)} callbacks raised in ManualClock.advance()", errors)

@@ -104,7 +104,8 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # (the user's terminate() through the proxy, the reset watchdog):
         # read just before the abort, which clears it (None: not aborted so).
         self.abort_in_flight: bool | None = None
-        # When a release's unbounded reset started (the reset watchdog's clock).
+        # When a release's unbounded reset started, on the reset watchdog's
+        # clock (Runner.io_clock: the loop's; see IOStampHolder).
         self.reset_since: float | None = None
         # Fixed for the connection's life: read once here, not per release.
         self.command_timeout = _pg.command_timeout(con)
@@ -223,6 +224,33 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
             runner.loop.call_soon_threadsafe(runner.reclaimer.reclaim, lease)
         except RuntimeError:
             pass  # the loop is closed: the process is shutting down
+
+
+# The slot of Holder.reset_since (its member descriptor), read and written
+# through by IOStampHolder's property.
+_RESET_SINCE = Holder.__dict__["reset_since"]
+
+
+class IOStampHolder(Holder):
+    """The holder of a pool whose clock is not the loop's (a ManualClock).
+
+    A release stamps ``reset_since`` with the pool clock's reading it has at
+    hand (``Leaser.release``: no second clock read per lease), which with
+    the default clock is the loop's time, the reset watchdog's. Here it is
+    not: the watchdog runs on the loop's time (``Runner.io_clock``: a
+    manual clock's jumps say nothing about a reset on the wire, review
+    h263), so a start is recorded on that clock instead, whatever value
+    the release gives."""
+
+    __slots__ = ()
+
+    @property
+    def reset_since(self) -> float | None:
+        return _RESET_SINCE.__get__(self, Holder)  # type: ignore[no-any-return]
+
+    @reset_since.setter
+    def reset_since(self, value: float | None) -> None:
+        _RESET_SINCE.__set__(self, None if value is None else self._runner.io_clock.now())
 
 
 def _closed_reset_query() -> str:

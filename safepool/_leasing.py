@@ -633,6 +633,8 @@ class Leaser:
                     # runner's watchdog (one pool timer, not one per
                     # statement) aborts a reset still running after
                     # DEFAULT_RESET_TIMEOUT: a silent network cannot hold a slot.
+                    # (Real time, the loop's: with another pool clock, the
+                    # holder records the loop's reading instead, IOStampHolder.)
                     holder.reset_since = now
                     if self.runner.reset_watchdog is None:
                         self.runner.watch_resets()

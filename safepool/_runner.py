@@ -26,9 +26,9 @@ from typing import Any, assert_never
 
 from . import _internals as _pg
 from . import _workers
-from ._clock import Clock, Timer
+from ._clock import Clock, LoopClock, Timer
 from ._detach import retrieve, settle
-from ._holder import Face, Holder
+from ._holder import Face, Holder, IOStampHolder
 from ._internals import RawConnection
 from ._reclaim import Reclaimer
 from ._reporting import Reporter, logger
@@ -84,6 +84,17 @@ class Runner:
         self.state = state
         self.clock = clock
         self.now = clock.now
+        # The clock of the timers that watch real I/O (the reset watchdog,
+        # the re-check of a lost proxy's connection in use): always the
+        # loop's, whatever the pool's clock (a ManualClock's jumps say
+        # nothing about the server; docs/testing.md lists which timer runs
+        # on which clock). A test of their logic may set another
+        # (tests/_util.py: drive_io_timers).
+        self.io_clock: Clock = clock if isinstance(clock, LoopClock) else LoopClock(loop)
+        # A release stamps a reset's start with the pool clock's reading:
+        # the I/O clock's own with a LoopClock, else a holder that records
+        # the I/O clock's instead (IOStampHolder).
+        self.holder_class = Holder if self.io_clock is clock else IOStampHolder
         self.loop = loop
         self.reporter = reporter
         # The reporter's queue of events not yet delivered (the same deque,
@@ -363,11 +374,15 @@ class Runner:
             self.reset_watchdog = None
 
     def watch_resets(self, oldest: float | None = None) -> None:
-        """Arm the reset watchdog for a reset that began at ``oldest`` (pool
-        clock seconds; now when None) unless it is armed already."""
+        """Arm the reset watchdog for a reset that began at ``oldest`` (I/O
+        clock seconds; now when None) unless it is armed already. On the
+        I/O clock (the loop's), not the pool's: it bounds a reset on the
+        wire, real time, and a test's ManualClock.advance() to run out a
+        lease must not abort another's healthy reset (review h263)."""
         if self.reset_watchdog is None and self.state.phase is not Phase.CLOSED:
-            start = self.now() if oldest is None else oldest
-            self.reset_watchdog = self.clock.call_at(start + DEFAULT_RESET_TIMEOUT, self.check_resets)
+            io_clock = self.io_clock
+            start = io_clock.now() if oldest is None else oldest
+            self.reset_watchdog = io_clock.call_at(start + DEFAULT_RESET_TIMEOUT, self.check_resets)
 
     def check_resets(self) -> None:
         """The reset watchdog: abort releases' resets that have run for
@@ -376,7 +391,7 @@ class Runner:
         the oldest of them: each is aborted DEFAULT_RESET_TIMEOUT after its
         start, however many began while the timer was armed."""
         self.reset_watchdog = None
-        now = self.now()
+        now = self.io_clock.now()
         oldest: float | None = None
         for slot, holder in list(self.slot_holders.items()):
             started = holder.reset_since
@@ -798,7 +813,7 @@ class Runner:
         # first lease's release reset, as asyncpg resets after every lease.
         # reset_mode="auto" cannot see them (they run on the raw connection):
         # -1, always reset after the first lease.
-        holder = Holder(self.face, self, slot, con, clean_mark=-1 if self.auto_reset else 0)
+        holder = self.holder_class(self.face, self, slot, con, clean_mark=-1 if self.auto_reset else 0)
         if before is not None:
             holder.init_context = _context_set_since(before)
         self.slot_holders[slot] = holder

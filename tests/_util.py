@@ -218,7 +218,8 @@ async def release_resetting_on_server(pg_dsn: str, app_name: str) -> AsyncIterat
     statement and is being released: its reset sleeps a minute on the server
     (:func:`sleeping_reset_connection_class`), under the reset watchdog,
     which nothing else bounds. Yields ``(pool, admin, clock, pid,
-    release)``: an admin connection, the pool's ``ManualClock``, the
+    release)``: an admin connection, the pool's ``ManualClock`` (which
+    drives the reset watchdog too: :func:`drive_io_timers`), the
     backend's pid and the release's future. After: the backend is
     terminated and the pool too."""
     import asyncpg
@@ -230,6 +231,7 @@ async def release_resetting_on_server(pg_dsn: str, app_name: str) -> AsyncIterat
         pg_dsn, min_size=1, max_size=1, clock=clock, connection_class=sleeping_reset_connection_class(),
         server_settings={"application_name": app_name},
     )
+    drive_io_timers(pool, clock)
     admin = await asyncpg.connect(pg_dsn)
     con = await pool.acquire()
     pid = con.get_server_pid()
@@ -524,3 +526,21 @@ def watched_class(closed: list[int], terminated: list[int], *, close: bool, term
 
         namespace["terminate"] = _terminate
     return type("Watched", (asyncpg.Connection,), namespace)
+
+
+def drive_io_timers(pool: Any, clock: Any) -> Any:
+    """Put ``pool``'s timers that watch real I/O (the reset watchdog, the
+    re-check of a lost proxy's connection in use: docs/testing.md) on
+    ``clock`` (a ``safepool.ManualClock``), for a test of their logic to pin
+    an exact instant. They run on the loop's time otherwise, whatever the
+    pool's ``clock=``. Set before the reset or the reclaim to be watched
+    (holders made since, and those the pool has, record reset starts on
+    it). Returns ``clock``."""
+    from safepool._holder import IOStampHolder
+
+    runner = pool._runner
+    runner.io_clock = clock
+    runner.holder_class = IOStampHolder
+    for holder in runner.slot_holders.values():
+        holder.__class__ = IOStampHolder
+    return clock

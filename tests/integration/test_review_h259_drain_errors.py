@@ -143,7 +143,7 @@ async def test_reset_watchdog_with_a_raising_log_handler(pg_dsn: str, app_name: 
     raises the connection's error, and the pool serves a new connection.
     (Before: its warning, logged before the abort, raised out of the
     watchdog's timer callback; the reset ran on, the release with it.)"""
-    from tests._util import sleeping_reset_connection_class, until_in_pg_sleep
+    from tests._util import drive_io_timers, sleeping_reset_connection_class, until_in_pg_sleep
 
     clock = safepool.ManualClock()
     admin = await asyncpg.connect(pg_dsn)
@@ -151,6 +151,7 @@ async def test_reset_watchdog_with_a_raising_log_handler(pg_dsn: str, app_name: 
         pg_dsn, min_size=0, max_size=1, clock=clock, connection_class=sleeping_reset_connection_class(),
         server_settings={"application_name": app_name},
     )
+    drive_io_timers(pool, clock)  # (the watchdog runs on the loop's time otherwise)
     try:
         with loop_errors() as errors, raising_handler("safepool") as handler:
             con = await pool.acquire()

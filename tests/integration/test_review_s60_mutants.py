@@ -113,8 +113,9 @@ _SleepingReset = sleeping_reset_connection_class()
 
 async def test_a_reset_the_watchdog_aborts_gets_its_backend_a_cancel_request(pg_dsn: str, app_name: str) -> None:
     """No reset_timeout, release timeout or command_timeout: the reset runs
-    in the releasing task under the runner's watchdog (30 s, on the pool's
-    clock), which aborts it. Its statement runs on the server: after the
+    in the releasing task under the runner's watchdog (30 s, on the loop's
+    time; here on the test's clock: ``release_resetting_on_server``), which
+    aborts it. Its statement runs on the server: after the
     abort the backend must get a cancel request (docs/reliability.md: "a
     connection aborted with a statement in flight gets a cancel request
     after the abort and its slot counts until the server closed the

@@ -18,6 +18,7 @@ import pytest
 import safepool
 from safepool import ManualClock
 from tests._util import (
+    drive_io_timers,
     held_cancel_requests,
     release_resetting_on_server,
     sleeping_reset_connection_class,
@@ -44,12 +45,14 @@ async def test_the_reset_watchdog_rearms_for_a_reset_younger_than_its_timeout(pg
     pending younger reset: the second release waited for the server's
     minute, its slot held. Found by the review too: the re-armed timer was
     set 30 s after the first fired, not after the younger reset's start (the
-    second reset was aborted 40 s after it began)."""
+    second reset was aborted 40 s after it began). (The watchdog runs on
+    the loop's time: here on the test's clock, to pin the instants.)"""
     clock = ManualClock()
     pool = await safepool.create_pool(
         pg_dsn, min_size=2, max_size=2, clock=clock, connection_class=_SleepingReset,
         server_settings={"application_name": app_name},
     )
+    drive_io_timers(pool, clock)
     admin = await asyncpg.connect(pg_dsn)
     first, second = await pool.acquire(), await pool.acquire()
     pids = [first.get_server_pid(), second.get_server_pid()]
@@ -87,9 +90,11 @@ async def test_a_finished_reset_is_no_longer_watched(pools: Any) -> None:
     Mutation killed: ``Runner.reset_done`` no longer clears
     ``holder.reset_since``: the watchdog, armed by the release, aborted
     the connection 30 s later under the next lease (its statement failed
-    with ConnectionDoesNotExistError, and the pool reconnected)."""
+    with ConnectionDoesNotExistError, and the pool reconnected). (The
+    watchdog runs on the loop's time: here on the test's clock.)"""
     clock = ManualClock()
     pool = await pools(min_size=1, max_size=1, clock=clock)
+    drive_io_timers(pool, clock)
     async with pool.acquire() as con:  # (no timeout: the release's reset has no budget)
         pid = con.get_server_pid()
         await con.fetchval("SELECT 1")  # dirty: the release resets, watched

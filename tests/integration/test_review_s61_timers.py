@@ -24,7 +24,7 @@ import pytest
 import safepool
 from safepool import ManualClock
 from safepool.events import LeakSuspected
-from tests._util import step_to, until, until_in_pg_sleep
+from tests._util import drive_io_timers, step_to, until, until_in_pg_sleep
 
 pytestmark = pytest.mark.asyncio
 
@@ -343,12 +343,14 @@ async def test_the_reset_watchdog_fires_at_its_time_while_the_pool_closes(pg_dsn
     Mutation killed: ``Runner.close_all`` cancels the pool's timers when
     the close begins (``cancel_timers()``, as ``finish_close`` does at its
     end): the reset was never aborted, and the close waited for the
-    server's minute."""
+    server's minute. (The watchdog runs on the loop's time: here on the
+    test's clock, to pin the instant.)"""
     clock = ManualClock()
     pool = await safepool.create_pool(
         pg_dsn, min_size=1, max_size=1, clock=clock, connection_class=_SleepingReset,
         server_settings={"application_name": app_name},
     )
+    drive_io_timers(pool, clock)
     admin = await asyncpg.connect(pg_dsn)
     con = await pool.acquire()
     pid = con.get_server_pid()

@@ -33,7 +33,7 @@ import pytest
 
 import safepool
 from safepool import ManualClock
-from tests._util import guarded_clock_class, step_to, until
+from tests._util import drive_io_timers, guarded_clock_class, step_to, until
 
 pytestmark = pytest.mark.asyncio
 
@@ -68,13 +68,16 @@ async def locked_leases(
     pg_dsn: str, app_name: str, clock: ManualClock, size: int
 ) -> AsyncIterator[tuple[Any, Any, list[Any], list[int]]]:
     """A pool of ``size`` connections whose resets wait for an advisory lock
-    (``_LockedReset``), on ``clock``, with every connection leased. Yields
+    (``_LockedReset``), on ``clock``, with every connection leased; the reset
+    watchdog runs on ``clock`` too (it runs on the loop's time otherwise,
+    whatever the pool's clock: ``drive_io_timers``). Yields
     ``(pool, admin, leases, pids)``; after: the backends are terminated, the
     admin connection closed and the pool terminated."""
     pool = await safepool.create_pool(
         pg_dsn, min_size=size, max_size=size, clock=clock, connection_class=_LockedReset,
         server_settings={"application_name": app_name},
     )
+    drive_io_timers(pool, clock)
     admin = await asyncpg.connect(pg_dsn)
     leases = [await pool.acquire() for _ in range(size)]
     pids = [con.get_server_pid() for con in leases]

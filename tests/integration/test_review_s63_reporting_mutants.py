@@ -726,13 +726,14 @@ async def test_the_reset_watchdog_leaves_a_connection_that_never_reset_alone(
 
     Mutation killed: a new holder's ``reset_since`` 0.0 (a reset taken as
     running since the clock's start: the watchdog aborts the idle one too)."""
-    from tests._util import sleeping_reset_connection_class, until_in_pg_sleep
+    from tests._util import drive_io_timers, sleeping_reset_connection_class, until_in_pg_sleep
 
     clock = ManualClock()
     pool = await safepool.create_pool(
         pg_dsn, min_size=2, max_size=2, clock=clock, connection_class=sleeping_reset_connection_class(),
         server_settings={"application_name": app_name},
     )
+    drive_io_timers(pool, clock)  # (the watchdog runs on the loop's time otherwise)
     admin = await asyncpg.connect(pg_dsn)
     pids: list[int] = []
     try:
