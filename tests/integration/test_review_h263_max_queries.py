@@ -30,16 +30,20 @@ from tests._util import until
 pytestmark = [pytest.mark.asyncio, pytest.mark.safepool_allow_leaks]
 
 
-async def test_take_back_closes_a_connection_past_max_queries(pools: Any) -> None:
+@pytest.mark.parametrize(("max_queries", "replaced"), [(3, True), (50, False)], ids=["past", "under"])
+async def test_take_back_closes_a_connection_past_max_queries(pools: Any, max_queries: int, replaced: bool) -> None:
+    """Past max_queries the connection taken back is closed and replaced,
+    as a release would; under it (the control) it is reset and handed on."""
     clock = safepool.ManualClock()
-    pool = await pools(max_size=1, lease_timeout=10.0, clock=clock, max_queries=3)
+    pool = await pools(max_size=1, lease_timeout=10.0, clock=clock, max_queries=max_queries)
     con = await pool.acquire()  # safepool: ignore (taken back under test)
-    used_up = con.get_server_pid()
+    pid = con.get_server_pid()
     for _ in range(5):
         await con.fetchval("SELECT 1")
     clock.advance(10.0)  # taken back
     async with pool.acquire(timeout=5) as other:
-        assert other.get_server_pid() != used_up  # closed and replaced, as a release would
+        assert (other.get_server_pid() != pid) is replaced
+    assert pool.stats().resets_failed == 0
 
 
 async def test_reclaim_closes_a_connection_past_max_queries(pools: Any) -> None:
@@ -55,18 +59,3 @@ async def test_reclaim_closes_a_connection_past_max_queries(pools: Any) -> None:
         await until(lambda: pool.stats().leaks_detected == 1)
     async with pool.acquire(timeout=5) as other:
         assert other.get_server_pid() != used_up
-
-
-async def test_take_back_hands_on_a_connection_under_max_queries(pools: Any) -> None:
-    """The control: under its max_queries the connection taken back is
-    reset and handed on (the same backend serves the next lease)."""
-    clock = safepool.ManualClock()
-    pool = await pools(max_size=1, lease_timeout=10.0, clock=clock, max_queries=50)
-    con = await pool.acquire()  # safepool: ignore (taken back under test)
-    pid = con.get_server_pid()
-    for _ in range(5):
-        await con.fetchval("SELECT 1")
-    clock.advance(10.0)  # taken back
-    async with pool.acquire(timeout=5) as other:
-        assert other.get_server_pid() == pid
-    assert pool.stats().resets_failed == 0
