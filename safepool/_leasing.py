@@ -304,7 +304,10 @@ class Leaser:
                 # from before the pool's own hook, which could otherwise run
                 # out inside acquire() (review h263).
                 lease.acquired_at = self.now()
-            if lease_timeout is not None or self.leak_warning_after is not None:
+                if lease.state in OPEN_LEASE:  # (not ended meanwhile: pool.terminate(), release_lease())
+                    self.start_clocks(lease, lease_timeout)
+            elif lease_timeout is not None or self.leak_warning_after is not None:
+                # self.start_clocks(lease, lease_timeout), inlined (the hot path).
                 due = state.arm_lease(lease, lease_timeout, self.leak_warning_after)
                 timer_at = self.runner.timer_at
                 if timer_at is None or (due is not None and due < timer_at):
@@ -312,6 +315,15 @@ class Leaser:
         if context is not None:
             context.connection = proxy
         return proxy
+
+    def start_clocks(self, lease: Lease, lease_timeout: float | None) -> None:
+        """Arm ``lease``'s ``lease_timeout`` and ``leak_warning_after`` timers
+        (seconds from ``lease.acquired_at``), if either is set."""
+        if lease_timeout is not None or self.leak_warning_after is not None:
+            due = self.state.arm_lease(lease, lease_timeout, self.leak_warning_after)
+            timer_at = self.runner.timer_at
+            if timer_at is None or (due is not None and due < timer_at):
+                self.runner.arm_timer()
 
     def delivered(self, waiter: Waiter, error: BaseException) -> None:
         """The pool's error (a timeout, the adaptive queue's shedding, the

@@ -91,3 +91,36 @@ async def test_lease_timeout_during_setup_never_returns_an_expired_proxy(pools: 
         pytest.fail(f"acquire() returned a dead proxy: {exc}")
     finally:
         await pool.release(con)
+
+
+async def test_a_lease_ended_while_setup_runs_starts_no_clocks(pools: Any) -> None:
+    """The lease ends while the hook runs (``release_lease()``): its clocks,
+    started after the hook, are not started for an ended lease (the
+    stress tool found the deadline queue holding one, s78), and the pool
+    keeps its books and serves."""
+    clock = safepool.ManualClock()
+    entered, go = asyncio.Event(), asyncio.Event()
+
+    async def setup(con: Any) -> None:
+        if not entered.is_set():
+            entered.set()
+            await go.wait()
+
+    pool = await pools(max_size=1, lease_timeout=10.0, leak_warning_after=5.0, clock=clock, setup=setup)
+    acquiring = asyncio.ensure_future(pool.acquire())
+    await entered.wait()
+    [lease] = pool.leases()
+    await pool.release_lease(lease.id)
+    go.set()
+    try:
+        con = await asyncio.wait_for(acquiring, 10)
+    except Exception:  # noqa: S110 - what the caller gets is not this test's subject
+        con = None
+    pool._state.check_invariants()
+    if con is not None:
+        await pool.release(con)  # (a no-op: ended already)
+    clock.advance(20.0)  # no clock of the ended lease fires
+    assert pool.stats().leases_expired == 0
+    async with pool.acquire(timeout=5) as other:
+        assert await other.fetchval("SELECT 1") == 1
+    pool._state.check_invariants()
