@@ -25,6 +25,7 @@ import asyncpg
 import pytest
 
 import safepool
+from tests._util import skip_before_asyncpg
 
 pytestmark = pytest.mark.asyncio
 
@@ -52,6 +53,7 @@ async def _release_outcome(pool: Any) -> tuple[bool, BaseException | None]:
 
 
 async def test_control_asyncpg_raises_the_hooks_error_from_release(pg_dsn: str) -> None:
+    skip_before_asyncpg((0, 30), "create_pool(reset=)")
     pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1, reset=_reset)
     try:
         finished, error = await _release_outcome(pool)
