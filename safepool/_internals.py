@@ -203,7 +203,7 @@ def error_text(error: BaseException) -> str:
 def is_busy(error: BaseException) -> bool:
     """asyncpg refused a second operation on a connection still running one
     (nothing was sent)."""
-    return isinstance(error, _pg_exceptions.InterfaceError) and "another operation" in str(error)
+    return isinstance(error, _pg_exceptions.InterfaceError) and "another operation" in error_text(error)
 
 # asyncpg 0.32+: Connection has the _pool_holder slot.
 HAS_POOL_HOLDER = "_pool_holder" in _pg_connection.Connection.__slots__

@@ -285,7 +285,9 @@ class Reclaimer:
 
     async def take_back_slot(self, holder: Holder, con: RawConnection) -> None:
         error = await _workers.take_back(
-            con, self.hooks.ended, self.reset_timeout or DEFAULT_RESET_TIMEOUT, lambda: holder.copies > 0
+            con, self.hooks.ended, self.reset_timeout or DEFAULT_RESET_TIMEOUT, lambda: holder.copies > 0,
+            # (counted after the calls it waited for, before its own reset's statements)
+            before_reset=lambda: self.retire_if_used_up(holder._slot, con),
         )
         # A call of the holder's that went on after the expiry (it passed the
         # proxy's gate before) may have made a cursor, prepared statement or
@@ -299,8 +301,6 @@ class Reclaimer:
                 "pool %r: could not take back an expired connection cleanly (%s); closing it",
                 self.name, self.reporter.describe(error), extra={"event": "reset_failed", "pool": self.name},
             )
-        if error is None:
-            self.retire_if_used_up(holder._slot, con)  # (counted after the calls it waited for)
         # A cancel comes only from terminate(), which discarded the slot.
         self.runner.reset_done(holder, con, None, error, log=False)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import decimal
 import socket
 import warnings
 import weakref
@@ -814,8 +815,14 @@ class Runner:
         # reset_mode="auto" cannot see them (they run on the raw connection):
         # -1, always reset after the first lease.
         holder = self.holder_class(self.face, self, slot, con, clean_mark=-1 if self.auto_reset else 0)
-        if before is not None:
-            holder.init_context = _context_set_since(before)
+        carried = None if before is None else _context_set_since(before)
+        if carried:
+            # This task's context ends with the task: its references to what
+            # the connect set are not the pool's (base_refs, below: one to
+            # the connection itself, an init= that keeps it in a variable,
+            # then sank the baseline once gone; review h266).
+            for var, _ in carried:
+                var.set(None)
         self.slot_holders[slot] = holder
         watch = _workers.exit_watch(con) if self.watch_exits else None
         if watch is not None:
@@ -824,6 +831,11 @@ class Runner:
         del con  # measured below with no reference but the pool's own
         holder.base_callbacks = _pg.callback_baseline(slot.connection)
         holder.base_refs = _pg.reference_count(slot.connection)
+        if carried:
+            # (Those the carried values hold go to the first lease's task:
+            # the application's then, as on asyncpg's pool.)
+            holder.base_refs -= sum(1 for _, value in carried if value is slot.connection)
+            holder.init_context = carried
         self.reporter.note_server_status(self.now())
         self.drain()
         return True
@@ -1240,12 +1252,15 @@ async def _on_loop_shutdown(runner: weakref.ref[Runner]) -> AsyncGenerator[None,
 
 def _context_set_since(before: contextvars.Context) -> tuple[tuple[Any, Any], ...] | None:
     """The context variables the running task set since ``before`` (a copy
-    of its context then) and their values now; None if none. (One reset
-    to unset by its token since is not carried: a variable cannot be set
-    unset.)"""
+    of its context then) and their values now; None if none. Not carried:
+    one reset to unset by its token since (a variable cannot be set
+    unset); one set again to the value it had (not told apart from one
+    left alone); ``decimal``'s context, which Decimal arithmetic in the
+    hook creates on first use (carried, it replaced the acquirer's
+    ``localcontext()``; review h266)."""
     changed = tuple(
         (var, value) for var, value in contextvars.copy_context().items()
-        if before.get(var, _UNSET) is not value
+        if before.get(var, _UNSET) is not value and type(value) is not decimal.Context
     )
     return changed or None
 

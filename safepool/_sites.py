@@ -73,7 +73,8 @@ def caller_site(depth: int = 1) -> str:
             if str(frame.f_globals.get("__name__", "?")).partition(".")[0] in TASK_WRAPPERS:
                 frame, code = inner, inner.f_code
             return encodable(f"{frame.f_globals.get('__name__', '?')}.{code.co_qualname}")
-        inner = frame
+        if str(frame.f_globals.get("__name__", "?")).partition(".")[0] not in TASK_WRAPPERS:
+            inner = frame  # (the outermost frame below the top that is not a wrapper's own: a portal's call too)
         frame = back  # type: ignore[assignment]
     return "unknown"
 

@@ -265,7 +265,8 @@ async def reset(
 
 
 async def take_back(
-    con: RawConnection, hooks: ResetHooks, budget: float, copying: Callable[[], bool] = lambda: False
+    con: RawConnection, hooks: ResetHooks, budget: float, copying: Callable[[], bool] = lambda: False,
+    before_reset: Callable[[], object] = lambda: None,
 ) -> Exception | None:
     """Reset a connection whose lease expired, within ``budget`` seconds.
 
@@ -279,7 +280,10 @@ async def take_back(
     repeated for the step that follows (a cancel that reached an idle
     backend was dropped by the server). ``copying``: whether a COPY method
     of the lease is under way, which may wait before its first message
-    (a file opening) as a fetch-family call waits between its steps."""
+    (a file opening) as a fetch-family call waits between its steps.
+    ``before_reset``: called before each attempt sends the reset, once the
+    lease's statements are counted and before the reset's are (the
+    ``max_queries`` check: review h266)."""
 
     async def reset() -> None:
         # Something must be sent, even where a release would send nothing
@@ -295,6 +299,7 @@ async def take_back(
         # call it waited for may have added one since (add_listener records
         # its callback after its LISTEN answered): it goes with the lease too.
         _pg.clear_listeners(con)
+        before_reset()
         await _reset_connection(con, rollback, hooks)
 
     try:

@@ -44,11 +44,6 @@ async def _leases_seen(pool: Any, start: Any) -> list[Any]:
     return seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_sites.caller_site names the frame right inside anyio's task wrapper, which is the portal's "
-    "own _call_func (safepool/_sites.py:72), not the pool method",
-)
 async def test_portal_call_of_a_pool_shortcut_is_named_by_the_pool_method(pools: Any) -> None:
     pool = await pools(max_size=2, capture_stack=True, max_site_share=1.0)
     async with anyio.from_thread.BlockingPortal() as portal:

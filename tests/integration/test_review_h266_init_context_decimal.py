@@ -74,10 +74,5 @@ async def test_asyncpg_keeps_the_acquirers_decimal_context(pg_dsn: str) -> None:
     assert await _first_lease_precision("asyncpg", pg_dsn) == ("0.333333", 6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the connect's lazily created decimal context is carried to the first lease and replaces the "
-    "acquirer's own (_runner.py:1226 _context_set_since, _leasing.py:272-273)",
-)
 async def test_safepool_keeps_the_acquirers_decimal_context(pg_dsn: str) -> None:
     assert await _first_lease_precision("safepool", pg_dsn) == ("0.333333", 6)

@@ -67,8 +67,9 @@ async def test_asyncpg_sets_the_inits_value_in_the_first_lease(pg_dsn: str) -> N
 
 @pytest.mark.xfail(
     strict=True,
-    reason="_context_set_since carries only values that differ from the connect task's starting context "
-    "(_runner.py:1226): the same value set again is dropped, and the acquirer keeps its own",
+    reason="documented limitation (docs/reliability.md, Open): _context_set_since carries only values that "
+    "differ from the connect task's starting context: the same value set again is not told apart from one left "
+    "alone, and the acquirer keeps its own",
 )
 async def test_safepool_sets_the_inits_value_in_the_first_lease(pg_dsn: str) -> None:
     assert await _tenant_seen_by_the_first_lease("safepool", pg_dsn) == DEFAULT

@@ -79,10 +79,5 @@ async def test_control_without_the_variable_the_connection_stays_leased(pg_dsn: 
     assert await _statement_survives_a_lost_proxy(pg_dsn, _init_plain) == (0, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="base_refs is measured in the connect task while its context and holder.init_context refer to the "
-    "connection (_runner.py:803, 811); once they are gone a prepared statement no longer counts",
-)
 async def test_an_init_context_variable_does_not_hide_a_prepared_statement(pg_dsn: str) -> None:
     assert await _statement_survives_a_lost_proxy(pg_dsn, _init_keeps_it) == (0, 1)

@@ -34,11 +34,6 @@ from tests._util import until
 pytestmark = [pytest.mark.asyncio, pytest.mark.safepool_allow_leaks]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="acquire() arms lease_timeout/leak_warning_after after setup= for a lease that ended during the "
-    "hook (_leasing.py:307-311); advance() then moves the discarded lease on: InternalStateError",
-)
 @pytest.mark.parametrize("which", ["lease_timeout", "leak_warning_after"])
 async def test_a_lease_lost_during_setup_arms_no_timer(pools: Any, pg_dsn: str, which: str) -> None:
     clock = safepool.ManualClock()
@@ -68,11 +63,6 @@ async def test_a_lease_lost_during_setup_arms_no_timer(pools: Any, pg_dsn: str, 
         assert await con.fetchval("SELECT 1") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the same on the loop's clock: the pool's timer raises InternalStateError into the loop's "
-    "exception handler (_leasing.py:307-311)",
-)
 async def test_real_clock_no_error_reaches_the_loop(pools: Any, pg_dsn: str) -> None:
     """The same on the loop's clock: the error goes to the loop's exception
     handler from the pool's timer."""

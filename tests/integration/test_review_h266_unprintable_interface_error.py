@@ -62,11 +62,6 @@ async def test_control_asyncpg_raises_the_hooks_error_from_release(pg_dsn: str) 
         pool.terminate()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Runner.reset_done asks _pg.is_busy(error), whose str(error) raises (safepool/_internals.py:206, "
-    "_runner.py:583): the reset's pool task dies, release() never returns, the slot stays closing",
-)
 async def test_safepool_raises_the_hooks_error_from_release(pg_dsn: str, app_name: str) -> None:
     pool = await safepool.create_pool(
         pg_dsn, min_size=1, max_size=1, reset=_reset, server_settings={"application_name": app_name}
