@@ -20,11 +20,15 @@ server answered at once. The test only meant to run out another lease's
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import asyncpg
 import pytest
 
 import safepool
+from safepool import _runner
+from tests._util import sleeping_reset_connection_class, until_in_pg_sleep
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.safepool_allow_leaks]
 
@@ -54,13 +58,6 @@ async def test_a_manual_clock_pools_watchdog_aborts_a_hung_reset_on_real_time(
     ``IOStampHolder``: the release stamps it with the pool clock's reading,
     which here is not the loop's), and advancing the pool's clock far past
     the bound aborts nothing."""
-    import time
-
-    import asyncpg
-
-    from safepool import _runner
-    from tests._util import sleeping_reset_connection_class, until_in_pg_sleep
-
     monkeypatch.setattr(_runner, "DEFAULT_RESET_TIMEOUT", 0.3)
     clock = safepool.ManualClock()
     pool = await safepool.create_pool(
@@ -101,13 +98,6 @@ async def test_a_reset_begun_while_the_watchdog_is_armed_is_stamped_on_real_time
     (no call of ``watch_resets`` for it): its start too is the loop's
     time, not the pool clock's (which a test moved 1000 s on meanwhile),
     and it is aborted its own bound after that start, on real time."""
-    import time
-
-    import asyncpg
-
-    from safepool import _runner
-    from tests._util import sleeping_reset_connection_class, until_in_pg_sleep
-
     monkeypatch.setattr(_runner, "DEFAULT_RESET_TIMEOUT", 0.5)
     clock = safepool.ManualClock()
     pool = await safepool.create_pool(
