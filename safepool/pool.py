@@ -295,11 +295,13 @@ class Pool(_PoolBase):
             included), either an int too large for a float.
         """
         if site is not None:
-            if type(site) is not str or not site:
+            if not isinstance(site, str) or not site:
                 # (As safepool.site(""): an empty name would label a bulkhead and
                 # leak reports with nothing.)
-                error = PoolValueError if type(site) is str else PoolTypeError
+                error = PoolValueError if isinstance(site, str) else PoolTypeError
                 raise error(f"site must be a non-empty str or None, got {site!r}")
+            if type(site) is not str:
+                site = str.__str__(site)  # (a StrEnum member, as safepool.site() takes it: its text; review h267)
             check_encodable("site", site)  # (a metric label: review h262)
         # The caller is on the stack now; when the context is awaited it may
         # not be: asyncio.gather(), create_task() and (before Python 3.12)

@@ -28,11 +28,6 @@ class Site(enum.StrEnum):
     CHECKOUT = "checkout"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h267: acquire(site=) checks type(site) is not str (safepool/pool.py:298): a StrEnum member, a "
-    "str, is refused with PoolTypeError though the docstring says 'neither a str nor None' and safepool.site() takes it",
-)
 async def test_acquire_takes_a_str_enum_site(pools: Any) -> None:
     pool = await pools(max_size=2, max_site_share=0.5)
     async with pool.acquire(site=Site.CHECKOUT) as con:

@@ -30,11 +30,6 @@ def _chain(error: BaseException | None) -> list[BaseException]:
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h267: an error collected before a KeyboardInterrupt/SystemExit is dropped: advance() re-raises "
-    "the interrupt (safepool/_clock.py:169-170) and the collected errors are neither chained nor reported",
-)
 def test_an_error_collected_before_an_interrupt_is_not_lost(stop: type[BaseException]) -> None:
     clock = ManualClock()
 
