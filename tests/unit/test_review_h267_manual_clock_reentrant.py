@@ -15,8 +15,6 @@ already passed is not due again until time catches up.
 
 from __future__ import annotations
 
-import pytest
-
 from safepool._clock import ManualClock
 
 
