@@ -19,7 +19,7 @@ from contextvars import ContextVar, Token
 from types import CodeType, TracebackType
 from typing import Any, TypeVar
 
-from ._stack import RESUMED, TASK_WRAPPERS
+from ._stack import RESUMED, TASK_WRAPPERS, task_top
 from .errors import PoolTypeError, PoolValueError, check_encodable, encodable
 
 __all__ = ["site", "current_site", "caller_site"]
@@ -53,8 +53,7 @@ def caller_site(depth: int = 1) -> str:
     caller, within the running task: a task whose own coroutine is a
     library's (``asyncio.gather(pool.fetchval(...))``) is named by that
     coroutine, not by the code that runs the event loop."""
-    frame = sys._getframe(depth)
-    inner = frame
+    frame = start = sys._getframe(depth)
     while frame is not None:
         code = frame.f_code
         name = _site_of_code.get(code)
@@ -70,11 +69,8 @@ def caller_site(depth: int = 1) -> str:
         if back is not None and code.co_flags & RESUMED and not back.f_code.co_flags & RESUMED:
             # The top of the task: the coroutine it runs, or, where that is
             # a task wrapper's (anyio's), the coroutine the wrapper runs.
-            if str(frame.f_globals.get("__name__", "?")).partition(".")[0] in TASK_WRAPPERS:
-                frame, code = inner, inner.f_code
-            return encodable(f"{frame.f_globals.get('__name__', '?')}.{code.co_qualname}")
-        if str(frame.f_globals.get("__name__", "?")).partition(".")[0] not in TASK_WRAPPERS:
-            inner = frame  # (the outermost frame below the top that is not a wrapper's own: a portal's call too)
+            frame = task_top(start, frame)
+            return encodable(f"{frame.f_globals.get('__name__', '?')}.{frame.f_code.co_qualname}")
         frame = back  # type: ignore[assignment]
     return "unknown"
 

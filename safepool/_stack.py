@@ -128,12 +128,23 @@ def _walk(frame: FrameType | None, limit: int = 8) -> Captured:
     return tuple(frames)
 
 
+def task_top(start: FrameType, top: FrameType) -> FrameType:
+    """The frame that stands for the task whose top frame is ``top`` (a walk
+    from ``start`` reached it): ``top`` itself, or, where ``top`` is a task
+    wrapper's (anyio's), the coroutine the wrapper runs (:func:`_inside`).
+    The acquire site (``_sites.caller_site``) names it, as a report does."""
+    if _kind(top.f_code.co_filename) == _WRAPPER:
+        return _inside(start, top)
+    return top
+
+
 def _inside(start: FrameType, top: FrameType) -> FrameType:
     """The frame ``top`` (a task wrapper's, at the top of the task) runs: the
-    outermost of ``start``'s callers below it that is not a wrapper's own."""
+    outermost of ``start``'s callers below it that is not a wrapper's own
+    (an anyio portal's call is a wrapper's too)."""
     found, frame = start, start
     while frame is not None and frame is not top:
-        if _kind_by_file.get(frame.f_code.co_filename) != _WRAPPER:
+        if _kind(frame.f_code.co_filename) != _WRAPPER:
             found = frame
         frame = frame.f_back  # type: ignore[assignment]
     return found
