@@ -172,14 +172,21 @@ class ManualClock:
                     if errors and interrupt.__context__ is None:
                         # (The errors collected so far stay reachable from it,
                         # where the loop would have logged them: review h267.)
-                        interrupt.__context__ = errors[0] if len(errors) == 1 else BaseExceptionGroup(
-                            f"{len(errors)} callbacks raised in ManualClock.advance()", errors)
+                        interrupt.__context__ = _one_error(errors)
                     raise
                 except BaseException as exc:  # (asyncio's Handle._run: the loop goes on)
                     errors.append(exc)
         # (max: a callback's own advance() may have moved it further: never back; review h267)
         self._now = max(self._now, target)
-        if len(errors) == 1:
-            raise errors[0]
         if errors:
-            raise BaseExceptionGroup(f"{len(errors)} callbacks raised in ManualClock.advance()", errors)
+            raise _one_error(errors)
+
+
+def _one_error(errors: list[BaseException]) -> BaseException:
+    """What :meth:`ManualClock.advance` raises for the callbacks' errors:
+    the one, or an exception group of them in the order they were raised
+    (a ``BaseExceptionGroup`` builds an ``ExceptionGroup`` when all are
+    ``Exception``)."""
+    if len(errors) == 1:
+        return errors[0]
+    return BaseExceptionGroup(f"{len(errors)} callbacks raised in ManualClock.advance()", errors)
