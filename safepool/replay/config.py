@@ -19,7 +19,7 @@ POOL_LABELS = {"asyncpg": "asyncpg.create_pool", "safepool": "safepool.create_po
 SCENARIOS = ("leak", "stuck", "surge", "restart")
 SCENARIO_TITLES = {
     "leak": "Connection leak (early return skips release)",
-    "stuck": "Stuck handler (holds its connection while an upstream call hangs)",
+    "stuck": "Stuck task (a background task holds its connection while an upstream call hangs)",
     "surge": "Traffic surge (5x what the pool can serve, 1 s client deadline)",
     "restart": "Database restart under load",
 }
