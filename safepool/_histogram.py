@@ -7,7 +7,7 @@ import traceback
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from . import _secrets
@@ -36,7 +36,10 @@ class Distribution:
     ascending (seconds: 10 µs to 300 s); ``bucket_counts`` has one count
     per bound (values ``<= bound`` and above the previous one, not
     cumulative) plus a last one for larger values (+Inf), as a Prometheus
-    histogram's ``le`` buckets before they are summed."""
+    histogram's ``le`` buckets before they are summed. Its ``repr()``
+    leaves the buckets out (45 numbers each, which made
+    ``print(pool.stats())`` one line of some 3,000 characters); they
+    compare and read as any field."""
 
     count: int
     sum: float
@@ -44,8 +47,8 @@ class Distribution:
     p50: float
     p90: float
     p99: float
-    bounds: tuple[float, ...]
-    bucket_counts: tuple[int, ...]  # one per bound, plus one for +Inf
+    bounds: tuple[float, ...] = field(repr=False)
+    bucket_counts: tuple[int, ...] = field(repr=False)  # one per bound, plus one for +Inf
 
 
 class Histogram:
