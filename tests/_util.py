@@ -544,3 +544,21 @@ def drive_io_timers(pool: Any, clock: Any) -> Any:
     for holder in runner.slot_holders.values():
         holder.__class__ = IOStampHolder
     return clock
+
+
+async def leases_seen_in_task_group(pool: Any, start: Callable[[Any], Any]) -> list[Any]:
+    """Start a lease with ``start(group)`` in an anyio task group and return
+    ``pool.leases()`` as soon as it lists one (the lease's statement must
+    outlast the look: a ``pg_sleep``)."""
+    import anyio
+
+    seen: list[Any] = []
+
+    async def look() -> None:
+        await until(lambda: bool(pool.leases()), timeout=10.0)
+        seen.extend(pool.leases())
+
+    async with anyio.create_task_group() as group:
+        start(group)
+        group.start_soon(look)
+    return seen

@@ -24,6 +24,8 @@ from typing import Any
 import anyio
 import pytest
 
+from tests._util import leases_seen_in_task_group
+
 pytestmark = [pytest.mark.asyncio, pytest.mark.safepool_allow_leaks]
 
 
@@ -53,28 +55,11 @@ async def test_anyio_task_group_shortcut_is_reported_as_the_pool_method(pools: A
         assert acquired_at.endswith("in fetchval"), acquired_at
 
 
-async def _leases_seen(pool: Any, start: Any) -> list[Any]:
-    """Start a lease with ``start(group)`` in an anyio task group and read
-    ``pool.leases()`` while it runs (its statement sleeps)."""
-    seen: list[Any] = []
-
-    async def look() -> None:
-        async with asyncio.timeout(10):
-            while not pool.leases():
-                await asyncio.sleep(0.005)
-        seen.extend(pool.leases())
-
-    async with anyio.create_task_group() as group:
-        start(group)
-        group.start_soon(look)
-    return seen
-
-
 async def test_anyio_task_group_shortcut_is_named_by_the_pool_method_as_its_site(pools: Any) -> None:
     """With site caps on, the site of ``tg.start_soon(pool.fetchval, ...)``
     is the pool method (as under ``asyncio.gather``), not anyio's wrapper."""
     pool = await pools(max_size=2, max_site_share=1.0)
-    seen = await _leases_seen(pool, lambda group: group.start_soon(pool.fetchval, "SELECT pg_sleep(0.3)"))
+    seen = await leases_seen_in_task_group(pool, lambda group: group.start_soon(pool.fetchval, "SELECT pg_sleep(0.3)"))
     assert [lease.site for lease in seen] == ["safepool.pool.Pool.fetchval"]
 
 
@@ -87,7 +72,7 @@ async def test_anyio_task_of_the_applications_own_is_reported_at_its_line(pools:
         async with pool.acquire() as con:  # the acquire site
             await con.execute("SELECT pg_sleep(0.3)")
 
-    seen = await _leases_seen(pool, lambda group: group.start_soon(handler))
+    seen = await leases_seen_in_task_group(pool, lambda group: group.start_soon(handler))
     (lease,) = seen
     assert lease.acquired_at.endswith("in handler"), lease.acquired_at
     assert "_run_coro" not in (lease.stack or "") and "/anyio/" not in (lease.stack or ""), lease.stack

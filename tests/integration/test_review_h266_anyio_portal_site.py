@@ -26,22 +26,9 @@ import anyio.from_thread
 import anyio.to_thread
 import pytest
 
+from tests._util import leases_seen_in_task_group
+
 pytestmark = [pytest.mark.asyncio, pytest.mark.safepool_allow_leaks]
-
-
-async def _leases_seen(pool: Any, start: Any) -> list[Any]:
-    seen: list[Any] = []
-
-    async def look() -> None:
-        async with asyncio.timeout(10):
-            while not pool.leases():
-                await asyncio.sleep(0.005)
-        seen.extend(pool.leases())
-
-    async with anyio.create_task_group() as group:
-        start(group)
-        group.start_soon(look)
-    return seen
 
 
 async def test_portal_call_of_a_pool_shortcut_is_named_by_the_pool_method(pools: Any) -> None:
@@ -51,7 +38,7 @@ async def test_portal_call_of_a_pool_shortcut_is_named_by_the_pool_method(pools:
         def in_thread() -> Any:
             return portal.call(pool.fetchval, "SELECT pg_sleep(0.3)")
 
-        seen = await _leases_seen(pool, lambda group: group.start_soon(anyio.to_thread.run_sync, in_thread))
+        seen = await leases_seen_in_task_group(pool, lambda group: group.start_soon(anyio.to_thread.run_sync, in_thread))
     (lease,) = seen
     assert lease.acquired_at.endswith("in fetchval"), lease.acquired_at  # (the stack is right)
     assert lease.site == "safepool.pool.Pool.fetchval", lease.site
@@ -66,6 +53,6 @@ async def test_control_run_coroutine_threadsafe_is_named_by_the_pool_method(pool
     def in_thread() -> Any:
         return asyncio.run_coroutine_threadsafe(pool.fetchval("SELECT pg_sleep(0.3)"), loop).result(10)
 
-    seen = await _leases_seen(pool, lambda group: group.start_soon(anyio.to_thread.run_sync, in_thread))
+    seen = await leases_seen_in_task_group(pool, lambda group: group.start_soon(anyio.to_thread.run_sync, in_thread))
     (lease,) = seen
     assert lease.site == "safepool.pool.Pool.fetchval", lease.site
