@@ -981,6 +981,12 @@ class Pool(_PoolBase):
         :raises Exception: what ``function`` raised."""
         return self._observation.call_threadsafe(function, timeout)
 
+    def _counters_source(self) -> Any:
+        """For safepool's exporters: the pool's core, whose counters
+        (``stats.counter_values``) outlive this object. The OpenTelemetry
+        instruments read a collected pool's final counts from it."""
+        return self._observation.state
+
 
 # The loop running in this thread, or None (asyncio's C function: no Python
 # frame on the hot path).

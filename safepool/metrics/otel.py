@@ -52,10 +52,11 @@ except ModuleNotFoundError as _missing:  # pragma: no cover - tested in a subpro
 from .. import __version__
 from .._histogram import DEFAULT_BOUNDS
 from ..errors import PoolTypeError, PoolValueError, check_flag
-from ..stats import PoolStats
+from ..stats import PoolStats, counter_values
 from . import PoolSet, pool_list, read
 
 if TYPE_CHECKING:
+    from .._state import PoolState
     from ..pool import Pool
 
 __all__ = ["PoolInstruments", "instrument"]
@@ -289,17 +290,11 @@ class PoolInstruments:
         if series is None or series.pool() is not pool:
             carried = dict.fromkeys(_COUNTER_FIELDS, 0)
             if series is not None:
-                previous = series.pool()
-                last = series.last
-                if previous is not None:
-                    try:
-                        last = _counts(read(previous)[0])  # (once it is closed, its final counts)
-                    except Exception:
-                        pass  # (its loop does not answer: the counts last seen)
+                last = series.final_counts()
                 carried = {field: series.carried[field] + last[field] for field in _COUNTER_FIELDS}
             if name not in self._series and len(self._series) >= max(SERIES_LIMIT, self._forget_at):
                 self._forget_series()
-            series = self._series[name] = _Series(weakref.ref(pool), carried)
+            series = self._series[name] = _Series(pool, carried)
         series.last = _counts(stats)
         if not any(series.carried.values()):
             return stats
@@ -460,15 +455,56 @@ def _counts(stats: PoolStats) -> dict[str, int]:
     return counts
 
 
+def _final_counts(state: PoolState) -> dict[str, int]:
+    """The counters of a collected pool's core (``state``), read where the
+    pool's finalizer runs."""
+    stats = counter_values(state)
+    return {field: stats[field] for field in _COUNTER_FIELDS}
+
+
 class _Series:
-    """What one reported name has counted (see PoolInstruments._continued)."""
+    """What one reported name has counted (see PoolInstruments._continued):
+    the counts of the pools that had the name before (``carried``), the
+    current pool's as last collected (``last``), and, once that pool is
+    garbage collected, the counts it ended with (``final``)."""
 
-    __slots__ = ("pool", "carried", "last")
+    __slots__ = ("pool", "carried", "last", "final", "__weakref__")
 
-    def __init__(self, pool: weakref.ref[Pool], carried: dict[str, int]) -> None:
-        self.pool = pool
+    def __init__(self, pool: Pool, carried: dict[str, int]) -> None:
+        self.pool = weakref.ref(pool)
         self.carried = carried
         self.last: dict[str, int] = {}
+        self.final: dict[str, int] | None = None
+        # The usual re-creation (`await pool.close(); pool = await
+        # create_pool(..., name=...)`) drops the old pool before the next
+        # collection: its counts since the last one are read as it is
+        # collected, from its core, which the finalizer holds instead of the
+        # pool (review h271). A closed pool's counts no longer move.
+        # (An object standing in for a pool without a core, a test's, is
+        # read as last collected.)
+        source = getattr(pool, "_counters_source", None)
+        if source is not None:
+            finalizer = weakref.finalize(pool, _Series._collected, weakref.ref(self), source())
+            finalizer.atexit = False
+
+    @staticmethod
+    def _collected(series: weakref.ref[_Series], state: PoolState) -> None:
+        kept = series()
+        if kept is not None:
+            kept.final = _final_counts(state)
+
+    def final_counts(self) -> dict[str, int]:
+        """The counts the pool ended with (it is closed, or collected), or
+        while it still runs (moved to another name) its counts now; the
+        counts last collected when its loop does not answer."""
+        pool = self.pool()
+        if pool is None:
+            return self.last if self.final is None else self.final
+        try:
+            # (On a closed or stopped loop, read() reads the pool directly.)
+            return _counts(read(pool)[0])
+        except Exception:
+            return self.last
 
 
 def _field(name: str) -> Callable[[PoolStats], float]:

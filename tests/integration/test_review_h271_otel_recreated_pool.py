@@ -14,15 +14,16 @@ between the last collection and its close is lost: with a 60 s export
 interval, the acquire timeouts of the minute that made the operator restart
 the pool are exactly what disappears.
 
-Cause: ``PoolInstruments._continued`` (safepool/metrics/otel.py:292-296)
-reads the previous pool's final counts only if its weak reference is still
-alive (``series.pool()``); once it is collected it falls back to
-``series.last``, the counts seen at the previous collection. Nothing
-records a registered pool's counts when it closes.
+Cause: ``PoolInstruments._continued`` read the previous pool's final counts
+only if its weak reference was still alive (``series.pool()``); once it was
+collected it fell back to ``series.last``, the counts seen at the previous
+collection. Fixed: each series' pool has a finalizer that reads, from the
+pool's core, the counts it ended with (``_Series.final``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from typing import Any
 
@@ -54,14 +55,9 @@ async def an_incident(pool: safepool.Pool) -> None:
     await pool.release(held)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="h271: a pool re-created under a closed pool's name continues the OpenTelemetry counters from the "
-    "closed pool's counts at the last collection, not where they ended, once the closed pool is garbage "
-    "collected (safepool/metrics/otel.py:292-296): what it counted since the last collection is lost",
-)
+@pytest.mark.parametrize("end", ["close", "terminate"])
 async def test_a_pool_recreated_under_its_name_continues_from_the_closed_pools_final_counts(
-    pools: Any, pg_dsn: str, app_name: str
+    pools: Any, pg_dsn: str, app_name: str, end: str
 ) -> None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -80,7 +76,10 @@ async def test_a_pool_recreated_under_its_name_continues_from_the_closed_pools_f
     assert points(reader, "safepool.acquired") == {"h271-orders": 2}  # an export
     await an_incident(pool)
     # The operator's fix: the pool is re-created under its name.
-    await pool.close()
+    if end == "close":
+        await pool.close()
+    else:
+        pool.terminate()
     pool = await pools(name="h271-orders", min_size=1, max_size=1)  # (the old pool's last reference goes)
     gc.collect()
     instrument(pool, meter_provider=provider)
@@ -89,3 +88,36 @@ async def test_a_pool_recreated_under_its_name_continues_from_the_closed_pools_f
     # 2 + 1 acquires by the first pool, 1 by the second; its 3 timeouts.
     assert points(reader, "safepool.acquired") == {"h271-orders": 4}
     assert points(reader, "db.client.connection.timeouts") == {"h271-orders": 3}
+
+
+async def test_a_pool_whose_loop_closed_hands_its_final_counts_to_its_successor(pools: Any, pg_dsn: str) -> None:
+    """A control: a worker that runs each job in ``asyncio.run()`` keeps
+    the old pool object, but its loop is closed. Its counts are read as
+    they ended, not as last collected: so they were before the fix too
+    (``read()`` reads a pool on a closed loop directly)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from safepool.metrics.otel import instrument
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+
+    async def job() -> safepool.Pool:
+        pool = await safepool.create_pool(pg_dsn, name="h271-jobs", min_size=1, max_size=1)
+        instrument(pool, meter_provider=provider)
+        async with pool.acquire():
+            pass
+        assert points(reader, "safepool.acquired") == {"h271-jobs": 1}  # an export, on the job's loop
+        await an_incident(pool)
+        await pool.close()
+        return pool
+
+    old = await asyncio.to_thread(asyncio.run, job())  # (kept: only its loop is gone)
+    pool = await pools(name="h271-jobs", min_size=1, max_size=1)
+    instrument(pool, meter_provider=provider)
+    async with pool.acquire():
+        pass
+    assert points(reader, "safepool.acquired") == {"h271-jobs": 3}
+    assert points(reader, "db.client.connection.timeouts") == {"h271-jobs": 3}
+    assert old.closed

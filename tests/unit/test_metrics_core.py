@@ -53,6 +53,9 @@ class StubPool:
     def stats_threadsafe(self, timeout: float | None = 5.0) -> PoolStats:
         return self.call_threadsafe(self.stats, timeout)
 
+    def _counters_source(self) -> PoolState:
+        return self.state
+
 
 def busy_state() -> PoolState:
     state = PoolState(max_size=3, min_size=1, backoff=Backoff(rng=lambda: 1.0))
