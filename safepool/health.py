@@ -216,7 +216,12 @@ async def check_health(
         ))
     recent_errors, span = _recent_connect_errors(pool, stats, now, connect_error_window)
     if recent_errors:
-        over = f"in the last {span:.0f}s" if span is not None else "in a row (first check of this pool)"
+        if span is None:
+            over = "in a row (first check of this pool)"
+        elif span >= 1.0:
+            over = f"in the last {span:.0f}s"
+        else:  # (not "in the last 0s": under a second, tenths, at least one)
+            over = f"in the last {max(span, 0.1):.1f}s"
         reasons.append(HealthReason(
             "connect_errors", DEGRADED,
             f"{recent_errors} connect error{'s' if recent_errors != 1 else ''} {over}; {stats.connect_errors} since the pool started",

@@ -525,3 +525,16 @@ async def test_a_connection_whose_reset_runs_is_resetting_not_idle(pg_dsn: str, 
         clock.advance(30.0)  # the reset watchdog aborts the reset
         with pytest.raises(asyncpg.PostgresConnectionError):
             await asyncio.wait_for(release, 5)
+
+
+async def test_a_connect_error_counted_over_less_than_a_second_is_not_said_to_be_in_the_last_0s(pools: Any) -> None:
+    """health()'s message printed a span under half a second as "in the
+    last 0s" (review h271): under a second it gives tenths, at least 0.1."""
+    pool, connect, clock = await window_pool(pools, "window-short")
+    start = clock.now()
+    await check_at(pool, clock, start, 0.0)
+    await a_failed_connect(pool, connect)
+    for at, said in ((0.004, "0.1s"), (0.4, "0.4s"), (0.96, "1.0s"), (1.4, "1s")):
+        assert reason(await check_at(pool, clock, start, at), "connect_errors").message == (
+            f"1 connect error in the last {said}; 1 since the pool started"
+        )
