@@ -38,7 +38,8 @@ _LEASE_EVENTS: dict[str, type[_events.LeaseEvent]] = {
     for cls in (_events.LeakSuspected, _events.LeaseExpired, _events.Leaked, _events.LeaseEnded)
 }
 _POOL_EVENTS: dict[str, Callable[..., _events.PoolEvent]] = {
-    cls.kind: cls for cls in (_events.ConnectFailed, _events.ServerStatusChanged, _events.LateRelease)
+    cls.kind: cls
+    for cls in (_events.ConnectFailed, _events.ServerStatusChanged, _events.LateRelease, _events.PoolClosed)
 }
 
 

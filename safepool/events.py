@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .stats import LeaseInfo
+from .stats import LeaseInfo, PoolStats
 
 __all__ = [
     "AcquireTimedOut",
@@ -28,6 +28,7 @@ __all__ = [
     "LeaseEnded",
     "LeaseEvent",
     "LeaseExpired",
+    "PoolClosed",
     "PoolEvent",
     "ServerStatusChanged",
 ]
@@ -175,6 +176,22 @@ class AcquireTimedOut(PoolEvent):
     waiting: int  # tasks still waiting, this one excluded
     max_waiters: int | None
     leases: tuple[LeaseInfo, ...]
+
+    def to_dict(self) -> dict[str, Any] | None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolClosed(PoolEvent):
+    """The pool closed: ``close()`` ended (its connections closed, its tasks
+    done) or ``terminate()`` ran. ``stats`` is its last
+    :class:`~safepool.PoolStats`: what it counted to the end, which no later
+    read of a collected pool can give (the OpenTelemetry instruments carry
+    it into the series of a pool re-created under the same name). Sent
+    once per pool. Not sent to dict listeners."""
+
+    kind: ClassVar[str] = "pool_closed"
+    stats: PoolStats
 
     def to_dict(self) -> dict[str, Any] | None:
         return None

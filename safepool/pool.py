@@ -383,11 +383,14 @@ class Pool(_PoolBase):
         except BaseException as exc:
             # (Who kept it waiting, logged before terminate() ends their leases.)
             self._reporter.warn_close_cut_short(self._runner.now(), exc)
-            self.terminate()
+            self.terminate()  # (which sends pool_closed)
             raise
         finally:
             self._runner.finish_close()
-        await self._runner.join()
+        try:
+            await self._runner.join()
+        finally:
+            self._announce_closed()
 
     def terminate(self) -> None:
         """Terminate all connections at once, as asyncpg's ``Pool.terminate()``
@@ -409,6 +412,15 @@ class Pool(_PoolBase):
             # connection's abort raises RuntimeError("Event loop is closed"),
             # and a later terminate() or close() must return, not try again.
             self._state.set_phase(Phase.CLOSED)
+            self._announce_closed()
+
+    def _announce_closed(self) -> None:
+        """The ``pool_closed`` event, with the pool's last stats (only built
+        for a listener)."""
+        reporter = self._reporter
+        if reporter.listeners:
+            reporter.emit_event("pool_closed", stats=self.stats())
+            reporter.deliver()
 
     async def expire_connections(self) -> None:
         """Replace every open connection: idle ones now, leased ones on
@@ -980,12 +992,6 @@ class Pool(_PoolBase):
             or ``function`` not callable).
         :raises Exception: what ``function`` raised."""
         return self._observation.call_threadsafe(function, timeout)
-
-    def _counters_source(self) -> Any:
-        """For safepool's exporters: the pool's core, whose counters
-        (``stats.counter_values``) outlive this object. The OpenTelemetry
-        instruments read a collected pool's final counts from it."""
-        return self._observation.state
 
 
 # The loop running in this thread, or None (asyncio's C function: no Python

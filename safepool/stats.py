@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import weakref
 from collections.abc import Callable
@@ -213,6 +212,7 @@ def build_stats(
     pool clock's), for the pool named ``name``: what ``Pool.stats()`` returns.
     ``describe``: the line ``last_connect_error`` shows (the pool's passes
     :meth:`Reporter.describe`, which masks its password)."""
+    c = state.counters
     failing = state.last_connect_error if state.connect_failures else None
     oldest = min((lease.acquired_at for lease in state.leases()), default=now)
     return PoolStats(
@@ -227,6 +227,20 @@ def build_stats(
         max_size=state.max_size,
         min_size=state.min_size,
         max_waiters=state.max_waiters,
+        acquired=state.acquired,
+        released=state.released,
+        acquire_timeouts=c.acquire_timeouts,
+        overload_rejections=c.overload_rejections,
+        unavailable_rejections=c.unavailable_rejections,
+        leases_expired=c.leases_expired,
+        leaks_detected=c.leaks_detected,
+        leak_warnings=c.leak_warnings,
+        connections_opened=c.connections_opened,
+        connections_closed=c.connections_closed,
+        connect_errors=c.connect_errors,
+        resets=c.resets,
+        resets_skipped=c.resets_skipped,
+        resets_failed=c.resets_failed,
         acquire_wait=state.wait_times.snapshot(),
         lease_duration=state.lease_times.snapshot(),
         connect_time=state.connect_times.snapshot(),
@@ -234,6 +248,10 @@ def build_stats(
         oldest_wait_age=state.oldest_waiter_age(now),
         server_status=state.server_status(now).value,
         consecutive_connect_failures=state.connect_failures,
+        shed=c.shed,
+        admission_rejections=c.admission_rejections,
+        leases_discarded=c.leases_discarded,
+        connections_retired=c.connections_retired,
         site_cap=state.site_cap,
         sites=tuple(SiteStats(*row) for row in state.site_usage(SITES_REPORTED)),
         init_failing=state.init_failing and not state.failure_went_stale,
@@ -243,14 +261,4 @@ def build_stats(
         connect_misconfigured=state.connect_misconfigured,
         last_connect_failure_age=now - state.connect_failed_at if state.connect_failures else None,
         taken_at=now,
-        **counter_values(state),
     )
-
-
-def counter_values(state: PoolState) -> dict[str, int]:
-    """Every counter of :class:`PoolStats` (the ints that only grow) of
-    ``state``, by field name: the part of a snapshot a closed pool keeps."""
-    values = dataclasses.asdict(state.counters)
-    values["acquired"] = state.acquired
-    values["released"] = state.released
-    return values

@@ -52,11 +52,11 @@ except ModuleNotFoundError as _missing:  # pragma: no cover - tested in a subpro
 from .. import __version__
 from .._histogram import DEFAULT_BOUNDS
 from ..errors import PoolTypeError, PoolValueError, check_flag
-from ..stats import PoolStats, counter_values
+from ..events import PoolClosed, PoolEvent
+from ..stats import PoolStats
 from . import PoolSet, pool_list, read
 
 if TYPE_CHECKING:
-    from .._state import PoolState
     from ..pool import Pool
 
 __all__ = ["PoolInstruments", "instrument"]
@@ -455,20 +455,14 @@ def _counts(stats: PoolStats) -> dict[str, int]:
     return counts
 
 
-def _final_counts(state: PoolState) -> dict[str, int]:
-    """The counters of a collected pool's core (``state``), read where the
-    pool's finalizer runs."""
-    stats = counter_values(state)
-    return {field: stats[field] for field in _COUNTER_FIELDS}
-
-
 class _Series:
     """What one reported name has counted (see PoolInstruments._continued):
     the counts of the pools that had the name before (``carried``), the
-    current pool's as last collected (``last``), and, once that pool is
-    garbage collected, the counts it ended with (``final``)."""
+    current pool's as last collected (``last``), and, once that pool
+    closed, the counts it ended with (``final``, from its ``pool_closed``
+    event)."""
 
-    __slots__ = ("pool", "carried", "last", "final", "__weakref__")
+    __slots__ = ("pool", "carried", "last", "final")
 
     def __init__(self, pool: Pool, carried: dict[str, int]) -> None:
         self.pool = weakref.ref(pool)
@@ -477,29 +471,24 @@ class _Series:
         self.final: dict[str, int] | None = None
         # The usual re-creation (`await pool.close(); pool = await
         # create_pool(..., name=...)`) drops the old pool before the next
-        # collection: its counts since the last one are read as it is
-        # collected, from its core, which the finalizer holds instead of the
-        # pool (review h271). A closed pool's counts no longer move.
-        # (An object standing in for a pool without a core, a test's, is
-        # read as last collected.)
-        source = getattr(pool, "_counters_source", None)
-        if source is not None:
-            finalizer = weakref.finalize(pool, _Series._collected, weakref.ref(self), source())
-            finalizer.atexit = False
+        # collection: the counts it ended with come with its pool_closed
+        # event (review h271), on its loop's thread (one dict stored).
+        pool.add_event_listener(self._closed)
 
-    @staticmethod
-    def _collected(series: weakref.ref[_Series], state: PoolState) -> None:
-        kept = series()
-        if kept is not None:
-            kept.final = _final_counts(state)
+    def _closed(self, event: PoolEvent) -> None:
+        if isinstance(event, PoolClosed):
+            self.final = _counts(event.stats)
 
     def final_counts(self) -> dict[str, int]:
-        """The counts the pool ended with (it is closed, or collected), or
-        while it still runs (moved to another name) its counts now; the
-        counts last collected when its loop does not answer."""
+        """The counts the pool ended with (it closed), or while it still
+        runs (moved to another name) its counts now; the counts last
+        collected when its loop does not answer, or it was collected
+        unclosed."""
+        if self.final is not None:
+            return self.final  # (closed: its counts no longer move)
         pool = self.pool()
         if pool is None:
-            return self.last if self.final is None else self.final
+            return self.last  # (collected unclosed: as last collected)
         try:
             # (On a closed or stopped loop, read() reads the pool directly.)
             return _counts(read(pool)[0])

@@ -35,6 +35,7 @@ class StubPool:
         self.options = SimpleNamespace(leak_warning_after=leak_warning_after)
         self.now = 100.0
         self.hops: list[int] = []  # the thread of each call_threadsafe
+        self.listeners: list[Callable[[Any], None]] = []
 
     def stats(self) -> PoolStats:
         return build_stats(self.name, self.state, self.now)
@@ -53,8 +54,8 @@ class StubPool:
     def stats_threadsafe(self, timeout: float | None = 5.0) -> PoolStats:
         return self.call_threadsafe(self.stats, timeout)
 
-    def _counters_source(self) -> PoolState:
-        return self.state
+    def add_event_listener(self, callback: Callable[[Any], None]) -> None:
+        self.listeners.append(callback)
 
 
 def busy_state() -> PoolState:

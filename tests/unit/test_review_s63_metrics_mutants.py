@@ -106,6 +106,9 @@ class StatsPool:
     def remove_timing_sink(self, kind: str, sink: Callable[[float], None]) -> None:
         self.sinks[kind].remove(sink)
 
+    def add_event_listener(self, callback: Callable[[Any], None]) -> None:
+        pass  # (a fixed snapshot: it never closes)
+
 
 # ------------------------------------------------------------ Prometheus
 
