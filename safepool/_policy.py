@@ -451,16 +451,21 @@ class WaitPolicy:
 
     # ------------------------------------------------------------ stats
 
-    def usage(self, top: int) -> list[tuple[str, int, int]]:
+    def usage(self, top: int, first: str | None = None) -> list[tuple[str, int, int]]:
         """(site, in use, waiting) of the ``top`` busiest sites, busiest
         first, then ``("other", ...)`` summing the rest (bounded cardinality
-        for exporters). Empty without site caps."""
+        for exporters). Empty without site caps. ``first``: a site listed
+        first, whatever its rank (a timed-out task's, whose message must
+        name the cap it waited at: review h270)."""
         if self.cap is None:
             return []
         rows = sorted(
             ((str(b.name), b.held, b.waiting) for b in self.books.values()),
             key=lambda row: (-(row[1] + row[2]), row[0]),
         )
+        if first is not None:
+            name = str(self.key(first))
+            rows.sort(key=lambda row: row[0] != name)  # (stable: the others keep their order)
         if len(rows) <= top:
             return rows
         # A site itself named "other" goes into the "other" row: one label,

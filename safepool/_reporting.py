@@ -169,7 +169,9 @@ class Reporter:
         waited = f" after {now - waiter.enqueued_at:.3f}s" if waiter is not None else ""
         sites = ""
         if self.site_caps:
-            usage = ", ".join(f"{name}: {held} in use, {waiting} waiting" for name, held, waiting in state.site_usage(3))
+            # (A timed-out task's own site first: the cap it waited at.)
+            rows = state.site_usage(3, None if waiter is None else waiter.site)
+            usage = ", ".join(f"{name}: {held} in use, {waiting} waiting" for name, held, waiting in rows)
             sites = f", site cap={state.site_cap} ({usage})"
         # Connections still closing hold their places (an init= failure's,
         # a slow close): named when there are any, else a full pool that

@@ -2526,10 +2526,11 @@ class PoolState:
         if waiter.deadline is not None:
             self._timer_dropped()  # (counted in shed once its task gets it: delivered())
 
-    def site_usage(self, top: int = 10) -> list[tuple[str, int, int]]:
-        """(site, in use, waiting) of the ``top`` busiest sites plus "other";
-        empty without site caps."""
-        return [] if self._policy is None else self._policy.usage(top)
+    def site_usage(self, top: int = 10, first: str | None = None) -> list[tuple[str, int, int]]:
+        """(site, in use, waiting) of the ``top`` busiest sites plus "other"
+        (``first``, a site listed first whatever its rank); empty without
+        site caps."""
+        return [] if self._policy is None else self._policy.usage(top, first)
 
     @property
     def site_cap(self) -> int | None:

@@ -36,11 +36,6 @@ async def _waiting(pool: safepool.Pool, n: int) -> None:
     raise AssertionError(f"expected {n} waiting, got {pool.stats().waiting}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h270: busy_message lists the 3 busiest sites (site_usage(3), _reporting.py:171); "
-    "the timed-out task's own site is left out when 3 other sites have waiters",
-)
 async def test_a_timeout_at_a_site_cap_names_that_site(pools: Callable[..., Any]) -> None:
     clock = ManualClock()
     pool = await pools(min_size=4, max_size=4, max_site_share=0.25, clock=clock)  # cap 1 per site

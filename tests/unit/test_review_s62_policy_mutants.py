@@ -85,6 +85,21 @@ def test_site_usage_lists_exactly_top_sites_without_an_other_row() -> None:
     assert [row[0] for row in state.site_usage(2)] == ["a", "b", "other"]
 
 
+def test_site_usage_lists_a_given_site_first_whatever_its_rank() -> None:
+    """A timed-out task's message names its own site's cap (review h270):
+    ``first`` is listed first, within ``top``; the others keep their rank,
+    and the rest is summed as "other"."""
+    state = make(4, share=0.25)
+    for site in "abcd":
+        assert state.try_acquire(0.0, site) is not None
+    for site in "aabbcc":
+        state.enqueue(object(), 0.0, None, site)
+    assert [row[0] for row in state.site_usage(3)] == ["a", "b", "c", "other"]
+    assert state.site_usage(3, "d") == [("d", 1, 0), ("a", 1, 2), ("b", 1, 2), ("other", 1, 2)]
+    assert [row[0] for row in state.site_usage(3, "b")] == ["b", "a", "c", "other"]
+    assert [row[0] for row in state.site_usage(3, "nowhere")] == ["a", "b", "c", "other"]  # (no book: no row)
+
+
 def test_settled_waiters_of_a_site_that_holds_connections_are_not_kept() -> None:
     """A cancelled waiter's future (and a failed one's error, with the
     caller's frames) must not be kept by its site's book while the site
