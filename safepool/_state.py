@@ -1448,7 +1448,10 @@ class PoolState:
 
     def _adopt(self) -> None:
         """Give connects under way that nobody waits for (opened for min_size,
-        or for a task that gave up) to the newest waiters without one."""
+        or for a task that gave up) to the oldest waiters without one, as
+        asyncpg's pool hands the holder of an acquire that gave up to its
+        oldest waiter (review h270: the newest was served first, and behind
+        a long lease the older waited on)."""
         if self._policy is not None:
             return
         spare = self._connecting_count - self._bound
@@ -1457,7 +1460,7 @@ class PoolState:
         for slot in sorted(
             (s for s in self._slots if s.state is S.CONNECTING and s.owner is None and not s.abandoned), key=_slot_id
         ):
-            waiter = self._unbound_waiter(newest=True)
+            waiter = self._unbound_waiter(newest=False)
             if waiter is None:
                 return
             slot.adopted = True

@@ -34,21 +34,9 @@ async def _steps(n: int = 50) -> None:
         await asyncio.sleep(0)
 
 
-@pytest.mark.parametrize(
-    "flavour",
-    [
-        "asyncpg",
-        pytest.param(
-            "safepool",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="review h270: a connect whose task gave up goes to the newest waiter "
-                "(_state.py:1449 _adopt -> _unbound_waiter(newest=True)), not the oldest: FIFO broken",
-            ),
-        ),
-    ],
-)
-async def test_a_connect_given_up_serves_the_oldest_waiter_first(make_pool: MakePool, flavour: str) -> None:
+@pytest.mark.parametrize("gives_up", ["cancel", "cancel twice", "timeout"])
+@pytest.mark.parametrize("flavour", ["asyncpg", "safepool"])
+async def test_a_connect_given_up_serves_the_oldest_waiter_first(make_pool: MakePool, flavour: str, gives_up: str) -> None:
     gate = asyncio.Event()
     gate.set()
     entered = asyncio.Event()
@@ -61,7 +49,15 @@ async def test_a_connect_given_up_serves_the_oldest_waiter_first(make_pool: Make
     long_lease = await pool.acquire()  # the pool's one connection, held
     gate.clear()
     entered.clear()
-    w1 = asyncio.ensure_future(pool.acquire())  # opens the second connection, held in init=
+    async def first() -> Any:
+        if gives_up != "timeout":
+            return await pool.acquire()
+        async with asyncio.timeout(None) as deadline:
+            scope.append(deadline)
+            return await pool.acquire()
+
+    scope: list[Any] = []
+    w1 = asyncio.ensure_future(first())  # opens the second connection, held in init=
     await entered.wait()
     served: list[str] = []
 
@@ -74,9 +70,17 @@ async def test_a_connect_given_up_serves_the_oldest_waiter_first(make_pool: Make
     await _steps()
     w3 = asyncio.ensure_future(waiter("W3"))
     await _steps()
-    w1.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await w1
+    if gives_up == "timeout":
+        scope[0].reschedule(asyncio.get_running_loop().time())  # its deadline is now
+        with pytest.raises(TimeoutError):
+            await w1
+    else:
+        w1.cancel()
+        if gives_up == "cancel twice":
+            await asyncio.sleep(0)
+            w1.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await w1
     gate.set()  # the connect (safepool's, or W2's own on asyncpg's pool) finishes
     await asyncio.wait_for(asyncio.wait([w2, w3], return_when=asyncio.FIRST_COMPLETED), 10)
     await _steps()
