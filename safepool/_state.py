@@ -2079,6 +2079,17 @@ class PoolState:
                 self.discard(slot, now)
         return closing
 
+    def connect_args_changed(self, now: float) -> None:
+        """New connect arguments (``set_connect_args()``): the next connect
+        tries them at once, as asyncpg's pool's next acquire does, instead
+        of waiting out the backoff the old ones earned (review h270). The
+        run of failures is kept: should the new ones fail too, the breaker
+        opens again at the first failure (a half-open probe)."""
+        self.backoff_until = 0.0
+        self.backoff_level = self.connect_refusals = 0
+        if not self.closing and self.phase is Phase.OPEN:
+            self._plan_connects(now)  # (waiters held for the backoff connect now)
+
     def expire_connections(self) -> None:
         """Connections opened before now are replaced instead of reused."""
         self.generation += 1

@@ -439,6 +439,10 @@ class Pool(_PoolBase):
         self._reporter.retire_connect_args()
         self._connect_args = [dsn]
         self._connect_kwargs = connect_kwargs
+        # Tried at the next acquire, not after the old arguments' backoff
+        # (fail_fast, wait_on_connect_error: review h270).
+        self._state.connect_args_changed(self._runner.now())
+        self._drain()
 
     def resize(self, *, max_size: int | None = None, min_size: int | None = None) -> None:
         """Change the pool's bounds at run time without dropping any lease.

@@ -423,12 +423,46 @@ async def test_the_breaker_refusal_masks_the_old_password_after_set_connect_args
         assert isinstance(refused.value, safepool.ServerUnavailableError)
         assert PASSWORD not in str(refused.value)  # masked while these are the pool's arguments
         pool.set_connect_args(pg_dsn, user=user, password="h231-New-Secret-31xq")
-        with pytest.raises(safepool.ServerUnavailableError) as refused:
-            await pool.acquire(timeout=2)
+        # (Since review h270 the new arguments are tried at once, not after
+        # the old ones' backoff: the rotated password connects.)
+        async with pool.acquire(timeout=2) as con:
+            assert await con.fetchval("SELECT 1") == 1
     finally:
         pool.terminate()
-    assert "credentials rejected" in str(refused.value)
-    assert PASSWORD not in str(refused.value)
+
+
+async def test_a_refusal_after_rotating_to_another_rejected_password_masks_both(pg_dsn: str) -> None:
+    """The new arguments' probe fails too (h270: tried at once): the
+    breaker opens again on its error, which quotes the new password; neither
+    the old nor the new shows."""
+    user = _user(pg_dsn)
+    new = "h231-New-Secret-31xq"
+
+    async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "credentials rejected", (kwargs.get("user"), kwargs["password"]))
+
+    pool = await safepool.create_pool(
+        pg_dsn, user=user, password=PASSWORD, min_size=0, max_size=2, fail_fast=True,
+        backoff=safepool.Backoff(base=1.0, cap=1.0, refused_cap=1.0, unreachable_cap=1.0, rng=lambda: 0.0),
+        connect=connect,
+    )
+    seen: list[str] = []
+    try:
+        for _ in range(5):
+            with pytest.raises((ConnectionRefusedError, safepool.ServerUnavailableError)) as refused:
+                await pool.acquire(timeout=2)
+            if isinstance(refused.value, safepool.ServerUnavailableError):
+                break
+        pool.set_connect_args(pg_dsn, user=user, password=new)
+        for _ in range(2):  # the probe's own error, then the refusal of the circuit it opened again
+            with pytest.raises((ConnectionRefusedError, safepool.ServerUnavailableError)) as refused:
+                await pool.acquire(timeout=2)
+            seen.append(pool.describe_error(refused.value) + str(refused.value) + repr(pool.stats()))
+    finally:
+        pool.terminate()
+    assert isinstance(refused.value, safepool.ServerUnavailableError)
+    assert all("credentials rejected" in text for text in seen)
+    assert not any(PASSWORD in text or new in text for text in seen)
 
 
 def _failing_hooks(dsn: str, how: str) -> dict[str, Any]:

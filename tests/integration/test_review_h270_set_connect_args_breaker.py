@@ -29,15 +29,11 @@ import pytest
 
 import safepool
 from safepool import ManualClock
+from tests._util import until
 
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h270: set_connect_args (pool.py:422) does not reset the breaker/backoff: "
-    "acquires keep raising ServerUnavailableError citing the old arguments' error",
-)
 async def test_fixed_connect_args_are_tried_at_the_next_acquire(
     pools: Callable[..., Any], pg_dsn: str, app_name: str
 ) -> None:
@@ -66,3 +62,39 @@ async def test_fixed_connect_args_are_tried_at_the_next_acquire(
         raise AssertionError(f"refused after the fix: {error}") from error
     assert await con.fetchval("SELECT 1") == 1
     await pool.release(con)
+
+
+async def test_a_waiter_backing_off_connects_with_the_fixed_args_at_once(
+    pools: Callable[..., Any], pg_dsn: str, app_name: str
+) -> None:
+    """The sibling under ``wait_on_connect_error``: a task waits while the
+    wrong arguments' connects back off (the clock never moves); fixing them
+    connects for it now."""
+    clock = ManualClock()
+    pool = await pools(
+        min_size=1, max_size=2, wait_on_connect_error=True, clock=clock,
+        backoff=safepool.Backoff(rng=lambda: 0.0),
+    )
+    held = await pool.acquire()
+    parts = urlsplit(pg_dsn)
+    pool.set_connect_args(urlunsplit(parts._replace(path="/no_such_db_h270")))
+    waiter = asyncio.ensure_future(pool.acquire())
+    await until(lambda: pool.stats().connect_errors >= 1)  # (the waiter waits on, backing off)
+    assert not waiter.done()
+    pool.set_connect_args(pg_dsn, server_settings={"application_name": app_name})
+    con = await asyncio.wait_for(waiter, 10)
+    try:
+        assert await con.fetchval("SELECT current_setting('application_name')") == app_name
+    finally:
+        await pool.release(con)
+        await pool.release(held)
+
+
+async def test_set_connect_args_on_a_pool_not_started_or_closed(pools: Callable[..., Any], pg_dsn: str) -> None:
+    pool = safepool.create_pool(pg_dsn, min_size=0, max_size=1)
+    pool.set_connect_args(pg_dsn)  # (not awaited yet: nothing to plan)
+    await pool
+    assert await pool.fetchval("SELECT 1") == 1
+    await pool.close()
+    pool.set_connect_args(pg_dsn)  # (closed: nothing to plan, no error, as asyncpg's)
+    assert pool.get_size() == 0
