@@ -289,9 +289,11 @@ async def _counted_step(holder: _Holder, step: Any) -> Any:
         holder.copies -= 1
 
 
-# asyncpg's CursorIterator.__anext__ without its guard (connresource.guarded
-# keeps the function it wraps as __wrapped__, asyncpg 0.29-0.32).
-_next_row = _pg_cursor.CursorIterator.__anext__.__wrapped__  # type: ignore[attr-defined]
+# asyncpg's CursorIterator.__anext__, and the same without its guard
+# (connresource.guarded keeps the function it wraps as __wrapped__, asyncpg
+# 0.29-0.32).
+_asyncpg_next = _pg_cursor.CursorIterator.__anext__
+_next_row = _asyncpg_next.__wrapped__  # type: ignore[attr-defined]
 
 
 async def _counted_next_row(holder: _Holder, iterator: Any) -> Any:
@@ -314,6 +316,13 @@ class _CountedCursorIterator(_pg_cursor.CursorIterator):
     __slots__ = ()
 
     def __anext__(self) -> Any:
+        step = _pg_cursor.CursorIterator.__anext__
+        if step is not _asyncpg_next:
+            # Patched in asyncpg's class since (an instrumentation's wrapper:
+            # OpenTelemetry's asyncpg instrumentation wraps this method): the
+            # patch runs, as on asyncpg's pool, counted (review h269).
+            holder = _holder_of(self._connection)  # type: ignore[attr-defined]
+            return step(self) if holder is None else _counted_step(holder, step(self))
         # asyncpg's guard, at the call as asyncpg's (connresource.guarded)
         self._check_conn_validity("__anext__")  # type: ignore[attr-defined]
         holder = _holder_of(self._connection)  # type: ignore[attr-defined]
