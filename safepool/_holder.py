@@ -40,7 +40,8 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
                  "orphan_checks", "orphan_reported", "orphaned_at", "unresponsive", "close_budget", "close_raises", "calls_budget", "lost_while_leased", "busy_elsewhere",
                  "cancel_key", "abort_in_flight", "cleaned_up",
                  "reset_since",
-                 "command_timeout", "reset_query", "reset_text", "own_is_closed", "task_reset", "proxy_collected",
+                 "command_timeout", "reset_query", "reset_text", "split_rollback", "own_is_closed", "task_reset",
+                 "proxy_collected",
                  "copies", "watched", "waiter_completed", "init_context", "__weakref__")
 
     def __init__(self, pool: Face, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
@@ -118,6 +119,12 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         self.reset_text: str | None = (
             None if runner.state.reset_mode != "full" or _pg.overrides_reset_query(type(con)) else self.reset_query()
         )
+        # A reset query of the connection class's own may refuse to run in
+        # a transaction block (DISCARD ALL): the ROLLBACK of an open
+        # transaction goes in a message of its own before it, as asyncpg's
+        # Connection._reset sends it, in a pool task (review h269). asyncpg's
+        # own query runs in the block of one "ROLLBACK; ..." message.
+        self.split_rollback = _pg.overrides_reset_query(type(con))
         # False: asyncpg's is_closed(), whose work the hot path does inline
         # (see _pg.overrides).
         self.own_is_closed = _pg.overrides(type(con), "is_closed")

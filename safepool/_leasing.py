@@ -557,7 +557,8 @@ class Leaser:
             # the COPY's statement; a file opening) the protocol is idle
             # too: review s70.)
             if (holder.task_reset or (logged and _pg.RESET_UNDER_BUDGET)
-                    or (check == MUST_RESET and _pg.is_cancelling(con)) or con._stmt_exclusive_section._acquired
+                    or (check == MUST_RESET and (holder.split_rollback or _pg.is_cancelling(con)))
+                    or con._stmt_exclusive_section._acquired
                     or busy):
                 runner = self.runner
                 hooks = None

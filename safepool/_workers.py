@@ -737,7 +737,14 @@ async def _send_reset(con: RawConnection, rollback: bool, hooks: ResetHooks, bud
         else:
             await con.reset(timeout=budget)  # sees the lease's state, as with asyncpg
         return
-    query = reset_message(_pg.reset_query_getter(con), hooks.full, rollback or con.is_in_transaction())
+    rollback = rollback or con.is_in_transaction()
+    if rollback and hooks.full and _pg.overrides_reset_query(type(con)):
+        # A connection class's own reset query may refuse a transaction
+        # block (DISCARD ALL): the ROLLBACK first, alone, as asyncpg's
+        # Connection._reset sends it (review h269).
+        await con.execute("ROLLBACK")
+        rollback = False
+    query = reset_message(_pg.reset_query_getter(con), hooks.full, rollback)
     if query:
         await con.execute(query)
 
@@ -745,7 +752,10 @@ async def _send_reset(con: RawConnection, rollback: bool, hooks: ResetHooks, bud
 def reset_message(reset_query: Callable[[], str], full: bool, rollback: bool) -> str:
     """The one simple-query message of a default reset: ROLLBACK (if a
     transaction is open) and, when ``full``, asyncpg's reset query; "" when
-    there is nothing to send."""
+    there is nothing to send. PostgreSQL runs the statements after the
+    ROLLBACK in the message's implicit transaction block, where asyncpg's
+    own reset query runs; a connection class's own may not (DISCARD ALL),
+    and goes alone after a ROLLBACK of its own (``_send_reset``)."""
     query = reset_query() if full else ""
     if rollback:
         return f"ROLLBACK;\n{query}" if query else "ROLLBACK"

@@ -34,6 +34,8 @@ is not affected (controls below).
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -42,15 +44,11 @@ import pytest
 import pytest_asyncio
 
 import safepool
+from tests._util import until
 
 pytestmark = pytest.mark.asyncio
 
-REASON = (
-    "safepool sends ROLLBACK and the reset query in one simple-query message (_workers.reset_message, "
-    "safepool/_workers.py:751): a get_reset_query() of DISCARD ALL then fails inside the implicit transaction "
-    "block, the connection is closed and release() raises ActiveSQLTransactionError; asyncpg sends ROLLBACK alone first"
-)
-FLAVOURS = ["asyncpg", pytest.param("safepool", marks=pytest.mark.xfail(strict=True, reason=REASON))]
+FLAVOURS = ["asyncpg", "safepool"]
 OPEN_TRANSACTION = "Resetting connection with an active transaction"
 
 
@@ -180,6 +178,59 @@ async def test_control_a_custom_reset_running_discard_all(flavour: str, how: str
         assert any(report.startswith(OPEN_TRANSACTION) for report in reports)
         assert pool.get_size() == 1
         assert await _transfer(pool, 30) == "done"
+    finally:
+        pool.terminate()
+        restore()
+
+
+def _logged(query: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize("how", ["query_logger", "auto", "rollback", "lease_timeout", "collected"])
+async def test_the_other_paths_roll_back_alone_before_discard_all(how: str, pg_dsn: str, accounts: Any) -> None:
+    """The siblings on safepool's other reset paths: a pool task's reset (a
+    query logger on the connection), the auto and rollback modes, a
+    lease_timeout take-back and a lost proxy's reclaim: each ends the open
+    transaction and runs DISCARD ALL, and the connection is kept."""
+    kwargs: dict[str, Any] = {}
+    clock = safepool.ManualClock()
+    if how in ("auto", "rollback"):
+        kwargs["reset_mode"] = how
+    elif how == "lease_timeout":
+        kwargs.update(lease_timeout=5.0, clock=clock)
+    reports, restore = _loop_reports()
+    pool = await _pool("safepool", pg_dsn, **kwargs)
+    try:
+        async with pool.acquire(timeout=5) as con:
+            pid = con.get_server_pid()
+        con = await pool.acquire(timeout=5)  # safepool: ignore (taken back or lost under test)
+        if how == "query_logger":
+            con.add_query_logger(_logged)
+        await con.execute("SET application_name = 'h269-left'")
+        await con.execute("BEGIN")
+        await con.fetchval("SELECT balance FROM h269_accounts WHERE id = 1 FOR UPDATE")
+        if how == "lease_timeout":
+            clock.advance(6.0)
+            await until(lambda: pool.stats().leases_expired == 1)
+        elif how == "collected":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                del con
+                gc.collect()
+            await until(lambda: pool.stats().leaks_detected == 1)
+        else:
+            await pool.release(con)
+        await until(lambda: pool.stats().resetting == 0)
+        async with pool.acquire(timeout=5) as again:
+            assert again.get_server_pid() == pid  # kept: the reset succeeded
+            assert not again.is_in_transaction()
+            settings = await again.fetchval("SELECT current_setting('application_name')")
+        # The row lock is gone, and DISCARD ALL ran (a class's own reset
+        # query is sent after every lease, in every mode: docs/reset-modes.md).
+        assert await accounts.fetchval("SELECT count(*) FROM pg_locks WHERE relation = 'h269_accounts'::regclass") == 0
+        assert settings == ""
+        assert pool.stats().resets_failed == 0
     finally:
         pool.terminate()
         restore()
