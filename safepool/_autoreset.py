@@ -78,7 +78,6 @@ _INSTALL_HINT = "reset_mode='auto' needs the pglast package: pip install 'safepo
 # it (~400 ns against ~120 ns, asyncpg 0.29-0.32). Plain getattr if a later
 # asyncpg drops the method.
 _read_setting: Any = getattr(getattr(_pg_protocol, "ConnectionSettings", None), "__getattr__", getattr)
-_Connection: Final = _pg_connection.Connection
 
 _MISS: Final[Any] = object()
 _cache: dict[Any, str | None] = {}
@@ -535,34 +534,27 @@ class AutoResetProxy(PoolConnectionProxy):
             standard_strings = _read_setting(con.get_settings(), "standard_conforming_strings")
         except AttributeError:
             standard_strings = None
-        if standard_strings != "on":
-            holder.clean_mark = -1
-        cls = type(con)
-        if cls is not _Connection and overrides_connection_methods(cls):
+        # So is a connection whose class has asyncpg's methods of its own (or
+        # a patch of asyncpg's Connection: _pg.overrides), read once per
+        # connection (Holder.own_methods).
+        if standard_strings != "on" or holder.own_methods:
             holder.clean_mark = -1
 
 
 def overrides_connection_methods(cls: type) -> bool:
-    """Whether ``cls``, a subclass of asyncpg's Connection, defines one of
+    """Whether ``cls``, a subclass of asyncpg's Connection, has one of
     asyncpg's Connection methods (public or private; not ``__init__``) in
-    place of asyncpg's. The proxy calls the connection's own methods, and
-    asyncpg's public ones call its private ones: what an overridden one
-    sends is unknown, so every lease of such a connection is marked (the
-    full reset after a lease that ran a statement, as in "full" mode).
-    False for anything else (the test suite's stand-in connections: a pool's
-    connections are asyncpg Connections, checked when connected). Cached
-    per class."""
-    verdict = _class_verdicts.get(cls)
-    if verdict is None:
-        verdict = _class_verdicts[cls] = issubclass(cls, _Connection) and any(
-            _pg.overrides(cls, name)
-            for name, method in vars(_Connection).items()
-            if inspect.isfunction(method) and not name.startswith("__")
-        )
-    return verdict
-
-
-_class_verdicts: dict[type, bool] = {}
+    place of asyncpg's: its own, or a patch of asyncpg's class itself
+    (:func:`safepool._internals.overrides`). The proxy calls the
+    connection's own methods, and asyncpg's public ones call its private
+    ones: what an overridden one sends is unknown, so every lease of such a
+    connection is marked (the full reset after a lease that ran a
+    statement, as in "full" mode). False for anything else (the test
+    suite's stand-in connections: a pool's connections are asyncpg
+    Connections, checked when connected). Read per connection
+    (``Holder.own_methods``), not cached per class: a patch made since is
+    seen by the next connection."""
+    return _pg.overrides_connection_methods(cls)
 
 
 def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:

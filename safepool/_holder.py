@@ -40,8 +40,8 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
                  "orphan_checks", "orphan_reported", "orphaned_at", "unresponsive", "close_budget", "close_raises", "calls_budget", "lost_while_leased", "busy_elsewhere",
                  "cancel_key", "abort_in_flight", "cleaned_up",
                  "reset_since",
-                 "command_timeout", "reset_query", "reset_text", "split_rollback", "own_is_closed", "task_reset",
-                 "proxy_collected",
+                 "command_timeout", "reset_query", "reset_text", "split_rollback", "own_is_closed", "own_on_release",
+                 "own_release_checks", "task_reset", "own_methods", "proxy_collected",
                  "copies", "watched", "waiter_completed", "init_context", "__weakref__")
 
     def __init__(self, pool: Face, runner: Runner, slot: Slot, con: RawConnection, clean_mark: int) -> None:
@@ -125,15 +125,31 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # Connection._reset sends it, in a pool task (review h269). asyncpg's
         # own query runs in the block of one "ROLLBACK; ..." message.
         self.split_rollback = _pg.overrides_reset_query(type(con))
-        # False: asyncpg's is_closed(), whose work the hot path does inline
-        # (see _pg.overrides).
-        self.own_is_closed = _pg.overrides(type(con), "is_closed")
+        # Each read once here, for the connection's life (a patch of asyncpg's
+        # Connection made later is seen by the next connection), each a
+        # method the connection's class has in place of asyncpg's: its own,
+        # or a patch of asyncpg's class itself (_pg.overrides).
+        cls = type(con)
+        # False: asyncpg's is_closed(), whose work the hot path does inline.
+        self.own_is_closed = _pg.overrides(cls, "is_closed")
+        # False: asyncpg's _on_release(), which the hot path does inline when
+        # no listener is left (its counter); True: the release calls it, as
+        # asyncpg's pool does (_pg.released_unusable).
+        self.own_on_release = _pg.overrides(cls, "_on_release")
+        # The hot path's one test for both (Leaser.release).
+        self.own_release_checks = self.own_is_closed or self.own_on_release
         # Whether every reset runs in a pool task (Leaser.release): with a
         # custom reset (a reset= hook, a connection class's own reset()), or
-        # a connection class's own execute(), which gets the reset as
-        # asyncpg 0.30+ sends it. Both fixed for the connection's life: one
+        # a connection class's own execute() (or the _check_open() it calls
+        # first), which gets the reset as asyncpg 0.30+ sends it, where the
+        # inline reset would await the protocol's query() without them. One
         # test per release.
-        self.task_reset = runner.hooks.custom or _pg.overrides(type(con), "execute")
+        self.task_reset = runner.hooks.custom or _pg.overrides(cls, "execute") or _pg.overrides(cls, "_check_open")
+        # reset_mode="auto": whether the connection's class has any of
+        # asyncpg's Connection methods in place of asyncpg's, whose
+        # statements the proxy cannot see: every lease of it is marked
+        # (_autoreset.AutoResetProxy). Read here, not per lease.
+        self.own_methods = runner.state.reset_mode == "auto" and _pg.overrides_connection_methods(cls)
         # asyncpg's done callback on a statement's waiter, which a reset
         # with no timer leaves off while the releasing task drives it.
         self.waiter_completed = _pg.waiter_completed_callback(con)

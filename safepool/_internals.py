@@ -36,6 +36,7 @@ import contextlib
 import errno
 import functools
 import gc
+import os
 import re
 import socket
 import struct
@@ -766,13 +767,110 @@ def waiter_completed_callback(con: RawConnection) -> Callable[[Any], object] | N
     return callback
 
 
+# What asyncpg's own code is, to tell its methods from what replaced them
+# (a subclass's, or a patch of asyncpg's Connection itself: Sentry's
+# AsyncPGIntegration wraps Connection.execute, OpenTelemetry's instrumentation
+# wraps its methods with wrapt, an application may patch reset()): a plain
+# function whose code is in asyncpg's package, or one of the standard
+# library's decorator wrappers around such a function (asyncpg's
+# query_logger and _time_and_log are contextlib.contextmanager's).
+_ASYNCPG_PACKAGE = os.path.join(os.path.dirname(os.path.abspath(_pg_connection.__file__)), "")
+
+
+def _decorated() -> Generator[None, None, None]:
+    yield  # pragma: no cover (never run: only its decorated forms' code is read)
+
+
+_STDLIB_WRAPPER_CODES = frozenset(
+    {contextlib.contextmanager(_decorated).__code__, contextlib.asynccontextmanager(_decorated).__code__}  # type: ignore[arg-type]
+)
+
+
+def asyncpg_own(value: object) -> bool:
+    """Whether ``value`` (a class attribute) is a function of asyncpg's own
+    code: a plain function (not a wrapper object such as wrapt's, which
+    passes for the function it wraps) whose code lives in the installed
+    asyncpg package, or a standard-library decorator's wrapper of one. A
+    wrapper made with ``functools.wraps`` keeps asyncpg's name and module,
+    not its code: it is not asyncpg's own. The methods safepool installs on
+    asyncpg's class (``_unwrap``, the callbacks' add and remove) count as
+    asyncpg's."""
+    while type(value) is types.FunctionType:
+        if value in _SAFEPOOL_METHODS:
+            return True
+        code = value.__code__
+        if code.co_filename.startswith(_ASYNCPG_PACKAGE):
+            return True
+        if code not in _STDLIB_WRAPPER_CODES:
+            return False
+        value = getattr(value, "__wrapped__", None)
+    return False
+
+
+# The functions safepool itself installs on asyncpg's Connection (_unwrap,
+# the callbacks' add and remove methods, below): asyncpg's own for
+# overrides, which the pool's shortcuts account for.
+_SAFEPOOL_METHODS: set[Any] = set()
+
+
 def overrides(connection_class: type, name: str) -> bool:
-    """Whether a ``connection_class`` has a method ``name`` of its own. When
-    it does not, the hot path does what asyncpg's does without the call:
-    ``is_closed()`` reads ``_aborted`` and the protocol's ``is_connected()``;
-    ``execute(query)`` with no arguments and no query logger awaits
-    ``_protocol.query(query, timeout)`` (asyncpg 0.29-0.32 alike)."""
-    return getattr(connection_class, name, None) is not getattr(_pg_connection.Connection, name)
+    """Whether a ``connection_class`` has a method ``name`` that is not
+    asyncpg's own: its own (or a base class's of the application's), or one
+    that replaced asyncpg's on asyncpg's ``Connection`` itself (a patch, by
+    instrumentation or a site-wide fix), which asyncpg's pool calls as it
+    would a subclass's. When it has none, the pool does what asyncpg's does
+    without the call: ``is_closed()`` reads ``_aborted`` and the protocol's
+    ``is_connected()``; ``execute(query)`` with no arguments and no query
+    logger awaits ``_protocol.query(query, timeout)`` (asyncpg 0.29-0.32
+    alike); the release's reset sends asyncpg's reset query itself.
+
+    Read where a pool or a holder is made, never per lease: a patch made
+    after that is seen by the next pool or connection. Both orders of
+    import work: a patch made before safepool's import is told by its code
+    (not asyncpg's), one made after by that and by its identity (not the
+    function this import found). A patch undone is asyncpg's own again."""
+    current = getattr(connection_class, name, None)
+    if not asyncpg_own(current):
+        return True
+    original = _ASYNCPG_METHODS.get(name)
+    return original is not None and current is not original
+
+
+def overridden_methods(connection_class: type) -> list[str]:
+    """The names of asyncpg's ``Connection`` methods (dunders left out) that
+    ``connection_class`` has in place of asyncpg's (:func:`overrides`)."""
+    return [name for name in CONNECTION_METHODS if overrides(connection_class, name)]
+
+
+def released_unusable(con: RawConnection, holder: Any, listening: object) -> bool:
+    """The release's look at a connection whose class has an
+    ``is_closed()`` or an ``_on_release()`` in place of asyncpg's
+    (``holder.own_release_checks``; see :func:`overrides`): whether it is
+    unusable, asking its own ``is_closed()``, after its own
+    ``_on_release()`` (asyncpg's pool calls it at every release, first).
+    ``listening``: the release found listeners left and called
+    ``_on_release()`` already. Without listeners the release has counted
+    the lease's end inline (``_pool_release_ctr += 1``, all that asyncpg's
+    method does then): that count is undone first, as the class's own
+    method counts it, or not, as on asyncpg's pool."""
+    if holder.own_on_release and not listening:
+        con._pool_release_ctr -= 1
+        con._on_release()
+    protocol = con._protocol
+    return protocol is None or (con.is_closed() if holder.own_is_closed else con._aborted or not protocol.is_connected())
+
+
+def overrides_connection_methods(connection_class: type) -> bool:
+    """Whether ``connection_class``, a subclass of asyncpg's Connection, has
+    any of asyncpg's Connection methods (public or private; not the dunders)
+    in place of asyncpg's (:func:`overrides`: its own, or a patch of
+    asyncpg's class). False for anything else (the test suite's stand-in
+    connections: a pool's connections are asyncpg Connections, checked when
+    connected). About 20 µs: read once per connection (Holder), not per
+    lease."""
+    return issubclass(connection_class, _pg_connection.Connection) and any(
+        overrides(connection_class, name) for name in CONNECTION_METHODS
+    )
 
 
 def overrides_reset_query(connection_class: type) -> bool:
@@ -1103,6 +1201,23 @@ _pg_connection.Connection.remove_termination_listener = _remove_termination_list
 _pg_connection.Connection.add_query_logger = _add_query_logger  # type: ignore[method-assign]
 _pg_connection.Connection.remove_query_logger = _remove_query_logger  # type: ignore[method-assign]
 _pg_connection.Connection.query_logger = _query_logger  # type: ignore[method-assign]
+_SAFEPOOL_METHODS.update((
+    _unwrap, _add_termination_listener, _remove_termination_listener, _add_query_logger, _remove_query_logger,
+    _query_logger,
+))
+
+
+# asyncpg's Connection methods as this import found them, those that are
+# asyncpg's own (a patch made before safepool was imported is not: see
+# overrides). The names of every method asyncpg's class has (dunders left
+# out), for overridden_methods.
+_ASYNCPG_METHODS: dict[str, Any] = {
+    name: value for name, value in vars(_pg_connection.Connection).items() if asyncpg_own(value)
+}
+CONNECTION_METHODS: tuple[str, ...] = tuple(sorted(
+    name for name, value in vars(_pg_connection.Connection).items()
+    if not name.startswith("__") and (name in _ASYNCPG_METHODS or callable(value))
+))
 
 
 def live_proxy(con: RawConnection) -> Any | None:

@@ -494,16 +494,19 @@ class Leaser:
             # first (invalidate the lease's prepared statements and cursors,
             # a counter they check, and warn of listeners left registered;
             # without listeners only the counter), then the protocol's state.
-            # With own_is_closed False (see _pg.overrides), asyncpg's
-            # is_closed() is read inline.
+            # With own_release_checks False (no is_closed() nor _on_release()
+            # in place of asyncpg's: see _pg.overrides), asyncpg's is_closed()
+            # is read inline too; else the connection's own are called
+            # (_pg.released_unusable).
             # (listening: read once, again below: nothing between adds a listener.)
             if listening := (con._listeners or con._log_listeners):
                 con._on_release()
             else:
                 con._pool_release_ctr += 1
             protocol = con._protocol
-            if protocol is None or (
-                con.is_closed() if holder.own_is_closed else con._aborted or not protocol.is_connected()
+            if (
+                _pg.released_unusable(con, holder, listening) if holder.own_release_checks
+                else protocol is None or con._aborted or not protocol.is_connected()
             ):
                 check = UNUSABLE
             elif (queries := protocol.queries_count) >= self.max_queries:
@@ -519,7 +522,14 @@ class Leaser:
             # too). Release as usual without the listeners, then raise it.
             _pg.clear_listeners(con)
             connection._raw = con
-            return self.raise_after(self.release(connection, timeout), warning)
+            # (_on_release() is not called again: a connection class's own,
+            # which raised it, would raise it again, for ever.)
+            own_on_release, holder.own_on_release = holder.own_on_release, False
+            try:
+                again = self.release(connection, timeout)
+            finally:
+                holder.own_on_release = own_on_release
+            return self.raise_after(again, warning)
         # state.release_outcome(lease, check, marked), inlined (the hot path:
         # a call less per lease): the core's policy table, or DISCARD for a
         # connection of an expired generation.

@@ -288,7 +288,14 @@ def configure(
         raise PoolTypeError(f"backoff must be a safepool.Backoff or None, got {type(backoff).__name__}")
     adaptive = adaptive_queue(queue_policy, queue_target, queue_interval)
     max_site_share = validate_site_share(max_site_share)
-    custom_reset = reset is not None or connection_class.reset is not _pg_connection.Connection.reset
+    # A reset of the connection class's own: its reset(), or (asyncpg 0.30+)
+    # the _reset() that asyncpg's reset() calls first, a subclass's or a
+    # patch of asyncpg's Connection itself (_pg.overrides): the release then
+    # calls reset(), as asyncpg's pool does, instead of sending asyncpg's
+    # reset query itself. Read once, for the pool's life.
+    custom_reset = reset is not None or _pg.overrides(connection_class, "reset") or (
+        _pg.HAS_PUBLIC_RESET_QUERY and _pg.overrides(connection_class, "_reset")
+    )
     return PoolConfig(
         name=name,
         init_size=init_size,

@@ -395,6 +395,9 @@ class FakeHolder:
     # The proxy's weak-reference callback (a leak report): none here, where
     # proxies are dropped unreleased at the end of each check.
     proxy_collected = None
+    # Whether the connection's class has asyncpg's methods of its own
+    # (Holder.own_methods): not asyncpg's Connection's, nor the fake's here.
+    own_methods = False
 
 
 def _sent(result: Any) -> Any:
