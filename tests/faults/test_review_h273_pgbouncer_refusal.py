@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import asyncpg
 import pytest
@@ -41,6 +42,7 @@ async def _recovery_after_max_client_conn(bouncer: Bouncer, kind: str) -> tuple[
     succeeds, and the errors callers got meanwhile."""
     blockers = [await asyncpg.connect(bouncer.dsn(), statement_cache_size=0) for _ in range(2)]
     try:
+        pool: Any
         if kind == "safepool":
             pool = await safepool.create_pool(
                 bouncer.dsn(), min_size=0, max_size=2, statement_cache_size=0, fail_fast=True,
