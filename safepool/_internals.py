@@ -127,6 +127,19 @@ _ERRNO_IN_TEXT = re.compile(r"\[Errno (-?\d+)\]")
 # required, or an error response (a server that could not start a backend).
 _SSL_ANSWERS = ("rejected SSL upgrade", "error response during SSL exchange")
 
+# PgBouncer's refusals of a login that end by themselves, all SQLSTATE 08P01
+# (asyncpg's ProtocolViolationError), which it also sends for lasting ones
+# ("no such database", "no such user"): told apart by PgBouncer's wording
+# (pgbouncer 1.x, src/client.c, src/objects.c, src/janitor.c). Out of client
+# slots (its 53300), a database DISABLEd or shutting down, a login queued
+# past query_wait_timeout while its server is down or slow, its own failing
+# server logins (server_login_retry), its resources exhausted (review h273).
+_POOLER_BUSY = (
+    "no more connections allowed", "client connections exceeded", "query_wait_timeout",
+    "server login has been failing", "pgbouncer cannot connect to server", "bouncer resources exhaustion",
+    "no memory for pool", "pooler is shutting down", "server shutting down", "client_login_timeout",
+)
+
 
 def program_error(error: BaseException) -> bool:
     """Whether a connect failed on the program's own mistake, not on the
@@ -153,7 +166,10 @@ def refusal(error: BaseException) -> int:
     as ``localhost`` gives with ``::1`` and ``127.0.0.1`` both refused);
     ``REFUSED``, the server refused at once (starting up or shutting down,
     57P03, or ending the start-up as it goes down, 57P01 and 57P02; out of
-    connection slots, 53300: cheap, but a backend process each);
+    connection slots, 53300: cheap, but a backend process each; PgBouncer's
+    refusals that end by themselves, 08P01 with its wording: out of client
+    slots, a database disabled, a login queued past ``query_wait_timeout``:
+    :func:`pooler_busy`);
     ``BROKEN``, the connect broke before the server answered (reset,
     aborted, or closed mid-start-up: asyncpg's ConnectionDoesNotExistError;
     a black hole healing, a proxy whose server is down);
@@ -173,6 +189,8 @@ def refusal(error: BaseException) -> int:
         ),
     ):
         return REFUSED
+    if isinstance(error, _pg_exceptions.ProtocolViolationError) and pooler_busy(error_text(error)):
+        return REFUSED
     if type(error) is ConnectionError and any(answer in error_text(error) for answer in _SSL_ANSWERS):
         return NOT_REFUSED  # (something answered, and will answer so again)
     if isinstance(error, socket.gaierror):
@@ -187,6 +205,15 @@ def refusal(error: BaseException) -> int:
             if codes & _UNREACHABLE_ERRNOS and codes <= _UNREACHABLE_ERRNOS | _UNUSABLE_ADDRESS_ERRNOS:
                 return UNREACHABLE
     return NOT_REFUSED
+
+
+def pooler_busy(text: str) -> bool:
+    """Whether a login refusal's message (SQLSTATE 08P01) is one of
+    PgBouncer's that end by themselves (``_POOLER_BUSY``, or a database it
+    was told to ``DISABLE``: 'database "app" is disabled')."""
+    return any(phrase in text for phrase in _POOLER_BUSY) or (
+        text.startswith('database "') and text.rstrip().endswith('" is disabled')
+    )
 
 
 def error_text(error: BaseException) -> str:

@@ -14,7 +14,9 @@ as soon as PgBouncer accepts again. ``_internals.refusal()`` classes 08P01 as
 ``cap`` (2 s), and with ``fail_fast`` the breaker fails every acquire with
 ``ServerUnavailableError`` until the next probe, long after PgBouncer
 accepts again. asyncpg's pool serves the first acquire after the slot frees.
-A 53300 from PostgreSQL itself is retried within ``refused_cap`` (50 ms)."""
+A 53300 from PostgreSQL itself is retried within ``refused_cap`` (50 ms).
+Fixed: ``_internals.pooler_busy`` tells those wordings apart, and they are
+retried as a 53300 is."""
 
 from __future__ import annotations
 
@@ -86,13 +88,7 @@ async def _recovery_after_refusals(
         await asyncio.wait_for(pool.close(), 10)
 
 
-REASON = (
-    "review h273: PgBouncer's transient login refusals (08P01, ProtocolViolationError: 'no more connections "
-    "allowed (max_client_conn)', 'database ... is disabled') are classed NOT_REFUSED by _internals.refusal(), "
-    "so fail_fast backs off up to Backoff.cap (2 s) and the breaker refuses acquires for up to that long after "
-    "PgBouncer accepts again; asyncpg's pool serves at once"
-)
-KINDS = ["asyncpg", pytest.param("safepool", marks=pytest.mark.xfail(strict=True, reason=REASON))]
+KINDS = ["asyncpg", "safepool"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

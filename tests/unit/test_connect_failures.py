@@ -206,3 +206,28 @@ def test_a_connect_error_of_the_programs_own_is_told_from_the_servers(error: Bas
     """What the circuit breaker does not count (``_internals.program_error``):
     a mistake of the program's says nothing of the server."""
     assert program_error(error) is programs
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        # PgBouncer's refusals that end by themselves (review h273)
+        ("no more connections allowed (max_client_conn)", REFUSED),
+        ("client connections exceeded (max_db_client_connections)", REFUSED),
+        ("client connections exceeded (max_user_client_connections)", REFUSED),
+        ('database "postgres" is disabled', REFUSED),
+        ("query_wait_timeout", REFUSED),
+        ("server login has been failing, try again later (server_login_retry)", REFUSED),
+        ("pgbouncer cannot connect to server", REFUSED),
+        ("client_login_timeout (server down)", REFUSED),
+        # Its lasting ones, and a protocol violation of the server's own
+        ('no such database: "orders"', NOT_REFUSED),
+        ('no such user: "app"', NOT_REFUSED),
+        ("unsupported startup parameter: extra_float_digits", NOT_REFUSED),
+        ('database "x" is disabled for good, says a proxy that is not PgBouncer', NOT_REFUSED),
+        ("invalid frontend message type 0", NOT_REFUSED),
+    ],
+)
+def test_pgbouncers_passing_refusals_are_retried_soon(message: str, kind: int) -> None:
+    assert refusal(asyncpg.ProtocolViolationError(message)) == kind
+    assert refusal(asyncpg.PostgresError(message)) == NOT_REFUSED  # (only its 08P01)
