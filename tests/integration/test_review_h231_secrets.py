@@ -406,6 +406,17 @@ async def test_stats_and_health_mask_the_old_password_after_set_connect_args(pg_
     assert PASSWORD not in seen
 
 
+async def _until_the_breaker_refuses(pool: Any) -> safepool.ServerUnavailableError:
+    """Acquire until the refused connects open the breaker (at most five
+    tries); its refusal."""
+    for _ in range(5):
+        with pytest.raises((ConnectionRefusedError, safepool.ServerUnavailableError)) as refused:
+            await pool.acquire(timeout=2)
+        if isinstance(refused.value, safepool.ServerUnavailableError):
+            return refused.value
+    raise AssertionError("the breaker did not open")
+
+
 async def test_the_breaker_refusal_masks_the_old_password_after_set_connect_args(pg_dsn: str) -> None:
     user = _user(pg_dsn)
     pool = await safepool.create_pool(
@@ -415,13 +426,8 @@ async def test_the_breaker_refusal_masks_the_old_password_after_set_connect_args
         connect=_rotation_connect(PASSWORD, ConnectionRefusedError),
     )
     try:
-        for _ in range(5):
-            with pytest.raises((ConnectionRefusedError, safepool.ServerUnavailableError)) as refused:
-                await pool.acquire(timeout=2)
-            if isinstance(refused.value, safepool.ServerUnavailableError):
-                break
-        assert isinstance(refused.value, safepool.ServerUnavailableError)
-        assert PASSWORD not in str(refused.value)  # masked while these are the pool's arguments
+        refusal = await _until_the_breaker_refuses(pool)
+        assert PASSWORD not in str(refusal)  # masked while these are the pool's arguments
         pool.set_connect_args(pg_dsn, user=user, password="h231-New-Secret-31xq")
         # (Since review h270 the new arguments are tried at once, not after
         # the old ones' backoff: the rotated password connects.)
@@ -448,11 +454,7 @@ async def test_a_refusal_after_rotating_to_another_rejected_password_masks_both(
     )
     seen: list[str] = []
     try:
-        for _ in range(5):
-            with pytest.raises((ConnectionRefusedError, safepool.ServerUnavailableError)) as refused:
-                await pool.acquire(timeout=2)
-            if isinstance(refused.value, safepool.ServerUnavailableError):
-                break
+        await _until_the_breaker_refuses(pool)
         pool.set_connect_args(pg_dsn, user=user, password=new)
         for _ in range(2):  # the probe's own error, then the refusal of the circuit it opened again
             with pytest.raises((ConnectionRefusedError, safepool.ServerUnavailableError)) as refused:
