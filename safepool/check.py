@@ -59,6 +59,10 @@ _CALLBACK_REGISTRATIONS = {"push_async_callback", "callback"}
 _CLEANUP_REGISTRATIONS = _CALLBACK_REGISTRATIONS | {"push", "push_async_exit"}
 # Calls that pass an acquire's awaitable through to what awaits them.
 _WRAPPERS = {"wait_for", "shield"}
+# Asynchronous context managers whose entering does not suspend: a deadline
+# around a release in `finally:` (`async with asyncio.timeout(5):`).
+_DEADLINES = {"timeout", "timeout_at"}
+_WITHS = (ast.With, ast.AsyncWith)
 _ESCAPE_METHODS = {"append", "add", "put", "put_nowait", "extend", "insert", "appendleft", "setdefault", "update"}
 # `with pytest.raises(PoolTimeoutError):` (or unittest's assertRaises): the
 # block's last statement is expected to raise, so an acquire there gets no
@@ -106,6 +110,17 @@ def _hint(receiver: str, var: str | None, code: str = "") -> str:
         f"use `async with {receiver}.acquire() as {name}:`, or release it in a `finally:` block "
         f"right after the acquire (`try: ... finally: await {receiver}.release({name})`)"
     )
+
+
+def _registration_hint(receiver: str, var: str, registration: ast.Call) -> str:
+    """The fix for an exit-stack registration that does not run on every
+    path right after the acquire."""
+    pool, bind_first = _named_receiver(receiver, var)
+    assert isinstance(registration.func, ast.Attribute)
+    stack = _receiver_source(registration.func.value)
+    return (f"{bind_first}register the release right after the acquire, outside any condition "
+            f"(`{var} = await {pool}.acquire()`, then `{stack}.push_async_callback({pool}.release, {var})`), "
+            f"or let the stack acquire it: `{var} = await {stack}.enter_async_context({pool}.acquire())`")
 
 
 def _is_plain(node: ast.expr) -> bool:
@@ -841,6 +856,88 @@ def _leaves_before_release(stmt: ast.stmt, var: str) -> ast.AST | None:
     )
 
 
+def _expr_leaver(expr: ast.expr, var: str) -> ast.AST | None:
+    """A node of ``expr`` that can suspend, raise or leave (see
+    :func:`_leaves_before_release`)."""
+    return _leaves_before_release(ast.Expr(value=expr), var)
+
+
+def _header_leaver(node: ast.AST, parent: ast.AST, var: str, registration: bool) -> ast.AST | None:
+    """What ``parent`` runs before its part ``node`` that can suspend, raise
+    or leave: an await in the test of an ``if``, ``while`` or conditional
+    expression, the iterable of a ``for``, the subject of a ``match``, the
+    items of a ``with`` (an ``async with`` or ``async for`` itself: entering
+    it awaits), or a step in the body of a ``try:`` whose ``else:`` holds
+    ``node``. For an exit-stack ``registration``, a ``with`` itself too: as
+    for a ``try:`` after the acquire, the registration must come right after
+    it, not inside a block entered in between."""
+    in_header = False
+    exprs: list[ast.expr] = []
+    if isinstance(parent, (ast.If, ast.While, ast.IfExp)):
+        in_header = node is parent.test
+        exprs = [parent.test]
+    elif isinstance(parent, (ast.For, ast.AsyncFor)):
+        in_header = node is parent.iter or node is parent.target
+        if isinstance(parent, ast.AsyncFor) and not in_header:
+            return parent
+        exprs = [parent.iter]
+    elif isinstance(parent, ast.Match):
+        in_header = node is parent.subject
+        exprs = [parent.subject]
+    elif isinstance(parent, (ast.With, ast.AsyncWith)):
+        in_header = any(node is item for item in parent.items)
+        if not in_header and (registration or (isinstance(parent, ast.AsyncWith) and not all(
+            # `async with asyncio.timeout(5): await pool.release(con)`:
+            # entering a deadline does not suspend (as `wait_for()`).
+            isinstance(item.context_expr, ast.Call) and _last_name(item.context_expr.func) in _DEADLINES
+            for item in parent.items
+        ))):
+            return parent
+        exprs = [item.context_expr for item in parent.items]
+    elif isinstance(parent, (ast.Try, ast.TryStar)) and any(node is s for s in parent.orelse):
+        return next((leaver for s in parent.body if (leaver := _leaves_before_release(s, var)) is not None), None)
+    if in_header:
+        return None
+    return next((leaver for expr in exprs if (leaver := _expr_leaver(expr, var)) is not None), None)
+
+
+def _catches_everything(handler: ast.ExceptHandler) -> bool:
+    """Is ``handler`` a bare ``except:`` or an ``except BaseException:``?"""
+    kinds = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return any(kind is None or _last_name(kind) == "BaseException" for kind in kinds)
+
+
+def _catches_all(pattern: ast.pattern) -> bool:
+    """Is ``pattern`` irrefutable: ``case _:``, ``case name:``, an ``|`` with one of those?"""
+    if isinstance(pattern, ast.MatchAs):
+        return pattern.pattern is None or _catches_all(pattern.pattern)
+    if isinstance(pattern, ast.MatchOr):
+        return any(_catches_all(p) for p in pattern.patterns)
+    return False
+
+
+def _non_empty(iterable: ast.expr) -> bool:
+    """Is ``iterable`` a literal tuple, list or set with an item?"""
+    return isinstance(iterable, (ast.Tuple, ast.List, ast.Set)) and any(
+        not isinstance(e, ast.Starred) for e in iterable.elts
+    )
+
+
+def _breaks(loop: ast.For | ast.AsyncFor | ast.While) -> bool:
+    """Does a ``break`` in ``loop``'s body end it (not a loop inside it)?"""
+    stack: list[ast.AST] = list(loop.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Break):
+            return True
+        if isinstance(node, (ast.For, ast.AsyncFor, ast.While)):
+            stack.extend(node.orelse)  # a `break` in its `else:` ends the outer loop
+            continue
+        if not isinstance(node, _SCOPES):
+            stack.extend(ast.iter_child_nodes(node))
+    return False
+
+
 def _may_leave(stmt: ast.stmt) -> ast.AST | None:
     """A node in ``stmt`` that can suspend, raise or leave (await, return,
     raise, yield; a ``break`` or ``continue`` of a loop outside ``stmt``)."""
@@ -1148,11 +1245,15 @@ class _Checker:
                         f"connection `{var}` acquired here is never released in `{_scope_name(scope)}`",
                         receiver, var)
             return
-        conditions: list[ast.If] = []
+        conditions: list[tuple[str, ast.Call | None]] = []
         loops: list[ast.stmt] = []
         late: list[int] = []
         tries: list[ast.stmt] = []
-        if any(self.safe_release(release, stmt, scope, var, conditions, loops, late, tries) for release in releases):
+        unregistered: list[tuple[ast.Call, int]] = []
+        if any(
+            self.safe_release(release, stmt, scope, var, conditions, loops, late, tries, unregistered)
+            for release in releases
+        ):
             rebound = self.rebinding(call, stmt, tries[0], var) if tries else None
             if rebound is not None:
                 self.report(call, stmt, "SP001",
@@ -1188,10 +1289,24 @@ class _Checker:
                         f"in a `try:` of its own (`finally: try: ... finally: await {pool}.release({var})`)")
             return
         if conditions:
-            test = conditions[0]
+            phrase, registration = conditions[0]
+            if registration is None:
+                self.report(call, stmt, "SP001",
+                            f"connection `{var}` is released in a `finally:` block {phrase}; on the other path it "
+                            "is never released", receiver, var)
+            else:
+                self.report(call, stmt, "SP001",
+                            f"connection `{var}` is registered for release with an exit stack at line "
+                            f"{registration.lineno} {phrase}; on the other path it is never released",
+                            receiver, var, hint=_registration_hint(receiver, var, registration))
+            return
+        if unregistered:
+            registration, step = unregistered[0]
             self.report(call, stmt, "SP001",
-                        f"connection `{var}` is released in a `finally:` block only when `{ast.unparse(test.test)}` "
-                        f"(line {test.lineno}); on the other path it is never released", receiver, var)
+                        f"connection `{var}` is registered for release with an exit stack at line "
+                        f"{registration.lineno}, but line {step} between the acquire and that registration can fail "
+                        "or leave first: the connection is then never released", receiver, var,
+                        hint=_registration_hint(receiver, var, registration))
             return
         gap = self.gap_before_finally(releases, stmt, var)
         if gap is not None:
@@ -1277,30 +1392,68 @@ class _Checker:
         return handlers
 
     def safe_release(
-        self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST, var: str, conditions: list[ast.If],
-        loops: list[ast.stmt], late: list[int], tries: list[ast.stmt] | None = None,
+        self, release: ast.Call, acquire_stmt: ast.stmt, scope: ast.AST, var: str,
+        conditions: list[tuple[str, ast.Call | None]], loops: list[ast.stmt], late: list[int],
+        tries: list[ast.stmt] | None = None, unregistered: list[tuple[ast.Call, int]] | None = None,
     ) -> bool:
         """Whether ``release`` gives ``var`` back on every path. A release in
-        the right ``finally:`` that runs only under an ``if`` unrelated to the
-        connection is not: that ``if`` is added to ``conditions``. Neither
-        is a ``finally:`` after a loop that acquires on each turn: that loop
-        is added to ``loops``; nor one that awaits, raises or returns before
-        the release (``finally: await con.execute("UNLISTEN *")`` then the
-        release): the line of that statement is added to ``late``. The
-        ``try:`` of a ``finally:`` that releases is added to ``tries``."""
+        the right ``finally:`` that runs only on some paths out of it (under
+        an ``if`` unrelated to the connection, in one branch of a conditional
+        expression, after ``ok and``, in a ``match`` case, in a loop's body
+        that may run zero times, in an ``except`` handler) is not: that
+        condition, as a phrase ("only when `ok` (line 7)"), is added to
+        ``conditions`` with None. Neither is a ``finally:`` after a loop
+        that acquires on each turn: that loop is added to ``loops``; nor one
+        that awaits, raises or returns before the release (``finally: await
+        con.execute("UNLISTEN *")`` then the release; an ``async with``
+        around it, an await in the test of the ``if`` around it or earlier
+        in its statement): the line of that step is added to ``late``. The
+        ``try:`` of a ``finally:`` that releases is added to ``tries``.
+
+        An exit-stack registration (``stack.push_async_callback(pool.release,
+        con)``) counts as a ``try:`` right after the acquire does
+        (:meth:`try_follows`): only when it runs on every path after the
+        acquire and nothing that can raise, suspend or leave comes between
+        them. Under a condition: the phrase is added to ``conditions`` with
+        the registration; after such a step (or inside a ``with`` entered
+        after the acquire): the registration and the step's line are added
+        to ``unregistered``."""
         module = self.module
-        # Registered with an exit stack: released however the block ends.
-        if isinstance(release.func, ast.Attribute) and release.func.attr in _CLEANUP_REGISTRATIONS:
-            return True
+        registration = isinstance(release.func, ast.Attribute) and release.func.attr in _CLEANUP_REGISTRATIONS
         # A pytest fixture's teardown runs even when the test failed.
-        if _decorator_kind(scope) == "fixture" and release.lineno > acquire_stmt.lineno:
+        if not registration and _decorator_kind(scope) == "fixture" and release.lineno > acquire_stmt.lineno:
             if _fixture_teardown_releases(module, acquire_stmt, release, var):
                 return True
         node: ast.AST = release
-        condition: ast.If | None = None  # the innermost `if` so far that does not test the connection
-        before: ast.AST | None = None  # the first statement on the way up that can leave before the release
+        condition: str | None = None  # the innermost condition so far that does not test the connection
+        # The first step on the way up that can leave before the release:
+        # one earlier in the release's own statement (`print(await
+        # con.fetchval(...), await pool.release(con))`), then the outermost
+        # statement before it in its blocks.
+        before: ast.AST | None = self.leaver_in_statement(release, var)
         while node is not scope:
             parent = module.parents[node]
+            if registration and node is acquire_stmt:
+                # `stack.push_async_callback(pool.release, con := await pool.acquire())`
+                if condition is not None:
+                    conditions.append((condition, release))
+                return condition is None
+            if registration and isinstance(node, ast.stmt):
+                follows = (
+                    # `if (con := await pool.acquire()) is not None:` registering first in its body.
+                    "next" if isinstance(acquire_stmt, (ast.If, ast.While)) and acquire_stmt.body[0] is node
+                    else self.try_follows(acquire_stmt, node, var)
+                )
+                if follows is not None:
+                    if condition is not None:
+                        conditions.append((condition, release))
+                        return False
+                    if follows != "next" or before is not None:
+                        line = int(follows) if follows != "next" else getattr(before, "lineno", node.lineno)
+                        if unregistered is not None:
+                            unregistered.append((release, line))
+                        return False
+                    return True
             if isinstance(node, ast.stmt) and (place := _block_of(module, node)) is not None:
                 block, index = place
                 for earlier in block[:index]:
@@ -1320,7 +1473,7 @@ class _Checker:
                         loops.append(loop)
                         return False
                     if condition is not None:
-                        conditions.append(condition)
+                        conditions.append((condition, None))
                         return False
                     if before is not None:
                         late.append(getattr(before, "lineno", release.lineno))
@@ -1328,20 +1481,177 @@ class _Checker:
                     if tries is not None:
                         tries.append(parent)
                     return True
-            elif isinstance(parent, ast.If) and node is not parent.test and condition is None:
-                # `if con is not None:` (acquired inside the try) is fine, and
-                # so is an `if` whose other branch releases too; `if ok:` is
-                # not, nor `if not con.is_closed():` (a closed connection
-                # still holds its slot until released) or `if con is None:`.
-                in_body = any(node is s for s in parent.body)
-                other = parent.orelse if in_body else parent.body
-                tests_connection = _tests_presence(
-                    parent.test, var, in_body, functools.partial(self.flags_acquire, acquire_stmt=acquire_stmt, checked_at=parent)
-                )
-                if not tests_connection and not _contains_release(other, var):
-                    condition = parent
+            else:
+                if condition is None:
+                    condition = self.path_condition(node, parent, var, acquire_stmt)
+                header = _header_leaver(node, parent, var, registration)
+                if header is not None:
+                    before = header
             node = parent
         return False
+
+    def leaver_in_statement(self, release: ast.Call, var: str, root: ast.AST | None = None) -> ast.AST | None:
+        """A node of the statement holding ``release`` (or of ``root``, an
+        expression around it) that can suspend, raise or leave, and runs
+        before it: one that ends before the release starts, and is not
+        around it (``await``, ``asyncio.shield(...)``), or one in its
+        arguments (``timeout=await budget()``). An await of a release of another connection is not one
+        (see :func:`_leaves_before_release`)."""
+        stmt = root if isinstance(root, ast.stmt) else self.module.statement_of(release)
+        if isinstance(root, ast.expr):
+            stmt = ast.Expr(value=root)
+        around: set[int] = set()
+        node: ast.AST = release
+        while node is not stmt and node is not root and node in self.module.parents:
+            node = self.module.parents[node]
+            around.add(id(node))
+        # Its arguments run before it; its receiver too, but a pool
+        # expression that awaits (`(await get_pool()).release(con)`) is the
+        # pool rules' business, as for the acquire.
+        inside = {id(n) for arg in [*release.args, *release.keywords] for n in ast.walk(arg)}
+        start = _position(release)
+        for leaver in _leaving(stmt):
+            if id(leaver) in around or (isinstance(leaver, ast.Await) and _is_release_call(leaver.value)):
+                continue
+            end = (getattr(leaver, "end_lineno", None) or 0, getattr(leaver, "end_col_offset", None) or 0)
+            if id(leaver) in inside or end <= start:
+                return leaver
+        return None
+
+    def releases_on_every_path(self, top: list[ast.stmt] | ast.expr, var: str, acquire_stmt: ast.stmt) -> bool:
+        """Whether ``top`` (a block, or an expression: a branch of a
+        conditional expression) gives ``var`` back whenever it runs: it holds
+        a release that no condition, loop or handler inside it skips, and
+        that nothing before it in ``top`` that can suspend, raise or leave
+        comes before (:meth:`runs_whenever`)."""
+        nodes = [n for stmt in top for n in _own_nodes(stmt)] if isinstance(top, list) else _own_nodes(top)
+        return any(
+            isinstance(n, ast.Call) and _releases(n, var) and self.runs_whenever(n, top, var, acquire_stmt)
+            for n in nodes
+        )
+
+    def runs_whenever(
+        self, release: ast.Call, top: list[ast.stmt] | ast.expr, var: str, acquire_stmt: ast.stmt
+    ) -> bool:
+        """Whether ``release``, inside ``top``, runs whenever ``top`` does,
+        with nothing before it that can suspend, raise or leave (the rules of
+        :meth:`safe_release`, up to ``top``)."""
+        module = self.module
+        if isinstance(top, list):
+            def in_top(node: ast.AST) -> bool:
+                return any(node is s for s in top)
+            root: ast.AST | None = None
+        else:
+            def in_top(node: ast.AST) -> bool:
+                return node is top
+            root = top
+        if self.leaver_in_statement(release, var, root) is not None:
+            return False
+        node: ast.AST = release
+        while True:
+            if isinstance(node, ast.stmt) and (place := _block_of(module, node)) is not None:
+                block, index = place
+                if any(_leaves_before_release(earlier, var) is not None for earlier in block[:index]):
+                    return False
+            if in_top(node):
+                return True
+            parent = module.parents.get(node)
+            if parent is None or isinstance(parent, _SCOPES):
+                return False
+            if (
+                self.path_condition(node, parent, var, acquire_stmt) is not None
+                or _header_leaver(node, parent, var, False) is not None
+            ):
+                return False
+            node = parent
+
+    def path_condition(self, node: ast.AST, parent: ast.AST, var: str, acquire_stmt: ast.stmt) -> str | None:
+        """When ``parent`` runs its part ``node`` only on some paths through
+        it, and not exactly when ``var`` holds a connection: a phrase that
+        says when (``only when `ok` (line 7)``). None when ``node`` runs
+        whenever ``parent`` does, or when the other paths release ``var``
+        too (the ``else:`` of ``if con is None:``, an ``if`` whose other
+        branch releases, a ``match`` whose every case releases and one of
+        them catches all)."""
+        module = self.module
+
+        def flag(checked_at: ast.AST) -> Callable[[ast.expr], bool]:
+            at = checked_at if isinstance(checked_at, ast.stmt) else module.statement_of(checked_at)
+            return functools.partial(self.flags_acquire, acquire_stmt=acquire_stmt, checked_at=at)
+
+        if isinstance(parent, ast.If) and node is not parent.test:
+            # `if con is not None:` (acquired inside the try) is fine, and
+            # so is an `if` whose other branch releases too; `if ok:` is
+            # not, nor `if not con.is_closed():` (a closed connection
+            # still holds its slot until released) or `if con is None:`.
+            in_body = any(node is s for s in parent.body)
+            other = parent.orelse if in_body else parent.body
+            if _tests_presence(parent.test, var, in_body, flag(parent)) or self.releases_on_every_path(
+                other, var, acquire_stmt
+            ):
+                return None
+            return f"only when `{ast.unparse(parent.test)}`{'' if in_body else ' is false'} (line {parent.lineno})"
+        if isinstance(parent, ast.IfExp) and node is not parent.test:
+            # `await pool.release(con) if ok else None`
+            in_body = node is parent.body
+            other_expr = parent.orelse if in_body else parent.body
+            if _tests_presence(parent.test, var, in_body, flag(parent)) or self.releases_on_every_path(
+                other_expr, var, acquire_stmt
+            ):
+                return None
+            return f"only when `{ast.unparse(parent.test)}`{'' if in_body else ' is false'} (line {parent.lineno})"
+        if isinstance(parent, ast.BoolOp) and node is not parent.values[0]:
+            # `ok and await pool.release(con)`: runs when what comes before
+            # it is true (`and`) or false (`or`).
+            index = next(i for i, value in enumerate(parent.values) if value is node)
+            earlier = parent.values[:index]
+            test = earlier[0] if len(earlier) == 1 else ast.BoolOp(op=parent.op, values=earlier)
+            present = isinstance(parent.op, ast.And)
+            if _tests_presence(test, var, present, flag(parent)):
+                return None
+            return f"only when `{ast.unparse(test)}`{'' if present else ' is false'} (line {parent.lineno})"
+        if isinstance(parent, ast.match_case) and any(node is s for s in parent.body):
+            match = module.parents[parent]
+            assert isinstance(match, ast.Match)
+            if any(case.guard is None and _catches_all(case.pattern) for case in match.cases) and all(
+                case is parent or self.releases_on_every_path(case.body, var, acquire_stmt) for case in match.cases
+            ):
+                return None
+            return f"only in some cases of the `match` at line {match.lineno}"
+        if isinstance(parent, ast.ExceptHandler):
+            # `except BaseException: await pool.release(con); raise` with an
+            # `else:` (or a `try:` body) that releases: one or the other runs.
+            attempt = module.parents[parent]
+            assert isinstance(attempt, (ast.Try, ast.TryStar))
+            if _catches_everything(parent) and (
+                self.releases_on_every_path(attempt.orelse, var, acquire_stmt)
+                or self.releases_on_every_path(attempt.body, var, acquire_stmt)
+            ):
+                return None
+            return f"only in the `except` handler at line {parent.lineno}, when its `try:` fails"
+        if isinstance(parent, (ast.For, ast.AsyncFor, ast.While)):
+            kind = {ast.For: "for", ast.AsyncFor: "async for", ast.While: "while"}[type(parent)]
+            if any(node is s for s in parent.body):
+                if isinstance(parent, ast.While) and isinstance(parent.test, ast.Constant) and parent.test.value:
+                    return None  # `while True:`: the first turn runs
+                if isinstance(parent, ast.For) and _non_empty(parent.iter):
+                    return None
+                when = (f"`{ast.unparse(parent.test)}`" if isinstance(parent, ast.While)
+                        else "its iterable is not empty")
+                return f"only when the `{kind}` loop at line {parent.lineno} runs its body (when {when})"
+            if any(node is s for s in parent.orelse) and _breaks(parent):
+                return f"only when the `{kind}` loop at line {parent.lineno} ends without a `break` (its `else:`)"
+            return None
+        comprehension = module.parents.get(parent) if isinstance(parent, ast.comprehension) else parent
+        if isinstance(comprehension, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            # Only its first iterable runs whatever it holds (and a generator
+            # expression runs nothing more until something iterates it).
+            if parent is comprehension.generators[0] and node is comprehension.generators[0].iter:
+                return None
+            return f"only when the comprehension at line {comprehension.lineno} has items"
+        if isinstance(parent, ast.Assert) and node is parent.msg:
+            return f"only when the `assert` at line {parent.lineno} fails"
+        return None
 
     def rebinding(self, call: ast.Call, acquire_stmt: ast.stmt, try_stmt: ast.stmt, var: str) -> ast.Name | None:
         """A binding of ``var`` (``con = ...``, ``for con in ...``, ``as
@@ -1548,6 +1858,13 @@ class _Checker:
         return statements
 
     def gap_before_finally(self, releases: list[ast.Call], acquire_stmt: ast.stmt, var: str) -> int | None:
+        """The line of the first step between the acquire and a ``try:``
+        after it whose ``finally:`` releases ``var``: what
+        :meth:`try_follows` finds, or, for a ``try:`` inside a ``with`` or
+        ``async with`` block after the acquire (``with
+        tracer.start_as_current_span(...): try: ...``), that block's line
+        (entering it can fail, an ``async with``'s awaits) or the first step
+        before it. None if there is no such ``try:``."""
         for release in releases:
             node: ast.AST = release
             while node in self.module.parents:
@@ -1556,6 +1873,18 @@ class _Checker:
                     follows = self.try_follows(acquire_stmt, parent, var)
                     if follows is not None and follows != "next":
                         return int(follows)
+                    inner: ast.stmt = parent
+                    steps: list[int] = []  # in the `with` blocks around the `try:`, the outermost's last
+                    while follows is None and isinstance(block := self.module.parents.get(inner), _WITHS):
+                        at = next(i for i, s in enumerate(block.body) if s is inner)
+                        leavers = [_leaves_holding(s, var) for s in block.body[:at]]
+                        steps[:0] = [getattr(leaver, "lineno", block.lineno) for leaver in leavers if leaver][:1]
+                        if isinstance(block, ast.AsyncWith) and _header_leaver(inner, block, var, False):
+                            steps.insert(0, block.lineno)
+                        inner = block
+                        follows = self.try_follows(acquire_stmt, block, var)
+                        if follows is not None:
+                            return int(follows) if follows != "next" else (steps or [block.lineno])[0]
                 node = parent
         return None
 
@@ -1595,7 +1924,13 @@ class _Checker:
                         if block is home:
                             reached_home = True
                             break
-                node = module.parents[node]
+                parent = module.parents[node]
+                if (
+                    isinstance(parent, (ast.Try, ast.TryStar)) and not any(node is s for s in parent.finalbody)
+                    and _contains_release(parent.finalbody, var)
+                ):
+                    covered = True  # it leaves through a `finally:` that releases (in a `with` after the acquire)
+                node = parent
             if reached_home and not covered:
                 return type(exit_node).__name__.lower(), exit_node.lineno
         return None
