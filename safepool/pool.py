@@ -774,8 +774,9 @@ class Pool(_PoolBase):
         """Run ``query`` once per tuple of ``args`` and return the rows of every run, a list of records.
 
         A connection is leased for the call and released before it returns, as by asyncpg's
-        ``Pool.fetchmany()`` (0.29-0.32): ``timeout`` (seconds) bounds the statement, not the acquire. Raises
-        what :meth:`acquire` and ``Connection.fetchmany()`` raise."""
+        ``Pool.fetchmany()`` (0.30-0.32): ``timeout`` (seconds) bounds the statement, not the acquire. Raises
+        what :meth:`acquire` and ``Connection.fetchmany()`` raise. Missing with asyncpg 0.29, whose pool
+        and connection have none."""
         async with self.acquire() as con:
             return await con.fetchmany(query, args, timeout=timeout, record_class=record_class)
 
@@ -996,6 +997,13 @@ class Pool(_PoolBase):
             or ``function`` not callable).
         :raises Exception: what ``function`` raised."""
         return self._observation.call_threadsafe(function, timeout)
+
+
+# What an older asyncpg's Pool lacks, safepool's lacks too: a program that
+# looks for it (hasattr(pool, "fetchmany")) takes the same branch on both
+# pools (asyncpg 0.29 has no fetchmany: review h277).
+if not hasattr(_pg_pool.Pool, "fetchmany"):
+    del Pool.fetchmany
 
 
 # The loop running in this thread, or None (asyncio's C function: no Python

@@ -52,10 +52,6 @@ async def _run(flavour: str, pg_dsn: str) -> Any:
         pool.terminate()
 
 
-@pytest.mark.xfail(ON_029, strict=True, reason=(
-    "review h277: safepool.Pool.fetchmany exists on asyncpg 0.29 (safepool/pool.py:771) and raises "
-    "AttributeError after acquiring; asyncpg 0.29's Pool has no fetchmany"
-))
 async def test_feature_detection_of_pool_fetchmany(pg_dsn: str) -> None:
     expected = await _run("asyncpg", pg_dsn)
     assert expected == ("fallback" if ON_029 else "fetchmany", [2, 4, 6])
