@@ -428,22 +428,34 @@ class LeakGuard:
         pools = self.created_pools(key)
         name, _ = self._created.pop(key, ("", []))
         if pools:
-            self._check_fixture_leases(lambda pool: any(pool is each for each in pools), closer=name)
-            self._check_held_at_close(pools, name)
+            # Not the closer's own leases: its teardown, about to run,
+            # releases them before it closes the pool (`async with
+            # create_pool() as pool: async with pool.acquire() as con: yield
+            # con`, or release() then close()). One it does not release is
+            # checked once the test's fixtures are all torn down
+            # (fixtures_torn_down), as "whose teardown did not release it".
+            own = self._by_fixture.get(key)
+            mine = {(id(ref()), lease_id) for ref, lease_id in own.leases} if own is not None else set()
+            self._check_fixture_leases(lambda pool: any(pool is each for each in pools), closer=name, skip=key)
+            self._check_held_at_close(pools, name, mine)
 
-    def _check_held_at_close(self, pools: list[Pool], closer: str) -> None:
+    def _check_held_at_close(self, pools: list[Pool], closer: str, own: set[tuple[int, int]]) -> None:
         """The other leases of ``pools`` still held as ``closer``, the fixture
         that created them, is torn down: acquired during the test (not open
         at its start, nor a wider-scoped fixture's), by no fixture's setup
         (checked before this) nor the test function (checked when it
         returned). What is left was acquired in a fixture's teardown and
         kept, or by a task the test left running: the close() that follows
-        would wait for them for ever (review h233). Leaks, released now."""
+        would wait for them for ever (review h233). Leaks, released now.
+        ``own``: (id(pool), lease id) of the closer's own leases, which its
+        teardown releases (review h274)."""
         leaks: list[Leak] = []
         for pool in pools:
             for info in read_on_pool_loop(pool, pool.leases):
                 lease_id = info.id
-                if self._elsewhere(pool, lease_id, self._baseline) or not self._first_time(pool, lease_id, "open"):
+                if (id(pool), lease_id) in own or self._elsewhere(pool, lease_id, self._baseline):
+                    continue
+                if not self._first_time(pool, lease_id, "open"):
                     continue
                 leaks.append(self._held_leak(pool, weakref.ref(pool), info, (
                     f"still held when fixture {closer!r}, which created its pool, was torn down: "
@@ -481,9 +493,13 @@ class LeakGuard:
             stack=_trim_stack(info.stack), detail=detail, pool_ref=pool_ref, site=info.site,
         )
 
-    def _check_fixture_leases(self, which: Callable[[Pool], bool], closer: str | None = None) -> None:
+    def _check_fixture_leases(
+        self, which: Callable[[Pool], bool], closer: str | None = None, skip: Hashable = None
+    ) -> None:
         leaks: list[Leak] = []
         for key, entry in list(self._by_fixture.items()):
+            if skip is not None and key == skip:
+                continue
             kept: list[tuple[weakref.ref[Pool], int]] = []
             detail = _fixture_detail(entry, closer)
             for pool_ref, lease_id in entry.leases:

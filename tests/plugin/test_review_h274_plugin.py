@@ -89,11 +89,6 @@ async def test_uses_con(con):
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "review h274: a function-scoped fixture that creates its pool and acquires from it is reported as "
-    "leaking its own connection: LeakGuard.pool_teardown (safepool/testing/guards.py:431) runs before that "
-    "fixture's teardown (plugin.py:371) and checks the creating fixture's own leases too"
-))
 @pytest.mark.parametrize(("source", "args"), [
     pytest.param(POOL_AND_CON_ASYNC_WITH, (), id="pytest-asyncio-async-with"),
     pytest.param(POOL_AND_CON_EXPLICIT, (), id="pytest-asyncio-release-then-close"),
