@@ -311,6 +311,7 @@ class _Ended:
     info: LeaseInfo
     released: bool = False  # by the code, after the pool ended it
     lease_timeout: float | None = None
+    reported: bool = False  # by a guard (every guard shares this entry: one report)
 
 
 @dataclass
@@ -347,6 +348,13 @@ class _Tracker:
         # Leases the pool ended (terminate) that the code has not released
         # yet, by (id(pool), lease id): a release() after the end clears one.
         self._ended: dict[tuple[int, int], _Ended] = {}
+        # What a guard reported already, whichever guard: another guard
+        # running at the same time (the plugin's around an assert_no_leaks
+        # block) must not report it again (review h274). Leases by pool (a
+        # pool's lease ids are its own), and records (a Leaked event of a
+        # pool that is garbage since) by seq.
+        self._reported: weakref.WeakKeyDictionary[Pool, set[int]] = weakref.WeakKeyDictionary()
+        self._reported_seqs: set[int] = set()
 
     @property
     def seq(self) -> int:
@@ -386,6 +394,8 @@ class _Tracker:
         self._watched.clear()
         self.records.clear()
         self._ended.clear()
+        self._reported = weakref.WeakKeyDictionary()
+        self._reported_seqs.clear()
         return undo
 
     # pools and events -------------------------------------------------------
@@ -444,6 +454,27 @@ class _Tracker:
             if entry is not None:
                 entry.released = True
 
+    def note_reported(self, pool: Pool | None, key: int | None, seq: int | None = None) -> None:
+        """A guard reported ``pool``'s lease ``key`` (or the record ``seq``):
+        no guard reports it again."""
+        with self._lock:
+            if pool is not None and key is not None:
+                self._reported.setdefault(pool, set()).add(key)
+            if seq is not None:
+                self._reported_seqs.add(seq)
+
+    def was_reported(self, pool: Pool | None, key: int | None, seq: int | None = None) -> bool:
+        """Whether a guard reported ``pool``'s lease ``key`` or the record ``seq``."""
+        with self._lock:
+            if pool is not None and key is not None and key in self._reported.get(pool, ()):
+                return True
+            return seq is not None and seq in self._reported_seqs
+
+    def guards(self) -> list[LeakGuard]:
+        """The guards running now."""
+        with self._lock:
+            return list(self._guards)
+
     def add_guard(self, guard: LeakGuard) -> None:
         with self._lock:
             self._guards.append(guard)
@@ -454,6 +485,10 @@ class _Tracker:
                 self._guards.remove(guard)
             oldest = min((g.seq0 for g in self._guards), default=self._seq)
             self.records = [record for record in self.records if record[0] > oldest]
+            self._reported_seqs = {seq for seq in self._reported_seqs if seq > oldest}
+            if not self._guards:
+                # A later guard ignores the leases open at its start.
+                self._reported = weakref.WeakKeyDictionary()
             self._ended = {key: entry for key, entry in self._ended.items() if entry.seq > oldest}
 
 

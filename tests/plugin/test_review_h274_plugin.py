@@ -178,11 +178,6 @@ async def test_block_drops(pool):
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "review h274: a garbage-collected leak inside assert_no_leaks is reported twice with the check on, in "
-    "the LeakError and again as the test's own leak (safepool/testing/guards.py:579-606: each guard "
-    "dedups only its own reports of the tracker's Leaked records)"
-))
 def test_a_collected_leak_inside_assert_no_leaks_is_reported_once(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_block_gc=BLOCK_GC)
     result = run(suite, "--safepool-leaks")
