@@ -123,6 +123,11 @@ class _LeakTally:
         self.pools: Counter[tuple[str, int, str]] = Counter()
         self.sites: Counter[str] = Counter()  # acquire sites, where the pool captured them
         self.exempt = False  # a test marked safepool_allow_leaks runs
+        # Leaks the tests' guards found held by a task that the test running
+        # then did not start (another test's, left running; or one created
+        # outside any test): each "[n] ..." report, with the test that left
+        # its task running. Reported at the end of the run, which fails.
+        self.unattributed: list[str] = []
         # pytest-xdist workers that went down before they finished (crashed,
         # or killed): their counts never reached the controller.
         self.lost: list[str] = []
@@ -223,7 +228,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)  # a pytest-xdist worker's
     if tally is not None and workeroutput is not None:
         pools = [[number, name, count] for (_, number, name), count in tally.pools.items()]
-        workeroutput[_WORKER_OUTPUT] = {"pools": pools, "sites": dict(tally.sites)}
+        workeroutput[_WORKER_OUTPUT] = {"pools": pools, "sites": dict(tally.sites), "unattributed": tally.unattributed}
+    if tally is not None and tally.unattributed and session.exitstatus == pytest.ExitCode.OK:
+        # A leak no test failed for (its task outlived the test that started
+        # it): the run fails all the same (pytest_terminal_summary says why).
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -239,12 +248,15 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     if counts:
         tally.pools.update({(worker, number, name): count for number, name, count in counts["pools"]})
         tally.sites.update(counts["sites"])
+        tally.unattributed.extend(counts.get("unattributed", ()))
     elif error is not None:
         tally.lost.append(worker)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     tally = config.stash.get(_TALLY, None)
+    if tally is not None and tally.unattributed:
+        _unattributed_section(terminalreporter, tally.unattributed)
     if tally is None or not (tally.pools or tally.lost):
         return
     if not tally.pools:
@@ -276,6 +288,26 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.line(
         "Run pytest with --safepool-leaks to fail each test that leaks, with the line that acquired "
         "the connection (safepool's docs/testing.md)."
+    )
+
+
+def _unattributed_section(terminalreporter: Any, reports: list[str]) -> None:
+    """The leaks that no test failed for: held by tasks that outlived the
+    test that started them (or that no test started), found during another
+    test, which is not blamed. They fail the run (pytest_sessionfinish)."""
+    count = len(reports)
+    terminalreporter.section("safepool: leaks of tasks that outlived their test", sep="=")
+    terminalreporter.line(
+        f"safepool: {count} connection{'s' if count != 1 else ''} leaked by "
+        f"{'tasks' if count != 1 else 'a task'} that the test running then did not start (a task another "
+        "test left running, or one created outside any test): no test fails for them, the run does."
+    )
+    terminalreporter.line("")
+    for number, report in enumerate(reports, 1):
+        terminalreporter.line(f"[{number}] {report}")
+    terminalreporter.line(
+        "Fix: end each task a test starts before the test ends (await it, or cancel it and await it), "
+        "and have it release on every path (`async with pool.acquire() as con:`)."
     )
 
 
@@ -311,6 +343,9 @@ def safepool_leak_check(request: pytest.FixtureRequest) -> Iterator[LeakGuard]:
     # pytest restores the warning filters after each test.
     warnings.filterwarnings("ignore", message=_RECLAIM_WARNING, category=ResourceWarning)
     guard = LeakGuard(strict=settings.strict).start()
+    # The tasks created from now on are this test's: a connection held by a
+    # task another test left running is not this test's leak.
+    guard.claim_tasks(request.node.nodeid)
     request.node.stash[_GUARD] = guard
     request.config.stash[_ACTIVE] = guard
     tally = request.config.stash.get(_TALLY, None)
@@ -326,6 +361,7 @@ def safepool_leak_check(request: pytest.FixtureRequest) -> Iterator[LeakGuard]:
     finally:
         if tally is not None:
             tally.guarded -= 1
+            tally.unattributed.extend(leak.describe().rstrip() for leak in guard.take_unattributed())
         del request.node.stash[_GUARD]
         if request.config.stash.get(_ACTIVE, None) is guard:
             del request.config.stash[_ACTIVE]
@@ -410,6 +446,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     try:
         result = yield
     except BaseException:
+        guard.call_finished()
         leaks = guard.leaks(since_mark=True)
         if leaks:
             leaks = release_leaked(leaks)
@@ -417,6 +454,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
             # skipped or failed as expected (pytest_runtest_makereport).
             item.stash[_CALL_LEAKS] = format_report(leaks)
         raise
+    guard.call_finished()
     leaks = guard.leaks(since_mark=True)
     if leaks:
         report = format_report(release_leaked(leaks))

@@ -137,11 +137,6 @@ async def test_b_innocent(pool):
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "review h274: a connection acquired by a task an earlier test left running fails the test that happens "
-    "to run when it is acquired (safepool/testing/guards.py LeakGuard.leaks, since_mark: any lease newer "
-    "than the mark is the test's, whoever started its task)"
-))
 def test_a_task_left_running_by_one_test_is_not_blamed_on_the_next(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_late_task=LATE_TASK)
     result = run(suite, "--safepool-leaks")
