@@ -25,6 +25,12 @@ finalizers are all torn down. Leaked leases are released after the report,
 so that a pool fixture's ``close()`` does not wait forever for them. A test function that leaks then
 skips or fails as expected (xfail) keeps that outcome, and its leak is an
 error at teardown; an xfail-marked test that passes but leaks fails.
+
+A lease is the test's whose code started the task holding it (the tracker's
+task factory notes where each task was created): one held by a task an
+earlier test left running, or one created outside any test, does not fail
+the test during which it is found, but the run, with a section of its own
+at the end (LeakGuard.claim_tasks, take_unattributed).
 """
 
 from __future__ import annotations

@@ -309,19 +309,29 @@ _SKIP_FOR_SITE = ("asyncio", "anyio", "contextlib", "safepool")
 _RUNNERS = ("pytest_asyncio", "_pytest", "pluggy")
 
 
+@functools.lru_cache(maxsize=4096)
+def _site_kind(filename: str) -> str:
+    """"runner" (a test runner's file), "skip" (asyncio's, anyio's,
+    safepool's) or "code": run for every task created, hence cached."""
+    path = os.path.abspath(filename)
+    runners = tuple(p for p in (_module_dir(n) for n in _RUNNERS) if p)
+    if runners and path.startswith(runners):
+        return "runner"
+    skip = tuple(p for p in (_module_dir(n) for n in _SKIP_FOR_SITE) if p)
+    return "skip" if skip and path.startswith(skip) else "code"
+
+
 def _creation_site(frame: FrameType | None) -> str | None:
     """The innermost frame of the code creating a task, asyncio's, anyio's
     and safepool's own frames skipped: "file:line in name"; None when that
     code is the test runner's (pytest-asyncio running a test or a fixture)."""
-    skip = tuple(p for p in (_module_dir(n) for n in _SKIP_FOR_SITE) if p)
-    runners = tuple(p for p in (_module_dir(n) for n in _RUNNERS) if p)
     for _ in range(100):
         if frame is None:
             return None
-        filename = os.path.abspath(frame.f_code.co_filename)
-        if runners and filename.startswith(runners):
+        kind = _site_kind(frame.f_code.co_filename)
+        if kind == "runner":
             return None
-        if not filename.startswith(skip):
+        if kind == "code":
             return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
         frame = frame.f_back
     return None
@@ -348,14 +358,21 @@ def _make_task(
         try:
             origin = tracker.origin_for(coro, _creation_site(inspect.currentframe()))
             context = kwargs.get("context")
-            if context is None:
-                context = kwargs["context"] = contextvars.copy_context()
-            context.run(_ORIGIN.set, origin)
+            if context is not None:  # the task runs in this one
+                context.run(_ORIGIN.set, origin)
         except Exception:  # a context entered elsewhere: attribution is best effort
             _log.debug("leak guard: could not note where a task was created", exc_info=True)
-    task: asyncio.Task[Any] = (
-        previous(loop, coro, **kwargs) if previous is not None else asyncio.Task(coro, loop=loop, **kwargs)
-    )
+    # Without a context given, the task copies the current one: set the
+    # origin in it for that moment (the factory's signature unchanged, for
+    # a factory set before that takes no context).
+    token = _ORIGIN.set(origin) if origin is not None and kwargs.get("context") is None else None
+    try:
+        task: asyncio.Task[Any] = (
+            previous(loop, coro, **kwargs) if previous is not None else asyncio.Task(coro, loop=loop, **kwargs)
+        )
+    finally:
+        if token is not None:
+            _ORIGIN.reset(token)
     if tracker is not None and origin is not None and origin is not _RUNNER:
         tracker.note_birth(task, origin)
     return task

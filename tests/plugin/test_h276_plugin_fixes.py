@@ -182,8 +182,23 @@ async def test_a_fires_and_forgets(pool):
 """
 
 
+# The session's loop has a task factory of the suite's own: the plugin's
+# wraps it (the suite's still makes every task).
+LATE_TASK_OWN_FACTORY = LATE_TASK.replace(
+    "async def pool():\n    pool = await",
+    "async def pool():\n"
+    "    made = []\n"
+    "    def factory(loop, coro, **kwargs):\n"
+    "        made.append(1)\n"
+    "        return asyncio.Task(coro, loop=loop, **kwargs)\n"
+    "    asyncio.get_running_loop().set_task_factory(factory)\n"
+    "    pool = await",
+).replace("    await asyncio.wait_for(pool.close(), 5)", "    await asyncio.wait_for(pool.close(), 5)\n    assert made")
+
+
 @pytest.mark.parametrize("source", [
     pytest.param(LATE_TASK, id="a-task-dropped"),
+    pytest.param(LATE_TASK_OWN_FACTORY, id="a-task-dropped-on-a-loop-with-a-task-factory"),
     pytest.param(LATE_CALLBACK, id="a-call_later-callback-that-starts-a-task"),
     pytest.param(LATE_CHILD, id="a-task-that-starts-another"),
 ])
