@@ -35,6 +35,7 @@ from ..pool import Pool, live_pools, on_pool_created
 from ..stats import LeaseInfo
 from . import tracker
 from .tracker import (
+    TaskOrigin,
     TimedOut,
     _Ended,
     _module_dir,
@@ -233,6 +234,23 @@ class _FixtureLeases:
     torn_down: bool = False  # the fixture's teardown ran
 
 
+def _origin_detail(origin: TaskOrigin | None, current: str | None) -> str:
+    """What a report says of a lease held by a task the test during which it
+    was found did not start (``current``: that test's name)."""
+    site = f", created at {origin.site}" if origin is not None and origin.site else ""
+    found = f"found during {current}" if current else "found during another test"
+    if origin is None or origin.test is None:
+        return (
+            f"its task was created outside any test (by a module-, class- or session-scoped fixture, "
+            f"or between tests){site}; {found}, which is not blamed for it"
+        )
+    by = f" ({origin.by})" if origin.by else ""
+    return (
+        f"its task was started by test {origin.label}{by}{site} and left running after that test ended; "
+        f"{found}, which is not blamed for it"
+    )
+
+
 def _fixture_detail(entry: _FixtureLeases, closer: str | None = None) -> str:
     """What a leak report says of a fixture's lease: the fixture, where it is
     defined, and when it was found held (``closer``: the fixture that created
@@ -300,6 +318,13 @@ class LeakGuard:
         # Leases its pool ended while this guard ran, that were not held when
         # it started: (lease, held when the test function started).
         self._ended: list[tuple[_Ended, bool]] = []
+        # The plugin's guard of one test (claim_tasks()): the tasks created
+        # while it runs are its test's, and a lease held by a task another
+        # test started (and left running) is not this test's leak. Found,
+        # such leases are released and kept here (take_unattributed()).
+        self._test: object | None = None
+        self._test_label: str | None = None
+        self._unattributed: list[Leak] = []
 
     # lifecycle ---------------------------------------------------------------
 
@@ -326,15 +351,68 @@ class LeakGuard:
         if not self._started:
             return
         self._started = False
+        if self._test is not None:
+            if _tracker.task_origin()[0] is self._test:
+                _tracker.set_task_origin(None, None)
+            _tracker.prune_births()
         if self._unhook_created is not None:
             self._unhook_created()
             self._unhook_created = None
         _tracker.remove_guard(self)
         _tracker.release(strict=self.strict)
 
+    def claim_tasks(self, label: str) -> None:
+        """This guard checks one test (``label``, its name; the plugin's
+        guard): the tasks created from now until :meth:`stop` are that
+        test's, and a lease held by a task that another test started, or
+        that was created outside any test, is not reported as this test's
+        leak but released and kept apart (:meth:`take_unattributed`). Where
+        a task was created is known for the pools' loops the tracker watched
+        before it was (a task factory notes it); a lease of a task of unknown
+        origin is this test's, as before."""
+        self._test = object()
+        self._test_label = label
+        _tracker.set_task_origin(self._test, label, "setup", "")
+
+    def call_finished(self) -> None:
+        """The test function returned (or raised): tasks created from now on
+        are its teardown's."""
+        if self._test is not None:
+            _tracker.set_task_origin(self._test, self._test_label, "teardown", "a teardown")
+
+    def take_unattributed(self) -> list[Leak]:
+        """The leases found held by tasks this guard's test did not start
+        (another test's, left running after it ended, or created outside any
+        test), released when found; each is returned once."""
+        taken, self._unattributed = self._unattributed, []
+        return taken
+
+    def _whose(self, info: LeaseInfo, *, since_mark: bool = False) -> tuple[str, TaskOrigin | None]:
+        """Whose lease ``info`` is, by where its holding task was created:
+        "test" (this test's, or not known), "later" (a task a fixture of
+        this test started, found at the test function's check: checked with
+        the fixtures) or "other" (another test's task, or one created
+        outside any test); with the task's origin when known."""
+        if self._test is None:
+            return "test", None
+        origin = _tracker.origin_of(info)
+        if origin is None:
+            return "test", None
+        if origin.test is self._test:
+            return ("later" if since_mark and origin.phase != "call" else "test"), origin
+        return "other", origin
+
+    def _not_ours(self, leak: Leak, origin: TaskOrigin | None) -> None:
+        """Keep (released) a leak of a task this test did not start."""
+        detail = _origin_detail(origin, self._test_label)
+        leak = dataclasses.replace(leak, detail=f"{leak.detail}; {detail}" if leak.detail else detail)
+        self._unattributed.extend(release_leaked([leak]))
+
     def mark(self) -> None:
         """Check only what is acquired from now on in :meth:`leaks` with
         ``since_mark=True`` (the plugin marks the start of the test function)."""
+        if self._test is not None:
+            _tracker.set_task_origin(self._test, self._test_label, "call", "the test function")
         self._mark_seq = _tracker.seq
         self._mark = self._snapshot()
         self._mark_ids = _by_id(self._mark)
@@ -385,16 +463,21 @@ class LeakGuard:
         fixture being set up are its own too (see :meth:`created_pools`)."""
         frame = _Setup(name if key is None else key, name, where, track, self._snapshot())
         self._setting_up.append(frame)
+        origin = _tracker.task_origin()
+        if self._test is not None:
+            _tracker.set_task_origin(self._test, self._test_label, "setup", f"fixture {name!r}")
 
         def done() -> None:
             while self._setting_up:  # pop this frame (and any an error left above it)
                 if self._setting_up.pop() is frame:
                     break
+            if self._test is not None:
+                _tracker.set_task_origin(*origin)
             acquired = [
                 (pool, lease_id)
                 for pool, ids in self._snapshot().items()
                 for lease_id in ids - frame.before.get(pool, set())
-                if (id(pool), lease_id) not in frame.inner
+                if (id(pool), lease_id) not in frame.inner and not self._other_tests(pool, lease_id)
             ]
             mine = {(id(pool), lease_id) for pool, lease_id in acquired}
             if self._setting_up:
@@ -412,6 +495,17 @@ class LeakGuard:
 
         return done
 
+    def _other_tests(self, pool: Pool, lease_id: int) -> bool:
+        """Whether ``pool``'s lease ``lease_id``, taken while a fixture was
+        set up, is held by a task another test started: not the fixture's
+        (found later, and kept apart)."""
+        if self._test is None:
+            return False
+        for info in read_on_pool_loop(pool, functools.partial(pool.leases, stacks=False)):
+            if info.id == lease_id:
+                return self._whose(info)[0] == "other"
+        return False
+
     def created_pools(self, key: Hashable) -> list[Pool]:
         """The pools (still alive) that the setup of the function-scoped
         fixture ``key`` created: its teardown presumably closes them, so
@@ -428,27 +522,49 @@ class LeakGuard:
         pools = self.created_pools(key)
         name, _ = self._created.pop(key, ("", []))
         if pools:
-            self._check_fixture_leases(lambda pool: any(pool is each for each in pools), closer=name)
-            self._check_held_at_close(pools, name)
+            # Not the closer's own leases: its teardown, about to run,
+            # releases them before it closes the pool (`async with
+            # create_pool() as pool: async with pool.acquire() as con: yield
+            # con`, or release() then close()). One it does not release is
+            # checked once the test's fixtures are all torn down
+            # (fixtures_torn_down), as "whose teardown did not release it".
+            own = self._by_fixture.get(key)
+            mine = {(id(ref()), lease_id) for ref, lease_id in own.leases} if own is not None else set()
+            self._check_fixture_leases(lambda pool: any(pool is each for each in pools), closer=name, skip=key)
+            self._check_held_at_close(pools, name, mine)
 
-    def _check_held_at_close(self, pools: list[Pool], closer: str) -> None:
+    def _check_held_at_close(self, pools: list[Pool], closer: str, own: set[tuple[int, int]]) -> None:
         """The other leases of ``pools`` still held as ``closer``, the fixture
         that created them, is torn down: acquired during the test (not open
         at its start, nor a wider-scoped fixture's), by no fixture's setup
         (checked before this) nor the test function (checked when it
         returned). What is left was acquired in a fixture's teardown and
         kept, or by a task the test left running: the close() that follows
-        would wait for them for ever (review h233). Leaks, released now."""
+        would wait for them for ever (review h233). Leaks, released now.
+        ``own``: (id(pool), lease id) of the closer's own leases, which its
+        teardown releases (review h274)."""
         leaks: list[Leak] = []
         for pool in pools:
             for info in read_on_pool_loop(pool, pool.leases):
                 lease_id = info.id
-                if self._elsewhere(pool, lease_id, self._baseline) or not self._first_time(pool, lease_id, "open"):
+                if (id(pool), lease_id) in own or self._elsewhere(pool, lease_id, self._baseline):
                     continue
+                whose, origin = self._whose(info)
+                if not self._first_time(pool, lease_id, "open"):
+                    continue
+                if whose == "other":
+                    self._not_ours(self._held_leak(pool, weakref.ref(pool), info, ""), origin)
+                    continue
+                if origin is not None and origin.site and origin.by:
+                    # Where the holding task came from is known: say so.
+                    why = f"its task was started by {origin.by}, created at {origin.site}"
+                else:
+                    why = (
+                        "acquired after the test returned (a fixture's teardown that kept it) "
+                        "or by a task the test left running"
+                    )
                 leaks.append(self._held_leak(pool, weakref.ref(pool), info, (
-                    f"still held when fixture {closer!r}, which created its pool, was torn down: "
-                    "acquired after the test returned (a fixture's teardown that kept it) "
-                    "or by a task the test left running"
+                    f"still held when fixture {closer!r}, which created its pool, was torn down: {why}"
                 )))
         if leaks:
             self._pending.extend(release_leaked(leaks))
@@ -481,9 +597,13 @@ class LeakGuard:
             stack=_trim_stack(info.stack), detail=detail, pool_ref=pool_ref, site=info.site,
         )
 
-    def _check_fixture_leases(self, which: Callable[[Pool], bool], closer: str | None = None) -> None:
+    def _check_fixture_leases(
+        self, which: Callable[[Pool], bool], closer: str | None = None, skip: Hashable = None
+    ) -> None:
         leaks: list[Leak] = []
         for key, entry in list(self._by_fixture.items()):
+            if skip is not None and key == skip:
+                continue
             kept: list[tuple[weakref.ref[Pool], int]] = []
             detail = _fixture_detail(entry, closer)
             for pool_ref, lease_id in entry.leases:
@@ -543,6 +663,9 @@ class LeakGuard:
                     # (a mid-test check() as at the end): checked, and
                     # released if leaked, once the fixtures are torn down.
                     continue
+                whose, origin = self._whose(info, since_mark=since_mark)
+                if whose == "later":
+                    continue  # a task a fixture started: checked with the fixtures
                 if not self._first_time(pool, info.id, "open"):
                     continue
                 if info.collected:
@@ -550,32 +673,37 @@ class LeakGuard:
                     # right after the leak, with no await in between): the
                     # pool takes it back; say so, not "still held".
                     self._reported.add((id(pool), info.id, "gc"))
-                    found.append(Leak(
+                    leak = Leak(
                         kind="collected", pool=pool.name, lease_id=info.id, held=info.age,
                         task_name=info.task_name, holder=None, acquired_at=info.acquired_at,
                         stack=_trim_stack(info.stack), site=info.site, pool_ref=weakref.ref(pool),
                         detail=self._owner_detail(id(pool), info.id),
-                    ))
-                    continue
-                found.append(Leak(
-                    kind="open", pool=pool.name, lease_id=info.id, held=info.age, task_name=info.task_name,
-                    holder=doing, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
-                    pool_ref=weakref.ref(pool), site=info.site, holder_state=state,
-                ))
+                    )
+                else:
+                    leak = Leak(
+                        kind="open", pool=pool.name, lease_id=info.id, held=info.age, task_name=info.task_name,
+                        holder=doing, acquired_at=info.acquired_at, stack=_trim_stack(info.stack),
+                        pool_ref=weakref.ref(pool), site=info.site, holder_state=state,
+                    )
+                self._route(found, leak, whose, origin)
         for entry, held_at_mark in self._ended:
             if entry.released or (since_mark and (entry.seq <= self._mark_seq or held_at_mark)):
                 continue
             key = (entry.pool_id, entry.info.id, "open")
-            if key in self._reported or (entry.pool_id, entry.info.id) in self._foreign:
+            if key in self._reported or entry.reported or (entry.pool_id, entry.info.id) in self._foreign:
+                continue
+            info = entry.info
+            whose, origin = self._whose(info, since_mark=since_mark)
+            if whose == "later":
                 continue
             self._reported.add(key)
-            info = entry.info
-            found.append(Leak(
+            entry.reported = True  # by this guard: not by another
+            self._route(found, Leak(
                 kind="ended", pool=entry.pool_name, lease_id=info.id, held=info.age, task_name=info.task_name,
                 holder=None, acquired_at=info.acquired_at, stack=_trim_stack(info.stack), site=info.site,
                 detail="" if entry.lease_timeout is None else
                 f"taken back at its lease_timeout of {entry.lease_timeout:g} s",
-            ))
+            ), whose, origin)
         for seq, pool_ref, payload, pool_id in list(_tracker.records):
             if seq <= seq0:
                 continue
@@ -584,9 +712,9 @@ class LeakGuard:
                 continue
             if not isinstance(payload, Leaked):
                 if self.strict and source is not None:
-                    leak = self._timeout_leak(source, seq, payload)
-                    if leak is not None:
-                        found.append(leak)
+                    timeout = self._timeout_leak(source, seq, payload)
+                    if timeout is not None:
+                        found.append(timeout)
                 continue
             lease = payload.lease
             if source is None:
@@ -601,14 +729,33 @@ class LeakGuard:
                 continue
             if (pool_id, lease.id, "open") in self._reported or (pool_id, lease.id, "gc") in self._reported:
                 continue
+            if _tracker.was_reported(source, lease.id, seq):  # by another guard
+                continue
+            whose, origin = self._whose(lease, since_mark=since_mark)
+            if whose == "later":
+                continue
             self._reported.add((pool_id, lease.id, "gc"))
-            found.append(Leak(
+            _tracker.note_reported(source, lease.id, seq)
+            self._route(found, Leak(
                 kind="collected", pool=payload.pool, lease_id=lease.id, held=lease.age,
                 task_name=lease.task_name, holder=None, acquired_at=lease.acquired_at,
                 stack=_trim_stack(lease.stack), site=lease.site, pool_ref=None if source is None else pool_ref,
                 detail=self._owner_detail(pool_id, lease.id),
-            ))
+            ), whose, origin)
         return found
+
+    def _route(self, found: list[Leak], leak: Leak, whose: str, origin: TaskOrigin | None) -> None:
+        """A leak found by :meth:`leaks`: this test's (with where its task
+        came from, when a fixture or a teardown started it), or kept apart
+        (another test's task, or one created outside any test)."""
+        if whose == "other":
+            self._not_ours(leak, origin)
+            return
+        if origin is not None and origin.phase != "call" and origin.by and origin.site:
+            # A task a fixture (or a teardown) started, not the runner's.
+            started = f"its task was started by {origin.by}, created at {origin.site}"
+            leak = dataclasses.replace(leak, detail=f"{leak.detail}; {started}" if leak.detail else started)
+        found.append(leak)
 
     def _owner_detail(self, pool_id: int, lease_id: int) -> str:
         """For a garbage-collected lease: the fixture whose setup acquired it,
@@ -617,17 +764,24 @@ class LeakGuard:
         return _fixture_detail(entry) if entry is not None else ""
 
     def _first_time(self, pool: Pool, lease_id: int | None, what: str) -> bool:
+        """Whether ``pool``'s lease ``lease_id`` is reported here for the first
+        time, by this guard or another (the plugin's, around an
+        ``assert_no_leaks`` block): noted as reported."""
         key = (id(pool), lease_id, what)
-        if key in self._reported:
+        if key in self._reported or _tracker.was_reported(pool, lease_id):
             return False
         self._reported.add(key)
+        _tracker.note_reported(pool, lease_id)
         return True
 
     def _timeout_leak(self, pool: Pool, seq: int, payload: TimedOut) -> Leak | None:
         holders = payload.holders
         idle = [(info, doing) for info, state, doing in holders if state in ("idle", "returned", "ended")]
-        if not idle or not self._first_time(pool, -seq, "timeout"):
+        # Per guard (not _first_time): a strict assert_no_leaks block and
+        # the plugin's strict check each report a timeout both saw.
+        if not idle or (id(pool), -seq, "timeout") in self._reported:
             return None
+        self._reported.add((id(pool), -seq, "timeout"))
         event = payload.event
         message = (
             f"timed out waiting for a connection after {event.waited:.3f}s: max_size={event.max_size}, "

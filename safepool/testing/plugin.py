@@ -25,6 +25,12 @@ finalizers are all torn down. Leaked leases are released after the report,
 so that a pool fixture's ``close()`` does not wait forever for them. A test function that leaks then
 skips or fails as expected (xfail) keeps that outcome, and its leak is an
 error at teardown; an xfail-marked test that passes but leaks fails.
+
+A lease is the test's whose code started the task holding it (the tracker's
+task factory notes where each task was created): one held by a task an
+earlier test left running, or one created outside any test, does not fail
+the test during which it is found, but the run, with a section of its own
+at the end (LeakGuard.claim_tasks, take_unattributed).
 """
 
 from __future__ import annotations
@@ -123,6 +129,11 @@ class _LeakTally:
         self.pools: Counter[tuple[str, int, str]] = Counter()
         self.sites: Counter[str] = Counter()  # acquire sites, where the pool captured them
         self.exempt = False  # a test marked safepool_allow_leaks runs
+        # Leaks the tests' guards found held by a task that the test running
+        # then did not start (another test's, left running; or one created
+        # outside any test): each "[n] ..." report, with the test that left
+        # its task running. Reported at the end of the run, which fails.
+        self.unattributed: list[str] = []
         # pytest-xdist workers that went down before they finished (crashed,
         # or killed): their counts never reached the controller.
         self.lost: list[str] = []
@@ -151,7 +162,11 @@ class _LeakTally:
         """Whether the guard running now (with the check on, or a test's
         safepool_leak_check fixture) reports this leak itself: its test
         fails with it, not to be counted here again. A wider-scoped
-        fixture's lease, open before the guard started, is not its."""
+        fixture's lease, open before the guard started, is not its. Nor
+        one that an ``assert_no_leaks`` block running now reports (its
+        LeakError says it already: review h274)."""
+        if pool is not None and any(guard.covers(pool, lease_id) for guard in _tracker.guards()):
+            return True
         if not self.guarded:
             return False
         guard = self.config.stash.get(_ACTIVE, None)
@@ -219,7 +234,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)  # a pytest-xdist worker's
     if tally is not None and workeroutput is not None:
         pools = [[number, name, count] for (_, number, name), count in tally.pools.items()]
-        workeroutput[_WORKER_OUTPUT] = {"pools": pools, "sites": dict(tally.sites)}
+        workeroutput[_WORKER_OUTPUT] = {"pools": pools, "sites": dict(tally.sites), "unattributed": tally.unattributed}
+    if tally is not None and tally.unattributed and session.exitstatus == pytest.ExitCode.OK:
+        # A leak no test failed for (its task outlived the test that started
+        # it): the run fails all the same (pytest_terminal_summary says why).
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -235,12 +254,15 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     if counts:
         tally.pools.update({(worker, number, name): count for number, name, count in counts["pools"]})
         tally.sites.update(counts["sites"])
+        tally.unattributed.extend(counts.get("unattributed", ()))
     elif error is not None:
         tally.lost.append(worker)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     tally = config.stash.get(_TALLY, None)
+    if tally is not None and tally.unattributed:
+        _unattributed_section(terminalreporter, tally.unattributed)
     if tally is None or not (tally.pools or tally.lost):
         return
     if not tally.pools:
@@ -272,6 +294,26 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.line(
         "Run pytest with --safepool-leaks to fail each test that leaks, with the line that acquired "
         "the connection (safepool's docs/testing.md)."
+    )
+
+
+def _unattributed_section(terminalreporter: Any, reports: list[str]) -> None:
+    """The leaks that no test failed for: held by tasks that outlived the
+    test that started them (or that no test started), found during another
+    test, which is not blamed. They fail the run (pytest_sessionfinish)."""
+    count = len(reports)
+    terminalreporter.section("safepool: leaks of tasks that outlived their test", sep="=")
+    terminalreporter.line(
+        f"safepool: {count} connection{'s' if count != 1 else ''} leaked by "
+        f"{'tasks' if count != 1 else 'a task'} that the test running then did not start (a task another "
+        "test left running, or one created outside any test): no test fails for them, the run does."
+    )
+    terminalreporter.line("")
+    for number, report in enumerate(reports, 1):
+        terminalreporter.line(f"[{number}] {report}")
+    terminalreporter.line(
+        "Fix: end each task a test starts before the test ends (await it, or cancel it and await it), "
+        "and have it release on every path (`async with pool.acquire() as con:`)."
     )
 
 
@@ -307,6 +349,9 @@ def safepool_leak_check(request: pytest.FixtureRequest) -> Iterator[LeakGuard]:
     # pytest restores the warning filters after each test.
     warnings.filterwarnings("ignore", message=_RECLAIM_WARNING, category=ResourceWarning)
     guard = LeakGuard(strict=settings.strict).start()
+    # The tasks created from now on are this test's: a connection held by a
+    # task another test left running is not this test's leak.
+    guard.claim_tasks(request.node.nodeid)
     request.node.stash[_GUARD] = guard
     request.config.stash[_ACTIVE] = guard
     tally = request.config.stash.get(_TALLY, None)
@@ -322,6 +367,7 @@ def safepool_leak_check(request: pytest.FixtureRequest) -> Iterator[LeakGuard]:
     finally:
         if tally is not None:
             tally.guarded -= 1
+            tally.unattributed.extend(leak.describe().rstrip() for leak in guard.take_unattributed())
         del request.node.stash[_GUARD]
         if request.config.stash.get(_ACTIVE, None) is guard:
             del request.config.stash[_ACTIVE]
@@ -406,6 +452,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     try:
         result = yield
     except BaseException:
+        guard.call_finished()
         leaks = guard.leaks(since_mark=True)
         if leaks:
             leaks = release_leaked(leaks)
@@ -413,6 +460,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
             # skipped or failed as expected (pytest_runtest_makereport).
             item.stash[_CALL_LEAKS] = format_report(leaks)
         raise
+    guard.call_finished()
     leaks = guard.leaks(since_mark=True)
     if leaks:
         report = format_report(release_leaked(leaks))

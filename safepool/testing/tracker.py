@@ -12,7 +12,9 @@ It uses the pool's public observation surface only; no pytest import.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -270,6 +272,118 @@ def holder_activity(info: LeaseInfo) -> tuple[str, str]:
     return "idle", "not in the database"
 
 
+# ------------------------------------------------------- where tasks come from
+
+
+@dataclass(frozen=True)
+class TaskOrigin:
+    """Where a task was created, as the tracker's task factory saw it:
+    during which test (``test``, the token a guard claimed with
+    :meth:`_Tracker.set_task_origin`, and ``label``, the test's name; both
+    None outside any test), in which of its phases (``phase``: "setup",
+    "call", "teardown"; ``by``: "fixture 'name'", "the test function"), and
+    at which line of the code that created it (``site``; None when the test
+    runner created it: pytest-asyncio running a test or fixture). A task
+    created by code that runs on behalf of an earlier test (a task it
+    started, or a callback scheduled from one: ``call_later()``,
+    ``call_soon()``, a done callback, which run in the context of the code
+    that scheduled them) is that test's: the origin travels in a context
+    variable set in each new task's context. anyio's test runner task, which
+    runs every test and fixture, has none: what it creates is the running
+    test's."""
+
+    test: object | None
+    label: str | None
+    phase: str
+    by: str
+    site: str | None
+
+
+# The origin of the code running now: set in the context of each task the
+# tracker's factory makes; a callback copies the context it was scheduled in.
+_ORIGIN: contextvars.ContextVar[TaskOrigin | None] = contextvars.ContextVar("safepool_task_origin", default=None)
+# anyio's test runner task's: what it creates is the running test's.
+_RUNNER = TaskOrigin(None, None, "", "", None)
+
+_SKIP_FOR_SITE = ("asyncio", "anyio", "contextlib", "safepool")
+_RUNNERS = ("pytest_asyncio", "_pytest", "pluggy")
+
+
+@functools.lru_cache(maxsize=4096)
+def _site_kind(filename: str) -> str:
+    """"runner" (a test runner's file), "skip" (asyncio's, anyio's,
+    safepool's) or "code": run for every task created, hence cached."""
+    path = os.path.abspath(filename)
+    runners = tuple(p for p in (_module_dir(n) for n in _RUNNERS) if p)
+    if runners and path.startswith(runners):
+        return "runner"
+    skip = tuple(p for p in (_module_dir(n) for n in _SKIP_FOR_SITE) if p)
+    return "skip" if skip and path.startswith(skip) else "code"
+
+
+def _creation_site(frame: FrameType | None) -> str | None:
+    """The innermost frame of the code creating a task, asyncio's, anyio's
+    and safepool's own frames skipped: "file:line in name"; None when that
+    code is the test runner's (pytest-asyncio running a test or a fixture)."""
+    for _ in range(100):
+        if frame is None:
+            return None
+        kind = _site_kind(frame.f_code.co_filename)
+        if kind == "runner":
+            return None
+        if kind == "code":
+            return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back
+    return None
+
+
+def _is_runner_coro(coro: Any) -> bool:
+    """Whether ``coro`` is anyio's pytest runner task's (it runs every test
+    and fixture: what it creates is the test's running then)."""
+    frame = getattr(coro, "cr_frame", None)
+    return isinstance(frame, FrameType) and _in_anyio_test_runner(frame)
+
+
+def _make_task(
+    tracker_ref: weakref.ref[_Tracker], previous: Callable[..., Any] | None,
+    loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any,
+) -> asyncio.Task[Any]:
+    """The task factory the tracker sets on the loops of the pools it
+    watches: the loop's own (or the factory set before) makes the task, and
+    the tracker notes where it came from (:class:`TaskOrigin`), in the
+    task's context too (``context=``, as ``loop.create_task()`` takes it)."""
+    tracker = tracker_ref()
+    origin: TaskOrigin | None = None
+    if tracker is not None:
+        try:
+            origin = tracker.origin_for(coro, _creation_site(inspect.currentframe()))
+            context = kwargs.get("context")
+            if context is not None:  # the task runs in this one
+                context.run(_ORIGIN.set, origin)
+        except Exception:  # a context entered elsewhere: attribution is best effort
+            _log.debug("leak guard: could not note where a task was created", exc_info=True)
+    # Without a context given, the task copies the current one: set the
+    # origin in it for that moment (the factory's signature unchanged, for
+    # a factory set before that takes no context).
+    token = _ORIGIN.set(origin) if origin is not None and kwargs.get("context") is None else None
+    try:
+        task: asyncio.Task[Any] = (
+            previous(loop, coro, **kwargs) if previous is not None else asyncio.Task(coro, loop=loop, **kwargs)
+        )
+    finally:
+        if token is not None:
+            _ORIGIN.reset(token)
+    if tracker is not None and origin is not None and origin is not _RUNNER:
+        tracker.note_birth(task, origin)
+    return task
+
+
+def _birth_ended(tracker_ref: weakref.ref[_Tracker], origin: TaskOrigin, task: asyncio.Task[Any]) -> None:
+    tracker = tracker_ref()
+    if tracker is not None:
+        tracker.note_task_ended(task.get_name(), origin)
+
+
 # ------------------------------------------------------------- the tracker
 
 
@@ -311,6 +425,7 @@ class _Ended:
     info: LeaseInfo
     released: bool = False  # by the code, after the pool ended it
     lease_timeout: float | None = None
+    reported: bool = False  # by a guard (every guard shares this entry: one report)
 
 
 @dataclass
@@ -347,6 +462,25 @@ class _Tracker:
         # Leases the pool ended (terminate) that the code has not released
         # yet, by (id(pool), lease id): a release() after the end clears one.
         self._ended: dict[tuple[int, int], _Ended] = {}
+        # What a guard reported already, whichever guard: another guard
+        # running at the same time (the plugin's around an assert_no_leaks
+        # block) must not report it again (review h274). Leases by pool (a
+        # pool's lease ids are its own), and records (a Leaked event of a
+        # pool that is garbage since) by seq.
+        self._reported: weakref.WeakKeyDictionary[Pool, set[int]] = weakref.WeakKeyDictionary()
+        self._reported_seqs: set[int] = set()
+        # Where tasks came from (a task factory on the watched pools' loops):
+        # a lease is the test's that started its task (review h274).
+        self._origin: tuple[object | None, str | None, str, str] = (None, None, "", "")
+        self._births: weakref.WeakKeyDictionary[asyncio.Task[Any], TaskOrigin] = weakref.WeakKeyDictionary()
+        # Tasks that ended (a lease keeps only the name of a task that is
+        # garbage since): by name, with the generation they ended in; kept
+        # until the end of the next test (prune_births()).
+        self._ended_births: dict[str, tuple[TaskOrigin, int]] = {}
+        self._generation = 0
+        self._factories: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[Callable[..., Any], Callable[..., Any] | None]
+        ] = weakref.WeakKeyDictionary()
 
     @property
     def seq(self) -> int:
@@ -386,6 +520,15 @@ class _Tracker:
         self._watched.clear()
         self.records.clear()
         self._ended.clear()
+        self._reported = weakref.WeakKeyDictionary()
+        self._reported_seqs.clear()
+        for loop, (factory, previous) in list(self._factories.items()):
+            if not loop.is_closed() and loop.get_task_factory() is factory:
+                loop.set_task_factory(previous)
+        self._factories = weakref.WeakKeyDictionary()
+        self._births = weakref.WeakKeyDictionary()
+        self._ended_births.clear()
+        self._origin = (None, None, "", "")
         return undo
 
     # pools and events -------------------------------------------------------
@@ -397,7 +540,88 @@ class _Tracker:
             listener = functools.partial(self._on_event, weakref.ref(pool))
             watch = _Watch(pool.capture_stack, listener)
             self._watched[pool] = watch
-        _on_pool_loop_or_here(pool, functools.partial(_install, pool, watch))
+        _on_pool_loop_or_here(pool, functools.partial(self._install, pool, watch))
+
+    def _install(self, pool: Pool, watch: _Watch) -> None:
+        _install(pool, watch)
+        self._watch_tasks()
+
+    def _watch_tasks(self) -> None:
+        """Set the task factory that notes where tasks come from on the
+        running loop (the pool's: a pool built outside its loop leaves it
+        unset, and its tasks' origin unknown). Wraps a factory set before."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        with self._lock:
+            try:
+                if loop in self._factories:
+                    return
+            except TypeError:  # a loop that cannot be weakly referenced
+                return
+            previous = loop.get_task_factory()
+            factory = functools.partial(_make_task, weakref.ref(self), previous)
+            loop.set_task_factory(factory)
+            self._factories[loop] = (factory, previous)
+
+    # where tasks come from ----------------------------------------------------
+
+    def set_task_origin(self, test: object | None, label: str | None, phase: str = "", by: str = "") -> None:
+        """Tasks created from now on are ``test``'s (None: no test's), in ``phase``."""
+        with self._lock:
+            self._origin = (test, label, phase, by)
+
+    def task_origin(self) -> tuple[object | None, str | None, str, str]:
+        with self._lock:
+            return self._origin
+
+    def origin_for(self, coro: Any, site: str | None) -> TaskOrigin:
+        """The origin of a task being created now, running ``coro``: that of
+        the code creating it when it runs for a test other than the one
+        running now (a task, or a callback, an earlier test left behind),
+        else the running test's, in its current phase."""
+        if _is_runner_coro(coro):
+            return _RUNNER
+        with self._lock:
+            test, label, phase, by = self._origin
+        creator = _ORIGIN.get()
+        if creator is not None and creator.test is not None and creator.test is not test:
+            return TaskOrigin(creator.test, creator.label, creator.phase, creator.by, site)
+        return TaskOrigin(test, label, phase, by, site)
+
+    def note_birth(self, task: asyncio.Task[Any], origin: TaskOrigin) -> None:
+        with self._lock:
+            self._births[task] = origin
+        task.add_done_callback(functools.partial(_birth_ended, weakref.ref(self), origin))
+
+    def note_task_ended(self, name: str, origin: TaskOrigin) -> None:
+        with self._lock:
+            self._ended_births[name] = (origin, self._generation)
+
+    def origin_of(self, info: LeaseInfo) -> TaskOrigin | None:
+        """Where the task holding lease ``info`` was created; None when not
+        known (created before the pool's loop was watched, a loop with a
+        task factory set since, or anyio's test runner task, which runs
+        every test). A task that is garbage since is found by its name."""
+        task = info.task
+        with self._lock:
+            if task is not None:
+                if _is_runner_coro(task.get_coro()):
+                    return None
+                return self._births.get(task)
+            if info.task_ref is None or info.task_name is None:
+                return None
+            entry = self._ended_births.get(info.task_name)
+            return entry[0] if entry is not None else None
+
+    def prune_births(self) -> None:
+        """A test ended: forget the tasks that ended before the last one did."""
+        with self._lock:
+            self._generation += 1
+            self._ended_births = {
+                name: entry for name, entry in self._ended_births.items() if entry[1] >= self._generation - 1
+            }
 
     def _on_event(self, pool_ref: weakref.ref[Pool], event: PoolEvent) -> None:
         if isinstance(event, Leaked):
@@ -444,6 +668,27 @@ class _Tracker:
             if entry is not None:
                 entry.released = True
 
+    def note_reported(self, pool: Pool | None, key: int | None, seq: int | None = None) -> None:
+        """A guard reported ``pool``'s lease ``key`` (or the record ``seq``):
+        no guard reports it again."""
+        with self._lock:
+            if pool is not None and key is not None:
+                self._reported.setdefault(pool, set()).add(key)
+            if seq is not None:
+                self._reported_seqs.add(seq)
+
+    def was_reported(self, pool: Pool | None, key: int | None, seq: int | None = None) -> bool:
+        """Whether a guard reported ``pool``'s lease ``key`` or the record ``seq``."""
+        with self._lock:
+            if pool is not None and key is not None and key in self._reported.get(pool, ()):
+                return True
+            return seq is not None and seq in self._reported_seqs
+
+    def guards(self) -> list[LeakGuard]:
+        """The guards running now."""
+        with self._lock:
+            return list(self._guards)
+
     def add_guard(self, guard: LeakGuard) -> None:
         with self._lock:
             self._guards.append(guard)
@@ -454,6 +699,10 @@ class _Tracker:
                 self._guards.remove(guard)
             oldest = min((g.seq0 for g in self._guards), default=self._seq)
             self.records = [record for record in self.records if record[0] > oldest]
+            self._reported_seqs = {seq for seq in self._reported_seqs if seq > oldest}
+            if not self._guards:
+                # A later guard ignores the leases open at its start.
+                self._reported = weakref.WeakKeyDictionary()
             self._ended = {key: entry for key, entry in self._ended.items() if entry.seq > oldest}
 
 

@@ -89,11 +89,6 @@ async def test_uses_con(con):
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "review h274: a function-scoped fixture that creates its pool and acquires from it is reported as "
-    "leaking its own connection: LeakGuard.pool_teardown (safepool/testing/guards.py:431) runs before that "
-    "fixture's teardown (plugin.py:371) and checks the creating fixture's own leases too"
-))
 @pytest.mark.parametrize(("source", "args"), [
     pytest.param(POOL_AND_CON_ASYNC_WITH, (), id="pytest-asyncio-async-with"),
     pytest.param(POOL_AND_CON_EXPLICIT, (), id="pytest-asyncio-release-then-close"),
@@ -142,11 +137,6 @@ async def test_b_innocent(pool):
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "review h274: a connection acquired by a task an earlier test left running fails the test that happens "
-    "to run when it is acquired (safepool/testing/guards.py LeakGuard.leaks, since_mark: any lease newer "
-    "than the mark is the test's, whoever started its task)"
-))
 def test_a_task_left_running_by_one_test_is_not_blamed_on_the_next(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_late_task=LATE_TASK)
     result = run(suite, "--safepool-leaks")
@@ -183,11 +173,6 @@ async def test_block_drops(pool):
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "review h274: a garbage-collected leak inside assert_no_leaks is reported twice with the check on, in "
-    "the LeakError and again as the test's own leak (safepool/testing/guards.py:579-606: each guard "
-    "dedups only its own reports of the tracker's Leaked records)"
-))
 def test_a_collected_leak_inside_assert_no_leaks_is_reported_once(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_block_gc=BLOCK_GC)
     result = run(suite, "--safepool-leaks")
