@@ -324,6 +324,7 @@ class LeakGuard:
         # such leases are released and kept here (take_unattributed()).
         self._test: object | None = None
         self._test_label: str | None = None
+        self._outer_origin: tuple[object | None, str | None, str, str] = (None, None, "", "")
         self._unattributed: list[Leak] = []
 
     # lifecycle ---------------------------------------------------------------
@@ -353,7 +354,8 @@ class LeakGuard:
         self._started = False
         if self._test is not None:
             if _tracker.task_origin()[0] is self._test:
-                _tracker.set_task_origin(None, None)
+                # (A pytester run inside a test: the outer test's again.)
+                _tracker.set_task_origin(*self._outer_origin)
             _tracker.prune_births()
         if self._unhook_created is not None:
             self._unhook_created()
@@ -370,6 +372,7 @@ class LeakGuard:
         a task was created is known for the pools' loops the tracker watched
         before it was (a task factory notes it); a lease of a task of unknown
         origin is this test's, as before."""
+        self._outer_origin = _tracker.task_origin()
         self._test = object()
         self._test_label = label
         _tracker.set_task_origin(self._test, label, "setup", "")
