@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Final
 from asyncpg import connection as _pg_connection
 from asyncpg.protocol import protocol as _pg_protocol
 
-from . import _internals as _pg
 from .proxy import (
     COUNTED,
     PARSE_WITHOUT_SYNC,
@@ -58,7 +57,6 @@ __all__ = [
     "CACHE_SIZE",
     "MAX_CACHED_LENGTH",
     "AutoResetProxy",
-    "overrides_connection_methods",
     "require_parser",
     "reset_reason",
 ]
@@ -539,22 +537,6 @@ class AutoResetProxy(PoolConnectionProxy):
         # connection (Holder.own_methods).
         if standard_strings != "on" or holder.own_methods:
             holder.clean_mark = -1
-
-
-def overrides_connection_methods(cls: type) -> bool:
-    """Whether ``cls``, a subclass of asyncpg's Connection, has one of
-    asyncpg's Connection methods (public or private; not ``__init__``) in
-    place of asyncpg's: its own, or a patch of asyncpg's class itself
-    (:func:`safepool._internals.overrides`). The proxy calls the
-    connection's own methods, and asyncpg's public ones call its private
-    ones: what an overridden one sends is unknown, so every lease of such a
-    connection is marked (the full reset after a lease that ran a
-    statement, as in "full" mode). False for anything else (the test
-    suite's stand-in connections: a pool's connections are asyncpg
-    Connections, checked when connected). Read per connection
-    (``Holder.own_methods``), not cached per class: a patch made since is
-    seen by the next connection."""
-    return _pg.overrides_connection_methods(cls)
 
 
 def _sql_forwarder(name: str, argname: str, is_coroutine: bool) -> Any:

@@ -116,15 +116,15 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # reset (None when the connection class overrides the getter, which
         # then runs on every reset, and in the other modes, whose resets
         # Leaser.release plans per lease: one check less per release there).
-        self.reset_text: str | None = (
-            None if runner.state.reset_mode != "full" or _pg.overrides_reset_query(type(con)) else self.reset_query()
-        )
         # A reset query of the connection class's own may refuse to run in
         # a transaction block (DISCARD ALL): the ROLLBACK of an open
         # transaction goes in a message of its own before it, as asyncpg's
         # Connection._reset sends it, in a pool task (review h269). asyncpg's
         # own query runs in the block of one "ROLLBACK; ..." message.
         self.split_rollback = _pg.overrides_reset_query(type(con))
+        self.reset_text: str | None = (
+            None if runner.state.reset_mode != "full" or self.split_rollback else self.reset_query()
+        )
         # Each read once here, for the connection's life (a patch of asyncpg's
         # Connection made later is seen by the next connection), each a
         # method the connection's class has in place of asyncpg's: its own,

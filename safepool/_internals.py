@@ -863,12 +863,6 @@ def overrides(connection_class: type, name: str) -> bool:
     return original is not None and current is not original
 
 
-def overridden_methods(connection_class: type) -> list[str]:
-    """The names of asyncpg's ``Connection`` methods (dunders left out) that
-    ``connection_class`` has in place of asyncpg's (:func:`overrides`)."""
-    return [name for name in CONNECTION_METHODS if overrides(connection_class, name)]
-
-
 def released_unusable(con: RawConnection, holder: Any, listening: object) -> bool:
     """The release's look at a connection whose class has an
     ``is_closed()`` or an ``_on_release()`` in place of asyncpg's
@@ -891,10 +885,13 @@ def overrides_connection_methods(connection_class: type) -> bool:
     """Whether ``connection_class``, a subclass of asyncpg's Connection, has
     any of asyncpg's Connection methods (public or private; not the dunders)
     in place of asyncpg's (:func:`overrides`: its own, or a patch of
-    asyncpg's class). False for anything else (the test suite's stand-in
-    connections: a pool's connections are asyncpg Connections, checked when
-    connected). About 20 µs: read once per connection (Holder), not per
-    lease."""
+    asyncpg's class). ``reset_mode="auto"`` trusts no lease of such a
+    connection: the proxy calls the connection's own methods, and asyncpg's
+    public ones call its private ones, so what an overridden one sends is
+    unknown (``Holder.own_methods``). False for anything else (the test
+    suite's stand-in connections: a pool's connections are asyncpg
+    Connections, checked when connected). About 20 µs: read once per
+    connection (Holder), not per lease."""
     return issubclass(connection_class, _pg_connection.Connection) and any(
         overrides(connection_class, name) for name in CONNECTION_METHODS
     )
@@ -1237,7 +1234,7 @@ _SAFEPOOL_METHODS.update((
 # asyncpg's Connection methods as this import found them, those that are
 # asyncpg's own (a patch made before safepool was imported is not: see
 # overrides). The names of every method asyncpg's class has (dunders left
-# out), for overridden_methods.
+# out), for overrides_connection_methods.
 _ASYNCPG_METHODS: dict[str, Any] = {
     name: value for name, value in vars(_pg_connection.Connection).items() if asyncpg_own(value)
 }

@@ -692,9 +692,10 @@ async def _cancel_answered_within(
 async def _reset_connection(
     con: RawConnection, rollback: bool, hooks: ResetHooks, limit: float | None = None, budget: float | None = None
 ) -> None:
-    """One round trip: ROLLBACK (if a transaction is open) and asyncpg's
-    reset query in one simple-query message. ``limit`` bounds the
-    statements, not the wait for a cancelled query."""
+    """ROLLBACK (if a transaction is open) and the reset query: one
+    simple-query message, one round trip, but with a connection class's own
+    reset query, which goes after a ROLLBACK of its own (``_send_reset``).
+    ``limit`` bounds the statements, not the wait for a cancelled query."""
     if _pg.is_cancelling(con):
         budget = await cancel_answered(con, budget)
     if con.is_closed():

@@ -15,7 +15,7 @@ pytest.importorskip("pglast", reason="pip install -e '.[test]' installs the auto
 
 from asyncpg import exceptions as pg_exceptions  # noqa: E402
 
-from safepool import _autoreset  # noqa: E402
+from safepool import _autoreset, _internals  # noqa: E402
 from safepool._autoreset import AutoResetProxy, method_policy, reset_reason  # noqa: E402
 from safepool.errors import LeaseExpiredError  # noqa: E402
 from safepool.proxy import PoolConnectionProxy  # noqa: E402
@@ -520,11 +520,11 @@ class _OwnPrivate(asyncpg.Connection):  # type: ignore[misc]
 def test_a_connection_class_overriding_asyncpg_methods_is_never_trusted() -> None:
     # The proxy forwards to the connection's own methods (and asyncpg's call
     # its private ones): an override may send anything.
-    assert not _autoreset.overrides_connection_methods(asyncpg.Connection)
-    assert not _autoreset.overrides_connection_methods(_Helpers)  # new methods: marked when used
-    assert _autoreset.overrides_connection_methods(_OwnFetch)
-    assert _autoreset.overrides_connection_methods(_OwnPrivate)
-    assert not _autoreset.overrides_connection_methods(FakeConnection)
+    assert not _internals.overrides_connection_methods(asyncpg.Connection)
+    assert not _internals.overrides_connection_methods(_Helpers)  # new methods: marked when used
+    assert _internals.overrides_connection_methods(_OwnFetch)
+    assert _internals.overrides_connection_methods(_OwnPrivate)
+    assert not _internals.overrides_connection_methods(FakeConnection)
 
 
 def test_a_session_without_standard_strings_always_resets() -> None:
