@@ -5,7 +5,10 @@ pool's own options, and :class:`PoolConfig`, the checked settings that
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -137,6 +140,31 @@ def check_options(
     if reset_mode not in reset_modes:
         raise PoolValueError(f"reset_mode must be one of {reset_modes}, got {reset_mode!r}")
     return cast("int | None", max_waiters), cast("int | None", max_connecting)  # (checked above)
+
+
+_UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '([^']+)'")
+
+
+def misspelt_keyword_hint(error: TypeError) -> str | None:
+    """What to tell a caller whose keyword reached :func:`asyncpg.connect`
+    unknown (``create_pool(lease_timout=5)``): ``create_pool()`` hands every
+    keyword it does not know to asyncpg's connect, which raises ``TypeError``
+    at the first connect, as with asyncpg's pool. Returns the words to add
+    to ``error``'s message, naming the option or connect keyword the name
+    is closest to (:func:`difflib.get_close_matches`), or None when there is
+    none close or ``error`` is not about a keyword."""
+    found = _UNEXPECTED_KEYWORD.search(str(error))
+    if found is None:
+        return None
+    from .pool import Pool  # (not at import: pool imports this module)
+
+    ours = [name for name in inspect.signature(Pool.__init__).parameters if name not in ("self", "connect_kwargs")]
+    theirs = [name for name in inspect.signature(_pg_connection.connect).parameters if name not in ours]
+    match = difflib.get_close_matches(found.group(1), ours + theirs, n=1, cutoff=0.75)
+    if not match:
+        return None
+    where = "an option of safepool.create_pool()" if match[0] in ours else "a keyword of asyncpg.connect()"
+    return f"did you mean {match[0]}=, {where}?"
 
 
 def check_resize(max_size: Any, min_size: Any) -> tuple[int, int | None]:

@@ -17,12 +17,14 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from asyncpg import connection as _pg_connection
 from asyncpg import exceptions as _pg_exceptions
 
 from . import _internals as _pg
 from . import _keepalive, _secrets
 from ._internals import RawConnection
 from ._keepalive import TcpKeepalive
+from ._options import misspelt_keyword_hint
 from .errors import PoolInterfaceError
 
 _T = TypeVar("_T")
@@ -156,6 +158,12 @@ async def connect(
         # callback's or connection_class's own error the DSN; the pool
         # raises, logs, emits and reports them (health).
         _secrets.scrub_connect_error(exc, *_secrets.connect_secrets(args, kwargs))
+        if type(exc) is TypeError and open_connection is _pg_connection.connect and len(exc.args) == 1:
+            # A misspelt option reached asyncpg's connect (the class and
+            # the start of the message stay asyncpg's pool's).
+            hint = misspelt_keyword_hint(exc)
+            if hint is not None:
+                exc.args = (f"{exc.args[0]} ({hint})",)
         raise
     try:
         await _pg.connect_settled()  # asyncpg 0.31: before the pool counts references to it

@@ -1145,7 +1145,9 @@ def create_pool(
     Every other keyword goes to :func:`asyncpg.connect`, as with asyncpg's
     pool: a keyword neither knows (a typo) is refused by the first connect
     (``TypeError: connect() got an unexpected keyword argument``), at
-    ``await create_pool()`` or, with ``min_size=0``, at the first acquire.
+    ``await create_pool()`` or, with ``min_size=0``, at the first acquire;
+    safepool's message adds the option or connect keyword closest to it
+    (``(did you mean lease_timeout=, an option of safepool.create_pool()?)``).
 
     :raises safepool.PoolValueError: (a ``ValueError``) an argument out of
         range or not one of its choices, checked when called (asyncpg's own
