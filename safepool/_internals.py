@@ -189,7 +189,7 @@ def refusal(error: BaseException) -> int:
         ),
     ):
         return REFUSED
-    if isinstance(error, _pg_exceptions.ProtocolViolationError) and pooler_busy(error_text(error)):
+    if pooler_refusal(error):
         return REFUSED
     if type(error) is ConnectionError and any(answer in error_text(error) for answer in _SSL_ANSWERS):
         return NOT_REFUSED  # (something answered, and will answer so again)
@@ -205,6 +205,13 @@ def refusal(error: BaseException) -> int:
             if codes & _UNREACHABLE_ERRNOS and codes <= _UNREACHABLE_ERRNOS | _UNUSABLE_ADDRESS_ERRNOS:
                 return UNREACHABLE
     return NOT_REFUSED
+
+
+def pooler_refusal(error: BaseException | None) -> bool:
+    """Whether a connect's error is a connection pooler's refusal that ends
+    by itself (PgBouncer's SQLSTATE 08P01 with :func:`pooler_busy`'s
+    wording): a full or paused pooler, not the server behind it."""
+    return isinstance(error, _pg_exceptions.ProtocolViolationError) and pooler_busy(error_text(error))
 
 
 def pooler_busy(text: str) -> bool:

@@ -38,7 +38,7 @@ _RANK = {OK: 0, DEGRADED: 1, FAILING: 2}
 class HealthReason:
     """One finding: ``code`` is stable (alert on it), ``message`` is for people."""
 
-    code: str  # closed, server_down, connect_rejected, connect_misconfigured, server_full, server_backing_off, init_failed, connect_errors, saturated,
+    code: str  # closed, server_down, connect_rejected, connect_misconfigured, pooler_busy, server_full, server_backing_off, init_failed, connect_errors, saturated,
     # leak_suspects, probe_no_connection, probe_timeout, probe_failed
     status: str  # what this finding alone makes the pool: "degraded" or "failing"
     message: str
@@ -190,6 +190,17 @@ async def check_health(
             f"connects fail on the pool's own connect arguments ({stats.last_connect_error}; "
             f"{stats.consecutive_connect_failures} in a row): fix what create_pool() passes to asyncpg.connect(); "
             f"open connections: {serving}",
+        ))
+    elif stats.server_status in ("down", "backing_off") and stats.connect_pooler_busy:
+        # A pooler in front of the server (PgBouncer) refuses logins for now:
+        # its client slots or its queue are full, or it is paused; the
+        # server behind it was not asked (docs/pgbouncer.md).
+        reasons.append(HealthReason(
+            "pooler_busy", failing_if_down,
+            f"the connection pooler in front of the server refuses this pool's connections for now "
+            f"({stats.last_connect_error}; {stats.consecutive_connect_failures} in a row): its client slots "
+            f"(PgBouncer's max_client_conn) or its wait queue are full, or the database is paused or disabled "
+            f"there; the server behind it may be fine; open connections: {serving}",
         ))
     elif stats.server_status in ("down", "backing_off") and stats.last_connect_sqlstate == _TOO_MANY_CONNECTIONS:
         # The server is up and answered: its connection slots (max_connections,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._histogram import Distribution
-from ._internals import error_text
+from ._internals import error_text, pooler_refusal
 from ._keepalive import TcpKeepalive
 from ._state import PoolState, SlotState
 
@@ -170,6 +170,12 @@ class PoolStats:
     # use, a connect= callable's bug), before the server had a say: a
     # configuration error. False once a connect succeeds.
     connect_misconfigured: bool = False
+    # The last connect was refused by a connection pooler in front of the
+    # server (PgBouncer's refusals that end by themselves, SQLSTATE 08P01:
+    # its max_client_conn reached, the database paused or disabled, a login
+    # queued past query_wait_timeout): the pooler is full, the server behind
+    # it may be fine. False once a connect succeeds.
+    connect_pooler_busy: bool = False
     # Seconds since the last failed connect, while connects fail (None once
     # one succeeds, and before any failed): health()'s connect_errors counts
     # the current run only while this is within its connect_error_window.
@@ -259,6 +265,7 @@ def build_stats(
         last_connect_sqlstate=sqlstate(failing),
         last_connect_error_type=None if failing is None else type(failing).__name__,
         connect_misconfigured=state.connect_misconfigured,
+        connect_pooler_busy=pooler_refusal(failing),
         last_connect_failure_age=now - state.connect_failed_at if state.connect_failures else None,
         taken_at=now,
     )

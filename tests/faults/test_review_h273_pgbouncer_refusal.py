@@ -30,6 +30,7 @@ import asyncpg
 import pytest
 
 import safepool
+from safepool.health import check_health
 from tests._pgbouncer import Bouncer, requires_pgbouncer
 from tests.faults.test_pgbouncer_outage import start_bouncer  # noqa: F401 (fixture)
 from tests.faults.test_review_h210_pgbouncer import DB, admin, bouncer_settings, requires_psql
@@ -136,3 +137,52 @@ async def test_recovery_after_pgbouncer_enable_is_as_fast_as_asyncpgs(
             await admin(bouncer, f"ENABLE {DB}")
     print(kind, f"served {took:.3f}s after ENABLE; errors meanwhile: {len(errors)}")
     assert took < RECOVERY, (took, errors[:3], len(errors))
+
+
+async def test_health_names_a_full_pgbouncer_pooler_busy_not_server_down(
+    start_bouncer: Callable[..., Bouncer], running: Cluster,  # noqa: F811
+) -> None:
+    """With PgBouncer's every client slot held (max_client_conn=2), the
+    pool's connects are PgBouncer's refusals: health() says the pooler is
+    busy (``pooler_busy``, ``stats().connect_pooler_busy``), not that the
+    server is down, which it is not; once a connect succeeds, neither."""
+    bouncer = start_bouncer(pool_mode="transaction", default_pool_size=2, max_client_conn=2)
+    blockers = [await asyncpg.connect(bouncer.dsn(), statement_cache_size=0) for _ in range(2)]
+    pool = await safepool.create_pool(bouncer.dsn(), min_size=0, max_size=2, statement_cache_size=0)
+    try:
+        with pytest.raises(asyncpg.ProtocolViolationError, match="max_client_conn"):
+            await pool.fetchval("SELECT 1")
+        report = await check_health(pool, probe=False)
+        codes = {reason.code: reason for reason in report.reasons}
+        assert report.stats.connect_pooler_busy and report.stats.last_connect_sqlstate == "08P01"
+        assert "pooler_busy" in codes and "server_down" not in codes, report.reasons
+        assert codes["pooler_busy"].status == "failing"  # (nothing left to serve from)
+        assert "max_client_conn" in codes["pooler_busy"].message
+        await blockers.pop().close()
+        assert await pool.fetchval("SELECT 1") == 1
+        report = await check_health(pool, probe=False)
+        assert not report.stats.connect_pooler_busy
+        assert "pooler_busy" not in {reason.code for reason in report.reasons}
+    finally:
+        for blocker in blockers:
+            await blocker.close()
+        await asyncio.wait_for(pool.close(), 10)
+
+
+async def test_a_lasting_pgbouncer_refusal_is_not_pooler_busy(
+    start_bouncer: Callable[..., Bouncer], running: Cluster,  # noqa: F811
+) -> None:
+    """PgBouncer's 08P01 for a database it does not know does not end by
+    itself: not ``pooler_busy`` (the pool's DSN is wrong)."""
+    bouncer = start_bouncer(pool_mode="transaction", default_pool_size=2)
+    dsn = bouncer.dsn().rsplit("/", 1)[0] + "/no_such_database"
+    assert dsn != bouncer.dsn()
+    pool = await safepool.create_pool(dsn, min_size=0, max_size=2, statement_cache_size=0)
+    try:
+        with pytest.raises(asyncpg.ProtocolViolationError):
+            await pool.fetchval("SELECT 1")
+        report = await check_health(pool, probe=False)
+        assert report.stats.last_connect_sqlstate == "08P01" and not report.stats.connect_pooler_busy
+        assert "pooler_busy" not in {reason.code for reason in report.reasons}, report.reasons
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
