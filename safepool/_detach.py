@@ -431,6 +431,11 @@ class _Resume:
         self._fut = fut
 
     def __await__(self) -> Generator[Any, None, Any]:
+        # A GeneratorExit closes the coroutine and ends this, as ``yield
+        # from`` does: the pool task itself is being closed (collected
+        # pending after its loop shut down: nothing runs it any more), and
+        # thrown in as an error the statement "failed" and the pool closed
+        # its connection on the closed loop (review h280).
         coro = self._coro
         error: BaseException | None = None
         step: Any = self._fut
@@ -438,6 +443,9 @@ class _Resume:
             step._asyncio_future_blocking = True
             try:
                 yield step
+            except GeneratorExit:
+                coro.close()
+                raise
             except BaseException as exc:
                 error = exc
         while True:
@@ -448,6 +456,9 @@ class _Resume:
             error = None
             try:
                 yield step
+            except GeneratorExit:
+                coro.close()
+                raise
             except BaseException as exc:
                 error = exc
 

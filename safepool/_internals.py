@@ -710,8 +710,16 @@ def starts_tasks_eagerly(loop: asyncio.AbstractEventLoop) -> bool:
     ``create_task()`` (``asyncio.eager_task_factory``, or one made by
     ``asyncio.create_eager_task_factory()``; Python 3.12+). asyncpg's
     release then runs its shielded task's first step (the report of an open
-    transaction) before ``release()`` returns to the loop."""
+    transaction) before ``release()`` returns to the loop. A factory that
+    wraps another and names it in ``__wrapped__`` (``functools.wraps``'s
+    convention; the leak guards' task factory, safepool.testing) starts
+    tasks as the one it wraps (review h280)."""
     factory = loop.get_task_factory()
+    for _ in range(8):  # (a chain of wrappers; bounded: a cycle is no factory)
+        wrapped = getattr(factory, "__wrapped__", None)
+        if wrapped is None:
+            break
+        factory = wrapped
     if factory is None:
         return False
     return factory is getattr(asyncio, "eager_task_factory", None) or getattr(

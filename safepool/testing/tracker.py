@@ -562,6 +562,11 @@ class _Tracker:
                 return
             previous = loop.get_task_factory()
             factory = functools.partial(_make_task, weakref.ref(self), previous)
+            if previous is not None:
+                # It starts tasks as the factory it wraps does (eagerly, with
+                # asyncio.eager_task_factory): the pool asks that one
+                # (_internals.starts_tasks_eagerly; review h280).
+                factory.__wrapped__ = previous  # type: ignore[attr-defined]
             loop.set_task_factory(factory)
             self._factories[loop] = (factory, previous)
 

@@ -71,12 +71,6 @@ def _under_a_leak_guard(pg_dsn: str, create_pool: Callable[..., Awaitable[Any]])
         return runner.run(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h280: _internals.starts_tasks_eagerly does not see the eager factory inside the leak "
-    "tracker's wrapper (testing/tracker.py _watch_tasks), so the open-transaction report is deferred "
-    "with call_soon where asyncpg's eager shielded task reports it inside release()",
-)
 def test_open_transaction_report_order_with_a_leak_guard_on_an_eager_loop(pg_dsn: str) -> None:
     outcomes = {
         name: _under_a_leak_guard(pg_dsn, factory)

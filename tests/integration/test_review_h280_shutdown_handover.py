@@ -5,15 +5,15 @@ The runner cancels every task left, the releasing ones among them, and
 waits for those it cancelled. A cancelled release hands its reset to a
 pool task (``_detach._Driver.cancel`` -> ``hand_over`` -> ``Runner.spawn``),
 created while the runner cancels: the runner never cancels nor waits for
-it, the loop closes with it pending, and when it is garbage collected its
-``_Resume.__await__`` (``safepool/_detach.py``) catches the
-``GeneratorExit`` of the coroutine's close like any error and throws it
-into the reset's statement: the reset "fails" (``RuntimeError: cannot
-reuse already awaited coroutine``, logged as a failed reset) and the pool
-runs its close on the closed loop, whose error goes to the loop's
-exception handler ("Close raised (the pool goes on)"), once per
-connection. asyncpg's pool, run the same way, only has the loop report a
-task destroyed while pending.
+it, and the loop closes with it pending, as asyncpg's shielded reset task
+does. When it was garbage collected, ``_Resume.__await__`` caught the
+``GeneratorExit`` of the coroutine's close like any error and threw it
+into the reset's statement: the reset "failed" (logged), and the pool ran
+its close on the closed loop, whose error went to the loop's exception
+handler ("Close raised (the pool goes on)"), once per connection. asyncpg's
+pool, run the same way, only has the loop report a task destroyed while
+pending. Fixed: ``_Resume`` closes the statement and ends, as ``yield
+from`` does.
 """
 
 from __future__ import annotations
@@ -69,12 +69,6 @@ def _shutdown_with_releases_in_flight(pg_dsn: str, create_pool: Callable[..., Aw
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h280: a release cancelled by asyncio.run()'s shutdown hands its reset to a pool task "
-    "the runner never awaits; collected after the loop closed, _detach._Resume.__await__ forwards the "
-    "GeneratorExit into the reset and the pool closes the connection on the closed loop",
-)
 def test_releases_in_flight_at_loop_shutdown_report_what_asyncpg_reports(pg_dsn: str) -> None:
     outcomes = {
         flavour: _shutdown_with_releases_in_flight(pg_dsn, factory)
