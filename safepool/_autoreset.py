@@ -37,6 +37,7 @@ from asyncpg.protocol import protocol as _pg_protocol
 
 from .proxy import (
     COUNTED,
+    OWN_METHODS,
     PARSE_WITHOUT_SYNC,
     PoolConnectionProxy,
     _mark_coroutine,
@@ -703,8 +704,8 @@ async def _copying_watched(proxy: AutoResetProxy, name: str, args: tuple[Any, ..
 
 def _install_forwarders() -> None:
     for name in dir(_pg_connection.Connection):
-        if name.startswith("_") or name in AutoResetProxy.__dict__:
-            continue
+        if name.startswith("_") or name in AutoResetProxy.__dict__ or name in OWN_METHODS:
+            continue  # (the base proxy's own methods are inherited: its terminate() notes a statement in flight)
         method = getattr(_pg_connection.Connection, name)
         if not inspect.isfunction(method):
             continue

@@ -527,6 +527,12 @@ class WatchingProxy(PoolConnectionProxy):
     __slots__ = ()
 
 
+# The Connection methods the proxy writes out itself (terminate()), before
+# the forwarders below fill in the rest: every proxy class keeps these
+# (auto mode's AutoResetProxy too: review h281).
+OWN_METHODS = frozenset(name for name in PoolConnectionProxy.__dict__ if not name.startswith("_"))
+
+
 def _install_forwarders() -> None:
     own = set(PoolConnectionProxy.__dict__)
     for name in dir(_pg_connection.Connection):
