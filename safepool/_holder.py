@@ -37,10 +37,11 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
 
     __slots__ = ("_pool", "_runner", "_slot", "_con", "clean_mark", "base_refs", "base_callbacks", "lease_callbacks",
                  "release_timeout",
-                 "orphan_checks", "orphan_reported", "orphaned_at", "unresponsive", "close_budget", "close_raises", "calls_budget", "lost_while_leased", "busy_elsewhere",
+                 "orphan_checks", "orphan_reported", "orphaned_at", "unresponsive", "close_budget", "close_raises", "close_timeout",
+                 "calls_budget", "lost_while_leased", "busy_elsewhere",
                  "cancel_key", "abort_in_flight", "cleaned_up",
                  "reset_since",
-                 "command_timeout", "reset_query", "reset_text", "split_rollback", "own_is_closed", "own_on_release",
+                 "command_timeout", "reset_query", "reset_text", "split_rollback", "own_is_closed", "own_on_release", "own_close",
                  "own_release_checks", "task_reset", "own_methods", "proxy_collected",
                  "copies", "watched", "waiter_completed", "init_context", "__weakref__")
 
@@ -87,6 +88,15 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         # error (TimeoutError) is raised from release(), as asyncpg's release
         # raises what Connection.close(timeout=) raised.
         self.close_raises = False
+        # The close passes close(timeout=...) (None without a budget), as
+        # asyncpg's pool closes such a connection: a release's close
+        # (max_queries, an expired generation), and an expired connection's
+        # (asyncpg's next acquire closes it with close(timeout=None)). Its
+        # other closes (Pool.close(), a failed setup= or init=) call close()
+        # with no argument, as asyncpg's. One to asyncpg's own close(); a
+        # connection class's own may require or record the keyword (review
+        # h277).
+        self.close_timeout = False
         # asyncpg 0.29-0.31 (no close under the release's budget, see
         # _internals.CLOSE_UNDER_BUDGET): the release's budget still bounds
         # the close's wait for a call of the lease in flight (review h258).
@@ -138,6 +148,11 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         self.own_on_release = _pg.overrides(cls, "_on_release")
         # The hot path's one test for both (Leaser.release).
         self.own_release_checks = self.own_is_closed or self.own_on_release
+        # A close() in place of asyncpg's: on asyncpg 0.29-0.31 a release
+        # that closes the connection passes it the release's budget, as
+        # asyncpg's release does (_internals.CLOSE_UNDER_BUDGET: asyncpg's
+        # own close() keeps the pool's bound there).
+        self.own_close = _pg.overrides(cls, "close")
         # Whether every reset runs in a pool task (Leaser.release): with a
         # custom reset (a reset= hook, a connection class's own reset()), or
         # a connection class's own execute() (or the _check_open() it calls
@@ -164,8 +179,14 @@ class Holder(HolderCompat):  # HolderCompat: asyncpg's holder._in_use & co., rea
         self.proxy_collected = self._proxy_collected
         # The context variables the connect (init=, a connect= callback, the
         # connection class) set in its pool task, as ((var, value), ...), for
-        # the first lease's task to take (Leaser.acquire); None: none.
-        self.init_context: tuple[tuple[Any, Any], ...] | None = None
+        # the first lease's task to take (Leaser.acquire); None: none, and
+        # no look at the connection at acquire. A connection class with an
+        # is_closed() of its own has () for good (after the first lease's
+        # variables): every acquire asks it before the connection is handed
+        # out, as asyncpg's holder does (a health flag set while the
+        # connection was idle: review h277), in the acquire's one test of
+        # this attribute (no test of its own on the hot path).
+        self.init_context: tuple[tuple[Any, Any], ...] | None = () if self.own_is_closed else None
 
     def _release_on_close(self) -> None:
         self._con = None

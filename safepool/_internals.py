@@ -389,10 +389,20 @@ def terminate(con: RawConnection) -> None:
     makes: before 0.32 it aborted only if ``is_closed()`` said open, so a
     class whose ``is_closed()`` calls an open connection closed (a health
     flag) left its socket open (a ResourceWarning, and a backend until the
-    garbage collector closed it)."""
+    garbage collector closed it). Also on asyncpg < 0.32: a
+    ``close(timeout=)`` that ran out (a connection class's own close()
+    handed a release's budget forwards it to asyncpg's) aborted the
+    connection but left its transport open (the protocol's close skips
+    ``transport.abort()`` on its timeout, and the abort that follows
+    returns early): it is aborted here, so the backend sees the socket end
+    and exits."""
     con.terminate()
-    if not HAS_POOL_HOLDER and not con._aborted and con._protocol is not None:
-        con._abort()
+    if not HAS_POOL_HOLDER:
+        if not con._aborted and con._protocol is not None:
+            con._abort()
+        is_closing = getattr(getattr(con, "_transport", None), "is_closing", None)
+        if con._aborted and callable(is_closing) and not is_closing():
+            con._transport.abort()
 
 
 def complete_cancel_waiters(protocol: Any) -> None:

@@ -24,6 +24,8 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from asyncpg.exceptions import ConnectionDoesNotExistError
+
 from . import _internals as _pg
 from . import _sites, _stack, _workers
 from ._clock import Clock
@@ -158,6 +160,7 @@ class Leaser:
         context: Receiver | None = None,
         site: str | None = None,
         stack: _stack.Caller | None = None,
+        flagged: int = 0,
     ) -> PoolConnectionProxy:
         if timeout is _DEFAULT:
             # The pool's acquire_timeout bounds the wait (and the setup=
@@ -266,12 +269,20 @@ class Leaser:
             holder.orphan_checks = 0
             holder.orphan_reported = False
         if holder.init_context is not None:
+            # A connection class with an is_closed() of its own (its
+            # init_context is () for good: see Holder): asked before the
+            # handover, as asyncpg's holder.acquire() asks it; one that says
+            # closed is given up and another connection is acquired.
+            if holder.own_is_closed and self.closed_at_handover(lease):
+                return await self.acquire_again(
+                    deadline, release_budget, lease_timeout, context, site, stack, flagged + 1
+                )
             # The connection's first lease: what its connect set in the pool
             # task's context (init=, connect=) is set in this task's, as
             # asyncpg's pool runs them in the acquiring task (review h261).
             for var, value in holder.init_context:
                 var.set(value)
-            holder.init_context = None
+            holder.init_context = () if holder.own_is_closed else None
         proxy = self.proxy_class(holder, slot.connection, lease)
         if lease_timeout is not None or self.extras:
             if self.capture_stack:
@@ -314,6 +325,49 @@ class Leaser:
                     self.runner.arm_timer()  # (else the armed timer comes first and re-arms: no heap scan per lease)
         if context is not None:
             context.connection = proxy
+        return proxy
+
+    def closed_at_handover(self, lease: Lease) -> bool:
+        """Whether the connection of ``lease``, just taken (idle, or handed
+        on by a release), says it is closed: its class's own ``is_closed()``
+        (a health flag a listener, a watchdog or another connection's
+        callback set while it was idle). asyncpg's ``holder.acquire()``
+        (0.29-0.32) asks it before every handover and opens a new connection
+        in its place (review h277). Here the lease is ended and its slot
+        discarded: the connection is terminated and its place stays counted
+        towards ``max_size`` until the backend has exited (asyncpg's pool
+        leaves the flagged one open beside its replacement), and the caller
+        acquires again. An ``is_closed()`` that raises: the connection goes
+        back to the pool as it was and the acquire raises the error, as
+        asyncpg's (its holder back in the queue)."""
+        state = self.state
+        try:
+            closed = lease.slot.connection.is_closed()
+        except BaseException:
+            state.release(lease, self.now(), Outcome.CLEAN)
+            self.drain()
+            raise
+        if closed:
+            state.discard(lease.slot, self.now())
+            self.drain()
+        return bool(closed)
+
+    async def acquire_again(
+        self, deadline: float | None, release_budget: Any, lease_timeout: float | None,
+        context: Receiver | None, site: str | None, stack: _stack.Caller | None, flagged: int,
+    ) -> PoolConnectionProxy:
+        """The acquire after :meth:`closed_at_handover` gave a connection up
+        (``flagged``: how many so far): with what is left of the first one's
+        deadline; the lease's release keeps the first one's budget (its
+        ``timeout=``, else None). More than ``max_size`` given up in one
+        acquire: a class whose ``is_closed()`` calls its new connections
+        closed too, which asyncpg's acquire refuses as it connects
+        (``ConnectionDoesNotExistError``): raised, not retried for ever."""
+        if flagged > self.state.max_size:
+            raise ConnectionDoesNotExistError("connection was closed during pool initialization")
+        timeout = None if deadline is None else max(0.0, deadline - self.now())
+        proxy = await self.acquire(timeout, lease_timeout, context, site, stack, flagged)
+        proxy._holder.release_timeout = release_budget
         return proxy
 
     def start_clocks(self, lease: Lease, lease_timeout: float | None) -> None:
@@ -696,10 +750,18 @@ class Leaser:
                 done = self.loop.create_future()
                 self.runner.closes_done[lease.slot] = done
                 _pg.attach_released(con, connection, holder)
-                if timeout is not None and _pg.CLOSE_UNDER_BUDGET:
+                # asyncpg's release calls close(timeout=) (None without a
+                # budget): so does this close (a connection class's close()
+                # may require or record the keyword; review h277).
+                holder.close_timeout = True
+                if timeout is not None and (_pg.CLOSE_UNDER_BUDGET or holder.own_close):
                     # asyncpg's release closes it with Connection.close(
                     # timeout=) under the release's budget (else the
                     # acquire's), and raises its TimeoutError: bounded alike.
+                    # (On asyncpg 0.29-0.31 only a connection class's own
+                    # close() gets it, as from asyncpg's release: see
+                    # _internals.CLOSE_UNDER_BUDGET, and _internals.terminate
+                    # for asyncpg's close(timeout=) that runs out there.)
                     holder.close_budget = timeout
                     holder.close_raises = True
                 elif timeout is not None:

@@ -948,7 +948,22 @@ class Runner:
         busy = holder is not None and holder.busy_elsewhere
         in_flight = holder.statement_in_flight if holder is not None else _pg.statement_in_flight
         calls_budget = holder.calls_budget if holder is not None else None
-        self.spawn(self.close_connection(slot, con, lost, budget, raises, busy, key, in_flight, calls_budget))
+        # close(timeout=) where asyncpg's pool passes it (Holder.close_timeout):
+        # a release's close, and an expired connection's, which asyncpg's
+        # next acquire closes with close(timeout=None) (not during close():
+        # asyncpg's Pool.close() calls close() with none).
+        keyword = holder is not None and (
+            holder.close_timeout or (slot.generation != self.state.generation and not self.state.closing)
+        )
+        if con.is_closed():
+            # Already closed (lost, or ended by a reset or a connection
+            # class's own code), its backend perhaps still running a
+            # statement: the close task sends it a cancel request first, the
+            # place counted towards max_size meanwhile, but not by
+            # get_size(), which counts open connections, as asyncpg's does
+            # once its holder heard of the close (review h277).
+            self.exiting.add(slot)
+        self.spawn(self.close_connection(slot, con, lost, budget, raises, busy, key, in_flight, calls_budget, keyword))
 
     def terminate_reporting(self, con: RawConnection) -> None:
         """``con.terminate()`` where the core closes a slot (inside
@@ -1019,20 +1034,21 @@ class Runner:
         self, slot: Slot, con: RawConnection, lost: bool, budget: float | None, raises: bool = False,
         busy: bool = False, key: _pg.CancelKey | None = None,
         in_flight: Callable[[RawConnection], bool] = _pg.statement_in_flight, calls_budget: float | None = None,
+        keyword: bool = False,
     ) -> None:
         """Close; the slot counts towards max_size until the backend is gone
         (``budget``: seconds for the close, None for the default; ``raises``:
         the releasing caller waiting for it gets the close's error;
         ``busy``: another task's statement still runs on it, waited for first;
         ``in_flight``: whether a statement may run, the holder's reading;
-        ``calls_budget``: see :func:`_workers.close`)."""
+        ``calls_budget``, ``keyword``: see :func:`_workers.close`)."""
         error: Exception | None = None
         try:
             # (A release's budget spent on a cancelled query: it raises now,
             # the slot counts until the server answered; see _workers.close.)
             error = await _workers.close(
                 con, lost, budget, (lambda spent: settle(self.closes_done.pop(slot, None), spent)) if raises else None,
-                busy=busy, key=key, in_flight=in_flight, calls_budget=calls_budget,
+                busy=busy, key=key, in_flight=in_flight, calls_budget=calls_budget, keyword=keyword,
             )
             if error is not None:
                 # Aborted: a release waiting for the close returns (raises)

@@ -490,6 +490,7 @@ async def close(
     con: RawConnection, lost: bool, budget: float | None, spent: Callable[[TimeoutError], None] | None = None,
     *, busy: bool = False, key: _pg.CancelKey | None = None,
     in_flight: Callable[[RawConnection], bool] = _pg.statement_in_flight, calls_budget: float | None = None,
+    keyword: bool = False,
 ) -> Exception | None:
     """Close gracefully; on any failure, or cancellation, terminate.
 
@@ -514,6 +515,12 @@ async def close(
     ``_internals.CLOSE_UNDER_BUDGET``), the release's budget for the wait
     for a call in flight before the close, which asyncpg's release does not
     make (review h258); None: DEFAULT_RESET_TIMEOUT's alone.
+
+    ``keyword``: with no ``budget``, asyncpg's ``close()`` gets
+    ``timeout=None``, as asyncpg's pool passes it there (a release's close,
+    an expired connection's: ``Holder.close_timeout``); else no argument, as
+    asyncpg's ``Pool.close()`` calls it. The same to asyncpg's own
+    ``close()``; a connection class's own may require or record it.
 
     ``busy``: a statement of the released lease still runs in another task
     (the release's reset was refused): waited for first, within ``budget``
@@ -557,7 +564,10 @@ async def close(
                         return None
                 async with asyncio.timeout(calls_budget):
                     await _calls_ended(con, in_flight)
-                await con.close()
+                if keyword:
+                    await con.close(timeout=None)
+                else:
+                    await con.close()
         else:
             if spent is not None and _pg.is_cancelling(con):
                 error = await _cancel_answered_within(con, budget, spent)

@@ -60,7 +60,7 @@ import pytest
 
 import safepool
 from safepool import _internals
-from tests._util import asyncpg_version, in_pg_sleep_on, outcome_of, relay_to_unix, until, watched_class
+from tests._util import in_pg_sleep_on, outcome_of, relay_to_unix, until, watched_class
 
 pytestmark = pytest.mark.asyncio
 
@@ -78,7 +78,6 @@ DELAYED_CLOSE_SLEEP = 1.0  # (there the INSERT outlasts a late delivery by 0.85 
 HOLD_WINDOW = 0.5
 NEVER_BUDGET = 1.0  # (the release's timeout= where the request never arrives)
 CANCEL_REQUEST_CODE = 80877102
-APG_032 = asyncpg_version() >= (0, 32)
 
 
 def audit_close_class(table: str, sleep: float = CLOSE_SLEEP) -> Any:
@@ -311,18 +310,17 @@ async def test_safepool_request_never_delivered(pg_dsn: str, app_name: str) -> N
     """A request that never gets through holds the close of a class with a
     close() of its own until the release's budget: then the connection is
     aborted and the override is not called (no statement of its own that a
-    request still in the network could cancel). On 0.29-0.31 the close
-    keeps the pool's own bound (``reset_timeout``, here the same 1 s;
-    ``_internals.CLOSE_UNDER_BUDGET``) and the release does not raise."""
+    request still in the network could cancel), and the release raises
+    ``TimeoutError``. On every asyncpg: a class's own close() gets the
+    release's budget on 0.29-0.31 too, as from asyncpg's release (helper
+    h279; before, the close kept the pool's own bound there,
+    ``_internals.CLOSE_UNDER_BUDGET``, and the release did not raise)."""
     seen = await _released_with_late_request(
         safepool.create_pool, pg_dsn, app_name, "never", reset_timeout=NEVER_BUDGET
     )
     assert seen["held"] == 1 and seen["call"] == "done", seen
     assert seen["calls"] == [] and seen["rows"] == [], seen
-    if APG_032:
-        assert isinstance(seen["release"], TimeoutError), seen
-    else:
-        assert seen["release"] is None, seen
+    assert isinstance(seen["release"], TimeoutError), seen
 
 
 async def test_without_a_close_of_its_own_the_request_is_dropped(pg_dsn: str, app_name: str) -> None:

@@ -9,18 +9,23 @@ the acquire's (``PoolConnectionHolder.release``). A class with a ``close()``
 of its own gets that ``timeout=`` (to bound a last statement of its own, an
 audit record, or to hand it to ``super().close()``).
 
-safepool passes the budget only on 0.32 (``_internals.CLOSE_UNDER_BUDGET``,
-safepool/_internals.py:251): on 0.29-0.31 the release sets no
-``close_budget`` (safepool/_leasing.py:699-707) and the close task calls
-``await con.close()`` with no ``timeout=`` (safepool/_workers.py:552,
-bounded from outside by DEFAULT_RESET_TIMEOUT instead). The class's
-``close()`` sees ``{}`` where asyncpg's pool passes ``{"timeout": 3}``.
-(safepool's reason, ``CLOSE_UNDER_BUDGET``'s comment: a ``close(timeout=)``
-that runs out leaves its transport open on 0.29-0.31. That is asyncpg's own
-close, which a class's ``close()`` may still be handed.)
+safepool passed the budget only on 0.32 (``_internals.CLOSE_UNDER_BUDGET``):
+on 0.29-0.31 the release set no ``close_budget`` and the close task called
+``await con.close()`` with no ``timeout=`` (bounded from outside by
+DEFAULT_RESET_TIMEOUT instead). The class's ``close()`` saw ``{}`` where
+asyncpg's pool passes ``{"timeout": 3}``. (safepool's reason,
+``CLOSE_UNDER_BUDGET``'s comment: a ``close(timeout=)`` that runs out leaves
+its transport open on 0.29-0.31. That is asyncpg's own close, which a
+class's ``close()`` may still be handed.) Fixed (helper h279): a class with
+a ``close()`` of its own (``Holder.own_close``) gets the release's budget on
+every version, and the release raises what it raised, as asyncpg's;
+asyncpg's own ``close()`` keeps the pool's bound on 0.29-0.31, and
+``_internals.terminate`` aborts the transport such a close left open.
 
-On 0.32 both pass it (a control: the test passes there; safepool passes
-what is left of the budget, so the value is compared to within a second).
+On 0.32 both pass it (a control; safepool passes what is left of the
+budget, so the value is compared to within a second). Sibling: with no
+budget at all, both pools pass ``timeout=None`` (safepool called ``close()``
+with no argument there, on every version).
 """
 
 from __future__ import annotations
@@ -32,11 +37,8 @@ import asyncpg
 import pytest
 
 import safepool
-from tests._util import asyncpg_version
 
 pytestmark = pytest.mark.asyncio
-
-BEFORE_032 = asyncpg_version() < (0, 32)
 
 
 async def _close_calls(flavour: str, pg_dsn: str, how: str, where: str) -> tuple[str, list[dict[str, Any]], int]:
@@ -69,14 +71,10 @@ def _rounded(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: (round(v) if isinstance(v, float) else v) for k, v in kwargs.items()} for kwargs in calls]
 
 
-@pytest.mark.xfail(BEFORE_032, strict=True, reason=(
-    "review h277: on asyncpg 0.29-0.31 safepool closes a released connection with close() and no timeout= "
-    "(safepool/_leasing.py:699-707, safepool/_workers.py:552); asyncpg's release passes close(timeout=budget)"
-))
-@pytest.mark.parametrize("where", ["release", "acquire"], ids=["release-timeout", "acquire-timeout"])
+@pytest.mark.parametrize("where", ["release", "acquire", "none"], ids=["release-timeout", "acquire-timeout", "no-timeout"])
 @pytest.mark.parametrize("how", ["max_queries", "expire"])
 async def test_close_gets_the_release_budget(pg_dsn: str, how: str, where: str) -> None:
     expected = await _close_calls("asyncpg", pg_dsn, how, where)
-    assert expected == ("returned", [{"timeout": 3}], 0)  # (asyncpg 0.29-0.32 alike)
+    assert expected == ("returned", [{"timeout": None if where == "none" else 3}], 0)  # (asyncpg 0.29-0.32 alike)
     outcome, calls, size = await _close_calls("safepool", pg_dsn, how, where)
     assert (outcome, _rounded(calls), size) == expected
