@@ -256,7 +256,7 @@ async def reset(
             # reset() what is left (Connection.reset() bounds itself by it): a
             # reset() that takes longer, or ignores the timeout, is not cut short.
             if _pg.is_cancelling(con):
-                async with asyncio.timeout(budget):
+                async with asyncio.timeout(budget if budget is not None else DEFAULT_RESET_TIMEOUT):
                     budget = await cancel_answered(con, budget)
             whole = None
         else:
@@ -713,9 +713,14 @@ async def _reset_connection(
     """ROLLBACK (if a transaction is open) and the reset query: one
     simple-query message, one round trip, but with a connection class's own
     reset query, which goes after a ROLLBACK of its own (``_send_reset``).
-    ``limit`` bounds the statements, not the wait for a cancelled query."""
+    ``limit`` bounds the statements, not the wait for a cancelled query;
+    with no ``budget`` either, ``DEFAULT_RESET_TIMEOUT`` bounds that wait
+    (asyncpg's release waits for ever: a statement the server does not
+    cancel, a ``COPY ... FROM STDIN`` sent with ``execute()``, held the slot
+    for good; review h281)."""
     if _pg.is_cancelling(con):
-        budget = await cancel_answered(con, budget)
+        async with asyncio.timeout(None if budget is not None else DEFAULT_RESET_TIMEOUT):
+            budget = await cancel_answered(con, budget)
     if con.is_closed():
         return  # asyncpg's background cancel gave up and closed it
     async with asyncio.timeout(limit):

@@ -1,0 +1,64 @@
+"""Review h281 (s80): ``execute("COPY t FROM STDIN")`` on a lease, cut
+short by its ``timeout=``. asyncpg sends a cancel request, which the
+server does not act on while it waits for the COPY's data: the protocol
+stays "cancelling" for good. asyncpg's release, with no budget, waits for
+that cancellation for ever (its pool's slot and every acquire after it
+with it); safepool's waited for ever too, its 30 s bound
+(``_workers.DEFAULT_RESET_TIMEOUT``) covering the reset's statements only.
+Now the wait for a cancellation is bounded by it as well: the release
+raises ``TimeoutError``, the connection is given up, and the next acquire
+gets a new one. (Only safepool's pool is run: asyncpg's never returns.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+import safepool
+from safepool import _workers
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
+
+BOUND = 0.5  # seconds: DEFAULT_RESET_TIMEOUT, shortened for the test
+
+
+@pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
+@pytest.mark.parametrize("command_timeout", [None, 60.0])
+async def test_a_cancel_the_server_ignores_does_not_hold_the_slot_for_ever(
+    pg_dsn: str, app_name: str, server_count: object, monkeypatch: pytest.MonkeyPatch, reset_mode: str,
+    command_timeout: float | None,
+) -> None:
+    monkeypatch.setattr(_workers, "DEFAULT_RESET_TIMEOUT", BOUND)
+    admin = await asyncpg.connect(pg_dsn)
+    table = f"copy_in_{app_name.replace('-', '_')}"
+    await admin.execute(f"CREATE TABLE {table} (a int)")
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, command_timeout=command_timeout,
+        server_settings={"application_name": app_name},
+    )
+    try:
+        con = await pool.acquire()
+        stuck_pid = con.get_server_pid()
+        with pytest.raises(asyncio.TimeoutError):
+            await con.execute(f"COPY {table} FROM STDIN", timeout=0.2)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            async with asyncio.timeout(BOUND + 10):
+                await pool.release(con)
+        assert loop.time() - began < BOUND + 5
+        async with asyncio.timeout(10):
+            async with pool.acquire() as again:
+                assert await again.fetchval("SELECT 1") == 1
+                assert again.get_server_pid() != stuck_pid
+                # The stuck backend is gone: never two from this pool.
+                assert await server_count(app_name) == 1  # type: ignore[operator]
+        stats = pool.stats()
+        assert stats.resets_failed == 1 and stats.in_use == 0
+    finally:
+        await asyncio.wait_for(pool.close(), 10)
+        await admin.execute(f"DROP TABLE {table}")
+        await admin.close()
