@@ -37,6 +37,9 @@ What these found (each an ``xfail(strict=True)`` until fixed):
 - The replay into a closed stdout (``| head -1``): the table's exits 1
   silently (rich's ``Console.on_broken_pipe``), ``--json``'s with a
   BrokenPipeError traceback (``safepool/replay/cli.py:406-409``).
+- The replay exits 1 when its embedded server cannot start
+  (``safepool/replay/server.py:93``), where docs/replay.md says 2, as an
+  unusable ``--dsn`` and as selfcheck.
 - A bad top-level argument prints argparse's usage before the error line
   (``safepool/__main__.py:160-164``), where ``_cli.py`` promises "one line,
   exit 2"; ``python -m safepool --bogus`` does not even name the option.
@@ -565,3 +568,26 @@ def test_replay_into_a_closed_pipe_exits_0_without_a_traceback(short_tmp: Path, 
     assert process.returncode == 0, err
     assert not list(short_tmp.glob("safepool-replay-*"))
     assert _postgres_left(short_tmp) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the replay exits 1 when its embedded PostgreSQL cannot start (safepool/replay/server.py:93: ReplayError's "
+    "default exit_code); docs/replay.md says it ends 'the same way' as an unusable --dsn (exit code 2), and "
+    "selfcheck exits 2",
+)
+def test_replay_whose_embedded_server_cannot_start_exits_2_as_selfcheck(tmp_path: Path) -> None:
+    long = tmp_path / ("x" * 110)  # too long a path for the server's Unix socket
+    long.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "safepool", "replay", "--scenario", "leak"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=dict(os.environ, TMPDIR=str(long), XDG_RUNTIME_DIR=str(long)),
+    )
+    assert "could not start the embedded PostgreSQL" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.returncode == 2, result.stderr
