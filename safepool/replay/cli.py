@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +36,10 @@ if TYPE_CHECKING:
 
 from .._cli import Exit as _Exit
 from .._cli import Parser as _Parser
+from .._cli import Stop as _Stop
 from .._cli import UsageError as _UsageError
 from .._cli import number as _cli_number
+from .._cli import silence_stdout as _silence_stdout
 from .._cli import usage_text as _usage_text
 
 PROG = "python -m safepool replay"
@@ -252,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     except ReplayError as exc:
         _fail(str(exc))
         return exc.exit_code
+    except BrokenPipeError:
+        # (replay | head: the reader has what it wanted. The run stops there,
+        # its pools and server stopped on the way out; as check's and top's.)
+        _silence_stdout()
+        return 0
     except KeyboardInterrupt:
         signum = signals.signum or signal.SIGINT
         how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
@@ -262,65 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         _fail(f"interrupted{how}; {stopped}")
         return 128 + signum
-
-
-class _Stop:
-    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) all stop the run the
-    same way: the first one cancels the async part (its tasks stop what they
-    started) or, outside it, raises KeyboardInterrupt. Later ones are only
-    noted: a second Ctrl-C used to raise KeyboardInterrupt inside whatever ran
-    (tracebacks from the service's handlers), and one during the embedded
-    server's cleanup could leave its files behind. The cleanup is bounded."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.closing = False  # the server's cleanup runs: note signals, never raise
-        self._task: asyncio.Task[Any] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        previous = {signum: signal.signal(signum, self._on_signal) for signum in self.SIGNALS}
-        try:
-            yield
-        finally:
-            if self.signum is None:
-                for signum, handler in previous.items():
-                    signal.signal(signum, handler)
-            # Else the run was stopped and the process exits: later signals
-            # stay only noted until it has. Restored, a second Ctrl-C that
-            # came after the cleanup killed the process by SIGINT (exit -2,
-            # not 130: CI of 2026-12-07) or raised KeyboardInterrupt in its
-            # shutdown.
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        if self.signum is not None or self.closing:
-            self.signum = self.signum or signum
-            return
-        self.signum = signum
-        if self._task is not None and self._loop is not None and not self._task.done():
-            # In the loop's thread, between two bytecodes: cancel, and wake the loop.
-            self._task.cancel()
-            self._loop.call_soon_threadsafe(lambda: None)
-            return
-        raise KeyboardInterrupt
-
-    async def run(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run the async part; return early, with ``signum`` set, if a signal stopped it."""
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        try:
-            if self.signum is not None:  # came while the loop started
-                coro.close()
-                return
-            await coro
-        except asyncio.CancelledError:
-            if self.signum is None:
-                raise
-        finally:
-            self._task = None
 
 
 # --------------------------------------------------------------- the run
@@ -341,11 +289,18 @@ def _run(configs: list[ReplayConfig], args: argparse.Namespace, stop: _Stop) -> 
     from . import report
     from .server import Database, embedded_server
 
-    out = Console(highlight=False)
+    class Output(Console):
+        def on_broken_pipe(self) -> None:
+            # rich's own exits 1 (SystemExit): a closed pipe ends the run
+            # as main() says, with status 0 (review h282).
+            self.quiet = True
+            raise BrokenPipeError
+
+    out = Output(highlight=False)
     if not out.is_terminal:
         # Files and pipes: room for the table, and prose on one line each
         # (soft_wrap: a verdict cut at the width read "...recovered; 10\n connections").
-        out = Console(highlight=False, width=120, soft_wrap=True)
+        out = Output(highlight=False, width=120, soft_wrap=True)
     err = Console(stderr=True, highlight=False)
     started = time.monotonic()
     several = len(configs) > 1

@@ -10,8 +10,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
+from rich.text import Text
 
 from .config import POOL_LABELS, SCENARIO_TITLES, ReplayConfig, describe_options
 from .load import TRANSPORT_ERROR, RequestRecord
@@ -450,14 +451,56 @@ def title(config: ReplayConfig) -> str:
     return f"{head}\n{detail}; pool size {config.pool_size}, service deadline {config.request_timeout:g} s"
 
 
-def build_table(summaries: list[Summary], config: ReplayConfig, max_connections: int) -> Table:
-    table = Table(title=title(config), title_justify="left")
-    table.add_column("", no_wrap=True)
-    for summary in summaries:
-        table.add_column(summary.label, overflow="fold", min_width=24)
-    for name, render in _rows(config, max_connections):
-        table.add_row(name, *(render(summary) for summary in summaries))
-    return table
+def build_table(summaries: list[Summary], config: ReplayConfig, max_connections: int) -> ReportTable:
+    """The scenario's table: the pools side by side, or, on a terminal too
+    narrow for that (about 104 columns), one pool under the other."""
+    return ReportTable(summaries, config, max_connections)
+
+
+POOL_COLUMN = 24  # characters: a pool's column side by side (its values fold within it)
+
+
+class ReportTable:
+    """A rich renderable that picks its layout at the width it is printed
+    at: rich crops a table's lines at the console's width, and the
+    side-by-side one showed 4 characters of safepool's column on an
+    80-column terminal, none of either pool's at 40 (review h282)."""
+
+    def __init__(self, summaries: list[Summary], config: ReplayConfig, max_connections: int) -> None:
+        self.summaries = summaries
+        self.config = config
+        self.max_connections = max_connections
+
+    def side_by_side(self) -> Table:
+        table = Table(title=title(self.config), title_justify="left")
+        table.add_column("", no_wrap=True)
+        for summary in self.summaries:
+            table.add_column(summary.label, overflow="fold", min_width=POOL_COLUMN)
+        for name, render in _rows(self.config, self.max_connections):
+            table.add_row(name, *(render(summary) for summary in self.summaries))
+        return table
+
+    def stacked(self) -> list[Text | Table]:
+        """The scenario's title, then one table per pool, titled with its label."""
+        parts: list[Text | Table] = [Text(title(self.config))]
+        for summary in self.summaries:
+            table = Table(title=summary.label, title_justify="left", title_style="bold", show_header=False)
+            table.add_column("", overflow="fold", ratio=1)
+            table.add_column("", overflow="fold", ratio=1)
+            for name, render in _rows(self.config, self.max_connections):
+                table.add_row(name, render(summary))
+            parts.append(table)
+        return parts
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        # Side by side needs the labels unbroken and each pool's column
+        # POOL_COLUMN wide, plus each cell's padding (2) and the borders.
+        labels = max(len(name) for name, _ in _rows(self.config, self.max_connections))
+        needed = labels + 2 + len(self.summaries) * (POOL_COLUMN + 2) + len(self.summaries) + 2
+        if options.max_width >= needed:
+            yield self.side_by_side()
+        else:
+            yield from self.stacked()
 
 
 def target(summary: Summary, config: ReplayConfig) -> tuple[str, bool]:

@@ -8,7 +8,6 @@ server instead, which is only checked for reachability and headroom.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from typing import Any
 import asyncpg
 
 from .._cli import server_start_hint
+from .._embedded import stop_and_remove
 from .._secrets import redact, scrub_quoted
 from ..stats import describe_error
 from .config import MONITOR_APP_NAME, ReplayError
@@ -91,15 +91,14 @@ def embedded_server(max_connections: int) -> Iterator[Database]:
             server.ensure_postgres_running()  # re-reads postmaster.pid: the pid changed
         except Exception as exc:
             raise ReplayError(
-                f"could not start the embedded PostgreSQL ({describe_error(exc)}){server_start_hint(exc)}"
+                f"could not start the embedded PostgreSQL ({describe_error(exc)}){server_start_hint(exc)}",
+                exit_code=2,  # (docs/replay.md: the server could not be started or reached)
             ) from exc
         yield Database(str(server.get_uri()), server)
     finally:
-        if server is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                server.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+        # Also what an interrupted start or restart left running there,
+        # which the server object does not know (review h282).
+        stop_and_remove(server, str(workdir))
 
 
 async def connect_monitor(dsn: str, *, pool_size: int, from_option: bool) -> tuple[asyncpg.Connection, int]:

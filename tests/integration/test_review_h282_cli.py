@@ -149,7 +149,6 @@ LINGER = (
 
 
 @pytest.mark.realtime
-@pytest.mark.xfail(strict=True, reason=LINGER + "(safepool/replay/server.py:97-102)")
 def test_replay_interrupted_as_the_embedded_server_starts_leaves_no_server(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -180,7 +179,6 @@ def test_replay_interrupted_as_the_embedded_server_starts_leaves_no_server(
 
 
 @pytest.mark.realtime
-@pytest.mark.xfail(strict=True, reason=LINGER + "(safepool/replay/server.py:88-91 and 97-102)")
 def test_replay_interrupted_in_its_max_connections_restart_leaves_no_server(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -207,7 +205,6 @@ def test_replay_interrupted_in_its_max_connections_restart_leaves_no_server(
 
 
 @pytest.mark.realtime
-@pytest.mark.xfail(strict=True, reason=LINGER + "(safepool/replay/server.py:70-71 and 97-102)")
 def test_restart_scenario_interrupted_while_the_server_starts_again_leaves_no_server(short_tmp: Path) -> None:
     """The restart scenario's ``Database.start``: Ctrl-C reaches pg_ctl too
     (the same process group), which dies of it once it has forked the
@@ -229,9 +226,6 @@ def test_restart_scenario_interrupted_while_the_server_starts_again_leaves_no_se
 
 
 @pytest.mark.realtime
-@pytest.mark.xfail(
-    strict=True, reason=LINGER + "(safepool/__main__.py:55-64: _remove waits for it, then deletes its directory)"
-)
 def test_selfcheck_interrupted_as_the_embedded_server_starts_leaves_no_server(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -305,11 +299,6 @@ def test_selfcheck_ctrl_c_stops_and_removes_the_embedded_server(short_tmp: Path)
 
 
 @pytest.mark.realtime
-@pytest.mark.xfail(
-    strict=True,
-    reason="selfcheck handles KeyboardInterrupt only (safepool/__main__.py:166-170): SIGTERM or SIGHUP kills it "
-    "where it stands, and its embedded server and directory stay for good",
-)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_selfcheck_sigterm_stops_and_removes_the_embedded_server(short_tmp: Path, signum: int) -> None:
     code, err = _signalled_selfcheck(short_tmp, signum)
@@ -326,11 +315,6 @@ def test_selfcheck_sigterm_stops_and_removes_the_embedded_server(short_tmp: Path
 
 
 @pytest.mark.realtime
-@pytest.mark.xfail(
-    strict=True,
-    reason="selfcheck does not handle BrokenPipeError (safepool/__main__.py:102-105): `selfcheck | head -1` "
-    "prints a traceback and exits 1 (when head is gone before its output); check and top use _cli.silence_stdout()",
-)
 def test_selfcheck_into_a_closed_pipe_gives_no_traceback(short_tmp: Path) -> None:
     """``selfcheck | head -1``, with the reader gone before the first line
     (``| head -1`` itself races: the three lines may reach the pipe as one
@@ -359,11 +343,6 @@ def test_selfcheck_into_a_closed_pipe_gives_no_traceback(short_tmp: Path) -> Non
 # --------------------------------------------------------- usage errors
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the top-level parser prints argparse's usage before the error (safepool/__main__.py:160-164), where "
-    "_cli.py promises one line and exit 2; `python -m safepool --bogus` says a command is missing, not the option",
-)
 @pytest.mark.parametrize("args", [["--bogus"], ["selfcheck", "--bogus"], ["selfchek"]])
 def test_a_bad_top_level_argument_is_one_line(args: list[str]) -> None:
     result = subprocess.run(
@@ -431,7 +410,6 @@ def _racing_cleanup(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.realtime
-@pytest.mark.xfail(strict=True, reason=CLEANUP_RAISES + "(safepool/replay/server.py:98-102)")
 def test_replay_interrupted_start_whose_cleanup_fails_still_exits_130_without_files(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -459,7 +437,6 @@ def test_replay_interrupted_start_whose_cleanup_fails_still_exits_130_without_fi
 
 
 @pytest.mark.realtime
-@pytest.mark.xfail(strict=True, reason=CLEANUP_RAISES + "(safepool/__main__.py:58-64)")
 def test_selfcheck_interrupted_whose_cleanup_fails_still_exits_130(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -476,7 +453,6 @@ def test_selfcheck_interrupted_whose_cleanup_fails_still_exits_130(
 
 
 @pytest.mark.realtime
-@pytest.mark.xfail(strict=True, reason=CLEANUP_RAISES + "(safepool/replay/server.py:98-102)")
 def test_replay_ctrl_c_while_the_embedded_server_stops_gives_no_traceback(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -539,12 +515,6 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.realtime
-@pytest.mark.xfail(
-    strict=True,
-    reason="the replay does not handle a closed stdout: rich's Console.on_broken_pipe() exits 1 silently after the "
-    "table, and --json's _write_json() (safepool/replay/cli.py:406-409) raises BrokenPipeError, a traceback and "
-    "exit 1; check and top catch it and keep their status (_cli.silence_stdout())",
-)
 @pytest.mark.parametrize("output", [[], ["--json"]], ids=["table", "json"])
 def test_replay_into_a_closed_pipe_exits_0_without_a_traceback(short_tmp: Path, output: list[str]) -> None:
     env = dict(os.environ, TMPDIR=str(short_tmp), PYTHONPATH=str(ROOT))
@@ -570,12 +540,6 @@ def test_replay_into_a_closed_pipe_exits_0_without_a_traceback(short_tmp: Path, 
     assert _postgres_left(short_tmp) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the replay exits 1 when its embedded PostgreSQL cannot start (safepool/replay/server.py:93: ReplayError's "
-    "default exit_code); docs/replay.md says it ends 'the same way' as an unusable --dsn (exit code 2), and "
-    "selfcheck exits 2",
-)
 def test_replay_whose_embedded_server_cannot_start_exits_2_as_selfcheck(tmp_path: Path) -> None:
     long = tmp_path / ("x" * 110)  # too long a path for the server's Unix socket
     long.mkdir()

@@ -49,12 +49,6 @@ def test_the_table_shows_both_pools_at_120_columns() -> None:
     assert "app.py:1" in text  # safepool named the leak
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the table needs about 104 columns (a no-wrap label column of 46, two pool columns of min_width 24: "
-    "safepool/replay/report.py:454-457) and is cropped at the terminal's width: at 80 columns safepool's column "
-    "shows 4 characters, at 40 neither pool's column shows",
-)
 @pytest.mark.parametrize("width", [80, 40])
 def test_the_table_shows_both_pools_on_a_narrower_terminal(width: int) -> None:
     text = _table(width)
