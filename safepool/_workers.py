@@ -762,6 +762,15 @@ async def _send_reset(con: RawConnection, rollback: bool, hooks: ResetHooks, bud
             await con.reset(timeout=budget)  # sees the lease's state, as with asyncpg
         return
     rollback = rollback or con.is_in_transaction()
+    if not _pg.RESET_UNDER_BUDGET:
+        # asyncpg 0.29's Connection.reset(timeout=): one statement, the
+        # ROLLBACK (with a transaction open) and the reset query together,
+        # its timeout= the release's budget, which replaces command_timeout
+        # (a class's own execute() sees that one call; review h277).
+        query = reset_message(_pg.reset_query_getter(con), hooks.full, rollback)
+        if query:
+            await con.execute(query, timeout=budget)
+        return
     if rollback and hooks.full and _pg.overrides_reset_query(type(con)):
         # A connection class's own reset query may refuse a transaction
         # block (DISCARD ALL): the ROLLBACK first, alone, as asyncpg's

@@ -92,10 +92,6 @@ async def _run(flavour: str, pg_dsn: str, open_transaction: bool, own_execute: b
         pool.terminate()
 
 
-@pytest.mark.xfail(ON_029, strict=True, reason=(
-    "review h277: on asyncpg 0.29 safepool's pool-task reset sends execute(query) with no timeout=, so "
-    "command_timeout cuts it (safepool/_workers.py:749), where asyncpg 0.29 passes the release's budget"
-))
 async def test_open_transaction_on_a_class_with_its_own_reset_query(pg_dsn: str) -> None:
     expected = await _run("asyncpg", pg_dsn, open_transaction=True, own_execute=False)
     if ON_029:
@@ -103,10 +99,6 @@ async def test_open_transaction_on_a_class_with_its_own_reset_query(pg_dsn: str)
     assert await _run("safepool", pg_dsn, open_transaction=True, own_execute=False) == expected
 
 
-@pytest.mark.xfail(ON_029, strict=True, reason=(
-    "review h277: on asyncpg 0.29 safepool's pool-task reset calls a class's execute() as 0.30 does "
-    "(no timeout=, ROLLBACK apart; safepool/_workers.py:745-749), not as 0.29's reset(): one call, timeout=budget"
-))
 @pytest.mark.parametrize("open_transaction", [False, True], ids=["idle", "open-transaction"])
 async def test_a_class_with_its_own_execute(pg_dsn: str, open_transaction: bool) -> None:
     expected = await _run("asyncpg", pg_dsn, open_transaction=open_transaction, own_execute=True)
