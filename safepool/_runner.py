@@ -718,7 +718,7 @@ class Runner:
             first = state.add_connecting(self.now())
             await self.connect_slot(first, raise_errors=True)
             # The rest may fail without failing creation: the min_size upkeep
-            # retries them in the background with backoff.
+            # retries them in the background with backoff, up to min_size.
             limit = state.max_connecting
             if limit is None or limit >= init_size - 1:
                 others = [state.add_connecting(self.now()) for _ in range(init_size - 1)]

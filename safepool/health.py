@@ -359,6 +359,11 @@ def _recent_connect_errors(pool: Pool, stats: PoolStats, now: float, window: flo
     history = _history.get(pool)
     if history is None:
         history = _history[pool] = _History()
+        # What the first check knows of the failures before it: the run
+        # under way then, and when its last failure was.
+        age = stats.last_connect_failure_age
+        if age is not None and stats.consecutive_connect_failures:
+            history.prior = (now - age, stats.consecutive_connect_failures)
     history.longest = max(history.longest, window)
     runs = history.runs
     # Runs that ended before the longest window's start are not needed once
@@ -379,6 +384,12 @@ def _recent_connect_errors(pool: Pool, stats: PoolStats, now: float, window: flo
     else:
         if runs:
             baseline = (runs[0][0], runs[0][2])
+            prior = history.prior
+            if prior is not None and start < prior[0] <= baseline[0]:
+                # The failures the first check saw, within the window too:
+                # counted from the last of them (a second check within the
+                # window reported none: review h284).
+                baseline = (prior[0], runs[0][2] - prior[1])
     if baseline is not None and now - baseline[0] > 2 * window:
         baseline = None
     if runs and runs[-1][2] == stats.connect_errors:
@@ -396,9 +407,12 @@ def _recent_connect_errors(pool: Pool, stats: PoolStats, now: float, window: flo
 class _History:
     """A pool's connect error counter as its health checks saw it."""
 
-    __slots__ = ("runs", "longest")
+    __slots__ = ("runs", "longest", "prior")
 
     def __init__(self) -> None:
+        # (when the last failure before the first check was, the run of
+        # failures the first check saw), or None: none under way then.
+        self.prior: tuple[float, int] | None = None
         # [first seen, last seen, counter]: at most one run per move of the
         # counter, the oldest dropped past _HISTORY_RUNS.
         self.runs: deque[list[Any]] = deque(maxlen=_HISTORY_RUNS)

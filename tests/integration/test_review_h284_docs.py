@@ -20,17 +20,6 @@ def _codes(report: safepool.HealthReport) -> list[str]:
     return [reason.code for reason in report.reasons]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "h284: docs/metrics.md:458 and :472 (and check_health()'s docstring) say health() is degraded "
-        "(connect_errors) when connects failed within connect_error_window; but within the first window "
-        "after a pool's first check, a later check takes that first check as its baseline "
-        "(safepool/health.py:375-381, the for/else falling back to runs[0]) and so drops every failure "
-        "that came before it, though it lies inside its window: the first check reports it, the next one, "
-        "30 s later with a 60 s window, reports ok"
-    ),
-)
 @pytest.mark.asyncio
 async def test_a_connect_failure_inside_the_window_is_reported_by_a_second_check_too(pg_dsn: str) -> None:
     clock = safepool.ManualClock()
@@ -57,37 +46,49 @@ async def test_a_connect_failure_inside_the_window_is_reported_by_a_second_check
         pool.terminate()
 
 
-@pytest.mark.realtime
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "h284: docs/backpressure.md:18 (init_size: 'the first must succeed, later failures are retried in the "
-        "background') and :245-249 ('the rest are retried in the background') promise the init_size "
-        "connections; but safepool/_runner.py:720-725 leaves the retry to the min_size upkeep "
-        "(state.start_floor(), :738), which restores min_size only: with init_size > min_size the failed "
-        "start-up connects are never tried again (get_size() stays at what creation got). Either retry up "
-        "to init_size or say 'retried in the background up to min_size'"
-    ),
-)
 @pytest.mark.asyncio
-async def test_start_up_connects_that_failed_are_retried_up_to_init_size(pg_dsn: str) -> None:
+async def test_a_connect_failure_before_the_window_is_not_reported_by_a_second_check(pg_dsn: str) -> None:
+    """The counterpart: the same failure 61 s old is outside the 60 s window."""
+    clock = safepool.ManualClock()
+    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2, clock=clock)
+    try:
+        held = await pool.acquire()
+        pool.set_connect_args(pg_dsn, database="h284_no_such_database")
+        with pytest.raises(asyncpg.InvalidCatalogNameError):
+            await pool.acquire()
+        await pool.release(held)
+        assert "connect_errors" in _codes(await pool.health(probe=False))
+        clock.advance(61.0)
+        await asyncio.sleep(0)
+        assert "connect_errors" not in _codes(await pool.health(probe=False))
+    finally:
+        pool.terminate()
+
+
+@pytest.mark.realtime
+@pytest.mark.asyncio
+async def test_start_up_connects_that_failed_are_retried_up_to_min_size(pg_dsn: str) -> None:
+    """docs/backpressure.md: the start-up connects that failed are retried
+    in the background up to ``min_size`` (the doc said "retried", and a
+    pool with ``init_size`` above ``min_size`` stays at ``min_size``: h284)."""
     role = f"h284_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(pg_dsn)
     try:
         # The server has one slot for the role at start-up: creation gets the
         # first connection, the two others fail (SQLSTATE 53300).
         await admin.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")
-        pool = await safepool.create_pool(pg_dsn, user=role, init_size=3, min_size=1, max_size=3)
+        pool = await safepool.create_pool(pg_dsn, user=role, init_size=3, min_size=2, max_size=3)
         try:
             assert pool.get_size() == 1 and pool.stats().connect_errors == 2
             await admin.execute(f"ALTER ROLE {role} CONNECTION LIMIT 10")
             # Retried in the background (a backoff of 1, then 2 s, as the
-            # min_size upkeep's): within 4 s the pool holds init_size.
+            # min_size upkeep's): within 4 s the pool holds min_size, and
+            # no more (init_size's third is not opened again).
             for _ in range(40):
-                if pool.get_size() == 3:
+                if pool.get_size() == 2:
                     break
                 await asyncio.sleep(0.1)
-            assert pool.get_size() == 3, pool.stats()
+            assert pool.get_size() == 2, pool.stats()
         finally:
             pool.terminate()
     finally:
