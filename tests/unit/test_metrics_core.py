@@ -222,11 +222,13 @@ def test_connect_error_window_uses_checks_as_samples() -> None:
 
     fail(0.0)
     assert check(1.0) == (1, None)  # first check: only the current run is known
-    assert check(10.0) == (0, 9.0)
+    # The failure the first check saw (at 0.0) is within the window of the
+    # next checks too: counted from its time (review h284; this read (0, 9.0)).
+    assert check(10.0) == (1, 10.0)
     fail(20.0)
     slot = state.add_connecting(21.0)
     state.connect_succeeded(slot, object(), 21.0)  # the run ends; the errors stay counted
-    assert check(30.0) == (1, 29.0)
+    assert check(30.0) == (2, 30.0)
     assert check(80.0) == (1, 70.0)  # baseline: the newest check at or before 20.0 (10.0)
     # The counter did not move between the checks at 30.0 and 80.0: its value
     # at the window's start (40.0) is known, the window measured in full.
