@@ -1,0 +1,95 @@
+"""Review h283: b3892bb bounded a pool task's wait for a cancelled
+statement (one the server never answers: ``COPY ... FROM STDIN`` sent with
+``execute()``) by ``DEFAULT_RESET_TIMEOUT`` when no budget is set. Other
+ways to the same wait: the statement cancelled by its task in the same loop
+step as the release (``Runner._reset_after_a_loop_pass``), and while it is
+still running (the release's reset refused at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+import safepool
+from safepool import _runner, _workers
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
+
+BOUND = 0.5  # seconds: DEFAULT_RESET_TIMEOUT, shortened for the test
+
+
+SAME_STEP_FULL = pytest.mark.xfail(
+    strict=True,
+    reason="review h283: a statement its task cancelled in the release's loop step goes to "
+    "Runner._reset_after_a_loop_pass (full mode), whose wait for the cancellation is bounded by the "
+    "release's budget alone (safepool/_runner.py:675, asyncio.timeout(None) with no budget): the "
+    "ignored cancel of a COPY FROM STDIN holds the slot for good, and nothing sets reset_since for "
+    "the reset watchdog there",
+)
+
+
+@pytest.mark.parametrize(
+    ("how", "reset_mode"),
+    [
+        pytest.param("same_step", "full", marks=SAME_STEP_FULL),
+        ("same_step", "rollback"),
+        ("same_step", "auto"),
+        ("after_a_step", "full"),
+        ("after_a_step", "rollback"),
+        ("after_a_step", "auto"),
+    ],
+)
+@pytest.mark.parametrize("command_timeout", [None, 60.0])
+async def test_a_task_cancelled_copy_in_does_not_hold_the_slot_for_ever(
+    pg_dsn: str, app_name: str, server_count: Any, monkeypatch: pytest.MonkeyPatch, reset_mode: str,
+    command_timeout: float | None, how: str,
+) -> None:
+    """As test_review_h281_copy_in_cancel.py's, the statement cancelled by
+    its task rather than by its ``timeout=``: with no budget, the release
+    returns (or raises) within DEFAULT_RESET_TIMEOUT, and the next acquire
+    gets a new connection, never two backends at once."""
+    monkeypatch.setattr(_workers, "DEFAULT_RESET_TIMEOUT", BOUND)
+    monkeypatch.setattr(_runner, "DEFAULT_RESET_TIMEOUT", BOUND)
+    admin = await asyncpg.connect(pg_dsn)
+    table = f"copy_in_{app_name.replace('-', '_')}"
+    await admin.execute(f"CREATE TABLE {table} (a int)")
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, command_timeout=command_timeout,
+        server_settings={"application_name": app_name},
+    )
+    try:
+        con = await pool.acquire()
+        stuck_pid = con.get_server_pid()
+        statement = asyncio.ensure_future(con.execute(f"COPY {table} FROM STDIN"))
+        await asyncio.sleep(0.2)
+        statement.cancel()
+        if how == "after_a_step":
+            await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            async with asyncio.timeout(BOUND + 4):
+                await pool.release(con)
+        except asyncio.TimeoutError:
+            pass
+        except Exception:
+            pass
+        assert loop.time() - began < BOUND + 3, "release() waited for the ignored cancel (no bound)"
+        async with asyncio.timeout(10):
+            async with pool.acquire() as again:
+                assert await again.fetchval("SELECT 1") == 1
+                assert again.get_server_pid() != stuck_pid
+                assert await server_count(app_name) == 1
+        assert pool.stats().in_use == 0
+    finally:
+        statement.cancel()
+        pool.terminate()
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
+        )
+        await admin.execute(f"DROP TABLE {table}")
+        await admin.close()
