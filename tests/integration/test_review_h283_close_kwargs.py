@@ -86,9 +86,11 @@ async def _calls(flavour: str, pg_dsn: str, how: str) -> tuple[list[Any], str]:
                 await pool.release(con)
             except RuntimeError as exc:
                 outcome = str(exc)
-        elif how == "released_during_close":
+        elif how in ("released_during_close", "expired_released_during_close"):
             con = await pool.acquire()
             await con.execute("SELECT 1")
+            if how == "expired_released_during_close":
+                await pool.expire_connections()
             closing = asyncio.ensure_future(pool.close())
             await asyncio.sleep(0.1)
             await pool.release(con)
@@ -121,7 +123,7 @@ async def _calls(flavour: str, pg_dsn: str, how: str) -> tuple[list[Any], str]:
 
 
 @pytest.mark.parametrize(
-    "how", ["setup_fails", "released_during_close", "flagged_at_release"],
+    "how", ["setup_fails", "released_during_close", "expired_released_during_close", "flagged_at_release"],
 )
 async def test_close_and_terminate_calls_match(pg_dsn: str, how: str) -> None:
     if how == "flagged_at_release" and asyncpg_version() < (0, 32):
