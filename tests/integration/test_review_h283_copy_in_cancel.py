@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 import safepool
-from safepool import _runner, _workers
+from safepool import _reclaim, _runner, _workers
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
 
@@ -87,6 +87,109 @@ async def test_a_task_cancelled_copy_in_does_not_hold_the_slot_for_ever(
         assert pool.stats().in_use == 0
     finally:
         statement.cancel()
+        pool.terminate()
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
+        )
+        await admin.execute(f"DROP TABLE {table}")
+        await admin.close()
+
+
+class OwnReset(asyncpg.Connection):  # type: ignore[misc]
+    async def reset(self, *, timeout: Any = None) -> None:
+        await super().reset(timeout=timeout)
+
+
+async def _reset_hook(con: Any) -> None:
+    await con.execute("RESET ALL")
+
+
+@pytest.mark.parametrize("how", ["same_step", "after_a_step", "timeout"])
+@pytest.mark.parametrize("custom", ["connection_class", "reset_hook"])
+async def test_a_custom_reset_after_an_ignored_cancel(
+    pg_dsn: str, app_name: str, server_count: Any, monkeypatch: pytest.MonkeyPatch, how: str, custom: str,
+) -> None:
+    """A custom reset (a class's own reset(), a reset= hook) runs in a pool
+    task: its wait for the cancellation is bounded alike."""
+    monkeypatch.setattr(_workers, "DEFAULT_RESET_TIMEOUT", BOUND)
+    monkeypatch.setattr(_runner, "DEFAULT_RESET_TIMEOUT", BOUND)
+    admin = await asyncpg.connect(pg_dsn)
+    table = f"copy_in_{app_name.replace('-', '_')}"
+    await admin.execute(f"CREATE TABLE {table} (a int)")
+    options: dict[str, Any] = {"connection_class": OwnReset} if custom == "connection_class" else {"reset": _reset_hook}
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, server_settings={"application_name": app_name}, **options,
+    )
+    statement: asyncio.Future[Any] | None = None
+    try:
+        con = await pool.acquire()
+        stuck_pid = con.get_server_pid()
+        if how == "timeout":
+            with pytest.raises(asyncio.TimeoutError):
+                await con.execute(f"COPY {table} FROM STDIN", timeout=0.2)
+        else:
+            statement = asyncio.ensure_future(con.execute(f"COPY {table} FROM STDIN"))
+            await asyncio.sleep(0.2)
+            statement.cancel()
+            if how == "after_a_step":
+                await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            async with asyncio.timeout(BOUND + 4):
+                await pool.release(con)
+        except Exception:
+            pass
+        assert loop.time() - began < BOUND + 3, "release() waited for the ignored cancel (no bound)"
+        async with asyncio.timeout(10):
+            async with pool.acquire() as again:
+                assert await again.fetchval("SELECT 1") == 1
+                assert again.get_server_pid() != stuck_pid
+                assert await server_count(app_name) == 1
+    finally:
+        if statement is not None:
+            statement.cancel()
+        pool.terminate()
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
+        )
+        await admin.execute(f"DROP TABLE {table}")
+        await admin.close()
+
+
+@pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
+async def test_a_lease_timeout_take_back_of_a_copy_in(
+    pg_dsn: str, app_name: str, server_count: Any, monkeypatch: pytest.MonkeyPatch, reset_mode: str,
+) -> None:
+    """lease_timeout runs out on a lease stuck in COPY FROM STDIN: the take
+    back's cancel is ignored too; the slot comes back within the bound."""
+    for module in (_workers, _runner, _reclaim):
+        monkeypatch.setattr(module, "DEFAULT_RESET_TIMEOUT", BOUND)
+    admin = await asyncpg.connect(pg_dsn)
+    table = f"copy_in_{app_name.replace('-', '_')}"
+    await admin.execute(f"CREATE TABLE {table} (a int)")
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, lease_timeout=0.3,
+        server_settings={"application_name": app_name},
+    )
+    statement: asyncio.Future[Any] | None = None
+    try:
+        con = await pool.acquire()
+        stuck_pid = con.get_server_pid()
+        statement = asyncio.ensure_future(con.execute(f"COPY {table} FROM STDIN"))
+        async with asyncio.timeout(BOUND + 6):
+            async with pool.acquire(lease_timeout=None) as again:
+                assert await again.fetchval("SELECT 1") == 1
+                assert again.get_server_pid() != stuck_pid
+                assert await server_count(app_name) == 1
+        with pytest.raises(BaseException):
+            await statement
+        await pool.release(con)
+        stats = pool.stats()
+        assert stats.in_use == 0 and stats.leases_expired == 1
+    finally:
+        if statement is not None:
+            statement.cancel()
         pool.terminate()
         await admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
