@@ -196,3 +196,54 @@ async def test_a_lease_timeout_take_back_of_a_copy_in(
         )
         await admin.execute(f"DROP TABLE {table}")
         await admin.close()
+
+
+@pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
+async def test_a_request_cancelled_in_copy_in_gives_its_slot_back(
+    pg_dsn: str, app_name: str, server_count: Any, monkeypatch: pytest.MonkeyPatch, reset_mode: str,
+) -> None:
+    """The usual way there: a request task cancelled (a client gone) while
+    ``async with pool.acquire() as con: await con.execute("COPY ... FROM
+    STDIN")`` waits; ``__aexit__`` releases in the loop step of the
+    statement's cancellation. With no budget, the slot comes back within
+    DEFAULT_RESET_TIMEOUT."""
+    for module in (_workers, _runner, _reclaim):
+        monkeypatch.setattr(module, "DEFAULT_RESET_TIMEOUT", BOUND)
+    admin = await asyncpg.connect(pg_dsn)
+    table = f"copy_in_{app_name.replace('-', '_')}"
+    await admin.execute(f"CREATE TABLE {table} (a int)")
+    pool = await safepool.create_pool(
+        pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, server_settings={"application_name": app_name},
+    )
+    pids: list[int] = []
+
+    async def request() -> None:
+        async with pool.acquire() as con:
+            pids.append(con.get_server_pid())
+            await con.execute(f"COPY {table} FROM STDIN")
+
+    task: asyncio.Future[None] | None = None
+    try:
+        task = asyncio.ensure_future(request())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        # The task ends: cancelled, or with the release's TimeoutError once
+        # the bound ran out (as asyncpg's release raises when its budget does).
+        await asyncio.wait([task], timeout=BOUND + 4)
+        assert task.done(), "the cancelled request still waits in its release (no bound)"
+        with pytest.raises((asyncio.CancelledError, asyncio.TimeoutError)):
+            await task
+        async with asyncio.timeout(BOUND + 4):
+            async with pool.acquire() as again:
+                assert await again.fetchval("SELECT 1") == 1
+                assert again.get_server_pid() != pids[0]
+                assert await server_count(app_name) == 1
+    finally:
+        if task is not None:
+            task.cancel()
+        pool.terminate()
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
+        )
+        await admin.execute(f"DROP TABLE {table}")
+        await admin.close()
