@@ -342,3 +342,35 @@ async def test_a_flagged_connection_whose_is_closed_then_raises(pg_dsn: str, app
     expected = await _flagged_then_raising("asyncpg", pg_dsn, app_name)
     assert "PoolTimeoutError" not in expected and "TimeoutError" not in expected
     assert await _flagged_then_raising("safepool", pg_dsn, app_name) == expected
+
+
+@pytest.mark.parametrize("times", [1, 2])
+async def test_waiter_cancelled_during_the_retry_after_a_hand_on(
+    pg_dsn: str, app_name: str, server_count: Any, times: int,
+) -> None:
+    """The contended path: a waiting task is handed a released connection
+    flagged on its way, gives it up, and is cancelled (once, twice) while
+    the replacement connects (a slow init=). The books balance, the pool
+    serves, never more than max_size backends."""
+    async with flagged_pool("safepool", pg_dsn, app_name, init=Slow(1.0)) as (pool, flagged, made):
+        con = await pool.acquire()
+        waiting = asyncio.ensure_future(pool.acquire(timeout=10))
+        await asyncio.sleep(0.05)
+        await pool.release(con)
+        flagged.update(id(raw) for raw in made)
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        assert await server_count(app_name) <= 1
+        for n in range(times):
+            if n:
+                await asyncio.sleep(0)
+            waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        async with pool.acquire(timeout=10) as again:
+            assert not again.is_closed()
+            assert await again.fetchval("SELECT 1") == 1
+            assert await server_count(app_name) == 1
+        await until(lambda: pool.stats().in_use == 0)
+        _books(pool)
+        assert pool.get_size() == 1
