@@ -142,11 +142,13 @@ async def test_backends_never_exceed_max_size_through_retries(pg_dsn: str, app_n
     async with flagged_pool("safepool", pg_dsn, app_name, min_size=2, max_size=2) as (pool, flagged, made):
         peak = 0
         stop = False
+        sizes: set[int] = set()
 
         async def watch() -> None:
             nonlocal peak
             while not stop:
                 peak = max(peak, await server_count(app_name))
+                sizes.add(pool.get_size())
                 await asyncio.sleep(0.002)
 
         async def worker(n: int) -> None:
@@ -164,6 +166,7 @@ async def test_backends_never_exceed_max_size_through_retries(pg_dsn: str, app_n
             await watcher
         _books(pool)
         assert peak <= 2
+        assert min(sizes) >= 0 and max(sizes) <= 2, sizes
         assert pool.get_size() <= 2
 
 
