@@ -377,3 +377,35 @@ async def test_waiter_cancelled_during_the_retry_after_a_hand_on(
         await until(lambda: pool.stats().in_use == 0)
         _books(pool)
         assert pool.get_size() == 1
+
+
+async def _setup_fails_on_retry(flavour: str, pg_dsn: str, app_name: str) -> tuple[str, str]:
+    calls = 0
+
+    async def setup(con: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("setup failed")
+
+    async with flagged_pool(flavour, pg_dsn, app_name, setup=setup) as (pool, flagged, made):
+        async with pool.acquire() as con:
+            pass
+        flagged.update(id(raw) for raw in made)
+        try:
+            async with pool.acquire(timeout=10):
+                first = "acquired"
+        except RuntimeError as exc:
+            first = str(exc)
+        async with pool.acquire(timeout=10) as con:
+            second = "acquired" if not con.is_closed() else "closed"
+        if flavour == "safepool":
+            await until(lambda: pool.stats().in_use == 0)
+            _books(pool)
+        return first, second
+
+
+async def test_setup_failing_on_the_retried_connection(pg_dsn: str, app_name: str) -> None:
+    expected = await _setup_fails_on_retry("asyncpg", pg_dsn, app_name)
+    assert expected == ("setup failed", "acquired")
+    assert await _setup_fails_on_retry("safepool", pg_dsn, app_name) == expected
