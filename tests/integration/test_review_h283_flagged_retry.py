@@ -101,7 +101,7 @@ async def _cancel_during_retry(flavour: str, pg_dsn: str, app_name: str, how: st
                         return "anyio cancelled"
                 else:
                     con = await pool.acquire()
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return "TimeoutError"
             await pool.release(con)
             return "acquired"
@@ -198,7 +198,7 @@ async def test_lease_timeout_holds_on_the_retried_lease(pg_dsn: str, app_name: s
         flagged.update(id(raw) for raw in made)
         con = await pool.acquire(timeout=10, lease_timeout=0.3)
         await until(lambda: pool.stats().leases_expired == 1, 5)
-        with pytest.raises(Exception):
+        with pytest.raises(asyncpg.InterfaceError):
             await con.fetchval("SELECT 1")
         await pool.release(con)
         _books(pool)
@@ -237,7 +237,7 @@ async def test_retry_with_the_adaptive_queue(pg_dsn: str, app_name: str) -> None
 @pytest.mark.parametrize("end", ["close", "terminate"])
 async def test_pool_ends_during_the_retry(pg_dsn: str, app_name: str, server_count: Any, end: str) -> None:
     async with flagged_pool("safepool", pg_dsn, app_name, init=Slow(1.0)) as (pool, flagged, made):
-        async with pool.acquire() as con:
+        async with pool.acquire():
             pass
         flagged.update(id(raw) for raw in made)
         task = asyncio.ensure_future(pool.acquire(timeout=10))

@@ -24,6 +24,12 @@ from .conftest import closed_port
 pytestmark = [pytest.mark.asyncio, pytest.mark.realtime, requires_pgbouncer]
 
 
+def _bouncer_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="safepool-pgbouncer-"))
+    root.chmod(0o755)
+    return root
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="review h283: with the server behind PgBouncer down, every login gets PgBouncer's "
@@ -33,8 +39,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.realtime, requires_pgbouncer]
     "'the server behind it may be fine', in place of server_down",
 )
 async def test_a_server_down_behind_pgbouncer_reads_server_down(pg_dsn: str) -> None:
-    root = Path(tempfile.mkdtemp(prefix="safepool-pgbouncer-"))
-    root.chmod(0o755)
+    root = _bouncer_root()
     # PgBouncer in front of a server that is down: nothing listens on its port.
     upstream = {"host": "127.0.0.1", "port": closed_port(), "database": "postgres", "user": "app",
                 "password": None, "server_user": "postgres"}
