@@ -141,6 +141,10 @@ _POOLER_BUSY = (
 )
 
 
+# Of _POOLER_BUSY, PgBouncer's words for a server it cannot reach.
+_POOLER_SERVER_UNREACHABLE = ("query_wait_timeout", "server login has been failing", "pgbouncer cannot connect to server")
+
+
 def program_error(error: BaseException) -> bool:
     """Whether a connect failed on the program's own mistake, not on the
     server or the network: a keyword asyncpg's ``connect()`` does not take
@@ -189,7 +193,7 @@ def refusal(error: BaseException) -> int:
         ),
     ):
         return REFUSED
-    if pooler_refusal(error):
+    if isinstance(error, _pg_exceptions.ProtocolViolationError) and pooler_busy(error_text(error)):
         return REFUSED
     if type(error) is ConnectionError and any(answer in error_text(error) for answer in _SSL_ANSWERS):
         return NOT_REFUSED  # (something answered, and will answer so again)
@@ -208,10 +212,18 @@ def refusal(error: BaseException) -> int:
 
 
 def pooler_refusal(error: BaseException | None) -> bool:
-    """Whether a connect's error is a connection pooler's refusal that ends
-    by itself (PgBouncer's SQLSTATE 08P01 with :func:`pooler_busy`'s
-    wording): a full or paused pooler, not the server behind it."""
-    return isinstance(error, _pg_exceptions.ProtocolViolationError) and pooler_busy(error_text(error))
+    """Whether a connect's error is a connection pooler's refusal because the
+    pooler itself is full or paused (PgBouncer's SQLSTATE 08P01: its client
+    slots, ``max_client_conn``, used up; its memory; a database it was told
+    to ``DISABLE``; its own shutdown), not because the server behind it
+    cannot be reached (``query_wait_timeout``, "server login has been
+    failing", "pgbouncer cannot connect to server": the server is down, as
+    ``health()`` says; review h283). Both kinds end by themselves, and the
+    backoff retries both (:func:`pooler_busy`)."""
+    if not isinstance(error, _pg_exceptions.ProtocolViolationError):
+        return False
+    text = error_text(error)
+    return pooler_busy(text) and not any(phrase in text for phrase in _POOLER_SERVER_UNREACHABLE)
 
 
 def pooler_busy(text: str) -> bool:
@@ -448,9 +460,11 @@ def is_cancelling(con: RawConnection) -> bool:
     protocol = con._protocol
     if protocol is None:
         return False
-    if not HAS_POOL_HOLDER and con.is_closed():
+    if not HAS_POOL_HOLDER and _pg_connection.Connection.is_closed(con):
         # asyncpg 0.32 completes the cancellation futures when the socket
         # closes; before, they stay pending with nothing left to answer them.
+        # (asyncpg's own is_closed(), the socket's: a connection class's own
+        # may raise, which failed the close of its slot: review h283.)
         return False
     return bool(protocol._is_cancelling())
 

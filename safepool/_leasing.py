@@ -769,6 +769,11 @@ class Leaser:
                     # the wait for a call still in flight before it, which
                     # asyncpg's release does not make, takes the release's.)
                     holder.calls_budget = timeout
+                elif holder.own_close:
+                    # No budget: a connection class's own close() that raises
+                    # (or refuses timeout=None) fails the release, as
+                    # asyncpg's release raises it (review h283).
+                    holder.close_raises = True
             state.release(lease, self.now(), outcome)
         if state.actions or state.connects_to_watch or (
             state.max_inactive_lifetime and len(state.slot_set) > state.min_size

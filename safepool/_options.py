@@ -153,13 +153,20 @@ def misspelt_keyword_hint(error: TypeError) -> str | None:
     to ``error``'s message, naming the option or connect keyword the name
     is closest to (:func:`difflib.get_close_matches`), or None when there is
     none close or ``error`` is not about a keyword."""
-    found = _UNEXPECTED_KEYWORD.search(str(error))
+    text = str(error)
+    if not text.startswith("connect() got an unexpected keyword argument "):
+        return None  # (a connection_class's own __init__, run inside connect(): its error, left alone)
+    found = _UNEXPECTED_KEYWORD.search(text)
     if found is None:
         return None
     from .pool import Pool  # (not at import: pool imports this module)
 
-    ours = [name for name in inspect.signature(Pool.__init__).parameters if name not in ("self", "connect_kwargs")]
-    theirs = [name for name in inspect.signature(_pg_connection.connect).parameters if name not in ours]
+    def keywords(function: Any) -> list[str]:
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return [p.name for p in inspect.signature(function).parameters.values() if p.kind in kinds]
+
+    ours = [name for name in keywords(Pool.__init__) if name != "self"]
+    theirs = [name for name in keywords(_pg_connection.connect) if name not in ours]
     match = difflib.get_close_matches(found.group(1), ours + theirs, n=1, cutoff=0.75)
     if not match:
         return None

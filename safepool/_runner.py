@@ -672,7 +672,10 @@ class Runner:
                     # The reset gets what the wait left of the budget (asyncpg
                     # 0.32's holder subtracts the wait): the release is bounded
                     # by its timeout as a whole, not once per step.
-                    async with asyncio.timeout(budget):
+                    # (With no budget, the 30 s safety bound: a cancel the
+                    # server ignores, a COPY FROM STDIN's, held the slot for
+                    # good; review h283.)
+                    async with asyncio.timeout(budget if budget is not None else _workers.DEFAULT_RESET_TIMEOUT):
                         budget = await _workers.cancel_answered(con, budget)
                 except TimeoutError as exc:
                     error = exc
@@ -906,7 +909,7 @@ class Runner:
             or self.terminating
             or unresponsive
             or self.cancelled_from_outside()  # (a close task now would never run: abort)
-            or (con.is_closed() and not lost and not _pg.is_cancelling(con))
+            or (_reads_closed(con) and not lost and not _pg.is_cancelling(con))
             or (idle_expired and (_pg.overrides(type(con), "close") or _pg.overrides(type(con), "terminate")))
         ):
             # An unresponsive connection (its reset or take-back ran out, or
@@ -921,7 +924,7 @@ class Runner:
                 and holder is not None and holder.in_flight_at_abort(con)
             )
             if con is not None:
-                if not ((self.terminating and con.is_closed()) or (holder is not None and holder.cleaned_up)):
+                if not ((self.terminating and _reads_closed(con)) or (holder is not None and holder.cleaned_up)):
                     # (terminate_all() may have aborted it already: a
                     # connection class's terminate() runs once, as on asyncpg's
                     # pool.terminate(). One asyncpg ended and cleaned up
@@ -955,7 +958,7 @@ class Runner:
         keyword = holder is not None and (
             holder.close_timeout or (slot.generation != self.state.generation and not self.state.closing)
         )
-        if con.is_closed():
+        if _reads_closed(con):
             # Already closed (lost, or ended by a reset or a connection
             # class's own code), its backend perhaps still running a
             # statement: the close task sends it a cancel request first, the
@@ -1018,7 +1021,7 @@ class Runner:
             return
         try:
             con = slot.connection
-            if (con is None or con.is_closed()) and self.backend_exit_timeout > 0:  # (never an open connection's data)
+            if (con is None or _reads_closed(con)) and self.backend_exit_timeout > 0:  # (never an open connection's data)
                 self.exiting.add(slot)
                 await _workers.backend_gone(watch, self.backend_exit_timeout)
         finally:
@@ -1312,3 +1315,14 @@ def _step(awaitable: Any) -> None:
         pass
     else:  # pragma: no cover (it never waits)
         raise InternalStateError("the loop-shutdown generator waited")
+
+
+def _reads_closed(con: RawConnection) -> bool:
+    """``con.is_closed()`` where the pool closes a connection; a connection
+    class's ``is_closed()`` that raises reads closed (the connection is
+    then aborted, not closed gracefully): raised there, it failed the Close
+    and left the slot counted towards ``max_size`` for good (review h283)."""
+    try:
+        return bool(con.is_closed())
+    except Exception:
+        return True

@@ -67,13 +67,6 @@ async def test_a_failing_close_with_a_budget(pg_dsn: str, how: str, close: str) 
     assert await _release_outcome("safepool", pg_dsn, how, 5.0, close) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h283: with no budget the release's close is not close_raises (safepool/_leasing.py:757, "
-    "set only when timeout is not None), so Runner.close_connection settles the release with None "
-    "(safepool/_runner.py:1057, 1061) and the close's error (the TypeError of close(timeout=None) on a class "
-    "that takes no keyword, a close() that raises) is dropped, where asyncpg's release raises it",
-)
 @pytest.mark.parametrize("close", ["no_keyword", "raises"])
 @pytest.mark.parametrize("how", ["max_queries", "expire"])
 async def test_a_failing_close_without_a_budget(pg_dsn: str, how: str, close: str) -> None:

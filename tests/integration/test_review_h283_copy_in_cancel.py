@@ -22,20 +22,10 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
 BOUND = 0.5  # seconds: DEFAULT_RESET_TIMEOUT, shortened for the test
 
 
-SAME_STEP_FULL = pytest.mark.xfail(
-    strict=True,
-    reason="review h283: a statement its task cancelled in the release's loop step goes to "
-    "Runner._reset_after_a_loop_pass (full mode), whose wait for the cancellation is bounded by the "
-    "release's budget alone (safepool/_runner.py:675, asyncio.timeout(None) with no budget): the "
-    "ignored cancel of a COPY FROM STDIN holds the slot for good, and nothing sets reset_since for "
-    "the reset watchdog there",
-)
-
-
 @pytest.mark.parametrize(
     ("how", "reset_mode"),
     [
-        pytest.param("same_step", "full", marks=SAME_STEP_FULL),
+        ("same_step", "full"),
         ("same_step", "rollback"),
         ("same_step", "auto"),
         ("after_a_step", "full"),

@@ -30,14 +30,6 @@ def _bouncer_root() -> Path:
     return root
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review h283: with the server behind PgBouncer down, every login gets PgBouncer's "
-    "'query_wait_timeout' (08P01), which _internals.pooler_refusal (safepool/_internals.py:210, the "
-    "_POOLER_BUSY list at :137, with 'server login has been failing' and 'pgbouncer cannot connect to "
-    "server' too) takes for a busy pooler: health() (safepool/health.py:194) reports pooler_busy, "
-    "'the server behind it may be fine', in place of server_down",
-)
 async def test_a_server_down_behind_pgbouncer_reads_server_down(pg_dsn: str) -> None:
     root = _bouncer_root()
     # PgBouncer in front of a server that is down: nothing listens on its port.
