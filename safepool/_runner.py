@@ -672,10 +672,7 @@ class Runner:
                     # The reset gets what the wait left of the budget (asyncpg
                     # 0.32's holder subtracts the wait): the release is bounded
                     # by its timeout as a whole, not once per step.
-                    # (With no budget, the 30 s safety bound: a cancel the
-                    # server ignores, a COPY FROM STDIN's, held the slot for
-                    # good; review h283.)
-                    async with asyncio.timeout(budget if budget is not None else _workers.DEFAULT_RESET_TIMEOUT):
+                    async with asyncio.timeout(budget):
                         budget = await _workers.cancel_answered(con, budget)
                 except TimeoutError as exc:
                     error = exc

@@ -256,7 +256,7 @@ async def reset(
             # reset() what is left (Connection.reset() bounds itself by it): a
             # reset() that takes longer, or ignores the timeout, is not cut short.
             if _pg.is_cancelling(con):
-                async with asyncio.timeout(budget if budget is not None else DEFAULT_RESET_TIMEOUT):
+                async with asyncio.timeout(budget):
                     budget = await cancel_answered(con, budget)
             whole = None
         else:
@@ -713,14 +713,10 @@ async def _reset_connection(
     """ROLLBACK (if a transaction is open) and the reset query: one
     simple-query message, one round trip, but with a connection class's own
     reset query, which goes after a ROLLBACK of its own (``_send_reset``).
-    ``limit`` bounds the statements, not the wait for a cancelled query;
-    with no ``budget`` either, ``DEFAULT_RESET_TIMEOUT`` bounds that wait
-    (asyncpg's release waits for ever: a statement the server does not
-    cancel, a ``COPY ... FROM STDIN`` sent with ``execute()``, held the slot
-    for good; review h281)."""
+    ``limit`` bounds the statements, not the wait for a cancelled query
+    (:func:`cancel_answered` bounds that)."""
     if _pg.is_cancelling(con):
-        async with asyncio.timeout(None if budget is not None else DEFAULT_RESET_TIMEOUT):
-            budget = await cancel_answered(con, budget)
+        budget = await cancel_answered(con, budget)
     if con.is_closed():
         return  # asyncpg's background cancel gave up and closed it
     async with asyncio.timeout(limit):
@@ -731,7 +727,15 @@ async def cancel_answered(con: RawConnection, budget: float | None) -> float | N
     """Wait until a cancelled query has answered (asyncpg makes release wait
     for it too, or the next holder inherits the cancellation); returns what
     is left of ``budget``, which goes to an overridden reset(), as asyncpg
-    0.32's holder passes it. The caller bounds the wait."""
+    0.32's holder passes it. The caller bounds the wait by ``budget``; with
+    none, ``DEFAULT_RESET_TIMEOUT`` bounds it here, for every reset that
+    waits (asyncpg's release waits for ever: a statement the server does
+    not cancel, a ``COPY ... FROM STDIN`` sent with ``execute()``, held the
+    slot for good; reviews h281, h283)."""
+    if budget is None:
+        async with asyncio.timeout(DEFAULT_RESET_TIMEOUT):
+            await _pg.wait_for_cancellation(con)
+        return None
     budget = await _left_after(_pg.wait_for_cancellation(con), budget)
     if budget is not None and budget <= 0:
         raise TimeoutError  # (asyncpg 0.32: nothing left for the reset)

@@ -8,6 +8,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import asyncpg
+
 # ``await make_pool(**kwargs)`` (tests/conftest.py): a pool of the test's flavour.
 MakePool = Callable[..., Awaitable[Any]]
 
@@ -562,3 +564,22 @@ async def leases_seen_in_task_group(pool: Any, start: Callable[[Any], Any]) -> l
         start(group)
         group.start_soon(look)
     return seen
+
+
+@contextlib.asynccontextmanager
+async def copy_in_table(dsn: str, app_name: str) -> AsyncIterator[str]:
+    """A table of the test's own, named after ``app_name``, for a lease's
+    ``COPY ... FROM STDIN`` (whose cancel the server ignores: reviews h281,
+    h283). Afterwards, the backends of ``app_name`` still there are ended
+    and the table dropped."""
+    admin = await asyncpg.connect(dsn)
+    table = f"copy_in_{app_name.replace('-', '_')}"
+    await admin.execute(f"CREATE TABLE {table} (a int)")
+    try:
+        yield table
+    finally:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
+        )
+        await admin.execute(f"DROP TABLE {table}")
+        await admin.close()

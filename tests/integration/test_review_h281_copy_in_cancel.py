@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
 import pytest
 
 import safepool
 from safepool import _workers
+from tests._util import copy_in_table
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
 
@@ -32,33 +32,29 @@ async def test_a_cancel_the_server_ignores_does_not_hold_the_slot_for_ever(
     command_timeout: float | None,
 ) -> None:
     monkeypatch.setattr(_workers, "DEFAULT_RESET_TIMEOUT", BOUND)
-    admin = await asyncpg.connect(pg_dsn)
-    table = f"copy_in_{app_name.replace('-', '_')}"
-    await admin.execute(f"CREATE TABLE {table} (a int)")
-    pool = await safepool.create_pool(
-        pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, command_timeout=command_timeout,
-        server_settings={"application_name": app_name},
-    )
-    try:
-        con = await pool.acquire()
-        stuck_pid = con.get_server_pid()
-        with pytest.raises(asyncio.TimeoutError):
-            await con.execute(f"COPY {table} FROM STDIN", timeout=0.2)
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        with pytest.raises(asyncio.TimeoutError):
-            async with asyncio.timeout(BOUND + 10):
-                await pool.release(con)
-        assert loop.time() - began < BOUND + 5
-        async with asyncio.timeout(10):
-            async with pool.acquire() as again:
-                assert await again.fetchval("SELECT 1") == 1
-                assert again.get_server_pid() != stuck_pid
-                # The stuck backend is gone: never two from this pool.
-                assert await server_count(app_name) == 1  # type: ignore[operator]
-        stats = pool.stats()
-        assert stats.resets_failed == 1 and stats.in_use == 0
-    finally:
-        await asyncio.wait_for(pool.close(), 10)
-        await admin.execute(f"DROP TABLE {table}")
-        await admin.close()
+    async with copy_in_table(pg_dsn, app_name) as table:
+        pool = await safepool.create_pool(
+            pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, command_timeout=command_timeout,
+            server_settings={"application_name": app_name},
+        )
+        try:
+            con = await pool.acquire()
+            stuck_pid = con.get_server_pid()
+            with pytest.raises(asyncio.TimeoutError):
+                await con.execute(f"COPY {table} FROM STDIN", timeout=0.2)
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            with pytest.raises(asyncio.TimeoutError):
+                async with asyncio.timeout(BOUND + 10):
+                    await pool.release(con)
+            assert loop.time() - began < BOUND + 5
+            async with asyncio.timeout(10):
+                async with pool.acquire() as again:
+                    assert await again.fetchval("SELECT 1") == 1
+                    assert again.get_server_pid() != stuck_pid
+                    # The stuck backend is gone: never two from this pool.
+                    assert await server_count(app_name) == 1  # type: ignore[operator]
+            stats = pool.stats()
+            assert stats.resets_failed == 1 and stats.in_use == 0
+        finally:
+            await asyncio.wait_for(pool.close(), 10)

@@ -16,6 +16,7 @@ import pytest
 
 import safepool
 from safepool import _reclaim, _runner, _workers
+from tests._util import copy_in_table
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
 
@@ -44,43 +45,36 @@ async def test_a_task_cancelled_copy_in_does_not_hold_the_slot_for_ever(
     gets a new connection, never two backends at once."""
     monkeypatch.setattr(_workers, "DEFAULT_RESET_TIMEOUT", BOUND)
     monkeypatch.setattr(_runner, "DEFAULT_RESET_TIMEOUT", BOUND)
-    admin = await asyncpg.connect(pg_dsn)
-    table = f"copy_in_{app_name.replace('-', '_')}"
-    await admin.execute(f"CREATE TABLE {table} (a int)")
-    pool = await safepool.create_pool(
-        pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, command_timeout=command_timeout,
-        server_settings={"application_name": app_name},
-    )
-    try:
-        con = await pool.acquire()
-        stuck_pid = con.get_server_pid()
-        statement = asyncio.ensure_future(con.execute(f"COPY {table} FROM STDIN"))
-        await asyncio.sleep(0.2)
-        statement.cancel()
-        if how == "after_a_step":
-            await asyncio.sleep(0)
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        try:
-            async with asyncio.timeout(BOUND + 4):
-                await pool.release(con)
-        except Exception:  # (TimeoutError, the bound's: as asyncpg's release when its budget runs out)
-            pass
-        assert loop.time() - began < BOUND + 3, "release() waited for the ignored cancel (no bound)"
-        async with asyncio.timeout(10):
-            async with pool.acquire() as again:
-                assert await again.fetchval("SELECT 1") == 1
-                assert again.get_server_pid() != stuck_pid
-                assert await server_count(app_name) == 1
-        assert pool.stats().in_use == 0
-    finally:
-        statement.cancel()
-        pool.terminate()
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
+    async with copy_in_table(pg_dsn, app_name) as table:
+        pool = await safepool.create_pool(
+            pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, command_timeout=command_timeout,
+            server_settings={"application_name": app_name},
         )
-        await admin.execute(f"DROP TABLE {table}")
-        await admin.close()
+        try:
+            con = await pool.acquire()
+            stuck_pid = con.get_server_pid()
+            statement = asyncio.ensure_future(con.execute(f"COPY {table} FROM STDIN"))
+            await asyncio.sleep(0.2)
+            statement.cancel()
+            if how == "after_a_step":
+                await asyncio.sleep(0)
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            try:
+                async with asyncio.timeout(BOUND + 4):
+                    await pool.release(con)
+            except Exception:  # (TimeoutError, the bound's: as asyncpg's release when its budget runs out)
+                pass
+            assert loop.time() - began < BOUND + 3, "release() waited for the ignored cancel (no bound)"
+            async with asyncio.timeout(10):
+                async with pool.acquire() as again:
+                    assert await again.fetchval("SELECT 1") == 1
+                    assert again.get_server_pid() != stuck_pid
+                    assert await server_count(app_name) == 1
+            assert pool.stats().in_use == 0
+        finally:
+            statement.cancel()
+            pool.terminate()
 
 
 class OwnReset(asyncpg.Connection):  # type: ignore[misc]
@@ -101,48 +95,41 @@ async def test_a_custom_reset_after_an_ignored_cancel(
     task: its wait for the cancellation is bounded alike."""
     monkeypatch.setattr(_workers, "DEFAULT_RESET_TIMEOUT", BOUND)
     monkeypatch.setattr(_runner, "DEFAULT_RESET_TIMEOUT", BOUND)
-    admin = await asyncpg.connect(pg_dsn)
-    table = f"copy_in_{app_name.replace('-', '_')}"
-    await admin.execute(f"CREATE TABLE {table} (a int)")
-    options: dict[str, Any] = {"connection_class": OwnReset} if custom == "connection_class" else {"reset": _reset_hook}
-    pool = await safepool.create_pool(
-        pg_dsn, min_size=1, max_size=1, server_settings={"application_name": app_name}, **options,
-    )
-    statement: asyncio.Future[Any] | None = None
-    try:
-        con = await pool.acquire()
-        stuck_pid = con.get_server_pid()
-        if how == "timeout":
-            with pytest.raises(asyncio.TimeoutError):
-                await con.execute(f"COPY {table} FROM STDIN", timeout=0.2)
-        else:
-            statement = asyncio.ensure_future(con.execute(f"COPY {table} FROM STDIN"))
-            await asyncio.sleep(0.2)
-            statement.cancel()
-            if how == "after_a_step":
-                await asyncio.sleep(0)
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        try:
-            async with asyncio.timeout(BOUND + 4):
-                await pool.release(con)
-        except Exception:
-            pass
-        assert loop.time() - began < BOUND + 3, "release() waited for the ignored cancel (no bound)"
-        async with asyncio.timeout(10):
-            async with pool.acquire() as again:
-                assert await again.fetchval("SELECT 1") == 1
-                assert again.get_server_pid() != stuck_pid
-                assert await server_count(app_name) == 1
-    finally:
-        if statement is not None:
-            statement.cancel()
-        pool.terminate()
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
+    async with copy_in_table(pg_dsn, app_name) as table:
+        options: dict[str, Any] = {"connection_class": OwnReset} if custom == "connection_class" else {"reset": _reset_hook}
+        pool = await safepool.create_pool(
+            pg_dsn, min_size=1, max_size=1, server_settings={"application_name": app_name}, **options,
         )
-        await admin.execute(f"DROP TABLE {table}")
-        await admin.close()
+        statement: asyncio.Future[Any] | None = None
+        try:
+            con = await pool.acquire()
+            stuck_pid = con.get_server_pid()
+            if how == "timeout":
+                with pytest.raises(asyncio.TimeoutError):
+                    await con.execute(f"COPY {table} FROM STDIN", timeout=0.2)
+            else:
+                statement = asyncio.ensure_future(con.execute(f"COPY {table} FROM STDIN"))
+                await asyncio.sleep(0.2)
+                statement.cancel()
+                if how == "after_a_step":
+                    await asyncio.sleep(0)
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            try:
+                async with asyncio.timeout(BOUND + 4):
+                    await pool.release(con)
+            except Exception:
+                pass
+            assert loop.time() - began < BOUND + 3, "release() waited for the ignored cancel (no bound)"
+            async with asyncio.timeout(10):
+                async with pool.acquire() as again:
+                    assert await again.fetchval("SELECT 1") == 1
+                    assert again.get_server_pid() != stuck_pid
+                    assert await server_count(app_name) == 1
+        finally:
+            if statement is not None:
+                statement.cancel()
+            pool.terminate()
 
 
 @pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
@@ -153,37 +140,30 @@ async def test_a_lease_timeout_take_back_of_a_copy_in(
     back's cancel is ignored too; the slot comes back within the bound."""
     for module in (_workers, _runner, _reclaim):
         monkeypatch.setattr(module, "DEFAULT_RESET_TIMEOUT", BOUND)
-    admin = await asyncpg.connect(pg_dsn)
-    table = f"copy_in_{app_name.replace('-', '_')}"
-    await admin.execute(f"CREATE TABLE {table} (a int)")
-    pool = await safepool.create_pool(
-        pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, lease_timeout=0.3,
-        server_settings={"application_name": app_name},
-    )
-    statement: asyncio.Future[Any] | None = None
-    try:
-        con = await pool.acquire()
-        stuck_pid = con.get_server_pid()
-        statement = asyncio.ensure_future(con.execute(f"COPY {table} FROM STDIN"))
-        async with asyncio.timeout(BOUND + 6):
-            async with pool.acquire(lease_timeout=None) as again:
-                assert await again.fetchval("SELECT 1") == 1
-                assert again.get_server_pid() != stuck_pid
-                assert await server_count(app_name) == 1
-        await asyncio.wait([statement], timeout=5)
-        assert statement.done()  # (taken back: the statement's connection went)
-        await pool.release(con)
-        stats = pool.stats()
-        assert stats.in_use == 0 and stats.leases_expired == 1
-    finally:
-        if statement is not None:
-            statement.cancel()
-        pool.terminate()
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
+    async with copy_in_table(pg_dsn, app_name) as table:
+        pool = await safepool.create_pool(
+            pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, lease_timeout=0.3,
+            server_settings={"application_name": app_name},
         )
-        await admin.execute(f"DROP TABLE {table}")
-        await admin.close()
+        statement: asyncio.Future[Any] | None = None
+        try:
+            con = await pool.acquire()
+            stuck_pid = con.get_server_pid()
+            statement = asyncio.ensure_future(con.execute(f"COPY {table} FROM STDIN"))
+            async with asyncio.timeout(BOUND + 6):
+                async with pool.acquire(lease_timeout=None) as again:
+                    assert await again.fetchval("SELECT 1") == 1
+                    assert again.get_server_pid() != stuck_pid
+                    assert await server_count(app_name) == 1
+            await asyncio.wait([statement], timeout=5)
+            assert statement.done()  # (taken back: the statement's connection went)
+            await pool.release(con)
+            stats = pool.stats()
+            assert stats.in_use == 0 and stats.leases_expired == 1
+        finally:
+            if statement is not None:
+                statement.cancel()
+            pool.terminate()
 
 
 @pytest.mark.parametrize("reset_mode", ["full", "rollback", "auto"])
@@ -197,41 +177,34 @@ async def test_a_request_cancelled_in_copy_in_gives_its_slot_back(
     DEFAULT_RESET_TIMEOUT."""
     for module in (_workers, _runner, _reclaim):
         monkeypatch.setattr(module, "DEFAULT_RESET_TIMEOUT", BOUND)
-    admin = await asyncpg.connect(pg_dsn)
-    table = f"copy_in_{app_name.replace('-', '_')}"
-    await admin.execute(f"CREATE TABLE {table} (a int)")
-    pool = await safepool.create_pool(
-        pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, server_settings={"application_name": app_name},
-    )
-    pids: list[int] = []
-
-    async def request() -> None:
-        async with pool.acquire() as con:
-            pids.append(con.get_server_pid())
-            await con.execute(f"COPY {table} FROM STDIN")
-
-    task: asyncio.Future[None] | None = None
-    try:
-        task = asyncio.ensure_future(request())
-        await asyncio.sleep(0.3)
-        task.cancel()
-        # The task ends: cancelled, or with the release's TimeoutError once
-        # the bound ran out (as asyncpg's release raises when its budget does).
-        await asyncio.wait([task], timeout=BOUND + 4)
-        assert task.done(), "the cancelled request still waits in its release (no bound)"
-        with pytest.raises((asyncio.CancelledError, TimeoutError)):
-            await task
-        async with asyncio.timeout(BOUND + 4):
-            async with pool.acquire() as again:
-                assert await again.fetchval("SELECT 1") == 1
-                assert again.get_server_pid() != pids[0]
-                assert await server_count(app_name) == 1
-    finally:
-        if task is not None:
-            task.cancel()
-        pool.terminate()
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", app_name
+    async with copy_in_table(pg_dsn, app_name) as table:
+        pool = await safepool.create_pool(
+            pg_dsn, min_size=1, max_size=1, reset_mode=reset_mode, server_settings={"application_name": app_name},
         )
-        await admin.execute(f"DROP TABLE {table}")
-        await admin.close()
+        pids: list[int] = []
+
+        async def request() -> None:
+            async with pool.acquire() as con:
+                pids.append(con.get_server_pid())
+                await con.execute(f"COPY {table} FROM STDIN")
+
+        task: asyncio.Future[None] | None = None
+        try:
+            task = asyncio.ensure_future(request())
+            await asyncio.sleep(0.3)
+            task.cancel()
+            # The task ends: cancelled, or with the release's TimeoutError once
+            # the bound ran out (as asyncpg's release raises when its budget does).
+            await asyncio.wait([task], timeout=BOUND + 4)
+            assert task.done(), "the cancelled request still waits in its release (no bound)"
+            with pytest.raises((asyncio.CancelledError, TimeoutError)):
+                await task
+            async with asyncio.timeout(BOUND + 4):
+                async with pool.acquire() as again:
+                    assert await again.fetchval("SELECT 1") == 1
+                    assert again.get_server_pid() != pids[0]
+                    assert await server_count(app_name) == 1
+        finally:
+            if task is not None:
+                task.cancel()
+            pool.terminate()
