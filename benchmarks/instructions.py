@@ -125,6 +125,13 @@ def per_lease(dsn: str, workload: str, leases: int, loop: str = "asyncio") -> fl
     return (_collected(dsn, workload, leases, loop) - _collected(dsn, workload, 0, loop)) / leases
 
 
+async def _child(args: argparse.Namespace) -> None:
+    await _run(args.dsn, args.child, args.leases)
+    if args.say_loop:
+        loop = type(asyncio.get_running_loop())
+        print(f"{loop.__module__.split('.')[0]}.{loop.__name__}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dsn", help="a PostgreSQL DSN (a workload opens up to 10 connections)")
@@ -134,14 +141,15 @@ def main() -> None:
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
                         help="the event loop the workloads run on (default asyncio)")  # fmt: skip
     parser.add_argument("--child", choices=WORKLOADS, help=argparse.SUPPRESS)
+    parser.add_argument("--say-loop", action="store_true", help=argparse.SUPPRESS)  # tests: the child prints its loop
     args = parser.parse_args()
     if args.child:
         if args.loop == "uvloop":
             import uvloop
 
-            uvloop.run(_run(args.dsn, args.child, args.leases))
+            uvloop.run(_child(args))
         else:
-            asyncio.run(_run(args.dsn, args.child, args.leases))
+            asyncio.run(_child(args))
         return
     counts: dict[str, float] = {}
     for workload in args.workload or WORKLOADS:

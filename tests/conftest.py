@@ -11,6 +11,7 @@ instead of asyncio's default loop; the default is ``--loop asyncio``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import tempfile
 import uuid
@@ -105,6 +106,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("solo"):
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what collection built (``gc.freeze()``): about 210,000 objects
+    (test items, modules, fixtures) that live until the session ends. Each
+    full collection, a test's own ``gc.collect()`` (160 of them, some once
+    per case of a sweep) or the interpreter's, walked them all: 155 ms on
+    the CI machine. tests/io/test_sweep.py's cases took 0.23 s each, nearly
+    all of it that walk; frozen, under 5 ms. What a test creates is still
+    collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._util import NESTED_PYTEST_ADDOPTS
 from tests.conftest import pytest_xdist_auto_num_workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +48,8 @@ def test_auto_is_one_worker_on_a_shared_server(monkeypatch: pytest.MonkeyPatch) 
 def run_pytest(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
-        cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, env={**os.environ, "PYTEST_ADDOPTS": NESTED_PYTEST_ADDOPTS, **(env or {})}, capture_output=True,
+        text=True, timeout=120,
     )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import shutil
 import time
 from collections.abc import Callable
@@ -318,8 +319,23 @@ async def test_acquire_timeouts_shorter_than_a_lease_keep_max_size(
                 await settled(pool, bouncer.port)
         finally:
             await asyncio.wait_for(pool.close(), 10)
+            await _previous_pools_sockets_closed(bouncer.port)
     print({"asyncpg_peak": peaks["asyncpg"][0], "safepool_peak": peaks["safepool"][0], "max_size": max_size})
     assert peaks["safepool"][0] <= max_size, peaks["safepool"][1]
+
+
+async def _previous_pools_sockets_closed(port: int, timeout: float = 10.0) -> None:
+    """Until none of this process's sockets to PgBouncer is left open
+    (collecting garbage, which closes an unreferenced connection's), at
+    most ``timeout`` seconds. In one loaded full run (2026-12-08) the second
+    pool's first connect waited out PgBouncer's query_wait_timeout (10 s):
+    in session mode all three server connections were still held for the
+    first pool's clients. Which of them outlived its pool's close() was not
+    traced; the test is about the second pool's peak, not that."""
+    deadline = time.monotonic() + timeout
+    while own_sockets(port) and time.monotonic() < deadline:
+        gc.collect()
+        await asyncio.sleep(0.05)
 
 
 async def _call(awaitable: Any, timeout: float = 10.0) -> BaseException | None:

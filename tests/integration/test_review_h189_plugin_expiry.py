@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests._util import PYTESTER_INI
+from tests._util import NESTED_PYTEST_ADDOPTS, PYTESTER_INI
 
 pytest_plugins = ["pytester"]
 # The inner suite leaks on purpose.
@@ -55,7 +55,7 @@ def test_a_leak_taken_back_by_lease_timeout_fails_under_safepool_leaks(
 ) -> None:
     monkeypatch.setenv("SAFEPOOL_PLUGIN_DSN", pg_dsn)
     monkeypatch.setenv("COLUMNS", "80")
-    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+    monkeypatch.setenv("PYTEST_ADDOPTS", NESTED_PYTEST_ADDOPTS)
     pytester.makepyfile(test_expired=SAMPLE)
     pytester.makeini(PYTESTER_INI)
     result = pytester.runpytest("--safepool-leaks", "-p", "no:cacheprovider")
@@ -135,7 +135,7 @@ def test_only_a_lease_the_code_never_released_after_its_take_back_is_a_leak(
     it as the plugin does."""
     monkeypatch.setenv("SAFEPOOL_PLUGIN_DSN", pg_dsn)
     monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+    monkeypatch.setenv("PYTEST_ADDOPTS", NESTED_PYTEST_ADDOPTS)
     pytester.makepyfile(test_siblings=SIBLINGS)
     pytester.makeini(PYTESTER_INI)
     result = pytester.runpytest("--safepool-leaks", "-p", "no:cacheprovider")

@@ -22,7 +22,7 @@ import pytest_asyncio
 import safepool
 from safepool.pool import Pool
 from safepool.testing import LeakError, LeakGuard, _tracker, assert_no_leaks
-from tests._util import PYTESTER_INI, source_line_of, until
+from tests._util import NESTED_PYTEST_ADDOPTS, PYTESTER_INI, source_line_of, until
 
 pytest_plugins = ["pytester"]
 # These tests leak on purpose, in nested sessions and guarded blocks: a run of
@@ -53,7 +53,7 @@ def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatc
     """A pytester directory whose tests reach the test database."""
     monkeypatch.setenv("SAFEPOOL_PLUGIN_DSN", pg_dsn)
     monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+    monkeypatch.setenv("PYTEST_ADDOPTS", NESTED_PYTEST_ADDOPTS)
     pytester.makeini(PYTESTER_INI)
     return pytester
 

@@ -36,7 +36,7 @@ import pytest
 import pytest_asyncio
 
 import safepool
-from tests._util import until
+from tests._util import NESTED_PYTEST_ADDOPTS, until
 from tests.integration.test_secrets import Transcript
 
 pytest_plugins = ["pytester"]
@@ -474,6 +474,7 @@ def test_plugin_reports_show_no_password(
     server: Server, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # this checkout's safepool, in the subprocess
+    monkeypatch.setenv("PYTEST_ADDOPTS", NESTED_PYTEST_ADDOPTS)
     dsn = server.netloc_and_query(f"{server.role}:{quote(SECRET, safe='')}", "postgres")
     bare = server.netloc_and_query(server.role, "postgres")
     pytester.makepyfile(test_leaky=PLUGIN_SUITE.format(dsn=dsn, password=SECRET, bare=bare))

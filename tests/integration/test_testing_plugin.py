@@ -19,7 +19,7 @@ import pytest_asyncio
 import safepool
 from safepool.pool import Pool, live_pools
 from safepool.testing import LeakError, _Tracker, _tracker, assert_no_leaks
-from tests._util import until
+from tests._util import NESTED_PYTEST_ADDOPTS, until
 
 pytest_plugins = ["pytester"]
 # These tests leak on purpose, in nested sessions and guarded blocks: a run of
@@ -61,7 +61,7 @@ def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatc
     # where installed, shuffles the inner tests and so their reports (two
     # tests failed so). pytester itself clears PYTEST_ADDOPTS first.
     monkeypatch.setenv("COLUMNS", "80")
-    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+    monkeypatch.setenv("PYTEST_ADDOPTS", NESTED_PYTEST_ADDOPTS)
     return pytester
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import safepool
 from safepool.testing import LeakGuard
-from tests._util import PYTESTER_INI, source_line_of
+from tests._util import NESTED_PYTEST_ADDOPTS, PYTESTER_INI, source_line_of
 
 pytest_plugins = ["pytester"]
 # The inner runs leak on purpose; an outer run with --safepool-leaks must not
@@ -58,7 +58,7 @@ def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatc
     # where installed, shuffles the inner tests and so their reports (two
     # tests failed so). pytester itself clears PYTEST_ADDOPTS first.
     monkeypatch.setenv("COLUMNS", "80")
-    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+    monkeypatch.setenv("PYTEST_ADDOPTS", NESTED_PYTEST_ADDOPTS)
     pytester.makeini(PYTESTER_INI)
     pytester.makeconftest(CONFTEST)
     return pytester

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests._util import PYTESTER_INI
+from tests._util import NESTED_PYTEST_ADDOPTS, PYTESTER_INI
 
 pytest_plugins = ["pytester"]
 # The inner runs leak on purpose.
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.safepool_allow_leaks
 def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     monkeypatch.setenv("H276_DSN", pg_dsn)
     monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+    monkeypatch.setenv("PYTEST_ADDOPTS", NESTED_PYTEST_ADDOPTS)
     pytester.makeini(PYTESTER_INI)
     return pytester
 

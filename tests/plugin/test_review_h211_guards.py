@@ -15,6 +15,7 @@ import safepool
 from safepool.testing import tracker
 from safepool.testing.guards import LeakGuard, format_report, release_leaked
 from safepool.testing.tracker import holder_activity
+from tests._util import NESTED_PYTEST_ADDOPTS
 
 pytest_plugins = ["pytester"]
 # The inner suites leak on purpose: an outer run with --safepool-leaks must
@@ -33,7 +34,7 @@ def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatc
     """A pytester directory whose tests reach the test database."""
     monkeypatch.setenv("SAFEPOOL_PLUGIN_DSN", pg_dsn)
     monkeypatch.setenv("COLUMNS", "80")
-    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+    monkeypatch.setenv("PYTEST_ADDOPTS", NESTED_PYTEST_ADDOPTS)
     pytester.makeini(INI)
     return pytester
 

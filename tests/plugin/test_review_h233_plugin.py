@@ -10,6 +10,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from tests._util import NESTED_PYTEST_ADDOPTS
+
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.safepool_allow_leaks
 
@@ -32,7 +34,7 @@ def with_password(dsn: str) -> str:
 def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     monkeypatch.setenv("H233_DSN", with_password(pg_dsn))
     monkeypatch.setenv("COLUMNS", "80")
-    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+    monkeypatch.setenv("PYTEST_ADDOPTS", NESTED_PYTEST_ADDOPTS)
     pytester.makeini(INI)
     return pytester
 

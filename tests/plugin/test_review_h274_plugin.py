@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests._util import PYTESTER_INI
+from tests._util import NESTED_PYTEST_ADDOPTS, PYTESTER_INI
 
 pytest_plugins = ["pytester"]
 # The inner runs leak on purpose.
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.safepool_allow_leaks
 def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     monkeypatch.setenv("H274_DSN", pg_dsn)
     monkeypatch.setenv("COLUMNS", "80")
-    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:randomly")
+    monkeypatch.setenv("PYTEST_ADDOPTS", NESTED_PYTEST_ADDOPTS)
     pytester.makeini(PYTESTER_INI)
     return pytester
 
