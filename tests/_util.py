@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -17,6 +19,17 @@ import asyncpg
 # a nested run of one test took 2.8 s with them and 1.3 s without
 # (2026-12-08). No inner test uses either.
 NESTED_PYTEST_ADDOPTS = "-p no:randomly -p no:faker -p no:hypothesispytest"
+
+
+def collect_inline_runs_garbage() -> None:
+    """Collect now what pytester's in-process runs (``runpytest()``) left,
+    their ResourceWarnings expected and silenced. tests/conftest.py's
+    ``inline_runs_collected`` fixture calls it once pytester's own teardown
+    has let go of the inner run's items (and so of its test modules)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
 
 # ``await make_pool(**kwargs)`` (tests/conftest.py): a pool of the test's flavour.
 MakePool = Callable[..., Awaitable[Any]]

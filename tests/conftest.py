@@ -24,7 +24,7 @@ import pytest_asyncio
 
 import safepool
 from safepool.top.cli import redact
-from tests._util import MakePool
+from tests._util import MakePool, collect_inline_runs_garbage
 
 LOOPS = ("asyncio", "uvloop")
 
@@ -167,6 +167,18 @@ class Dsn(str):
 
     def __repr__(self) -> str:
         return repr(redact(str(self), str(self)))
+
+
+@pytest.fixture
+def inline_runs_collected() -> Iterator[None]:
+    """Request it before ``pytester``: at teardown, after pytester's, it
+    collects what the test's in-process runs (``runpytest()``) left. An
+    inner test module that keeps open connections on purpose (a
+    module-level list) becomes garbage only then, and the collector used to
+    find it in whichever later test it ran, whose ResourceWarning
+    (``filterwarnings = error``) failed that test (twice on 2026-12-08)."""
+    yield
+    collect_inline_runs_garbage()
 
 
 @pytest.fixture(scope="session")

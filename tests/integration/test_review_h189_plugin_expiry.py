@@ -51,7 +51,7 @@ async def test_cached_connection_taken_back_by_lease_timeout():
 
 
 def test_a_leak_taken_back_by_lease_timeout_fails_under_safepool_leaks(
-    pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+    inline_runs_collected: None, pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SAFEPOOL_PLUGIN_DSN", pg_dsn)
     monkeypatch.setenv("COLUMNS", "80")
@@ -125,7 +125,7 @@ async def test_the_guard_reports_it_too():
 
 
 def test_only_a_lease_the_code_never_released_after_its_take_back_is_a_leak(
-    pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+    inline_runs_collected: None, pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The kind's siblings: a per-acquire ``lease_timeout`` kept past it
     fails, with the take-back named; a lease released after its take back

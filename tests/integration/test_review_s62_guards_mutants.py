@@ -49,8 +49,11 @@ CACHE = []  # connections kept on purpose: never garbage
 
 
 @pytest.fixture
-def suite(pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    """A pytester directory whose tests reach the test database."""
+def suite(
+    inline_runs_collected: None, pytester: pytest.Pytester, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> pytest.Pytester:
+    """A pytester directory whose tests reach the test database (what the
+    inner modules' CACHE kept is collected after pytester's teardown)."""
     monkeypatch.setenv("SAFEPOOL_PLUGIN_DSN", pg_dsn)
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("PYTEST_ADDOPTS", NESTED_PYTEST_ADDOPTS)
