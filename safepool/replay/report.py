@@ -620,8 +620,9 @@ def print_report(console: Console, summaries: list[Summary], config: ReplayConfi
 
 def trim_report(text: str, frames: int = 2) -> str:
     """The report's first line and its innermost frames (a frame is a
-    'File ...' line and its source line)."""
-    lines = text.rstrip().splitlines()
+    'File ...' line and its source line), files under the checkout shown
+    relative to it, as the "leak source" row shows them."""
+    lines = [line.replace(f'File "{_ROOT}', 'File "', 1) for line in text.rstrip().splitlines()]
     starts = [i for i, line in enumerate(lines) if line.lstrip().startswith("File ")]
     if len(starts) <= frames:
         return "\n".join(lines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import re
 from io import StringIO
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from safepool.replay import report
 from safepool.replay.config import ReplayConfig, scenario_config
 from safepool.replay.load import TRANSPORT_ERROR, RequestRecord, client_timeout, http_request, schedule
 from safepool.replay.report import (
@@ -366,6 +368,23 @@ def test_trim_report_keeps_the_first_line_and_the_innermost_frames() -> None:
         "    x = 2",
         '  File "a.py", line 3, in f3',
         "    x = 3",
+    ]
+
+
+def test_trim_report_shows_the_checkouts_files_relative_to_it() -> None:
+    # docs/replay.md's transcript shows them so (review h286: a real run
+    # printed absolute paths); a file elsewhere keeps its path.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(report.__file__))))
+    text = (
+        f'leak!\n  File "{root}/.venv/lib/routing.py", line 62, in app\n    response = await f(request)\n'
+        f'  File "/elsewhere/{root}/app.py", line 9, in g\n    con = await pool.acquire()'
+    )
+    assert trim_report(text).splitlines() == [
+        "leak!",
+        '  File ".venv/lib/routing.py", line 62, in app',
+        "    response = await f(request)",
+        f'  File "/elsewhere/{root}/app.py", line 9, in g',
+        "    con = await pool.acquire()",
     ]
 
 
