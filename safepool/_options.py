@@ -69,9 +69,17 @@ def adaptive_queue(policy: Any, target: Any, interval: Any) -> AdaptiveQueue | N
     if policy == "fifo" and (target, interval) != (DEFAULT_QUEUE_TARGET, DEFAULT_QUEUE_INTERVAL):
         # (Taken and dropped, the setting would look in force: a pool that
         # forgot queue_policy="adaptive" would get no sign of it.)
+        given = [
+            f"{name}={value}s"
+            for name, value, default in (
+                ("queue_target", target, DEFAULT_QUEUE_TARGET),
+                ("queue_interval", interval, DEFAULT_QUEUE_INTERVAL),
+            )
+            if value != default
+        ]  # (only what the caller set: review h286 read a default it had not passed as its own)
         raise PoolValueError(
             f"queue_target and queue_interval apply only with queue_policy='adaptive' "
-            f"(queue_policy is {policy!r}; got queue_target={target}s, queue_interval={interval}s)"
+            f"(queue_policy is {policy!r}; got {', '.join(given)})"
         )
     if target >= interval:
         raise PoolValueError(

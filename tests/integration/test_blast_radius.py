@@ -214,9 +214,15 @@ async def test_site_share_is_validated(pools: Callable[..., Awaitable[safepool.P
     # Under "fifo" they would do nothing (helper-174: queue_target=0.05 was
     # taken and dropped; queue_interval=0.005 alone was refused as "longer
     # than queue_target", which the user had not set).
-    for kwargs in ({"queue_target": 0.05}, {"queue_interval": 0.005}, {"queue_target": 0.02, "queue_interval": 0.3}):
-        with pytest.raises(safepool.PoolValueError, match="only with queue_policy='adaptive'"):
+    # The message names what was set, not a default (review h286).
+    for kwargs, named in (
+        ({"queue_target": 0.05}, "got queue_target=0.05s)"),
+        ({"queue_interval": 0.005}, "got queue_interval=0.005s)"),
+        ({"queue_target": 0.02, "queue_interval": 0.3}, "got queue_target=0.02s, queue_interval=0.3s)"),
+    ):
+        with pytest.raises(safepool.PoolValueError, match="only with queue_policy='adaptive'") as raised:
             await pools(**kwargs)
+        assert str(raised.value).endswith(named), raised.value
     async with await pools(queue_target=0.01, queue_interval=0.1) as pool:  # the defaults, spelt out: fine
         assert pool.options.queue_policy == "fifo"
 
