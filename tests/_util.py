@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -19,16 +17,6 @@ import asyncpg
 # a nested run of one test took 2.8 s with them and 1.3 s without
 # (2026-12-08). No inner test uses either.
 NESTED_PYTEST_ADDOPTS = "-p no:randomly -p no:faker -p no:hypothesispytest"
-
-
-def collect_inline_runs_garbage() -> None:
-    """Collect now what pytester's in-process runs (``runpytest()``) left,
-    their ResourceWarnings expected and silenced. tests/conftest.py's
-    ``inline_runs_collected`` fixture calls it once pytester's own teardown
-    has let go of the inner run's items (and so of its test modules)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
 
 
 # ``await make_pool(**kwargs)`` (tests/conftest.py): a pool of the test's flavour.
@@ -604,3 +592,18 @@ async def copy_in_table(dsn: str, app_name: str) -> AsyncIterator[str]:
         )
         await admin.execute(f"DROP TABLE {table}")
         await admin.close()
+
+
+async def next_lease_is_another_backend(
+    pool: Any, stuck_pid: int, server_count: Callable[[str], Awaitable[int]], app_name: str,
+    timeout: float = 10.0, **acquire: Any,
+) -> None:
+    """The slot a lease stuck in ``COPY ... FROM STDIN`` held came back: within
+    ``timeout`` seconds the next lease (``pool.acquire(**acquire)``) runs a
+    statement on another backend than ``stuck_pid``, the only one of
+    ``app_name`` left (the stuck one is gone: never two from the pool)."""
+    async with asyncio.timeout(timeout):
+        async with pool.acquire(**acquire) as again:
+            assert await again.fetchval("SELECT 1") == 1
+            assert again.get_server_pid() != stuck_pid
+            assert await server_count(app_name) == 1

@@ -16,7 +16,7 @@ import pytest
 
 import safepool
 from safepool import _reclaim, _runner, _workers
-from tests._util import copy_in_table
+from tests._util import copy_in_table, next_lease_is_another_backend
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.realtime]
 
@@ -58,23 +58,26 @@ async def test_a_task_cancelled_copy_in_does_not_hold_the_slot_for_ever(
             statement.cancel()
             if how == "after_a_step":
                 await asyncio.sleep(0)
-            loop = asyncio.get_running_loop()
-            began = loop.time()
-            try:
-                async with asyncio.timeout(BOUND + 4):
-                    await pool.release(con)
-            except Exception:  # (TimeoutError, the bound's: as asyncpg's release when its budget runs out)
-                pass
-            assert loop.time() - began < BOUND + 3, "release() waited for the ignored cancel (no bound)"
-            async with asyncio.timeout(10):
-                async with pool.acquire() as again:
-                    assert await again.fetchval("SELECT 1") == 1
-                    assert again.get_server_pid() != stuck_pid
-                    assert await server_count(app_name) == 1
+            await _release_within_the_bound(pool, con)
+            await next_lease_is_another_backend(pool, stuck_pid, server_count, app_name)
             assert pool.stats().in_use == 0
         finally:
             statement.cancel()
             pool.terminate()
+
+
+async def _release_within_the_bound(pool: safepool.Pool, con: Any) -> None:
+    """``pool.release(con)`` of a lease whose COPY FROM STDIN was cancelled
+    returns, or raises (TimeoutError, the bound's: as asyncpg's release when
+    its budget runs out), within about BOUND."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    try:
+        async with asyncio.timeout(BOUND + 4):
+            await pool.release(con)
+    except Exception:
+        pass
+    assert loop.time() - began < BOUND + 3, "release() waited for the ignored cancel (no bound)"
 
 
 class OwnReset(asyncpg.Connection):  # type: ignore[misc]
@@ -113,19 +116,8 @@ async def test_a_custom_reset_after_an_ignored_cancel(
                 statement.cancel()
                 if how == "after_a_step":
                     await asyncio.sleep(0)
-            loop = asyncio.get_running_loop()
-            began = loop.time()
-            try:
-                async with asyncio.timeout(BOUND + 4):
-                    await pool.release(con)
-            except Exception:
-                pass
-            assert loop.time() - began < BOUND + 3, "release() waited for the ignored cancel (no bound)"
-            async with asyncio.timeout(10):
-                async with pool.acquire() as again:
-                    assert await again.fetchval("SELECT 1") == 1
-                    assert again.get_server_pid() != stuck_pid
-                    assert await server_count(app_name) == 1
+            await _release_within_the_bound(pool, con)
+            await next_lease_is_another_backend(pool, stuck_pid, server_count, app_name)
         finally:
             if statement is not None:
                 statement.cancel()
@@ -150,11 +142,7 @@ async def test_a_lease_timeout_take_back_of_a_copy_in(
             con = await pool.acquire()
             stuck_pid = con.get_server_pid()
             statement = asyncio.ensure_future(con.execute(f"COPY {table} FROM STDIN"))
-            async with asyncio.timeout(BOUND + 6):
-                async with pool.acquire(lease_timeout=None) as again:
-                    assert await again.fetchval("SELECT 1") == 1
-                    assert again.get_server_pid() != stuck_pid
-                    assert await server_count(app_name) == 1
+            await next_lease_is_another_backend(pool, stuck_pid, server_count, app_name, BOUND + 6, lease_timeout=None)
             await asyncio.wait([statement], timeout=5)
             assert statement.done()  # (taken back: the statement's connection went)
             await pool.release(con)

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 import safepool
-from tests._util import until
+from tests._util import cancelled, until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.filterwarnings("ignore::ResourceWarning")]
 
@@ -363,12 +363,7 @@ async def test_waiter_cancelled_during_the_retry_after_a_hand_on(
         await asyncio.sleep(0.3)
         assert not waiting.done()
         assert await server_count(app_name) <= 1
-        for n in range(times):
-            if n:
-                await asyncio.sleep(0)
-            waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
+        await cancelled(waiting, times)
         async with pool.acquire(timeout=10) as again:
             assert not again.is_closed()
             assert await again.fetchval("SELECT 1") == 1
