@@ -20,18 +20,28 @@ def _codes(report: safepool.HealthReport) -> list[str]:
     return [reason.code for reason in report.reasons]
 
 
-@pytest.mark.asyncio
-async def test_a_connect_failure_inside_the_window_is_reported_by_a_second_check_too(pg_dsn: str) -> None:
+async def _pool_with_a_failed_connect(pg_dsn: str) -> tuple[safepool.Pool, safepool.ManualClock]:
+    """A pool on a manual clock whose one connect since its start failed (the
+    server answered: no such database); it then holds its min_size, so it
+    tries no other connect. The caller terminates it."""
     clock = safepool.ManualClock()
     pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2, clock=clock)
     try:
         held = await pool.acquire()
-        # The next connect fails (the server answers: no such database); the
-        # pool then holds its min_size, so it tries no other connect.
         pool.set_connect_args(pg_dsn, database="h284_no_such_database")
         with pytest.raises(asyncpg.InvalidCatalogNameError):
             await pool.acquire()
         await pool.release(held)
+    except BaseException:
+        pool.terminate()
+        raise
+    return pool, clock
+
+
+@pytest.mark.asyncio
+async def test_a_connect_failure_inside_the_window_is_reported_by_a_second_check_too(pg_dsn: str) -> None:
+    pool, clock = await _pool_with_a_failed_connect(pg_dsn)
+    try:
         first = await pool.health(probe=False)
         assert "connect_errors" in _codes(first), first
         clock.advance(30.0)
@@ -49,14 +59,8 @@ async def test_a_connect_failure_inside_the_window_is_reported_by_a_second_check
 @pytest.mark.asyncio
 async def test_a_connect_failure_before_the_window_is_not_reported_by_a_second_check(pg_dsn: str) -> None:
     """The counterpart: the same failure 61 s old is outside the 60 s window."""
-    clock = safepool.ManualClock()
-    pool = await safepool.create_pool(pg_dsn, min_size=1, max_size=2, clock=clock)
+    pool, clock = await _pool_with_a_failed_connect(pg_dsn)
     try:
-        held = await pool.acquire()
-        pool.set_connect_args(pg_dsn, database="h284_no_such_database")
-        with pytest.raises(asyncpg.InvalidCatalogNameError):
-            await pool.acquire()
-        await pool.release(held)
         assert "connect_errors" in _codes(await pool.health(probe=False))
         clock.advance(61.0)
         await asyncio.sleep(0)
